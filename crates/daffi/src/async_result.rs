@@ -1,0 +1,84 @@
+//! [`AsyncResult`]: the result of a BG call, collected later.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+
+use crate::blocking;
+use crate::call::decode_result;
+use crate::error::{Error, Result};
+use crate::global::Global;
+
+/// The pending result of a [`Call::bg`](crate::Call::bg).
+///
+/// The call runs whether or not anyone waits: dropping an `AsyncResult` discards the
+/// result, it does not cancel the call. Collect it with [`get`](Self::get) (blocking),
+/// [`get_timeout`](Self::get_timeout), [`get_async`](Self::get_async), or `.await`.
+#[must_use = "the call runs anyway; collect its result with get(), get_async() or .await"]
+#[derive(Debug)]
+pub struct AsyncResult<T> {
+    global: Global,
+    callback: Arc<str>,
+    task: JoinHandle<Result<Bytes>>,
+    _result: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> AsyncResult<T> {
+    pub(crate) fn new(global: Global, callback: Arc<str>, task: JoinHandle<Result<Bytes>>) -> Self {
+        AsyncResult {
+            global,
+            callback,
+            task,
+            _result: PhantomData,
+        }
+    }
+
+    /// Whether the result is ready (`get` would not block).
+    pub fn is_ready(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Blocks until the result arrives.
+    pub fn get(self) -> Result<T> {
+        let global = self.global.clone();
+        blocking::wait(global.runtime(), "get", self)?
+    }
+
+    /// Blocks until the result arrives or `timeout` passes ([`Error::Timeout`]). The
+    /// remote call itself goes on; its result is then discarded.
+    pub fn get_timeout(self, timeout: Duration) -> Result<T> {
+        let global = self.global.clone();
+        let what = self.callback.to_string();
+        blocking::wait(global.runtime(), "get_timeout", async move {
+            tokio::time::timeout(timeout, self)
+                .await
+                .unwrap_or_else(|_| Err(Error::timeout(what, timeout)))
+        })?
+    }
+
+    /// Waits for the result from async code (the same as `.await`).
+    pub async fn get_async(self) -> Result<T> {
+        self.await
+    }
+}
+
+impl<T: DeserializeOwned> Future for AsyncResult<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        match Pin::new(&mut self.task).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            // The task only fails to finish when the node's runtime shut down.
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Stopped)),
+            Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(Ok(bytes))) => Poll::Ready(decode_result(&self.callback, &bytes)),
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Waiting for a future from synchronous code without a runtime per call.
+//!
+//! The future is polled on the calling thread, which parks between wake-ups; timers and
+//! sockets stay with the node's runtime (its handle is entered while polling). Inside a
+//! multi-threaded runtime the wait is wrapped in `block_in_place`, so the runtime moves
+//! its other tasks elsewhere. On a thread that drives a current-thread runtime, blocking
+//! would stall that runtime, so the sync method returns [`Error::BlockingInAsync`].
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+use crate::error::{Error, Result};
+
+/// Runs `future` to completion on this thread. `method` names the sync API in the error.
+pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Result<F::Output> {
+    match Handle::try_current() {
+        Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
+            Err(Error::BlockingInAsync { method })
+        }
+        Ok(_) => Ok(tokio::task::block_in_place(|| park_on(runtime, future))),
+        Err(_) => Ok(park_on(runtime, future)),
+    }
+}
+
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+fn park_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
+    let _context = runtime.enter();
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}

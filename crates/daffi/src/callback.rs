@@ -1,0 +1,270 @@
+//! Callbacks: how a Rust function or closure becomes something a remote node can call.
+//!
+//! Every callback is stored as a [`Handler`]: a function from the encoded argument bytes
+//! to the encoded result bytes. Functions marked `#[callback]` reach the table through
+//! the `inventory` crate; closures through [`Global::register`](crate::Global::register).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::message::RemoteErrorKind;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why a callback produced no value. Travels to the caller as an error reply.
+#[derive(Debug, Clone)]
+pub struct CallbackFailure {
+    pub(crate) kind: RemoteErrorKind,
+    pub(crate) message: String,
+}
+
+impl CallbackFailure {
+    /// The callback returned an error.
+    pub fn failed(message: impl std::fmt::Display) -> Self {
+        CallbackFailure {
+            kind: RemoteErrorKind::Failed,
+            message: message.to_string(),
+        }
+    }
+
+    /// The arguments did not decode.
+    pub fn bad_arguments(signature: &str, error: impl std::fmt::Display) -> Self {
+        CallbackFailure {
+            kind: RemoteErrorKind::BadArguments,
+            message: format!("expected {signature}: {error}"),
+        }
+    }
+
+    pub(crate) fn panicked(message: String) -> Self {
+        CallbackFailure {
+            kind: RemoteErrorKind::Panicked,
+            message: format!("panicked: {message}"),
+        }
+    }
+}
+
+/// The result of running a callback: encoded value or failure.
+pub type Outcome = Result<Bytes, CallbackFailure>;
+
+/// A callback ready to run.
+#[derive(Clone)]
+pub enum Handler {
+    /// Runs on the blocking thread pool.
+    Sync(Arc<dyn Fn(Bytes) -> Outcome + Send + Sync>),
+    /// Runs as a task on the runtime.
+    Async(Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>),
+}
+
+/// Decodes callback arguments: a positional list, or a map keyed by parameter names
+/// when `T` is a struct. `signature` names the callback in the error.
+pub fn decode_args<T: DeserializeOwned>(signature: &str, payload: &[u8]) -> Result<T, CallbackFailure> {
+    rmp_serde::from_slice(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
+}
+
+/// Encodes a value the way every payload is encoded: MessagePack, structs as maps.
+pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
+    rmp_serde::to_vec_named(value)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Encodes a callback's return value.
+pub fn encode_reply<T: Serialize + ?Sized>(value: &T) -> Outcome {
+    encode_value(value)
+        .map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))
+}
+
+/// A value a registered closure may return.
+///
+/// `Result<T, E>` with `E: Display` sends `Err` to the caller as [`Error::Remote`](crate::Error::Remote);
+/// common std types are sent as they are. For your own `Serialize` types, return
+/// `Ok::<_, std::convert::Infallible>(value)` or wrap them in [`Reply`]; the `#[callback]`
+/// macro needs neither.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be returned from a registered closure",
+    note = "return `Result<{Self}, E>` (e.g. `Ok::<_, std::convert::Infallible>(value)`) or `daffi::Reply(value)`"
+)]
+pub trait IntoReply {
+    /// Encodes the value, or turns an error into a failure for the caller.
+    fn into_reply(self) -> Outcome;
+}
+
+/// Wraps any `Serialize` value so that a closure can return it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reply<T>(pub T);
+
+impl<T: Serialize> IntoReply for Reply<T> {
+    fn into_reply(self) -> Outcome {
+        encode_reply(&self.0)
+    }
+}
+
+impl<T: Serialize, E: std::fmt::Display> IntoReply for Result<T, E> {
+    fn into_reply(self) -> Outcome {
+        match self {
+            Ok(v) => encode_reply(&v),
+            Err(e) => Err(CallbackFailure::failed(e)),
+        }
+    }
+}
+
+macro_rules! plain_reply {
+    ($($t:ty),* $(,)?) => {$(
+        impl IntoReply for $t {
+            fn into_reply(self) -> Outcome { encode_reply(&self) }
+        }
+    )*};
+}
+plain_reply!(
+    (), bool, char, i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize, f32, f64,
+    String, &'static str, Bytes
+);
+
+macro_rules! generic_reply {
+    ($($t:ident < $($p:ident),* >),* $(,)?) => {$(
+        impl<$($p: Serialize),*> IntoReply for $t<$($p),*> {
+            fn into_reply(self) -> Outcome { encode_reply(&self) }
+        }
+    )*};
+}
+generic_reply!(
+    Vec<T>, VecDeque<T>, Option<T>, Box<T>, BTreeSet<T>, HashSet<T>, BTreeMap<K, V>, HashMap<K, V>
+);
+
+macro_rules! tuple_reply {
+    ($(($($p:ident),+)),*) => {$(
+        impl<$($p: Serialize),+> IntoReply for ($($p,)+) {
+            fn into_reply(self) -> Outcome { encode_reply(&self) }
+        }
+    )*};
+}
+tuple_reply!((A), (A, B), (A, B, C), (A, B, C, D), (A, B, C, D, E), (A, B, C, D, E, F));
+
+/// A closure or function that can be registered with [`Global::register`](crate::Global::register).
+///
+/// Implemented for `Fn(A1, .., An) -> R` (sync, runs on the blocking pool) and for
+/// `Fn(A1, .., An) -> impl Future<Output = R>` (async), with up to 8 arguments that are
+/// `DeserializeOwned` and `R:` [`IntoReply`]. The `Marker` parameter only tells the two
+/// apart; you never name it.
+pub trait IntoCallback<Marker>: Send + Sync + 'static {
+    /// Turns the closure into a [`Handler`]; `name` appears in argument errors.
+    fn into_handler(self, name: &str) -> Handler;
+}
+
+/// Marker for synchronous closures.
+pub struct SyncFn<Args>(std::marker::PhantomData<Args>);
+/// Marker for asynchronous closures.
+pub struct AsyncFn<Args>(std::marker::PhantomData<Args>);
+
+fn signature_of(name: &str, types: &[&str]) -> String {
+    format!("{name}({})", types.join(", "))
+}
+
+macro_rules! closure_callback {
+    ($($a:ident),*) => {
+        impl<F, R, $($a,)*> IntoCallback<SyncFn<($($a,)*)>> for F
+        where
+            F: Fn($($a),*) -> R + Send + Sync + 'static,
+            R: IntoReply,
+            $($a: DeserializeOwned + Send + 'static,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn into_handler(self, name: &str) -> Handler {
+                let signature = signature_of(name, &[$(std::any::type_name::<$a>()),*]);
+                Handler::Sync(Arc::new(move |payload: Bytes| {
+                    let ($($a,)*) = decode_tuple::<($($a,)*)>(&signature, &payload)?;
+                    (self)($($a),*).into_reply()
+                }))
+            }
+        }
+
+        impl<F, Fut, R, $($a,)*> IntoCallback<AsyncFn<($($a,)*)>> for F
+        where
+            F: Fn($($a),*) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoReply,
+            $($a: DeserializeOwned + Send + 'static,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn into_handler(self, name: &str) -> Handler {
+                let signature = signature_of(name, &[$(std::any::type_name::<$a>()),*]);
+                let f = Arc::new(self);
+                Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
+                    let decoded = decode_tuple::<($($a,)*)>(&signature, &payload);
+                    let f = f.clone();
+                    Box::pin(async move {
+                        let ($($a,)*) = decoded?;
+                        (f)($($a),*).await.into_reply()
+                    })
+                }))
+            }
+        }
+    };
+}
+
+/// Decodes a positional argument list; an empty tuple accepts any payload.
+fn decode_tuple<T: DeserializeOwned + 'static>(signature: &str, payload: &[u8]) -> Result<T, CallbackFailure> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<()>() {
+        // A zero-argument callback ignores whatever the caller sent (nil or `[]`):
+        // decode `()` from MessagePack nil.
+        return decode_args(signature, &[0xc0]);
+    }
+    decode_args(signature, payload)
+}
+
+closure_callback!();
+closure_callback!(A1);
+closure_callback!(A1, A2);
+closure_callback!(A1, A2, A3);
+closure_callback!(A1, A2, A3, A4);
+closure_callback!(A1, A2, A3, A4, A5);
+closure_callback!(A1, A2, A3, A4, A5, A6);
+closure_callback!(A1, A2, A3, A4, A5, A6, A7);
+closure_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// What `#[callback]` submits to `inventory` for each function it marks.
+#[doc(hidden)]
+pub struct StaticCallback {
+    /// The exposed name.
+    pub name: &'static str,
+    /// The shim that decodes, calls, and encodes.
+    pub handler: StaticHandler,
+}
+
+/// The shim of a `#[callback]` function.
+#[doc(hidden)]
+pub enum StaticHandler {
+    /// A sync function.
+    Sync(fn(Bytes) -> Outcome),
+    /// An async function.
+    Async(fn(Bytes) -> BoxFuture<Outcome>),
+}
+
+inventory::collect!(StaticCallback);
+
+impl StaticCallback {
+    pub(crate) fn handler(&self) -> Handler {
+        match self.handler {
+            StaticHandler::Sync(f) => Handler::Sync(Arc::new(f)),
+            StaticHandler::Async(f) => Handler::Async(Arc::new(f)),
+        }
+    }
+}
+
+/// Every `#[callback]` function linked into this program, by exposed name.
+pub(crate) fn static_callbacks() -> HashMap<String, Handler> {
+    let mut table = HashMap::new();
+    for cb in inventory::iter::<StaticCallback> {
+        if table.insert(cb.name.to_string(), cb.handler()).is_some() {
+            tracing::warn!(callback = cb.name, "two #[callback] items share this name; the last one linked wins");
+        }
+    }
+    table
+}

@@ -1,0 +1,136 @@
+//! Who is connected, what each node serves, and where to send its frames.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+
+use crate::protocol::frame::Kind;
+use crate::protocol::io::Outgoing;
+use crate::protocol::message::{Member, MembershipEvent, Welcome};
+use crate::sync::{read, write};
+
+/// The writer queue of one connection.
+pub type Queue = mpsc::Sender<Outgoing>;
+
+struct Route {
+    conn_id: u64,
+    queue: Queue,
+    callbacks: Vec<String>,
+}
+
+/// The routing table. Lookups take a read lock; changes are serialized by an async lock
+/// so that every node sees membership events in the same order, and a node's `Welcome`
+/// is queued before anyone can route a frame to it.
+#[derive(Default)]
+pub struct Members {
+    routes: RwLock<HashMap<Arc<str>, Route>>,
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Members {
+    /// The queue of the node called `name`, if connected.
+    pub fn route(&self, name: &str) -> Option<Queue> {
+        read(&self.routes).get(name).map(|r| r.queue.clone())
+    }
+
+    /// A snapshot of every member.
+    pub fn snapshot(&self) -> Vec<Member> {
+        read(&self.routes)
+            .iter()
+            .map(|(name, r)| Member {
+                name: name.to_string(),
+                callbacks: r.callbacks.clone(),
+            })
+            .collect()
+    }
+
+    /// Adds a node: queues its `Welcome`, makes it routable, then tells everyone else.
+    /// Returns `false` (and changes nothing) when the name is taken.
+    pub async fn join(
+        &self,
+        name: &str,
+        conn_id: u64,
+        queue: Queue,
+        callbacks: Vec<String>,
+        max_frame_size: usize,
+    ) -> bool {
+        let _serialized = self.changes.lock().await;
+        if read(&self.routes).contains_key(name) {
+            return false;
+        }
+        let welcome = Welcome {
+            members: self.snapshot(),
+            max_frame_size: max_frame_size as u64,
+        };
+        if queue.send(Outgoing::control(Kind::Welcome, &welcome)).await.is_err() {
+            return true; // the connection died already; the session will call `leave`
+        }
+        let member = Member {
+            name: name.to_string(),
+            callbacks: callbacks.clone(),
+        };
+        let others = self.queues_except(name);
+        write(&self.routes).insert(
+            Arc::from(name),
+            Route {
+                conn_id,
+                queue,
+                callbacks,
+            },
+        );
+        broadcast(others, &MembershipEvent::Joined(member)).await;
+        true
+    }
+
+    /// Replaces the callbacks a node serves and tells everyone else.
+    pub async fn update(&self, name: &str, conn_id: u64, callbacks: Vec<String>) {
+        let _serialized = self.changes.lock().await;
+        {
+            let mut routes = write(&self.routes);
+            match routes.get_mut(name) {
+                Some(r) if r.conn_id == conn_id => r.callbacks = callbacks.clone(),
+                _ => return,
+            }
+        }
+        let event = MembershipEvent::Updated(Member {
+            name: name.to_string(),
+            callbacks,
+        });
+        broadcast(self.queues_except(name), &event).await;
+    }
+
+    /// Removes a node (if this connection still owns the name) and tells everyone else.
+    pub async fn leave(&self, name: &str, conn_id: u64) {
+        let _serialized = self.changes.lock().await;
+        {
+            let mut routes = write(&self.routes);
+            match routes.get(name) {
+                Some(r) if r.conn_id == conn_id => {
+                    routes.remove(name);
+                }
+                _ => return,
+            }
+        }
+        let event = MembershipEvent::Left {
+            name: name.to_string(),
+        };
+        broadcast(self.queues_except(name), &event).await;
+    }
+
+    fn queues_except(&self, name: &str) -> Vec<Queue> {
+        read(&self.routes)
+            .iter()
+            .filter(|(n, _)| &***n != name)
+            .map(|(_, r)| r.queue.clone())
+            .collect()
+    }
+}
+
+async fn broadcast(queues: Vec<Queue>, event: &MembershipEvent) {
+    let frame = Outgoing::control(Kind::Membership, event);
+    for q in queues {
+        // A closed queue belongs to a node that is leaving; its own `leave` follows.
+        let _ = q.send(frame.clone()).await;
+    }
+}

@@ -1,0 +1,104 @@
+//! The controller: accepts nodes, keeps the membership table, and forwards frames.
+//!
+//! It reads only each frame's routing header; request and reply payloads pass through
+//! untouched. It runs inside a node's process (`init_controller(true)`) or on its own
+//! (`daffi controller`).
+
+mod members;
+mod session;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
+use crate::transport::{Address, Listener};
+use session::Shared;
+
+/// Settings of a controller.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ControllerConfig {
+    /// Largest frame accepted, prefix excluded. Default: 128 MiB.
+    pub max_frame_size: usize,
+    /// How long a new connection may take to say who it is. Default: 5 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running controller. Dropping it (or calling [`ControllerHandle::stop`]) closes the
+/// listener and every connection.
+pub struct ControllerHandle {
+    address: Address,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ControllerHandle {
+    /// Binds `address` and starts serving on `runtime`.
+    pub async fn start(
+        address: &Address,
+        config: ControllerConfig,
+        runtime: &Handle,
+    ) -> Result<ControllerHandle> {
+        let listener = Listener::bind(address).await?;
+        let address = listener.local_address()?;
+        let (shutdown, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            members: Default::default(),
+        });
+        tracing::info!(%address, "controller listening");
+        runtime.spawn(accept_loop(listener, shared, stop_rx));
+        Ok(ControllerHandle { address, shutdown })
+    }
+
+    /// The address it listens on (with the real port when port 0 was asked for).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn stop(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Drop for ControllerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let next_conn_id = AtomicU64::new(1);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        match accepted {
+            Ok(conn) => {
+                let conn_id = next_conn_id.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(session::serve(shared.clone(), conn_id, conn, stop.clone()));
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("controller stopped");
+}

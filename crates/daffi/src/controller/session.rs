@@ -1,0 +1,214 @@
+//! One node's connection to the controller: handshake, then routing its frames.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+
+use super::members::Members;
+use super::ControllerConfig;
+use crate::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
+use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
+use crate::protocol::message::{
+    self, Announce, Hello, RefuseCode, Refused, Undeliverable, UndeliverableCode,
+};
+use crate::protocol::{MAGIC, MAX_PROCESS_NAME, PROTOCOL_VERSION};
+use crate::transport::{BoxRead, BoxWrite};
+
+/// Frames queued for one connection before forwarding to it waits.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+/// State shared by every session of one controller.
+pub struct Shared {
+    pub config: ControllerConfig,
+    pub members: Members,
+}
+
+/// Serves one connection until it closes, fails, or the controller shuts down.
+pub async fn serve(
+    shared: Arc<Shared>,
+    conn_id: u64,
+    (read, write, peer): (BoxRead, BoxWrite, String),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let writer = tokio::spawn(write_loop(write, rx));
+    let mut reader = FrameReader::new(read, shared.config.max_frame_size);
+
+    let hello = match timeout(shared.config.handshake_timeout, handshake(&mut reader)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(refusal)) => {
+            tracing::warn!(%peer, reason = %refusal.message, "refused a connection");
+            if refusal.code != RefuseCode::BadHello {
+                let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+            }
+            drop(queue);
+            let _ = writer.await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "closed a connection that did not complete its handshake in time");
+            return;
+        }
+    };
+
+    let name = hello.process_name;
+    let joined = shared
+        .members
+        .join(
+            &name,
+            conn_id,
+            queue.clone(),
+            hello.callbacks.clone(),
+            shared.config.max_frame_size,
+        )
+        .await;
+    if !joined {
+        let refusal = Refused {
+            code: RefuseCode::DuplicateName,
+            message: format!("process name `{name}` is already connected"),
+        };
+        tracing::warn!(%peer, process = %name, "refused a duplicate process name");
+        let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+        drop(queue);
+        let _ = writer.await;
+        return;
+    }
+    tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
+
+    let reason = loop {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = shutdown.changed() => break "controller stopping".to_string(),
+        };
+        match next {
+            Ok(Some(frame)) => {
+                if let Err(reason) = route(&shared, &name, conn_id, &queue, frame).await {
+                    break reason;
+                }
+            }
+            Ok(None) => break "connection closed".to_string(),
+            Err(e) => break format!("bad input: {e}"),
+        }
+    };
+    shared.members.leave(&name, conn_id).await;
+    tracing::info!(process = %name, %reason, "node left");
+    drop(queue);
+    // Let queued frames go out, but never wait on a peer that stopped reading.
+    let abort = writer.abort_handle();
+    if timeout(WRITER_DRAIN, writer).await.is_err() {
+        abort.abort();
+    }
+}
+
+/// How long a closing connection may take to flush what was queued for it.
+const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the preamble and the `Hello`, and checks them.
+async fn handshake(reader: &mut FrameReader<BoxRead>) -> Result<Hello, Refused> {
+    let bad = |message: String| Refused {
+        code: RefuseCode::BadHello,
+        message,
+    };
+    let preamble = reader
+        .read_exact_bytes(MAGIC.len() + 2)
+        .await
+        .map_err(|e| bad(format!("no preamble: {e}")))?;
+    if preamble[..4] != MAGIC {
+        return Err(bad("not a daffi client (wrong magic bytes)".into()));
+    }
+    let version = u16::from_be_bytes([preamble[4], preamble[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(Refused {
+            code: RefuseCode::Version,
+            message: format!(
+                "protocol version {version} is not supported; this controller speaks version {PROTOCOL_VERSION}"
+            ),
+        });
+    }
+    let frame = match reader.next().await {
+        Ok(Some(f)) if f.kind() == Kind::Hello => f,
+        Ok(Some(f)) => return Err(bad(format!("expected Hello, got {:?}", f.kind()))),
+        Ok(None) | Err(ReadError::Eof) => return Err(bad("closed during the handshake".into())),
+        Err(e) => return Err(bad(format!("bad Hello frame: {e}"))),
+    };
+    let hello: Hello = message::decode(&frame.payload())
+        .map_err(|e| bad(format!("undecodable Hello: {e}")))?;
+    if hello.process_name.is_empty() || hello.process_name.len() > MAX_PROCESS_NAME {
+        return Err(Refused {
+            code: RefuseCode::InvalidName,
+            message: format!(
+                "process names must be 1 to {MAX_PROCESS_NAME} bytes, got {}",
+                hello.process_name.len()
+            ),
+        });
+    }
+    Ok(hello)
+}
+
+/// Handles one frame from a joined node. `Err` closes the connection with that reason.
+async fn route(
+    shared: &Shared,
+    name: &str,
+    conn_id: u64,
+    own_queue: &mpsc::Sender<Outgoing>,
+    frame: Frame,
+) -> Result<(), String> {
+    match frame.kind() {
+        Kind::Request | Kind::Reply => {
+            if frame.src() != name {
+                return Err(format!(
+                    "frame claims to come from `{}` (protocol violation)",
+                    frame.src()
+                ));
+            }
+            match shared.members.route(frame.dst()) {
+                Some(queue) => {
+                    // The frame goes out exactly as it came in: no re-encoding.
+                    if queue.send(Outgoing::raw(frame.raw().clone())).await.is_err() {
+                        undeliverable(own_queue, &frame).await;
+                    }
+                }
+                None => undeliverable(own_queue, &frame).await,
+            }
+            Ok(())
+        }
+        Kind::Announce => {
+            let announce: Announce = message::decode(&frame.payload())
+                .map_err(|e| format!("undecodable Announce: {e}"))?;
+            shared
+                .members
+                .update(name, conn_id, announce.callbacks)
+                .await;
+            Ok(())
+        }
+        Kind::Goodbye => Err("said goodbye".into()),
+        other => Err(format!("unexpected {other:?} frame from a node")),
+    }
+}
+
+/// Tells a caller that its request's destination is gone. Replies to gone callers are
+/// dropped: nobody waits for them.
+async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame) {
+    if frame.kind() != Kind::Request || frame.flags() & FLAG_NO_REPLY != 0 {
+        tracing::debug!(dst = frame.dst(), kind = ?frame.kind(), "dropped a frame for a gone node");
+        return;
+    }
+    let body = message::encode(&Undeliverable {
+        code: UndeliverableCode::UnknownProcess,
+    });
+    let header = Header {
+        kind: Kind::Undeliverable,
+        flags: 0,
+        call_id: frame.call_id(),
+        timeout_ms: 0,
+        src: "",
+        dst: frame.src(),
+        name: frame.dst(),
+    };
+    let out = Outgoing {
+        head: header.encode(body.len()),
+        body,
+    };
+    let _ = own_queue.send(out).await;
+}

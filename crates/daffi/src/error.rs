@@ -1,0 +1,189 @@
+//! The one error type of daffi.
+//!
+//! Every failure a caller may want to handle differently has its own variant, and each
+//! message says what to do about it. Causes are chained with `#[source]`.
+
+use std::time::Duration;
+
+/// Result alias used throughout daffi.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in daffi.
+///
+/// The enum is `#[non_exhaustive]`: match the variants you handle and keep a `_` arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No connected node (other than the caller) serves this callback name.
+    #[error(
+        "no node serves callback `{callback}`{}; check the name, or wait for it with `wait_function`",
+        on.as_ref().map(|p| format!(" on process `{p}`")).unwrap_or_default()
+    )]
+    NoProvider {
+        /// The callback that was called.
+        callback: String,
+        /// The process the call was pinned to with `.on(..)`, if any.
+        on: Option<String>,
+    },
+
+    /// The process named with `.on(..)` is not connected to the controller.
+    #[error("process `{process}` is not connected; check the name, or wait for it with `wait_process`")]
+    UnknownProcess {
+        /// The process name that was asked for.
+        process: String,
+    },
+
+    /// The node serving the call disconnected before it answered.
+    #[error("process `{process}` disconnected while serving `{callback}`; the call may or may not have run there")]
+    PeerDisconnected {
+        /// The node that went away.
+        process: String,
+        /// The callback that was in flight.
+        callback: String,
+    },
+
+    /// No answer came within the allowed time.
+    #[error("`{what}` did not complete within {after:?}; raise the timeout or check the remote node")]
+    Timeout {
+        /// What was being waited for: a callback name, or a `wait_*` target.
+        what: String,
+        /// The timeout that expired.
+        after: Duration,
+    },
+
+    /// The local node was stopped (by `stop()` or by dropping the last `Global`).
+    #[error("the local daffi node was stopped; start a new `Global` to make calls")]
+    Stopped,
+
+    /// The controller cannot be reached, or the connection to it was lost.
+    #[error("the controller at {address} is unreachable: {reason}; check that it runs and that host, port or socket path match")]
+    ControllerUnreachable {
+        /// Where the node looked for the controller.
+        address: String,
+        /// Why it failed.
+        reason: String,
+    },
+
+    /// The remote callback returned an error or panicked.
+    #[error("callback `{callback}` on process `{process}` failed: {message}")]
+    Remote {
+        /// The node that ran the callback.
+        process: String,
+        /// The callback that failed.
+        callback: String,
+        /// The error's text, or the panic message.
+        message: String,
+        /// Whether the callback panicked (rather than returned `Err`).
+        panicked: bool,
+    },
+
+    /// The callee could not decode the arguments into the callback's parameters.
+    #[error("callback `{callback}` on process `{process}` rejected its arguments: {message}")]
+    BadArguments {
+        /// The node that rejected the call.
+        process: String,
+        /// The callback's name and, where known, its signature.
+        callback: String,
+        /// What the decoder expected and found.
+        message: String,
+    },
+
+    /// The result did not decode into the type the caller asked for.
+    #[error("the result of `{callback}` does not decode as `{expected}`: {message}")]
+    BadResult {
+        /// The callback that was called.
+        callback: String,
+        /// The Rust type the caller asked for.
+        expected: &'static str,
+        /// What the decoder found.
+        message: String,
+    },
+
+    /// Arguments could not be serialized.
+    #[error("could not encode the arguments of `{callback}`: {message}")]
+    Encode {
+        /// The callback that was called.
+        callback: String,
+        /// The serializer's message.
+        message: String,
+    },
+
+    /// The encoded call is larger than the frame size limit; nothing was sent.
+    #[error("the call to `{callback}` is {size} bytes, over the frame limit of {limit} bytes; send less or raise `max_frame_size` on every node and the controller")]
+    PayloadTooLarge {
+        /// The callback that was called.
+        callback: String,
+        /// Size of the frame that would have been sent.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// Another connected node already uses this process name.
+    #[error("process name `{process}` is already taken by a connected node; choose another `process_name`")]
+    DuplicateProcessName {
+        /// The name that was refused.
+        process: String,
+    },
+
+    /// A callback with this name is already registered on this node.
+    #[error("callback `{callback}` is already registered on this node; pick another name")]
+    DuplicateCallback {
+        /// The name that was refused.
+        callback: String,
+    },
+
+    /// The controller refused the connection for a reason other than the above.
+    #[error("the controller refused this node: {reason}")]
+    Refused {
+        /// The controller's explanation.
+        reason: String,
+    },
+
+    /// The peer speaks another protocol version, or not the daffi protocol at all.
+    #[error("protocol error with {peer}: {message}")]
+    Protocol {
+        /// Who sent the bad data.
+        peer: String,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A builder option or argument is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A blocking method was called on a thread that drives a single-threaded runtime.
+    #[error("`{method}` blocks, and this thread drives a current-thread tokio runtime; use `{method}_async` (or its async twin) instead")]
+    BlockingInAsync {
+        /// The blocking method that was called.
+        method: &'static str,
+    },
+
+    /// This `Global` runs only a controller (`init_node(false)`), so it cannot call or serve.
+    #[error("this Global runs no node (`init_node(false)`); calls and callbacks need a node")]
+    NoNode,
+
+    /// Binding the controller's listening socket failed.
+    #[error("the controller could not listen on {address}: {source}")]
+    Bind {
+        /// The address it tried.
+        address: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An I/O error outside a call (setting up the runtime, the socket directory, ...).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> Self {
+        Error::Timeout {
+            what: what.into(),
+            after,
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! [`Global`]: the entry point that starts a node (and maybe the controller) and makes calls.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use crate::blocking;
+use crate::call::Call;
+use crate::callback::{static_callbacks, IntoCallback};
+use crate::controller::{ControllerConfig, ControllerHandle};
+use crate::error::{Error, Result};
+use crate::node::{NodeConfig, NodeCore};
+use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
+use crate::transport::Address;
+
+/// Configures and starts a [`Global`]. Create it with [`Global::builder`].
+///
+/// | option | default |
+/// |---|---|
+/// | [`process_name`](Self::process_name) | random, `node-` and 8 letters |
+/// | [`init_controller`](Self::init_controller) | `false` |
+/// | [`init_node`](Self::init_node) | `true` |
+/// | [`host`](Self::host) / [`port`](Self::port) | unset: Unix socket `<temp dir>/daffi/.sock` |
+/// | [`unix_sock_path`](Self::unix_sock_path) | unset |
+/// | [`connect_timeout`](Self::connect_timeout) | 10 s |
+/// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
+#[derive(Debug, Clone)]
+#[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
+pub struct GlobalBuilder {
+    process_name: Option<String>,
+    init_controller: bool,
+    init_node: bool,
+    host: Option<String>,
+    port: Option<u16>,
+    unix_sock_path: Option<PathBuf>,
+    connect_timeout: Duration,
+    max_frame_size: usize,
+    auth_token: Option<String>,
+}
+
+impl Default for GlobalBuilder {
+    fn default() -> Self {
+        GlobalBuilder {
+            process_name: None,
+            init_controller: false,
+            init_node: true,
+            host: None,
+            port: None,
+            unix_sock_path: None,
+            connect_timeout: Duration::from_secs(10),
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            auth_token: None,
+        }
+    }
+}
+
+impl GlobalBuilder {
+    /// The node's unique name among the nodes of one controller. Default: random.
+    pub fn process_name(mut self, name: impl Into<String>) -> Self {
+        self.process_name = Some(name.into());
+        self
+    }
+
+    /// Whether this process runs the controller. Default: `false`.
+    pub fn init_controller(mut self, yes: bool) -> Self {
+        self.init_controller = yes;
+        self
+    }
+
+    /// Whether this process runs a node (to call and serve). Default: `true`. A process
+    /// that only runs the controller sets `init_controller(true).init_node(false)`.
+    pub fn init_node(mut self, yes: bool) -> Self {
+        self.init_node = yes;
+        self
+    }
+
+    /// Use TCP on this host. With no [`port`](Self::port), a controller started here
+    /// picks a free one (read it back with [`Global::port`]).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// Use TCP on this port (host defaults to `localhost`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Use this Unix socket path instead of the default `<temp dir>/daffi/.sock`.
+    pub fn unix_sock_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.unix_sock_path = Some(path.into());
+        self
+    }
+
+    /// How long `start` keeps trying to reach a controller that is not up yet before it
+    /// fails with [`Error::ControllerUnreachable`]. Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Largest frame this process sends or accepts. A call whose arguments would exceed
+    /// it fails before anything is sent. Default: 128 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// The shared secret a node presents to the controller.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Some(token.into());
+        self
+    }
+
+    /// Starts from synchronous code. daffi runs its own small runtime in the background;
+    /// in async code use [`start_async`](Self::start_async).
+    pub fn start(self) -> Result<Global> {
+        let owned = OwnedRuntime::new()?;
+        let handle = owned.handle.clone();
+        let global = blocking::wait(&handle, "start", self.launch(handle.clone(), Some(owned)))?;
+        global
+    }
+
+    /// Starts from async code, on the current tokio runtime.
+    pub async fn start_async(self) -> Result<Global> {
+        let handle = Handle::try_current().map_err(|_| {
+            Error::Config("start_async must run inside a tokio runtime; use start() in sync code".into())
+        })?;
+        self.launch(handle, None).await
+    }
+
+    fn address(&self) -> Result<Address> {
+        match (&self.host, self.port, &self.unix_sock_path) {
+            (Some(_), _, Some(_)) | (None, Some(_), Some(_)) => Err(Error::Config(
+                "give either host/port (TCP) or unix_sock_path, not both".into(),
+            )),
+            (None, None, Some(path)) => Ok(Address::Unix(path.clone())),
+            (None, None, None) => Ok(Address::default_unix()),
+            (host, port, None) => Ok(Address::Tcp {
+                host: host.clone().unwrap_or_else(|| "localhost".into()),
+                port: port.unwrap_or(0),
+            }),
+        }
+    }
+
+    async fn launch(self, runtime: Handle, owned: Option<OwnedRuntime>) -> Result<Global> {
+        if !self.init_node && !self.init_controller {
+            return Err(Error::Config(
+                "init_node(false) and init_controller(false): nothing to start".into(),
+            ));
+        }
+        let name = match &self.process_name {
+            Some(n) if n.is_empty() || n.len() > MAX_PROCESS_NAME => {
+                return Err(Error::Config(format!(
+                    "process_name must be 1 to {MAX_PROCESS_NAME} bytes"
+                )))
+            }
+            Some(n) => n.clone(),
+            None => format!("node-{}", random_suffix()),
+        };
+        let mut address = self.address()?;
+        let controller = if self.init_controller {
+            let config = ControllerConfig {
+                max_frame_size: self.max_frame_size,
+                ..ControllerConfig::default()
+            };
+            let c = ControllerHandle::start(&address, config, &runtime).await?;
+            if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
+                (&mut address, c.address())
+            {
+                *port = *bound;
+            }
+            Some(c)
+        } else {
+            if matches!(address, Address::Tcp { port: 0, .. }) {
+                return Err(Error::Config(
+                    "a node without the controller needs the controller's port".into(),
+                ));
+            }
+            None
+        };
+        let node = if self.init_node {
+            let config = NodeConfig {
+                address: address.clone(),
+                max_frame_size: self.max_frame_size,
+                connect_timeout: self.connect_timeout,
+                handshake_timeout: Duration::from_secs(5),
+                auth_token: self
+                    .auth_token
+                    .clone()
+                    .or_else(|| std::env::var("DAFFI_AUTH_TOKEN").ok()),
+            };
+            let node = NodeCore::new(name.clone(), config, static_callbacks());
+            node.start().await?;
+            Some(node)
+        } else {
+            None
+        };
+        Ok(Global {
+            inner: Arc::new(Inner {
+                name,
+                address,
+                runtime,
+                node,
+                controller: Mutex::new(controller),
+                owned_runtime: Mutex::new(owned),
+                stopped: tokio::sync::watch::channel(false).0,
+            }),
+        })
+    }
+}
+
+/// A handle to this process's daffi node (and controller, if it runs one).
+///
+/// Cheap to clone; every clone is the same node. The node stops when [`Global::stop`] is
+/// called or the last clone is dropped.
+#[derive(Clone)]
+pub struct Global {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    address: Address,
+    runtime: Handle,
+    node: Option<Arc<NodeCore>>,
+    controller: Mutex<Option<ControllerHandle>>,
+    owned_runtime: Mutex<Option<OwnedRuntime>>,
+    stopped: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("process_name", &self.inner.name)
+            .field("address", &self.inner.address)
+            .field("node", &self.inner.node.is_some())
+            .finish()
+    }
+}
+
+impl Global {
+    /// Starts configuring a `Global`.
+    pub fn builder() -> GlobalBuilder {
+        GlobalBuilder::default()
+    }
+
+    /// This node's process name.
+    pub fn process_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The controller's address (with the real port when a free one was picked).
+    pub fn address(&self) -> &Address {
+        &self.inner.address
+    }
+
+    /// The controller's TCP port, or `None` on a Unix socket.
+    pub fn port(&self) -> Option<u16> {
+        match &self.inner.address {
+            Address::Tcp { port, .. } => Some(*port),
+            Address::Unix(_) => None,
+        }
+    }
+
+    pub(crate) fn node(&self) -> Result<&Arc<NodeCore>> {
+        self.inner.node.as_ref().ok_or(Error::NoNode)
+    }
+
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.inner.runtime
+    }
+
+    /// Serves a closure under `name`, sync or async:
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// g.register("add", |a: i64, b: i64| a + b)?;
+    /// g.register("greet", |name: String| async move { format!("hello {name}") })?;
+    /// g.register("checked_div", |a: i64, b: i64| {
+    ///     a.checked_div(b).ok_or("division by zero")
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Arguments arrive positionally. A closure returning `Result<T, E: Display>` sends
+    /// `Err` to the caller as [`Error::Remote`]. A closure that captures this `Global`
+    /// keeps it alive: stop it with [`Global::stop`].
+    pub fn register<M>(&self, name: &str, callback: impl IntoCallback<M>) -> Result<()> {
+        if name.is_empty() || name.len() > MAX_CALLBACK_NAME {
+            return Err(Error::Config(format!(
+                "callback names must be 1 to {MAX_CALLBACK_NAME} bytes"
+            )));
+        }
+        let node = self.node()?;
+        let handler = callback.into_handler(name);
+        // Announcing spawns onto the node's runtime.
+        let _context = self.inner.runtime.enter();
+        node.register(name, handler)
+    }
+
+    /// Starts a call to the callback `name` on another node.
+    pub fn call(&self, name: &str) -> Call {
+        Call::new(self.clone(), name)
+    }
+
+    /// Callback name -> names of the nodes that serve it, this one included.
+    pub fn registered_callbacks(&self) -> HashMap<String, Vec<String>> {
+        let Some(node) = &self.inner.node else {
+            return HashMap::new();
+        };
+        let mut all = node.membership.providers();
+        for name in node.callback_names() {
+            all.entry(name).or_default().push(self.inner.name.clone());
+        }
+        for nodes in all.values_mut() {
+            nodes.sort();
+        }
+        all
+    }
+
+    /// Blocks until the process `name` is connected and its callbacks are known here.
+    pub fn wait_process(&self, name: &str) -> Result<()> {
+        blocking::wait(self.runtime(), "wait_process", self.wait_process_inner(name, None))?
+    }
+
+    /// Like [`wait_process`](Self::wait_process), giving up with [`Error::Timeout`] after `timeout`.
+    pub fn wait_process_timeout(&self, name: &str, timeout: Duration) -> Result<()> {
+        blocking::wait(
+            self.runtime(),
+            "wait_process",
+            self.wait_process_inner(name, Some(timeout)),
+        )?
+    }
+
+    /// Async twin of [`wait_process`](Self::wait_process).
+    pub async fn wait_process_async(&self, name: &str) -> Result<()> {
+        self.wait_process_inner(name, None).await
+    }
+
+    /// Async twin of [`wait_process_timeout`](Self::wait_process_timeout).
+    pub async fn wait_process_timeout_async(&self, name: &str, timeout: Duration) -> Result<()> {
+        self.wait_process_inner(name, Some(timeout)).await
+    }
+
+    /// Blocks until some other node serves the callback `name`.
+    pub fn wait_function(&self, name: &str) -> Result<()> {
+        blocking::wait(self.runtime(), "wait_function", self.wait_function_inner(name, None))?
+    }
+
+    /// Like [`wait_function`](Self::wait_function), giving up with [`Error::Timeout`] after `timeout`.
+    pub fn wait_function_timeout(&self, name: &str, timeout: Duration) -> Result<()> {
+        blocking::wait(
+            self.runtime(),
+            "wait_function",
+            self.wait_function_inner(name, Some(timeout)),
+        )?
+    }
+
+    /// Async twin of [`wait_function`](Self::wait_function).
+    pub async fn wait_function_async(&self, name: &str) -> Result<()> {
+        self.wait_function_inner(name, None).await
+    }
+
+    /// Async twin of [`wait_function_timeout`](Self::wait_function_timeout).
+    pub async fn wait_function_timeout_async(&self, name: &str, timeout: Duration) -> Result<()> {
+        self.wait_function_inner(name, Some(timeout)).await
+    }
+
+    async fn wait_process_inner(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
+        let what = format!("wait_process(\"{name}\")");
+        self.node()?
+            .wait_until(&what, timeout, |m| m.has_node(name))
+            .await
+    }
+
+    async fn wait_function_inner(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
+        let what = format!("wait_function(\"{name}\")");
+        self.node()?
+            .wait_until(&what, timeout, |m| m.has_provider(name))
+            .await
+    }
+
+    /// Blocks until this `Global` is stopped (from another thread, or by a callback).
+    pub fn join(&self) -> Result<()> {
+        blocking::wait(self.runtime(), "join", self.join_async())
+    }
+
+    /// Async twin of [`join`](Self::join).
+    pub async fn join_async(&self) {
+        let mut rx = self.inner.stopped.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Stops the node and the controller (if this process runs one). Calls waiting here
+    /// fail with [`Error::Stopped`]. Idempotent; also runs when the last clone drops.
+    pub fn stop(&self) {
+        self.inner.stop();
+    }
+}
+
+impl Inner {
+    fn stop(&self) {
+        if self.stopped.send_replace(true) {
+            return;
+        }
+        if let Some(node) = &self.node {
+            node.stop();
+        }
+        if let Some(controller) = lock(&self.controller).take() {
+            controller.stop();
+        }
+        if let Some(rt) = lock(&self.owned_runtime).take() {
+            rt.shutdown();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The runtime `start()` creates: its own thread holds it, so that it is never dropped
+/// inside async code (which tokio forbids).
+struct OwnedRuntime {
+    handle: Handle,
+    shutdown: std::sync::mpsc::Sender<()>,
+}
+
+impl OwnedRuntime {
+    fn new() -> Result<OwnedRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("daffi-worker")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (shutdown, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("daffi-runtime".into())
+            .spawn(move || {
+                let _ = rx.recv();
+                // Let replies and goodbyes go out, but never hang on a stuck callback.
+                runtime.shutdown_timeout(Duration::from_millis(500));
+            })?;
+        Ok(OwnedRuntime { handle, shutdown })
+    }
+
+    fn shutdown(self) {
+        let _ = self.shutdown.send(());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_suffix() -> String {
+    (0..8).map(|_| fastrand::alphanumeric()).collect()
+}

@@ -1,0 +1,292 @@
+//! Frames: a length prefix, a small fixed routing header, and an opaque payload.
+//!
+//! The layout is documented in `docs/PROTOCOL.md`. The controller parses only the header
+//! ([`Frame::parse`] borrows the payload, it never decodes it) and forwards the raw bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Bytes of the length prefix in front of every frame.
+pub const LEN_PREFIX: usize = 4;
+/// Bytes of the fixed part of the header (kind, flags, call id, timeout, three lengths).
+pub const FIXED_HEADER: usize = 1 + 1 + 8 + 4 + 1 + 1 + 2;
+
+/// What a frame carries. Values are stable wire constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Node -> controller: first frame of a connection.
+    Hello = 1,
+    /// Controller -> node: the handshake succeeded; carries the current members.
+    Welcome = 2,
+    /// Controller -> node: the handshake failed; the connection closes next.
+    Refused = 3,
+    /// Node -> controller: the full list of callbacks this node serves now.
+    Announce = 4,
+    /// Controller -> node: a node joined, changed its callbacks, or left.
+    Membership = 5,
+    /// Node -> controller: the node leaves on purpose.
+    Goodbye = 6,
+    /// Node -> node: run a callback.
+    Request = 16,
+    /// Node -> node: the result of a request.
+    Reply = 17,
+    /// Controller -> node: a request could not be delivered.
+    Undeliverable = 18,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Refused,
+            4 => Kind::Announce,
+            5 => Kind::Membership,
+            6 => Kind::Goodbye,
+            16 => Kind::Request,
+            17 => Kind::Reply,
+            18 => Kind::Undeliverable,
+            _ => return None,
+        })
+    }
+}
+
+/// `Request` flag: the caller wants no reply.
+pub const FLAG_NO_REPLY: u8 = 0b0000_0001;
+/// `Reply` flag: the payload is an error, not a value.
+pub const FLAG_ERROR: u8 = 0b0000_0001;
+
+/// Why bytes off the wire are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than the configured limit.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Announced size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// The frame is shorter than its header says.
+    #[error("frame truncated: {0}")]
+    Truncated(&'static str),
+    /// The kind byte is not one this version knows.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A name in the header is not UTF-8.
+    #[error("header field `{0}` is not valid UTF-8")]
+    NotUtf8(&'static str),
+}
+
+/// The routing fields of a frame, for encoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Header<'a> {
+    /// What the frame carries.
+    pub kind: Kind,
+    /// Kind-specific flags.
+    pub flags: u8,
+    /// Correlates a request with its reply; chosen by the caller, unique per caller.
+    pub call_id: u64,
+    /// Milliseconds the caller still waits; 0 means no limit.
+    pub timeout_ms: u32,
+    /// Process name of the sender (checked by the controller).
+    pub src: &'a str,
+    /// Process name of the receiver; empty for frames to the controller.
+    pub dst: &'a str,
+    /// Callback name for requests; empty otherwise.
+    pub name: &'a str,
+}
+
+impl<'a> Header<'a> {
+    /// A header for a control frame between a node and the controller.
+    pub fn control(kind: Kind) -> Header<'static> {
+        Header {
+            kind,
+            flags: 0,
+            call_id: 0,
+            timeout_ms: 0,
+            src: "",
+            dst: "",
+            name: "",
+        }
+    }
+
+    /// Size of the encoded frame (prefix included) for a payload of `payload_len` bytes.
+    pub fn frame_len(&self, payload_len: usize) -> usize {
+        LEN_PREFIX + FIXED_HEADER + self.src.len() + self.dst.len() + self.name.len() + payload_len
+    }
+
+    /// Encodes the length prefix and the header; the payload follows as separate bytes.
+    ///
+    /// Names longer than their length fields (255 bytes for process names, 65,535 for
+    /// callback names) are rejected earlier, where the user gives them.
+    pub fn encode(&self, payload_len: usize) -> Bytes {
+        let total = self.frame_len(payload_len);
+        let head_len = total - payload_len;
+        let mut buf = BytesMut::with_capacity(head_len);
+        buf.put_u32((total - LEN_PREFIX) as u32);
+        buf.put_u8(self.kind as u8);
+        buf.put_u8(self.flags);
+        buf.put_u64(self.call_id);
+        buf.put_u32(self.timeout_ms);
+        buf.put_u8(self.src.len() as u8);
+        buf.put_u8(self.dst.len() as u8);
+        buf.put_u16(self.name.len() as u16);
+        buf.put_slice(self.src.as_bytes());
+        buf.put_slice(self.dst.as_bytes());
+        buf.put_slice(self.name.as_bytes());
+        buf.freeze()
+    }
+}
+
+/// A frame read off the wire: the raw bytes (prefix included) and where each field is.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    raw: Bytes,
+    kind: Kind,
+    flags: u8,
+    call_id: u64,
+    timeout_ms: u32,
+    src_end: usize,
+    dst_end: usize,
+    name_end: usize,
+}
+
+const NAMES_START: usize = LEN_PREFIX + FIXED_HEADER;
+
+impl Frame {
+    /// Parses a complete frame, length prefix included. Validates lengths and UTF-8 of
+    /// the names; never looks into the payload.
+    pub fn parse(raw: Bytes) -> Result<Frame, FrameError> {
+        if raw.len() < NAMES_START {
+            return Err(FrameError::Truncated("shorter than the fixed header"));
+        }
+        let b = &raw[..];
+        let announced = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if announced != raw.len() - LEN_PREFIX {
+            return Err(FrameError::Truncated("length prefix does not match the frame"));
+        }
+        let kind = Kind::from_u8(b[4]).ok_or(FrameError::UnknownKind(b[4]))?;
+        let flags = b[5];
+        let call_id = u64::from_be_bytes(b[6..14].try_into().expect("8 bytes"));
+        let timeout_ms = u32::from_be_bytes(b[14..18].try_into().expect("4 bytes"));
+        let src_len = b[18] as usize;
+        let dst_len = b[19] as usize;
+        let name_len = u16::from_be_bytes([b[20], b[21]]) as usize;
+        let src_end = NAMES_START + src_len;
+        let dst_end = src_end + dst_len;
+        let name_end = dst_end + name_len;
+        if name_end > raw.len() {
+            return Err(FrameError::Truncated("names run past the end of the frame"));
+        }
+        for (field, range) in [
+            ("src", NAMES_START..src_end),
+            ("dst", src_end..dst_end),
+            ("name", dst_end..name_end),
+        ] {
+            if std::str::from_utf8(&b[range]).is_err() {
+                return Err(FrameError::NotUtf8(field));
+            }
+        }
+        Ok(Frame {
+            raw,
+            kind,
+            flags,
+            call_id,
+            timeout_ms,
+            src_end,
+            dst_end,
+            name_end,
+        })
+    }
+
+    /// What the frame carries.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    /// Kind-specific flags.
+    pub fn flags(&self) -> u8 {
+        self.flags
+    }
+    /// The caller's correlation id.
+    pub fn call_id(&self) -> u64 {
+        self.call_id
+    }
+    /// Milliseconds the caller still waits; 0 means no limit.
+    pub fn timeout_ms(&self) -> u32 {
+        self.timeout_ms
+    }
+    /// The sender's process name.
+    pub fn src(&self) -> &str {
+        self.str_at(NAMES_START, self.src_end)
+    }
+    /// The receiver's process name.
+    pub fn dst(&self) -> &str {
+        self.str_at(self.src_end, self.dst_end)
+    }
+    /// The callback name (requests) or empty.
+    pub fn name(&self) -> &str {
+        self.str_at(self.dst_end, self.name_end)
+    }
+    /// The payload, sharing the frame's memory.
+    pub fn payload(&self) -> Bytes {
+        self.raw.slice(self.name_end..)
+    }
+    /// The whole frame as it came off the wire, length prefix included.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    fn str_at(&self, start: usize, end: usize) -> &str {
+        // Checked in `parse`; an empty string is the safe fallback that cannot happen.
+        std::str::from_utf8(&self.raw[start..end]).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Bytes, Bytes) {
+        let h = Header {
+            kind: Kind::Request,
+            flags: FLAG_NO_REPLY,
+            call_id: 42,
+            timeout_ms: 1500,
+            src: "proc1",
+            dst: "proc2",
+            name: "func3",
+        };
+        let payload = Bytes::from_static(b"\x92\x04\x06");
+        (h.encode(payload.len()), payload)
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let (head, payload) = sample();
+        let mut raw = BytesMut::from(&head[..]);
+        raw.extend_from_slice(&payload);
+        let f = Frame::parse(raw.freeze()).expect("valid frame");
+        assert_eq!(f.kind(), Kind::Request);
+        assert_eq!(f.flags(), FLAG_NO_REPLY);
+        assert_eq!(f.call_id(), 42);
+        assert_eq!(f.timeout_ms(), 1500);
+        assert_eq!((f.src(), f.dst(), f.name()), ("proc1", "proc2", "func3"));
+        assert_eq!(f.payload(), payload);
+    }
+
+    #[test]
+    fn rejects_truncated_and_unknown() {
+        let (head, _) = sample();
+        assert!(matches!(
+            Frame::parse(head.slice(..10)),
+            Err(FrameError::Truncated(_))
+        ));
+        let mut bad = BytesMut::from(&head[..]);
+        bad[4] = 200;
+        assert!(matches!(
+            Frame::parse(bad.freeze()),
+            Err(FrameError::Truncated(_)) | Err(FrameError::UnknownKind(200))
+        ));
+    }
+}

@@ -1,0 +1,133 @@
+//! Payloads of control frames, MessagePack-encoded with field names.
+//!
+//! Only these payloads are ever decoded by the controller; request and reply payloads
+//! pass through it untouched.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// `Hello`: who the node is and what it serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The node's unique process name.
+    pub process_name: String,
+    /// The shared secret, when the controller requires one.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// Callback names the node serves.
+    pub callbacks: Vec<String>,
+}
+
+/// A node and the callbacks it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Process name.
+    pub name: String,
+    /// Callback names.
+    pub callbacks: Vec<String>,
+}
+
+/// `Welcome`: the handshake succeeded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Every other connected node.
+    pub members: Vec<Member>,
+    /// The controller's frame size limit, so that nodes can check before sending.
+    pub max_frame_size: u64,
+}
+
+/// Why the controller refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseCode {
+    /// The process name is taken by a connected node.
+    DuplicateName,
+    /// The process name is empty or too long.
+    InvalidName,
+    /// The node speaks another protocol version.
+    Version,
+    /// The auth token is missing or wrong.
+    Auth,
+    /// The first frame was not a valid `Hello`.
+    BadHello,
+}
+
+/// `Refused`: the handshake failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refused {
+    /// Machine-readable reason.
+    pub code: RefuseCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// `Announce`: the full list of callbacks a node serves from now on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Announce {
+    /// Callback names.
+    pub callbacks: Vec<String>,
+}
+
+/// `Membership`: a change in who is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MembershipEvent {
+    /// A node connected.
+    Joined(Member),
+    /// A node changed the callbacks it serves.
+    Updated(Member),
+    /// A node disconnected.
+    Left {
+        /// Its process name.
+        name: String,
+    },
+}
+
+/// Why a request could not be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UndeliverableCode {
+    /// The destination process is not connected.
+    UnknownProcess,
+}
+
+/// `Undeliverable`: the controller could not deliver a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Undeliverable {
+    /// Machine-readable reason.
+    pub code: UndeliverableCode,
+}
+
+/// What kind of failure an error reply reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteErrorKind {
+    /// The callback returned `Err`.
+    Failed,
+    /// The callback panicked.
+    Panicked,
+    /// The arguments did not decode into the callback's parameters.
+    BadArguments,
+    /// The callee does not serve this name (any more).
+    NotFound,
+}
+
+/// Payload of a `Reply` with the error flag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// What went wrong.
+    pub kind: RemoteErrorKind,
+    /// The callback's message.
+    pub message: String,
+}
+
+/// Encodes a control payload. Control types are plain data, so this cannot fail.
+pub fn encode<T: Serialize>(value: &T) -> bytes::Bytes {
+    rmp_serde::to_vec_named(value)
+        .map(bytes::Bytes::from)
+        .unwrap_or_default()
+}
+
+/// Decodes a control payload.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(payload)
+}

@@ -1,0 +1,60 @@
+//! Process 2 of the seed's "Getting started": async, serves `func1` and `func2`, and
+//! calls `func3` on process 1 in the background (BG).
+//!
+//! ```text
+//! cargo run --example proc1
+//! cargo run --example proc2
+//! ```
+
+use std::time::Duration;
+
+use daffi::{callback, Global};
+
+/// Subtracts 2 numbers and returns the delta.
+#[callback]
+async fn func1(a: i64, b: i64) -> i64 {
+    a - b
+}
+
+/// Just prints text to the console.
+#[callback]
+fn func2() {
+    println!("Func2 has been triggered!");
+}
+
+/// Executes remote callbacks.
+async fn remote_process_executor(g: Global) -> daffi::Result<()> {
+    for _ in 0..5 {
+        let future = g.call("func3").args((4, 6)).bg::<i64>()?;
+
+        // Do something while the result is being computed.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Get the result.
+        let result = future.get_async().await?;
+        println!("Calculated sum is {result}");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> daffi::Result<()> {
+    let process_name = "proc2";
+
+    let g = Global::builder()
+        .process_name(process_name)
+        .host("localhost")
+        .port(8888)
+        .start_async()
+        .await?;
+    let executor = g.clone();
+    tokio::spawn(async move {
+        if let Err(e) = remote_process_executor(executor).await {
+            eprintln!("proc2: {e}");
+        }
+    });
+
+    // Wait forever (until proc1 stops the controller, this node is stopped, or Ctrl-C).
+    g.join_async().await;
+    Ok(())
+}
