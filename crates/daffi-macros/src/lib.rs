@@ -36,7 +36,9 @@ pub fn callback(attr: TokenStream, item: TokenStream) -> TokenStream {
             "#[callback] applies to functions (sync or async)",
         )),
     };
-    expanded.unwrap_or_else(syn::Error::into_compile_error).into()
+    expanded
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
 }
 
 /// `#[callback]` or `#[callback(name = "exposed")]`.
@@ -59,7 +61,10 @@ impl Parse for CallbackAttr {
         input.parse::<Token![=]>()?;
         let name: LitStr = input.parse()?;
         if name.value().is_empty() {
-            return Err(syn::Error::new(name.span(), "a callback name cannot be empty"));
+            return Err(syn::Error::new(
+                name.span(),
+                "a callback name cannot be empty",
+            ));
         }
         if !input.is_empty() {
             return Err(input.error("expected only `name = \"...\"`"));
@@ -243,11 +248,7 @@ fn reject_unsupported(ty: &Type, what: &str) -> syn::Result<()> {
 fn returns_result(output: &ReturnType) -> bool {
     match output {
         ReturnType::Type(_, ty) => match &**ty {
-            Type::Path(p) => p
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident == "Result"),
+            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "Result"),
             _ => false,
         },
         ReturnType::Default => false,

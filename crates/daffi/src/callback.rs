@@ -64,7 +64,10 @@ pub enum Handler {
 
 /// Decodes callback arguments: a positional list, or a map keyed by parameter names
 /// when `T` is a struct. `signature` names the callback in the error.
-pub fn decode_args<T: DeserializeOwned>(signature: &str, payload: &[u8]) -> Result<T, CallbackFailure> {
+pub fn decode_args<T: DeserializeOwned>(
+    signature: &str,
+    payload: &[u8],
+) -> Result<T, CallbackFailure> {
     rmp_serde::from_slice(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
 }
 
@@ -123,8 +126,26 @@ macro_rules! plain_reply {
     )*};
 }
 plain_reply!(
-    (), bool, char, i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize, f32, f64,
-    String, &'static str, Bytes
+    (),
+    bool,
+    char,
+    i8,
+    i16,
+    i32,
+    i64,
+    i128,
+    isize,
+    u8,
+    u16,
+    u32,
+    u64,
+    u128,
+    usize,
+    f32,
+    f64,
+    String,
+    &'static str,
+    Bytes
 );
 
 macro_rules! generic_reply {
@@ -145,7 +166,14 @@ macro_rules! tuple_reply {
         }
     )*};
 }
-tuple_reply!((A), (A, B), (A, B, C), (A, B, C, D), (A, B, C, D, E), (A, B, C, D, E, F));
+tuple_reply!(
+    (A),
+    (A, B),
+    (A, B, C),
+    (A, B, C, D),
+    (A, B, C, D, E),
+    (A, B, C, D, E, F)
+);
 
 /// A closure or function that can be registered with [`Global::register`](crate::Global::register).
 ///
@@ -210,7 +238,10 @@ macro_rules! closure_callback {
 }
 
 /// Decodes a positional argument list; an empty tuple accepts any payload.
-fn decode_tuple<T: DeserializeOwned + 'static>(signature: &str, payload: &[u8]) -> Result<T, CallbackFailure> {
+fn decode_tuple<T: DeserializeOwned + 'static>(
+    signature: &str,
+    payload: &[u8],
+) -> Result<T, CallbackFailure> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<()>() {
         // A zero-argument callback ignores whatever the caller sent (nil or `[]`):
         // decode `()` from MessagePack nil.
@@ -263,7 +294,10 @@ pub(crate) fn static_callbacks() -> HashMap<String, Handler> {
     let mut table = HashMap::new();
     for cb in inventory::iter::<StaticCallback> {
         if table.insert(cb.name.to_string(), cb.handler()).is_some() {
-            tracing::warn!(callback = cb.name, "two #[callback] items share this name; the last one linked wins");
+            tracing::warn!(
+                callback = cb.name,
+                "two #[callback] items share this name; the last one linked wins"
+            );
         }
     }
     table

@@ -27,7 +27,9 @@ pub enum Error {
     },
 
     /// The process named with `.on(..)` is not connected to the controller.
-    #[error("process `{process}` is not connected; check the name, or wait for it with `wait_process`")]
+    #[error(
+        "process `{process}` is not connected; check the name, or wait for it with `wait_process`"
+    )]
     UnknownProcess {
         /// The process name that was asked for.
         process: String,
@@ -43,7 +45,9 @@ pub enum Error {
     },
 
     /// No answer came within the allowed time.
-    #[error("`{what}` did not complete within {after:?}; raise the timeout or check the remote node")]
+    #[error(
+        "`{what}` did not complete within {after:?}; raise the timeout or check the remote node"
+    )]
     Timeout {
         /// What was being waited for: a callback name, or a `wait_*` target.
         what: String,

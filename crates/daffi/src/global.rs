@@ -121,14 +121,15 @@ impl GlobalBuilder {
     pub fn start(self) -> Result<Global> {
         let owned = OwnedRuntime::new()?;
         let handle = owned.handle.clone();
-        let global = blocking::wait(&handle, "start", self.launch(handle.clone(), Some(owned)))?;
-        global
+        blocking::wait(&handle, "start", self.launch(handle.clone(), Some(owned)))?
     }
 
     /// Starts from async code, on the current tokio runtime.
     pub async fn start_async(self) -> Result<Global> {
         let handle = Handle::try_current().map_err(|_| {
-            Error::Config("start_async must run inside a tokio runtime; use start() in sync code".into())
+            Error::Config(
+                "start_async must run inside a tokio runtime; use start() in sync code".into(),
+            )
         })?;
         self.launch(handle, None).await
     }
@@ -325,7 +326,11 @@ impl Global {
 
     /// Blocks until the process `name` is connected and its callbacks are known here.
     pub fn wait_process(&self, name: &str) -> Result<()> {
-        blocking::wait(self.runtime(), "wait_process", self.wait_process_inner(name, None))?
+        blocking::wait(
+            self.runtime(),
+            "wait_process",
+            self.wait_process_inner(name, None),
+        )?
     }
 
     /// Like [`wait_process`](Self::wait_process), giving up with [`Error::Timeout`] after `timeout`.
@@ -349,7 +354,11 @@ impl Global {
 
     /// Blocks until some other node serves the callback `name`.
     pub fn wait_function(&self, name: &str) -> Result<()> {
-        blocking::wait(self.runtime(), "wait_function", self.wait_function_inner(name, None))?
+        blocking::wait(
+            self.runtime(),
+            "wait_function",
+            self.wait_function_inner(name, None),
+        )?
     }
 
     /// Like [`wait_function`](Self::wait_function), giving up with [`Error::Timeout`] after `timeout`.

@@ -63,7 +63,11 @@ impl Members {
             members: self.snapshot(),
             max_frame_size: max_frame_size as u64,
         };
-        if queue.send(Outgoing::control(Kind::Welcome, &welcome)).await.is_err() {
+        if queue
+            .send(Outgoing::control(Kind::Welcome, &welcome))
+            .await
+            .is_err()
+        {
             return true; // the connection died already; the session will call `leave`
         }
         let member = Member {

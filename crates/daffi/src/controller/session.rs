@@ -132,8 +132,8 @@ async fn handshake(reader: &mut FrameReader<BoxRead>) -> Result<Hello, Refused> 
         Ok(None) | Err(ReadError::Eof) => return Err(bad("closed during the handshake".into())),
         Err(e) => return Err(bad(format!("bad Hello frame: {e}"))),
     };
-    let hello: Hello = message::decode(&frame.payload())
-        .map_err(|e| bad(format!("undecodable Hello: {e}")))?;
+    let hello: Hello =
+        message::decode(&frame.payload()).map_err(|e| bad(format!("undecodable Hello: {e}")))?;
     if hello.process_name.is_empty() || hello.process_name.len() > MAX_PROCESS_NAME {
         return Err(Refused {
             code: RefuseCode::InvalidName,
@@ -165,7 +165,11 @@ async fn route(
             match shared.members.route(frame.dst()) {
                 Some(queue) => {
                     // The frame goes out exactly as it came in: no re-encoding.
-                    if queue.send(Outgoing::raw(frame.raw().clone())).await.is_err() {
+                    if queue
+                        .send(Outgoing::raw(frame.raw().clone()))
+                        .await
+                        .is_err()
+                    {
                         undeliverable(own_queue, &frame).await;
                     }
                 }

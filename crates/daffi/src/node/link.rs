@@ -150,7 +150,10 @@ fn complete_reply(core: &NodeCore, frame: &Frame) {
     } else {
         let (kind, message) = match message::decode::<RemoteError>(&frame.payload()) {
             Ok(e) => (e.kind, e.message),
-            Err(e) => (RemoteErrorKind::Failed, format!("undecodable error reply: {e}")),
+            Err(e) => (
+                RemoteErrorKind::Failed,
+                format!("undecodable error reply: {e}"),
+            ),
         };
         let process = frame.src().to_string();
         let callback = entry.callback.to_string();

@@ -27,7 +27,10 @@ impl State {
         self.providers.clear();
         for (node, callbacks) in &self.nodes {
             for cb in callbacks {
-                self.providers.entry(cb.clone()).or_default().push(node.clone());
+                self.providers
+                    .entry(cb.clone())
+                    .or_default()
+                    .push(node.clone());
             }
         }
     }

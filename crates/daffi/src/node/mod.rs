@@ -54,6 +54,7 @@ pub struct NodeCore {
     pending: Pending,
     callbacks: RwLock<HashMap<String, Handler>>,
     queue: RwLock<Option<mpsc::Sender<Outgoing>>>,
+    announcing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
     stopped: watch::Sender<bool>,
 }
@@ -69,6 +70,7 @@ impl NodeCore {
             pending: Pending::default(),
             callbacks: RwLock::new(callbacks),
             queue: RwLock::new(None),
+            announcing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
         })
     }
@@ -100,7 +102,7 @@ impl NodeCore {
     }
 
     /// Adds a callback and tells the controller.
-    pub fn register(&self, name: &str, handler: Handler) -> Result<()> {
+    pub fn register(self: &Arc<Self>, name: &str, handler: Handler) -> Result<()> {
         {
             let mut table = write(&self.callbacks);
             if table.contains_key(name) {
@@ -129,18 +131,20 @@ impl NodeCore {
         read(&self.queue).clone()
     }
 
-    fn announce(&self) {
-        if let Some(queue) = self.queue() {
-            let frame = Outgoing::control(
-                Kind::Announce,
-                &Announce {
-                    callbacks: self.callback_names(),
-                },
-            );
-            tokio::spawn(async move {
-                let _ = queue.send(frame).await;
-            });
-        }
+    /// Sends the current callback list to the controller. The list is read when the
+    /// frame is sent, under a lock, so the last announce always carries the latest list
+    /// however the spawned tasks are ordered.
+    fn announce(self: &Arc<Self>) {
+        let core = self.clone();
+        tokio::spawn(async move {
+            let _in_order = core.announcing.lock().await;
+            if let Some(queue) = core.queue() {
+                let callbacks = core.callback_names();
+                let _ = queue
+                    .send(Outgoing::control(Kind::Announce, &Announce { callbacks }))
+                    .await;
+            }
+        });
     }
 
     async fn send_quietly(&self, frame: Outgoing) {
@@ -337,7 +341,9 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
             Err(e) => {
                 let fatal = matches!(
                     e,
-                    Error::DuplicateProcessName { .. } | Error::Refused { .. } | Error::Protocol { .. }
+                    Error::DuplicateProcessName { .. }
+                        | Error::Refused { .. }
+                        | Error::Protocol { .. }
                 );
                 match first.take() {
                     Some(tx) if fatal || Instant::now() >= give_up_at => {

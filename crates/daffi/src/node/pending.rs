@@ -32,7 +32,11 @@ pub struct Pending {
 impl Pending {
     /// Records a call to `callback` on `target`; returns its id and the receiver of its
     /// completion.
-    pub fn insert(&self, target: Arc<str>, callback: Arc<str>) -> (u64, oneshot::Receiver<Completion>) {
+    pub fn insert(
+        &self,
+        target: Arc<str>,
+        callback: Arc<str>,
+    ) -> (u64, oneshot::Receiver<Completion>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (done, rx) = oneshot::channel();
         self.lock().insert(

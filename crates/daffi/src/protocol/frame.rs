@@ -164,7 +164,9 @@ impl Frame {
         let b = &raw[..];
         let announced = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
         if announced != raw.len() - LEN_PREFIX {
-            return Err(FrameError::Truncated("length prefix does not match the frame"));
+            return Err(FrameError::Truncated(
+                "length prefix does not match the frame",
+            ));
         }
         let kind = Kind::from_u8(b[4]).ok_or(FrameError::UnknownKind(b[4]))?;
         let flags = b[5];

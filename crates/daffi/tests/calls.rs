@@ -1,0 +1,569 @@
+//! FG, BG and NO_RETURN calls, target choice, and every named error, between real
+//! processes over TCP and Unix sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Transport, WAIT};
+use daffi::{callback, Error, Global};
+use serde::Serialize;
+
+/// The ignored test that runs worker processes (see `common`).
+const ENTRY: &str = "worker_process";
+
+// ---- callbacks, served by every process of this binary -------------------------------
+
+#[callback]
+fn sync_add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[callback]
+async fn async_sub(a: i64, b: i64) -> i64 {
+    a - b
+}
+
+#[callback]
+async fn slow_echo(ms: u64, value: i64) -> i64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    value
+}
+
+#[callback]
+fn slow_sync(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[callback]
+fn whoami() -> String {
+    std::env::var(common::ENV_NAME).unwrap_or_else(|_| "the test process".into())
+}
+
+static RECORDED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static RECORDED_CHANGED: Condvar = Condvar::new();
+
+#[callback]
+fn record(n: u64) {
+    RECORDED.lock().expect("lock").push(n);
+    RECORDED_CHANGED.notify_all();
+}
+
+/// Waits until `count` values were recorded (or `timeout_ms` passes); returns them.
+#[callback]
+fn wait_recorded(count: usize, timeout_ms: u64) -> Vec<u64> {
+    let guard = RECORDED.lock().expect("lock");
+    let (guard, _) = RECORDED_CHANGED
+        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |v| {
+            v.len() < count
+        })
+        .expect("lock");
+    guard.clone()
+}
+
+#[callback(name = "fails")]
+fn always_fails(reason: String) -> Result<i64, String> {
+    Err(reason)
+}
+
+#[callback]
+fn boom() -> i64 {
+    panic!("boom on purpose")
+}
+
+static HANGING: Mutex<usize> = Mutex::new(0);
+static HANGING_CHANGED: Condvar = Condvar::new();
+
+#[callback]
+fn hang() -> i64 {
+    *HANGING.lock().expect("lock") += 1;
+    HANGING_CHANGED.notify_all();
+    std::thread::sleep(Duration::from_secs(120));
+    0
+}
+
+/// Returns once at least one `hang` call is running here.
+#[callback]
+fn wait_hanging(timeout_ms: u64) -> usize {
+    let guard = HANGING.lock().expect("lock");
+    let (guard, _) = HANGING_CHANGED
+        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |n| *n == 0)
+        .expect("lock");
+    *guard
+}
+
+/// Runs a worker node when started by a test; ignored in normal runs.
+#[test]
+#[ignore = "helper: tests start it as a child process"]
+fn worker_process() {
+    let Ok(role) = std::env::var(common::ENV_ROLE) else {
+        eprintln!("worker_process is started by other tests; nothing to do alone");
+        return;
+    };
+    common::exit_when_parent_dies();
+    let name = std::env::var(common::ENV_NAME).expect("worker name");
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(name)
+        .start()
+        .expect("worker starts");
+    assert_eq!(role, "worker");
+    g.register("closure_mul", |a: i64, b: i64| a * b)
+        .expect("register sync closure");
+    g.register("closure_concat", |a: String, b: String| async move {
+        format!("{a}{b}")
+    })
+    .expect("register async closure");
+    g.register("closure_div", |a: i64, b: i64| {
+        a.checked_div(b).ok_or("division by zero")
+    })
+    .expect("register fallible closure");
+    g.join().expect("join");
+}
+
+// ---- FG, BG, NO_RETURN on both transports --------------------------------------------
+
+fn modes_work(transport: Transport) {
+    let mut cluster = Cluster::start(transport, ENTRY);
+    cluster.spawn_worker(&common::unique("modes"));
+    let g = &cluster.caller;
+
+    // FG: a sync caller to an async callback.
+    let delta: i64 = g.call("async_sub").args((10, 3)).fg().expect("fg");
+    assert_eq!(delta, 7);
+    let with_timeout: i64 = g
+        .call("async_sub")
+        .args((1, 2))
+        .timeout(WAIT)
+        .fg()
+        .expect("fg with timeout");
+    assert_eq!(with_timeout, -1);
+
+    // BG: returns while the 300 ms callback still runs.
+    let pending = g
+        .call("slow_echo")
+        .args((300u64, 42i64))
+        .bg::<i64>()
+        .expect("bg");
+    assert!(!pending.is_ready(), "bg must not wait for the callback");
+    assert_eq!(pending.get_timeout(WAIT).expect("bg result"), 42);
+
+    // Closures registered on the worker: sync, async, fallible. They are announced
+    // after the worker joined, so wait until they are known here.
+    for name in ["closure_mul", "closure_concat", "closure_div"] {
+        g.wait_function_timeout(name, WAIT)
+            .expect("closure announced");
+    }
+    assert_eq!(
+        g.call("closure_mul").args((6, 7)).fg::<i64>().expect("mul"),
+        42
+    );
+    let joined: String = g
+        .call("closure_concat")
+        .args(("da", "ffi"))
+        .fg()
+        .expect("concat");
+    assert_eq!(joined, "daffi");
+    match g.call("closure_div").args((1, 0)).fg::<i64>() {
+        Err(Error::Remote {
+            message,
+            panicked: false,
+            ..
+        }) => {
+            assert!(message.contains("division by zero"), "{message}")
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+
+    // NO_RETURN: the callee sees every one.
+    for n in 0..50u64 {
+        g.call("record").args((n,)).no_return().expect("no_return");
+    }
+    let seen: Vec<u64> = g
+        .call("wait_recorded")
+        .args((50usize, WAIT.as_millis() as u64))
+        .fg()
+        .expect("wait_recorded");
+    let mut seen_sorted = seen.clone();
+    seen_sorted.sort();
+    assert_eq!(seen_sorted, (0..50).collect::<Vec<_>>());
+}
+
+#[test]
+fn fg_bg_and_no_return_over_tcp() {
+    modes_work(Transport::Tcp);
+}
+
+#[test]
+fn fg_bg_and_no_return_over_unix_socket() {
+    modes_work(Transport::Unix);
+}
+
+#[test]
+fn async_caller_reaches_sync_callback() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let caller = Global::builder()
+            .process_name(common::unique("async-caller"))
+            .host("127.0.0.1")
+            .init_controller(true)
+            .start_async()
+            .await
+            .expect("start_async");
+        let worker_name = common::unique("sync-callee");
+        let _worker = common::spawn_child(ENTRY, "worker", &worker_name, caller.address());
+        caller
+            .wait_process_timeout_async(&worker_name, WAIT)
+            .await
+            .expect("worker connects");
+
+        let sum: i64 = caller
+            .call("sync_add")
+            .args((4, 6))
+            .fg_async()
+            .await
+            .expect("fg_async");
+        assert_eq!(sum, 10);
+        let bg = caller
+            .call("sync_add")
+            .args((1, 1))
+            .bg::<i64>()
+            .expect("bg");
+        assert_eq!(bg.await.expect("bg awaited"), 2);
+        caller
+            .call("record")
+            .args((7u64,))
+            .no_return_async()
+            .await
+            .expect("no_return_async");
+        let seen: Vec<u64> = caller
+            .call("wait_recorded")
+            .args((1usize, WAIT.as_millis() as u64))
+            .fg_async()
+            .await
+            .expect("wait_recorded");
+        assert_eq!(seen, vec![7]);
+
+        // A blocking method inside a current-thread runtime errors instead of hanging.
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("current-thread runtime");
+        let g = caller.clone();
+        let blocked = std::thread::spawn(move || {
+            current.block_on(async move { g.call("sync_add").args((1, 2)).fg::<i64>() })
+        })
+        .join()
+        .expect("thread");
+        assert!(
+            matches!(blocked, Err(Error::BlockingInAsync { method: "fg" })),
+            "{blocked:?}"
+        );
+        caller.stop();
+    });
+}
+
+#[derive(Serialize)]
+struct AddArgs {
+    a: i64,
+    b: i64,
+}
+
+#[test]
+fn named_arguments_reach_macro_callbacks() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    cluster.spawn_worker(&common::unique("named"));
+    let g = &cluster.caller;
+    let by_struct: i64 = g
+        .call("sync_add")
+        .args(AddArgs { a: 40, b: 2 })
+        .fg()
+        .expect("named args");
+    assert_eq!(by_struct, 42);
+    let by_map: i64 = g
+        .call("sync_add")
+        .args(HashMap::from([("b", 1), ("a", 2)]))
+        .fg()
+        .expect("map args");
+    assert_eq!(by_map, 3);
+}
+
+// ---- target choice and load ----------------------------------------------------------
+
+#[test]
+fn three_nodes_share_calls_and_none_lands_on_the_caller() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let names: Vec<String> = (0..3)
+        .map(|i| common::unique(&format!("share{i}")))
+        .collect();
+    for name in &names {
+        cluster.spawn_worker(name);
+    }
+    let g = &cluster.caller;
+    let mut hits: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let who: String = g.call("whoami").fg().expect("whoami");
+        *hits.entry(who).or_default() += 1;
+    }
+    assert_eq!(hits.values().sum::<usize>(), 300);
+    for name in &names {
+        assert!(
+            hits.get(name).copied().unwrap_or(0) > 0,
+            "{name} got no call: {hits:?}"
+        );
+    }
+    assert_eq!(hits.len(), 3, "a call landed elsewhere: {hits:?}");
+
+    let served = g.registered_callbacks();
+    let mut whoami_nodes = served["whoami"].clone();
+    whoami_nodes.retain(|n| n != g.process_name());
+    whoami_nodes.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(whoami_nodes, expected);
+}
+
+#[test]
+fn a_thousand_bg_calls_in_flight_all_come_back() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    cluster.spawn_worker(&common::unique("thousand"));
+    let g = &cluster.caller;
+    let pending: Vec<_> = (0..1000i64)
+        .map(|i| g.call("sync_add").args((i, i)).bg::<i64>().expect("bg"))
+        .collect();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.get_timeout(WAIT).expect("result"), 2 * i as i64);
+    }
+}
+
+#[test]
+fn a_slow_callback_does_not_delay_other_calls() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let worker = common::unique("slow");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    let slow_sync = g
+        .call("slow_sync")
+        .args((3000u64,))
+        .on(&worker)
+        .bg::<u64>()
+        .expect("bg");
+    let slow_async = g
+        .call("slow_echo")
+        .args((3000u64, 1i64))
+        .on(&worker)
+        .bg::<i64>()
+        .expect("bg");
+    for i in 0..20 {
+        let sum: i64 = g
+            .call("sync_add")
+            .args((i, 1))
+            .on(&worker)
+            .fg()
+            .expect("fast call");
+        assert_eq!(sum, i + 1);
+    }
+    assert!(
+        !slow_sync.is_ready() && !slow_async.is_ready(),
+        "fast calls should finish while the 3 s callbacks still run"
+    );
+}
+
+// ---- named errors --------------------------------------------------------------------
+
+#[test]
+fn no_provider_and_unknown_process_fail_promptly() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    cluster.spawn_worker(&common::unique("errs"));
+    let g = &cluster.caller;
+    let started = Instant::now();
+    match g.call("nobody_serves_this").timeout(WAIT).fg::<i64>() {
+        Err(Error::NoProvider { callback, on: None }) => assert_eq!(callback, "nobody_serves_this"),
+        other => panic!("expected NoProvider, got {other:?}"),
+    }
+    match g
+        .call("sync_add")
+        .args((1, 2))
+        .on("ghost")
+        .timeout(WAIT)
+        .fg::<i64>()
+    {
+        Err(Error::UnknownProcess { process }) => assert_eq!(process, "ghost"),
+        other => panic!("expected UnknownProcess, got {other:?}"),
+    }
+    // Neither waited for its timeout.
+    assert!(started.elapsed() < WAIT);
+}
+
+#[test]
+fn timeout_is_reported_by_name() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    cluster.spawn_worker(&common::unique("timeout"));
+    let g = &cluster.caller;
+    match g
+        .call("slow_echo")
+        .args((5_000u64, 1i64))
+        .timeout(Duration::from_millis(200))
+        .fg::<i64>()
+    {
+        Err(Error::Timeout { what, after }) => {
+            assert_eq!(what, "slow_echo");
+            assert_eq!(after, Duration::from_millis(200));
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    // The node still works after a timed-out call.
+    assert_eq!(
+        g.call("sync_add")
+            .args((2, 2))
+            .fg::<i64>()
+            .expect("after timeout"),
+        4
+    );
+}
+
+#[test]
+fn killed_callee_fails_the_call_within_a_second() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let victim = common::unique("victim");
+    cluster.spawn_worker(&victim);
+    let g = cluster.caller.clone();
+    let in_flight = g
+        .call("hang")
+        .on(&victim)
+        .timeout(Duration::from_secs(120))
+        .bg::<i64>()
+        .expect("bg");
+    let running: usize = g
+        .call("wait_hanging")
+        .args((WAIT.as_millis() as u64,))
+        .on(&victim)
+        .fg()
+        .expect("hang started");
+    assert_eq!(running, 1);
+
+    cluster.worker(&victim).kill();
+    match in_flight.get_timeout(Duration::from_secs(1)) {
+        Err(Error::PeerDisconnected { process, callback }) => {
+            assert_eq!(
+                (process.as_str(), callback.as_str()),
+                (victim.as_str(), "hang")
+            );
+        }
+        other => panic!("expected PeerDisconnected within a second, got {other:?}"),
+    }
+}
+
+#[test]
+fn callback_errors_and_panics_reach_the_caller_and_the_callee_keeps_serving() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("faulty");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+
+    match g.call("fails").args(("disk full",)).fg::<i64>() {
+        Err(Error::Remote {
+            process,
+            callback,
+            message,
+            panicked,
+        }) => {
+            assert_eq!(
+                (process.as_str(), callback.as_str()),
+                (worker.as_str(), "fails")
+            );
+            assert_eq!(message, "disk full");
+            assert!(!panicked);
+        }
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    match g.call("boom").fg::<i64>() {
+        Err(Error::Remote {
+            message, panicked, ..
+        }) => {
+            assert!(panicked);
+            assert!(message.contains("boom on purpose"), "{message}");
+        }
+        other => panic!("expected a panic report, got {other:?}"),
+    }
+    assert_eq!(
+        g.call("sync_add")
+            .args((20, 22))
+            .on(&worker)
+            .fg::<i64>()
+            .expect("still serving"),
+        42
+    );
+}
+
+#[test]
+fn wrong_argument_types_name_the_callback() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    cluster.spawn_worker(&common::unique("types"));
+    let g = &cluster.caller;
+    match g.call("sync_add").args(("four", "six")).fg::<i64>() {
+        Err(Error::BadArguments {
+            callback, message, ..
+        }) => {
+            assert_eq!(callback, "sync_add");
+            assert!(message.contains("sync_add(a: i64, b: i64)"), "{message}");
+        }
+        other => panic!("expected BadArguments, got {other:?}"),
+    }
+    g.wait_function_timeout("closure_mul", WAIT)
+        .expect("closure announced");
+    match g.call("closure_mul").args(("x",)).fg::<i64>() {
+        Err(Error::BadArguments { message, .. }) => {
+            assert!(message.contains("closure_mul(i64, i64)"), "{message}")
+        }
+        other => panic!("expected BadArguments, got {other:?}"),
+    }
+    // The result type is checked at the caller, with the callback named.
+    match g.call("sync_add").args((1, 2)).fg::<String>() {
+        Err(Error::BadResult {
+            callback, expected, ..
+        }) => {
+            assert_eq!(
+                (callback.as_str(), expected),
+                ("sync_add", "alloc::string::String")
+            )
+        }
+        other => panic!("expected BadResult, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_duplicate_process_name_is_refused() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let taken = common::unique("taken");
+    cluster.spawn_worker(&taken);
+    let second = common::builder_for(&cluster.address)
+        .process_name(taken.clone())
+        .start();
+    match second {
+        Err(Error::DuplicateProcessName { process }) => assert_eq!(process, taken),
+        other => panic!("expected DuplicateProcessName, got {other:?}"),
+    }
+    // The first holder of the name is unaffected.
+    let who: String = cluster
+        .caller
+        .call("whoami")
+        .on(&taken)
+        .fg()
+        .expect("original node");
+    assert_eq!(who, taken);
+}
+
+#[test]
+fn calls_after_stop_fail_with_stopped() {
+    let cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let g = cluster.caller.clone();
+    g.stop();
+    assert!(matches!(
+        g.call("sync_add").args((1, 2)).fg::<i64>(),
+        Err(Error::Stopped)
+    ));
+    g.join().expect("join returns once stopped");
+}

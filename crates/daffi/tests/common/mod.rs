@@ -1,0 +1,180 @@
+//! Test support: a controller in the test process and worker nodes in separate child
+//! processes that talk to it over real sockets.
+//!
+//! A worker is this same test binary, re-run with `--exact <entry> --ignored` and the
+//! role in environment variables; it exits when the test kills it or when its stdin
+//! closes (the test process died).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use daffi::{Address, Global, GlobalBuilder};
+
+/// How long a test waits for anything that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Environment variables a worker reads.
+pub const ENV_ROLE: &str = "DAFFI_TEST_ROLE";
+pub const ENV_NAME: &str = "DAFFI_TEST_NAME";
+pub const ENV_ADDR: &str = "DAFFI_TEST_ADDR";
+
+/// Which transport a cluster uses.
+#[derive(Debug, Clone, Copy)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// A controller (with a caller node) in this process, and workers in child processes.
+pub struct Cluster {
+    pub caller: Global,
+    pub address: Address,
+    /// The name of the test binary's entry that runs a worker.
+    entry: &'static str,
+    workers: Vec<Worker>,
+}
+
+/// A worker process; killed when dropped.
+pub struct Worker {
+    pub name: String,
+    child: Child,
+}
+
+impl Worker {
+    /// Kills the process and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A unique name for this test run.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A builder aimed at `address`.
+pub fn builder_for(address: &Address) -> GlobalBuilder {
+    let b = Global::builder().connect_timeout(WAIT);
+    match address {
+        Address::Tcp { host, port } => b.host(host.clone()).port(*port),
+        Address::Unix(path) => b.unix_sock_path(path.clone()),
+    }
+}
+
+fn encode_address(address: &Address) -> String {
+    match address {
+        Address::Tcp { host, port } => format!("tcp:{host}:{port}"),
+        Address::Unix(path) => format!("unix:{}", path.display()),
+    }
+}
+
+/// The address a worker was given.
+pub fn address_from_env() -> Address {
+    let raw = std::env::var(ENV_ADDR).expect("worker started without an address");
+    if let Some(path) = raw.strip_prefix("unix:") {
+        return Address::Unix(PathBuf::from(path));
+    }
+    let rest = raw.strip_prefix("tcp:").expect("address is tcp: or unix:");
+    let (host, port) = rest.rsplit_once(':').expect("host:port");
+    Address::Tcp {
+        host: host.to_string(),
+        port: port.parse().expect("port"),
+    }
+}
+
+impl Cluster {
+    /// Starts a controller and a caller node in this process. `entry` is the name of the
+    /// ignored test that runs a worker in this binary.
+    pub fn start(transport: Transport, entry: &'static str) -> Cluster {
+        let builder = match transport {
+            Transport::Tcp => Global::builder().host("127.0.0.1"),
+            Transport::Unix => Global::builder().unix_sock_path(
+                std::env::temp_dir()
+                    .join("daffi-tests")
+                    .join(format!("{}.sock", unique("ctl"))),
+            ),
+        };
+        let caller = builder
+            .process_name(unique("caller"))
+            .init_controller(true)
+            .start()
+            .expect("controller and caller start");
+        Cluster {
+            address: caller.address().clone(),
+            caller,
+            entry,
+            workers: Vec::new(),
+        }
+    }
+
+    /// Starts a worker process called `name` (role `worker`) and waits until the caller
+    /// knows it and its callbacks.
+    pub fn spawn_worker(&mut self, name: &str) -> &mut Worker {
+        self.spawn_role(name, "worker")
+    }
+
+    /// Starts a child process in `role` and waits for its node to appear.
+    pub fn spawn_role(&mut self, name: &str, role: &str) -> &mut Worker {
+        let worker = spawn_child(self.entry, role, name, &self.address);
+        self.caller
+            .wait_process_timeout(name, WAIT)
+            .expect("worker connects");
+        self.workers.push(worker);
+        self.workers.last_mut().expect("just pushed")
+    }
+
+    /// The worker called `name`.
+    pub fn worker(&mut self, name: &str) -> &mut Worker {
+        self.workers
+            .iter_mut()
+            .find(|w| w.name == name)
+            .expect("no such worker")
+    }
+}
+
+/// Starts this test binary as a child in `role`.
+pub fn spawn_child(entry: &str, role: &str, name: &str, address: &Address) -> Worker {
+    let child = Command::new(std::env::current_exe().expect("test binary path"))
+        .args([entry, "--exact", "--ignored", "--nocapture", "--quiet"])
+        .env(ENV_ROLE, role)
+        .env(ENV_NAME, name)
+        .env(ENV_ADDR, encode_address(address))
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn worker");
+    Worker {
+        name: name.to_string(),
+        child,
+    }
+}
+
+/// In a worker: exits the process when stdin closes, so that no worker outlives its test.
+pub fn exit_when_parent_dies() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        while let Ok(n) = std::io::stdin().read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        std::process::exit(0);
+    });
+}

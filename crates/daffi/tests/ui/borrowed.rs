@@ -1,0 +1,6 @@
+#[daffi::callback]
+fn greet(name: &str) -> String {
+    format!("hello {name}")
+}
+
+fn main() {}

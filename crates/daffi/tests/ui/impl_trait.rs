@@ -1,0 +1,6 @@
+#[daffi::callback]
+fn show(value: impl std::fmt::Display) -> String {
+    value.to_string()
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+struct Counter;
+
+impl Counter {
+    #[daffi::callback]
+    fn get(&self) -> i64 {
+        0
+    }
+}
+
+fn main() {}
