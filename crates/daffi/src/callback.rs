@@ -182,7 +182,8 @@ tuple_reply!(
 /// `DeserializeOwned` and `R:` [`IntoReply`]. The `Marker` parameter only tells the two
 /// apart; you never name it.
 pub trait IntoCallback<Marker>: Send + Sync + 'static {
-    /// Turns the closure into a [`Handler`]; `name` appears in argument errors.
+    /// Turns the closure into the form the node runs; `name` appears in argument errors.
+    #[doc(hidden)]
     fn into_handler(self, name: &str) -> Handler;
 }
 

@@ -1,4 +1,51 @@
-#![doc = include_str!("../README_LIB.md")]
+//! Call functions in other processes by name: sync or async, over TCP or a Unix socket,
+//! through a controller that runs inside any node or on its own.
+//!
+//! Every process runs a *node*; one of them (or the `daffi controller` binary) also runs
+//! the *controller*, which routes every call. A node serves callbacks (functions marked
+//! [`#[callback]`](macro@callback) or closures given to [`Global::register`]) and calls
+//! the callbacks of any other node with [`Global::call`].
+//!
+//! ```no_run
+//! use daffi::{callback, Global};
+//! use std::time::Duration;
+//!
+//! #[callback]
+//! fn add(a: i64, b: i64) -> i64 { a + b }
+//!
+//! #[callback(name = "sub")]
+//! async fn subtract(a: i64, b: i64) -> Result<i64, String> { Ok(a - b) }
+//!
+//! fn main() -> daffi::Result<()> {
+//!     // This process runs the controller and a node, on TCP port 8888.
+//!     let g = Global::builder()
+//!         .process_name("proc1")
+//!         .init_controller(true)
+//!         .host("localhost")
+//!         .port(8888)
+//!         .start()?;
+//!     g.register("mul", |a: i64, b: i64| a * b)?;
+//!
+//!     g.wait_process("proc2")?;
+//!     // FG: wait for the result.
+//!     let d: i64 = g.call("func1").args((10, 3)).timeout(Duration::from_secs(15)).fg()?;
+//!     // BG: the result later.
+//!     let r = g.call("func3").args((4, 6)).eta(Duration::from_secs(1)).bg::<i64>()?;
+//!     let s: i64 = r.get()?;
+//!     // NO_RETURN: fire and forget.
+//!     g.call("func2").no_return()?;
+//!     println!("{d} {s}");
+//!     g.stop();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! In async code, start with [`GlobalBuilder::start_async`] and end calls with the
+//! `_async` twins ([`Call::fg_async`], [`Call::no_return_async`]) or `.await` an
+//! [`AsyncResult`].
+//!
+//! Every failure is a named [`Error`] variant. The wire format is described in
+//! `docs/PROTOCOL.md` of the repository.
 #![warn(missing_docs)]
 
 mod async_result;
