@@ -567,3 +567,113 @@ fn calls_after_stop_fail_with_stopped() {
     ));
     g.join().expect("join returns once stopped");
 }
+
+#[test]
+fn eta_delays_the_request() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let worker = common::unique("eta");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    // Sent first but delayed: it arrives after the one sent second.
+    g.call("record")
+        .args((1u64,))
+        .on(&worker)
+        .eta(Duration::from_millis(300))
+        .no_return()
+        .expect("delayed no_return");
+    g.call("record")
+        .args((2u64,))
+        .on(&worker)
+        .no_return()
+        .expect("no_return");
+    let seen: Vec<u64> = g
+        .call("wait_recorded")
+        .args((2usize, WAIT.as_millis() as u64))
+        .on(&worker)
+        .fg()
+        .expect("wait_recorded");
+    assert_eq!(seen, vec![2, 1]);
+
+    let delayed = g
+        .call("sync_add")
+        .args((1, 2))
+        .eta(Duration::from_millis(200))
+        .bg::<i64>()
+        .expect("bg with eta");
+    assert_eq!(delayed.get_timeout(WAIT).expect("delayed result"), 3);
+}
+
+#[test]
+fn dropping_the_last_global_clone_stops_the_node() {
+    let cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let name = common::unique("dropped");
+    let node = common::builder_for(&cluster.address)
+        .process_name(name.clone())
+        .start()
+        .expect("node starts");
+    node.register("only_here", || 1).expect("register");
+    let clone = node.clone();
+    drop(node);
+    cluster
+        .caller
+        .wait_function_timeout("only_here", WAIT)
+        .expect("still alive while a clone exists");
+    drop(clone);
+    // The node is gone: either the controller no longer routes to it, or the call that
+    // raced its departure fails when the controller notices.
+    match cluster
+        .caller
+        .call("only_here")
+        .on(&name)
+        .timeout(WAIT)
+        .fg::<i64>()
+    {
+        Err(Error::UnknownProcess { .. }) | Err(Error::PeerDisconnected { .. }) => {}
+        other => panic!("expected the node to be gone, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_without_a_controller_fails_clearly() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let result = Global::builder()
+        .host("127.0.0.1")
+        .port(port)
+        .connect_timeout(Duration::from_millis(300))
+        .start();
+    match result {
+        Err(Error::ControllerUnreachable { address, .. }) => {
+            assert_eq!(address, format!("tcp://127.0.0.1:{port}"))
+        }
+        other => panic!("expected ControllerUnreachable, got {other:?}"),
+    }
+}
+
+#[test]
+fn calls_fail_by_name_when_the_controller_is_gone() {
+    let controller = Global::builder()
+        .host("127.0.0.1")
+        .init_controller(true)
+        .init_node(false)
+        .start()
+        .expect("controller");
+    let a = common::builder_for(controller.address())
+        .start()
+        .expect("node a");
+    a.register("ping", || "pong").expect("register");
+    let b = common::builder_for(controller.address())
+        .start()
+        .expect("node b");
+    b.wait_function_timeout("ping", WAIT).expect("ping known");
+    assert_eq!(b.call("ping").fg::<String>().expect("ping"), "pong");
+
+    controller.stop();
+    match b.call("ping").timeout(WAIT).fg::<String>() {
+        Err(Error::ControllerUnreachable { .. }) => {}
+        other => panic!("expected ControllerUnreachable, got {other:?}"),
+    }
+}

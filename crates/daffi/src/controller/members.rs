@@ -104,8 +104,10 @@ impl Members {
         broadcast(self.queues_except(name), &event).await;
     }
 
-    /// Removes a node (if this connection still owns the name) and tells everyone else.
-    pub async fn leave(&self, name: &str, conn_id: u64) {
+    /// Removes a node (if this connection still owns the name) and, with `announce`,
+    /// tells everyone else. A stopping controller does not announce: its nodes learn
+    /// that the controller is gone, not that their peers left.
+    pub async fn leave(&self, name: &str, conn_id: u64, announce: bool) {
         let _serialized = self.changes.lock().await;
         {
             let mut routes = write(&self.routes);
@@ -115,6 +117,9 @@ impl Members {
                 }
                 _ => return,
             }
+        }
+        if !announce {
+            return;
         }
         let event = MembershipEvent::Left {
             name: name.to_string(),

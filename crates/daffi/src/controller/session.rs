@@ -76,13 +76,23 @@ pub async fn serve(
     }
     tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
 
+    let mut stopping = false;
     let reason = loop {
         let next = tokio::select! {
             next = reader.next() => next,
-            _ = shutdown.changed() => break "controller stopping".to_string(),
+            _ = shutdown.changed() => {
+                stopping = true;
+                break "controller stopping".to_string();
+            }
         };
         match next {
             Ok(Some(frame)) => {
+                // A stopping controller answers nothing more: its nodes are about to
+                // learn that the controller is gone, which is the true reason.
+                if *shutdown.borrow() {
+                    stopping = true;
+                    break "controller stopping".to_string();
+                }
                 if let Err(reason) = route(&shared, &name, conn_id, &queue, frame).await {
                     break reason;
                 }
@@ -91,7 +101,7 @@ pub async fn serve(
             Err(e) => break format!("bad input: {e}"),
         }
     };
-    shared.members.leave(&name, conn_id).await;
+    shared.members.leave(&name, conn_id, !stopping).await;
     tracing::info!(process = %name, %reason, "node left");
     drop(queue);
     // Let queued frames go out, but never wait on a peer that stopped reading.

@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use super::{executor, NodeCore};
+use super::{executor, Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR};
 use crate::protocol::io::{write_loop, FrameReader, Outgoing};
@@ -95,7 +95,12 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
 
 impl Link {
     /// Dispatches frames until the connection ends or the node stops; returns why it ended.
-    pub async fn run(mut self, core: &Arc<NodeCore>, stop: &mut watch::Receiver<bool>) -> String {
+    pub async fn run(
+        mut self,
+        core: &Arc<NodeCore>,
+        conn: &Connection,
+        stop: &mut watch::Receiver<bool>,
+    ) -> String {
         let reason = loop {
             let next = tokio::select! {
                 next = self.reader.next() => next,
@@ -103,7 +108,7 @@ impl Link {
             };
             match next {
                 Ok(Some(frame)) => {
-                    if let Err(reason) = dispatch(core, frame) {
+                    if let Err(reason) = dispatch(core, conn, frame) {
                         break reason;
                     }
                 }
@@ -118,12 +123,12 @@ impl Link {
 }
 
 /// Handles one frame from the controller. `Err` drops the connection.
-fn dispatch(core: &Arc<NodeCore>, frame: Frame) -> Result<(), String> {
+fn dispatch(core: &Arc<NodeCore>, conn: &Connection, frame: Frame) -> Result<(), String> {
     match frame.kind() {
         Kind::Request => executor::serve(core, frame),
-        Kind::Reply => complete_reply(core, &frame),
+        Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
-            if let Some(entry) = core.pending.take(frame.call_id()) {
+            if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let _ = entry.done.send(Err(Error::UnknownProcess {
                     process: entry.target.to_string(),
                 }));
@@ -133,7 +138,7 @@ fn dispatch(core: &Arc<NodeCore>, frame: Frame) -> Result<(), String> {
             let event: MembershipEvent = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable Membership: {e}"))?;
             if let Some(gone) = core.membership.apply(event) {
-                core.pending.fail_target(&gone);
+                conn.pending.fail_target(&gone);
             }
         }
         other => return Err(format!("unexpected {other:?} frame from the controller")),
@@ -141,8 +146,8 @@ fn dispatch(core: &Arc<NodeCore>, frame: Frame) -> Result<(), String> {
     Ok(())
 }
 
-fn complete_reply(core: &NodeCore, frame: &Frame) {
-    let Some(entry) = core.pending.take(frame.call_id()) else {
+fn complete_reply(conn: &Connection, frame: &Frame) {
+    let Some(entry) = conn.pending.take(frame.call_id()) else {
         return; // the caller gave up (timeout) before the reply came
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {

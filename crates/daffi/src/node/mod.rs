@@ -46,14 +46,19 @@ pub struct CallRequest {
     pub no_reply: bool,
 }
 
+/// One live connection to the controller: where frames go, and the calls waiting on it.
+pub struct Connection {
+    queue: mpsc::Sender<Outgoing>,
+    pending: Pending,
+}
+
 /// Everything a node's tasks share.
 pub struct NodeCore {
     pub name: Arc<str>,
     pub config: NodeConfig,
     pub membership: Membership,
-    pending: Pending,
     callbacks: RwLock<HashMap<String, Handler>>,
-    queue: RwLock<Option<mpsc::Sender<Outgoing>>>,
+    connection: RwLock<Option<Arc<Connection>>>,
     announcing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
     stopped: watch::Sender<bool>,
@@ -67,9 +72,8 @@ impl NodeCore {
             max_frame_size: AtomicUsize::new(config.max_frame_size),
             config,
             membership: Membership::default(),
-            pending: Pending::default(),
             callbacks: RwLock::new(callbacks),
-            queue: RwLock::new(None),
+            connection: RwLock::new(None),
             announcing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
         })
@@ -88,10 +92,10 @@ impl NodeCore {
         if self.stopped.send_replace(true) {
             return;
         }
-        if let Some(queue) = write(&self.queue).take() {
-            let _ = queue.try_send(Outgoing::control(Kind::Goodbye, &()));
+        if let Some(conn) = write(&self.connection).take() {
+            let _ = conn.queue.try_send(Outgoing::control(Kind::Goodbye, &()));
+            conn.pending.close(|| Error::Stopped);
         }
-        self.pending.fail_all(|| Error::Stopped);
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
     }
@@ -127,8 +131,12 @@ impl NodeCore {
         read(&self.callbacks).get(name).cloned()
     }
 
+    fn connection(&self) -> Option<Arc<Connection>> {
+        read(&self.connection).clone()
+    }
+
     fn queue(&self) -> Option<mpsc::Sender<Outgoing>> {
-        read(&self.queue).clone()
+        self.connection().map(|c| c.queue.clone())
     }
 
     /// Sends the current callback list to the controller. The list is read when the
@@ -172,7 +180,15 @@ impl NodeCore {
         if self.is_stopped() {
             return Err(Error::Stopped);
         }
-        let target = self.resolve(&req.callback, req.on.as_deref())?;
+        // Disconnected: say so, rather than "nobody serves it" from an emptied view.
+        let conn = self
+            .connection()
+            .ok_or_else(|| self.unreachable("not connected (reconnecting)"))?;
+        let target = match self.resolve(&req.callback, req.on.as_deref()) {
+            Ok(target) => target,
+            Err(_) if conn.pending.is_closed() => return Err(self.unreachable("connection lost")),
+            Err(e) => return Err(e),
+        };
         let header = Header {
             kind: Kind::Request,
             flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
@@ -194,31 +210,31 @@ impl NodeCore {
                 limit,
             });
         }
-        let queue = self
-            .queue()
-            .ok_or_else(|| self.unreachable("not connected (reconnecting)"))?;
 
         if req.no_reply {
             let frame = Outgoing {
                 head: header.encode(req.args.len()),
                 body: req.args,
             };
-            return match queue.send(frame).await {
+            return match conn.queue.send(frame).await {
                 Ok(()) => Ok(Bytes::new()),
                 Err(_) => Err(self.unreachable("connection lost")),
             };
         }
 
-        let (call_id, done) = self.pending.insert(target.clone(), req.callback.clone());
+        let (call_id, done) = conn
+            .pending
+            .insert(target.clone(), req.callback.clone())
+            .ok_or_else(|| self.unreachable("connection lost"))?;
         let guard = PendingGuard {
-            pending: &self.pending,
+            pending: &conn.pending,
             call_id,
         };
         let frame = Outgoing {
             head: Header { call_id, ..header }.encode(req.args.len()),
             body: req.args,
         };
-        if queue.send(frame).await.is_err() {
+        if conn.queue.send(frame).await.is_err() {
             return Err(self.unreachable("connection lost"));
         }
         let outcome = match req.timeout {
@@ -321,22 +337,28 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     .min(link.welcome.max_frame_size as usize);
                 core.max_frame_size.store(limit, Ordering::Relaxed);
                 core.membership.reset(link.welcome.members.clone());
-                *write(&core.queue) = Some(link.queue.clone());
+                let conn = Arc::new(Connection {
+                    queue: link.queue.clone(),
+                    pending: Pending::default(),
+                });
+                *write(&core.connection) = Some(conn.clone());
                 // Callbacks registered while the Hello was on its way.
                 core.announce();
                 tracing::info!(process = %core.name, address = %core.config.address, "connected to the controller");
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(()));
                 }
-                let reason = link.run(&core, &mut stop).await;
-                *write(&core.queue) = None;
+                let reason = link.run(&core, &conn, &mut stop).await;
                 if core.is_stopped() {
                     break;
                 }
                 tracing::warn!(process = %core.name, %reason, "lost the controller; reconnecting");
+                // Close first: a call racing this sees a closed connection, never an
+                // emptied membership view it would misreport as "nobody serves it".
+                conn.pending
+                    .close(|| core.unreachable(&format!("connection lost ({reason})")));
+                *write(&core.connection) = None;
                 core.membership.reset(Vec::new());
-                core.pending
-                    .fail_all(|| core.unreachable(&format!("connection lost ({reason})")));
             }
             Err(e) => {
                 let fatal = matches!(

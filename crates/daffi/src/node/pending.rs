@@ -22,48 +22,62 @@ pub struct Entry {
     pub done: oneshot::Sender<Completion>,
 }
 
-/// The table of calls in flight, keyed by call id.
+/// The calls in flight on one connection, keyed by call id. Once the connection is
+/// gone the table is closed: every waiting call is failed, and no new call can wait on it.
 #[derive(Default)]
 pub struct Pending {
     next_id: AtomicU64,
-    calls: Mutex<HashMap<u64, Entry>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    calls: HashMap<u64, Entry>,
+    closed: bool,
 }
 
 impl Pending {
     /// Records a call to `callback` on `target`; returns its id and the receiver of its
-    /// completion.
+    /// completion, or `None` once the table is closed.
     pub fn insert(
         &self,
         target: Arc<str>,
         callback: Arc<str>,
-    ) -> (u64, oneshot::Receiver<Completion>) {
+    ) -> Option<(u64, oneshot::Receiver<Completion>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (done, rx) = oneshot::channel();
-        self.lock().insert(
-            id,
-            Entry {
-                target,
-                callback,
-                done,
-            },
-        );
-        (id, rx)
+        let mut table = self.lock();
+        if table.closed {
+            return None;
+        }
+        let entry = Entry {
+            target,
+            callback,
+            done,
+        };
+        table.calls.insert(id, entry);
+        Some((id, rx))
+    }
+
+    /// Whether the connection this table belongs to is gone.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Takes call `id` out of the table to complete it, if it still waits.
     pub fn take(&self, id: u64) -> Option<Entry> {
-        self.lock().remove(&id)
+        self.lock().calls.remove(&id)
     }
 
     /// Forgets call `id` (its caller gave up).
     pub fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        self.lock().calls.remove(&id);
     }
 
     /// Fails every call waiting on `target` (it disconnected).
     pub fn fail_target(&self, target: &str) {
         let failed: Vec<Entry> = {
-            let mut calls = self.lock();
+            let calls = &mut self.lock().calls;
             let ids: Vec<u64> = calls
                 .iter()
                 .filter(|(_, e)| &*e.target == target)
@@ -79,15 +93,19 @@ impl Pending {
         }
     }
 
-    /// Fails every waiting call with the error `make` builds.
-    pub fn fail_all(&self, make: impl Fn() -> Error) {
-        let failed: Vec<Entry> = self.lock().drain().map(|(_, e)| e).collect();
+    /// Closes the table and fails every waiting call with the error `make` builds.
+    pub fn close(&self, make: impl Fn() -> Error) {
+        let failed: Vec<Entry> = {
+            let mut table = self.lock();
+            table.closed = true;
+            table.calls.drain().map(|(_, e)| e).collect()
+        };
         for e in failed {
             let _ = e.done.send(Err(make()));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
