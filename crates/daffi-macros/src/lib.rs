@@ -25,15 +25,33 @@ use syn::{FnArg, ItemFn, LitStr, Pat, ReturnType, Token, Type};
 /// remote error (`e` must implement `Display`); any other return type must implement
 /// `serde::Serialize`. Arguments must be owned `DeserializeOwned` types: generics,
 /// `impl Trait` and borrowed arguments are refused at compile time.
+///
+/// On an inherent `impl` block (a *callback group*), every `pub` method is exposed under
+/// its own name; private ones never are. Associated functions (no `self`) are served as
+/// soon as a node starts; `&self` methods once an instance is registered with
+/// `Global::register_instance`, which accepts one instance per type (the group is a
+/// singleton). `&mut self` and `self` receivers are refused: calls run concurrently.
+///
+/// ```ignore
+/// struct Calc { k: i64 }
+///
+/// #[daffi::callback]
+/// impl Calc {
+///     pub fn mul(&self, a: i64) -> i64 { a * self.k }
+///     pub fn version() -> String { "1".into() }
+///     fn helper(&self) {}            // not exposed
+/// }
+/// ```
 #[proc_macro_attribute]
 pub fn callback(attr: TokenStream, item: TokenStream) -> TokenStream {
     let attr = syn::parse_macro_input!(attr as CallbackAttr);
     let item = syn::parse_macro_input!(item as syn::Item);
     let expanded = match item {
         syn::Item::Fn(f) => expand_fn(attr, f),
+        syn::Item::Impl(block) => expand_impl(attr, block),
         other => Err(syn::Error::new(
             other.span(),
-            "#[callback] applies to functions (sync or async)",
+            "#[callback] applies to functions (sync or async) and `impl` blocks",
         )),
     };
     expanded
@@ -81,26 +99,124 @@ struct Param {
 
 fn expand_fn(attr: CallbackAttr, f: ItemFn) -> syn::Result<TokenStream2> {
     let sig = &f.sig;
+    let params = check_signature(sig, false)?;
+    let fn_name = &sig.ident;
+    let exposed = attr
+        .name
+        .map(|n| n.value())
+        .unwrap_or_else(|| fn_name.to_string());
+    let shim_name = format_ident!("__daffi_shim_{}", fn_name);
+    let static_shim = shim(sig, &params, &exposed, quote! { #fn_name }, &shim_name);
+    Ok(quote! {
+        #f
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, non_snake_case)]
+        const _: () = {
+            #static_shim
+        };
+    })
+}
+
+/// `#[callback]` on an `impl` block: `pub` associated functions are registered at once;
+/// `pub` `&self` methods once an instance is given to `Global::register_instance`.
+fn expand_impl(attr: CallbackAttr, block: syn::ItemImpl) -> syn::Result<TokenStream2> {
+    if let Some(name) = attr.name {
+        return Err(syn::Error::new(
+            name.span(),
+            "`name = ..` applies to functions; methods are exposed under their own names",
+        ));
+    }
+    if block.trait_.is_some() {
+        return Err(syn::Error::new(
+            block.span(),
+            "#[callback] applies to inherent `impl` blocks, not trait impls",
+        ));
+    }
+    if !block.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            block.generics.span(),
+            "#[callback] impl blocks cannot be generic: the remote caller cannot choose a type",
+        ));
+    }
+    let self_ty = &block.self_ty;
+    let mut statics = Vec::new();
+    let mut methods = Vec::new();
+    for item in &block.items {
+        let syn::ImplItem::Fn(method) = item else {
+            continue;
+        };
+        if !matches!(method.vis, syn::Visibility::Public(_)) {
+            continue; // private methods are never exposed
+        }
+        let sig = &method.sig;
+        let name = &sig.ident;
+        let exposed = name.to_string();
+        match sig.receiver() {
+            None => {
+                let params = check_signature(sig, false)?;
+                let shim_name = format_ident!("__daffi_shim_{}", name);
+                statics.push(shim(sig, &params, &exposed, quote! { <#self_ty>::#name }, &shim_name));
+            }
+            Some(r) if r.reference.is_some() && r.mutability.is_none() && r.colon_token.is_none() => {
+                let params = check_signature(sig, true)?;
+                methods.push(method_handler(sig, &params, &exposed));
+            }
+            Some(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "callback methods take `&self`: calls run concurrently, so use interior mutability (a Mutex or atomics) for state",
+                ))
+            }
+        }
+    }
+    Ok(quote! {
+        #block
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, non_snake_case)]
+        const _: () = {
+            #(#statics)*
+
+            impl ::daffi::CallbackGroup for #self_ty {
+                fn __daffi_methods(
+                    this: ::std::sync::Arc<Self>,
+                ) -> ::std::vec::Vec<(&'static str, ::daffi::__private::Handler)> {
+                    ::std::vec![#(#methods),*]
+                }
+            }
+        };
+    })
+}
+
+/// Checks what a callback's signature may contain; returns its parameters (without the
+/// receiver).
+fn check_signature(sig: &syn::Signature, method: bool) -> syn::Result<Vec<Param>> {
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
         return Err(syn::Error::new(
             sig.generics.span(),
             "#[callback] functions cannot be generic: the remote caller cannot choose a type; use concrete types",
         ));
     }
-    let params = sig
-        .inputs
-        .iter()
-        .map(param)
-        .collect::<syn::Result<Vec<Param>>>()?;
     if let ReturnType::Type(_, ty) = &sig.output {
         reject_unsupported(ty, "return type")?;
     }
+    sig.inputs
+        .iter()
+        .skip(usize::from(method))
+        .map(param)
+        .collect()
+}
 
-    let fn_name = &sig.ident;
-    let exposed = attr
-        .name
-        .map(|n| n.value())
-        .unwrap_or_else(|| fn_name.to_string());
+/// The pieces every shim shares: the argument struct, decoding, and encoding the result.
+struct ShimParts {
+    args_def: TokenStream2,
+    decode: TokenStream2,
+    encode: TokenStream2,
+    idents: Vec<syn::Ident>,
+}
+
+fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimParts {
     let signature = format!(
         "{exposed}({})",
         params
@@ -109,26 +225,23 @@ fn expand_fn(attr: CallbackAttr, f: ItemFn) -> syn::Result<TokenStream2> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let idents: Vec<&syn::Ident> = params.iter().map(|p| &p.ident).collect();
+    let idents: Vec<syn::Ident> = params.iter().map(|p| p.ident.clone()).collect();
     let types: Vec<&Type> = params.iter().map(|p| &p.ty).collect();
-    let args_struct = format_ident!("__DaffiArgs_{}", fn_name);
-
-    let decode = if params.is_empty() {
-        quote! { let _ = &payload; }
+    let args_struct = format_ident!("__DaffiArgs_{}", sig.ident);
+    let (args_def, decode) = if params.is_empty() {
+        (quote! {}, quote! { let _ = &payload; })
     } else {
-        quote! {
-            let #args_struct { #(#idents),* } =
-                ::daffi::__private::decode_args::<#args_struct>(#signature, &payload)?;
-        }
-    };
-    let args_def = if params.is_empty() {
-        quote! {}
-    } else {
-        quote! {
-            #[derive(::daffi::__private::serde::Deserialize)]
-            #[serde(crate = "::daffi::__private::serde")]
-            struct #args_struct { #(#idents: #types),* }
-        }
+        (
+            quote! {
+                #[derive(::daffi::__private::serde::Deserialize)]
+                #[serde(crate = "::daffi::__private::serde")]
+                struct #args_struct { #(#idents: #types),* }
+            },
+            quote! {
+                let #args_struct { #(#idents),* } =
+                    ::daffi::__private::decode_args::<#args_struct>(#signature, &payload)?;
+            },
+        )
     };
     let encode = if returns_result(&sig.output) {
         quote! {
@@ -142,16 +255,37 @@ fn expand_fn(attr: CallbackAttr, f: ItemFn) -> syn::Result<TokenStream2> {
     } else {
         quote! { ::daffi::__private::encode_reply(&__ret) }
     };
+    ShimParts {
+        args_def,
+        decode,
+        encode,
+        idents,
+    }
+}
 
-    let (shim, handler) = if sig.asyncness.is_some() {
+/// A free-standing shim for `callable` and its `inventory` submission.
+fn shim(
+    sig: &syn::Signature,
+    params: &[Param],
+    exposed: &str,
+    callable: TokenStream2,
+    shim_name: &syn::Ident,
+) -> TokenStream2 {
+    let ShimParts {
+        args_def,
+        decode,
+        encode,
+        idents,
+    } = shim_parts(sig, params, exposed);
+    let (body, kind) = if sig.asyncness.is_some() {
         (
             quote! {
-                fn __daffi_shim(
+                fn #shim_name(
                     payload: ::daffi::__private::Bytes,
                 ) -> ::daffi::__private::BoxFuture<::daffi::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
                         #decode
-                        let __ret = #fn_name(#(#idents),*).await;
+                        let __ret = #callable(#(#idents),*).await;
                         #encode
                     })
                 }
@@ -161,32 +295,68 @@ fn expand_fn(attr: CallbackAttr, f: ItemFn) -> syn::Result<TokenStream2> {
     } else {
         (
             quote! {
-                fn __daffi_shim(payload: ::daffi::__private::Bytes) -> ::daffi::__private::Outcome {
+                fn #shim_name(payload: ::daffi::__private::Bytes) -> ::daffi::__private::Outcome {
                     #decode
-                    let __ret = #fn_name(#(#idents),*);
+                    let __ret = #callable(#(#idents),*);
                     #encode
                 }
             },
             quote! { Sync },
         )
     };
-
-    Ok(quote! {
-        #f
-
-        #[doc(hidden)]
-        #[allow(non_camel_case_types, non_snake_case, clippy::needless_question_mark)]
-        const _: () = {
-            #args_def
-            #shim
-            ::daffi::__private::inventory::submit! {
-                ::daffi::__private::StaticCallback {
-                    name: #exposed,
-                    handler: ::daffi::__private::StaticHandler::#handler(__daffi_shim),
-                }
+    quote! {
+        #args_def
+        #body
+        ::daffi::__private::inventory::submit! {
+            ::daffi::__private::StaticCallback {
+                name: #exposed,
+                handler: ::daffi::__private::StaticHandler::#kind(#shim_name),
             }
-        };
-    })
+        }
+    }
+}
+
+/// `(name, handler)` for one `&self` method, capturing the shared instance.
+fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> TokenStream2 {
+    let ShimParts {
+        args_def,
+        decode,
+        encode,
+        idents,
+    } = shim_parts(sig, params, exposed);
+    let name = &sig.ident;
+    let handler = if sig.asyncness.is_some() {
+        quote! {
+            ::daffi::__private::Handler::Async(::std::sync::Arc::new(
+                move |payload: ::daffi::__private::Bytes|
+                    -> ::daffi::__private::BoxFuture<::daffi::__private::Outcome> {
+                    let this = this.clone();
+                    ::std::boxed::Box::pin(async move {
+                        #decode
+                        let __ret = this.#name(#(#idents),*).await;
+                        #encode
+                    })
+                },
+            ))
+        }
+    } else {
+        quote! {
+            ::daffi::__private::Handler::Sync(::std::sync::Arc::new(
+                move |payload: ::daffi::__private::Bytes| -> ::daffi::__private::Outcome {
+                    #decode
+                    let __ret = this.#name(#(#idents),*);
+                    #encode
+                },
+            ))
+        }
+    };
+    quote! {
+        {
+            #args_def
+            let this = this.clone();
+            (#exposed, #handler)
+        }
+    }
 }
 
 fn param(arg: &FnArg) -> syn::Result<Param> {

@@ -1,8 +1,9 @@
 //! [`Call`]: one builder for every way of calling a remote callback.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -13,7 +14,9 @@ use crate::blocking;
 use crate::callback::encode_value;
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::node::CallRequest;
+use crate::node::{CallRequest, NodeCore, NodeOutcome};
+use crate::period::{Period, ScheduledTask};
+use crate::protocol::message::{ControlAnswer, ControlRequest, Timing};
 
 /// MessagePack for an empty argument list.
 const NO_ARGS: &[u8] = &[0x90];
@@ -25,6 +28,8 @@ const NO_ARGS: &[u8] = &[0x90];
 /// | wait for the result (FG) | [`fg`](Self::fg) | [`fg_async`](Self::fg_async) |
 /// | result later (BG) | [`bg`](Self::bg) -> [`AsyncResult`] | the same `AsyncResult`, `.await`ed |
 /// | no result (NO_RETURN) | [`no_return`](Self::no_return) | [`no_return_async`](Self::no_return_async) |
+/// | every provider (BROADCAST) | [`broadcast`](Self::broadcast), [`broadcast_results`](Self::broadcast_results), [`broadcast_no_return`](Self::broadcast_no_return) | the `_async` twins |
+/// | on a schedule (PERIOD) | [`period`](Self::period) -> [`ScheduledTask`] | [`period_async`](Self::period_async) |
 ///
 /// ```no_run
 /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
@@ -139,21 +144,204 @@ impl Call {
         Ok(())
     }
 
-    /// The future that performs the call on the node.
-    fn request(self, no_reply: bool) -> Result<impl Future<Output = Result<Bytes>>> {
+    /// BROADCAST: calls every node serving the name (never this one) and returns each
+    /// result by process name. If any node fails or times out, returns
+    /// [`Error::Broadcast`], which names the nodes that answered and, for each other
+    /// one, its error; use [`broadcast_results`](Self::broadcast_results) to keep the
+    /// values that did arrive. No node serving the name: [`Error::NoProvider`].
+    /// `timeout` bounds the whole broadcast; `eta` delays it.
+    pub fn broadcast<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
+        let global = self.global.clone();
+        blocking::wait(global.runtime(), "broadcast", self.broadcast_async())?
+    }
+
+    /// BROADCAST from async code.
+    pub async fn broadcast_async<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
+        let callback = self.callback.to_string();
+        let results = self.broadcast_results_async::<T>().await?;
+        let mut values = HashMap::with_capacity(results.len());
+        let mut failed = Vec::new();
+        for (node, result) in results {
+            match result {
+                Ok(v) => {
+                    values.insert(node, v);
+                }
+                Err(e) => failed.push((node, e)),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(values);
+        }
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut succeeded: Vec<String> = values.into_keys().collect();
+        succeeded.sort();
+        Err(Error::Broadcast {
+            callback,
+            succeeded,
+            failed,
+        })
+    }
+
+    /// BROADCAST keeping every outcome: process name -> its value or its error.
+    pub fn broadcast_results<T: DeserializeOwned>(self) -> Result<HashMap<String, Result<T>>> {
+        let global = self.global.clone();
+        blocking::wait(
+            global.runtime(),
+            "broadcast_results",
+            self.broadcast_results_async(),
+        )?
+    }
+
+    /// Async twin of [`broadcast_results`](Self::broadcast_results).
+    pub async fn broadcast_results_async<T: DeserializeOwned>(
+        self,
+    ) -> Result<HashMap<String, Result<T>>> {
+        let callback = self.callback.clone();
+        let outcomes = self.broadcast_request(false)?.await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|(node, outcome)| {
+                let value = outcome.and_then(|bytes| decode_result(&callback, &bytes));
+                (node.to_string(), value)
+            })
+            .collect())
+    }
+
+    /// BROADCAST without results: returns once the request went to every provider.
+    pub fn broadcast_no_return(self) -> Result<()> {
+        let global = self.global.clone();
+        blocking::wait(
+            global.runtime(),
+            "broadcast_no_return",
+            self.broadcast_no_return_async(),
+        )?
+    }
+
+    /// Async twin of [`broadcast_no_return`](Self::broadcast_no_return).
+    pub async fn broadcast_no_return_async(self) -> Result<()> {
+        self.broadcast_request(true)?.await.map(drop)
+    }
+
+    /// PERIOD: asks the controller to run this call on a schedule. Each run goes to the
+    /// node named with [`on`](Self::on), or to a node serving the name chosen at that
+    /// moment; a run that finds no such node is skipped. The schedule lives in the
+    /// controller, so it outlives this node. No results come back.
+    ///
+    /// A time in the past, an empty list or a zero interval fails here with
+    /// [`Error::InvalidPeriod`].
+    pub fn period(self, period: Period) -> Result<ScheduledTask> {
+        let global = self.global.clone();
+        blocking::wait(global.runtime(), "period", self.period_async(period))?
+    }
+
+    /// Async twin of [`period`](Self::period).
+    pub async fn period_async(self, period: Period) -> Result<ScheduledTask> {
+        let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
-        let args = self.args.map_err(|message| Error::Encode {
+        let args = self.encoded_args()?;
+        let request = ControlRequest::Schedule {
             callback: self.callback.to_string(),
-            message,
-        })?;
-        Ok(node.call(CallRequest {
-            callback: self.callback,
             args,
             on: self.on,
-            timeout: self.timeout,
-            eta: self.eta,
-            no_reply,
-        }))
+            timing,
+        };
+        match node.control(request, "period").await? {
+            ControlAnswer::Scheduled { task_id } => Ok(ScheduledTask {
+                id: task_id,
+                global: self.global,
+            }),
+            other => Err(unexpected_answer(other)),
+        }
+    }
+
+    fn encoded_args(&self) -> Result<Bytes> {
+        self.args.clone().map_err(|message| Error::Encode {
+            callback: self.callback.to_string(),
+            message,
+        })
+    }
+
+    fn into_request(self, no_reply: bool) -> Result<(std::sync::Arc<NodeCore>, CallRequest)> {
+        let node = self.global.node()?.clone();
+        let args = self.encoded_args()?;
+        Ok((
+            node,
+            CallRequest {
+                callback: self.callback,
+                args,
+                on: self.on,
+                timeout: self.timeout,
+                eta: self.eta,
+                no_reply,
+            },
+        ))
+    }
+
+    /// The future that performs the call on the node.
+    fn request(self, no_reply: bool) -> Result<impl Future<Output = Result<Bytes>>> {
+        let (node, request) = self.into_request(no_reply)?;
+        Ok(node.call(request))
+    }
+
+    fn broadcast_request(
+        self,
+        no_reply: bool,
+    ) -> Result<impl Future<Output = Result<Vec<NodeOutcome>>>> {
+        if self.on.is_some() {
+            return Err(Error::Config(
+                "a broadcast goes to every node serving the name; drop `.on(..)`".into(),
+            ));
+        }
+        let (node, request) = self.into_request(no_reply)?;
+        Ok(node.broadcast(request))
+    }
+}
+
+/// Turns a [`Period`] into the controller's timing, refusing what cannot be kept.
+fn timing_of(period: Period) -> Result<Timing> {
+    let millis = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+    match period {
+        Period::Every(interval) if millis(interval) == 0 => Err(Error::InvalidPeriod(
+            "the interval must be at least 1 ms".into(),
+        )),
+        Period::Every(interval) => Ok(Timing::Every {
+            interval_ms: millis(interval),
+        }),
+        Period::At(times) if times.is_empty() => {
+            Err(Error::InvalidPeriod("the list of times is empty".into()))
+        }
+        Period::At(times) => {
+            let now = SystemTime::now();
+            let delays_ms = times
+                .iter()
+                .map(|t| match t.duration_since(now) {
+                    Ok(delay) if millis(delay) > 0 => Ok(millis(delay)),
+                    _ => Err(Error::InvalidPeriod(format!(
+                        "{} is not in the future",
+                        humantime_utc(*t)
+                    ))),
+                })
+                .collect::<Result<Vec<u64>>>()?;
+            Ok(Timing::At { delays_ms })
+        }
+    }
+}
+
+/// A time as seconds since the Unix epoch, for error messages.
+fn humantime_utc(t: SystemTime) -> String {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!(
+            "the time {:.3} s after the Unix epoch (UTC)",
+            d.as_secs_f64()
+        ),
+        Err(_) => "a time before the Unix epoch".into(),
+    }
+}
+
+pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
+    Error::Protocol {
+        peer: "the controller".into(),
+        message: format!("unexpected answer {answer:?}"),
     }
 }
 

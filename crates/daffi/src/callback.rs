@@ -261,6 +261,14 @@ closure_callback!(A1, A2, A3, A4, A5, A6);
 closure_callback!(A1, A2, A3, A4, A5, A6, A7);
 closure_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
 
+/// A type whose `pub` `&self` methods are callbacks: implemented by `#[callback]` on an
+/// `impl` block. Serve an instance with [`Global::register_instance`](crate::Global::register_instance).
+pub trait CallbackGroup: Send + Sync + 'static {
+    /// The instance's methods, each bound to it. Generated; not for hand implementation.
+    #[doc(hidden)]
+    fn __daffi_methods(this: Arc<Self>) -> Vec<(&'static str, Handler)>;
+}
+
 /// What `#[callback]` submits to `inventory` for each function it marks.
 #[doc(hidden)]
 pub struct StaticCallback {

@@ -153,6 +153,37 @@ pub enum Error {
         message: String,
     },
 
+    /// Some nodes of a broadcast failed; `succeeded` lists the ones that answered.
+    /// [`Call::broadcast_results`](crate::Call::broadcast_results) gives every value and error.
+    #[error("broadcast of `{callback}`: {} of {} nodes failed: {}", failed.len(), failed.len() + succeeded.len(), describe_failures(failed))]
+    Broadcast {
+        /// The callback broadcast.
+        callback: String,
+        /// Nodes that answered.
+        succeeded: Vec<String>,
+        /// Nodes that did not, each with its error.
+        failed: Vec<(String, Error)>,
+    },
+
+    /// No scheduled task has this id: it finished or was cancelled.
+    #[error("no scheduled task {task_id}: it finished or was cancelled; list tasks with `scheduled_tasks()`")]
+    TaskNotFound {
+        /// The id asked for.
+        task_id: u64,
+    },
+
+    /// An instance of this callback group is already registered in this process.
+    #[error("an instance of `{type_name}` is already registered; callback groups are singletons (two would serve the same names)")]
+    DuplicateInstance {
+        /// The group's type.
+        type_name: &'static str,
+    },
+
+    /// A schedule cannot be kept: a time in the past, an empty list, a zero interval, or
+    /// a duration that does not parse.
+    #[error("invalid schedule: {0}")]
+    InvalidPeriod(String),
+
     /// A builder option or argument is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -190,4 +221,12 @@ impl Error {
             after,
         }
     }
+}
+
+fn describe_failures(failed: &[(String, Error)]) -> String {
+    failed
+        .iter()
+        .map(|(node, e)| format!("`{node}`: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

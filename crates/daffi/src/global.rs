@@ -2,17 +2,20 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
 
 use tokio::runtime::Handle;
 
 use crate::blocking;
-use crate::call::Call;
-use crate::callback::{static_callbacks, IntoCallback};
+use crate::call::{unexpected_answer, Call};
+use crate::callback::{static_callbacks, CallbackGroup, IntoCallback};
 use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
-use crate::node::{NodeConfig, NodeCore};
+use crate::hooks::{Hook, Hooks};
+use crate::node::{NodeConfig, NodeCore, NodeEvent};
+use crate::period::ScheduledTaskInfo;
+use crate::protocol::message::{ControlAnswer, ControlRequest};
 use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
 use crate::transport::Address;
 
@@ -39,6 +42,7 @@ pub struct GlobalBuilder {
     connect_timeout: Duration,
     max_frame_size: usize,
     auth_token: Option<String>,
+    hooks: Hooks,
 }
 
 impl Default for GlobalBuilder {
@@ -53,6 +57,7 @@ impl Default for GlobalBuilder {
             connect_timeout: Duration::from_secs(10),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             auth_token: None,
+            hooks: Hooks::default(),
         }
     }
 }
@@ -116,6 +121,51 @@ impl GlobalBuilder {
         self
     }
 
+    /// Runs `hook(&global, own_name)` once, after the `Global` has started (and after
+    /// the first `on_node_connect`).
+    ///
+    /// Hooks run one at a time, in the order of the events, on the blocking thread pool:
+    /// they may make blocking calls. A hook that panics is logged and skipped.
+    pub fn on_init(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_init = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, own_name)` each time this node connects to the controller:
+    /// at start and after every reconnect.
+    pub fn on_node_connect(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_node_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, own_name)` each time this node loses the controller, and
+    /// when [`Global::stop`] stops a connected node (not when the last clone is dropped:
+    /// there is no `Global` left to give the hook).
+    pub fn on_node_disconnect(
+        mut self,
+        hook: impl Fn(&Global, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_node_disconnect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, other_name)` when another node appears in this node's view:
+    /// it joined, or this node (re)connected and learned of it.
+    pub fn on_member_added(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_member_added = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, other_name)` when another node leaves this node's view: it
+    /// disconnected, or this node lost the controller.
+    pub fn on_member_removed(
+        mut self,
+        hook: impl Fn(&Global, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_member_removed = Some(Arc::new(hook));
+        self
+    }
+
     /// Starts from synchronous code. daffi runs its own small runtime in the background;
     /// in async code use [`start_async`](Self::start_async).
     pub fn start(self) -> Result<Global> {
@@ -164,6 +214,7 @@ impl GlobalBuilder {
             None => format!("node-{}", random_suffix()),
         };
         let mut address = self.address()?;
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let controller = if self.init_controller {
             let config = ControllerConfig {
                 max_frame_size: self.max_frame_size,
@@ -195,23 +246,80 @@ impl GlobalBuilder {
                     .clone()
                     .or_else(|| std::env::var("DAFFI_AUTH_TOKEN").ok()),
             };
-            let node = NodeCore::new(name.clone(), config, static_callbacks());
+            let node = NodeCore::new(name.clone(), config, static_callbacks(), events_tx);
             node.start().await?;
             Some(node)
         } else {
             None
         };
-        Ok(Global {
+        let global = Global {
             inner: Arc::new(Inner {
                 name,
                 address,
-                runtime,
+                runtime: runtime.clone(),
                 node,
                 controller: Mutex::new(controller),
                 owned_runtime: Mutex::new(owned),
                 stopped: tokio::sync::watch::channel(false).0,
+                hooks: self.hooks.clone(),
             }),
-        })
+        };
+        if !self.hooks.is_empty() {
+            runtime.spawn(run_hooks(
+                Arc::downgrade(&global.inner),
+                self.hooks,
+                events_rx,
+            ));
+        }
+        Ok(global)
+    }
+}
+
+/// Runs the hooks for each node event, one at a time, on the blocking pool. Ends when
+/// the node is gone or the last `Global` clone is dropped.
+async fn run_hooks(
+    global: Weak<Inner>,
+    hooks: Hooks,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<NodeEvent>,
+) {
+    let run = |hook: Hook, name: String| {
+        let global = global.clone();
+        async move {
+            let Some(inner) = global.upgrade() else {
+                return false;
+            };
+            let g = Global { inner };
+            let done = tokio::task::spawn_blocking(move || hook(&g, &name)).await;
+            if done.is_err() {
+                tracing::warn!("a lifecycle hook panicked");
+            }
+            true
+        }
+    };
+    let own_name = match global.upgrade() {
+        Some(inner) => inner.name.clone(),
+        None => return,
+    };
+    // The first connection happened before the Global existed: report it first.
+    let first = events.recv().await;
+    if let Some(event) = &first {
+        if let Some((hook, name)) = hooks.for_event(event, &own_name) {
+            if !run(hook.clone(), name.to_string()).await {
+                return;
+            }
+        }
+    }
+    if let Some(hook) = &hooks.on_init {
+        if !run(hook.clone(), own_name.clone()).await {
+            return;
+        }
+    }
+    while let Some(event) = events.recv().await {
+        if let Some((hook, name)) = hooks.for_event(&event, &own_name) {
+            if !run(hook.clone(), name.to_string()).await {
+                return;
+            }
+        }
     }
 }
 
@@ -232,6 +340,7 @@ struct Inner {
     controller: Mutex<Option<ControllerHandle>>,
     owned_runtime: Mutex<Option<OwnedRuntime>>,
     stopped: tokio::sync::watch::Sender<bool>,
+    hooks: Hooks,
 }
 
 impl std::fmt::Debug for Global {
@@ -301,7 +410,31 @@ impl Global {
         let handler = callback.into_handler(name);
         // Announcing spawns onto the node's runtime.
         let _context = self.inner.runtime.enter();
-        node.register(name, handler)
+        node.register(vec![(name.to_string(), handler)])
+    }
+
+    /// Serves the `pub` `&self` methods of a callback group (a type whose `impl` block
+    /// is marked `#[callback]`), each under its method name. Groups are singletons: a
+    /// second instance of the same type fails with [`Error::DuplicateInstance`].
+    ///
+    /// ```no_run
+    /// struct Calc { k: i64 }
+    ///
+    /// #[daffi::callback]
+    /// impl Calc {
+    ///     pub fn mul(&self, a: i64) -> i64 { a * self.k }
+    ///     pub fn version() -> String { "1".into() }   // served without an instance
+    /// }
+    ///
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// g.register_instance(Calc { k: 3 })?;
+    /// assert!(g.register_instance(Calc { k: 4 }).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn register_instance<T: CallbackGroup>(&self, instance: T) -> Result<()> {
+        let node = self.node()?;
+        let _context = self.inner.runtime.enter();
+        node.register_instance(instance)
     }
 
     /// Starts a call to the callback `name` on another node.
@@ -394,6 +527,65 @@ impl Global {
             .await
     }
 
+    /// The tasks the controller keeps for PERIOD calls (made by any node), soonest first.
+    pub fn scheduled_tasks(&self) -> Result<Vec<ScheduledTaskInfo>> {
+        blocking::wait(
+            self.runtime(),
+            "scheduled_tasks",
+            self.scheduled_tasks_async(),
+        )?
+    }
+
+    /// Async twin of [`scheduled_tasks`](Self::scheduled_tasks).
+    pub async fn scheduled_tasks_async(&self) -> Result<Vec<ScheduledTaskInfo>> {
+        let node = self.node()?.clone();
+        let now = SystemTime::now();
+        match node
+            .control(ControlRequest::ListTasks, "scheduled_tasks")
+            .await?
+        {
+            ControlAnswer::Tasks { tasks } => Ok(tasks
+                .into_iter()
+                .map(|t| ScheduledTaskInfo {
+                    id: t.task_id,
+                    callback: t.callback,
+                    on: t.on,
+                    created_by: t.created_by,
+                    next_run: now + Duration::from_millis(t.next_run_in_ms),
+                    interval: t.interval_ms.map(Duration::from_millis),
+                    remaining_runs: t.remaining_runs,
+                    runs: t.runs,
+                })
+                .collect()),
+            other => Err(unexpected_answer(other)),
+        }
+    }
+
+    /// Ends the scheduled task `id` (whoever created it). [`Error::TaskNotFound`] if
+    /// there is none.
+    pub fn cancel_scheduled_task(&self, id: u64) -> Result<()> {
+        blocking::wait(
+            self.runtime(),
+            "cancel_scheduled_task",
+            self.cancel_scheduled_task_async(id),
+        )?
+    }
+
+    /// Async twin of [`cancel_scheduled_task`](Self::cancel_scheduled_task).
+    pub async fn cancel_scheduled_task_async(&self, id: u64) -> Result<()> {
+        let node = self.node()?.clone();
+        match node
+            .control(
+                ControlRequest::Cancel { task_id: id },
+                "cancel_scheduled_task",
+            )
+            .await?
+        {
+            ControlAnswer::Cancelled => Ok(()),
+            other => Err(unexpected_answer(other)),
+        }
+    }
+
     /// Blocks until this `Global` is stopped (from another thread, or by a callback).
     pub fn join(&self) -> Result<()> {
         blocking::wait(self.runtime(), "join", self.join_async())
@@ -408,6 +600,14 @@ impl Global {
     /// Stops the node and the controller (if this process runs one). Calls waiting here
     /// fail with [`Error::Stopped`]. Idempotent; also runs when the last clone drops.
     pub fn stop(&self) {
+        let connected_node = self
+            .inner
+            .node
+            .as_ref()
+            .filter(|n| !n.is_stopped() && n.is_connected());
+        if let (Some(_), Some(hook)) = (connected_node, &self.inner.hooks.on_node_disconnect) {
+            hook(self, &self.inner.name);
+        }
         self.inner.stop();
     }
 }

@@ -34,6 +34,24 @@ impl Members {
         read(&self.routes).get(name).map(|r| r.queue.clone())
     }
 
+    /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
+    /// random provider. Returns its name and queue.
+    pub fn pick_provider(&self, callback: &str, on: Option<&str>) -> Option<(Arc<str>, Queue)> {
+        let routes = read(&self.routes);
+        let serves = |r: &Route| r.callbacks.iter().any(|c| c == callback);
+        if let Some(on) = on {
+            let (name, route) = routes.get_key_value(on)?;
+            return serves(route).then(|| (name.clone(), route.queue.clone()));
+        }
+        let providers: Vec<(&Arc<str>, &Route)> =
+            routes.iter().filter(|(_, r)| serves(r)).collect();
+        if providers.is_empty() {
+            return None;
+        }
+        let (name, route) = providers[fastrand::usize(..providers.len())];
+        Some((name.clone(), route.queue.clone()))
+    }
+
     /// A snapshot of every member.
     pub fn snapshot(&self) -> Vec<Member> {
         read(&self.routes)

@@ -5,6 +5,7 @@
 //! (`daffi controller`).
 
 mod members;
+mod scheduler;
 mod session;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,9 +56,11 @@ impl ControllerHandle {
         let listener = Listener::bind(address).await?;
         let address = listener.local_address()?;
         let (shutdown, stop_rx) = watch::channel(false);
+        let members = Arc::new(members::Members::default());
         let shared = Arc::new(Shared {
             config,
-            members: Default::default(),
+            scheduler: Arc::new(scheduler::Scheduler::new(members.clone(), stop_rx.clone())),
+            members,
         });
         tracing::info!(%address, "controller listening");
         runtime.spawn(accept_loop(listener, shared, stop_rx));

@@ -6,11 +6,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
 use super::members::Members;
+use super::scheduler::Scheduler;
 use super::ControllerConfig;
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
+use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
 use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
 use crate::protocol::message::{
-    self, Announce, Hello, RefuseCode, Refused, Undeliverable, UndeliverableCode,
+    self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
+    RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
 use crate::protocol::{MAGIC, MAX_PROCESS_NAME, PROTOCOL_VERSION};
 use crate::transport::{BoxRead, BoxWrite};
@@ -21,7 +23,8 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// State shared by every session of one controller.
 pub struct Shared {
     pub config: ControllerConfig,
-    pub members: Members,
+    pub members: Arc<Members>,
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// Serves one connection until it closes, fails, or the controller shuts down.
@@ -196,6 +199,30 @@ async fn route(
                 .await;
             Ok(())
         }
+        Kind::ControlRequest => {
+            let request: ControlRequest = message::decode(&frame.payload())
+                .map_err(|e| format!("undecodable ControlRequest: {e}"))?;
+            let answer = control(shared, name, request);
+            let (flags, body) = match answer {
+                Ok(answer) => (0, message::encode(&answer)),
+                Err(error) => (FLAG_ERROR, message::encode(&error)),
+            };
+            let header = Header {
+                kind: Kind::ControlReply,
+                flags,
+                call_id: frame.call_id(),
+                timeout_ms: 0,
+                src: "",
+                dst: name,
+                name: "",
+            };
+            let reply = Outgoing {
+                head: header.encode(body.len()),
+                body,
+            };
+            let _ = own_queue.send(reply).await;
+            Ok(())
+        }
         Kind::Goodbye => Err("said goodbye".into()),
         other => Err(format!("unexpected {other:?} frame from a node")),
     }
@@ -225,4 +252,42 @@ async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame) {
         body,
     };
     let _ = own_queue.send(out).await;
+}
+
+/// Carries out a request the controller answers itself.
+fn control(
+    shared: &Shared,
+    from: &str,
+    request: ControlRequest,
+) -> Result<ControlAnswer, ControlError> {
+    match request {
+        ControlRequest::Schedule {
+            callback,
+            args,
+            on,
+            timing,
+        } => shared
+            .scheduler
+            .schedule(from, callback, args, on, timing)
+            .map(|task_id| ControlAnswer::Scheduled { task_id })
+            .map_err(|e| ControlError {
+                code: ControlErrorCode::Invalid,
+                task_id: None,
+                message: e.0,
+            }),
+        ControlRequest::Cancel { task_id } => {
+            if shared.scheduler.cancel(task_id) {
+                Ok(ControlAnswer::Cancelled)
+            } else {
+                Err(ControlError {
+                    code: ControlErrorCode::TaskNotFound,
+                    task_id: Some(task_id),
+                    message: format!("no scheduled task {task_id} (it finished or was cancelled)"),
+                })
+            }
+        }
+        ControlRequest::ListTasks => Ok(ControlAnswer::Tasks {
+            tasks: shared.scheduler.list(),
+        }),
+    }
 }

@@ -12,7 +12,8 @@ use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR};
 use crate::protocol::io::{write_loop, FrameReader, Outgoing};
 use crate::protocol::message::{
-    self, Hello, MembershipEvent, RefuseCode, Refused, RemoteError, RemoteErrorKind, Welcome,
+    self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
+    RemoteErrorKind, Welcome,
 };
 use crate::protocol::{MAGIC, PROTOCOL_VERSION};
 use crate::transport::{self, BoxRead};
@@ -134,16 +135,42 @@ fn dispatch(core: &Arc<NodeCore>, conn: &Connection, frame: Frame) -> Result<(),
                 }));
             }
         }
+        Kind::ControlReply => {
+            if let Some(entry) = conn.pending.take(frame.call_id()) {
+                let _ = entry.done.send(control_reply(&frame));
+            }
+        }
         Kind::Membership => {
             let event: MembershipEvent = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable Membership: {e}"))?;
-            if let Some(gone) = core.membership.apply(event) {
-                conn.pending.fail_target(&gone);
+            let changes = core.membership.apply(event);
+            for gone in &changes.removed {
+                conn.pending.fail_target(gone);
             }
+            core.report(changes);
         }
         other => return Err(format!("unexpected {other:?} frame from the controller")),
     }
     Ok(())
+}
+
+/// The answer to a control request: its payload, or the controller's error.
+fn control_reply(frame: &Frame) -> Result<bytes::Bytes, Error> {
+    if frame.flags() & FLAG_ERROR == 0 {
+        return Ok(frame.payload());
+    }
+    match message::decode::<ControlError>(&frame.payload()) {
+        Ok(ControlError {
+            code: ControlErrorCode::TaskNotFound,
+            task_id: Some(task_id),
+            ..
+        }) => Err(Error::TaskNotFound { task_id }),
+        Ok(e) => Err(Error::Config(e.message)),
+        Err(e) => Err(Error::Protocol {
+            peer: "the controller".into(),
+            message: format!("undecodable ControlReply error: {e}"),
+        }),
+    }
 }
 
 fn complete_reply(conn: &Connection, frame: &Frame) {

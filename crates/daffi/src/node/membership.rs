@@ -10,6 +10,29 @@ use tokio::sync::watch;
 
 use crate::protocol::message::{Member, MembershipEvent};
 
+/// Nodes that appeared in or disappeared from the view.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Changes {
+    fn added(name: String) -> Self {
+        Changes {
+            added: vec![name],
+            removed: Vec::new(),
+        }
+    }
+
+    fn removed(name: String) -> Self {
+        Changes {
+            added: Vec::new(),
+            removed: vec![name],
+        }
+    }
+}
+
 /// Other nodes, and which of them serve each callback.
 pub struct Membership {
     state: RwLock<State>,
@@ -47,37 +70,56 @@ impl Default for Membership {
 
 impl Membership {
     /// Replaces the whole view (on `Welcome`, or with nothing when the link drops).
-    pub fn reset(&self, members: Vec<Member>) {
-        {
+    /// Returns the nodes that appeared and those that disappeared.
+    pub fn reset(&self, members: Vec<Member>) -> Changes {
+        let changes = {
             let mut s = self.write();
+            let before = std::mem::take(&mut s.nodes);
             s.nodes = members
                 .into_iter()
                 .map(|m| (Arc::from(m.name.as_str()), m.callbacks))
                 .collect();
             s.reindex();
-        }
-        self.bump();
-    }
-
-    /// Applies one event. Returns the name of a node that left, if one did.
-    pub fn apply(&self, event: MembershipEvent) -> Option<String> {
-        let left = {
-            let mut s = self.write();
-            let left = match event {
-                MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => {
-                    s.nodes.insert(Arc::from(m.name.as_str()), m.callbacks);
-                    None
-                }
-                MembershipEvent::Left { name } => {
-                    s.nodes.remove(name.as_str());
-                    Some(name)
-                }
-            };
-            s.reindex();
-            left
+            Changes {
+                added: s
+                    .nodes
+                    .keys()
+                    .filter(|n| !before.contains_key(*n))
+                    .map(|n| n.to_string())
+                    .collect(),
+                removed: before
+                    .keys()
+                    .filter(|n| !s.nodes.contains_key(*n))
+                    .map(|n| n.to_string())
+                    .collect(),
+            }
         };
         self.bump();
-        left
+        changes
+    }
+
+    /// Applies one event; returns who appeared or disappeared.
+    pub fn apply(&self, event: MembershipEvent) -> Changes {
+        let changes = {
+            let mut s = self.write();
+            let changes = match event {
+                MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => {
+                    let name = Arc::from(m.name.as_str());
+                    match s.nodes.insert(name, m.callbacks) {
+                        None => Changes::added(m.name),
+                        Some(_) => Changes::default(),
+                    }
+                }
+                MembershipEvent::Left { name } => match s.nodes.remove(name.as_str()) {
+                    Some(_) => Changes::removed(name),
+                    None => Changes::default(),
+                },
+            };
+            s.reindex();
+            changes
+        };
+        self.bump();
+        changes
     }
 
     /// A node serving `callback`, chosen at random.
@@ -85,6 +127,15 @@ impl Membership {
         let s = self.read();
         let nodes = s.providers.get(callback)?;
         nodes.get(fastrand::usize(..nodes.len())).cloned()
+    }
+
+    /// Every node serving `callback`.
+    pub fn providers_of(&self, callback: &str) -> Vec<Arc<str>> {
+        self.read()
+            .providers
+            .get(callback)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether `node` is connected, and if so whether it serves `callback`.

@@ -1,28 +1,31 @@
 //! A node: its link to the controller (with reconnects), the calls it waits on, and the
 //! callbacks it serves.
 
+mod caller;
 mod executor;
 mod link;
 mod membership;
 mod pending;
 
-use std::collections::HashMap;
+use std::any::TypeId;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::callback::Handler;
+use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
-use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY, LEN_PREFIX};
+use crate::protocol::frame::Kind;
 use crate::protocol::io::Outgoing;
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
 use crate::transport::Address;
-pub use membership::Membership;
+pub use caller::NodeOutcome;
+pub use membership::{Changes, Membership};
 use pending::Pending;
 
 /// Settings of a node.
@@ -46,6 +49,19 @@ pub struct CallRequest {
     pub no_reply: bool,
 }
 
+/// Something that happened to a node, for the lifecycle hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// This node connected (or reconnected) to the controller.
+    Connected,
+    /// This node lost the controller (it will reconnect).
+    Disconnected,
+    /// Another node appeared in this node's view.
+    MemberAdded(String),
+    /// Another node left this node's view.
+    MemberRemoved(String),
+}
+
 /// One live connection to the controller: where frames go, and the calls waiting on it.
 pub struct Connection {
     queue: mpsc::Sender<Outgoing>,
@@ -58,24 +74,34 @@ pub struct NodeCore {
     pub config: NodeConfig,
     pub membership: Membership,
     callbacks: RwLock<HashMap<String, Handler>>,
+    instances: Mutex<HashSet<TypeId>>,
     connection: RwLock<Option<Arc<Connection>>>,
     announcing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
     stopped: watch::Sender<bool>,
+    events: mpsc::UnboundedSender<NodeEvent>,
 }
 
 impl NodeCore {
-    /// A node that serves `callbacks`; it connects once [`NodeCore::start`] runs.
-    pub fn new(name: String, config: NodeConfig, callbacks: HashMap<String, Handler>) -> Arc<Self> {
+    /// A node that serves `callbacks`; it connects once [`NodeCore::start`] runs. What
+    /// happens to it is sent on `events` (dropped if nobody listens).
+    pub fn new(
+        name: String,
+        config: NodeConfig,
+        callbacks: HashMap<String, Handler>,
+        events: mpsc::UnboundedSender<NodeEvent>,
+    ) -> Arc<Self> {
         Arc::new(NodeCore {
             name: Arc::from(name),
             max_frame_size: AtomicUsize::new(config.max_frame_size),
             config,
             membership: Membership::default(),
             callbacks: RwLock::new(callbacks),
+            instances: Mutex::new(HashSet::new()),
             connection: RwLock::new(None),
             announcing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
+            events,
         })
     }
 
@@ -100,24 +126,63 @@ impl NodeCore {
         tracing::info!(process = %self.name, "node stopped");
     }
 
+    fn emit(&self, event: NodeEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn report(&self, changes: Changes) {
+        for name in changes.added {
+            self.emit(NodeEvent::MemberAdded(name));
+        }
+        for name in changes.removed {
+            self.emit(NodeEvent::MemberRemoved(name));
+        }
+    }
+
+    /// Whether the node has a live connection to the controller now.
+    pub fn is_connected(&self) -> bool {
+        self.connection().is_some()
+    }
+
     /// Whether [`NodeCore::stop`] ran.
     pub fn is_stopped(&self) -> bool {
         *self.stopped.borrow()
     }
 
-    /// Adds a callback and tells the controller.
-    pub fn register(self: &Arc<Self>, name: &str, handler: Handler) -> Result<()> {
+    /// Adds callbacks (all or none, if a name is taken) and tells the controller.
+    pub fn register(self: &Arc<Self>, handlers: Vec<(String, Handler)>) -> Result<()> {
         {
             let mut table = write(&self.callbacks);
-            if table.contains_key(name) {
+            let mut seen = std::collections::HashSet::new();
+            if let Some((taken, _)) = handlers
+                .iter()
+                .find(|(name, _)| table.contains_key(name) || !seen.insert(name))
+            {
                 return Err(Error::DuplicateCallback {
-                    callback: name.to_string(),
+                    callback: taken.clone(),
                 });
             }
-            table.insert(name.to_string(), handler);
+            table.extend(handlers);
         }
         self.announce();
         Ok(())
+    }
+
+    /// Serves the methods of `instance`; one instance per type and node.
+    pub fn register_instance<T: CallbackGroup>(self: &Arc<Self>, instance: T) -> Result<()> {
+        let type_name = std::any::type_name::<T>();
+        if !lock(&self.instances).insert(std::any::TypeId::of::<T>()) {
+            return Err(Error::DuplicateInstance { type_name });
+        }
+        let handlers = T::__daffi_methods(Arc::new(instance))
+            .into_iter()
+            .map(|(name, handler)| (name.to_string(), handler))
+            .collect();
+        let registered = self.register(handlers);
+        if registered.is_err() {
+            lock(&self.instances).remove(&std::any::TypeId::of::<T>());
+        }
+        registered
     }
 
     /// Names of the callbacks this node serves.
@@ -167,157 +232,6 @@ impl NodeCore {
             reason: reason.to_string(),
         }
     }
-
-    /// Makes one call and waits for its outcome (the empty payload for no-reply calls).
-    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<Bytes> {
-        if let Some(eta) = req.eta {
-            let mut stop = self.stopped.subscribe();
-            tokio::select! {
-                _ = tokio::time::sleep(eta) => {}
-                _ = stop.wait_for(|s| *s) => return Err(Error::Stopped),
-            }
-        }
-        if self.is_stopped() {
-            return Err(Error::Stopped);
-        }
-        // Disconnected: say so, rather than "nobody serves it" from an emptied view.
-        let conn = self
-            .connection()
-            .ok_or_else(|| self.unreachable("not connected (reconnecting)"))?;
-        let target = match self.resolve(&req.callback, req.on.as_deref()) {
-            Ok(target) => target,
-            Err(_) if conn.pending.is_closed() => return Err(self.unreachable("connection lost")),
-            Err(e) => return Err(e),
-        };
-        let header = Header {
-            kind: Kind::Request,
-            flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
-            call_id: 0,
-            timeout_ms: req
-                .timeout
-                .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
-                .unwrap_or(0),
-            src: &self.name,
-            dst: &target,
-            name: &req.callback,
-        };
-        let size = header.frame_len(req.args.len()) - LEN_PREFIX;
-        let limit = self.max_frame_size.load(Ordering::Relaxed);
-        if size > limit {
-            return Err(Error::PayloadTooLarge {
-                callback: req.callback.to_string(),
-                size,
-                limit,
-            });
-        }
-
-        if req.no_reply {
-            let frame = Outgoing {
-                head: header.encode(req.args.len()),
-                body: req.args,
-            };
-            return match conn.queue.send(frame).await {
-                Ok(()) => Ok(Bytes::new()),
-                Err(_) => Err(self.unreachable("connection lost")),
-            };
-        }
-
-        let (call_id, done) = conn
-            .pending
-            .insert(target.clone(), req.callback.clone())
-            .ok_or_else(|| self.unreachable("connection lost"))?;
-        let guard = PendingGuard {
-            pending: &conn.pending,
-            call_id,
-        };
-        let frame = Outgoing {
-            head: Header { call_id, ..header }.encode(req.args.len()),
-            body: req.args,
-        };
-        if conn.queue.send(frame).await.is_err() {
-            return Err(self.unreachable("connection lost"));
-        }
-        let outcome = match req.timeout {
-            None => done.await,
-            Some(t) => match tokio::time::timeout(t, done).await {
-                Ok(outcome) => outcome,
-                Err(_) => return Err(Error::timeout(req.callback.to_string(), t)),
-            },
-        };
-        drop(guard);
-        outcome.unwrap_or(Err(Error::Stopped))
-    }
-
-    /// Chooses the node a call goes to: the pinned one, or a random provider.
-    fn resolve(&self, callback: &str, on: Option<&str>) -> Result<Arc<str>> {
-        match on {
-            Some(process) => match self.membership.serves(process, callback) {
-                Some((node, true)) => Ok(node),
-                Some((_, false)) => Err(Error::NoProvider {
-                    callback: callback.to_string(),
-                    on: Some(process.to_string()),
-                }),
-                None if process == &*self.name => Err(Error::Config(format!(
-                    "a node cannot call itself (`.on(\"{process}\")` names this node); call the function directly"
-                ))),
-                None => Err(Error::UnknownProcess {
-                    process: process.to_string(),
-                }),
-            },
-            None => self
-                .membership
-                .pick(callback)
-                .ok_or_else(|| Error::NoProvider {
-                    callback: callback.to_string(),
-                    on: None,
-                }),
-        }
-    }
-
-    /// Waits until `ready` holds for the membership view, or `timeout` passes.
-    pub async fn wait_until(
-        &self,
-        what: &str,
-        timeout: Option<Duration>,
-        ready: impl Fn(&Membership) -> bool,
-    ) -> Result<()> {
-        let mut changes = self.membership.subscribe();
-        let mut stop = self.stopped.subscribe();
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            if self.is_stopped() {
-                return Err(Error::Stopped);
-            }
-            if ready(&self.membership) {
-                return Ok(());
-            }
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = stop.changed() => {}
-                _ = sleep => {
-                    return Err(Error::timeout(what, timeout.unwrap_or_default()));
-                }
-            }
-        }
-    }
-}
-
-/// Forgets a pending call when its caller stops waiting (timeout, drop).
-struct PendingGuard<'a> {
-    pending: &'a Pending,
-    call_id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.pending.remove(self.call_id);
-    }
 }
 
 /// Keeps the node connected: the first connection (retried until `connect_timeout`),
@@ -336,7 +250,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     .max_frame_size
                     .min(link.welcome.max_frame_size as usize);
                 core.max_frame_size.store(limit, Ordering::Relaxed);
-                core.membership.reset(link.welcome.members.clone());
+                let changes = core.membership.reset(link.welcome.members.clone());
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
                     pending: Pending::default(),
@@ -345,6 +259,8 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 // Callbacks registered while the Hello was on its way.
                 core.announce();
                 tracing::info!(process = %core.name, address = %core.config.address, "connected to the controller");
+                core.emit(NodeEvent::Connected);
+                core.report(changes);
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(()));
                 }
@@ -358,7 +274,9 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
-                core.membership.reset(Vec::new());
+                let changes = core.membership.reset(Vec::new());
+                core.emit(NodeEvent::Disconnected);
+                core.report(changes);
             }
             Err(e) => {
                 let fatal = matches!(
@@ -397,4 +315,8 @@ impl Backoff {
         let jitter = fastrand::u64(0..=base / 2);
         Duration::from_millis(base - base / 4 + jitter)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -26,6 +26,10 @@ pub enum Kind {
     Membership = 5,
     /// Node -> controller: the node leaves on purpose.
     Goodbye = 6,
+    /// Node -> controller: a request the controller itself answers (schedules, listings).
+    ControlRequest = 7,
+    /// Controller -> node: the answer to a `ControlRequest`, same call id.
+    ControlReply = 8,
     /// Node -> node: run a callback.
     Request = 16,
     /// Node -> node: the result of a request.
@@ -43,6 +47,8 @@ impl Kind {
             4 => Kind::Announce,
             5 => Kind::Membership,
             6 => Kind::Goodbye,
+            7 => Kind::ControlRequest,
+            8 => Kind::ControlReply,
             16 => Kind::Request,
             17 => Kind::Reply,
             18 => Kind::Undeliverable,
@@ -53,7 +59,7 @@ impl Kind {
 
 /// `Request` flag: the caller wants no reply.
 pub const FLAG_NO_REPLY: u8 = 0b0000_0001;
-/// `Reply` flag: the payload is an error, not a value.
+/// `Reply` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 
 /// Why bytes off the wire are not a valid frame.

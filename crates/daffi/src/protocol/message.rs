@@ -131,3 +131,106 @@ pub fn encode<T: Serialize>(value: &T) -> bytes::Bytes {
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(payload)
 }
+
+/// When a scheduled task runs. Times travel as delays from the moment the request is
+/// sent, never as clock readings, so clock skew between machines does not matter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "timing", rename_all = "snake_case")]
+pub enum Timing {
+    /// Every `interval_ms`, the first run one interval from now, until cancelled.
+    Every {
+        /// The interval in milliseconds (> 0).
+        interval_ms: u64,
+    },
+    /// Once after each of these delays (milliseconds from now).
+    At {
+        /// The delays, in any order (each > 0).
+        delays_ms: Vec<u64>,
+    },
+}
+
+/// `ControlRequest`: something the controller itself does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Keep a schedule: run `callback` with `args` per `timing`, on `on` or a random
+    /// provider chosen at each run.
+    Schedule {
+        /// The callback to run.
+        callback: String,
+        /// Encoded arguments (a MessagePack `bin`), sent unchanged at each run.
+        args: bytes::Bytes,
+        /// The node to pin the runs to.
+        on: Option<String>,
+        /// When to run.
+        timing: Timing,
+    },
+    /// End a scheduled task.
+    Cancel {
+        /// The task's id.
+        task_id: u64,
+    },
+    /// List the scheduled tasks.
+    ListTasks,
+}
+
+/// A scheduled task as the controller reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// The task's id, unique per controller.
+    pub task_id: u64,
+    /// The callback it runs.
+    pub callback: String,
+    /// The node it is pinned to, if any.
+    pub on: Option<String>,
+    /// The node that created it.
+    pub created_by: String,
+    /// Milliseconds until the next run.
+    pub next_run_in_ms: u64,
+    /// The interval, for repeating tasks.
+    pub interval_ms: Option<u64>,
+    /// Runs still to come, for `at` tasks.
+    pub remaining_runs: Option<u64>,
+    /// How many runs were sent so far.
+    pub runs: u64,
+}
+
+/// Successful `ControlReply` payloads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ControlAnswer {
+    /// A schedule was created.
+    Scheduled {
+        /// Its id.
+        task_id: u64,
+    },
+    /// A task was cancelled.
+    Cancelled,
+    /// The scheduled tasks.
+    Tasks {
+        /// One entry per task.
+        tasks: Vec<TaskInfo>,
+    },
+}
+
+/// Why a control request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlErrorCode {
+    /// No task has this id (it finished or was cancelled).
+    TaskNotFound,
+    /// The request is malformed or out of range.
+    Invalid,
+}
+
+/// `ControlReply` payload with the error flag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlError {
+    /// Machine-readable reason.
+    pub code: ControlErrorCode,
+    /// The task concerned, if any.
+    #[serde(default)]
+    pub task_id: Option<u64>,
+    /// Human-readable explanation.
+    pub message: String,
+}

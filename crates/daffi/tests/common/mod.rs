@@ -52,6 +52,25 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Waits (bounded) for the process to exit by itself, and checks that it succeeded.
+    pub fn wait_success(&mut self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            match self.child.try_wait().expect("wait for child") {
+                Some(status) => {
+                    assert!(status.success(), "{} exited with {status}", self.name);
+                    return;
+                }
+                None if std::time::Instant::now() > deadline => {
+                    panic!("{} did not exit within {WAIT:?}", self.name)
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
@@ -98,7 +117,76 @@ pub fn address_from_env() -> Address {
     }
 }
 
+/// A standalone controller in a child process (role `controller`) on a Unix socket.
+pub struct StandaloneController {
+    pub address: Address,
+    entry: &'static str,
+    process: Option<Worker>,
+}
+
+impl StandaloneController {
+    /// Starts `daffi`'s controller in a child process on a fresh socket path. Nodes
+    /// started afterwards wait for it (their `connect_timeout`), so no readiness signal
+    /// is needed.
+    pub fn start(entry: &'static str) -> StandaloneController {
+        let address = Address::Unix(
+            std::env::temp_dir()
+                .join("daffi-tests")
+                .join(format!("{}.sock", unique("standalone"))),
+        );
+        let mut c = StandaloneController {
+            address,
+            entry,
+            process: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Kills the controller process (like a crash: no goodbye, the socket file stays).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts a new controller process on the same address.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.process = Some(spawn_child(
+            self.entry,
+            "controller",
+            "controller",
+            &self.address,
+        ));
+    }
+}
+
+/// In a child: runs the controller role until killed.
+pub fn run_controller_role() {
+    let g = builder_for(&address_from_env())
+        .init_controller(true)
+        .init_node(false)
+        .start()
+        .expect("controller starts");
+    g.join().expect("join");
+}
+
 impl Cluster {
+    /// A caller node in this process, connected to a standalone controller.
+    pub fn with_standalone(controller: &StandaloneController) -> Cluster {
+        let caller = builder_for(&controller.address)
+            .process_name(unique("caller"))
+            .start()
+            .expect("caller connects");
+        Cluster {
+            address: controller.address.clone(),
+            caller,
+            entry: controller.entry,
+            workers: Vec::new(),
+        }
+    }
+
     /// Starts a controller and a caller node in this process. `entry` is the name of the
     /// ignored test that runs a worker in this binary.
     pub fn start(transport: Transport, entry: &'static str) -> Cluster {
@@ -150,7 +238,19 @@ impl Cluster {
 
 /// Starts this test binary as a child in `role`.
 pub fn spawn_child(entry: &str, role: &str, name: &str, address: &Address) -> Worker {
+    spawn_child_with(entry, role, name, address, &[])
+}
+
+/// Like [`spawn_child`], with extra environment variables.
+pub fn spawn_child_with(
+    entry: &str,
+    role: &str,
+    name: &str,
+    address: &Address,
+    env: &[(&str, &str)],
+) -> Worker {
     let child = Command::new(std::env::current_exe().expect("test binary path"))
+        .envs(env.iter().copied())
         .args([entry, "--exact", "--ignored", "--nocapture", "--quiet"])
         .env(ENV_ROLE, role)
         .env(ENV_NAME, name)

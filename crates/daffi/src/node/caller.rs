@@ -1,0 +1,300 @@
+//! The calling side of a node: single calls, broadcasts, requests to the controller, and
+//! waiting for the membership view to reach a state.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::pending::{Completion, Pending};
+use super::{CallRequest, Connection, Membership, NodeCore};
+use crate::error::{Error, Result};
+use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY, LEN_PREFIX};
+use crate::protocol::io::Outgoing;
+use crate::protocol::message::{self, ControlAnswer, ControlRequest};
+
+/// How long a request to the controller itself may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The outcome of one node's part in a broadcast.
+pub type NodeOutcome = (Arc<str>, Result<Bytes>);
+
+impl NodeCore {
+    /// Makes one call and waits for its outcome (the empty payload for no-reply calls).
+    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<Bytes> {
+        self.wait_eta(req.eta).await?;
+        let conn = self.connected()?;
+        let target = match self.resolve(&req.callback, req.on.as_deref()) {
+            Ok(target) => target,
+            // The view was emptied because the link just dropped: say that instead.
+            Err(_) if conn.pending.is_closed() => return Err(self.unreachable("connection lost")),
+            Err(e) => return Err(e),
+        };
+        let outcome = match self.send_request(&conn, &target, &req).await? {
+            None => Ok(Bytes::new()),
+            Some(waiting) => {
+                let deadline = req.timeout.map(|t| Instant::now() + t);
+                waiting.outcome(&req, deadline).await
+            }
+        };
+        outcome
+    }
+
+    /// Calls every node serving the callback (never this one) and collects each outcome.
+    /// A no-reply broadcast returns an empty list once every request is sent.
+    pub async fn broadcast(self: Arc<Self>, req: CallRequest) -> Result<Vec<NodeOutcome>> {
+        self.wait_eta(req.eta).await?;
+        let conn = self.connected()?;
+        let targets = self.membership.providers_of(&req.callback);
+        if targets.is_empty() {
+            if conn.pending.is_closed() {
+                return Err(self.unreachable("connection lost"));
+            }
+            return Err(Error::NoProvider {
+                callback: req.callback.to_string(),
+                on: None,
+            });
+        }
+        let mut waiting = Vec::with_capacity(targets.len());
+        for target in targets {
+            // A node that left between the lookup and the send fails on its own.
+            let sent = self.send_request(&conn, &target, &req).await;
+            waiting.push((target, sent));
+        }
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        let mut outcomes = Vec::with_capacity(waiting.len());
+        for (target, sent) in waiting {
+            let outcome = match sent {
+                Ok(Some(w)) => w.outcome(&req, deadline).await,
+                Ok(None) => Ok(Bytes::new()),
+                Err(e) => Err(e),
+            };
+            outcomes.push((target, outcome));
+        }
+        if req.no_reply {
+            return match outcomes.into_iter().find_map(|(_, o)| o.err()) {
+                Some(e) => Err(e),
+                None => Ok(Vec::new()),
+            };
+        }
+        Ok(outcomes)
+    }
+
+    /// Sends a request the controller itself answers.
+    pub async fn control(
+        self: Arc<Self>,
+        request: ControlRequest,
+        what: &str,
+    ) -> Result<ControlAnswer> {
+        let conn = self.connected()?;
+        let (call_id, done) = conn
+            .pending
+            .insert(Arc::from(""), Arc::from(what))
+            .ok_or_else(|| self.unreachable("connection lost"))?;
+        let _guard = PendingGuard {
+            pending: &conn.pending,
+            call_id,
+        };
+        let body = message::encode(&request);
+        let header = Header {
+            call_id,
+            src: &self.name,
+            ..Header::control(Kind::ControlRequest)
+        };
+        self.check_size(what, &header, body.len())?;
+        let frame = Outgoing {
+            head: header.encode(body.len()),
+            body,
+        };
+        if conn.queue.send(frame).await.is_err() {
+            return Err(self.unreachable("connection lost"));
+        }
+        let bytes = match tokio::time::timeout(CONTROL_TIMEOUT, done).await {
+            Ok(outcome) => outcome.unwrap_or(Err(Error::Stopped))?,
+            Err(_) => return Err(Error::timeout(what, CONTROL_TIMEOUT)),
+        };
+        message::decode(&bytes).map_err(|e| Error::Protocol {
+            peer: self.config.address.to_string(),
+            message: format!("undecodable ControlReply: {e}"),
+        })
+    }
+
+    /// Waits until `ready` holds for the membership view, or `timeout` passes.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Option<Duration>,
+        ready: impl Fn(&Membership) -> bool,
+    ) -> Result<()> {
+        let mut changes = self.membership.subscribe();
+        let mut stop = self.stopped.subscribe();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.is_stopped() {
+                return Err(Error::Stopped);
+            }
+            if ready(&self.membership) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = stop.changed() => {}
+                _ = sleep_until(deadline) => {
+                    return Err(Error::timeout(what, timeout.unwrap_or_default()));
+                }
+            }
+        }
+    }
+
+    async fn wait_eta(&self, eta: Option<Duration>) -> Result<()> {
+        if let Some(eta) = eta {
+            let mut stop = self.stopped.subscribe();
+            tokio::select! {
+                _ = tokio::time::sleep(eta) => {}
+                _ = stop.wait_for(|s| *s) => return Err(Error::Stopped),
+            }
+        }
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        Ok(())
+    }
+
+    /// The live connection, or the error a caller should see without one.
+    fn connected(&self) -> Result<Arc<Connection>> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        self.connection()
+            .ok_or_else(|| self.unreachable("not connected (reconnecting)"))
+    }
+
+    fn check_size(&self, what: &str, header: &Header<'_>, payload_len: usize) -> Result<()> {
+        let size = header.frame_len(payload_len) - LEN_PREFIX;
+        let limit = self.max_frame_size.load(Ordering::Relaxed);
+        if size > limit {
+            return Err(Error::PayloadTooLarge {
+                callback: what.to_string(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one request to `target`. Returns what to wait on, or `None` for no-reply.
+    async fn send_request<'c>(
+        &self,
+        conn: &'c Connection,
+        target: &Arc<str>,
+        req: &CallRequest,
+    ) -> Result<Option<Waiting<'c>>> {
+        let mut header = Header {
+            kind: Kind::Request,
+            flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
+            call_id: 0,
+            timeout_ms: req
+                .timeout
+                .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
+                .unwrap_or(0),
+            src: &self.name,
+            dst: target,
+            name: &req.callback,
+        };
+        self.check_size(&req.callback, &header, req.args.len())?;
+        let waiting = if req.no_reply {
+            None
+        } else {
+            let (call_id, done) = conn
+                .pending
+                .insert(target.clone(), req.callback.clone())
+                .ok_or_else(|| self.unreachable("connection lost"))?;
+            header.call_id = call_id;
+            Some(Waiting {
+                guard: PendingGuard {
+                    pending: &conn.pending,
+                    call_id,
+                },
+                done,
+            })
+        };
+        let frame = Outgoing {
+            head: header.encode(req.args.len()),
+            body: req.args.clone(),
+        };
+        if conn.queue.send(frame).await.is_err() {
+            return Err(self.unreachable("connection lost"));
+        }
+        Ok(waiting)
+    }
+
+    /// Chooses the node a call goes to: the pinned one, or a random provider.
+    fn resolve(&self, callback: &str, on: Option<&str>) -> Result<Arc<str>> {
+        match on {
+            Some(process) => match self.membership.serves(process, callback) {
+                Some((node, true)) => Ok(node),
+                Some((_, false)) => Err(Error::NoProvider {
+                    callback: callback.to_string(),
+                    on: Some(process.to_string()),
+                }),
+                None if process == &*self.name => Err(Error::Config(format!(
+                    "a node cannot call itself (`.on(\"{process}\")` names this node); call the function directly"
+                ))),
+                None => Err(Error::UnknownProcess {
+                    process: process.to_string(),
+                }),
+            },
+            None => self
+                .membership
+                .pick(callback)
+                .ok_or_else(|| Error::NoProvider {
+                    callback: callback.to_string(),
+                    on: None,
+                }),
+        }
+    }
+}
+
+/// A request on its way: its completion, and the guard that forgets it if we stop waiting.
+struct Waiting<'a> {
+    guard: PendingGuard<'a>,
+    done: oneshot::Receiver<Completion>,
+}
+
+impl Waiting<'_> {
+    async fn outcome(self, req: &CallRequest, deadline: Option<Instant>) -> Result<Bytes> {
+        let Waiting { guard, done } = self;
+        let outcome = tokio::select! {
+            outcome = done => outcome.unwrap_or(Err(Error::Stopped)),
+            _ = sleep_until(deadline) => Err(Error::timeout(
+                req.callback.to_string(),
+                req.timeout.unwrap_or_default(),
+            )),
+        };
+        drop(guard);
+        outcome
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forgets a pending call when its caller stops waiting (timeout, drop).
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    call_id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.remove(self.call_id);
+    }
+}
