@@ -198,9 +198,8 @@ fn check_signature(sig: &syn::Signature, method: bool) -> syn::Result<Vec<Param>
             "#[callback] functions cannot be generic: the remote caller cannot choose a type; use concrete types",
         ));
     }
-    if let ReturnType::Type(_, ty) = &sig.output {
-        reject_unsupported(ty, "return type")?;
-    }
+    // Return types need only `Serialize`: borrowed and `impl Serialize` results are
+    // encoded before the shim returns, so the compiler checks them as usual.
     sig.inputs
         .iter()
         .skip(usize::from(method))
@@ -375,7 +374,7 @@ fn param(arg: &FnArg) -> syn::Result<Param> {
                     ))
                 }
             };
-            reject_unsupported(&pt.ty, "argument")?;
+            reject_unsupported(&pt.ty)?;
             Ok(Param {
                 ident,
                 ty: (*pt.ty).clone(),
@@ -384,8 +383,8 @@ fn param(arg: &FnArg) -> syn::Result<Param> {
     }
 }
 
-/// Refuses borrowed types, lifetimes and `impl Trait`, with a message that says why.
-fn reject_unsupported(ty: &Type, what: &str) -> syn::Result<()> {
+/// Refuses borrowed argument types and `impl Trait`, with a message that says why.
+fn reject_unsupported(ty: &Type) -> syn::Result<()> {
     struct Finder(Option<(Span, &'static str)>);
     impl<'ast> Visit<'ast> for Finder {
         fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
@@ -404,11 +403,11 @@ fn reject_unsupported(ty: &Type, what: &str) -> syn::Result<()> {
         None => Ok(()),
         Some((span, "borrowed")) => Err(syn::Error::new(
             span,
-            format!("#[callback] {what}s must be owned (e.g. `String`, not `&str`): data arrives from another process"),
+            "#[callback] arguments must be owned (e.g. `String`, not `&str`): data arrives from another process",
         )),
         Some((span, _)) => Err(syn::Error::new(
             span,
-            format!("#[callback] {what}s cannot be `impl Trait`: name a concrete type"),
+            "#[callback] arguments cannot be `impl Trait`: name a concrete type",
         )),
     }
 }

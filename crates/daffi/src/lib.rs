@@ -40,6 +40,18 @@
 //! }
 //! ```
 //!
+//! # Execution modes
+//!
+//! | seed modifier | Rust | async twin |
+//! |---|---|---|
+//! | `FG` | [`Call::fg`] (`.timeout(d)`) | [`Call::fg_async`] |
+//! | `BG` | [`Call::bg`] -> [`AsyncResult`] (`.timeout(d)`, `.eta(d)`) | `.await` the `AsyncResult` |
+//! | `NO_RETURN` | [`Call::no_return`] (`.eta(d)`) | [`Call::no_return_async`] |
+//! | `PERIOD` | [`Call::period`] with [`Period::every`] or [`Period::at`] -> [`ScheduledTask`] | [`Call::period_async`] |
+//! | `BROADCAST` | [`Call::broadcast`], [`Call::broadcast_results`], [`Call::broadcast_no_return`] | the `_async` twins |
+//!
+//! Each row has a compiled example in the README and on the method.
+//!
 //! In async code, start with [`GlobalBuilder::start_async`] and end calls with the
 //! `_async` twins ([`Call::fg_async`], [`Call::no_return_async`]) or `.await` an
 //! [`AsyncResult`].
@@ -70,6 +82,11 @@ pub use error::{Error, Result};
 pub use global::{Global, GlobalBuilder};
 pub use period::{parse_duration, Period, ScheduledTask, ScheduledTaskInfo};
 pub use transport::Address;
+
+/// The README's snippets, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 
 /// What `#[callback]` expands to refers to these. Not public API: no stability promise.
 #[doc(hidden)]
