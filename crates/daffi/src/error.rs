@@ -44,6 +44,25 @@ pub enum Error {
         callback: String,
     },
 
+    /// The node serving the call stopped (gracefully) before it answered, or is stopping
+    /// and took no new calls.
+    #[error("process `{process}` stopped before serving `{callback}`; call another node or retry once it is back")]
+    PeerStopped {
+        /// The node that stopped.
+        process: String,
+        /// The callback that was called.
+        callback: String,
+    },
+
+    /// The callee already runs as many callbacks as it allows (`max_concurrent_callbacks`).
+    #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_concurrent_callbacks`")]
+    Overloaded {
+        /// The busy node.
+        process: String,
+        /// The callback that was refused.
+        callback: String,
+    },
+
     /// No answer came within the allowed time.
     #[error(
         "`{what}` did not complete within {after:?}; raise the timeout or check the remote node"

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +31,11 @@ use crate::transport::Address;
 /// | [`unix_sock_path`](Self::unix_sock_path) | unset |
 /// | [`connect_timeout`](Self::connect_timeout) | 10 s |
 /// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
+/// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
+/// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
+/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 callbacks |
+/// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
+/// | [`stop_timeout`](Self::stop_timeout) | 5 s |
 #[derive(Debug, Clone)]
 #[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
 pub struct GlobalBuilder {
@@ -42,6 +48,11 @@ pub struct GlobalBuilder {
     connect_timeout: Duration,
     max_frame_size: usize,
     auth_token: Option<String>,
+    handshake_timeout: Duration,
+    max_in_flight: usize,
+    max_concurrent_callbacks: usize,
+    max_connections: usize,
+    stop_timeout: Duration,
     hooks: Hooks,
 }
 
@@ -57,6 +68,11 @@ impl Default for GlobalBuilder {
             connect_timeout: Duration::from_secs(10),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             auth_token: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_in_flight: 10_000,
+            max_concurrent_callbacks: 1_024,
+            max_connections: 10_000,
+            stop_timeout: Duration::from_secs(5),
             hooks: Hooks::default(),
         }
     }
@@ -112,6 +128,41 @@ impl GlobalBuilder {
     /// it fails before anything is sent. Default: 128 MiB.
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
+        self
+    }
+
+    /// How long a new connection may take to complete the handshake (both sides): a
+    /// controller closes connections that stay silent longer. Default: 5 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How many calls this node may have in flight at once. Further calls wait for a
+    /// slot (within their timeout), so a fast caller cannot queue without bound.
+    /// Default: 10,000.
+    pub fn max_in_flight(mut self, calls: usize) -> Self {
+        self.max_in_flight = calls.max(1);
+        self
+    }
+
+    /// How many callbacks this node runs at once. Requests beyond it are refused at
+    /// once, and their callers get [`Error::Overloaded`]. Default: 1,024.
+    pub fn max_concurrent_callbacks(mut self, callbacks: usize) -> Self {
+        self.max_concurrent_callbacks = callbacks.max(1);
+        self
+    }
+
+    /// How many connections a controller started here accepts at once; more are closed
+    /// at once (and logged). Default: 10,000.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// How long [`Global::stop`] lets running callbacks finish. Default: 5 s.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
         self
     }
 
@@ -218,7 +269,8 @@ impl GlobalBuilder {
         let controller = if self.init_controller {
             let config = ControllerConfig {
                 max_frame_size: self.max_frame_size,
-                ..ControllerConfig::default()
+                handshake_timeout: self.handshake_timeout,
+                max_connections: self.max_connections,
             };
             let c = ControllerHandle::start(&address, config, &runtime).await?;
             if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
@@ -240,7 +292,10 @@ impl GlobalBuilder {
                 address: address.clone(),
                 max_frame_size: self.max_frame_size,
                 connect_timeout: self.connect_timeout,
-                handshake_timeout: Duration::from_secs(5),
+                handshake_timeout: self.handshake_timeout,
+                max_in_flight: self.max_in_flight,
+                max_concurrent_callbacks: self.max_concurrent_callbacks,
+                stop_timeout: self.stop_timeout,
                 auth_token: self
                     .auth_token
                     .clone()
@@ -260,7 +315,8 @@ impl GlobalBuilder {
                 node,
                 controller: Mutex::new(controller),
                 owned_runtime: Mutex::new(owned),
-                stopped: tokio::sync::watch::channel(false).0,
+                stopping: AtomicBool::new(false),
+                stopped: Arc::new(tokio::sync::watch::channel(false).0),
                 hooks: self.hooks.clone(),
             }),
         };
@@ -339,7 +395,10 @@ struct Inner {
     node: Option<Arc<NodeCore>>,
     controller: Mutex<Option<ControllerHandle>>,
     owned_runtime: Mutex<Option<OwnedRuntime>>,
-    stopped: tokio::sync::watch::Sender<bool>,
+    /// `stop` was called.
+    stopping: AtomicBool,
+    /// Everything has stopped (what `join` waits for); shared with the drain task.
+    stopped: Arc<tokio::sync::watch::Sender<bool>>,
     hooks: Hooks,
 }
 
@@ -597,8 +656,15 @@ impl Global {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Stops the node and the controller (if this process runs one). Calls waiting here
-    /// fail with [`Error::Stopped`]. Idempotent; also runs when the last clone drops.
+    /// Stops the node and the controller (if this process runs one), gracefully.
+    ///
+    /// At once: this node's own calls waiting here fail with [`Error::Stopped`], new calls
+    /// from here fail the same way, and the controller routes no new requests here
+    /// (their callers get [`Error::PeerStopped`]). Callbacks already running here get up
+    /// to `stop_timeout` (default 5 s) to finish and send their results; then the node
+    /// says goodbye, and callers still waiting get [`Error::PeerStopped`]. `stop` returns
+    /// at once; [`join`](Self::join) returns when all of this is done. Idempotent; also
+    /// runs when the last clone drops.
     pub fn stop(&self) {
         let connected_node = self
             .inner
@@ -613,18 +679,36 @@ impl Global {
 }
 
 impl Inner {
+    /// Stops the node gracefully: no new calls in or out at once; callbacks already
+    /// running get up to `stop_timeout` to finish (in the background), then the node
+    /// says goodbye, the controller (if any) stops, and `join` returns.
     fn stop(&self) {
-        if self.stopped.send_replace(true) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Some(node) = &self.node {
-            node.stop();
-        }
-        if let Some(controller) = lock(&self.controller).take() {
-            controller.stop();
-        }
-        if let Some(rt) = lock(&self.owned_runtime).take() {
-            rt.shutdown();
+        let controller = lock(&self.controller).take();
+        let owned_runtime = lock(&self.owned_runtime).take();
+        let stopped = self.stopped.clone();
+        let finish = move |node: Option<Arc<NodeCore>>| {
+            if let Some(node) = node {
+                node.close();
+            }
+            if let Some(controller) = controller {
+                controller.stop();
+            }
+            stopped.send_replace(true);
+            if let Some(rt) = owned_runtime {
+                rt.shutdown();
+            }
+        };
+        match self.node.clone() {
+            Some(node) if node.begin_stop() && node.is_serving() => {
+                self.runtime.spawn(async move {
+                    node.drain().await;
+                    finish(Some(node));
+                });
+            }
+            node => finish(node),
         }
     }
 }

@@ -17,6 +17,18 @@ struct Route {
     conn_id: u64,
     queue: Queue,
     callbacks: Vec<String>,
+    /// The node is stopping: no new requests go to it.
+    leaving: bool,
+}
+
+/// Where a request can go.
+pub enum Destination {
+    /// Connected and accepting requests.
+    Open(Queue),
+    /// Connected but stopping.
+    Leaving,
+    /// Not connected.
+    Unknown,
 }
 
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
@@ -29,16 +41,25 @@ pub struct Members {
 }
 
 impl Members {
-    /// The queue of the node called `name`, if connected.
+    /// The queue of the node called `name`, if connected (replies go to leaving nodes too).
     pub fn route(&self, name: &str) -> Option<Queue> {
         read(&self.routes).get(name).map(|r| r.queue.clone())
+    }
+
+    /// Where a new request for `name` can go.
+    pub fn destination(&self, name: &str) -> Destination {
+        match read(&self.routes).get(name) {
+            Some(r) if r.leaving => Destination::Leaving,
+            Some(r) => Destination::Open(r.queue.clone()),
+            None => Destination::Unknown,
+        }
     }
 
     /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
     /// random provider. Returns its name and queue.
     pub fn pick_provider(&self, callback: &str, on: Option<&str>) -> Option<(Arc<str>, Queue)> {
         let routes = read(&self.routes);
-        let serves = |r: &Route| r.callbacks.iter().any(|c| c == callback);
+        let serves = |r: &Route| !r.leaving && r.callbacks.iter().any(|c| c == callback);
         if let Some(on) = on {
             let (name, route) = routes.get_key_value(on)?;
             return serves(route).then(|| (name.clone(), route.queue.clone()));
@@ -52,10 +73,11 @@ impl Members {
         Some((name.clone(), route.queue.clone()))
     }
 
-    /// A snapshot of every member.
+    /// A snapshot of every member that takes requests.
     pub fn snapshot(&self) -> Vec<Member> {
         read(&self.routes)
             .iter()
+            .filter(|(_, r)| !r.leaving)
             .map(|(name, r)| Member {
                 name: name.to_string(),
                 callbacks: r.callbacks.clone(),
@@ -99,6 +121,7 @@ impl Members {
                 conn_id,
                 queue,
                 callbacks,
+                leaving: false,
             },
         );
         broadcast(others, &MembershipEvent::Joined(member)).await;
@@ -119,6 +142,23 @@ impl Members {
             name: name.to_string(),
             callbacks,
         });
+        broadcast(self.queues_except(name), &event).await;
+    }
+
+    /// Marks a node as stopping and tells everyone else, so that nobody sends it new
+    /// requests while it finishes the ones it has.
+    pub async fn mark_leaving(&self, name: &str, conn_id: u64) {
+        let _serialized = self.changes.lock().await;
+        {
+            let mut routes = write(&self.routes);
+            match routes.get_mut(name) {
+                Some(r) if r.conn_id == conn_id && !r.leaving => r.leaving = true,
+                _ => return,
+            }
+        }
+        let event = MembershipEvent::Leaving {
+            name: name.to_string(),
+        };
         broadcast(self.queues_except(name), &event).await;
     }
 

@@ -28,6 +28,8 @@ pub struct ControllerConfig {
     pub max_frame_size: usize,
     /// How long a new connection may take to say who it is. Default: 5 s.
     pub handshake_timeout: Duration,
+    /// Connections served at once; more are closed on accept. Default: 10,000.
+    pub max_connections: usize,
 }
 
 impl Default for ControllerConfig {
@@ -35,6 +37,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             handshake_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
         }
     }
 }
@@ -86,6 +89,12 @@ impl Drop for ControllerHandle {
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let next_conn_id = AtomicU64::new(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        shared
+            .config
+            .max_connections
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -93,8 +102,17 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
         };
         match accepted {
             Ok(conn) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(peer = %conn.2, limit = shared.config.max_connections, "refused a connection: too many connections");
+                    continue; // dropping the halves closes it
+                };
                 let conn_id = next_conn_id.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(session::serve(shared.clone(), conn_id, conn, stop.clone()));
+                let shared = shared.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    session::serve(shared, conn_id, conn, stop).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.

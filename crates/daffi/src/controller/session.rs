@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
-use super::members::Members;
+use super::members::{Destination, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
@@ -175,19 +175,31 @@ async fn route(
                     frame.src()
                 ));
             }
-            match shared.members.route(frame.dst()) {
-                Some(queue) => {
+            let destination = if frame.kind() == Kind::Reply {
+                // Replies go to leaving nodes too: they finish what they started.
+                match shared.members.route(frame.dst()) {
+                    Some(queue) => Destination::Open(queue),
+                    None => Destination::Unknown,
+                }
+            } else {
+                shared.members.destination(frame.dst())
+            };
+            let code = match destination {
+                Destination::Open(queue) => {
                     // The frame goes out exactly as it came in: no re-encoding.
-                    if queue
-                        .send(Outgoing::raw(frame.raw().clone()))
-                        .await
-                        .is_err()
-                    {
-                        undeliverable(own_queue, &frame).await;
+                    match queue.send(Outgoing::raw(frame.raw().clone())).await {
+                        Ok(()) => return Ok(()),
+                        Err(_) => UndeliverableCode::UnknownProcess,
                     }
                 }
-                None => undeliverable(own_queue, &frame).await,
-            }
+                Destination::Leaving => UndeliverableCode::Stopping,
+                Destination::Unknown => UndeliverableCode::UnknownProcess,
+            };
+            undeliverable(own_queue, &frame, code).await;
+            Ok(())
+        }
+        Kind::Leaving => {
+            shared.members.mark_leaving(name, conn_id).await;
             Ok(())
         }
         Kind::Announce => {
@@ -230,14 +242,12 @@ async fn route(
 
 /// Tells a caller that its request's destination is gone. Replies to gone callers are
 /// dropped: nobody waits for them.
-async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame) {
+async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame, code: UndeliverableCode) {
     if frame.kind() != Kind::Request || frame.flags() & FLAG_NO_REPLY != 0 {
         tracing::debug!(dst = frame.dst(), kind = ?frame.kind(), "dropped a frame for a gone node");
         return;
     }
-    let body = message::encode(&Undeliverable {
-        code: UndeliverableCode::UnknownProcess,
-    });
+    let body = message::encode(&Undeliverable { code });
     let header = Header {
         kind: Kind::Undeliverable,
         flags: 0,

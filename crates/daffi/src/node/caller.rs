@@ -26,6 +26,7 @@ impl NodeCore {
     /// Makes one call and waits for its outcome (the empty payload for no-reply calls).
     pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<Bytes> {
         self.wait_eta(req.eta).await?;
+        let _slot = self.admit(&req).await?;
         let conn = self.connected()?;
         let target = match self.resolve(&req.callback, req.on.as_deref()) {
             Ok(target) => target,
@@ -47,6 +48,7 @@ impl NodeCore {
     /// A no-reply broadcast returns an empty list once every request is sent.
     pub async fn broadcast(self: Arc<Self>, req: CallRequest) -> Result<Vec<NodeOutcome>> {
         self.wait_eta(req.eta).await?;
+        let _slot = self.admit(&req).await?;
         let conn = self.connected()?;
         let targets = self.membership.providers_of(&req.callback);
         if targets.is_empty() {
@@ -146,6 +148,21 @@ impl NodeCore {
                     return Err(Error::timeout(what, timeout.unwrap_or_default()));
                 }
             }
+        }
+    }
+
+    /// Waits for a slot among `max_in_flight` (within the call's timeout).
+    async fn admit(&self, req: &CallRequest) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        if let Ok(slot) = self.in_flight.try_acquire() {
+            return Ok(slot);
+        }
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        tokio::select! {
+            slot = self.in_flight.acquire() => slot.map_err(|_| Error::Stopped),
+            _ = sleep_until(deadline) => Err(Error::timeout(
+                req.callback.to_string(),
+                req.timeout.unwrap_or_default(),
+            )),
         }
     }
 

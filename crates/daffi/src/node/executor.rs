@@ -28,11 +28,27 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
         }
         return;
     };
+    let Some(running) = core.admit_callback() else {
+        if wants_reply {
+            let failure = CallbackFailure {
+                kind: RemoteErrorKind::Overloaded,
+                message: format!(
+                    "process `{}` runs as many callbacks as it allows",
+                    core.name
+                ),
+            };
+            let reply = encode_reply(core, &frame, Err(failure));
+            let core = core.clone();
+            tokio::spawn(async move { core.send_quietly(reply).await });
+        }
+        return;
+    };
     let core = core.clone();
     let payload = frame.payload();
     match handler {
         Handler::Sync(f) => {
             tokio::task::spawn_blocking(move || {
+                let _running = running;
                 let outcome = catch_unwind(AssertUnwindSafe(|| f(payload)))
                     .unwrap_or_else(|panic| Err(panic_failure(panic)));
                 if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
@@ -42,6 +58,7 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
         }
         Handler::Async(f) => {
             tokio::spawn(async move {
+                let _running = running;
                 let outcome = CatchUnwind(f(payload)).await;
                 if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
                     let _ = queue.send(reply).await;

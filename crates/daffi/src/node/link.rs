@@ -13,10 +13,13 @@ use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR};
 use crate::protocol::io::{write_loop, FrameReader, Outgoing};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
-    RemoteErrorKind, Welcome,
+    RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::protocol::{MAGIC, PROTOCOL_VERSION};
 use crate::transport::{self, BoxRead};
+
+/// How long a closing link may take to flush what was queued.
+const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Frames queued for the controller before a sender waits.
 const QUEUE_CAPACITY: usize = 4096;
@@ -96,16 +99,17 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
 
 impl Link {
     /// Dispatches frames until the connection ends or the node stops; returns why it ended.
+    /// Dispatches frames until the connection ends or `closed` is set; returns why it ended.
     pub async fn run(
         mut self,
         core: &Arc<NodeCore>,
         conn: &Connection,
-        stop: &mut watch::Receiver<bool>,
+        closed: &mut watch::Receiver<bool>,
     ) -> String {
         let reason = loop {
             let next = tokio::select! {
                 next = self.reader.next() => next,
-                _ = stop.changed() => break "node stopped".to_string(),
+                _ = closed.wait_for(|c| *c) => break "node stopped".to_string(),
             };
             match next {
                 Ok(Some(frame)) => {
@@ -117,8 +121,13 @@ impl Link {
                 Err(e) => break format!("connection failed: {e}"),
             }
         };
+        // Let what is queued (a goodbye, last replies) go out, but never wait long on a
+        // controller that stopped reading.
         drop(self.queue);
-        self.writer.abort();
+        let abort = self.writer.abort_handle();
+        if timeout(WRITER_DRAIN, self.writer).await.is_err() {
+            abort.abort();
+        }
         reason
     }
 }
@@ -130,9 +139,17 @@ fn dispatch(core: &Arc<NodeCore>, conn: &Connection, frame: Frame) -> Result<(),
         Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
-                let _ = entry.done.send(Err(Error::UnknownProcess {
-                    process: entry.target.to_string(),
-                }));
+                let process = entry.target.to_string();
+                let error = match message::decode::<Undeliverable>(&frame.payload()) {
+                    Ok(Undeliverable {
+                        code: UndeliverableCode::Stopping,
+                    }) => Error::PeerStopped {
+                        process,
+                        callback: entry.callback.to_string(),
+                    },
+                    _ => Error::UnknownProcess { process },
+                };
+                let _ = entry.done.send(Err(error));
             }
         }
         Kind::ControlReply => {
@@ -144,8 +161,8 @@ fn dispatch(core: &Arc<NodeCore>, conn: &Connection, frame: Frame) -> Result<(),
             let event: MembershipEvent = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable Membership: {e}"))?;
             let changes = core.membership.apply(event);
-            for gone in &changes.removed {
-                conn.pending.fail_target(gone);
+            for (gone, stopped) in &changes.gone {
+                conn.pending.fail_target(gone, *stopped);
             }
             core.report(changes);
         }
@@ -199,6 +216,8 @@ fn complete_reply(conn: &Connection, frame: &Frame) {
                 callback,
                 on: Some(process),
             },
+            RemoteErrorKind::Overloaded => Error::Overloaded { process, callback },
+            RemoteErrorKind::Stopping => Error::PeerStopped { process, callback },
             RemoteErrorKind::Failed | RemoteErrorKind::Panicked => Error::Remote {
                 process,
                 callback,

@@ -3,34 +3,23 @@
 //! It is fed by the controller's `Welcome` and `Membership` frames, and every change
 //! bumps a version that `wait_process` / `wait_function` wait on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
 use crate::protocol::message::{Member, MembershipEvent};
 
-/// Nodes that appeared in or disappeared from the view.
+/// What a membership update changed.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Nodes that appeared in the view.
     pub added: Vec<String>,
+    /// Nodes that disappeared from the view (left, or began stopping).
     pub removed: Vec<String>,
-}
-
-impl Changes {
-    fn added(name: String) -> Self {
-        Changes {
-            added: vec![name],
-            removed: Vec::new(),
-        }
-    }
-
-    fn removed(name: String) -> Self {
-        Changes {
-            added: Vec::new(),
-            removed: vec![name],
-        }
-    }
+    /// Nodes whose connection is gone, with `true` if they had announced they were
+    /// stopping: calls still waiting on them have failed.
+    pub gone: Vec<(String, bool)>,
 }
 
 /// Other nodes, and which of them serve each callback.
@@ -43,6 +32,8 @@ pub struct Membership {
 struct State {
     nodes: HashMap<Arc<str>, Vec<String>>,
     providers: HashMap<String, Vec<Arc<str>>>,
+    /// Nodes stopping: out of the view, but calls in flight to them may still finish.
+    leaving: HashSet<String>,
 }
 
 impl State {
@@ -70,11 +61,11 @@ impl Default for Membership {
 
 impl Membership {
     /// Replaces the whole view (on `Welcome`, or with nothing when the link drops).
-    /// Returns the nodes that appeared and those that disappeared.
     pub fn reset(&self, members: Vec<Member>) -> Changes {
         let changes = {
             let mut s = self.write();
             let before = std::mem::take(&mut s.nodes);
+            s.leaving.clear();
             s.nodes = members
                 .into_iter()
                 .map(|m| (Arc::from(m.name.as_str()), m.callbacks))
@@ -92,32 +83,44 @@ impl Membership {
                     .filter(|n| !s.nodes.contains_key(*n))
                     .map(|n| n.to_string())
                     .collect(),
+                gone: Vec::new(),
             }
         };
         self.bump();
         changes
     }
 
-    /// Applies one event; returns who appeared or disappeared.
+    /// Applies one event.
     pub fn apply(&self, event: MembershipEvent) -> Changes {
-        let changes = {
+        let mut changes = Changes::default();
+        {
             let mut s = self.write();
-            let changes = match event {
+            match event {
                 MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => {
-                    let name = Arc::from(m.name.as_str());
-                    match s.nodes.insert(name, m.callbacks) {
-                        None => Changes::added(m.name),
-                        Some(_) => Changes::default(),
+                    s.leaving.remove(&m.name);
+                    if s.nodes
+                        .insert(Arc::from(m.name.as_str()), m.callbacks)
+                        .is_none()
+                    {
+                        changes.added.push(m.name);
                     }
                 }
-                MembershipEvent::Left { name } => match s.nodes.remove(name.as_str()) {
-                    Some(_) => Changes::removed(name),
-                    None => Changes::default(),
-                },
-            };
+                MembershipEvent::Leaving { name } => {
+                    if s.nodes.remove(name.as_str()).is_some() {
+                        changes.removed.push(name.clone());
+                    }
+                    s.leaving.insert(name);
+                }
+                MembershipEvent::Left { name } => {
+                    let stopped = s.leaving.remove(&name);
+                    if s.nodes.remove(name.as_str()).is_some() {
+                        changes.removed.push(name.clone());
+                    }
+                    changes.gone.push((name, stopped));
+                }
+            }
             s.reindex();
-            changes
-        };
+        }
         self.bump();
         changes
     }

@@ -36,6 +36,12 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub auth_token: Option<String>,
+    /// Calls this node may have in flight at once; more wait for a slot.
+    pub max_in_flight: usize,
+    /// Callbacks this node runs at once; more are refused with `Overloaded`.
+    pub max_concurrent_callbacks: usize,
+    /// How long `stop` lets running callbacks finish.
+    pub stop_timeout: Duration,
 }
 
 /// One call to make.
@@ -78,7 +84,14 @@ pub struct NodeCore {
     connection: RwLock<Option<Arc<Connection>>>,
     announcing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
+    /// Set when stopping begins: no new calls from here, no new requests routed here.
     stopped: watch::Sender<bool>,
+    /// Set when the node is gone: the link closes, nothing reconnects.
+    closed: watch::Sender<bool>,
+    /// Callbacks running now.
+    serving: watch::Sender<usize>,
+    /// Slots for this node's own calls in flight.
+    in_flight: tokio::sync::Semaphore,
     events: mpsc::UnboundedSender<NodeEvent>,
 }
 
@@ -91,6 +104,9 @@ impl NodeCore {
         callbacks: HashMap<String, Handler>,
         events: mpsc::UnboundedSender<NodeEvent>,
     ) -> Arc<Self> {
+        let config_in_flight = config
+            .max_in_flight
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Arc::new(NodeCore {
             name: Arc::from(name),
             max_frame_size: AtomicUsize::new(config.max_frame_size),
@@ -101,6 +117,9 @@ impl NodeCore {
             connection: RwLock::new(None),
             announcing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
+            closed: watch::channel(false).0,
+            serving: watch::channel(0).0,
+            in_flight: tokio::sync::Semaphore::new(config_in_flight),
             events,
         })
     }
@@ -113,17 +132,65 @@ impl NodeCore {
         first_rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Stops the node: fails waiting calls, says goodbye, closes the link.
-    pub fn stop(&self) {
+    /// Begins stopping: this node's own calls fail with `Stopped`, and the controller
+    /// routes no new requests here. Callbacks already running go on; see
+    /// [`NodeCore::drain`] and [`NodeCore::close`]. Returns `false` if already stopping.
+    pub fn begin_stop(&self) -> bool {
         if self.stopped.send_replace(true) {
+            return false;
+        }
+        if let Some(conn) = self.connection() {
+            conn.pending.close(|| Error::Stopped);
+            let _ = conn.queue.try_send(Outgoing::control(Kind::Leaving, &()));
+        }
+        tracing::info!(process = %self.name, "node stopping");
+        true
+    }
+
+    /// Whether callbacks are running here now.
+    pub fn is_serving(&self) -> bool {
+        *self.serving.borrow() > 0
+    }
+
+    /// Waits until no callback runs here, or `stop_timeout` passes.
+    pub async fn drain(&self) {
+        let mut serving = self.serving.subscribe();
+        let idle = serving.wait_for(|n| *n == 0);
+        if tokio::time::timeout(self.config.stop_timeout, idle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                process = %self.name,
+                running = *self.serving.borrow(),
+                "stop_timeout passed with callbacks still running; their callers get PeerStopped"
+            );
+        }
+    }
+
+    /// Ends the node: says goodbye to the controller and closes the link for good.
+    pub fn close(&self) {
+        self.begin_stop();
+        if self.closed.send_replace(true) {
             return;
         }
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn.queue.try_send(Outgoing::control(Kind::Goodbye, &()));
-            conn.pending.close(|| Error::Stopped);
         }
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
+    }
+
+    /// Counts a callback as running, unless `max_concurrent_callbacks` already run.
+    fn admit_callback(self: &Arc<Self>) -> Option<ServingGuard> {
+        let mut admitted = false;
+        self.serving.send_modify(|n| {
+            if *n < self.config.max_concurrent_callbacks {
+                *n += 1;
+                admitted = true;
+            }
+        });
+        admitted.then(|| ServingGuard(self.clone()))
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -234,13 +301,22 @@ impl NodeCore {
     }
 }
 
+/// Marks a callback as finished when dropped.
+pub struct ServingGuard(Arc<NodeCore>);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.0.serving.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Keeps the node connected: the first connection (retried until `connect_timeout`),
 /// then reconnects with capped exponential backoff and jitter until the node stops.
 async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
     let mut first = Some(first);
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
-    let mut stop = core.stopped.subscribe();
+    let mut closed = core.closed.subscribe();
     while !core.is_stopped() {
         match link::connect(&core, core.callback_names()).await {
             Ok(link) => {
@@ -264,7 +340,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(()));
                 }
-                let reason = link.run(&core, &conn, &mut stop).await;
+                let reason = link.run(&core, &conn, &mut closed).await;
                 if core.is_stopped() {
                     break;
                 }
@@ -295,9 +371,10 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 tracing::debug!(process = %core.name, error = %e, "connecting to the controller failed; retrying");
             }
         }
+        let mut stopping = core.stopped.subscribe();
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stopping.wait_for(|s| *s) => break,
         }
     }
 }

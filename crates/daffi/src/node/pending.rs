@@ -74,8 +74,9 @@ impl Pending {
         self.lock().calls.remove(&id);
     }
 
-    /// Fails every call waiting on `target` (it disconnected).
-    pub fn fail_target(&self, target: &str) {
+    /// Fails every call waiting on `target`: it disconnected, or (`stopped`) it stopped
+    /// before finishing them.
+    pub fn fail_target(&self, target: &str, stopped: bool) {
         let failed: Vec<Entry> = {
             let calls = &mut self.lock().calls;
             let ids: Vec<u64> = calls
@@ -86,10 +87,13 @@ impl Pending {
             ids.iter().filter_map(|id| calls.remove(id)).collect()
         };
         for e in failed {
-            let _ = e.done.send(Err(Error::PeerDisconnected {
-                process: e.target.to_string(),
-                callback: e.callback.to_string(),
-            }));
+            let (process, callback) = (e.target.to_string(), e.callback.to_string());
+            let error = if stopped {
+                Error::PeerStopped { process, callback }
+            } else {
+                Error::PeerDisconnected { process, callback }
+            };
+            let _ = e.done.send(Err(error));
         }
     }
 

@@ -30,6 +30,9 @@ pub enum Kind {
     ControlRequest = 7,
     /// Controller -> node: the answer to a `ControlRequest`, same call id.
     ControlReply = 8,
+    /// Node -> controller: the node is stopping; route no new requests to it. Its
+    /// replies still flow until its `Goodbye`.
+    Leaving = 9,
     /// Node -> node: run a callback.
     Request = 16,
     /// Node -> node: the result of a request.
@@ -49,6 +52,7 @@ impl Kind {
             6 => Kind::Goodbye,
             7 => Kind::ControlRequest,
             8 => Kind::ControlReply,
+            9 => Kind::Leaving,
             16 => Kind::Request,
             17 => Kind::Reply,
             18 => Kind::Undeliverable,

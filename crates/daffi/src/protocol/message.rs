@@ -75,6 +75,11 @@ pub enum MembershipEvent {
     Joined(Member),
     /// A node changed the callbacks it serves.
     Updated(Member),
+    /// A node is stopping: call it no more; calls in flight to it may still finish.
+    Leaving {
+        /// Its process name.
+        name: String,
+    },
     /// A node disconnected.
     Left {
         /// Its process name.
@@ -88,6 +93,8 @@ pub enum MembershipEvent {
 pub enum UndeliverableCode {
     /// The destination process is not connected.
     UnknownProcess,
+    /// The destination process is stopping and takes no new requests.
+    Stopping,
 }
 
 /// `Undeliverable`: the controller could not deliver a request.
@@ -109,6 +116,10 @@ pub enum RemoteErrorKind {
     BadArguments,
     /// The callee does not serve this name (any more).
     NotFound,
+    /// The callee runs as many callbacks as it allows; it refused this one.
+    Overloaded,
+    /// The callee is stopping and takes no new calls.
+    Stopping,
 }
 
 /// Payload of a `Reply` with the error flag.
