@@ -260,6 +260,10 @@ impl NodeCore {
                 None if process == &*self.name => Err(Error::Config(format!(
                     "a node cannot call itself (`.on(\"{process}\")` names this node); call the function directly"
                 ))),
+                None if self.membership.is_leaving(process) => Err(Error::PeerStopped {
+                    process: process.to_string(),
+                    callback: callback.to_string(),
+                }),
                 None => Err(Error::UnknownProcess {
                     process: process.to_string(),
                 }),

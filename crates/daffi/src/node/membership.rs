@@ -148,6 +148,11 @@ impl Membership {
         Some((name.clone(), callbacks.iter().any(|c| c == callback)))
     }
 
+    /// Whether `node` announced that it is stopping.
+    pub fn is_leaving(&self, node: &str) -> bool {
+        self.read().leaving.contains(node)
+    }
+
     /// Whether `node` is connected.
     pub fn has_node(&self, node: &str) -> bool {
         self.read().nodes.contains_key(node)

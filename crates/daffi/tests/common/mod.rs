@@ -143,6 +143,11 @@ impl StandaloneController {
         c
     }
 
+    /// The controller process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.child.id())
+    }
+
     /// Kills the controller process (like a crash: no goodbye, the socket file stays).
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {
