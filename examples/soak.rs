@@ -297,12 +297,30 @@ fn run(options: Options) -> Result<bool, Box<dyn std::error::Error>> {
             })
         })
         .collect();
+    // Progress, so that a long run shows it is alive.
+    let progress = {
+        let (next, done, total) = (next.clone(), done.clone(), options.calls);
+        std::thread::spawn(move || {
+            let mut last = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() >= Duration::from_secs(10) {
+                    last = Instant::now();
+                    let made = next.load(Ordering::Relaxed).min(total);
+                    println!("soak: {made} of {total} calls made");
+                }
+            }
+        })
+    };
     for c in callers {
         c.join().map_err(|_| "a caller thread panicked")?;
     }
     let elapsed = started.elapsed();
     done.store(true, Ordering::Relaxed);
     chaos.join().map_err(|_| "the chaos thread panicked")?;
+    progress
+        .join()
+        .map_err(|_| "the progress thread panicked")?;
     g.stop();
 
     let tally = tally.lock().expect("lock");
