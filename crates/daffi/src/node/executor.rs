@@ -6,6 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use super::NodeCore;
 use crate::callback::{CallbackFailure, Handler, Outcome};
@@ -17,38 +18,43 @@ use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
     let wants_reply = frame.flags() & FLAG_NO_REPLY == 0;
     let Some(handler) = core.handler(frame.name()) else {
-        let failure = CallbackFailure {
-            kind: RemoteErrorKind::NotFound,
-            message: format!("process `{}` does not serve `{}`", core.name, frame.name()),
-        };
-        if wants_reply {
-            let reply = encode_reply(core, &frame, Err(failure));
-            let core = core.clone();
-            tokio::spawn(async move { core.send_quietly(reply).await });
-        }
+        let message = format!("process `{}` does not serve `{}`", core.name, frame.name());
+        refuse(
+            core,
+            &frame,
+            wants_reply,
+            RemoteErrorKind::NotFound,
+            message,
+        );
         return;
     };
     let Some(running) = core.admit_callback() else {
-        if wants_reply {
-            let failure = CallbackFailure {
-                kind: RemoteErrorKind::Overloaded,
-                message: format!(
-                    "process `{}` runs as many callbacks as it allows",
-                    core.name
-                ),
-            };
-            let reply = encode_reply(core, &frame, Err(failure));
-            let core = core.clone();
-            tokio::spawn(async move { core.send_quietly(reply).await });
-        }
+        let message = format!(
+            "process `{}` runs as many callbacks as it allows",
+            core.name
+        );
+        refuse(
+            core,
+            &frame,
+            wants_reply,
+            RemoteErrorKind::Overloaded,
+            message,
+        );
         return;
     };
+    // The caller's timeout travels with the request: work that would start after the
+    // caller gave up is skipped.
+    let deadline = (frame.timeout_ms() > 0)
+        .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
     let core = core.clone();
     let payload = frame.payload();
     match handler {
         Handler::Sync(f) => {
             tokio::task::spawn_blocking(move || {
                 let _running = running;
+                if too_late(&frame, deadline) {
+                    return;
+                }
                 let outcome = catch_unwind(AssertUnwindSafe(|| f(payload)))
                     .unwrap_or_else(|panic| Err(panic_failure(panic)));
                 if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
@@ -59,12 +65,43 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
         Handler::Async(f) => {
             tokio::spawn(async move {
                 let _running = running;
+                if too_late(&frame, deadline) {
+                    return;
+                }
                 let outcome = CatchUnwind(f(payload)).await;
                 if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
                     let _ = queue.send(reply).await;
                 }
             });
         }
+    }
+}
+
+/// Whether the caller has given up on `frame` already (it then gets `Timeout` itself).
+fn too_late(frame: &Frame, deadline: Option<Instant>) -> bool {
+    let late = deadline.is_some_and(|d| Instant::now() >= d);
+    if late {
+        tracing::debug!(
+            callback = frame.name(),
+            caller = frame.src(),
+            "skipped a call whose caller already timed out"
+        );
+    }
+    late
+}
+
+/// Answers a request that will not run, if its caller wants an answer.
+fn refuse(
+    core: &Arc<NodeCore>,
+    frame: &Frame,
+    wants_reply: bool,
+    kind: RemoteErrorKind,
+    message: String,
+) {
+    if wants_reply {
+        let reply = encode_reply(core, frame, Err(CallbackFailure { kind, message }));
+        let core = core.clone();
+        tokio::spawn(async move { core.send_quietly(reply).await });
     }
 }
 
