@@ -689,9 +689,27 @@ impl Inner {
         let controller = lock(&self.controller).take();
         let owned_runtime = lock(&self.owned_runtime).take();
         let stopped = self.stopped.clone();
-        let finish = move |node: Option<Arc<NodeCore>>| {
-            if let Some(node) = node {
+        let node = self.node.clone();
+        let drain = node
+            .as_ref()
+            .is_some_and(|n| n.begin_stop() && n.is_serving());
+        if !drain {
+            // Nothing to wait for: stop at once, so that others see it right away.
+            if let Some(node) = &node {
                 node.close();
+            }
+            if let Some(controller) = &controller {
+                controller.stop();
+            }
+        }
+        self.runtime.spawn(async move {
+            if let Some(node) = &node {
+                if drain {
+                    node.drain().await;
+                    node.close();
+                }
+                // Let the goodbye and the last replies go out before the runtime ends.
+                node.link_finished().await;
             }
             if let Some(controller) = controller {
                 controller.stop();
@@ -700,16 +718,7 @@ impl Inner {
             if let Some(rt) = owned_runtime {
                 rt.shutdown();
             }
-        };
-        match self.node.clone() {
-            Some(node) if node.begin_stop() && node.is_serving() => {
-                self.runtime.spawn(async move {
-                    node.drain().await;
-                    finish(Some(node));
-                });
-            }
-            node => finish(node),
-        }
+        });
     }
 }
 

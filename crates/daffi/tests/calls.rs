@@ -4,10 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Transport, WAIT};
+use common::{Cluster, Log, Transport, WAIT};
 use daffi::{callback, Error, Global};
 use serde::Serialize;
 
@@ -43,25 +42,17 @@ fn whoami() -> String {
     std::env::var(common::ENV_NAME).unwrap_or_else(|_| "the test process".into())
 }
 
-static RECORDED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-static RECORDED_CHANGED: Condvar = Condvar::new();
+static RECORDED: Log<u64> = Log::new();
 
 #[callback]
 fn record(n: u64) {
-    RECORDED.lock().expect("lock").push(n);
-    RECORDED_CHANGED.notify_all();
+    RECORDED.push(n);
 }
 
 /// Waits until `count` values were recorded (or `timeout_ms` passes); returns them.
 #[callback]
 fn wait_recorded(count: usize, timeout_ms: u64) -> Vec<u64> {
-    let guard = RECORDED.lock().expect("lock");
-    let (guard, _) = RECORDED_CHANGED
-        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |v| {
-            v.len() < count
-        })
-        .expect("lock");
-    guard.clone()
+    RECORDED.wait_until(timeout_ms, |v| v.len() >= count)
 }
 
 #[callback(name = "fails")]
@@ -74,13 +65,11 @@ fn boom() -> i64 {
     panic!("boom on purpose")
 }
 
-static HANGING: Mutex<usize> = Mutex::new(0);
-static HANGING_CHANGED: Condvar = Condvar::new();
+static HANGING: Log<()> = Log::new();
 
 #[callback]
 fn hang() -> i64 {
-    *HANGING.lock().expect("lock") += 1;
-    HANGING_CHANGED.notify_all();
+    HANGING.push(());
     std::thread::sleep(Duration::from_secs(120));
     0
 }
@@ -88,22 +77,16 @@ fn hang() -> i64 {
 /// Returns once at least one `hang` call is running here.
 #[callback]
 fn wait_hanging(timeout_ms: u64) -> usize {
-    let guard = HANGING.lock().expect("lock");
-    let (guard, _) = HANGING_CHANGED
-        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |n| *n == 0)
-        .expect("lock");
-    *guard
+    HANGING.wait_until(timeout_ms, |h| !h.is_empty()).len()
 }
 
 /// Runs a worker node when started by a test; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn worker_process() {
-    let Ok(role) = std::env::var(common::ENV_ROLE) else {
-        eprintln!("worker_process is started by other tests; nothing to do alone");
+    let Some(role) = common::child_role() else {
         return;
     };
-    common::exit_when_parent_dies();
     let name = std::env::var(common::ENV_NAME).expect("worker name");
     let g = common::builder_for(&common::address_from_env())
         .process_name(name)
@@ -619,8 +602,8 @@ fn dropping_the_last_global_clone_stops_the_node() {
         .wait_function_timeout("only_here", WAIT)
         .expect("still alive while a clone exists");
     drop(clone);
-    // The node is gone: either the controller no longer routes to it, or the call that
-    // raced its departure fails when the controller notices.
+    // The node is gone: it stopped gracefully (`PeerStopped`), or the controller no
+    // longer routes to it, or the call that raced its departure fails when it leaves.
     match cluster
         .caller
         .call("only_here")
@@ -628,7 +611,9 @@ fn dropping_the_last_global_clone_stops_the_node() {
         .timeout(WAIT)
         .fg::<i64>()
     {
-        Err(Error::UnknownProcess { .. }) | Err(Error::PeerDisconnected { .. }) => {}
+        Err(Error::PeerStopped { .. })
+        | Err(Error::UnknownProcess { .. })
+        | Err(Error::PeerDisconnected { .. }) => {}
         other => panic!("expected the node to be gone, got {other:?}"),
     }
 }

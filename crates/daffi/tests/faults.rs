@@ -6,10 +6,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, StandaloneController, Transport, WAIT};
+use common::{Cluster, Log, StandaloneController, Transport, WAIT};
 use daffi::protocol::frame::{Header, Kind};
 use daffi::{callback, Error, Global};
 
@@ -28,14 +28,12 @@ fn slow_sync(ms: u64) -> u64 {
     ms
 }
 
-static RUNNING: Mutex<usize> = Mutex::new(0);
-static RUNNING_CHANGED: Condvar = Condvar::new();
+static RUNNING: Log<()> = Log::new();
 
 /// Sleeps `ms` after saying it runs (see `wait_running`).
 #[callback]
 fn signal_then_sleep(ms: u64, value: i64) -> i64 {
-    *RUNNING.lock().expect("lock") += 1;
-    RUNNING_CHANGED.notify_all();
+    RUNNING.push(());
     std::thread::sleep(Duration::from_millis(ms));
     value
 }
@@ -43,22 +41,16 @@ fn signal_then_sleep(ms: u64, value: i64) -> i64 {
 /// Returns once `signal_then_sleep` runs here (or after `timeout_ms`).
 #[callback]
 fn wait_running(timeout_ms: u64) -> usize {
-    let guard = RUNNING.lock().expect("lock");
-    let (guard, _) = RUNNING_CHANGED
-        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |n| *n == 0)
-        .expect("lock");
-    *guard
+    RUNNING.wait_until(timeout_ms, |r| !r.is_empty()).len()
 }
 
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Ok(role) = std::env::var(common::ENV_ROLE) else {
-        eprintln!("child_process is started by other tests; nothing to do alone");
+    let Some(role) = common::child_role() else {
         return;
     };
-    common::exit_when_parent_dies();
     match role.as_str() {
         "controller" => common::run_controller_role(),
         "worker" => {

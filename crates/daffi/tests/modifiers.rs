@@ -4,10 +4,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{Cluster, StandaloneController, WAIT};
+use common::{Cluster, Log, StandaloneController, WAIT};
 use daffi::{callback, parse_duration, Error, Global, Period};
 
 const ENTRY: &str = "child_process";
@@ -28,8 +28,7 @@ fn square(x: i64) -> i64 {
     x * x
 }
 
-static HANGING: Mutex<usize> = Mutex::new(0);
-static HANGING_CHANGED: Condvar = Condvar::new();
+static HANGING: Log<()> = Log::new();
 
 /// Fails on the node named `fail_on`, hangs on `hang_on`, answers its name elsewhere.
 #[callback]
@@ -39,8 +38,7 @@ fn probe(fail_on: String, hang_on: String) -> Result<String, String> {
         return Err("failing on purpose".into());
     }
     if me == hang_on {
-        *HANGING.lock().expect("lock") += 1;
-        HANGING_CHANGED.notify_all();
+        HANGING.push(());
         std::thread::sleep(Duration::from_secs(120));
     }
     Ok(me)
@@ -48,20 +46,14 @@ fn probe(fail_on: String, hang_on: String) -> Result<String, String> {
 
 #[callback]
 fn wait_hanging(timeout_ms: u64) -> usize {
-    let guard = HANGING.lock().expect("lock");
-    let (guard, _) = HANGING_CHANGED
-        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |n| *n == 0)
-        .expect("lock");
-    *guard
+    HANGING.wait_until(timeout_ms, |h| !h.is_empty()).len()
 }
 
-static TICKS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-static TICKED: Condvar = Condvar::new();
+static TICKS: Log<String> = Log::new();
 
 #[callback]
 fn tick(tag: String) {
-    TICKS.lock().expect("lock").push(tag);
-    TICKED.notify_all();
+    TICKS.push(tag);
 }
 
 fn count(ticks: &[String], tag: &str) -> usize {
@@ -71,19 +63,13 @@ fn count(ticks: &[String], tag: &str) -> usize {
 /// How many ticks with `tag` arrived here.
 #[callback]
 fn tick_count(tag: String) -> usize {
-    count(&TICKS.lock().expect("lock"), &tag)
+    count(&TICKS.wait_until(0, |_| true), &tag)
 }
 
 /// Waits until `n` ticks with `tag` arrived (or `timeout_ms` passed); returns the count.
 #[callback]
 fn wait_ticks(tag: String, n: usize, timeout_ms: u64) -> usize {
-    let guard = TICKS.lock().expect("lock");
-    let (guard, _) = TICKED
-        .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |t| {
-            count(t, &tag) < n
-        })
-        .expect("lock");
-    count(&guard, &tag)
+    count(&TICKS.wait_until(timeout_ms, |t| count(t, &tag) >= n), &tag)
 }
 
 /// A callback group: an associated function, instance methods, a private method.
@@ -115,11 +101,9 @@ impl Calc {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Ok(role) = std::env::var(common::ENV_ROLE) else {
-        eprintln!("child_process is started by other tests; nothing to do alone");
+    let Some(role) = common::child_role() else {
         return;
     };
-    common::exit_when_parent_dies();
     match role.as_str() {
         "controller" => common::run_controller_role(),
         "worker" => {

@@ -90,6 +90,8 @@ pub struct NodeCore {
     closed: watch::Sender<bool>,
     /// Callbacks running now.
     serving: watch::Sender<usize>,
+    /// Set when the link task has ended (after flushing what was queued).
+    link_done: watch::Sender<bool>,
     /// Slots for this node's own calls in flight.
     in_flight: tokio::sync::Semaphore,
     events: mpsc::UnboundedSender<NodeEvent>,
@@ -119,6 +121,7 @@ impl NodeCore {
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
             serving: watch::channel(0).0,
+            link_done: watch::channel(false).0,
             in_flight: tokio::sync::Semaphore::new(config_in_flight),
             events,
         })
@@ -128,7 +131,11 @@ impl NodeCore {
     /// background until the node stops. Returns once the first connection is up.
     pub async fn start(self: &Arc<Self>) -> Result<()> {
         let (first_tx, first_rx) = oneshot::channel();
-        tokio::spawn(supervise(self.clone(), first_tx));
+        let core = self.clone();
+        tokio::spawn(async move {
+            supervise(core.clone(), first_tx).await;
+            core.link_done.send_replace(true);
+        });
         first_rx.await.unwrap_or(Err(Error::Stopped))
     }
 
@@ -179,6 +186,12 @@ impl NodeCore {
         }
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
+    }
+
+    /// Waits (up to a second) until the link has flushed and closed after [`NodeCore::close`].
+    pub async fn link_finished(&self) {
+        let mut done = self.link_done.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(1), done.wait_for(|d| *d)).await;
     }
 
     /// Counts a callback as running, unless `max_concurrent_callbacks` already run.

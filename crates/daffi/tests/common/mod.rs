@@ -271,6 +271,49 @@ pub fn spawn_child_with(
     }
 }
 
+/// What callbacks in a worker record, for a test in another process to wait on.
+pub struct Log<T> {
+    items: std::sync::Mutex<Vec<T>>,
+    changed: std::sync::Condvar,
+}
+
+impl<T: Clone> Log<T> {
+    pub const fn new() -> Self {
+        Log {
+            items: std::sync::Mutex::new(Vec::new()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    pub fn push(&self, item: T) {
+        self.items.lock().expect("lock").push(item);
+        self.changed.notify_all();
+    }
+
+    /// Waits until `ready` holds for the items (or `timeout_ms` passes); returns them.
+    pub fn wait_until(&self, timeout_ms: u64, ready: impl Fn(&[T]) -> bool) -> Vec<T> {
+        let guard = self.items.lock().expect("lock");
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, Duration::from_millis(timeout_ms), |items| {
+                !ready(items)
+            })
+            .expect("lock");
+        guard.clone()
+    }
+}
+
+/// In a child started by a test: its role (after arranging to exit with the test).
+/// `None` when the helper test is run by hand.
+pub fn child_role() -> Option<String> {
+    let Ok(role) = std::env::var(ENV_ROLE) else {
+        eprintln!("this helper is started by other tests as a child process; nothing to do alone");
+        return None;
+    };
+    exit_when_parent_dies();
+    Some(role)
+}
+
 /// In a worker: exits the process when stdin closes, so that no worker outlives its test.
 pub fn exit_when_parent_dies() {
     std::thread::spawn(|| {
