@@ -10,7 +10,7 @@ use crate::client::{self, code, ClientOptions, Failure};
 use crate::json::Json;
 
 /// The arguments of `daffi call`.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct CallArgs {
     /// The callback to call.
     pub name: String,

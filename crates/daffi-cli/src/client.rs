@@ -85,7 +85,7 @@ pub fn is_cli_node(name: &str) -> bool {
 }
 
 /// Options of every subcommand that connects to a controller as a node.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ClientOptions {
     #[command(flatten)]
     pub endpoint: Endpoint,

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::client::{self, ClientOptions, Failure};
 
 /// The arguments of `daffi ls`.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct LsArgs {
     /// Print a JSON array of {"name": .., "callbacks": [..]} instead of a table.
     #[arg(long)]

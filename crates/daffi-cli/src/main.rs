@@ -128,7 +128,7 @@ enum Command {
 
 /// Where the controller listens (or where to find it). Neither `--host`/`--port` nor
 /// `--unix-socket`: the Unix socket `<temp dir>/daffi/.sock`, as in the library.
-#[derive(Args, Debug)]
+#[derive(Args)]
 struct Endpoint {
     /// TCP host of the controller.
     #[arg(long, env = "DAFFI_HOST", conflicts_with = "unix_socket")]

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::client::{self, ClientOptions, Failure};
 
 /// The arguments of `daffi watch`.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct WatchArgs {
     /// Print one JSON object per line instead of text.
     #[arg(long)]
@@ -114,7 +114,11 @@ async fn watch(
                 Some(event) => view.on_event(g, out, event, &mut first_connect),
                 None => return Ok(()),
             },
-            _ = ticks.tick() => view.on_tick(g, out).await,
+            // A slow controller must not delay Ctrl-C.
+            _ = ticks.tick() => tokio::select! {
+                _ = &mut stop => return Ok(()),
+                open = view.on_tick(g, out) => open,
+            },
         };
         if !open {
             return Ok(()); // stdout closed
