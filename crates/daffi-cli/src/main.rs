@@ -1,4 +1,10 @@
-//! `daffi`: run a standalone controller, and (in later versions) inspect and call a mesh.
+//! `daffi`: run a standalone controller; list, call and watch the nodes of a mesh.
+
+mod call;
+mod client;
+mod json;
+mod ls;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,16 +12,56 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use daffi::Global;
 
+use client::Failure;
+
+/// How every subcommand finds the controller, for `--help`.
+macro_rules! finding_the_controller {
+    () => {
+        "Finding the controller (the same way as the library):\n\
+         \x20 --host/--port (DAFFI_HOST, DAFFI_PORT)   TCP; a port alone means localhost\n\
+         \x20 --unix-socket (DAFFI_UNIX_SOCKET)        a Unix socket\n\
+         \x20 neither                                  the Unix socket <temp dir>/daffi/.sock"
+    };
+}
+
+/// The exit codes, for `--help` (the values are in `client::code`).
+macro_rules! exit_codes {
+    () => {
+        "Exit codes:\n\
+         \x20 0  success\n\
+         \x20 1  other errors\n\
+         \x20 2  usage: unknown option, missing or malformed value\n\
+         \x20 3  no connected node serves the callback (or not the node given with --on)\n\
+         \x20 4  the node given with --on is not connected\n\
+         \x20 5  timeout (--timeout passed with no result)\n\
+         \x20 6  the callback failed: it returned an error or panicked\n\
+         \x20 7  bad arguments: an ARG is not JSON, the callback cannot decode them, or too large\n\
+         \x20 8  the controller is unreachable\n\
+         \x20 9  the node serving the call disconnected before it answered"
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "daffi",
     version,
-    about = "Call functions in other processes by name"
+    about = "Call functions in other processes by name",
+    after_help = concat!(
+        "Examples:\n",
+        "  daffi controller --port 8888     # a standalone controller\n",
+        "  daffi ls --port 8888             # the nodes and their callbacks\n",
+        "  daffi call add 1 2 --port 8888   # JSON in, JSON out: 3\n",
+        "  daffi watch --port 8888          # joins, leaves and call counts, live\n\n",
+        finding_the_controller!(),
+        "\n\n",
+        exit_codes!(),
+    )
 )]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace (or a `tracing` filter).
-    #[arg(long, global = true, env = "DAFFI_LOG", default_value = "info")]
-    log_level: String,
+    /// Log level: error, warn, info, debug or trace (or a `tracing` filter). Default:
+    /// info for `controller`, warn for the others.
+    #[arg(long, global = true, env = "DAFFI_LOG")]
+    log_level: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -28,19 +74,69 @@ enum Command {
         after_help = "Examples:\n  daffi controller --host 0.0.0.0 --port 8888\n  daffi controller --unix-socket /run/app/daffi.sock\n  daffi controller            # Unix socket <temp dir>/daffi/.sock"
     )]
     Controller(Endpoint),
+    /// List the connected nodes and the callbacks each serves.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  daffi ls --port 8888\n",
+        "  NODE  CALLBACKS\n",
+        "  calc  add, greet\n",
+        "  daffi ls --json      # [{\"name\":\"calc\",\"callbacks\":[\"add\",\"greet\"]}]\n\n",
+        finding_the_controller!(),
+        "\n\nExit codes: 0 success, 8 the controller is unreachable, 1 other errors.",
+    ))]
+    Ls(ls::LsArgs),
+    /// Call a callback with JSON arguments and print its result as JSON.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  daffi call add 1 2                    # 3\n",
+        "  daffi call greet '\"Ann\"'              # \"hello Ann\"\n",
+        "  daffi call cfg '{\"k\": 1}'             # a map argument\n",
+        "  daffi call whoami --broadcast         # {\"calc\":..,\"calc2\":..}\n",
+        "  daffi call add 1 2 --on calc2 --timeout 5s\n",
+        "  daffi call log '\"hi\"' --no-return\n",
+        "  daffi call greet --named '{\"name\": \"Ann\"}'\n",
+        "\n",
+        "Results: JSON; binary data prints as an array of bytes, a non-string map key as\n",
+        "its JSON text. Errors go to stderr.\n",
+        "\n",
+        exit_codes!(),
+        "\nA broadcast prints the results it got and exits with the code of the first\n",
+        "failed node (by name).\n\n",
+        finding_the_controller!(),
+    ))]
+    Call(call::CallArgs),
+    /// Show nodes joining and leaving, and call counts per callback, until Ctrl-C.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  daffi watch --port 8888\n",
+        "  23:01:23  watching tcp://localhost:8888 as daffi-cli-1f3a9c2e (Ctrl-C to stop)\n",
+        "  23:01:23  member   calc  add, greet\n",
+        "  23:01:25  joined   calc2  add\n",
+        "  23:01:26  calls    add  3 (+3)\n",
+        "  23:01:30  left     calc2\n",
+        "  daffi watch --json   # one object per line: {\"event\":\"joined\",\"node\":..}\n",
+        "\n",
+        "Events: watching (first line), member (connected at start), joined, updated\n",
+        "(callbacks changed), left, calls (a callback's total and new calls since the\n",
+        "last report), disconnected/connected (this command's link to the controller).\n\n",
+        finding_the_controller!(),
+        "\n\nExit codes: 0 stopped by Ctrl-C or SIGTERM, 8 the controller is unreachable,\n",
+        "1 other errors.",
+    ))]
+    Watch(watch::WatchArgs),
 }
 
-/// Where the controller listens. Neither `--host`/`--port` nor `--unix-socket`: the Unix
-/// socket `<temp dir>/daffi/.sock`, as in the library.
+/// Where the controller listens (or where to find it). Neither `--host`/`--port` nor
+/// `--unix-socket`: the Unix socket `<temp dir>/daffi/.sock`, as in the library.
 #[derive(Args)]
 struct Endpoint {
-    /// TCP host to listen on.
+    /// TCP host of the controller.
     #[arg(long, env = "DAFFI_HOST", conflicts_with = "unix_socket")]
     host: Option<String>,
-    /// TCP port to listen on (with no host: localhost).
+    /// TCP port of the controller (with no host: localhost).
     #[arg(long, env = "DAFFI_PORT", conflicts_with = "unix_socket")]
     port: Option<u16>,
-    /// Unix socket path to listen on.
+    /// Unix socket path of the controller.
     #[arg(long, env = "DAFFI_UNIX_SOCKET")]
     unix_socket: Option<PathBuf>,
     /// Largest frame accepted, in bytes.
@@ -69,10 +165,16 @@ impl Endpoint {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let default_level = match cli.command {
+        Command::Controller(_) => "info",
+        _ => "warn",
+    };
+    let level = cli.log_level.as_deref().unwrap_or(default_level);
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -84,14 +186,17 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Controller(endpoint) => controller(endpoint).await,
+            Command::Controller(endpoint) => controller(endpoint).await.map_err(Failure::from),
+            Command::Ls(args) => ls::run(args).await,
+            Command::Call(args) => call::run(args).await,
+            Command::Watch(args) => watch::run(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("daffi: {e}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("daffi: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
 }
@@ -112,7 +217,7 @@ async fn controller(endpoint: Endpoint) -> daffi::Result<()> {
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -14,6 +14,7 @@ use crate::callback::{static_callbacks, CallbackGroup, IntoCallback};
 use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Hooks};
+use crate::info::{ControllerStats, MemberInfo};
 use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::message::{ControlAnswer, ControlRequest};
@@ -514,6 +515,50 @@ impl Global {
             nodes.sort();
         }
         all
+    }
+
+    /// The other nodes connected to the controller and the callbacks each serves, sorted
+    /// by name: this node's view, kept current by the controller (no round trip). Empty
+    /// while the node is disconnected, or for a `Global` without a node.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let Some(node) = &self.inner.node else {
+            return Vec::new();
+        };
+        node.membership
+            .members()
+            .into_iter()
+            .map(|(name, callbacks)| MemberInfo { name, callbacks })
+            .collect()
+    }
+
+    /// The controller's counters: how many requests it forwarded for each callback.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// let stats = g.controller_stats()?;
+    /// println!("add was called {} times", stats.calls.get("add").copied().unwrap_or(0));
+    /// # Ok(()) }
+    /// ```
+    pub fn controller_stats(&self) -> Result<ControllerStats> {
+        blocking::wait(
+            self.runtime(),
+            "controller_stats",
+            self.controller_stats_async(),
+        )?
+    }
+
+    /// Async twin of [`controller_stats`](Self::controller_stats).
+    pub async fn controller_stats_async(&self) -> Result<ControllerStats> {
+        let node = self.node()?.clone();
+        match node
+            .control(ControlRequest::Stats, "controller_stats")
+            .await?
+        {
+            ControlAnswer::Stats { calls, other_calls } => {
+                Ok(ControllerStats { calls, other_calls })
+            }
+            other => Err(unexpected_answer(other)),
+        }
     }
 
     /// Blocks until the process `name` is connected and its callbacks are known here.

@@ -68,6 +68,7 @@ mod controller;
 mod error;
 mod global;
 mod hooks;
+mod info;
 mod node;
 mod period;
 pub mod protocol;
@@ -80,6 +81,7 @@ pub use callback::{AsyncFn, CallbackGroup, IntoCallback, IntoReply, Reply, SyncF
 pub use daffi_macros::callback;
 pub use error::{Error, Result};
 pub use global::{Global, GlobalBuilder};
+pub use info::{ControllerStats, MemberInfo};
 pub use period::{parse_duration, Period, ScheduledTask, ScheduledTaskInfo};
 pub use transport::Address;
 

@@ -4,6 +4,7 @@
 //! untouched. It runs inside a node's process (`init_controller(true)`) or on its own
 //! (`daffi controller`).
 
+mod counters;
 mod members;
 mod scheduler;
 mod session;
@@ -60,10 +61,17 @@ impl ControllerHandle {
         let address = listener.local_address()?;
         let (shutdown, stop_rx) = watch::channel(false);
         let members = Arc::new(members::Members::default());
+        let calls = Arc::new(counters::CallCounts::default());
+        let scheduler = scheduler::Scheduler::new(
+            members.clone(),
+            calls.open(counters::SCHEDULER),
+            stop_rx.clone(),
+        );
         let shared = Arc::new(Shared {
             config,
-            scheduler: Arc::new(scheduler::Scheduler::new(members.clone(), stop_rx.clone())),
+            scheduler: Arc::new(scheduler),
             members,
+            calls,
         });
         tracing::info!(%address, "controller listening");
         runtime.spawn(accept_loop(listener, shared, stop_rx));

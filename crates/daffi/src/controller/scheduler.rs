@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::counters::Tally;
 use super::members::Members;
 use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY};
 use crate::protocol::io::Outgoing;
@@ -36,6 +37,7 @@ struct Task {
 /// Every scheduled task of one controller.
 pub struct Scheduler {
     members: Arc<Members>,
+    tally: Arc<Tally>,
     stop: watch::Receiver<bool>,
     next_id: AtomicU64,
     tasks: Mutex<HashMap<u64, Task>>,
@@ -46,10 +48,12 @@ pub struct Scheduler {
 pub struct InvalidSchedule(pub String);
 
 impl Scheduler {
-    /// A scheduler that routes through `members` and ends its tasks when `stop` changes.
-    pub fn new(members: Arc<Members>, stop: watch::Receiver<bool>) -> Self {
+    /// A scheduler that routes through `members`, counts its runs in `tally`, and ends
+    /// its tasks when `stop` changes.
+    pub fn new(members: Arc<Members>, tally: Arc<Tally>, stop: watch::Receiver<bool>) -> Self {
         Scheduler {
             members,
+            tally,
             stop,
             next_id: AtomicU64::new(0),
             tasks: Mutex::new(HashMap::new()),
@@ -189,15 +193,15 @@ async fn run(scheduler: Arc<Scheduler>, id: u64, args: Bytes) {
             }
             fire
         };
-        fire(&scheduler.members, id, &callback, on.as_deref(), &args).await;
+        fire(&scheduler, id, &callback, on.as_deref(), &args).await;
         if !lock(&scheduler.tasks).contains_key(&id) {
             return;
         }
     }
 }
 
-async fn fire(members: &Members, id: u64, callback: &str, on: Option<&str>, args: &Bytes) {
-    let Some((node, queue)) = members.pick_provider(callback, on) else {
+async fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, args: &Bytes) {
+    let Some((node, queue)) = scheduler.members.pick_provider(callback, on) else {
         tracing::warn!(
             task_id = id,
             callback,
@@ -221,6 +225,8 @@ async fn fire(members: &Members, id: u64, callback: &str, on: Option<&str>, args
     };
     if queue.send(frame).await.is_err() {
         tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node just left");
+    } else {
+        scheduler.tally.count(callback);
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
+use super::counters::{CallCounts, Tally};
 use super::members::{Destination, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
@@ -25,6 +26,7 @@ pub struct Shared {
     pub config: ControllerConfig,
     pub members: Arc<Members>,
     pub scheduler: Arc<Scheduler>,
+    pub calls: Arc<CallCounts>,
 }
 
 /// Serves one connection until it closes, fails, or the controller shuts down.
@@ -78,6 +80,7 @@ pub async fn serve(
         return;
     }
     tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
+    let tally = shared.calls.open(conn_id);
 
     let mut stopping = false;
     let reason = loop {
@@ -96,7 +99,7 @@ pub async fn serve(
                     stopping = true;
                     break "controller stopping".to_string();
                 }
-                if let Err(reason) = route(&shared, &name, conn_id, &queue, frame).await {
+                if let Err(reason) = route(&shared, &name, conn_id, &queue, &tally, frame).await {
                     break reason;
                 }
             }
@@ -105,6 +108,7 @@ pub async fn serve(
         }
     };
     shared.members.leave(&name, conn_id, !stopping).await;
+    shared.calls.close(conn_id);
     tracing::info!(process = %name, %reason, "node left");
     drop(queue);
     // Let queued frames go out, but never wait on a peer that stopped reading.
@@ -165,6 +169,7 @@ async fn route(
     name: &str,
     conn_id: u64,
     own_queue: &mpsc::Sender<Outgoing>,
+    tally: &Tally,
     frame: Frame,
 ) -> Result<(), String> {
     match frame.kind() {
@@ -188,7 +193,12 @@ async fn route(
                 Destination::Open(queue) => {
                     // The frame goes out exactly as it came in: no re-encoding.
                     match queue.send(Outgoing::raw(frame.raw().clone())).await {
-                        Ok(()) => return Ok(()),
+                        Ok(()) => {
+                            if frame.kind() == Kind::Request {
+                                tally.count(frame.name());
+                            }
+                            return Ok(());
+                        }
                         Err(_) => UndeliverableCode::UnknownProcess,
                     }
                 }
@@ -299,5 +309,16 @@ fn control(
         ControlRequest::ListTasks => Ok(ControlAnswer::Tasks {
             tasks: shared.scheduler.list(),
         }),
+        ControlRequest::Stats => {
+            let counts = shared.calls.snapshot();
+            Ok(ControlAnswer::Stats {
+                calls: counts
+                    .by_name
+                    .into_iter()
+                    .map(|(name, n)| (name.into(), n))
+                    .collect(),
+                other_calls: counts.other,
+            })
+        }
     }
 }

@@ -163,6 +163,22 @@ impl Membership {
         self.read().providers.contains_key(callback)
     }
 
+    /// Every node with its callbacks, both sorted by name.
+    pub fn members(&self) -> Vec<(String, Vec<String>)> {
+        let mut members: Vec<(String, Vec<String>)> = self
+            .read()
+            .nodes
+            .iter()
+            .map(|(name, callbacks)| {
+                let mut callbacks = callbacks.clone();
+                callbacks.sort();
+                (name.to_string(), callbacks)
+            })
+            .collect();
+        members.sort();
+        members
+    }
+
     /// Callback name -> names of the nodes serving it.
     pub fn providers(&self) -> HashMap<String, Vec<String>> {
         self.read()

@@ -3,6 +3,8 @@
 //! Only these payloads are ever decoded by the controller; request and reply payloads
 //! pass through it untouched.
 
+use std::collections::HashMap;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// `Hello`: who the node is and what it serves.
@@ -183,6 +185,8 @@ pub enum ControlRequest {
     },
     /// List the scheduled tasks.
     ListTasks,
+    /// Report the controller's counters.
+    Stats,
 }
 
 /// A scheduled task as the controller reports it.
@@ -221,6 +225,15 @@ pub enum ControlAnswer {
     Tasks {
         /// One entry per task.
         tasks: Vec<TaskInfo>,
+    },
+    /// The controller's counters.
+    Stats {
+        /// `Request` frames forwarded since the controller started, by callback name
+        /// (at most 4,096 names).
+        calls: HashMap<String, u64>,
+        /// Requests for callback names beyond those 4,096.
+        #[serde(default)]
+        other_calls: u64,
     },
 }
 

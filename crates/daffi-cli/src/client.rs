@@ -1,0 +1,153 @@
+//! What `ls`, `call` and `watch` share: connecting as a node, exit codes, and printing.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use daffi::{Error, Global, GlobalBuilder};
+
+use crate::Endpoint;
+
+/// Exit codes, by what went wrong. `--help` (`exit_codes!` in main.rs) and the README
+/// show this table.
+pub mod code {
+    /// Anything not listed below.
+    pub const OTHER: u8 = 1;
+    // 2: the command line is wrong; clap exits with it by itself.
+    /// No connected node serves the callback (or not the node named with `--on`).
+    pub const NO_PROVIDER: u8 = 3;
+    /// The node named with `--on` is not connected.
+    pub const UNKNOWN_PROCESS: u8 = 4;
+    /// No result within `--timeout`.
+    pub const TIMEOUT: u8 = 5;
+    /// The callback returned an error or panicked.
+    pub const REMOTE: u8 = 6;
+    /// An argument is not JSON, or the callback could not decode the arguments, or
+    /// they are over the frame size limit.
+    pub const BAD_ARGUMENTS: u8 = 7;
+    /// The controller cannot be reached (or the connection to it was lost).
+    pub const UNREACHABLE: u8 = 8;
+    /// The node serving the call disconnected before it answered.
+    pub const PEER_DISCONNECTED: u8 = 9;
+}
+
+/// The exit code for a library error.
+pub fn code_of(e: &Error) -> u8 {
+    match e {
+        Error::NoProvider { .. } => code::NO_PROVIDER,
+        Error::UnknownProcess { .. } => code::UNKNOWN_PROCESS,
+        Error::Timeout { .. } => code::TIMEOUT,
+        Error::Remote { .. } => code::REMOTE,
+        Error::BadArguments { .. } | Error::Encode { .. } | Error::PayloadTooLarge { .. } => {
+            code::BAD_ARGUMENTS
+        }
+        Error::ControllerUnreachable { .. } => code::UNREACHABLE,
+        Error::PeerDisconnected { .. } => code::PEER_DISCONNECTED,
+        // The first failed node in name order decides.
+        Error::Broadcast { failed, .. } => failed
+            .first()
+            .map_or(code::OTHER, |(_, first)| code_of(first)),
+        _ => code::OTHER,
+    }
+}
+
+/// Why a subcommand failed: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::new(code_of(&e), e.to_string())
+    }
+}
+
+/// How the nodes of `daffi ls`, `call` and `watch` are named, followed by 8 hex digits.
+pub const CLI_NODE_PREFIX: &str = "daffi-cli-";
+
+/// Whether `name` is the node of a `daffi` command (hidden by `ls` and `watch` without
+/// `--all`).
+pub fn is_cli_node(name: &str) -> bool {
+    name.strip_prefix(CLI_NODE_PREFIX)
+        .is_some_and(|rest| rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Options of every subcommand that connects to a controller as a node.
+#[derive(Args)]
+pub struct ClientOptions {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// How long to keep trying to reach the controller before giving up (exit code 8).
+    #[arg(
+        long,
+        env = "DAFFI_CONNECT_TIMEOUT",
+        default_value = "3s",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// A builder for this command's node: a random name `daffi-cli-xxxxxxxx`, no
+    /// callbacks of its own.
+    pub fn builder(&self) -> GlobalBuilder {
+        self.endpoint
+            .builder()
+            .process_name(format!("{CLI_NODE_PREFIX}{}", random_suffix()))
+            .connect_timeout(self.connect_timeout)
+    }
+
+    /// Connects, or fails with the controller-unreachable code.
+    pub async fn connect(&self) -> Result<Global, Failure> {
+        Ok(self.builder().start_async().await?)
+    }
+}
+
+/// Parses `5s`, `250ms`, `1m30s`, ... for clap.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    daffi::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn random_suffix() -> String {
+    let n = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{:08x}", n as u32)
+}
+
+/// Writes one line to stdout. `false` when stdout is closed (e.g. `| head`): the caller
+/// should stop quietly.
+pub fn print_line(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_the_nodes_of_daffi_commands() {
+        assert!(is_cli_node("daffi-cli-0a1b2c3d"));
+        assert!(!is_cli_node("daffi-cli-worker"));
+        assert!(!is_cli_node("daffi-cli-0a1b2c3d4"));
+        assert!(!is_cli_node("calc"));
+        assert!(is_cli_node(&format!(
+            "{CLI_NODE_PREFIX}{}",
+            random_suffix()
+        )));
+    }
+}

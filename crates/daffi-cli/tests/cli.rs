@@ -1,0 +1,445 @@
+//! `daffi ls`, `daffi call` and `daffi watch`: the built binary run against a
+//! `daffi controller` process and nodes in the test process, over real sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{
+    daffi, daffi_command, start_controller, stderr, stdout, tcp_controller, Endpoint, KillOnDrop,
+    WAIT,
+};
+use daffi::Global;
+use serde_json::{json, Value};
+
+/// A controller and two nodes: `calc` serves a set of callbacks, `calc2` serves `add`
+/// and `whoami` too.
+struct Mesh {
+    endpoint: Endpoint,
+    calc: Global,
+    calc2: Global,
+    recorded: mpsc::Receiver<i64>,
+    _controller: KillOnDrop,
+}
+
+const CALC_CALLBACKS: [&str; 8] = [
+    "add", "cfg", "fails", "greet", "range", "record", "slow", "whoami",
+];
+
+fn mesh() -> Mesh {
+    let (controller, endpoint) = tcp_controller();
+    mesh_on(controller, endpoint)
+}
+
+fn mesh_on(controller: KillOnDrop, endpoint: Endpoint) -> Mesh {
+    let calc = endpoint.node("calc");
+    calc.register("add", |a: i64, b: i64| a + b).expect("add");
+    calc.register("greet", |name: String| format!("hello {name}"))
+        .expect("greet");
+    calc.register("range", |n: i64| (0..n).collect::<Vec<i64>>())
+        .expect("range");
+    calc.register("cfg", |mut m: HashMap<String, i64>| {
+        m.insert("seen".into(), 1);
+        m
+    })
+    .expect("cfg");
+    calc.register("whoami", || "calc".to_string())
+        .expect("whoami");
+    calc.register("fails", |why: String| Err::<i64, _>(why))
+        .expect("fails");
+    calc.register("slow", |ms: u64| {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    })
+    .expect("slow");
+    let (tx, recorded) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    calc.register("record", move |n: i64| {
+        let _ = tx.lock().expect("lock").send(n);
+    })
+    .expect("record");
+
+    let calc2 = endpoint.node("calc2");
+    calc2.register("add", |a: i64, b: i64| a + b).expect("add");
+    calc2
+        .register("whoami", || "calc2".to_string())
+        .expect("whoami");
+    // Once another node sees a callback, the controller has it too.
+    for name in CALC_CALLBACKS {
+        calc2
+            .wait_function_timeout(name, WAIT)
+            .expect("calc's callbacks announced");
+    }
+    calc.wait_function_timeout("whoami", WAIT)
+        .expect("calc2's callbacks announced");
+    Mesh {
+        endpoint,
+        calc,
+        calc2,
+        recorded,
+        _controller: controller,
+    }
+}
+
+/// Runs `daffi call ...`, checks it succeeded, and returns its output as JSON.
+fn call_json(endpoint: &Endpoint, args: &[&str]) -> Value {
+    let mut full = vec!["call"];
+    full.extend_from_slice(args);
+    let out = daffi(endpoint, &full);
+    assert!(
+        out.status.success(),
+        "daffi {full:?}: {:?}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("daffi {full:?} printed no JSON ({e}): {:?}", stdout(&out)))
+}
+
+/// Runs `daffi call ...`, expects it to fail; returns its exit code and stderr.
+fn call_fails(endpoint: &Endpoint, args: &[&str]) -> (i32, String) {
+    let mut full = vec!["call"];
+    full.extend_from_slice(args);
+    let out = daffi(endpoint, &full);
+    assert!(!out.status.success(), "daffi {full:?} succeeded");
+    (out.status.code().expect("exit code"), stderr(&out))
+}
+
+// ---- ls ------------------------------------------------------------------------------
+
+#[test]
+fn ls_lists_the_nodes_and_their_callbacks() {
+    let m = mesh();
+
+    let out = daffi(&m.endpoint, &["ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NODE") && lines[0].contains("CALLBACKS"));
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>().join(" "),
+        format!("calc {}", CALC_CALLBACKS.join(", "))
+    );
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>().join(" "),
+        "calc2 add, whoami"
+    );
+
+    let out = daffi(&m.endpoint, &["ls", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(
+        listed,
+        json!([
+            { "name": "calc", "callbacks": CALC_CALLBACKS },
+            { "name": "calc2", "callbacks": ["add", "whoami"] },
+        ])
+    );
+}
+
+// ---- call ----------------------------------------------------------------------------
+
+#[test]
+fn call_turns_json_arguments_into_a_json_result() {
+    let m = mesh();
+    let e = &m.endpoint;
+    assert_eq!(call_json(e, &["add", "1", "2", "--on", "calc"]), json!(3));
+    assert_eq!(call_json(e, &["add", "-1", "-2"]), json!(-3));
+    assert_eq!(call_json(e, &["greet", "\"Ann\""]), json!("hello Ann"));
+    assert_eq!(call_json(e, &["range", "4"]), json!([0, 1, 2, 3]));
+    assert_eq!(
+        call_json(e, &["cfg", r#"{"k": 1}"#]),
+        json!({ "k": 1, "seen": 1 })
+    );
+    // A callback returning nothing prints null.
+    assert_eq!(call_json(e, &["record", "1"]), Value::Null);
+}
+
+#[test]
+fn call_broadcast_and_on_pick_the_nodes() {
+    let m = mesh();
+    let e = &m.endpoint;
+    assert_eq!(
+        call_json(e, &["whoami", "--broadcast"]),
+        json!({ "calc": "calc", "calc2": "calc2" })
+    );
+    assert_eq!(
+        call_json(e, &["add", "2", "3", "--broadcast"]),
+        json!({ "calc": 5, "calc2": 5 })
+    );
+    for node in ["calc", "calc2", "calc"] {
+        assert_eq!(call_json(e, &["whoami", "--on", node]), json!(node));
+    }
+}
+
+#[test]
+fn call_failures_have_their_documented_exit_codes() {
+    let m = mesh();
+    let e = &m.endpoint;
+
+    let (code, err) = call_fails(e, &["nosuch", "1"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no node serves callback `nosuch`"), "{err}");
+    let (code, err) = call_fails(e, &["range", "1", "--on", "calc2"]);
+    assert_eq!(code, 3, "{err}");
+
+    let (code, err) = call_fails(e, &["add", "1", "2", "--on", "nobody"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("`nobody`"), "{err}");
+
+    let (code, err) = call_fails(e, &["slow", "3000", "--timeout", "100ms"]);
+    assert_eq!(code, 5, "{err}");
+
+    let (code, err) = call_fails(e, &["fails", "\"on purpose\""]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("on purpose"), "{err}");
+
+    let (code, err) = call_fails(e, &["greet", "Ann"]);
+    assert_eq!(code, 7, "{err}");
+    assert!(
+        err.contains("not JSON") && err.contains(r#"'"Ann"'"#),
+        "{err}"
+    );
+    let (code, err) = call_fails(e, &["add", "\"one\"", "2"]);
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("rejected its arguments"), "{err}");
+
+    let (code, err) = call_fails(e, &["add", "1", "--broadcast", "--on", "calc"]);
+    assert_eq!(code, 2, "{err}");
+
+    // A broadcast where one node fails prints what the others returned.
+    m.calc
+        .register("half", || Ok::<i64, String>(1))
+        .expect("half");
+    m.calc2
+        .register("half", || Err::<i64, _>("calc2 fails".to_string()))
+        .expect("half");
+    m.calc
+        .wait_function_timeout("half", WAIT)
+        .expect("calc2's half announced");
+    m.calc2
+        .wait_function_timeout("half", WAIT)
+        .expect("calc's half announced");
+    let out = daffi(e, &["call", "half", "--broadcast"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert_eq!(stdout(&out), r#"{"calc":1}"#);
+    assert!(stderr(&out).contains("calc2 fails"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_unreachable_controller_exits_with_8() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let endpoint = Endpoint::Tcp(port);
+    for args in [
+        &["call", "add", "1", "2", "--connect-timeout", "200ms"][..],
+        &["ls", "--connect-timeout", "200ms"][..],
+        &["watch", "--connect-timeout", "200ms"][..],
+    ] {
+        let out = daffi(&endpoint, args);
+        assert_eq!(out.status.code(), Some(8), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("unreachable"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn no_return_reaches_the_callee_before_the_command_exits() {
+    let m = mesh();
+    for n in [7, 8, 9] {
+        let out = daffi(
+            &m.endpoint,
+            &["call", "record", &n.to_string(), "--no-return"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "");
+        assert_eq!(m.recorded.recv_timeout(WAIT), Ok(n));
+    }
+    let out = daffi(
+        &m.endpoint,
+        &["call", "add", "1", "1", "--broadcast", "--no-return"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn environment_variables_find_a_unix_socket_controller() {
+    let sock = std::env::temp_dir()
+        .join("daffi-cli-tests")
+        .join(format!("env-{}.sock", std::process::id()));
+    let (controller, _) = start_controller(&["--unix-socket", &sock.display().to_string()]);
+    let m = mesh_on(controller, Endpoint::Unix(sock.clone()));
+    let out = daffi_command()
+        .args(["call", "add", "20", "22"])
+        .env("DAFFI_UNIX_SOCKET", &sock)
+        .output()
+        .expect("run daffi");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "42");
+    drop(m);
+}
+
+#[test]
+fn environment_variables_find_a_tcp_controller() {
+    let m = mesh();
+    let Endpoint::Tcp(port) = m.endpoint else {
+        unreachable!("mesh() is on TCP")
+    };
+    let out = daffi_command()
+        .args(["ls", "--json"])
+        .env("DAFFI_HOST", "127.0.0.1")
+        .env("DAFFI_PORT", port.to_string())
+        .output()
+        .expect("run daffi");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+}
+
+// ---- watch ---------------------------------------------------------------------------
+
+/// A running `daffi watch --json`, its stdout read line by line on a thread.
+struct Watch {
+    child: KillOnDrop,
+    lines: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Watch {
+    fn start(endpoint: &Endpoint) -> Watch {
+        let mut child = daffi_command()
+            .args(["watch", "--json", "--interval", "100ms"])
+            .args(endpoint.flags())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn daffi watch");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Watch {
+            child: KillOnDrop(child),
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one matches `want`; panics after `WAIT`.
+    fn expect(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no {what} within {WAIT:?} ({e}); saw {:#?}", self.seen),
+            }
+        }
+    }
+}
+
+/// Matches a line with this event about this node.
+fn is(event: &'static str, node: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["event"] == event && v["node"] == node
+}
+
+#[test]
+fn watch_json_prints_joins_leaves_and_call_counts() {
+    let m = mesh();
+    let mut watch = Watch::start(&m.endpoint);
+
+    let ready = watch.expect("the watching line", |v| v["event"] == "watching");
+    assert!(ready["node"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("daffi-cli-")));
+    assert!(ready["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let calc = watch.expect("calc as a member", is("member", "calc"));
+    assert_eq!(calc["callbacks"], json!(CALC_CALLBACKS));
+
+    // The nodes of `daffi` commands (this watch, this ls) are listed with --all only.
+    let own = ready["node"].as_str().expect("own name").to_string();
+    let listed = |args: &[&str]| -> Vec<String> {
+        let out = daffi(&m.endpoint, args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|n| n["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    assert_eq!(listed(&["ls", "--json"]), ["calc", "calc2"]);
+    assert!(listed(&["ls", "--json", "--all"]).contains(&own));
+
+    let visitor = m.endpoint.node("visitor");
+    visitor.register("hello", || "hi").expect("register");
+    let joined = watch.expect("visitor joining", is("joined", "visitor"));
+    if joined["callbacks"] != json!(["hello"]) {
+        // It joined before it registered `hello`.
+        let updated = watch.expect("visitor's callbacks", is("updated", "visitor"));
+        assert_eq!(updated["callbacks"], json!(["hello"]));
+    }
+
+    visitor
+        .wait_function_timeout("range", WAIT)
+        .expect("visitor knows range");
+    for _ in 0..3 {
+        let _: Vec<i64> = visitor.call("range").args((2,)).fg().expect("range");
+    }
+    let counted = watch.expect("3 calls of range", |v| {
+        v["event"] == "calls" && v["callback"] == "range" && v["total"] == 3
+    });
+    assert!(counted["new"].as_u64().is_some_and(|n| n >= 1), "{counted}");
+
+    visitor.stop();
+    watch.expect("visitor leaving", is("left", "visitor"));
+    let shown_cli_nodes: Vec<&Value> = watch
+        .seen
+        .iter()
+        .filter(|v| v["event"] != "watching")
+        .filter(|v| {
+            v["node"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("daffi-cli-"))
+        })
+        .collect();
+    assert!(shown_cli_nodes.is_empty(), "{shown_cli_nodes:#?}");
+
+    // SIGTERM ends the watch with success.
+    let pid = watch.child.0.id().to_string();
+    let kill = |signal: &str| Command::new("kill").args([signal, &pid]).status();
+    assert!(kill("-TERM").expect("run kill").success());
+    let mut child = watch.child;
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.0.wait());
+    });
+    match done.recv_timeout(WAIT) {
+        Ok(status) => assert!(status.expect("wait").success()),
+        Err(_) => {
+            let _ = kill("-KILL");
+            panic!("watch did not exit within {WAIT:?} of SIGTERM");
+        }
+    }
+}
