@@ -61,6 +61,7 @@
 #![warn(missing_docs)]
 
 mod async_result;
+mod auth;
 mod blocking;
 mod call;
 mod callback;

@@ -15,9 +15,10 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::error::Result;
+use crate::auth::AuthToken;
+use crate::error::{Error, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
-use crate::transport::{Address, Listener};
+use crate::transport::{Address, Listener, ServerTls, UNIX_NO_TLS};
 use session::Shared;
 
 /// Settings of a controller.
@@ -26,8 +27,14 @@ use session::Shared;
 pub struct ControllerConfig {
     /// Largest frame accepted, prefix excluded. Default: 128 MiB.
     pub max_frame_size: usize,
-    /// How long a new connection may take to say who it is. Default: 5 s.
+    /// How long a new connection may take to say who it is, TLS handshake included.
+    /// Default: 5 s.
     pub handshake_timeout: Duration,
+    /// TLS on a TCP listener (certificate, and optionally the CA of client
+    /// certificates). Default: none, plaintext.
+    pub tls: Option<Arc<ServerTls>>,
+    /// The token every node must present in its `Hello`. Default: none, no check.
+    pub auth_token: Option<AuthToken>,
 }
 
 impl Default for ControllerConfig {
@@ -35,6 +42,8 @@ impl Default for ControllerConfig {
         ControllerConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             handshake_timeout: Duration::from_secs(5),
+            tls: None,
+            auth_token: None,
         }
     }
 }
@@ -53,6 +62,9 @@ impl ControllerHandle {
         config: ControllerConfig,
         runtime: &Handle,
     ) -> Result<ControllerHandle> {
+        if config.tls.is_some() && matches!(address, Address::Unix(_)) {
+            return Err(Error::Config(UNIX_NO_TLS.into()));
+        }
         let listener = Listener::bind(address).await?;
         let address = listener.local_address()?;
         let (shutdown, stop_rx) = watch::channel(false);
@@ -62,7 +74,12 @@ impl ControllerHandle {
             scheduler: Arc::new(scheduler::Scheduler::new(members.clone(), stop_rx.clone())),
             members,
         });
-        tracing::info!(%address, "controller listening");
+        tracing::info!(
+            %address,
+            tls = config_tls(&shared.config),
+            auth_token = shared.config.auth_token.is_some(),
+            "controller listening"
+        );
         runtime.spawn(accept_loop(listener, shared, stop_rx));
         Ok(ControllerHandle { address, shutdown })
     }
@@ -81,6 +98,14 @@ impl ControllerHandle {
 impl Drop for ControllerHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn config_tls(config: &ControllerConfig) -> &'static str {
+    match &config.tls {
+        None => "off",
+        Some(tls) if tls.requires_client_certificates() => "on, client certificates required",
+        Some(_) => "on",
     }
 }
 
