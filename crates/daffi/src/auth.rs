@@ -25,12 +25,20 @@ impl AuthToken {
         self.0.is_empty()
     }
 
-    /// The token in [`AUTH_TOKEN_ENV`], if set and not empty.
-    pub fn from_env() -> Option<AuthToken> {
-        std::env::var(AUTH_TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .map(|t| AuthToken::new(&t))
+    /// The token in [`AUTH_TOKEN_ENV`], if the variable is set. Set but empty (say, from
+    /// a shell variable that was not set) or not UTF-8 is an error, never "no token": a
+    /// typo must not turn authentication off.
+    pub fn from_env() -> Result<Option<AuthToken>, String> {
+        match std::env::var(AUTH_TOKEN_ENV) {
+            Ok(t) if t.is_empty() => Err(format!(
+                "{AUTH_TOKEN_ENV} is set but empty; unset it, or set it to the token"
+            )),
+            Ok(t) => Ok(Some(AuthToken::new(&t))),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(format!("{AUTH_TOKEN_ENV} is not valid UTF-8"))
+            }
+        }
     }
 
     /// The secret, to put in a `Hello`.

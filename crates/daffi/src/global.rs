@@ -148,7 +148,8 @@ impl GlobalBuilder {
     /// The shared secret. A controller started here refuses every node that does not
     /// present it (checked in constant time, before anything else from the connection is
     /// acted on); a node started here presents it. Unset: the `DAFFI_AUTH_TOKEN`
-    /// environment variable, if set and not empty; otherwise no token.
+    /// environment variable if it is set (set but empty fails `start` with
+    /// [`Error::Config`]); otherwise no token.
     ///
     /// A refused node fails with [`Error::AuthenticationFailed`]. Without TLS the token
     /// crosses the network in clear: use it with TLS beyond loopback.
@@ -298,7 +299,7 @@ impl GlobalBuilder {
                 "auth_token must not be empty (an empty token protects nothing)".into(),
             )),
             Some(t) => Ok(Some(t.clone())),
-            None => Ok(AuthToken::from_env()),
+            None => AuthToken::from_env().map_err(Error::Config),
         }
     }
 

@@ -831,6 +831,18 @@ fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
         assert!(e.to_string().contains("sent none"), "{e}");
     }
 
+    // A token variable that is set but empty is an error, never "no token".
+    let mut empty = Child::spawn(
+        "worker",
+        &unique("empty"),
+        &ctl.encoded(),
+        &vec![(ENV_TOKEN, OsString::new())],
+    );
+    match empty.ready() {
+        Err(e) => assert!(e.contains("DAFFI_AUTH_TOKEN is set but empty"), "{e}"),
+        Ok(_) => panic!("a node with an empty DAFFI_AUTH_TOKEN started"),
+    }
+
     // Without the token, a connected name can be neither taken nor probed: the answer
     // is the same as for a free name.
     let e = fails_fast(

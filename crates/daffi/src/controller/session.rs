@@ -126,6 +126,11 @@ pub async fn serve(
                 }
             }
             Ok(None) => break "connection closed".to_string(),
+            // A TLS peer that closed without `close_notify` (a node that stopped or
+            // died) closed like any other: every frame before it was complete.
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "connection closed".to_string()
+            }
             Err(e) => break format!("bad input: {e}"),
         }
     };
