@@ -869,10 +869,32 @@ fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
 
 // ---- Unix sockets --------------------------------------------------------------------
 
-fn fresh_dir(prefix: &str) -> PathBuf {
-    std::env::temp_dir()
-        .join("daffi-tests")
-        .join(unique(prefix))
+/// A directory that does not exist yet, removed (with what is in it) when dropped.
+/// Declare it before the processes that use it, so that it is dropped after them.
+struct FreshDir(PathBuf);
+
+impl FreshDir {
+    fn new(prefix: &str) -> FreshDir {
+        FreshDir(
+            std::env::temp_dir()
+                .join("daffi-tests")
+                .join(unique(prefix)),
+        )
+    }
+}
+
+impl std::ops::Deref for FreshDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn mode(path: &Path) -> u32 {
@@ -885,7 +907,8 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn a_second_controller_on_a_live_unix_socket_fails_while_the_first_keeps_serving() {
-    let sock = fresh_dir("live").join("ctl.sock");
+    let dir = FreshDir::new("live");
+    let sock = dir.join("ctl.sock");
     let address = format!("unix:{}", sock.display());
     let mut first = Controller::start(&address, &Env::new());
     let worker = unique("unix-worker");
@@ -942,7 +965,7 @@ fn a_second_controller_on_a_live_unix_socket_fails_while_the_first_keeps_serving
 
 #[test]
 fn unix_socket_directory_and_file_are_owner_only() {
-    let root = fresh_dir("perm");
+    let root = FreshDir::new("perm");
     let sock = root.join("a").join("b").join("ctl.sock");
     let g = Global::builder()
         .unix_sock_path(&sock)
@@ -983,9 +1006,9 @@ fn unsafe_socket_directories_and_paths_are_refused() {
             .start()
     };
     // Writable by everyone and not sticky: another user could replace the socket.
-    let open = fresh_dir("open");
-    std::fs::create_dir_all(&open).expect("dir");
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let open = FreshDir::new("open");
+    std::fs::create_dir_all(&*open).expect("dir");
+    std::fs::set_permissions(&*open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     match start(&open.join("ctl.sock")) {
         Err(e @ Error::Bind { .. }) => {
             assert!(e.to_string().contains("writable by every user"), "{e}")
@@ -993,14 +1016,14 @@ fn unsafe_socket_directories_and_paths_are_refused() {
         other => panic!("expected Error::Bind, got {other:?}"),
     }
     // Sticky, like /tmp: fine.
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    std::fs::set_permissions(&*open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let g = start(&open.join("ctl.sock")).expect("a sticky directory is accepted");
     assert_eq!(mode(&open.join("ctl.sock")) & 0o777, 0o600);
     g.stop();
 
     // Something that is not a socket is never removed.
-    let dir = fresh_dir("notsock");
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = FreshDir::new("notsock");
+    std::fs::create_dir_all(&*dir).expect("dir");
     let file = dir.join("ctl.sock");
     std::fs::write(&file, b"precious").expect("write");
     match start(&file) {
