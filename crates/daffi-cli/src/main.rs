@@ -6,6 +6,7 @@ mod json;
 mod ls;
 mod watch;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -71,9 +72,9 @@ struct Cli {
 enum Command {
     /// Run a standalone controller until Ctrl-C or SIGTERM.
     #[command(
-        after_help = "Examples:\n  daffi controller --host 0.0.0.0 --port 8888\n  daffi controller --unix-socket /run/app/daffi.sock\n  daffi controller            # Unix socket <temp dir>/daffi/.sock"
+        after_help = "Examples:\n  daffi controller --host 0.0.0.0 --port 8888 --tls-cert cert.pem --tls-key key.pem\n  DAFFI_AUTH_TOKEN=$(cat token) daffi controller --host 0.0.0.0 --port 8888 --tls-cert cert.pem --tls-key key.pem\n  daffi controller --unix-socket /run/app/daffi.sock\n  daffi controller            # Unix socket <temp dir>/daffi/.sock\n\nBeyond loopback, use TLS and a token: see docs/SECURITY.md."
     )]
-    Controller(Endpoint),
+    Controller(ControllerArgs),
     /// List the connected nodes and the callbacks each serves.
     #[command(after_help = concat!(
         "Examples:\n",
@@ -126,6 +127,58 @@ enum Command {
     Watch(watch::WatchArgs),
 }
 
+/// `daffi controller`: where it listens, and how it protects itself.
+#[derive(Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    endpoint: Endpoint,
+    #[command(flatten)]
+    security: ControllerSecurity,
+}
+
+/// TLS and the auth token of a standalone controller.
+#[derive(Args)]
+struct ControllerSecurity {
+    /// PEM file with the controller's certificate chain (leaf first). With --tls-key,
+    /// only TLS connections are accepted (TCP only).
+    #[arg(
+        long,
+        env = "DAFFI_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "unix_socket"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert.
+    #[arg(long, env = "DAFFI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM file with the CA(s) that must have signed every node's client
+    /// certificate. Nodes without one are refused.
+    #[arg(long, env = "DAFFI_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// The token every node must present. Prefer the environment variable: other users
+    /// of the machine can read a command line.
+    #[arg(long, env = "DAFFI_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+}
+
+impl ControllerSecurity {
+    fn apply(&self, mut b: daffi::GlobalBuilder) -> daffi::GlobalBuilder {
+        if let Some(cert) = &self.tls_cert {
+            b = b.tls_cert(cert.clone());
+        }
+        if let Some(key) = &self.tls_key {
+            b = b.tls_key(key.clone());
+        }
+        if let Some(ca) = &self.tls_client_ca {
+            b = b.tls_client_ca(ca.clone());
+        }
+        if let Some(token) = &self.auth_token {
+            b = b.auth_token(token.clone());
+        }
+        b
+    }
+}
+
 /// Where the controller listens (or where to find it). Neither `--host`/`--port` nor
 /// `--unix-socket`: the Unix socket `<temp dir>/daffi/.sock`, as in the library.
 #[derive(Args)]
@@ -176,6 +229,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and journald get plain `key=value`.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -186,7 +241,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Controller(endpoint) => controller(endpoint).await.map_err(Failure::from),
+            Command::Controller(args) => controller(args).await.map_err(Failure::from),
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
@@ -201,9 +256,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn controller(endpoint: Endpoint) -> daffi::Result<()> {
-    let g = endpoint
-        .builder()
+async fn controller(args: ControllerArgs) -> daffi::Result<()> {
+    let g = args
+        .security
+        .apply(args.endpoint.builder())
         .init_controller(true)
         .init_node(false)
         .start_async()

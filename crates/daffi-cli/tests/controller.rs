@@ -66,7 +66,7 @@ fn nodes_call_each_other_through_a_standalone_controller() {
 }
 
 #[test]
-fn controller_refuses_a_busy_unix_socket() {
+fn controller_refuses_a_busy_unix_socket_and_the_first_keeps_serving() {
     let dir = std::env::temp_dir().join(format!("daffi-cli-test-{}", std::process::id()));
     let sock = dir.join("busy.sock");
     let first = Global::builder()
@@ -83,5 +83,23 @@ fn controller_refuses_a_busy_unix_socket() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("already listens"), "{stderr}");
+
+    // The first controller still serves, on the same socket file.
+    let node = |name: &str| {
+        Global::builder()
+            .process_name(name)
+            .unix_sock_path(&sock)
+            .connect_timeout(Duration::from_secs(20))
+            .start()
+            .expect("node connects to the first controller")
+    };
+    let server = node("busy-server");
+    server.register("triple", |x: i64| x * 3).expect("register");
+    let client = node("busy-client");
+    client
+        .wait_function_timeout("triple", Duration::from_secs(20))
+        .expect("triple is announced");
+    let tripled: i64 = client.call("triple").args((14,)).fg().expect("call");
+    assert_eq!(tripled, 42);
     first.stop();
 }

@@ -156,6 +156,27 @@ pub enum Error {
         callback: String,
     },
 
+    /// The controller refused this node's auth token: it sent none, or the wrong one.
+    /// Not retried: the token will not change by itself.
+    #[error("authentication failed: the controller at {address} refused this node ({reason}); give the node the controller's token with `auth_token` or the DAFFI_AUTH_TOKEN environment variable")]
+    AuthenticationFailed {
+        /// The controller's address.
+        address: String,
+        /// The controller's explanation: no token, or a wrong one.
+        reason: String,
+    },
+
+    /// TLS between this node and the controller failed: the controller's certificate is
+    /// not trusted or not valid for the name, a client certificate is missing or
+    /// refused, or one side uses TLS and the other does not. Not retried at start.
+    #[error("TLS with the controller at {address} failed: {message}")]
+    Tls {
+        /// The controller's address.
+        address: String,
+        /// What went wrong and what to do about it.
+        message: String,
+    },
+
     /// The controller refused the connection for a reason other than the above.
     #[error("the controller refused this node: {reason}")]
     Refused {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::runtime::Handle;
 
+use crate::auth::AuthToken;
 use crate::blocking;
 use crate::call::{unexpected_answer, Call};
 use crate::callback::{static_callbacks, CallbackGroup, IntoCallback};
@@ -19,7 +20,10 @@ use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
-use crate::transport::Address;
+use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
+
+/// The TLS of a `Global`: its controller's side and its node's side.
+type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 
 /// Configures and starts a [`Global`]. Create it with [`Global::builder`].
 ///
@@ -37,6 +41,16 @@ use crate::transport::Address;
 /// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 callbacks |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
+/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
+/// | [`tls_cert`](Self::tls_cert) / [`tls_key`](Self::tls_key) (controller) | unset: no TLS |
+/// | [`tls_client_ca`](Self::tls_client_ca) (controller) | unset: no client certificates asked |
+/// | [`tls`](Self::tls) (node) | `false`; implied by the other node options below |
+/// | [`tls_ca`](Self::tls_ca) (node) | unset: the system's trusted roots |
+/// | [`tls_server_name`](Self::tls_server_name) (node) | the host connected to |
+/// | [`tls_client_cert`](Self::tls_client_cert) / [`tls_client_key`](Self::tls_client_key) (node) | unset: no client certificate |
+///
+/// TLS is for TCP. Certificates and keys are PEM files, read once at start. See
+/// `docs/SECURITY.md` for which setup protects against what.
 #[derive(Debug, Clone)]
 #[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
 pub struct GlobalBuilder {
@@ -48,12 +62,20 @@ pub struct GlobalBuilder {
     unix_sock_path: Option<PathBuf>,
     connect_timeout: Duration,
     max_frame_size: usize,
-    auth_token: Option<String>,
+    auth_token: Option<AuthToken>,
     handshake_timeout: Duration,
     max_in_flight: usize,
     max_concurrent_callbacks: usize,
     max_connections: usize,
     stop_timeout: Duration,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls: bool,
+    tls_ca: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    tls_client_cert: Option<PathBuf>,
+    tls_client_key: Option<PathBuf>,
     hooks: Hooks,
 }
 
@@ -74,6 +96,14 @@ impl Default for GlobalBuilder {
             max_concurrent_callbacks: 1_024,
             max_connections: 10_000,
             stop_timeout: Duration::from_secs(5),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls: false,
+            tls_ca: None,
+            tls_server_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             hooks: Hooks::default(),
         }
     }
@@ -167,9 +197,73 @@ impl GlobalBuilder {
         self
     }
 
-    /// The shared secret a node presents to the controller.
+    /// The shared secret. A controller started here refuses every node that does not
+    /// present it (checked in constant time, before anything else from the connection is
+    /// acted on); a node started here presents it. Unset: the `DAFFI_AUTH_TOKEN`
+    /// environment variable if it is set (set but empty fails `start` with
+    /// [`Error::Config`]); otherwise no token.
+    ///
+    /// A refused node fails with [`Error::AuthenticationFailed`]. Without TLS the token
+    /// crosses the network in clear: use it with TLS beyond loopback.
     pub fn auth_token(mut self, token: impl Into<String>) -> Self {
-        self.auth_token = Some(token.into());
+        self.auth_token = Some(AuthToken::new(&token.into()));
+        self
+    }
+
+    /// Controller: the PEM file with its certificate chain (leaf first). With
+    /// [`tls_key`](Self::tls_key), the controller accepts only TLS connections.
+    pub fn tls_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_cert = Some(path.into());
+        self
+    }
+
+    /// Controller: the PEM file with the private key of [`tls_cert`](Self::tls_cert)
+    /// (PKCS#8, PKCS#1 or SEC1).
+    pub fn tls_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_key = Some(path.into());
+        self
+    }
+
+    /// Controller: mutual TLS. Every node must present a client certificate signed by a
+    /// CA in this PEM file; others are refused during the TLS handshake.
+    pub fn tls_client_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_ca = Some(path.into());
+        self
+    }
+
+    /// Node: connect with TLS. Alone, the controller's certificate is verified against
+    /// the system's trusted roots. Implied by [`tls_ca`](Self::tls_ca),
+    /// [`tls_server_name`](Self::tls_server_name), [`tls_client_cert`](Self::tls_client_cert),
+    /// and, in a `Global` that also runs the controller, by [`tls_cert`](Self::tls_cert).
+    pub fn tls(mut self, yes: bool) -> Self {
+        self.tls = yes;
+        self
+    }
+
+    /// Node: connect with TLS, and trust only the CAs in this PEM file (not the system's
+    /// roots) to have signed the controller's certificate.
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
+    }
+
+    /// Node: the name (DNS name or IP address) the controller's certificate must be valid
+    /// for. Default: the [`host`](Self::host) connected to.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Node: the PEM file with this node's client certificate chain, for a controller
+    /// that requires one ([`tls_client_ca`](Self::tls_client_ca)).
+    pub fn tls_client_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_cert = Some(path.into());
+        self
+    }
+
+    /// Node: the PEM file with the private key of [`tls_client_cert`](Self::tls_client_cert).
+    pub fn tls_client_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_key = Some(path.into());
         self
     }
 
@@ -250,6 +344,89 @@ impl GlobalBuilder {
         }
     }
 
+    /// The token given, or the one in the environment.
+    fn token(&self) -> Result<Option<AuthToken>> {
+        match &self.auth_token {
+            Some(t) if t.is_empty() => Err(Error::Config(
+                "auth_token must not be empty (an empty token protects nothing)".into(),
+            )),
+            Some(t) => Ok(Some(t.clone())),
+            None => AuthToken::from_env().map_err(Error::Config),
+        }
+    }
+
+    /// Checks the TLS options against the roles of this `Global` and loads the
+    /// certificates: the controller's side, and the node's.
+    fn load_tls(&self, address: &Address) -> Result<TlsSides> {
+        let controller_options =
+            self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some();
+        let node_options = self.tls
+            || self.tls_ca.is_some()
+            || self.tls_server_name.is_some()
+            || self.tls_client_cert.is_some()
+            || self.tls_client_key.is_some();
+        if !controller_options && !node_options {
+            return Ok((None, None));
+        }
+        let host = match address {
+            Address::Tcp { host, .. } => host,
+            Address::Unix(_) => return Err(Error::Config(UNIX_NO_TLS.into())),
+        };
+        let server = if controller_options {
+            if !self.init_controller {
+                return Err(Error::Config(
+                    "tls_cert, tls_key and tls_client_ca set up a controller, and this Global runs none; a node's own certificate (mutual TLS) is tls_client_cert and tls_client_key".into(),
+                ));
+            }
+            let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+                return Err(Error::Config(
+                    "TLS on the controller needs both tls_cert and tls_key".into(),
+                ));
+            };
+            Some(Arc::new(ServerTls::load(
+                cert,
+                key,
+                self.tls_client_ca.as_deref(),
+            )?))
+        } else {
+            None
+        };
+        if !self.init_node {
+            if node_options {
+                return Err(Error::Config(
+                    "tls, tls_ca, tls_server_name, tls_client_cert and tls_client_key set up a node, and this Global runs none (init_node(false))".into(),
+                ));
+            }
+            return Ok((server, None));
+        }
+        if self.init_controller && server.is_none() {
+            return Err(Error::Config(
+                "this Global's node is set up for TLS, but its controller has no tls_cert and tls_key".into(),
+            ));
+        }
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "a client certificate needs both tls_client_cert and tls_client_key".into(),
+                ))
+            }
+        };
+        if identity.is_none()
+            && server
+                .as_ref()
+                .is_some_and(|s| s.requires_client_certificates())
+        {
+            return Err(Error::Config(
+                "the controller requires client certificates (tls_client_ca), so this Global's own node needs tls_client_cert and tls_client_key".into(),
+            ));
+        }
+        let server_name = self.tls_server_name.as_deref().unwrap_or(host);
+        let client = ClientTls::load(self.tls_ca.as_deref(), identity, server_name)?;
+        Ok((server, Some(Arc::new(client))))
+    }
+
     async fn launch(self, runtime: Handle, owned: Option<OwnedRuntime>) -> Result<Global> {
         if !self.init_node && !self.init_controller {
             return Err(Error::Config(
@@ -266,12 +443,16 @@ impl GlobalBuilder {
             None => format!("node-{}", random_suffix()),
         };
         let mut address = self.address()?;
+        let auth_token = self.token()?;
+        let (server_tls, client_tls) = self.load_tls(&address)?;
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let controller = if self.init_controller {
             let config = ControllerConfig {
                 max_frame_size: self.max_frame_size,
                 handshake_timeout: self.handshake_timeout,
                 max_connections: self.max_connections,
+                tls: server_tls,
+                auth_token: auth_token.clone(),
             };
             let c = ControllerHandle::start(&address, config, &runtime).await?;
             if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
@@ -297,10 +478,8 @@ impl GlobalBuilder {
                 max_in_flight: self.max_in_flight,
                 max_concurrent_callbacks: self.max_concurrent_callbacks,
                 stop_timeout: self.stop_timeout,
-                auth_token: self
-                    .auth_token
-                    .clone()
-                    .or_else(|| std::env::var("DAFFI_AUTH_TOKEN").ok()),
+                auth_token,
+                tls: client_tls,
             };
             let node = NodeCore::new(name.clone(), config, static_callbacks(), events_tx);
             node.start().await?;

@@ -58,9 +58,19 @@
 //!
 //! Every failure is a named [`Error`] variant. The wire format is described in
 //! `docs/PROTOCOL.md` of the repository.
+//!
+//! # Security
+//!
+//! The default Unix socket admits only processes of the same user. On TCP, protect the
+//! controller with TLS ([`GlobalBuilder::tls_cert`], [`GlobalBuilder::tls_key`] on the
+//! controller, [`GlobalBuilder::tls_ca`] on nodes, optionally mutual TLS) and a shared
+//! token ([`GlobalBuilder::auth_token`], or the `DAFFI_AUTH_TOKEN` environment
+//! variable). Every node that gets in is trusted with the whole mesh. The threat model
+//! and a guide to running beyond loopback are in `docs/SECURITY.md`.
 #![warn(missing_docs)]
 
 mod async_result;
+mod auth;
 mod blocking;
 mod call;
 mod callback;
@@ -89,6 +99,11 @@ pub use transport::Address;
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The snippets of `docs/SECURITY.md`, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/SECURITY.md")]
+pub struct SecurityDoctests;
 
 /// What `#[callback]` expands to refers to these. Not public API: no stability promise.
 #[doc(hidden)]

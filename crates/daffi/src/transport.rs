@@ -1,15 +1,20 @@
-//! Byte streams between nodes and the controller: TCP or a Unix socket.
+//! Byte streams between nodes and the controller: TCP (optionally under TLS) or a Unix
+//! socket.
 //!
-//! Everything above this module sees a boxed reader and writer, so that TLS can wrap
-//! either transport without touching the protocol code.
+//! Everything above this module sees a boxed reader and writer; it knows nothing of
+//! frames. TLS lives in [`tls`]; a Unix socket is protected by file permissions instead.
+
+mod tls;
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::{Error, Result};
+pub use tls::{ClientTls, ServerTls, TLS_HANDSHAKE_RECORD};
 
 /// The read half of a connection.
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -46,28 +51,64 @@ impl fmt::Display for Address {
     }
 }
 
-/// Opens a connection to `address`.
-pub async fn connect(address: &Address) -> std::io::Result<(BoxRead, BoxWrite)> {
+/// Why a connection to the controller could not be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Nothing answers at the address (yet), or the socket failed: worth retrying.
+    Unreachable(io::Error),
+    /// The TLS handshake failed: a configuration mismatch, with what to do about it.
+    Tls(String),
+}
+
+/// Opens a connection to `address`, under TLS when `tls` is given (TCP only).
+pub async fn connect(
+    address: &Address,
+    tls: Option<&ClientTls>,
+) -> std::result::Result<(BoxRead, BoxWrite), ConnectError> {
     match address {
         Address::Tcp { host, port } => {
-            let stream = TcpStream::connect((host.as_str(), *port)).await?;
-            stream.set_nodelay(true)?;
-            let (r, w) = stream.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            let stream = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(ConnectError::Unreachable)?;
+            stream
+                .set_nodelay(true)
+                .map_err(ConnectError::Unreachable)?;
+            match tls {
+                None => {
+                    let (r, w) = stream.into_split();
+                    Ok((Box::new(r), Box::new(w)))
+                }
+                Some(tls) => tls.connect(stream).await.map_err(|e| {
+                    ConnectError::Tls(tls.explain(&e).unwrap_or_else(|| {
+                        format!(
+                            "the TLS handshake did not complete ({e}); check that the controller uses TLS (tls_cert and tls_key)"
+                        )
+                    }))
+                }),
+            }
         }
         #[cfg(unix)]
         Address::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path).await?;
+            if tls.is_some() {
+                return Err(ConnectError::Tls(UNIX_NO_TLS.into()));
+            }
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(ConnectError::Unreachable)?;
             let (r, w) = stream.into_split();
             Ok((Box::new(r), Box::new(w)))
         }
         #[cfg(not(unix))]
-        Address::Unix(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
+        Address::Unix(_) => Err(ConnectError::Unreachable(io::Error::new(
+            io::ErrorKind::Unsupported,
             "Unix sockets are not available on this platform; use host and port",
-        )),
+        ))),
     }
 }
+
+/// Why TLS and a Unix socket do not go together.
+pub const UNIX_NO_TLS: &str =
+    "TLS is for TCP; a Unix socket is protected by its file permissions (see docs/SECURITY.md)";
 
 /// A bound listening socket.
 pub enum Listener {
@@ -91,8 +132,12 @@ impl Drop for UnixSocketFile {
 
 impl Listener {
     /// Binds `address`. For TCP port 0 a free port is chosen (see [`Listener::local_address`]).
-    /// For a Unix socket the directory is created owner-only, a stale socket file left by a
-    /// dead controller is replaced, and a live one is refused.
+    ///
+    /// For a Unix socket: a missing directory is created owner-only (0700); an existing
+    /// one that other users may write to (and that is not sticky, like `/tmp`) is refused,
+    /// since they could replace the socket. A stale socket file left by a dead controller
+    /// is replaced; a live one is refused. The socket file is owner-only (0600) from the
+    /// moment it appears at `path`, whatever the umask.
     pub async fn bind(address: &Address) -> Result<Listener> {
         let bind_err = |source| Error::Bind {
             address: address.to_string(),
@@ -108,8 +153,7 @@ impl Listener {
             #[cfg(unix)]
             Address::Unix(path) => {
                 prepare_unix_path(path).await.map_err(bind_err)?;
-                let l = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
-                restrict_to_owner(path, 0o600).map_err(bind_err)?;
+                let l = unix::bind_owner_only(path).map_err(bind_err)?;
                 Ok(Listener::Unix(l, UnixSocketFile(path.clone())))
             }
             #[cfg(not(unix))]
@@ -134,52 +178,219 @@ impl Listener {
         }
     }
 
-    /// Accepts the next connection; returns its halves and a description of the peer.
-    pub async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    /// Accepts the next connection. Nothing is read from it yet: the TLS handshake (if
+    /// any) happens in [`Incoming::open`], in the connection's own task and under its
+    /// handshake deadline, so that a slow peer never holds up the accept loop.
+    pub async fn accept(&self) -> io::Result<Incoming> {
         match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 stream.set_nodelay(true)?;
-                let (r, w) = stream.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                Ok(Incoming {
+                    stream: RawStream::Tcp(stream),
+                    peer: peer.to_string(),
+                })
             }
             #[cfg(unix)]
             Listener::Unix(l, file) => {
                 let (stream, _) = l.accept().await?;
-                let (r, w) = stream.into_split();
-                Ok((Box::new(r), Box::new(w), file.0.display().to_string()))
+                let who = match stream.peer_cred() {
+                    Ok(c) => match c.pid() {
+                        Some(pid) => format!(" (uid {}, pid {pid})", c.uid()),
+                        None => format!(" (uid {})", c.uid()),
+                    },
+                    Err(_) => String::new(),
+                };
+                Ok(Incoming {
+                    stream: RawStream::Unix(stream),
+                    peer: format!("unix:{}{who}", file.0.display()),
+                })
             }
         }
     }
 }
 
-#[cfg(unix)]
-async fn prepare_unix_path(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            restrict_to_owner(dir, 0o700)?;
+/// An accepted connection from which nothing has been read.
+pub struct Incoming {
+    stream: RawStream,
+    peer: String,
+}
+
+enum RawStream {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+/// A connection ready for the protocol.
+pub enum Opened {
+    /// Under TLS when the listener has it, plaintext otherwise.
+    Ready(BoxRead, BoxWrite),
+    /// The listener requires TLS, but the peer began with something other than a TLS
+    /// handshake. The plaintext halves let the protocol tell it so before closing.
+    NotTls(BoxRead, BoxWrite),
+}
+
+impl Incoming {
+    /// Who connected: the TCP peer address, or the socket path with the peer's uid and
+    /// pid on a Unix socket.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Runs the TLS handshake when `tls` is given (TCP only; a Unix socket is always
+    /// plaintext). Callers bound it with their handshake deadline.
+    pub async fn open(self, tls: Option<&ServerTls>) -> io::Result<Opened> {
+        match (self.stream, tls) {
+            (RawStream::Tcp(stream), None) => {
+                let (r, w) = stream.into_split();
+                Ok(Opened::Ready(Box::new(r), Box::new(w)))
+            }
+            (RawStream::Tcp(stream), Some(tls)) => {
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed before the TLS handshake",
+                    ));
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    let (r, w) = stream.into_split();
+                    return Ok(Opened::NotTls(Box::new(r), Box::new(w)));
+                }
+                let (r, w) = tls.accept(stream).await?;
+                Ok(Opened::Ready(r, w))
+            }
+            #[cfg(unix)]
+            (RawStream::Unix(stream), _) => {
+                let (r, w) = stream.into_split();
+                Ok(Opened::Ready(Box::new(r), Box::new(w)))
+            }
         }
     }
-    if path.exists() {
-        match tokio::net::UnixStream::connect(path).await {
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "a live controller already listens on this socket",
+}
+
+/// Creates or checks the socket's directory, and clears a stale socket file.
+#[cfg(unix)]
+async fn prepare_unix_path(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => unix::create_private_dir(dir)?,
+            Err(e) => return Err(e),
+            Ok(meta) if !meta.is_dir() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("`{}` is not a directory", dir.display()),
                 ))
             }
-            Err(_) => {
-                tracing::info!(path = %path.display(), "replacing a stale socket file");
-                std::fs::remove_file(path)?;
+            Ok(meta) => {
+                let mode = meta.permissions().mode();
+                let sticky = mode & 0o1000 != 0;
+                if mode & 0o002 != 0 && !sticky {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "the directory `{}` (mode {:o}) is writable by every user and not sticky: anyone could replace the socket; use a directory only you can write to (chmod 700)",
+                            dir.display(),
+                            mode & 0o7777
+                        ),
+                    ));
+                }
+                if mode & 0o020 != 0 && !sticky {
+                    tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o7777),
+                        "the socket directory is group-writable: members of its group could replace the socket");
+                }
             }
         }
     }
-    Ok(())
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "`{}` exists and is not a socket; remove it or choose another unix_sock_path",
+                path.display()
+            ),
+        ));
+    }
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::UnixStream::connect(path),
+    )
+    .await;
+    match probe {
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "replacing a stale socket file");
+            std::fs::remove_file(path)
+        }
+        Ok(Err(e)) => Err(e),
+        // Connected, or so busy it did not answer: a controller lives there.
+        Ok(Ok(_)) | Err(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "a live controller already listens on this socket",
+        )),
+    }
 }
 
 #[cfg(unix)]
-fn restrict_to_owner(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+mod unix {
+    use std::io;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::path::Path;
+
+    /// Creates `dir` (and missing parents) with mode 0700, whatever the umask.
+    pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+
+    /// Binds a socket that is owner-only from the moment it appears at `path`: it is
+    /// bound in a private staging directory, restricted to 0600, then hard-linked into
+    /// place (which fails, rather than replaces, if another controller got there first).
+    /// Where that is impossible (a path near the length limit, a file system without
+    /// hard links) it binds in place and restricts the file right after.
+    pub fn bind_owner_only(path: &Path) -> io::Result<tokio::net::UnixListener> {
+        match bind_staged(path) {
+            Ok(l) => Ok(l),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another controller bound this socket at the same moment",
+            )),
+            Err(e) => {
+                tracing::debug!(error = %e, "staged bind failed; binding in place");
+                let l = tokio::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                Ok(l)
+            }
+        }
+    }
+
+    fn bind_staged(path: &Path) -> io::Result<tokio::net::UnixListener> {
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let staging = dir.join(format!(
+            ".daffi-bind-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+        let staged = staging.join("s");
+        let bound = (|| {
+            let l = tokio::net::UnixListener::bind(&staged)?;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::hard_link(&staged, path)?;
+            Ok(l)
+        })();
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_dir(&staging);
+        bound
+    }
 }

@@ -16,9 +16,10 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::error::Result;
+use crate::auth::AuthToken;
+use crate::error::{Error, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
-use crate::transport::{Address, Listener};
+use crate::transport::{Address, Listener, ServerTls, UNIX_NO_TLS};
 use session::Shared;
 
 /// Settings of a controller.
@@ -27,10 +28,16 @@ use session::Shared;
 pub struct ControllerConfig {
     /// Largest frame accepted, prefix excluded. Default: 128 MiB.
     pub max_frame_size: usize,
-    /// How long a new connection may take to say who it is. Default: 5 s.
+    /// How long a new connection may take to say who it is, TLS handshake included.
+    /// Default: 5 s.
     pub handshake_timeout: Duration,
     /// Connections served at once; more are closed on accept. Default: 10,000.
     pub max_connections: usize,
+    /// TLS on a TCP listener (certificate, and optionally the CA of client
+    /// certificates). Default: none, plaintext.
+    pub tls: Option<Arc<ServerTls>>,
+    /// The token every node must present in its `Hello`. Default: none, no check.
+    pub auth_token: Option<AuthToken>,
 }
 
 impl Default for ControllerConfig {
@@ -39,6 +46,8 @@ impl Default for ControllerConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             handshake_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            tls: None,
+            auth_token: None,
         }
     }
 }
@@ -57,6 +66,9 @@ impl ControllerHandle {
         config: ControllerConfig,
         runtime: &Handle,
     ) -> Result<ControllerHandle> {
+        if config.tls.is_some() && matches!(address, Address::Unix(_)) {
+            return Err(Error::Config(UNIX_NO_TLS.into()));
+        }
         let listener = Listener::bind(address).await?;
         let address = listener.local_address()?;
         let (shutdown, stop_rx) = watch::channel(false);
@@ -73,7 +85,12 @@ impl ControllerHandle {
             members,
             calls,
         });
-        tracing::info!(%address, "controller listening");
+        tracing::info!(
+            %address,
+            tls = config_tls(&shared.config),
+            auth_token = shared.config.auth_token.is_some(),
+            "controller listening"
+        );
         runtime.spawn(accept_loop(listener, shared, stop_rx));
         Ok(ControllerHandle { address, shutdown })
     }
@@ -95,6 +112,14 @@ impl Drop for ControllerHandle {
     }
 }
 
+fn config_tls(config: &ControllerConfig) -> &'static str {
+    match &config.tls {
+        None => "off",
+        Some(tls) if tls.requires_client_certificates() => "on, client certificates required",
+        Some(_) => "on",
+    }
+}
+
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let next_conn_id = AtomicU64::new(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(
@@ -111,7 +136,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
         match accepted {
             Ok(conn) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(peer = %conn.2, limit = shared.config.max_connections, "refused a connection: too many connections");
+                    tracing::warn!(peer = %conn.peer(), limit = shared.config.max_connections, "refused a connection: too many connections");
                     continue; // dropping the halves closes it
                 };
                 let conn_id = next_conn_id.fetch_add(1, Ordering::Relaxed);

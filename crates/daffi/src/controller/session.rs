@@ -1,9 +1,11 @@
 //! One node's connection to the controller: handshake, then routing its frames.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::counters::{CallCounts, Tally};
 use super::members::{Destination, Members};
@@ -15,8 +17,8 @@ use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
-use crate::protocol::{MAGIC, MAX_PROCESS_NAME, PROTOCOL_VERSION};
-use crate::transport::{BoxRead, BoxWrite};
+use crate::protocol::{MAGIC, MAX_HELLO_SIZE, MAX_PROCESS_NAME, PROTOCOL_VERSION};
+use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
 /// Frames queued for one connection before forwarding to it waits.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -33,22 +35,46 @@ pub struct Shared {
 pub async fn serve(
     shared: Arc<Shared>,
     conn_id: u64,
-    (read, write, peer): (BoxRead, BoxWrite, String),
+    incoming: Incoming,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let peer = incoming.peer().to_string();
+    // One deadline for the whole opening: TLS handshake, preamble and Hello. A peer that
+    // stays silent, or trickles bytes, is dropped when it passes.
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let (read, write, tls_required) = match timeout_at(
+        deadline,
+        incoming.open(shared.config.tls.as_deref()),
+    )
+    .await
+    {
+        Ok(Ok(Opened::Ready(r, w))) => (r, w, false),
+        Ok(Ok(Opened::NotTls(r, w))) => (r, w, true),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "refused a connection: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "closed a connection that did not complete its TLS handshake in time");
+            return;
+        }
+    };
     let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
     let writer = tokio::spawn(write_loop(write, rx));
-    let mut reader = FrameReader::new(read, shared.config.max_frame_size);
+    // Until the peer is authenticated, it cannot make the controller buffer more than a
+    // Hello's worth of bytes.
+    let mut reader = FrameReader::new(read, shared.config.max_frame_size.min(MAX_HELLO_SIZE));
 
-    let hello = match timeout(shared.config.handshake_timeout, handshake(&mut reader)).await {
+    let opening = handshake(&mut reader, &shared.config, tls_required);
+    let hello = match timeout_at(deadline, opening).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(refusal)) => {
-            tracing::warn!(%peer, reason = %refusal.message, "refused a connection");
-            if refusal.code != RefuseCode::BadHello {
-                let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+            tracing::warn!(%peer, code = ?refusal.code, reason = %refusal.message, "refused a connection");
+            if refusal.code == RefuseCode::BadHello {
+                // Not a daffi node: no answer.
+                return;
             }
-            drop(queue);
-            let _ = writer.await;
+            refuse(reader, queue, writer, refusal).await;
             return;
         }
         Err(_) => {
@@ -56,6 +82,7 @@ pub async fn serve(
             return;
         }
     };
+    reader.set_max_frame_size(shared.config.max_frame_size);
 
     let name = hello.process_name;
     let joined = shared
@@ -74,9 +101,7 @@ pub async fn serve(
             message: format!("process name `{name}` is already connected"),
         };
         tracing::warn!(%peer, process = %name, "refused a duplicate process name");
-        let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
-        drop(queue);
-        let _ = writer.await;
+        refuse(reader, queue, writer, refusal).await;
         return;
     }
     tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
@@ -104,6 +129,11 @@ pub async fn serve(
                 }
             }
             Ok(None) => break "connection closed".to_string(),
+            // A TLS peer that closed without `close_notify` (a node that stopped or
+            // died) closed like any other: every frame before it was complete.
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "connection closed".to_string()
+            }
             Err(e) => break format!("bad input: {e}"),
         }
     };
@@ -119,10 +149,41 @@ pub async fn serve(
 }
 
 /// How long a closing connection may take to flush what was queued for it.
-const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+const WRITER_DRAIN: Duration = Duration::from_secs(1);
 
-/// Reads the preamble and the `Hello`, and checks them.
-async fn handshake(reader: &mut FrameReader<BoxRead>) -> Result<Hello, Refused> {
+/// After a refusal, how long, and how many bytes, the controller keeps reading (and
+/// discarding) what the peer had already sent, so that closing does not reset the
+/// connection before the peer has read the `Refused` frame.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: u64 = 256 * 1024;
+
+/// Sends `refusal`, closes the writing side, then discards what the peer still sends
+/// (bounded) until it closes too. Nothing read here is looked at.
+async fn refuse(
+    reader: FrameReader<BoxRead>,
+    queue: mpsc::Sender<Outgoing>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    refusal: Refused,
+) {
+    let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+    drop(queue);
+    let abort = writer.abort_handle();
+    if timeout(WRITER_DRAIN, writer).await.is_err() {
+        abort.abort();
+        return;
+    }
+    let mut rest = reader.into_inner().take(LINGER_BYTES);
+    let _ = timeout(LINGER, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
+}
+
+/// Reads the preamble and the `Hello`, and checks them: the token first, before
+/// anything in the `Hello` is acted on. `tls_required`: the listener requires TLS and
+/// this peer began in plaintext; a daffi node is told so, anything else is dropped.
+async fn handshake(
+    reader: &mut FrameReader<BoxRead>,
+    config: &ControllerConfig,
+    tls_required: bool,
+) -> Result<Hello, Refused> {
     let bad = |message: String| Refused {
         code: RefuseCode::BadHello,
         message,
@@ -132,6 +193,11 @@ async fn handshake(reader: &mut FrameReader<BoxRead>) -> Result<Hello, Refused> 
         .await
         .map_err(|e| bad(format!("no preamble: {e}")))?;
     if preamble[..4] != MAGIC {
+        if preamble[0] == TLS_HANDSHAKE_RECORD {
+            return Err(bad(
+                "the peer began a TLS handshake, but this controller has no certificate (tls_cert and tls_key)".into(),
+            ));
+        }
         return Err(bad("not a daffi client (wrong magic bytes)".into()));
     }
     let version = u16::from_be_bytes([preamble[4], preamble[5]]);
@@ -149,8 +215,28 @@ async fn handshake(reader: &mut FrameReader<BoxRead>) -> Result<Hello, Refused> 
         Ok(None) | Err(ReadError::Eof) => return Err(bad("closed during the handshake".into())),
         Err(e) => return Err(bad(format!("bad Hello frame: {e}"))),
     };
+    if tls_required {
+        return Err(Refused {
+            code: RefuseCode::TlsRequired,
+            message: "this controller requires TLS; give the node tls_ca (or tls(true) to trust the system's roots)".into(),
+        });
+    }
     let hello: Hello =
         message::decode(&frame.payload()).map_err(|e| bad(format!("undecodable Hello: {e}")))?;
+    // Before the name is even looked at: an unauthenticated peer can neither take nor
+    // probe process names.
+    if let Some(expected) = &config.auth_token {
+        if !expected.matches(hello.auth_token.as_deref()) {
+            let message = match hello.auth_token {
+                None => "this controller requires an auth token, and the node sent none",
+                Some(_) => "wrong auth token",
+            };
+            return Err(Refused {
+                code: RefuseCode::Auth,
+                message: message.into(),
+            });
+        }
+    }
     if hello.process_name.is_empty() || hello.process_name.len() > MAX_PROCESS_NAME {
         return Err(Refused {
             code: RefuseCode::InvalidName,

@@ -9,14 +9,14 @@ use tokio::time::timeout;
 
 use super::{executor, Connection, NodeCore};
 use crate::error::Error;
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR};
-use crate::protocol::io::{write_loop, FrameReader, Outgoing};
+use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
+use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
 };
-use crate::protocol::{MAGIC, PROTOCOL_VERSION};
-use crate::transport::{self, BoxRead};
+use crate::protocol::{MAGIC, MAX_HELLO_SIZE, PROTOCOL_VERSION};
+use crate::transport::{self, BoxRead, ConnectError};
 
 /// How long a closing link may take to flush what was queued.
 const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -39,31 +39,62 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         address: address.to_string(),
         reason,
     };
-    let (read, mut write) = transport::connect(address)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tls_failed = |message: String| Error::Tls {
+        address: address.to_string(),
+        message,
+    };
+    let tls = core.config.tls.as_deref();
+    let limit = core.config.handshake_timeout;
+    let (read, mut write) = match timeout(limit, transport::connect(address, tls)).await {
+        Ok(Ok(halves)) => halves,
+        Ok(Err(ConnectError::Unreachable(e))) => return Err(unreachable(e.to_string())),
+        Ok(Err(ConnectError::Tls(message))) => return Err(tls_failed(message)),
+        Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
+    };
 
-    let hello = message::encode(&Hello {
+    let mut hello = Hello {
         process_name: core.name.to_string(),
-        auth_token: core.config.auth_token.clone(),
+        auth_token: core
+            .config
+            .auth_token
+            .as_ref()
+            .map(|t| t.expose().to_string()),
         callbacks,
-    });
-    let mut opening = Vec::with_capacity(6 + 64 + hello.len());
+    };
+    let mut body = message::encode(&hello);
+    if Header::control(Kind::Hello).frame_len(body.len()) - LEN_PREFIX > MAX_HELLO_SIZE {
+        // Too many callbacks for a Hello: they follow in the Announce sent on connect.
+        hello.callbacks.clear();
+        body = message::encode(&hello);
+    }
+    let mut opening = Vec::with_capacity(6 + 64 + body.len());
     opening.extend_from_slice(&MAGIC);
     opening.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    opening.extend_from_slice(&Header::control(Kind::Hello).encode(hello.len()));
-    opening.extend_from_slice(&hello);
-    write
-        .write_all(&opening)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    opening.extend_from_slice(&Header::control(Kind::Hello).encode(body.len()));
+    opening.extend_from_slice(&body);
+    // A failed write is reported only if no answer can be read: a controller that
+    // refused the TLS session may have closed before the write, and its alert is the
+    // better explanation.
+    let sent = write.write_all(&opening).await;
 
     let mut reader = FrameReader::new(read, core.config.max_frame_size);
-    let first = timeout(core.config.handshake_timeout, reader.next())
-        .await
-        .map_err(|_| unreachable("no answer to the handshake".into()))?
-        .map_err(|e| unreachable(format!("handshake failed: {e}")))?
-        .ok_or_else(|| unreachable("closed during the handshake".into()))?;
+    let first = match timeout(limit, reader.next()).await {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Err(ReadError::Io(e))) => {
+            return Err(match tls.and_then(|t| t.explain(&e)) {
+                Some(message) => tls_failed(message),
+                None => unreachable(format!("handshake failed: {e}")),
+            })
+        }
+        Ok(Err(e)) => return Err(unreachable(format!("handshake failed: {e}"))),
+        Ok(Ok(None)) => {
+            return Err(match sent {
+                Err(e) => unreachable(format!("handshake failed: {e}")),
+                Ok(()) => unreachable("closed during the handshake".into()),
+            })
+        }
+        Err(_) => return Err(unreachable("no answer to the handshake".into())),
+    };
     let protocol = |message: String| Error::Protocol {
         peer: address.to_string(),
         message,
@@ -88,6 +119,11 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
                 RefuseCode::DuplicateName => Error::DuplicateProcessName {
                     process: core.name.to_string(),
                 },
+                RefuseCode::Auth => Error::AuthenticationFailed {
+                    address: address.to_string(),
+                    reason: refused.message,
+                },
+                RefuseCode::TlsRequired => tls_failed(refused.message),
                 _ => Error::Refused {
                     reason: refused.message,
                 },

@@ -17,13 +17,14 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
 use crate::protocol::io::Outgoing;
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
-use crate::transport::Address;
+use crate::transport::{Address, ClientTls};
 pub use caller::NodeOutcome;
 pub use membership::{Changes, Membership};
 use pending::Pending;
@@ -35,13 +36,15 @@ pub struct NodeConfig {
     pub max_frame_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub auth_token: Option<String>,
     /// Calls this node may have in flight at once; more wait for a slot.
     pub max_in_flight: usize,
     /// Callbacks this node runs at once; more are refused with `Overloaded`.
     pub max_concurrent_callbacks: usize,
     /// How long `stop` lets running callbacks finish.
     pub stop_timeout: Duration,
+    pub auth_token: Option<AuthToken>,
+    /// TLS to the controller (TCP only); `None`: plaintext.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// One call to make.
@@ -368,11 +371,16 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 core.report(changes);
             }
             Err(e) => {
+                // Refusals a retry cannot fix: fail `start` at once rather than after
+                // `connect_timeout`. Once connected, the node keeps trying (the
+                // controller may come back configured as before).
                 let fatal = matches!(
                     e,
                     Error::DuplicateProcessName { .. }
                         | Error::Refused { .. }
                         | Error::Protocol { .. }
+                        | Error::AuthenticationFailed { .. }
+                        | Error::Tls { .. }
                 );
                 match first.take() {
                     Some(tx) if fatal || Instant::now() >= give_up_at => {
@@ -381,7 +389,11 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     }
                     still_first => first = still_first,
                 }
-                tracing::debug!(process = %core.name, error = %e, "connecting to the controller failed; retrying");
+                if matches!(e, Error::AuthenticationFailed { .. } | Error::Tls { .. }) {
+                    tracing::warn!(process = %core.name, error = %e, "the controller refused this node; retrying");
+                } else {
+                    tracing::debug!(process = %core.name, error = %e, "connecting to the controller failed; retrying");
+                }
             }
         }
         let mut stopping = core.stopped.subscribe();

@@ -84,6 +84,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.max_frame_size = limit;
     }
 
+    /// The underlying reader; bytes already buffered are dropped.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Reads exactly `n` raw bytes (the handshake preamble).
     pub async fn read_exact_bytes(&mut self, n: usize) -> Result<Bytes, ReadError> {
         while self.buf.len() < n {

@@ -51,6 +51,8 @@ pub enum RefuseCode {
     Auth,
     /// The first frame was not a valid `Hello`.
     BadHello,
+    /// The controller requires TLS and the node connected in plaintext.
+    TlsRequired,
 }
 
 /// `Refused`: the handshake failed.

@@ -1,0 +1,1034 @@
+//! Security between real processes: TLS with certificates made here by rcgen, mutual
+//! TLS, the auth token, and Unix socket files.
+//!
+//! Controllers run in child processes (this binary, re-run in a role) so that their log
+//! lines can be read: each refusal must be logged with the peer's address.
+
+mod common;
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use common::{unique, WAIT};
+use daffi::protocol::frame::{Frame, Header, Kind};
+use daffi::protocol::message::{self, Hello, RefuseCode, Refused};
+use daffi::protocol::{MAGIC, PROTOCOL_VERSION};
+use daffi::{callback, Address, Error, Global, GlobalBuilder};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// The ignored test that runs child processes.
+const ENTRY: &str = "security_process";
+
+// Environment of a child process, besides common's role, name and address.
+const ENV_TLS_CERT: &str = "DAFFI_TEST_TLS_CERT";
+const ENV_TLS_KEY: &str = "DAFFI_TEST_TLS_KEY";
+const ENV_TLS_CLIENT_CA: &str = "DAFFI_TEST_TLS_CLIENT_CA";
+const ENV_TLS_CA: &str = "DAFFI_TEST_TLS_CA";
+const ENV_TLS_CLIENT_CERT: &str = "DAFFI_TEST_TLS_CLIENT_CERT";
+const ENV_TLS_CLIENT_KEY: &str = "DAFFI_TEST_TLS_CLIENT_KEY";
+const ENV_TOKEN: &str = "DAFFI_AUTH_TOKEN";
+
+/// Extra environment variables for a child.
+type Env = Vec<(&'static str, OsString)>;
+
+// ---- callbacks, served by every process of this binary -------------------------------
+
+#[callback]
+fn sec_add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[callback]
+fn sec_len(text: String) -> usize {
+    text.len()
+}
+
+static PROBES: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[callback]
+fn probe(n: u64) {
+    PROBES.lock().expect("lock").push(n);
+}
+
+#[callback]
+fn probes() -> Vec<u64> {
+    PROBES.lock().expect("lock").clone()
+}
+
+// ---- child processes -----------------------------------------------------------------
+
+/// Runs a controller or a worker when started by a test; ignored in normal runs.
+#[test]
+#[ignore = "helper: tests start it as a child process"]
+fn security_process() {
+    let Ok(role) = std::env::var(common::ENV_ROLE) else {
+        eprintln!("security_process is started by other tests; nothing to do alone");
+        return;
+    };
+    common::exit_when_parent_dies();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter("info")
+        .try_init();
+    let env = |key: &str| std::env::var(key).ok();
+    let mut b = common::builder_for(&common::address_from_env());
+    b = match role.as_str() {
+        "controller" => {
+            b = b.init_controller(true).init_node(false);
+            if let (Some(cert), Some(key)) = (env(ENV_TLS_CERT), env(ENV_TLS_KEY)) {
+                b = b.tls_cert(cert).tls_key(key);
+            }
+            if let Some(ca) = env(ENV_TLS_CLIENT_CA) {
+                b = b.tls_client_ca(ca);
+            }
+            b
+        }
+        "worker" => {
+            b = b.process_name(std::env::var(common::ENV_NAME).expect("worker name"));
+            if let Some(ca) = env(ENV_TLS_CA) {
+                b = b.tls_ca(ca);
+            }
+            if let (Some(cert), Some(key)) = (env(ENV_TLS_CLIENT_CERT), env(ENV_TLS_CLIENT_KEY)) {
+                b = b.tls_client_cert(cert).tls_client_key(key);
+            }
+            b
+        }
+        other => panic!("unknown role {other}"),
+    };
+    match b.start() {
+        Ok(g) => {
+            println!("ready {}", encode_address(g.address()));
+            std::io::stdout().flush().expect("flush");
+            g.join().expect("join");
+        }
+        Err(e) => {
+            println!("failed {e}");
+            std::io::stdout().flush().expect("flush");
+        }
+    }
+}
+
+fn encode_address(address: &Address) -> String {
+    match address {
+        Address::Tcp { host, port } => format!("tcp:{host}:{port}"),
+        Address::Unix(path) => format!("unix:{}", path.display()),
+    }
+}
+
+/// A child process of this binary, with its stdout and stderr read line by line.
+struct Child {
+    name: String,
+    child: std::process::Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Child {
+    fn spawn(role: &str, name: &str, address: &str, env: &Env) -> Child {
+        let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+        cmd.args([ENTRY, "--exact", "--ignored", "--nocapture", "--quiet"])
+            .env(common::ENV_ROLE, role)
+            .env(common::ENV_NAME, name)
+            .env(common::ENV_ADDR, address)
+            .env("RUST_BACKTRACE", "0")
+            .env_remove(ENV_TOKEN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn child");
+        let lines = |r: Box<dyn Read + Send>| {
+            let (tx, rx) = channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().expect("piped")));
+        let stderr = lines(Box::new(child.stderr.take().expect("piped")));
+        Child {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for the child to report `ready <address>` (returned) or `failed <why>`.
+    fn ready(&mut self) -> std::result::Result<String, String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(address) = line.strip_prefix("ready ") {
+                        return Ok(address.to_string());
+                    }
+                    if let Some(why) = line.strip_prefix("failed ") {
+                        return Err(why.to_string());
+                    }
+                }
+                Err(_) => panic!(
+                    "{} said neither ready nor failed within {WAIT:?}",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    /// Waits for a log line (stderr) containing every one of `parts`; returns it.
+    fn log_line(&mut self, parts: &[&str]) -> String {
+        let matches = |line: &str| parts.iter().all(|p| line.contains(p));
+        if let Some(line) = self.seen.iter().find(|l| matches(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if matches(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "{} logged no line with {parts:?} within {WAIT:?}; it logged:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Kills the process (like a crash: no cleanup) and waits for it to be gone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A controller in a child process.
+struct Controller {
+    process: Child,
+    address: Address,
+}
+
+impl Controller {
+    /// Starts a controller on `address` (`tcp:127.0.0.1:0` for a free TCP port).
+    fn start(address: &str, env: &Env) -> Controller {
+        Controller::try_start(address, env).unwrap_or_else(|e| panic!("controller failed: {e}"))
+    }
+
+    fn try_start(address: &str, env: &Env) -> std::result::Result<Controller, String> {
+        let mut process = Child::spawn("controller", "controller", address, env);
+        let bound = process.ready()?;
+        let address = parse_address(&bound);
+        Ok(Controller { process, address })
+    }
+
+    fn tcp(env: &Env) -> Controller {
+        Controller::start("tcp:127.0.0.1:0", env)
+    }
+
+    fn encoded(&self) -> String {
+        encode_address(&self.address)
+    }
+
+    /// A node builder aimed at this controller.
+    fn node(&self, name: &str) -> GlobalBuilder {
+        common::builder_for(&self.address).process_name(name)
+    }
+
+    /// Starts a worker child that connects with `env`, and waits until it is connected.
+    fn worker(&self, name: &str, env: &Env) -> Child {
+        let mut w = Child::spawn("worker", name, &self.encoded(), env);
+        if let Err(e) = w.ready() {
+            panic!("worker {name} failed to start: {e}");
+        }
+        w
+    }
+
+    fn log_line(&mut self, parts: &[&str]) -> String {
+        self.process.log_line(parts)
+    }
+}
+
+fn parse_address(raw: &str) -> Address {
+    if let Some(path) = raw.strip_prefix("unix:") {
+        return Address::Unix(PathBuf::from(path));
+    }
+    let rest = raw.strip_prefix("tcp:").expect("tcp: or unix:");
+    let (host, port) = rest.rsplit_once(':').expect("host:port");
+    Address::Tcp {
+        host: host.to_string(),
+        port: port.parse().expect("port"),
+    }
+}
+
+fn tcp_port(address: &Address) -> u16 {
+    match address {
+        Address::Tcp { port, .. } => *port,
+        Address::Unix(_) => panic!("not TCP"),
+    }
+}
+
+// ---- certificates --------------------------------------------------------------------
+
+/// A CA with a server certificate (for 127.0.0.1 and localhost) and a client
+/// certificate, plus an unrelated CA with its own client certificate; all PEM files.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join("daffi-tests").join(unique("pki"));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let write =
+            |name: &str, pem: String| std::fs::write(dir.join(name), pem).expect("write pem");
+
+        let ca = make_ca("daffi test CA");
+        write("ca.pem", ca.pem());
+        let (cert, key) = make_leaf(
+            &ca,
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        write("server.pem", cert);
+        write("server.key", key);
+        let (cert, key) = make_leaf(
+            &ca,
+            &["node.daffi.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        write("client.pem", cert);
+        write("client.key", key);
+
+        let other = make_ca("another CA");
+        write("other-ca.pem", other.pem());
+        let (cert, key) = make_leaf(
+            &other,
+            &["node.daffi.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        write("other-client.pem", cert);
+        write("other-client.key", key);
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The environment of a TLS controller (and, with `mutual`, of one that asks for
+    /// client certificates).
+    fn controller_env(&self, mutual: bool) -> Env {
+        let mut env = vec![
+            (ENV_TLS_CERT, self.path("server.pem").into()),
+            (ENV_TLS_KEY, self.path("server.key").into()),
+        ];
+        if mutual {
+            env.push((ENV_TLS_CLIENT_CA, self.path("ca.pem").into()));
+        }
+        env
+    }
+
+    /// The environment of a worker that trusts the CA (and presents a client certificate).
+    fn worker_env(&self, client_cert: bool) -> Env {
+        let mut env = vec![(ENV_TLS_CA, self.path("ca.pem").into())];
+        if client_cert {
+            env.push((ENV_TLS_CLIENT_CERT, self.path("client.pem").into()));
+            env.push((ENV_TLS_CLIENT_KEY, self.path("client.key").into()));
+        }
+        env
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn make_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA")
+}
+
+fn make_leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("leaf params");
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![usage];
+    let cert = params.signed_by(&key, issuer).expect("sign leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+// ---- raw sockets ---------------------------------------------------------------------
+
+/// The preamble and a `Hello` frame, written by hand.
+fn opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
+    let body = message::encode(&Hello {
+        process_name: name.to_string(),
+        auth_token: token.map(str::to_string),
+        callbacks: callbacks.iter().map(|c| c.to_string()).collect(),
+    });
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out.extend_from_slice(&Header::control(Kind::Hello).encode(body.len()));
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A `Request` frame, written by hand.
+fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -> Vec<u8> {
+    let body = rmp_serde::to_vec(args).expect("encode args");
+    let header = Header {
+        kind: Kind::Request,
+        flags: 0,
+        call_id: 7,
+        timeout_ms: 0,
+        src,
+        dst,
+        name: callback,
+    };
+    let mut out = header.encode(body.len()).to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads one frame, then expects the controller to close the connection.
+fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .expect("a frame from the controller");
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut rest).expect("the whole frame");
+    let mut raw = len.to_vec();
+    raw.extend_from_slice(&rest);
+    let frame = Frame::parse(raw.into()).expect("a valid frame");
+    let mut more = [0u8; 1];
+    match stream.read(&mut more) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the controller to close the connection, got {other:?}"),
+    }
+    frame
+}
+
+fn refused(frame: &Frame) -> Refused {
+    assert_eq!(frame.kind(), Kind::Refused, "expected Refused");
+    message::decode(&frame.payload()).expect("a Refused payload")
+}
+
+/// Asserts that `start` failed at once (not after `connect_timeout` of retries) and
+/// returns the error.
+fn fails_fast(what: &str, builder: GlobalBuilder) -> Error {
+    let began = Instant::now();
+    let outcome = builder.connect_timeout(WAIT).start();
+    let took = began.elapsed();
+    let e = match outcome {
+        Ok(_) => panic!("{what}: the node was let in"),
+        Err(e) => e,
+    };
+    assert!(
+        took < WAIT,
+        "{what}: refused only after {took:?} of retries: {e}"
+    );
+    e
+}
+
+// ---- TLS -----------------------------------------------------------------------------
+
+#[test]
+fn calls_work_over_tls() {
+    let pki = Pki::new();
+    let ctl = Controller::tcp(&pki.controller_env(false));
+    let worker = unique("tls-worker");
+    let _w = ctl.worker(&worker, &pki.worker_env(false));
+    let caller = ctl
+        .node(&unique("tls-caller"))
+        .tls_ca(pki.path("ca.pem"))
+        .start()
+        .expect("caller connects over TLS");
+    caller
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+    let sum: i64 = caller
+        .call("sec_add")
+        .args((2, 3))
+        .on(&worker)
+        .fg()
+        .expect("call");
+    assert_eq!(sum, 5);
+    // Large enough to span many TLS records each way.
+    let text = "x".repeat(3 * 1024 * 1024);
+    let len: usize = caller
+        .call("sec_len")
+        .args((text,))
+        .on(&worker)
+        .fg()
+        .expect("large call");
+    assert_eq!(len, 3 * 1024 * 1024);
+    // The controller checks the name: `localhost` is in the certificate too.
+    let by_name = Global::builder()
+        .host("localhost")
+        .port(tcp_port(&ctl.address))
+        .process_name(unique("by-name"))
+        .tls_ca(pki.path("ca.pem"))
+        .connect_timeout(WAIT)
+        .start();
+    // `localhost` may resolve to ::1 first, where nothing listens; it falls back to
+    // 127.0.0.1, so the node must get in.
+    by_name.expect("a node connecting by host name verifies the certificate");
+}
+
+#[test]
+fn a_global_running_both_sides_uses_tls_for_its_own_node() {
+    let pki = Pki::new();
+    let g = Global::builder()
+        .host("127.0.0.1")
+        .process_name(unique("both"))
+        .init_controller(true)
+        .tls_cert(pki.path("server.pem"))
+        .tls_key(pki.path("server.key"))
+        .tls_ca(pki.path("ca.pem"))
+        .start()
+        .expect("controller and node over TLS");
+    let address = encode_address(g.address());
+    let worker = unique("both-worker");
+    let mut w = Child::spawn("worker", &worker, &address, &pki.worker_env(false));
+    w.ready().expect("worker connects over TLS");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let sum: i64 = g.call("sec_add").args((40, 2)).fg().expect("call");
+    assert_eq!(sum, 42);
+}
+
+#[test]
+fn a_node_that_trusts_another_ca_is_refused() {
+    let pki = Pki::new();
+    let mut ctl = Controller::tcp(&pki.controller_env(false));
+    let e = fails_fast(
+        "other CA",
+        ctl.node(&unique("distrustful"))
+            .tls_ca(pki.path("other-ca.pem")),
+    );
+    match &e {
+        Error::Tls { message, .. } => {
+            assert!(
+                message.contains("not signed by a CA this node trusts"),
+                "{e}"
+            )
+        }
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+    ctl.log_line(&["TLS handshake failed", "peer=127.0.0.1:"]);
+
+    // The name checked is the host, or tls_server_name.
+    let e = fails_fast(
+        "wrong name",
+        ctl.node(&unique("wrong-name"))
+            .tls_ca(pki.path("ca.pem"))
+            .tls_server_name("elsewhere.example"),
+    );
+    assert!(
+        matches!(&e, Error::Tls { message, .. } if message.contains("not valid for `elsewhere.example`")),
+        "{e}"
+    );
+}
+
+#[test]
+fn plaintext_against_tls_is_refused_cleanly_on_both_sides() {
+    let pki = Pki::new();
+    let mut ctl = Controller::tcp(&pki.controller_env(false));
+
+    // A daffi node without TLS is told what to do.
+    let e = fails_fast("plaintext node", ctl.node(&unique("plain")));
+    match &e {
+        Error::Tls { message, .. } => assert!(message.contains("requires TLS"), "{e}"),
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+
+    // The same on a raw socket: a Refused frame, then the connection closes; the
+    // controller logs the refusal with this socket's address.
+    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
+    let me = raw.local_addr().expect("local address").to_string();
+    raw.write_all(&opening("plain-raw", None, &[]))
+        .expect("write");
+    let answer = refused(&read_frame_then_close(&mut raw));
+    assert_eq!(answer.code, RefuseCode::TlsRequired);
+    ctl.log_line(&[
+        "refused a connection",
+        &format!("peer={me}"),
+        "requires TLS",
+    ]);
+
+    // The other way round: a TLS node against a plaintext controller.
+    let mut plain = Controller::tcp(&Env::new());
+    let e = fails_fast(
+        "TLS node, plaintext controller",
+        plain.node(&unique("tls-node")).tls_ca(pki.path("ca.pem")),
+    );
+    assert!(
+        matches!(e, Error::Tls { .. }),
+        "expected Error::Tls, got {e:?}"
+    );
+    plain.log_line(&[
+        "refused a connection",
+        "peer=127.0.0.1:",
+        "began a TLS handshake",
+    ]);
+}
+
+#[test]
+fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
+    let pki = Pki::new();
+    let mut ctl = Controller::tcp(&pki.controller_env(false));
+    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
+    let me = raw.local_addr().expect("local address").to_string();
+    // The first byte of a TLS handshake, then nothing.
+    raw.write_all(&[0x16]).expect("write");
+    raw.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let began = Instant::now();
+    let mut buf = [0u8; 64];
+    match raw.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the controller to close, got {other:?}"),
+    }
+    assert!(began.elapsed() < WAIT);
+    ctl.log_line(&[
+        "did not complete its TLS handshake in time",
+        &format!("peer={me}"),
+    ]);
+}
+
+#[test]
+fn mutual_tls_refuses_a_node_without_a_client_certificate() {
+    let pki = Pki::new();
+    let mut ctl = Controller::tcp(&pki.controller_env(true));
+    let worker = unique("mtls-worker");
+    let _w = ctl.worker(&worker, &pki.worker_env(true));
+    let caller = ctl
+        .node(&unique("mtls-caller"))
+        .tls_ca(pki.path("ca.pem"))
+        .tls_client_cert(pki.path("client.pem"))
+        .tls_client_key(pki.path("client.key"))
+        .start()
+        .expect("a node with a client certificate gets in");
+    caller
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+    let sum: i64 = caller.call("sec_add").args((1, 1)).fg().expect("call");
+    assert_eq!(sum, 2);
+
+    let e = fails_fast(
+        "no client certificate",
+        ctl.node(&unique("anonymous")).tls_ca(pki.path("ca.pem")),
+    );
+    match &e {
+        Error::Tls { message, .. } => {
+            assert!(message.contains("requires a client certificate"), "{e}")
+        }
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+    ctl.log_line(&["TLS handshake failed", "peer=127.0.0.1:", "no certificates"]);
+
+    let e = fails_fast(
+        "client certificate from another CA",
+        ctl.node(&unique("forged"))
+            .tls_ca(pki.path("ca.pem"))
+            .tls_client_cert(pki.path("other-client.pem"))
+            .tls_client_key(pki.path("other-client.key")),
+    );
+    match &e {
+        Error::Tls { message, .. } => {
+            assert!(
+                message.contains("rejected this node's client certificate"),
+                "{e}"
+            )
+        }
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+    // Whoever got in still works.
+    let sum: i64 = caller.call("sec_add").args((2, 2)).fg().expect("call");
+    assert_eq!(sum, 4);
+}
+
+#[test]
+fn tls_options_are_checked_at_start() {
+    let pki = Pki::new();
+    let config_error = |b: GlobalBuilder| match b.start() {
+        Err(Error::Config(m)) => m,
+        other => panic!("expected Error::Config, got {other:?}"),
+    };
+    let m = config_error(
+        Global::builder()
+            .host("127.0.0.1")
+            .init_controller(true)
+            .tls_cert(pki.path("server.pem")),
+    );
+    assert!(m.contains("tls_key"), "{m}");
+    let m = config_error(
+        Global::builder()
+            .host("127.0.0.1")
+            .init_controller(true)
+            .init_node(false)
+            .tls_cert(pki.path("missing.pem"))
+            .tls_key(pki.path("server.key")),
+    );
+    assert!(m.contains("missing.pem"), "{m}");
+    let m = config_error(
+        Global::builder()
+            .unix_sock_path(pki.path("x.sock"))
+            .init_controller(true)
+            .tls_cert(pki.path("server.pem"))
+            .tls_key(pki.path("server.key")),
+    );
+    assert!(m.contains("TLS is for TCP"), "{m}");
+    let m = config_error(
+        Global::builder()
+            .host("127.0.0.1")
+            .port(1)
+            .tls_cert(pki.path("server.pem"))
+            .tls_key(pki.path("server.key")),
+    );
+    assert!(m.contains("tls_client_cert"), "{m}");
+    let m = config_error(Global::builder().host("127.0.0.1").port(1).auth_token(""));
+    assert!(m.contains("empty"), "{m}");
+}
+
+// ---- the auth token ------------------------------------------------------------------
+
+const TOKEN: &str = "correct horse battery staple";
+
+/// Children with the token in `DAFFI_AUTH_TOKEN`, as in production.
+fn with_token() -> Env {
+    vec![(ENV_TOKEN, TOKEN.into())]
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_nothing_else_from_the_connection_is_processed() {
+    let mut ctl = Controller::tcp(&with_token());
+    let worker = unique("token-worker");
+    let _w = ctl.worker(&worker, &with_token());
+    let caller = ctl
+        .node(&unique("token-caller"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("a caller with the token gets in");
+    caller
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+
+    // A Hello with a wrong token, followed at once by a request to the worker and a
+    // claim to serve a callback.
+    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
+    let me = raw.local_addr().expect("local address").to_string();
+    let mut bytes = opening("intruder", Some("guess"), &["stolen"]);
+    bytes.extend(request("intruder", &worker, "probe", &(1u64,)));
+    raw.write_all(&bytes).expect("write");
+    let answer = refused(&read_frame_then_close(&mut raw));
+    assert_eq!(answer.code, RefuseCode::Auth);
+    ctl.log_line(&[
+        "refused a connection",
+        &format!("peer={me}"),
+        "wrong auth token",
+    ]);
+
+    // Nothing of it was acted on. A call made now reaches the worker after anything the
+    // refused connection could have sent, and the membership events it would have
+    // caused reach the caller before this call's reply.
+    caller
+        .call("probe")
+        .args((2u64,))
+        .on(&worker)
+        .fg::<()>()
+        .expect("probe");
+    let seen: Vec<u64> = caller.call("probes").on(&worker).fg().expect("probes");
+    assert_eq!(
+        seen,
+        vec![2],
+        "the refused connection's request was delivered"
+    );
+    assert!(
+        !caller.registered_callbacks().contains_key("stolen"),
+        "the refused connection joined"
+    );
+
+    // The same without any token.
+    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
+    let me = raw.local_addr().expect("local address").to_string();
+    raw.write_all(&opening("anonymous", None, &[]))
+        .expect("write");
+    assert_eq!(
+        refused(&read_frame_then_close(&mut raw)).code,
+        RefuseCode::Auth
+    );
+    ctl.log_line(&["refused a connection", &format!("peer={me}"), "sent none"]);
+}
+
+#[test]
+fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
+    let ctl = Controller::tcp(&with_token());
+    let worker = unique("holder");
+    let _w = ctl.worker(&worker, &with_token());
+
+    let e = fails_fast(
+        "wrong token",
+        ctl.node(&unique("wrong")).auth_token("guess"),
+    );
+    assert!(matches!(e, Error::AuthenticationFailed { .. }), "{e:?}");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    assert!(e.to_string().contains("wrong auth token"), "{e}");
+
+    if std::env::var(ENV_TOKEN).is_err() {
+        let e = fails_fast("missing token", ctl.node(&unique("missing")));
+        assert!(matches!(e, Error::AuthenticationFailed { .. }), "{e:?}");
+        assert!(e.to_string().contains("sent none"), "{e}");
+    }
+
+    // A token variable that is set but empty is an error, never "no token".
+    let mut empty = Child::spawn(
+        "worker",
+        &unique("empty"),
+        &ctl.encoded(),
+        &vec![(ENV_TOKEN, OsString::new())],
+    );
+    match empty.ready() {
+        Err(e) => assert!(e.contains("DAFFI_AUTH_TOKEN is set but empty"), "{e}"),
+        Ok(_) => panic!("a node with an empty DAFFI_AUTH_TOKEN started"),
+    }
+
+    // Without the token, a connected name can be neither taken nor probed: the answer
+    // is the same as for a free name.
+    let e = fails_fast(
+        "taken name, wrong token",
+        ctl.node(&worker).auth_token("guess"),
+    );
+    assert!(matches!(e, Error::AuthenticationFailed { .. }), "{e:?}");
+    let holder = ctl
+        .node(&unique("checker"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("checker gets in");
+    holder
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+    let sum: i64 = holder
+        .call("sec_add")
+        .args((3, 4))
+        .on(&worker)
+        .fg()
+        .expect("holder unaffected");
+    assert_eq!(sum, 7);
+}
+
+// ---- Unix sockets --------------------------------------------------------------------
+
+/// A directory that does not exist yet, removed (with what is in it) when dropped.
+/// Declare it before the processes that use it, so that it is dropped after them.
+struct FreshDir(PathBuf);
+
+impl FreshDir {
+    fn new(prefix: &str) -> FreshDir {
+        FreshDir(
+            std::env::temp_dir()
+                .join("daffi-tests")
+                .join(unique(prefix)),
+        )
+    }
+}
+
+impl std::ops::Deref for FreshDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn a_second_controller_on_a_live_unix_socket_fails_while_the_first_keeps_serving() {
+    let dir = FreshDir::new("live");
+    let sock = dir.join("ctl.sock");
+    let address = format!("unix:{}", sock.display());
+    let mut first = Controller::start(&address, &Env::new());
+    let worker = unique("unix-worker");
+    let _w = first.worker(&worker, &Env::new());
+
+    // In this process, and as another process.
+    let second = Global::builder()
+        .unix_sock_path(&sock)
+        .init_controller(true)
+        .init_node(false)
+        .start();
+    match second {
+        Err(Error::Bind { source, .. }) => {
+            assert!(source.to_string().contains("already listens"), "{source}")
+        }
+        other => panic!("expected Error::Bind, got {other:?}"),
+    }
+    match Controller::try_start(&address, &Env::new()) {
+        Err(e) => assert!(e.contains("already listens"), "{e}"),
+        Ok(_) => panic!("a second controller process took a live socket"),
+    }
+
+    // The first still serves: its node is reachable, and new nodes get in.
+    let caller = first
+        .node(&unique("after"))
+        .start()
+        .expect("a new node connects to the first controller");
+    caller
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+    let sum: i64 = caller
+        .call("sec_add")
+        .args((5, 6))
+        .on(&worker)
+        .fg()
+        .expect("call");
+    assert_eq!(sum, 11);
+    assert_eq!(mode(&sock) & 0o777, 0o600);
+    drop(caller);
+
+    // A crashed controller leaves its socket file: the next one replaces it.
+    first.process.kill();
+    assert!(
+        std::fs::symlink_metadata(&sock).is_ok(),
+        "a killed controller leaves its socket"
+    );
+    let mut next = Controller::start(&address, &Env::new());
+    next.log_line(&["replacing a stale socket file"]);
+    let _again = next
+        .node(&unique("next"))
+        .start()
+        .expect("a node connects to the new controller");
+}
+
+#[test]
+fn unix_socket_directory_and_file_are_owner_only() {
+    let root = FreshDir::new("perm");
+    let sock = root.join("a").join("b").join("ctl.sock");
+    let g = Global::builder()
+        .unix_sock_path(&sock)
+        .init_controller(true)
+        .init_node(false)
+        .start()
+        .expect("controller starts");
+    assert!(std::fs::symlink_metadata(&sock)
+        .expect("socket exists")
+        .file_type()
+        .is_socket());
+    assert_eq!(mode(&sock) & 0o777, 0o600, "socket file mode");
+    assert_eq!(
+        mode(&root.join("a").join("b")),
+        0o700,
+        "socket directory mode"
+    );
+    assert_eq!(mode(&root.join("a")), 0o700, "created parent mode");
+    let entries: Vec<_> = std::fs::read_dir(root.join("a").join("b"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        entries,
+        vec![std::ffi::OsString::from("ctl.sock")],
+        "leftovers"
+    );
+    g.stop();
+}
+
+#[test]
+fn unsafe_socket_directories_and_paths_are_refused() {
+    let start = |sock: &Path| {
+        Global::builder()
+            .unix_sock_path(sock)
+            .init_controller(true)
+            .init_node(false)
+            .start()
+    };
+    // Writable by everyone and not sticky: another user could replace the socket.
+    let open = FreshDir::new("open");
+    std::fs::create_dir_all(&*open).expect("dir");
+    std::fs::set_permissions(&*open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    match start(&open.join("ctl.sock")) {
+        Err(e @ Error::Bind { .. }) => {
+            assert!(e.to_string().contains("writable by every user"), "{e}")
+        }
+        other => panic!("expected Error::Bind, got {other:?}"),
+    }
+    // Sticky, like /tmp: fine.
+    std::fs::set_permissions(&*open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let g = start(&open.join("ctl.sock")).expect("a sticky directory is accepted");
+    assert_eq!(mode(&open.join("ctl.sock")) & 0o777, 0o600);
+    g.stop();
+
+    // Something that is not a socket is never removed.
+    let dir = FreshDir::new("notsock");
+    std::fs::create_dir_all(&*dir).expect("dir");
+    let file = dir.join("ctl.sock");
+    std::fs::write(&file, b"precious").expect("write");
+    match start(&file) {
+        Err(e @ Error::Bind { .. }) => assert!(e.to_string().contains("not a socket"), "{e}"),
+        other => panic!("expected Error::Bind, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&file).expect("still there"), b"precious");
+}
