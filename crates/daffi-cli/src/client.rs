@@ -28,8 +28,10 @@ pub mod code {
     pub const BAD_ARGUMENTS: u8 = 7;
     /// The controller cannot be reached (or the connection to it was lost).
     pub const UNREACHABLE: u8 = 8;
-    /// The node serving the call disconnected before it answered.
+    /// The node serving the call disconnected or stopped before it answered.
     pub const PEER_DISCONNECTED: u8 = 9;
+    /// The controller refused this command's node: token or TLS.
+    pub const REFUSED: u8 = 10;
 }
 
 /// The exit code for a library error.
@@ -43,7 +45,8 @@ pub fn code_of(e: &Error) -> u8 {
             code::BAD_ARGUMENTS
         }
         Error::ControllerUnreachable { .. } => code::UNREACHABLE,
-        Error::PeerDisconnected { .. } => code::PEER_DISCONNECTED,
+        Error::PeerDisconnected { .. } | Error::PeerStopped { .. } => code::PEER_DISCONNECTED,
+        Error::AuthenticationFailed { .. } | Error::Tls { .. } => code::REFUSED,
         // The first failed node in name order decides.
         Error::Broadcast { failed, .. } => failed
             .first()
@@ -98,14 +101,64 @@ pub struct ClientOptions {
         value_parser = parse_duration
     )]
     pub connect_timeout: Duration,
+    #[command(flatten)]
+    pub security: NodeSecurity,
+}
+
+/// TLS and the token of a command's node, for a controller that requires them.
+#[derive(Args)]
+pub struct NodeSecurity {
+    /// Use TLS, trusting the system's roots (implied by the other --tls options).
+    #[arg(long, env = "DAFFI_TLS")]
+    pub tls: bool,
+    /// PEM file with the CA(s) the controller's certificate must be signed by.
+    #[arg(long, env = "DAFFI_TLS_CA", conflicts_with = "unix_socket")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name to verify in the controller's certificate (default: --host).
+    #[arg(long, env = "DAFFI_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Mutual TLS: PEM file with this command's client certificate chain.
+    #[arg(long, env = "DAFFI_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// Mutual TLS: PEM file with the key of --tls-client-cert.
+    #[arg(long, env = "DAFFI_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<std::path::PathBuf>,
+    /// The controller's token. Prefer the environment variable: other users of the
+    /// machine can read a command line.
+    #[arg(long, env = "DAFFI_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+impl NodeSecurity {
+    fn apply(&self, mut b: GlobalBuilder) -> GlobalBuilder {
+        if self.tls {
+            b = b.tls(true);
+        }
+        if let Some(ca) = &self.tls_ca {
+            b = b.tls_ca(ca.clone());
+        }
+        if let Some(name) = &self.tls_server_name {
+            b = b.tls_server_name(name.clone());
+        }
+        if let Some(cert) = &self.tls_client_cert {
+            b = b.tls_client_cert(cert.clone());
+        }
+        if let Some(key) = &self.tls_client_key {
+            b = b.tls_client_key(key.clone());
+        }
+        if let Some(token) = &self.auth_token {
+            b = b.auth_token(token.clone());
+        }
+        b
+    }
 }
 
 impl ClientOptions {
     /// A builder for this command's node: a random name `daffi-cli-xxxxxxxx`, no
     /// callbacks of its own.
     pub fn builder(&self) -> GlobalBuilder {
-        self.endpoint
-            .builder()
+        self.security
+            .apply(self.endpoint.builder())
             .process_name(format!("{CLI_NODE_PREFIX}{}", random_suffix()))
             .connect_timeout(self.connect_timeout)
     }

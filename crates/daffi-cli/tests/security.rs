@@ -309,3 +309,55 @@ fn tls_flags_are_checked() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("do-not-print-me"));
 }
+
+/// Runs `daffi ARGS` against `ctl` and returns its exit code and stdout.
+fn daffi(ctl: &Controller, args: &[&str], token_env: Option<&str>) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_daffi"));
+    cmd.args(args)
+        .args(["--host", "127.0.0.1", "--port", &ctl.port.to_string()])
+        .env_remove("DAFFI_AUTH_TOKEN");
+    if let Some(token) = token_env {
+        cmd.env("DAFFI_AUTH_TOKEN", token);
+    }
+    let out = cmd.output().expect("run daffi");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn commands_reach_a_protected_controller_with_the_token_and_ca() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let ctl = Controller::start(
+        &[Path::new("--tls-cert"), &cert, Path::new("--tls-key"), &key],
+        Some(TOKEN),
+    );
+    let server = ctl
+        .node("server")
+        .tls_ca(pki.path("ca.pem"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("server connects");
+    server.register("double", |x: i64| x * 2).expect("register");
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    let watcher = ctl
+        .node("watcher")
+        .tls_ca(pki.path("ca.pem"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("watcher");
+    watcher
+        .wait_function_timeout("double", WAIT)
+        .expect("double announced");
+
+    let (code, out) = daffi(&ctl, &["call", "double", "21", "--tls-ca", ca], Some(TOKEN));
+    assert_eq!((code, out.trim()), (0, "42"));
+    // Without the token, or without TLS: refused, with the documented exit code 10.
+    let (code, _) = daffi(&ctl, &["call", "double", "21", "--tls-ca", ca], None);
+    assert_eq!(code, 10);
+    let (code, _) = daffi(&ctl, &["ls"], Some(TOKEN));
+    assert_eq!(code, 10);
+}
