@@ -1,68 +1,28 @@
 //! `daffi controller` as a separate process, with nodes in the test process.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod common;
 
+use common::{daffi_command, tcp_controller, Endpoint, WAIT};
 use daffi::Global;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `daffi controller` on a free TCP port and returns it with the port.
-fn start_controller() -> (KillOnDrop, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi"))
-        .args([
-            "controller",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn daffi controller");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let port = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    (KillOnDrop(child), port)
+/// Two nodes at `endpoint` call each other; `n` names them apart.
+fn nodes_call_each_other(endpoint: &Endpoint, n: i64) {
+    let server = endpoint.node(&format!("server-{n}"));
+    server
+        .register("times", move |x: i64| x * n)
+        .expect("register");
+    let client = endpoint.node(&format!("client-{n}"));
+    client
+        .wait_function_timeout("times", WAIT)
+        .expect("times is announced");
+    let product: i64 = client.call("times").args((21,)).fg().expect("call");
+    assert_eq!(product, 21 * n);
 }
 
 #[test]
 fn nodes_call_each_other_through_a_standalone_controller() {
-    let (_controller, port) = start_controller();
-    let node = |name: &str| {
-        Global::builder()
-            .process_name(name)
-            .host("127.0.0.1")
-            .port(port)
-            .start()
-            .expect("node connects")
-    };
-    let server = node("server");
-    server.register("double", |x: i64| x * 2).expect("register");
-    let client = node("client");
-    client
-        .wait_function_timeout("double", Duration::from_secs(20))
-        .expect("double is announced");
-    let doubled: i64 = client.call("double").args((21,)).fg().expect("call");
-    assert_eq!(doubled, 42);
+    let (_controller, endpoint) = tcp_controller();
+    nodes_call_each_other(&endpoint, 2);
 }
 
 #[test]
@@ -75,7 +35,7 @@ fn controller_refuses_a_busy_unix_socket_and_the_first_keeps_serving() {
         .init_node(false)
         .start()
         .expect("first controller");
-    let out = Command::new(env!("CARGO_BIN_EXE_daffi"))
+    let out = daffi_command()
         .args(["controller", "--unix-socket"])
         .arg(&sock)
         .output()
@@ -85,21 +45,6 @@ fn controller_refuses_a_busy_unix_socket_and_the_first_keeps_serving() {
     assert!(stderr.contains("already listens"), "{stderr}");
 
     // The first controller still serves, on the same socket file.
-    let node = |name: &str| {
-        Global::builder()
-            .process_name(name)
-            .unix_sock_path(&sock)
-            .connect_timeout(Duration::from_secs(20))
-            .start()
-            .expect("node connects to the first controller")
-    };
-    let server = node("busy-server");
-    server.register("triple", |x: i64| x * 3).expect("register");
-    let client = node("busy-client");
-    client
-        .wait_function_timeout("triple", Duration::from_secs(20))
-        .expect("triple is announced");
-    let tripled: i64 = client.call("triple").args((14,)).fg().expect("call");
-    assert_eq!(tripled, 42);
+    nodes_call_each_other(&Endpoint::Unix(sock), 3);
     first.stop();
 }
