@@ -32,7 +32,7 @@ pub struct CallArgs {
     #[arg(long)]
     pub no_return: bool,
     /// Send the arguments by name: one ARG, a JSON object of parameter name -> value
-    /// (callbacks made with #[callback] accept this).
+    /// (callbacks made with `#[callback]` accept this).
     #[arg(long)]
     pub named: bool,
     #[command(flatten)]
