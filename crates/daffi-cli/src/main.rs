@@ -1,5 +1,7 @@
 //! `daffi`: run a standalone controller, and (in later versions) inspect and call a mesh.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +30,11 @@ enum Command {
         after_help = "Examples:\n  daffi controller --host 0.0.0.0 --port 8888\n  daffi controller --unix-socket /run/app/daffi.sock\n  daffi controller            # Unix socket <temp dir>/daffi/.sock"
     )]
     Controller(Endpoint),
+    /// Measure latency and throughput beside a raw frame relay (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// A process `daffi bench` starts.
+    #[command(hide = true)]
+    BenchRole(bench::RoleArgs),
 }
 
 /// Where the controller listens. Neither `--host`/`--port` nor `--unix-socket`: the Unix
@@ -75,6 +82,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // The benchmark starts its own processes and runtimes.
+    let command = match cli.command {
+        Command::Bench(args) => return bench::run(args),
+        Command::BenchRole(args) => return bench::run_role(args),
+        command => command,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -83,8 +96,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Controller(endpoint) => controller(endpoint).await,
+            Command::Bench(_) | Command::BenchRole(_) => Ok(()),
         }
     });
     match result {
