@@ -39,15 +39,23 @@ impl Wake for Unpark {
     }
 }
 
+thread_local! {
+    /// The waker of this thread: a wake-up unparks it. Made once per thread rather than
+    /// once per call (a stale wake-up from an earlier call only makes the loop below poll
+    /// once more).
+    static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+}
+
 fn park_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
     let _context = runtime.enter();
     let mut future = pin!(future);
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
+    WAKER.with(|waker| {
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
         }
-        std::thread::park();
-    }
+    })
 }
