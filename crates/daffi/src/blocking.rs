@@ -48,6 +48,12 @@ thread_local! {
 
 fn park_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
     let _context = runtime.enter();
+    park(future)
+}
+
+/// Polls `future` on this thread, parking it between wake-ups. For futures that need no
+/// runtime context (or whose caller entered one).
+pub(crate) fn park<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
     WAKER.with(|waker| {
         let mut cx = Context::from_waker(waker);

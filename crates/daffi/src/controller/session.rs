@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::members::{Destination, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
+use crate::protocol::io::{frame_channel, FrameReader, FrameSender, Outgoing, ReadError};
 use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
@@ -34,8 +34,8 @@ pub async fn serve(
     (read, write, peer): (BoxRead, BoxWrite, String),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let writer = tokio::spawn(write_loop(write, rx));
+    let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+    let writer = tokio::spawn(writer);
     let mut reader = FrameReader::new(read, shared.config.max_frame_size);
 
     let hello = match timeout(shared.config.handshake_timeout, handshake(&mut reader)).await {
@@ -164,7 +164,7 @@ async fn route(
     shared: &Shared,
     name: &str,
     conn_id: u64,
-    own_queue: &mpsc::Sender<Outgoing>,
+    own_queue: &FrameSender,
     frame: Frame,
 ) -> Result<(), String> {
     match frame.kind() {
@@ -242,7 +242,7 @@ async fn route(
 
 /// Tells a caller that its request's destination is gone. Replies to gone callers are
 /// dropped: nobody waits for them.
-async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame, code: UndeliverableCode) {
+async fn undeliverable(own_queue: &FrameSender, frame: &Frame, code: UndeliverableCode) {
     if frame.kind() != Kind::Request || frame.flags() & FLAG_NO_REPLY != 0 {
         tracing::debug!(dst = frame.dst(), kind = ?frame.kind(), "dropped a frame for a gone node");
         return;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::{NodeCore, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, Outcome};
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
@@ -295,7 +295,7 @@ fn finish(
     frame: &Frame,
     wants_reply: bool,
     outcome: Outcome,
-) -> Option<(Outgoing, tokio::sync::mpsc::Sender<Outgoing>)> {
+) -> Option<(Outgoing, FrameSender)> {
     if !wants_reply {
         if let Err(f) = &outcome {
             tracing::warn!(callback = frame.name(), caller = frame.src(), error = %f.message, "no-return callback failed");

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
 use crate::transport::Address;
@@ -70,7 +70,7 @@ pub enum NodeEvent {
 
 /// One live connection to the controller: where frames go, and the calls waiting on it.
 pub struct Connection {
-    queue: mpsc::Sender<Outgoing>,
+    queue: FrameSender,
     pending: Pending,
 }
 
@@ -264,7 +264,7 @@ impl NodeCore {
         read(&self.connection).clone()
     }
 
-    fn queue(&self) -> Option<mpsc::Sender<Outgoing>> {
+    fn queue(&self) -> Option<FrameSender> {
         self.connection().map(|c| c.queue.clone())
     }
 
