@@ -88,6 +88,11 @@ pub use transport::Address;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+/// Hooks for the micro-benchmarks in `benches/`. Not public API: no stability promise.
+#[doc(hidden)]
+#[path = "bench_support.rs"]
+pub mod __bench;
+
 /// What `#[callback]` expands to refers to these. Not public API: no stability promise.
 #[doc(hidden)]
 pub mod __private {

@@ -4,7 +4,7 @@
 //! untouched. It runs inside a node's process (`init_controller(true)`) or on its own
 //! (`daffi controller`).
 
-mod members;
+pub(crate) mod members;
 mod scheduler;
 mod session;
 
