@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -120,10 +120,24 @@ impl SyncJob {
 /// callback queued behind one that turns out to be slow waits at most about this long.
 const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 
+/// After its last job, a thread watches for a new one this long (yielding the processor
+/// between looks, so it only uses time nobody else wants): a job arriving meanwhile is
+/// taken without any thread being woken.
+const SPIN: Duration = Duration::from_micros(60);
+/// A `yield_now` that took longer than this means other threads wanted the processor:
+/// the machine is busy, and a thread between jobs waits instead of watching.
+const BUSY_YIELD: Duration = Duration::from_micros(20);
+/// Then it waits this long for a job (woken by the submitter) before it ends.
+const LINGER: Duration = Duration::from_millis(10);
+
 /// The sync callbacks of one node waiting for a thread, and the threads running them.
 #[derive(Default)]
 pub struct SyncRunner {
     state: Mutex<RunnerState>,
+    /// Wakes threads waiting for a job.
+    wake: Condvar,
+    /// Jobs in the queue, readable without the lock.
+    queued: AtomicUsize,
     dropped: AtomicU64,
 }
 
@@ -136,6 +150,8 @@ struct RunnerState {
     threads: usize,
     /// Those of them inside a callback.
     busy: usize,
+    /// Those of them waiting on `wake`.
+    parked: usize,
     /// A watchdog task will look at the queue again.
     watched: bool,
 }
@@ -147,6 +163,8 @@ enum Slot {
     Starting(Instant),
     /// Inside a callback since this time.
     Busy(Instant),
+    /// Between jobs: watching for one, or waiting on `wake`.
+    Idle,
 }
 
 impl RunnerState {
@@ -158,7 +176,7 @@ impl RunnerState {
         let now = Instant::now();
         let recent = self.slots.iter().any(|s| match s {
             Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
-            Slot::Vacant => false,
+            Slot::Vacant | Slot::Idle => false,
         });
         loop {
             let idle = self.threads - self.busy;
@@ -189,9 +207,14 @@ impl RunnerState {
 
 impl SyncRunner {
     fn submit(core: &Arc<NodeCore>, job: SyncJob) {
-        let (start, watch) = {
+        let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
             s.jobs.push_back(job);
+            core.sync_runner.queued.fetch_add(1, Ordering::Release);
+            // Wake a waiting thread only if the threads starting or watching for jobs
+            // are too few to take this one.
+            let watching = s.threads - s.busy - s.parked;
+            let wake = s.parked > 0 && s.jobs.len() > watching;
             let (start, mut watch) = if s.threads == 0 {
                 // Nothing runs here: one thread, presumed quick until proven otherwise.
                 if s.slots.is_empty() {
@@ -205,8 +228,12 @@ impl SyncRunner {
             };
             watch &= !s.watched;
             s.watched |= watch;
-            (start, watch)
+            (start, watch, wake)
         };
+        // After the lock is released: the woken thread must not block on it at once.
+        if wake {
+            core.sync_runner.wake.notify_one();
+        }
         Self::start_threads(core, start);
         if watch {
             let core = core.clone();
@@ -239,7 +266,8 @@ impl SyncRunner {
         }
     }
 
-    /// A thread's life: run queued jobs until there are none.
+    /// A thread's life: run queued jobs; when there are none, watch for one a moment,
+    /// then wait for one a while; end when none came.
     fn work(&self, core: &NodeCore, slot: usize) {
         let mut finished_one = false;
         loop {
@@ -247,19 +275,32 @@ impl SyncRunner {
                 let mut s = self.lock();
                 if finished_one {
                     s.busy -= 1;
+                    finished_one = false;
                 }
                 match s.jobs.pop_front() {
                     Some(job) => {
+                        self.queued.fetch_sub(1, Ordering::AcqRel);
                         s.busy += 1;
                         s.slots[slot] = Slot::Busy(Instant::now());
-                        job
+                        Some(job)
                     }
                     None => {
-                        s.slots[slot] = Slot::Vacant;
-                        s.threads -= 1;
-                        return;
+                        s.slots[slot] = Slot::Idle;
+                        None
                     }
                 }
+            };
+            let Some(job) = job else {
+                if self.wait_for_job() {
+                    continue;
+                }
+                let mut s = self.lock();
+                if !s.jobs.is_empty() {
+                    continue;
+                }
+                s.slots[slot] = Slot::Vacant;
+                s.threads -= 1;
+                return;
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
             if catch_unwind(AssertUnwindSafe(|| job.run(core))).is_err() {
@@ -267,6 +308,36 @@ impl SyncRunner {
             }
             finished_one = true;
         }
+    }
+
+    /// Watches for a job for `SPIN`, then waits for one up to `LINGER`. Returns whether
+    /// one is queued.
+    fn wait_for_job(&self) -> bool {
+        let started = Instant::now();
+        let mut before = started;
+        while before.duration_since(started) < SPIN {
+            if self.queued.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            std::thread::yield_now();
+            let now = Instant::now();
+            if now.duration_since(before) > BUSY_YIELD {
+                // Other threads had work for this processor: stop watching, wait instead.
+                break;
+            }
+            before = now;
+        }
+        let mut s = self.lock();
+        if !s.jobs.is_empty() {
+            return true;
+        }
+        s.parked += 1;
+        let (mut s, _) = self
+            .wake
+            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        s.parked -= 1;
+        !s.jobs.is_empty()
     }
 
     fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
