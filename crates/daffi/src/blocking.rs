@@ -17,6 +17,9 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use crate::error::{Error, Result};
 
 /// Runs `future` to completion on this thread. `method` names the sync API in the error.
+// Inlined, like `park_on`: a call's future is large, and passing it down by value would
+// copy it at each step.
+#[inline(always)]
 pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Result<F::Output> {
     match Handle::try_current() {
         Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
@@ -46,6 +49,7 @@ thread_local! {
     static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
 }
 
+#[inline(always)]
 fn park_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
     let _context = runtime.enter();
     park(future)

@@ -173,6 +173,10 @@ impl RunnerState {
     /// that a watchdog should look again).
     fn plan_threads(&mut self, max_threads: usize) -> (Vec<usize>, bool) {
         let mut start = Vec::new();
+        if self.jobs.len() <= self.threads - self.busy || self.threads >= max_threads {
+            // The common case under load, decided without reading the clock.
+            return (start, false);
+        }
         let now = Instant::now();
         let recent = self.slots.iter().any(|s| match s {
             Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
