@@ -1,5 +1,6 @@
 //! `daffi`: run a standalone controller; list, call and watch the nodes of a mesh.
 
+mod bench;
 mod call;
 mod client;
 mod json;
@@ -126,6 +127,11 @@ enum Command {
         "1 other errors.",
     ))]
     Watch(watch::WatchArgs),
+    /// Measure latency and throughput beside a raw frame relay (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// A process `daffi bench` starts.
+    #[command(hide = true)]
+    BenchRole(bench::RoleArgs),
 }
 
 /// `daffi controller`: where it listens, and how it protects itself.
@@ -228,11 +234,16 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         // Colours only on a terminal: log files and journald get plain `key=value`.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // The benchmark starts its own processes and runtimes.
+    let command = match cli.command {
+        Command::Bench(args) => return bench::run(args),
+        Command::BenchRole(args) => return bench::run_role(args),
+        command => command,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -241,11 +252,12 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Controller(args) => controller(args).await.map_err(Failure::from),
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
+            Command::Bench(_) | Command::BenchRole(_) => Ok(()),
         }
     });
     match result {

@@ -17,6 +17,9 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use crate::error::{Error, Result};
 
 /// Runs `future` to completion on this thread. `method` names the sync API in the error.
+// Inlined, like `park_on`: a call's future is large, and passing it down by value would
+// copy it at each step.
+#[inline(always)]
 pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Result<F::Output> {
     match Handle::try_current() {
         Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
@@ -39,15 +42,30 @@ impl Wake for Unpark {
     }
 }
 
+thread_local! {
+    /// The waker of this thread: a wake-up unparks it. Made once per thread rather than
+    /// once per call (a stale wake-up from an earlier call only makes the loop below poll
+    /// once more).
+    static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+}
+
+#[inline(always)]
 fn park_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
     let _context = runtime.enter();
+    park(future)
+}
+
+/// Polls `future` on this thread, parking it between wake-ups. For futures that need no
+/// runtime context (or whose caller entered one).
+pub(crate) fn park<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
+    WAKER.with(|waker| {
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
         }
-        std::thread::park();
-    }
+    })
 }

@@ -73,9 +73,38 @@ pub fn decode_args<T: DeserializeOwned>(
 
 /// Encodes a value the way every payload is encoded: MessagePack, structs as maps.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
-    rmp_serde::to_vec_named(value)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    // Small values (most arguments and results) are encoded into a buffer kept by the
+    // thread, then copied into one allocation of their exact size: no regrowing, and one
+    // allocation instead of two. Large ones keep the buffer they were encoded into.
+    const SMALL: usize = 4096;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SMALL));
+    }
+    let encode = |buf: &mut Vec<u8>| {
+        value
+            .serialize(&mut rmp_serde::Serializer::new(&mut *buf).with_struct_map())
+            .map_err(|e| e.to_string())
+    };
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let encoded = encode(&mut buf);
+            let out = match encoded {
+                Ok(()) if buf.len() <= SMALL => Ok(Bytes::copy_from_slice(&buf)),
+                Ok(()) => Ok(Bytes::from(std::mem::take(&mut *buf))),
+                Err(e) => Err(e),
+            };
+            if buf.capacity() > SMALL {
+                *buf = Vec::with_capacity(SMALL);
+            }
+            out
+        }
+        // A value whose serialization encodes another value on this thread.
+        Err(_) => {
+            let mut buf = Vec::new();
+            encode(&mut buf).map(|()| Bytes::from(buf))
+        }
+    })
 }
 
 /// Encodes a callback's return value.

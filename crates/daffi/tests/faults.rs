@@ -44,6 +44,23 @@ fn wait_running(timeout_ms: u64) -> usize {
     RUNNING.wait_until(timeout_ms, |r| !r.is_empty()).len()
 }
 
+static ONE_WAY: Log<()> = Log::new();
+
+/// A NO_RETURN target that takes `ms` and counts itself.
+#[callback]
+fn count_one_way(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+    ONE_WAY.push(());
+}
+
+/// How many `count_one_way` calls ran here, once `want` did (or after `timeout_ms`).
+#[callback]
+fn one_way_count(want: u64, timeout_ms: u64) -> u64 {
+    ONE_WAY
+        .wait_until(timeout_ms, |n| n.len() as u64 >= want)
+        .len() as u64
+}
+
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
@@ -440,6 +457,41 @@ fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
 }
 
 // ---- graceful stop -------------------------------------------------------------------
+
+#[test]
+fn a_burst_of_no_return_calls_beyond_the_callback_limit_runs_in_full() {
+    // The worker runs at most 64 callbacks at once; NO_RETURN calls beyond that wait for
+    // a thread instead of being dropped (their callers could not be told), and do not
+    // crowd out a call that wants a reply.
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("sink");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    const BURST: u64 = 64 * 32;
+    for _ in 0..BURST {
+        g.call("count_one_way")
+            .args((10u64,))
+            .on(&worker)
+            .no_return()
+            .expect("sent");
+    }
+    let sum: i64 = g
+        .call("sync_add")
+        .args((1, 2))
+        .on(&worker)
+        .timeout(WAIT)
+        .fg()
+        .expect("a call with a reply is not refused while NO_RETURN calls wait");
+    assert_eq!(sum, 3);
+    let counted: u64 = g
+        .call("one_way_count")
+        .args((BURST, WAIT.as_millis() as u64))
+        .on(&worker)
+        .timeout(WAIT + WAIT)
+        .fg()
+        .expect("count");
+    assert_eq!(counted, BURST, "every NO_RETURN call ran");
+}
 
 #[test]
 fn stop_lets_running_calls_finish_and_refuses_new_ones_by_name() {

@@ -3,15 +3,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::mpsc;
-
 use crate::protocol::frame::Kind;
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::{Member, MembershipEvent, Welcome};
 use crate::sync::{read, write};
 
 /// The writer queue of one connection.
-pub type Queue = mpsc::Sender<Outgoing>;
+pub type Queue = FrameSender;
 
 struct Route {
     conn_id: u64,

@@ -5,7 +5,7 @@
 //! (`daffi controller`).
 
 mod counters;
-mod members;
+pub(crate) mod members;
 mod scheduler;
 mod session;
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::counters::{CallCounts, Tally};
@@ -12,7 +12,7 @@ use super::members::{Destination, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
+use crate::protocol::io::{frame_channel, FrameReader, FrameSender, Outgoing, ReadError};
 use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
@@ -59,8 +59,8 @@ pub async fn serve(
             return;
         }
     };
-    let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let writer = tokio::spawn(write_loop(write, rx));
+    let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+    let writer = tokio::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.
     let mut reader = FrameReader::new(read, shared.config.max_frame_size.min(MAX_HELLO_SIZE));
@@ -161,7 +161,7 @@ const LINGER_BYTES: u64 = 256 * 1024;
 /// (bounded) until it closes too. Nothing read here is looked at.
 async fn refuse(
     reader: FrameReader<BoxRead>,
-    queue: mpsc::Sender<Outgoing>,
+    queue: FrameSender,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     refusal: Refused,
 ) {
@@ -254,7 +254,7 @@ async fn route(
     shared: &Shared,
     name: &str,
     conn_id: u64,
-    own_queue: &mpsc::Sender<Outgoing>,
+    own_queue: &FrameSender,
     tally: &Tally,
     frame: Frame,
 ) -> Result<(), String> {
@@ -338,7 +338,7 @@ async fn route(
 
 /// Tells a caller that its request's destination is gone. Replies to gone callers are
 /// dropped: nobody waits for them.
-async fn undeliverable(own_queue: &mpsc::Sender<Outgoing>, frame: &Frame, code: UndeliverableCode) {
+async fn undeliverable(own_queue: &FrameSender, frame: &Frame, code: UndeliverableCode) {
     if frame.kind() != Kind::Request || frame.flags() & FLAG_NO_REPLY != 0 {
         tracing::debug!(dst = frame.dst(), kind = ?frame.kind(), "dropped a frame for a gone node");
         return;

@@ -168,11 +168,15 @@ impl NodeCore {
 
     async fn wait_eta(&self, eta: Option<Duration>) -> Result<()> {
         if let Some(eta) = eta {
-            let mut stop = self.stopped.subscribe();
-            tokio::select! {
-                _ = tokio::time::sleep(eta) => {}
-                _ = stop.wait_for(|s| *s) => return Err(Error::Stopped),
-            }
+            // Boxed: calls without an eta (most) do not carry this wait in their future.
+            Box::pin(async {
+                let mut stop = self.stopped.subscribe();
+                tokio::select! {
+                    _ = tokio::time::sleep(eta) => Ok(()),
+                    _ = stop.wait_for(|s| *s) => Err(Error::Stopped),
+                }
+            })
+            .await?;
         }
         if self.is_stopped() {
             return Err(Error::Stopped);
@@ -300,11 +304,27 @@ impl Waiting<'_> {
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+/// Sleeps until `deadline`, or forever without one. The timer is allocated only when
+/// there is a deadline: a call without one then carries no timer in its future, which
+/// keeps that future small (it is moved several times on its way into a sync wait).
+fn sleep_until(deadline: Option<Instant>) -> Deadline {
+    Deadline(deadline.map(|d| Box::pin(tokio::time::sleep_until(d))))
+}
+
+/// See [`sleep_until`].
+struct Deadline(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl std::future::Future for Deadline {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 

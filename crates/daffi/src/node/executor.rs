@@ -1,18 +1,32 @@
 //! Running the callbacks other nodes ask for: sync ones on the blocking pool, async ones
 //! as tasks, many at once. A panic becomes an error reply; the node keeps serving.
+//!
+//! Sync callbacks go through a per-node queue, the [`SyncRunner`]: a blocking-pool thread
+//! that finishes a callback takes the next queued one, and a new thread is started only
+//! when every thread of the node is busy in a callback. A slow callback therefore never
+//! delays another (as with one `spawn_blocking` per call), while a stream of quick ones
+//! runs on one or two threads without a thread wake-up per call.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::NodeCore;
+use super::{NodeCore, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, Outcome};
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
+
+/// NO_RETURN requests have their own allowance of callbacks waiting or running: this
+/// many times `max_concurrent_callbacks`. Their callers cannot be told "overloaded", so a
+/// burst of them is queued rather than dropped, and it does not crowd out calls that
+/// want a reply. Beyond it they are dropped, and logged.
+pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
 
 /// Starts serving a request frame. Never blocks the reader.
 pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
@@ -28,41 +42,50 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
         );
         return;
     };
-    let Some(running) = core.admit_callback() else {
-        let message = format!(
-            "process `{}` runs as many callbacks as it allows",
-            core.name
-        );
-        refuse(
-            core,
-            &frame,
-            wants_reply,
-            RemoteErrorKind::Overloaded,
-            message,
-        );
+    let limit = if wants_reply {
+        core.config.max_concurrent_callbacks
+    } else {
+        core.config
+            .max_concurrent_callbacks
+            .saturating_mul(NO_RETURN_BACKLOG_FACTOR)
+    };
+    let Some(running) = core.admit_callback(!wants_reply, limit) else {
+        if wants_reply {
+            let message = format!(
+                "process `{}` runs as many callbacks as it allows",
+                core.name
+            );
+            refuse(
+                core,
+                &frame,
+                wants_reply,
+                RemoteErrorKind::Overloaded,
+                message,
+            );
+        } else {
+            core.sync_runner
+                .note_dropped(&core.name, frame.name(), limit);
+        }
         return;
     };
     // The caller's timeout travels with the request: work that would start after the
     // caller gave up is skipped.
     let deadline = (frame.timeout_ms() > 0)
         .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
-    let core = core.clone();
-    let payload = frame.payload();
     match handler {
-        Handler::Sync(f) => {
-            tokio::task::spawn_blocking(move || {
-                let _running = running;
-                if too_late(&frame, deadline) {
-                    return;
-                }
-                let outcome = catch_unwind(AssertUnwindSafe(|| f(payload)))
-                    .unwrap_or_else(|panic| Err(panic_failure(panic)));
-                if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
-                    let _ = queue.blocking_send(reply);
-                }
-            });
-        }
+        Handler::Sync(f) => SyncRunner::submit(
+            core,
+            SyncJob {
+                f,
+                frame,
+                wants_reply,
+                deadline,
+                _running: running,
+            },
+        ),
         Handler::Async(f) => {
+            let core = core.clone();
+            let payload = frame.payload();
             tokio::spawn(async move {
                 let _running = running;
                 if too_late(&frame, deadline) {
@@ -105,6 +128,282 @@ fn refuse(
     }
 }
 
+/// One sync callback to run.
+struct SyncJob {
+    f: Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>,
+    frame: Frame,
+    wants_reply: bool,
+    /// When the caller gives up, if it said.
+    deadline: Option<Instant>,
+    /// Counts the callback as running until its reply is queued.
+    _running: ServingGuard,
+}
+
+impl SyncJob {
+    fn run(self, core: &NodeCore) {
+        if too_late(&self.frame, self.deadline) {
+            return;
+        }
+        let f = &self.f;
+        let payload = self.frame.payload();
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
+        if let Some((reply, queue)) = finish(core, &self.frame, self.wants_reply, outcome) {
+            let _ = queue.blocking_send(reply);
+        }
+    }
+}
+
+/// How long a queued sync callback may wait for a thread that is busy in another
+/// callback. A thread that started its callback (or was started) more recently than this
+/// is taken to be getting through quick ones, and will take the queued one next; when no
+/// thread did, new threads start at once. A watchdog looks again after this long, so a
+/// callback queued behind one that turns out to be slow waits at most about this long.
+const HANDOFF_AFTER: Duration = Duration::from_micros(500);
+
+/// After its last job, a thread watches for a new one this long (yielding the processor
+/// between looks, so it only uses time nobody else wants): a job arriving meanwhile is
+/// taken without any thread being woken.
+const SPIN: Duration = Duration::from_micros(60);
+/// A `yield_now` that took longer than this means other threads wanted the processor:
+/// the machine is busy, and a thread between jobs waits instead of watching.
+const BUSY_YIELD: Duration = Duration::from_micros(20);
+/// Then it waits this long for a job (woken by the submitter) before it ends.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// The sync callbacks of one node waiting for a thread, and the threads running them.
+#[derive(Default)]
+pub struct SyncRunner {
+    state: Mutex<RunnerState>,
+    /// Wakes threads waiting for a job.
+    wake: Condvar,
+    /// Jobs in the queue, readable without the lock.
+    queued: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct RunnerState {
+    jobs: VecDeque<SyncJob>,
+    /// One slot per blocking-pool thread working for this node; vacant slots are reused.
+    slots: Vec<Slot>,
+    /// Threads working for this node (non-vacant slots).
+    threads: usize,
+    /// Those of them inside a callback.
+    busy: usize,
+    /// Those of them waiting on `wake`.
+    parked: usize,
+    /// A watchdog task will look at the queue again.
+    watched: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Vacant,
+    /// Started at this time, not yet inside a callback.
+    Starting(Instant),
+    /// Inside a callback since this time.
+    Busy(Instant),
+    /// Between jobs: watching for one, or waiting on `wake`.
+    Idle,
+}
+
+impl RunnerState {
+    /// Claims slots for the threads to start for queued jobs that no thread will take
+    /// soon. Returns their indexes, and whether jobs still wait for a busy thread (so
+    /// that a watchdog should look again).
+    fn plan_threads(&mut self, max_threads: usize) -> (Vec<usize>, bool) {
+        let mut start = Vec::new();
+        if self.jobs.len() <= self.threads - self.busy || self.threads >= max_threads {
+            // The common case under load, decided without reading the clock.
+            return (start, false);
+        }
+        let now = Instant::now();
+        let recent = self.slots.iter().any(|s| match s {
+            Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
+            Slot::Vacant | Slot::Idle => false,
+        });
+        loop {
+            let idle = self.threads - self.busy;
+            if self.jobs.len() <= idle || self.threads >= max_threads {
+                // Each job has a thread that will take it, or every allowed thread exists
+                // and the first to finish takes the next job.
+                return (start, false);
+            }
+            if recent {
+                // Threads are getting through quick callbacks: leave it to them.
+                return (start, true);
+            }
+            let index = match self.slots.iter().position(|s| matches!(s, Slot::Vacant)) {
+                Some(i) => i,
+                None => {
+                    self.slots.push(Slot::Vacant);
+                    self.slots.len() - 1
+                }
+            };
+            // Not `Starting(now)`: the threads started here are for jobs already waiting
+            // too long, and must not make the next one wait.
+            self.slots[index] = Slot::Starting(now.checked_sub(HANDOFF_AFTER).unwrap_or(now));
+            self.threads += 1;
+            start.push(index);
+        }
+    }
+}
+
+impl SyncRunner {
+    fn submit(core: &Arc<NodeCore>, job: SyncJob) {
+        let (start, watch, wake) = {
+            let mut s = core.sync_runner.lock();
+            s.jobs.push_back(job);
+            core.sync_runner.queued.fetch_add(1, Ordering::Release);
+            // Wake a waiting thread only if the threads starting or watching for jobs
+            // are too few to take this one.
+            let watching = s.threads - s.busy - s.parked;
+            let wake = s.parked > 0 && s.jobs.len() > watching;
+            let (start, mut watch) = if s.threads == 0 {
+                // Nothing runs here: one thread, presumed quick until proven otherwise.
+                if s.slots.is_empty() {
+                    s.slots.push(Slot::Vacant);
+                }
+                s.slots[0] = Slot::Starting(Instant::now());
+                s.threads = 1;
+                (vec![0], s.jobs.len() > 1)
+            } else {
+                s.plan_threads(core.config.max_concurrent_callbacks)
+            };
+            watch &= !s.watched;
+            s.watched |= watch;
+            (start, watch, wake)
+        };
+        // After the lock is released: the woken thread must not block on it at once.
+        if wake {
+            core.sync_runner.wake.notify_one();
+        }
+        Self::start_threads(core, start);
+        if watch {
+            let core = core.clone();
+            tokio::spawn(async move { SyncRunner::watchdog(core).await });
+        }
+    }
+
+    /// Looks at the queue every `HANDOFF_AFTER` while jobs wait for busy threads, and
+    /// starts threads for them once no thread made progress.
+    async fn watchdog(core: Arc<NodeCore>) {
+        loop {
+            tokio::time::sleep(HANDOFF_AFTER).await;
+            let (start, again) = {
+                let mut s = core.sync_runner.lock();
+                let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks);
+                s.watched = again;
+                (start, again)
+            };
+            Self::start_threads(&core, start);
+            if !again {
+                return;
+            }
+        }
+    }
+
+    fn start_threads(core: &Arc<NodeCore>, slots: Vec<usize>) {
+        for slot in slots {
+            let core = core.clone();
+            tokio::task::spawn_blocking(move || core.sync_runner.work(&core, slot));
+        }
+    }
+
+    /// A thread's life: run queued jobs; when there are none, watch for one a moment,
+    /// then wait for one a while; end when none came.
+    fn work(&self, core: &NodeCore, slot: usize) {
+        let mut finished_one = false;
+        loop {
+            let job = {
+                let mut s = self.lock();
+                if finished_one {
+                    s.busy -= 1;
+                    finished_one = false;
+                }
+                match s.jobs.pop_front() {
+                    Some(job) => {
+                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        s.busy += 1;
+                        s.slots[slot] = Slot::Busy(Instant::now());
+                        Some(job)
+                    }
+                    None => {
+                        s.slots[slot] = Slot::Idle;
+                        None
+                    }
+                }
+            };
+            let Some(job) = job else {
+                if self.wait_for_job() {
+                    continue;
+                }
+                let mut s = self.lock();
+                if !s.jobs.is_empty() {
+                    continue;
+                }
+                s.slots[slot] = Slot::Vacant;
+                s.threads -= 1;
+                return;
+            };
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            if catch_unwind(AssertUnwindSafe(|| job.run(core))).is_err() {
+                tracing::error!("a sync callback job panicked outside its callback");
+            }
+            finished_one = true;
+        }
+    }
+
+    /// Watches for a job for `SPIN`, then waits for one up to `LINGER`. Returns whether
+    /// one is queued.
+    fn wait_for_job(&self) -> bool {
+        let started = Instant::now();
+        let mut before = started;
+        while before.duration_since(started) < SPIN {
+            if self.queued.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            std::thread::yield_now();
+            let now = Instant::now();
+            if now.duration_since(before) > BUSY_YIELD {
+                // Other threads had work for this processor: stop watching, wait instead.
+                break;
+            }
+            before = now;
+        }
+        let mut s = self.lock();
+        if !s.jobs.is_empty() {
+            return true;
+        }
+        s.parked += 1;
+        let (mut s, _) = self
+            .wake
+            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        s.parked -= 1;
+        !s.jobs.is_empty()
+    }
+
+    fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first one, then one line per thousand: a flood must not flood the log.
+        if dropped == 1 || dropped % 1000 == 0 {
+            tracing::warn!(
+                process = node,
+                callback,
+                dropped,
+                limit,
+                "dropped NO_RETURN calls: this many callbacks already wait or run here"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The reply to send and the queue to send it on, if the caller wants one and the node
 /// is connected.
 fn finish(
@@ -112,7 +411,7 @@ fn finish(
     frame: &Frame,
     wants_reply: bool,
     outcome: Outcome,
-) -> Option<(Outgoing, tokio::sync::mpsc::Sender<Outgoing>)> {
+) -> Option<(Outgoing, FrameSender)> {
     if !wants_reply {
         if let Err(f) = &outcome {
             tracing::warn!(callback = frame.name(), caller = frame.src(), error = %f.message, "no-return callback failed");

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::{executor, Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
-use crate::protocol::io::{write_loop, FrameReader, Outgoing, ReadError};
+use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
@@ -27,7 +27,7 @@ const QUEUE_CAPACITY: usize = 4096;
 /// An established connection.
 pub struct Link {
     reader: FrameReader<BoxRead>,
-    pub queue: mpsc::Sender<Outgoing>,
+    pub queue: FrameSender,
     writer: JoinHandle<std::io::Result<()>>,
     pub welcome: Welcome,
 }
@@ -103,8 +103,8 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Kind::Welcome => {
             let welcome: Welcome = message::decode(&first.payload())
                 .map_err(|e| protocol(format!("undecodable Welcome: {e}")))?;
-            let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
-            let writer = tokio::spawn(write_loop(write, rx));
+            let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+            let writer = tokio::spawn(writer);
             Ok(Link {
                 reader,
                 queue,

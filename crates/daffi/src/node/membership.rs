@@ -37,6 +37,7 @@ struct State {
 }
 
 impl State {
+    /// Rebuilds the provider index from scratch (after replacing the whole view).
     fn reindex(&mut self) {
         self.providers.clear();
         for (node, callbacks) in &self.nodes {
@@ -45,6 +46,50 @@ impl State {
                     .entry(cb.clone())
                     .or_default()
                     .push(node.clone());
+            }
+        }
+    }
+
+    /// Adds or replaces one node; updates the index for it alone. Returns whether it is
+    /// new.
+    fn upsert(&mut self, name: &str, callbacks: Vec<String>) -> bool {
+        let (node, existed) = match self.nodes.remove_entry(name) {
+            Some((node, old)) => {
+                self.unindex(&node, &old);
+                (node, true)
+            }
+            None => (Arc::from(name), false),
+        };
+        for cb in &callbacks {
+            match self.providers.get_mut(cb.as_str()) {
+                Some(nodes) => nodes.push(node.clone()),
+                None => {
+                    self.providers.insert(cb.clone(), vec![node.clone()]);
+                }
+            }
+        }
+        self.nodes.insert(node, callbacks);
+        !existed
+    }
+
+    /// Removes one node and its entries in the index. Returns whether it was there.
+    fn remove(&mut self, name: &str) -> bool {
+        match self.nodes.remove_entry(name) {
+            Some((node, callbacks)) => {
+                self.unindex(&node, &callbacks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn unindex(&mut self, node: &Arc<str>, callbacks: &[String]) {
+        for cb in callbacks {
+            if let Some(nodes) = self.providers.get_mut(cb.as_str()) {
+                nodes.retain(|n| n != node);
+                if nodes.is_empty() {
+                    self.providers.remove(cb.as_str());
+                }
             }
         }
     }
@@ -98,28 +143,24 @@ impl Membership {
             match event {
                 MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => {
                     s.leaving.remove(&m.name);
-                    if s.nodes
-                        .insert(Arc::from(m.name.as_str()), m.callbacks)
-                        .is_none()
-                    {
+                    if s.upsert(&m.name, m.callbacks) {
                         changes.added.push(m.name);
                     }
                 }
                 MembershipEvent::Leaving { name } => {
-                    if s.nodes.remove(name.as_str()).is_some() {
+                    if s.remove(&name) {
                         changes.removed.push(name.clone());
                     }
                     s.leaving.insert(name);
                 }
                 MembershipEvent::Left { name } => {
                     let stopped = s.leaving.remove(&name);
-                    if s.nodes.remove(name.as_str()).is_some() {
+                    if s.remove(&name) {
                         changes.removed.push(name.clone());
                     }
                     changes.gone.push((name, stopped));
                 }
             }
-            s.reindex();
         }
         self.bump();
         changes
@@ -203,5 +244,75 @@ impl Membership {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         crate::sync::write(&self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(name: &str, callbacks: &[&str]) -> MembershipEvent {
+        MembershipEvent::Joined(Member {
+            name: name.into(),
+            callbacks: callbacks.iter().map(|c| c.to_string()).collect(),
+        })
+    }
+
+    /// The index kept up to date event by event equals one rebuilt from scratch.
+    fn assert_index_consistent(view: &Membership) {
+        let mut s = view.write();
+        let mut kept: Vec<(String, Vec<String>)> = s
+            .providers
+            .iter()
+            .map(|(cb, nodes)| {
+                let mut n: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+                n.sort();
+                (cb.clone(), n)
+            })
+            .collect();
+        kept.sort();
+        s.reindex();
+        let mut rebuilt: Vec<(String, Vec<String>)> = s
+            .providers
+            .iter()
+            .map(|(cb, nodes)| {
+                let mut n: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+                n.sort();
+                (cb.clone(), n)
+            })
+            .collect();
+        rebuilt.sort();
+        assert_eq!(kept, rebuilt);
+    }
+
+    #[test]
+    fn the_provider_index_follows_every_event() {
+        let view = Membership::default();
+        let added = view.apply(joined("a", &["f", "g"])).added;
+        assert_eq!(added, vec!["a".to_string()]);
+        view.apply(joined("b", &["f"]));
+        assert_index_consistent(&view);
+        assert_eq!(view.providers_of("f").len(), 2);
+        // An update replaces the list: `g` moves from a to b.
+        let changes = view.apply(MembershipEvent::Updated(Member {
+            name: "a".into(),
+            callbacks: vec!["f".into()],
+        }));
+        assert!(changes.added.is_empty());
+        view.apply(MembershipEvent::Updated(Member {
+            name: "b".into(),
+            callbacks: vec!["f".into(), "g".into()],
+        }));
+        assert_index_consistent(&view);
+        assert_eq!(view.providers_of("g"), vec![Arc::<str>::from("b")]);
+        view.apply(MembershipEvent::Leaving { name: "b".into() });
+        assert!(!view.has_provider("g"));
+        assert!(view.is_leaving("b"));
+        assert_index_consistent(&view);
+        let changes = view.apply(MembershipEvent::Left { name: "b".into() });
+        assert_eq!(changes.gone, vec![("b".to_string(), true)]);
+        view.apply(MembershipEvent::Left { name: "a".into() });
+        assert!(!view.has_provider("f"));
+        assert_index_consistent(&view);
     }
 }

@@ -9,7 +9,7 @@ mod pending;
 
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls};
@@ -73,7 +73,7 @@ pub enum NodeEvent {
 
 /// One live connection to the controller: where frames go, and the calls waiting on it.
 pub struct Connection {
-    queue: mpsc::Sender<Outgoing>,
+    queue: FrameSender,
     pending: Pending,
 }
 
@@ -91,8 +91,10 @@ pub struct NodeCore {
     stopped: watch::Sender<bool>,
     /// Set when the node is gone: the link closes, nothing reconnects.
     closed: watch::Sender<bool>,
-    /// Callbacks running now.
-    serving: watch::Sender<usize>,
+    /// Callbacks running or waiting to run now.
+    serving: Serving,
+    /// Sync callbacks waiting for a thread, and the threads running them.
+    sync_runner: executor::SyncRunner,
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     /// Slots for this node's own calls in flight.
@@ -123,7 +125,8 @@ impl NodeCore {
             announcing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
-            serving: watch::channel(0).0,
+            serving: Serving::default(),
+            sync_runner: executor::SyncRunner::default(),
             link_done: watch::channel(false).0,
             in_flight: tokio::sync::Semaphore::new(config_in_flight),
             events,
@@ -159,20 +162,18 @@ impl NodeCore {
 
     /// Whether callbacks are running here now.
     pub fn is_serving(&self) -> bool {
-        *self.serving.borrow() > 0
+        self.serving.total() > 0
     }
 
     /// Waits until no callback runs here, or `stop_timeout` passes.
     pub async fn drain(&self) {
-        let mut serving = self.serving.subscribe();
-        let idle = serving.wait_for(|n| *n == 0);
-        if tokio::time::timeout(self.config.stop_timeout, idle)
+        if tokio::time::timeout(self.config.stop_timeout, self.serving.idle())
             .await
             .is_err()
         {
             tracing::warn!(
                 process = %self.name,
-                running = *self.serving.borrow(),
+                running = self.serving.total(),
                 "stop_timeout passed with callbacks still running; their callers get PeerStopped"
             );
         }
@@ -197,16 +198,12 @@ impl NodeCore {
         let _ = tokio::time::timeout(Duration::from_secs(1), done.wait_for(|d| *d)).await;
     }
 
-    /// Counts a callback as running, unless `max_concurrent_callbacks` already run.
-    fn admit_callback(self: &Arc<Self>) -> Option<ServingGuard> {
-        let mut admitted = false;
-        self.serving.send_modify(|n| {
-            if *n < self.config.max_concurrent_callbacks {
-                *n += 1;
-                admitted = true;
-            }
-        });
-        admitted.then(|| ServingGuard(self.clone()))
+    /// Counts a callback as running (or waiting to run), unless `limit` of its kind
+    /// (with a reply, or NO_RETURN) already are.
+    fn admit_callback(self: &Arc<Self>, one_way: bool, limit: usize) -> Option<ServingGuard> {
+        self.serving
+            .admit(one_way, limit)
+            .then(|| ServingGuard(self.clone(), one_way))
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -283,7 +280,7 @@ impl NodeCore {
         read(&self.connection).clone()
     }
 
-    fn queue(&self) -> Option<mpsc::Sender<Outgoing>> {
+    fn queue(&self) -> Option<FrameSender> {
         self.connection().map(|c| c.queue.clone())
     }
 
@@ -317,12 +314,87 @@ impl NodeCore {
     }
 }
 
-/// Marks a callback as finished when dropped.
-pub struct ServingGuard(Arc<NodeCore>);
+/// Callbacks running or waiting to run, by kind: NO_RETURN ones have their own, larger
+/// allowance (their callers cannot be told to back off). Both counts live in one atomic
+/// (calls with a reply in the low 32 bits), so that admitting and finishing a callback
+/// take no lock; `idle` wakes a graceful stop when both reach zero.
+#[derive(Default)]
+struct Serving {
+    counts: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+impl Serving {
+    const ONE_WAY: u64 = 1 << 32;
+    const WITH_REPLY: u64 = 1;
+    const MAX: usize = u32::MAX as usize - 1;
+
+    fn unit(one_way: bool) -> u64 {
+        if one_way {
+            Self::ONE_WAY
+        } else {
+            Self::WITH_REPLY
+        }
+    }
+
+    fn total(&self) -> usize {
+        let c = self.counts.load(Ordering::Acquire);
+        (c >> 32) as usize + (c & u64::from(u32::MAX)) as usize
+    }
+
+    /// Counts one more callback of its kind, unless `limit` of that kind already are.
+    fn admit(&self, one_way: bool, limit: usize) -> bool {
+        let limit = limit.min(Self::MAX) as u64;
+        let mut current = self.counts.load(Ordering::Acquire);
+        loop {
+            let of_kind = if one_way {
+                current >> 32
+            } else {
+                current & u64::from(u32::MAX)
+            };
+            if of_kind >= limit {
+                return false;
+            }
+            match self.counts.compare_exchange_weak(
+                current,
+                current + Self::unit(one_way),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    fn finish(&self, one_way: bool) {
+        let unit = Self::unit(one_way);
+        if self.counts.fetch_sub(unit, Ordering::AcqRel) == unit {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves once no callback runs or waits here.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a finish between the two is not missed.
+            notified.as_mut().enable();
+            if self.total() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Marks a callback as finished when dropped; `true` for a NO_RETURN one.
+pub struct ServingGuard(Arc<NodeCore>, bool);
 
 impl Drop for ServingGuard {
     fn drop(&mut self) {
-        self.0.serving.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.serving.finish(self.1);
     }
 }
 

@@ -3,7 +3,9 @@
 //! The layout is documented in `docs/PROTOCOL.md`. The controller parses only the header
 //! ([`Frame::parse`] borrows the payload, it never decodes it) and forwards the raw bytes.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
+#[cfg(test)]
+use bytes::BytesMut;
 
 /// Bytes of the length prefix in front of every frame.
 pub const LEN_PREFIX: usize = 4;
@@ -132,20 +134,27 @@ impl<'a> Header<'a> {
     /// callback names) are rejected earlier, where the user gives them.
     pub fn encode(&self, payload_len: usize) -> Bytes {
         let total = self.frame_len(payload_len);
-        let head_len = total - payload_len;
-        let mut buf = BytesMut::with_capacity(head_len);
-        buf.put_u32((total - LEN_PREFIX) as u32);
-        buf.put_u8(self.kind as u8);
-        buf.put_u8(self.flags);
-        buf.put_u64(self.call_id);
-        buf.put_u32(self.timeout_ms);
-        buf.put_u8(self.src.len() as u8);
-        buf.put_u8(self.dst.len() as u8);
-        buf.put_u16(self.name.len() as u16);
-        buf.put_slice(self.src.as_bytes());
-        buf.put_slice(self.dst.as_bytes());
-        buf.put_slice(self.name.as_bytes());
-        buf.freeze()
+        let mut buf = Vec::with_capacity(total - payload_len);
+        buf.extend_from_slice(&self.fixed_part(total));
+        buf.extend_from_slice(self.src.as_bytes());
+        buf.extend_from_slice(self.dst.as_bytes());
+        buf.extend_from_slice(self.name.as_bytes());
+        // Exactly as long as its capacity: `Bytes` takes the allocation over as it is.
+        Bytes::from(buf)
+    }
+
+    /// The length prefix and the fixed part of the header, for a frame of `total` bytes.
+    fn fixed_part(&self, total: usize) -> [u8; LEN_PREFIX + FIXED_HEADER] {
+        let mut b = [0u8; LEN_PREFIX + FIXED_HEADER];
+        b[0..4].copy_from_slice(&((total - LEN_PREFIX) as u32).to_be_bytes());
+        b[4] = self.kind as u8;
+        b[5] = self.flags;
+        b[6..14].copy_from_slice(&self.call_id.to_be_bytes());
+        b[14..18].copy_from_slice(&self.timeout_ms.to_be_bytes());
+        b[18] = self.src.len() as u8;
+        b[19] = self.dst.len() as u8;
+        b[20..22].copy_from_slice(&(self.name.len() as u16).to_be_bytes());
+        b
     }
 }
 

@@ -1,12 +1,26 @@
-//! Reading frames off a byte stream, and the one writer task per connection.
+//! Reading frames off a byte stream, and writing them.
 //!
-//! The writer drains everything queued for a connection into one buffer and one write
-//! call, so that many calls in flight share system calls. Large payloads are written
-//! straight from their `Bytes`, never copied into the buffer.
+//! Each connection has one [`FrameSender`] (cloned by everyone who sends on it) and one
+//! writer task. When the connection is idle, a sender writes its frame to the socket
+//! itself, without waiting for another task to wake up: that is what a lone call's
+//! latency needs. When frames come faster, they are queued, and the writer task drains
+//! the queue into one buffer and one write call, so that many calls in flight share
+//! system calls. Large payloads are written straight from their `Bytes`, never copied
+//! into the buffer.
+//!
+//! [`write_loop`] is the plain batching writer (a queue and a writer task, nothing
+//! written by the senders), kept for tools that want exactly that.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::frame::{Frame, FrameError, Header, Kind, LEN_PREFIX};
 
@@ -201,6 +215,320 @@ async fn flush_batch<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A sender writes its frame itself only if the connection wrote nothing for this long:
+/// a connection that is busy batches instead (one system call per frame would cost more
+/// than it saves).
+const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
+/// A writer's batch buffer larger than this is given back after use, so that idle
+/// connections hold no large buffers.
+const KEEP_BATCH_BUFFER: usize = 64 * 1024;
+
+/// The write half of a connection, as the writer keeps it.
+type Socket = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The connection is closed: the frame was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the connection is closed")]
+pub struct Closed;
+
+/// Sends frames on one connection: writes them itself when the connection is idle,
+/// queues them for the connection's writer task otherwise. Frames leave in the order
+/// they were sent. Cheap to clone; the writer task ends (after writing what is queued)
+/// when every clone is dropped.
+pub struct FrameSender {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer task: frames are queued, or the last sender is gone.
+    work: Notify,
+    /// Wakes senders waiting for room in a full queue.
+    room: Notify,
+    capacity: usize,
+}
+
+struct State {
+    queue: VecDeque<Outgoing>,
+    /// The socket, while nobody writes to it.
+    socket: Option<Socket>,
+    /// A write failed: nothing more can be sent.
+    closed: bool,
+    /// Live `FrameSender` clones.
+    senders: usize,
+    /// When a write last ended.
+    last_write: Option<Instant>,
+}
+
+/// What trying to send found.
+enum Push {
+    Sent,
+    Full(Outgoing),
+    Closed,
+}
+
+/// A sender for `socket`, with room for `capacity` queued frames, and the writer task to
+/// spawn. The task returns when the socket fails, or once every sender is gone and the
+/// queue is written (then it shuts the socket down).
+pub fn frame_channel<W>(
+    socket: W,
+    capacity: usize,
+) -> (
+    FrameSender,
+    impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+)
+where
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            socket: Some(Box::new(socket)),
+            closed: false,
+            senders: 1,
+            last_write: None,
+        }),
+        work: Notify::new(),
+        room: Notify::new(),
+        capacity: capacity.max(1),
+    });
+    let writer = run_writer(shared.clone());
+    (FrameSender { shared }, writer)
+}
+
+impl Clone for FrameSender {
+    fn clone(&self) -> Self {
+        self.shared.lock().senders += 1;
+        FrameSender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for FrameSender {
+    fn drop(&mut self) {
+        let last = {
+            let mut st = self.shared.lock();
+            st.senders -= 1;
+            st.senders == 0
+        };
+        if last {
+            self.shared.work.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for FrameSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSender").finish_non_exhaustive()
+    }
+}
+
+impl FrameSender {
+    /// Sends `frame`, waiting while the queue is full.
+    pub async fn send(&self, frame: Outgoing) -> Result<(), Closed> {
+        let mut frame = frame;
+        loop {
+            match self.push(frame) {
+                Push::Sent => return Ok(()),
+                Push::Closed => return Err(Closed),
+                Push::Full(back) => frame = back,
+            }
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            // Registered before looking again: room made in between is not missed.
+            room.as_mut().enable();
+            match self.push(frame) {
+                Push::Sent => return Ok(()),
+                Push::Closed => return Err(Closed),
+                Push::Full(back) => frame = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Sends `frame` unless the queue is full (or the connection closed).
+    pub fn try_send(&self, frame: Outgoing) -> Result<(), Closed> {
+        match self.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Full(_) | Push::Closed => Err(Closed),
+        }
+    }
+
+    /// Sends `frame` from synchronous code, blocking the thread while the queue is full.
+    /// Not for async code (it would block a runtime thread).
+    pub fn blocking_send(&self, frame: Outgoing) -> Result<(), Closed> {
+        match self.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Closed => Err(Closed),
+            Push::Full(frame) => crate::blocking::park(self.send(frame)),
+        }
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+
+    fn push(&self, frame: Outgoing) -> Push {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Push::Closed;
+        }
+        let quiet = st
+            .last_write
+            .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
+        if st.queue.is_empty() && quiet {
+            if let Some(mut socket) = st.socket.take() {
+                drop(st);
+                let written = write_now(&mut socket, frame);
+                let mut st = self.shared.lock();
+                st.socket = Some(socket);
+                st.last_write = Some(Instant::now());
+                match written {
+                    Ok(None) if st.queue.is_empty() => {}
+                    Ok(None) => self.shared.work.notify_one(),
+                    Ok(Some(rest)) => {
+                        // The socket is full: the writer task finishes the frame first.
+                        st.queue.push_front(rest);
+                        self.shared.work.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a write failed; closing the connection");
+                        st.closed = true;
+                        st.queue.clear();
+                        self.shared.work.notify_one();
+                        self.shared.room.notify_waiters();
+                        return Push::Closed;
+                    }
+                }
+                return Push::Sent;
+            }
+        }
+        if st.queue.len() >= self.shared.capacity {
+            return Push::Full(frame);
+        }
+        st.queue.push_back(frame);
+        // Whoever holds the socket now looks at the queue when it gives the socket back.
+        if st.socket.is_some() {
+            self.shared.work.notify_one();
+        }
+        Push::Sent
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct NoopWake;
+
+impl Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// A waker that does nothing: a write attempted outside the writer task never waits.
+fn noop_waker() -> &'static Waker {
+    static WAKER: OnceLock<Waker> = OnceLock::new();
+    WAKER.get_or_init(|| Waker::from(Arc::new(NoopWake)))
+}
+
+/// Writes `frame` now, as far as the socket takes it without waiting. Returns what is
+/// left (for the writer task), or `None` when all of it went out.
+fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Outgoing>> {
+    let mut cx = Context::from_waker(noop_waker());
+    let Outgoing { mut head, mut body } = frame;
+    while !head.is_empty() || !body.is_empty() {
+        let parts = [IoSlice::new(&head), IoSlice::new(&body)];
+        match Pin::new(&mut *socket).poll_write_vectored(&mut cx, &parts) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                let from_head = n.min(head.len());
+                head.advance(from_head);
+                body.advance(n - from_head);
+            }
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(Some(Outgoing { head, body })),
+        }
+    }
+    // A no-op on plain sockets; a stream that buffers gets flushed by the writer task.
+    match Pin::new(&mut *socket).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok(None),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(Some(Outgoing::default())),
+    }
+}
+
+/// The writer task: drains the queue in batches while senders queue faster than they
+/// could write.
+async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
+    let mut batch = BytesMut::new();
+    let mut frames = Vec::new();
+    loop {
+        let work = shared.work.notified();
+        tokio::pin!(work);
+        work.as_mut().enable();
+        let taken = {
+            let mut st = shared.lock();
+            if st.closed {
+                return Ok(());
+            }
+            match st.socket.take() {
+                Some(socket) if !st.queue.is_empty() => {
+                    frames.extend(st.queue.drain(..));
+                    Some((socket, false))
+                }
+                Some(socket) if st.senders == 0 => Some((socket, true)),
+                other => {
+                    st.socket = other;
+                    None
+                }
+            }
+        };
+        let Some((mut socket, finished)) = taken else {
+            work.await;
+            continue;
+        };
+        if finished {
+            let _ = socket.shutdown().await;
+            return Ok(());
+        }
+        shared.room.notify_waiters();
+        let mut written = Ok(());
+        for frame in frames.drain(..) {
+            if let Err(e) = push(&mut socket, &mut batch, frame).await {
+                written = Err(e);
+                break;
+            }
+        }
+        if written.is_ok() {
+            written = flush_batch(&mut socket, &mut batch).await;
+        }
+        if written.is_ok() {
+            written = socket.flush().await;
+        }
+        frames.clear();
+        if batch.capacity() > KEEP_BATCH_BUFFER {
+            batch = BytesMut::new();
+        }
+        let mut st = shared.lock();
+        st.last_write = Some(Instant::now());
+        match written {
+            Ok(()) => st.socket = Some(socket),
+            Err(e) => {
+                st.closed = true;
+                st.queue.clear();
+                drop(st);
+                shared.room.notify_waiters();
+                return Err(e);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +560,99 @@ mod tests {
         assert_eq!((second.call_id(), second.payload()), (1, big));
         assert!(reader.next().await.expect("clean end").is_none());
         writer.await.expect("join").expect("io");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_sender_keeps_order_through_direct_and_queued_writes() {
+        // A pipe smaller than one frame: direct writes stop part-way and the writer task
+        // finishes them, while other tasks keep sending.
+        let (a, b) = tokio::io::duplex(512);
+        let (tx, writer) = frame_channel(a, 8);
+        let writer = tokio::spawn(writer);
+        let reading = tokio::spawn(async move {
+            let mut reader = FrameReader::new(b, 1 << 20);
+            let mut ids = Vec::new();
+            while let Some(f) = reader.next().await.expect("read") {
+                assert_eq!(f.payload().len(), (f.call_id() % 7) as usize * 300);
+                ids.push(f.call_id());
+            }
+            ids
+        });
+        let mut tasks = Vec::new();
+        for sender in 0..4u64 {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u64 {
+                    let id = sender * 1000 + i;
+                    let mut h = Header::control(Kind::Request);
+                    h.call_id = id;
+                    let body = Bytes::from(vec![1u8; (id % 7) as usize * 300]);
+                    tx.send(Outgoing {
+                        head: h.encode(body.len()),
+                        body,
+                    })
+                    .await
+                    .expect("connection open");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("sender");
+        }
+        drop(tx);
+        writer.await.expect("join").expect("io");
+        let ids = reading.await.expect("reader");
+        assert_eq!(ids.len(), 800);
+        for sender in 0..4u64 {
+            let mine: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| id / 1000 == sender)
+                .collect();
+            let sorted: Vec<u64> = (0..200).map(|i| sender * 1000 + i).collect();
+            assert_eq!(mine, sorted, "frames of one sender arrive in order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_sender_from_a_blocking_thread_and_after_the_peer_left() {
+        let (a, b) = tokio::io::duplex(64);
+        let (tx, writer) = frame_channel(a, 2);
+        let writer = tokio::spawn(writer);
+        let blocking = tx.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            (0..50u64)
+                .map(|i| {
+                    let mut h = Header::control(Kind::Reply);
+                    h.call_id = i;
+                    blocking.blocking_send(Outgoing {
+                        head: h.encode(0),
+                        body: Bytes::new(),
+                    })
+                })
+                .filter(Result::is_ok)
+                .count()
+        });
+        let mut reader = FrameReader::new(b, 1 << 20);
+        for i in 0..50u64 {
+            let f = reader.next().await.expect("read").expect("frame");
+            assert_eq!(f.call_id(), i);
+        }
+        assert_eq!(sent.await.expect("join"), 50);
+        drop(reader);
+        // The peer is gone: a frame sent now is written at once or queued; either way the
+        // write fails, the writer ends, and every later frame fails by name.
+        let _ = tx.send(Outgoing::control(Kind::Goodbye, &())).await;
+        let _ = writer.await.expect("join");
+        assert!(tx.is_closed());
+        assert_eq!(
+            tx.send(Outgoing::control(Kind::Goodbye, &())).await,
+            Err(Closed)
+        );
+        assert_eq!(
+            tx.try_send(Outgoing::control(Kind::Goodbye, &())),
+            Err(Closed)
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,491 @@
+//! The floor: the least a brokered call can cost with daffi's framing.
+//!
+//! Three processes, as in daffi: a client, a relay and a server (client -> relay ->
+//! server -> relay -> client). They use daffi's own frame code (`Header::encode`,
+//! `FrameReader`, `Frame::parse`) and nothing else: no handshake beyond one `Hello` frame
+//! naming the connection, no membership, no pending-call table, no argument encoding.
+//! The relay routes each frame by its `dst` and forwards its bytes untouched.
+//!
+//! Two variants:
+//! - **batched**: one writer task per connection drains its queue into one buffer and
+//!   one write call (daffi's `write_loop`), as daffi does;
+//! - **direct**: the task that has a frame writes it itself, one write per frame, with no
+//!   queue and no writer task.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
+use daffi::protocol::io::{write_loop, FrameReader, Outgoing};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
+use super::proc::{answer, Endpoint, Result};
+use super::report::Percentiles;
+use super::roles::{runtime, wait_for_stdin_eof};
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Frames queued per connection (daffi's queue size).
+const QUEUE_CAPACITY: usize = 4096;
+/// Payloads up to this size are copied next to their header for one write (as daffi's
+/// writer does); larger ones are written from their own memory.
+const COPY_THRESHOLD: usize = 16 * 1024;
+/// The callback name the client asks for the one-way count with.
+const COUNT: &str = "count";
+/// The arguments of a small call, `[1, 1]` in MessagePack, as daffi sends them.
+const SMALL_ARGS: &[u8] = &[0x92, 0x01, 0x01];
+/// The result of a small call, `2` in MessagePack.
+const SMALL_RESULT: &[u8] = &[0x02];
+
+async fn connect(endpoint: &Endpoint) -> std::io::Result<(BoxRead, BoxWrite)> {
+    match endpoint {
+        Endpoint::Tcp(host, port) => {
+            let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Endpoint::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    async fn bind(endpoint: &Endpoint) -> std::io::Result<(Listener, Endpoint)> {
+        match endpoint {
+            Endpoint::Tcp(host, port) => {
+                let l = tokio::net::TcpListener::bind((host.as_str(), *port)).await?;
+                let bound = l.local_addr()?;
+                Ok((
+                    Listener::Tcp(l),
+                    Endpoint::Tcp(bound.ip().to_string(), bound.port()),
+                ))
+            }
+            Endpoint::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path)?;
+                Ok((Listener::Unix(l, path.clone()), endpoint.clone()))
+            }
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Writes one frame with as few write calls as the frame allows.
+async fn write_frame(w: &mut BoxWrite, frame: &Outgoing) -> std::io::Result<()> {
+    if frame.body.is_empty() {
+        w.write_all(&frame.head).await
+    } else if frame.body.len() <= COPY_THRESHOLD {
+        let mut buf = BytesMut::with_capacity(frame.len());
+        buf.extend_from_slice(&frame.head);
+        buf.extend_from_slice(&frame.body);
+        w.write_all(&buf).await
+    } else {
+        w.write_all(&frame.head).await?;
+        w.write_all(&frame.body).await
+    }
+}
+
+/// Where one task's frames go: its own writer task's queue, or the socket itself.
+enum Writer {
+    Batched(mpsc::Sender<Outgoing>),
+    Direct(BoxWrite),
+}
+
+impl Writer {
+    fn new(write: BoxWrite, batched: bool) -> Writer {
+        if batched {
+            let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+            tokio::spawn(write_loop(write, rx));
+            Writer::Batched(tx)
+        } else {
+            Writer::Direct(write)
+        }
+    }
+
+    async fn send(&mut self, frame: Outgoing) -> std::io::Result<()> {
+        match self {
+            Writer::Batched(queue) => queue
+                .send(frame)
+                .await
+                .map_err(|_| std::io::Error::other("the writer task ended")),
+            Writer::Direct(w) => write_frame(w, &frame).await,
+        }
+    }
+}
+
+/// A connection's route in the relay.
+#[derive(Clone)]
+enum Route {
+    Batched(mpsc::Sender<Outgoing>),
+    Direct(Arc<tokio::sync::Mutex<BoxWrite>>),
+}
+
+impl Route {
+    async fn forward(&self, raw: Bytes) -> std::io::Result<()> {
+        match self {
+            Route::Batched(queue) => queue
+                .send(Outgoing::raw(raw))
+                .await
+                .map_err(|_| std::io::Error::other("the writer task ended")),
+            Route::Direct(w) => w.lock().await.write_all(&raw).await,
+        }
+    }
+}
+
+type Routes = Arc<RwLock<HashMap<String, Route>>>;
+
+/// The relay process: prints `ready <endpoint>`, routes until stdin closes.
+pub fn relay(listen: &Endpoint, batched: bool, max_frame_size: usize) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (listener, bound) = Listener::bind(listen).await?;
+        println!("ready {bound}");
+        let routes: Routes = Arc::default();
+        let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            wait_for_stdin_eof();
+            let _ = closed_tx.send(());
+        });
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (read, write) = accepted?;
+                    let routes = routes.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = relay_session(read, write, routes, batched, max_frame_size).await {
+                            eprintln!("floor relay: a connection failed: {e}");
+                        }
+                    });
+                }
+                _ = &mut closed => break,
+            }
+        }
+        Ok::<(), super::proc::BoxError>(())
+    })?;
+    // Do not wait for sessions: the process ends here.
+    rt.shutdown_background();
+    Ok(())
+}
+
+async fn relay_session(
+    read: BoxRead,
+    write: BoxWrite,
+    routes: Routes,
+    batched: bool,
+    max_frame_size: usize,
+) -> Result<()> {
+    let mut reader = FrameReader::new(read, max_frame_size);
+    let hello = reader.next().await?.ok_or("closed before its Hello")?;
+    if hello.kind() != Kind::Hello || hello.src().is_empty() {
+        return Err("the first frame must be a Hello naming the connection".into());
+    }
+    let name = hello.src().to_string();
+    let route = if batched {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(write_loop(write, rx));
+        Route::Batched(tx)
+    } else {
+        Route::Direct(Arc::new(tokio::sync::Mutex::new(write)))
+    };
+    route
+        .forward(Header::control(Kind::Welcome).encode(0))
+        .await?;
+    write_routes(&routes).insert(name.clone(), route);
+    let result = async {
+        while let Some(frame) = reader.next().await? {
+            let route = read_routes(&routes).get(frame.dst()).cloned();
+            if let Some(route) = route {
+                // A peer that is gone loses the frame, as in daffi.
+                let _ = route.forward(frame.raw().clone()).await;
+            }
+        }
+        Ok::<(), super::proc::BoxError>(())
+    }
+    .await;
+    write_routes(&routes).remove(&name);
+    result
+}
+
+fn read_routes(routes: &Routes) -> std::sync::RwLockReadGuard<'_, HashMap<String, Route>> {
+    routes.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_routes(routes: &Routes) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
+    routes.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connects to the relay and names the connection; returns once the relay answered.
+async fn join(
+    endpoint: &Endpoint,
+    name: &str,
+    max_frame_size: usize,
+) -> Result<(FrameReader<BoxRead>, BoxWrite)> {
+    let (read, mut write) = connect(endpoint).await?;
+    let hello = Header {
+        src: name,
+        ..Header::control(Kind::Hello)
+    };
+    write.write_all(&hello.encode(0)).await?;
+    let mut reader = FrameReader::new(read, max_frame_size);
+    match reader.next().await? {
+        Some(f) if f.kind() == Kind::Welcome => Ok((reader, write)),
+        _ => Err("the relay did not welcome us".into()),
+    }
+}
+
+/// The server process: answers every request at once, counts one-way ones.
+pub fn server(connect: &Endpoint, name: &str, batched: bool, max_frame_size: usize) -> Result<()> {
+    let rt = runtime()?;
+    let name = name.to_string();
+    rt.block_on(async {
+        let (reader, write) = join(connect, &name, max_frame_size).await?;
+        println!("ready");
+        let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            wait_for_stdin_eof();
+            let _ = closed_tx.send(());
+        });
+        tokio::select! {
+            served = serve(reader, Writer::new(write, batched), &name) => served,
+            _ = closed => Ok(()),
+        }
+    })?;
+    rt.shutdown_background();
+    Ok(())
+}
+
+async fn serve(mut reader: FrameReader<BoxRead>, mut writer: Writer, name: &str) -> Result<()> {
+    let mut one_way: u64 = 0;
+    while let Some(frame) = reader.next().await? {
+        if frame.kind() != Kind::Request {
+            continue;
+        }
+        if frame.flags() & FLAG_NO_REPLY != 0 {
+            one_way += 1;
+            continue;
+        }
+        let body = match frame.name() {
+            COUNT => Bytes::from(std::mem::take(&mut one_way).to_be_bytes().to_vec()),
+            ops::LEN => msgpack_u64(frame.payload().len() as u64),
+            _ => Bytes::from_static(SMALL_RESULT),
+        };
+        let head = Header {
+            kind: Kind::Reply,
+            flags: 0,
+            call_id: frame.call_id(),
+            timeout_ms: 0,
+            src: name,
+            dst: frame.src(),
+            name: "",
+        }
+        .encode(body.len());
+        writer.send(Outgoing { head, body }).await?;
+    }
+    Ok(())
+}
+
+/// A `u64` in MessagePack (always the 9-byte form).
+fn msgpack_u64(v: u64) -> Bytes {
+    let mut b = Vec::with_capacity(9);
+    b.push(0xcf);
+    b.extend_from_slice(&v.to_be_bytes());
+    Bytes::from(b)
+}
+
+/// The client process: runs the parent's commands against the server.
+pub fn client(
+    connect: &Endpoint,
+    name: &str,
+    server: &str,
+    batched: bool,
+    max_frame_size: usize,
+) -> Result<()> {
+    use std::io::BufRead;
+    let rt = runtime()?;
+    let mut client = rt.block_on(async {
+        let (reader, write) = join(connect, name, max_frame_size).await?;
+        Ok::<_, super::proc::BoxError>(Client {
+            reader,
+            writer: Writer::new(write, batched),
+            name: name.to_string(),
+            server: server.to_string(),
+            next_id: 0,
+            blob: Bytes::new(),
+        })
+    })?;
+    println!("ready");
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let reply = match serde_json::from_str::<Op>(&line) {
+            Ok(op) => rt.block_on(client.run(op)),
+            Err(e) => answer::<()>(Err(format!("bad command {line:?}: {e}").into())),
+        };
+        println!("{reply}");
+    }
+    rt.shutdown_background();
+    Ok(())
+}
+
+struct Client {
+    reader: FrameReader<BoxRead>,
+    writer: Writer,
+    name: String,
+    server: String,
+    next_id: u64,
+    blob: Bytes,
+}
+
+impl Client {
+    async fn run(&mut self, op: Op) -> String {
+        match op {
+            Op::Latency { calls, warmup } => answer(self.latency(calls, warmup).await),
+            Op::Rate {
+                mode: RateMode::Pipelined,
+                calls,
+                in_flight,
+            } => answer(self.pipelined(calls, in_flight).await),
+            Op::OneWay { calls } => answer(self.one_way(calls).await),
+            Op::Blob { bytes } => answer(self.blob(bytes).await),
+            other => answer::<()>(Err(format!("the floor does not do {other:?}").into())),
+        }
+    }
+
+    /// Sends a request; returns its call id.
+    async fn request(&mut self, callback: &str, body: Bytes, no_reply: bool) -> Result<u64> {
+        self.next_id += 1;
+        let head = Header {
+            kind: Kind::Request,
+            flags: if no_reply { FLAG_NO_REPLY } else { 0 },
+            call_id: self.next_id,
+            timeout_ms: 0,
+            src: &self.name,
+            dst: &self.server,
+            name: callback,
+        }
+        .encode(body.len());
+        self.writer.send(Outgoing { head, body }).await?;
+        Ok(self.next_id)
+    }
+
+    async fn reply(&mut self) -> Result<Frame> {
+        match self.reader.next().await? {
+            Some(f) if f.kind() == Kind::Reply => Ok(f),
+            Some(f) => Err(format!("unexpected {:?} frame", f.kind()).into()),
+            None => Err("the relay closed the connection".into()),
+        }
+    }
+
+    async fn round_trip(&mut self, callback: &str, body: Bytes) -> Result<Frame> {
+        let id = self.request(callback, body, false).await?;
+        let reply = self.reply().await?;
+        if reply.call_id() != id {
+            return Err(format!("reply to call {} while waiting for {id}", reply.call_id()).into());
+        }
+        Ok(reply)
+    }
+
+    async fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
+        let args = Bytes::from_static(SMALL_ARGS);
+        for _ in 0..warmup {
+            self.round_trip(ops::ADD, args.clone()).await?;
+        }
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let t = Instant::now();
+            self.round_trip(ops::ADD, args.clone()).await?;
+            samples.push(t.elapsed());
+        }
+        Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
+    }
+
+    async fn pipelined(&mut self, calls: usize, in_flight: usize) -> Result<RateAnswer> {
+        let args = Bytes::from_static(SMALL_ARGS);
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < in_flight.max(1).min(calls) {
+            self.request(ops::ADD, args.clone(), false).await?;
+            sent += 1;
+        }
+        for _ in 0..calls {
+            self.reply().await?;
+            if sent < calls {
+                self.request(ops::ADD, args.clone(), false).await?;
+                sent += 1;
+            }
+        }
+        Ok(RateAnswer {
+            calls_per_s: calls as f64 / started.elapsed().as_secs_f64(),
+            lost: 0,
+        })
+    }
+
+    async fn one_way(&mut self, calls: usize) -> Result<RateAnswer> {
+        let started = Instant::now();
+        for _ in 0..calls {
+            self.request(ops::SINK, Bytes::new(), true).await?;
+        }
+        let reply = self.round_trip(COUNT, Bytes::new()).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let payload = reply.payload();
+        let counted = <[u8; 8]>::try_from(&payload[..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| "bad count reply")?;
+        Ok(RateAnswer {
+            calls_per_s: counted as f64 / secs,
+            lost: (calls as u64).saturating_sub(counted),
+        })
+    }
+
+    async fn blob(&mut self, bytes: usize) -> Result<BlobAnswer> {
+        if self.blob.len() != bytes {
+            self.blob = Bytes::new();
+            self.blob = Bytes::from(vec![0xA5u8; bytes]);
+        }
+        let started = Instant::now();
+        let reply = self.round_trip(ops::LEN, self.blob.clone()).await?;
+        let secs = started.elapsed().as_secs_f64();
+        if reply.payload().len() != 9 {
+            return Err("bad length reply".into());
+        }
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(bytes, secs),
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! `daffi bench`: latency and throughput of daffi, beside a raw frame relay (the floor)
+//! measured in the same run. See `BENCHMARKS.md` at the repository root.
+//!
+//! The parent process starts every other process itself, as this same binary in a
+//! hidden role (`daffi bench-role ...`), and talks to them over their stdin and stdout:
+//! - `floor.rs`: the floor's relay, server and client;
+//! - `roles.rs`: daffi's controller, callee, caller, a swarm of nodes, an idle node;
+//! - `scenarios.rs`: scenarios A to E, which start those and collect the figures;
+//! - `report.rs`: the table and the JSON;
+//! - `ops.rs`, `proc.rs`: the commands children run, and the children themselves.
+
+mod floor;
+mod ops;
+mod proc;
+mod report;
+mod roles;
+mod scenarios;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+
+use proc::Endpoint;
+use report::Report;
+use scenarios::{Plan, Scenario, Transport};
+
+/// Options of `daffi bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A short run of every scenario (seconds, not minutes): fewer calls and
+    /// repetitions, a 4 MiB payload instead of 64 MiB and 1 GiB, 30 nodes instead of
+    /// 1,000. Its figures are rough.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Repetitions of each figure [default: 5, or 2 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Run only these scenarios, e.g. `--only a,b` [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
+    /// Transport of scenarios B to E (A runs on both).
+    #[arg(long, value_enum, default_value = "unix")]
+    transport: Transport,
+    /// Use a running controller (tcp:HOST:PORT or unix:PATH) instead of starting one.
+    /// No other node on it may serve the `bench_*` callbacks.
+    #[arg(long)]
+    connect: Option<Endpoint>,
+    /// Measured calls per repetition in A, D and E [default: 10000, or 300 with --quick].
+    #[arg(long)]
+    calls: Option<usize>,
+    /// Calls per repetition in B [default: 200000, or 3000 with --quick].
+    #[arg(long)]
+    rate_calls: Option<usize>,
+    /// Skip the 1 GiB payload of scenario C.
+    #[arg(long)]
+    no_big: bool,
+    /// Nodes connected in scenario E [default: 1000, or 30 with --quick].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Log level of the processes the benchmark starts.
+    #[arg(long, default_value = "warn")]
+    child_log_level: String,
+}
+
+/// The role of a process `daffi bench` started.
+#[derive(Args)]
+pub struct RoleArgs {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// A daffi controller.
+    Controller {
+        #[arg(long)]
+        listen: Endpoint,
+        #[arg(long)]
+        max_frame_size: Option<usize>,
+    },
+    /// A daffi node serving the bench callbacks.
+    Callee {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        max_frame_size: Option<usize>,
+    },
+    /// A daffi node running the parent's commands.
+    Caller {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        callees: Vec<String>,
+        #[arg(long)]
+        max_frame_size: Option<usize>,
+    },
+    /// Many idle daffi nodes in one process.
+    Swarm {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+    },
+    /// One idle daffi node.
+    Idle {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+    },
+    /// The floor's relay.
+    FloorRelay {
+        #[arg(long)]
+        listen: Endpoint,
+        #[arg(long)]
+        batched: bool,
+        #[arg(long)]
+        max_frame_size: usize,
+    },
+    /// The floor's server.
+    FloorServer {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        batched: bool,
+        #[arg(long)]
+        max_frame_size: usize,
+    },
+    /// The floor's client.
+    FloorClient {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        batched: bool,
+        #[arg(long)]
+        max_frame_size: usize,
+    },
+}
+
+/// Runs `daffi bench`.
+pub fn run(args: BenchArgs) -> ExitCode {
+    const MIB: usize = 1024 * 1024;
+    let quick = args.quick;
+    let pick = |given: Option<usize>, full: usize, short: usize| {
+        given.unwrap_or(if quick { short } else { full }).max(1)
+    };
+    let mut blob_sizes = if quick { vec![4 * MIB] } else { vec![64 * MIB] };
+    if !quick && !args.no_big {
+        blob_sizes.push(1024 * MIB);
+    }
+    let transport = match &args.connect {
+        Some(Endpoint::Unix(_)) => Transport::Unix,
+        Some(Endpoint::Tcp(..)) => Transport::Tcp,
+        None => args.transport,
+    };
+    let dir = std::env::temp_dir().join(format!("daffi-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("daffi bench: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let plan = Plan {
+        reps: pick(args.reps, 5, 2),
+        latency_calls: pick(args.calls, 10_000, 300),
+        latency_warmup: if quick { 50 } else { 1_000 },
+        rate_calls: pick(args.rate_calls, 200_000, 3_000),
+        in_flight: 256,
+        blob_sizes,
+        broadcast_nodes: 4,
+        swarm_nodes: pick(args.nodes, 1_000, 30),
+        transport,
+        connect: args.connect,
+        scenarios: if args.only.is_empty() {
+            vec![
+                Scenario::A,
+                Scenario::B,
+                Scenario::C,
+                Scenario::D,
+                Scenario::E,
+            ]
+        } else {
+            args.only
+        },
+        log_level: args.child_log_level,
+        dir: dir.clone(),
+        tag: format!("bench{}", std::process::id()),
+    };
+    let started = Instant::now();
+    let load_before = report::load_average();
+    let outcome = scenarios::run_all(&plan);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = Report {
+        version: env!("CARGO_PKG_VERSION"),
+        quick,
+        reps: plan.reps,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average: [load_before, report::load_average()],
+        elapsed_s: started.elapsed().as_secs_f64(),
+        rows: outcome.rows,
+        notes: outcome.notes,
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("daffi bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    let failed = report.notes.iter().any(|n| n.contains(" failed: "));
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Runs one process of the benchmark (`daffi bench-role ...`).
+pub fn run_role(args: RoleArgs) -> ExitCode {
+    let result = match &args.role {
+        Role::Controller {
+            listen,
+            max_frame_size,
+        } => roles::controller(listen, *max_frame_size),
+        Role::Callee {
+            connect,
+            name,
+            max_frame_size,
+        } => roles::callee(connect, name, *max_frame_size),
+        Role::Caller {
+            connect,
+            name,
+            callees,
+            max_frame_size,
+        } => roles::caller(connect, name, callees, *max_frame_size),
+        Role::Swarm {
+            connect,
+            prefix,
+            count,
+        } => roles::swarm(connect, prefix, *count),
+        Role::Idle { connect, name } => roles::idle(connect, name),
+        Role::FloorRelay {
+            listen,
+            batched,
+            max_frame_size,
+        } => floor::relay(listen, *batched, *max_frame_size),
+        Role::FloorServer {
+            connect,
+            name,
+            batched,
+            max_frame_size,
+        } => floor::server(connect, name, *batched, *max_frame_size),
+        Role::FloorClient {
+            connect,
+            name,
+            server,
+            batched,
+            max_frame_size,
+        } => floor::client(connect, name, server, *batched, *max_frame_size),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("daffi bench-role: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

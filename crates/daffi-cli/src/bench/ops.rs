@@ -1,0 +1,118 @@
+//! The commands a client child (a daffi caller or a floor client) runs for the parent,
+//! one JSON line each way, and what it answers.
+
+use serde::{Deserialize, Serialize};
+
+use super::report::Percentiles;
+
+/// The callback a small call goes to: two integers in, their sum out.
+pub const ADD: &str = "bench_add";
+/// Returns the length of its `bytes` argument.
+pub const LEN: &str = "bench_len";
+/// Counts fire-and-forget calls.
+pub const SINK: &str = "bench_sink";
+/// Waits until the sink counted `n` calls (or gives up), returns how many it counted.
+pub const SINK_WAIT: &str = "bench_sink_wait";
+
+/// The name of the callback a callee registers last, so that a caller that sees it knows
+/// every other callback of that callee.
+pub fn ready_marker(callee: &str) -> String {
+    format!("bench_ready_{callee}")
+}
+
+/// One measurement to make.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Small calls one at a time: `warmup` unmeasured, then `calls` measured.
+    Latency {
+        /// Measured calls.
+        calls: usize,
+        /// Calls made first, not measured.
+        warmup: usize,
+    },
+    /// `calls` small calls with `in_flight` outstanding at any time.
+    Rate {
+        /// How the caller keeps calls in flight.
+        mode: RateMode,
+        /// Calls in total.
+        calls: usize,
+        /// Calls outstanding.
+        in_flight: usize,
+    },
+    /// `calls` fire-and-forget calls, then one call that returns once the callee counted
+    /// them all: the rate at which the callee received them.
+    OneWay {
+        /// Calls in total.
+        calls: usize,
+    },
+    /// One call whose argument is `bytes` long; the callee returns the length.
+    Blob {
+        /// Payload size.
+        bytes: usize,
+    },
+    /// Broadcasts with results to every node serving the small call, one at a time.
+    Broadcast {
+        /// Measured broadcasts.
+        calls: usize,
+        /// Broadcasts made first, not measured.
+        warmup: usize,
+        /// How many answers each must bring.
+        nodes: usize,
+    },
+    /// Waits until the nodes `{prefix}0 .. {prefix}{count-1}` and `extra` are all known
+    /// to this node; answers the seconds it waited.
+    WaitNodes {
+        /// Name prefix of the swarm's nodes.
+        prefix: String,
+        /// How many.
+        count: usize,
+        /// Other names to wait for.
+        extra: Vec<String>,
+        /// Give up after this many seconds.
+        timeout_s: u64,
+    },
+}
+
+/// How a caller keeps many calls in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateMode {
+    /// daffi from sync code: a window of `bg()` results, collected with `get()`.
+    Bg,
+    /// daffi from async code: `in_flight` tasks, each calling `fg_async` in a loop.
+    Async,
+    /// The floor: requests written as replies come back.
+    Pipelined,
+}
+
+/// The answer to [`Op::Latency`] and [`Op::Broadcast`].
+pub type LatencyAnswer = Percentiles;
+
+/// The answer to [`Op::Rate`] and [`Op::OneWay`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RateAnswer {
+    /// Calls per second.
+    pub calls_per_s: f64,
+    /// Fire-and-forget calls the callee never counted.
+    pub lost: u64,
+}
+
+/// The answer to [`Op::Blob`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct BlobAnswer {
+    /// Payload MiB per second of round trip.
+    pub mib_per_s: f64,
+}
+
+/// The answer to [`Op::WaitNodes`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WaitAnswer {
+    /// Seconds waited.
+    pub waited_s: f64,
+}
+
+/// MiB per second for `bytes` moved in `secs`.
+pub fn mib_per_s(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / secs.max(1e-9)
+}

@@ -1,0 +1,363 @@
+//! The daffi processes of the benchmark: controller, callee, caller, a swarm of idle
+//! nodes, and one idle node. Each prints `ready ...` once it can be used, and exits when
+//! its stdin closes.
+//!
+//! The callee registers its callbacks with `Global::register` (not `#[callback]`, which
+//! would make every node of the `daffi` binary serve them).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, Read};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daffi::Global;
+use tokio::sync::Notify;
+
+use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
+use super::proc::{answer, Endpoint, Result};
+use super::report::Percentiles;
+
+/// How long a caller waits for its callees to be announced.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the sink waits for fire-and-forget calls still on their way.
+const SINK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Blocks until stdin reaches its end (the parent closed it, or died).
+pub fn wait_for_stdin_eof() {
+    let _ = std::io::stdin().lock().read_to_end(&mut Vec::new());
+}
+
+/// The runtime of a benchmark process: what `Global::builder().start()` makes (two
+/// workers), so that sync and async callers share one.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A daffi controller alone in its process, like `daffi controller`.
+pub fn controller(listen: &Endpoint, max_frame_size: Option<usize>) -> Result<()> {
+    let mut b = listen.builder().init_controller(true).init_node(false);
+    if let Some(limit) = max_frame_size {
+        b = b.max_frame_size(limit);
+    }
+    let g = b.start()?;
+    println!("ready {}", Endpoint::of_address(g.address()));
+    wait_for_stdin_eof();
+    g.stop();
+    Ok(())
+}
+
+/// Counts fire-and-forget calls and wakes the waiter once enough came.
+struct Sink {
+    count: AtomicU64,
+    want: AtomicU64,
+    reached: Notify,
+}
+
+impl Sink {
+    fn hit(&self) {
+        let seen = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        if seen >= self.want.load(Ordering::Acquire) {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Waits until `n` calls were counted (then takes them off the count), or until
+    /// the timeout; returns how many were counted.
+    async fn wait(&self, n: u64) -> u64 {
+        self.want.store(n, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + SINK_TIMEOUT;
+        loop {
+            let seen = self.count.load(Ordering::Acquire);
+            if seen >= n {
+                self.count.fetch_sub(n, Ordering::AcqRel);
+                self.want.store(u64::MAX, Ordering::Release);
+                return n;
+            }
+            // `notify_one` keeps a permit when nobody waits: a hit between the check
+            // and this wait is not missed.
+            if tokio::time::timeout_at(deadline, self.reached.notified())
+                .await
+                .is_err()
+            {
+                self.want.store(u64::MAX, Ordering::Release);
+                return self.count.swap(0, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// A node serving the benchmark's callbacks.
+pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> Result<()> {
+    let mut b = connect.builder().process_name(name);
+    if let Some(limit) = max_frame_size {
+        b = b.max_frame_size(limit);
+    }
+    let g = b.start()?;
+    let sink = Arc::new(Sink {
+        count: AtomicU64::new(0),
+        want: AtomicU64::new(u64::MAX),
+        reached: Notify::new(),
+    });
+    g.register(ops::ADD, |a: i64, b: i64| a + b)?;
+    g.register(ops::LEN, |data: Bytes| data.len() as u64)?;
+    let s = sink.clone();
+    g.register(ops::SINK, move || s.hit())?;
+    let s = sink.clone();
+    g.register(ops::SINK_WAIT, move |n: u64| {
+        let s = s.clone();
+        async move { s.wait(n).await }
+    })?;
+    // Last: a caller that sees this one knows all of the above.
+    g.register(&ops::ready_marker(name), || ())?;
+    println!("ready");
+    wait_for_stdin_eof();
+    g.stop();
+    Ok(())
+}
+
+/// A node that runs the parent's commands against the callees.
+pub fn caller(
+    connect: &Endpoint,
+    name: &str,
+    callees: &[String],
+    max_frame_size: Option<usize>,
+) -> Result<()> {
+    let rt = runtime()?;
+    let mut b = connect.builder().process_name(name);
+    if let Some(limit) = max_frame_size {
+        b = b.max_frame_size(limit);
+    }
+    let g = rt.block_on(b.start_async())?;
+    for callee in callees {
+        g.wait_function_timeout(&ops::ready_marker(callee), READY_TIMEOUT)?;
+    }
+    println!("ready");
+    let mut caller = Caller {
+        g: g.clone(),
+        rt,
+        blob: Bytes::new(),
+    };
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let reply = match serde_json::from_str::<Op>(&line) {
+            Ok(op) => caller.run(op),
+            Err(e) => answer::<()>(Err(format!("bad command {line:?}: {e}").into())),
+        };
+        println!("{reply}");
+    }
+    g.stop();
+    Ok(())
+}
+
+struct Caller {
+    g: Global,
+    rt: tokio::runtime::Runtime,
+    /// The payload of the last blob call, kept for the next repetition.
+    blob: Bytes,
+}
+
+impl Caller {
+    /// Runs one command; returns the JSON answer.
+    fn run(&mut self, op: Op) -> String {
+        match op {
+            Op::Latency { calls, warmup } => answer(self.latency(calls, warmup)),
+            Op::Rate {
+                mode,
+                calls,
+                in_flight,
+            } => answer(self.rate(mode, calls, in_flight)),
+            Op::OneWay { calls } => answer(self.one_way(calls)),
+            Op::Blob { bytes } => answer(self.blob(bytes)),
+            Op::Broadcast {
+                calls,
+                warmup,
+                nodes,
+            } => answer(self.broadcast(calls, warmup, nodes)),
+            Op::WaitNodes {
+                prefix,
+                count,
+                extra,
+                timeout_s,
+            } => answer(self.wait_nodes(&prefix, count, &extra, timeout_s)),
+        }
+    }
+
+    fn add(&self, i: usize) -> Result<()> {
+        let i = i as i64;
+        let sum: i64 = self.g.call(ops::ADD).args((i, 1)).fg()?;
+        if sum != i + 1 {
+            return Err(format!("{} returned {sum} for ({i}, 1)", ops::ADD).into());
+        }
+        Ok(())
+    }
+
+    fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
+        for i in 0..warmup {
+            self.add(i)?;
+        }
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let t = Instant::now();
+            self.add(i)?;
+            samples.push(t.elapsed());
+        }
+        Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
+    }
+
+    fn rate(&mut self, mode: RateMode, calls: usize, in_flight: usize) -> Result<RateAnswer> {
+        let in_flight = in_flight.max(1);
+        let started = Instant::now();
+        match mode {
+            RateMode::Bg => {
+                let mut window = VecDeque::with_capacity(in_flight);
+                for i in 0..calls {
+                    if window.len() == in_flight {
+                        if let Some(oldest) = window.pop_front() {
+                            let _: i64 = daffi::AsyncResult::get(oldest)?;
+                        }
+                    }
+                    window.push_back(self.g.call(ops::ADD).args((i as i64, 1)).bg::<i64>()?);
+                }
+                for pending in window {
+                    let _: i64 = pending.get()?;
+                }
+            }
+            RateMode::Async => {
+                let g = self.g.clone();
+                self.rt.block_on(async move {
+                    let next = Arc::new(AtomicUsize::new(0));
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for _ in 0..in_flight {
+                        let g = g.clone();
+                        let next = next.clone();
+                        tasks.spawn(async move {
+                            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                                let _: i64 = g.call(ops::ADD).args((1i64, 2i64)).fg_async().await?;
+                            }
+                            Ok::<(), daffi::Error>(())
+                        });
+                    }
+                    while let Some(done) = tasks.join_next().await {
+                        done.map_err(|e| e.to_string())??;
+                    }
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                })?;
+            }
+            RateMode::Pipelined => return Err("pipelined is the floor's mode".into()),
+        }
+        Ok(RateAnswer {
+            calls_per_s: calls as f64 / started.elapsed().as_secs_f64(),
+            lost: 0,
+        })
+    }
+
+    fn one_way(&mut self, calls: usize) -> Result<RateAnswer> {
+        let started = Instant::now();
+        for _ in 0..calls {
+            self.g.call(ops::SINK).no_return()?;
+        }
+        let counted: u64 = self.g.call(ops::SINK_WAIT).args((calls as u64,)).fg()?;
+        let secs = started.elapsed().as_secs_f64();
+        Ok(RateAnswer {
+            calls_per_s: counted as f64 / secs,
+            lost: (calls as u64).saturating_sub(counted),
+        })
+    }
+
+    fn blob(&mut self, bytes: usize) -> Result<BlobAnswer> {
+        if self.blob.len() != bytes {
+            self.blob = Bytes::new(); // free the old one first
+            self.blob = Bytes::from(vec![0xA5u8; bytes]);
+        }
+        let started = Instant::now();
+        let len: u64 = self.g.call(ops::LEN).args((self.blob.clone(),)).fg()?;
+        let secs = started.elapsed().as_secs_f64();
+        if len != bytes as u64 {
+            return Err(format!("{} returned {len} for {bytes} bytes", ops::LEN).into());
+        }
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(bytes, secs),
+        })
+    }
+
+    fn broadcast(&mut self, calls: usize, warmup: usize, nodes: usize) -> Result<LatencyAnswer> {
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..warmup + calls {
+            let t = Instant::now();
+            let sums: HashMap<String, i64> =
+                self.g.call(ops::ADD).args((i as i64, 1)).broadcast()?;
+            let elapsed = t.elapsed();
+            if sums.len() != nodes || sums.values().any(|s| *s != i as i64 + 1) {
+                return Err(format!("broadcast answered {sums:?}, expected {nodes} nodes").into());
+            }
+            if i >= warmup {
+                samples.push(elapsed);
+            }
+        }
+        Percentiles::of(&mut samples).ok_or_else(|| "no broadcasts measured".into())
+    }
+
+    fn wait_nodes(
+        &mut self,
+        prefix: &str,
+        count: usize,
+        extra: &[String],
+        timeout_s: u64,
+    ) -> Result<WaitAnswer> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(timeout_s);
+        let names = (0..count)
+            .map(|i| format!("{prefix}{i}"))
+            .chain(extra.iter().cloned());
+        for name in names {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.g.wait_process_timeout(&name, left)?;
+        }
+        Ok(WaitAnswer {
+            waited_s: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// `count` idle nodes in one process, all started at once on one runtime. Prints
+/// `ready <seconds>` once every one of them is connected.
+pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
+    let rt = runtime()?;
+    let started = Instant::now();
+    let globals = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let b = connect
+                .builder()
+                .process_name(format!("{prefix}{i}"))
+                .connect_timeout(Duration::from_secs(60));
+            tasks.spawn(b.start_async());
+        }
+        let mut globals = Vec::with_capacity(count);
+        while let Some(started) = tasks.join_next().await {
+            globals.push(started.map_err(|e| e.to_string())??);
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(globals)
+    })?;
+    println!("ready {:.3}", started.elapsed().as_secs_f64());
+    wait_for_stdin_eof();
+    for g in &globals {
+        g.stop();
+    }
+    drop(globals);
+    Ok(())
+}
+
+/// One idle node in its own process, whose memory the parent reads.
+pub fn idle(connect: &Endpoint, name: &str) -> Result<()> {
+    let g = connect.builder().process_name(name).start()?;
+    println!("ready");
+    wait_for_stdin_eof();
+    g.stop();
+    Ok(())
+}

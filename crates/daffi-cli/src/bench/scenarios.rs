@@ -1,0 +1,823 @@
+//! The scenarios: which processes each starts, what it measures, and the report rows.
+//!
+//! daffi and the floor run side by side in one run, their repetitions interleaved
+//! (floor, daffi, floor, daffi, ...), so that a burst of load on the machine hits both.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::ops::{BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
+use super::proc::{ChildProc, Endpoint, Memory, Result};
+use super::report::{Row, Spread, Target, Unit};
+
+/// The frame limit daffi starts with (128 MiB); bigger payloads raise it.
+const DEFAULT_FRAME_LIMIT: usize = 128 * 1024 * 1024;
+/// How long the caller may wait for the swarm of scenario E.
+const SWARM_TIMEOUT_S: u64 = 120;
+/// Nodes of scenario E that are not in the swarm: caller, callee, idle node.
+const E_OWN_NODES: usize = 3;
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Round trip of one small FG call at a time, Unix socket and TCP.
+    A,
+    /// Many small calls in flight (BG and async), and NO_RETURN.
+    B,
+    /// Large `bytes` arguments.
+    C,
+    /// Broadcast to 4 nodes with results.
+    D,
+    /// 1,000 nodes on one controller.
+    E,
+}
+
+/// A transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Unix domain socket.
+    Unix,
+    /// TCP on loopback.
+    Tcp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// What to run, and how much of it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Repetitions of each figure.
+    pub reps: usize,
+    /// Measured calls per repetition of A, D and E.
+    pub latency_calls: usize,
+    /// Unmeasured calls before them.
+    pub latency_warmup: usize,
+    /// Calls per repetition of B.
+    pub rate_calls: usize,
+    /// Calls in flight in B.
+    pub in_flight: usize,
+    /// Payload sizes of C.
+    pub blob_sizes: Vec<usize>,
+    /// Nodes the broadcast of D reaches.
+    pub broadcast_nodes: usize,
+    /// Nodes connected in E.
+    pub swarm_nodes: usize,
+    /// Transport of B to E.
+    pub transport: Transport,
+    /// A running controller to use instead of starting one.
+    pub connect: Option<Endpoint>,
+    /// Scenarios to run.
+    pub scenarios: Vec<Scenario>,
+    /// Log level of the child processes.
+    pub log_level: String,
+    /// Where Unix sockets go.
+    pub dir: PathBuf,
+    /// Prefix of every process name (unique per run).
+    pub tag: String,
+}
+
+/// What one scenario adds to the report.
+#[derive(Default)]
+pub struct Outcome {
+    /// Report rows.
+    pub rows: Vec<Row>,
+    /// Notes.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    fn wants(&self, s: Scenario) -> bool {
+        self.scenarios.contains(&s)
+    }
+
+    fn listen(&self, group: &str, transport: Transport) -> Endpoint {
+        match transport {
+            Transport::Unix => Endpoint::Unix(self.dir.join(format!("{group}.sock"))),
+            Transport::Tcp => Endpoint::Tcp("127.0.0.1".into(), 0),
+        }
+    }
+
+    fn spawn(&self, what: &str, args: Vec<String>) -> Result<ChildProc> {
+        ChildProc::spawn(what, &self.log_level, &args)
+    }
+
+    /// A controller (or the running one), `callees` callees and a caller.
+    fn daffi(
+        &self,
+        group: &str,
+        transport: Transport,
+        callees: usize,
+        frame_limit: Option<usize>,
+    ) -> Result<DaffiSet> {
+        let limit_args = |args: &mut Vec<String>| {
+            if let Some(limit) = frame_limit {
+                args.push("--max-frame-size".into());
+                args.push(limit.to_string());
+            }
+        };
+        let (controller, endpoint) = match &self.connect {
+            Some(endpoint) => (None, endpoint.clone()),
+            None => {
+                let mut args = vec![
+                    "controller".into(),
+                    "--listen".into(),
+                    self.listen(group, transport).to_string(),
+                ];
+                limit_args(&mut args);
+                let mut c = self.spawn(&format!("{group} controller"), args)?;
+                let endpoint: Endpoint = c.ready()?.parse()?;
+                (Some(c), endpoint)
+            }
+        };
+        let mut names = Vec::new();
+        let mut callee_procs = Vec::new();
+        for i in 0..callees {
+            let name = format!("{}-{group}-callee{i}", self.tag);
+            let mut args = vec![
+                "callee".into(),
+                "--connect".into(),
+                endpoint.to_string(),
+                "--name".into(),
+                name.clone(),
+            ];
+            limit_args(&mut args);
+            callee_procs.push(self.spawn(&name, args)?);
+            names.push(name);
+        }
+        for c in &mut callee_procs {
+            c.ready()?;
+        }
+        let name = format!("{}-{group}-caller", self.tag);
+        let mut args = vec![
+            "caller".into(),
+            "--connect".into(),
+            endpoint.to_string(),
+            "--name".into(),
+            name.clone(),
+            "--callees".into(),
+            names.join(","),
+        ];
+        limit_args(&mut args);
+        let mut caller = self.spawn(&name, args)?;
+        caller.ready()?;
+        Ok(DaffiSet {
+            controller,
+            callees: callee_procs,
+            caller,
+            endpoint,
+        })
+    }
+
+    /// A floor relay, server and client.
+    fn floor(
+        &self,
+        group: &str,
+        transport: Transport,
+        batched: bool,
+        frame_limit: usize,
+    ) -> Result<FloorSet> {
+        let variant = if batched { "batched" } else { "direct" };
+        let group = format!("{group}-floor-{variant}");
+        let mut relay_args = vec![
+            "floor-relay".into(),
+            "--listen".into(),
+            self.listen(&group, transport).to_string(),
+            "--max-frame-size".into(),
+            frame_limit.to_string(),
+        ];
+        let mut common = vec!["--max-frame-size".into(), frame_limit.to_string()];
+        if batched {
+            relay_args.push("--batched".into());
+            common.push("--batched".into());
+        }
+        let mut relay = self.spawn(&format!("{group} relay"), relay_args)?;
+        let endpoint = relay.ready()?;
+        let server_name = format!("{}-{group}-server", self.tag);
+        let mut args = vec![
+            "floor-server".into(),
+            "--connect".into(),
+            endpoint.clone(),
+            "--name".into(),
+            server_name.clone(),
+        ];
+        args.extend(common.iter().cloned());
+        let mut server = self.spawn(&server_name, args)?;
+        server.ready()?;
+        let client_name = format!("{}-{group}-client", self.tag);
+        let mut args = vec![
+            "floor-client".into(),
+            "--connect".into(),
+            endpoint,
+            "--name".into(),
+            client_name.clone(),
+            "--server".into(),
+            server_name,
+        ];
+        args.extend(common);
+        let mut client = self.spawn(&client_name, args)?;
+        client.ready()?;
+        Ok(FloorSet {
+            name: format!("floor {variant}"),
+            relay,
+            server,
+            client,
+        })
+    }
+}
+
+struct DaffiSet {
+    controller: Option<ChildProc>,
+    callees: Vec<ChildProc>,
+    caller: ChildProc,
+    endpoint: Endpoint,
+}
+
+impl DaffiSet {
+    fn finish(self) {
+        self.caller.finish();
+        for c in self.callees {
+            c.finish();
+        }
+        if let Some(c) = self.controller {
+            c.finish();
+        }
+    }
+}
+
+struct FloorSet {
+    name: String,
+    relay: ChildProc,
+    server: ChildProc,
+    client: ChildProc,
+}
+
+impl FloorSet {
+    fn finish(self) {
+        self.client.finish();
+        self.server.finish();
+        self.relay.finish();
+    }
+}
+
+fn progress(what: &str, rep: usize, reps: usize) {
+    eprintln!("daffi bench: {what}: repetition {}/{reps}", rep + 1);
+}
+
+/// Values of one figure across repetitions, by who measured them.
+struct Series {
+    daffi: Vec<f64>,
+    floors: Vec<Vec<f64>>,
+}
+
+impl Series {
+    fn new(floors: usize) -> Series {
+        Series {
+            daffi: Vec::new(),
+            floors: vec![Vec::new(); floors],
+        }
+    }
+}
+
+/// The floor variant with the best median for this figure: the strictest reference.
+fn best_floor(names: &[String], floors: &[Vec<f64>], higher_is_better: bool) -> (String, Spread) {
+    let mut best: Option<(String, Spread)> = None;
+    for (name, values) in names.iter().zip(floors) {
+        let Some(s) = Spread::of(values) else {
+            continue;
+        };
+        let better = match &best {
+            None => true,
+            Some((_, b)) if higher_is_better => s.median > b.median,
+            Some((_, b)) => s.median < b.median,
+        };
+        if better {
+            best = Some((name.clone(), s));
+        }
+    }
+    best.unwrap_or_else(|| ("floor".into(), Spread::one(f64::NAN)))
+}
+
+fn spread(values: &[f64]) -> Spread {
+    Spread::of(values).unwrap_or_else(|| Spread::one(f64::NAN))
+}
+
+/// Scenarios A and B on one transport: they share their processes.
+pub fn run_a_b(plan: &Plan, transport: Transport, a: bool, b: bool) -> Result<Outcome> {
+    let t = transport.name();
+    let group = format!("ab-{t}");
+    let floors = vec![
+        plan.floor(&group, transport, true, DEFAULT_FRAME_LIMIT)?,
+        plan.floor(&group, transport, false, DEFAULT_FRAME_LIMIT)?,
+    ];
+    let mut daffi = plan.daffi(&group, transport, 1, None)?;
+    let t = daffi.endpoint.transport();
+    let floor_names: Vec<String> = floors.iter().map(|f| f.name.clone()).collect();
+    let mut floors = floors;
+    let mut out = Outcome::default();
+
+    if a {
+        let op = Op::Latency {
+            calls: plan.latency_calls,
+            warmup: plan.latency_warmup,
+        };
+        let mut p50 = Series::new(floors.len());
+        let mut p99 = Series::new(floors.len());
+        let mut p999 = Series::new(floors.len());
+        for rep in 0..plan.reps {
+            progress(&format!("A {t}"), rep, plan.reps);
+            for (i, f) in floors.iter_mut().enumerate() {
+                let r: LatencyAnswer = f.client.request(&op)?;
+                p50.floors[i].push(r.p50);
+                p99.floors[i].push(r.p99);
+                p999.floors[i].push(r.p999);
+            }
+            let r: LatencyAnswer = daffi.caller.request(&op)?;
+            p50.daffi.push(r.p50);
+            p99.daffi.push(r.p99);
+            p999.daffi.push(r.p999);
+        }
+        for (label, series, target) in [
+            ("p50", &p50, Some(1.25)),
+            ("p99", &p99, Some(1.5)),
+            ("p99.9", &p999, None),
+        ] {
+            let (name, reference) = best_floor(&floor_names, &series.floors, false);
+            let mut row = Row::info(
+                'A',
+                format!("{t} FG round trip {label}"),
+                Unit::Micros,
+                spread(&series.daffi),
+            )
+            .against(name, reference);
+            if let Some(bound) = target {
+                row = row.target(Target::RatioAtMost { bound });
+            }
+            out.rows.push(row);
+        }
+        for (i, name) in floor_names.iter().enumerate() {
+            for (label, series) in [("p50", &p50), ("p99", &p99), ("p99.9", &p999)] {
+                out.rows.push(Row::info(
+                    'A',
+                    format!("{name}: {t} round trip {label}"),
+                    Unit::Micros,
+                    spread(&series.floors[i]),
+                ));
+            }
+        }
+    }
+
+    if b {
+        let n = plan.rate_calls;
+        let pipelined = Op::Rate {
+            mode: RateMode::Pipelined,
+            calls: n,
+            in_flight: plan.in_flight,
+        };
+        let one_way = Op::OneWay { calls: n };
+        let mut floor_rate = Series::new(floors.len());
+        let mut floor_one_way = Series::new(floors.len());
+        let mut bg = Vec::new();
+        let mut asy = Vec::new();
+        let mut no_return = Vec::new();
+        let mut lost = 0;
+        for rep in 0..plan.reps {
+            progress(&format!("B {t}"), rep, plan.reps);
+            for (i, f) in floors.iter_mut().enumerate() {
+                let r: RateAnswer = f.client.request(&pipelined)?;
+                floor_rate.floors[i].push(r.calls_per_s);
+                let r: RateAnswer = f.client.request(&one_way)?;
+                floor_one_way.floors[i].push(r.calls_per_s);
+            }
+            for (mode, into) in [(RateMode::Bg, &mut bg), (RateMode::Async, &mut asy)] {
+                let op = Op::Rate {
+                    mode,
+                    calls: n,
+                    in_flight: plan.in_flight,
+                };
+                let r: RateAnswer = daffi.caller.request(&op)?;
+                into.push(r.calls_per_s);
+            }
+            let r: RateAnswer = daffi.caller.request(&one_way)?;
+            no_return.push(r.calls_per_s);
+            lost += r.lost;
+        }
+        // The batched floor is the reference for rates (the target).
+        let batched = spread(&floor_rate.floors[0]);
+        let batched_one_way = spread(&floor_one_way.floors[0]);
+        let k = plan.in_flight;
+        out.rows.push(
+            Row::info(
+                'B',
+                format!("{t} BG, {k} in flight"),
+                Unit::CallsPerSec,
+                spread(&bg),
+            )
+            .against(&floor_names[0], batched)
+            .target(Target::RatioAtLeast { bound: 0.5 }),
+        );
+        out.rows.push(
+            Row::info(
+                'B',
+                format!("{t} async, {k} in flight"),
+                Unit::CallsPerSec,
+                spread(&asy),
+            )
+            .against(&floor_names[0], batched)
+            .target(Target::RatioAtLeast { bound: 0.5 }),
+        );
+        out.rows.push(
+            Row::info(
+                'B',
+                format!("{t} NO_RETURN, counted at callee"),
+                Unit::CallsPerSec,
+                spread(&no_return),
+            )
+            .against(format!("{} one-way", floor_names[0]), batched_one_way)
+            .target(Target::RatioAtLeast { bound: 0.5 }),
+        );
+        for (i, name) in floor_names.iter().enumerate() {
+            out.rows.push(Row::info(
+                'B',
+                format!("{name}: {t} {k} in flight"),
+                Unit::CallsPerSec,
+                spread(&floor_rate.floors[i]),
+            ));
+            out.rows.push(Row::info(
+                'B',
+                format!("{name}: {t} one-way"),
+                Unit::CallsPerSec,
+                spread(&floor_one_way.floors[i]),
+            ));
+        }
+        if lost > 0 {
+            out.notes.push(format!(
+                "B: the callee never counted {lost} NO_RETURN calls"
+            ));
+        }
+    }
+
+    daffi.finish();
+    for f in floors {
+        f.finish();
+    }
+    Ok(out)
+}
+
+fn size_label(bytes: usize) -> String {
+    const MIB: usize = 1024 * 1024;
+    if bytes >= 1024 * MIB && bytes % (1024 * MIB) == 0 {
+        format!("{} GiB", bytes / (1024 * MIB))
+    } else if bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Scenario C: one large `bytes` argument per call, for each size; fresh processes per
+/// size, so that each process's peak RSS belongs to that size.
+pub fn run_c(plan: &Plan) -> Result<Outcome> {
+    const MIB: usize = 1024 * 1024;
+    let transport = plan.transport;
+    let mut out = Outcome::default();
+    for &size in &plan.blob_sizes {
+        let raised = size + MIB > DEFAULT_FRAME_LIMIT;
+        let limit = raised.then_some(size + MIB);
+        let label = if raised {
+            format!("{} (frame limit raised)", size_label(size))
+        } else {
+            size_label(size)
+        };
+        let group = format!("c-{}", size / MIB);
+        // Large payloads are written from their own memory in both variants: one floor
+        // is enough, and it halves the memory the run needs.
+        let big = size >= 512 * MIB;
+        let mut floors = vec![plan.floor(
+            &group,
+            transport,
+            true,
+            limit.unwrap_or(DEFAULT_FRAME_LIMIT),
+        )?];
+        if !big {
+            floors.push(plan.floor(&group, transport, false, DEFAULT_FRAME_LIMIT)?);
+        }
+        let mut daffi = plan.daffi(&group, transport, 1, limit)?;
+        let t = daffi.endpoint.transport();
+        let floor_names: Vec<String> = floors.iter().map(|f| f.name.clone()).collect();
+        let reps = if big { plan.reps.min(3) } else { plan.reps };
+        let op = Op::Blob { bytes: size };
+        let mut series = Series::new(floors.len());
+        for rep in 0..reps {
+            progress(&format!("C {t} {label}"), rep, reps);
+            for (i, f) in floors.iter_mut().enumerate() {
+                let r: BlobAnswer = f.client.request(&op)?;
+                series.floors[i].push(r.mib_per_s);
+            }
+            let r: BlobAnswer = daffi.caller.request(&op)?;
+            series.daffi.push(r.mib_per_s);
+        }
+        let (name, reference) = best_floor(&floor_names, &series.floors, true);
+        out.rows.push(
+            Row::info(
+                'C',
+                format!("{t} {label} argument"),
+                Unit::MibPerSec,
+                spread(&series.daffi),
+            )
+            .against(name, reference)
+            .target(Target::RatioAtLeast { bound: 0.8 }),
+        );
+        let payload_mib = size as f64 / MIB as f64;
+        let mut peaks: Vec<(&str, Memory)> = vec![("caller", daffi.caller.memory()?)];
+        if let Some(c) = &daffi.controller {
+            peaks.push(("controller", c.memory()?));
+        }
+        peaks.push(("callee", daffi.callees[0].memory()?));
+        for (who, m) in peaks {
+            out.rows.push(
+                Row::info(
+                    'C',
+                    format!("{label}: peak RSS of the {who}"),
+                    Unit::Mib,
+                    Spread::one(m.peak_mib),
+                )
+                .target(Target::AtMost {
+                    bound: 3.0 * payload_mib,
+                }),
+            );
+        }
+        for (i, name) in floor_names.iter().enumerate() {
+            out.rows.push(Row::info(
+                'C',
+                format!("{name}: {t} {label}"),
+                Unit::MibPerSec,
+                spread(&series.floors[i]),
+            ));
+        }
+        let relay = floors[0].relay.memory()?;
+        out.rows.push(Row::info(
+            'C',
+            format!("{label}: peak RSS of the {} relay", floor_names[0]),
+            Unit::Mib,
+            Spread::one(relay.peak_mib),
+        ));
+        daffi.finish();
+        for f in floors {
+            f.finish();
+        }
+    }
+    Ok(out)
+}
+
+/// Scenario D: a broadcast with results to `broadcast_nodes` callees, against single
+/// calls measured by the same processes in the same repetitions.
+pub fn run_d(plan: &Plan) -> Result<Outcome> {
+    let nodes = plan.broadcast_nodes;
+    let mut daffi = plan.daffi("d", plan.transport, nodes, None)?;
+    let t = daffi.endpoint.transport();
+    let single = Op::Latency {
+        calls: plan.latency_calls,
+        warmup: plan.latency_warmup,
+    };
+    let broadcast = Op::Broadcast {
+        calls: plan.latency_calls,
+        warmup: plan.latency_warmup,
+        nodes,
+    };
+    let (mut a50, mut a99, mut d50, mut d99) = (vec![], vec![], vec![], vec![]);
+    for rep in 0..plan.reps {
+        progress(&format!("D {t}"), rep, plan.reps);
+        let a: LatencyAnswer = daffi.caller.request(&single)?;
+        a50.push(a.p50);
+        a99.push(a.p99);
+        let d: LatencyAnswer = daffi.caller.request(&broadcast)?;
+        d50.push(d.p50);
+        d99.push(d.p99);
+    }
+    let mut out = Outcome::default();
+    out.rows.push(
+        Row::info(
+            'D',
+            format!("{t} broadcast to {nodes}, p50"),
+            Unit::Micros,
+            spread(&d50),
+        )
+        .against("A p50, same processes", spread(&a50))
+        .target(Target::RatioAtMost { bound: 2.5 }),
+    );
+    out.rows.push(
+        Row::info(
+            'D',
+            format!("{t} broadcast to {nodes}, p99"),
+            Unit::Micros,
+            spread(&d99),
+        )
+        .against("A p99, same processes", spread(&a99)),
+    );
+    daffi.finish();
+    Ok(out)
+}
+
+/// Scenario E: `swarm_nodes` nodes on one controller. The swarm's nodes share one
+/// helper process (1,000 processes are too many for 2 cores); one idle node runs alone
+/// so that its memory can be read.
+pub fn run_e(plan: &Plan) -> Result<Outcome> {
+    let mut daffi = plan.daffi("e", plan.transport, 1, None)?;
+    let t = daffi.endpoint.transport();
+    let total = plan.swarm_nodes.max(E_OWN_NODES + 1);
+    let op = Op::Latency {
+        calls: plan.latency_calls,
+        warmup: plan.latency_warmup,
+    };
+    let mut before = Vec::new();
+    for rep in 0..plan.reps {
+        progress(&format!("E {t}, 2 nodes"), rep, plan.reps);
+        let r: LatencyAnswer = daffi.caller.request(&op)?;
+        before.push(r.p50);
+    }
+
+    eprintln!("daffi bench: E {t}: connecting {total} nodes");
+    let count = total - E_OWN_NODES;
+    let prefix = format!("{}-e-swarm", plan.tag);
+    let idle_name = format!("{}-e-idle", plan.tag);
+    let endpoint = daffi.endpoint.to_string();
+    let started = Instant::now();
+    let mut swarm = plan.spawn(
+        "the swarm",
+        vec![
+            "swarm".into(),
+            "--connect".into(),
+            endpoint.clone(),
+            "--prefix".into(),
+            prefix.clone(),
+            "--count".into(),
+            count.to_string(),
+        ],
+    )?;
+    let mut idle = plan.spawn(
+        &idle_name,
+        vec![
+            "idle".into(),
+            "--connect".into(),
+            endpoint,
+            "--name".into(),
+            idle_name.clone(),
+        ],
+    )?;
+    let _: WaitAnswer = daffi.caller.request(&Op::WaitNodes {
+        prefix,
+        count,
+        extra: vec![idle_name],
+        timeout_s: SWARM_TIMEOUT_S,
+    })?;
+    let swarm_says: f64 = swarm.ready()?.parse().unwrap_or(f64::NAN);
+    idle.ready()?;
+    let connect_s = started.elapsed().as_secs_f64();
+    let controller = daffi
+        .controller
+        .as_ref()
+        .map(ChildProc::memory)
+        .transpose()?;
+    let idle_memory = idle.memory()?;
+    let swarm_memory = swarm.memory()?;
+
+    let mut after = Vec::new();
+    for rep in 0..plan.reps {
+        progress(&format!("E {t}, {total} nodes"), rep, plan.reps);
+        let r: LatencyAnswer = daffi.caller.request(&op)?;
+        after.push(r.p50);
+    }
+
+    let mut out = Outcome::default();
+    out.rows.push(
+        Row::info(
+            'E',
+            format!("{t} connect {total} nodes (all known to a node)"),
+            Unit::Secs,
+            Spread::one(connect_s),
+        )
+        .target(Target::Below { bound: 5.0 }),
+    );
+    out.rows.push(Row::info(
+        'E',
+        format!("{t} swarm of {count}: all started"),
+        Unit::Secs,
+        Spread::one(swarm_says),
+    ));
+    match controller {
+        Some(m) => {
+            out.rows.push(
+                Row::info(
+                    'E',
+                    format!("controller peak RSS, {total} nodes"),
+                    Unit::Mib,
+                    Spread::one(m.peak_mib),
+                )
+                .target(Target::AtMost { bound: 64.0 }),
+            );
+            out.rows.push(Row::info(
+                'E',
+                format!("controller RSS now, {total} nodes"),
+                Unit::Mib,
+                Spread::one(m.rss_mib),
+            ));
+        }
+        None => out
+            .notes
+            .push("E: a running controller was used; its memory is not measured".into()),
+    }
+    out.rows.push(
+        Row::info(
+            'E',
+            "idle node RSS (its own process)",
+            Unit::Mib,
+            Spread::one(idle_memory.rss_mib),
+        )
+        .target(Target::AtMost { bound: 8.0 }),
+    );
+    out.rows.push(Row::info(
+        'E',
+        "idle node peak RSS",
+        Unit::Mib,
+        Spread::one(idle_memory.peak_mib),
+    ));
+    out.rows.push(Row::info(
+        'E',
+        format!("swarm process RSS ({count} nodes)"),
+        Unit::Mib,
+        Spread::one(swarm_memory.rss_mib),
+    ));
+    swarm.finish();
+    idle.finish();
+    // The reference again, now that the swarm is gone: measured on both sides of the
+    // loaded repetitions, so that a drift in the machine's load shows on both sides.
+    for rep in 0..plan.reps {
+        progress(&format!("E {t}, 2 nodes again"), rep, plan.reps);
+        let r: LatencyAnswer = daffi.caller.request(&op)?;
+        before.push(r.p50);
+    }
+    out.rows.push(
+        Row::info(
+            'E',
+            format!("{t} FG round trip p50, {total} nodes"),
+            Unit::Micros,
+            spread(&after),
+        )
+        .against("p50 with 2 nodes, before and after", spread(&before))
+        .target(Target::RatioAtMost { bound: 1.1 }),
+    );
+    daffi.finish();
+    Ok(out)
+}
+
+/// Runs every scenario of the plan; a scenario that fails is noted, the others go on.
+pub fn run_all(plan: &Plan) -> Outcome {
+    let mut all = Outcome::default();
+    let mut add = |what: &str, result: Result<Outcome>| match result {
+        Ok(o) => {
+            all.rows.extend(o.rows);
+            all.notes.extend(o.notes);
+        }
+        Err(e) => {
+            eprintln!("daffi bench: {what} failed: {e}");
+            all.notes.push(format!("{what} failed: {e}"));
+        }
+    };
+    let transports: Vec<Transport> = match &plan.connect {
+        Some(Endpoint::Unix(_)) => vec![Transport::Unix],
+        Some(Endpoint::Tcp(..)) => vec![Transport::Tcp],
+        None => vec![Transport::Unix, Transport::Tcp],
+    };
+    let connected = plan.connect.as_ref().map(|e| match e {
+        Endpoint::Unix(_) => Transport::Unix,
+        Endpoint::Tcp(..) => Transport::Tcp,
+    });
+    let b_transport = connected.unwrap_or(plan.transport);
+    for transport in transports {
+        let a = plan.wants(Scenario::A);
+        let b = plan.wants(Scenario::B) && transport == b_transport;
+        if a || b {
+            add(
+                &format!("A/B on {}", transport.name()),
+                run_a_b(plan, transport, a, b),
+            );
+        }
+    }
+    if plan.wants(Scenario::C) {
+        add("C", run_c(plan));
+    }
+    if plan.wants(Scenario::D) {
+        add("D", run_d(plan));
+    }
+    if plan.wants(Scenario::E) {
+        add("E", run_e(plan));
+    }
+    all
+}

@@ -1,0 +1,103 @@
+//! `daffi bench --quick` runs every scenario and prints a line for each. The figures
+//! themselves are never checked here: speed is measured by the benchmark, not asserted
+//! in tests.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A quick run takes seconds; this only keeps a broken run from hanging the suite.
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn run_quick(extra: &[&str]) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi"))
+        .args(["bench", "--quick"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start daffi bench");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let out = match rx.recv_timeout(LIMIT) {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("daffi bench --quick did not finish within {LIMIT:?}");
+        }
+    };
+    let status = child.wait().expect("wait for daffi bench");
+    let err = err_reader.join().unwrap_or_default();
+    (status.success(), out, err)
+}
+
+#[test]
+fn quick_bench_prints_every_scenario() {
+    let (ok, out, err) = run_quick(&[]);
+    assert!(
+        ok,
+        "daffi bench --quick failed\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let has = |scenario: &str, words: &str| {
+        lines
+            .iter()
+            .any(|l| l.starts_with(scenario) && l.contains(words))
+    };
+    for (scenario, words) in [
+        ("A ", "unix FG round trip p50"),
+        ("A ", "unix FG round trip p99 "),
+        ("A ", "unix FG round trip p99.9"),
+        ("A ", "tcp FG round trip p50"),
+        ("A ", "tcp FG round trip p99 "),
+        ("A ", "floor batched: unix round trip p50"),
+        ("A ", "floor direct: tcp round trip p50"),
+        ("B ", "BG, 256 in flight"),
+        ("B ", "async, 256 in flight"),
+        ("B ", "NO_RETURN, counted at callee"),
+        ("B ", "floor batched: unix one-way"),
+        ("C ", "MiB argument"),
+        ("C ", "peak RSS of the caller"),
+        ("C ", "peak RSS of the controller"),
+        ("C ", "peak RSS of the callee"),
+        ("D ", "broadcast to 4, p50"),
+        ("D ", "broadcast to 4, p99"),
+        ("E ", "connect 30 nodes"),
+        ("E ", "controller peak RSS"),
+        ("E ", "idle node RSS"),
+        ("E ", "FG round trip p50, 30 nodes"),
+    ] {
+        assert!(
+            has(scenario, words),
+            "no `{scenario}... {words}` line in:\n{out}"
+        );
+    }
+    assert!(out.contains("targets met:"), "{out}");
+}
+
+#[test]
+fn quick_bench_speaks_json() {
+    let (ok, out, err) = run_quick(&["--json", "--only", "a", "--reps", "1"]);
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    for key in [
+        "\"rows\"",
+        "\"scenario\": \"A\"",
+        "\"reference\"",
+        "\"met\"",
+    ] {
+        assert!(out.contains(key), "no {key} in:\n{out}");
+    }
+}

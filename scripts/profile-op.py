@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Profile one `daffi bench` operation with perf, one report per process.
+
+Starts the bench's own roles (`daffi bench-role ...`): a daffi controller, a callee and a
+caller (or the floor's relay, server and client with --floor), runs OP once unrecorded as
+a warm-up, then runs it again while `perf record -g` samples each process, and prints the
+top symbols of each process.
+
+    scripts/profile-op.py '{"op":"one_way","calls":200000}'
+    scripts/profile-op.py --floor '{"op":"rate","mode":"pipelined","calls":200000,"in_flight":256}'
+    scripts/profile-op.py --tcp '{"op":"latency","calls":20000,"warmup":1000}'
+
+Needs `perf` (software event cpu-clock is enough) and a release build
+(`cargo build --release -p daffi-cli`).
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAFFI = os.path.join(ROOT, "target", "release", "daffi")
+
+
+def role(args):
+    p = subprocess.Popen([DAFFI, "--log-level", "warn", "bench-role"] + args,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip()
+    if not line.startswith("ready"):
+        sys.exit(f"{args[0]}: expected ready, got {line!r}")
+    return p, line[len("ready"):].strip()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("op", help="the JSON command, as the bench sends it")
+    ap.add_argument("--floor", action="store_true", help="profile the floor instead")
+    ap.add_argument("--direct", action="store_true", help="the floor without batching")
+    ap.add_argument("--tcp", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--callers", action="store_true", help="show call graphs (caller view)")
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="daffi-prof-")
+    listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
+    limit = ["--max-frame-size", str(1100 * 1024 * 1024)]
+    procs = {}
+    if a.floor:
+        batched = [] if a.direct else ["--batched"]
+        procs["relay"], ep = role(["floor-relay", "--listen", listen] + limit + batched)
+        procs["server"], _ = role(["floor-server", "--connect", ep, "--name", "srv"] + limit + batched)
+        procs["client"], _ = role(["floor-client", "--connect", ep, "--name", "cli",
+                                   "--server", "srv"] + limit + batched)
+        driver = procs["client"]
+    else:
+        procs["controller"], ep = role(["controller", "--listen", listen] + limit)
+        procs["callee"], _ = role(["callee", "--connect", ep, "--name", "callee"] + limit)
+        procs["caller"], _ = role(["caller", "--connect", ep, "--name", "caller",
+                                   "--callees", "callee"] + limit)
+        driver = procs["caller"]
+
+    def run():
+        driver.stdin.write(a.op + "\n")
+        driver.stdin.flush()
+        return driver.stdout.readline().strip()
+
+    print("warm-up:", run())
+    data = {}
+    perfs = {}
+    for name, p in procs.items():
+        data[name] = os.path.join(tmp, f"{name}.data")
+        perfs[name] = subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", "4000", "-g", "-q",
+             "-p", str(p.pid), "-o", data[name]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print("measured:", run())
+    for p in perfs.values():
+        p.send_signal(signal.SIGINT)
+        p.wait()
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    for name in procs:
+        print(f"\n==================== {name} ====================")
+        cmd = ["perf", "report", "-i", data[name], "--stdio", "--sort", "sym"]
+        cmd += ["--children", "-g", "caller,0.5,callee,function,percent"] if a.callers \
+            else ["--no-children", "-g", "none"]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        lines = [l for l in out.splitlines() if l.strip() and not l.startswith("#")]
+        print("\n".join(lines[: a.top if not a.callers else 400]))
+
+
+if __name__ == "__main__":
+    main()
