@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -241,6 +242,8 @@ struct Shared {
     /// Wakes senders waiting for room in a full queue.
     room: Notify,
     capacity: usize,
+    /// Live `FrameSender` clones (an atomic: a clone per forwarded frame is common).
+    senders: AtomicUsize,
 }
 
 struct State {
@@ -249,8 +252,6 @@ struct State {
     socket: Option<Socket>,
     /// A write failed: nothing more can be sent.
     closed: bool,
-    /// Live `FrameSender` clones.
-    senders: usize,
     /// When a write last ended.
     last_write: Option<Instant>,
 }
@@ -280,12 +281,12 @@ where
             queue: VecDeque::new(),
             socket: Some(Box::new(socket)),
             closed: false,
-            senders: 1,
             last_write: None,
         }),
         work: Notify::new(),
         room: Notify::new(),
         capacity: capacity.max(1),
+        senders: AtomicUsize::new(1),
     });
     let writer = run_writer(shared.clone());
     (FrameSender { shared }, writer)
@@ -293,7 +294,7 @@ where
 
 impl Clone for FrameSender {
     fn clone(&self) -> Self {
-        self.shared.lock().senders += 1;
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
         FrameSender {
             shared: self.shared.clone(),
         }
@@ -302,12 +303,7 @@ impl Clone for FrameSender {
 
 impl Drop for FrameSender {
     fn drop(&mut self) {
-        let last = {
-            let mut st = self.shared.lock();
-            st.senders -= 1;
-            st.senders == 0
-        };
-        if last {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.work.notify_one();
         }
     }
@@ -370,10 +366,13 @@ impl FrameSender {
         if st.closed {
             return Push::Closed;
         }
-        let quiet = st
-            .last_write
-            .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
-        if st.queue.is_empty() && quiet {
+        // The clock is read last: a busy connection is decided without it.
+        let direct = st.queue.is_empty()
+            && st.socket.is_some()
+            && st
+                .last_write
+                .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
+        if direct {
             if let Some(mut socket) = st.socket.take() {
                 drop(st);
                 let written = write_now(&mut socket, frame);
@@ -476,7 +475,7 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
                     frames.extend(st.queue.drain(..));
                     Some((socket, false))
                 }
-                Some(socket) if st.senders == 0 => Some((socket, true)),
+                Some(socket) if shared.senders.load(Ordering::Acquire) == 0 => Some((socket, true)),
                 other => {
                     st.socket = other;
                     None
