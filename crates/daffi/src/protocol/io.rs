@@ -215,9 +215,12 @@ async fn flush_batch<W: AsyncWrite + Unpin>(
 /// a connection that is busy batches instead (one system call per frame would cost more
 /// than it saves).
 const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
-/// A writer's batch buffer larger than this is given back after use, so that idle
-/// connections hold no large buffers.
-const KEEP_BATCH_BUFFER: usize = 64 * 1024;
+/// A writer keeps at most this much batch buffer, and this many queue slots, between
+/// batches: a controller with 1,000 connections must not keep each one's largest burst
+/// (1,000 membership events of ~60 bytes each) allocated.
+const KEEP_BATCH_BUFFER: usize = 4 * 1024;
+/// See [`KEEP_BATCH_BUFFER`].
+const KEEP_QUEUE_SLOTS: usize = 64;
 
 /// The write half of a connection, as the writer keeps it.
 type Socket = Box<dyn AsyncWrite + Send + Unpin>;
@@ -473,6 +476,9 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             match st.socket.take() {
                 Some(socket) if !st.queue.is_empty() => {
                     frames.extend(st.queue.drain(..));
+                    if st.queue.capacity() > KEEP_QUEUE_SLOTS {
+                        st.queue = VecDeque::new();
+                    }
                     Some((socket, false))
                 }
                 Some(socket) if shared.senders.load(Ordering::Acquire) == 0 => Some((socket, true)),
@@ -492,6 +498,24 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
         }
         shared.room.notify_waiters();
         let mut written = Ok(());
+        // One allocation for the batch's small frames, however many there are.
+        let small: usize = frames
+            .iter()
+            .map(|f| {
+                let head = if f.head.len() > COPY_THRESHOLD {
+                    0
+                } else {
+                    f.head.len()
+                };
+                let body = if f.body.len() > COPY_THRESHOLD {
+                    0
+                } else {
+                    f.body.len()
+                };
+                head + body
+            })
+            .sum();
+        batch.reserve(small.min(BATCH_LIMIT));
         for frame in frames.drain(..) {
             if let Err(e) = push(&mut socket, &mut batch, frame).await {
                 written = Err(e);
@@ -505,6 +529,9 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             written = socket.flush().await;
         }
         frames.clear();
+        if frames.capacity() > KEEP_QUEUE_SLOTS {
+            frames = Vec::new();
+        }
         if batch.capacity() > KEEP_BATCH_BUFFER {
             batch = BytesMut::new();
         }
