@@ -108,10 +108,14 @@ pub async fn serve(
     let tally = shared.calls.open(conn_id);
 
     let mut stopping = false;
+    // One wait for the shutdown signal for the whole session, not one per frame.
+    let stop_flag = shutdown.clone();
+    let stop_signal = shutdown.changed();
+    tokio::pin!(stop_signal);
     let reason = loop {
         let next = tokio::select! {
             next = reader.next() => next,
-            _ = shutdown.changed() => {
+            _ = &mut stop_signal => {
                 stopping = true;
                 break "controller stopping".to_string();
             }
@@ -120,7 +124,7 @@ pub async fn serve(
             Ok(Some(frame)) => {
                 // A stopping controller answers nothing more: its nodes are about to
                 // learn that the controller is gone, which is the true reason.
-                if *shutdown.borrow() {
+                if *stop_flag.borrow() {
                     stopping = true;
                     break "controller stopping".to_string();
                 }

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -219,9 +220,12 @@ async fn flush_batch<W: AsyncWrite + Unpin>(
 /// a connection that is busy batches instead (one system call per frame would cost more
 /// than it saves).
 const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
-/// A writer's batch buffer larger than this is given back after use, so that idle
-/// connections hold no large buffers.
-const KEEP_BATCH_BUFFER: usize = 64 * 1024;
+/// A writer keeps at most this much batch buffer, and this many queue slots, between
+/// batches: a controller with 1,000 connections must not keep each one's largest burst
+/// (1,000 membership events of ~60 bytes each) allocated.
+const KEEP_BATCH_BUFFER: usize = 4 * 1024;
+/// See [`KEEP_BATCH_BUFFER`].
+const KEEP_QUEUE_SLOTS: usize = 64;
 
 /// The write half of a connection, as the writer keeps it.
 type Socket = Box<dyn AsyncWrite + Send + Unpin>;
@@ -246,6 +250,8 @@ struct Shared {
     /// Wakes senders waiting for room in a full queue.
     room: Notify,
     capacity: usize,
+    /// Live `FrameSender` clones (an atomic: a clone per forwarded frame is common).
+    senders: AtomicUsize,
 }
 
 struct State {
@@ -254,8 +260,6 @@ struct State {
     socket: Option<Socket>,
     /// A write failed: nothing more can be sent.
     closed: bool,
-    /// Live `FrameSender` clones.
-    senders: usize,
     /// When a write last ended.
     last_write: Option<Instant>,
 }
@@ -285,12 +289,12 @@ where
             queue: VecDeque::new(),
             socket: Some(Box::new(socket)),
             closed: false,
-            senders: 1,
             last_write: None,
         }),
         work: Notify::new(),
         room: Notify::new(),
         capacity: capacity.max(1),
+        senders: AtomicUsize::new(1),
     });
     let writer = run_writer(shared.clone());
     (FrameSender { shared }, writer)
@@ -298,7 +302,7 @@ where
 
 impl Clone for FrameSender {
     fn clone(&self) -> Self {
-        self.shared.lock().senders += 1;
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
         FrameSender {
             shared: self.shared.clone(),
         }
@@ -307,12 +311,7 @@ impl Clone for FrameSender {
 
 impl Drop for FrameSender {
     fn drop(&mut self) {
-        let last = {
-            let mut st = self.shared.lock();
-            st.senders -= 1;
-            st.senders == 0
-        };
-        if last {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.work.notify_one();
         }
     }
@@ -375,10 +374,13 @@ impl FrameSender {
         if st.closed {
             return Push::Closed;
         }
-        let quiet = st
-            .last_write
-            .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
-        if st.queue.is_empty() && quiet {
+        // The clock is read last: a busy connection is decided without it.
+        let direct = st.queue.is_empty()
+            && st.socket.is_some()
+            && st
+                .last_write
+                .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
+        if direct {
             if let Some(mut socket) = st.socket.take() {
                 drop(st);
                 let written = write_now(&mut socket, frame);
@@ -479,9 +481,12 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             match st.socket.take() {
                 Some(socket) if !st.queue.is_empty() => {
                     frames.extend(st.queue.drain(..));
+                    if st.queue.capacity() > KEEP_QUEUE_SLOTS {
+                        st.queue = VecDeque::new();
+                    }
                     Some((socket, false))
                 }
-                Some(socket) if st.senders == 0 => Some((socket, true)),
+                Some(socket) if shared.senders.load(Ordering::Acquire) == 0 => Some((socket, true)),
                 other => {
                     st.socket = other;
                     None
@@ -498,6 +503,24 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
         }
         shared.room.notify_waiters();
         let mut written = Ok(());
+        // One allocation for the batch's small frames, however many there are.
+        let small: usize = frames
+            .iter()
+            .map(|f| {
+                let head = if f.head.len() > COPY_THRESHOLD {
+                    0
+                } else {
+                    f.head.len()
+                };
+                let body = if f.body.len() > COPY_THRESHOLD {
+                    0
+                } else {
+                    f.body.len()
+                };
+                head + body
+            })
+            .sum();
+        batch.reserve(small.min(BATCH_LIMIT));
         for frame in frames.drain(..) {
             if let Err(e) = push(&mut socket, &mut batch, frame).await {
                 written = Err(e);
@@ -511,6 +534,9 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             written = socket.flush().await;
         }
         frames.clear();
+        if frames.capacity() > KEEP_QUEUE_SLOTS {
+            frames = Vec::new();
+        }
         if batch.capacity() > KEEP_BATCH_BUFFER {
             batch = BytesMut::new();
         }
