@@ -493,31 +493,35 @@ fn a_burst_of_no_return_calls_beyond_the_callback_limit_runs_in_full() {
     assert_eq!(counted, BURST, "every NO_RETURN call ran");
 }
 
+/// Starts a call to `worker` that sleeps `ms` and returns `value`, waits until it runs
+/// there, then tells `worker` to stop. Returns the call in flight.
+fn stop_while_running(g: &Global, worker: &str, ms: u64, value: i64) -> daffi::AsyncResult<i64> {
+    g.wait_function_timeout("stop_self", WAIT)
+        .expect("stop_self announced");
+    let running = g
+        .call("signal_then_sleep")
+        .args((ms, value))
+        .on(worker)
+        .bg::<i64>()
+        .expect("bg");
+    let started: usize = g
+        .call("wait_running")
+        .args((WAIT.as_millis() as u64,))
+        .on(worker)
+        .fg()
+        .expect("running");
+    assert_eq!(started, 1);
+    g.call("stop_self").on(worker).no_return().expect("stop it");
+    running
+}
+
 #[test]
 fn stop_lets_running_calls_finish_and_refuses_new_ones_by_name() {
     let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
     let worker = common::unique("stopping");
     cluster.spawn_worker(&worker);
     let g = &cluster.caller;
-    g.wait_function_timeout("stop_self", WAIT)
-        .expect("stop_self announced");
-    let running = g
-        .call("signal_then_sleep")
-        .args((400u64, 9i64))
-        .on(&worker)
-        .bg::<i64>()
-        .expect("bg");
-    let started: usize = g
-        .call("wait_running")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .fg()
-        .expect("running");
-    assert_eq!(started, 1);
-    g.call("stop_self")
-        .on(&worker)
-        .no_return()
-        .expect("stop it");
+    let running = stop_while_running(g, &worker, 400, 9);
     // The call it was serving finishes with its value.
     assert_eq!(
         running.get_timeout(WAIT).expect("finished during the stop"),
@@ -550,25 +554,7 @@ fn a_call_outliving_the_stop_timeout_gets_peer_stopped() {
         &cluster.address,
         &[("DAFFI_TEST_STOP_TIMEOUT_MS", "200")],
     );
-    let g = cluster.caller.clone();
-    g.wait_function_timeout("stop_self", WAIT).expect("worker");
-    let long = g
-        .call("signal_then_sleep")
-        .args((60_000u64, 1i64))
-        .on(&worker)
-        .bg::<i64>()
-        .expect("bg");
-    let started: usize = g
-        .call("wait_running")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .fg()
-        .expect("running");
-    assert_eq!(started, 1);
-    g.call("stop_self")
-        .on(&worker)
-        .no_return()
-        .expect("stop it");
+    let long = stop_while_running(&cluster.caller, &worker, 60_000, 1);
     match long.get_timeout(WAIT) {
         Err(Error::PeerStopped { process, callback }) => {
             assert_eq!(

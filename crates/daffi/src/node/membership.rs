@@ -260,29 +260,23 @@ mod tests {
 
     /// The index kept up to date event by event equals one rebuilt from scratch.
     fn assert_index_consistent(view: &Membership) {
+        let sorted = |s: &State| {
+            let mut index: Vec<(String, Vec<String>)> = s
+                .providers
+                .iter()
+                .map(|(cb, nodes)| {
+                    let mut n: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+                    n.sort();
+                    (cb.clone(), n)
+                })
+                .collect();
+            index.sort();
+            index
+        };
         let mut s = view.write();
-        let mut kept: Vec<(String, Vec<String>)> = s
-            .providers
-            .iter()
-            .map(|(cb, nodes)| {
-                let mut n: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
-                n.sort();
-                (cb.clone(), n)
-            })
-            .collect();
-        kept.sort();
+        let kept = sorted(&s);
         s.reindex();
-        let mut rebuilt: Vec<(String, Vec<String>)> = s
-            .providers
-            .iter()
-            .map(|(cb, nodes)| {
-                let mut n: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
-                n.sort();
-                (cb.clone(), n)
-            })
-            .collect();
-        rebuilt.sort();
-        assert_eq!(kept, rebuilt);
+        assert_eq!(kept, sorted(&s));
     }
 
     #[test]

@@ -41,32 +41,42 @@ pub struct Cluster {
 /// A worker process; killed when dropped.
 pub struct Worker {
     pub name: String,
-    child: Child,
+    /// `None` once reaped.
+    child: Option<Child>,
 }
 
 impl Worker {
     /// Kills the process and waits for it to be gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-}
 
-impl Worker {
+    /// The process id, while it is not reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Waits (bounded) for the process to exit by itself, and checks that it succeeded.
     pub fn wait_success(&mut self) {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            match self.child.try_wait().expect("wait for child") {
-                Some(status) => {
-                    assert!(status.success(), "{} exited with {status}", self.name);
-                    return;
-                }
-                None if std::time::Instant::now() > deadline => {
-                    panic!("{} did not exit within {WAIT:?}", self.name)
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
+        let Some(mut child) = self.child.take() else {
+            panic!("{} was already reaped", self.name)
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        // `Child::wait` closes stdin first, which tells the child its test is gone: keep
+        // it open until the child exits by itself. The child still exits when this test
+        // process does, so a wait that outlives the timeout below ends then.
+        let stdin = child.stdin.take();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+            drop(stdin);
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(Ok(status)) => assert!(status.success(), "{} exited with {status}", self.name),
+            Ok(Err(e)) => panic!("waiting for {}: {e}", self.name),
+            Err(_) => panic!("{} did not exit within {WAIT:?}", self.name),
         }
     }
 }
@@ -145,7 +155,7 @@ impl StandaloneController {
 
     /// The controller process's id.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(|p| p.child.id())
+        self.process.as_ref().and_then(Worker::pid)
     }
 
     /// Kills the controller process (like a crash: no goodbye, the socket file stays).
@@ -267,7 +277,7 @@ pub fn spawn_child_with(
         .expect("spawn worker");
     Worker {
         name: name.to_string(),
-        child,
+        child: Some(child),
     }
 }
 
