@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--tcp", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--callers", action="store_true", help="show call graphs (caller view)")
+    ap.add_argument("--repeat", type=int, default=1, help="run OP this many times while recording")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="daffi-prof-")
     listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
@@ -75,7 +76,8 @@ def main():
             ["perf", "record", "-e", "cpu-clock", "-F", "4000", "-g", "-q",
              "-p", str(p.pid), "-o", data[name]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print("measured:", run())
+    for _ in range(a.repeat):
+        print("measured:", run())
     for p in perfs.values():
         p.send_signal(signal.SIGINT)
         p.wait()

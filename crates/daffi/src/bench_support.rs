@@ -75,10 +75,10 @@ impl NodeView {
 
 /// Encodes a value as arguments and results are encoded.
 pub fn encode_value<T: serde::Serialize>(value: &T) -> Result<Bytes, String> {
-    crate::callback::encode_value(value)
+    crate::codec::encode_value(value).map(|payload| payload.to_bytes())
 }
 
 /// Decodes arguments as a callback does.
-pub fn decode_args<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Option<T> {
+pub fn decode_args<T: serde::de::DeserializeOwned>(payload: &Bytes) -> Option<T> {
     crate::callback::decode_args("bench", payload).ok()
 }

@@ -11,12 +11,13 @@ use serde::Serialize;
 
 use crate::async_result::AsyncResult;
 use crate::blocking;
-use crate::callback::encode_value;
+use crate::codec::{self, encode_value};
 use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::node::{CallRequest, NodeCore, NodeOutcome};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, Timing};
+use crate::protocol::Payload;
 
 /// MessagePack for an empty argument list.
 const NO_ARGS: &[u8] = &[0x90];
@@ -42,7 +43,7 @@ const NO_ARGS: &[u8] = &[0x90];
 pub struct Call {
     global: Global,
     callback: Arc<str>,
-    args: std::result::Result<Bytes, String>,
+    args: std::result::Result<Payload, String>,
     on: Option<String>,
     timeout: Option<Duration>,
     eta: Option<Duration>,
@@ -53,7 +54,7 @@ impl Call {
         Call {
             global,
             callback: Arc::from(callback),
-            args: Ok(Bytes::from_static(NO_ARGS)),
+            args: Ok(Payload::from(Bytes::from_static(NO_ARGS))),
             on: None,
             timeout: None,
             eta: None,
@@ -70,7 +71,7 @@ impl Call {
 
     /// Arguments already encoded as MessagePack (a list or a map).
     pub fn raw_args(mut self, args: Bytes) -> Self {
-        self.args = Ok(args);
+        self.args = Ok(args.into());
         self
     }
 
@@ -238,7 +239,7 @@ impl Call {
     pub async fn period_async(self, period: Period) -> Result<ScheduledTask> {
         let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
-        let args = self.encoded_args()?;
+        let args = self.encoded_args()?.to_bytes();
         let request = ControlRequest::Schedule {
             callback: self.callback.to_string(),
             args,
@@ -254,7 +255,7 @@ impl Call {
         }
     }
 
-    fn encoded_args(&self) -> Result<Bytes> {
+    fn encoded_args(&self) -> Result<Payload> {
         self.args.clone().map_err(|message| Error::Encode {
             callback: self.callback.to_string(),
             message,
@@ -346,8 +347,8 @@ pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
 }
 
 /// Decodes a result into the type the caller asked for.
-pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(bytes).map_err(|e| Error::BadResult {
+pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &Bytes) -> Result<T> {
+    codec::decode(bytes).map_err(|e| Error::BadResult {
         callback: callback.to_string(),
         expected: std::any::type_name::<T>(),
         message: e.to_string(),

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::codec::{self, encode_value};
 use crate::protocol::message::RemoteErrorKind;
+use crate::protocol::Payload;
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -51,7 +53,7 @@ impl CallbackFailure {
 }
 
 /// The result of running a callback: encoded value or failure.
-pub type Outcome = Result<Bytes, CallbackFailure>;
+pub type Outcome = Result<Payload, CallbackFailure>;
 
 /// A callback ready to run.
 #[derive(Clone)]
@@ -66,45 +68,9 @@ pub enum Handler {
 /// when `T` is a struct. `signature` names the callback in the error.
 pub fn decode_args<T: DeserializeOwned>(
     signature: &str,
-    payload: &[u8],
+    payload: &Bytes,
 ) -> Result<T, CallbackFailure> {
-    rmp_serde::from_slice(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
-}
-
-/// Encodes a value the way every payload is encoded: MessagePack, structs as maps.
-pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
-    // Small values (most arguments and results) are encoded into a buffer kept by the
-    // thread, then copied into one allocation of their exact size: no regrowing, and one
-    // allocation instead of two. Large ones keep the buffer they were encoded into.
-    const SMALL: usize = 4096;
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SMALL));
-    }
-    let encode = |buf: &mut Vec<u8>| {
-        value
-            .serialize(&mut rmp_serde::Serializer::new(&mut *buf).with_struct_map())
-            .map_err(|e| e.to_string())
-    };
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buf) => {
-            buf.clear();
-            let encoded = encode(&mut buf);
-            let out = match encoded {
-                Ok(()) if buf.len() <= SMALL => Ok(Bytes::copy_from_slice(&buf)),
-                Ok(()) => Ok(Bytes::from(std::mem::take(&mut *buf))),
-                Err(e) => Err(e),
-            };
-            if buf.capacity() > SMALL {
-                *buf = Vec::with_capacity(SMALL);
-            }
-            out
-        }
-        // A value whose serialization encodes another value on this thread.
-        Err(_) => {
-            let mut buf = Vec::new();
-            encode(&mut buf).map(|()| Bytes::from(buf))
-        }
-    })
+    codec::decode(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
 }
 
 /// Encodes a callback's return value.
@@ -174,7 +140,8 @@ plain_reply!(
     f64,
     String,
     &'static str,
-    Bytes
+    Bytes,
+    crate::Blob
 );
 
 macro_rules! generic_reply {
@@ -270,12 +237,12 @@ macro_rules! closure_callback {
 /// Decodes a positional argument list; an empty tuple accepts any payload.
 fn decode_tuple<T: DeserializeOwned + 'static>(
     signature: &str,
-    payload: &[u8],
+    payload: &Bytes,
 ) -> Result<T, CallbackFailure> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<()>() {
         // A zero-argument callback ignores whatever the caller sent (nil or `[]`):
         // decode `()` from MessagePack nil.
-        return decode_args(signature, &[0xc0]);
+        return decode_args(signature, &Bytes::from_static(&[0xc0]));
     }
     decode_args(signature, payload)
 }

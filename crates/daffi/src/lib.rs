@@ -71,9 +71,11 @@
 
 mod async_result;
 mod auth;
+mod blob;
 mod blocking;
 mod call;
 mod callback;
+mod codec;
 mod controller;
 mod error;
 mod global;
@@ -86,6 +88,7 @@ mod sync;
 mod transport;
 
 pub use async_result::AsyncResult;
+pub use blob::Blob;
 pub use call::Call;
 pub use callback::{AsyncFn, CallbackGroup, IntoCallback, IntoReply, Reply, SyncFn};
 pub use daffi_macros::callback;

@@ -7,13 +7,21 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Log, Transport, WAIT};
-use daffi::{callback, Error, Global};
+use daffi::{callback, Blob, Error, Global};
 use serde::Serialize;
 
 /// The ignored test that runs worker processes (see `common`).
 const ENTRY: &str = "worker_process";
 
 // ---- callbacks, served by every process of this binary -------------------------------
+
+/// Large bytes both ways: the reversed argument, with `suffix` appended.
+#[callback]
+fn blob_reverse(data: Blob, suffix: String) -> Blob {
+    let mut out: Vec<u8> = data.iter().rev().copied().collect();
+    out.extend_from_slice(suffix.as_bytes());
+    Blob::from(out)
+}
 
 #[callback]
 fn sync_add(a: i64, b: i64) -> i64 {
@@ -306,6 +314,57 @@ fn three_nodes_share_calls_and_none_lands_on_the_caller() {
     let mut expected = names.clone();
     expected.sort();
     assert_eq!(whoami_nodes, expected);
+}
+
+fn blobs_cross_intact(transport: Transport) {
+    let mut cluster = Cluster::start(transport, ENTRY);
+    cluster.spawn_worker(&common::unique("blobs"));
+    let g = &cluster.caller;
+    let pattern = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    // Small (copied), 64 KiB (a part of its own), 3 MiB (a large frame, twice: the second
+    // one may reuse the first one's buffer on every hop).
+    for (len, seed) in [(10, 1u8), (64 * 1024, 2), (3 << 20, 3), (3 << 20, 4)] {
+        let data = pattern(len, seed);
+        let back: Blob = g
+            .call("blob_reverse")
+            .args((Blob::from(data.clone()), "!"))
+            .timeout(WAIT)
+            .fg()
+            .expect("blob call");
+        let mut expected: Vec<u8> = data.into_iter().rev().collect();
+        expected.push(b'!');
+        assert!(back[..] == expected[..], "{len} bytes came back changed");
+    }
+    // The same bytes sent as `bytes::Bytes` and by name reach a `Blob` parameter.
+    #[derive(Serialize)]
+    struct Named {
+        data: bytes::Bytes,
+        suffix: &'static str,
+    }
+    let back: bytes::Bytes = g
+        .call("blob_reverse")
+        .args(Named {
+            data: bytes::Bytes::from(pattern(100_000, 5)),
+            suffix: "",
+        })
+        .fg()
+        .expect("named bytes call");
+    let expected: Vec<u8> = pattern(100_000, 5).into_iter().rev().collect();
+    assert!(back[..] == expected[..]);
+}
+
+#[test]
+fn blobs_cross_intact_over_tcp() {
+    blobs_cross_intact(Transport::Tcp);
+}
+
+#[test]
+fn blobs_cross_intact_over_unix_socket() {
+    blobs_cross_intact(Transport::Unix);
 }
 
 #[test]

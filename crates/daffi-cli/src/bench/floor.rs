@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
-use daffi::protocol::io::{write_loop, FrameReader, Outgoing};
+use daffi::protocol::io::{write_loop, FrameReader, Outgoing, KEEP_LARGE_BUFFERS};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -109,16 +109,18 @@ impl Drop for Listener {
 
 /// Writes one frame with as few write calls as the frame allows.
 async fn write_frame(w: &mut BoxWrite, frame: &Outgoing) -> std::io::Result<()> {
-    if frame.body.is_empty() {
+    // The floor's payloads are one part each: this is that part, not a copy.
+    let body = frame.body.to_bytes();
+    if body.is_empty() {
         w.write_all(&frame.head).await
-    } else if frame.body.len() <= COPY_THRESHOLD {
+    } else if body.len() <= COPY_THRESHOLD {
         let mut buf = BytesMut::with_capacity(frame.len());
         buf.extend_from_slice(&frame.head);
-        buf.extend_from_slice(&frame.body);
+        buf.extend_from_slice(&body);
         w.write_all(&buf).await
     } else {
         w.write_all(&frame.head).await?;
-        w.write_all(&frame.body).await
+        w.write_all(&body).await
     }
 }
 
@@ -211,7 +213,7 @@ async fn relay_session(
     batched: bool,
     max_frame_size: usize,
 ) -> Result<()> {
-    let mut reader = FrameReader::new(read, max_frame_size);
+    let mut reader = FrameReader::new(read, max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
     let hello = reader.next().await?.ok_or("closed before its Hello")?;
     if hello.kind() != Kind::Hello || hello.src().is_empty() {
         return Err("the first frame must be a Hello naming the connection".into());
@@ -263,7 +265,7 @@ async fn join(
         ..Header::control(Kind::Hello)
     };
     write.write_all(&hello.encode(0)).await?;
-    let mut reader = FrameReader::new(read, max_frame_size);
+    let mut reader = FrameReader::new(read, max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
     match reader.next().await? {
         Some(f) if f.kind() == Kind::Welcome => Ok((reader, write)),
         _ => Err("the relay did not welcome us".into()),
@@ -316,7 +318,12 @@ async fn serve(mut reader: FrameReader<BoxRead>, mut writer: Writer, name: &str)
             name: "",
         }
         .encode(body.len());
-        writer.send(Outgoing { head, body }).await?;
+        writer
+            .send(Outgoing {
+                head,
+                body: body.into(),
+            })
+            .await?;
     }
     Ok(())
 }
@@ -400,7 +407,12 @@ impl Client {
             name: callback,
         }
         .encode(body.len());
-        self.writer.send(Outgoing { head, body }).await?;
+        self.writer
+            .send(Outgoing {
+                head,
+                body: body.into(),
+            })
+            .await?;
         Ok(self.next_id)
     }
 

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use daffi::Global;
+use daffi::{Blob, Global};
 use tokio::sync::Notify;
 
 use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
@@ -104,7 +103,7 @@ pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> 
         reached: Notify::new(),
     });
     g.register(ops::ADD, |a: i64, b: i64| a + b)?;
-    g.register(ops::LEN, |data: Bytes| data.len() as u64)?;
+    g.register(ops::LEN, |data: Blob| data.len() as u64)?;
     let s = sink.clone();
     g.register(ops::SINK, move || s.hit())?;
     let s = sink.clone();
@@ -140,7 +139,7 @@ pub fn caller(
     let mut caller = Caller {
         g: g.clone(),
         rt,
-        blob: Bytes::new(),
+        blob: Blob::new(),
     };
     for line in std::io::stdin().lock().lines() {
         let line = line?;
@@ -158,7 +157,7 @@ struct Caller {
     g: Global,
     rt: tokio::runtime::Runtime,
     /// The payload of the last blob call, kept for the next repetition.
-    blob: Bytes,
+    blob: Blob,
 }
 
 impl Caller {
@@ -271,8 +270,8 @@ impl Caller {
 
     fn blob(&mut self, bytes: usize) -> Result<BlobAnswer> {
         if self.blob.len() != bytes {
-            self.blob = Bytes::new(); // free the old one first
-            self.blob = Bytes::from(vec![0xA5u8; bytes]);
+            self.blob = Blob::new(); // free the old one first
+            self.blob = Blob::from(vec![0xA5u8; bytes]);
         }
         let started = Instant::now();
         let len: u64 = self.g.call(ops::LEN).args((self.blob.clone(),)).fg()?;

@@ -219,10 +219,7 @@ async fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, 
         dst: &node,
         name: callback,
     };
-    let frame = Outgoing {
-        head: header.encode(args.len()),
-        body: args.clone(),
-    };
+    let frame = Outgoing::new(&header, args.clone());
     if queue.send(frame).await.is_err() {
         tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node just left");
     } else {

@@ -12,7 +12,9 @@ use super::members::{Destination, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::{frame_channel, FrameReader, FrameSender, Outgoing, ReadError};
+use crate::protocol::io::{
+    frame_channel, FrameReader, FrameSender, Outgoing, ReadError, KEEP_LARGE_BUFFERS,
+};
 use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
@@ -63,7 +65,8 @@ pub async fn serve(
     let writer = tokio::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.
-    let mut reader = FrameReader::new(read, shared.config.max_frame_size.min(MAX_HELLO_SIZE));
+    let mut reader = FrameReader::new(read, shared.config.max_frame_size.min(MAX_HELLO_SIZE))
+        .keep_large_buffers(KEEP_LARGE_BUFFERS);
 
     let opening = handshake(&mut reader, &shared.config, tls_required);
     let hello = match timeout_at(deadline, opening).await {
@@ -328,10 +331,7 @@ async fn route(
                 dst: name,
                 name: "",
             };
-            let reply = Outgoing {
-                head: header.encode(body.len()),
-                body,
-            };
+            let reply = Outgoing::new(&header, body);
             let _ = own_queue.send(reply).await;
             Ok(())
         }
@@ -357,10 +357,7 @@ async fn undeliverable(own_queue: &FrameSender, frame: &Frame, code: Undeliverab
         dst: frame.src(),
         name: frame.dst(),
     };
-    let out = Outgoing {
-        head: header.encode(body.len()),
-        body,
-    };
+    let out = Outgoing::new(&header, body);
     let _ = own_queue.send(out).await;
 }
 

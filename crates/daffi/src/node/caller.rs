@@ -107,10 +107,7 @@ impl NodeCore {
             ..Header::control(Kind::ControlRequest)
         };
         self.check_size(what, &header, body.len())?;
-        let frame = Outgoing {
-            head: header.encode(body.len()),
-            body,
-        };
+        let frame = Outgoing::new(&header, body);
         if conn.queue.send(frame).await.is_err() {
             return Err(self.unreachable("connection lost"));
         }
@@ -242,10 +239,7 @@ impl NodeCore {
                 done,
             })
         };
-        let frame = Outgoing {
-            head: header.encode(req.args.len()),
-            body: req.args.clone(),
-        };
+        let frame = Outgoing::new(&header, req.args.clone());
         if conn.queue.send(frame).await.is_err() {
             return Err(self.unreachable("connection lost"));
         }

@@ -436,7 +436,8 @@ fn encode_reply(core: &NodeCore, request: &Frame, outcome: Outcome) -> Outgoing 
             message::encode(&RemoteError {
                 kind: failure.kind,
                 message: failure.message,
-            }),
+            })
+            .into(),
         ),
     };
     let header = Header {
@@ -448,10 +449,7 @@ fn encode_reply(core: &NodeCore, request: &Frame, outcome: Outcome) -> Outgoing 
         dst: request.src(),
         name: "",
     };
-    Outgoing {
-        head: header.encode(body.len()),
-        body,
-    }
+    Outgoing::new(&header, body)
 }
 
 fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> CallbackFailure {

@@ -10,7 +10,7 @@ use tokio::time::timeout;
 use super::{executor, Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
-use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError};
+use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError, KEEP_LARGE_BUFFERS};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
@@ -77,7 +77,8 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
     // better explanation.
     let sent = write.write_all(&opening).await;
 
-    let mut reader = FrameReader::new(read, core.config.max_frame_size);
+    let mut reader =
+        FrameReader::new(read, core.config.max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
     let first = match timeout(limit, reader.next()).await {
         Ok(Ok(Some(frame))) => frame,
         Ok(Err(ReadError::Io(e))) => {

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -51,7 +50,7 @@ pub struct NodeConfig {
 #[derive(Debug, Clone)]
 pub struct CallRequest {
     pub callback: Arc<str>,
-    pub args: Bytes,
+    pub args: crate::protocol::Payload,
     pub on: Option<String>,
     pub timeout: Option<Duration>,
     pub eta: Option<Duration>,

@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use super::frame::{Frame, FrameError, Header, Kind, LEN_PREFIX};
+use super::payload::Payload;
 
 /// A frame ready to send: the encoded head (length prefix and header) and the payload.
 #[derive(Debug, Clone, Default)]
@@ -31,7 +32,7 @@ pub struct Outgoing {
     /// Length prefix and header, or a whole forwarded frame.
     pub head: Bytes,
     /// Payload; may be empty.
-    pub body: Bytes,
+    pub body: Payload,
 }
 
 impl Outgoing {
@@ -39,17 +40,22 @@ impl Outgoing {
     pub fn raw(raw: Bytes) -> Self {
         Outgoing {
             head: raw,
-            body: Bytes::new(),
+            body: Payload::default(),
+        }
+    }
+
+    /// A frame of `header` and `body`, the length prefix computed.
+    pub fn new(header: &Header<'_>, body: impl Into<Payload>) -> Self {
+        let body = body.into();
+        Outgoing {
+            head: header.encode(body.len()),
+            body,
         }
     }
 
     /// A control frame (no routing fields) with a MessagePack payload.
     pub fn control<T: serde::Serialize>(kind: Kind, payload: &T) -> Self {
-        let body = super::message::encode(payload);
-        Outgoing {
-            head: Header::control(kind).encode(body.len()),
-            body,
-        }
+        Outgoing::new(&Header::control(kind), super::message::encode(payload))
     }
 
     /// Total bytes on the wire.
@@ -77,11 +83,26 @@ pub enum ReadError {
     Eof,
 }
 
+/// Frames at least this long are read into a buffer of their own, which the reader
+/// keeps for the next large frame once every part of the frame has been dropped.
+const LARGE_FRAME: usize = 1024 * 1024;
+/// How long daffi's connections keep a large frame's buffer for the next one (see
+/// [`FrameReader::keep_large_buffers`]).
+pub const KEEP_LARGE_BUFFERS: Duration = Duration::from_secs(1);
+
 /// Reads length-prefixed frames, enforcing the size limit before allocating.
+///
+/// `next` is cancel-safe: bytes read are kept in the reader until their frame is whole.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_frame_size: usize,
+    /// A large frame being read, and its length with prefix.
+    large: Option<(BytesMut, usize)>,
+    /// The last large frame's whole buffer, and until when it is kept for reuse.
+    spare: Option<(Bytes, tokio::time::Instant)>,
+    /// How long a large frame's buffer is kept; `None`: not kept.
+    keep_large: Option<Duration>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -91,7 +112,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(64 * 1024),
             max_frame_size,
+            large: None,
+            spare: None,
+            keep_large: None,
         }
+    }
+
+    /// Keeps the buffer of each large frame (1 MiB or more) for up to `keep_for`, and
+    /// reads the next large frame into it if nothing else holds it by then: a burst of
+    /// large calls then costs no fresh memory mapping (page faults, zeroing by the
+    /// kernel) per frame, and a connection that goes quiet gives the memory back.
+    /// Needs a Tokio runtime with time enabled.
+    pub fn keep_large_buffers(mut self, keep_for: Duration) -> Self {
+        self.keep_large = Some(keep_for);
+        self
     }
 
     /// Changes the limit (after the handshake told us the controller's).
@@ -117,11 +151,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame, or `None` when the peer closed the connection between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
+            if let Some((frame, total)) = &mut self.large {
+                let missing = *total - frame.len();
+                if missing == 0 {
+                    let frame = std::mem::take(frame);
+                    self.large = None;
+                    return self.finish_large(frame).map(Some);
+                }
+                if self.inner.read_buf(&mut frame.limit(missing)).await? == 0 {
+                    return Err(ReadError::Eof);
+                }
+                continue;
+            }
             if let Some(len) = self.complete_frame_len()? {
                 let raw = self.buf.split_to(len).freeze();
                 return Ok(Some(Frame::parse(raw)?));
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            if self.large.is_some() {
+                continue;
+            }
+            let read = match self.spare.as_ref().map(|(_, until)| *until) {
+                None => self.inner.read_buf(&mut self.buf).await?,
+                Some(until) => {
+                    let read = self.inner.read_buf(&mut self.buf);
+                    match tokio::time::timeout_at(until, read).await {
+                        Ok(read) => read?,
+                        Err(_) => {
+                            self.spare = None;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -131,7 +193,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// If the buffer holds a whole frame, its length with prefix; reserves room otherwise.
+    /// If the buffer holds a whole frame, its length with prefix. Otherwise reserves room
+    /// for it, or starts reading it into a buffer of its own if it is large.
     fn complete_frame_len(&mut self) -> Result<Option<usize>, FrameError> {
         if self.buf.len() < LEN_PREFIX {
             return Ok(None);
@@ -146,11 +209,41 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let total = LEN_PREFIX + size;
         if self.buf.len() >= total {
             Ok(Some(total))
+        } else if total >= LARGE_FRAME {
+            // Everything buffered belongs to this frame: it is longer than the buffer.
+            let mut frame = self.large_buffer(total);
+            frame.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.large = Some((frame, total));
+            Ok(None)
         } else {
-            // One allocation for a large frame instead of doubling repeatedly.
+            // One allocation for the frame instead of doubling repeatedly.
             self.buf.reserve(total - self.buf.len());
             Ok(None)
         }
+    }
+
+    /// An empty buffer with room for `total` bytes: the spare one if nothing else holds
+    /// it any more and it is big enough, a new one otherwise.
+    fn large_buffer(&mut self, total: usize) -> BytesMut {
+        if let Some((spare, _)) = self.spare.take() {
+            if let Ok(mut buf) = spare.try_into_mut() {
+                if buf.capacity() >= total {
+                    buf.clear();
+                    return buf;
+                }
+            }
+        }
+        BytesMut::with_capacity(total)
+    }
+
+    /// The large frame just read; its buffer is kept for the next one.
+    fn finish_large(&mut self, frame: BytesMut) -> Result<Frame, ReadError> {
+        let raw = frame.freeze();
+        if let Some(keep_for) = self.keep_large {
+            self.spare = Some((raw.clone(), tokio::time::Instant::now() + keep_for));
+        }
+        Ok(Frame::parse(raw)?)
     }
 }
 
@@ -196,11 +289,13 @@ async fn push<W: AsyncWrite + Unpin>(
     } else {
         batch.extend_from_slice(&frame.head);
     }
-    if frame.body.len() > COPY_THRESHOLD {
-        flush_batch(writer, batch).await?;
-        writer.write_all(&frame.body).await?;
-    } else {
-        batch.extend_from_slice(&frame.body);
+    for part in frame.body.parts() {
+        if part.len() > COPY_THRESHOLD {
+            flush_batch(writer, batch).await?;
+            writer.write_all(part).await?;
+        } else {
+            batch.extend_from_slice(part);
+        }
     }
     Ok(())
 }
@@ -437,14 +532,23 @@ fn noop_waker() -> &'static Waker {
     WAKER.get_or_init(|| Waker::from(Arc::new(NoopWake)))
 }
 
+/// Most buffers one vectored write passes: the head and the first parts of the payload.
+const MAX_SLICES: usize = 8;
+
 /// Writes `frame` now, as far as the socket takes it without waiting. Returns what is
 /// left (for the writer task), or `None` when all of it went out.
 fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Outgoing>> {
     let mut cx = Context::from_waker(noop_waker());
     let Outgoing { mut head, mut body } = frame;
     while !head.is_empty() || !body.is_empty() {
-        let parts = [IoSlice::new(&head), IoSlice::new(&body)];
-        match Pin::new(&mut *socket).poll_write_vectored(&mut cx, &parts) {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        slices[0] = IoSlice::new(&head);
+        let mut used = 1;
+        for (slot, part) in slices[1..].iter_mut().zip(body.parts()) {
+            *slot = IoSlice::new(part);
+            used += 1;
+        }
+        match Pin::new(&mut *socket).poll_write_vectored(&mut cx, &slices[..used]) {
             Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(n)) => {
                 let from_head = n.min(head.len());
@@ -512,11 +616,12 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
                 } else {
                     f.head.len()
                 };
-                let body = if f.body.len() > COPY_THRESHOLD {
-                    0
-                } else {
-                    f.body.len()
-                };
+                let body: usize = f
+                    .body
+                    .parts()
+                    .map(Bytes::len)
+                    .filter(|&len| len <= COPY_THRESHOLD)
+                    .sum();
                 head + body
             })
             .sum();
@@ -573,7 +678,7 @@ mod tests {
             h.call_id = i as u64;
             tx.send(Outgoing {
                 head: h.encode(body.len()),
-                body,
+                body: body.into(),
             })
             .await
             .expect("writer alive");
@@ -615,7 +720,7 @@ mod tests {
                     let body = Bytes::from(vec![1u8; (id % 7) as usize * 300]);
                     tx.send(Outgoing {
                         head: h.encode(body.len()),
-                        body,
+                        body: body.into(),
                     })
                     .await
                     .expect("connection open");
@@ -653,7 +758,7 @@ mod tests {
                     h.call_id = i;
                     blocking.blocking_send(Outgoing {
                         head: h.encode(0),
-                        body: Bytes::new(),
+                        body: Payload::default(),
                     })
                 })
                 .filter(Result::is_ok)
@@ -679,6 +784,39 @@ mod tests {
             tx.try_send(Outgoing::control(Kind::Goodbye, &())),
             Err(Closed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_buffer_is_reused_once_its_frame_is_dropped() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, 8);
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for i in 0..3u8 {
+                let body = Bytes::from(vec![i; 3 * LARGE_FRAME]);
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let first = reader.next().await.expect("read").expect("frame");
+        let first_at = first.payload().as_ptr();
+        // Still held: the second frame gets a buffer of its own.
+        let second = reader.next().await.expect("read").expect("frame");
+        assert_ne!(second.payload().as_ptr(), first_at);
+        assert!(second.payload().iter().all(|&b| b == 1));
+        let second_at = second.payload().as_ptr();
+        drop(first);
+        drop(second);
+        // Nothing holds the second frame's buffer now: the third reuses it.
+        let third = reader.next().await.expect("read").expect("frame");
+        assert_eq!(third.payload().as_ptr(), second_at);
+        assert!(third.payload().iter().all(|&b| b == 2));
+        assert_eq!(third.payload().len(), 3 * LARGE_FRAME);
+        sending.await.expect("sender");
+        writer.await.expect("join").expect("io");
+        assert!(reader.spare.is_some());
     }
 
     #[tokio::test]

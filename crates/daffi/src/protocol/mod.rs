@@ -4,8 +4,10 @@
 pub mod frame;
 pub mod io;
 pub mod message;
+pub mod payload;
 
 pub use frame::{Frame, FrameError, Header, Kind};
+pub use payload::Payload;
 
 /// First bytes a node sends on a new connection: magic, then the protocol version.
 pub const MAGIC: [u8; 4] = *b"DAFI";

@@ -1,0 +1,186 @@
+//! How arguments and results become bytes and back: MessagePack (structs as maps), with
+//! large [`Blob`](crate::Blob)s moved by reference instead of copied.
+//!
+//! Encoding: while [`encode_value`] runs, a `Blob` being serialized leaves a clone of its
+//! `Bytes` (a reference count, not a copy) on the thread. When the encoder then writes
+//! exactly that slice, the writer takes the `Bytes` as a part of the payload instead of
+//! copying it. Decoding: while [`decode`] runs on a large payload, the payload's `Bytes`
+//! is on the thread, and a `Blob` found inside it becomes a slice of it. Both are matched
+//! by address and length, so a value that is not a `Blob`, or a serializer that is not
+//! ours, just takes the ordinary copying path.
+
+use std::cell::{Cell, RefCell};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::Payload;
+
+/// Blobs shorter than this are copied like any other bytes: a separate part costs more
+/// than copying a few KiB.
+pub(crate) const BLOB_BY_REFERENCE: usize = 16 * 1024;
+
+/// Values encoded into at most this many bytes get an allocation of their exact size.
+const SMALL: usize = 4096;
+
+thread_local! {
+    /// The buffer small values are encoded into before they get their exact allocation.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(SMALL));
+    /// Whether [`encode_value`] runs on this thread (blobs offer their bytes only then).
+    static ENCODING: Cell<bool> = const { Cell::new(false) };
+    /// The blob whose bytes the encoder is about to write.
+    static OFFERED: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    /// The payload [`decode`] reads, that blobs may be sliced from.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Encodes a value the way every payload is encoded: MessagePack, structs as maps, large
+/// blobs as parts of their own.
+pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Payload, String> {
+    let was_encoding = ENCODING.with(|e| e.replace(true));
+    let out = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let out = encode_into(value, &mut buf);
+            if buf.capacity() > SMALL {
+                *buf = Vec::with_capacity(SMALL);
+            }
+            out
+        }
+        // A value whose serialization encodes another value on this thread.
+        Err(_) => encode_into(value, &mut Vec::new()),
+    });
+    ENCODING.with(|e| e.set(was_encoding));
+    OFFERED.with(|o| o.borrow_mut().take());
+    out
+}
+
+fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Payload, String> {
+    let mut writer = PartsWriter {
+        buf,
+        done: Payload::default(),
+    };
+    value
+        .serialize(&mut rmp_serde::Serializer::new(&mut writer).with_struct_map())
+        .map_err(|e| e.to_string())?;
+    let PartsWriter { buf, mut done } = writer;
+    // Small values (most arguments and results) are copied into one allocation of their
+    // exact size: no regrowing, one allocation instead of two. Large ones keep the buffer
+    // they were encoded into.
+    let tail = if buf.len() <= SMALL {
+        Bytes::copy_from_slice(buf)
+    } else {
+        Bytes::from(std::mem::take(buf))
+    };
+    done.push(tail);
+    Ok(done)
+}
+
+/// Collects the encoder's output: bytes into `buf`, an offered blob as a part of its own.
+struct PartsWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    done: Payload,
+}
+
+impl std::io::Write for PartsWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if data.len() >= BLOB_BY_REFERENCE {
+            if let Some(blob) = take_offered(data) {
+                self.done.push(Bytes::copy_from_slice(self.buf));
+                self.buf.clear();
+                self.done.push(blob);
+                return Ok(data.len());
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The offered blob, if `data` is its very bytes.
+fn take_offered(data: &[u8]) -> Option<Bytes> {
+    OFFERED.with(|o| {
+        let mut offered = o.borrow_mut();
+        match offered.as_ref() {
+            Some(b) if b.as_ptr() == data.as_ptr() && b.len() == data.len() => offered.take(),
+            _ => None,
+        }
+    })
+}
+
+/// Called by a blob being serialized: if [`encode_value`] is running, the writer may
+/// take these bytes by reference.
+pub(crate) fn offer_blob(bytes: &Bytes) {
+    if bytes.len() >= BLOB_BY_REFERENCE && ENCODING.with(Cell::get) {
+        OFFERED.with(|o| *o.borrow_mut() = Some(bytes.clone()));
+    }
+}
+
+/// Decodes a MessagePack payload; blobs inside a large one share its memory.
+pub fn decode<T: DeserializeOwned>(payload: &Bytes) -> Result<T, rmp_serde::decode::Error> {
+    if payload.len() < BLOB_BY_REFERENCE {
+        return rmp_serde::from_slice(payload);
+    }
+    let previous = SOURCE.with(|s| s.replace(Some(payload.clone())));
+    let out = rmp_serde::from_slice(payload);
+    SOURCE.with(|s| *s.borrow_mut() = previous);
+    out
+}
+
+/// Called by a blob being deserialized from borrowed bytes: a slice of the payload
+/// [`decode`] is reading, if `data` lies inside it.
+pub(crate) fn slice_of_source(data: &[u8]) -> Option<Bytes> {
+    if data.len() < BLOB_BY_REFERENCE {
+        return None;
+    }
+    SOURCE.with(|s| {
+        let source = s.borrow();
+        let source = source.as_ref()?;
+        let start = source.as_ptr() as usize;
+        let at = data.as_ptr() as usize;
+        let inside = at >= start && at + data.len() <= start + source.len();
+        inside.then(|| source.slice_ref(data))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Blob;
+
+    #[test]
+    fn a_large_blob_travels_by_reference_both_ways() {
+        let big = Bytes::from(vec![7u8; 100_000]);
+        let payload = encode_value(&(1u8, Blob::from(big.clone()), "end")).expect("encodes");
+        let parts: Vec<&Bytes> = payload.parts().collect();
+        assert_eq!(parts.len(), 3, "before, the blob, after");
+        assert_eq!(parts[1].as_ptr(), big.as_ptr(), "the blob is not copied");
+        // The same bytes as the ordinary encoding.
+        let plain = rmp_serde::to_vec(&(1u8, &big, "end")).expect("encodes");
+        let wire = payload.to_bytes();
+        assert_eq!(&wire[..], &plain[..]);
+
+        let (n, blob, end): (u8, Blob, String) = decode(&wire).expect("decodes");
+        assert_eq!((n, blob.len(), end.as_str()), (1, 100_000, "end"));
+        let inside = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
+        assert!(
+            inside.contains(&(blob.as_ptr() as usize)),
+            "a slice of the payload"
+        );
+    }
+
+    #[test]
+    fn small_blobs_and_other_bytes_are_copied_as_usual() {
+        let payload = encode_value(&(Blob::from(vec![1u8; 10]),)).expect("encodes");
+        assert_eq!(payload.parts().count(), 1);
+        let vec_payload = encode_value(&(vec![1u8; 100_000],)).expect("encodes");
+        assert_eq!(vec_payload.parts().count(), 1);
+        let (blob,): (Blob,) = decode(&payload.to_bytes()).expect("decodes");
+        assert_eq!(&blob[..], &[1u8; 10]);
+    }
+}
