@@ -43,6 +43,10 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--callers", action="store_true", help="show call graphs (caller view)")
     ap.add_argument("--repeat", type=int, default=1, help="run OP this many times while recording")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="with --cpu: also count each process's system calls by name (perf)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="no perf: print each process's CPU time (user + system) over the run")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="daffi-prof-")
     listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
@@ -68,6 +72,52 @@ def main():
         return driver.stdout.readline().strip()
 
     print("warm-up:", run())
+    if a.cpu:
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        def switches(pid):
+            total = 0
+            for task in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{task}/status") as f:
+                        for line in f:
+                            if "ctxt_switches" in line:
+                                total += int(line.split()[1])
+                except FileNotFoundError:
+                    pass
+            return total
+
+        before = {name: (cpu(p.pid), switches(p.pid)) for name, p in procs.items()}
+        counters = {}
+        if a.syscalls:
+            events = ",".join(f"syscalls:sys_enter_{s}" for s in
+                              ["read", "write", "writev", "recvfrom", "sendto", "sendmsg", "recvmsg",
+                               "epoll_wait", "futex", "sched_yield"])
+            for name, p in procs.items():
+                out = os.path.join(tmp, f"{name}.stat")
+                counters[name] = (out, subprocess.Popen(
+                    ["perf", "stat", "-e", events, "-p", str(p.pid), "-o", out],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(a.repeat):
+            print("measured:", run())
+        for name, (out, perf) in counters.items():
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+            with open(out) as f:
+                rows = [l.split() for l in f if "syscalls:" in l]
+            print(f"{name:>12}: " + ", ".join(f"{r[1].split('sys_enter_')[1]} {r[0]}" for r in rows))
+        for name, p in procs.items():
+            print(f"{name:>12}: {cpu(p.pid) - before[name][0]:.2f} s of CPU, "
+                  f"{switches(p.pid) - before[name][1]} context switches (threads alive at the end)")
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+        return
     data = {}
     perfs = {}
     for name, p in procs.items():

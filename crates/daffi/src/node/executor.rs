@@ -28,8 +28,23 @@ use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 /// want a reply. Beyond it they are dropped, and logged.
 pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
 
-/// Starts serving a request frame. Never blocks the reader.
-pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
+/// Sync callbacks a reader took from one read, handed to the runner together: a burst of
+/// requests costs the runner's threads one wake-up, not one each.
+#[derive(Default)]
+pub struct SyncBatch(Vec<SyncJob>);
+
+impl SyncBatch {
+    /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
+    pub fn submit(&mut self, core: &Arc<NodeCore>) {
+        if !self.0.is_empty() {
+            SyncRunner::submit(core, &mut self.0);
+        }
+    }
+}
+
+/// Starts serving a request frame. Never blocks the reader. A sync callback joins
+/// `batch`, which the reader submits before it waits for more bytes.
+pub fn serve(core: &Arc<NodeCore>, frame: Frame, batch: &mut SyncBatch) {
     let wants_reply = frame.flags() & FLAG_NO_REPLY == 0;
     let Some(handler) = core.handler(frame.name()) else {
         let message = format!("process `{}` does not serve `{}`", core.name, frame.name());
@@ -73,16 +88,13 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame) {
     let deadline = (frame.timeout_ms() > 0)
         .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
     match handler {
-        Handler::Sync(f) => SyncRunner::submit(
-            core,
-            SyncJob {
-                f,
-                frame,
-                wants_reply,
-                deadline,
-                _running: running,
-            },
-        ),
+        Handler::Sync(f) => batch.0.push(SyncJob {
+            f,
+            frame,
+            wants_reply,
+            deadline,
+            _running: running,
+        }),
         Handler::Async(f) => {
             let core = core.clone();
             let payload = frame.payload();
@@ -211,8 +223,10 @@ enum Slot {
 impl RunnerState {
     /// Claims slots for the threads to start for queued jobs that no thread will take
     /// soon. Returns their indexes, and whether jobs still wait for a busy thread (so
-    /// that a watchdog should look again).
-    fn plan_threads(&mut self, max_threads: usize) -> (Vec<usize>, bool) {
+    /// that a watchdog should look again). `submitting`: jobs were just queued, and
+    /// nobody knows yet whether they are quick: one new thread is enough to start them,
+    /// and the watchdog starts more if it makes no progress.
+    fn plan_threads(&mut self, max_threads: usize, submitting: bool) -> (Vec<usize>, bool) {
         let mut start = Vec::new();
         if self.jobs.len() <= self.threads - self.busy || self.threads >= max_threads {
             // The common case under load, decided without reading the clock.
@@ -230,7 +244,7 @@ impl RunnerState {
                 // and the first to finish takes the next job.
                 return (start, false);
             }
-            if recent {
+            if recent || (submitting && !start.is_empty()) {
                 // Threads are getting through quick callbacks: leave it to them.
                 return (start, true);
             }
@@ -241,9 +255,13 @@ impl RunnerState {
                     self.slots.len() - 1
                 }
             };
-            // Not `Starting(now)`: the threads started here are for jobs already waiting
-            // too long, and must not make the next one wait.
-            self.slots[index] = Slot::Starting(now.checked_sub(HANDOFF_AFTER).unwrap_or(now));
+            // The watchdog's threads are for jobs already waiting too long, and must not
+            // make the next one wait: they do not count as recent.
+            self.slots[index] = if submitting {
+                Slot::Starting(now)
+            } else {
+                Slot::Starting(now.checked_sub(HANDOFF_AFTER).unwrap_or(now))
+            };
             self.threads += 1;
             start.push(index);
         }
@@ -251,15 +269,17 @@ impl RunnerState {
 }
 
 impl SyncRunner {
-    fn submit(core: &Arc<NodeCore>, job: SyncJob) {
+    /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
+    fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
-            s.jobs.push_back(job);
-            core.sync_runner.queued.fetch_add(1, Ordering::Release);
-            // Wake a waiting thread only if the threads starting or watching for jobs
-            // are too few to take this one.
+            let added = jobs.len();
+            s.jobs.extend(jobs.drain(..));
+            core.sync_runner.queued.fetch_add(added, Ordering::Release);
+            // Wake waiting threads only if the threads starting or watching for jobs
+            // are too few to take these.
             let watching = s.threads - s.busy - s.parked;
-            let wake = s.parked > 0 && s.jobs.len() > watching;
+            let wake = s.parked.min(s.jobs.len().saturating_sub(watching));
             let (start, mut watch) = if s.threads == 0 {
                 // Nothing runs here: one thread, presumed quick until proven otherwise.
                 if s.slots.is_empty() {
@@ -269,14 +289,14 @@ impl SyncRunner {
                 s.threads = 1;
                 (vec![0], s.jobs.len() > 1)
             } else {
-                s.plan_threads(core.config.max_concurrent_callbacks)
+                s.plan_threads(core.config.max_concurrent_callbacks, true)
             };
             watch &= !s.watched;
             s.watched |= watch;
             (start, watch, wake)
         };
-        // After the lock is released: the woken thread must not block on it at once.
-        if wake {
+        // After the lock is released: a woken thread must not block on it at once.
+        for _ in 0..wake {
             core.sync_runner.wake.notify_one();
         }
         Self::start_threads(core, start);
@@ -293,7 +313,7 @@ impl SyncRunner {
             tokio::time::sleep(HANDOFF_AFTER).await;
             let (start, again) = {
                 let mut s = core.sync_runner.lock();
-                let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks);
+                let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks, false);
                 s.watched = again;
                 (start, again)
             };

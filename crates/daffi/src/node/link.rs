@@ -7,7 +7,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use super::{executor, Connection, NodeCore};
+use super::executor::{self, SyncBatch};
+use super::{Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
 use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError, KEEP_LARGE_BUFFERS};
@@ -143,14 +144,20 @@ impl Link {
         conn: &Connection,
         closed: &mut watch::Receiver<bool>,
     ) -> String {
+        let mut batch = SyncBatch::default();
         let reason = loop {
+            if !self.reader.has_frame() {
+                // Everything read so far is dispatched: the sync callbacks among it go
+                // to the runner together.
+                batch.submit(core);
+            }
             let next = tokio::select! {
                 next = self.reader.next() => next,
                 _ = closed.wait_for(|c| *c) => break "node stopped".to_string(),
             };
             match next {
                 Ok(Some(frame)) => {
-                    if let Err(reason) = dispatch(core, conn, frame) {
+                    if let Err(reason) = dispatch(core, conn, frame, &mut batch) {
                         break reason;
                     }
                 }
@@ -158,6 +165,8 @@ impl Link {
                 Err(e) => break format!("connection failed: {e}"),
             }
         };
+        // Requests already admitted still run; their replies go out if they can.
+        batch.submit(core);
         // Let what is queued (a goodbye, last replies) go out, but never wait long on a
         // controller that stopped reading.
         drop(self.queue);
@@ -170,9 +179,14 @@ impl Link {
 }
 
 /// Handles one frame from the controller. `Err` drops the connection.
-fn dispatch(core: &Arc<NodeCore>, conn: &Connection, frame: Frame) -> Result<(), String> {
+fn dispatch(
+    core: &Arc<NodeCore>,
+    conn: &Connection,
+    frame: Frame,
+    batch: &mut SyncBatch,
+) -> Result<(), String> {
     match frame.kind() {
-        Kind::Request => executor::serve(core, frame),
+        Kind::Request => executor::serve(core, frame, batch),
         Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {

@@ -148,6 +148,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(self.buf.split_to(n).freeze())
     }
 
+    /// Whether a whole frame is buffered: the next [`next`](Self::next) returns without
+    /// reading (a frame, or the error that its length prefix is over the limit).
+    pub fn has_frame(&self) -> bool {
+        if self.large.is_some() || self.buf.len() < LEN_PREFIX {
+            return false;
+        }
+        let size = (&self.buf[..LEN_PREFIX]).get_u32() as usize;
+        size > self.max_frame_size || self.buf.len() >= LEN_PREFIX + size
+    }
+
     /// The next frame, or `None` when the peer closed the connection between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
@@ -599,6 +609,9 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
         };
         let Some((mut socket, finished)) = taken else {
             work.await;
+            // Let the tasks woken with this one (by the same read of many replies, say)
+            // queue their frames first: they go out in this batch, not one write each.
+            tokio::task::yield_now().await;
             continue;
         };
         if finished {
