@@ -60,11 +60,26 @@ impl NodeCore {
                 on: None,
             });
         }
+        // Every request is made first and they are sent together: one write, when the
+        // connection is idle, instead of one per node.
         let mut waiting = Vec::with_capacity(targets.len());
+        let mut frames = Vec::with_capacity(targets.len());
         for target in targets {
-            // A node that left between the lookup and the send fails on its own.
-            let sent = self.send_request(&conn, &target, &req).await;
-            waiting.push((target, sent));
+            let prepared = self
+                .prepare_request(&conn, &target, &req)
+                .map(|(frame, w)| {
+                    frames.push(frame);
+                    w
+                });
+            waiting.push((target, prepared));
+        }
+        if !frames.is_empty() && conn.queue.send(Outgoing::joined(frames)).await.is_err() {
+            let lost = || Err(self.unreachable("connection lost"));
+            for (_, prepared) in &mut waiting {
+                if prepared.is_ok() {
+                    *prepared = lost();
+                }
+            }
         }
         let deadline = req.timeout.map(|t| Instant::now() + t);
         let mut outcomes = Vec::with_capacity(waiting.len());
@@ -210,6 +225,21 @@ impl NodeCore {
         target: &Arc<str>,
         req: &CallRequest,
     ) -> Result<Option<Waiting<'c>>> {
+        let (frame, waiting) = self.prepare_request(conn, target, req)?;
+        if conn.queue.send(frame).await.is_err() {
+            return Err(self.unreachable("connection lost"));
+        }
+        Ok(waiting)
+    }
+
+    /// The request frame for `target`, and what to wait on (registered in the pending
+    /// table, so a reply cannot be missed), or `None` for no-reply.
+    fn prepare_request<'c>(
+        &self,
+        conn: &'c Connection,
+        target: &Arc<str>,
+        req: &CallRequest,
+    ) -> Result<(Outgoing, Option<Waiting<'c>>)> {
         let mut header = Header {
             kind: Kind::Request,
             flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
@@ -239,11 +269,7 @@ impl NodeCore {
                 done,
             })
         };
-        let frame = Outgoing::new(&header, req.args.clone());
-        if conn.queue.send(frame).await.is_err() {
-            return Err(self.unreachable("connection lost"));
-        }
-        Ok(waiting)
+        Ok((Outgoing::new(&header, req.args.clone()), waiting))
     }
 
     /// Chooses the node a call goes to: the pinned one, or a random provider.

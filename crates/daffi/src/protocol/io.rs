@@ -58,6 +58,25 @@ impl Outgoing {
         Outgoing::new(&Header::control(kind), super::message::encode(payload))
     }
 
+    /// Several frames sent as one: they go out together, in order, in one write when
+    /// the connection is idle (a broadcast's requests, say).
+    pub fn joined(frames: Vec<Outgoing>) -> Self {
+        let mut frames = frames.into_iter();
+        let Some(mut joined) = frames.next() else {
+            return Outgoing::default();
+        };
+        for frame in frames {
+            let Outgoing { head, body } = frame;
+            let mut parts = std::mem::take(&mut joined.body);
+            parts.push(head);
+            for part in body.parts() {
+                parts.push(part.clone());
+            }
+            joined.body = parts;
+        }
+        joined
+    }
+
     /// Total bytes on the wire.
     pub fn len(&self) -> usize {
         self.head.len() + self.body.len()
@@ -830,6 +849,35 @@ mod tests {
         sending.await.expect("sender");
         writer.await.expect("join").expect("io");
         assert!(reader.spare.is_some());
+    }
+
+    #[tokio::test]
+    async fn joined_frames_arrive_as_separate_frames_in_order() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (tx, writer) = frame_channel(a, 8);
+        let writer = tokio::spawn(writer);
+        let frames = (0..5u64)
+            .map(|i| {
+                let mut h = Header::control(Kind::Request);
+                h.call_id = i;
+                let body = Payload::from_parts([
+                    Bytes::from(vec![i as u8; 10]),
+                    Bytes::from(vec![i as u8; 20_000]),
+                ]);
+                Outgoing::new(&h, body)
+            })
+            .collect();
+        tx.send(Outgoing::joined(frames)).await.expect("sent");
+        drop(tx);
+        let mut reader = FrameReader::new(b, 1 << 20);
+        for i in 0..5u64 {
+            let f = reader.next().await.expect("read").expect("frame");
+            assert_eq!(f.call_id(), i);
+            assert_eq!(f.payload().len(), 20_010);
+            assert!(f.payload().iter().all(|&b| b == i as u8));
+        }
+        assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.expect("join").expect("io");
     }
 
     #[tokio::test]
