@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DAFFI = os.path.join(ROOT, "target", "release", "daffi")
+DAFFI = os.environ.get("DAFFI_BIN", os.path.join(ROOT, "target", "release", "daffi"))
 
 
 def role(args):
@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="run OP this many times while recording")
     ap.add_argument("--syscalls", action="store_true",
                     help="with --cpu: also count each process's system calls by name (perf)")
+    ap.add_argument("--event", default="cpu-clock",
+                    help="the perf event to sample, e.g. syscalls:sys_enter_futex (every one is recorded)")
     ap.add_argument("--cpu", action="store_true",
                     help="no perf: print each process's CPU time (user + system) over the run")
     a = ap.parse_args()
@@ -123,7 +125,7 @@ def main():
     for name, p in procs.items():
         data[name] = os.path.join(tmp, f"{name}.data")
         perfs[name] = subprocess.Popen(
-            ["perf", "record", "-e", "cpu-clock", "-F", "4000", "-g", "-q",
+            ["perf", "record", "-e", a.event] + (["-F", "4000"] if a.event == "cpu-clock" else []) + ["-g", "-q",
              "-p", str(p.pid), "-o", data[name]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(a.repeat):

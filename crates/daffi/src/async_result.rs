@@ -15,6 +15,7 @@ use crate::blocking;
 use crate::call::decode_result;
 use crate::error::{Error, Result};
 use crate::global::Global;
+use crate::node::InFlight;
 
 /// The pending result of a [`Call::bg`](crate::Call::bg).
 ///
@@ -26,23 +27,38 @@ use crate::global::Global;
 pub struct AsyncResult<T> {
     global: Global,
     callback: Arc<str>,
-    task: JoinHandle<Result<Bytes>>,
+    outcome: Outcome,
     _result: PhantomData<fn() -> T>,
 }
 
+/// Where the result comes from.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The request is sent; the reply is awaited right here, without a task.
+    Sent(InFlight),
+    /// A task sends the request (after an eta, or a wait for room) and awaits the reply.
+    Task(JoinHandle<Result<Bytes>>),
+    /// The call failed before anything was sent (taken when polled).
+    Failed(Option<Error>),
+}
+
 impl<T: DeserializeOwned> AsyncResult<T> {
-    pub(crate) fn new(global: Global, callback: Arc<str>, task: JoinHandle<Result<Bytes>>) -> Self {
+    pub(crate) fn new(global: Global, callback: Arc<str>, outcome: Outcome) -> Self {
         AsyncResult {
             global,
             callback,
-            task,
+            outcome,
             _result: PhantomData,
         }
     }
 
     /// Whether the result is ready (`get` would not block).
     pub fn is_ready(&self) -> bool {
-        self.task.is_finished()
+        match &self.outcome {
+            Outcome::Sent(call) => call.is_ready(),
+            Outcome::Task(task) => task.is_finished(),
+            Outcome::Failed(_) => true,
+        }
     }
 
     /// Blocks until the result arrives.
@@ -73,12 +89,15 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
     type Output = Result<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
-        match Pin::new(&mut self.task).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            // The task only fails to finish when the node's runtime shut down.
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Stopped)),
-            Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(Ok(bytes))) => Poll::Ready(decode_result(&self.callback, &bytes)),
-        }
+        let outcome = match &mut self.outcome {
+            Outcome::Sent(call) => std::task::ready!(call.poll_outcome(cx)),
+            Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {
+                Ok(outcome) => outcome,
+                // The task only fails to finish when the node's runtime shut down.
+                Err(_) => Err(Error::Stopped),
+            },
+            Outcome::Failed(error) => Err(error.take().unwrap_or(Error::Stopped)),
+        };
+        Poll::Ready(outcome.and_then(|bytes| decode_result(&self.callback, &bytes)))
     }
 }

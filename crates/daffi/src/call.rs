@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::async_result::AsyncResult;
+use crate::async_result::{AsyncResult, Outcome};
 use crate::blocking;
 use crate::codec::{self, encode_value};
 use crate::error::{Error, Result};
@@ -112,8 +112,18 @@ impl Call {
     pub fn bg<T: DeserializeOwned>(self) -> Result<AsyncResult<T>> {
         let global = self.global.clone();
         let callback = self.callback.clone();
-        let task = global.runtime().spawn(self.request(false)?);
-        Ok(AsyncResult::new(global, callback, task))
+        let (node, request) = self.into_request(false)?;
+        // Sent from this thread when nothing makes it wait: no task to start and wake.
+        let started = {
+            let _runtime = global.runtime().enter();
+            node.try_start(&request)
+        };
+        let outcome = match started {
+            Some(Ok(call)) => Outcome::Sent(call),
+            Some(Err(e)) => Outcome::Failed(Some(e)),
+            None => Outcome::Task(global.runtime().spawn(node.call(request))),
+        };
+        Ok(AsyncResult::new(global, callback, outcome))
     }
 
     /// NO_RETURN: sends the call and does not wait for it to run. With an `eta`, returns

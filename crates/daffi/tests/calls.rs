@@ -467,6 +467,52 @@ fn timeout_is_reported_by_name() {
 }
 
 #[test]
+fn bg_calls_beyond_max_in_flight_wait_for_a_slot_and_bg_timeouts_are_named() {
+    let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let worker = common::unique("slots");
+    cluster.spawn_worker(&worker);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("two-slots"))
+        .max_in_flight(2)
+        .start()
+        .expect("node starts");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    // Two are sent at once; the other four wait for a slot, then go.
+    let pending: Vec<_> = (0..6i64)
+        .map(|i| {
+            g.call("slow_echo")
+                .args((100u64, i))
+                .bg::<i64>()
+                .expect("bg")
+        })
+        .collect();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.get_timeout(WAIT).expect("result"), i as i64);
+    }
+    // A BG call's own timeout: the result is ready once it passed, and names the call.
+    let late = g
+        .call("slow_echo")
+        .args((5_000u64, 1i64))
+        .timeout(Duration::from_millis(200))
+        .bg::<i64>()
+        .expect("bg");
+    let started = Instant::now();
+    match late.get() {
+        Err(Error::Timeout { what, after }) => {
+            assert_eq!(
+                (what.as_str(), after),
+                ("slow_echo", Duration::from_millis(200))
+            );
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < WAIT, "the timeout ended the wait");
+    // Its slot came back: the node still makes calls.
+    let sum: i64 = g.call("sync_add").args((2, 3)).fg().expect("after timeout");
+    assert_eq!(sum, 5);
+}
+
+#[test]
 fn killed_callee_fails_the_call_within_a_second() {
     let mut cluster = Cluster::start(Transport::Tcp, ENTRY);
     let victim = common::unique("victim");

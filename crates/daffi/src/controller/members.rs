@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::protocol::frame::Kind;
-use crate::protocol::io::{FrameSender, Outgoing};
+use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::{Member, MembershipEvent, Welcome};
 use crate::sync::{read, write};
 
@@ -29,6 +29,14 @@ pub enum Destination {
     Unknown,
 }
 
+/// What [`Members::forward`] did.
+pub enum Forward {
+    /// Queued.
+    Sent,
+    /// Not queued: where the frame can go instead (wait for room in an open queue).
+    To(Destination, Outgoing),
+}
+
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
 /// so that every node sees membership events in the same order, and a node's `Welcome`
 /// is queued before anyone can route a frame to it.
@@ -39,17 +47,28 @@ pub struct Members {
 }
 
 impl Members {
-    /// The queue of the node called `name`, if connected (replies go to leaving nodes too).
-    pub fn route(&self, name: &str) -> Option<Queue> {
-        read(&self.routes).get(name).map(|r| r.queue.clone())
-    }
-
     /// Where a new request for `name` can go.
     pub fn destination(&self, name: &str) -> Destination {
         match read(&self.routes).get(name) {
             Some(r) if r.leaving => Destination::Leaving,
             Some(r) => Destination::Open(r.queue.clone()),
             None => Destination::Unknown,
+        }
+    }
+
+    /// Queues `frame` for the node called `name` if its queue has room, without taking
+    /// a handle on the queue (the common case: nothing to clone and drop per frame).
+    /// `request`: a new request, which a leaving node does not take. A frame for an idle
+    /// connection is written here, under the read lock; the write never waits.
+    pub fn forward(&self, name: &str, request: bool, frame: Outgoing) -> Forward {
+        match read(&self.routes).get(name) {
+            Some(r) if request && r.leaving => Forward::To(Destination::Leaving, frame),
+            Some(r) => match r.queue.push(frame) {
+                Push::Sent => Forward::Sent,
+                Push::Full(frame) => Forward::To(Destination::Open(r.queue.clone()), frame),
+                Push::Closed => Forward::To(Destination::Unknown, Outgoing::default()),
+            },
+            None => Forward::To(Destination::Unknown, frame),
         }
     }
 

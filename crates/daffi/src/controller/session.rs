@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::counters::{CallCounts, Tally};
-use super::members::{Destination, Members};
+use super::members::{Destination, Forward, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
@@ -273,30 +273,31 @@ async fn route(
                     frame.src()
                 ));
             }
-            let destination = if frame.kind() == Kind::Reply {
-                // Replies go to leaving nodes too: they finish what they started.
-                match shared.members.route(frame.dst()) {
-                    Some(queue) => Destination::Open(queue),
-                    None => Destination::Unknown,
+            // The frame goes out exactly as it came in: no re-encoding. Replies go to
+            // leaving nodes too: they finish what they started.
+            let request = frame.kind() == Kind::Request;
+            let out = Outgoing::raw(frame.raw().clone());
+            let destination = match shared.members.forward(frame.dst(), request, out) {
+                Forward::Sent => {
+                    if request {
+                        tally.count(frame.name());
+                    }
+                    return Ok(());
                 }
-            } else {
-                shared.members.destination(frame.dst())
+                Forward::To(destination, out) => (destination, out),
             };
             let code = match destination {
-                Destination::Open(queue) => {
-                    // The frame goes out exactly as it came in: no re-encoding.
-                    match queue.send(Outgoing::raw(frame.raw().clone())).await {
-                        Ok(()) => {
-                            if frame.kind() == Kind::Request {
-                                tally.count(frame.name());
-                            }
-                            return Ok(());
+                (Destination::Open(queue), out) => match queue.send(out).await {
+                    Ok(()) => {
+                        if request {
+                            tally.count(frame.name());
                         }
-                        Err(_) => UndeliverableCode::UnknownProcess,
+                        return Ok(());
                     }
-                }
-                Destination::Leaving => UndeliverableCode::Stopping,
-                Destination::Unknown => UndeliverableCode::UnknownProcess,
+                    Err(_) => UndeliverableCode::UnknownProcess,
+                },
+                (Destination::Leaving, _) => UndeliverableCode::Stopping,
+                (Destination::Unknown, _) => UndeliverableCode::UnknownProcess,
             };
             undeliverable(own_queue, &frame, code).await;
             Ok(())

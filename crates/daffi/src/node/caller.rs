@@ -13,7 +13,7 @@ use super::pending::{Completion, Pending};
 use super::{CallRequest, Connection, Membership, NodeCore};
 use crate::error::{Error, Result};
 use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY, LEN_PREFIX};
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{Outgoing, Push};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest};
 
 /// How long a request to the controller itself may take.
@@ -42,6 +42,55 @@ impl NodeCore {
             }
         };
         outcome
+    }
+
+    /// Sends a call at once, from the calling thread, if nothing makes it wait (no eta,
+    /// a free `max_in_flight` slot, room in the connection's queue); what is left is
+    /// its reply, which the returned [`InFlight`] awaits without a task. `None`: it
+    /// would have to wait, and nothing was sent: use [`NodeCore::call`] instead.
+    /// Call it with the node's runtime entered (the deadline's timer needs it).
+    pub fn try_start(self: &Arc<Self>, req: &CallRequest) -> Option<Result<InFlight>> {
+        if req.eta.is_some() || req.no_reply {
+            return None;
+        }
+        let slot = self.in_flight.clone().try_acquire_owned().ok()?;
+        let conn = match self.connected() {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e)),
+        };
+        let target = match self.resolve(&req.callback, req.on.as_deref()) {
+            Ok(target) => target,
+            Err(_) if conn.pending.is_closed() => {
+                return Some(Err(self.unreachable("connection lost")))
+            }
+            Err(e) => return Some(Err(e)),
+        };
+        let (frame, waiting) = match self.prepare_request(&conn, &target, req) {
+            Ok((frame, Some(waiting))) => (frame, waiting),
+            Ok((_, None)) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let Waiting { guard, done } = waiting;
+        let call_id = guard.call_id;
+        match conn.queue.push(frame) {
+            Push::Sent => {}
+            // The queue is full: nothing was sent; the guard forgets the call.
+            Push::Full(_) => return None,
+            Push::Closed => return Some(Err(self.unreachable("connection lost"))),
+        }
+        // From here the in-flight call forgets it when dropped.
+        std::mem::forget(guard);
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        Some(Ok(InFlight {
+            conn: conn.clone(),
+            call_id,
+            done,
+            callback: req.callback.clone(),
+            timeout: req.timeout,
+            timer: sleep_until(deadline),
+            deadline,
+            _slot: slot,
+        }))
     }
 
     /// Calls every node serving the callback (never this one) and collects each outcome.
@@ -300,6 +349,62 @@ impl NodeCore {
                     on: None,
                 }),
         }
+    }
+}
+
+/// A call whose request is sent: all that is left is its reply (or its deadline). It
+/// owns what it needs, so it waits wherever it is polled, without a task of its own;
+/// dropped, it forgets the call (the reply, if one comes, is discarded).
+pub struct InFlight {
+    conn: Arc<Connection>,
+    call_id: u64,
+    done: oneshot::Receiver<Completion>,
+    callback: Arc<str>,
+    timeout: Option<Duration>,
+    timer: Deadline,
+    deadline: Option<Instant>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    /// Whether polling would finish at once: the reply is in, or the deadline passed.
+    pub fn is_ready(&self) -> bool {
+        !self.done.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The reply, or `Timeout` once the deadline passed. Not to be polled again after
+    /// it returned `Ready`.
+    pub fn poll_outcome(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Bytes>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(outcome) = std::pin::Pin::new(&mut self.done).poll(cx) {
+            return Poll::Ready(outcome.unwrap_or(Err(Error::Stopped)));
+        }
+        if std::pin::Pin::new(&mut self.timer).poll(cx).is_ready() {
+            return Poll::Ready(Err(Error::timeout(
+                self.callback.to_string(),
+                self.timeout.unwrap_or_default(),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.pending.remove(self.call_id);
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("call_id", &self.call_id)
+            .field("callback", &self.callback)
+            .finish_non_exhaustive()
     }
 }
 

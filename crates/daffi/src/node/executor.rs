@@ -221,6 +221,15 @@ enum Slot {
 }
 
 impl RunnerState {
+    /// Whether a thread started, or started a callback, less than `HANDOFF_AFTER` ago:
+    /// threads are getting through quick callbacks.
+    fn recent(&self, now: Instant) -> bool {
+        self.slots.iter().any(|s| match s {
+            Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
+            Slot::Vacant | Slot::Idle => false,
+        })
+    }
+
     /// Claims slots for the threads to start for queued jobs that no thread will take
     /// soon. Returns their indexes, and whether jobs still wait for a busy thread (so
     /// that a watchdog should look again). `submitting`: jobs were just queued, and
@@ -233,10 +242,7 @@ impl RunnerState {
             return (start, false);
         }
         let now = Instant::now();
-        let recent = self.slots.iter().any(|s| match s {
-            Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
-            Slot::Vacant | Slot::Idle => false,
-        });
+        let recent = self.recent(now);
         loop {
             let idle = self.threads - self.busy;
             if self.jobs.len() <= idle || self.threads >= max_threads {
@@ -276,10 +282,12 @@ impl SyncRunner {
             let added = jobs.len();
             s.jobs.extend(jobs.drain(..));
             core.sync_runner.queued.fetch_add(added, Ordering::Release);
-            // Wake waiting threads only if the threads starting or watching for jobs
-            // are too few to take these.
+            // Wake a waiting thread only if no thread is starting or watching for jobs:
+            // one thread gets through a burst of quick callbacks, and the watchdog wakes
+            // the others if it makes no progress. (Waking one per job kept a dozen
+            // threads trading every burst, each woken for a few jobs.)
             let watching = s.threads - s.busy - s.parked;
-            let wake = s.parked.min(s.jobs.len().saturating_sub(watching));
+            let wake = usize::from(s.parked > 0 && s.jobs.len() > watching);
             let (start, mut watch) = if s.threads == 0 {
                 // Nothing runs here: one thread, presumed quick until proven otherwise.
                 if s.slots.is_empty() {
@@ -311,12 +319,22 @@ impl SyncRunner {
     async fn watchdog(core: Arc<NodeCore>) {
         loop {
             tokio::time::sleep(HANDOFF_AFTER).await;
-            let (start, again) = {
+            let (start, again, wake) = {
                 let mut s = core.sync_runner.lock();
                 let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks, false);
                 s.watched = again;
-                (start, again)
+                // No thread made progress for a while: every waiting thread takes a job.
+                let stalled = !s.jobs.is_empty() && !s.recent(Instant::now());
+                let wake = if stalled {
+                    s.parked.min(s.jobs.len())
+                } else {
+                    0
+                };
+                (start, again, wake)
             };
+            for _ in 0..wake {
+                core.sync_runner.wake.notify_one();
+            }
             Self::start_threads(&core, start);
             if !again {
                 return;
@@ -336,6 +354,8 @@ impl SyncRunner {
     fn work(&self, core: &NodeCore, slot: usize) {
         let mut finished_one = false;
         loop {
+            // Read before taking the lock, which the reader needs too: short holds.
+            let now = Instant::now();
             let job = {
                 let mut s = self.lock();
                 if finished_one {
@@ -346,7 +366,7 @@ impl SyncRunner {
                     Some(job) => {
                         self.queued.fetch_sub(1, Ordering::AcqRel);
                         s.busy += 1;
-                        s.slots[slot] = Slot::Busy(Instant::now());
+                        s.slots[slot] = Slot::Busy(now);
                         Some(job)
                     }
                     None => {

@@ -24,7 +24,7 @@ use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls};
-pub use caller::NodeOutcome;
+pub use caller::{InFlight, NodeOutcome};
 pub use membership::{Changes, Membership};
 use pending::Pending;
 
@@ -97,7 +97,7 @@ pub struct NodeCore {
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     /// Slots for this node's own calls in flight.
-    in_flight: tokio::sync::Semaphore,
+    in_flight: Arc<tokio::sync::Semaphore>,
     events: mpsc::UnboundedSender<NodeEvent>,
 }
 
@@ -127,7 +127,7 @@ impl NodeCore {
             serving: Serving::default(),
             sync_runner: executor::SyncRunner::default(),
             link_done: watch::channel(false).0,
-            in_flight: tokio::sync::Semaphore::new(config_in_flight),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config_in_flight)),
             events,
         })
     }

@@ -389,7 +389,7 @@ struct State {
 }
 
 /// What trying to send found.
-enum Push {
+pub(crate) enum Push {
     Sent,
     Full(Outgoing),
     Closed,
@@ -493,7 +493,8 @@ impl FrameSender {
         self.shared.lock().closed
     }
 
-    fn push(&self, frame: Outgoing) -> Push {
+    /// Sends `frame` if the queue has room; gives it back otherwise.
+    pub(crate) fn push(&self, frame: Outgoing) -> Push {
         let mut st = self.shared.lock();
         if st.closed {
             return Push::Closed;
