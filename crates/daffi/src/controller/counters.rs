@@ -55,6 +55,53 @@ impl Tally {
     }
 }
 
+/// Counts a session's requests in runs: consecutive requests for the same name are
+/// added up without a lock or a hash, and the run goes into the [`Tally`] when the name
+/// changes or the session flushes it (before it waits for more bytes, and before it
+/// answers a stats request), so the counts lag by at most one read.
+pub struct Runs {
+    tally: Arc<Tally>,
+    name: String,
+    n: u64,
+}
+
+impl Runs {
+    /// Runs counted into `tally`.
+    pub fn new(tally: Arc<Tally>) -> Self {
+        Runs {
+            tally,
+            name: String::new(),
+            n: 0,
+        }
+    }
+
+    /// Counts one forwarded request for `callback`.
+    pub fn count(&mut self, callback: &str) {
+        if self.n > 0 && self.name == callback {
+            self.n += 1;
+            return;
+        }
+        self.flush();
+        self.name.clear();
+        self.name.push_str(callback);
+        self.n = 1;
+    }
+
+    /// Adds the current run to the tally.
+    pub fn flush(&mut self) {
+        if self.n > 0 {
+            lock(&self.tally.0).add(&self.name, self.n);
+            self.n = 0;
+        }
+    }
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Every table of one controller.
 #[derive(Debug, Default)]
 pub struct CallCounts {
@@ -110,6 +157,24 @@ mod tests {
         assert_eq!(snap.by_name.get("add"), Some(&3));
         assert_eq!(snap.by_name.get("greet"), Some(&1));
         assert_eq!(snap.other, 0);
+    }
+
+    #[test]
+    fn runs_reach_the_table_when_the_name_changes_or_they_are_flushed() {
+        let counts = CallCounts::default();
+        let mut runs = Runs::new(counts.open(1));
+        for name in ["add", "add", "add", "greet", "add"] {
+            runs.count(name);
+        }
+        let snap = counts.snapshot();
+        assert_eq!(snap.by_name.get("add"), Some(&3), "the first run is in");
+        assert_eq!(snap.by_name.get("greet"), Some(&1));
+        runs.flush();
+        assert_eq!(counts.snapshot().by_name.get("add"), Some(&4));
+        runs.count("add");
+        drop(runs);
+        counts.close(1);
+        assert_eq!(counts.snapshot().by_name.get("add"), Some(&5), "dropping flushes");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::counters::{CallCounts, Tally};
+use super::counters::{CallCounts, Runs};
 use super::members::{Destination, Forward, Members};
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
@@ -108,7 +108,7 @@ pub async fn serve(
         return;
     }
     tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
-    let tally = shared.calls.open(conn_id);
+    let mut runs = Runs::new(shared.calls.open(conn_id));
 
     let mut stopping = false;
     // One wait for the shutdown signal for the whole session, not one per frame.
@@ -116,6 +116,9 @@ pub async fn serve(
     let stop_signal = shutdown.changed();
     tokio::pin!(stop_signal);
     let reason = loop {
+        if !reader.has_frame() {
+            runs.flush();
+        }
         let next = tokio::select! {
             next = reader.next() => next,
             _ = &mut stop_signal => {
@@ -131,7 +134,7 @@ pub async fn serve(
                     stopping = true;
                     break "controller stopping".to_string();
                 }
-                if let Err(reason) = route(&shared, &name, conn_id, &queue, &tally, frame).await {
+                if let Err(reason) = route(&shared, &name, conn_id, &queue, &mut runs, frame).await {
                     break reason;
                 }
             }
@@ -145,6 +148,7 @@ pub async fn serve(
         }
     };
     shared.members.leave(&name, conn_id, !stopping).await;
+    drop(runs);
     shared.calls.close(conn_id);
     tracing::info!(process = %name, %reason, "node left");
     drop(queue);
@@ -262,7 +266,7 @@ async fn route(
     name: &str,
     conn_id: u64,
     own_queue: &FrameSender,
-    tally: &Tally,
+    runs: &mut Runs,
     frame: Frame,
 ) -> Result<(), String> {
     match frame.kind() {
@@ -280,7 +284,7 @@ async fn route(
             let destination = match shared.members.forward(frame.dst(), request, out) {
                 Forward::Sent => {
                     if request {
-                        tally.count(frame.name());
+                        runs.count(frame.name());
                     }
                     return Ok(());
                 }
@@ -290,7 +294,7 @@ async fn route(
                 (Destination::Open(queue), out) => match queue.send(out).await {
                     Ok(()) => {
                         if request {
-                            tally.count(frame.name());
+                            runs.count(frame.name());
                         }
                         return Ok(());
                     }
@@ -316,6 +320,8 @@ async fn route(
             Ok(())
         }
         Kind::ControlRequest => {
+            // A stats request from this node counts its own requests so far.
+            runs.flush();
             let request: ControlRequest = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable ControlRequest: {e}"))?;
             let answer = control(shared, name, request);
