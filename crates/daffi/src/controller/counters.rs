@@ -174,7 +174,11 @@ mod tests {
         runs.count("add");
         drop(runs);
         counts.close(1);
-        assert_eq!(counts.snapshot().by_name.get("add"), Some(&5), "dropping flushes");
+        assert_eq!(
+            counts.snapshot().by_name.get("add"),
+            Some(&5),
+            "dropping flushes"
+        );
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub async fn serve(
                     stopping = true;
                     break "controller stopping".to_string();
                 }
-                if let Err(reason) = route(&shared, &name, conn_id, &queue, &mut runs, frame).await {
+                if let Err(reason) = route(&shared, &name, conn_id, &queue, &mut runs, frame).await
+                {
                     break reason;
                 }
             }

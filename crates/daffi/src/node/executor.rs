@@ -444,8 +444,8 @@ impl SyncRunner {
     }
 }
 
-/// The reply to send and the queue to send it on, if the caller wants one and the node
-/// is connected.
+/// Queues the reply, if the caller wants one and the node is connected. If the queue is
+/// full, returns the reply and the queue, to wait for room outside the lock.
 fn finish(
     core: &NodeCore,
     frame: &Frame,
@@ -459,13 +459,7 @@ fn finish(
         return None;
     }
     let reply = encode_reply(core, frame, outcome);
-    match core.queue() {
-        Some(queue) => Some((reply, queue)),
-        None => {
-            tracing::debug!(callback = frame.name(), "reply dropped: not connected");
-            None
-        }
-    }
+    core.push_reply(reply, frame.name())
 }
 
 fn encode_reply(core: &NodeCore, request: &Frame, outcome: Outcome) -> Outgoing {

@@ -20,7 +20,7 @@ use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
-use crate::protocol::io::{FrameSender, Outgoing};
+use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls};
@@ -297,6 +297,21 @@ impl NodeCore {
                     .await;
             }
         });
+    }
+
+    /// Queues a reply on the live connection without taking a handle on it (the common
+    /// case: nothing cloned per reply). A full queue gives the reply back with the queue,
+    /// to wait for room; without a connection the reply is dropped.
+    fn push_reply(&self, reply: Outgoing, callback: &str) -> Option<(Outgoing, FrameSender)> {
+        let connection = read(&self.connection);
+        let Some(conn) = connection.as_ref() else {
+            tracing::debug!(callback, "reply dropped: not connected");
+            return None;
+        };
+        match conn.queue.push(reply) {
+            Push::Sent | Push::Closed => None,
+            Push::Full(reply) => Some((reply, conn.queue.clone())),
+        }
     }
 
     async fn send_quietly(&self, frame: Outgoing) {
