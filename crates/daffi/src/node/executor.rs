@@ -177,9 +177,6 @@ const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 /// between looks, so it only uses time nobody else wants): a job arriving meanwhile is
 /// taken without any thread being woken.
 const SPIN: Duration = Duration::from_micros(60);
-/// A `yield_now` that took longer than this means other threads wanted the processor:
-/// the machine is busy, and a thread between jobs waits instead of watching.
-const BUSY_YIELD: Duration = Duration::from_micros(20);
 /// Then it waits this long for a job (woken by the submitter) before it ends.
 const LINGER: Duration = Duration::from_millis(10);
 
@@ -398,19 +395,15 @@ impl SyncRunner {
     /// Watches for a job for `SPIN`, then waits for one up to `LINGER`. Returns whether
     /// one is queued.
     fn wait_for_job(&self) -> bool {
+        // Watching goes on even when yields are slow (other threads wanted the
+        // processor): it was given away meanwhile, and in a back-and-forth exchange the
+        // next job arrives about then. Stopping early put the thread to sleep before it.
         let started = Instant::now();
-        let mut before = started;
-        while before.duration_since(started) < SPIN {
+        while started.elapsed() < SPIN {
             if self.queued.load(Ordering::Acquire) > 0 {
                 return true;
             }
             std::thread::yield_now();
-            let now = Instant::now();
-            if now.duration_since(before) > BUSY_YIELD {
-                // Other threads had work for this processor: stop watching, wait instead.
-                break;
-            }
-            before = now;
         }
         let mut s = self.lock();
         if !s.jobs.is_empty() {
