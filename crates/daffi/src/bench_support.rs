@@ -9,6 +9,7 @@ use crate::controller::members::{Destination, Members};
 use crate::node::Membership;
 use crate::protocol::io::frame_channel;
 use crate::protocol::message::{Member, MembershipEvent};
+use crate::protocol::Payload;
 
 /// The controller's routing table with `nodes` nodes `node0..`, each serving `add`.
 pub struct ControllerRoutes(Members);
@@ -75,7 +76,7 @@ impl NodeView {
 
 /// Encodes a value as arguments and results are encoded.
 pub fn encode_value<T: serde::Serialize>(value: &T) -> Result<Bytes, String> {
-    crate::codec::encode_value(value).map(|payload| payload.to_bytes())
+    crate::codec::encode_value(value).map(Payload::into_bytes)
 }
 
 /// Decodes arguments as a callback does.

@@ -24,13 +24,22 @@ pub(crate) const BLOB_BY_REFERENCE: usize = 16 * 1024;
 /// Values encoded into at most this many bytes get an allocation of their exact size.
 const SMALL: usize = 4096;
 
-thread_local! {
+/// What the encoder keeps per thread (one thread-local, so one lookup per value).
+struct Encoder {
     /// The buffer small values are encoded into before they get their exact allocation.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(SMALL));
+    scratch: RefCell<Vec<u8>>,
     /// Whether [`encode_value`] runs on this thread (blobs offer their bytes only then).
-    static ENCODING: Cell<bool> = const { Cell::new(false) };
+    encoding: Cell<bool>,
     /// The blob whose bytes the encoder is about to write.
-    static OFFERED: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    offered: Cell<Option<Bytes>>,
+}
+
+thread_local! {
+    static ENCODER: Encoder = Encoder {
+        scratch: RefCell::new(Vec::with_capacity(SMALL)),
+        encoding: Cell::new(false),
+        offered: Cell::new(None),
+    };
     /// The payload [`decode`] reads, that blobs may be sliced from.
     static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
@@ -38,33 +47,44 @@ thread_local! {
 /// Encodes a value the way every payload is encoded: MessagePack, structs as maps, large
 /// blobs as parts of their own.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Payload, String> {
-    let was_encoding = ENCODING.with(|e| e.replace(true));
-    let out = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buf) => {
-            buf.clear();
-            let out = encode_into(value, &mut buf);
-            if buf.capacity() > SMALL {
-                *buf = Vec::with_capacity(SMALL);
+    ENCODER.with(|encoder| {
+        let was_encoding = encoder.encoding.replace(true);
+        let out = match encoder.scratch.try_borrow_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                let out = encode_into(value, &mut buf);
+                if buf.capacity() > SMALL {
+                    *buf = Vec::with_capacity(SMALL);
+                }
+                out
             }
-            out
+            // A value whose serialization encodes another value on this thread.
+            Err(_) => encode_into(value, &mut Vec::new()),
+        };
+        encoder.encoding.set(was_encoding);
+        if !was_encoding {
+            // An offered blob that was never written (another serializer took it).
+            drop(encoder.offered.take());
         }
-        // A value whose serialization encodes another value on this thread.
-        Err(_) => encode_into(value, &mut Vec::new()),
-    });
-    ENCODING.with(|e| e.set(was_encoding));
-    OFFERED.with(|o| o.borrow_mut().take());
-    out
+        out
+    })
 }
 
 fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Payload, String> {
-    let mut writer = PartsWriter {
-        buf,
+    // The serializer owns the writer, and the writer the buffer: one step from a write
+    // to the bytes, as with a plain `Vec`.
+    let writer = PartsWriter {
+        buf: std::mem::take(buf),
         done: Payload::default(),
     };
-    value
-        .serialize(&mut rmp_serde::Serializer::new(&mut writer).with_struct_map())
-        .map_err(|e| e.to_string())?;
-    let PartsWriter { buf, mut done } = writer;
+    let mut serializer = rmp_serde::Serializer::new(writer).with_struct_map();
+    let encoded = value.serialize(&mut serializer).map_err(|e| e.to_string());
+    let PartsWriter {
+        buf: written,
+        mut done,
+    } = serializer.into_inner();
+    *buf = written;
+    encoded?;
     // Small values (most arguments and results) are copied into one allocation of their
     // exact size: no regrowing, one allocation instead of two. Large ones keep the buffer
     // they were encoded into.
@@ -78,23 +98,38 @@ fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Pa
 }
 
 /// Collects the encoder's output: bytes into `buf`, an offered blob as a part of its own.
-struct PartsWriter<'a> {
-    buf: &'a mut Vec<u8>,
+struct PartsWriter {
+    buf: Vec<u8>,
     done: Payload,
 }
 
-impl std::io::Write for PartsWriter<'_> {
+impl PartsWriter {
+    /// Takes `data` by reference if it is the offered blob's bytes.
+    #[cold]
+    #[inline(never)]
+    fn take_blob(&mut self, data: &[u8]) -> bool {
+        let Some(blob) = take_offered(data) else {
+            return false;
+        };
+        self.done.push(Bytes::copy_from_slice(&self.buf));
+        self.buf.clear();
+        self.done.push(blob);
+        true
+    }
+}
+
+impl std::io::Write for PartsWriter {
+    #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if data.len() >= BLOB_BY_REFERENCE {
-            if let Some(blob) = take_offered(data) {
-                self.done.push(Bytes::copy_from_slice(self.buf));
-                self.buf.clear();
-                self.done.push(blob);
-                return Ok(data.len());
-            }
+        if data.len() < BLOB_BY_REFERENCE || !self.take_blob(data) {
+            self.buf.extend_from_slice(data);
         }
-        self.buf.extend_from_slice(data);
         Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write(data).map(drop)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -104,11 +139,13 @@ impl std::io::Write for PartsWriter<'_> {
 
 /// The offered blob, if `data` is its very bytes.
 fn take_offered(data: &[u8]) -> Option<Bytes> {
-    OFFERED.with(|o| {
-        let mut offered = o.borrow_mut();
-        match offered.as_ref() {
-            Some(b) if b.as_ptr() == data.as_ptr() && b.len() == data.len() => offered.take(),
-            _ => None,
+    ENCODER.with(|encoder| {
+        let offered = encoder.offered.take()?;
+        if offered.as_ptr() == data.as_ptr() && offered.len() == data.len() {
+            Some(offered)
+        } else {
+            encoder.offered.set(Some(offered));
+            None
         }
     })
 }
@@ -116,8 +153,12 @@ fn take_offered(data: &[u8]) -> Option<Bytes> {
 /// Called by a blob being serialized: if [`encode_value`] is running, the writer may
 /// take these bytes by reference.
 pub(crate) fn offer_blob(bytes: &Bytes) {
-    if bytes.len() >= BLOB_BY_REFERENCE && ENCODING.with(Cell::get) {
-        OFFERED.with(|o| *o.borrow_mut() = Some(bytes.clone()));
+    if bytes.len() >= BLOB_BY_REFERENCE {
+        ENCODER.with(|encoder| {
+            if encoder.encoding.get() {
+                encoder.offered.set(Some(bytes.clone()));
+            }
+        });
     }
 }
 

@@ -64,6 +64,15 @@ impl Payload {
         joined.freeze()
     }
 
+    /// The bytes as one buffer, without a copy when there is one part.
+    pub fn into_bytes(self) -> Bytes {
+        if self.rest.is_empty() {
+            self.first
+        } else {
+            self.to_bytes()
+        }
+    }
+
     /// Drops the first `n` bytes (those a write took).
     pub fn advance(&mut self, mut n: usize) {
         while n > 0 {
