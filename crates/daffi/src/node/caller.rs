@@ -71,7 +71,6 @@ impl NodeCore {
             Err(e) => return Some(Err(e)),
         };
         let Waiting { guard, done } = waiting;
-        let call_id = guard.call_id;
         match conn.queue.push(frame) {
             Push::Sent => {}
             // The queue is full: nothing was sent; the guard forgets the call.
@@ -79,7 +78,7 @@ impl NodeCore {
             Push::Closed => return Some(Err(self.unreachable("connection lost"))),
         }
         // From here the in-flight call forgets it when dropped.
-        std::mem::forget(guard);
+        let call_id = guard.keep();
         let deadline = req.timeout.map(|t| Instant::now() + t);
         Some(Ok(InFlight {
             conn: conn.clone(),
@@ -457,6 +456,15 @@ impl std::future::Future for Deadline {
 struct PendingGuard<'a> {
     pending: &'a Pending,
     call_id: u64,
+}
+
+impl PendingGuard<'_> {
+    /// Leaves the call in the table: whoever holds its id now removes it.
+    fn keep(self) -> u64 {
+        let call_id = self.call_id;
+        std::mem::forget(self);
+        call_id
+    }
 }
 
 impl Drop for PendingGuard<'_> {
