@@ -53,7 +53,7 @@ impl Call {
     pub(crate) fn new(global: Global, callback: &str) -> Call {
         Call {
             global,
-            callback: Arc::from(callback),
+            callback: shared_name(callback),
             args: Ok(Payload::from(Bytes::from_static(NO_ARGS))),
             on: None,
             timeout: None,
@@ -308,6 +308,25 @@ impl Call {
     }
 }
 
+/// The callback name as an `Arc<str>`: the same one as this thread's previous call when
+/// the name is the same (calls in a loop then allocate no name).
+fn shared_name(callback: &str) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match last.as_ref() {
+            Some(name) if **name == *callback => name.clone(),
+            _ => {
+                let name: Arc<str> = Arc::from(callback);
+                *last = Some(name.clone());
+                name
+            }
+        }
+    })
+}
+
 /// Turns a [`Period`] into the controller's timing, refusing what cannot be kept.
 fn timing_of(period: Period) -> Result<Timing> {
     let millis = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
@@ -363,4 +382,18 @@ pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &Bytes) 
         expected: std::any::type_name::<T>(),
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_called_again_shares_its_allocation() {
+        let first = shared_name("add");
+        let again = shared_name("add");
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = shared_name("sub");
+        assert_eq!((&*other, &*shared_name("add")), ("sub", "add"));
+    }
 }
