@@ -88,6 +88,7 @@ impl NodeCore {
             timeout: req.timeout,
             timer: sleep_until(deadline),
             deadline,
+            completed: false,
             _slot: slot,
         }))
     }
@@ -362,6 +363,8 @@ pub struct InFlight {
     timeout: Option<Duration>,
     timer: Deadline,
     deadline: Option<Instant>,
+    /// The completion arrived: the call is no longer in the table.
+    completed: bool,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -380,6 +383,8 @@ impl InFlight {
         use std::future::Future;
         use std::task::Poll;
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut self.done).poll(cx) {
+            // Whoever completed the call took it out of the table already.
+            self.completed = true;
             return Poll::Ready(outcome.unwrap_or(Err(Error::Stopped)));
         }
         if std::pin::Pin::new(&mut self.timer).poll(cx).is_ready() {
@@ -394,7 +399,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.conn.pending.remove(self.call_id);
+        if !self.completed {
+            self.conn.pending.remove(self.call_id);
+        }
     }
 }
 
@@ -416,15 +423,17 @@ struct Waiting<'a> {
 impl Waiting<'_> {
     async fn outcome(self, req: &CallRequest, deadline: Option<Instant>) -> Result<Bytes> {
         let Waiting { guard, done } = self;
-        let outcome = tokio::select! {
-            outcome = done => outcome.unwrap_or(Err(Error::Stopped)),
+        tokio::select! {
+            outcome = done => {
+                // Whoever completed the call took it out of the table already.
+                guard.keep();
+                outcome.unwrap_or(Err(Error::Stopped))
+            }
             _ = sleep_until(deadline) => Err(Error::timeout(
                 req.callback.to_string(),
                 req.timeout.unwrap_or_default(),
             )),
-        };
-        drop(guard);
-        outcome
+        }
     }
 }
 
@@ -459,7 +468,8 @@ struct PendingGuard<'a> {
 }
 
 impl PendingGuard<'_> {
-    /// Leaves the call in the table: whoever holds its id now removes it.
+    /// Drops the guard without removing the call: its id goes to whoever removes it
+    /// later, or whoever completed it removed it already.
     fn keep(self) -> u64 {
         let call_id = self.call_id;
         std::mem::forget(self);
