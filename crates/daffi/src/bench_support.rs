@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::controller::members::{Destination, Members};
+use crate::controller::members::Members;
 use crate::node::Membership;
 use crate::protocol::io::frame_channel;
 use crate::protocol::message::{Member, MembershipEvent};
@@ -38,9 +38,10 @@ impl ControllerRoutes {
         Ok(ControllerRoutes(members))
     }
 
-    /// What forwarding a request does first: find the destination's queue.
+    /// What forwarding a request does first: find the destination and whether it
+    /// takes requests.
     pub fn route_request(&self, dst: &str) -> bool {
-        matches!(self.0.destination(dst), Destination::Open(_))
+        self.0.accepts(dst, true)
     }
 }
 

@@ -136,6 +136,15 @@ fn child_process() {
 
 // ---- BROADCAST -----------------------------------------------------------------------
 
+/// How many ticks tagged `tag` the node `on` has counted.
+fn remote_ticks(g: &Global, tag: &str, on: &str) -> usize {
+    g.call("tick_count")
+        .args((tag,))
+        .on(on)
+        .fg()
+        .expect("count")
+}
+
 fn four_workers(cluster: &mut Cluster) -> Vec<String> {
     let names: Vec<String> = (0..4).map(|i| common::unique(&format!("bw{i}"))).collect();
     for name in &names {
@@ -269,23 +278,13 @@ fn a_pinned_periodic_task_fires_about_ten_times_a_second_and_stops_on_cancel() {
     // A rate is measured over a window of time: one second.
     std::thread::sleep(Duration::from_secs(1));
     task.cancel().expect("cancel");
-    let fired: usize = g
-        .call("tick_count")
-        .args(("every",))
-        .on(target)
-        .fg()
-        .expect("count");
+    let fired = remote_ticks(g, "every", target);
     assert!(
         (6..=14).contains(&fired),
         "fired {fired} times in about a second"
     );
     for other in names.iter().filter(|n| *n != target) {
-        let elsewhere: usize = g
-            .call("tick_count")
-            .args(("every",))
-            .on(other)
-            .fg()
-            .expect("count");
+        let elsewhere = remote_ticks(g, "every", other);
         assert_eq!(elsewhere, 0, "a pinned task ran on {other}");
     }
     assert!(g
@@ -295,12 +294,7 @@ fn a_pinned_periodic_task_fires_about_ten_times_a_second_and_stops_on_cancel() {
         .all(|t| t.id != task.id()));
     // No run after the cancel, beyond one that was already on its way.
     std::thread::sleep(Duration::from_millis(400));
-    let later: usize = g
-        .call("tick_count")
-        .args(("every",))
-        .on(target)
-        .fg()
-        .expect("count");
+    let later = remote_ticks(g, "every", target);
     assert!(
         later <= fired + 1,
         "kept firing after cancel: {fired} -> {later}"
@@ -339,14 +333,7 @@ fn two_at_times_fire_exactly_twice() {
         .expect("list")
         .iter()
         .all(|t| t.id != task.id()));
-    assert_eq!(
-        g.call("tick_count")
-            .args(("at",))
-            .on(&worker)
-            .fg::<usize>()
-            .expect("count"),
-        2
-    );
+    assert_eq!(remote_ticks(g, "at", &worker), 2);
 }
 
 #[test]
@@ -365,12 +352,7 @@ fn a_schedule_outlives_the_node_that_made_it() {
     scheduler.wait_success();
 
     let g = &cluster.caller;
-    let at_exit: usize = g
-        .call("tick_count")
-        .args(("outlive",))
-        .on(&worker)
-        .fg()
-        .expect("count");
+    let at_exit = remote_ticks(g, "outlive", &worker);
     let later: usize = g
         .call("wait_ticks")
         .args(("outlive", at_exit + 5, WAIT.as_millis() as u64))

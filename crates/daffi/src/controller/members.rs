@@ -19,6 +19,14 @@ struct Route {
     leaving: bool,
 }
 
+impl Route {
+    /// Replies go to leaving nodes too (they finish what they started); new requests
+    /// do not.
+    fn takes(&self, request: bool) -> bool {
+        !(request && self.leaving)
+    }
+}
+
 /// Where a request can go.
 pub enum Destination {
     /// Connected and accepting requests.
@@ -47,13 +55,12 @@ pub struct Members {
 }
 
 impl Members {
-    /// Where a new request for `name` can go.
-    pub fn destination(&self, name: &str) -> Destination {
-        match read(&self.routes).get(name) {
-            Some(r) if r.leaving => Destination::Leaving,
-            Some(r) => Destination::Open(r.queue.clone()),
-            None => Destination::Unknown,
-        }
+    /// Whether the node called `name` takes a frame now: it is connected, and for a new
+    /// request (`request`) not leaving. The lookup [`Members::forward`] makes first.
+    pub fn accepts(&self, name: &str, request: bool) -> bool {
+        read(&self.routes)
+            .get(name)
+            .is_some_and(|r| r.takes(request))
     }
 
     /// Queues `frame` for the node called `name` if its queue has room, without taking
@@ -62,7 +69,7 @@ impl Members {
     /// connection is written here, under the read lock; the write never waits.
     pub fn forward(&self, name: &str, request: bool, frame: Outgoing) -> Forward {
         match read(&self.routes).get(name) {
-            Some(r) if request && r.leaving => Forward::To(Destination::Leaving, frame),
+            Some(r) if !r.takes(request) => Forward::To(Destination::Leaving, frame),
             Some(r) => match r.queue.push(frame) {
                 Push::Sent => Forward::Sent,
                 Push::Full(frame) => Forward::To(Destination::Open(r.queue.clone()), frame),
