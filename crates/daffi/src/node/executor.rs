@@ -284,7 +284,11 @@ impl SyncRunner {
             // the others if it makes no progress. (Waking one per job kept a dozen
             // threads trading every burst, each woken for a few jobs.)
             let watching = s.threads - s.busy - s.parked;
-            let wake = usize::from(s.parked > 0 && s.jobs.len() > watching);
+            let wake = s.parked > 0 && s.jobs.len() > watching;
+            // Jobs left for waiting threads that were not woken: the watchdog wakes them
+            // if the woken one turns out to be slow, as it starts threads for busy ones.
+            let left_to_sleepers =
+                s.parked > usize::from(wake) && s.jobs.len() > watching + usize::from(wake);
             let (start, mut watch) = if s.threads == 0 {
                 // Nothing runs here: one thread, presumed quick until proven otherwise.
                 if s.slots.is_empty() {
@@ -296,12 +300,12 @@ impl SyncRunner {
             } else {
                 s.plan_threads(core.config.max_concurrent_callbacks, true)
             };
-            watch &= !s.watched;
+            watch = (watch || left_to_sleepers) && !s.watched;
             s.watched |= watch;
             (start, watch, wake)
         };
-        // After the lock is released: a woken thread must not block on it at once.
-        for _ in 0..wake {
+        // After the lock is released: the woken thread must not block on it at once.
+        if wake {
             core.sync_runner.wake.notify_one();
         }
         Self::start_threads(core, start);
@@ -311,15 +315,14 @@ impl SyncRunner {
         }
     }
 
-    /// Looks at the queue every `HANDOFF_AFTER` while jobs wait for busy threads, and
-    /// starts threads for them once no thread made progress.
+    /// Looks at the queue every `HANDOFF_AFTER` while jobs wait for busy or sleeping
+    /// threads; once no thread made progress, wakes the sleeping ones and starts more.
     async fn watchdog(core: Arc<NodeCore>) {
         loop {
             tokio::time::sleep(HANDOFF_AFTER).await;
             let (start, again, wake) = {
                 let mut s = core.sync_runner.lock();
                 let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks, false);
-                s.watched = again;
                 // No thread made progress for a while: every waiting thread takes a job.
                 let stalled = !s.jobs.is_empty() && !s.recent(Instant::now());
                 let wake = if stalled {
@@ -327,6 +330,9 @@ impl SyncRunner {
                 } else {
                     0
                 };
+                // Jobs wait for sleeping threads while others still get through theirs.
+                let again = again || (!stalled && !s.jobs.is_empty() && s.parked > 0);
+                s.watched = again;
                 (start, again, wake)
             };
             for _ in 0..wake {
