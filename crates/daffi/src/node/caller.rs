@@ -28,12 +28,7 @@ impl NodeCore {
         self.wait_eta(req.eta).await?;
         let _slot = self.admit(&req).await?;
         let conn = self.connected()?;
-        let target = match self.resolve(&req.callback, req.on.as_deref()) {
-            Ok(target) => target,
-            // The view was emptied because the link just dropped: say that instead.
-            Err(_) if conn.pending.is_closed() => return Err(self.unreachable("connection lost")),
-            Err(e) => return Err(e),
-        };
+        let target = self.target(&conn, &req)?;
         let outcome = match self.send_request(&conn, &target, &req).await? {
             None => Ok(Bytes::new()),
             Some(waiting) => {
@@ -58,11 +53,8 @@ impl NodeCore {
             Ok(conn) => conn,
             Err(e) => return Some(Err(e)),
         };
-        let target = match self.resolve(&req.callback, req.on.as_deref()) {
+        let target = match self.target(&conn, req) {
             Ok(target) => target,
-            Err(_) if conn.pending.is_closed() => {
-                return Some(Err(self.unreachable("connection lost")))
-            }
             Err(e) => return Some(Err(e)),
         };
         let (frame, waiting) = match self.prepare_request(&conn, &target, req) {
@@ -319,6 +311,18 @@ impl NodeCore {
             })
         };
         Ok((Outgoing::new(&header, req.args.clone()), waiting))
+    }
+
+    /// The node `req` goes to on `conn`; if none, and the link just dropped (which
+    /// empties the view), says that instead.
+    fn target(&self, conn: &Connection, req: &CallRequest) -> Result<Arc<str>> {
+        self.resolve(&req.callback, req.on.as_deref()).map_err(|e| {
+            if conn.pending.is_closed() {
+                self.unreachable("connection lost")
+            } else {
+                e
+            }
+        })
     }
 
     /// Chooses the node a call goes to: the pinned one, or a random provider.

@@ -65,14 +65,9 @@ impl Outgoing {
         let Some(mut joined) = frames.next() else {
             return Outgoing::default();
         };
-        for frame in frames {
-            let Outgoing { head, body } = frame;
-            let mut parts = std::mem::take(&mut joined.body);
-            parts.push(head);
-            for part in body.parts() {
-                parts.push(part.clone());
-            }
-            joined.body = parts;
+        for Outgoing { head, body } in frames {
+            joined.body.push(head);
+            joined.body.append(body);
         }
         joined
     }
@@ -170,11 +165,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Whether a whole frame is buffered: the next [`next`](Self::next) returns without
     /// reading (a frame, or the error that its length prefix is over the limit).
     pub fn has_frame(&self) -> bool {
-        if self.large.is_some() || self.buf.len() < LEN_PREFIX {
-            return false;
-        }
-        let size = (&self.buf[..LEN_PREFIX]).get_u32() as usize;
-        size > self.max_frame_size || self.buf.len() >= LEN_PREFIX + size
+        self.large.is_none()
+            && self.buffered_frame_len().is_some_and(|total| {
+                total - LEN_PREFIX > self.max_frame_size || self.buf.len() >= total
+            })
+    }
+
+    /// The length, prefix included, of the frame the buffer starts with, once its
+    /// length prefix is in.
+    fn buffered_frame_len(&self) -> Option<usize> {
+        (self.buf.len() >= LEN_PREFIX)
+            .then(|| LEN_PREFIX + (&self.buf[..LEN_PREFIX]).get_u32() as usize)
     }
 
     /// The next frame, or `None` when the peer closed the connection between frames.
@@ -225,17 +226,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// If the buffer holds a whole frame, its length with prefix. Otherwise reserves room
     /// for it, or starts reading it into a buffer of its own if it is large.
     fn complete_frame_len(&mut self) -> Result<Option<usize>, FrameError> {
-        if self.buf.len() < LEN_PREFIX {
+        let Some(total) = self.buffered_frame_len() else {
             return Ok(None);
-        }
-        let size = (&self.buf[..LEN_PREFIX]).get_u32() as usize;
+        };
+        let size = total - LEN_PREFIX;
         if size > self.max_frame_size {
             return Err(FrameError::TooLarge {
                 size,
                 limit: self.max_frame_size,
             });
         }
-        let total = LEN_PREFIX + size;
         if self.buf.len() >= total {
             Ok(Some(total))
         } else if total >= LARGE_FRAME {

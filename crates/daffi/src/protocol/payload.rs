@@ -37,6 +37,14 @@ impl Payload {
         }
     }
 
+    /// Appends the parts of `other`.
+    pub fn append(&mut self, other: Payload) {
+        self.push(other.first);
+        for part in other.rest {
+            self.push(part);
+        }
+    }
+
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.first.len() + self.rest.iter().map(Bytes::len).sum::<usize>()
