@@ -4,6 +4,8 @@
 //! Everything above this module sees a boxed reader and writer; it knows nothing of
 //! frames. TLS lives in [`tls`]; a Unix socket is protected by file permissions instead.
 
+#[cfg(unix)]
+mod split;
 mod tls;
 
 use std::fmt;
@@ -74,10 +76,7 @@ pub async fn connect(
                 .set_nodelay(true)
                 .map_err(ConnectError::Unreachable)?;
             match tls {
-                None => {
-                    let (r, w) = stream.into_split();
-                    Ok((Box::new(r), Box::new(w)))
-                }
+                None => halves(stream).map_err(ConnectError::Unreachable),
                 Some(tls) => tls.connect(stream).await.map_err(|e| {
                     ConnectError::Tls(tls.explain(&e).unwrap_or_else(|| {
                         format!(
@@ -95,14 +94,44 @@ pub async fn connect(
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(ConnectError::Unreachable)?;
-            let (r, w) = stream.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            halves(stream).map_err(ConnectError::Unreachable)
         }
         #[cfg(not(unix))]
         Address::Unix(_) => Err(ConnectError::Unreachable(io::Error::new(
             io::ErrorKind::Unsupported,
             "Unix sockets are not available on this platform; use host and port",
         ))),
+    }
+}
+
+/// A plaintext stream's reader and writer. On Unix, halves that register the socket for
+/// reading only (see [`split`]); elsewhere, tokio's.
+fn halves<S: IntoHalves>(stream: S) -> io::Result<(BoxRead, BoxWrite)> {
+    stream.into_halves()
+}
+
+/// A tokio stream that [`halves`] splits.
+trait IntoHalves {
+    fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)>;
+}
+
+impl IntoHalves for TcpStream {
+    #[cfg(unix)]
+    fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)> {
+        split::split(self.into_std()?)
+    }
+
+    #[cfg(not(unix))]
+    fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)> {
+        let (r, w) = self.into_split();
+        Ok((Box::new(r), Box::new(w)))
+    }
+}
+
+#[cfg(unix)]
+impl IntoHalves for tokio::net::UnixStream {
+    fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)> {
+        split::split(self.into_std()?)
     }
 }
 
@@ -243,8 +272,8 @@ impl Incoming {
     pub async fn open(self, tls: Option<&ServerTls>) -> io::Result<Opened> {
         match (self.stream, tls) {
             (RawStream::Tcp(stream), None) => {
-                let (r, w) = stream.into_split();
-                Ok(Opened::Ready(Box::new(r), Box::new(w)))
+                let (r, w) = halves(stream)?;
+                Ok(Opened::Ready(r, w))
             }
             (RawStream::Tcp(stream), Some(tls)) => {
                 let mut first = [0u8; 1];
@@ -255,16 +284,16 @@ impl Incoming {
                     ));
                 }
                 if first[0] != TLS_HANDSHAKE_RECORD {
-                    let (r, w) = stream.into_split();
-                    return Ok(Opened::NotTls(Box::new(r), Box::new(w)));
+                    let (r, w) = halves(stream)?;
+                    return Ok(Opened::NotTls(r, w));
                 }
                 let (r, w) = tls.accept(stream).await?;
                 Ok(Opened::Ready(r, w))
             }
             #[cfg(unix)]
             (RawStream::Unix(stream), _) => {
-                let (r, w) = stream.into_split();
-                Ok(Opened::Ready(Box::new(r), Box::new(w)))
+                let (r, w) = halves(stream)?;
+                Ok(Opened::Ready(r, w))
             }
         }
     }
