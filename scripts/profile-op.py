@@ -83,16 +83,19 @@ def main():
             return (int(fields[11]) + int(fields[12])) / tick
 
         def switches(pid):
-            total = 0
+            """Context switches of each live thread, summed by thread name."""
+            by_name = {}
             for task in os.listdir(f"/proc/{pid}/task"):
                 try:
+                    with open(f"/proc/{pid}/task/{task}/comm") as f:
+                        comm = f.read().strip()
                     with open(f"/proc/{pid}/task/{task}/status") as f:
-                        for line in f:
-                            if "ctxt_switches" in line:
-                                total += int(line.split()[1])
+                        n = sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
                 except FileNotFoundError:
-                    pass
-            return total
+                    continue
+                key = comm if not os.environ.get("BY_TID") else f"{comm}/{task}"
+                by_name[key] = by_name.get(key, 0) + n
+            return by_name
 
         before = {name: (cpu(p.pid), switches(p.pid)) for name, p in procs.items()}
         counters = {}
@@ -114,8 +117,11 @@ def main():
                 rows = [l.split() for l in f if "syscalls:" in l]
             print(f"{name:>12}: " + ", ".join(f"{r[1].split('sys_enter_')[1]} {r[0]}" for r in rows))
         for name, p in procs.items():
+            now, then = switches(p.pid), before[name][1]
+            diff = {t: n - then.get(t, 0) for t, n in now.items() if n != then.get(t, 0)}
+            detail = ", ".join(f"{t} {n}" for t, n in sorted(diff.items(), key=lambda x: -x[1]))
             print(f"{name:>12}: {cpu(p.pid) - before[name][0]:.2f} s of CPU, "
-                  f"{switches(p.pid) - before[name][1]} context switches (threads alive at the end)")
+                  f"{sum(diff.values())} context switches (threads alive at the end: {detail})")
         for p in procs.values():
             p.stdin.close()
             p.wait()
@@ -138,11 +144,11 @@ def main():
         p.wait()
     for name in procs:
         print(f"\n==================== {name} ====================")
-        cmd = ["perf", "report", "-i", data[name], "--stdio", "--sort", "sym"]
+        cmd = ["perf", "report", "-i", data[name], "--stdio", "--sort", os.environ.get("SORT", "sym"), "-n"]
         cmd += ["--children", "-g", "caller,0.5,callee,function,percent"] if a.callers \
             else ["--no-children", "-g", "none"]
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
-        lines = [l for l in out.splitlines() if l.strip() and not l.startswith("#")]
+        lines = [l for l in out.splitlines() if l.strip() and (not l.startswith("#") or l.startswith("# Samples"))]
         print("\n".join(lines[: a.top if not a.callers else 400]))
 
 
