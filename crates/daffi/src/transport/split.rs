@@ -21,6 +21,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::runtime::Handle;
 
 use super::{BoxRead, BoxWrite};
 
@@ -57,6 +58,7 @@ std_socket!(std::os::unix::net::UnixStream);
 /// Splits a non-blocking socket into a reader and a writer (see the module docs). Call
 /// it inside the runtime that will drive them.
 pub fn split<S: StdSocket>(socket: S) -> io::Result<(BoxRead, BoxWrite)> {
+    let runtime = Handle::try_current().map_err(io::Error::other)?;
     let socket = Arc::new(socket);
     // SAFETY: the descriptor is the socket's, which the `Arc` keeps open, and it never
     // changes.
@@ -66,6 +68,7 @@ pub fn split<S: StdSocket>(socket: S) -> io::Result<(BoxRead, BoxWrite)> {
         Box::new(WriteHalf {
             socket,
             writable: None,
+            runtime,
         }),
     ))
 }
@@ -113,6 +116,9 @@ struct WriteHalf<S: StdSocket> {
     /// A second descriptor of the socket, registered for writability: there only while a
     /// write waits for room (dropped at the next flush).
     writable: Option<AsyncFd<OwnedFd>>,
+    /// The runtime the registration belongs to: writes also come from threads outside it
+    /// (a sync caller, a callback's thread).
+    runtime: Handle,
 }
 
 impl<S: StdSocket> WriteHalf<S> {
@@ -131,6 +137,7 @@ impl<S: StdSocket> WriteHalf<S> {
                 Some(registered) => registered,
                 None => {
                     let fd = self.socket.as_fd().try_clone_to_owned()?;
+                    let _runtime = self.runtime.enter();
                     // SAFETY: the `OwnedFd` is the registration's own, open until it drops.
                     let registered =
                         unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE)? };
@@ -248,6 +255,31 @@ mod tests {
         assert_eq!(read, data.len());
         assert!(got == data, "the bytes arrived changed");
         writer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_outside_the_runtime_can_wait_for_room() {
+        // A sync caller writes from its own thread: waiting for room registers the
+        // socket with the runtime the halves were made in.
+        let data = vec![7u8; 4 * 1024 * 1024];
+        let ((_a_read, mut a_write), (mut b_read, _b_write)) = pair();
+        let len = data.len();
+        let writer = std::thread::spawn(move || {
+            crate::blocking::park(async move {
+                a_write.write_all(&data).await?;
+                a_write.flush().await
+            })
+        });
+        let mut got = vec![0u8; len];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            b_read.read_exact(&mut got),
+        )
+        .await
+        .expect("everything within 30 s")
+        .unwrap();
+        assert!(got.iter().all(|&b| b == 7));
+        writer.join().expect("the writer thread").unwrap();
     }
 
     #[tokio::test]
