@@ -115,7 +115,8 @@ impl Call {
         let (node, request) = self.into_request(false)?;
         // Sent from this thread when nothing makes it wait: no task to start and wake.
         let started = {
-            let _runtime = global.runtime().enter();
+            // Only a deadline's timer needs the runtime.
+            let _runtime = request.timeout.map(|_| global.runtime().enter());
             node.try_start(&request)
         };
         let outcome = match started {

@@ -120,11 +120,13 @@ pub async fn serve(
             runs.flush();
         }
         let next = tokio::select! {
-            next = reader.next() => next,
+            // In this order, and without drawing a random one per frame.
+            biased;
             _ = &mut stop_signal => {
                 stopping = true;
                 break "controller stopping".to_string();
             }
+            next = reader.next() => next,
         };
         match next {
             Ok(Some(frame)) => {

@@ -43,7 +43,7 @@ impl NodeCore {
     /// a free `max_in_flight` slot, room in the connection's queue); what is left is
     /// its reply, which the returned [`InFlight`] awaits without a task. `None`: it
     /// would have to wait, and nothing was sent: use [`NodeCore::call`] instead.
-    /// Call it with the node's runtime entered (the deadline's timer needs it).
+    /// With a timeout, call it with the node's runtime entered (the deadline's timer needs it).
     pub fn try_start(self: &Arc<Self>, req: &CallRequest) -> Option<Result<InFlight>> {
         if req.eta.is_some() || req.no_reply {
             return None;
@@ -428,6 +428,7 @@ impl Waiting<'_> {
     async fn outcome(self, req: &CallRequest, deadline: Option<Instant>) -> Result<Bytes> {
         let Waiting { guard, done } = self;
         tokio::select! {
+            biased;
             outcome = done => {
                 // Whoever completed the call took it out of the table already.
                 guard.keep();

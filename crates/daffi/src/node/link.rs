@@ -136,7 +136,6 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
 }
 
 impl Link {
-    /// Dispatches frames until the connection ends or the node stops; returns why it ended.
     /// Dispatches frames until the connection ends or `closed` is set; returns why it ended.
     pub async fn run(
         mut self,
@@ -145,6 +144,9 @@ impl Link {
         closed: &mut watch::Receiver<bool>,
     ) -> String {
         let mut batch = SyncBatch::default();
+        // One wait for the stop for the whole connection, not one per frame.
+        let stop = closed.wait_for(|c| *c);
+        tokio::pin!(stop);
         let reason = loop {
             if !self.reader.has_frame() {
                 // Everything read so far is dispatched: the sync callbacks among it go
@@ -152,8 +154,11 @@ impl Link {
                 batch.submit(core);
             }
             let next = tokio::select! {
+                // In this order, and without drawing a random one per frame: a stop is
+                // seen even while frames keep coming.
+                biased;
+                _ = &mut stop => break "node stopped".to_string(),
                 next = self.reader.next() => next,
-                _ = closed.wait_for(|c| *c) => break "node stopped".to_string(),
             };
             match next {
                 Ok(Some(frame)) => {
