@@ -275,7 +275,16 @@ impl Call {
 
     fn into_request(self, no_reply: bool) -> Result<(std::sync::Arc<NodeCore>, CallRequest)> {
         let node = self.global.node()?.clone();
-        let args = self.encoded_args()?;
+        // Moved, not cloned: a clone of each part would be dropped at once.
+        let args = match self.args {
+            Ok(args) => args,
+            Err(message) => {
+                return Err(Error::Encode {
+                    callback: self.callback.to_string(),
+                    message,
+                })
+            }
+        };
         Ok((
             node,
             CallRequest {
