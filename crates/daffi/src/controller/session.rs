@@ -120,19 +120,20 @@ pub async fn serve(
             runs.flush();
         }
         let next = tokio::select! {
-            // In this order, and without drawing a random one per frame.
+            // Frames first, without drawing a random order per frame.
             biased;
+            next = reader.next() => next,
             _ = &mut stop_signal => {
                 stopping = true;
                 break "controller stopping".to_string();
             }
-            next = reader.next() => next,
         };
         match next {
             Ok(Some(frame)) => {
                 // A stopping controller answers nothing more: its nodes are about to
-                // learn that the controller is gone, which is the true reason.
-                if *stop_flag.borrow() {
+                // learn that the controller is gone, which is the true reason. (The
+                // version is one atomic load; the flag is read only once it moved.)
+                if stop_flag.has_changed().unwrap_or(true) && *stop_flag.borrow() {
                     stopping = true;
                     break "controller stopping".to_string();
                 }

@@ -144,7 +144,8 @@ impl Link {
         closed: &mut watch::Receiver<bool>,
     ) -> String {
         let mut batch = SyncBatch::default();
-        // One wait for the stop for the whole connection, not one per frame.
+        // One wait for the stop for the whole connection, not one per frame, and its flag.
+        let flag = closed.clone();
         let stop = closed.wait_for(|c| *c);
         tokio::pin!(stop);
         let reason = loop {
@@ -153,12 +154,15 @@ impl Link {
                 // to the runner together.
                 batch.submit(core);
             }
+            // Frames first, without drawing a random order per frame; the stop is looked
+            // at through its flag between frames, so a flood cannot hide it.
+            if flag.has_changed().unwrap_or(true) && *flag.borrow() {
+                break "node stopped".to_string();
+            }
             let next = tokio::select! {
-                // In this order, and without drawing a random one per frame: a stop is
-                // seen even while frames keep coming.
                 biased;
-                _ = &mut stop => break "node stopped".to_string(),
                 next = self.reader.next() => next,
+                _ = &mut stop => break "node stopped".to_string(),
             };
             match next {
                 Ok(Some(frame)) => {
