@@ -66,11 +66,22 @@ impl Members {
     /// Queues `frame` for the node called `name` if its queue has room, without taking
     /// a handle on the queue (the common case: nothing to clone and drop per frame).
     /// `request`: a new request, which a leaving node does not take. A frame for an idle
-    /// connection is written here, under the read lock; the write never waits.
-    pub fn forward(&self, name: &str, request: bool, frame: Outgoing) -> Forward {
+    /// connection is written here, under the read lock (the write never waits), unless
+    /// `more_follow`: more frames are at hand, and the writer task sends them together.
+    pub fn forward(
+        &self,
+        name: &str,
+        request: bool,
+        frame: Outgoing,
+        more_follow: bool,
+    ) -> Forward {
         match read(&self.routes).get(name) {
             Some(r) if !r.takes(request) => Forward::To(Destination::Leaving, frame),
-            Some(r) => match r.queue.push(frame) {
+            Some(r) => match if more_follow {
+                r.queue.push_with_more(frame)
+            } else {
+                r.queue.push(frame)
+            } {
                 Push::Sent => Forward::Sent,
                 Push::Full(frame) => Forward::To(Destination::Open(r.queue.clone()), frame),
                 Push::Closed => Forward::To(Destination::Unknown, Outgoing::default()),

@@ -137,7 +137,17 @@ pub async fn serve(
                     stopping = true;
                     break "controller stopping".to_string();
                 }
-                if let Err(reason) = route(&shared, &name, conn_id, &queue, &mut runs, frame).await
+                let more_follow = reader.has_frame();
+                if let Err(reason) = route(
+                    &shared,
+                    &name,
+                    conn_id,
+                    &queue,
+                    &mut runs,
+                    frame,
+                    more_follow,
+                )
+                .await
                 {
                     break reason;
                 }
@@ -265,6 +275,7 @@ async fn handshake(
 }
 
 /// Handles one frame from a joined node. `Err` closes the connection with that reason.
+/// `more_follow`: another whole frame from this node is already read.
 async fn route(
     shared: &Shared,
     name: &str,
@@ -272,6 +283,7 @@ async fn route(
     own_queue: &FrameSender,
     runs: &mut Runs,
     frame: Frame,
+    more_follow: bool,
 ) -> Result<(), String> {
     match frame.kind() {
         Kind::Request | Kind::Reply => {
@@ -285,7 +297,10 @@ async fn route(
             // leaving nodes too: they finish what they started.
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
-            let destination = match shared.members.forward(frame.dst(), request, out) {
+            let destination = match shared
+                .members
+                .forward(frame.dst(), request, out, more_follow)
+            {
                 Forward::Sent => {
                     if request {
                         runs.count(frame.name());

@@ -495,12 +495,24 @@ impl FrameSender {
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
     pub(crate) fn push(&self, frame: Outgoing) -> Push {
+        self.push_or_write(frame, true)
+    }
+
+    /// Like [`push`](Self::push), but leaves the writing to the writer task even on an
+    /// idle connection: for a sender that has more frames for it at hand (the controller
+    /// forwarding the frames of one read), so that they leave in one write.
+    pub(crate) fn push_with_more(&self, frame: Outgoing) -> Push {
+        self.push_or_write(frame, false)
+    }
+
+    fn push_or_write(&self, frame: Outgoing, may_write: bool) -> Push {
         let mut st = self.shared.lock();
         if st.closed {
             return Push::Closed;
         }
         // The clock is read last: a busy connection is decided without it.
-        let direct = st.queue.is_empty()
+        let direct = may_write
+            && st.queue.is_empty()
             && st.socket.is_some()
             && st
                 .last_write
@@ -723,6 +735,34 @@ mod tests {
         let second = reader.next().await.expect("read").expect("frame");
         assert_eq!((second.call_id(), second.payload()), (1, big));
         assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.expect("join").expect("io");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_left_to_the_writer_on_an_idle_connection_still_go_out() {
+        // `push_with_more` never writes itself: the writer task must be woken for it,
+        // even when nothing else is sent afterwards.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, 8);
+        let writer = tokio::spawn(writer);
+        for id in 1..=3u64 {
+            let mut h = Header::control(Kind::Request);
+            h.call_id = id;
+            assert!(matches!(
+                tx.push_with_more(Outgoing::new(&h, Bytes::from_static(b"x"))),
+                Push::Sent
+            ));
+        }
+        let mut reader = FrameReader::new(b, 1 << 20);
+        for id in 1..=3u64 {
+            let f = tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .expect("the frame within 10 s")
+                .expect("read")
+                .expect("a frame");
+            assert_eq!(f.call_id(), id);
+        }
+        drop(tx);
         writer.await.expect("join").expect("io");
     }
 
