@@ -104,7 +104,7 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame, batch: &mut SyncBatch) {
                     return;
                 }
                 let outcome = CatchUnwind(f(payload)).await;
-                if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome) {
+                if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome, false) {
                     let _ = queue.send(reply).await;
                 }
             });
@@ -160,7 +160,11 @@ impl SyncJob {
         let payload = self.frame.payload();
         let outcome =
             catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
-        if let Some((reply, queue)) = finish(core, &self.frame, self.wants_reply, outcome) {
+        // More jobs queued: their replies follow at once, and leave with this one.
+        let more_follow = core.sync_runner.queued.load(Ordering::Acquire) > 0;
+        if let Some((reply, queue)) =
+            finish(core, &self.frame, self.wants_reply, outcome, more_follow)
+        {
             let _ = queue.blocking_send(reply);
         }
     }
@@ -450,6 +454,7 @@ fn finish(
     frame: &Frame,
     wants_reply: bool,
     outcome: Outcome,
+    more_follow: bool,
 ) -> Option<(Outgoing, FrameSender)> {
     if !wants_reply {
         if let Err(f) = &outcome {
@@ -458,7 +463,7 @@ fn finish(
         return None;
     }
     let reply = encode_reply(core, frame, outcome);
-    core.push_reply(reply, frame.name())
+    core.push_reply(reply, frame.name(), more_follow)
 }
 
 fn encode_reply(core: &NodeCore, request: &Frame, outcome: Outcome) -> Outgoing {

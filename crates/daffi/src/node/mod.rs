@@ -301,14 +301,26 @@ impl NodeCore {
 
     /// Queues a reply on the live connection without taking a handle on it (the common
     /// case: nothing cloned per reply). A full queue gives the reply back with the queue,
-    /// to wait for room; without a connection the reply is dropped.
-    fn push_reply(&self, reply: Outgoing, callback: &str) -> Option<(Outgoing, FrameSender)> {
+    /// to wait for room; without a connection the reply is dropped. `more_follow`: more
+    /// replies come at once (queued sync callbacks), so the writer task sends them
+    /// together rather than this one being written alone.
+    fn push_reply(
+        &self,
+        reply: Outgoing,
+        callback: &str,
+        more_follow: bool,
+    ) -> Option<(Outgoing, FrameSender)> {
         let connection = read(&self.connection);
         let Some(conn) = connection.as_ref() else {
             tracing::debug!(callback, "reply dropped: not connected");
             return None;
         };
-        match conn.queue.push(reply) {
+        let pushed = if more_follow {
+            conn.queue.push_with_more(reply)
+        } else {
+            conn.queue.push(reply)
+        };
+        match pushed {
             Push::Sent | Push::Closed => None,
             Push::Full(reply) => Some((reply, conn.queue.clone())),
         }
