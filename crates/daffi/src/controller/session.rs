@@ -137,7 +137,9 @@ pub async fn serve(
                     stopping = true;
                     break "controller stopping".to_string();
                 }
-                let more_follow = reader.has_frame();
+                // The next frame read goes to the same node: leave this one to that
+                // connection's writer, and they leave together.
+                let more_follow = reader.next_frame_dst() == Some(frame.dst().as_bytes());
                 if let Err(reason) = route(
                     &shared,
                     &name,
@@ -275,7 +277,7 @@ async fn handshake(
 }
 
 /// Handles one frame from a joined node. `Err` closes the connection with that reason.
-/// `more_follow`: another whole frame from this node is already read.
+/// `more_follow`: the next frame from this node, already read, goes to the same node.
 async fn route(
     shared: &Shared,
     name: &str,

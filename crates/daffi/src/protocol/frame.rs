@@ -173,6 +173,15 @@ pub struct Frame {
 
 const NAMES_START: usize = LEN_PREFIX + FIXED_HEADER;
 
+/// The receiver's name, as bytes, of the frame `raw` starts with, read from its header
+/// alone (nothing is checked): to tell where the next buffered frame goes before it is
+/// parsed. `None` if the header is not all there.
+pub fn peek_dst(raw: &[u8]) -> Option<&[u8]> {
+    let header = raw.get(..NAMES_START)?;
+    let src_end = NAMES_START + header[18] as usize;
+    raw.get(src_end..src_end + header[19] as usize)
+}
+
 impl Frame {
     /// Parses a complete frame, length prefix included. Validates lengths and UTF-8 of
     /// the names; never looks into the payload.
@@ -327,6 +336,17 @@ mod tests {
         raw.extend_from_slice(dst);
         raw.extend_from_slice(name);
         raw.freeze()
+    }
+
+    #[test]
+    fn the_receiver_can_be_read_from_the_header_alone() {
+        let (head, _) = sample();
+        assert_eq!(peek_dst(&head), Some(&b"proc2"[..]));
+        // Up to the receiver's name is enough; less is not.
+        let dst_end = NAMES_START + "proc1proc2".len();
+        assert_eq!(peek_dst(&head[..dst_end]), Some(&b"proc2"[..]));
+        assert_eq!(peek_dst(&head[..dst_end - 1]), None);
+        assert_eq!(peek_dst(&head[..10]), None);
     }
 
     #[test]

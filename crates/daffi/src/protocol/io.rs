@@ -171,6 +171,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             })
     }
 
+    /// The receiver's name of the next frame, if it is whole in the buffer (see
+    /// [`has_frame`](Self::has_frame)); its bytes are not checked yet.
+    pub fn next_frame_dst(&self) -> Option<&[u8]> {
+        if self.has_frame() {
+            crate::protocol::frame::peek_dst(&self.buf)
+        } else {
+            None
+        }
+    }
+
     /// The length, prefix included, of the frame the buffer starts with, once its
     /// length prefix is in.
     fn buffered_frame_len(&self) -> Option<usize> {
@@ -736,6 +746,29 @@ mod tests {
         assert_eq!((second.call_id(), second.payload()), (1, big));
         assert!(reader.next().await.expect("clean end").is_none());
         writer.await.expect("join").expect("io");
+    }
+
+    #[tokio::test]
+    async fn the_next_buffered_frame_tells_where_it_goes() {
+        let frame = |dst: &str| {
+            let h = Header {
+                dst,
+                ..Header::control(Kind::Request)
+            };
+            h.encode(0)
+        };
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut both = frame("one").to_vec();
+        both.extend_from_slice(&frame("two"));
+        a.write_all(&both).await.unwrap();
+        let mut reader = FrameReader::new(b, 1 << 20);
+        assert_eq!(reader.next_frame_dst(), None, "nothing read yet");
+        let first = reader.next().await.unwrap().unwrap();
+        assert_eq!(first.dst(), "one");
+        assert_eq!(reader.next_frame_dst(), Some(&b"two"[..]));
+        let second = reader.next().await.unwrap().unwrap();
+        assert_eq!(second.dst(), "two");
+        assert_eq!(reader.next_frame_dst(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
