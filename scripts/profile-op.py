@@ -9,6 +9,7 @@ top symbols of each process.
     scripts/profile-op.py '{"op":"one_way","calls":200000}'
     scripts/profile-op.py --floor '{"op":"rate","mode":"pipelined","calls":200000,"in_flight":256}'
     scripts/profile-op.py --tcp '{"op":"latency","calls":20000,"warmup":1000}'
+    scripts/profile-op.py --callees 4 '{"op":"broadcast","calls":10000,"warmup":1000,"nodes":4}'
 
 Needs `perf` (software event cpu-clock is enough) and a release build
 (`cargo build --release -p daffi-cli`).
@@ -47,6 +48,8 @@ def main():
                     help="with --cpu: also count each process's system calls by name (perf)")
     ap.add_argument("--event", default="cpu-clock",
                     help="the perf event to sample, e.g. syscalls:sys_enter_futex (every one is recorded)")
+    ap.add_argument("--callees", type=int, default=1,
+                    help="daffi callees to start (4 for a broadcast like scenario D)")
     ap.add_argument("--cpu", action="store_true",
                     help="no perf: print each process's CPU time (user + system) over the run")
     a = ap.parse_args()
@@ -63,9 +66,11 @@ def main():
         driver = procs["client"]
     else:
         procs["controller"], ep = role(["controller", "--listen", listen] + limit)
-        procs["callee"], _ = role(["callee", "--connect", ep, "--name", "callee"] + limit)
+        names = ["callee"] + [f"callee{i}" for i in range(1, a.callees)]
+        for n in names:
+            procs[n], _ = role(["callee", "--connect", ep, "--name", n] + limit)
         procs["caller"], _ = role(["caller", "--connect", ep, "--name", "caller",
-                                   "--callees", "callee"] + limit)
+                                   "--callees", ",".join(names)] + limit)
         driver = procs["caller"]
 
     def run():
