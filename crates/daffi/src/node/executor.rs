@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -183,6 +183,11 @@ const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 const SPIN: Duration = Duration::from_micros(60);
 /// Then it waits this long for a job (woken by the submitter) before it ends.
 const LINGER: Duration = Duration::from_millis(10);
+/// Watches in a row that saw no job, after which threads go to sleep at once: jobs come
+/// further apart than a watch lasts, and watching would only take processor time from
+/// the others. Watching starts again once a job comes within `SPIN` of a thread going
+/// to sleep.
+const MISSES_BEFORE_SLEEPING_AT_ONCE: u32 = 8;
 
 /// The sync callbacks of one node waiting for a thread, and the threads running them.
 #[derive(Default)]
@@ -192,6 +197,8 @@ pub struct SyncRunner {
     wake: Condvar,
     /// Jobs in the queue, readable without the lock.
     queued: AtomicUsize,
+    /// Watches in a row that ended without a job (see [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
+    watch_misses: AtomicU32,
     dropped: AtomicU64,
 }
 
@@ -409,11 +416,16 @@ impl SyncRunner {
         // processor): it was given away meanwhile, and in a back-and-forth exchange the
         // next job arrives about then. Stopping early put the thread to sleep before it.
         let started = Instant::now();
-        while started.elapsed() < SPIN {
-            if self.queued.load(Ordering::Acquire) > 0 {
-                return true;
+        let watching = self.watch_misses.load(Ordering::Relaxed) < MISSES_BEFORE_SLEEPING_AT_ONCE;
+        if watching {
+            while started.elapsed() < SPIN {
+                if self.queued.load(Ordering::Acquire) > 0 {
+                    self.watch_misses.store(0, Ordering::Relaxed);
+                    return true;
+                }
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
+            self.watch_misses.fetch_add(1, Ordering::Relaxed);
         }
         let mut s = self.lock();
         if !s.jobs.is_empty() {
@@ -425,7 +437,12 @@ impl SyncRunner {
             .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty())
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
-        !s.jobs.is_empty()
+        let found = !s.jobs.is_empty();
+        if found && !watching && started.elapsed() < SPIN {
+            // A watch would have caught this one: watch again.
+            self.watch_misses.store(0, Ordering::Relaxed);
+        }
+        found
     }
 
     fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
