@@ -185,8 +185,8 @@ const SPIN: Duration = Duration::from_micros(60);
 const LINGER: Duration = Duration::from_millis(10);
 /// Watches in a row that saw no job, after which threads go to sleep at once: jobs come
 /// further apart than a watch lasts, and watching would only take processor time from
-/// the others. Watching starts again once a job comes within `SPIN` of a thread going
-/// to sleep.
+/// the others. Watching starts again once a job is queued within `SPIN` of a thread
+/// going to sleep (a watch would have caught it).
 const MISSES_BEFORE_SLEEPING_AT_ONCE: u32 = 8;
 
 /// The sync callbacks of one node waiting for a thread, and the threads running them.
@@ -215,6 +215,9 @@ struct RunnerState {
     parked: usize,
     /// A watchdog task will look at the queue again.
     watched: bool,
+    /// When jobs were last queued: whether a thread that went to sleep at once would
+    /// have caught them by watching.
+    last_submit: Option<Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -287,6 +290,7 @@ impl SyncRunner {
     fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
+            s.last_submit = Some(Instant::now());
             let added = jobs.len();
             s.jobs.extend(jobs.drain(..));
             core.sync_runner.queued.fetch_add(added, Ordering::Release);
@@ -438,8 +442,13 @@ impl SyncRunner {
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
         let found = !s.jobs.is_empty();
-        if found && !watching && started.elapsed() < SPIN {
-            // A watch would have caught this one: watch again.
+        // Queued within a watch's length of this thread going to sleep: a watch would
+        // have caught it, so watch again. (When it was queued, not when this thread woke:
+        // on a busy machine the wake-up alone can take longer than a watch.)
+        let caught = s
+            .last_submit
+            .is_some_and(|t| t.saturating_duration_since(started) < SPIN);
+        if found && !watching && caught {
             self.watch_misses.store(0, Ordering::Relaxed);
         }
         found
