@@ -511,7 +511,10 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
         let mut daffi = plan.daffi(&group, transport, 1, limit)?;
         let t = daffi.endpoint.transport();
         let floor_names: Vec<String> = floors.iter().map(|f| f.name.clone()).collect();
-        let reps = if big { plan.reps.min(3) } else { plan.reps };
+        // As many repetitions at 1 GiB as at 64 MiB: each one pays for faulting in fresh
+        // buffers on both sides (the last one's are given back after a second), which
+        // swings with the machine, and a median of three moved with a single one.
+        let reps = plan.reps;
         let op = Op::Blob { bytes: size };
         // One unmeasured call on each side first, as A and D warm up: the first call of a
         // fresh process pays for faulting in its payload-sized buffers, which later calls
