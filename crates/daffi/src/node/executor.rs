@@ -179,7 +179,8 @@ const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 
 /// After its last job, a thread watches for a new one this long (yielding the processor
 /// between looks, so it only uses time nobody else wants): a job arriving meanwhile is
-/// taken without any thread being woken.
+/// taken without any thread being woken. Unless watching stopped paying (see
+/// [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
 const SPIN: Duration = Duration::from_micros(60);
 /// Then it waits this long for a job (woken by the submitter) before it ends.
 const LINGER: Duration = Duration::from_millis(10);
@@ -413,8 +414,8 @@ impl SyncRunner {
         }
     }
 
-    /// Watches for a job for `SPIN`, then waits for one up to `LINGER`. Returns whether
-    /// one is queued.
+    /// Watches for a job for `SPIN` (unless recent watches found none), then waits for
+    /// one up to `LINGER`. Returns whether one is queued.
     fn wait_for_job(&self) -> bool {
         // Watching goes on even when yields are slow (other threads wanted the
         // processor): it was given away meanwhile, and in a back-and-forth exchange the
