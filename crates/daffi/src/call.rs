@@ -247,10 +247,10 @@ impl Call {
     }
 
     /// Async twin of [`period`](Self::period).
-    pub async fn period_async(self, period: Period) -> Result<ScheduledTask> {
+    pub async fn period_async(mut self, period: Period) -> Result<ScheduledTask> {
         let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
-        let args = self.encoded_args()?.to_bytes();
+        let args = self.take_args()?.into_bytes();
         let request = ControlRequest::Schedule {
             callback: self.callback.to_string(),
             args,
@@ -266,25 +266,18 @@ impl Call {
         }
     }
 
-    fn encoded_args(&self) -> Result<Payload> {
-        self.args.clone().map_err(|message| Error::Encode {
+    /// The encoded arguments, moved out (not cloned: a clone of each part would be
+    /// dropped at once), or why they could not be encoded.
+    fn take_args(&mut self) -> Result<Payload> {
+        std::mem::replace(&mut self.args, Ok(Payload::default())).map_err(|message| Error::Encode {
             callback: self.callback.to_string(),
             message,
         })
     }
 
-    fn into_request(self, no_reply: bool) -> Result<(std::sync::Arc<NodeCore>, CallRequest)> {
+    fn into_request(mut self, no_reply: bool) -> Result<(std::sync::Arc<NodeCore>, CallRequest)> {
         let node = self.global.node()?.clone();
-        // Moved, not cloned: a clone of each part would be dropped at once.
-        let args = match self.args {
-            Ok(args) => args,
-            Err(message) => {
-                return Err(Error::Encode {
-                    callback: self.callback.to_string(),
-                    message,
-                })
-            }
-        };
+        let args = self.take_args()?;
         Ok((
             node,
             CallRequest {

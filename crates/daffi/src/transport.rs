@@ -76,7 +76,7 @@ pub async fn connect(
                 .set_nodelay(true)
                 .map_err(ConnectError::Unreachable)?;
             match tls {
-                None => halves(stream).map_err(ConnectError::Unreachable),
+                None => stream.into_halves().map_err(ConnectError::Unreachable),
                 Some(tls) => tls.connect(stream).await.map_err(|e| {
                     ConnectError::Tls(tls.explain(&e).unwrap_or_else(|| {
                         format!(
@@ -94,7 +94,7 @@ pub async fn connect(
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(ConnectError::Unreachable)?;
-            halves(stream).map_err(ConnectError::Unreachable)
+            stream.into_halves().map_err(ConnectError::Unreachable)
         }
         #[cfg(not(unix))]
         Address::Unix(_) => Err(ConnectError::Unreachable(io::Error::new(
@@ -104,14 +104,10 @@ pub async fn connect(
     }
 }
 
-/// A plaintext stream's reader and writer. On Unix, halves that register the socket for
-/// reading only (see [`split`]); elsewhere, tokio's.
-fn halves<S: IntoHalves>(stream: S) -> io::Result<(BoxRead, BoxWrite)> {
-    stream.into_halves()
-}
-
-/// A tokio stream that [`halves`] splits.
+/// A plaintext tokio stream, split into its reader and writer.
 trait IntoHalves {
+    /// On Unix, halves that register the socket for reading only (see [`split`]);
+    /// elsewhere, tokio's.
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)>;
 }
 
@@ -272,7 +268,7 @@ impl Incoming {
     pub async fn open(self, tls: Option<&ServerTls>) -> io::Result<Opened> {
         match (self.stream, tls) {
             (RawStream::Tcp(stream), None) => {
-                let (r, w) = halves(stream)?;
+                let (r, w) = stream.into_halves()?;
                 Ok(Opened::Ready(r, w))
             }
             (RawStream::Tcp(stream), Some(tls)) => {
@@ -284,7 +280,7 @@ impl Incoming {
                     ));
                 }
                 if first[0] != TLS_HANDSHAKE_RECORD {
-                    let (r, w) = halves(stream)?;
+                    let (r, w) = stream.into_halves()?;
                     return Ok(Opened::NotTls(r, w));
                 }
                 let (r, w) = tls.accept(stream).await?;
@@ -292,7 +288,7 @@ impl Incoming {
             }
             #[cfg(unix)]
             (RawStream::Unix(stream), _) => {
-                let (r, w) = halves(stream)?;
+                let (r, w) = stream.into_halves()?;
                 Ok(Opened::Ready(r, w))
             }
         }

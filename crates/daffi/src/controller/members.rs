@@ -77,11 +77,7 @@ impl Members {
     ) -> Forward {
         match read(&self.routes).get(name) {
             Some(r) if !r.takes(request) => Forward::To(Destination::Leaving, frame),
-            Some(r) => match if more_follow {
-                r.queue.push_with_more(frame)
-            } else {
-                r.queue.push(frame)
-            } {
+            Some(r) => match r.queue.push_with(frame, more_follow) {
                 Push::Sent => Forward::Sent,
                 Push::Full(frame) => Forward::To(Destination::Open(r.queue.clone()), frame),
                 Push::Closed => Forward::To(Destination::Unknown, Outgoing::default()),

@@ -299,32 +299,25 @@ async fn route(
             // leaving nodes too: they finish what they started.
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
-            let destination = match shared
+            let undelivered = match shared
                 .members
                 .forward(frame.dst(), request, out, more_follow)
             {
-                Forward::Sent => {
-                    if request {
-                        runs.count(frame.name());
-                    }
-                    return Ok(());
-                }
-                Forward::To(destination, out) => (destination, out),
+                Forward::Sent => None,
+                // A full queue: wait for room.
+                Forward::To(Destination::Open(queue), out) => queue
+                    .send(out)
+                    .await
+                    .err()
+                    .map(|_| UndeliverableCode::UnknownProcess),
+                Forward::To(Destination::Leaving, _) => Some(UndeliverableCode::Stopping),
+                Forward::To(Destination::Unknown, _) => Some(UndeliverableCode::UnknownProcess),
             };
-            let code = match destination {
-                (Destination::Open(queue), out) => match queue.send(out).await {
-                    Ok(()) => {
-                        if request {
-                            runs.count(frame.name());
-                        }
-                        return Ok(());
-                    }
-                    Err(_) => UndeliverableCode::UnknownProcess,
-                },
-                (Destination::Leaving, _) => UndeliverableCode::Stopping,
-                (Destination::Unknown, _) => UndeliverableCode::UnknownProcess,
-            };
-            undeliverable(own_queue, &frame, code).await;
+            match undelivered {
+                None if request => runs.count(frame.name()),
+                None => {}
+                Some(code) => undeliverable(own_queue, &frame, code).await,
+            }
             Ok(())
         }
         Kind::Leaving => {

@@ -315,12 +315,7 @@ impl NodeCore {
             tracing::debug!(callback, "reply dropped: not connected");
             return None;
         };
-        let pushed = if more_follow {
-            conn.queue.push_with_more(reply)
-        } else {
-            conn.queue.push(reply)
-        };
-        match pushed {
+        match conn.queue.push_with(reply, more_follow) {
             Push::Sent | Push::Closed => None,
             Push::Full(reply) => Some((reply, conn.queue.clone())),
         }

@@ -505,23 +505,20 @@ impl FrameSender {
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
     pub(crate) fn push(&self, frame: Outgoing) -> Push {
-        self.push_or_write(frame, true)
+        self.push_with(frame, false)
     }
 
-    /// Like [`push`](Self::push), but leaves the writing to the writer task even on an
-    /// idle connection: for a sender that has more frames for it at hand (the controller
-    /// forwarding the frames of one read), so that they leave in one write.
-    pub(crate) fn push_with_more(&self, frame: Outgoing) -> Push {
-        self.push_or_write(frame, false)
-    }
-
-    fn push_or_write(&self, frame: Outgoing, may_write: bool) -> Push {
+    /// Like [`push`](Self::push); with `more_follow` (the sender has more frames for this
+    /// connection at hand: the controller forwarding the frames of one read, a node's
+    /// replies to queued callbacks), the writing is left to the writer task even on an
+    /// idle connection, so that they leave in one write.
+    pub(crate) fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
         let mut st = self.shared.lock();
         if st.closed {
             return Push::Closed;
         }
         // The clock is read last: a busy connection is decided without it.
-        let direct = may_write
+        let direct = !more_follow
             && st.queue.is_empty()
             && st.socket.is_some()
             && st
@@ -773,7 +770,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_left_to_the_writer_on_an_idle_connection_still_go_out() {
-        // `push_with_more` never writes itself: the writer task must be woken for it,
+        // `push_with(.., true)` never writes itself: the writer task must be woken for it,
         // even when nothing else is sent afterwards.
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (tx, writer) = frame_channel(a, 8);
@@ -782,7 +779,7 @@ mod tests {
             let mut h = Header::control(Kind::Request);
             h.call_id = id;
             assert!(matches!(
-                tx.push_with_more(Outgoing::new(&h, Bytes::from_static(b"x"))),
+                tx.push_with(Outgoing::new(&h, Bytes::from_static(b"x")), true),
                 Push::Sent
             ));
         }
