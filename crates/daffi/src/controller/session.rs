@@ -22,9 +22,6 @@ use crate::protocol::message::{
 use crate::protocol::{MAGIC, MAX_HELLO_SIZE, MAX_PROCESS_NAME, PROTOCOL_VERSION};
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
-/// Frames queued for one connection before forwarding to it waits.
-pub const QUEUE_CAPACITY: usize = 4096;
-
 /// State shared by every session of one controller.
 pub struct Shared {
     pub config: ControllerConfig,
@@ -61,7 +58,7 @@ pub async fn serve(
             return;
         }
     };
-    let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+    let (queue, writer) = frame_channel(write, shared.config.queue_limits());
     let writer = tokio::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.

@@ -11,7 +11,9 @@ use super::executor::{self, SyncBatch};
 use super::{Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
-use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError, KEEP_LARGE_BUFFERS};
+use crate::protocol::io::{
+    frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
+};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
@@ -21,9 +23,6 @@ use crate::transport::{self, BoxRead, ConnectError};
 
 /// How long a closing link may take to flush what was queued.
 const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Frames queued for the controller before a sender waits.
-const QUEUE_CAPACITY: usize = 4096;
 
 /// An established connection.
 pub struct Link {
@@ -105,7 +104,12 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Kind::Welcome => {
             let welcome: Welcome = message::decode(&first.payload())
                 .map_err(|e| protocol(format!("undecodable Welcome: {e}")))?;
-            let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+            let limits = QueueLimits::new(
+                core.config.max_queue_bytes,
+                core.config.max_frame_size,
+                core.config.stall_timeout,
+            );
+            let (queue, writer) = frame_channel(write, limits);
             let writer = tokio::spawn(writer);
             Ok(Link {
                 reader,

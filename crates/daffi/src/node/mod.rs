@@ -44,6 +44,11 @@ pub struct NodeConfig {
     pub auth_token: Option<AuthToken>,
     /// TLS to the controller (TCP only); `None`: plaintext.
     pub tls: Option<Arc<ClientTls>>,
+    /// Bytes queued for the controller before a sender waits for room.
+    pub max_queue_bytes: usize,
+    /// How long the controller may read nothing of what waits for it before the node
+    /// drops the connection (and reconnects).
+    pub stall_timeout: Duration,
 }
 
 /// One call to make.
@@ -153,7 +158,10 @@ impl NodeCore {
         }
         if let Some(conn) = self.connection() {
             conn.pending.close(|| Error::Stopped);
-            let _ = conn.queue.try_send(Outgoing::control(Kind::Leaving, &()));
+            // Past the byte limit if need be: calls queued ahead must not keep it back.
+            let _ = conn
+                .queue
+                .push_unrefused(Outgoing::control(Kind::Leaving, &()), false);
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -185,7 +193,9 @@ impl NodeCore {
             return;
         }
         if let Some(conn) = write(&self.connection).take() {
-            let _ = conn.queue.try_send(Outgoing::control(Kind::Goodbye, &()));
+            let _ = conn
+                .queue
+                .push_unrefused(Outgoing::control(Kind::Goodbye, &()), false);
         }
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
