@@ -40,7 +40,8 @@ macro_rules! exit_codes {
          \x20 7  bad arguments: an ARG is not JSON, the callback cannot decode them, or too large\n\
          \x20 8  the controller is unreachable\n\
          \x20 9  the node serving the call disconnected or stopped before it answered\n\
-         \x20 10 the controller refused this command: wrong or missing token, or TLS mismatch"
+         \x20 10 the controller refused this command: wrong or missing token, or TLS mismatch\n\
+         \x20 11 the node is busy: overloaded, or not reading what is sent to it; retry later"
     };
 }
 

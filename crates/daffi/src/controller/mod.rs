@@ -95,6 +95,7 @@ impl ControllerHandle {
             scheduler: Arc::new(scheduler),
             members,
             calls,
+            dropped_one_way: Default::default(),
         });
         tracing::info!(
             %address,

@@ -204,13 +204,14 @@ fn dispatch(
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let process = entry.target.to_string();
+                let callback = entry.callback.to_string();
                 let error = match message::decode::<Undeliverable>(&frame.payload()) {
                     Ok(Undeliverable {
                         code: UndeliverableCode::Stopping,
-                    }) => Error::PeerStopped {
-                        process,
-                        callback: entry.callback.to_string(),
-                    },
+                    }) => Error::PeerStopped { process, callback },
+                    Ok(Undeliverable {
+                        code: UndeliverableCode::SlowConsumer,
+                    }) => Error::SlowConsumer { process, callback },
                     _ => Error::UnknownProcess { process },
                 };
                 let _ = entry.done.send(Err(error));
