@@ -140,9 +140,10 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
 }
 
 impl Link {
-    /// Dispatches frames until the connection ends or `closed` is set; returns why it ended.
+    /// Dispatches frames until the connection ends or `closed` is set; returns why it
+    /// ended. Then [`Link::drain`] (a graceful stop) or [`Link::abort`] (a failure).
     pub async fn run(
-        mut self,
+        &mut self,
         core: &Arc<NodeCore>,
         conn: &Connection,
         closed: &mut watch::Receiver<bool>,
@@ -152,21 +153,30 @@ impl Link {
         let flag = closed.clone();
         let stop = closed.wait_for(|c| *c);
         tokio::pin!(stop);
+        // The writer closes the connection when the controller reads nothing for the
+        // stall timeout (or a write fails).
+        let writer_closed = self.queue.closed();
+        tokio::pin!(writer_closed);
         let reason = loop {
             if !self.reader.has_frame() {
                 // Everything read so far is dispatched: the sync callbacks among it go
                 // to the runner together.
                 batch.submit(core);
             }
-            // Frames first, without drawing a random order per frame; the stop is looked
-            // at through its flag between frames, so a flood cannot hide it.
+            // Frames first, without drawing a random order per frame; the stop and the
+            // writer are looked at through their flags between frames, so a flood
+            // cannot hide them.
             if flag.has_changed().unwrap_or(true) && *flag.borrow() {
                 break "node stopped".to_string();
+            }
+            if self.queue.is_closed() {
+                break writer_failure(&self.queue);
             }
             let next = tokio::select! {
                 biased;
                 next = self.reader.next() => next,
                 _ = &mut stop => break "node stopped".to_string(),
+                _ = &mut writer_closed => break writer_failure(&self.queue),
             };
             match next {
                 Ok(Some(frame)) => {
@@ -180,14 +190,30 @@ impl Link {
         };
         // Requests already admitted still run; their replies go out if they can.
         batch.submit(core);
-        // Let what is queued (a goodbye, last replies) go out, but never wait long on a
-        // controller that stopped reading.
+        reason
+    }
+
+    /// Lets what is queued (a goodbye, last replies) go out, but never waits long on a
+    /// controller that stopped reading.
+    pub async fn drain(self) {
         drop(self.queue);
         let abort = self.writer.abort_handle();
         if timeout(WRITER_DRAIN, self.writer).await.is_err() {
             abort.abort();
         }
-        reason
+    }
+
+    /// Drops the connection and whatever was queued on it: it failed.
+    pub fn abort(self) {
+        self.writer.abort();
+    }
+}
+
+/// Why the writer closed the connection.
+fn writer_failure(queue: &FrameSender) -> String {
+    match queue.close_reason() {
+        Some(reason) => format!("connection closed: {reason}"),
+        None => "the connection closed".to_string(),
     }
 }
 

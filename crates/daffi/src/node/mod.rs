@@ -438,7 +438,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
     let mut closed = core.closed.subscribe();
     while !core.is_stopped() {
         match link::connect(&core, core.callback_names()).await {
-            Ok(link) => {
+            Ok(mut link) => {
                 backoff = Backoff::default();
                 let limit = core
                     .config
@@ -461,14 +461,19 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 }
                 let reason = link.run(&core, &conn, &mut closed).await;
                 if core.is_stopped() {
+                    link.drain().await;
                     break;
                 }
                 tracing::warn!(process = %core.name, %reason, "lost the controller; reconnecting");
-                // Close first: a call racing this sees a closed connection, never an
-                // emptied membership view it would misreport as "nobody serves it".
+                // At once, before anything else: calls in flight fail, and calls made
+                // from now on fail without waiting (the old writer is not drained: what
+                // it held cannot reach anyone). Close first: a call racing this sees a
+                // closed connection, never an emptied membership view it would
+                // misreport as "nobody serves it".
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
+                link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);
                 core.report(changes);
