@@ -199,7 +199,8 @@ impl GlobalBuilder {
     }
 
     /// How many bytes one connection may hold for its peer, sent but not yet written to
-    /// its socket. Default: 64 MiB.
+    /// its socket (each frame counting 128 bytes more than its size, so that a flood of
+    /// tiny frames is bounded too). Default: 64 MiB.
     ///
     /// In a controller started here, per node: a request to a node that holds this much
     /// already is not delivered, and its caller gets [`Error::SlowConsumer`] at once
