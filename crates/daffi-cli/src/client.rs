@@ -32,6 +32,9 @@ pub mod code {
     pub const PEER_DISCONNECTED: u8 = 9;
     /// The controller refused this command's node: token or TLS.
     pub const REFUSED: u8 = 10;
+    /// The node is too busy to take the call: overloaded, or not reading what is sent
+    /// to it (a slow consumer). Retrying later may work.
+    pub const BUSY: u8 = 11;
 }
 
 /// The exit code for a library error.
@@ -47,6 +50,7 @@ pub fn code_of(e: &Error) -> u8 {
         Error::ControllerUnreachable { .. } => code::UNREACHABLE,
         Error::PeerDisconnected { .. } | Error::PeerStopped { .. } => code::PEER_DISCONNECTED,
         Error::AuthenticationFailed { .. } | Error::Tls { .. } => code::REFUSED,
+        Error::Overloaded { .. } | Error::SlowConsumer { .. } => code::BUSY,
         // The first failed node in name order decides.
         Error::Broadcast { failed, .. } => failed
             .first()

@@ -40,7 +40,8 @@ macro_rules! exit_codes {
          \x20 7  bad arguments: an ARG is not JSON, the callback cannot decode them, or too large\n\
          \x20 8  the controller is unreachable\n\
          \x20 9  the node serving the call disconnected or stopped before it answered\n\
-         \x20 10 the controller refused this command: wrong or missing token, or TLS mismatch"
+         \x20 10 the controller refused this command: wrong or missing token, or TLS mismatch\n\
+         \x20 11 the node is busy: overloaded, or not reading what is sent to it; retry later"
     };
 }
 
@@ -141,6 +142,34 @@ struct ControllerArgs {
     endpoint: Endpoint,
     #[command(flatten)]
     security: ControllerSecurity,
+    #[command(flatten)]
+    slow_nodes: SlowNodes,
+}
+
+/// How much a node that reads too little may cost the controller.
+#[derive(Args)]
+struct SlowNodes {
+    /// Bytes held for one node before requests to it fail with "slow consumer"
+    /// (replies and membership events to it may reach twice the larger of this and
+    /// --max-frame-size; past that it is disconnected). Default: 64 MiB.
+    #[arg(long, env = "DAFFI_MAX_QUEUE_BYTES")]
+    max_queue_bytes: Option<usize>,
+    /// How long a node may read nothing of what waits for it before it is
+    /// disconnected, e.g. 10s or 500ms. Default: 10s.
+    #[arg(long, env = "DAFFI_STALL_TIMEOUT", value_name = "DURATION", value_parser = client::parse_duration)]
+    stall_timeout: Option<std::time::Duration>,
+}
+
+impl SlowNodes {
+    fn apply(&self, mut b: daffi::GlobalBuilder) -> daffi::GlobalBuilder {
+        if let Some(bytes) = self.max_queue_bytes {
+            b = b.max_queue_bytes(bytes);
+        }
+        if let Some(timeout) = self.stall_timeout {
+            b = b.stall_timeout(timeout);
+        }
+        b
+    }
 }
 
 /// TLS and the auth token of a standalone controller.
@@ -271,8 +300,8 @@ fn main() -> ExitCode {
 
 async fn controller(args: ControllerArgs) -> daffi::Result<()> {
     let g = args
-        .security
-        .apply(args.endpoint.builder())
+        .slow_nodes
+        .apply(args.security.apply(args.endpoint.builder()))
         .init_controller(true)
         .init_node(false)
         .start_async()

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use crate::controller::members::Members;
 use crate::node::Membership;
-use crate::protocol::io::frame_channel;
+use crate::protocol::io::{frame_channel, QueueLimits};
 use crate::protocol::message::{Member, MembershipEvent};
 use crate::protocol::Payload;
 
@@ -23,7 +23,7 @@ impl ControllerRoutes {
         let members = Members::default();
         runtime.block_on(async {
             for i in 0..nodes {
-                let (queue, _writer) = frame_channel(tokio::io::sink(), 4096);
+                let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
                 members
                     .join(
                         &format!("node{i}"),

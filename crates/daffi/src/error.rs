@@ -63,6 +63,19 @@ pub enum Error {
         callback: String,
     },
 
+    /// The node the call went to reads too little of what is sent to it (it may be
+    /// paused, or slower than its callers): the controller already holds as much for it
+    /// as it holds for one node (`max_queue_bytes`), so the call was not delivered and
+    /// did not run. A node that reads nothing for the controller's `stall_timeout` is
+    /// disconnected (its calls in flight then get [`Error::PeerDisconnected`]).
+    #[error("process `{process}` is not reading what is sent to it (it may be paused, or slower than its callers), so the call to `{callback}` was not delivered; retry later, call another node, or check that process")]
+    SlowConsumer {
+        /// The node that is not reading.
+        process: String,
+        /// The callback that was called.
+        callback: String,
+    },
+
     /// No answer came within the allowed time.
     #[error(
         "`{what}` did not complete within {after:?}; raise the timeout or check the remote node"

@@ -18,6 +18,7 @@ use crate::hooks::{Hook, Hooks};
 use crate::info::{ControllerStats, MemberInfo};
 use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
+use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
@@ -40,6 +41,8 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
 /// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 callbacks |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
+/// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
+/// | [`stall_timeout`](Self::stall_timeout) | 10 s |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
 /// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
 /// | [`tls_cert`](Self::tls_cert) / [`tls_key`](Self::tls_key) (controller) | unset: no TLS |
@@ -67,6 +70,8 @@ pub struct GlobalBuilder {
     max_in_flight: usize,
     max_concurrent_callbacks: usize,
     max_connections: usize,
+    max_queue_bytes: usize,
+    stall_timeout: Duration,
     stop_timeout: Duration,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -95,6 +100,8 @@ impl Default for GlobalBuilder {
             max_in_flight: 10_000,
             max_concurrent_callbacks: 1_024,
             max_connections: 10_000,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             stop_timeout: Duration::from_secs(5),
             tls_cert: None,
             tls_key: None,
@@ -188,6 +195,39 @@ impl GlobalBuilder {
     /// at once (and logged). Default: 10,000.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// How many bytes one connection may hold for its peer, sent but not yet written to
+    /// its socket (each frame counting 128 bytes more than its size, so that a flood of
+    /// tiny frames is bounded too). Default: 64 MiB.
+    ///
+    /// In a controller started here, per node: a request to a node that holds this much
+    /// already is not delivered, and its caller gets [`Error::SlowConsumer`] at once
+    /// (one frame always passes when nothing is held, whatever its size). Frames a node
+    /// cannot refuse (replies to its calls, membership events) pass the limit, up to a
+    /// hard limit of twice the larger of this and [`max_frame_size`](Self::max_frame_size);
+    /// a node that would pass it is disconnected. So a paused node costs the controller
+    /// at most about this much memory. Calls with larger arguments in flight to one node
+    /// at once need a larger limit.
+    ///
+    /// In a node, for its link to the controller: a call waits for room (within its
+    /// timeout) once this much is queued.
+    pub fn max_queue_bytes(mut self, bytes: usize) -> Self {
+        self.max_queue_bytes = bytes.max(1);
+        self
+    }
+
+    /// How long a connection may have something to write while its peer reads none of
+    /// it; then the connection is closed. Default: 10 s (NATS's write deadline).
+    ///
+    /// A controller started here disconnects such a node (it is a slow consumer: paused,
+    /// stuck, or far slower than its callers); the others hear that it left, and calls
+    /// in flight to it get [`Error::PeerDisconnected`]. A node whose controller reads
+    /// nothing drops the connection and reconnects. Any progress restarts the clock, so
+    /// a large frame to a slow but reading peer is never cut. Must be longer than zero.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 
@@ -442,6 +482,11 @@ impl GlobalBuilder {
             Some(n) => n.clone(),
             None => format!("node-{}", random_suffix()),
         };
+        if self.stall_timeout.is_zero() {
+            return Err(Error::Config(
+                "stall_timeout must be longer than zero".into(),
+            ));
+        }
         let mut address = self.address()?;
         let auth_token = self.token()?;
         let (server_tls, client_tls) = self.load_tls(&address)?;
@@ -453,6 +498,8 @@ impl GlobalBuilder {
                 max_connections: self.max_connections,
                 tls: server_tls,
                 auth_token: auth_token.clone(),
+                max_queue_bytes: self.max_queue_bytes,
+                stall_timeout: self.stall_timeout,
             };
             let c = ControllerHandle::start(&address, config, &runtime).await?;
             if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
@@ -480,6 +527,8 @@ impl GlobalBuilder {
                 stop_timeout: self.stop_timeout,
                 auth_token,
                 tls: client_tls,
+                max_queue_bytes: self.max_queue_bytes,
+                stall_timeout: self.stall_timeout,
             };
             let node = NodeCore::new(name.clone(), config, static_callbacks(), events_tx);
             node.start().await?;

@@ -383,13 +383,6 @@ fn an_argument_over_the_frame_limit_fails_at_the_caller_before_sending() {
     );
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 #[test]
 fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
     let controller = StandaloneController::start(ENTRY);
@@ -409,7 +402,7 @@ fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
         c.wait_process_timeout(&slow, WAIT).expect("slow known");
     }
     let pid = controller.pid().expect("controller pid");
-    let before = peak_rss_kib(pid);
+    let before = common::peak_rss_kib(pid);
 
     const PER_CALLER: usize = 5_000;
     let flooders: Vec<_> = fast_callers
@@ -447,7 +440,7 @@ fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
     }
     assert_eq!(ok + overloaded, 3 * PER_CALLER, "every call accounted for");
     assert!(ok > 0 && overloaded > 0, "ok {ok}, overloaded {overloaded}");
-    let after = peak_rss_kib(pid);
+    let after = common::peak_rss_kib(pid);
     eprintln!(
         "controller peak RSS before/after the flood: {before:?} / {after:?} KiB; {ok} served, {overloaded} refused as overloaded"
     );

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::protocol::frame::Kind;
 use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Member, MembershipEvent, Welcome};
+use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode, Welcome};
 use crate::sync::{read, write};
 
 /// The writer queue of one connection.
@@ -27,24 +27,6 @@ impl Route {
     }
 }
 
-/// Where a request can go.
-pub enum Destination {
-    /// Connected and accepting requests.
-    Open(Queue),
-    /// Connected but stopping.
-    Leaving,
-    /// Not connected.
-    Unknown,
-}
-
-/// What [`Members::forward`] did.
-pub enum Forward {
-    /// Queued.
-    Sent,
-    /// Not queued: where the frame can go instead (wait for room in an open queue).
-    To(Destination, Outgoing),
-}
-
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
 /// so that every node sees membership events in the same order, and a node's `Welcome`
 /// is queued before anyone can route a frame to it.
@@ -63,26 +45,38 @@ impl Members {
             .is_some_and(|r| r.takes(request))
     }
 
-    /// Queues `frame` for the node called `name` if its queue has room, without taking
-    /// a handle on the queue (the common case: nothing to clone and drop per frame).
-    /// `request`: a new request, which a leaving node does not take. A frame for an idle
-    /// connection is written here, under the read lock (the write never waits), unless
-    /// `more_follow`: more frames are at hand, and the writer task sends them together.
+    /// Queues `frame` for the node called `name`, without taking a handle on its queue
+    /// (nothing to clone and drop per frame), and never waits. `request`: a new
+    /// request, which a leaving node does not take, nor a node whose queue is full (it
+    /// reads too little: `SlowConsumer`). Anything else (a reply) is queued past the
+    /// byte limit; past the hard limit, the node is disconnected instead. A frame for an
+    /// idle connection is written here, under the read lock (the write never waits),
+    /// unless `more_follow`: more frames are at hand, and the writer task sends them
+    /// together. `Err`: not queued, and why.
     pub fn forward(
         &self,
         name: &str,
         request: bool,
         frame: Outgoing,
         more_follow: bool,
-    ) -> Forward {
-        match read(&self.routes).get(name) {
-            Some(r) if !r.takes(request) => Forward::To(Destination::Leaving, frame),
-            Some(r) => match r.queue.push_with(frame, more_follow) {
-                Push::Sent => Forward::Sent,
-                Push::Full(frame) => Forward::To(Destination::Open(r.queue.clone()), frame),
-                Push::Closed => Forward::To(Destination::Unknown, Outgoing::default()),
-            },
-            None => Forward::To(Destination::Unknown, frame),
+    ) -> Result<(), UndeliverableCode> {
+        let routes = read(&self.routes);
+        let Some(route) = routes.get(name) else {
+            return Err(UndeliverableCode::UnknownProcess);
+        };
+        if !route.takes(request) {
+            return Err(UndeliverableCode::Stopping);
+        }
+        if !request {
+            return match deliver(&route.queue, frame, more_follow) {
+                true => Ok(()),
+                false => Err(UndeliverableCode::UnknownProcess),
+            };
+        }
+        match route.queue.push_with(frame, more_follow) {
+            Push::Sent => Ok(()),
+            Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
+            Push::Closed => Err(UndeliverableCode::UnknownProcess),
         }
     }
 
@@ -134,18 +128,13 @@ impl Members {
             members: self.snapshot(),
             max_frame_size: max_frame_size as u64,
         };
-        if queue
-            .send(Outgoing::control(Kind::Welcome, &welcome))
-            .await
-            .is_err()
-        {
+        if !deliver(&queue, Outgoing::control(Kind::Welcome, &welcome), false) {
             return true; // the connection died already; the session will call `leave`
         }
         let member = Member {
             name: name.to_string(),
             callbacks: callbacks.clone(),
         };
-        let others = self.queues_except(name);
         write(&self.routes).insert(
             Arc::from(name),
             Route {
@@ -155,7 +144,7 @@ impl Members {
                 leaving: false,
             },
         );
-        broadcast(others, &MembershipEvent::Joined(member)).await;
+        self.broadcast(name, &MembershipEvent::Joined(member));
         true
     }
 
@@ -173,7 +162,7 @@ impl Members {
             name: name.to_string(),
             callbacks,
         });
-        broadcast(self.queues_except(name), &event).await;
+        self.broadcast(name, &event);
     }
 
     /// Marks a node as stopping and tells everyone else, so that nobody sends it new
@@ -190,7 +179,7 @@ impl Members {
         let event = MembershipEvent::Leaving {
             name: name.to_string(),
         };
-        broadcast(self.queues_except(name), &event).await;
+        self.broadcast(name, &event);
     }
 
     /// Removes a node (if this connection still owns the name) and, with `announce`,
@@ -213,22 +202,33 @@ impl Members {
         let event = MembershipEvent::Left {
             name: name.to_string(),
         };
-        broadcast(self.queues_except(name), &event).await;
+        self.broadcast(name, &event);
     }
 
-    fn queues_except(&self, name: &str) -> Vec<Queue> {
-        read(&self.routes)
-            .iter()
-            .filter(|(n, _)| &***n != name)
-            .map(|(_, r)| r.queue.clone())
-            .collect()
+    /// Tells every member but `except` about `event`, without waiting on any of them:
+    /// a member that cannot take it (past its hard limit) is disconnected, and the
+    /// others hear of that in turn.
+    fn broadcast(&self, except: &str, event: &MembershipEvent) {
+        let frame = Outgoing::control(Kind::Membership, event);
+        for (name, route) in read(&self.routes).iter() {
+            if &**name != except {
+                // A closed queue belongs to a node that is leaving; its own `leave` follows.
+                deliver(&route.queue, frame.clone(), false);
+            }
+        }
     }
 }
 
-async fn broadcast(queues: Vec<Queue>, event: &MembershipEvent) {
-    let frame = Outgoing::control(Kind::Membership, event);
-    for q in queues {
-        // A closed queue belongs to a node that is leaving; its own `leave` follows.
-        let _ = q.send(frame.clone()).await;
+/// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
+/// limit if need be; past the hard limit, disconnects the node as a slow consumer (its
+/// session sees the close, logs it with what was held, and leaves). Returns whether the frame was queued.
+fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
+    match queue.push_unrefused(frame, more_follow) {
+        Push::Sent => true,
+        Push::Closed => false,
+        Push::Full(_) => {
+            queue.close_as_slow_consumer();
+            false
+        }
     }
 }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
+use crate::protocol::io::{QueueLimits, DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
 use crate::transport::{Address, Listener, ServerTls, UNIX_NO_TLS};
 use session::Shared;
@@ -38,6 +39,14 @@ pub struct ControllerConfig {
     pub tls: Option<Arc<ServerTls>>,
     /// The token every node must present in its `Hello`. Default: none, no check.
     pub auth_token: Option<AuthToken>,
+    /// Bytes held for one node, accepted and not yet written to it, before requests to
+    /// it fail with `SlowConsumer`. Frames it cannot refuse (replies, membership events)
+    /// pass it up to twice the larger of this and `max_frame_size`; past that the node
+    /// is disconnected. Default: 64 MiB.
+    pub max_queue_bytes: usize,
+    /// How long a node may read nothing of what is waiting for it before it is
+    /// disconnected as a slow consumer. Default: 10 s.
+    pub stall_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -48,6 +57,8 @@ impl Default for ControllerConfig {
             max_connections: 10_000,
             tls: None,
             auth_token: None,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -84,6 +95,7 @@ impl ControllerHandle {
             scheduler: Arc::new(scheduler),
             members,
             calls,
+            dropped_one_way: Default::default(),
         });
         tracing::info!(
             %address,
@@ -109,6 +121,17 @@ impl ControllerHandle {
 impl Drop for ControllerHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl ControllerConfig {
+    /// What each connection may hold for its node.
+    fn queue_limits(&self) -> QueueLimits {
+        QueueLimits::new(
+            self.max_queue_bytes,
+            self.max_frame_size,
+            self.stall_timeout,
+        )
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Each task is one tokio task that sleeps until its next run, then sends a no-reply
 //! request to the pinned node or to a provider chosen at that moment. A run with no
-//! provider is skipped (and logged); the schedule goes on.
+//! provider, or whose node reads too little to take it, is skipped (and logged); the
+//! schedule goes on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 use super::counters::Tally;
 use super::members::Members;
 use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY};
-use crate::protocol::io::Outgoing;
+use crate::protocol::io::{Outgoing, Push};
 use crate::protocol::message::{TaskInfo, Timing};
 
 /// A task the controller holds.
@@ -193,14 +194,16 @@ async fn run(scheduler: Arc<Scheduler>, id: u64, args: Bytes) {
             }
             fire
         };
-        fire(&scheduler, id, &callback, on.as_deref(), &args).await;
+        fire(&scheduler, id, &callback, on.as_deref(), &args);
         if !lock(&scheduler.tasks).contains_key(&id) {
             return;
         }
     }
 }
 
-async fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, args: &Bytes) {
+/// Sends one run, never waiting: a node that is not reading what is sent to it misses
+/// the run, like a run with no provider.
+fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, args: &Bytes) {
     let Some((node, queue)) = scheduler.members.pick_provider(callback, on) else {
         tracing::warn!(
             task_id = id,
@@ -220,10 +223,14 @@ async fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, 
         name: callback,
     };
     let frame = Outgoing::new(&header, args.clone());
-    if queue.send(frame).await.is_err() {
-        tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node just left");
-    } else {
-        scheduler.tally.count(callback);
+    match queue.push(frame) {
+        Push::Sent => scheduler.tally.count(callback),
+        Push::Full(_) => {
+            tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node reads too little of what is sent to it (slow consumer)")
+        }
+        Push::Closed => {
+            tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node just left")
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! One node's connection to the controller: handshake, then routing its frames.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::counters::{CallCounts, Runs};
-use super::members::{Destination, Forward, Members};
+use super::members::Members;
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
@@ -22,15 +23,30 @@ use crate::protocol::message::{
 use crate::protocol::{MAGIC, MAX_HELLO_SIZE, MAX_PROCESS_NAME, PROTOCOL_VERSION};
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
-/// Frames queued for one connection before forwarding to it waits.
-pub const QUEUE_CAPACITY: usize = 4096;
-
 /// State shared by every session of one controller.
 pub struct Shared {
     pub config: ControllerConfig,
     pub members: Arc<Members>,
     pub scheduler: Arc<Scheduler>,
     pub calls: Arc<CallCounts>,
+    /// NO_RETURN requests dropped because their node read too little (for the log).
+    pub dropped_one_way: AtomicU64,
+}
+
+impl Shared {
+    /// Logs a NO_RETURN request dropped because its node reads too little of what is
+    /// sent to it: the first, then one line per thousand (a flood must not flood the log).
+    fn note_dropped_one_way(&self, frame: &Frame) {
+        let dropped = self.dropped_one_way.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 || dropped % 1000 == 0 {
+            tracing::warn!(
+                process = frame.dst(),
+                callback = frame.name(),
+                dropped,
+                "dropped NO_RETURN calls to a node that reads too little of what is sent to it (slow consumer)"
+            );
+        }
+    }
 }
 
 /// Serves one connection until it closes, fails, or the controller shuts down.
@@ -38,7 +54,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     conn_id: u64,
     incoming: Incoming,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let peer = incoming.peer().to_string();
     // One deadline for the whole opening: TLS handshake, preamble and Hello. A peer that
@@ -61,7 +77,7 @@ pub async fn serve(
             return;
         }
     };
-    let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+    let (queue, writer) = frame_channel(write, shared.config.queue_limits());
     let writer = tokio::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.
@@ -110,69 +126,105 @@ pub async fn serve(
     tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
     let mut runs = Runs::new(shared.calls.open(conn_id));
 
-    let mut stopping = false;
-    // One wait for the shutdown signal for the whole session, not one per frame.
-    let stop_flag = shutdown.clone();
-    let stop_signal = shutdown.changed();
-    tokio::pin!(stop_signal);
-    let reason = loop {
-        if !reader.has_frame() {
-            runs.flush();
-        }
-        let next = tokio::select! {
-            // Frames first, without drawing a random order per frame.
-            biased;
-            next = reader.next() => next,
-            _ = &mut stop_signal => {
-                stopping = true;
-                break "controller stopping".to_string();
-            }
-        };
-        match next {
-            Ok(Some(frame)) => {
-                // A stopping controller answers nothing more: its nodes are about to
-                // learn that the controller is gone, which is the true reason. (The
-                // version is one atomic load; the flag is read only once it moved.)
-                if stop_flag.has_changed().unwrap_or(true) && *stop_flag.borrow() {
-                    stopping = true;
-                    break "controller stopping".to_string();
-                }
-                // The next frame read goes to the same node: leave this one to that
-                // connection's writer, and they leave together.
-                let more_follow = reader.next_frame_dst() == Some(frame.dst().as_bytes());
-                if let Err(reason) = route(
-                    &shared,
-                    &name,
-                    conn_id,
-                    &queue,
-                    &mut runs,
-                    frame,
-                    more_follow,
-                )
-                .await
-                {
-                    break reason;
-                }
-            }
-            Ok(None) => break "connection closed".to_string(),
-            // A TLS peer that closed without `close_notify` (a node that stopped or
-            // died) closed like any other: every frame before it was complete.
-            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break "connection closed".to_string()
-            }
-            Err(e) => break format!("bad input: {e}"),
-        }
-    };
+    let (reason, stopping) = route_frames(
+        &shared,
+        &name,
+        conn_id,
+        &mut reader,
+        &queue,
+        &mut runs,
+        shutdown,
+    )
+    .await;
     shared.members.leave(&name, conn_id, !stopping).await;
     drop(runs);
     shared.calls.close(conn_id);
     tracing::info!(process = %name, %reason, "node left");
+    if queue.is_closed() {
+        // Nothing more leaves a closed connection.
+        writer.abort();
+        return;
+    }
     drop(queue);
     // Let queued frames go out, but never wait on a peer that stopped reading.
     let abort = writer.abort_handle();
     if timeout(WRITER_DRAIN, writer).await.is_err() {
         abort.abort();
     }
+}
+
+/// Routes the frames of the joined node `name` until its connection ends; returns why,
+/// and whether because the controller is stopping.
+async fn route_frames(
+    shared: &Shared,
+    name: &str,
+    conn_id: u64,
+    reader: &mut FrameReader<BoxRead>,
+    queue: &FrameSender,
+    runs: &mut Runs,
+    mut shutdown: watch::Receiver<bool>,
+) -> (String, bool) {
+    // One wait for the shutdown signal for the whole session, not one per frame.
+    let stop_flag = shutdown.clone();
+    let stop_signal = shutdown.changed();
+    tokio::pin!(stop_signal);
+    // The connection closes under the session when its node reads too little of what
+    // is sent to it (or writing fails): then the session ends too.
+    let writer_closed = queue.closed();
+    tokio::pin!(writer_closed);
+    loop {
+        if !reader.has_frame() {
+            runs.flush();
+        }
+        // Looked at between frames too: a node that floods while it reads nothing
+        // never lets the select below see the close.
+        if queue.is_closed() {
+            return (closed_reason(queue, name), false);
+        }
+        let next = tokio::select! {
+            // Frames first, without drawing a random order per frame.
+            biased;
+            next = reader.next() => next,
+            _ = &mut stop_signal => return ("controller stopping".to_string(), true),
+            _ = &mut writer_closed => return (closed_reason(queue, name), false),
+        };
+        let reason = match next {
+            Ok(Some(frame)) => {
+                // A stopping controller answers nothing more: its nodes are about to
+                // learn that the controller is gone, which is the true reason. (The
+                // version is one atomic load; the flag is read only once it moved.)
+                if stop_flag.has_changed().unwrap_or(true) && *stop_flag.borrow() {
+                    return ("controller stopping".to_string(), true);
+                }
+                // The next frame read goes to the same node: leave this one to that
+                // connection's writer, and they leave together.
+                let more_follow = reader.next_frame_dst() == Some(frame.dst().as_bytes());
+                match route(shared, name, conn_id, queue, runs, frame, more_follow).await {
+                    Ok(()) => continue,
+                    Err(reason) => reason,
+                }
+            }
+            Ok(None) => "connection closed".to_string(),
+            // A TLS peer that closed without `close_notify` (a node that stopped or
+            // died) closed like any other: every frame before it was complete.
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                "connection closed".to_string()
+            }
+            Err(e) => format!("bad input: {e}"),
+        };
+        return (reason, false);
+    }
+}
+
+/// Why the connection to `name` closed under its session; a slow consumer is logged.
+fn closed_reason(queue: &FrameSender, name: &str) -> String {
+    let Some(reason) = queue.close_reason() else {
+        return "connection closed".to_string();
+    };
+    if reason.is_slow_consumer() {
+        tracing::warn!(process = %name, %reason, "disconnected a node that reads too little of what is sent to it");
+    }
+    reason.to_string()
 }
 
 /// How long a closing connection may take to flush what was queued for it.
@@ -297,26 +349,17 @@ async fn route(
             }
             // The frame goes out exactly as it came in: no re-encoding. Replies go to
             // leaving nodes too: they finish what they started.
+            // Never waits for room: a destination that is full gets no request (its
+            // caller hears `SlowConsumer`), and one past its hard limit is closed.
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
-            let undelivered = match shared
+            match shared
                 .members
                 .forward(frame.dst(), request, out, more_follow)
             {
-                Forward::Sent => None,
-                // A full queue: wait for room.
-                Forward::To(Destination::Open(queue), out) => queue
-                    .send(out)
-                    .await
-                    .err()
-                    .map(|_| UndeliverableCode::UnknownProcess),
-                Forward::To(Destination::Leaving, _) => Some(UndeliverableCode::Stopping),
-                Forward::To(Destination::Unknown, _) => Some(UndeliverableCode::UnknownProcess),
-            };
-            match undelivered {
-                None if request => runs.count(frame.name()),
-                None => {}
-                Some(code) => undeliverable(own_queue, &frame, code).await,
+                Ok(()) if request => runs.count(frame.name()),
+                Ok(()) => {}
+                Err(code) => undeliverable(shared, own_queue, &frame, code).await,
             }
             Ok(())
         }
@@ -361,10 +404,20 @@ async fn route(
     }
 }
 
-/// Tells a caller that its request's destination is gone. Replies to gone callers are
-/// dropped: nobody waits for them.
-async fn undeliverable(own_queue: &FrameSender, frame: &Frame, code: UndeliverableCode) {
-    if frame.kind() != Kind::Request || frame.flags() & FLAG_NO_REPLY != 0 {
+/// Tells a caller that its request was not delivered (its destination is gone,
+/// stopping, or not reading). Replies to gone callers are dropped: nobody waits for them.
+async fn undeliverable(
+    shared: &Shared,
+    own_queue: &FrameSender,
+    frame: &Frame,
+    code: UndeliverableCode,
+) {
+    let request = frame.kind() == Kind::Request;
+    if request && frame.flags() & FLAG_NO_REPLY != 0 && code == UndeliverableCode::SlowConsumer {
+        shared.note_dropped_one_way(frame);
+        return;
+    }
+    if !request || frame.flags() & FLAG_NO_REPLY != 0 {
         tracing::debug!(dst = frame.dst(), kind = ?frame.kind(), "dropped a frame for a gone node");
         return;
     }

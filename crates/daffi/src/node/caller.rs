@@ -29,12 +29,11 @@ impl NodeCore {
         let _slot = self.admit(&req).await?;
         let conn = self.connected()?;
         let target = self.target(&conn, &req)?;
-        let outcome = match self.send_request(&conn, &target, &req).await? {
+        // One deadline for waiting for room to send and for the reply.
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        let outcome = match self.send_request(&conn, &target, &req, deadline).await? {
             None => Ok(Bytes::new()),
-            Some(waiting) => {
-                let deadline = req.timeout.map(|t| Instant::now() + t);
-                waiting.outcome(&req, deadline).await
-            }
+            Some(waiting) => waiting.outcome(&req, deadline).await,
         };
         outcome
     }
@@ -101,6 +100,7 @@ impl NodeCore {
                 on: None,
             });
         }
+        let deadline = req.timeout.map(|t| Instant::now() + t);
         // Every request is made first and they are sent together: one write, when the
         // connection is idle, instead of one per node.
         let mut waiting = Vec::with_capacity(targets.len());
@@ -114,15 +114,18 @@ impl NodeCore {
                 });
             waiting.push((target, prepared));
         }
-        if !frames.is_empty() && conn.queue.send(Outgoing::joined(frames)).await.is_err() {
-            let lost = || Err(self.unreachable("connection lost"));
-            for (_, prepared) in &mut waiting {
-                if prepared.is_ok() {
-                    *prepared = lost();
+        if !frames.is_empty() {
+            let sent = self
+                .send_by(&conn, Outgoing::joined(frames), deadline)
+                .await;
+            if let Err(unsent) = sent {
+                for (_, prepared) in &mut waiting {
+                    if prepared.is_ok() {
+                        *prepared = Err(self.not_sent(unsent, &req));
+                    }
                 }
             }
         }
-        let deadline = req.timeout.map(|t| Instant::now() + t);
         let mut outcomes = Vec::with_capacity(waiting.len());
         for (target, sent) in waiting {
             let outcome = match sent {
@@ -164,10 +167,13 @@ impl NodeCore {
         };
         self.check_size(what, &header, body.len())?;
         let frame = Outgoing::new(&header, body);
-        if conn.queue.send(frame).await.is_err() {
-            return Err(self.unreachable("connection lost"));
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        match self.send_by(&conn, frame, Some(deadline)).await {
+            Ok(()) => {}
+            Err(NotSent::Lost) => return Err(self.unreachable("connection lost")),
+            Err(NotSent::TimedOut) => return Err(Error::timeout(what, CONTROL_TIMEOUT)),
         }
-        let bytes = match tokio::time::timeout(CONTROL_TIMEOUT, done).await {
+        let bytes = match tokio::time::timeout_at(deadline, done).await {
             Ok(outcome) => outcome.unwrap_or(Err(Error::Stopped))?,
             Err(_) => return Err(Error::timeout(what, CONTROL_TIMEOUT)),
         };
@@ -259,18 +265,54 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Sends one request to `target`. Returns what to wait on, or `None` for no-reply.
+    /// Sends one request to `target`, waiting for room until `deadline`. Returns what to
+    /// wait on, or `None` for no-reply.
     async fn send_request<'c>(
         &self,
         conn: &'c Connection,
         target: &Arc<str>,
         req: &CallRequest,
+        deadline: Option<Instant>,
     ) -> Result<Option<Waiting<'c>>> {
         let (frame, waiting) = self.prepare_request(conn, target, req)?;
-        if conn.queue.send(frame).await.is_err() {
-            return Err(self.unreachable("connection lost"));
-        }
+        self.send_by(conn, frame, deadline)
+            .await
+            .map_err(|unsent| self.not_sent(unsent, req))?;
         Ok(waiting)
+    }
+
+    /// Queues `frame` on `conn`, waiting for room only until `deadline` (the call's
+    /// timeout): a controller that reads slowly delays a call, never beyond it.
+    async fn send_by(
+        &self,
+        conn: &Connection,
+        frame: Outgoing,
+        deadline: Option<Instant>,
+    ) -> Result<(), NotSent> {
+        match conn.queue.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Closed => Err(NotSent::Lost),
+            // Boxed: the common case (room at once) does not carry the wait in its future.
+            Push::Full(frame) => {
+                Box::pin(async {
+                    tokio::select! {
+                        sent = conn.queue.send(frame) => sent.map_err(|_| NotSent::Lost),
+                        _ = sleep_until(deadline) => Err(NotSent::TimedOut),
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// The error of a call to `req` whose request was not sent.
+    fn not_sent(&self, unsent: NotSent, req: &CallRequest) -> Error {
+        match unsent {
+            NotSent::Lost => self.unreachable("connection lost"),
+            NotSent::TimedOut => {
+                Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default())
+            }
+        }
     }
 
     /// The request frame for `target`, and what to wait on (registered in the pending
@@ -354,6 +396,15 @@ impl NodeCore {
                 }),
         }
     }
+}
+
+/// Why a request was not sent.
+#[derive(Debug, Clone, Copy)]
+enum NotSent {
+    /// The connection to the controller closed.
+    Lost,
+    /// The call's timeout passed while the queue to the controller was full.
+    TimedOut,
 }
 
 /// A call whose request is sent: all that is left is its reply (or its deadline). It

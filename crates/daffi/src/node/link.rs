@@ -11,7 +11,9 @@ use super::executor::{self, SyncBatch};
 use super::{Connection, NodeCore};
 use crate::error::Error;
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
-use crate::protocol::io::{frame_channel, FrameReader, FrameSender, ReadError, KEEP_LARGE_BUFFERS};
+use crate::protocol::io::{
+    frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
+};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
@@ -21,9 +23,6 @@ use crate::transport::{self, BoxRead, ConnectError};
 
 /// How long a closing link may take to flush what was queued.
 const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Frames queued for the controller before a sender waits.
-const QUEUE_CAPACITY: usize = 4096;
 
 /// An established connection.
 pub struct Link {
@@ -105,7 +104,12 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Kind::Welcome => {
             let welcome: Welcome = message::decode(&first.payload())
                 .map_err(|e| protocol(format!("undecodable Welcome: {e}")))?;
-            let (queue, writer) = frame_channel(write, QUEUE_CAPACITY);
+            let limits = QueueLimits::new(
+                core.config.max_queue_bytes,
+                core.config.max_frame_size,
+                core.config.stall_timeout,
+            );
+            let (queue, writer) = frame_channel(write, limits);
             let writer = tokio::spawn(writer);
             Ok(Link {
                 reader,
@@ -136,9 +140,10 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
 }
 
 impl Link {
-    /// Dispatches frames until the connection ends or `closed` is set; returns why it ended.
+    /// Dispatches frames until the connection ends or `closed` is set; returns why it
+    /// ended. Then [`Link::drain`] (a graceful stop) or [`Link::abort`] (a failure).
     pub async fn run(
-        mut self,
+        &mut self,
         core: &Arc<NodeCore>,
         conn: &Connection,
         closed: &mut watch::Receiver<bool>,
@@ -148,21 +153,30 @@ impl Link {
         let flag = closed.clone();
         let stop = closed.wait_for(|c| *c);
         tokio::pin!(stop);
+        // The writer closes the connection when the controller reads nothing for the
+        // stall timeout (or a write fails).
+        let writer_closed = self.queue.closed();
+        tokio::pin!(writer_closed);
         let reason = loop {
             if !self.reader.has_frame() {
                 // Everything read so far is dispatched: the sync callbacks among it go
                 // to the runner together.
                 batch.submit(core);
             }
-            // Frames first, without drawing a random order per frame; the stop is looked
-            // at through its flag between frames, so a flood cannot hide it.
+            // Frames first, without drawing a random order per frame; the stop and the
+            // writer are looked at through their flags between frames, so a flood
+            // cannot hide them.
             if flag.has_changed().unwrap_or(true) && *flag.borrow() {
                 break "node stopped".to_string();
+            }
+            if self.queue.is_closed() {
+                break writer_failure(&self.queue);
             }
             let next = tokio::select! {
                 biased;
                 next = self.reader.next() => next,
                 _ = &mut stop => break "node stopped".to_string(),
+                _ = &mut writer_closed => break writer_failure(&self.queue),
             };
             match next {
                 Ok(Some(frame)) => {
@@ -176,14 +190,30 @@ impl Link {
         };
         // Requests already admitted still run; their replies go out if they can.
         batch.submit(core);
-        // Let what is queued (a goodbye, last replies) go out, but never wait long on a
-        // controller that stopped reading.
+        reason
+    }
+
+    /// Lets what is queued (a goodbye, last replies) go out, but never waits long on a
+    /// controller that stopped reading.
+    pub async fn drain(self) {
         drop(self.queue);
         let abort = self.writer.abort_handle();
         if timeout(WRITER_DRAIN, self.writer).await.is_err() {
             abort.abort();
         }
-        reason
+    }
+
+    /// Drops the connection and whatever was queued on it: it failed.
+    pub fn abort(self) {
+        self.writer.abort();
+    }
+}
+
+/// Why the writer closed the connection.
+fn writer_failure(queue: &FrameSender) -> String {
+    match queue.close_reason() {
+        Some(reason) => format!("connection closed: {reason}"),
+        None => "the connection closed".to_string(),
     }
 }
 
@@ -200,13 +230,14 @@ fn dispatch(
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let process = entry.target.to_string();
+                let callback = entry.callback.to_string();
                 let error = match message::decode::<Undeliverable>(&frame.payload()) {
                     Ok(Undeliverable {
                         code: UndeliverableCode::Stopping,
-                    }) => Error::PeerStopped {
-                        process,
-                        callback: entry.callback.to_string(),
-                    },
+                    }) => Error::PeerStopped { process, callback },
+                    Ok(Undeliverable {
+                        code: UndeliverableCode::SlowConsumer,
+                    }) => Error::SlowConsumer { process, callback },
                     _ => Error::UnknownProcess { process },
                 };
                 let _ = entry.done.send(Err(error));

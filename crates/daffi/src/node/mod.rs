@@ -44,6 +44,11 @@ pub struct NodeConfig {
     pub auth_token: Option<AuthToken>,
     /// TLS to the controller (TCP only); `None`: plaintext.
     pub tls: Option<Arc<ClientTls>>,
+    /// Bytes queued for the controller before a sender waits for room.
+    pub max_queue_bytes: usize,
+    /// How long the controller may read nothing of what waits for it before the node
+    /// drops the connection (and reconnects).
+    pub stall_timeout: Duration,
 }
 
 /// One call to make.
@@ -153,7 +158,10 @@ impl NodeCore {
         }
         if let Some(conn) = self.connection() {
             conn.pending.close(|| Error::Stopped);
-            let _ = conn.queue.try_send(Outgoing::control(Kind::Leaving, &()));
+            // Past the byte limit if need be: calls queued ahead must not keep it back.
+            let _ = conn
+                .queue
+                .push_unrefused(Outgoing::control(Kind::Leaving, &()), false);
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -185,7 +193,9 @@ impl NodeCore {
             return;
         }
         if let Some(conn) = write(&self.connection).take() {
-            let _ = conn.queue.try_send(Outgoing::control(Kind::Goodbye, &()));
+            let _ = conn
+                .queue
+                .push_unrefused(Outgoing::control(Kind::Goodbye, &()), false);
         }
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
@@ -428,7 +438,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
     let mut closed = core.closed.subscribe();
     while !core.is_stopped() {
         match link::connect(&core, core.callback_names()).await {
-            Ok(link) => {
+            Ok(mut link) => {
                 backoff = Backoff::default();
                 let limit = core
                     .config
@@ -451,14 +461,19 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 }
                 let reason = link.run(&core, &conn, &mut closed).await;
                 if core.is_stopped() {
+                    link.drain().await;
                     break;
                 }
                 tracing::warn!(process = %core.name, %reason, "lost the controller; reconnecting");
-                // Close first: a call racing this sees a closed connection, never an
-                // emptied membership view it would misreport as "nobody serves it".
+                // At once, before anything else: calls in flight fail, and calls made
+                // from now on fail without waiting (the old writer is not drained: what
+                // it held cannot reach anyone). Close first: a call racing this sees a
+                // closed connection, never an emptied membership view it would
+                // misreport as "nobody serves it".
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
+                link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);
                 core.report(changes);

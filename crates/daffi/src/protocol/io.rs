@@ -12,9 +12,10 @@
 //! written by the senders), kept for tools that want exactly that.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -361,6 +362,61 @@ const KEEP_BATCH_BUFFER: usize = 4 * 1024;
 /// See [`KEEP_BATCH_BUFFER`].
 const KEEP_QUEUE_SLOTS: usize = 64;
 
+/// What a queued frame costs besides its bytes (its entry in the queue, the handles on
+/// its buffers), counted against the byte limit: a flood of tiny frames is bounded too.
+pub const FRAME_COST: usize = 128;
+/// Bytes one connection holds, accepted but not yet written, before a sender waits (or
+/// is refused): 64 MiB.
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a connection may have bytes to write while its peer reads none of them
+/// before it is closed: 10 s (NATS's write deadline).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much one connection may hold for its peer, and how long the peer may read
+/// nothing. A peer that is paused or slower than its senders costs at most this much
+/// memory, for at most this long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Bytes accepted but not yet written (each frame counting [`FRAME_COST`] more)
+    /// before a sender waits (or is refused). One frame always passes when nothing is
+    /// held, whatever its size.
+    pub bytes: usize,
+    /// Bytes past which even a frame that cannot be refused (a reply, a membership
+    /// event) is not queued: the connection is closed instead.
+    pub hard_bytes: usize,
+    /// How long the writer may have bytes to write without any of them leaving before
+    /// the connection is closed. Any progress restarts the clock, so a large frame to a
+    /// slow reader is never cut.
+    pub stall_timeout: Duration,
+}
+
+impl QueueLimits {
+    /// Limits of `bytes`, for frames of up to `max_frame_size`: the hard limit is twice
+    /// the larger of the two, so that two frames of the largest size always fit.
+    pub fn new(bytes: usize, max_frame_size: usize, stall_timeout: Duration) -> Self {
+        QueueLimits {
+            bytes,
+            hard_bytes: bytes.max(max_frame_size).saturating_mul(2),
+            stall_timeout,
+        }
+    }
+
+    /// Whether holding `bytes` is past the limit, or (`hard`) past the hard limit.
+    fn exceeded(&self, bytes: usize, hard: bool) -> bool {
+        bytes > if hard { self.hard_bytes } else { self.bytes }
+    }
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits::new(
+            DEFAULT_MAX_QUEUE_BYTES,
+            super::DEFAULT_MAX_FRAME_SIZE,
+            DEFAULT_STALL_TIMEOUT,
+        )
+    }
+}
+
 /// The write half of a connection, as the writer keeps it.
 type Socket = Box<dyn AsyncWrite + Send + Unpin>;
 
@@ -369,10 +425,55 @@ type Socket = Box<dyn AsyncWrite + Send + Unpin>;
 #[error("the connection is closed")]
 pub struct Closed;
 
+/// Why a connection closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Writing to the socket failed.
+    WriteFailed(String),
+    /// The peer read nothing for this long while there was something to write.
+    Stalled(Duration),
+    /// Frames that cannot be refused would have passed the hard limit: this many bytes
+    /// in this many frames were held for the peer.
+    Overflowed {
+        /// Bytes accepted and not yet written.
+        bytes: usize,
+        /// Frames queued.
+        frames: usize,
+    },
+}
+
+impl CloseReason {
+    /// Whether the peer was closed for reading too slowly (or not at all).
+    pub fn is_slow_consumer(&self) -> bool {
+        !matches!(self, CloseReason::WriteFailed(_))
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::WriteFailed(e) => write!(f, "writing failed: {e}"),
+            CloseReason::Stalled(after) => {
+                write!(f, "the peer read nothing for {after:?} (slow consumer)")
+            }
+            CloseReason::Overflowed { bytes, frames } => write!(
+                f,
+                "{bytes} bytes in {frames} frames were waiting for the peer, past the hard limit (slow consumer)"
+            ),
+        }
+    }
+}
+
 /// Sends frames on one connection: writes them itself when the connection is idle,
 /// queues them for the connection's writer task otherwise. Frames leave in the order
 /// they were sent. Cheap to clone; the writer task ends (after writing what is queued)
 /// when every clone is dropped.
+///
+/// What is held for the peer is bounded by [`QueueLimits`]: the bytes of the frames
+/// accepted but not yet written (counted until the socket took them), and a
+/// [`FRAME_COST`] per frame. A peer that reads nothing
+/// for the stall timeout is closed, as is one that would make a frame which cannot be
+/// refused pass the hard limit ([`FrameSender::close_as_slow_consumer`]).
 pub struct FrameSender {
     shared: Arc<Shared>,
 }
@@ -383,19 +484,27 @@ struct Shared {
     work: Notify,
     /// Wakes senders waiting for room in a full queue.
     room: Notify,
-    capacity: usize,
+    /// Wakes whoever waits for the connection to close.
+    closing: Notify,
+    /// Nothing more can be sent. Set only under the state's lock; read without it.
+    closed: AtomicBool,
+    limits: QueueLimits,
     /// Live `FrameSender` clones (an atomic: a clone per forwarded frame is common).
     senders: AtomicUsize,
 }
 
 struct State {
     queue: VecDeque<Outgoing>,
+    /// Bytes accepted and not yet written: the queue's, and those of the frames the
+    /// writer task took and has not finished writing; each frame counts [`FRAME_COST`]
+    /// more.
+    unwritten: usize,
     /// The socket, while nobody writes to it.
     socket: Option<Socket>,
-    /// A write failed: nothing more can be sent.
-    closed: bool,
     /// When a write last ended.
     last_write: Option<Instant>,
+    /// Why the connection closed, once it has.
+    close_reason: Option<CloseReason>,
 }
 
 /// What trying to send found.
@@ -405,12 +514,21 @@ pub(crate) enum Push {
     Closed,
 }
 
-/// A sender for `socket`, with room for `capacity` queued frames, and the writer task to
-/// spawn. The task returns when the socket fails, or once every sender is gone and the
-/// queue is written (then it shuts the socket down).
+/// What a connection held when it was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Bytes accepted and not yet written (with [`FRAME_COST`] per frame).
+    pub bytes: usize,
+    /// Frames queued.
+    pub frames: usize,
+}
+
+/// A sender for `socket` within `limits`, and the writer task to spawn. The task returns
+/// when the socket fails or stalls, when the connection is closed, or once every sender
+/// is gone and the queue is written (then it shuts the socket down).
 pub fn frame_channel<W>(
     socket: W,
-    capacity: usize,
+    limits: QueueLimits,
 ) -> (
     FrameSender,
     impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
@@ -421,13 +539,16 @@ where
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            unwritten: 0,
             socket: Some(Box::new(socket)),
-            closed: false,
             last_write: None,
+            close_reason: None,
         }),
         work: Notify::new(),
         room: Notify::new(),
-        capacity: capacity.max(1),
+        closing: Notify::new(),
+        closed: AtomicBool::new(false),
+        limits,
         senders: AtomicUsize::new(1),
     });
     let writer = run_writer(shared.clone());
@@ -500,7 +621,37 @@ impl FrameSender {
 
     /// Whether the connection is closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is closed: a write failed or stalled, or it was
+    /// closed as a slow consumer.
+    pub async fn closed(&self) {
+        self.shared.closed().await;
+    }
+
+    /// Why the connection closed; `None` while it is open.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.lock().close_reason.clone()
+    }
+
+    /// Closes the connection at once, dropping what is queued for it: its peer reads
+    /// too little of what is sent to it. Returns what it held. The writer task ends
+    /// without finishing its write.
+    pub fn close_as_slow_consumer(&self) -> Held {
+        let mut st = self.shared.lock();
+        let held = Held {
+            bytes: st.unwritten,
+            frames: st.queue.len(),
+        };
+        self.shared.close(
+            &mut st,
+            CloseReason::Overflowed {
+                bytes: held.bytes,
+                frames: held.frames,
+            },
+        );
+        held
     }
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
@@ -513,11 +664,25 @@ impl FrameSender {
     /// replies to queued callbacks), the writing is left to the writer task even on an
     /// idle connection, so that they leave in one write.
     pub(crate) fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
+        self.push_within(frame, more_follow, false)
+    }
+
+    /// Like [`push_with`](Self::push_with), for a frame the peer cannot refuse (a reply,
+    /// a membership event): it passes the byte limit, up to the hard limit. `Full`
+    /// means past the hard limit: the caller closes the connection
+    /// ([`close_as_slow_consumer`](Self::close_as_slow_consumer)).
+    pub(crate) fn push_unrefused(&self, frame: Outgoing, more_follow: bool) -> Push {
+        self.push_within(frame, more_follow, true)
+    }
+
+    fn push_within(&self, frame: Outgoing, more_follow: bool, hard: bool) -> Push {
         let mut st = self.shared.lock();
-        if st.closed {
+        if self.shared.closed.load(Ordering::Relaxed) {
             return Push::Closed;
         }
-        // The clock is read last: a busy connection is decided without it.
+        // The clock is read last: a busy connection is decided without it. An idle
+        // socket with an empty queue means nothing is held: the writer task gives the
+        // socket back only once it wrote everything it took.
         let direct = !more_follow
             && st.queue.is_empty()
             && st.socket.is_some()
@@ -536,24 +701,26 @@ impl FrameSender {
                     Ok(None) => self.shared.work.notify_one(),
                     Ok(Some(rest)) => {
                         // The socket is full: the writer task finishes the frame first.
+                        st.unwritten += rest.len() + FRAME_COST;
                         st.queue.push_front(rest);
                         self.shared.work.notify_one();
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "a write failed; closing the connection");
-                        st.closed = true;
-                        st.queue.clear();
-                        self.shared.work.notify_one();
-                        self.shared.room.notify_waiters();
+                        self.shared
+                            .close(&mut st, CloseReason::WriteFailed(e.to_string()));
                         return Push::Closed;
                     }
                 }
                 return Push::Sent;
             }
         }
-        if st.queue.len() >= self.shared.capacity {
+        let cost = frame.len() + FRAME_COST;
+        // One frame always passes when nothing is held, whatever its size.
+        if st.unwritten > 0 && self.shared.limits.exceeded(st.unwritten + cost, hard) {
             return Push::Full(frame);
         }
+        st.unwritten += cost;
         st.queue.push_back(frame);
         // Whoever holds the socket now looks at the queue when it gives the socket back.
         if st.socket.is_some() {
@@ -566,6 +733,41 @@ impl FrameSender {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the connection (once; the first reason stays): drops the queue and wakes
+    /// everyone who waits on it.
+    fn close(&self, st: &mut State, reason: CloseReason) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        st.close_reason = Some(reason);
+        st.queue.clear();
+        st.unwritten = 0;
+        self.work.notify_one();
+        self.room.notify_waiters();
+        self.closing.notify_waiters();
+    }
+
+    /// `n` bytes left for the socket: room for more.
+    fn wrote(&self, n: usize) {
+        let mut st = self.lock();
+        st.unwritten = st.unwritten.saturating_sub(n);
+        drop(st);
+        self.room.notify_waiters();
+    }
+
+    async fn closed(&self) {
+        loop {
+            let closing = self.closing.notified();
+            tokio::pin!(closing);
+            // Registered before looking: a close in between is not missed.
+            closing.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            closing.await;
+        }
     }
 }
 
@@ -617,18 +819,108 @@ fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Out
     }
 }
 
+/// The clock of a writer whose socket takes nothing: it runs while a write waits, and
+/// any progress stops it. Its timer is made on the first wait, so a connection that
+/// never waits never arms one.
+struct Stall {
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    running: bool,
+}
+
+impl Stall {
+    fn new(timeout: Duration) -> Self {
+        Stall {
+            timeout,
+            timer: None,
+            running: false,
+        }
+    }
+
+    /// Passes on what one write (or flush) attempt gave; while it waits, fails it once
+    /// the clock passes the timeout.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        attempt: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if attempt.is_ready() {
+            self.running = false;
+            return attempt;
+        }
+        let timer = match &mut self.timer {
+            Some(timer) if self.running => timer,
+            slot => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                self.running = true;
+                let timer =
+                    slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                timer.as_mut().reset(deadline);
+                timer
+            }
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the peer read nothing for {:?} (slow consumer)",
+                    self.timeout
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The socket as the writer task writes to it: a write that waits longer than the stall
+/// timeout fails, and every byte taken is counted off what the connection holds.
+struct Watched<'a> {
+    socket: &'a mut Socket,
+    stall: &'a mut Stall,
+    shared: &'a Shared,
+}
+
+impl AsyncWrite for Watched<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let attempt = Pin::new(&mut *this.socket).poll_write(cx, buf);
+        let written = this.stall.watch(cx, attempt);
+        if let Poll::Ready(Ok(n)) = written {
+            this.shared.wrote(n);
+        }
+        written
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let attempt = Pin::new(&mut *this.socket).poll_flush(cx);
+        this.stall.watch(cx, attempt)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let attempt = Pin::new(&mut *this.socket).poll_shutdown(cx);
+        this.stall.watch(cx, attempt)
+    }
+}
+
 /// The writer task: drains the queue in batches while senders queue faster than they
 /// could write.
 async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut batch = BytesMut::new();
     let mut frames = Vec::new();
+    let mut stall = Stall::new(shared.limits.stall_timeout);
     loop {
         let work = shared.work.notified();
         tokio::pin!(work);
         work.as_mut().enable();
         let taken = {
             let mut st = shared.lock();
-            if st.closed {
+            if shared.closed.load(Ordering::Relaxed) {
                 return Ok(());
             }
             match st.socket.take() {
@@ -653,43 +945,22 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             tokio::task::yield_now().await;
             continue;
         };
+        let mut out = Watched {
+            socket: &mut socket,
+            stall: &mut stall,
+            shared: &shared,
+        };
         if finished {
-            let _ = socket.shutdown().await;
+            let _ = out.shutdown().await;
             return Ok(());
         }
-        shared.room.notify_waiters();
-        let mut written = Ok(());
-        // One allocation for the batch's small frames, however many there are.
-        let small: usize = frames
-            .iter()
-            .map(|f| {
-                let head = if f.head.len() > COPY_THRESHOLD {
-                    0
-                } else {
-                    f.head.len()
-                };
-                let body: usize = f
-                    .body
-                    .parts()
-                    .map(Bytes::len)
-                    .filter(|&len| len <= COPY_THRESHOLD)
-                    .sum();
-                head + body
-            })
-            .sum();
-        batch.reserve(small.min(BATCH_LIMIT));
-        for frame in frames.drain(..) {
-            if let Err(e) = push(&mut socket, &mut batch, frame).await {
-                written = Err(e);
-                break;
-            }
-        }
-        if written.is_ok() {
-            written = flush_batch(&mut socket, &mut batch).await;
-        }
-        if written.is_ok() {
-            written = socket.flush().await;
-        }
+        let taken = frames.len();
+        // A connection closed from outside (a slow consumer) ends the write at once.
+        let written = tokio::select! {
+            biased;
+            written = write_batch(&mut out, &mut batch, &mut frames) => written,
+            _ = shared.closed() => return Ok(()),
+        };
         frames.clear();
         if frames.capacity() > KEEP_QUEUE_SLOTS {
             frames = Vec::new();
@@ -700,21 +971,194 @@ async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
         let mut st = shared.lock();
         st.last_write = Some(Instant::now());
         match written {
-            Ok(()) => st.socket = Some(socket),
-            Err(e) => {
-                st.closed = true;
-                st.queue.clear();
+            Ok(()) => {
+                // Their bytes were counted off as they left; now their cost per frame.
+                st.unwritten = st.unwritten.saturating_sub(taken * FRAME_COST);
+                st.socket = Some(socket);
                 drop(st);
                 shared.room.notify_waiters();
+            }
+            Err(e) => {
+                let reason = match e.kind() {
+                    std::io::ErrorKind::TimedOut => CloseReason::Stalled(stall.timeout),
+                    _ => CloseReason::WriteFailed(e.to_string()),
+                };
+                shared.close(&mut st, reason);
                 return Err(e);
             }
         }
     }
 }
 
+/// Writes `frames` in one batch: small parts copied into `batch`, large ones from their
+/// own memory.
+async fn write_batch(
+    out: &mut Watched<'_>,
+    batch: &mut BytesMut,
+    frames: &mut Vec<Outgoing>,
+) -> std::io::Result<()> {
+    // One allocation for the batch's small frames, however many there are.
+    let small: usize = frames
+        .iter()
+        .map(|f| {
+            let head = if f.head.len() > COPY_THRESHOLD {
+                0
+            } else {
+                f.head.len()
+            };
+            let body: usize = f
+                .body
+                .parts()
+                .map(Bytes::len)
+                .filter(|&len| len <= COPY_THRESHOLD)
+                .sum();
+            head + body
+        })
+        .sum();
+    batch.reserve(small.min(BATCH_LIMIT));
+    for frame in frames.drain(..) {
+        push(out, batch, frame).await?;
+    }
+    flush_batch(out, batch).await?;
+    out.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Default limits, with room for about `n` small frames.
+    fn frames(n: usize) -> QueueLimits {
+        QueueLimits {
+            bytes: n * (FRAME_COST + 32),
+            ..QueueLimits::default()
+        }
+    }
+
+    /// Limits for the tests below: 1,000 bytes, a hard limit of 2,000.
+    fn small(stall_timeout: Duration) -> QueueLimits {
+        QueueLimits {
+            bytes: 1000,
+            hard_bytes: 2000,
+            stall_timeout,
+        }
+    }
+
+    fn raw(len: usize) -> Outgoing {
+        Outgoing::raw(Bytes::from(vec![0u8; len]))
+    }
+
+    #[tokio::test]
+    async fn one_frame_of_any_size_passes_when_nothing_is_held() {
+        // The peer reads nothing: the socket takes 64 bytes, the rest stays held.
+        let (a, _peer) = tokio::io::duplex(64);
+        let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+        let _writer = tokio::spawn(writer);
+        assert!(
+            matches!(tx.push(raw(5000)), Push::Sent),
+            "5x the byte limit"
+        );
+        assert!(
+            matches!(tx.push(raw(1)), Push::Full(_)),
+            "then nothing more"
+        );
+        assert!(matches!(tx.push_unrefused(raw(1), false), Push::Full(_)));
+    }
+
+    #[tokio::test]
+    async fn the_byte_limit_refuses_requests_and_the_hard_limit_closes() {
+        let (a, _peer) = tokio::io::duplex(64);
+        let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+        let writer = tokio::spawn(writer);
+        // 64 bytes go to the socket at once; the rest is held, with the frame's cost.
+        let mut held = 600 - 64 + FRAME_COST;
+        assert!(matches!(tx.push(raw(600)), Push::Sent));
+        held += 200 + FRAME_COST;
+        assert!(held <= 1000);
+        assert!(matches!(tx.push(raw(200)), Push::Sent));
+        assert!(held + 100 + FRAME_COST > 1000);
+        assert!(matches!(tx.push(raw(100)), Push::Full(_)));
+        assert_eq!(tx.try_send(raw(100)), Err(Closed), "full, not sent");
+        assert!(!tx.is_closed(), "a full queue is not a closed one");
+        // A frame that cannot be refused passes the byte limit, up to the hard limit.
+        assert!(matches!(tx.push_unrefused(raw(100), false), Push::Sent));
+        held += 100 + FRAME_COST;
+        assert!(held + 700 + FRAME_COST > 2000);
+        assert!(matches!(tx.push_unrefused(raw(700), false), Push::Full(_)));
+        assert_eq!(tx.close_as_slow_consumer().bytes, held);
+        assert!(tx.is_closed());
+        tokio::time::timeout(Duration::from_secs(10), tx.closed())
+            .await
+            .expect("closed() resolves once closed");
+        assert!(matches!(
+            tx.close_reason(),
+            Some(CloseReason::Overflowed { bytes, .. }) if bytes == held
+        ));
+        assert_eq!(tx.send(raw(1)).await, Err(Closed));
+        // The writer, stuck in a write to a peer that reads nothing, ends at once.
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the writer ends when the connection is closed")
+            .expect("join")
+            .expect("not a write failure");
+    }
+
+    #[tokio::test]
+    async fn bytes_count_until_the_socket_takes_them() {
+        let (a, mut peer) = tokio::io::duplex(64);
+        let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+        let _writer = tokio::spawn(writer);
+        assert!(matches!(tx.push(raw(1000)), Push::Sent));
+        assert!(matches!(tx.push(raw(100)), Push::Full(_)));
+        // The writer task took the rest of the frame from the queue: it is still held
+        // until the peer has read it. Once it has, there is room again.
+        let mut got = vec![0u8; 1000];
+        peer.read_exact(&mut got).await.expect("read");
+        tokio::time::timeout(Duration::from_secs(10), tx.send(raw(900)))
+            .await
+            .expect("room once the peer read")
+            .expect("open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_reads_nothing_is_closed_after_the_stall_timeout() {
+        let (a, _peer) = tokio::io::duplex(64);
+        let stall = Duration::from_secs(10);
+        let (tx, writer) = frame_channel(a, small(stall));
+        let writer = tokio::spawn(writer);
+        let started = tokio::time::Instant::now();
+        assert!(matches!(tx.push(raw(1000)), Push::Sent));
+        tx.closed().await;
+        assert!(started.elapsed() >= stall, "{:?}", started.elapsed());
+        assert_eq!(tx.close_reason(), Some(CloseReason::Stalled(stall)));
+        assert!(tx
+            .close_reason()
+            .is_some_and(|r| r.to_string().contains("slow consumer")));
+        let failed = writer.await.expect("join").expect_err("the writer failed");
+        assert_eq!(failed.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(tx.try_send(raw(1)), Err(Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_peer_that_keeps_reading_is_never_cut() {
+        // 64 bytes every 6 s: the frame takes minutes, but no wait reaches 10 s.
+        let (a, mut peer) = tokio::io::duplex(64);
+        let stall = Duration::from_secs(10);
+        let (tx, writer) = frame_channel(a, small(stall));
+        let writer = tokio::spawn(writer);
+        let started = tokio::time::Instant::now();
+        assert!(matches!(tx.push(raw(2000)), Push::Sent));
+        let mut got = 0;
+        let mut chunk = [0u8; 64];
+        while got < 2000 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            got += peer.read(&mut chunk).await.expect("read");
+        }
+        assert!(started.elapsed() > 5 * stall, "{:?}", started.elapsed());
+        assert!(!tx.is_closed(), "{:?}", tx.close_reason());
+        drop(tx);
+        writer.await.expect("join").expect("written in full");
+    }
 
     #[tokio::test]
     async fn frames_survive_the_writer_and_reader() {
@@ -773,7 +1217,7 @@ mod tests {
         // `push_with(.., true)` never writes itself: the writer task must be woken for it,
         // even when nothing else is sent afterwards.
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (tx, writer) = frame_channel(a, 8);
+        let (tx, writer) = frame_channel(a, frames(8));
         let writer = tokio::spawn(writer);
         for id in 1..=3u64 {
             let mut h = Header::control(Kind::Request);
@@ -801,7 +1245,7 @@ mod tests {
         // A pipe smaller than one frame: direct writes stop part-way and the writer task
         // finishes them, while other tasks keep sending.
         let (a, b) = tokio::io::duplex(512);
-        let (tx, writer) = frame_channel(a, 8);
+        let (tx, writer) = frame_channel(a, frames(8));
         let writer = tokio::spawn(writer);
         let reading = tokio::spawn(async move {
             let mut reader = FrameReader::new(b, 1 << 20);
@@ -851,7 +1295,7 @@ mod tests {
     #[tokio::test]
     async fn a_frame_sender_from_a_blocking_thread_and_after_the_peer_left() {
         let (a, b) = tokio::io::duplex(64);
-        let (tx, writer) = frame_channel(a, 2);
+        let (tx, writer) = frame_channel(a, frames(2));
         let writer = tokio::spawn(writer);
         let blocking = tx.clone();
         let sent = tokio::task::spawn_blocking(move || {
@@ -892,7 +1336,7 @@ mod tests {
     #[tokio::test]
     async fn a_large_frame_buffer_is_reused_once_its_frame_is_dropped() {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (tx, writer) = frame_channel(a, 8);
+        let (tx, writer) = frame_channel(a, frames(8));
         let writer = tokio::spawn(writer);
         let sending = tokio::spawn(async move {
             for i in 0..3u8 {
@@ -925,7 +1369,7 @@ mod tests {
     #[tokio::test]
     async fn joined_frames_arrive_as_separate_frames_in_order() {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (tx, writer) = frame_channel(a, 8);
+        let (tx, writer) = frame_channel(a, frames(8));
         let writer = tokio::spawn(writer);
         let frames = (0..5u64)
             .map(|i| {

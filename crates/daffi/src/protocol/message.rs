@@ -99,6 +99,9 @@ pub enum UndeliverableCode {
     UnknownProcess,
     /// The destination process is stopping and takes no new requests.
     Stopping,
+    /// The destination process reads too little of what is sent to it: as much as the
+    /// controller holds for one node is waiting for it already.
+    SlowConsumer,
 }
 
 /// `Undeliverable`: the controller could not deliver a request.

@@ -281,6 +281,13 @@ pub fn spawn_child_with(
     }
 }
 
+/// Peak resident memory of a process in KiB, from /proc (`None` where there is none).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// What callbacks in a worker record, for a test in another process to wait on.
 pub struct Log<T> {
     items: std::sync::Mutex<Vec<T>>,
