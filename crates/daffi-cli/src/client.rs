@@ -174,6 +174,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     daffi::parse_duration(text).map_err(|e| e.to_string())
 }
 
+/// Like [`parse_duration`], for how often something repeats: zero would repeat without
+/// pause, so it is a usage error.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("the interval must be longer than zero, e.g. 1s or 250ms".into()),
+        interval => Ok(interval),
+    }
+}
+
 fn random_suffix() -> String {
     let n = std::collections::hash_map::RandomState::new()
         .build_hasher()
