@@ -19,7 +19,7 @@ use crate::info::{ControllerStats, MemberInfo};
 use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::message::{ControlAnswer, ControlRequest};
-use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
+use crate::protocol::{check_name, NameKind, DEFAULT_MAX_FRAME_SIZE};
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
 
 /// The TLS of a `Global`: its controller's side and its node's side.
@@ -434,12 +434,10 @@ impl GlobalBuilder {
             ));
         }
         let name = match &self.process_name {
-            Some(n) if n.is_empty() || n.len() > MAX_PROCESS_NAME => {
-                return Err(Error::Config(format!(
-                    "process_name must be 1 to {MAX_PROCESS_NAME} bytes"
-                )))
+            Some(n) => {
+                check_name(NameKind::Process, n).map_err(Error::Config)?;
+                n.clone()
             }
-            Some(n) => n.clone(),
             None => format!("node-{}", random_suffix()),
         };
         let mut address = self.address()?;
@@ -640,11 +638,7 @@ impl Global {
     /// `Err` to the caller as [`Error::Remote`]. A closure that captures this `Global`
     /// keeps it alive: stop it with [`Global::stop`].
     pub fn register<M>(&self, name: &str, callback: impl IntoCallback<M>) -> Result<()> {
-        if name.is_empty() || name.len() > MAX_CALLBACK_NAME {
-            return Err(Error::Config(format!(
-                "callback names must be 1 to {MAX_CALLBACK_NAME} bytes"
-            )));
-        }
+        check_name(NameKind::Callback, name).map_err(Error::Config)?;
         let node = self.node()?;
         let handler = callback.into_handler(name);
         // Announcing spawns onto the node's runtime.

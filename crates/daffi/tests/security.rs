@@ -438,8 +438,8 @@ fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -
     out
 }
 
-/// Reads one frame, then expects the controller to close the connection.
-fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
+/// Reads one frame from the controller.
+fn read_frame(stream: &mut TcpStream) -> Frame {
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     let mut len = [0u8; 4];
     stream
@@ -449,7 +449,23 @@ fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
     stream.read_exact(&mut rest).expect("the whole frame");
     let mut raw = len.to_vec();
     raw.extend_from_slice(&rest);
-    let frame = Frame::parse(raw.into()).expect("a valid frame");
+    Frame::parse(raw.into()).expect("a valid frame")
+}
+
+/// Expects the controller to close the connection (after anything it still sends).
+fn expect_closed(stream: &mut TcpStream) {
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the controller to close the connection: {e}"),
+    }
+}
+
+/// Reads one frame, then expects the controller to close the connection.
+fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
+    let frame = read_frame(stream);
     let mut more = [0u8; 1];
     match stream.read(&mut more) {
         Ok(0) => {}
@@ -865,6 +881,79 @@ fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
         .fg()
         .expect("holder unaffected");
     assert_eq!(sum, 7);
+}
+
+// ---- names -----------------------------------------------------------------------------
+
+#[test]
+fn names_with_control_characters_are_refused_by_the_builder_and_the_controller() {
+    const FORGED: &str = "FORGED controller: node joined";
+    let mut ctl = Controller::tcp(&Env::new());
+    let port = tcp_port(&ctl.address);
+
+    // The builder and `register` refuse them before anything is sent.
+    let e = fails_fast(
+        "newline in process_name",
+        ctl.node(&format!("evil\n{FORGED}")),
+    );
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(e.to_string().contains("control character"), "{e}");
+    let node = ctl.node(&unique("names")).start().expect("node");
+    match node.register(&format!("cb\r\n{FORGED}"), || 1) {
+        Err(e @ Error::Config(_)) => assert!(e.to_string().contains("control character"), "{e}"),
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+
+    // A raw client: the controller refuses such a process name, or callback name, in
+    // the Hello, and logs the name escaped, on one line.
+    for (name, callbacks) in [
+        (format!("evil\n{FORGED}"), vec![]),
+        (unique("raw"), vec![format!("cb\n{FORGED}")]),
+    ] {
+        let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let me = raw.local_addr().expect("local address").to_string();
+        let callbacks: Vec<&str> = callbacks.iter().map(String::as_str).collect();
+        raw.write_all(&opening(&name, None, &callbacks))
+            .expect("write");
+        let answer = refused(&read_frame_then_close(&mut raw));
+        assert_eq!(answer.code, RefuseCode::InvalidName, "{}", answer.message);
+        assert!(
+            answer.message.contains("control character"),
+            "{}",
+            answer.message
+        );
+        ctl.log_line(&["refused a connection", &format!("peer={me}"), "\\n"]);
+    }
+
+    // A joined raw client whose Announce holds such a name is disconnected, with the
+    // reason logged.
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let rogue = unique("announcer");
+    raw.write_all(&opening(&rogue, None, &["fine"]))
+        .expect("write");
+    assert_eq!(read_frame(&mut raw).kind(), Kind::Welcome);
+    let body = message::encode(&message::Announce {
+        callbacks: vec!["fine".into(), format!("cb\n{FORGED}")],
+    });
+    let mut announce = Header::control(Kind::Announce).encode(body.len()).to_vec();
+    announce.extend_from_slice(&body);
+    raw.write_all(&announce).expect("write");
+    expect_closed(&mut raw);
+    ctl.log_line(&[
+        "node left",
+        &rogue,
+        "refused its Announce",
+        "control character",
+    ]);
+
+    // No line of the controller's log begins with the forged text.
+    let forged: Vec<&String> = ctl
+        .process
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("FORGED"))
+        .collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:?}");
 }
 
 // ---- Unix sockets --------------------------------------------------------------------
