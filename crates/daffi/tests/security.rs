@@ -37,6 +37,9 @@ const ENV_TLS_CA: &str = "DAFFI_TEST_TLS_CA";
 const ENV_TLS_CLIENT_CERT: &str = "DAFFI_TEST_TLS_CLIENT_CERT";
 const ENV_TLS_CLIENT_KEY: &str = "DAFFI_TEST_TLS_CLIENT_KEY";
 const ENV_TOKEN: &str = "DAFFI_AUTH_TOKEN";
+/// A child started with it may open only this many files (and its controller waits
+/// `WAIT` for handshakes, so that idle connections stay).
+const ENV_NOFILE: &str = "DAFFI_TEST_NOFILE";
 
 /// Extra environment variables for a child.
 type Env = Vec<(&'static str, OsString)>;
@@ -83,6 +86,10 @@ fn security_process() {
         .try_init();
     let env = |key: &str| std::env::var(key).ok();
     let mut b = common::builder_for(&common::address_from_env());
+    if let Some(files) = env(ENV_NOFILE) {
+        limit_open_files(files.parse().expect("a number of files"));
+        b = b.handshake_timeout(WAIT);
+    }
     b = match role.as_str() {
         "controller" => {
             b = b.init_controller(true).init_node(false);
@@ -117,6 +124,17 @@ fn security_process() {
             std::io::stdout().flush().expect("flush");
         }
     }
+}
+
+/// Lowers this process's limit of open files to `files`.
+fn limit_open_files(files: libc::rlim_t) {
+    let limit = libc::rlimit {
+        rlim_cur: files,
+        rlim_max: files,
+    };
+    // SAFETY: setrlimit reads the struct it is given, nothing else.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
 
 fn encode_address(address: &Address) -> String {
@@ -881,6 +899,45 @@ fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
         .fg()
         .expect("holder unaffected");
     assert_eq!(sum, 7);
+}
+
+// ---- file descriptors ------------------------------------------------------------------
+
+#[test]
+fn a_controller_out_of_file_descriptors_backs_off_and_logs_boundedly() {
+    let mut ctl = Controller::start("tcp:127.0.0.1:0", &vec![(ENV_NOFILE, "64".into())]);
+    let port = tcp_port(&ctl.address);
+    // More idle connections than the controller has descriptors left: the kernel
+    // completes them all, and the controller's accepts begin to fail.
+    let flood: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    ctl.log_line(&["accept failed"]);
+    // Failing all along, it logs at most one more line in a 3 s window (it used to
+    // log about 20 a second).
+    let window = std::time::Duration::from_secs(3);
+    let end = Instant::now() + window;
+    let mut lines = 1;
+    while let Ok(line) = ctl
+        .process
+        .stderr
+        .recv_timeout(end.saturating_duration_since(Instant::now()))
+    {
+        lines += usize::from(line.contains("accept failed"));
+        ctl.process.seen.push(line);
+    }
+    assert!(
+        lines <= 2,
+        "{lines} `accept failed` lines in {window:?}:\n{}",
+        ctl.process.seen.join("\n")
+    );
+    // Once descriptors are free again, it accepts again.
+    drop(flood);
+    let _node = ctl
+        .node(&unique("after-flood"))
+        .start()
+        .expect("a node gets in once descriptors are free");
+    ctl.log_line(&["accepting connections again"]);
 }
 
 // ---- names -----------------------------------------------------------------------------
