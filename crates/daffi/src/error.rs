@@ -122,7 +122,8 @@ pub enum Error {
         message: String,
     },
 
-    /// Arguments could not be serialized.
+    /// Arguments could not be serialized: a `Serialize` impl failed, or the value nests
+    /// deeper than 1023 levels (as deep as a receiver decodes).
     #[error("could not encode the arguments of `{callback}`: {message}")]
     Encode {
         /// The callback that was called.
