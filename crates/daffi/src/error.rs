@@ -178,6 +178,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A Unix socket that another user could control: the socket, its directory, or
+    /// the process listening on it belongs to another user (neither this one nor root),
+    /// or the directory is a symbolic link. On a shared temp directory, that user could
+    /// receive this node's calls and arguments (a node refuses to connect), or replace a
+    /// controller's socket (a controller refuses to listen). Not retried at start.
+    #[error("refused the Unix socket {}: {message}", path.display())]
+    UnsafeSocket {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Who owns what, and what to do about it.
+        message: String,
+    },
+
     /// The controller refused the connection for a reason other than the above.
     #[error("the controller refused this node: {reason}")]
     Refused {

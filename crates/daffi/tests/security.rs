@@ -40,6 +40,8 @@ const ENV_TOKEN: &str = "DAFFI_AUTH_TOKEN";
 /// A child started with it may open only this many files (and its controller waits
 /// `WAIT` for handshakes, so that idle connections stay).
 const ENV_NOFILE: &str = "DAFFI_TEST_NOFILE";
+/// The user `nobody`, who owns what the socket-ownership tests hand to "another user".
+const NOBODY: u32 = 65534;
 
 /// Extra environment variables for a child.
 type Env = Vec<(&'static str, OsString)>;
@@ -79,6 +81,9 @@ fn security_process() {
         return;
     };
     common::exit_when_parent_dies();
+    if role == "squatter" {
+        return squat(&common::address_from_env());
+    }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -123,6 +128,24 @@ fn security_process() {
             println!("failed {e}");
             std::io::stdout().flush().expect("flush");
         }
+    }
+}
+
+/// In a child started as root: becomes `nobody`, listens on the Unix socket at
+/// `address` as another user would, and holds what connects until killed.
+fn squat(address: &Address) {
+    let Address::Unix(path) = address else {
+        panic!("a squatter needs a Unix socket path")
+    };
+    // SAFETY: setuid changes this process's user; nothing else here depends on it.
+    let rc = unsafe { libc::setuid(NOBODY) };
+    assert_eq!(rc, 0, "setuid: {}", std::io::Error::last_os_error());
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind as nobody");
+    println!("ready unix:{}", path.display());
+    std::io::stdout().flush().expect("flush");
+    let mut held = Vec::new();
+    for stream in listener.incoming() {
+        held.push(stream);
     }
 }
 
@@ -1177,4 +1200,150 @@ fn unsafe_socket_directories_and_paths_are_refused() {
         other => panic!("expected Error::Bind, got {other:?}"),
     }
     assert_eq!(std::fs::read(&file).expect("still there"), b"precious");
+}
+
+// ---- Unix sockets of another user ------------------------------------------------------
+
+/// Whether this test runs as root (needed to hand files to another user); says so when not.
+fn running_as_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("{test}: skipped, it needs root to hand files to another user");
+    }
+    root
+}
+
+fn give_to_nobody(path: &Path) {
+    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+}
+
+fn controller_at(sock: &Path) -> Result<Global, Error> {
+    Global::builder()
+        .unix_sock_path(sock)
+        .init_controller(true)
+        .init_node(false)
+        .start()
+}
+
+/// Asserts that `outcome` is `Error::UnsafeSocket` whose message has every one of `parts`.
+fn assert_unsafe_socket<T: std::fmt::Debug>(outcome: Result<T, Error>, parts: &[&str]) {
+    match outcome {
+        Err(e @ Error::UnsafeSocket { .. }) => {
+            let text = e.to_string();
+            for part in parts {
+                assert!(text.contains(part), "{part:?} not in: {text}");
+            }
+            assert!(text.contains("in a directory you own"), "{text}");
+        }
+        other => panic!("expected Error::UnsafeSocket, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_controller_refuses_a_socket_directory_of_another_user_or_a_symlink() {
+    if !running_as_root("a_controller_refuses_a_socket_directory_of_another_user") {
+        return;
+    }
+    let foreign = FreshDir::new("foreign");
+    std::fs::create_dir_all(&*foreign).expect("dir");
+    std::fs::set_permissions(&*foreign, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    give_to_nobody(&foreign);
+    let sock = foreign.join("ctl.sock");
+    assert_unsafe_socket(controller_at(&sock), &["belongs to uid 65534"]);
+    assert!(
+        std::fs::symlink_metadata(&sock).is_err(),
+        "nothing was bound"
+    );
+
+    // A link to a directory of one's own is refused too: whoever can change the link
+    // decides where the socket is.
+    let real = FreshDir::new("real");
+    std::fs::create_dir_all(&*real).expect("dir");
+    let link = FreshDir::new("link");
+    std::os::unix::fs::symlink(&*real, &*link).expect("symlink");
+    assert_unsafe_socket(controller_at(&link.join("ctl.sock")), &["symbolic link"]);
+    // The real directory is fine.
+    controller_at(&real.join("ctl.sock"))
+        .expect("a directory of one's own")
+        .stop();
+}
+
+#[test]
+fn a_node_refuses_a_socket_of_another_user_at_once_and_sends_nothing() {
+    if !running_as_root("a_node_refuses_a_socket_of_another_user") {
+        return;
+    }
+    // Someone else's socket in someone else's directory (the listener is this test's,
+    // handed over): `<tmp>/daffi/.sock` squatted on a shared /tmp.
+    let dir = FreshDir::new("squatted");
+    std::fs::create_dir_all(&*dir).expect("dir");
+    let sock = dir.join(".sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    give_to_nobody(&sock);
+    give_to_nobody(&dir);
+    let node = || {
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(&sock)
+    };
+    let e = fails_fast("a foreign directory", node());
+    assert_unsafe_socket(Err::<(), _>(e), &["its directory", "belongs to uid 65534"]);
+
+    // The directory handed back, the socket still someone else's.
+    std::os::unix::fs::chown(&*dir, Some(0), Some(0)).expect("chown back");
+    let e = fails_fast("a foreign socket", node());
+    assert_unsafe_socket(Err::<(), _>(e), &["the socket belongs to uid 65534"]);
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the node connected to the foreign socket: {other:?}"),
+    }
+
+    // A link to the directory: refused before looking further.
+    let link = FreshDir::new("squat-link");
+    std::os::unix::fs::symlink(&*dir, &*link).expect("symlink");
+    let e = fails_fast(
+        "a symlinked directory",
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(link.join(".sock")),
+    );
+    assert_unsafe_socket(Err::<(), _>(e), &["symbolic link"]);
+}
+
+#[test]
+fn a_node_refuses_a_listener_of_another_user_behind_a_socket_file_of_its_own() {
+    if !running_as_root("a_node_refuses_a_listener_of_another_user") {
+        return;
+    }
+    // A sticky directory everyone may write to, like /tmp: another user listens there,
+    // and the socket file is then made to look like one's own. Only the peer's
+    // credentials give it away.
+    // Straight in the temp directory: the other user must be able to reach it.
+    let dir = FreshDir(std::env::temp_dir().join(unique("daffi-shared")));
+    std::fs::create_dir_all(&*dir).expect("dir");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let sock = dir.join(".sock");
+    let mut squatter = Child::spawn(
+        "squatter",
+        "squatter",
+        &format!("unix:{}", sock.display()),
+        &Env::new(),
+    );
+    squatter.ready().expect("the squatter listens");
+    std::os::unix::fs::chown(&sock, Some(0), Some(0)).expect("chown the socket to root");
+    let e = fails_fast(
+        "a foreign listener",
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(&sock),
+    );
+    assert_unsafe_socket(
+        Err::<(), _>(e),
+        &[
+            &format!("the process listening on it (pid {})", squatter.child.id()),
+            "belongs to uid 65534",
+        ],
+    );
 }

@@ -474,6 +474,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                         | Error::Protocol { .. }
                         | Error::AuthenticationFailed { .. }
                         | Error::Tls { .. }
+                        | Error::UnsafeSocket { .. }
                 );
                 match first.take() {
                     Some(tx) if fatal || Instant::now() >= give_up_at => {
@@ -482,7 +483,12 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     }
                     still_first => first = still_first,
                 }
-                if matches!(e, Error::AuthenticationFailed { .. } | Error::Tls { .. }) {
+                if matches!(
+                    e,
+                    Error::AuthenticationFailed { .. }
+                        | Error::Tls { .. }
+                        | Error::UnsafeSocket { .. }
+                ) {
                     tracing::warn!(process = %core.name, error = %e, "the controller refused this node; retrying");
                 } else {
                     tracing::debug!(process = %core.name, error = %e, "connecting to the controller failed; retrying");
