@@ -54,8 +54,9 @@ pub enum Error {
         callback: String,
     },
 
-    /// The callee already runs as many callbacks as it allows (`max_concurrent_callbacks`).
-    #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_concurrent_callbacks`")]
+    /// The callee already runs as many callbacks of this kind as it allows
+    /// (`max_sync_callbacks` for sync ones, `max_concurrent_callbacks` for async ones).
+    #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_sync_callbacks` (sync callbacks) or `max_concurrent_callbacks` (async ones)")]
     Overloaded {
         /// The busy node.
         process: String,

@@ -38,7 +38,8 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
 /// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
-/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 callbacks |
+/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
+/// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 512 sync callbacks (threads) |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
 /// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
@@ -66,6 +67,7 @@ pub struct GlobalBuilder {
     handshake_timeout: Duration,
     max_in_flight: usize,
     max_concurrent_callbacks: usize,
+    max_sync_callbacks: usize,
     max_connections: usize,
     stop_timeout: Duration,
     tls_cert: Option<PathBuf>,
@@ -94,6 +96,7 @@ impl Default for GlobalBuilder {
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
             max_concurrent_callbacks: 1_024,
+            max_sync_callbacks: 512,
             max_connections: 10_000,
             stop_timeout: Duration::from_secs(5),
             tls_cert: None,
@@ -177,10 +180,23 @@ impl GlobalBuilder {
         self
     }
 
-    /// How many callbacks this node runs at once. Requests beyond it are refused at
-    /// once, and their callers get [`Error::Overloaded`]. Default: 1,024.
+    /// How many async callbacks this node runs at once (they are tasks: cheap).
+    /// Requests beyond it are refused at once, and their callers get
+    /// [`Error::Overloaded`]. Sync callbacks have their own limit,
+    /// [`max_sync_callbacks`](Self::max_sync_callbacks). Default: 1,024.
     pub fn max_concurrent_callbacks(mut self, callbacks: usize) -> Self {
         self.max_concurrent_callbacks = callbacks.max(1);
+        self
+    }
+
+    /// How many sync callbacks this node runs at once, each on a thread of its own
+    /// (daffi's, not tokio's blocking pool: they never wait for it, nor it for them).
+    /// Requests beyond it are refused at once with [`Error::Overloaded`]; a full set of
+    /// sync threads never refuses async callbacks. Default: 512, the size of tokio's
+    /// blocking pool: enough for callbacks that wait on I/O, while a thread's stack
+    /// (2 MiB of address space each, touched only as used) stays affordable.
+    pub fn max_sync_callbacks(mut self, callbacks: usize) -> Self {
+        self.max_sync_callbacks = callbacks.max(1);
         self
     }
 
@@ -475,6 +491,7 @@ impl GlobalBuilder {
                 handshake_timeout: self.handshake_timeout,
                 max_in_flight: self.max_in_flight,
                 max_concurrent_callbacks: self.max_concurrent_callbacks,
+                max_sync_callbacks: self.max_sync_callbacks,
                 stop_timeout: self.stop_timeout,
                 auth_token,
                 tls: client_tls,

@@ -123,7 +123,7 @@ fn child_process() {
             let g = common::builder_for(&common::address_from_env())
                 .process_name(std::env::var(common::ENV_NAME).expect("name"))
                 .stop_timeout(stop_timeout)
-                .max_concurrent_callbacks(64)
+                .max_sync_callbacks(64)
                 .start()
                 .expect("worker starts");
             let me = g.clone();
@@ -551,7 +551,7 @@ fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
 
 #[test]
 fn a_burst_of_no_return_calls_beyond_the_callback_limit_runs_in_full() {
-    // The worker runs at most 64 callbacks at once; NO_RETURN calls beyond that wait for
+    // The worker runs at most 64 sync callbacks at once; NO_RETURN calls beyond that wait for
     // a thread instead of being dropped (their callers could not be told), and do not
     // crowd out a call that wants a reply.
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);
