@@ -1,6 +1,7 @@
 //! [`Global`]: the entry point that starts a node (and maybe the controller) and makes calls.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -286,8 +287,9 @@ impl GlobalBuilder {
     /// Runs `hook(&global, own_name)` once, after the `Global` has started (and after
     /// the first `on_node_connect`).
     ///
-    /// Hooks run one at a time, in the order of the events, on the blocking thread pool:
-    /// they may make blocking calls. A hook that panics is logged and skipped.
+    /// Hooks run one at a time, in the order of the events, on a thread of their own
+    /// (`daffi-hooks`, not tokio's blocking pool, so that a full pool never holds them
+    /// up): they may make blocking calls. A hook that panics is logged and skipped.
     pub fn on_init(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
         self.hooks.on_init = Some(Arc::new(hook));
         self
@@ -516,58 +518,58 @@ impl GlobalBuilder {
             }),
         };
         if !self.hooks.is_empty() {
-            runtime.spawn(run_hooks(
-                Arc::downgrade(&global.inner),
-                self.hooks,
-                events_rx,
-            ));
+            let global = Arc::downgrade(&global.inner);
+            let hooks = self.hooks;
+            std::thread::Builder::new()
+                .name("daffi-hooks".into())
+                .spawn(move || {
+                    // As on tokio's blocking pool: hooks may use the runtime.
+                    let _context = runtime.enter();
+                    run_hooks(global, hooks, events_rx);
+                })?;
         }
         Ok(global)
     }
 }
 
-/// Runs the hooks for each node event, one at a time, on the blocking pool. Ends when
+/// Runs the hooks for each node event, one at a time, on the calling thread. Ends when
 /// the node is gone or the last `Global` clone is dropped.
-async fn run_hooks(
+fn run_hooks(
     global: Weak<Inner>,
     hooks: Hooks,
     mut events: tokio::sync::mpsc::UnboundedReceiver<NodeEvent>,
 ) {
-    let run = |hook: Hook, name: String| {
-        let global = global.clone();
-        async move {
-            let Some(inner) = global.upgrade() else {
-                return false;
-            };
-            let g = Global { inner };
-            let done = tokio::task::spawn_blocking(move || hook(&g, &name)).await;
-            if done.is_err() {
-                tracing::warn!("a lifecycle hook panicked");
-            }
-            true
+    let run = |hook: &Hook, name: &str| {
+        let Some(inner) = global.upgrade() else {
+            return false;
+        };
+        let g = Global { inner };
+        if catch_unwind(AssertUnwindSafe(|| hook(&g, name))).is_err() {
+            tracing::warn!("a lifecycle hook panicked");
         }
+        true
     };
     let own_name = match global.upgrade() {
         Some(inner) => inner.name.clone(),
         None => return,
     };
     // The first connection happened before the Global existed: report it first.
-    let first = events.recv().await;
+    let first = events.blocking_recv();
     if let Some(event) = &first {
         if let Some((hook, name)) = hooks.for_event(event, &own_name) {
-            if !run(hook.clone(), name.to_string()).await {
+            if !run(hook, name) {
                 return;
             }
         }
     }
     if let Some(hook) = &hooks.on_init {
-        if !run(hook.clone(), own_name.clone()).await {
+        if !run(hook, &own_name) {
             return;
         }
     }
-    while let Some(event) = events.recv().await {
+    while let Some(event) = events.blocking_recv() {
         if let Some((hook, name)) = hooks.for_event(&event, &own_name) {
-            if !run(hook.clone(), name.to_string()).await {
+            if !run(hook, name) {
                 return;
             }
         }

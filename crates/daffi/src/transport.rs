@@ -10,6 +10,7 @@ mod tls;
 
 use std::fmt;
 use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -72,7 +73,10 @@ pub async fn connect(
 ) -> std::result::Result<(BoxRead, BoxWrite), ConnectError> {
     match address {
         Address::Tcp { host, port } => {
-            let stream = TcpStream::connect((host.as_str(), *port))
+            let addresses = resolve(host, *port)
+                .await
+                .map_err(ConnectError::Unreachable)?;
+            let stream = TcpStream::connect(&addresses[..])
                 .await
                 .map_err(ConnectError::Unreachable)?;
             stream
@@ -113,6 +117,26 @@ pub async fn connect(
             "Unix sockets are not available on this platform; use host and port",
         ))),
     }
+}
+
+/// The socket addresses of `host`. An IP address is used as it is; a name is looked up
+/// on a short-lived thread of its own, not on tokio's blocking pool (where tokio looks
+/// names up), so that connecting never waits behind blocking work: the user's
+/// `spawn_blocking`, or anything else that fills the pool. Callers bound the wait; a
+/// lookup that outlives it ends on its own (the system resolver has its own timeouts).
+async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("daffi-resolve".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(Vec::from_iter));
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the name lookup thread ended")))
 }
 
 /// A plaintext tokio stream, split into its reader and writer.
@@ -183,9 +207,8 @@ impl Listener {
         };
         match address {
             Address::Tcp { host, port } => {
-                let l = TcpListener::bind((host.as_str(), *port))
-                    .await
-                    .map_err(bind_err)?;
+                let addresses = resolve(host, *port).await.map_err(bind_err)?;
+                let l = TcpListener::bind(&addresses[..]).await.map_err(bind_err)?;
                 Ok(Listener::Tcp(l))
             }
             #[cfg(unix)]

@@ -1,5 +1,7 @@
 //! Sync callbacks run on threads of their own, with a limit of their own: a full set of
-//! them never refuses async callbacks. Real processes over real sockets.
+//! them refuses neither async callbacks nor a reconnect, and a full tokio blocking pool
+//! (the user's `spawn_blocking`) holds up neither them, nor reconnects, nor hooks. Real
+//! processes over real sockets.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use common::{Log, StandaloneController, WAIT};
-use daffi::{callback, Error};
+use daffi::{callback, Address, Error, Global};
 use tokio::sync::watch;
 
 const ENTRY: &str = "callback_threads_process";
@@ -18,6 +20,11 @@ const ENTRY: &str = "callback_threads_process";
 static HELD: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::channel(0).0);
 /// One item per `release` call.
 static RELEASED: Log<()> = Log::new();
+/// Threads of tokio's blocking pool parked for good by the user's own work.
+static POOL_BUSY: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::channel(0).0);
+/// Times this node connected to the controller, counted by its `on_node_connect` hook.
+static CONNECTS: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::channel(0).0);
+
 /// A sync callback that keeps its thread until `release` has been called more than
 /// `gate` times (or `WAIT` passes).
 #[callback]
@@ -47,6 +54,16 @@ async fn held(n: usize) -> usize {
 }
 
 #[callback]
+async fn pool_busy(n: usize) -> usize {
+    reach(&POOL_BUSY, n).await
+}
+
+#[callback]
+async fn connects(n: usize) -> usize {
+    reach(&CONNECTS, n).await
+}
+
+#[callback]
 async fn ping() -> String {
     "pong".into()
 }
@@ -71,8 +88,44 @@ fn callback_threads_process() {
                 .expect("worker starts");
             g.join().expect("join");
         }
+        "crowded" => crowded_worker(name),
         other => panic!("unknown role {other}"),
     }
+}
+
+/// A node started from the user's own runtime, whose blocking pool (2 threads) the
+/// user's own work fills for good once it is connected; it finds its controller by the
+/// host name `localhost`, and runs at most 2 sync callbacks.
+fn crowded_worker(name: String) {
+    let Address::Tcp { port, .. } = common::address_from_env() else {
+        panic!("the crowded worker needs a TCP controller")
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let g = Global::builder()
+            .process_name(name)
+            .host("localhost")
+            .port(port)
+            .connect_timeout(WAIT)
+            .max_sync_callbacks(2)
+            .on_node_connect(|_, _| CONNECTS.send_modify(|n| *n += 1))
+            .start_async()
+            .await
+            .expect("worker starts");
+        for _ in 0..2 {
+            tokio::task::spawn_blocking(|| {
+                POOL_BUSY.send_modify(|n| *n += 1);
+                loop {
+                    std::thread::park();
+                }
+            });
+        }
+        g.join_async().await;
+    });
 }
 
 // ---- limits --------------------------------------------------------------------------
@@ -172,4 +225,80 @@ fn queued_sync_calls_whose_callers_gave_up_do_not_keep_their_places() {
         .expect("sent");
     call("release", WAIT).fg::<()>().expect("release");
     assert!(waiting.get().expect("a queued call is served"));
+}
+
+// ---- reconnecting while every blocking thread is busy ---------------------------------
+
+#[test]
+fn a_node_whose_blocking_pool_and_sync_threads_are_full_rejoins_promptly() {
+    const BOUND: Duration = Duration::from_secs(5);
+    let mut controller = StandaloneController::start_tcp(ENTRY);
+    let (events_tx, events) = std::sync::mpsc::channel::<&'static str>();
+    let (on_connect, on_disconnect) = (
+        std::sync::Mutex::new(events_tx.clone()),
+        std::sync::Mutex::new(events_tx),
+    );
+    let caller = common::builder_for(&controller.address)
+        .process_name(common::unique("caller"))
+        .on_node_connect(move |_, _| {
+            let _ = on_connect.lock().expect("lock").send("connected");
+        })
+        .on_node_disconnect(move |_, _| {
+            let _ = on_disconnect.lock().expect("lock").send("disconnected");
+        })
+        .start()
+        .expect("caller connects");
+    let next_event = || events.recv_timeout(WAIT).expect("a connection event");
+    assert_eq!(next_event(), "connected");
+    let worker = common::unique("crowded");
+    let _w = common::spawn_child(ENTRY, "crowded", &worker, &controller.address);
+    caller
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker connects");
+    let call = |name: &str| caller.call(name).on(&worker).timeout(WAIT);
+
+    // Both threads of its blocking pool, and both of its sync callback threads, busy.
+    assert_eq!(
+        call("pool_busy")
+            .args((2usize,))
+            .fg::<usize>()
+            .expect("call"),
+        2
+    );
+    let _holding: Vec<_> = (0..2)
+        .map(|_| call("hold").args((0usize,)).bg::<bool>().expect("sent"))
+        .collect();
+    assert_eq!(call("held").args((2usize,)).fg::<usize>().expect("call"), 2);
+    assert_eq!(
+        call("connects")
+            .args((1usize,))
+            .fg::<usize>()
+            .expect("call"),
+        1
+    );
+
+    // The controller dies and comes back.
+    controller.kill();
+    assert_eq!(next_event(), "disconnected");
+    controller.restart();
+    let restarted = Instant::now();
+    assert_eq!(next_event(), "connected");
+    caller
+        .wait_process_timeout(&worker, BOUND)
+        .expect("the crowded worker rejoins");
+    let rejoined_in = restarted.elapsed();
+    eprintln!("the crowded worker rejoined {rejoined_in:?} after the controller restarted");
+    assert!(rejoined_in < BOUND, "rejoined after {rejoined_in:?}");
+
+    // Its hooks ran, and it serves; its sync threads are still held.
+    assert_eq!(
+        call("connects")
+            .args((2usize,))
+            .fg::<usize>()
+            .expect("call"),
+        2
+    );
+    assert_eq!(call("held").args((2usize,)).fg::<usize>().expect("call"), 2);
+    assert_eq!(call("ping").fg::<String>().expect("ping"), "pong");
+    call("release").fg::<()>().expect("release");
 }
