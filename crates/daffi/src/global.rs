@@ -40,7 +40,7 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
 /// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
 /// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
-/// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 512 sync callbacks (threads) |
+/// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 1,024 sync callbacks (threads) |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
 /// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
@@ -97,7 +97,7 @@ impl Default for GlobalBuilder {
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
             max_concurrent_callbacks: 1_024,
-            max_sync_callbacks: 512,
+            max_sync_callbacks: 1_024,
             max_connections: 10_000,
             stop_timeout: Duration::from_secs(5),
             tls_cert: None,
@@ -190,12 +190,14 @@ impl GlobalBuilder {
         self
     }
 
-    /// How many sync callbacks this node runs at once, each on a thread of its own
-    /// (daffi's, not tokio's blocking pool: they never wait for it, nor it for them).
-    /// Requests beyond it are refused at once with [`Error::Overloaded`]; a full set of
-    /// sync threads never refuses async callbacks. Default: 512, the size of tokio's
-    /// blocking pool: enough for callbacks that wait on I/O, while a thread's stack
-    /// (2 MiB of address space each, touched only as used) stays affordable.
+    /// How many sync callbacks this node runs (or has queued for a thread) at once, and
+    /// so the most threads it starts for them: daffi's own, not tokio's blocking pool,
+    /// so that they never wait for it, nor it for them. Requests beyond it are refused
+    /// at once with [`Error::Overloaded`]; a full set of sync threads never refuses
+    /// async callbacks. Default: 1,024, what sync and async callbacks shared before they
+    /// had limits of their own, so that no burst that fitted then is refused now. Only
+    /// slow callbacks cost threads (quick ones share one or two), and an idle thread
+    /// costs its stack's address space (2 MiB), touched only as used.
     pub fn max_sync_callbacks(mut self, callbacks: usize) -> Self {
         self.max_sync_callbacks = callbacks.max(1);
         self

@@ -140,13 +140,17 @@ fn admit(core: &Arc<NodeCore>, kind: CallbackKind) -> Option<ServingGuard> {
 fn too_late(frame: &Frame, deadline: Option<Instant>) -> bool {
     let late = deadline.is_some_and(|d| Instant::now() >= d);
     if late {
-        tracing::debug!(
-            callback = frame.name(),
-            caller = frame.src(),
-            "skipped a call whose caller already timed out"
-        );
+        note_skipped(frame);
     }
     late
+}
+
+fn note_skipped(frame: &Frame) {
+    tracing::debug!(
+        callback = frame.name(),
+        caller = frame.src(),
+        "skipped a call whose caller already timed out"
+    );
 }
 
 /// Answers a request that will not run, if its caller wants an answer.
@@ -211,8 +215,11 @@ const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 /// taken without any thread being woken. Unless watching stopped paying (see
 /// [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
 const SPIN: Duration = Duration::from_micros(60);
-/// Then it waits this long for a job (woken by the submitter) before it ends.
-const LINGER: Duration = Duration::from_millis(10);
+/// Then it waits this long for a job (woken by the submitter) before it ends, as long as
+/// tokio keeps an idle blocking thread: waking a thread costs far less than starting one
+/// (on some sandboxes, milliseconds), and an idle one costs only its stack's address
+/// space. Threads end at once when the node closes (see [`SyncRunner::retire`]).
+const LINGER: Duration = Duration::from_secs(10);
 /// Watches in a row that saw no job, after which threads go to sleep at once: jobs come
 /// further apart than a watch lasts, and watching would only take processor time from
 /// the others. Watching starts again once a job is queued within `SPIN` of a thread
@@ -250,6 +257,8 @@ struct RunnerState {
     last_submit: Option<Instant>,
     /// When the queue was last searched for jobs whose callers gave up.
     last_expiry_sweep: Option<Instant>,
+    /// The node closed: threads with nothing to do end instead of waiting.
+    retired: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -463,7 +472,7 @@ impl SyncRunner {
             expired
         };
         for job in &expired {
-            too_late(&job.frame, job.deadline);
+            note_skipped(&job.frame);
         }
         expired.len()
     }
@@ -539,7 +548,7 @@ impl SyncRunner {
         s.parked += 1;
         let (mut s, _) = self
             .wake
-            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty())
+            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty() && !s.retired)
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
         let found = !s.jobs.is_empty();
@@ -553,6 +562,13 @@ impl SyncRunner {
             self.watch_misses.store(0, Ordering::Relaxed);
         }
         found
+    }
+
+    /// The node closed: threads waiting for a job end now, and the others once they
+    /// find no more (rather than after `LINGER`, holding the node).
+    pub fn retire(&self) {
+        self.lock().retired = true;
+        self.wake.notify_all();
     }
 
     fn note_dropped(&self, node: &str, callback: &str, limit: usize) {

@@ -190,6 +190,7 @@ impl NodeCore {
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn.queue.try_send(Outgoing::control(Kind::Goodbye, &()));
         }
+        self.sync_runner.retire();
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
     }
