@@ -30,7 +30,7 @@ pub mod code {
     pub const UNREACHABLE: u8 = 8;
     /// The node serving the call disconnected or stopped before it answered.
     pub const PEER_DISCONNECTED: u8 = 9;
-    /// The controller refused this command's node: token or TLS.
+    /// The connection was refused: token or TLS, or a Unix socket of another user.
     pub const REFUSED: u8 = 10;
 }
 
@@ -46,7 +46,9 @@ pub fn code_of(e: &Error) -> u8 {
         }
         Error::ControllerUnreachable { .. } => code::UNREACHABLE,
         Error::PeerDisconnected { .. } | Error::PeerStopped { .. } => code::PEER_DISCONNECTED,
-        Error::AuthenticationFailed { .. } | Error::Tls { .. } => code::REFUSED,
+        Error::AuthenticationFailed { .. } | Error::Tls { .. } | Error::UnsafeSocket { .. } => {
+            code::REFUSED
+        }
         // The first failed node in name order decides.
         Error::Broadcast { failed, .. } => failed
             .first()
