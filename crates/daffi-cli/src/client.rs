@@ -30,7 +30,7 @@ pub mod code {
     pub const UNREACHABLE: u8 = 8;
     /// The node serving the call disconnected or stopped before it answered.
     pub const PEER_DISCONNECTED: u8 = 9;
-    /// The controller refused this command's node: token or TLS.
+    /// The connection was refused: token or TLS, or a Unix socket of another user.
     pub const REFUSED: u8 = 10;
     /// The node is too busy to take the call: overloaded, or not reading what is sent
     /// to it (a slow consumer). Retrying later may work.
@@ -49,7 +49,9 @@ pub fn code_of(e: &Error) -> u8 {
         }
         Error::ControllerUnreachable { .. } => code::UNREACHABLE,
         Error::PeerDisconnected { .. } | Error::PeerStopped { .. } => code::PEER_DISCONNECTED,
-        Error::AuthenticationFailed { .. } | Error::Tls { .. } => code::REFUSED,
+        Error::AuthenticationFailed { .. } | Error::Tls { .. } | Error::UnsafeSocket { .. } => {
+            code::REFUSED
+        }
         Error::Overloaded { .. } | Error::SlowConsumer { .. } => code::BUSY,
         // The first failed node in name order decides.
         Error::Broadcast { failed, .. } => failed
@@ -176,6 +178,15 @@ impl ClientOptions {
 /// Parses `5s`, `250ms`, `1m30s`, ... for clap.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     daffi::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// Like [`parse_duration`], for how often something repeats: zero would repeat without
+/// pause, so it is a usage error.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("the interval must be longer than zero, e.g. 1s or 250ms".into()),
+        interval => Ok(interval),
+    }
 }
 
 fn random_suffix() -> String {

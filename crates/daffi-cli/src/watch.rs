@@ -28,7 +28,7 @@ pub struct WatchArgs {
         long,
         default_value = "1s",
         value_name = "DURATION",
-        value_parser = client::parse_duration
+        value_parser = client::parse_interval
     )]
     pub interval: Duration,
     #[command(flatten)]

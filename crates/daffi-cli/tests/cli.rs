@@ -443,3 +443,15 @@ fn watch_json_prints_joins_leaves_and_call_counts() {
         }
     }
 }
+
+#[test]
+fn watch_with_a_zero_interval_is_a_usage_error() {
+    // Refused while parsing the flags: no controller is needed, none is asked.
+    let out = daffi(&Endpoint::Tcp(1), &["watch", "--interval", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the interval must be longer than zero"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -84,6 +84,12 @@ impl Parse for CallbackAttr {
                 "a callback name cannot be empty",
             ));
         }
+        if name.value().chars().any(char::is_control) {
+            return Err(syn::Error::new(
+                name.span(),
+                "a callback name cannot hold control characters (a newline would forge log lines)",
+            ));
+        }
         if !input.is_empty() {
             return Err(input.error("expected only `name = \"...\"`"));
         }

@@ -58,7 +58,7 @@ pub type Outcome = Result<Payload, CallbackFailure>;
 /// A callback ready to run.
 #[derive(Clone)]
 pub enum Handler {
-    /// Runs on the blocking thread pool.
+    /// Runs on one of the node's sync callback threads.
     Sync(Arc<dyn Fn(Bytes) -> Outcome + Send + Sync>),
     /// Runs as a task on the runtime.
     Async(Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>),
@@ -173,7 +173,7 @@ tuple_reply!(
 
 /// A closure or function that can be registered with [`Global::register`](crate::Global::register).
 ///
-/// Implemented for `Fn(A1, .., An) -> R` (sync, runs on the blocking pool) and for
+/// Implemented for `Fn(A1, .., An) -> R` (sync, runs on a thread of the node's own) and for
 /// `Fn(A1, .., An) -> impl Future<Output = R>` (async), with up to 8 arguments that are
 /// `DeserializeOwned` and `R:` [`IntoReply`]. The `Marker` parameter only tells the two
 /// apart; you never name it.

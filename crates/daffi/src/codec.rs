@@ -8,6 +8,9 @@
 //! is on the thread, and a `Blob` found inside it becomes a slice of it. Both are matched
 //! by address and length, so a value that is not a `Blob`, or a serializer that is not
 //! ours, just takes the ordinary copying path.
+//!
+//! Encoding refuses a value nested deeper than the decoder reads (see [`depth`]),
+//! rather than overflow the stack.
 
 use std::cell::{Cell, RefCell};
 
@@ -16,6 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::Payload;
+
+mod depth;
 
 /// Blobs shorter than this are copied like any other bytes: a separate part costs more
 /// than copying a few KiB.
@@ -78,7 +83,9 @@ fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Pa
         done: Payload::default(),
     };
     let mut serializer = rmp_serde::Serializer::new(writer).with_struct_map();
-    let encoded = value.serialize(&mut serializer).map_err(|e| e.to_string());
+    let encoded = depth::Limited::new(value)
+        .serialize(&mut serializer)
+        .map_err(|e| e.to_string());
     let PartsWriter {
         buf: written,
         mut done,

@@ -54,8 +54,9 @@ pub enum Error {
         callback: String,
     },
 
-    /// The callee already runs as many callbacks as it allows (`max_concurrent_callbacks`).
-    #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_concurrent_callbacks`")]
+    /// The callee already runs as many callbacks of this kind as it allows
+    /// (`max_sync_callbacks` for sync ones, `max_concurrent_callbacks` for async ones).
+    #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_sync_callbacks` (sync callbacks) or `max_concurrent_callbacks` (async ones)")]
     Overloaded {
         /// The busy node.
         process: String,
@@ -135,7 +136,8 @@ pub enum Error {
         message: String,
     },
 
-    /// Arguments could not be serialized.
+    /// Arguments could not be serialized: a `Serialize` impl failed, or the value nests
+    /// deeper than 1023 levels (as deep as a receiver decodes).
     #[error("could not encode the arguments of `{callback}`: {message}")]
     Encode {
         /// The callback that was called.
@@ -187,6 +189,19 @@ pub enum Error {
         /// The controller's address.
         address: String,
         /// What went wrong and what to do about it.
+        message: String,
+    },
+
+    /// A Unix socket that another user could control: the socket, its directory, or
+    /// the process listening on it belongs to another user (neither this one nor root),
+    /// or the directory is a symbolic link. On a shared temp directory, that user could
+    /// receive this node's calls and arguments (a node refuses to connect), or replace a
+    /// controller's socket (a controller refuses to listen). Not retried at start.
+    #[error("refused the Unix socket {}: {message}", path.display())]
+    UnsafeSocket {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Who owns what, and what to do about it.
         message: String,
     },
 

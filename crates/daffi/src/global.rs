@@ -1,6 +1,7 @@
 //! [`Global`]: the entry point that starts a node (and maybe the controller) and makes calls.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,7 +21,7 @@ use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
-use crate::protocol::{DEFAULT_MAX_FRAME_SIZE, MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
+use crate::protocol::{check_name, NameKind, DEFAULT_MAX_FRAME_SIZE};
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
 
 /// The TLS of a `Global`: its controller's side and its node's side.
@@ -39,7 +40,8 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
 /// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
-/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 callbacks |
+/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
+/// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 1,024 sync callbacks (threads) |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
 /// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
 /// | [`stall_timeout`](Self::stall_timeout) | 10 s |
@@ -69,6 +71,7 @@ pub struct GlobalBuilder {
     handshake_timeout: Duration,
     max_in_flight: usize,
     max_concurrent_callbacks: usize,
+    max_sync_callbacks: usize,
     max_connections: usize,
     max_queue_bytes: usize,
     stall_timeout: Duration,
@@ -99,6 +102,7 @@ impl Default for GlobalBuilder {
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
             max_concurrent_callbacks: 1_024,
+            max_sync_callbacks: 1_024,
             max_connections: 10_000,
             max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
@@ -184,10 +188,25 @@ impl GlobalBuilder {
         self
     }
 
-    /// How many callbacks this node runs at once. Requests beyond it are refused at
-    /// once, and their callers get [`Error::Overloaded`]. Default: 1,024.
+    /// How many async callbacks this node runs at once (they are tasks: cheap).
+    /// Requests beyond it are refused at once, and their callers get
+    /// [`Error::Overloaded`]. Sync callbacks have their own limit,
+    /// [`max_sync_callbacks`](Self::max_sync_callbacks). Default: 1,024.
     pub fn max_concurrent_callbacks(mut self, callbacks: usize) -> Self {
         self.max_concurrent_callbacks = callbacks.max(1);
+        self
+    }
+
+    /// How many sync callbacks this node runs (or has queued for a thread) at once, and
+    /// so the most threads it starts for them: daffi's own, not tokio's blocking pool,
+    /// so that they never wait for it, nor it for them. Requests beyond it are refused
+    /// at once with [`Error::Overloaded`]; a full set of sync threads never refuses
+    /// async callbacks. Default: 1,024, what sync and async callbacks shared before they
+    /// had limits of their own, so that no burst that fitted then is refused now. Only
+    /// slow callbacks cost threads (quick ones share one or two), and an idle thread
+    /// costs its stack's address space (2 MiB), touched only as used.
+    pub fn max_sync_callbacks(mut self, callbacks: usize) -> Self {
+        self.max_sync_callbacks = callbacks.max(1);
         self
     }
 
@@ -310,8 +329,9 @@ impl GlobalBuilder {
     /// Runs `hook(&global, own_name)` once, after the `Global` has started (and after
     /// the first `on_node_connect`).
     ///
-    /// Hooks run one at a time, in the order of the events, on the blocking thread pool:
-    /// they may make blocking calls. A hook that panics is logged and skipped.
+    /// Hooks run one at a time, in the order of the events, on a thread of their own
+    /// (`daffi-hooks`, not tokio's blocking pool, so that a full pool never holds them
+    /// up): they may make blocking calls. A hook that panics is logged and skipped.
     pub fn on_init(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
         self.hooks.on_init = Some(Arc::new(hook));
         self
@@ -474,12 +494,10 @@ impl GlobalBuilder {
             ));
         }
         let name = match &self.process_name {
-            Some(n) if n.is_empty() || n.len() > MAX_PROCESS_NAME => {
-                return Err(Error::Config(format!(
-                    "process_name must be 1 to {MAX_PROCESS_NAME} bytes"
-                )))
+            Some(n) => {
+                check_name(NameKind::Process, n).map_err(Error::Config)?;
+                n.clone()
             }
-            Some(n) => n.clone(),
             None => format!("node-{}", random_suffix()),
         };
         if self.stall_timeout.is_zero() {
@@ -524,6 +542,7 @@ impl GlobalBuilder {
                 handshake_timeout: self.handshake_timeout,
                 max_in_flight: self.max_in_flight,
                 max_concurrent_callbacks: self.max_concurrent_callbacks,
+                max_sync_callbacks: self.max_sync_callbacks,
                 stop_timeout: self.stop_timeout,
                 auth_token,
                 tls: client_tls,
@@ -550,58 +569,58 @@ impl GlobalBuilder {
             }),
         };
         if !self.hooks.is_empty() {
-            runtime.spawn(run_hooks(
-                Arc::downgrade(&global.inner),
-                self.hooks,
-                events_rx,
-            ));
+            let global = Arc::downgrade(&global.inner);
+            let hooks = self.hooks;
+            std::thread::Builder::new()
+                .name("daffi-hooks".into())
+                .spawn(move || {
+                    // As on tokio's blocking pool: hooks may use the runtime.
+                    let _context = runtime.enter();
+                    run_hooks(global, hooks, events_rx);
+                })?;
         }
         Ok(global)
     }
 }
 
-/// Runs the hooks for each node event, one at a time, on the blocking pool. Ends when
+/// Runs the hooks for each node event, one at a time, on the calling thread. Ends when
 /// the node is gone or the last `Global` clone is dropped.
-async fn run_hooks(
+fn run_hooks(
     global: Weak<Inner>,
     hooks: Hooks,
     mut events: tokio::sync::mpsc::UnboundedReceiver<NodeEvent>,
 ) {
-    let run = |hook: Hook, name: String| {
-        let global = global.clone();
-        async move {
-            let Some(inner) = global.upgrade() else {
-                return false;
-            };
-            let g = Global { inner };
-            let done = tokio::task::spawn_blocking(move || hook(&g, &name)).await;
-            if done.is_err() {
-                tracing::warn!("a lifecycle hook panicked");
-            }
-            true
+    let run = |hook: &Hook, name: &str| {
+        let Some(inner) = global.upgrade() else {
+            return false;
+        };
+        let g = Global { inner };
+        if catch_unwind(AssertUnwindSafe(|| hook(&g, name))).is_err() {
+            tracing::warn!("a lifecycle hook panicked");
         }
+        true
     };
     let own_name = match global.upgrade() {
         Some(inner) => inner.name.clone(),
         None => return,
     };
     // The first connection happened before the Global existed: report it first.
-    let first = events.recv().await;
+    let first = events.blocking_recv();
     if let Some(event) = &first {
         if let Some((hook, name)) = hooks.for_event(event, &own_name) {
-            if !run(hook.clone(), name.to_string()).await {
+            if !run(hook, name) {
                 return;
             }
         }
     }
     if let Some(hook) = &hooks.on_init {
-        if !run(hook.clone(), own_name.clone()).await {
+        if !run(hook, &own_name) {
             return;
         }
     }
-    while let Some(event) = events.recv().await {
+    while let Some(event) = events.blocking_recv() {
         if let Some((hook, name)) = hooks.for_event(&event, &own_name) {
-            if !run(hook.clone(), name.to_string()).await {
+            if !run(hook, name) {
                 return;
             }
         }
@@ -689,11 +708,7 @@ impl Global {
     /// `Err` to the caller as [`Error::Remote`]. A closure that captures this `Global`
     /// keeps it alive: stop it with [`Global::stop`].
     pub fn register<M>(&self, name: &str, callback: impl IntoCallback<M>) -> Result<()> {
-        if name.is_empty() || name.len() > MAX_CALLBACK_NAME {
-            return Err(Error::Config(format!(
-                "callback names must be 1 to {MAX_CALLBACK_NAME} bytes"
-            )));
-        }
+        check_name(NameKind::Callback, name).map_err(Error::Config)?;
         let node = self.node()?;
         let handler = callback.into_handler(name);
         // Announcing spawns onto the node's runtime.

@@ -10,6 +10,7 @@ mod tls;
 
 use std::fmt;
 use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -60,6 +61,9 @@ pub enum ConnectError {
     Unreachable(io::Error),
     /// The TLS handshake failed: a configuration mismatch, with what to do about it.
     Tls(String),
+    /// The Unix socket, or its directory, or the process listening on it, belongs to
+    /// another user ([`Error::UnsafeSocket`]). Nothing was sent.
+    Unsafe(Error),
 }
 
 /// Opens a connection to `address`, under TLS when `tls` is given (TCP only).
@@ -69,7 +73,10 @@ pub async fn connect(
 ) -> std::result::Result<(BoxRead, BoxWrite), ConnectError> {
     match address {
         Address::Tcp { host, port } => {
-            let stream = TcpStream::connect((host.as_str(), *port))
+            let addresses = resolve(host, *port)
+                .await
+                .map_err(ConnectError::Unreachable)?;
+            let stream = TcpStream::connect(&addresses[..])
                 .await
                 .map_err(ConnectError::Unreachable)?;
             stream
@@ -91,9 +98,17 @@ pub async fn connect(
             if tls.is_some() {
                 return Err(ConnectError::Tls(UNIX_NO_TLS.into()));
             }
+            let refuse = |why: String| {
+                ConnectError::Unsafe(Error::UnsafeSocket {
+                    path: path.clone(),
+                    message: format!("{why}; another user could receive this node's calls there: use unix_sock_path in a directory you own"),
+                })
+            };
+            unix::check_socket(path).map_err(refuse)?;
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(ConnectError::Unreachable)?;
+            unix::check_peer(&stream).map_err(refuse)?;
             stream.into_halves().map_err(ConnectError::Unreachable)
         }
         #[cfg(not(unix))]
@@ -102,6 +117,26 @@ pub async fn connect(
             "Unix sockets are not available on this platform; use host and port",
         ))),
     }
+}
+
+/// The socket addresses of `host`. An IP address is used as it is; a name is looked up
+/// on a short-lived thread of its own, not on tokio's blocking pool (where tokio looks
+/// names up), so that connecting never waits behind blocking work: the user's
+/// `spawn_blocking`, or anything else that fills the pool. Callers bound the wait; a
+/// lookup that outlives it ends on its own (the system resolver has its own timeouts).
+async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("daffi-resolve".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(Vec::from_iter));
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the name lookup thread ended")))
 }
 
 /// A plaintext tokio stream, split into its reader and writer.
@@ -160,7 +195,9 @@ impl Listener {
     ///
     /// For a Unix socket: a missing directory is created owner-only (0700); an existing
     /// one that other users may write to (and that is not sticky, like `/tmp`) is refused,
-    /// since they could replace the socket. A stale socket file left by a dead controller
+    /// since they could replace the socket, and so is one that belongs to another user
+    /// (not this one, nor root) or is a symbolic link ([`Error::UnsafeSocket`]). A
+    /// stale socket file left by a dead controller
     /// is replaced; a live one is refused. The socket file is owner-only (0600) from the
     /// moment it appears at `path`, whatever the umask.
     pub async fn bind(address: &Address) -> Result<Listener> {
@@ -170,14 +207,19 @@ impl Listener {
         };
         match address {
             Address::Tcp { host, port } => {
-                let l = TcpListener::bind((host.as_str(), *port))
-                    .await
-                    .map_err(bind_err)?;
+                let addresses = resolve(host, *port).await.map_err(bind_err)?;
+                let l = TcpListener::bind(&addresses[..]).await.map_err(bind_err)?;
                 Ok(Listener::Tcp(l))
             }
             #[cfg(unix)]
             Address::Unix(path) => {
-                prepare_unix_path(path).await.map_err(bind_err)?;
+                let dir = unix::socket_dir(path);
+                prepare_socket_dir(dir).map_err(bind_err)?;
+                unix::check_dir(dir).map_err(|why| Error::UnsafeSocket {
+                    path: path.clone(),
+                    message: format!("{why}; another user could replace the socket there: use a unix_sock_path in a directory you own"),
+                })?;
+                clear_stale_socket(path).await.map_err(bind_err)?;
                 let l = unix::bind_owner_only(path).map_err(bind_err)?;
                 Ok(Listener::Unix(l, UnixSocketFile(path.clone())))
             }
@@ -295,41 +337,47 @@ impl Incoming {
     }
 }
 
-/// Creates or checks the socket's directory, and clears a stale socket file.
+/// Creates the socket's directory (owner-only), or checks that other users cannot
+/// write to it.
 #[cfg(unix)]
-async fn prepare_unix_path(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+fn prepare_socket_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
 
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        match std::fs::metadata(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => unix::create_private_dir(dir)?,
-            Err(e) => return Err(e),
-            Ok(meta) if !meta.is_dir() => {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => unix::create_private_dir(dir),
+        Err(e) => Err(e),
+        Ok(meta) if !meta.is_dir() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{}` is not a directory", dir.display()),
+        )),
+        Ok(meta) => {
+            let mode = meta.permissions().mode();
+            let sticky = mode & 0o1000 != 0;
+            if mode & 0o002 != 0 && !sticky {
                 return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("`{}` is not a directory", dir.display()),
-                ))
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the directory `{}` (mode {:o}) is writable by every user and not sticky: anyone could replace the socket; use a directory only you can write to (chmod 700)",
+                        dir.display(),
+                        mode & 0o7777
+                    ),
+                ));
             }
-            Ok(meta) => {
-                let mode = meta.permissions().mode();
-                let sticky = mode & 0o1000 != 0;
-                if mode & 0o002 != 0 && !sticky {
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        format!(
-                            "the directory `{}` (mode {:o}) is writable by every user and not sticky: anyone could replace the socket; use a directory only you can write to (chmod 700)",
-                            dir.display(),
-                            mode & 0o7777
-                        ),
-                    ));
-                }
-                if mode & 0o020 != 0 && !sticky {
-                    tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o7777),
-                        "the socket directory is group-writable: members of its group could replace the socket");
-                }
+            if mode & 0o020 != 0 && !sticky {
+                tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o7777),
+                    "the socket directory is group-writable: members of its group could replace the socket");
             }
+            Ok(())
         }
     }
+}
+
+/// Clears a stale socket file left by a dead controller; refuses a live one, and
+/// anything that is not a socket.
+#[cfg(unix)]
+async fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+
     let meta = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
@@ -366,8 +414,87 @@ async fn prepare_unix_path(path: &Path) -> io::Result<()> {
 #[cfg(unix)]
 mod unix {
     use std::io;
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     use std::path::Path;
+
+    /// The directory a socket path is in (`.` for a bare file name).
+    pub fn socket_dir(path: &Path) -> &Path {
+        path.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."))
+    }
+
+    /// This process's user.
+    fn own_uid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// Whether `uid` may own a socket, its directory, or the process behind it: this
+    /// process's user, or root (who can do anything anyway).
+    fn trusted(uid: u32) -> bool {
+        uid == 0 || uid == own_uid()
+    }
+
+    fn not_yours(what: &str, uid: u32) -> String {
+        format!(
+            "{what} belongs to uid {uid}, not to you (uid {}) or root",
+            own_uid()
+        )
+    }
+
+    /// Why another user may control `dir`, if one may: it belongs to another user, or
+    /// it is a symbolic link (whoever can change the link decides where sockets are).
+    /// A directory that does not exist is not refused here.
+    pub fn check_dir(dir: &Path) -> Result<(), String> {
+        let Ok(meta) = std::fs::symlink_metadata(dir) else {
+            return Ok(());
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(dir)
+                .map(|t| format!(" to `{}`", t.display()))
+                .unwrap_or_default();
+            return Err(format!(
+                "its directory `{}` is a symbolic link{target}",
+                dir.display()
+            ));
+        }
+        if !trusted(meta.uid()) {
+            return Err(not_yours(
+                &format!("its directory `{}`", dir.display()),
+                meta.uid(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Before connecting: why another user may have put the socket at `path`, if one
+    /// may. A missing socket is not refused here (connecting reports it).
+    pub fn check_socket(path: &Path) -> Result<(), String> {
+        check_dir(socket_dir(path))?;
+        match std::fs::metadata(path) {
+            Ok(meta) if !trusted(meta.uid()) => Err(not_yours("the socket", meta.uid())),
+            _ => Ok(()),
+        }
+    }
+
+    /// After connecting: whether the process that listens runs as this user or root.
+    pub fn check_peer(stream: &tokio::net::UnixStream) -> Result<(), String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("cannot tell which user listens on it ({e})"))?;
+        if trusted(cred.uid()) {
+            return Ok(());
+        }
+        let pid = cred
+            .pid()
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        Err(not_yours(
+            &format!("the process listening on it{pid}"),
+            cred.uid(),
+        ))
+    }
 
     /// Creates `dir` (and missing parents) with mode 0700, whatever the umask.
     pub fn create_private_dir(dir: &Path) -> io::Result<()> {

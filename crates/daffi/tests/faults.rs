@@ -61,6 +61,50 @@ fn one_way_count(want: u64, timeout_ms: u64) -> u64 {
         .len() as u64
 }
 
+/// Lists inside one another (`In(In(..End))`), built, measured and dropped without
+/// recursion, so that a test can hold one deeper than any stack.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Nested {
+    End,
+    In(Box<Nested>),
+}
+
+impl Nested {
+    fn deep(levels: u32) -> Nested {
+        (0..levels).fold(Nested::End, |inner, _| Nested::In(Box::new(inner)))
+    }
+
+    fn levels(&self) -> u32 {
+        std::iter::successors(Some(self), |n| match n {
+            Nested::In(inner) => Some(&**inner),
+            Nested::End => None,
+        })
+        .count() as u32
+            - 1
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        if let Nested::In(inner) = self {
+            let mut next = std::mem::replace(&mut **inner, Nested::End);
+            while let Nested::In(inner) = &mut next {
+                next = std::mem::replace(&mut **inner, Nested::End);
+            }
+        }
+    }
+}
+
+#[callback]
+fn nested_levels(value: Nested) -> u32 {
+    value.levels()
+}
+
+#[callback]
+fn nested_result(levels: u32) -> Nested {
+    Nested::deep(levels)
+}
+
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
@@ -79,7 +123,7 @@ fn child_process() {
             let g = common::builder_for(&common::address_from_env())
                 .process_name(std::env::var(common::ENV_NAME).expect("name"))
                 .stop_timeout(stop_timeout)
-                .max_concurrent_callbacks(64)
+                .max_sync_callbacks(64)
                 .start()
                 .expect("worker starts");
             let me = g.clone();
@@ -384,6 +428,55 @@ fn an_argument_over_the_frame_limit_fails_at_the_caller_before_sending() {
 }
 
 #[test]
+fn a_value_nested_too_deep_fails_by_name_on_the_caller_and_on_the_callee() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("deep");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    let call = |name: &str| g.call(name).on(&worker).timeout(WAIT);
+
+    // The caller's own argument: refused before anything is sent, with the limit.
+    match call("nested_levels")
+        .args((Nested::deep(100_000),))
+        .fg::<u32>()
+    {
+        Err(Error::Encode { message, .. }) => {
+            assert!(
+                message.contains("nested deeper than 1023 levels"),
+                "{message}"
+            )
+        }
+        other => panic!("expected Error::Encode, got {other:?}"),
+    }
+    let fits: u32 = call("nested_levels")
+        .args((Nested::deep(1000),))
+        .fg()
+        .expect("a value within the limit");
+    assert_eq!(fits, 1000);
+
+    // A callee's result: its caller gets the reason, and the callee goes on serving.
+    match call("nested_result").args((100_000u32,)).fg::<Nested>() {
+        Err(Error::Remote {
+            message,
+            panicked: false,
+            ..
+        }) => assert!(
+            message.contains("could not encode the result")
+                && message.contains("nested deeper than 1023 levels"),
+            "{message}"
+        ),
+        other => panic!(
+            "expected Error::Remote, got {:?}",
+            other.map(|n| n.levels())
+        ),
+    }
+    let sum: i64 = call("sync_add").args((2, 3)).fg().expect("still serving");
+    assert_eq!(sum, 5);
+}
+
+/// Peak resident memory of a process, from /proc.
+
+#[test]
 fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
     let controller = StandaloneController::start(ENTRY);
     let mut cluster = Cluster::with_standalone(&controller);
@@ -453,7 +546,7 @@ fn a_slow_callee_flooded_by_fast_callers_keeps_the_controller_bounded() {
 
 #[test]
 fn a_burst_of_no_return_calls_beyond_the_callback_limit_runs_in_full() {
-    // The worker runs at most 64 callbacks at once; NO_RETURN calls beyond that wait for
+    // The worker runs at most 64 sync callbacks at once; NO_RETURN calls beyond that wait for
     // a thread instead of being dropped (their callers could not be told), and do not
     // crowd out a call that wants a reply.
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);

@@ -37,6 +37,11 @@ const ENV_TLS_CA: &str = "DAFFI_TEST_TLS_CA";
 const ENV_TLS_CLIENT_CERT: &str = "DAFFI_TEST_TLS_CLIENT_CERT";
 const ENV_TLS_CLIENT_KEY: &str = "DAFFI_TEST_TLS_CLIENT_KEY";
 const ENV_TOKEN: &str = "DAFFI_AUTH_TOKEN";
+/// A child started with it may open only this many files (and its controller waits
+/// `WAIT` for handshakes, so that idle connections stay).
+const ENV_NOFILE: &str = "DAFFI_TEST_NOFILE";
+/// The user `nobody`, who owns what the socket-ownership tests hand to "another user".
+const NOBODY: u32 = 65534;
 
 /// Extra environment variables for a child.
 type Env = Vec<(&'static str, OsString)>;
@@ -76,6 +81,9 @@ fn security_process() {
         return;
     };
     common::exit_when_parent_dies();
+    if role == "squatter" {
+        return squat(&common::address_from_env());
+    }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -83,6 +91,10 @@ fn security_process() {
         .try_init();
     let env = |key: &str| std::env::var(key).ok();
     let mut b = common::builder_for(&common::address_from_env());
+    if let Some(files) = env(ENV_NOFILE) {
+        limit_open_files(files.parse().expect("a number of files"));
+        b = b.handshake_timeout(WAIT);
+    }
     b = match role.as_str() {
         "controller" => {
             b = b.init_controller(true).init_node(false);
@@ -117,6 +129,35 @@ fn security_process() {
             std::io::stdout().flush().expect("flush");
         }
     }
+}
+
+/// In a child started as root: becomes `nobody`, listens on the Unix socket at
+/// `address` as another user would, and holds what connects until killed.
+fn squat(address: &Address) {
+    let Address::Unix(path) = address else {
+        panic!("a squatter needs a Unix socket path")
+    };
+    // SAFETY: setuid changes this process's user; nothing else here depends on it.
+    let rc = unsafe { libc::setuid(NOBODY) };
+    assert_eq!(rc, 0, "setuid: {}", std::io::Error::last_os_error());
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind as nobody");
+    println!("ready unix:{}", path.display());
+    std::io::stdout().flush().expect("flush");
+    let mut held = Vec::new();
+    for stream in listener.incoming() {
+        held.push(stream);
+    }
+}
+
+/// Lowers this process's limit of open files to `files`.
+fn limit_open_files(files: libc::rlim_t) {
+    let limit = libc::rlimit {
+        rlim_cur: files,
+        rlim_max: files,
+    };
+    // SAFETY: setrlimit reads the struct it is given, nothing else.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
 
 fn encode_address(address: &Address) -> String {
@@ -438,8 +479,8 @@ fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -
     out
 }
 
-/// Reads one frame, then expects the controller to close the connection.
-fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
+/// Reads one frame from the controller.
+fn read_frame(stream: &mut TcpStream) -> Frame {
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     let mut len = [0u8; 4];
     stream
@@ -449,7 +490,23 @@ fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
     stream.read_exact(&mut rest).expect("the whole frame");
     let mut raw = len.to_vec();
     raw.extend_from_slice(&rest);
-    let frame = Frame::parse(raw.into()).expect("a valid frame");
+    Frame::parse(raw.into()).expect("a valid frame")
+}
+
+/// Expects the controller to close the connection (after anything it still sends).
+fn expect_closed(stream: &mut TcpStream) {
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the controller to close the connection: {e}"),
+    }
+}
+
+/// Reads one frame, then expects the controller to close the connection.
+fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
+    let frame = read_frame(stream);
     let mut more = [0u8; 1];
     match stream.read(&mut more) {
         Ok(0) => {}
@@ -867,6 +924,118 @@ fn wrong_and_missing_tokens_fail_the_node_with_authentication_failed() {
     assert_eq!(sum, 7);
 }
 
+// ---- file descriptors ------------------------------------------------------------------
+
+#[test]
+fn a_controller_out_of_file_descriptors_backs_off_and_logs_boundedly() {
+    let mut ctl = Controller::start("tcp:127.0.0.1:0", &vec![(ENV_NOFILE, "64".into())]);
+    let port = tcp_port(&ctl.address);
+    // More idle connections than the controller has descriptors left: the kernel
+    // completes them all, and the controller's accepts begin to fail.
+    let flood: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    ctl.log_line(&["accept failed"]);
+    // Failing all along, it logs at most one more line in a 3 s window (it used to
+    // log about 20 a second).
+    let window = std::time::Duration::from_secs(3);
+    let end = Instant::now() + window;
+    let mut lines = 1;
+    while let Ok(line) = ctl
+        .process
+        .stderr
+        .recv_timeout(end.saturating_duration_since(Instant::now()))
+    {
+        lines += usize::from(line.contains("accept failed"));
+        ctl.process.seen.push(line);
+    }
+    assert!(
+        lines <= 2,
+        "{lines} `accept failed` lines in {window:?}:\n{}",
+        ctl.process.seen.join("\n")
+    );
+    // Once descriptors are free again, it accepts again.
+    drop(flood);
+    let _node = ctl
+        .node(&unique("after-flood"))
+        .start()
+        .expect("a node gets in once descriptors are free");
+    ctl.log_line(&["accepting connections again"]);
+}
+
+// ---- names -----------------------------------------------------------------------------
+
+#[test]
+fn names_with_control_characters_are_refused_by_the_builder_and_the_controller() {
+    const FORGED: &str = "FORGED controller: node joined";
+    let mut ctl = Controller::tcp(&Env::new());
+    let port = tcp_port(&ctl.address);
+
+    // The builder and `register` refuse them before anything is sent.
+    let e = fails_fast(
+        "newline in process_name",
+        ctl.node(&format!("evil\n{FORGED}")),
+    );
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(e.to_string().contains("control character"), "{e}");
+    let node = ctl.node(&unique("names")).start().expect("node");
+    match node.register(&format!("cb\r\n{FORGED}"), || 1) {
+        Err(e @ Error::Config(_)) => assert!(e.to_string().contains("control character"), "{e}"),
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+
+    // A raw client: the controller refuses such a process name, or callback name, in
+    // the Hello, and logs the name escaped, on one line.
+    for (name, callbacks) in [
+        (format!("evil\n{FORGED}"), vec![]),
+        (unique("raw"), vec![format!("cb\n{FORGED}")]),
+    ] {
+        let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let me = raw.local_addr().expect("local address").to_string();
+        let callbacks: Vec<&str> = callbacks.iter().map(String::as_str).collect();
+        raw.write_all(&opening(&name, None, &callbacks))
+            .expect("write");
+        let answer = refused(&read_frame_then_close(&mut raw));
+        assert_eq!(answer.code, RefuseCode::InvalidName, "{}", answer.message);
+        assert!(
+            answer.message.contains("control character"),
+            "{}",
+            answer.message
+        );
+        ctl.log_line(&["refused a connection", &format!("peer={me}"), "\\n"]);
+    }
+
+    // A joined raw client whose Announce holds such a name is disconnected, with the
+    // reason logged.
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let rogue = unique("announcer");
+    raw.write_all(&opening(&rogue, None, &["fine"]))
+        .expect("write");
+    assert_eq!(read_frame(&mut raw).kind(), Kind::Welcome);
+    let body = message::encode(&message::Announce {
+        callbacks: vec!["fine".into(), format!("cb\n{FORGED}")],
+    });
+    let mut announce = Header::control(Kind::Announce).encode(body.len()).to_vec();
+    announce.extend_from_slice(&body);
+    raw.write_all(&announce).expect("write");
+    expect_closed(&mut raw);
+    ctl.log_line(&[
+        "node left",
+        &rogue,
+        "refused its Announce",
+        "control character",
+    ]);
+
+    // No line of the controller's log begins with the forged text.
+    let forged: Vec<&String> = ctl
+        .process
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("FORGED"))
+        .collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:?}");
+}
+
 // ---- Unix sockets --------------------------------------------------------------------
 
 /// A directory that does not exist yet, removed (with what is in it) when dropped.
@@ -1031,4 +1200,150 @@ fn unsafe_socket_directories_and_paths_are_refused() {
         other => panic!("expected Error::Bind, got {other:?}"),
     }
     assert_eq!(std::fs::read(&file).expect("still there"), b"precious");
+}
+
+// ---- Unix sockets of another user ------------------------------------------------------
+
+/// Whether this test runs as root (needed to hand files to another user); says so when not.
+fn running_as_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("{test}: skipped, it needs root to hand files to another user");
+    }
+    root
+}
+
+fn give_to_nobody(path: &Path) {
+    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+}
+
+fn controller_at(sock: &Path) -> Result<Global, Error> {
+    Global::builder()
+        .unix_sock_path(sock)
+        .init_controller(true)
+        .init_node(false)
+        .start()
+}
+
+/// Asserts that `outcome` is `Error::UnsafeSocket` whose message has every one of `parts`.
+fn assert_unsafe_socket<T: std::fmt::Debug>(outcome: Result<T, Error>, parts: &[&str]) {
+    match outcome {
+        Err(e @ Error::UnsafeSocket { .. }) => {
+            let text = e.to_string();
+            for part in parts {
+                assert!(text.contains(part), "{part:?} not in: {text}");
+            }
+            assert!(text.contains("in a directory you own"), "{text}");
+        }
+        other => panic!("expected Error::UnsafeSocket, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_controller_refuses_a_socket_directory_of_another_user_or_a_symlink() {
+    if !running_as_root("a_controller_refuses_a_socket_directory_of_another_user") {
+        return;
+    }
+    let foreign = FreshDir::new("foreign");
+    std::fs::create_dir_all(&*foreign).expect("dir");
+    std::fs::set_permissions(&*foreign, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    give_to_nobody(&foreign);
+    let sock = foreign.join("ctl.sock");
+    assert_unsafe_socket(controller_at(&sock), &["belongs to uid 65534"]);
+    assert!(
+        std::fs::symlink_metadata(&sock).is_err(),
+        "nothing was bound"
+    );
+
+    // A link to a directory of one's own is refused too: whoever can change the link
+    // decides where the socket is.
+    let real = FreshDir::new("real");
+    std::fs::create_dir_all(&*real).expect("dir");
+    let link = FreshDir::new("link");
+    std::os::unix::fs::symlink(&*real, &*link).expect("symlink");
+    assert_unsafe_socket(controller_at(&link.join("ctl.sock")), &["symbolic link"]);
+    // The real directory is fine.
+    controller_at(&real.join("ctl.sock"))
+        .expect("a directory of one's own")
+        .stop();
+}
+
+#[test]
+fn a_node_refuses_a_socket_of_another_user_at_once_and_sends_nothing() {
+    if !running_as_root("a_node_refuses_a_socket_of_another_user") {
+        return;
+    }
+    // Someone else's socket in someone else's directory (the listener is this test's,
+    // handed over): `<tmp>/daffi/.sock` squatted on a shared /tmp.
+    let dir = FreshDir::new("squatted");
+    std::fs::create_dir_all(&*dir).expect("dir");
+    let sock = dir.join(".sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    give_to_nobody(&sock);
+    give_to_nobody(&dir);
+    let node = || {
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(&sock)
+    };
+    let e = fails_fast("a foreign directory", node());
+    assert_unsafe_socket(Err::<(), _>(e), &["its directory", "belongs to uid 65534"]);
+
+    // The directory handed back, the socket still someone else's.
+    std::os::unix::fs::chown(&*dir, Some(0), Some(0)).expect("chown back");
+    let e = fails_fast("a foreign socket", node());
+    assert_unsafe_socket(Err::<(), _>(e), &["the socket belongs to uid 65534"]);
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the node connected to the foreign socket: {other:?}"),
+    }
+
+    // A link to the directory: refused before looking further.
+    let link = FreshDir::new("squat-link");
+    std::os::unix::fs::symlink(&*dir, &*link).expect("symlink");
+    let e = fails_fast(
+        "a symlinked directory",
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(link.join(".sock")),
+    );
+    assert_unsafe_socket(Err::<(), _>(e), &["symbolic link"]);
+}
+
+#[test]
+fn a_node_refuses_a_listener_of_another_user_behind_a_socket_file_of_its_own() {
+    if !running_as_root("a_node_refuses_a_listener_of_another_user") {
+        return;
+    }
+    // A sticky directory everyone may write to, like /tmp: another user listens there,
+    // and the socket file is then made to look like one's own. Only the peer's
+    // credentials give it away.
+    // Straight in the temp directory: the other user must be able to reach it.
+    let dir = FreshDir(std::env::temp_dir().join(unique("daffi-shared")));
+    std::fs::create_dir_all(&*dir).expect("dir");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let sock = dir.join(".sock");
+    let mut squatter = Child::spawn(
+        "squatter",
+        "squatter",
+        &format!("unix:{}", sock.display()),
+        &Env::new(),
+    );
+    squatter.ready().expect("the squatter listens");
+    std::os::unix::fs::chown(&sock, Some(0), Some(0)).expect("chown the socket to root");
+    let e = fails_fast(
+        "a foreign listener",
+        Global::builder()
+            .process_name(unique("victim"))
+            .unix_sock_path(&sock),
+    );
+    assert_unsafe_socket(
+        Err::<(), _>(e),
+        &[
+            &format!("the process listening on it (pid {})", squatter.child.id()),
+            "belongs to uid 65534",
+        ],
+    );
 }

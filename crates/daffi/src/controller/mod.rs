@@ -151,6 +151,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
             .max_connections
             .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
     ));
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -158,6 +159,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
         };
         match accepted {
             Ok(conn) => {
+                failures.recovered();
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tracing::warn!(peer = %conn.peer(), limit = shared.config.max_connections, "refused a connection: too many connections");
                     continue; // dropping the halves closes it
@@ -171,11 +173,82 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
                 });
             }
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = failures.failed(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => break,
+                }
             }
         }
     }
     tracing::info!("controller stopped");
+}
+
+/// Failed accepts in a row (usually: no file descriptor left). Each is retried after a
+/// pause that doubles from 50 ms to 1 s while they go on; the first is logged, then at
+/// most one line per [`AcceptFailures::SUMMARY_EVERY`] with the count, so that a
+/// controller out of descriptors neither spins nor floods its log.
+#[derive(Default)]
+struct AcceptFailures {
+    /// Failures since the last success.
+    in_a_row: u32,
+    /// Failures not logged yet.
+    unlogged: u64,
+    /// When the last line was logged.
+    last_logged: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+    /// Logs (or counts) a failure; returns how long to wait before the next accept.
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        match self.last_logged {
+            None => {
+                tracing::warn!(%error, "accept failed; retrying with backoff (out of file descriptors? raise `ulimit -n` or lower max_connections)");
+                self.unlogged = 0;
+                self.last_logged = Some(now);
+            }
+            Some(at) if now.duration_since(at) >= Self::SUMMARY_EVERY => {
+                tracing::warn!(%error, failures = self.unlogged, since = ?now.duration_since(at), "accept failed again");
+                self.unlogged = 0;
+                self.last_logged = Some(now);
+            }
+            Some(_) => {}
+        }
+        Self::FIRST_PAUSE
+            .saturating_mul(1 << (self.in_a_row - 1).min(5))
+            .min(Self::MAX_PAUSE)
+    }
+
+    /// An accept succeeded: the next failure starts over.
+    fn recovered(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(failures = self.in_a_row, "accepting connections again");
+            *self = AcceptFailures::default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AcceptFailures;
+    use std::time::Duration;
+
+    #[test]
+    fn accept_failures_back_off_from_50_ms_to_1_s_and_start_over_after_a_success() {
+        let mut failures = AcceptFailures::default();
+        let error = std::io::Error::from_raw_os_error(24);
+        let pauses: Vec<u64> = (0..8)
+            .map(|_| failures.failed(&error).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        failures.recovered();
+        assert_eq!(failures.failed(&error), Duration::from_millis(50));
+    }
 }

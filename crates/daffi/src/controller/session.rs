@@ -20,7 +20,9 @@ use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
-use crate::protocol::{MAGIC, MAX_HELLO_SIZE, MAX_PROCESS_NAME, PROTOCOL_VERSION};
+use crate::protocol::{
+    check_callback_names, check_name, NameKind, MAGIC, MAX_HELLO_SIZE, PROTOCOL_VERSION,
+};
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
 /// State shared by every session of one controller.
@@ -316,15 +318,12 @@ async fn handshake(
             });
         }
     }
-    if hello.process_name.is_empty() || hello.process_name.len() > MAX_PROCESS_NAME {
-        return Err(Refused {
+    check_name(NameKind::Process, &hello.process_name)
+        .and_then(|()| check_callback_names(&hello.callbacks))
+        .map_err(|message| Refused {
             code: RefuseCode::InvalidName,
-            message: format!(
-                "process names must be 1 to {MAX_PROCESS_NAME} bytes, got {}",
-                hello.process_name.len()
-            ),
-        });
-    }
+            message,
+        })?;
     Ok(hello)
 }
 
@@ -370,6 +369,8 @@ async fn route(
         Kind::Announce => {
             let announce: Announce = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable Announce: {e}"))?;
+            check_callback_names(&announce.callbacks)
+                .map_err(|e| format!("refused its Announce: {e}"))?;
             shared
                 .members
                 .update(name, conn_id, announce.callbacks)

@@ -1,11 +1,15 @@
-//! Running the callbacks other nodes ask for: sync ones on the blocking pool, async ones
-//! as tasks, many at once. A panic becomes an error reply; the node keeps serving.
+//! Running the callbacks other nodes ask for: sync ones on threads of the node's own,
+//! async ones as tasks, many at once. A panic becomes an error reply; the node keeps
+//! serving.
 //!
-//! Sync callbacks go through a per-node queue, the [`SyncRunner`]: a blocking-pool thread
-//! that finishes a callback takes the next queued one, and a new thread is started only
-//! when every thread of the node is busy in a callback. A slow callback therefore never
+//! Sync callbacks go through a per-node queue, the [`SyncRunner`]: a thread that
+//! finishes a callback takes the next queued one, and a new thread is started only when
+//! every thread of the node is busy in a callback. A slow callback therefore never
 //! delays another (as with one `spawn_blocking` per call), while a stream of quick ones
-//! runs on one or two threads without a thread wake-up per call.
+//! runs on one or two threads without a thread wake-up per call. The threads are not
+//! tokio's blocking pool: sync callbacks that fill them never hold up what needs that
+//! pool (the user's own `spawn_blocking`, tokio's file and name lookups), and the
+//! user's blocking work never holds up sync callbacks.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -16,17 +20,21 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{NodeCore, ServingGuard};
+use super::{CallbackKind, NodeCore, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, Outcome};
 use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
 use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
-/// many times `max_concurrent_callbacks`. Their callers cannot be told "overloaded", so a
-/// burst of them is queued rather than dropped, and it does not crowd out calls that
-/// want a reply. Beyond it they are dropped, and logged.
+/// many times `max_concurrent_callbacks` (async) or `max_sync_callbacks` (sync). Their
+/// callers cannot be told "overloaded", so a burst of them is queued rather than
+/// dropped, and it does not crowd out calls that want a reply. Beyond it they are
+/// dropped, and logged.
 pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
+
+/// The name of the threads that run sync callbacks.
+const THREAD_NAME: &str = "daffi-callback";
 
 /// Sync callbacks a reader took from one read, handed to the runner together: a burst of
 /// requests costs the runner's threads one wake-up, not one each.
@@ -57,19 +65,24 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame, batch: &mut SyncBatch) {
         );
         return;
     };
-    let limit = if wants_reply {
-        core.config.max_concurrent_callbacks
-    } else {
-        core.config
-            .max_concurrent_callbacks
-            .saturating_mul(NO_RETURN_BACKLOG_FACTOR)
+    let kind = CallbackKind {
+        sync: matches!(handler, Handler::Sync(_)),
+        one_way: !wants_reply,
     };
-    let Some(running) = core.admit_callback(!wants_reply, limit) else {
+    let Some(running) = admit(core, kind) else {
+        let limit = core.config.callback_limit(kind);
         if wants_reply {
-            let message = format!(
-                "process `{}` runs as many callbacks as it allows",
-                core.name
-            );
+            let message = if kind.sync {
+                format!(
+                    "process `{}` runs as many sync callbacks as it allows (max_sync_callbacks = {limit})",
+                    core.name
+                )
+            } else {
+                format!(
+                    "process `{}` runs as many async callbacks as it allows (max_concurrent_callbacks = {limit})",
+                    core.name
+                )
+            };
             refuse(
                 core,
                 &frame,
@@ -112,17 +125,32 @@ pub fn serve(core: &Arc<NodeCore>, frame: Frame, batch: &mut SyncBatch) {
     }
 }
 
+/// Counts a callback of `kind` as running, if its limit allows. Queued sync calls whose
+/// callers already gave up hold places for nothing: when sync callbacks are at their
+/// limit, those are dropped first, and the place looked for again.
+fn admit(core: &Arc<NodeCore>, kind: CallbackKind) -> Option<ServingGuard> {
+    core.admit_callback(kind).or_else(|| {
+        (kind.sync && core.sync_runner.drop_expired() > 0)
+            .then(|| core.admit_callback(kind))
+            .flatten()
+    })
+}
+
 /// Whether the caller has given up on `frame` already (it then gets `Timeout` itself).
 fn too_late(frame: &Frame, deadline: Option<Instant>) -> bool {
     let late = deadline.is_some_and(|d| Instant::now() >= d);
     if late {
-        tracing::debug!(
-            callback = frame.name(),
-            caller = frame.src(),
-            "skipped a call whose caller already timed out"
-        );
+        note_skipped(frame);
     }
     late
+}
+
+fn note_skipped(frame: &Frame) {
+    tracing::debug!(
+        callback = frame.name(),
+        caller = frame.src(),
+        "skipped a call whose caller already timed out"
+    );
 }
 
 /// Answers a request that will not run, if its caller wants an answer.
@@ -152,6 +180,11 @@ struct SyncJob {
 }
 
 impl SyncJob {
+    /// Whether its caller has given up by `now`.
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+
     fn run(self, core: &NodeCore) {
         if too_late(&self.frame, self.deadline) {
             return;
@@ -182,8 +215,11 @@ const HANDOFF_AFTER: Duration = Duration::from_micros(500);
 /// taken without any thread being woken. Unless watching stopped paying (see
 /// [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
 const SPIN: Duration = Duration::from_micros(60);
-/// Then it waits this long for a job (woken by the submitter) before it ends.
-const LINGER: Duration = Duration::from_millis(10);
+/// Then it waits this long for a job (woken by the submitter) before it ends, as long as
+/// tokio keeps an idle blocking thread: waking a thread costs far less than starting one
+/// (on some sandboxes, milliseconds), and an idle one costs only its stack's address
+/// space. Threads end at once when the node closes (see [`SyncRunner::retire`]).
+const LINGER: Duration = Duration::from_secs(10);
 /// Watches in a row that saw no job, after which threads go to sleep at once: jobs come
 /// further apart than a watch lasts, and watching would only take processor time from
 /// the others. Watching starts again once a job is queued within `SPIN` of a thread
@@ -219,6 +255,10 @@ struct RunnerState {
     /// When jobs were last queued: whether a thread that went to sleep at once would
     /// have caught them by watching.
     last_submit: Option<Instant>,
+    /// When the queue was last searched for jobs whose callers gave up.
+    last_expiry_sweep: Option<Instant>,
+    /// The node closed: threads with nothing to do end instead of waiting.
+    retired: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -314,7 +354,7 @@ impl SyncRunner {
                 s.threads = 1;
                 (vec![0], s.jobs.len() > 1)
             } else {
-                s.plan_threads(core.config.max_concurrent_callbacks, true)
+                s.plan_threads(core.config.max_sync_callbacks, true)
             };
             watch = (watch || left_to_sleepers) && !s.watched;
             s.watched |= watch;
@@ -338,7 +378,7 @@ impl SyncRunner {
             tokio::time::sleep(HANDOFF_AFTER).await;
             let (start, again, wake) = {
                 let mut s = core.sync_runner.lock();
-                let (start, again) = s.plan_threads(core.config.max_concurrent_callbacks, false);
+                let (start, again) = s.plan_threads(core.config.max_sync_callbacks, false);
                 // No thread made progress for a while: every waiting thread takes a job.
                 let stalled = !s.jobs.is_empty() && !s.recent(Instant::now());
                 let wake = if stalled {
@@ -361,11 +401,80 @@ impl SyncRunner {
         }
     }
 
+    /// Starts a thread for each slot. Called from the node's runtime, whose context the
+    /// threads enter (as tokio's blocking threads would): callbacks may spawn tasks.
     fn start_threads(core: &Arc<NodeCore>, slots: Vec<usize>) {
+        let runtime = tokio::runtime::Handle::try_current().ok();
         for slot in slots {
-            let core = core.clone();
-            tokio::task::spawn_blocking(move || core.sync_runner.work(&core, slot));
+            let thread_core = core.clone();
+            let runtime = runtime.clone();
+            let started = std::thread::Builder::new()
+                .name(THREAD_NAME.into())
+                .spawn(move || {
+                    let _context = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                    thread_core.sync_runner.work(&thread_core, slot);
+                });
+            if let Err(e) = started {
+                core.sync_runner.thread_failed(core, slot, &e);
+            }
         }
+    }
+
+    /// A thread could not be started (the system is out of threads or memory): its slot
+    /// is freed, and if no thread is left to run the queued jobs, their callers are told.
+    #[cold]
+    fn thread_failed(&self, core: &Arc<NodeCore>, slot: usize, error: &std::io::Error) {
+        tracing::error!(process = %core.name, %error, "could not start a thread for sync callbacks");
+        let orphans: Vec<SyncJob> = {
+            let mut s = self.lock();
+            s.slots[slot] = Slot::Vacant;
+            s.threads -= 1;
+            if s.threads > 0 {
+                return;
+            }
+            let orphans: Vec<SyncJob> = s.jobs.drain(..).collect();
+            self.queued.fetch_sub(orphans.len(), Ordering::AcqRel);
+            orphans
+        };
+        for job in orphans {
+            let message = format!(
+                "process `{}` could not start a thread for sync callbacks ({error})",
+                core.name
+            );
+            refuse(
+                core,
+                &job.frame,
+                job.wants_reply,
+                RemoteErrorKind::Overloaded,
+                message,
+            );
+        }
+    }
+
+    /// Drops the queued jobs whose callers already gave up, so that they no longer count
+    /// against the limit; returns how many. The queue is searched at most once per
+    /// `HANDOFF_AFTER`, so that a flood of refused calls does not search it each time.
+    fn drop_expired(&self) -> usize {
+        let now = Instant::now();
+        let expired: VecDeque<SyncJob> = {
+            let mut s = self.lock();
+            if s.last_expiry_sweep
+                .is_some_and(|t| now.duration_since(t) < HANDOFF_AFTER)
+            {
+                return 0;
+            }
+            s.last_expiry_sweep = Some(now);
+            let (expired, waiting) = std::mem::take(&mut s.jobs)
+                .into_iter()
+                .partition(|job| job.expired(now));
+            s.jobs = waiting;
+            self.queued.fetch_sub(expired.len(), Ordering::AcqRel);
+            expired
+        };
+        for job in &expired {
+            note_skipped(&job.frame);
+        }
+        expired.len()
     }
 
     /// A thread's life: run queued jobs; when there are none, watch for one a moment,
@@ -439,7 +548,7 @@ impl SyncRunner {
         s.parked += 1;
         let (mut s, _) = self
             .wake
-            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty())
+            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty() && !s.retired)
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
         let found = !s.jobs.is_empty();
@@ -453,6 +562,13 @@ impl SyncRunner {
             self.watch_misses.store(0, Ordering::Relaxed);
         }
         found
+    }
+
+    /// The node closed: threads waiting for a job end now, and the others once they
+    /// find no more (rather than after `LINGER`, holding the node).
+    pub fn retire(&self) {
+        self.lock().retired = true;
+        self.wake.notify_all();
     }
 
     fn note_dropped(&self, node: &str, callback: &str, limit: usize) {

@@ -49,6 +49,7 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Ok(Ok(halves)) => halves,
         Ok(Err(ConnectError::Unreachable(e))) => return Err(unreachable(e.to_string())),
         Ok(Err(ConnectError::Tls(message))) => return Err(tls_failed(message)),
+        Ok(Err(ConnectError::Unsafe(e))) => return Err(e),
         Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
     };
 

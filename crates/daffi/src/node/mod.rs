@@ -37,8 +37,11 @@ pub struct NodeConfig {
     pub handshake_timeout: Duration,
     /// Calls this node may have in flight at once; more wait for a slot.
     pub max_in_flight: usize,
-    /// Callbacks this node runs at once; more are refused with `Overloaded`.
+    /// Async callbacks this node runs at once; more are refused with `Overloaded`.
     pub max_concurrent_callbacks: usize,
+    /// Sync callbacks this node runs at once, each on a thread of its own; more are
+    /// refused with `Overloaded`.
+    pub max_sync_callbacks: usize,
     /// How long `stop` lets running callbacks finish.
     pub stop_timeout: Duration,
     pub auth_token: Option<AuthToken>,
@@ -197,6 +200,7 @@ impl NodeCore {
                 .queue
                 .push_unrefused(Outgoing::control(Kind::Goodbye, &()), false);
         }
+        self.sync_runner.retire();
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");
     }
@@ -207,12 +211,12 @@ impl NodeCore {
         let _ = tokio::time::timeout(Duration::from_secs(1), done.wait_for(|d| *d)).await;
     }
 
-    /// Counts a callback as running (or waiting to run), unless `limit` of its kind
-    /// (with a reply, or NO_RETURN) already are.
-    fn admit_callback(self: &Arc<Self>, one_way: bool, limit: usize) -> Option<ServingGuard> {
+    /// Counts a callback as running (or waiting to run), unless as many of its kind as
+    /// allowed already are.
+    fn admit_callback(self: &Arc<Self>, kind: CallbackKind) -> Option<ServingGuard> {
         self.serving
-            .admit(one_way, limit)
-            .then(|| ServingGuard(self.clone(), one_way))
+            .admit(kind, self.config.callback_limit(kind))
+            .then(|| ServingGuard(self.clone(), kind))
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -345,13 +349,39 @@ impl NodeCore {
     }
 }
 
-/// Callbacks running or waiting to run, by kind: NO_RETURN ones have their own, larger
-/// allowance (their callers cannot be told to back off). Both counts live in one atomic
-/// (calls with a reply in the low 32 bits), so that admitting and finishing a callback
-/// take no lock; `idle` wakes a graceful stop when both reach zero.
+impl NodeConfig {
+    /// How many callbacks of `kind` may run or wait at once. NO_RETURN ones have a
+    /// larger allowance: their callers cannot be told to back off.
+    fn callback_limit(&self, kind: CallbackKind) -> usize {
+        let limit = if kind.sync {
+            self.max_sync_callbacks
+        } else {
+            self.max_concurrent_callbacks
+        };
+        if kind.one_way {
+            limit.saturating_mul(executor::NO_RETURN_BACKLOG_FACTOR)
+        } else {
+            limit
+        }
+    }
+}
+
+/// What a callback counts against: sync or async, with a reply or NO_RETURN.
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackKind {
+    pub sync: bool,
+    pub one_way: bool,
+}
+
+/// Callbacks running or waiting to run, by kind: sync and async ones have limits of
+/// their own (a full set of sync threads never refuses async callbacks), and so do
+/// NO_RETURN ones. Each pair (with a reply in the low 32 bits, NO_RETURN in the high)
+/// lives in one atomic, so that admitting and finishing a callback take no lock; `idle`
+/// wakes a graceful stop when every count reaches zero.
 #[derive(Default)]
 struct Serving {
-    counts: AtomicU64,
+    /// Async callbacks, then sync ones.
+    counts: [AtomicU64; 2],
     idle: tokio::sync::Notify,
 }
 
@@ -360,25 +390,35 @@ impl Serving {
     const WITH_REPLY: u64 = 1;
     const MAX: usize = u32::MAX as usize - 1;
 
-    fn unit(one_way: bool) -> u64 {
-        if one_way {
+    fn unit(kind: CallbackKind) -> u64 {
+        if kind.one_way {
             Self::ONE_WAY
         } else {
             Self::WITH_REPLY
         }
     }
 
+    fn counts(&self, kind: CallbackKind) -> &AtomicU64 {
+        &self.counts[usize::from(kind.sync)]
+    }
+
     fn total(&self) -> usize {
-        let c = self.counts.load(Ordering::Acquire);
-        (c >> 32) as usize + (c & u64::from(u32::MAX)) as usize
+        self.counts
+            .iter()
+            .map(|c| {
+                let c = c.load(Ordering::Acquire);
+                (c >> 32) as usize + (c & u64::from(u32::MAX)) as usize
+            })
+            .sum()
     }
 
     /// Counts one more callback of its kind, unless `limit` of that kind already are.
-    fn admit(&self, one_way: bool, limit: usize) -> bool {
+    fn admit(&self, kind: CallbackKind, limit: usize) -> bool {
         let limit = limit.min(Self::MAX) as u64;
-        let mut current = self.counts.load(Ordering::Acquire);
+        let counts = self.counts(kind);
+        let mut current = counts.load(Ordering::Acquire);
         loop {
-            let of_kind = if one_way {
+            let of_kind = if kind.one_way {
                 current >> 32
             } else {
                 current & u64::from(u32::MAX)
@@ -386,9 +426,9 @@ impl Serving {
             if of_kind >= limit {
                 return false;
             }
-            match self.counts.compare_exchange_weak(
+            match counts.compare_exchange_weak(
                 current,
-                current + Self::unit(one_way),
+                current + Self::unit(kind),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -398,9 +438,10 @@ impl Serving {
         }
     }
 
-    fn finish(&self, one_way: bool) {
-        let unit = Self::unit(one_way);
-        if self.counts.fetch_sub(unit, Ordering::AcqRel) == unit {
+    fn finish(&self, kind: CallbackKind) {
+        let unit = Self::unit(kind);
+        if self.counts(kind).fetch_sub(unit, Ordering::AcqRel) == unit {
+            // This kind reached zero; `idle` looks at the others.
             self.idle.notify_waiters();
         }
     }
@@ -420,8 +461,8 @@ impl Serving {
     }
 }
 
-/// Marks a callback as finished when dropped; `true` for a NO_RETURN one.
-pub struct ServingGuard(Arc<NodeCore>, bool);
+/// Marks a callback of its kind as finished when dropped.
+pub struct ServingGuard(Arc<NodeCore>, CallbackKind);
 
 impl Drop for ServingGuard {
     fn drop(&mut self) {
@@ -489,6 +530,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                         | Error::Protocol { .. }
                         | Error::AuthenticationFailed { .. }
                         | Error::Tls { .. }
+                        | Error::UnsafeSocket { .. }
                 );
                 match first.take() {
                     Some(tx) if fatal || Instant::now() >= give_up_at => {
@@ -497,7 +539,12 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     }
                     still_first => first = still_first,
                 }
-                if matches!(e, Error::AuthenticationFailed { .. } | Error::Tls { .. }) {
+                if matches!(
+                    e,
+                    Error::AuthenticationFailed { .. }
+                        | Error::Tls { .. }
+                        | Error::UnsafeSocket { .. }
+                ) {
                     tracing::warn!(process = %core.name, error = %e, "the controller refused this node; retrying");
                 } else {
                     tracing::debug!(process = %core.name, error = %e, "connecting to the controller failed; retrying");

@@ -43,7 +43,8 @@ pub struct Welcome {
 pub enum RefuseCode {
     /// The process name is taken by a connected node.
     DuplicateName,
-    /// The process name is empty or too long.
+    /// The process name, or a callback name, is empty, too long, or holds a control
+    /// character.
     InvalidName,
     /// The node speaks another protocol version.
     Version,

@@ -153,6 +153,25 @@ impl StandaloneController {
         c
     }
 
+    /// Like [`StandaloneController::start`], over TCP on a free port of 127.0.0.1 that
+    /// stays the same across restarts.
+    pub fn start_tcp(entry: &'static str) -> StandaloneController {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut c = StandaloneController {
+            address: Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            entry,
+            process: None,
+        };
+        c.restart();
+        c
+    }
+
     /// The controller process's id.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(Worker::pid)
