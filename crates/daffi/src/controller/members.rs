@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use crate::protocol::callback_list_size;
 use crate::protocol::frame::Kind;
 use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode, Welcome};
@@ -110,8 +111,9 @@ impl Members {
             .collect()
     }
 
-    /// Adds a node: queues its `Welcome`, makes it routable, then tells everyone else.
-    /// Returns `false` (and changes nothing) when the name is taken.
+    /// Adds a node: queues its `Welcome` (in pages of at most `page_limit` bytes, the
+    /// controller's `max_frame_size` in each), makes it routable, then tells everyone
+    /// else. Returns `false` (and changes nothing) when the name is taken.
     pub async fn join(
         &self,
         name: &str,
@@ -119,16 +121,16 @@ impl Members {
         queue: Queue,
         callbacks: Vec<String>,
         max_frame_size: usize,
+        page_limit: usize,
     ) -> bool {
         let _serialized = self.changes.lock().await;
         if read(&self.routes).contains_key(name) {
             return false;
         }
-        let welcome = Welcome {
-            members: self.snapshot(),
-            max_frame_size: max_frame_size as u64,
-        };
-        if !deliver(&queue, Outgoing::control(Kind::Welcome, &welcome), false) {
+        // Every page at once, as one frame (which always passes when nothing is held):
+        // nothing comes between the pages, and the queue's limit cannot cut them off.
+        let welcome = welcome_pages(self.snapshot(), max_frame_size, page_limit);
+        if !deliver(&queue, welcome, false) {
             return true; // the connection died already; the session will call `leave`
         }
         let member = Member {
@@ -230,5 +232,114 @@ fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
             queue.close_as_slow_consumer();
             false
         }
+    }
+}
+
+/// What a page of `Welcome` needs besides its members: frame header, keys, the limit,
+/// the flag.
+const PAGE_OVERHEAD: usize = 128;
+/// What a member adds to a page besides its process name and callback list: keys and
+/// headers.
+const MEMBER_ENTRY: usize = 32;
+
+/// The `Welcome` frames for a joining node, joined into one: `members` in pages of at
+/// most `page_limit` bytes each (`more` on all but the last). A page holds at least one
+/// member; one admitted under the same frame limit always fits (its callbacks are
+/// within [`callback_list_limit`](crate::protocol::callback_list_limit)).
+fn welcome_pages(members: Vec<Member>, max_frame_size: usize, page_limit: usize) -> Outgoing {
+    let budget = page_limit.saturating_sub(PAGE_OVERHEAD);
+    let mut pages = vec![Vec::new()];
+    let mut used = 0;
+    for member in members {
+        let size = member.name.len() + callback_list_size(&member.callbacks) + MEMBER_ENTRY;
+        let page = pages.last_mut().expect("one page at least");
+        if !page.is_empty() && used + size > budget {
+            pages.push(Vec::new());
+            used = 0;
+        }
+        used += size;
+        pages.last_mut().expect("one page at least").push(member);
+    }
+    let last = pages.len() - 1;
+    let frames = pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, members)| {
+            let page = Welcome {
+                members,
+                max_frame_size: max_frame_size as u64,
+                more: i < last,
+            };
+            Outgoing::control(Kind::Welcome, &page)
+        })
+        .collect();
+    Outgoing::joined(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::Frame;
+    use crate::protocol::{callback_list_limit, message, MAX_PROCESS_NAME};
+    use bytes::{Buf, Bytes};
+
+    /// Splits joined frames into their frames.
+    fn frames(out: Outgoing) -> Vec<Frame> {
+        let mut bytes: Vec<u8> = out.head.to_vec();
+        for part in out.body.parts() {
+            bytes.extend_from_slice(part);
+        }
+        let mut bytes = Bytes::from(bytes);
+        let mut frames = Vec::new();
+        while bytes.has_remaining() {
+            let len = 4 + u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            frames.push(Frame::parse(bytes.split_to(len)).expect("a frame"));
+        }
+        frames
+    }
+
+    #[test]
+    fn welcome_pages_fit_the_limit_and_hold_every_member_once() {
+        let limit = 64 * 1024;
+        // Members as large as one may be, and small ones between them.
+        let big = |i: usize| Member {
+            name: format!("{i:p>width$}", width = MAX_PROCESS_NAME),
+            callbacks: (0..)
+                .map(|j| format!("{i}-{j:x>1000}"))
+                .scan(0, |size, name| {
+                    *size += name.len() + 4;
+                    (*size <= callback_list_limit(limit)).then_some(name)
+                })
+                .collect(),
+        };
+        let small = |i: usize| Member {
+            name: format!("small-{i}"),
+            callbacks: vec!["f".into()],
+        };
+        let members: Vec<Member> = (0..10).flat_map(|i| [big(i), small(i)]).collect();
+        let pages = frames(welcome_pages(members.clone(), limit * 2, limit));
+        assert!(pages.len() >= 10, "{} pages", pages.len());
+        let mut seen = Vec::new();
+        for (i, page) in pages.iter().enumerate() {
+            assert_eq!(page.kind(), Kind::Welcome);
+            assert!(
+                page.raw().len() - 4 <= limit,
+                "page {i}: {}",
+                page.raw().len()
+            );
+            let welcome: Welcome = message::decode(&page.payload()).expect("a Welcome");
+            assert_eq!(welcome.more, i + 1 < pages.len());
+            assert_eq!(welcome.max_frame_size, limit as u64 * 2);
+            seen.extend(welcome.members);
+        }
+        assert_eq!(seen, members);
+
+        // Nobody else connected: one page, empty, the last.
+        let pages = frames(welcome_pages(Vec::new(), limit, limit));
+        let welcome: Welcome = message::decode(&pages[0].payload()).expect("a Welcome");
+        assert_eq!(
+            (pages.len(), welcome.members.len(), welcome.more),
+            (1, 0, false)
+        );
     }
 }
