@@ -813,9 +813,15 @@ impl Global {
             .control(ControlRequest::Stats, "controller_stats")
             .await?
         {
-            ControlAnswer::Stats { calls, other_calls } => {
-                Ok(ControllerStats { calls, other_calls })
-            }
+            ControlAnswer::Stats {
+                calls,
+                other_calls,
+                omitted_names,
+            } => Ok(ControllerStats {
+                calls,
+                other_calls,
+                omitted_names,
+            }),
             other => Err(unexpected_answer(other)),
         }
     }

@@ -1,7 +1,7 @@
 //! Who is connected, what each node serves, and where to send its frames.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::protocol::callback_list_size;
 use crate::protocol::frame::Kind;
@@ -34,6 +34,9 @@ impl Route {
 #[derive(Default)]
 pub struct Members {
     routes: RwLock<HashMap<Arc<str>, Route>>,
+    /// How many connected nodes serve each callback name (changed with `routes`, under
+    /// `changes`), for [`Members::with_served`].
+    providers: Mutex<HashMap<Box<str>, usize>>,
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -99,6 +102,13 @@ impl Members {
         Some((name.clone(), route.queue.clone()))
     }
 
+    /// Runs `f` with a test of whether some connected node (stopping ones included)
+    /// serves a callback name. Joins and leaves wait while it runs; routing does not.
+    pub fn with_served<R>(&self, f: impl FnOnce(&dyn Fn(&str) -> bool) -> R) -> R {
+        let providers = lock(&self.providers);
+        f(&|name| providers.contains_key(name))
+    }
+
     /// A snapshot of every member that takes requests.
     pub fn snapshot(&self) -> Vec<Member> {
         read(&self.routes)
@@ -137,6 +147,7 @@ impl Members {
             name: name.to_string(),
             callbacks: callbacks.clone(),
         };
+        self.count_providers(&callbacks, true);
         write(&self.routes).insert(
             Arc::from(name),
             Route {
@@ -156,7 +167,11 @@ impl Members {
         {
             let mut routes = write(&self.routes);
             match routes.get_mut(name) {
-                Some(r) if r.conn_id == conn_id => r.callbacks = callbacks.clone(),
+                Some(r) if r.conn_id == conn_id => {
+                    self.count_providers(&r.callbacks, false);
+                    self.count_providers(&callbacks, true);
+                    r.callbacks = callbacks.clone();
+                }
                 _ => return,
             }
         }
@@ -193,6 +208,7 @@ impl Members {
             let mut routes = write(&self.routes);
             match routes.get(name) {
                 Some(r) if r.conn_id == conn_id => {
+                    self.count_providers(&r.callbacks, false);
                     routes.remove(name);
                 }
                 _ => return,
@@ -205,6 +221,21 @@ impl Members {
             name: name.to_string(),
         };
         self.broadcast(name, &event);
+    }
+
+    /// Counts one provider more (`added`) or less of each of `callbacks`.
+    fn count_providers(&self, callbacks: &[String], added: bool) {
+        let mut providers = lock(&self.providers);
+        for name in callbacks {
+            if added {
+                *providers.entry(name.as_str().into()).or_default() += 1;
+            } else if let Some(n) = providers.get_mut(name.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    providers.remove(name.as_str());
+                }
+            }
+        }
     }
 
     /// Tells every member but `except` about `event`, without waiting on any of them:
@@ -274,6 +305,10 @@ fn welcome_pages(members: Vec<Member>, max_frame_size: usize, page_limit: usize)
         })
         .collect();
     Outgoing::joined(frames)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

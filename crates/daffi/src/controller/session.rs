@@ -144,12 +144,16 @@ pub async fn serve(
     let node = Joined {
         name: &name,
         conn_id,
+        frame_limit,
     };
     let (reason, stopping) =
         route_frames(&shared, &node, &mut reader, &queue, &mut runs, shutdown).await;
     shared.members.leave(&name, conn_id, !stopping).await;
     drop(runs);
-    shared.calls.close(conn_id);
+    // After `leave`: the names only this node served count as no longer served.
+    shared
+        .members
+        .with_served(|served| shared.calls.close(conn_id, served));
     tracing::info!(process = %name, %reason, "node left");
     if queue.is_closed() {
         // Nothing more leaves a closed connection.
@@ -168,6 +172,8 @@ pub async fn serve(
 struct Joined<'a> {
     name: &'a str,
     conn_id: u64,
+    /// The largest frame both sides take: what the controller's answers to it must fit.
+    frame_limit: usize,
 }
 
 /// Routes the frames of the joined `node` until its connection ends; returns why, and
@@ -555,6 +561,15 @@ async fn undeliverable(
     let _ = own_queue.send(out).await;
 }
 
+/// The most a `stats` answer spends on callback names: 256 KiB, and at most a quarter
+/// of the largest frame its node takes.
+fn stats_budget(frame_limit: usize) -> usize {
+    STATS_BUDGET.min(frame_limit / 4)
+}
+
+/// See [`stats_budget`].
+const STATS_BUDGET: usize = 256 * 1024;
+
 /// Carries out a request the controller answers itself for the node `from`.
 fn control(
     shared: &Shared,
@@ -591,14 +606,14 @@ fn control(
             tasks: shared.scheduler.list(),
         }),
         ControlRequest::Stats => {
-            let counts = shared.calls.snapshot();
+            let counts = shared
+                .members
+                .with_served(|served| shared.calls.snapshot(served));
+            let report = counts.report(stats_budget(from.frame_limit));
             Ok(ControlAnswer::Stats {
-                calls: counts
-                    .by_name
-                    .into_iter()
-                    .map(|(name, n)| (name.into(), n))
-                    .collect(),
-                other_calls: counts.other,
+                calls: report.calls,
+                other_calls: report.other_calls,
+                omitted_names: report.omitted_names,
             })
         }
     }

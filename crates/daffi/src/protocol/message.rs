@@ -249,12 +249,18 @@ pub enum ControlAnswer {
     },
     /// The controller's counters.
     Stats {
-        /// `Request` frames forwarded since the controller started, by callback name
-        /// (at most 4,096 names).
+        /// `Request` frames forwarded since the controller started, by callback name:
+        /// names some connected node serves, the most called first, as many as fit the
+        /// answer's budget.
         calls: HashMap<String, u64>,
-        /// Requests for callback names beyond those 4,096.
+        /// Requests for every other name: names no connected node serves (any more),
+        /// names beyond those the controller keeps, and the `omitted_names`.
         #[serde(default)]
         other_calls: u64,
+        /// Names left out of `calls` to keep the answer small (the least called);
+        /// their requests are in `other_calls`.
+        #[serde(default)]
+        omitted_names: u64,
     },
 }
 
