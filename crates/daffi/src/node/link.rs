@@ -10,15 +10,15 @@ use tokio::time::timeout;
 use super::executor::{self, SyncBatch};
 use super::{Connection, NodeCore};
 use crate::error::Error;
+use crate::protocol;
 use crate::protocol::frame::{Frame, Kind, FLAG_ERROR};
 use crate::protocol::io::{
-    frame_channel, FrameReader, FrameSender, Outgoing, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
+    frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
 };
 use crate::protocol::message::{
-    self, Announce, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused,
-    RemoteError, RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
+    self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
+    RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
 };
-use crate::protocol::{MAGIC, PROTOCOL_VERSION};
 use crate::transport::{self, BoxRead, ConnectError};
 
 /// How long a closing link may take to flush what was queued.
@@ -65,7 +65,7 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
     // A failed write is reported only if no answer can be read: a controller that
     // refused the TLS session may have closed before the write, and its alert is the
     // better explanation.
-    let sent = write.write_all(&opening(&hello, callbacks)).await;
+    let sent = write.write_all(&protocol::opening(&hello, callbacks)).await;
 
     let mut reader =
         FrameReader::new(read, core.config.max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
@@ -126,24 +126,6 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         }
         other => Err(protocol(format!("expected Welcome, got {other:?}"))),
     }
-}
-
-/// The preamble, the `Hello` and the `Announce` of `callbacks`: the node's opening,
-/// sent in one write. The controller reads the `Announce` only once the `Hello` checked
-/// out, and the node joins with its callbacks at once (no round trip more).
-fn opening(hello: &Hello, callbacks: Vec<String>) -> Vec<u8> {
-    let hello = Outgoing::control(Kind::Hello, hello);
-    let announce = Outgoing::control(Kind::Announce, &Announce { callbacks });
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
-    bytes.extend_from_slice(&MAGIC);
-    bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    for frame in [hello, announce] {
-        bytes.extend_from_slice(&frame.head);
-        for part in frame.body.parts() {
-            bytes.extend_from_slice(part);
-        }
-    }
-    bytes
 }
 
 /// Puts together the `Welcome` whose first page is `first`: reads the pages that

@@ -35,6 +35,24 @@ pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
 /// Longest callback name the header can carry.
 pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
 
+/// What a node sends first, in one write: the preamble, its `Hello`, and the `Announce`
+/// of `callbacks`. The controller reads the `Announce` only once the `Hello` checked
+/// out, and the node joins with its callbacks at once (no round trip more).
+pub fn opening(hello: &message::Hello, callbacks: Vec<String>) -> Vec<u8> {
+    let hello = io::Outgoing::control(Kind::Hello, hello);
+    let announce = io::Outgoing::control(Kind::Announce, &message::Announce { callbacks });
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    for frame in [hello, announce] {
+        bytes.extend_from_slice(&frame.head);
+        for part in frame.body.parts() {
+            bytes.extend_from_slice(part);
+        }
+    }
+    bytes
+}
+
 /// What a name names, for [`check_name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameKind {

@@ -300,26 +300,15 @@ pub fn spawn_child_with(
     }
 }
 
-/// What a node sends first, written by hand: the preamble, a `Hello` and the `Announce`
-/// of `callbacks` behind it.
+/// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
+/// behind it.
 pub fn raw_opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
-    use daffi::protocol::frame::{Header, Kind};
-    use daffi::protocol::message::{self, Announce, Hello};
-    let hello = message::encode(&Hello {
+    let hello = daffi::protocol::message::Hello {
         process_name: name.to_string(),
         auth_token: token.map(str::to_string),
         max_frame_size: 0,
-    });
-    let announce = message::encode(&Announce {
-        callbacks: callbacks.iter().map(|c| c.to_string()).collect(),
-    });
-    let mut out = daffi::protocol::MAGIC.to_vec();
-    out.extend_from_slice(&daffi::protocol::PROTOCOL_VERSION.to_be_bytes());
-    for (kind, body) in [(Kind::Hello, hello), (Kind::Announce, announce)] {
-        out.extend_from_slice(&Header::control(kind).encode(body.len()));
-        out.extend_from_slice(&body);
-    }
-    out
+    };
+    daffi::protocol::opening(&hello, callbacks.iter().map(|c| c.to_string()).collect())
 }
 
 /// Peak resident memory of a process in KiB, from /proc (`None` where there is none).
