@@ -46,7 +46,7 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
 /// | [`stall_timeout`](Self::stall_timeout) | 10 s |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
-/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
+/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none (at most 1,024 bytes) |
 /// | [`tls_cert`](Self::tls_cert) / [`tls_key`](Self::tls_key) (controller) | unset: no TLS |
 /// | [`tls_client_ca`](Self::tls_client_ca) (controller) | unset: no client certificates asked |
 /// | [`tls`](Self::tls) (node) | `false`; implied by the other node options below |
@@ -167,7 +167,9 @@ impl GlobalBuilder {
     }
 
     /// Largest frame this process sends or accepts. A call whose arguments would exceed
-    /// it fails before anything is sent. Default: 128 MiB.
+    /// it fails before anything is sent. Under 1 MiB + 512 bytes, it also lowers what a
+    /// node's callback names may take together (to this minus 512 bytes; see
+    /// [`Global::register`]). Use the same value on every process. Default: 128 MiB.
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
         self
