@@ -50,11 +50,6 @@ fn hostile_process() {
         b = b.max_frame_size(limit);
     }
     if role == "controller" {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .with_env_filter("info")
-            .try_init();
         if let Some(ms) = number(ENV_HANDSHAKE_MS) {
             b = b.handshake_timeout(Duration::from_millis(ms as u64));
         }
