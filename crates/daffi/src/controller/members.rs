@@ -164,17 +164,17 @@ impl Members {
     /// Replaces the callbacks a node serves and tells everyone else.
     pub async fn update(&self, name: &str, conn_id: u64, callbacks: Vec<String>) {
         let _serialized = self.changes.lock().await;
-        {
+        let before = {
             let mut routes = write(&self.routes);
             match routes.get_mut(name) {
                 Some(r) if r.conn_id == conn_id => {
-                    self.count_providers(&r.callbacks, false);
-                    self.count_providers(&callbacks, true);
-                    r.callbacks = callbacks.clone();
+                    std::mem::replace(&mut r.callbacks, callbacks.clone())
                 }
                 _ => return,
             }
-        }
+        };
+        self.count_providers(&before, false);
+        self.count_providers(&callbacks, true);
         let event = MembershipEvent::Updated(Member {
             name: name.to_string(),
             callbacks,
@@ -204,15 +204,15 @@ impl Members {
     /// that the controller is gone, not that their peers left.
     pub async fn leave(&self, name: &str, conn_id: u64, announce: bool) {
         let _serialized = self.changes.lock().await;
-        {
+        let gone = {
             let mut routes = write(&self.routes);
             match routes.get(name) {
-                Some(r) if r.conn_id == conn_id => {
-                    self.count_providers(&r.callbacks, false);
-                    routes.remove(name);
-                }
+                Some(r) if r.conn_id == conn_id => routes.remove(name),
                 _ => return,
             }
+        };
+        if let Some(route) = gone {
+            self.count_providers(&route.callbacks, false);
         }
         if !announce {
             return;
@@ -223,7 +223,9 @@ impl Members {
         self.broadcast(name, &event);
     }
 
-    /// Counts one provider more (`added`) or less of each of `callbacks`.
+    /// Counts one provider more (`added`) or less of each of `callbacks`. Never called
+    /// under the `routes` lock: a stats request holding `providers` must not stall
+    /// routing.
     fn count_providers(&self, callbacks: &[String], added: bool) {
         let mut providers = lock(&self.providers);
         for name in callbacks {
@@ -331,6 +333,29 @@ mod tests {
             frames.push(Frame::parse(bytes.split_to(len)).expect("a frame"));
         }
         frames
+    }
+
+    #[tokio::test]
+    async fn a_name_is_served_until_its_last_provider_leaves_or_drops_it() {
+        use crate::protocol::io::{frame_channel, QueueLimits};
+        let members = Members::default();
+        let served = |name: &str| members.with_served(|served| served(name));
+        for (id, node) in [(1, "a"), (2, "b")] {
+            let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
+            let callbacks = vec!["f".to_string(), format!("only-{node}")];
+            assert!(
+                members
+                    .join(node, id, queue, callbacks, 1 << 20, 1 << 20)
+                    .await
+            );
+        }
+        assert!(served("f") && served("only-a") && served("only-b"));
+        members.update("b", 2, vec!["g".into()]).await;
+        assert!(served("f") && served("g") && !served("only-b"));
+        members.leave("a", 1, true).await;
+        assert!(!served("f") && !served("only-a") && served("g"));
+        members.leave("b", 2, true).await;
+        assert!(!served("g"));
     }
 
     #[test]
