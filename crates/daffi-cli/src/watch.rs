@@ -2,7 +2,9 @@
 //!
 //! Membership comes from this command's own node: the controller tells every node when
 //! another joins or leaves, in the same order for all, so nothing is polled and nothing
-//! is missed. Call counts are the controller's counters, polled every `--interval`.
+//! is missed. Call counts are the controller's counters, polled every `--interval`: one
+//! line per callback whose count moved, and one for the calls of every other name
+//! (names no connected node serves any more, and those left out of a large answer).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -133,6 +135,8 @@ struct View {
     all: bool,
     nodes: BTreeMap<String, Vec<String>>,
     calls: HashMap<String, u64>,
+    /// The controller's count of calls to names it did not list.
+    other_calls: u64,
 }
 
 impl View {
@@ -206,12 +210,7 @@ impl View {
         changed.sort();
         for (name, total) in changed {
             let before = self.calls.insert(name.clone(), total).unwrap_or(0);
-            // Fewer than before: the controller restarted and counts from zero.
-            let new = if total >= before {
-                total - before
-            } else {
-                total
-            };
+            let new = growth(before, total);
             let open = out.print(
                 "calls",
                 json!({ "callback": name, "total": total, "new": new }),
@@ -221,8 +220,23 @@ impl View {
                 return false;
             }
         }
-        true
+        let total = stats.other_calls;
+        if total == self.other_calls {
+            return true;
+        }
+        let new = growth(std::mem::replace(&mut self.other_calls, total), total);
+        out.print(
+            "other_calls",
+            json!({ "total": total, "new": new, "omitted_names": stats.omitted_names }),
+            &format!("calls    (other names)  {total} (+{new})"),
+        )
     }
+}
+
+/// How much a count grew from `before` to `total`. Fewer than before: the controller
+/// restarted and counts from zero.
+fn growth(before: u64, total: u64) -> u64 {
+    total.checked_sub(before).unwrap_or(total)
 }
 
 /// Prints events as text or JSON lines, each with the time.

@@ -4,16 +4,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    daffi, daffi_command, start_controller, stderr, stdout, tcp_controller, Endpoint, KillOnDrop,
-    WAIT,
+    daffi, daffi_command, start_controller, stderr, stdout, tcp_controller, tcp_controller_with,
+    Endpoint, KillOnDrop, WAIT,
 };
+use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
+use daffi::protocol::message::{self, ControlAnswer, ControlRequest};
 use daffi::Global;
 use serde_json::{json, Value};
 
@@ -316,8 +318,14 @@ struct Watch {
 
 impl Watch {
     fn start(endpoint: &Endpoint) -> Watch {
+        Watch::start_with(endpoint, &[])
+    }
+
+    /// Like [`Watch::start`], with more flags.
+    fn start_with(endpoint: &Endpoint, flags: &[&str]) -> Watch {
         let mut child = daffi_command()
             .args(["watch", "--json", "--interval", "100ms"])
+            .args(flags)
             .args(endpoint.flags())
             .stdout(Stdio::piped())
             .spawn()
@@ -442,6 +450,221 @@ fn watch_json_prints_joins_leaves_and_call_counts() {
             panic!("watch did not exit within {WAIT:?} of SIGTERM");
         }
     }
+}
+
+// ---- stats that outgrow a frame --------------------------------------------------------
+
+/// The frame limit of every process in the test below, as a user may set it.
+const FRAME: usize = 256 * 1024;
+
+/// A raw client, joined as a node serving nothing, that sends frames by hand.
+struct RawNode {
+    name: String,
+    stream: std::net::TcpStream,
+}
+
+impl RawNode {
+    fn join(endpoint: &Endpoint, name: &str) -> RawNode {
+        let Endpoint::Tcp(port) = endpoint else {
+            panic!("TCP only")
+        };
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", *port)).expect("connect");
+        let hello = message::Hello {
+            process_name: name.to_string(),
+            auth_token: None,
+            max_frame_size: 0,
+        };
+        stream
+            .write_all(&daffi::protocol::opening(&hello, Vec::new()))
+            .expect("opening");
+        let mut node = RawNode {
+            name: name.to_string(),
+            stream,
+        };
+        let welcome = node.next_frame();
+        assert_eq!(welcome.kind(), Kind::Welcome);
+        node
+    }
+
+    /// Calls `callback` on `on` without asking for a reply.
+    fn call_one_way(&mut self, on: &str, callback: &str) {
+        let header = Header {
+            kind: Kind::Request,
+            flags: FLAG_NO_REPLY,
+            call_id: 0,
+            timeout_ms: 0,
+            src: &self.name,
+            dst: on,
+            name: callback,
+        };
+        let mut frame = header.encode(1).to_vec();
+        frame.push(0x90); // no arguments
+        self.stream.write_all(&frame).expect("request");
+    }
+
+    /// Asks for the controller's counters: they count every request sent before.
+    fn stats(&mut self) -> ControlAnswer {
+        let body = message::encode(&ControlRequest::Stats);
+        let header = Header {
+            kind: Kind::ControlRequest,
+            flags: 0,
+            call_id: 1,
+            timeout_ms: 0,
+            src: &self.name,
+            dst: "",
+            name: "",
+        };
+        let mut frame = header.encode(body.len()).to_vec();
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).expect("stats request");
+        loop {
+            let frame = self.next_frame();
+            if frame.kind() == Kind::ControlReply {
+                return message::decode(&frame.payload()).expect("a stats answer");
+            }
+        }
+    }
+
+    fn next_frame(&mut self) -> Frame {
+        self.stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).expect("a frame");
+        let mut raw = len.to_vec();
+        raw.resize(4 + u32::from_be_bytes(len) as usize, 0);
+        self.stream
+            .read_exact(&mut raw[4..])
+            .expect("the whole frame");
+        Frame::parse(raw.into()).expect("a valid frame")
+    }
+}
+
+/// Callback `i` of `node`, `len` bytes long.
+fn long_name(node: &str, i: usize, len: usize) -> String {
+    let head = format!("{node}-{i}-");
+    format!("{head}{}", "x".repeat(len - head.len()))
+}
+
+#[test]
+fn stats_and_watch_keep_working_after_thousands_of_long_names() {
+    const LEAVERS: usize = 3;
+    const SERVED: usize = 25;
+    const SERVED_LEN: usize = 8_000;
+    const MADE_UP: usize = 1_000;
+    const MADE_UP_LEN: usize = 2_000;
+    const LIVE_CALLS: u64 = 30;
+    let frame = FRAME.to_string();
+    let small_frames = ["--max-frame-size", frame.as_str()];
+    let (_controller, endpoint) = tcp_controller_with(&small_frames);
+    let mut watch = Watch::start_with(&endpoint, &small_frames);
+    let node = |name: &str| {
+        endpoint
+            .builder(name)
+            .max_frame_size(FRAME)
+            .start()
+            .expect("node connects")
+    };
+    let live = node("live");
+    live.register("live_add", |a: i64, b: i64| a + b)
+        .expect("live_add");
+    let (gone_tx, gone) = mpsc::channel();
+    let gone_tx = Mutex::new(gone_tx);
+    let caller = endpoint
+        .builder("stats-caller")
+        .max_frame_size(FRAME)
+        .on_member_removed(move |_, name| {
+            let _ = gone_tx.lock().expect("lock").send(name.to_string());
+        })
+        .start()
+        .expect("caller connects");
+    // Nodes serving long names (200 KB each), called once each.
+    let leavers: Vec<Global> = (0..LEAVERS)
+        .map(|n| {
+            let name = format!("leaver{n}");
+            let g = node(&name);
+            for i in 0..SERVED {
+                g.register(&long_name(&name, i, SERVED_LEN), || 0)
+                    .expect("within the limit");
+            }
+            g
+        })
+        .collect();
+    for g in &leavers {
+        for i in 0..SERVED {
+            let callback = long_name(g.process_name(), i, SERVED_LEN);
+            caller
+                .wait_function_timeout(&callback, WAIT)
+                .expect("announced");
+            let zero: i64 = caller
+                .call(&callback)
+                .on(g.process_name())
+                .fg()
+                .expect("call");
+            assert_eq!(zero, 0);
+        }
+    }
+    for i in 0..LIVE_CALLS as i64 {
+        let sum: i64 = caller.call("live_add").args((i, 1)).fg().expect("call");
+        assert_eq!(sum, i + 1);
+    }
+    // A hostile node calls thousands of long made-up names on the leavers (2 MB of
+    // names each, far over the frame limit); the controller forwards and counts them.
+    let mut prankster = RawNode::join(&endpoint, "prankster");
+    for g in &leavers {
+        for i in 0..MADE_UP {
+            prankster.call_one_way(g.process_name(), &long_name("made-up", i, MADE_UP_LEN));
+        }
+    }
+    let served_calls = (LEAVERS * SERVED) as u64;
+    let total = LIVE_CALLS + served_calls + (LEAVERS * MADE_UP) as u64;
+
+    // While the leavers are connected: the answer fits, keeps the most called names,
+    // and accounts for every request. (The prankster asks first: a node's stats
+    // request counts every request that node sent before it.)
+    let ControlAnswer::Stats { omitted_names, .. } = prankster.stats() else {
+        panic!("not a stats answer")
+    };
+    assert!(omitted_names > 0);
+    let stats = caller.controller_stats().expect("stats");
+    assert_eq!(stats.calls.get("live_add"), Some(&LIVE_CALLS));
+    assert!(
+        stats.calls.keys().all(|name| !name.starts_with("made-up")),
+        "names nobody serves are listed"
+    );
+    assert!(stats.omitted_names > 0, "600 KB of names were all listed");
+    let listed: usize = stats.calls.keys().map(|name| name.len() + 16).sum();
+    assert!(listed <= FRAME / 4, "{listed} bytes of names listed");
+    assert_eq!(stats.calls.values().sum::<u64>() + stats.other_calls, total);
+
+    // Once they left, only live names are listed, and the rest is summed.
+    for g in &leavers {
+        g.stop();
+    }
+    let mut left = Vec::new();
+    while left.len() < LEAVERS {
+        let name = gone.recv_timeout(WAIT).expect("the leavers leave");
+        if name.starts_with("leaver") {
+            left.push(name);
+        }
+    }
+    let stats = caller.controller_stats().expect("stats");
+    assert_eq!(
+        stats.calls,
+        HashMap::from([("live_add".to_string(), LIVE_CALLS)])
+    );
+    assert_eq!(stats.other_calls, total - LIVE_CALLS);
+    assert_eq!(stats.omitted_names, 0);
+
+    // `daffi watch` kept polling all along: it shows the live count and the others.
+    watch.expect("live_add's count", |v| {
+        v["event"] == "calls" && v["callback"] == "live_add" && v["total"] == LIVE_CALLS
+    });
+    watch.expect("the other names' count", |v| {
+        v["event"] == "other_calls" && v["total"] == total - LIVE_CALLS
+    });
+    let _: i64 = caller.call("live_add").args((1, 1)).fg().expect("call");
+    watch.expect("one more call of live_add", |v| {
+        v["event"] == "calls" && v["callback"] == "live_add" && v["total"] == LIVE_CALLS + 1
+    });
 }
 
 #[test]

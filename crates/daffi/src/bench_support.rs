@@ -31,6 +31,7 @@ impl ControllerRoutes {
                         queue,
                         vec!["add".into()],
                         1 << 20,
+                        1 << 20,
                     )
                     .await;
             }

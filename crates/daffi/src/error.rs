@@ -171,6 +171,18 @@ pub enum Error {
         callback: String,
     },
 
+    /// This node's callback names together would take more than one node may announce:
+    /// 1 MiB, each name counting its length plus 4 bytes, or less when this node's or the
+    /// controller's `max_frame_size` is under 1 MiB + 512 bytes (every frame that carries
+    /// the list must fit). Nothing was registered (at `start`: the node did not start).
+    #[error("this node's callback names would take {size} bytes (each name counts its length plus 4), over the limit of {limit} bytes; serve fewer or shorter names, or spread them over several processes")]
+    CallbackListTooLarge {
+        /// What the names would take.
+        size: usize,
+        /// What they may take.
+        limit: usize,
+    },
+
     /// The controller refused this node's auth token: it sent none, or the wrong one.
     /// Not retried: the token will not change by itself.
     #[error("authentication failed: the controller at {address} refused this node ({reason}); give the node the controller's token with `auth_token` or the DAFFI_AUTH_TOKEN environment variable")]

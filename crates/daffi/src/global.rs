@@ -21,7 +21,7 @@ use crate::node::{NodeConfig, NodeCore, NodeEvent};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
-use crate::protocol::{check_name, NameKind, DEFAULT_MAX_FRAME_SIZE};
+use crate::protocol::{check_name, NameKind, DEFAULT_MAX_FRAME_SIZE, MAX_AUTH_TOKEN};
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
 
 /// The TLS of a `Global`: its controller's side and its node's side.
@@ -46,7 +46,7 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
 /// | [`stall_timeout`](Self::stall_timeout) | 10 s |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
-/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none |
+/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none (at most 1,024 bytes) |
 /// | [`tls_cert`](Self::tls_cert) / [`tls_key`](Self::tls_key) (controller) | unset: no TLS |
 /// | [`tls_client_ca`](Self::tls_client_ca) (controller) | unset: no client certificates asked |
 /// | [`tls`](Self::tls) (node) | `false`; implied by the other node options below |
@@ -167,7 +167,9 @@ impl GlobalBuilder {
     }
 
     /// Largest frame this process sends or accepts. A call whose arguments would exceed
-    /// it fails before anything is sent. Default: 128 MiB.
+    /// it fails before anything is sent. Under 1 MiB + 512 bytes, it also lowers what a
+    /// node's callback names may take together (to this minus 512 bytes; see
+    /// [`Global::register`]). Use the same value on every process. Default: 128 MiB.
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
         self
@@ -260,7 +262,9 @@ impl GlobalBuilder {
     /// present it (checked in constant time, before anything else from the connection is
     /// acted on); a node started here presents it. Unset: the `DAFFI_AUTH_TOKEN`
     /// environment variable if it is set (set but empty fails `start` with
-    /// [`Error::Config`]); otherwise no token.
+    /// [`Error::Config`]); otherwise no token. At most 1,024 bytes (a longer one fails
+    /// `start` with [`Error::Config`]): it travels in the small first frame a
+    /// controller reads before it knows who is talking.
     ///
     /// A refused node fails with [`Error::AuthenticationFailed`]. Without TLS the token
     /// crosses the network in clear: use it with TLS beyond loopback.
@@ -406,12 +410,21 @@ impl GlobalBuilder {
 
     /// The token given, or the one in the environment.
     fn token(&self) -> Result<Option<AuthToken>> {
-        match &self.auth_token {
-            Some(t) if t.is_empty() => Err(Error::Config(
-                "auth_token must not be empty (an empty token protects nothing)".into(),
-            )),
-            Some(t) => Ok(Some(t.clone())),
-            None => AuthToken::from_env().map_err(Error::Config),
+        let token = match &self.auth_token {
+            Some(t) if t.is_empty() => {
+                return Err(Error::Config(
+                    "auth_token must not be empty (an empty token protects nothing)".into(),
+                ))
+            }
+            Some(t) => Some(t.clone()),
+            None => AuthToken::from_env().map_err(Error::Config)?,
+        };
+        match token {
+            Some(t) if t.expose().len() > MAX_AUTH_TOKEN => Err(Error::Config(format!(
+                "the auth token is {} bytes; tokens may be at most {MAX_AUTH_TOKEN} bytes (32 random bytes, hex-encoded, are plenty)",
+                t.expose().len()
+            ))),
+            token => Ok(token),
         }
     }
 
@@ -707,6 +720,11 @@ impl Global {
     /// Arguments arrive positionally. A closure returning `Result<T, E: Display>` sends
     /// `Err` to the caller as [`Error::Remote`]. A closure that captures this `Global`
     /// keeps it alive: stop it with [`Global::stop`].
+    ///
+    /// A node's callback names together may take at most 1 MiB, each counting its
+    /// length plus 4 bytes (less with a `max_frame_size` under 1 MiB + 512 bytes, on this
+    /// node or the controller): past that, `register`, `register_instance` and `start`
+    /// (for the `#[callback]` functions) fail with [`Error::CallbackListTooLarge`].
     pub fn register<M>(&self, name: &str, callback: impl IntoCallback<M>) -> Result<()> {
         check_name(NameKind::Callback, name).map_err(Error::Config)?;
         let node = self.node()?;
@@ -797,9 +815,15 @@ impl Global {
             .control(ControlRequest::Stats, "controller_stats")
             .await?
         {
-            ControlAnswer::Stats { calls, other_calls } => {
-                Ok(ControllerStats { calls, other_calls })
-            }
+            ControlAnswer::Stats {
+                calls,
+                other_calls,
+                omitted_names,
+            } => Ok(ControllerStats {
+                calls,
+                other_calls,
+                omitted_names,
+            }),
             other => Err(unexpected_answer(other)),
         }
     }

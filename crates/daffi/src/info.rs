@@ -22,8 +22,16 @@ pub struct MemberInfo {
 pub struct ControllerStats {
     /// Requests the controller forwarded since it started, by callback name: one per
     /// call, per node of a broadcast, and per scheduled run, with or without a result.
-    /// Requests it could not deliver are not counted. At most 4,096 names are kept.
+    /// Requests it could not deliver are not counted. Only names some connected node
+    /// serves are listed (once the last node serving a name is gone, its count moves to
+    /// `other_calls`, and starts from zero if a node serves it again), at most 4,096
+    /// names, and at most as many as fit the answer (256 KiB of names, less with a
+    /// frame limit under 1 MiB): the most called ones.
     pub calls: HashMap<String, u64>,
-    /// Requests for callback names beyond those 4,096.
+    /// Requests for every name not in `calls`: names no connected node serves (any
+    /// more), names beyond those the controller keeps, and the `omitted_names`.
     pub other_calls: u64,
+    /// How many names were left out of `calls` to keep the answer within its size
+    /// (the least called); their requests are in `other_calls`.
+    pub omitted_names: u64,
 }

@@ -371,15 +371,7 @@ fn bad_input_closes_only_that_connection() {
 
     // A joined node that then sends a frame of an unknown kind.
     let mut rogue = connect();
-    let hello = rmp_serde::to_vec_named(&daffi::protocol::message::Hello {
-        process_name: common::unique("rogue"),
-        auth_token: None,
-        callbacks: vec![],
-    })
-    .expect("encode");
-    let mut bytes = preamble(daffi::protocol::PROTOCOL_VERSION);
-    bytes.extend_from_slice(&Header::control(Kind::Hello).encode(hello.len()));
-    bytes.extend_from_slice(&hello);
+    let mut bytes = common::raw_opening(&common::unique("rogue"), None, &[]);
     let mut bad = Header::control(Kind::Request).encode(0).to_vec();
     bad[4] = 250; // no such kind
     bytes.extend_from_slice(&bad);

@@ -18,8 +18,7 @@ use std::time::Instant;
 
 use common::{unique, WAIT};
 use daffi::protocol::frame::{Frame, Header, Kind};
-use daffi::protocol::message::{self, Hello, RefuseCode, Refused};
-use daffi::protocol::{MAGIC, PROTOCOL_VERSION};
+use daffi::protocol::message::{self, RefuseCode, Refused};
 use daffi::{callback, Address, Error, Global, GlobalBuilder};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -447,21 +446,6 @@ fn make_leaf(
 
 // ---- raw sockets ---------------------------------------------------------------------
 
-/// The preamble and a `Hello` frame, written by hand.
-fn opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
-    let body = message::encode(&Hello {
-        process_name: name.to_string(),
-        auth_token: token.map(str::to_string),
-        callbacks: callbacks.iter().map(|c| c.to_string()).collect(),
-    });
-    let mut out = Vec::new();
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    out.extend_from_slice(&Header::control(Kind::Hello).encode(body.len()));
-    out.extend_from_slice(&body);
-    out
-}
-
 /// A `Request` frame, written by hand.
 fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -> Vec<u8> {
     let body = rmp_serde::to_vec(args).expect("encode args");
@@ -653,7 +637,7 @@ fn plaintext_against_tls_is_refused_cleanly_on_both_sides() {
     // controller logs the refusal with this socket's address.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    raw.write_all(&opening("plain-raw", None, &[]))
+    raw.write_all(&common::raw_opening("plain-raw", None, &[]))
         .expect("write");
     let answer = refused(&read_frame_then_close(&mut raw));
     assert_eq!(answer.code, RefuseCode::TlsRequired);
@@ -825,7 +809,7 @@ fn a_wrong_token_is_refused_and_nothing_else_from_the_connection_is_processed() 
     // claim to serve a callback.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    let mut bytes = opening("intruder", Some("guess"), &["stolen"]);
+    let mut bytes = common::raw_opening("intruder", Some("guess"), &["stolen"]);
     bytes.extend(request("intruder", &worker, "probe", &(1u64,)));
     raw.write_all(&bytes).expect("write");
     let answer = refused(&read_frame_then_close(&mut raw));
@@ -859,7 +843,7 @@ fn a_wrong_token_is_refused_and_nothing_else_from_the_connection_is_processed() 
     // The same without any token.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    raw.write_all(&opening("anonymous", None, &[]))
+    raw.write_all(&common::raw_opening("anonymous", None, &[]))
         .expect("write");
     assert_eq!(
         refused(&read_frame_then_close(&mut raw)).code,
@@ -993,7 +977,7 @@ fn names_with_control_characters_are_refused_by_the_builder_and_the_controller()
         let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let me = raw.local_addr().expect("local address").to_string();
         let callbacks: Vec<&str> = callbacks.iter().map(String::as_str).collect();
-        raw.write_all(&opening(&name, None, &callbacks))
+        raw.write_all(&common::raw_opening(&name, None, &callbacks))
             .expect("write");
         let answer = refused(&read_frame_then_close(&mut raw));
         assert_eq!(answer.code, RefuseCode::InvalidName, "{}", answer.message);
@@ -1009,7 +993,7 @@ fn names_with_control_characters_are_refused_by_the_builder_and_the_controller()
     // reason logged.
     let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let rogue = unique("announcer");
-    raw.write_all(&opening(&rogue, None, &["fine"]))
+    raw.write_all(&common::raw_opening(&rogue, None, &["fine"]))
         .expect("write");
     assert_eq!(read_frame(&mut raw).kind(), Kind::Welcome);
     let body = message::encode(&message::Announce {

@@ -12,7 +12,6 @@ use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{Log, Worker, WAIT};
-use daffi::protocol::frame::{Header, Kind};
 use daffi::{callback, Address, AsyncResult, Blob, Error, Global};
 
 const ENTRY: &str = "child_process";
@@ -488,18 +487,10 @@ fn a_paused_node_costs_only_itself() {
 
 /// Connects to `path` as a node called `name` serving `raw_cb`, and never reads.
 fn never_reading_node(path: &std::path::Path, name: &str) -> UnixStream {
-    let hello = rmp_serde::to_vec_named(&daffi::protocol::message::Hello {
-        process_name: name.to_string(),
-        auth_token: None,
-        callbacks: vec!["raw_cb".into()],
-    })
-    .expect("encode");
-    let mut bytes = daffi::protocol::MAGIC.to_vec();
-    bytes.extend_from_slice(&daffi::protocol::PROTOCOL_VERSION.to_be_bytes());
-    bytes.extend_from_slice(&Header::control(Kind::Hello).encode(hello.len()));
-    bytes.extend_from_slice(&hello);
     let mut stream = UnixStream::connect(path).expect("connect");
-    stream.write_all(&bytes).expect("handshake");
+    stream
+        .write_all(&common::raw_opening(name, None, &["raw_cb"]))
+        .expect("handshake");
     stream
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use daffi::Global;
+use daffi::{Global, GlobalBuilder};
 
 /// How long a test waits for anything that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -44,12 +44,16 @@ impl Endpoint {
 
     /// A node connected to it.
     pub fn node(&self, name: &str) -> Global {
+        self.builder(name).start().expect("node connects")
+    }
+
+    /// A builder for a node connected to it.
+    pub fn builder(&self, name: &str) -> GlobalBuilder {
         let b = Global::builder().process_name(name).connect_timeout(WAIT);
-        let b = match self {
+        match self {
             Endpoint::Tcp(port) => b.host("127.0.0.1").port(*port),
             Endpoint::Unix(path) => b.unix_sock_path(path),
-        };
-        b.start().expect("node connects")
+        }
     }
 }
 
@@ -71,7 +75,14 @@ pub fn start_controller(listen: &[&str]) -> (KillOnDrop, String) {
 }
 
 pub fn tcp_controller() -> (KillOnDrop, Endpoint) {
-    let (child, line) = start_controller(&["--host", "127.0.0.1", "--port", "0"]);
+    tcp_controller_with(&[])
+}
+
+/// Like [`tcp_controller`], with more flags for `daffi controller`.
+pub fn tcp_controller_with(flags: &[&str]) -> (KillOnDrop, Endpoint) {
+    let mut listen = vec!["--host", "127.0.0.1", "--port", "0"];
+    listen.extend_from_slice(flags);
+    let (child, line) = start_controller(&listen);
     let port = line
         .trim()
         .rsplit(':')

@@ -12,7 +12,9 @@ use super::counters::{CallCounts, Runs};
 use super::members::Members;
 use super::scheduler::Scheduler;
 use super::ControllerConfig;
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
+use crate::protocol::frame::{
+    Frame, FrameError, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX,
+};
 use crate::protocol::io::{
     frame_channel, FrameReader, FrameSender, Outgoing, ReadError, KEEP_LARGE_BUFFERS,
 };
@@ -21,7 +23,8 @@ use crate::protocol::message::{
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
 use crate::protocol::{
-    check_callback_names, check_name, NameKind, MAGIC, MAX_HELLO_SIZE, PROTOCOL_VERSION,
+    callback_list_limit, check_callback_list, check_callback_names, check_name, NameKind, MAGIC,
+    MAX_HELLO_SIZE, MEMBER_OVERHEAD, PROTOCOL_VERSION,
 };
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
@@ -83,12 +86,16 @@ pub async fn serve(
     let writer = tokio::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.
-    let mut reader = FrameReader::new(read, shared.config.max_frame_size.min(MAX_HELLO_SIZE))
-        .keep_large_buffers(KEEP_LARGE_BUFFERS);
+    let mut reader = FrameReader::with_buffer(
+        read,
+        shared.config.max_frame_size.min(MAX_HELLO_SIZE),
+        HANDSHAKE_BUFFER,
+    )
+    .keep_large_buffers(KEEP_LARGE_BUFFERS);
 
     let opening = handshake(&mut reader, &shared.config, tls_required);
-    let hello = match timeout_at(deadline, opening).await {
-        Ok(Ok(hello)) => hello,
+    let node = match timeout_at(deadline, opening).await {
+        Ok(Ok(node)) => node,
         Ok(Err(refusal)) => {
             tracing::warn!(%peer, code = ?refusal.code, reason = %refusal.message, "refused a connection");
             if refusal.code == RefuseCode::BadHello {
@@ -105,15 +112,21 @@ pub async fn serve(
     };
     reader.set_max_frame_size(shared.config.max_frame_size);
 
-    let name = hello.process_name;
+    let Joining {
+        name,
+        callbacks,
+        frame_limit,
+    } = node;
+    let served = callbacks.len();
     let joined = shared
         .members
         .join(
             &name,
             conn_id,
             queue.clone(),
-            hello.callbacks.clone(),
+            callbacks,
             shared.config.max_frame_size,
+            frame_limit,
         )
         .await;
     if !joined {
@@ -125,22 +138,22 @@ pub async fn serve(
         refuse(reader, queue, writer, refusal).await;
         return;
     }
-    tracing::info!(%peer, process = %name, callbacks = hello.callbacks.len(), "node joined");
+    tracing::info!(%peer, process = %name, callbacks = served, "node joined");
     let mut runs = Runs::new(shared.calls.open(conn_id));
 
-    let (reason, stopping) = route_frames(
-        &shared,
-        &name,
+    let node = Joined {
+        name: &name,
         conn_id,
-        &mut reader,
-        &queue,
-        &mut runs,
-        shutdown,
-    )
-    .await;
+        frame_limit,
+    };
+    let (reason, stopping) =
+        route_frames(&shared, &node, &mut reader, &queue, &mut runs, shutdown).await;
     shared.members.leave(&name, conn_id, !stopping).await;
     drop(runs);
-    shared.calls.close(conn_id);
+    // After `leave`: the names only this node served count as no longer served.
+    shared
+        .members
+        .with_served(|served| shared.calls.close(conn_id, served));
     tracing::info!(process = %name, %reason, "node left");
     if queue.is_closed() {
         // Nothing more leaves a closed connection.
@@ -155,12 +168,19 @@ pub async fn serve(
     }
 }
 
-/// Routes the frames of the joined node `name` until its connection ends; returns why,
-/// and whether because the controller is stopping.
+/// A node that joined, as its session knows it.
+struct Joined<'a> {
+    name: &'a str,
+    conn_id: u64,
+    /// The largest frame both sides take: what the controller's answers to it must fit.
+    frame_limit: usize,
+}
+
+/// Routes the frames of the joined `node` until its connection ends; returns why, and
+/// whether because the controller is stopping.
 async fn route_frames(
     shared: &Shared,
-    name: &str,
-    conn_id: u64,
+    node: &Joined<'_>,
     reader: &mut FrameReader<BoxRead>,
     queue: &FrameSender,
     runs: &mut Runs,
@@ -181,14 +201,14 @@ async fn route_frames(
         // Looked at between frames too: a node that floods while it reads nothing
         // never lets the select below see the close.
         if queue.is_closed() {
-            return (closed_reason(queue, name), false);
+            return (closed_reason(queue, node.name), false);
         }
         let next = tokio::select! {
             // Frames first, without drawing a random order per frame.
             biased;
             next = reader.next() => next,
             _ = &mut stop_signal => return ("controller stopping".to_string(), true),
-            _ = &mut writer_closed => return (closed_reason(queue, name), false),
+            _ = &mut writer_closed => return (closed_reason(queue, node.name), false),
         };
         let reason = match next {
             Ok(Some(frame)) => {
@@ -201,7 +221,7 @@ async fn route_frames(
                 // The next frame read goes to the same node: leave this one to that
                 // connection's writer, and they leave together.
                 let more_follow = reader.next_frame_dst() == Some(frame.dst().as_bytes());
-                match route(shared, name, conn_id, queue, runs, frame, more_follow).await {
+                match route(shared, node, queue, runs, frame, more_follow).await {
                     Ok(()) => continue,
                     Err(reason) => reason,
                 }
@@ -257,29 +277,71 @@ async fn refuse(
     let _ = timeout(LINGER, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
 }
 
-/// Reads the preamble and the `Hello`, and checks them: the token first, before
-/// anything in the `Hello` is acted on. `tls_required`: the listener requires TLS and
-/// this peer began in plaintext; a daffi node is told so, anything else is dropped.
+/// Room for the preamble and the largest `Hello`: all a reader holds for a peer that has
+/// not authenticated.
+const HANDSHAKE_BUFFER: usize = MAGIC.len() + 2 + LEN_PREFIX + MAX_HELLO_SIZE;
+
+/// A node whose opening checked out, about to join.
+struct Joining {
+    name: String,
+    callbacks: Vec<String>,
+    /// The largest frame both sides take: what the controller's answers to it must fit.
+    frame_limit: usize,
+}
+
+/// Reads the preamble, the `Hello` and the `Announce` behind it, and checks them: the
+/// token first, before anything in the `Hello` is acted on, and before the `Announce`
+/// is read at all. `tls_required`: the listener requires TLS and this peer began in
+/// plaintext; a daffi node is told so, anything else is dropped.
 async fn handshake(
     reader: &mut FrameReader<BoxRead>,
     config: &ControllerConfig,
     tls_required: bool,
-) -> Result<Hello, Refused> {
-    let bad = |message: String| Refused {
+) -> Result<Joining, Refused> {
+    let hello = read_hello(reader, tls_required).await?;
+    // Before the name is even looked at: an unauthenticated peer can neither take nor
+    // probe process names.
+    authenticate(config, hello.auth_token.as_deref())?;
+    check_name(NameKind::Process, &hello.process_name).map_err(|message| Refused {
+        code: RefuseCode::InvalidName,
+        message,
+    })?;
+    let frame_limit = match usize::try_from(hello.max_frame_size) {
+        Ok(0) | Err(_) => config.max_frame_size,
+        Ok(limit) => limit.min(config.max_frame_size),
+    };
+    let callbacks = read_announce(reader, config.max_frame_size).await?;
+    Ok(Joining {
+        name: hello.process_name,
+        callbacks,
+        frame_limit,
+    })
+}
+
+/// Refuses a peer that is not a daffi node (it gets no answer).
+fn bad_hello(message: String) -> Refused {
+    Refused {
         code: RefuseCode::BadHello,
         message,
-    };
+    }
+}
+
+/// Reads the preamble and the `Hello`, the reader still at its handshake size.
+async fn read_hello(
+    reader: &mut FrameReader<BoxRead>,
+    tls_required: bool,
+) -> Result<Hello, Refused> {
     let preamble = reader
         .read_exact_bytes(MAGIC.len() + 2)
         .await
-        .map_err(|e| bad(format!("no preamble: {e}")))?;
+        .map_err(|e| bad_hello(format!("no preamble: {e}")))?;
     if preamble[..4] != MAGIC {
         if preamble[0] == TLS_HANDSHAKE_RECORD {
-            return Err(bad(
+            return Err(bad_hello(
                 "the peer began a TLS handshake, but this controller has no certificate (tls_cert and tls_key)".into(),
             ));
         }
-        return Err(bad("not a daffi client (wrong magic bytes)".into()));
+        return Err(bad_hello("not a daffi client (wrong magic bytes)".into()));
     }
     let version = u16::from_be_bytes([preamble[4], preamble[5]]);
     if version != PROTOCOL_VERSION {
@@ -292,9 +354,11 @@ async fn handshake(
     }
     let frame = match reader.next().await {
         Ok(Some(f)) if f.kind() == Kind::Hello => f,
-        Ok(Some(f)) => return Err(bad(format!("expected Hello, got {:?}", f.kind()))),
-        Ok(None) | Err(ReadError::Eof) => return Err(bad("closed during the handshake".into())),
-        Err(e) => return Err(bad(format!("bad Hello frame: {e}"))),
+        Ok(Some(f)) => return Err(bad_hello(format!("expected Hello, got {:?}", f.kind()))),
+        Ok(None) | Err(ReadError::Eof) => {
+            return Err(bad_hello("closed during the handshake".into()))
+        }
+        Err(e) => return Err(bad_hello(format!("bad Hello frame: {e}"))),
     };
     if tls_required {
         return Err(Refused {
@@ -302,37 +366,100 @@ async fn handshake(
             message: "this controller requires TLS; give the node tls_ca (or tls(true) to trust the system's roots)".into(),
         });
     }
-    let hello: Hello =
-        message::decode(&frame.payload()).map_err(|e| bad(format!("undecodable Hello: {e}")))?;
-    // Before the name is even looked at: an unauthenticated peer can neither take nor
-    // probe process names.
-    if let Some(expected) = &config.auth_token {
-        if !expected.matches(hello.auth_token.as_deref()) {
-            let message = match hello.auth_token {
-                None => "this controller requires an auth token, and the node sent none",
-                Some(_) => "wrong auth token",
-            };
-            return Err(Refused {
-                code: RefuseCode::Auth,
-                message: message.into(),
-            });
-        }
+    message::decode(&frame.payload()).map_err(|e| bad_hello(format!("undecodable Hello: {e}")))
+}
+
+/// Checks the token a peer sent, when the controller has one.
+fn authenticate(config: &ControllerConfig, token: Option<&str>) -> Result<(), Refused> {
+    let Some(expected) = &config.auth_token else {
+        return Ok(());
+    };
+    if expected.matches(token) {
+        return Ok(());
     }
-    check_name(NameKind::Process, &hello.process_name)
-        .and_then(|()| check_callback_names(&hello.callbacks))
-        .map_err(|message| Refused {
-            code: RefuseCode::InvalidName,
-            message,
-        })?;
-    Ok(hello)
+    let message = match token {
+        None => "this controller requires an auth token, and the node sent none",
+        Some(_) => "wrong auth token",
+    };
+    Err(Refused {
+        code: RefuseCode::Auth,
+        message: message.into(),
+    })
+}
+
+/// Reads the `Announce` the node sent right behind its `Hello`, once it is
+/// authenticated: the reader grows to its working size, and takes no frame larger than
+/// a callback list may make one.
+async fn read_announce(
+    reader: &mut FrameReader<BoxRead>,
+    max_frame_size: usize,
+) -> Result<Vec<String>, Refused> {
+    reader.grow_buffer();
+    reader.set_max_frame_size(announce_limit(max_frame_size));
+    let frame = match reader.next().await {
+        Ok(Some(f)) if f.kind() == Kind::Announce => f,
+        Ok(Some(f)) => {
+            return Err(bad_hello(format!(
+                "expected Announce after Hello, got {:?}",
+                f.kind()
+            )))
+        }
+        Ok(None) | Err(ReadError::Eof) => {
+            return Err(bad_hello("closed during the handshake".into()))
+        }
+        Err(ReadError::Frame(FrameError::TooLarge { size, .. })) => {
+            return Err(announce_too_large(size, max_frame_size))
+        }
+        Err(e) => return Err(bad_hello(format!("bad Announce frame: {e}"))),
+    };
+    decode_announce(&frame, max_frame_size)
+}
+
+/// What a node whose callback names take too much can do.
+const FEWER_NAMES: &str = "serve fewer or shorter names, or spread them over several processes";
+
+/// The largest `Announce` frame a list within [`callback_list_limit`] makes.
+fn announce_limit(max_frame_size: usize) -> usize {
+    (callback_list_limit(max_frame_size) + MEMBER_OVERHEAD).min(max_frame_size)
+}
+
+/// Refuses an `Announce` frame of `size` bytes: larger than any callback list within
+/// the limit makes one.
+fn announce_too_large(size: usize, max_frame_size: usize) -> Refused {
+    Refused {
+        code: RefuseCode::CallbackListTooLarge,
+        message: format!(
+            "an Announce of {size} bytes, more than callback names may take (at most {} bytes, each name counting its length plus 4); {FEWER_NAMES}",
+            callback_list_limit(max_frame_size)
+        ),
+    }
+}
+
+/// Decodes an `Announce` and checks its names and what they take together, without
+/// decoding one larger than any valid list makes.
+fn decode_announce(frame: &Frame, max_frame_size: usize) -> Result<Vec<String>, Refused> {
+    let size = frame.raw().len() - LEN_PREFIX;
+    if size > announce_limit(max_frame_size) {
+        return Err(announce_too_large(size, max_frame_size));
+    }
+    let announce: Announce = message::decode(&frame.payload())
+        .map_err(|e| bad_hello(format!("undecodable Announce: {e}")))?;
+    check_callback_names(&announce.callbacks).map_err(|message| Refused {
+        code: RefuseCode::InvalidName,
+        message,
+    })?;
+    check_callback_list(&announce.callbacks, max_frame_size).map_err(|e| Refused {
+        code: RefuseCode::CallbackListTooLarge,
+        message: format!("{e}; {FEWER_NAMES}"),
+    })?;
+    Ok(announce.callbacks)
 }
 
 /// Handles one frame from a joined node. `Err` closes the connection with that reason.
 /// `more_follow`: the next frame from this node, already read, goes to the same node.
 async fn route(
     shared: &Shared,
-    name: &str,
-    conn_id: u64,
+    node: &Joined<'_>,
     own_queue: &FrameSender,
     runs: &mut Runs,
     frame: Frame,
@@ -340,7 +467,7 @@ async fn route(
 ) -> Result<(), String> {
     match frame.kind() {
         Kind::Request | Kind::Reply => {
-            if frame.src() != name {
+            if frame.src() != node.name {
                 return Err(format!(
                     "frame claims to come from `{}` (protocol violation)",
                     frame.src()
@@ -363,17 +490,15 @@ async fn route(
             Ok(())
         }
         Kind::Leaving => {
-            shared.members.mark_leaving(name, conn_id).await;
+            shared.members.mark_leaving(node.name, node.conn_id).await;
             Ok(())
         }
         Kind::Announce => {
-            let announce: Announce = message::decode(&frame.payload())
-                .map_err(|e| format!("undecodable Announce: {e}"))?;
-            check_callback_names(&announce.callbacks)
-                .map_err(|e| format!("refused its Announce: {e}"))?;
+            let callbacks = decode_announce(&frame, shared.config.max_frame_size)
+                .map_err(|refusal| format!("refused its Announce: {}", refusal.message))?;
             shared
                 .members
-                .update(name, conn_id, announce.callbacks)
+                .update(node.name, node.conn_id, callbacks)
                 .await;
             Ok(())
         }
@@ -382,7 +507,7 @@ async fn route(
             runs.flush();
             let request: ControlRequest = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable ControlRequest: {e}"))?;
-            let answer = control(shared, name, request);
+            let answer = control(shared, node, request);
             let (flags, body) = match answer {
                 Ok(answer) => (0, message::encode(&answer)),
                 Err(error) => (FLAG_ERROR, message::encode(&error)),
@@ -393,7 +518,7 @@ async fn route(
                 call_id: frame.call_id(),
                 timeout_ms: 0,
                 src: "",
-                dst: name,
+                dst: node.name,
                 name: "",
             };
             let reply = Outgoing::new(&header, body);
@@ -436,10 +561,19 @@ async fn undeliverable(
     let _ = own_queue.send(out).await;
 }
 
-/// Carries out a request the controller answers itself.
+/// The most a `stats` answer spends on callback names: 256 KiB, and at most a quarter
+/// of the largest frame its node takes.
+fn stats_budget(frame_limit: usize) -> usize {
+    STATS_BUDGET.min(frame_limit / 4)
+}
+
+/// See [`stats_budget`].
+const STATS_BUDGET: usize = 256 * 1024;
+
+/// Carries out a request the controller answers itself for the node `from`.
 fn control(
     shared: &Shared,
-    from: &str,
+    from: &Joined<'_>,
     request: ControlRequest,
 ) -> Result<ControlAnswer, ControlError> {
     match request {
@@ -450,7 +584,7 @@ fn control(
             timing,
         } => shared
             .scheduler
-            .schedule(from, callback, args, on, timing)
+            .schedule(from.name, callback, args, on, timing)
             .map(|task_id| ControlAnswer::Scheduled { task_id })
             .map_err(|e| ControlError {
                 code: ControlErrorCode::Invalid,
@@ -472,14 +606,14 @@ fn control(
             tasks: shared.scheduler.list(),
         }),
         ControlRequest::Stats => {
-            let counts = shared.calls.snapshot();
+            let counts = shared
+                .members
+                .with_served(|served| shared.calls.snapshot(served));
+            let report = counts.report(stats_budget(from.frame_limit));
             Ok(ControlAnswer::Stats {
-                calls: counts
-                    .by_name
-                    .into_iter()
-                    .map(|(name, n)| (name.into(), n))
-                    .collect(),
-                other_calls: counts.other,
+                calls: report.calls,
+                other_calls: report.other_calls,
+                omitted_names: report.omitted_names,
             })
         }
     }

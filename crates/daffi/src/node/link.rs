@@ -10,7 +10,8 @@ use tokio::time::timeout;
 use super::executor::{self, SyncBatch};
 use super::{Connection, NodeCore};
 use crate::error::Error;
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, LEN_PREFIX};
+use crate::protocol;
+use crate::protocol::frame::{Frame, Kind, FLAG_ERROR};
 use crate::protocol::io::{
     frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
 };
@@ -18,7 +19,6 @@ use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
 };
-use crate::protocol::{MAGIC, MAX_HELLO_SIZE, PROTOCOL_VERSION};
 use crate::transport::{self, BoxRead, ConnectError};
 
 /// How long a closing link may take to flush what was queued.
@@ -53,30 +53,19 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
     };
 
-    let mut hello = Hello {
+    let hello = Hello {
         process_name: core.name.to_string(),
         auth_token: core
             .config
             .auth_token
             .as_ref()
             .map(|t| t.expose().to_string()),
-        callbacks,
+        max_frame_size: core.config.max_frame_size as u64,
     };
-    let mut body = message::encode(&hello);
-    if Header::control(Kind::Hello).frame_len(body.len()) - LEN_PREFIX > MAX_HELLO_SIZE {
-        // Too many callbacks for a Hello: they follow in the Announce sent on connect.
-        hello.callbacks.clear();
-        body = message::encode(&hello);
-    }
-    let mut opening = Vec::with_capacity(6 + 64 + body.len());
-    opening.extend_from_slice(&MAGIC);
-    opening.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    opening.extend_from_slice(&Header::control(Kind::Hello).encode(body.len()));
-    opening.extend_from_slice(&body);
     // A failed write is reported only if no answer can be read: a controller that
     // refused the TLS session may have closed before the write, and its alert is the
     // better explanation.
-    let sent = write.write_all(&opening).await;
+    let sent = write.write_all(&protocol::opening(&hello, callbacks)).await;
 
     let mut reader =
         FrameReader::new(read, core.config.max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
@@ -103,8 +92,7 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
     };
     match first.kind() {
         Kind::Welcome => {
-            let welcome: Welcome = message::decode(&first.payload())
-                .map_err(|e| protocol(format!("undecodable Welcome: {e}")))?;
+            let welcome = read_welcome(&mut reader, &first, limit, &address.to_string()).await?;
             let limits = QueueLimits::new(
                 core.config.max_queue_bytes,
                 core.config.max_frame_size,
@@ -138,6 +126,47 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         }
         other => Err(protocol(format!("expected Welcome, got {other:?}"))),
     }
+}
+
+/// Puts together the `Welcome` whose first page is `first`: reads the pages that
+/// follow it (each within `limit`) until the last, so that the node's view is whole
+/// before it counts as connected.
+async fn read_welcome(
+    reader: &mut FrameReader<BoxRead>,
+    first: &Frame,
+    limit: std::time::Duration,
+    address: &str,
+) -> Result<Welcome, Error> {
+    let protocol = |message: String| Error::Protocol {
+        peer: address.to_string(),
+        message,
+    };
+    let unreachable = |reason: String| Error::ControllerUnreachable {
+        address: address.to_string(),
+        reason,
+    };
+    let decode = |frame: &Frame| {
+        message::decode::<Welcome>(&frame.payload())
+            .map_err(|e| protocol(format!("undecodable Welcome: {e}")))
+    };
+    let mut welcome = decode(first)?;
+    while welcome.more {
+        let page = match timeout(limit, reader.next()).await {
+            Ok(Ok(Some(page))) if page.kind() == Kind::Welcome => decode(&page)?,
+            Ok(Ok(Some(other))) => {
+                let kind = other.kind();
+                return Err(protocol(format!(
+                    "expected more of the Welcome, got {kind:?}"
+                )));
+            }
+            Ok(Ok(None)) => return Err(unreachable("closed during the handshake".into())),
+            Ok(Err(e)) => return Err(unreachable(format!("handshake failed: {e}"))),
+            Err(_) => return Err(unreachable("the rest of the Welcome did not come".into())),
+        };
+        welcome.members.extend(page.members);
+        welcome.more = page.more;
+    }
+    Ok(welcome)
 }
 
 impl Link {

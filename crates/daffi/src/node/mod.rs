@@ -143,6 +143,7 @@ impl NodeCore {
     /// Connects (retrying until `connect_timeout`), then keeps reconnecting in the
     /// background until the node stops. Returns once the first connection is up.
     pub async fn start(self: &Arc<Self>) -> Result<()> {
+        self.check_callback_list(&self.callback_names())?;
         let (first_tx, first_rx) = oneshot::channel();
         let core = self.clone();
         tokio::spawn(async move {
@@ -242,7 +243,8 @@ impl NodeCore {
         *self.stopped.borrow()
     }
 
-    /// Adds callbacks (all or none, if a name is taken) and tells the controller.
+    /// Adds callbacks (all or none, if a name is taken or the names would take too
+    /// much together) and tells the controller.
     pub fn register(self: &Arc<Self>, handlers: Vec<(String, Handler)>) -> Result<()> {
         {
             let mut table = write(&self.callbacks);
@@ -255,6 +257,12 @@ impl NodeCore {
                     callback: taken.clone(),
                 });
             }
+            let names: Vec<&str> = table
+                .keys()
+                .chain(handlers.iter().map(|(name, _)| name))
+                .map(String::as_str)
+                .collect();
+            self.check_callback_list(&names)?;
             table.extend(handlers);
         }
         self.announce();
@@ -276,6 +284,18 @@ impl NodeCore {
             lock(&self.instances).remove(&std::any::TypeId::of::<T>());
         }
         registered
+    }
+
+    /// Checks that `names` fit what one node may announce with the frames it sends: its
+    /// own frame limit, or the controller's once connected, whichever is smaller.
+    fn check_callback_list<S: AsRef<str>>(&self, names: &[S]) -> Result<()> {
+        let max_frame_size = self.max_frame_size.load(Ordering::Relaxed);
+        crate::protocol::check_callback_list(names, max_frame_size).map_err(|e| {
+            Error::CallbackListTooLarge {
+                size: e.size,
+                limit: e.limit,
+            }
+        })
     }
 
     /// Names of the callbacks this node serves.

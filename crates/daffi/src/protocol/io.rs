@@ -105,6 +105,10 @@ const LARGE_FRAME: usize = 1024 * 1024;
 /// [`FrameReader::keep_large_buffers`]).
 pub const KEEP_LARGE_BUFFERS: Duration = Duration::from_secs(1);
 
+/// How much a reader's buffer holds once the connection is up: one read takes up to this
+/// much of a burst of frames.
+pub const READ_BUFFER: usize = 64 * 1024;
+
 /// Reads length-prefixed frames, enforcing the size limit before allocating.
 ///
 /// `next` is cancel-safe: bytes read are kept in the reader until their frame is whole.
@@ -123,9 +127,16 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader; frames over `max_frame_size` bytes (prefix excluded) are refused.
     pub fn new(inner: R, max_frame_size: usize) -> Self {
+        Self::with_buffer(inner, max_frame_size, READ_BUFFER)
+    }
+
+    /// Like [`new`](Self::new), with a buffer of `capacity` bytes to begin with: a peer
+    /// that has not authenticated gets a small one ([`grow_buffer`](Self::grow_buffer)
+    /// once it has).
+    pub fn with_buffer(inner: R, max_frame_size: usize, capacity: usize) -> Self {
         FrameReader {
             inner,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(capacity),
             max_frame_size,
             large: None,
             spare: None,
@@ -146,6 +157,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Changes the limit (after the handshake told us the controller's).
     pub fn set_max_frame_size(&mut self, limit: usize) {
         self.max_frame_size = limit;
+    }
+
+    /// Moves what is buffered into a buffer of [`READ_BUFFER`] bytes: a reader made
+    /// small for the handshake reads bursts of frames in one call from then on. (A new
+    /// buffer, not a `reserve`: `BytesMut` sizes the buffers it makes later after the
+    /// one it was created with.)
+    pub fn grow_buffer(&mut self) {
+        let mut grown = BytesMut::with_capacity(READ_BUFFER.max(self.buf.len()));
+        grown.extend_from_slice(&self.buf);
+        self.buf = grown;
     }
 
     /// The underlying reader; bytes already buffered are dropped.

@@ -7,7 +7,11 @@ use std::collections::HashMap;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// `Hello`: who the node is and what it serves.
+/// `Hello`: who the node is. Small and bounded ([`MAX_HELLO_SIZE`]): what the node
+/// serves follows in an `Announce`, which the controller reads only once the token
+/// matched.
+///
+/// [`MAX_HELLO_SIZE`]: crate::protocol::MAX_HELLO_SIZE
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     /// The node's unique process name.
@@ -15,8 +19,10 @@ pub struct Hello {
     /// The shared secret, when the controller requires one.
     #[serde(default)]
     pub auth_token: Option<String>,
-    /// Callback names the node serves.
-    pub callbacks: Vec<String>,
+    /// The node's own frame limit: the controller sizes the `Welcome` pages and `stats`
+    /// answers it sends this node to fit it. 0: not said (the controller's own limit).
+    #[serde(default)]
+    pub max_frame_size: u64,
 }
 
 /// A node and the callbacks it serves.
@@ -28,13 +34,18 @@ pub struct Member {
     pub callbacks: Vec<String>,
 }
 
-/// `Welcome`: the handshake succeeded.
+/// `Welcome`: the handshake succeeded. The members come in pages that each fit a
+/// frame: `Welcome` frames with `more` set, then one without.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Welcome {
-    /// Every other connected node.
+    /// Other connected nodes: this page's share (all of them, once the pages are put
+    /// together).
     pub members: Vec<Member>,
     /// The controller's frame size limit, so that nodes can check before sending.
     pub max_frame_size: u64,
+    /// More `Welcome` pages follow; the node is in once it has read the last.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// Why the controller refused a connection.
@@ -54,6 +65,9 @@ pub enum RefuseCode {
     BadHello,
     /// The controller requires TLS and the node connected in plaintext.
     TlsRequired,
+    /// The node's callback names take more than one node may announce
+    /// ([`callback_list_limit`](crate::protocol::callback_list_limit)).
+    CallbackListTooLarge,
 }
 
 /// `Refused`: the handshake failed.
@@ -65,7 +79,8 @@ pub struct Refused {
     pub message: String,
 }
 
-/// `Announce`: the full list of callbacks a node serves from now on.
+/// `Announce`: the full list of callbacks a node serves from now on. The first one
+/// follows the `Hello` at once; the node joins with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Announce {
     /// Callback names.
@@ -234,12 +249,18 @@ pub enum ControlAnswer {
     },
     /// The controller's counters.
     Stats {
-        /// `Request` frames forwarded since the controller started, by callback name
-        /// (at most 4,096 names).
+        /// `Request` frames forwarded since the controller started, by callback name:
+        /// names some connected node serves, the most called first, as many as fit the
+        /// answer's budget.
         calls: HashMap<String, u64>,
-        /// Requests for callback names beyond those 4,096.
+        /// Requests for every other name: names no connected node serves (any more),
+        /// names beyond those the controller keeps, and the `omitted_names`.
         #[serde(default)]
         other_calls: u64,
+        /// Names left out of `calls` to keep the answer small (the least called);
+        /// their requests are in `other_calls`.
+        #[serde(default)]
+        omitted_names: u64,
     },
 }
 

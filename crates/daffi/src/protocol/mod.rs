@@ -11,18 +11,47 @@ pub use payload::Payload;
 
 /// First bytes a node sends on a new connection: magic, then the protocol version.
 pub const MAGIC: [u8; 4] = *b"DAFI";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2: the callback list left the `Hello`
+/// for an `Announce` sent right behind it, and `Welcome` comes in pages.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Default limit on one frame (prefix excluded): 128 MiB.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;
 /// Largest `Hello` frame (prefix excluded) a controller accepts, whatever its frame
-/// limit: a peer that has not authenticated cannot make it buffer more. A node whose
-/// callback list would not fit sends it in an `Announce` right after `Welcome`.
-pub const MAX_HELLO_SIZE: usize = 1024 * 1024;
+/// limit: 4 KiB. Until a peer has shown the auth token, the controller buffers no more
+/// than this (and the preamble) for it.
+pub const MAX_HELLO_SIZE: usize = 4 * 1024;
+/// Longest auth token, in bytes: with the longest process name, it leaves a `Hello` far
+/// under [`MAX_HELLO_SIZE`].
+pub const MAX_AUTH_TOKEN: usize = 1024;
+/// The most a node's callback names may take together, each name counting its length
+/// plus 4 bytes ([`callback_list_size`]): 1 MiB. A frame limit under 1 MiB + 512 bytes
+/// lowers it ([`callback_list_limit`]).
+pub const MAX_CALLBACK_LIST: usize = 1024 * 1024;
+/// What a frame carrying one member (a `Membership` event, an `Announce`) needs beyond
+/// its callback list: header, keys, the process name. The frame limit leaves this much.
+pub const MEMBER_OVERHEAD: usize = 512;
 /// Longest process name the header can carry.
 pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
 /// Longest callback name the header can carry.
 pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
+
+/// What a node sends first, in one write: the preamble, its `Hello`, and the `Announce`
+/// of `callbacks`. The controller reads the `Announce` only once the `Hello` checked
+/// out, and the node joins with its callbacks at once (no round trip more).
+pub fn opening(hello: &message::Hello, callbacks: Vec<String>) -> Vec<u8> {
+    let hello = io::Outgoing::control(Kind::Hello, hello);
+    let announce = io::Outgoing::control(Kind::Announce, &message::Announce { callbacks });
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    for frame in [hello, announce] {
+        bytes.extend_from_slice(&frame.head);
+        for part in frame.body.parts() {
+            bytes.extend_from_slice(part);
+        }
+    }
+    bytes
+}
 
 /// What a name names, for [`check_name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +109,50 @@ pub fn check_callback_names(names: &[String]) -> Result<(), String> {
         .try_for_each(|n| check_name(NameKind::Callback, n))
 }
 
+/// What a node's callback names take against [`MAX_CALLBACK_LIST`]: each name's length
+/// plus 4 bytes (more than MessagePack adds to each, so that the list always fits).
+pub fn callback_list_size<S: AsRef<str>>(names: &[S]) -> usize {
+    names.iter().map(|n| n.as_ref().len() + 4).sum()
+}
+
+/// The most a node's callback names may take with frames of up to `max_frame_size`:
+/// [`MAX_CALLBACK_LIST`], or less, so that every frame carrying them fits.
+pub fn callback_list_limit(max_frame_size: usize) -> usize {
+    MAX_CALLBACK_LIST.min(max_frame_size.saturating_sub(MEMBER_OVERHEAD))
+}
+
+/// A node's callback names take more than [`callback_list_limit`] allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallbackListTooLarge {
+    /// What the names take ([`callback_list_size`]).
+    pub size: usize,
+    /// What they may take.
+    pub limit: usize,
+}
+
+impl std::fmt::Display for CallbackListTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the callback names take {} bytes (each name counts its length plus 4), over the limit of {} bytes",
+            self.size, self.limit
+        )
+    }
+}
+
+/// Checks that `names` fit [`callback_list_limit`] for `max_frame_size`.
+pub fn check_callback_list<S: AsRef<str>>(
+    names: &[S],
+    max_frame_size: usize,
+) -> Result<(), CallbackListTooLarge> {
+    let size = callback_list_size(names);
+    let limit = callback_list_limit(max_frame_size);
+    match size <= limit {
+        true => Ok(()),
+        false => Err(CallbackListTooLarge { size, limit }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +176,49 @@ mod tests {
             Ok(())
         );
         assert!(check_callback_names(&["ok".into(), "bad\r".into()]).is_err());
+    }
+
+    /// The frames that carry one member's callbacks fit the frame limit whenever the
+    /// list fits its limit: the longest process name, names of every length class.
+    #[test]
+    fn a_member_within_the_callback_list_limit_fits_a_frame() {
+        use message::{Announce, Member, MembershipEvent};
+        for max_frame_size in [1024, 64 * 1024, 2 * 1024 * 1024] {
+            let limit = callback_list_limit(max_frame_size);
+            let mut callbacks = Vec::new();
+            let lengths = [1, 31, 32, 255, 256, MAX_CALLBACK_NAME];
+            for len in lengths.iter().cycle() {
+                let name = "x".repeat(*len);
+                if callback_list_size(&callbacks) + len + 4 > limit {
+                    break;
+                }
+                callbacks.push(name);
+            }
+            let full = callback_list_size(&callbacks);
+            callbacks.extend((full..limit).step_by(5).map(|_| "a".to_string()));
+            while callback_list_size(&callbacks) > limit {
+                callbacks.pop();
+            }
+            assert_eq!(check_callback_list(&callbacks, max_frame_size), Ok(()));
+            let member = Member {
+                name: "p".repeat(MAX_PROCESS_NAME),
+                callbacks: callbacks.clone(),
+            };
+            let frame_size = |kind: Kind, body: bytes::Bytes| {
+                Header::control(kind).frame_len(body.len()) - frame::LEN_PREFIX
+            };
+            let joined = message::encode(&MembershipEvent::Joined(member));
+            assert!(frame_size(Kind::Membership, joined) <= max_frame_size);
+            let announce = message::encode(&Announce { callbacks });
+            assert!(frame_size(Kind::Announce, announce) <= max_frame_size);
+        }
+        let over = vec!["y".repeat(100); 20];
+        assert_eq!(
+            check_callback_list(&over, 2560),
+            Err(CallbackListTooLarge {
+                size: 2080,
+                limit: 2048
+            })
+        );
     }
 }

@@ -300,6 +300,17 @@ pub fn spawn_child_with(
     }
 }
 
+/// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
+/// behind it.
+pub fn raw_opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
+    let hello = daffi::protocol::message::Hello {
+        process_name: name.to_string(),
+        auth_token: token.map(str::to_string),
+        max_frame_size: 0,
+    };
+    daffi::protocol::opening(&hello, callbacks.iter().map(|c| c.to_string()).collect())
+}
+
 /// Peak resident memory of a process in KiB, from /proc (`None` where there is none).
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
