@@ -17,7 +17,7 @@ use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Hooks};
 use crate::info::{ControllerStats, MemberInfo};
-use crate::node::{NodeConfig, NodeCore, NodeEvent};
+use crate::node::{NodeConfig, NodeCore, NodeEvent, Route};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
@@ -535,6 +535,11 @@ impl GlobalBuilder {
             None
         };
         let node = if self.init_node {
+            // Beside its controller, the node links to it in-process, with no token.
+            let (route, auth_token) = match &controller {
+                Some(c) => (Route::InProcess(c.in_process()), None),
+                None => (Route::Socket { tls: client_tls }, auth_token),
+            };
             let config = NodeConfig {
                 address: address.clone(),
                 max_frame_size: self.max_frame_size,
@@ -545,7 +550,7 @@ impl GlobalBuilder {
                 max_sync_callbacks: self.max_sync_callbacks,
                 stop_timeout: self.stop_timeout,
                 auth_token,
-                tls: client_tls,
+                route,
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
             };
