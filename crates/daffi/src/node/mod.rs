@@ -532,6 +532,10 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 }
                 let reason = link.run(&core, &conn, &mut closed).await;
                 if core.is_stopped() {
+                    // This handle on the queue kept the writer from finishing (so every
+                    // stop waited the whole drain): with it gone, the writer sends
+                    // what is queued, closes, and the drain ends.
+                    drop(conn);
                     link.drain().await;
                     break;
                 }
