@@ -12,7 +12,7 @@
 //!
 //! With `--controller-in-caller`, the caller runs the controller itself (as the
 //! README's first example does) and the callee connects to it: two processes, and the
-//! caller's node reaches its own controller without a socket.
+//! caller's node reaches its own controller in-process.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
