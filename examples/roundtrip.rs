@@ -3,11 +3,16 @@
 //! ```text
 //! cargo run --release --example roundtrip            # TCP
 //! cargo run --release --example roundtrip -- unix    # Unix socket
+//! cargo run --release --example roundtrip -- unix --controller-in-caller
 //! ```
 //!
 //! Three processes, as in production: a standalone controller, a callee serving `add`,
 //! and this caller. It reports the round trip of one small FG call at a time
 //! (p50/p99/mean over 10,000 calls) and calls per second with 256 in flight.
+//!
+//! With `--controller-in-caller`, the caller runs the controller itself (as the
+//! README's first example does) and the callee connects to it: two processes, and the
+//! caller's node reaches its own controller in-process.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -33,7 +38,10 @@ fn main() -> Result<(), Error> {
     match args.first().map(String::as_str) {
         Some("--controller") => run_controller(&args[1]),
         Some("--callee") => run_callee(&args[1]),
-        other => run_caller(other == Some("unix")),
+        _ => run_caller(
+            args.iter().any(|a| a == "unix"),
+            args.iter().any(|a| a == "--controller-in-caller"),
+        ),
     }
 }
 
@@ -72,24 +80,23 @@ fn spawn(args: &[&str]) -> Result<Child, Error> {
         .spawn()?)
 }
 
-fn run_caller(unix: bool) -> Result<(), Error> {
-    let (mut controller, endpoint) = if unix {
-        let path =
-            std::env::temp_dir().join(format!("daffi-roundtrip-{}.sock", std::process::id()));
-        let endpoint = format!("unix:{}", path.display());
-        let mut c = spawn(&["--controller", &endpoint])?;
-        read_line(&mut c)?;
-        (c, endpoint)
+fn run_caller(unix: bool, controller_in_caller: bool) -> Result<(), Error> {
+    let (g, endpoint, controller) = if controller_in_caller {
+        start_with_controller(unix)?
     } else {
-        let mut c = spawn(&["--controller", "tcp:0"])?;
-        let port = read_line(&mut c)?;
-        (c, format!("tcp:{port}"))
+        start_beside_controller(unix)?
     };
     let mut callee = spawn(&["--callee", &endpoint])?;
-
-    let g = builder(&endpoint)?.process_name("caller").start()?;
     g.wait_process_timeout("callee", Duration::from_secs(20))?;
-    println!("transport: {}", if unix { "unix socket" } else { "tcp" });
+    println!(
+        "transport: {}{}",
+        if unix { "unix socket" } else { "tcp" },
+        if controller_in_caller {
+            ", controller in the caller"
+        } else {
+            ""
+        }
+    );
 
     // One call at a time.
     for i in 0..1_000 {
@@ -136,10 +143,55 @@ fn run_caller(unix: bool) -> Result<(), Error> {
 
     g.stop();
     drop(callee.stdin.take());
-    drop(controller.stdin.take());
     callee.wait()?;
-    controller.wait()?;
+    if let Some(mut controller) = controller {
+        drop(controller.stdin.take());
+        controller.wait()?;
+    }
     Ok(())
+}
+
+/// A standalone controller in a child process, and this caller connected to it.
+fn start_beside_controller(unix: bool) -> Result<(Global, String, Option<Child>), Error> {
+    let (mut controller, endpoint) = if unix {
+        let mut c = spawn(&["--controller", &unix_endpoint()])?;
+        read_line(&mut c)?;
+        (c, unix_endpoint())
+    } else {
+        let mut c = spawn(&["--controller", "tcp:0"])?;
+        let port = read_line(&mut c)?;
+        (c, format!("tcp:{port}"))
+    };
+    match builder(&endpoint)?.process_name("caller").start() {
+        Ok(g) => Ok((g, endpoint, Some(controller))),
+        Err(e) => {
+            let _ = controller.kill();
+            Err(e.into())
+        }
+    }
+}
+
+/// This caller running the controller, which the callee connects to.
+fn start_with_controller(unix: bool) -> Result<(Global, String, Option<Child>), Error> {
+    let endpoint = if unix {
+        unix_endpoint()
+    } else {
+        "tcp:0".to_string()
+    };
+    let g = builder(&endpoint)?
+        .process_name("caller")
+        .init_controller(true)
+        .start()?;
+    let endpoint = match g.port() {
+        Some(port) => format!("tcp:{port}"),
+        None => endpoint,
+    };
+    Ok((g, endpoint, None))
+}
+
+fn unix_endpoint() -> String {
+    let path = std::env::temp_dir().join(format!("daffi-roundtrip-{}.sock", std::process::id()));
+    format!("unix:{}", path.display())
 }
 
 fn read_line(child: &mut Child) -> Result<String, Error> {

@@ -17,7 +17,7 @@ use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, Hooks};
 use crate::info::{ControllerStats, MemberInfo};
-use crate::node::{NodeConfig, NodeCore, NodeEvent};
+use crate::node::{NodeConfig, NodeCore, NodeEvent, Route};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
@@ -54,8 +54,11 @@ type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);
 /// | [`tls_server_name`](Self::tls_server_name) (node) | the host connected to |
 /// | [`tls_client_cert`](Self::tls_client_cert) / [`tls_client_key`](Self::tls_client_key) (node) | unset: no client certificate |
 ///
-/// TLS is for TCP. Certificates and keys are PEM files, read once at start. See
-/// `docs/SECURITY.md` for which setup protects against what.
+/// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
+/// that runs beside its controller (`init_controller(true)`) reaches it in-process,
+/// without TLS or token: the node options (and the token) then serve the other
+/// processes of the mesh only. See `docs/SECURITY.md` for which setup protects against
+/// what.
 #[derive(Debug, Clone)]
 #[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
 pub struct GlobalBuilder {
@@ -127,7 +130,10 @@ impl GlobalBuilder {
         self
     }
 
-    /// Whether this process runs the controller. Default: `false`.
+    /// Whether this process runs the controller. Default: `false`. Its own node (unless
+    /// [`init_node(false)`](Self::init_node)) then reaches it in-process: no socket, no
+    /// TLS, no token, whatever the controller's certificate or token; other nodes
+    /// connect to its address.
     pub fn init_controller(mut self, yes: bool) -> Self {
         self.init_controller = yes;
         self
@@ -264,7 +270,8 @@ impl GlobalBuilder {
     /// environment variable if it is set (set but empty fails `start` with
     /// [`Error::Config`]); otherwise no token. At most 1,024 bytes (a longer one fails
     /// `start` with [`Error::Config`]): it travels in the small first frame a
-    /// controller reads before it knows who is talking.
+    /// controller reads before it knows who is talking. The node of the process that runs
+    /// the controller needs none: it reaches its controller in-process.
     ///
     /// A refused node fails with [`Error::AuthenticationFailed`]. Without TLS the token
     /// crosses the network in clear: use it with TLS beyond loopback.
@@ -288,7 +295,8 @@ impl GlobalBuilder {
     }
 
     /// Controller: mutual TLS. Every node must present a client certificate signed by a
-    /// CA in this PEM file; others are refused during the TLS handshake.
+    /// CA in this PEM file; others are refused during the TLS handshake. The node of
+    /// this `Global` needs none: it reaches its controller in-process.
     pub fn tls_client_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_client_ca = Some(path.into());
         self
@@ -296,15 +304,22 @@ impl GlobalBuilder {
 
     /// Node: connect with TLS. Alone, the controller's certificate is verified against
     /// the system's trusted roots. Implied by [`tls_ca`](Self::tls_ca),
-    /// [`tls_server_name`](Self::tls_server_name), [`tls_client_cert`](Self::tls_client_cert),
-    /// and, in a `Global` that also runs the controller, by [`tls_cert`](Self::tls_cert).
+    /// [`tls_server_name`](Self::tls_server_name) and
+    /// [`tls_client_cert`](Self::tls_client_cert).
+    ///
+    /// These node options are for a node that connects to a controller in another
+    /// process. A `Global` that runs the controller too accepts them (so that every
+    /// process of a mesh may share one configuration) but its node does not use them:
+    /// it reaches its controller in-process. They must still fit that controller:
+    /// with no [`tls_cert`](Self::tls_cert) there, `start` fails with [`Error::Config`].
     pub fn tls(mut self, yes: bool) -> Self {
         self.tls = yes;
         self
     }
 
     /// Node: connect with TLS, and trust only the CAs in this PEM file (not the system's
-    /// roots) to have signed the controller's certificate.
+    /// roots) to have signed the controller's certificate. Not needed by a node that
+    /// runs beside its controller (see [`tls`](Self::tls)).
     pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca = Some(path.into());
         self
@@ -318,7 +333,8 @@ impl GlobalBuilder {
     }
 
     /// Node: the PEM file with this node's client certificate chain, for a controller
-    /// that requires one ([`tls_client_ca`](Self::tls_client_ca)).
+    /// that requires one ([`tls_client_ca`](Self::tls_client_ca)). Not needed by a node
+    /// that runs beside its controller (see [`tls`](Self::tls)).
     pub fn tls_client_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_client_cert = Some(path.into());
         self
@@ -429,7 +445,10 @@ impl GlobalBuilder {
     }
 
     /// Checks the TLS options against the roles of this `Global` and loads the
-    /// certificates: the controller's side, and the node's.
+    /// certificates: the controller's side, and the node's. A node that runs beside its
+    /// controller reaches it in-process, without TLS: its side is `None`, and the node
+    /// options are left to the other processes of the mesh (which often share the
+    /// same settings).
     fn load_tls(&self, address: &Address) -> Result<TlsSides> {
         let controller_options =
             self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some();
@@ -464,17 +483,9 @@ impl GlobalBuilder {
         } else {
             None
         };
-        if !self.init_node {
-            if node_options {
-                return Err(Error::Config(
-                    "tls, tls_ca, tls_server_name, tls_client_cert and tls_client_key set up a node, and this Global runs none (init_node(false))".into(),
-                ));
-            }
-            return Ok((server, None));
-        }
-        if self.init_controller && server.is_none() {
+        if node_options && !self.init_node {
             return Err(Error::Config(
-                "this Global's node is set up for TLS, but its controller has no tls_cert and tls_key".into(),
+                "tls, tls_ca, tls_server_name, tls_client_cert and tls_client_key set up a node, and this Global runs none (init_node(false))".into(),
             ));
         }
         let identity = match (&self.tls_client_cert, &self.tls_client_key) {
@@ -486,14 +497,13 @@ impl GlobalBuilder {
                 ))
             }
         };
-        if identity.is_none()
-            && server
-                .as_ref()
-                .is_some_and(|s| s.requires_client_certificates())
-        {
-            return Err(Error::Config(
-                "the controller requires client certificates (tls_client_ca), so this Global's own node needs tls_client_cert and tls_client_key".into(),
-            ));
+        if self.init_controller {
+            if node_options && server.is_none() {
+                return Err(Error::Config(
+                    "tls, tls_ca, tls_server_name, tls_client_cert and tls_client_key set up nodes for a TLS controller, and the controller this Global runs has no tls_cert and tls_key: other nodes with these settings could not connect".into(),
+                ));
+            }
+            return Ok((server, None));
         }
         let server_name = self.tls_server_name.as_deref().unwrap_or(host);
         let client = ClientTls::load(self.tls_ca.as_deref(), identity, server_name)?;
@@ -548,6 +558,11 @@ impl GlobalBuilder {
             None
         };
         let node = if self.init_node {
+            // Beside its controller, the node links to it in-process, with no token.
+            let (route, auth_token) = match &controller {
+                Some(c) => (Route::InProcess(c.in_process()), None),
+                None => (Route::Socket { tls: client_tls }, auth_token),
+            };
             let config = NodeConfig {
                 address: address.clone(),
                 max_frame_size: self.max_frame_size,
@@ -558,7 +573,7 @@ impl GlobalBuilder {
                 max_sync_callbacks: self.max_sync_callbacks,
                 stop_timeout: self.stop_timeout,
                 auth_token,
-                tls: client_tls,
+                route,
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
             };

@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -69,6 +69,22 @@ fn probes() -> Vec<u64> {
     PROBES.lock().expect("lock").clone()
 }
 
+static SLEEPING: common::Log<u64> = common::Log::new();
+
+/// Sleeps `ms` (a callback still running when its node is stopped), and returns it.
+#[callback]
+fn sec_sleep(ms: u64) -> u64 {
+    SLEEPING.push(ms);
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    ms
+}
+
+/// Returns once a `sec_sleep` call runs here (or after `timeout_ms`): how many did.
+#[callback]
+fn sec_sleeping(timeout_ms: u64) -> usize {
+    SLEEPING.wait_until(timeout_ms, |s| !s.is_empty()).len()
+}
+
 // ---- child processes -----------------------------------------------------------------
 
 /// Runs a controller or a worker when started by a test; ignored in normal runs.
@@ -89,22 +105,31 @@ fn security_process() {
         .with_env_filter("info")
         .try_init();
     let env = |key: &str| std::env::var(key).ok();
-    let mut b = common::builder_for(&common::address_from_env());
+    let mut b = match env(common::ENV_ADDR).as_deref() {
+        // As the README's first example starts: the default Unix socket.
+        Some(DEFAULT_ADDRESS) => Global::builder(),
+        _ => common::builder_for(&common::address_from_env()),
+    };
     if let Some(files) = env(ENV_NOFILE) {
         limit_open_files(files.parse().expect("a number of files"));
         b = b.handshake_timeout(WAIT);
     }
-    b = match role.as_str() {
-        "controller" => {
-            b = b.init_controller(true).init_node(false);
-            if let (Some(cert), Some(key)) = (env(ENV_TLS_CERT), env(ENV_TLS_KEY)) {
-                b = b.tls_cert(cert).tls_key(key);
-            }
-            if let Some(ca) = env(ENV_TLS_CLIENT_CA) {
-                b = b.tls_client_ca(ca);
-            }
-            b
+    let controller_tls = |mut b: GlobalBuilder| {
+        if let (Some(cert), Some(key)) = (env(ENV_TLS_CERT), env(ENV_TLS_KEY)) {
+            b = b.tls_cert(cert).tls_key(key);
         }
+        if let Some(ca) = env(ENV_TLS_CLIENT_CA) {
+            b = b.tls_client_ca(ca);
+        }
+        b
+    };
+    b = match role.as_str() {
+        "controller" => controller_tls(b.init_controller(true).init_node(false)),
+        // A controller inside a node, given only the controller's TLS settings.
+        "hub" => controller_tls(
+            b.init_controller(true)
+                .process_name(std::env::var(common::ENV_NAME).expect("hub name")),
+        ),
         "worker" => {
             b = b.process_name(std::env::var(common::ENV_NAME).expect("worker name"));
             if let Some(ca) = env(ENV_TLS_CA) {
@@ -119,15 +144,41 @@ fn security_process() {
     };
     match b.start() {
         Ok(g) => {
+            if role == "hub" {
+                serve_as_hub(&g);
+            }
             println!("ready {}", encode_address(g.address()));
             std::io::stdout().flush().expect("flush");
             g.join().expect("join");
+            println!("joined");
         }
         Err(e) => {
             println!("failed {e}");
             std::io::stdout().flush().expect("flush");
         }
     }
+}
+
+/// What a child's address is when it should use the default Unix socket (in its
+/// temp directory).
+const DEFAULT_ADDRESS: &str = "default";
+
+/// A hub's own callbacks: `sec_relay` makes its node call `sec_add` on another node,
+/// and `stop_self` stops it.
+fn serve_as_hub(g: &Global) {
+    let me = g.clone();
+    g.register("sec_relay", move |process: String, a: i64, b: i64| {
+        me.call("sec_add")
+            .args((a, b))
+            .on(&process)
+            .timeout(WAIT)
+            .fg::<i64>()
+            .map_err(|e| e.to_string())
+    })
+    .expect("register sec_relay");
+    let me = g.clone();
+    g.register("stop_self", move || me.stop())
+        .expect("register stop_self");
 }
 
 /// In a child started as root: becomes `nobody`, listens on the Unix socket at
@@ -259,6 +310,40 @@ impl Child {
                 ),
             }
         }
+    }
+
+    /// Waits for the line `line` on stdout (after [`Child::ready`]).
+    fn stdout_line(&mut self, line: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(got) if got == line => return,
+                Ok(_) => {}
+                Err(_) => panic!("{} printed no `{line}` within {WAIT:?}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the process to exit by itself (its stderr closes), checks that it
+    /// succeeded, and returns every line it logged.
+    fn log_until_exit(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{} did not exit within {WAIT:?}; it logged:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        let status = self.child.wait().expect("wait for the child");
+        assert!(status.success(), "{} exited with {status}", self.name);
+        self.seen.clone()
     }
 
     /// Kills the process (like a crash: no cleanup) and waits for it to be gone.
@@ -568,27 +653,6 @@ fn calls_work_over_tls() {
 }
 
 #[test]
-fn a_global_running_both_sides_uses_tls_for_its_own_node() {
-    let pki = Pki::new();
-    let g = Global::builder()
-        .host("127.0.0.1")
-        .process_name(unique("both"))
-        .init_controller(true)
-        .tls_cert(pki.path("server.pem"))
-        .tls_key(pki.path("server.key"))
-        .tls_ca(pki.path("ca.pem"))
-        .start()
-        .expect("controller and node over TLS");
-    let address = encode_address(g.address());
-    let worker = unique("both-worker");
-    let mut w = Child::spawn("worker", &worker, &address, &pki.worker_env(false));
-    w.ready().expect("worker connects over TLS");
-    g.wait_process_timeout(&worker, WAIT).expect("worker known");
-    let sum: i64 = g.call("sec_add").args((40, 2)).fg().expect("call");
-    assert_eq!(sum, 42);
-}
-
-#[test]
 fn a_node_that_trusts_another_ca_is_refused() {
     let pki = Pki::new();
     let mut ctl = Controller::tcp(&pki.controller_env(false));
@@ -778,8 +842,219 @@ fn tls_options_are_checked_at_start() {
             .tls_key(pki.path("server.key")),
     );
     assert!(m.contains("tls_client_cert"), "{m}");
+    // A controller in a node takes node options for the other nodes: they must fit.
+    let m = config_error(
+        Global::builder()
+            .host("127.0.0.1")
+            .init_controller(true)
+            .tls_ca(pki.path("ca.pem")),
+    );
+    assert!(m.contains("no tls_cert and tls_key"), "{m}");
+    let m = config_error(
+        Global::builder()
+            .host("127.0.0.1")
+            .init_controller(true)
+            .tls_cert(pki.path("server.pem"))
+            .tls_key(pki.path("server.key"))
+            .tls_client_cert(pki.path("client.pem")),
+    );
+    assert!(m.contains("both tls_client_cert and tls_client_key"), "{m}");
     let m = config_error(Global::builder().host("127.0.0.1").port(1).auth_token(""));
     assert!(m.contains("empty"), "{m}");
+}
+
+// ---- a controller inside a node ------------------------------------------------------
+
+/// A controller inside a node (`init_controller(true)`, as the README's first example
+/// starts), in a child process that reads its settings from its environment.
+struct Hub {
+    process: Child,
+    /// Its node's process name.
+    name: String,
+    address: Address,
+}
+
+impl Hub {
+    /// Starts a hub on `address` (`tcp:127.0.0.1:0` for a free TCP port,
+    /// [`DEFAULT_ADDRESS`] for the default Unix socket) and checks from its log that
+    /// its own node joined in-process, under its name.
+    fn start(address: &str, env: &Env) -> Hub {
+        let name = unique("hub");
+        let mut process = Child::spawn("hub", &name, address, env);
+        let bound = process
+            .ready()
+            .unwrap_or_else(|e| panic!("the hub failed to start: {e}"));
+        process.log_line(&["node joined", "peer=in-process", &format!("process={name}")]);
+        process.log_line(&["connected to the controller", "controller=in-process"]);
+        Hub {
+            process,
+            name,
+            address: parse_address(&bound),
+        }
+    }
+
+    /// A node builder aimed at this hub.
+    fn node(&self, name: &str) -> GlobalBuilder {
+        common::builder_for(&self.address).process_name(unique(name))
+    }
+}
+
+/// Calls between `node` (this process) and the hub's own node, both ways: the hub's
+/// node serves `sec_add`, and calls this node's `sec_add` from its `sec_relay`.
+fn calls_both_ways(node: &Global, hub: &str) {
+    node.wait_process_timeout(hub, WAIT)
+        .expect("the hub's node is known");
+    node.wait_function_timeout("sec_relay", WAIT)
+        .expect("sec_relay announced");
+    let sum: i64 = node
+        .call("sec_add")
+        .args((40, 2))
+        .on(hub)
+        .fg()
+        .expect("a call to the hub's node");
+    assert_eq!(sum, 42);
+    let sum: i64 = node
+        .call("sec_relay")
+        .args((node.process_name(), 20, 22))
+        .on(hub)
+        .fg()
+        .expect("the hub's node calls this node");
+    assert_eq!(sum, 42);
+}
+
+#[test]
+fn a_controller_in_a_node_with_tls_needs_no_ca_for_its_own_node() {
+    let pki = Pki::new();
+    // Only the controller's certificate and key: nothing its own node could verify
+    // them with (they are not signed by a CA of the system's).
+    let mut hub = Hub::start("tcp:127.0.0.1:0", &pki.controller_env(false));
+    let node = hub
+        .node("tls-worker")
+        .tls_ca(pki.path("ca.pem"))
+        .start()
+        .expect("a node with the CA connects over TLS");
+    hub.process.log_line(&[
+        "node joined",
+        "peer=127.0.0.1:",
+        &format!("process={}", node.process_name()),
+    ]);
+    calls_both_ways(&node, &hub.name);
+}
+
+#[test]
+fn a_controller_in_a_node_with_mutual_tls_and_a_token_lets_its_own_node_in_without_them() {
+    let pki = Pki::new();
+    let mut env = pki.controller_env(true);
+    env.extend(with_token());
+    // The hub's node has neither a client certificate nor, for its own use, the token.
+    let hub = Hub::start("tcp:127.0.0.1:0", &env);
+    let node = |name: &str| hub.node(name).tls_ca(pki.path("ca.pem"));
+    let certified = |b: GlobalBuilder| {
+        b.tls_client_cert(pki.path("client.pem"))
+            .tls_client_key(pki.path("client.key"))
+    };
+
+    // Other nodes need both.
+    let e = fails_fast("no client certificate", node("anonymous").auth_token(TOKEN));
+    assert!(
+        matches!(&e, Error::Tls { message, .. } if message.contains("requires a client certificate")),
+        "{e}"
+    );
+    let e = fails_fast(
+        "wrong token",
+        certified(node("guesser")).auth_token("guess"),
+    );
+    assert!(matches!(e, Error::AuthenticationFailed { .. }), "{e:?}");
+    if std::env::var(ENV_TOKEN).is_err() {
+        let e = fails_fast("no token", certified(node("tokenless")));
+        assert!(e.to_string().contains("sent none"), "{e}");
+    }
+    let member = certified(node("member"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("a node with a client certificate and the token gets in");
+    calls_both_ways(&member, &hub.name);
+}
+
+#[test]
+fn the_readme_start_runs_a_controller_in_a_node_on_the_default_unix_socket() {
+    // The hub's temp directory, so that its default socket is this test's own.
+    let tmp = FreshDir::new("tmpdir");
+    std::fs::create_dir_all(&*tmp).expect("dir");
+    let hub = Hub::start(DEFAULT_ADDRESS, &vec![("TMPDIR", tmp.as_os_str().into())]);
+    assert_eq!(
+        hub.address,
+        Address::Unix(tmp.join("daffi").join(".sock")),
+        "the default socket"
+    );
+    let node = hub.node("client").start().expect("a node connects");
+    calls_both_ways(&node, &hub.name);
+    // Others know the hub's node by its process name, with its callbacks.
+    let members = node.members();
+    let hub_node = members
+        .iter()
+        .find(|m| m.name == hub.name)
+        .unwrap_or_else(|| panic!("the hub's node is not among {members:?}"));
+    assert!(
+        ["sec_add", "sec_relay", "stop_self"]
+            .iter()
+            .all(|c| hub_node.callbacks.iter().any(|have| have == c)),
+        "{hub_node:?}"
+    );
+    assert!(node.registered_callbacks()["sec_add"].contains(&hub.name));
+}
+
+#[test]
+fn stopping_a_controller_in_a_node_lets_its_running_callback_finish_and_reconnects_nothing() {
+    let mut hub = Hub::start("tcp:127.0.0.1:0", &Env::new());
+    let node = hub.node("caller").start().expect("a node connects");
+    node.wait_function_timeout("stop_self", WAIT)
+        .expect("stop_self announced");
+    let running = node
+        .call("sec_sleep")
+        .args((500u64,))
+        .on(&hub.name)
+        .bg::<u64>()
+        .expect("bg");
+    let sleeping: usize = node
+        .call("sec_sleeping")
+        .args((WAIT.as_millis() as u64,))
+        .on(&hub.name)
+        .fg()
+        .expect("sec_sleeping");
+    assert_eq!(sleeping, 1, "sec_sleep runs on the hub");
+    node.call("stop_self")
+        .on(&hub.name)
+        .no_return()
+        .expect("stop the hub");
+
+    // The callback finishes, and its result is routed before the controller stops.
+    assert_eq!(
+        running
+            .get_timeout(WAIT)
+            .expect("the running call finishes"),
+        500
+    );
+    // `join` returns, and the process ends by itself.
+    hub.process.stdout_line("joined");
+    let log = hub.process.log_until_exit();
+    let at = |part: &str| {
+        log.iter()
+            .position(|l| l.contains(part))
+            .unwrap_or_else(|| panic!("no line with {part:?} in:\n{}", log.join("\n")))
+    };
+    // Its node stopped and said goodbye to its controller: the link closed cleanly.
+    at("node stopped");
+    let left = &log[at("node left")];
+    assert!(
+        left.contains(&format!("process={}", hub.name)) && left.contains("said goodbye"),
+        "{left}"
+    );
+    let reconnects: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("reconnecting") || l.contains("lost the controller"))
+        .collect();
+    assert!(reconnects.is_empty(), "{reconnects:?}");
 }
 
 // ---- the auth token ------------------------------------------------------------------

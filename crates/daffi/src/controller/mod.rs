@@ -9,7 +9,7 @@ pub(crate) mod members;
 mod scheduler;
 mod session;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 use crate::protocol::io::{QueueLimits, DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
-use crate::transport::{Address, Listener, ServerTls, UNIX_NO_TLS};
+use crate::transport::{self, Address, BoxRead, BoxWrite, Listener, ServerTls, UNIX_NO_TLS};
 use session::Shared;
 
 /// Settings of a controller.
@@ -68,6 +68,7 @@ impl Default for ControllerConfig {
 pub struct ControllerHandle {
     address: Address,
     shutdown: watch::Sender<bool>,
+    door: InProcessDoor,
 }
 
 impl ControllerHandle {
@@ -96,6 +97,7 @@ impl ControllerHandle {
             members,
             calls,
             dropped_one_way: Default::default(),
+            next_conn_id: AtomicU64::new(1),
         });
         tracing::info!(
             %address,
@@ -103,13 +105,26 @@ impl ControllerHandle {
             auth_token = shared.config.auth_token.is_some(),
             "controller listening"
         );
+        let door = InProcessDoor {
+            shared: shared.clone(),
+            stop: stop_rx.clone(),
+        };
         runtime.spawn(accept_loop(listener, shared, stop_rx));
-        Ok(ControllerHandle { address, shutdown })
+        Ok(ControllerHandle {
+            address,
+            shutdown,
+            door,
+        })
     }
 
     /// The address it listens on (with the real port when port 0 was asked for).
     pub fn address(&self) -> &Address {
         &self.address
+    }
+
+    /// The way in for the node of this process (see [`InProcessDoor`]).
+    pub fn in_process(&self) -> InProcessDoor {
+        self.door.clone()
     }
 
     /// Stops accepting and closes every connection.
@@ -135,6 +150,43 @@ impl ControllerConfig {
     }
 }
 
+/// How the node of the process that runs the controller reaches it: in-process, not
+/// through the listening socket ([`transport::in_process`]). Each [`open`](Self::open)
+/// starts a session like any accepted connection's (the same frames, routing, queue
+/// limits and slow-consumer rules), except that it needs no TLS and no token (the
+/// controller trusts its own process: whatever could send on this link could as well
+/// read the controller's memory), and takes no slot of `max_connections` (the own node
+/// must always get in).
+#[derive(Clone)]
+pub struct InProcessDoor {
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for InProcessDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InProcessDoor")
+    }
+}
+
+impl InProcessDoor {
+    /// A new connection to the controller: the node's reader and writer. Fails with
+    /// [`Error::Stopped`] once the controller has stopped (it never comes back).
+    pub fn open(&self) -> Result<(BoxRead, BoxWrite)> {
+        if *self.stop.borrow() {
+            return Err(Error::Stopped);
+        }
+        let (node_side, controller_side) = transport::in_process()?;
+        tokio::spawn(session::serve(
+            self.shared.clone(),
+            self.shared.new_conn_id(),
+            controller_side,
+            self.stop.clone(),
+        ));
+        Ok(node_side)
+    }
+}
+
 fn config_tls(config: &ControllerConfig) -> &'static str {
     match &config.tls {
         None => "off",
@@ -144,7 +196,6 @@ fn config_tls(config: &ControllerConfig) -> &'static str {
 }
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let next_conn_id = AtomicU64::new(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         shared
             .config
@@ -164,7 +215,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
                     tracing::warn!(peer = %conn.peer(), limit = shared.config.max_connections, "refused a connection: too many connections");
                     continue; // dropping the halves closes it
                 };
-                let conn_id = next_conn_id.fetch_add(1, Ordering::Relaxed);
+                let conn_id = shared.new_conn_id();
                 let shared = shared.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {

@@ -36,9 +36,16 @@ pub struct Shared {
     pub calls: Arc<CallCounts>,
     /// NO_RETURN requests dropped because their node read too little (for the log).
     pub dropped_one_way: AtomicU64,
+    /// The id of the next connection.
+    pub next_conn_id: AtomicU64,
 }
 
 impl Shared {
+    /// A fresh connection id.
+    pub fn new_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Logs a NO_RETURN request dropped because its node reads too little of what is
     /// sent to it: the first, then one line per thousand (a flood must not flood the log).
     fn note_dropped_one_way(&self, frame: &Frame) {
@@ -62,6 +69,8 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let peer = incoming.peer().to_string();
+    // The node of this very process: the controller's own, trusted without a token.
+    let trusted = incoming.is_in_process();
     // One deadline for the whole opening: TLS handshake, preamble and Hello. A peer that
     // stays silent, or trickles bytes, is dropped when it passes.
     let deadline = Instant::now() + shared.config.handshake_timeout;
@@ -93,7 +102,7 @@ pub async fn serve(
     )
     .keep_large_buffers(KEEP_LARGE_BUFFERS);
 
-    let opening = handshake(&mut reader, &shared.config, tls_required);
+    let opening = handshake(&mut reader, &shared.config, tls_required, trusted);
     let node = match timeout_at(deadline, opening).await {
         Ok(Ok(node)) => node,
         Ok(Err(refusal)) => {
@@ -292,16 +301,20 @@ struct Joining {
 /// Reads the preamble, the `Hello` and the `Announce` behind it, and checks them: the
 /// token first, before anything in the `Hello` is acted on, and before the `Announce`
 /// is read at all. `tls_required`: the listener requires TLS and this peer began in
-/// plaintext; a daffi node is told so, anything else is dropped.
+/// plaintext; a daffi node is told so, anything else is dropped. `trusted`: the peer
+/// is this process's own node, which needs no token.
 async fn handshake(
     reader: &mut FrameReader<BoxRead>,
     config: &ControllerConfig,
     tls_required: bool,
+    trusted: bool,
 ) -> Result<Joining, Refused> {
     let hello = read_hello(reader, tls_required).await?;
     // Before the name is even looked at: an unauthenticated peer can neither take nor
     // probe process names.
-    authenticate(config, hello.auth_token.as_deref())?;
+    if !trusted {
+        authenticate(config, hello.auth_token.as_deref())?;
+    }
     check_name(NameKind::Process, &hello.process_name).map_err(|message| Refused {
         code: RefuseCode::InvalidName,
         message,

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::executor::{self, SyncBatch};
-use super::{Connection, NodeCore};
+use super::{Connection, NodeCore, Route};
 use crate::error::Error;
 use crate::protocol;
 use crate::protocol::frame::{Frame, Kind, FLAG_ERROR};
@@ -30,9 +30,13 @@ pub struct Link {
     pub queue: FrameSender,
     writer: JoinHandle<std::io::Result<()>>,
     pub welcome: Welcome,
+    /// The controller runs in this process, and stops as soon as this link is done: a
+    /// graceful end waits for it to close the link, so that it has taken everything
+    /// sent on it (the last replies) before it stops.
+    controller_in_process: bool,
 }
 
-/// Connects and completes the handshake.
+/// Connects (over the node's [`Route`]) and completes the handshake.
 pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Error> {
     let address = &core.config.address;
     let unreachable = |reason: String| Error::ControllerUnreachable {
@@ -43,14 +47,17 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         address: address.to_string(),
         message,
     };
-    let tls = core.config.tls.as_deref();
+    let tls = core.config.route.tls();
     let limit = core.config.handshake_timeout;
-    let (read, mut write) = match timeout(limit, transport::connect(address, tls)).await {
-        Ok(Ok(halves)) => halves,
-        Ok(Err(ConnectError::Unreachable(e))) => return Err(unreachable(e.to_string())),
-        Ok(Err(ConnectError::Tls(message))) => return Err(tls_failed(message)),
-        Ok(Err(ConnectError::Unsafe(e))) => return Err(e),
-        Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
+    let (read, mut write) = match &core.config.route {
+        Route::InProcess(door) => door.open()?,
+        Route::Socket { .. } => match timeout(limit, transport::connect(address, tls)).await {
+            Ok(Ok(halves)) => halves,
+            Ok(Err(ConnectError::Unreachable(e))) => return Err(unreachable(e.to_string())),
+            Ok(Err(ConnectError::Tls(message))) => return Err(tls_failed(message)),
+            Ok(Err(ConnectError::Unsafe(e))) => return Err(e),
+            Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
+        },
     };
 
     let hello = Hello {
@@ -105,6 +112,7 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
                 queue,
                 writer,
                 welcome,
+                controller_in_process: matches!(core.config.route, Route::InProcess(_)),
             })
         }
         Kind::Refused => {
@@ -224,12 +232,20 @@ impl Link {
     }
 
     /// Lets what is queued (a goodbye, last replies) go out, but never waits long on a
-    /// controller that stopped reading.
-    pub async fn drain(self) {
+    /// controller that stopped reading. A controller in this process is also given
+    /// that time to close the link after the goodbye.
+    pub async fn drain(mut self) {
+        let deadline = Instant::now() + WRITER_DRAIN;
         drop(self.queue);
         let abort = self.writer.abort_handle();
-        if timeout(WRITER_DRAIN, self.writer).await.is_err() {
+        if timeout_at(deadline, self.writer).await.is_err() {
             abort.abort();
+            return;
+        }
+        if self.controller_in_process {
+            // What it still sends meanwhile finds no taker: this node has stopped.
+            let closed = async { while let Ok(Some(_)) = self.reader.next().await {} };
+            let _ = timeout_at(deadline, closed).await;
         }
     }
 

@@ -18,12 +18,13 @@ use tokio::time::Instant;
 
 use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
+use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
 use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::Announce;
 use crate::sync::{read, write};
-use crate::transport::{Address, ClientTls};
+use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
 pub use membership::{Changes, Membership};
 use pending::Pending;
@@ -45,13 +46,42 @@ pub struct NodeConfig {
     /// How long `stop` lets running callbacks finish.
     pub stop_timeout: Duration,
     pub auth_token: Option<AuthToken>,
-    /// TLS to the controller (TCP only); `None`: plaintext.
-    pub tls: Option<Arc<ClientTls>>,
+    /// How the node reaches the controller.
+    pub route: Route,
     /// Bytes queued for the controller before a sender waits for room.
     pub max_queue_bytes: usize,
     /// How long the controller may read nothing of what waits for it before the node
     /// drops the connection (and reconnects).
     pub stall_timeout: Duration,
+}
+
+/// How a node reaches its controller.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// The socket at the node's `address`, under TLS when given (TCP only).
+    Socket { tls: Option<Arc<ClientTls>> },
+    /// In-process: this process runs the controller. No address, TLS or token.
+    InProcess(InProcessDoor),
+}
+
+impl Route {
+    /// The TLS of the link, if any.
+    fn tls(&self) -> Option<&ClientTls> {
+        match self {
+            Route::Socket { tls } => tls.as_deref(),
+            Route::InProcess(_) => None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Where the link goes, for logs: the controller's address, or `in-process`.
+    fn controller_peer(&self) -> String {
+        match self.route {
+            Route::Socket { .. } => self.address.to_string(),
+            Route::InProcess(_) => IN_PROCESS_PEER.to_string(),
+        }
+    }
 }
 
 /// One call to make.
@@ -514,7 +544,7 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 *write(&core.connection) = Some(conn.clone());
                 // Callbacks registered while the Hello was on its way.
                 core.announce();
-                tracing::info!(process = %core.name, address = %core.config.address, "connected to the controller");
+                tracing::info!(process = %core.name, controller = %core.config.controller_peer(), "connected to the controller");
                 core.emit(NodeEvent::Connected);
                 core.report(changes);
                 if let Some(tx) = first.take() {
@@ -522,6 +552,10 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 }
                 let reason = link.run(&core, &conn, &mut closed).await;
                 if core.is_stopped() {
+                    // This handle on the queue kept the writer from finishing (so every
+                    // stop waited the whole drain): with it gone, the writer sends
+                    // what is queued, closes, and the drain ends.
+                    drop(conn);
                     link.drain().await;
                     break;
                 }
@@ -538,6 +572,12 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);
                 core.report(changes);
+            }
+            Err(Error::Stopped) => {
+                // Only the controller of this process says so: it stopped with the
+                // Global, for good. Nothing to reconnect to.
+                tracing::info!(process = %core.name, "the controller in this process stopped; not reconnecting");
+                break;
             }
             Err(e) => {
                 // Refusals a retry cannot fix: fail `start` at once rather than after
