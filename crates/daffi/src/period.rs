@@ -108,8 +108,9 @@ impl ScheduledTask {
     }
 
     /// Ends the schedule, and tells every node it ended. [`Error::TaskNotFound`] if it
-    /// already ended (or a restarted controller has not got it back yet: no node that
-    /// knew it has reconnected).
+    /// already ended, or if a restarted controller has not got it back yet (no node that
+    /// knew it has reconnected): then it stays ended, the controller refuses it when a
+    /// node gives it back.
     pub fn cancel(&self) -> Result<()> {
         self.global.cancel_scheduled_task(self.id)
     }

@@ -286,11 +286,15 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// Ends a task and tells every node; `false` if there is none with this id.
+    /// Ends a task and tells every node; `false` if there is none with this id. The id
+    /// is kept as a tombstone either way: after a restart, a task cancelled before any
+    /// node gave it back is refused when one does.
     pub async fn cancel(&self, id: u64) -> bool {
         let cancelled = self.end(id).await;
         if cancelled {
             tracing::info!(task_id = id, "cancelled a task");
+        } else {
+            lock(&self.book).tombstones.insert(id);
         }
         cancelled
     }
@@ -689,6 +693,14 @@ mod tests {
             .restore("n3", vec![every(10, 1000, 300)], vec![])
             .await;
         assert_eq!(again.refused, [10]);
+        assert_eq!(ids(&scheduler), [held]);
+
+        // A task cancelled before any node gave it back stays cancelled.
+        assert!(!scheduler.cancel(20).await, "not held yet");
+        let late = scheduler
+            .restore("n4", vec![every(20, 1000, 300)], vec![])
+            .await;
+        assert_eq!(late.refused, [20]);
         assert_eq!(ids(&scheduler), [held]);
     }
 
