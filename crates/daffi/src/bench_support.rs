@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use crate::controller::members::Members;
 use crate::node::Membership;
-use crate::protocol::io::{frame_channel, QueueLimits};
+use crate::protocol::io::{frame_channel, Outgoing, QueueLimits};
 use crate::protocol::message::{Member, MembershipEvent};
 use crate::protocol::Payload;
 
@@ -31,7 +31,7 @@ impl ControllerRoutes {
                         queue,
                         vec!["add".into()],
                         1 << 20,
-                        1 << 20,
+                        |_| Outgoing::default(),
                     )
                     .await;
             }

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::node::{CallRequest, NodeCore, NodeOutcome};
 use crate::period::{Period, ScheduledTask};
-use crate::protocol::message::{ControlAnswer, ControlRequest, Timing};
-use crate::protocol::Payload;
+use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
+use crate::protocol::{Payload, MAX_TASK_ID};
 
 /// MessagePack for an empty argument list.
 const NO_ARGS: &[u8] = &[0x90];
@@ -236,11 +236,14 @@ impl Call {
 
     /// PERIOD: asks the controller to run this call on a schedule. Each run goes to the
     /// node named with [`on`](Self::on), or to a node serving the name chosen at that
-    /// moment; a run that finds no such node is skipped. The schedule lives in the
-    /// controller, so it outlives this node. No results come back.
+    /// moment; a run that finds no such node is skipped. No results come back. The
+    /// schedule lives in the controller, so it outlives this node, and every node keeps a
+    /// copy, so it outlives a controller restart, under the same id (see "Schedules
+    /// survive a controller restart" in the README).
     ///
     /// A time in the past, an empty list or a zero interval fails here with
-    /// [`Error::InvalidPeriod`].
+    /// [`Error::InvalidPeriod`]; arguments that leave less than 512 bytes of the frame
+    /// limit (every node keeps them) with [`Error::PayloadTooLarge`].
     pub fn period(self, period: Period) -> Result<ScheduledTask> {
         let global = self.global.clone();
         blocking::wait(global.runtime(), "period", self.period_async(period))?
@@ -250,12 +253,20 @@ impl Call {
     pub async fn period_async(mut self, period: Period) -> Result<ScheduledTask> {
         let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
-        let args = self.take_args()?.into_bytes();
-        let request = ControlRequest::Schedule {
+        let entry = TaskEntry {
+            task_id: MAX_TASK_ID,
             callback: self.callback.to_string(),
-            args,
+            args: self.take_args()?.into_bytes(),
             on: self.on,
+            created_by: node.name.to_string(),
             timing,
+        };
+        node.check_schedule_size(&entry)?;
+        let request = ControlRequest::Schedule {
+            callback: entry.callback,
+            args: entry.args,
+            on: entry.on,
+            timing: entry.timing,
         };
         match node.control(request, "period").await? {
             ControlAnswer::Scheduled { task_id } => Ok(ScheduledTask {
@@ -339,6 +350,7 @@ fn timing_of(period: Period) -> Result<Timing> {
         )),
         Period::Every(interval) => Ok(Timing::Every {
             interval_ms: millis(interval),
+            first_ms: None,
         }),
         Period::At(times) if times.is_empty() => {
             Err(Error::InvalidPeriod("the list of times is empty".into()))

@@ -914,6 +914,7 @@ impl Global {
     }
 
     /// The tasks the controller keeps for PERIOD calls (made by any node), soonest first.
+    /// The controller answers in pages that each fit a frame; this asks for every page.
     pub fn scheduled_tasks(&self) -> Result<Vec<ScheduledTaskInfo>> {
         blocking::wait(
             self.runtime(),
@@ -924,27 +925,41 @@ impl Global {
 
     /// Async twin of [`scheduled_tasks`](Self::scheduled_tasks).
     pub async fn scheduled_tasks_async(&self) -> Result<Vec<ScheduledTaskInfo>> {
-        let node = self.node()?.clone();
-        let now = SystemTime::now();
-        match node
-            .control(ControlRequest::ListTasks, "scheduled_tasks")
-            .await?
-        {
-            ControlAnswer::Tasks { tasks } => Ok(tasks
-                .into_iter()
-                .map(|t| ScheduledTaskInfo {
-                    id: t.task_id,
-                    callback: t.callback,
-                    on: t.on,
-                    created_by: t.created_by,
-                    next_run: now + Duration::from_millis(t.next_run_in_ms),
-                    interval: t.interval_ms.map(Duration::from_millis),
-                    remaining_runs: t.remaining_runs,
-                    runs: t.runs,
-                })
-                .collect()),
-            other => Err(unexpected_answer(other)),
+        let node = self.node()?;
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let now = SystemTime::now();
+            let request = ControlRequest::ListTasks { after };
+            let (tasks, omitted_tasks) =
+                match node.clone().control(request, "scheduled_tasks").await? {
+                    ControlAnswer::Tasks {
+                        tasks,
+                        omitted_tasks,
+                    } => (tasks, omitted_tasks),
+                    other => return Err(unexpected_answer(other)),
+                };
+            let Some(last) = tasks.last().map(|t| t.task_id) else {
+                break;
+            };
+            all.extend(tasks.into_iter().map(|t| ScheduledTaskInfo {
+                id: t.task_id,
+                callback: t.callback,
+                on: t.on,
+                created_by: t.created_by,
+                next_run: now + Duration::from_millis(t.next_run_in_ms),
+                interval: t.interval_ms.map(Duration::from_millis),
+                remaining_runs: t.remaining_runs,
+                runs: t.runs,
+                restored_by: t.restored_by,
+            }));
+            if omitted_tasks == 0 || last <= after {
+                break;
+            }
+            after = last;
         }
+        all.sort_by_key(|t| t.next_run);
+        Ok(all)
     }
 
     /// Ends the scheduled task `id` (whoever created it). [`Error::TaskNotFound`] if

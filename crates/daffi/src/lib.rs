@@ -85,6 +85,7 @@ mod node;
 mod period;
 pub mod protocol;
 mod sync;
+mod tombstones;
 mod transport;
 
 pub use async_result::AsyncResult;

@@ -89,8 +89,10 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(total).map_err(|_| invalid("out of range"))
 }
 
-/// A schedule the controller keeps. Dropping it does not cancel it: the schedule
-/// outlives its creator, on purpose. End it with [`cancel`](Self::cancel).
+/// A schedule the controller keeps (and every node keeps a copy of, to give back to a
+/// controller that restarts). Dropping it does not cancel it: the schedule outlives its
+/// creator, on purpose. End it with [`cancel`](Self::cancel); the handle stays valid
+/// across controller restarts.
 #[derive(Debug, Clone)]
 #[must_use = "the schedule runs until cancelled; keep the ScheduledTask (or its id) to cancel it"]
 pub struct ScheduledTask {
@@ -99,12 +101,16 @@ pub struct ScheduledTask {
 }
 
 impl ScheduledTask {
-    /// The task's id, unique per controller.
+    /// The task's id: random, from 1 to 2^53 - 1 (exact in JSON), and the same after the
+    /// controller restarts.
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// Ends the schedule. [`Error::TaskNotFound`] if it already ended.
+    /// Ends the schedule, and tells every node it ended. [`Error::TaskNotFound`] if it
+    /// already ended, or if a restarted controller has not got it back yet (no node that
+    /// knew it has reconnected): then it stays ended, the controller refuses it when a
+    /// node gives it back.
     pub fn cancel(&self) -> Result<()> {
         self.global.cancel_scheduled_task(self.id)
     }
@@ -133,8 +139,12 @@ pub struct ScheduledTaskInfo {
     pub interval: Option<Duration>,
     /// Runs still to come, for tasks with a list of times.
     pub remaining_runs: Option<u64>,
-    /// Runs sent so far.
+    /// Runs sent so far, by the controller running now (a restarted controller counts
+    /// from zero).
     pub runs: u64,
+    /// The node that gave this task back to the controller after it restarted, if one
+    /// did (see "Schedules survive a controller restart" in the README).
+    pub restored_by: Option<String>,
 }
 
 #[cfg(test)]

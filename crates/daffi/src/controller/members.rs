@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::protocol::callback_list_size;
-use crate::protocol::frame::Kind;
+use crate::protocol::frame::{Kind, LEN_PREFIX};
 use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode, Welcome};
+use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{read, write};
 
 /// The writer queue of one connection.
@@ -18,6 +17,8 @@ struct Route {
     callbacks: Vec<String>,
     /// The node is stopping: no new requests go to it.
     leaving: bool,
+    /// The largest frame the node takes.
+    frame_limit: usize,
 }
 
 impl Route {
@@ -121,17 +122,18 @@ impl Members {
             .collect()
     }
 
-    /// Adds a node: queues its `Welcome` (in pages of at most `page_limit` bytes, the
-    /// controller's `max_frame_size` in each), makes it routable, then tells everyone
-    /// else. Returns `false` (and changes nothing) when the name is taken.
+    /// Adds a node that takes frames of up to `frame_limit` bytes: queues its
+    /// `Welcome`, which `welcome` makes from the other members (in the order of every
+    /// change, schedule changes included), makes it routable, then tells everyone else.
+    /// Returns `false` (and changes nothing) when the name is taken.
     pub async fn join(
         &self,
         name: &str,
         conn_id: u64,
         queue: Queue,
         callbacks: Vec<String>,
-        max_frame_size: usize,
-        page_limit: usize,
+        frame_limit: usize,
+        welcome: impl FnOnce(Vec<Member>) -> Outgoing,
     ) -> bool {
         let _serialized = self.changes.lock().await;
         if read(&self.routes).contains_key(name) {
@@ -139,7 +141,7 @@ impl Members {
         }
         // Every page at once, as one frame (which always passes when nothing is held):
         // nothing comes between the pages, and the queue's limit cannot cut them off.
-        let welcome = welcome_pages(self.snapshot(), max_frame_size, page_limit);
+        let welcome = welcome(self.snapshot());
         if !deliver(&queue, welcome, false) {
             return true; // the connection died already; the session will call `leave`
         }
@@ -155,10 +157,33 @@ impl Members {
                 queue,
                 callbacks,
                 leaving: false,
+                frame_limit,
             },
         );
         self.broadcast(name, &MembershipEvent::Joined(member));
         true
+    }
+
+    /// Makes a change to the scheduled tasks in the order of membership changes, then
+    /// tells every member (the one that asked too) each `Schedule` frame it returns. A
+    /// node joining meanwhile gets either the frames or the change in its `Welcome`,
+    /// never neither. A member whose frame limit is under a frame does not get it (and
+    /// misses that task in its book).
+    pub async fn change_schedule<R>(&self, change: impl FnOnce() -> (R, Vec<Outgoing>)) -> R {
+        let _serialized = self.changes.lock().await;
+        let (result, frames) = change();
+        let routes = read(&self.routes);
+        for frame in frames {
+            let size = frame.len() - LEN_PREFIX;
+            for (name, route) in routes.iter() {
+                if size > route.frame_limit {
+                    tracing::warn!(process = %name, size, limit = route.frame_limit, "a scheduled task is larger than a node's frame limit: it is left out of its schedule book (use the same max_frame_size everywhere)");
+                    continue;
+                }
+                deliver(&route.queue, frame.clone(), false);
+            }
+        }
+        result
     }
 
     /// Replaces the callbacks a node serves and tells everyone else.
@@ -268,47 +293,6 @@ fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
     }
 }
 
-/// What a page of `Welcome` needs besides its members: frame header, keys, the limit,
-/// the flag.
-const PAGE_OVERHEAD: usize = 128;
-/// What a member adds to a page besides its process name and callback list: keys and
-/// headers.
-const MEMBER_ENTRY: usize = 32;
-
-/// The `Welcome` frames for a joining node, joined into one: `members` in pages of at
-/// most `page_limit` bytes each (`more` on all but the last). A page holds at least one
-/// member; one admitted under the same frame limit always fits (its callbacks are
-/// within [`callback_list_limit`](crate::protocol::callback_list_limit)).
-fn welcome_pages(members: Vec<Member>, max_frame_size: usize, page_limit: usize) -> Outgoing {
-    let budget = page_limit.saturating_sub(PAGE_OVERHEAD);
-    let mut pages = vec![Vec::new()];
-    let mut used = 0;
-    for member in members {
-        let size = member.name.len() + callback_list_size(&member.callbacks) + MEMBER_ENTRY;
-        let page = pages.last_mut().expect("one page at least");
-        if !page.is_empty() && used + size > budget {
-            pages.push(Vec::new());
-            used = 0;
-        }
-        used += size;
-        pages.last_mut().expect("one page at least").push(member);
-    }
-    let last = pages.len() - 1;
-    let frames = pages
-        .into_iter()
-        .enumerate()
-        .map(|(i, members)| {
-            let page = Welcome {
-                members,
-                max_frame_size: max_frame_size as u64,
-                more: i < last,
-            };
-            Outgoing::control(Kind::Welcome, &page)
-        })
-        .collect();
-    Outgoing::joined(frames)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -316,24 +300,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::Frame;
-    use crate::protocol::{callback_list_limit, message, MAX_PROCESS_NAME};
-    use bytes::{Buf, Bytes};
-
-    /// Splits joined frames into their frames.
-    fn frames(out: Outgoing) -> Vec<Frame> {
-        let mut bytes: Vec<u8> = out.head.to_vec();
-        for part in out.body.parts() {
-            bytes.extend_from_slice(part);
-        }
-        let mut bytes = Bytes::from(bytes);
-        let mut frames = Vec::new();
-        while bytes.has_remaining() {
-            let len = 4 + u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
-            frames.push(Frame::parse(bytes.split_to(len)).expect("a frame"));
-        }
-        frames
-    }
 
     #[tokio::test]
     async fn a_name_is_served_until_its_last_provider_leaves_or_drops_it() {
@@ -345,7 +311,7 @@ mod tests {
             let callbacks = vec!["f".to_string(), format!("only-{node}")];
             assert!(
                 members
-                    .join(node, id, queue, callbacks, 1 << 20, 1 << 20)
+                    .join(node, id, queue, callbacks, 1 << 20, |_| Outgoing::default())
                     .await
             );
         }
@@ -356,50 +322,5 @@ mod tests {
         assert!(!served("f") && !served("only-a") && served("g"));
         members.leave("b", 2, true).await;
         assert!(!served("g"));
-    }
-
-    #[test]
-    fn welcome_pages_fit_the_limit_and_hold_every_member_once() {
-        let limit = 64 * 1024;
-        // Members as large as one may be, and small ones between them.
-        let big = |i: usize| Member {
-            name: format!("{i:p>width$}", width = MAX_PROCESS_NAME),
-            callbacks: (0..)
-                .map(|j| format!("{i}-{j:x>1000}"))
-                .scan(0, |size, name| {
-                    *size += name.len() + 4;
-                    (*size <= callback_list_limit(limit)).then_some(name)
-                })
-                .collect(),
-        };
-        let small = |i: usize| Member {
-            name: format!("small-{i}"),
-            callbacks: vec!["f".into()],
-        };
-        let members: Vec<Member> = (0..10).flat_map(|i| [big(i), small(i)]).collect();
-        let pages = frames(welcome_pages(members.clone(), limit * 2, limit));
-        assert!(pages.len() >= 10, "{} pages", pages.len());
-        let mut seen = Vec::new();
-        for (i, page) in pages.iter().enumerate() {
-            assert_eq!(page.kind(), Kind::Welcome);
-            assert!(
-                page.raw().len() - 4 <= limit,
-                "page {i}: {}",
-                page.raw().len()
-            );
-            let welcome: Welcome = message::decode(&page.payload()).expect("a Welcome");
-            assert_eq!(welcome.more, i + 1 < pages.len());
-            assert_eq!(welcome.max_frame_size, limit as u64 * 2);
-            seen.extend(welcome.members);
-        }
-        assert_eq!(seen, members);
-
-        // Nobody else connected: one page, empty, the last.
-        let pages = frames(welcome_pages(Vec::new(), limit, limit));
-        let welcome: Welcome = message::decode(&pages[0].payload()).expect("a Welcome");
-        assert_eq!(
-            (pages.len(), welcome.members.len(), welcome.more),
-            (1, 0, false)
-        );
     }
 }

@@ -8,6 +8,7 @@ mod counters;
 pub(crate) mod members;
 mod scheduler;
 mod session;
+mod welcome;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -90,8 +91,10 @@ impl ControllerHandle {
             members.clone(),
             calls.open(counters::SCHEDULER),
             stop_rx.clone(),
+            config.max_frame_size,
         );
         let shared = Arc::new(Shared {
+            instance: fastrand::u64(1..),
             config,
             scheduler: Arc::new(scheduler),
             members,
@@ -101,6 +104,7 @@ impl ControllerHandle {
         });
         tracing::info!(
             %address,
+            instance = shared.instance,
             tls = config_tls(&shared.config),
             auth_token = shared.config.auth_token.is_some(),
             "controller listening"

@@ -11,6 +11,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::counters::{CallCounts, Runs};
 use super::members::Members;
 use super::scheduler::Scheduler;
+use super::welcome::{welcome_pages, WelcomeContent};
 use super::ControllerConfig;
 use crate::protocol::frame::{
     Frame, FrameError, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX,
@@ -19,7 +20,7 @@ use crate::protocol::io::{
     frame_channel, FrameReader, FrameSender, Outgoing, ReadError, KEEP_LARGE_BUFFERS,
 };
 use crate::protocol::message::{
-    self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello,
+    self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello, Member,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
 use crate::protocol::{
@@ -30,6 +31,9 @@ use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 
 /// State shared by every session of one controller.
 pub struct Shared {
+    /// Drawn at random when the controller starts, and sent in every `Welcome`: nodes
+    /// tell a restart from a reconnect by it.
+    pub instance: u64,
     pub config: ControllerConfig,
     pub members: Arc<Members>,
     pub scheduler: Arc<Scheduler>,
@@ -44,6 +48,17 @@ impl Shared {
     /// A fresh connection id.
     pub fn new_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The `Welcome` of a node that takes frames of up to `page_limit` bytes, with the
+    /// other `members` and every scheduled task.
+    fn welcome(&self, members: Vec<Member>, page_limit: usize) -> Outgoing {
+        let content = WelcomeContent {
+            members,
+            tasks: self.scheduler.entries(),
+            instance: self.instance,
+        };
+        welcome_pages(content, self.config.max_frame_size, page_limit)
     }
 
     /// Logs a NO_RETURN request dropped because its node reads too little of what is
@@ -134,8 +149,8 @@ pub async fn serve(
             conn_id,
             queue.clone(),
             callbacks,
-            shared.config.max_frame_size,
             frame_limit,
+            |members| shared.welcome(members, frame_limit),
         )
         .await;
     if !joined {
@@ -520,7 +535,7 @@ async fn route(
             runs.flush();
             let request: ControlRequest = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable ControlRequest: {e}"))?;
-            let answer = control(shared, node, request);
+            let answer = control(shared, node, request).await;
             let (flags, body) = match answer {
                 Ok(answer) => (0, message::encode(&answer)),
                 Err(error) => (FLAG_ERROR, message::encode(&error)),
@@ -574,17 +589,17 @@ async fn undeliverable(
     let _ = own_queue.send(out).await;
 }
 
-/// The most a `stats` answer spends on callback names: 256 KiB, and at most a quarter
-/// of the largest frame its node takes.
-fn stats_budget(frame_limit: usize) -> usize {
-    STATS_BUDGET.min(frame_limit / 4)
+/// The most a `stats` or `tasks` answer spends on names: 256 KiB, and at most a
+/// quarter of the largest frame its node takes.
+fn answer_budget(frame_limit: usize) -> usize {
+    ANSWER_BUDGET.min(frame_limit / 4)
 }
 
-/// See [`stats_budget`].
-const STATS_BUDGET: usize = 256 * 1024;
+/// See [`answer_budget`].
+const ANSWER_BUDGET: usize = 256 * 1024;
 
 /// Carries out a request the controller answers itself for the node `from`.
-fn control(
+async fn control(
     shared: &Shared,
     from: &Joined<'_>,
     request: ControlRequest,
@@ -598,6 +613,7 @@ fn control(
         } => shared
             .scheduler
             .schedule(from.name, callback, args, on, timing)
+            .await
             .map(|task_id| ControlAnswer::Scheduled { task_id })
             .map_err(|e| ControlError {
                 code: ControlErrorCode::Invalid,
@@ -605,7 +621,7 @@ fn control(
                 message: e.0,
             }),
         ControlRequest::Cancel { task_id } => {
-            if shared.scheduler.cancel(task_id) {
+            if shared.scheduler.cancel(task_id).await {
                 Ok(ControlAnswer::Cancelled)
             } else {
                 Err(ControlError {
@@ -615,14 +631,27 @@ fn control(
                 })
             }
         }
-        ControlRequest::ListTasks => Ok(ControlAnswer::Tasks {
-            tasks: shared.scheduler.list(),
-        }),
+        ControlRequest::ListTasks { after } => {
+            let (tasks, omitted_tasks) = shared
+                .scheduler
+                .list(after, answer_budget(from.frame_limit));
+            Ok(ControlAnswer::Tasks {
+                tasks,
+                omitted_tasks,
+            })
+        }
+        ControlRequest::Restore { tasks, tombstones } => {
+            let restored = shared.scheduler.restore(from.name, tasks, tombstones).await;
+            Ok(ControlAnswer::Restored {
+                restored: restored.restored,
+                refused: restored.refused,
+            })
+        }
         ControlRequest::Stats => {
             let counts = shared
                 .members
                 .with_served(|served| shared.calls.snapshot(served));
-            let report = counts.report(stats_budget(from.frame_limit));
+            let report = counts.report(answer_budget(from.frame_limit));
             Ok(ControlAnswer::Stats {
                 calls: report.calls,
                 other_calls: report.other_calls,

@@ -14,7 +14,8 @@ use super::{CallRequest, Connection, Membership, NodeCore};
 use crate::error::{Error, Result};
 use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY, LEN_PREFIX};
 use crate::protocol::io::{Outgoing, Push};
-use crate::protocol::message::{self, ControlAnswer, ControlRequest};
+use crate::protocol::message::{self, ControlAnswer, ControlRequest, TaskEntry};
+use crate::protocol::TASK_OVERHEAD;
 
 /// How long a request to the controller itself may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,22 +145,40 @@ impl NodeCore {
         Ok(outcomes)
     }
 
-    /// Sends a request the controller itself answers.
+    /// Sends a request the controller itself answers, and waits for the answer.
     pub async fn control(
         self: Arc<Self>,
         request: ControlRequest,
         what: &str,
     ) -> Result<ControlAnswer> {
         let conn = self.connected()?;
+        self.send_control(&conn, &request, what)
+            .await?
+            .answer()
+            .await
+    }
+
+    /// Queues a request the controller itself answers on `conn` (waiting for room up
+    /// to the control timeout); what to wait on for the answer.
+    pub(super) async fn send_control(
+        &self,
+        conn: &Arc<Connection>,
+        request: &ControlRequest,
+        what: &str,
+    ) -> Result<ControlWait> {
         let (call_id, done) = conn
             .pending
             .insert(Arc::from(""), Arc::from(what))
             .ok_or_else(|| self.unreachable("connection lost"))?;
-        let _guard = PendingGuard {
-            pending: &conn.pending,
+        let wait = ControlWait {
+            conn: conn.clone(),
             call_id,
+            done: Some(done),
+            deadline: Instant::now() + CONTROL_TIMEOUT,
+            what: what.to_string(),
+            peer: self.config.address.to_string(),
         };
-        let body = message::encode(&request);
+        let body = message::encode(request);
         let header = Header {
             call_id,
             src: &self.name,
@@ -167,20 +186,11 @@ impl NodeCore {
         };
         self.check_size(what, &header, body.len())?;
         let frame = Outgoing::new(&header, body);
-        let deadline = Instant::now() + CONTROL_TIMEOUT;
-        match self.send_by(&conn, frame, Some(deadline)).await {
-            Ok(()) => {}
-            Err(NotSent::Lost) => return Err(self.unreachable("connection lost")),
-            Err(NotSent::TimedOut) => return Err(Error::timeout(what, CONTROL_TIMEOUT)),
+        match self.send_by(conn, frame, Some(wait.deadline)).await {
+            Ok(()) => Ok(wait),
+            Err(NotSent::Lost) => Err(self.unreachable("connection lost")),
+            Err(NotSent::TimedOut) => Err(Error::timeout(what, CONTROL_TIMEOUT)),
         }
-        let bytes = match tokio::time::timeout_at(deadline, done).await {
-            Ok(outcome) => outcome.unwrap_or(Err(Error::Stopped))?,
-            Err(_) => return Err(Error::timeout(what, CONTROL_TIMEOUT)),
-        };
-        message::decode(&bytes).map_err(|e| Error::Protocol {
-            peer: self.config.address.to_string(),
-            message: format!("undecodable ControlReply: {e}"),
-        })
     }
 
     /// Waits until `ready` holds for the membership view, or `timeout` passes.
@@ -250,6 +260,22 @@ impl NodeCore {
         }
         self.connection()
             .ok_or_else(|| self.unreachable("not connected (reconnecting)"))
+    }
+
+    /// Checks that a schedule leaves [`TASK_OVERHEAD`] of the frame limit: every frame
+    /// that carries it (the `Schedule` event each node gets, a `Welcome` page, a
+    /// `Restore`) must fit. `entry` is the task as every node's book would hold it.
+    pub fn check_schedule_size(&self, entry: &TaskEntry) -> Result<()> {
+        let size = entry.size_bound() + TASK_OVERHEAD;
+        let limit = self.max_frame_size.load(Ordering::Relaxed);
+        if size > limit {
+            return Err(Error::PayloadTooLarge {
+                callback: entry.callback.clone(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
     }
 
     fn check_size(&self, what: &str, header: &Header<'_>, payload_len: usize) -> Result<()> {
@@ -514,6 +540,40 @@ impl std::future::Future for Deadline {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => std::task::Poll::Pending,
         }
+    }
+}
+
+/// A control request sent: its answer, awaited until the control timeout. Dropped, it
+/// forgets the request.
+pub(super) struct ControlWait {
+    conn: Arc<Connection>,
+    call_id: u64,
+    done: Option<oneshot::Receiver<Completion>>,
+    deadline: Instant,
+    what: String,
+    peer: String,
+}
+
+impl ControlWait {
+    /// The controller's answer.
+    pub async fn answer(mut self) -> Result<ControlAnswer> {
+        let Some(done) = self.done.take() else {
+            return Err(Error::Stopped);
+        };
+        let bytes = match tokio::time::timeout_at(self.deadline, done).await {
+            Ok(outcome) => outcome.unwrap_or(Err(Error::Stopped))?,
+            Err(_) => return Err(Error::timeout(&self.what, CONTROL_TIMEOUT)),
+        };
+        message::decode(&bytes).map_err(|e| Error::Protocol {
+            peer: self.peer.clone(),
+            message: format!("undecodable ControlReply: {e}"),
+        })
+    }
+}
+
+impl Drop for ControlWait {
+    fn drop(&mut self) {
+        self.conn.pending.remove(self.call_id);
     }
 }
 

@@ -17,7 +17,7 @@ use crate::protocol::io::{
 };
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
-    RemoteErrorKind, Undeliverable, UndeliverableCode, Welcome,
+    RemoteErrorKind, ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
 
@@ -172,6 +172,7 @@ async fn read_welcome(
             Err(_) => return Err(unreachable("the rest of the Welcome did not come".into())),
         };
         welcome.members.extend(page.members);
+        welcome.tasks.extend(page.tasks);
         welcome.more = page.more;
     }
     Ok(welcome)
@@ -302,6 +303,11 @@ fn dispatch(
                 conn.pending.fail_target(gone, *stopped);
             }
             core.report(changes);
+        }
+        Kind::Schedule => {
+            let event: ScheduleEvent = message::decode(&frame.payload())
+                .map_err(|e| format!("undecodable Schedule: {e}"))?;
+            core.book.apply(event, std::time::Instant::now());
         }
         other => return Err(format!("unexpected {other:?} frame from the controller")),
     }

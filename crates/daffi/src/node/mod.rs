@@ -1,6 +1,7 @@
 //! A node: its link to the controller (with reconnects), the calls it waits on, and the
 //! callbacks it serves.
 
+mod book;
 mod caller;
 mod executor;
 mod link;
@@ -22,7 +23,7 @@ use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
 use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::Announce;
+use crate::protocol::message::{Announce, ControlAnswer};
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
@@ -119,6 +120,8 @@ pub struct NodeCore {
     pub name: Arc<str>,
     pub config: NodeConfig,
     pub membership: Membership,
+    /// A replica of the controller's scheduled tasks, given back to it if it restarts.
+    book: book::ScheduleBook,
     callbacks: RwLock<HashMap<String, Handler>>,
     instances: Mutex<HashSet<TypeId>>,
     connection: RwLock<Option<Arc<Connection>>>,
@@ -156,6 +159,7 @@ impl NodeCore {
             max_frame_size: AtomicUsize::new(config.max_frame_size),
             config,
             membership: Membership::default(),
+            book: book::ScheduleBook::default(),
             callbacks: RwLock::new(callbacks),
             instances: Mutex::new(HashSet::new()),
             connection: RwLock::new(None),
@@ -385,6 +389,42 @@ impl NodeCore {
         }
     }
 
+    /// Gives a restarted controller what this node's schedule book holds and it does
+    /// not: queues every `Restore` request on `conn`, then, in the background, takes in
+    /// the answers. A restore cut short (the connection dropped) is made again at the
+    /// next `Welcome`.
+    async fn restore_schedule(self: &Arc<Self>, conn: &Arc<Connection>, restore: book::Restore) {
+        let requests = restore.requests(self.max_frame_size.load(Ordering::Relaxed));
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in &requests {
+            match self.send_control(conn, request, "restore_schedule").await {
+                Ok(wait) => answers.push(wait),
+                Err(e) => {
+                    tracing::warn!(process = %self.name, error = %e, "could not give the scheduled tasks back to the restarted controller; trying again at the next connection");
+                    return;
+                }
+            }
+        }
+        tracing::info!(process = %self.name, instance = restore.instance(), requests = requests.len(), "the controller restarted: giving it back the scheduled tasks it does not list");
+        let core = self.clone();
+        tokio::spawn(async move {
+            for wait in answers {
+                match wait.answer().await {
+                    Ok(ControlAnswer::Restored { refused, .. }) => core.book.refused(&refused),
+                    Ok(other) => {
+                        tracing::warn!(process = %core.name, answer = ?other, "unexpected answer to a Restore");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(process = %core.name, error = %e, "giving the scheduled tasks back failed; trying again at the next connection");
+                        return;
+                    }
+                }
+            }
+            core.book.restored(&restore);
+        });
+    }
+
     async fn send_quietly(&self, frame: Outgoing) {
         if let Some(queue) = self.queue() {
             let _ = queue.send(frame).await;
@@ -537,10 +577,20 @@ async fn supervise(core: Arc<NodeCore>, first: oneshot::Sender<Result<()>>) {
                     .min(link.welcome.max_frame_size as usize);
                 core.max_frame_size.store(limit, Ordering::Relaxed);
                 let changes = core.membership.reset(link.welcome.members.clone());
+                let restore = core.book.welcome(
+                    link.welcome.instance,
+                    std::mem::take(&mut link.welcome.tasks),
+                    std::time::Instant::now(),
+                );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
                     pending: Pending::default(),
                 });
+                if let Some(restore) = restore {
+                    // Before anything else this node sends: a cancel made right after
+                    // the reconnect finds the task it cancels.
+                    core.restore_schedule(&conn, restore).await;
+                }
                 *write(&core.connection) = Some(conn.clone());
                 // Callbacks registered while the Hello was on its way.
                 core.announce();

@@ -35,6 +35,8 @@ pub enum Kind {
     /// Node -> controller: the node is stopping; route no new requests to it. Its
     /// replies still flow until its `Goodbye`.
     Leaving = 9,
+    /// Controller -> node: a scheduled task was added or ended.
+    Schedule = 10,
     /// Node -> node: run a callback.
     Request = 16,
     /// Node -> node: the result of a request.
@@ -55,6 +57,7 @@ impl Kind {
             7 => Kind::ControlRequest,
             8 => Kind::ControlReply,
             9 => Kind::Leaving,
+            10 => Kind::Schedule,
             16 => Kind::Request,
             17 => Kind::Reply,
             18 => Kind::Undeliverable,

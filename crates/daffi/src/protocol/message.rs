@@ -34,8 +34,8 @@ pub struct Member {
     pub callbacks: Vec<String>,
 }
 
-/// `Welcome`: the handshake succeeded. The members come in pages that each fit a
-/// frame: `Welcome` frames with `more` set, then one without.
+/// `Welcome`: the handshake succeeded. The members and the scheduled tasks come in
+/// pages that each fit a frame: `Welcome` frames with `more` set, then one without.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Welcome {
     /// Other connected nodes: this page's share (all of them, once the pages are put
@@ -46,6 +46,15 @@ pub struct Welcome {
     /// More `Welcome` pages follow; the node is in once it has read the last.
     #[serde(default)]
     pub more: bool,
+    /// Drawn at random when the controller starts: a node that finds another instance
+    /// than its last controller's knows the controller restarted (and restores its
+    /// schedule book). The same in every page.
+    #[serde(default)]
+    pub instance: u64,
+    /// The scheduled tasks: this page's share. Timings are delays from when the page
+    /// was sent.
+    #[serde(default)]
+    pub tasks: Vec<TaskEntry>,
 }
 
 /// Why the controller refused a connection.
@@ -104,6 +113,54 @@ pub enum MembershipEvent {
     Left {
         /// Its process name.
         name: String,
+    },
+}
+
+/// A scheduled task as every node's schedule book holds it: all it takes to run it
+/// again on a restarted controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEntry {
+    /// The task's id: random, from 1 to [`MAX_TASK_ID`](crate::protocol::MAX_TASK_ID).
+    pub task_id: u64,
+    /// The callback it runs.
+    pub callback: String,
+    /// Encoded arguments (a MessagePack `bin`), sent unchanged at each run.
+    pub args: bytes::Bytes,
+    /// The node the runs are pinned to, if any.
+    pub on: Option<String>,
+    /// The node that created it.
+    pub created_by: String,
+    /// When it runs next, as delays from when the frame carrying it was sent.
+    pub timing: Timing,
+}
+
+impl TaskEntry {
+    /// At least what the entry takes encoded (its MessagePack map, keys included), for
+    /// cutting pages without encoding anything twice.
+    pub fn size_bound(&self) -> usize {
+        let names =
+            self.callback.len() + self.on.as_ref().map_or(0, String::len) + self.created_by.len();
+        let delays = match &self.timing {
+            Timing::Every { .. } => 0,
+            Timing::At { delays_ms } => delays_ms.len() * 9,
+        };
+        // Keys, string, bin and array headers, the id, the interval, and the tag of a
+        // `Schedule` event around it: under 192.
+        self.args.len() + names + delays + 192
+    }
+}
+
+/// `Schedule`: a change in the scheduled tasks, sent to every node (the creator of a
+/// task too) so that each keeps its schedule book current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ScheduleEvent {
+    /// A task was created, or restored after a controller restart.
+    Added(TaskEntry),
+    /// A task ended: cancelled, finished (its last time passed), or refused for good.
+    Ended {
+        /// The task's id.
+        task_id: u64,
     },
 }
 
@@ -171,10 +228,14 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serde::decod
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "timing", rename_all = "snake_case")]
 pub enum Timing {
-    /// Every `interval_ms`, the first run one interval from now, until cancelled.
+    /// Every `interval_ms`, until cancelled; the first run `first_ms` from now (by
+    /// default one interval).
     Every {
         /// The interval in milliseconds (> 0).
         interval_ms: u64,
+        /// The first run this long from now: a restored task keeps its cadence.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_ms: Option<u64>,
     },
     /// Once after each of these delays (milliseconds from now).
     At {
@@ -204,8 +265,25 @@ pub enum ControlRequest {
         /// The task's id.
         task_id: u64,
     },
-    /// List the scheduled tasks.
-    ListTasks,
+    /// List the scheduled tasks, by id, in pages that fit the answer's budget.
+    ListTasks {
+        /// Only the tasks with a larger id (0: from the first).
+        #[serde(default)]
+        after: u64,
+    },
+    /// Give a restarted controller the tasks of a node's schedule book that it does not
+    /// list, and the ids of tasks the node knows ended. It keeps the tombstones, adds the
+    /// tasks whose id it neither holds nor knows ended, and ends the tasks it holds
+    /// whose id is among the tombstones. Sent in several requests when it would not fit
+    /// one frame: the tombstones first.
+    Restore {
+        /// Tasks to add back, timed from when the request is sent.
+        #[serde(default)]
+        tasks: Vec<TaskEntry>,
+        /// Ids of tasks that ended, oldest first.
+        #[serde(default)]
+        tombstones: Vec<u64>,
+    },
     /// Report the controller's counters.
     Stats,
 }
@@ -213,7 +291,7 @@ pub enum ControlRequest {
 /// A scheduled task as the controller reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskInfo {
-    /// The task's id, unique per controller.
+    /// The task's id: random, kept across controller restarts.
     pub task_id: u64,
     /// The callback it runs.
     pub callback: String,
@@ -227,8 +305,12 @@ pub struct TaskInfo {
     pub interval_ms: Option<u64>,
     /// Runs still to come, for `at` tasks.
     pub remaining_runs: Option<u64>,
-    /// How many runs were sent so far.
+    /// How many runs this controller sent so far.
     pub runs: u64,
+    /// The node that gave this task back to this controller after a restart, if it was
+    /// restored.
+    #[serde(default)]
+    pub restored_by: Option<String>,
 }
 
 /// Successful `ControlReply` payloads.
@@ -242,10 +324,21 @@ pub enum ControlAnswer {
     },
     /// A task was cancelled.
     Cancelled,
-    /// The scheduled tasks.
+    /// The scheduled tasks: a page of them, by id.
     Tasks {
         /// One entry per task.
         tasks: Vec<TaskInfo>,
+        /// Tasks with larger ids left out to keep the answer small: ask again with
+        /// `after` set to the last id of this page.
+        #[serde(default)]
+        omitted_tasks: u64,
+    },
+    /// A `Restore` was carried out.
+    Restored {
+        /// Tasks added back.
+        restored: u64,
+        /// Tasks refused: they ended (a tombstone), or are invalid. The node forgets them.
+        refused: Vec<u64>,
     },
     /// The controller's counters.
     Stats {

@@ -12,8 +12,11 @@ pub use payload::Payload;
 /// First bytes a node sends on a new connection: magic, then the protocol version.
 pub const MAGIC: [u8; 4] = *b"DAFI";
 /// The protocol version this build speaks. Version 2: the callback list left the `Hello`
-/// for an `Announce` sent right behind it, and `Welcome` comes in pages.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// for an `Announce` sent right behind it, and `Welcome` comes in pages. Version 3: every
+/// node keeps a replica of the scheduled tasks (`Schedule` frames, tasks and the
+/// controller's instance in `Welcome`) and gives them back to a restarted controller
+/// (`Restore`).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Default limit on one frame (prefix excluded): 128 MiB.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;
 /// Largest `Hello` frame (prefix excluded) a controller accepts, whatever its frame
@@ -30,6 +33,16 @@ pub const MAX_CALLBACK_LIST: usize = 1024 * 1024;
 /// What a frame carrying one member (a `Membership` event, an `Announce`) needs beyond
 /// its callback list: header, keys, the process name. The frame limit leaves this much.
 pub const MEMBER_OVERHEAD: usize = 512;
+/// What a frame carrying one scheduled task (a `Schedule` event, a `Welcome` page, a
+/// `Restore`) needs beyond the task's entry ([`TaskEntry::size_bound`]): header, keys,
+/// the sender's name. A schedule whose entry would not leave this much of the frame
+/// limit is refused.
+///
+/// [`TaskEntry::size_bound`]: message::TaskEntry::size_bound
+pub const TASK_OVERHEAD: usize = 512;
+/// Largest task id: ids are random from 1 to 2^53 - 1, so that JSON numbers (and Python
+/// floats) carry them exactly.
+pub const MAX_TASK_ID: u64 = (1 << 53) - 1;
 /// Longest process name the header can carry.
 pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
 /// Longest callback name the header can carry.

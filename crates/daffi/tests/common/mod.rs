@@ -59,6 +59,16 @@ impl Worker {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends the process signal `name` (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().expect("the process is running");
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     /// Waits (bounded) for the process to exit by itself, and checks that it succeeded.
     pub fn wait_success(&mut self) {
         let Some(mut child) = self.child.take() else {
