@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Log, Worker, WAIT};
@@ -31,8 +31,16 @@ const ENV_STALL_MS: &str = "DAFFI_TEST_STALL_MS";
 
 // ---- callbacks served by every worker of this binary -------------------------------
 
-/// The worker's own node, for callbacks that call others.
-static NODE: OnceLock<Global> = OnceLock::new();
+/// The worker's own node, for callbacks that call others (see [`own_node`]).
+static NODE: Log<Global> = Log::new();
+
+/// The worker's own node. A callback may run before `start` has returned it: the node
+/// serves as soon as it is connected, and the test sees it (and calls it) from then on.
+fn own_node() -> Global {
+    NODE.wait_until(WAIT.as_millis() as u64, |node| !node.is_empty())
+        .pop()
+        .expect("the worker's node started")
+}
 
 #[callback]
 fn sync_add(a: i64, b: i64) -> i64 {
@@ -64,15 +72,15 @@ fn wait_running(timeout_ms: u64) -> usize {
 /// call ended.
 #[callback]
 fn flood_from_here(callback: String, target: String, timeout_ms: u64) -> Vec<String> {
-    let g = NODE.get().expect("worker node");
-    let calls = flood(g, &callback, &target, Duration::from_millis(timeout_ms));
+    let g = own_node();
+    let calls = flood(&g, &callback, &target, Duration::from_millis(timeout_ms));
     calls.into_iter().map(|c| outcome(c.get())).collect()
 }
 
 /// From this worker: `sync_add(20, 22)` on `target`.
 #[callback]
 fn add_on(target: String) -> Result<i64, String> {
-    let g = NODE.get().expect("worker node");
+    let g = own_node();
     g.call("sync_add")
         .args((20, 22))
         .on(&target)
@@ -84,7 +92,7 @@ fn add_on(target: String) -> Result<i64, String> {
 /// Whether this worker knows `process` within `timeout_ms`.
 #[callback]
 fn knows(process: String, timeout_ms: u64) -> bool {
-    let g = NODE.get().expect("worker node");
+    let g = own_node();
     g.wait_process_timeout(&process, Duration::from_millis(timeout_ms))
         .is_ok()
 }
@@ -116,7 +124,7 @@ fn child_process() {
                 .process_name(std::env::var(common::ENV_NAME).expect("name"))
                 .start()
                 .expect("worker starts");
-            let _ = NODE.set(g.clone());
+            NODE.push(g.clone());
             g.join().expect("join");
         }
         other => panic!("unknown role {other}"),
