@@ -182,34 +182,6 @@ impl Controller {
     }
 }
 
-/// Stops process `pid`, a child of this one, with SIGSTOP; returns once all of it has
-/// stopped. Sending the signal only asks: each thread stops when it next takes it, and
-/// one that runs, or waits for a CPU on a loaded machine, may go on (and forward a
-/// frame) for a while after `kill` returned.
-fn pause(pid: u32) {
-    let pid = libc::pid_t::try_from(pid).expect("a pid");
-    // SAFETY: plain system calls on our own child, with a valid status pointer.
-    let (sent, waited, status) = unsafe {
-        let sent = libc::kill(pid, libc::SIGSTOP);
-        let mut status = 0;
-        let waited = libc::waitpid(pid, &mut status, libc::WUNTRACED);
-        (sent, waited, status)
-    };
-    assert_eq!(sent, 0, "kill -STOP {pid}");
-    assert!(
-        waited == pid && libc::WIFSTOPPED(status),
-        "{pid} did not stop (waitpid {waited}, status {status:#x})"
-    );
-}
-
-/// Resumes process `pid` after [`pause`].
-fn resume(pid: u32) {
-    let pid = libc::pid_t::try_from(pid).expect("a pid");
-    // SAFETY: a plain system call.
-    let sent = unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert_eq!(sent, 0, "kill -CONT {pid}");
-}
-
 /// Starts [`FLOOD`] calls to `callback` on `target` at once, each with [`ARG_BYTES`]
 /// bytes and `timeout`.
 fn flood(g: &Global, callback: &str, target: &str, timeout: Duration) -> Vec<AsyncResult<u64>> {
@@ -411,7 +383,7 @@ fn a_paused_node_costs_only_itself() {
     }
     let rss_before = controller.peak_rss_kib();
 
-    pause(workers[0].pid().expect("w1 running"));
+    common::pause(workers[0].pid().expect("w1 running"));
     let stopped_at = Instant::now();
     // Calls keep going to w1 from a worker and from here.
     let from_w2: AsyncResult<Vec<String>> = caller
@@ -508,7 +480,7 @@ fn a_paused_node_costs_only_itself() {
     assert_memory_bounded(&controller, rss_before);
 
     // Resumed, w1 finds its connection closed, reconnects, and serves again.
-    resume(workers[0].pid().expect("w1 running"));
+    common::resume(workers[0].pid().expect("w1 running"));
     caller
         .wait_process_timeout(w1, WAIT)
         .expect("w1 reconnects");
@@ -656,7 +628,7 @@ fn a_node_drops_a_controller_that_reads_nothing_and_reconnects() {
     let _w = common::spawn_child(ENTRY, "worker", &worker, &controller.address);
     caller.wait_process_timeout(&worker, WAIT).expect("worker");
 
-    pause(controller.pid());
+    common::pause(controller.pid());
     // Enough to fill the socket to the controller: the node's writer then waits.
     let stopped_at = Instant::now();
     let calls = flood(&caller, "echo_len", &worker, WAIT);
@@ -670,7 +642,7 @@ fn a_node_drops_a_controller_that_reads_nothing_and_reconnects() {
             other => panic!("a call to a stopped controller ended in {other:?}"),
         }
     }
-    resume(controller.pid());
+    common::resume(controller.pid());
     assert_eq!(events.recv_timeout(WAIT), Ok("connect"));
     caller.wait_process_timeout(&worker, WAIT).expect("worker");
     healthy_calls(&caller, &worker, 1);
