@@ -219,7 +219,9 @@ impl GlobalBuilder {
     }
 
     /// How many connections a controller started here accepts at once; more are closed
-    /// at once (and logged). Default: 10,000.
+    /// at once (and logged). Default: 10,000. Connects not accepted yet wait in the
+    /// listener's backlog (4,096, or the kernel's `net.core.somaxconn` if lower), so a
+    /// mass start of nodes does not wait for the kernel's SYN retries.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
         self

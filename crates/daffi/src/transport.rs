@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::error::{Error, Result};
 pub use tls::{ClientTls, ServerTls, TLS_HANDSHAKE_RECORD};
@@ -229,6 +229,42 @@ pub enum Listener {
     Unix(tokio::net::UnixListener, UnixSocketFile),
 }
 
+/// Connections the kernel completes and holds for the controller until it accepts them.
+/// A mass start of nodes connects faster than the controller accepts; with mio's default
+/// of 128, the kernel drops the connects past it, and each waits for its SYN to be sent
+/// again (1 s, then 3 s). Linux caps it at `net.core.somaxconn` (4,096 by default since
+/// 5.4), as it does the Unix socket's (mio asks the cap for that one).
+const LISTEN_BACKLOG: u32 = 4_096;
+
+/// Listens on the first of `addresses` that can be bound (as [`TcpListener::bind`]
+/// does, with [`LISTEN_BACKLOG`]).
+fn listen_tcp(addresses: &[SocketAddr]) -> io::Result<TcpListener> {
+    let mut last_error = None;
+    for address in addresses {
+        match listen_tcp_on(*address) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "the host name has no address")
+    }))
+}
+
+fn listen_tcp_on(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As TcpListener::bind: a restarted controller gets its port back at once, though
+    // connections of the last one linger (TIME_WAIT). On Windows the option would let
+    // another process take the port over instead.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Removes the socket file when the controller stops.
 #[cfg(unix)]
 pub struct UnixSocketFile(PathBuf);
@@ -258,7 +294,7 @@ impl Listener {
         match address {
             Address::Tcp { host, port } => {
                 let addresses = resolve(host, *port).await.map_err(bind_err)?;
-                let l = TcpListener::bind(&addresses[..]).await.map_err(bind_err)?;
+                let l = listen_tcp(&addresses).map_err(bind_err)?;
                 Ok(Listener::Tcp(l))
             }
             #[cfg(unix)]

@@ -1,7 +1,8 @@
 //! Peers that try to make the controller hold more than its share: thousands of
-//! connections that never finish their `Hello`, nodes whose callback names together
-//! outgrow the frame limit, and callback lists over the limit. The controller runs in a
-//! child process, so that its memory can be measured on its own.
+//! connections that never finish their `Hello`, a burst of connects (a mass start),
+//! nodes whose callback names together outgrow the frame limit, and callback lists over
+//! the limit. The controller runs in a child process, so that its memory can be
+//! measured on its own.
 
 mod common;
 
@@ -174,8 +175,9 @@ fn partial_hello(claimed: usize, body: usize) -> Vec<u8> {
     out
 }
 
-/// Connections opened at once: fewer than a listener's backlog holds (tokio's is
-/// 1,024), or the kernel drops some of them as the controller accepts too slowly.
+/// Connections opened at once: fewer than the smallest backlog a kernel may cap the
+/// controller's at (128, `net.core.somaxconn` before Linux 5.4), or the kernel drops
+/// some of them as the controller accepts too slowly.
 const BATCH: usize = 100;
 
 /// Waits until the controller has accepted every connection opened so far: it answers
@@ -326,6 +328,69 @@ fn thousands_of_half_sent_hellos_cost_the_controller_a_few_kib_each() {
         .fg()
         .expect("call");
     assert_eq!(sum, 4);
+}
+
+// ---- a burst of connections: a mass start of nodes -------------------------------------
+
+/// Connections opened at once below: more than mio's default backlog (128) holds.
+const BURST: usize = 500;
+
+/// A counter of `/proc/net/netstat` (`TcpExt`), for the whole network namespace.
+fn tcp_ext_counter(name: &str) -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+#[test]
+fn a_burst_of_connects_waits_in_the_backlog_until_the_controller_accepts() {
+    raise_open_files(2 * BURST as u64 + 512);
+    let somaxconn: Option<usize> = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    // The kernel caps every backlog at net.core.somaxconn (128 before Linux 5.4).
+    let burst = BURST.min(somaxconn.unwrap_or(BURST));
+    if burst < BURST {
+        eprintln!("net.core.somaxconn is {burst}: the burst is cut to it");
+    }
+    let ctl = Controller::start(&[(ENV_TOKEN, TOKEN)]);
+    let _listening = ctl
+        .node(&unique("caller"))
+        .auth_token(TOKEN)
+        .start()
+        .expect("caller joins");
+    let overflows_before = tcp_ext_counter("ListenOverflows");
+
+    // A controller busy with a mass start accepts slower than nodes connect; stopped, it
+    // accepts nothing, and each connect completes only if the kernel has room for it in
+    // the backlog. Without room its SYN is dropped and sent again after 1 s, 3 s, 7 s ...
+    // until there is: with a backlog of 128, connect 130 never completed here (WAIT is a
+    // generous bound for what the kernel does at once, not a measure of speed).
+    common::pause(ctl.pid());
+    let opening = common::raw_opening("burst", Some("wrong"), &[]);
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], ctl.port()));
+    let mut burst_streams: Vec<TcpStream> = (0..burst)
+        .map(|i| {
+            let mut s = TcpStream::connect_timeout(&address, WAIT).unwrap_or_else(|e| {
+                panic!("connect {i} of {burst} did not complete within {WAIT:?}: {e}")
+            });
+            s.write_all(&opening).expect("write");
+            s
+        })
+        .collect();
+    common::resume(ctl.pid());
+
+    // Each is then accepted and answered: refused, for its wrong token.
+    for (i, s) in burst_streams.iter_mut().enumerate() {
+        let answer = read_frame(s);
+        assert_eq!(answer.kind(), Kind::Refused, "connection {i}");
+    }
+    let overflows_after = tcp_ext_counter("ListenOverflows");
+    eprintln!(
+        "{burst} connects to a stopped controller completed and were answered; ListenOverflows (every listener of this network namespace) {overflows_before:?} -> {overflows_after:?}"
+    );
 }
 
 // ---- callback lists that outgrow a frame ----------------------------------------------------

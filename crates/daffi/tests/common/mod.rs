@@ -310,6 +310,34 @@ pub fn spawn_child_with(
     }
 }
 
+/// Stops process `pid`, a child of this one, with SIGSTOP; returns once all of it has
+/// stopped. Sending the signal only asks: each thread stops when it next takes it, and
+/// one that runs, or waits for a CPU on a loaded machine, may go on working (reading,
+/// forwarding) for a while after `kill` returned.
+pub fn pause(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("a pid");
+    // SAFETY: plain system calls on our own child, with a valid status pointer.
+    let (sent, waited, status) = unsafe {
+        let sent = libc::kill(pid, libc::SIGSTOP);
+        let mut status = 0;
+        let waited = libc::waitpid(pid, &mut status, libc::WUNTRACED);
+        (sent, waited, status)
+    };
+    assert_eq!(sent, 0, "kill -STOP {pid}");
+    assert!(
+        waited == pid && libc::WIFSTOPPED(status),
+        "{pid} did not stop (waitpid {waited}, status {status:#x})"
+    );
+}
+
+/// Resumes process `pid` after [`pause`].
+pub fn resume(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("a pid");
+    // SAFETY: a plain system call.
+    let sent = unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(sent, 0, "kill -CONT {pid}");
+}
+
 /// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
 /// behind it.
 pub fn raw_opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
