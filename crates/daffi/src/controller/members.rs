@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::protocol::frame::{Kind, LEN_PREFIX};
 use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
+use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{read, write};
 
 /// The writer queue of one connection.
@@ -269,7 +269,7 @@ impl Members {
     /// a member that cannot take it (past its hard limit) is disconnected, and the
     /// others hear of that in turn.
     fn broadcast(&self, except: &str, event: &MembershipEvent) {
-        let frame = Outgoing::control(Kind::Membership, event);
+        let frame = message::control_frame(Kind::Membership, event);
         for (name, route) in read(&self.routes).iter() {
             if &**name != except {
                 // A closed queue belongs to a node that is leaving; its own `leave` follows.

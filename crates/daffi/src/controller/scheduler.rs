@@ -26,7 +26,7 @@ use super::counters::Tally;
 use super::members::Members;
 use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY};
 use crate::protocol::io::{Outgoing, Push};
-use crate::protocol::message::{ScheduleEvent, TaskEntry, TaskInfo, Timing};
+use crate::protocol::message::{self, ScheduleEvent, TaskEntry, TaskInfo, Timing};
 use crate::protocol::{check_name, NameKind, MAX_TASK_ID, TASK_OVERHEAD};
 use crate::tombstones::{Tombstones, CONTROLLER_TOMBSTONES};
 
@@ -482,7 +482,7 @@ impl Scheduler {
 
 /// A `Schedule` frame.
 fn event(event: &ScheduleEvent) -> Outgoing {
-    Outgoing::control(Kind::Schedule, event)
+    message::control_frame(Kind::Schedule, event)
 }
 
 /// At least what a [`TaskInfo`] takes in a `tasks` answer.

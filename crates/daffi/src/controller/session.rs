@@ -290,7 +290,9 @@ async fn refuse(
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     refusal: Refused,
 ) {
-    let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+    let _ = queue
+        .send(message::control_frame(Kind::Refused, &refusal))
+        .await;
     drop(queue);
     let abort = writer.abort_handle();
     if timeout(WRITER_DRAIN, writer).await.is_err() {

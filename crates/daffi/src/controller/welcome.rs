@@ -3,7 +3,7 @@
 
 use crate::protocol::frame::Kind;
 use crate::protocol::io::Outgoing;
-use crate::protocol::message::{Member, TaskEntry, Welcome};
+use crate::protocol::message::{self, Member, TaskEntry, Welcome};
 use crate::protocol::{callback_list_size, TASK_OVERHEAD};
 
 /// What a joining node is told.
@@ -91,7 +91,7 @@ pub fn welcome_pages(
                     Item::Task(t) => page.tasks.push(t),
                 }
             }
-            Outgoing::control(Kind::Welcome, &page)
+            message::control_frame(Kind::Welcome, &page)
         })
         .collect();
     Outgoing::joined(frames)

@@ -198,7 +198,8 @@ impl SyncJob {
         if let Some((reply, queue)) =
             finish(core, &self.frame, self.wants_reply, outcome, more_follow)
         {
-            let _ = queue.blocking_send(reply);
+            // The queue is full: wait for room on this thread (not a runtime's).
+            let _ = crate::blocking::park(queue.send(reply));
         }
     }
 }

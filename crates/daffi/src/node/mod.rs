@@ -23,7 +23,7 @@ use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
 use crate::protocol::frame::Kind;
 use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Announce, ControlAnswer};
+use crate::protocol::message::{self, Announce, ControlAnswer};
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
@@ -199,7 +199,7 @@ impl NodeCore {
             // Past the byte limit if need be: calls queued ahead must not keep it back.
             let _ = conn
                 .queue
-                .push_unrefused(Outgoing::control(Kind::Leaving, &()), false);
+                .push_unrefused(message::control_frame(Kind::Leaving, &()), false);
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -233,7 +233,7 @@ impl NodeCore {
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn
                 .queue
-                .push_unrefused(Outgoing::control(Kind::Goodbye, &()), false);
+                .push_unrefused(message::control_frame(Kind::Goodbye, &()), false);
         }
         self.sync_runner.retire();
         self.membership.reset(Vec::new());
@@ -361,7 +361,10 @@ impl NodeCore {
             if let Some(queue) = core.queue() {
                 let callbacks = core.callback_names();
                 let _ = queue
-                    .send(Outgoing::control(Kind::Announce, &Announce { callbacks }))
+                    .send(message::control_frame(
+                        Kind::Announce,
+                        &Announce { callbacks },
+                    ))
                     .await;
             }
         });

@@ -24,7 +24,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
-use super::frame::{Frame, FrameError, Header, Kind, LEN_PREFIX};
+use super::frame::{Frame, FrameError, Header, LEN_PREFIX};
 use super::payload::Payload;
 
 /// A frame ready to send: the encoded head (length prefix and header) and the payload.
@@ -52,11 +52,6 @@ impl Outgoing {
             head: header.encode(body.len()),
             body,
         }
-    }
-
-    /// A control frame (no routing fields) with a MessagePack payload.
-    pub fn control<T: serde::Serialize>(kind: Kind, payload: &T) -> Self {
-        Outgoing::new(&Header::control(kind), super::message::encode(payload))
     }
 
     /// Several frames sent as one: they go out together, in order, in one write when
@@ -630,16 +625,6 @@ impl FrameSender {
         }
     }
 
-    /// Sends `frame` from synchronous code, blocking the thread while the queue is full.
-    /// Not for async code (it would block a runtime thread).
-    pub fn blocking_send(&self, frame: Outgoing) -> Result<(), Closed> {
-        match self.push(frame) {
-            Push::Sent => Ok(()),
-            Push::Closed => Err(Closed),
-            Push::Full(frame) => crate::blocking::park(self.send(frame)),
-        }
-    }
-
     /// Whether the connection is closed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
@@ -1047,6 +1032,7 @@ async fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame::Kind;
 
     /// Default limits, with room for about `n` small frames.
     fn frames(n: usize) -> QueueLimits {
@@ -1067,6 +1053,10 @@ mod tests {
 
     fn raw(len: usize) -> Outgoing {
         Outgoing::raw(Bytes::from(vec![0u8; len]))
+    }
+
+    fn goodbye() -> Outgoing {
+        Outgoing::new(&Header::control(Kind::Goodbye), Payload::default())
     }
 
     #[tokio::test]
@@ -1319,15 +1309,16 @@ mod tests {
         let (tx, writer) = frame_channel(a, frames(2));
         let writer = tokio::spawn(writer);
         let blocking = tx.clone();
+        let runtime = tokio::runtime::Handle::current();
         let sent = tokio::task::spawn_blocking(move || {
             (0..50u64)
                 .map(|i| {
                     let mut h = Header::control(Kind::Reply);
                     h.call_id = i;
-                    blocking.blocking_send(Outgoing {
+                    runtime.block_on(blocking.send(Outgoing {
                         head: h.encode(0),
                         body: Payload::default(),
-                    })
+                    }))
                 })
                 .filter(Result::is_ok)
                 .count()
@@ -1341,17 +1332,11 @@ mod tests {
         drop(reader);
         // The peer is gone: a frame sent now is written at once or queued; either way the
         // write fails, the writer ends, and every later frame fails by name.
-        let _ = tx.send(Outgoing::control(Kind::Goodbye, &())).await;
+        let _ = tx.send(goodbye()).await;
         let _ = writer.await.expect("join");
         assert!(tx.is_closed());
-        assert_eq!(
-            tx.send(Outgoing::control(Kind::Goodbye, &())).await,
-            Err(Closed)
-        );
-        assert_eq!(
-            tx.try_send(Outgoing::control(Kind::Goodbye, &())),
-            Err(Closed)
-        );
+        assert_eq!(tx.send(goodbye()).await, Err(Closed));
+        assert_eq!(tx.try_send(goodbye()), Err(Closed));
     }
 
     #[tokio::test]

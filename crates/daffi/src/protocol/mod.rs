@@ -52,8 +52,8 @@ pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
 /// of `callbacks`. The controller reads the `Announce` only once the `Hello` checked
 /// out, and the node joins with its callbacks at once (no round trip more).
 pub fn opening(hello: &message::Hello, callbacks: Vec<String>) -> Vec<u8> {
-    let hello = io::Outgoing::control(Kind::Hello, hello);
-    let announce = io::Outgoing::control(Kind::Announce, &message::Announce { callbacks });
+    let hello = message::control_frame(Kind::Hello, hello);
+    let announce = message::control_frame(Kind::Announce, &message::Announce { callbacks });
     let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
