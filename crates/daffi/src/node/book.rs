@@ -222,10 +222,14 @@ impl ScheduleBook {
         let old = std::mem::replace(&mut s.tasks, listed);
         if s.instance.is_none() || s.instance == Some(instance) {
             s.instance = Some(instance);
-            for id in old.keys() {
-                if !s.tasks.contains_key(id) {
-                    s.tombstones.insert(*id);
-                }
+            // By id: tasks that ended together go in a known order, not the map's.
+            let mut ended: Vec<u64> = old
+                .into_keys()
+                .filter(|id| !s.tasks.contains_key(id))
+                .collect();
+            ended.sort_unstable();
+            for id in ended {
+                s.tombstones.insert(id);
             }
             return None;
         }
