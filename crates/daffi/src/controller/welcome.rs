@@ -126,10 +126,8 @@ mod tests {
 
     /// Splits joined frames into their frames.
     fn frames(out: Outgoing) -> Vec<Frame> {
-        let mut bytes: Vec<u8> = out.head.to_vec();
-        for part in out.body.parts() {
-            bytes.extend_from_slice(part);
-        }
+        let mut bytes = Vec::new();
+        out.copy_to(&mut bytes);
         let mut bytes = Bytes::from(bytes);
         let mut frames = Vec::new();
         while bytes.has_remaining() {

@@ -31,9 +31,9 @@ use super::payload::Payload;
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
     /// Length prefix and header, or a whole forwarded frame.
-    pub head: Bytes,
+    pub(crate) head: Bytes,
     /// Payload; may be empty.
-    pub body: Payload,
+    pub(crate) body: Payload,
 }
 
 impl Outgoing {
@@ -66,6 +66,25 @@ impl Outgoing {
             joined.body.append(body);
         }
         joined
+    }
+
+    /// The length prefix and header (or a whole forwarded frame).
+    pub fn head(&self) -> &Bytes {
+        &self.head
+    }
+
+    /// The payload (for joined frames: the frames after the first).
+    pub fn body(&self) -> &Payload {
+        &self.body
+    }
+
+    /// Appends the frame's bytes to `out`: for what is written in one piece (the
+    /// opening of a connection) and for tests.
+    pub fn copy_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head);
+        for part in self.body.parts() {
+            out.extend_from_slice(part);
+        }
     }
 
     /// Total bytes on the wire.

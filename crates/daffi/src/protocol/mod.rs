@@ -57,12 +57,8 @@ pub fn opening(hello: &message::Hello, callbacks: Vec<String>) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    for frame in [hello, announce] {
-        bytes.extend_from_slice(&frame.head);
-        for part in frame.body.parts() {
-            bytes.extend_from_slice(part);
-        }
-    }
+    hello.copy_to(&mut bytes);
+    announce.copy_to(&mut bytes);
     bytes
 }
 
