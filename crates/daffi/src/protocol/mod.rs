@@ -1,11 +1,9 @@
 //! The wire protocol: frames, control messages, and the framed reader and batching writer.
 //! See `docs/PROTOCOL.md`.
 
-pub mod frame;
-pub mod io;
 pub mod message;
-pub mod payload;
 
+pub use daffi_wire::{frame, io, payload, DEFAULT_MAX_FRAME_SIZE};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use payload::Payload;
 
@@ -17,8 +15,6 @@ pub const MAGIC: [u8; 4] = *b"DAFI";
 /// controller's instance in `Welcome`) and gives them back to a restarted controller
 /// (`Restore`).
 pub const PROTOCOL_VERSION: u16 = 3;
-/// Default limit on one frame (prefix excluded): 128 MiB.
-pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;
 /// Largest `Hello` frame (prefix excluded) a controller accepts, whatever its frame
 /// limit: 4 KiB. Until a peer has shown the auth token, the controller buffers no more
 /// than this (and the preamble) for it.

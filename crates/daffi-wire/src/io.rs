@@ -211,7 +211,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// [`has_frame`](Self::has_frame)); its bytes are not checked yet.
     pub fn next_frame_dst(&self) -> Option<&[u8]> {
         if self.has_frame() {
-            crate::protocol::frame::peek_dst(&self.buf)
+            super::frame::peek_dst(&self.buf)
         } else {
             None
         }
@@ -446,7 +446,7 @@ impl Default for QueueLimits {
     fn default() -> Self {
         QueueLimits::new(
             DEFAULT_MAX_QUEUE_BYTES,
-            super::DEFAULT_MAX_FRAME_SIZE,
+            crate::DEFAULT_MAX_FRAME_SIZE,
             DEFAULT_STALL_TIMEOUT,
         )
     }
@@ -543,9 +543,12 @@ struct State {
 }
 
 /// What trying to send found.
-pub(crate) enum Push {
+pub enum Push {
+    /// The frame is written or queued.
     Sent,
+    /// The queue is full: the frame is given back.
     Full(Outgoing),
+    /// The connection is closed: the frame is dropped.
     Closed,
 }
 
@@ -680,7 +683,7 @@ impl FrameSender {
     }
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
-    pub(crate) fn push(&self, frame: Outgoing) -> Push {
+    pub fn push(&self, frame: Outgoing) -> Push {
         self.push_with(frame, false)
     }
 
@@ -688,7 +691,7 @@ impl FrameSender {
     /// connection at hand: the controller forwarding the frames of one read, a node's
     /// replies to queued callbacks), the writing is left to the writer task even on an
     /// idle connection, so that they leave in one write.
-    pub(crate) fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
+    pub fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
         self.push_within(frame, more_follow, false)
     }
 
@@ -696,7 +699,7 @@ impl FrameSender {
     /// a membership event): it passes the byte limit, up to the hard limit. `Full`
     /// means past the hard limit: the caller closes the connection
     /// ([`close_as_slow_consumer`](Self::close_as_slow_consumer)).
-    pub(crate) fn push_unrefused(&self, frame: Outgoing, more_follow: bool) -> Push {
+    pub fn push_unrefused(&self, frame: Outgoing, more_follow: bool) -> Push {
         self.push_within(frame, more_follow, true)
     }
 
@@ -1051,7 +1054,7 @@ async fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::Kind;
+    use crate::frame::Kind;
 
     /// Default limits, with room for about `n` small frames.
     fn frames(n: usize) -> QueueLimits {
