@@ -6,9 +6,12 @@
 //! repository describes the bytes.
 #![warn(missing_docs)]
 
+pub mod batch;
+pub mod channel;
 pub mod frame;
-pub mod io;
+pub mod outgoing;
 pub mod payload;
+pub mod reader;
 
 /// Default limit on one frame (prefix excluded): 128 MiB.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;

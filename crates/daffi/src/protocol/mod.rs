@@ -3,7 +3,15 @@
 
 pub mod message;
 
-pub use daffi_wire::{frame, io, payload, DEFAULT_MAX_FRAME_SIZE};
+pub use daffi_wire::{frame, payload, DEFAULT_MAX_FRAME_SIZE};
+
+/// Framed I/O, now in `daffi-wire`'s modules (a step of the move).
+pub mod io {
+    pub use daffi_wire::batch::*;
+    pub use daffi_wire::channel::*;
+    pub use daffi_wire::outgoing::*;
+    pub use daffi_wire::reader::*;
+}
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use payload::Payload;
 
