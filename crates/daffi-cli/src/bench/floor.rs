@@ -8,7 +8,7 @@
 //!
 //! Two variants:
 //! - **batched**: one writer task per connection drains its queue into one buffer and
-//!   one write call (daffi's `write_loop`), as daffi does;
+//!   one write call ([`write_loop`]), as daffi does;
 //! - **direct**: the task that has a frame writes it itself, one write per frame, with no
 //!   queue and no writer task.
 
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
-use daffi::protocol::io::{write_loop, FrameReader, Outgoing, KEEP_LARGE_BUFFERS};
+use daffi::protocol::io::{FrameReader, Outgoing, KEEP_LARGE_BUFFERS};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -26,6 +26,7 @@ use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
 use super::proc::{answer, Endpoint, Result};
 use super::report::Percentiles;
 use super::roles::{runtime, wait_for_stdin_eof};
+use super::write_loop::write_loop;
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{CloseReason, Shared, Socket, FRAME_COST};
-use crate::batch::{flush_batch, push, BATCH_LIMIT, COPY_THRESHOLD};
+use crate::batch::{batch_frame, flush_batch, BATCH_LIMIT, COPY_THRESHOLD};
 use crate::outgoing::Outgoing;
 
 /// A writer keeps at most this much batch buffer, and this many queue slots, between
@@ -221,7 +221,7 @@ async fn write_batch(
         .sum();
     batch.reserve(small.min(BATCH_LIMIT));
     for frame in frames.drain(..) {
-        push(out, batch, frame).await?;
+        batch_frame(out, batch, frame).await?;
     }
     flush_batch(out, batch).await?;
     out.flush().await
