@@ -7,6 +7,11 @@ use bytes::Bytes;
 #[cfg(test)]
 use bytes::BytesMut;
 
+/// Longest process name the header can carry.
+pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
+/// Longest callback name the header can carry.
+pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
+
 /// Bytes of the length prefix in front of every frame.
 pub const LEN_PREFIX: usize = 4;
 /// Bytes of the fixed part of the header (kind, flags, call id, timeout, three lengths).

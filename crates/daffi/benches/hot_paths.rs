@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use daffi::__bench::{decode_args, encode_value, ControllerRoutes, NodeView};
-use daffi::protocol::frame::{Frame, Header, Kind};
+use daffi_wire::{Frame, Header, Kind};
 use divan::{black_box, Bencher};
 
 fn main() {

@@ -7,9 +7,8 @@ use bytes::Bytes;
 
 use crate::controller::members::Members;
 use crate::node::Membership;
-use crate::protocol::io::{frame_channel, Outgoing, QueueLimits};
 use crate::protocol::message::{Member, MembershipEvent};
-use crate::protocol::Payload;
+use daffi_wire::{frame_channel, Outgoing, Payload, QueueLimits};
 
 /// The controller's routing table with `nodes` nodes `node0..`, each serving `add`.
 pub struct ControllerRoutes(Members);

@@ -19,10 +19,11 @@ use crate::hooks::{Hook, Hooks};
 use crate::info::{ControllerStats, MemberInfo};
 use crate::node::{NodeConfig, NodeCore, NodeEvent, Route};
 use crate::period::ScheduledTaskInfo;
-use crate::protocol::io::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use crate::protocol::message::{ControlAnswer, ControlRequest};
-use crate::protocol::{check_name, NameKind, DEFAULT_MAX_FRAME_SIZE, MAX_AUTH_TOKEN};
+use crate::protocol::{check_name, NameKind, MAX_AUTH_TOKEN};
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
+use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
+use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 
 /// The TLS of a `Global`: its controller's side and its node's side.
 type TlsSides = (Option<Arc<ServerTls>>, Option<Arc<ClientTls>>);

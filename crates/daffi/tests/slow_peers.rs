@@ -494,7 +494,7 @@ fn a_paused_node_costs_only_itself() {
 fn never_reading_node(path: &std::path::Path, name: &str) -> UnixStream {
     let mut stream = UnixStream::connect(path).expect("connect");
     stream
-        .write_all(&common::raw_opening(name, None, &["raw_cb"]))
+        .write_all(&common::wire::opening(name, None, &["raw_cb"]))
         .expect("handshake");
     stream
 }

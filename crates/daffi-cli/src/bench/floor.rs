@@ -17,8 +17,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
-use daffi::protocol::io::{FrameReader, Outgoing, KEEP_LARGE_BUFFERS};
+use daffi_wire::frame::FLAG_NO_REPLY;
+use daffi_wire::reader::KEEP_LARGE_BUFFERS;
+use daffi_wire::{Frame, FrameReader, Header, Kind, Outgoing};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::protocol::frame::{Kind, LEN_PREFIX};
-use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{read, write};
+use daffi_wire::frame::LEN_PREFIX;
+use daffi_wire::{FrameSender, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -303,7 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_is_served_until_its_last_provider_leaves_or_drops_it() {
-        use crate::protocol::io::{frame_channel, QueueLimits};
+        use daffi_wire::{frame_channel, QueueLimits};
         let members = Members::default();
         let served = |name: &str| members.with_served(|served| served(name));
         for (id, node) in [(1, "a"), (2, "b")] {

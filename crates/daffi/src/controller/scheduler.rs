@@ -24,11 +24,11 @@ use tokio::time::Instant;
 
 use super::counters::Tally;
 use super::members::Members;
-use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY};
-use crate::protocol::io::{Outgoing, Push};
 use crate::protocol::message::{self, ScheduleEvent, TaskEntry, TaskInfo, Timing};
 use crate::protocol::{check_name, NameKind, MAX_TASK_ID, TASK_OVERHEAD};
 use crate::tombstones::{Tombstones, CONTROLLER_TOMBSTONES};
+use daffi_wire::frame::FLAG_NO_REPLY;
+use daffi_wire::{Header, Kind, Outgoing, Push};
 
 /// When a task runs.
 #[derive(Debug, Clone, PartialEq, Eq)]

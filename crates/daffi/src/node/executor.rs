@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use super::{CallbackKind, NodeCore, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, Outcome};
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::{FrameSender, Outgoing};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY};
+use daffi_wire::{Frame, FrameSender, Header, Kind, Outgoing};
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
 /// many times `max_concurrent_callbacks` (async) or `max_sync_callbacks` (sync). Their

@@ -11,15 +11,14 @@ use super::executor::{self, SyncBatch};
 use super::{Connection, NodeCore, Route};
 use crate::error::Error;
 use crate::protocol;
-use crate::protocol::frame::{Frame, Kind, FLAG_ERROR};
-use crate::protocol::io::{
-    frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
-};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
+use daffi_wire::frame::FLAG_ERROR;
+use daffi_wire::reader::KEEP_LARGE_BUFFERS;
+use daffi_wire::{frame_channel, Frame, FrameReader, FrameSender, Kind, QueueLimits, ReadError};
 
 /// How long a closing link may take to flush what was queued.
 const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);

@@ -21,12 +21,11 @@ use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
 use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
-use crate::protocol::frame::Kind;
-use crate::protocol::io::{FrameSender, Outgoing, Push};
 use crate::protocol::message::{self, Announce, ControlAnswer};
 use crate::sync::{read, write};
 use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
+use daffi_wire::{FrameSender, Kind, Outgoing, Push};
 pub use membership::{Changes, Membership};
 use pending::Pending;
 
@@ -89,7 +88,7 @@ impl NodeConfig {
 #[derive(Debug, Clone)]
 pub struct CallRequest {
     pub callback: Arc<str>,
-    pub args: crate::protocol::Payload,
+    pub args: daffi_wire::Payload,
     pub on: Option<String>,
     pub timeout: Option<Duration>,
     pub eta: Option<Duration>,

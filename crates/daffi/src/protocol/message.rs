@@ -7,14 +7,13 @@ use std::collections::HashMap;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::frame::{Header, Kind};
-use super::io::Outgoing;
+use daffi_wire::{Header, Kind, Outgoing};
 
 /// `Hello`: who the node is. Small and bounded ([`MAX_HELLO_SIZE`]): what the node
 /// serves follows in an `Announce`, which the controller reads only once the token
 /// matched.
 ///
-/// [`MAX_HELLO_SIZE`]: crate::protocol::MAX_HELLO_SIZE
+/// [`MAX_HELLO_SIZE`]: super::MAX_HELLO_SIZE
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     /// The node's unique process name.

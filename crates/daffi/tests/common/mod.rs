@@ -6,6 +6,8 @@
 //! closes (the test process died).
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -336,17 +338,6 @@ pub fn resume(pid: u32) {
     // SAFETY: a plain system call.
     let sent = unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(sent, 0, "kill -CONT {pid}");
-}
-
-/// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
-/// behind it.
-pub fn raw_opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
-    let hello = daffi::protocol::message::Hello {
-        process_name: name.to_string(),
-        auth_token: token.map(str::to_string),
-        max_frame_size: 0,
-    };
-    daffi::protocol::opening(&hello, callbacks.iter().map(|c| c.to_string()).collect())
 }
 
 /// Peak resident memory of a process in KiB, from /proc (`None` where there is none).
