@@ -83,7 +83,7 @@ mod hooks;
 mod info;
 mod node;
 mod period;
-pub mod protocol;
+mod protocol;
 mod sync;
 mod tombstones;
 mod transport;

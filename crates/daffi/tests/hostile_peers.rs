@@ -111,7 +111,7 @@ impl Controller {
     fn port(&self) -> u16 {
         match self.address {
             Address::Tcp { port, .. } => port,
-            Address::Unix(_) => unreachable!("TCP"),
+            _ => unreachable!("TCP"),
         }
     }
 

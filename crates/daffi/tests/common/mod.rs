@@ -115,6 +115,7 @@ pub fn builder_for(address: &Address) -> GlobalBuilder {
     match address {
         Address::Tcp { host, port } => b.host(host.clone()).port(*port),
         Address::Unix(path) => b.unix_sock_path(path.clone()),
+        other => panic!("no test uses {other}"),
     }
 }
 
@@ -122,6 +123,7 @@ fn encode_address(address: &Address) -> String {
     match address {
         Address::Tcp { host, port } => format!("tcp:{host}:{port}"),
         Address::Unix(path) => format!("unix:{}", path.display()),
+        other => panic!("no test uses {other}"),
     }
 }
 
