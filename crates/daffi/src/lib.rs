@@ -109,11 +109,6 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../../../docs/SECURITY.md")]
 pub struct SecurityDoctests;
 
-/// Hooks for the micro-benchmarks in `benches/`. Not public API: no stability promise.
-#[doc(hidden)]
-#[path = "bench_support.rs"]
-pub mod __bench;
-
 /// What `#[callback]` expands to refers to these. Not public API: no stability promise.
 #[doc(hidden)]
 pub mod __private {

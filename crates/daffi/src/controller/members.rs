@@ -42,14 +42,6 @@ pub struct Members {
 }
 
 impl Members {
-    /// Whether the node called `name` takes a frame now: it is connected, and for a new
-    /// request (`request`) not leaving. The lookup [`Members::forward`] makes first.
-    pub fn accepts(&self, name: &str, request: bool) -> bool {
-        read(&self.routes)
-            .get(name)
-            .is_some_and(|r| r.takes(request))
-    }
-
     /// Queues `frame` for the node called `name`, without taking a handle on its queue
     /// (nothing to clone and drop per frame), and never waits. `request`: a new
     /// request, which a leaving node does not take, nor a node whose queue is full (it
