@@ -21,6 +21,7 @@ use crate::node::{NodeConfig, NodeCore, NodeEvent, Route};
 use crate::period::ScheduledTaskInfo;
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 use crate::protocol::{check_name, NameKind, MAX_AUTH_TOKEN};
+use crate::sync::lock;
 use crate::transport::{Address, ClientTls, ServerTls, UNIX_NO_TLS};
 use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
@@ -1102,10 +1103,6 @@ impl OwnedRuntime {
     fn shutdown(self) {
         let _ = self.shutdown.send(());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn random_suffix() -> String {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 use daffi_wire::frame::LEN_PREFIX;
 use daffi_wire::{FrameSender, Kind, Outgoing, Push};
 
@@ -283,10 +283,6 @@ fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
             false
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use crate::protocol::message::{ControlRequest, ScheduleEvent, TaskEntry, Timing};
 use crate::protocol::TASK_OVERHEAD;
+use crate::sync::lock;
 use crate::tombstones::{Tombstones, NODE_TOMBSTONES};
 
 /// When a task runs, by this node's clock.
@@ -300,10 +301,6 @@ impl ScheduleBook {
         ids.sort_unstable();
         ids
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

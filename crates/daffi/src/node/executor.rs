@@ -587,7 +587,7 @@ impl SyncRunner {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -22,7 +22,7 @@ use crate::callback::{CallbackGroup, Handler};
 use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, Announce, ControlAnswer};
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
 use daffi_wire::{FrameSender, Kind, Outgoing, Push};
@@ -684,8 +684,4 @@ impl Backoff {
         let jitter = fastrand::u64(0..=base / 2);
         Duration::from_millis(base - base / 4 + jitter)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
