@@ -79,7 +79,6 @@ mod codec;
 mod controller;
 mod error;
 mod global;
-mod hooks;
 mod info;
 mod node;
 mod period;
