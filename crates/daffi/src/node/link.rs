@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::executor::{self, SyncBatch};
+use super::dispatch::{self, SyncBatch};
 use super::{Connection, NodeCore, Route};
 use crate::error::Error;
 use crate::protocol;
@@ -271,7 +271,7 @@ fn dispatch(
     batch: &mut SyncBatch,
 ) -> Result<(), String> {
     match frame.kind() {
-        Kind::Request => executor::serve(core, frame, batch),
+        Kind::Request => dispatch::serve(core, frame, batch),
         Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {

@@ -3,10 +3,11 @@
 
 mod book;
 mod caller;
-mod executor;
+mod dispatch;
 mod link;
 mod membership;
 mod pending;
+mod sync_runner;
 
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
@@ -133,7 +134,7 @@ pub struct NodeCore {
     /// Callbacks running or waiting to run now.
     serving: Serving,
     /// Sync callbacks waiting for a thread, and the threads running them.
-    sync_runner: executor::SyncRunner,
+    sync_runner: sync_runner::SyncRunner,
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     /// Slots for this node's own calls in flight.
@@ -166,7 +167,7 @@ impl NodeCore {
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
             serving: Serving::default(),
-            sync_runner: executor::SyncRunner::default(),
+            sync_runner: sync_runner::SyncRunner::default(),
             link_done: watch::channel(false).0,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config_in_flight)),
             events,
@@ -451,7 +452,7 @@ impl NodeConfig {
             self.max_concurrent_callbacks
         };
         if kind.one_way {
-            limit.saturating_mul(executor::NO_RETURN_BACKLOG_FACTOR)
+            limit.saturating_mul(dispatch::NO_RETURN_BACKLOG_FACTOR)
         } else {
             limit
         }
