@@ -1,6 +1,8 @@
 //! The wire protocol: frames, control messages, and the framed reader and batching writer.
 //! See `docs/PROTOCOL.md`.
 
+#[cfg(test)]
+mod golden;
 pub mod message;
 
 use daffi_wire::frame::{MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
