@@ -109,30 +109,29 @@ fn nested_result(levels: u32) -> Nested {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    match role.as_str() {
-        "controller" => common::run_controller_role(),
-        "worker" => {
-            let stop_timeout = std::env::var("DAFFI_TEST_STOP_TIMEOUT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis)
-                .unwrap_or(Duration::from_secs(5));
-            let g = common::builder_for(&common::address_from_env())
-                .process_name(std::env::var(common::ENV_NAME).expect("name"))
-                .stop_timeout(stop_timeout)
-                .max_sync_callbacks(64)
-                .start()
-                .expect("worker starts");
-            let me = g.clone();
-            g.register("stop_self", move || me.stop())
-                .expect("register");
-            g.join().expect("join");
-        }
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("worker", worker),
+    ]);
+}
+
+/// A node that serves `stop_self`, with the stop timeout the test gave it.
+fn worker() {
+    let stop_timeout = std::env::var("DAFFI_TEST_STOP_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(5));
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .stop_timeout(stop_timeout)
+        .max_sync_callbacks(64)
+        .start()
+        .expect("worker starts");
+    let me = g.clone();
+    g.register("stop_self", move || me.stop())
+        .expect("register");
+    g.join().expect("join");
 }
 
 // ---- reconnection --------------------------------------------------------------------

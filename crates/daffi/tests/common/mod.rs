@@ -61,16 +61,6 @@ impl Worker {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends the process signal `name` (`STOP`, `CONT`, ...).
-    pub fn signal(&self, name: &str) {
-        let pid = self.pid().expect("the process is running");
-        let status = Command::new("kill")
-            .args([format!("-{name}"), pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}");
-    }
-
     /// Waits (bounded) for the process to exit by itself, and checks that it succeeded.
     pub fn wait_success(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -378,6 +368,36 @@ impl<T: Clone> Log<T> {
             })
             .expect("lock");
         guard.clone()
+    }
+}
+
+/// In a child: schedules `tick(tag)` every `every` on the node named in
+/// `DAFFI_TEST_TARGET`, then stops, so that the schedule outlives its creator.
+pub fn schedule_tick_and_stop(tag: &str, every: Duration) {
+    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
+    let g = builder_for(&address_from_env())
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .start()
+        .expect("scheduler starts");
+    g.wait_process_timeout(&target, WAIT).expect("target known");
+    let _task = g
+        .call("tick")
+        .args((tag,))
+        .on(&target)
+        .period(daffi::Period::every(every))
+        .expect("schedule");
+    g.stop();
+}
+
+/// In a child started by a test: runs the function of its role in `roles` (after
+/// arranging to exit with the test). Does nothing when the helper test is run by hand.
+pub fn run_role(roles: &[(&str, fn())]) {
+    let Some(role) = child_role() else {
+        return;
+    };
+    match roles.iter().find(|(name, _)| *name == role) {
+        Some((_, run)) => run(),
+        None => panic!("unknown role {role}"),
     }
 }
 
