@@ -23,7 +23,7 @@ const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
 /// they were sent. Cheap to clone; the writer task ends (after writing what is queued)
 /// when every clone is dropped.
 ///
-/// What is held for the peer is bounded by [`QueueLimits`]: the bytes of the frames
+/// What is held for the peer is bounded by [`QueueLimits`](super::QueueLimits): the bytes of the frames
 /// accepted but not yet written (counted until the socket took them), and a
 /// [`FRAME_COST`] per frame. A peer that reads nothing
 /// for the stall timeout is closed, as is one that would make a frame which cannot be
