@@ -4,19 +4,21 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::wire;
 use common::{
     daffi, daffi_command, start_controller, stderr, stdout, tcp_controller, tcp_controller_with,
     Endpoint, KillOnDrop, WAIT,
 };
-use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
-use daffi::protocol::message::{self, ControlAnswer, ControlRequest, MembershipEvent};
 use daffi::Global;
+use daffi_wire::frame::FLAG_NO_REPLY;
+use daffi_wire::{Frame, Header, Kind};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A controller and two nodes: `calc` serves a set of callbacks, `calc2` serves `add`
@@ -469,13 +471,8 @@ impl RawNode {
             panic!("TCP only")
         };
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", *port)).expect("connect");
-        let hello = message::Hello {
-            process_name: name.to_string(),
-            auth_token: None,
-            max_frame_size: 0,
-        };
         stream
-            .write_all(&daffi::protocol::opening(&hello, Vec::new()))
+            .write_all(&wire::opening(name, None, &[]))
             .expect("opening");
         let mut node = RawNode {
             name: name.to_string(),
@@ -504,7 +501,7 @@ impl RawNode {
 
     /// Asks for the controller's counters: they count every request sent before.
     fn stats(&mut self) -> ControlAnswer {
-        let body = message::encode(&ControlRequest::Stats);
+        let body = wire::encode(&ControlRequest::Stats);
         let header = Header {
             kind: Kind::ControlRequest,
             flags: 0,
@@ -520,7 +517,7 @@ impl RawNode {
         loop {
             let frame = self.next_frame();
             if frame.kind() == Kind::ControlReply {
-                return message::decode(&frame.payload()).expect("a stats answer");
+                return wire::decode(&frame.payload());
             }
         }
     }
@@ -536,7 +533,7 @@ impl RawNode {
             if frame.kind() != Kind::Membership {
                 continue;
             }
-            let event: MembershipEvent = message::decode(&frame.payload()).expect("an event");
+            let event: MembershipEvent = wire::decode(&frame.payload());
             if let MembershipEvent::Left { name } = event {
                 waiting.remove(name.as_str());
             }
@@ -544,16 +541,35 @@ impl RawNode {
     }
 
     fn next_frame(&mut self) -> Frame {
-        self.stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).expect("a frame");
-        let mut raw = len.to_vec();
-        raw.resize(4 + u32::from_be_bytes(len) as usize, 0);
-        self.stream
-            .read_exact(&mut raw[4..])
-            .expect("the whole frame");
-        Frame::parse(raw.into()).expect("a valid frame")
+        wire::read_frame(&mut self.stream)
     }
+}
+
+/// The control payloads [`RawNode`] sends and reads, written from `docs/PROTOCOL.md`.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum ControlRequest {
+    Stats,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+enum ControlAnswer {
+    Stats {
+        omitted_names: u64,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum MembershipEvent {
+    Left {
+        name: String,
+    },
+    #[serde(other)]
+    Other,
 }
 
 /// Callback `i` of `node`, `len` bytes long.

@@ -1,79 +1,18 @@
 //! Micro-benchmarks of the pieces every call goes through, so that a regression shows up
-//! in review: `cargo bench -p daffi --bench hot_paths`.
+//! in review: `cargo bench -p daffi --bench hot_paths`. Frames have their own in
+//! daffi-wire (`cargo bench -p daffi-wire --bench frames`).
 //!
-//! The whole path (three processes, sockets, scheduling) is measured by `daffi bench`;
-//! see BENCHMARKS.md.
+//! Arguments and results are encoded and decoded by the functions the `#[callback]`
+//! expansion calls (`daffi::__private`, not public API); `.args(..)` encodes the same
+//! way. The whole path (three processes, sockets, scheduling) is measured by
+//! `daffi bench`; see BENCHMARKS.md.
 
 use bytes::Bytes;
-use daffi::__bench::{decode_args, encode_value, ControllerRoutes, NodeView};
-use daffi::protocol::frame::{Frame, Header, Kind};
+use daffi::__private::{decode_args, encode_reply, Outcome};
 use divan::{black_box, Bencher};
 
 fn main() {
     divan::main();
-}
-
-fn request_header() -> Header<'static> {
-    Header {
-        kind: Kind::Request,
-        flags: 0,
-        call_id: 123_456,
-        timeout_ms: 0,
-        src: "bench1234-ab-unix-caller",
-        dst: "bench1234-ab-unix-callee0",
-        name: "bench_add",
-    }
-}
-
-/// A small request as it comes off the wire.
-fn request_frame() -> Bytes {
-    let args = Bytes::from_static(&[0x92, 0x01, 0x01]);
-    let mut raw = request_header().encode(args.len()).to_vec();
-    raw.extend_from_slice(&args);
-    Bytes::from(raw)
-}
-
-mod frame {
-    use super::*;
-
-    /// The caller's and the callee's side: length prefix and routing header.
-    #[divan::bench]
-    fn encode_request_header() -> Bytes {
-        black_box(request_header()).encode(black_box(3))
-    }
-
-    /// What the controller does with every frame: check and locate the header fields.
-    #[divan::bench]
-    fn parse_request(bencher: Bencher) {
-        let raw = request_frame();
-        bencher.bench_local(|| Frame::parse(black_box(raw.clone())).map(|f| f.call_id()));
-    }
-}
-
-mod routing {
-    use super::*;
-
-    /// The controller finds the queue of a request's destination.
-    #[divan::bench(args = [10, 1000])]
-    fn controller_lookup(bencher: Bencher, nodes: usize) {
-        let routes = ControllerRoutes::with_nodes(nodes).expect("runtime");
-        let dst = format!("node{}", nodes / 2);
-        bencher.bench_local(|| routes.route_request(black_box(&dst)));
-    }
-
-    /// A caller picks a node serving the callback.
-    #[divan::bench(args = [1, 1000])]
-    fn node_pick_provider(bencher: Bencher, nodes: usize) {
-        let view = NodeView::with_nodes(nodes);
-        bencher.bench_local(|| view.pick(black_box("add")));
-    }
-
-    /// A node learns that another joined (each of N joins costs every node this).
-    #[divan::bench(args = [10, 1000])]
-    fn node_applies_a_join(bencher: Bencher, nodes: usize) {
-        let view = NodeView::with_nodes(nodes);
-        bencher.bench_local(|| view.join(black_box("newcomer")));
-    }
 }
 
 mod arguments {
@@ -81,15 +20,17 @@ mod arguments {
 
     /// `.args((a, b))` for two integers.
     #[divan::bench]
-    fn encode_two_integers() -> Result<Bytes, String> {
-        encode_value(&black_box((123_456_i64, 7_i64)))
+    fn encode_two_integers() -> Outcome {
+        encode_reply(&black_box((123_456_i64, 7_i64)))
     }
 
     /// A callback decoding them.
     #[divan::bench]
     fn decode_two_integers(bencher: Bencher) {
-        let payload = encode_value(&(123_456_i64, 7_i64)).expect("encode");
-        bencher.bench_local(|| decode_args::<(i64, i64)>(black_box(&payload)));
+        let payload = encode_reply(&(123_456_i64, 7_i64))
+            .expect("encode")
+            .into_bytes();
+        bencher.bench_local(|| decode_args::<(i64, i64)>("bench", black_box(&payload)).ok());
     }
 
     /// `.args((bytes,))` for a 64 KiB payload (the copy into the frame dominates).
@@ -98,12 +39,12 @@ mod arguments {
         let blob = Bytes::from(vec![7u8; 64 * 1024]);
         bencher
             .counter(divan::counter::BytesCount::new(blob.len()))
-            .bench_local(|| encode_value(&(black_box(blob.clone()),)));
+            .bench_local(|| encode_reply(&(black_box(blob.clone()),)));
     }
 
     /// A struct with named fields (sent as a map).
     #[divan::bench]
-    fn encode_named_struct() -> Result<Bytes, String> {
+    fn encode_named_struct() -> Outcome {
         #[derive(serde::Serialize)]
         struct Order {
             id: u64,
@@ -111,7 +52,7 @@ mod arguments {
             quantity: i64,
             price: f64,
         }
-        encode_value(&black_box(Order {
+        encode_reply(&black_box(Order {
             id: 42,
             symbol: "DAFI",
             quantity: 100,

@@ -17,7 +17,8 @@ use crate::global::Global;
 use crate::node::{CallRequest, NodeCore, NodeOutcome};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
-use crate::protocol::{Payload, MAX_TASK_ID};
+use crate::protocol::MAX_TASK_ID;
+use daffi_wire::Payload;
 
 /// MessagePack for an empty argument list.
 const NO_ARGS: &[u8] = &[0x90];

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::codec::{self, encode_value};
 use crate::protocol::message::RemoteErrorKind;
-use crate::protocol::Payload;
+use daffi_wire::Payload;
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

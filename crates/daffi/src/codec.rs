@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::protocol::Payload;
+use daffi_wire::Payload;
 
 mod depth;
 

@@ -79,11 +79,10 @@ mod codec;
 mod controller;
 mod error;
 mod global;
-mod hooks;
 mod info;
 mod node;
 mod period;
-pub mod protocol;
+mod protocol;
 mod sync;
 mod tombstones;
 mod transport;
@@ -108,11 +107,6 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/SECURITY.md")]
 pub struct SecurityDoctests;
-
-/// Hooks for the micro-benchmarks in `benches/`. Not public API: no stability promise.
-#[doc(hidden)]
-#[path = "bench_support.rs"]
-pub mod __bench;
 
 /// What `#[callback]` expands to refers to these. Not public API: no stability promise.
 #[doc(hidden)]

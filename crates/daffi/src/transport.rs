@@ -25,8 +25,10 @@ pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection.
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// Where the controller listens and where nodes connect.
+/// Where the controller listens and where nodes connect. More kinds of address may
+/// come (a match needs a `_` arm).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Address {
     /// A TCP host and port. Port 0 asks the controller for a free port.
     Tcp {

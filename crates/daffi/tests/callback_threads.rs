@@ -74,29 +74,28 @@ async fn ping() -> String {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn callback_threads_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    let name = std::env::var(common::ENV_NAME).expect("name");
-    match role.as_str() {
-        "controller" => common::run_controller_role(),
-        "limited" => {
-            let g = common::builder_for(&common::address_from_env())
-                .process_name(name)
-                .max_sync_callbacks(4)
-                .start()
-                .expect("worker starts");
-            g.join().expect("join");
-        }
-        "crowded" => crowded_worker(name),
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("limited", limited_worker),
+        ("crowded", crowded_worker),
+    ]);
+}
+
+/// A node that runs at most 4 sync callbacks at once.
+fn limited_worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .max_sync_callbacks(4)
+        .start()
+        .expect("worker starts");
+    g.join().expect("join");
 }
 
 /// A node started from the user's own runtime, whose blocking pool (2 threads) the
 /// user's own work fills for good once it is connected; it finds its controller by the
 /// host name `localhost`, and runs at most 2 sync callbacks.
-fn crowded_worker(name: String) {
+fn crowded_worker() {
+    let name = std::env::var(common::ENV_NAME).expect("name");
     let Address::Tcp { port, .. } = common::address_from_env() else {
         panic!("the crowded worker needs a TCP controller")
     };

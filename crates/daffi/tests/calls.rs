@@ -92,15 +92,16 @@ fn wait_hanging(timeout_ms: u64) -> usize {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn worker_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
+    common::run_role(&[("worker", worker)]);
+}
+
+/// A node serving closures beside the `#[callback]` functions.
+fn worker() {
     let name = std::env::var(common::ENV_NAME).expect("worker name");
     let g = common::builder_for(&common::address_from_env())
         .process_name(name)
         .start()
         .expect("worker starts");
-    assert_eq!(role, "worker");
     g.register("closure_mul", |a: i64, b: i64| a * b)
         .expect("register sync closure");
     g.register("closure_concat", |a: String, b: String| async move {

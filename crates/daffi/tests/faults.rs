@@ -10,8 +10,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Log, StandaloneController, Transport, WAIT};
-use daffi::protocol::frame::{Header, Kind};
 use daffi::{callback, Error, Global};
+use daffi_wire::{preamble, Header, Kind, PROTOCOL_VERSION};
 
 const ENTRY: &str = "child_process";
 
@@ -109,30 +109,29 @@ fn nested_result(levels: u32) -> Nested {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    match role.as_str() {
-        "controller" => common::run_controller_role(),
-        "worker" => {
-            let stop_timeout = std::env::var("DAFFI_TEST_STOP_TIMEOUT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis)
-                .unwrap_or(Duration::from_secs(5));
-            let g = common::builder_for(&common::address_from_env())
-                .process_name(std::env::var(common::ENV_NAME).expect("name"))
-                .stop_timeout(stop_timeout)
-                .max_sync_callbacks(64)
-                .start()
-                .expect("worker starts");
-            let me = g.clone();
-            g.register("stop_self", move || me.stop())
-                .expect("register");
-            g.join().expect("join");
-        }
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("worker", worker),
+    ]);
+}
+
+/// A node that serves `stop_self`, with the stop timeout the test gave it.
+fn worker() {
+    let stop_timeout = std::env::var("DAFFI_TEST_STOP_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(5));
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .stop_timeout(stop_timeout)
+        .max_sync_callbacks(64)
+        .start()
+        .expect("worker starts");
+    let me = g.clone();
+    g.register("stop_self", move || me.stop())
+        .expect("register");
+    g.join().expect("join");
 }
 
 // ---- reconnection --------------------------------------------------------------------
@@ -285,12 +284,6 @@ fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-fn preamble(version: u16) -> Vec<u8> {
-    let mut p = daffi::protocol::MAGIC.to_vec();
-    p.extend_from_slice(&version.to_be_bytes());
-    p
-}
-
 #[test]
 fn bad_input_closes_only_that_connection() {
     let caller = Global::builder()
@@ -342,7 +335,7 @@ fn bad_input_closes_only_that_connection() {
 
     // A length prefix over the limit.
     let mut oversized = connect();
-    let mut bytes = preamble(daffi::protocol::PROTOCOL_VERSION);
+    let mut bytes = preamble(PROTOCOL_VERSION).to_vec();
     bytes.extend_from_slice(&(u32::MAX).to_be_bytes());
     oversized.write_all(&bytes).expect("write");
     read_until_closed(&mut oversized);
@@ -350,7 +343,7 @@ fn bad_input_closes_only_that_connection() {
 
     // A truncated frame, then the sender stops writing.
     let mut truncated = connect();
-    let mut bytes = preamble(daffi::protocol::PROTOCOL_VERSION);
+    let mut bytes = preamble(PROTOCOL_VERSION).to_vec();
     bytes.extend_from_slice(&100u32.to_be_bytes());
     bytes.extend_from_slice(&[1, 0, 0]);
     truncated.write_all(&bytes).expect("write");
@@ -362,7 +355,7 @@ fn bad_input_closes_only_that_connection() {
     // A handshake that never completes is closed after the handshake timeout.
     let mut silent = connect();
     silent
-        .write_all(&preamble(daffi::protocol::PROTOCOL_VERSION))
+        .write_all(&preamble(PROTOCOL_VERSION))
         .expect("write");
     let started = Instant::now();
     read_until_closed(&mut silent);
@@ -371,7 +364,7 @@ fn bad_input_closes_only_that_connection() {
 
     // A joined node that then sends a frame of an unknown kind.
     let mut rogue = connect();
-    let mut bytes = common::raw_opening(&common::unique("rogue"), None, &[]);
+    let mut bytes = common::wire::opening(&common::unique("rogue"), None, &[]);
     let mut bad = Header::control(Kind::Request).encode(0).to_vec();
     bad[4] = 250; // no such kind
     bytes.extend_from_slice(&bad);

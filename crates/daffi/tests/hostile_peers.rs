@@ -10,11 +10,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::wire::{
+    self, callback_list_limit, read_frame, Announce, RefuseCode, Refused, MAX_HELLO_SIZE,
+};
 use common::{unique, Worker, WAIT};
-use daffi::protocol::frame::{Header, Kind, LEN_PREFIX};
-use daffi::protocol::message::{self, RefuseCode, Refused};
-use daffi::protocol::{callback_list_limit, MAX_HELLO_SIZE};
 use daffi::{callback, Address, Error, Global, GlobalBuilder};
+use daffi_wire::frame::LEN_PREFIX;
+use daffi_wire::{preamble, Header, Kind, PROTOCOL_VERSION};
 
 /// The ignored test that runs child processes.
 const ENTRY: &str = "hostile_process";
@@ -109,7 +111,7 @@ impl Controller {
     fn port(&self) -> u16 {
         match self.address {
             Address::Tcp { port, .. } => port,
-            Address::Unix(_) => unreachable!("TCP"),
+            _ => unreachable!("TCP"),
         }
     }
 
@@ -166,8 +168,7 @@ fn raise_open_files(wanted: u64) -> u64 {
 
 /// The preamble and the first `body` bytes of a `Hello` frame said to be `claimed` bytes.
 fn partial_hello(claimed: usize, body: usize) -> Vec<u8> {
-    let mut out = daffi::protocol::MAGIC.to_vec();
-    out.extend_from_slice(&daffi::protocol::PROTOCOL_VERSION.to_be_bytes());
+    let mut out = preamble(PROTOCOL_VERSION).to_vec();
     let head = Header::control(Kind::Hello)
         .encode(claimed - (Header::control(Kind::Hello).frame_len(0) - LEN_PREFIX));
     out.extend_from_slice(&head);
@@ -185,7 +186,7 @@ const BATCH: usize = 100;
 fn wait_accepted(port: u16) {
     let mut probe = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     probe
-        .write_all(&common::raw_opening("probe", Some("wrong"), &[]))
+        .write_all(&common::wire::opening("probe", Some("wrong"), &[]))
         .expect("write");
     probe.set_read_timeout(Some(WAIT)).expect("read timeout");
     let mut head = [0u8; LEN_PREFIX + 1];
@@ -369,7 +370,7 @@ fn a_burst_of_connects_waits_in_the_backlog_until_the_controller_accepts() {
     // until there is: with a backlog of 128, connect 130 never completed here (WAIT is a
     // generous bound for what the kernel does at once, not a measure of speed).
     common::pause(ctl.pid());
-    let opening = common::raw_opening("burst", Some("wrong"), &[]);
+    let opening = common::wire::opening("burst", Some("wrong"), &[]);
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], ctl.port()));
     let mut burst_streams: Vec<TcpStream> = (0..burst)
         .map(|i| {
@@ -518,10 +519,10 @@ fn callback_lists_over_the_limit_are_refused_and_cost_only_their_node() {
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut raw = TcpStream::connect(("127.0.0.1", ctl.port())).expect("connect");
-    let _ = raw.write_all(&common::raw_opening(&unique("raw"), None, &refs));
+    let _ = raw.write_all(&common::wire::opening(&unique("raw"), None, &refs));
     let refused = read_frame(&mut raw);
     assert_eq!(refused.kind(), Kind::Refused);
-    let refused: Refused = message::decode(&refused.payload()).expect("a Refused");
+    let refused: Refused = wire::decode(&refused.payload());
     assert_eq!(refused.code, RefuseCode::CallbackListTooLarge);
     assert!(
         refused.message.contains("fewer or shorter names"),
@@ -534,14 +535,14 @@ fn callback_lists_over_the_limit_are_refused_and_cost_only_their_node() {
     // names: 300,000 bytes as the limit counts them, 120 KB on the wire) is dropped.
     let rogue = unique("rogue");
     let mut raw = TcpStream::connect(("127.0.0.1", ctl.port())).expect("connect");
-    raw.write_all(&common::raw_opening(&rogue, None, &["fine"]))
+    raw.write_all(&common::wire::opening(&rogue, None, &["fine"]))
         .expect("write");
     assert_eq!(read_frame(&mut raw).kind(), Kind::Welcome);
     caller
         .wait_process_timeout(&rogue, WAIT)
         .expect("rogue joins");
-    let body = message::encode(&message::Announce {
-        callbacks: vec!["a".to_string(); 60_000],
+    let body = wire::encode(&Announce {
+        callbacks: vec!["a"; 60_000],
     });
     assert!(body.len() < FRAME);
     let mut announce = Header::control(Kind::Announce).encode(body.len()).to_vec();
@@ -574,18 +575,4 @@ fn skip_until_closed(stream: &mut TcpStream) {
             Err(e) => panic!("expected the controller to close the connection: {e}"),
         }
     }
-}
-
-/// Reads one frame.
-fn read_frame(stream: &mut TcpStream) -> daffi::protocol::Frame {
-    stream.set_nonblocking(false).expect("blocking");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let mut len = [0u8; LEN_PREFIX];
-    stream.read_exact(&mut len).expect("a frame");
-    let mut raw = len.to_vec();
-    raw.resize(LEN_PREFIX + u32::from_be_bytes(len) as usize, 0);
-    stream
-        .read_exact(&mut raw[LEN_PREFIX..])
-        .expect("the whole frame");
-    daffi::protocol::Frame::parse(raw.into()).expect("a valid frame")
 }

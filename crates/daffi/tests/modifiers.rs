@@ -101,37 +101,26 @@ impl Calc {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    match role.as_str() {
-        "controller" => common::run_controller_role(),
-        "worker" => {
-            let g = common::builder_for(&common::address_from_env())
-                .process_name(own_name())
-                .start()
-                .expect("worker starts");
-            g.register_instance(Calc { k: 3 }).expect("instance");
-            g.join().expect("join");
-        }
-        "scheduler" => {
-            // Makes a schedule on the pinned worker, then exits.
-            let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-            let g = common::builder_for(&common::address_from_env())
-                .process_name(own_name())
-                .start()
-                .expect("scheduler starts");
-            g.wait_process_timeout(&target, WAIT).expect("target known");
-            let _task = g
-                .call("tick")
-                .args(("outlive",))
-                .on(&target)
-                .period(Period::every(Duration::from_millis(50)))
-                .expect("schedule");
-            g.stop();
-        }
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("worker", worker),
+        ("scheduler", scheduler),
+    ]);
+}
+
+/// A node serving the `Calc` group.
+fn worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(own_name())
+        .start()
+        .expect("worker starts");
+    g.register_instance(Calc { k: 3 }).expect("instance");
+    g.join().expect("join");
+}
+
+/// Makes a schedule on the pinned target, then exits.
+fn scheduler() {
+    common::schedule_tick_and_stop("outlive", Duration::from_millis(50));
 }
 
 // ---- BROADCAST -----------------------------------------------------------------------

@@ -59,37 +59,25 @@ fn own_name() -> String {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    let address = common::address_from_env();
-    match role.as_str() {
-        "controller" => common::run_controller_role(),
-        "node" => {
-            let g = common::builder_for(&address)
-                .process_name(own_name())
-                .start()
-                .expect("node starts");
-            g.join().expect("join");
-        }
-        "scheduler" => {
-            // Makes a schedule on the pinned target, then exits.
-            let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-            let g = common::builder_for(&address)
-                .process_name(own_name())
-                .start()
-                .expect("scheduler starts");
-            g.wait_process_timeout(&target, WAIT).expect("target known");
-            let _task = g
-                .call("tick")
-                .args(("orphan",))
-                .on(&target)
-                .period(Period::every(PERIOD))
-                .expect("schedule");
-            g.stop();
-        }
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("node", node),
+        ("scheduler", scheduler),
+    ]);
+}
+
+/// A node serving the `#[callback]` functions of this file.
+fn node() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(own_name())
+        .start()
+        .expect("node starts");
+    g.join().expect("join");
+}
+
+/// Makes a schedule on the pinned target, then exits.
+fn scheduler() {
+    common::schedule_tick_and_stop("orphan", PERIOD);
 }
 
 // ---- helpers --------------------------------------------------------------------------
@@ -313,7 +301,7 @@ fn cancelled_while_a_node_was_away(first: First) {
 
     // A first restart while `stale` is stopped: the others give the task back, and it
     // is cancelled on that controller; `knew` hears of it, `stale` does not.
-    stale_node.signal("STOP");
+    common::pause(stale_node.pid().expect("running"));
     controller.kill();
     controller.restart();
     caller.wait_reconnect(&knew);
@@ -332,7 +320,7 @@ fn cancelled_while_a_node_was_away(first: First) {
             controller.restart();
             let probe = fresh_probe(&controller.address);
             ping_node(&probe, &knew); // its restore (the tombstone) came first
-            stale_node.signal("CONT");
+            common::resume(stale_node.pid().expect("running"));
             ping_node(&probe, &stale); // its restore came, and was refused
             assert!(
                 listed(&probe, task.id()).is_none(),
@@ -341,10 +329,10 @@ fn cancelled_while_a_node_was_away(first: First) {
             assert_no_more_ticks(&probe, &stale, &tag);
         }
         First::MissedTheCancel => {
-            knew_node.signal("STOP");
+            common::pause(knew_node.pid().expect("running"));
             controller.kill();
             controller.restart();
-            stale_node.signal("CONT");
+            common::resume(stale_node.pid().expect("running"));
             let probe = fresh_probe(&controller.address);
             ping_node(&probe, &stale);
             // Nobody told this controller the task ended: the stale copy runs again.
@@ -352,7 +340,7 @@ fn cancelled_while_a_node_was_away(first: First) {
             assert_eq!(info.restored_by.as_deref(), Some(stale.as_str()));
             let now = ticks(&probe, &stale, &tag);
             ticks_reaching(&probe, &stale, &tag, now + 1, WAIT);
-            knew_node.signal("CONT");
+            common::resume(knew_node.pid().expect("running"));
             ping_node(&probe, &knew); // its restore (the tombstone) ended the task
             assert!(
                 listed(&probe, task.id()).is_none(),

@@ -16,10 +16,10 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use common::wire::{self, read_frame, Announce, RefuseCode, Refused};
 use common::{unique, WAIT};
-use daffi::protocol::frame::{Frame, Header, Kind};
-use daffi::protocol::message::{self, RefuseCode, Refused};
 use daffi::{callback, Address, Error, Global, GlobalBuilder};
+use daffi_wire::{Frame, Header, Kind};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -214,6 +214,7 @@ fn encode_address(address: &Address) -> String {
     match address {
         Address::Tcp { host, port } => format!("tcp:{host}:{port}"),
         Address::Unix(path) => format!("unix:{}", path.display()),
+        other => panic!("no test uses {other}"),
     }
 }
 
@@ -420,7 +421,7 @@ fn parse_address(raw: &str) -> Address {
 fn tcp_port(address: &Address) -> u16 {
     match address {
         Address::Tcp { port, .. } => *port,
-        Address::Unix(_) => panic!("not TCP"),
+        _ => panic!("not TCP"),
     }
 }
 
@@ -548,20 +549,6 @@ fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -
     out
 }
 
-/// Reads one frame from the controller.
-fn read_frame(stream: &mut TcpStream) -> Frame {
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let mut len = [0u8; 4];
-    stream
-        .read_exact(&mut len)
-        .expect("a frame from the controller");
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut rest).expect("the whole frame");
-    let mut raw = len.to_vec();
-    raw.extend_from_slice(&rest);
-    Frame::parse(raw.into()).expect("a valid frame")
-}
-
 /// Expects the controller to close the connection (after anything it still sends).
 fn expect_closed(stream: &mut TcpStream) {
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
@@ -587,7 +574,7 @@ fn read_frame_then_close(stream: &mut TcpStream) -> Frame {
 
 fn refused(frame: &Frame) -> Refused {
     assert_eq!(frame.kind(), Kind::Refused, "expected Refused");
-    message::decode(&frame.payload()).expect("a Refused payload")
+    wire::decode(&frame.payload())
 }
 
 /// Asserts that `start` failed at once (not after `connect_timeout` of retries) and
@@ -701,7 +688,7 @@ fn plaintext_against_tls_is_refused_cleanly_on_both_sides() {
     // controller logs the refusal with this socket's address.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    raw.write_all(&common::raw_opening("plain-raw", None, &[]))
+    raw.write_all(&common::wire::opening("plain-raw", None, &[]))
         .expect("write");
     let answer = refused(&read_frame_then_close(&mut raw));
     assert_eq!(answer.code, RefuseCode::TlsRequired);
@@ -1084,7 +1071,7 @@ fn a_wrong_token_is_refused_and_nothing_else_from_the_connection_is_processed() 
     // claim to serve a callback.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    let mut bytes = common::raw_opening("intruder", Some("guess"), &["stolen"]);
+    let mut bytes = common::wire::opening("intruder", Some("guess"), &["stolen"]);
     bytes.extend(request("intruder", &worker, "probe", &(1u64,)));
     raw.write_all(&bytes).expect("write");
     let answer = refused(&read_frame_then_close(&mut raw));
@@ -1118,7 +1105,7 @@ fn a_wrong_token_is_refused_and_nothing_else_from_the_connection_is_processed() 
     // The same without any token.
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port(&ctl.address))).expect("connect");
     let me = raw.local_addr().expect("local address").to_string();
-    raw.write_all(&common::raw_opening("anonymous", None, &[]))
+    raw.write_all(&common::wire::opening("anonymous", None, &[]))
         .expect("write");
     assert_eq!(
         refused(&read_frame_then_close(&mut raw)).code,
@@ -1252,7 +1239,7 @@ fn names_with_control_characters_are_refused_by_the_builder_and_the_controller()
         let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let me = raw.local_addr().expect("local address").to_string();
         let callbacks: Vec<&str> = callbacks.iter().map(String::as_str).collect();
-        raw.write_all(&common::raw_opening(&name, None, &callbacks))
+        raw.write_all(&common::wire::opening(&name, None, &callbacks))
             .expect("write");
         let answer = refused(&read_frame_then_close(&mut raw));
         assert_eq!(answer.code, RefuseCode::InvalidName, "{}", answer.message);
@@ -1268,10 +1255,10 @@ fn names_with_control_characters_are_refused_by_the_builder_and_the_controller()
     // reason logged.
     let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let rogue = unique("announcer");
-    raw.write_all(&common::raw_opening(&rogue, None, &["fine"]))
+    raw.write_all(&common::wire::opening(&rogue, None, &["fine"]))
         .expect("write");
     assert_eq!(read_frame(&mut raw).kind(), Kind::Welcome);
-    let body = message::encode(&message::Announce {
+    let body = wire::encode(&Announce {
         callbacks: vec!["fine".into(), format!("cb\n{FORGED}")],
     });
     let mut announce = Header::control(Kind::Announce).encode(body.len()).to_vec();

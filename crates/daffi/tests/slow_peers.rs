@@ -100,34 +100,31 @@ fn knows(process: String, timeout_ms: u64) -> bool {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    let Some(role) = common::child_role() else {
-        return;
-    };
-    let address = common::address_from_env();
-    match role.as_str() {
-        "controller" => {
-            let setting = |name: &str| -> usize {
-                std::env::var(name).expect(name).parse().expect("a number")
-            };
-            let g = common::builder_for(&address)
-                .init_controller(true)
-                .init_node(false)
-                .max_queue_bytes(setting(ENV_QUEUE_BYTES))
-                .stall_timeout(Duration::from_millis(setting(ENV_STALL_MS) as u64))
-                .start()
-                .expect("controller starts");
-            g.join().expect("join");
-        }
-        "worker" => {
-            let g = common::builder_for(&address)
-                .process_name(std::env::var(common::ENV_NAME).expect("name"))
-                .start()
-                .expect("worker starts");
-            NODE.push(g.clone());
-            g.join().expect("join");
-        }
-        other => panic!("unknown role {other}"),
-    }
+    common::run_role(&[("controller", controller), ("worker", worker)]);
+}
+
+/// A standalone controller with the queue limit and stall timeout the test gave it.
+fn controller() {
+    let setting =
+        |name: &str| -> usize { std::env::var(name).expect(name).parse().expect("a number") };
+    let g = common::builder_for(&common::address_from_env())
+        .init_controller(true)
+        .init_node(false)
+        .max_queue_bytes(setting(ENV_QUEUE_BYTES))
+        .stall_timeout(Duration::from_millis(setting(ENV_STALL_MS) as u64))
+        .start()
+        .expect("controller starts");
+    g.join().expect("join");
+}
+
+/// A node serving the `#[callback]` functions of this file.
+fn worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("worker starts");
+    NODE.push(g.clone());
+    g.join().expect("join");
 }
 
 // ---- helpers -------------------------------------------------------------------------
@@ -494,7 +491,7 @@ fn a_paused_node_costs_only_itself() {
 fn never_reading_node(path: &std::path::Path, name: &str) -> UnixStream {
     let mut stream = UnixStream::connect(path).expect("connect");
     stream
-        .write_all(&common::raw_opening(name, None, &["raw_cb"]))
+        .write_all(&common::wire::opening(name, None, &["raw_cb"]))
         .expect("handshake");
     stream
 }

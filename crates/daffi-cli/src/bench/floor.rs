@@ -8,7 +8,7 @@
 //!
 //! Two variants:
 //! - **batched**: one writer task per connection drains its queue into one buffer and
-//!   one write call (daffi's `write_loop`), as daffi does;
+//!   one write call ([`write_loop`]), as daffi does;
 //! - **direct**: the task that has a frame writes it itself, one write per frame, with no
 //!   queue and no writer task.
 
@@ -17,8 +17,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use daffi::protocol::frame::{Frame, Header, Kind, FLAG_NO_REPLY};
-use daffi::protocol::io::{write_loop, FrameReader, Outgoing, KEEP_LARGE_BUFFERS};
+use daffi_wire::frame::FLAG_NO_REPLY;
+use daffi_wire::reader::KEEP_LARGE_BUFFERS;
+use daffi_wire::{Frame, FrameReader, Header, Kind, Outgoing};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -26,6 +27,7 @@ use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
 use super::proc::{answer, Endpoint, Result};
 use super::report::Percentiles;
 use super::roles::{runtime, wait_for_stdin_eof};
+use super::write_loop::write_loop;
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -110,16 +112,16 @@ impl Drop for Listener {
 /// Writes one frame with as few write calls as the frame allows.
 async fn write_frame(w: &mut BoxWrite, frame: &Outgoing) -> std::io::Result<()> {
     // The floor's payloads are one part each: this is that part, not a copy.
-    let body = frame.body.to_bytes();
+    let body = frame.body().to_bytes();
     if body.is_empty() {
-        w.write_all(&frame.head).await
+        w.write_all(frame.head()).await
     } else if body.len() <= COPY_THRESHOLD {
         let mut buf = BytesMut::with_capacity(frame.len());
-        buf.extend_from_slice(&frame.head);
+        buf.extend_from_slice(frame.head());
         buf.extend_from_slice(&body);
         w.write_all(&buf).await
     } else {
-        w.write_all(&frame.head).await?;
+        w.write_all(frame.head()).await?;
         w.write_all(&body).await
     }
 }
@@ -308,7 +310,7 @@ async fn serve(mut reader: FrameReader<BoxRead>, mut writer: Writer, name: &str)
             ops::LEN => msgpack_u64(frame.payload().len() as u64),
             _ => Bytes::from_static(SMALL_RESULT),
         };
-        let head = Header {
+        let header = Header {
             kind: Kind::Reply,
             flags: 0,
             call_id: frame.call_id(),
@@ -316,14 +318,8 @@ async fn serve(mut reader: FrameReader<BoxRead>, mut writer: Writer, name: &str)
             src: name,
             dst: frame.src(),
             name: "",
-        }
-        .encode(body.len());
-        writer
-            .send(Outgoing {
-                head,
-                body: body.into(),
-            })
-            .await?;
+        };
+        writer.send(Outgoing::new(&header, body)).await?;
     }
     Ok(())
 }
@@ -397,7 +393,7 @@ impl Client {
     /// Sends a request; returns its call id.
     async fn request(&mut self, callback: &str, body: Bytes, no_reply: bool) -> Result<u64> {
         self.next_id += 1;
-        let head = Header {
+        let header = Header {
             kind: Kind::Request,
             flags: if no_reply { FLAG_NO_REPLY } else { 0 },
             call_id: self.next_id,
@@ -405,14 +401,8 @@ impl Client {
             src: &self.name,
             dst: &self.server,
             name: callback,
-        }
-        .encode(body.len());
-        self.writer
-            .send(Outgoing {
-                head,
-                body: body.into(),
-            })
-            .await?;
+        };
+        self.writer.send(Outgoing::new(&header, body)).await?;
         Ok(self.next_id)
     }
 

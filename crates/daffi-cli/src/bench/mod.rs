@@ -15,6 +15,7 @@ mod proc;
 mod report;
 mod roles;
 mod scenarios;
+mod write_loop;
 
 use std::process::ExitCode;
 use std::time::Instant;

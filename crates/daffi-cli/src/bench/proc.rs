@@ -51,10 +51,13 @@ impl Endpoint {
     }
 
     /// The endpoint of a daffi address.
-    pub fn of_address(address: &daffi::Address) -> Endpoint {
+    pub fn of_address(address: &daffi::Address) -> std::result::Result<Endpoint, String> {
         match address {
-            daffi::Address::Tcp { host, port } => Endpoint::Tcp(host.clone(), *port),
-            daffi::Address::Unix(path) => Endpoint::Unix(path.clone()),
+            daffi::Address::Tcp { host, port } => Ok(Endpoint::Tcp(host.clone(), *port)),
+            daffi::Address::Unix(path) => Ok(Endpoint::Unix(path.clone())),
+            other => Err(format!(
+                "daffi bench runs over TCP or a Unix socket, not {other}"
+            )),
         }
     }
 }

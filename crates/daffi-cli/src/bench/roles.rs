@@ -44,7 +44,7 @@ pub fn controller(listen: &Endpoint, max_frame_size: Option<usize>) -> Result<()
         b = b.max_frame_size(limit);
     }
     let g = b.start()?;
-    println!("ready {}", Endpoint::of_address(g.address()));
+    println!("ready {}", Endpoint::of_address(g.address())?);
     wait_for_stdin_eof();
     g.stop();
     Ok(())

@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use daffi::{Global, GlobalBuilder};
 
+/// The raw client of daffi's own tests: frames, and the control payloads it needs.
+#[path = "../../../daffi/tests/common/wire.rs"]
+pub mod wire;
+
 /// How long a test waits for anything that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(20);
 

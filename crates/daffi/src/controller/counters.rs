@@ -14,6 +14,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
+
 /// Distinct callback names one table keeps; requests for further names are counted
 /// together in [`Counts::other`], so that a node sending many made-up names cannot grow
 /// the controller's memory without bound.
@@ -221,10 +223,6 @@ impl CallCounts {
         }
         total
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

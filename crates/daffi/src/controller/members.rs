@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::protocol::frame::{Kind, LEN_PREFIX};
-use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
-use crate::sync::{read, write};
+use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
+use crate::sync::{lock, read, write};
+use daffi_wire::frame::LEN_PREFIX;
+use daffi_wire::{FrameSender, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -42,14 +42,6 @@ pub struct Members {
 }
 
 impl Members {
-    /// Whether the node called `name` takes a frame now: it is connected, and for a new
-    /// request (`request`) not leaving. The lookup [`Members::forward`] makes first.
-    pub fn accepts(&self, name: &str, request: bool) -> bool {
-        read(&self.routes)
-            .get(name)
-            .is_some_and(|r| r.takes(request))
-    }
-
     /// Queues `frame` for the node called `name`, without taking a handle on its queue
     /// (nothing to clone and drop per frame), and never waits. `request`: a new
     /// request, which a leaving node does not take, nor a node whose queue is full (it
@@ -269,7 +261,7 @@ impl Members {
     /// a member that cannot take it (past its hard limit) is disconnected, and the
     /// others hear of that in turn.
     fn broadcast(&self, except: &str, event: &MembershipEvent) {
-        let frame = Outgoing::control(Kind::Membership, event);
+        let frame = message::control_frame(Kind::Membership, event);
         for (name, route) in read(&self.routes).iter() {
             if &**name != except {
                 // A closed queue belongs to a node that is leaving; its own `leave` follows.
@@ -293,17 +285,13 @@ fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn a_name_is_served_until_its_last_provider_leaves_or_drops_it() {
-        use crate::protocol::io::{frame_channel, QueueLimits};
+        use daffi_wire::{frame_channel, QueueLimits};
         let members = Members::default();
         let served = |name: &str| members.with_served(|served| served(name));
         for (id, node) in [(1, "a"), (2, "b")] {

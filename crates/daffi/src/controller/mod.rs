@@ -19,9 +19,9 @@ use tokio::sync::watch;
 
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
-use crate::protocol::io::{QueueLimits, DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
-use crate::protocol::DEFAULT_MAX_FRAME_SIZE;
 use crate::transport::{self, Address, BoxRead, BoxWrite, Listener, ServerTls, UNIX_NO_TLS};
+use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
+use daffi_wire::{QueueLimits, DEFAULT_MAX_FRAME_SIZE};
 use session::Shared;
 
 /// Settings of a controller.

@@ -24,11 +24,12 @@ use tokio::time::Instant;
 
 use super::counters::Tally;
 use super::members::Members;
-use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY};
-use crate::protocol::io::{Outgoing, Push};
-use crate::protocol::message::{ScheduleEvent, TaskEntry, TaskInfo, Timing};
+use crate::protocol::message::{self, ScheduleEvent, TaskEntry, TaskInfo, Timing};
 use crate::protocol::{check_name, NameKind, MAX_TASK_ID, TASK_OVERHEAD};
+use crate::sync::lock;
 use crate::tombstones::{Tombstones, CONTROLLER_TOMBSTONES};
+use daffi_wire::frame::FLAG_NO_REPLY;
+use daffi_wire::{Header, Kind, Outgoing, Push};
 
 /// When a task runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,7 +483,7 @@ impl Scheduler {
 
 /// A `Schedule` frame.
 fn event(event: &ScheduleEvent) -> Outgoing {
-    Outgoing::control(Kind::Schedule, event)
+    message::control_frame(Kind::Schedule, event)
 }
 
 /// At least what a [`TaskInfo`] takes in a `tasks` answer.
@@ -567,10 +568,6 @@ fn fire(scheduler: &Scheduler, id: u64, callback: &str, on: Option<&str>, args: 
             tracing::warn!(task_id = id, callback, node = %node, "skipped a scheduled run: the node just left")
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -13,21 +13,21 @@ use super::members::Members;
 use super::scheduler::Scheduler;
 use super::welcome::{welcome_pages, WelcomeContent};
 use super::ControllerConfig;
-use crate::protocol::frame::{
-    Frame, FrameError, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX,
-};
-use crate::protocol::io::{
-    frame_channel, FrameReader, FrameSender, Outgoing, ReadError, KEEP_LARGE_BUFFERS,
-};
 use crate::protocol::message::{
     self, Announce, ControlAnswer, ControlError, ControlErrorCode, ControlRequest, Hello, Member,
     RefuseCode, Refused, Undeliverable, UndeliverableCode,
 };
 use crate::protocol::{
-    callback_list_limit, check_callback_list, check_callback_names, check_name, NameKind, MAGIC,
-    MAX_HELLO_SIZE, MEMBER_OVERHEAD, PROTOCOL_VERSION,
+    callback_list_limit, check_callback_list, check_callback_names, check_name, NameKind,
+    MAX_HELLO_SIZE, MEMBER_OVERHEAD,
 };
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
+use daffi_wire::reader::KEEP_LARGE_BUFFERS;
+use daffi_wire::{
+    frame_channel, Frame, FrameError, FrameReader, FrameSender, Header, Kind, Outgoing, ReadError,
+    MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+};
 
 /// State shared by every session of one controller.
 pub struct Shared {
@@ -290,7 +290,9 @@ async fn refuse(
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     refusal: Refused,
 ) {
-    let _ = queue.send(Outgoing::control(Kind::Refused, &refusal)).await;
+    let _ = queue
+        .send(message::control_frame(Kind::Refused, &refusal))
+        .await;
     drop(queue);
     let abort = writer.abort_handle();
     if timeout(WRITER_DRAIN, writer).await.is_err() {
@@ -303,7 +305,7 @@ async fn refuse(
 
 /// Room for the preamble and the largest `Hello`: all a reader holds for a peer that has
 /// not authenticated.
-const HANDSHAKE_BUFFER: usize = MAGIC.len() + 2 + LEN_PREFIX + MAX_HELLO_SIZE;
+const HANDSHAKE_BUFFER: usize = PREAMBLE_LEN + LEN_PREFIX + MAX_HELLO_SIZE;
 
 /// A node whose opening checked out, about to join.
 struct Joining {
@@ -360,7 +362,7 @@ async fn read_hello(
     tls_required: bool,
 ) -> Result<Hello, Refused> {
     let preamble = reader
-        .read_exact_bytes(MAGIC.len() + 2)
+        .read_exact_bytes(PREAMBLE_LEN)
         .await
         .map_err(|e| bad_hello(format!("no preamble: {e}")))?;
     if preamble[..4] != MAGIC {

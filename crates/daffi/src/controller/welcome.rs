@@ -1,10 +1,9 @@
 //! The `Welcome` a joining node gets: the other members and the scheduled tasks, in
 //! pages that each fit the node's frame limit.
 
-use crate::protocol::frame::Kind;
-use crate::protocol::io::Outgoing;
-use crate::protocol::message::{Member, TaskEntry, Welcome};
+use crate::protocol::message::{self, Member, TaskEntry, Welcome};
 use crate::protocol::{callback_list_size, TASK_OVERHEAD};
+use daffi_wire::{Kind, Outgoing};
 
 /// What a joining node is told.
 pub struct WelcomeContent {
@@ -91,7 +90,7 @@ pub fn welcome_pages(
                     Item::Task(t) => page.tasks.push(t),
                 }
             }
-            Outgoing::control(Kind::Welcome, &page)
+            message::control_frame(Kind::Welcome, &page)
         })
         .collect();
     Outgoing::joined(frames)
@@ -119,17 +118,16 @@ fn cut_pages(items: impl Iterator<Item = Item>, budget: usize) -> Vec<Vec<Item>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::Frame;
+    use crate::protocol::callback_list_limit;
     use crate::protocol::message::{self, Timing};
-    use crate::protocol::{callback_list_limit, MAX_PROCESS_NAME};
     use bytes::{Buf, Bytes};
+    use daffi_wire::frame::MAX_PROCESS_NAME;
+    use daffi_wire::Frame;
 
     /// Splits joined frames into their frames.
     fn frames(out: Outgoing) -> Vec<Frame> {
-        let mut bytes: Vec<u8> = out.head.to_vec();
-        for part in out.body.parts() {
-            bytes.extend_from_slice(part);
-        }
+        let mut bytes = Vec::new();
+        out.copy_to(&mut bytes);
         let mut bytes = Bytes::from(bytes);
         let mut frames = Vec::new();
         while bytes.has_remaining() {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use crate::protocol::message::{ControlRequest, ScheduleEvent, TaskEntry, Timing};
 use crate::protocol::TASK_OVERHEAD;
+use crate::sync::lock;
 use crate::tombstones::{Tombstones, NODE_TOMBSTONES};
 
 /// When a task runs, by this node's clock.
@@ -222,10 +223,14 @@ impl ScheduleBook {
         let old = std::mem::replace(&mut s.tasks, listed);
         if s.instance.is_none() || s.instance == Some(instance) {
             s.instance = Some(instance);
-            for id in old.keys() {
-                if !s.tasks.contains_key(id) {
-                    s.tombstones.insert(*id);
-                }
+            // By id: tasks that ended together go in a known order, not the map's.
+            let mut ended: Vec<u64> = old
+                .into_keys()
+                .filter(|id| !s.tasks.contains_key(id))
+                .collect();
+            ended.sort_unstable();
+            for id in ended {
+                s.tombstones.insert(id);
             }
             return None;
         }
@@ -296,10 +301,6 @@ impl ScheduleBook {
         ids.sort_unstable();
         ids
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

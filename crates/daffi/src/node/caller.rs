@@ -12,10 +12,10 @@ use tokio::time::Instant;
 use super::pending::{Completion, Pending};
 use super::{CallRequest, Connection, Membership, NodeCore};
 use crate::error::{Error, Result};
-use crate::protocol::frame::{Header, Kind, FLAG_NO_REPLY, LEN_PREFIX};
-use crate::protocol::io::{Outgoing, Push};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
+use daffi_wire::frame::{FLAG_NO_REPLY, LEN_PREFIX};
+use daffi_wire::{Header, Kind, Outgoing, Push};
 
 /// How long a request to the controller itself may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);

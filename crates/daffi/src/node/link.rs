@@ -7,19 +7,18 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::executor::{self, SyncBatch};
+use super::dispatch::{self, SyncBatch};
 use super::{Connection, NodeCore, Route};
 use crate::error::Error;
 use crate::protocol;
-use crate::protocol::frame::{Frame, Kind, FLAG_ERROR};
-use crate::protocol::io::{
-    frame_channel, FrameReader, FrameSender, QueueLimits, ReadError, KEEP_LARGE_BUFFERS,
-};
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
     RemoteErrorKind, ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
+use daffi_wire::frame::FLAG_ERROR;
+use daffi_wire::reader::KEEP_LARGE_BUFFERS;
+use daffi_wire::{frame_channel, Frame, FrameReader, FrameSender, Kind, QueueLimits, ReadError};
 
 /// How long a closing link may take to flush what was queued.
 const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -272,7 +271,7 @@ fn dispatch(
     batch: &mut SyncBatch,
 ) -> Result<(), String> {
     match frame.kind() {
-        Kind::Request => executor::serve(core, frame, batch),
+        Kind::Request => dispatch::serve(core, frame, batch),
         Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {

@@ -3,10 +3,11 @@
 
 mod book;
 mod caller;
-mod executor;
+mod dispatch;
 mod link;
 mod membership;
 mod pending;
+mod sync_runner;
 
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
@@ -21,12 +22,11 @@ use crate::auth::AuthToken;
 use crate::callback::{CallbackGroup, Handler};
 use crate::controller::InProcessDoor;
 use crate::error::{Error, Result};
-use crate::protocol::frame::Kind;
-use crate::protocol::io::{FrameSender, Outgoing, Push};
-use crate::protocol::message::{Announce, ControlAnswer};
-use crate::sync::{read, write};
+use crate::protocol::message::{self, Announce, ControlAnswer};
+use crate::sync::{lock, read, write};
 use crate::transport::{Address, ClientTls, IN_PROCESS_PEER};
 pub use caller::{InFlight, NodeOutcome};
+use daffi_wire::{FrameSender, Kind, Outgoing, Push};
 pub use membership::{Changes, Membership};
 use pending::Pending;
 
@@ -89,7 +89,7 @@ impl NodeConfig {
 #[derive(Debug, Clone)]
 pub struct CallRequest {
     pub callback: Arc<str>,
-    pub args: crate::protocol::Payload,
+    pub args: daffi_wire::Payload,
     pub on: Option<String>,
     pub timeout: Option<Duration>,
     pub eta: Option<Duration>,
@@ -134,7 +134,7 @@ pub struct NodeCore {
     /// Callbacks running or waiting to run now.
     serving: Serving,
     /// Sync callbacks waiting for a thread, and the threads running them.
-    sync_runner: executor::SyncRunner,
+    sync_runner: sync_runner::SyncRunner,
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     /// Slots for this node's own calls in flight.
@@ -167,7 +167,7 @@ impl NodeCore {
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
             serving: Serving::default(),
-            sync_runner: executor::SyncRunner::default(),
+            sync_runner: sync_runner::SyncRunner::default(),
             link_done: watch::channel(false).0,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config_in_flight)),
             events,
@@ -199,7 +199,7 @@ impl NodeCore {
             // Past the byte limit if need be: calls queued ahead must not keep it back.
             let _ = conn
                 .queue
-                .push_unrefused(Outgoing::control(Kind::Leaving, &()), false);
+                .push_unrefused(message::control_frame(Kind::Leaving, &()), false);
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -233,7 +233,7 @@ impl NodeCore {
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn
                 .queue
-                .push_unrefused(Outgoing::control(Kind::Goodbye, &()), false);
+                .push_unrefused(message::control_frame(Kind::Goodbye, &()), false);
         }
         self.sync_runner.retire();
         self.membership.reset(Vec::new());
@@ -361,7 +361,10 @@ impl NodeCore {
             if let Some(queue) = core.queue() {
                 let callbacks = core.callback_names();
                 let _ = queue
-                    .send(Outgoing::control(Kind::Announce, &Announce { callbacks }))
+                    .send(message::control_frame(
+                        Kind::Announce,
+                        &Announce { callbacks },
+                    ))
                     .await;
             }
         });
@@ -449,7 +452,7 @@ impl NodeConfig {
             self.max_concurrent_callbacks
         };
         if kind.one_way {
-            limit.saturating_mul(executor::NO_RETURN_BACKLOG_FACTOR)
+            limit.saturating_mul(dispatch::NO_RETURN_BACKLOG_FACTOR)
         } else {
             limit
         }
@@ -682,8 +685,4 @@ impl Backoff {
         let jitter = fastrand::u64(0..=base / 2);
         Duration::from_millis(base - base / 4 + jitter)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -7,11 +7,13 @@ use std::collections::HashMap;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use daffi_wire::{Header, Kind, Outgoing};
+
 /// `Hello`: who the node is. Small and bounded ([`MAX_HELLO_SIZE`]): what the node
 /// serves follows in an `Announce`, which the controller reads only once the token
 /// matched.
 ///
-/// [`MAX_HELLO_SIZE`]: crate::protocol::MAX_HELLO_SIZE
+/// [`MAX_HELLO_SIZE`]: super::MAX_HELLO_SIZE
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     /// The node's unique process name.
@@ -216,6 +218,11 @@ pub fn encode<T: Serialize>(value: &T) -> bytes::Bytes {
     rmp_serde::to_vec_named(value)
         .map(bytes::Bytes::from)
         .unwrap_or_default()
+}
+
+/// A control frame (no routing fields) carrying `payload`.
+pub fn control_frame<T: Serialize>(kind: Kind, payload: &T) -> Outgoing {
+    Outgoing::new(&Header::control(kind), encode(payload))
 }
 
 /// Decodes a control payload.

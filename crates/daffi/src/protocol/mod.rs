@@ -1,24 +1,12 @@
 //! The wire protocol: frames, control messages, and the framed reader and batching writer.
 //! See `docs/PROTOCOL.md`.
 
-pub mod frame;
-pub mod io;
+#[cfg(test)]
+mod golden;
 pub mod message;
-pub mod payload;
 
-pub use frame::{Frame, FrameError, Header, Kind};
-pub use payload::Payload;
-
-/// First bytes a node sends on a new connection: magic, then the protocol version.
-pub const MAGIC: [u8; 4] = *b"DAFI";
-/// The protocol version this build speaks. Version 2: the callback list left the `Hello`
-/// for an `Announce` sent right behind it, and `Welcome` comes in pages. Version 3: every
-/// node keeps a replica of the scheduled tasks (`Schedule` frames, tasks and the
-/// controller's instance in `Welcome`) and gives them back to a restarted controller
-/// (`Restore`).
-pub const PROTOCOL_VERSION: u16 = 3;
-/// Default limit on one frame (prefix excluded): 128 MiB.
-pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;
+use daffi_wire::frame::{MAX_CALLBACK_NAME, MAX_PROCESS_NAME};
+use daffi_wire::{preamble, Kind, PROTOCOL_VERSION};
 /// Largest `Hello` frame (prefix excluded) a controller accepts, whatever its frame
 /// limit: 4 KiB. Until a peer has shown the auth token, the controller buffers no more
 /// than this (and the preamble) for it.
@@ -43,26 +31,18 @@ pub const TASK_OVERHEAD: usize = 512;
 /// Largest task id: ids are random from 1 to 2^53 - 1, so that JSON numbers (and Python
 /// floats) carry them exactly.
 pub const MAX_TASK_ID: u64 = (1 << 53) - 1;
-/// Longest process name the header can carry.
-pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
-/// Longest callback name the header can carry.
-pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
 
 /// What a node sends first, in one write: the preamble, its `Hello`, and the `Announce`
 /// of `callbacks`. The controller reads the `Announce` only once the `Hello` checked
 /// out, and the node joins with its callbacks at once (no round trip more).
 pub fn opening(hello: &message::Hello, callbacks: Vec<String>) -> Vec<u8> {
-    let hello = io::Outgoing::control(Kind::Hello, hello);
-    let announce = io::Outgoing::control(Kind::Announce, &message::Announce { callbacks });
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 2 + hello.len() + announce.len());
-    bytes.extend_from_slice(&MAGIC);
-    bytes.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    for frame in [hello, announce] {
-        bytes.extend_from_slice(&frame.head);
-        for part in frame.body.parts() {
-            bytes.extend_from_slice(part);
-        }
-    }
+    let hello = message::control_frame(Kind::Hello, hello);
+    let announce = message::control_frame(Kind::Announce, &message::Announce { callbacks });
+    let preamble = preamble(PROTOCOL_VERSION);
+    let mut bytes = Vec::with_capacity(preamble.len() + hello.len() + announce.len());
+    bytes.extend_from_slice(&preamble);
+    hello.copy_to(&mut bytes);
+    announce.copy_to(&mut bytes);
     bytes
 }
 
@@ -169,6 +149,8 @@ pub fn check_callback_list<S: AsRef<str>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use daffi_wire::frame::LEN_PREFIX;
+    use daffi_wire::Header;
 
     #[test]
     fn names_are_refused_for_control_characters_and_length() {
@@ -218,7 +200,7 @@ mod tests {
                 callbacks: callbacks.clone(),
             };
             let frame_size = |kind: Kind, body: bytes::Bytes| {
-                Header::control(kind).frame_len(body.len()) - frame::LEN_PREFIX
+                Header::control(kind).frame_len(body.len()) - LEN_PREFIX
             };
             let joined = message::encode(&MembershipEvent::Joined(member));
             assert!(frame_size(Kind::Membership, joined) <= max_frame_size);

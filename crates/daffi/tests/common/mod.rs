@@ -6,6 +6,8 @@
 //! closes (the test process died).
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -59,16 +61,6 @@ impl Worker {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends the process signal `name` (`STOP`, `CONT`, ...).
-    pub fn signal(&self, name: &str) {
-        let pid = self.pid().expect("the process is running");
-        let status = Command::new("kill")
-            .args([format!("-{name}"), pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}");
-    }
-
     /// Waits (bounded) for the process to exit by itself, and checks that it succeeded.
     pub fn wait_success(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -113,6 +105,7 @@ pub fn builder_for(address: &Address) -> GlobalBuilder {
     match address {
         Address::Tcp { host, port } => b.host(host.clone()).port(*port),
         Address::Unix(path) => b.unix_sock_path(path.clone()),
+        other => panic!("no test uses {other}"),
     }
 }
 
@@ -120,6 +113,7 @@ fn encode_address(address: &Address) -> String {
     match address {
         Address::Tcp { host, port } => format!("tcp:{host}:{port}"),
         Address::Unix(path) => format!("unix:{}", path.display()),
+        other => panic!("no test uses {other}"),
     }
 }
 
@@ -338,17 +332,6 @@ pub fn resume(pid: u32) {
     assert_eq!(sent, 0, "kill -CONT {pid}");
 }
 
-/// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
-/// behind it.
-pub fn raw_opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
-    let hello = daffi::protocol::message::Hello {
-        process_name: name.to_string(),
-        auth_token: token.map(str::to_string),
-        max_frame_size: 0,
-    };
-    daffi::protocol::opening(&hello, callbacks.iter().map(|c| c.to_string()).collect())
-}
-
 /// Peak resident memory of a process in KiB, from /proc (`None` where there is none).
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -385,6 +368,36 @@ impl<T: Clone> Log<T> {
             })
             .expect("lock");
         guard.clone()
+    }
+}
+
+/// In a child: schedules `tick(tag)` every `every` on the node named in
+/// `DAFFI_TEST_TARGET`, then stops, so that the schedule outlives its creator.
+pub fn schedule_tick_and_stop(tag: &str, every: Duration) {
+    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
+    let g = builder_for(&address_from_env())
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .start()
+        .expect("scheduler starts");
+    g.wait_process_timeout(&target, WAIT).expect("target known");
+    let _task = g
+        .call("tick")
+        .args((tag,))
+        .on(&target)
+        .period(daffi::Period::every(every))
+        .expect("schedule");
+    g.stop();
+}
+
+/// In a child started by a test: runs the function of its role in `roles` (after
+/// arranging to exit with the test). Does nothing when the helper test is run by hand.
+pub fn run_role(roles: &[(&str, fn())]) {
+    let Some(role) = child_role() else {
+        return;
+    };
+    match roles.iter().find(|(name, _)| *name == role) {
+        Some((_, run)) => run(),
+        None => panic!("unknown role {role}"),
     }
 }
 

@@ -1,10 +1,11 @@
 //! Lifecycle hooks: user code run when this node connects or disconnects, and when other
-//! nodes appear or disappear.
+//! nodes appear or disappear, run one at a time on a thread of their own.
 
 use std::fmt;
-use std::sync::Arc;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Weak};
 
-use crate::global::Global;
+use super::{Global, Inner};
 use crate::node::NodeEvent;
 
 /// A lifecycle hook: gets the `Global` and a process name.
@@ -55,5 +56,49 @@ impl fmt::Debug for Hooks {
             .field("on_member_added", &set(&self.on_member_added))
             .field("on_member_removed", &set(&self.on_member_removed))
             .finish()
+    }
+}
+
+/// Runs the hooks for each node event, one at a time, on the calling thread. Ends when
+/// the node is gone or the last `Global` clone is dropped.
+pub(super) fn run_hooks(
+    global: Weak<Inner>,
+    hooks: Hooks,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<NodeEvent>,
+) {
+    let run = |hook: &Hook, name: &str| {
+        let Some(inner) = global.upgrade() else {
+            return false;
+        };
+        let g = Global { inner };
+        if catch_unwind(AssertUnwindSafe(|| hook(&g, name))).is_err() {
+            tracing::warn!("a lifecycle hook panicked");
+        }
+        true
+    };
+    let own_name = match global.upgrade() {
+        Some(inner) => inner.name.clone(),
+        None => return,
+    };
+    // The first connection happened before the Global existed: report it first.
+    let first = events.blocking_recv();
+    if let Some(event) = &first {
+        if let Some((hook, name)) = hooks.for_event(event, &own_name) {
+            if !run(hook, name) {
+                return;
+            }
+        }
+    }
+    if let Some(hook) = &hooks.on_init {
+        if !run(hook, &own_name) {
+            return;
+        }
+    }
+    while let Some(event) = events.blocking_recv() {
+        if let Some((hook, name)) = hooks.for_event(&event, &own_name) {
+            if !run(hook, name) {
+                return;
+            }
+        }
     }
 }

@@ -7,14 +7,21 @@ use bytes::Bytes;
 #[cfg(test)]
 use bytes::BytesMut;
 
+/// Longest process name the header can carry.
+pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
+/// Longest callback name the header can carry.
+pub const MAX_CALLBACK_NAME: usize = u16::MAX as usize;
+
 /// Bytes of the length prefix in front of every frame.
 pub const LEN_PREFIX: usize = 4;
 /// Bytes of the fixed part of the header (kind, flags, call id, timeout, three lengths).
 pub const FIXED_HEADER: usize = 1 + 1 + 8 + 4 + 1 + 1 + 2;
 
-/// What a frame carries. Values are stable wire constants.
+/// What a frame carries. Values are stable wire constants; a new protocol version may
+/// add kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum Kind {
     /// Node -> controller: first frame of a connection.
     Hello = 1,
@@ -73,6 +80,7 @@ pub const FLAG_ERROR: u8 = 0b0000_0001;
 
 /// Why bytes off the wire are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The length prefix announces more than the configured limit.
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]

@@ -1,6 +1,4 @@
-//! Running the callbacks other nodes ask for: sync ones on threads of the node's own,
-//! async ones as tasks, many at once. A panic becomes an error reply; the node keeps
-//! serving.
+//! The node's own threads for sync callbacks: a per-node queue, the [`SyncRunner`].
 //!
 //! Sync callbacks go through a per-node queue, the [`SyncRunner`]: a thread that
 //! finishes a callback takes the next queued one, and a new thread is started only when
@@ -12,196 +10,16 @@
 //! user's blocking work never holds up sync callbacks.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{CallbackKind, NodeCore, ServingGuard};
-use crate::callback::{CallbackFailure, Handler, Outcome};
-use crate::protocol::frame::{Frame, Header, Kind, FLAG_ERROR, FLAG_NO_REPLY};
-use crate::protocol::io::{FrameSender, Outgoing};
-use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
-
-/// NO_RETURN requests have their own allowance of callbacks waiting or running: this
-/// many times `max_concurrent_callbacks` (async) or `max_sync_callbacks` (sync). Their
-/// callers cannot be told "overloaded", so a burst of them is queued rather than
-/// dropped, and it does not crowd out calls that want a reply. Beyond it they are
-/// dropped, and logged.
-pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
+use super::dispatch::SyncJob;
+use super::NodeCore;
 
 /// The name of the threads that run sync callbacks.
 const THREAD_NAME: &str = "daffi-callback";
-
-/// Sync callbacks a reader took from one read, handed to the runner together: a burst of
-/// requests costs the runner's threads one wake-up, not one each.
-#[derive(Default)]
-pub struct SyncBatch(Vec<SyncJob>);
-
-impl SyncBatch {
-    /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
-    pub fn submit(&mut self, core: &Arc<NodeCore>) {
-        if !self.0.is_empty() {
-            SyncRunner::submit(core, &mut self.0);
-        }
-    }
-}
-
-/// Starts serving a request frame. Never blocks the reader. A sync callback joins
-/// `batch`, which the reader submits before it waits for more bytes.
-pub fn serve(core: &Arc<NodeCore>, frame: Frame, batch: &mut SyncBatch) {
-    let wants_reply = frame.flags() & FLAG_NO_REPLY == 0;
-    let Some(handler) = core.handler(frame.name()) else {
-        let message = format!("process `{}` does not serve `{}`", core.name, frame.name());
-        refuse(
-            core,
-            &frame,
-            wants_reply,
-            RemoteErrorKind::NotFound,
-            message,
-        );
-        return;
-    };
-    let kind = CallbackKind {
-        sync: matches!(handler, Handler::Sync(_)),
-        one_way: !wants_reply,
-    };
-    let Some(running) = admit(core, kind) else {
-        let limit = core.config.callback_limit(kind);
-        if wants_reply {
-            let message = if kind.sync {
-                format!(
-                    "process `{}` runs as many sync callbacks as it allows (max_sync_callbacks = {limit})",
-                    core.name
-                )
-            } else {
-                format!(
-                    "process `{}` runs as many async callbacks as it allows (max_concurrent_callbacks = {limit})",
-                    core.name
-                )
-            };
-            refuse(
-                core,
-                &frame,
-                wants_reply,
-                RemoteErrorKind::Overloaded,
-                message,
-            );
-        } else {
-            core.sync_runner
-                .note_dropped(&core.name, frame.name(), limit);
-        }
-        return;
-    };
-    // The caller's timeout travels with the request: work that would start after the
-    // caller gave up is skipped.
-    let deadline = (frame.timeout_ms() > 0)
-        .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
-    match handler {
-        Handler::Sync(f) => batch.0.push(SyncJob {
-            f,
-            frame,
-            wants_reply,
-            deadline,
-            _running: running,
-        }),
-        Handler::Async(f) => {
-            let core = core.clone();
-            let payload = frame.payload();
-            tokio::spawn(async move {
-                let _running = running;
-                if too_late(&frame, deadline) {
-                    return;
-                }
-                let outcome = CatchUnwind(f(payload)).await;
-                if let Some((reply, queue)) = finish(&core, &frame, wants_reply, outcome, false) {
-                    let _ = queue.send(reply).await;
-                }
-            });
-        }
-    }
-}
-
-/// Counts a callback of `kind` as running, if its limit allows. Queued sync calls whose
-/// callers already gave up hold places for nothing: when sync callbacks are at their
-/// limit, those are dropped first, and the place looked for again.
-fn admit(core: &Arc<NodeCore>, kind: CallbackKind) -> Option<ServingGuard> {
-    core.admit_callback(kind).or_else(|| {
-        (kind.sync && core.sync_runner.drop_expired() > 0)
-            .then(|| core.admit_callback(kind))
-            .flatten()
-    })
-}
-
-/// Whether the caller has given up on `frame` already (it then gets `Timeout` itself).
-fn too_late(frame: &Frame, deadline: Option<Instant>) -> bool {
-    let late = deadline.is_some_and(|d| Instant::now() >= d);
-    if late {
-        note_skipped(frame);
-    }
-    late
-}
-
-fn note_skipped(frame: &Frame) {
-    tracing::debug!(
-        callback = frame.name(),
-        caller = frame.src(),
-        "skipped a call whose caller already timed out"
-    );
-}
-
-/// Answers a request that will not run, if its caller wants an answer.
-fn refuse(
-    core: &Arc<NodeCore>,
-    frame: &Frame,
-    wants_reply: bool,
-    kind: RemoteErrorKind,
-    message: String,
-) {
-    if wants_reply {
-        let reply = encode_reply(core, frame, Err(CallbackFailure { kind, message }));
-        let core = core.clone();
-        tokio::spawn(async move { core.send_quietly(reply).await });
-    }
-}
-
-/// One sync callback to run.
-struct SyncJob {
-    f: Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>,
-    frame: Frame,
-    wants_reply: bool,
-    /// When the caller gives up, if it said.
-    deadline: Option<Instant>,
-    /// Counts the callback as running until its reply is queued.
-    _running: ServingGuard,
-}
-
-impl SyncJob {
-    /// Whether its caller has given up by `now`.
-    fn expired(&self, now: Instant) -> bool {
-        self.deadline.is_some_and(|d| now >= d)
-    }
-
-    fn run(self, core: &NodeCore) {
-        if too_late(&self.frame, self.deadline) {
-            return;
-        }
-        let f = &self.f;
-        let payload = self.frame.payload();
-        let outcome =
-            catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
-        // More jobs queued: their replies follow at once, and leave with this one.
-        let more_follow = core.sync_runner.queued.load(Ordering::Acquire) > 0;
-        if let Some((reply, queue)) =
-            finish(core, &self.frame, self.wants_reply, outcome, more_follow)
-        {
-            let _ = queue.blocking_send(reply);
-        }
-    }
-}
 
 /// How long a queued sync callback may wait for a thread that is busy in another
 /// callback. A thread that started its callback (or was started) more recently than this
@@ -328,7 +146,7 @@ impl RunnerState {
 
 impl SyncRunner {
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
-    fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
+    pub(super) fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
             s.last_submit = Some(Instant::now());
@@ -441,20 +259,14 @@ impl SyncRunner {
                 "process `{}` could not start a thread for sync callbacks ({error})",
                 core.name
             );
-            refuse(
-                core,
-                &job.frame,
-                job.wants_reply,
-                RemoteErrorKind::Overloaded,
-                message,
-            );
+            job.overloaded(core, message);
         }
     }
 
     /// Drops the queued jobs whose callers already gave up, so that they no longer count
     /// against the limit; returns how many. The queue is searched at most once per
     /// `HANDOFF_AFTER`, so that a flood of refused calls does not search it each time.
-    fn drop_expired(&self) -> usize {
+    pub(super) fn drop_expired(&self) -> usize {
         let now = Instant::now();
         let expired: VecDeque<SyncJob> = {
             let mut s = self.lock();
@@ -472,7 +284,7 @@ impl SyncRunner {
             expired
         };
         for job in &expired {
-            note_skipped(&job.frame);
+            job.note_skipped();
         }
         expired.len()
     }
@@ -571,7 +383,7 @@ impl SyncRunner {
         self.wake.notify_all();
     }
 
-    fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
+    pub(super) fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         // The first one, then one line per thousand: a flood must not flood the log.
         if dropped == 1 || dropped % 1000 == 0 {
@@ -585,74 +397,12 @@ impl SyncRunner {
         }
     }
 
+    /// Jobs waiting for a thread (without the lock).
+    pub(super) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Queues the reply, if the caller wants one and the node is connected. If the queue is
-/// full, returns the reply and the queue, to wait for room outside the lock.
-fn finish(
-    core: &NodeCore,
-    frame: &Frame,
-    wants_reply: bool,
-    outcome: Outcome,
-    more_follow: bool,
-) -> Option<(Outgoing, FrameSender)> {
-    if !wants_reply {
-        if let Err(f) = &outcome {
-            tracing::warn!(callback = frame.name(), caller = frame.src(), error = %f.message, "no-return callback failed");
-        }
-        return None;
-    }
-    let reply = encode_reply(core, frame, outcome);
-    core.push_reply(reply, frame.name(), more_follow)
-}
-
-fn encode_reply(core: &NodeCore, request: &Frame, outcome: Outcome) -> Outgoing {
-    let (flags, body) = match outcome {
-        Ok(value) => (0, value),
-        Err(failure) => (
-            FLAG_ERROR,
-            message::encode(&RemoteError {
-                kind: failure.kind,
-                message: failure.message,
-            })
-            .into(),
-        ),
-    };
-    let header = Header {
-        kind: Kind::Reply,
-        flags,
-        call_id: request.call_id(),
-        timeout_ms: 0,
-        src: &core.name,
-        dst: request.src(),
-        name: "",
-    };
-    Outgoing::new(&header, body)
-}
-
-fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> CallbackFailure {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_string());
-    CallbackFailure::panicked(message)
-}
-
-/// Polls a future, turning a panic into a failure.
-struct CatchUnwind<F>(F);
-
-impl<F: Future<Output = Outcome> + Unpin> Future for CatchUnwind<F> {
-    type Output = Outcome;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let inner = &mut self.0;
-        match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => Poll::Ready(Err(panic_failure(panic))),
-        }
+        crate::sync::lock(&self.state)
     }
 }

@@ -4,8 +4,7 @@
 //! longer session.
 
 use bytes::{Bytes, BytesMut};
-use daffi::protocol::frame::{Frame, Header, Kind};
-use daffi::protocol::io::FrameReader;
+use daffi_wire::{Frame, FrameReader, Header, Kind};
 use proptest::prelude::*;
 
 const LIMIT: usize = 4096;

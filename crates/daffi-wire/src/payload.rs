@@ -1,5 +1,5 @@
 //! A frame's payload as it leaves: one buffer, or several when a value holds large
-//! [`Blob`](crate::Blob)s, which are sent from their own memory instead of being copied
+//! blobs (daffi's `Blob`), which are sent from their own memory instead of being copied
 //! into the encoded value.
 
 use bytes::{Buf, Bytes, BytesMut};

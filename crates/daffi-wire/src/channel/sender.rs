@@ -1,0 +1,256 @@
+//! The sending half: a frame goes to the socket at once on an idle connection, or to
+//! the queue of the writer task.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+use tokio::io::AsyncWrite;
+
+use super::{CloseReason, Closed, Held, Shared, Socket, FRAME_COST};
+use crate::outgoing::Outgoing;
+
+/// A sender writes its frame itself only if the connection wrote nothing for this long:
+/// a connection that is busy batches instead (one system call per frame would cost more
+/// than it saves).
+const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
+/// Sends frames on one connection: writes them itself when the connection is idle,
+/// queues them for the connection's writer task otherwise. Frames leave in the order
+/// they were sent. Cheap to clone; the writer task ends (after writing what is queued)
+/// when every clone is dropped.
+///
+/// What is held for the peer is bounded by [`QueueLimits`](super::QueueLimits): the bytes of the frames
+/// accepted but not yet written (counted until the socket took them), and a
+/// [`FRAME_COST`] per frame. A peer that reads nothing
+/// for the stall timeout is closed, as is one that would make a frame which cannot be
+/// refused pass the hard limit ([`FrameSender::close_as_slow_consumer`]).
+pub struct FrameSender {
+    pub(super) shared: Arc<Shared>,
+}
+
+/// What trying to send found.
+pub enum Push {
+    /// The frame is written or queued.
+    Sent,
+    /// The queue is full: the frame is given back.
+    Full(Outgoing),
+    /// The connection is closed: the frame is dropped.
+    Closed,
+}
+
+impl Clone for FrameSender {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        FrameSender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for FrameSender {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.work.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for FrameSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSender").finish_non_exhaustive()
+    }
+}
+
+impl FrameSender {
+    /// Sends `frame`, waiting while the queue is full.
+    pub async fn send(&self, frame: Outgoing) -> Result<(), Closed> {
+        let mut frame = frame;
+        loop {
+            match self.push(frame) {
+                Push::Sent => return Ok(()),
+                Push::Closed => return Err(Closed),
+                Push::Full(back) => frame = back,
+            }
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            // Registered before looking again: room made in between is not missed.
+            room.as_mut().enable();
+            match self.push(frame) {
+                Push::Sent => return Ok(()),
+                Push::Closed => return Err(Closed),
+                Push::Full(back) => frame = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Sends `frame` unless the queue is full (or the connection closed).
+    pub fn try_send(&self, frame: Outgoing) -> Result<(), Closed> {
+        match self.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Full(_) | Push::Closed => Err(Closed),
+        }
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is closed: a write failed or stalled, or it was
+    /// closed as a slow consumer.
+    pub async fn closed(&self) {
+        self.shared.closed().await;
+    }
+
+    /// Why the connection closed; `None` while it is open.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.lock().close_reason.clone()
+    }
+
+    /// Closes the connection at once, dropping what is queued for it: its peer reads
+    /// too little of what is sent to it. Returns what it held. The writer task ends
+    /// without finishing its write.
+    pub fn close_as_slow_consumer(&self) -> Held {
+        let mut st = self.shared.lock();
+        let held = Held {
+            bytes: st.unwritten,
+            frames: st.queue.len(),
+        };
+        self.shared.close(
+            &mut st,
+            CloseReason::Overflowed {
+                bytes: held.bytes,
+                frames: held.frames,
+            },
+        );
+        held
+    }
+
+    /// Sends `frame` if the queue has room; gives it back otherwise.
+    pub fn push(&self, frame: Outgoing) -> Push {
+        self.push_with(frame, false)
+    }
+
+    /// Like [`push`](Self::push); with `more_follow` (the sender has more frames for this
+    /// connection at hand: the controller forwarding the frames of one read, a node's
+    /// replies to queued callbacks), the writing is left to the writer task even on an
+    /// idle connection, so that they leave in one write.
+    pub fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
+        self.push_within(frame, more_follow, false)
+    }
+
+    /// Like [`push_with`](Self::push_with), for a frame the peer cannot refuse (a reply,
+    /// a membership event): it passes the byte limit, up to the hard limit. `Full`
+    /// means past the hard limit: the caller closes the connection
+    /// ([`close_as_slow_consumer`](Self::close_as_slow_consumer)).
+    pub fn push_unrefused(&self, frame: Outgoing, more_follow: bool) -> Push {
+        self.push_within(frame, more_follow, true)
+    }
+
+    fn push_within(&self, frame: Outgoing, more_follow: bool, hard: bool) -> Push {
+        let mut st = self.shared.lock();
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Push::Closed;
+        }
+        // The clock is read last: a busy connection is decided without it. An idle
+        // socket with an empty queue means nothing is held: the writer task gives the
+        // socket back only once it wrote everything it took.
+        let direct = !more_follow
+            && st.queue.is_empty()
+            && st.socket.is_some()
+            && st
+                .last_write
+                .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
+        if direct {
+            if let Some(mut socket) = st.socket.take() {
+                drop(st);
+                let written = write_now(&mut socket, frame);
+                let mut st = self.shared.lock();
+                st.socket = Some(socket);
+                st.last_write = Some(Instant::now());
+                match written {
+                    Ok(None) if st.queue.is_empty() => {}
+                    Ok(None) => self.shared.work.notify_one(),
+                    Ok(Some(rest)) => {
+                        // The socket is full: the writer task finishes the frame first.
+                        st.unwritten += rest.len() + FRAME_COST;
+                        st.queue.push_front(rest);
+                        self.shared.work.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a write failed; closing the connection");
+                        self.shared
+                            .close(&mut st, CloseReason::WriteFailed(e.to_string()));
+                        return Push::Closed;
+                    }
+                }
+                return Push::Sent;
+            }
+        }
+        let cost = frame.len() + FRAME_COST;
+        // One frame always passes when nothing is held, whatever its size.
+        if st.unwritten > 0 && self.shared.limits.exceeded(st.unwritten + cost, hard) {
+            return Push::Full(frame);
+        }
+        st.unwritten += cost;
+        st.queue.push_back(frame);
+        // Whoever holds the socket now looks at the queue when it gives the socket back.
+        if st.socket.is_some() {
+            self.shared.work.notify_one();
+        }
+        Push::Sent
+    }
+}
+
+struct NoopWake;
+
+impl Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// A waker that does nothing: a write attempted outside the writer task never waits.
+fn noop_waker() -> &'static Waker {
+    static WAKER: OnceLock<Waker> = OnceLock::new();
+    WAKER.get_or_init(|| Waker::from(Arc::new(NoopWake)))
+}
+
+/// Most buffers one vectored write passes: the head and the first parts of the payload.
+const MAX_SLICES: usize = 8;
+
+/// Writes `frame` now, as far as the socket takes it without waiting. Returns what is
+/// left (for the writer task), or `None` when all of it went out.
+fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Outgoing>> {
+    let mut cx = Context::from_waker(noop_waker());
+    let Outgoing { mut head, mut body } = frame;
+    while !head.is_empty() || !body.is_empty() {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        slices[0] = IoSlice::new(&head);
+        let mut used = 1;
+        for (slot, part) in slices[1..].iter_mut().zip(body.parts()) {
+            *slot = IoSlice::new(part);
+            used += 1;
+        }
+        match Pin::new(&mut *socket).poll_write_vectored(&mut cx, &slices[..used]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                let from_head = n.min(head.len());
+                head.advance(from_head);
+                body.advance(n - from_head);
+            }
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(Some(Outgoing { head, body })),
+        }
+    }
+    // A no-op on plain sockets; a stream that buffers gets flushed by the writer task.
+    match Pin::new(&mut *socket).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok(None),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(Some(Outgoing::default())),
+    }
+}

@@ -1,0 +1,291 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use super::*;
+use crate::frame::{Header, Kind};
+use crate::payload::Payload;
+use crate::reader::FrameReader;
+
+/// Default limits, with room for about `n` small frames.
+fn frames(n: usize) -> QueueLimits {
+    QueueLimits {
+        bytes: n * (FRAME_COST + 32),
+        ..QueueLimits::default()
+    }
+}
+
+/// Limits for the tests below: 1,000 bytes, a hard limit of 2,000.
+fn small(stall_timeout: Duration) -> QueueLimits {
+    QueueLimits {
+        bytes: 1000,
+        hard_bytes: 2000,
+        stall_timeout,
+    }
+}
+
+fn raw(len: usize) -> Outgoing {
+    Outgoing::raw(Bytes::from(vec![0u8; len]))
+}
+
+fn goodbye() -> Outgoing {
+    Outgoing::new(&Header::control(Kind::Goodbye), Payload::default())
+}
+
+#[tokio::test]
+async fn one_frame_of_any_size_passes_when_nothing_is_held() {
+    // The peer reads nothing: the socket takes 64 bytes, the rest stays held.
+    let (a, _peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+    let _writer = tokio::spawn(writer);
+    assert!(
+        matches!(tx.push(raw(5000)), Push::Sent),
+        "5x the byte limit"
+    );
+    assert!(
+        matches!(tx.push(raw(1)), Push::Full(_)),
+        "then nothing more"
+    );
+    assert!(matches!(tx.push_unrefused(raw(1), false), Push::Full(_)));
+}
+
+#[tokio::test]
+async fn the_byte_limit_refuses_requests_and_the_hard_limit_closes() {
+    let (a, _peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+    let writer = tokio::spawn(writer);
+    // 64 bytes go to the socket at once; the rest is held, with the frame's cost.
+    let mut held = 600 - 64 + FRAME_COST;
+    assert!(matches!(tx.push(raw(600)), Push::Sent));
+    held += 200 + FRAME_COST;
+    assert!(held <= 1000);
+    assert!(matches!(tx.push(raw(200)), Push::Sent));
+    assert!(held + 100 + FRAME_COST > 1000);
+    assert!(matches!(tx.push(raw(100)), Push::Full(_)));
+    assert_eq!(tx.try_send(raw(100)), Err(Closed), "full, not sent");
+    assert!(!tx.is_closed(), "a full queue is not a closed one");
+    // A frame that cannot be refused passes the byte limit, up to the hard limit.
+    assert!(matches!(tx.push_unrefused(raw(100), false), Push::Sent));
+    held += 100 + FRAME_COST;
+    assert!(held + 700 + FRAME_COST > 2000);
+    assert!(matches!(tx.push_unrefused(raw(700), false), Push::Full(_)));
+    assert_eq!(tx.close_as_slow_consumer().bytes, held);
+    assert!(tx.is_closed());
+    tokio::time::timeout(Duration::from_secs(10), tx.closed())
+        .await
+        .expect("closed() resolves once closed");
+    assert!(matches!(
+        tx.close_reason(),
+        Some(CloseReason::Overflowed { bytes, .. }) if bytes == held
+    ));
+    assert_eq!(tx.send(raw(1)).await, Err(Closed));
+    // The writer, stuck in a write to a peer that reads nothing, ends at once.
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the writer ends when the connection is closed")
+        .expect("join")
+        .expect("not a write failure");
+}
+
+#[tokio::test]
+async fn bytes_count_until_the_socket_takes_them() {
+    let (a, mut peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+    let _writer = tokio::spawn(writer);
+    assert!(matches!(tx.push(raw(1000)), Push::Sent));
+    assert!(matches!(tx.push(raw(100)), Push::Full(_)));
+    // The writer task took the rest of the frame from the queue: it is still held
+    // until the peer has read it. Once it has, there is room again.
+    let mut got = vec![0u8; 1000];
+    peer.read_exact(&mut got).await.expect("read");
+    tokio::time::timeout(Duration::from_secs(10), tx.send(raw(900)))
+        .await
+        .expect("room once the peer read")
+        .expect("open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_reads_nothing_is_closed_after_the_stall_timeout() {
+    let (a, _peer) = tokio::io::duplex(64);
+    let stall = Duration::from_secs(10);
+    let (tx, writer) = frame_channel(a, small(stall));
+    let writer = tokio::spawn(writer);
+    let started = tokio::time::Instant::now();
+    assert!(matches!(tx.push(raw(1000)), Push::Sent));
+    tx.closed().await;
+    assert!(started.elapsed() >= stall, "{:?}", started.elapsed());
+    assert_eq!(tx.close_reason(), Some(CloseReason::Stalled(stall)));
+    assert!(tx
+        .close_reason()
+        .is_some_and(|r| r.to_string().contains("slow consumer")));
+    let failed = writer.await.expect("join").expect_err("the writer failed");
+    assert_eq!(failed.kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(tx.try_send(raw(1)), Err(Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_peer_that_keeps_reading_is_never_cut() {
+    // 64 bytes every 6 s: the frame takes minutes, but no wait reaches 10 s.
+    let (a, mut peer) = tokio::io::duplex(64);
+    let stall = Duration::from_secs(10);
+    let (tx, writer) = frame_channel(a, small(stall));
+    let writer = tokio::spawn(writer);
+    let started = tokio::time::Instant::now();
+    assert!(matches!(tx.push(raw(2000)), Push::Sent));
+    let mut got = 0;
+    let mut chunk = [0u8; 64];
+    while got < 2000 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        got += peer.read(&mut chunk).await.expect("read");
+    }
+    assert!(started.elapsed() > 5 * stall, "{:?}", started.elapsed());
+    assert!(!tx.is_closed(), "{:?}", tx.close_reason());
+    drop(tx);
+    writer.await.expect("join").expect("written in full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_left_to_the_writer_on_an_idle_connection_still_go_out() {
+    // `push_with(.., true)` never writes itself: the writer task must be woken for it,
+    // even when nothing else is sent afterwards.
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(8));
+    let writer = tokio::spawn(writer);
+    for id in 1..=3u64 {
+        let mut h = Header::control(Kind::Request);
+        h.call_id = id;
+        assert!(matches!(
+            tx.push_with(Outgoing::new(&h, Bytes::from_static(b"x")), true),
+            Push::Sent
+        ));
+    }
+    let mut reader = FrameReader::new(b, 1 << 20);
+    for id in 1..=3u64 {
+        let f = tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .expect("the frame within 10 s")
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(f.call_id(), id);
+    }
+    drop(tx);
+    writer.await.expect("join").expect("io");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_sender_keeps_order_through_direct_and_queued_writes() {
+    // A pipe smaller than one frame: direct writes stop part-way and the writer task
+    // finishes them, while other tasks keep sending.
+    let (a, b) = tokio::io::duplex(512);
+    let (tx, writer) = frame_channel(a, frames(8));
+    let writer = tokio::spawn(writer);
+    let reading = tokio::spawn(async move {
+        let mut reader = FrameReader::new(b, 1 << 20);
+        let mut ids = Vec::new();
+        while let Some(f) = reader.next().await.expect("read") {
+            assert_eq!(f.payload().len(), (f.call_id() % 7) as usize * 300);
+            ids.push(f.call_id());
+        }
+        ids
+    });
+    let mut tasks = Vec::new();
+    for sender in 0..4u64 {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200u64 {
+                let id = sender * 1000 + i;
+                let mut h = Header::control(Kind::Request);
+                h.call_id = id;
+                let body = Bytes::from(vec![1u8; (id % 7) as usize * 300]);
+                tx.send(Outgoing {
+                    head: h.encode(body.len()),
+                    body: body.into(),
+                })
+                .await
+                .expect("connection open");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    drop(tx);
+    writer.await.expect("join").expect("io");
+    let ids = reading.await.expect("reader");
+    assert_eq!(ids.len(), 800);
+    for sender in 0..4u64 {
+        let mine: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| id / 1000 == sender)
+            .collect();
+        let sorted: Vec<u64> = (0..200).map(|i| sender * 1000 + i).collect();
+        assert_eq!(mine, sorted, "frames of one sender arrive in order");
+    }
+}
+
+#[tokio::test]
+async fn a_frame_sender_from_a_blocking_thread_and_after_the_peer_left() {
+    let (a, b) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, frames(2));
+    let writer = tokio::spawn(writer);
+    let blocking = tx.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let sent = tokio::task::spawn_blocking(move || {
+        (0..50u64)
+            .map(|i| {
+                let mut h = Header::control(Kind::Reply);
+                h.call_id = i;
+                runtime.block_on(blocking.send(Outgoing {
+                    head: h.encode(0),
+                    body: Payload::default(),
+                }))
+            })
+            .filter(Result::is_ok)
+            .count()
+    });
+    let mut reader = FrameReader::new(b, 1 << 20);
+    for i in 0..50u64 {
+        let f = reader.next().await.expect("read").expect("frame");
+        assert_eq!(f.call_id(), i);
+    }
+    assert_eq!(sent.await.expect("join"), 50);
+    drop(reader);
+    // The peer is gone: a frame sent now is written at once or queued; either way the
+    // write fails, the writer ends, and every later frame fails by name.
+    let _ = tx.send(goodbye()).await;
+    let _ = writer.await.expect("join");
+    assert!(tx.is_closed());
+    assert_eq!(tx.send(goodbye()).await, Err(Closed));
+    assert_eq!(tx.try_send(goodbye()), Err(Closed));
+}
+
+#[tokio::test]
+async fn joined_frames_arrive_as_separate_frames_in_order() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let (tx, writer) = frame_channel(a, frames(8));
+    let writer = tokio::spawn(writer);
+    let frames = (0..5u64)
+        .map(|i| {
+            let mut h = Header::control(Kind::Request);
+            h.call_id = i;
+            let body = Payload::from_parts([
+                Bytes::from(vec![i as u8; 10]),
+                Bytes::from(vec![i as u8; 20_000]),
+            ]);
+            Outgoing::new(&h, body)
+        })
+        .collect();
+    tx.send(Outgoing::joined(frames)).await.expect("sent");
+    drop(tx);
+    let mut reader = FrameReader::new(b, 1 << 20);
+    for i in 0..5u64 {
+        let f = reader.next().await.expect("read").expect("frame");
+        assert_eq!(f.call_id(), i);
+        assert_eq!(f.payload().len(), 20_010);
+        assert!(f.payload().iter().all(|&b| b == i as u8));
+    }
+    assert!(reader.next().await.expect("clean end").is_none());
+    writer.await.expect("join").expect("io");
+}

@@ -1,0 +1,41 @@
+//! Internal to daffi: no stability promise; use [`daffi`](https://docs.rs/daffi).
+//!
+//! The frame format of daffi's wire protocol and the framed I/O its connections run on:
+//! frames and their routing header, outgoing payloads, reading frames off a byte
+//! stream, and the sender and writer task of a connection. `docs/PROTOCOL.md` of the
+//! repository describes the bytes.
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod channel;
+pub mod frame;
+pub mod outgoing;
+pub mod payload;
+pub mod reader;
+
+pub use channel::{frame_channel, FrameSender, Push, QueueLimits};
+pub use frame::{Frame, FrameError, Header, Kind};
+pub use outgoing::Outgoing;
+pub use payload::Payload;
+pub use reader::{FrameReader, ReadError};
+
+/// First bytes a node sends on a new connection: magic, then the protocol version.
+pub const MAGIC: [u8; 4] = *b"DAFI";
+/// The protocol version this build speaks. Version 2: the callback list left the `Hello`
+/// for an `Announce` sent right behind it, and `Welcome` comes in pages. Version 3: every
+/// node keeps a replica of the scheduled tasks (`Schedule` frames, tasks and the
+/// controller's instance in `Welcome`) and gives them back to a restarted controller
+/// (`Restore`).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Bytes of the preamble: [`MAGIC`] and [`PROTOCOL_VERSION`].
+pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
+/// Default limit on one frame (prefix excluded): 128 MiB.
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 128 * 1024 * 1024;
+
+/// The preamble of a connection that speaks `version`.
+pub fn preamble(version: u16) -> [u8; PREAMBLE_LEN] {
+    let mut bytes = [0; PREAMBLE_LEN];
+    bytes[..MAGIC.len()].copy_from_slice(&MAGIC);
+    bytes[MAGIC.len()..].copy_from_slice(&version.to_be_bytes());
+    bytes
+}

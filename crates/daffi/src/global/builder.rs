@@ -1,0 +1,439 @@
+//! [`GlobalBuilder`]: the options of a `Global`, their defaults, and the checks of each
+//! option alone. Checks that weigh options together are in `tls`; starting is `launch`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use super::hooks::Hooks;
+use super::launch::OwnedRuntime;
+use super::Global;
+use crate::auth::AuthToken;
+use crate::blocking;
+use crate::error::{Error, Result};
+use crate::protocol::MAX_AUTH_TOKEN;
+use crate::transport::Address;
+use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
+use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
+
+/// Configures and starts a [`Global`]. Create it with [`Global::builder`].
+///
+/// | option | default |
+/// |---|---|
+/// | [`process_name`](Self::process_name) | random, `node-` and 8 letters |
+/// | [`init_controller`](Self::init_controller) | `false` |
+/// | [`init_node`](Self::init_node) | `true` |
+/// | [`host`](Self::host) / [`port`](Self::port) | unset: Unix socket `<temp dir>/daffi/.sock` |
+/// | [`unix_sock_path`](Self::unix_sock_path) | unset |
+/// | [`connect_timeout`](Self::connect_timeout) | 10 s |
+/// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
+/// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
+/// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
+/// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
+/// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 1,024 sync callbacks (threads) |
+/// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
+/// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
+/// | [`stall_timeout`](Self::stall_timeout) | 10 s |
+/// | [`stop_timeout`](Self::stop_timeout) | 5 s |
+/// | [`auth_token`](Self::auth_token) | the `DAFFI_AUTH_TOKEN` environment variable, or none (at most 1,024 bytes) |
+/// | [`tls_cert`](Self::tls_cert) / [`tls_key`](Self::tls_key) (controller) | unset: no TLS |
+/// | [`tls_client_ca`](Self::tls_client_ca) (controller) | unset: no client certificates asked |
+/// | [`tls`](Self::tls) (node) | `false`; implied by the other node options below |
+/// | [`tls_ca`](Self::tls_ca) (node) | unset: the system's trusted roots |
+/// | [`tls_server_name`](Self::tls_server_name) (node) | the host connected to |
+/// | [`tls_client_cert`](Self::tls_client_cert) / [`tls_client_key`](Self::tls_client_key) (node) | unset: no client certificate |
+///
+/// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
+/// that runs beside its controller (`init_controller(true)`) reaches it in-process,
+/// without TLS or token: the node options (and the token) then serve the other
+/// processes of the mesh only. See `docs/SECURITY.md` for which setup protects against
+/// what.
+#[derive(Debug, Clone)]
+#[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
+pub struct GlobalBuilder {
+    pub(super) process_name: Option<String>,
+    pub(super) init_controller: bool,
+    pub(super) init_node: bool,
+    pub(super) host: Option<String>,
+    pub(super) port: Option<u16>,
+    pub(super) unix_sock_path: Option<PathBuf>,
+    pub(super) connect_timeout: Duration,
+    pub(super) max_frame_size: usize,
+    pub(super) auth_token: Option<AuthToken>,
+    pub(super) handshake_timeout: Duration,
+    pub(super) max_in_flight: usize,
+    pub(super) max_concurrent_callbacks: usize,
+    pub(super) max_sync_callbacks: usize,
+    pub(super) max_connections: usize,
+    pub(super) max_queue_bytes: usize,
+    pub(super) stall_timeout: Duration,
+    pub(super) stop_timeout: Duration,
+    pub(super) tls_cert: Option<PathBuf>,
+    pub(super) tls_key: Option<PathBuf>,
+    pub(super) tls_client_ca: Option<PathBuf>,
+    pub(super) tls: bool,
+    pub(super) tls_ca: Option<PathBuf>,
+    pub(super) tls_server_name: Option<String>,
+    pub(super) tls_client_cert: Option<PathBuf>,
+    pub(super) tls_client_key: Option<PathBuf>,
+    pub(super) hooks: Hooks,
+}
+
+impl Default for GlobalBuilder {
+    fn default() -> Self {
+        GlobalBuilder {
+            process_name: None,
+            init_controller: false,
+            init_node: true,
+            host: None,
+            port: None,
+            unix_sock_path: None,
+            connect_timeout: Duration::from_secs(10),
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            auth_token: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_in_flight: 10_000,
+            max_concurrent_callbacks: 1_024,
+            max_sync_callbacks: 1_024,
+            max_connections: 10_000,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            stop_timeout: Duration::from_secs(5),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls: false,
+            tls_ca: None,
+            tls_server_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            hooks: Hooks::default(),
+        }
+    }
+}
+
+impl GlobalBuilder {
+    /// The node's unique name among the nodes of one controller. Default: random.
+    pub fn process_name(mut self, name: impl Into<String>) -> Self {
+        self.process_name = Some(name.into());
+        self
+    }
+
+    /// Whether this process runs the controller. Default: `false`. Its own node (unless
+    /// [`init_node(false)`](Self::init_node)) then reaches it in-process: no socket, no
+    /// TLS, no token, whatever the controller's certificate or token; other nodes
+    /// connect to its address.
+    pub fn init_controller(mut self, yes: bool) -> Self {
+        self.init_controller = yes;
+        self
+    }
+
+    /// Whether this process runs a node (to call and serve). Default: `true`. A process
+    /// that only runs the controller sets `init_controller(true).init_node(false)`.
+    pub fn init_node(mut self, yes: bool) -> Self {
+        self.init_node = yes;
+        self
+    }
+
+    /// Use TCP on this host. With no [`port`](Self::port), a controller started here
+    /// picks a free one (read it back with [`Global::port`]).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// Use TCP on this port (host defaults to `localhost`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Use this Unix socket path instead of the default `<temp dir>/daffi/.sock`.
+    pub fn unix_sock_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.unix_sock_path = Some(path.into());
+        self
+    }
+
+    /// How long `start` keeps trying to reach a controller that is not up yet before it
+    /// fails with [`Error::ControllerUnreachable`]. Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Largest frame this process sends or accepts. A call whose arguments would exceed
+    /// it fails before anything is sent. Under 1 MiB + 512 bytes, it also lowers what a
+    /// node's callback names may take together (to this minus 512 bytes; see
+    /// [`Global::register`]). Use the same value on every process. Default: 128 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// How long a new connection may take to complete the handshake (both sides): a
+    /// controller closes connections that stay silent longer. Default: 5 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How many calls this node may have in flight at once. Further calls wait for a
+    /// slot (within their timeout), so a fast caller cannot queue without bound.
+    /// Default: 10,000.
+    pub fn max_in_flight(mut self, calls: usize) -> Self {
+        self.max_in_flight = calls.max(1);
+        self
+    }
+
+    /// How many async callbacks this node runs at once (they are tasks: cheap).
+    /// Requests beyond it are refused at once, and their callers get
+    /// [`Error::Overloaded`]. Sync callbacks have their own limit,
+    /// [`max_sync_callbacks`](Self::max_sync_callbacks). Default: 1,024.
+    pub fn max_concurrent_callbacks(mut self, callbacks: usize) -> Self {
+        self.max_concurrent_callbacks = callbacks.max(1);
+        self
+    }
+
+    /// How many sync callbacks this node runs (or has queued for a thread) at once, and
+    /// so the most threads it starts for them: daffi's own, not tokio's blocking pool,
+    /// so that they never wait for it, nor it for them. Requests beyond it are refused
+    /// at once with [`Error::Overloaded`]; a full set of sync threads never refuses
+    /// async callbacks. Default: 1,024, what sync and async callbacks shared before they
+    /// had limits of their own, so that no burst that fitted then is refused now. Only
+    /// slow callbacks cost threads (quick ones share one or two), and an idle thread
+    /// costs its stack's address space (2 MiB), touched only as used.
+    pub fn max_sync_callbacks(mut self, callbacks: usize) -> Self {
+        self.max_sync_callbacks = callbacks.max(1);
+        self
+    }
+
+    /// How many connections a controller started here accepts at once; more are closed
+    /// at once (and logged). Default: 10,000. Connects not accepted yet wait in the
+    /// listener's backlog (4,096, or the kernel's `net.core.somaxconn` if lower), so a
+    /// mass start of nodes does not wait for the kernel's SYN retries.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// How many bytes one connection may hold for its peer, sent but not yet written to
+    /// its socket (each frame counting 128 bytes more than its size, so that a flood of
+    /// tiny frames is bounded too). Default: 64 MiB.
+    ///
+    /// In a controller started here, per node: a request to a node that holds this much
+    /// already is not delivered, and its caller gets [`Error::SlowConsumer`] at once
+    /// (one frame always passes when nothing is held, whatever its size). Frames a node
+    /// cannot refuse (replies to its calls, membership events) pass the limit, up to a
+    /// hard limit of twice the larger of this and [`max_frame_size`](Self::max_frame_size);
+    /// a node that would pass it is disconnected. So a paused node costs the controller
+    /// at most about this much memory. Calls with larger arguments in flight to one node
+    /// at once need a larger limit.
+    ///
+    /// In a node, for its link to the controller: a call waits for room (within its
+    /// timeout) once this much is queued.
+    pub fn max_queue_bytes(mut self, bytes: usize) -> Self {
+        self.max_queue_bytes = bytes.max(1);
+        self
+    }
+
+    /// How long a connection may have something to write while its peer reads none of
+    /// it; then the connection is closed. Default: 10 s (NATS's write deadline).
+    ///
+    /// A controller started here disconnects such a node (it is a slow consumer: paused,
+    /// stuck, or far slower than its callers); the others hear that it left, and calls
+    /// in flight to it get [`Error::PeerDisconnected`]. A node whose controller reads
+    /// nothing drops the connection and reconnects. Any progress restarts the clock, so
+    /// a large frame to a slow but reading peer is never cut. Must be longer than zero.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// How long [`Global::stop`] lets running callbacks finish. Default: 5 s.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// The shared secret. A controller started here refuses every node that does not
+    /// present it (checked in constant time, before anything else from the connection is
+    /// acted on); a node started here presents it. Unset: the `DAFFI_AUTH_TOKEN`
+    /// environment variable if it is set (set but empty fails `start` with
+    /// [`Error::Config`]); otherwise no token. At most 1,024 bytes (a longer one fails
+    /// `start` with [`Error::Config`]): it travels in the small first frame a
+    /// controller reads before it knows who is talking. The node of the process that runs
+    /// the controller needs none: it reaches its controller in-process.
+    ///
+    /// A refused node fails with [`Error::AuthenticationFailed`]. Without TLS the token
+    /// crosses the network in clear: use it with TLS beyond loopback.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Some(AuthToken::new(&token.into()));
+        self
+    }
+
+    /// Controller: the PEM file with its certificate chain (leaf first). With
+    /// [`tls_key`](Self::tls_key), the controller accepts only TLS connections.
+    pub fn tls_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_cert = Some(path.into());
+        self
+    }
+
+    /// Controller: the PEM file with the private key of [`tls_cert`](Self::tls_cert)
+    /// (PKCS#8, PKCS#1 or SEC1).
+    pub fn tls_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_key = Some(path.into());
+        self
+    }
+
+    /// Controller: mutual TLS. Every node must present a client certificate signed by a
+    /// CA in this PEM file; others are refused during the TLS handshake. The node of
+    /// this `Global` needs none: it reaches its controller in-process.
+    pub fn tls_client_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_ca = Some(path.into());
+        self
+    }
+
+    /// Node: connect with TLS. Alone, the controller's certificate is verified against
+    /// the system's trusted roots. Implied by [`tls_ca`](Self::tls_ca),
+    /// [`tls_server_name`](Self::tls_server_name) and
+    /// [`tls_client_cert`](Self::tls_client_cert).
+    ///
+    /// These node options are for a node that connects to a controller in another
+    /// process. A `Global` that runs the controller too accepts them (so that every
+    /// process of a mesh may share one configuration) but its node does not use them:
+    /// it reaches its controller in-process. They must still fit that controller:
+    /// with no [`tls_cert`](Self::tls_cert) there, `start` fails with [`Error::Config`].
+    pub fn tls(mut self, yes: bool) -> Self {
+        self.tls = yes;
+        self
+    }
+
+    /// Node: connect with TLS, and trust only the CAs in this PEM file (not the system's
+    /// roots) to have signed the controller's certificate. Not needed by a node that
+    /// runs beside its controller (see [`tls`](Self::tls)).
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
+    }
+
+    /// Node: the name (DNS name or IP address) the controller's certificate must be valid
+    /// for. Default: the [`host`](Self::host) connected to.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Node: the PEM file with this node's client certificate chain, for a controller
+    /// that requires one ([`tls_client_ca`](Self::tls_client_ca)). Not needed by a node
+    /// that runs beside its controller (see [`tls`](Self::tls)).
+    pub fn tls_client_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_cert = Some(path.into());
+        self
+    }
+
+    /// Node: the PEM file with the private key of [`tls_client_cert`](Self::tls_client_cert).
+    pub fn tls_client_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_client_key = Some(path.into());
+        self
+    }
+
+    /// Runs `hook(&global, own_name)` once, after the `Global` has started (and after
+    /// the first `on_node_connect`).
+    ///
+    /// Hooks run one at a time, in the order of the events, on a thread of their own
+    /// (`daffi-hooks`, not tokio's blocking pool, so that a full pool never holds them
+    /// up): they may make blocking calls. A hook that panics is logged and skipped.
+    pub fn on_init(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_init = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, own_name)` each time this node connects to the controller:
+    /// at start and after every reconnect.
+    pub fn on_node_connect(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_node_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, own_name)` each time this node loses the controller, and
+    /// when [`Global::stop`] stops a connected node (not when the last clone is dropped:
+    /// there is no `Global` left to give the hook).
+    pub fn on_node_disconnect(
+        mut self,
+        hook: impl Fn(&Global, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_node_disconnect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, other_name)` when another node appears in this node's view:
+    /// it joined, or this node (re)connected and learned of it.
+    pub fn on_member_added(mut self, hook: impl Fn(&Global, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.on_member_added = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook(&global, other_name)` when another node leaves this node's view: it
+    /// disconnected, or this node lost the controller.
+    pub fn on_member_removed(
+        mut self,
+        hook: impl Fn(&Global, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_member_removed = Some(Arc::new(hook));
+        self
+    }
+
+    /// Starts from synchronous code. daffi runs its own small runtime in the background;
+    /// in async code use [`start_async`](Self::start_async).
+    pub fn start(self) -> Result<Global> {
+        let owned = OwnedRuntime::new()?;
+        let handle = owned.handle.clone();
+        blocking::wait(&handle, "start", self.launch(handle.clone(), Some(owned)))?
+    }
+
+    /// Starts from async code, on the current tokio runtime.
+    pub async fn start_async(self) -> Result<Global> {
+        let handle = Handle::try_current().map_err(|_| {
+            Error::Config(
+                "start_async must run inside a tokio runtime; use start() in sync code".into(),
+            )
+        })?;
+        self.launch(handle, None).await
+    }
+
+    pub(super) fn address(&self) -> Result<Address> {
+        match (&self.host, self.port, &self.unix_sock_path) {
+            (Some(_), _, Some(_)) | (None, Some(_), Some(_)) => Err(Error::Config(
+                "give either host/port (TCP) or unix_sock_path, not both".into(),
+            )),
+            (None, None, Some(path)) => Ok(Address::Unix(path.clone())),
+            (None, None, None) => Ok(Address::default_unix()),
+            (host, port, None) => Ok(Address::Tcp {
+                host: host.clone().unwrap_or_else(|| "localhost".into()),
+                port: port.unwrap_or(0),
+            }),
+        }
+    }
+
+    /// The token given, or the one in the environment.
+    pub(super) fn token(&self) -> Result<Option<AuthToken>> {
+        let token = match &self.auth_token {
+            Some(t) if t.is_empty() => {
+                return Err(Error::Config(
+                    "auth_token must not be empty (an empty token protects nothing)".into(),
+                ))
+            }
+            Some(t) => Some(t.clone()),
+            None => AuthToken::from_env().map_err(Error::Config)?,
+        };
+        match token {
+            Some(t) if t.expose().len() > MAX_AUTH_TOKEN => Err(Error::Config(format!(
+                "the auth token is {} bytes; tokens may be at most {MAX_AUTH_TOKEN} bytes (32 random bytes, hex-encoded, are plenty)",
+                t.expose().len()
+            ))),
+            token => Ok(token),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Starting a `Global` from its builder: the controller, then the node, then the thread
+//! that runs the lifecycle hooks; and the runtime `start()` owns.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use super::hooks::run_hooks;
+use super::{Global, GlobalBuilder, Inner};
+use crate::callback::static_callbacks;
+use crate::controller::{ControllerConfig, ControllerHandle};
+use crate::error::{Error, Result};
+use crate::node::{NodeConfig, NodeCore, Route};
+use crate::protocol::{check_name, NameKind};
+use crate::transport::Address;
+
+impl GlobalBuilder {
+    pub(super) async fn launch(
+        self,
+        runtime: Handle,
+        owned: Option<OwnedRuntime>,
+    ) -> Result<Global> {
+        if !self.init_node && !self.init_controller {
+            return Err(Error::Config(
+                "init_node(false) and init_controller(false): nothing to start".into(),
+            ));
+        }
+        let name = match &self.process_name {
+            Some(n) => {
+                check_name(NameKind::Process, n).map_err(Error::Config)?;
+                n.clone()
+            }
+            None => format!("node-{}", random_suffix()),
+        };
+        if self.stall_timeout.is_zero() {
+            return Err(Error::Config(
+                "stall_timeout must be longer than zero".into(),
+            ));
+        }
+        let mut address = self.address()?;
+        let auth_token = self.token()?;
+        let (server_tls, client_tls) = self.load_tls(&address)?;
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let controller = if self.init_controller {
+            let config = ControllerConfig {
+                max_frame_size: self.max_frame_size,
+                handshake_timeout: self.handshake_timeout,
+                max_connections: self.max_connections,
+                tls: server_tls,
+                auth_token: auth_token.clone(),
+                max_queue_bytes: self.max_queue_bytes,
+                stall_timeout: self.stall_timeout,
+            };
+            let c = ControllerHandle::start(&address, config, &runtime).await?;
+            if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
+                (&mut address, c.address())
+            {
+                *port = *bound;
+            }
+            Some(c)
+        } else {
+            if matches!(address, Address::Tcp { port: 0, .. }) {
+                return Err(Error::Config(
+                    "a node without the controller needs the controller's port".into(),
+                ));
+            }
+            None
+        };
+        let node = if self.init_node {
+            // Beside its controller, the node links to it in-process, with no token.
+            let (route, auth_token) = match &controller {
+                Some(c) => (Route::InProcess(c.in_process()), None),
+                None => (Route::Socket { tls: client_tls }, auth_token),
+            };
+            let config = NodeConfig {
+                address: address.clone(),
+                max_frame_size: self.max_frame_size,
+                connect_timeout: self.connect_timeout,
+                handshake_timeout: self.handshake_timeout,
+                max_in_flight: self.max_in_flight,
+                max_concurrent_callbacks: self.max_concurrent_callbacks,
+                max_sync_callbacks: self.max_sync_callbacks,
+                stop_timeout: self.stop_timeout,
+                auth_token,
+                route,
+                max_queue_bytes: self.max_queue_bytes,
+                stall_timeout: self.stall_timeout,
+            };
+            let node = NodeCore::new(name.clone(), config, static_callbacks(), events_tx);
+            node.start().await?;
+            Some(node)
+        } else {
+            None
+        };
+        let global = Global {
+            inner: Arc::new(Inner {
+                name,
+                address,
+                runtime: runtime.clone(),
+                node,
+                controller: Mutex::new(controller),
+                owned_runtime: Mutex::new(owned),
+                stopping: AtomicBool::new(false),
+                stopped: Arc::new(tokio::sync::watch::channel(false).0),
+                hooks: self.hooks.clone(),
+            }),
+        };
+        if !self.hooks.is_empty() {
+            let global = Arc::downgrade(&global.inner);
+            let hooks = self.hooks;
+            std::thread::Builder::new()
+                .name("daffi-hooks".into())
+                .spawn(move || {
+                    // As on tokio's blocking pool: hooks may use the runtime.
+                    let _context = runtime.enter();
+                    run_hooks(global, hooks, events_rx);
+                })?;
+        }
+        Ok(global)
+    }
+}
+
+/// The runtime `start()` creates: its own thread holds it, so that it is never dropped
+/// inside async code (which tokio forbids).
+pub(super) struct OwnedRuntime {
+    pub(super) handle: Handle,
+    shutdown: std::sync::mpsc::Sender<()>,
+}
+
+impl OwnedRuntime {
+    pub(super) fn new() -> Result<OwnedRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("daffi-worker")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (shutdown, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("daffi-runtime".into())
+            .spawn(move || {
+                let _ = rx.recv();
+                // Let replies and goodbyes go out, but never hang on a stuck callback.
+                runtime.shutdown_timeout(Duration::from_millis(500));
+            })?;
+        Ok(OwnedRuntime { handle, shutdown })
+    }
+
+    pub(super) fn shutdown(self) {
+        let _ = self.shutdown.send(());
+    }
+}
+
+fn random_suffix() -> String {
+    (0..8).map(|_| fastrand::alphanumeric()).collect()
+}

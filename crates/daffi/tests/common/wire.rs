@@ -1,0 +1,107 @@
+//! What a raw client in these tests sends and reads: frames through `daffi-wire`, and
+//! the control payloads it needs written from `docs/PROTOCOL.md`, as a client in
+//! another language would write them (daffi keeps its own private).
+
+use std::io::Read;
+use std::net::TcpStream;
+
+use daffi_wire::frame::LEN_PREFIX;
+use daffi_wire::{preamble, Frame, Header, Kind, PROTOCOL_VERSION};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::WAIT;
+
+/// Largest `Hello` frame a controller reads: 4 KiB after the length prefix.
+pub const MAX_HELLO_SIZE: usize = 4 * 1024;
+
+/// The most a node's callback names may take with frames of up to `max_frame_size`:
+/// 1 MiB, and at most the frame limit minus 512 bytes.
+pub fn callback_list_limit(max_frame_size: usize) -> usize {
+    (1024 * 1024).min(max_frame_size.saturating_sub(512))
+}
+
+/// `Hello`: who the node is.
+#[derive(Serialize)]
+pub struct Hello<'a> {
+    pub process_name: &'a str,
+    pub auth_token: Option<&'a str>,
+    pub max_frame_size: u64,
+}
+
+/// `Announce`: the callbacks a node serves from now on.
+#[derive(Serialize)]
+pub struct Announce<S: AsRef<str> + Serialize> {
+    pub callbacks: Vec<S>,
+}
+
+/// Why the controller refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseCode {
+    DuplicateName,
+    InvalidName,
+    Version,
+    Auth,
+    BadHello,
+    TlsRequired,
+    CallbackListTooLarge,
+}
+
+/// `Refused`: the handshake failed.
+#[derive(Debug, Deserialize)]
+pub struct Refused {
+    pub code: RefuseCode,
+    pub message: String,
+}
+
+/// A control payload: MessagePack, structs as maps.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("encodable")
+}
+
+/// Decodes a control payload.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> T {
+    rmp_serde::from_slice(payload).expect("a valid payload")
+}
+
+/// A control frame (no routing fields) carrying `payload`, as bytes.
+pub fn control_frame<T: Serialize>(kind: Kind, payload: &T) -> Vec<u8> {
+    let body = encode(payload);
+    let mut frame = Header::control(kind).encode(body.len()).to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// What a node sends first: the preamble, a `Hello` and the `Announce` of `callbacks`
+/// behind it.
+pub fn opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
+    let hello = Hello {
+        process_name: name,
+        auth_token: token,
+        max_frame_size: 0,
+    };
+    let mut bytes = preamble(PROTOCOL_VERSION).to_vec();
+    bytes.extend(control_frame(Kind::Hello, &hello));
+    bytes.extend(control_frame(
+        Kind::Announce,
+        &Announce {
+            callbacks: callbacks.to_vec(),
+        },
+    ));
+    bytes
+}
+
+/// Reads one frame (waiting up to [`WAIT`]).
+pub fn read_frame(stream: &mut TcpStream) -> Frame {
+    stream.set_nonblocking(false).expect("blocking");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut len = [0u8; LEN_PREFIX];
+    stream.read_exact(&mut len).expect("a frame");
+    let mut raw = len.to_vec();
+    raw.resize(LEN_PREFIX + u32::from_be_bytes(len) as usize, 0);
+    stream
+        .read_exact(&mut raw[LEN_PREFIX..])
+        .expect("the whole frame");
+    Frame::parse(raw.into()).expect("a valid frame")
+}
