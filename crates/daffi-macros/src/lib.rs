@@ -251,14 +251,14 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
     let encode = if returns_result(&sig.output) {
         quote! {
             match __ret {
-                ::core::result::Result::Ok(v) => ::daffi::__private::encode_reply(&v),
+                ::core::result::Result::Ok(v) => ::daffi::__private::encode_reply(v),
                 ::core::result::Result::Err(e) => ::core::result::Result::Err(
                     ::daffi::__private::CallbackFailure::failed(e),
                 ),
             }
         }
     } else {
-        quote! { ::daffi::__private::encode_reply(&__ret) }
+        quote! { ::daffi::__private::encode_reply(__ret) }
     };
     ShimParts {
         args_def,

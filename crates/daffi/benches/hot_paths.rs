@@ -21,13 +21,13 @@ mod arguments {
     /// `.args((a, b))` for two integers.
     #[divan::bench]
     fn encode_two_integers() -> Outcome {
-        encode_reply(&black_box((123_456_i64, 7_i64)))
+        encode_reply(black_box((123_456_i64, 7_i64)))
     }
 
     /// A callback decoding them.
     #[divan::bench]
     fn decode_two_integers(bencher: Bencher) {
-        let payload = encode_reply(&(123_456_i64, 7_i64))
+        let payload = encode_reply((123_456_i64, 7_i64))
             .expect("encode")
             .into_bytes();
         bencher.bench_local(|| decode_args::<(i64, i64)>("bench", black_box(&payload)).ok());
@@ -52,7 +52,7 @@ mod arguments {
             quantity: i64,
             price: f64,
         }
-        encode_reply(&black_box(Order {
+        encode_reply(black_box(Order {
             id: 42,
             symbol: "DAFI",
             quantity: 100,

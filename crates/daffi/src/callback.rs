@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::codec::{self, encode_value};
 use crate::protocol::message::RemoteErrorKind;
+use crate::Blob;
 use daffi_wire::Payload;
 
 /// A boxed, sendable future.
@@ -73,10 +74,14 @@ pub fn decode_args<T: DeserializeOwned>(
     codec::decode(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
 }
 
-/// Encodes a callback's return value.
-pub fn encode_reply<T: Serialize + ?Sized>(value: &T) -> Outcome {
-    encode_value(value)
-        .map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))
+/// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
+/// as the [`Blob`] it becomes without a copy: from its own memory.
+pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
+    let encoded = match codec::into_vec(value) {
+        Ok(bytes) => encode_value(&Blob::from(bytes)),
+        Err(value) => encode_value(&value),
+    };
+    encoded.map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))
 }
 
 /// A value a registered closure may return.
@@ -100,14 +105,14 @@ pub struct Reply<T>(pub T);
 
 impl<T: Serialize> IntoReply for Reply<T> {
     fn into_reply(self) -> Outcome {
-        encode_reply(&self.0)
+        encode_reply(self.0)
     }
 }
 
 impl<T: Serialize, E: std::fmt::Display> IntoReply for Result<T, E> {
     fn into_reply(self) -> Outcome {
         match self {
-            Ok(v) => encode_reply(&v),
+            Ok(v) => encode_reply(v),
             Err(e) => Err(CallbackFailure::failed(e)),
         }
     }
@@ -116,7 +121,7 @@ impl<T: Serialize, E: std::fmt::Display> IntoReply for Result<T, E> {
 macro_rules! plain_reply {
     ($($t:ty),* $(,)?) => {$(
         impl IntoReply for $t {
-            fn into_reply(self) -> Outcome { encode_reply(&self) }
+            fn into_reply(self) -> Outcome { encode_reply(self) }
         }
     )*};
 }
@@ -141,13 +146,20 @@ plain_reply!(
     String,
     &'static str,
     Bytes,
-    crate::Blob
+    Blob
 );
+
+/// Static bytes are sent from where they are.
+impl IntoReply for &'static [u8] {
+    fn into_reply(self) -> Outcome {
+        encode_reply(Blob::from_static(self))
+    }
+}
 
 macro_rules! generic_reply {
     ($($t:ident < $($p:ident),* >),* $(,)?) => {$(
         impl<$($p: Serialize),*> IntoReply for $t<$($p),*> {
-            fn into_reply(self) -> Outcome { encode_reply(&self) }
+            fn into_reply(self) -> Outcome { encode_reply(self) }
         }
     )*};
 }
@@ -158,7 +170,7 @@ generic_reply!(
 macro_rules! tuple_reply {
     ($(($($p:ident),+)),*) => {$(
         impl<$($p: Serialize),+> IntoReply for ($($p,)+) {
-            fn into_reply(self) -> Outcome { encode_reply(&self) }
+            fn into_reply(self) -> Outcome { encode_reply(self) }
         }
     )*};
 }

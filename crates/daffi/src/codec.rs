@@ -9,6 +9,10 @@
 //! by address and length, so a value that is not a `Blob`, or a serializer that is not
 //! ours, just takes the ordinary copying path.
 //!
+//! Byte strings of other types (`Vec<u8>`, `[u8]`, `bytes::Bytes`) travel as a `bin`
+//! too, and are read and written in one piece; a `Bytes` takes the `Blob` ways (see
+//! [`byte_strings`]).
+//!
 //! Encoding refuses a value nested deeper than the decoder reads (see [`depth`]),
 //! rather than overflow the stack.
 
@@ -20,7 +24,10 @@ use serde::Serialize;
 
 use daffi_wire::Payload;
 
+mod byte_strings;
 mod depth;
+
+pub(crate) use byte_strings::into_vec;
 
 /// Blobs shorter than this are copied like any other bytes: a separate part costs more
 /// than copying a few KiB.
@@ -169,15 +176,22 @@ pub(crate) fn offer_blob(bytes: &Bytes) {
     }
 }
 
-/// Decodes a MessagePack payload; blobs inside a large one share its memory.
+/// Decodes a MessagePack payload; blobs and `Bytes` inside a large one share its memory,
+/// and its byte strings are read in one piece.
 pub fn decode<T: DeserializeOwned>(payload: &Bytes) -> Result<T, rmp_serde::decode::Error> {
     if payload.len() < BLOB_BY_REFERENCE {
-        return rmp_serde::from_slice(payload);
+        return decode_slice(payload);
     }
     let previous = SOURCE.with(|s| s.replace(Some(payload.clone())));
-    let out = rmp_serde::from_slice(payload);
+    let out = decode_slice(payload);
     SOURCE.with(|s| *s.borrow_mut() = previous);
     out
+}
+
+/// Decodes `bytes` with byte strings read in one piece, whichever form they come in.
+fn decode_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    T::deserialize(byte_strings::Decoder(&mut deserializer))
 }
 
 /// Called by a blob being deserialized from borrowed bytes: a slice of the payload

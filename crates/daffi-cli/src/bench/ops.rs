@@ -13,6 +13,8 @@ pub const LEN: &str = "bench_len";
 pub const SINK: &str = "bench_sink";
 /// Waits until the sink counted `n` calls (or gives up), returns how many it counted.
 pub const SINK_WAIT: &str = "bench_sink_wait";
+/// Prefix of the callbacks that return their byte-string argument (one per [`ByteKind`]).
+const ECHO: &str = "bench_echo_";
 
 /// The name of the callback a callee registers last, so that a caller that sees it knows
 /// every other callback of that callee.
@@ -51,6 +53,13 @@ pub enum Op {
         /// Payload size.
         bytes: usize,
     },
+    /// One call whose argument and result are `bytes` long, both of type `kind`.
+    Echo {
+        /// The type the bytes have on both sides.
+        kind: ByteKind,
+        /// Payload size.
+        bytes: usize,
+    },
     /// Broadcasts with results to every node serving the small call, one at a time.
     Broadcast {
         /// Measured broadcasts.
@@ -86,6 +95,51 @@ pub enum RateMode {
     Pipelined,
 }
 
+/// The types a byte string has in users' code, as [`Op::Echo`] sends and receives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ByteKind {
+    /// `daffi::Blob`: the reference the others are measured against.
+    Blob,
+    /// `Vec<u8>`.
+    Vec,
+    /// `serde_bytes::ByteBuf`.
+    ByteBuf,
+    /// `bytes::Bytes`.
+    Bytes,
+}
+
+impl ByteKind {
+    /// Every kind, the reference first.
+    pub const ALL: [ByteKind; 4] = [
+        ByteKind::Blob,
+        ByteKind::Vec,
+        ByteKind::ByteBuf,
+        ByteKind::Bytes,
+    ];
+
+    /// The type's name, for labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            ByteKind::Blob => "Blob",
+            ByteKind::Vec => "Vec<u8>",
+            ByteKind::ByteBuf => "ByteBuf",
+            ByteKind::Bytes => "Bytes",
+        }
+    }
+
+    /// The callback that echoes this kind.
+    pub fn echo_callback(self) -> String {
+        let kind = match self {
+            ByteKind::Blob => "blob",
+            ByteKind::Vec => "vec",
+            ByteKind::ByteBuf => "byte_buf",
+            ByteKind::Bytes => "bytes",
+        };
+        format!("{ECHO}{kind}")
+    }
+}
+
 /// The answer to [`Op::Latency`] and [`Op::Broadcast`].
 pub type LatencyAnswer = Percentiles;
 
@@ -98,7 +152,7 @@ pub struct RateAnswer {
     pub lost: u64,
 }
 
-/// The answer to [`Op::Blob`].
+/// The answer to [`Op::Blob`] and [`Op::Echo`] (which counts the payload both ways).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BlobAnswer {
     /// Payload MiB per second of round trip.

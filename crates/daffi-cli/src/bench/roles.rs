@@ -11,10 +11,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use daffi::{Blob, Global};
+use bytes::Bytes;
+use daffi::{Blob, Global, Reply};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_bytes::ByteBuf;
 use tokio::sync::Notify;
 
-use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
+use super::ops::{self, BlobAnswer, ByteKind, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
 use super::proc::{answer, Endpoint, Result};
 use super::report::Percentiles;
 
@@ -104,6 +108,12 @@ pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> 
     });
     g.register(ops::ADD, |a: i64, b: i64| a + b)?;
     g.register(ops::LEN, |data: Blob| data.len() as u64)?;
+    g.register(&ByteKind::Blob.echo_callback(), |data: Blob| data)?;
+    g.register(&ByteKind::Vec.echo_callback(), |data: Vec<u8>| data)?;
+    g.register(&ByteKind::ByteBuf.echo_callback(), |data: ByteBuf| {
+        Reply(data)
+    })?;
+    g.register(&ByteKind::Bytes.echo_callback(), |data: Bytes| data)?;
     let s = sink.clone();
     g.register(ops::SINK, move || s.hit())?;
     let s = sink.clone();
@@ -172,6 +182,7 @@ impl Caller {
             } => answer(self.rate(mode, calls, in_flight)),
             Op::OneWay { calls } => answer(self.one_way(calls)),
             Op::Blob { bytes } => answer(self.blob(bytes)),
+            Op::Echo { kind, bytes } => answer(self.echo(kind, bytes)),
             Op::Broadcast {
                 calls,
                 warmup,
@@ -282,6 +293,37 @@ impl Caller {
         Ok(BlobAnswer {
             mib_per_s: ops::mib_per_s(bytes, secs),
         })
+    }
+
+    fn echo(&mut self, kind: ByteKind, bytes: usize) -> Result<BlobAnswer> {
+        let data = vec![0xA5u8; bytes];
+        let secs = match kind {
+            ByteKind::Blob => self.echo_as(kind, Blob::from(data))?,
+            ByteKind::Vec => self.echo_as(kind, data)?,
+            ByteKind::ByteBuf => self.echo_as(kind, ByteBuf::from(data))?,
+            ByteKind::Bytes => self.echo_as(kind, Bytes::from(data))?,
+        };
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(2 * bytes, secs),
+        })
+    }
+
+    /// Sends `data` to the echo of `kind` and takes the answer as the same type, as a
+    /// user of that type would: the seconds this took. Both values are dropped after.
+    fn echo_as<T>(&self, kind: ByteKind, data: T) -> Result<f64>
+    where
+        T: Serialize + DeserializeOwned + AsRef<[u8]>,
+    {
+        let started = Instant::now();
+        let back: T = self.g.call(&kind.echo_callback()).args((&data,)).fg()?;
+        let secs = started.elapsed().as_secs_f64();
+        if back.as_ref() != data.as_ref() {
+            let (sent, got) = (data.as_ref().len(), back.as_ref().len());
+            return Err(
+                format!("the {} echo changed {sent} bytes into {got}", kind.label()).into(),
+            );
+        }
+        Ok(secs)
     }
 
     fn broadcast(&mut self, calls: usize, warmup: usize, nodes: usize) -> Result<LatencyAnswer> {

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::ops::{BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
+use super::ops::{BlobAnswer, ByteKind, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
 use super::proc::{ChildProc, Endpoint, Memory, Result};
 use super::report::{Row, Spread, Target, Unit};
 
@@ -24,7 +24,7 @@ pub enum Scenario {
     A,
     /// Many small calls in flight (BG and async), and NO_RETURN.
     B,
-    /// Large `bytes` arguments.
+    /// Large byte strings: a `Blob` argument, and echoes of each byte type.
     C,
     /// Broadcast to 4 nodes with results.
     D,
@@ -482,7 +482,8 @@ fn size_label(bytes: usize) -> String {
 }
 
 /// Scenario C: one large `bytes` argument per call, for each size; fresh processes per
-/// size, so that each process's peak RSS belongs to that size.
+/// size, so that each process's peak RSS belongs to that size. Below 512 MiB, then the
+/// echoes of each byte type.
 pub fn run_c(plan: &Plan) -> Result<Outcome> {
     const MIB: usize = 1024 * 1024;
     let transport = plan.transport;
@@ -579,11 +580,93 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
             Spread::one(relay.peak_mib),
         ));
         daffi.finish();
+        if !big {
+            let echo = Echo {
+                group: format!("{group}-echo"),
+                frame_limit: limit,
+                size,
+                label: &label,
+            };
+            out.rows.extend(echo.rows(plan, &mut floors, &floor_names)?);
+        }
         for f in floors {
             f.finish();
         }
     }
+    if plan.blob_sizes.iter().any(|&size| size < 512 * MIB) {
+        out.notes.push(
+            "C: an echo sends its payload as the argument and gets it back as the result, \
+             both of the type named; its MiB/s counts the payload both ways"
+                .into(),
+        );
+    }
     Ok(out)
+}
+
+/// Scenario C's echoes of one size: each byte-string type against `Blob`, in fresh
+/// processes (the argument's peak RSS rows stay its own).
+struct Echo<'a> {
+    group: String,
+    frame_limit: Option<usize>,
+    size: usize,
+    label: &'a str,
+}
+
+impl Echo<'_> {
+    /// Repetitions of every echo, interleaved with the floors' own; one row per type,
+    /// `Blob` against the better floor and the others against `Blob`.
+    fn rows(
+        &self,
+        plan: &Plan,
+        floors: &mut [FloorSet],
+        floor_names: &[String],
+    ) -> Result<Vec<Row>> {
+        let mut daffi = plan.daffi(&self.group, plan.transport, 1, self.frame_limit)?;
+        let t = daffi.endpoint.transport();
+        let ops = ByteKind::ALL.map(|kind| Op::Echo {
+            kind,
+            bytes: self.size,
+        });
+        for op in &ops {
+            let _: BlobAnswer = daffi.caller.request(op)?;
+        }
+        let floor_op = Op::Blob { bytes: self.size };
+        let mut floor_series = vec![Vec::new(); floors.len()];
+        let mut series = vec![Vec::new(); ops.len()];
+        for rep in 0..plan.reps {
+            progress(&format!("C {t} {} echoes", self.label), rep, plan.reps);
+            for (i, f) in floors.iter_mut().enumerate() {
+                let r: BlobAnswer = f.client.request(&floor_op)?;
+                floor_series[i].push(r.mib_per_s);
+            }
+            for (i, op) in ops.iter().enumerate() {
+                let r: BlobAnswer = daffi.caller.request(op)?;
+                series[i].push(r.mib_per_s);
+            }
+        }
+        daffi.finish();
+        let (floor, floor_value) = best_floor(floor_names, &floor_series, true);
+        let blob = spread(&series[0]);
+        let rows = ByteKind::ALL
+            .iter()
+            .zip(&series)
+            .map(|(kind, values)| {
+                let row = Row::info(
+                    'C',
+                    format!("{t} {} {} echo", self.label, kind.label()),
+                    Unit::MibPerSec,
+                    spread(values),
+                );
+                match kind {
+                    ByteKind::Blob => row.against(floor.clone(), floor_value),
+                    _ => row
+                        .against("Blob echo", blob)
+                        .target(Target::RatioAtLeast { bound: 0.8 }),
+                }
+            })
+            .collect();
+        Ok(rows)
+    }
 }
 
 /// Scenario D: a broadcast with results to `broadcast_nodes` callees, against single

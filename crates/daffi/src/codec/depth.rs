@@ -8,8 +8,11 @@
 //! counts (a sequence, tuple, map or struct, an enum variant with data) counts here the
 //! same; options and newtypes, which the encoding leaves out, have a budget of their
 //! own, since they recurse too. Everything else passes through untouched (bytes keep
-//! their address, which [`Blob`](crate::Blob)s rely on).
+//! their address, which [`Blob`](crate::Blob)s rely on), but for byte strings: a
+//! sequence of bytes in one slice is written as a `bin`, and a `bytes::Bytes` from its
+//! own memory (see [`byte_strings`]).
 
+use super::byte_strings;
 use serde::ser::{
     Serialize, SerializeMap, SerializeSeq, SerializeStruct, SerializeStructVariant, SerializeTuple,
     SerializeTupleStruct, SerializeTupleVariant, Serializer,
@@ -88,6 +91,9 @@ impl<'a, T: ?Sized> Limited<'a, T> {
 impl<T: Serialize + ?Sized> Serialize for Limited<'_, T> {
     #[inline]
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if let Some(bytes) = byte_strings::as_bytes(self.value) {
+            super::offer_blob(bytes);
+        }
         self.value.serialize(Depth {
             inner: serializer,
             left: self.left,
@@ -274,6 +280,29 @@ impl<S: Serializer> Serializer for Depth<S> {
                 .serialize_struct_variant(name, index, variant, len)?,
             left,
         })
+    }
+
+    /// A `Vec<u8>` or a `[u8]` is written as a `bin`, in one piece; any other sequence
+    /// as serde's default does.
+    #[inline]
+    fn collect_seq<I>(self, iter: I) -> Result<S::Ok, S::Error>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        if let Some(bytes) = byte_strings::as_slice(&iter) {
+            return self.inner.serialize_bytes(bytes);
+        }
+        let iter = iter.into_iter();
+        let len = match iter.size_hint() {
+            (low, Some(high)) if low == high => Some(low),
+            _ => None,
+        };
+        let mut seq = self.serialize_seq(len)?;
+        for item in iter {
+            seq.serialize_element(&item)?;
+        }
+        seq.end()
     }
 
     #[inline]
