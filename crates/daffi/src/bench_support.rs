@@ -81,7 +81,12 @@ pub fn encode_value<T: serde::Serialize>(value: &T) -> Result<Bytes, String> {
     crate::codec::encode_value(value).map(Payload::into_bytes)
 }
 
-/// Decodes arguments as a callback does.
-pub fn decode_args<T: serde::de::DeserializeOwned>(payload: &Bytes) -> Option<T> {
-    crate::callback::decode_args("bench", payload).ok()
+/// Decodes arguments as a closure registered with `Global::register` does.
+pub fn decode_args<T: crate::callback::Params>(payload: &Bytes) -> Option<T> {
+    let signature = crate::callback::Signature {
+        callback: "bench",
+        names: &[],
+        types: &[],
+    };
+    crate::callback::decode_args(&signature, payload).ok()
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::async_result::{AsyncResult, Outcome};
 use crate::blocking;
-use crate::codec::{self, encode_value};
+use crate::codec::{self, encode_value, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::node::{CallRequest, NodeCore, NodeOutcome};
@@ -384,10 +384,7 @@ fn humantime_utc(t: SystemTime) -> String {
 }
 
 pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
-    Error::Protocol {
-        peer: "the controller".into(),
-        message: format!("unexpected answer {answer:?}"),
-    }
+    Error::protocol("the controller", format!("unexpected answer {answer:?}"))
 }
 
 /// Decodes a result into the type the caller asked for.
@@ -395,7 +392,8 @@ pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &Bytes) 
     codec::decode(bytes).map_err(|e| Error::BadResult {
         callback: callback.to_string(),
         expected: std::any::type_name::<T>(),
-        message: e.to_string(),
+        message: explain::result::<T>(bytes, &e),
+        source: Box::new(e),
     })
 }
 

@@ -15,12 +15,15 @@
 use std::cell::{Cell, RefCell};
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde::Serialize;
 
 use crate::protocol::Payload;
 
 mod depth;
+pub(crate) mod explain;
+
+pub(crate) use depth::MAX_DEPTH;
 
 /// Blobs shorter than this are copied like any other bytes: a separate part costs more
 /// than copying a few KiB.
@@ -171,11 +174,20 @@ pub(crate) fn offer_blob(bytes: &Bytes) {
 
 /// Decodes a MessagePack payload; blobs inside a large one share its memory.
 pub fn decode<T: DeserializeOwned>(payload: &Bytes) -> Result<T, rmp_serde::decode::Error> {
+    decode_seed(payload, std::marker::PhantomData::<T>)
+}
+
+/// [`decode`] with a seed: for a decoder that carries what it needs to know.
+pub(crate) fn decode_seed<'p, S: DeserializeSeed<'p>>(
+    payload: &'p Bytes,
+    seed: S,
+) -> Result<S::Value, rmp_serde::decode::Error> {
+    let read = || seed.deserialize(&mut rmp_serde::Deserializer::from_read_ref(&payload[..]));
     if payload.len() < BLOB_BY_REFERENCE {
-        return rmp_serde::from_slice(payload);
+        return read();
     }
     let previous = SOURCE.with(|s| s.replace(Some(payload.clone())));
-    let out = rmp_serde::from_slice(payload);
+    let out = read();
     SOURCE.with(|s| *s.borrow_mut() = previous);
     out
 }

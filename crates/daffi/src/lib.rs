@@ -118,8 +118,8 @@ pub mod __bench;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::callback::{
-        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, StaticCallback,
-        StaticHandler,
+        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, Signature,
+        StaticCallback, StaticHandler,
     };
     pub use bytes::Bytes;
     pub use inventory;
