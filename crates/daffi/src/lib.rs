@@ -42,7 +42,7 @@
 //!
 //! # Execution modes
 //!
-//! | seed modifier | Rust | async twin |
+//! | the Python daffi's modifier | Rust | async twin |
 //! |---|---|---|
 //! | `FG` | [`Call::fg`] (`.timeout(d)`) | [`Call::fg_async`] |
 //! | `BG` | [`Call::bg`] -> [`AsyncResult`] (`.timeout(d)`, `.eta(d)`) | `.await` the `AsyncResult` |
