@@ -172,6 +172,15 @@ tuple_reply!(
 /// `Fn(A1, .., An) -> impl Future<Output = R>` (async), with up to 8 arguments that are
 /// `DeserializeOwned` and `R:` [`IntoReply`]. The `Marker` parameter only tells the two
 /// apart; you never name it.
+///
+/// The compiler names this trait, not [`IntoReply`], when a closure's result does not
+/// fit (its sync and async forms leave it unsure which to check), so the advice is here.
+#[diagnostic::on_unimplemented(
+    message = "this closure cannot be registered as a daffi callback",
+    label = "its arguments or its result do not fit `register`",
+    note = "a closure may return std types as they are; return your own `Serialize` type as `Ok::<_, std::convert::Infallible>(value)` or `daffi::Reply(value)`, or make it a `#[daffi::callback]` fn",
+    note = "its arguments (at most 8) must be `DeserializeOwned + Send + 'static`, and the closure `Send + Sync + 'static`"
+)]
 pub trait IntoCallback<Marker>: Send + Sync + 'static {
     /// Turns the closure into the form the node runs; `name` appears in argument errors.
     #[doc(hidden)]
