@@ -142,7 +142,7 @@ pub enum Error {
         /// The Rust type the caller asked for, as `std::any::type_name` gives it.
         expected: &'static str,
         /// What was found, in the caller's terms: "is an integer, not a `String`", or
-        /// "does not decode as `Vec<Point>`, at [2].x: expected an integer, got a string".
+        /// "does not decode as `Vec<Point>`, at \[2\].x: expected an integer, got a string".
         message: String,
         /// The decoder's own error.
         #[source]
