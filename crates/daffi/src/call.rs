@@ -63,7 +63,10 @@ impl Call {
 
     /// The arguments. A tuple sends them by position: `.args((10, 3))`, `.args(("x",))`
     /// for one. A struct (or map) sends them by name, which `#[callback]` functions
-    /// accept too. Without `.args`, the call has no arguments.
+    /// accept too. A callback of one parameter takes anything but a list as that
+    /// argument, so `.args(person)` reaches `fn greet(p: Person)`, unless it is a map of
+    /// one entry keyed by the parameter's name. Without `.args`, the call has no
+    /// arguments.
     pub fn args<A: Serialize>(mut self, args: A) -> Self {
         self.args = encode_value(&args);
         self
