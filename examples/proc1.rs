@@ -1,7 +1,9 @@
-//! Process 1 of the seed's "Getting started": sync, runs the controller, serves `func3`
-//! and calls `func1` (FG) and `func2` (NO_RETURN) on process 2.
+//! Process 1 of the Python daffi's "Getting started": sync, runs the controller, serves
+//! `func3` and calls `func1` (FG) and `func2` (NO_RETURN) on process 2.
 //!
-//! Run it beside `proc2` (in two terminals, in either order):
+//! Run it beside `proc2` in two terminals. Start `proc1` first, or start it within
+//! `connect_timeout` (10 s by default) of `proc2`: that is how long `proc2` keeps
+//! trying to reach the controller `proc1` runs before it gives up.
 //!
 //! ```text
 //! cargo run --example proc1

@@ -1,5 +1,8 @@
-//! Process 2 of the seed's "Getting started": async, serves `func1` and `func2`, and
-//! calls `func3` on process 1 in the background (BG).
+//! Process 2 of the Python daffi's "Getting started": async, serves `func1` and `func2`,
+//! and calls `func3` on process 1 in the background (BG). It exits when `proc1` has gone
+//! (`proc1` runs the controller, so nothing is left to talk to).
+//!
+//! Start it after `proc1`, or at most `connect_timeout` (10 s by default) before it.
 //!
 //! ```text
 //! cargo run --example proc1
@@ -45,6 +48,11 @@ async fn main() -> daffi::Result<()> {
         .process_name(process_name)
         .host("localhost")
         .port(8888)
+        .on_member_removed(|g, name| {
+            if name == "proc1" {
+                g.stop();
+            }
+        })
         .start_async()
         .await?;
     let executor = g.clone();
@@ -54,7 +62,7 @@ async fn main() -> daffi::Result<()> {
         }
     });
 
-    // Wait forever (until proc1 stops the controller, this node is stopped, or Ctrl-C).
+    // Wait until proc1 has gone (the hook above stops this node) or Ctrl-C.
     g.join_async().await;
     Ok(())
 }

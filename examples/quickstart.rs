@@ -1,4 +1,4 @@
-//! The seed's two processes in one command, with shorter sleeps:
+//! The Python daffi's two processes in one command, with shorter sleeps:
 //!
 //! ```text
 //! cargo run --release --example quickstart

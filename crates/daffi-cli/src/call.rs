@@ -24,8 +24,8 @@ pub struct CallArgs {
     /// Call the node NODE instead of a random node serving NAME.
     #[arg(long, value_name = "NODE")]
     pub on: Option<String>,
-    /// Give up after this long (exit code 5): 500ms, 5s, 1m30s, ...
-    #[arg(long, value_name = "DURATION", value_parser = client::parse_duration)]
+    /// Give up after this long (exit code 5): 500ms, 5s, 1m30s, ... (more than zero).
+    #[arg(long, value_name = "DURATION", value_parser = client::parse_timeout)]
     pub timeout: Option<Duration>,
     /// Do not wait for the result; print nothing. Returns once the controller has the
     /// request.
@@ -116,7 +116,7 @@ async fn call(g: &Global, args: &CallArgs, values: Vec<Value>) -> Result<(), Fai
                         values.insert(node, value);
                     }
                     Err(e) => {
-                        eprintln!("daffi: node `{node}`: {e}");
+                        eprintln!("daffi: node `{node}`: {}", client::message_of(&e));
                         first_failure.get_or_insert(client::code_of(&e));
                     }
                 }

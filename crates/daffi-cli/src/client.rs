@@ -79,11 +79,32 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure::new(code_of(&e), e.to_string())
+        Failure::new(code_of(&e), message_of(&e))
+    }
+}
+
+/// The library's message, with the advice a command-line user can follow: the library
+/// advises `wait_function` / `wait_process`, which a command does not offer.
+pub fn message_of(e: &Error) -> String {
+    match e {
+        Error::NoProvider { callback, on: None } => format!(
+            "no node serves callback `{callback}`; `daffi ls` lists the callbacks each node serves"
+        ),
+        Error::NoProvider {
+            callback,
+            on: Some(node),
+        } => format!(
+            "node `{node}` does not serve callback `{callback}`; `daffi ls` lists the callbacks each node serves"
+        ),
+        Error::UnknownProcess { process } => format!(
+            "node `{process}` is not connected; `daffi ls` lists the connected nodes to pass to --on"
+        ),
+        other => other.to_string(),
     }
 }
 
 /// How the nodes of `daffi ls`, `call` and `watch` are named, followed by 8 hex digits.
+/// The controller logs the joins and leaves of nodes so named at DEBUG, not INFO.
 pub const CLI_NODE_PREFIX: &str = "daffi-cli-";
 
 /// Whether `name` is the node of a `daffi` command (hidden by `ls` and `watch` without
@@ -177,15 +198,30 @@ impl ClientOptions {
 
 /// Parses `5s`, `250ms`, `1m30s`, ... for clap.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    daffi::parse_duration(text).map_err(|e| e.to_string())
+    daffi::parse_duration(text).map_err(|e| match e {
+        Error::InvalidPeriod(why) => {
+            format!("{why}; a duration is a number and a unit, e.g. 250ms, 5s, 1m30s or 2h")
+        }
+        other => other.to_string(),
+    })
 }
 
 /// Like [`parse_duration`], for how often something repeats: zero would repeat without
 /// pause, so it is a usage error.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    parse_more_than_zero(text, "the interval", "1s or 250ms")
+}
+
+/// Like [`parse_duration`], for how long to wait: zero could never be met, so it is a
+/// usage error.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    parse_more_than_zero(text, "the timeout", "1ms or 5s")
+}
+
+fn parse_more_than_zero(text: &str, what: &str, examples: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
-        Duration::ZERO => Err("the interval must be longer than zero, e.g. 1s or 250ms".into()),
-        interval => Ok(interval),
+        Duration::ZERO => Err(format!("{what} must be more than zero, e.g. {examples}")),
+        duration => Ok(duration),
     }
 }
 

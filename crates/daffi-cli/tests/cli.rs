@@ -697,8 +697,65 @@ fn watch_with_a_zero_interval_is_a_usage_error() {
     let out = daffi(&Endpoint::Tcp(1), &["watch", "--interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the interval must be longer than zero"),
+        stderr(&out).contains("the interval must be more than zero"),
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn a_timeout_that_is_not_a_duration_or_is_zero_is_a_usage_error() {
+    // Refused while parsing the flags: no controller is needed, none is asked.
+    let out = daffi(&Endpoint::Tcp(1), &["call", "add", "--timeout", "abc"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot read `abc` as a duration")
+            && err.contains("e.g. 250ms, 5s, 1m30s")
+            && !err.contains("schedule"),
+        "{err}"
+    );
+    let out = daffi(&Endpoint::Tcp(1), &["call", "add", "--timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the timeout must be more than zero"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_one_millisecond_timeout_fires() {
+    let m = mesh();
+    for extra in [&[][..], &["--broadcast"][..]] {
+        let mut args = vec!["slow", "3000", "--timeout", "1ms"];
+        args.extend_from_slice(extra);
+        let (code, err) = call_fails(&m.endpoint, &args);
+        assert_eq!(code, 5, "{err}");
+        assert!(err.contains("did not complete within 1ms"), "{err}");
+    }
+}
+
+#[test]
+fn failures_advise_what_the_command_line_offers() {
+    let m = mesh();
+    let e = &m.endpoint;
+    for (args, says) in [
+        (
+            &["nosuch"][..],
+            "no node serves callback `nosuch`; `daffi ls`",
+        ),
+        (
+            &["range", "1", "--on", "calc2"][..],
+            "node `calc2` does not serve callback `range`; `daffi ls`",
+        ),
+        (
+            &["add", "1", "2", "--on", "nobody"][..],
+            "node `nobody` is not connected; `daffi ls` lists the connected nodes to pass to --on",
+        ),
+    ] {
+        let (_, err) = call_fails(e, args);
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains("wait_"), "{err}");
+    }
 }

@@ -3,6 +3,7 @@
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote, ToTokens};
+use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::spanned::Spanned;
 use syn::visit::Visit;
@@ -19,9 +20,10 @@ use syn::{FnArg, ItemFn, LitStr, Pat, ReturnType, Token, Type};
 /// ```
 ///
 /// The function is emitted unchanged and stays callable locally. Beside it the macro
-/// emits a hidden argument struct (so positional and named arguments both decode), a
-/// shim, and an `inventory` submission that registers the shim on every node this
-/// program starts. A return type spelled `Result<..>` sends `Err(e)` to the caller as a
+/// emits a shim (which decodes arguments given by position or by name) and an
+/// `inventory` submission that registers the shim on every node this program starts.
+/// A function of one parameter also takes a struct or map as that argument
+/// (`.args(person)`), unless the map is `{"p": value}` for a parameter `p`. A return type spelled `Result<..>` sends `Err(e)` to the caller as a
 /// remote error (`e` must implement `Display`); any other return type must implement
 /// `serde::Serialize`. Arguments must be owned `DeserializeOwned` types: generics,
 /// `impl Trait` and borrowed arguments are refused at compile time.
@@ -206,47 +208,50 @@ fn check_signature(sig: &syn::Signature, method: bool) -> syn::Result<Vec<Param>
     }
     // Return types need only `Serialize`: borrowed and `impl Serialize` results are
     // encoded before the shim returns, so the compiler checks them as usual.
-    sig.inputs
+    let params: Vec<Param> = sig
+        .inputs
         .iter()
         .skip(usize::from(method))
         .map(param)
-        .collect()
+        .collect::<syn::Result<_>>()?;
+    if params.len() > MAX_PARAMS {
+        return Err(syn::Error::new(
+            sig.inputs.span(),
+            format!(
+                "#[callback] functions take at most {MAX_PARAMS} parameters; take a struct instead"
+            ),
+        ));
+    }
+    Ok(params)
 }
 
-/// The pieces every shim shares: the argument struct, decoding, and encoding the result.
+/// As many parameters as daffi decodes (a tuple of up to 16).
+const MAX_PARAMS: usize = 16;
+
+/// The pieces every shim shares: decoding the arguments, and encoding the result.
 struct ShimParts {
-    args_def: TokenStream2,
     decode: TokenStream2,
     encode: TokenStream2,
     idents: Vec<syn::Ident>,
 }
 
 fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimParts {
-    let signature = format!(
-        "{exposed}({})",
-        params
-            .iter()
-            .map(|p| format!("{}: {}", p.ident, p.ty.to_token_stream()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     let idents: Vec<syn::Ident> = params.iter().map(|p| p.ident.clone()).collect();
+    let names: Vec<String> = idents.iter().map(|i| i.unraw().to_string()).collect();
+    let type_texts: Vec<String> = params.iter().map(|p| type_text(&p.ty)).collect();
     let types: Vec<&Type> = params.iter().map(|p| &p.ty).collect();
-    let args_struct = format_ident!("__DaffiArgs_{}", sig.ident);
-    let (args_def, decode) = if params.is_empty() {
-        (quote! {}, quote! { let _ = &payload; })
+    let decode = if params.is_empty() {
+        quote! { let _ = &payload; }
     } else {
-        (
-            quote! {
-                #[derive(::daffi::__private::serde::Deserialize)]
-                #[serde(crate = "::daffi::__private::serde")]
-                struct #args_struct { #(#idents: #types),* }
-            },
-            quote! {
-                let #args_struct { #(#idents),* } =
-                    ::daffi::__private::decode_args::<#args_struct>(#signature, &payload)?;
-            },
-        )
+        quote! {
+            const SIGNATURE: ::daffi::__private::Signature<'static> = ::daffi::__private::Signature {
+                callback: #exposed,
+                names: &[#(#names),*],
+                types: &[#(#type_texts),*],
+            };
+            let (#(#idents,)*) =
+                ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, &payload)?;
+        }
     };
     let encode = if returns_result(&sig.output) {
         quote! {
@@ -261,11 +266,29 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
         quote! { ::daffi::__private::encode_reply(__ret) }
     };
     ShimParts {
-        args_def,
         decode,
         encode,
         idents,
     }
+}
+
+/// A type as the user wrote it, spaced as rustfmt would: `Vec<Vec<i64>>`, not
+/// `Vec < Vec < i64 > >`.
+fn type_text(ty: &Type) -> String {
+    let spaced = ty.to_token_stream().to_string();
+    let mut text = String::with_capacity(spaced.len());
+    let mut chars = spaced.chars().peekable();
+    while let Some(c) = chars.next() {
+        let next = chars.peek().copied();
+        let prev = text.chars().last();
+        let tight = c == ' '
+            && (matches!(next, Some('<' | '>' | ',' | ':' | ')' | ']' | ';'))
+                || matches!(prev, Some('<' | '&' | ':' | '(' | '[')));
+        if !tight {
+            text.push(c);
+        }
+    }
+    text
 }
 
 /// A free-standing shim for `callable` and its `inventory` submission.
@@ -277,7 +300,6 @@ fn shim(
     shim_name: &syn::Ident,
 ) -> TokenStream2 {
     let ShimParts {
-        args_def,
         decode,
         encode,
         idents,
@@ -310,7 +332,6 @@ fn shim(
         )
     };
     quote! {
-        #args_def
         #body
         ::daffi::__private::inventory::submit! {
             ::daffi::__private::StaticCallback {
@@ -324,7 +345,6 @@ fn shim(
 /// `(name, handler)` for one `&self` method, capturing the shared instance.
 fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> TokenStream2 {
     let ShimParts {
-        args_def,
         decode,
         encode,
         idents,
@@ -357,7 +377,6 @@ fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> Toke
     };
     quote! {
         {
-            #args_def
             let this = this.clone();
             (#exposed, #handler)
         }

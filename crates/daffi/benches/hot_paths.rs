@@ -8,7 +8,14 @@
 //! `daffi bench`; see BENCHMARKS.md.
 
 use bytes::Bytes;
-use daffi::__private::{decode_args, encode_reply, Outcome};
+use daffi::__private::{decode_args, encode_reply, Outcome, Signature};
+
+/// What the `#[callback]` expansion passes for `fn add(a: i64, b: i64)`.
+const SIGNATURE: Signature<'static> = Signature {
+    callback: "add",
+    names: &["a", "b"],
+    types: &["i64", "i64"],
+};
 use divan::{black_box, Bencher};
 
 fn main() {
@@ -30,7 +37,7 @@ mod arguments {
         let payload = encode_reply((123_456_i64, 7_i64))
             .expect("encode")
             .into_bytes();
-        bencher.bench_local(|| decode_args::<(i64, i64)>("bench", black_box(&payload)).ok());
+        bencher.bench_local(|| decode_args::<(i64, i64)>(&SIGNATURE, black_box(&payload)).ok());
     }
 
     /// `.args((bytes,))` for a 64 KiB payload (the copy into the frame dominates).

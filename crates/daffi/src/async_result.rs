@@ -22,6 +22,15 @@ use crate::node::InFlight;
 /// The call runs whether or not anyone waits: dropping an `AsyncResult` discards the
 /// result, it does not cancel the call. Collect it with [`get`](Self::get) (blocking),
 /// [`get_timeout`](Self::get_timeout), [`get_async`](Self::get_async), or `.await`.
+///
+/// ```no_run
+/// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+/// // The Python daffi: `future = g.call.func3(4, 6) & BG`; `await future.get_async()`
+/// let future = g.call("func3").args((4, 6)).bg::<i64>()?;
+/// // ... other work while it runs ...
+/// let sum = future.await?;
+/// # Ok(()) }
+/// ```
 #[must_use = "the call runs anyway; collect its result with get(), get_async() or .await"]
 #[derive(Debug)]
 pub struct AsyncResult<T> {
@@ -62,6 +71,14 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     }
 
     /// Blocks until the result arrives.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `future = g.call.func3(4, 6) & BG`; `future.get()`
+    /// let future = g.call("func3").args((4, 6)).bg::<i64>()?;
+    /// let sum = future.get()?;
+    /// # Ok(()) }
+    /// ```
     pub fn get(self) -> Result<T> {
         let global = self.global.clone();
         blocking::wait(global.runtime(), "get", self)?
@@ -69,6 +86,15 @@ impl<T: DeserializeOwned> AsyncResult<T> {
 
     /// Blocks until the result arrives or `timeout` passes ([`Error::Timeout`]). The
     /// remote call itself goes on; its result is then discarded.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `future.get(timeout=5)`
+    /// use std::time::Duration;
+    /// let future = g.call("func3").args((4, 6)).bg::<i64>()?;
+    /// let sum = future.get_timeout(Duration::from_secs(5))?;
+    /// # Ok(()) }
+    /// ```
     pub fn get_timeout(self, timeout: Duration) -> Result<T> {
         let global = self.global.clone();
         let what = self.callback.to_string();
@@ -80,6 +106,14 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     }
 
     /// Waits for the result from async code (the same as `.await`).
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `future = g.call.func3(4, 6) & BG`; `await future.get_async()`
+    /// let future = g.call("func3").args((4, 6)).bg::<i64>()?;
+    /// let sum = future.get_async().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn get_async(self) -> Result<T> {
         self.await
     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::async_result::{AsyncResult, Outcome};
 use crate::blocking;
-use crate::codec::{self, encode_value};
+use crate::codec::{self, encode_value, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::node::{CallRequest, NodeCore, NodeOutcome};
@@ -64,7 +64,10 @@ impl Call {
 
     /// The arguments. A tuple sends them by position: `.args((10, 3))`, `.args(("x",))`
     /// for one. A struct (or map) sends them by name, which `#[callback]` functions
-    /// accept too. Without `.args`, the call has no arguments.
+    /// accept too. A callback of one parameter takes anything but a list as that
+    /// argument, so `.args(person)` reaches `fn greet(p: Person)`, unless it is a map of
+    /// one entry keyed by the parameter's name. Without `.args`, the call has no
+    /// arguments.
     pub fn args<A: Serialize>(mut self, args: A) -> Self {
         self.args = encode_value(&args);
         self
@@ -96,12 +99,27 @@ impl Call {
     }
 
     /// FG: blocks until the result arrives.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `delta = g.call.func1(10, 3) & FG(timeout=15)`
+    /// use std::time::Duration;
+    /// let delta: i64 = g.call("func1").args((10, 3)).timeout(Duration::from_secs(15)).fg()?;
+    /// # Ok(()) }
+    /// ```
     pub fn fg<T: DeserializeOwned>(self) -> Result<T> {
         let global = self.global.clone();
         blocking::wait(global.runtime(), "fg", self.fg_async())?
     }
 
     /// FG from async code.
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `delta = await g.call.func1(10, 3) & FG`
+    /// let delta: i64 = g.call("func1").args((10, 3)).fg_async().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn fg_async<T: DeserializeOwned>(self) -> Result<T> {
         let callback = self.callback.clone();
         let bytes = self.request(false)?.await?;
@@ -110,6 +128,16 @@ impl Call {
 
     /// BG: sends the call now (or after `eta`) and returns at once; the result is
     /// collected from the [`AsyncResult`] (`get`, `get_timeout`, `.await`).
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `future = g.call.func3(4, 6) & BG(eta=1)`; `future.get()`
+    /// use std::time::Duration;
+    /// let future = g.call("func3").args((4, 6)).eta(Duration::from_secs(1)).bg::<i64>()?;
+    /// // ... other work while it runs ...
+    /// let sum = future.get()?;
+    /// # Ok(()) }
+    /// ```
     pub fn bg<T: DeserializeOwned>(self) -> Result<AsyncResult<T>> {
         let global = self.global.clone();
         let callback = self.callback.clone();
@@ -130,6 +158,14 @@ impl Call {
 
     /// NO_RETURN: sends the call and does not wait for it to run. With an `eta`, returns
     /// at once and sends later (a failure to send then is logged).
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `g.call.func2() & NO_RETURN(eta=3)`
+    /// use std::time::Duration;
+    /// g.call("func2").eta(Duration::from_secs(3)).no_return()?;
+    /// # Ok(()) }
+    /// ```
     pub fn no_return(self) -> Result<()> {
         if self.eta.is_some() {
             return self.no_return_later();
@@ -139,6 +175,13 @@ impl Call {
     }
 
     /// NO_RETURN from async code.
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `await g.call.func2() & NO_RETURN`
+    /// g.call("func2").no_return_async().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn no_return_async(self) -> Result<()> {
         if self.eta.is_some() {
             return self.no_return_later();
@@ -163,12 +206,29 @@ impl Call {
     /// one, its error; use [`broadcast_results`](Self::broadcast_results) to keep the
     /// values that did arrive. No node serving the name: [`Error::NoProvider`].
     /// `timeout` bounds the whole broadcast; `eta` delays it.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `results = g.call.func1(10, 3) & BROADCAST(return_result=True)`
+    /// let deltas = g.call("func1").args((10, 3)).broadcast::<i64>()?;
+    /// for (process, delta) in &deltas {
+    ///     println!("{process}: {delta}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn broadcast<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
         let global = self.global.clone();
         blocking::wait(global.runtime(), "broadcast", self.broadcast_async())?
     }
 
     /// BROADCAST from async code.
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `results = await g.call.func1(10, 3) & BROADCAST(return_result=True)`
+    /// let deltas = g.call("func1").args((10, 3)).broadcast_async::<i64>().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn broadcast_async<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
         let callback = self.callback.to_string();
         let results = self.broadcast_results_async::<T>().await?;
@@ -196,6 +256,19 @@ impl Call {
     }
 
     /// BROADCAST keeping every outcome: process name -> its value or its error.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // Like `& BROADCAST(return_result=True)`, keeping what the other nodes returned when
+    /// // one of them fails.
+    /// for (process, outcome) in g.call("func1").args((10, 3)).broadcast_results::<i64>()? {
+    ///     match outcome {
+    ///         Ok(delta) => println!("{process}: {delta}"),
+    ///         Err(e) => eprintln!("{process} failed: {e}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn broadcast_results<T: DeserializeOwned>(self) -> Result<HashMap<String, Result<T>>> {
         let global = self.global.clone();
         blocking::wait(
@@ -206,6 +279,12 @@ impl Call {
     }
 
     /// Async twin of [`broadcast_results`](Self::broadcast_results).
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// let outcomes = g.call("func1").args((10, 3)).broadcast_results_async::<i64>().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn broadcast_results_async<T: DeserializeOwned>(
         self,
     ) -> Result<HashMap<String, Result<T>>> {
@@ -221,6 +300,13 @@ impl Call {
     }
 
     /// BROADCAST without results: returns once the request went to every provider.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `g.call.func2() & BROADCAST`
+    /// g.call("func2").broadcast_no_return()?;
+    /// # Ok(()) }
+    /// ```
     pub fn broadcast_no_return(self) -> Result<()> {
         let global = self.global.clone();
         blocking::wait(
@@ -231,6 +317,13 @@ impl Call {
     }
 
     /// Async twin of [`broadcast_no_return`](Self::broadcast_no_return).
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `await g.call.func2() & BROADCAST`
+    /// g.call("func2").broadcast_no_return_async().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn broadcast_no_return_async(self) -> Result<()> {
         self.broadcast_request(true)?.await.map(drop)
     }
@@ -245,12 +338,35 @@ impl Call {
     /// A time in the past, an empty list or a zero interval fails here with
     /// [`Error::InvalidPeriod`]; arguments that leave less than 512 bytes of the frame
     /// limit (every node keeps them) with [`Error::PayloadTooLarge`].
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `g.call.func2() & PERIOD(interval="5s")`
+    /// use daffi::{parse_duration, Period};
+    /// let task = g.call("func2").period(Period::every(parse_duration("5s")?))?;
+    /// // ... later: the schedule runs until it is cancelled.
+    /// task.cancel()?;
+    /// # Ok(()) }
+    /// ```
     pub fn period(self, period: Period) -> Result<ScheduledTask> {
         let global = self.global.clone();
         blocking::wait(global.runtime(), "period", self.period_async(period))?
     }
 
     /// Async twin of [`period`](Self::period).
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // The Python daffi: `await g.call.func2() & PERIOD(at_time=[...])`
+    /// use std::time::{Duration, SystemTime};
+    /// use daffi::Period;
+    /// let soon = SystemTime::now() + Duration::from_secs(10);
+    /// let task = g
+    ///     .call("func2")
+    ///     .period_async(Period::at(vec![soon, soon + Duration::from_secs(5)]))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn period_async(mut self, period: Period) -> Result<ScheduledTask> {
         let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
@@ -385,10 +501,7 @@ fn humantime_utc(t: SystemTime) -> String {
 }
 
 pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
-    Error::Protocol {
-        peer: "the controller".into(),
-        message: format!("unexpected answer {answer:?}"),
-    }
+    Error::protocol("the controller", format!("unexpected answer {answer:?}"))
 }
 
 /// Decodes a result into the type the caller asked for.
@@ -396,7 +509,8 @@ pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &Bytes) 
     codec::decode(bytes).map_err(|e| Error::BadResult {
         callback: callback.to_string(),
         expected: std::any::type_name::<T>(),
-        message: e.to_string(),
+        message: explain::result::<T>(bytes, &e),
+        source: Box::new(e),
     })
 }
 

@@ -18,6 +18,10 @@ use crate::protocol::message::RemoteErrorKind;
 use crate::Blob;
 use daffi_wire::Payload;
 
+mod args;
+
+pub use args::{decode_args, Signature};
+
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -37,11 +41,11 @@ impl CallbackFailure {
         }
     }
 
-    /// The arguments did not decode.
-    pub fn bad_arguments(signature: &str, error: impl std::fmt::Display) -> Self {
+    /// The arguments did not decode: `message` says which one and why.
+    pub(crate) fn bad_arguments(message: impl std::fmt::Display) -> Self {
         CallbackFailure {
             kind: RemoteErrorKind::BadArguments,
-            message: format!("expected {signature}: {error}"),
+            message: message.to_string(),
         }
     }
 
@@ -63,15 +67,6 @@ pub enum Handler {
     Sync(Arc<dyn Fn(Bytes) -> Outcome + Send + Sync>),
     /// Runs as a task on the runtime.
     Async(Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>),
-}
-
-/// Decodes callback arguments: a positional list, or a map keyed by parameter names
-/// when `T` is a struct. `signature` names the callback in the error.
-pub fn decode_args<T: DeserializeOwned>(
-    signature: &str,
-    payload: &Bytes,
-) -> Result<T, CallbackFailure> {
-    codec::decode(payload).map_err(|e| CallbackFailure::bad_arguments(signature, e))
 }
 
 /// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
@@ -189,6 +184,15 @@ tuple_reply!(
 /// `Fn(A1, .., An) -> impl Future<Output = R>` (async), with up to 8 arguments that are
 /// `DeserializeOwned` and `R:` [`IntoReply`]. The `Marker` parameter only tells the two
 /// apart; you never name it.
+///
+/// The compiler names this trait, not [`IntoReply`], when a closure's result does not
+/// fit (its sync and async forms leave it unsure which to check), so the advice is here.
+#[diagnostic::on_unimplemented(
+    message = "this closure cannot be registered as a daffi callback",
+    label = "its arguments or its result do not fit `register`",
+    note = "a closure may return std types as they are; return your own `Serialize` type as `Ok::<_, std::convert::Infallible>(value)` or `daffi::Reply(value)`, or make it a `#[daffi::callback]` fn",
+    note = "its arguments (at most 8) must be `DeserializeOwned + Send + 'static`, and the closure `Send + Sync + 'static`"
+)]
 pub trait IntoCallback<Marker>: Send + Sync + 'static {
     /// Turns the closure into the form the node runs; `name` appears in argument errors.
     #[doc(hidden)]
@@ -200,10 +204,6 @@ pub struct SyncFn<Args>(std::marker::PhantomData<Args>);
 /// Marker for asynchronous closures.
 pub struct AsyncFn<Args>(std::marker::PhantomData<Args>);
 
-fn signature_of(name: &str, types: &[&str]) -> String {
-    format!("{name}({})", types.join(", "))
-}
-
 macro_rules! closure_callback {
     ($($a:ident),*) => {
         impl<F, R, $($a,)*> IntoCallback<SyncFn<($($a,)*)>> for F
@@ -214,9 +214,11 @@ macro_rules! closure_callback {
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_handler(self, name: &str) -> Handler {
-                let signature = signature_of(name, &[$(std::any::type_name::<$a>()),*]);
+                let name: Box<str> = name.into();
+                let types = [$(std::any::type_name::<$a>()),*];
                 Handler::Sync(Arc::new(move |payload: Bytes| {
-                    let ($($a,)*) = decode_tuple::<($($a,)*)>(&signature, &payload)?;
+                    let signature = Signature { callback: &name, names: &[], types: &types };
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
                     (self)($($a),*).into_reply()
                 }))
             }
@@ -231,10 +233,12 @@ macro_rules! closure_callback {
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_handler(self, name: &str) -> Handler {
-                let signature = signature_of(name, &[$(std::any::type_name::<$a>()),*]);
+                let name: Box<str> = name.into();
+                let types = [$(std::any::type_name::<$a>()),*];
                 let f = Arc::new(self);
                 Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
-                    let decoded = decode_tuple::<($($a,)*)>(&signature, &payload);
+                    let signature = Signature { callback: &name, names: &[], types: &types };
+                    let decoded = decode_args::<($($a,)*)>(&signature, &payload);
                     let f = f.clone();
                     Box::pin(async move {
                         let ($($a,)*) = decoded?;
@@ -244,19 +248,6 @@ macro_rules! closure_callback {
             }
         }
     };
-}
-
-/// Decodes a positional argument list; an empty tuple accepts any payload.
-fn decode_tuple<T: DeserializeOwned + 'static>(
-    signature: &str,
-    payload: &Bytes,
-) -> Result<T, CallbackFailure> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<()>() {
-        // A zero-argument callback ignores whatever the caller sent (nil or `[]`):
-        // decode `()` from MessagePack nil.
-        return decode_args(signature, &Bytes::from_static(&[0xc0]));
-    }
-    decode_args(signature, payload)
 }
 
 closure_callback!();

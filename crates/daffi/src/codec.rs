@@ -19,13 +19,16 @@
 use std::cell::{Cell, RefCell};
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde::Serialize;
 
 use daffi_wire::Payload;
 
 mod byte_strings;
 mod depth;
+pub(crate) mod explain;
+
+pub(crate) use depth::MAX_DEPTH;
 
 pub(crate) use byte_strings::into_vec;
 
@@ -179,19 +182,25 @@ pub(crate) fn offer_blob(bytes: &Bytes) {
 /// Decodes a MessagePack payload; blobs and `Bytes` inside a large one share its memory,
 /// and its byte strings are read in one piece.
 pub fn decode<T: DeserializeOwned>(payload: &Bytes) -> Result<T, rmp_serde::decode::Error> {
-    if payload.len() < BLOB_BY_REFERENCE {
-        return decode_slice(payload);
-    }
-    let previous = SOURCE.with(|s| s.replace(Some(payload.clone())));
-    let out = decode_slice(payload);
-    SOURCE.with(|s| *s.borrow_mut() = previous);
-    out
+    decode_seed(payload, std::marker::PhantomData::<T>)
 }
 
-/// Decodes `bytes` with byte strings read in one piece, whichever form they come in.
-fn decode_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
-    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
-    T::deserialize(byte_strings::Decoder(&mut deserializer))
+/// [`decode`] with a seed: for a decoder that carries what it needs to know.
+pub(crate) fn decode_seed<'p, S: DeserializeSeed<'p>>(
+    payload: &'p Bytes,
+    seed: S,
+) -> Result<S::Value, rmp_serde::decode::Error> {
+    let read = || {
+        let mut deserializer = rmp_serde::Deserializer::from_read_ref(&payload[..]);
+        seed.deserialize(byte_strings::Decoder(&mut deserializer))
+    };
+    if payload.len() < BLOB_BY_REFERENCE {
+        return read();
+    }
+    let previous = SOURCE.with(|s| s.replace(Some(payload.clone())));
+    let out = read();
+    SOURCE.with(|s| *s.borrow_mut() = previous);
+    out
 }
 
 /// Called by a blob being deserialized from borrowed bytes: a slice of the payload

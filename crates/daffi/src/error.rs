@@ -1,12 +1,18 @@
 //! The one error type of daffi.
 //!
 //! Every failure a caller may want to handle differently has its own variant, and each
-//! message says what to do about it. Causes are chained with `#[source]`.
+//! message says what to do about it. Where a failure has a cause (an I/O or TLS error,
+//! a decoding error), the message includes its text and
+//! [`source`](std::error::Error::source) gives the cause itself, e.g. to read an
+//! [`std::io::ErrorKind`].
 
 use std::time::Duration;
 
 /// Result alias used throughout daffi.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The cause an [`Error`] keeps as its `source`.
+pub(crate) type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything that can go wrong in daffi.
 ///
@@ -99,6 +105,9 @@ pub enum Error {
         address: String,
         /// Why it failed.
         reason: String,
+        /// The I/O error behind it, if there was one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// The remote callback returned an error or panicked.
@@ -126,14 +135,18 @@ pub enum Error {
     },
 
     /// The result did not decode into the type the caller asked for.
-    #[error("the result of `{callback}` does not decode as `{expected}`: {message}")]
+    #[error("the result of `{callback}` {message}")]
     BadResult {
         /// The callback that was called.
         callback: String,
-        /// The Rust type the caller asked for.
+        /// The Rust type the caller asked for, as `std::any::type_name` gives it.
         expected: &'static str,
-        /// What the decoder found.
+        /// What was found, in the caller's terms: "is an integer, not a `String`", or
+        /// "does not decode as `Vec<Point>`, at \[2\].x: expected an integer, got a string".
         message: String,
+        /// The decoder's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// Arguments could not be serialized: a `Serialize` impl failed, or the value nests
@@ -202,6 +215,10 @@ pub enum Error {
         address: String,
         /// What went wrong and what to do about it.
         message: String,
+        /// The TLS or I/O error behind it, when it happened here (not when the
+        /// controller reported it).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// A Unix socket that another user could control: the socket, its directory, or
@@ -231,6 +248,9 @@ pub enum Error {
         peer: String,
         /// What was wrong.
         message: String,
+        /// The decoding error behind it, if there was one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// Some nodes of a broadcast failed; `succeeded` lists the ones that answered.
@@ -299,6 +319,50 @@ impl Error {
         Error::Timeout {
             what: what.into(),
             after,
+        }
+    }
+
+    /// [`Error::ControllerUnreachable`], for a `reason` with no error behind it.
+    pub(crate) fn unreachable(address: impl ToString, reason: impl Into<String>) -> Self {
+        Error::ControllerUnreachable {
+            address: address.to_string(),
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// [`Error::ControllerUnreachable`] because of `cause`: `reason` and its text.
+    pub(crate) fn unreachable_by(
+        address: impl ToString,
+        reason: &str,
+        cause: impl Into<Cause> + std::fmt::Display,
+    ) -> Self {
+        Error::ControllerUnreachable {
+            address: address.to_string(),
+            reason: format!("{reason}{cause}"),
+            source: Some(cause.into()),
+        }
+    }
+
+    /// [`Error::Protocol`]: `peer` sent something that does not decode as `what`.
+    pub(crate) fn undecodable(
+        peer: impl Into<String>,
+        what: &str,
+        cause: impl Into<Cause> + std::fmt::Display,
+    ) -> Self {
+        Error::Protocol {
+            peer: peer.into(),
+            message: format!("undecodable {what}: {cause}"),
+            source: Some(cause.into()),
+        }
+    }
+
+    /// [`Error::Protocol`] with no error behind it.
+    pub(crate) fn protocol(peer: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Protocol {
+            peer: peer.into(),
+            message: message.into(),
+            source: None,
         }
     }
 }

@@ -42,7 +42,7 @@
 //!
 //! # Execution modes
 //!
-//! | seed modifier | Rust | async twin |
+//! | the Python daffi's modifier | Rust | async twin |
 //! |---|---|---|
 //! | `FG` | [`Call::fg`] (`.timeout(d)`) | [`Call::fg_async`] |
 //! | `BG` | [`Call::bg`] -> [`AsyncResult`] (`.timeout(d)`, `.eta(d)`) | `.await` the `AsyncResult` |
@@ -112,8 +112,8 @@ pub struct SecurityDoctests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::callback::{
-        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, StaticCallback,
-        StaticHandler,
+        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, Signature,
+        StaticCallback, StaticHandler,
     };
     pub use bytes::Bytes;
     pub use inventory;

@@ -152,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_seed_forms() {
+    fn parses_the_python_daffi_forms() {
         let cases = [
             ("5s", 5_000),
             ("1m24s", 84_000),

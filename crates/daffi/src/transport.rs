@@ -62,8 +62,9 @@ impl fmt::Display for Address {
 pub enum ConnectError {
     /// Nothing answers at the address (yet), or the socket failed: worth retrying.
     Unreachable(io::Error),
-    /// The TLS handshake failed: a configuration mismatch, with what to do about it.
-    Tls(String),
+    /// The TLS handshake failed: a configuration mismatch, with what to do about it, and
+    /// the error behind it, if there was one.
+    Tls(String, Option<io::Error>),
     /// The Unix socket, or its directory, or the process listening on it, belongs to
     /// another user ([`Error::UnsafeSocket`]). Nothing was sent.
     Unsafe(Error),
@@ -88,18 +89,19 @@ pub async fn connect(
             match tls {
                 None => stream.into_halves().map_err(ConnectError::Unreachable),
                 Some(tls) => tls.connect(stream).await.map_err(|e| {
-                    ConnectError::Tls(tls.explain(&e).unwrap_or_else(|| {
+                    let message = tls.explain(&e).unwrap_or_else(|| {
                         format!(
                             "the TLS handshake did not complete ({e}); check that the controller uses TLS (tls_cert and tls_key)"
                         )
-                    }))
+                    });
+                    ConnectError::Tls(message, Some(e))
                 }),
             }
         }
         #[cfg(unix)]
         Address::Unix(path) => {
             if tls.is_some() {
-                return Err(ConnectError::Tls(UNIX_NO_TLS.into()));
+                return Err(ConnectError::Tls(UNIX_NO_TLS.into(), None));
             }
             let refuse = |why: String| {
                 ConnectError::Unsafe(Error::UnsafeSocket {

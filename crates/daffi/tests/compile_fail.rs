@@ -1,7 +1,8 @@
-//! What `#[callback]` refuses, with the message it gives (trybuild).
+//! What `#[callback]` and `Global::register` refuse, with the message they give
+//! (trybuild).
 
 #[test]
-fn callback_macro_refuses_what_cannot_cross_a_process_boundary() {
+fn callbacks_that_cannot_cross_a_process_boundary_are_refused_with_advice() {
     let t = trybuild::TestCases::new();
     t.compile_fail("tests/ui/*.rs");
 }

@@ -63,11 +63,21 @@ impl Endpoint {
 
 /// Starts `daffi controller` with `listen` flags; returns it once it listens.
 pub fn start_controller(listen: &[&str]) -> (KillOnDrop, String) {
+    start_controller_logging(listen, "warn", Stdio::inherit())
+}
+
+/// Like [`start_controller`], logging at `level` to `stderr`.
+pub fn start_controller_logging(
+    listen: &[&str],
+    level: &str,
+    stderr: Stdio,
+) -> (KillOnDrop, String) {
     let mut child = daffi_command()
         .arg("controller")
         .args(listen)
-        .args(["--log-level", "warn"])
+        .args(["--log-level", level])
         .stdout(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("spawn daffi controller");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -87,13 +97,18 @@ pub fn tcp_controller_with(flags: &[&str]) -> (KillOnDrop, Endpoint) {
     let mut listen = vec!["--host", "127.0.0.1", "--port", "0"];
     listen.extend_from_slice(flags);
     let (child, line) = start_controller(&listen);
-    let port = line
+    (child, tcp_endpoint(&line))
+}
+
+/// The endpoint of a TCP controller, from the line it prints once it listens.
+pub fn tcp_endpoint(listening: &str) -> Endpoint {
+    let port = listening
         .trim()
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    (child, Endpoint::Tcp(port))
+        .unwrap_or_else(|| panic!("no port in {listening:?}"));
+    Endpoint::Tcp(port)
 }
 
 /// The `daffi` binary, with none of its environment variables inherited.

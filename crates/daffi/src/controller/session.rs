@@ -162,7 +162,11 @@ pub async fn serve(
         refuse(reader, queue, writer, refusal).await;
         return;
     }
-    tracing::info!(%peer, process = %name, callbacks = served, "node joined");
+    if is_command_node(&name) {
+        tracing::debug!(%peer, process = %name, callbacks = served, "node joined");
+    } else {
+        tracing::info!(%peer, process = %name, callbacks = served, "node joined");
+    }
     let mut runs = Runs::new(shared.calls.open(conn_id));
 
     let node = Joined {
@@ -178,7 +182,11 @@ pub async fn serve(
     shared
         .members
         .with_served(|served| shared.calls.close(conn_id, served));
-    tracing::info!(process = %name, %reason, "node left");
+    if is_command_node(&name) {
+        tracing::debug!(process = %name, %reason, "node left");
+    } else {
+        tracing::info!(process = %name, %reason, "node left");
+    }
     if queue.is_closed() {
         // Nothing more leaves a closed connection.
         writer.abort();
@@ -263,6 +271,14 @@ async fn route_frames(
 }
 
 /// Why the connection to `name` closed under its session; a slow consumer is logged.
+/// Whether `name` is the node of a `daffi` command (`daffi-cli-` and 8 hex digits, as
+/// the CLI names them): one joins and leaves per command, so the controller logs that at
+/// DEBUG, where a real node's join and leave are news at INFO.
+fn is_command_node(name: &str) -> bool {
+    name.strip_prefix("daffi-cli-")
+        .is_some_and(|rest| rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn closed_reason(queue: &FrameSender, name: &str) -> String {
     let Some(reason) = queue.close_reason() else {
         return "connection closed".to_string();

@@ -564,10 +564,8 @@ impl ControlWait {
             Ok(outcome) => outcome.unwrap_or(Err(Error::Stopped))?,
             Err(_) => return Err(Error::timeout(&self.what, CONTROL_TIMEOUT)),
         };
-        message::decode(&bytes).map_err(|e| Error::Protocol {
-            peer: self.peer.clone(),
-            message: format!("undecodable ControlReply: {e}"),
-        })
+        message::decode(&bytes)
+            .map_err(|e| Error::undecodable(self.peer.clone(), "ControlReply", e))
     }
 }
 

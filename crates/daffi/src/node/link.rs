@@ -38,13 +38,13 @@ pub struct Link {
 /// Connects (over the node's [`Route`]) and completes the handshake.
 pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Error> {
     let address = &core.config.address;
-    let unreachable = |reason: String| Error::ControllerUnreachable {
-        address: address.to_string(),
-        reason,
-    };
-    let tls_failed = |message: String| Error::Tls {
+    let unreachable = |reason: String| Error::unreachable(address, reason);
+    let handshake_failed =
+        |cause: ReadError| Error::unreachable_by(address, "handshake failed: ", cause);
+    let tls_failed = |message: String, cause: Option<std::io::Error>| Error::Tls {
         address: address.to_string(),
         message,
+        source: cause.map(Into::into),
     };
     let tls = core.config.route.tls();
     let limit = core.config.handshake_timeout;
@@ -52,8 +52,10 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Route::InProcess(door) => door.open()?,
         Route::Socket { .. } => match timeout(limit, transport::connect(address, tls)).await {
             Ok(Ok(halves)) => halves,
-            Ok(Err(ConnectError::Unreachable(e))) => return Err(unreachable(e.to_string())),
-            Ok(Err(ConnectError::Tls(message))) => return Err(tls_failed(message)),
+            Ok(Err(ConnectError::Unreachable(e))) => {
+                return Err(Error::unreachable_by(address, "", e))
+            }
+            Ok(Err(ConnectError::Tls(message, cause))) => return Err(tls_failed(message, cause)),
             Ok(Err(ConnectError::Unsafe(e))) => return Err(e),
             Err(_) => return Err(unreachable(format!("no connection within {limit:?}"))),
         },
@@ -79,22 +81,18 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         Ok(Ok(Some(frame))) => frame,
         Ok(Err(ReadError::Io(e))) => {
             return Err(match tls.and_then(|t| t.explain(&e)) {
-                Some(message) => tls_failed(message),
-                None => unreachable(format!("handshake failed: {e}")),
+                Some(message) => tls_failed(message, Some(e)),
+                None => handshake_failed(ReadError::Io(e)),
             })
         }
-        Ok(Err(e)) => return Err(unreachable(format!("handshake failed: {e}"))),
+        Ok(Err(e)) => return Err(handshake_failed(e)),
         Ok(Ok(None)) => {
             return Err(match sent {
-                Err(e) => unreachable(format!("handshake failed: {e}")),
+                Err(e) => handshake_failed(ReadError::Io(e)),
                 Ok(()) => unreachable("closed during the handshake".into()),
             })
         }
         Err(_) => return Err(unreachable("no answer to the handshake".into())),
-    };
-    let protocol = |message: String| Error::Protocol {
-        peer: address.to_string(),
-        message,
     };
     match first.kind() {
         Kind::Welcome => {
@@ -116,7 +114,7 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
         }
         Kind::Refused => {
             let refused: Refused = message::decode(&first.payload())
-                .map_err(|e| protocol(format!("undecodable Refused: {e}")))?;
+                .map_err(|e| Error::undecodable(address.to_string(), "Refused", e))?;
             Err(match refused.code {
                 RefuseCode::DuplicateName => Error::DuplicateProcessName {
                     process: core.name.to_string(),
@@ -125,13 +123,16 @@ pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Er
                     address: address.to_string(),
                     reason: refused.message,
                 },
-                RefuseCode::TlsRequired => tls_failed(refused.message),
+                RefuseCode::TlsRequired => tls_failed(refused.message, None),
                 _ => Error::Refused {
                     reason: refused.message,
                 },
             })
         }
-        other => Err(protocol(format!("expected Welcome, got {other:?}"))),
+        other => Err(Error::protocol(
+            address.to_string(),
+            format!("expected Welcome, got {other:?}"),
+        )),
     }
 }
 
@@ -144,17 +145,10 @@ async fn read_welcome(
     limit: std::time::Duration,
     address: &str,
 ) -> Result<Welcome, Error> {
-    let protocol = |message: String| Error::Protocol {
-        peer: address.to_string(),
-        message,
-    };
-    let unreachable = |reason: String| Error::ControllerUnreachable {
-        address: address.to_string(),
-        reason,
-    };
+    let unreachable = |reason: &str| Error::unreachable(address, reason);
     let decode = |frame: &Frame| {
         message::decode::<Welcome>(&frame.payload())
-            .map_err(|e| protocol(format!("undecodable Welcome: {e}")))
+            .map_err(|e| Error::undecodable(address, "Welcome", e))
     };
     let mut welcome = decode(first)?;
     while welcome.more {
@@ -162,13 +156,14 @@ async fn read_welcome(
             Ok(Ok(Some(page))) if page.kind() == Kind::Welcome => decode(&page)?,
             Ok(Ok(Some(other))) => {
                 let kind = other.kind();
-                return Err(protocol(format!(
-                    "expected more of the Welcome, got {kind:?}"
-                )));
+                return Err(Error::protocol(
+                    address,
+                    format!("expected more of the Welcome, got {kind:?}"),
+                ));
             }
-            Ok(Ok(None)) => return Err(unreachable("closed during the handshake".into())),
-            Ok(Err(e)) => return Err(unreachable(format!("handshake failed: {e}"))),
-            Err(_) => return Err(unreachable("the rest of the Welcome did not come".into())),
+            Ok(Ok(None)) => return Err(unreachable("closed during the handshake")),
+            Ok(Err(e)) => return Err(Error::unreachable_by(address, "handshake failed: ", e)),
+            Err(_) => return Err(unreachable("the rest of the Welcome did not come")),
         };
         welcome.members.extend(page.members);
         welcome.tasks.extend(page.tasks);
@@ -325,10 +320,11 @@ fn control_reply(frame: &Frame) -> Result<bytes::Bytes, Error> {
             ..
         }) => Err(Error::TaskNotFound { task_id }),
         Ok(e) => Err(Error::Config(e.message)),
-        Err(e) => Err(Error::Protocol {
-            peer: "the controller".into(),
-            message: format!("undecodable ControlReply error: {e}"),
-        }),
+        Err(e) => Err(Error::undecodable(
+            "the controller",
+            "ControlReply error",
+            e,
+        )),
     }
 }
 

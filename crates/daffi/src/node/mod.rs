@@ -435,10 +435,7 @@ impl NodeCore {
     }
 
     fn unreachable(&self, reason: &str) -> Error {
-        Error::ControllerUnreachable {
-            address: self.config.address.to_string(),
-            reason: reason.to_string(),
-        }
+        Error::unreachable(&self.config.address, reason)
     }
 }
 

@@ -1,0 +1,591 @@
+//! How a callback's arguments decode, and what the caller is told when they do not.
+//!
+//! Arguments come as a list (by position: `.args((1, 2))`) or, for `#[callback]`
+//! functions, whose parameter names are known, as a map (by name: a struct, or
+//! `{"a": 1, "b": 2}`). A callback of one parameter takes a map as that one argument
+//! (`.args(person)`), unless the map is exactly `{"p": value}` with `p` the parameter's
+//! name, which names it.
+//!
+//! Parameters decode as a tuple ([`Params`]), each noting in a [`Failed`] which one is
+//! being read: when decoding fails, [`explain`] says which argument did not fit and
+//! why, in the caller's terms.
+
+use std::cell::Cell;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Unexpected,
+    Visitor,
+};
+
+use super::CallbackFailure;
+use crate::codec::{self, explain};
+
+/// A callback as its errors name it: `add(a: i64, b: i64)`, or `mul(i64, i64)` for a
+/// closure, whose parameters have no names.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Signature<'a> {
+    /// The exposed name.
+    pub callback: &'a str,
+    /// The parameters' names (`#[callback]`), or none (closures: by position only).
+    pub names: &'a [&'static str],
+    /// The parameters' types: as written (`#[callback]`), or as
+    /// `std::any::type_name` gives them (closures).
+    pub types: &'a [&'static str],
+}
+
+impl fmt::Display for Signature<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.callback, self.params())
+    }
+}
+
+impl Signature<'_> {
+    /// `a: i64, b: i64`, or `i64, i64`.
+    fn params(&self) -> String {
+        let types = self.types.iter().map(|t| explain::short_type_name(t));
+        if self.names.is_empty() {
+            return types.collect::<Vec<_>>().join(", ");
+        }
+        self.names
+            .iter()
+            .zip(types)
+            .map(|(name, ty)| format!("{name}: {ty}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `argument 2 (`b`)`, or `argument 2` for a closure.
+    fn argument(&self, index: usize) -> String {
+        match self.names.get(index) {
+            Some(name) => format!("argument {} (`{name}`)", index + 1),
+            None => format!("argument {}", index + 1),
+        }
+    }
+}
+
+/// Decodes a callback's arguments into its parameters, `T = (A1, .., An)`.
+#[doc(hidden)]
+pub fn decode_args<T: Params>(
+    signature: &Signature<'_>,
+    payload: &Bytes,
+) -> Result<T, CallbackFailure> {
+    if T::COUNT == 0 {
+        // A callback without parameters ignores whatever the caller sent (nil, `[]`).
+        let nothing =
+            de::value::SeqDeserializer::<_, de::value::Error>::new(std::iter::empty::<()>());
+        return T::from_seq(nothing, &Cell::default()).map_err(CallbackFailure::bad_arguments);
+    }
+    let shape = Shape::of::<T>(signature, payload);
+    let failed = Cell::new(Failed::Nothing);
+    let seed = ArgsSeed::<T> {
+        signature,
+        shape,
+        failed: &failed,
+        params: std::marker::PhantomData,
+    };
+    codec::decode_seed(payload, seed).map_err(|error| {
+        CallbackFailure::bad_arguments(explain::<T>(
+            signature,
+            shape,
+            payload,
+            failed.take(),
+            &error,
+        ))
+    })
+}
+
+/// How the payload holds the arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A list (by position) or a map (by name), as it comes.
+    AsItComes,
+    /// A map of one entry that names the one parameter.
+    NamesTheOne,
+    /// Anything but a list, for one parameter: its value.
+    Whole,
+}
+
+impl Shape {
+    fn of<T: Params>(signature: &Signature<'_>, payload: &[u8]) -> Shape {
+        if T::COUNT != 1 || is_list(payload) {
+            return Shape::AsItComes;
+        }
+        match signature.names.first() {
+            Some(name) if is_map_of_one(payload, name) => Shape::NamesTheOne,
+            _ => Shape::Whole,
+        }
+    }
+}
+
+/// Whether `payload` is a MessagePack list.
+fn is_list(payload: &[u8]) -> bool {
+    matches!(payload.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+}
+
+/// Whether `payload` is a map of one entry keyed `name`.
+fn is_map_of_one(payload: &[u8], name: &str) -> bool {
+    let entry = match payload {
+        [0x81, entry @ ..] | [0xde, 0, 1, entry @ ..] | [0xdf, 0, 0, 0, 1, entry @ ..] => entry,
+        _ => return false,
+    };
+    let (len, key) = match entry {
+        [m @ 0xa0..=0xbf, key @ ..] => (usize::from(m & 0x1f), key),
+        [0xd9, len, key @ ..] => (usize::from(*len), key),
+        [0xda, hi, lo, key @ ..] => (usize::from(u16::from_be_bytes([*hi, *lo])), key),
+        _ => return false,
+    };
+    key.get(..len) == Some(name.as_bytes())
+}
+
+/// What was being read when decoding stopped.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub enum Failed {
+    /// Nothing yet: the payload itself is not a list or a map.
+    #[default]
+    Nothing,
+    /// So many arguments came.
+    Count(usize),
+    /// A map came, for a callback that takes its arguments by position only.
+    ByPositionOnly,
+    /// The argument at this position.
+    Argument(usize),
+    /// A named argument for no parameter.
+    Unknown(String),
+    /// This parameter was named twice.
+    Twice(usize),
+    /// This parameter was not named.
+    Missing(usize),
+}
+
+/// A callback's parameters: a tuple `(A1, .., An)` of up to 16 owned types.
+#[doc(hidden)]
+pub trait Params: Sized {
+    /// How many there are.
+    const COUNT: usize;
+
+    /// Reads them by position; `failed` follows which one is read.
+    fn from_seq<'de, S: SeqAccess<'de>>(seq: S, failed: &Cell<Failed>) -> Result<Self, S::Error>;
+
+    /// Reads them by name; `failed` follows which one is read.
+    fn from_map<'de, M: MapAccess<'de>>(
+        map: M,
+        names: &[&'static str],
+        failed: &Cell<Failed>,
+    ) -> Result<Self, M::Error>;
+}
+
+macro_rules! params {
+    ($count:literal; $($n:tt $a:ident),*) => {
+        impl<$($a: DeserializeOwned),*> Params for ($($a,)*) {
+            const COUNT: usize = $count;
+
+            #[allow(unused_mut, unused_variables)]
+            fn from_seq<'de, S: SeqAccess<'de>>(
+                mut seq: S,
+                failed: &Cell<Failed>,
+            ) -> Result<Self, S::Error> {
+                Ok(($({
+                    failed.set(Failed::Argument($n));
+                    match seq.next_element::<$a>()? {
+                        Some(value) => value,
+                        None => {
+                            failed.set(Failed::Count($n));
+                            return Err(de::Error::invalid_length($n, &"more arguments"));
+                        }
+                    }
+                },)*))
+            }
+
+            #[allow(unused_mut, unused_variables)]
+            fn from_map<'de, M: MapAccess<'de>>(
+                mut map: M,
+                names: &[&'static str],
+                failed: &Cell<Failed>,
+            ) -> Result<Self, M::Error> {
+                let mut given = ($(None::<$a>,)*);
+                while let Some(index) = map.next_key_seed(Name { names, failed })? {
+                    match index {
+                        $($n => {
+                            if given.$n.is_some() {
+                                failed.set(Failed::Twice($n));
+                                return Err(de::Error::duplicate_field(name_at(names, $n)));
+                            }
+                            failed.set(Failed::Argument($n));
+                            given.$n = Some(map.next_value::<$a>()?);
+                        })*
+                        _ => return Err(de::Error::custom("more names than parameters")),
+                    }
+                }
+                Ok(($(match given.$n {
+                    Some(value) => value,
+                    None => {
+                        failed.set(Failed::Missing($n));
+                        return Err(de::Error::missing_field(name_at(names, $n)));
+                    }
+                },)*))
+            }
+        }
+    };
+}
+
+params!(0;);
+params!(1; 0 A1);
+params!(2; 0 A1, 1 A2);
+params!(3; 0 A1, 1 A2, 2 A3);
+params!(4; 0 A1, 1 A2, 2 A3, 3 A4);
+params!(5; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5);
+params!(6; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6);
+params!(7; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7);
+params!(8; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8);
+params!(9; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9);
+params!(10; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10);
+params!(11; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11);
+params!(12; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12);
+params!(13; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13);
+params!(14; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14);
+params!(15; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15);
+params!(16; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15, 15 A16);
+
+/// The name of parameter `index`, for an error.
+fn name_at(names: &[&'static str], index: usize) -> &'static str {
+    names.get(index).copied().unwrap_or("?")
+}
+
+/// A key of a map of named arguments: the index of the parameter it names.
+struct Name<'n> {
+    names: &'n [&'static str],
+    failed: &'n Cell<Failed>,
+}
+
+impl<'de> DeserializeSeed<'de> for Name<'_> {
+    type Value = usize;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Name<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a parameter's name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<usize, E> {
+        match self.names.iter().position(|name| *name == key) {
+            Some(index) => Ok(index),
+            None => {
+                self.failed.set(Failed::Unknown(key.to_string()));
+                Err(E::unknown_field(key, &[]))
+            }
+        }
+    }
+}
+
+/// Decodes the arguments, as the [`Shape`] says, into `T`.
+struct ArgsSeed<'s, T> {
+    signature: &'s Signature<'s>,
+    shape: Shape,
+    failed: &'s Cell<Failed>,
+    params: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Params> DeserializeSeed<'de> for ArgsSeed<'_, T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        match self.shape {
+            Shape::Whole => T::from_seq(One(Some(deserializer)), self.failed),
+            Shape::AsItComes | Shape::NamesTheOne => deserializer.deserialize_any(self),
+        }
+    }
+}
+
+impl<'de, T: Params> Visitor<'de> for ArgsSeed<'_, T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of arguments, or a map of them by name")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, seq: S) -> Result<T, S::Error> {
+        match seq.size_hint() {
+            Some(count) if count != T::COUNT => {
+                self.failed.set(Failed::Count(count));
+                Err(de::Error::invalid_length(count, &self))
+            }
+            _ => T::from_seq(seq, self.failed),
+        }
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<T, M::Error> {
+        if self.signature.names.is_empty() {
+            self.failed.set(Failed::ByPositionOnly);
+            return Err(de::Error::invalid_type(Unexpected::Map, &self));
+        }
+        T::from_map(map, self.signature.names, self.failed)
+    }
+}
+
+/// A list of one argument: the payload itself.
+struct One<D>(Option<D>);
+
+impl<'de, D: Deserializer<'de>> SeqAccess<'de> for One<D> {
+    type Error = D::Error;
+
+    fn next_element_seed<S: DeserializeSeed<'de>>(
+        &mut self,
+        seed: S,
+    ) -> Result<Option<S::Value>, D::Error> {
+        self.0.take().map(|d| seed.deserialize(d)).transpose()
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(usize::from(self.0.is_some()))
+    }
+}
+
+/// Why the arguments did not decode, in the caller's terms. The arguments are read
+/// again, into a tree, to learn what did not fit where (see [`explain`]).
+#[cold]
+fn explain<T: Params>(
+    signature: &Signature<'_>,
+    shape: Shape,
+    payload: &Bytes,
+    failed: Failed,
+    error: &rmp_serde::decode::Error,
+) -> String {
+    let again = explain::tree(payload).and_then(|tree| {
+        let failed = Cell::new(Failed::Nothing);
+        let seed = ArgsSeed::<T> {
+            signature,
+            shape,
+            failed: &failed,
+            params: std::marker::PhantomData,
+        };
+        let mismatch = seed.deserialize(explain::At(&tree)).err()?;
+        Some((failed.take(), mismatch))
+    });
+    match again {
+        Some((failed, mismatch)) => describe(signature, shape, failed, Detail::Mismatch(mismatch)),
+        None => describe(signature, shape, failed, Detail::Plain(error)),
+    }
+}
+
+/// What is known of what went wrong inside an argument.
+enum Detail<'e> {
+    /// From reading the tree: what was expected, found, and where.
+    Mismatch(explain::Mismatch),
+    /// rmp-serde's error, when the payload was too large to read again.
+    Plain(&'e rmp_serde::decode::Error),
+}
+
+fn describe(signature: &Signature<'_>, shape: Shape, failed: Failed, detail: Detail<'_>) -> String {
+    let count = signature.types.len();
+    let params = signature.params();
+    let name = signature.callback;
+    match failed {
+        Failed::Nothing => {
+            let found = match &detail {
+                Detail::Mismatch(m) => m.found_instead().unwrap_or("something else").to_string(),
+                Detail::Plain(e) => explain::plain(e),
+            };
+            let by_name = if signature.names.is_empty() { "" } else { ", or a map of them by name" };
+            format!("`{name}` takes a list of arguments ({params}){by_name}; got {found}")
+        }
+        Failed::Count(got) if count == 1 => format!(
+            "`{name}` expects 1 argument ({params}), got a list of {got} (to pass a list as the one argument, send it in a tuple: `.args((list,))`)"
+        ),
+        Failed::Count(got) => format!("`{name}` expects {count} arguments ({params}), got {got}"),
+        Failed::ByPositionOnly => format!(
+            "`{name}` takes its arguments by position ({params}): send a tuple, e.g. `.args((a, b))`; only `#[callback]` functions take arguments by name"
+        ),
+        Failed::Unknown(key) => format!("`{name}` has no parameter `{key}` ({params})"),
+        Failed::Twice(i) => format!("{} of {signature} is given twice", signature.argument(i)),
+        Failed::Missing(i) => format!("{} of {signature} is missing", signature.argument(i)),
+        Failed::Argument(i) => {
+            let what = match detail {
+                Detail::Mismatch(m) => {
+                    // In a list or map of arguments, the first step is the argument.
+                    let m = if shape == Shape::Whole { m } else { m.without_outer_step() };
+                    format!("{}: {m}", m.location())
+                }
+                Detail::Plain(e) => format!(": {}", explain::plain(e)),
+            };
+            let hint = match (shape, signature.names) {
+                (Shape::NamesTheOne, [one]) => format!(
+                    " (the map named the argument `{one}`; to pass a map as `{one}` itself, send it in a tuple: `.args((map,))`)"
+                ),
+                _ => String::new(),
+            };
+            format!("{} of {signature}{what}{hint}", signature.argument(i))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+    use std::collections::BTreeMap;
+
+    const ADD: Signature<'static> = Signature {
+        callback: "add",
+        names: &["a", "b"],
+        types: &["i64", "i64"],
+    };
+
+    fn encode<T: Serialize>(value: &T) -> Bytes {
+        Bytes::from(rmp_serde::to_vec_named(value).expect("encodes"))
+    }
+
+    fn message<T: Params + fmt::Debug>(signature: &Signature<'_>, value: impl Serialize) -> String {
+        decode_args::<T>(signature, &encode(&value))
+            .expect_err("does not decode")
+            .message
+    }
+
+    #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+    struct Person {
+        name: String,
+        age: u32,
+    }
+
+    #[test]
+    fn arguments_come_by_position_or_by_name() {
+        let by_position: (i64, i64) = decode_args(&ADD, &encode(&(1, 2))).expect("decodes");
+        let by_name: (i64, i64) =
+            decode_args(&ADD, &encode(&BTreeMap::from([("b", 2), ("a", 1)]))).expect("decodes");
+        assert_eq!((by_position, by_name), ((1, 2), (1, 2)));
+    }
+
+    #[test]
+    fn one_parameter_takes_a_map_as_itself_unless_the_map_names_it() {
+        let greet = Signature {
+            callback: "greet",
+            names: &["p"],
+            types: &["Person"],
+        };
+        let ann = Person {
+            name: "Ann".into(),
+            age: 3,
+        };
+        let whole: (Person,) = decode_args(&greet, &encode(&ann)).expect("the map is p");
+        let named: (Person,) =
+            decode_args(&greet, &encode(&BTreeMap::from([("p", &ann)]))).expect("names p");
+        let listed: (Person,) = decode_args(&greet, &encode(&(&ann,))).expect("by position");
+        assert_eq!(
+            [whole.0, named.0],
+            [
+                listed.0,
+                Person {
+                    name: "Ann".into(),
+                    age: 3
+                }
+            ]
+        );
+        // A closure's one parameter has no name: any map is its value.
+        let closure = Signature {
+            callback: "f",
+            names: &[],
+            types: &["Person"],
+        };
+        let (p,): (Person,) = decode_args(
+            &closure,
+            &encode(&Person {
+                name: "Bo".into(),
+                age: 1,
+            }),
+        )
+        .expect("decodes");
+        assert_eq!(p.name, "Bo");
+    }
+
+    #[test]
+    fn failures_say_which_argument_and_why() {
+        assert_eq!(
+            message::<(i64, i64)>(&ADD, (1,)),
+            "`add` expects 2 arguments (a: i64, b: i64), got 1"
+        );
+        assert_eq!(
+            message::<(i64, i64)>(&ADD, (1, "x")),
+            "argument 2 (`b`) of add(a: i64, b: i64): expected an integer, got a string"
+        );
+        assert_eq!(
+            message::<(i64, i64)>(&ADD, BTreeMap::from([("a", 1)])),
+            "argument 2 (`b`) of add(a: i64, b: i64) is missing"
+        );
+        assert_eq!(
+            message::<(i64, i64)>(&ADD, BTreeMap::from([("a", 1), ("b", 2), ("c", 3)])),
+            "`add` has no parameter `c` (a: i64, b: i64)"
+        );
+        assert_eq!(
+            message::<(i64, i64)>(&ADD, "text"),
+            "`add` takes a list of arguments (a: i64, b: i64), or a map of them by name; got a string"
+        );
+        let mul = Signature {
+            callback: "mul",
+            names: &[],
+            types: &["i64", "i64"],
+        };
+        assert!(
+            message::<(i64, i64)>(&mul, BTreeMap::from([("a", 1), ("b", 2)]))
+                .starts_with("`mul` takes its arguments by position (i64, i64)")
+        );
+        let deep = Signature {
+            callback: "deep",
+            names: &["v"],
+            types: &["Vec<Vec<i64>>"],
+        };
+        assert_eq!(
+            message::<(Vec<Vec<i64>>,)>(&deep, (vec![vec!["x"]],)),
+            "argument 1 (`v`) of deep(v: Vec<Vec<i64>>), at [0][0]: expected an integer, got a string"
+        );
+    }
+
+    #[test]
+    fn a_map_that_names_the_one_parameter_says_how_to_pass_it_whole() {
+        let f = Signature {
+            callback: "f",
+            names: &["p"],
+            types: &["Person"],
+        };
+        let text = message::<(Person,)>(&f, BTreeMap::from([("p", 1)]));
+        assert!(text.contains(".args((map,))"), "{text}");
+    }
+
+    #[test]
+    fn a_payload_too_large_to_read_again_still_names_the_argument() {
+        let sum = Signature {
+            callback: "sum",
+            names: &["values", "scale"],
+            types: &["Vec<u16>", "i64"],
+        };
+        let many = vec![1u16; 70_000];
+        assert_eq!(
+            message::<(Vec<u16>, i64)>(&sum, (many, "x")),
+            "argument 2 (`scale`) of sum(values: Vec<u16>, scale: i64): got a string where a number or a boolean belongs"
+        );
+    }
+
+    #[test]
+    fn map_keys_are_recognized_in_every_string_form() {
+        assert!(is_map_of_one(&encode(&BTreeMap::from([("p", 1)])), "p"));
+        assert!(!is_map_of_one(
+            &encode(&BTreeMap::from([("p", 1), ("q", 2)])),
+            "p"
+        ));
+        assert!(!is_map_of_one(&encode(&BTreeMap::from([("q", 1)])), "p"));
+        let long = "k".repeat(300);
+        assert!(is_map_of_one(
+            &encode(&BTreeMap::from([(long.as_str(), 1)])),
+            &long
+        ));
+        assert!(!is_map_of_one(&[0x81], "p"));
+    }
+}
