@@ -6,6 +6,8 @@
 //! closes (the test process died).
 #![allow(dead_code)]
 
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod wire;
 
 use std::io::Read;
