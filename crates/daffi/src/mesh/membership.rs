@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::error::{Error, Result};
 use crate::protocol::message::{Member, MembershipEvent};
 
 /// What a membership update changed.
@@ -164,6 +165,34 @@ impl Membership {
         }
         self.bump();
         changes
+    }
+
+    /// Chooses the node a call from `own_name` goes to: `on`, the pinned one, or a
+    /// provider chosen at random; the error a caller should see if there is none.
+    pub fn route(&self, own_name: &str, callback: &str, on: Option<&str>) -> Result<Arc<str>> {
+        match on {
+            Some(process) => match self.serves(process, callback) {
+                Some((node, true)) => Ok(node),
+                Some((_, false)) => Err(Error::NoProvider {
+                    callback: callback.to_string(),
+                    on: Some(process.to_string()),
+                }),
+                None if process == own_name => Err(Error::Config(format!(
+                    "a node cannot call itself (`.on(\"{process}\")` names this node); call the function directly"
+                ))),
+                None if self.is_leaving(process) => Err(Error::PeerStopped {
+                    process: process.to_string(),
+                    callback: callback.to_string(),
+                }),
+                None => Err(Error::UnknownProcess {
+                    process: process.to_string(),
+                }),
+            },
+            None => self.pick(callback).ok_or_else(|| Error::NoProvider {
+                callback: callback.to_string(),
+                on: None,
+            }),
+        }
     }
 
     /// A node serving `callback`, chosen at random.

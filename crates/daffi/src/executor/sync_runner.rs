@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::dispatch::SyncJob;
-use super::NodeCore;
+use super::Executor;
 
 /// The name of the threads that run sync callbacks.
 const THREAD_NAME: &str = "daffi-callback";
@@ -146,7 +146,7 @@ impl RunnerState {
 
 impl SyncRunner {
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
-    pub(super) fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
+    pub(super) fn submit(core: &Arc<Executor>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
             s.last_submit = Some(Instant::now());
@@ -172,7 +172,7 @@ impl SyncRunner {
                 s.threads = 1;
                 (vec![0], s.jobs.len() > 1)
             } else {
-                s.plan_threads(core.config.max_sync_callbacks, true)
+                s.plan_threads(core.limits.max_sync_callbacks, true)
             };
             watch = (watch || left_to_sleepers) && !s.watched;
             s.watched |= watch;
@@ -191,12 +191,12 @@ impl SyncRunner {
 
     /// Looks at the queue every `HANDOFF_AFTER` while jobs wait for busy or sleeping
     /// threads; once no thread made progress, wakes the sleeping ones and starts more.
-    async fn watchdog(core: Arc<NodeCore>) {
+    async fn watchdog(core: Arc<Executor>) {
         loop {
             tokio::time::sleep(HANDOFF_AFTER).await;
             let (start, again, wake) = {
                 let mut s = core.sync_runner.lock();
-                let (start, again) = s.plan_threads(core.config.max_sync_callbacks, false);
+                let (start, again) = s.plan_threads(core.limits.max_sync_callbacks, false);
                 // No thread made progress for a while: every waiting thread takes a job.
                 let stalled = !s.jobs.is_empty() && !s.recent(Instant::now());
                 let wake = if stalled {
@@ -221,7 +221,7 @@ impl SyncRunner {
 
     /// Starts a thread for each slot. Called from the node's runtime, whose context the
     /// threads enter (as tokio's blocking threads would): callbacks may spawn tasks.
-    fn start_threads(core: &Arc<NodeCore>, slots: Vec<usize>) {
+    fn start_threads(core: &Arc<Executor>, slots: Vec<usize>) {
         let runtime = tokio::runtime::Handle::try_current().ok();
         for slot in slots {
             let thread_core = core.clone();
@@ -241,7 +241,7 @@ impl SyncRunner {
     /// A thread could not be started (the system is out of threads or memory): its slot
     /// is freed, and if no thread is left to run the queued jobs, their callers are told.
     #[cold]
-    fn thread_failed(&self, core: &Arc<NodeCore>, slot: usize, error: &std::io::Error) {
+    fn thread_failed(&self, core: &Arc<Executor>, slot: usize, error: &std::io::Error) {
         tracing::error!(process = %core.name, %error, "could not start a thread for sync callbacks");
         let orphans: Vec<SyncJob> = {
             let mut s = self.lock();
@@ -259,7 +259,7 @@ impl SyncRunner {
                 "process `{}` could not start a thread for sync callbacks ({error})",
                 core.name
             );
-            job.overloaded(core, message);
+            job.overloaded(message);
         }
     }
 
@@ -291,7 +291,7 @@ impl SyncRunner {
 
     /// A thread's life: run queued jobs; when there are none, watch for one a moment,
     /// then wait for one a while; end when none came.
-    fn work(&self, core: &NodeCore, slot: usize) {
+    fn work(&self, core: &Executor, slot: usize) {
         let mut finished_one = false;
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
