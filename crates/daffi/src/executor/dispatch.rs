@@ -212,3 +212,50 @@ impl<F: Future<Output = Outcome> + Unpin> Future for CatchUnwind<F> {
         }
     }
 }
+
+#[cfg(test)]
+impl SyncJob {
+    /// A job that does nothing, for tests of the runner's planning.
+    pub(super) fn placeholder() -> SyncJob {
+        struct Nothing;
+        impl Request for Nothing {
+            fn callback(&self) -> &str {
+                "nothing"
+            }
+            fn caller(&self) -> &str {
+                "test"
+            }
+            fn payload(&self) -> bytes::Bytes {
+                bytes::Bytes::new()
+            }
+            fn wants_reply(&self) -> bool {
+                false
+            }
+            fn deadline(&self) -> Option<Instant> {
+                None
+            }
+            fn reply(
+                self: Box<Self>,
+                _: Outcome,
+                _: bool,
+            ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
+                None
+            }
+        }
+        let limits = super::Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: usize::MAX,
+            stop_timeout: std::time::Duration::ZERO,
+        };
+        let executor = Executor::new("test".into(), limits, Default::default());
+        let kind = CallbackKind {
+            sync: true,
+            one_way: true,
+        };
+        SyncJob {
+            f: Arc::new(|_| Ok(Default::default())),
+            request: Box::new(Nothing),
+            _running: executor.admit_callback(kind).expect("room"),
+        }
+    }
+}

@@ -406,3 +406,62 @@ impl SyncRunner {
         crate::sync::lock(&self.state)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runner state with `threads` threads, `busy` of them in a callback since
+    /// `busy_for`, and `jobs` queued jobs.
+    fn state(threads: usize, busy: usize, busy_for: Duration, jobs: usize) -> RunnerState {
+        let since = Instant::now()
+            .checked_sub(busy_for)
+            .expect("a past instant");
+        let mut slots = vec![Slot::Busy(since); busy];
+        slots.resize(threads, Slot::Idle);
+        RunnerState {
+            jobs: (0..jobs).map(|_| SyncJob::placeholder()).collect(),
+            slots,
+            threads,
+            busy,
+            ..RunnerState::default()
+        }
+    }
+
+    #[test]
+    fn idle_threads_take_the_jobs_and_none_start() {
+        let mut s = state(3, 1, Duration::from_secs(1), 2);
+        assert_eq!(s.plan_threads(8, true), (vec![], false));
+    }
+
+    #[test]
+    fn a_submit_starts_one_thread_and_leaves_the_rest_to_the_watchdog() {
+        // Every thread is stuck in a slow callback: one new thread, then watch.
+        let mut s = state(2, 2, Duration::from_secs(1), 5);
+        assert_eq!(s.plan_threads(8, true), (vec![2], true));
+        assert_eq!(s.threads, 3);
+    }
+
+    #[test]
+    fn the_watchdog_starts_a_thread_per_waiting_job_up_to_the_limit() {
+        let mut s = state(2, 2, Duration::from_secs(1), 5);
+        let (started, again) = s.plan_threads(4, false);
+        assert_eq!((started, again), (vec![2, 3], false), "capped at 4 threads");
+        let mut s = state(1, 1, Duration::from_secs(1), 2);
+        assert_eq!(s.plan_threads(8, false), (vec![1, 2], false), "one per job");
+    }
+
+    #[test]
+    fn threads_busy_with_quick_callbacks_get_the_queued_jobs() {
+        // A callback started a moment ago: the thread will soon take the next job.
+        let mut s = state(2, 2, Duration::ZERO, 5);
+        assert_eq!(s.plan_threads(8, true), (vec![], true));
+    }
+
+    #[test]
+    fn vacant_slots_are_reused() {
+        let mut s = state(2, 2, Duration::from_secs(1), 1);
+        s.slots.insert(0, Slot::Vacant);
+        assert_eq!(s.plan_threads(8, false).0, vec![0]);
+    }
+}

@@ -338,4 +338,35 @@ mod tests {
         assert!(!view.has_provider("f"));
         assert_index_consistent(&view);
     }
+
+    #[test]
+    fn a_call_is_routed_to_its_pinned_node_or_a_random_provider_or_fails_by_name() {
+        let view = Membership::default();
+        view.apply(joined("a", &["f"]));
+        view.apply(joined("b", &["f", "g"]));
+        let route = |callback: &str, on: Option<&str>| view.route("me", callback, on);
+        let mut chosen = HashSet::new();
+        for _ in 0..200 {
+            chosen.insert(route("f", None).expect("served").to_string());
+        }
+        assert_eq!(chosen, HashSet::from(["a".to_string(), "b".to_string()]));
+        assert_eq!(&*route("g", None).expect("served"), "b");
+        assert_eq!(&*route("f", Some("a")).expect("served"), "a");
+        assert!(matches!(
+            route("g", Some("a")),
+            Err(Error::NoProvider { on: Some(p), .. }) if p == "a"
+        ));
+        assert!(matches!(
+            route("h", None),
+            Err(Error::NoProvider { on: None, .. })
+        ));
+        assert!(matches!(
+            route("f", Some("nobody")),
+            Err(Error::UnknownProcess { process }) if process == "nobody"
+        ));
+        assert!(
+            matches!(route("f", Some("me")), Err(Error::Config(_))),
+            "never itself"
+        );
+    }
 }
