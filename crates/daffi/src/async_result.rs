@@ -15,7 +15,7 @@ use crate::blocking;
 use crate::call::decode_result;
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::node::InFlight;
+use crate::mesh::Waiter;
 
 /// The pending result of a [`Call::bg`](crate::Call::bg).
 ///
@@ -44,7 +44,7 @@ pub struct AsyncResult<T> {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// The request is sent; the reply is awaited right here, without a task.
-    Sent(InFlight),
+    Sent(Waiter),
     /// A task sends the request (after an eta, or a wait for room) and awaits the reply.
     Task(JoinHandle<Result<Bytes>>),
     /// The call failed before anything was sent (taken when polled).
@@ -124,7 +124,7 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let outcome = match &mut self.outcome {
-            Outcome::Sent(call) => std::task::ready!(call.poll_outcome(cx)),
+            Outcome::Sent(call) => std::task::ready!(Pin::new(call).poll(cx)),
             Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {
                 Ok(outcome) => outcome,
                 // The task only fails to finish when the node's runtime shut down.

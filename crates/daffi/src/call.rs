@@ -14,7 +14,8 @@ use crate::blocking;
 use crate::codec::{self, encode_value, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::node::{CallRequest, NodeCore, NodeOutcome};
+use crate::mesh::{CallRequest, NodeOutcome};
+use crate::node::{Node, Started};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
 use crate::protocol::MAX_TASK_ID;
@@ -144,14 +145,15 @@ impl Call {
         let (node, request) = self.into_request(false)?;
         // Sent from this thread when nothing makes it wait: no task to start and wake.
         let started = {
-            // Only a deadline's timer needs the runtime.
-            let _runtime = request.timeout.map(|_| global.runtime().enter());
-            node.try_start(&request)
+            // Only timers (a timeout, an eta) need the runtime.
+            let timers = request.timeout.is_some() || request.eta.is_some();
+            let _runtime = timers.then(|| global.runtime().enter());
+            node.start(request)
         };
         let outcome = match started {
-            Some(Ok(call)) => Outcome::Sent(call),
-            Some(Err(e)) => Outcome::Failed(Some(e)),
-            None => Outcome::Task(global.runtime().spawn(node.call(request))),
+            Started::Sent(call) => Outcome::Sent(call),
+            Started::Failed(e) => Outcome::Failed(Some(e)),
+            Started::Later(rest) => Outcome::Task(global.runtime().spawn(rest)),
         };
         Ok(AsyncResult::new(global, callback, outcome))
     }
@@ -403,7 +405,7 @@ impl Call {
         })
     }
 
-    fn into_request(mut self, no_reply: bool) -> Result<(std::sync::Arc<NodeCore>, CallRequest)> {
+    fn into_request(mut self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
         let node = self.global.node()?.clone();
         let args = self.take_args()?;
         Ok((

@@ -311,4 +311,40 @@ mod tests {
         members.leave("b", 2, true).await;
         assert!(!served("g"));
     }
+
+    #[tokio::test]
+    async fn a_second_node_with_a_name_is_refused_and_lookups_find_the_first() {
+        use daffi_wire::{frame_channel, QueueLimits};
+        let members = Members::default();
+        let join = |name: &'static str, id: u64, callbacks: &[&str]| {
+            let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
+            let callbacks = callbacks.iter().map(|c| c.to_string()).collect();
+            members.join(name, id, queue, callbacks, 1 << 20, |_| Outgoing::default())
+        };
+        assert!(join("a", 1, &["f"]).await);
+        assert!(!join("a", 2, &["g"]).await, "the name is taken");
+        assert!(join("b", 3, &["f", "g"]).await);
+        let names: Vec<String> = members.snapshot().into_iter().map(|m| m.name).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&"a".into()) && names.contains(&"b".into()));
+        // `g` is b's only: the refused second `a` announced nothing.
+        let pick = |callback: &str, on: Option<&str>| {
+            members
+                .pick_provider(callback, on)
+                .map(|(name, _)| name.to_string())
+        };
+        assert_eq!(pick("g", None).as_deref(), Some("b"));
+        assert_eq!(pick("f", Some("a")).as_deref(), Some("a"));
+        assert_eq!(pick("g", Some("a")), None, "a does not serve g");
+        assert_eq!(pick("f", Some("nobody")), None);
+        let mut chosen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            chosen.insert(pick("f", None).expect("f is served"));
+        }
+        assert_eq!(chosen.len(), 2, "random among the providers: {chosen:?}");
+        // A leaving node takes no new requests, and is no longer picked.
+        members.leave("a", 1, false).await;
+        assert_eq!(pick("f", Some("a")), None);
+        assert_eq!(pick("f", None).as_deref(), Some("b"));
+    }
 }

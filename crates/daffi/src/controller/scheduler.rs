@@ -613,6 +613,75 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn a_period_runs_first_after_its_first_delay_then_every_interval() {
+        let now = Instant::now();
+        let every = Timing::Every {
+            interval_ms: 1_000,
+            first_ms: None,
+        };
+        let mut plan = Plan::new(&every, now).expect("valid");
+        assert_eq!(plan.next_run, now + Duration::from_secs(1));
+        // Runs missed during a stall are skipped: the next one is after now, on the cadence.
+        plan.next_run = now - Duration::from_millis(3_500);
+        assert!(!plan.advance(), "a repeating task never ends");
+        let after = plan.next_run.saturating_duration_since(Instant::now());
+        assert!(plan.next_run > Instant::now() && after <= Duration::from_secs(1));
+        let first = Timing::Every {
+            interval_ms: 1_000,
+            first_ms: Some(10),
+        };
+        let plan = Plan::new(&first, now).expect("valid");
+        assert_eq!(plan.next_run, now + Duration::from_millis(10));
+        assert_eq!(
+            plan.timing(now),
+            first,
+            "the timing read back gives the plan again"
+        );
+    }
+
+    #[test]
+    fn times_run_soonest_first_and_the_last_ends_the_task() {
+        let now = Instant::now();
+        let at = Timing::At {
+            delays_ms: vec![300, 100, 200],
+        };
+        let mut plan = Plan::new(&at, now).expect("valid");
+        let mut due = vec![plan.next_run];
+        while !plan.advance() {
+            due.push(plan.next_run);
+        }
+        let ms = [100, 200, 300].map(|ms| now + Duration::from_millis(ms));
+        assert_eq!(due, ms);
+    }
+
+    #[test]
+    fn a_period_that_cannot_be_kept_is_refused() {
+        let now = Instant::now();
+        let zero = Timing::Every {
+            interval_ms: 0,
+            first_ms: None,
+        };
+        let empty = Timing::At { delays_ms: vec![] };
+        for timing in [zero, empty] {
+            assert!(Plan::new(&timing, now).is_err(), "{timing:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_task_leaves_the_list_and_is_not_cancelled_twice() {
+        let (scheduler, _stop) = scheduler();
+        let id = scheduler
+            .schedule("maker", "tick".into(), Bytes::new(), None, minutely())
+            .await
+            .expect("scheduled");
+        assert_eq!(ids(&scheduler), vec![id]);
+        assert!(scheduler.cancel(id).await);
+        assert!(ids(&scheduler).is_empty());
+        assert!(!scheduler.cancel(id).await, "gone already");
+        assert!(lock(&scheduler.book).tombstones.contains(id));
+    }
+
     #[tokio::test]
     async fn task_ids_are_random_below_2_pow_53_and_never_a_live_task_or_a_tombstone() {
         let (scheduler, _stop) = scheduler();

@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Weak};
 
 use super::{Global, Inner};
-use crate::node::NodeEvent;
+use crate::mesh::NodeEvent;
 
 /// A lifecycle hook: gets the `Global` and a process name.
 pub type Hook = Arc<dyn Fn(&Global, &str) + Send + Sync>;

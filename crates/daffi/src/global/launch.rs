@@ -12,7 +12,9 @@ use super::{Global, GlobalBuilder, Inner};
 use crate::callback::static_callbacks;
 use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
-use crate::node::{NodeConfig, NodeCore, Route};
+use crate::executor::{Executor, Limits};
+use crate::mesh::controller::{ControllerMesh, NodeConfig, Route};
+use crate::node::Node;
 use crate::protocol::{check_name, NameKind};
 use crate::transport::Address;
 
@@ -79,18 +81,20 @@ impl GlobalBuilder {
                 max_frame_size: self.max_frame_size,
                 connect_timeout: self.connect_timeout,
                 handshake_timeout: self.handshake_timeout,
-                max_in_flight: self.max_in_flight,
-                max_concurrent_callbacks: self.max_concurrent_callbacks,
-                max_sync_callbacks: self.max_sync_callbacks,
-                stop_timeout: self.stop_timeout,
                 auth_token,
                 route,
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
             };
-            let node = NodeCore::new(name.clone(), config, static_callbacks(), events_tx);
-            node.start().await?;
-            Some(node)
+            let limits = Limits {
+                max_concurrent_callbacks: self.max_concurrent_callbacks,
+                max_sync_callbacks: self.max_sync_callbacks,
+                stop_timeout: self.stop_timeout,
+            };
+            let executor = Executor::new(Arc::from(name.as_str()), limits, static_callbacks());
+            let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
+            mesh.start().await?;
+            Some(Arc::new(Node::new(executor, mesh, self.max_in_flight)))
         } else {
             None
         };

@@ -24,7 +24,7 @@ use crate::callback::{CallbackGroup, IntoCallback};
 use crate::controller::ControllerHandle;
 use crate::error::{Error, Result};
 use crate::info::MemberInfo;
-use crate::node::NodeCore;
+use crate::node::Node;
 use crate::protocol::{check_name, NameKind};
 use crate::transport::Address;
 use hooks::Hooks;
@@ -43,7 +43,7 @@ struct Inner {
     name: String,
     address: Address,
     runtime: Handle,
-    node: Option<Arc<NodeCore>>,
+    node: Option<Arc<Node>>,
     controller: Mutex<Option<ControllerHandle>>,
     owned_runtime: Mutex<Option<OwnedRuntime>>,
     /// `stop` was called.
@@ -87,7 +87,7 @@ impl Global {
         }
     }
 
-    pub(crate) fn node(&self) -> Result<&Arc<NodeCore>> {
+    pub(crate) fn node(&self) -> Result<&Arc<Node>> {
         self.inner.node.as_ref().ok_or(Error::NoNode)
     }
 
@@ -158,7 +158,7 @@ impl Global {
         let Some(node) = &self.inner.node else {
             return HashMap::new();
         };
-        let mut all = node.membership.providers();
+        let mut all = node.membership().providers();
         for name in node.callback_names() {
             all.entry(name).or_default().push(self.inner.name.clone());
         }
@@ -175,7 +175,7 @@ impl Global {
         let Some(node) = &self.inner.node else {
             return Vec::new();
         };
-        node.membership
+        node.membership()
             .members()
             .into_iter()
             .map(|(name, callbacks)| MemberInfo { name, callbacks })

@@ -73,7 +73,7 @@ impl Inner {
                     node.close();
                 }
                 // Let the goodbye and the last replies go out before the runtime ends.
-                node.link_finished().await;
+                node.finished().await;
             }
             if let Some(controller) = controller {
                 controller.stop();

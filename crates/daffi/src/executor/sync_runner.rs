@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::dispatch::SyncJob;
-use super::NodeCore;
+use super::Executor;
 
 /// The name of the threads that run sync callbacks.
 const THREAD_NAME: &str = "daffi-callback";
@@ -146,7 +146,7 @@ impl RunnerState {
 
 impl SyncRunner {
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
-    pub(super) fn submit(core: &Arc<NodeCore>, jobs: &mut Vec<SyncJob>) {
+    pub(super) fn submit(core: &Arc<Executor>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
             s.last_submit = Some(Instant::now());
@@ -172,7 +172,7 @@ impl SyncRunner {
                 s.threads = 1;
                 (vec![0], s.jobs.len() > 1)
             } else {
-                s.plan_threads(core.config.max_sync_callbacks, true)
+                s.plan_threads(core.limits.max_sync_callbacks, true)
             };
             watch = (watch || left_to_sleepers) && !s.watched;
             s.watched |= watch;
@@ -191,12 +191,12 @@ impl SyncRunner {
 
     /// Looks at the queue every `HANDOFF_AFTER` while jobs wait for busy or sleeping
     /// threads; once no thread made progress, wakes the sleeping ones and starts more.
-    async fn watchdog(core: Arc<NodeCore>) {
+    async fn watchdog(core: Arc<Executor>) {
         loop {
             tokio::time::sleep(HANDOFF_AFTER).await;
             let (start, again, wake) = {
                 let mut s = core.sync_runner.lock();
-                let (start, again) = s.plan_threads(core.config.max_sync_callbacks, false);
+                let (start, again) = s.plan_threads(core.limits.max_sync_callbacks, false);
                 // No thread made progress for a while: every waiting thread takes a job.
                 let stalled = !s.jobs.is_empty() && !s.recent(Instant::now());
                 let wake = if stalled {
@@ -221,7 +221,7 @@ impl SyncRunner {
 
     /// Starts a thread for each slot. Called from the node's runtime, whose context the
     /// threads enter (as tokio's blocking threads would): callbacks may spawn tasks.
-    fn start_threads(core: &Arc<NodeCore>, slots: Vec<usize>) {
+    fn start_threads(core: &Arc<Executor>, slots: Vec<usize>) {
         let runtime = tokio::runtime::Handle::try_current().ok();
         for slot in slots {
             let thread_core = core.clone();
@@ -241,7 +241,7 @@ impl SyncRunner {
     /// A thread could not be started (the system is out of threads or memory): its slot
     /// is freed, and if no thread is left to run the queued jobs, their callers are told.
     #[cold]
-    fn thread_failed(&self, core: &Arc<NodeCore>, slot: usize, error: &std::io::Error) {
+    fn thread_failed(&self, core: &Arc<Executor>, slot: usize, error: &std::io::Error) {
         tracing::error!(process = %core.name, %error, "could not start a thread for sync callbacks");
         let orphans: Vec<SyncJob> = {
             let mut s = self.lock();
@@ -259,7 +259,7 @@ impl SyncRunner {
                 "process `{}` could not start a thread for sync callbacks ({error})",
                 core.name
             );
-            job.overloaded(core, message);
+            job.overloaded(message);
         }
     }
 
@@ -291,7 +291,7 @@ impl SyncRunner {
 
     /// A thread's life: run queued jobs; when there are none, watch for one a moment,
     /// then wait for one a while; end when none came.
-    fn work(&self, core: &NodeCore, slot: usize) {
+    fn work(&self, core: &Executor, slot: usize) {
         let mut finished_one = false;
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
@@ -404,5 +404,64 @@ impl SyncRunner {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
         crate::sync::lock(&self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runner state with `threads` threads, `busy` of them in a callback since
+    /// `busy_for`, and `jobs` queued jobs.
+    fn state(threads: usize, busy: usize, busy_for: Duration, jobs: usize) -> RunnerState {
+        let since = Instant::now()
+            .checked_sub(busy_for)
+            .expect("a past instant");
+        let mut slots = vec![Slot::Busy(since); busy];
+        slots.resize(threads, Slot::Idle);
+        RunnerState {
+            jobs: (0..jobs).map(|_| SyncJob::placeholder()).collect(),
+            slots,
+            threads,
+            busy,
+            ..RunnerState::default()
+        }
+    }
+
+    #[test]
+    fn idle_threads_take_the_jobs_and_none_start() {
+        let mut s = state(3, 1, Duration::from_secs(1), 2);
+        assert_eq!(s.plan_threads(8, true), (vec![], false));
+    }
+
+    #[test]
+    fn a_submit_starts_one_thread_and_leaves_the_rest_to_the_watchdog() {
+        // Every thread is stuck in a slow callback: one new thread, then watch.
+        let mut s = state(2, 2, Duration::from_secs(1), 5);
+        assert_eq!(s.plan_threads(8, true), (vec![2], true));
+        assert_eq!(s.threads, 3);
+    }
+
+    #[test]
+    fn the_watchdog_starts_a_thread_per_waiting_job_up_to_the_limit() {
+        let mut s = state(2, 2, Duration::from_secs(1), 5);
+        let (started, again) = s.plan_threads(4, false);
+        assert_eq!((started, again), (vec![2, 3], false), "capped at 4 threads");
+        let mut s = state(1, 1, Duration::from_secs(1), 2);
+        assert_eq!(s.plan_threads(8, false), (vec![1, 2], false), "one per job");
+    }
+
+    #[test]
+    fn threads_busy_with_quick_callbacks_get_the_queued_jobs() {
+        // A callback started a moment ago: the thread will soon take the next job.
+        let mut s = state(2, 2, Duration::ZERO, 5);
+        assert_eq!(s.plan_threads(8, true), (vec![], true));
+    }
+
+    #[test]
+    fn vacant_slots_are_reused() {
+        let mut s = state(2, 2, Duration::from_secs(1), 1);
+        s.slots.insert(0, Slot::Vacant);
+        assert_eq!(s.plan_threads(8, false).0, vec![0]);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::error::{Error, Result};
 use crate::protocol::message::{Member, MembershipEvent};
 
 /// What a membership update changed.
@@ -166,6 +167,34 @@ impl Membership {
         changes
     }
 
+    /// Chooses the node a call from `own_name` goes to: `on`, the pinned one, or a
+    /// provider chosen at random; the error a caller should see if there is none.
+    pub fn route(&self, own_name: &str, callback: &str, on: Option<&str>) -> Result<Arc<str>> {
+        match on {
+            Some(process) => match self.serves(process, callback) {
+                Some((node, true)) => Ok(node),
+                Some((_, false)) => Err(Error::NoProvider {
+                    callback: callback.to_string(),
+                    on: Some(process.to_string()),
+                }),
+                None if process == own_name => Err(Error::Config(format!(
+                    "a node cannot call itself (`.on(\"{process}\")` names this node); call the function directly"
+                ))),
+                None if self.is_leaving(process) => Err(Error::PeerStopped {
+                    process: process.to_string(),
+                    callback: callback.to_string(),
+                }),
+                None => Err(Error::UnknownProcess {
+                    process: process.to_string(),
+                }),
+            },
+            None => self.pick(callback).ok_or_else(|| Error::NoProvider {
+                callback: callback.to_string(),
+                on: None,
+            }),
+        }
+    }
+
     /// A node serving `callback`, chosen at random.
     pub fn pick(&self, callback: &str) -> Option<Arc<str>> {
         let s = self.read();
@@ -308,5 +337,36 @@ mod tests {
         view.apply(MembershipEvent::Left { name: "a".into() });
         assert!(!view.has_provider("f"));
         assert_index_consistent(&view);
+    }
+
+    #[test]
+    fn a_call_is_routed_to_its_pinned_node_or_a_random_provider_or_fails_by_name() {
+        let view = Membership::default();
+        view.apply(joined("a", &["f"]));
+        view.apply(joined("b", &["f", "g"]));
+        let route = |callback: &str, on: Option<&str>| view.route("me", callback, on);
+        let mut chosen = HashSet::new();
+        for _ in 0..200 {
+            chosen.insert(route("f", None).expect("served").to_string());
+        }
+        assert_eq!(chosen, HashSet::from(["a".to_string(), "b".to_string()]));
+        assert_eq!(&*route("g", None).expect("served"), "b");
+        assert_eq!(&*route("f", Some("a")).expect("served"), "a");
+        assert!(matches!(
+            route("g", Some("a")),
+            Err(Error::NoProvider { on: Some(p), .. }) if p == "a"
+        ));
+        assert!(matches!(
+            route("h", None),
+            Err(Error::NoProvider { on: None, .. })
+        ));
+        assert!(matches!(
+            route("f", Some("nobody")),
+            Err(Error::UnknownProcess { process }) if process == "nobody"
+        ));
+        assert!(
+            matches!(route("f", Some("me")), Err(Error::Config(_))),
+            "never itself"
+        );
     }
 }

@@ -7,9 +7,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::dispatch::{self, SyncBatch};
-use super::{Connection, NodeCore, Route};
+use super::incoming::FrameRequest;
+use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
+use crate::executor::{self, SyncBatch};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
@@ -36,7 +37,7 @@ pub struct Link {
 }
 
 /// Connects (over the node's [`Route`]) and completes the handshake.
-pub async fn connect(core: &NodeCore, callbacks: Vec<String>) -> Result<Link, Error> {
+pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Link, Error> {
     let address = &core.config.address;
     let unreachable = |reason: String| Error::unreachable(address, reason);
     let handshake_failed =
@@ -177,7 +178,7 @@ impl Link {
     /// ended. Then [`Link::drain`] (a graceful stop) or [`Link::abort`] (a failure).
     pub async fn run(
         &mut self,
-        core: &Arc<NodeCore>,
+        core: &Arc<ControllerMesh>,
         conn: &Connection,
         closed: &mut watch::Receiver<bool>,
     ) -> String {
@@ -194,7 +195,7 @@ impl Link {
             if !self.reader.has_frame() {
                 // Everything read so far is dispatched: the sync callbacks among it go
                 // to the runner together.
-                batch.submit(core);
+                batch.submit(&core.executor);
             }
             // Frames first, without drawing a random order per frame; the stop and the
             // writer are looked at through their flags between frames, so a flood
@@ -222,7 +223,7 @@ impl Link {
             }
         };
         // Requests already admitted still run; their replies go out if they can.
-        batch.submit(core);
+        batch.submit(&core.executor);
         reason
     }
 
@@ -260,13 +261,13 @@ fn writer_failure(queue: &FrameSender) -> String {
 
 /// Handles one frame from the controller. `Err` drops the connection.
 fn dispatch(
-    core: &Arc<NodeCore>,
+    core: &Arc<ControllerMesh>,
     conn: &Connection,
     frame: Frame,
     batch: &mut SyncBatch,
 ) -> Result<(), String> {
     match frame.kind() {
-        Kind::Request => dispatch::serve(core, frame, batch),
+        Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
         Kind::Reply => complete_reply(conn, &frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {

@@ -1,12 +1,16 @@
-//! Calls this node made that still wait for their reply.
+//! Calls this node made that still wait for their reply: the table the mesh completes
+//! them through, and the [`Waiter`] a caller awaits.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::error::Error;
 
@@ -83,6 +87,30 @@ impl Pending {
         Some((id, rx))
     }
 
+    /// Records a call like [`Pending::insert`], and returns what waits on it until
+    /// `timeout` (if any) from now; `None` once the table is closed. `callback` names the
+    /// call in a `Timeout` error.
+    pub fn wait(
+        self: &Arc<Self>,
+        target: Arc<str>,
+        callback: Arc<str>,
+        timeout: Option<Duration>,
+    ) -> Option<Waiter> {
+        let (call_id, done) = self.insert(target, callback.clone())?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        Some(Waiter {
+            pending: self.clone(),
+            call_id,
+            done,
+            callback,
+            timeout,
+            timer: sleep_until(deadline),
+            deadline,
+            completed: false,
+            slot: None,
+        })
+    }
+
     /// Whether the connection this table belongs to is gone.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
@@ -135,6 +163,102 @@ impl Pending {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         crate::sync::lock(&self.table)
+    }
+}
+
+/// A call whose request is sent: all that is left is its reply (or its deadline). The
+/// one thing every caller awaits (FG, BG, broadcast, control requests). It owns what it
+/// needs, so it waits wherever it is polled, without a task of its own; dropped, it
+/// forgets the call (the reply, if one comes, is discarded).
+pub struct Waiter {
+    pending: Arc<Pending>,
+    call_id: u64,
+    done: oneshot::Receiver<Completion>,
+    callback: Arc<str>,
+    timeout: Option<Duration>,
+    timer: Deadline,
+    deadline: Option<Instant>,
+    /// The completion arrived: the call is no longer in the table.
+    completed: bool,
+    /// The caller's place among `max_in_flight`, held until the reply.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Waiter {
+    /// Holds `slot` until the call is over.
+    pub fn hold(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
+    /// The call's id in its table (the id its reply carries).
+    pub fn call_id(&self) -> u64 {
+        self.call_id
+    }
+
+    /// Whether polling would finish at once: the reply is in, or the deadline passed.
+    pub fn is_ready(&self) -> bool {
+        !self.done.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+impl std::future::Future for Waiter {
+    type Output = Completion;
+
+    /// The reply, or `Timeout` once the deadline passed. Not to be polled again after
+    /// it returned `Ready`.
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
+        let this = &mut *self;
+        if let Poll::Ready(outcome) = std::pin::Pin::new(&mut this.done).poll(cx) {
+            // Whoever completed the call took it out of the table already.
+            this.completed = true;
+            return Poll::Ready(outcome.unwrap_or(Err(Error::Stopped)));
+        }
+        if std::pin::Pin::new(&mut this.timer).poll(cx).is_ready() {
+            return Poll::Ready(Err(Error::timeout(
+                this.callback.to_string(),
+                this.timeout.unwrap_or_default(),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if !self.completed {
+            self.pending.remove(self.call_id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter")
+            .field("call_id", &self.call_id)
+            .field("callback", &self.callback)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one. The timer is allocated only when
+/// there is a deadline: a call without one then carries no timer in its future, which
+/// keeps that future small (it is moved several times on its way into a sync wait).
+pub fn sleep_until(deadline: Option<Instant>) -> Deadline {
+    Deadline(deadline.map(|d| Box::pin(tokio::time::sleep_until(d))))
+}
+
+/// See [`sleep_until`].
+pub struct Deadline(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl std::future::Future for Deadline {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -1,0 +1,261 @@
+//! Running one request: checked (known callback, room, caller still waiting), then run,
+//! async callbacks as tasks and sync ones through the node's
+//! [`SyncRunner`](super::sync_runner::SyncRunner); the outcome goes back through the
+//! request. A panic becomes an error reply; the node keeps serving.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use super::sync_runner::SyncRunner;
+use super::{CallbackKind, Executor, Request, ServingGuard};
+use crate::callback::{CallbackFailure, Handler, Outcome};
+use crate::protocol::message::RemoteErrorKind;
+
+/// NO_RETURN requests have their own allowance of callbacks waiting or running: this
+/// many times `max_concurrent_callbacks` (async) or `max_sync_callbacks` (sync). Their
+/// callers cannot be told "overloaded", so a burst of them is queued rather than
+/// dropped, and it does not crowd out calls that want a reply. Beyond it they are
+/// dropped, and logged.
+pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
+
+/// Sync callbacks a reader took from one read, handed to the runner together: a burst of
+/// requests costs the runner's threads one wake-up, not one each.
+#[derive(Default)]
+pub struct SyncBatch(Vec<SyncJob>);
+
+impl SyncBatch {
+    /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
+    pub fn submit(&mut self, executor: &Arc<Executor>) {
+        if !self.0.is_empty() {
+            SyncRunner::submit(executor, &mut self.0);
+        }
+    }
+}
+
+/// Starts serving a request. Never blocks the caller (the mesh's reader). A sync
+/// callback joins `batch`, which the reader submits before it waits for more.
+pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut SyncBatch) {
+    let wants_reply = request.wants_reply();
+    let Some(handler) = executor.handler(request.callback()) else {
+        let message = format!(
+            "process `{}` does not serve `{}`",
+            executor.name,
+            request.callback()
+        );
+        refuse(request, RemoteErrorKind::NotFound, message);
+        return;
+    };
+    let kind = CallbackKind {
+        sync: matches!(handler, Handler::Sync(_)),
+        one_way: !wants_reply,
+    };
+    let Some(running) = admit(executor, kind) else {
+        let limit = executor.limits.callback_limit(kind);
+        if wants_reply {
+            let (what, option) = if kind.sync {
+                ("sync", "max_sync_callbacks")
+            } else {
+                ("async", "max_concurrent_callbacks")
+            };
+            let message = format!(
+                "process `{}` runs as many {what} callbacks as it allows ({option} = {limit})",
+                executor.name
+            );
+            refuse(request, RemoteErrorKind::Overloaded, message);
+        } else {
+            executor
+                .sync_runner
+                .note_dropped(&executor.name, request.callback(), limit);
+        }
+        return;
+    };
+    match handler {
+        Handler::Sync(f) => batch.0.push(SyncJob {
+            f,
+            request,
+            _running: running,
+        }),
+        Handler::Async(f) => {
+            let payload = request.payload();
+            tokio::spawn(async move {
+                let _running = running;
+                if too_late(&*request) {
+                    return;
+                }
+                let outcome = CatchUnwind(f(payload)).await;
+                if let Some(wait_for_room) = finish(request, outcome, false) {
+                    wait_for_room.await;
+                }
+            });
+        }
+    }
+}
+
+/// Counts a callback of `kind` as running, if its limit allows. Queued sync calls whose
+/// callers already gave up hold places for nothing: when sync callbacks are at their
+/// limit, those are dropped first, and the place looked for again.
+fn admit(executor: &Arc<Executor>, kind: CallbackKind) -> Option<ServingGuard> {
+    executor.admit_callback(kind).or_else(|| {
+        (kind.sync && executor.sync_runner.drop_expired() > 0)
+            .then(|| executor.admit_callback(kind))
+            .flatten()
+    })
+}
+
+/// Whether the caller has given up on `request` already (it then gets `Timeout` itself).
+fn too_late(request: &dyn Request) -> bool {
+    let late = request.deadline().is_some_and(|d| Instant::now() >= d);
+    if late {
+        note_skipped(request);
+    }
+    late
+}
+
+fn note_skipped(request: &dyn Request) {
+    tracing::debug!(
+        callback = request.callback(),
+        caller = request.caller(),
+        "skipped a call whose caller already timed out"
+    );
+}
+
+/// Answers a request that will not run, if its caller wants an answer.
+fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
+    if request.wants_reply() {
+        if let Some(wait_for_room) = request.reply(Err(CallbackFailure { kind, message }), false) {
+            tokio::spawn(wait_for_room);
+        }
+    }
+}
+
+/// One sync callback to run.
+pub(super) struct SyncJob {
+    f: Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>,
+    request: Box<dyn Request>,
+    /// Counts the callback as running until its reply is queued.
+    _running: ServingGuard,
+}
+
+impl SyncJob {
+    /// Whether its caller has given up by `now`.
+    pub(super) fn expired(&self, now: Instant) -> bool {
+        self.request.deadline().is_some_and(|d| now >= d)
+    }
+
+    /// Answers that the node is overloaded (no thread could take the job).
+    pub(super) fn overloaded(self, message: String) {
+        refuse(self.request, RemoteErrorKind::Overloaded, message);
+    }
+
+    /// Logs that the job is dropped because its caller gave up.
+    pub(super) fn note_skipped(&self) {
+        note_skipped(&*self.request);
+    }
+
+    pub(super) fn run(self, executor: &Executor) {
+        if too_late(&*self.request) {
+            return;
+        }
+        let f = &self.f;
+        let payload = self.request.payload();
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
+        // More jobs queued: their replies follow at once, and leave with this one.
+        let more_follow = executor.sync_runner.queued() > 0;
+        if let Some(wait_for_room) = finish(self.request, outcome, more_follow) {
+            // The way back is full: wait for room on this thread (not a runtime's).
+            crate::blocking::park(wait_for_room);
+        }
+    }
+}
+
+/// Sends the outcome back, if the caller wants it; for NO_RETURN, logs a failure.
+/// Returns the wait for room if the way back is full.
+fn finish(
+    request: Box<dyn Request>,
+    outcome: Outcome,
+    more_follow: bool,
+) -> Option<crate::mesh::BoxFuture<'static, ()>> {
+    if !request.wants_reply() {
+        if let Err(f) = &outcome {
+            tracing::warn!(callback = request.callback(), caller = request.caller(), error = %f.message, "no-return callback failed");
+        }
+        return None;
+    }
+    request.reply(outcome, more_follow)
+}
+
+pub(crate) fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> CallbackFailure {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string());
+    CallbackFailure::panicked(message)
+}
+
+/// Polls a future, turning a panic into a failure.
+struct CatchUnwind<F>(F);
+
+impl<F: Future<Output = Outcome> + Unpin> Future for CatchUnwind<F> {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let inner = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Err(panic_failure(panic))),
+        }
+    }
+}
+
+#[cfg(test)]
+impl SyncJob {
+    /// A job that does nothing, for tests of the runner's planning.
+    pub(super) fn placeholder() -> SyncJob {
+        struct Nothing;
+        impl Request for Nothing {
+            fn callback(&self) -> &str {
+                "nothing"
+            }
+            fn caller(&self) -> &str {
+                "test"
+            }
+            fn payload(&self) -> bytes::Bytes {
+                bytes::Bytes::new()
+            }
+            fn wants_reply(&self) -> bool {
+                false
+            }
+            fn deadline(&self) -> Option<Instant> {
+                None
+            }
+            fn reply(
+                self: Box<Self>,
+                _: Outcome,
+                _: bool,
+            ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
+                None
+            }
+        }
+        let limits = super::Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: usize::MAX,
+            stop_timeout: std::time::Duration::ZERO,
+        };
+        let executor = Executor::new("test".into(), limits, Default::default());
+        let kind = CallbackKind {
+            sync: true,
+            one_way: true,
+        };
+        SyncJob {
+            f: Arc::new(|_| Ok(Default::default())),
+            request: Box::new(Nothing),
+            _running: executor.admit_callback(kind).expect("room"),
+        }
+    }
+}

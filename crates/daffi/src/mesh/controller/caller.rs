@@ -1,0 +1,287 @@
+//! The calling half of the seam over the controller link: requests as frames, queued on
+//! the connection, their replies awaited through the connection's [`Pending`] table.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Connection, ControllerMesh};
+use crate::error::{Error, Result};
+use crate::mesh::{sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter};
+use crate::protocol::message::{self, ControlAnswer, ControlRequest};
+use crate::transport::Address;
+use daffi_wire::frame::{FLAG_NO_REPLY, LEN_PREFIX};
+use daffi_wire::{Header, Kind, Outgoing, Push};
+
+/// How long a request to the controller itself may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Mesh for ControllerMesh {
+    fn send_call<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<Option<Waiter>>> {
+        Box::pin(async move {
+            let conn = self.connected()?;
+            let target = self.target(&conn, req)?;
+            let (frame, waiter) = self.prepare_request(&conn, &target, req)?;
+            self.send_by(&conn, frame, deadline)
+                .await
+                .map_err(|unsent| self.not_sent(unsent, req))?;
+            Ok(waiter)
+        })
+    }
+
+    fn send_broadcast<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<SentBroadcast>> {
+        Box::pin(self.broadcast(req, deadline))
+    }
+
+    fn control<'a>(
+        &'a self,
+        request: ControlRequest,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<ControlAnswer>> {
+        Box::pin(async move {
+            let conn = self.connected()?;
+            let waiter = self.send_control(&conn, &request, what).await?;
+            answer(waiter, &self.config.address).await
+        })
+    }
+
+    fn announce(self: Arc<Self>) {
+        self.announce_now();
+    }
+
+    fn size_limit(&self) -> usize {
+        self.max_frame_size.load(Ordering::Relaxed)
+    }
+
+    fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connection().is_some()
+    }
+
+    fn is_stopped(&self) -> bool {
+        ControllerMesh::is_stopped(self)
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
+    fn begin_stop(&self) -> bool {
+        self.stop_calls()
+    }
+
+    fn close(&self) {
+        self.say_goodbye();
+    }
+
+    fn finished(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.link_finished())
+    }
+}
+
+/// The controller's answer to the control request `waiter` waits on.
+pub(super) async fn answer(waiter: Waiter, peer: &Address) -> Result<ControlAnswer> {
+    let bytes = waiter.await?;
+    message::decode(&bytes).map_err(|e| Error::undecodable(peer.to_string(), "ControlReply", e))
+}
+
+impl ControllerMesh {
+    /// Sends one request to every node serving the callback, together: one write, when
+    /// the connection is idle, instead of one per node.
+    async fn broadcast(
+        &self,
+        req: &CallRequest,
+        deadline: Option<Instant>,
+    ) -> Result<SentBroadcast> {
+        let conn = self.connected()?;
+        let targets = self.membership.providers_of(&req.callback);
+        if targets.is_empty() {
+            if conn.pending.is_closed() {
+                return Err(self.unreachable("connection lost"));
+            }
+            return Err(Error::NoProvider {
+                callback: req.callback.to_string(),
+                on: None,
+            });
+        }
+        let mut sent = Vec::with_capacity(targets.len());
+        let mut frames = Vec::with_capacity(targets.len());
+        for target in targets {
+            let prepared = self
+                .prepare_request(&conn, &target, req)
+                .map(|(frame, waiter)| {
+                    frames.push(frame);
+                    waiter
+                });
+            sent.push((target, prepared));
+        }
+        if !frames.is_empty() {
+            if let Err(unsent) = self
+                .send_by(&conn, Outgoing::joined(frames), deadline)
+                .await
+            {
+                for (_, prepared) in &mut sent {
+                    if prepared.is_ok() {
+                        *prepared = Err(self.not_sent(unsent, req));
+                    }
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Queues a request the controller itself answers on `conn` (waiting for room up
+    /// to the control timeout); what waits for the answer.
+    pub(super) async fn send_control(
+        &self,
+        conn: &Arc<Connection>,
+        request: &ControlRequest,
+        what: &str,
+    ) -> Result<Waiter> {
+        let waiter = conn
+            .pending
+            .wait(Arc::from(""), Arc::from(what), Some(CONTROL_TIMEOUT))
+            .ok_or_else(|| self.unreachable("connection lost"))?;
+        let body = message::encode(request);
+        let header = Header {
+            call_id: waiter.call_id(),
+            src: &self.name,
+            ..Header::control(Kind::ControlRequest)
+        };
+        self.check_size(what, &header, body.len())?;
+        let frame = Outgoing::new(&header, body);
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        match self.send_by(conn, frame, Some(deadline)).await {
+            Ok(()) => Ok(waiter),
+            Err(NotSent::Lost) => Err(self.unreachable("connection lost")),
+            Err(NotSent::TimedOut) => Err(Error::timeout(what, CONTROL_TIMEOUT)),
+        }
+    }
+
+    /// The live connection, or the error a caller should see without one.
+    fn connected(&self) -> Result<Arc<Connection>> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        self.connection()
+            .ok_or_else(|| self.unreachable("not connected (reconnecting)"))
+    }
+
+    fn check_size(&self, what: &str, header: &Header<'_>, payload_len: usize) -> Result<()> {
+        let size = header.frame_len(payload_len) - LEN_PREFIX;
+        let limit = self.max_frame_size.load(Ordering::Relaxed);
+        if size > limit {
+            return Err(Error::PayloadTooLarge {
+                callback: what.to_string(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues `frame` on `conn`, waiting for room only until `deadline` (the call's
+    /// timeout): a controller that reads slowly delays a call, never beyond it.
+    async fn send_by(
+        &self,
+        conn: &Connection,
+        frame: Outgoing,
+        deadline: Option<Instant>,
+    ) -> Result<(), NotSent> {
+        match conn.queue.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Closed => Err(NotSent::Lost),
+            // Boxed: the common case (room at once) does not carry the wait in its future.
+            Push::Full(frame) => {
+                Box::pin(async {
+                    tokio::select! {
+                        sent = conn.queue.send(frame) => sent.map_err(|_| NotSent::Lost),
+                        _ = sleep_until(deadline) => Err(NotSent::TimedOut),
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// The error of a call to `req` whose request was not sent.
+    fn not_sent(&self, unsent: NotSent, req: &CallRequest) -> Error {
+        match unsent {
+            NotSent::Lost => self.unreachable("connection lost"),
+            NotSent::TimedOut => {
+                Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default())
+            }
+        }
+    }
+
+    /// The request frame for `target`, and what waits on its reply (registered in the
+    /// pending table first, so a reply cannot be missed), or `None` for no-reply.
+    fn prepare_request(
+        &self,
+        conn: &Connection,
+        target: &Arc<str>,
+        req: &CallRequest,
+    ) -> Result<(Outgoing, Option<Waiter>)> {
+        let mut header = Header {
+            kind: Kind::Request,
+            flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
+            call_id: 0,
+            timeout_ms: req
+                .timeout
+                .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
+                .unwrap_or(0),
+            src: &self.name,
+            dst: target,
+            name: &req.callback,
+        };
+        self.check_size(&req.callback, &header, req.args.len())?;
+        let waiter = if req.no_reply {
+            None
+        } else {
+            let waiter = conn
+                .pending
+                .wait(target.clone(), req.callback.clone(), req.timeout)
+                .ok_or_else(|| self.unreachable("connection lost"))?;
+            header.call_id = waiter.call_id();
+            Some(waiter)
+        };
+        Ok((Outgoing::new(&header, req.args.clone()), waiter))
+    }
+
+    /// The node `req` goes to on `conn`; if none, and the link just dropped (which
+    /// empties the view), says that instead.
+    fn target(&self, conn: &Connection, req: &CallRequest) -> Result<Arc<str>> {
+        self.membership
+            .route(&self.name, &req.callback, req.on.as_deref())
+            .map_err(|e| {
+                if conn.pending.is_closed() {
+                    self.unreachable("connection lost")
+                } else {
+                    e
+                }
+            })
+    }
+}
+
+/// Why a request was not sent.
+#[derive(Debug, Clone, Copy)]
+enum NotSent {
+    /// The connection to the controller closed.
+    Lost,
+    /// The call's timeout passed while the queue to the controller was full.
+    TimedOut,
+}

@@ -1,0 +1,107 @@
+//! Requests from the controller, as the executor takes them: a request frame, and the
+//! way back for its reply (the link's current connection).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::ControllerMesh;
+use crate::callback::Outcome;
+use crate::executor::Request;
+use crate::mesh::BoxFuture;
+use crate::protocol::message::{self, RemoteError};
+use crate::sync::read;
+use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY};
+use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
+
+/// A request frame from the controller.
+pub struct FrameRequest {
+    frame: Frame,
+    /// When the caller gives up, from the timeout the request carries.
+    deadline: Option<Instant>,
+    mesh: Arc<ControllerMesh>,
+}
+
+impl FrameRequest {
+    /// The request in `frame`, received now.
+    pub fn new(frame: Frame, mesh: &Arc<ControllerMesh>) -> Box<Self> {
+        let deadline = (frame.timeout_ms() > 0)
+            .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
+        Box::new(FrameRequest {
+            frame,
+            deadline,
+            mesh: mesh.clone(),
+        })
+    }
+
+    fn encode_reply(&self, outcome: Outcome) -> Outgoing {
+        let (flags, body) = match outcome {
+            Ok(value) => (0, value),
+            Err(failure) => (
+                FLAG_ERROR,
+                message::encode(&RemoteError {
+                    kind: failure.kind,
+                    message: failure.message,
+                })
+                .into(),
+            ),
+        };
+        let header = Header {
+            kind: Kind::Reply,
+            flags,
+            call_id: self.frame.call_id(),
+            timeout_ms: 0,
+            src: &self.mesh.name,
+            dst: self.frame.src(),
+            name: "",
+        };
+        Outgoing::new(&header, body)
+    }
+}
+
+impl Request for FrameRequest {
+    fn callback(&self) -> &str {
+        self.frame.name()
+    }
+
+    fn caller(&self) -> &str {
+        self.frame.src()
+    }
+
+    fn payload(&self) -> Bytes {
+        self.frame.payload()
+    }
+
+    fn wants_reply(&self) -> bool {
+        self.frame.flags() & FLAG_NO_REPLY == 0
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Queues the reply on the live connection without taking a handle on it (the
+    /// common case: nothing cloned per reply). Without a connection the reply is dropped.
+    fn reply(
+        self: Box<Self>,
+        outcome: Outcome,
+        more_follow: bool,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let reply = self.encode_reply(outcome);
+        let connection = read(&self.mesh.connection);
+        let Some(conn) = connection.as_ref() else {
+            tracing::debug!(callback = self.frame.name(), "reply dropped: not connected");
+            return None;
+        };
+        match conn.queue.push_with(reply, more_follow) {
+            Push::Sent | Push::Closed => None,
+            Push::Full(reply) => {
+                let queue = conn.queue.clone();
+                Some(Box::pin(async move {
+                    let _ = queue.send(reply).await;
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The seam between a node and "the mesh": whatever carries calls between processes.
+//!
+//! [`Node`](crate::node::Node) (and through it `Global`, `Call` and `AsyncResult`) and
+//! the [`Executor`](crate::executor::Executor) know the mesh only as an
+//! `Arc<dyn Mesh>`. The built-in controller link, [`controller::ControllerMesh`], is one
+//! implementation; a second backend (a NATS cluster) implements the same trait, in the
+//! terms of DESIGN.md section 2, never of frames:
+//!
+//! - **outgoing calls** ([`Mesh::send_call`], [`Mesh::send_broadcast`]): send a request
+//!   to one provider chosen at random (a queue group), to the process named by `.on`
+//!   (a per-node subject), or to every provider; register it first in a [`Pending`]
+//!   table, and hand back a [`Waiter`] that the reply (or a failure) completes. Waiting
+//!   for room to send never goes past the call's deadline. Never the calling node itself.
+//! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
+//!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
+//! - **incoming calls**: the mesh hands each request to the executor as a
+//!   [`Request`](crate::executor::Request), which carries the way back for the reply.
+//! - **membership** ([`Mesh::membership`]): a [`Membership`] view kept current (a
+//!   snapshot, then changes; it notifies `wait_*`), and [`NodeEvent`]s for the hooks.
+//! - **lifecycle**: connecting and reconnecting are the mesh's own business;
+//!   [`Mesh::begin_stop`], [`Mesh::close`] and [`Mesh::finished`] end it.
+
+pub mod controller;
+mod membership;
+mod pending;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::Result;
+use crate::protocol::message::{ControlAnswer, ControlRequest};
+pub use membership::{Changes, Membership};
+pub use pending::{sleep_until, Pending, Waiter};
+
+/// A boxed future, so that [`Mesh`] stays usable as `dyn Mesh`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The outcome of one node's part in a broadcast.
+pub type NodeOutcome = (Arc<str>, Result<Bytes>);
+
+/// A broadcast's requests as sent: for each node, what waits on its reply (`None` for
+/// NO_RETURN), or why its request was not sent.
+pub type SentBroadcast = Vec<(Arc<str>, Result<Option<Waiter>>)>;
+
+/// One call to make.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub callback: Arc<str>,
+    pub args: daffi_wire::Payload,
+    pub on: Option<String>,
+    pub timeout: Option<Duration>,
+    pub eta: Option<Duration>,
+    pub no_reply: bool,
+}
+
+/// Something that happened to a node, for the lifecycle hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// This node connected (or reconnected) to the mesh.
+    Connected,
+    /// This node lost the mesh (it will reconnect).
+    Disconnected,
+    /// Another node appeared in this node's view.
+    MemberAdded(String),
+    /// Another node left this node's view.
+    MemberRemoved(String),
+}
+
+/// Checks that a node may announce `names` through a mesh whose messages hold at most
+/// `limit` bytes.
+pub fn check_callback_list<S: AsRef<str>>(names: &[S], limit: usize) -> Result<()> {
+    crate::protocol::check_callback_list(names, limit).map_err(|e| {
+        crate::error::Error::CallbackListTooLarge {
+            size: e.size,
+            limit: e.limit,
+        }
+    })
+}
+
+/// What a node needs from the mesh. See the module doc for what each part means.
+pub trait Mesh: Send + Sync {
+    /// Sends `req` to one node: `req.on`, or a provider chosen at random. Waits for room
+    /// to send no later than `deadline`. `None` for NO_RETURN (sent, nothing to wait on).
+    fn send_call<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<Option<Waiter>>>;
+
+    /// Sends `req` to every node serving its callback (never this one); `NoProvider` if
+    /// there is none.
+    fn send_broadcast<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<SentBroadcast>>;
+
+    /// Asks the mesh itself (schedules, counters) and waits for the answer.
+    fn control<'a>(
+        &'a self,
+        request: ControlRequest,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<ControlAnswer>>;
+
+    /// Tells the other nodes the callbacks this node serves now (read when sent, so the
+    /// last announce carries the latest list).
+    fn announce(self: Arc<Self>);
+
+    /// The largest message (arguments with their envelope) the mesh carries now.
+    fn size_limit(&self) -> usize;
+
+    /// This node's view of the other nodes and their callbacks.
+    fn membership(&self) -> &Membership;
+
+    /// Whether the node is connected to the mesh now.
+    fn is_connected(&self) -> bool;
+
+    /// Whether stopping has begun.
+    fn is_stopped(&self) -> bool;
+
+    /// Flips to `true` when stopping begins: no new calls from here or to here.
+    fn stopping(&self) -> watch::Receiver<bool>;
+
+    /// Begins stopping: calls waiting fail with `Stopped`, and the other nodes route no
+    /// new requests here. Returns `false` if already stopping.
+    fn begin_stop(&self) -> bool;
+
+    /// Says goodbye and leaves the mesh for good.
+    fn close(&self);
+
+    /// Resolves (within about a second) once what was queued after [`Mesh::close`] has gone out.
+    fn finished(&self) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,280 @@
+//! A node, whatever the mesh behind it: the callbacks it serves (its [`Executor`]), the
+//! calls it makes (one send path, one [`Waiter`]), and waiting for the membership view.
+//! It knows the mesh only through [`Mesh`].
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::callback::{CallbackGroup, Handler};
+use crate::error::{Error, Result};
+use crate::executor::Executor;
+use crate::mesh::{
+    check_callback_list, sleep_until, BoxFuture, CallRequest, Membership, Mesh, NodeOutcome, Waiter,
+};
+use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
+use crate::protocol::TASK_OVERHEAD;
+
+/// A node: its executor, its mesh, and the slots for its own calls in flight.
+pub struct Node {
+    /// This node's process name.
+    pub name: Arc<str>,
+    executor: Arc<Executor>,
+    mesh: Arc<dyn Mesh>,
+    /// Slots for this node's own calls in flight (`max_in_flight`).
+    in_flight: Arc<Semaphore>,
+}
+
+/// A call on its way: sent (its reply awaited where it is polled), or still waiting to
+/// be sent (an eta, a slot, room to send), to be run by a task.
+pub enum Started {
+    /// Sent: what waits on the reply.
+    Sent(Waiter),
+    /// Failed before anything was sent.
+    Failed(Error),
+    /// Not sent yet: the rest of the call, start to reply.
+    Later(BoxFuture<'static, Result<Bytes>>),
+}
+
+impl Node {
+    /// A node whose requests `executor` runs, over `mesh`.
+    pub fn new(executor: Arc<Executor>, mesh: Arc<dyn Mesh>, max_in_flight: usize) -> Self {
+        Node {
+            name: executor.name.clone(),
+            executor,
+            mesh,
+            in_flight: Arc::new(Semaphore::new(
+                max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+
+    /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).
+    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<Bytes> {
+        match self.send(req).await? {
+            Some(waiter) => waiter.await,
+            None => Ok(Bytes::new()),
+        }
+    }
+
+    /// Starts a call from the calling thread: sent at once if nothing makes it wait,
+    /// otherwise the rest of it as a future (for a task). Enter the node's runtime
+    /// first (timers need it).
+    pub fn start(self: Arc<Self>, req: CallRequest) -> Started {
+        let mut call = Box::pin(self.send(req));
+        match call.as_mut().poll(&mut Context::from_waker(noop_waker())) {
+            Poll::Ready(Ok(Some(waiter))) => Started::Sent(waiter),
+            // NO_RETURN: nothing to wait for.
+            Poll::Ready(Ok(None)) => Started::Later(Box::pin(async { Ok(Bytes::new()) })),
+            Poll::Ready(Err(e)) => Started::Failed(e),
+            Poll::Pending => Started::Later(Box::pin(async move {
+                match call.await? {
+                    Some(waiter) => waiter.await,
+                    None => Ok(Bytes::new()),
+                }
+            })),
+        }
+    }
+
+    /// The one send path: waits for the eta and a slot, then sends; what waits on the
+    /// reply (holding the slot), or `None` for NO_RETURN.
+    async fn send(self: Arc<Self>, req: CallRequest) -> Result<Option<Waiter>> {
+        self.wait_eta(req.eta).await?;
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        let slot = self.admit(&req, deadline).await?;
+        let waiter = self.mesh.send_call(&req, deadline).await?;
+        Ok(waiter.map(|w| w.hold(slot)))
+    }
+
+    /// Calls every node serving the callback (never this one) and collects each outcome.
+    /// A NO_RETURN broadcast returns an empty list once every request is sent.
+    pub async fn broadcast(self: Arc<Self>, req: CallRequest) -> Result<Vec<NodeOutcome>> {
+        self.wait_eta(req.eta).await?;
+        let deadline = req.timeout.map(|t| Instant::now() + t);
+        let _slot = self.admit(&req, deadline).await?;
+        let sent = self.mesh.send_broadcast(&req, deadline).await?;
+        let mut outcomes = Vec::with_capacity(sent.len());
+        for (target, sent) in sent {
+            let outcome = match sent {
+                Ok(Some(waiter)) => waiter.await,
+                Ok(None) => Ok(Bytes::new()),
+                Err(e) => Err(e),
+            };
+            outcomes.push((target, outcome));
+        }
+        if req.no_reply {
+            return match outcomes.into_iter().find_map(|(_, o)| o.err()) {
+                Some(e) => Err(e),
+                None => Ok(Vec::new()),
+            };
+        }
+        Ok(outcomes)
+    }
+
+    /// Asks the mesh itself (schedules, counters).
+    pub async fn control(
+        self: Arc<Self>,
+        request: ControlRequest,
+        what: &str,
+    ) -> Result<ControlAnswer> {
+        self.mesh.control(request, what).await
+    }
+
+    /// Waits until `ready` holds for the membership view, or `timeout` passes.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Option<Duration>,
+        ready: impl Fn(&Membership) -> bool,
+    ) -> Result<()> {
+        let membership = self.mesh.membership();
+        let mut changes = membership.subscribe();
+        let mut stop = self.mesh.stopping();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.is_stopped() {
+                return Err(Error::Stopped);
+            }
+            if ready(membership) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = stop.changed() => {}
+                _ = sleep_until(deadline) => {
+                    return Err(Error::timeout(what, timeout.unwrap_or_default()));
+                }
+            }
+        }
+    }
+
+    /// Adds callbacks (all or none) and tells the other nodes.
+    pub fn register(&self, handlers: Vec<(String, Handler)>) -> Result<()> {
+        let limit = self.mesh.size_limit();
+        self.executor
+            .register(handlers, |names| check_callback_list(names, limit))?;
+        self.mesh.clone().announce();
+        Ok(())
+    }
+
+    /// Serves the methods of `instance`; one instance per type and node.
+    pub fn register_instance<T: CallbackGroup>(&self, instance: T) -> Result<()> {
+        let limit = self.mesh.size_limit();
+        self.executor
+            .register_instance(instance, |names| check_callback_list(names, limit))?;
+        self.mesh.clone().announce();
+        Ok(())
+    }
+
+    /// Names of the callbacks this node serves.
+    pub fn callback_names(&self) -> Vec<String> {
+        self.executor.callback_names()
+    }
+
+    /// This node's view of the others.
+    pub fn membership(&self) -> &Membership {
+        self.mesh.membership()
+    }
+
+    /// Checks that a schedule leaves [`TASK_OVERHEAD`] of the size limit: every message
+    /// that carries it must fit. `entry` is the task as every node would hold it.
+    pub fn check_schedule_size(&self, entry: &TaskEntry) -> Result<()> {
+        let size = entry.size_bound() + TASK_OVERHEAD;
+        let limit = self.mesh.size_limit();
+        if size > limit {
+            return Err(Error::PayloadTooLarge {
+                callback: entry.callback.clone(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the node is connected to the mesh now.
+    pub fn is_connected(&self) -> bool {
+        self.mesh.is_connected()
+    }
+
+    /// Whether stopping has begun.
+    pub fn is_stopped(&self) -> bool {
+        self.mesh.is_stopped()
+    }
+
+    /// Begins stopping (see [`Mesh::begin_stop`]); `false` if already stopping.
+    pub fn begin_stop(&self) -> bool {
+        self.mesh.begin_stop()
+    }
+
+    /// Whether callbacks are running here now.
+    pub fn is_serving(&self) -> bool {
+        self.executor.is_serving()
+    }
+
+    /// Waits until no callback runs here, or `stop_timeout` passes.
+    pub async fn drain(&self) {
+        self.executor.drain().await;
+    }
+
+    /// Leaves the mesh for good.
+    pub fn close(&self) {
+        self.mesh.close();
+    }
+
+    /// Waits (briefly) until the goodbye and the last replies have gone out.
+    pub async fn finished(&self) {
+        self.mesh.finished().await;
+    }
+
+    /// Waits for a slot among `max_in_flight` (until `deadline`).
+    async fn admit(
+        &self,
+        req: &CallRequest,
+        deadline: Option<Instant>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(slot) = self.in_flight.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        tokio::select! {
+            slot = self.in_flight.clone().acquire_owned() => slot.map_err(|_| Error::Stopped),
+            _ = sleep_until(deadline) => Err(Error::timeout(
+                req.callback.to_string(),
+                req.timeout.unwrap_or_default(),
+            )),
+        }
+    }
+
+    async fn wait_eta(&self, eta: Option<Duration>) -> Result<()> {
+        if let Some(eta) = eta {
+            // Boxed: calls without an eta (most) do not carry this wait in their future.
+            Box::pin(async {
+                let mut stop = self.mesh.stopping();
+                tokio::select! {
+                    _ = tokio::time::sleep(eta) => Ok(()),
+                    _ = stop.wait_for(|s| *s) => Err(Error::Stopped),
+                }
+            })
+            .await?;
+        }
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        Ok(())
+    }
+}
+
+/// A waker that does nothing: [`Node::start`] polls once on the calling thread, and a
+/// call that cannot finish then is polled again, with a real waker, by a task.
+fn noop_waker() -> &'static Waker {
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    static WAKER: OnceLock<Waker> = OnceLock::new();
+    WAKER.get_or_init(|| Waker::from(Arc::new(Noop)))
+}
