@@ -132,6 +132,6 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
             },
             Outcome::Failed(error) => Err(error.take().unwrap_or(Error::Stopped)),
         };
-        Poll::Ready(outcome.and_then(|bytes| decode_result(&self.callback, &bytes)))
+        Poll::Ready(outcome.and_then(|bytes| decode_result(&self.callback, bytes)))
     }
 }

@@ -124,7 +124,7 @@ impl Call {
     pub async fn fg_async<T: DeserializeOwned>(self) -> Result<T> {
         let callback = self.callback.clone();
         let bytes = self.request(false)?.await?;
-        decode_result(&callback, &bytes)
+        decode_result(&callback, bytes)
     }
 
     /// BG: sends the call now (or after `eta`) and returns at once; the result is
@@ -295,7 +295,7 @@ impl Call {
         Ok(outcomes
             .into_iter()
             .map(|(node, outcome)| {
-                let value = outcome.and_then(|bytes| decode_result(&callback, &bytes));
+                let value = outcome.and_then(|bytes| decode_result(&callback, bytes));
                 (node.to_string(), value)
             })
             .collect())
@@ -507,11 +507,12 @@ pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
 }
 
 /// Decodes a result into the type the caller asked for.
-pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: &Bytes) -> Result<T> {
-    codec::decode(bytes).map_err(|e| Error::BadResult {
+/// Takes the bytes over: a byte string result may keep them instead of copying them.
+pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: Bytes) -> Result<T> {
+    codec::decode_owned(bytes).map_err(|(bytes, e)| Error::BadResult {
         callback: callback.to_string(),
         expected: std::any::type_name::<T>(),
-        message: explain::result::<T>(bytes, &e),
+        message: explain::result::<T>(&bytes, &e),
         source: Box::new(e),
     })
 }

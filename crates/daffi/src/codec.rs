@@ -203,6 +203,17 @@ pub(crate) fn decode_seed<'p, S: DeserializeSeed<'p>>(
     out
 }
 
+/// Decodes a payload handed over whole: a `Vec<u8>` or `serde_bytes::ByteBuf` that is all
+/// of it takes over its buffer when nothing else holds it, instead of being copied.
+pub(crate) fn decode_owned<T: DeserializeOwned>(
+    payload: Bytes,
+) -> Result<T, (Bytes, rmp_serde::decode::Error)> {
+    match byte_strings::whole_bin::<T>(payload) {
+        Ok(value) => Ok(value),
+        Err(payload) => decode(&payload).map_err(|e| (payload, e)),
+    }
+}
+
 /// Called by a blob being deserialized from borrowed bytes: a slice of the payload
 /// [`decode`] is reading, if `data` lies inside it.
 pub(crate) fn slice_of_source(data: &[u8]) -> Option<Bytes> {

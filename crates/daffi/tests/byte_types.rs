@@ -173,6 +173,41 @@ fn a_vec_of_64_mib_crosses_both_ways() {
     assert!(back == reversed(&data), "64 MiB came back changed");
 }
 
+/// A 16 MiB result taken as `Vec<u8>` and `ByteBuf` through every way a caller collects
+/// one: `bg` + `get`, `fg_async` and `bg` awaited from the user's own runtime, and a
+/// broadcast.
+#[test]
+fn a_byte_string_result_arrives_whole_however_it_is_collected() {
+    let cluster = cluster(Transport::Unix, "collect");
+    let data = pattern(16 << 20, 3);
+    let expected = reversed(&data);
+    let call = || {
+        cluster
+            .caller
+            .call("reverse_vec")
+            .args((&data,))
+            .timeout(WAIT)
+    };
+    let back: Vec<u8> = call().bg().expect("sent").get().expect("bg result");
+    assert!(back == expected, "Vec<u8> from bg().get()");
+    let back: ByteBuf = call().bg().expect("sent").get().expect("bg result");
+    assert!(back[..] == expected[..], "ByteBuf from bg().get()");
+    let runtime = tokio::runtime::Runtime::new().expect("the user's runtime");
+    runtime.block_on(async {
+        let back: Vec<u8> = call().fg_async().await.expect("fg_async result");
+        assert!(back == expected, "Vec<u8> from fg_async");
+        let pending = call().bg::<ByteBuf>().expect("sent");
+        let back = pending.await.expect("awaited result");
+        assert!(back[..] == expected[..], "ByteBuf from an awaited bg");
+    });
+    let results = call().broadcast::<Vec<u8>>().expect("broadcast");
+    assert_eq!(results.len(), 1, "one worker");
+    assert!(
+        results.values().all(|back| *back == expected),
+        "Vec<u8> from a broadcast"
+    );
+}
+
 #[test]
 fn byte_strings_inside_a_struct_cross_both_ways() {
     let cluster = cluster(Transport::Unix, "photos");

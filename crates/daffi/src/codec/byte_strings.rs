@@ -6,7 +6,9 @@
 //! such a sequence is encoded as a `bin` copied in one piece ([`as_slice`]), and a
 //! `Vec<u8>` is decoded from a `bin` with one copy ([`Decoder`]); a `Bytes` becomes a
 //! slice of a large payload instead of a copy, and is encoded from its own memory, as a
-//! [`Blob`](crate::Blob) is. Both forms of a `Vec<u8>` (a `bin`, or an array of
+//! [`Blob`](crate::Blob) is. A result that is one `bin`, taken as a `Vec<u8>` or a
+//! `ByteBuf`, keeps the payload's own buffer when nothing else holds it ([`whole_bin`]).
+//! Both forms of a `Vec<u8>` (a `bin`, or an array of
 //! integers as older peers send it) decode into any of these types.
 //!
 //! Serde has no way to say "these are bytes" for these types, so they are recognized by
@@ -19,7 +21,7 @@ use std::any::TypeId;
 use std::fmt;
 use std::mem::ManuallyDrop;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use serde::de::{
     DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor,
 };
@@ -93,6 +95,39 @@ pub(crate) fn into_vec<T>(value: T) -> Result<Vec<u8>, T> {
         Err(value) => value,
     };
     cast::<ByteBuf, T, ByteBuf>(value).map(ByteBuf::into_vec)
+}
+
+/// A payload that is one `bin`, as a `Vec<u8>` or a `ByteBuf` (`T`): it takes over the
+/// payload's buffer when nothing else holds it, its bytes moved to the front in place
+/// (no fresh pages to fault in, as a copy of tens of MiB would); otherwise one copy, as
+/// decoding makes. `Err` gives the payload back for any other type or payload.
+pub(super) fn whole_bin<T>(payload: Bytes) -> Result<T, Bytes> {
+    if !(is::<T, Vec<u8>>() || is::<T, ByteBuf>()) {
+        return Err(payload);
+    }
+    let Some(header) = bin_header_len(&payload) else {
+        return Err(payload);
+    };
+    let mut data = payload;
+    data.advance(header);
+    let vec = Vec::from(data);
+    let value = match cast::<Vec<u8>, Vec<u8>, T>(vec) {
+        Ok(vec) => Ok(vec),
+        Err(vec) => cast::<ByteBuf, ByteBuf, T>(ByteBuf::from(vec)),
+    };
+    // `T` is one of the two (checked above), so this is never `Err`.
+    Ok(value.unwrap_or_else(|_| unreachable!("`T` is `Vec<u8>` or `ByteBuf`")))
+}
+
+/// The length of the `bin` header `payload` starts with, if the `bin` is all of it.
+fn bin_header_len(payload: &[u8]) -> Option<usize> {
+    let (header, len) = match *payload {
+        [0xc4, n, ..] => (2, usize::from(n)),
+        [0xc5, a, b, ..] => (3, usize::from(u16::from_be_bytes([a, b]))),
+        [0xc6, a, b, c, d, ..] => (5, u32::from_be_bytes([a, b, c, d]) as usize),
+        _ => return None,
+    };
+    (payload.len() - header == len).then_some(header)
 }
 
 /// The visitor that `T`'s `Deserialize` hands a deserializer: found by asking a
@@ -682,6 +717,34 @@ mod tests {
         let back: Custom = decode(&wire(&BTreeMap::from([("data", &data)]))).expect("decodes");
         let expected: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
         assert_eq!(back.data, expected);
+    }
+
+    #[test]
+    fn a_whole_bin_takes_over_its_payload_when_nothing_else_holds_it() {
+        for len in [0, 200, 70_000] {
+            let data = bytes_of(len);
+            let payload = Bytes::from(plain_bin(&data));
+            let at = payload.as_ptr();
+            let back: Vec<u8> = whole_bin(payload).expect("a Vec of a bin");
+            assert_eq!(back, data);
+            assert_eq!(back.as_ptr(), at, "{len} bytes moved in place, not copied");
+            // Held elsewhere too: copied, the payload left as it was.
+            let payload = Bytes::from(plain_bin(&data));
+            let held = payload.clone();
+            let back: ByteBuf = whole_bin(payload).expect("a ByteBuf of a bin");
+            assert_eq!(back.as_slice(), &data[..]);
+            assert_eq!(held[..], plain_bin(&data)[..]);
+        }
+        // Other types, and payloads that are more than a bin, are given back.
+        let bin = Bytes::from(plain_bin(&[1, 2]));
+        assert_eq!(whole_bin::<Bytes>(bin.clone()), Err(bin.clone()));
+        let mut longer = bin.to_vec();
+        longer.push(0xc0);
+        let longer = Bytes::from(longer);
+        assert_eq!(whole_bin::<Vec<u8>>(longer.clone()), Err(longer));
+        let array = Bytes::from(rmp_serde::to_vec(&[1u8, 2]).expect("encodes"));
+        assert_eq!(whole_bin::<Vec<u8>>(array.clone()), Err(array));
+        assert_eq!(whole_bin::<Vec<u8>>(Bytes::new()), Err(Bytes::new()));
     }
 
     #[test]
