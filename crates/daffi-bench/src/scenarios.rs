@@ -267,7 +267,7 @@ impl FloorSet {
 }
 
 fn progress(what: &str, rep: usize, reps: usize) {
-    eprintln!("daffi bench: {what}: repetition {}/{reps}", rep + 1);
+    eprintln!("daffi-bench: {what}: repetition {}/{reps}", rep + 1);
 }
 
 /// Values of one figure across repetitions, by who measured them.
@@ -736,7 +736,7 @@ pub fn run_e(plan: &Plan) -> Result<Outcome> {
         before.push(r.p50);
     }
 
-    eprintln!("daffi bench: E {t}: connecting {total} nodes");
+    eprintln!("daffi-bench: E {t}: connecting {total} nodes");
     let count = total - E_OWN_NODES;
     let prefix = format!("{}-e-swarm", plan.tag);
     let idle_name = format!("{}-e-idle", plan.tag);
@@ -879,7 +879,7 @@ pub fn run_all(plan: &Plan) -> Outcome {
             all.notes.extend(o.notes);
         }
         Err(e) => {
-            eprintln!("daffi bench: {what} failed: {e}");
+            eprintln!("daffi-bench: {what} failed: {e}");
             all.notes.push(format!("{what} failed: {e}"));
         }
     };

@@ -1,4 +1,4 @@
-//! `daffi bench --quick` runs every scenario and prints a line for each. The figures
+//! `daffi-bench --quick` runs every scenario and prints a line for each. The figures
 //! themselves are never checked here: speed is measured by the benchmark, not asserted
 //! in tests.
 
@@ -11,14 +11,14 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn run_quick(extra: &[&str]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi"))
-        .args(["bench", "--quick"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi-bench"))
+        .arg("--quick")
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start daffi bench");
+        .expect("start daffi-bench");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let err_reader = std::thread::spawn(move || {
@@ -36,10 +36,10 @@ fn run_quick(extra: &[&str]) -> (bool, String, String) {
         Ok(out) => out,
         Err(_) => {
             let _ = child.kill();
-            panic!("daffi bench --quick did not finish within {LIMIT:?}");
+            panic!("daffi-bench --quick did not finish within {LIMIT:?}");
         }
     };
-    let status = child.wait().expect("wait for daffi bench");
+    let status = child.wait().expect("wait for daffi-bench");
     let err = err_reader.join().unwrap_or_default();
     (status.success(), out, err)
 }
@@ -49,7 +49,7 @@ fn quick_bench_prints_every_scenario() {
     let (ok, out, err) = run_quick(&[]);
     assert!(
         ok,
-        "daffi bench --quick failed\nstdout:\n{out}\nstderr:\n{err}"
+        "daffi-bench --quick failed\nstdout:\n{out}\nstderr:\n{err}"
     );
     let lines: Vec<&str> = out.lines().collect();
     let has = |scenario: &str, words: &str| {
