@@ -6,7 +6,7 @@
 //! carry it. The parent process starts every other process itself, as this same binary
 //! in a hidden role (`daffi-bench role ...`), and talks to them over their stdin and
 //! stdout:
-//! - `floor.rs`: the floor's relay, server and client;
+//! - `floor/`: the floors' relays, servers and clients, on tokio and on std threads;
 //! - `roles.rs`: daffi's controller, callee, caller, a swarm of nodes, an idle node;
 //! - `scenarios.rs`: scenarios A to E, which start those and collect the figures;
 //! - `report.rs`: the table and the JSON;
@@ -20,7 +20,6 @@ mod proc;
 mod report;
 mod roles;
 mod scenarios;
-mod write_loop;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -128,6 +127,8 @@ enum Role {
     FloorRelay {
         #[arg(long)]
         listen: Endpoint,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -139,6 +140,8 @@ enum Role {
         connect: Endpoint,
         #[arg(long)]
         name: String,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -152,6 +155,8 @@ enum Role {
         name: String,
         #[arg(long)]
         server: String,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -265,22 +270,25 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
         Role::Idle { connect, name } => roles::idle(connect, name),
         Role::FloorRelay {
             listen,
+            engine,
             batched,
             max_frame_size,
-        } => floor::relay(listen, *batched, *max_frame_size),
+        } => floor::relay(*engine, listen, *batched, *max_frame_size),
         Role::FloorServer {
             connect,
             name,
+            engine,
             batched,
             max_frame_size,
-        } => floor::server(connect, name, *batched, *max_frame_size),
+        } => floor::server(*engine, connect, name, *batched, *max_frame_size),
         Role::FloorClient {
             connect,
             name,
             server,
+            engine,
             batched,
             max_frame_size,
-        } => floor::client(connect, name, server, *batched, *max_frame_size),
+        } => floor::client(*engine, connect, (name, server), *batched, *max_frame_size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,9 @@ pub enum Op {
         calls: usize,
         /// Calls made first, not measured.
         warmup: usize,
+        /// How a daffi caller makes each call (the floor has one way).
+        #[serde(default)]
+        style: CallStyle,
     },
     /// `calls` small calls with `in_flight` outstanding at any time.
     Rate {
@@ -83,6 +86,30 @@ pub enum Op {
     },
 }
 
+/// How a daffi caller makes one call at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallStyle {
+    /// From sync code: `fg()`.
+    #[default]
+    Fg,
+    /// From async code on the caller's own runtime: `fg_async().await`.
+    FgAsync,
+    /// From async code on the caller's own runtime: `bg()?.await`.
+    BgAwait,
+}
+
+impl CallStyle {
+    /// The style's name, for labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallStyle::Fg => "FG",
+            CallStyle::FgAsync => "fg_async",
+            CallStyle::BgAwait => "bg + .await",
+        }
+    }
+}
+
 /// How a caller keeps many calls in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +118,8 @@ pub enum RateMode {
     Bg,
     /// daffi from async code: `in_flight` tasks, each calling `fg_async` in a loop.
     Async,
+    /// daffi from async code: a window of `bg()` results, each awaited in turn.
+    BgAwait,
     /// The floor: requests written as replies come back.
     Pipelined,
 }

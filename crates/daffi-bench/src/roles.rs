@@ -18,8 +18,10 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 use tokio::sync::Notify;
 
-use super::ops::{self, BlobAnswer, ByteKind, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
-use super::proc::{answer, Endpoint, Result};
+use super::ops::{
+    self, BlobAnswer, ByteKind, CallStyle, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer,
+};
+use super::proc::{answer, BoxError, Endpoint, Result};
 use super::report::Percentiles;
 
 /// How long a caller waits for its callees to be announced.
@@ -174,7 +176,11 @@ impl Caller {
     /// Runs one command; returns the JSON answer.
     fn run(&mut self, op: Op) -> String {
         match op {
-            Op::Latency { calls, warmup } => answer(self.latency(calls, warmup)),
+            Op::Latency {
+                calls,
+                warmup,
+                style,
+            } => answer(self.latency(calls, warmup, style)),
             Op::Rate {
                 mode,
                 calls,
@@ -198,23 +204,35 @@ impl Caller {
     }
 
     fn add(&self, i: usize) -> Result<()> {
-        let i = i as i64;
-        let sum: i64 = self.g.call(ops::ADD).args((i, 1)).fg()?;
-        if sum != i + 1 {
-            return Err(format!("{} returned {sum} for ({i}, 1)", ops::ADD).into());
-        }
-        Ok(())
+        let sum: i64 = self.g.call(ops::ADD).args((i as i64, 1)).fg()?;
+        check_sum(i, sum)
     }
 
-    fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
-        for i in 0..warmup {
-            self.add(i)?;
-        }
+    fn latency(&mut self, calls: usize, warmup: usize, style: CallStyle) -> Result<LatencyAnswer> {
         let mut samples = Vec::with_capacity(calls);
-        for i in 0..calls {
-            let t = Instant::now();
-            self.add(i)?;
-            samples.push(t.elapsed());
+        match style {
+            CallStyle::Fg => {
+                for i in 0..warmup + calls {
+                    let t = Instant::now();
+                    self.add(i)?;
+                    if i >= warmup {
+                        samples.push(t.elapsed());
+                    }
+                }
+            }
+            CallStyle::FgAsync | CallStyle::BgAwait => {
+                let g = &self.g;
+                self.rt.block_on(async {
+                    for i in 0..warmup + calls {
+                        let t = Instant::now();
+                        add_async(g, i, style).await?;
+                        if i >= warmup {
+                            samples.push(t.elapsed());
+                        }
+                    }
+                    Ok::<(), BoxError>(())
+                })?;
+            }
         }
         Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
     }
@@ -255,7 +273,25 @@ impl Caller {
                     while let Some(done) = tasks.join_next().await {
                         done.map_err(|e| e.to_string())??;
                     }
-                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                    Ok::<(), BoxError>(())
+                })?;
+            }
+            RateMode::BgAwait => {
+                let g = &self.g;
+                self.rt.block_on(async {
+                    let mut window = VecDeque::with_capacity(in_flight);
+                    for i in 0..calls {
+                        if window.len() == in_flight {
+                            if let Some(oldest) = window.pop_front() {
+                                let _: i64 = oldest.await?;
+                            }
+                        }
+                        window.push_back(g.call(ops::ADD).args((i as i64, 1)).bg::<i64>()?);
+                    }
+                    for pending in window {
+                        let _: i64 = pending.await?;
+                    }
+                    Ok::<(), daffi::Error>(())
                 })?;
             }
             RateMode::Pipelined => return Err("pipelined is the floor's mode".into()),
@@ -365,6 +401,25 @@ impl Caller {
     }
 }
 
+/// One small call from async code, made the way `style` says (`fg_async` unless it
+/// says `bg` + `.await`).
+async fn add_async(g: &Global, i: usize, style: CallStyle) -> Result<()> {
+    let call = g.call(ops::ADD).args((i as i64, 1));
+    let sum: i64 = match style {
+        CallStyle::BgAwait => call.bg::<i64>()?.await?,
+        CallStyle::Fg | CallStyle::FgAsync => call.fg_async().await?,
+    };
+    check_sum(i, sum)
+}
+
+/// Checks the answer of `bench_add(i, 1)`.
+fn check_sum(i: usize, sum: i64) -> Result<()> {
+    if sum != i as i64 + 1 {
+        return Err(format!("{} returned {sum} for ({i}, 1)", ops::ADD).into());
+    }
+    Ok(())
+}
+
 /// `count` idle nodes in one process, all started at once on one runtime. Prints
 /// `ready <seconds>` once every one of them is connected.
 pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
@@ -383,7 +438,7 @@ pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
         while let Some(started) = tasks.join_next().await {
             globals.push(started.map_err(|e| e.to_string())??);
         }
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(globals)
+        Ok::<_, BoxError>(globals)
     })?;
     println!("ready {:.3}", started.elapsed().as_secs_f64());
     wait_for_stdin_eof();
