@@ -656,12 +656,21 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
              both of the type named; its MiB/s counts the payload both ways"
                 .into(),
         );
+        out.notes.push(
+            "C: a result call has no argument; the callee returns the payload as the type \
+             named, made from one buffer prepared before the timing: Blob and Bytes refer \
+             to it (no copy), Vec<u8> and ByteBuf are fresh copies of it (the copy is \
+             inside the timing), &'static [u8] is the buffer itself; the caller takes the \
+             result as the same type (&'static [u8] as Blob); MiB/s counts the payload once"
+                .into(),
+        );
     }
     Ok(out)
 }
 
-/// Scenario C's echoes of one size: each byte-string type against `Blob`, in fresh
-/// processes (the argument's peak RSS rows stay its own).
+/// Scenario C's byte types at one size: echoes (argument and result) and results alone,
+/// each type against `Blob`, in fresh processes (the argument's peak RSS rows stay its
+/// own).
 struct Echo<'a> {
     group: String,
     frame_limit: Option<usize>,
@@ -670,8 +679,9 @@ struct Echo<'a> {
 }
 
 impl Echo<'_> {
-    /// Repetitions of every echo, interleaved with the floors' own; one row per type,
-    /// `Blob` against the better floor and the others against `Blob`.
+    /// Repetitions of every echo and result, interleaved with the floors' own; one row
+    /// per type and direction, `Blob` against the better floor and the others against
+    /// `Blob`.
     fn rows(
         &self,
         plan: &Plan,
@@ -680,18 +690,18 @@ impl Echo<'_> {
     ) -> Result<Vec<Row>> {
         let mut daffi = plan.daffi(&self.group, plan.transport, 1, self.frame_limit)?;
         let t = daffi.endpoint.transport();
-        let ops = ByteKind::ALL.map(|kind| Op::Echo {
-            kind,
-            bytes: self.size,
-        });
+        let bytes = self.size;
+        let echoes = ByteKind::ECHOED.map(|kind| Op::Echo { kind, bytes });
+        let results = ByteKind::RETURNED.map(|kind| Op::Result { kind, bytes });
+        let ops: Vec<&Op> = echoes.iter().chain(&results).collect();
         for op in &ops {
             let _: BlobAnswer = daffi.caller.request(op)?;
         }
-        let floor_op = Op::Blob { bytes: self.size };
+        let floor_op = Op::Blob { bytes };
         let mut floor_series = vec![Vec::new(); floors.len()];
         let mut series = vec![Vec::new(); ops.len()];
         for rep in 0..plan.reps {
-            progress(&format!("C {t} {} echoes", self.label), rep, plan.reps);
+            progress(&format!("C {t} {} byte types", self.label), rep, plan.reps);
             for (i, f) in floors.iter_mut().enumerate() {
                 let r: BlobAnswer = f.client.request(&floor_op)?;
                 floor_series[i].push(r.mib_per_s);
@@ -702,27 +712,41 @@ impl Echo<'_> {
             }
         }
         daffi.finish();
-        let (floor, floor_value) = best_floor(floor_names, &floor_series, true);
+        let floor = best_floor(floor_names, &floor_series, true);
+        let (echo_series, result_series) = series.split_at(echoes.len());
+        let mut rows = self.kind_rows(t, "echo", &ByteKind::ECHOED, echo_series, &floor);
+        rows.extend(self.kind_rows(t, "result", &ByteKind::RETURNED, result_series, &floor));
+        Ok(rows)
+    }
+
+    /// One row per kind: `Blob` (the first) against the floor, the others against it.
+    fn kind_rows(
+        &self,
+        t: &str,
+        what: &str,
+        kinds: &[ByteKind],
+        series: &[Vec<f64>],
+        floor: &(String, Spread),
+    ) -> Vec<Row> {
         let blob = spread(&series[0]);
-        let rows = ByteKind::ALL
+        kinds
             .iter()
-            .zip(&series)
+            .zip(series)
             .map(|(kind, values)| {
                 let row = Row::info(
                     'C',
-                    format!("{t} {} {} echo", self.label, kind.label()),
+                    format!("{t} {} {} {what}", self.label, kind.label()),
                     Unit::MibPerSec,
                     spread(values),
                 );
                 match kind {
-                    ByteKind::Blob => row.against(floor.clone(), floor_value),
+                    ByteKind::Blob => row.against(floor.0.clone(), floor.1),
                     _ => row
-                        .against("Blob echo", blob)
+                        .against(format!("Blob {what}"), blob)
                         .target(Target::RatioAtLeast { bound: 0.8 }),
                 }
             })
-            .collect();
-        Ok(rows)
+            .collect()
     }
 }
 
