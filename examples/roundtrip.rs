@@ -1,4 +1,4 @@
-//! A quick measurement of call latency and throughput (the full benchmark is `daffi bench`).
+//! A quick measurement of call latency and throughput (the full benchmark is `cargo run --release -p daffi-bench`).
 //!
 //! ```text
 //! cargo run --release --example roundtrip            # TCP

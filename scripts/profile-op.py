@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Profile one `daffi bench` operation with perf, one report per process.
+"""Profile one `daffi-bench` operation with perf, one report per process.
 
-Starts the bench's own roles (`daffi bench-role ...`): a daffi controller, a callee and a
+Starts the bench's own roles (`daffi-bench role ...`): a daffi controller, a callee and a
 caller (or the floor's relay, server and client with --floor), runs OP once unrecorded as
 a warm-up, then runs it again while `perf record -g` samples each process, and prints the
 top symbols of each process.
@@ -12,7 +12,7 @@ top symbols of each process.
     scripts/profile-op.py --callees 4 '{"op":"broadcast","calls":10000,"warmup":1000,"nodes":4}'
 
 Needs `perf` (software event cpu-clock is enough) and a release build
-(`cargo build --release -p daffi-cli`).
+(`cargo build --release -p daffi-bench`).
 """
 import argparse
 import json
@@ -23,11 +23,11 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DAFFI = os.environ.get("DAFFI_BIN", os.path.join(ROOT, "target", "release", "daffi"))
+DAFFI = os.environ.get("DAFFI_BENCH_BIN", os.path.join(ROOT, "target", "release", "daffi-bench"))
 
 
 def role(args):
-    p = subprocess.Popen([DAFFI, "--log-level", "warn", "bench-role"] + args,
+    p = subprocess.Popen([DAFFI, "--log-level", "warn", "role"] + args,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
     if not line.startswith("ready"):

@@ -1,6 +1,5 @@
 //! `daffi`: run a standalone controller; list, call and watch the nodes of a mesh.
 
-mod bench;
 mod call;
 mod client;
 mod json;
@@ -59,6 +58,8 @@ macro_rules! exit_codes {
         finding_the_controller!(),
         "\n\n",
         exit_codes!(),
+        "\n\nThe benchmark is its own program, not part of this one:\n",
+        "  cargo run --release -p daffi-bench -- --quick   (see BENCHMARKS.md)",
     )
 )]
 struct Cli {
@@ -131,11 +132,6 @@ enum Command {
         "1 other errors.",
     ))]
     Watch(watch::WatchArgs),
-    /// Measure latency and throughput beside a raw frame relay (see BENCHMARKS.md).
-    Bench(bench::BenchArgs),
-    /// A process `daffi bench` starts.
-    #[command(hide = true)]
-    BenchRole(bench::RoleArgs),
 }
 
 /// `daffi controller`: where it listens, and how it protects itself.
@@ -270,12 +266,7 @@ fn main() -> ExitCode {
         // Colours only on a terminal: log files and journald get plain `key=value`.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    // The benchmark starts its own processes and runtimes.
-    let command = match cli.command {
-        Command::Bench(args) => return bench::run(args),
-        Command::BenchRole(args) => return bench::run_role(args),
-        command => command,
-    };
+    let command = cli.command;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -289,7 +280,6 @@ fn main() -> ExitCode {
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
-            Command::Bench(_) | Command::BenchRole(_) => Ok(()),
         }
     });
     match result {

@@ -759,3 +759,16 @@ fn failures_advise_what_the_command_line_offers() {
         assert!(!err.contains("wait_"), "{err}");
     }
 }
+
+#[test]
+fn the_benchmark_is_not_in_the_daffi_binary_and_help_says_where_it_is() {
+    let out = daffi(&Endpoint::Tcp(1), &["bench", "--quick"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = daffi(&Endpoint::Tcp(1), &["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        help.contains("cargo run --release -p daffi-bench") && !help.contains("\n  bench "),
+        "{help}"
+    );
+}

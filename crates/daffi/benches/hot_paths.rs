@@ -5,7 +5,7 @@
 //! Arguments and results are encoded and decoded by the functions the `#[callback]`
 //! expansion calls (`daffi::__private`, not public API); `.args(..)` encodes the same
 //! way. The whole path (three processes, sockets, scheduling) is measured by
-//! `daffi bench`; see BENCHMARKS.md.
+//! `daffi-bench`; see BENCHMARKS.md.
 
 use bytes::Bytes;
 use daffi::__private::{decode_args, encode_reply, Outcome, Signature};

@@ -1,4 +1,4 @@
-//! `daffi bench --quick` runs every scenario and prints a line for each. The figures
+//! `daffi-bench --quick` runs every scenario and prints a line for each. The figures
 //! themselves are never checked here: speed is measured by the benchmark, not asserted
 //! in tests.
 
@@ -11,14 +11,14 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn run_quick(extra: &[&str]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi"))
-        .args(["bench", "--quick"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daffi-bench"))
+        .arg("--quick")
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start daffi bench");
+        .expect("start daffi-bench");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let err_reader = std::thread::spawn(move || {
@@ -36,10 +36,10 @@ fn run_quick(extra: &[&str]) -> (bool, String, String) {
         Ok(out) => out,
         Err(_) => {
             let _ = child.kill();
-            panic!("daffi bench --quick did not finish within {LIMIT:?}");
+            panic!("daffi-bench --quick did not finish within {LIMIT:?}");
         }
     };
-    let status = child.wait().expect("wait for daffi bench");
+    let status = child.wait().expect("wait for daffi-bench");
     let err = err_reader.join().unwrap_or_default();
     (status.success(), out, err)
 }
@@ -49,7 +49,7 @@ fn quick_bench_prints_every_scenario() {
     let (ok, out, err) = run_quick(&[]);
     assert!(
         ok,
-        "daffi bench --quick failed\nstdout:\n{out}\nstderr:\n{err}"
+        "daffi-bench --quick failed\nstdout:\n{out}\nstderr:\n{err}"
     );
     let lines: Vec<&str> = out.lines().collect();
     let has = |scenario: &str, words: &str| {
@@ -63,12 +63,20 @@ fn quick_bench_prints_every_scenario() {
         ("A ", "unix FG round trip p99.9"),
         ("A ", "tcp FG round trip p50"),
         ("A ", "tcp FG round trip p99 "),
-        ("A ", "floor batched: unix round trip p50"),
-        ("A ", "floor direct: tcp round trip p50"),
-        ("B ", "BG, 256 in flight"),
-        ("B ", "async, 256 in flight"),
+        ("A ", "unix fg_async round trip p50"),
+        ("A ", "unix bg + .await round trip p99 "),
+        ("A ", "tcp fg_async round trip p50"),
+        ("A ", "floor tokio batched: unix round trip p50"),
+        ("A ", "floor tokio direct: tcp round trip p50"),
+        ("A ", "floor threads batched: unix round trip p50"),
+        ("A ", "floor threads direct: tcp round trip p50"),
+        ("B ", "BG + get() 256 in flight"),
+        ("B ", "fg_async tasks, 256 in flight"),
+        ("B ", "bg + .await, 256 in flight"),
         ("B ", "NO_RETURN, counted at callee"),
-        ("B ", "floor batched: unix one-way"),
+        ("B ", "floor tokio batched: unix one-way"),
+        ("B ", "floor threads batched: unix 256 in flight"),
+        ("B ", "floor threads direct: unix one-way"),
         ("C ", "MiB argument"),
         ("C ", "peak RSS of the caller"),
         ("C ", "peak RSS of the controller"),
@@ -77,6 +85,11 @@ fn quick_bench_prints_every_scenario() {
         ("C ", "MiB Vec<u8> echo"),
         ("C ", "MiB ByteBuf echo"),
         ("C ", "MiB Bytes echo"),
+        ("C ", "MiB Blob result"),
+        ("C ", "MiB Vec<u8> result"),
+        ("C ", "MiB ByteBuf result"),
+        ("C ", "MiB Bytes result"),
+        ("C ", "MiB &'static [u8] result"),
         ("D ", "broadcast to 4, p50"),
         ("D ", "broadcast to 4, p99"),
         ("E ", "connect 30 nodes"),

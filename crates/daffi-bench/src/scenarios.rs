@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::ops::{BlobAnswer, ByteKind, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
+use super::floor::Engine;
+use super::ops::{
+    BlobAnswer, ByteKind, CallStyle, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer,
+};
 use super::proc::{ChildProc, Endpoint, Memory, Result};
 use super::report::{Row, Spread, Target, Unit};
 
@@ -97,6 +100,15 @@ impl Plan {
         self.scenarios.contains(&s)
     }
 
+    /// Scenario A's command: small calls one at a time, made the way `style` says.
+    fn latency(&self, style: CallStyle) -> Op {
+        Op::Latency {
+            calls: self.latency_calls,
+            warmup: self.latency_warmup,
+            style,
+        }
+    }
+
     fn listen(&self, group: &str, transport: Transport) -> Endpoint {
         match transport {
             Transport::Unix => Endpoint::Unix(self.dir.join(format!("{group}.sock"))),
@@ -175,16 +187,29 @@ impl Plan {
         })
     }
 
+    /// Every floor (each engine, batched and direct), for small frames.
+    fn floors(&self, group: &str, transport: Transport) -> Result<Vec<FloorSet>> {
+        let mut floors = Vec::new();
+        for engine in [Engine::Tokio, Engine::Threads] {
+            for batched in [true, false] {
+                floors.push(self.floor(group, transport, engine, batched, DEFAULT_FRAME_LIMIT)?);
+            }
+        }
+        Ok(floors)
+    }
+
     /// A floor relay, server and client.
     fn floor(
         &self,
         group: &str,
         transport: Transport,
+        engine: Engine,
         batched: bool,
         frame_limit: usize,
     ) -> Result<FloorSet> {
         let variant = if batched { "batched" } else { "direct" };
-        let group = format!("{group}-floor-{variant}");
+        let engine_name = engine.label();
+        let group = format!("{group}-floor-{engine_name}-{variant}");
         let mut relay_args = vec![
             "floor-relay".into(),
             "--listen".into(),
@@ -192,11 +217,17 @@ impl Plan {
             "--max-frame-size".into(),
             frame_limit.to_string(),
         ];
-        let mut common = vec!["--max-frame-size".into(), frame_limit.to_string()];
+        let mut common = vec![
+            "--max-frame-size".into(),
+            frame_limit.to_string(),
+            "--engine".into(),
+            engine_name.into(),
+        ];
         if batched {
             relay_args.push("--batched".into());
             common.push("--batched".into());
         }
+        relay_args.extend(["--engine".into(), engine_name.into()]);
         let mut relay = self.spawn(&format!("{group} relay"), relay_args)?;
         let endpoint = relay.ready()?;
         let server_name = format!("{}-{group}-server", self.tag);
@@ -224,7 +255,7 @@ impl Plan {
         let mut client = self.spawn(&client_name, args)?;
         client.ready()?;
         Ok(FloorSet {
-            name: format!("floor {variant}"),
+            name: format!("floor {engine_name} {variant}"),
             relay,
             server,
             client,
@@ -267,7 +298,7 @@ impl FloorSet {
 }
 
 fn progress(what: &str, rep: usize, reps: usize) {
-    eprintln!("daffi bench: {what}: repetition {}/{reps}", rep + 1);
+    eprintln!("daffi-bench: {what}: repetition {}/{reps}", rep + 1);
 }
 
 /// Values of one figure across repetitions, by who measured them.
@@ -310,164 +341,183 @@ fn spread(values: &[f64]) -> Spread {
 
 /// Scenarios A and B on one transport: they share their processes.
 pub fn run_a_b(plan: &Plan, transport: Transport, a: bool, b: bool) -> Result<Outcome> {
-    let t = transport.name();
-    let group = format!("ab-{t}");
-    let floors = vec![
-        plan.floor(&group, transport, true, DEFAULT_FRAME_LIMIT)?,
-        plan.floor(&group, transport, false, DEFAULT_FRAME_LIMIT)?,
-    ];
+    let group = format!("ab-{}", transport.name());
+    let mut floors = plan.floors(&group, transport)?;
     let mut daffi = plan.daffi(&group, transport, 1, None)?;
-    let t = daffi.endpoint.transport();
-    let floor_names: Vec<String> = floors.iter().map(|f| f.name.clone()).collect();
-    let mut floors = floors;
     let mut out = Outcome::default();
-
     if a {
-        let op = Op::Latency {
-            calls: plan.latency_calls,
-            warmup: plan.latency_warmup,
-        };
-        let mut p50 = Series::new(floors.len());
-        let mut p99 = Series::new(floors.len());
-        let mut p999 = Series::new(floors.len());
-        for rep in 0..plan.reps {
-            progress(&format!("A {t}"), rep, plan.reps);
-            for (i, f) in floors.iter_mut().enumerate() {
-                let r: LatencyAnswer = f.client.request(&op)?;
-                p50.floors[i].push(r.p50);
-                p99.floors[i].push(r.p99);
-                p999.floors[i].push(r.p999);
-            }
-            let r: LatencyAnswer = daffi.caller.request(&op)?;
-            p50.daffi.push(r.p50);
-            p99.daffi.push(r.p99);
-            p999.daffi.push(r.p999);
-        }
-        for (label, series, target) in [
-            ("p50", &p50, Some(1.25)),
-            ("p99", &p99, Some(1.5)),
-            ("p99.9", &p999, None),
-        ] {
-            let (name, reference) = best_floor(&floor_names, &series.floors, false);
-            let mut row = Row::info(
-                'A',
-                format!("{t} FG round trip {label}"),
-                Unit::Micros,
-                spread(&series.daffi),
-            )
-            .against(name, reference);
-            if let Some(bound) = target {
-                row = row.target(Target::RatioAtMost { bound });
-            }
-            out.rows.push(row);
-        }
-        for (i, name) in floor_names.iter().enumerate() {
-            for (label, series) in [("p50", &p50), ("p99", &p99), ("p99.9", &p999)] {
-                out.rows.push(Row::info(
-                    'A',
-                    format!("{name}: {t} round trip {label}"),
-                    Unit::Micros,
-                    spread(&series.floors[i]),
-                ));
-            }
-        }
+        out.rows.extend(run_a(plan, &mut floors, &mut daffi)?);
     }
-
     if b {
-        let n = plan.rate_calls;
-        let pipelined = Op::Rate {
-            mode: RateMode::Pipelined,
-            calls: n,
-            in_flight: plan.in_flight,
-        };
-        let one_way = Op::OneWay { calls: n };
-        let mut floor_rate = Series::new(floors.len());
-        let mut floor_one_way = Series::new(floors.len());
-        let mut bg = Vec::new();
-        let mut asy = Vec::new();
-        let mut no_return = Vec::new();
-        let mut lost = 0;
-        for rep in 0..plan.reps {
-            progress(&format!("B {t}"), rep, plan.reps);
-            for (i, f) in floors.iter_mut().enumerate() {
-                let r: RateAnswer = f.client.request(&pipelined)?;
-                floor_rate.floors[i].push(r.calls_per_s);
-                let r: RateAnswer = f.client.request(&one_way)?;
-                floor_one_way.floors[i].push(r.calls_per_s);
-            }
-            for (mode, into) in [(RateMode::Bg, &mut bg), (RateMode::Async, &mut asy)] {
-                let op = Op::Rate {
-                    mode,
-                    calls: n,
-                    in_flight: plan.in_flight,
-                };
-                let r: RateAnswer = daffi.caller.request(&op)?;
-                into.push(r.calls_per_s);
-            }
-            let r: RateAnswer = daffi.caller.request(&one_way)?;
-            no_return.push(r.calls_per_s);
-            lost += r.lost;
-        }
-        // The batched floor is the reference for rates (the issue's target).
-        let batched = spread(&floor_rate.floors[0]);
-        let batched_one_way = spread(&floor_one_way.floors[0]);
-        let k = plan.in_flight;
-        out.rows.push(
-            Row::info(
-                'B',
-                format!("{t} BG, {k} in flight"),
-                Unit::CallsPerSec,
-                spread(&bg),
-            )
-            .against(&floor_names[0], batched)
-            .target(Target::RatioAtLeast { bound: 0.5 }),
-        );
-        out.rows.push(
-            Row::info(
-                'B',
-                format!("{t} async, {k} in flight"),
-                Unit::CallsPerSec,
-                spread(&asy),
-            )
-            .against(&floor_names[0], batched)
-            .target(Target::RatioAtLeast { bound: 0.5 }),
-        );
-        out.rows.push(
-            Row::info(
-                'B',
-                format!("{t} NO_RETURN, counted at callee"),
-                Unit::CallsPerSec,
-                spread(&no_return),
-            )
-            .against(format!("{} one-way", floor_names[0]), batched_one_way)
-            .target(Target::RatioAtLeast { bound: 0.5 }),
-        );
-        for (i, name) in floor_names.iter().enumerate() {
-            out.rows.push(Row::info(
-                'B',
-                format!("{name}: {t} {k} in flight"),
-                Unit::CallsPerSec,
-                spread(&floor_rate.floors[i]),
-            ));
-            out.rows.push(Row::info(
-                'B',
-                format!("{name}: {t} one-way"),
-                Unit::CallsPerSec,
-                spread(&floor_one_way.floors[i]),
-            ));
-        }
-        if lost > 0 {
-            out.notes.push(format!(
-                "B: the callee never counted {lost} NO_RETURN calls"
-            ));
-        }
+        let b = run_b(plan, &mut floors, &mut daffi)?;
+        out.rows.extend(b.rows);
+        out.notes.extend(b.notes);
     }
-
     daffi.finish();
     for f in floors {
         f.finish();
     }
     Ok(out)
+}
+
+/// The ways a daffi caller makes one call at a time in A: sync first, then from async
+/// code on the caller's own runtime.
+const A_STYLES: [CallStyle; 3] = [CallStyle::Fg, CallStyle::FgAsync, CallStyle::BgAwait];
+
+/// Scenario A: one small call at a time, each way of [`A_STYLES`], against every floor.
+fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<Vec<Row>> {
+    let t = daffi.endpoint.transport();
+    let op = |style| plan.latency(style);
+    // Per style, then per percentile (p50, p99, p99.9).
+    let mut series: Vec<[Series; 3]> = A_STYLES
+        .iter()
+        .map(|_| std::array::from_fn(|_| Series::new(floors.len())))
+        .collect();
+    for rep in 0..plan.reps {
+        progress(&format!("A {t}"), rep, plan.reps);
+        for (i, f) in floors.iter_mut().enumerate() {
+            let r: LatencyAnswer = f.client.request(&op(CallStyle::Fg))?;
+            for (p, value) in [r.p50, r.p99, r.p999].into_iter().enumerate() {
+                series[0][p].floors[i].push(value);
+            }
+        }
+        for (s, style) in A_STYLES.iter().enumerate() {
+            let r: LatencyAnswer = daffi.caller.request(&op(*style))?;
+            for (p, value) in [r.p50, r.p99, r.p999].into_iter().enumerate() {
+                series[s][p].daffi.push(value);
+            }
+        }
+    }
+    let floor_names = names_of(floors);
+    let labels = ["p50", "p99", "p99.9"];
+    let targets = [Some(1.25), Some(1.5), None];
+    let mut rows = Vec::new();
+    for (s, style) in A_STYLES.iter().enumerate() {
+        for p in 0..3 {
+            // The floors' samples are the same for every style: the sync caller's.
+            let (name, reference) = best_floor(&floor_names, &series[0][p].floors, false);
+            let mut row = Row::info(
+                'A',
+                format!("{t} {} round trip {}", style.label(), labels[p]),
+                Unit::Micros,
+                spread(&series[s][p].daffi),
+            )
+            .against(name, reference);
+            // The targets are the sync call's, as before the async rows.
+            if let (CallStyle::Fg, Some(bound)) = (style, targets[p]) {
+                row = row.target(Target::RatioAtMost { bound });
+            }
+            rows.push(row);
+        }
+    }
+    for (i, name) in floor_names.iter().enumerate() {
+        for (p, label) in labels.iter().enumerate() {
+            rows.push(Row::info(
+                'A',
+                format!("{name}: {t} round trip {label}"),
+                Unit::Micros,
+                spread(&series[0][p].floors[i]),
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// The ways a daffi caller keeps many calls in flight in B, and their labels.
+const B_MODES: [(RateMode, &str); 3] = [
+    (RateMode::Bg, "BG + get()"),
+    (RateMode::Async, "fg_async tasks,"),
+    (RateMode::BgAwait, "bg + .await,"),
+];
+
+/// Scenario B: many small calls in flight, each way of [`B_MODES`], and NO_RETURN,
+/// against every floor.
+fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<Outcome> {
+    let t = daffi.endpoint.transport();
+    let n = plan.rate_calls;
+    let k = plan.in_flight;
+    let pipelined = Op::Rate {
+        mode: RateMode::Pipelined,
+        calls: n,
+        in_flight: k,
+    };
+    let one_way = Op::OneWay { calls: n };
+    let mut floor_rate = Series::new(floors.len());
+    let mut floor_one_way = Series::new(floors.len());
+    let mut rates = vec![Vec::new(); B_MODES.len()];
+    let mut no_return = Vec::new();
+    let mut lost = 0;
+    for rep in 0..plan.reps {
+        progress(&format!("B {t}"), rep, plan.reps);
+        for (i, f) in floors.iter_mut().enumerate() {
+            let r: RateAnswer = f.client.request(&pipelined)?;
+            floor_rate.floors[i].push(r.calls_per_s);
+            let r: RateAnswer = f.client.request(&one_way)?;
+            floor_one_way.floors[i].push(r.calls_per_s);
+        }
+        for ((mode, _), into) in B_MODES.iter().zip(&mut rates) {
+            let op = Op::Rate {
+                mode: *mode,
+                calls: n,
+                in_flight: k,
+            };
+            let r: RateAnswer = daffi.caller.request(&op)?;
+            into.push(r.calls_per_s);
+        }
+        let r: RateAnswer = daffi.caller.request(&one_way)?;
+        no_return.push(r.calls_per_s);
+        lost += r.lost;
+    }
+    let floor_names = names_of(floors);
+    let (rate_floor, rate_reference) = best_floor(&floor_names, &floor_rate.floors, true);
+    let (one_way_floor, one_way_reference) = best_floor(&floor_names, &floor_one_way.floors, true);
+    let mut out = Outcome::default();
+    for ((_, label), values) in B_MODES.iter().zip(&rates) {
+        out.rows.push(
+            Row::info(
+                'B',
+                format!("{t} {label} {k} in flight"),
+                Unit::CallsPerSec,
+                spread(values),
+            )
+            .against(&rate_floor, rate_reference)
+            .target(Target::RatioAtLeast { bound: 0.5 }),
+        );
+    }
+    out.rows.push(
+        Row::info(
+            'B',
+            format!("{t} NO_RETURN, counted at callee"),
+            Unit::CallsPerSec,
+            spread(&no_return),
+        )
+        .against(format!("{one_way_floor} one-way"), one_way_reference)
+        .target(Target::RatioAtLeast { bound: 0.5 }),
+    );
+    for (i, name) in floor_names.iter().enumerate() {
+        out.rows.push(Row::info(
+            'B',
+            format!("{name}: {t} {k} in flight"),
+            Unit::CallsPerSec,
+            spread(&floor_rate.floors[i]),
+        ));
+        out.rows.push(Row::info(
+            'B',
+            format!("{name}: {t} one-way"),
+            Unit::CallsPerSec,
+            spread(&floor_one_way.floors[i]),
+        ));
+    }
+    if lost > 0 {
+        out.notes.push(format!(
+            "B: the callee never counted {lost} NO_RETURN calls"
+        ));
+    }
+    Ok(out)
+}
+
+fn names_of(floors: &[FloorSet]) -> Vec<String> {
+    floors.iter().map(|f| f.name.clone()).collect()
 }
 
 fn size_label(bytes: usize) -> String {
@@ -503,15 +553,22 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
         let mut floors = vec![plan.floor(
             &group,
             transport,
+            Engine::Tokio,
             true,
             limit.unwrap_or(DEFAULT_FRAME_LIMIT),
         )?];
         if !big {
-            floors.push(plan.floor(&group, transport, false, DEFAULT_FRAME_LIMIT)?);
+            floors.push(plan.floor(
+                &group,
+                transport,
+                Engine::Tokio,
+                false,
+                DEFAULT_FRAME_LIMIT,
+            )?);
         }
         let mut daffi = plan.daffi(&group, transport, 1, limit)?;
         let t = daffi.endpoint.transport();
-        let floor_names: Vec<String> = floors.iter().map(|f| f.name.clone()).collect();
+        let floor_names = names_of(&floors);
         // As many repetitions at 1 GiB as at 64 MiB: each one pays for faulting in fresh
         // buffers on both sides (the last one's are given back after a second), which
         // swings with the machine, and a median of three moved with a single one.
@@ -599,12 +656,21 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
              both of the type named; its MiB/s counts the payload both ways"
                 .into(),
         );
+        out.notes.push(
+            "C: a result call has no argument; the callee returns the payload as the type \
+             named, made from one buffer prepared before the timing: Blob and Bytes refer \
+             to it (no copy), Vec<u8> and ByteBuf are fresh copies of it (the copy is \
+             inside the timing), &'static [u8] is the buffer itself; the caller takes the \
+             result as the same type (&'static [u8] as Blob); MiB/s counts the payload once"
+                .into(),
+        );
     }
     Ok(out)
 }
 
-/// Scenario C's echoes of one size: each byte-string type against `Blob`, in fresh
-/// processes (the argument's peak RSS rows stay its own).
+/// Scenario C's byte types at one size: echoes (argument and result) and results alone,
+/// each type against `Blob`, in fresh processes (the argument's peak RSS rows stay its
+/// own).
 struct Echo<'a> {
     group: String,
     frame_limit: Option<usize>,
@@ -613,8 +679,9 @@ struct Echo<'a> {
 }
 
 impl Echo<'_> {
-    /// Repetitions of every echo, interleaved with the floors' own; one row per type,
-    /// `Blob` against the better floor and the others against `Blob`.
+    /// Repetitions of every echo and result, interleaved with the floors' own; one row
+    /// per type and direction, `Blob` against the better floor and the others against
+    /// `Blob`.
     fn rows(
         &self,
         plan: &Plan,
@@ -623,18 +690,18 @@ impl Echo<'_> {
     ) -> Result<Vec<Row>> {
         let mut daffi = plan.daffi(&self.group, plan.transport, 1, self.frame_limit)?;
         let t = daffi.endpoint.transport();
-        let ops = ByteKind::ALL.map(|kind| Op::Echo {
-            kind,
-            bytes: self.size,
-        });
+        let bytes = self.size;
+        let echoes = ByteKind::ECHOED.map(|kind| Op::Echo { kind, bytes });
+        let results = ByteKind::RETURNED.map(|kind| Op::Result { kind, bytes });
+        let ops: Vec<&Op> = echoes.iter().chain(&results).collect();
         for op in &ops {
             let _: BlobAnswer = daffi.caller.request(op)?;
         }
-        let floor_op = Op::Blob { bytes: self.size };
+        let floor_op = Op::Blob { bytes };
         let mut floor_series = vec![Vec::new(); floors.len()];
         let mut series = vec![Vec::new(); ops.len()];
         for rep in 0..plan.reps {
-            progress(&format!("C {t} {} echoes", self.label), rep, plan.reps);
+            progress(&format!("C {t} {} byte types", self.label), rep, plan.reps);
             for (i, f) in floors.iter_mut().enumerate() {
                 let r: BlobAnswer = f.client.request(&floor_op)?;
                 floor_series[i].push(r.mib_per_s);
@@ -645,27 +712,41 @@ impl Echo<'_> {
             }
         }
         daffi.finish();
-        let (floor, floor_value) = best_floor(floor_names, &floor_series, true);
+        let floor = best_floor(floor_names, &floor_series, true);
+        let (echo_series, result_series) = series.split_at(echoes.len());
+        let mut rows = self.kind_rows(t, "echo", &ByteKind::ECHOED, echo_series, &floor);
+        rows.extend(self.kind_rows(t, "result", &ByteKind::RETURNED, result_series, &floor));
+        Ok(rows)
+    }
+
+    /// One row per kind: `Blob` (the first) against the floor, the others against it.
+    fn kind_rows(
+        &self,
+        t: &str,
+        what: &str,
+        kinds: &[ByteKind],
+        series: &[Vec<f64>],
+        floor: &(String, Spread),
+    ) -> Vec<Row> {
         let blob = spread(&series[0]);
-        let rows = ByteKind::ALL
+        kinds
             .iter()
-            .zip(&series)
+            .zip(series)
             .map(|(kind, values)| {
                 let row = Row::info(
                     'C',
-                    format!("{t} {} {} echo", self.label, kind.label()),
+                    format!("{t} {} {} {what}", self.label, kind.label()),
                     Unit::MibPerSec,
                     spread(values),
                 );
                 match kind {
-                    ByteKind::Blob => row.against(floor.clone(), floor_value),
+                    ByteKind::Blob => row.against(floor.0.clone(), floor.1),
                     _ => row
-                        .against("Blob echo", blob)
+                        .against(format!("Blob {what}"), blob)
                         .target(Target::RatioAtLeast { bound: 0.8 }),
                 }
             })
-            .collect();
-        Ok(rows)
+            .collect()
     }
 }
 
@@ -675,10 +756,7 @@ pub fn run_d(plan: &Plan) -> Result<Outcome> {
     let nodes = plan.broadcast_nodes;
     let mut daffi = plan.daffi("d", plan.transport, nodes, None)?;
     let t = daffi.endpoint.transport();
-    let single = Op::Latency {
-        calls: plan.latency_calls,
-        warmup: plan.latency_warmup,
-    };
+    let single = plan.latency(CallStyle::Fg);
     let broadcast = Op::Broadcast {
         calls: plan.latency_calls,
         warmup: plan.latency_warmup,
@@ -725,10 +803,7 @@ pub fn run_e(plan: &Plan) -> Result<Outcome> {
     let mut daffi = plan.daffi("e", plan.transport, 1, None)?;
     let t = daffi.endpoint.transport();
     let total = plan.swarm_nodes.max(E_OWN_NODES + 1);
-    let op = Op::Latency {
-        calls: plan.latency_calls,
-        warmup: plan.latency_warmup,
-    };
+    let op = plan.latency(CallStyle::Fg);
     let mut before = Vec::new();
     for rep in 0..plan.reps {
         progress(&format!("E {t}, 2 nodes"), rep, plan.reps);
@@ -736,7 +811,7 @@ pub fn run_e(plan: &Plan) -> Result<Outcome> {
         before.push(r.p50);
     }
 
-    eprintln!("daffi bench: E {t}: connecting {total} nodes");
+    eprintln!("daffi-bench: E {t}: connecting {total} nodes");
     let count = total - E_OWN_NODES;
     let prefix = format!("{}-e-swarm", plan.tag);
     let idle_name = format!("{}-e-idle", plan.tag);
@@ -879,7 +954,7 @@ pub fn run_all(plan: &Plan) -> Outcome {
             all.notes.extend(o.notes);
         }
         Err(e) => {
-            eprintln!("daffi bench: {what} failed: {e}");
+            eprintln!("daffi-bench: {what} failed: {e}");
             all.notes.push(format!("{what} failed: {e}"));
         }
     };

@@ -1,4 +1,4 @@
-//! The processes `daffi bench` starts: this same binary re-run as `daffi bench-role ...`.
+//! The processes `daffi-bench` starts: this same binary re-run as `daffi-bench role ...`.
 //!
 //! A child prints one line when it is ready (`ready ...`), and exits when its stdin
 //! closes. Client children (callers) also read one JSON command per line on stdin and
@@ -56,7 +56,7 @@ impl Endpoint {
             daffi::Address::Tcp { host, port } => Ok(Endpoint::Tcp(host.clone(), *port)),
             daffi::Address::Unix(path) => Ok(Endpoint::Unix(path.clone())),
             other => Err(format!(
-                "daffi bench runs over TCP or a Unix socket, not {other}"
+                "daffi-bench runs over TCP or a Unix socket, not {other}"
             )),
         }
     }
@@ -124,13 +124,13 @@ pub struct ChildProc {
 }
 
 impl ChildProc {
-    /// Starts `daffi bench-role <args..>`, named `name` in messages.
+    /// Starts `daffi-bench role <args..>`, named `name` in messages.
     pub fn spawn(name: &str, log_level: &str, args: &[String]) -> Result<ChildProc> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .arg("--log-level")
             .arg(log_level)
-            .arg("bench-role")
+            .arg("role")
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -223,7 +223,7 @@ impl ChildProc {
             });
             if rx.recv_timeout(EXIT_GRACE).is_err() {
                 eprintln!(
-                    "daffi bench: {} (pid {}) did not exit; killing it",
+                    "daffi-bench: {} (pid {}) did not exit; killing it",
                     self.name,
                     child.id()
                 );

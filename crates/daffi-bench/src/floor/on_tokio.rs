@@ -1,10 +1,4 @@
-//! The floor: the least a brokered call can cost with daffi's framing.
-//!
-//! Three processes, as in daffi: a client, a relay and a server (client -> relay ->
-//! server -> relay -> client). They use daffi's own frame code (`Header::encode`,
-//! `FrameReader`, `Frame::parse`) and nothing else: no handshake beyond one `Hello` frame
-//! naming the connection, no membership, no pending-call table, no argument encoding.
-//! The relay routes each frame by its `dst` and forwards its bytes untouched.
+//! The tokio floor: tasks on a 2-worker runtime, as daffi runs.
 //!
 //! Two variants:
 //! - **batched**: one writer task per connection drains its queue into one buffer and
@@ -17,32 +11,26 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use daffi_wire::frame::FLAG_NO_REPLY;
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
-use daffi_wire::{Frame, FrameReader, Header, Kind, Outgoing};
+use daffi_wire::{Frame, FrameReader, Kind, Outgoing};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
-use super::proc::{answer, Endpoint, Result};
-use super::report::Percentiles;
-use super::roles::{runtime, wait_for_stdin_eof};
 use super::write_loop::write_loop;
+use super::{
+    check_len_reply, check_welcome, count_in, hello, name_of_hello, reply_header, request_header,
+    welcome, Answers, COPY_THRESHOLD, COUNT, SMALL_ARGS,
+};
+use crate::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
+use crate::proc::{answer, BoxError, Endpoint, Result};
+use crate::report::Percentiles;
+use crate::roles::{runtime, wait_for_stdin_eof};
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Frames queued per connection (daffi's queue size).
 const QUEUE_CAPACITY: usize = 4096;
-/// Payloads up to this size are copied next to their header for one write (as daffi's
-/// writer does); larger ones are written from their own memory.
-const COPY_THRESHOLD: usize = 16 * 1024;
-/// The callback name the client asks for the one-way count with.
-const COUNT: &str = "count";
-/// The arguments of a small call, `[1, 1]` in MessagePack, as daffi sends them.
-const SMALL_ARGS: &[u8] = &[0x92, 0x01, 0x01];
-/// The result of a small call, `2` in MessagePack.
-const SMALL_RESULT: &[u8] = &[0x02];
 
 async fn connect(endpoint: &Endpoint) -> std::io::Result<(BoxRead, BoxWrite)> {
     match endpoint {
@@ -201,7 +189,7 @@ pub fn relay(listen: &Endpoint, batched: bool, max_frame_size: usize) -> Result<
                 _ = &mut closed => break,
             }
         }
-        Ok::<(), super::proc::BoxError>(())
+        Ok::<(), BoxError>(())
     })?;
     // Do not wait for sessions: the process ends here.
     rt.shutdown_background();
@@ -216,11 +204,7 @@ async fn relay_session(
     max_frame_size: usize,
 ) -> Result<()> {
     let mut reader = FrameReader::new(read, max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
-    let hello = reader.next().await?.ok_or("closed before its Hello")?;
-    if hello.kind() != Kind::Hello || hello.src().is_empty() {
-        return Err("the first frame must be a Hello naming the connection".into());
-    }
-    let name = hello.src().to_string();
+    let name = name_of_hello(reader.next().await?)?;
     let route = if batched {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(write_loop(write, rx));
@@ -228,9 +212,7 @@ async fn relay_session(
     } else {
         Route::Direct(Arc::new(tokio::sync::Mutex::new(write)))
     };
-    route
-        .forward(Header::control(Kind::Welcome).encode(0))
-        .await?;
+    route.forward(welcome()).await?;
     write_routes(&routes).insert(name.clone(), route);
     let result = async {
         while let Some(frame) = reader.next().await? {
@@ -240,7 +222,7 @@ async fn relay_session(
                 let _ = route.forward(frame.raw().clone()).await;
             }
         }
-        Ok::<(), super::proc::BoxError>(())
+        Ok::<(), BoxError>(())
     }
     .await;
     write_routes(&routes).remove(&name);
@@ -262,16 +244,10 @@ async fn join(
     max_frame_size: usize,
 ) -> Result<(FrameReader<BoxRead>, BoxWrite)> {
     let (read, mut write) = connect(endpoint).await?;
-    let hello = Header {
-        src: name,
-        ..Header::control(Kind::Hello)
-    };
-    write.write_all(&hello.encode(0)).await?;
+    write.write_all(&hello(name)).await?;
     let mut reader = FrameReader::new(read, max_frame_size).keep_large_buffers(KEEP_LARGE_BUFFERS);
-    match reader.next().await? {
-        Some(f) if f.kind() == Kind::Welcome => Ok((reader, write)),
-        _ => Err("the relay did not welcome us".into()),
-    }
+    check_welcome(reader.next().await?)?;
+    Ok((reader, write))
 }
 
 /// The server process: answers every request at once, counts one-way ones.
@@ -296,40 +272,14 @@ pub fn server(connect: &Endpoint, name: &str, batched: bool, max_frame_size: usi
 }
 
 async fn serve(mut reader: FrameReader<BoxRead>, mut writer: Writer, name: &str) -> Result<()> {
-    let mut one_way: u64 = 0;
+    let mut answers = Answers::default();
     while let Some(frame) = reader.next().await? {
-        if frame.kind() != Kind::Request {
-            continue;
+        if let Some(body) = answers.to(&frame) {
+            let header = reply_header(&frame, name);
+            writer.send(Outgoing::new(&header, body)).await?;
         }
-        if frame.flags() & FLAG_NO_REPLY != 0 {
-            one_way += 1;
-            continue;
-        }
-        let body = match frame.name() {
-            COUNT => Bytes::from(std::mem::take(&mut one_way).to_be_bytes().to_vec()),
-            ops::LEN => msgpack_u64(frame.payload().len() as u64),
-            _ => Bytes::from_static(SMALL_RESULT),
-        };
-        let header = Header {
-            kind: Kind::Reply,
-            flags: 0,
-            call_id: frame.call_id(),
-            timeout_ms: 0,
-            src: name,
-            dst: frame.src(),
-            name: "",
-        };
-        writer.send(Outgoing::new(&header, body)).await?;
     }
     Ok(())
-}
-
-/// A `u64` in MessagePack (always the 9-byte form).
-fn msgpack_u64(v: u64) -> Bytes {
-    let mut b = Vec::with_capacity(9);
-    b.push(0xcf);
-    b.extend_from_slice(&v.to_be_bytes());
-    Bytes::from(b)
 }
 
 /// The client process: runs the parent's commands against the server.
@@ -344,7 +294,7 @@ pub fn client(
     let rt = runtime()?;
     let mut client = rt.block_on(async {
         let (reader, write) = join(connect, name, max_frame_size).await?;
-        Ok::<_, super::proc::BoxError>(Client {
+        Ok::<_, BoxError>(Client {
             reader,
             writer: Writer::new(write, batched),
             name: name.to_string(),
@@ -378,7 +328,7 @@ struct Client {
 impl Client {
     async fn run(&mut self, op: Op) -> String {
         match op {
-            Op::Latency { calls, warmup } => answer(self.latency(calls, warmup).await),
+            Op::Latency { calls, warmup, .. } => answer(self.latency(calls, warmup).await),
             Op::Rate {
                 mode: RateMode::Pipelined,
                 calls,
@@ -393,15 +343,7 @@ impl Client {
     /// Sends a request; returns its call id.
     async fn request(&mut self, callback: &str, body: Bytes, no_reply: bool) -> Result<u64> {
         self.next_id += 1;
-        let header = Header {
-            kind: Kind::Request,
-            flags: if no_reply { FLAG_NO_REPLY } else { 0 },
-            call_id: self.next_id,
-            timeout_ms: 0,
-            src: &self.name,
-            dst: &self.server,
-            name: callback,
-        };
+        let header = request_header(self.next_id, &self.name, &self.server, callback, no_reply);
         self.writer.send(Outgoing::new(&header, body)).await?;
         Ok(self.next_id)
     }
@@ -465,10 +407,7 @@ impl Client {
         }
         let reply = self.round_trip(COUNT, Bytes::new()).await?;
         let secs = started.elapsed().as_secs_f64();
-        let payload = reply.payload();
-        let counted = <[u8; 8]>::try_from(&payload[..])
-            .map(u64::from_be_bytes)
-            .map_err(|_| "bad count reply")?;
+        let counted = count_in(&reply)?;
         Ok(RateAnswer {
             calls_per_s: counted as f64 / secs,
             lost: (calls as u64).saturating_sub(counted),
@@ -483,9 +422,7 @@ impl Client {
         let started = Instant::now();
         let reply = self.round_trip(ops::LEN, self.blob.clone()).await?;
         let secs = started.elapsed().as_secs_f64();
-        if reply.payload().len() != 9 {
-            return Err("bad length reply".into());
-        }
+        check_len_reply(&reply)?;
         Ok(BlobAnswer {
             mib_per_s: ops::mib_per_s(bytes, secs),
         })

@@ -15,6 +15,10 @@ pub const SINK: &str = "bench_sink";
 pub const SINK_WAIT: &str = "bench_sink_wait";
 /// Prefix of the callbacks that return their byte-string argument (one per [`ByteKind`]).
 const ECHO: &str = "bench_echo_";
+/// Prefix of the callbacks that return the prepared byte string (one per [`ByteKind`]).
+const RESULT: &str = "bench_result_";
+/// Prepares the byte string the result callbacks return: `n` bytes, once per size.
+pub const PREPARE: &str = "bench_prepare";
 
 /// The name of the callback a callee registers last, so that a caller that sees it knows
 /// every other callback of that callee.
@@ -32,6 +36,9 @@ pub enum Op {
         calls: usize,
         /// Calls made first, not measured.
         warmup: usize,
+        /// How a daffi caller makes each call (the floor has one way).
+        #[serde(default)]
+        style: CallStyle,
     },
     /// `calls` small calls with `in_flight` outstanding at any time.
     Rate {
@@ -60,6 +67,14 @@ pub enum Op {
         /// Payload size.
         bytes: usize,
     },
+    /// One call with no argument whose result is `bytes` long, of type `kind` on both
+    /// sides (made from a buffer the callee prepared before the timing).
+    Result {
+        /// The type the result has on both sides.
+        kind: ByteKind,
+        /// Payload size.
+        bytes: usize,
+    },
     /// Broadcasts with results to every node serving the small call, one at a time.
     Broadcast {
         /// Measured broadcasts.
@@ -83,6 +98,30 @@ pub enum Op {
     },
 }
 
+/// How a daffi caller makes one call at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallStyle {
+    /// From sync code: `fg()`.
+    #[default]
+    Fg,
+    /// From async code on the caller's own runtime: `fg_async().await`.
+    FgAsync,
+    /// From async code on the caller's own runtime: `bg()?.await`.
+    BgAwait,
+}
+
+impl CallStyle {
+    /// The style's name, for labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallStyle::Fg => "FG",
+            CallStyle::FgAsync => "fg_async",
+            CallStyle::BgAwait => "bg + .await",
+        }
+    }
+}
+
 /// How a caller keeps many calls in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +130,8 @@ pub enum RateMode {
     Bg,
     /// daffi from async code: `in_flight` tasks, each calling `fg_async` in a loop.
     Async,
+    /// daffi from async code: a window of `bg()` results, each awaited in turn.
+    BgAwait,
     /// The floor: requests written as replies come back.
     Pipelined,
 }
@@ -107,15 +148,27 @@ pub enum ByteKind {
     ByteBuf,
     /// `bytes::Bytes`.
     Bytes,
+    /// `&'static [u8]`: a result only (a callback cannot take a borrowed argument); the
+    /// caller receives it as a `Blob`.
+    StaticSlice,
 }
 
 impl ByteKind {
-    /// Every kind, the reference first.
-    pub const ALL: [ByteKind; 4] = [
+    /// Every kind an echo takes and returns, the reference first.
+    pub const ECHOED: [ByteKind; 4] = [
         ByteKind::Blob,
         ByteKind::Vec,
         ByteKind::ByteBuf,
         ByteKind::Bytes,
+    ];
+
+    /// Every kind a callback returns, the reference first.
+    pub const RETURNED: [ByteKind; 5] = [
+        ByteKind::Blob,
+        ByteKind::Vec,
+        ByteKind::ByteBuf,
+        ByteKind::Bytes,
+        ByteKind::StaticSlice,
     ];
 
     /// The type's name, for labels.
@@ -125,18 +178,29 @@ impl ByteKind {
             ByteKind::Vec => "Vec<u8>",
             ByteKind::ByteBuf => "ByteBuf",
             ByteKind::Bytes => "Bytes",
+            ByteKind::StaticSlice => "&'static [u8]",
+        }
+    }
+
+    /// The kind's name in callback names.
+    fn callback_part(self) -> &'static str {
+        match self {
+            ByteKind::Blob => "blob",
+            ByteKind::Vec => "vec",
+            ByteKind::ByteBuf => "byte_buf",
+            ByteKind::Bytes => "bytes",
+            ByteKind::StaticSlice => "static_slice",
         }
     }
 
     /// The callback that echoes this kind.
     pub fn echo_callback(self) -> String {
-        let kind = match self {
-            ByteKind::Blob => "blob",
-            ByteKind::Vec => "vec",
-            ByteKind::ByteBuf => "byte_buf",
-            ByteKind::Bytes => "bytes",
-        };
-        format!("{ECHO}{kind}")
+        format!("{ECHO}{}", self.callback_part())
+    }
+
+    /// The callback that returns the prepared bytes as this kind.
+    pub fn result_callback(self) -> String {
+        format!("{RESULT}{}", self.callback_part())
     }
 }
 
@@ -152,7 +216,8 @@ pub struct RateAnswer {
     pub lost: u64,
 }
 
-/// The answer to [`Op::Blob`] and [`Op::Echo`] (which counts the payload both ways).
+/// The answer to [`Op::Blob`], [`Op::Result`] and [`Op::Echo`] (which counts the payload
+/// both ways).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BlobAnswer {
     /// Payload MiB per second of round trip.

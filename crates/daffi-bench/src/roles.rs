@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Read};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,8 +18,10 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 use tokio::sync::Notify;
 
-use super::ops::{self, BlobAnswer, ByteKind, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer};
-use super::proc::{answer, Endpoint, Result};
+use super::ops::{
+    self, BlobAnswer, ByteKind, CallStyle, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer,
+};
+use super::proc::{answer, BoxError, Endpoint, Result};
 use super::report::Percentiles;
 
 /// How long a caller waits for its callees to be announced.
@@ -94,6 +96,53 @@ impl Sink {
     }
 }
 
+/// The byte string the result callbacks return, prepared before any of them is timed.
+#[derive(Default)]
+struct Prepared(Mutex<&'static [u8]>);
+
+impl Prepared {
+    /// Makes the buffer `n` bytes long; answers its length. Each new size leaks one
+    /// buffer, so that `&'static [u8]` results exist: C starts fresh processes per size.
+    fn prepare(&self, n: u64) -> u64 {
+        let mut buffer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if buffer.len() as u64 != n {
+            *buffer = Vec::leak(vec![0xA5u8; n as usize]);
+        }
+        buffer.len() as u64
+    }
+
+    fn get(&self) -> &'static [u8] {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Registers the callbacks that return the prepared bytes, one per [`ByteKind`]: `Blob`
+/// and `Bytes` refer to the buffer (no copy), `Vec<u8>` and `ByteBuf` are fresh copies
+/// of it (as a callee that makes a fresh value pays for it), `&'static [u8]` is the
+/// buffer itself.
+fn register_results(g: &Global) -> Result<()> {
+    let prepared = Arc::new(Prepared::default());
+    let p = prepared.clone();
+    g.register(ops::PREPARE, move |n: u64| p.prepare(n))?;
+    let p = prepared.clone();
+    g.register(&ByteKind::Blob.result_callback(), move || {
+        Blob::from(p.get())
+    })?;
+    let p = prepared.clone();
+    g.register(&ByteKind::Vec.result_callback(), move || p.get().to_vec())?;
+    let p = prepared.clone();
+    g.register(&ByteKind::ByteBuf.result_callback(), move || {
+        Reply(ByteBuf::from(p.get().to_vec()))
+    })?;
+    let p = prepared.clone();
+    g.register(&ByteKind::Bytes.result_callback(), move || {
+        Bytes::from_static(p.get())
+    })?;
+    let p = prepared;
+    g.register(&ByteKind::StaticSlice.result_callback(), move || p.get())?;
+    Ok(())
+}
+
 /// A node serving the benchmark's callbacks.
 pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> Result<()> {
     let mut b = connect.builder().process_name(name);
@@ -114,6 +163,7 @@ pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> 
         Reply(data)
     })?;
     g.register(&ByteKind::Bytes.echo_callback(), |data: Bytes| data)?;
+    register_results(&g)?;
     let s = sink.clone();
     g.register(ops::SINK, move || s.hit())?;
     let s = sink.clone();
@@ -174,7 +224,11 @@ impl Caller {
     /// Runs one command; returns the JSON answer.
     fn run(&mut self, op: Op) -> String {
         match op {
-            Op::Latency { calls, warmup } => answer(self.latency(calls, warmup)),
+            Op::Latency {
+                calls,
+                warmup,
+                style,
+            } => answer(self.latency(calls, warmup, style)),
             Op::Rate {
                 mode,
                 calls,
@@ -183,6 +237,7 @@ impl Caller {
             Op::OneWay { calls } => answer(self.one_way(calls)),
             Op::Blob { bytes } => answer(self.blob(bytes)),
             Op::Echo { kind, bytes } => answer(self.echo(kind, bytes)),
+            Op::Result { kind, bytes } => answer(self.result(kind, bytes)),
             Op::Broadcast {
                 calls,
                 warmup,
@@ -198,23 +253,35 @@ impl Caller {
     }
 
     fn add(&self, i: usize) -> Result<()> {
-        let i = i as i64;
-        let sum: i64 = self.g.call(ops::ADD).args((i, 1)).fg()?;
-        if sum != i + 1 {
-            return Err(format!("{} returned {sum} for ({i}, 1)", ops::ADD).into());
-        }
-        Ok(())
+        let sum: i64 = self.g.call(ops::ADD).args((i as i64, 1)).fg()?;
+        check_sum(i, sum)
     }
 
-    fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
-        for i in 0..warmup {
-            self.add(i)?;
-        }
+    fn latency(&mut self, calls: usize, warmup: usize, style: CallStyle) -> Result<LatencyAnswer> {
         let mut samples = Vec::with_capacity(calls);
-        for i in 0..calls {
-            let t = Instant::now();
-            self.add(i)?;
-            samples.push(t.elapsed());
+        match style {
+            CallStyle::Fg => {
+                for i in 0..warmup + calls {
+                    let t = Instant::now();
+                    self.add(i)?;
+                    if i >= warmup {
+                        samples.push(t.elapsed());
+                    }
+                }
+            }
+            CallStyle::FgAsync | CallStyle::BgAwait => {
+                let g = &self.g;
+                self.rt.block_on(async {
+                    for i in 0..warmup + calls {
+                        let t = Instant::now();
+                        add_async(g, i, style).await?;
+                        if i >= warmup {
+                            samples.push(t.elapsed());
+                        }
+                    }
+                    Ok::<(), BoxError>(())
+                })?;
+            }
         }
         Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
     }
@@ -255,7 +322,25 @@ impl Caller {
                     while let Some(done) = tasks.join_next().await {
                         done.map_err(|e| e.to_string())??;
                     }
-                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                    Ok::<(), BoxError>(())
+                })?;
+            }
+            RateMode::BgAwait => {
+                let g = &self.g;
+                self.rt.block_on(async {
+                    let mut window = VecDeque::with_capacity(in_flight);
+                    for i in 0..calls {
+                        if window.len() == in_flight {
+                            if let Some(oldest) = window.pop_front() {
+                                let _: i64 = oldest.await?;
+                            }
+                        }
+                        window.push_back(g.call(ops::ADD).args((i as i64, 1)).bg::<i64>()?);
+                    }
+                    for pending in window {
+                        let _: i64 = pending.await?;
+                    }
+                    Ok::<(), daffi::Error>(())
                 })?;
             }
             RateMode::Pipelined => return Err("pipelined is the floor's mode".into()),
@@ -302,6 +387,9 @@ impl Caller {
             ByteKind::Vec => self.echo_as(kind, data)?,
             ByteKind::ByteBuf => self.echo_as(kind, ByteBuf::from(data))?,
             ByteKind::Bytes => self.echo_as(kind, Bytes::from(data))?,
+            ByteKind::StaticSlice => {
+                return Err("a callback cannot take a borrowed argument".into())
+            }
         };
         Ok(BlobAnswer {
             mib_per_s: ops::mib_per_s(2 * bytes, secs),
@@ -322,6 +410,38 @@ impl Caller {
             return Err(
                 format!("the {} echo changed {sent} bytes into {got}", kind.label()).into(),
             );
+        }
+        Ok(secs)
+    }
+
+    fn result(&mut self, kind: ByteKind, bytes: usize) -> Result<BlobAnswer> {
+        let prepared: u64 = self.g.call(ops::PREPARE).args((bytes as u64,)).fg()?;
+        if prepared != bytes as u64 {
+            return Err(format!("{} prepared {prepared} bytes, not {bytes}", ops::PREPARE).into());
+        }
+        let secs = match kind {
+            ByteKind::Blob | ByteKind::StaticSlice => self.result_as::<Blob>(kind, bytes)?,
+            ByteKind::Vec => self.result_as::<Vec<u8>>(kind, bytes)?,
+            ByteKind::ByteBuf => self.result_as::<ByteBuf>(kind, bytes)?,
+            ByteKind::Bytes => self.result_as::<Bytes>(kind, bytes)?,
+        };
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(bytes, secs),
+        })
+    }
+
+    /// Calls the result callback of `kind` and takes its answer as `T`, as a user of
+    /// that type would: the seconds this took. The value is dropped after.
+    fn result_as<T>(&self, kind: ByteKind, bytes: usize) -> Result<f64>
+    where
+        T: DeserializeOwned + AsRef<[u8]>,
+    {
+        let started = Instant::now();
+        let back: T = self.g.call(&kind.result_callback()).fg()?;
+        let secs = started.elapsed().as_secs_f64();
+        if back.as_ref().len() != bytes || back.as_ref().first() != Some(&0xA5) {
+            let got = back.as_ref().len();
+            return Err(format!("the {} result was {got} bytes, not {bytes}", kind.label()).into());
         }
         Ok(secs)
     }
@@ -365,6 +485,25 @@ impl Caller {
     }
 }
 
+/// One small call from async code, made the way `style` says (`fg_async` unless it
+/// says `bg` + `.await`).
+async fn add_async(g: &Global, i: usize, style: CallStyle) -> Result<()> {
+    let call = g.call(ops::ADD).args((i as i64, 1));
+    let sum: i64 = match style {
+        CallStyle::BgAwait => call.bg::<i64>()?.await?,
+        CallStyle::Fg | CallStyle::FgAsync => call.fg_async().await?,
+    };
+    check_sum(i, sum)
+}
+
+/// Checks the answer of `bench_add(i, 1)`.
+fn check_sum(i: usize, sum: i64) -> Result<()> {
+    if sum != i as i64 + 1 {
+        return Err(format!("{} returned {sum} for ({i}, 1)", ops::ADD).into());
+    }
+    Ok(())
+}
+
 /// `count` idle nodes in one process, all started at once on one runtime. Prints
 /// `ready <seconds>` once every one of them is connected.
 pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
@@ -383,7 +522,7 @@ pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
         while let Some(started) = tasks.join_next().await {
             globals.push(started.map_err(|e| e.to_string())??);
         }
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(globals)
+        Ok::<_, BoxError>(globals)
     })?;
     println!("ready {:.3}", started.elapsed().as_secs_f64());
     wait_for_stdin_eof();

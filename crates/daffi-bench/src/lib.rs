@@ -1,13 +1,18 @@
-//! `daffi bench`: latency and throughput of daffi, beside a raw frame relay (the floor)
-//! measured in the same run. See `BENCHMARKS.md` at the repository root.
+//! `daffi-bench`: latency and throughput of daffi, beside raw frame relays (the floors)
+//! measured in the same run. See `BENCHMARKS.md` at the repository root; run it with
+//! `cargo run --release -p daffi-bench -- [OPTIONS]`.
 //!
-//! The parent process starts every other process itself, as this same binary in a
-//! hidden role (`daffi bench-role ...`), and talks to them over their stdin and stdout:
-//! - `floor.rs`: the floor's relay, server and client;
+//! A crate of its own (`publish = false`), so that the shipped `daffi` binary does not
+//! carry it. The parent process starts every other process itself, as this same binary
+//! in a hidden role (`daffi-bench role ...`), and talks to them over their stdin and
+//! stdout:
+//! - `floor/`: the floors' relays, servers and clients, on tokio and on std threads;
 //! - `roles.rs`: daffi's controller, callee, caller, a swarm of nodes, an idle node;
 //! - `scenarios.rs`: scenarios A to E, which start those and collect the figures;
 //! - `report.rs`: the table and the JSON;
 //! - `ops.rs`, `proc.rs`: the commands children run, and the children themselves.
+
+#![warn(missing_docs)]
 
 mod floor;
 mod ops;
@@ -15,7 +20,6 @@ mod proc;
 mod report;
 mod roles;
 mod scenarios;
-mod write_loop;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -26,7 +30,7 @@ use proc::Endpoint;
 use report::Report;
 use scenarios::{Plan, Scenario, Transport};
 
-/// Options of `daffi bench`.
+/// Options of `daffi-bench`.
 #[derive(Args)]
 pub struct BenchArgs {
     /// A short run of every scenario (seconds, not minutes): fewer calls and
@@ -67,7 +71,7 @@ pub struct BenchArgs {
     child_log_level: String,
 }
 
-/// The role of a process `daffi bench` started.
+/// The role of a process `daffi-bench` started.
 #[derive(Args)]
 pub struct RoleArgs {
     #[command(subcommand)]
@@ -123,6 +127,8 @@ enum Role {
     FloorRelay {
         #[arg(long)]
         listen: Endpoint,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -134,6 +140,8 @@ enum Role {
         connect: Endpoint,
         #[arg(long)]
         name: String,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -147,6 +155,8 @@ enum Role {
         name: String,
         #[arg(long)]
         server: String,
+        #[arg(long, value_enum, default_value = "tokio")]
+        engine: floor::Engine,
         #[arg(long)]
         batched: bool,
         #[arg(long)]
@@ -154,7 +164,7 @@ enum Role {
     },
 }
 
-/// Runs `daffi bench`.
+/// Runs the benchmark.
 pub fn run(args: BenchArgs) -> ExitCode {
     const MIB: usize = 1024 * 1024;
     let quick = args.quick;
@@ -172,7 +182,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     };
     let dir = std::env::temp_dir().join(format!("daffi-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("daffi bench: cannot create {}: {e}", dir.display());
+        eprintln!("daffi-bench: cannot create {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
     let plan = Plan {
@@ -219,7 +229,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
         match serde_json::to_string_pretty(&report) {
             Ok(json) => println!("{json}"),
             Err(e) => {
-                eprintln!("daffi bench: {e}");
+                eprintln!("daffi-bench: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -234,7 +244,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-/// Runs one process of the benchmark (`daffi bench-role ...`).
+/// Runs one process of the benchmark (`daffi-bench role ...`).
 pub fn run_role(args: RoleArgs) -> ExitCode {
     let result = match &args.role {
         Role::Controller {
@@ -260,27 +270,30 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
         Role::Idle { connect, name } => roles::idle(connect, name),
         Role::FloorRelay {
             listen,
+            engine,
             batched,
             max_frame_size,
-        } => floor::relay(listen, *batched, *max_frame_size),
+        } => floor::relay(*engine, listen, *batched, *max_frame_size),
         Role::FloorServer {
             connect,
             name,
+            engine,
             batched,
             max_frame_size,
-        } => floor::server(connect, name, *batched, *max_frame_size),
+        } => floor::server(*engine, connect, name, *batched, *max_frame_size),
         Role::FloorClient {
             connect,
             name,
             server,
+            engine,
             batched,
             max_frame_size,
-        } => floor::client(connect, name, server, *batched, *max_frame_size),
+        } => floor::client(*engine, connect, (name, server), *batched, *max_frame_size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("daffi bench-role: {e}");
+            eprintln!("daffi-bench role: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,4 +1,4 @@
-//! What `daffi bench` reports: figures over repetitions, their floor, ratios, targets;
+//! What `daffi-bench` reports: figures over repetitions, their floor, ratios, targets;
 //! printed as a table or as JSON.
 
 use std::fmt::Write as _;
@@ -252,7 +252,7 @@ impl Row {
     }
 }
 
-/// Everything one `daffi bench` run measured.
+/// Everything one `daffi-bench` run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// daffi's version.
@@ -279,7 +279,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "daffi bench {}{}: {} repetitions per figure; median [min..max]; {} cores; load {} -> {}; {:.0} s",
+            "daffi-bench {}{}: {} repetitions per figure; median [min..max]; {} cores; load {} -> {}; {:.0} s",
             self.version,
             if self.quick { " --quick" } else { "" },
             self.reps,

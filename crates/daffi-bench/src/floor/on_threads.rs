@@ -1,0 +1,515 @@
+//! The threads floor: blocking std threads and `std::net` sockets, no runtime at all.
+//!
+//! The client runs every command on its main thread; the server answers on one thread;
+//! the relay reads each connection on a thread of its own and writes into the
+//! destination's socket under a lock. Two variants:
+//! - **batched**: writes go to a `BufWriter`, flushed when the writer has no more frames
+//!   already read waiting behind this one (its read buffer is empty);
+//! - **direct**: one write call per frame (header and a small payload copied together).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use daffi_wire::frame::{peek_dst, LEN_PREFIX};
+use daffi_wire::{Frame, Kind};
+
+use super::{
+    check_len_reply, check_welcome, count_in, hello, name_of_hello, reply_header, request_header,
+    welcome, Answers, COPY_THRESHOLD, COUNT, SMALL_ARGS,
+};
+use crate::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
+use crate::proc::{answer, Endpoint, Result};
+use crate::report::Percentiles;
+use crate::roles::wait_for_stdin_eof;
+
+/// Read and write buffer of every socket: daffi's batch limit.
+const BUFFER: usize = 64 * 1024;
+
+/// A connected socket, TCP or Unix.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn connect(endpoint: &Endpoint) -> std::io::Result<Stream> {
+        match endpoint {
+            Endpoint::Tcp(host, port) => {
+                let s = TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Endpoint::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path)?)),
+        }
+    }
+
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn bind(endpoint: &Endpoint) -> std::io::Result<(Listener, Endpoint)> {
+        match endpoint {
+            Endpoint::Tcp(host, port) => {
+                let l = TcpListener::bind((host.as_str(), *port))?;
+                let bound = l.local_addr()?;
+                let endpoint = Endpoint::Tcp(bound.ip().to_string(), bound.port());
+                Ok((Listener::Tcp(l), endpoint))
+            }
+            Endpoint::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path)?;
+                Ok((Listener::Unix(l, path.clone()), endpoint.clone()))
+            }
+        }
+    }
+
+    fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Reads frames off a socket, blocking.
+struct Frames {
+    reader: BufReader<Stream>,
+    max_frame_size: usize,
+}
+
+impl Frames {
+    fn new(stream: Stream, max_frame_size: usize) -> Frames {
+        Frames {
+            reader: BufReader::with_capacity(BUFFER, stream),
+            max_frame_size,
+        }
+    }
+
+    /// The next frame's bytes, length prefix included; `None` at a clean end.
+    fn next_raw(&mut self) -> Result<Option<Bytes>> {
+        let mut prefix = [0u8; LEN_PREFIX];
+        if self.reader.fill_buf()?.is_empty() {
+            return Ok(None);
+        }
+        self.reader.read_exact(&mut prefix)?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > self.max_frame_size {
+            return Err(format!("a {len}-byte frame is over the limit").into());
+        }
+        let mut raw = vec![0u8; LEN_PREFIX + len];
+        raw[..LEN_PREFIX].copy_from_slice(&prefix);
+        self.reader.read_exact(&mut raw[LEN_PREFIX..])?;
+        Ok(Some(Bytes::from(raw)))
+    }
+
+    fn next(&mut self) -> Result<Option<Frame>> {
+        match self.next_raw()? {
+            Some(raw) => Ok(Some(Frame::parse(raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether frames already read wait behind the last one: time to flush if not.
+    fn drained(&self) -> bool {
+        self.reader.buffer().is_empty()
+    }
+}
+
+/// Where one thread's frames go.
+struct Writer {
+    out: BufWriter<Stream>,
+    batched: bool,
+}
+
+impl Writer {
+    fn new(stream: Stream, batched: bool) -> Writer {
+        Writer {
+            out: BufWriter::with_capacity(BUFFER, stream),
+            batched,
+        }
+    }
+
+    /// Writes a frame: into the buffer when batched (flushed by [`Writer::flush_if`]),
+    /// else at once, with one write call unless the payload is large.
+    fn frame(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+        if self.batched {
+            self.out.write_all(head)?;
+            return self.out.write_all(body);
+        }
+        let socket = self.out.get_mut();
+        if body.is_empty() {
+            socket.write_all(head)
+        } else if body.len() <= COPY_THRESHOLD {
+            let mut joined = Vec::with_capacity(head.len() + body.len());
+            joined.extend_from_slice(head);
+            joined.extend_from_slice(body);
+            socket.write_all(&joined)
+        } else {
+            socket.write_all(head)?;
+            socket.write_all(body)
+        }
+    }
+
+    /// Flushes when `drained`: nothing more is ready to go out with it.
+    fn flush_if(&mut self, drained: bool) -> std::io::Result<()> {
+        if drained {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+type Route = Arc<Mutex<Writer>>;
+type Routes = Arc<RwLock<HashMap<String, Route>>>;
+
+fn lock(route: &Route) -> MutexGuard<'_, Writer> {
+    route.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The relay process: prints `ready <endpoint>`, routes until stdin closes.
+pub fn relay(listen: &Endpoint, batched: bool, max_frame_size: usize) -> Result<()> {
+    let (listener, bound) = Listener::bind(listen)?;
+    println!("ready {bound}");
+    let routes: Routes = Arc::default();
+    std::thread::spawn(move || loop {
+        let accepted = listener.accept();
+        let routes = routes.clone();
+        std::thread::spawn(move || {
+            let session = accepted
+                .map_err(Into::into)
+                .and_then(|s| relay_session(s, routes, batched, max_frame_size));
+            if let Err(e) = session {
+                eprintln!("threads floor relay: a connection failed: {e}");
+            }
+        });
+    });
+    // The process ends here, its threads with it.
+    wait_for_stdin_eof();
+    Ok(())
+}
+
+fn relay_session(
+    stream: Stream,
+    routes: Routes,
+    batched: bool,
+    max_frame_size: usize,
+) -> Result<()> {
+    let write = stream.try_clone()?;
+    let mut frames = Frames::new(stream, max_frame_size);
+    let name = name_of_hello(frames.next()?)?;
+    let own: Route = Arc::new(Mutex::new(Writer::new(write, batched)));
+    {
+        let mut w = lock(&own);
+        w.frame(&welcome(), &[])?;
+        w.flush_if(true)?;
+    }
+    write_routes(&routes).insert(name.clone(), own);
+    let result = forward_all(&mut frames, &routes);
+    write_routes(&routes).remove(&name);
+    result
+}
+
+/// Forwards every frame to its `dst`, flushing the destinations written to whenever no
+/// more frames are already read.
+fn forward_all(frames: &mut Frames, routes: &Routes) -> Result<()> {
+    let mut unflushed: Vec<Route> = Vec::new();
+    while let Some(raw) = frames.next_raw()? {
+        let dst = peek_dst(&raw).ok_or("a frame shorter than its header")?;
+        let route = std::str::from_utf8(dst)
+            .ok()
+            .and_then(|dst| read_routes(routes).get(dst).cloned());
+        // A peer that is gone loses the frame, as in daffi.
+        if let Some(route) = route {
+            let _ = lock(&route).frame(&raw, &[]);
+            if !unflushed.iter().any(|r| Arc::ptr_eq(r, &route)) {
+                unflushed.push(route);
+            }
+        }
+        if frames.drained() {
+            for route in unflushed.drain(..) {
+                let _ = lock(&route).flush_if(true);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_routes(routes: &Routes) -> std::sync::RwLockReadGuard<'_, HashMap<String, Route>> {
+    routes.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_routes(routes: &Routes) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
+    routes.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connects to the relay and names the connection; returns once the relay answered.
+fn join(
+    endpoint: &Endpoint,
+    name: &str,
+    batched: bool,
+    max_frame_size: usize,
+) -> Result<(Frames, Writer)> {
+    let stream = Stream::connect(endpoint)?;
+    let mut writer = Writer::new(stream.try_clone()?, batched);
+    writer.frame(&hello(name), &[])?;
+    writer.flush_if(true)?;
+    let mut frames = Frames::new(stream, max_frame_size);
+    check_welcome(frames.next()?)?;
+    Ok((frames, writer))
+}
+
+/// The server process: answers every request at once, counts one-way ones.
+pub fn server(connect: &Endpoint, name: &str, batched: bool, max_frame_size: usize) -> Result<()> {
+    let (frames, writer) = join(connect, name, batched, max_frame_size)?;
+    println!("ready");
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        if let Err(e) = serve(frames, writer, &name) {
+            eprintln!("threads floor server: {e}");
+        }
+    });
+    wait_for_stdin_eof();
+    Ok(())
+}
+
+fn serve(mut frames: Frames, mut writer: Writer, name: &str) -> Result<()> {
+    let mut answers = Answers::default();
+    while let Some(frame) = frames.next()? {
+        if let Some(body) = answers.to(&frame) {
+            let head = reply_header(&frame, name).encode(body.len());
+            writer.frame(&head, &body)?;
+        }
+        writer.flush_if(frames.drained())?;
+    }
+    Ok(())
+}
+
+/// The client process: runs the parent's commands against the server.
+pub fn client(
+    connect: &Endpoint,
+    name: &str,
+    server: &str,
+    batched: bool,
+    max_frame_size: usize,
+) -> Result<()> {
+    let (frames, writer) = join(connect, name, batched, max_frame_size)?;
+    let mut client = Client {
+        frames,
+        writer,
+        name: name.to_string(),
+        server: server.to_string(),
+        next_id: 0,
+        blob: Vec::new(),
+    };
+    println!("ready");
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let reply = match serde_json::from_str::<Op>(&line) {
+            Ok(op) => client.run(op),
+            Err(e) => answer::<()>(Err(format!("bad command {line:?}: {e}").into())),
+        };
+        println!("{reply}");
+    }
+    Ok(())
+}
+
+struct Client {
+    frames: Frames,
+    writer: Writer,
+    name: String,
+    server: String,
+    next_id: u64,
+    blob: Vec<u8>,
+}
+
+impl Client {
+    fn run(&mut self, op: Op) -> String {
+        match op {
+            Op::Latency { calls, warmup, .. } => answer(self.latency(calls, warmup)),
+            Op::Rate {
+                mode: RateMode::Pipelined,
+                calls,
+                in_flight,
+            } => answer(self.pipelined(calls, in_flight)),
+            Op::OneWay { calls } => answer(self.one_way(calls)),
+            Op::Blob { bytes } => answer(self.blob(bytes)),
+            other => answer::<()>(Err(format!("the floor does not do {other:?}").into())),
+        }
+    }
+
+    /// Writes a request (into the buffer when batched); returns its call id.
+    fn request(&mut self, callback: &str, body: &[u8], no_reply: bool) -> Result<u64> {
+        self.next_id += 1;
+        let header = request_header(self.next_id, &self.name, &self.server, callback, no_reply);
+        self.writer.frame(&header.encode(body.len()), body)?;
+        Ok(self.next_id)
+    }
+
+    /// Sends what is buffered.
+    fn flush(&mut self) -> Result<()> {
+        Ok(self.writer.flush_if(true)?)
+    }
+
+    fn reply(&mut self) -> Result<Frame> {
+        match self.frames.next()? {
+            Some(f) if f.kind() == Kind::Reply => Ok(f),
+            Some(f) => Err(format!("unexpected {:?} frame", f.kind()).into()),
+            None => Err("the relay closed the connection".into()),
+        }
+    }
+
+    fn round_trip(&mut self, callback: &str, body: &[u8]) -> Result<Frame> {
+        let id = self.request(callback, body, false)?;
+        self.flush()?;
+        let reply = self.reply()?;
+        if reply.call_id() != id {
+            return Err(format!("reply to call {} while waiting for {id}", reply.call_id()).into());
+        }
+        Ok(reply)
+    }
+
+    fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
+        for _ in 0..warmup {
+            self.round_trip(ops::ADD, SMALL_ARGS)?;
+        }
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let t = Instant::now();
+            self.round_trip(ops::ADD, SMALL_ARGS)?;
+            samples.push(t.elapsed());
+        }
+        Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
+    }
+
+    /// Keeps `in_flight` requests outstanding: a request is written for each reply,
+    /// and the buffer is flushed when no more replies are already read.
+    fn pipelined(&mut self, calls: usize, in_flight: usize) -> Result<RateAnswer> {
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < in_flight.max(1).min(calls) {
+            self.request(ops::ADD, SMALL_ARGS, false)?;
+            sent += 1;
+        }
+        self.flush()?;
+        for _ in 0..calls {
+            self.reply()?;
+            if sent < calls {
+                self.request(ops::ADD, SMALL_ARGS, false)?;
+                sent += 1;
+            }
+            self.writer.flush_if(self.frames.drained())?;
+        }
+        Ok(RateAnswer {
+            calls_per_s: calls as f64 / started.elapsed().as_secs_f64(),
+            lost: 0,
+        })
+    }
+
+    fn one_way(&mut self, calls: usize) -> Result<RateAnswer> {
+        let started = Instant::now();
+        for _ in 0..calls {
+            self.request(ops::SINK, &[], true)?;
+        }
+        let reply = self.round_trip(COUNT, &[])?;
+        let secs = started.elapsed().as_secs_f64();
+        let counted = count_in(&reply)?;
+        Ok(RateAnswer {
+            calls_per_s: counted as f64 / secs,
+            lost: (calls as u64).saturating_sub(counted),
+        })
+    }
+
+    fn blob(&mut self, bytes: usize) -> Result<BlobAnswer> {
+        if self.blob.len() != bytes {
+            self.blob = Vec::new();
+            self.blob = vec![0xA5u8; bytes];
+        }
+        let started = Instant::now();
+        let blob = std::mem::take(&mut self.blob);
+        let reply = self.round_trip(ops::LEN, &blob);
+        self.blob = blob;
+        let secs = started.elapsed().as_secs_f64();
+        check_len_reply(&reply?)?;
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(bytes, secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daffi_wire::Header;
+
+    #[test]
+    fn frames_survive_both_writers_and_the_reader() {
+        for batched in [true, false] {
+            let (a, b) = UnixStream::pair().expect("socket pair");
+            let mut writer = Writer::new(Stream::Unix(a), batched);
+            let big = vec![7u8; 100_000];
+            for (i, body) in [&b"small"[..], &big].into_iter().enumerate() {
+                let mut h = Header::control(Kind::Request);
+                h.call_id = i as u64;
+                writer.frame(&h.encode(body.len()), body).expect("write");
+            }
+            writer.flush_if(true).expect("flush");
+            drop(writer);
+            let mut frames = Frames::new(Stream::Unix(b), 1 << 20);
+            let first = frames.next().expect("read").expect("frame");
+            assert_eq!(&first.payload()[..], b"small");
+            let second = frames.next().expect("read").expect("frame");
+            assert_eq!((second.call_id(), &second.payload()[..]), (1, &big[..]));
+            assert!(frames.next().expect("clean end").is_none());
+        }
+    }
+}
