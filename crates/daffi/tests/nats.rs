@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::NatsServer;
+use common::nats::{NatsCluster, NatsServer};
 use common::{run_role, spawn_role_child, unique, Log, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Error, Global, GlobalBuilder};
 
@@ -63,11 +63,20 @@ fn fail() -> Result<(), String> {
 fn note(caller: String, n: i64) -> Result<(), String> {
     let started = WORKER.wait_until(WAIT.as_millis() as u64, |g| !g.is_empty());
     let g = started.first().ok_or("not a worker")?;
+    // The caller's `noted` may not have reached this node's view yet.
+    g.wait_function_timeout("noted", WAIT)
+        .map_err(|e| e.to_string())?;
     g.call("noted")
         .args((n,))
         .on(&caller)
         .no_return()
         .map_err(|e| e.to_string())
+}
+
+/// A name with every character a subject token cannot hold.
+#[callback(name = "odd.name with space*>")]
+fn odd_name() -> String {
+    whoami()
 }
 
 /// A worker: serves the callbacks above until killed.
@@ -254,6 +263,13 @@ fn broadcast_gives_results_by_node_and_names_the_failing_ones() {
         .builder(&unique("caller"))
         .start()
         .expect("caller starts");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    caller
+        .register("noted", move |n: i64| {
+            let _ = tx.lock().expect("lock").send(n);
+        })
+        .expect("register");
     mesh.spawn_worker(&caller, "b1");
     mesh.spawn_worker(&caller, "b2");
 
@@ -282,13 +298,6 @@ fn broadcast_gives_results_by_node_and_names_the_failing_ones() {
         other => panic!("expected Broadcast, got {other:?}"),
     }
     let me = caller.process_name().to_string();
-    let (tx, rx) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    caller
-        .register("noted", move |n: i64| {
-            let _ = tx.lock().expect("lock").send(n);
-        })
-        .expect("register");
     caller
         .call("note")
         .args((me, 1i64))
@@ -297,5 +306,170 @@ fn broadcast_gives_results_by_node_and_names_the_failing_ones() {
     for _ in 0..2 {
         assert_eq!(rx.recv_timeout(WAIT).expect("each worker ran it"), 1);
     }
+    caller.stop();
+}
+
+#[test]
+fn names_with_dots_spaces_and_wildcards_are_carried_whole() {
+    let server = NatsServer::start();
+    let mut mesh = Mesh::new(server.url());
+    let caller = mesh
+        .builder("caller.one two")
+        .start()
+        .expect("caller starts");
+    let odd = "w.1 x*>";
+    mesh.spawn_worker(&caller, odd);
+    let who: String = caller
+        .call("odd.name with space*>")
+        .on(odd)
+        .fg()
+        .expect("odd names");
+    assert_eq!(who, odd);
+    let members = caller.registered_callbacks();
+    assert!(members["odd.name with space*>"].contains(&odd.to_string()));
+    caller.stop();
+}
+
+#[test]
+fn a_process_name_is_unique_across_the_servers_of_a_cluster() {
+    let cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let mesh = Mesh::new(urls.join(","));
+    let first = mesh
+        .builder_on(&urls[0], "dup")
+        .start()
+        .expect("first starts");
+    let second = mesh.builder_on(&urls[1], "dup").start();
+    assert!(
+        matches!(&second, Err(Error::DuplicateProcessName { process }) if process == "dup"),
+        "{second:?}"
+    );
+    // Once the first says goodbye, the name is free again.
+    first.stop();
+    first.join().expect("join");
+    let again = mesh
+        .builder_on(&urls[2], "dup")
+        .start()
+        .expect("name freed");
+    again.stop();
+}
+
+#[test]
+fn a_killed_worker_leaves_within_the_bound_and_broadcasts_stop_waiting_for_it() {
+    let server = NatsServer::start();
+    let mut mesh = Mesh::new(server.url());
+    let (removed_tx, removed) = mpsc::channel();
+    let removed_tx = std::sync::Mutex::new(removed_tx);
+    let caller = mesh
+        .builder(&unique("caller"))
+        .on_member_removed(move |_, name| {
+            let _ = removed_tx
+                .lock()
+                .expect("lock")
+                .send((name.to_string(), Instant::now()));
+        })
+        .start()
+        .expect("caller starts");
+    mesh.spawn_worker(&caller, "k1");
+    mesh.spawn_worker(&caller, "k2");
+
+    // A broadcast with no timeout, in flight on both when k1 dies.
+    let broadcaster = caller.clone();
+    let broadcast = std::thread::spawn(move || {
+        broadcaster
+            .call("sleep_ms")
+            .args((20_000u64,))
+            .broadcast_results::<u64>()
+    });
+    // k1 is running it once it serves nothing new: ask it something quick first,
+    // which it answers after the broadcast's request (one subject, in order).
+    let who: String = caller.call("whoami").on("k1").fg().expect("k1 answers");
+    assert_eq!(who, "k1");
+    let killed_at = Instant::now();
+    mesh.workers[0].kill();
+
+    let (name, at) = removed.recv_timeout(WAIT).expect("k1 leaves the view");
+    assert_eq!(name, "k1");
+    let left_after = at - killed_at;
+    eprintln!("a SIGKILLed node left the view after {left_after:?}");
+    assert!(
+        left_after < Duration::from_secs(15),
+        "left after {left_after:?}, beyond the stated bound (12 s TTL after its last 1 s heartbeat)"
+    );
+    let results = broadcast
+        .join()
+        .expect("broadcast thread")
+        .expect("broadcast");
+    assert!(
+        matches!(&results["k1"], Err(Error::PeerDisconnected { process, .. }) if process == "k1"),
+        "{:?}",
+        results["k1"]
+    );
+    assert_eq!(*results["k2"].as_ref().expect("k2 answered"), 20_000);
+    assert!(matches!(
+        caller.call("whoami").on("k1").fg::<String>(),
+        Err(Error::UnknownProcess { .. })
+    ));
+    caller.stop();
+}
+
+#[test]
+fn calls_fail_over_when_the_only_server_given_is_killed() {
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let mut mesh = Mesh::new(urls[0].clone());
+    let caller = mesh
+        .builder(&unique("caller"))
+        .start()
+        .expect("caller starts");
+    mesh.spawn_worker(&caller, "f1");
+    let call = || {
+        caller
+            .call("add")
+            .args((1, 2))
+            .timeout(Duration::from_secs(2))
+            .fg::<i64>()
+    };
+    assert_eq!(call().expect("before"), 3);
+
+    let killed_at = Instant::now();
+    cluster.kill(0);
+    // Calls until 50 in a row succeed: each failure is a named error, none waits past
+    // its timeout, and the last one comes within the bound.
+    let mut failures = Vec::new();
+    let mut last_failure = None;
+    let mut in_a_row = 0;
+    while in_a_row < 50 {
+        let attempt = Instant::now();
+        match call() {
+            Ok(sum) => {
+                assert_eq!(sum, 3);
+                in_a_row += 1;
+            }
+            Err(e) => {
+                assert!(
+                    attempt.elapsed() < Duration::from_secs(3),
+                    "a call hung past its timeout: {e}"
+                );
+                in_a_row = 0;
+                last_failure = Some(killed_at.elapsed());
+                failures.push(format!("{:?} {e}", killed_at.elapsed()));
+                // Calls fail fast while the cluster recovers: pace the retries.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        assert!(
+            killed_at.elapsed() < WAIT,
+            "no recovery within {WAIT:?}: {failures:?}"
+        );
+    }
+    eprintln!(
+        "failover: the last failed call came {last_failure:?} after the server was killed ({} failed calls)",
+        failures.len()
+    );
+    for f in failures.iter().step_by(20) {
+        eprintln!("  {f}");
+    }
+    assert!(caller.registered_callbacks()["add"].contains(&"f1".to_string()));
     caller.stop();
 }

@@ -358,7 +358,8 @@ impl GlobalBuilder {
     /// works over it (DESIGN.md section 9): calls go to a node's own subject, and the
     /// membership lives in a replicated JetStream KV bucket (JetStream must be enabled
     /// on the servers). A node that dies without saying goodbye leaves the others' view
-    /// within 5 s. Schedules (PERIOD) and the controller's counters are not available
+    /// within 13 s (its entry expires 12 s after its last heartbeat, sent every second;
+    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Schedules (PERIOD) and the controller's counters are not available
     /// over NATS yet: they fail with [`Error::Unsupported`].
     ///
     /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).

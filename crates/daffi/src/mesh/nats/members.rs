@@ -20,15 +20,18 @@ use crate::error::{Error, Result};
 use crate::protocol::message::{self, Member, MembershipEvent};
 
 /// How long an entry lives without a heartbeat: a node that dies leaves every view
-/// within this (after its last heartbeat). Long enough to ride out the loss of one
-/// server of a cluster (reconnect, a new leader for the bucket) without flapping.
-pub const MEMBER_TTL: Duration = Duration::from_secs(5);
+/// within this (after its last heartbeat). Long enough to ride out the loss of the
+/// server that leads the bucket: its replicas elect a new leader within NATS's
+/// election timeout (at most 9 s), which then expires what is older than this at
+/// once, before the heartbeats held up meanwhile land.
+pub const MEMBER_TTL: Duration = Duration::from_secs(12);
 
 /// How often a node renews its entry.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// How long a watch may deliver nothing of a bucket that holds values before its first
-/// view counts as complete (the values were expiry markers that expired meanwhile).
+/// How long a watch may deliver nothing of a bucket that holds values before the node
+/// stops waiting for a whole first view (the values were expiry markers that expired
+/// meanwhile, or the cluster is electing a leader).
 const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
 /// This node's entry: what the others know of it.
@@ -157,9 +160,11 @@ pub async fn keep_record(
     mesh.finished.send_replace(true);
 }
 
-/// Writes `record` over this node's entry at `revision`; the new revision. An entry
-/// that expired meanwhile (the node was cut off longer than [`MEMBER_TTL`]) is created
-/// again, unless another node has taken the name since.
+/// Writes `record` over this node's entry at `revision`; the new revision. When the
+/// entry is not at `revision`, it is looked at: this node's own (a write that timed
+/// out had landed) is written over at its revision; one that expired meanwhile (the
+/// node was cut off longer than [`MEMBER_TTL`]) is created again, unless another node
+/// has taken the name since.
 async fn renew(
     mesh: &NatsMesh,
     bucket: &Store,
@@ -167,29 +172,41 @@ async fn renew(
     record: &MemberRecord,
     revision: u64,
 ) -> Option<u64> {
-    match bucket.update(key, record.encode(), revision).await {
-        Ok(revision) => Some(revision),
-        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-            match bucket.create(key, record.encode()).await {
-                Ok(revision) => {
-                    tracing::info!(process = %mesh.name, "this node's membership entry had expired; joined again");
-                    Some(revision)
-                }
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+    let failed = |e: &dyn std::fmt::Display| {
+        tracing::debug!(process = %mesh.name, error = %e, "could not renew this node's membership entry; trying again at the next heartbeat");
+        None
+    };
+    let e = match bucket.update(key, record.encode(), revision).await {
+        Ok(revision) => return Some(revision),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
+        Err(e) => return failed(&e),
+    };
+    let current = match bucket.entry(key).await {
+        Ok(current) => current,
+        Err(_) => return failed(&e),
+    };
+    let result = match current {
+        Some(entry) if entry.operation == Operation::Put => {
+            match message::decode::<MemberRecord>(&entry.value) {
+                Ok(theirs) if theirs.instance == record.instance => bucket
+                    .update(key, record.encode(), entry.revision)
+                    .await
+                    .map_err(|e| e.to_string()),
+                _ => {
                     tracing::error!(process = %mesh.name, "another node took this node's process name while this one was cut off; the others now route this name there");
-                    None
-                }
-                Err(e) => {
-                    tracing::debug!(process = %mesh.name, error = %e, "could not renew this node's membership entry");
-                    None
+                    return None;
                 }
             }
         }
-        Err(e) => {
-            tracing::debug!(process = %mesh.name, error = %e, "could not renew this node's membership entry");
-            None
+        _ => {
+            tracing::info!(process = %mesh.name, "this node's membership entry had expired; joining again");
+            bucket
+                .create(key, record.encode())
+                .await
+                .map_err(|e| e.to_string())
         }
-    }
+    };
+    result.map_or_else(|e| failed(&e), Some)
 }
 
 /// Keeps the view current: a watch of the bucket while connected, started again
@@ -231,40 +248,44 @@ async fn follow_bucket(
         Err(e) => return format!("watch: {e}"),
     };
     let mut snapshot = Vec::new();
-    if values > 0 {
-        loop {
-            let entry = match tokio::time::timeout(SNAPSHOT_QUIET, watch.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(entry))) => entry,
-                Ok(Some(Err(e))) => return format!("watch: {e}"),
-                Ok(None) => return "the watch ended".into(),
-            };
-            let pending = entry.delta;
-            if let Some(member) = member_of(mesh, &entry) {
-                snapshot.push(member);
-            }
-            if pending == 0 {
-                break;
-            }
+    let mut complete = values == 0;
+    while !complete {
+        let entry = match tokio::time::timeout(SNAPSHOT_QUIET, watch.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(entry))) => entry,
+            Ok(Some(Err(e))) => return format!("watch: {e}"),
+            Ok(None) => return "the watch ended".into(),
+        };
+        complete = entry.delta == 0;
+        snapshot.push(entry);
+    }
+    if complete {
+        let members = snapshot.iter().filter_map(|e| member_of(mesh, e)).collect();
+        mesh.report(mesh.membership.reset(members));
+    } else {
+        // The watch is slow (a cluster electing a leader): keep the view, and apply
+        // what came as changes.
+        for entry in &snapshot {
+            apply(mesh, entry);
         }
     }
-    let changes = mesh.membership.reset(snapshot);
-    mesh.report(changes);
     if let Some(first) = first.take() {
         let _ = first.send(Ok(()));
     }
     while let Some(entry) = watch.next().await {
         match entry {
-            Ok(entry) => {
-                if let Some(event) = event_of(mesh, &entry) {
-                    let changes = mesh.membership.apply(event);
-                    mesh.report(changes);
-                }
-            }
+            Ok(entry) => apply(mesh, &entry),
             Err(e) => return format!("watch: {e}"),
         }
     }
     "the watch ended".into()
+}
+
+/// Applies one change of the bucket to the view.
+fn apply(mesh: &NatsMesh, entry: &kv::Entry) {
+    if let Some(event) = event_of(mesh, entry) {
+        mesh.report(mesh.membership.apply(event));
+    }
 }
 
 /// The member an entry of the first view stands for (none for deleted or leaving

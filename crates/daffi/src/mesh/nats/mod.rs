@@ -10,8 +10,8 @@
 //!   expired by the bucket's age limit when a node dies; a watch keeps the view current
 //!   (`members`).
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
-//!   the ones it learns). Losing the connection fails the calls in flight, and empties
-//!   the view until the connection is back.
+//!   the ones it learns). Losing the connection fails the calls in flight; the view
+//!   is kept, and brought up to date by a new watch once the connection is back.
 
 mod caller;
 mod incoming;
@@ -173,7 +173,9 @@ impl NatsMesh {
     }
 
     /// The client lost its server: calls in flight fail (their replies may be lost),
-    /// new calls fail until it is back, and the view empties.
+    /// and new calls fail until it is back. The view stays: the membership lives in the
+    /// cluster, not in this connection, and is most likely the same once the client
+    /// is back (the watch then corrects it), so calls work again at once.
     fn lost_connection(&self) {
         if !self.connected.send_replace(false) {
             return;
@@ -181,13 +183,11 @@ impl NatsMesh {
         tracing::warn!(process = %self.name, "lost the NATS server; reconnecting");
         self.pending
             .fail_all(|| self.unreachable("connection to the NATS server lost"));
-        let changes = self.membership.reset(Vec::new());
         self.emit(NodeEvent::Disconnected);
-        self.report(changes);
     }
 
     /// The client is connected again: the membership entry is renewed at once, and the
-    /// view rebuilt (by the watch).
+    /// view brought up to date (by a new watch).
     fn regained_connection(&self) {
         if self.connected.send_replace(true) {
             return;
