@@ -295,6 +295,16 @@ pub enum Error {
         method: &'static str,
     },
 
+    /// What was asked is not available with this backend (yet): for example the
+    /// schedules and counters of the controller, asked of a node on a NATS cluster.
+    #[error("{what} is not available {reason}")]
+    Unsupported {
+        /// What was asked.
+        what: String,
+        /// Why not, and where it is available.
+        reason: String,
+    },
+
     /// This `Global` runs only a controller (`init_node(false)`), so it cannot call or serve.
     #[error("this Global runs no node (`init_node(false)`); calls and callbacks need a node")]
     NoNode,

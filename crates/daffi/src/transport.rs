@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::error::{Error, Result};
+#[cfg(feature = "nats")]
+pub use tls::client_config;
 pub use tls::{ClientTls, ServerTls, TLS_HANDSHAKE_RECORD};
 
 /// The read half of a connection.

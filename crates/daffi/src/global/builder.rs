@@ -44,12 +44,19 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | [`tls_ca`](Self::tls_ca) (node) | unset: the system's trusted roots |
 /// | [`tls_server_name`](Self::tls_server_name) (node) | the host connected to |
 /// | [`tls_client_cert`](Self::tls_client_cert) / [`tls_client_key`](Self::tls_client_key) (node) | unset: no client certificate |
+/// | [`nats`](Self::nats) | unset: the built-in controller |
+/// | [`namespace`](Self::namespace) (NATS) | `"daffi"` |
+/// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
 /// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
 /// that runs beside its controller (`init_controller(true)`) reaches it in-process,
 /// without TLS or token: the node options (and the token) then serve the other
 /// processes of the mesh only. See `docs/SECURITY.md` for which setup protects against
 /// what.
+///
+/// With [`nats`](Self::nats), the node joins a mesh on a NATS cluster instead of a
+/// controller: `auth_token`, `tls_ca` and `tls_client_cert`/`_key` then apply to the
+/// connection to the NATS servers, and the controller's options do not apply.
 #[derive(Debug, Clone)]
 #[must_use = "a GlobalBuilder does nothing until you call start() or start_async()"]
 pub struct GlobalBuilder {
@@ -78,6 +85,9 @@ pub struct GlobalBuilder {
     pub(super) tls_server_name: Option<String>,
     pub(super) tls_client_cert: Option<PathBuf>,
     pub(super) tls_client_key: Option<PathBuf>,
+    pub(super) nats: Option<String>,
+    pub(super) namespace: String,
+    pub(super) nats_credentials: Option<PathBuf>,
     pub(super) hooks: Hooks,
 }
 
@@ -109,6 +119,9 @@ impl Default for GlobalBuilder {
             tls_server_name: None,
             tls_client_cert: None,
             tls_client_key: None,
+            nats: None,
+            namespace: "daffi".into(),
+            nats_credentials: None,
             hooks: Hooks::default(),
         }
     }
@@ -336,6 +349,39 @@ impl GlobalBuilder {
     /// Node: the PEM file with the private key of [`tls_client_cert`](Self::tls_client_cert).
     pub fn tls_client_key(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_client_key = Some(path.into());
+        self
+    }
+
+    /// Joins a mesh on a NATS cluster instead of a controller: one or more server URLs,
+    /// comma-separated (`"nats://10.0.0.1:4222,nats://10.0.0.2:4222"`); the client also
+    /// learns the cluster's other servers, and reconnects across them. The same API
+    /// works over it (DESIGN.md section 9): calls go to a node's own subject, and the
+    /// membership lives in a replicated JetStream KV bucket (JetStream must be enabled
+    /// on the servers). A node that dies without saying goodbye leaves the others' view
+    /// within 13 s (its entry expires 12 s after its last heartbeat, sent every second;
+    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Schedules (PERIOD) and the controller's counters are not available
+    /// over NATS yet: they fail with [`Error::Unsupported`].
+    ///
+    /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).
+    /// Needs daffi's `nats` cargo feature (`daffi = { features = ["nats"] }`); built
+    /// without it, `start` fails with [`Error::Config`] saying so.
+    pub fn nats(mut self, urls: impl Into<String>) -> Self {
+        self.nats = Some(urls.into());
+        self
+    }
+
+    /// Keeps several meshes apart on one NATS cluster: it prefixes their subjects and
+    /// names their membership bucket (`<namespace>-members`). ASCII letters, digits,
+    /// `-` and `_`. Default: `"daffi"`. Only with [`nats`](Self::nats).
+    pub fn namespace(mut self, name: impl Into<String>) -> Self {
+        self.namespace = name.into();
+        self
+    }
+
+    /// A NATS credentials file (`.creds`: a user JWT and its NKey seed) to connect to
+    /// the NATS servers with. Only with [`nats`](Self::nats).
+    pub fn nats_credentials(mut self, path: impl Into<PathBuf>) -> Self {
+        self.nats_credentials = Some(path.into());
         self
     }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 
 use super::hooks::run_hooks;
 use super::{Global, GlobalBuilder, Inner};
@@ -14,6 +15,7 @@ use crate::controller::{ControllerConfig, ControllerHandle};
 use crate::error::{Error, Result};
 use crate::executor::{Executor, Limits};
 use crate::mesh::controller::{ControllerMesh, NodeConfig, Route};
+use crate::mesh::NodeEvent;
 use crate::node::Node;
 use crate::protocol::{check_name, NameKind};
 use crate::transport::Address;
@@ -36,6 +38,9 @@ impl GlobalBuilder {
             }
             None => format!("node-{}", random_suffix()),
         };
+        if self.nats.is_some() {
+            return self.launch_nats(name, runtime, owned).await;
+        }
         if self.stall_timeout.is_zero() {
             return Err(Error::Config(
                 "stall_timeout must be longer than zero".into(),
@@ -44,7 +49,7 @@ impl GlobalBuilder {
         let mut address = self.address()?;
         let auth_token = self.token()?;
         let (server_tls, client_tls) = self.load_tls(&address)?;
-        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let controller = if self.init_controller {
             let config = ControllerConfig {
                 max_frame_size: self.max_frame_size,
@@ -86,18 +91,38 @@ impl GlobalBuilder {
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
             };
-            let limits = Limits {
-                max_concurrent_callbacks: self.max_concurrent_callbacks,
-                max_sync_callbacks: self.max_sync_callbacks,
-                stop_timeout: self.stop_timeout,
-            };
-            let executor = Executor::new(Arc::from(name.as_str()), limits, static_callbacks());
+            let executor = self.executor(&name);
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
             mesh.start().await?;
             Some(Arc::new(Node::new(executor, mesh, self.max_in_flight)))
         } else {
             None
         };
+        self.finish(name, address, runtime, node, controller, owned, events_rx)
+    }
+
+    /// The executor of a node called `name`, with the `#[callback]` functions.
+    fn executor(&self, name: &str) -> Arc<Executor> {
+        let limits = Limits {
+            max_concurrent_callbacks: self.max_concurrent_callbacks,
+            max_sync_callbacks: self.max_sync_callbacks,
+            stop_timeout: self.stop_timeout,
+        };
+        Executor::new(Arc::from(name), limits, static_callbacks())
+    }
+
+    /// The `Global` of a started node (and controller), with the thread of its hooks.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        name: String,
+        address: Address,
+        runtime: Handle,
+        node: Option<Arc<Node>>,
+        controller: Option<ControllerHandle>,
+        owned: Option<OwnedRuntime>,
+        events_rx: mpsc::UnboundedReceiver<NodeEvent>,
+    ) -> Result<Global> {
         let global = Global {
             inner: Arc::new(Inner {
                 name,
@@ -123,6 +148,61 @@ impl GlobalBuilder {
                 })?;
         }
         Ok(global)
+    }
+
+    /// Starts a node on a NATS cluster (`nats(..)`): no controller.
+    #[cfg(feature = "nats")]
+    async fn launch_nats(
+        self,
+        name: String,
+        runtime: Handle,
+        owned: Option<OwnedRuntime>,
+    ) -> Result<Global> {
+        let urls = self.checked_nats_urls()?;
+        let config = crate::mesh::nats::NatsConfig {
+            urls,
+            namespace: self.namespace.clone(),
+            credentials: self.nats_credentials.clone(),
+            auth_token: self.token()?,
+            tls: self.nats_tls()?,
+            connect_timeout: self.connect_timeout,
+            max_frame_size: self.max_frame_size,
+        };
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let executor = self.executor(&name);
+        let mesh = crate::mesh::nats::NatsMesh::start(config, executor.clone(), events_tx).await?;
+        let node = Arc::new(Node::new(executor, mesh, self.max_in_flight));
+        let address = self.address()?;
+        self.finish(name, address, runtime, Some(node), None, owned, events_rx)
+    }
+
+    /// Built without the `nats` feature: says how to get it.
+    #[cfg(not(feature = "nats"))]
+    async fn launch_nats(
+        self,
+        _name: String,
+        _runtime: Handle,
+        _owned: Option<OwnedRuntime>,
+    ) -> Result<Global> {
+        self.checked_nats_urls()?;
+        Err(Error::Config(
+            "nats(..): daffi was built without the `nats` feature: enable it with `daffi = { features = [\"nats\"] }`".into(),
+        ))
+    }
+
+    /// The `nats(..)` URLs, checked against the options that do not go with them.
+    fn checked_nats_urls(&self) -> Result<String> {
+        if self.init_controller {
+            return Err(Error::Config(
+                "init_controller(true) and nats(..) do not go together: a mesh on a NATS cluster has no controller; drop one of them".into(),
+            ));
+        }
+        if !self.init_node {
+            return Err(Error::Config(
+                "nats(..) with init_node(false): nothing to start (a NATS mesh has no controller to run)".into(),
+            ));
+        }
+        Ok(self.nats.clone().unwrap_or_default())
     }
 }
 

@@ -55,15 +55,7 @@ impl GlobalBuilder {
                 "tls, tls_ca, tls_server_name, tls_client_cert and tls_client_key set up a node, and this Global runs none (init_node(false))".into(),
             ));
         }
-        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
-            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
-            (None, None) => None,
-            _ => {
-                return Err(Error::Config(
-                    "a client certificate needs both tls_client_cert and tls_client_key".into(),
-                ))
-            }
-        };
+        let identity = self.client_identity()?;
         if self.init_controller {
             if node_options && server.is_none() {
                 return Err(Error::Config(
@@ -75,5 +67,41 @@ impl GlobalBuilder {
         let server_name = self.tls_server_name.as_deref().unwrap_or(host);
         let client = ClientTls::load(self.tls_ca.as_deref(), identity, server_name)?;
         Ok((server, Some(Arc::new(client))))
+    }
+}
+
+impl GlobalBuilder {
+    /// The TLS of the connection to the NATS servers: `tls_ca` and the client
+    /// certificate, or none. The controller's options have no place there.
+    #[cfg(feature = "nats")]
+    pub(super) fn nats_tls(&self) -> Result<Option<rustls::ClientConfig>> {
+        if self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some() {
+            return Err(Error::Config(
+                "tls_cert, tls_key and tls_client_ca set up a controller, and a mesh on NATS has none; TLS to the NATS servers is tls_ca and tls_client_cert/tls_client_key".into(),
+            ));
+        }
+        if self.tls_server_name.is_some() {
+            return Err(Error::Config(
+                "tls_server_name does not apply to NATS: the servers' certificates are checked against the hosts of their URLs".into(),
+            ));
+        }
+        let identity = self.client_identity()?;
+        if !self.tls && self.tls_ca.is_none() && identity.is_none() {
+            return Ok(None);
+        }
+        crate::transport::client_config(self.tls_ca.as_deref(), identity).map(Some)
+    }
+}
+
+impl GlobalBuilder {
+    /// The node's client certificate and key, if given (both or neither).
+    fn client_identity(&self) -> Result<Option<(&std::path::Path, &std::path::Path)>> {
+        match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Ok(Some((cert.as_path(), key.as_path()))),
+            (None, None) => Ok(None),
+            _ => Err(Error::Config(
+                "a client certificate needs both tls_client_cert and tls_client_key".into(),
+            )),
+        }
     }
 }

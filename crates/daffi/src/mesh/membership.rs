@@ -223,6 +223,16 @@ impl Membership {
         self.read().leaving.contains(node)
     }
 
+    /// Whether `node` is in the view with exactly `callbacks` (so an update that says
+    /// so again changes nothing).
+    #[cfg(feature = "nats")]
+    pub fn is_current(&self, node: &str, callbacks: &[String]) -> bool {
+        self.read()
+            .nodes
+            .get(node)
+            .is_some_and(|known| known == callbacks)
+    }
+
     /// Whether `node` is connected.
     pub fn has_node(&self, node: &str) -> bool {
         self.read().nodes.contains_key(node)

@@ -22,6 +22,8 @@
 
 pub mod controller;
 mod membership;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod pending;
 
 use std::future::Future;
@@ -33,8 +35,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::Result;
-use crate::protocol::message::{ControlAnswer, ControlRequest};
+use crate::error::{Error, Result};
+use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 pub use membership::{Changes, Membership};
 pub use pending::{sleep_until, Pending, Waiter};
 
@@ -75,12 +77,42 @@ pub enum NodeEvent {
 /// Checks that a node may announce `names` through a mesh whose messages hold at most
 /// `limit` bytes.
 pub fn check_callback_list<S: AsRef<str>>(names: &[S], limit: usize) -> Result<()> {
-    crate::protocol::check_callback_list(names, limit).map_err(|e| {
-        crate::error::Error::CallbackListTooLarge {
-            size: e.size,
-            limit: e.limit,
-        }
+    crate::protocol::check_callback_list(names, limit).map_err(|e| Error::CallbackListTooLarge {
+        size: e.size,
+        limit: e.limit,
     })
+}
+
+/// The error of a call that `process` answered with an error reply (`payload`, an
+/// encoded [`RemoteError`]): the same named error whatever the mesh.
+pub fn remote_failure(payload: &[u8], process: &str, callback: &str) -> Error {
+    let (kind, message) = match message::decode::<RemoteError>(payload) {
+        Ok(e) => (e.kind, e.message),
+        Err(e) => (
+            RemoteErrorKind::Failed,
+            format!("undecodable error reply: {e}"),
+        ),
+    };
+    let (process, callback) = (process.to_string(), callback.to_string());
+    match kind {
+        RemoteErrorKind::BadArguments => Error::BadArguments {
+            process,
+            callback,
+            message,
+        },
+        RemoteErrorKind::NotFound => Error::NoProvider {
+            callback,
+            on: Some(process),
+        },
+        RemoteErrorKind::Overloaded => Error::Overloaded { process, callback },
+        RemoteErrorKind::Stopping => Error::PeerStopped { process, callback },
+        RemoteErrorKind::Failed | RemoteErrorKind::Panicked => Error::Remote {
+            process,
+            callback,
+            message,
+            panicked: kind == RemoteErrorKind::Panicked,
+        },
+    }
 }
 
 /// What a node needs from the mesh. See the module doc for what each part means.

@@ -151,11 +151,14 @@ impl Pending {
 
     /// Closes the table and fails every waiting call with the error `make` builds.
     pub fn close(&self, make: impl Fn() -> Error) {
-        let failed: Vec<Entry> = {
-            let mut table = self.lock();
-            table.closed = true;
-            table.calls.drain().map(|(_, e)| e).collect()
-        };
+        self.lock().closed = true;
+        self.fail_all(make);
+    }
+
+    /// Fails every waiting call with the error `make` builds; new calls may still wait
+    /// (a mesh whose replies all come one way, lost and then back).
+    pub fn fail_all(&self, make: impl Fn() -> Error) {
+        let failed: Vec<Entry> = self.lock().calls.drain().map(|(_, e)| e).collect();
         for e in failed {
             let _ = e.done.send(Err(make()));
         }

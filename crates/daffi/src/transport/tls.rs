@@ -112,33 +112,12 @@ impl ClientTls {
         identity: Option<(&Path, &Path)>,
         server_name: &str,
     ) -> Result<ClientTls> {
-        let roots = match ca {
-            Some(ca) => load_roots(ca, "tls_ca")?,
-            None => system_roots()?,
-        };
         let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
             Error::Config(format!(
                 "`{server_name}` is not a valid DNS name or IP address to check the controller's certificate against; set tls_server_name"
             ))
         })?;
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("TLS setup failed: {e}")))?
-            .with_root_certificates(roots);
-        let config = match identity {
-            Some((cert, key)) => {
-                let chain = load_certs(cert, "tls_client_cert")?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| unreadable("tls_client_key", key, &e.to_string()))?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    Error::Config(format!(
-                        "tls_client_cert `{}` and tls_client_key do not make a usable certificate: {e}",
-                        cert.display()
-                    ))
-                })?
-            }
-            None => builder.with_no_client_auth(),
-        };
+        let config = client_config(ca, identity)?;
         Ok(ClientTls {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
@@ -166,6 +145,35 @@ impl ClientTls {
         let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
         Some(explain(tls, &self.server_name()))
     }
+}
+
+/// The client side of TLS: trusts the CAs in `ca` (PEM), or the system's roots when
+/// `None`; presents `identity` (certificate chain, key) when given. For the controller
+/// link, and for the connection to a NATS cluster.
+pub fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<ClientConfig> {
+    let roots = match ca {
+        Some(ca) => load_roots(ca, "tls_ca")?,
+        None => system_roots()?,
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain = load_certs(cert, "tls_client_cert")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| unreadable("tls_client_key", key, &e.to_string()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                Error::Config(format!(
+                    "tls_client_cert `{}` and tls_client_key do not make a usable certificate: {e}",
+                    cert.display()
+                ))
+            })?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(config)
 }
 
 /// The hint for a TLS error seen by a node.

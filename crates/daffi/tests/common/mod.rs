@@ -289,12 +289,20 @@ pub fn spawn_child_with(
     address: &Address,
     env: &[(&str, &str)],
 ) -> Worker {
+    let address = encode_address(address);
+    let mut env = env.to_vec();
+    env.push((ENV_ADDR, &address));
+    spawn_role_child(entry, role, name, &env)
+}
+
+/// Starts this test binary as a child in `role`, called `name`, with the environment
+/// variables `env` (and no controller address: for other meshes, like NATS).
+pub fn spawn_role_child(entry: &str, role: &str, name: &str, env: &[(&str, &str)]) -> Worker {
     let child = Command::new(std::env::current_exe().expect("test binary path"))
         .envs(env.iter().copied())
         .args([entry, "--exact", "--ignored", "--nocapture", "--quiet"])
         .env(ENV_ROLE, role)
         .env(ENV_NAME, name)
-        .env(ENV_ADDR, encode_address(address))
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -11,10 +11,11 @@ use super::incoming::FrameRequest;
 use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
 use crate::executor::{self, SyncBatch};
+use crate::mesh::remote_failure;
 use crate::protocol;
 use crate::protocol::message::{
-    self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused, RemoteError,
-    RemoteErrorKind, ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
+    self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused,
+    ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::frame::FLAG_ERROR;
@@ -336,34 +337,11 @@ fn complete_reply(conn: &Connection, frame: &Frame) {
     let completion = if frame.flags() & FLAG_ERROR == 0 {
         Ok(frame.payload())
     } else {
-        let (kind, message) = match message::decode::<RemoteError>(&frame.payload()) {
-            Ok(e) => (e.kind, e.message),
-            Err(e) => (
-                RemoteErrorKind::Failed,
-                format!("undecodable error reply: {e}"),
-            ),
-        };
-        let process = frame.src().to_string();
-        let callback = entry.callback.to_string();
-        Err(match kind {
-            RemoteErrorKind::BadArguments => Error::BadArguments {
-                process,
-                callback,
-                message,
-            },
-            RemoteErrorKind::NotFound => Error::NoProvider {
-                callback,
-                on: Some(process),
-            },
-            RemoteErrorKind::Overloaded => Error::Overloaded { process, callback },
-            RemoteErrorKind::Stopping => Error::PeerStopped { process, callback },
-            RemoteErrorKind::Failed | RemoteErrorKind::Panicked => Error::Remote {
-                process,
-                callback,
-                message,
-                panicked: kind == RemoteErrorKind::Panicked,
-            },
-        })
+        Err(remote_failure(
+            &frame.payload(),
+            frame.src(),
+            &entry.callback,
+        ))
     };
     let _ = entry.done.send(completion);
 }

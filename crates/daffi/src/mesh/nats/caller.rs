@@ -1,0 +1,225 @@
+//! The calling half of the seam over NATS: a request is published to the chosen node's
+//! subject with this node's reply inbox; the reply (or the server's "no responders")
+//! completes it through the [`Pending`](crate::mesh::Pending) table.
+
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Subscriber};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::NatsMesh;
+use crate::error::{Error, Result};
+use crate::mesh::{
+    remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter,
+};
+use crate::protocol::message::{ControlAnswer, ControlRequest};
+
+/// Header: the calling process.
+pub const CALLER: &str = "Daffi-Caller";
+/// Header: how long the caller waits, in milliseconds.
+pub const TIMEOUT_MS: &str = "Daffi-Timeout-Ms";
+/// Header of a reply: the payload is an encoded `RemoteError`.
+pub const FAILED: &str = "Daffi-Error";
+
+impl Mesh for NatsMesh {
+    fn send_call<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<Option<Waiter>>> {
+        Box::pin(async move {
+            self.check_ready()?;
+            let target = self
+                .membership
+                .route(&self.name, &req.callback, req.on.as_deref())?;
+            self.request(&target, req, deadline).await
+        })
+    }
+
+    fn send_broadcast<'a>(
+        &'a self,
+        req: &'a CallRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'a, Result<SentBroadcast>> {
+        Box::pin(async move {
+            self.check_ready()?;
+            let targets = self.membership.providers_of(&req.callback);
+            if targets.is_empty() {
+                return Err(Error::NoProvider {
+                    callback: req.callback.to_string(),
+                    on: None,
+                });
+            }
+            let mut sent = Vec::with_capacity(targets.len());
+            for target in targets {
+                let outcome = self.request(&target, req, deadline).await;
+                sent.push((target, outcome));
+            }
+            Ok(sent)
+        })
+    }
+
+    fn control<'a>(
+        &'a self,
+        _request: ControlRequest,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<ControlAnswer>> {
+        Box::pin(async move {
+            Err(Error::Unsupported {
+                what: format!("`{what}`"),
+                reason: "on a NATS cluster yet (schedules and counters come in a later release); use the built-in controller for them".into(),
+            })
+        })
+    }
+
+    fn announce(self: Arc<Self>) {
+        let _ = self.record.send(super::RecordCommand::Renew);
+    }
+
+    fn size_limit(&self) -> usize {
+        self.size_limit
+    }
+
+    fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    fn is_connected(&self) -> bool {
+        NatsMesh::is_connected(self)
+    }
+
+    fn is_stopped(&self) -> bool {
+        NatsMesh::is_stopped(self)
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
+    fn begin_stop(&self) -> bool {
+        self.stop_calls()
+    }
+
+    fn close(&self) {
+        self.say_goodbye();
+    }
+
+    fn finished(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.goodbye_sent())
+    }
+}
+
+impl NatsMesh {
+    /// The error a call should see now, if it cannot be sent.
+    fn check_ready(&self) -> Result<()> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        if !self.is_connected() {
+            return Err(self.unreachable("not connected (reconnecting)"));
+        }
+        Ok(())
+    }
+
+    /// Publishes `req` to `target`; what waits on the reply (`None` for NO_RETURN).
+    /// Waits for room in the client's queue no later than `deadline`.
+    async fn request(
+        &self,
+        target: &Arc<str>,
+        req: &CallRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Waiter>> {
+        let size = req.args.len();
+        if size > self.size_limit {
+            return Err(Error::PayloadTooLarge {
+                callback: req.callback.to_string(),
+                size,
+                limit: self.size_limit,
+            });
+        }
+        let subject = self.subjects.node_call(target, &req.callback);
+        let headers = self.request_headers(req);
+        let payload = req.args.to_bytes();
+        type Publish<'p> = BoxFuture<'p, Result<(), async_nats::PublishError>>;
+        let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
+            let publish = self.client.publish_with_headers(subject, headers, payload);
+            (None, Box::pin(publish))
+        } else {
+            let waiter = self
+                .pending
+                .wait(target.clone(), req.callback.clone(), req.timeout)
+                .ok_or(Error::Stopped)?;
+            let reply = format!("{}.{}", self.inbox, waiter.call_id());
+            let publish = self
+                .client
+                .publish_with_reply_and_headers(subject, reply, headers, payload);
+            (Some(waiter), Box::pin(publish))
+        };
+        tokio::select! {
+            sent = publish => sent.map_err(|e| self.unreachable(&format!("publishing failed: {e}")))?,
+            _ = sleep_until(deadline) => {
+                return Err(Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default()));
+            }
+        }
+        Ok(waiter)
+    }
+
+    fn request_headers(&self, req: &CallRequest) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CALLER, &*self.name);
+        if let Some(timeout) = req.timeout {
+            let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX));
+            headers.insert(TIMEOUT_MS, ms.to_string().as_str());
+        }
+        headers
+    }
+
+    /// Completes the call a reply on `subject` answers.
+    fn complete(&self, message: async_nats::Message) {
+        let Some(call_id) = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|id| id.parse().ok())
+        else {
+            return;
+        };
+        let Some(entry) = self.pending.take(call_id) else {
+            return; // the caller gave up (timeout) before the reply came
+        };
+        let completion = if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // In the view, but nobody listens on its subject: it died (its entry has not
+            // expired yet) or it just stopped.
+            Err(Error::UnknownProcess {
+                process: entry.target.to_string(),
+            })
+        } else if message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(FAILED).is_some())
+        {
+            Err(remote_failure(
+                &message.payload,
+                &entry.target,
+                &entry.callback,
+            ))
+        } else {
+            Ok(message.payload)
+        };
+        let _ = entry.done.send(completion);
+    }
+}
+
+/// Takes the replies to this node's calls until the node stops.
+pub async fn take_replies(mesh: Arc<NatsMesh>, mut replies: Subscriber) {
+    let mut closed = mesh.closed.subscribe();
+    loop {
+        tokio::select! {
+            Some(message) = replies.next() => mesh.complete(message),
+            _ = super::until(&mut closed, true) => return,
+            else => return,
+        }
+    }
+}

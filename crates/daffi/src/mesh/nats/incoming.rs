@@ -1,0 +1,151 @@
+//! Requests from other nodes, as the executor takes them: a message on this node's
+//! subject, and its reply subject for the way back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+
+use super::caller::{CALLER, FAILED, TIMEOUT_MS};
+use super::subjects::Subjects;
+use super::NatsMesh;
+use crate::callback::{CallbackFailure, Outcome};
+use crate::executor::{self, Request, SyncBatch};
+use crate::mesh::BoxFuture;
+use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
+
+/// A request from another node.
+pub struct NatsRequest {
+    callback: String,
+    caller: String,
+    payload: Bytes,
+    reply: Option<async_nats::Subject>,
+    /// When the caller gives up, from the timeout the request carries.
+    deadline: Option<Instant>,
+    client: async_nats::Client,
+}
+
+impl NatsRequest {
+    /// The request in `message`, received now; `None` if it names no callback.
+    fn new(message: async_nats::Message, client: &async_nats::Client) -> Option<Box<Self>> {
+        let callback = Subjects::callback_of(&message.subject)?;
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        let deadline = header(TIMEOUT_MS)
+            .and_then(|ms| ms.parse().ok())
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        Some(Box::new(NatsRequest {
+            callback,
+            caller: header(CALLER).unwrap_or_default(),
+            payload: message.payload,
+            reply: message.reply,
+            deadline,
+            client: client.clone(),
+        }))
+    }
+}
+
+impl Request for NatsRequest {
+    fn callback(&self) -> &str {
+        &self.callback
+    }
+
+    fn caller(&self) -> &str {
+        &self.caller
+    }
+
+    fn payload(&self) -> Bytes {
+        self.payload.clone()
+    }
+
+    fn wants_reply(&self) -> bool {
+        self.reply.is_some()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Publishes the outcome to the caller's inbox (the client queues it; the returned
+    /// future hands it over).
+    fn reply(
+        self: Box<Self>,
+        outcome: Outcome,
+        _more_follow: bool,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let reply = self.reply?;
+        let client = self.client;
+        Some(Box::pin(async move {
+            let sent = match outcome {
+                Ok(value) => client.publish(reply, value.into_bytes()).await,
+                Err(failure) => {
+                    let (headers, body) = failure_reply(failure);
+                    client.publish_with_headers(reply, headers, body).await
+                }
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "reply dropped: the NATS client is closed");
+            }
+        }))
+    }
+}
+
+/// An error reply: the header that marks it, and the failure encoded.
+fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(FAILED, "1");
+    let body = message::encode(&RemoteError {
+        kind: failure.kind,
+        message: failure.message,
+    });
+    (headers, body)
+}
+
+/// Hands the requests on this node's subject to the executor until the node closes;
+/// once it is stopping, refuses them (their callers get `PeerStopped`).
+pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
+    let mut batch = SyncBatch::default();
+    let mut closed = mesh.closed.subscribe();
+    loop {
+        // Everything received so far is dispatched: the sync callbacks among it go to
+        // the runner together.
+        let next = match requests.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                batch.submit(&mesh.executor);
+                tokio::select! {
+                    next = requests.next() => next,
+                    _ = super::until(&mut closed, true) => break,
+                }
+            }
+        };
+        let Some(message) = next else { break };
+        let Some(request) = NatsRequest::new(message, &mesh.client) else {
+            continue;
+        };
+        if mesh.is_stopped() {
+            refuse_stopping(request, &mesh.name);
+        } else {
+            executor::serve(&mesh.executor, request, &mut batch);
+        }
+    }
+    batch.submit(&mesh.executor);
+}
+
+/// Answers a request that came after this node began stopping.
+fn refuse_stopping(request: Box<NatsRequest>, name: &str) {
+    let failure = CallbackFailure {
+        kind: RemoteErrorKind::Stopping,
+        message: format!("process `{name}` is stopping"),
+    };
+    if let Some(send) = request.reply(Err(failure), false) {
+        tokio::spawn(send);
+    }
+}

@@ -1,0 +1,373 @@
+//! The NATS backend: the same mesh over a NATS cluster (DESIGN.md section 9).
+//!
+//! - **calls** go to a node's own subject (`<ns>.node.<process>.<callback>`, see
+//!   [`subjects`]), chosen from the membership view: at random among the providers, or
+//!   the one named by `.on`; never this node. Replies come back on one wildcard inbox
+//!   of this node and complete the calls through a [`Pending`] table (`caller`).
+//! - **incoming requests** arrive on `<ns>.node.<this node>.*` (`incoming`).
+//! - **membership** lives in the replicated JetStream KV bucket `<ns>-members`: one
+//!   key per node, created atomically (unique names), renewed by a heartbeat and
+//!   expired by the bucket's age limit when a node dies; a watch keeps the view current
+//!   (`members`).
+//! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
+//!   the ones it learns). Losing the connection fails the calls in flight; the view
+//!   is kept, and brought up to date by a new watch once the connection is back.
+
+mod caller;
+mod incoming;
+mod members;
+mod subjects;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
+use crate::auth::AuthToken;
+use crate::error::{Error, Result};
+use crate::executor::Executor;
+use members::{MemberRecord, RecordCommand};
+pub use subjects::check_namespace;
+use subjects::Subjects;
+
+/// Room kept in every message for its headers: a request whose arguments take more of
+/// the server's `max_payload` is refused before it is sent.
+const HEADER_ROOM: usize = 1024;
+
+/// Settings of a node on a NATS cluster.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URLs, comma-separated.
+    pub urls: String,
+    /// Keeps meshes apart on one cluster (subjects and bucket names).
+    pub namespace: String,
+    /// A NATS `.creds` file.
+    pub credentials: Option<PathBuf>,
+    pub auth_token: Option<AuthToken>,
+    pub tls: Option<rustls::ClientConfig>,
+    pub connect_timeout: Duration,
+    pub max_frame_size: usize,
+}
+
+/// A node's side of a NATS cluster: everything its tasks share.
+pub struct NatsMesh {
+    name: Arc<str>,
+    config: NatsConfig,
+    subjects: Subjects,
+    client: async_nats::Client,
+    executor: Arc<Executor>,
+    membership: Membership,
+    /// Calls this node waits on; failed (not closed) when the connection drops.
+    pending: Arc<Pending>,
+    /// Where replies to this node's calls come: `<inbox>.<call id>`.
+    inbox: String,
+    /// The largest arguments a request may carry.
+    size_limit: usize,
+    /// Whether the client is connected to a server now.
+    connected: watch::Sender<bool>,
+    /// Set when stopping begins: no new calls from here, no new requests run here.
+    stopped: watch::Sender<bool>,
+    /// Set once the goodbye is done (the membership entry deleted, or given up).
+    finished: watch::Sender<bool>,
+    /// To the task that owns this node's membership entry.
+    record: mpsc::UnboundedSender<RecordCommand>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+    /// `close` ran: the node's tasks end.
+    closed: watch::Sender<bool>,
+}
+
+impl NatsMesh {
+    /// Connects (retrying until `connect_timeout`), takes this node's name in the
+    /// membership bucket, and starts serving; returns once the node has its first view
+    /// of the others.
+    pub async fn start(
+        config: NatsConfig,
+        executor: Arc<Executor>,
+        events: mpsc::UnboundedSender<NodeEvent>,
+    ) -> Result<Arc<Self>> {
+        check_namespace(&config.namespace).map_err(Error::Config)?;
+        let (client, client_events) = connect(&config).await?;
+        let size_limit = config
+            .max_frame_size
+            .min(client.server_info().max_payload.saturating_sub(HEADER_ROOM));
+        check_callback_list(&executor.callback_names(), size_limit)?;
+        let name = executor.name.clone();
+        let subjects = Subjects::new(&config.namespace);
+        let inbox = client.new_inbox();
+        let replies = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
+        let requests = client
+            .subscribe(subjects.node_inbox(&name))
+            .await
+            .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
+        let bucket = members::open_bucket(&client, &subjects, &config.urls).await?;
+        let record = MemberRecord::new(executor.callback_names());
+        let revision = members::take_name(&bucket, &name, &record, &config.urls).await?;
+        let (record_tx, record_rx) = mpsc::unbounded_channel();
+        let mesh = Arc::new(NatsMesh {
+            name,
+            subjects,
+            client,
+            executor,
+            membership: Membership::default(),
+            pending: Arc::default(),
+            inbox,
+            size_limit,
+            connected: watch::channel(true).0,
+            stopped: watch::channel(false).0,
+            finished: watch::channel(false).0,
+            record: record_tx,
+            events,
+            closed: watch::channel(false).0,
+            config,
+        });
+        tokio::spawn(caller::take_replies(mesh.clone(), replies));
+        tokio::spawn(incoming::serve_requests(mesh.clone(), requests));
+        tokio::spawn(members::keep_record(
+            mesh.clone(),
+            bucket.clone(),
+            record,
+            revision,
+            record_rx,
+        ));
+        let (first_view, first_view_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(members::watch_members(mesh.clone(), bucket, first_view));
+        tokio::spawn(follow_connection(mesh.clone(), client_events));
+        first_view_rx.await.map_err(|_| Error::Stopped)??;
+        tracing::info!(process = %mesh.name, servers = %mesh.config.urls, namespace = %mesh.config.namespace, "connected to the NATS cluster");
+        mesh.emit(NodeEvent::Connected);
+        Ok(mesh)
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn report(&self, changes: Changes) {
+        for (gone, stopped) in &changes.gone {
+            self.pending.fail_target(gone, *stopped);
+        }
+        for name in changes.added {
+            self.emit(NodeEvent::MemberAdded(name));
+        }
+        for name in changes.removed {
+            self.emit(NodeEvent::MemberRemoved(name));
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    fn unreachable(&self, reason: &str) -> Error {
+        Error::unreachable(nats_address(&self.config.urls), reason)
+    }
+
+    /// The client lost its server: calls in flight fail (their replies may be lost),
+    /// and new calls fail until it is back. The view stays: the membership lives in the
+    /// cluster, not in this connection, and is most likely the same once the client
+    /// is back (the watch then corrects it), so calls work again at once.
+    fn lost_connection(&self) {
+        if !self.connected.send_replace(false) {
+            return;
+        }
+        tracing::warn!(process = %self.name, "lost the NATS server; reconnecting");
+        self.pending
+            .fail_all(|| self.unreachable("connection to the NATS server lost"));
+        self.emit(NodeEvent::Disconnected);
+    }
+
+    /// The client is connected again: the membership entry is renewed at once, and the
+    /// view brought up to date (by a new watch).
+    fn regained_connection(&self) {
+        if self.connected.send_replace(true) {
+            return;
+        }
+        tracing::info!(process = %self.name, "reconnected to the NATS cluster");
+        let _ = self.record.send(RecordCommand::Renew);
+        self.emit(NodeEvent::Connected);
+    }
+
+    /// See [`Mesh::begin_stop`](super::Mesh::begin_stop).
+    fn stop_calls(&self) -> bool {
+        if self.stopped.send_replace(true) {
+            return false;
+        }
+        self.pending.close(|| Error::Stopped);
+        let _ = self.record.send(RecordCommand::Leaving);
+        tracing::info!(process = %self.name, "node stopping");
+        true
+    }
+
+    /// See [`Mesh::close`](super::Mesh::close).
+    fn say_goodbye(&self) {
+        self.stop_calls();
+        if self.closed.send_replace(true) {
+            return;
+        }
+        let _ = self.record.send(RecordCommand::Goodbye);
+        self.executor.retire();
+        self.membership.reset(Vec::new());
+        tracing::info!(process = %self.name, "node stopped");
+    }
+
+    /// Waits (up to a second) for the goodbye and the last replies to go out.
+    async fn goodbye_sent(&self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut finished = self.finished.subscribe();
+        let _ = tokio::time::timeout_at(deadline, finished.wait_for(|f| *f)).await;
+        let _ = tokio::time::timeout_at(deadline, self.client.flush()).await;
+    }
+}
+
+/// Resolves once `flag` is `value` (never, if its sender is gone).
+async fn until(flag: &mut watch::Receiver<bool>, value: bool) {
+    if flag.wait_for(|v| *v == value).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The address in errors: the servers given.
+fn nats_address(urls: &str) -> String {
+    format!("NATS {urls}")
+}
+
+/// [`Error::ControllerUnreachable`] for the cluster at `urls`, because of `cause`.
+fn unreachable_by(urls: &str, reason: &str, cause: impl std::fmt::Display) -> Error {
+    Error::unreachable(nats_address(urls), format!("{reason}{cause}"))
+}
+
+/// Connects to one of the servers in `config`, retrying until `connect_timeout`; fails
+/// at once when a retry cannot help (authentication, TLS, bad options). Returns the
+/// client and its connection events.
+async fn connect(
+    config: &NatsConfig,
+) -> Result<(
+    async_nats::Client,
+    mpsc::UnboundedReceiver<async_nats::Event>,
+)> {
+    let servers = server_addresses(&config.urls)?;
+    let give_up_at = Instant::now() + config.connect_timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let options = connect_options(config, events_tx).await?;
+        match options.connect(servers.as_slice()).await {
+            Ok(client) => return Ok((client, events_rx)),
+            Err(e) => {
+                use async_nats::ConnectErrorKind as Kind;
+                let error = match e.kind() {
+                    Kind::AuthorizationViolation | Kind::Authentication => {
+                        Error::AuthenticationFailed {
+                            address: nats_address(&config.urls),
+                            reason: e.to_string(),
+                        }
+                    }
+                    Kind::Tls => Error::Tls {
+                        address: nats_address(&config.urls),
+                        message: e.to_string(),
+                        source: Some(Box::new(e)),
+                    },
+                    _ => unreachable_by(&config.urls, "", &e),
+                };
+                let fatal = matches!(
+                    error,
+                    Error::AuthenticationFailed { .. } | Error::Tls { .. }
+                );
+                if fatal || Instant::now() >= give_up_at {
+                    return Err(error);
+                }
+                tracing::debug!(error = %error, "connecting to NATS failed; retrying");
+            }
+        }
+        tokio::time::sleep(delay.min(give_up_at.saturating_duration_since(Instant::now()))).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The servers in `urls` (comma-separated).
+fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse()
+                .map_err(|e| Error::Config(format!("`{url}` is not a NATS server URL: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    if servers.is_empty() {
+        return Err(Error::Config(
+            "nats(..) needs at least one server URL, like `nats://127.0.0.1:4222`".into(),
+        ));
+    }
+    Ok(servers)
+}
+
+/// The client's options from the node's: credentials, token, TLS, and its events sent
+/// to `events`.
+async fn connect_options(
+    config: &NatsConfig,
+    events: mpsc::UnboundedSender<async_nats::Event>,
+) -> Result<async_nats::ConnectOptions> {
+    let mut options = match &config.credentials {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "nats_credentials `{}` is not a usable NATS credentials file: {e}",
+                    path.display()
+                ))
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(token) = &config.auth_token {
+        options = options.token(token.expose().to_string());
+    }
+    if let Some(tls) = &config.tls {
+        options = options.require_tls(true).tls_client_config(tls.clone());
+    }
+    Ok(options
+        .connection_timeout(config.connect_timeout.min(Duration::from_secs(5)))
+        // A call fails once the connection is lost; there is no point in buffering
+        // much for a server that is not there.
+        .client_capacity(4096)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                let _ = events.send(event);
+            }
+        }))
+}
+
+/// Follows the client's connection events until the node stops.
+async fn follow_connection(
+    mesh: Arc<NatsMesh>,
+    mut events: mpsc::UnboundedReceiver<async_nats::Event>,
+) {
+    let mut closed = mesh.closed.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = until(&mut closed, true) => None,
+        };
+        let Some(event) = event else { return };
+        match event {
+            async_nats::Event::Disconnected => mesh.lost_connection(),
+            async_nats::Event::Connected => mesh.regained_connection(),
+            async_nats::Event::SlowConsumer(_) => {
+                tracing::warn!(process = %mesh.name, "this node reads its NATS messages too slowly: some were dropped by the client")
+            }
+            other => tracing::debug!(process = %mesh.name, event = %other, "NATS client event"),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The subjects and KV keys of one mesh on a NATS cluster, and the escaping that turns
+//! any process or callback name into one valid subject token (and KV key).
+//!
+//! - `<ns>.node.<process>.<callback>`: requests to one node (random choice, `.on`,
+//!   broadcast); each node subscribes to `<ns>.node.<itself>.*`.
+//! - KV bucket `<ns>-members`: key = the escaped process name.
+
+use std::fmt::Write;
+
+/// The byte that starts an escape (`=XX`, two upper-case hex digits); valid in subject
+/// tokens and in KV keys alike.
+const ESCAPE: u8 = b'=';
+
+/// Escapes `name` into one subject token that is also a valid KV key: ASCII letters,
+/// digits, `-` and `_` stay; every other byte (dots, spaces, `*`, `>`, `=`, non-ASCII)
+/// becomes `=XX`. Reversible with [`unescape`]; the empty name becomes `=`.
+pub fn escape(name: &str) -> String {
+    if name.is_empty() {
+        return "=".into();
+    }
+    let mut token = String::with_capacity(name.len());
+    for &b in name.as_bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            token.push(char::from(b));
+        } else {
+            let _ = write!(token, "={b:02X}");
+        }
+    }
+    token
+}
+
+/// The name [`escape`] made `token` from; `None` if `token` is no escaped name.
+pub fn unescape(token: &str) -> Option<String> {
+    if token == "=" {
+        return Some(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut name = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == ESCAPE {
+            let hex = token.get(i + 1..i + 3)?;
+            name.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            name.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(name).ok()
+}
+
+/// Checks a namespace: it names subjects and a KV bucket, so it is one token of ASCII
+/// letters, digits, `-` and `_`.
+pub fn check_namespace(namespace: &str) -> Result<(), String> {
+    let valid = !namespace.is_empty()
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "namespace `{namespace}` must be non-empty ASCII letters, digits, `-` or `_` (it names NATS subjects and a KV bucket)"
+        ))
+    }
+}
+
+/// The subjects of one mesh (one namespace).
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    namespace: String,
+}
+
+impl Subjects {
+    /// The subjects of the mesh `namespace` (checked with [`check_namespace`]).
+    pub fn new(namespace: &str) -> Subjects {
+        Subjects {
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// Where requests for `callback` on `process` go.
+    pub fn node_call(&self, process: &str, callback: &str) -> String {
+        format!(
+            "{}.node.{}.{}",
+            self.namespace,
+            escape(process),
+            escape(callback)
+        )
+    }
+
+    /// What `process` subscribes to for the requests sent to it.
+    pub fn node_inbox(&self, process: &str) -> String {
+        format!("{}.node.{}.*", self.namespace, escape(process))
+    }
+
+    /// The callback a request on `subject` (one of [`Subjects::node_call`]) asks for.
+    pub fn callback_of(subject: &str) -> Option<String> {
+        unescape(subject.rsplit('.').next()?)
+    }
+
+    /// The KV bucket of the membership.
+    pub fn members_bucket(&self) -> String {
+        format!("{}-members", self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_one_valid_token(token: &str) -> bool {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>'))
+    }
+
+    #[test]
+    fn every_name_escapes_into_one_valid_token_and_back() {
+        let names = [
+            "plain",
+            "with.dots.in",
+            "with space",
+            "star*",
+            "gt>",
+            "=already=",
+            "ünïcødé 名前",
+            "",
+            "a-b_c",
+            "tab\tand\nnewline",
+        ];
+        for name in names {
+            let token = escape(name);
+            assert!(is_one_valid_token(&token), "{name:?} -> {token:?}");
+            assert_eq!(unescape(&token).as_deref(), Some(name), "{token:?}");
+        }
+        assert_eq!(escape("a-b_c"), "a-b_c", "safe names stay readable");
+        assert_ne!(escape("a.b"), escape("a=2Eb"), "escapes never collide");
+    }
+
+    #[test]
+    fn tokens_that_no_name_escapes_to_are_refused() {
+        for token in ["=", "=4", "=ZZ", "=FF"] {
+            let back = unescape(token);
+            assert!(token == "=" || back.is_none(), "{token:?} -> {back:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_subject_names_its_callback() {
+        let s = Subjects::new("daffi");
+        let subject = s.node_call("w.1", "f*.g");
+        assert_eq!(subject, "daffi.node.w=2E1.f=2A=2Eg");
+        assert_eq!(Subjects::callback_of(&subject).as_deref(), Some("f*.g"));
+        assert_eq!(s.node_inbox("w.1"), "daffi.node.w=2E1.*");
+    }
+
+    #[test]
+    fn namespaces_are_single_safe_tokens() {
+        assert!(check_namespace("daffi-test_1").is_ok());
+        for bad in ["", "a.b", "a b", "*", "ns>"] {
+            assert!(check_namespace(bad).is_err(), "{bad:?}");
+        }
+    }
+}
