@@ -266,7 +266,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let mut first = Some(first);
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
-    let mut closed = core.closed.subscribe();
+    let closed = core.closed.subscribe();
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -300,7 +300,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(()));
                 }
-                let reason = link.run(&core, &conn, &mut closed).await;
+                let reason = link.run(&core, &conn, &closed).await;
                 if core.is_stopped() {
                     // This handle on the queue kept the writer from finishing (so every
                     // stop waited the whole drain): with it gone, the writer sends
