@@ -14,7 +14,7 @@ pub mod outgoing;
 pub mod payload;
 pub mod reader;
 
-pub use channel::{frame_channel, FrameSender, Push, QueueLimits};
+pub use channel::{frame_channel, Cork, FrameSender, Push, QueueLimits};
 pub use connection::{read_frames, Ended, FrameHandler, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use outgoing::Outgoing;

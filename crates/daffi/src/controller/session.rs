@@ -22,7 +22,7 @@ use crate::protocol::{
     MAX_HELLO_SIZE, MEMBER_OVERHEAD,
 };
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
-use daffi_wire::channel::CloseReason;
+use daffi_wire::channel::{CloseReason, Cork};
 use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
@@ -216,6 +216,7 @@ async fn route_frames(
         node,
         queue,
         runs,
+        run_to_one_node: None,
     };
     // A stopping controller answers nothing more: its nodes are about to learn that the
     // controller is gone, which is the true reason.
@@ -240,6 +241,9 @@ struct Routing<'a> {
     node: &'a Joined<'a>,
     queue: &'a FrameSender,
     runs: &'a mut Runs,
+    /// Held while the frames read go to one node, one after the other: they leave that
+    /// node's connection together, in one write.
+    run_to_one_node: Option<Cork>,
 }
 
 impl FrameHandler for Routing<'_> {
@@ -251,16 +255,14 @@ impl FrameHandler for Routing<'_> {
         next_dst: Option<&[u8]>,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send {
         // The next frame read goes to the same node: leave this one to that
-        // connection's writer, and they leave together.
-        let more_follow = next_dst == Some(frame.dst().as_bytes());
-        route(
-            self.shared,
-            self.node,
-            self.queue,
-            self.runs,
-            frame,
-            more_follow,
-        )
+        // connection's writer, and they leave together. (A cork already held is for
+        // this very node: the frame before this one looked ahead to it.)
+        if next_dst != Some(frame.dst().as_bytes()) {
+            self.run_to_one_node = None;
+        } else if self.run_to_one_node.is_none() {
+            self.run_to_one_node = self.shared.members.cork(frame.dst());
+        }
+        route(self.shared, self.node, self.queue, self.runs, frame)
     }
 
     fn caught_up(&mut self) {
@@ -494,14 +496,12 @@ fn decode_announce(frame: &Frame, max_frame_size: usize) -> Result<Vec<String>, 
 }
 
 /// Handles one frame from a joined node. `Err` closes the connection with that reason.
-/// `more_follow`: the next frame from this node, already read, goes to the same node.
 async fn route(
     shared: &Shared,
     node: &Joined<'_>,
     own_queue: &FrameSender,
     runs: &mut Runs,
     frame: Frame,
-    more_follow: bool,
 ) -> Result<(), String> {
     match frame.kind() {
         Kind::Request | Kind::Reply => {
@@ -517,10 +517,7 @@ async fn route(
             // caller hears `SlowConsumer`), and one past its hard limit is closed.
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
-            match shared
-                .members
-                .forward(frame.dst(), request, out, more_follow)
-            {
+            match shared.members.forward(frame.dst(), request, out) {
                 Ok(()) if request => runs.count(frame.name()),
                 Ok(()) => {}
                 Err(code) => undeliverable(shared, own_queue, &frame, code).await,

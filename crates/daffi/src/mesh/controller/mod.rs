@@ -227,7 +227,7 @@ impl ControllerMesh {
             // Past the byte limit if need be: calls queued ahead must not keep it back.
             let _ = conn
                 .queue
-                .push_unrefused(message::control_frame(Kind::Leaving, &()), false);
+                .push_unrefused(message::control_frame(Kind::Leaving, &()));
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -242,7 +242,7 @@ impl ControllerMesh {
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn
                 .queue
-                .push_unrefused(message::control_frame(Kind::Goodbye, &()), false);
+                .push_unrefused(message::control_frame(Kind::Goodbye, &()));
         }
         self.executor.retire();
         self.membership.reset(Vec::new());
