@@ -2,18 +2,20 @@
 //!
 //! The frame format of daffi's wire protocol and the framed I/O its connections run on:
 //! frames and their routing header, outgoing payloads, reading frames off a byte
-//! stream, and the sender and writer task of a connection. `docs/PROTOCOL.md` of the
+//! stream, the sender and writer task of a connection, and the loop that reads it. `docs/PROTOCOL.md` of the
 //! repository describes the bytes.
 #![warn(missing_docs)]
 
 pub mod batch;
 pub mod channel;
+pub mod connection;
 pub mod frame;
 pub mod outgoing;
 pub mod payload;
 pub mod reader;
 
-pub use channel::{frame_channel, FrameSender, Push, QueueLimits};
+pub use channel::{frame_channel, Cork, FrameSender, Push, QueueLimits};
+pub use connection::{read_frames, Ended, FrameHandler, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use outgoing::Outgoing;
 pub use payload::Payload;

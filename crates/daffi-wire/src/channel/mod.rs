@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::outgoing::Outgoing;
 
-pub use sender::{FrameSender, Push};
+pub use sender::{Cork, FrameSender, Push};
 use writer::run_writer;
 
 /// What a queued frame costs besides its bytes (its entry in the queue, the handles on
@@ -143,6 +143,8 @@ struct Shared {
     limits: QueueLimits,
     /// Live `FrameSender` clones (an atomic: a clone per forwarded frame is common).
     senders: AtomicUsize,
+    /// Live [`Cork`]s: while there are any, senders leave writing to the writer task.
+    corks: AtomicUsize,
 }
 
 struct State {
@@ -195,6 +197,7 @@ where
         closed: AtomicBool::new(false),
         limits,
         senders: AtomicUsize::new(1),
+        corks: AtomicUsize::new(0),
     });
     let writer = run_writer(shared.clone());
     (FrameSender { shared }, writer)

@@ -133,26 +133,29 @@ impl FrameSender {
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
     pub fn push(&self, frame: Outgoing) -> Push {
-        self.push_with(frame, false)
+        self.push_within(frame, false)
     }
 
-    /// Like [`push`](Self::push); with `more_follow` (the sender has more frames for this
-    /// connection at hand: the controller forwarding the frames of one read, a node's
-    /// replies to queued callbacks), the writing is left to the writer task even on an
-    /// idle connection, so that they leave in one write.
-    pub fn push_with(&self, frame: Outgoing, more_follow: bool) -> Push {
-        self.push_within(frame, more_follow, false)
-    }
-
-    /// Like [`push_with`](Self::push_with), for a frame the peer cannot refuse (a reply,
-    /// a membership event): it passes the byte limit, up to the hard limit. `Full`
-    /// means past the hard limit: the caller closes the connection
+    /// Like [`push`](Self::push), for a frame the peer cannot refuse (a reply, a
+    /// membership event): it passes the byte limit, up to the hard limit. `Full` means
+    /// past the hard limit: the caller closes the connection
     /// ([`close_as_slow_consumer`](Self::close_as_slow_consumer)).
-    pub fn push_unrefused(&self, frame: Outgoing, more_follow: bool) -> Push {
-        self.push_within(frame, more_follow, true)
+    pub fn push_unrefused(&self, frame: Outgoing) -> Push {
+        self.push_within(frame, true)
     }
 
-    fn push_within(&self, frame: Outgoing, more_follow: bool, hard: bool) -> Push {
+    /// Says that more frames for this connection are at hand (the controller forwarding
+    /// the frames of one read, a node's replies to queued callbacks): while the
+    /// [`Cork`] is held, no sender writes itself, even on an idle connection; the
+    /// writer task sends what is queued together, in one write.
+    pub fn cork(&self) -> Cork {
+        self.shared.corks.fetch_add(1, Ordering::Relaxed);
+        Cork {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn push_within(&self, frame: Outgoing, hard: bool) -> Push {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed) {
             return Push::Closed;
@@ -160,7 +163,7 @@ impl FrameSender {
         // The clock is read last: a busy connection is decided without it. An idle
         // socket with an empty queue means nothing is held: the writer task gives the
         // socket back only once it wrote everything it took.
-        let direct = !more_follow
+        let direct = self.shared.corks.load(Ordering::Relaxed) == 0
             && st.queue.is_empty()
             && st.socket.is_some()
             && st
@@ -207,6 +210,25 @@ impl FrameSender {
     }
 }
 
+/// More frames for a connection are at hand: until it is dropped, its frames are left to
+/// the writer task, to leave together ([`FrameSender::cork`]). Frames queued meanwhile
+/// are already the writer's to send: dropping it wakes nobody.
+pub struct Cork {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        self.shared.corks.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Cork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cork").finish_non_exhaustive()
+    }
+}
+
 struct NoopWake;
 
 impl Wake for NoopWake {
@@ -214,7 +236,7 @@ impl Wake for NoopWake {
 }
 
 /// A waker that does nothing: a write attempted outside the writer task never waits.
-fn noop_waker() -> &'static Waker {
+pub(super) fn noop_waker() -> &'static Waker {
     static WAKER: OnceLock<Waker> = OnceLock::new();
     WAKER.get_or_init(|| Waker::from(Arc::new(NoopWake)))
 }

@@ -47,7 +47,7 @@ async fn one_frame_of_any_size_passes_when_nothing_is_held() {
         matches!(tx.push(raw(1)), Push::Full(_)),
         "then nothing more"
     );
-    assert!(matches!(tx.push_unrefused(raw(1), false), Push::Full(_)));
+    assert!(matches!(tx.push_unrefused(raw(1)), Push::Full(_)));
 }
 
 #[tokio::test]
@@ -66,10 +66,10 @@ async fn the_byte_limit_refuses_requests_and_the_hard_limit_closes() {
     assert_eq!(tx.try_send(raw(100)), Err(Closed), "full, not sent");
     assert!(!tx.is_closed(), "a full queue is not a closed one");
     // A frame that cannot be refused passes the byte limit, up to the hard limit.
-    assert!(matches!(tx.push_unrefused(raw(100), false), Push::Sent));
+    assert!(matches!(tx.push_unrefused(raw(100)), Push::Sent));
     held += 100 + FRAME_COST;
     assert!(held + 700 + FRAME_COST > 2000);
-    assert!(matches!(tx.push_unrefused(raw(700), false), Push::Full(_)));
+    assert!(matches!(tx.push_unrefused(raw(700)), Push::Full(_)));
     assert_eq!(tx.close_as_slow_consumer().bytes, held);
     assert!(tx.is_closed());
     tokio::time::timeout(Duration::from_secs(10), tx.closed())
@@ -147,16 +147,17 @@ async fn a_slow_peer_that_keeps_reading_is_never_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_left_to_the_writer_on_an_idle_connection_still_go_out() {
-    // `push_with(.., true)` never writes itself: the writer task must be woken for it,
-    // even when nothing else is sent afterwards.
+    // A corked sender never writes itself: the writer task must be woken for its
+    // frames, even when nothing else is sent afterwards, and with the cork still held.
     let (a, b) = tokio::io::duplex(64 * 1024);
     let (tx, writer) = frame_channel(a, frames(8));
     let writer = tokio::spawn(writer);
+    let _cork = tx.cork();
     for id in 1..=3u64 {
         let mut h = Header::control(Kind::Request);
         h.call_id = id;
         assert!(matches!(
-            tx.push_with(Outgoing::new(&h, Bytes::from_static(b"x")), true),
+            tx.push(Outgoing::new(&h, Bytes::from_static(b"x"))),
             Push::Sent
         ));
     }
@@ -288,4 +289,42 @@ async fn joined_frames_arrive_as_separate_frames_in_order() {
     }
     assert!(reader.next().await.expect("clean end").is_none());
     writer.await.expect("join").expect("io");
+}
+
+/// What the peer can read at once, without waiting; `None` if nothing.
+fn readable_now(peer: &mut tokio::io::DuplexStream) -> Option<usize> {
+    use tokio::io::AsyncRead;
+    let mut space = [0u8; 1024];
+    let mut buf = tokio::io::ReadBuf::new(&mut space);
+    let mut cx = std::task::Context::from_waker(sender::noop_waker());
+    match std::pin::Pin::new(peer).poll_read(&mut cx, &mut buf) {
+        std::task::Poll::Ready(read) => read.map(|()| buf.filled().len()).ok(),
+        std::task::Poll::Pending => None,
+    }
+}
+
+#[tokio::test]
+async fn a_sender_writes_itself_on_an_idle_connection_unless_corked() {
+    // Writer tasks that are not running: only a sender writing itself reaches the peer.
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(a, frames(8));
+    assert!(matches!(tx.push(raw(20)), Push::Sent));
+    assert_eq!(readable_now(&mut peer), Some(20));
+
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(8));
+    let cork = tx.cork();
+    assert!(matches!(tx.push(raw(10)), Push::Sent));
+    assert_eq!(
+        readable_now(&mut peer),
+        None,
+        "a corked sender wrote itself"
+    );
+    drop(cork);
+    tokio::spawn(writer);
+    let mut frame = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frame))
+        .await
+        .expect("the writer task sends it within 10 s")
+        .expect("read");
 }

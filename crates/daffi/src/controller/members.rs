@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use daffi_wire::frame::LEN_PREFIX;
-use daffi_wire::{FrameSender, Kind, Outgoing, Push};
+use daffi_wire::{Cork, FrameSender, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -48,14 +48,13 @@ impl Members {
     /// reads too little: `SlowConsumer`). Anything else (a reply) is queued past the
     /// byte limit; past the hard limit, the node is disconnected instead. A frame for an
     /// idle connection is written here, under the read lock (the write never waits),
-    /// unless `more_follow`: more frames are at hand, and the writer task sends them
-    /// together. `Err`: not queued, and why.
+    /// unless the connection is corked ([`cork`](Self::cork)). `Err`: not queued, and
+    /// why.
     pub fn forward(
         &self,
         name: &str,
         request: bool,
         frame: Outgoing,
-        more_follow: bool,
     ) -> Result<(), UndeliverableCode> {
         let routes = read(&self.routes);
         let Some(route) = routes.get(name) else {
@@ -65,16 +64,22 @@ impl Members {
             return Err(UndeliverableCode::Stopping);
         }
         if !request {
-            return match deliver(&route.queue, frame, more_follow) {
+            return match deliver(&route.queue, frame) {
                 true => Ok(()),
                 false => Err(UndeliverableCode::UnknownProcess),
             };
         }
-        match route.queue.push_with(frame, more_follow) {
+        match route.queue.push(frame) {
             Push::Sent => Ok(()),
             Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
             Push::Closed => Err(UndeliverableCode::UnknownProcess),
         }
+    }
+
+    /// Corks the connection of the node called `name`, if it is connected: more frames
+    /// for it are at hand, and leave together (see [`Cork`]).
+    pub fn cork(&self, name: &str) -> Option<Cork> {
+        read(&self.routes).get(name).map(|route| route.queue.cork())
     }
 
     /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
@@ -134,7 +139,7 @@ impl Members {
         // Every page at once, as one frame (which always passes when nothing is held):
         // nothing comes between the pages, and the queue's limit cannot cut them off.
         let welcome = welcome(self.snapshot());
-        if !deliver(&queue, welcome, false) {
+        if !deliver(&queue, welcome) {
             return true; // the connection died already; the session will call `leave`
         }
         let member = Member {
@@ -172,7 +177,7 @@ impl Members {
                     tracing::warn!(process = %name, size, limit = route.frame_limit, "a scheduled task is larger than a node's frame limit: it is left out of its schedule book (use the same max_frame_size everywhere)");
                     continue;
                 }
-                deliver(&route.queue, frame.clone(), false);
+                deliver(&route.queue, frame.clone());
             }
         }
         result
@@ -265,7 +270,7 @@ impl Members {
         for (name, route) in read(&self.routes).iter() {
             if &**name != except {
                 // A closed queue belongs to a node that is leaving; its own `leave` follows.
-                deliver(&route.queue, frame.clone(), false);
+                deliver(&route.queue, frame.clone());
             }
         }
     }
@@ -274,8 +279,8 @@ impl Members {
 /// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
 /// limit if need be; past the hard limit, disconnects the node as a slow consumer (its
 /// session sees the close, logs it with what was held, and leaves). Returns whether the frame was queued.
-fn deliver(queue: &Queue, frame: Outgoing, more_follow: bool) -> bool {
-    match queue.push_unrefused(frame, more_follow) {
+fn deliver(queue: &Queue, frame: Outgoing) -> bool {
+    match queue.push_unrefused(frame) {
         Push::Sent => true,
         Push::Closed => false,
         Push::Full(_) => {

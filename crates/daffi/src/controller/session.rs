@@ -22,11 +22,13 @@ use crate::protocol::{
     MAX_HELLO_SIZE, MEMBER_OVERHEAD,
 };
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
+use daffi_wire::channel::{CloseReason, Cork};
+use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
-    frame_channel, Frame, FrameError, FrameReader, FrameSender, Header, Kind, Outgoing, ReadError,
-    MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+    frame_channel, read_frames, Ended, Frame, FrameError, FrameHandler, FrameReader, FrameSender,
+    Header, Kind, Outgoing, ReadError, WriterTask, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
 };
 
 /// State shared by every session of one controller.
@@ -107,7 +109,7 @@ pub async fn serve(
         }
     };
     let (queue, writer) = frame_channel(write, shared.config.queue_limits());
-    let writer = tokio::spawn(writer);
+    let writer = WriterTask::spawn(writer);
     // Until the peer is authenticated, it cannot make the controller buffer more than a
     // Hello's worth of bytes.
     let mut reader = FrameReader::with_buffer(
@@ -187,17 +189,8 @@ pub async fn serve(
     } else {
         tracing::info!(process = %name, %reason, "node left");
     }
-    if queue.is_closed() {
-        // Nothing more leaves a closed connection.
-        writer.abort();
-        return;
-    }
-    drop(queue);
     // Let queued frames go out, but never wait on a peer that stopped reading.
-    let abort = writer.abort_handle();
-    if timeout(WRITER_DRAIN, writer).await.is_err() {
-        abort.abort();
-    }
+    writer.drain(queue, Instant::now() + DRAIN_TIMEOUT).await;
 }
 
 /// A node that joined, as its session knows it.
@@ -216,61 +209,67 @@ async fn route_frames(
     reader: &mut FrameReader<BoxRead>,
     queue: &FrameSender,
     runs: &mut Runs,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> (String, bool) {
-    // One wait for the shutdown signal for the whole session, not one per frame.
-    let stop_flag = shutdown.clone();
-    let stop_signal = shutdown.changed();
-    tokio::pin!(stop_signal);
-    // The connection closes under the session when its node reads too little of what
-    // is sent to it (or writing fails): then the session ends too.
-    let writer_closed = queue.closed();
-    tokio::pin!(writer_closed);
-    loop {
-        if !reader.has_frame() {
-            runs.flush();
+    let mut routing = Routing {
+        shared,
+        node,
+        queue,
+        runs,
+        run_to_one_node: None,
+    };
+    // A stopping controller answers nothing more: its nodes are about to learn that the
+    // controller is gone, which is the true reason.
+    let reason = match read_frames(reader, queue, &shutdown, &mut routing).await {
+        Ended::Stopped => return ("controller stopping".to_string(), true),
+        Ended::WriterClosed(reason) => closed_reason(reason, node.name),
+        Ended::PeerClosed => "connection closed".to_string(),
+        // A TLS peer that closed without `close_notify` (a node that stopped or died)
+        // closed like any other: every frame before it was complete.
+        Ended::ReadFailed(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "connection closed".to_string()
         }
-        // Looked at between frames too: a node that floods while it reads nothing
-        // never lets the select below see the close.
-        if queue.is_closed() {
-            return (closed_reason(queue, node.name), false);
+        Ended::ReadFailed(e) => format!("bad input: {e}"),
+        Ended::Refused(reason) => reason,
+    };
+    (reason, false)
+}
+
+/// A joined node's frames, as its session routes them.
+struct Routing<'a> {
+    shared: &'a Shared,
+    node: &'a Joined<'a>,
+    queue: &'a FrameSender,
+    runs: &'a mut Runs,
+    /// Held while the frames read go to one node, one after the other: they leave that
+    /// node's connection together, in one write.
+    run_to_one_node: Option<Cork>,
+}
+
+impl FrameHandler for Routing<'_> {
+    type Refusal = String;
+
+    fn frame(
+        &mut self,
+        frame: Frame,
+        next_dst: Option<&[u8]>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        // The next frame read goes to the same node: leave this one to that
+        // connection's writer, and they leave together. (A cork already held is for
+        // this very node: the frame before this one looked ahead to it.)
+        if next_dst != Some(frame.dst().as_bytes()) {
+            self.run_to_one_node = None;
+        } else if self.run_to_one_node.is_none() {
+            self.run_to_one_node = self.shared.members.cork(frame.dst());
         }
-        let next = tokio::select! {
-            // Frames first, without drawing a random order per frame.
-            biased;
-            next = reader.next() => next,
-            _ = &mut stop_signal => return ("controller stopping".to_string(), true),
-            _ = &mut writer_closed => return (closed_reason(queue, node.name), false),
-        };
-        let reason = match next {
-            Ok(Some(frame)) => {
-                // A stopping controller answers nothing more: its nodes are about to
-                // learn that the controller is gone, which is the true reason. (The
-                // version is one atomic load; the flag is read only once it moved.)
-                if stop_flag.has_changed().unwrap_or(true) && *stop_flag.borrow() {
-                    return ("controller stopping".to_string(), true);
-                }
-                // The next frame read goes to the same node: leave this one to that
-                // connection's writer, and they leave together.
-                let more_follow = reader.next_frame_dst() == Some(frame.dst().as_bytes());
-                match route(shared, node, queue, runs, frame, more_follow).await {
-                    Ok(()) => continue,
-                    Err(reason) => reason,
-                }
-            }
-            Ok(None) => "connection closed".to_string(),
-            // A TLS peer that closed without `close_notify` (a node that stopped or
-            // died) closed like any other: every frame before it was complete.
-            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                "connection closed".to_string()
-            }
-            Err(e) => format!("bad input: {e}"),
-        };
-        return (reason, false);
+        route(self.shared, self.node, self.queue, self.runs, frame)
+    }
+
+    fn caught_up(&mut self) {
+        self.runs.flush();
     }
 }
 
-/// Why the connection to `name` closed under its session; a slow consumer is logged.
 /// Whether `name` is the node of a `daffi` command (`daffi-cli-` and 8 hex digits, as
 /// the CLI names them): one joins and leaves per command, so the controller logs that at
 /// DEBUG, where a real node's join and leave are news at INFO.
@@ -279,8 +278,9 @@ fn is_command_node(name: &str) -> bool {
         .is_some_and(|rest| rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn closed_reason(queue: &FrameSender, name: &str) -> String {
-    let Some(reason) = queue.close_reason() else {
+/// Why the connection to `name` closed under its session; a slow consumer is logged.
+fn closed_reason(reason: Option<CloseReason>, name: &str) -> String {
+    let Some(reason) = reason else {
         return "connection closed".to_string();
     };
     if reason.is_slow_consumer() {
@@ -288,9 +288,6 @@ fn closed_reason(queue: &FrameSender, name: &str) -> String {
     }
     reason.to_string()
 }
-
-/// How long a closing connection may take to flush what was queued for it.
-const WRITER_DRAIN: Duration = Duration::from_secs(1);
 
 /// After a refusal, how long, and how many bytes, the controller keeps reading (and
 /// discarding) what the peer had already sent, so that closing does not reset the
@@ -303,16 +300,13 @@ const LINGER_BYTES: u64 = 256 * 1024;
 async fn refuse(
     reader: FrameReader<BoxRead>,
     queue: FrameSender,
-    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    writer: WriterTask,
     refusal: Refused,
 ) {
     let _ = queue
         .send(message::control_frame(Kind::Refused, &refusal))
         .await;
-    drop(queue);
-    let abort = writer.abort_handle();
-    if timeout(WRITER_DRAIN, writer).await.is_err() {
-        abort.abort();
+    if !writer.drain(queue, Instant::now() + DRAIN_TIMEOUT).await {
         return;
     }
     let mut rest = reader.into_inner().take(LINGER_BYTES);
@@ -502,14 +496,12 @@ fn decode_announce(frame: &Frame, max_frame_size: usize) -> Result<Vec<String>, 
 }
 
 /// Handles one frame from a joined node. `Err` closes the connection with that reason.
-/// `more_follow`: the next frame from this node, already read, goes to the same node.
 async fn route(
     shared: &Shared,
     node: &Joined<'_>,
     own_queue: &FrameSender,
     runs: &mut Runs,
     frame: Frame,
-    more_follow: bool,
 ) -> Result<(), String> {
     match frame.kind() {
         Kind::Request | Kind::Reply => {
@@ -525,10 +517,7 @@ async fn route(
             // caller hears `SlowConsumer`), and one past its hard limit is closed.
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
-            match shared
-                .members
-                .forward(frame.dst(), request, out, more_follow)
-            {
+            match shared.members.forward(frame.dst(), request, out) {
                 Ok(()) if request => runs.count(frame.name()),
                 Ok(()) => {}
                 Err(code) => undeliverable(shared, own_queue, &frame, code).await,

@@ -87,7 +87,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
                     return;
                 }
                 let outcome = CatchUnwind(f(payload)).await;
-                if let Some(wait_for_room) = finish(request, outcome, false) {
+                if let Some(wait_for_room) = finish(request, outcome) {
                     wait_for_room.await;
                 }
             });
@@ -126,7 +126,7 @@ fn note_skipped(request: &dyn Request) {
 /// Answers a request that will not run, if its caller wants an answer.
 fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
     if request.wants_reply() {
-        if let Some(wait_for_room) = request.reply(Err(CallbackFailure { kind, message }), false) {
+        if let Some(wait_for_room) = request.reply(Err(CallbackFailure { kind, message })) {
             tokio::spawn(wait_for_room);
         }
     }
@@ -156,7 +156,7 @@ impl SyncJob {
         note_skipped(&*self.request);
     }
 
-    pub(super) fn run(self, executor: &Executor) {
+    pub(super) fn run(self) {
         if too_late(&*self.request) {
             return;
         }
@@ -164,9 +164,7 @@ impl SyncJob {
         let payload = self.request.payload();
         let outcome =
             catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
-        // More jobs queued: their replies follow at once, and leave with this one.
-        let more_follow = executor.sync_runner.queued() > 0;
-        if let Some(wait_for_room) = finish(self.request, outcome, more_follow) {
+        if let Some(wait_for_room) = finish(self.request, outcome) {
             // The way back is full: wait for room on this thread (not a runtime's).
             crate::blocking::park(wait_for_room);
         }
@@ -178,7 +176,6 @@ impl SyncJob {
 fn finish(
     request: Box<dyn Request>,
     outcome: Outcome,
-    more_follow: bool,
 ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
     if !request.wants_reply() {
         if let Err(f) = &outcome {
@@ -186,7 +183,7 @@ fn finish(
         }
         return None;
     }
-    request.reply(outcome, more_follow)
+    request.reply(outcome)
 }
 
 pub(crate) fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> CallbackFailure {
@@ -234,11 +231,7 @@ impl SyncJob {
             fn deadline(&self) -> Option<Instant> {
                 None
             }
-            fn reply(
-                self: Box<Self>,
-                _: Outcome,
-                _: bool,
-            ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
+            fn reply(self: Box<Self>, _: Outcome) -> Option<crate::mesh::BoxFuture<'static, ()>> {
                 None
             }
         }

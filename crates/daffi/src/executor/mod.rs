@@ -35,13 +35,9 @@ pub trait Request: Send + 'static {
     /// When the caller gives up, if it said: work that would start later is skipped.
     fn deadline(&self) -> Option<Instant>;
     /// Sends `outcome` back to the caller, or drops it if the way back is gone. When the
-    /// way back is full, returns the wait for room (run it off any lock). `more_follow`:
-    /// more outcomes come at once, so they may leave together.
-    fn reply(
-        self: Box<Self>,
-        outcome: Outcome,
-        more_follow: bool,
-    ) -> Option<BoxFuture<'static, ()>>;
+    /// way back is full, returns the wait for room (run it off any lock).
+    /// ([`Executor::replies_follow`] says whether more outcomes come at once.)
+    fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>>;
 }
 
 /// How many callbacks a node runs at once, and how long a stop lets them finish.
@@ -128,6 +124,13 @@ impl Executor {
             lock(&self.instances).remove(&TypeId::of::<T>());
         }
         registered
+    }
+
+    /// Whether more replies come at once (sync callbacks are queued, and their threads
+    /// take them as soon as they are done): a reply may wait for them, to leave
+    /// together.
+    pub fn replies_follow(&self) -> bool {
+        self.sync_runner.queued() > 0
     }
 
     /// Names of the callbacks served here, sorted.

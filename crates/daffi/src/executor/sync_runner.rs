@@ -230,7 +230,7 @@ impl SyncRunner {
                 .name(THREAD_NAME.into())
                 .spawn(move || {
                     let _context = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                    thread_core.sync_runner.work(&thread_core, slot);
+                    thread_core.sync_runner.work(slot);
                 });
             if let Err(e) = started {
                 core.sync_runner.thread_failed(core, slot, &e);
@@ -291,7 +291,7 @@ impl SyncRunner {
 
     /// A thread's life: run queued jobs; when there are none, watch for one a moment,
     /// then wait for one a while; end when none came.
-    fn work(&self, core: &Executor, slot: usize) {
+    fn work(&self, slot: usize) {
         let mut finished_one = false;
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
@@ -328,7 +328,7 @@ impl SyncRunner {
                 return;
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(core))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| job.run())).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
             finished_one = true;

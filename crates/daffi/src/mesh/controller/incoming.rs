@@ -83,18 +83,20 @@ impl Request for FrameRequest {
 
     /// Queues the reply on the live connection without taking a handle on it (the
     /// common case: nothing cloned per reply). Without a connection the reply is dropped.
-    fn reply(
-        self: Box<Self>,
-        outcome: Outcome,
-        more_follow: bool,
-    ) -> Option<BoxFuture<'static, ()>> {
+    fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reply = self.encode_reply(outcome);
         let connection = read(&self.mesh.connection);
         let Some(conn) = connection.as_ref() else {
             tracing::debug!(callback = self.frame.name(), "reply dropped: not connected");
             return None;
         };
-        match conn.queue.push_with(reply, more_follow) {
+        // More replies follow at once: this one leaves with them.
+        let _batching = self
+            .mesh
+            .executor
+            .replies_follow()
+            .then(|| conn.queue.cork());
+        match conn.queue.push(reply) {
             Push::Sent | Push::Closed => None,
             Push::Full(reply) => {
                 let queue = conn.queue.clone();

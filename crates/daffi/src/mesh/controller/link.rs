@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::incoming::FrameRequest;
@@ -18,18 +17,20 @@ use crate::protocol::message::{
     ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
+use daffi_wire::channel::CloseReason;
+use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::FLAG_ERROR;
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
-use daffi_wire::{frame_channel, Frame, FrameReader, FrameSender, Kind, QueueLimits, ReadError};
-
-/// How long a closing link may take to flush what was queued.
-const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+use daffi_wire::{
+    frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Kind,
+    QueueLimits, ReadError, WriterTask,
+};
 
 /// An established connection.
 pub struct Link {
     reader: FrameReader<BoxRead>,
     pub queue: FrameSender,
-    writer: JoinHandle<std::io::Result<()>>,
+    writer: WriterTask,
     pub welcome: Welcome,
     /// The controller runs in this process, and stops as soon as this link is done: a
     /// graceful end waits for it to close the link, so that it has taken everything
@@ -105,7 +106,7 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
                 core.config.stall_timeout,
             );
             let (queue, writer) = frame_channel(write, limits);
-            let writer = tokio::spawn(writer);
+            let writer = WriterTask::spawn(writer);
             Ok(Link {
                 reader,
                 queue,
@@ -181,62 +182,31 @@ impl Link {
         &mut self,
         core: &Arc<ControllerMesh>,
         conn: &Connection,
-        closed: &mut watch::Receiver<bool>,
+        closed: &watch::Receiver<bool>,
     ) -> String {
-        let mut batch = SyncBatch::default();
-        // One wait for the stop for the whole connection, not one per frame, and its flag.
-        let flag = closed.clone();
-        let stop = closed.wait_for(|c| *c);
-        tokio::pin!(stop);
-        // The writer closes the connection when the controller reads nothing for the
-        // stall timeout (or a write fails).
-        let writer_closed = self.queue.closed();
-        tokio::pin!(writer_closed);
-        let reason = loop {
-            if !self.reader.has_frame() {
-                // Everything read so far is dispatched: the sync callbacks among it go
-                // to the runner together.
-                batch.submit(&core.executor);
-            }
-            // Frames first, without drawing a random order per frame; the stop and the
-            // writer are looked at through their flags between frames, so a flood
-            // cannot hide them.
-            if flag.has_changed().unwrap_or(true) && *flag.borrow() {
-                break "node stopped".to_string();
-            }
-            if self.queue.is_closed() {
-                break writer_failure(&self.queue);
-            }
-            let next = tokio::select! {
-                biased;
-                next = self.reader.next() => next,
-                _ = &mut stop => break "node stopped".to_string(),
-                _ = &mut writer_closed => break writer_failure(&self.queue),
-            };
-            match next {
-                Ok(Some(frame)) => {
-                    if let Err(reason) = dispatch(core, conn, frame, &mut batch) {
-                        break reason;
-                    }
-                }
-                Ok(None) => break "the controller closed the connection".to_string(),
-                Err(e) => break format!("connection failed: {e}"),
-            }
+        let mut dispatching = Dispatching {
+            core,
+            conn,
+            batch: SyncBatch::default(),
         };
+        let ended = read_frames(&mut self.reader, &self.queue, closed, &mut dispatching).await;
         // Requests already admitted still run; their replies go out if they can.
-        batch.submit(&core.executor);
-        reason
+        dispatching.batch.submit(&core.executor);
+        match ended {
+            Ended::Stopped => "node stopped".to_string(),
+            Ended::WriterClosed(reason) => writer_failure(reason),
+            Ended::PeerClosed => "the controller closed the connection".to_string(),
+            Ended::ReadFailed(e) => format!("connection failed: {e}"),
+            Ended::Refused(reason) => reason,
+        }
     }
 
     /// Lets what is queued (a goodbye, last replies) go out, but never waits long on a
     /// controller that stopped reading. A controller in this process is also given
     /// that time to close the link after the goodbye.
     pub async fn drain(mut self) {
-        let deadline = Instant::now() + WRITER_DRAIN;
-        drop(self.queue);
-        let abort = self.writer.abort_handle();
-        if timeout_at(deadline, self.writer).await.is_err() {
-            abort.abort();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        if !self.writer.drain(self.queue, deadline).await {
             return;
         }
         if self.controller_in_process {
@@ -253,10 +223,36 @@ impl Link {
 }
 
 /// Why the writer closed the connection.
-fn writer_failure(queue: &FrameSender) -> String {
-    match queue.close_reason() {
+fn writer_failure(reason: Option<CloseReason>) -> String {
+    match reason {
         Some(reason) => format!("connection closed: {reason}"),
         None => "the connection closed".to_string(),
+    }
+}
+
+/// The controller's frames, as the link dispatches them.
+struct Dispatching<'a> {
+    core: &'a Arc<ControllerMesh>,
+    conn: &'a Connection,
+    /// The sync callbacks among a burst of frames, to go to the runner together.
+    batch: SyncBatch,
+}
+
+impl FrameHandler for Dispatching<'_> {
+    type Refusal = String;
+
+    fn frame(
+        &mut self,
+        frame: Frame,
+        _next_dst: Option<&[u8]>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        std::future::ready(dispatch(self.core, self.conn, frame, &mut self.batch))
+    }
+
+    fn caught_up(&mut self) {
+        // Everything read so far is dispatched: the sync callbacks among it go to the
+        // runner together.
+        self.batch.submit(&self.core.executor);
     }
 }
 

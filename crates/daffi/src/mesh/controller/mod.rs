@@ -227,7 +227,7 @@ impl ControllerMesh {
             // Past the byte limit if need be: calls queued ahead must not keep it back.
             let _ = conn
                 .queue
-                .push_unrefused(message::control_frame(Kind::Leaving, &()), false);
+                .push_unrefused(message::control_frame(Kind::Leaving, &()));
         }
         tracing::info!(process = %self.name, "node stopping");
         true
@@ -242,7 +242,7 @@ impl ControllerMesh {
         if let Some(conn) = write(&self.connection).take() {
             let _ = conn
                 .queue
-                .push_unrefused(message::control_frame(Kind::Goodbye, &()), false);
+                .push_unrefused(message::control_frame(Kind::Goodbye, &()));
         }
         self.executor.retire();
         self.membership.reset(Vec::new());
@@ -266,7 +266,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let mut first = Some(first);
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
-    let mut closed = core.closed.subscribe();
+    let closed = core.closed.subscribe();
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -300,7 +300,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(()));
                 }
-                let reason = link.run(&core, &conn, &mut closed).await;
+                let reason = link.run(&core, &conn, &closed).await;
                 if core.is_stopped() {
                     // This handle on the queue kept the writer from finishing (so every
                     // stop waited the whole drain): with it gone, the writer sends
