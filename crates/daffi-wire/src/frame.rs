@@ -4,6 +4,8 @@
 //! ([`Frame::parse`] borrows the payload, it never decodes it) and forwards the raw bytes.
 
 use bytes::Bytes;
+
+use crate::reader::KeptBuffer;
 #[cfg(test)]
 use bytes::BytesMut;
 
@@ -180,6 +182,8 @@ pub struct Frame {
     src_end: usize,
     dst_end: usize,
     name_end: usize,
+    /// The reader's hold on `raw`'s buffer, if it keeps it for the next large frame.
+    kept: Option<KeptBuffer>,
 }
 
 const NAMES_START: usize = LEN_PREFIX + FIXED_HEADER;
@@ -245,7 +249,14 @@ impl Frame {
             src_end,
             dst_end,
             name_end,
+            kept: None,
         })
+    }
+
+    /// The frame, noted as read into a buffer its reader keeps.
+    pub(crate) fn kept_by_reader(mut self, kept: KeptBuffer) -> Frame {
+        self.kept = Some(kept);
+        self
     }
 
     /// What the frame carries.
@@ -279,6 +290,12 @@ impl Frame {
     /// The payload, sharing the frame's memory.
     pub fn payload(&self) -> Bytes {
         self.raw.slice(self.name_end..)
+    }
+    /// The payload, and the reader's hold on its buffer if it keeps one: for a payload
+    /// that may be taken over without a copy once the hold ends (the frame's own share
+    /// of the buffer is gone with it).
+    pub fn into_payload(self) -> (Bytes, Option<KeptBuffer>) {
+        (self.raw.slice(self.name_end..), self.kept)
     }
     /// The whole frame as it came off the wire, length prefix included.
     pub fn raw(&self) -> &Bytes {

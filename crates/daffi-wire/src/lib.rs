@@ -19,7 +19,7 @@ pub use connection::{read_frames, Ended, FrameHandler, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use outgoing::Outgoing;
 pub use payload::Payload;
-pub use reader::{FrameReader, ReadError};
+pub use reader::{FrameReader, KeptBuffer, ReadError};
 
 /// First bytes a node sends on a new connection: magic, then the protocol version.
 pub const MAGIC: [u8; 4] = *b"DAFI";

@@ -1,6 +1,7 @@
 //! Reading frames off a byte stream: the size limit is enforced before anything is
 //! allocated, and a large frame is read into a buffer of its own, kept for the next.
 
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -42,8 +43,11 @@ pub struct FrameReader<R> {
     max_frame_size: usize,
     /// A large frame being read, and its length with prefix.
     large: Option<(BytesMut, usize)>,
-    /// The last large frame's whole buffer, and until when it is kept for reuse.
-    spare: Option<(Bytes, tokio::time::Instant)>,
+    /// The last large frame's whole buffer, kept for reuse (shared with that frame, whose
+    /// taker may end the hold: [`KeptBuffer`]).
+    spare: Arc<Mutex<Option<Bytes>>>,
+    /// Until when the spare buffer is kept.
+    spare_until: Option<tokio::time::Instant>,
     /// How long a large frame's buffer is kept; `None`: not kept.
     keep_large: Option<Duration>,
 }
@@ -63,7 +67,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(capacity),
             max_frame_size,
             large: None,
-            spare: None,
+            spare: Arc::default(),
+            spare_until: None,
             keep_large: None,
         }
     }
@@ -156,14 +161,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.large.is_some() {
                 continue;
             }
-            let read = match self.spare.as_ref().map(|(_, until)| *until) {
+            let read = match self.spare_until {
                 None => self.inner.read_buf(&mut self.buf).await?,
                 Some(until) => {
                     let read = self.inner.read_buf(&mut self.buf);
                     match tokio::time::timeout_at(until, read).await {
                         Ok(read) => read?,
                         Err(_) => {
-                            self.spare = None;
+                            self.take_spare();
                             continue;
                         }
                     }
@@ -211,7 +216,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// An empty buffer with room for `total` bytes: the spare one if nothing else holds
     /// it any more and it is big enough, a new one otherwise.
     fn large_buffer(&mut self, total: usize) -> BytesMut {
-        if let Some((spare, _)) = self.spare.take() {
+        if let Some(spare) = self.take_spare() {
             if let Ok(mut buf) = spare.try_into_mut() {
                 if buf.capacity() >= total {
                     buf.clear();
@@ -225,10 +230,64 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The large frame just read; its buffer is kept for the next one.
     fn finish_large(&mut self, frame: BytesMut) -> Result<Frame, ReadError> {
         let raw = frame.freeze();
-        if let Some(keep_for) = self.keep_large {
-            self.spare = Some((raw.clone(), tokio::time::Instant::now() + keep_for));
+        let Some(keep_for) = self.keep_large else {
+            return Ok(Frame::parse(raw)?);
+        };
+        let kept = KeptBuffer {
+            spare: Arc::downgrade(&self.spare),
+            at: raw.as_ptr() as usize,
+        };
+        *lock(&self.spare) = Some(raw.clone());
+        self.spare_until = Some(tokio::time::Instant::now() + keep_for);
+        Ok(Frame::parse(raw)?.kept_by_reader(kept))
+    }
+
+    /// The spare buffer, no longer kept.
+    fn take_spare(&mut self) -> Option<Bytes> {
+        self.spare_until = None;
+        lock(&self.spare).take()
+    }
+}
+
+/// A reader's hold on the buffer of a large frame it read, kept to read the next large
+/// frame into once nothing else holds it. Whoever takes the frame's payload over for
+/// good (a result decoded into a `Vec<u8>`) ends the hold first
+/// ([`release`](Self::release)): the payload is then the buffer's only holder, and is
+/// taken over without a copy. A payload that is only read keeps the reuse.
+#[derive(Debug, Clone)]
+pub struct KeptBuffer {
+    spare: Weak<Mutex<Option<Bytes>>>,
+    /// Where the buffer starts: the reader may have moved on to another one.
+    at: usize,
+}
+
+impl KeptBuffer {
+    /// Ends the reader's hold on the buffer, if it still has it; the reader reads its
+    /// next large frame into a new buffer.
+    pub fn release(&self) {
+        let Some(spare) = self.spare.upgrade() else {
+            return;
+        };
+        let mut spare = lock(&spare);
+        if spare
+            .as_ref()
+            .is_some_and(|b| b.as_ptr() as usize == self.at)
+        {
+            *spare = None;
         }
-        Ok(Frame::parse(raw)?)
+    }
+}
+
+/// Locks the spare buffer's slot; a panic elsewhere cannot leave it inconsistent.
+fn lock(slot: &Mutex<Option<Bytes>>) -> std::sync::MutexGuard<'_, Option<Bytes>> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<R> FrameReader<R> {
+    /// Whether a large frame's buffer is kept for reuse.
+    #[cfg(test)]
+    fn keeps_spare(&self) -> bool {
+        lock(&self.spare).is_some()
     }
 }
 
@@ -293,7 +352,36 @@ mod tests {
         assert_eq!(third.payload().len(), 3 * LARGE_FRAME);
         sending.await.expect("sender");
         writer.await.expect("join").expect("io");
-        assert!(reader.spare.is_some());
+        assert!(reader.keeps_spare());
+    }
+
+    #[tokio::test]
+    async fn a_released_buffer_is_the_payload_s_alone_and_not_reused() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for i in 0..2u8 {
+                let body = Bytes::from(vec![i; 2 * LARGE_FRAME]);
+                let frame = Outgoing::new(&Header::control(Kind::Reply), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let first = reader.next().await.expect("read").expect("frame");
+        let (payload, kept) = first.into_payload();
+        let kept = kept.expect("a large frame's buffer is kept");
+        let payload = payload.try_into_mut().expect_err("the reader holds it too");
+        kept.release();
+        let taken = payload.try_into_mut().expect("the payload's alone");
+        assert!(!reader.keeps_spare());
+        // The next large frame goes into a buffer of its own, the taken one untouched.
+        let second = reader.next().await.expect("read").expect("frame");
+        assert!(second.payload().iter().all(|&b| b == 1));
+        assert!(taken.iter().all(|&b| b == 0));
+        sending.await.expect("sender");
+        writer.await.expect("join").expect("io");
     }
 
     #[tokio::test]

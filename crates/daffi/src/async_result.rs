@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
@@ -15,7 +14,7 @@ use crate::blocking;
 use crate::call::decode_result;
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::mesh::Waiter;
+use crate::mesh::{ReplyPayload, Waiter};
 
 /// The pending result of a [`Call::bg`](crate::Call::bg).
 ///
@@ -46,7 +45,7 @@ pub(crate) enum Outcome {
     /// The request is sent; the reply is awaited right here, without a task.
     Sent(Waiter),
     /// A task sends the request (after an eta, or a wait for room) and awaits the reply.
-    Task(JoinHandle<Result<Bytes>>),
+    Task(JoinHandle<Result<ReplyPayload>>),
     /// The call failed before anything was sent (taken when polled).
     Failed(Option<Error>),
 }

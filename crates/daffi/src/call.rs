@@ -14,7 +14,7 @@ use crate::blocking;
 use crate::codec::{self, encode_value, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::mesh::{CallRequest, NodeOutcome};
+use crate::mesh::{CallRequest, NodeOutcome, ReplyPayload};
 use crate::node::{Node, Started};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
@@ -422,7 +422,7 @@ impl Call {
     }
 
     /// The future that performs the call on the node.
-    fn request(self, no_reply: bool) -> Result<impl Future<Output = Result<Bytes>>> {
+    fn request(self, no_reply: bool) -> Result<impl Future<Output = Result<ReplyPayload>>> {
         let (node, request) = self.into_request(no_reply)?;
         Ok(node.call(request))
     }
@@ -508,8 +508,8 @@ pub(crate) fn unexpected_answer(answer: ControlAnswer) -> Error {
 
 /// Decodes a result into the type the caller asked for.
 /// Takes the bytes over: a byte string result may keep them instead of copying them.
-pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, bytes: Bytes) -> Result<T> {
-    codec::decode_owned(bytes).map_err(|(bytes, e)| Error::BadResult {
+pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, reply: ReplyPayload) -> Result<T> {
+    codec::decode_owned(reply.bytes, reply.kept.as_ref()).map_err(|(bytes, e)| Error::BadResult {
         callback: callback.to_string(),
         expected: std::any::type_name::<T>(),
         message: explain::result::<T>(&bytes, &e),

@@ -85,14 +85,27 @@ pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
 /// common std types are sent as they are. For your own `Serialize` types, return
 /// `Ok::<_, std::convert::Infallible>(value)` or wrap them in [`Reply`]; the `#[callback]`
 /// macro needs neither.
+///
+/// Sealed: daffi implements it for the types above; wrap other types in [`Reply`].
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be returned from a registered closure",
     note = "return `Result<{Self}, E>` (e.g. `Ok::<_, std::convert::Infallible>(value)`) or `daffi::Reply(value)`"
 )]
-pub trait IntoReply {
+pub trait IntoReply: sealed::Sealed {
     /// Encodes the value, or turns an error into a failure for the caller.
+    #[doc(hidden)]
     fn into_reply(self) -> Outcome;
 }
+
+/// Keeps [`IntoReply`] to the types this module implements it for: its method returns
+/// daffi's internal outcome, which no other crate can build.
+mod sealed {
+    pub trait Sealed {}
+}
+
+impl<T> sealed::Sealed for Reply<T> {}
+impl<T, E> sealed::Sealed for Result<T, E> {}
+impl sealed::Sealed for &'static [u8] {}
 
 /// Wraps any `Serialize` value so that a closure can return it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,6 +128,7 @@ impl<T: Serialize, E: std::fmt::Display> IntoReply for Result<T, E> {
 
 macro_rules! plain_reply {
     ($($t:ty),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
         impl IntoReply for $t {
             fn into_reply(self) -> Outcome { encode_reply(self) }
         }
@@ -153,6 +167,7 @@ impl IntoReply for &'static [u8] {
 
 macro_rules! generic_reply {
     ($($t:ident < $($p:ident),* >),* $(,)?) => {$(
+        impl<$($p),*> sealed::Sealed for $t<$($p),*> {}
         impl<$($p: Serialize),*> IntoReply for $t<$($p),*> {
             fn into_reply(self) -> Outcome { encode_reply(self) }
         }
@@ -164,6 +179,7 @@ generic_reply!(
 
 macro_rules! tuple_reply {
     ($(($($p:ident),+)),*) => {$(
+        impl<$($p),+> sealed::Sealed for ($($p,)+) {}
         impl<$($p: Serialize),+> IntoReply for ($($p,)+) {
             fn into_reply(self) -> Outcome { encode_reply(self) }
         }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde::Serialize;
 
-use daffi_wire::Payload;
+use daffi_wire::{KeptBuffer, Payload};
 
 mod byte_strings;
 mod depth;
@@ -204,11 +204,13 @@ pub(crate) fn decode_seed<'p, S: DeserializeSeed<'p>>(
 }
 
 /// Decodes a payload handed over whole: a `Vec<u8>` or `serde_bytes::ByteBuf` that is all
-/// of it takes over its buffer when nothing else holds it, instead of being copied.
+/// of it takes over its buffer when nothing else holds it, instead of being copied. The
+/// reader's hold on the buffer (`kept`) is ended only then.
 pub(crate) fn decode_owned<T: DeserializeOwned>(
     payload: Bytes,
+    kept: Option<&KeptBuffer>,
 ) -> Result<T, (Bytes, rmp_serde::decode::Error)> {
-    match byte_strings::whole_bin::<T>(payload) {
+    match byte_strings::whole_bin::<T>(payload, kept) {
         Ok(value) => Ok(value),
         Err(payload) => decode(&payload).map_err(|e| (payload, e)),
     }

@@ -15,7 +15,8 @@ use crate::callback::{CallbackGroup, Handler};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::mesh::{
-    check_callback_list, sleep_until, BoxFuture, CallRequest, Membership, Mesh, NodeOutcome, Waiter,
+    check_callback_list, sleep_until, BoxFuture, CallRequest, Membership, Mesh, NodeOutcome,
+    ReplyPayload, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
@@ -38,7 +39,7 @@ pub enum Started {
     /// Failed before anything was sent.
     Failed(Error),
     /// Not sent yet: the rest of the call, start to reply.
-    Later(BoxFuture<'static, Result<Bytes>>),
+    Later(BoxFuture<'static, Result<ReplyPayload>>),
 }
 
 impl Node {
@@ -55,10 +56,10 @@ impl Node {
     }
 
     /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).
-    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<Bytes> {
+    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<ReplyPayload> {
         match self.send(req).await? {
             Some(waiter) => waiter.await,
-            None => Ok(Bytes::new()),
+            None => Ok(Bytes::new().into()),
         }
     }
 
@@ -70,12 +71,12 @@ impl Node {
         match call.as_mut().poll(&mut Context::from_waker(noop_waker())) {
             Poll::Ready(Ok(Some(waiter))) => Started::Sent(waiter),
             // NO_RETURN: nothing to wait for.
-            Poll::Ready(Ok(None)) => Started::Later(Box::pin(async { Ok(Bytes::new()) })),
+            Poll::Ready(Ok(None)) => Started::Later(Box::pin(async { Ok(Bytes::new().into()) })),
             Poll::Ready(Err(e)) => Started::Failed(e),
             Poll::Pending => Started::Later(Box::pin(async move {
                 match call.await? {
                     Some(waiter) => waiter.await,
-                    None => Ok(Bytes::new()),
+                    None => Ok(Bytes::new().into()),
                 }
             })),
         }
@@ -102,7 +103,7 @@ impl Node {
         for (target, sent) in sent {
             let outcome = match sent {
                 Ok(Some(waiter)) => waiter.await,
-                Ok(None) => Ok(Bytes::new()),
+                Ok(None) => Ok(Bytes::new().into()),
                 Err(e) => Err(e),
             };
             outcomes.push((target, outcome));

@@ -22,6 +22,7 @@ use std::fmt;
 use std::mem::ManuallyDrop;
 
 use bytes::{Buf, Bytes};
+use daffi_wire::KeptBuffer;
 use serde::de::{
     DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor,
 };
@@ -100,14 +101,18 @@ pub(crate) fn into_vec<T>(value: T) -> Result<Vec<u8>, T> {
 /// A payload that is one `bin`, as a `Vec<u8>` or a `ByteBuf` (`T`): it takes over the
 /// payload's buffer when nothing else holds it, its bytes moved to the front in place
 /// (no fresh pages to fault in, as a copy of tens of MiB would); otherwise one copy, as
-/// decoding makes. `Err` gives the payload back for any other type or payload.
-pub(super) fn whole_bin<T>(payload: Bytes) -> Result<T, Bytes> {
+/// decoding makes. `kept`, the reader's hold on the buffer, is ended first. `Err` gives
+/// the payload back for any other type or payload.
+pub(super) fn whole_bin<T>(payload: Bytes, kept: Option<&KeptBuffer>) -> Result<T, Bytes> {
     if !(is::<T, Vec<u8>>() || is::<T, ByteBuf>()) {
         return Err(payload);
     }
     let Some(header) = bin_header_len(&payload) else {
         return Err(payload);
     };
+    if let Some(kept) = kept {
+        kept.release();
+    }
     let mut data = payload;
     data.advance(header);
     let vec = Vec::from(data);
@@ -725,26 +730,26 @@ mod tests {
             let data = bytes_of(len);
             let payload = Bytes::from(plain_bin(&data));
             let at = payload.as_ptr();
-            let back: Vec<u8> = whole_bin(payload).expect("a Vec of a bin");
+            let back: Vec<u8> = whole_bin(payload, None).expect("a Vec of a bin");
             assert_eq!(back, data);
             assert_eq!(back.as_ptr(), at, "{len} bytes moved in place, not copied");
             // Held elsewhere too: copied, the payload left as it was.
             let payload = Bytes::from(plain_bin(&data));
             let held = payload.clone();
-            let back: ByteBuf = whole_bin(payload).expect("a ByteBuf of a bin");
+            let back: ByteBuf = whole_bin(payload, None).expect("a ByteBuf of a bin");
             assert_eq!(back.as_slice(), &data[..]);
             assert_eq!(held[..], plain_bin(&data)[..]);
         }
         // Other types, and payloads that are more than a bin, are given back.
         let bin = Bytes::from(plain_bin(&[1, 2]));
-        assert_eq!(whole_bin::<Bytes>(bin.clone()), Err(bin.clone()));
+        assert_eq!(whole_bin::<Bytes>(bin.clone(), None), Err(bin.clone()));
         let mut longer = bin.to_vec();
         longer.push(0xc0);
         let longer = Bytes::from(longer);
-        assert_eq!(whole_bin::<Vec<u8>>(longer.clone()), Err(longer));
+        assert_eq!(whole_bin::<Vec<u8>>(longer.clone(), None), Err(longer));
         let array = Bytes::from(rmp_serde::to_vec(&[1u8, 2]).expect("encodes"));
-        assert_eq!(whole_bin::<Vec<u8>>(array.clone()), Err(array));
-        assert_eq!(whole_bin::<Vec<u8>>(Bytes::new()), Err(Bytes::new()));
+        assert_eq!(whole_bin::<Vec<u8>>(array.clone(), None), Err(array));
+        assert_eq!(whole_bin::<Vec<u8>>(Bytes::new(), None), Err(Bytes::new()));
     }
 
     #[test]

@@ -24,27 +24,26 @@ pub mod controller;
 mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
-mod pending;
+pub(crate) mod pending;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 pub use membership::{Changes, Membership};
-pub use pending::{sleep_until, Pending, Waiter};
+pub use pending::{sleep_until, Pending, ReplyPayload, Waiter};
 
 /// A boxed future, so that [`Mesh`] stays usable as `dyn Mesh`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The outcome of one node's part in a broadcast.
-pub type NodeOutcome = (Arc<str>, Result<Bytes>);
+pub type NodeOutcome = (Arc<str>, Result<ReplyPayload>);
 
 /// A broadcast's requests as sent: for each node, what waits on its reply (`None` for
 /// NO_RETURN), or why its request was not sent.

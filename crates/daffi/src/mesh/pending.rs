@@ -9,13 +9,37 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use daffi_wire::{Frame, KeptBuffer};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::Error;
 
 /// What a waiting call eventually receives.
-pub type Completion = Result<Bytes, Error>;
+pub type Completion = Result<ReplyPayload, Error>;
+
+/// A reply's payload, with its reader's hold on the buffer when the reader keeps it for
+/// the next large frame: a result that takes the buffer over ends the hold first.
+#[derive(Debug)]
+pub struct ReplyPayload {
+    /// The encoded result.
+    pub bytes: Bytes,
+    /// See [`KeptBuffer`].
+    pub kept: Option<KeptBuffer>,
+}
+
+impl From<Bytes> for ReplyPayload {
+    fn from(bytes: Bytes) -> Self {
+        ReplyPayload { bytes, kept: None }
+    }
+}
+
+impl From<Frame> for ReplyPayload {
+    fn from(frame: Frame) -> Self {
+        let (bytes, kept) = frame.into_payload();
+        ReplyPayload { bytes, kept }
+    }
+}
 
 /// One waiting call.
 pub struct Entry {

@@ -95,8 +95,9 @@ impl Mesh for ControllerMesh {
 
 /// The controller's answer to the control request `waiter` waits on.
 pub(super) async fn answer(waiter: Waiter, peer: &Address) -> Result<ControlAnswer> {
-    let bytes = waiter.await?;
-    message::decode(&bytes).map_err(|e| Error::undecodable(peer.to_string(), "ControlReply", e))
+    let reply = waiter.await?;
+    message::decode(&reply.bytes)
+        .map_err(|e| Error::undecodable(peer.to_string(), "ControlReply", e))
 }
 
 impl ControllerMesh {

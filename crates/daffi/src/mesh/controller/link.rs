@@ -10,6 +10,7 @@ use super::incoming::FrameRequest;
 use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
 use crate::executor::{self, SyncBatch};
+use crate::mesh::pending::Completion;
 use crate::mesh::remote_failure;
 use crate::protocol;
 use crate::protocol::message::{
@@ -265,7 +266,7 @@ fn dispatch(
 ) -> Result<(), String> {
     match frame.kind() {
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
-        Kind::Reply => complete_reply(conn, &frame),
+        Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let process = entry.target.to_string();
@@ -307,9 +308,9 @@ fn dispatch(
 }
 
 /// The answer to a control request: its payload, or the controller's error.
-fn control_reply(frame: &Frame) -> Result<bytes::Bytes, Error> {
+fn control_reply(frame: &Frame) -> Completion {
     if frame.flags() & FLAG_ERROR == 0 {
-        return Ok(frame.payload());
+        return Ok(frame.payload().into());
     }
     match message::decode::<ControlError>(&frame.payload()) {
         Ok(ControlError {
@@ -326,12 +327,14 @@ fn control_reply(frame: &Frame) -> Result<bytes::Bytes, Error> {
     }
 }
 
-fn complete_reply(conn: &Connection, frame: &Frame) {
+/// Completes the call `frame` answers. The frame is handed over whole: its payload may
+/// then be the buffer's only holder (see [`ReplyPayload`]).
+fn complete_reply(conn: &Connection, frame: Frame) {
     let Some(entry) = conn.pending.take(frame.call_id()) else {
         return; // the caller gave up (timeout) before the reply came
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {
-        Ok(frame.payload())
+        Ok(frame.into())
     } else {
         Err(remote_failure(
             &frame.payload(),

@@ -206,7 +206,7 @@ impl NatsMesh {
                 &entry.callback,
             ))
         } else {
-            Ok(message.payload)
+            Ok(message.payload.into())
         };
         let _ = entry.done.send(completion);
     }

@@ -75,11 +75,7 @@ impl Request for NatsRequest {
 
     /// Publishes the outcome to the caller's inbox (the client queues it; the returned
     /// future hands it over).
-    fn reply(
-        self: Box<Self>,
-        outcome: Outcome,
-        _more_follow: bool,
-    ) -> Option<BoxFuture<'static, ()>> {
+    fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reply = self.reply?;
         let client = self.client;
         Some(Box::pin(async move {
@@ -145,7 +141,7 @@ fn refuse_stopping(request: Box<NatsRequest>, name: &str) {
         kind: RemoteErrorKind::Stopping,
         message: format!("process `{name}` is stopping"),
     };
-    if let Some(send) = request.reply(Err(failure), false) {
+    if let Some(send) = request.reply(Err(failure)) {
         tokio::spawn(send);
     }
 }
