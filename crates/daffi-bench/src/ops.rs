@@ -148,6 +148,10 @@ pub enum ByteKind {
     ByteBuf,
     /// `bytes::Bytes`.
     Bytes,
+    /// `daffi::Blob` made from a fresh `Vec<u8>` (a result only): the reference for the
+    /// `Vec<u8>` and `ByteBuf` results, whose callee makes a fresh copy the same way, so
+    /// that their ratio shows what daffi adds, not what the callee's copy costs.
+    FreshBlob,
     /// `&'static [u8]`: a result only (a callback cannot take a borrowed argument); the
     /// caller receives it as a `Blob`.
     StaticSlice,
@@ -163,8 +167,9 @@ impl ByteKind {
     ];
 
     /// Every kind a callback returns, the reference first.
-    pub const RETURNED: [ByteKind; 5] = [
+    pub const RETURNED: [ByteKind; 6] = [
         ByteKind::Blob,
+        ByteKind::FreshBlob,
         ByteKind::Vec,
         ByteKind::ByteBuf,
         ByteKind::Bytes,
@@ -178,6 +183,7 @@ impl ByteKind {
             ByteKind::Vec => "Vec<u8>",
             ByteKind::ByteBuf => "ByteBuf",
             ByteKind::Bytes => "Bytes",
+            ByteKind::FreshBlob => "Blob (fresh Vec)",
             ByteKind::StaticSlice => "&'static [u8]",
         }
     }
@@ -189,6 +195,7 @@ impl ByteKind {
             ByteKind::Vec => "vec",
             ByteKind::ByteBuf => "byte_buf",
             ByteKind::Bytes => "bytes",
+            ByteKind::FreshBlob => "fresh_blob",
             ByteKind::StaticSlice => "static_slice",
         }
     }
