@@ -64,6 +64,18 @@ impl NatsServer {
         self.server.kill();
     }
 
+    /// The subjects its clients subscribe to now (from its monitoring endpoint).
+    pub fn subscriptions(&self) -> Vec<String> {
+        let connz = self
+            .server
+            .monitor("/connz?subs=1")
+            .unwrap_or_else(|e| panic!("{e}"));
+        json_strings(&connz, "subscriptions_list")
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Starts the server again on the same port and store; waits until it accepts clients.
     pub fn restart(&mut self) {
         self.server.kill();

@@ -9,8 +9,8 @@
 //!   callee serves the rest, one request per chunk, [`WINDOW`] in flight; the callee
 //!   stops serving once all were taken, or after [`STALE`] without a request.
 //!
-//! So a callee that dies mid-transfer fails the call at once (the next chunk request
-//! finds no responders: `PeerDisconnected`), and a caller that dies holds the callee's
+//! So a callee that dies mid-transfer fails the call within [`PROBE_AFTER`] (a probe
+//! then finds no responders: `PeerDisconnected`), and a caller that dies holds the callee's
 //! memory for at most [`STALE`].
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::client::{RequestError, RequestErrorKind};
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use bytes::{Bytes, BytesMut};
-use futures_util::{stream, StreamExt, TryStreamExt};
+use futures_util::{stream, Stream, StreamExt};
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -31,6 +31,11 @@ pub const STREAM: &str = "Daffi-Stream";
 pub const SIZE: &str = "Daffi-Size";
 /// Header of an argument chunk: where it goes in the whole payload.
 const OFFSET: &str = "Daffi-Offset";
+/// Header of a probe: a request that only asks whether the peer still listens.
+const PROBE: &str = "Daffi-Probe";
+/// How long a transfer waits for a chunk (or its answer) before it checks that the peer
+/// still listens: a peer that dies with chunks in flight never answers them.
+const PROBE_AFTER: Duration = Duration::from_millis(250);
 /// Chunks in flight per transfer: enough to keep the link busy, few enough that a
 /// transfer holds at most this many chunks in the servers' and the peer's buffers.
 const WINDOW: usize = 4;
@@ -115,7 +120,7 @@ pub async fn push_leading(
 ) -> Result<usize, ChunkError> {
     let size = payload.len();
     let last = (size - 1) / chunk * chunk;
-    stream::iter((0..last).step_by(chunk))
+    let mut answers = stream::iter((0..last).step_by(chunk))
         .map(|offset| {
             let mut headers = HeaderMap::new();
             chunk_headers(&mut headers, stream, size, offset);
@@ -125,17 +130,48 @@ pub async fn push_leading(
                 .timeout(Some(STALE));
             client.send_request(subject.to_string(), request)
         })
-        .buffer_unordered(WINDOW)
-        .map_err(ChunkError::from)
-        .try_for_each(|answer| async move {
-            if super::caller::is_failure(&answer) {
-                Err(ChunkError::Refused(answer.payload))
-            } else {
-                Ok(())
-            }
-        })
-        .await?;
+        .buffer_unordered(WINDOW);
+    while let Some(answer) = next_answer(&mut answers, client, subject).await? {
+        if super::caller::is_failure(&answer) {
+            return Err(ChunkError::Refused(answer.payload));
+        }
+    }
     Ok(last)
+}
+
+/// The next answer of `answers` (requests to the peer listening on `subject`); after
+/// each [`PROBE_AFTER`] without one, probes that the peer still listens.
+async fn next_answer<S>(
+    answers: &mut S,
+    client: &Client,
+    subject: &str,
+) -> Result<Option<Message>, ChunkError>
+where
+    S: Stream<Item = Result<Message, RequestError>> + Unpin,
+{
+    loop {
+        tokio::select! {
+            answer = answers.next() => return Ok(answer.transpose()?),
+            _ = tokio::time::sleep(PROBE_AFTER) => probe(client, subject).await?,
+        }
+    }
+}
+
+/// Checks that a peer listens on `subject`, and answers.
+async fn probe(client: &Client, subject: &str) -> Result<(), ChunkError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(STREAM, "probe");
+    headers.insert(PROBE, "1");
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .timeout(Some(STALE));
+    client.send_request(subject.to_string(), request).await?;
+    Ok(())
+}
+
+/// Whether `message` is a probe; it is answered (empty) and otherwise ignored.
+pub fn is_probe(message: &Message) -> bool {
+    header(message, PROBE).is_some()
 }
 
 /// Argument payloads being joined on the callee, by transfer.
@@ -163,8 +199,7 @@ impl Assemblies {
     /// (the transfer is dropped) if it does not fit.
     pub fn add(&mut self, mut message: Message, limit: usize) -> Result<Joined, String> {
         let stream = header(&message, STREAM).unwrap_or_default().to_string();
-        let (Some(size), Some(offset)) = (number(&message, SIZE), number(&message, OFFSET))
-        else {
+        let (Some(size), Some(offset)) = (number(&message, SIZE), number(&message, OFFSET)) else {
             self.open.remove(&stream);
             return Err("a chunk without its size or offset".into());
         };
@@ -181,7 +216,9 @@ impl Assemblies {
         let end = offset.saturating_add(message.payload.len());
         if assembly.whole.len() != size || end > size {
             self.open.remove(&stream);
-            return Err(format!("a chunk at {offset}..{end} of a {size}-byte payload"));
+            return Err(format!(
+                "a chunk at {offset}..{end} of a {size}-byte payload"
+            ));
         }
         assembly.whole[offset..end].copy_from_slice(&message.payload);
         assembly.received += message.payload.len();
@@ -240,6 +277,12 @@ async fn serve_pulls(client: Client, mut pulls: Subscriber, payload: Bytes, chun
             tracing::debug!("a large result was not fetched to its end; dropped");
             return;
         };
+        if is_probe(&pull) {
+            if let Some(reply) = pull.reply {
+                let _ = client.publish(reply, Bytes::new()).await;
+            }
+            continue;
+        }
         let offset = std::str::from_utf8(&pull.payload)
             .ok()
             .and_then(|o| o.parse::<usize>().ok())
@@ -248,7 +291,11 @@ async fn serve_pulls(client: Client, mut pulls: Subscriber, payload: Bytes, chun
             continue;
         };
         let end = (offset + chunk).min(payload.len());
-        if client.publish(reply, payload.slice(offset..end)).await.is_err() {
+        if client
+            .publish(reply, payload.slice(offset..end))
+            .await
+            .is_err()
+        {
             return;
         }
         left -= 1;
@@ -257,7 +304,11 @@ async fn serve_pulls(client: Client, mut pulls: Subscriber, payload: Bytes, chun
 
 /// The whole result whose first chunk is `first` (with the headers of [`offer`]),
 /// fetched from the callee; at most `limit` bytes.
-pub async fn fetch_rest(client: &Client, first: &Message, limit: usize) -> Result<Bytes, ChunkError> {
+pub async fn fetch_rest(
+    client: &Client,
+    first: &Message,
+    limit: usize,
+) -> Result<Bytes, ChunkError> {
     let size = number(first, SIZE).ok_or_else(|| ChunkError::Broken("no size".into()))?;
     let stream = header(first, STREAM).unwrap_or_default().to_string();
     let step = first.payload.len();
@@ -265,7 +316,9 @@ pub async fn fetch_rest(client: &Client, first: &Message, limit: usize) -> Resul
         return Err(ChunkError::TooLarge(size));
     }
     if step == 0 || step > size {
-        return Err(ChunkError::Broken(format!("a {step}-byte first chunk of {size} bytes")));
+        return Err(ChunkError::Broken(format!(
+            "a {step}-byte first chunk of {size} bytes"
+        )));
     }
     let mut whole = BytesMut::with_capacity(size);
     whole.extend_from_slice(&first.payload);
@@ -277,8 +330,7 @@ pub async fn fetch_rest(client: &Client, first: &Message, limit: usize) -> Resul
             client.send_request(stream.clone(), request)
         })
         .buffered(WINDOW);
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk?;
+    while let Some(chunk) = next_answer(&mut chunks, client, &stream).await? {
         if whole.len() + chunk.payload.len() > size {
             return Err(ChunkError::Broken("chunks larger than announced".into()));
         }

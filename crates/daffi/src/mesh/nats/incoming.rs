@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::caller::{CALLER, FAILED, TIMEOUT_MS};
-use super::subjects::Subjects;
 use super::chunks::{self, Assemblies, Joined};
+use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
 use crate::executor::{self, Request, SyncBatch};
@@ -159,7 +159,8 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
 
 /// The message of a whole request: `message` itself, or the last chunk of a payload
 /// that came in chunks (with the payload joined); `None` while chunks are to come
-/// (each is answered, so that its sender sends more) or when a chunk is refused.
+/// (each is answered, so that its sender sends more, as is a probe) or when a chunk is
+/// refused.
 async fn join_chunks(
     mesh: &NatsMesh,
     assemblies: &mut Assemblies,
@@ -169,7 +170,12 @@ async fn join_chunks(
         return Some(message);
     }
     let reply = message.reply.clone();
-    let answer = match assemblies.add(message, mesh.size_limit) {
+    let joined = if chunks::is_probe(&message) {
+        Ok(Joined::Stored(reply.clone()))
+    } else {
+        assemblies.add(message, mesh.size_limit)
+    };
+    let answer = match joined {
         Ok(Joined::Whole(message)) => return Some(message),
         Ok(Joined::Stored(reply)) => reply.map(|r| (r, HeaderMap::new(), Bytes::new())),
         Err(reason) => {
