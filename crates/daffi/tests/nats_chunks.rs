@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nats::{NatsCluster, NatsServer};
+use common::nats::{json_strings, NatsCluster, NatsServer};
 use common::{run_role, spawn_role_child, unique, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Error, Global};
 
@@ -98,6 +98,74 @@ fn reverse_large(caller: &Global) {
     );
 }
 
+/// The subjects the clients of `server` subscribe to now.
+fn subscriptions(server: &NatsServer) -> Vec<String> {
+    let connections = server.connections();
+    json_strings(&connections, "subscriptions_list")
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many messages `server` delivered to the client that subscribes to `subject`.
+fn delivered_to(server: &NatsServer, subject: &str) -> u64 {
+    let connections = server.connections();
+    let quoted = format!("\"{subject}\"");
+    let connection = connections
+        .split("\"cid\":")
+        .find(|c| c.contains(&quoted))
+        .unwrap_or_else(|| panic!("no client subscribes to {subject}"));
+    let field = "\"out_msgs\":";
+    let count = &connection[connection.find(field).expect("out_msgs") + field.len()..];
+    count
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a count")
+}
+
+/// Waits until `server` delivered `count` messages to the client that subscribes to
+/// `subject`.
+fn wait_delivered(server: &NatsServer, subject: &str, count: u64) {
+    let started = Instant::now();
+    while delivered_to(server, subject) < count {
+        assert!(
+            started.elapsed() < WAIT,
+            "{subject} never got {count} messages"
+        );
+    }
+}
+
+/// A nats-server whose messages carry at most 32 KiB, so that a 64 MiB payload takes
+/// thousands of chunks (and a transfer is long enough to kill a peer in the middle).
+fn small_payload_server() -> (NatsServer, std::path::PathBuf) {
+    let config = std::env::temp_dir().join(format!("{}.conf", unique("nats-small-payload")));
+    std::fs::write(&config, "max_payload: 32768\n").expect("write the server config");
+    let server = NatsServer::start_with(&["-c", config.to_str().expect("utf-8 path")]);
+    (server, config)
+}
+
+/// Waits for `call` to fail after the callee `w1` was killed, within the bound.
+fn assert_failed_at_once<T: std::fmt::Debug>(
+    outcome: Result<T, Error>,
+    callback: &str,
+    killed: Instant,
+) {
+    eprintln!(
+        "the call to {callback} failed {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        matches!(&outcome, Err(Error::PeerDisconnected { process, callback: c }) if process == "w1" && c == callback),
+        "{outcome:?}"
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "the call failed at once, not at its timeout or when the membership entry expired"
+    );
+}
+
 #[test]
 fn a_64_mib_argument_and_result_over_one_server() {
     let server = NatsServer::start();
@@ -119,12 +187,8 @@ fn a_64_mib_argument_and_result_across_a_cluster() {
 }
 
 #[test]
-fn a_callee_killed_mid_transfer_fails_the_call_with_its_named_error() {
-    // Small messages (32 KiB), so that the 64 MiB result takes thousands of chunks:
-    // the transfer is still going when the callee is killed.
-    let config = std::env::temp_dir().join(format!("{}.conf", unique("nats-small-payload")));
-    std::fs::write(&config, "max_payload: 32768\n").expect("write the server config");
-    let server = NatsServer::start_with(&["-c", config.to_str().expect("utf-8 path")]);
+fn a_callee_killed_while_serving_its_result_fails_the_call_at_once() {
+    let (server, config) = small_payload_server();
     let (caller, mut worker) = caller_and_worker(&server.url(), &server.url());
 
     // Whole, first: thousands of chunks.
@@ -138,9 +202,9 @@ fn a_callee_killed_mid_transfer_fails_the_call_with_its_named_error() {
     eprintln!("64 MiB result in 32 KiB messages: {:?}", started.elapsed());
     assert_eq!(whole, pattern(LARGE, 1));
 
-    // Then the callee is killed once it serves the chunks of its result: once a new
-    // subject (where the caller fetches them) is subscribed to.
-    let before = server.subscriptions();
+    // Then the callee is killed once it served 64 chunks of its result (the caller
+    // asks for them on a new subject the callee subscribes to).
+    let before = subscriptions(&server);
     let call = caller
         .call("large_result")
         .args((LARGE,))
@@ -149,8 +213,7 @@ fn a_callee_killed_mid_transfer_fails_the_call_with_its_named_error() {
         .expect("sent");
     let serving = Instant::now();
     let offered = loop {
-        let new = server
-            .subscriptions()
+        let new = subscriptions(&server)
             .into_iter()
             .find(|s| s.starts_with("_INBOX.") && !s.ends_with('*') && !before.contains(s));
         if let Some(subject) = new {
@@ -158,21 +221,41 @@ fn a_callee_killed_mid_transfer_fails_the_call_with_its_named_error() {
         }
         assert!(serving.elapsed() < WAIT, "the result was never offered");
     };
+    let delivered = delivered_to(&server, &offered);
+    wait_delivered(&server, &offered, delivered + 64);
     worker.kill();
     let killed = Instant::now();
-    let outcome = call.get();
-    eprintln!(
-        "killed once {offered} was served; the call failed {:?} after the kill",
-        killed.elapsed()
-    );
-    assert!(
-        matches!(&outcome, Err(Error::PeerDisconnected { process, callback }) if process == "w1" && callback == "large_result"),
-        "{outcome:?}"
-    );
-    assert!(
-        killed.elapsed() < Duration::from_secs(2),
-        "the call failed at once, not at its timeout or when the membership entry expired"
-    );
+    eprintln!("killed once {offered} was served");
+    assert_failed_at_once(call.get(), "large_result", killed);
+    caller.stop();
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn a_callee_killed_while_taking_the_arguments_fails_the_call_at_once() {
+    let (server, config) = small_payload_server();
+    let (caller, mut worker) = caller_and_worker(&server.url(), &server.url());
+    let data = pattern(LARGE, 3);
+    let node_subject = subscriptions(&server)
+        .into_iter()
+        .find(|s| s.ends_with(".node.w1.*"))
+        .expect("w1 subscribes to its subject");
+    let delivered = delivered_to(&server, &node_subject);
+    let call = std::thread::spawn({
+        let caller = caller.clone();
+        move || {
+            caller
+                .call("reverse")
+                .args((data,))
+                .timeout(WAIT)
+                .fg::<Bytes>()
+        }
+    });
+    // Killed once it took 64 of the 2 000-odd chunks.
+    wait_delivered(&server, &node_subject, delivered + 64);
+    worker.kill();
+    let killed = Instant::now();
+    assert_failed_at_once(call.join().expect("the call returns"), "reverse", killed);
     caller.stop();
     let _ = std::fs::remove_file(config);
 }

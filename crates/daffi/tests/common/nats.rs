@@ -64,16 +64,12 @@ impl NatsServer {
         self.server.kill();
     }
 
-    /// The subjects its clients subscribe to now (from its monitoring endpoint).
-    pub fn subscriptions(&self) -> Vec<String> {
-        let connz = self
-            .server
+    /// What its monitoring endpoint says of its clients now (`/connz?subs=1`: each
+    /// connection's counters and subscriptions, as JSON).
+    pub fn connections(&self) -> String {
+        self.server
             .monitor("/connz?subs=1")
-            .unwrap_or_else(|e| panic!("{e}"));
-        json_strings(&connz, "subscriptions_list")
-            .into_iter()
-            .map(str::to_string)
-            .collect()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts the server again on the same port and store; waits until it accepts clients.
