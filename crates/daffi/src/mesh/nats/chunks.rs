@@ -181,8 +181,10 @@ pub struct Assemblies {
 }
 
 struct Assembly {
+    /// The chunks received so far, joined.
     whole: BytesMut,
-    received: usize,
+    /// The size of the whole payload.
+    size: usize,
     touched: Instant,
 }
 
@@ -208,22 +210,24 @@ impl Assemblies {
                 "the arguments are {size} bytes, more than this node's max_frame_size ({limit})"
             ));
         }
+        // Chunks come in order (NATS keeps the order of one publisher's messages), and
+        // memory grows only with the bytes received.
         let assembly = self.open.entry(stream.clone()).or_insert_with(|| Assembly {
-            whole: BytesMut::zeroed(size),
-            received: 0,
+            whole: BytesMut::new(),
+            size,
             touched: Instant::now(),
         });
         let end = offset.saturating_add(message.payload.len());
-        if assembly.whole.len() != size || end > size {
+        if assembly.size != size || offset != assembly.whole.len() || end > size {
+            let received = assembly.whole.len();
             self.open.remove(&stream);
             return Err(format!(
-                "a chunk at {offset}..{end} of a {size}-byte payload"
+                "a chunk at {offset}..{end} of a {size}-byte payload after {received} bytes"
             ));
         }
-        assembly.whole[offset..end].copy_from_slice(&message.payload);
-        assembly.received += message.payload.len();
+        assembly.whole.extend_from_slice(&message.payload);
         assembly.touched = Instant::now();
-        if assembly.received < size {
+        if assembly.whole.len() < size {
             return Ok(Joined::Stored(message.reply));
         }
         let whole = self.open.remove(&stream).map(|a| a.whole.freeze());
