@@ -179,7 +179,8 @@ impl GlobalBuilder {
     /// Largest frame this process sends or accepts. A call whose arguments would exceed
     /// it fails before anything is sent. Under 1 MiB + 512 bytes, it also lowers what a
     /// node's callback names may take together (to this minus 512 bytes; see
-    /// [`Global::register`]). Use the same value on every process. Default: 128 MiB.
+    /// [`Global::register`]). Use the same value on every process. Over NATS it bounds
+    /// payloads the same way, whatever the servers' `max_payload`. Default: 128 MiB.
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
         self
@@ -359,7 +360,11 @@ impl GlobalBuilder {
     /// membership lives in a replicated JetStream KV bucket (JetStream must be enabled
     /// on the servers). A node that dies without saying goodbye leaves the others' view
     /// within 13 s (its entry expires 12 s after its last heartbeat, sent every second;
-    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Schedules (PERIOD) and the controller's counters are not available
+    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Arguments and
+    /// results larger than the servers' `max_payload` (1 MiB by default) go in chunks,
+    /// a few in flight at a time, up to [`max_frame_size`](Self::max_frame_size); a
+    /// callee that dies mid-transfer fails the call within about 250 ms
+    /// ([`Error::PeerDisconnected`]). Schedules (PERIOD) and the controller's counters are not available
     /// over NATS yet: they fail with [`Error::Unsupported`].
     ///
     /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).

@@ -64,6 +64,14 @@ impl NatsServer {
         self.server.kill();
     }
 
+    /// What its monitoring endpoint says of its clients now (`/connz?subs=1`: each
+    /// connection's counters and subscriptions, as JSON).
+    pub fn connections(&self) -> String {
+        self.server
+            .monitor("/connz?subs=1")
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Starts the server again on the same port and store; waits until it accepts clients.
     pub fn restart(&mut self) {
         self.server.kill();

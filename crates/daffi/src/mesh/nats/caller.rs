@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use async_nats::{HeaderMap, Subscriber};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::NatsMesh;
+use super::{chunks, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
     remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter,
@@ -140,8 +141,16 @@ impl NatsMesh {
             });
         }
         let subject = self.subjects.node_call(target, &req.callback);
-        let headers = self.request_headers(req);
-        let payload = req.args.to_bytes();
+        let mut headers = self.request_headers(req);
+        let mut payload = req.args.to_bytes();
+        if size > self.chunk_size {
+            let pushed = self.push_leading(target, req, &subject, &payload, &mut headers);
+            let last = tokio::select! {
+                pushed = pushed => pushed?,
+                _ = sleep_until(deadline) => return Err(self.timed_out(req)),
+            };
+            payload = payload.slice(last..);
+        }
         type Publish<'p> = BoxFuture<'p, Result<(), async_nats::PublishError>>;
         let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
             let publish = self.client.publish_with_headers(subject, headers, payload);
@@ -159,11 +168,31 @@ impl NatsMesh {
         };
         tokio::select! {
             sent = publish => sent.map_err(|e| self.unreachable(&format!("publishing failed: {e}")))?,
-            _ = sleep_until(deadline) => {
-                return Err(Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default()));
-            }
+            _ = sleep_until(deadline) => return Err(self.timed_out(req)),
         }
         Ok(waiter)
+    }
+
+    fn timed_out(&self, req: &CallRequest) -> Error {
+        Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default())
+    }
+
+    /// Pushes all chunks of `payload` but the last to `target`, and marks `headers` as
+    /// those of the last chunk; returns where the last chunk begins.
+    async fn push_leading(
+        &self,
+        target: &str,
+        req: &CallRequest,
+        subject: &str,
+        payload: &Bytes,
+        headers: &mut HeaderMap,
+    ) -> Result<usize> {
+        let stream = self.client.new_inbox();
+        let last = chunks::push_leading(&self.client, subject, &stream, payload, self.chunk_size)
+            .await
+            .map_err(|e| e.into_error(target, &req.callback, self.size_limit))?;
+        chunks::chunk_headers(headers, &stream, payload.len(), last);
+        Ok(last)
     }
 
     fn request_headers(&self, req: &CallRequest) -> HeaderMap {
@@ -189,17 +218,28 @@ impl NatsMesh {
         let Some(entry) = self.pending.take(call_id) else {
             return; // the caller gave up (timeout) before the reply came
         };
+        if chunks::is_chunked(&message) && !is_failure(&message) {
+            let (client, limit) = (self.client.clone(), self.size_limit);
+            tokio::spawn(async move {
+                let mut entry = entry;
+                let whole = tokio::select! {
+                    whole = chunks::fetch_rest(&client, &message, limit) => whole,
+                    _ = entry.done.closed() => return, // the caller gave up
+                };
+                let completion = whole
+                    .map(Into::into)
+                    .map_err(|e| e.into_error(&entry.target, &entry.callback, limit));
+                let _ = entry.done.send(completion);
+            });
+            return;
+        }
         let completion = if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             // In the view, but nobody listens on its subject: it died (its entry has not
             // expired yet) or it just stopped.
             Err(Error::UnknownProcess {
                 process: entry.target.to_string(),
             })
-        } else if message
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get(FAILED).is_some())
-        {
+        } else if is_failure(&message) {
             Err(remote_failure(
                 &message.payload,
                 &entry.target,
@@ -210,6 +250,14 @@ impl NatsMesh {
         };
         let _ = entry.done.send(completion);
     }
+}
+
+/// Whether `message` is a reply that carries an encoded `RemoteError`.
+pub fn is_failure(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(FAILED).is_some())
 }
 
 /// Takes the replies to this node's calls until the node stops.

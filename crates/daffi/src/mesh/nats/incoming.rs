@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::caller::{CALLER, FAILED, TIMEOUT_MS};
+use super::chunks::{self, Assemblies, Joined};
 use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
@@ -25,11 +26,13 @@ pub struct NatsRequest {
     /// When the caller gives up, from the timeout the request carries.
     deadline: Option<Instant>,
     client: async_nats::Client,
+    /// Results larger than this go back in chunks.
+    chunk_size: usize,
 }
 
 impl NatsRequest {
     /// The request in `message`, received now; `None` if it names no callback.
-    fn new(message: async_nats::Message, client: &async_nats::Client) -> Option<Box<Self>> {
+    fn new(message: async_nats::Message, mesh: &NatsMesh) -> Option<Box<Self>> {
         let callback = Subjects::callback_of(&message.subject)?;
         let header = |name: &str| {
             message
@@ -47,7 +50,8 @@ impl NatsRequest {
             payload: message.payload,
             reply: message.reply,
             deadline,
-            client: client.clone(),
+            client: mesh.client.clone(),
+            chunk_size: mesh.chunk_size,
         }))
     }
 }
@@ -77,10 +81,19 @@ impl Request for NatsRequest {
     /// future hands it over).
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reply = self.reply?;
-        let client = self.client;
+        let (client, chunk_size) = (self.client, self.chunk_size);
         Some(Box::pin(async move {
             let sent = match outcome {
-                Ok(value) => client.publish(reply, value.into_bytes()).await,
+                Ok(value) => {
+                    let value = value.into_bytes();
+                    if value.len() > chunk_size {
+                        if let Err(e) = chunks::offer(&client, reply, value, chunk_size).await {
+                            tracing::debug!(error = %e, "large reply dropped: the NATS client is closed");
+                        }
+                        return;
+                    }
+                    client.publish(reply, value).await
+                }
                 Err(failure) => {
                     let (headers, body) = failure_reply(failure);
                     client.publish_with_headers(reply, headers, body).await
@@ -108,6 +121,8 @@ fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
 /// once it is stopping, refuses them (their callers get `PeerStopped`).
 pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
     let mut batch = SyncBatch::default();
+    let mut assemblies = Assemblies::default();
+    let mut sweep = tokio::time::interval(chunks::STALE / 2);
     let mut closed = mesh.closed.subscribe();
     loop {
         // Everything received so far is dispatched: the sync callbacks among it go to
@@ -118,12 +133,19 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
                 batch.submit(&mesh.executor);
                 tokio::select! {
                     next = requests.next() => next,
+                    _ = sweep.tick() => {
+                        assemblies.drop_stale();
+                        continue;
+                    }
                     _ = super::until(&mut closed, true) => break,
                 }
             }
         };
         let Some(message) = next else { break };
-        let Some(request) = NatsRequest::new(message, &mesh.client) else {
+        let Some(message) = join_chunks(&mesh, &mut assemblies, message).await else {
+            continue;
+        };
+        let Some(request) = NatsRequest::new(message, &mesh) else {
             continue;
         };
         if mesh.is_stopped() {
@@ -133,6 +155,43 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
         }
     }
     batch.submit(&mesh.executor);
+}
+
+/// The message of a whole request: `message` itself, or the last chunk of a payload
+/// that came in chunks (with the payload joined); `None` while chunks are to come
+/// (each is answered, so that its sender sends more, as is a probe) or when a chunk is
+/// refused.
+async fn join_chunks(
+    mesh: &NatsMesh,
+    assemblies: &mut Assemblies,
+    message: async_nats::Message,
+) -> Option<async_nats::Message> {
+    if !chunks::is_chunked(&message) {
+        return Some(message);
+    }
+    let reply = message.reply.clone();
+    let joined = if chunks::is_probe(&message) {
+        Ok(Joined::Stored(reply.clone()))
+    } else {
+        assemblies.add(message, mesh.size_limit)
+    };
+    let answer = match joined {
+        Ok(Joined::Whole(message)) => return Some(message),
+        Ok(Joined::Stored(reply)) => reply.map(|r| (r, HeaderMap::new(), Bytes::new())),
+        Err(reason) => {
+            tracing::warn!(process = %mesh.name, %reason, "refused a chunk of arguments");
+            let failure = CallbackFailure {
+                kind: RemoteErrorKind::BadArguments,
+                message: format!("arguments sent in chunks refused: {reason}"),
+            };
+            let (headers, body) = failure_reply(failure);
+            reply.map(|r| (r, headers, body))
+        }
+    };
+    if let Some((reply, headers, body)) = answer {
+        let _ = mesh.client.publish_with_headers(reply, headers, body).await;
+    }
+    None
 }
 
 /// Answers a request that came after this node began stopping.

@@ -9,11 +9,14 @@
 //!   key per node, created atomically (unique names), renewed by a heartbeat and
 //!   expired by the bucket's age limit when a node dies; a watch keeps the view current
 //!   (`members`).
+//! - **large payloads** (over the server's `max_payload`) are split and joined, with
+//!   flow control (`chunks`).
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.
 
 mod caller;
+mod chunks;
 mod incoming;
 mod members;
 mod subjects;
@@ -33,8 +36,8 @@ use members::{MemberRecord, RecordCommand};
 pub use subjects::check_namespace;
 use subjects::Subjects;
 
-/// Room kept in every message for its headers: a request whose arguments take more of
-/// the server's `max_payload` is refused before it is sent.
+/// Room kept in every message for its headers: payloads larger than the server's
+/// `max_payload` less this are sent in chunks.
 const HEADER_ROOM: usize = 1024;
 
 /// Settings of a node on a NATS cluster.
@@ -64,8 +67,10 @@ pub struct NatsMesh {
     pending: Arc<Pending>,
     /// Where replies to this node's calls come: `<inbox>.<call id>`.
     inbox: String,
-    /// The largest arguments a request may carry.
+    /// The largest arguments a request may carry (`max_frame_size`).
     size_limit: usize,
+    /// The largest payload one message carries; larger ones go in chunks.
+    chunk_size: usize,
     /// Whether the client is connected to a server now.
     connected: watch::Sender<bool>,
     /// Set when stopping begins: no new calls from here, no new requests run here.
@@ -90,10 +95,15 @@ impl NatsMesh {
     ) -> Result<Arc<Self>> {
         check_namespace(&config.namespace).map_err(Error::Config)?;
         let (client, client_events) = connect(&config).await?;
-        let size_limit = config
-            .max_frame_size
-            .min(client.server_info().max_payload.saturating_sub(HEADER_ROOM));
-        check_callback_list(&executor.callback_names(), size_limit)?;
+        let chunk_size = client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM)
+            .max(1);
+        check_callback_list(
+            &executor.callback_names(),
+            chunk_size.min(config.max_frame_size),
+        )?;
         let name = executor.name.clone();
         let subjects = Subjects::new(&config.namespace);
         let inbox = client.new_inbox();
@@ -117,7 +127,8 @@ impl NatsMesh {
             membership: Membership::default(),
             pending: Arc::default(),
             inbox,
-            size_limit,
+            size_limit: config.max_frame_size,
+            chunk_size,
             connected: watch::channel(true).0,
             stopped: watch::channel(false).0,
             finished: watch::channel(false).0,
