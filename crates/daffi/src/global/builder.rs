@@ -359,8 +359,12 @@ impl GlobalBuilder {
     /// membership lives in a replicated JetStream KV bucket (JetStream must be enabled
     /// on the servers). A node that dies without saying goodbye leaves the others' view
     /// within 13 s (its entry expires 12 s after its last heartbeat, sent every second;
-    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Schedules (PERIOD) and the controller's counters are not available
-    /// over NATS yet: they fail with [`Error::Unsupported`].
+    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Schedules (PERIOD)
+    /// live in a replicated KV bucket too, fired by one node at a time (a lease): they
+    /// outlive every process, and the death of the node firing them pauses their runs
+    /// for about 4 s. The controller's call counters
+    /// ([`controller_stats`](crate::Global::controller_stats)) are not available: no
+    /// process sees every call; they fail with [`Error::Unsupported`].
     ///
     /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).
     /// Needs daffi's `nats` cargo feature (`daffi = { features = ["nats"] }`); built
