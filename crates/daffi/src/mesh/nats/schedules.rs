@@ -23,6 +23,7 @@
 //! Takeover bound: the leader's death stops the runs for at most `LEASE_TTL` (its last
 //! renewal's age limit) plus `LEASE_RENEW` (the others' next try), about 4 s.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -367,57 +368,91 @@ impl NatsMesh {
         })
     }
 
-    /// Sends the runs that are due (when this node holds the lease); when the next is
-    /// due.
-    async fn fire_due(&self) -> std::result::Result<Option<u64>, String> {
-        let mut soonest: Option<u64> = None;
-        for mut held in self.schedules.read_all().await? {
-            let now = now_ms();
-            if held.task.next_run_ms > now {
-                soonest =
-                    Some(soonest.map_or(held.task.next_run_ms, |s| s.min(held.task.next_run_ms)));
+    /// Sends the runs in `book` that are due (this node holds the lease).
+    async fn fire_due(&self, book: &mut Book) {
+        let now = now_ms();
+        let due: Vec<u64> = book
+            .tasks
+            .values()
+            .filter(|held| held.task.next_run_ms <= now)
+            .map(|held| held.task_id)
+            .collect();
+        for task_id in due {
+            let Some(held) = book.tasks.get(&task_id) else {
                 continue;
-            }
-            let run = held.task.clone();
-            let goes_on = held.task.advance(now);
-            if self.claim(&held, goes_on).await {
-                self.fire(held.task_id, &run);
-                if goes_on {
-                    soonest = Some(
-                        soonest.map_or(held.task.next_run_ms, |s| s.min(held.task.next_run_ms)),
-                    );
-                } else {
-                    tracing::info!(
-                        task_id = held.task_id,
-                        "a scheduled task finished (its last time passed)"
-                    );
+            };
+            let mut next = held.task.clone();
+            let goes_on = next.advance(now);
+            match self.claim(held, &next, goes_on).await {
+                Ok(revision) => {
+                    self.fire(task_id, &next);
+                    match revision {
+                        Some(revision) => {
+                            let held = Held {
+                                task_id,
+                                revision,
+                                task: next,
+                            };
+                            book.tasks.insert(task_id, held);
+                        }
+                        None => {
+                            book.tasks.remove(&task_id);
+                            tracing::info!(
+                                task_id,
+                                "a scheduled task finished (its last time passed)"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(task_id, error = %e, "did not claim a scheduled run (changed meanwhile)");
+                    self.refresh(book, task_id).await;
                 }
             }
         }
-        Ok(soonest)
     }
 
-    /// Writes the task's next run (or deletes it after its last); whether the write won
-    /// (no other node changed or cancelled the task meanwhile).
-    async fn claim(&self, held: &Held, goes_on: bool) -> bool {
+    /// Writes the task's next run (`next`), or deletes it after its last, at the
+    /// revision `held` was read at: the write wins only if no other node changed or
+    /// cancelled the task meanwhile. The task's new revision (`None`: deleted).
+    async fn claim(
+        &self,
+        held: &Held,
+        next: &StoredTask,
+        goes_on: bool,
+    ) -> std::result::Result<Option<u64>, String> {
         let key = held.task_id.to_string();
         let tasks = &self.schedules.tasks;
-        let written = if goes_on {
+        if goes_on {
             tasks
-                .update(&key, message::encode(&held.task), held.revision)
+                .update(&key, message::encode(next), held.revision)
                 .await
-                .map(|_| ())
+                .map(Some)
                 .map_err(|e| e.to_string())
         } else {
             tasks
                 .delete_expect_revision(&key, Some(held.revision))
                 .await
+                .map(|()| None)
                 .map_err(|e| e.to_string())
-        };
-        if let Err(e) = &written {
-            tracing::debug!(task_id = held.task_id, error = %e, "did not claim a scheduled run (changed meanwhile)");
         }
-        written.is_ok()
+    }
+
+    /// Reads the task `task_id` into `book` again, after a claim lost; when that fails
+    /// too, `book` starts over from a new watch.
+    async fn refresh(&self, book: &mut Book, task_id: u64) {
+        match self.schedules.read(&task_id.to_string()).await {
+            Ok(Some(held)) => {
+                book.tasks.insert(task_id, held);
+            }
+            Ok(None) => {
+                book.tasks.remove(&task_id);
+            }
+            Err(e) => {
+                tracing::debug!(task_id, error = %e, "could not read a scheduled task; reading them all again");
+                book.forget();
+            }
+        }
     }
 
     /// Sends one run of `task`, never waiting for it.
@@ -506,6 +541,70 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
     }
 }
 
+/// The leader's view of the tasks, kept current by a watch of the bucket while this
+/// node leads: a run costs one write, not a read of every task.
+#[derive(Default)]
+struct Book {
+    watch: Option<kv::Watch>,
+    tasks: HashMap<u64, Held>,
+}
+
+impl Book {
+    /// Starts following the bucket (from an empty view), unless it does already.
+    async fn follow(&mut self, bucket: &Store) -> std::result::Result<(), String> {
+        if self.watch.is_none() {
+            self.tasks.clear();
+            // Every task's current value first, then the changes (`watch_all` would
+            // give only the changes).
+            let watch = bucket.watch_with_history(">").await;
+            self.watch = Some(watch.map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+
+    /// Stops following (this node no longer leads, or lost the connection).
+    fn forget(&mut self) {
+        self.watch = None;
+        self.tasks.clear();
+    }
+
+    /// The next change of the bucket; never, when not following.
+    async fn next_change(&mut self) -> std::result::Result<kv::Entry, String> {
+        let Some(watch) = &mut self.watch else {
+            return std::future::pending().await;
+        };
+        match watch.next().await {
+            Some(Ok(entry)) => Ok(entry),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("the watch ended".into()),
+        }
+    }
+
+    /// Applies one change, unless the view holds a later revision (a write of this
+    /// node's own, coming back).
+    fn apply(&mut self, entry: &kv::Entry) {
+        let Ok(task_id) = entry.key.parse::<u64>() else {
+            return;
+        };
+        if self
+            .tasks
+            .get(&task_id)
+            .is_some_and(|held| held.revision >= entry.revision)
+        {
+            return;
+        }
+        match held_of(task_id, entry) {
+            Some(held) => self.tasks.insert(task_id, held),
+            None => self.tasks.remove(&task_id),
+        };
+    }
+
+    /// When the next run is due, if any.
+    fn soonest(&self) -> Option<u64> {
+        self.tasks.values().map(|held| held.task.next_run_ms).min()
+    }
+}
+
 /// Competes for the lease, and fires the tasks while holding it, until the node stops.
 pub async fn lead(mesh: Arc<NatsMesh>) {
     let mut closed = mesh.closed.subscribe();
@@ -514,6 +613,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         revision: None,
         valid_until: Instant::now(),
     };
+    let mut book = Book::default();
     let mut next_renewal = Instant::now();
     loop {
         tokio::select! {
@@ -525,20 +625,27 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
             hold_or_take(&mesh, &mut lease).await;
         }
         let mut wake = next_renewal;
-        if lease.holds() {
-            match mesh.fire_due().await {
-                Ok(Some(due_ms)) => {
-                    let due_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
-                    wake = wake.min(Instant::now() + due_in);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(process = %mesh.name, error = %e, "could not read the schedules; trying again")
-                }
+        if !lease.holds() {
+            book.forget();
+        } else if let Err(e) = book.follow(&mesh.schedules.tasks).await {
+            tracing::debug!(process = %mesh.name, error = %e, "could not watch the schedules; trying again");
+        } else {
+            mesh.fire_due(&mut book).await;
+            if let Some(due_ms) = book.soonest() {
+                let due_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
+                wake = wake.min(Instant::now() + due_in);
             }
         }
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
+            change = book.next_change() => match change {
+                Ok(entry) => book.apply(&entry),
+                Err(e) => {
+                    tracing::debug!(process = %mesh.name, error = %e, "the schedules watch ended; starting it again");
+                    book.forget();
+                }
+            },
+            _ = super::until(&mut connected, false) => book.forget(),
             _ = super::until(&mut closed, true) => break,
         }
     }
