@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::nats::NatsServer;
+use common::nats::{NatsCluster, NatsServer};
 use common::{run_role, spawn_role_child, unique, Log, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Error, Global, GlobalBuilder, Period};
 
@@ -109,9 +109,9 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn new(server: &NatsServer) -> Mesh {
+    fn new(urls: String) -> Mesh {
         Mesh {
-            urls: server.url(),
+            urls,
             namespace: unique("ns").replace('-', "_"),
         }
     }
@@ -157,7 +157,7 @@ impl Mesh {
 #[test]
 fn a_period_survives_its_maker_and_the_node_firing_it_being_killed() {
     let server = NatsServer::start();
-    let mesh = Mesh::new(&server);
+    let mesh = Mesh::new(server.url());
     // Two nodes that may fire; the first to start takes the lease, before the
     // observer (this process) joins.
     let mut nodes = [mesh.spawn("node", "n1", ""), mesh.spawn("node", "n2", "")];
@@ -228,7 +228,7 @@ fn a_period_survives_its_maker_and_the_node_firing_it_being_killed() {
 #[test]
 fn tasks_are_listed_run_at_their_times_and_end_and_counters_are_unavailable() {
     let server = NatsServer::start();
-    let mesh = Mesh::new(&server);
+    let mesh = Mesh::new(server.url());
     let name = unique("alone");
     let g = builder(&mesh.urls, &mesh.namespace, &name)
         .start()
@@ -297,4 +297,58 @@ fn tasks_are_listed_run_at_their_times_and_end_and_counters_are_unavailable() {
     ));
     every.cancel().expect("cancel");
     g.stop();
+}
+
+#[test]
+fn a_period_goes_on_when_a_server_of_three_is_killed() {
+    let mut cluster = NatsCluster::start(3);
+    // Every process is given only the server that is killed: it fails over to the
+    // others it learned.
+    let mesh = Mesh::new(cluster.urls()[0].clone());
+    let _node = mesh.spawn("node", "n1", "");
+    mesh.wait_lease_holder();
+    let name = unique("observer");
+    let observer = builder(&mesh.urls, &mesh.namespace, &name)
+        .start()
+        .expect("observer starts");
+    let task = observer
+        .call("tick")
+        .args(("cluster",))
+        .on(&name)
+        .period(Period::every(PERIOD))
+        .expect("schedule");
+    wait_ticks("cluster", 3);
+
+    let killed_at = Instant::now();
+    cluster.kill(0);
+    let before = ticks_of("cluster").len();
+    let ticks = wait_ticks("cluster", before + 10);
+    let longest_gap = ticks[before - 1..]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .expect("ticks");
+    eprintln!(
+        "a server of three killed: the longest pause between runs was {longest_gap:?}; runs went on {:?} after the kill",
+        ticks[before].saturating_duration_since(killed_at)
+    );
+    // Asking the bucket may fail (a named error) while the cluster settles.
+    let give_up = Instant::now() + WAIT;
+    let tasks = loop {
+        match observer.scheduled_tasks() {
+            Ok(tasks) => break tasks,
+            Err(e @ Error::ControllerUnreachable { .. }) if Instant::now() < give_up => {
+                eprintln!(
+                    "listing failed {:?} after the kill: {e}",
+                    killed_at.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(100)); // pacing the retries
+            }
+            Err(e) => panic!("listing: {e}"),
+        }
+    };
+    let ids: Vec<u64> = tasks.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [task.id()], "the schedule is kept");
+    task.cancel().expect("cancel");
+    observer.stop();
 }
