@@ -260,7 +260,9 @@ async fn follow_bucket(
         Ok(status) => status.values(),
         Err(e) => return format!("bucket status: {e}"),
     };
-    let mut watch = match bucket.watch_all().await {
+    // Each entry's current value first, then the changes (`watch_all` gives only the
+    // changes: the view would wait for the others' heartbeats).
+    let mut watch = match bucket.watch_with_history(">").await {
         Ok(watch) => watch,
         Err(e) => return format!("watch: {e}"),
     };
