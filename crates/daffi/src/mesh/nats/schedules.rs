@@ -51,6 +51,9 @@ pub const LEASE_RENEW: Duration = Duration::from_secs(1);
 /// How often a cancel reads the task again when its delete lost to a run's write.
 const CANCEL_TRIES: usize = 5;
 
+/// How long the leader waits before it tries again a run whose claim failed.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
+
 /// The key of the lease in the scheduler bucket.
 const LEASE_KEY: &str = "leader";
 
@@ -368,8 +371,10 @@ impl NatsMesh {
         })
     }
 
-    /// Sends the runs in `book` that are due (this node holds the lease).
-    async fn fire_due(&self, book: &mut Book) {
+    /// Sends the runs in `book` that are due (this node holds the lease); `false` if
+    /// a claim failed (the task may still look due).
+    async fn fire_due(&self, book: &mut Book) -> bool {
+        let mut all_claimed = true;
         let now = now_ms();
         let due: Vec<u64> = book
             .tasks
@@ -406,10 +411,12 @@ impl NatsMesh {
                 }
                 Err(e) => {
                     tracing::debug!(task_id, error = %e, "did not claim a scheduled run (changed meanwhile)");
+                    all_claimed = false;
                     self.refresh(book, task_id).await;
                 }
             }
         }
+        all_claimed
     }
 
     /// Writes the task's next run (`next`), or deletes it after its last, at the
@@ -630,10 +637,14 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         } else if let Err(e) = book.follow(&mesh.schedules.tasks).await {
             tracing::debug!(process = %mesh.name, error = %e, "could not watch the schedules; trying again");
         } else {
-            mesh.fire_due(&mut book).await;
+            let all_claimed = mesh.fire_due(&mut book).await;
             if let Some(due_ms) = book.soonest() {
                 let due_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
                 wake = wake.min(Instant::now() + due_in);
+            }
+            if !all_claimed {
+                // A write that failed for another reason than a change: not at once again.
+                wake = wake.max(Instant::now() + CLAIM_RETRY);
             }
         }
         tokio::select! {
