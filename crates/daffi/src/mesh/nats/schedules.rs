@@ -21,7 +21,9 @@
 //!   logged, and the schedule goes on.
 //!
 //! Takeover bound: the leader's death stops the runs for at most `LEASE_TTL` (its last
-//! renewal's age limit) plus `LEASE_RENEW` (the others' next try), about 4 s.
+//! renewal's age limit) plus `LEASE_RENEW` (the others' next try), about 4 s. The loss
+//! of the server that leads the buckets' streams pauses them while its replicas elect a
+//! new leader (measured up to 12 s); nothing is lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
