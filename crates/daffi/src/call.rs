@@ -335,7 +335,9 @@ impl Call {
     /// moment; a run that finds no such node is skipped. No results come back. The
     /// schedule lives in the controller, so it outlives this node, and every node keeps a
     /// copy, so it outlives a controller restart, under the same id (see "Schedules
-    /// survive a controller restart" in the README).
+    /// survive a controller restart" in the README). Over NATS
+    /// ([`nats`](crate::GlobalBuilder::nats)) it lives in a replicated KV bucket, and one
+    /// node at a time sends its runs.
     ///
     /// A time in the past, an empty list or a zero interval fails here with
     /// [`Error::InvalidPeriod`]; arguments that leave less than 512 bytes of the frame

@@ -296,7 +296,8 @@ pub enum Error {
     },
 
     /// What was asked is not available with this backend (yet): for example the
-    /// schedules and counters of the controller, asked of a node on a NATS cluster.
+    /// call counters of the controller (`controller_stats`), asked of a node on a NATS
+    /// cluster, where no process sees every call.
     #[error("{what} is not available {reason}")]
     Unsupported {
         /// What was asked.

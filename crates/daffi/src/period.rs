@@ -140,10 +140,10 @@ pub struct ScheduledTaskInfo {
     /// Runs still to come, for tasks with a list of times.
     pub remaining_runs: Option<u64>,
     /// Runs sent so far, by the controller running now (a restarted controller counts
-    /// from zero).
+    /// from zero); over NATS, by every node that sent them.
     pub runs: u64,
     /// The node that gave this task back to the controller after it restarted, if one
-    /// did (see "Schedules survive a controller restart" in the README).
+    /// did (see "Schedules survive a controller restart" in the README); never over NATS.
     pub restored_by: Option<String>,
 }
 

@@ -256,6 +256,31 @@ fn random_choice_spreads_over_providers_on_pins_and_a_node_never_calls_itself() 
 }
 
 #[test]
+fn a_node_that_starts_sees_every_node_already_there() {
+    let server = NatsServer::start();
+    let mut mesh = Mesh::new(server.url());
+    let first = mesh
+        .builder(&unique("first"))
+        .start()
+        .expect("first starts");
+    mesh.spawn_worker(&first, "there1");
+    mesh.spawn_worker(&first, "there2");
+    // `start` returns with the whole view: no waiting for the others' heartbeats.
+    let started = Instant::now();
+    let late = mesh.builder(&unique("late")).start().expect("late starts");
+    eprintln!(
+        "a node joining two others started in {:?}",
+        started.elapsed()
+    );
+    let members: HashSet<String> = late.members().into_iter().map(|m| m.name).collect();
+    for name in ["there1", "there2", first.process_name()] {
+        assert!(members.contains(name), "{name} missing from {members:?}");
+    }
+    late.stop();
+    first.stop();
+}
+
+#[test]
 fn broadcast_gives_results_by_node_and_names_the_failing_ones() {
     let server = NatsServer::start();
     let mut mesh = Mesh::new(server.url());

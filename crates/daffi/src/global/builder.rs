@@ -364,8 +364,12 @@ impl GlobalBuilder {
     /// results larger than the servers' `max_payload` (1 MiB by default) go in chunks,
     /// a few in flight at a time, up to [`max_frame_size`](Self::max_frame_size); a
     /// callee that dies mid-transfer fails the call within about 250 ms
-    /// ([`Error::PeerDisconnected`]). Schedules (PERIOD) and the controller's counters are not available
-    /// over NATS yet: they fail with [`Error::Unsupported`].
+    /// ([`Error::PeerDisconnected`]). Schedules (PERIOD)
+    /// live in a replicated KV bucket too, fired by one node at a time (a lease): they
+    /// outlive every process, and the death of the node firing them pauses their runs
+    /// for about 4 s. The controller's call counters
+    /// ([`controller_stats`](crate::Global::controller_stats)) are not available: no
+    /// process sees every call; they fail with [`Error::Unsupported`].
     ///
     /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).
     /// Needs daffi's `nats` cargo feature (`daffi = { features = ["nats"] }`); built

@@ -13,6 +13,8 @@ use crate::protocol::message::{ControlAnswer, ControlRequest};
 
 impl Global {
     /// The controller's counters: how many requests it forwarded for each callback.
+    /// Over NATS, [`Error::Unsupported`](crate::Error::Unsupported): calls go from node
+    /// to node, and no process sees them all.
     ///
     /// ```no_run
     /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
@@ -48,7 +50,8 @@ impl Global {
         }
     }
 
-    /// The tasks the controller keeps for PERIOD calls (made by any node), soonest first.
+    /// The tasks the controller (or, over NATS, the schedules bucket) keeps for PERIOD
+    /// calls made by any node, soonest first.
     /// The controller answers in pages that each fit a frame; this asks for every page.
     pub fn scheduled_tasks(&self) -> Result<Vec<ScheduledTaskInfo>> {
         blocking::wait(

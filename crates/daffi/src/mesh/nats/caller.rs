@@ -64,15 +64,10 @@ impl Mesh for NatsMesh {
 
     fn control<'a>(
         &'a self,
-        _request: ControlRequest,
+        request: ControlRequest,
         what: &'a str,
     ) -> BoxFuture<'a, Result<ControlAnswer>> {
-        Box::pin(async move {
-            Err(Error::Unsupported {
-                what: format!("`{what}`"),
-                reason: "on a NATS cluster yet (schedules and counters come in a later release); use the built-in controller for them".into(),
-            })
-        })
+        Box::pin(self.answer_control(request, what))
     }
 
     fn announce(self: Arc<Self>) {

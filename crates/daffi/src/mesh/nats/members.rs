@@ -78,29 +78,46 @@ pub async fn open_bucket(
     subjects: &Subjects,
     urls: &str,
 ) -> Result<Store> {
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let bucket = subjects.members_bucket();
-    if let Ok(store) = jetstream.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    let servers = client.server_info().connect_urls.len().max(1);
     let config = kv::Config {
-        bucket: bucket.clone(),
+        bucket: subjects.members_bucket(),
         description: "daffi: the nodes of this mesh and their callbacks".into(),
         history: 1,
         max_age: MEMBER_TTL,
         // Expiry writes a marker, so that watchers see a node that died leave.
         limit_markers: Some(MEMBER_TTL),
-        num_replicas: servers.min(3),
+        num_replicas: replicas(client),
         ..Default::default()
     };
+    open_or_create(client, config, urls, "membership").await
+}
+
+/// How many servers keep a copy of a bucket: up to three of the cluster's.
+pub fn replicas(client: &async_nats::Client) -> usize {
+    client.server_info().connect_urls.len().clamp(1, 3)
+}
+
+/// The KV bucket `config` names, created with `config` if it is not there yet; `what`
+/// names it in errors.
+pub async fn open_or_create(
+    client: &async_nats::Client,
+    config: kv::Config,
+    urls: &str,
+    what: &str,
+) -> Result<Store> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let bucket = config.bucket.clone();
+    if let Ok(store) = jetstream.get_key_value(&bucket).await {
+        return Ok(store);
+    }
     match jetstream.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another node created it meanwhile.
         Err(create) => jetstream.get_key_value(&bucket).await.map_err(|_| {
             unreachable_by(
                 urls,
-                "the membership bucket could not be created (JetStream enabled on the servers?): ",
+                &format!(
+                    "the {what} bucket could not be created (JetStream enabled on the servers?): "
+                ),
                 create,
             )
         }),
@@ -243,7 +260,9 @@ async fn follow_bucket(
         Ok(status) => status.values(),
         Err(e) => return format!("bucket status: {e}"),
     };
-    let mut watch = match bucket.watch_all().await {
+    // Each entry's current value first, then the changes (`watch_all` gives only the
+    // changes: the view would wait for the others' heartbeats).
+    let mut watch = match bucket.watch_with_history(">").await {
         Ok(watch) => watch,
         Err(e) => return format!("watch: {e}"),
     };

@@ -11,6 +11,10 @@
 //!   (`members`).
 //! - **large payloads** (over the server's `max_payload`) are split and joined, with
 //!   flow control (`chunks`).
+//! - **schedules** (PERIOD) live in the replicated KV bucket `<ns>-schedules`, fired
+//!   by one node at a time, the holder of a lease in `<ns>-scheduler` (`schedules`);
+//!   the call counters of `controller_stats` are not available (no process sees every
+//!   call).
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.
@@ -19,6 +23,7 @@ mod caller;
 mod chunks;
 mod incoming;
 mod members;
+mod schedules;
 mod subjects;
 
 use std::path::PathBuf;
@@ -33,6 +38,7 @@ use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use members::{MemberRecord, RecordCommand};
+use schedules::Schedules;
 pub use subjects::check_namespace;
 use subjects::Subjects;
 
@@ -77,6 +83,8 @@ pub struct NatsMesh {
     stopped: watch::Sender<bool>,
     /// Set once the goodbye is done (the membership entry deleted, or given up).
     finished: watch::Sender<bool>,
+    /// The PERIOD tasks and the lease of the node that fires them.
+    schedules: Schedules,
     /// To the task that owns this node's membership entry.
     record: mpsc::UnboundedSender<RecordCommand>,
     events: mpsc::UnboundedSender<NodeEvent>,
@@ -116,6 +124,7 @@ impl NatsMesh {
             .await
             .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
         let bucket = members::open_bucket(&client, &subjects, &config.urls).await?;
+        let schedules = Schedules::open(&client, &config.namespace, &config.urls).await?;
         let record = MemberRecord::new(executor.callback_names());
         let revision = members::take_name(&bucket, &name, &record, &config.urls).await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
@@ -132,6 +141,7 @@ impl NatsMesh {
             connected: watch::channel(true).0,
             stopped: watch::channel(false).0,
             finished: watch::channel(false).0,
+            schedules,
             record: record_tx,
             events,
             closed: watch::channel(false).0,
@@ -149,6 +159,7 @@ impl NatsMesh {
         let (first_view, first_view_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(members::watch_members(mesh.clone(), bucket, first_view));
         tokio::spawn(follow_connection(mesh.clone(), client_events));
+        tokio::spawn(schedules::lead(mesh.clone()));
         first_view_rx.await.map_err(|_| Error::Stopped)??;
         tracing::info!(process = %mesh.name, servers = %mesh.config.urls, namespace = %mesh.config.namespace, "connected to the NATS cluster");
         mesh.emit(NodeEvent::Connected);

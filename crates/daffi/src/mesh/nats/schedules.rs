@@ -1,0 +1,733 @@
+//! PERIOD over NATS: the schedules live in the replicated JetStream KV bucket
+//! `<ns>-schedules` (one key per task id), so that they outlive every process, and one
+//! node at a time fires them: the holder of the lease `leader` in the bucket
+//! `<ns>-scheduler`.
+//!
+//! - **the lease** is created atomically by a node that finds none, and renewed by its
+//!   holder every [`LEASE_RENEW`] with a revision-checked update; the bucket's age limit
+//!   ([`LEASE_TTL`]) drops it when its holder dies, and another node takes it at its next
+//!   try. A holder that could not renew for `LEASE_TTL - LEASE_RENEW` stops firing. A
+//!   node that stops deletes its lease, so that another takes over at once.
+//! - **a run** is claimed before it is sent: the leader writes the task's next run (or
+//!   deletes a task whose last run this is) with a revision-checked update, and sends
+//!   the run only if that write won. A run is so never sent twice, even by two nodes that
+//!   both believe they lead; a run due while no node leads is sent late, at takeover
+//!   (a repeating task skips the runs it missed, as with the controller).
+//! - **times** are stored as wall-clock times (milliseconds since the Unix epoch), read
+//!   from the clock of the node that schedules, and compared with the leader's: runs
+//!   shift by the skew between their clocks.
+//! - A run is a NO_RETURN request to the pinned node or to a provider chosen at random
+//!   (this node included: the leader is any node); with none, the run is skipped and
+//!   logged, and the schedule goes on.
+//!
+//! Takeover bound: the leader's death stops the runs for at most `LEASE_TTL` (its last
+//! renewal's age limit) plus `LEASE_RENEW` (the others' next try), about 4 s. The loss
+//! of the server that leads the buckets' streams pauses them while its replicas elect a
+//! new leader (measured up to 12 s); nothing is lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::caller::CALLER;
+use super::members::{open_or_create, replicas};
+use super::NatsMesh;
+use crate::error::{Error, Result};
+use crate::protocol::message::{self, ControlAnswer, ControlRequest, TaskInfo, Timing};
+use crate::protocol::MAX_TASK_ID;
+
+/// How long the lease lives without a renewal: a leader that dies stops the runs for at
+/// most this plus [`LEASE_RENEW`].
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// How often the leader renews its lease, and the others try to take it.
+pub const LEASE_RENEW: Duration = Duration::from_secs(1);
+
+/// How often a cancel reads the task again when its delete lost to a run's write.
+const CANCEL_TRIES: usize = 5;
+
+/// How long the leader waits before it tries again a run whose claim failed.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
+
+/// The key of the lease in the scheduler bucket.
+const LEASE_KEY: &str = "leader";
+
+/// A task as the schedules bucket holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTask {
+    callback: String,
+    #[serde(with = "serde_bytes")]
+    args: Vec<u8>,
+    on: Option<String>,
+    created_by: String,
+    /// The interval, for repeating tasks.
+    interval_ms: Option<u64>,
+    /// The next run, in milliseconds since the Unix epoch.
+    next_run_ms: u64,
+    /// For `at` tasks: the runs still to come (the next one first), in the same clock.
+    upcoming_ms: Vec<u64>,
+    /// Runs sent so far, by any leader.
+    runs: u64,
+}
+
+impl StoredTask {
+    /// The task for `timing`, read at `now_ms`; why it cannot be kept otherwise.
+    fn plan(timing: &Timing, now_ms: u64) -> Result<(Option<u64>, u64, Vec<u64>)> {
+        let invalid = |why: &str| Err(Error::Config(why.to_string()));
+        match timing {
+            Timing::Every { interval_ms: 0, .. } => {
+                invalid("the interval must be longer than zero")
+            }
+            Timing::Every {
+                interval_ms,
+                first_ms,
+            } => Ok((
+                Some(*interval_ms),
+                now_ms.saturating_add(first_ms.unwrap_or(*interval_ms)),
+                Vec::new(),
+            )),
+            Timing::At { delays_ms } if delays_ms.is_empty() => {
+                invalid("the list of times is empty")
+            }
+            Timing::At { delays_ms } => {
+                let mut upcoming: Vec<u64> = delays_ms
+                    .iter()
+                    .map(|d| now_ms.saturating_add(*d))
+                    .collect();
+                upcoming.sort_unstable();
+                Ok((None, upcoming[0], upcoming))
+            }
+        }
+    }
+
+    /// Moves past the run due at `now_ms`; `false` when that was the last.
+    fn advance(&mut self, now_ms: u64) -> bool {
+        self.runs += 1;
+        match self.interval_ms {
+            Some(interval) => {
+                // Keep the cadence; after a stall (or a takeover), skip the missed runs.
+                let behind = now_ms.saturating_sub(self.next_run_ms) / interval;
+                self.next_run_ms += (behind + 1) * interval;
+                true
+            }
+            None => {
+                if !self.upcoming_ms.is_empty() {
+                    self.upcoming_ms.remove(0);
+                }
+                match self.upcoming_ms.first() {
+                    Some(next) => {
+                        self.next_run_ms = *next;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    fn info(&self, task_id: u64, now_ms: u64) -> TaskInfo {
+        TaskInfo {
+            task_id,
+            callback: self.callback.clone(),
+            on: self.on.clone(),
+            created_by: self.created_by.clone(),
+            next_run_in_ms: self.next_run_ms.saturating_sub(now_ms),
+            interval_ms: self.interval_ms,
+            remaining_runs: self
+                .interval_ms
+                .is_none()
+                .then_some(self.upcoming_ms.len() as u64),
+            runs: self.runs,
+            restored_by: None,
+        }
+    }
+}
+
+/// A task read from the bucket, with the revision a write to it must name.
+struct Held {
+    task_id: u64,
+    revision: u64,
+    task: StoredTask,
+}
+
+/// The two buckets of PERIOD on one mesh.
+#[derive(Clone)]
+pub struct Schedules {
+    tasks: Store,
+    lease: Store,
+}
+
+impl Schedules {
+    /// Opens (or creates) the buckets, replicated on up to three servers.
+    pub async fn open(
+        client: &async_nats::Client,
+        namespace: &str,
+        urls: &str,
+    ) -> Result<Schedules> {
+        let replicas = replicas(client);
+        let tasks = kv::Config {
+            bucket: format!("{namespace}-schedules"),
+            description: "daffi: the PERIOD tasks of this mesh".into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let lease = kv::Config {
+            bucket: format!("{namespace}-scheduler"),
+            description: "daffi: the node that fires the PERIOD tasks (a lease)".into(),
+            history: 1,
+            max_age: LEASE_TTL,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        Ok(Schedules {
+            tasks: open_or_create(client, tasks, urls, "schedules").await?,
+            lease: open_or_create(client, lease, urls, "scheduler lease").await?,
+        })
+    }
+
+    /// Every task in the bucket.
+    async fn read_all(&self) -> std::result::Result<Vec<Held>, String> {
+        let mut keys = self.tasks.keys().await.map_err(|e| e.to_string())?;
+        let mut held = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            if let Some(task) = self.read(&key).await? {
+                held.push(task);
+            }
+        }
+        Ok(held)
+    }
+
+    /// The task under `key`, if there is one.
+    async fn read(&self, key: &str) -> std::result::Result<Option<Held>, String> {
+        let Some(task_id) = key.parse().ok() else {
+            return Ok(None);
+        };
+        let entry = self.tasks.entry(key).await.map_err(|e| e.to_string())?;
+        Ok(entry.and_then(|entry| held_of(task_id, &entry)))
+    }
+}
+
+/// The task `entry` holds; `None` for a deleted one, or a value no node wrote.
+fn held_of(task_id: u64, entry: &kv::Entry) -> Option<Held> {
+    if entry.operation != Operation::Put {
+        return None;
+    }
+    match message::decode::<StoredTask>(&entry.value) {
+        Ok(task) => Some(Held {
+            task_id,
+            revision: entry.revision,
+            task,
+        }),
+        Err(e) => {
+            tracing::warn!(key = %entry.key, error = %e, "ignored an undecodable scheduled task");
+            None
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl NatsMesh {
+    /// Carries out a control request: the schedule requests in the bucket; the
+    /// counters are not available over NATS.
+    pub(super) async fn answer_control(
+        &self,
+        request: ControlRequest,
+        what: &str,
+    ) -> Result<ControlAnswer> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        if !self.is_connected() {
+            return Err(self.unreachable("not connected (reconnecting)"));
+        }
+        match request {
+            ControlRequest::Schedule {
+                callback,
+                args,
+                on,
+                timing,
+            } => self.schedule(callback, args, on, timing).await,
+            ControlRequest::Cancel { task_id } => self.cancel(task_id).await,
+            ControlRequest::ListTasks { after } => self.list_tasks(after).await,
+            ControlRequest::Stats | ControlRequest::Restore { .. } => Err(Error::Unsupported {
+                what: format!("`{what}`"),
+                reason: "over NATS: calls go from node to node through no process that could count them; count them in your callbacks, or use the built-in controller".into(),
+            }),
+        }
+    }
+
+    fn schedules_failed(&self, e: impl std::fmt::Display) -> Error {
+        self.unreachable(&format!("the schedules bucket failed: {e}"))
+    }
+
+    async fn schedule(
+        &self,
+        callback: String,
+        args: Bytes,
+        on: Option<String>,
+        timing: Timing,
+    ) -> Result<ControlAnswer> {
+        let (interval_ms, next_run_ms, upcoming_ms) = StoredTask::plan(&timing, now_ms())?;
+        let task = StoredTask {
+            callback,
+            args: args.to_vec(),
+            on,
+            created_by: self.name.to_string(),
+            interval_ms,
+            next_run_ms,
+            upcoming_ms,
+            runs: 0,
+        };
+        let value = message::encode(&task);
+        let limit = self.schedule_limit();
+        if value.len() > limit {
+            return Err(Error::PayloadTooLarge {
+                callback: task.callback,
+                size: value.len(),
+                limit,
+            });
+        }
+        loop {
+            let task_id = fastrand::u64(1..=MAX_TASK_ID);
+            match self
+                .schedules
+                .tasks
+                .create(task_id.to_string(), value.clone())
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(task_id, callback = %task.callback, "scheduled a task");
+                    return Ok(ControlAnswer::Scheduled { task_id });
+                }
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(self.schedules_failed(e)),
+            }
+        }
+    }
+
+    /// The largest task the bucket stores: one message of the servers.
+    fn schedule_limit(&self) -> usize {
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(super::HEADER_ROOM)
+    }
+
+    async fn cancel(&self, task_id: u64) -> Result<ControlAnswer> {
+        let key = task_id.to_string();
+        for _ in 0..CANCEL_TRIES {
+            let held = self
+                .schedules
+                .read(&key)
+                .await
+                .map_err(|e| self.schedules_failed(e))?
+                .ok_or(Error::TaskNotFound { task_id })?;
+            // The leader may have written the next run meanwhile: read it again.
+            if self
+                .schedules
+                .tasks
+                .delete_expect_revision(&key, Some(held.revision))
+                .await
+                .is_ok()
+            {
+                tracing::info!(task_id, "cancelled a task");
+                return Ok(ControlAnswer::Cancelled);
+            }
+        }
+        Err(self.schedules_failed(format!(
+            "task {task_id} kept changing while being cancelled; try again"
+        )))
+    }
+
+    async fn list_tasks(&self, after: u64) -> Result<ControlAnswer> {
+        let now = now_ms();
+        let mut tasks: Vec<TaskInfo> = self
+            .schedules
+            .read_all()
+            .await
+            .map_err(|e| self.schedules_failed(e))?
+            .into_iter()
+            .filter(|held| held.task_id > after)
+            .map(|held| held.task.info(held.task_id, now))
+            .collect();
+        tasks.sort_by_key(|t| t.task_id);
+        // The answer never crosses the network: one page holds every task.
+        Ok(ControlAnswer::Tasks {
+            tasks,
+            omitted_tasks: 0,
+        })
+    }
+
+    /// Sends the runs in `book` that are due (this node holds the lease); `false` if
+    /// a claim failed (the task may still look due).
+    async fn fire_due(&self, book: &mut Book) -> bool {
+        let mut all_claimed = true;
+        let now = now_ms();
+        let due: Vec<u64> = book
+            .tasks
+            .values()
+            .filter(|held| held.task.next_run_ms <= now)
+            .map(|held| held.task_id)
+            .collect();
+        for task_id in due {
+            let Some(held) = book.tasks.get(&task_id) else {
+                continue;
+            };
+            let mut next = held.task.clone();
+            let goes_on = next.advance(now);
+            match self.claim(held, &next, goes_on).await {
+                Ok(revision) => {
+                    self.fire(task_id, &next);
+                    match revision {
+                        Some(revision) => {
+                            let held = Held {
+                                task_id,
+                                revision,
+                                task: next,
+                            };
+                            book.tasks.insert(task_id, held);
+                        }
+                        None => {
+                            book.tasks.remove(&task_id);
+                            tracing::info!(
+                                task_id,
+                                "a scheduled task finished (its last time passed)"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(task_id, error = %e, "did not claim a scheduled run (changed meanwhile)");
+                    all_claimed = false;
+                    self.refresh(book, task_id).await;
+                }
+            }
+        }
+        all_claimed
+    }
+
+    /// Writes the task's next run (`next`), or deletes it after its last, at the
+    /// revision `held` was read at: the write wins only if no other node changed or
+    /// cancelled the task meanwhile. The task's new revision (`None`: deleted).
+    async fn claim(
+        &self,
+        held: &Held,
+        next: &StoredTask,
+        goes_on: bool,
+    ) -> std::result::Result<Option<u64>, String> {
+        let key = held.task_id.to_string();
+        let tasks = &self.schedules.tasks;
+        if goes_on {
+            tasks
+                .update(&key, message::encode(next), held.revision)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string())
+        } else {
+            tasks
+                .delete_expect_revision(&key, Some(held.revision))
+                .await
+                .map(|()| None)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// Reads the task `task_id` into `book` again, after a claim lost; when that fails
+    /// too, `book` starts over from a new watch.
+    async fn refresh(&self, book: &mut Book, task_id: u64) {
+        match self.schedules.read(&task_id.to_string()).await {
+            Ok(Some(held)) => {
+                book.tasks.insert(task_id, held);
+            }
+            Ok(None) => {
+                book.tasks.remove(&task_id);
+            }
+            Err(e) => {
+                tracing::debug!(task_id, error = %e, "could not read a scheduled task; reading them all again");
+                book.forget();
+            }
+        }
+    }
+
+    /// Sends one run of `task`, never waiting for it.
+    fn fire(&self, task_id: u64, task: &StoredTask) {
+        let Some(target) = self.pick_run_target(&task.callback, task.on.as_deref()) else {
+            tracing::warn!(task_id, callback = %task.callback, on = ?task.on, "skipped a scheduled run: no node serves it now");
+            return;
+        };
+        let subject = self.subjects.node_call(&target, &task.callback);
+        let mut headers = HeaderMap::new();
+        headers.insert(CALLER, &*self.name);
+        let payload = Bytes::copy_from_slice(&task.args);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                tracing::warn!(task_id, error = %e, "skipped a scheduled run: it could not be sent");
+            }
+        });
+    }
+
+    /// The node a run goes to: `on`, or a provider chosen at random; this node too.
+    fn pick_run_target(&self, callback: &str, on: Option<&str>) -> Option<Arc<str>> {
+        let here = self.executor.callback_names().iter().any(|n| n == callback);
+        match on {
+            Some(process) if process == &*self.name => here.then(|| self.name.clone()),
+            Some(process) => match self.membership.serves(process, callback) {
+                Some((node, true)) => Some(node),
+                _ => None,
+            },
+            None => {
+                let mut nodes = self.membership.providers_of(callback);
+                if here {
+                    nodes.push(self.name.clone());
+                }
+                (!nodes.is_empty()).then(|| nodes.swap_remove(fastrand::usize(..nodes.len())))
+            }
+        }
+    }
+}
+
+/// The lease, as one node sees it.
+struct Lease {
+    /// The revision of the lease this node holds.
+    revision: Option<u64>,
+    /// Until when this node may fire: its last renewal's start, plus the lease's life,
+    /// less one renewal period.
+    valid_until: Instant,
+}
+
+impl Lease {
+    fn holds(&self) -> bool {
+        self.revision.is_some() && Instant::now() < self.valid_until
+    }
+}
+
+/// Renews the lease this node holds, or takes it if nobody does.
+async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
+    let started = Instant::now();
+    let value = Bytes::copy_from_slice(mesh.name.as_bytes());
+    let bucket = &mesh.schedules.lease;
+    let written = match lease.revision {
+        Some(revision) => bucket
+            .update(LEASE_KEY, value, revision)
+            .await
+            .map_err(|e| e.to_string()),
+        None => bucket
+            .create(LEASE_KEY, value)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    match written {
+        Ok(revision) => {
+            if lease.revision.is_none() {
+                tracing::info!(process = %mesh.name, "took the scheduler lease: this node fires the PERIOD tasks");
+            }
+            lease.revision = Some(revision);
+            lease.valid_until = started + LEASE_TTL - LEASE_RENEW;
+        }
+        Err(e) if lease.revision.is_some() && !lease.holds() => {
+            tracing::warn!(process = %mesh.name, error = %e, "lost the scheduler lease; another node fires the PERIOD tasks");
+            lease.revision = None;
+        }
+        Err(e) => {
+            tracing::trace!(process = %mesh.name, error = %e, "the scheduler lease is held elsewhere")
+        }
+    }
+}
+
+/// The leader's view of the tasks, kept current by a watch of the bucket while this
+/// node leads: a run costs one write, not a read of every task.
+#[derive(Default)]
+struct Book {
+    watch: Option<kv::Watch>,
+    tasks: HashMap<u64, Held>,
+}
+
+impl Book {
+    /// Starts following the bucket (from an empty view), unless it does already.
+    async fn follow(&mut self, bucket: &Store) -> std::result::Result<(), String> {
+        if self.watch.is_none() {
+            self.tasks.clear();
+            // Every task's current value first, then the changes (`watch_all` would
+            // give only the changes).
+            let watch = bucket.watch_with_history(">").await;
+            self.watch = Some(watch.map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+
+    /// Stops following (this node no longer leads, or lost the connection).
+    fn forget(&mut self) {
+        self.watch = None;
+        self.tasks.clear();
+    }
+
+    /// The next change of the bucket; never, when not following.
+    async fn next_change(&mut self) -> std::result::Result<kv::Entry, String> {
+        let Some(watch) = &mut self.watch else {
+            return std::future::pending().await;
+        };
+        match watch.next().await {
+            Some(Ok(entry)) => Ok(entry),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("the watch ended".into()),
+        }
+    }
+
+    /// Applies one change, unless the view holds a later revision (a write of this
+    /// node's own, coming back).
+    fn apply(&mut self, entry: &kv::Entry) {
+        let Ok(task_id) = entry.key.parse::<u64>() else {
+            return;
+        };
+        if self
+            .tasks
+            .get(&task_id)
+            .is_some_and(|held| held.revision >= entry.revision)
+        {
+            return;
+        }
+        match held_of(task_id, entry) {
+            Some(held) => self.tasks.insert(task_id, held),
+            None => self.tasks.remove(&task_id),
+        };
+    }
+
+    /// When the next run is due, if any.
+    fn soonest(&self) -> Option<u64> {
+        self.tasks.values().map(|held| held.task.next_run_ms).min()
+    }
+}
+
+/// Competes for the lease, and fires the tasks while holding it, until the node stops.
+pub async fn lead(mesh: Arc<NatsMesh>) {
+    let mut closed = mesh.closed.subscribe();
+    let mut connected = mesh.connected.subscribe();
+    let mut lease = Lease {
+        revision: None,
+        valid_until: Instant::now(),
+    };
+    let mut book = Book::default();
+    let mut next_renewal = Instant::now();
+    loop {
+        tokio::select! {
+            _ = super::until(&mut connected, true) => {}
+            _ = super::until(&mut closed, true) => break,
+        }
+        if Instant::now() >= next_renewal {
+            next_renewal = Instant::now() + LEASE_RENEW;
+            hold_or_take(&mesh, &mut lease).await;
+        }
+        let mut wake = next_renewal;
+        if !lease.holds() {
+            book.forget();
+        } else if let Err(e) = book.follow(&mesh.schedules.tasks).await {
+            tracing::debug!(process = %mesh.name, error = %e, "could not watch the schedules; trying again");
+        } else {
+            let all_claimed = mesh.fire_due(&mut book).await;
+            if let Some(due_ms) = book.soonest() {
+                let due_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
+                wake = wake.min(Instant::now() + due_in);
+            }
+            if !all_claimed {
+                // A write that failed for another reason than a change: not at once again.
+                wake = wake.max(Instant::now() + CLAIM_RETRY);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            change = book.next_change() => match change {
+                Ok(entry) => book.apply(&entry),
+                Err(e) => {
+                    tracing::debug!(process = %mesh.name, error = %e, "the schedules watch ended; starting it again");
+                    book.forget();
+                }
+            },
+            _ = super::until(&mut connected, false) => book.forget(),
+            _ = super::until(&mut closed, true) => break,
+        }
+    }
+    if let Some(revision) = lease.revision {
+        // Another node takes over at its next try, not after the lease's age limit.
+        let _ = mesh
+            .schedules
+            .lease
+            .delete_expect_revision(LEASE_KEY, Some(revision))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(timing: &Timing, now: u64) -> StoredTask {
+        let (interval_ms, next_run_ms, upcoming_ms) = StoredTask::plan(timing, now).expect("valid");
+        StoredTask {
+            callback: "tick".into(),
+            args: Vec::new(),
+            on: None,
+            created_by: "maker".into(),
+            interval_ms,
+            next_run_ms,
+            upcoming_ms,
+            runs: 0,
+        }
+    }
+
+    #[test]
+    fn a_repeating_task_keeps_its_cadence_and_skips_the_runs_it_missed() {
+        let every = Timing::Every {
+            interval_ms: 100,
+            first_ms: Some(10),
+        };
+        let mut t = task(&every, 1_000);
+        assert_eq!(t.next_run_ms, 1_010);
+        assert!(t.advance(1_010));
+        assert_eq!(t.next_run_ms, 1_110);
+        // Taken over 350 ms late: the next run is the next one on the cadence.
+        assert!(t.advance(1_460));
+        assert_eq!((t.next_run_ms, t.runs), (1_510, 2));
+    }
+
+    #[test]
+    fn times_run_soonest_first_and_the_last_ends_the_task() {
+        let at = Timing::At {
+            delays_ms: vec![300, 100, 200],
+        };
+        let mut t = task(&at, 0);
+        let mut due = vec![t.next_run_ms];
+        while t.advance(t.next_run_ms) {
+            due.push(t.next_run_ms);
+        }
+        assert_eq!(due, [100, 200, 300]);
+        assert_eq!(t.info(1, 0).remaining_runs, Some(0));
+    }
+
+    #[test]
+    fn a_schedule_that_cannot_be_kept_is_refused() {
+        let zero = Timing::Every {
+            interval_ms: 0,
+            first_ms: None,
+        };
+        let empty = Timing::At { delays_ms: vec![] };
+        for timing in [zero, empty] {
+            assert!(StoredTask::plan(&timing, 0).is_err(), "{timing:?}");
+        }
+    }
+}
