@@ -243,7 +243,7 @@ async fn follow_bucket(
         Ok(status) => status.values(),
         Err(e) => return format!("bucket status: {e}"),
     };
-    let mut watch = match bucket.watch_all().await {
+    let mut watch = match bucket.watch_with_history(">").await {
         Ok(watch) => watch,
         Err(e) => return format!("watch: {e}"),
     };
