@@ -66,6 +66,12 @@ pub struct BenchArgs {
     /// Nodes connected in scenario E [default: 1000, or 30 with --quick].
     #[arg(long)]
     nodes: Option<usize>,
+    /// Run A and B over the NATS backend through this nats-server (`nats://HOST:PORT`),
+    /// beside raw async-nats request-reply through the same server, instead of the
+    /// other scenarios. Start one with `nats-server --jetstream` (`.ci/tools` installs
+    /// it into target/ci-venv/bin).
+    #[arg(long, value_name = "URL", conflicts_with = "connect")]
+    nats: Option<String>,
     /// Log level of the processes the benchmark starts.
     #[arg(long, default_value = "warn")]
     child_log_level: String,
@@ -123,6 +129,20 @@ enum Role {
         #[arg(long)]
         name: String,
     },
+    /// The NATS floor's server: raw async-nats, answering requests.
+    NatsFloorServer {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// The NATS floor's client: raw async-nats requests to `server`.
+    NatsFloorClient {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        server: String,
+    },
     /// The floor's relay.
     FloorRelay {
         #[arg(long)]
@@ -178,6 +198,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
     let transport = match &args.connect {
         Some(Endpoint::Unix(_)) => Transport::Unix,
         Some(Endpoint::Tcp(..)) => Transport::Tcp,
+        Some(Endpoint::Nats(url)) => {
+            eprintln!("daffi-bench: to run over NATS, use --nats {url}");
+            return ExitCode::from(2);
+        }
         None => args.transport,
     };
     let dir = std::env::temp_dir().join(format!("daffi-bench-{}", std::process::id()));
@@ -213,7 +237,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
     };
     let started = Instant::now();
     let load_before = report::load_average();
-    let outcome = scenarios::run_all(&plan);
+    let outcome = match args.nats {
+        Some(url) => scenarios::run_nats(&plan, &url),
+        None => scenarios::run_all(&plan),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     let report = Report {
         version: env!("CARGO_PKG_VERSION"),
@@ -268,6 +295,8 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
             count,
         } => roles::swarm(connect, prefix, *count),
         Role::Idle { connect, name } => roles::idle(connect, name),
+        Role::NatsFloorServer { url, name } => floor::on_nats::server(url, name),
+        Role::NatsFloorClient { url, server } => floor::on_nats::client(url, server),
         Role::FloorRelay {
             listen,
             engine,

@@ -15,7 +15,8 @@ use daffi_bench::{BenchArgs, RoleArgs};
     after_help = "Examples:\n  \
         cargo run --release -p daffi-bench                  # every scenario, a few minutes\n  \
         cargo run --release -p daffi-bench -- --quick       # every scenario, rough, in seconds\n  \
-        cargo run --release -p daffi-bench -- --only a,b --no-big --json"
+        cargo run --release -p daffi-bench -- --only a,b --no-big --json\n  \
+        cargo run --release -p daffi-bench -- --nats nats://127.0.0.1:4222   # A and B over NATS"
 )]
 struct Cli {
     /// Log level of this process: error, warn, info, debug or trace (or a `tracing`

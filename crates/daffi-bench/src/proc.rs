@@ -23,13 +23,16 @@ pub type Result<T, E = BoxError> = std::result::Result<T, E>;
 /// How long a child may take to exit once its stdin is closed before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
-/// Where a controller or relay listens: `tcp:HOST:PORT` or `unix:PATH`.
+/// Where a controller or relay listens: `tcp:HOST:PORT` or `unix:PATH`; or the
+/// nats-server of a mesh on NATS (`nats://HOST:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// TCP host and port (0: any free port, when listening).
     Tcp(String, u16),
     /// A Unix socket path.
     Unix(PathBuf),
+    /// The URL of a nats-server.
+    Nats(String),
 }
 
 impl Endpoint {
@@ -39,6 +42,7 @@ impl Endpoint {
         match self {
             Endpoint::Tcp(host, port) => b.host(host.clone()).port(*port),
             Endpoint::Unix(path) => b.unix_sock_path(path.clone()),
+            Endpoint::Nats(url) => b.nats(url.clone()),
         }
     }
 
@@ -47,6 +51,7 @@ impl Endpoint {
         match self {
             Endpoint::Tcp(..) => "tcp",
             Endpoint::Unix(_) => "unix",
+            Endpoint::Nats(_) => "nats",
         }
     }
 
@@ -67,6 +72,7 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(host, port) => write!(f, "tcp:{host}:{port}"),
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Nats(url) => f.write_str(url),
         }
     }
 }
@@ -75,6 +81,9 @@ impl FromStr for Endpoint {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Endpoint, String> {
+        if s.starts_with("nats://") {
+            return Ok(Endpoint::Nats(s.to_string()));
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
@@ -89,6 +98,13 @@ impl FromStr for Endpoint {
             "`{s}` is not an endpoint: write tcp:HOST:PORT or unix:PATH"
         ))
     }
+}
+
+/// The error of a socket operation asked of a nats-server's URL.
+pub fn not_a_socket(url: &str) -> std::io::Error {
+    std::io::Error::other(format!(
+        "{url} is a nats-server, not a socket of daffi-bench's; use --nats"
+    ))
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`.

@@ -198,6 +198,39 @@ impl Plan {
         Ok(floors)
     }
 
+    /// Raw async-nats request-reply through the nats-server at `url`: a server and a client.
+    fn nats_floor(&self, url: &str) -> Result<FloorSet> {
+        let server_name = format!("{}-nats-floor-server", self.tag);
+        let mut server = self.spawn(
+            &server_name,
+            vec![
+                "nats-floor-server".into(),
+                "--url".into(),
+                url.into(),
+                "--name".into(),
+                server_name.clone(),
+            ],
+        )?;
+        server.ready()?;
+        let mut client = self.spawn(
+            "nats floor client",
+            vec![
+                "nats-floor-client".into(),
+                "--url".into(),
+                url.into(),
+                "--server".into(),
+                server_name,
+            ],
+        )?;
+        client.ready()?;
+        Ok(FloorSet {
+            name: "raw async-nats".into(),
+            relay: None,
+            server,
+            client,
+        })
+    }
+
     /// A floor relay, server and client.
     fn floor(
         &self,
@@ -256,7 +289,7 @@ impl Plan {
         client.ready()?;
         Ok(FloorSet {
             name: format!("floor {engine_name} {variant}"),
-            relay,
+            relay: Some(relay),
             server,
             client,
         })
@@ -284,7 +317,8 @@ impl DaffiSet {
 
 struct FloorSet {
     name: String,
-    relay: ChildProc,
+    /// `None` for the NATS floor: the nats-server relays.
+    relay: Option<ChildProc>,
     server: ChildProc,
     client: ChildProc,
 }
@@ -293,7 +327,9 @@ impl FloorSet {
     fn finish(self) {
         self.client.finish();
         self.server.finish();
-        self.relay.finish();
+        if let Some(relay) = self.relay {
+            relay.finish();
+        }
     }
 }
 
@@ -339,11 +375,42 @@ fn spread(values: &[f64]) -> Spread {
     Spread::of(values).unwrap_or_else(|| Spread::one(f64::NAN))
 }
 
+/// Scenarios A and B over the NATS backend through the nats-server at `url`, beside raw
+/// async-nats request-reply through it (the floor of this backend).
+pub fn run_nats(plan: &Plan, url: &str) -> Outcome {
+    let on_nats = Plan {
+        connect: Some(Endpoint::Nats(url.to_string())),
+        ..plan.clone()
+    };
+    let result = on_nats.nats_floor(url).and_then(|floor| {
+        let daffi = on_nats.daffi("ab-nats", Transport::Tcp, 1, None)?;
+        let wanted = (plan.wants(Scenario::A), plan.wants(Scenario::B));
+        run_a_b_with(plan, vec![floor], daffi, wanted)
+    });
+    result.unwrap_or_else(|e| {
+        eprintln!("daffi-bench: A/B on NATS failed: {e}");
+        Outcome {
+            rows: Vec::new(),
+            notes: vec![format!("A/B on NATS failed: {e}")],
+        }
+    })
+}
+
 /// Scenarios A and B on one transport: they share their processes.
 pub fn run_a_b(plan: &Plan, transport: Transport, a: bool, b: bool) -> Result<Outcome> {
     let group = format!("ab-{}", transport.name());
-    let mut floors = plan.floors(&group, transport)?;
-    let mut daffi = plan.daffi(&group, transport, 1, None)?;
+    let floors = plan.floors(&group, transport)?;
+    let daffi = plan.daffi(&group, transport, 1, None)?;
+    run_a_b_with(plan, floors, daffi, (a, b))
+}
+
+/// A and/or B against `floors`.
+fn run_a_b_with(
+    plan: &Plan,
+    mut floors: Vec<FloorSet>,
+    mut daffi: DaffiSet,
+    (a, b): (bool, bool),
+) -> Result<Outcome> {
     let mut out = Outcome::default();
     if a {
         out.rows.extend(run_a(plan, &mut floors, &mut daffi)?);
@@ -390,7 +457,12 @@ fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<V
     }
     let floor_names = names_of(floors);
     let labels = ["p50", "p99", "p99.9"];
-    let targets = [Some(1.25), Some(1.5), None];
+    let targets = if t == "nats" {
+        // Issue 14's targets over NATS: p50 only.
+        [Some(1.3), None, None]
+    } else {
+        [Some(1.25), Some(1.5), None]
+    };
     let mut rows = Vec::new();
     for (s, style) in A_STYLES.iter().enumerate() {
         for p in 0..3 {
@@ -442,6 +514,8 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         in_flight: k,
     };
     let one_way = Op::OneWay { calls: n };
+    // Issue 14's target over NATS, for calls with results.
+    let bound = if t == "nats" { 0.7 } else { 0.5 };
     let mut floor_rate = Series::new(floors.len());
     let mut floor_one_way = Series::new(floors.len());
     let mut rates = vec![Vec::new(); B_MODES.len()];
@@ -481,7 +555,7 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
                 spread(values),
             )
             .against(&rate_floor, rate_reference)
-            .target(Target::RatioAtLeast { bound: 0.5 }),
+            .target(Target::RatioAtLeast { bound }),
         );
     }
     out.rows.push(
@@ -629,7 +703,11 @@ pub fn run_c(plan: &Plan) -> Result<Outcome> {
                 spread(&series.floors[i]),
             ));
         }
-        let relay = floors[0].relay.memory()?;
+        let relay = floors[0]
+            .relay
+            .as_ref()
+            .ok_or("C has socket floors only")?
+            .memory()?;
         out.rows.push(Row::info(
             'C',
             format!("{label}: peak RSS of the {} relay", floor_names[0]),
@@ -972,12 +1050,12 @@ pub fn run_all(plan: &Plan) -> Outcome {
     };
     let transports: Vec<Transport> = match &plan.connect {
         Some(Endpoint::Unix(_)) => vec![Transport::Unix],
-        Some(Endpoint::Tcp(..)) => vec![Transport::Tcp],
+        Some(Endpoint::Tcp(..) | Endpoint::Nats(_)) => vec![Transport::Tcp],
         None => vec![Transport::Unix, Transport::Tcp],
     };
     let connected = plan.connect.as_ref().map(|e| match e {
         Endpoint::Unix(_) => Transport::Unix,
-        Endpoint::Tcp(..) => Transport::Tcp,
+        Endpoint::Tcp(..) | Endpoint::Nats(_) => Transport::Tcp,
     });
     let b_transport = connected.unwrap_or(plan.transport);
     for transport in transports {

@@ -130,6 +130,44 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     #[command(flatten)]
     pub security: NodeSecurity,
+    #[command(flatten)]
+    pub nats: NatsOptions,
+}
+
+/// A mesh on a NATS cluster instead of a controller (DESIGN.md section 9).
+#[derive(Args)]
+pub struct NatsOptions {
+    /// Reach a mesh on a NATS cluster instead of a controller: one or more server URLs,
+    /// comma-separated (the client learns the cluster's other servers).
+    #[arg(
+        long,
+        env = "DAFFI_NATS",
+        value_name = "URLS",
+        conflicts_with_all = ["host", "port", "unix_socket"]
+    )]
+    pub nats: Option<String>,
+    /// Which mesh on the NATS cluster (as the library's `namespace`). Default: daffi.
+    /// Only with --nats.
+    #[arg(long, env = "DAFFI_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// A NATS credentials file (`.creds`) to connect with. Only with --nats.
+    #[arg(long, env = "DAFFI_NATS_CREDENTIALS")]
+    pub nats_credentials: Option<std::path::PathBuf>,
+}
+
+impl NatsOptions {
+    fn apply(&self, mut b: GlobalBuilder) -> GlobalBuilder {
+        if let Some(urls) = &self.nats {
+            b = b.nats(urls.clone());
+        }
+        if let Some(namespace) = &self.namespace {
+            b = b.namespace(namespace.clone());
+        }
+        if let Some(path) = &self.nats_credentials {
+            b = b.nats_credentials(path.clone());
+        }
+        b
+    }
 }
 
 /// TLS and the token of a command's node, for a controller that requires them.
@@ -184,10 +222,19 @@ impl ClientOptions {
     /// A builder for this command's node: a random name `daffi-cli-xxxxxxxx`, no
     /// callbacks of its own.
     pub fn builder(&self) -> GlobalBuilder {
-        self.security
-            .apply(self.endpoint.builder())
+        let b = self.security.apply(self.endpoint.builder());
+        self.nats
+            .apply(b)
             .process_name(format!("{CLI_NODE_PREFIX}{}", random_suffix()))
             .connect_timeout(self.connect_timeout)
+    }
+
+    /// Where the mesh is, for messages: the NATS servers, or the controller's address.
+    pub fn mesh_address(&self, g: &Global) -> String {
+        match &self.nats.nats {
+            Some(urls) => urls.clone(),
+            None => g.address().to_string(),
+        }
     }
 
     /// Connects, or fails with the controller-unreachable code.

@@ -28,7 +28,7 @@ pub async fn run(args: LsArgs) -> Result<(), Failure> {
         .into_iter()
         .filter(|m| args.all || !client::is_cli_node(&m.name))
         .collect();
-    let address = g.address().to_string();
+    let address = args.client.mesh_address(&g);
     g.stop();
     let text = if args.json {
         Value::Array(members.iter().map(member_json).collect()).to_string()

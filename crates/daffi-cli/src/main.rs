@@ -21,7 +21,9 @@ macro_rules! finding_the_controller {
         "Finding the controller (the same way as the library):\n\
          \x20 --host/--port (DAFFI_HOST, DAFFI_PORT)   TCP; a port alone means localhost\n\
          \x20 --unix-socket (DAFFI_UNIX_SOCKET)        a Unix socket\n\
-         \x20 neither                                  the Unix socket <temp dir>/daffi/.sock"
+         \x20 neither                                  the Unix socket <temp dir>/daffi/.sock\n\
+         \x20 --nats URLS (DAFFI_NATS)                 a mesh on a NATS cluster, not a controller;\n\
+         \x20   --namespace (DAFFI_NAMESPACE)          which mesh on it (default: daffi)"
     };
 }
 
@@ -37,7 +39,7 @@ macro_rules! exit_codes {
          \x20 5  timeout (--timeout passed with no result)\n\
          \x20 6  the callback failed: it returned an error or panicked\n\
          \x20 7  bad arguments: an ARG is not JSON, the callback cannot decode them, or too large\n\
-         \x20 8  the controller is unreachable\n\
+         \x20 8  the controller (or every NATS server) is unreachable\n\
          \x20 9  the node serving the call disconnected or stopped before it answered\n\
          \x20 10 the controller refused this command: wrong or missing token, or TLS mismatch\n\
          \x20 11 the node is busy: overloaded, or not reading what is sent to it; retry later"
@@ -126,7 +128,7 @@ enum Command {
         "last report), other_calls (the same for every name not listed: names no node\n",
         "serves any more, whose counts move there, and the least called ones when there\n",
         "are too many to list), disconnected/connected (this command's link to the\n",
-        "controller).\n\n",
+        "controller). Over NATS there are no call counts: no controller counts the calls.\n\n",
         finding_the_controller!(),
         "\n\nExit codes: 0 stopped by Ctrl-C or SIGTERM, 8 the controller is unreachable,\n",
         "1 other errors.",

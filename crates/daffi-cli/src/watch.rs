@@ -67,6 +67,7 @@ pub async fn run(args: WatchArgs) -> Result<(), Failure> {
     let mut out = Printer { json: args.json };
     let mut view = View {
         all: args.all,
+        address: args.client.mesh_address(&g),
         ..View::default()
     };
     let result = watch(&g, &mut view, &mut out, &mut seen, args.interval).await;
@@ -83,10 +84,10 @@ async fn watch(
 ) -> Result<(), Failure> {
     let ready = out.print(
         "watching",
-        json!({ "controller": g.address().to_string(), "node": g.process_name() }),
+        json!({ "controller": view.address, "node": g.process_name() }),
         &format!(
             "watching {} as {} (Ctrl-C to stop)",
-            g.address(),
+            view.address,
             g.process_name()
         ),
     );
@@ -133,6 +134,10 @@ async fn watch(
 struct View {
     /// Show the nodes of `daffi` commands too.
     all: bool,
+    /// Where the mesh is: the controller's address, or the NATS servers.
+    address: String,
+    /// The mesh has no call counts (a NATS cluster has no controller to count them).
+    no_counts: bool,
     nodes: BTreeMap<String, Vec<String>>,
     calls: HashMap<String, u64>,
     /// The controller's count of calls to names it did not list.
@@ -171,13 +176,13 @@ impl View {
             Seen::Connected if std::mem::take(first) => true,
             Seen::Connected => out.print(
                 "connected",
-                json!({ "controller": g.address().to_string() }),
-                &format!("connected to {} again", g.address()),
+                json!({ "controller": self.address }),
+                &format!("connected to {} again", self.address),
             ),
             Seen::Disconnected => out.print(
                 "disconnected",
-                json!({ "controller": g.address().to_string() }),
-                &format!("lost the controller at {}; reconnecting", g.address()),
+                json!({ "controller": self.address }),
+                &format!("lost the connection to {}; reconnecting", self.address),
             ),
         }
     }
@@ -194,8 +199,16 @@ impl View {
                 }
             }
         }
+        if self.no_counts {
+            return true;
+        }
         let stats = match g.controller_stats_async().await {
             Ok(stats) => stats,
+            Err(e @ daffi::Error::Unsupported { .. }) => {
+                tracing::info!(error = %e, "no call counts to show");
+                self.no_counts = true;
+                return true;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "no call counts this time");
                 return true;

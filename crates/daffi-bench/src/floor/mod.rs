@@ -12,6 +12,7 @@
 //!
 //! Every daffi figure is compared with the best of the floors measured in the same run.
 
+pub mod on_nats;
 mod on_threads;
 mod on_tokio;
 mod write_loop;

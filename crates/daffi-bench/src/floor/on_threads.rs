@@ -24,7 +24,7 @@ use super::{
     welcome, Answers, COPY_THRESHOLD, COUNT, SMALL_ARGS,
 };
 use crate::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
-use crate::proc::{answer, Endpoint, Result};
+use crate::proc::{answer, not_a_socket, Endpoint, Result};
 use crate::report::Percentiles;
 use crate::roles::wait_for_stdin_eof;
 
@@ -46,6 +46,7 @@ impl Stream {
                 Ok(Stream::Tcp(s))
             }
             Endpoint::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path)?)),
+            Endpoint::Nats(url) => Err(not_a_socket(url)),
         }
     }
 
@@ -98,6 +99,7 @@ impl Listener {
                 let l = UnixListener::bind(path)?;
                 Ok((Listener::Unix(l, path.clone()), endpoint.clone()))
             }
+            Endpoint::Nats(url) => Err(not_a_socket(url)),
         }
     }
 

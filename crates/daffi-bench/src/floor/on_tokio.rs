@@ -22,7 +22,7 @@ use super::{
     welcome, Answers, COPY_THRESHOLD, COUNT, SMALL_ARGS,
 };
 use crate::ops::{self, BlobAnswer, LatencyAnswer, Op, RateAnswer, RateMode};
-use crate::proc::{answer, BoxError, Endpoint, Result};
+use crate::proc::{answer, not_a_socket, BoxError, Endpoint, Result};
 use crate::report::Percentiles;
 use crate::roles::{runtime, wait_for_stdin_eof};
 
@@ -45,6 +45,7 @@ async fn connect(endpoint: &Endpoint) -> std::io::Result<(BoxRead, BoxWrite)> {
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
         }
+        Endpoint::Nats(url) => Err(not_a_socket(url)),
     }
 }
 
@@ -69,6 +70,7 @@ impl Listener {
                 let l = tokio::net::UnixListener::bind(path)?;
                 Ok((Listener::Unix(l, path.clone()), endpoint.clone()))
             }
+            Endpoint::Nats(url) => Err(not_a_socket(url)),
         }
     }
 

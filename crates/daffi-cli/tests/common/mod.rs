@@ -13,6 +13,17 @@ use daffi::{Global, GlobalBuilder};
 #[path = "../../../daffi/tests/common/wire.rs"]
 pub mod wire;
 
+/// nats-server processes for the tests, as daffi's own NATS tests start them.
+#[path = "../../../daffi/tests/common/nats.rs"]
+pub mod nats;
+
+/// A name no other test (or test process) uses: `<prefix>-<pid>-<n>`.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
 /// How long a test waits for anything that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -114,7 +125,14 @@ pub fn tcp_endpoint(listening: &str) -> Endpoint {
 /// The `daffi` binary, with none of its environment variables inherited.
 pub fn daffi_command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_daffi"));
-    for var in ["DAFFI_HOST", "DAFFI_PORT", "DAFFI_UNIX_SOCKET", "DAFFI_LOG"] {
+    for var in [
+        "DAFFI_HOST",
+        "DAFFI_PORT",
+        "DAFFI_UNIX_SOCKET",
+        "DAFFI_LOG",
+        "DAFFI_NATS",
+        "DAFFI_NAMESPACE",
+    ] {
         c.env_remove(var);
     }
     c
