@@ -2,6 +2,8 @@
 //! workers and callers in separate processes.
 
 mod common;
+#[path = "common/ticks.rs"]
+mod ticks;
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Mutex};
@@ -47,29 +49,6 @@ fn probe(fail_on: String, hang_on: String) -> Result<String, String> {
 #[callback]
 fn wait_hanging(timeout_ms: u64) -> usize {
     HANGING.wait_until(timeout_ms, |h| !h.is_empty()).len()
-}
-
-static TICKS: Log<String> = Log::new();
-
-#[callback]
-fn tick(tag: String) {
-    TICKS.push(tag);
-}
-
-fn count(ticks: &[String], tag: &str) -> usize {
-    ticks.iter().filter(|t| *t == tag).count()
-}
-
-/// How many ticks with `tag` arrived here.
-#[callback]
-fn tick_count(tag: String) -> usize {
-    count(&TICKS.wait_until(0, |_| true), &tag)
-}
-
-/// Waits until `n` ticks with `tag` arrived (or `timeout_ms` passed); returns the count.
-#[callback]
-fn wait_ticks(tag: String, n: usize, timeout_ms: u64) -> usize {
-    count(&TICKS.wait_until(timeout_ms, |t| count(t, &tag) >= n), &tag)
 }
 
 /// A callback group: an associated function, instance methods, a private method.

@@ -3,11 +3,13 @@
 //! the schedule and give it back, tombstones that keep cancelled tasks cancelled.
 
 mod common;
+#[path = "common/ticks.rs"]
+mod ticks;
 
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Log, StandaloneController, Worker, WAIT};
+use common::{StandaloneController, Worker, WAIT};
 use daffi::{callback, Address, Global, Period, ScheduledTaskInfo};
 
 const ENTRY: &str = "child_process";
@@ -20,29 +22,6 @@ const PERIOD: Duration = Duration::from_millis(200);
 const QUIET: Duration = Duration::from_millis(1000);
 
 // ---- callbacks served by every node process of this binary ----------------------------
-
-static TICKS: Log<String> = Log::new();
-
-#[callback]
-fn tick(tag: String) {
-    TICKS.push(tag);
-}
-
-fn count(ticks: &[String], tag: &str) -> usize {
-    ticks.iter().filter(|t| *t == tag).count()
-}
-
-/// How many ticks with `tag` arrived here.
-#[callback]
-fn tick_count(tag: String) -> usize {
-    count(&TICKS.wait_until(0, |_| true), &tag)
-}
-
-/// Waits until `n` ticks with `tag` arrived (or `timeout_ms` passed); returns the count.
-#[callback]
-fn wait_ticks(tag: String, n: usize, timeout_ms: u64) -> usize {
-    count(&TICKS.wait_until(timeout_ms, |t| count(t, &tag) >= n), &tag)
-}
 
 /// Answers once every frame the controller sent this node before the call is handled,
 /// and reaches the controller behind every frame this node sent before it.
