@@ -141,6 +141,18 @@ impl Mesh {
     }
 }
 
+/// Registers `noted(n)` on `caller`: the workers call it back; the receiver gets each `n`.
+fn serve_noted(caller: &Global) -> mpsc::Receiver<i64> {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    caller
+        .register("noted", move |n: i64| {
+            let _ = tx.lock().expect("lock").send(n);
+        })
+        .expect("register");
+    rx
+}
+
 #[test]
 fn fg_bg_and_no_return_calls_with_timeout_and_eta() {
     let server = NatsServer::start();
@@ -149,13 +161,7 @@ fn fg_bg_and_no_return_calls_with_timeout_and_eta() {
         .builder(&unique("caller"))
         .start()
         .expect("caller starts");
-    let (noted_tx, noted) = mpsc::channel();
-    let noted_tx = std::sync::Mutex::new(noted_tx);
-    caller
-        .register("noted", move |n: i64| {
-            let _ = noted_tx.lock().expect("lock").send(n);
-        })
-        .expect("register");
+    let noted = serve_noted(&caller);
     mesh.spawn_worker(&caller, "w1");
 
     // FG, and its named errors.
@@ -288,13 +294,7 @@ fn broadcast_gives_results_by_node_and_names_the_failing_ones() {
         .builder(&unique("caller"))
         .start()
         .expect("caller starts");
-    let (tx, rx) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    caller
-        .register("noted", move |n: i64| {
-            let _ = tx.lock().expect("lock").send(n);
-        })
-        .expect("register");
+    let rx = serve_noted(&caller);
     mesh.spawn_worker(&caller, "b1");
     mesh.spawn_worker(&caller, "b2");
 
