@@ -24,20 +24,42 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a connection does with the frames it reads.
 pub trait FrameHandler {
     /// Why a frame ends the connection.
-    type Refusal;
+    type Refusal: Send;
 
-    /// Handles one frame. `next_dst`: the receiver's name of the next frame, when it is
-    /// already read (frames for the same receiver may leave together). `Err` ends the
-    /// connection.
-    fn frame(
+    /// Handles one frame without waiting, as nearly every frame is. `next_dst`: the
+    /// receiver's name of the next frame, when it is already read (frames for the same
+    /// receiver may leave together). A frame that needs to wait is given back
+    /// ([`Handled::Wait`]) for [`frame_waiting`](Self::frame_waiting).
+    ///
+    /// Two methods, not one async one: the loop would move each frame's future into
+    /// place, and a future that may wait for anything is large.
+    fn frame(&mut self, frame: Frame, next_dst: Option<&[u8]>) -> Handled<Self::Refusal>;
+
+    /// Handles a frame that [`frame`](Self::frame) gave back. `Err` ends the connection.
+    /// The default handles nothing: for handlers that never give a frame back.
+    fn frame_waiting(
         &mut self,
         frame: Frame,
-        next_dst: Option<&[u8]>,
-    ) -> impl Future<Output = Result<(), Self::Refusal>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Refusal>> + Send {
+        drop(frame);
+        std::future::ready(Ok(()))
+    }
 
     /// Everything read so far is handled, and the loop is about to wait for more: work
     /// gathered from a burst of frames goes on now.
     fn caught_up(&mut self);
+}
+
+/// What [`FrameHandler::frame`] did with a frame.
+#[derive(Debug)]
+pub enum Handled<E> {
+    /// Handled.
+    Done,
+    /// The frame ends the connection, for this reason.
+    Refused(E),
+    /// Handling it needs to wait: the loop hands it to
+    /// [`FrameHandler::frame_waiting`].
+    Wait(Frame),
 }
 
 /// Why [`read_frames`] returned.
@@ -99,9 +121,15 @@ where
         if stop.has_changed().unwrap_or(true) && *stop.borrow() {
             return Ended::Stopped;
         }
-        if let Err(refusal) = handler.frame(frame, reader.next_frame_dst()).await {
-            return Ended::Refused(refusal);
-        }
+        let refused = match handler.frame(frame, reader.next_frame_dst()) {
+            Handled::Done => continue,
+            Handled::Refused(refusal) => refusal,
+            Handled::Wait(frame) => match handler.frame_waiting(frame).await {
+                Ok(()) => continue,
+                Err(refusal) => refusal,
+            },
+        };
+        return Ended::Refused(refused);
     }
 }
 

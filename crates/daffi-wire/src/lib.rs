@@ -15,7 +15,7 @@ pub mod payload;
 pub mod reader;
 
 pub use channel::{frame_channel, Cork, FrameSender, Push, QueueLimits};
-pub use connection::{read_frames, Ended, FrameHandler, WriterTask};
+pub use connection::{read_frames, Ended, FrameHandler, Handled, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use outgoing::Outgoing;
 pub use payload::Payload;

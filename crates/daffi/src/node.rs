@@ -57,7 +57,12 @@ impl Node {
 
     /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).
     pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<ReplyPayload> {
-        match self.send(req).await? {
+        let sent = match self.try_send(&req) {
+            Some(sent) => sent?,
+            // Boxed: the call that can be sent at once does not carry the waits.
+            None => Box::pin(self.send(req)).await?,
+        };
+        match sent {
             Some(waiter) => waiter.await,
             None => Ok(Bytes::new().into()),
         }
@@ -67,6 +72,12 @@ impl Node {
     /// otherwise the rest of it as a future (for a task). Enter the node's runtime
     /// first (timers need it).
     pub fn start(self: Arc<Self>, req: CallRequest) -> Started {
+        match self.try_send(&req) {
+            Some(Ok(Some(waiter))) => return Started::Sent(waiter),
+            Some(Ok(None)) => return Started::Later(Box::pin(async { Ok(Bytes::new().into()) })),
+            Some(Err(e)) => return Started::Failed(e),
+            None => {}
+        }
         let mut call = Box::pin(self.send(req));
         match call.as_mut().poll(&mut Context::from_waker(noop_waker())) {
             Poll::Ready(Ok(Some(waiter))) => Started::Sent(waiter),
@@ -82,7 +93,22 @@ impl Node {
         }
     }
 
-    /// The one send path: waits for the eta and a slot, then sends; what waits on the
+    /// Sends `req` from the calling thread if nothing makes it wait (an eta, no free
+    /// slot, no room to send): what waits on the reply, holding the slot (`None` for
+    /// NO_RETURN). `None` if it would have to wait: [`send`](Self::send) does that.
+    fn try_send(&self, req: &CallRequest) -> Option<Result<Option<Waiter>>> {
+        if req.eta.is_some() {
+            return None;
+        }
+        if self.is_stopped() {
+            return Some(Err(Error::Stopped));
+        }
+        let slot = self.in_flight.clone().try_acquire_owned().ok()?;
+        let sent = self.mesh.try_send_call(req)?;
+        Some(sent.map(|waiter| waiter.map(|w| w.hold(slot))))
+    }
+
+    /// The one send path that may wait: for the eta and a slot, then sends; what waits on the
     /// reply (holding the slot), or `None` for NO_RETURN.
     async fn send(self: Arc<Self>, req: CallRequest) -> Result<Option<Waiter>> {
         self.wait_eta(req.eta).await?;

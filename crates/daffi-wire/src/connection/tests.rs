@@ -33,14 +33,13 @@ impl Recorder {
 impl FrameHandler for Recorder {
     type Refusal = &'static str;
 
-    fn frame(
-        &mut self,
-        frame: Frame,
-        next_dst: Option<&[u8]>,
-    ) -> impl Future<Output = Result<(), &'static str>> + Send {
+    fn frame(&mut self, frame: Frame, next_dst: Option<&[u8]>) -> Handled<&'static str> {
         self.call_ids.push(frame.call_id());
         self.next_dsts.push(next_dst.map(<[u8]>::to_vec));
-        std::future::ready((self.then)(frame.call_id()))
+        match (self.then)(frame.call_id()) {
+            Ok(()) => Handled::Done,
+            Err(refusal) => Handled::Refused(refusal),
+        }
     }
 
     fn caught_up(&mut self) {

@@ -28,7 +28,7 @@ use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameError, FrameHandler, FrameReader, FrameSender,
-    Header, Kind, Outgoing, ReadError, WriterTask, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+    Handled, Header, Kind, Outgoing, ReadError, WriterTask, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
 };
 
 /// State shared by every session of one controller.
@@ -249,11 +249,7 @@ struct Routing<'a> {
 impl FrameHandler for Routing<'_> {
     type Refusal = String;
 
-    fn frame(
-        &mut self,
-        frame: Frame,
-        next_dst: Option<&[u8]>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+    fn frame(&mut self, frame: Frame, next_dst: Option<&[u8]>) -> Handled<String> {
         // The next frame read goes to the same node: leave this one to that
         // connection's writer, and they leave together. (A cork already held is for
         // this very node: the frame before this one looked ahead to it.)
@@ -262,12 +258,51 @@ impl FrameHandler for Routing<'_> {
         } else if self.run_to_one_node.is_none() {
             self.run_to_one_node = self.shared.members.cork(frame.dst());
         }
+        match frame.kind() {
+            Kind::Request | Kind::Reply => self.forward(frame),
+            _ => Handled::Wait(frame),
+        }
+    }
+
+    fn frame_waiting(
+        &mut self,
+        frame: Frame,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
         route(self.shared, self.node, self.queue, self.runs, frame)
     }
 
     fn caught_up(&mut self) {
         self.runs.flush();
     }
+}
+
+impl Routing<'_> {
+    /// Forwards a request or reply exactly as it came in, without waiting; one that
+    /// cannot be delivered is given back, for [`route`] to tell its caller.
+    fn forward(&mut self, frame: Frame) -> Handled<String> {
+        if frame.src() != self.node.name {
+            return Handled::Refused(spoofed(&frame));
+        }
+        let request = frame.kind() == Kind::Request;
+        let out = Outgoing::raw(frame.raw().clone());
+        match self.shared.members.forward(frame.dst(), request, out) {
+            Ok(()) => {
+                if request {
+                    self.runs.count(frame.name());
+                }
+                Handled::Done
+            }
+            Err(_) => Handled::Wait(frame),
+        }
+    }
+}
+
+/// Why a frame whose sender is not the node it came from closes the connection.
+fn spoofed(frame: &Frame) -> String {
+    format!(
+        "frame claims to come from `{}` (protocol violation)",
+        frame.src()
+    )
 }
 
 /// Whether `name` is the node of a `daffi` command (`daffi-cli-` and 8 hex digits, as
@@ -506,10 +541,7 @@ async fn route(
     match frame.kind() {
         Kind::Request | Kind::Reply => {
             if frame.src() != node.name {
-                return Err(format!(
-                    "frame claims to come from `{}` (protocol violation)",
-                    frame.src()
-                ));
+                return Err(spoofed(&frame));
             }
             // The frame goes out exactly as it came in: no re-encoding. Replies go to
             // leaving nodes too: they finish what they started.

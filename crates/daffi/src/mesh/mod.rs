@@ -124,6 +124,13 @@ pub trait Mesh: Send + Sync {
         deadline: Option<Instant>,
     ) -> BoxFuture<'a, Result<Option<Waiter>>>;
 
+    /// Sends `req` as [`send_call`](Mesh::send_call) does, from the calling thread, if
+    /// that needs no waiting: no future, no allocation for the common case. `None`: it
+    /// would have to wait (nothing was sent; use `send_call`).
+    fn try_send_call(&self, _req: &CallRequest) -> Option<Result<Option<Waiter>>> {
+        None
+    }
+
     /// Sends `req` to every node serving its callback (never this one); `NoProvider` if
     /// there is none.
     fn send_broadcast<'a>(

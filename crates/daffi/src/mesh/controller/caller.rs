@@ -26,14 +26,26 @@ impl Mesh for ControllerMesh {
         deadline: Option<Instant>,
     ) -> BoxFuture<'a, Result<Option<Waiter>>> {
         Box::pin(async move {
-            let conn = self.connected()?;
-            let target = self.target(&conn, req)?;
-            let (frame, waiter) = self.prepare_request(&conn, &target, req)?;
+            let (conn, frame, waiter) = self.prepare_call(req)?;
             self.send_by(&conn, frame, deadline)
                 .await
                 .map_err(|unsent| self.not_sent(unsent, req))?;
             Ok(waiter)
         })
+    }
+
+    fn try_send_call(&self, req: &CallRequest) -> Option<Result<Option<Waiter>>> {
+        let (conn, frame, waiter) = match self.prepare_call(req) {
+            Ok(prepared) => prepared,
+            Err(e) => return Some(Err(e)),
+        };
+        match conn.queue.push(frame) {
+            Push::Sent => Some(Ok(waiter)),
+            Push::Closed => Some(Err(self.unreachable("connection lost"))),
+            // The queue is full: nothing was sent, and the dropped waiter forgets the
+            // call; `send_call` waits for room.
+            Push::Full(_) => None,
+        }
     }
 
     fn send_broadcast<'a>(
@@ -227,6 +239,17 @@ impl ControllerMesh {
                 Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default())
             }
         }
+    }
+
+    /// The connection, request frame and waiter of a call to one node.
+    fn prepare_call(
+        &self,
+        req: &CallRequest,
+    ) -> Result<(Arc<Connection>, Outgoing, Option<Waiter>)> {
+        let conn = self.connected()?;
+        let target = self.target(&conn, req)?;
+        let (frame, waiter) = self.prepare_request(&conn, &target, req)?;
+        Ok((conn, frame, waiter))
     }
 
     /// The request frame for `target`, and what waits on its reply (registered in the

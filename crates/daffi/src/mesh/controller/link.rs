@@ -23,8 +23,8 @@ use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::FLAG_ERROR;
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
-    frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Kind,
-    QueueLimits, ReadError, WriterTask,
+    frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
+    Kind, QueueLimits, ReadError, WriterTask,
 };
 
 /// An established connection.
@@ -242,12 +242,11 @@ struct Dispatching<'a> {
 impl FrameHandler for Dispatching<'_> {
     type Refusal = String;
 
-    fn frame(
-        &mut self,
-        frame: Frame,
-        _next_dst: Option<&[u8]>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
-        std::future::ready(dispatch(self.core, self.conn, frame, &mut self.batch))
+    fn frame(&mut self, frame: Frame, _next_dst: Option<&[u8]>) -> Handled<String> {
+        match dispatch(self.core, self.conn, frame, &mut self.batch) {
+            Ok(()) => Handled::Done,
+            Err(refusal) => Handled::Refused(refusal),
+        }
     }
 
     fn caught_up(&mut self) {
