@@ -11,7 +11,14 @@ top symbols of each process.
     scripts/profile-op.py --tcp '{"op":"latency","calls":20000,"warmup":1000}'
     scripts/profile-op.py --callees 4 '{"op":"broadcast","calls":10000,"warmup":1000,"nodes":4}'
 
-Needs `perf` (software event cpu-clock is enough) and a release build
+With --instructions, no perf: each process runs under valgrind's callgrind, and the
+script prints the instructions each one executed per call of OP (counted after the
+warm-up). Unlike a rate or a CPU time, that count does not move with the machine's
+load, so two builds can be compared on a busy machine (rates are ~50x slower there):
+
+    scripts/profile-op.py --instructions '{"op":"rate","mode":"bg","calls":20000,"in_flight":256}'
+
+Needs `perf` (software event cpu-clock is enough) or valgrind, and a release build
 (`cargo build --release -p daffi-bench`).
 """
 import argparse
@@ -26,8 +33,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAFFI = os.environ.get("DAFFI_BENCH_BIN", os.path.join(ROOT, "target", "release", "daffi-bench"))
 
 
+# A command every role runs under (valgrind, for --instructions).
+WRAPPER = []
+
+
 def role(args):
-    p = subprocess.Popen([DAFFI, "--log-level", "warn", "role"] + args,
+    p = subprocess.Popen(WRAPPER + [DAFFI, "--log-level", "warn", "role"] + args,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
     if not line.startswith("ready"):
@@ -52,8 +63,13 @@ def main():
                     help="daffi callees to start (4 for a broadcast like scenario D)")
     ap.add_argument("--cpu", action="store_true",
                     help="no perf: print each process's CPU time (user + system) over the run")
+    ap.add_argument("--instructions", action="store_true",
+                    help="no perf: instructions per call of each process, under callgrind")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="daffi-prof-")
+    if a.instructions:
+        WRAPPER.extend(["valgrind", "--tool=callgrind", "--quiet",
+                        f"--callgrind-out-file={tmp}/callgrind.%p"])
     listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
     limit = ["--max-frame-size", str(1100 * 1024 * 1024)]
     procs = {}
@@ -79,6 +95,9 @@ def main():
         return driver.stdout.readline().strip()
 
     print("warm-up:", run())
+    if a.instructions:
+        count_instructions(procs, run, a, tmp)
+        return
     if a.cpu:
         tick = os.sysconf("SC_CLK_TCK")
 
@@ -155,6 +174,34 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
         lines = [l for l in out.splitlines() if l.strip() and (not l.startswith("#") or l.startswith("# Samples"))]
         print("\n".join(lines[: a.top if not a.callers else 400]))
+
+
+def count_instructions(procs, run, a, tmp):
+    """Zeroes each process's callgrind counters, runs OP, dumps them, and prints the
+    instructions per call (the op's "calls" times --repeat)."""
+    def control(command):
+        for p in procs.values():
+            subprocess.run(["callgrind_control", command, str(p.pid)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    control("-z")
+    for _ in range(a.repeat):
+        print("measured:", run())
+    control("-d")
+    calls = json.loads(a.op).get("calls", 1) * a.repeat
+    total = 0
+    for name, p in procs.items():
+        dumps = [f for f in os.listdir(tmp) if f.startswith(f"callgrind.{p.pid}.")]
+        last = max(dumps, key=lambda f: int(f.rsplit(".", 1)[1]))
+        with open(os.path.join(tmp, last)) as f:
+            counted = next(int(l.split()[1]) for l in f if l.startswith("summary:"))
+        total += counted
+        print(f"{name:>12}: {counted / calls:10.0f} instructions per call")
+    print(f"{'all':>12}: {total / calls:10.0f} instructions per call")
+    # The controller (or relay) last: the others would log that they lost it.
+    for p in reversed(list(procs.values())):
+        p.stdin.close()
+        p.wait()
 
 
 if __name__ == "__main__":
