@@ -93,16 +93,18 @@ pub struct NatsMesh {
 }
 
 impl NatsMesh {
-    /// Connects (retrying until `connect_timeout`), takes this node's name in the
-    /// membership bucket, and starts serving; returns once the node has its first view
-    /// of the others.
+    /// Connects, opens the buckets and takes this node's name in the membership bucket
+    /// (each step tried again until `connect_timeout` while the cluster is unreachable
+    /// or electing leaders), and starts serving; returns once the node has its first
+    /// view of the others.
     pub async fn start(
         config: NatsConfig,
         executor: Arc<Executor>,
         events: mpsc::UnboundedSender<NodeEvent>,
     ) -> Result<Arc<Self>> {
         check_namespace(&config.namespace).map_err(Error::Config)?;
-        let (client, client_events) = connect(&config).await?;
+        let give_up_at = Instant::now() + config.connect_timeout;
+        let (client, client_events) = connect(&config, give_up_at).await?;
         let chunk_size = client
             .server_info()
             .max_payload
@@ -123,10 +125,26 @@ impl NatsMesh {
             .subscribe(subjects.node_inbox(&name))
             .await
             .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
-        let bucket = members::open_bucket(&client, &subjects, &config.urls).await?;
-        let schedules = Schedules::open(&client, &config.namespace, &config.urls).await?;
         let record = MemberRecord::new(executor.callback_names());
-        let revision = members::take_name(&bucket, &name, &record, &config.urls).await?;
+        let probes = client
+            .subscribe(subjects.node_alive(&name, record.instance))
+            .await
+            .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
+        let urls = &config.urls;
+        // On a cluster that just started, JetStream answers "no responders" until the
+        // buckets' replicas have elected their leaders: these steps are tried again.
+        let bucket = retrying(give_up_at, "opening the membership bucket", || {
+            members::open_bucket(&client, &subjects, urls)
+        })
+        .await?;
+        let schedules = retrying(give_up_at, "opening the schedule buckets", || {
+            Schedules::open(&client, &config.namespace, urls)
+        })
+        .await?;
+        let revision = retrying(give_up_at, "taking the process name", || {
+            members::take_name(&client, &subjects, &bucket, &name, &record, urls)
+        })
+        .await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
         let mesh = Arc::new(NatsMesh {
             name,
@@ -149,6 +167,7 @@ impl NatsMesh {
         });
         tokio::spawn(caller::take_replies(mesh.clone(), replies));
         tokio::spawn(incoming::serve_requests(mesh.clone(), requests));
+        tokio::spawn(members::answer_probes(mesh.clone(), probes));
         tokio::spawn(members::keep_record(
             mesh.clone(),
             bucket.clone(),
@@ -268,48 +287,60 @@ fn unreachable_by(urls: &str, reason: &str, cause: impl std::fmt::Display) -> Er
     Error::unreachable(nats_address(urls), format!("{reason}{cause}"))
 }
 
-/// Connects to one of the servers in `config`, retrying until `connect_timeout`; fails
-/// at once when a retry cannot help (authentication, TLS, bad options). Returns the
-/// client and its connection events.
+/// Connects to one of the servers in `config`, retrying until `give_up_at`; fails at
+/// once when a retry cannot help (authentication, TLS, bad options). Returns the client
+/// and its connection events.
 async fn connect(
     config: &NatsConfig,
+    give_up_at: Instant,
 ) -> Result<(
     async_nats::Client,
     mpsc::UnboundedReceiver<async_nats::Event>,
 )> {
     let servers = server_addresses(&config.urls)?;
-    let give_up_at = Instant::now() + config.connect_timeout;
-    let mut delay = Duration::from_millis(50);
-    loop {
+    retrying(give_up_at, "connecting to NATS", || async {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let options = connect_options(config, events_tx).await?;
         match options.connect(servers.as_slice()).await {
-            Ok(client) => return Ok((client, events_rx)),
-            Err(e) => {
-                use async_nats::ConnectErrorKind as Kind;
-                let error = match e.kind() {
-                    Kind::AuthorizationViolation | Kind::Authentication => {
-                        Error::AuthenticationFailed {
-                            address: nats_address(&config.urls),
-                            reason: e.to_string(),
-                        }
-                    }
-                    Kind::Tls => Error::Tls {
-                        address: nats_address(&config.urls),
-                        message: e.to_string(),
-                        source: Some(Box::new(e)),
-                    },
-                    _ => unreachable_by(&config.urls, "", &e),
-                };
-                let fatal = matches!(
-                    error,
-                    Error::AuthenticationFailed { .. } | Error::Tls { .. }
-                );
-                if fatal || Instant::now() >= give_up_at {
-                    return Err(error);
-                }
-                tracing::debug!(error = %error, "connecting to NATS failed; retrying");
+            Ok(client) => Ok((client, events_rx)),
+            Err(e) => Err(connect_error(&config.urls, e)),
+        }
+    })
+    .await
+}
+
+/// The named error of a failed connection: authentication and TLS failures apart.
+fn connect_error(urls: &str, e: async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind as Kind;
+    match e.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => Error::AuthenticationFailed {
+            address: nats_address(urls),
+            reason: e.to_string(),
+        },
+        Kind::Tls => Error::Tls {
+            address: nats_address(urls),
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        },
+        _ => unreachable_by(urls, "", &e),
+    }
+}
+
+/// Runs `step` until it succeeds, fails with an error a retry cannot help (anything but
+/// [`Error::ControllerUnreachable`]: a taken name, authentication, TLS), or `give_up_at`
+/// passes; waits 50 ms after the first failure, doubling up to a second.
+async fn retrying<T, F, Fut>(give_up_at: Instant, what: &str, mut step: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match step().await {
+            Err(error @ Error::ControllerUnreachable { .. }) if Instant::now() < give_up_at => {
+                tracing::debug!(%error, "{what} failed; trying again");
             }
+            done => return done,
         }
         tokio::time::sleep(delay.min(give_up_at.saturating_duration_since(Instant::now()))).await;
         delay = (delay * 2).min(Duration::from_secs(1));
