@@ -6,7 +6,7 @@
 //! the server writes a marker every watcher sees as a delete. A node that dies without
 //! a goodbye so leaves every view within `MEMBER_TTL` of its last heartbeat.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,9 @@ const WATCH_STALL: Duration = Duration::from_secs(3);
 /// still resume from the last one it saw: deletes and expiry markers stay in the
 /// bucket for [`MEMBER_TTL`]; after a longer gap the view is read whole again.
 const RESUME_WITHIN: Duration = Duration::from_secs(6);
+
+/// How long starting a watch may take (creating its consumer on the bucket's leader).
+const WATCH_SETUP: Duration = Duration::from_secs(2);
 
 /// How long a node waits before starting a watch that ended again.
 const WATCH_RETRY: Duration = Duration::from_millis(250);
@@ -380,10 +383,12 @@ async fn follow_bucket(
     first: &mut Option<oneshot::Sender<Result<()>>>,
     position: &mut Position,
 ) -> String {
-    let mut watch = match position.resume_after() {
-        Some(revision) => match bucket.watch_all_from_revision(revision + 1).await {
+    let resume_after = position.resume_after();
+    tracing::debug!(process = %mesh.name, ?resume_after, "membership watch starting");
+    let mut watch = match resume_after {
+        Some(revision) => match start_watch(bucket.watch_all_from_revision(revision + 1)).await {
             Ok(watch) => watch,
-            Err(e) => return format!("watch: {e}"),
+            Err(e) => return e,
         },
         None => match read_whole(mesh, bucket, position).await {
             Ok(watch) => watch,
@@ -407,6 +412,18 @@ async fn follow_bucket(
     }
 }
 
+/// The watch `starting` makes, waiting no longer than [`WATCH_SETUP`] (async-nats may
+/// wait 10 s while the bucket has no leader).
+pub async fn start_watch(
+    starting: impl std::future::Future<Output = std::result::Result<kv::Watch, kv::WatchError>>,
+) -> std::result::Result<kv::Watch, String> {
+    match tokio::time::timeout(WATCH_SETUP, starting).await {
+        Ok(Ok(watch)) => Ok(watch),
+        Ok(Err(e)) => Err(format!("watch: {e}")),
+        Err(_) => Err(format!("the watch did not start within {WATCH_SETUP:?}")),
+    }
+}
+
 /// Starts a watch with the bucket's current state and makes that the view; the watch,
 /// for the changes after it.
 async fn read_whole(
@@ -420,10 +437,7 @@ async fn read_whole(
     };
     // Each entry's current value first, then the changes (`watch_all` gives only the
     // changes: the view would wait for the others' heartbeats).
-    let mut watch = bucket
-        .watch_with_history(">")
-        .await
-        .map_err(|e| format!("watch: {e}"))?;
+    let mut watch = start_watch(bucket.watch_with_history(">")).await?;
     let mut snapshot = Vec::new();
     let mut complete = values == 0;
     while !complete {
@@ -437,14 +451,20 @@ async fn read_whole(
         position.saw(&entry);
         snapshot.push(entry);
     }
+    tracing::debug!(process = %mesh.name, values, read = snapshot.len(), complete, "membership read whole");
+    for entry in &snapshot {
+        apply(mesh, entry, position);
+    }
     if complete {
-        let members = snapshot.iter().filter_map(|e| member_of(mesh, e)).collect();
-        mesh.report(mesh.membership.reset(members));
-    } else {
-        // The watch is slow (a cluster electing a leader): keep the view, and apply
-        // what came as changes.
-        for entry in &snapshot {
-            apply(mesh, entry, position);
+        // A node in the view with no entry left: it expired while no watch ran (or the
+        // bucket answered from a replica that lags). Removed only once confirmed.
+        let listed: HashSet<&str> = snapshot.iter().map(|e| e.key.as_str()).collect();
+        for (name, _) in mesh.membership.members() {
+            let key = escape(&name);
+            if !listed.contains(key.as_str()) {
+                let instance = position.instances.remove(&key);
+                tokio::spawn(confirm_gone(mesh.clone(), name, instance));
+            }
         }
     }
     Ok(watch)
@@ -465,29 +485,22 @@ fn apply(mesh: &Arc<NatsMesh>, entry: &kv::Entry, position: &mut Position) {
     };
     match (event, expired) {
         (MembershipEvent::Left { name }, Some(instance)) => {
-            tokio::spawn(confirm_expiry(mesh.clone(), name, instance));
+            tokio::spawn(confirm_gone(mesh.clone(), name, Some(instance)));
         }
         (event, _) => mesh.report(mesh.membership.apply(event)),
     }
 }
 
-/// Removes `name`, whose entry expired, from the view unless its run `instance` is
-/// still alive.
-async fn confirm_expiry(mesh: Arc<NatsMesh>, name: String, instance: u64) {
-    if is_alive(&mesh.client, &mesh.subjects, &name, instance).await {
-        tracing::info!(process = %mesh.name, node = %name, "a node's membership entry expired, but it is alive: kept");
-        return;
+/// Removes `name`, whose entry expired or is missing, from the view unless its run
+/// `instance` is still alive.
+async fn confirm_gone(mesh: Arc<NatsMesh>, name: String, instance: Option<u64>) {
+    if let Some(instance) = instance {
+        if is_alive(&mesh.client, &mesh.subjects, &name, instance).await {
+            tracing::info!(process = %mesh.name, node = %name, "a node's membership entry expired or is missing, but the node is alive: kept");
+            return;
+        }
     }
     mesh.report(mesh.membership.apply(MembershipEvent::Left { name }));
-}
-
-/// The member an entry of the first view stands for (none for deleted or leaving
-/// nodes, and for this node).
-fn member_of(mesh: &NatsMesh, entry: &kv::Entry) -> Option<Member> {
-    match event_of(mesh, entry)? {
-        MembershipEvent::Joined(member) => Some(member),
-        _ => None,
-    }
 }
 
 /// What an entry of the bucket means for the view; `None` for this node's own entry

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::caller::CALLER;
-use super::members::{open_or_create, replicas};
+use super::members::{open_or_create, replicas, start_watch};
 use super::NatsMesh;
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, TaskInfo, Timing};
@@ -565,8 +565,7 @@ impl Book {
             self.tasks.clear();
             // Every task's current value first, then the changes (`watch_all` would
             // give only the changes).
-            let watch = bucket.watch_with_history(">").await;
-            self.watch = Some(watch.map_err(|e| e.to_string())?);
+            self.watch = Some(start_watch(bucket.watch_with_history(">")).await?);
         }
         Ok(())
     }
