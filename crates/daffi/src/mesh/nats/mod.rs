@@ -190,6 +190,9 @@ impl NatsMesh {
     }
 
     fn report(&self, changes: Changes) {
+        if !changes.removed.is_empty() {
+            tracing::debug!(process = %self.name, removed = ?changes.removed, "members left the view");
+        }
         for (gone, stopped) in &changes.gone {
             self.pending.fail_target(gone, *stopped);
         }
@@ -322,8 +325,30 @@ fn connect_error(urls: &str, e: async_nats::ConnectError) -> Error {
             message: e.to_string(),
             source: Some(Box::new(e)),
         },
+        // A failed handshake comes as an I/O error: no retry helps it.
+        Kind::Io if is_tls_failure(&e) => Error::Tls {
+            address: nats_address(urls),
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        },
         _ => unreachable_by(urls, "", &e),
     }
+}
+
+/// Whether rustls is behind `error` (a certificate refused by either side).
+fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Runs `step` until it succeeds, fails with an error a retry cannot help (anything but
