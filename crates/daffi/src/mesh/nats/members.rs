@@ -140,10 +140,8 @@ pub async fn open_or_create(
     if let Ok(store) = requests.get_key_value(&bucket).await {
         return Ok(store);
     }
-    // Creating a replicated stream takes longer than other requests: the default wait.
-    let created = async_nats::jetstream::new(client.clone())
-        .create_key_value(config)
-        .await;
+    tracing::debug!(bucket = %bucket, "creating the bucket");
+    let created = requests.create_key_value(config).await;
     // Created here, or by another node meanwhile.
     requests.get_key_value(&bucket).await.map_err(|open| {
         let cause = created.err().map_or_else(|| open.to_string(), |e| e.to_string());

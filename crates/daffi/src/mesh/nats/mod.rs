@@ -46,6 +46,12 @@ use subjects::Subjects;
 /// `max_payload` less this are sent in chunks.
 const HEADER_ROOM: usize = 1024;
 
+/// How long a JetStream API request (opening or creating a bucket, starting a watch)
+/// waits for its answer, instead of async-nats's 10 s: when several nodes create a
+/// bucket at once or a bucket elects a leader, some requests get no answer, and are
+/// better tried again soon. Calls set their own timeouts.
+const API_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Settings of a node on a NATS cluster.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
@@ -419,6 +425,7 @@ async fn connect_options(
         // A call fails once the connection is lost; there is no point in buffering
         // much for a server that is not there.
         .client_capacity(4096)
+        .request_timeout(Some(API_TIMEOUT))
         .event_callback(move |event| {
             let events = events.clone();
             async move {
