@@ -3,8 +3,15 @@
 //! the view of the others current.
 //!
 //! Bound: an entry not renewed for [`MEMBER_TTL`] expires (the bucket's age limit), and
-//! the server writes a marker every watcher sees as a delete. A node that dies without
-//! a goodbye so leaves every view within `MEMBER_TTL` of its last heartbeat.
+//! the server writes a marker every watcher sees. A node that dies without a goodbye
+//! so leaves every view within `MEMBER_TTL` of its last heartbeat.
+//!
+//! Gaps never empty the view: a node leaves it only on its goodbye (a delete), or on
+//! an expiry marker or a missing entry once a probe confirms that its run no longer
+//! listens (see [`is_alive`]); a watch that ends or stalls starts again after the last
+//! revision it saw. So the loss of the server that leads the bucket (whose replicas
+//! then take 4-9 s to elect a new leader, with heartbeats unanswered meanwhile) costs
+//! no member. The same probe lets a node restarted after a crash take its name at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

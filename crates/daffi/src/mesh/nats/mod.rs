@@ -18,6 +18,18 @@
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.
+//! - **starting** retries opening the buckets and taking the name until
+//!   `connect_timeout` (a fresh cluster answers "no responders" until its buckets have
+//!   leaders); a name held by a node that crashed is taken over at once.
+//!
+//! Bounds when one server of three is killed (SIGKILL, clients given only its URL;
+//! `tests/nats.rs` and `tests/nats_schedules.rs`, 10 runs each): calls fail with named
+//! errors (`ControllerUnreachable` while reconnecting) for at most 6.5 ms, one failed
+//! call per run (test bound 3 s), since calls go to the nodes' subjects from a view
+//! that the buckets' leader election does not touch; schedule runs pause 0.2-8.9 s
+//! (test bound 12 s): a run is claimed by a write to the schedules bucket, which waits
+//! for the bucket's new leader (NATS's election timeout, 4-9 s) when the killed server
+//! led it. No membership entry or schedule is lost.
 
 mod caller;
 mod chunks;
