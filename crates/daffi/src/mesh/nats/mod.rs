@@ -26,8 +26,8 @@
 //! `tests/nats.rs` and `tests/nats_schedules.rs`, 10 runs each): calls fail with named
 //! errors (`ControllerUnreachable` while reconnecting) for at most 6.5 ms, one failed
 //! call per run (test bound 3 s), since calls go to the nodes' subjects from a view
-//! that the buckets' leader election does not touch; schedule runs pause 0.2-8.9 s
-//! (test bound 12 s): a run is claimed by a write to the schedules bucket, which waits
+//! that the buckets' leader election does not touch; schedule runs pause 0.2-6.5 s
+//! (test bound 10 s): a run is claimed by a write to the schedules bucket, which waits
 //! for the bucket's new leader (NATS's election timeout, 4-9 s) when the killed server
 //! led it. No membership entry or schedule is lost.
 
