@@ -453,7 +453,6 @@ async fn read_whole(
             Ok(None) => return Err("the watch ended".into()),
         };
         complete = entry.delta == 0;
-        position.saw(&entry);
         snapshot.push(entry);
     }
     tracing::debug!(process = %mesh.name, values, read = snapshot.len(), complete, "membership read whole");
@@ -467,7 +466,7 @@ async fn read_whole(
         for (name, _) in mesh.membership.members() {
             let key = escape(&name);
             if !listed.contains(key.as_str()) {
-                let instance = position.instances.remove(&key);
+                let instance = position.instances.get(&key).copied();
                 tokio::spawn(confirm_gone(mesh.clone(), name, instance));
             }
         }
@@ -485,8 +484,13 @@ fn apply(mesh: &Arc<NatsMesh>, entry: &kv::Entry, position: &mut Position) {
         return;
     };
     let expired = match entry.operation {
-        Operation::Purge => position.instances.remove(&entry.key),
-        _ => None,
+        // Kept: the node may be alive, and its entry written again.
+        Operation::Purge => position.instances.get(&entry.key).copied(),
+        Operation::Delete => {
+            position.instances.remove(&entry.key);
+            None
+        }
+        Operation::Put => None,
     };
     match (event, expired) {
         (MembershipEvent::Left { name }, Some(instance)) => {
