@@ -148,10 +148,10 @@ pub struct NatsOptions {
     pub nats: Option<String>,
     /// Which mesh on the NATS cluster (as the library's `namespace`). Default: daffi.
     /// Only with --nats.
-    #[arg(long, env = "DAFFI_NAMESPACE")]
+    #[arg(long, env = "DAFFI_NAMESPACE", requires = "nats")]
     pub namespace: Option<String>,
     /// A NATS credentials file (`.creds`) to connect with. Only with --nats.
-    #[arg(long, env = "DAFFI_NATS_CREDENTIALS")]
+    #[arg(long, env = "DAFFI_NATS_CREDENTIALS", requires = "nats")]
     pub nats_credentials: Option<std::path::PathBuf>,
 }
 

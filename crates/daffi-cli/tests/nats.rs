@@ -207,6 +207,19 @@ fn nats_with_a_controller_address_is_a_usage_error() {
 }
 
 #[test]
+fn nats_options_without_nats_are_a_usage_error() {
+    for flags in [["--namespace", "other"], ["--nats-credentials", "/x.creds"]] {
+        let out = daffi_command()
+            .arg("ls")
+            .args(flags)
+            .output()
+            .expect("run daffi");
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--nats"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn unreachable_nats_servers_exit_with_8() {
     let mut server = NatsServer::start();
     let url = server.url();

@@ -41,6 +41,10 @@ pub enum Address {
     },
     /// A Unix domain socket path.
     Unix(PathBuf),
+    /// A NATS cluster: the server URLs given to `nats(..)`, comma-separated. What
+    /// [`Global::address`](crate::Global::address) says of a node on NATS; no
+    /// controller listens there.
+    Nats(String),
 }
 
 impl Address {
@@ -55,6 +59,7 @@ impl fmt::Display for Address {
         match self {
             Address::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
             Address::Unix(path) => write!(f, "unix://{}", path.display()),
+            Address::Nats(urls) => f.write_str(urls),
         }
     }
 }
@@ -123,8 +128,15 @@ pub async fn connect(
             io::ErrorKind::Unsupported,
             "Unix sockets are not available on this platform; use host and port",
         ))),
+        Address::Nats(_) => Err(ConnectError::Unreachable(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            NATS_NO_CONTROLLER,
+        ))),
     }
 }
+
+/// Why a controller link or listener cannot use an [`Address::Nats`].
+const NATS_NO_CONTROLLER: &str = "a NATS cluster has no controller: reach it with nats(..)";
 
 /// The socket addresses of `host`. An IP address is used as it is; a name is looked up
 /// on a short-lived thread of its own, not on tokio's blocking pool (where tokio looks
@@ -319,6 +331,7 @@ impl Listener {
             Address::Unix(_) => Err(Error::Config(
                 "Unix sockets are not available on this platform; use host and port".into(),
             )),
+            Address::Nats(_) => Err(Error::Config(NATS_NO_CONTROLLER.into())),
         }
     }
 

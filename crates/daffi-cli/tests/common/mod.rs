@@ -132,6 +132,7 @@ pub fn daffi_command() -> Command {
         "DAFFI_LOG",
         "DAFFI_NATS",
         "DAFFI_NAMESPACE",
+        "DAFFI_NATS_CREDENTIALS",
     ] {
         c.env_remove(var);
     }

@@ -170,7 +170,9 @@ impl GlobalBuilder {
     }
 
     /// How long `start` keeps trying to reach a controller that is not up yet before it
-    /// fails with [`Error::ControllerUnreachable`]. Default: 10 s.
+    /// fails with [`Error::ControllerUnreachable`]. Default: 10 s. On NATS (`nats(..)`)
+    /// it bounds connecting, opening the buckets and taking the name, which a cluster
+    /// that just started refuses until its buckets have elected leaders.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

@@ -159,6 +159,7 @@ impl GlobalBuilder {
         owned: Option<OwnedRuntime>,
     ) -> Result<Global> {
         let urls = self.checked_nats_urls()?;
+        let address = Address::Nats(urls.clone());
         let config = crate::mesh::nats::NatsConfig {
             urls,
             namespace: self.namespace.clone(),
@@ -172,7 +173,6 @@ impl GlobalBuilder {
         let executor = self.executor(&name);
         let mesh = crate::mesh::nats::NatsMesh::start(config, executor.clone(), events_tx).await?;
         let node = Arc::new(Node::new(executor, mesh, self.max_in_flight));
-        let address = self.address()?;
         self.finish(name, address, runtime, Some(node), None, owned, events_rx)
     }
 

@@ -74,16 +74,18 @@ impl Global {
         &self.inner.name
     }
 
-    /// The controller's address (with the real port when a free one was picked).
+    /// The controller's address (with the real port when a free one was picked); for a
+    /// node on a NATS cluster, [`Address::Nats`] with the server URLs given to
+    /// `nats(..)` (the client may be connected to another server of the cluster).
     pub fn address(&self) -> &Address {
         &self.inner.address
     }
 
-    /// The controller's TCP port, or `None` on a Unix socket.
+    /// The controller's TCP port, or `None` on a Unix socket or a NATS cluster.
     pub fn port(&self) -> Option<u16> {
         match &self.inner.address {
             Address::Tcp { port, .. } => Some(*port),
-            Address::Unix(_) => None,
+            Address::Unix(_) | Address::Nats(_) => None,
         }
     }
 

@@ -30,6 +30,8 @@ impl GlobalBuilder {
         let host = match address {
             Address::Tcp { host, .. } => host,
             Address::Unix(_) => return Err(Error::Config(UNIX_NO_TLS.into())),
+            // A node on NATS takes its TLS from `nats_tls`, not from here.
+            Address::Nats(_) => return Ok((None, None)),
         };
         let server = if controller_options {
             if !self.init_controller {

@@ -8,6 +8,7 @@
 
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod pki;
 pub mod wire;
 
 use std::io::Read;
@@ -419,7 +420,20 @@ pub fn child_role() -> Option<String> {
         return None;
     };
     exit_when_parent_dies();
+    logs_from_env();
     Some(role)
+}
+
+/// Logs of this process to stderr when `RUST_LOG` is set (`RUST_LOG=daffi=debug cargo
+/// test ...`): to see what a failing test's nodes did.
+pub fn logs_from_env() {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(filter)
+            .try_init();
+    }
 }
 
 /// In a worker: exits the process when stdin closes, so that no worker outlives its test.

@@ -3,9 +3,17 @@
 //! the view of the others current.
 //!
 //! Bound: an entry not renewed for [`MEMBER_TTL`] expires (the bucket's age limit), and
-//! the server writes a marker every watcher sees as a delete. A node that dies without
-//! a goodbye so leaves every view within `MEMBER_TTL` of its last heartbeat.
+//! the server writes a marker every watcher sees. A node that dies without a goodbye
+//! so leaves every view within `MEMBER_TTL` of its last heartbeat.
+//!
+//! Gaps never empty the view: a node leaves it only on its goodbye (a delete), or on
+//! an expiry marker or a missing entry once a probe confirms that its run no longer
+//! listens (see [`is_alive`]); a watch that ends or stalls starts again after the last
+//! revision it saw. So the loss of the server that leads the bucket (whose replicas
+//! then take 4-9 s to elect a new leader, with heartbeats unanswered meanwhile) costs
+//! no member. The same probe lets a node restarted after a crash take its name at once.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +37,34 @@ pub const MEMBER_TTL: Duration = Duration::from_secs(12);
 /// How often a node renews its entry.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long one request to a KV bucket (a heartbeat, the lease, a claim) waits for
+/// the server, for sending and again for its acknowledgment: while the replicas of a
+/// bucket elect a leader (after the loss of the server that led it), requests go
+/// unanswered; short waits keep the heartbeats and the lease trying every second or
+/// two, so that they land as soon as there is a leader again.
+pub const KV_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the membership watch may deliver nothing before it is started again: each
+/// node's own heartbeat comes through it every [`HEARTBEAT`], so silence means the
+/// watch lost its server (the async-nats ordered consumer itself notices only after
+/// 10 s).
+const WATCH_STALL: Duration = Duration::from_secs(3);
+
+/// How long a node that resumes its watch after a gap may have missed changes and
+/// still resume from the last one it saw: deletes and expiry markers stay in the
+/// bucket for [`MEMBER_TTL`]; after a longer gap the view is read whole again.
+const RESUME_WITHIN: Duration = Duration::from_secs(6);
+
+/// How long starting a watch may take (creating its consumer on the bucket's leader).
+const WATCH_SETUP: Duration = Duration::from_secs(2);
+
+/// How long a node waits before starting a watch that ended again.
+const WATCH_RETRY: Duration = Duration::from_millis(250);
+
+/// How long a probe of a node waits for its answer; NATS answers "no responders" at
+/// once when nobody listens.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long a watch may deliver nothing of a bucket that holds values before the node
 /// stops waiting for a whole first view (the values were expiry markers that expired
 /// meanwhile, or the cluster is electing a leader).
@@ -38,7 +74,7 @@ const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberRecord {
     /// Tells this run of the node from an earlier one with the same name.
-    instance: u64,
+    pub instance: u64,
     /// The callbacks it serves.
     callbacks: Vec<String>,
     /// It began stopping: route nothing new to it.
@@ -97,50 +133,114 @@ pub fn replicas(client: &async_nats::Client) -> usize {
 }
 
 /// The KV bucket `config` names, created with `config` if it is not there yet; `what`
-/// names it in errors.
+/// names it in errors. Requests through the returned store wait [`KV_TIMEOUT`].
 pub async fn open_or_create(
     client: &async_nats::Client,
     config: kv::Config,
     urls: &str,
     what: &str,
 ) -> Result<Store> {
-    let jetstream = async_nats::jetstream::new(client.clone());
+    let requests = async_nats::jetstream::ContextBuilder::new()
+        .timeout(KV_TIMEOUT)
+        .build(client.clone());
     let bucket = config.bucket.clone();
-    if let Ok(store) = jetstream.get_key_value(&bucket).await {
+    if let Ok(store) = requests.get_key_value(&bucket).await {
         return Ok(store);
     }
-    match jetstream.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Another node created it meanwhile.
-        Err(create) => jetstream.get_key_value(&bucket).await.map_err(|_| {
-            unreachable_by(
-                urls,
-                &format!(
-                    "the {what} bucket could not be created (JetStream enabled on the servers?): "
-                ),
-                create,
-            )
-        }),
-    }
+    tracing::debug!(bucket = %bucket, "creating the bucket");
+    let created = requests.create_key_value(config).await;
+    // Created here, or by another node meanwhile.
+    requests.get_key_value(&bucket).await.map_err(|open| {
+        let cause = created.err().map_or_else(|| open.to_string(), |e| e.to_string());
+        unreachable_by(
+            urls,
+            &format!("the {what} bucket could not be opened or created (JetStream enabled on the servers?): "),
+            cause,
+        )
+    })
 }
 
-/// Takes `name` in the bucket with `record`; its revision. A name that is taken fails
-/// with [`Error::DuplicateProcessName`].
+/// Takes `name` in the bucket with `record`; its revision. A name held by a node that
+/// still listens on its subject fails with [`Error::DuplicateProcessName`]; one whose
+/// holder no longer does (it crashed, and its entry has not expired yet) is taken
+/// over at once, so that a node restarted after a crash keeps its name.
 pub async fn take_name(
+    client: &async_nats::Client,
+    subjects: &Subjects,
     bucket: &Store,
     name: &str,
     record: &MemberRecord,
     urls: &str,
 ) -> Result<u64> {
+    let key = escape(name);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        unreachable_by(urls, "could not join the membership bucket: ", e)
+    };
+    let duplicate = || Error::DuplicateProcessName {
+        process: name.to_string(),
+    };
+    match bucket.create(&key, record.encode()).await {
+        Ok(revision) => return Ok(revision),
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unreachable(&e)),
+    }
+    let held = match bucket.entry(&key).await {
+        Ok(Some(entry)) if entry.operation == Operation::Put => entry,
+        // Deleted or expired meanwhile: the next try creates it.
+        Ok(_) => return Err(unreachable(&"the name's entry changed meanwhile")),
+        Err(e) => return Err(unreachable(&e)),
+    };
+    let holder = match message::decode::<MemberRecord>(&held.value) {
+        Ok(holder) => holder,
+        Err(_) => return Err(duplicate()),
+    };
+    if holder.instance == record.instance {
+        // This node's own create, which had landed although its answer was lost.
+        return Ok(held.revision);
+    }
+    if is_alive(client, subjects, name, holder.instance).await {
+        return Err(duplicate());
+    }
+    tracing::info!(process = %name, "the process name was held by a node that no longer listens (it crashed); taking it over");
     bucket
-        .create(escape(name), record.encode())
+        .update(&key, record.encode(), held.revision)
         .await
         .map_err(|e| match e.kind() {
-            CreateErrorKind::AlreadyExists => Error::DuplicateProcessName {
-                process: name.to_string(),
-            },
-            _ => unreachable_by(urls, "could not join the membership bucket: ", e),
+            // Another node took it first.
+            UpdateErrorKind::WrongLastRevision => duplicate(),
+            _ => unreachable(&e),
         })
+}
+
+/// Whether the run `instance` of the node `name` is alive: it answers probes on its
+/// `alive` subject, and NATS answers "no responders" at once when nobody listens
+/// there. No answer within [`PROBE_TIMEOUT`] counts as alive.
+pub async fn is_alive(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    name: &str,
+    instance: u64,
+) -> bool {
+    let request = client.request(subjects.node_alive(name, instance), bytes::Bytes::new());
+    match tokio::time::timeout(PROBE_TIMEOUT, request).await {
+        Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::NoResponders,
+        Ok(Ok(_)) | Err(_) => true,
+    }
+}
+
+/// Answers the probes of this node's liveness (see [`is_alive`]) until it closes.
+pub async fn answer_probes(mesh: Arc<NatsMesh>, mut probes: async_nats::Subscriber) {
+    let mut closed = mesh.closed.subscribe();
+    loop {
+        let probe = tokio::select! {
+            probe = probes.next() => probe,
+            _ = super::until(&mut closed, true) => None,
+        };
+        let Some(probe) = probe else { return };
+        if let Some(reply) = probe.reply {
+            let _ = mesh.client.publish(reply, bytes::Bytes::new()).await;
+        }
+    }
 }
 
 /// Owns this node's entry: renews it every [`HEARTBEAT`] and when asked, marks it at
@@ -226,10 +326,41 @@ async fn renew(
     result.map_or_else(|e| failed(&e), Some)
 }
 
-/// Keeps the view current: a watch of the bucket while connected, started again
-/// (with a fresh view) after each reconnect. `first` gets the first view's outcome.
+/// Where a watch that ended left off: the last revision applied to the view, and when;
+/// and the run (instance) of each node seen, to probe one whose entry expired.
+#[derive(Default)]
+struct Position {
+    last: Option<(u64, tokio::time::Instant)>,
+    instances: HashMap<String, u64>,
+}
+
+impl Position {
+    /// Notes `entry` as applied.
+    fn saw(&mut self, entry: &kv::Entry) {
+        self.last = Some((entry.revision, tokio::time::Instant::now()));
+        if entry.operation == Operation::Put {
+            if let Ok(record) = message::decode::<MemberRecord>(&entry.value) {
+                self.instances.insert(entry.key.clone(), record.instance);
+            }
+        }
+    }
+
+    /// The revision to resume after, if the gap is short enough to have missed no
+    /// delete (see [`RESUME_WITHIN`]).
+    fn resume_after(&self) -> Option<u64> {
+        self.last
+            .filter(|(_, at)| at.elapsed() < RESUME_WITHIN)
+            .map(|(revision, _)| revision)
+    }
+}
+
+/// Keeps the view current: a watch of the bucket while connected, started again when
+/// it ends, stalls or the connection comes back. The view is never cleared by a gap: a
+/// new watch resumes after the last change seen (or reads the bucket whole after a
+/// long gap). `first` gets the first view's outcome.
 pub async fn watch_members(mesh: Arc<NatsMesh>, bucket: Store, first: oneshot::Sender<Result<()>>) {
     let mut first = Some(first);
+    let mut position = Position::default();
     let mut connected = mesh.connected.subscribe();
     let mut closed = mesh.closed.subscribe();
     loop {
@@ -237,11 +368,11 @@ pub async fn watch_members(mesh: Arc<NatsMesh>, bucket: Store, first: oneshot::S
             _ = super::until(&mut connected, true) => {}
             _ = super::until(&mut closed, true) => return,
         }
-        let session = follow_bucket(&mesh, &bucket, &mut first);
+        let session = follow_bucket(&mesh, &bucket, &mut first, &mut position);
         tokio::select! {
             reason = session => {
                 tracing::debug!(process = %mesh.name, %reason, "the membership watch ended; starting it again");
-                tokio::time::sleep(HEARTBEAT).await;
+                tokio::time::sleep(WATCH_RETRY).await;
             }
             _ = super::until(&mut connected, false) => {}
             _ = super::until(&mut closed, true) => return,
@@ -249,71 +380,136 @@ pub async fn watch_members(mesh: Arc<NatsMesh>, bucket: Store, first: oneshot::S
     }
 }
 
-/// One watch of the bucket: its current state as the view, then every change. Returns
-/// why it ended.
+/// One watch of the bucket: after a short gap, the changes since `position`; else its
+/// current state as the view, then every change. Returns why it ended.
 async fn follow_bucket(
-    mesh: &NatsMesh,
+    mesh: &Arc<NatsMesh>,
     bucket: &Store,
     first: &mut Option<oneshot::Sender<Result<()>>>,
+    position: &mut Position,
 ) -> String {
+    let resume_after = position.resume_after();
+    tracing::debug!(process = %mesh.name, ?resume_after, "membership watch starting");
+    let mut watch = match resume_after {
+        Some(revision) => match start_watch(bucket.watch_all_from_revision(revision + 1)).await {
+            Ok(watch) => watch,
+            Err(e) => return e,
+        },
+        None => match read_whole(mesh, bucket, position).await {
+            Ok(watch) => watch,
+            Err(reason) => return reason,
+        },
+    };
+    if let Some(first) = first.take() {
+        let _ = first.send(Ok(()));
+    }
+    loop {
+        match tokio::time::timeout(WATCH_STALL, watch.next()).await {
+            Ok(Some(Ok(entry))) => apply(mesh, &entry, position),
+            Ok(Some(Err(e))) => return format!("watch: {e}"),
+            Ok(None) => return "the watch ended".into(),
+            Err(_) => {
+                return format!(
+                    "no change came for {WATCH_STALL:?}, not even this node's heartbeat"
+                )
+            }
+        }
+    }
+}
+
+/// The watch `starting` makes, waiting no longer than [`WATCH_SETUP`] (async-nats may
+/// wait 10 s while the bucket has no leader).
+pub async fn start_watch(
+    starting: impl std::future::Future<Output = std::result::Result<kv::Watch, kv::WatchError>>,
+) -> std::result::Result<kv::Watch, String> {
+    match tokio::time::timeout(WATCH_SETUP, starting).await {
+        Ok(Ok(watch)) => Ok(watch),
+        Ok(Err(e)) => Err(format!("watch: {e}")),
+        Err(_) => Err(format!("the watch did not start within {WATCH_SETUP:?}")),
+    }
+}
+
+/// Starts a watch with the bucket's current state and makes that the view; the watch,
+/// for the changes after it.
+async fn read_whole(
+    mesh: &Arc<NatsMesh>,
+    bucket: &Store,
+    position: &mut Position,
+) -> std::result::Result<kv::Watch, String> {
     let values = match bucket.status().await {
         Ok(status) => status.values(),
-        Err(e) => return format!("bucket status: {e}"),
+        Err(e) => return Err(format!("bucket status: {e}")),
     };
     // Each entry's current value first, then the changes (`watch_all` gives only the
     // changes: the view would wait for the others' heartbeats).
-    let mut watch = match bucket.watch_with_history(">").await {
-        Ok(watch) => watch,
-        Err(e) => return format!("watch: {e}"),
-    };
+    let mut watch = start_watch(bucket.watch_with_history(">")).await?;
     let mut snapshot = Vec::new();
     let mut complete = values == 0;
     while !complete {
         let entry = match tokio::time::timeout(SNAPSHOT_QUIET, watch.next()).await {
             Err(_) => break,
             Ok(Some(Ok(entry))) => entry,
-            Ok(Some(Err(e))) => return format!("watch: {e}"),
-            Ok(None) => return "the watch ended".into(),
+            Ok(Some(Err(e))) => return Err(format!("watch: {e}")),
+            Ok(None) => return Err("the watch ended".into()),
         };
         complete = entry.delta == 0;
         snapshot.push(entry);
     }
+    tracing::debug!(process = %mesh.name, values, read = snapshot.len(), complete, "membership read whole");
+    for entry in &snapshot {
+        apply(mesh, entry, position);
+    }
     if complete {
-        let members = snapshot.iter().filter_map(|e| member_of(mesh, e)).collect();
-        mesh.report(mesh.membership.reset(members));
-    } else {
-        // The watch is slow (a cluster electing a leader): keep the view, and apply
-        // what came as changes.
-        for entry in &snapshot {
-            apply(mesh, entry);
+        // A node in the view with no entry left: it expired while no watch ran (or the
+        // bucket answered from a replica that lags). Removed only once confirmed.
+        let listed: HashSet<&str> = snapshot.iter().map(|e| e.key.as_str()).collect();
+        for (name, _) in mesh.membership.members() {
+            let key = escape(&name);
+            if !listed.contains(key.as_str()) {
+                let instance = position.instances.get(&key).copied();
+                tokio::spawn(confirm_gone(mesh.clone(), name, instance));
+            }
         }
     }
-    if let Some(first) = first.take() {
-        let _ = first.send(Ok(()));
+    Ok(watch)
+}
+
+/// Applies one change of the bucket to the view. An entry that expired is first
+/// confirmed: its node is removed only if nobody listens on its subject (a live node
+/// whose heartbeats were held up while the bucket elected a leader stays, and writes
+/// its entry again at its next heartbeat).
+fn apply(mesh: &Arc<NatsMesh>, entry: &kv::Entry, position: &mut Position) {
+    position.saw(entry);
+    let Some(event) = event_of(mesh, entry) else {
+        return;
+    };
+    let expired = match entry.operation {
+        // Kept: the node may be alive, and its entry written again.
+        Operation::Purge => position.instances.get(&entry.key).copied(),
+        Operation::Delete => {
+            position.instances.remove(&entry.key);
+            None
+        }
+        Operation::Put => None,
+    };
+    match (event, expired) {
+        (MembershipEvent::Left { name }, Some(instance)) => {
+            tokio::spawn(confirm_gone(mesh.clone(), name, Some(instance)));
+        }
+        (event, _) => mesh.report(mesh.membership.apply(event)),
     }
-    while let Some(entry) = watch.next().await {
-        match entry {
-            Ok(entry) => apply(mesh, &entry),
-            Err(e) => return format!("watch: {e}"),
+}
+
+/// Removes `name`, whose entry expired or is missing, from the view unless its run
+/// `instance` is still alive.
+async fn confirm_gone(mesh: Arc<NatsMesh>, name: String, instance: Option<u64>) {
+    if let Some(instance) = instance {
+        if is_alive(&mesh.client, &mesh.subjects, &name, instance).await {
+            tracing::info!(process = %mesh.name, node = %name, "a node's membership entry expired or is missing, but the node is alive: kept");
+            return;
         }
     }
-    "the watch ended".into()
-}
-
-/// Applies one change of the bucket to the view.
-fn apply(mesh: &NatsMesh, entry: &kv::Entry) {
-    if let Some(event) = event_of(mesh, entry) {
-        mesh.report(mesh.membership.apply(event));
-    }
-}
-
-/// The member an entry of the first view stands for (none for deleted or leaving
-/// nodes, and for this node).
-fn member_of(mesh: &NatsMesh, entry: &kv::Entry) -> Option<Member> {
-    match event_of(mesh, entry)? {
-        MembershipEvent::Joined(member) => Some(member),
-        _ => None,
-    }
+    mesh.report(mesh.membership.apply(MembershipEvent::Left { name }));
 }
 
 /// What an entry of the bucket means for the view; `None` for this node's own entry

@@ -3,6 +3,7 @@
 //!
 //! - `<ns>.node.<process>.<callback>`: requests to one node (random choice, `.on`,
 //!   broadcast); each node subscribes to `<ns>.node.<itself>.*`.
+//! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
 //! - KV bucket `<ns>-members`: key = the escaped process name.
 
 use std::fmt::Write;
@@ -95,6 +96,12 @@ impl Subjects {
         format!("{}.node.{}.*", self.namespace, escape(process))
     }
 
+    /// Where the run `instance` of `process` answers probes: whether anybody listens
+    /// there tells whether that run is alive.
+    pub fn node_alive(&self, process: &str, instance: u64) -> String {
+        format!("{}.alive.{}.{instance}", self.namespace, escape(process))
+    }
+
     /// The callback a request on `subject` (one of [`Subjects::node_call`]) asks for.
     pub fn callback_of(subject: &str) -> Option<String> {
         unescape(subject.rsplit('.').next()?)
@@ -155,6 +162,7 @@ mod tests {
         assert_eq!(subject, "daffi.node.w=2E1.f=2A=2Eg");
         assert_eq!(Subjects::callback_of(&subject).as_deref(), Some("f*.g"));
         assert_eq!(s.node_inbox("w.1"), "daffi.node.w=2E1.*");
+        assert_eq!(s.node_alive("w.1", 7), "daffi.alive.w=2E1.7");
     }
 
     #[test]
