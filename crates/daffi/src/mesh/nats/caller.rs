@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{chunks, NatsMesh};
+use super::{chunks, flow, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
     remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter,
@@ -135,6 +135,10 @@ impl NatsMesh {
                 limit: self.size_limit,
             });
         }
+        let window = self.windows.towards(target);
+        let credit = window
+            .take(target, &req.callback, deadline, self.config.stall_timeout)
+            .await?;
         let subject = self.subjects.node_call(target, &req.callback);
         let mut headers = self.request_headers(req);
         let mut payload = req.args.to_bytes();
@@ -148,13 +152,20 @@ impl NatsMesh {
         }
         type Publish<'p> = BoxFuture<'p, Result<(), async_nats::PublishError>>;
         let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
-            let publish = self.client.publish_with_headers(subject, headers, payload);
+            // The callee's ack gives the credit back.
+            credit.forget();
+            headers.insert(flow::ONE_WAY, "1");
+            let acks_to = window.acks_to().clone();
+            let publish = self
+                .client
+                .publish_with_reply_and_headers(subject, acks_to, headers, payload);
             (None, Box::pin(publish))
         } else {
             let waiter = self
                 .pending
                 .wait(target.clone(), req.callback.clone(), req.timeout)
-                .ok_or(Error::Stopped)?;
+                .ok_or(Error::Stopped)?
+                .hold_credit(credit);
             let reply = format!("{}.{}", self.inbox, waiter.call_id());
             let publish = self
                 .client
@@ -200,14 +211,14 @@ impl NatsMesh {
         headers
     }
 
-    /// Completes the call a reply on `subject` answers.
+    /// Completes the call a reply on `subject` answers, or takes an ack of NO_RETURN
+    /// calls (credit back).
     fn complete(&self, message: async_nats::Message) {
-        let Some(call_id) = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|id| id.parse().ok())
-        else {
+        let last_token = message.subject.rsplit('.').next().unwrap_or_default();
+        if self.windows.take_ack(last_token, &message.payload) {
+            return;
+        }
+        let Ok(call_id) = last_token.parse() else {
             return;
         };
         let Some(entry) = self.pending.take(call_id) else {

@@ -10,6 +10,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::caller::{CALLER, FAILED, TIMEOUT_MS};
 use super::chunks::{self, Assemblies, Joined};
+use super::flow::{self, Acks};
 use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
@@ -23,6 +24,8 @@ pub struct NatsRequest {
     caller: String,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
+    /// NO_RETURN: where its caller awaits the ack that gives its credit back.
+    acks_to: Option<async_nats::Subject>,
     /// When the caller gives up, from the timeout the request carries.
     deadline: Option<Instant>,
     client: async_nats::Client,
@@ -41,6 +44,15 @@ impl NatsRequest {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_string())
         };
+        let one_way = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(flow::ONE_WAY).is_some());
+        let (reply, acks_to) = if one_way {
+            (None, message.reply)
+        } else {
+            (message.reply, None)
+        };
         let deadline = header(TIMEOUT_MS)
             .and_then(|ms| ms.parse().ok())
             .map(|ms| Instant::now() + Duration::from_millis(ms));
@@ -48,7 +60,8 @@ impl NatsRequest {
             callback,
             caller: header(CALLER).unwrap_or_default(),
             payload: message.payload,
-            reply: message.reply,
+            reply,
+            acks_to,
             deadline,
             client: mesh.client.clone(),
             chunk_size: mesh.chunk_size,
@@ -118,9 +131,11 @@ fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
 }
 
 /// Hands the requests on this node's subject to the executor until the node closes;
-/// once it is stopping, refuses them (their callers get `PeerStopped`).
+/// once it is stopping, refuses them (their callers get `PeerStopped`). NO_RETURN
+/// requests are acked once handed over (see [`flow`]).
 pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
     let mut batch = SyncBatch::default();
+    let mut acks = Acks::default();
     let mut assemblies = Assemblies::default();
     let mut sweep = tokio::time::interval(chunks::STALE / 2);
     let mut closed = mesh.closed.subscribe();
@@ -131,6 +146,9 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
             Some(next) => next,
             None => {
                 batch.submit(&mesh.executor);
+                for (acks_to, taken) in acks.drain() {
+                    flow::send_ack(&mesh.client, acks_to, taken).await;
+                }
                 tokio::select! {
                     next = requests.next() => next,
                     _ = sweep.tick() => {
@@ -145,13 +163,17 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
         let Some(message) = join_chunks(&mesh, &mut assemblies, message).await else {
             continue;
         };
-        let Some(request) = NatsRequest::new(message, &mesh) else {
+        let Some(mut request) = NatsRequest::new(message, &mesh) else {
             continue;
         };
+        let acks_to = request.acks_to.take();
         if mesh.is_stopped() {
             refuse_stopping(request, &mesh.name);
         } else {
             executor::serve(&mesh.executor, request, &mut batch);
+        }
+        if let Some((acks_to, taken)) = acks_to.and_then(|a| acks.taken(a)) {
+            flow::send_ack(&mesh.client, acks_to, taken).await;
         }
     }
     batch.submit(&mesh.executor);
