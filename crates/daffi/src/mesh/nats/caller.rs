@@ -10,14 +10,15 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{chunks, flow, NatsMesh};
+use super::{chunks, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
     remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 
-/// Header: the calling process.
+/// Header: the calling process, on a request without a reply subject (a scheduled
+/// run); the others name it in their reply subject.
 pub const CALLER: &str = "Daffi-Caller";
 /// Header: how long the caller waits, in milliseconds.
 pub const TIMEOUT_MS: &str = "Daffi-Timeout-Ms";
@@ -139,7 +140,9 @@ impl NatsMesh {
         let credit = window
             .take(target, &req.callback, deadline, self.config.stall_timeout)
             .await?;
-        let subject = self.subjects.node_call(target, &req.callback);
+        let subject = window.call_subject(&req.callback, || {
+            self.subjects.node_call(target, &req.callback)
+        });
         let mut headers = self.request_headers(req);
         let mut payload = req.args.to_bytes();
         if size > self.chunk_size {
@@ -154,7 +157,6 @@ impl NatsMesh {
         let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
             // The callee's ack gives the credit back.
             credit.forget();
-            headers.insert(flow::ONE_WAY, "1");
             let acks_to = window.acks_to().clone();
             let publish = self
                 .client
@@ -201,9 +203,9 @@ impl NatsMesh {
         Ok(last)
     }
 
+    /// The headers of a request: none (the fast `PUB`) unless it has a timeout.
     fn request_headers(&self, req: &CallRequest) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(CALLER, &*self.name);
         if let Some(timeout) = req.timeout {
             let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX));
             headers.insert(TIMEOUT_MS, ms.to_string().as_str());

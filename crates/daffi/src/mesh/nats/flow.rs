@@ -7,10 +7,10 @@
 //!   call's deadline (or `stall_timeout` for a call without a timeout); past that, the
 //!   call fails with [`Error::SlowConsumer`] naming the callee. A request with a reply
 //!   gives its credit back when the call is over (the reply proves the callee took it).
-//! - **The callee** acknowledges NO_RETURN requests (marked with [`ONE_WAY`], the reply
-//!   subject being the caller's [`Window`]'s) once they are handed to its executor: one
-//!   ack per caller carries how many it took, sent after [`ACK_EVERY`] of them, or once
-//!   it has taken all it has received ([`Acks`]).
+//! - **The callee** acknowledges NO_RETURN requests (whose reply subject is the ack
+//!   subject of the caller's [`Window`], see [`is_ack_subject`]) once they are handed
+//!   to its executor: one ack per caller carries how many it took, sent after
+//!   [`ACK_EVERY`] of them, or once it has taken all it has received ([`Acks`]).
 //!
 //! So one caller never has more than [`WINDOW`] requests waiting in a callee's
 //! subscription, and the callee's subscription (of [`SUBSCRIPTION_CAPACITY`] messages)
@@ -41,18 +41,26 @@ pub const ACK_EVERY: u32 = (WINDOW / 4) as u32;
 /// a slow consumer): the windows of 64 callers.
 pub const SUBSCRIPTION_CAPACITY: usize = 64 * WINDOW;
 
-/// Header of a NO_RETURN request: the callee acks it to its reply subject.
-pub const ONE_WAY: &str = "Daffi-One-Way";
-
 /// The first byte of the last token of an ack's subject (`<inbox>.w<window id>`); call
 /// ids, the last token of replies, are digits only.
 const ACK_TOKEN: char = 'w';
+
+/// Whether `reply`, the reply subject of a request, is where its caller awaits acks: a
+/// NO_RETURN request, to be acked rather than answered.
+pub fn is_ack_subject(reply: &str) -> bool {
+    reply
+        .rsplit('.')
+        .next()
+        .is_some_and(|token| token.starts_with(ACK_TOKEN))
+}
 
 /// The credit of this node towards one callee.
 pub struct Window {
     credit: Arc<Semaphore>,
     /// Where the callee sends its acks.
     acks_to: Subject,
+    /// The subjects of the callee's callbacks called so far: built once, not per call.
+    call_subjects: std::sync::Mutex<HashMap<Arc<str>, Subject>>,
 }
 
 /// A credit taken for a request with a reply: given back when dropped.
@@ -82,6 +90,18 @@ impl Window {
             credit = self.credit.clone().acquire_owned() => credit.map_err(|_| gone(target)),
             _ = sleep_until(Some(deadline.unwrap_or_else(|| Instant::now() + stall))) => Err(slow()),
         }
+    }
+
+    /// The subject of requests for `callback` on the callee (`make` builds it the first
+    /// time).
+    pub fn call_subject(&self, callback: &Arc<str>, make: impl FnOnce() -> String) -> Subject {
+        let mut subjects = crate::sync::lock(&self.call_subjects);
+        if let Some(subject) = subjects.get(callback) {
+            return subject.clone();
+        }
+        let subject = Subject::from(make());
+        subjects.insert(callback.clone(), subject.clone());
+        subject
     }
 
     /// The subject of the acks for NO_RETURN requests through this window.
@@ -130,6 +150,7 @@ impl Windows {
         let window = Arc::new(Window {
             credit: Arc::new(Semaphore::new(WINDOW)),
             acks_to: format!("{}.{ACK_TOKEN}{id}", self.inbox).into(),
+            call_subjects: Default::default(),
         });
         state.by_target.insert(target.clone(), (id, window.clone()));
         state.by_id.insert(id, window.clone());

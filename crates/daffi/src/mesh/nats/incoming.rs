@@ -21,7 +21,9 @@ use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 /// A request from another node.
 pub struct NatsRequest {
     callback: String,
-    caller: String,
+    /// The calling process: named by the reply subject (read when asked for: in logs),
+    /// or by a header when there is none.
+    caller: std::sync::OnceLock<String>,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
     /// NO_RETURN: where its caller awaits the ack that gives its credit back.
@@ -37,28 +39,21 @@ impl NatsRequest {
     /// The request in `message`, received now; `None` if it names no callback.
     fn new(message: async_nats::Message, mesh: &NatsMesh) -> Option<Box<Self>> {
         let callback = Subjects::callback_of(&message.subject)?;
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
-        let one_way = message
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get(flow::ONE_WAY).is_some());
-        let (reply, acks_to) = if one_way {
-            (None, message.reply)
-        } else {
-            (message.reply, None)
-        };
+        let header = |name: &str| message.headers.as_ref()?.get(name).map(|v| v.as_str());
         let deadline = header(TIMEOUT_MS)
             .and_then(|ms| ms.parse().ok())
             .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let caller = std::sync::OnceLock::new();
+        if message.reply.is_none() {
+            let _ = caller.set(header(CALLER).unwrap_or_default().to_string());
+        }
+        let (reply, acks_to) = match message.reply {
+            Some(reply) if flow::is_ack_subject(&reply) => (None, Some(reply)),
+            reply => (reply, None),
+        };
         Some(Box::new(NatsRequest {
             callback,
-            caller: header(CALLER).unwrap_or_default(),
+            caller,
             payload: message.payload,
             reply,
             acks_to,
@@ -75,7 +70,12 @@ impl Request for NatsRequest {
     }
 
     fn caller(&self) -> &str {
-        &self.caller
+        self.caller.get_or_init(|| {
+            let reply = self.reply.as_ref().or(self.acks_to.as_ref());
+            reply
+                .and_then(|r| Subjects::caller_of(r))
+                .unwrap_or_default()
+        })
     }
 
     fn payload(&self) -> Bytes {

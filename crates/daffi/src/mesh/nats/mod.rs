@@ -75,7 +75,8 @@ pub struct NatsMesh {
     membership: Membership,
     /// Calls this node waits on; failed (not closed) when the connection drops.
     pending: Arc<Pending>,
-    /// Where replies to this node's calls come: `<inbox>.<call id>`.
+    /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
+    /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
     /// The credit of this node's calls towards each callee; acks come to
     /// `<inbox>.w<window id>`.
@@ -121,7 +122,7 @@ impl NatsMesh {
         )?;
         let name = executor.name.clone();
         let subjects = Subjects::new(&config.namespace);
-        let inbox = client.new_inbox();
+        let inbox = Subjects::reply_inbox(&client.new_inbox(), &name);
         let replies = client
             .subscribe(format!("{inbox}.*"))
             .await
