@@ -132,6 +132,7 @@ impl Pending {
             deadline,
             completed: false,
             slot: None,
+            #[cfg(feature = "nats")]
             credit: None,
         })
     }
@@ -212,6 +213,7 @@ pub struct Waiter {
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The call's credit towards its callee, if the mesh keeps one, held until the call
     /// is over.
+    #[cfg(feature = "nats")]
     credit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
