@@ -561,7 +561,7 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
     out.rows.push(
         Row::info(
             'B',
-            format!("{t} NO_RETURN, counted at callee"),
+            format!("{t} NO_RETURN, counted at callee, {lost} lost"),
             Unit::CallsPerSec,
             spread(&no_return),
         )
@@ -580,11 +580,6 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
             format!("{name}: {t} one-way"),
             Unit::CallsPerSec,
             spread(&floor_one_way.floors[i]),
-        ));
-    }
-    if lost > 0 {
-        out.notes.push(format!(
-            "B: the callee never counted {lost} NO_RETURN calls"
         ));
     }
     Ok(out)

@@ -74,7 +74,9 @@ pub enum Error {
     /// paused, or slower than its callers): the controller already holds as much for it
     /// as it holds for one node (`max_queue_bytes`), so the call was not delivered and
     /// did not run. A node that reads nothing for the controller's `stall_timeout` is
-    /// disconnected (its calls in flight then get [`Error::PeerDisconnected`]).
+    /// disconnected (its calls in flight then get [`Error::PeerDisconnected`]). Over
+    /// NATS: that node has not taken the 1,024 requests this node sent it last, within
+    /// the call's timeout (or `stall_timeout`), so this call was not sent.
     #[error("process `{process}` is not reading what is sent to it (it may be paused, or slower than its callers), so the call to `{callback}` was not delivered; retry later, call another node, or check that process")]
     SlowConsumer {
         /// The node that is not reading.

@@ -46,6 +46,7 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | [`tls_client_cert`](Self::tls_client_cert) / [`tls_client_key`](Self::tls_client_key) (node) | unset: no client certificate |
 /// | [`nats`](Self::nats) | unset: the built-in controller |
 /// | [`namespace`](Self::namespace) (NATS) | `"daffi"` |
+/// | requests from one node to another not yet taken (NATS) | 1,024 (a caller then waits up to [`stall_timeout`](Self::stall_timeout)) |
 /// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
 /// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
@@ -262,6 +263,12 @@ impl GlobalBuilder {
     /// in flight to it get [`Error::PeerDisconnected`]. A node whose controller reads
     /// nothing drops the connection and reconnects. Any progress restarts the clock, so
     /// a large frame to a slow but reading peer is never cut. Must be longer than zero.
+    ///
+    /// Over NATS ([`nats`](Self::nats)): a caller has at most 1,024 requests to one node
+    /// that it does not know that node has taken yet (a window per callee, so that a fast
+    /// caller slows down instead of overflowing a slow node, which would drop them). A
+    /// call beyond them waits for that node to take some, up to its timeout or, without
+    /// one, this long; then it fails with [`Error::SlowConsumer`].
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
         self

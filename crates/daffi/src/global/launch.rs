@@ -168,6 +168,7 @@ impl GlobalBuilder {
             tls: self.nats_tls()?,
             connect_timeout: self.connect_timeout,
             max_frame_size: self.max_frame_size,
+            stall_timeout: self.stall_timeout,
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let executor = self.executor(&name);

@@ -132,6 +132,8 @@ impl Pending {
             deadline,
             completed: false,
             slot: None,
+            #[cfg(feature = "nats")]
+            credit: None,
         })
     }
 
@@ -209,12 +211,23 @@ pub struct Waiter {
     completed: bool,
     /// The caller's place among `max_in_flight`, held until the reply.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The call's credit towards its callee, if the mesh keeps one, held until the call
+    /// is over.
+    #[cfg(feature = "nats")]
+    credit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Waiter {
     /// Holds `slot` until the call is over.
     pub fn hold(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         self.slot = Some(slot);
+        self
+    }
+
+    /// Holds the mesh's `credit` for this call until the call is over.
+    #[cfg(feature = "nats")]
+    pub fn hold_credit(mut self, credit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.credit = Some(credit);
         self
     }
 

@@ -17,7 +17,8 @@ use crate::mesh::{
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 
-/// Header: the calling process.
+/// Header: the calling process, on a request without a reply subject (a scheduled
+/// run); the others name it in their reply subject.
 pub const CALLER: &str = "Daffi-Caller";
 /// Header: how long the caller waits, in milliseconds.
 pub const TIMEOUT_MS: &str = "Daffi-Timeout-Ms";
@@ -135,7 +136,13 @@ impl NatsMesh {
                 limit: self.size_limit,
             });
         }
-        let subject = self.subjects.node_call(target, &req.callback);
+        let window = self.windows.towards(target);
+        let credit = window
+            .take(target, &req.callback, deadline, self.config.stall_timeout)
+            .await?;
+        let subject = window.call_subject(&req.callback, || {
+            self.subjects.node_call(target, &req.callback)
+        });
         let mut headers = self.request_headers(req);
         let mut payload = req.args.to_bytes();
         if size > self.chunk_size {
@@ -148,13 +155,19 @@ impl NatsMesh {
         }
         type Publish<'p> = BoxFuture<'p, Result<(), async_nats::PublishError>>;
         let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
-            let publish = self.client.publish_with_headers(subject, headers, payload);
+            // The callee's ack gives the credit back.
+            credit.forget();
+            let acks_to = window.acks_to().clone();
+            let publish = self
+                .client
+                .publish_with_reply_and_headers(subject, acks_to, headers, payload);
             (None, Box::pin(publish))
         } else {
             let waiter = self
                 .pending
                 .wait(target.clone(), req.callback.clone(), req.timeout)
-                .ok_or(Error::Stopped)?;
+                .ok_or(Error::Stopped)?
+                .hold_credit(credit);
             let reply = format!("{}.{}", self.inbox, waiter.call_id());
             let publish = self
                 .client
@@ -190,9 +203,9 @@ impl NatsMesh {
         Ok(last)
     }
 
+    /// The headers of a request: none (the fast `PUB`) unless it has a timeout.
     fn request_headers(&self, req: &CallRequest) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(CALLER, &*self.name);
         if let Some(timeout) = req.timeout {
             let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX));
             headers.insert(TIMEOUT_MS, ms.to_string().as_str());
@@ -200,14 +213,14 @@ impl NatsMesh {
         headers
     }
 
-    /// Completes the call a reply on `subject` answers.
+    /// Completes the call a reply on `subject` answers, or takes an ack of NO_RETURN
+    /// calls (credit back).
     fn complete(&self, message: async_nats::Message) {
-        let Some(call_id) = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|id| id.parse().ok())
-        else {
+        let last_token = message.subject.rsplit('.').next().unwrap_or_default();
+        if self.windows.take_ack(last_token, &message.payload) {
+            return;
+        }
+        let Ok(call_id) = last_token.parse() else {
             return;
         };
         let Some(entry) = self.pending.take(call_id) else {

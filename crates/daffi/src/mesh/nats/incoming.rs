@@ -10,6 +10,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::caller::{CALLER, FAILED, TIMEOUT_MS};
 use super::chunks::{self, Assemblies, Joined};
+use super::flow::{self, Acks};
 use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
@@ -20,9 +21,13 @@ use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 /// A request from another node.
 pub struct NatsRequest {
     callback: String,
-    caller: String,
+    /// The calling process: named by the reply subject (read when asked for: in logs),
+    /// or by a header when there is none.
+    caller: std::sync::OnceLock<String>,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
+    /// NO_RETURN: where its caller awaits the ack that gives its credit back.
+    acks_to: Option<async_nats::Subject>,
     /// When the caller gives up, from the timeout the request carries.
     deadline: Option<Instant>,
     client: async_nats::Client,
@@ -34,21 +39,24 @@ impl NatsRequest {
     /// The request in `message`, received now; `None` if it names no callback.
     fn new(message: async_nats::Message, mesh: &NatsMesh) -> Option<Box<Self>> {
         let callback = Subjects::callback_of(&message.subject)?;
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
+        let header = |name: &str| message.headers.as_ref()?.get(name).map(|v| v.as_str());
         let deadline = header(TIMEOUT_MS)
             .and_then(|ms| ms.parse().ok())
             .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let caller = std::sync::OnceLock::new();
+        if message.reply.is_none() {
+            let _ = caller.set(header(CALLER).unwrap_or_default().to_string());
+        }
+        let (reply, acks_to) = match message.reply {
+            Some(reply) if flow::is_ack_subject(&reply) => (None, Some(reply)),
+            reply => (reply, None),
+        };
         Some(Box::new(NatsRequest {
             callback,
-            caller: header(CALLER).unwrap_or_default(),
+            caller,
             payload: message.payload,
-            reply: message.reply,
+            reply,
+            acks_to,
             deadline,
             client: mesh.client.clone(),
             chunk_size: mesh.chunk_size,
@@ -62,7 +70,12 @@ impl Request for NatsRequest {
     }
 
     fn caller(&self) -> &str {
-        &self.caller
+        self.caller.get_or_init(|| {
+            let reply = self.reply.as_ref().or(self.acks_to.as_ref());
+            reply
+                .and_then(|r| Subjects::caller_of(r))
+                .unwrap_or_default()
+        })
     }
 
     fn payload(&self) -> Bytes {
@@ -118,9 +131,11 @@ fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
 }
 
 /// Hands the requests on this node's subject to the executor until the node closes;
-/// once it is stopping, refuses them (their callers get `PeerStopped`).
+/// once it is stopping, refuses them (their callers get `PeerStopped`). NO_RETURN
+/// requests are acked once handed over (see [`flow`]).
 pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
     let mut batch = SyncBatch::default();
+    let mut acks = Acks::default();
     let mut assemblies = Assemblies::default();
     let mut sweep = tokio::time::interval(chunks::STALE / 2);
     let mut closed = mesh.closed.subscribe();
@@ -131,6 +146,9 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
             Some(next) => next,
             None => {
                 batch.submit(&mesh.executor);
+                for (acks_to, taken) in acks.drain() {
+                    flow::send_ack(&mesh.client, acks_to, taken).await;
+                }
                 tokio::select! {
                     next = requests.next() => next,
                     _ = sweep.tick() => {
@@ -145,13 +163,17 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
         let Some(message) = join_chunks(&mesh, &mut assemblies, message).await else {
             continue;
         };
-        let Some(request) = NatsRequest::new(message, &mesh) else {
+        let Some(mut request) = NatsRequest::new(message, &mesh) else {
             continue;
         };
+        let acks_to = request.acks_to.take();
         if mesh.is_stopped() {
             refuse_stopping(request, &mesh.name);
         } else {
             executor::serve(&mesh.executor, request, &mut batch);
+        }
+        if let Some((acks_to, taken)) = acks_to.and_then(|a| acks.taken(a)) {
+            flow::send_ack(&mesh.client, acks_to, taken).await;
         }
     }
     batch.submit(&mesh.executor);

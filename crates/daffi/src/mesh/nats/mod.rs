@@ -33,6 +33,7 @@
 
 mod caller;
 mod chunks;
+mod flow;
 mod incoming;
 mod members;
 mod schedules;
@@ -77,6 +78,9 @@ pub struct NatsConfig {
     pub tls: Option<rustls::ClientConfig>,
     pub connect_timeout: Duration,
     pub max_frame_size: usize,
+    /// How long a call without a timeout waits for credit towards a callee that is
+    /// behind before it fails with `SlowConsumer` (`stall_timeout`).
+    pub stall_timeout: Duration,
 }
 
 /// A node's side of a NATS cluster: everything its tasks share.
@@ -89,8 +93,12 @@ pub struct NatsMesh {
     membership: Membership,
     /// Calls this node waits on; failed (not closed) when the connection drops.
     pending: Arc<Pending>,
-    /// Where replies to this node's calls come: `<inbox>.<call id>`.
+    /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
+    /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
+    /// The credit of this node's calls towards each callee; acks come to
+    /// `<inbox>.w<window id>`.
+    windows: flow::Windows,
     /// The largest arguments a request may carry (`max_frame_size`).
     size_limit: usize,
     /// The largest payload one message carries; larger ones go in chunks.
@@ -134,7 +142,7 @@ impl NatsMesh {
         )?;
         let name = executor.name.clone();
         let subjects = Subjects::new(&config.namespace);
-        let inbox = client.new_inbox();
+        let inbox = Subjects::reply_inbox(&client.new_inbox(), &name);
         let replies = client
             .subscribe(format!("{inbox}.*"))
             .await
@@ -171,6 +179,7 @@ impl NatsMesh {
             executor,
             membership: Membership::default(),
             pending: Arc::default(),
+            windows: flow::Windows::new(&inbox),
             inbox,
             size_limit: config.max_frame_size,
             chunk_size,
@@ -213,6 +222,7 @@ impl NatsMesh {
         }
         for (gone, stopped) in &changes.gone {
             self.pending.fail_target(gone, *stopped);
+            self.windows.close(gone);
         }
         for name in changes.added {
             self.emit(NodeEvent::MemberAdded(name));
@@ -257,6 +267,22 @@ impl NatsMesh {
         tracing::info!(process = %self.name, "reconnected to the NATS cluster");
         let _ = self.record.send(RecordCommand::Renew);
         self.emit(NodeEvent::Connected);
+    }
+
+    /// Logs that the client dropped a message (the `dropped`th) because this node read
+    /// its subscription too slowly: the first, then one line per thousand. The client
+    /// does not say which subscription; flow control keeps requests from overflowing
+    /// it unless more than 64 callers send at full speed at once.
+    fn note_overflow(&self, dropped: u64) {
+        if dropped == 1 || dropped % 1000 == 0 {
+            tracing::warn!(
+                process = %self.name,
+                dropped,
+                requests = %self.subjects.node_inbox(&self.name),
+                replies = %format!("{}.*", self.inbox),
+                "this node reads its NATS messages too slowly: the client dropped some on one of these subjects"
+            );
+        }
     }
 
     /// See [`Mesh::begin_stop`](super::Mesh::begin_stop).
@@ -438,6 +464,7 @@ async fn connect_options(
         // much for a server that is not there.
         .client_capacity(4096)
         .request_timeout(Some(API_TIMEOUT))
+        .subscription_capacity(flow::SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let events = events.clone();
             async move {
@@ -452,6 +479,7 @@ async fn follow_connection(
     mut events: mpsc::UnboundedReceiver<async_nats::Event>,
 ) {
     let mut closed = mesh.closed.subscribe();
+    let mut dropped = 0u64;
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
@@ -462,7 +490,8 @@ async fn follow_connection(
             async_nats::Event::Disconnected => mesh.lost_connection(),
             async_nats::Event::Connected => mesh.regained_connection(),
             async_nats::Event::SlowConsumer(_) => {
-                tracing::warn!(process = %mesh.name, "this node reads its NATS messages too slowly: some were dropped by the client")
+                dropped += 1;
+                mesh.note_overflow(dropped);
             }
             other => tracing::debug!(process = %mesh.name, event = %other, "NATS client event"),
         }

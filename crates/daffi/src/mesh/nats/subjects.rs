@@ -102,6 +102,19 @@ impl Subjects {
         format!("{}.alive.{}.{instance}", self.namespace, escape(process))
     }
 
+    /// The inbox of `process` under the client's `inbox` (unique): replies and acks to
+    /// its calls come to `<inbox>.<escaped process>.<token>`, which names the caller
+    /// without a header.
+    pub fn reply_inbox(inbox: &str, process: &str) -> String {
+        format!("{inbox}.{}", escape(process))
+    }
+
+    /// The process whose call awaits its reply (or ack) on `reply` (a subject under a
+    /// [`Subjects::reply_inbox`]).
+    pub fn caller_of(reply: &str) -> Option<String> {
+        unescape(reply.rsplit('.').nth(1)?)
+    }
+
     /// The callback a request on `subject` (one of [`Subjects::node_call`]) asks for.
     pub fn callback_of(subject: &str) -> Option<String> {
         unescape(subject.rsplit('.').next()?)
@@ -163,6 +176,12 @@ mod tests {
         assert_eq!(Subjects::callback_of(&subject).as_deref(), Some("f*.g"));
         assert_eq!(s.node_inbox("w.1"), "daffi.node.w=2E1.*");
         assert_eq!(s.node_alive("w.1", 7), "daffi.alive.w=2E1.7");
+        let inbox = Subjects::reply_inbox("_INBOX.abc", "c a.1");
+        assert_eq!(inbox, "_INBOX.abc.c=20a=2E1");
+        assert_eq!(
+            Subjects::caller_of(&format!("{inbox}.17")).as_deref(),
+            Some("c a.1")
+        );
     }
 
     #[test]
