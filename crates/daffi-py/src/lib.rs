@@ -1,8 +1,8 @@
 //! `daffi._daffi`: the Rust core of the Python package `daffi` (distribution
 //! `daffi-rs`). The Python layer in `python/daffi/` gives the Python daffi's API; this
-//! module gives it a node ([`node::Node`]), calls that complete off the GIL
-//! ([`pending::Pending`]), and the conversion of Python values to MessagePack
-//! ([`values`]).
+//! module gives it a node (`node.rs`), calls that complete off the GIL (`pending.rs`),
+//! Python callbacks (`callee.rs`), and the conversion of Python values to MessagePack
+//! (`values.rs`).
 #![warn(missing_docs)]
 
 mod callee;
