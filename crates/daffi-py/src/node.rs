@@ -144,23 +144,23 @@ impl Node {
         if let Some(eta) = eta {
             call = call.eta(seconds("eta", eta)?);
         }
-        Ok(self.spawn(async move {
-            match mode {
-                Mode::Result => call.fg_async::<rmpv::Value>().await.map(Reply::Value),
-                Mode::NoReturn => call
-                    .no_return_async()
-                    .await
-                    .map(|()| Reply::Value(rmpv::Value::Nil)),
-                Mode::Broadcast => call
-                    .broadcast_async::<rmpv::Value>()
-                    .await
-                    .map(|all| Reply::ByNode(all.into_iter().collect())),
-                Mode::BroadcastNoReturn => call
-                    .broadcast_no_return_async()
-                    .await
-                    .map(|()| Reply::Value(rmpv::Value::Nil)),
+        Ok(match mode {
+            Mode::Result => {
+                // Sent from this thread: the task only waits for the reply, so its start
+                // is off the round trip.
+                let sent = call.bg::<rmpv::Value>();
+                self.spawn(async move { sent?.await.map(Reply::Value) })
             }
-        }))
+            Mode::NoReturn => {
+                self.spawn(async move { call.no_return_async().await.map(|()| nothing()) })
+            }
+            Mode::Broadcast => self.spawn(async move {
+                let all = call.broadcast_async::<rmpv::Value>().await?;
+                Ok(Reply::ByNode(all.into_iter().collect()))
+            }),
+            Mode::BroadcastNoReturn => self
+                .spawn(async move { call.broadcast_no_return_async().await.map(|()| nothing()) }),
+        })
     }
 
     /// PERIOD: schedules `name(*args, **kwargs)` at each UTC timestamp of `at_time`, or

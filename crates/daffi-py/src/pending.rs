@@ -43,8 +43,8 @@ impl Completion {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores the answer, wakes the waiters, and runs the done callbacks on a blocking
-    /// thread (never on a runtime thread, which must not wait for the GIL).
+    /// Stores the answer, wakes the waiters, and hands the done callbacks to the
+    /// notifier thread (a runtime thread must not wait for the GIL).
     pub fn complete(&self, answer: Answer) {
         let on_done = {
             let mut state = self.lock();
@@ -54,15 +54,69 @@ impl Completion {
         };
         self.state.1.notify_all();
         if !on_done.is_empty() {
-            tokio::task::spawn_blocking(move || Python::attach(|py| run_callbacks(py, on_done)));
+            notifier::run(on_done);
         }
     }
 }
 
-fn run_callbacks(py: Python<'_>, callbacks: Vec<Py<PyAny>>) {
-    for callback in callbacks {
-        if let Err(e) = callback.call0(py) {
-            e.write_unraisable(py, None);
+/// One thread that runs done callbacks: it takes the GIL once for all those waiting,
+/// instead of once per call (256 calls in flight finish in bursts).
+mod notifier {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::{Mutex, OnceLock};
+
+    use pyo3::prelude::*;
+
+    /// Done callbacks of calls that finished together.
+    type Batch = Vec<Py<PyAny>>;
+
+    static QUEUE: OnceLock<Option<Mutex<Sender<Batch>>>> = OnceLock::new();
+
+    /// Runs `callbacks` on the notifier thread, started on first use (or here, if no
+    /// thread could be started).
+    pub fn run(callbacks: Batch) {
+        let queue = QUEUE.get_or_init(start);
+        let unsent = match queue {
+            Some(tx) => tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(callbacks)
+                .err()
+                .map(|e| e.0),
+            None => Some(callbacks),
+        };
+        if let Some(callbacks) = unsent {
+            Python::attach(|py| call_all(py, callbacks));
+        }
+    }
+
+    fn start() -> Option<Mutex<Sender<Batch>>> {
+        let (tx, rx) = channel();
+        let spawned = std::thread::Builder::new()
+            .name("daffi-py-notifier".into())
+            .spawn(move || notify(rx));
+        match spawned {
+            Ok(_) => Some(Mutex::new(tx)),
+            Err(e) => {
+                tracing::error!(error = %e, "no thread for done callbacks: running them in place");
+                None
+            }
+        }
+    }
+
+    fn call_all(py: Python<'_>, callbacks: impl IntoIterator<Item = Py<PyAny>>) {
+        for callback in callbacks {
+            if let Err(e) = callback.call0(py) {
+                e.write_unraisable(py, None);
+            }
+        }
+    }
+
+    fn notify(rx: Receiver<Batch>) {
+        while let Ok(first) = rx.recv() {
+            Python::attach(|py| {
+                call_all(py, std::iter::once(first).chain(rx.try_iter()).flatten())
+            });
         }
     }
 }
