@@ -13,13 +13,14 @@ fn class_name(error: &Error) -> &'static str {
             "RemoteCallError"
         }
         Error::NoProvider { .. } | Error::UnknownProcess { .. } => "UnableToFindCandidate",
-        Error::PeerDisconnected { .. } | Error::PeerStopped { .. } => "RemoteStoppedUnexpectedly",
+        Error::PeerDisconnected { .. }
+        | Error::PeerStopped { .. }
+        | Error::ControllerUnreachable { .. } => "RemoteStoppedUnexpectedly",
         Error::Stopped | Error::NoNode => "GlobalContextError",
         Error::Config(_)
         | Error::Bind { .. }
         | Error::DuplicateProcessName { .. }
         | Error::DuplicateCallback { .. }
-        | Error::ControllerUnreachable { .. }
         | Error::AuthenticationFailed { .. }
         | Error::Tls { .. }
         | Error::UnsafeSocket { .. } => "InitializationError",
@@ -35,6 +36,20 @@ pub fn to_py(error: &Error) -> PyErr {
             Err(e) => e,
         },
     )
+}
+
+/// The Python exception for `error` when a node could not start: always an
+/// `InitializationError`, whatever the cause (an unreachable controller included).
+pub fn to_py_at_start(error: &Error) -> PyErr {
+    raise("InitializationError", error)
+}
+
+/// `error` as an exception of the class `class` (or the failure to make one).
+fn raise(class: &str, error: &Error) -> PyErr {
+    Python::attach(|py| match exception(py, class, &error.to_string()) {
+        Ok(e) => e,
+        Err(e) => e,
+    })
 }
 
 /// An exception of `daffi.exceptions`, by class name.

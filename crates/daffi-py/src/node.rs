@@ -2,6 +2,7 @@
 //! returns a [`Pending`] at once; Python waits on it with the GIL released.
 
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -49,7 +50,8 @@ impl Mode {
 #[pyclass(module = "daffi._daffi", frozen)]
 pub struct Node {
     global: Global,
-    runtime: Runtime,
+    /// Shut down in the background when the node is dropped (see `Drop`).
+    runtime: ManuallyDrop<Runtime>,
 }
 
 #[pymethods]
@@ -75,7 +77,7 @@ impl Node {
             .thread_name("daffi-py")
             .enable_all()
             .build()
-            .map_err(|e| errors::to_py(&daffi::Error::Io(e)))?;
+            .map_err(|e| errors::to_py_at_start(&daffi::Error::Io(e)))?;
         let mut builder = Global::builder()
             .init_controller(init_controller)
             .init_node(init_node);
@@ -96,8 +98,11 @@ impl Node {
         }
         let global = py
             .detach(|| runtime.block_on(builder.start_async()))
-            .map_err(|e| errors::to_py(&e))?;
-        Ok(Node { global, runtime })
+            .map_err(|e| errors::to_py_at_start(&e))?;
+        Ok(Node {
+            global,
+            runtime: ManuallyDrop::new(runtime),
+        })
     }
 
     /// This node's process name.
@@ -235,8 +240,14 @@ impl Node {
 }
 
 impl Drop for Node {
+    /// Stops the node with the GIL released, so that callbacks still running can
+    /// finish, then lets the runtime's threads end without waiting for them (one may be
+    /// waiting for the GIL this thread holds).
     fn drop(&mut self) {
-        self.global.stop();
+        Python::attach(|py| py.detach(|| self.global.stop()));
+        // SAFETY: the runtime is taken once, here, and never used after.
+        let runtime = unsafe { ManuallyDrop::take(&mut self.runtime) };
+        runtime.shutdown_background();
     }
 }
 

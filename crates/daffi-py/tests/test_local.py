@@ -53,3 +53,32 @@ def test_a_taken_address_fails_to_start(tmp_path):
     with Global(init_controller=True, unix_sock_path=path):
         with pytest.raises(daffi.InitializationError):
             Global(init_controller=True, unix_sock_path=path)
+
+
+SERVES_A_LONG_CALL = """
+import sys, time
+from daffi import Global, callback
+
+@callback
+def long_one():
+    print("called", flush=True)
+    time.sleep(60)
+
+g = Global(process_name="server", init_controller=True, unix_sock_path=sys.argv[1])
+g.join()
+"""
+
+
+def test_a_call_in_flight_when_the_callee_dies_raises(processes, tmp_path):
+    script = tmp_path / "server.py"
+    script.write_text(SERVES_A_LONG_CALL)
+    path = tmp_path / "daffi.sock"
+    server = spawn_python(script, path)
+    processes.append(server)
+    with Global(process_name="caller", unix_sock_path=path) as g:
+        g.wait_function("long_one", timeout=WAIT)
+        result = g.call.long_one() & daffi.BG
+        assert server.stdout.readline() == "called\n"
+        server.kill()
+        with pytest.raises(daffi.RemoteStoppedUnexpectedly):
+            result.get(timeout=WAIT)

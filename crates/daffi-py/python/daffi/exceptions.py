@@ -35,7 +35,7 @@ class UnableToFindCandidate(DaffiError):
 
 
 class RemoteStoppedUnexpectedly(DaffiError):
-    """The callee disconnected or stopped while the call was in flight."""
+    """The callee (or the controller) went away while the call was in flight."""
 
 
 class InitializationError(DaffiError):
