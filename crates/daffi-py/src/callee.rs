@@ -1,5 +1,5 @@
-//! Python functions served as callbacks. Sync ones run on the node's sync callback
-//! threads; async ones on the event loop the Python `Global` keeps: the handler hands
+//! Python functions served as callbacks. Sync ones run on the threads of
+//! [`Workers`]; async ones on the event loop the Python `Global` keeps: the handler hands
 //! the arguments to a Python `submit(args, kwargs, done)` from a blocking thread, and
 //! the loop calls `done` with the outcome. Neither takes the GIL on a runtime thread.
 
@@ -12,16 +12,37 @@ use pyo3::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::values;
+use crate::workers::{self, Workers};
 
-/// A handler that calls the Python function `function(*args, **kwargs)`.
+/// A handler that calls the Python function `function(*args, **kwargs)` on a thread of
+/// [`Workers`].
 pub fn sync_handler(function: Py<PyAny>) -> Handler {
-    Handler::Sync(Arc::new(move |payload: Bytes| {
-        Python::attach(|py| {
-            let (args, kwargs) = decode(py, &payload)?;
-            let result = function.bind(py).call(args, Some(&kwargs));
-            outcome(py, result)
+    let function = Arc::new(function);
+    Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
+        let function = function.clone();
+        let (tx, mut rx) = oneshot::channel();
+        let workers = Workers::get();
+        let busy = workers.push(Box::new(move |py| {
+            let result = decode(py, &payload).and_then(|(args, kwargs)| {
+                outcome(py, function.bind(py).call(args, Some(&kwargs)))
+            });
+            // The caller may be gone (a timeout); nothing to tell then.
+            let _ = tx.send(result);
+        }));
+        Box::pin(async move {
+            if busy {
+                match tokio::time::timeout(workers::STUCK_AFTER, &mut rx).await {
+                    Ok(answer) => return answer.unwrap_or_else(|_| Err(dropped())),
+                    Err(_) => workers.unstick(),
+                }
+            }
+            rx.await.unwrap_or_else(|_| Err(dropped()))
         })
     }))
+}
+
+fn dropped() -> CallbackFailure {
+    CallbackFailure::failed("the Python callback ended without an answer")
 }
 
 /// A handler that starts the Python `submit(args, kwargs, done)` and waits for `done`.

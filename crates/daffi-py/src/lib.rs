@@ -10,6 +10,7 @@ mod errors;
 mod node;
 mod pending;
 mod values;
+mod workers;
 
 use pyo3::prelude::*;
 
