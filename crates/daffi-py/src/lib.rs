@@ -1,6 +1,7 @@
 //! `daffi._daffi`: the Rust core of the Python package `daffi` (distribution
 //! `daffi-rs`). The Python layer in `python/daffi/` gives the Python daffi's API; this
 //! module gives it a node (`node.rs`), calls that complete off the GIL (`pending.rs`),
+//! the threads of sync callbacks (`workers.rs`),
 //! Python callbacks (`callee.rs`), and the conversion of Python values to MessagePack
 //! (`values.rs`).
 #![warn(missing_docs)]

@@ -20,8 +20,9 @@ class Global:
     `g.port`). `process_name` defaults to a random name. Use it as a context manager,
     or call `stop()`.
 
-    Sync callbacks run on worker threads of the node; async ones on an event loop this
-    `Global` keeps on a thread of its own.
+    Sync callbacks run on worker threads (one that has the GIL runs every callback
+    waiting; another starts when one blocks); async ones on an event loop this `Global`
+    keeps on a thread of its own.
     """
 
     def __init__(
