@@ -34,8 +34,14 @@ def g():
         yield client
         client.stop()
     finally:
-        for server in servers:
-            out, err = interrupt(server)
+        try:
+            ended = [(server, interrupt(server)) for server in servers]
+        finally:
+            for server in servers:  # left running only if a test above failed
+                if server.poll() is None:
+                    server.kill()
+                    server.communicate()
+        for server, (_, err) in ended:
             assert server.returncode == 0, err
 
 
