@@ -36,6 +36,9 @@ async def wait_done_async(pending, timeout=None):
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
     pending.add_done_callback(functools.partial(_inbox(loop).put, finished))
+    if timeout is None:
+        await finished
+        return True
     try:
         await asyncio.wait_for(finished, timeout)
     except asyncio.TimeoutError:
