@@ -41,8 +41,9 @@ impl CallbackFailure {
         }
     }
 
-    /// The arguments did not decode: `message` says which one and why.
-    pub(crate) fn bad_arguments(message: impl std::fmt::Display) -> Self {
+    /// The arguments did not decode: `message` says which one and why. The caller gets
+    /// [`Error::BadArguments`](crate::Error::BadArguments).
+    pub fn bad_arguments(message: impl std::fmt::Display) -> Self {
         CallbackFailure {
             kind: RemoteErrorKind::BadArguments,
             message: message.to_string(),

@@ -20,6 +20,19 @@ use serde::de::{
 
 use super::MAX_DEPTH;
 
+/// How a MessagePack extension that is not a pickled Python object is named.
+const EXTENSION: &str = "a MessagePack extension";
+
+/// The extension type in which the Python package (`crates/daffi-py`) sends a pickled
+/// Python object: a byte with the length of the type's name, the name, the pickle.
+const PYTHON_PICKLE: i8 = 80;
+
+/// The Python type's name in extension data of type `tag`, if it is a pickled object.
+fn python_type(tag: i8, data: &[u8]) -> Option<&str> {
+    let (&len, rest) = data.split_first().filter(|_| tag == PYTHON_PICKLE)?;
+    std::str::from_utf8(rest.get(..len as usize)?).ok()
+}
+
 /// The most values a payload may hold to be explained in full.
 const MAX_VALUES: usize = 1 << 16;
 
@@ -38,8 +51,9 @@ pub(crate) enum Value<'a> {
     Bytes(&'a [u8]),
     List(Vec<Value<'a>>),
     Map(Vec<(Value<'a>, Value<'a>)>),
-    /// A MessagePack extension (no daffi type uses them).
-    Extension,
+    /// A MessagePack extension (no Rust daffi type uses them); with the type's name when
+    /// it is a pickled Python object (see [`PYTHON_PICKLE`]).
+    Extension(Option<&'a str>),
 }
 
 /// Reads `payload` into a tree, or `None` when it is too large or too deep to explain
@@ -122,8 +136,9 @@ impl<'de> Visitor<'de> for Build<'_> {
         Ok(Value::Bytes(v))
     }
 
-    fn visit_newtype_struct<D: Deserializer<'de>>(self, _: D) -> Result<Value<'de>, D::Error> {
-        Ok(Value::Extension)
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Value<'de>, D::Error> {
+        let (tag, data): (i8, &'de serde_bytes::Bytes) = serde::Deserialize::deserialize(d)?;
+        Ok(Value::Extension(python_type(tag, data)))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value<'de>, A::Error> {
@@ -285,7 +300,7 @@ impl de::Error for Mismatch {
 
     fn invalid_type(found: Unexpected<'_>, expected: &dyn Expected) -> Self {
         Mismatch::new(What::Type {
-            found: kind_of(&found).to_string(),
+            found: found_words(&found),
             expected: in_plain_words(&expected.to_string()),
         })
     }
@@ -340,7 +355,19 @@ pub(crate) fn kind_of(found: &Unexpected<'_>) -> &'static str {
         | Unexpected::NewtypeVariant
         | Unexpected::TupleVariant
         | Unexpected::StructVariant => "an enum variant",
-        Unexpected::Other(_) => "a MessagePack extension",
+        Unexpected::Other(_) => EXTENSION,
+    }
+}
+
+/// What a found value was, in a type mismatch: [`kind_of`], or the Python type of a
+/// pickled Python object.
+fn found_words(found: &Unexpected<'_>) -> String {
+    match found {
+        Unexpected::Other(python_type) if *python_type != EXTENSION => format!(
+            "a pickled Python object of type `{python_type}`, which only Python nodes read \
+             (send a value MessagePack expresses: None, bool, int, float, str, bytes, list, dict)"
+        ),
+        other => kind_of(other).to_string(),
     }
 }
 
@@ -424,7 +451,8 @@ impl<'de> At<'_, 'de> {
             Value::Bytes(b) => Unexpected::Bytes(b),
             Value::List(_) => Unexpected::Seq,
             Value::Map(_) => Unexpected::Map,
-            Value::Extension => Unexpected::Other("a MessagePack extension"),
+            Value::Extension(None) => Unexpected::Other(EXTENSION),
+            Value::Extension(Some(python_type)) => Unexpected::Other(python_type),
         }
     }
 }
@@ -449,7 +477,7 @@ impl<'de> Deserializer<'de> for At<'_, 'de> {
                 entries: entries.iter(),
                 value: None,
             }),
-            Value::Extension => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+            Value::Extension(_) => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
         }
     }
 
@@ -834,6 +862,26 @@ mod tests {
 
         let m = mismatch::<u8>(&rmp_serde::to_vec(&300).expect("encodes"));
         assert_eq!(m.to_string(), "the integer 300 does not fit in `u8`");
+    }
+
+    #[test]
+    fn a_pickled_python_object_is_named_by_its_type() {
+        let ext = |tag: i8, data: &[u8]| {
+            let mut payload = Vec::new();
+            rmp::encode::write_ext_meta(&mut payload, data.len() as u32, tag).expect("encodes");
+            payload.extend_from_slice(data);
+            payload
+        };
+        let pickled = [&[14u8][..], b"__main__.Point", b"pickle bytes"].concat();
+        assert!(mismatch::<i64>(&ext(PYTHON_PICKLE, &pickled))
+            .to_string()
+            .starts_with(
+                "expected an integer, got a pickled Python object of type `__main__.Point`"
+            ));
+        assert_eq!(
+            mismatch::<i64>(&ext(7, &pickled)).to_string(),
+            "expected an integer, got a MessagePack extension"
+        );
     }
 
     /// A person whose age is a string.

@@ -12,6 +12,7 @@ use super::launch::OwnedRuntime;
 use super::Global;
 use crate::auth::AuthToken;
 use crate::blocking;
+use crate::callback::Handler;
 use crate::error::{Error, Result};
 use crate::protocol::MAX_AUTH_TOKEN;
 use crate::transport::Address;
@@ -90,6 +91,7 @@ pub struct GlobalBuilder {
     pub(super) namespace: String,
     pub(super) nats_credentials: Option<PathBuf>,
     pub(super) hooks: Hooks,
+    pub(super) handlers: Handlers,
 }
 
 impl Default for GlobalBuilder {
@@ -124,6 +126,7 @@ impl Default for GlobalBuilder {
             namespace: "daffi".into(),
             nats_credentials: None,
             hooks: Hooks::default(),
+            handlers: Handlers::default(),
         }
     }
 }
@@ -403,6 +406,17 @@ impl GlobalBuilder {
         self
     }
 
+    /// Serves `handler` under `name` from the start, announced with the node's first
+    /// connection like the `#[callback]` functions (a later `Global::register_handler`
+    /// is announced a moment after the node is seen). For callbacks whose types are only
+    /// known at run time (the Python package `crates/daffi-py`). Not public API: no
+    /// stability promise.
+    #[doc(hidden)]
+    pub fn handler(mut self, name: impl Into<String>, handler: Handler) -> Self {
+        self.handlers.0.push((name.into(), handler));
+        self
+    }
+
     /// Runs `hook(&global, own_name)` once, after the `Global` has started (and after
     /// the first `on_node_connect`).
     ///
@@ -499,5 +513,17 @@ impl GlobalBuilder {
             ))),
             token => Ok(token),
         }
+    }
+}
+
+/// Callbacks given to [`GlobalBuilder::handler`], served beside the `#[callback]` ones.
+#[derive(Clone, Default)]
+pub(super) struct Handlers(pub(super) Vec<(String, Handler)>);
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
     }
 }

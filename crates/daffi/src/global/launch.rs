@@ -31,6 +31,9 @@ impl GlobalBuilder {
                 "init_node(false) and init_controller(false): nothing to start".into(),
             ));
         }
+        for (callback, _) in &self.handlers.0 {
+            check_name(NameKind::Callback, callback).map_err(Error::Config)?;
+        }
         let name = match &self.process_name {
             Some(n) => {
                 check_name(NameKind::Process, n).map_err(Error::Config)?;
@@ -101,14 +104,17 @@ impl GlobalBuilder {
         self.finish(name, address, runtime, node, controller, owned, events_rx)
     }
 
-    /// The executor of a node called `name`, with the `#[callback]` functions.
+    /// The executor of a node called `name`, with the `#[callback]` functions and the
+    /// builder's handlers (which win over a function of the same name).
     fn executor(&self, name: &str) -> Arc<Executor> {
         let limits = Limits {
             max_concurrent_callbacks: self.max_concurrent_callbacks,
             max_sync_callbacks: self.max_sync_callbacks,
             stop_timeout: self.stop_timeout,
         };
-        Executor::new(Arc::from(name), limits, static_callbacks())
+        let mut callbacks = static_callbacks();
+        callbacks.extend(self.handlers.0.iter().cloned());
+        Executor::new(Arc::from(name), limits, callbacks)
     }
 
     /// The `Global` of a started node (and controller), with the thread of its hooks.

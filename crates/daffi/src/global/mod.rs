@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use tokio::runtime::Handle;
 
 use crate::call::Call;
-use crate::callback::{CallbackGroup, IntoCallback};
+use crate::callback::{CallbackGroup, Handler, IntoCallback};
 use crate::controller::ControllerHandle;
 use crate::error::{Error, Result};
 use crate::info::MemberInfo;
@@ -118,9 +118,16 @@ impl Global {
     /// node or the controller): past that, `register`, `register_instance` and `start`
     /// (for the `#[callback]` functions) fail with [`Error::CallbackListTooLarge`].
     pub fn register<M>(&self, name: &str, callback: impl IntoCallback<M>) -> Result<()> {
+        self.register_handler(name, callback.into_handler(name))
+    }
+
+    /// Serves a handler that takes the arguments as MessagePack bytes and returns the
+    /// encoded result: for callbacks whose types are only known at run time (the Python
+    /// package `crates/daffi-py`). Not public API: no stability promise.
+    #[doc(hidden)]
+    pub fn register_handler(&self, name: &str, handler: Handler) -> Result<()> {
         check_name(NameKind::Callback, name).map_err(Error::Config)?;
         let node = self.node()?;
-        let handler = callback.into_handler(name);
         // Announcing spawns onto the node's runtime.
         let _context = self.inner.runtime.enter();
         node.register(vec![(name.to_string(), handler)])

@@ -1,0 +1,173 @@
+"""`g.call.<name>(*args, **kwargs)`: a `RemoteCall`, ended by a modifier (`& FG`, ...) or
+a method (`.fg(timeout=..)`, ...), or awaited."""
+
+import linecache
+import re
+import sys
+
+from ._modifiers import MODIFIERS, FG, instance, is_modifier
+from ._wait import wait, wait_async, wait_done, wait_done_async
+from .exceptions import DaffiError, TimeoutError
+
+_MODIFIER_ON_LINE = re.compile(r"&\s*((?:[A-Za-z_]\w*\.)*(?:%s))\b" % "|".join(MODIFIERS))
+
+
+class Caller:
+    """`g.call`: `g.call.func1(10, 3)` is a call of the remote callback `func1`."""
+
+    def __init__(self, g):
+        self._g = g
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: RemoteCall(self._g, name, args, kwargs)
+
+
+class RemoteCall:
+    """A call of a remote callback, not sent until a modifier or method ends it."""
+
+    __slots__ = ("_g", "_name", "_args", "_kwargs")
+
+    def __init__(self, g, name, args, kwargs):
+        self._g = g
+        self._name = name
+        self._args = args
+        self._kwargs = kwargs
+
+    def __repr__(self):
+        return f"RemoteCall({self._name!r}, args={self._args!r}, kwargs={self._kwargs!r})"
+
+    def __and__(self, modifier):
+        if not is_modifier(modifier):
+            return NotImplemented
+        return instance(modifier).apply(self)
+
+    def __await__(self):
+        # `await g.call.f() & FG(timeout=1)` awaits `g.call.f()` first: the modifier
+        # of that line is read from the source, as the Python daffi does.
+        modifier = _modifier_on_line(sys._getframe(1))
+        return modifier.apply_async(self).__await__()
+
+    def _start(self, mode, timeout=None, eta=None):
+        return self._g._node_now().call(self._name, self._args, self._kwargs, mode, timeout, eta)
+
+    def fg(self, timeout=None):
+        """FG: the result; TimeoutError after `timeout` seconds."""
+        return wait(self._start("result", timeout))
+
+    async def fg_async(self, timeout=None):
+        """FG in async code."""
+        return await wait_async(self._start("result", timeout))
+
+    def bg(self, timeout=None, eta=None):
+        """BG: an `AsyncResult` at once."""
+        return AsyncResult(self._start("result", timeout, eta))
+
+    def no_return(self, eta=None):
+        """NO_RETURN: returns once the call is sent (at once with an `eta`)."""
+        wait(self._start("no_return", eta=eta))
+
+    async def no_return_async(self, eta=None):
+        """NO_RETURN in async code."""
+        await wait_async(self._start("no_return", eta=eta))
+
+    def broadcast(self, timeout=None, eta=None, return_result=True):
+        """BROADCAST: with `return_result`, a dict node name -> result; else None."""
+        return wait(self._start(_broadcast_mode(return_result), timeout, eta))
+
+    async def broadcast_async(self, timeout=None, eta=None, return_result=True):
+        """BROADCAST in async code."""
+        return await wait_async(self._start(_broadcast_mode(return_result), timeout, eta))
+
+    def period(self, at_time=None, period=None):
+        """PERIOD: a `ScheduledTask`."""
+        return ScheduledTask(wait(self._schedule(at_time, period)))
+
+    async def period_async(self, at_time=None, period=None):
+        """PERIOD in async code."""
+        return ScheduledTask(await wait_async(self._schedule(at_time, period)))
+
+    def _schedule(self, at_time, period):
+        if at_time is not None and not isinstance(at_time, (list, tuple)):
+            at_time = [at_time]
+        return self._g._node_now().schedule(self._name, self._args, self._kwargs, at_time, period)
+
+
+def _broadcast_mode(return_result):
+    return "broadcast" if return_result else "broadcast_no_return"
+
+
+def _modifier_on_line(frame):
+    """The modifier written after `&` on the line being run in `frame` (FG if none)."""
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    found = _MODIFIER_ON_LINE.search(line)
+    if not found:
+        return FG()
+    end = found.end()
+    rest = line[end:]
+    if rest.lstrip().startswith("("):
+        end += len(rest) - len(rest.lstrip()) + _closing_paren(rest.lstrip())
+    expression = line[found.start(1):end]
+    return instance(eval(expression, frame.f_globals, frame.f_locals))
+
+
+def _closing_paren(text):
+    """The length of the balanced parenthesised group `text` starts with."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+class AsyncResult:
+    """The result of a BG call, collected later with `get()` or `await get_async()`."""
+
+    def __init__(self, pending):
+        self._pending = pending
+        self._outcome = None
+
+    def ready(self):
+        """Whether the result (or error) is in."""
+        return self._outcome is not None or self._pending.done()
+
+    def get(self, timeout=None):
+        """The result, waiting at most `timeout` seconds (TimeoutError; the call goes on)."""
+        if self._outcome is None and not wait_done(self._pending, timeout):
+            raise TimeoutError(f"no result within {timeout} s")
+        return self._give()
+
+    async def get_async(self, timeout=None):
+        """The result, awaited."""
+        if self._outcome is None and not await wait_done_async(self._pending, timeout):
+            raise TimeoutError(f"no result within {timeout} s")
+        return self._give()
+
+    def _give(self):
+        if self._outcome is None:
+            try:
+                self._outcome = (True, self._pending.result())
+            except DaffiError as error:
+                self._outcome = (False, error)
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+class ScheduledTask:
+    """A PERIOD schedule the controller keeps; `cancel()` ends it."""
+
+    def __init__(self, schedule):
+        self._schedule = schedule
+
+    @property
+    def id(self):
+        """The schedule's id at the controller."""
+        return self._schedule.id
+
+    def cancel(self):
+        """Cancels the schedule."""
+        self._schedule.cancel()

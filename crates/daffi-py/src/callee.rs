@@ -1,0 +1,146 @@
+//! Python functions served as callbacks. Sync ones run on the threads of
+//! [`Workers`]; async ones on the event loop the Python `Global` keeps: the handler hands
+//! the arguments to a Python `submit(args, kwargs, done)` from a blocking thread, and
+//! the loop calls `done` with the outcome. Neither takes the GIL on a runtime thread.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use daffi::__private::{BoxFuture, CallbackFailure, Handler, Outcome};
+use daffi_wire::Payload;
+use pyo3::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::values;
+use crate::workers::{self, Workers};
+
+/// A handler that calls the Python function `function(*args, **kwargs)` on a thread of
+/// [`Workers`].
+pub fn sync_handler(function: Py<PyAny>) -> Handler {
+    let function = Arc::new(function);
+    Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
+        let function = function.clone();
+        let (tx, mut rx) = oneshot::channel();
+        let workers = Workers::get();
+        let busy = workers.push(Box::new(move |py| {
+            let result = decode(py, &payload).and_then(|(args, kwargs)| {
+                outcome(py, function.bind(py).call(args, Some(&kwargs)))
+            });
+            // The caller may be gone (a timeout); nothing to tell then.
+            let _ = tx.send(result);
+        }));
+        Box::pin(async move {
+            if busy {
+                match tokio::time::timeout(workers::STUCK_AFTER, &mut rx).await {
+                    Ok(answer) => return answer.unwrap_or_else(|_| Err(dropped())),
+                    Err(_) => workers.unstick(),
+                }
+            }
+            rx.await.unwrap_or_else(|_| Err(dropped()))
+        })
+    }))
+}
+
+fn dropped() -> CallbackFailure {
+    CallbackFailure::failed("the Python callback ended without an answer")
+}
+
+/// A handler that starts the Python `submit(args, kwargs, done)` and waits for `done`.
+pub fn async_handler(submit: Py<PyAny>) -> Handler {
+    let submit = Arc::new(submit);
+    Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
+        let submit = submit.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let started = tokio::task::spawn_blocking(move || {
+                Python::attach(|py| start(py, &submit, &payload, tx))
+            })
+            .await
+            .map_err(|e| {
+                CallbackFailure::failed(format!("the Python callback did not start: {e}"))
+            })?;
+            started?;
+            rx.await.unwrap_or_else(|_| {
+                Err(CallbackFailure::failed(
+                    "the Python event loop dropped the call (it stopped)",
+                ))
+            })
+        })
+    }))
+}
+
+fn start(
+    py: Python<'_>,
+    submit: &Py<PyAny>,
+    payload: &Bytes,
+    tx: oneshot::Sender<Outcome>,
+) -> Result<(), CallbackFailure> {
+    let (args, kwargs) = decode(py, payload)?;
+    let done = Done {
+        tx: Mutex::new(Some(tx)),
+    };
+    submit
+        .bind(py)
+        .call1((args, kwargs, done))
+        .map(drop)
+        .map_err(|e| CallbackFailure::failed(describe(py, &e)))
+}
+
+/// Given to the event loop: `done(ok, value)` ends the call, `value` being the result
+/// or the exception.
+#[pyclass(module = "daffi._daffi", frozen)]
+pub struct Done {
+    tx: Mutex<Option<oneshot::Sender<Outcome>>>,
+}
+
+#[pymethods]
+impl Done {
+    fn __call__(&self, py: Python<'_>, ok: bool, value: Bound<'_, PyAny>) {
+        let result = if ok {
+            Ok(value)
+        } else {
+            Err(PyErr::from_value(value))
+        };
+        let outcome = outcome(py, result);
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            // The caller may be gone (a timeout); nothing to tell then.
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+fn decode<'py>(
+    py: Python<'py>,
+    payload: &Bytes,
+) -> Result<
+    (
+        Bound<'py, pyo3::types::PyTuple>,
+        Bound<'py, pyo3::types::PyDict>,
+    ),
+    CallbackFailure,
+> {
+    let value = rmpv::decode::read_value(&mut &payload[..]).map_err(|e| {
+        CallbackFailure::bad_arguments(format!("the arguments are not MessagePack: {e}"))
+    })?;
+    values::decode_args(py, value).map_err(|e| CallbackFailure::bad_arguments(describe(py, &e)))
+}
+
+/// A Python result as the reply, or its exception as the caller's error text.
+fn outcome(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Outcome {
+    let value = result
+        .and_then(|v| values::to_value(&v))
+        .map_err(|e| CallbackFailure::failed(describe(py, &e)))?;
+    let bytes = values::encode(&value).map_err(|e| CallbackFailure::failed(describe(py, &e)))?;
+    Ok(Payload::from(Bytes::from(bytes)))
+}
+
+/// `TypeName: message`, as Python prints an exception's last line.
+fn describe(py: Python<'_>, error: &PyErr) -> String {
+    let name = error
+        .get_type(py)
+        .qualname()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    format!("{name}: {}", error.value(py))
+}

@@ -1,0 +1,115 @@
+//! The threads that run Python sync callbacks. A thread that takes the GIL runs every
+//! job waiting before it lets go, so a burst of quick callbacks costs one GIL hand-over,
+//! not one per call, and a few threads, not one per call in flight (hundreds of threads
+//! queueing for the GIL cost more than the callbacks). A job still queued a moment after
+//! it came, with no thread free, starts another thread: callbacks that block (sleep,
+//! wait for I/O) do not hold up the others.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+/// A Python sync callback to run, with the GIL held.
+pub type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// The most threads the pool starts (the node's own limit of sync callbacks).
+const MAX_THREADS: usize = 1024;
+
+/// How long a job may wait, with no thread free, before another thread starts.
+pub const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Threads waiting for a job.
+    idle: usize,
+    threads: usize,
+}
+
+/// The pool: one per process.
+#[derive(Default)]
+pub struct Workers {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+impl Workers {
+    /// The process's pool.
+    pub fn get() -> &'static Arc<Workers> {
+        static WORKERS: OnceLock<Arc<Workers>> = OnceLock::new();
+        WORKERS.get_or_init(Arc::default)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job`; whether no thread was free to take it.
+    pub fn push(self: &Arc<Self>, job: Job) -> bool {
+        let mut queue = self.lock();
+        queue.jobs.push_back(job);
+        if queue.threads == 0 {
+            self.start_thread(&mut queue);
+        }
+        let busy = queue.idle == 0;
+        drop(queue);
+        self.ready.notify_one();
+        busy
+    }
+
+    /// Starts another thread if jobs are still waiting and no thread is free.
+    pub fn unstick(self: &Arc<Self>) {
+        let mut queue = self.lock();
+        if !queue.jobs.is_empty() && queue.idle == 0 {
+            self.start_thread(&mut queue);
+        }
+    }
+
+    fn start_thread(self: &Arc<Self>, queue: &mut Queue) {
+        if queue.threads >= MAX_THREADS {
+            return;
+        }
+        let workers = self.clone();
+        let started = std::thread::Builder::new()
+            .name("daffi-py-callback".into())
+            .spawn(move || workers.run());
+        match started {
+            Ok(_) => queue.threads += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for Python callbacks; the queued ones wait")
+            }
+        }
+    }
+
+    /// A thread's life: wait for a job, then run every job waiting with the GIL held.
+    fn run(&self) {
+        loop {
+            let first = self.next();
+            Python::attach(|py| {
+                first(py);
+                while let Some(job) = self.pop() {
+                    job(py);
+                }
+            });
+        }
+    }
+
+    /// The next job waiting, if any (the queue is unlocked before the job runs).
+    fn pop(&self) -> Option<Job> {
+        self.lock().jobs.pop_front()
+    }
+
+    fn next(&self) -> Job {
+        let mut queue = self.lock();
+        loop {
+            if let Some(job) = queue.jobs.pop_front() {
+                return job;
+            }
+            queue.idle += 1;
+            queue = self.ready.wait(queue).unwrap_or_else(|e| e.into_inner());
+            queue.idle -= 1;
+        }
+    }
+}

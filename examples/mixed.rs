@@ -1,0 +1,77 @@
+//! The Rust half of `examples/python/mixed.py`: a Rust node and a Python node (the
+//! package in `crates/daffi-py`) call each other by name through the controller the
+//! Python process runs. Python's keyword arguments are the named arguments of a Rust
+//! callback; a Rust struct sent as the arguments reaches Python as keyword arguments.
+//!
+//! ```text
+//! python examples/python/mixed.py          # controller + Python node on port 8890
+//! cargo run -p daffi --example mixed       # this Rust node; exits when Python leaves
+//! ```
+//!
+//! A first argument overrides the port.
+
+use daffi::{callback, Global};
+use serde::Serialize;
+
+/// Adds two numbers.
+#[callback]
+fn rust_add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Greets by name; Python calls it with keyword arguments.
+#[callback]
+fn rust_greet(name: String, punctuation: String) -> String {
+    format!("Hello from Rust, {name}{punctuation}")
+}
+
+/// Divides, or fails with a text that reaches the Python caller.
+#[callback]
+fn rust_checked_div(a: i64, b: i64) -> Result<i64, String> {
+    a.checked_div(b)
+        .ok_or_else(|| "division by zero".to_string())
+}
+
+/// The keyword arguments of the Python callback `py_scale(values, factor=1.0)`.
+#[derive(Serialize)]
+struct Scale<'a> {
+    values: &'a [f64],
+    factor: f64,
+}
+
+fn main() -> daffi::Result<()> {
+    let port = match std::env::args().nth(1) {
+        Some(text) => text
+            .parse()
+            .map_err(|_| daffi::Error::Config(format!("`{text}` is not a port")))?,
+        None => 8890,
+    };
+    let g = Global::builder()
+        .process_name("rust-node")
+        .host("localhost")
+        .port(port)
+        .on_member_removed(|g, name| {
+            if name == "python-node" {
+                g.stop();
+            }
+        })
+        .start()?;
+    g.wait_function("py_rust_done")?;
+
+    let product: i64 = g.call("py_mul").args((6, 7)).fg()?;
+    println!("rust-node: py_mul(6, 7) = {product}");
+    let scale = Scale {
+        values: &[1.0, 2.5],
+        factor: 2.0,
+    };
+    let scaled: Vec<f64> = g.call("py_scale").args(scale).fg()?;
+    println!("rust-node: py_scale(values=[1.0, 2.5], factor=2.0) = {scaled:?}");
+    match g.call("py_fail").args(("boom",)).fg::<()>() {
+        Err(e) => println!("rust-node: py_fail raised: {e}"),
+        Ok(()) => println!("rust-node: py_fail returned"),
+    }
+    // Tells the Python node that this side is done calling; it stops once its own
+    // calls are done too, and then this node (see `on_member_removed`).
+    g.call("py_rust_done").no_return()?;
+    g.join()
+}
