@@ -62,8 +62,8 @@ class RemoteCall:
         return self._g._node_now().call(self._name, self._args, self._kwargs, mode, timeout, eta)
 
     def fg(self, timeout=None):
-        """FG: the result; TimeoutError after `timeout` seconds."""
-        return wait(self._start("result", timeout))
+        """FG: the result; TimeoutError after `timeout` seconds (the call's own)."""
+        return self._start("result", timeout).get()
 
     async def fg_async(self, timeout=None):
         """FG in async code."""
