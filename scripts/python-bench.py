@@ -5,8 +5,10 @@ Python daffi 3.0.1 from PyPI, in the same run.
 
     python3 scripts/python-bench.py            # builds both venvs under target/ first
 
-Measures, for each: the round trip p50 and p99 of sequential calls (one in flight), and
-calls/s with 256 in flight (256 asyncio tasks, each awaiting one call at a time). The
+Measures, for each: the round trip p50 and p99 of sequential calls (one in flight),
+calls/s with 256 in flight (256 asyncio tasks, each awaiting one call at a time), and
+the CPU time per call of the three processes together over the caller's run (steadier
+than calls/s on a shared machine, where calls/s follows the CPU left to the run). The
 venvs: target/bench-venv (`pip install crates/daffi-py`, a release build) and
 target/daffi3-venv (`pip install daffi==3.0.1`). Over TCP on localhost.
 """
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -26,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 OURS = REPO / "target" / "bench-venv"
 THEIRS = REPO / "target" / "daffi3-venv"
 IN_FLIGHT = 256
+#: Calls made by this caller process (for the CPU time per call).
+calls_made = 0
 
 
 def echo(x):
@@ -113,7 +118,7 @@ def theirs_caller(port, rounds, seconds):
         return result
 
     latency = measure_round_trip(one, rounds)
-    print(json.dumps({**latency, "calls_per_s": asyncio.run(main())}), flush=True)
+    print(json.dumps({**latency, "calls_per_s": asyncio.run(main()), **caller_cpu()}), flush=True)
     client.stop()
 
 
@@ -121,6 +126,8 @@ def theirs_caller(port, rounds, seconds):
 
 
 def measure_round_trip(one, rounds):
+    global calls_made
+    calls_made += 200 + rounds
     for i in range(200):  # warm up
         assert one(i) == i
     times = []
@@ -149,13 +156,21 @@ async def measure_in_flight(many, seconds):
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(IN_FLIGHT)))
+    global calls_made
+    calls_made += done
     return done / (time.perf_counter() - started)
 
 
 def report(one, many, rounds, seconds):
     latency = measure_round_trip(one, rounds)
     calls_per_s = asyncio.run(measure_in_flight(many, seconds))
-    print(json.dumps({**latency, "calls_per_s": calls_per_s}), flush=True)
+    print(json.dumps({**latency, "calls_per_s": calls_per_s, **caller_cpu()}), flush=True)
+
+
+def caller_cpu():
+    """The calls this caller made and the CPU seconds it used (all its threads)."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return {"calls": calls_made, "caller_cpu_s": used.ru_utime + used.ru_stime}
 
 
 def ready():
@@ -180,6 +195,12 @@ def ensure_venvs():
         subprocess.run([THEIRS / "bin" / "pip", "install", "-q", "daffi==3.0.1"], check=True)
 
 
+def cpu_seconds(pid):
+    """The CPU seconds process `pid` used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_system(system, venv, rounds, seconds):
     python = str(venv / "bin" / "python")
     port = free_port()
@@ -191,12 +212,16 @@ def run_system(system, venv, rounds, seconds):
             started.append(p)
             if p.stdout.readline() != "ready\n":
                 raise SystemExit(f"{system} {role} did not start")
+        servers_before = sum(cpu_seconds(p.pid) for p in started)
         caller = subprocess.run(
             [python, __file__, "--role", f"{system}_caller", "--port", str(port),
              "--rounds", str(rounds), "--seconds", str(seconds)],
             stdout=subprocess.PIPE, text=True, check=True, timeout=300,
         )
-        return json.loads(caller.stdout.strip().splitlines()[-1])
+        result = json.loads(caller.stdout.strip().splitlines()[-1])
+        servers = sum(cpu_seconds(p.pid) for p in started) - servers_before
+        result["cpu_us_per_call"] = (result["caller_cpu_s"] + servers) / result["calls"] * 1e6
+        return result
     finally:
         for p in started:
             p.kill()
@@ -222,12 +247,14 @@ def main():
         "daffi-rs": run_system("ours", OURS, args.rounds, args.seconds),
         "Python daffi 3.0.1": run_system("theirs", THEIRS, args.rounds, args.seconds),
     }
-    print(f"{'':20} {'p50 us':>9} {'p99 us':>9} {'calls/s (256 in flight)':>24}")
+    print(f"{'':20} {'p50 us':>9} {'p99 us':>9} {'calls/s (256 in flight)':>24} {'CPU us/call':>12}")
     for name, r in results.items():
-        print(f"{name:20} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['calls_per_s']:24.0f}")
+        print(f"{name:20} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['calls_per_s']:24.0f} "
+              f"{r['cpu_us_per_call']:12.1f}")
     ours, theirs = results["daffi-rs"], results["Python daffi 3.0.1"]
     print(f"ratios: calls/s x{ours['calls_per_s'] / theirs['calls_per_s']:.2f}, "
-          f"p50 x{theirs['p50_us'] / ours['p50_us']:.2f} lower")
+          f"p50 x{theirs['p50_us'] / ours['p50_us']:.2f} lower, "
+          f"CPU per call x{theirs['cpu_us_per_call'] / ours['cpu_us_per_call']:.2f} lower")
 
 
 if __name__ == "__main__":

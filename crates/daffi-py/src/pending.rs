@@ -1,11 +1,13 @@
 //! [`Pending`]: a call running on the runtime, whose result Python collects by waiting
-//! in slices (the GIL released, Ctrl-C checked between slices) or by a done callback
-//! (for asyncio).
+//! in slices (the GIL released, Ctrl-C checked between slices), by a done callback, or
+//! as an asyncio future that Rust resolves on its event loop.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
 use crate::errors;
 use crate::node::Schedule;
@@ -28,8 +30,21 @@ struct State {
     answer: Option<Answer>,
     /// Stays true once the answer is in, taken or not.
     finished: bool,
-    /// Called (with no arguments) once the answer is in.
-    on_done: Vec<Py<PyAny>>,
+    /// Told once the answer is in.
+    on_done: Vec<Waiter>,
+}
+
+/// Who is told that a call is done.
+enum Waiter {
+    /// A Python callable, called with no arguments.
+    Callback(Py<PyAny>),
+    /// An asyncio future, given the result on its event loop.
+    Future {
+        /// The loop that runs the future's callbacks.
+        event_loop: Py<PyAny>,
+        /// Made by that loop's `create_future()`.
+        future: Py<PyAny>,
+    },
 }
 
 /// The shared end a runtime task completes.
@@ -43,8 +58,8 @@ impl Completion {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores the answer, wakes the waiters, and hands the done callbacks to the
-    /// notifier thread (a runtime thread must not wait for the GIL).
+    /// Stores the answer, wakes the waiters, and hands the others to the notifier
+    /// thread (a runtime thread must not wait for the GIL).
     pub fn complete(&self, answer: Answer) {
         let on_done = {
             let mut state = self.lock();
@@ -54,7 +69,71 @@ impl Completion {
         };
         self.state.1.notify_all();
         if !on_done.is_empty() {
-            notifier::run(on_done);
+            notifier::run(on_done.into_iter().map(|w| (self.clone(), w)).collect());
+        }
+    }
+
+    /// Tells `waiter` once the call is done; gives it back if the call is done already.
+    fn add_waiter(&self, waiter: Waiter) -> Option<Waiter> {
+        let mut state = self.lock();
+        if state.finished {
+            return Some(waiter);
+        }
+        state.on_done.push(waiter);
+        None
+    }
+
+    /// The call's result as a Python value; raises the call's error. Only once.
+    fn take_result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let answer = self.lock().answer.take();
+        match answer {
+            None => Err(errors::exception(
+                py,
+                "DaffiError",
+                "the result was taken already, or is not in yet",
+            )?),
+            Some(Err(e)) => Err(errors::to_py(&e)),
+            Some(Ok(Reply::Value(v))) => crate::values::from_value(py, v),
+            Some(Ok(Reply::ByNode(results))) => {
+                let dict = pyo3::types::PyDict::new(py);
+                for (node, v) in results {
+                    dict.set_item(node, crate::values::from_value(py, v)?)?;
+                }
+                Ok(dict.into_any().unbind())
+            }
+            Some(Ok(Reply::Schedule(task))) => Ok(Py::new(py, Schedule { task })?.into_any()),
+        }
+    }
+}
+
+/// Gives `future` the result of `completion` (its value or its exception), unless the
+/// future was cancelled meanwhile. Runs on the future's event loop.
+fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, completion: &Completion) -> PyResult<()> {
+    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
+        return Ok(());
+    }
+    match completion.take_result(py) {
+        Ok(value) => future.call_method1(intern!(py, "set_result"), (value,))?,
+        Err(e) => future.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?,
+    };
+    Ok(())
+}
+
+/// The futures of one event loop whose calls finished together: the loop runs it once
+/// (one wake-up of the loop for all, not one per call).
+#[pyclass(module = "daffi._daffi")]
+struct Resolver {
+    futures: Vec<(Py<PyAny>, Completion)>,
+}
+
+#[pymethods]
+impl Resolver {
+    /// Resolves the futures (on their event loop).
+    fn __call__(&mut self, py: Python<'_>) {
+        for (future, completion) in std::mem::take(&mut self.futures) {
+            if let Err(e) = resolve(py, future.bind(py), &completion) {
+                e.write_unraisable(py, None);
+            }
         }
     }
 }
@@ -65,10 +144,13 @@ mod notifier {
     use std::sync::mpsc::{channel, Receiver, Sender};
     use std::sync::{Mutex, OnceLock};
 
+    use pyo3::intern;
     use pyo3::prelude::*;
 
-    /// Done callbacks of calls that finished together.
-    type Batch = Vec<Py<PyAny>>;
+    use super::{Completion, Resolver, Waiter};
+
+    /// The waiters of calls that finished together.
+    type Batch = Vec<(Completion, Waiter)>;
 
     static QUEUE: OnceLock<Option<Mutex<Sender<Batch>>>> = OnceLock::new();
 
@@ -104,11 +186,41 @@ mod notifier {
         }
     }
 
-    fn call_all(py: Python<'_>, callbacks: impl IntoIterator<Item = Py<PyAny>>) {
-        for callback in callbacks {
-            if let Err(e) = callback.call0(py) {
-                e.write_unraisable(py, None);
+    /// Calls the callbacks, and hands each event loop its futures in one `Resolver`.
+    fn call_all(py: Python<'_>, waiters: impl IntoIterator<Item = (Completion, Waiter)>) {
+        let mut by_loop: Vec<(Py<PyAny>, Resolver)> = Vec::new();
+        for (completion, waiter) in waiters {
+            match waiter {
+                Waiter::Callback(callback) => {
+                    if let Err(e) = callback.call0(py) {
+                        e.write_unraisable(py, None);
+                    }
+                }
+                Waiter::Future { event_loop, future } => {
+                    match by_loop.iter_mut().find(|(l, _)| l.is(&event_loop)) {
+                        Some((_, resolver)) => resolver.futures.push((future, completion)),
+                        None => by_loop.push((
+                            event_loop,
+                            Resolver {
+                                futures: vec![(future, completion)],
+                            },
+                        )),
+                    }
+                }
             }
+        }
+        for (event_loop, resolver) in by_loop {
+            hand_to_loop(py, event_loop.bind(py), resolver);
+        }
+    }
+
+    /// Runs `resolver` on `event_loop` (nobody waits any more if the loop is closed).
+    fn hand_to_loop(py: Python<'_>, event_loop: &Bound<'_, PyAny>, resolver: Resolver) {
+        let handed = Py::new(py, resolver).and_then(|resolver| {
+            event_loop.call_method1(intern!(py, "call_soon_threadsafe"), (resolver,))
+        });
+        if let Err(e) = handed {
+            tracing::debug!(error = %e, "an event loop closed before its calls finished");
         }
     }
 
@@ -156,34 +268,52 @@ impl Pending {
 
     /// Calls `callback()` once the call is done (at once if it is), from another thread.
     fn add_done_callback(&self, py: Python<'_>, callback: Py<PyAny>) -> PyResult<()> {
-        let mut state = self.completion.lock();
-        if !state.finished {
-            state.on_done.push(callback);
-            return Ok(());
+        if let Some(Waiter::Callback(callback)) =
+            self.completion.add_waiter(Waiter::Callback(callback))
+        {
+            callback.call0(py)?;
         }
-        drop(state);
-        callback.call0(py).map(drop)
+        Ok(())
+    }
+
+    /// An asyncio future of the running event loop that gets the result (or the call's
+    /// error): the way async code awaits a call without a Python callback per call.
+    /// Takes the result, as `result()` does.
+    fn asyncio_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let event_loop = get_running_loop(py)?;
+        let future = event_loop.call_method0(intern!(py, "create_future"))?;
+        let waiter = Waiter::Future {
+            event_loop: event_loop.unbind(),
+            future: future.clone().unbind(),
+        };
+        if self.completion.add_waiter(waiter).is_some() {
+            resolve(py, &future, &self.completion)?;
+        }
+        Ok(future.unbind())
     }
 
     /// The result; raises the call's error. Only once the call is done, and only once.
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let answer = self.completion.lock().answer.take();
-        match answer {
-            None => Err(errors::exception(
-                py,
-                "DaffiError",
-                "the result was taken already, or is not in yet",
-            )?),
-            Some(Err(e)) => Err(errors::to_py(&e)),
-            Some(Ok(Reply::Value(v))) => crate::values::from_value(py, v),
-            Some(Ok(Reply::ByNode(results))) => {
-                let dict = pyo3::types::PyDict::new(py);
-                for (node, v) in results {
-                    dict.set_item(node, crate::values::from_value(py, v)?)?;
-                }
-                Ok(dict.into_any().unbind())
-            }
-            Some(Ok(Reply::Schedule(task))) => Ok(Py::new(py, Schedule { task })?.into_any()),
-        }
+        self.completion.take_result(py)
     }
+
+    /// Waits for the call with the GIL released, in slices between which signal
+    /// handlers run (Ctrl-C), and gives the result as `result()` does.
+    fn get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        while !self.wait(py, SLICE.as_secs_f64()) {
+            py.check_signals()?;
+        }
+        self.completion.take_result(py)
+    }
+}
+
+/// How long `get` waits before Python handles pending signals.
+const SLICE: Duration = Duration::from_millis(100);
+
+/// `asyncio.get_running_loop()` (looked up once).
+fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    GET_RUNNING_LOOP
+        .import(py, "asyncio", "get_running_loop")?
+        .call0()
 }

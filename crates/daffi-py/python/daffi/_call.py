@@ -21,7 +21,14 @@ class Caller:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return lambda *args, **kwargs: RemoteCall(self._g, name, args, kwargs)
+        g = self._g
+
+        def call(*args, **kwargs):
+            return RemoteCall(g, name, args, kwargs)
+
+        # Kept: the next `g.call.<name>` finds it without `__getattr__`.
+        self.__dict__[name] = call
+        return call
 
 
 class RemoteCall:
@@ -39,6 +46,8 @@ class RemoteCall:
         return f"RemoteCall({self._name!r}, args={self._args!r}, kwargs={self._kwargs!r})"
 
     def __and__(self, modifier):
+        if modifier is FG:  # the common case, without making an FG
+            return self.fg()
         if not is_modifier(modifier):
             return NotImplemented
         return instance(modifier).apply(self)
@@ -53,12 +62,12 @@ class RemoteCall:
         return self._g._node_now().call(self._name, self._args, self._kwargs, mode, timeout, eta)
 
     def fg(self, timeout=None):
-        """FG: the result; TimeoutError after `timeout` seconds."""
-        return wait(self._start("result", timeout))
+        """FG: the result; TimeoutError after `timeout` seconds (the call's own)."""
+        return self._start("result", timeout).get()
 
     async def fg_async(self, timeout=None):
         """FG in async code."""
-        return await wait_async(self._start("result", timeout))
+        return await self._start("result", timeout).asyncio_future()
 
     def bg(self, timeout=None, eta=None):
         """BG: an `AsyncResult` at once."""

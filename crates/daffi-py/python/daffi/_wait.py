@@ -26,6 +26,8 @@ def wait_done(pending, timeout=None):
 
 def wait(pending, timeout=None):
     """The result of `pending`, waiting at most `timeout` seconds (None: no limit)."""
+    if timeout is None:
+        return pending.get()
     if not wait_done(pending, timeout):
         raise TimeoutError(f"no result within {timeout} s")
     return pending.result()
@@ -85,6 +87,12 @@ def _inbox(loop):
 
 async def wait_async(pending, timeout=None):
     """The result of `pending`, awaited on the running event loop."""
-    if not await wait_done_async(pending, timeout):
-        raise TimeoutError(f"no result within {timeout} s")
-    return pending.result()
+    future = pending.asyncio_future()
+    if timeout is None:
+        return await future
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        if not future.cancelled():
+            raise  # the call's own timeout
+        raise TimeoutError(f"no result within {timeout} s") from None
