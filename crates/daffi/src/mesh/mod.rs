@@ -105,6 +105,11 @@ pub fn remote_failure(payload: &[u8], process: &str, callback: &str) -> Error {
         },
         RemoteErrorKind::Overloaded => Error::Overloaded { process, callback },
         RemoteErrorKind::Stopping => Error::PeerStopped { process, callback },
+        RemoteErrorKind::NotAStream => Error::NotAStream {
+            process,
+            callback,
+            reason: message,
+        },
         RemoteErrorKind::Failed | RemoteErrorKind::Panicked => Error::Remote {
             process,
             callback,
