@@ -85,6 +85,7 @@ mod mesh;
 mod node;
 mod period;
 mod protocol;
+mod stream;
 mod sync;
 mod tombstones;
 mod transport;
@@ -92,12 +93,16 @@ mod transport;
 pub use async_result::AsyncResult;
 pub use blob::Blob;
 pub use call::Call;
-pub use callback::{AsyncFn, CallbackGroup, IntoCallback, IntoReply, Reply, SyncFn};
+pub use callback::{
+    AsyncFn, CallbackGroup, IntoCallback, IntoReply, IntoStreamCallback, IterFn, Reply, StreamFn,
+    SyncFn,
+};
 pub use daffi_macros::callback;
 pub use error::{Error, Result};
 pub use global::{Global, GlobalBuilder};
 pub use info::{ControllerStats, MemberInfo};
 pub use period::{parse_duration, Period, ScheduledTask, ScheduledTaskInfo};
+pub use stream::{BlockingItems, CallStream};
 pub use transport::Address;
 
 /// The README's snippets, compiled as doc tests.
