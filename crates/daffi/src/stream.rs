@@ -24,7 +24,7 @@ use crate::mesh::{OpenStream, ReplyPayload, STREAM_WINDOW};
 /// - sync: [`IntoIterator`]`<Item = Result<T>>`, read with `for item in stream`, which
 ///   blocks between items.
 ///
-/// The callee produces only as far ahead as the caller reads ([`STREAM_WINDOW`] items):
+/// The callee produces only as far ahead as the caller reads (32 items):
 /// a slow reader slows the producer. Dropping the stream stops the producer. An `Err`
 /// item ends the stream: the callee's error, the callee gone (`PeerDisconnected`), or
 /// the call's `timeout` passed while waiting for one item.
