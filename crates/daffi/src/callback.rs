@@ -337,8 +337,7 @@ macro_rules! stream_callback {
                 Handler::SyncStream(Arc::new(move |payload: Bytes| {
                     let signature = Signature { callback: &name, names: &[], types: &types };
                     let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
-                    let items = (self)($($a),*).into_iter().map(encode_reply);
-                    Ok(Box::new(items) as ItemIter)
+                    Ok(iter_items((self)($($a),*)))
                 }))
             }
         }
@@ -357,7 +356,7 @@ macro_rules! stream_callback {
                 Handler::AsyncStream(Arc::new(move |payload: Bytes| {
                     let signature = Signature { callback: &name, names: &[], types: &types };
                     let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
-                    Ok(Box::pin(EncodedItems(Box::pin((self)($($a),*)))) as ItemStream)
+                    Ok(stream_items((self)($($a),*)))
                 }))
             }
         }
@@ -373,6 +372,25 @@ stream_callback!(A1, A2, A3, A4, A5);
 stream_callback!(A1, A2, A3, A4, A5, A6);
 stream_callback!(A1, A2, A3, A4, A5, A6, A7);
 stream_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// The items of an iterator, encoded as they are taken.
+pub fn iter_items<I>(items: I) -> ItemIter
+where
+    I: IntoIterator,
+    I::IntoIter: Send + 'static,
+    I::Item: Serialize + 'static,
+{
+    Box::new(items.into_iter().map(encode_reply))
+}
+
+/// The items of a stream, encoded as they come.
+pub fn stream_items<S>(items: S) -> ItemStream
+where
+    S: futures_core::Stream + Send + 'static,
+    S::Item: Serialize + 'static,
+{
+    Box::pin(EncodedItems(Box::pin(items)))
+}
 
 /// A stream of values, as the encoded items it sends.
 struct EncodedItems<S>(Pin<Box<S>>);
@@ -418,6 +436,10 @@ pub enum StaticHandler {
     Sync(fn(Bytes) -> Outcome),
     /// An async function.
     Async(fn(Bytes) -> BoxFuture<Outcome>),
+    /// A function returning an iterator of items.
+    SyncStream(fn(Bytes) -> Result<ItemIter, CallbackFailure>),
+    /// A function returning a stream of items.
+    AsyncStream(fn(Bytes) -> Result<ItemStream, CallbackFailure>),
 }
 
 inventory::collect!(StaticCallback);
@@ -427,6 +449,8 @@ impl StaticCallback {
         match self.handler {
             StaticHandler::Sync(f) => Handler::Sync(Arc::new(f)),
             StaticHandler::Async(f) => Handler::Async(Arc::new(f)),
+            StaticHandler::SyncStream(f) => Handler::SyncStream(Arc::new(f)),
+            StaticHandler::AsyncStream(f) => Handler::AsyncStream(Arc::new(f)),
         }
     }
 }

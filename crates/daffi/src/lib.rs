@@ -119,8 +119,8 @@ pub struct SecurityDoctests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::callback::{
-        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, Signature,
-        StaticCallback, StaticHandler,
+        decode_args, encode_reply, iter_items, stream_items, BoxFuture, CallbackFailure, Handler,
+        ItemIter, ItemStream, Outcome, Signature, StaticCallback, StaticHandler,
     };
     pub use bytes::Bytes;
     pub use inventory;

@@ -23,6 +23,34 @@ fn sync_add(a: i64, b: i64) -> i64 {
     a + b
 }
 
+/// A `#[callback]` fn streaming an iterator's items.
+#[callback]
+fn numbers(n: u64) -> impl Iterator<Item = u64> {
+    1..=n
+}
+
+/// A `#[callback]` fn streaming a `Stream`'s items.
+#[callback]
+fn squares(n: u64) -> impl futures_util::Stream<Item = u64> {
+    futures_util::stream::iter(1..=n).then(|i| async move {
+        tokio::task::yield_now().await;
+        i * i
+    })
+}
+
+/// A callback group whose method streams.
+struct Multiples {
+    k: u64,
+}
+
+#[callback]
+impl Multiples {
+    pub fn multiples(&self, n: u64) -> impl Iterator<Item = u64> {
+        let k = self.k;
+        (1..=n).map(move |i| i * k)
+    }
+}
+
 /// Items the `endless` iterator has produced, in this worker.
 static PRODUCED: AtomicU64 = AtomicU64::new(0);
 /// The count of items produced when an `endless` iterator was dropped.
@@ -76,6 +104,8 @@ fn worker() {
         .process_name(std::env::var(common::ENV_NAME).expect("name"))
         .start()
         .expect("worker starts");
+    g.register_instance(Multiples { k: 3 })
+        .expect("register Multiples");
     g.register_stream("count_sync", |n: u64| 1..=n)
         .expect("register count_sync");
     g.register_stream("count_async", |n: u64| {
@@ -205,6 +235,27 @@ fn an_async_stream_reaches_the_users_own_runtime() {
         }
         caller.stop();
     });
+}
+
+#[test]
+fn callback_fns_and_methods_stream_what_they_return() {
+    let (cluster, _worker) = cluster_with_worker();
+    let g = &cluster.caller;
+    g.wait_function_timeout("multiples", WAIT)
+        .expect("the group is announced");
+    let collect = |name: &str| -> Vec<u64> {
+        g.call(name)
+            .args((4u64,))
+            .timeout(WAIT)
+            .stream::<u64>()
+            .expect("stream")
+            .into_iter()
+            .map(|item| item.expect("item"))
+            .collect()
+    };
+    assert_eq!(collect("numbers"), vec![1, 2, 3, 4]);
+    assert_eq!(collect("squares"), vec![1, 4, 9, 16]);
+    assert_eq!(collect("multiples"), vec![3, 6, 9, 12]);
 }
 
 #[test]
