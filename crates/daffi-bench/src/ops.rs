@@ -13,6 +13,10 @@ pub const LEN: &str = "bench_len";
 pub const SINK: &str = "bench_sink";
 /// Waits until the sink counted `n` calls (or gives up), returns how many it counted.
 pub const SINK_WAIT: &str = "bench_sink_wait";
+/// Streams the integers `0..n` (a sync iterator).
+pub const STREAM_ITEMS: &str = "bench_stream_items";
+/// Streams `n` chunks of `bytes` bytes each (a sync iterator).
+pub const STREAM_CHUNKS: &str = "bench_stream_chunks";
 /// Prefix of the callbacks that return their byte-string argument (one per [`ByteKind`]).
 const ECHO: &str = "bench_echo_";
 /// Prefix of the callbacks that return the prepared byte string (one per [`ByteKind`]).
@@ -54,6 +58,18 @@ pub enum Op {
     OneWay {
         /// Calls in total.
         calls: usize,
+    },
+    /// One stream of `items` small items (integers), read to the end.
+    StreamItems {
+        /// Items in the stream.
+        items: usize,
+    },
+    /// One stream of `chunks` byte strings of `bytes` bytes each, read to the end.
+    StreamChunks {
+        /// Chunks in the stream.
+        chunks: usize,
+        /// Bytes per chunk.
+        bytes: usize,
     },
     /// One call whose argument is `bytes` long; the callee returns the length.
     Blob {

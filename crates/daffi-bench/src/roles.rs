@@ -168,6 +168,11 @@ pub fn callee(connect: &Endpoint, name: &str, max_frame_size: Option<usize>) -> 
     })?;
     g.register(&ByteKind::Bytes.echo_callback(), |data: Bytes| data)?;
     register_results(&g)?;
+    g.register_stream(ops::STREAM_ITEMS, |n: u64| 0..n)?;
+    g.register_stream(ops::STREAM_CHUNKS, |n: u64, bytes: u64| {
+        let chunk = Blob::from(vec![0xA5u8; bytes as usize]);
+        (0..n).map(move |_| chunk.clone())
+    })?;
     let s = sink.clone();
     g.register(ops::SINK, move || s.hit())?;
     let s = sink.clone();
@@ -239,6 +244,8 @@ impl Caller {
                 in_flight,
             } => answer(self.rate(mode, calls, in_flight)),
             Op::OneWay { calls } => answer(self.one_way(calls)),
+            Op::StreamItems { items } => answer(self.stream_items(items)),
+            Op::StreamChunks { chunks, bytes } => answer(self.stream_chunks(chunks, bytes)),
             Op::Blob { bytes } => answer(self.blob(bytes)),
             Op::Echo { kind, bytes } => answer(self.echo(kind, bytes)),
             Op::Result { kind, bytes } => answer(self.result(kind, bytes)),
@@ -365,6 +372,45 @@ impl Caller {
         Ok(RateAnswer {
             calls_per_s: counted as f64 / secs,
             lost: (calls as u64).saturating_sub(counted),
+        })
+    }
+
+    /// Items per second of one stream of small items, read to the end.
+    fn stream_items(&mut self, items: usize) -> Result<RateAnswer> {
+        let started = Instant::now();
+        let mut received = 0u64;
+        for item in self
+            .g
+            .call(ops::STREAM_ITEMS)
+            .args((items as u64,))
+            .stream::<u64>()?
+        {
+            item?;
+            received += 1;
+        }
+        Ok(RateAnswer {
+            calls_per_s: received as f64 / started.elapsed().as_secs_f64(),
+            lost: (items as u64).saturating_sub(received),
+        })
+    }
+
+    /// MiB per second of one stream of `chunks` chunks of `bytes` bytes.
+    fn stream_chunks(&mut self, chunks: usize, bytes: usize) -> Result<BlobAnswer> {
+        let started = Instant::now();
+        let mut received = 0usize;
+        for chunk in self
+            .g
+            .call(ops::STREAM_CHUNKS)
+            .args((chunks as u64, bytes as u64))
+            .stream::<Blob>()?
+        {
+            received += chunk?.len();
+        }
+        if received != chunks * bytes {
+            return Err(format!("a stream of {chunks} x {bytes} bytes brought {received}").into());
+        }
+        Ok(BlobAnswer {
+            mib_per_s: ops::mib_per_s(received, started.elapsed().as_secs_f64()),
         })
     }
 

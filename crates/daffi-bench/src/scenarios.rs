@@ -568,6 +568,10 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         .against(format!("{one_way_floor} one-way"), one_way_reference)
         .target(Target::RatioAtLeast { bound: 0.5 }),
     );
+    if t != "nats" {
+        out.rows
+            .extend(stream_rows(plan, daffi, &one_way_floor, one_way_reference)?);
+    }
     for (i, name) in floor_names.iter().enumerate() {
         out.rows.push(Row::info(
             'B',
@@ -583,6 +587,51 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         ));
     }
     Ok(out)
+}
+
+/// Bytes of each chunk in the stream-of-chunks row.
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Streams (not over NATS yet): items/s of small items, beside the floor's one-way
+/// rate, and MiB/s of 64 KiB chunks.
+fn stream_rows(
+    plan: &Plan,
+    daffi: &mut DaffiSet,
+    one_way_floor: &str,
+    one_way_reference: Spread,
+) -> Result<Vec<Row>> {
+    let t = daffi.endpoint.transport();
+    let items = Op::StreamItems {
+        items: plan.rate_calls,
+    };
+    let chunks = Op::StreamChunks {
+        chunks: (plan.rate_calls / 64).max(16),
+        bytes: STREAM_CHUNK,
+    };
+    let (mut item_rates, mut chunk_rates) = (Vec::new(), Vec::new());
+    for rep in 0..plan.reps {
+        progress(&format!("B {t} streams"), rep, plan.reps);
+        let r: RateAnswer = daffi.caller.request(&items)?;
+        item_rates.push(r.calls_per_s);
+        let r: BlobAnswer = daffi.caller.request(&chunks)?;
+        chunk_rates.push(r.mib_per_s);
+    }
+    Ok(vec![
+        Row::info(
+            'B',
+            format!("{t} stream of small items, items/s"),
+            Unit::CallsPerSec,
+            spread(&item_rates),
+        )
+        .against(format!("{one_way_floor} one-way"), one_way_reference)
+        .target(Target::RatioAtLeast { bound: 0.5 }),
+        Row::info(
+            'B',
+            format!("{t} stream of {} chunks", size_label(STREAM_CHUNK)),
+            Unit::MibPerSec,
+            spread(&chunk_rates),
+        ),
+    ])
 }
 
 fn names_of(floors: &[FloorSet]) -> Vec<String> {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 use daffi::Global;
+use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
 use crate::client::{self, code, ClientOptions, Failure};
@@ -31,6 +32,10 @@ pub struct CallArgs {
     /// request.
     #[arg(long)]
     pub no_return: bool,
+    /// NAME streams its results: print each item as it comes, one JSON line each.
+    /// `--timeout` then bounds the wait for each item.
+    #[arg(long, conflicts_with_all = ["broadcast", "no_return"])]
+    pub stream: bool,
     /// Send the arguments by name: one ARG, a JSON object of parameter name -> value
     /// (callbacks made with `#[callback]` accept this).
     #[arg(long)]
@@ -88,6 +93,9 @@ async fn call(g: &Global, args: &CallArgs, values: Vec<Value>) -> Result<(), Fai
     if let Some(on) = &args.on {
         call = call.on(on.clone());
     }
+    if args.stream {
+        return print_stream(call).await;
+    }
     match (args.broadcast, args.no_return) {
         (false, false) => {
             let Json(value) = call.fg_async::<Json>().await?;
@@ -126,6 +134,16 @@ async fn call(g: &Global, args: &CallArgs, values: Vec<Value>) -> Result<(), Fai
                 return Err(Failure::new(code, "some nodes of the broadcast failed"));
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints each item of a stream call as one JSON line, as it comes.
+async fn print_stream(call: daffi::Call) -> Result<(), Failure> {
+    let mut items = call.stream::<Json>()?;
+    while let Some(item) = items.next().await {
+        let Json(value) = item?;
+        print_json(&value);
     }
     Ok(())
 }

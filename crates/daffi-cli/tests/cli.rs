@@ -166,6 +166,31 @@ fn call_turns_json_arguments_into_a_json_result() {
 }
 
 #[test]
+fn call_stream_prints_one_json_line_per_item() {
+    let m = mesh();
+    m.calc
+        .register_stream("count", |n: u64| (1..=n).map(|i| json!({ "i": i })))
+        .expect("count");
+    m.calc2
+        .wait_function_timeout("count", WAIT)
+        .expect("count announced");
+    let out = daffi(&m.endpoint, &["call", "count", "3", "--stream"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![json!({"i": 1}), json!({"i": 2}), json!({"i": 3})]
+    );
+    // A plain callback is not a stream: a named failure, nothing printed.
+    let (code, message) = call_fails(&m.endpoint, &["add", "1", "2", "--stream"]);
+    assert_eq!(code, 1, "{message}");
+    assert!(message.contains("plain callback"), "{message}");
+}
+
+#[test]
 fn call_broadcast_and_on_pick_the_nodes() {
     let m = mesh();
     let e = &m.endpoint;

@@ -28,6 +28,17 @@ use syn::{FnArg, ItemFn, LitStr, Pat, ReturnType, Token, Type};
 /// `serde::Serialize`. Arguments must be owned `DeserializeOwned` types: generics,
 /// `impl Trait` and borrowed arguments are refused at compile time.
 ///
+/// A plain `fn` returning `impl Iterator<Item = T>` (or `impl IntoIterator`) or
+/// `impl Stream<Item = T>` streams its items (`T: Serialize`, the iterator or stream
+/// `Send + 'static`): callers read them with `Call::stream`. An iterator is advanced on
+/// the node's sync callback threads, a stream polled as a task. An `async fn` cannot
+/// return a stream (refused at compile time): return `impl Stream` from a plain `fn`.
+///
+/// ```ignore
+/// #[daffi::callback]
+/// fn count_to(n: u64) -> impl Iterator<Item = u64> { 1..=n }
+/// ```
+///
 /// On an inherent `impl` block (a *callback group*), every `pub` method is exposed under
 /// its own name; private ones never are. Associated functions (no `self`) are served as
 /// soon as a node starts; `&self` methods once an instance is registered with
@@ -206,6 +217,12 @@ fn check_signature(sig: &syn::Signature, method: bool) -> syn::Result<Vec<Param>
             "#[callback] functions cannot be generic: the remote caller cannot choose a type; use concrete types",
         ));
     }
+    if sig.asyncness.is_some() && returns(&sig.output) != Returns::Value {
+        return Err(syn::Error::new(
+            sig.output.span(),
+            "an async #[callback] cannot return a stream: make it a plain `fn` returning `impl Stream` (the stream is polled as a task)",
+        ));
+    }
     // Return types need only `Serialize`: borrowed and `impl Serialize` results are
     // encoded before the shim returns, so the compiler checks them as usual.
     let params: Vec<Param> = sig
@@ -253,7 +270,21 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
                 ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, &payload)?;
         }
     };
-    let encode = if returns_result(&sig.output) {
+    let encode = match returns(&sig.output) {
+        Returns::Iterator => quote! { Ok(::daffi::__private::iter_items(__ret)) },
+        Returns::Stream => quote! { Ok(::daffi::__private::stream_items(__ret)) },
+        Returns::Value => encode_value(&sig.output),
+    };
+    ShimParts {
+        decode,
+        encode,
+        idents,
+    }
+}
+
+/// Encodes a callback's one result (`__ret`), or its `Err` as a failure.
+fn encode_value(output: &ReturnType) -> TokenStream2 {
+    if returns_result(output) {
         quote! {
             match __ret {
                 ::core::result::Result::Ok(v) => ::daffi::__private::encode_reply(v),
@@ -264,11 +295,6 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
         }
     } else {
         quote! { ::daffi::__private::encode_reply(__ret) }
-    };
-    ShimParts {
-        decode,
-        encode,
-        idents,
     }
 }
 
@@ -320,15 +346,16 @@ fn shim(
             quote! { Async },
         )
     } else {
+        let (output, kind) = returns(&sig.output).sync_shim();
         (
             quote! {
-                fn #shim_name(payload: ::daffi::__private::Bytes) -> ::daffi::__private::Outcome {
+                fn #shim_name(payload: ::daffi::__private::Bytes) -> #output {
                     #decode
                     let __ret = #callable(#(#idents),*);
                     #encode
                 }
             },
-            quote! { Sync },
+            kind,
         )
     };
     quote! {
@@ -365,9 +392,10 @@ fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> Toke
             ))
         }
     } else {
+        let (output, kind) = returns(&sig.output).sync_shim();
         quote! {
-            ::daffi::__private::Handler::Sync(::std::sync::Arc::new(
-                move |payload: ::daffi::__private::Bytes| -> ::daffi::__private::Outcome {
+            ::daffi::__private::Handler::#kind(::std::sync::Arc::new(
+                move |payload: ::daffi::__private::Bytes| -> #output {
                     #decode
                     let __ret = this.#name(#(#idents),*);
                     #encode
@@ -439,6 +467,59 @@ fn reject_unsupported(ty: &Type) -> syn::Result<()> {
 
 /// Whether the declared return type is spelled `Result<..>` (std's, an alias like
 /// `anyhow::Result`, or `daffi::Result`).
+/// What a callback returns: one value, or items to stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Returns {
+    Value,
+    /// `impl Iterator` or `impl IntoIterator`: advanced on the node's sync threads.
+    Iterator,
+    /// `impl Stream`: polled as a task.
+    Stream,
+}
+
+/// Whether `output` is an `impl Iterator`/`impl IntoIterator` or an `impl Stream`.
+fn returns(output: &ReturnType) -> Returns {
+    let ReturnType::Type(_, ty) = output else {
+        return Returns::Value;
+    };
+    let Type::ImplTrait(it) = &**ty else {
+        return Returns::Value;
+    };
+    for bound in &it.bounds {
+        if let syn::TypeParamBound::Trait(t) = bound {
+            match t
+                .path
+                .segments
+                .last()
+                .map(|s| s.ident.to_string())
+                .as_deref()
+            {
+                Some("Iterator" | "IntoIterator") => return Returns::Iterator,
+                Some("Stream") => return Returns::Stream,
+                _ => {}
+            }
+        }
+    }
+    Returns::Value
+}
+
+impl Returns {
+    /// What the sync shim returns, and the handler it becomes.
+    fn sync_shim(self) -> (TokenStream2, TokenStream2) {
+        match self {
+            Returns::Value => (quote! { ::daffi::__private::Outcome }, quote! { Sync }),
+            Returns::Iterator => (
+                quote! { ::core::result::Result<::daffi::__private::ItemIter, ::daffi::__private::CallbackFailure> },
+                quote! { SyncStream },
+            ),
+            Returns::Stream => (
+                quote! { ::core::result::Result<::daffi::__private::ItemStream, ::daffi::__private::CallbackFailure> },
+                quote! { AsyncStream },
+            ),
+        }
+    }
+}
+
 fn returns_result(output: &ReturnType) -> bool {
     match output {
         ReturnType::Type(_, ty) => match &**ty {

@@ -52,6 +52,30 @@ pub enum Kind {
     Reply = 17,
     /// Controller -> node: a request could not be delivered.
     Undeliverable = 18,
+    /// Node -> node: one item of a stream, from the callee (keyed by the request's call id).
+    StreamItem = 19,
+    /// Node -> node: the callee's stream ended, with an error under `FLAG_ERROR`.
+    StreamEnd = 20,
+    /// Node -> node: the caller grants the callee more items (a `u32` count).
+    StreamCredit = 21,
+    /// Node -> node: the caller dropped the stream; the callee stops producing.
+    StreamCancel = 22,
+}
+
+impl Kind {
+    /// Whether the frame belongs to a call between two nodes, which the controller
+    /// forwards by destination without decoding (requests, replies, stream frames).
+    pub fn is_node_to_node(self) -> bool {
+        matches!(
+            self,
+            Kind::Request
+                | Kind::Reply
+                | Kind::StreamItem
+                | Kind::StreamEnd
+                | Kind::StreamCredit
+                | Kind::StreamCancel
+        )
+    }
 }
 
 impl Kind {
@@ -70,6 +94,10 @@ impl Kind {
             16 => Kind::Request,
             17 => Kind::Reply,
             18 => Kind::Undeliverable,
+            19 => Kind::StreamItem,
+            20 => Kind::StreamEnd,
+            21 => Kind::StreamCredit,
+            22 => Kind::StreamCancel,
             _ => return None,
         })
     }
@@ -77,7 +105,10 @@ impl Kind {
 
 /// `Request` flag: the caller wants no reply.
 pub const FLAG_NO_REPLY: u8 = 0b0000_0001;
-/// `Reply` and `ControlReply` flag: the payload is an error, not a value.
+/// `Request` flag: the caller wants a stream of items (`StreamItem` frames, then a
+/// `StreamEnd`), not one `Reply`.
+pub const FLAG_STREAM: u8 = 0b0000_0010;
+/// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 
 /// Why bytes off the wire are not a valid frame.

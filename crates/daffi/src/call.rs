@@ -19,6 +19,7 @@ use crate::node::{Node, Started};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
 use crate::protocol::MAX_TASK_ID;
+use crate::stream::CallStream;
 use daffi_wire::Payload;
 
 /// MessagePack for an empty argument list.
@@ -396,6 +397,40 @@ impl Call {
             }),
             other => Err(unexpected_answer(other)),
         }
+    }
+
+    /// STREAM: calls a stream callback (one registered with
+    /// [`Global::register_stream`]) and returns its items as they come, as a
+    /// [`CallStream`]: a `futures::Stream` for async code, an `IntoIterator` for sync
+    /// code. Returns at once (the request is sent, or queued to be). `timeout` bounds
+    /// the wait for each item; `eta` is not supported here. A callback that returns one
+    /// value ends the stream with [`Error::NotAStream`].
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// use futures_util::StreamExt; // or `futures::StreamExt`
+    /// let mut lines = g.call("tail").args(("app.log",)).stream::<String>()?;
+    /// while let Some(line) = lines.next().await {
+    ///     println!("{}", line?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn stream<T: DeserializeOwned>(self) -> Result<CallStream<T>> {
+        if self.eta.is_some() {
+            return Err(Error::Config(
+                "a stream call starts at once; drop `.eta(..)`".into(),
+            ));
+        }
+        let global = self.global.clone();
+        let callback = self.callback.clone();
+        let (node, request) = self.into_request(false)?;
+        let runtime = global.runtime().clone();
+        let open = {
+            // Sending may spawn onto the node's runtime.
+            let _runtime = runtime.enter();
+            node.open_stream(&request)?
+        };
+        Ok(CallStream::new(callback, open, request.timeout, runtime))
     }
 
     /// The encoded arguments, moved out (not cloned: a clone of each part would be

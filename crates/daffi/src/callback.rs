@@ -68,7 +68,28 @@ pub enum Handler {
     Sync(Arc<dyn Fn(Bytes) -> Outcome + Send + Sync>),
     /// Runs as a task on the runtime.
     Async(Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>),
+    /// Streams items from an iterator advanced on one of the node's sync callback threads.
+    SyncStream(Arc<dyn Fn(Bytes) -> Result<ItemIter, CallbackFailure> + Send + Sync>),
+    /// Streams items from a `Stream` polled as a task on the runtime.
+    AsyncStream(Arc<dyn Fn(Bytes) -> Result<ItemStream, CallbackFailure> + Send + Sync>),
 }
+
+impl Handler {
+    /// Whether the callback streams its results (the caller needs `stream()`).
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Handler::SyncStream(_) | Handler::AsyncStream(_))
+    }
+
+    /// Whether it runs on the node's sync callback threads.
+    pub fn is_sync(&self) -> bool {
+        matches!(self, Handler::Sync(_) | Handler::SyncStream(_))
+    }
+}
+
+/// The encoded items of a sync stream callback.
+pub type ItemIter = Box<dyn Iterator<Item = Outcome> + Send>;
+/// The encoded items of an async stream callback.
+pub type ItemStream = Pin<Box<dyn futures_core::Stream<Item = Outcome> + Send>>;
 
 /// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
 /// as the [`Blob`] it becomes without a copy: from its own memory.
@@ -277,6 +298,121 @@ closure_callback!(A1, A2, A3, A4, A5, A6);
 closure_callback!(A1, A2, A3, A4, A5, A6, A7);
 closure_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
 
+/// A closure that can be registered with [`Global::register_stream`](crate::Global::register_stream):
+/// it takes the call's arguments and returns the items to stream.
+///
+/// Implemented for `Fn(A1, .., An) -> I` where `I: IntoIterator<Item = T>` (the iterator
+/// is advanced on a thread of the node's own, only as the caller grants credit) and for
+/// `Fn(A1, .., An) -> S` where `S: futures::Stream<Item = T>` (polled as a task), with up
+/// to 8 `DeserializeOwned` arguments and `T: Serialize`.
+#[diagnostic::on_unimplemented(
+    message = "this closure cannot be registered as a daffi stream callback",
+    label = "it must return an `IntoIterator` or a `futures::Stream` of `Serialize` items",
+    note = "its arguments (at most 8) must be `DeserializeOwned + Send + 'static`, its iterator or stream `Send + 'static`, and the closure `Send + Sync + 'static`"
+)]
+pub trait IntoStreamCallback<Marker>: Send + Sync + 'static {
+    /// Turns the closure into the form the node runs; `name` appears in argument errors.
+    #[doc(hidden)]
+    fn into_stream_handler(self, name: &str) -> Handler;
+}
+
+/// Marker for closures returning an iterator.
+pub struct IterFn<Args>(std::marker::PhantomData<Args>);
+/// Marker for closures returning a `Stream`.
+pub struct StreamFn<Args>(std::marker::PhantomData<Args>);
+
+macro_rules! stream_callback {
+    ($($a:ident),*) => {
+        impl<F, I, $($a,)*> IntoStreamCallback<IterFn<($($a,)*)>> for F
+        where
+            F: Fn($($a),*) -> I + Send + Sync + 'static,
+            I: IntoIterator,
+            I::IntoIter: Send + 'static,
+            I::Item: Serialize + 'static,
+            $($a: DeserializeOwned + Send + 'static,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn into_stream_handler(self, name: &str) -> Handler {
+                let name: Box<str> = name.into();
+                let types = [$(std::any::type_name::<$a>()),*];
+                Handler::SyncStream(Arc::new(move |payload: Bytes| {
+                    let signature = Signature { callback: &name, names: &[], types: &types };
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
+                    Ok(iter_items((self)($($a),*)))
+                }))
+            }
+        }
+
+        impl<F, S, $($a,)*> IntoStreamCallback<StreamFn<($($a,)*)>> for F
+        where
+            F: Fn($($a),*) -> S + Send + Sync + 'static,
+            S: futures_core::Stream + Send + 'static,
+            S::Item: Serialize + 'static,
+            $($a: DeserializeOwned + Send + 'static,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn into_stream_handler(self, name: &str) -> Handler {
+                let name: Box<str> = name.into();
+                let types = [$(std::any::type_name::<$a>()),*];
+                Handler::AsyncStream(Arc::new(move |payload: Bytes| {
+                    let signature = Signature { callback: &name, names: &[], types: &types };
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
+                    Ok(stream_items((self)($($a),*)))
+                }))
+            }
+        }
+    };
+}
+
+stream_callback!();
+stream_callback!(A1);
+stream_callback!(A1, A2);
+stream_callback!(A1, A2, A3);
+stream_callback!(A1, A2, A3, A4);
+stream_callback!(A1, A2, A3, A4, A5);
+stream_callback!(A1, A2, A3, A4, A5, A6);
+stream_callback!(A1, A2, A3, A4, A5, A6, A7);
+stream_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// The items of an iterator, encoded as they are taken.
+pub fn iter_items<I>(items: I) -> ItemIter
+where
+    I: IntoIterator,
+    I::IntoIter: Send + 'static,
+    I::Item: Serialize + 'static,
+{
+    Box::new(items.into_iter().map(encode_reply))
+}
+
+/// The items of a stream, encoded as they come.
+pub fn stream_items<S>(items: S) -> ItemStream
+where
+    S: futures_core::Stream + Send + 'static,
+    S::Item: Serialize + 'static,
+{
+    Box::pin(EncodedItems(Box::pin(items)))
+}
+
+/// A stream of values, as the encoded items it sends.
+struct EncodedItems<S>(Pin<Box<S>>);
+
+impl<S: futures_core::Stream> futures_core::Stream for EncodedItems<S>
+where
+    S::Item: Serialize,
+{
+    type Item = Outcome;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Outcome>> {
+        self.0
+            .as_mut()
+            .poll_next(cx)
+            .map(|item| item.map(encode_reply))
+    }
+}
+
 /// A type whose `pub` `&self` methods are callbacks: implemented by `#[callback]` on an
 /// `impl` block. Serve an instance with [`Global::register_instance`](crate::Global::register_instance).
 pub trait CallbackGroup: Send + Sync + 'static {
@@ -301,6 +437,10 @@ pub enum StaticHandler {
     Sync(fn(Bytes) -> Outcome),
     /// An async function.
     Async(fn(Bytes) -> BoxFuture<Outcome>),
+    /// A function returning an iterator of items.
+    SyncStream(fn(Bytes) -> Result<ItemIter, CallbackFailure>),
+    /// A function returning a stream of items.
+    AsyncStream(fn(Bytes) -> Result<ItemStream, CallbackFailure>),
 }
 
 inventory::collect!(StaticCallback);
@@ -310,6 +450,8 @@ impl StaticCallback {
         match self.handler {
             StaticHandler::Sync(f) => Handler::Sync(Arc::new(f)),
             StaticHandler::Async(f) => Handler::Async(Arc::new(f)),
+            StaticHandler::SyncStream(f) => Handler::SyncStream(Arc::new(f)),
+            StaticHandler::AsyncStream(f) => Handler::AsyncStream(Arc::new(f)),
         }
     }
 }

@@ -60,6 +60,18 @@ pub enum Error {
         callback: String,
     },
 
+    /// `stream()` was called on a callback that returns one value (or served by a node
+    /// too old to stream), or `fg`/`bg` on one that streams.
+    #[error("process `{process}` serves `{callback}` {reason}")]
+    NotAStream {
+        /// The node that answered.
+        process: String,
+        /// The callback that was called.
+        callback: String,
+        /// What it serves instead, and which call to use.
+        reason: String,
+    },
+
     /// The callee already runs as many callbacks of this kind as it allows
     /// (`max_sync_callbacks` for sync ones, `max_concurrent_callbacks` for async ones).
     #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_sync_callbacks` (sync callbacks) or `max_concurrent_callbacks` (async ones)")]

@@ -85,6 +85,7 @@ mod mesh;
 mod node;
 mod period;
 mod protocol;
+mod stream;
 mod sync;
 mod tombstones;
 mod transport;
@@ -92,12 +93,16 @@ mod transport;
 pub use async_result::AsyncResult;
 pub use blob::Blob;
 pub use call::Call;
-pub use callback::{AsyncFn, CallbackGroup, IntoCallback, IntoReply, Reply, SyncFn};
+pub use callback::{
+    AsyncFn, CallbackGroup, IntoCallback, IntoReply, IntoStreamCallback, IterFn, Reply, StreamFn,
+    SyncFn,
+};
 pub use daffi_macros::callback;
 pub use error::{Error, Result};
 pub use global::{Global, GlobalBuilder};
 pub use info::{ControllerStats, MemberInfo};
 pub use period::{parse_duration, Period, ScheduledTask, ScheduledTaskInfo};
+pub use stream::{BlockingItems, CallStream};
 pub use transport::Address;
 
 /// The README's snippets, compiled as doc tests.
@@ -114,8 +119,8 @@ pub struct SecurityDoctests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::callback::{
-        decode_args, encode_reply, BoxFuture, CallbackFailure, Handler, Outcome, Signature,
-        StaticCallback, StaticHandler,
+        decode_args, encode_reply, iter_items, stream_items, BoxFuture, CallbackFailure, Handler,
+        ItemIter, ItemStream, Outcome, Signature, StaticCallback, StaticHandler,
     };
     pub use bytes::Bytes;
     pub use inventory;

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::mesh::{
     check_callback_list, sleep_until, BoxFuture, CallRequest, Membership, Mesh, NodeOutcome,
-    ReplyPayload, Waiter,
+    OpenStream, ReplyPayload, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
@@ -116,6 +116,14 @@ impl Node {
         let slot = self.admit(&req, deadline).await?;
         let waiter = self.mesh.send_call(&req, deadline).await?;
         Ok(waiter.map(|w| w.hold(slot)))
+    }
+
+    /// Sends `req` as a stream call; its items arrive on what this returns.
+    pub fn open_stream(&self, req: &CallRequest) -> Result<OpenStream> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
+        }
+        self.mesh.open_stream(req)
     }
 
     /// Calls every node serving the callback (never this one) and collects each outcome.

@@ -259,7 +259,7 @@ impl FrameHandler for Routing<'_> {
             self.run_to_one_node = self.shared.members.cork(frame.dst());
         }
         match frame.kind() {
-            Kind::Request | Kind::Reply => self.forward(frame),
+            kind if kind.is_node_to_node() => self.forward(frame),
             _ => Handled::Wait(frame),
         }
     }
@@ -539,7 +539,7 @@ async fn route(
     frame: Frame,
 ) -> Result<(), String> {
     match frame.kind() {
-        Kind::Request | Kind::Reply => {
+        kind if kind.is_node_to_node() => {
             if frame.src() != node.name {
                 return Err(spoofed(&frame));
             }

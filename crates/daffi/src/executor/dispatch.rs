@@ -11,8 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::sync_runner::SyncRunner;
-use super::{CallbackKind, Executor, Request, ServingGuard};
-use crate::callback::{CallbackFailure, Handler, Outcome};
+use super::{CallbackKind, Executor, ItemSink, Request, ServingGuard};
+use crate::callback::{CallbackFailure, Handler, ItemIter, ItemStream, Outcome};
 use crate::protocol::message::RemoteErrorKind;
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
@@ -49,8 +49,12 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
         refuse(request, RemoteErrorKind::NotFound, message);
         return;
     };
+    if let Some(mismatch) = stream_mismatch(&handler, &*request) {
+        refuse(request, RemoteErrorKind::NotAStream, mismatch.to_string());
+        return;
+    }
     let kind = CallbackKind {
-        sync: matches!(handler, Handler::Sync(_)),
+        sync: handler.is_sync(),
         one_way: !wants_reply,
     };
     let Some(running) = admit(executor, kind) else {
@@ -73,12 +77,25 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
         }
         return;
     };
-    match handler {
-        Handler::Sync(f) => batch.0.push(SyncJob {
-            f,
-            request,
-            _running: running,
-        }),
+    let work = match handler {
+        Handler::Sync(f) => SyncWork::Call(f),
+        Handler::SyncStream(f) => match request.open_stream() {
+            Some(sink) => SyncWork::Stream(f, sink),
+            None => return refuse_stream(request),
+        },
+        Handler::AsyncStream(f) => {
+            let Some(sink) = request.open_stream() else {
+                return refuse_stream(request);
+            };
+            tokio::spawn(async move {
+                let _running = running;
+                if !too_late(&*request) {
+                    let payload = request.payload();
+                    stream_async(guarded(|| f(payload)), sink).await;
+                }
+            });
+            return;
+        }
         Handler::Async(f) => {
             let payload = request.payload();
             tokio::spawn(async move {
@@ -91,6 +108,85 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
                     wait_for_room.await;
                 }
             });
+            return;
+        }
+    };
+    batch.0.push(SyncJob {
+        work,
+        request,
+        _running: running,
+    });
+}
+
+/// Why `request` does not fit `handler`: a stream asked of a plain callback, or one
+/// value of a stream callback.
+fn stream_mismatch(handler: &Handler, request: &dyn Request) -> Option<&'static str> {
+    match (request.wants_stream(), handler.is_stream()) {
+        (true, false) => {
+            Some("as a plain callback, with one result: call it with fg, bg or no_return")
+        }
+        (false, true) => Some("as a stream: call it with `stream()`"),
+        _ => None,
+    }
+}
+
+/// Runs `start` (a callback making its items), turning a panic into a failure.
+fn guarded<R>(start: impl FnOnce() -> Result<R, CallbackFailure>) -> Result<R, CallbackFailure> {
+    catch_unwind(AssertUnwindSafe(start)).unwrap_or_else(|p| Err(panic_failure(p)))
+}
+
+/// Answers a stream request whose mesh carries no streams.
+fn refuse_stream(request: Box<dyn Request>) {
+    let message = "this node's mesh does not carry streams".to_string();
+    refuse(request, RemoteErrorKind::Failed, message);
+}
+
+/// Sends the items of an async stream callback as the caller grants credit; the stream
+/// is dropped as soon as the caller cancels or goes, even while it waits for an item.
+async fn stream_async(items: Result<ItemStream, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
+    let mut items = match items {
+        Ok(items) => items,
+        Err(failure) => return sink.end(Some(failure)).await,
+    };
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            catch_unwind(AssertUnwindSafe(|| items.as_mut().poll_next(cx)))
+                .unwrap_or_else(|p| Poll::Ready(Some(Err(panic_failure(p)))))
+        });
+        let item = tokio::select! {
+            item = next => item,
+            () = sink.cancelled() => return,
+        };
+        match item {
+            None => return sink.end(None).await,
+            Some(Err(failure)) => return sink.end(Some(failure)).await,
+            Some(Ok(item)) => {
+                if !sink.send(item).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the items of a sync stream callback from this thread (one of the node's sync
+/// callback threads), advancing the iterator only as the caller grants credit.
+fn stream_sync(items: Result<ItemIter, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
+    let mut items = match items {
+        Ok(items) => items,
+        Err(failure) => return crate::blocking::park(sink.end(Some(failure))),
+    };
+    loop {
+        let next = catch_unwind(AssertUnwindSafe(|| items.next()))
+            .unwrap_or_else(|p| Some(Err(panic_failure(p))));
+        match next {
+            None => return crate::blocking::park(sink.end(None)),
+            Some(Err(failure)) => return crate::blocking::park(sink.end(Some(failure))),
+            Some(Ok(item)) => {
+                if !crate::blocking::park(sink.send(item)) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -132,9 +228,17 @@ fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
     }
 }
 
+/// What a sync job runs: a callback with one result, or a stream's iterator.
+enum SyncWork {
+    Call(Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>),
+    Stream(SyncStreamFn, Box<dyn ItemSink>),
+}
+
+type SyncStreamFn = Arc<dyn Fn(bytes::Bytes) -> Result<ItemIter, CallbackFailure> + Send + Sync>;
+
 /// One sync callback to run.
 pub(super) struct SyncJob {
-    f: Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>,
+    work: SyncWork,
     request: Box<dyn Request>,
     /// Counts the callback as running until its reply is queued.
     _running: ServingGuard,
@@ -160,8 +264,13 @@ impl SyncJob {
         if too_late(&*self.request) {
             return;
         }
-        let f = &self.f;
         let payload = self.request.payload();
+        let f = match self.work {
+            SyncWork::Call(f) => f,
+            SyncWork::Stream(f, sink) => {
+                return stream_sync(guarded(|| f(payload)), sink);
+            }
+        };
         let outcome =
             catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
         if let Some(wait_for_room) = finish(self.request, outcome) {
@@ -246,7 +355,7 @@ impl SyncJob {
             one_way: true,
         };
         SyncJob {
-            f: Arc::new(|_| Ok(Default::default())),
+            work: SyncWork::Call(Arc::new(|_| Ok(Default::default()))),
             request: Box::new(Nothing),
             _running: executor.admit_callback(kind).expect("room"),
         }

@@ -38,6 +38,29 @@ pub trait Request: Send + 'static {
     /// way back is full, returns the wait for room (run it off any lock).
     /// ([`Executor::replies_follow`] says whether more outcomes come at once.)
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>>;
+    /// Whether the caller asked for a stream of items rather than one reply.
+    fn wants_stream(&self) -> bool {
+        false
+    }
+    /// The way back for a stream of items, ready before the next frame is read (so that
+    /// a cancel finds it); `None` if the mesh does not carry streams.
+    fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
+        None
+    }
+}
+
+/// The way back for the items of a stream callback, with the caller's credit.
+pub trait ItemSink: Send + 'static {
+    /// Waits for credit, then queues `item`; `false` once the caller cancelled or is
+    /// gone (produce no more).
+    fn send(&mut self, item: daffi_wire::Payload) -> BoxFuture<'_, bool>;
+    /// Resolves once the caller cancelled or is gone.
+    fn cancelled(&self) -> BoxFuture<'_, ()>;
+    /// Ends the stream: the items ran out, or (`failure`) producing them failed.
+    fn end(
+        self: Box<Self>,
+        failure: Option<crate::callback::CallbackFailure>,
+    ) -> BoxFuture<'static, ()>;
 }
 
 /// How many callbacks a node runs at once, and how long a stop lets them finish.

@@ -50,6 +50,10 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | requests from one node to another not yet taken (NATS) | 1,024 (a caller then waits up to [`stall_timeout`](Self::stall_timeout)) |
 /// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
+/// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 32 items: its
+/// callee runs at most that far ahead of the caller's reading. A sync stream callback
+/// holds one of `max_sync_callbacks` until its stream ends or is dropped.
+///
 /// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
 /// that runs beside its controller (`init_controller(true)`) reaches it in-process,
 /// without TLS or token: the node options (and the token) then serve the other

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use tokio::runtime::Handle;
 
 use crate::call::Call;
-use crate::callback::{CallbackGroup, Handler, IntoCallback};
+use crate::callback::{CallbackGroup, Handler, IntoCallback, IntoStreamCallback};
 use crate::controller::ControllerHandle;
 use crate::error::{Error, Result};
 use crate::info::MemberInfo;
@@ -131,6 +131,27 @@ impl Global {
         // Announcing spawns onto the node's runtime.
         let _context = self.inner.runtime.enter();
         node.register(vec![(name.to_string(), handler)])
+    }
+
+    /// Serves a stream callback under `name`: the closure takes the call's arguments
+    /// (as with [`register`](Self::register)) and returns its items, as an
+    /// `IntoIterator` (advanced on the node's sync callback threads) or a
+    /// `futures::Stream` (polled as a task). Callers read them with
+    /// [`Call::stream`]. The callee produces only as far ahead as the caller has read
+    /// (see [`CallStream`](crate::CallStream)), and stops (the iterator or stream is
+    /// dropped) when the caller drops its stream or goes.
+    ///
+    /// ```no_run
+    /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// g.register_stream("count_to", |n: u64| 1..=n)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn register_stream<M>(
+        &self,
+        name: &str,
+        callback: impl IntoStreamCallback<M>,
+    ) -> Result<()> {
+        self.register_handler(name, callback.into_stream_handler(name))
     }
 
     /// Serves the `pub` `&self` methods of a callback group (a type whose `impl` block

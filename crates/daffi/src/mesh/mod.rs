@@ -11,6 +11,9 @@
 //!   (a per-node subject), or to every provider; register it first in a [`Pending`]
 //!   table, and hand back a [`Waiter`] that the reply (or a failure) completes. Waiting
 //!   for room to send never goes past the call's deadline. Never the calling node itself.
+//! - **streams** ([`Mesh::open_stream`]): a request for items rather than one reply;
+//!   the items arrive on an [`OpenStream`], and its [`StreamControl`] grants credit
+//!   and cancels. Streams are optional: the default says the backend has none.
 //! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
 //!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
 //! - **incoming calls**: the mesh hands each request to the executor as a
@@ -37,7 +40,30 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 pub use membership::{Changes, Membership};
-pub use pending::{sleep_until, Pending, ReplyPayload, Waiter};
+pub use pending::{sleep_until, Pending, ReplyPayload, StreamItems, Waiter};
+
+/// Items a stream callback's caller is granted at first, and tops up to as it consumes
+/// them: at most this many of one stream's items are in flight on any hop.
+pub const STREAM_WINDOW: u32 = 32;
+
+/// A stream call as sent: where its items arrive (the channel closes after the last;
+/// an `Err` ends it), and how to grant credit or cancel.
+pub struct OpenStream {
+    /// The node producing the items.
+    pub target: Arc<str>,
+    /// The items, in order.
+    pub items: StreamItems,
+    /// Credit and cancel, to the producer.
+    pub control: Box<dyn StreamControl>,
+}
+
+/// The caller's half of a stream's flow control.
+pub trait StreamControl: Send + Sync {
+    /// Lets the producer send `items` more.
+    fn grant(&self, items: u32);
+    /// Tells the producer to stop; the stream's items are no longer awaited.
+    fn cancel(&self);
+}
 
 /// A boxed future, so that [`Mesh`] stays usable as `dyn Mesh`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -105,6 +131,11 @@ pub fn remote_failure(payload: &[u8], process: &str, callback: &str) -> Error {
         },
         RemoteErrorKind::Overloaded => Error::Overloaded { process, callback },
         RemoteErrorKind::Stopping => Error::PeerStopped { process, callback },
+        RemoteErrorKind::NotAStream => Error::NotAStream {
+            process,
+            callback,
+            reason: message,
+        },
         RemoteErrorKind::Failed | RemoteErrorKind::Panicked => Error::Remote {
             process,
             callback,
@@ -138,6 +169,16 @@ pub trait Mesh: Send + Sync {
         req: &'a CallRequest,
         deadline: Option<Instant>,
     ) -> BoxFuture<'a, Result<SentBroadcast>>;
+
+    /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
+    /// picks it), granting it [`STREAM_WINDOW`] items; never waits.
+    fn open_stream(&self, _req: &CallRequest) -> Result<OpenStream> {
+        Err(Error::Unsupported {
+            what: "streaming a callback's results".to_string(),
+            reason: "over NATS yet (streams are not built for it); use the built-in controller"
+                .to_string(),
+        })
+    }
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.
     fn control<'a>(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daffi_wire::{Frame, KeptBuffer};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -62,7 +62,22 @@ pub struct Pending {
 #[derive(Default)]
 struct Table {
     calls: HashMap<u64, Entry, BuildHasherDefault<CallIdHasher>>,
+    /// Stream calls whose items still come, by the same ids.
+    streams: HashMap<u64, StreamEntry, BuildHasherDefault<CallIdHasher>>,
     closed: bool,
+}
+
+/// The items of one stream call, in order; the channel closes after the last one, and
+/// an `Err` ends the stream. Credit bounds how many wait here.
+pub type StreamItems = mpsc::UnboundedReceiver<Completion>;
+
+/// One stream call whose items still come.
+pub struct StreamEntry {
+    /// The node producing the items.
+    pub target: Arc<str>,
+    /// The callback called.
+    pub callback: Arc<str>,
+    items: mpsc::UnboundedSender<Completion>,
 }
 
 /// Hashes a call id with one multiplication: the ids are this node's own counter, not
@@ -137,6 +152,44 @@ impl Pending {
         })
     }
 
+    /// Records a stream call to `callback` on `target`; returns its id and where its
+    /// items arrive, or `None` once the table is closed.
+    pub fn open_stream(&self, target: Arc<str>, callback: Arc<str>) -> Option<(u64, StreamItems)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (items, rx) = mpsc::unbounded_channel();
+        let mut table = self.lock();
+        if table.closed {
+            return None;
+        }
+        let entry = StreamEntry {
+            target,
+            callback,
+            items,
+        };
+        table.streams.insert(id, entry);
+        Some((id, rx))
+    }
+
+    /// Hands an item to stream `id`; `false` if nobody awaits it.
+    pub fn stream_item(&self, id: u64, item: ReplyPayload) -> bool {
+        self.lock()
+            .streams
+            .get(&id)
+            .is_some_and(|s| s.items.send(Ok(item)).is_ok())
+    }
+
+    /// Ends stream `id`: after its last item, or (`outcome` built from its entry) with
+    /// an error. Returns whether it was open.
+    pub fn end_stream(&self, id: u64, outcome: impl FnOnce(&StreamEntry) -> Option<Error>) -> bool {
+        let Some(entry) = self.lock().streams.remove(&id) else {
+            return false;
+        };
+        if let Some(error) = outcome(&entry) {
+            let _ = entry.items.send(Err(error));
+        }
+        true
+    }
+
     /// Whether the connection this table belongs to is gone.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
@@ -155,24 +208,45 @@ impl Pending {
     /// Fails every call waiting on `target`: it disconnected, or (`stopped`) it stopped
     /// before finishing them.
     pub fn fail_target(&self, target: &str, stopped: bool) {
-        let failed: Vec<Entry> = {
-            let calls = &mut self.lock().calls;
+        let error = |target: &Arc<str>, callback: &Arc<str>| {
+            let (process, callback) = (target.to_string(), callback.to_string());
+            if stopped {
+                Error::PeerStopped { process, callback }
+            } else {
+                Error::PeerDisconnected { process, callback }
+            }
+        };
+        let (failed, streams): (Vec<Entry>, Vec<StreamEntry>) = {
+            let table = &mut *self.lock();
+            let calls = &mut table.calls;
             let ids: Vec<u64> = calls
                 .iter()
                 .filter(|(_, e)| &*e.target == target)
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter().filter_map(|id| calls.remove(id)).collect()
+            let failed = ids.iter().filter_map(|id| calls.remove(id)).collect();
+            let streams = &mut table.streams;
+            let ids: Vec<u64> = streams
+                .iter()
+                .filter(|(_, e)| &*e.target == target)
+                .map(|(id, _)| *id)
+                .collect();
+            (
+                failed,
+                ids.iter().filter_map(|id| streams.remove(id)).collect(),
+            )
         };
         for e in failed {
-            let (process, callback) = (e.target.to_string(), e.callback.to_string());
-            let error = if stopped {
-                Error::PeerStopped { process, callback }
-            } else {
-                Error::PeerDisconnected { process, callback }
-            };
-            let _ = e.done.send(Err(error));
+            let _ = e.done.send(Err(error(&e.target, &e.callback)));
         }
+        for s in streams {
+            let _ = s.items.send(Err(error(&s.target, &s.callback)));
+        }
+    }
+
+    /// Forgets stream call `id` (its caller dropped it).
+    pub fn remove_stream(&self, id: u64) {
+        self.lock().streams.remove(&id);
     }
 
     /// Closes the table and fails every waiting call with the error `make` builds.
@@ -184,9 +258,16 @@ impl Pending {
     /// Fails every waiting call with the error `make` builds; new calls may still wait
     /// (a mesh whose replies all come one way, lost and then back).
     pub fn fail_all(&self, make: impl Fn() -> Error) {
-        let failed: Vec<Entry> = self.lock().calls.drain().map(|(_, e)| e).collect();
+        let (failed, streams): (Vec<Entry>, Vec<StreamEntry>) = {
+            let table = &mut *self.lock();
+            let failed = table.calls.drain().map(|(_, e)| e).collect();
+            (failed, table.streams.drain().map(|(_, e)| e).collect())
+        };
         for e in failed {
             let _ = e.done.send(Err(make()));
+        }
+        for s in streams {
+            let _ = s.items.send(Err(make()));
         }
     }
 

@@ -202,6 +202,8 @@ pub enum RemoteErrorKind {
     Overloaded,
     /// The callee is stopping and takes no new calls.
     Stopping,
+    /// A stream was asked of a callback that returns one value.
+    NotAStream,
 }
 
 /// Payload of a `Reply` with the error flag.

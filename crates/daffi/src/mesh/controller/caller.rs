@@ -48,6 +48,10 @@ impl Mesh for ControllerMesh {
         }
     }
 
+    fn open_stream(&self, req: &CallRequest) -> Result<crate::mesh::OpenStream> {
+        self.start_stream(req)
+    }
+
     fn send_broadcast<'a>(
         &'a self,
         req: &'a CallRequest,
@@ -186,7 +190,7 @@ impl ControllerMesh {
     }
 
     /// The live connection, or the error a caller should see without one.
-    fn connected(&self) -> Result<Arc<Connection>> {
+    pub(super) fn connected(&self) -> Result<Arc<Connection>> {
         if self.is_stopped() {
             return Err(Error::Stopped);
         }
@@ -194,7 +198,12 @@ impl ControllerMesh {
             .ok_or_else(|| self.unreachable("not connected (reconnecting)"))
     }
 
-    fn check_size(&self, what: &str, header: &Header<'_>, payload_len: usize) -> Result<()> {
+    pub(super) fn check_size(
+        &self,
+        what: &str,
+        header: &Header<'_>,
+        payload_len: usize,
+    ) -> Result<()> {
         let size = header.frame_len(payload_len) - LEN_PREFIX;
         let limit = self.max_frame_size.load(Ordering::Relaxed);
         if size > limit {
@@ -264,10 +273,7 @@ impl ControllerMesh {
             kind: Kind::Request,
             flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
             call_id: 0,
-            timeout_ms: req
-                .timeout
-                .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
-                .unwrap_or(0),
+            timeout_ms: self.timeout_ms(req),
             src: &self.name,
             dst: target,
             name: &req.callback,
@@ -286,9 +292,16 @@ impl ControllerMesh {
         Ok((Outgoing::new(&header, req.args.clone()), waiter))
     }
 
+    /// The timeout a request for `req` carries (0: none).
+    pub(super) fn timeout_ms(&self, req: &CallRequest) -> u32 {
+        req.timeout
+            .map(|t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
+            .unwrap_or(0)
+    }
+
     /// The node `req` goes to on `conn`; if none, and the link just dropped (which
     /// empties the view), says that instead.
-    fn target(&self, conn: &Connection, req: &CallRequest) -> Result<Arc<str>> {
+    pub(super) fn target(&self, conn: &Connection, req: &CallRequest) -> Result<Arc<str>> {
         self.membership
             .route(&self.name, &req.callback, req.on.as_deref())
             .map_err(|e| {

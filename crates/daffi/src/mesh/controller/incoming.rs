@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::streams::FrameItemSink;
 use super::ControllerMesh;
 use crate::callback::Outcome;
+use crate::executor::ItemSink;
 use crate::executor::Request;
 use crate::mesh::BoxFuture;
 use crate::protocol::message::{self, RemoteError};
 use crate::sync::read;
-use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, FLAG_STREAM};
 use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
 
 /// A request frame from the controller.
@@ -79,6 +81,18 @@ impl Request for FrameRequest {
 
     fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    fn wants_stream(&self) -> bool {
+        self.frame.flags() & FLAG_STREAM != 0
+    }
+
+    fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
+        Some(FrameItemSink::open(
+            &self.mesh,
+            self.frame.src(),
+            self.frame.call_id(),
+        ))
     }
 
     /// Queues the reply on the live connection without taking a handle on it (the

@@ -267,21 +267,43 @@ fn dispatch(
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
         Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
-            if let Some(entry) = conn.pending.take(frame.call_id()) {
-                let process = entry.target.to_string();
-                let callback = entry.callback.to_string();
-                let error = match message::decode::<Undeliverable>(&frame.payload()) {
-                    Ok(Undeliverable {
-                        code: UndeliverableCode::Stopping,
-                    }) => Error::PeerStopped { process, callback },
-                    Ok(Undeliverable {
-                        code: UndeliverableCode::SlowConsumer,
-                    }) => Error::SlowConsumer { process, callback },
+            let code = message::decode::<Undeliverable>(&frame.payload()).map(|u| u.code);
+            let error = |process: &str, callback: &str| {
+                let (process, callback) = (process.to_string(), callback.to_string());
+                match code {
+                    Ok(UndeliverableCode::Stopping) => Error::PeerStopped { process, callback },
+                    Ok(UndeliverableCode::SlowConsumer) => {
+                        Error::SlowConsumer { process, callback }
+                    }
                     _ => Error::UnknownProcess { process },
-                };
-                let _ = entry.done.send(Err(error));
+                }
+            };
+            if let Some(entry) = conn.pending.take(frame.call_id()) {
+                let _ = entry.done.send(Err(error(&entry.target, &entry.callback)));
+            } else {
+                conn.pending
+                    .end_stream(frame.call_id(), |s| Some(error(&s.target, &s.callback)));
             }
         }
+        Kind::StreamItem => {
+            // An item of a stream nobody awaits any more (its cancel is on its way) is
+            // dropped.
+            let call_id = frame.call_id();
+            conn.pending.stream_item(call_id, frame.into());
+        }
+        Kind::StreamEnd => {
+            conn.pending.end_stream(frame.call_id(), |s| {
+                (frame.flags() & FLAG_ERROR != 0)
+                    .then(|| remote_failure(&frame.payload(), frame.src(), &s.callback))
+            });
+        }
+        Kind::StreamCredit => match message::decode::<u32>(&frame.payload()) {
+            Ok(items) => core.served.grant(frame.src(), frame.call_id(), items),
+            Err(e) => {
+                tracing::debug!(caller = frame.src(), error = %e, "ignored an undecodable stream credit");
+            }
+        },
+        Kind::StreamCancel => core.served.cancel(frame.src(), frame.call_id()),
         Kind::ControlReply => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let _ = entry.done.send(control_reply(&frame));
@@ -293,6 +315,7 @@ fn dispatch(
             let changes = core.membership.apply(event);
             for (gone, stopped) in &changes.gone {
                 conn.pending.fail_target(gone, *stopped);
+                core.served.cancel_caller(gone);
             }
             core.report(changes);
         }
@@ -330,7 +353,19 @@ fn control_reply(frame: &Frame) -> Completion {
 /// then be the buffer's only holder (see [`ReplyPayload`]).
 fn complete_reply(conn: &Connection, frame: Frame) {
     let Some(entry) = conn.pending.take(frame.call_id()) else {
-        return; // the caller gave up (timeout) before the reply came
+        // A stream call answered with one reply: a refusal, or a plain callback.
+        conn.pending.end_stream(frame.call_id(), |s| {
+            Some(if frame.flags() & FLAG_ERROR == 0 {
+                Error::NotAStream {
+                    process: frame.src().to_string(),
+                    callback: s.callback.to_string(),
+                    reason: "as a plain callback, with one result (or runs a daffi too old to stream): call it with fg, bg or no_return".to_string(),
+                }
+            } else {
+                remote_failure(&frame.payload(), frame.src(), &s.callback)
+            })
+        });
+        return; // otherwise the caller gave up (timeout) before the reply came
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {
         Ok(frame.into())

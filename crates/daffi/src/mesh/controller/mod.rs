@@ -5,6 +5,7 @@ mod book;
 mod caller;
 mod incoming;
 mod link;
+mod streams;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -94,6 +95,8 @@ pub struct ControllerMesh {
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
+    /// The streams this node produces now, waiting on their callers' credit.
+    served: streams::ServedStreams,
 }
 
 impl ControllerMesh {
@@ -118,6 +121,7 @@ impl ControllerMesh {
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
             events,
+            served: streams::ServedStreams::default(),
         })
     }
 
@@ -318,6 +322,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
+                core.served.cancel_all();
                 link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);

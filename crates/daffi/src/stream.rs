@@ -1,0 +1,202 @@
+//! [`CallStream`]: the items a stream callback sends, as the caller reads them.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use serde::de::DeserializeOwned;
+use tokio::runtime::Handle;
+
+use crate::blocking;
+use crate::call::decode_result;
+use crate::error::{Error, Result};
+use crate::mesh::{OpenStream, ReplyPayload, STREAM_WINDOW};
+
+/// The items of a stream call (`g.call(name).stream::<T>()`), in order, each decoded as
+/// `T`. Two faces, one per kind of code:
+///
+/// - async: a [`futures::Stream`](futures_core::Stream)`<Item = Result<T>>` (and
+///   `Unpin`), read with `StreamExt::next`;
+/// - sync: [`IntoIterator`]`<Item = Result<T>>`, read with `for item in stream`, which
+///   blocks between items.
+///
+/// The callee produces only as far ahead as the caller reads (32 items):
+/// a slow reader slows the producer. Dropping the stream stops the producer. An `Err`
+/// item ends the stream: the callee's error, the callee gone (`PeerDisconnected`), or
+/// the call's `timeout` passed while waiting for one item.
+///
+/// ```no_run
+/// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
+/// let mut total = 0;
+/// for n in g.call("numbers").args((1000,)).stream::<i64>()? {
+///     total += n?;
+/// }
+/// # Ok(()) }
+/// ```
+#[must_use = "a stream does nothing unless read; dropping it cancels the call"]
+pub struct CallStream<T> {
+    callback: Arc<str>,
+    open: OpenStream,
+    /// Items the callee may still send without more credit.
+    credit: u32,
+    timeout: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    ended: bool,
+    runtime: Handle,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T> CallStream<T> {
+    pub(crate) fn new(
+        callback: Arc<str>,
+        open: OpenStream,
+        timeout: Option<Duration>,
+        runtime: Handle,
+    ) -> Self {
+        CallStream {
+            callback,
+            open,
+            credit: STREAM_WINDOW,
+            timeout,
+            timer: None,
+            ended: false,
+            runtime,
+            _item: PhantomData,
+        }
+    }
+
+    /// The node producing the items.
+    pub fn process(&self) -> &str {
+        &self.open.target
+    }
+
+    /// Counts an item received, and tops the credit up once half of it is used.
+    fn received(&mut self) -> Result<()> {
+        if self.credit == 0 {
+            return Err(Error::protocol(
+                self.open.target.to_string(),
+                format!("sent more items of `{}` than it was granted", self.callback),
+            ));
+        }
+        self.credit -= 1;
+        if self.credit <= STREAM_WINDOW / 2 {
+            self.open.control.grant(STREAM_WINDOW - self.credit);
+            self.credit = STREAM_WINDOW;
+        }
+        Ok(())
+    }
+
+    /// Ends the stream here, telling the callee if it may still be producing.
+    fn finish(&mut self, cancel: bool) {
+        self.ended = true;
+        self.timer = None;
+        if cancel {
+            self.open.control.cancel();
+        }
+    }
+
+    /// Whether the call's timeout passed while waiting for this item.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.timeout else {
+            return false;
+        };
+        let timer = self.timer.get_or_insert_with(|| {
+            let _runtime = Handle::try_current().is_err().then(|| self.runtime.enter());
+            Box::pin(tokio::time::sleep(timeout))
+        });
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl<T: DeserializeOwned> CallStream<T> {
+    fn decode(&mut self, item: ReplyPayload) -> Result<T> {
+        decode_result(&self.callback, item)
+    }
+}
+
+impl<T: DeserializeOwned> Stream for CallStream<T> {
+    type Item = Result<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<T>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match this.open.items.poll_recv(cx) {
+            Poll::Ready(Some(Ok(item))) => {
+                this.timer = None;
+                if let Err(e) = this.received() {
+                    this.finish(true);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(this.decode(item)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish(false);
+                Poll::Ready(None)
+            }
+            Poll::Pending if this.timed_out(cx) => {
+                let after = this.timeout.unwrap_or_default();
+                this.finish(true);
+                Poll::Ready(Some(Err(Error::timeout(this.callback.to_string(), after))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for CallStream<T> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.open.control.cancel();
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for CallStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallStream")
+            .field("callback", &self.callback)
+            .field("process", &self.open.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: DeserializeOwned> IntoIterator for CallStream<T> {
+    type Item = Result<T>;
+    type IntoIter = BlockingItems<T>;
+
+    fn into_iter(self) -> BlockingItems<T> {
+        BlockingItems(self)
+    }
+}
+
+/// A [`CallStream`] read from sync code: each `next` blocks until the next item. From
+/// a thread that drives a current-thread runtime, the first item is
+/// [`Error::BlockingInAsync`] (use the `Stream` face there).
+#[derive(Debug)]
+pub struct BlockingItems<T>(CallStream<T>);
+
+impl<T: DeserializeOwned> Iterator for BlockingItems<T> {
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Result<T>> {
+        let runtime = self.0.runtime.clone();
+        let next = std::future::poll_fn(|cx| Pin::new(&mut self.0).poll_next(cx));
+        match blocking::wait(&runtime, "stream", next) {
+            Ok(item) => item,
+            Err(e) => {
+                self.0.finish(true);
+                Some(Err(e))
+            }
+        }
+    }
+}
