@@ -18,6 +18,12 @@ load, so two builds can be compared on a busy machine (rates are ~50x slower the
 
     scripts/profile-op.py --instructions '{"op":"rate","mode":"bg","calls":20000,"in_flight":256}'
 
+With --nats URL, the caller and callee meet on that nats-server (no controller), and
+--floor profiles raw async-nats request-reply through it instead:
+
+    scripts/profile-op.py --nats nats://127.0.0.1:4222 --instructions '{"op":"latency","calls":5000,"warmup":500}'
+    scripts/profile-op.py --nats nats://127.0.0.1:4222 --floor --instructions '{"op":"latency","calls":5000,"warmup":500}'
+
 Needs `perf` (software event cpu-clock is enough) or valgrind, and a release build
 (`cargo build --release -p daffi-bench`).
 """
@@ -52,6 +58,8 @@ def main():
     ap.add_argument("--floor", action="store_true", help="profile the floor instead")
     ap.add_argument("--direct", action="store_true", help="the floor without batching")
     ap.add_argument("--tcp", action="store_true")
+    ap.add_argument("--nats", metavar="URL",
+                    help="over the nats-server at URL (with --floor: raw async-nats request-reply)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--callers", action="store_true", help="show call graphs (caller view)")
     ap.add_argument("--repeat", type=int, default=1, help="run OP this many times while recording")
@@ -73,7 +81,16 @@ def main():
     listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
     limit = ["--max-frame-size", str(1100 * 1024 * 1024)]
     procs = {}
-    if a.floor:
+    if a.nats and a.floor:
+        procs["server"], _ = role(["nats-floor-server", "--url", a.nats, "--name", "srv"])
+        procs["client"], _ = role(["nats-floor-client", "--url", a.nats, "--server", "srv"])
+        driver = procs["client"]
+    elif a.nats:
+        procs["callee"], _ = role(["callee", "--connect", a.nats, "--name", "callee"] + limit)
+        procs["caller"], _ = role(["caller", "--connect", a.nats, "--name", "caller",
+                                   "--callees", "callee"] + limit)
+        driver = procs["caller"]
+    elif a.floor:
         batched = [] if a.direct else ["--batched"]
         procs["relay"], ep = role(["floor-relay", "--listen", listen] + limit + batched)
         procs["server"], _ = role(["floor-server", "--connect", ep, "--name", "srv"] + limit + batched)

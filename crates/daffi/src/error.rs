@@ -210,14 +210,19 @@ pub enum Error {
         limit: usize,
     },
 
-    /// The controller refused this node's auth token: it sent none, or the wrong one.
-    /// Not retried: the token will not change by itself.
-    #[error("authentication failed: the controller at {address} refused this node ({reason}); give the node the controller's token with `auth_token` or the DAFFI_AUTH_TOKEN environment variable")]
+    /// The controller (or NATS server) refused this node: it sent no token or a wrong
+    /// one, or NATS credentials it does not trust (an unknown account, an expired or
+    /// revoked user). Not retried: the credentials will not change by themselves.
+    #[error(
+        "authentication failed: the controller at {address} refused this node ({reason}); {remedy}"
+    )]
     AuthenticationFailed {
         /// The controller's address.
         address: String,
         /// The controller's explanation: no token, or a wrong one.
         reason: String,
+        /// What would let the node in, for what it sent.
+        remedy: String,
     },
 
     /// TLS between this node and the controller failed: the controller's certificate is
@@ -338,6 +343,10 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// The remedy of [`Error::AuthenticationFailed`] for a node that authenticates with a token.
+pub(crate) const TOKEN_REMEDY: &str =
+    "give the node the controller's token with `auth_token` or the DAFFI_AUTH_TOKEN environment variable";
 
 impl Error {
     pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> Self {

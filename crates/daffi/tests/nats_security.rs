@@ -1,19 +1,17 @@
 //! Security over NATS, against real nats-server processes: a token (`--auth`), TLS
 //! with the node trusting a CA (`tls_ca`), client certificates (`--tlsverify`), and
-//! NATS credentials files. Nodes here are `Global`s of this process; their calls go
-//! through the server like any other.
+//! NATS credentials files (`.creds`, with a server in operator mode trusting an account
+//! made by the test). Nodes here are `Global`s of this process; their calls go through
+//! the server like any other.
 //!
 //! Run with `cargo test -p daffi --features nats --test nats_security`.
-//!
-//! Not shown with a real server: a valid `.creds` file (it needs an operator, account
-//! and user JWT set up on the server); a file that is missing or no credentials file
-//! is shown to be a clear `Config` error.
 
 mod common;
 
 use std::time::Duration;
 
 use common::nats::NatsServer;
+use common::nats_jwt::{self, Trust};
 use common::pki::Pki;
 use common::unique;
 use daffi::{callback, Error, Global, GlobalBuilder};
@@ -144,6 +142,39 @@ fn a_credentials_file_that_is_missing_or_invalid_is_a_config_error() {
         assert!(
             e.to_string().contains(&*path.to_string_lossy()),
             "names the file: {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_valid_creds_file_joins_and_calls_and_other_users_are_refused() {
+    let dir = std::env::temp_dir()
+        .join("daffi-tests")
+        .join(unique("operator"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let trust = Trust::new();
+    let config = trust.server_config(&dir);
+    let server = NatsServer::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    let url = server.url();
+
+    let creds = trust.user_creds(&dir, "member", None);
+    assert_calls_work(&url, |b| b.nats_credentials(&creds));
+
+    let expired = trust.user_creds(&dir, "expired", Some(nats_jwt::now() - 60));
+    let stranger = nats_jwt::stranger_creds(&dir, "stranger");
+    for refused in [expired, stranger] {
+        let e = start_err(node(&url, "sec", "intruder").nats_credentials(&refused));
+        assert!(
+            matches!(e, Error::AuthenticationFailed { .. }),
+            "{}: {e:?}",
+            refused.display()
+        );
+        let message = e.to_string();
+        assert!(message.contains(&url), "names the server: {e}");
+        assert!(
+            message.contains(&*refused.to_string_lossy()) && !message.contains("auth_token"),
+            "points at the credentials, not a token: {e}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

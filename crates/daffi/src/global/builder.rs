@@ -404,7 +404,10 @@ impl GlobalBuilder {
     }
 
     /// A NATS credentials file (`.creds`: a user JWT and its NKey seed) to connect to
-    /// the NATS servers with. Only with [`nats`](Self::nats).
+    /// the NATS servers with. Only with [`nats`](Self::nats). A missing or unreadable
+    /// file is an [`Error::Config`](crate::Error::Config); a user the servers do not
+    /// trust (unknown account, expired or revoked) gets
+    /// [`Error::AuthenticationFailed`](crate::Error::AuthenticationFailed).
     pub fn nats_credentials(mut self, path: impl Into<PathBuf>) -> Self {
         self.nats_credentials = Some(path.into());
         self

@@ -8,6 +8,8 @@
 
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "nats")]
+pub mod nats_jwt;
 pub mod pki;
 pub mod wire;
 

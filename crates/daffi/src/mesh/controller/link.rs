@@ -126,6 +126,7 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
                 RefuseCode::Auth => Error::AuthenticationFailed {
                     address: address.to_string(),
                     reason: refused.message,
+                    remedy: crate::error::TOKEN_REMEDY.to_string(),
                 },
                 RefuseCode::TlsRequired => tls_failed(refused.message, None),
                 _ => Error::Refused {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use async_nats::{HeaderMap, Subscriber};
+use async_nats::{HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -153,32 +153,30 @@ impl NatsMesh {
             };
             payload = payload.slice(last..);
         }
-        type Publish<'p> = BoxFuture<'p, Result<(), async_nats::PublishError>>;
-        let (waiter, publish): (Option<Waiter>, Publish<'_>) = if req.no_reply {
+        let reply = if req.no_reply {
             // The callee's ack gives the credit back.
             credit.forget();
-            let acks_to = window.acks_to().clone();
-            let publish = self
-                .client
-                .publish_with_reply_and_headers(subject, acks_to, headers, payload);
-            (None, Box::pin(publish))
+            None
         } else {
             let waiter = self
                 .pending
                 .wait(target.clone(), req.callback.clone(), req.timeout)
                 .ok_or(Error::Stopped)?
                 .hold_credit(credit);
-            let reply = format!("{}.{}", self.inbox, waiter.call_id());
-            let publish = self
-                .client
-                .publish_with_reply_and_headers(subject, reply, headers, payload);
-            (Some(waiter), Box::pin(publish))
+            Some(waiter)
         };
+        let reply_to = match &reply {
+            Some(waiter) => reply_subject(&self.inbox, waiter.call_id()),
+            None => window.acks_to().clone(),
+        };
+        let publish = self
+            .client
+            .publish_with_reply_and_headers(subject, reply_to, headers, payload);
         tokio::select! {
             sent = publish => sent.map_err(|e| self.unreachable(&format!("publishing failed: {e}")))?,
             _ = sleep_until(deadline) => return Err(self.timed_out(req)),
         }
-        Ok(waiter)
+        Ok(reply)
     }
 
     fn timed_out(&self, req: &CallRequest) -> Error {
@@ -260,6 +258,29 @@ impl NatsMesh {
     }
 }
 
+/// Where the reply to the call `call_id` comes: `<inbox>.<call id>`, built in one
+/// allocation of the exact size (so that its `Bytes` need no second one), without the
+/// formatting machinery (a `format!` here was 4% of a call's instructions).
+fn reply_subject(inbox: &str, call_id: u64) -> Subject {
+    let mut digits = [0u8; 20];
+    let mut first = digits.len();
+    let mut rest = call_id;
+    loop {
+        first -= 1;
+        digits[first] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[first..];
+    let mut reply = String::with_capacity(inbox.len() + 1 + digits.len());
+    reply.push_str(inbox);
+    reply.push('.');
+    reply.extend(digits.iter().map(|&d| char::from(d)));
+    reply.into()
+}
+
 /// Whether `message` is a reply that carries an encoded `RemoteError`.
 pub fn is_failure(message: &async_nats::Message) -> bool {
     message
@@ -271,11 +292,27 @@ pub fn is_failure(message: &async_nats::Message) -> bool {
 /// Takes the replies to this node's calls until the node stops.
 pub async fn take_replies(mesh: Arc<NatsMesh>, mut replies: Subscriber) {
     let mut closed = mesh.closed.subscribe();
+    // Made once: a new one per reply would cost a registration with the channel.
+    let closing = super::until(&mut closed, true);
+    tokio::pin!(closing);
     loop {
         tokio::select! {
             Some(message) = replies.next() => mesh.complete(message),
-            _ = super::until(&mut closed, true) => return,
+            _ = &mut closing => return,
             else => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reply_subject;
+
+    #[test]
+    fn a_reply_subject_ends_with_the_call_id() {
+        for id in [0, 7, 10, 999, u64::MAX] {
+            let subject = reply_subject("_INBOX.abc.node", id);
+            assert_eq!(subject.as_str(), format!("_INBOX.abc.node.{id}"));
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Requests from other nodes, as the executor takes them: a message on this node's
 //! subject, and its reply subject for the way back.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,12 @@ use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 
 /// A request from another node.
 pub struct NatsRequest {
-    callback: String,
+    /// The request's subject: its last token names the callback.
+    subject: async_nats::Subject,
+    /// Where the callback's token begins in `subject`.
+    token_at: usize,
+    /// The callback's name, when its token has escapes (else it is the token itself).
+    unescaped: Option<String>,
     /// The calling process: named by the reply subject (read when asked for: in logs),
     /// or by a header when there is none.
     caller: std::sync::OnceLock<String>,
@@ -30,15 +36,20 @@ pub struct NatsRequest {
     acks_to: Option<async_nats::Subject>,
     /// When the caller gives up, from the timeout the request carries.
     deadline: Option<Instant>,
-    client: async_nats::Client,
-    /// Results larger than this go back in chunks.
-    chunk_size: usize,
+    /// The node that took it: its client sends the reply (shared, not cloned per
+    /// request: a client's clone allocates).
+    mesh: Arc<NatsMesh>,
 }
 
 impl NatsRequest {
     /// The request in `message`, received now; `None` if it names no callback.
-    fn new(message: async_nats::Message, mesh: &NatsMesh) -> Option<Box<Self>> {
-        let callback = Subjects::callback_of(&message.subject)?;
+    fn new(message: async_nats::Message, mesh: &Arc<NatsMesh>) -> Option<Box<Self>> {
+        let subject = message.subject;
+        let token_at = subject.rfind('.').map_or(0, |dot| dot + 1);
+        let unescaped = match Subjects::name_of(&subject[token_at..])? {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(name) => Some(name),
+        };
         let header = |name: &str| message.headers.as_ref()?.get(name).map(|v| v.as_str());
         let deadline = header(TIMEOUT_MS)
             .and_then(|ms| ms.parse().ok())
@@ -52,21 +63,25 @@ impl NatsRequest {
             reply => (reply, None),
         };
         Some(Box::new(NatsRequest {
-            callback,
+            subject,
+            token_at,
+            unescaped,
             caller,
             payload: message.payload,
             reply,
             acks_to,
             deadline,
-            client: mesh.client.clone(),
-            chunk_size: mesh.chunk_size,
+            mesh: mesh.clone(),
         }))
     }
 }
 
 impl Request for NatsRequest {
     fn callback(&self) -> &str {
-        &self.callback
+        match &self.unescaped {
+            Some(name) => name,
+            None => &self.subject[self.token_at..],
+        }
     }
 
     fn caller(&self) -> &str {
@@ -94,13 +109,14 @@ impl Request for NatsRequest {
     /// future hands it over).
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reply = self.reply?;
-        let (client, chunk_size) = (self.client, self.chunk_size);
+        let mesh = self.mesh;
         Some(Box::pin(async move {
+            let (client, chunk_size) = (&mesh.client, mesh.chunk_size);
             let sent = match outcome {
                 Ok(value) => {
                     let value = value.into_bytes();
                     if value.len() > chunk_size {
-                        if let Err(e) = chunks::offer(&client, reply, value, chunk_size).await {
+                        if let Err(e) = chunks::offer(client, reply, value, chunk_size).await {
                             tracing::debug!(error = %e, "large reply dropped: the NATS client is closed");
                         }
                         return;
@@ -139,6 +155,9 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
     let mut assemblies = Assemblies::default();
     let mut sweep = tokio::time::interval(chunks::STALE / 2);
     let mut closed = mesh.closed.subscribe();
+    // Made once: a new one per wait would cost a registration with the channel.
+    let closing = super::until(&mut closed, true);
+    tokio::pin!(closing);
     loop {
         // Everything received so far is dispatched: the sync callbacks among it go to
         // the runner together.
@@ -155,7 +174,7 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
                         assemblies.drop_stale();
                         continue;
                     }
-                    _ = super::until(&mut closed, true) => break,
+                    _ = &mut closing => break,
                 }
             }
         };

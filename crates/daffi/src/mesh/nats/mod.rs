@@ -350,19 +350,21 @@ async fn connect(
         let options = connect_options(config, events_tx).await?;
         match options.connect(servers.as_slice()).await {
             Ok(client) => Ok((client, events_rx)),
-            Err(e) => Err(connect_error(&config.urls, e)),
+            Err(e) => Err(connect_error(config, e)),
         }
     })
     .await
 }
 
 /// The named error of a failed connection: authentication and TLS failures apart.
-fn connect_error(urls: &str, e: async_nats::ConnectError) -> Error {
+fn connect_error(config: &NatsConfig, e: async_nats::ConnectError) -> Error {
     use async_nats::ConnectErrorKind as Kind;
+    let urls = config.urls.as_str();
     match e.kind() {
         Kind::AuthorizationViolation | Kind::Authentication => Error::AuthenticationFailed {
             address: nats_address(urls),
             reason: e.to_string(),
+            remedy: auth_remedy(config),
         },
         Kind::Tls => Error::Tls {
             address: nats_address(urls),
@@ -376,6 +378,17 @@ fn connect_error(urls: &str, e: async_nats::ConnectError) -> Error {
             source: Some(Box::new(e)),
         },
         _ => unreachable_by(urls, "", &e),
+    }
+}
+
+/// What would let a refused node in: trusted credentials, or the right token.
+fn auth_remedy(config: &NatsConfig) -> String {
+    match &config.credentials {
+        Some(path) => format!(
+            "the user of nats_credentials `{}` must belong to an account the server trusts, and not be expired or revoked",
+            path.display()
+        ),
+        None => crate::error::TOKEN_REMEDY.to_string(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
 //! - KV bucket `<ns>-members`: key = the escaped process name.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 /// The byte that starts an escape (`=XX`, two upper-case hex digits); valid in subject
@@ -115,9 +116,14 @@ impl Subjects {
         unescape(reply.rsplit('.').nth(1)?)
     }
 
-    /// The callback a request on `subject` (one of [`Subjects::node_call`]) asks for.
-    pub fn callback_of(subject: &str) -> Option<String> {
-        unescape(subject.rsplit('.').next()?)
+    /// The name a token of a subject stands for: the token itself when it has no
+    /// escapes (a request's callback, per call: no copy), else [`unescape`]d.
+    pub fn name_of(token: &str) -> Option<Cow<'_, str>> {
+        if token.as_bytes().contains(&ESCAPE) {
+            unescape(token).map(Cow::Owned)
+        } else {
+            Some(Cow::Borrowed(token))
+        }
     }
 
     /// The KV bucket of the membership.
@@ -173,7 +179,12 @@ mod tests {
         let s = Subjects::new("daffi");
         let subject = s.node_call("w.1", "f*.g");
         assert_eq!(subject, "daffi.node.w=2E1.f=2A=2Eg");
-        assert_eq!(Subjects::callback_of(&subject).as_deref(), Some("f*.g"));
+        let token = subject.rsplit('.').next().expect("a token");
+        assert_eq!(Subjects::name_of(token).as_deref(), Some("f*.g"));
+        assert!(matches!(
+            Subjects::name_of("plain_name"),
+            Some(Cow::Borrowed("plain_name"))
+        ));
         assert_eq!(s.node_inbox("w.1"), "daffi.node.w=2E1.*");
         assert_eq!(s.node_alive("w.1", 7), "daffi.alive.w=2E1.7");
         let inbox = Subjects::reply_inbox("_INBOX.abc", "c a.1");
