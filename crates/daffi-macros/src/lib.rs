@@ -26,7 +26,9 @@ use syn::{FnArg, ItemFn, LitStr, Pat, ReturnType, Token, Type};
 /// (`.args(person)`), unless the map is `{"p": value}` for a parameter `p`. A return type spelled `Result<..>` sends `Err(e)` to the caller as a
 /// remote error (`e` must implement `Display`); any other return type must implement
 /// `serde::Serialize`. Arguments must be owned `DeserializeOwned` types: generics,
-/// `impl Trait` and borrowed arguments are refused at compile time.
+/// `impl Trait` and borrowed arguments are refused at compile time. One parameter, in
+/// any position, may be a `daffi::Incoming<T>`: the items the caller streams with
+/// `Call::stream_from` (the caller's `.args(..)` carries the others).
 ///
 /// A plain `fn` returning `impl Iterator<Item = T>` (or `impl IntoIterator`) or
 /// `impl Stream<Item = T>` streams its items (`T: Serialize`, the iterator or stream
