@@ -1,7 +1,7 @@
 //! [`Incoming`]: the arguments a caller streams to a callback (`.stream_from(..)`), as
 //! the callback reads them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -102,14 +102,14 @@ pub(crate) struct Offer {
 
 impl Offer {
     /// The stream `open` of a request for `callback`, read on the current runtime;
-    /// `None` outside one.
-    pub(crate) fn new(callback: &str, open: OpenStream) -> Option<Offer> {
+    /// `None` outside one. Boxed: requests without one carry a pointer's worth.
+    pub(crate) fn new(callback: &str, open: OpenStream) -> Option<Box<Offer>> {
         let runtime = Handle::try_current().ok()?;
-        Some(Offer {
+        Some(Box::new(Offer {
             callback: Arc::from(callback),
             open: Some(open),
             runtime,
-        })
+        }))
     }
 }
 
@@ -123,12 +123,15 @@ impl Drop for Offer {
 
 thread_local! {
     /// The offer of the request whose callback starts on this thread now.
-    static OFFERED: RefCell<Option<Offer>> = const { RefCell::new(None) };
+    static OFFERED: RefCell<Option<Box<Offer>>> = const { RefCell::new(None) };
+    /// Whether `OFFERED` holds one: what every call's decoding reads, a plain flag (no
+    /// destructor to register, so one load).
+    static IS_OFFERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `start` (a callback's shim: it decodes the arguments, then runs or returns the
 /// callback's future) with `offer` as the `Incoming` its parameters may take.
-pub(crate) fn offering<R>(offer: Option<Offer>, start: impl FnOnce() -> R) -> R {
+pub(crate) fn offering<R>(offer: Option<Box<Offer>>, start: impl FnOnce() -> R) -> R {
     if offer.is_none() {
         return start();
     }
@@ -136,21 +139,24 @@ pub(crate) fn offering<R>(offer: Option<Offer>, start: impl FnOnce() -> R) -> R 
     struct Withdraw;
     impl Drop for Withdraw {
         fn drop(&mut self) {
+            IS_OFFERED.set(false);
             let _ = OFFERED.try_with(|o| o.borrow_mut().take());
         }
     }
     OFFERED.with(|o| *o.borrow_mut() = offer);
+    IS_OFFERED.set(true);
     let _withdraw = Withdraw;
     start()
 }
 
 /// Whether a stream of arguments is offered on this thread now.
 pub(crate) fn is_offered() -> bool {
-    OFFERED.with(|o| o.borrow().is_some())
+    IS_OFFERED.get()
 }
 
 /// Takes the offered stream as an `Incoming<T>`.
 fn take<T, E: de::Error>() -> Result<Incoming<T>, E> {
+    IS_OFFERED.set(false);
     let offered = OFFERED
         .with(|o| o.borrow_mut().take())
         .and_then(|mut offer| {

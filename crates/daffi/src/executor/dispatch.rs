@@ -248,7 +248,7 @@ pub(super) struct SyncJob {
     work: SyncWork,
     request: Box<dyn Request>,
     /// The caller's stream of arguments, for the callback's `Incoming`.
-    offer: Option<Offer>,
+    offer: Option<Box<Offer>>,
     /// Counts the callback as running until its reply is queued.
     _running: ServingGuard,
 }
