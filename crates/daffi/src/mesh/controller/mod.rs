@@ -95,8 +95,12 @@ pub struct ControllerMesh {
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
-    /// The streams this node produces now, waiting on their callers' credit.
-    served: streams::ServedStreams,
+    /// The streams of results this node produces now, waiting on their callers' credit.
+    served: Arc<streams::SentStreams>,
+    /// The streams of arguments this node feeds to its callees, waiting on their credit.
+    feeds: Arc<streams::SentStreams>,
+    /// The streams of arguments callers feed to this node's callbacks.
+    incoming: Arc<streams::IncomingStreams>,
 }
 
 impl ControllerMesh {
@@ -121,7 +125,9 @@ impl ControllerMesh {
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
             events,
-            served: streams::ServedStreams::default(),
+            served: Arc::default(),
+            feeds: Arc::default(),
+            incoming: Arc::default(),
         })
     }
 
@@ -323,6 +329,8 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
                 core.served.cancel_all();
+                core.feeds.cancel_all();
+                core.incoming.fail_all();
                 link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);
