@@ -115,6 +115,9 @@ pub const FLAG_INCOMING: u8 = 0b0000_0100;
 /// (items and end from the caller, credit and cancel from the callee), not to the
 /// results the callee streams back.
 pub const FLAG_ARGUMENTS: u8 = 0b0000_0010;
+/// `StreamItem` flag: the payload is a batch of items, each a `u32` length (big-endian)
+/// and its bytes, rather than one item.
+pub const FLAG_BATCH: u8 = 0b0000_0100;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 

@@ -7,28 +7,24 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use super::{Connection, ControllerMesh};
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::pending::Completion;
+use crate::mesh::pending::{overrun, Delivery, StreamSlot};
 use crate::mesh::{
-    BoxFuture, CallRequest, Feed, OpenStream, ReplyPayload, StreamControl, StreamItems,
-    STREAM_WINDOW,
+    Arrived, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch, OpenStream, StreamControl,
+    StreamItems,
 };
 use crate::protocol::message::{self, RemoteError};
 use crate::sync::lock;
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
 const NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
-
-/// The most credit a stream holds at once, whatever its caller grants: a caller that
-/// grants more only wastes its own memory, never the callee's.
-const MAX_CREDIT: usize = 1 << 20;
 
 /// The streams this node sends now, by the peer they go to and call id: the results
 /// it streams to its callers, or (another table) the arguments it streams to its callees.
@@ -42,7 +38,8 @@ impl SentStreams {
     /// Records a stream to `caller` for call `call_id`, with the first window of credit.
     fn open(&self, caller: &str, call_id: u64) -> Arc<StreamGate> {
         let gate = Arc::new(StreamGate {
-            credit: Semaphore::new(STREAM_WINDOW as usize),
+            credit: Mutex::new(Credit::WINDOW),
+            granted: Notify::new(),
             cancelled: watch::channel(false).0,
         });
         let mut by_caller = lock(&self.0);
@@ -68,12 +65,12 @@ impl SentStreams {
         gate
     }
 
-    /// `caller` granted `items` more to its stream `call_id`.
-    pub fn grant(&self, caller: &str, call_id: u64, items: u32) {
+    /// `caller` granted `grant` more to its stream `call_id`.
+    pub fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
         let by_caller = lock(&self.0);
         if let Some(gate) = by_caller.get(caller).and_then(|s| s.get(&call_id)) {
-            let room = MAX_CREDIT.saturating_sub(gate.credit.available_permits());
-            gate.credit.add_permits((items as usize).min(room));
+            lock(&gate.credit).add(grant);
+            gate.granted.notify_one();
         }
     }
 
@@ -101,16 +98,42 @@ impl SentStreams {
     }
 }
 
-/// One stream's credit, and whether its caller cancelled it.
+/// One stream's credit, and whether its receiver cancelled it.
 struct StreamGate {
-    credit: Semaphore,
+    /// What the receiver granted that the sender has not taken yet.
+    credit: Mutex<Credit>,
+    /// Wakes the sender waiting for credit (a grant, or the cancel).
+    granted: Notify,
     cancelled: watch::Sender<bool>,
 }
 
 impl StreamGate {
     fn cancel(&self) {
         self.cancelled.send_replace(true);
-        self.credit.close();
+        self.granted.notify_one();
+    }
+
+    /// Gives `unused` back, and takes all the credit there is if it allows an item.
+    fn take_credit(&self, unused: Credit) -> Option<Credit> {
+        let mut credit = lock(&self.credit);
+        credit.items = credit.items.saturating_add(unused.items);
+        credit.bytes = credit.bytes.saturating_add(unused.bytes);
+        credit.allows_one().then(|| std::mem::take(&mut *credit))
+    }
+
+    /// Waits until the receiver granted room for an item, and takes all the credit
+    /// there is (`unused` given back first); `None` once cancelled.
+    async fn credit(&self, mut unused: Credit) -> Option<Credit> {
+        loop {
+            let granted = self.granted.notified();
+            if *self.cancelled.borrow() {
+                return None;
+            }
+            if let Some(credit) = self.take_credit(std::mem::take(&mut unused)) {
+                return Some(credit);
+            }
+            granted.await;
+        }
     }
 }
 
@@ -175,15 +198,18 @@ impl FrameItemSink {
 }
 
 impl ItemSink for FrameItemSink {
-    fn send(&mut self, item: Payload) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            match self.gate.credit.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return false, // cancelled
-            }
-            let frame = self.frame(Kind::StreamItem, 0, item);
-            self.queue(frame).await
-        })
+    fn credit(&self, unused: Credit) -> BoxFuture<'_, Option<Credit>> {
+        Box::pin(self.gate.credit(unused))
+    }
+
+    fn send(&mut self, batch: ItemBatch) -> BoxFuture<'_, bool> {
+        let (payload, batched) = batch.into_payload();
+        let frame = self.frame(
+            Kind::StreamItem,
+            if batched { FLAG_BATCH } else { 0 },
+            payload,
+        );
+        Box::pin(self.queue(frame))
     }
 
     fn cancelled(&self) -> BoxFuture<'_, ()> {
@@ -342,32 +368,64 @@ impl FrameStreamControl {
         }
     }
 
-    /// Queues a small frame past the byte limit: it must not wait behind the data it
-    /// regulates.
     fn push(&self, kind: Kind, body: Payload) {
         let flags = match self.side {
             Side::Caller => 0,
             Side::Callee(_) => FLAG_ARGUMENTS,
         };
-        let header = Header {
-            kind,
-            flags,
-            call_id: self.call_id,
-            timeout_ms: 0,
+        let to = Addressed {
+            conn: &self.conn,
             src: &self.name,
             dst: &self.peer,
+            call_id: self.call_id,
+            flags,
+        };
+        to.push(kind, body);
+    }
+}
+
+/// Where a stream's control frame goes: its connection, its ends, its call id and flags.
+pub(super) struct Addressed<'a> {
+    pub conn: &'a Connection,
+    pub src: &'a str,
+    pub dst: &'a str,
+    pub call_id: u64,
+    pub flags: u8,
+}
+
+impl Addressed<'_> {
+    /// Queues a small frame past the byte limit: it must not wait behind the data it
+    /// regulates.
+    pub fn push(&self, kind: Kind, body: Payload) {
+        let header = Header {
+            kind,
+            flags: self.flags,
+            call_id: self.call_id,
+            timeout_ms: 0,
+            src: self.src,
+            dst: self.dst,
             name: "",
         };
         let queue: &FrameSender = &self.conn.queue;
         if let Push::Full(_) = queue.push_unrefused(Outgoing::new(&header, body)) {
-            tracing::warn!(peer = %self.peer, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
+            tracing::warn!(peer = %self.dst, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
         }
+    }
+
+    /// Tells the sender of a stream that overran its credit to stop.
+    pub fn cancel_overrun(&self) {
+        tracing::warn!(peer = %self.dst, call_id = self.call_id, "a peer sent stream items past the credit it was granted (a protocol violation); the stream is ended");
+        self.push(Kind::StreamCancel, Payload::from(NIL));
     }
 }
 
 impl StreamControl for FrameStreamControl {
-    fn grant(&self, items: u32) {
-        self.push(Kind::StreamCredit, message::encode(&items).into());
+    fn grant(&self, grant: Grant) {
+        match &self.side {
+            Side::Caller => self.conn.pending.grant_stream(self.call_id, grant),
+            Side::Callee(incoming) => incoming.grant(&self.peer, self.call_id, grant),
+        }
+        self.push(Kind::StreamCredit, message::encode(&grant).into());
     }
 
     fn cancel(&self) {
@@ -386,15 +444,15 @@ pub struct IncomingStreams(Mutex<HashMap<Arc<str>, HashMap<u64, ArgumentsEntry>>
 /// One arguments stream still being received.
 struct ArgumentsEntry {
     callback: Arc<str>,
-    items: mpsc::UnboundedSender<Completion>,
+    slot: StreamSlot,
 }
 
 impl IncomingStreams {
     fn open(&self, caller: &Arc<str>, call_id: u64, callback: &str) -> StreamItems {
-        let (items, rx) = mpsc::unbounded_channel();
+        let (slot, rx) = StreamSlot::open();
         let entry = ArgumentsEntry {
             callback: Arc::from(callback),
-            items,
+            slot,
         };
         lock(&self.0)
             .entry(caller.clone())
@@ -419,15 +477,29 @@ impl IncomingStreams {
         self.take(caller, call_id);
     }
 
-    /// An item of an arguments stream (`frame`, from its caller); dropped if nobody
-    /// reads that stream any more.
-    pub fn item(&self, frame: daffi_wire::Frame) {
-        let by_caller = lock(&self.0);
-        let entry = by_caller
-            .get(frame.src())
-            .and_then(|s| s.get(&frame.call_id()));
-        if let Some(entry) = entry {
-            let _ = entry.items.send(Ok(ReplyPayload::from(frame)));
+    /// Items of `caller`'s arguments stream `call_id`; dropped if nobody reads that
+    /// stream any more. A caller past its credit ends the stream with a protocol error.
+    pub fn items(&self, caller: &str, call_id: u64, arrived: Arrived) -> Delivery {
+        let mut by_caller = lock(&self.0);
+        let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) else {
+            return Delivery::Dropped;
+        };
+        let callback = &entry.callback;
+        let delivery = entry
+            .slot
+            .deliver(arrived, || overrun(caller, callback, "arguments"));
+        if delivery == Delivery::Overrun {
+            drop(by_caller);
+            self.take(caller, call_id);
+        }
+        delivery
+    }
+
+    /// The callee granted `grant` more of `caller`'s stream `call_id`.
+    fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
+        let mut by_caller = lock(&self.0);
+        if let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) {
+            entry.slot.grant(grant);
         }
     }
 
@@ -436,7 +508,7 @@ impl IncomingStreams {
     pub fn end(&self, caller: &str, call_id: u64, outcome: impl FnOnce(&str) -> Option<Error>) {
         if let Some(entry) = self.take(caller, call_id) {
             if let Some(error) = outcome(&entry.callback) {
-                let _ = entry.items.send(Err(error));
+                entry.slot.fail(error);
             }
         }
     }
@@ -469,9 +541,9 @@ impl IncomingStreams {
 /// Ends `caller`'s `streams` with `PeerDisconnected`.
 fn disconnected(caller: &str, streams: HashMap<u64, ArgumentsEntry>) {
     for entry in streams.into_values() {
-        let _ = entry.items.send(Err(Error::PeerDisconnected {
+        entry.slot.fail(Error::PeerDisconnected {
             process: caller.to_string(),
             callback: entry.callback.to_string(),
-        }));
+        });
     }
 }
