@@ -52,11 +52,12 @@ pub enum Kind {
     Reply = 17,
     /// Controller -> node: a request could not be delivered.
     Undeliverable = 18,
-    /// Node -> node: one item of a stream, from the callee (keyed by the request's call id).
+    /// Node -> node: one item of a stream, or a batch of them under [`FLAG_BATCH`], from
+    /// the callee (keyed by the request's call id).
     StreamItem = 19,
     /// Node -> node: the callee's stream ended, with an error under `FLAG_ERROR`.
     StreamEnd = 20,
-    /// Node -> node: the caller grants the callee more items (a `u32` count).
+    /// Node -> node: the caller grants the callee more items (`[items, bytes]`).
     StreamCredit = 21,
     /// Node -> node: the caller dropped the stream; the callee stops producing.
     StreamCancel = 22,
