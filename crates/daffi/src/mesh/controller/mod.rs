@@ -277,6 +277,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
     let closed = core.closed.subscribe();
+    let mut previous: Option<Arc<Pending>> = None;
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -294,7 +295,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::default(),
+                    pending: Arc::new(Pending::continuing(previous.as_deref())),
                 });
                 if let Some(restore) = restore {
                     // Before anything else this node sends: a cancel made right after
@@ -327,6 +328,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 // misreport as "nobody serves it".
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
+                previous = Some(conn.pending.clone());
                 *write(&core.connection) = None;
                 core.served.cancel_all();
                 core.feeds.cancel_all();
