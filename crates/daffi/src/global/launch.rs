@@ -93,6 +93,8 @@ impl GlobalBuilder {
                 route,
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
+                whole_view: self.hooks.on_member_added.is_some()
+                    || self.hooks.on_member_removed.is_some(),
             };
             let executor = self.executor(&name);
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);

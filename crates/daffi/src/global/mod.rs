@@ -188,7 +188,7 @@ impl Global {
         let Some(node) = &self.inner.node else {
             return HashMap::new();
         };
-        let mut all = node.membership().providers();
+        let mut all = node.whole_membership(self.runtime()).providers();
         for name in node.callback_names() {
             all.entry(name).or_default().push(self.inner.name.clone());
         }
@@ -205,7 +205,7 @@ impl Global {
         let Some(node) = &self.inner.node else {
             return Vec::new();
         };
-        node.membership()
+        node.whole_membership(self.runtime())
             .members()
             .into_iter()
             .map(|(name, callbacks)| MemberInfo { name, callbacks })
