@@ -515,4 +515,48 @@ mod tests {
             "never itself"
         );
     }
+
+    #[test]
+    fn a_view_of_providers_holds_only_the_names_subscribed_to() {
+        let view = Membership::new(false);
+        view.welcome(Vec::new(), false);
+        assert!(!view.covers(Scope::Callback("f")) && !view.covers(Scope::Everything));
+        // Nothing is kept before a subscription.
+        view.apply(joined("a", &["f", "g"]));
+        assert!(!view.has_node("a"));
+
+        let generation = view.subscribing(Scope::Callback("f"));
+        assert!(!view.covers(Scope::Callback("f")), "not before the answer");
+        view.apply(joined("a", &["f", "g"]));
+        view.apply(joined("b", &["g"]));
+        view.subscribed(Scope::Callback("f"), generation);
+        assert!(view.covers(Scope::Callback("f")));
+        assert_eq!(view.members(), [("a".to_string(), vec!["f".to_string()])]);
+        assert_index_consistent(&view);
+        // A pinned node outside the view is left to the controller to answer for.
+        assert_eq!(&*view.route("me", "f", Some("c")).expect("sent"), "c");
+        // `a` drops `f`: out of the view; its leave is heard all the same.
+        view.apply(MembershipEvent::Updated(Member {
+            name: "a".into(),
+            callbacks: vec!["g".into()],
+        }));
+        assert!(!view.has_provider("f") && !view.has_node("a"));
+        view.apply(joined("a", &["f"]));
+        let changes = view.apply(MembershipEvent::Left { name: "a".into() });
+        assert_eq!(changes.gone, vec![("a".to_string(), false)]);
+        assert!(!view.has_provider("f"));
+
+        // An answer for a view replaced since (a reconnect) holds nothing.
+        let stale = view.subscribing(Scope::Callback("h"));
+        view.reset(Vec::new());
+        view.subscribed(Scope::Callback("h"), stale);
+        assert!(!view.covers(Scope::Callback("h")) && !view.covers(Scope::Callback("f")));
+
+        // Asking for everything keeps every list whole.
+        let generation = view.subscribing(Scope::Everything);
+        view.apply(joined("b", &["g", "k"]));
+        view.subscribed(Scope::Everything, generation);
+        assert!(view.covers(Scope::Everything) && view.everything_asked());
+        assert_eq!(view.providers_of("k"), vec![Arc::<str>::from("b")]);
+    }
 }
