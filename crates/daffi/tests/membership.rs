@@ -7,10 +7,15 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::Arc;
 
+use common::wire::{self, read_frame};
 use common::{Cluster, Log, Transport, WAIT};
-use daffi::{callback, Global};
+use daffi::{callback, Address, Global};
+use daffi_wire::Kind;
+use serde::Deserialize;
 
 /// The ignored test that runs worker processes (see `common`).
 const ENTRY: &str = "worker_process";
@@ -178,4 +183,68 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
     assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
     assert!(!late.contains(caller.process_name()), "never itself");
     drop(children);
+}
+
+/// A `Membership` event as a client written from `docs/PROTOCOL.md` reads it.
+#[derive(Debug, Deserialize, PartialEq)]
+struct Event {
+    event: String,
+    name: String,
+}
+
+/// The part of a `Welcome` this test reads.
+#[derive(Debug, Deserialize)]
+struct Welcome {
+    #[serde(default)]
+    views: bool,
+}
+
+#[test]
+fn a_node_that_asks_for_no_view_is_told_every_change_one_event_a_frame() {
+    let cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let Address::Tcp { port, .. } = cluster.address else {
+        panic!("a TCP controller")
+    };
+    let mut old = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    old.write_all(&wire::opening(&common::unique("old"), None, &["old_cb"]))
+        .expect("write");
+    let welcome = read_frame(&mut old);
+    assert_eq!(welcome.kind(), Kind::Welcome);
+    let welcome: Welcome = wire::decode(&welcome.payload());
+    assert!(
+        !welcome.views,
+        "a node that predates views is not told of them"
+    );
+
+    let joining: Vec<Global> = (0..3)
+        .map(|_| {
+            common::builder_for(&cluster.address)
+                .process_name(common::unique("new"))
+                .start()
+                .expect("a node starts")
+        })
+        .collect();
+    let stopping = joining[0].process_name().to_string();
+    joining[0].stop();
+    let mut events = Vec::new();
+    while !events.contains(&("left".to_string(), stopping.clone())) {
+        let frame = read_frame(&mut old);
+        assert_eq!(frame.kind(), Kind::Membership);
+        // One event, a map: what such a node reads.
+        let event: Event = wire::decode(&frame.payload());
+        events.push((event.event, event.name));
+    }
+    let joined: BTreeSet<&str> = events
+        .iter()
+        .filter(|(event, _)| event == "joined")
+        .map(|(_, name)| name.as_str())
+        .collect();
+    let expected: BTreeSet<&str> = joining.iter().map(|g| g.process_name()).collect();
+    assert_eq!(joined, expected);
+    let of_stopping: Vec<&str> = events
+        .iter()
+        .filter(|(_, name)| *name == stopping)
+        .map(|(event, _)| event.as_str())
+        .collect();
+    assert_eq!(of_stopping, ["joined", "leaving", "left"]);
 }

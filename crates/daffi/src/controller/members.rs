@@ -293,13 +293,14 @@ impl Members {
         result
     }
 
-    /// Replaces the callbacks a node serves and tells everyone else.
+    /// Replaces the callbacks a node serves and records the change for the others.
     pub async fn update(&self, name: &str, conn_id: u64, callbacks: Vec<String>) {
         let _serialized = self.changes.lock().await;
         let before = {
             let mut routes = write(&self.routes);
             match routes.get_mut(name) {
-                Some(r) if r.conn_id == conn_id => {
+                // The same list again (a node says it once connected): nothing changed.
+                Some(r) if r.conn_id == conn_id && r.callbacks != callbacks => {
                     std::mem::replace(&mut r.callbacks, callbacks.clone())
                 }
                 _ => return,
