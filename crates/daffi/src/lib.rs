@@ -69,8 +69,9 @@
 //! - It knows every node, kept current, from the first [`Global::members`],
 //!   [`Global::registered_callbacks`] or [`Global::wait_process`] on (the first waits
 //!   one round trip), and from the start when the builder has a membership hook
-//!   ([`GlobalBuilder::on_member_added`], [`GlobalBuilder::on_member_removed`]). The
-//!   CLI's `ls` and `watch` do so.
+//!   ([`GlobalBuilder::on_member_added`], [`GlobalBuilder::on_member_removed`]), and
+//!   from its first stream callback on (it stops the streams of a caller that leaves).
+//!   The CLI's `ls` and `watch` do so.
 //! - After a reconnect it asks again for what it needs, as it needs it.
 //!
 //! Over NATS, and with a controller older than this behaviour, a node knows every node.

@@ -211,6 +211,7 @@ impl Node {
         self.executor
             .register(handlers, |names| check_callback_list(names, limit))?;
         self.mesh.clone().announce();
+        self.hear_of_callers();
         Ok(())
     }
 
@@ -220,7 +221,21 @@ impl Node {
         self.executor
             .register_instance(instance, |names| check_callback_list(names, limit))?;
         self.mesh.clone().announce();
+        self.hear_of_callers();
         Ok(())
+    }
+
+    /// A node that serves streams stops those of a caller that leaves: it asks (in the
+    /// background) to hear of every node.
+    fn hear_of_callers(&self) {
+        if self.executor.serves_streams() && !self.mesh.membership().covers(Scope::Everything) {
+            let mesh = self.mesh.clone();
+            self.runtime.spawn(async move {
+                if let Err(e) = mesh.want(Scope::Everything).await {
+                    tracing::warn!(error = %e, "a node serving streams could not ask for every member; it hears of its callers' leaves after its next reconnect");
+                }
+            });
+        }
     }
 
     /// Names of the callbacks this node serves.
