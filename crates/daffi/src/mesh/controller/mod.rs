@@ -283,6 +283,8 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
     let closed = core.closed.subscribe();
+    // The calls of the last connection: the next one's call ids follow theirs.
+    let mut previous = Arc::new(Pending::default());
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -303,8 +305,9 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::default(),
+                    pending: Arc::new(Pending::following(&previous)),
                 });
+                previous = conn.pending.clone();
                 if let Some(restore) = restore {
                     // Before anything else this node sends: a cancel made right after
                     // the reconnect finds the task it cancels.
