@@ -23,6 +23,7 @@
 //!   [`Request`](crate::executor::Request), which carries the way back for the reply.
 //! - **membership** ([`Mesh::membership`]): a [`Membership`] view kept current (a
 //!   snapshot, then changes; it notifies `wait_*`), and [`NodeEvent`]s for the hooks.
+//!   A backend may keep only part of it until asked for more ([`Mesh::want`]).
 //! - **lifecycle**: connecting and reconnecting are the mesh's own business;
 //!   [`Mesh::begin_stop`], [`Mesh::close`] and [`Mesh::finished`] end it.
 
@@ -42,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
-pub use membership::{Changes, Membership};
+pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Pending, ReplyPayload, StreamItems, Waiter};
 
 /// Items a stream callback's caller is granted at first, and tops up to as it consumes
@@ -224,6 +225,12 @@ pub trait Mesh: Send + Sync {
 
     /// This node's view of the other nodes and their callbacks.
     fn membership(&self) -> &Membership;
+
+    /// Makes the view hold `scope`, kept current from then on (one round trip the
+    /// first time). The default: the view holds everything already.
+    fn want<'a>(&'a self, _scope: Scope<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether the node is connected to the mesh now.
     fn is_connected(&self) -> bool;

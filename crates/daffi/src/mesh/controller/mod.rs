@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// How long the controller may read nothing of what waits for it before the node
     /// drops the connection (and reconnects).
     pub stall_timeout: Duration,
+    /// Keep every other node in the view from the start (the membership hooks need it);
+    /// otherwise only what the node asks for, when it first needs it.
+    pub whole_view: bool,
 }
 
 /// How a node reaches its controller.
@@ -87,6 +90,8 @@ pub struct ControllerMesh {
     executor: Arc<Executor>,
     connection: RwLock<Option<Arc<Connection>>>,
     announcing: tokio::sync::Mutex<()>,
+    /// Held while a subscription is on its way: callers that need it wait for it.
+    subscribing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
     /// Set when stopping begins: no new calls from here, no new requests routed here.
     stopped: watch::Sender<bool>,
@@ -115,12 +120,13 @@ impl ControllerMesh {
         Arc::new(ControllerMesh {
             name: executor.name.clone(),
             max_frame_size: AtomicUsize::new(config.max_frame_size),
+            membership: Membership::new(config.whole_view),
             config,
-            membership: Membership::default(),
             book: book::ScheduleBook::default(),
             executor,
             connection: RwLock::new(None),
             announcing: tokio::sync::Mutex::new(()),
+            subscribing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
@@ -155,6 +161,12 @@ impl ControllerMesh {
         for name in changes.removed {
             self.emit(NodeEvent::MemberRemoved(name));
         }
+    }
+
+    /// Whether this node asks for every other node (from the start, or since it first
+    /// needed them); otherwise for the providers of the names it uses.
+    fn asks_everything(&self) -> bool {
+        self.config.whole_view || self.membership.everything_asked()
     }
 
     fn connection(&self) -> Option<Arc<Connection>> {
@@ -277,7 +289,8 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
     let closed = core.closed.subscribe();
-    let mut previous: Option<Arc<Pending>> = None;
+    // The calls of the last connection: the next one's call ids follow theirs.
+    let mut previous = Arc::new(Pending::default());
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -287,7 +300,10 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                     .max_frame_size
                     .min(link.welcome.max_frame_size as usize);
                 core.max_frame_size.store(limit, Ordering::Relaxed);
-                let changes = core.membership.reset(link.welcome.members.clone());
+                // A controller that keeps no views tells every node everything.
+                let whole = !link.welcome.views || core.asks_everything();
+                let members = std::mem::take(&mut link.welcome.members);
+                let changes = core.membership.welcome(members, whole);
                 let restore = core.book.welcome(
                     link.welcome.instance,
                     std::mem::take(&mut link.welcome.tasks),
@@ -295,8 +311,9 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::new(Pending::continuing(previous.as_deref())),
+                    pending: Arc::new(Pending::following(&previous)),
                 });
+                previous = conn.pending.clone();
                 if let Some(restore) = restore {
                     // Before anything else this node sends: a cancel made right after
                     // the reconnect finds the task it cancels.
@@ -328,7 +345,6 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 // misreport as "nobody serves it".
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
-                previous = Some(conn.pending.clone());
                 *write(&core.connection) = None;
                 core.served.cancel_all();
                 core.feeds.cancel_all();
