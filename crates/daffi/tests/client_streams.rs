@@ -5,14 +5,16 @@
 //! node in the test process (or, to be killed, a child of its own).
 
 mod common;
+#[path = "common/watch.rs"]
+mod watch;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Cluster, Log, Transport, WAIT};
+use common::{Cluster, Transport, WAIT};
 use daffi::{callback, Error, Incoming};
 use futures_util::StreamExt;
 
@@ -75,45 +77,11 @@ async fn read_slowly(n: usize, mut numbers: Incoming<u64>) -> daffi::Result<u64>
     Ok(read)
 }
 
-/// What ended the stream `watch` reads (the error's debug form), and when.
-static WATCH_ENDED: Log<(String, Instant)> = Log::new();
-/// Items `watch` has read.
-static WATCHED: Log<u64> = Log::new();
-
-/// Reads until the stream ends, and logs how it ended.
-#[callback]
-fn watch(numbers: Incoming<u64>) -> u64 {
-    let ending = numbers.into_iter().find_map(|item| match item {
-        Ok(n) => {
-            WATCHED.push(n);
-            None
-        }
-        Err(e) => Some(format!("{e:?}")),
-    });
-    WATCH_ENDED.push((ending.unwrap_or_else(|| "the end".into()), Instant::now()));
-    WATCHED.wait_until(0, |_| true).len() as u64
-}
-
-/// Waits until `watch` has read an item (or `timeout_ms` passed): how many it has.
-#[callback]
-fn watched(timeout_ms: u64) -> u64 {
-    WATCHED.wait_until(timeout_ms, |w| !w.is_empty()).len() as u64
-}
-
-/// Once `watch`'s stream ended (or after `timeout_ms`): how, and how many ms ago.
-#[callback]
-fn watch_ended(timeout_ms: u64) -> Option<(String, u64)> {
-    let ended = WATCH_ENDED.wait_until(timeout_ms, |e| !e.is_empty());
-    ended
-        .first()
-        .map(|(how, at)| (how.clone(), at.elapsed().as_millis() as u64))
-}
-
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker), ("feeder", feeder)]);
+    common::run_role(&[("worker", worker), ("feeder", watch::feeder)]);
 }
 
 /// A node serving this file's `#[callback]` functions and a closure taking `Incoming`.
@@ -128,20 +96,6 @@ fn worker() {
     })
     .expect("register count");
     g.join().expect("join");
-}
-
-/// A caller that feeds `watch` a few items and then an endless wait: killed by the test.
-fn feeder() {
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start()
-        .expect("feeder starts");
-    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-    g.wait_process_timeout(&target, WAIT)
-        .expect("the worker is known");
-    let items = futures_util::stream::iter(1..=3u64).chain(futures_util::stream::pending());
-    let outcome = g.call("watch").on(target).stream_from(items).fg::<u64>();
-    panic!("the feeder was to be killed, not to end: {outcome:?}");
 }
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -331,49 +285,7 @@ fn a_slow_callee_slows_the_feeding_to_its_credit() {
 #[test]
 fn a_killed_caller_ends_the_callees_incoming_with_its_error_within_a_second() {
     let (cluster, worker) = cluster_with_worker();
-    let feeder = common::unique("feeder");
-    let env = [("DAFFI_TEST_TARGET", worker.as_str())];
-    let mut feeding =
-        common::spawn_child_with(ENTRY, "feeder", &feeder, cluster.caller.address(), &env);
-    let g = &cluster.caller;
-    let watched: u64 = g
-        .call("watched")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("watched");
-    assert!(watched >= 1, "the callee reads the feeder's items");
-    let killed = Instant::now();
-    feeding.kill();
-    let (how, ms_ago): (String, u64) = g
-        .call("watch_ended")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .timeout(WAIT * 2)
-        .fg::<Option<(String, u64)>>()
-        .expect("watch_ended")
-        .expect("the callee's Incoming ended");
-    assert!(
-        how.starts_with("PeerDisconnected") && how.contains(&feeder),
-        "ended with {how}"
-    );
-    let after = killed
-        .elapsed()
-        .saturating_sub(Duration::from_millis(ms_ago));
-    assert!(
-        after < Duration::from_secs(1),
-        "ended {after:?} after the kill"
-    );
-    // The callee serves other calls as before.
-    let sum: i64 = g
-        .call("sync_add")
-        .args((2, 3))
-        .on(&worker)
-        .timeout(WAIT)
-        .fg()
-        .expect("sync_add");
-    assert_eq!(sum, 5);
+    watch::a_killed_feeder_ends_the_watch(&cluster, &worker, ENTRY);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::executor::ItemSink;
 use crate::mesh::pending::Completion;
 use crate::mesh::{
-    BoxFuture, CallRequest, Feed, OpenStream, ReplyPayload, StreamControl, StreamItems,
+    BoxFuture, CallRequest, Feed, OpenStream, ReplyPayload, Scope, StreamControl, StreamItems,
     STREAM_WINDOW,
 };
 use crate::protocol::message::{self, RemoteError};
@@ -284,7 +284,7 @@ impl ControllerMesh {
     /// The arguments `caller` streams with its call `call_id` to `callback`, as they
     /// arrive (registered before the next frame is read); `None` without a connection.
     pub(super) fn receive_arguments(
-        &self,
+        self: &Arc<Self>,
         caller: &str,
         call_id: u64,
         callback: &str,
@@ -292,6 +292,7 @@ impl ControllerMesh {
         let conn = self.connection()?;
         let caller: Arc<str> = Arc::from(caller);
         let items = self.incoming.open(&caller, call_id, callback);
+        self.hear_of_callers();
         let control = FrameStreamControl::new(
             self,
             conn,
@@ -305,6 +306,28 @@ impl ControllerMesh {
             items,
             control: Box::new(control),
         })
+    }
+}
+
+impl ControllerMesh {
+    /// A node fed a stream of arguments must hear when its caller leaves (the callback's
+    /// `Incoming` then ends with `PeerDisconnected`), so the first such stream makes it
+    /// ask for every node; callers that left before the view was whole are ended then.
+    fn hear_of_callers(self: &Arc<Self>) {
+        if self.membership.covers(Scope::Everything) {
+            return;
+        }
+        let mesh = self.clone();
+        tokio::spawn(async move {
+            match mesh.subscribe(Scope::Everything).await {
+                Ok(()) => mesh
+                    .incoming
+                    .fail_absent(|caller| mesh.membership.has_node(caller)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a node fed a stream of arguments could not ask for every member; a caller that leaves ends its stream only at the call's timeout")
+                }
+            }
+        });
     }
 }
 
@@ -455,6 +478,21 @@ impl IncomingStreams {
     pub fn fail_caller(&self, caller: &str) {
         let streams = lock(&self.0).remove(caller);
         disconnected(caller, streams.unwrap_or_default());
+    }
+
+    /// Ends the streams of callers for which `present` is false: they left before this
+    /// node heard of every node (so no leave will be told for them).
+    pub fn fail_absent(&self, present: impl Fn(&str) -> bool) {
+        let absent: Vec<(Arc<str>, HashMap<u64, ArgumentsEntry>)> = {
+            let mut by_caller = lock(&self.0);
+            let gone: Vec<Arc<str>> = by_caller.keys().filter(|c| !present(c)).cloned().collect();
+            gone.into_iter()
+                .filter_map(|c| by_caller.remove(&c).map(|streams| (c, streams)))
+                .collect()
+        };
+        for (caller, streams) in absent {
+            disconnected(&caller, streams);
+        }
     }
 
     /// Ends every stream: the connection they came through is gone.
