@@ -1,5 +1,5 @@
 //! Python functions served as callbacks. Sync ones run on the threads of
-//! [`Workers`]; async ones on the event loop the Python `Global` keeps: the handler hands
+//! [`workers`]; async ones on the event loop the Python `Global` keeps: the handler hands
 //! the arguments to a Python `submit(args, kwargs, done)` from a blocking thread, and
 //! the loop calls `done` with the outcome. Neither takes the GIL on a runtime thread.
 
@@ -12,36 +12,26 @@ use pyo3::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::values;
-use crate::workers::{self, Workers};
+use crate::workers;
 
 /// A handler that calls the Python function `function(*args, **kwargs)` on a thread of
-/// [`Workers`].
+/// [`workers`].
 pub fn sync_handler(function: Py<PyAny>) -> Handler {
     let function = Arc::new(function);
     Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
         let function = function.clone();
-        let (tx, mut rx) = oneshot::channel();
-        let workers = Workers::get();
-        let busy = workers.push(Box::new(move |py| {
+        let answer = workers::run(move |py, tx| {
             let result = decode(py, &payload).and_then(|(args, kwargs)| {
                 outcome(py, function.bind(py).call(args, Some(&kwargs)))
             });
             // The caller may be gone (a timeout); nothing to tell then.
             let _ = tx.send(result);
-        }));
-        Box::pin(async move {
-            if busy {
-                match tokio::time::timeout(workers::STUCK_AFTER, &mut rx).await {
-                    Ok(answer) => return answer.unwrap_or_else(|_| Err(dropped())),
-                    Err(_) => workers.unstick(),
-                }
-            }
-            rx.await.unwrap_or_else(|_| Err(dropped()))
-        })
+        });
+        Box::pin(async move { answer.await.unwrap_or_else(|| Err(dropped())) })
     }))
 }
 
-fn dropped() -> CallbackFailure {
+pub(crate) fn dropped() -> CallbackFailure {
     CallbackFailure::failed("the Python callback ended without an answer")
 }
 
@@ -60,11 +50,12 @@ pub fn async_handler(submit: Py<PyAny>) -> Handler {
                 CallbackFailure::failed(format!("the Python callback did not start: {e}"))
             })?;
             started?;
-            rx.await.unwrap_or_else(|_| {
-                Err(CallbackFailure::failed(
+            match rx.await {
+                Ok(step) => step.into_outcome(),
+                Err(_) => Err(CallbackFailure::failed(
                     "the Python event loop dropped the call (it stopped)",
-                ))
-            })
+                )),
+            }
         })
     }))
 }
@@ -73,24 +64,72 @@ fn start(
     py: Python<'_>,
     submit: &Py<PyAny>,
     payload: &Bytes,
-    tx: oneshot::Sender<Outcome>,
+    tx: oneshot::Sender<Step>,
 ) -> Result<(), CallbackFailure> {
     let (args, kwargs) = decode(py, payload)?;
-    let done = Done {
-        tx: Mutex::new(Some(tx)),
-    };
     submit
         .bind(py)
-        .call1((args, kwargs, done))
+        .call1((args, kwargs, Done::new(tx)))
         .map(drop)
         .map_err(|e| CallbackFailure::failed(describe(py, &e)))
 }
 
-/// Given to the event loop: `done(ok, value)` ends the call, `value` being the result
-/// or the exception.
+/// What a Python callback gave: its value, or (a generator) one item; the end of a
+/// generator; or a failure.
+pub enum Step {
+    /// The value or item, encoded.
+    Item(Payload),
+    /// The generator is exhausted.
+    End,
+    /// The callback raised, or its value could not be sent.
+    Failed(CallbackFailure),
+}
+
+impl Step {
+    /// A value (or the exception raised instead) as a step.
+    pub fn of(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Step {
+        match outcome(py, result) {
+            Ok(item) => Step::Item(item),
+            Err(failure) => Step::Failed(failure),
+        }
+    }
+
+    /// The step of a callback with one result: its outcome.
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Step::Item(item) => Ok(item),
+            Step::Failed(failure) => Err(failure),
+            Step::End => Err(CallbackFailure::failed(
+                "the Python callback raised StopAsyncIteration",
+            )),
+        }
+    }
+}
+
+/// Given to the event loop: `done(ok, value)` ends a call (or gives an async generator's
+/// next item), `value` being the result or the exception; `done.end()` tells that an
+/// async generator is exhausted.
 #[pyclass(module = "daffi._daffi", frozen)]
 pub struct Done {
-    tx: Mutex<Option<oneshot::Sender<Outcome>>>,
+    tx: Mutex<Option<oneshot::Sender<Step>>>,
+}
+
+impl Done {
+    /// A `done` that answers on `tx`.
+    pub fn new(tx: oneshot::Sender<Step>) -> Self {
+        Done {
+            tx: Mutex::new(Some(tx)),
+        }
+    }
+
+    /// Answers, once; later answers are dropped.
+    pub fn send(&self, step: Step) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            // The caller may be gone (a timeout, a cancelled stream); nothing to tell then.
+            let _ = tx.send(step);
+        }
+    }
 }
 
 #[pymethods]
@@ -101,16 +140,16 @@ impl Done {
         } else {
             Err(PyErr::from_value(value))
         };
-        let outcome = outcome(py, result);
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tx) = tx {
-            // The caller may be gone (a timeout); nothing to tell then.
-            let _ = tx.send(outcome);
-        }
+        self.send(Step::of(py, result));
+    }
+
+    /// The async generator is exhausted.
+    fn end(&self) {
+        self.send(Step::End);
     }
 }
 
-fn decode<'py>(
+pub(crate) fn decode<'py>(
     py: Python<'py>,
     payload: &Bytes,
 ) -> Result<
@@ -136,7 +175,7 @@ fn outcome(py: Python<'_>, result: PyResult<Bound<'_, PyAny>>) -> Outcome {
 }
 
 /// `TypeName: message`, as Python prints an exception's last line.
-fn describe(py: Python<'_>, error: &PyErr) -> String {
+pub(crate) fn describe(py: Python<'_>, error: &PyErr) -> String {
     let name = error
         .get_type(py)
         .qualname()

@@ -6,19 +6,42 @@
 //! wait for I/O) do not hold up the others.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use tokio::sync::oneshot;
 
 /// A Python sync callback to run, with the GIL held.
-pub type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 
 /// The most threads the pool starts (the node's own limit of sync callbacks).
 const MAX_THREADS: usize = 1024;
 
 /// How long a job may wait, with no thread free, before another thread starts.
-pub const STUCK_AFTER: Duration = Duration::from_millis(2);
+const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// Runs `job` on a thread of the pool with the GIL held, and gives what it sends on
+/// the sender it is handed (which it may also pass on, to be answered later), or None
+/// if the sender was dropped unanswered. The job is queued at once, not when the
+/// future is first polled.
+pub fn run<T: Send + 'static>(
+    job: impl FnOnce(Python<'_>, oneshot::Sender<T>) + Send + 'static,
+) -> impl Future<Output = Option<T>> + Send + 'static {
+    let (tx, mut rx) = oneshot::channel();
+    let workers = Workers::get();
+    let busy = workers.push(Box::new(move |py| job(py, tx)));
+    async move {
+        if busy {
+            match tokio::time::timeout(STUCK_AFTER, &mut rx).await {
+                Ok(answer) => return answer.ok(),
+                Err(_) => workers.unstick(),
+            }
+        }
+        rx.await.ok()
+    }
+}
 
 #[derive(Default)]
 struct Queue {
@@ -30,14 +53,14 @@ struct Queue {
 
 /// The pool: one per process.
 #[derive(Default)]
-pub struct Workers {
+struct Workers {
     queue: Mutex<Queue>,
     ready: Condvar,
 }
 
 impl Workers {
     /// The process's pool.
-    pub fn get() -> &'static Arc<Workers> {
+    fn get() -> &'static Arc<Workers> {
         static WORKERS: OnceLock<Arc<Workers>> = OnceLock::new();
         WORKERS.get_or_init(Arc::default)
     }
@@ -47,7 +70,7 @@ impl Workers {
     }
 
     /// Queues `job`; whether no thread was free to take it.
-    pub fn push(self: &Arc<Self>, job: Job) -> bool {
+    fn push(self: &Arc<Self>, job: Job) -> bool {
         let mut queue = self.lock();
         queue.jobs.push_back(job);
         if queue.threads == 0 {
@@ -60,7 +83,7 @@ impl Workers {
     }
 
     /// Starts another thread if jobs are still waiting and no thread is free.
-    pub fn unstick(self: &Arc<Self>) {
+    fn unstick(self: &Arc<Self>) {
         let mut queue = self.lock();
         if !queue.jobs.is_empty() && queue.idle == 0 {
             self.start_thread(&mut queue);

@@ -6,9 +6,14 @@ bytes, list, tuple, dict) cross between languages; keyword arguments are the nam
 arguments of a Rust callback. Other objects travel pickled (stdlib `pickle`) between
 Python nodes only: unpickling runs code the sender chose, so connect only nodes you
 trust (as with the Python daffi's dill).
+
+A generator or async generator callback streams its items; the caller iterates the
+call (`for x in g.call.f()`, `async for x in g.call.f()`), or its FG result, a
+`CallStream`.
 """
 
 from ._call import AsyncResult, RemoteCall, ScheduledTask
+from ._daffi import CallStream
 from ._callbacks import callback
 from ._global import Global
 from ._modifiers import BG, BROADCAST, FG, NO_RETURN, PERIOD
@@ -34,6 +39,7 @@ __all__ = [
     "AsyncResult",
     "RemoteCall",
     "ScheduledTask",
+    "CallStream",
     "DaffiError",
     "RemoteCallError",
     "BadArgumentsError",

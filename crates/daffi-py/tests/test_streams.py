@@ -1,0 +1,152 @@
+"""Streams between Python nodes over TCP: generator and async generator callbacks,
+read by sync and async callers; errors, timeouts, and a reader that stops (the
+generator is closed, having run no further than the stream's credit ahead)."""
+
+import asyncio
+import time
+
+import pytest
+
+import daffi
+from daffi import BG, FG, CallStream, Global
+from conftest import NODES, WAIT, free_port, interrupt, spawn_python
+
+#: The items a stream callback may make beyond what its caller read: the caller's
+#: credit (32), the one item waiting for more credit, and the one read at the call.
+AHEAD = 32 + 1 + 1
+
+
+@pytest.fixture(scope="module")
+def g():
+    port = free_port()
+    streamer = spawn_python(NODES / "streamer.py", port)
+    try:
+        client = Global(process_name="stream-client", host="localhost", port=port)
+        client.wait_function("producer", timeout=WAIT)
+        yield client
+        client.stop()
+    finally:
+        _, err = interrupt(streamer)
+    assert streamer.returncode == 0, err
+
+
+def test_a_generator_streams_its_items_to_a_sync_caller(g):
+    assert list(g.call.count(5)) == [0, 1, 2, 3, 4]
+    assert sum(g.call.count(10_000, start=1)) == 10_000 * 10_001 // 2
+    stream = g.call.count(3) & FG(timeout=WAIT)
+    assert isinstance(stream, CallStream)
+    assert stream.process == "streamer"
+    assert [x for x in stream] == [0, 1, 2]
+    assert list(stream) == []  # ended
+    later = g.call.count(2).bg(timeout=WAIT)
+    assert list(later.get(timeout=WAIT)) == [0, 1]
+    assert list(g.call.count(0)) == []
+    # A plain callback next to them still answers its value.
+    assert g.call.plain("x") & FG == ["x", "x"]
+
+
+def test_an_async_generator_streams_to_sync_and_async_callers(g):
+    expected = [{"i": i, "square": i * i} for i in range(50)]
+    assert list(g.call.async_count(50)) == expected
+
+    async def main():
+        got = [x async for x in g.call.async_count(50)]
+        stream = await g.call.count(4) & FG(timeout=WAIT)
+        from_generator = [x async for x in stream]
+        result = await g.call.count(2) & BG
+        from_bg = [x async for x in await result.get_async()]
+        return got, from_generator, from_bg
+
+    assert asyncio.run(main()) == (expected, [0, 1, 2, 3], [0, 1])
+
+
+def test_async_generators_awaiting_between_items_stream_side_by_side(g):
+    # 20 streams of 5 items, 0.2 s apart: one after another they would take 20 s.
+    async def one(n):
+        return [x["i"] async for x in g.call.async_count(5, pause=0.2)]
+
+    async def main():
+        started = time.monotonic()
+        results = await asyncio.gather(*(one(n) for n in range(20)))
+        return results, time.monotonic() - started
+
+    results, took = asyncio.run(main())
+    assert results == [list(range(5))] * 20
+    assert took < 10
+
+
+def test_an_exception_in_a_generator_reaches_the_caller_after_its_items(g):
+    seen = []
+    with pytest.raises(daffi.RemoteCallError, match="ValueError: boom after 3"):
+        for x in g.call.fail_after(3):
+            seen.append(x)
+    assert seen == [0, 1, 2]
+
+    async def main():
+        got = []
+        with pytest.raises(daffi.RemoteCallError, match="KeyError: 'async boom after 2'"):
+            async for x in g.call.async_fail_after(2):
+                got.append(x)
+        return got
+
+    assert asyncio.run(main()) == [0, 1]
+    # Failing before its first item, it raises at the call, as a plain callback does.
+    with pytest.raises(daffi.RemoteCallError, match="ValueError: boom after 0"):
+        g.call.fail_after(0) & FG
+    with pytest.raises(daffi.RemoteCallError, match="TypeError"):
+        g.call.count() & FG
+
+
+def test_the_timeout_bounds_the_wait_for_each_item(g):
+    stream = g.call.slow_after_first(5) & FG(timeout=0.5)
+    assert next(stream) == "first"
+    started = time.monotonic()
+    with pytest.raises(daffi.TimeoutError):
+        next(stream)
+    assert time.monotonic() - started < 4
+
+
+def test_closing_a_stream_closes_the_generator(g):
+    stream = g.call.endless("closed") & FG
+    assert [next(stream) for _ in range(10)] == list(range(1, 11))
+    stream.close()
+    made, closed = g.call.producer("closed") & FG
+    assert closed
+    assert made <= 10 + AHEAD
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_dropping_a_stream_closes_the_generator(g):
+    with g.call.endless("with") & FG as stream:
+        assert next(stream) == 1
+    assert (g.call.producer("with") & FG)[1]
+
+    for x in g.call.endless("break"):
+        if x == 5:
+            break  # the loop held the only reference: the stream is dropped
+    made, closed = g.call.producer("break") & FG
+    assert closed
+    assert made <= 5 + AHEAD
+
+
+def test_closing_a_stream_cancels_an_async_generator_waiting_for_its_next_item(g):
+    async def main():
+        stream = await g.call.async_stuck("stuck") & FG
+        assert await stream.__anext__() == "only"
+        stream.close()
+        return await g.call.producer("stuck") & FG(timeout=WAIT)
+
+    assert asyncio.run(main()) == [1, True]
+
+
+def test_an_endless_stream_read_slowly_runs_only_its_credit_ahead(g):
+    stream = g.call.endless("slow") & FG
+    for expected in range(1, 11):
+        assert next(stream) == expected
+        time.sleep(0.05)  # a slow reader, not a wait for an event
+    made, closed = g.call.producer("slow", timeout=0) & FG
+    assert not closed
+    assert 10 < made <= 10 + AHEAD
+    del stream
+    assert (g.call.producer("slow") & FG)[1]
