@@ -2,6 +2,8 @@
 //! package in `crates/daffi-py`) call each other by name through the controller the
 //! Python process runs. Python's keyword arguments are the named arguments of a Rust
 //! callback; a Rust struct sent as the arguments reaches Python as keyword arguments.
+//! Streams cross too: Python iterates a Rust stream callback, and this node reads a
+//! Python generator's items with `.stream()`.
 //!
 //! ```text
 //! python examples/python/mixed.py          # controller + Python node on port 8890
@@ -30,6 +32,12 @@ fn rust_greet(name: String, punctuation: String) -> String {
 fn rust_checked_div(a: i64, b: i64) -> Result<i64, String> {
     a.checked_div(b)
         .ok_or_else(|| "division by zero".to_string())
+}
+
+/// Counts down to 1: a stream callback, which Python iterates.
+#[callback]
+fn rust_countdown(from: u32) -> impl Iterator<Item = u32> {
+    (1..=from).rev()
 }
 
 /// The keyword arguments of the Python callback `py_scale(values, factor=1.0)`.
@@ -70,6 +78,14 @@ fn main() -> daffi::Result<()> {
         Err(e) => println!("rust-node: py_fail raised: {e}"),
         Ok(()) => println!("rust-node: py_fail returned"),
     }
+    // A Python generator, read as a stream.
+    let squares = g
+        .call("py_squares")
+        .args((4,))
+        .stream::<i64>()?
+        .into_iter()
+        .collect::<daffi::Result<Vec<i64>>>()?;
+    println!("rust-node: py_squares(4) streamed {squares:?}");
     // Tells the Python node that this side is done calling; it stops once its own
     // calls are done too, and then this node (see `on_member_removed`).
     g.call("py_rust_done").no_return()?;

@@ -1,5 +1,5 @@
 """The Python half of examples/mixed.rs: a Python node (with the controller) and a Rust
-node call each other by name.
+node call each other by name, and read each other's streams.
 
     python examples/python/mixed.py          # controller + Python node on port 8890
     cargo run -p daffi --example mixed       # the Rust node
@@ -32,6 +32,13 @@ def py_fail(what):
 
 
 @callback
+def py_squares(n):
+    """A generator: its items stream to the caller, here a Rust node."""
+    for i in range(n):
+        yield i * i
+
+
+@callback
 def py_rust_done():
     rust_done.set()
 
@@ -57,6 +64,7 @@ def main():
             g.call.rust_add(Point(1, 2), 3) & FG
         except BadArgumentsError as e:
             print("python-node: rust_add(Point(1, 2), 3) raised:", e)
+        print("python-node: rust_countdown(3) streamed", list(g.call.rust_countdown(3)))
         rust_done.wait(timeout=60)
 
 
