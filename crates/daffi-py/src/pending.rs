@@ -285,6 +285,13 @@ impl Pending {
     pub fn new(completion: Completion) -> Self {
         Pending { completion }
     }
+
+    /// A call done already, with `answer`.
+    pub fn ready(answer: Answer) -> Self {
+        let completion = Completion::default();
+        completion.complete(answer);
+        Pending { completion }
+    }
 }
 
 #[pymethods]

@@ -5,8 +5,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures_core::Stream;
+use futures_util::task::noop_waker_ref;
 use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use tokio::runtime::Handle;
@@ -62,8 +64,12 @@ impl CallStream {
         }
     }
 
-    /// The next item, read on the runtime.
+    /// The next item: taken on this thread if it is in already (the callee runs ahead
+    /// of the reader, so mostly it is), else read on the runtime.
     fn next_item(&self) -> Pending {
+        if let Some(answer) = self.source.try_next(&self.runtime) {
+            return Pending::ready(answer);
+        }
         let source = self.source.clone();
         pending::spawn(&self.runtime, async move { source.next().await })
     }
@@ -74,13 +80,23 @@ impl Source {
         let mut closed = self.closed.subscribe();
         let mut reader = self.reader.lock().await;
         let item = tokio::select! {
-            item = reader.next() => item,
+            item = std::future::poll_fn(|cx| reader.poll_next(cx)) => item,
             _ = closed.wait_for(|closed| *closed) => None,
         };
-        match item {
-            Some(Ok(value)) => Ok(Reply::Value(value)),
-            Some(Err(e)) => Err(e),
-            None => Ok(Reply::End),
+        answer(item)
+    }
+
+    /// The next item if it is in already and no other read is in flight.
+    fn try_next(&self, runtime: &Handle) -> Option<Answer> {
+        if *self.closed.borrow() {
+            return Some(Ok(Reply::End));
+        }
+        let mut reader = self.reader.try_lock().ok()?;
+        // Reading may grant credit, which sends from the runtime.
+        let _runtime = runtime.enter();
+        match reader.poll_next(&mut Context::from_waker(noop_waker_ref())) {
+            Poll::Ready(item) => Some(answer(item)),
+            Poll::Pending => None,
         }
     }
 
@@ -92,13 +108,23 @@ impl Source {
     }
 }
 
+fn answer(item: Item) -> Answer {
+    match item {
+        Some(Ok(value)) => Ok(Reply::Value(value)),
+        Some(Err(e)) => Err(e),
+        None => Ok(Reply::End),
+    }
+}
+
 impl Reader {
-    async fn next(&mut self) -> Item {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
         if let Some(first) = self.first.take() {
-            return first;
+            return Poll::Ready(first);
         }
-        let stream = self.stream.as_mut()?;
-        std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+        match self.stream.as_mut() {
+            Some(stream) => Pin::new(stream).poll_next(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 

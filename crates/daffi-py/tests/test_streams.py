@@ -150,3 +150,43 @@ def test_an_endless_stream_read_slowly_runs_only_its_credit_ahead(g):
     assert 10 < made <= 10 + AHEAD
     del stream
     assert (g.call.producer("slow") & FG)[1]
+
+
+def test_a_callee_killed_mid_stream_ends_the_stream_with_an_error(processes):
+    port = free_port()
+    with Global(process_name="owner", init_controller=True, host="localhost", port=port) as g:
+        streamer = spawn_python(NODES / "streamer.py", port, "join")
+        processes.append(streamer)
+        g.wait_function("endless", timeout=WAIT)
+        stream = g.call.endless("killed") & FG
+        assert next(stream) == 1
+        streamer.kill()
+        started = time.monotonic()
+        with pytest.raises(daffi.RemoteStoppedUnexpectedly):
+            for _ in stream:  # the items already sent come first
+                pass
+        assert time.monotonic() - started < 1
+
+
+READS_A_STUCK_STREAM = """
+import sys
+from daffi import Global
+g = Global(process_name="reader", host="localhost", port=int(sys.argv[1]))
+g.wait_function("async_stuck")
+stream = iter(g.call.async_stuck("ctrl-c"))
+print(next(stream), flush=True)
+next(stream)
+"""
+
+
+def test_ctrl_c_stops_a_process_waiting_for_an_item(g, processes, tmp_path):
+    script = tmp_path / "reader.py"
+    script.write_text(READS_A_STUCK_STREAM)
+    reader = spawn_python(script, g.port)
+    processes.append(reader)
+    assert reader.stdout.readline() == "only\n"
+    _, err = interrupt(reader, timeout=WAIT)
+    assert reader.returncode != 0
+    assert "KeyboardInterrupt" in err
+    # The reader left: its stream was cancelled, and the generator closed.
+    assert g.call.producer("ctrl-c") & FG(timeout=WAIT) == [1, True]

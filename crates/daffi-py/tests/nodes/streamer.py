@@ -1,6 +1,7 @@
-"""A Python node serving generator callbacks, for the stream tests: `streamer.py PORT`.
+"""A Python node serving generator callbacks, for the stream tests:
+`streamer.py PORT [join]`.
 
-Runs the controller on PORT until Ctrl-C (or SIGTERM).
+Runs the controller on PORT (or, with `join`, joins the one there) until Ctrl-C.
 """
 
 import asyncio
@@ -11,6 +12,7 @@ import time
 from daffi import Global, callback
 
 port = int(sys.argv[1])
+runs_controller = sys.argv[2:] != ["join"]
 
 
 class Producer:
@@ -99,7 +101,7 @@ def plain(value):
     return [value, value]
 
 
-g = Global(process_name="streamer", init_controller=True, host="localhost", port=port)
+g = Global(process_name="streamer", init_controller=runs_controller, host="localhost", port=port)
 try:
     g.join()
 except KeyboardInterrupt:
