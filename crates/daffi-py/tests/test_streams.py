@@ -1,6 +1,7 @@
 """Streams between Python nodes over TCP: generator and async generator callbacks,
 read by sync and async callers; errors, timeouts, and a reader that stops (the
-generator is closed, having run no further than the stream's credit ahead)."""
+generator is closed, having run no further than the stream's credit ahead); and
+`& STREAM`, which sends a caller's items to a callback."""
 
 import asyncio
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 import daffi
-from daffi import BG, FG, CallStream, Global
+from daffi import BG, FG, STREAM, CallStream, Global
 from conftest import NODES, WAIT, free_port, interrupt, spawn_python
 
 #: The items a stream callback may make beyond what its caller read: the caller's
@@ -190,3 +191,34 @@ def test_ctrl_c_stops_a_process_waiting_for_an_item(g, processes, tmp_path):
     assert "KeyboardInterrupt" in err
     # The reader left: its stream was cancelled, and the generator closed.
     assert g.call.producer("ctrl-c") & FG(timeout=WAIT) == [1, True]
+
+
+def test_stream_calls_the_callback_with_each_item_in_order(g):
+    assert g.call.collect(range(1000), "range") & STREAM is None
+    assert g.call.collected("range") & FG == list(range(1000))
+    g.call.collect((x * x for x in range(5)), key="generator").stream(timeout=WAIT)
+    assert g.call.collected("generator") & FG == [0, 1, 4, 9, 16]
+    assert g.call.collect([], "empty") & STREAM(timeout=WAIT) is None
+    assert g.call.collected("empty") & FG == []
+
+
+def test_stream_from_async_code_takes_async_iterables_too(g):
+    async def items():
+        for i in range(20):
+            yield {"n": i}
+
+    async def main():
+        await g.call.async_collect(items(), "async") & STREAM
+        await g.call.collect(["a", "b"], key="sync-items") & STREAM(timeout=WAIT)
+
+    asyncio.run(main())
+    assert g.call.collected("async") & FG == [{"n": i} for i in range(20)]
+    assert g.call.collected("sync-items") & FG == ["a", "b"]
+
+
+def test_stream_stops_at_the_first_exception_of_the_callback(g):
+    with pytest.raises(daffi.RemoteCallError, match="ValueError: negative item -1"):
+        g.call.picky([1, 2, -1, 3], "picky") & STREAM
+    assert g.call.collected("picky") & FG == [1, 2]
+    with pytest.raises(TypeError, match="first argument"):
+        g.call.collect() & STREAM

@@ -9,14 +9,14 @@ trust (as with the Python daffi's dill).
 
 A generator or async generator callback streams its items; the caller iterates the
 call (`for x in g.call.f()`, `async for x in g.call.f()`), or its FG result, a
-`CallStream`.
+`CallStream`. The other way, `g.call.f(items) & STREAM` calls `f` with each item.
 """
 
 from ._call import AsyncResult, RemoteCall, ScheduledTask
 from ._daffi import CallStream
 from ._callbacks import callback
 from ._global import Global
-from ._modifiers import BG, BROADCAST, FG, NO_RETURN, PERIOD
+from ._modifiers import BG, BROADCAST, FG, NO_RETURN, PERIOD, STREAM
 from .exceptions import (
     BadArgumentsError,
     DaffiError,
@@ -36,6 +36,7 @@ __all__ = [
     "NO_RETURN",
     "PERIOD",
     "BROADCAST",
+    "STREAM",
     "AsyncResult",
     "RemoteCall",
     "ScheduledTask",

@@ -106,6 +106,31 @@ class RemoteCall:
         """BROADCAST in async code."""
         return await wait_async(self._start(_broadcast_mode(return_result), timeout, eta))
 
+    def stream(self, timeout=None):
+        """STREAM: calls the callback with each item of the first argument in turn (the
+        other arguments after it); None once all were delivered."""
+        items, rest = self._split_items()
+        for item in items:
+            self._item_call(item, rest).fg(timeout=timeout)
+
+    async def stream_async(self, timeout=None):
+        """STREAM in async code; the items may also be an async iterable."""
+        items, rest = self._split_items()
+        if hasattr(items, "__aiter__"):
+            async for item in items:
+                await self._item_call(item, rest).fg_async(timeout=timeout)
+        else:
+            for item in items:
+                await self._item_call(item, rest).fg_async(timeout=timeout)
+
+    def _split_items(self):
+        if not self._args:
+            raise TypeError(f"STREAM sends the items of the first argument of {self._name}(): give one")
+        return self._args[0], self._args[1:]
+
+    def _item_call(self, item, rest):
+        return RemoteCall(self._g, self._name, (item, *rest), self._kwargs)
+
     def period(self, at_time=None, period=None):
         """PERIOD: a `ScheduledTask`."""
         return ScheduledTask(wait(self._schedule(at_time, period)))

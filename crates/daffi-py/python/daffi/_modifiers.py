@@ -95,7 +95,23 @@ class BROADCAST(_Modifier):
         )
 
 
-MODIFIERS = {m.__name__: m for m in (FG, BG, NO_RETURN, PERIOD, BROADCAST)}
+class STREAM(_Modifier):
+    """Streams arguments: `g.call.f(items, *args) & STREAM` calls `f(item, *args,
+    **kwargs)` for each item of `items`, in order, each once the one before returned;
+    None once all were delivered. An exception of the callback stops the stream and
+    raises here; `timeout` bounds each item's call."""
+
+    def __init__(self, timeout=None):
+        self.timeout = timeout
+
+    def apply(self, call):
+        return call.stream(timeout=self.timeout)
+
+    async def apply_async(self, call):
+        return await call.stream_async(timeout=self.timeout)
+
+
+MODIFIERS = {m.__name__: m for m in (FG, BG, NO_RETURN, PERIOD, BROADCAST, STREAM)}
 
 
 def instance(modifier):

@@ -96,6 +96,34 @@ def producer(key, timeout=30):
     return producers.setdefault(key, Producer()).report(timeout)
 
 
+collections = {}
+
+
+@callback
+def collect(item, key):
+    """Keeps `item` under `key`; a STREAM calls it with each item."""
+    collections.setdefault(key, []).append(item)
+
+
+@callback
+async def async_collect(item, key):
+    await asyncio.sleep(0)
+    collections.setdefault(key, []).append(item)
+
+
+@callback
+def picky(item, key):
+    """`collect`, refusing negative items."""
+    if item < 0:
+        raise ValueError(f"negative item {item}")
+    collections.setdefault(key, []).append(item)
+
+
+@callback
+def collected(key):
+    return collections.get(key, [])
+
+
 @callback
 def plain(value):
     return [value, value]
