@@ -1,14 +1,15 @@
-//! Python generators served as stream callbacks. A generator function runs on the
-//! threads of [`workers`], the GIL held only while it makes one item; an async
-//! generator on the event loop of async callbacks. Either is asked for one item at a
-//! time, when the caller's credit lets the node send one, so it runs no further ahead
-//! than the Rust core lets any stream callback run. When the caller drops its stream
-//! (or goes), the generator is closed: its `finally` blocks run.
+//! Python generators served as stream callbacks. A generator runs on the node's sync
+//! callback threads, the GIL held only while it makes one item; an async generator on
+//! the event loop of async callbacks. Either is asked for one item at a time, when the
+//! caller's credit lets the node send one, so it runs no further ahead than the Rust
+//! core lets any stream callback run. When the caller drops its stream (or goes), the
+//! generator is closed: its `finally` blocks run (an async generator waiting for its
+//! next item is cancelled).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use daffi::__private::{CallbackFailure, Handler, ItemStream};
+use daffi::__private::{CallbackFailure, Handler, ItemIter, ItemStream, Outcome};
 use pyo3::prelude::*;
 use pyo3::types::PyIterator;
 use tokio::sync::oneshot;
@@ -16,44 +17,89 @@ use tokio::sync::oneshot;
 use crate::callee::{decode, describe, dropped, Done, Step};
 use crate::workers;
 
-/// What makes the items.
-#[derive(Clone, Copy)]
-enum Kind {
-    /// `function(*args, **kwargs)` is a generator, advanced with `next`.
-    Generator,
-    /// `function(args, kwargs)` returns the Python layer's run of an async generator:
-    /// `advance(done)` asks it for one item on the event loop, `close()` closes it.
-    AsyncGenerator,
+/// A handler that streams the items of the generator `function(*args, **kwargs)`,
+/// advanced on the node's sync callback threads: one item costs no hand-over between
+/// threads, and a generator that blocks holds that thread only, as a Rust iterator
+/// does (it waits there for credit too, holding one of `max_sync_callbacks`).
+pub fn generator_handler(function: Py<PyAny>) -> Handler {
+    Handler::SyncStream(Arc::new(move |payload: Bytes| {
+        Python::attach(|py| {
+            let (args, kwargs) = decode(py, &payload)?;
+            let generator = function
+                .bind(py)
+                .call(args, Some(&kwargs))
+                .and_then(|made| made.try_iter())
+                .map_err(|e| CallbackFailure::failed(describe(py, &e)))?;
+            Ok(Box::new(GeneratorItems(Some(generator.unbind()))) as ItemIter)
+        })
+    }))
 }
 
-/// A handler that streams the items of the generator `function(*args, **kwargs)`.
-pub fn generator_handler(function: Py<PyAny>) -> Handler {
-    stream_handler(Kind::Generator, function)
+/// A generator's items; None once it ended by itself. Dropped before that (the caller
+/// stopped reading), it closes the generator.
+struct GeneratorItems(Option<Py<PyIterator>>);
+
+impl Iterator for GeneratorItems {
+    type Item = Outcome;
+
+    fn next(&mut self) -> Option<Outcome> {
+        let generator = self.0.as_ref()?;
+        let item = Python::attach(|py| {
+            generator
+                .bind(py)
+                .clone()
+                .next()
+                .map(|item| Step::of(py, item))
+        });
+        match item {
+            Some(Step::Item(item)) => Some(Ok(item)),
+            Some(Step::Failed(failure)) => {
+                self.finished();
+                Some(Err(failure))
+            }
+            Some(Step::End) | None => {
+                self.finished();
+                None
+            }
+        }
+    }
+}
+
+impl GeneratorItems {
+    /// It ended by itself: nothing to close; its reference dropped with the GIL held.
+    fn finished(&mut self) {
+        if let Some(generator) = self.0.take() {
+            Python::attach(|_| drop(generator));
+        }
+    }
+}
+
+impl Drop for GeneratorItems {
+    fn drop(&mut self) {
+        if let Some(generator) = self.0.take() {
+            Python::attach(|py| close(py, generator.bind(py)));
+        }
+    }
 }
 
 /// A handler that streams the items of an async generator: `start(args, kwargs)` gives
-/// its run (see [`Kind::AsyncGenerator`]).
+/// its run, the Python layer's: `advance(done)` asks it for one item on the event loop,
+/// `close()` closes it.
 pub fn async_generator_handler(start: Py<PyAny>) -> Handler {
-    stream_handler(Kind::AsyncGenerator, start)
-}
-
-fn stream_handler(kind: Kind, function: Py<PyAny>) -> Handler {
-    let function = Arc::new(function);
+    let start = Arc::new(start);
     Handler::AsyncStream(Arc::new(move |payload: Bytes| {
         Ok(items(State::Start {
-            kind,
-            function: function.clone(),
+            start: start.clone(),
             payload,
         }))
     }))
 }
 
-/// Where a stream callback is.
+/// Where an async generator is.
 enum State {
     /// Not called yet.
     Start {
-        kind: Kind,
-        function: Arc<Py<PyAny>>,
+        start: Arc<Py<PyAny>>,
         payload: Bytes,
     },
     /// Making items.
@@ -68,11 +114,7 @@ fn items(state: State) -> ItemStream {
         let running = match state {
             State::Ended => return None,
             State::Running(running) => running,
-            State::Start {
-                kind,
-                function,
-                payload,
-            } => match start(kind, function, payload).await {
+            State::Start { start, payload } => match Running::start(start, payload).await {
                 Ok(running) => running,
                 Err(failure) => return Some((Err(failure), State::Ended)),
             },
@@ -91,54 +133,39 @@ fn items(state: State) -> ItemStream {
     }))
 }
 
-/// Calls the callback on a worker thread: its generator (or run), not advanced yet.
-async fn start(
-    kind: Kind,
-    function: Arc<Py<PyAny>>,
-    payload: Bytes,
-) -> Result<Running, CallbackFailure> {
-    let producer = workers::run(move |py, tx| {
-        let _ = tx.send(make_producer(py, kind, function.bind(py), &payload));
-    })
-    .await
-    .unwrap_or_else(|| Err(dropped()))?;
-    Ok(Running {
-        kind,
-        producer: Arc::new(producer),
-        open: true,
-    })
-}
-
-fn make_producer(
-    py: Python<'_>,
-    kind: Kind,
-    function: &Bound<'_, PyAny>,
-    payload: &Bytes,
-) -> Result<Py<PyAny>, CallbackFailure> {
-    let (args, kwargs) = decode(py, payload)?;
-    let made = match kind {
-        Kind::Generator => function
-            .call(args, Some(&kwargs))
-            .and_then(|generator| Ok(generator.try_iter()?.into_any())),
-        Kind::AsyncGenerator => function.call1((args, kwargs)),
-    };
-    made.map(Bound::unbind)
-        .map_err(|e| CallbackFailure::failed(describe(py, &e)))
-}
-
-/// A started generator (or async generator run), closed when dropped unless it ended.
+/// A started async generator run, closed when dropped unless it ended. Python is
+/// reached through the threads of [`workers`], never from a runtime thread.
 struct Running {
-    kind: Kind,
-    producer: Arc<Py<PyAny>>,
+    run: Arc<Py<PyAny>>,
     /// Whether it may still make items (then dropping it closes it).
     open: bool,
 }
 
 impl Running {
-    /// Asks for the next item, on a worker thread.
+    /// Calls `start(args, kwargs)` on a worker thread: the run, not advanced yet.
+    async fn start(start: Arc<Py<PyAny>>, payload: Bytes) -> Result<Running, CallbackFailure> {
+        let run = workers::run(move |py, tx| {
+            let run = decode(py, &payload).and_then(|(args, kwargs)| {
+                start
+                    .bind(py)
+                    .call1((args, kwargs))
+                    .map(Bound::unbind)
+                    .map_err(|e| CallbackFailure::failed(describe(py, &e)))
+            });
+            let _ = tx.send(run);
+        })
+        .await
+        .unwrap_or_else(|| Err(dropped()))?;
+        Ok(Running {
+            run: Arc::new(run),
+            open: true,
+        })
+    }
+
+    /// Asks for the next item; the event loop answers.
     async fn next(&self) -> Step {
-        let (kind, producer) = (self.kind, self.producer.clone());
-        workers::run(move |py, tx| advance(py, kind, producer.bind(py), tx))
+        let run = self.run.clone();
+        workers::run(move |py, tx| advance(py, run.bind(py), tx))
             .await
             .unwrap_or_else(|| Step::Failed(dropped()))
     }
@@ -150,56 +177,32 @@ impl Running {
 }
 
 impl Drop for Running {
-    /// Closes the generator on a worker thread (the caller dropped the stream).
+    /// Closes the generator from a worker thread (the caller dropped the stream).
     fn drop(&mut self) {
         if !self.open {
             return;
         }
-        let (kind, producer) = (self.kind, self.producer.clone());
+        let run = self.run.clone();
         // Queued now; nothing waits for it.
-        drop(workers::run::<()>(move |py, _| {
-            close(py, kind, producer.bind(py))
-        }));
+        drop(workers::run::<()>(move |py, _| close(py, run.bind(py))));
     }
 }
 
-/// Makes one item: at once for a generator; for an async generator, the event loop
-/// answers `tx` later.
-fn advance(py: Python<'_>, kind: Kind, producer: &Bound<'_, PyAny>, tx: oneshot::Sender<Step>) {
-    match kind {
-        Kind::Generator => {
-            let step = match producer.cast::<PyIterator>() {
-                Ok(generator) => match generator.clone().next() {
-                    Some(item) => Step::of(py, item),
-                    None => Step::End,
-                },
-                Err(e) => Step::Failed(CallbackFailure::failed(e)),
-            };
-            let _ = tx.send(step);
-        }
-        Kind::AsyncGenerator => {
-            // Unanswered (no `done`), the stream ends with "ended without an answer".
-            let Ok(done) = Py::new(py, Done::new(tx)) else {
-                return;
-            };
-            if let Err(e) = producer.call_method1("advance", (done.clone_ref(py),)) {
-                done.get()
-                    .send(Step::Failed(CallbackFailure::failed(describe(py, &e))));
-            }
-        }
-    }
-}
-
-/// Closes a generator the caller no longer reads (its `finally` blocks run).
-fn close(py: Python<'_>, kind: Kind, producer: &Bound<'_, PyAny>) {
-    let closed = match kind {
-        Kind::Generator if producer.hasattr("close").unwrap_or(false) => {
-            producer.call_method0("close")
-        }
-        Kind::Generator => return,
-        Kind::AsyncGenerator => producer.call_method0("close"),
+/// Asks the run for one item: the event loop answers `tx` through `done`.
+fn advance(py: Python<'_>, run: &Bound<'_, PyAny>, tx: oneshot::Sender<Step>) {
+    // Unanswered (no `done`), the stream ends with "ended without an answer".
+    let Ok(done) = Py::new(py, Done::new(tx)) else {
+        return;
     };
-    if let Err(e) = closed {
+    if let Err(e) = run.call_method1("advance", (done.clone_ref(py),)) {
+        done.get()
+            .send(Step::Failed(CallbackFailure::failed(describe(py, &e))));
+    }
+}
+
+/// Closes a generator (or run) the caller no longer reads: its `finally` blocks run.
+fn close(py: Python<'_>, producer: &Bound<'_, PyAny>) {
+    if let Err(e) = producer.call_method0("close") {
         tracing::debug!(error = %describe(py, &e), "a Python generator did not close cleanly");
     }
 }

@@ -28,8 +28,9 @@ class Global:
     keeps on a thread of its own. A generator function (`def f(): yield ..`) or an
     async generator function (`async def f(): yield ..`) streams its items: each is
     made when the caller's credit allows (at most 32 ahead of its reading), generators
-    on the worker threads, async generators on that event loop; a caller that stops
-    reading closes the generator.
+    on the node's sync callback threads (the GIL held only while making one item),
+    async generators on that event loop; a caller that stops reading closes the
+    generator.
     """
 
     def __init__(
