@@ -13,8 +13,8 @@ from daffi import BG, FG, STREAM, CallStream, Global
 from conftest import NODES, WAIT, free_port, interrupt, spawn_python
 
 #: The items a stream callback may make beyond what its caller read: the caller's
-#: credit (32), the one item waiting for more credit, and the one read at the call.
-AHEAD = 32 + 1 + 1
+#: credit (32), and the one item made, waiting for more credit.
+AHEAD = 32 + 1
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,20 @@ def test_an_endless_stream_read_slowly_runs_only_its_credit_ahead(g):
     assert 10 < made <= 10 + AHEAD
     del stream
     assert (g.call.producer("slow") & FG)[1]
+
+
+def test_stuck_stream_readers_leave_other_calls_to_the_node_alone(g):
+    stuck = [g.call.endless(f"stuck-{i}") & FG for i in range(20)]  # read once, then never
+    started = time.monotonic()
+    results = [g.call.plain(i) & BG for i in range(200)]
+    assert [r.get(timeout=WAIT) for r in results] == [[i, i] for i in range(200)]
+    assert sum(g.call.count(1000)) == 999 * 1000 // 2
+    assert time.monotonic() - started < WAIT
+    for stream in stuck:
+        stream.close()
+    for i in range(20):
+        made, closed = g.call.producer(f"stuck-{i}") & FG
+        assert closed and made <= 1 + AHEAD
 
 
 def test_a_callee_killed_mid_stream_ends_the_stream_with_an_error(processes):
