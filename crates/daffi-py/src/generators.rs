@@ -183,8 +183,7 @@ impl Drop for Running {
             return;
         }
         let run = self.run.clone();
-        // Queued now; nothing waits for it.
-        drop(workers::run::<()>(move |py, _| close(py, run.bind(py))));
+        workers::spawn(move |py| close(py, run.bind(py)));
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 /// A Python sync callback to run, with the GIL held.
@@ -21,6 +22,17 @@ const MAX_THREADS: usize = 1024;
 
 /// How long a job may wait, with no thread free, before another thread starts.
 const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// Runs `job` on a thread of the pool with the GIL held, with nobody waiting for it.
+/// The pool is still unstuck if all its threads are busy (blocked in callbacks): by a
+/// task of the current runtime, or at once outside one.
+pub fn spawn(job: impl FnOnce(Python<'_>) + Send + 'static) {
+    let ran = run::<()>(move |py, _| job(py));
+    match Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(ran)),
+        Err(_) => Workers::get().unstick(),
+    }
+}
 
 /// Runs `job` on a thread of the pool with the GIL held, and gives what it sends on
 /// the sender it is handed (which it may also pass on, to be answered later), or None
@@ -51,6 +63,15 @@ struct Queue {
     threads: usize,
 }
 
+impl Queue {
+    /// Whether some queued job has no idle thread to take it. An idle thread counts as
+    /// idle until it wakes up, so two jobs queued at once with one thread idle leave one
+    /// unclaimed: if the first blocks, the second must not wait for it.
+    fn unclaimed(&self) -> bool {
+        self.jobs.len() > self.idle
+    }
+}
+
 /// The pool: one per process.
 #[derive(Default)]
 struct Workers {
@@ -76,7 +97,7 @@ impl Workers {
         if queue.threads == 0 {
             self.start_thread(&mut queue);
         }
-        let busy = queue.idle == 0;
+        let busy = queue.unclaimed();
         drop(queue);
         self.ready.notify_one();
         busy
@@ -85,7 +106,7 @@ impl Workers {
     /// Starts another thread if jobs are still waiting and no thread is free.
     fn unstick(self: &Arc<Self>) {
         let mut queue = self.lock();
-        if !queue.jobs.is_empty() && queue.idle == 0 {
+        if queue.unclaimed() {
             self.start_thread(&mut queue);
         }
     }
