@@ -104,6 +104,17 @@ impl Hasher for CallIdHasher {
 }
 
 impl Pending {
+    /// A table for a new connection whose call ids continue after `previous`'s: a reply
+    /// to a call of the old connection that arrives on the new one (the controller routes
+    /// by name) then matches no call, instead of completing a new call with its id.
+    pub fn continuing(previous: Option<&Pending>) -> Self {
+        let next_id = previous.map_or(0, |p| p.next_id.load(Ordering::Relaxed));
+        Pending {
+            next_id: AtomicU64::new(next_id),
+            table: Mutex::default(),
+        }
+    }
+
     /// Records a call to `callback` on `target`; returns its id and the receiver of its
     /// completion, or `None` once the table is closed.
     pub fn insert(
@@ -188,6 +199,14 @@ impl Pending {
             let _ = entry.items.send(Err(error));
         }
         true
+    }
+
+    /// The node call or stream call `id` went to, while it waits.
+    pub fn target_of(&self, id: u64) -> Option<Arc<str>> {
+        let table = self.lock();
+        let call = table.calls.get(&id).map(|e| &e.target);
+        call.or_else(|| table.streams.get(&id).map(|s| &s.target))
+            .cloned()
     }
 
     /// Whether the connection this table belongs to is gone.
@@ -400,5 +419,19 @@ mod tests {
             assert_eq!(pending.take(*id).is_some(), i % 2 == 1, "call {id}");
         }
         assert!(pending.take(ids[1]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_new_connection_never_reuses_an_old_call_id() {
+        let old = Pending::default();
+        let (old_id, _done) = old.insert("n".into(), "f".into()).expect("open");
+        old.close(|| Error::Stopped);
+        let new = Pending::continuing(Some(&old));
+        let (new_id, _done) = new.insert("n".into(), "f".into()).expect("open");
+        assert!(new_id > old_id, "{new_id} after {old_id}");
+        assert!(
+            new.take(old_id).is_none(),
+            "a late reply to the old call is not taken"
+        );
     }
 }

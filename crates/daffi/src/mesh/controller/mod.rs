@@ -95,8 +95,12 @@ pub struct ControllerMesh {
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
-    /// The streams this node produces now, waiting on their callers' credit.
-    served: streams::ServedStreams,
+    /// The streams of results this node produces now, waiting on their callers' credit.
+    served: Arc<streams::SentStreams>,
+    /// The streams of arguments this node feeds to its callees, waiting on their credit.
+    feeds: Arc<streams::SentStreams>,
+    /// The streams of arguments callers feed to this node's callbacks.
+    incoming: Arc<streams::IncomingStreams>,
 }
 
 impl ControllerMesh {
@@ -121,7 +125,9 @@ impl ControllerMesh {
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
             events,
-            served: streams::ServedStreams::default(),
+            served: Arc::default(),
+            feeds: Arc::default(),
+            incoming: Arc::default(),
         })
     }
 
@@ -271,6 +277,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
     let closed = core.closed.subscribe();
+    let mut previous: Option<Arc<Pending>> = None;
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -288,7 +295,7 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::default(),
+                    pending: Arc::new(Pending::continuing(previous.as_deref())),
                 });
                 if let Some(restore) = restore {
                     // Before anything else this node sends: a cancel made right after
@@ -321,8 +328,11 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 // misreport as "nobody serves it".
                 conn.pending
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
+                previous = Some(conn.pending.clone());
                 *write(&core.connection) = None;
                 core.served.cancel_all();
+                core.feeds.cancel_all();
+                core.incoming.fail_all();
                 link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);
