@@ -185,12 +185,22 @@ class _AsyncGeneratorRun:
 
     def advance(self, done):
         """Makes the next item; `done(ok, value)` gets it, or `done.end()` the end."""
-        future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-        future.add_done_callback(lambda f: _report_step(f, done))
+        self._loop.call_soon_threadsafe(self._start_step, done)
 
-    async def _next(self):
-        self._step = asyncio.current_task()
-        return await self._generator.__anext__()
+    def _start_step(self, done):
+        self._step = self._loop.create_task(self._next(done))
+
+    async def _next(self, done):
+        try:
+            item = await self._generator.__anext__()
+        except StopAsyncIteration:
+            done.end()
+        except BaseException as error:
+            done(False, error)
+            if not isinstance(error, Exception):
+                raise  # a cancel (the caller left), or the process ending
+        else:
+            done(True, item)
 
     def close(self):
         """Stops the generator, even while it awaits its next item (the caller left)."""
@@ -205,13 +215,6 @@ class _AsyncGeneratorRun:
             await self._generator.aclose()
         except Exception as error:  # noqa: BLE001 - logged: nobody else is told
             _log.warning("an async generator raised while being closed: %r", error)
-
-
-def _report_step(future, done):
-    if not future.cancelled() and isinstance(future.exception(), StopAsyncIteration):
-        done.end()
-    else:
-        _report(future, done)
 
 
 def _report(future, done):
