@@ -24,7 +24,7 @@ use crate::workers;
 pub fn generator_handler(function: Py<PyAny>) -> Handler {
     Handler::SyncStream(Arc::new(move |payload: Bytes| {
         Python::attach(|py| {
-            let (args, kwargs) = decode(py, &payload)?;
+            let (args, kwargs) = decode(py, &payload, None)?;
             let generator = function
                 .bind(py)
                 .call(args, Some(&kwargs))
@@ -145,7 +145,7 @@ impl Running {
     /// Calls `start(args, kwargs)` on a worker thread: the run, not advanced yet.
     async fn start(start: Arc<Py<PyAny>>, payload: Bytes) -> Result<Running, CallbackFailure> {
         let run = workers::run(move |py, tx| {
-            let run = decode(py, &payload).and_then(|(args, kwargs)| {
+            let run = decode(py, &payload, None).and_then(|(args, kwargs)| {
                 start
                     .bind(py)
                     .call1((args, kwargs))

@@ -3,12 +3,14 @@
 //! module gives it a node (`node.rs`), calls that complete off the GIL (`pending.rs`),
 //! the threads of sync callbacks (`workers.rs`),
 //! Python callbacks (`callee.rs`), generators served as stream callbacks
-//! (`generators.rs`), the items of a stream call (`streams.rs`), and the conversion of Python values to MessagePack
+//! (`generators.rs`), the items of a stream call (`streams.rs`), a Python iterable
+//! streamed to a callback (`feed.rs`), and the conversion of Python values to MessagePack
 //! (`values.rs`).
 #![warn(missing_docs)]
 
 mod callee;
 mod errors;
+mod feed;
 mod generators;
 mod node;
 mod pending;

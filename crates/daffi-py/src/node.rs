@@ -19,6 +19,7 @@ use tokio::runtime::Runtime;
 
 use crate::callee;
 use crate::errors;
+use crate::feed;
 use crate::generators;
 use crate::pending::{self, Answer, Pending, Reply};
 use crate::streams::CallStream;
@@ -176,6 +177,37 @@ impl Node {
             Mode::BroadcastNoReturn => self
                 .spawn(async move { call.broadcast_no_return_async().await.map(|()| nothing()) }),
         })
+    }
+
+    /// STREAM: calls `name(*args, **kwargs)` with the items of `iterable` as its stream
+    /// of arguments (a Python callback is called with each item in turn, before the
+    /// other arguments); the result is the callback's (None for a Python one). An
+    /// exception of the iterable ends the stream and is raised in place of the result.
+    #[pyo3(signature = (name, iterable, args, kwargs, timeout=None))]
+    fn stream_to(
+        &self,
+        name: &str,
+        iterable: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        timeout: Option<f64>,
+    ) -> PyResult<Pending> {
+        let mut call = self
+            .global
+            .call(name)
+            .raw_args(Bytes::from(values::encode_args(args, kwargs)?));
+        if let Some(t) = timeout {
+            call = call.timeout(seconds("timeout", t)?);
+        }
+        let (items, failure) = feed::items(iterable.try_iter()?);
+        let call = call.stream_from(items);
+        Ok(self.spawn(async move {
+            let answer = call.fg_async::<rmpv::Value>().await;
+            match failure.take() {
+                Some(error) => Ok(Reply::Raise(error)),
+                None => answer.map(Reply::Value),
+            }
+        }))
     }
 
     /// PERIOD: schedules `name(*args, **kwargs)` at each UTC timestamp of `at_time`, or

@@ -30,6 +30,8 @@ pub enum Reply {
     Schedule(daffi::ScheduledTask),
     /// The items of a stream callback.
     Stream(CallStream),
+    /// A Python exception to raise (an iterable fed to a callback raised).
+    Raise(PyErr),
     /// A stream has no more items: `StopAsyncIteration` (which `__next__` turns into
     /// `StopIteration`).
     End,
@@ -143,6 +145,7 @@ impl Completion {
             Some(Ok(Reply::Schedule(task))) => Ok(Py::new(py, Schedule { task })?.into_any()),
             Some(Ok(Reply::Stream(stream))) => Ok(Py::new(py, stream)?.into_any()),
             Some(Ok(Reply::End)) => Err(PyStopAsyncIteration::new_err(())),
+            Some(Ok(Reply::Raise(error))) => Err(error),
         }
     }
 }

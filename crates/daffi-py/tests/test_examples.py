@@ -44,6 +44,7 @@ def test_a_rust_node_and_a_python_node_call_each_other(processes, rust_example):
         "rust-node: py_fail raised: callback `py_fail` on process `python-node` failed: "
         "ValueError: boom from Python",
         "rust-node: py_squares(4) streamed [0, 1, 4, 9]",
+        'rust-node: streamed [a, b, c] to py_record, which got ["a", "b", "c"]',
     ]
     assert py_out.splitlines() == [
         "python-node: rust_add(2, 3) = 5",
@@ -55,4 +56,5 @@ def test_a_rust_node_and_a_python_node_call_each_other(processes, rust_example):
         "integer, got a pickled Python object of type `__main__.Point`, which only Python nodes "
         "read (send a value MessagePack expresses: None, bool, int, float, str, bytes, list, dict)",
         "python-node: rust_countdown(3) streamed [3, 2, 1]",
+        "python-node: rust_sum(range(101)) & STREAM = 5050",
     ]

@@ -4,6 +4,7 @@ generator is closed, having run no further than the stream's credit ahead); and
 `& STREAM`, which sends a caller's items to a callback."""
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -208,31 +209,51 @@ def test_ctrl_c_stops_a_process_waiting_for_an_item(g, processes, tmp_path):
 
 
 def test_stream_calls_the_callback_with_each_item_in_order(g):
-    assert g.call.collect(range(1000), "range") & STREAM is None
-    assert g.call.collected("range") & FG == list(range(1000))
+    assert g.call.collect(range(10_000), "range") & STREAM is None
+    assert g.call.collected("range") & FG == list(range(10_000))
     g.call.collect((x * x for x in range(5)), key="generator").stream(timeout=WAIT)
     assert g.call.collected("generator") & FG == [0, 1, 4, 9, 16]
     assert g.call.collect([], "empty") & STREAM(timeout=WAIT) is None
     assert g.call.collected("empty") & FG == []
+    # Values that travel pickled cross as items too.
+    g.call.collect([2**70, b"\x00"], "pickled") & STREAM
+    assert g.call.collected("pickled") & FG == [2**70, b"\x00"]
 
 
-def test_stream_from_async_code_takes_async_iterables_too(g):
-    async def items():
-        for i in range(20):
-            yield {"n": i}
-
+def test_stream_from_async_code_to_an_async_callback(g):
     async def main():
-        await g.call.async_collect(items(), "async") & STREAM
-        await g.call.collect(["a", "b"], key="sync-items") & STREAM(timeout=WAIT)
+        await g.call.async_collect([{"n": i} for i in range(20)], "async") & STREAM
+        await g.call.collect(iter(["a", "b"]), key="sync-items") & STREAM(timeout=WAIT)
 
     asyncio.run(main())
     assert g.call.collected("async") & FG == [{"n": i} for i in range(20)]
     assert g.call.collected("sync-items") & FG == ["a", "b"]
 
 
-def test_stream_stops_at_the_first_exception_of_the_callback(g):
+def test_stream_takes_items_only_as_far_as_the_callee_took_them(g):
+    taken = []
+
+    def items():
+        for i in range(1000):
+            taken.append(i)
+            yield i
+
     with pytest.raises(daffi.RemoteCallError, match="ValueError: negative item -1"):
-        g.call.picky([1, 2, -1, 3], "picky") & STREAM
+        g.call.picky(itertools.chain([1, 2, -1], items()), "picky") & STREAM
     assert g.call.collected("picky") & FG == [1, 2]
+    # The items past the failing one that were taken: no more than the credit.
+    assert len(taken) <= AHEAD
+
+
+def test_an_exception_of_the_iterable_stops_the_stream_and_raises(g):
+    def items():
+        yield 1
+        raise LookupError("no more items")
+
+    with pytest.raises(LookupError, match="no more items"):
+        g.call.collect(items(), "broken") & STREAM
+    assert g.call.collected("broken") & FG == [1]
     with pytest.raises(TypeError, match="first argument"):
         g.call.collect() & STREAM
+    with pytest.raises(TypeError):
+        g.call.collect(5, "not-iterable") & STREAM

@@ -107,29 +107,25 @@ class RemoteCall:
         return await wait_async(self._start(_broadcast_mode(return_result), timeout, eta))
 
     def stream(self, timeout=None):
-        """STREAM: calls the callback with each item of the first argument in turn (the
-        other arguments after it); None once all were delivered."""
-        items, rest = self._split_items()
-        for item in items:
-            self._item_call(item, rest).fg(timeout=timeout)
+        """STREAM: streams the items of the first argument (an iterable) to the callback,
+        only as far ahead as it takes them. A Python callback is called with each item
+        in turn (the other arguments after it), and this gives None once all were taken;
+        a Rust callback takes them as its `daffi::Incoming` parameter, and this gives
+        its result. `timeout` bounds the whole call."""
+        return wait(self._stream_to(timeout))
 
     async def stream_async(self, timeout=None):
-        """STREAM in async code; the items may also be an async iterable."""
+        """STREAM in async code (the items: a plain iterable, taken on another thread)."""
+        return await wait_async(self._stream_to(timeout))
+
+    def _stream_to(self, timeout):
         items, rest = self._split_items()
-        if hasattr(items, "__aiter__"):
-            async for item in items:
-                await self._item_call(item, rest).fg_async(timeout=timeout)
-        else:
-            for item in items:
-                await self._item_call(item, rest).fg_async(timeout=timeout)
+        return self._g._node_now().stream_to(self._name, items, rest, self._kwargs, timeout)
 
     def _split_items(self):
         if not self._args:
             raise TypeError(f"STREAM sends the items of the first argument of {self._name}(): give one")
         return self._args[0], self._args[1:]
-
-    def _item_call(self, item, rest):
-        return RemoteCall(self._g, self._name, (item, *rest), self._kwargs)
 
     def period(self, at_time=None, period=None):
         """PERIOD: a `ScheduledTask`."""

@@ -96,10 +96,12 @@ class BROADCAST(_Modifier):
 
 
 class STREAM(_Modifier):
-    """Streams arguments: `g.call.f(items, *args) & STREAM` calls `f(item, *args,
-    **kwargs)` for each item of `items`, in order, each once the one before returned;
-    None once all were delivered. An exception of the callback stops the stream and
-    raises here; `timeout` bounds each item's call."""
+    """Streams arguments: `g.call.f(items, *args) & STREAM` sends the items of the
+    iterable `items` to `f` as they are taken: a Python `f` is called as `f(item, *args,
+    **kwargs)` for each in turn, and STREAM gives None once all were taken; a Rust `f`
+    takes them as its `daffi::Incoming` parameter, and STREAM gives its result. An
+    exception of the callback (or of the iterable) stops it and raises here; `timeout`
+    bounds the whole call."""
 
     def __init__(self, timeout=None):
         self.timeout = timeout
