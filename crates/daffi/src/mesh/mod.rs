@@ -28,6 +28,7 @@ mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub(crate) mod pending;
+pub(crate) mod served;
 
 use std::future::Future;
 use std::pin::Pin;

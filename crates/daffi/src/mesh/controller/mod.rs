@@ -96,7 +96,7 @@ pub struct ControllerMesh {
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
     /// The streams this node produces now, waiting on their callers' credit.
-    served: streams::ServedStreams,
+    served: crate::mesh::served::ServedStreams,
 }
 
 impl ControllerMesh {
@@ -121,7 +121,7 @@ impl ControllerMesh {
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
             events,
-            served: streams::ServedStreams::default(),
+            served: crate::mesh::served::ServedStreams::default(),
         })
     }
 

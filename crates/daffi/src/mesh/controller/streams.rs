@@ -1,110 +1,21 @@
 //! Streams over the controller link: the caller's credit and cancel frames, and the
-//! callee's streams in progress, each waiting on the credit its caller granted.
+//! way back for the callee's items (its streams in progress are a
+//! [`ServedStreams`](crate::mesh::served::ServedStreams)).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::{watch, Semaphore};
+use std::sync::Arc;
 
 use super::{Connection, ControllerMesh};
 use crate::callback::CallbackFailure;
 use crate::error::Result;
 use crate::executor::ItemSink;
-use crate::mesh::{BoxFuture, CallRequest, OpenStream, StreamControl, STREAM_WINDOW};
+use crate::mesh::served::StreamGate;
+use crate::mesh::{BoxFuture, CallRequest, OpenStream, StreamControl};
 use crate::protocol::message::{self, RemoteError};
-use crate::sync::lock;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
 const NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
-
-/// The most credit a stream holds at once, whatever its caller grants: a caller that
-/// grants more only wastes its own memory, never the callee's.
-const MAX_CREDIT: usize = 1 << 20;
-
-/// The streams this node produces now, by caller and call id.
-#[derive(Default)]
-pub struct ServedStreams(Mutex<HashMap<Arc<str>, CallerStreams>>);
-
-/// One caller's streams, by call id.
-type CallerStreams = HashMap<u64, Arc<StreamGate>>;
-
-impl ServedStreams {
-    /// Records a stream for `caller`'s call `call_id`, with the first window of credit.
-    fn open(&self, caller: &str, call_id: u64) -> Arc<StreamGate> {
-        let gate = Arc::new(StreamGate {
-            credit: Semaphore::new(STREAM_WINDOW as usize),
-            cancelled: watch::channel(false).0,
-        });
-        let mut by_caller = lock(&self.0);
-        match by_caller.get_mut(caller) {
-            Some(streams) => {
-                streams.insert(call_id, gate.clone());
-            }
-            None => {
-                by_caller.insert(Arc::from(caller), HashMap::from([(call_id, gate.clone())]));
-            }
-        }
-        gate
-    }
-
-    /// Forgets `caller`'s stream `call_id`; returns it if it was there.
-    fn close(&self, caller: &str, call_id: u64) -> Option<Arc<StreamGate>> {
-        let mut by_caller = lock(&self.0);
-        let streams = by_caller.get_mut(caller)?;
-        let gate = streams.remove(&call_id);
-        if streams.is_empty() {
-            by_caller.remove(caller);
-        }
-        gate
-    }
-
-    /// `caller` granted `items` more to its stream `call_id`.
-    pub fn grant(&self, caller: &str, call_id: u64, items: u32) {
-        let by_caller = lock(&self.0);
-        if let Some(gate) = by_caller.get(caller).and_then(|s| s.get(&call_id)) {
-            let room = MAX_CREDIT.saturating_sub(gate.credit.available_permits());
-            gate.credit.add_permits((items as usize).min(room));
-        }
-    }
-
-    /// `caller` dropped its stream `call_id`.
-    pub fn cancel(&self, caller: &str, call_id: u64) {
-        if let Some(gate) = self.close(caller, call_id) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream to `caller`: it left.
-    pub fn cancel_caller(&self, caller: &str) {
-        let streams = lock(&self.0).remove(caller);
-        for gate in streams.into_iter().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream: the connection they went through is gone.
-    pub fn cancel_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.0));
-        for gate in all.into_values().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-}
-
-/// One stream's credit, and whether its caller cancelled it.
-struct StreamGate {
-    credit: Semaphore,
-    cancelled: watch::Sender<bool>,
-}
-
-impl StreamGate {
-    fn cancel(&self) {
-        self.cancelled.send_replace(true);
-        self.credit.close();
-    }
-}
 
 /// The way back for one stream's items, over the controller link.
 pub struct FrameItemSink {
@@ -150,9 +61,8 @@ impl FrameItemSink {
 impl ItemSink for FrameItemSink {
     fn send(&mut self, item: Payload) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            match self.gate.credit.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return false, // cancelled
+            if !self.gate.take_credit().await {
+                return false; // cancelled
             }
             let frame = self.frame(Kind::StreamItem, 0, item);
             self.queue(frame).await
@@ -160,15 +70,12 @@ impl ItemSink for FrameItemSink {
     }
 
     fn cancelled(&self) -> BoxFuture<'_, ()> {
-        let mut cancelled = self.gate.cancelled.subscribe();
-        Box::pin(async move {
-            let _ = cancelled.wait_for(|c| *c).await;
-        })
+        Box::pin(self.gate.cancelled())
     }
 
     fn end(self: Box<Self>, failure: Option<CallbackFailure>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if *self.gate.cancelled.borrow() {
+            if self.gate.is_cancelled() {
                 return;
             }
             let (flags, body) = match failure {
