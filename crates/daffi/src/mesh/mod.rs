@@ -13,7 +13,8 @@
 //!   for room to send never goes past the call's deadline. Never the calling node itself.
 //! - **streams** ([`Mesh::open_stream`]): a request for items rather than one reply;
 //!   the items arrive on an [`OpenStream`], and its [`StreamControl`] grants credit
-//!   and cancels. Streams are optional: the default says the backend has none.
+//!   and cancels; the node producing them keeps them in a
+//!   [`ServedStreams`](served::ServedStreams).
 //! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
 //!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
 //! - **incoming calls**: the mesh hands each request to the executor as a
@@ -173,13 +174,7 @@ pub trait Mesh: Send + Sync {
 
     /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
     /// picks it), granting it [`STREAM_WINDOW`] items; never waits.
-    fn open_stream(&self, _req: &CallRequest) -> Result<OpenStream> {
-        Err(Error::Unsupported {
-            what: "streaming a callback's results".to_string(),
-            reason: "over NATS yet (streams are not built for it); use the built-in controller"
-                .to_string(),
-        })
-    }
+    fn open_stream(&self, req: &CallRequest) -> Result<OpenStream>;
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.
     fn control<'a>(

@@ -9,6 +9,9 @@
 //!   key per node, created atomically (unique names), renewed by a heartbeat and
 //!   expired by the bucket's age limit when a node dies; a watch keeps the view current
 //!   (`members`).
+//! - **streams**: items to the caller's inbox (`<inbox>.s<call id>`), credit and
+//!   cancel to `<ns>.node.<callee>.~streams`, probes both ways so that either side
+//!   learns at once that the other died (`streams`).
 //! - **large payloads** (over the server's `max_payload`) are split and joined, with
 //!   flow control (`chunks`).
 //! - **schedules** (PERIOD) live in the replicated KV bucket `<ns>-schedules`, fired
@@ -37,15 +40,17 @@ mod flow;
 mod incoming;
 mod members;
 mod schedules;
+mod streams;
 mod subjects;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::served::ServedStreams;
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
@@ -85,6 +90,8 @@ pub struct NatsConfig {
 
 /// A node's side of a NATS cluster: everything its tasks share.
 pub struct NatsMesh {
+    /// This node itself, for the task a stream call starts from `&self`.
+    me: Weak<NatsMesh>,
     name: Arc<str>,
     config: NatsConfig,
     subjects: Subjects,
@@ -96,6 +103,8 @@ pub struct NatsMesh {
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
     /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
+    /// The streams this node produces, by the inbox of their caller and call id.
+    served: ServedStreams,
     /// The credit of this node's calls towards each callee; acks come to
     /// `<inbox>.w<window id>`.
     windows: flow::Windows,
@@ -172,13 +181,15 @@ impl NatsMesh {
         })
         .await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
-        let mesh = Arc::new(NatsMesh {
+        let mesh = Arc::new_cyclic(|me| NatsMesh {
+            me: me.clone(),
             name,
             subjects,
             client,
             executor,
             membership: Membership::default(),
             pending: Arc::default(),
+            served: ServedStreams::default(),
             windows: flow::Windows::new(&inbox),
             inbox,
             size_limit: config.max_frame_size,
