@@ -10,7 +10,7 @@ mod streaming;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::NatsServer;
+use common::nats::{NatsCluster, NatsServer};
 use common::{run_role, spawn_role_child, unique, Worker, ENV_NAME, WAIT};
 use daffi::{Blob, Error, Global, GlobalBuilder};
 
@@ -117,8 +117,12 @@ impl Mesh {
 }
 
 fn spawn_worker(server: &NatsServer, namespace: &str) -> Worker {
-    let env = [(ENV_NATS, server.url()), (ENV_NAMESPACE, namespace.into())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    spawn_worker_on(&server.url(), namespace)
+}
+
+/// A worker given only the server at `url` (its client learns the others).
+fn spawn_worker_on(url: &str, namespace: &str) -> Worker {
+    let env = [(ENV_NATS, url), (ENV_NAMESPACE, namespace)];
     spawn_role_child(ENTRY, "worker", &unique("streamer"), &env)
 }
 
@@ -302,4 +306,62 @@ fn large_arguments_go_in_chunks_and_large_items_are_refused_clearly() {
         other => panic!("expected Remote, got {other:?}"),
     }
     assert!(items.next().is_none(), "nothing after the error");
+}
+
+#[test]
+fn a_callee_that_loses_its_server_ends_the_stream_with_an_error_never_a_gap() {
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let namespace = unique("streams").replace('-', "_");
+    let caller = Global::builder()
+        .nats(&urls[0])
+        .namespace(&namespace)
+        .process_name(unique("caller"))
+        .connect_timeout(WAIT)
+        .start()
+        .expect("caller starts");
+    let worker = spawn_worker_on(&urls[1], &namespace);
+    caller
+        .wait_function_timeout(streaming::LAST_REGISTERED, WAIT)
+        .expect("the worker's streams are announced");
+    let mut items = caller
+        .call("endless")
+        .on(&worker.name)
+        .timeout(WAIT)
+        .stream::<u64>()
+        .expect("stream")
+        .into_iter();
+    for expected in 1..=100u64 {
+        assert_eq!(items.next().expect("an item").expect("item"), expected);
+    }
+    // The worker's server dies; its client moves to another (the caller's stays).
+    let killed = Instant::now();
+    cluster.kill(1);
+    let mut expected = 101;
+    let error = loop {
+        match items
+            .next()
+            .expect("the stream ends with an error, not silently")
+        {
+            Ok(item) => {
+                assert_eq!(item, expected, "no item lost unknowingly");
+                expected += 1;
+            }
+            Err(error) => break error,
+        }
+    };
+    let after = killed.elapsed();
+    match &error {
+        Error::PeerDisconnected { process, .. } => assert_eq!(process, &worker.name),
+        Error::Remote { message, .. } => {
+            assert!(message.contains("lost its NATS connection"), "{message}");
+        }
+        other => panic!("expected PeerDisconnected or Remote, got {other:?}"),
+    }
+    assert!(after < WAIT, "ended {after:?} after the kill");
+    assert!(items.next().is_none(), "nothing after the error");
+    eprintln!(
+        "{} more items, then {error} ({after:?} after the kill)",
+        expected - 101
+    );
 }

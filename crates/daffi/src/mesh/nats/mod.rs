@@ -44,6 +44,7 @@ mod streams;
 mod subjects;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -114,6 +115,9 @@ pub struct NatsMesh {
     chunk_size: usize,
     /// Whether the client is connected to a server now.
     connected: watch::Sender<bool>,
+    /// How many times the client lost its server: a stream produced across a loss may
+    /// have lost items on the way.
+    losses: AtomicU64,
     /// Set when stopping begins: no new calls from here, no new requests run here.
     stopped: watch::Sender<bool>,
     /// Set once the goodbye is done (the membership entry deleted, or given up).
@@ -195,6 +199,7 @@ impl NatsMesh {
             size_limit: config.max_frame_size,
             chunk_size,
             connected: watch::channel(true).0,
+            losses: AtomicU64::new(0),
             stopped: watch::channel(false).0,
             finished: watch::channel(false).0,
             schedules,
@@ -256,6 +261,7 @@ impl NatsMesh {
     }
 
     /// The client lost its server: calls in flight fail (their replies may be lost),
+    /// the streams this node produces end at their next item (theirs may be lost too),
     /// and new calls fail until it is back. The view stays: the membership lives in the
     /// cluster, not in this connection, and is most likely the same once the client
     /// is back (the watch then corrects it), so calls work again at once.
@@ -266,6 +272,7 @@ impl NatsMesh {
         tracing::warn!(process = %self.name, "lost the NATS server; reconnecting");
         self.pending
             .fail_all(|| self.unreachable("connection to the NATS server lost"));
+        self.losses.fetch_add(1, Ordering::Relaxed);
         self.emit(NodeEvent::Disconnected);
     }
 
@@ -314,6 +321,7 @@ impl NatsMesh {
             return;
         }
         let _ = self.record.send(RecordCommand::Goodbye);
+        self.served.cancel_all();
         self.executor.retire();
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");

@@ -29,8 +29,10 @@
 //! `~streams` subject, credit and cancel to the items subject).
 //!
 //! An item larger than one NATS message (the server's `max_payload`, less room for
-//! headers) is not split: the stream ends with an error that says so.
+//! headers) is not split: the stream ends with an error that says so. So does a stream
+//! whose producer lost its NATS connection meanwhile (items may have been lost).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,6 +367,8 @@ pub struct NatsItemSink {
     mesh: Arc<NatsMesh>,
     gate: Arc<StreamGate>,
     items_to: Subject,
+    /// The mesh's connection losses when the stream began.
+    losses: u64,
 }
 
 impl NatsItemSink {
@@ -376,6 +380,7 @@ impl NatsItemSink {
             gate: mesh.served.open(caller, call_id),
             mesh: mesh.clone(),
             items_to: items_to.clone(),
+            losses: mesh.losses.load(Ordering::Relaxed),
         }))
     }
 
@@ -390,13 +395,15 @@ impl NatsItemSink {
         }
     }
 
-    /// Resolves once the caller no longer listens or awaits the stream (which is then
-    /// cancelled); checks every [`PROBE_EVERY`].
+    /// Resolves once the caller no longer listens or awaits the stream, or this node
+    /// lost its connection (its credit may be lost); the stream is then cancelled.
+    /// Checks every [`PROBE_EVERY`].
     async fn caller_gone(&self) {
         loop {
             tokio::time::sleep(PROBE_EVERY).await;
-            if !listens(&self.mesh.client, self.items_to.clone()).await {
-                tracing::debug!(items = %self.items_to, "a stream's caller is gone; its producer stops");
+            let lost = self.connection_lost().is_some();
+            if lost || !listens(&self.mesh.client, self.items_to.clone()).await {
+                tracing::debug!(items = %self.items_to, lost, "a stream's caller is gone, or the connection was lost; its producer stops");
                 self.gate.cancel();
                 return;
             }
@@ -423,6 +430,30 @@ impl NatsItemSink {
         }
     }
 
+    /// The failure that ends the stream if this node lost its connection since it
+    /// began: items published meanwhile may be lost, and a reader must not miss one
+    /// unknowingly.
+    fn connection_lost(&self) -> Option<CallbackFailure> {
+        (self.mesh.losses.load(Ordering::Relaxed) != self.losses).then(|| CallbackFailure {
+            kind: RemoteErrorKind::Failed,
+            message: format!(
+                "process `{}` lost its NATS connection while streaming: items may have been lost, so the stream ends here",
+                self.mesh.name
+            ),
+        })
+    }
+
+    /// Ends the stream with [`connection_lost`](Self::connection_lost)'s failure, if
+    /// there is one; returns whether it did.
+    async fn end_if_connection_lost(&self) -> bool {
+        let Some(failure) = self.connection_lost() else {
+            return false;
+        };
+        self.gate.cancel();
+        self.finish(Some(failure)).await;
+        true
+    }
+
     /// Ends the stream: `item` is larger than one message holds.
     async fn refuse_item(&self, item: usize) {
         let message = format!(
@@ -446,7 +477,8 @@ impl ItemSink for NatsItemSink {
                 self.refuse_item(item.len()).await;
                 return false;
             }
-            if !self.credit().await {
+            let credited = self.credit().await;
+            if self.end_if_connection_lost().await || !credited {
                 return false;
             }
             let item = item.into_bytes();
@@ -463,7 +495,9 @@ impl ItemSink for NatsItemSink {
             tokio::select! {
                 biased;
                 () = self.gate.cancelled() => {}
-                () = self.caller_gone() => {}
+                () = self.caller_gone() => {
+                    self.end_if_connection_lost().await;
+                }
             }
         })
     }
@@ -471,7 +505,7 @@ impl ItemSink for NatsItemSink {
     fn end(self: Box<Self>, failure: Option<CallbackFailure>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             if !self.gate.is_cancelled() {
-                self.finish(failure).await;
+                self.finish(self.connection_lost().or(failure)).await;
             }
         })
     }
