@@ -310,6 +310,8 @@ async fn drive(
         return;
     }
     let mut probes = tokio::time::interval_at(Instant::now() + PROBE_EVERY, PROBE_EVERY);
+    // A probe that waited for its answer is not followed by a burst of others.
+    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             command = commands.recv() => match command {
