@@ -26,7 +26,9 @@ use syn::{FnArg, ItemFn, LitStr, Pat, ReturnType, Token, Type};
 /// (`.args(person)`), unless the map is `{"p": value}` for a parameter `p`. A return type spelled `Result<..>` sends `Err(e)` to the caller as a
 /// remote error (`e` must implement `Display`); any other return type must implement
 /// `serde::Serialize`. Arguments must be owned `DeserializeOwned` types: generics,
-/// `impl Trait` and borrowed arguments are refused at compile time.
+/// `impl Trait` and borrowed arguments are refused at compile time. One parameter, in
+/// any position, may be a `daffi::Incoming<T>`: the items the caller streams with
+/// `Call::stream_from` (the caller's `.args(..)` carries the others).
 ///
 /// A plain `fn` returning `impl Iterator<Item = T>` (or `impl IntoIterator`) or
 /// `impl Stream<Item = T>` streams its items (`T: Serialize`, the iterator or stream
@@ -247,7 +249,10 @@ const MAX_PARAMS: usize = 16;
 
 /// The pieces every shim shares: decoding the arguments, and encoding the result.
 struct ShimParts {
+    /// Decodes the arguments into `__args`, when the shim is called.
     decode: TokenStream2,
+    /// Unpacks `__args` into the parameters, or returns their failure.
+    unpack: TokenStream2,
     encode: TokenStream2,
     idents: Vec<syn::Ident>,
 }
@@ -257,19 +262,17 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
     let names: Vec<String> = idents.iter().map(|i| i.unraw().to_string()).collect();
     let type_texts: Vec<String> = params.iter().map(|p| type_text(&p.ty)).collect();
     let types: Vec<&Type> = params.iter().map(|p| &p.ty).collect();
-    let decode = if params.is_empty() {
-        quote! { let _ = &payload; }
-    } else {
-        quote! {
-            const SIGNATURE: ::daffi::__private::Signature<'static> = ::daffi::__private::Signature {
-                callback: #exposed,
-                names: &[#(#names),*],
-                types: &[#(#type_texts),*],
-            };
-            let (#(#idents,)*) =
-                ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, &payload)?;
-        }
+    // Decoded before an async callback's future is made: the request's stream of
+    // arguments (`Incoming`) is offered only while the shim is called.
+    let decode = quote! {
+        const SIGNATURE: ::daffi::__private::Signature<'static> = ::daffi::__private::Signature {
+            callback: #exposed,
+            names: &[#(#names),*],
+            types: &[#(#type_texts),*],
+        };
+        let __args = ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, &payload);
     };
+    let unpack = quote! { let (#(#idents,)*) = __args?; };
     let encode = match returns(&sig.output) {
         Returns::Iterator => quote! { Ok(::daffi::__private::iter_items(__ret)) },
         Returns::Stream => quote! { Ok(::daffi::__private::stream_items(__ret)) },
@@ -277,6 +280,7 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
     };
     ShimParts {
         decode,
+        unpack,
         encode,
         idents,
     }
@@ -327,6 +331,7 @@ fn shim(
 ) -> TokenStream2 {
     let ShimParts {
         decode,
+        unpack,
         encode,
         idents,
     } = shim_parts(sig, params, exposed);
@@ -336,8 +341,9 @@ fn shim(
                 fn #shim_name(
                     payload: ::daffi::__private::Bytes,
                 ) -> ::daffi::__private::BoxFuture<::daffi::__private::Outcome> {
+                    #decode
                     ::std::boxed::Box::pin(async move {
-                        #decode
+                        #unpack
                         let __ret = #callable(#(#idents),*).await;
                         #encode
                     })
@@ -351,6 +357,7 @@ fn shim(
             quote! {
                 fn #shim_name(payload: ::daffi::__private::Bytes) -> #output {
                     #decode
+                    #unpack
                     let __ret = #callable(#(#idents),*);
                     #encode
                 }
@@ -373,6 +380,7 @@ fn shim(
 fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> TokenStream2 {
     let ShimParts {
         decode,
+        unpack,
         encode,
         idents,
     } = shim_parts(sig, params, exposed);
@@ -383,8 +391,9 @@ fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> Toke
                 move |payload: ::daffi::__private::Bytes|
                     -> ::daffi::__private::BoxFuture<::daffi::__private::Outcome> {
                     let this = this.clone();
+                    #decode
                     ::std::boxed::Box::pin(async move {
-                        #decode
+                        #unpack
                         let __ret = this.#name(#(#idents),*).await;
                         #encode
                     })
@@ -397,6 +406,7 @@ fn method_handler(sig: &syn::Signature, params: &[Param], exposed: &str) -> Toke
             ::daffi::__private::Handler::#kind(::std::sync::Arc::new(
                 move |payload: ::daffi::__private::Bytes| -> #output {
                     #decode
+                    #unpack
                     let __ret = this.#name(#(#idents),*);
                     #encode
                 },

@@ -108,6 +108,13 @@ pub const FLAG_NO_REPLY: u8 = 0b0000_0001;
 /// `Request` flag: the caller wants a stream of items (`StreamItem` frames, then a
 /// `StreamEnd`), not one `Reply`.
 pub const FLAG_STREAM: u8 = 0b0000_0010;
+/// `Request` flag: the caller feeds the callee a stream of arguments (`StreamItem` and
+/// `StreamEnd` frames with [`FLAG_ARGUMENTS`]), read as the callback's `Incoming`.
+pub const FLAG_INCOMING: u8 = 0b0000_0100;
+/// Stream frame flag: the frame belongs to the arguments a caller streams to its callee
+/// (items and end from the caller, credit and cancel from the callee), not to the
+/// results the callee streams back.
+pub const FLAG_ARGUMENTS: u8 = 0b0000_0010;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 

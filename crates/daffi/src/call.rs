@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,15 +11,16 @@ use serde::Serialize;
 
 use crate::async_result::{AsyncResult, Outcome};
 use crate::blocking;
+use crate::callback::{stream_items, ItemStream};
 use crate::codec::{self, encode_value, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::mesh::{CallRequest, NodeOutcome, ReplyPayload};
+use crate::mesh::{BoxFuture, CallRequest, NodeOutcome, ReplyPayload};
 use crate::node::{Node, Started};
 use crate::period::{Period, ScheduledTask};
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry, Timing};
 use crate::protocol::MAX_TASK_ID;
-use crate::stream::CallStream;
+use crate::stream::{CallStream, Feeding};
 use daffi_wire::Payload;
 
 /// MessagePack for an empty argument list.
@@ -34,6 +35,10 @@ const NO_ARGS: &[u8] = &[0x90];
 /// | no result (NO_RETURN) | [`no_return`](Self::no_return) | [`no_return_async`](Self::no_return_async) |
 /// | every provider (BROADCAST) | [`broadcast`](Self::broadcast), [`broadcast_results`](Self::broadcast_results), [`broadcast_no_return`](Self::broadcast_no_return) | the `_async` twins |
 /// | on a schedule (PERIOD) | [`period`](Self::period) -> [`ScheduledTask`] | [`period_async`](Self::period_async) |
+/// | a stream of results (STREAM) | [`stream`](Self::stream) -> [`CallStream`] | the same `CallStream` |
+///
+/// [`stream_from`](Self::stream_from) streams arguments to the callback's
+/// [`Incoming`](crate::Incoming) parameter, with `fg`, `fg_async`, `bg` or `stream`.
 ///
 /// ```no_run
 /// # fn demo(g: &daffi::Global) -> daffi::Result<()> {
@@ -50,6 +55,19 @@ pub struct Call {
     on: Option<String>,
     timeout: Option<Duration>,
     eta: Option<Duration>,
+    /// The arguments `stream_from` streams to the callee.
+    feed: Option<FeedSource>,
+}
+
+/// The items given to [`Call::stream_from`], encoded as they come; clones of a call
+/// share them, and the first to end takes them.
+#[derive(Clone)]
+struct FeedSource(Arc<Mutex<Option<ItemStream>>>);
+
+impl std::fmt::Debug for FeedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FeedSource")
+    }
 }
 
 impl Call {
@@ -61,6 +79,7 @@ impl Call {
             on: None,
             timeout: None,
             eta: None,
+            feed: None,
         }
     }
 
@@ -100,6 +119,32 @@ impl Call {
         self
     }
 
+    /// Streams `items` to the callback's [`Incoming`](crate::Incoming) parameter (its
+    /// other parameters are the `.args(..)`, in order); end the call with
+    /// [`fg`](Self::fg), [`fg_async`](Self::fg_async), [`bg`](Self::bg) or
+    /// [`stream`](Self::stream) (both ways at once). The stream is polled on the node's
+    /// runtime, only as far ahead as the callee reads (32 items); it is dropped once the
+    /// callee stops reading or the call ends. A callback without an `Incoming` parameter
+    /// refuses the call with [`Error::NotAStream`], as does one with it called without
+    /// `stream_from`. `timeout` bounds the whole call; `eta` is not supported here.
+    ///
+    /// ```no_run
+    /// # async fn demo(g: &daffi::Global) -> daffi::Result<()> {
+    /// // `fn sum(scale: i64, numbers: daffi::Incoming<i64>) -> daffi::Result<i64>`
+    /// let numbers = futures_util::stream::iter(1..=10_000i64); // or `futures::stream::iter`
+    /// let total: i64 = g.call("sum").args((2,)).stream_from(numbers).fg_async().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn stream_from<S>(mut self, items: S) -> Self
+    where
+        S: futures_core::Stream + Send + 'static,
+        S::Item: Serialize + 'static,
+    {
+        let items = Some(stream_items(items));
+        self.feed = Some(FeedSource(Arc::new(Mutex::new(items))));
+        self
+    }
+
     /// FG: blocks until the result arrives.
     ///
     /// ```no_run
@@ -124,7 +169,11 @@ impl Call {
     /// ```
     pub async fn fg_async<T: DeserializeOwned>(self) -> Result<T> {
         let callback = self.callback.clone();
-        let bytes = self.request(false)?.await?;
+        let bytes = if self.feed.is_some() {
+            self.fed_request()?.await?
+        } else {
+            self.request(false)?.await?
+        };
         decode_result(&callback, bytes)
     }
 
@@ -143,6 +192,10 @@ impl Call {
     pub fn bg<T: DeserializeOwned>(self) -> Result<AsyncResult<T>> {
         let global = self.global.clone();
         let callback = self.callback.clone();
+        if self.feed.is_some() {
+            let call = global.runtime().spawn(self.fed_request()?);
+            return Ok(AsyncResult::new(global, callback, Outcome::Task(call)));
+        }
         let (node, request) = self.into_request(false)?;
         // Sent from this thread when nothing makes it wait: no task to start and wake.
         let started = {
@@ -373,6 +426,9 @@ impl Call {
     /// # Ok(()) }
     /// ```
     pub async fn period_async(mut self, period: Period) -> Result<ScheduledTask> {
+        if self.feed.is_some() {
+            return Err(feed_needs_outcome());
+        }
         let timing = timing_of(period)?;
         let node = self.global.node()?.clone();
         let entry = TaskEntry {
@@ -415,7 +471,7 @@ impl Call {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn stream<T: DeserializeOwned>(self) -> Result<CallStream<T>> {
+    pub fn stream<T: DeserializeOwned>(mut self) -> Result<CallStream<T>> {
         if self.eta.is_some() {
             return Err(Error::Config(
                 "a stream call starts at once; drop `.eta(..)`".into(),
@@ -423,6 +479,7 @@ impl Call {
         }
         let global = self.global.clone();
         let callback = self.callback.clone();
+        let items = self.take_feed()?;
         let (node, request) = self.into_request(false)?;
         let runtime = global.runtime().clone();
         let open = {
@@ -430,7 +487,46 @@ impl Call {
             let _runtime = runtime.enter();
             node.open_stream(&request)?
         };
-        Ok(CallStream::new(callback, open, request.timeout, runtime))
+        let call_id = open.call_id;
+        let stream = CallStream::new(callback, open, request.timeout, runtime.clone());
+        match items {
+            // The stream's own cancel tells the callee: the feeding need not.
+            Some(items) => Ok(stream.feeding(Feeding::start(
+                &runtime,
+                node.open_feed(call_id)?,
+                items,
+                false,
+            ))),
+            None => Ok(stream),
+        }
+    }
+
+    /// The items `stream_from` gave, taken (clones of the call share them).
+    fn take_feed(&mut self) -> Result<Option<ItemStream>> {
+        let Some(feed) = &self.feed else {
+            return Ok(None);
+        };
+        let items = crate::sync::lock(&feed.0).take();
+        items.map(Some).ok_or_else(|| {
+            Error::Config(
+                "the stream given to `.stream_from(..)` was taken by a clone of this call".into(),
+            )
+        })
+    }
+
+    /// The call with its arguments streamed from `stream_from`'s items.
+    fn fed_request(mut self) -> Result<BoxFuture<'static, Result<ReplyPayload>>> {
+        if self.eta.is_some() {
+            return Err(Error::Config(
+                "a call fed with `.stream_from(..)` starts at once; drop `.eta(..)`".into(),
+            ));
+        }
+        let runtime = self.global.runtime().clone();
+        let items = self
+            .take_feed()?
+            .ok_or_else(|| Error::Config("no stream given to `.stream_from(..)`".into()))?;
+        let (node, request) = self.into_request(false)?;
+        Ok(Box::pin(node.call_fed(request, items, runtime)))
     }
 
     /// The encoded arguments, moved out (not cloned: a clone of each part would be
@@ -443,6 +539,9 @@ impl Call {
     }
 
     fn into_request(mut self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
+        if no_reply && self.feed.is_some() {
+            return Err(feed_needs_outcome());
+        }
         let node = self.global.node()?.clone();
         let args = self.take_args()?;
         Ok((
@@ -454,6 +553,7 @@ impl Call {
                 timeout: self.timeout,
                 eta: self.eta,
                 no_reply,
+                incoming: self.feed.is_some(),
             },
         ))
     }
@@ -472,6 +572,9 @@ impl Call {
             return Err(Error::Config(
                 "a broadcast goes to every node serving the name; drop `.on(..)`".into(),
             ));
+        }
+        if self.feed.is_some() {
+            return Err(feed_needs_outcome());
         }
         let (node, request) = self.into_request(no_reply)?;
         Ok(node.broadcast(request))
@@ -495,6 +598,13 @@ fn shared_name(callback: &str) -> Arc<str> {
             }
         }
     })
+}
+
+/// Why a call fed with `stream_from` cannot end with no_return, broadcast or period.
+fn feed_needs_outcome() -> Error {
+    Error::Config(
+        "a call fed with `.stream_from(..)` goes to one node and waits for its outcome: end it with fg, fg_async, bg or stream".into(),
+    )
 }
 
 /// Turns a [`Period`] into the controller's timing, refusing what cannot be kept.

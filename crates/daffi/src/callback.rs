@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{self, encode_value};
@@ -20,7 +19,7 @@ use daffi_wire::Payload;
 
 mod args;
 
-pub use args::{decode_args, Signature};
+pub use args::{decode_args, Param, Signature};
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -248,7 +247,7 @@ macro_rules! closure_callback {
         where
             F: Fn($($a),*) -> R + Send + Sync + 'static,
             R: IntoReply,
-            $($a: DeserializeOwned + Send + 'static,)*
+            $($a: Param + Send + 'static,)*
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_handler(self, name: &str) -> Handler {
@@ -267,7 +266,7 @@ macro_rules! closure_callback {
             F: Fn($($a),*) -> Fut + Send + Sync + 'static,
             Fut: Future<Output = R> + Send + 'static,
             R: IntoReply,
-            $($a: DeserializeOwned + Send + 'static,)*
+            $($a: Param + Send + 'static,)*
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_handler(self, name: &str) -> Handler {
@@ -329,7 +328,7 @@ macro_rules! stream_callback {
             I: IntoIterator,
             I::IntoIter: Send + 'static,
             I::Item: Serialize + 'static,
-            $($a: DeserializeOwned + Send + 'static,)*
+            $($a: Param + Send + 'static,)*
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_stream_handler(self, name: &str) -> Handler {
@@ -348,7 +347,7 @@ macro_rules! stream_callback {
             F: Fn($($a),*) -> S + Send + Sync + 'static,
             S: futures_core::Stream + Send + 'static,
             S::Item: Serialize + 'static,
-            $($a: DeserializeOwned + Send + 'static,)*
+            $($a: Param + Send + 'static,)*
         {
             #[allow(non_snake_case, unused_variables)]
             fn into_stream_handler(self, name: &str) -> Handler {

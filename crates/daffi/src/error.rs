@@ -72,6 +72,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The caller gave up on a call (dropped its future or stream, or its `timeout`
+    /// passed) while the callee still read the arguments it streamed: the callee's
+    /// [`Incoming`](crate::Incoming) ends with this.
+    #[error("process `{process}` gave up on its call to `{callback}` before its stream of arguments ended")]
+    Cancelled {
+        /// The caller.
+        process: String,
+        /// The callback that was called.
+        callback: String,
+    },
+
     /// The callee already runs as many callbacks of this kind as it allows
     /// (`max_sync_callbacks` for sync ones, `max_concurrent_callbacks` for async ones).
     #[error("process `{process}` is overloaded and refused `{callback}`; retry later, add nodes, or raise its `max_sync_callbacks` (sync callbacks) or `max_concurrent_callbacks` (async ones)")]

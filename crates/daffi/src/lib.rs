@@ -80,6 +80,7 @@ mod controller;
 mod error;
 mod executor;
 mod global;
+mod incoming;
 mod info;
 mod mesh;
 mod node;
@@ -100,6 +101,7 @@ pub use callback::{
 pub use daffi_macros::callback;
 pub use error::{Error, Result};
 pub use global::{Global, GlobalBuilder};
+pub use incoming::Incoming;
 pub use info::{ControllerStats, MemberInfo};
 pub use period::{parse_duration, Period, ScheduledTask, ScheduledTaskInfo};
 pub use stream::{BlockingItems, CallStream};
@@ -120,7 +122,7 @@ pub struct SecurityDoctests;
 pub mod __private {
     pub use crate::callback::{
         decode_args, encode_reply, iter_items, stream_items, BoxFuture, CallbackFailure, Handler,
-        ItemIter, ItemStream, Outcome, Signature, StaticCallback, StaticHandler,
+        ItemIter, ItemStream, Outcome, Param, Signature, StaticCallback, StaticHandler,
     };
     pub use bytes::Bytes;
     pub use inventory;

@@ -11,15 +11,17 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::callback::{CallbackGroup, Handler};
+use crate::callback::{CallbackGroup, Handler, ItemStream};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::mesh::{
-    check_callback_list, sleep_until, BoxFuture, CallRequest, Membership, Mesh, NodeOutcome,
+    check_callback_list, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, NodeOutcome,
     OpenStream, ReplyPayload, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
+use crate::stream::Feeding;
+use tokio::runtime::Handle;
 
 /// A node: its executor, its mesh, and the slots for its own calls in flight.
 pub struct Node {
@@ -116,6 +118,41 @@ impl Node {
         let slot = self.admit(&req, deadline).await?;
         let waiter = self.mesh.send_call(&req, deadline).await?;
         Ok(waiter.map(|w| w.hold(slot)))
+    }
+
+    /// Makes a call (`req.incoming`) whose arguments stream from `items`, fed from a task
+    /// on `runtime` while the call waits for its outcome. Dropped before the outcome, it
+    /// stops feeding and tells the callee (its `Incoming` ends with `Cancelled`).
+    pub async fn call_fed(
+        self: Arc<Self>,
+        req: CallRequest,
+        items: ItemStream,
+        runtime: Handle,
+    ) -> Result<ReplyPayload> {
+        let Some(waiter) = Box::pin(self.clone().send(req)).await? else {
+            return Err(Error::Config(
+                "a call fed with `.stream_from(..)` waits for its outcome".into(),
+            ));
+        };
+        let feeding = match self.mesh.open_feed(waiter.call_id()) {
+            Ok(feed) => Some(Feeding::start(&runtime, feed, items, true)),
+            // The outcome came first (a refusal): nothing to feed.
+            Err(_) if waiter.is_ready() => None,
+            Err(e) => return Err(e),
+        };
+        let outcome = waiter.await;
+        match (&outcome, feeding) {
+            // The caller gives up: dropped, the feeding tells the callee.
+            (Err(Error::Timeout { .. }), _) | (_, None) => {}
+            (_, Some(feeding)) => feeding.finish(),
+        }
+        outcome
+    }
+
+    /// Starts feeding the arguments of the stream call `call_id` (see
+    /// [`Mesh::open_feed`]).
+    pub fn open_feed(&self, call_id: u64) -> Result<Feed> {
+        self.mesh.open_feed(call_id)
     }
 
     /// Sends `req` as a stream call; its items arrive on what this returns.

@@ -13,8 +13,9 @@ use tokio::runtime::Handle;
 
 use crate::blocking;
 use crate::call::decode_result;
+use crate::callback::ItemStream;
 use crate::error::{Error, Result};
-use crate::mesh::{OpenStream, ReplyPayload, STREAM_WINDOW};
+use crate::mesh::{Feed, OpenStream, ReplyPayload, StreamControl, STREAM_WINDOW};
 
 /// The items of a stream call (`g.call(name).stream::<T>()`), in order, each decoded as
 /// `T`. Two faces, one per kind of code:
@@ -47,6 +48,8 @@ pub struct CallStream<T> {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
     runtime: Handle,
+    /// The arguments this call streams to the callee (both ways at once), if any.
+    feeding: Option<Feeding>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -65,8 +68,15 @@ impl<T> CallStream<T> {
             timer: None,
             ended: false,
             runtime,
+            feeding: None,
             _item: PhantomData,
         }
+    }
+
+    /// Keeps `feeding` going while the stream is read.
+    pub(crate) fn feeding(mut self, feeding: Feeding) -> Self {
+        self.feeding = Some(feeding);
+        self
     }
 
     /// The node producing the items.
@@ -94,6 +104,7 @@ impl<T> CallStream<T> {
     fn finish(&mut self, cancel: bool) {
         self.ended = true;
         self.timer = None;
+        self.feeding = None;
         if cancel {
             self.open.control.cancel();
         }
@@ -197,6 +208,41 @@ impl<T: DeserializeOwned> Iterator for BlockingItems<T> {
                 self.0.finish(true);
                 Some(Err(e))
             }
+        }
+    }
+}
+
+/// The task feeding a call's arguments to its callee (`stream_from`), polled on the
+/// node's runtime as the callee grants credit. Dropped, it stops feeding, and (unless the
+/// call is over) tells the callee that the caller gave up.
+pub(crate) struct Feeding {
+    task: tokio::task::AbortHandle,
+    /// Cancels the call at the callee; `None` once there is nothing to tell it.
+    cancel: Option<Box<dyn StreamControl>>,
+}
+
+impl Feeding {
+    /// Starts sending `items` through `feed`. `cancels`: dropping this tells the callee
+    /// (a call's stream of results tells it itself).
+    pub(crate) fn start(runtime: &Handle, feed: Feed, items: ItemStream, cancels: bool) -> Self {
+        let task = runtime.spawn(crate::executor::send_items(Ok(items), feed.items));
+        Feeding {
+            task: task.abort_handle(),
+            cancel: cancels.then_some(feed.control),
+        }
+    }
+
+    /// The call is over: stop feeding, with nothing to tell the callee.
+    pub(crate) fn finish(mut self) {
+        self.cancel = None;
+    }
+}
+
+impl Drop for Feeding {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(control) = self.cancel.take() {
+            control.cancel();
         }
     }
 }

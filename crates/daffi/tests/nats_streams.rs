@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo test -p daffi --features nats --test nats_streams`.
 
+#[path = "streaming/arguments.rs"]
+mod arguments;
 mod common;
 mod streaming;
 
@@ -68,10 +70,20 @@ fn reader_role() {
     g.join().expect("join");
 }
 
+/// A node that feeds the worker's `watch` (an `Incoming`) and waits to be killed.
+fn feeder_role() {
+    let g = child_builder().start().expect("feeder starts");
+    arguments::feed_watch_until_killed(&g, &std::env::var(ENV_WORKER).expect("worker"));
+}
+
 #[test]
 #[ignore = "a child role started by the other tests"]
 fn nats_streams_role() {
-    run_role(&[("worker", worker_role), ("reader", reader_role)]);
+    run_role(&[
+        ("worker", worker_role),
+        ("reader", reader_role),
+        ("feeder", feeder_role),
+    ]);
 }
 
 /// A server, a namespace of its own, a caller here and one worker.
@@ -364,4 +376,78 @@ fn a_callee_that_loses_its_server_ends_the_stream_with_an_error_never_a_gap() {
         "{} more items, then {error} ({after:?} after the kill)",
         expected - 101
     );
+}
+
+// ---- arguments streamed to the callee (`Incoming`) ---------------------------------
+
+/// The user's own runtime, as `#[tokio::main]` makes it: 10,000 items streamed to an
+/// async callback over NATS and summed there.
+#[tokio::main]
+async fn users_main(url: String, namespace: String) {
+    let caller = Global::builder()
+        .nats(url)
+        .namespace(namespace)
+        .process_name(unique("async-caller"))
+        .connect_timeout(WAIT)
+        .start_async()
+        .await
+        .expect("start_async");
+    caller
+        .wait_function_timeout_async(streaming::LAST_REGISTERED, WAIT)
+        .await
+        .expect("announced");
+    let sum: i64 = caller
+        .call("sum_async")
+        .args((2,))
+        .stream_from(futures_util::stream::iter(1..=10_000i64))
+        .timeout(WAIT)
+        .fg_async()
+        .await
+        .expect("sum_async");
+    assert_eq!(sum, 2 * 10_000 * 10_001 / 2);
+    caller.stop();
+}
+
+#[test]
+fn ten_thousand_items_are_streamed_in_over_nats_and_summed() {
+    let mesh = Mesh::start();
+    let expected = 10_000 * 10_001 / 2;
+    let by_sync: i64 = mesh
+        .caller
+        .call("sum_sync")
+        .on(&mesh.worker.name)
+        .args((3,))
+        .stream_from(futures_util::stream::iter(1..=10_000i64))
+        .timeout(WAIT)
+        .fg()
+        .expect("sum_sync");
+    assert_eq!(by_sync, 3 * expected);
+    users_main(mesh.server.url(), mesh.namespace.clone());
+}
+
+#[test]
+fn ten_thousand_items_both_ways_at_once_over_nats() {
+    let mesh = Mesh::start();
+    arguments::both_ways_doubled_in_order(&mesh.caller, &mesh.worker.name, 10_000);
+}
+
+#[test]
+fn a_callee_that_returns_early_stops_the_feeding_over_nats() {
+    let mesh = Mesh::start();
+    arguments::returning_early_stops_the_feeding(&mesh.caller, &mesh.worker.name);
+}
+
+#[test]
+fn a_killed_feeder_ends_the_callees_incoming_over_nats() {
+    let mesh = Mesh::start();
+    let feeder = unique("feeder");
+    let mut feeding = mesh.spawn("feeder", &feeder);
+    let after = arguments::killed_feeder_ends_the_callees_incoming(
+        &mesh.caller,
+        &mesh.worker.name,
+        &feeder,
+        || feeding.kill(),
+        KILL_BOUND,
+    );
+    eprintln!("the callee's Incoming ended {after:?} after the kill");
 }

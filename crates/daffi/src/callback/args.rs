@@ -66,12 +66,18 @@ impl Signature<'_> {
     }
 }
 
-/// Decodes a callback's arguments into its parameters, `T = (A1, .., An)`.
+/// Decodes a callback's arguments into its parameters, `T = (A1, .., An)`. Its
+/// [`Incoming`](crate::Incoming) parameter, if it has one, is the stream of arguments
+/// the request offers; a stream offered to a callback without one, or none to a
+/// callback with one, is refused (`NotAStream`) before anything runs.
 #[doc(hidden)]
 pub fn decode_args<T: Params>(
     signature: &Signature<'_>,
     payload: &Bytes,
 ) -> Result<T, CallbackFailure> {
+    if T::INCOMING != crate::incoming::is_offered() {
+        return Err(crate::incoming::mismatch(T::INCOMING));
+    }
     if T::COUNT == 0 {
         // A callback without parameters ignores whatever the caller sent (nil, `[]`).
         let nothing =
@@ -161,11 +167,47 @@ pub enum Failed {
     Missing(usize),
 }
 
-/// A callback's parameters: a tuple `(A1, .., An)` of up to 16 owned types.
+/// One parameter of a callback: a value the caller sends among the arguments (any
+/// owned `DeserializeOwned` type), or the stream of arguments it feeds
+/// ([`Incoming`](crate::Incoming)).
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a parameter of a daffi callback",
+    note = "parameters must be owned `serde::DeserializeOwned` types, or one `daffi::Incoming<T>`"
+)]
+pub trait Param: Sized {
+    /// Whether the caller sends it among the arguments (`Incoming` it feeds instead).
+    const SENT: bool = true;
+
+    /// Reads it from arguments given by position (`None`: the list ran out).
+    fn next<'de, S: SeqAccess<'de>>(seq: &mut S) -> Result<Option<Self>, S::Error>;
+
+    /// Reads it from a named argument.
+    fn value<'de, M: MapAccess<'de>>(map: &mut M) -> Result<Self, M::Error>;
+
+    /// The parameter when the arguments, given by name, do not name it.
+    fn unnamed<E: de::Error>() -> Option<Result<Self, E>> {
+        None
+    }
+}
+
+impl<T: DeserializeOwned> Param for T {
+    fn next<'de, S: SeqAccess<'de>>(seq: &mut S) -> Result<Option<Self>, S::Error> {
+        seq.next_element()
+    }
+
+    fn value<'de, M: MapAccess<'de>>(map: &mut M) -> Result<Self, M::Error> {
+        map.next_value()
+    }
+}
+
+/// A callback's parameters: a tuple `(A1, .., An)` of up to 16 of them.
 #[doc(hidden)]
 pub trait Params: Sized {
-    /// How many there are.
+    /// How many the caller sends among the arguments.
     const COUNT: usize;
+    /// Whether one is the caller's stream of arguments ([`Incoming`](crate::Incoming)).
+    const INCOMING: bool;
 
     /// Reads them by position; `failed` follows which one is read.
     fn from_seq<'de, S: SeqAccess<'de>>(seq: S, failed: &Cell<Failed>) -> Result<Self, S::Error>;
@@ -179,9 +221,10 @@ pub trait Params: Sized {
 }
 
 macro_rules! params {
-    ($count:literal; $($n:tt $a:ident),*) => {
-        impl<$($a: DeserializeOwned),*> Params for ($($a,)*) {
-            const COUNT: usize = $count;
+    ($($n:tt $a:ident),*) => {
+        impl<$($a: Param),*> Params for ($($a,)*) {
+            const COUNT: usize = 0 $(+ <$a as Param>::SENT as usize)*;
+            const INCOMING: bool = false $(|| !<$a as Param>::SENT)*;
 
             #[allow(unused_mut, unused_variables)]
             fn from_seq<'de, S: SeqAccess<'de>>(
@@ -190,7 +233,7 @@ macro_rules! params {
             ) -> Result<Self, S::Error> {
                 Ok(($({
                     failed.set(Failed::Argument($n));
-                    match seq.next_element::<$a>()? {
+                    match <$a as Param>::next(&mut seq)? {
                         Some(value) => value,
                         None => {
                             failed.set(Failed::Count($n));
@@ -215,13 +258,13 @@ macro_rules! params {
                                 return Err(de::Error::duplicate_field(name_at(names, $n)));
                             }
                             failed.set(Failed::Argument($n));
-                            given.$n = Some(map.next_value::<$a>()?);
+                            given.$n = Some(<$a as Param>::value(&mut map)?);
                         })*
                         _ => return Err(de::Error::custom("more names than parameters")),
                     }
                 }
-                Ok(($(match given.$n {
-                    Some(value) => value,
+                Ok(($(match given.$n.map(Ok::<$a, M::Error>).or_else(<$a as Param>::unnamed::<M::Error>) {
+                    Some(value) => value?,
                     None => {
                         failed.set(Failed::Missing($n));
                         return Err(de::Error::missing_field(name_at(names, $n)));
@@ -232,23 +275,23 @@ macro_rules! params {
     };
 }
 
-params!(0;);
-params!(1; 0 A1);
-params!(2; 0 A1, 1 A2);
-params!(3; 0 A1, 1 A2, 2 A3);
-params!(4; 0 A1, 1 A2, 2 A3, 3 A4);
-params!(5; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5);
-params!(6; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6);
-params!(7; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7);
-params!(8; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8);
-params!(9; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9);
-params!(10; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10);
-params!(11; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11);
-params!(12; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12);
-params!(13; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13);
-params!(14; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14);
-params!(15; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15);
-params!(16; 0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15, 15 A16);
+params!();
+params!(0 A1);
+params!(0 A1, 1 A2);
+params!(0 A1, 1 A2, 2 A3);
+params!(0 A1, 1 A2, 2 A3, 3 A4);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15);
+params!(0 A1, 1 A2, 2 A3, 3 A4, 4 A5, 5 A6, 6 A7, 7 A8, 8 A9, 9 A10, 10 A11, 11 A12, 12 A13, 13 A14, 14 A15, 15 A16);
 
 /// The name of parameter `index`, for an error.
 fn name_at(names: &[&'static str], index: usize) -> &'static str {

@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::sync_runner::SyncRunner;
 use super::{CallbackKind, Executor, ItemSink, Request, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, ItemStream, Outcome};
+use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
@@ -40,6 +41,10 @@ impl SyncBatch {
 /// callback joins `batch`, which the reader submits before it waits for more.
 pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut SyncBatch) {
     let wants_reply = request.wants_reply();
+    // Opened first: items may follow the request at once. Refused, it is cancelled.
+    let offer = request
+        .open_incoming()
+        .and_then(|open| Offer::new(request.callback(), open));
     let Some(handler) = executor.handler(request.callback()) else {
         let message = format!(
             "process `{}` does not serve `{}`",
@@ -91,7 +96,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
                 let _running = running;
                 if !too_late(&*request) {
                     let payload = request.payload();
-                    stream_async(guarded(|| f(payload)), sink).await;
+                    send_items(guarded(|| offering(offer, || f(payload))), sink).await;
                 }
             });
             return;
@@ -103,7 +108,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
                 if too_late(&*request) {
                     return;
                 }
-                let outcome = CatchUnwind(f(payload)).await;
+                let outcome = CatchUnwind(offering(offer, || f(payload))).await;
                 if let Some(wait_for_room) = finish(request, outcome) {
                     wait_for_room.await;
                 }
@@ -114,6 +119,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     batch.0.push(SyncJob {
         work,
         request,
+        offer,
         _running: running,
     });
 }
@@ -141,9 +147,10 @@ fn refuse_stream(request: Box<dyn Request>) {
     refuse(request, RemoteErrorKind::Failed, message);
 }
 
-/// Sends the items of an async stream callback as the caller grants credit; the stream
-/// is dropped as soon as the caller cancels or goes, even while it waits for an item.
-async fn stream_async(items: Result<ItemStream, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
+/// Sends the items of a stream as the receiving end grants credit (an async stream
+/// callback's results, or a caller's arguments); the stream is dropped as soon as the
+/// receiving end cancels or goes, even while it waits for an item.
+pub async fn send_items(items: Result<ItemStream, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
     let mut items = match items {
         Ok(items) => items,
         Err(failure) => return sink.end(Some(failure)).await,
@@ -240,6 +247,8 @@ type SyncStreamFn = Arc<dyn Fn(bytes::Bytes) -> Result<ItemIter, CallbackFailure
 pub(super) struct SyncJob {
     work: SyncWork,
     request: Box<dyn Request>,
+    /// The caller's stream of arguments, for the callback's `Incoming`.
+    offer: Option<Box<Offer>>,
     /// Counts the callback as running until its reply is queued.
     _running: ServingGuard,
 }
@@ -265,14 +274,15 @@ impl SyncJob {
             return;
         }
         let payload = self.request.payload();
+        let offer = self.offer;
         let f = match self.work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, sink) => {
-                return stream_sync(guarded(|| f(payload)), sink);
+                return stream_sync(guarded(|| offering(offer, || f(payload))), sink);
             }
         };
-        let outcome =
-            catch_unwind(AssertUnwindSafe(|| f(payload))).unwrap_or_else(|p| Err(panic_failure(p)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
+            .unwrap_or_else(|p| Err(panic_failure(p)));
         if let Some(wait_for_room) = finish(self.request, outcome) {
             // The way back is full: wait for room on this thread (not a runtime's).
             crate::blocking::park(wait_for_room);
@@ -357,6 +367,7 @@ impl SyncJob {
         SyncJob {
             work: SyncWork::Call(Arc::new(|_| Ok(Default::default()))),
             request: Box::new(Nothing),
+            offer: None,
             _running: executor.admit_callback(kind).expect("room"),
         }
     }

@@ -19,7 +19,7 @@ use crate::callback::{CallbackGroup, Handler, Outcome};
 use crate::error::{Error, Result};
 use crate::mesh::BoxFuture;
 use crate::sync::{lock, read, write};
-pub use dispatch::{serve, SyncBatch};
+pub use dispatch::{send_items, serve, SyncBatch};
 
 /// A request from another node, as the mesh hands it over: what to run, and the way
 /// back for its outcome.
@@ -45,6 +45,12 @@ pub trait Request: Send + 'static {
     /// The way back for a stream of items, ready before the next frame is read (so that
     /// a cancel finds it); `None` if the mesh does not carry streams.
     fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
+        None
+    }
+    /// The arguments the caller streams with this request (the callback's
+    /// [`Incoming`](crate::Incoming)), registered before the next frame is read (so that
+    /// its items find it); `None` if the caller streams none, or the mesh carries none.
+    fn open_incoming(&self) -> Option<crate::mesh::OpenStream> {
         None
     }
 }

@@ -51,8 +51,11 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
 /// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 32 items: its
-/// callee runs at most that far ahead of the caller's reading. A sync stream callback
-/// holds one of `max_sync_callbacks` until its stream ends or is dropped.
+/// callee runs at most that far ahead of the caller's reading. So has a stream of
+/// arguments ([`Call::stream_from`](crate::Call::stream_from)): the caller feeds at most
+/// 32 items beyond what the callee's [`Incoming`](crate::Incoming) has read. A sync
+/// stream callback, or a sync callback reading its `Incoming`, holds one of
+/// `max_sync_callbacks` until its stream ends or is dropped.
 ///
 /// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
 /// that runs beside its controller (`init_controller(true)`) reaches it in-process,

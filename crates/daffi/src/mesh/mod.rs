@@ -13,8 +13,10 @@
 //!   for room to send never goes past the call's deadline. Never the calling node itself.
 //! - **streams** ([`Mesh::open_stream`]): a request for items rather than one reply;
 //!   the items arrive on an [`OpenStream`], and its [`StreamControl`] grants credit
-//!   and cancels; the node producing them keeps them in a
-//!   [`ServedStreams`](served::ServedStreams).
+//!   and cancels. [`Mesh::open_feed`] streams a call's arguments the other way, to the
+//!   callee's `Incoming` (the callee grants credit; the request hands it over as
+//!   [`Request::open_incoming`](crate::executor::Request::open_incoming)). The tables of
+//!   the streams a node sends and receives are the backends' common part ([`streams`]).
 //! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
 //!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
 //! - **incoming calls**: the mesh hands each request to the executor as a
@@ -29,7 +31,7 @@ mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub(crate) mod pending;
-pub(crate) mod served;
+pub(crate) mod streams;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,6 +55,8 @@ pub const STREAM_WINDOW: u32 = 32;
 pub struct OpenStream {
     /// The node producing the items.
     pub target: Arc<str>,
+    /// The call's id (what a [`Feed`] of its arguments names).
+    pub call_id: u64,
     /// The items, in order.
     pub items: StreamItems,
     /// Credit and cancel, to the producer.
@@ -65,6 +69,16 @@ pub trait StreamControl: Send + Sync {
     fn grant(&self, items: u32);
     /// Tells the producer to stop; the stream's items are no longer awaited.
     fn cancel(&self);
+}
+
+/// The caller's half of the arguments a call streams to its callee (the callee's
+/// [`Incoming`](crate::Incoming)): `items` sends them as the callee grants credit;
+/// `control.cancel()` tells the callee that the caller gave up on the call.
+pub struct Feed {
+    /// The items, each sent once the callee granted room for it.
+    pub items: Box<dyn crate::executor::ItemSink>,
+    /// Cancels the call at the callee (its `Incoming` ends with `Cancelled`).
+    pub control: Box<dyn StreamControl>,
 }
 
 /// A boxed future, so that [`Mesh`] stays usable as `dyn Mesh`.
@@ -86,6 +100,8 @@ pub struct CallRequest {
     pub timeout: Option<Duration>,
     pub eta: Option<Duration>,
     pub no_reply: bool,
+    /// The caller feeds the callee a stream of arguments (see [`Mesh::open_feed`]).
+    pub incoming: bool,
 }
 
 /// Something that happened to a node, for the lifecycle hooks.
@@ -175,6 +191,11 @@ pub trait Mesh: Send + Sync {
     /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
     /// picks it), granting it [`STREAM_WINDOW`] items; never waits.
     fn open_stream(&self, req: &CallRequest) -> Result<OpenStream>;
+
+    /// Starts feeding the arguments stream of call `call_id` (sent with
+    /// `CallRequest::incoming`, as a call or a stream), which the callee granted
+    /// [`STREAM_WINDOW`] items with the request.
+    fn open_feed(&self, call_id: u64) -> Result<Feed>;
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.
     fn control<'a>(

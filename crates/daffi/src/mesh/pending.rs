@@ -190,6 +190,14 @@ impl Pending {
         true
     }
 
+    /// The node call or stream call `id` went to, while it waits.
+    pub fn target_of(&self, id: u64) -> Option<Arc<str>> {
+        let table = self.lock();
+        let call = table.calls.get(&id).map(|e| &e.target);
+        call.or_else(|| table.streams.get(&id).map(|s| &s.target))
+            .cloned()
+    }
+
     /// Whether the connection this table belongs to is gone.
     pub fn is_closed(&self) -> bool {
         self.lock().closed

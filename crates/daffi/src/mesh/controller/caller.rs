@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::mesh::{sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest};
 use crate::transport::Address;
-use daffi_wire::frame::{FLAG_NO_REPLY, LEN_PREFIX};
+use daffi_wire::frame::{FLAG_INCOMING, FLAG_NO_REPLY, LEN_PREFIX};
 use daffi_wire::{Header, Kind, Outgoing, Push};
 
 /// How long a request to the controller itself may take.
@@ -50,6 +50,10 @@ impl Mesh for ControllerMesh {
 
     fn open_stream(&self, req: &CallRequest) -> Result<crate::mesh::OpenStream> {
         self.start_stream(req)
+    }
+
+    fn open_feed(&self, call_id: u64) -> Result<crate::mesh::Feed> {
+        self.start_feed(call_id)
     }
 
     fn send_broadcast<'a>(
@@ -271,7 +275,8 @@ impl ControllerMesh {
     ) -> Result<(Outgoing, Option<Waiter>)> {
         let mut header = Header {
             kind: Kind::Request,
-            flags: if req.no_reply { FLAG_NO_REPLY } else { 0 },
+            flags: if req.no_reply { FLAG_NO_REPLY } else { 0 }
+                | if req.incoming { FLAG_INCOMING } else { 0 },
             call_id: 0,
             timeout_ms: self.timeout_ms(req),
             src: &self.name,

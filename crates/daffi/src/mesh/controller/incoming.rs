@@ -11,10 +11,10 @@ use super::ControllerMesh;
 use crate::callback::Outcome;
 use crate::executor::ItemSink;
 use crate::executor::Request;
-use crate::mesh::BoxFuture;
+use crate::mesh::{BoxFuture, OpenStream};
 use crate::protocol::message::{self, RemoteError};
 use crate::sync::read;
-use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, FLAG_STREAM};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_STREAM};
 use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
 
 /// A request frame from the controller.
@@ -88,11 +88,16 @@ impl Request for FrameRequest {
     }
 
     fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
-        Some(FrameItemSink::open(
-            &self.mesh,
-            self.frame.src(),
-            self.frame.call_id(),
-        ))
+        let sink = FrameItemSink::results(&self.mesh, self.frame.src(), self.frame.call_id())?;
+        Some(sink)
+    }
+
+    fn open_incoming(&self) -> Option<OpenStream> {
+        if self.frame.flags() & FLAG_INCOMING == 0 {
+            return None;
+        }
+        self.mesh
+            .receive_arguments(self.frame.src(), self.frame.call_id(), self.frame.name())
     }
 
     /// Queues the reply on the live connection without taking a handle on it (the

@@ -20,7 +20,7 @@ use crate::protocol::message::{
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::FLAG_ERROR;
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
@@ -286,25 +286,9 @@ fn dispatch(
                     .end_stream(frame.call_id(), |s| Some(error(&s.target, &s.callback)));
             }
         }
-        Kind::StreamItem => {
-            // An item of a stream nobody awaits any more (its cancel is on its way) is
-            // dropped.
-            let call_id = frame.call_id();
-            conn.pending.stream_item(call_id, frame.into());
+        kind @ (Kind::StreamItem | Kind::StreamEnd | Kind::StreamCredit | Kind::StreamCancel) => {
+            stream_frame(core, conn, kind, frame);
         }
-        Kind::StreamEnd => {
-            conn.pending.end_stream(frame.call_id(), |s| {
-                (frame.flags() & FLAG_ERROR != 0)
-                    .then(|| remote_failure(&frame.payload(), frame.src(), &s.callback))
-            });
-        }
-        Kind::StreamCredit => match message::decode::<u32>(&frame.payload()) {
-            Ok(items) => core.served.grant(frame.src(), frame.call_id(), items),
-            Err(e) => {
-                tracing::debug!(caller = frame.src(), error = %e, "ignored an undecodable stream credit");
-            }
-        },
-        Kind::StreamCancel => core.served.cancel(frame.src(), frame.call_id()),
         Kind::ControlReply => {
             if let Some(entry) = conn.pending.take(frame.call_id()) {
                 let _ = entry.done.send(control_reply(&frame));
@@ -316,7 +300,9 @@ fn dispatch(
             let changes = core.membership.apply(event);
             for (gone, stopped) in &changes.gone {
                 conn.pending.fail_target(gone, *stopped);
-                core.served.cancel_caller(gone);
+                core.served.cancel_peer(gone);
+                core.feeds.cancel_peer(gone);
+                core.incoming.fail_caller(gone);
             }
             core.report(changes);
         }
@@ -328,6 +314,56 @@ fn dispatch(
         other => return Err(format!("unexpected {other:?} frame from the controller")),
     }
     Ok(())
+}
+
+/// Handles a stream frame. Without `FLAG_ARGUMENTS` it belongs to a results stream:
+/// items and end of this node's own call, credit and cancel of a call made to it (a
+/// cancel ends that call's arguments stream too). With it, to an arguments stream: items
+/// and end of a call made to this node, credit and cancel of this node's own call.
+fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Frame) {
+    let arguments = frame.flags() & FLAG_ARGUMENTS != 0;
+    match (kind, arguments) {
+        // An item of a stream nobody awaits any more (its cancel is on its way) is
+        // dropped.
+        (Kind::StreamItem, false) => {
+            conn.pending.stream_item(frame.call_id(), frame.into());
+            return;
+        }
+        (Kind::StreamItem, true) => {
+            if let Some(items) = core.incoming.items_of(frame.src(), frame.call_id()) {
+                let _ = items.send(Ok(frame.into()));
+            }
+            return;
+        }
+        _ => {}
+    }
+    let (peer, call_id) = (frame.src(), frame.call_id());
+    let error_end = |process: &str, callback: &str| {
+        (frame.flags() & FLAG_ERROR != 0)
+            .then(|| remote_failure(&frame.payload(), process, callback))
+    };
+    match (kind, arguments) {
+        (Kind::StreamEnd, false) => {
+            conn.pending
+                .end_stream(call_id, |s| error_end(peer, &s.callback));
+        }
+        (Kind::StreamEnd, true) => core
+            .incoming
+            .end(peer, call_id, |_, callback| error_end(peer, callback)),
+        (Kind::StreamCredit, arguments) => match message::decode::<u32>(&frame.payload()) {
+            Ok(items) if arguments => core.feeds.grant(peer, call_id, items),
+            Ok(items) => core.served.grant(peer, call_id, items),
+            Err(e) => {
+                tracing::debug!(peer, error = %e, "ignored an undecodable stream credit");
+            }
+        },
+        (Kind::StreamCancel, true) => core.feeds.cancel(peer, call_id),
+        (Kind::StreamCancel, false) => {
+            core.served.cancel(peer, call_id);
+            core.incoming.cancel(peer, call_id);
+        }
+        _ => {} // items above; only stream kinds come here
+    }
 }
 
 /// The answer to a control request: its payload, or the controller's error.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::streams::{IncomingStreams, SentStreams};
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::controller::InProcessDoor;
@@ -95,8 +96,12 @@ pub struct ControllerMesh {
     /// Set when the link task has ended (after flushing what was queued).
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
-    /// The streams this node produces now, waiting on their callers' credit.
-    served: crate::mesh::served::ServedStreams,
+    /// The streams of results this node produces now, waiting on their callers' credit.
+    served: Arc<SentStreams>,
+    /// The streams of arguments this node feeds to its callees, waiting on their credit.
+    feeds: Arc<SentStreams>,
+    /// The streams of arguments callers feed to this node's callbacks.
+    incoming: Arc<IncomingStreams>,
 }
 
 impl ControllerMesh {
@@ -121,7 +126,9 @@ impl ControllerMesh {
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
             events,
-            served: crate::mesh::served::ServedStreams::default(),
+            served: Arc::default(),
+            feeds: Arc::default(),
+            incoming: Arc::default(),
         })
     }
 
@@ -323,6 +330,8 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                     .close(|| core.unreachable(&format!("connection lost ({reason})")));
                 *write(&core.connection) = None;
                 core.served.cancel_all();
+                core.feeds.cancel_all();
+                core.incoming.fail_all();
                 link.abort();
                 let changes = core.membership.reset(Vec::new());
                 core.emit(NodeEvent::Disconnected);

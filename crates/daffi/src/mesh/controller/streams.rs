@@ -1,60 +1,81 @@
-//! Streams over the controller link: the caller's credit and cancel frames, and the
-//! way back for the callee's items (its streams in progress are a
-//! [`ServedStreams`](crate::mesh::served::ServedStreams)).
+//! Streams over the controller link, both ways: a callee's results to its caller, and a
+//! caller's arguments to its callee's `Incoming`. The sending side waits on the credit
+//! the receiving side grants; the receiving side's credit and cancel frames go back.
+//! Frames of an arguments stream carry `FLAG_ARGUMENTS`, so that a node tells its own
+//! calls from calls made to it (both ends may use the same call id).
 
 use std::sync::Arc;
 
 use super::{Connection, ControllerMesh};
 use crate::callback::CallbackFailure;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::served::StreamGate;
-use crate::mesh::{BoxFuture, CallRequest, OpenStream, StreamControl};
+use crate::mesh::streams::{IncomingStreams, SentStreams, StreamGate};
+use crate::mesh::{BoxFuture, CallRequest, Feed, OpenStream, StreamControl};
 use crate::protocol::message::{self, RemoteError};
-use daffi_wire::frame::{FLAG_ERROR, FLAG_STREAM};
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
 const NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
 
-/// The way back for one stream's items, over the controller link.
+/// The items of one stream on their way out over the controller link: a callee's
+/// results, or a caller's arguments.
 pub struct FrameItemSink {
-    mesh: Arc<ControllerMesh>,
+    table: Arc<SentStreams>,
     gate: Arc<StreamGate>,
-    caller: Box<str>,
+    conn: Arc<Connection>,
+    name: Arc<str>,
+    /// Where the items go: the caller (results) or the callee (arguments).
+    peer: Box<str>,
     call_id: u64,
+    /// `FLAG_ARGUMENTS` for a caller's arguments, 0 for a callee's results.
+    direction: u8,
 }
 
 impl FrameItemSink {
-    /// Opens the stream for `caller`'s call `call_id` (before the next frame is read).
-    pub fn open(mesh: &Arc<ControllerMesh>, caller: &str, call_id: u64) -> Box<Self> {
+    /// Opens the stream of results for `caller`'s call `call_id` (before the next frame
+    /// is read, so that a cancel finds it); `None` without a connection.
+    pub fn results(mesh: &ControllerMesh, caller: &str, call_id: u64) -> Option<Box<Self>> {
+        let conn = mesh.connection()?;
+        Some(Self::open(mesh, &mesh.served, conn, caller, call_id, 0))
+    }
+
+    fn open(
+        mesh: &ControllerMesh,
+        table: &Arc<SentStreams>,
+        conn: Arc<Connection>,
+        peer: &str,
+        call_id: u64,
+        direction: u8,
+    ) -> Box<Self> {
         Box::new(FrameItemSink {
-            gate: mesh.served.open(caller, call_id),
-            mesh: mesh.clone(),
-            caller: caller.into(),
+            gate: table.open(peer, call_id),
+            table: table.clone(),
+            conn,
+            name: mesh.name.clone(),
+            peer: peer.into(),
             call_id,
+            direction,
         })
     }
 
     fn frame(&self, kind: Kind, flags: u8, body: Payload) -> Outgoing {
         let header = Header {
             kind,
-            flags,
+            flags: flags | self.direction,
             call_id: self.call_id,
             timeout_ms: 0,
-            src: &self.mesh.name,
-            dst: &self.caller,
+            src: &self.name,
+            dst: &self.peer,
             name: "",
         };
         Outgoing::new(&header, body)
     }
 
-    /// Queues `frame` (waiting for room); `false` without a connection.
+    /// Queues `frame` (waiting for room); `false` once the connection is gone.
     async fn queue(&self, frame: Outgoing) -> bool {
-        match self.mesh.queue() {
-            Some(queue) => queue.send(frame).await.is_ok(),
-            None => false,
-        }
+        self.conn.queue.send(frame).await.is_ok()
     }
 }
 
@@ -96,7 +117,7 @@ impl ItemSink for FrameItemSink {
 
 impl Drop for FrameItemSink {
     fn drop(&mut self) {
-        self.mesh.served.close(&self.caller, self.call_id);
+        self.table.close(&self.peer, self.call_id);
     }
 }
 
@@ -111,7 +132,7 @@ impl ControllerMesh {
             .ok_or_else(|| self.unreachable("connection lost"))?;
         let header = Header {
             kind: Kind::Request,
-            flags: FLAG_STREAM,
+            flags: FLAG_STREAM | if req.incoming { FLAG_INCOMING } else { 0 },
             call_id,
             timeout_ms: self.timeout_ms(req),
             src: &self.name,
@@ -131,44 +152,116 @@ impl ControllerMesh {
                 let _ = queue.send(request).await;
             });
         }
-        let control = FrameStreamControl {
-            conn,
-            name: self.name.clone(),
-            target: target.clone(),
-            call_id,
-        };
+        let control = FrameStreamControl::new(self, conn, target.clone(), call_id, Side::Caller);
         Ok(OpenStream {
             target,
+            call_id,
+            items,
+            control: Box::new(control),
+        })
+    }
+
+    /// See [`Mesh::open_feed`](crate::mesh::Mesh::open_feed).
+    pub(super) fn start_feed(&self, call_id: u64) -> Result<Feed> {
+        let conn = self.connected()?;
+        let callee = conn.pending.target_of(call_id).ok_or_else(|| {
+            Error::Config("the call ended before its arguments stream started".into())
+        })?;
+        let items = FrameItemSink::open(
+            self,
+            &self.feeds,
+            conn.clone(),
+            &callee,
+            call_id,
+            FLAG_ARGUMENTS,
+        );
+        let control = FrameStreamControl::new(self, conn, callee, call_id, Side::Caller);
+        Ok(Feed {
+            items,
+            control: Box::new(control),
+        })
+    }
+
+    /// The arguments `caller` streams with its call `call_id` to `callback`, as they
+    /// arrive (registered before the next frame is read); `None` without a connection.
+    pub(super) fn receive_arguments(
+        &self,
+        caller: &str,
+        call_id: u64,
+        callback: &str,
+    ) -> Option<OpenStream> {
+        let conn = self.connection()?;
+        let caller: Arc<str> = Arc::from(caller);
+        let items = self.incoming.open(&caller, &caller, call_id, callback);
+        let control = FrameStreamControl::new(
+            self,
+            conn,
+            caller.clone(),
+            call_id,
+            Side::Callee(self.incoming.clone()),
+        );
+        Some(OpenStream {
+            target: caller,
+            call_id,
             items,
             control: Box::new(control),
         })
     }
 }
 
-/// Credit and cancel frames of one stream call, to its callee.
+/// Which end of a call a [`FrameStreamControl`] speaks for.
+enum Side {
+    /// The caller, to its callee: credit for results, and cancelling the call.
+    Caller,
+    /// The callee, to its caller: credit for arguments, and no more of them.
+    Callee(Arc<IncomingStreams>),
+}
+
+/// Credit and cancel frames of one stream, to the other end of its call.
 struct FrameStreamControl {
     conn: Arc<Connection>,
     name: Arc<str>,
-    target: Arc<str>,
+    peer: Arc<str>,
     call_id: u64,
+    side: Side,
 }
 
 impl FrameStreamControl {
+    fn new(
+        mesh: &ControllerMesh,
+        conn: Arc<Connection>,
+        peer: Arc<str>,
+        call_id: u64,
+        side: Side,
+    ) -> Self {
+        FrameStreamControl {
+            conn,
+            name: mesh.name.clone(),
+            peer,
+            call_id,
+            side,
+        }
+    }
+
     /// Queues a small frame past the byte limit: it must not wait behind the data it
     /// regulates.
     fn push(&self, kind: Kind, body: Payload) {
+        let flags = match self.side {
+            Side::Caller => 0,
+            Side::Callee(_) => FLAG_ARGUMENTS,
+        };
         let header = Header {
             kind,
-            flags: 0,
+            flags,
             call_id: self.call_id,
             timeout_ms: 0,
             src: &self.name,
-            dst: &self.target,
+            dst: &self.peer,
             name: "",
         };
         let queue: &FrameSender = &self.conn.queue;
         if let Push::Full(_) = queue.push_unrefused(Outgoing::new(&header, body)) {
-            tracing::warn!(callee = %self.target, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
+            tracing::warn!(peer = %self.peer, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
         }
     }
 }
@@ -179,7 +272,10 @@ impl StreamControl for FrameStreamControl {
     }
 
     fn cancel(&self) {
-        self.conn.pending.remove_stream(self.call_id);
+        match &self.side {
+            Side::Caller => self.conn.pending.remove_stream(self.call_id),
+            Side::Callee(incoming) => incoming.forget(&self.peer, self.call_id),
+        }
         self.push(Kind::StreamCancel, Payload::from(NIL));
     }
 }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::{chunks, streams, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
-    remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, OpenStream,
+    remote_failure, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, OpenStream,
     SentBroadcast, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest};
@@ -25,6 +25,9 @@ pub const CALLER: &str = "Daffi-Caller";
 pub const TIMEOUT_MS: &str = "Daffi-Timeout-Ms";
 /// Header of a reply: the payload is an encoded `RemoteError`.
 pub const FAILED: &str = "Daffi-Error";
+/// Header of a request whose caller streams arguments to the callback's `Incoming`
+/// (see `streams`).
+pub const INCOMING: &str = "Daffi-Incoming";
 
 impl Mesh for NatsMesh {
     fn send_call<'a>(
@@ -66,6 +69,10 @@ impl Mesh for NatsMesh {
 
     fn open_stream(&self, req: &CallRequest) -> Result<OpenStream> {
         self.start_stream(req)
+    }
+
+    fn open_feed(&self, call_id: u64) -> Result<Feed> {
+        self.start_feed(call_id)
     }
 
     fn control<'a>(
@@ -212,9 +219,13 @@ impl NatsMesh {
         Ok(last)
     }
 
-    /// The headers of a request: none (the fast `PUB`) unless it has a timeout.
+    /// The headers of a request: none (the fast `PUB`) unless it has a timeout, or its
+    /// caller streams arguments.
     pub(super) fn request_headers(&self, req: &CallRequest) -> HeaderMap {
         let mut headers = HeaderMap::new();
+        if req.incoming {
+            headers.insert(INCOMING, "1");
+        }
         if let Some(timeout) = req.timeout {
             let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX));
             headers.insert(TIMEOUT_MS, ms.to_string().as_str());

@@ -10,7 +10,7 @@ use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
-use super::caller::{CALLER, FAILED, TIMEOUT_MS};
+use super::caller::{CALLER, FAILED, INCOMING, TIMEOUT_MS};
 use super::chunks::{self, Assemblies, Joined};
 use super::flow::{self, Acks};
 use super::streams::{self, NatsItemSink};
@@ -18,7 +18,7 @@ use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
 use crate::executor::{self, ItemSink, Request, SyncBatch};
-use crate::mesh::BoxFuture;
+use crate::mesh::{BoxFuture, OpenStream};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 
 /// A request from another node.
@@ -36,6 +36,8 @@ pub struct NatsRequest {
     reply: Option<async_nats::Subject>,
     /// The caller wants a stream: `reply` is the stream's items subject.
     stream: bool,
+    /// The caller streams arguments to the callback's `Incoming`.
+    incoming: bool,
     /// NO_RETURN: where its caller awaits the ack that gives its credit back.
     acks_to: Option<async_nats::Subject>,
     /// When the caller gives up, from the timeout the request carries.
@@ -67,6 +69,7 @@ impl NatsRequest {
             reply => (reply, None),
         };
         let stream = reply.as_deref().is_some_and(streams::is_items_subject);
+        let incoming = header(INCOMING).is_some();
         Some(Box::new(NatsRequest {
             subject,
             token_at,
@@ -75,6 +78,7 @@ impl NatsRequest {
             payload: message.payload,
             reply,
             stream,
+            incoming,
             acks_to,
             deadline,
             mesh: mesh.clone(),
@@ -117,7 +121,12 @@ impl Request for NatsRequest {
 
     fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
         let items_to = self.reply.as_ref().filter(|_| self.stream)?;
-        Some(NatsItemSink::open(&self.mesh, items_to)?)
+        Some(NatsItemSink::results(&self.mesh, items_to)?)
+    }
+
+    fn open_incoming(&self) -> Option<OpenStream> {
+        let reply = self.reply.as_ref().filter(|_| self.incoming)?;
+        streams::receive_arguments(&self.mesh, reply, self.callback())
     }
 
     /// Publishes the outcome to the caller's inbox (the client queues it; the returned

@@ -9,9 +9,10 @@
 //!   key per node, created atomically (unique names), renewed by a heartbeat and
 //!   expired by the bucket's age limit when a node dies; a watch keeps the view current
 //!   (`members`).
-//! - **streams**: items to the caller's inbox (`<inbox>.s<call id>`), credit and
-//!   cancel to `<ns>.node.<callee>.~streams`, probes both ways so that either side
-//!   learns at once that the other died (`streams`).
+//! - **streams**, both ways: messages to the caller on its inbox (`<inbox>.s<call id>`),
+//!   to the callee on `<ns>.node.<callee>.~streams`; credit and cancel from the reader,
+//!   probes both ways so that either side learns at once that the other died
+//!   (`streams`).
 //! - **large payloads** (over the server's `max_payload`) are split and joined, with
 //!   flow control (`chunks`).
 //! - **schedules** (PERIOD) live in the replicated KV bucket `<ns>-schedules`, fired
@@ -48,10 +49,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::served::ServedStreams;
+use super::streams::{IncomingStreams, SentStreams};
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
@@ -104,8 +105,18 @@ pub struct NatsMesh {
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
     /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
-    /// The streams this node produces, by the inbox of their caller and call id.
-    served: ServedStreams,
+    /// The streams of results this node produces, by the inbox of their caller and
+    /// call id.
+    served: SentStreams,
+    /// The streams of arguments this node feeds to its callees, by this node's inbox
+    /// (where their credit comes) and call id.
+    feeds: SentStreams,
+    /// The streams of arguments callers feed to this node's callbacks, by the caller's
+    /// inbox and call id.
+    incoming: IncomingStreams,
+    /// Stream calls whose caller feeds arguments, until their task has published the
+    /// request: the feed's items wait for it (see `streams`).
+    unsent: std::sync::Mutex<std::collections::HashMap<u64, oneshot::Receiver<()>>>,
     /// The credit of this node's calls towards each callee; acks come to
     /// `<inbox>.w<window id>`.
     windows: flow::Windows,
@@ -193,7 +204,10 @@ impl NatsMesh {
             executor,
             membership: Membership::default(),
             pending: Arc::default(),
-            served: ServedStreams::default(),
+            served: SentStreams::default(),
+            feeds: SentStreams::default(),
+            incoming: IncomingStreams::default(),
+            unsent: Default::default(),
             windows: flow::Windows::new(&inbox),
             inbox,
             size_limit: config.max_frame_size,
@@ -322,6 +336,8 @@ impl NatsMesh {
         }
         let _ = self.record.send(RecordCommand::Goodbye);
         self.served.cancel_all();
+        self.feeds.cancel_all();
+        self.incoming.fail_all();
         self.executor.retire();
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");

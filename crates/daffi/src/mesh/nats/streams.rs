@@ -1,36 +1,43 @@
-//! Streams over NATS: a callback's items flow to its caller as the caller grants credit.
+//! Streams over NATS, both ways: a callback's results to its caller, and a caller's
+//! arguments to its callee's `Incoming`; the sending side waits on the credit the
+//! receiving side grants.
 //!
 //! Every message of a stream names it by a subject of its caller's inbox (the one that
 //! takes replies), above all its *items subject* `<caller's inbox>.s<call id>`:
 //!
 //! - **the request** goes as a call's does (to the callee's subject, arguments in chunks
-//!   when large), with the items subject as its reply subject: that makes it a stream
-//!   request. It grants the first [`STREAM_WINDOW`](crate::mesh::STREAM_WINDOW) items.
-//! - **items and the end**, to the items subject: each item is a message of its own (the
-//!   encoded item, no headers); the end is an empty message with the header `Daffi-End`,
-//!   or an error reply (header `Daffi-Error`, an encoded `RemoteError`), which is also how
-//!   a refused request (unknown callback, not a stream, overloaded, stopping) ends it.
-//! - **credit and cancel**, to the callee's `<ns>.node.<callee>.~streams` with the reply
-//!   subject `<caller's inbox>.c<call id>` (which names the stream too): the header
-//!   `Daffi-Credit: <items>` grants more items, `Daffi-Cancel` stops the producer (its
-//!   iterator or stream is dropped). When the callee is gone, NATS answers "no
-//!   responders" there: the stream ends with `PeerDisconnected` (on the items subject,
-//!   the request found nobody: `UnknownProcess`, as for a call).
-//! - **probes** (requests with the header `Daffi-Probe`): the caller probes the callee's
-//!   `~streams` subject every [`PROBE_EVERY`] while the stream is open; the callee probes
-//!   the items subject once it has waited [`PROBE_EVERY`] for credit or for its next
-//!   item. NATS answers "no responders" at once when nobody listens (the process died):
-//!   the caller's stream then ends with `PeerDisconnected`, and the callee drops its
-//!   producer. The caller answers `0` for a stream it no longer awaits (its cancel was
-//!   lost, or overtook the request), which stops the producer too.
+//!   when large). A stream request has the items subject as its reply subject (a call
+//!   keeps `<inbox>.<call id>`); it grants the first
+//!   [`STREAM_WINDOW`](crate::mesh::STREAM_WINDOW) items. A request with the header
+//!   `Daffi-Incoming` is fed arguments; the callee grants that many of them.
+//! - **to the caller**, on the items subject: each result (the encoded item, no
+//!   headers), then the end: an empty message with the header `Daffi-End`, or an error
+//!   reply (header `Daffi-Error`, an encoded `RemoteError`), which is also how a refused
+//!   request (unknown callback, not a stream, overloaded, stopping) ends it. And for the
+//!   arguments, the callee's credit (`Daffi-Credit: <items>`) and cancel
+//!   (`Daffi-Cancel`: it stopped reading).
+//! - **to the callee**, on its `<ns>.node.<callee>.~streams` with the reply subject
+//!   `<caller's inbox>.c<call id>` (which names the call): the caller's credit and
+//!   cancel (it dropped its stream or gave up the call: the producer is dropped, the
+//!   `Incoming` ends with `Cancelled`), and each argument and their end, as above. When
+//!   the callee is gone, NATS answers "no responders" there: the call ends with
+//!   `PeerDisconnected` (on the items subject, the request found nobody:
+//!   `UnknownProcess`, as for a call).
+//! - **probes** (requests with the header `Daffi-Probe`), every [`PROBE_EVERY`]: a caller
+//!   probes the callee's `~streams` subject while its results stream is open, or while
+//!   its arguments wait for credit (naming the call in the probe); a callee probes the
+//!   items subject while it waits for credit or for its next result, and while its
+//!   `Incoming` is read. NATS answers "no responders" at once when nobody listens (the
+//!   process died): a reader's stream then ends with `PeerDisconnected`, a sender stops.
+//!   A peer answers `0` for a call it no longer awaits or reads (a cancel was lost, or
+//!   overtook the request), which stops the sender too.
 //!
-//! The messages do not depend on which side produces: items from the caller to the
-//! callee are meant to be the same, with the roles swapped (items and the end to the
-//! `~streams` subject, credit and cancel to the items subject).
+//! So both directions are the same messages with the roles swapped. Arguments wait for
+//! their stream request to be published (it goes from a task), never overtaking it.
 //!
 //! An item larger than one NATS message (the server's `max_payload`, less room for
 //! headers) is not split: the stream ends with an error that says so. So does a stream
-//! whose producer lost its NATS connection meanwhile (items may have been lost).
+//! whose sender lost its NATS connection meanwhile (items may have been lost).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,19 +46,21 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::caller::is_failure;
 use super::chunks::{self, PROBE};
 use super::incoming::failure_reply;
-use super::subjects::STREAMS_TOKEN;
+use super::subjects::{Subjects, STREAMS_TOKEN};
 use super::NatsMesh;
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::served::StreamGate;
-use crate::mesh::{remote_failure, BoxFuture, CallRequest, OpenStream, Pending, StreamControl};
+use crate::mesh::streams::StreamGate;
+use crate::mesh::{
+    remote_failure, BoxFuture, CallRequest, Feed, OpenStream, Pending, StreamControl,
+};
 use crate::protocol::message::RemoteErrorKind;
 
 /// Header of a stream's last message: the items ran out.
@@ -126,13 +135,15 @@ fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
     Some(message.headers.as_ref()?.get(name)?.as_str())
 }
 
-/// Whether anybody listens on `subject` and, if it is a caller, still awaits the
-/// stream: "no responders" or [`NOT_AWAITED`] say no; no answer says yes.
-async fn listens(client: &async_nats::Client, subject: Subject) -> bool {
+/// Whether anybody listens on `subject` and still awaits the stream (named in the probe
+/// for a callee, by `subject` for a caller): "no responders" or [`NOT_AWAITED`] say
+/// no; no answer says yes.
+async fn listens(client: &async_nats::Client, subject: Subject, named: Bytes) -> bool {
     let mut headers = HeaderMap::new();
     headers.insert(PROBE, "1");
     let request = async_nats::Request::new()
         .headers(headers)
+        .payload(named)
         .timeout(Some(PROBE_TIMEOUT));
     match client.send_request(subject, request).await {
         Ok(answer) => answer.payload.as_ref() != NOT_AWAITED,
@@ -204,7 +215,12 @@ impl NatsMesh {
         };
         let request = (self.request_headers(req), req.args.to_bytes());
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        tokio::spawn(drive(mesh, call, request, commands_rx));
+        let unsent = req.incoming.then(|| {
+            let (unsent, request_sent) = oneshot::channel();
+            crate::sync::lock(&self.unsent).insert(call_id, request_sent);
+            unsent
+        });
+        tokio::spawn(drive(mesh, call, request, unsent, commands_rx));
         let control = NatsStreamControl {
             pending: self.pending.clone(),
             call_id,
@@ -212,6 +228,7 @@ impl NatsMesh {
         };
         Ok(OpenStream {
             target,
+            call_id,
             items,
             control: Box::new(control),
         })
@@ -258,18 +275,24 @@ impl NatsMesh {
     /// subjects: an item, its end, or a probe from its producer; or "no responders".
     pub(super) fn take_stream_message(&self, call_id: u64, via: Via, message: Message) {
         if chunks::is_probe(&message) {
-            return self.answer_probe(message.reply, self.pending.has_stream(call_id));
+            let awaited = self.pending.target_of(call_id).is_some();
+            return self.answer_probe(message.reply, awaited);
+        }
+        if self.take_feed_control(call_id, &message) {
+            return;
         }
         let no_responders = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
+        if no_responders && via == Via::Control {
+            return self.callee_gone(call_id);
+        }
         if no_responders || is_failure(&message) {
             self.pending.end_stream(call_id, |s| {
                 let (process, callback) = (s.target.to_string(), s.callback.to_string());
-                Some(match via {
-                    // Nobody took the credit: the callee died mid-stream.
-                    Via::Control => Error::PeerDisconnected { process, callback },
+                Some(if no_responders {
                     // In the view, but nobody took the request: it died or stopped.
-                    Via::Items if no_responders => Error::UnknownProcess { process },
-                    Via::Items => remote_failure(&message.payload, &process, &callback),
+                    Error::UnknownProcess { process }
+                } else {
+                    remote_failure(&message.payload, &process, &callback)
                 })
             });
         } else if header(&message, END).is_some() {
@@ -281,7 +304,26 @@ impl NatsMesh {
         }
     }
 
-    /// Answers a producer's probe of a stream: whether it is still `awaited`.
+    /// Nobody took a message this node sent for its call `call_id` (credit, a cancel,
+    /// an argument): the callee died mid-call. The call (its results stream, or its
+    /// reply) fails with `PeerDisconnected`; its arguments stop.
+    fn callee_gone(&self, call_id: u64) {
+        let gone = |target: &str, callback: &str| Error::PeerDisconnected {
+            process: target.to_string(),
+            callback: callback.to_string(),
+        };
+        self.feeds.cancel(&self.inbox, call_id);
+        if !self
+            .pending
+            .end_stream(call_id, |s| Some(gone(&s.target, &s.callback)))
+        {
+            if let Some(call) = self.pending.take(call_id) {
+                let _ = call.done.send(Err(gone(&call.target, &call.callback)));
+            }
+        }
+    }
+
+    /// Answers a probe of a call's peer: whether the call is still `awaited`.
     fn answer_probe(&self, reply: Option<Subject>, awaited: bool) {
         let Some(reply) = reply else { return };
         let answer = if awaited {
@@ -303,9 +345,14 @@ async fn drive(
     mesh: Arc<NatsMesh>,
     call: StreamCall,
     request: (HeaderMap, Bytes),
+    unsent: Option<oneshot::Sender<()>>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    if let Err(error) = mesh.send_stream_request(&call, request).await {
+    let sent = mesh.send_stream_request(&call, request).await;
+    // Its arguments (if fed) may go now.
+    crate::sync::lock(&mesh.unsent).remove(&call.call_id);
+    drop(unsent);
+    if let Err(error) = sent {
         mesh.pending.end_stream(call.call_id, |_| Some(error));
         return;
     }
@@ -325,7 +372,7 @@ async fn drive(
                 if !mesh.pending.has_stream(call.call_id) {
                     return;
                 }
-                if !listens(&mesh.client, call.control_to.clone()).await {
+                if !listens(&mesh.client, call.control_to.clone(), Bytes::new()).await {
                     tracing::debug!(callee = %call.target, callback = %call.callback, "a stream's callee no longer listens");
                     mesh.pending.end_stream(call.call_id, |s| {
                         Some(Error::PeerDisconnected {
@@ -340,18 +387,19 @@ async fn drive(
     }
 }
 
-// ---- the callee ------------------------------------------------------------------------
+// ---- the callee, and a caller's arguments -------------------------------------------
 
-/// Takes a message on this node's `~streams` subject: credit or a cancel for a stream
-/// it produces (named by the reply subject), or a probe.
+/// Takes a message on this node's `~streams` subject, for a call made to it (named by
+/// the reply subject): credit for or a cancel of the results it streams; an item or the
+/// end of the arguments its caller streams; or a probe.
 pub async fn take_control(mesh: &NatsMesh, message: Message) {
     if chunks::is_probe(&message) {
-        if let Some(reply) = message.reply {
-            let _ = mesh.client.publish(reply, Bytes::new()).await;
-        }
-        return;
+        return answer_callers_probe(mesh, message).await;
     }
-    let Some((caller, call_id)) = message.reply.as_deref().and_then(stream_key) else {
+    let Some(reply) = message.reply.as_deref() else {
+        return;
+    };
+    let Some((caller, call_id)) = stream_key(reply) else {
         return;
     };
     if let Some(items) = header(&message, CREDIT) {
@@ -361,55 +409,151 @@ pub async fn take_control(mesh: &NatsMesh, message: Message) {
         }
     } else if header(&message, CANCEL).is_some() {
         mesh.served.cancel(caller, call_id);
+        mesh.incoming.cancel(caller, call_id);
+    } else if is_failure(&message) {
+        mesh.incoming.end(caller, call_id, |process, callback| {
+            Some(remote_failure(&message.payload, process, callback))
+        });
+    } else if header(&message, END).is_some() {
+        mesh.incoming.end(caller, call_id, |_, _| None);
+    } else if let Some(items) = mesh.incoming.items_of(caller, call_id) {
+        let _ = items.send(Ok(message.payload.into()));
     }
 }
 
-/// The way back for one stream's items, over NATS: its items subject.
+/// Answers a probe from a caller: empty (this node listens), or [`NOT_AWAITED`] when it
+/// names (in its payload) an arguments stream this node no longer reads.
+async fn answer_callers_probe(mesh: &NatsMesh, probe: Message) {
+    let Some(reply) = probe.reply else { return };
+    let named = std::str::from_utf8(&probe.payload)
+        .ok()
+        .and_then(stream_key);
+    let read = named.map_or(true, |(caller, call_id)| {
+        mesh.incoming.items_of(caller, call_id).is_some()
+    });
+    let answer = if read {
+        Bytes::new()
+    } else {
+        Bytes::from_static(NOT_AWAITED)
+    };
+    let _ = mesh.client.publish(reply, answer).await;
+}
+
+/// Which way a stream this node sends goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// A callee's results, to its caller's items subject.
+    Results,
+    /// A caller's arguments, to its callee's `~streams` subject.
+    Arguments,
+}
+
+/// The items of one stream on their way out over NATS: a callee's results (to the
+/// items subject) or a caller's arguments (to the callee's `~streams` subject, the
+/// reply subject naming the call).
 pub struct NatsItemSink {
     mesh: Arc<NatsMesh>,
     gate: Arc<StreamGate>,
-    items_to: Subject,
+    direction: Direction,
+    /// Its key in its table: the peer's inbox (the caller's for results, this node's
+    /// own for arguments) and the call id.
+    key: (Box<str>, u64),
+    /// Where items and the end go.
+    to: Subject,
+    /// Their reply subject: `<inbox>.c<call id>` for arguments, none for results.
+    reply: Option<Subject>,
     /// The mesh's connection losses when the stream began.
     losses: u64,
+    /// Arguments of a stream call whose request is still to be published: they wait
+    /// for it (this ends once it is), so that they do not overtake it.
+    request_sent: Option<oneshot::Receiver<()>>,
 }
 
 impl NatsItemSink {
-    /// Opens the stream whose items go to `items_to` (before the next message is taken,
-    /// so that its credit finds it); `None` if that is no items subject.
-    pub fn open(mesh: &Arc<NatsMesh>, items_to: &Subject) -> Option<Box<Self>> {
+    /// Opens the stream of results whose items go to `items_to` (before the next
+    /// message is taken, so that its credit finds it); `None` if that is no items
+    /// subject.
+    pub fn results(mesh: &Arc<NatsMesh>, items_to: &Subject) -> Option<Box<Self>> {
         let (caller, call_id) = stream_key(items_to)?;
-        Some(Box::new(NatsItemSink {
-            gate: mesh.served.open(caller, call_id),
-            mesh: mesh.clone(),
-            items_to: items_to.clone(),
-            losses: mesh.losses.load(Ordering::Relaxed),
-        }))
+        let key = (Box::from(caller), call_id);
+        let sink = Self::open(mesh, Direction::Results, key, items_to.clone(), None);
+        Some(Box::new(sink))
     }
 
-    /// Uses credit for one item, waiting for it (and probing the caller meanwhile);
-    /// `false` once the stream is cancelled or its caller gone.
+    fn open(
+        mesh: &Arc<NatsMesh>,
+        direction: Direction,
+        key: (Box<str>, u64),
+        to: Subject,
+        reply: Option<Subject>,
+    ) -> Self {
+        let table = match direction {
+            Direction::Results => &mesh.served,
+            Direction::Arguments => &mesh.feeds,
+        };
+        NatsItemSink {
+            gate: table.open(&key.0, key.1),
+            mesh: mesh.clone(),
+            direction,
+            key,
+            to,
+            reply,
+            losses: mesh.losses.load(Ordering::Relaxed),
+            request_sent: None,
+        }
+    }
+
+    /// Uses credit for one item, waiting for it (and probing the receiver meanwhile);
+    /// `false` once the stream is cancelled or its receiver gone.
     async fn credit(&self) -> bool {
         tokio::select! {
             // Credit at hand is taken without starting the probes' timer.
             biased;
             taken = self.gate.take_credit() => taken,
-            () = self.caller_gone() => false,
+            () = self.receiver_gone() => false,
         }
     }
 
-    /// Resolves once the caller no longer listens or awaits the stream, or this node
+    /// Resolves once the receiver no longer listens or reads the stream, or this node
     /// lost its connection (its credit may be lost); the stream is then cancelled.
     /// Checks every [`PROBE_EVERY`].
-    async fn caller_gone(&self) {
+    async fn receiver_gone(&self) {
         loop {
             tokio::time::sleep(PROBE_EVERY).await;
             let lost = self.connection_lost().is_some();
-            if lost || !listens(&self.mesh.client, self.items_to.clone()).await {
-                tracing::debug!(items = %self.items_to, lost, "a stream's caller is gone, or the connection was lost; its producer stops");
+            if lost || !self.receiver_reads().await {
+                tracing::debug!(to = %self.to, lost, "a stream's receiver is gone, or the connection was lost; its sending stops");
                 self.gate.cancel();
                 return;
             }
         }
+    }
+
+    /// Probes the receiver: whether it listens and still reads this stream.
+    async fn receiver_reads(&self) -> bool {
+        // A caller's items subject names the stream; a callee's `~streams` subject is
+        // told which one in the probe.
+        let named = match &self.reply {
+            Some(reply) => Bytes::copy_from_slice(reply.as_bytes()),
+            None => Bytes::new(),
+        };
+        listens(&self.mesh.client, self.to.clone(), named).await
+    }
+
+    /// Publishes `body` (with `headers`) to the receiver.
+    async fn publish(&self, headers: HeaderMap, body: Bytes) -> bool {
+        let client = &self.mesh.client;
+        let to = self.to.clone();
+        let sent = match (&self.reply, headers.is_empty()) {
+            (None, true) => client.publish(to, body).await,
+            (None, false) => client.publish_with_headers(to, headers, body).await,
+            (Some(reply), _) => {
+                client
+                    .publish_with_reply_and_headers(to, reply.clone(), headers, body)
+                    .await
+            }
+        };
+        sent.is_ok()
     }
 
     /// Ends the stream: its items ran out, or (`failure`) it ends with an error reply.
@@ -422,13 +566,8 @@ impl NatsItemSink {
                 (headers, Bytes::new())
             }
         };
-        let sent = self
-            .mesh
-            .client
-            .publish_with_headers(self.items_to.clone(), headers, body)
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "a stream's end dropped: the NATS client is closed");
+        if !self.publish(headers, body).await {
+            tracing::debug!(to = %self.to, "a stream's end dropped: the NATS client is closed");
         }
     }
 
@@ -462,7 +601,7 @@ impl NatsItemSink {
             "a stream item of {item} bytes is larger than one NATS message holds ({} bytes: the server's max_payload less room for headers); items are not split over NATS: send smaller ones",
             self.mesh.chunk_size
         );
-        tracing::warn!(items = %self.items_to, "{message}");
+        tracing::warn!(to = %self.to, "{message}");
         self.gate.cancel();
         let failure = CallbackFailure {
             kind: RemoteErrorKind::Failed,
@@ -479,16 +618,15 @@ impl ItemSink for NatsItemSink {
                 self.refuse_item(item.len()).await;
                 return false;
             }
+            if let Some(request_sent) = self.request_sent.take() {
+                // Its sender is dropped once the request is out.
+                let _ = request_sent.await;
+            }
             let credited = self.credit().await;
             if self.end_if_connection_lost().await || !credited {
                 return false;
             }
-            let item = item.into_bytes();
-            self.mesh
-                .client
-                .publish(self.items_to.clone(), item)
-                .await
-                .is_ok()
+            self.publish(HeaderMap::new(), item.into_bytes()).await
         })
     }
 
@@ -497,7 +635,7 @@ impl ItemSink for NatsItemSink {
             tokio::select! {
                 biased;
                 () = self.gate.cancelled() => {}
-                () = self.caller_gone() => {
+                () = self.receiver_gone() => {
                     self.end_if_connection_lost().await;
                 }
             }
@@ -515,8 +653,164 @@ impl ItemSink for NatsItemSink {
 
 impl Drop for NatsItemSink {
     fn drop(&mut self) {
-        if let Some((caller, call_id)) = stream_key(&self.items_to) {
-            self.mesh.served.close(caller, call_id);
+        let table = match self.direction {
+            Direction::Results => &self.mesh.served,
+            Direction::Arguments => &self.mesh.feeds,
+        };
+        table.close(&self.key.0, self.key.1);
+    }
+}
+
+/// The caller's cancel of a call whose arguments it streams (a feed's credit comes
+/// from the callee, and is taken by [`NatsMesh::take_stream_message`]).
+struct FeedControl {
+    client: async_nats::Client,
+    control_to: Subject,
+    control_reply: Subject,
+}
+
+impl StreamControl for FeedControl {
+    fn grant(&self, _items: u32) {
+        // The callee grants a feed its credit; the caller never does.
+    }
+
+    fn cancel(&self) {
+        let (client, to, reply) = (
+            self.client.clone(),
+            self.control_to.clone(),
+            self.control_reply.clone(),
+        );
+        tokio::spawn(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(CANCEL, "1");
+            let _ = client
+                .publish_with_reply_and_headers(to, reply, headers, Bytes::new())
+                .await;
+        });
+    }
+}
+
+/// The callee's credit and cancel of the arguments its caller streams, to the caller's
+/// items subject of the call.
+struct IncomingControl {
+    mesh: Arc<NatsMesh>,
+    /// The caller's inbox and the call id: the stream's key.
+    key: (Arc<str>, u64),
+    credit_to: Subject,
+}
+
+impl IncomingControl {
+    /// Publishes `name: value` to the caller (from a task: these are called from a
+    /// reader's poll).
+    fn send(&self, name: &'static str, value: String) {
+        let (client, to) = (self.mesh.client.clone(), self.credit_to.clone());
+        tokio::spawn(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, value.as_str());
+            let _ = client.publish_with_headers(to, headers, Bytes::new()).await;
+        });
+    }
+}
+
+impl StreamControl for IncomingControl {
+    fn grant(&self, items: u32) {
+        self.send(CREDIT, items.to_string());
+    }
+
+    fn cancel(&self) {
+        self.mesh.incoming.forget(&self.key.0, self.key.1);
+        self.send(CANCEL, "1".into());
+    }
+}
+
+impl NatsMesh {
+    /// See [`Mesh::open_feed`](crate::mesh::Mesh::open_feed): the items go to the
+    /// callee's `~streams` subject, with `<inbox>.c<call id>` as reply subject.
+    pub(super) fn start_feed(&self, call_id: u64) -> Result<Feed> {
+        let target = self.pending.target_of(call_id).ok_or_else(|| {
+            Error::Config("the call ended before its arguments stream started".into())
+        })?;
+        let mesh = self.me.upgrade().ok_or(Error::Stopped)?;
+        let control_to: Subject = self.subjects.node_streams(&target).into();
+        let control_reply = control_subject(&self.inbox, call_id);
+        let key = (Box::from(self.inbox.as_str()), call_id);
+        let mut items = NatsItemSink::open(
+            &mesh,
+            Direction::Arguments,
+            key,
+            control_to.clone(),
+            Some(control_reply.clone()),
+        );
+        items.request_sent = crate::sync::lock(&self.unsent).remove(&call_id);
+        let control = FeedControl {
+            client: self.client.clone(),
+            control_to,
+            control_reply,
+        };
+        Ok(Feed {
+            items: Box::new(items),
+            control: Box::new(control),
+        })
+    }
+
+    /// Takes the callee's credit or cancel of the arguments this node streams with its
+    /// call `call_id`; `false` if `message` is neither.
+    fn take_feed_control(&self, call_id: u64, message: &Message) -> bool {
+        if let Some(items) = header(message, CREDIT) {
+            if let Ok(items) = items.parse::<u32>() {
+                self.feeds.grant(&self.inbox, call_id, items);
+            }
+            return true;
+        }
+        if header(message, CANCEL).is_some() {
+            self.feeds.cancel(&self.inbox, call_id);
+            return true;
+        }
+        false
+    }
+}
+
+/// The arguments the caller of the request whose reply subject is `reply` streams to
+/// `callback` (registered before the next message is taken, so that its items find
+/// it); `None` if `reply` names no call.
+pub fn receive_arguments(mesh: &Arc<NatsMesh>, reply: &str, callback: &str) -> Option<OpenStream> {
+    let (inbox, token) = reply.rsplit_once('.')?;
+    let call_id = match stream_of(token) {
+        Some((call_id, Via::Items)) => call_id,
+        _ => token.parse().ok()?,
+    };
+    let caller = Subjects::caller_of(reply)?;
+    let key: (Arc<str>, u64) = (Arc::from(inbox), call_id);
+    let items = mesh.incoming.open(&key.0, &caller, call_id, callback);
+    let control = IncomingControl {
+        mesh: mesh.clone(),
+        key: key.clone(),
+        credit_to: items_subject(inbox, call_id),
+    };
+    tokio::spawn(watch_feeder(mesh.clone(), key, control.credit_to.clone()));
+    Some(OpenStream {
+        target: Arc::from(caller),
+        call_id,
+        items,
+        control: Box::new(control),
+    })
+}
+
+/// Probes the caller feeding the arguments stream `key` every [`PROBE_EVERY`] while it
+/// is read; a caller gone (or a connection lost, items with it) ends it with
+/// `PeerDisconnected`.
+async fn watch_feeder(mesh: Arc<NatsMesh>, key: (Arc<str>, u64), caller_at: Subject) {
+    let losses = mesh.losses.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        if mesh.incoming.items_of(&key.0, key.1).is_none() {
+            return;
+        }
+        let lost = mesh.losses.load(Ordering::Relaxed) != losses;
+        if lost || !listens(&mesh.client, caller_at.clone(), Bytes::new()).await {
+            tracing::debug!(caller = %caller_at, lost, "the caller feeding a stream of arguments is gone");
+            mesh.incoming.disconnect(&key.0, key.1);
+            return;
         }
     }
 }
