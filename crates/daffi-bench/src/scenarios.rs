@@ -570,10 +570,8 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         .against(format!("{one_way_floor} one-way"), one_way_reference)
         .target(Target::RatioAtLeast { bound: 0.5 }),
     );
-    if t != "nats" {
-        out.rows
-            .extend(stream_rows(plan, daffi, &one_way_floor, one_way_reference)?);
-    }
+    out.rows
+        .extend(stream_rows(plan, daffi, &one_way_floor, one_way_reference)?);
     for (i, name) in floor_names.iter().enumerate() {
         out.rows.push(Row::info(
             'B',
@@ -594,8 +592,8 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
 /// Bytes of each chunk in the stream-of-chunks row.
 const STREAM_CHUNK: usize = 64 * 1024;
 
-/// Streams (not over NATS yet): items/s of small items, beside the floor's one-way
-/// rate, and MiB/s of 64 KiB chunks.
+/// Streams: items/s of small items, beside the floor's one-way rate, and MiB/s of
+/// 64 KiB chunks.
 fn stream_rows(
     plan: &Plan,
     daffi: &mut DaffiSet,

@@ -4,16 +4,16 @@
 //! with `.on` (every node of this binary serves the same `#[callback]` fns), the caller a
 //! node in the test process (or, to be killed, a child of its own).
 
+#[path = "streaming/arguments.rs"]
+mod arguments;
 mod common;
-#[path = "common/watch.rs"]
+#[path = "streaming/watch.rs"]
 mod watch;
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use arguments::Counted;
 use common::{Cluster, Transport, WAIT};
 use daffi::{callback, Error, Incoming};
 use futures_util::StreamExt;
@@ -28,38 +28,6 @@ const WINDOW: u64 = 32;
 #[callback]
 fn sync_add(a: i64, b: i64) -> i64 {
     a + b
-}
-
-/// A sync callback reading its stream with `for`, after a plain argument.
-#[callback]
-fn sum_sync(scale: i64, numbers: Incoming<i64>) -> daffi::Result<i64> {
-    let mut total = 0;
-    for n in numbers {
-        total += n? * scale;
-    }
-    Ok(total)
-}
-
-/// An async callback reading its stream with `StreamExt`, before a plain argument.
-#[callback]
-async fn sum_async(mut numbers: Incoming<i64>, scale: i64) -> daffi::Result<i64> {
-    let mut total = 0;
-    while let Some(n) = numbers.next().await {
-        total += n? * scale;
-    }
-    Ok(total)
-}
-
-/// Both ways at once: each item read is sent back doubled.
-#[callback]
-fn doubled(numbers: Incoming<i64>) -> impl Iterator<Item = i64> {
-    numbers.into_iter().map_while(Result::ok).map(|n| n * 2)
-}
-
-/// Reads `n` items and returns them, leaving the rest unread.
-#[callback]
-fn first(n: usize, numbers: Incoming<u64>) -> daffi::Result<Vec<u64>> {
-    numbers.into_iter().take(n).collect()
 }
 
 /// A slow reader: `n` items, 10 ms each.
@@ -81,7 +49,7 @@ async fn read_slowly(n: usize, mut numbers: Incoming<u64>) -> daffi::Result<u64>
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker), ("feeder", watch::feeder)]);
+    common::run_role(&[("worker", worker), ("feeder", feeder)]);
 }
 
 /// A node serving this file's `#[callback]` functions and a closure taking `Incoming`.
@@ -98,6 +66,16 @@ fn worker() {
     g.join().expect("join");
 }
 
+/// A caller that feeds `watch` a few items and then an endless wait: killed by the test.
+fn feeder() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("feeder starts");
+    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
+    watch::feed_watch_until_killed(&g, &target);
+}
+
 // ---- helpers ---------------------------------------------------------------------------
 
 /// A controller and caller in this process, and one worker.
@@ -110,39 +88,6 @@ fn cluster_with_worker() -> (Cluster, String) {
         .wait_function_timeout("count", WAIT)
         .expect("the worker's callbacks are announced");
     (cluster, worker)
-}
-
-/// An endless stream of 1, 2, 3, ... that counts how many items were pulled from it and
-/// says when it is dropped.
-struct Counted {
-    pulled: Arc<AtomicU64>,
-    dropped: std::sync::mpsc::Sender<()>,
-}
-
-impl Counted {
-    fn new() -> (Counted, Arc<AtomicU64>, std::sync::mpsc::Receiver<()>) {
-        let pulled = Arc::new(AtomicU64::new(0));
-        let (dropped, on_drop) = std::sync::mpsc::channel();
-        let counted = Counted {
-            pulled: pulled.clone(),
-            dropped,
-        };
-        (counted, pulled, on_drop)
-    }
-}
-
-impl futures_util::Stream for Counted {
-    type Item = u64;
-
-    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<u64>> {
-        Poll::Ready(Some(self.pulled.fetch_add(1, Ordering::SeqCst) + 1))
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let _ = self.dropped.send(());
-    }
 }
 
 // ---- tests -----------------------------------------------------------------------------
@@ -219,43 +164,13 @@ fn ten_thousand_items_are_streamed_in_and_summed_from_the_users_own_runtime() {
 #[test]
 fn both_ways_at_once_items_come_back_doubled_in_order() {
     let (cluster, worker) = cluster_with_worker();
-    let back: Vec<i64> = cluster
-        .caller
-        .call("doubled")
-        .on(&worker)
-        .stream_from(futures_util::stream::iter(1..=5_000i64))
-        .timeout(WAIT)
-        .stream::<i64>()
-        .expect("stream")
-        .into_iter()
-        .map(|item| item.expect("item"))
-        .collect();
-    assert_eq!(back, (1..=5_000).map(|n| n * 2).collect::<Vec<i64>>());
+    arguments::both_ways_doubled_in_order(&cluster.caller, &worker, 5_000);
 }
 
 #[test]
 fn a_callee_that_returns_early_stops_the_feeding_within_its_credit() {
     let (cluster, worker) = cluster_with_worker();
-    let (items, pulled, dropped) = Counted::new();
-    let read: Vec<u64> = cluster
-        .caller
-        .call("first")
-        .on(&worker)
-        .args((3,))
-        .stream_from(items)
-        .timeout(WAIT)
-        .fg()
-        .expect("first");
-    assert_eq!(read, vec![1, 2, 3]);
-    dropped
-        .recv_timeout(WAIT)
-        .expect("the feeding stream is dropped");
-    // The first window, plus the one item pulled and held while waiting for credit.
-    let pulled = pulled.load(Ordering::SeqCst);
-    assert!(
-        (3..=3 + WINDOW + 1).contains(&pulled),
-        "pulled {pulled} items for a callee that read 3, with a credit of {WINDOW}"
-    );
+    arguments::returning_early_stops_the_feeding(&cluster.caller, &worker);
 }
 
 #[test]
@@ -285,7 +200,17 @@ fn a_slow_callee_slows_the_feeding_to_its_credit() {
 #[test]
 fn a_killed_caller_ends_the_callees_incoming_with_its_error_within_a_second() {
     let (cluster, worker) = cluster_with_worker();
-    watch::a_killed_feeder_ends_the_watch(&cluster, &worker, ENTRY);
+    let feeder = common::unique("feeder");
+    let env = [("DAFFI_TEST_TARGET", worker.as_str())];
+    let mut feeding =
+        common::spawn_child_with(ENTRY, "feeder", &feeder, cluster.caller.address(), &env);
+    watch::killed_feeder_ends_the_callees_incoming(
+        &cluster.caller,
+        &worker,
+        &feeder,
+        || feeding.kill(),
+        Duration::from_secs(1),
+    );
 }
 
 #[test]

@@ -15,8 +15,8 @@
 //!   the items arrive on an [`OpenStream`], and its [`StreamControl`] grants credit
 //!   and cancels. [`Mesh::open_feed`] streams a call's arguments the other way, to the
 //!   callee's `Incoming` (the callee grants credit; the request hands it over as
-//!   [`Request::open_incoming`](crate::executor::Request::open_incoming)). Streams are
-//!   optional: the defaults say the backend has none.
+//!   [`Request::open_incoming`](crate::executor::Request::open_incoming)). The tables of
+//!   the streams a node sends and receives are the backends' common part ([`streams`]).
 //! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
 //!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
 //! - **incoming calls**: the mesh hands each request to the executor as a
@@ -32,6 +32,7 @@ mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub(crate) mod pending;
+pub(crate) mod streams;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -190,24 +191,12 @@ pub trait Mesh: Send + Sync {
 
     /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
     /// picks it), granting it [`STREAM_WINDOW`] items; never waits.
-    fn open_stream(&self, _req: &CallRequest) -> Result<OpenStream> {
-        Err(Error::Unsupported {
-            what: "streaming a callback's results".to_string(),
-            reason: "over NATS yet (streams are not built for it); use the built-in controller"
-                .to_string(),
-        })
-    }
+    fn open_stream(&self, req: &CallRequest) -> Result<OpenStream>;
 
     /// Starts feeding the arguments stream of call `call_id` (sent with
     /// `CallRequest::incoming`, as a call or a stream), which the callee granted
     /// [`STREAM_WINDOW`] items with the request.
-    fn open_feed(&self, _call_id: u64) -> Result<Feed> {
-        Err(Error::Unsupported {
-            what: "streaming arguments to a callback (`stream_from`)".to_string(),
-            reason: "over NATS yet (streams are not built for it); use the built-in controller"
-                .to_string(),
-        })
-    }
+    fn open_feed(&self, call_id: u64) -> Result<Feed>;
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.
     fn control<'a>(

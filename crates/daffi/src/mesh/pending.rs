@@ -264,6 +264,12 @@ impl Pending {
         }
     }
 
+    /// Whether stream call `id` is still open (its items still awaited).
+    #[cfg(feature = "nats")]
+    pub fn has_stream(&self, id: u64) -> bool {
+        self.lock().streams.contains_key(&id)
+    }
+
     /// Forgets stream call `id` (its caller dropped it).
     pub fn remove_stream(&self, id: u64) {
         self.lock().streams.remove(&id);

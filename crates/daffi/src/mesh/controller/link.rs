@@ -336,7 +336,12 @@ fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Fra
             conn.pending.stream_item(frame.call_id(), frame.into());
             return;
         }
-        (Kind::StreamItem, true) => return core.incoming.item(frame),
+        (Kind::StreamItem, true) => {
+            if let Some(items) = core.incoming.items_of(frame.src(), frame.call_id()) {
+                let _ = items.send(Ok(frame.into()));
+            }
+            return;
+        }
         _ => {}
     }
     let (peer, call_id) = (frame.src(), frame.call_id());
@@ -351,7 +356,7 @@ fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Fra
         }
         (Kind::StreamEnd, true) => core
             .incoming
-            .end(peer, call_id, |callback| error_end(peer, callback)),
+            .end(peer, call_id, |_, callback| error_end(peer, callback)),
         (Kind::StreamCredit, arguments) => match message::decode::<u32>(&frame.payload()) {
             Ok(items) if arguments => core.feeds.grant(peer, call_id, items),
             Ok(items) => core.served.grant(peer, call_id, items),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::streams::{IncomingStreams, SentStreams};
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::controller::InProcessDoor;
@@ -101,11 +102,11 @@ pub struct ControllerMesh {
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
     /// The streams of results this node produces now, waiting on their callers' credit.
-    served: Arc<streams::SentStreams>,
+    served: Arc<SentStreams>,
     /// The streams of arguments this node feeds to its callees, waiting on their credit.
-    feeds: Arc<streams::SentStreams>,
+    feeds: Arc<SentStreams>,
     /// The streams of arguments callers feed to this node's callbacks.
-    incoming: Arc<streams::IncomingStreams>,
+    incoming: Arc<IncomingStreams>,
 }
 
 impl ControllerMesh {

@@ -4,115 +4,20 @@
 //! Frames of an arguments stream carry `FLAG_ARGUMENTS`, so that a node tells its own
 //! calls from calls made to it (both ends may use the same call id).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::{mpsc, watch, Semaphore};
+use std::sync::Arc;
 
 use super::{Connection, ControllerMesh};
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::pending::Completion;
-use crate::mesh::{
-    BoxFuture, CallRequest, Feed, OpenStream, ReplyPayload, Scope, StreamControl, StreamItems,
-    STREAM_WINDOW,
-};
+use crate::mesh::streams::{IncomingStreams, SentStreams, StreamGate};
+use crate::mesh::{BoxFuture, CallRequest, Feed, OpenStream, Scope, StreamControl};
 use crate::protocol::message::{self, RemoteError};
-use crate::sync::lock;
 use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
 const NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
-
-/// The most credit a stream holds at once, whatever its caller grants: a caller that
-/// grants more only wastes its own memory, never the callee's.
-const MAX_CREDIT: usize = 1 << 20;
-
-/// The streams this node sends now, by the peer they go to and call id: the results
-/// it streams to its callers, or (another table) the arguments it streams to its callees.
-#[derive(Default)]
-pub struct SentStreams(Mutex<HashMap<Arc<str>, CallerStreams>>);
-
-/// One peer's streams, by call id.
-type CallerStreams = HashMap<u64, Arc<StreamGate>>;
-
-impl SentStreams {
-    /// Records a stream to `caller` for call `call_id`, with the first window of credit.
-    fn open(&self, caller: &str, call_id: u64) -> Arc<StreamGate> {
-        let gate = Arc::new(StreamGate {
-            credit: Semaphore::new(STREAM_WINDOW as usize),
-            cancelled: watch::channel(false).0,
-        });
-        let mut by_caller = lock(&self.0);
-        match by_caller.get_mut(caller) {
-            Some(streams) => {
-                streams.insert(call_id, gate.clone());
-            }
-            None => {
-                by_caller.insert(Arc::from(caller), HashMap::from([(call_id, gate.clone())]));
-            }
-        }
-        gate
-    }
-
-    /// Forgets `caller`'s stream `call_id`; returns it if it was there.
-    fn close(&self, caller: &str, call_id: u64) -> Option<Arc<StreamGate>> {
-        let mut by_caller = lock(&self.0);
-        let streams = by_caller.get_mut(caller)?;
-        let gate = streams.remove(&call_id);
-        if streams.is_empty() {
-            by_caller.remove(caller);
-        }
-        gate
-    }
-
-    /// `caller` granted `items` more to its stream `call_id`.
-    pub fn grant(&self, caller: &str, call_id: u64, items: u32) {
-        let by_caller = lock(&self.0);
-        if let Some(gate) = by_caller.get(caller).and_then(|s| s.get(&call_id)) {
-            let room = MAX_CREDIT.saturating_sub(gate.credit.available_permits());
-            gate.credit.add_permits((items as usize).min(room));
-        }
-    }
-
-    /// `caller` dropped its stream `call_id`.
-    pub fn cancel(&self, caller: &str, call_id: u64) {
-        if let Some(gate) = self.close(caller, call_id) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream to `caller`: it left.
-    pub fn cancel_peer(&self, caller: &str) {
-        let streams = lock(&self.0).remove(caller);
-        for gate in streams.into_iter().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream: the connection they went through is gone.
-    pub fn cancel_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.0));
-        for gate in all.into_values().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-}
-
-/// One stream's credit, and whether its caller cancelled it.
-struct StreamGate {
-    credit: Semaphore,
-    cancelled: watch::Sender<bool>,
-}
-
-impl StreamGate {
-    fn cancel(&self) {
-        self.cancelled.send_replace(true);
-        self.credit.close();
-    }
-}
 
 /// The items of one stream on their way out over the controller link: a callee's
 /// results, or a caller's arguments.
@@ -177,9 +82,8 @@ impl FrameItemSink {
 impl ItemSink for FrameItemSink {
     fn send(&mut self, item: Payload) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            match self.gate.credit.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return false, // cancelled
+            if !self.gate.take_credit().await {
+                return false; // cancelled
             }
             let frame = self.frame(Kind::StreamItem, 0, item);
             self.queue(frame).await
@@ -187,15 +91,12 @@ impl ItemSink for FrameItemSink {
     }
 
     fn cancelled(&self) -> BoxFuture<'_, ()> {
-        let mut cancelled = self.gate.cancelled.subscribe();
-        Box::pin(async move {
-            let _ = cancelled.wait_for(|c| *c).await;
-        })
+        Box::pin(self.gate.cancelled())
     }
 
     fn end(self: Box<Self>, failure: Option<CallbackFailure>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if *self.gate.cancelled.borrow() {
+            if self.gate.is_cancelled() {
                 return;
             }
             let (flags, body) = match failure {
@@ -291,7 +192,7 @@ impl ControllerMesh {
     ) -> Option<OpenStream> {
         let conn = self.connection()?;
         let caller: Arc<str> = Arc::from(caller);
-        let items = self.incoming.open(&caller, call_id, callback);
+        let items = self.incoming.open(&caller, &caller, call_id, callback);
         self.hear_of_callers();
         let control = FrameStreamControl::new(
             self,
@@ -399,117 +300,5 @@ impl StreamControl for FrameStreamControl {
             Side::Callee(incoming) => incoming.forget(&self.peer, self.call_id),
         }
         self.push(Kind::StreamCancel, Payload::from(NIL));
-    }
-}
-
-/// The arguments streams callers feed to this node's callbacks, by caller and call id.
-#[derive(Default)]
-pub struct IncomingStreams(Mutex<HashMap<Arc<str>, HashMap<u64, ArgumentsEntry>>>);
-
-/// One arguments stream still being received.
-struct ArgumentsEntry {
-    callback: Arc<str>,
-    items: mpsc::UnboundedSender<Completion>,
-}
-
-impl IncomingStreams {
-    fn open(&self, caller: &Arc<str>, call_id: u64, callback: &str) -> StreamItems {
-        let (items, rx) = mpsc::unbounded_channel();
-        let entry = ArgumentsEntry {
-            callback: Arc::from(callback),
-            items,
-        };
-        lock(&self.0)
-            .entry(caller.clone())
-            .or_default()
-            .insert(call_id, entry);
-        rx
-    }
-
-    /// Takes `caller`'s stream `call_id` out of the table.
-    fn take(&self, caller: &str, call_id: u64) -> Option<ArgumentsEntry> {
-        let mut by_caller = lock(&self.0);
-        let streams = by_caller.get_mut(caller)?;
-        let entry = streams.remove(&call_id);
-        if streams.is_empty() {
-            by_caller.remove(caller);
-        }
-        entry
-    }
-
-    /// The callee stopped reading `caller`'s stream `call_id`.
-    fn forget(&self, caller: &str, call_id: u64) {
-        self.take(caller, call_id);
-    }
-
-    /// An item of an arguments stream (`frame`, from its caller); dropped if nobody
-    /// reads that stream any more.
-    pub fn item(&self, frame: daffi_wire::Frame) {
-        let by_caller = lock(&self.0);
-        let entry = by_caller
-            .get(frame.src())
-            .and_then(|s| s.get(&frame.call_id()));
-        if let Some(entry) = entry {
-            let _ = entry.items.send(Ok(ReplyPayload::from(frame)));
-        }
-    }
-
-    /// Ends `caller`'s stream `call_id`: after its last item, or with the error
-    /// `outcome` builds from the callback's name.
-    pub fn end(&self, caller: &str, call_id: u64, outcome: impl FnOnce(&str) -> Option<Error>) {
-        if let Some(entry) = self.take(caller, call_id) {
-            if let Some(error) = outcome(&entry.callback) {
-                let _ = entry.items.send(Err(error));
-            }
-        }
-    }
-
-    /// `caller` gave up on its call `call_id`.
-    pub fn cancel(&self, caller: &str, call_id: u64) {
-        self.end(caller, call_id, |callback| {
-            Some(Error::Cancelled {
-                process: caller.to_string(),
-                callback: callback.to_string(),
-            })
-        });
-    }
-
-    /// Ends every stream from `caller`: it left.
-    pub fn fail_caller(&self, caller: &str) {
-        let streams = lock(&self.0).remove(caller);
-        disconnected(caller, streams.unwrap_or_default());
-    }
-
-    /// Ends the streams of callers for which `present` is false: they left before this
-    /// node heard of every node (so no leave will be told for them).
-    pub fn fail_absent(&self, present: impl Fn(&str) -> bool) {
-        let absent: Vec<(Arc<str>, HashMap<u64, ArgumentsEntry>)> = {
-            let mut by_caller = lock(&self.0);
-            let gone: Vec<Arc<str>> = by_caller.keys().filter(|c| !present(c)).cloned().collect();
-            gone.into_iter()
-                .filter_map(|c| by_caller.remove(&c).map(|streams| (c, streams)))
-                .collect()
-        };
-        for (caller, streams) in absent {
-            disconnected(&caller, streams);
-        }
-    }
-
-    /// Ends every stream: the connection they came through is gone.
-    pub fn fail_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.0));
-        for (caller, streams) in all {
-            disconnected(&caller, streams);
-        }
-    }
-}
-
-/// Ends `caller`'s `streams` with `PeerDisconnected`.
-fn disconnected(caller: &str, streams: HashMap<u64, ArgumentsEntry>) {
-    for entry in streams.into_values() {
-        let _ = entry.items.send(Err(Error::PeerDisconnected {
-            process: caller.to_string(),
-            callback: entry.callback.to_string(),
-        }));
     }
 }
