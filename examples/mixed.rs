@@ -2,6 +2,10 @@
 //! package in `crates/daffi-py`) call each other by name through the controller the
 //! Python process runs. Python's keyword arguments are the named arguments of a Rust
 //! callback; a Rust struct sent as the arguments reaches Python as keyword arguments.
+//! Streams cross too, both ways: Python iterates a Rust stream callback and streams
+//! its items to a Rust `Incoming` parameter (`& STREAM`); this node reads a Python
+//! generator with `.stream()` and streams items to a Python callback with
+//! `.stream_from(..)`, which calls it with each.
 //!
 //! ```text
 //! python examples/python/mixed.py          # controller + Python node on port 8890
@@ -30,6 +34,22 @@ fn rust_greet(name: String, punctuation: String) -> String {
 fn rust_checked_div(a: i64, b: i64) -> Result<i64, String> {
     a.checked_div(b)
         .ok_or_else(|| "division by zero".to_string())
+}
+
+/// Counts down to 1: a stream callback, which Python iterates.
+#[callback]
+fn rust_countdown(from: u32) -> impl Iterator<Item = u32> {
+    (1..=from).rev()
+}
+
+/// Sums the numbers a caller streams (`g.call.rust_sum(numbers) & STREAM` in Python).
+#[callback]
+fn rust_sum(numbers: daffi::Incoming<i64>) -> daffi::Result<i64> {
+    let mut total = 0;
+    for n in numbers {
+        total += n?;
+    }
+    Ok(total)
 }
 
 /// The keyword arguments of the Python callback `py_scale(values, factor=1.0)`.
@@ -70,6 +90,19 @@ fn main() -> daffi::Result<()> {
         Err(e) => println!("rust-node: py_fail raised: {e}"),
         Ok(()) => println!("rust-node: py_fail returned"),
     }
+    // A Python generator, read as a stream.
+    let squares = g
+        .call("py_squares")
+        .args((4,))
+        .stream::<i64>()?
+        .into_iter()
+        .collect::<daffi::Result<Vec<i64>>>()?;
+    println!("rust-node: py_squares(4) streamed {squares:?}");
+    // Items streamed to a Python callback: it is called with each in turn.
+    let words = futures_util::stream::iter(["a", "b", "c"]);
+    g.call("py_record").stream_from(words).fg::<()>()?;
+    let recorded: Vec<String> = g.call("py_recorded").fg()?;
+    println!("rust-node: streamed [a, b, c] to py_record, which got {recorded:?}");
     // Tells the Python node that this side is done calling; it stops once its own
     // calls are done too, and then this node (see `on_member_removed`).
     g.call("py_rust_done").no_return()?;

@@ -1,5 +1,5 @@
 """The Python half of examples/mixed.rs: a Python node (with the controller) and a Rust
-node call each other by name.
+node call each other by name, and stream to each other both ways.
 
     python examples/python/mixed.py          # controller + Python node on port 8890
     cargo run -p daffi --example mixed       # the Rust node
@@ -11,7 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from daffi import FG, BadArgumentsError, Global, RemoteCallError, callback
+from daffi import FG, STREAM, BadArgumentsError, Global, RemoteCallError, callback
 
 rust_done = threading.Event()
 
@@ -29,6 +29,27 @@ def py_scale(values, factor=1.0):
 @callback
 def py_fail(what):
     raise ValueError(f"{what} from Python")
+
+
+@callback
+def py_squares(n):
+    """A generator: its items stream to the caller, here a Rust node."""
+    for i in range(n):
+        yield i * i
+
+
+recorded = []
+
+
+@callback
+def py_record(word):
+    """Called with each item a caller streams (Rust's `.stream_from(..)`)."""
+    recorded.append(word)
+
+
+@callback
+def py_recorded():
+    return recorded
 
 
 @callback
@@ -57,6 +78,8 @@ def main():
             g.call.rust_add(Point(1, 2), 3) & FG
         except BadArgumentsError as e:
             print("python-node: rust_add(Point(1, 2), 3) raised:", e)
+        print("python-node: rust_countdown(3) streamed", list(g.call.rust_countdown(3)))
+        print("python-node: rust_sum(range(101)) & STREAM =", g.call.rust_sum(range(101)) & STREAM)
         rust_done.wait(timeout=60)
 
 

@@ -63,9 +63,11 @@ pub struct BenchArgs {
     /// Skip the 1 GiB payload of scenario C.
     #[arg(long)]
     no_big: bool,
-    /// Nodes connected in scenario E [default: 1000, or 30 with --quick].
-    #[arg(long)]
-    nodes: Option<usize>,
+    /// Nodes connected in scenario E, spread over 5 processes [default: 1000, or 30
+    /// with --quick]. Several counts (`--nodes 1000,2500,5000,10000`) run E once per
+    /// count, each on a fresh controller, and print the growth: the figures at each.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<usize>,
     /// Run A and B over the NATS backend through this nats-server (`nats://HOST:PORT`),
     /// beside raw async-nats request-reply through the same server, instead of the
     /// other scenarios. Start one with `nats-server --jetstream` (`.ci/tools` installs
@@ -217,7 +219,11 @@ pub fn run(args: BenchArgs) -> ExitCode {
         in_flight: 256,
         blob_sizes,
         broadcast_nodes: 4,
-        swarm_nodes: pick(args.nodes, 1_000, 30),
+        swarm_nodes: if args.nodes.is_empty() {
+            vec![pick(None, 1_000, 30)]
+        } else {
+            args.nodes
+        },
         transport,
         connect: args.connect,
         scenarios: if args.only.is_empty() {

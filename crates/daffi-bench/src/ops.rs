@@ -103,10 +103,8 @@ pub enum Op {
     /// Waits until the nodes `{prefix}0 .. {prefix}{count-1}` and `extra` are all known
     /// to this node; answers the seconds it waited.
     WaitNodes {
-        /// Name prefix of the swarm's nodes.
-        prefix: String,
-        /// How many.
-        count: usize,
+        /// The swarm's nodes: a name prefix, and how many nodes have it (numbered from 0).
+        groups: Vec<(String, usize)>,
         /// Other names to wait for.
         extra: Vec<String>,
         /// Give up after this many seconds.

@@ -114,6 +114,9 @@ pub struct Memory {
     pub rss_mib: f64,
     /// Peak resident (`VmHWM`), MiB.
     pub peak_mib: f64,
+    /// Resident anonymous memory now (`RssAnon`), MiB: the process's own, without the
+    /// pages of its binary and libraries (`RssFile`), which a bigger binary makes more.
+    pub anon_mib: f64,
 }
 
 /// Reads the memory figures of process `pid`.
@@ -125,9 +128,13 @@ pub fn memory_of(pid: u32) -> Result<Memory> {
         let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib / 1024.0)
     };
-    match (field("VmRSS:"), field("VmHWM:")) {
-        (Some(rss_mib), Some(peak_mib)) => Ok(Memory { rss_mib, peak_mib }),
-        _ => Err(format!("no VmRSS/VmHWM in /proc/{pid}/status").into()),
+    match (field("VmRSS:"), field("VmHWM:"), field("RssAnon:")) {
+        (Some(rss_mib), Some(peak_mib), Some(anon_mib)) => Ok(Memory {
+            rss_mib,
+            peak_mib,
+            anon_mib,
+        }),
+        _ => Err(format!("no VmRSS/VmHWM/RssAnon in /proc/{pid}/status").into()),
     }
 }
 

@@ -43,9 +43,17 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Connections the benchmark's controller takes.
+const BENCH_MAX_CONNECTIONS: usize = 50_000;
+
 /// A daffi controller alone in its process, like `daffi controller`.
 pub fn controller(listen: &Endpoint, max_frame_size: Option<usize>) -> Result<()> {
-    let mut b = listen.builder().init_controller(true).init_node(false);
+    // Scenario E connects 10,000 nodes and more: past the default limit.
+    let mut b = listen
+        .builder()
+        .init_controller(true)
+        .init_node(false)
+        .max_connections(BENCH_MAX_CONNECTIONS);
     if let Some(limit) = max_frame_size {
         b = b.max_frame_size(limit);
     }
@@ -255,11 +263,10 @@ impl Caller {
                 nodes,
             } => answer(self.broadcast(calls, warmup, nodes)),
             Op::WaitNodes {
-                prefix,
-                count,
+                groups,
                 extra,
                 timeout_s,
-            } => answer(self.wait_nodes(&prefix, count, &extra, timeout_s)),
+            } => answer(self.wait_nodes(&groups, &extra, timeout_s)),
         }
     }
 
@@ -523,15 +530,15 @@ impl Caller {
 
     fn wait_nodes(
         &mut self,
-        prefix: &str,
-        count: usize,
+        groups: &[(String, usize)],
         extra: &[String],
         timeout_s: u64,
     ) -> Result<WaitAnswer> {
         let started = Instant::now();
         let deadline = started + Duration::from_secs(timeout_s);
-        let names = (0..count)
-            .map(|i| format!("{prefix}{i}"))
+        let names = groups
+            .iter()
+            .flat_map(|(prefix, count)| (0..*count).map(move |i| format!("{prefix}{i}")))
             .chain(extra.iter().cloned());
         for name in names {
             let left = deadline.saturating_duration_since(Instant::now());

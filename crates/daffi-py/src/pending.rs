@@ -5,12 +5,17 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::future::Future;
+
+use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use tokio::runtime::Handle;
 
 use crate::errors;
 use crate::node::Schedule;
+use crate::streams::CallStream;
 
 /// What a finished call gives Python: a value built under the GIL, or an error.
 pub type Answer = Result<Reply, daffi::Error>;
@@ -23,6 +28,13 @@ pub enum Reply {
     ByNode(Vec<(String, rmpv::Value)>),
     /// A PERIOD schedule.
     Schedule(daffi::ScheduledTask),
+    /// The items of a stream callback.
+    Stream(CallStream),
+    /// A Python exception to raise (an iterable fed to a callback raised).
+    Raise(PyErr),
+    /// A stream has no more items: `StopAsyncIteration` (which `__next__` turns into
+    /// `StopIteration`).
+    End,
 }
 
 #[derive(Default)]
@@ -45,6 +57,35 @@ enum Waiter {
         /// Made by that loop's `create_future()`.
         future: Py<PyAny>,
     },
+}
+
+/// Runs `work` on `runtime`; its answer completes the returned [`Pending`]. If the
+/// runtime drops the work unfinished (it shut down: the node was dropped), the answer
+/// is [`daffi::Error::Stopped`], so nobody waits forever.
+pub fn spawn(runtime: &Handle, work: impl Future<Output = Answer> + Send + 'static) -> Pending {
+    let completion = Completion::default();
+    let unfinished = Unfinished(Some(completion.clone()));
+    runtime.spawn(async move { unfinished.finish(work.await) });
+    Pending::new(completion)
+}
+
+/// Completes a call with [`daffi::Error::Stopped`] if dropped before [`finish`](Self::finish).
+struct Unfinished(Option<Completion>);
+
+impl Unfinished {
+    fn finish(mut self, answer: Answer) {
+        if let Some(completion) = self.0.take() {
+            completion.complete(answer);
+        }
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(completion) = self.0.take() {
+            completion.complete(Err(daffi::Error::Stopped));
+        }
+    }
 }
 
 /// The shared end a runtime task completes.
@@ -102,6 +143,9 @@ impl Completion {
                 Ok(dict.into_any().unbind())
             }
             Some(Ok(Reply::Schedule(task))) => Ok(Py::new(py, Schedule { task })?.into_any()),
+            Some(Ok(Reply::Stream(stream))) => Ok(Py::new(py, stream)?.into_any()),
+            Some(Ok(Reply::End)) => Err(PyStopAsyncIteration::new_err(())),
+            Some(Ok(Reply::Raise(error))) => Err(error),
         }
     }
 }
@@ -244,6 +288,13 @@ impl Pending {
     pub fn new(completion: Completion) -> Self {
         Pending { completion }
     }
+
+    /// A call done already, with `answer`.
+    pub fn ready(answer: Answer) -> Self {
+        let completion = Completion::default();
+        completion.complete(answer);
+        Pending { completion }
+    }
 }
 
 #[pymethods]
@@ -279,7 +330,7 @@ impl Pending {
     /// An asyncio future of the running event loop that gets the result (or the call's
     /// error): the way async code awaits a call without a Python callback per call.
     /// Takes the result, as `result()` does.
-    fn asyncio_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+    pub fn asyncio_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let event_loop = get_running_loop(py)?;
         let future = event_loop.call_method0(intern!(py, "create_future"))?;
         let waiter = Waiter::Future {
@@ -299,7 +350,7 @@ impl Pending {
 
     /// Waits for the call with the GIL released, in slices between which signal
     /// handlers run (Ctrl-C), and gives the result as `result()` does.
-    fn get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+    pub fn get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         while !self.wait(py, SLICE.as_secs_f64()) {
             py.check_signals()?;
         }

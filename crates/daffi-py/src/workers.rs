@@ -6,19 +6,54 @@
 //! wait for I/O) do not hold up the others.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 
 /// A Python sync callback to run, with the GIL held.
-pub type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 
 /// The most threads the pool starts (the node's own limit of sync callbacks).
 const MAX_THREADS: usize = 1024;
 
 /// How long a job may wait, with no thread free, before another thread starts.
-pub const STUCK_AFTER: Duration = Duration::from_millis(2);
+const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// Runs `job` on a thread of the pool with the GIL held, with nobody waiting for it.
+/// The pool is still unstuck if all its threads are busy (blocked in callbacks): by a
+/// task of the current runtime, or at once outside one.
+pub fn spawn(job: impl FnOnce(Python<'_>) + Send + 'static) {
+    let ran = run::<()>(move |py, _| job(py));
+    match Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(ran)),
+        Err(_) => Workers::get().unstick(),
+    }
+}
+
+/// Runs `job` on a thread of the pool with the GIL held, and gives what it sends on
+/// the sender it is handed (which it may also pass on, to be answered later), or None
+/// if the sender was dropped unanswered. The job is queued at once, not when the
+/// future is first polled.
+pub fn run<T: Send + 'static>(
+    job: impl FnOnce(Python<'_>, oneshot::Sender<T>) + Send + 'static,
+) -> impl Future<Output = Option<T>> + Send + 'static {
+    let (tx, mut rx) = oneshot::channel();
+    let workers = Workers::get();
+    let busy = workers.push(Box::new(move |py| job(py, tx)));
+    async move {
+        if busy {
+            match tokio::time::timeout(STUCK_AFTER, &mut rx).await {
+                Ok(answer) => return answer.ok(),
+                Err(_) => workers.unstick(),
+            }
+        }
+        rx.await.ok()
+    }
+}
 
 #[derive(Default)]
 struct Queue {
@@ -28,16 +63,25 @@ struct Queue {
     threads: usize,
 }
 
+impl Queue {
+    /// Whether some queued job has no idle thread to take it. An idle thread counts as
+    /// idle until it wakes up, so two jobs queued at once with one thread idle leave one
+    /// unclaimed: if the first blocks, the second must not wait for it.
+    fn unclaimed(&self) -> bool {
+        self.jobs.len() > self.idle
+    }
+}
+
 /// The pool: one per process.
 #[derive(Default)]
-pub struct Workers {
+struct Workers {
     queue: Mutex<Queue>,
     ready: Condvar,
 }
 
 impl Workers {
     /// The process's pool.
-    pub fn get() -> &'static Arc<Workers> {
+    fn get() -> &'static Arc<Workers> {
         static WORKERS: OnceLock<Arc<Workers>> = OnceLock::new();
         WORKERS.get_or_init(Arc::default)
     }
@@ -47,22 +91,22 @@ impl Workers {
     }
 
     /// Queues `job`; whether no thread was free to take it.
-    pub fn push(self: &Arc<Self>, job: Job) -> bool {
+    fn push(self: &Arc<Self>, job: Job) -> bool {
         let mut queue = self.lock();
         queue.jobs.push_back(job);
         if queue.threads == 0 {
             self.start_thread(&mut queue);
         }
-        let busy = queue.idle == 0;
+        let busy = queue.unclaimed();
         drop(queue);
         self.ready.notify_one();
         busy
     }
 
     /// Starts another thread if jobs are still waiting and no thread is free.
-    pub fn unstick(self: &Arc<Self>) {
+    fn unstick(self: &Arc<Self>) {
         let mut queue = self.lock();
-        if !queue.jobs.is_empty() && queue.idle == 0 {
+        if queue.unclaimed() {
             self.start_thread(&mut queue);
         }
     }

@@ -43,6 +43,8 @@ def test_a_rust_node_and_a_python_node_call_each_other(processes, rust_example):
         "rust-node: py_scale(values=[1.0, 2.5], factor=2.0) = [2.0, 5.0]",
         "rust-node: py_fail raised: callback `py_fail` on process `python-node` failed: "
         "ValueError: boom from Python",
+        "rust-node: py_squares(4) streamed [0, 1, 4, 9]",
+        'rust-node: streamed [a, b, c] to py_record, which got ["a", "b", "c"]',
     ]
     assert py_out.splitlines() == [
         "python-node: rust_add(2, 3) = 5",
@@ -53,4 +55,6 @@ def test_a_rust_node_and_a_python_node_call_each_other(processes, rust_example):
         "rejected its arguments: argument 1 (`a`) of rust_add(a: i64, b: i64): expected an "
         "integer, got a pickled Python object of type `__main__.Point`, which only Python nodes "
         "read (send a value MessagePack expresses: None, bool, int, float, str, bytes, list, dict)",
+        "python-node: rust_countdown(3) streamed [3, 2, 1]",
+        "python-node: rust_sum(range(101)) & STREAM = 5050",
     ]

@@ -56,6 +56,26 @@
 //! `_async` twins ([`Call::fg_async`], [`Call::no_return_async`]) or `.await` an
 //! [`AsyncResult`].
 //!
+//! # What a node knows, and when
+//!
+//! Over the built-in controller a node keeps only what it needs of the others, so that
+//! a mesh of thousands of nodes costs each little:
+//!
+//! - By default it knows nobody. The first call, broadcast, stream or
+//!   [`Global::wait_function`] for a callback name asks the controller for that name's
+//!   providers (one round trip, once per connection); from then on the controller keeps
+//!   them current (joins, callback changes, leaves) in batches sent every 5 ms at most.
+//!   A provider whose leave was announced is never chosen again.
+//! - It knows every node, kept current, from the first [`Global::members`],
+//!   [`Global::registered_callbacks`] or [`Global::wait_process`] on (the first waits
+//!   one round trip), and from the start when the builder has a membership hook
+//!   ([`GlobalBuilder::on_member_added`], [`GlobalBuilder::on_member_removed`]), and
+//!   from its first stream callback on (it stops the streams of a caller that leaves).
+//!   The CLI's `ls` and `watch` do so.
+//! - After a reconnect it asks again for what it needs, as it needs it.
+//!
+//! Over NATS, and with a controller older than this behaviour, a node knows every node.
+//!
 //! Every failure is a named [`Error`] variant. The wire format is described in
 //! `docs/PROTOCOL.md` of the repository.
 //!

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::mesh::{
     check_callback_list, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, NodeOutcome,
-    OpenStream, ReplyPayload, Waiter,
+    OpenStream, ReplyPayload, Scope, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
@@ -31,6 +31,8 @@ pub struct Node {
     mesh: Arc<dyn Mesh>,
     /// Slots for this node's own calls in flight (`max_in_flight`).
     in_flight: Arc<Semaphore>,
+    /// The node's runtime, entered by a call that must wait from the calling thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// A call on its way: sent (its reply awaited where it is polled), or still waiting to
@@ -45,7 +47,7 @@ pub enum Started {
 }
 
 impl Node {
-    /// A node whose requests `executor` runs, over `mesh`.
+    /// A node whose requests `executor` runs, over `mesh`. Made inside the node's runtime.
     pub fn new(executor: Arc<Executor>, mesh: Arc<dyn Mesh>, max_in_flight: usize) -> Self {
         Node {
             name: executor.name.clone(),
@@ -54,6 +56,7 @@ impl Node {
             in_flight: Arc::new(Semaphore::new(
                 max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
             )),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -80,6 +83,9 @@ impl Node {
             Some(Err(e)) => return Started::Failed(e),
             None => {}
         }
+        // Waiting may need timers (the providers' subscription, a deadline).
+        let runtime = self.runtime.clone();
+        let _context = runtime.enter();
         let mut call = Box::pin(self.send(req));
         match call.as_mut().poll(&mut Context::from_waker(noop_waker())) {
             Poll::Ready(Ok(Some(waiter))) => Started::Sent(waiter),
@@ -197,17 +203,21 @@ impl Node {
         self.mesh.control(request, what).await
     }
 
-    /// Waits until `ready` holds for the membership view, or `timeout` passes.
+    /// Waits until `ready` holds for the membership view, which is made to hold
+    /// `scope` (again after each reconnect), or `timeout` passes.
     pub async fn wait_until(
         &self,
         what: &str,
         timeout: Option<Duration>,
+        scope: Scope<'_>,
         ready: impl Fn(&Membership) -> bool,
     ) -> Result<()> {
         let membership = self.mesh.membership();
         let mut changes = membership.subscribe();
         let mut stop = self.mesh.stopping();
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Asked again after a change (a reconnect ends subscriptions), never in a loop.
+        let mut ask = true;
         loop {
             if self.is_stopped() {
                 return Err(Error::Stopped);
@@ -215,8 +225,15 @@ impl Node {
             if ready(membership) {
                 return Ok(());
             }
+            let asking = ask && !membership.covers(scope) && self.mesh.is_connected();
             tokio::select! {
-                _ = changes.changed() => {}
+                asked = self.mesh.want(scope), if asking => {
+                    if let Err(e) = asked {
+                        tracing::debug!(process = %self.name, error = %e, "{what}: could not subscribe; waiting for a change");
+                        ask = false;
+                    }
+                }
+                _ = changes.changed() => ask = true,
                 _ = stop.changed() => {}
                 _ = sleep_until(deadline) => {
                     return Err(Error::timeout(what, timeout.unwrap_or_default()));
@@ -231,6 +248,7 @@ impl Node {
         self.executor
             .register(handlers, |names| check_callback_list(names, limit))?;
         self.mesh.clone().announce();
+        self.hear_of_callers();
         Ok(())
     }
 
@@ -240,7 +258,21 @@ impl Node {
         self.executor
             .register_instance(instance, |names| check_callback_list(names, limit))?;
         self.mesh.clone().announce();
+        self.hear_of_callers();
         Ok(())
+    }
+
+    /// A node that serves streams stops those of a caller that leaves: it asks (in the
+    /// background) to hear of every node.
+    fn hear_of_callers(&self) {
+        if self.executor.serves_streams() && !self.mesh.membership().covers(Scope::Everything) {
+            let mesh = self.mesh.clone();
+            self.runtime.spawn(async move {
+                if let Err(e) = mesh.want(Scope::Everything).await {
+                    tracing::warn!(error = %e, "a node serving streams could not ask for every member; it hears of its callers' leaves after its next reconnect");
+                }
+            });
+        }
     }
 
     /// Names of the callbacks this node serves.
@@ -248,9 +280,28 @@ impl Node {
         self.executor.callback_names()
     }
 
-    /// This node's view of the others.
-    pub fn membership(&self) -> &Membership {
-        self.mesh.membership()
+    /// This node's view of the others, made whole first (kept so from then on): the
+    /// first time, this waits for the controller's answer (at most its control
+    /// timeout). Where waiting is not allowed (a current-thread runtime's own thread),
+    /// the view is asked for and what is known now is returned.
+    pub fn whole_membership(&self, runtime: &tokio::runtime::Handle) -> &Membership {
+        let membership = self.mesh.membership();
+        if membership.covers(Scope::Everything) {
+            return membership;
+        }
+        let asked = crate::blocking::wait(runtime, "members", self.mesh.want(Scope::Everything));
+        match asked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(process = %self.name, error = %e, "could not ask the controller for every member; the list holds what this node knows")
+            }
+            Err(_) => {
+                let mesh = self.mesh.clone();
+                runtime.spawn(async move { mesh.want(Scope::Everything).await });
+                tracing::warn!(process = %self.name, "members() or registered_callbacks() called on a current-thread runtime's thread before this node knew every member: it is asked for now, and the list holds what is known so far (call wait_process_async first)")
+            }
+        }
+        membership
     }
 
     /// Checks that a schedule leaves [`TASK_OVERHEAD`] of the size limit: every message

@@ -4,61 +4,27 @@
 //! with `.on` (every node of this binary serves the same `#[callback]` fns), the caller a
 //! node in the test process (or, to be killed, a child of its own).
 
+#[path = "streaming/arguments.rs"]
+mod arguments;
 mod common;
+#[path = "streaming/watch.rs"]
+mod watch;
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use common::{Cluster, Log, Transport, WAIT};
+use arguments::{Counted, WINDOW};
+use common::{Cluster, Transport, WAIT};
 use daffi::{callback, Error, Incoming};
 use futures_util::StreamExt;
 
 const ENTRY: &str = "child_process";
-
-/// The credit a callee grants at first, in items (`STREAM_WINDOW` in the protocol doc;
-/// these items are far below its bytes).
-const WINDOW: u64 = 256;
 
 // ---- the worker ---------------------------------------------------------------------
 
 #[callback]
 fn sync_add(a: i64, b: i64) -> i64 {
     a + b
-}
-
-/// A sync callback reading its stream with `for`, after a plain argument.
-#[callback]
-fn sum_sync(scale: i64, numbers: Incoming<i64>) -> daffi::Result<i64> {
-    let mut total = 0;
-    for n in numbers {
-        total += n? * scale;
-    }
-    Ok(total)
-}
-
-/// An async callback reading its stream with `StreamExt`, before a plain argument.
-#[callback]
-async fn sum_async(mut numbers: Incoming<i64>, scale: i64) -> daffi::Result<i64> {
-    let mut total = 0;
-    while let Some(n) = numbers.next().await {
-        total += n? * scale;
-    }
-    Ok(total)
-}
-
-/// Both ways at once: each item read is sent back doubled.
-#[callback]
-fn doubled(numbers: Incoming<i64>) -> impl Iterator<Item = i64> {
-    numbers.into_iter().map_while(Result::ok).map(|n| n * 2)
-}
-
-/// Reads `n` items and returns them, leaving the rest unread.
-#[callback]
-fn first(n: usize, numbers: Incoming<u64>) -> daffi::Result<Vec<u64>> {
-    numbers.into_iter().take(n).collect()
 }
 
 /// A slow reader: `n` items, 10 ms each.
@@ -74,40 +40,6 @@ async fn read_slowly(n: usize, mut numbers: Incoming<u64>) -> daffi::Result<u64>
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(read)
-}
-
-/// What ended the stream `watch` reads (the error's debug form), and when.
-static WATCH_ENDED: Log<(String, Instant)> = Log::new();
-/// Items `watch` has read.
-static WATCHED: Log<u64> = Log::new();
-
-/// Reads until the stream ends, and logs how it ended.
-#[callback]
-fn watch(numbers: Incoming<u64>) -> u64 {
-    let ending = numbers.into_iter().find_map(|item| match item {
-        Ok(n) => {
-            WATCHED.push(n);
-            None
-        }
-        Err(e) => Some(format!("{e:?}")),
-    });
-    WATCH_ENDED.push((ending.unwrap_or_else(|| "the end".into()), Instant::now()));
-    WATCHED.wait_until(0, |_| true).len() as u64
-}
-
-/// Waits until `watch` has read an item (or `timeout_ms` passed): how many it has.
-#[callback]
-fn watched(timeout_ms: u64) -> u64 {
-    WATCHED.wait_until(timeout_ms, |w| !w.is_empty()).len() as u64
-}
-
-/// Once `watch`'s stream ended (or after `timeout_ms`): how, and how many ms ago.
-#[callback]
-fn watch_ended(timeout_ms: u64) -> Option<(String, u64)> {
-    let ended = WATCH_ENDED.wait_until(timeout_ms, |e| !e.is_empty());
-    ended
-        .first()
-        .map(|(how, at)| (how.clone(), at.elapsed().as_millis() as u64))
 }
 
 /// Runs a child process in the role the test gave it; ignored in normal runs.
@@ -138,11 +70,7 @@ fn feeder() {
         .start()
         .expect("feeder starts");
     let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-    g.wait_process_timeout(&target, WAIT)
-        .expect("the worker is known");
-    let items = futures_util::stream::iter(1..=3u64).chain(futures_util::stream::pending());
-    let outcome = g.call("watch").on(target).stream_from(items).fg::<u64>();
-    panic!("the feeder was to be killed, not to end: {outcome:?}");
+    watch::feed_watch_until_killed(&g, &target);
 }
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -157,39 +85,6 @@ fn cluster_with_worker() -> (Cluster, String) {
         .wait_function_timeout("count", WAIT)
         .expect("the worker's callbacks are announced");
     (cluster, worker)
-}
-
-/// An endless stream of 1, 2, 3, ... that counts how many items were pulled from it and
-/// says when it is dropped.
-struct Counted {
-    pulled: Arc<AtomicU64>,
-    dropped: std::sync::mpsc::Sender<()>,
-}
-
-impl Counted {
-    fn new() -> (Counted, Arc<AtomicU64>, std::sync::mpsc::Receiver<()>) {
-        let pulled = Arc::new(AtomicU64::new(0));
-        let (dropped, on_drop) = std::sync::mpsc::channel();
-        let counted = Counted {
-            pulled: pulled.clone(),
-            dropped,
-        };
-        (counted, pulled, on_drop)
-    }
-}
-
-impl futures_util::Stream for Counted {
-    type Item = u64;
-
-    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<u64>> {
-        Poll::Ready(Some(self.pulled.fetch_add(1, Ordering::SeqCst) + 1))
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let _ = self.dropped.send(());
-    }
 }
 
 // ---- tests -----------------------------------------------------------------------------
@@ -266,43 +161,13 @@ fn ten_thousand_items_are_streamed_in_and_summed_from_the_users_own_runtime() {
 #[test]
 fn both_ways_at_once_items_come_back_doubled_in_order() {
     let (cluster, worker) = cluster_with_worker();
-    let back: Vec<i64> = cluster
-        .caller
-        .call("doubled")
-        .on(&worker)
-        .stream_from(futures_util::stream::iter(1..=5_000i64))
-        .timeout(WAIT)
-        .stream::<i64>()
-        .expect("stream")
-        .into_iter()
-        .map(|item| item.expect("item"))
-        .collect();
-    assert_eq!(back, (1..=5_000).map(|n| n * 2).collect::<Vec<i64>>());
+    arguments::both_ways_doubled_in_order(&cluster.caller, &worker, 5_000);
 }
 
 #[test]
 fn a_callee_that_returns_early_stops_the_feeding_within_its_credit() {
     let (cluster, worker) = cluster_with_worker();
-    let (items, pulled, dropped) = Counted::new();
-    let read: Vec<u64> = cluster
-        .caller
-        .call("first")
-        .on(&worker)
-        .args((3,))
-        .stream_from(items)
-        .timeout(WAIT)
-        .fg()
-        .expect("first");
-    assert_eq!(read, vec![1, 2, 3]);
-    dropped
-        .recv_timeout(WAIT)
-        .expect("the feeding stream is dropped");
-    // The first window at most (items are pulled only with credit for them).
-    let pulled = pulled.load(Ordering::SeqCst);
-    assert!(
-        (3..=WINDOW).contains(&pulled),
-        "pulled {pulled} items for a callee that read 3, with a credit of {WINDOW}"
-    );
+    arguments::returning_early_stops_the_feeding(&cluster.caller, &worker);
 }
 
 #[test]
@@ -336,45 +201,13 @@ fn a_killed_caller_ends_the_callees_incoming_with_its_error_within_a_second() {
     let env = [("DAFFI_TEST_TARGET", worker.as_str())];
     let mut feeding =
         common::spawn_child_with(ENTRY, "feeder", &feeder, cluster.caller.address(), &env);
-    let g = &cluster.caller;
-    let watched: u64 = g
-        .call("watched")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("watched");
-    assert!(watched >= 1, "the callee reads the feeder's items");
-    let killed = Instant::now();
-    feeding.kill();
-    let (how, ms_ago): (String, u64) = g
-        .call("watch_ended")
-        .args((WAIT.as_millis() as u64,))
-        .on(&worker)
-        .timeout(WAIT * 2)
-        .fg::<Option<(String, u64)>>()
-        .expect("watch_ended")
-        .expect("the callee's Incoming ended");
-    assert!(
-        how.starts_with("PeerDisconnected") && how.contains(&feeder),
-        "ended with {how}"
+    watch::killed_feeder_ends_the_callees_incoming(
+        &cluster.caller,
+        &worker,
+        &feeder,
+        || feeding.kill(),
+        Duration::from_secs(1),
     );
-    let after = killed
-        .elapsed()
-        .saturating_sub(Duration::from_millis(ms_ago));
-    assert!(
-        after < Duration::from_secs(1),
-        "ended {after:?} after the kill"
-    );
-    // The callee serves other calls as before.
-    let sum: i64 = g
-        .call("sync_add")
-        .args((2, 3))
-        .on(&worker)
-        .timeout(WAIT)
-        .fg()
-        .expect("sync_add");
-    assert_eq!(sum, 5);
 }
 
 #[test]

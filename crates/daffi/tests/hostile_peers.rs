@@ -478,9 +478,16 @@ fn callback_lists_over_the_limit_are_refused_and_cost_only_their_node() {
     let limit = callback_list_limit(FRAME);
     let frames = small_frames();
     let ctl = Controller::start(&env_refs(&frames));
+    // Leaves reach the caller's view in the controller's next batch of changes: the
+    // test waits for the rogue's on this hook.
+    let (left_tx, left) = std::sync::mpsc::channel::<String>();
+    let left_tx = std::sync::Mutex::new(left_tx);
     let caller = ctl
         .node(&unique("caller"))
         .max_frame_size(FRAME)
+        .on_member_removed(move |_, name| {
+            let _ = left_tx.lock().expect("lock").send(name.to_string());
+        })
         .start()
         .expect("caller joins");
     let worker = unique("worker");
@@ -550,7 +557,13 @@ fn callback_lists_over_the_limit_are_refused_and_cost_only_their_node() {
     raw.write_all(&announce).expect("write");
     skip_until_closed(&mut raw);
 
-    // Everyone else goes on, and has heard that the rogue left.
+    // Everyone else goes on, and hears that the rogue left.
+    let deadline = Instant::now() + WAIT;
+    while left
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("the caller hears that the rogue left")
+        != rogue
+    {}
     let sum: i64 = caller
         .call("hp_add")
         .args((20, 22))

@@ -6,12 +6,17 @@ bytes, list, tuple, dict) cross between languages; keyword arguments are the nam
 arguments of a Rust callback. Other objects travel pickled (stdlib `pickle`) between
 Python nodes only: unpickling runs code the sender chose, so connect only nodes you
 trust (as with the Python daffi's dill).
+
+A generator or async generator callback streams its items; the caller iterates the
+call (`for x in g.call.f()`, `async for x in g.call.f()`), or its FG result, a
+`CallStream`. The other way, `g.call.f(items) & STREAM` calls `f` with each item.
 """
 
 from ._call import AsyncResult, RemoteCall, ScheduledTask
+from ._daffi import CallStream
 from ._callbacks import callback
 from ._global import Global
-from ._modifiers import BG, BROADCAST, FG, NO_RETURN, PERIOD
+from ._modifiers import BG, BROADCAST, FG, NO_RETURN, PERIOD, STREAM
 from .exceptions import (
     BadArgumentsError,
     DaffiError,
@@ -31,9 +36,11 @@ __all__ = [
     "NO_RETURN",
     "PERIOD",
     "BROADCAST",
+    "STREAM",
     "AsyncResult",
     "RemoteCall",
     "ScheduledTask",
+    "CallStream",
     "DaffiError",
     "RemoteCallError",
     "BadArgumentsError",

@@ -32,7 +32,15 @@ class Caller:
 
 
 class RemoteCall:
-    """A call of a remote callback, not sent until a modifier or method ends it."""
+    """A call of a remote callback, not sent until a modifier or method ends it.
+
+    A callback that streams (a generator, an async generator, a Rust stream callback)
+    answers FG (and BG's `get()`) with a `CallStream` of its items; iterating the call
+    itself is the same as iterating its FG result: `for x in g.call.f(n)` or
+    `async for x in g.call.f(n)`. The caller needs no modifier for it: a callee that
+    streams says so when called, and this process calls that name as a stream from
+    then on.
+    """
 
     __slots__ = ("_g", "_name", "_args", "_kwargs")
 
@@ -58,11 +66,20 @@ class RemoteCall:
         modifier = _modifier_on_line(sys._getframe(1))
         return modifier.apply_async(self).__await__()
 
+    def __iter__(self):
+        # `for x in g.call.f()`: the items of a stream callback (or of a plain result).
+        return iter(self.fg())
+
+    def __aiter__(self):
+        return _aiter_result(self.fg_async())
+
     def _start(self, mode, timeout=None, eta=None):
         return self._g._node_now().call(self._name, self._args, self._kwargs, mode, timeout, eta)
 
     def fg(self, timeout=None):
-        """FG: the result; TimeoutError after `timeout` seconds (the call's own)."""
+        """FG: the result; TimeoutError after `timeout` seconds (the call's own). For a
+        stream callback, a `CallStream` once its first item is in; `timeout` then bounds
+        the wait for each item."""
         return self._start("result", timeout).get()
 
     async def fg_async(self, timeout=None):
@@ -89,6 +106,27 @@ class RemoteCall:
         """BROADCAST in async code."""
         return await wait_async(self._start(_broadcast_mode(return_result), timeout, eta))
 
+    def stream(self, timeout=None):
+        """STREAM: streams the items of the first argument (an iterable) to the callback,
+        only as far ahead as it takes them. A Python callback is called with each item
+        in turn (the other arguments after it), and this gives None once all were taken;
+        a Rust callback takes them as its `daffi::Incoming` parameter, and this gives
+        its result. `timeout` bounds the whole call."""
+        return wait(self._stream_to(timeout))
+
+    async def stream_async(self, timeout=None):
+        """STREAM in async code (the items: a plain iterable, taken on another thread)."""
+        return await wait_async(self._stream_to(timeout))
+
+    def _stream_to(self, timeout):
+        items, rest = self._split_items()
+        return self._g._node_now().stream_to(self._name, items, rest, self._kwargs, timeout)
+
+    def _split_items(self):
+        if not self._args:
+            raise TypeError(f"STREAM sends the items of the first argument of {self._name}(): give one")
+        return self._args[0], self._args[1:]
+
     def period(self, at_time=None, period=None):
         """PERIOD: a `ScheduledTask`."""
         return ScheduledTask(wait(self._schedule(at_time, period)))
@@ -101,6 +139,17 @@ class RemoteCall:
         if at_time is not None and not isinstance(at_time, (list, tuple)):
             at_time = [at_time]
         return self._g._node_now().schedule(self._name, self._args, self._kwargs, at_time, period)
+
+
+async def _aiter_result(result):
+    """`async for` over an awaited result: a `CallStream`'s items, or a plain value's."""
+    value = await result
+    if hasattr(value, "__aiter__"):
+        async for item in value:
+            yield item
+    else:
+        for item in value:
+            yield item
 
 
 def _broadcast_mode(return_result):

@@ -2,6 +2,7 @@
 
 import asyncio
 import inspect
+import logging
 import threading
 
 from . import _callbacks
@@ -9,6 +10,8 @@ from ._call import Caller
 from ._daffi import Node
 from ._wait import wait, wait_async
 from .exceptions import GlobalContextError
+
+_log = logging.getLogger("daffi")
 
 
 class Global:
@@ -22,7 +25,12 @@ class Global:
 
     Sync callbacks run on worker threads (one that has the GIL runs every callback
     waiting; another starts when one blocks); async ones on an event loop this `Global`
-    keeps on a thread of its own.
+    keeps on a thread of its own. A generator function (`def f(): yield ..`) or an
+    async generator function (`async def f(): yield ..`) streams its items: each is
+    made when the caller's credit allows (at most 32 ahead of its reading), generators
+    on the node's sync callback threads (the GIL held only while making one item),
+    async generators on that event loop; a caller that stops reading closes the
+    generator.
     """
 
     def __init__(
@@ -114,10 +122,14 @@ class Global:
             self._node.register(name, *self._runner(function))
 
     def _runner(self, function):
-        """What the node calls for `function`, and whether that is async."""
+        """What the node calls for `function`, and its kind (see `Node.register`)."""
+        if inspect.isasyncgenfunction(function):
+            return self._callback_loop.async_generator(function), "async_generator"
         if inspect.iscoroutinefunction(function):
-            return self._callback_loop.submitter(function), True
-        return function, False
+            return self._callback_loop.submitter(function), "async"
+        if inspect.isgeneratorfunction(function):
+            return function, "generator"
+        return function, "sync"
 
 
 class _CallbackLoop:
@@ -147,12 +159,62 @@ class _CallbackLoop:
 
         return submit
 
+    def async_generator(self, function):
+        """`start(args, kwargs)`: an `_AsyncGeneratorRun` of `function(*args, **kwargs)`."""
+
+        def start(args, kwargs):
+            return _AsyncGeneratorRun(function(*args, **kwargs), self._running())
+
+        return start
+
     def stop(self):
         with self._lock:
             loop, thread, self._loop = self._loop, self._thread, None
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=5)
+
+
+class _AsyncGeneratorRun:
+    """An async generator served as a stream: asked for one item at a time, on the loop."""
+
+    def __init__(self, generator, loop):
+        self._generator = generator
+        self._loop = loop
+        self._step = None  # the task making the item asked for
+
+    def advance(self, done):
+        """Makes the next item; `done(ok, value)` gets it, or `done.end()` the end."""
+        self._loop.call_soon_threadsafe(self._start_step, done)
+
+    def _start_step(self, done):
+        self._step = self._loop.create_task(self._next(done))
+
+    async def _next(self, done):
+        try:
+            item = await self._generator.__anext__()
+        except StopAsyncIteration:
+            done.end()
+        except BaseException as error:
+            done(False, error)
+            if not isinstance(error, Exception):
+                raise  # a cancel (the caller left), or the process ending
+        else:
+            done(True, item)
+
+    def close(self):
+        """Stops the generator, even while it awaits its next item (the caller left)."""
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+
+    async def _close(self):
+        step = self._step
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait([step])
+        try:
+            await self._generator.aclose()
+        except Exception as error:  # noqa: BLE001 - logged: nobody else is told
+            _log.warning("an async generator raised while being closed: %r", error)
 
 
 def _report(future, done):

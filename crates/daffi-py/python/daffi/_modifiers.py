@@ -95,7 +95,25 @@ class BROADCAST(_Modifier):
         )
 
 
-MODIFIERS = {m.__name__: m for m in (FG, BG, NO_RETURN, PERIOD, BROADCAST)}
+class STREAM(_Modifier):
+    """Streams arguments: `g.call.f(items, *args) & STREAM` sends the items of the
+    iterable `items` to `f` as they are taken: a Python `f` is called as `f(item, *args,
+    **kwargs)` for each in turn, and STREAM gives None once all were taken; a Rust `f`
+    takes them as its `daffi::Incoming` parameter, and STREAM gives its result. An
+    exception of the callback (or of the iterable) stops it and raises here; `timeout`
+    bounds the whole call."""
+
+    def __init__(self, timeout=None):
+        self.timeout = timeout
+
+    def apply(self, call):
+        return call.stream(timeout=self.timeout)
+
+    async def apply_async(self, call):
+        return await call.stream_async(timeout=self.timeout)
+
+
+MODIFIERS = {m.__name__: m for m in (FG, BG, NO_RETURN, PERIOD, BROADCAST, STREAM)}
 
 
 def instance(modifier):

@@ -1,12 +1,16 @@
 //! Who is connected, what each node serves, and where to send its frames.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::protocol::message::{self, Member, MembershipEvent, UndeliverableCode};
+use tokio::sync::{watch, Notify};
+
+use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WINDOW};
+use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use daffi_wire::frame::LEN_PREFIX;
-use daffi_wire::{Cork, FrameSender, Kind, Outgoing, Push};
+use daffi_wire::{Cork, FrameSender, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -19,6 +23,10 @@ struct Route {
     leaving: bool,
     /// The largest frame the node takes.
     frame_limit: usize,
+    /// What the node is told of the others.
+    view: NodeView,
+    /// The last change (by `seq`) the node was told of, or that its snapshot held.
+    synced: AtomicU64,
 }
 
 impl Route {
@@ -27,6 +35,24 @@ impl Route {
     fn takes(&self, request: bool) -> bool {
         !(request && self.leaving)
     }
+
+    /// Queues what the node called `name` is owed of `changes` (those after its
+    /// `synced`), and marks it told up to `last`.
+    fn tell(&self, name: &str, changes: &[Arc<Change>], last: u64) {
+        let from = self.synced.swap(last, Ordering::Relaxed);
+        let owed = &changes[changes.partition_point(|c| c.seq <= from)..];
+        if let Some(frames) = frames_for(name, &self.view, self.frame_limit, owed) {
+            deliver(&self.queue, frames);
+        }
+    }
+}
+
+/// The membership changes not yet sent.
+#[derive(Default)]
+struct Unsent {
+    changes: Vec<Arc<Change>>,
+    /// The `seq` of the last change recorded.
+    last: u64,
 }
 
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
@@ -39,6 +65,10 @@ pub struct Members {
     /// `changes`), for [`Members::with_served`].
     providers: Mutex<HashMap<Box<str>, usize>>,
     changes: tokio::sync::Mutex<()>,
+    /// Changes recorded and not yet sent (changed under `changes`).
+    unsent: Mutex<Unsent>,
+    /// Wakes [`Members::send_changes`] when a change is recorded.
+    due: Notify,
 }
 
 impl Members {
@@ -108,10 +138,16 @@ impl Members {
     }
 
     /// A snapshot of every member that takes requests.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Vec<Member> {
+        self.members_in(&NodeView::All, "")
+    }
+
+    /// The members that take requests in `view`, but `except`.
+    fn members_in(&self, view: &NodeView, except: &str) -> Vec<Member> {
         read(&self.routes)
             .iter()
-            .filter(|(_, r)| !r.leaving)
+            .filter(|(name, r)| !r.leaving && &***name != except && view.holds(&r.callbacks))
             .map(|(name, r)| Member {
                 name: name.to_string(),
                 callbacks: r.callbacks.clone(),
@@ -119,26 +155,97 @@ impl Members {
             .collect()
     }
 
-    /// Adds a node that takes frames of up to `frame_limit` bytes: queues its
-    /// `Welcome`, which `welcome` makes from the other members (in the order of every
-    /// change, schedule changes included), makes it routable, then tells everyone else.
-    /// Returns `false` (and changes nothing) when the name is taken.
+    /// Sends the changes recorded, batched, every [`COALESCE_WINDOW`] at most, until
+    /// `stop` flips.
+    pub async fn send_changes(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.due.notified() => {}
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() {
+                    return;
+                },
+            }
+            tokio::time::sleep(COALESCE_WINDOW).await;
+            let _serialized = self.changes.lock().await;
+            self.flush();
+        }
+    }
+
+    /// Tells every node the changes recorded since it was last told that concern it, in
+    /// one batch (per page) each. Called under `changes`.
+    fn flush(&self) {
+        let (changes, last) = {
+            let mut unsent = lock(&self.unsent);
+            (std::mem::take(&mut unsent.changes), unsent.last)
+        };
+        if changes.is_empty() {
+            return;
+        }
+        for (name, route) in read(&self.routes).iter() {
+            route.tell(name, &changes, last);
+        }
+    }
+
+    /// Records a change about `about` (whose callbacks are `names`) for every node
+    /// whose view it concerns. Called under `changes`.
+    fn record(&self, about: &Arc<str>, names: Vec<String>, event: &MembershipEvent) {
+        let mut unsent = lock(&self.unsent);
+        unsent.last += 1;
+        let change = Change::new(unsent.last, about.clone(), names, event);
+        unsent.changes.push(Arc::new(change));
+        self.due.notify_one();
+    }
+
+    /// Widens the view of the node called `name` (if this connection still owns it):
+    /// queues what it is owed so far, then the members in the part added (`all`, or
+    /// the providers of `names`). Whatever it is sent later keeps that part current.
+    pub async fn subscribe(&self, name: &str, conn_id: u64, all: bool, names: Vec<String>) {
+        let _serialized = self.changes.lock().await;
+        let added = {
+            let mut routes = write(&self.routes);
+            let Some(route) = routes.get_mut(name).filter(|r| r.conn_id == conn_id) else {
+                return;
+            };
+            let unsent = lock(&self.unsent);
+            route.tell(name, &unsent.changes, unsent.last);
+            route.view.widen(all, names)
+        };
+        let Some(added) = added else { return };
+        let members = self.members_in(&added, name);
+        let routes = read(&self.routes);
+        if let Some(route) = routes.get(name) {
+            if let Some(frames) = snapshot_frames(members, route.frame_limit) {
+                deliver(&route.queue, frames);
+            }
+        }
+    }
+
+    /// Adds a node: queues its `Welcome`, which `welcome` makes from the other members
+    /// in its view (in the order of every change, schedule changes included), makes it
+    /// routable, then records its joining for the others. Returns `false` (and changes
+    /// nothing) when the name is taken.
     pub async fn join(
         &self,
-        name: &str,
-        conn_id: u64,
-        queue: Queue,
-        callbacks: Vec<String>,
-        frame_limit: usize,
+        node: Joining<'_>,
         welcome: impl FnOnce(Vec<Member>) -> Outgoing,
     ) -> bool {
+        let Joining {
+            name,
+            conn_id,
+            queue,
+            callbacks,
+            frame_limit,
+            view,
+        } = node;
         let _serialized = self.changes.lock().await;
         if read(&self.routes).contains_key(name) {
             return false;
         }
         // Every page at once, as one frame (which always passes when nothing is held):
         // nothing comes between the pages, and the queue's limit cannot cut them off.
-        let welcome = welcome(self.snapshot());
+        // The snapshot holds every change recorded so far: the node is owed none of them.
+        let welcome = welcome(self.members_in(&view, name));
+        let synced = lock(&self.unsent).last;
         if !deliver(&queue, welcome) {
             return true; // the connection died already; the session will call `leave`
         }
@@ -147,17 +254,20 @@ impl Members {
             callbacks: callbacks.clone(),
         };
         self.count_providers(&callbacks, true);
+        let name: Arc<str> = Arc::from(name);
         write(&self.routes).insert(
-            Arc::from(name),
+            name.clone(),
             Route {
                 conn_id,
                 queue,
-                callbacks,
+                callbacks: callbacks.clone(),
                 leaving: false,
                 frame_limit,
+                view,
+                synced: AtomicU64::new(synced),
             },
         );
-        self.broadcast(name, &MembershipEvent::Joined(member));
+        self.record(&name, callbacks, &MembershipEvent::Joined(member));
         true
     }
 
@@ -183,13 +293,14 @@ impl Members {
         result
     }
 
-    /// Replaces the callbacks a node serves and tells everyone else.
+    /// Replaces the callbacks a node serves and records the change for the others.
     pub async fn update(&self, name: &str, conn_id: u64, callbacks: Vec<String>) {
         let _serialized = self.changes.lock().await;
         let before = {
             let mut routes = write(&self.routes);
             match routes.get_mut(name) {
-                Some(r) if r.conn_id == conn_id => {
+                // The same list again (a node says it once connected): nothing changed.
+                Some(r) if r.conn_id == conn_id && r.callbacks != callbacks => {
                     std::mem::replace(&mut r.callbacks, callbacks.clone())
                 }
                 _ => return,
@@ -199,26 +310,32 @@ impl Members {
         self.count_providers(&callbacks, true);
         let event = MembershipEvent::Updated(Member {
             name: name.to_string(),
-            callbacks,
+            callbacks: callbacks.clone(),
         });
-        self.broadcast(name, &event);
+        // Nodes that knew it as a provider of a name it dropped are told too.
+        let mut names = before;
+        names.extend(callbacks);
+        self.record(&Arc::from(name), names, &event);
     }
 
     /// Marks a node as stopping and tells everyone else, so that nobody sends it new
     /// requests while it finishes the ones it has.
     pub async fn mark_leaving(&self, name: &str, conn_id: u64) {
         let _serialized = self.changes.lock().await;
-        {
+        let callbacks = {
             let mut routes = write(&self.routes);
             match routes.get_mut(name) {
-                Some(r) if r.conn_id == conn_id && !r.leaving => r.leaving = true,
+                Some(r) if r.conn_id == conn_id && !r.leaving => {
+                    r.leaving = true;
+                    r.callbacks.clone()
+                }
                 _ => return,
             }
-        }
+        };
         let event = MembershipEvent::Leaving {
             name: name.to_string(),
         };
-        self.broadcast(name, &event);
+        self.record(&Arc::from(name), callbacks, &event);
     }
 
     /// Removes a node (if this connection still owns the name) and, with `announce`,
@@ -226,23 +343,24 @@ impl Members {
     /// that the controller is gone, not that their peers left.
     pub async fn leave(&self, name: &str, conn_id: u64, announce: bool) {
         let _serialized = self.changes.lock().await;
-        let gone = {
+        let (name, route) = {
             let mut routes = write(&self.routes);
             match routes.get(name) {
-                Some(r) if r.conn_id == conn_id => routes.remove(name),
+                Some(r) if r.conn_id == conn_id => match routes.remove_entry(name) {
+                    Some(gone) => gone,
+                    None => return,
+                },
                 _ => return,
             }
         };
-        if let Some(route) = gone {
-            self.count_providers(&route.callbacks, false);
-        }
+        self.count_providers(&route.callbacks, false);
         if !announce {
             return;
         }
         let event = MembershipEvent::Left {
             name: name.to_string(),
         };
-        self.broadcast(name, &event);
+        self.record(&name, route.callbacks, &event);
     }
 
     /// Counts one provider more (`added`) or less of each of `callbacks`. Never called
@@ -261,19 +379,18 @@ impl Members {
             }
         }
     }
+}
 
-    /// Tells every member but `except` about `event`, without waiting on any of them:
-    /// a member that cannot take it (past its hard limit) is disconnected, and the
-    /// others hear of that in turn.
-    fn broadcast(&self, except: &str, event: &MembershipEvent) {
-        let frame = message::control_frame(Kind::Membership, event);
-        for (name, route) in read(&self.routes).iter() {
-            if &**name != except {
-                // A closed queue belongs to a node that is leaving; its own `leave` follows.
-                deliver(&route.queue, frame.clone());
-            }
-        }
-    }
+/// A node about to join, as its session knows it.
+pub struct Joining<'a> {
+    pub name: &'a str,
+    pub conn_id: u64,
+    pub queue: Queue,
+    pub callbacks: Vec<String>,
+    /// The largest frame the node takes.
+    pub frame_limit: usize,
+    /// What it asked to be told of the others.
+    pub view: NodeView,
 }
 
 /// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
@@ -293,20 +410,29 @@ fn deliver(queue: &Queue, frame: Outgoing) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use daffi_wire::{frame_channel, QueueLimits};
+
+    /// A node called `name` joining on connection `conn_id`, serving `callbacks`, whose
+    /// frames go nowhere.
+    fn joining<'a>(name: &'a str, conn_id: u64, callbacks: &[&str]) -> Joining<'a> {
+        let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
+        Joining {
+            name,
+            conn_id,
+            queue,
+            callbacks: callbacks.iter().map(|c| c.to_string()).collect(),
+            frame_limit: 1 << 20,
+            view: NodeView::All,
+        }
+    }
 
     #[tokio::test]
     async fn a_name_is_served_until_its_last_provider_leaves_or_drops_it() {
-        use daffi_wire::{frame_channel, QueueLimits};
         let members = Members::default();
         let served = |name: &str| members.with_served(|served| served(name));
-        for (id, node) in [(1, "a"), (2, "b")] {
-            let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
-            let callbacks = vec!["f".to_string(), format!("only-{node}")];
-            assert!(
-                members
-                    .join(node, id, queue, callbacks, 1 << 20, |_| Outgoing::default())
-                    .await
-            );
+        for (id, node, only) in [(1, "a", "only-a"), (2, "b", "only-b")] {
+            let node = joining(node, id, &["f", only]);
+            assert!(members.join(node, |_| Outgoing::default()).await);
         }
         assert!(served("f") && served("only-a") && served("only-b"));
         members.update("b", 2, vec!["g".into()]).await;
@@ -319,12 +445,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_node_with_a_name_is_refused_and_lookups_find_the_first() {
-        use daffi_wire::{frame_channel, QueueLimits};
         let members = Members::default();
         let join = |name: &'static str, id: u64, callbacks: &[&str]| {
-            let (queue, _writer) = frame_channel(tokio::io::sink(), QueueLimits::default());
-            let callbacks = callbacks.iter().map(|c| c.to_string()).collect();
-            members.join(name, id, queue, callbacks, 1 << 20, |_| Outgoing::default())
+            members.join(joining(name, id, callbacks), |_| Outgoing::default())
         };
         assert!(join("a", 1, &["f"]).await);
         assert!(!join("a", 2, &["g"]).await, "the name is taken");

@@ -4,6 +4,7 @@
 //! untouched. It runs inside a node's process (`init_controller(true)`) or on its own
 //! (`daffi controller`).
 
+mod changes;
 mod counters;
 pub(crate) mod members;
 mod scheduler;
@@ -113,6 +114,7 @@ impl ControllerHandle {
             shared: shared.clone(),
             stop: stop_rx.clone(),
         };
+        runtime.spawn(shared.members.clone().send_changes(stop_rx.clone()));
         runtime.spawn(accept_loop(listener, shared, stop_rx));
         Ok(ControllerHandle {
             address,

@@ -8,8 +8,9 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::changes::NodeView;
 use super::counters::{CallCounts, Runs};
-use super::members::Members;
+use super::members::{self, Members};
 use super::scheduler::Scheduler;
 use super::welcome::{welcome_pages, WelcomeContent};
 use super::ControllerConfig;
@@ -53,12 +54,14 @@ impl Shared {
     }
 
     /// The `Welcome` of a node that takes frames of up to `page_limit` bytes, with the
-    /// other `members` and every scheduled task.
-    fn welcome(&self, members: Vec<Member>, page_limit: usize) -> Outgoing {
+    /// other `members` in its view and every scheduled task; `views`: the node asked for
+    /// a view.
+    fn welcome(&self, members: Vec<Member>, page_limit: usize, views: bool) -> Outgoing {
         let content = WelcomeContent {
             members,
             tasks: self.scheduler.entries(),
             instance: self.instance,
+            views,
         };
         welcome_pages(content, self.config.max_frame_size, page_limit)
     }
@@ -142,18 +145,23 @@ pub async fn serve(
         name,
         callbacks,
         frame_limit,
+        view,
     } = node;
     let served = callbacks.len();
+    let views = view != NodeView::Legacy;
+    let joining = members::Joining {
+        name: &name,
+        conn_id,
+        queue: queue.clone(),
+        callbacks,
+        frame_limit,
+        view,
+    };
     let joined = shared
         .members
-        .join(
-            &name,
-            conn_id,
-            queue.clone(),
-            callbacks,
-            frame_limit,
-            |members| shared.welcome(members, frame_limit),
-        )
+        .join(joining, |members| {
+            shared.welcome(members, frame_limit, views)
+        })
         .await;
     if !joined {
         let refusal = Refused {
@@ -358,6 +366,8 @@ struct Joining {
     callbacks: Vec<String>,
     /// The largest frame both sides take: what the controller's answers to it must fit.
     frame_limit: usize,
+    /// What it asked to be told of the others.
+    view: NodeView,
 }
 
 /// Reads the preamble, the `Hello` and the `Announce` behind it, and checks them: the
@@ -390,6 +400,7 @@ async fn handshake(
         name: hello.process_name,
         callbacks,
         frame_limit,
+        view: NodeView::asked(hello.view),
     })
 }
 
@@ -685,6 +696,13 @@ async fn control(
                 restored: restored.restored,
                 refused: restored.refused,
             })
+        }
+        ControlRequest::Subscribe { all, names } => {
+            shared
+                .members
+                .subscribe(from.name, from.conn_id, all, names)
+                .await;
+            Ok(ControlAnswer::Subscribed)
         }
         ControlRequest::Stats => {
             let counts = shared

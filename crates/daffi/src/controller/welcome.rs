@@ -13,6 +13,8 @@ pub struct WelcomeContent {
     pub tasks: Vec<TaskEntry>,
     /// The controller's instance id.
     pub instance: u64,
+    /// The node asked for a view (and gets batches).
+    pub views: bool,
 }
 
 /// What a page of `Welcome` needs besides its members and tasks: frame header, keys,
@@ -54,6 +56,7 @@ pub fn welcome_pages(
         members,
         tasks,
         instance,
+        views,
     } = content;
     let task_count = tasks.len();
     let tasks: Vec<TaskEntry> = tasks
@@ -83,6 +86,7 @@ pub fn welcome_pages(
                 more: i < last,
                 instance,
                 tasks: Vec::new(),
+                views,
             };
             for item in items {
                 match item {
@@ -142,6 +146,7 @@ mod tests {
             members,
             tasks,
             instance: 77,
+            views: true,
         }
     }
 

@@ -177,6 +177,11 @@ impl Executor {
         names
     }
 
+    /// Whether a stream callback is among them.
+    pub fn serves_streams(&self) -> bool {
+        read(&self.callbacks).values().any(Handler::is_stream)
+    }
+
     fn handler(&self, name: &str) -> Option<Handler> {
         read(&self.callbacks).get(name).cloned()
     }

@@ -84,6 +84,7 @@ impl GlobalBuilder {
                 Some(c) => (Route::InProcess(c.in_process()), None),
                 None => (Route::Socket { tls: client_tls }, auth_token),
             };
+            let executor = self.executor(&name);
             let config = NodeConfig {
                 address: address.clone(),
                 max_frame_size: self.max_frame_size,
@@ -93,8 +94,12 @@ impl GlobalBuilder {
                 route,
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
+                // The membership hooks, and a producer of streams (which stops the
+                // streams of a caller that leaves), need to hear of every node.
+                whole_view: self.hooks.on_member_added.is_some()
+                    || self.hooks.on_member_removed.is_some()
+                    || executor.serves_streams(),
             };
-            let executor = self.executor(&name);
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
             mesh.start().await?;
             Some(Arc::new(Node::new(executor, mesh, self.max_in_flight)))

@@ -183,12 +183,13 @@ impl Global {
         Call::new(self.clone(), name)
     }
 
-    /// Callback name -> names of the nodes that serve it, this one included.
+    /// Callback name -> names of the nodes that serve it, this one included. Like
+    /// [`members`](Self::members), the first call asks the controller for every node.
     pub fn registered_callbacks(&self) -> HashMap<String, Vec<String>> {
         let Some(node) = &self.inner.node else {
             return HashMap::new();
         };
-        let mut all = node.membership().providers();
+        let mut all = node.whole_membership(self.runtime()).providers();
         for name in node.callback_names() {
             all.entry(name).or_default().push(self.inner.name.clone());
         }
@@ -199,13 +200,15 @@ impl Global {
     }
 
     /// The other nodes connected to the controller and the callbacks each serves, sorted
-    /// by name: this node's view, kept current by the controller (no round trip). Empty
-    /// while the node is disconnected, or for a `Global` without a node.
+    /// by name: this node's view, kept current by the controller. The first call asks
+    /// the controller for every node (one round trip; see "What a node knows, and when"
+    /// in the crate docs); later ones read the view. Empty while the node is
+    /// disconnected, or for a `Global` without a node.
     pub fn members(&self) -> Vec<MemberInfo> {
         let Some(node) = &self.inner.node else {
             return Vec::new();
         };
-        node.membership()
+        node.whole_membership(self.runtime())
             .members()
             .into_iter()
             .map(|(name, callbacks)| MemberInfo { name, callbacks })

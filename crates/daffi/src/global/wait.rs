@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::Global;
 use crate::blocking;
 use crate::error::Result;
+use crate::mesh::Scope;
 
 impl Global {
     /// Blocks until the process `name` is connected and its callbacks are known here.
@@ -67,14 +68,16 @@ impl Global {
     async fn wait_process_inner(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
         let what = format!("wait_process(\"{name}\")");
         self.node()?
-            .wait_until(&what, timeout, |m| m.has_node(name))
+            .wait_until(&what, timeout, Scope::Everything, |m| m.has_node(name))
             .await
     }
 
     async fn wait_function_inner(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
         let what = format!("wait_function(\"{name}\")");
         self.node()?
-            .wait_until(&what, timeout, |m| m.has_provider(name))
+            .wait_until(&what, timeout, Scope::Callback(name), |m| {
+                m.has_provider(name)
+            })
             .await
     }
 }

@@ -2,6 +2,12 @@
 //!
 //! It is fed by the controller's `Welcome` and `Membership` frames, and every change
 //! bumps a version that `wait_process` / `wait_function` wait on.
+//!
+//! A view holds every other node (`whole`: what the NATS backend and older controllers
+//! keep, and what a node asks for once it needs it), or only the providers of the
+//! callback names this node subscribed to, each with just those names: what a node
+//! that never asked for more keeps (see "What a node knows, and when" in the crate
+//! docs).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -29,12 +35,42 @@ pub struct Membership {
     version: watch::Sender<u64>,
 }
 
-#[derive(Default)]
+/// What a view must hold.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every other node.
+    Everything,
+    /// The providers of one callback name.
+    Callback(&'a str),
+}
+
 struct State {
     nodes: HashMap<Arc<str>, Vec<String>>,
     providers: HashMap<String, Vec<Arc<str>>>,
     /// Nodes stopping: out of the view, but calls in flight to them may still finish.
     leaving: HashSet<String>,
+    /// The view holds every other node, kept current.
+    whole: bool,
+    /// Every other node was asked for: what arrives is kept whole.
+    everything_asked: bool,
+    /// Callback names subscribed to: `true` once their providers are held, kept current.
+    names: HashMap<String, bool>,
+    /// Counts the views replaced: a subscription answered for an older one holds nothing.
+    generation: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            nodes: HashMap::new(),
+            providers: HashMap::new(),
+            leaving: HashSet::new(),
+            whole: true,
+            everything_asked: true,
+            names: HashMap::new(),
+            generation: 0,
+        }
+    }
 }
 
 impl State {
@@ -84,6 +120,23 @@ impl State {
         }
     }
 
+    /// Keeps of `callbacks` what this view holds.
+    fn keep(&self, mut callbacks: Vec<String>) -> Vec<String> {
+        if !self.everything_asked {
+            callbacks.retain(|c| self.names.contains_key(c));
+        }
+        callbacks
+    }
+
+    /// Whether the view holds, kept current, what `scope` asks.
+    fn covers(&self, scope: Scope<'_>) -> bool {
+        self.whole
+            || match scope {
+                Scope::Everything => false,
+                Scope::Callback(name) => self.names.get(name) == Some(&true),
+            }
+    }
+
     fn unindex(&mut self, node: &Arc<str>, callbacks: &[String]) {
         for cb in callbacks {
             if let Some(nodes) = self.providers.get_mut(cb.as_str()) {
@@ -106,12 +159,38 @@ impl Default for Membership {
 }
 
 impl Membership {
+    /// An empty view that will hold every other node (`whole`), or only what this node
+    /// subscribes to.
+    pub fn new(whole: bool) -> Self {
+        let view = Membership::default();
+        {
+            let mut s = view.write();
+            s.whole = whole;
+            s.everything_asked = whole;
+        }
+        view
+    }
+
+    /// Replaces the view of a node connected to a controller with `members`: every
+    /// other node (`whole`), or, until it subscribes, nothing.
+    pub fn welcome(&self, members: Vec<Member>, whole: bool) -> Changes {
+        {
+            let mut s = self.write();
+            s.whole = whole;
+            s.everything_asked = whole;
+        }
+        self.reset(members)
+    }
+
     /// Replaces the whole view (on `Welcome`, or with nothing when the link drops).
+    /// Subscriptions end with it.
     pub fn reset(&self, members: Vec<Member>) -> Changes {
         let changes = {
             let mut s = self.write();
             let before = std::mem::take(&mut s.nodes);
             s.leaving.clear();
+            s.names.clear();
+            s.generation += 1;
             s.nodes = members
                 .into_iter()
                 .map(|m| (Arc::from(m.name.as_str()), m.callbacks))
@@ -144,7 +223,13 @@ impl Membership {
             match event {
                 MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => {
                     s.leaving.remove(&m.name);
-                    if s.upsert(&m.name, m.callbacks) {
+                    let callbacks = s.keep(m.callbacks);
+                    if callbacks.is_empty() && !s.everything_asked {
+                        // It serves nothing this view holds (any more).
+                        if s.remove(&m.name) {
+                            changes.removed.push(m.name);
+                        }
+                    } else if s.upsert(&m.name, callbacks) {
                         changes.added.push(m.name);
                     }
                 }
@@ -184,6 +269,10 @@ impl Membership {
                     process: process.to_string(),
                     callback: callback.to_string(),
                 }),
+                // A view of providers holds only those of the names subscribed to: a
+                // node outside it may still be connected; the controller (or the node)
+                // answers for it.
+                None if self.holds_names_only(callback) => Ok(Arc::from(process)),
                 None => Err(Error::UnknownProcess {
                     process: process.to_string(),
                 }),
@@ -216,6 +305,53 @@ impl Membership {
         let s = self.read();
         let (name, callbacks) = s.nodes.get_key_value(node)?;
         Some((name.clone(), callbacks.iter().any(|c| c == callback)))
+    }
+
+    /// Whether the view holds, kept current, what `scope` asks.
+    pub fn covers(&self, scope: Scope<'_>) -> bool {
+        self.read().covers(scope)
+    }
+
+    /// Whether the view holds only providers, among them those of `callback`.
+    fn holds_names_only(&self, callback: &str) -> bool {
+        let s = self.read();
+        !s.whole && s.covers(Scope::Callback(callback))
+    }
+
+    /// Whether every other node was asked for (so a reconnect asks for it again).
+    pub fn everything_asked(&self) -> bool {
+        self.read().everything_asked
+    }
+
+    /// Begins a subscription to `scope`: what arrives for it is kept from now on.
+    /// Returns the view's generation, for [`Membership::subscribed`].
+    pub fn subscribing(&self, scope: Scope<'_>) -> u64 {
+        let mut s = self.write();
+        match scope {
+            Scope::Everything => s.everything_asked = true,
+            Scope::Callback(name) => {
+                s.names.entry(name.to_string()).or_insert(false);
+            }
+        }
+        s.generation
+    }
+
+    /// The subscription to `scope` begun in `generation` is answered: its part of the
+    /// view is held (unless the view was replaced since).
+    pub fn subscribed(&self, scope: Scope<'_>, generation: u64) {
+        {
+            let mut s = self.write();
+            if s.generation != generation {
+                return;
+            }
+            match scope {
+                Scope::Everything => s.whole = true,
+                Scope::Callback(name) => {
+                    s.names.insert(name.to_string(), true);
+                }
+            }
+        }
+        self.bump();
     }
 
     /// Whether `node` announced that it is stopping.
@@ -378,5 +514,49 @@ mod tests {
             matches!(route("f", Some("me")), Err(Error::Config(_))),
             "never itself"
         );
+    }
+
+    #[test]
+    fn a_view_of_providers_holds_only_the_names_subscribed_to() {
+        let view = Membership::new(false);
+        view.welcome(Vec::new(), false);
+        assert!(!view.covers(Scope::Callback("f")) && !view.covers(Scope::Everything));
+        // Nothing is kept before a subscription.
+        view.apply(joined("a", &["f", "g"]));
+        assert!(!view.has_node("a"));
+
+        let generation = view.subscribing(Scope::Callback("f"));
+        assert!(!view.covers(Scope::Callback("f")), "not before the answer");
+        view.apply(joined("a", &["f", "g"]));
+        view.apply(joined("b", &["g"]));
+        view.subscribed(Scope::Callback("f"), generation);
+        assert!(view.covers(Scope::Callback("f")));
+        assert_eq!(view.members(), [("a".to_string(), vec!["f".to_string()])]);
+        assert_index_consistent(&view);
+        // A pinned node outside the view is left to the controller to answer for.
+        assert_eq!(&*view.route("me", "f", Some("c")).expect("sent"), "c");
+        // `a` drops `f`: out of the view; its leave is heard all the same.
+        view.apply(MembershipEvent::Updated(Member {
+            name: "a".into(),
+            callbacks: vec!["g".into()],
+        }));
+        assert!(!view.has_provider("f") && !view.has_node("a"));
+        view.apply(joined("a", &["f"]));
+        let changes = view.apply(MembershipEvent::Left { name: "a".into() });
+        assert_eq!(changes.gone, vec![("a".to_string(), false)]);
+        assert!(!view.has_provider("f"));
+
+        // An answer for a view replaced since (a reconnect) holds nothing.
+        let stale = view.subscribing(Scope::Callback("h"));
+        view.reset(Vec::new());
+        view.subscribed(Scope::Callback("h"), stale);
+        assert!(!view.covers(Scope::Callback("h")) && !view.covers(Scope::Callback("f")));
+
+        // Asking for everything keeps every list whole.
+        let generation = view.subscribing(Scope::Everything);
+        view.apply(joined("b", &["g", "k"]));
+        view.subscribed(Scope::Everything, generation);
+        assert!(view.covers(Scope::Everything) && view.everything_asked());
+        assert_eq!(view.providers_of("k"), vec![Arc::<str>::from("b")]);
     }
 }

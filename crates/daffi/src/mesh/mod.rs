@@ -15,14 +15,15 @@
 //!   the items arrive on an [`OpenStream`], and its [`StreamControl`] grants credit
 //!   and cancels. [`Mesh::open_feed`] streams a call's arguments the other way, to the
 //!   callee's `Incoming` (the callee grants credit; the request hands it over as
-//!   [`Request::open_incoming`](crate::executor::Request::open_incoming)). Streams are
-//!   optional: the defaults say the backend has none.
+//!   [`Request::open_incoming`](crate::executor::Request::open_incoming)). The tables of
+//!   the streams a node sends and receives are the backends' common part ([`streams`]).
 //! - **control requests** ([`Mesh::control`]): listing, scheduling and cancelling
 //!   PERIOD tasks, counters; whatever stores them (the controller, a KV bucket).
 //! - **incoming calls**: the mesh hands each request to the executor as a
 //!   [`Request`](crate::executor::Request), which carries the way back for the reply.
 //! - **membership** ([`Mesh::membership`]): a [`Membership`] view kept current (a
 //!   snapshot, then changes; it notifies `wait_*`), and [`NodeEvent`]s for the hooks.
+//!   A backend may keep only part of it until asked for more ([`Mesh::want`]).
 //! - **lifecycle**: connecting and reconnecting are the mesh's own business;
 //!   [`Mesh::begin_stop`], [`Mesh::close`] and [`Mesh::finished`] end it.
 
@@ -32,6 +33,7 @@ mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub(crate) mod pending;
+pub(crate) mod streams;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,7 +46,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 pub use batch::{split_batch, Credit, Grant, ItemBatch};
-pub use membership::{Changes, Membership};
+pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
 
 /// A stream call as sent: where its items arrive (the channel closes after the last;
@@ -188,24 +190,12 @@ pub trait Mesh: Send + Sync {
 
     /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
     /// picks it), granting it [`Credit::WINDOW`]; never waits.
-    fn open_stream(&self, _req: &CallRequest) -> Result<OpenStream> {
-        Err(Error::Unsupported {
-            what: "streaming a callback's results".to_string(),
-            reason: "over NATS yet (streams are not built for it); use the built-in controller"
-                .to_string(),
-        })
-    }
+    fn open_stream(&self, req: &CallRequest) -> Result<OpenStream>;
 
     /// Starts feeding the arguments stream of call `call_id` (sent with
     /// `CallRequest::incoming`, as a call or a stream), which the callee granted
     /// [`Credit::WINDOW`] with the request.
-    fn open_feed(&self, _call_id: u64) -> Result<Feed> {
-        Err(Error::Unsupported {
-            what: "streaming arguments to a callback (`stream_from`)".to_string(),
-            reason: "over NATS yet (streams are not built for it); use the built-in controller"
-                .to_string(),
-        })
-    }
+    fn open_feed(&self, call_id: u64) -> Result<Feed>;
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.
     fn control<'a>(
@@ -223,6 +213,12 @@ pub trait Mesh: Send + Sync {
 
     /// This node's view of the other nodes and their callbacks.
     fn membership(&self) -> &Membership;
+
+    /// Makes the view hold `scope`, kept current from then on (one round trip the
+    /// first time). The default: the view holds everything already.
+    fn want<'a>(&'a self, _scope: Scope<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether the node is connected to the mesh now.
     fn is_connected(&self) -> bool;

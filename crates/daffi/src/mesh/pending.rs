@@ -59,6 +59,18 @@ pub struct Pending {
     table: Mutex<Table>,
 }
 
+impl Pending {
+    /// A table for a new connection whose call ids follow those of `previous` (the
+    /// last connection's): a late reply to a call made on the old connection, which a
+    /// peer sends to this node by name, can then never complete a new call.
+    pub fn following(previous: &Pending) -> Pending {
+        Pending {
+            next_id: AtomicU64::new(previous.next_id.load(Ordering::Relaxed)),
+            table: Mutex::default(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Table {
     calls: HashMap<u64, Entry, BuildHasherDefault<CallIdHasher>>,
@@ -351,6 +363,12 @@ impl Pending {
         }
     }
 
+    /// Whether stream call `id` is still open (its items still awaited).
+    #[cfg(feature = "nats")]
+    pub fn has_stream(&self, id: u64) -> bool {
+        self.lock().streams.contains_key(&id)
+    }
+
     /// Forgets stream call `id` (its caller dropped it).
     pub fn remove_stream(&self, id: u64) {
         self.lock().streams.remove(&id);
@@ -516,5 +534,21 @@ mod tests {
             assert_eq!(pending.take(*id).is_some(), i % 2 == 1, "call {id}");
         }
         assert!(pending.take(ids[1]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_new_connection_never_reuses_the_call_ids_of_the_last() {
+        let old = Pending::default();
+        let old_ids: Vec<u64> = (0..5)
+            .map(|_| old.insert("n".into(), "f".into()).expect("open").0)
+            .collect();
+        let new = Pending::following(&old);
+        let (first, _) = new.insert("n".into(), "f".into()).expect("open");
+        assert!(
+            old_ids.iter().all(|id| *id < first),
+            "{old_ids:?} then {first}"
+        );
+        // A late reply to an old call finds nothing here.
+        assert!(old_ids.iter().all(|id| new.take(*id).is_none()));
     }
 }

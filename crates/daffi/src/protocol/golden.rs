@@ -187,6 +187,7 @@ fn the_opening_hello_and_announce() {
         process_name: "a".into(),
         auth_token: None,
         max_frame_size: 0,
+        view: None,
     };
     assert_eq!(opening(&hello, vec!["add".into()]), bytes_of(OPENING));
 
@@ -218,6 +219,7 @@ fn a_welcome_page() {
         more: false,
         instance: 7,
         tasks: Vec::new(),
+        views: false,
     };
     let frame = message::control_frame(Kind::Welcome, &welcome);
     assert_eq!(encoded(frame), bytes_of(WELCOME));

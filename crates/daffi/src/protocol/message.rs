@@ -25,6 +25,22 @@ pub struct Hello {
     /// answers it sends this node to fit it. 0: not said (the controller's own limit).
     #[serde(default)]
     pub max_frame_size: u64,
+    /// What the node asks to be told of the other nodes. Absent (a node that predates
+    /// views): everything, one `Membership` event per frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<View>,
+}
+
+/// What a node's membership view holds, as it asks in its `Hello`: the controller sends
+/// it the changes to that part only, batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// Every other node (for `members()`, `wait_process`, the hooks).
+    All,
+    /// Only the providers of the callback names the node subscribes to
+    /// (`ControlRequest::Subscribe`); nothing at first.
+    Subscribed,
 }
 
 /// A node and the callbacks it serves.
@@ -57,6 +73,11 @@ pub struct Welcome {
     /// was sent.
     #[serde(default)]
     pub tasks: Vec<TaskEntry>,
+    /// The controller keeps the view the node asked for in its `Hello`, and sends
+    /// `Membership` frames as batches (arrays of events). Absent (a controller that
+    /// predates views): every node is told everything, one event per frame.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub views: bool,
 }
 
 /// Why the controller refused a connection.
@@ -116,6 +137,16 @@ pub enum MembershipEvent {
         /// Its process name.
         name: String,
     },
+}
+
+impl MembershipEvent {
+    /// The node the event is about.
+    pub fn about(&self) -> &str {
+        match self {
+            MembershipEvent::Joined(m) | MembershipEvent::Updated(m) => &m.name,
+            MembershipEvent::Leaving { name } | MembershipEvent::Left { name } => name,
+        }
+    }
 }
 
 /// A scheduled task as every node's schedule book holds it: all it takes to run it
@@ -227,6 +258,15 @@ pub fn control_frame<T: Serialize>(kind: Kind, payload: &T) -> Outgoing {
     Outgoing::new(&Header::control(kind), encode(payload))
 }
 
+/// Decodes a `Membership` payload: one event (a map, from a controller that predates
+/// views) or a batch of them (an array).
+pub fn decode_membership(payload: &[u8]) -> Result<Vec<MembershipEvent>, rmp_serde::decode::Error> {
+    match payload.first() {
+        Some(0x90..=0x9f | 0xdc | 0xdd) => decode(payload),
+        _ => decode(payload).map(|event| vec![event]),
+    }
+}
+
 /// Decodes a control payload.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(payload)
@@ -295,6 +335,17 @@ pub enum ControlRequest {
     },
     /// Report the controller's counters.
     Stats,
+    /// Keep this node's view current on more: every node (`all`), or the providers of
+    /// `names` too. The controller first sends what it owes the node, then the members
+    /// now in the added part (as `joined` events), then the answer, `subscribed`.
+    Subscribe {
+        /// The whole membership from now on.
+        #[serde(default)]
+        all: bool,
+        /// Callback names whose providers the node wants to know.
+        #[serde(default)]
+        names: Vec<String>,
+    },
 }
 
 /// A scheduled task as the controller reports it.
@@ -326,6 +377,8 @@ pub struct TaskInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum ControlAnswer {
+    /// A `Subscribe` was carried out: the view it asked for came before this answer.
+    Subscribed,
     /// A schedule was created.
     Scheduled {
         /// Its id.

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::{Connection, ControllerMesh};
 use crate::error::{Error, Result};
-use crate::mesh::{sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter};
+use crate::mesh::{
+    sleep_until, BoxFuture, CallRequest, Membership, Mesh, Scope, SentBroadcast, Waiter,
+};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest};
 use crate::transport::Address;
 use daffi_wire::frame::{FLAG_INCOMING, FLAG_NO_REPLY, LEN_PREFIX};
@@ -26,7 +28,13 @@ impl Mesh for ControllerMesh {
         deadline: Option<Instant>,
     ) -> BoxFuture<'a, Result<Option<Waiter>>> {
         Box::pin(async move {
-            let (conn, frame, waiter) = self.prepare_call(req)?;
+            let (conn, frame, waiter) = match self.prepare_call(req) {
+                Err(_) if self.must_subscribe(req) => {
+                    self.subscribe(Scope::Callback(&req.callback)).await?;
+                    self.prepare_call(req)?
+                }
+                prepared => prepared?,
+            };
             self.send_by(&conn, frame, deadline)
                 .await
                 .map_err(|unsent| self.not_sent(unsent, req))?;
@@ -37,6 +45,8 @@ impl Mesh for ControllerMesh {
     fn try_send_call(&self, req: &CallRequest) -> Option<Result<Option<Waiter>>> {
         let (conn, frame, waiter) = match self.prepare_call(req) {
             Ok(prepared) => prepared,
+            // The providers are not known yet: `send_call` asks for them.
+            Err(_) if self.must_subscribe(req) => return None,
             Err(e) => return Some(Err(e)),
         };
         match conn.queue.push(frame) {
@@ -49,7 +59,17 @@ impl Mesh for ControllerMesh {
     }
 
     fn open_stream(&self, req: &CallRequest) -> Result<crate::mesh::OpenStream> {
-        self.start_stream(req)
+        match self.start_stream(req) {
+            Err(_) if self.must_subscribe(req) => {
+                // A stream call returns at once: its first one waits here for the
+                // providers (inside the node's runtime, from the calling thread).
+                let runtime = tokio::runtime::Handle::current();
+                let scope = Scope::Callback(&req.callback);
+                crate::blocking::wait(&runtime, "stream", self.subscribe(scope))??;
+                self.start_stream(req)
+            }
+            opened => opened,
+        }
     }
 
     fn open_feed(&self, call_id: u64) -> Result<crate::mesh::Feed> {
@@ -86,6 +106,10 @@ impl Mesh for ControllerMesh {
 
     fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    fn want<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.subscribe(scope))
     }
 
     fn is_connected(&self) -> bool {
@@ -128,6 +152,7 @@ impl ControllerMesh {
         req: &CallRequest,
         deadline: Option<Instant>,
     ) -> Result<SentBroadcast> {
+        self.subscribe(Scope::Callback(&req.callback)).await?;
         let conn = self.connected()?;
         let targets = self.membership.providers_of(&req.callback);
         if targets.is_empty() {
@@ -190,6 +215,49 @@ impl ControllerMesh {
             Ok(()) => Ok(waiter),
             Err(NotSent::Lost) => Err(self.unreachable("connection lost")),
             Err(NotSent::TimedOut) => Err(Error::timeout(what, CONTROL_TIMEOUT)),
+        }
+    }
+
+    /// Whether a call to `req` that found no node must first learn the providers of its
+    /// callback (and then try again).
+    fn must_subscribe(&self, req: &CallRequest) -> bool {
+        !self.membership.covers(Scope::Callback(&req.callback)) && self.is_connected()
+    }
+
+    /// Makes the view hold `scope`, kept current from then on: asks the controller the
+    /// first time, which sends the members in it before its answer. One subscription
+    /// at a time: callers that want the same wait for the first.
+    pub(super) async fn subscribe(&self, scope: Scope<'_>) -> Result<()> {
+        if self.membership.covers(scope) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.subscribing.lock().await;
+        if self.membership.covers(scope) {
+            return Ok(());
+        }
+        let conn = self.connected()?;
+        let generation = self.membership.subscribing(scope);
+        let request = match scope {
+            Scope::Everything => ControlRequest::Subscribe {
+                all: true,
+                names: Vec::new(),
+            },
+            Scope::Callback(name) => ControlRequest::Subscribe {
+                all: false,
+                names: vec![name.to_string()],
+            },
+        };
+        let waiter = self.send_control(&conn, &request, "subscribe").await?;
+        match answer(waiter, &self.config.address).await? {
+            ControlAnswer::Subscribed => {
+                self.membership.subscribed(scope, generation);
+                Ok(())
+            }
+            other => Err(Error::undecodable(
+                self.config.address.to_string(),
+                "Subscribe answer",
+                format!("unexpected answer {other:?}"),
+            )),
         }
     }
 

@@ -16,8 +16,8 @@ use crate::mesh::pending::Delivery;
 use crate::mesh::{remote_failure, Arrived, Grant, ReplyPayload};
 use crate::protocol;
 use crate::protocol::message::{
-    self, ControlError, ControlErrorCode, Hello, MembershipEvent, RefuseCode, Refused,
-    ScheduleEvent, Undeliverable, UndeliverableCode, Welcome,
+    self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
+    UndeliverableCode, View, Welcome,
 };
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
@@ -75,6 +75,11 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
             .as_ref()
             .map(|t| t.expose().to_string()),
         max_frame_size: core.config.max_frame_size as u64,
+        view: Some(if core.asks_everything() {
+            View::All
+        } else {
+            View::Subscribed
+        }),
     };
     // A failed write is reported only if no answer can be read: a controller that
     // refused the TLS session may have closed before the write, and its alert is the
@@ -297,16 +302,18 @@ fn dispatch(
             }
         }
         Kind::Membership => {
-            let event: MembershipEvent = message::decode(&frame.payload())
+            let events = message::decode_membership(&frame.payload())
                 .map_err(|e| format!("undecodable Membership: {e}"))?;
-            let changes = core.membership.apply(event);
-            for (gone, stopped) in &changes.gone {
-                conn.pending.fail_target(gone, *stopped);
-                core.served.cancel_peer(gone);
-                core.feeds.cancel_peer(gone);
-                core.incoming.fail_caller(gone);
+            for event in events.into_iter().filter(|e| e.about() != &*core.name) {
+                let changes = core.membership.apply(event);
+                for (gone, stopped) in &changes.gone {
+                    conn.pending.fail_target(gone, *stopped);
+                    core.served.cancel_peer(gone);
+                    core.feeds.cancel_peer(gone);
+                    core.incoming.fail_caller(gone);
+                }
+                core.report(changes);
             }
-            core.report(changes);
         }
         Kind::Schedule => {
             let event: ScheduleEvent = message::decode(&frame.payload())
@@ -339,7 +346,7 @@ fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Fra
         }
         (Kind::StreamEnd, true) => core
             .incoming
-            .end(peer, call_id, |callback| error_end(peer, callback)),
+            .end(peer, call_id, |_, callback| error_end(peer, callback)),
         (Kind::StreamCredit, arguments) => match message::decode::<Grant>(&frame.payload()) {
             Ok(grant) if arguments => core.feeds.grant(peer, call_id, grant),
             Ok(grant) => core.served.grant(peer, call_id, grant),
@@ -375,7 +382,7 @@ fn stream_items(core: &ControllerMesh, conn: &Connection, arguments: bool, frame
         Err(why) => {
             let error = Error::protocol(peer, why);
             if arguments {
-                core.incoming.end(peer, call_id, |_| Some(error));
+                core.incoming.end(peer, call_id, |_, _| Some(error));
             } else {
                 conn.pending.end_stream(call_id, |_| Some(error));
             }

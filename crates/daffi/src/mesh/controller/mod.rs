@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::streams::{IncomingStreams, SentStreams};
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::controller::InProcessDoor;
@@ -39,6 +40,9 @@ pub struct NodeConfig {
     /// How long the controller may read nothing of what waits for it before the node
     /// drops the connection (and reconnects).
     pub stall_timeout: Duration,
+    /// Keep every other node in the view from the start (the membership hooks need it);
+    /// otherwise only what the node asks for, when it first needs it.
+    pub whole_view: bool,
 }
 
 /// How a node reaches its controller.
@@ -87,6 +91,8 @@ pub struct ControllerMesh {
     executor: Arc<Executor>,
     connection: RwLock<Option<Arc<Connection>>>,
     announcing: tokio::sync::Mutex<()>,
+    /// Held while a subscription is on its way: callers that need it wait for it.
+    subscribing: tokio::sync::Mutex<()>,
     max_frame_size: AtomicUsize,
     /// Set when stopping begins: no new calls from here, no new requests routed here.
     stopped: watch::Sender<bool>,
@@ -96,11 +102,11 @@ pub struct ControllerMesh {
     link_done: watch::Sender<bool>,
     events: mpsc::UnboundedSender<NodeEvent>,
     /// The streams of results this node produces now, waiting on their callers' credit.
-    served: Arc<streams::SentStreams>,
+    served: Arc<SentStreams>,
     /// The streams of arguments this node feeds to its callees, waiting on their credit.
-    feeds: Arc<streams::SentStreams>,
+    feeds: Arc<SentStreams>,
     /// The streams of arguments callers feed to this node's callbacks.
-    incoming: Arc<streams::IncomingStreams>,
+    incoming: Arc<IncomingStreams>,
 }
 
 impl ControllerMesh {
@@ -115,12 +121,13 @@ impl ControllerMesh {
         Arc::new(ControllerMesh {
             name: executor.name.clone(),
             max_frame_size: AtomicUsize::new(config.max_frame_size),
+            membership: Membership::new(config.whole_view),
             config,
-            membership: Membership::default(),
             book: book::ScheduleBook::default(),
             executor,
             connection: RwLock::new(None),
             announcing: tokio::sync::Mutex::new(()),
+            subscribing: tokio::sync::Mutex::new(()),
             stopped: watch::channel(false).0,
             closed: watch::channel(false).0,
             link_done: watch::channel(false).0,
@@ -155,6 +162,12 @@ impl ControllerMesh {
         for name in changes.removed {
             self.emit(NodeEvent::MemberRemoved(name));
         }
+    }
+
+    /// Whether this node asks for every other node (from the start, or since it first
+    /// needed them); otherwise for the providers of the names it uses.
+    fn asks_everything(&self) -> bool {
+        self.config.whole_view || self.membership.everything_asked()
     }
 
     fn connection(&self) -> Option<Arc<Connection>> {
@@ -277,6 +290,8 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
     let give_up_at = Instant::now() + core.config.connect_timeout;
     let mut backoff = Backoff::default();
     let closed = core.closed.subscribe();
+    // The calls of the last connection: the next one's call ids follow theirs.
+    let mut previous = Arc::new(Pending::default());
     while !core.is_stopped() {
         match link::connect(&core, core.executor.callback_names()).await {
             Ok(mut link) => {
@@ -286,7 +301,10 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                     .max_frame_size
                     .min(link.welcome.max_frame_size as usize);
                 core.max_frame_size.store(limit, Ordering::Relaxed);
-                let changes = core.membership.reset(link.welcome.members.clone());
+                // A controller that keeps no views tells every node everything.
+                let whole = !link.welcome.views || core.asks_everything();
+                let members = std::mem::take(&mut link.welcome.members);
+                let changes = core.membership.welcome(members, whole);
                 let restore = core.book.welcome(
                     link.welcome.instance,
                     std::mem::take(&mut link.welcome.tasks),
@@ -294,8 +312,9 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                 );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::default(),
+                    pending: Arc::new(Pending::following(&previous)),
                 });
+                previous = conn.pending.clone();
                 if let Some(restore) = restore {
                     // Before anything else this node sends: a cancel made right after
                     // the reconnect finds the task it cancels.

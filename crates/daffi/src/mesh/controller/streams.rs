@@ -4,138 +4,22 @@
 //! Frames of an arguments stream carry `FLAG_ARGUMENTS`, so that a node tells its own
 //! calls from calls made to it (both ends may use the same call id).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::{watch, Notify};
+use std::sync::Arc;
 
 use super::{Connection, ControllerMesh};
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::pending::{overrun, Delivery, StreamSlot};
+use crate::mesh::streams::{IncomingStreams, SentStreams, StreamGate};
 use crate::mesh::{
-    Arrived, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch, OpenStream, StreamControl,
-    StreamItems,
+    BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch, OpenStream, Scope, StreamControl,
 };
 use crate::protocol::message::{self, RemoteError};
-use crate::sync::lock;
 use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
 const NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
-
-/// The streams this node sends now, by the peer they go to and call id: the results
-/// it streams to its callers, or (another table) the arguments it streams to its callees.
-#[derive(Default)]
-pub struct SentStreams(Mutex<HashMap<Arc<str>, CallerStreams>>);
-
-/// One peer's streams, by call id.
-type CallerStreams = HashMap<u64, Arc<StreamGate>>;
-
-impl SentStreams {
-    /// Records a stream to `caller` for call `call_id`, with the first window of credit.
-    fn open(&self, caller: &str, call_id: u64) -> Arc<StreamGate> {
-        let gate = Arc::new(StreamGate {
-            credit: Mutex::new(Credit::WINDOW),
-            granted: Notify::new(),
-            cancelled: watch::channel(false).0,
-        });
-        let mut by_caller = lock(&self.0);
-        match by_caller.get_mut(caller) {
-            Some(streams) => {
-                streams.insert(call_id, gate.clone());
-            }
-            None => {
-                by_caller.insert(Arc::from(caller), HashMap::from([(call_id, gate.clone())]));
-            }
-        }
-        gate
-    }
-
-    /// Forgets `caller`'s stream `call_id`; returns it if it was there.
-    fn close(&self, caller: &str, call_id: u64) -> Option<Arc<StreamGate>> {
-        let mut by_caller = lock(&self.0);
-        let streams = by_caller.get_mut(caller)?;
-        let gate = streams.remove(&call_id);
-        if streams.is_empty() {
-            by_caller.remove(caller);
-        }
-        gate
-    }
-
-    /// `caller` granted `grant` more to its stream `call_id`.
-    pub fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
-        let by_caller = lock(&self.0);
-        if let Some(gate) = by_caller.get(caller).and_then(|s| s.get(&call_id)) {
-            lock(&gate.credit).add(grant);
-            gate.granted.notify_one();
-        }
-    }
-
-    /// `caller` dropped its stream `call_id`.
-    pub fn cancel(&self, caller: &str, call_id: u64) {
-        if let Some(gate) = self.close(caller, call_id) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream to `caller`: it left.
-    pub fn cancel_peer(&self, caller: &str) {
-        let streams = lock(&self.0).remove(caller);
-        for gate in streams.into_iter().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-
-    /// Stops every stream: the connection they went through is gone.
-    pub fn cancel_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.0));
-        for gate in all.into_values().flat_map(HashMap::into_values) {
-            gate.cancel();
-        }
-    }
-}
-
-/// One stream's credit, and whether its receiver cancelled it.
-struct StreamGate {
-    /// What the receiver granted that the sender has not taken yet.
-    credit: Mutex<Credit>,
-    /// Wakes the sender waiting for credit (a grant, or the cancel).
-    granted: Notify,
-    cancelled: watch::Sender<bool>,
-}
-
-impl StreamGate {
-    fn cancel(&self) {
-        self.cancelled.send_replace(true);
-        self.granted.notify_one();
-    }
-
-    /// Gives `unused` back, and takes all the credit there is if it allows an item.
-    fn take_credit(&self, unused: Credit) -> Option<Credit> {
-        let mut credit = lock(&self.credit);
-        credit.items = credit.items.saturating_add(unused.items);
-        credit.bytes = credit.bytes.saturating_add(unused.bytes);
-        credit.allows_one().then(|| std::mem::take(&mut *credit))
-    }
-
-    /// Waits until the receiver granted room for an item, and takes all the credit
-    /// there is (`unused` given back first); `None` once cancelled.
-    async fn credit(&self, mut unused: Credit) -> Option<Credit> {
-        loop {
-            let granted = self.granted.notified();
-            if *self.cancelled.borrow() {
-                return None;
-            }
-            if let Some(credit) = self.take_credit(std::mem::take(&mut unused)) {
-                return Some(credit);
-            }
-            granted.await;
-        }
-    }
-}
 
 /// The items of one stream on their way out over the controller link: a callee's
 /// results, or a caller's arguments.
@@ -213,15 +97,12 @@ impl ItemSink for FrameItemSink {
     }
 
     fn cancelled(&self) -> BoxFuture<'_, ()> {
-        let mut cancelled = self.gate.cancelled.subscribe();
-        Box::pin(async move {
-            let _ = cancelled.wait_for(|c| *c).await;
-        })
+        Box::pin(self.gate.cancelled())
     }
 
     fn end(self: Box<Self>, failure: Option<CallbackFailure>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if *self.gate.cancelled.borrow() {
+            if self.gate.is_cancelled() {
                 return;
             }
             let (flags, body) = match failure {
@@ -310,14 +191,15 @@ impl ControllerMesh {
     /// The arguments `caller` streams with its call `call_id` to `callback`, as they
     /// arrive (registered before the next frame is read); `None` without a connection.
     pub(super) fn receive_arguments(
-        &self,
+        self: &Arc<Self>,
         caller: &str,
         call_id: u64,
         callback: &str,
     ) -> Option<OpenStream> {
         let conn = self.connection()?;
         let caller: Arc<str> = Arc::from(caller);
-        let items = self.incoming.open(&caller, call_id, callback);
+        let items = self.incoming.open(&caller, &caller, call_id, callback);
+        self.hear_of_callers();
         let control = FrameStreamControl::new(
             self,
             conn,
@@ -331,6 +213,28 @@ impl ControllerMesh {
             items,
             control: Box::new(control),
         })
+    }
+}
+
+impl ControllerMesh {
+    /// A node fed a stream of arguments must hear when its caller leaves (the callback's
+    /// `Incoming` then ends with `PeerDisconnected`), so the first such stream makes it
+    /// ask for every node; callers that left before the view was whole are ended then.
+    fn hear_of_callers(self: &Arc<Self>) {
+        if self.membership.covers(Scope::Everything) {
+            return;
+        }
+        let mesh = self.clone();
+        tokio::spawn(async move {
+            match mesh.subscribe(Scope::Everything).await {
+                Ok(()) => mesh
+                    .incoming
+                    .fail_absent(|caller| mesh.membership.has_node(caller)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a node fed a stream of arguments could not ask for every member; a caller that leaves ends its stream only at the call's timeout")
+                }
+            }
+        });
     }
 }
 
@@ -434,116 +338,5 @@ impl StreamControl for FrameStreamControl {
             Side::Callee(incoming) => incoming.forget(&self.peer, self.call_id),
         }
         self.push(Kind::StreamCancel, Payload::from(NIL));
-    }
-}
-
-/// The arguments streams callers feed to this node's callbacks, by caller and call id.
-#[derive(Default)]
-pub struct IncomingStreams(Mutex<HashMap<Arc<str>, HashMap<u64, ArgumentsEntry>>>);
-
-/// One arguments stream still being received.
-struct ArgumentsEntry {
-    callback: Arc<str>,
-    slot: StreamSlot,
-}
-
-impl IncomingStreams {
-    fn open(&self, caller: &Arc<str>, call_id: u64, callback: &str) -> StreamItems {
-        let (slot, rx) = StreamSlot::open();
-        let entry = ArgumentsEntry {
-            callback: Arc::from(callback),
-            slot,
-        };
-        lock(&self.0)
-            .entry(caller.clone())
-            .or_default()
-            .insert(call_id, entry);
-        rx
-    }
-
-    /// Takes `caller`'s stream `call_id` out of the table.
-    fn take(&self, caller: &str, call_id: u64) -> Option<ArgumentsEntry> {
-        let mut by_caller = lock(&self.0);
-        let streams = by_caller.get_mut(caller)?;
-        let entry = streams.remove(&call_id);
-        if streams.is_empty() {
-            by_caller.remove(caller);
-        }
-        entry
-    }
-
-    /// The callee stopped reading `caller`'s stream `call_id`.
-    fn forget(&self, caller: &str, call_id: u64) {
-        self.take(caller, call_id);
-    }
-
-    /// Items of `caller`'s arguments stream `call_id`; dropped if nobody reads that
-    /// stream any more. A caller past its credit ends the stream with a protocol error.
-    pub fn items(&self, caller: &str, call_id: u64, arrived: Arrived) -> Delivery {
-        let mut by_caller = lock(&self.0);
-        let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) else {
-            return Delivery::Dropped;
-        };
-        let callback = &entry.callback;
-        let delivery = entry
-            .slot
-            .deliver(arrived, || overrun(caller, callback, "arguments"));
-        if delivery == Delivery::Overrun {
-            drop(by_caller);
-            self.take(caller, call_id);
-        }
-        delivery
-    }
-
-    /// The callee granted `grant` more of `caller`'s stream `call_id`.
-    fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
-        let mut by_caller = lock(&self.0);
-        if let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) {
-            entry.slot.grant(grant);
-        }
-    }
-
-    /// Ends `caller`'s stream `call_id`: after its last item, or with the error
-    /// `outcome` builds from the callback's name.
-    pub fn end(&self, caller: &str, call_id: u64, outcome: impl FnOnce(&str) -> Option<Error>) {
-        if let Some(entry) = self.take(caller, call_id) {
-            if let Some(error) = outcome(&entry.callback) {
-                entry.slot.fail(error);
-            }
-        }
-    }
-
-    /// `caller` gave up on its call `call_id`.
-    pub fn cancel(&self, caller: &str, call_id: u64) {
-        self.end(caller, call_id, |callback| {
-            Some(Error::Cancelled {
-                process: caller.to_string(),
-                callback: callback.to_string(),
-            })
-        });
-    }
-
-    /// Ends every stream from `caller`: it left.
-    pub fn fail_caller(&self, caller: &str) {
-        let streams = lock(&self.0).remove(caller);
-        disconnected(caller, streams.unwrap_or_default());
-    }
-
-    /// Ends every stream: the connection they came through is gone.
-    pub fn fail_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.0));
-        for (caller, streams) in all {
-            disconnected(&caller, streams);
-        }
-    }
-}
-
-/// Ends `caller`'s `streams` with `PeerDisconnected`.
-fn disconnected(caller: &str, streams: HashMap<u64, ArgumentsEntry>) {
-    for entry in streams.into_values() {
-        entry.slot.fail(Error::PeerDisconnected {
-            process: caller.to_string(),
-            callback: entry.callback.to_string(),
-        });
     }
 }

@@ -10,10 +10,11 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{chunks, NatsMesh};
+use super::{chunks, streams, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
-    remote_failure, sleep_until, BoxFuture, CallRequest, Membership, Mesh, SentBroadcast, Waiter,
+    remote_failure, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, OpenStream,
+    SentBroadcast, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest};
 
@@ -24,6 +25,9 @@ pub const CALLER: &str = "Daffi-Caller";
 pub const TIMEOUT_MS: &str = "Daffi-Timeout-Ms";
 /// Header of a reply: the payload is an encoded `RemoteError`.
 pub const FAILED: &str = "Daffi-Error";
+/// Header of a request whose caller streams arguments to the callback's `Incoming`
+/// (see `streams`).
+pub const INCOMING: &str = "Daffi-Incoming";
 
 impl Mesh for NatsMesh {
     fn send_call<'a>(
@@ -61,6 +65,14 @@ impl Mesh for NatsMesh {
             }
             Ok(sent)
         })
+    }
+
+    fn open_stream(&self, req: &CallRequest) -> Result<OpenStream> {
+        self.start_stream(req)
+    }
+
+    fn open_feed(&self, call_id: u64) -> Result<Feed> {
+        self.start_feed(call_id)
     }
 
     fn control<'a>(
@@ -110,7 +122,7 @@ impl Mesh for NatsMesh {
 
 impl NatsMesh {
     /// The error a call should see now, if it cannot be sent.
-    fn check_ready(&self) -> Result<()> {
+    pub(super) fn check_ready(&self) -> Result<()> {
         if self.is_stopped() {
             return Err(Error::Stopped);
         }
@@ -128,14 +140,7 @@ impl NatsMesh {
         req: &CallRequest,
         deadline: Option<Instant>,
     ) -> Result<Option<Waiter>> {
-        let size = req.args.len();
-        if size > self.size_limit {
-            return Err(Error::PayloadTooLarge {
-                callback: req.callback.to_string(),
-                size,
-                limit: self.size_limit,
-            });
-        }
+        self.check_args(req)?;
         let window = self.windows.towards(target);
         let credit = window
             .take(target, &req.callback, deadline, self.config.stall_timeout)
@@ -145,8 +150,8 @@ impl NatsMesh {
         });
         let mut headers = self.request_headers(req);
         let mut payload = req.args.to_bytes();
-        if size > self.chunk_size {
-            let pushed = self.push_leading(target, req, &subject, &payload, &mut headers);
+        if payload.len() > self.chunk_size {
+            let pushed = self.push_leading(target, &req.callback, &subject, &payload, &mut headers);
             let last = tokio::select! {
                 pushed = pushed => pushed?,
                 _ = sleep_until(deadline) => return Err(self.timed_out(req)),
@@ -179,16 +184,29 @@ impl NatsMesh {
         Ok(reply)
     }
 
+    /// `PayloadTooLarge` if the arguments of `req` are larger than `max_frame_size`.
+    pub(super) fn check_args(&self, req: &CallRequest) -> Result<()> {
+        let size = req.args.len();
+        if size > self.size_limit {
+            return Err(Error::PayloadTooLarge {
+                callback: req.callback.to_string(),
+                size,
+                limit: self.size_limit,
+            });
+        }
+        Ok(())
+    }
+
     fn timed_out(&self, req: &CallRequest) -> Error {
         Error::timeout(req.callback.to_string(), req.timeout.unwrap_or_default())
     }
 
     /// Pushes all chunks of `payload` but the last to `target`, and marks `headers` as
     /// those of the last chunk; returns where the last chunk begins.
-    async fn push_leading(
+    pub(super) async fn push_leading(
         &self,
         target: &str,
-        req: &CallRequest,
+        callback: &str,
         subject: &str,
         payload: &Bytes,
         headers: &mut HeaderMap,
@@ -196,14 +214,18 @@ impl NatsMesh {
         let stream = self.client.new_inbox();
         let last = chunks::push_leading(&self.client, subject, &stream, payload, self.chunk_size)
             .await
-            .map_err(|e| e.into_error(target, &req.callback, self.size_limit))?;
+            .map_err(|e| e.into_error(target, callback, self.size_limit))?;
         chunks::chunk_headers(headers, &stream, payload.len(), last);
         Ok(last)
     }
 
-    /// The headers of a request: none (the fast `PUB`) unless it has a timeout.
-    fn request_headers(&self, req: &CallRequest) -> HeaderMap {
+    /// The headers of a request: none (the fast `PUB`) unless it has a timeout, or its
+    /// caller streams arguments.
+    pub(super) fn request_headers(&self, req: &CallRequest) -> HeaderMap {
         let mut headers = HeaderMap::new();
+        if req.incoming {
+            headers.insert(INCOMING, "1");
+        }
         if let Some(timeout) = req.timeout {
             let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX));
             headers.insert(TIMEOUT_MS, ms.to_string().as_str());
@@ -212,11 +234,14 @@ impl NatsMesh {
     }
 
     /// Completes the call a reply on `subject` answers, or takes an ack of NO_RETURN
-    /// calls (credit back).
+    /// calls (credit back), or a message of a stream call.
     fn complete(&self, message: async_nats::Message) {
         let last_token = message.subject.rsplit('.').next().unwrap_or_default();
         if self.windows.take_ack(last_token, &message.payload) {
             return;
+        }
+        if let Some((stream, via)) = streams::stream_of(last_token) {
+            return self.take_stream_message(stream, via, message);
         }
         let Ok(call_id) = last_token.parse() else {
             return;

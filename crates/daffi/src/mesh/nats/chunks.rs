@@ -32,7 +32,7 @@ pub const SIZE: &str = "Daffi-Size";
 /// Header of an argument chunk: where it goes in the whole payload.
 const OFFSET: &str = "Daffi-Offset";
 /// Header of a probe: a request that only asks whether the peer still listens.
-const PROBE: &str = "Daffi-Probe";
+pub const PROBE: &str = "Daffi-Probe";
 /// How long a transfer waits for a chunk (or its answer) before it checks that the peer
 /// still listens: a peer that dies with chunks in flight never answers them.
 const PROBE_AFTER: Duration = Duration::from_millis(250);

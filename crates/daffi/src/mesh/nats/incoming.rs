@@ -1,5 +1,6 @@
 //! Requests from other nodes, as the executor takes them: a message on this node's
-//! subject, and its reply subject for the way back.
+//! subject, and its reply subject for the way back (or a stream's items subject, see
+//! `streams`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -9,14 +10,15 @@ use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
-use super::caller::{CALLER, FAILED, TIMEOUT_MS};
+use super::caller::{CALLER, FAILED, INCOMING, TIMEOUT_MS};
 use super::chunks::{self, Assemblies, Joined};
 use super::flow::{self, Acks};
+use super::streams::{self, NatsItemSink};
 use super::subjects::Subjects;
 use super::NatsMesh;
 use crate::callback::{CallbackFailure, Outcome};
-use crate::executor::{self, Request, SyncBatch};
-use crate::mesh::BoxFuture;
+use crate::executor::{self, ItemSink, Request, SyncBatch};
+use crate::mesh::{BoxFuture, OpenStream};
 use crate::protocol::message::{self, RemoteError, RemoteErrorKind};
 
 /// A request from another node.
@@ -32,6 +34,10 @@ pub struct NatsRequest {
     caller: std::sync::OnceLock<String>,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
+    /// The caller wants a stream: `reply` is the stream's items subject.
+    stream: bool,
+    /// The caller streams arguments to the callback's `Incoming`.
+    incoming: bool,
     /// NO_RETURN: where its caller awaits the ack that gives its credit back.
     acks_to: Option<async_nats::Subject>,
     /// When the caller gives up, from the timeout the request carries.
@@ -62,6 +68,8 @@ impl NatsRequest {
             Some(reply) if flow::is_ack_subject(&reply) => (None, Some(reply)),
             reply => (reply, None),
         };
+        let stream = reply.as_deref().is_some_and(streams::is_items_subject);
+        let incoming = header(INCOMING).is_some();
         Some(Box::new(NatsRequest {
             subject,
             token_at,
@@ -69,6 +77,8 @@ impl NatsRequest {
             caller,
             payload: message.payload,
             reply,
+            stream,
+            incoming,
             acks_to,
             deadline,
             mesh: mesh.clone(),
@@ -105,6 +115,20 @@ impl Request for NatsRequest {
         self.deadline
     }
 
+    fn wants_stream(&self) -> bool {
+        self.stream
+    }
+
+    fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
+        let items_to = self.reply.as_ref().filter(|_| self.stream)?;
+        Some(NatsItemSink::results(&self.mesh, items_to)?)
+    }
+
+    fn open_incoming(&self) -> Option<OpenStream> {
+        let reply = self.reply.as_ref().filter(|_| self.incoming)?;
+        streams::receive_arguments(&self.mesh, reply, self.callback())
+    }
+
     /// Publishes the outcome to the caller's inbox (the client queues it; the returned
     /// future hands it over).
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
@@ -136,7 +160,7 @@ impl Request for NatsRequest {
 }
 
 /// An error reply: the header that marks it, and the failure encoded.
-fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
+pub(super) fn failure_reply(failure: CallbackFailure) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(FAILED, "1");
     let body = message::encode(&RemoteError {
@@ -179,6 +203,10 @@ pub async fn serve_requests(mesh: Arc<NatsMesh>, mut requests: Subscriber) {
             }
         };
         let Some(message) = next else { break };
+        if streams::is_streams_subject(&message.subject) {
+            streams::take_control(&mesh, message).await;
+            continue;
+        }
         let Some(message) = join_chunks(&mesh, &mut assemblies, message).await else {
             continue;
         };

@@ -9,6 +9,10 @@
 //!   key per node, created atomically (unique names), renewed by a heartbeat and
 //!   expired by the bucket's age limit when a node dies; a watch keeps the view current
 //!   (`members`).
+//! - **streams**, both ways: messages to the caller on its inbox (`<inbox>.s<call id>`),
+//!   to the callee on `<ns>.node.<callee>.~streams`; credit and cancel from the reader,
+//!   probes both ways so that either side learns at once that the other died
+//!   (`streams`).
 //! - **large payloads** (over the server's `max_payload`) are split and joined, with
 //!   flow control (`chunks`).
 //! - **schedules** (PERIOD) live in the replicated KV bucket `<ns>-schedules`, fired
@@ -37,15 +41,18 @@ mod flow;
 mod incoming;
 mod members;
 mod schedules;
+mod streams;
 mod subjects;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::streams::{IncomingStreams, SentStreams};
 use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
@@ -85,6 +92,8 @@ pub struct NatsConfig {
 
 /// A node's side of a NATS cluster: everything its tasks share.
 pub struct NatsMesh {
+    /// This node itself, for the task a stream call starts from `&self`.
+    me: Weak<NatsMesh>,
     name: Arc<str>,
     config: NatsConfig,
     subjects: Subjects,
@@ -96,6 +105,18 @@ pub struct NatsMesh {
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
     /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
+    /// The streams of results this node produces, by the inbox of their caller and
+    /// call id.
+    served: SentStreams,
+    /// The streams of arguments this node feeds to its callees, by this node's inbox
+    /// (where their credit comes) and call id.
+    feeds: SentStreams,
+    /// The streams of arguments callers feed to this node's callbacks, by the caller's
+    /// inbox and call id.
+    incoming: IncomingStreams,
+    /// Stream calls whose caller feeds arguments, until their task has published the
+    /// request: the feed's items wait for it (see `streams`).
+    unsent: std::sync::Mutex<std::collections::HashMap<u64, oneshot::Receiver<()>>>,
     /// The credit of this node's calls towards each callee; acks come to
     /// `<inbox>.w<window id>`.
     windows: flow::Windows,
@@ -105,6 +126,9 @@ pub struct NatsMesh {
     chunk_size: usize,
     /// Whether the client is connected to a server now.
     connected: watch::Sender<bool>,
+    /// How many times the client lost its server: a stream produced across a loss may
+    /// have lost items on the way.
+    losses: AtomicU64,
     /// Set when stopping begins: no new calls from here, no new requests run here.
     stopped: watch::Sender<bool>,
     /// Set once the goodbye is done (the membership entry deleted, or given up).
@@ -172,18 +196,24 @@ impl NatsMesh {
         })
         .await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
-        let mesh = Arc::new(NatsMesh {
+        let mesh = Arc::new_cyclic(|me| NatsMesh {
+            me: me.clone(),
             name,
             subjects,
             client,
             executor,
             membership: Membership::default(),
             pending: Arc::default(),
+            served: SentStreams::default(),
+            feeds: SentStreams::default(),
+            incoming: IncomingStreams::default(),
+            unsent: Default::default(),
             windows: flow::Windows::new(&inbox),
             inbox,
             size_limit: config.max_frame_size,
             chunk_size,
             connected: watch::channel(true).0,
+            losses: AtomicU64::new(0),
             stopped: watch::channel(false).0,
             finished: watch::channel(false).0,
             schedules,
@@ -245,6 +275,7 @@ impl NatsMesh {
     }
 
     /// The client lost its server: calls in flight fail (their replies may be lost),
+    /// the streams this node produces end at their next item (theirs may be lost too),
     /// and new calls fail until it is back. The view stays: the membership lives in the
     /// cluster, not in this connection, and is most likely the same once the client
     /// is back (the watch then corrects it), so calls work again at once.
@@ -255,6 +286,7 @@ impl NatsMesh {
         tracing::warn!(process = %self.name, "lost the NATS server; reconnecting");
         self.pending
             .fail_all(|| self.unreachable("connection to the NATS server lost"));
+        self.losses.fetch_add(1, Ordering::Relaxed);
         self.emit(NodeEvent::Disconnected);
     }
 
@@ -303,6 +335,9 @@ impl NatsMesh {
             return;
         }
         let _ = self.record.send(RecordCommand::Goodbye);
+        self.served.cancel_all();
+        self.feeds.cancel_all();
+        self.incoming.fail_all();
         self.executor.retire();
         self.membership.reset(Vec::new());
         tracing::info!(process = %self.name, "node stopped");

@@ -268,6 +268,8 @@ impl NatsMesh {
             } => self.schedule(callback, args, on, timing).await,
             ControlRequest::Cancel { task_id } => self.cancel(task_id).await,
             ControlRequest::ListTasks { after } => self.list_tasks(after).await,
+            // Over NATS every node keeps the whole membership already.
+            ControlRequest::Subscribe { .. } => Ok(ControlAnswer::Subscribed),
             ControlRequest::Stats | ControlRequest::Restore { .. } => Err(Error::Unsupported {
                 what: format!("`{what}`"),
                 reason: "over NATS: calls go from node to node through no process that could count them; count them in your callbacks, or use the built-in controller".into(),

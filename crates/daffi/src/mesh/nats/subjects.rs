@@ -3,11 +3,17 @@
 //!
 //! - `<ns>.node.<process>.<callback>`: requests to one node (random choice, `.on`,
 //!   broadcast); each node subscribes to `<ns>.node.<itself>.*`.
+//! - `<ns>.node.<process>.~streams`: the messages of streams in progress to one node
+//!   (credit, cancel, probes; see `streams`).
 //! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
 //! - KV bucket `<ns>-members`: key = the escaped process name.
 
 use std::borrow::Cow;
 use std::fmt::Write;
+
+/// The last token of the subject where a node takes the messages of its streams in
+/// progress: never an escaped name, since [`escape`] escapes `~`.
+pub const STREAMS_TOKEN: &str = "~streams";
 
 /// The byte that starts an escape (`=XX`, two upper-case hex digits); valid in subject
 /// tokens and in KV keys alike.
@@ -89,6 +95,15 @@ impl Subjects {
             self.namespace,
             escape(process),
             escape(callback)
+        )
+    }
+
+    /// Where the messages of streams in progress to `process` go (see [`STREAMS_TOKEN`]).
+    pub fn node_streams(&self, process: &str) -> String {
+        format!(
+            "{}.node.{}.{STREAMS_TOKEN}",
+            self.namespace,
+            escape(process)
         )
     }
 
@@ -186,6 +201,12 @@ mod tests {
             Some(Cow::Borrowed("plain_name"))
         ));
         assert_eq!(s.node_inbox("w.1"), "daffi.node.w=2E1.*");
+        assert_eq!(s.node_streams("w.1"), "daffi.node.w=2E1.~streams");
+        assert_ne!(
+            escape(STREAMS_TOKEN),
+            STREAMS_TOKEN,
+            "no callback takes its token"
+        );
         assert_eq!(s.node_alive("w.1", 7), "daffi.alive.w=2E1.7");
         let inbox = Subjects::reply_inbox("_INBOX.abc", "c a.1");
         assert_eq!(inbox, "_INBOX.abc.c=20a=2E1");

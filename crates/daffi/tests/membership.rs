@@ -1,0 +1,250 @@
+//! What a node knows of the others after mass joins and leaves, with real processes:
+//! 300 nodes in 3 child processes, then half of them leaving. A node that only calls
+//! knows the providers of what it calls; a node that asks for the members (or has
+//! membership hooks) knows every node; neither is ever offered a node whose leave was
+//! announced.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use common::wire::{self, read_frame};
+use common::{Cluster, Log, Transport, WAIT};
+use daffi::{callback, Address, Global};
+use daffi_wire::Kind;
+use serde::Deserialize;
+
+/// The ignored test that runs worker processes (see `common`).
+const ENTRY: &str = "worker_process";
+
+/// Child processes, and nodes in each.
+const PROCESSES: usize = 3;
+const NODES_EACH: usize = 100;
+
+/// Served by every node of this test binary (from its first connection): the process
+/// that answered.
+#[callback]
+fn scale_work() -> u32 {
+    std::process::id()
+}
+
+/// The name of node `i` of the child process called `process`.
+fn node_name(process: &str, i: usize) -> String {
+    format!("{process}-{i}")
+}
+
+/// The callback that makes the odd nodes of the child `process` leave.
+fn leave_callback(process: &str) -> String {
+    format!("leave_odd_{process}")
+}
+
+#[test]
+#[ignore = "run by the other tests as a worker process"]
+fn worker_process() {
+    common::run_role(&[("swarm", swarm)]);
+}
+
+/// `NODES_EACH` nodes on one runtime; node 0 serves the callback that stops the odd
+/// ones (and answers once they have left).
+fn swarm() {
+    let process = std::env::var(common::ENV_NAME).expect("a name");
+    let address = common::address_from_env();
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let nodes: Vec<Global> = runtime.block_on(async {
+        let mut starting = tokio::task::JoinSet::new();
+        for i in 0..NODES_EACH {
+            let builder = common::builder_for(&address).process_name(node_name(&process, i));
+            starting.spawn(async move { (i, builder.start_async().await.expect("a node starts")) });
+        }
+        let mut nodes: Vec<(usize, Global)> = starting.join_all().await;
+        nodes.sort_by_key(|(i, _)| *i);
+        nodes.into_iter().map(|(_, g)| g).collect()
+    });
+    let odd: Vec<Global> = nodes.iter().skip(1).step_by(2).cloned().collect();
+    nodes[0]
+        .register(&leave_callback(&process), move || {
+            for g in &odd {
+                g.stop();
+            }
+            odd.len()
+        })
+        .expect("register");
+    nodes[0].join().expect("join");
+}
+
+#[test]
+fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
+    let cluster = Cluster::start(Transport::Unix, ENTRY);
+    // The membership hooks keep this node's view whole from the start.
+    let removed: Arc<Log<String>> = Arc::new(Log::new());
+    let on_removed = removed.clone();
+    let watcher = common::builder_for(&cluster.address)
+        .process_name(common::unique("watcher"))
+        .on_member_removed(move |_, name| on_removed.push(name.to_string()))
+        .start()
+        .expect("the watcher starts");
+    // This one only calls: it learns the providers of what it calls.
+    let caller = &cluster.caller;
+    let processes: Vec<String> = (0..PROCESSES).map(|_| common::unique("swarm")).collect();
+    let mut children = Vec::new();
+    for process in &processes {
+        children.push(common::spawn_child(
+            ENTRY,
+            "swarm",
+            process,
+            &cluster.address,
+        ));
+    }
+    let all: Vec<String> = processes
+        .iter()
+        .flat_map(|p| (0..NODES_EACH).map(move |i| node_name(p, i)))
+        .collect();
+    for name in &all {
+        watcher
+            .wait_process_timeout(name, WAIT)
+            .expect("the watcher hears of every node");
+    }
+    for process in &processes {
+        caller
+            .wait_function_timeout(&leave_callback(process), WAIT)
+            .expect("a child is ready");
+    }
+
+    // Every node that joined, and only those, serves `scale_work` to the caller.
+    let expected = |nodes: &[String]| -> BTreeSet<String> {
+        nodes
+            .iter()
+            .cloned()
+            .chain([watcher.process_name().to_string()])
+            .collect()
+    };
+    let providers = |g: &Global| -> BTreeSet<String> {
+        let answers: HashMap<String, u32> = g
+            .call("scale_work")
+            .timeout(WAIT)
+            .broadcast()
+            .expect("a broadcast to every provider");
+        answers.into_keys().collect()
+    };
+    assert_eq!(providers(caller), expected(&all));
+    let members =
+        |g: &Global| -> BTreeSet<String> { g.members().into_iter().map(|m| m.name).collect() };
+    let set = |nodes: &[String]| -> BTreeSet<String> { nodes.iter().cloned().collect() };
+    assert!(members(&watcher).is_superset(&set(&all)));
+
+    // Half of every child's nodes leave.
+    for process in &processes {
+        let left: usize = caller
+            .call(&leave_callback(process))
+            .on(node_name(process, 0))
+            .timeout(WAIT)
+            .fg()
+            .expect("the odd nodes leave");
+        assert_eq!(left, NODES_EACH / 2);
+    }
+    let staying: Vec<String> = processes
+        .iter()
+        .flat_map(|p| (0..NODES_EACH).step_by(2).map(move |i| node_name(p, i)))
+        .collect();
+    let gone: BTreeSet<String> = all
+        .iter()
+        .filter(|n| !staying.contains(n))
+        .cloned()
+        .collect();
+    let seen = removed.wait_until(WAIT.as_millis() as u64, |names| {
+        gone.iter().all(|n| names.contains(n))
+    });
+    let seen: BTreeSet<String> = seen.into_iter().collect();
+    assert_eq!(
+        seen, gone,
+        "the watcher hears of every leave, and of no other"
+    );
+    // Every leave is announced to the watcher by now, and to the caller in the same
+    // batch: a round trip to the controller makes sure the caller has read it.
+    caller.controller_stats().expect("a round trip");
+
+    // No node that left is offered any more: calls all succeed, and a broadcast
+    // reaches exactly the nodes that stay.
+    for _ in 0..3 * staying.len() {
+        caller
+            .call("scale_work")
+            .timeout(WAIT)
+            .fg::<u32>()
+            .expect("a call never goes to a node that left");
+    }
+    assert_eq!(providers(caller), expected(&staying));
+    let now = members(&watcher);
+    assert!(now.is_superset(&set(&staying)) && now.is_disjoint(&gone));
+    // A node that asks for the members now knows them all too.
+    let late = members(caller);
+    assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
+    assert!(!late.contains(caller.process_name()), "never itself");
+    drop(children);
+}
+
+/// A `Membership` event as a client written from `docs/PROTOCOL.md` reads it.
+#[derive(Debug, Deserialize, PartialEq)]
+struct Event {
+    event: String,
+    name: String,
+}
+
+/// The part of a `Welcome` this test reads.
+#[derive(Debug, Deserialize)]
+struct Welcome {
+    #[serde(default)]
+    views: bool,
+}
+
+#[test]
+fn a_node_that_asks_for_no_view_is_told_every_change_one_event_a_frame() {
+    let cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let Address::Tcp { port, .. } = cluster.address else {
+        panic!("a TCP controller")
+    };
+    let mut old = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    old.write_all(&wire::opening(&common::unique("old"), None, &["old_cb"]))
+        .expect("write");
+    let welcome = read_frame(&mut old);
+    assert_eq!(welcome.kind(), Kind::Welcome);
+    let welcome: Welcome = wire::decode(&welcome.payload());
+    assert!(
+        !welcome.views,
+        "a node that predates views is not told of them"
+    );
+
+    let joining: Vec<Global> = (0..3)
+        .map(|_| {
+            common::builder_for(&cluster.address)
+                .process_name(common::unique("new"))
+                .start()
+                .expect("a node starts")
+        })
+        .collect();
+    let stopping = joining[0].process_name().to_string();
+    joining[0].stop();
+    let mut events = Vec::new();
+    while !events.contains(&("left".to_string(), stopping.clone())) {
+        let frame = read_frame(&mut old);
+        assert_eq!(frame.kind(), Kind::Membership);
+        // One event, a map: what such a node reads.
+        let event: Event = wire::decode(&frame.payload());
+        events.push((event.event, event.name));
+    }
+    let joined: BTreeSet<&str> = events
+        .iter()
+        .filter(|(event, _)| event == "joined")
+        .map(|(_, name)| name.as_str())
+        .collect();
+    let expected: BTreeSet<&str> = joining.iter().map(|g| g.process_name()).collect();
+    assert_eq!(joined, expected);
+    let of_stopping: Vec<&str> = events
+        .iter()
+        .filter(|(_, name)| *name == stopping)
+        .map(|(event, _)| event.as_str())
+        .collect();
+    assert_eq!(of_stopping, ["joined", "leaving", "left"]);
+}
