@@ -476,7 +476,18 @@ fn a_callee_past_its_credit_over_nats_ends_the_stream_with_a_protocol_error() {
             .subscribe(format!("{node}.~streams"))
             .await
             .expect("subscribe");
-        client.flush().await.expect("flush");
+        // `flush` does not wait for the server: a message of its own, on a subject
+        // subscribed last, comes back once it took all three subscriptions.
+        let synced = format!("{}.synced.{}", mesh.namespace, unique("flooder"));
+        let mut sync = client.subscribe(synced.clone()).await.expect("subscribe");
+        client
+            .publish(synced, bytes::Bytes::new())
+            .await
+            .expect("publish");
+        tokio::time::timeout(WAIT, sync.next())
+            .await
+            .expect("the server took the subscriptions")
+            .expect("a message");
         (client, requests, to_worker)
     });
     // The worker sends no item of `then_nothing(0)`: all come from the flooder.

@@ -731,7 +731,11 @@ impl ItemSink for NatsItemSink {
                 // Credit at hand is taken without starting the probes' timer.
                 biased;
                 taken = self.gate.credit(unused) => taken,
-                () = self.receiver_gone() => None,
+                () = self.receiver_gone() => {
+                    // A lost connection ends the stream with its failure, never a gap.
+                    self.end_if_connection_lost().await;
+                    None
+                }
             }
         })
     }
