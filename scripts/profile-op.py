@@ -17,6 +17,9 @@ warm-up). Unlike a rate or a CPU time, that count does not move with the machine
 load, so two builds can be compared on a busy machine (rates are ~50x slower there):
 
     scripts/profile-op.py --instructions '{"op":"rate","mode":"bg","calls":20000,"in_flight":256}'
+    scripts/profile-op.py --instructions '{"op":"stream_items","items":20000}'
+
+(A stream's count per call is per item, or per chunk.)
 
 With --nats URL, the caller and callee meet on that nats-server (no controller), and
 --floor profiles raw async-nats request-reply through it instead:
@@ -205,7 +208,9 @@ def count_instructions(procs, run, a, tmp):
     for _ in range(a.repeat):
         print("measured:", run())
     control("-d")
-    calls = json.loads(a.op).get("calls", 1) * a.repeat
+    op = json.loads(a.op)
+    # A stream counts its items (or chunks) as its calls.
+    calls = next((op[k] for k in ("calls", "items", "chunks") if k in op), 1) * a.repeat
     total = 0
     for name, p in procs.items():
         dumps = [f for f in os.listdir(tmp) if f.startswith(f"callgrind.{p.pid}.")]

@@ -13,9 +13,10 @@ import daffi
 from daffi import BG, FG, STREAM, CallStream, Global
 from conftest import NODES, WAIT, free_port, interrupt, spawn_python
 
-#: The items a stream callback may make beyond what its caller read: the caller's
-#: credit (32), and the one item made, waiting for more credit.
-AHEAD = 32 + 1
+#: The most items a stream's producer makes before its reader grants more: the first
+#: credit (256 items; these items are far below its 2 MiB). A generator is advanced
+#: only as far as the credit.
+AHEAD = 256
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_an_endless_stream_read_slowly_runs_only_its_credit_ahead(g):
         time.sleep(0.05)  # a slow reader, not a wait for an event
     made, closed = g.call.producer("slow", timeout=0) & FG
     assert not closed
-    assert 10 < made <= 10 + AHEAD
+    assert 10 < made <= AHEAD
     del stream
     assert (g.call.producer("slow") & FG)[1]
 
@@ -165,7 +166,7 @@ def test_stuck_stream_readers_leave_other_calls_to_the_node_alone(g):
         stream.close()
     for i in range(20):
         made, closed = g.call.producer(f"stuck-{i}") & FG
-        assert closed and made <= 1 + AHEAD
+        assert closed and made <= AHEAD
 
 
 def test_a_callee_killed_mid_stream_ends_the_stream_with_an_error(processes):
@@ -241,8 +242,9 @@ def test_stream_takes_items_only_as_far_as_the_callee_took_them(g):
     with pytest.raises(daffi.RemoteCallError, match="ValueError: negative item -1"):
         g.call.picky(itertools.chain([1, 2, -1], items()), "picky") & STREAM
     assert g.call.collected("picky") & FG == [1, 2]
-    # The items past the failing one that were taken: no more than the credit.
-    assert len(taken) <= AHEAD
+    # The items past the failing one that were taken: no more than the credit, less
+    # the three before them.
+    assert len(taken) <= AHEAD - 3
 
 
 def test_an_exception_of_the_iterable_stops_the_stream_and_raises(g):

@@ -52,11 +52,12 @@ pub enum Kind {
     Reply = 17,
     /// Controller -> node: a request could not be delivered.
     Undeliverable = 18,
-    /// Node -> node: one item of a stream, from the callee (keyed by the request's call id).
+    /// Node -> node: one item of a stream, or a batch of them under [`FLAG_BATCH`], from
+    /// the callee (keyed by the request's call id).
     StreamItem = 19,
     /// Node -> node: the callee's stream ended, with an error under `FLAG_ERROR`.
     StreamEnd = 20,
-    /// Node -> node: the caller grants the callee more items (a `u32` count).
+    /// Node -> node: the caller grants the callee more items (`[items, bytes]`).
     StreamCredit = 21,
     /// Node -> node: the caller dropped the stream; the callee stops producing.
     StreamCancel = 22,
@@ -115,6 +116,9 @@ pub const FLAG_INCOMING: u8 = 0b0000_0100;
 /// (items and end from the caller, credit and cancel from the callee), not to the
 /// results the callee streams back.
 pub const FLAG_ARGUMENTS: u8 = 0b0000_0010;
+/// `StreamItem` flag: the payload is a batch of items, each a `u32` length (big-endian)
+/// and its bytes, rather than one item.
+pub const FLAG_BATCH: u8 = 0b0000_0100;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 

@@ -15,7 +15,7 @@ use crate::blocking;
 use crate::call::decode_result;
 use crate::callback::ItemStream;
 use crate::error::{Error, Result};
-use crate::mesh::{Feed, OpenStream, ReplyPayload, StreamControl, STREAM_WINDOW};
+use crate::mesh::{Arrived, Credit, Feed, OpenStream, ReplyPayload, StreamControl};
 
 /// The items of a stream call (`g.call(name).stream::<T>()`), in order, each decoded as
 /// `T`. Two faces, one per kind of code:
@@ -25,8 +25,8 @@ use crate::mesh::{Feed, OpenStream, ReplyPayload, StreamControl, STREAM_WINDOW};
 /// - sync: [`IntoIterator`]`<Item = Result<T>>`, read with `for item in stream`, which
 ///   blocks between items.
 ///
-/// The callee produces only as far ahead as the caller reads (32 items):
-/// a slow reader slows the producer. Dropping the stream stops the producer. An `Err`
+/// The callee produces only as far ahead as the caller reads (256 items or 2 MiB of
+/// them, whichever comes first): a slow reader slows the producer. Dropping the stream stops the producer. An `Err`
 /// item ends the stream: the callee's error, the callee gone (`PeerDisconnected`), or
 /// the call's `timeout` passed while waiting for one item.
 ///
@@ -42,8 +42,10 @@ use crate::mesh::{Feed, OpenStream, ReplyPayload, StreamControl, STREAM_WINDOW};
 pub struct CallStream<T> {
     callback: Arc<str>,
     open: OpenStream,
-    /// Items the callee may still send without more credit.
-    credit: u32,
+    /// What the producer may still send without more credit, as of the items read.
+    credit: Credit,
+    /// The rest of a batch that arrived, to read before the next.
+    batch: std::vec::IntoIter<bytes::Bytes>,
     timeout: Option<Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
@@ -63,7 +65,8 @@ impl<T> CallStream<T> {
         CallStream {
             callback,
             open,
-            credit: STREAM_WINDOW,
+            credit: Credit::WINDOW,
+            batch: Vec::new().into_iter(),
             timeout,
             timer: None,
             ended: false,
@@ -84,20 +87,15 @@ impl<T> CallStream<T> {
         &self.open.target
     }
 
-    /// Counts an item received, and tops the credit up once half of it is used.
-    fn received(&mut self) -> Result<()> {
-        if self.credit == 0 {
-            return Err(Error::protocol(
-                self.open.target.to_string(),
-                format!("sent more items of `{}` than it was granted", self.callback),
-            ));
+    /// Counts an item of `len` bytes read, and tops the credit up once half of it is
+    /// used (one grant for many items). The mesh checked the producer's credit as the
+    /// item arrived.
+    fn read(&mut self, len: usize) {
+        self.credit.take(len);
+        if let Some(grant) = self.credit.top_up() {
+            self.open.control.grant(grant);
+            self.credit.add(grant);
         }
-        self.credit -= 1;
-        if self.credit <= STREAM_WINDOW / 2 {
-            self.open.control.grant(STREAM_WINDOW - self.credit);
-            self.credit = STREAM_WINDOW;
-        }
-        Ok(())
     }
 
     /// Ends the stream here, telling the callee if it may still be producing.
@@ -124,7 +122,9 @@ impl<T> CallStream<T> {
 }
 
 impl<T: DeserializeOwned> CallStream<T> {
+    /// Counts `item` read and decodes it.
     fn decode(&mut self, item: ReplyPayload) -> Result<T> {
+        self.read(item.bytes.len());
         decode_result(&self.callback, item)
     }
 }
@@ -137,13 +137,21 @@ impl<T: DeserializeOwned> Stream for CallStream<T> {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some(item) = this.batch.next() {
+            return Poll::Ready(Some(this.decode(item.into())));
+        }
         match this.open.items.poll_recv(cx) {
-            Poll::Ready(Some(Ok(item))) => {
+            Poll::Ready(Some(Ok(arrived))) => {
                 this.timer = None;
-                if let Err(e) = this.received() {
-                    this.finish(true);
-                    return Poll::Ready(Some(Err(e)));
-                }
+                let item = match arrived {
+                    Arrived::One(item) => item,
+                    Arrived::Batch(mut items) => {
+                        // A batch holds two items at least.
+                        let first = items.next().unwrap_or_default();
+                        this.batch = items;
+                        first.into()
+                    }
+                };
                 Poll::Ready(Some(this.decode(item)))
             }
             Poll::Ready(Some(Err(e))) => {

@@ -253,7 +253,7 @@ fn a_killed_caller_stops_the_producer_over_nats() {
     let after = killed.elapsed();
     let at_drop = at_drop.expect("the producer was dropped");
     assert!(
-        at_drop <= streaming::WINDOW + 1,
+        at_drop <= streaming::WINDOW,
         "produced {at_drop} items, beyond its credit"
     );
     assert!(after < KILL_BOUND, "dropped {after:?} after the kill");
@@ -452,4 +452,98 @@ fn a_killed_feeder_ends_the_callees_incoming_over_nats() {
         KILL_BOUND,
     );
     eprintln!("the callee's Incoming ended {after:?} after the kill");
+}
+
+#[test]
+fn a_callee_past_its_credit_over_nats_ends_the_stream_with_a_protocol_error() {
+    use futures_util::StreamExt;
+
+    let mesh = Mesh::start();
+    let worker = &mesh.worker.name;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let node = format!("{}.node.{worker}", mesh.namespace);
+    // A plain NATS client beside the worker: it sees the stream's request (so it knows
+    // the caller's items subject) and the caller's messages to the worker.
+    let (client, mut requests, mut to_worker) = runtime.block_on(async {
+        let client = async_nats::connect(mesh.server.url())
+            .await
+            .expect("connect");
+        let requests = client
+            .subscribe(format!("{node}.then_nothing"))
+            .await
+            .expect("subscribe");
+        let to_worker = client
+            .subscribe(format!("{node}.~streams"))
+            .await
+            .expect("subscribe");
+        // `flush` does not wait for the server: a message of its own, on a subject
+        // subscribed last, comes back once it took all three subscriptions.
+        let synced = format!("{}.synced.{}", mesh.namespace, unique("flooder"));
+        let mut sync = client.subscribe(synced.clone()).await.expect("subscribe");
+        client
+            .publish(synced, bytes::Bytes::new())
+            .await
+            .expect("publish");
+        tokio::time::timeout(WAIT, sync.next())
+            .await
+            .expect("the server took the subscriptions")
+            .expect("a message");
+        (client, requests, to_worker)
+    });
+    // The worker sends no item of `then_nothing(0)`: all come from the flooder.
+    let mut items = mesh
+        .caller
+        .call("then_nothing")
+        .args((0u64,))
+        .on(worker)
+        .timeout(WAIT)
+        .stream::<u64>()
+        .expect("stream");
+    // (The subscriptions end in the runtime, where they were made.)
+    runtime.block_on(async move {
+        let request = tokio::time::timeout(WAIT, requests.next())
+            .await
+            .expect("the stream's request")
+            .expect("a message");
+        let items_to = request.reply.expect("an items subject");
+        // Twice the window, one item (the integer 1) a message.
+        for _ in 0..2 * streaming::WINDOW {
+            client
+                .publish(items_to.clone(), bytes::Bytes::from_static(&[0x01]))
+                .await
+                .expect("publish");
+        }
+        client.flush().await.expect("flush");
+        // The caller counts the credit as the items arrive: it tells the callee to stop
+        // before its stream is read at all (so no top-up was granted).
+        loop {
+            let message = tokio::time::timeout(WAIT, to_worker.next())
+                .await
+                .expect("the caller's cancel")
+                .expect("a message");
+            let headers = message.headers.as_ref();
+            if headers.is_some_and(|h| h.get("Daffi-Cancel").is_some()) {
+                break;
+            }
+        }
+        // It kept only the window: then the stream ends with the named error.
+        let mut read = 0;
+        let error = loop {
+            match items.next().await.expect("the stream ends with an error") {
+                Ok(_) => read += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(read, streaming::WINDOW, "items kept before the overrun");
+        match &error {
+            Error::Protocol { peer, message, .. } => {
+                assert_eq!(peer, worker);
+                assert!(
+                    message.contains("more results of `then_nothing`"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    });
 }

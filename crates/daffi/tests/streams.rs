@@ -9,7 +9,8 @@ mod streaming;
 use std::time::Duration;
 
 use common::{Cluster, Transport, WAIT};
-use daffi::Global;
+use daffi::{Error, Global};
+use streaming::WINDOW;
 
 const ENTRY: &str = "child_process";
 
@@ -103,6 +104,79 @@ fn a_killed_callee_ends_the_stream_with_its_error_within_a_second() {
 fn a_stuck_stream_reader_does_not_hold_up_other_calls_to_the_same_node() {
     let (cluster, worker) = cluster_with_worker();
     streaming::stuck_reader_beside_other_calls(&cluster.caller, &worker);
+}
+
+/// Reads frames from a raw peer's connection until one of `kind`.
+fn next_frame_of(raw: &mut std::net::TcpStream, kind: daffi_wire::Kind) -> daffi_wire::Frame {
+    loop {
+        let frame = common::wire::read_frame(raw);
+        if frame.kind() == kind {
+            return frame;
+        }
+    }
+}
+
+#[test]
+fn a_producer_past_its_credit_ends_the_stream_with_a_protocol_error() {
+    use daffi_wire::{Header, Kind};
+    use std::io::Write;
+
+    let cluster = Cluster::start(Transport::Tcp, ENTRY);
+    let g = &cluster.caller;
+    let port = g.port().expect("tcp");
+    let flooder = common::unique("flooder");
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    raw.write_all(&common::wire::opening(&flooder, None, &["flood"]))
+        .expect("join");
+    g.wait_process_timeout(&flooder, WAIT)
+        .expect("the flooder joined");
+    let items = g
+        .call("flood")
+        .on(&flooder)
+        .timeout(WAIT)
+        .stream::<u64>()
+        .expect("stream");
+    let request = next_frame_of(&mut raw, Kind::Request);
+    // A peer that ignores its credit: twice the window, one item (the integer 1) a frame.
+    let header = Header {
+        kind: Kind::StreamItem,
+        flags: 0,
+        call_id: request.call_id(),
+        timeout_ms: 0,
+        src: &flooder,
+        dst: request.src(),
+        name: "",
+    };
+    let mut flood = Vec::new();
+    for _ in 0..2 * WINDOW {
+        flood.extend_from_slice(&header.encode(1));
+        flood.push(0x01);
+    }
+    raw.write_all(&flood).expect("flood");
+    // The caller counts the credit as the items arrive: it tells the flooder to stop
+    // before its stream is read at all (so no top-up was granted)...
+    let cancel = next_frame_of(&mut raw, Kind::StreamCancel);
+    assert_eq!(cancel.call_id(), request.call_id());
+    // ...and kept only the window: then the stream ends with the named error.
+    let mut read = 0;
+    let error = items
+        .into_iter()
+        .find_map(|item| match item {
+            Ok(_) => {
+                read += 1;
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .expect("the stream ends with an error");
+    assert_eq!(read, WINDOW, "items kept before the overrun");
+    match &error {
+        Error::Protocol { peer, message, .. } => {
+            assert_eq!(peer, &flooder);
+            assert!(message.contains("more results of `flood`"), "{message}");
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
 }
 
 #[test]

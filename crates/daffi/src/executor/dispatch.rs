@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use super::items::{send_items, send_thread_items, thread_items, ThreadFeed};
 use super::sync_runner::SyncRunner;
-use super::{CallbackKind, Executor, ItemSink, Request, ServingGuard};
-use crate::callback::{CallbackFailure, Handler, ItemIter, ItemStream, Outcome};
+use super::{CallbackKind, Executor, Request, ServingGuard};
+use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
 
@@ -85,7 +86,11 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     let work = match handler {
         Handler::Sync(f) => SyncWork::Call(f),
         Handler::SyncStream(f) => match request.open_stream() {
-            Some(sink) => SyncWork::Stream(f, sink),
+            Some(sink) => {
+                let (feed, items) = thread_items();
+                tokio::spawn(send_thread_items(items, sink));
+                SyncWork::Stream(f, feed)
+            }
             None => return refuse_stream(request),
         },
         Handler::AsyncStream(f) => {
@@ -147,57 +152,6 @@ fn refuse_stream(request: Box<dyn Request>) {
     refuse(request, RemoteErrorKind::Failed, message);
 }
 
-/// Sends the items of a stream as the receiving end grants credit (an async stream
-/// callback's results, or a caller's arguments); the stream is dropped as soon as the
-/// receiving end cancels or goes, even while it waits for an item.
-pub async fn send_items(items: Result<ItemStream, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
-    let mut items = match items {
-        Ok(items) => items,
-        Err(failure) => return sink.end(Some(failure)).await,
-    };
-    loop {
-        let next = std::future::poll_fn(|cx| {
-            catch_unwind(AssertUnwindSafe(|| items.as_mut().poll_next(cx)))
-                .unwrap_or_else(|p| Poll::Ready(Some(Err(panic_failure(p)))))
-        });
-        let item = tokio::select! {
-            item = next => item,
-            () = sink.cancelled() => return,
-        };
-        match item {
-            None => return sink.end(None).await,
-            Some(Err(failure)) => return sink.end(Some(failure)).await,
-            Some(Ok(item)) => {
-                if !sink.send(item).await {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Sends the items of a sync stream callback from this thread (one of the node's sync
-/// callback threads), advancing the iterator only as the caller grants credit.
-fn stream_sync(items: Result<ItemIter, CallbackFailure>, mut sink: Box<dyn ItemSink>) {
-    let mut items = match items {
-        Ok(items) => items,
-        Err(failure) => return crate::blocking::park(sink.end(Some(failure))),
-    };
-    loop {
-        let next = catch_unwind(AssertUnwindSafe(|| items.next()))
-            .unwrap_or_else(|p| Some(Err(panic_failure(p))));
-        match next {
-            None => return crate::blocking::park(sink.end(None)),
-            Some(Err(failure)) => return crate::blocking::park(sink.end(Some(failure))),
-            Some(Ok(item)) => {
-                if !crate::blocking::park(sink.send(item)) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
 /// Counts a callback of `kind` as running, if its limit allows. Queued sync calls whose
 /// callers already gave up hold places for nothing: when sync callbacks are at their
 /// limit, those are dropped first, and the place looked for again.
@@ -238,7 +192,7 @@ fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
 /// What a sync job runs: a callback with one result, or a stream's iterator.
 enum SyncWork {
     Call(Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>),
-    Stream(SyncStreamFn, Box<dyn ItemSink>),
+    Stream(SyncStreamFn, ThreadFeed),
 }
 
 type SyncStreamFn = Arc<dyn Fn(bytes::Bytes) -> Result<ItemIter, CallbackFailure> + Send + Sync>;
@@ -277,8 +231,8 @@ impl SyncJob {
         let offer = self.offer;
         let f = match self.work {
             SyncWork::Call(f) => f,
-            SyncWork::Stream(f, sink) => {
-                return stream_sync(guarded(|| offering(offer, || f(payload))), sink);
+            SyncWork::Stream(f, feed) => {
+                return feed.run(guarded(|| offering(offer, || f(payload))));
             }
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))

@@ -5,6 +5,7 @@
 //! the request. It knows nothing of the mesh behind it.
 
 mod dispatch;
+mod items;
 mod sync_runner;
 
 use std::any::TypeId;
@@ -19,7 +20,8 @@ use crate::callback::{CallbackGroup, Handler, Outcome};
 use crate::error::{Error, Result};
 use crate::mesh::BoxFuture;
 use crate::sync::{lock, read, write};
-pub use dispatch::{send_items, serve, SyncBatch};
+pub use dispatch::{serve, SyncBatch};
+pub use items::send_items;
 
 /// A request from another node, as the mesh hands it over: what to run, and the way
 /// back for its outcome.
@@ -55,11 +57,17 @@ pub trait Request: Send + 'static {
     }
 }
 
-/// The way back for the items of a stream callback, with the caller's credit.
+/// The way a stream's items go (a stream callback's results, or a caller's
+/// arguments), with the receiver's credit. The sender takes credit in bulk and sends
+/// the items it covers in batches ([`send_items`] does both).
 pub trait ItemSink: Send + 'static {
-    /// Waits for credit, then queues `item`; `false` once the caller cancelled or is
+    /// Gives `unused` credit back, waits until the receiver granted room for one more
+    /// item, and takes all the credit there is; `None` once the receiver cancelled or is
     /// gone (produce no more).
-    fn send(&mut self, item: daffi_wire::Payload) -> BoxFuture<'_, bool>;
+    fn credit(&self, unused: crate::mesh::Credit) -> BoxFuture<'_, Option<crate::mesh::Credit>>;
+    /// Queues `batch` (items within the credit taken); `false` once the receiver is
+    /// gone.
+    fn send(&mut self, batch: crate::mesh::ItemBatch) -> BoxFuture<'_, bool>;
     /// Resolves once the caller cancelled or is gone.
     fn cancelled(&self) -> BoxFuture<'_, ()>;
     /// Ends the stream: the items ran out, or (`failure`) producing them failed.

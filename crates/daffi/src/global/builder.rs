@@ -50,10 +50,12 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | requests from one node to another not yet taken (NATS) | 1,024 (a caller then waits up to [`stall_timeout`](Self::stall_timeout)) |
 /// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
-/// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 32 items: its
-/// callee runs at most that far ahead of the caller's reading. So has a stream of
-/// arguments ([`Call::stream_from`](crate::Call::stream_from)): the caller feeds at most
-/// 32 items beyond what the callee's [`Incoming`](crate::Incoming) has read. A sync
+/// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 256 items or
+/// 2 MiB of them, whichever runs out first (one item may overdraw the bytes): its
+/// callee runs at most that far ahead of the caller's reading, and items ready together
+/// travel together (batches of up to 64 KiB). So has a stream of arguments
+/// ([`Call::stream_from`](crate::Call::stream_from)): the caller feeds at most that much
+/// beyond what the callee's [`Incoming`](crate::Incoming) has read. A sync
 /// stream callback, or a sync callback reading its `Incoming`, holds one of
 /// `max_sync_callbacks` until its stream ends or is dropped.
 ///

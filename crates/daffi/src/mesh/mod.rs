@@ -27,6 +27,7 @@
 //! - **lifecycle**: connecting and reconnecting are the mesh's own business;
 //!   [`Mesh::begin_stop`], [`Mesh::close`] and [`Mesh::finished`] end it.
 
+mod batch;
 pub mod controller;
 mod membership;
 #[cfg(feature = "nats")]
@@ -44,12 +45,9 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
+pub use batch::{split_batch, Credit, Grant, ItemBatch};
 pub use membership::{Changes, Membership, Scope};
-pub use pending::{sleep_until, Pending, ReplyPayload, StreamItems, Waiter};
-
-/// Items a stream callback's caller is granted at first, and tops up to as it consumes
-/// them: at most this many of one stream's items are in flight on any hop.
-pub const STREAM_WINDOW: u32 = 32;
+pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
 
 /// A stream call as sent: where its items arrive (the channel closes after the last;
 /// an `Err` ends it), and how to grant credit or cancel.
@@ -64,10 +62,11 @@ pub struct OpenStream {
     pub control: Box<dyn StreamControl>,
 }
 
-/// The caller's half of a stream's flow control.
+/// The receiver's half of a stream's flow control.
 pub trait StreamControl: Send + Sync {
-    /// Lets the producer send `items` more.
-    fn grant(&self, items: u32);
+    /// Lets the producer send `grant` more (items and bytes); the receiver then accepts
+    /// that much more.
+    fn grant(&self, grant: Grant);
     /// Tells the producer to stop; the stream's items are no longer awaited.
     fn cancel(&self);
 }
@@ -190,12 +189,12 @@ pub trait Mesh: Send + Sync {
     ) -> BoxFuture<'a, Result<SentBroadcast>>;
 
     /// Sends `req` as a stream call to one node (as [`send_call`](Mesh::send_call)
-    /// picks it), granting it [`STREAM_WINDOW`] items; never waits.
+    /// picks it), granting it [`Credit::WINDOW`]; never waits.
     fn open_stream(&self, req: &CallRequest) -> Result<OpenStream>;
 
     /// Starts feeding the arguments stream of call `call_id` (sent with
     /// `CallRequest::incoming`, as a call or a stream), which the callee granted
-    /// [`STREAM_WINDOW`] items with the request.
+    /// [`Credit::WINDOW`] with the request.
     fn open_feed(&self, call_id: u64) -> Result<Feed>;
 
     /// Asks the mesh itself (schedules, counters) and waits for the answer.

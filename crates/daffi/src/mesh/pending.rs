@@ -79,9 +79,92 @@ struct Table {
     closed: bool,
 }
 
-/// The items of one stream call, in order; the channel closes after the last one, and
-/// an `Err` ends the stream. Credit bounds how many wait here.
-pub type StreamItems = mpsc::UnboundedReceiver<Completion>;
+/// The items of one stream, in order, as they arrived; the channel closes after the
+/// last one, and an `Err` ends the stream. Credit, counted as they arrive, bounds how
+/// many wait here.
+pub type StreamItems = mpsc::UnboundedReceiver<Result<Arrived, Error>>;
+
+/// The items of one stream message: one, or a batch (slices of its payload).
+#[derive(Debug)]
+pub enum Arrived {
+    /// One item.
+    One(ReplyPayload),
+    /// Several items, in order.
+    Batch(std::vec::IntoIter<Bytes>),
+}
+
+impl Arrived {
+    /// The items of a message's `payload`, a batch if `batched`; `Err` says why a
+    /// batch is malformed.
+    pub fn new(payload: ReplyPayload, batched: bool) -> Result<Arrived, String> {
+        if !batched {
+            return Ok(Arrived::One(payload));
+        }
+        Ok(Arrived::Batch(
+            super::split_batch(&payload.bytes)?.into_iter(),
+        ))
+    }
+
+    /// Counts these items against `credit`; `false` if it does not cover them.
+    pub fn charge(&self, credit: &mut super::Credit) -> bool {
+        match self {
+            Arrived::One(item) => credit.take(item.bytes.len()),
+            Arrived::Batch(items) => items.as_slice().iter().all(|i| credit.take(i.len())),
+        }
+    }
+}
+
+/// What became of a stream's message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Its items wait for the reader.
+    Delivered,
+    /// Nobody awaits that stream any more: the items are dropped.
+    Dropped,
+    /// Its sender sent past the credit it was granted: the stream is ended with a
+    /// protocol error (the sender is to be told to stop).
+    Overrun,
+}
+
+/// One stream whose items still come: where they go, and the credit its sender has
+/// left (counted as they arrive, so that a sender that ignores it is caught before its
+/// items pile up).
+pub struct StreamSlot {
+    items: mpsc::UnboundedSender<Result<Arrived, Error>>,
+    credit: super::Credit,
+}
+
+impl StreamSlot {
+    /// A stream's slot with the first window of credit, and where its items arrive.
+    pub fn open() -> (StreamSlot, StreamItems) {
+        let (items, rx) = mpsc::unbounded_channel();
+        let credit = super::Credit::WINDOW;
+        (StreamSlot { items, credit }, rx)
+    }
+
+    /// Hands `arrived` to the reader, if its sender had the credit; else `overrun`
+    /// builds the error that ends the stream.
+    pub fn deliver(&mut self, arrived: Arrived, overrun: impl FnOnce() -> Error) -> Delivery {
+        if !arrived.charge(&mut self.credit) {
+            self.fail(overrun());
+            return Delivery::Overrun;
+        }
+        match self.items.send(Ok(arrived)) {
+            Ok(()) => Delivery::Delivered,
+            Err(_) => Delivery::Dropped,
+        }
+    }
+
+    /// The reader granted `grant` more.
+    pub fn grant(&mut self, grant: super::Grant) {
+        self.credit.add(grant);
+    }
+
+    /// Ends the stream with `error`.
+    pub fn fail(&self, error: Error) {
+        let _ = self.items.send(Err(error));
+    }
+}
 
 /// One stream call whose items still come.
 pub struct StreamEntry {
@@ -89,7 +172,7 @@ pub struct StreamEntry {
     pub target: Arc<str>,
     /// The callback called.
     pub callback: Arc<str>,
-    items: mpsc::UnboundedSender<Completion>,
+    slot: StreamSlot,
 }
 
 /// Hashes a call id with one multiplication: the ids are this node's own counter, not
@@ -168,7 +251,7 @@ impl Pending {
     /// items arrive, or `None` once the table is closed.
     pub fn open_stream(&self, target: Arc<str>, callback: Arc<str>) -> Option<(u64, StreamItems)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (items, rx) = mpsc::unbounded_channel();
+        let (slot, rx) = StreamSlot::open();
         let mut table = self.lock();
         if table.closed {
             return None;
@@ -176,18 +259,34 @@ impl Pending {
         let entry = StreamEntry {
             target,
             callback,
-            items,
+            slot,
         };
         table.streams.insert(id, entry);
         Some((id, rx))
     }
 
-    /// Hands an item to stream `id`; `false` if nobody awaits it.
-    pub fn stream_item(&self, id: u64, item: ReplyPayload) -> bool {
-        self.lock()
-            .streams
-            .get(&id)
-            .is_some_and(|s| s.items.send(Ok(item)).is_ok())
+    /// Hands the items that arrived to stream `id`. A sender past its credit ends the
+    /// stream with a protocol error (and the stream leaves the table).
+    pub fn stream_items(&self, id: u64, arrived: Arrived) -> Delivery {
+        let mut table = self.lock();
+        let Some(entry) = table.streams.get_mut(&id) else {
+            return Delivery::Dropped;
+        };
+        let (target, callback) = (&entry.target, &entry.callback);
+        let delivery = entry
+            .slot
+            .deliver(arrived, || overrun(target, callback, "results"));
+        if delivery == Delivery::Overrun {
+            table.streams.remove(&id);
+        }
+        delivery
+    }
+
+    /// The caller of stream `id` granted `grant` more.
+    pub fn grant_stream(&self, id: u64, grant: super::Grant) {
+        if let Some(entry) = self.lock().streams.get_mut(&id) {
+            entry.slot.grant(grant);
+        }
     }
 
     /// Ends stream `id`: after its last item, or (`outcome` built from its entry) with
@@ -197,7 +296,7 @@ impl Pending {
             return false;
         };
         if let Some(error) = outcome(&entry) {
-            let _ = entry.items.send(Err(error));
+            entry.slot.fail(error);
         }
         true
     }
@@ -260,7 +359,7 @@ impl Pending {
             let _ = e.done.send(Err(error(&e.target, &e.callback)));
         }
         for s in streams {
-            let _ = s.items.send(Err(error(&s.target, &s.callback)));
+            s.slot.fail(error(&s.target, &s.callback));
         }
     }
 
@@ -293,13 +392,22 @@ impl Pending {
             let _ = e.done.send(Err(make()));
         }
         for s in streams {
-            let _ = s.items.send(Err(make()));
+            s.slot.fail(make());
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         crate::sync::lock(&self.table)
     }
+}
+
+/// The error that ends a stream of `what` from `peer` (to or from `callback`) that sent
+/// past its credit.
+pub fn overrun(peer: &str, callback: &str, what: &str) -> Error {
+    Error::protocol(
+        peer.to_string(),
+        format!("sent more {what} of `{callback}` than it was granted (a protocol violation)"),
+    )
 }
 
 /// A call whose request is sent: all that is left is its reply (or its deadline). The

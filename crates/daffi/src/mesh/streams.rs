@@ -8,18 +8,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
 
-use tokio::sync::mpsc;
-
-use super::pending::Completion;
-use super::{StreamItems, STREAM_WINDOW};
+use super::pending::{overrun, Delivery, StreamSlot};
+use super::{Arrived, Credit, Grant, StreamItems};
 use crate::error::Error;
 use crate::sync::lock;
-
-/// The most credit a stream holds at once, whatever its caller grants: a caller that
-/// grants more only wastes its own memory, never the callee's.
-const MAX_CREDIT: usize = 1 << 20;
 
 /// The streams this node sends now, by the peer they go to and call id: the results
 /// it streams to its callers, or (another table) the arguments it streams to its callees.
@@ -33,7 +27,8 @@ impl SentStreams {
     /// Records a stream for `caller`'s call `call_id`, with the first window of credit.
     pub fn open(&self, caller: &str, call_id: u64) -> Arc<StreamGate> {
         let gate = Arc::new(StreamGate {
-            credit: Semaphore::new(STREAM_WINDOW as usize),
+            credit: Mutex::new(Credit::WINDOW),
+            granted: Notify::new(),
             cancelled: watch::channel(false).0,
         });
         let mut by_caller = lock(&self.0);
@@ -59,12 +54,12 @@ impl SentStreams {
         gate
     }
 
-    /// `caller` granted `items` more to its stream `call_id`.
-    pub fn grant(&self, caller: &str, call_id: u64, items: u32) {
+    /// `caller` granted `grant` more to its stream `call_id`.
+    pub fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
         let by_caller = lock(&self.0);
         if let Some(gate) = by_caller.get(caller).and_then(|s| s.get(&call_id)) {
-            let room = MAX_CREDIT.saturating_sub(gate.credit.available_permits());
-            gate.credit.add_permits((items as usize).min(room));
+            lock(&gate.credit).add(grant);
+            gate.granted.notify_one();
         }
     }
 
@@ -92,21 +87,36 @@ impl SentStreams {
     }
 }
 
-/// One stream's credit, and whether its caller cancelled it.
+/// One stream's credit, and whether its receiver cancelled it.
 pub struct StreamGate {
-    credit: Semaphore,
+    /// What the receiver granted that the sender has not taken yet.
+    credit: Mutex<Credit>,
+    /// Wakes the sender waiting for credit (a grant, or the cancel).
+    granted: Notify,
     cancelled: watch::Sender<bool>,
 }
 
 impl StreamGate {
-    /// Waits for credit for one item and uses it; `false` once the stream is cancelled.
-    pub async fn take_credit(&self) -> bool {
-        match self.credit.acquire().await {
-            Ok(permit) => {
-                permit.forget();
-                true
+    /// Gives `unused` back, and takes all the credit there is if it allows an item.
+    fn take_credit(&self, unused: Credit) -> Option<Credit> {
+        let mut credit = lock(&self.credit);
+        credit.items = credit.items.saturating_add(unused.items);
+        credit.bytes = credit.bytes.saturating_add(unused.bytes);
+        credit.allows_one().then(|| std::mem::take(&mut *credit))
+    }
+
+    /// Waits until the receiver granted room for an item, and takes all the credit
+    /// there is (`unused` given back first); `None` once cancelled.
+    pub async fn credit(&self, mut unused: Credit) -> Option<Credit> {
+        loop {
+            let granted = self.granted.notified();
+            if self.is_cancelled() {
+                return None;
             }
-            Err(_) => false,
+            if let Some(credit) = self.take_credit(std::mem::take(&mut unused)) {
+                return Some(credit);
+            }
+            granted.await;
         }
     }
 
@@ -124,7 +134,7 @@ impl StreamGate {
     /// Cancels the stream: its producer stops at its next item or wait.
     pub fn cancel(&self) {
         self.cancelled.send_replace(true);
-        self.credit.close();
+        self.granted.notify_one();
     }
 }
 
@@ -138,7 +148,8 @@ struct ArgumentsEntry {
     /// The calling process, for errors.
     process: Arc<str>,
     callback: Arc<str>,
-    items: mpsc::UnboundedSender<Completion>,
+    /// Where its items go, and the credit its caller has left.
+    slot: StreamSlot,
 }
 
 impl IncomingStreams {
@@ -151,11 +162,11 @@ impl IncomingStreams {
         call_id: u64,
         callback: &str,
     ) -> StreamItems {
-        let (items, rx) = mpsc::unbounded_channel();
+        let (slot, rx) = StreamSlot::open();
         let entry = ArgumentsEntry {
             process: Arc::from(process),
             callback: Arc::from(callback),
-            items,
+            slot,
         };
         lock(&self.0)
             .entry(caller.clone())
@@ -180,15 +191,40 @@ impl IncomingStreams {
         self.take(caller, call_id);
     }
 
-    /// Where the items of `caller`'s stream `call_id` go; `None` if nobody reads that
-    /// stream any more (its items are dropped).
-    pub fn items_of(
-        &self,
-        caller: &str,
-        call_id: u64,
-    ) -> Option<mpsc::UnboundedSender<Completion>> {
-        let by_caller = lock(&self.0);
-        Some(by_caller.get(caller)?.get(&call_id)?.items.clone())
+    /// Whether `caller`'s stream `call_id` is still read.
+    #[cfg(feature = "nats")]
+    pub fn is_read(&self, caller: &str, call_id: u64) -> bool {
+        lock(&self.0)
+            .get(caller)
+            .is_some_and(|s| s.contains_key(&call_id))
+    }
+
+    /// Items of `caller`'s arguments stream `call_id`, counted against its credit;
+    /// dropped if nobody reads that stream any more. A caller past its credit ends the
+    /// stream with a protocol error (the stream leaves the table; the caller is to be
+    /// told to stop).
+    pub fn items(&self, caller: &str, call_id: u64, arrived: Arrived) -> Delivery {
+        let mut by_caller = lock(&self.0);
+        let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) else {
+            return Delivery::Dropped;
+        };
+        let (process, callback) = (&entry.process, &entry.callback);
+        let delivery = entry
+            .slot
+            .deliver(arrived, || overrun(process, callback, "arguments"));
+        if delivery == Delivery::Overrun {
+            drop(by_caller);
+            self.take(caller, call_id);
+        }
+        delivery
+    }
+
+    /// The callee granted `grant` more of `caller`'s stream `call_id`.
+    pub fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
+        let mut by_caller = lock(&self.0);
+        if let Some(entry) = by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) {
+            entry.slot.grant(grant);
+        }
     }
 
     /// Ends `caller`'s stream `call_id`: after its last item, or with the error
@@ -201,7 +237,7 @@ impl IncomingStreams {
     ) {
         if let Some(entry) = self.take(caller, call_id) {
             if let Some(error) = outcome(&entry.process, &entry.callback) {
-                let _ = entry.items.send(Err(error));
+                entry.slot.fail(error);
             }
         }
     }
@@ -258,8 +294,8 @@ fn peer_disconnected(process: &str, callback: &str) -> Error {
 /// Ends `streams` with `PeerDisconnected`.
 fn disconnected(streams: HashMap<u64, ArgumentsEntry>) {
     for entry in streams.into_values() {
-        let _ = entry
-            .items
-            .send(Err(peer_disconnected(&entry.process, &entry.callback)));
+        entry
+            .slot
+            .fail(peer_disconnected(&entry.process, &entry.callback));
     }
 }

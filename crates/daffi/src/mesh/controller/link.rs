@@ -7,11 +7,13 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::incoming::FrameRequest;
+use super::streams::Addressed;
 use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
 use crate::executor::{self, SyncBatch};
 use crate::mesh::pending::Completion;
-use crate::mesh::remote_failure;
+use crate::mesh::pending::Delivery;
+use crate::mesh::{remote_failure, Arrived, Grant, ReplyPayload};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
@@ -20,7 +22,7 @@ use crate::protocol::message::{
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR};
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
@@ -329,20 +331,8 @@ fn dispatch(
 /// and end of a call made to this node, credit and cancel of this node's own call.
 fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Frame) {
     let arguments = frame.flags() & FLAG_ARGUMENTS != 0;
-    match (kind, arguments) {
-        // An item of a stream nobody awaits any more (its cancel is on its way) is
-        // dropped.
-        (Kind::StreamItem, false) => {
-            conn.pending.stream_item(frame.call_id(), frame.into());
-            return;
-        }
-        (Kind::StreamItem, true) => {
-            if let Some(items) = core.incoming.items_of(frame.src(), frame.call_id()) {
-                let _ = items.send(Ok(frame.into()));
-            }
-            return;
-        }
-        _ => {}
+    if kind == Kind::StreamItem {
+        return stream_items(core, conn, arguments, frame);
     }
     let (peer, call_id) = (frame.src(), frame.call_id());
     let error_end = |process: &str, callback: &str| {
@@ -357,9 +347,9 @@ fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Fra
         (Kind::StreamEnd, true) => core
             .incoming
             .end(peer, call_id, |_, callback| error_end(peer, callback)),
-        (Kind::StreamCredit, arguments) => match message::decode::<u32>(&frame.payload()) {
-            Ok(items) if arguments => core.feeds.grant(peer, call_id, items),
-            Ok(items) => core.served.grant(peer, call_id, items),
+        (Kind::StreamCredit, arguments) => match message::decode::<Grant>(&frame.payload()) {
+            Ok(grant) if arguments => core.feeds.grant(peer, call_id, grant),
+            Ok(grant) => core.served.grant(peer, call_id, grant),
             Err(e) => {
                 tracing::debug!(peer, error = %e, "ignored an undecodable stream credit");
             }
@@ -370,6 +360,46 @@ fn stream_frame(core: &ControllerMesh, conn: &Connection, kind: Kind, frame: Fra
             core.incoming.cancel(peer, call_id);
         }
         _ => {} // items above; only stream kinds come here
+    }
+}
+
+/// Hands the items of a `StreamItem` frame to their stream: a stream of this node's own
+/// call, or (`arguments`) one fed to a call made to it. Items of a stream nobody awaits
+/// any more (its cancel is on its way) are dropped; a sender past its credit, or a
+/// malformed batch, ends the stream with a protocol error and is told to stop.
+fn stream_items(core: &ControllerMesh, conn: &Connection, arguments: bool, frame: Frame) {
+    let (peer, call_id) = (frame.src(), frame.call_id());
+    let batched = frame.flags() & FLAG_BATCH != 0;
+    // A lone item keeps the reader's hold on its buffer (see `ReplyPayload`).
+    let payload = if batched {
+        ReplyPayload::from(frame.payload())
+    } else {
+        ReplyPayload::from(frame.clone())
+    };
+    let delivery = match Arrived::new(payload, batched) {
+        Ok(arrived) if arguments => core.incoming.items(peer, call_id, arrived),
+        Ok(arrived) => conn.pending.stream_items(call_id, arrived),
+        Err(why) => {
+            let error = Error::protocol(peer, why);
+            if arguments {
+                core.incoming.end(peer, call_id, |_, _| Some(error));
+            } else {
+                conn.pending.end_stream(call_id, |_| Some(error));
+            }
+            Delivery::Overrun
+        }
+    };
+    if delivery == Delivery::Overrun {
+        let to = Addressed {
+            conn,
+            src: &core.name,
+            dst: peer,
+            call_id,
+            // The cancel goes the other way: from the receiver of arguments, it carries
+            // the flag; from the receiver of results, not.
+            flags: if arguments { FLAG_ARGUMENTS } else { 0 },
+        };
+        to.cancel_overrun();
     }
 }
 

@@ -11,9 +11,11 @@ use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
 use crate::mesh::streams::{IncomingStreams, SentStreams, StreamGate};
-use crate::mesh::{BoxFuture, CallRequest, Feed, OpenStream, Scope, StreamControl};
+use crate::mesh::{
+    BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch, OpenStream, Scope, StreamControl,
+};
 use crate::protocol::message::{self, RemoteError};
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_INCOMING, FLAG_STREAM};
 use daffi_wire::{FrameSender, Header, Kind, Outgoing, Payload, Push};
 
 /// MessagePack nil: the payload of a stream's end and of a cancel.
@@ -80,14 +82,18 @@ impl FrameItemSink {
 }
 
 impl ItemSink for FrameItemSink {
-    fn send(&mut self, item: Payload) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            if !self.gate.take_credit().await {
-                return false; // cancelled
-            }
-            let frame = self.frame(Kind::StreamItem, 0, item);
-            self.queue(frame).await
-        })
+    fn credit(&self, unused: Credit) -> BoxFuture<'_, Option<Credit>> {
+        Box::pin(self.gate.credit(unused))
+    }
+
+    fn send(&mut self, batch: ItemBatch) -> BoxFuture<'_, bool> {
+        let (payload, batched) = batch.into_payload();
+        let frame = self.frame(
+            Kind::StreamItem,
+            if batched { FLAG_BATCH } else { 0 },
+            payload,
+        );
+        Box::pin(self.queue(frame))
     }
 
     fn cancelled(&self) -> BoxFuture<'_, ()> {
@@ -266,32 +272,64 @@ impl FrameStreamControl {
         }
     }
 
-    /// Queues a small frame past the byte limit: it must not wait behind the data it
-    /// regulates.
     fn push(&self, kind: Kind, body: Payload) {
         let flags = match self.side {
             Side::Caller => 0,
             Side::Callee(_) => FLAG_ARGUMENTS,
         };
-        let header = Header {
-            kind,
-            flags,
-            call_id: self.call_id,
-            timeout_ms: 0,
+        let to = Addressed {
+            conn: &self.conn,
             src: &self.name,
             dst: &self.peer,
+            call_id: self.call_id,
+            flags,
+        };
+        to.push(kind, body);
+    }
+}
+
+/// Where a stream's control frame goes: its connection, its ends, its call id and flags.
+pub(super) struct Addressed<'a> {
+    pub conn: &'a Connection,
+    pub src: &'a str,
+    pub dst: &'a str,
+    pub call_id: u64,
+    pub flags: u8,
+}
+
+impl Addressed<'_> {
+    /// Queues a small frame past the byte limit: it must not wait behind the data it
+    /// regulates.
+    pub fn push(&self, kind: Kind, body: Payload) {
+        let header = Header {
+            kind,
+            flags: self.flags,
+            call_id: self.call_id,
+            timeout_ms: 0,
+            src: self.src,
+            dst: self.dst,
             name: "",
         };
         let queue: &FrameSender = &self.conn.queue;
         if let Push::Full(_) = queue.push_unrefused(Outgoing::new(&header, body)) {
-            tracing::warn!(peer = %self.peer, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
+            tracing::warn!(peer = %self.dst, ?kind, "stream frame dropped: the link to the controller is past its hard limit");
         }
+    }
+
+    /// Tells the sender of a stream that overran its credit to stop.
+    pub fn cancel_overrun(&self) {
+        tracing::warn!(peer = %self.dst, call_id = self.call_id, "a peer sent stream items past the credit it was granted (a protocol violation); the stream is ended");
+        self.push(Kind::StreamCancel, Payload::from(NIL));
     }
 }
 
 impl StreamControl for FrameStreamControl {
-    fn grant(&self, items: u32) {
-        self.push(Kind::StreamCredit, message::encode(&items).into());
+    fn grant(&self, grant: Grant) {
+        match &self.side {
+            Side::Caller => self.conn.pending.grant_stream(self.call_id, grant),
+            Side::Callee(incoming) => incoming.grant(&self.peer, self.call_id, grant),
+        }
+        self.push(Kind::StreamCredit, message::encode(&grant).into());
     }
 
     fn cancel(&self) {

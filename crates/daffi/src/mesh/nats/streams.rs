@@ -7,15 +7,23 @@
 //!
 //! - **the request** goes as a call's does (to the callee's subject, arguments in chunks
 //!   when large). A stream request has the items subject as its reply subject (a call
-//!   keeps `<inbox>.<call id>`); it grants the first
-//!   [`STREAM_WINDOW`](crate::mesh::STREAM_WINDOW) items. A request with the header
-//!   `Daffi-Incoming` is fed arguments; the callee grants that many of them.
-//! - **to the caller**, on the items subject: each result (the encoded item, no
-//!   headers), then the end: an empty message with the header `Daffi-End`, or an error
-//!   reply (header `Daffi-Error`, an encoded `RemoteError`), which is also how a refused
-//!   request (unknown callback, not a stream, overloaded, stopping) ends it. And for the
-//!   arguments, the callee's credit (`Daffi-Credit: <items>`) and cancel
-//!   (`Daffi-Cancel`: it stopped reading).
+//!   keeps `<inbox>.<call id>`); it grants the first window,
+//!   [`Credit::WINDOW`] (items and bytes). A request with the header `Daffi-Incoming`
+//!   is fed arguments; the callee grants the same window of them.
+//! - **items** go as the controller link sends them (docs/PROTOCOL.md, "Streams"): a
+//!   lone item is one message, the encoded item with no headers; the items ready
+//!   together go in one message with the header `Daffi-Batch: 1`, whose body is the
+//!   batch layout of a `StreamItem` frame with the `BATCH` flag (each item as its
+//!   length, a big-endian `u32`, then its bytes; up to 64 KiB, two items at least).
+//! - **credit** is `Daffi-Credit: <items> <bytes>` (two decimal numbers: a [`Grant`]);
+//!   the receiver counts every item against it as it arrives, and a sender past its
+//!   credit (or a malformed batch) ends the stream with `Error::Protocol` and is told
+//!   to stop with a cancel.
+//! - **to the caller**, on the items subject: its results, then the end: an empty
+//!   message with the header `Daffi-End`, or an error reply (header `Daffi-Error`, an
+//!   encoded `RemoteError`), which is also how a refused request (unknown callback, not
+//!   a stream, overloaded, stopping) ends it. And for the arguments, the callee's
+//!   credit and cancel (`Daffi-Cancel`: it stopped reading).
 //! - **to the callee**, on its `<ns>.node.<callee>.~streams` with the reply subject
 //!   `<caller's inbox>.c<call id>` (which names the call): the caller's credit and
 //!   cancel (it dropped its stream or gave up the call: the producer is dropped, the
@@ -36,8 +44,9 @@
 //! their stream request to be published (it goes from a task), never overtaking it.
 //!
 //! An item larger than one NATS message (the server's `max_payload`, less room for
-//! headers) is not split: the stream ends with an error that says so. So does a stream
-//! whose sender lost its NATS connection meanwhile (items may have been lost).
+//! headers) is not split: the stream ends with an error that says so (a batch that
+//! would be larger goes item by item). So does a stream whose sender lost its NATS
+//! connection meanwhile (items may have been lost).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -57,16 +66,21 @@ use super::NatsMesh;
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
+use crate::mesh::pending::Delivery;
 use crate::mesh::streams::StreamGate;
 use crate::mesh::{
-    remote_failure, BoxFuture, CallRequest, Feed, OpenStream, Pending, StreamControl,
+    remote_failure, split_batch, Arrived, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch,
+    OpenStream, Pending, ReplyPayload, StreamControl,
 };
 use crate::protocol::message::RemoteErrorKind;
 
 /// Header of a stream's last message: the items ran out.
 const END: &str = "Daffi-End";
-/// Header of a credit message: how many more items the producer may send.
+/// Header of a credit message: how many more items and bytes the producer may send
+/// (`<items> <bytes>`).
 const CREDIT: &str = "Daffi-Credit";
+/// Header of a message of several items (the batch layout of a `StreamItem` frame).
+const BATCH: &str = "Daffi-Batch";
 /// Header of a cancel message: the reader dropped the stream.
 const CANCEL: &str = "Daffi-Cancel";
 /// The first byte of the last token of an items subject (a call's reply subject ends
@@ -135,6 +149,26 @@ fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
     Some(message.headers.as_ref()?.get(name)?.as_str())
 }
 
+/// The value of a `Daffi-Credit` header.
+fn credit_header(grant: Grant) -> String {
+    format!("{} {}", grant.items, grant.bytes)
+}
+
+/// The grant a `Daffi-Credit` header carries; `None` if it is unreadable.
+fn parse_credit(value: &str) -> Option<Grant> {
+    let (items, bytes) = value.split_once(' ')?;
+    Some(Grant {
+        items: items.parse().ok()?,
+        bytes: bytes.parse().ok()?,
+    })
+}
+
+/// The items of a stream message; `Err` says why a batch is malformed.
+fn arrived(message: &Message) -> std::result::Result<Arrived, String> {
+    let batched = header(message, BATCH).is_some();
+    Arrived::new(ReplyPayload::from(message.payload.clone()), batched)
+}
+
 /// Whether anybody listens on `subject` and still awaits the stream (named in the probe
 /// for a callee, by `subject` for a caller): "no responders" or [`NOT_AWAITED`] say
 /// no; no answer says yes.
@@ -155,7 +189,7 @@ async fn listens(client: &async_nats::Client, subject: Subject, named: Bytes) ->
 
 /// What a stream's reader asks of its task.
 enum Command {
-    Grant(u32),
+    Grant(Grant),
     Cancel,
 }
 
@@ -168,8 +202,9 @@ struct NatsStreamControl {
 }
 
 impl StreamControl for NatsStreamControl {
-    fn grant(&self, items: u32) {
-        let _ = self.commands.send(Command::Grant(items));
+    fn grant(&self, grant: Grant) {
+        self.pending.grant_stream(self.call_id, grant);
+        let _ = self.commands.send(Command::Grant(grant));
     }
 
     fn cancel(&self) {
@@ -298,9 +333,38 @@ impl NatsMesh {
         } else if header(&message, END).is_some() {
             self.pending.end_stream(call_id, |_| None);
         } else {
-            // An item of a stream nobody awaits any more (its cancel is on its way) is
-            // dropped.
-            self.pending.stream_item(call_id, message.payload.into());
+            self.take_results(call_id, message);
+        }
+    }
+
+    /// Hands the results in `message` to this node's stream call `call_id`. Items of a
+    /// stream nobody awaits any more (its cancel is on its way) are dropped; a callee
+    /// past its credit, or a malformed batch, ends the stream with a protocol error and
+    /// is told to stop.
+    fn take_results(&self, call_id: u64, message: Message) {
+        // Known before the stream may leave the table: where its cancel goes.
+        let Some(target) = self.pending.target_of(call_id) else {
+            return;
+        };
+        let delivery = match arrived(&message) {
+            Ok(arrived) => self.pending.stream_items(call_id, arrived),
+            Err(why) => {
+                let error = Error::protocol(target.to_string(), why);
+                self.pending.end_stream(call_id, |_| Some(error));
+                Delivery::Overrun
+            }
+        };
+        if delivery == Delivery::Overrun {
+            tracing::warn!(callee = %target, call_id, "a callee sent stream items past the credit it was granted, or a malformed batch (a protocol violation); the stream is ended");
+            let mut headers = HeaderMap::new();
+            headers.insert(CANCEL, "1");
+            let (client, to) = (self.client.clone(), self.subjects.node_streams(&target));
+            let reply = control_subject(&self.inbox, call_id);
+            tokio::spawn(async move {
+                let _ = client
+                    .publish_with_reply_and_headers(to, reply, headers, Bytes::new())
+                    .await;
+            });
         }
     }
 
@@ -362,8 +426,8 @@ async fn drive(
     loop {
         tokio::select! {
             command = commands.recv() => match command {
-                Some(Command::Grant(items)) => {
-                    mesh.send_control(&call, CREDIT, &items.to_string()).await;
+                Some(Command::Grant(grant)) => {
+                    mesh.send_control(&call, CREDIT, &credit_header(grant)).await;
                 }
                 Some(Command::Cancel) => return mesh.send_control(&call, CANCEL, "1").await,
                 None => return, // read to its end, and dropped
@@ -402,10 +466,10 @@ pub async fn take_control(mesh: &NatsMesh, message: Message) {
     let Some((caller, call_id)) = stream_key(reply) else {
         return;
     };
-    if let Some(items) = header(&message, CREDIT) {
-        match items.parse::<u32>() {
-            Ok(items) => mesh.served.grant(caller, call_id, items),
-            Err(e) => tracing::debug!(caller, error = %e, "ignored an unreadable stream credit"),
+    if let Some(value) = header(&message, CREDIT) {
+        match parse_credit(value) {
+            Some(grant) => mesh.served.grant(caller, call_id, grant),
+            None => tracing::debug!(caller, value, "ignored an unreadable stream credit"),
         }
     } else if header(&message, CANCEL).is_some() {
         mesh.served.cancel(caller, call_id);
@@ -416,8 +480,32 @@ pub async fn take_control(mesh: &NatsMesh, message: Message) {
         });
     } else if header(&message, END).is_some() {
         mesh.incoming.end(caller, call_id, |_, _| None);
-    } else if let Some(items) = mesh.incoming.items_of(caller, call_id) {
-        let _ = items.send(Ok(message.payload.into()));
+    } else {
+        take_arguments(mesh, caller, call_id, &message);
+    }
+}
+
+/// Hands the arguments in `message` to the `Incoming` of `caller`'s call `call_id`.
+/// Items nobody reads any more are dropped; a caller past its credit, or a malformed
+/// batch, ends the stream with a protocol error and is told to stop.
+fn take_arguments(mesh: &NatsMesh, caller: &str, call_id: u64, message: &Message) {
+    let delivery = match arrived(message) {
+        Ok(arrived) => mesh.incoming.items(caller, call_id, arrived),
+        Err(why) => {
+            mesh.incoming.end(caller, call_id, |process, _| {
+                Some(Error::protocol(process, why))
+            });
+            Delivery::Overrun
+        }
+    };
+    if delivery == Delivery::Overrun {
+        tracing::warn!(caller, call_id, "a caller sent stream arguments past the credit it was granted, or a malformed batch (a protocol violation); the stream is ended");
+        IncomingControl::send_to(
+            &mesh.client,
+            items_subject(caller, call_id),
+            CANCEL,
+            "1".into(),
+        );
     }
 }
 
@@ -429,7 +517,7 @@ async fn answer_callers_probe(mesh: &NatsMesh, probe: Message) {
         .ok()
         .and_then(stream_key);
     let read = named.map_or(true, |(caller, call_id)| {
-        mesh.incoming.items_of(caller, call_id).is_some()
+        mesh.incoming.is_read(caller, call_id)
     });
     let answer = if read {
         Bytes::new()
@@ -503,15 +591,40 @@ impl NatsItemSink {
         }
     }
 
-    /// Uses credit for one item, waiting for it (and probing the receiver meanwhile);
-    /// `false` once the stream is cancelled or its receiver gone.
-    async fn credit(&self) -> bool {
-        tokio::select! {
-            // Credit at hand is taken without starting the probes' timer.
-            biased;
-            taken = self.gate.take_credit() => taken,
-            () = self.receiver_gone() => false,
+    /// Publishes `batch`, as one message if it fits (with the header `Daffi-Batch`
+    /// when it holds several items), else item by item; `false` once the client is
+    /// closed, or an item is larger than a message (the stream is then ended).
+    async fn publish_batch(&self, batch: ItemBatch) -> bool {
+        let (payload, batched) = batch.into_payload();
+        let fits = payload.len() <= self.mesh.chunk_size;
+        match (fits, batched) {
+            (true, false) => self.publish(HeaderMap::new(), payload.into_bytes()).await,
+            (true, true) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(BATCH, "1");
+                self.publish(headers, payload.into_bytes()).await
+            }
+            (false, false) => {
+                self.refuse_item(payload.len()).await;
+                false
+            }
+            (false, true) => self.publish_one_by_one(&payload.into_bytes()).await,
         }
+    }
+
+    /// Publishes the items of a batch too large for one message, each alone.
+    async fn publish_one_by_one(&self, batch: &Bytes) -> bool {
+        // Built by `ItemBatch`: well formed.
+        for item in split_batch(batch).unwrap_or_default() {
+            if item.len() > self.mesh.chunk_size {
+                self.refuse_item(item.len()).await;
+                return false;
+            }
+            if !self.publish(HeaderMap::new(), item).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Resolves once the receiver no longer listens or reads the stream, or this node
@@ -612,21 +725,31 @@ impl NatsItemSink {
 }
 
 impl ItemSink for NatsItemSink {
-    fn send(&mut self, item: daffi_wire::Payload) -> BoxFuture<'_, bool> {
+    fn credit(&self, unused: Credit) -> BoxFuture<'_, Option<Credit>> {
         Box::pin(async move {
-            if item.len() > self.mesh.chunk_size {
-                self.refuse_item(item.len()).await;
-                return false;
+            tokio::select! {
+                // Credit at hand is taken without starting the probes' timer.
+                biased;
+                taken = self.gate.credit(unused) => taken,
+                () = self.receiver_gone() => {
+                    // A lost connection ends the stream with its failure, never a gap.
+                    self.end_if_connection_lost().await;
+                    None
+                }
             }
+        })
+    }
+
+    fn send(&mut self, batch: ItemBatch) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
             if let Some(request_sent) = self.request_sent.take() {
                 // Its sender is dropped once the request is out.
                 let _ = request_sent.await;
             }
-            let credited = self.credit().await;
-            if self.end_if_connection_lost().await || !credited {
+            if self.end_if_connection_lost().await {
                 return false;
             }
-            self.publish(HeaderMap::new(), item.into_bytes()).await
+            self.publish_batch(batch).await
         })
     }
 
@@ -670,7 +793,7 @@ struct FeedControl {
 }
 
 impl StreamControl for FeedControl {
-    fn grant(&self, _items: u32) {
+    fn grant(&self, _grant: Grant) {
         // The callee grants a feed its credit; the caller never does.
     }
 
@@ -703,7 +826,12 @@ impl IncomingControl {
     /// Publishes `name: value` to the caller (from a task: these are called from a
     /// reader's poll).
     fn send(&self, name: &'static str, value: String) {
-        let (client, to) = (self.mesh.client.clone(), self.credit_to.clone());
+        Self::send_to(&self.mesh.client, self.credit_to.clone(), name, value);
+    }
+
+    /// Publishes `name: value` to a caller's items subject `to`, from a task.
+    fn send_to(client: &async_nats::Client, to: Subject, name: &'static str, value: String) {
+        let client = client.clone();
         tokio::spawn(async move {
             let mut headers = HeaderMap::new();
             headers.insert(name, value.as_str());
@@ -713,8 +841,9 @@ impl IncomingControl {
 }
 
 impl StreamControl for IncomingControl {
-    fn grant(&self, items: u32) {
-        self.send(CREDIT, items.to_string());
+    fn grant(&self, grant: Grant) {
+        self.mesh.incoming.grant(&self.key.0, self.key.1, grant);
+        self.send(CREDIT, credit_header(grant));
     }
 
     fn cancel(&self) {
@@ -756,9 +885,9 @@ impl NatsMesh {
     /// Takes the callee's credit or cancel of the arguments this node streams with its
     /// call `call_id`; `false` if `message` is neither.
     fn take_feed_control(&self, call_id: u64, message: &Message) -> bool {
-        if let Some(items) = header(message, CREDIT) {
-            if let Ok(items) = items.parse::<u32>() {
-                self.feeds.grant(&self.inbox, call_id, items);
+        if let Some(value) = header(message, CREDIT) {
+            if let Some(grant) = parse_credit(value) {
+                self.feeds.grant(&self.inbox, call_id, grant);
             }
             return true;
         }
@@ -803,7 +932,7 @@ async fn watch_feeder(mesh: Arc<NatsMesh>, key: (Arc<str>, u64), caller_at: Subj
     let losses = mesh.losses.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
-        if mesh.incoming.items_of(&key.0, key.1).is_none() {
+        if !mesh.incoming.is_read(&key.0, key.1) {
             return;
         }
         let lost = mesh.losses.load(Ordering::Relaxed) != losses;
