@@ -46,7 +46,7 @@ async fn read_slowly(n: usize, mut numbers: Incoming<u64>) -> daffi::Result<u64>
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker), ("feeder", feeder)]);
+    common::run_role(&[("worker", worker), ("feeder", watch::feeder)]);
 }
 
 /// A node serving this file's `#[callback]` functions and a closure taking `Incoming`.
@@ -61,16 +61,6 @@ fn worker() {
     })
     .expect("register count");
     g.join().expect("join");
-}
-
-/// A caller that feeds `watch` a few items and then an endless wait: killed by the test.
-fn feeder() {
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start()
-        .expect("feeder starts");
-    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-    watch::feed_watch_until_killed(&g, &target);
 }
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -198,7 +188,7 @@ fn a_slow_callee_slows_the_feeding_to_its_credit() {
 fn a_killed_caller_ends_the_callees_incoming_with_its_error_within_a_second() {
     let (cluster, worker) = cluster_with_worker();
     let feeder = common::unique("feeder");
-    let env = [("DAFFI_TEST_TARGET", worker.as_str())];
+    let env = [(watch::ENV_TARGET, worker.as_str())];
     let mut feeding =
         common::spawn_child_with(ENTRY, "feeder", &feeder, cluster.caller.address(), &env);
     watch::killed_feeder_ends_the_callees_incoming(

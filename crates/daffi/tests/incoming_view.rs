@@ -11,13 +11,12 @@ use std::time::Duration;
 use common::{Cluster, Transport, WAIT};
 
 const ENTRY: &str = "child_process";
-const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker), ("feeder", feeder)]);
+    common::run_role(&[("worker", worker), ("feeder", watch::feeder)]);
 }
 
 /// A node serving only `watch` and its two probes.
@@ -30,15 +29,6 @@ fn worker() {
         .expect("join");
 }
 
-/// Feeds the worker's `watch` and waits to be killed.
-fn feeder() {
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start()
-        .expect("feeder starts");
-    watch::feed_watch_until_killed(&g, &std::env::var(ENV_TARGET).expect("target"));
-}
-
 #[test]
 fn a_killed_feeder_ends_the_incoming_of_a_node_that_knew_no_one() {
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);
@@ -49,7 +39,7 @@ fn a_killed_feeder_ends_the_incoming_of_a_node_that_knew_no_one() {
         .wait_function_timeout("watch", WAIT)
         .expect("the worker's callbacks are announced");
     let feeder = common::unique("feeder");
-    let env = [(ENV_TARGET, worker.as_str())];
+    let env = [(watch::ENV_TARGET, worker.as_str())];
     let mut feeding =
         common::spawn_child_with(ENTRY, "feeder", &feeder, cluster.caller.address(), &env);
     watch::killed_feeder_ends_the_callees_incoming(

@@ -9,24 +9,12 @@ use std::collections::HashSet;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::{NatsCluster, NatsServer};
+use common::nats::{child_builder, NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{run_role, spawn_role_child, unique, Log, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Address, Error, Global, GlobalBuilder};
 
 /// The name of the ignored test that runs the roles below.
 const ENTRY: &str = "nats_role";
-/// Environment of a child: the servers, and the namespace of its mesh.
-const ENV_NATS: &str = "DAFFI_TEST_NATS";
-const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
-
-/// What a child's `Global` is built with: its servers, namespace and name.
-fn child_builder() -> GlobalBuilder {
-    Global::builder()
-        .nats(std::env::var(ENV_NATS).expect("servers"))
-        .namespace(std::env::var(ENV_NAMESPACE).expect("namespace"))
-        .process_name(std::env::var(ENV_NAME).expect("name"))
-        .connect_timeout(WAIT)
-}
 
 /// The worker's `Global`, for the callbacks that call back (set once `start` returned;
 /// a call may come before).

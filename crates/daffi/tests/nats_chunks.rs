@@ -9,15 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nats::{json_strings, NatsCluster, NatsServer};
+use common::nats::{json_strings, NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{run_role, spawn_role_child, unique, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Error, Global};
 
 /// The name of the ignored test that runs the roles below.
 const ENTRY: &str = "nats_chunks_role";
-/// Environment of a child: the servers, and the namespace of its mesh.
-const ENV_NATS: &str = "DAFFI_TEST_NATS";
-const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
 /// The size of the large payloads: 64 times NATS's default `max_payload`.
 const LARGE: usize = 64 << 20;
 

@@ -10,14 +10,12 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::nats::NatsServer;
+use common::nats::{NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{pause, resume, run_role, spawn_role_child, unique, Worker, ENV_NAME, WAIT};
 use daffi::{Error, Global, GlobalBuilder};
 
 /// The name of the ignored test that runs the roles below.
 const ENTRY: &str = "nats_flow_role";
-const ENV_NATS: &str = "DAFFI_TEST_NATS";
-const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
 
 /// How long the slow callee's callback keeps its only thread busy, per call.
 const BUSY: Duration = Duration::from_micros(50);

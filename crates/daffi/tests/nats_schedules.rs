@@ -8,14 +8,12 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::nats::{NatsCluster, NatsServer};
+use common::nats::{NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{run_role, spawn_role_child, unique, Log, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Error, Global, GlobalBuilder, Period};
 
 /// The name of the ignored test that runs the roles below.
 const ENTRY: &str = "nats_schedules_role";
-const ENV_NATS: &str = "DAFFI_TEST_NATS";
-const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
 /// The node a `maker` pins its schedule to.
 const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 

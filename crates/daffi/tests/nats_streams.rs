@@ -14,29 +14,19 @@ mod watch;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::{NatsCluster, NatsServer};
-use common::{run_role, spawn_role_child, unique, Worker, ENV_NAME, WAIT};
-use daffi::{Blob, Error, Global, GlobalBuilder};
+use common::nats::{child_builder, NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
+use common::{run_role, spawn_role_child, unique, Worker, WAIT};
+use daffi::{Blob, Error, Global};
 
 /// The name of the ignored test that runs the roles below.
 const ENTRY: &str = "nats_streams_role";
 /// Environment of a child: the servers, the namespace of its mesh, and (for a reader)
 /// the worker it reads from.
-const ENV_NATS: &str = "DAFFI_TEST_NATS";
-const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
 const ENV_WORKER: &str = "DAFFI_TEST_WORKER";
 
 /// How soon a stream must end after its callee is killed: NATS tells "no responders"
 /// at once, and the caller probes every 250 ms.
 const KILL_BOUND: Duration = Duration::from_secs(2);
-
-fn child_builder() -> GlobalBuilder {
-    Global::builder()
-        .nats(std::env::var(ENV_NATS).expect("servers"))
-        .namespace(std::env::var(ENV_NAMESPACE).expect("namespace"))
-        .process_name(std::env::var(ENV_NAME).expect("name"))
-        .connect_timeout(WAIT)
-}
 
 /// A node serving the shared streaming callbacks, and two of its own: `lengths` (the
 /// size of its argument, `n` times) and `blobs` (`n` blobs of `size` bytes).

@@ -14,7 +14,7 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{unique, WAIT};
+use super::{unique, ENV_NAME, WAIT};
 
 /// The variable that names the `nats-server` executable.
 pub const ENV_SERVER: &str = "DAFFI_NATS_SERVER";
@@ -466,4 +466,19 @@ fn workspace_root() -> &'static Path {
         .ancestors()
         .nth(2)
         .expect("crates/daffi is two below the root")
+}
+
+/// Environment of a child node: the servers, and the namespace of its mesh.
+pub const ENV_NATS: &str = "DAFFI_TEST_NATS";
+/// See [`ENV_NATS`].
+pub const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
+
+/// What a child's `Global` is built with: its servers, namespace and name, from its
+/// environment.
+pub fn child_builder() -> daffi::GlobalBuilder {
+    daffi::Global::builder()
+        .nats(std::env::var(ENV_NATS).expect("servers"))
+        .namespace(std::env::var(ENV_NAMESPACE).expect("namespace"))
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .connect_timeout(WAIT)
 }

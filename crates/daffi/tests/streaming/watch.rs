@@ -3,6 +3,9 @@
 //! `tests/client_streams.rs`, `tests/nats_streams.rs` and `tests/incoming_view.rs` (whose
 //! callee serves nothing else, so it knows no other node at first).
 
+// Each binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 use crate::common::{Log, WAIT};
@@ -41,6 +44,19 @@ fn watch_ended(timeout_ms: u64) -> Option<(String, u64)> {
     ended
         .first()
         .map(|(how, at)| (how.clone(), at.elapsed().as_millis() as u64))
+}
+
+/// The environment variable naming the node a [`feeder`] feeds.
+pub const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
+
+/// A feeder process over the built-in controller: feeds `watch` on the node named by
+/// [`ENV_TARGET`] and waits to be killed.
+pub fn feeder() {
+    let g = crate::common::builder_for(&crate::common::address_from_env())
+        .process_name(std::env::var(crate::common::ENV_NAME).expect("name"))
+        .start()
+        .expect("feeder starts");
+    feed_watch_until_killed(&g, &std::env::var(ENV_TARGET).expect("target"));
 }
 
 /// A feeder's part: feeds `watch` on `target` three items, then waits for ever (to be
