@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::{child_builder, NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
+use common::nats::{NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{run_role, spawn_role_child, unique, Log, Worker, ENV_NAME, WAIT};
 use daffi::{callback, Address, Error, Global, GlobalBuilder};
 
@@ -69,7 +69,7 @@ fn odd_name() -> String {
 
 /// A worker: serves the callbacks above until killed.
 fn worker_role() {
-    let g = child_builder().start().expect("worker starts");
+    let g = common::nats_child_builder().start().expect("worker starts");
     WORKER.push(g.clone());
     g.join().expect("join");
 }

@@ -14,7 +14,7 @@ mod watch;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::nats::{child_builder, NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
+use common::nats::{NatsCluster, NatsServer, ENV_NAMESPACE, ENV_NATS};
 use common::{run_role, spawn_role_child, unique, Worker, WAIT};
 use daffi::{Blob, Error, Global};
 
@@ -31,7 +31,7 @@ const KILL_BOUND: Duration = Duration::from_secs(2);
 /// A node serving the shared streaming callbacks, and two of its own: `lengths` (the
 /// size of its argument, `n` times) and `blobs` (`n` blobs of `size` bytes).
 fn worker_role() {
-    let g = child_builder().start().expect("worker starts");
+    let g = common::nats_child_builder().start().expect("worker starts");
     g.register_stream("lengths", |data: Blob, n: u64| {
         std::iter::repeat(data.len() as u64).take(n as usize)
     })
@@ -47,7 +47,7 @@ fn worker_role() {
 /// A node that reads one item of the worker's `endless`, tells the test process
 /// (`reading`), and then waits to be killed.
 fn reader_role() {
-    let g = child_builder().start().expect("reader starts");
+    let g = common::nats_child_builder().start().expect("reader starts");
     let worker = std::env::var(ENV_WORKER).expect("worker");
     g.wait_function_timeout(streaming::LAST_REGISTERED, WAIT)
         .expect("the worker's streams are announced");
@@ -64,7 +64,7 @@ fn reader_role() {
 
 /// A node that feeds the worker's `watch` (an `Incoming`) and waits to be killed.
 fn feeder_role() {
-    let g = child_builder().start().expect("feeder starts");
+    let g = common::nats_child_builder().start().expect("feeder starts");
     watch::feed_watch_until_killed(&g, &std::env::var(ENV_WORKER).expect("worker"));
 }
 

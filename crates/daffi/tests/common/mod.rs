@@ -450,3 +450,14 @@ pub fn exit_when_parent_dies() {
         std::process::exit(0);
     });
 }
+
+/// What a child's `Global` is built with over NATS: its servers, namespace and name,
+/// from its environment.
+#[cfg(feature = "nats")]
+pub fn nats_child_builder() -> daffi::GlobalBuilder {
+    daffi::Global::builder()
+        .nats(std::env::var(nats::ENV_NATS).expect("servers"))
+        .namespace(std::env::var(nats::ENV_NAMESPACE).expect("namespace"))
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .connect_timeout(WAIT)
+}

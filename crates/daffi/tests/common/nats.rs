@@ -14,7 +14,7 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{unique, ENV_NAME, WAIT};
+use super::{unique, WAIT};
 
 /// The variable that names the `nats-server` executable.
 pub const ENV_SERVER: &str = "DAFFI_NATS_SERVER";
@@ -472,13 +472,3 @@ fn workspace_root() -> &'static Path {
 pub const ENV_NATS: &str = "DAFFI_TEST_NATS";
 /// See [`ENV_NATS`].
 pub const ENV_NAMESPACE: &str = "DAFFI_TEST_NAMESPACE";
-
-/// What a child's `Global` is built with: its servers, namespace and name, from its
-/// environment.
-pub fn child_builder() -> daffi::GlobalBuilder {
-    daffi::Global::builder()
-        .nats(std::env::var(ENV_NATS).expect("servers"))
-        .namespace(std::env::var(ENV_NAMESPACE).expect("namespace"))
-        .process_name(std::env::var(ENV_NAME).expect("name"))
-        .connect_timeout(WAIT)
-}
