@@ -11,7 +11,8 @@
 //!
 //! Byte strings of other types (`Vec<u8>`, `[u8]`, `bytes::Bytes`) travel as a `bin`
 //! too, and are read and written in one piece; a `Bytes` takes the `Blob` ways (see
-//! [`byte_strings`]).
+//! [`byte_strings`]). Large ones that must be copied are copied into warm buffers
+//! ([`pool`]).
 //!
 //! Encoding refuses a value nested deeper than the decoder reads (see [`depth`]),
 //! rather than overflow the stack.
@@ -27,6 +28,7 @@ use daffi_wire::{KeptBuffer, Payload};
 mod byte_strings;
 mod depth;
 pub(crate) mod explain;
+pub(crate) mod pool;
 
 pub(crate) use depth::MAX_DEPTH;
 
@@ -121,16 +123,19 @@ struct PartsWriter {
 }
 
 impl PartsWriter {
-    /// Takes `data` by reference if it is the offered blob's bytes.
+    /// Takes `data` as a part of its own: by reference if it is the offered blob's
+    /// bytes, or copied into a pooled buffer if it is large (warm memory, see [`pool`]).
     #[cold]
     #[inline(never)]
-    fn take_blob(&mut self, data: &[u8]) -> bool {
-        let Some(blob) = take_offered(data) else {
-            return false;
+    fn take_large(&mut self, data: &[u8]) -> bool {
+        let part = match take_offered(data) {
+            Some(blob) => blob,
+            None if data.len() >= pool::POOLED => pool::copy_of(data),
+            None => return false,
         };
         self.done.push(Bytes::copy_from_slice(&self.buf));
         self.buf.clear();
-        self.done.push(blob);
+        self.done.push(part);
         true
     }
 }
@@ -138,7 +143,7 @@ impl PartsWriter {
 impl std::io::Write for PartsWriter {
     #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if data.len() < BLOB_BY_REFERENCE || !self.take_blob(data) {
+        if data.len() < BLOB_BY_REFERENCE || !self.take_large(data) {
             self.buf.extend_from_slice(data);
         }
         Ok(data.len())

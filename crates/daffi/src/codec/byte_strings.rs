@@ -197,11 +197,11 @@ trait ByteString: Plain + Sized {
 
 impl ByteString for Vec<u8> {
     fn from_payload(bytes: &[u8]) -> Self {
-        bytes.to_vec()
+        super::pool::vec_of(bytes)
     }
 
     fn from_transient(bytes: &[u8]) -> Self {
-        bytes.to_vec()
+        super::pool::vec_of(bytes)
     }
 
     fn from_vec(bytes: Vec<u8>) -> Self {
@@ -220,6 +220,20 @@ impl ByteString for Bytes {
 
     fn from_vec(bytes: Vec<u8>) -> Self {
         Bytes::from(bytes)
+    }
+}
+
+impl ByteString for ByteBuf {
+    fn from_payload(bytes: &[u8]) -> Self {
+        ByteBuf::from(super::pool::vec_of(bytes))
+    }
+
+    fn from_transient(bytes: &[u8]) -> Self {
+        ByteBuf::from(super::pool::vec_of(bytes))
+    }
+
+    fn from_vec(bytes: Vec<u8>) -> Self {
+        ByteBuf::from(bytes)
     }
 }
 
@@ -286,6 +300,11 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Decoder<D> {
             return self
                 .0
                 .deserialize_byte_buf(InOneGo::<V, Bytes>::new(visitor));
+        }
+        if visitor_is::<V, ByteBuf>() {
+            return self
+                .0
+                .deserialize_byte_buf(InOneGo::<V, ByteBuf>::new(visitor));
         }
         self.0.deserialize_byte_buf(visitor)
     }
