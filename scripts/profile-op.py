@@ -170,7 +170,10 @@ def main():
             perf.wait()
             with open(out) as f:
                 rows = [l.split() for l in f if "syscalls:" in l]
-            print(f"{name:>12}: " + ", ".join(f"{r[1].split('sys_enter_')[1]} {r[0]}" for r in rows))
+            # "<not counted>" for a syscall the process never made.
+            counts = ((next(w for w in r if "sys_enter_" in w).split("sys_enter_")[1],
+                       r[0] if r[0].replace(",", "").isdigit() else "0") for r in rows)
+            print(f"{name:>12}: " + ", ".join(f"{call} {n}" for call, n in counts))
         for name, p in procs.items():
             now, then = switches(p.pid), before[name][1]
             diff = {t: n - then.get(t, 0) for t, n in now.items() if n != then.get(t, 0)}
