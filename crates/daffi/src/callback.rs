@@ -95,7 +95,7 @@ pub type ItemStream = Pin<Box<dyn futures_core::Stream<Item = Outcome> + Send>>;
 /// large byte string once sent (see `codec::pool`).
 pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
     let encoded = match codec::into_vec(value) {
-        Ok(bytes) => encode_value(&Blob::from(codec::pool::into_bytes(bytes))),
+        Ok(bytes) => encode_value(&codec::owned_blob(bytes)),
         Err(value) => encode_value(&value),
     };
     encoded.map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))

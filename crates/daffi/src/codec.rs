@@ -28,7 +28,7 @@ use daffi_wire::{KeptBuffer, Payload};
 mod byte_strings;
 mod depth;
 pub(crate) mod explain;
-pub(crate) mod pool;
+mod pool;
 
 pub(crate) use depth::MAX_DEPTH;
 
@@ -172,6 +172,26 @@ fn take_offered(data: &[u8]) -> Option<Bytes> {
     })
 }
 
+/// Encodes a call's arguments as [`encode_value`] does. One owned `Vec<u8>` or
+/// `ByteBuf` (`.args((data,))`) is sent from its own memory, as a [`Blob`](crate::Blob)
+/// is, and its buffer is kept for the next large copy once sent ([`pool`]).
+pub(crate) fn encode_args<A: Serialize>(args: A) -> Result<Payload, String> {
+    let args = match byte_strings::into_one_vec(args) {
+        Ok(bytes) => return encode_value(&(owned_blob(bytes),)),
+        Err(args) => args,
+    };
+    match into_vec(args) {
+        Ok(bytes) => encode_value(&owned_blob(bytes)),
+        Err(args) => encode_value(&args),
+    }
+}
+
+/// Bytes the user gave away, as a blob: sent from their own memory, then kept for the
+/// next large copy ([`pool`]).
+pub(crate) fn owned_blob(bytes: Vec<u8>) -> crate::Blob {
+    crate::Blob::from(pool::into_bytes(bytes))
+}
+
 /// Called by a blob being serialized: if [`encode_value`] is running, the writer may
 /// take these bytes by reference.
 pub(crate) fn offer_blob(bytes: &Bytes) {
@@ -261,6 +281,20 @@ mod tests {
             inside.contains(&(blob.as_ptr() as usize)),
             "a slice of the payload"
         );
+    }
+
+    #[test]
+    fn an_owned_byte_argument_is_sent_from_its_own_memory() {
+        let data = vec![9u8; 3 * BLOB_BY_REFERENCE];
+        let at = data.as_ptr();
+        let expected = rmp_serde::to_vec(&(Bytes::from(data.clone()),)).expect("encodes");
+        let payload = encode_args((data,)).expect("encodes");
+        assert!(payload.parts().any(|p| p.as_ptr() == at), "not copied");
+        assert_eq!(&payload.to_bytes()[..], &expected[..], "the same bytes");
+        // Alone, it is sent as a bin, as `encode_value` writes it.
+        let data = vec![8u8; 3 * BLOB_BY_REFERENCE];
+        let expected = encode_value(&data).expect("encodes").to_bytes();
+        assert_eq!(encode_args(data).expect("encodes").to_bytes(), expected);
     }
 
     #[test]

@@ -356,6 +356,33 @@ fn each_byte_type_echoes_unchanged_from_sync_code() {
     }
 }
 
+/// Owned arguments, `.args((data,))`, are sent from their own memory: what arrives must
+/// still be exactly what was given, call after call.
+#[test]
+fn owned_byte_arguments_echo_unchanged() {
+    let cluster = cluster(Transport::Unix, "echo-owned");
+    let mut n = 50;
+    for len in ECHO_SIZES {
+        let base = pattern(len, 13);
+        for _ in 0..2 {
+            n += 1;
+            let data = payload_for(&base, n);
+            let call = || cluster.caller.call("echo_vec").timeout(WAIT);
+            let back: Vec<u8> = call().args((data.clone(),)).fg().expect("Vec<u8>");
+            assert!(
+                back == data,
+                "an owned Vec<u8> of {len} bytes came back changed"
+            );
+            let sent = ByteBuf::from(data.clone());
+            let back: ByteBuf = call().args((sent,)).fg().expect("ByteBuf");
+            assert!(
+                back[..] == data[..],
+                "an owned ByteBuf of {len} bytes came back changed"
+            );
+        }
+    }
+}
+
 /// The user's own runtime, as `#[tokio::main]` makes it, with a node of its own.
 #[tokio::main]
 async fn echo_from_users_main(address: daffi::Address) {
