@@ -8,6 +8,7 @@ top symbols of each process.
 
     scripts/profile-op.py '{"op":"one_way","calls":200000}'
     scripts/profile-op.py --floor '{"op":"rate","mode":"pipelined","calls":200000,"in_flight":256}'
+    scripts/profile-op.py --floor --threads --cpu '{"op":"latency","calls":20000,"warmup":1000}'
     scripts/profile-op.py --tcp '{"op":"latency","calls":20000,"warmup":1000}'
     scripts/profile-op.py --callees 4 '{"op":"broadcast","calls":10000,"warmup":1000,"nodes":4}'
 
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("op", help="the JSON command, as the bench sends it")
     ap.add_argument("--floor", action="store_true", help="profile the floor instead")
     ap.add_argument("--direct", action="store_true", help="the floor without batching")
+    ap.add_argument("--threads", action="store_true",
+                    help="with --floor: the floor on blocking std threads (default: on tokio)")
     ap.add_argument("--tcp", action="store_true")
     ap.add_argument("--nats", metavar="URL",
                     help="over the nats-server at URL (with --floor: raw async-nats request-reply)")
@@ -94,7 +97,8 @@ def main():
                                    "--callees", "callee"] + limit)
         driver = procs["caller"]
     elif a.floor:
-        batched = [] if a.direct else ["--batched"]
+        batched = ([] if a.direct else ["--batched"]) + \
+            (["--engine", "threads"] if a.threads else [])
         procs["relay"], ep = role(["floor-relay", "--listen", listen] + limit + batched)
         procs["server"], _ = role(["floor-server", "--connect", ep, "--name", "srv"] + limit + batched)
         procs["client"], _ = role(["floor-client", "--connect", ep, "--name", "cli",
@@ -121,10 +125,17 @@ def main():
     if a.cpu:
         tick = os.sysconf("SC_CLK_TCK")
 
-        def cpu(pid):
+        def stat(pid):
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                return f.read().rsplit(")", 1)[1].split()
+
+        def cpu(pid):
+            fields = stat(pid)
             return (int(fields[11]) + int(fields[12])) / tick
+
+        def faults(pid):
+            """Minor page faults: fresh memory touched (what a reused buffer saves)."""
+            return int(stat(pid)[7])
 
         def switches(pid):
             """Context switches of each live thread, summed by thread name."""
@@ -141,7 +152,7 @@ def main():
                 by_name[key] = by_name.get(key, 0) + n
             return by_name
 
-        before = {name: (cpu(p.pid), switches(p.pid)) for name, p in procs.items()}
+        before = {name: (cpu(p.pid), switches(p.pid), faults(p.pid)) for name, p in procs.items()}
         counters = {}
         if a.syscalls:
             events = ",".join(f"syscalls:sys_enter_{s}" for s in
@@ -159,12 +170,16 @@ def main():
             perf.wait()
             with open(out) as f:
                 rows = [l.split() for l in f if "syscalls:" in l]
-            print(f"{name:>12}: " + ", ".join(f"{r[1].split('sys_enter_')[1]} {r[0]}" for r in rows))
+            # "<not counted>" for a syscall the process never made.
+            counts = ((next(w for w in r if "sys_enter_" in w).split("sys_enter_")[1],
+                       r[0] if r[0].replace(",", "").isdigit() else "0") for r in rows)
+            print(f"{name:>12}: " + ", ".join(f"{call} {n}" for call, n in counts))
         for name, p in procs.items():
             now, then = switches(p.pid), before[name][1]
             diff = {t: n - then.get(t, 0) for t, n in now.items() if n != then.get(t, 0)}
             detail = ", ".join(f"{t} {n}" for t, n in sorted(diff.items(), key=lambda x: -x[1]))
             print(f"{name:>12}: {cpu(p.pid) - before[name][0]:.2f} s of CPU, "
+                  f"{faults(p.pid) - before[name][2]} page faults, "
                   f"{sum(diff.values())} context switches (threads alive at the end: {detail})")
         for p in procs.values():
             p.stdin.close()

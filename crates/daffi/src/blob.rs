@@ -16,7 +16,11 @@ use crate::codec;
 /// difference is in memory: a `Blob` of 16 KiB or more is written to the socket from its
 /// own buffer (the caller's 1 GiB stays where it is, with no encoded copy beside it),
 /// and a `Blob` received is a slice of the frame that carried it (no second buffer).
-/// A plain `Bytes` or `Vec<u8>` argument works too, but is copied once on each side.
+/// Other byte types work too: a `Bytes`, an owned `Vec<u8>` or `ByteBuf` argument
+/// (`.args((data,))`) and a `Vec<u8>` result leave from their own memory as a `Blob`
+/// does; a borrowed one (`.args((&data,))`) is copied on the way out, and a `Vec<u8>` or
+/// `ByteBuf` parameter on the way in (from 1 MiB, into buffers daffi keeps for a second
+/// for the next such copy).
 ///
 /// Cheap to clone (a reference count). Derefs to `[u8]`; [`Blob::into_bytes`] gives the
 /// `Bytes` back.

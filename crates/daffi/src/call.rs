@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::async_result::{AsyncResult, Outcome};
 use crate::blocking;
 use crate::callback::{stream_items, ItemStream};
-use crate::codec::{self, encode_value, explain};
+use crate::codec::{self, explain};
 use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::mesh::{BoxFuture, CallRequest, NodeOutcome, ReplyPayload};
@@ -89,8 +89,12 @@ impl Call {
     /// argument, so `.args(person)` reaches `fn greet(p: Person)`, unless it is a map of
     /// one entry keyed by the parameter's name. Without `.args`, the call has no
     /// arguments.
+    ///
+    /// Byte strings: one owned `Vec<u8>` or `serde_bytes::ByteBuf`, `.args((data,))`,
+    /// is sent from its own memory, as a [`Blob`](crate::Blob) is; a borrowed one,
+    /// `.args((&data,))`, is copied once.
     pub fn args<A: Serialize>(mut self, args: A) -> Self {
-        self.args = encode_value(&args);
+        self.args = codec::encode_args(args);
         self
     }
 

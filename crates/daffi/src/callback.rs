@@ -91,10 +91,11 @@ pub type ItemIter = Box<dyn Iterator<Item = Outcome> + Send>;
 pub type ItemStream = Pin<Box<dyn futures_core::Stream<Item = Outcome> + Send>>;
 
 /// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
-/// as the [`Blob`] it becomes without a copy: from its own memory.
+/// as the [`Blob`] it becomes without a copy: from its own memory, kept for the next
+/// large byte string once sent (see `codec::pool`).
 pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
     let encoded = match codec::into_vec(value) {
-        Ok(bytes) => encode_value(&Blob::from(bytes)),
+        Ok(bytes) => encode_value(&codec::owned_blob(bytes)),
         Err(value) => encode_value(&value),
     };
     encoded.map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))

@@ -11,7 +11,8 @@
 //!
 //! Byte strings of other types (`Vec<u8>`, `[u8]`, `bytes::Bytes`) travel as a `bin`
 //! too, and are read and written in one piece; a `Bytes` takes the `Blob` ways (see
-//! [`byte_strings`]).
+//! [`byte_strings`]). Large ones that must be copied are copied into warm buffers
+//! ([`pool`]).
 //!
 //! Encoding refuses a value nested deeper than the decoder reads (see [`depth`]),
 //! rather than overflow the stack.
@@ -27,6 +28,7 @@ use daffi_wire::{KeptBuffer, Payload};
 mod byte_strings;
 mod depth;
 pub(crate) mod explain;
+mod pool;
 
 pub(crate) use depth::MAX_DEPTH;
 
@@ -121,16 +123,19 @@ struct PartsWriter {
 }
 
 impl PartsWriter {
-    /// Takes `data` by reference if it is the offered blob's bytes.
+    /// Takes `data` as a part of its own: by reference if it is the offered blob's
+    /// bytes, or copied into a pooled buffer if it is large (warm memory, see [`pool`]).
     #[cold]
     #[inline(never)]
-    fn take_blob(&mut self, data: &[u8]) -> bool {
-        let Some(blob) = take_offered(data) else {
-            return false;
+    fn take_large(&mut self, data: &[u8]) -> bool {
+        let part = match take_offered(data) {
+            Some(blob) => blob,
+            None if data.len() >= pool::POOLED => pool::copy_of(data),
+            None => return false,
         };
         self.done.push(Bytes::copy_from_slice(&self.buf));
         self.buf.clear();
-        self.done.push(blob);
+        self.done.push(part);
         true
     }
 }
@@ -138,7 +143,7 @@ impl PartsWriter {
 impl std::io::Write for PartsWriter {
     #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if data.len() < BLOB_BY_REFERENCE || !self.take_blob(data) {
+        if data.len() < BLOB_BY_REFERENCE || !self.take_large(data) {
             self.buf.extend_from_slice(data);
         }
         Ok(data.len())
@@ -165,6 +170,26 @@ fn take_offered(data: &[u8]) -> Option<Bytes> {
             None
         }
     })
+}
+
+/// Encodes a call's arguments as [`encode_value`] does. One owned `Vec<u8>` or
+/// `ByteBuf` (`.args((data,))`) is sent from its own memory, as a [`Blob`](crate::Blob)
+/// is, and its buffer is kept for the next large copy once sent ([`pool`]).
+pub(crate) fn encode_args<A: Serialize>(args: A) -> Result<Payload, String> {
+    let args = match byte_strings::into_one_vec(args) {
+        Ok(bytes) => return encode_value(&(owned_blob(bytes),)),
+        Err(args) => args,
+    };
+    match into_vec(args) {
+        Ok(bytes) => encode_value(&owned_blob(bytes)),
+        Err(args) => encode_value(&args),
+    }
+}
+
+/// Bytes the user gave away, as a blob: sent from their own memory, then kept for the
+/// next large copy ([`pool`]).
+pub(crate) fn owned_blob(bytes: Vec<u8>) -> crate::Blob {
+    crate::Blob::from(pool::into_bytes(bytes))
 }
 
 /// Called by a blob being serialized: if [`encode_value`] is running, the writer may
@@ -256,6 +281,20 @@ mod tests {
             inside.contains(&(blob.as_ptr() as usize)),
             "a slice of the payload"
         );
+    }
+
+    #[test]
+    fn an_owned_byte_argument_is_sent_from_its_own_memory() {
+        let data = vec![9u8; 3 * BLOB_BY_REFERENCE];
+        let at = data.as_ptr();
+        let expected = rmp_serde::to_vec(&(Bytes::from(data.clone()),)).expect("encodes");
+        let payload = encode_args((data,)).expect("encodes");
+        assert!(payload.parts().any(|p| p.as_ptr() == at), "not copied");
+        assert_eq!(&payload.to_bytes()[..], &expected[..], "the same bytes");
+        // Alone, it is sent as a bin, as `encode_value` writes it.
+        let data = vec![8u8; 3 * BLOB_BY_REFERENCE];
+        let expected = encode_value(&data).expect("encodes").to_bytes();
+        assert_eq!(encode_args(data).expect("encodes").to_bytes(), expected);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! `bytes::Bytes`, `&'static [u8]`, and `Vec<u8>` inside a struct), as arguments and as
 //! results between real processes, on both sides of the 16 KiB by-reference threshold
 //! and at tens of MiB; and a `Vec<u8>` parameter reading both wire forms (a `bin`, as
-//! Python sends `bytes`, and an array of integers, as older peers send it).
+//! Python sends `bytes`, and an array of integers, as older peers send it). Echoes of
+//! each type, one after another from sync code and from a user's `#[tokio::main]`: large
+//! byte strings are copied into buffers reused from call to call, and no call may see
+//! another's bytes.
 
 mod common;
 
@@ -45,6 +48,21 @@ fn reverse_byte_buf(data: ByteBuf) -> ByteBuf {
 #[callback]
 fn reverse_bytes(data: Bytes) -> Bytes {
     Bytes::from(reversed(&data))
+}
+
+#[callback]
+fn echo_vec(data: Vec<u8>) -> Vec<u8> {
+    data
+}
+
+#[callback]
+fn echo_byte_buf(data: ByteBuf) -> ByteBuf {
+    data
+}
+
+#[callback]
+fn echo_bytes(data: Bytes) -> Bytes {
+    data
 }
 
 /// 16 KiB + 1 of static bytes, the same in every process.
@@ -216,6 +234,180 @@ fn byte_strings_inside_a_struct_cross_both_ways() {
         let back: Photo = call(&cluster, "reverse_photo", &photo);
         assert!(back == photo.reversed(), "a photo of {len} bytes");
     }
+}
+
+/// Sizes an echo is tried at: nothing, one byte, both sides of the by-reference
+/// threshold, and 64 MiB (over the pooled buffers' threshold, 1 MiB).
+const ECHO_SIZES: [usize; 5] = [0, 1, 16 * 1024 - 1, 16 * 1024, 64 << 20];
+
+/// A different payload of `len` bytes for each call `n`: the pattern with its first and
+/// last KiB changed (cheap at 64 MiB), so that bytes left over from another call show.
+fn payload_for(base: &[u8], n: u8) -> Vec<u8> {
+    let mut data = base.to_vec();
+    let ends = data.len().min(1024);
+    let tail = data.len() - ends;
+    for at in (0..ends).chain(tail..data.len()) {
+        data[at] = data[at].wrapping_add(n);
+    }
+    data
+}
+
+/// What to echo at `len` bytes: the payload as each byte type, a different one for
+/// each call (`n` numbers them), with the echo callback of that type.
+fn echoes(len: usize, n: &mut u8) -> Vec<(&'static str, Echoed)> {
+    let base = pattern(len, 11);
+    let mut next = || {
+        *n = n.wrapping_add(1);
+        payload_for(&base, *n)
+    };
+    vec![
+        ("echo_vec", Echoed::Vec(next())),
+        ("echo_byte_buf", Echoed::ByteBuf(ByteBuf::from(next()))),
+        ("echo_bytes", Echoed::Bytes(Bytes::from(next()))),
+        // A borrowed `&[u8]` (as `serde_bytes::Bytes`), taken back as a `Vec<u8>`.
+        ("echo_vec", Echoed::Slice(next())),
+    ]
+}
+
+/// Fails unless `back` is exactly what was `sent`.
+fn check_echo(callback: &str, sent: &Echoed, back: &Echoed) {
+    let len = sent.bytes().len();
+    assert!(
+        back.bytes() == sent.bytes(),
+        "{callback} of {len} bytes ({}) came back changed",
+        sent.kind()
+    );
+}
+
+/// A byte string as a user of each type sends and receives it.
+enum Echoed {
+    Vec(Vec<u8>),
+    ByteBuf(ByteBuf),
+    Bytes(Bytes),
+    /// Sent borrowed as `&[u8]`, received as a `Vec<u8>`.
+    Slice(Vec<u8>),
+}
+
+impl Echoed {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Echoed::Vec(v) | Echoed::Slice(v) => v,
+            Echoed::ByteBuf(b) => b,
+            Echoed::Bytes(b) => b,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Echoed::Vec(_) => "Vec<u8>",
+            Echoed::ByteBuf(_) => "ByteBuf",
+            Echoed::Bytes(_) => "Bytes",
+            Echoed::Slice(_) => "&[u8]",
+        }
+    }
+
+    /// Calls `callback` with this value (borrowed, as users pass a buffer they keep)
+    /// and takes the answer as the same type.
+    fn call_sync(&self, caller: &daffi::Global, callback: &str) -> Echoed {
+        let call = caller.call(callback).timeout(WAIT);
+        match self {
+            Echoed::Vec(v) => Echoed::Vec(self.answer(callback, call.args((v,)).fg())),
+            Echoed::ByteBuf(b) => Echoed::ByteBuf(self.answer(callback, call.args((b,)).fg())),
+            Echoed::Bytes(b) => Echoed::Bytes(self.answer(callback, call.args((b,)).fg())),
+            Echoed::Slice(v) => {
+                let call = call.args((serde_bytes::Bytes::new(v),));
+                Echoed::Slice(self.answer(callback, call.fg()))
+            }
+        }
+    }
+
+    /// [`call_sync`](Self::call_sync) from async code, with `fg_async`.
+    async fn call_async(&self, caller: &daffi::Global, callback: &str) -> Echoed {
+        let call = caller.call(callback).timeout(WAIT);
+        match self {
+            Echoed::Vec(v) => Echoed::Vec(self.answer(callback, call.args((v,)).fg_async().await)),
+            Echoed::ByteBuf(b) => {
+                Echoed::ByteBuf(self.answer(callback, call.args((b,)).fg_async().await))
+            }
+            Echoed::Bytes(b) => {
+                Echoed::Bytes(self.answer(callback, call.args((b,)).fg_async().await))
+            }
+            Echoed::Slice(v) => {
+                let call = call.args((serde_bytes::Bytes::new(v),));
+                Echoed::Slice(self.answer(callback, call.fg_async().await))
+            }
+        }
+    }
+
+    /// The answer to an echo of this value, which must have succeeded.
+    fn answer<T>(&self, callback: &str, answer: daffi::Result<T>) -> T {
+        answer.unwrap_or_else(|e| panic!("{callback} ({}): {e}", self.kind()))
+    }
+}
+
+#[test]
+fn each_byte_type_echoes_unchanged_from_sync_code() {
+    let cluster = cluster(Transport::Unix, "echo-sync");
+    let mut n = 0;
+    for len in ECHO_SIZES {
+        for (callback, sent) in echoes(len, &mut n) {
+            check_echo(callback, &sent, &sent.call_sync(&cluster.caller, callback));
+        }
+    }
+}
+
+/// Owned arguments, `.args((data,))`, are sent from their own memory: what arrives must
+/// still be exactly what was given, call after call.
+#[test]
+fn owned_byte_arguments_echo_unchanged() {
+    let cluster = cluster(Transport::Unix, "echo-owned");
+    let mut n = 50;
+    for len in ECHO_SIZES {
+        let base = pattern(len, 13);
+        for _ in 0..2 {
+            n += 1;
+            let data = payload_for(&base, n);
+            let call = || cluster.caller.call("echo_vec").timeout(WAIT);
+            let back: Vec<u8> = call().args((data.clone(),)).fg().expect("Vec<u8>");
+            assert!(
+                back == data,
+                "an owned Vec<u8> of {len} bytes came back changed"
+            );
+            let sent = ByteBuf::from(data.clone());
+            let back: ByteBuf = call().args((sent,)).fg().expect("ByteBuf");
+            assert!(
+                back[..] == data[..],
+                "an owned ByteBuf of {len} bytes came back changed"
+            );
+        }
+    }
+}
+
+/// The user's own runtime, as `#[tokio::main]` makes it, with a node of its own.
+#[tokio::main]
+async fn echo_from_users_main(address: daffi::Address) {
+    let caller = common::builder_for(&address)
+        .process_name(common::unique("async-caller"))
+        .start_async()
+        .await
+        .expect("start_async");
+    caller
+        .wait_function_timeout_async("echo_byte_buf", WAIT)
+        .await
+        .expect("announced");
+    let mut n = 100;
+    for len in ECHO_SIZES {
+        for (callback, sent) in echoes(len, &mut n) {
+            let back = sent.call_async(&caller, callback).await;
+            check_echo(callback, &sent, &back);
+        }
+    }
+}
+
+#[test]
+fn each_byte_type_echoes_unchanged_from_a_users_tokio_main() {
+    let cluster = cluster(Transport::Unix, "echo-async");
+    echo_from_users_main(cluster.address.clone());
 }
 
 /// `(data,)` as MessagePack, with `data` a `bin` of the smallest header that fits.

@@ -37,6 +37,8 @@ impl Plain for [u8] {}
 impl Plain for Vec<u8> {}
 impl Plain for Bytes {}
 impl Plain for ByteBuf {}
+impl Plain for (Vec<u8>,) {}
+impl Plain for (ByteBuf,) {}
 
 /// Whether `T` is `P`.
 #[inline(always)]
@@ -96,6 +98,16 @@ pub(crate) fn into_vec<T>(value: T) -> Result<Vec<u8>, T> {
         Err(value) => value,
     };
     cast::<ByteBuf, T, ByteBuf>(value).map(ByteBuf::into_vec)
+}
+
+/// The byte string of `args` if they are one owned `Vec<u8>` or `ByteBuf` by position,
+/// `(data,)`: arguments that may be sent from their own memory.
+pub(crate) fn into_one_vec<T>(args: T) -> Result<Vec<u8>, T> {
+    let args = match cast::<(Vec<u8>,), T, (Vec<u8>,)>(args) {
+        Ok((bytes,)) => return Ok(bytes),
+        Err(args) => args,
+    };
+    cast::<(ByteBuf,), T, (ByteBuf,)>(args).map(|(bytes,)| bytes.into_vec())
 }
 
 /// A payload that is one `bin`, as a `Vec<u8>` or a `ByteBuf` (`T`): it takes over the
@@ -197,11 +209,11 @@ trait ByteString: Plain + Sized {
 
 impl ByteString for Vec<u8> {
     fn from_payload(bytes: &[u8]) -> Self {
-        bytes.to_vec()
+        super::pool::vec_of(bytes)
     }
 
     fn from_transient(bytes: &[u8]) -> Self {
-        bytes.to_vec()
+        super::pool::vec_of(bytes)
     }
 
     fn from_vec(bytes: Vec<u8>) -> Self {
@@ -220,6 +232,20 @@ impl ByteString for Bytes {
 
     fn from_vec(bytes: Vec<u8>) -> Self {
         Bytes::from(bytes)
+    }
+}
+
+impl ByteString for ByteBuf {
+    fn from_payload(bytes: &[u8]) -> Self {
+        ByteBuf::from(super::pool::vec_of(bytes))
+    }
+
+    fn from_transient(bytes: &[u8]) -> Self {
+        ByteBuf::from(super::pool::vec_of(bytes))
+    }
+
+    fn from_vec(bytes: Vec<u8>) -> Self {
+        ByteBuf::from(bytes)
     }
 }
 
@@ -286,6 +312,11 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Decoder<D> {
             return self
                 .0
                 .deserialize_byte_buf(InOneGo::<V, Bytes>::new(visitor));
+        }
+        if visitor_is::<V, ByteBuf>() {
+            return self
+                .0
+                .deserialize_byte_buf(InOneGo::<V, ByteBuf>::new(visitor));
         }
         self.0.deserialize_byte_buf(visitor)
     }
@@ -750,6 +781,21 @@ mod tests {
         let array = Bytes::from(rmp_serde::to_vec(&[1u8, 2]).expect("encodes"));
         assert_eq!(whole_bin::<Vec<u8>>(array.clone(), None), Err(array));
         assert_eq!(whole_bin::<Vec<u8>>(Bytes::new(), None), Err(Bytes::new()));
+    }
+
+    #[test]
+    fn owned_byte_arguments_are_taken_as_they_are() {
+        assert_eq!(into_one_vec((vec![1u8, 2],)), Ok(vec![1, 2]));
+        assert_eq!(into_one_vec((ByteBuf::from([3u8]),)), Ok(vec![3]));
+        assert_eq!(
+            into_one_vec(vec![4u8]),
+            Err(vec![4u8]),
+            "alone: see into_vec"
+        );
+        assert_eq!(into_one_vec((vec![1u8], 2u8)), Err((vec![1u8], 2u8)));
+        assert_eq!(into_one_vec((vec![1u16],)), Err((vec![1u16],)));
+        let data = vec![5u8];
+        assert_eq!(into_one_vec((&data,)), Err((&data,)), "borrowed: copied");
     }
 
     #[test]
