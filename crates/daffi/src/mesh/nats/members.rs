@@ -534,12 +534,17 @@ async fn renew(
 pub async fn reap_dead(mesh: Arc<NatsMesh>, buckets: Buckets) {
     let mut leading = mesh.schedules.leading();
     let mut closed = mesh.closed.subscribe();
+    let mut removed = HashSet::new();
     loop {
+        if !*leading.borrow() {
+            // Another node swept meanwhile: what this one saw is stale.
+            removed.clear();
+        }
         tokio::select! {
             _ = super::until(&mut leading, true) => {}
             _ = super::until(&mut closed, true) => return,
         }
-        if let Err(e) = reap_once(&mesh, &buckets).await {
+        if let Err(e) = reap_once(&mesh, &buckets, &mut removed).await {
             tracing::debug!(process = %mesh.name, error = %e, "could not look for dead nodes; trying again");
         }
         tokio::select! {
@@ -549,20 +554,34 @@ pub async fn reap_dead(mesh: Arc<NatsMesh>, buckets: Buckets) {
     }
 }
 
-/// One look for dead nodes: the nodes with an `n` entry and no claim.
-async fn reap_once(mesh: &Arc<NatsMesh>, buckets: &Buckets) -> std::result::Result<(), String> {
+/// One look for dead nodes: the nodes with an `n` entry and no claim. `removed` holds
+/// the keys seen deleted (their markers stay listed for [`MARKER_TTL`]): not read
+/// again while they are.
+async fn reap_once(
+    mesh: &Arc<NatsMesh>,
+    buckets: &Buckets,
+    removed: &mut HashSet<String>,
+) -> std::result::Result<(), String> {
     let claimed: HashSet<String> = keys_in(&buckets.alive, ">").await?;
     let listed = keys_in(&buckets.nodes, EVERY_NODE).await?;
+    removed.retain(|key| listed.contains(key));
     for key in listed {
         let Some(NodesKey::Node(name)) = parse_nodes_key(&key) else {
             continue;
         };
         if claimed.contains(&escape(&name)) {
+            removed.remove(&key);
+            continue;
+        }
+        if removed.contains(&key) {
             continue;
         }
         let entry = match buckets.nodes.entry(&key).await {
             Ok(Some(entry)) if entry.operation == Operation::Put => entry,
-            Ok(_) => continue,
+            Ok(_) => {
+                removed.insert(key);
+                continue;
+            }
             Err(e) => return Err(e.to_string()),
         };
         let Ok(record) = message::decode::<MemberRecord>(&entry.value) else {
