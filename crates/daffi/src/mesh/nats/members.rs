@@ -318,14 +318,13 @@ pub async fn take_name(
 /// Writes this node's entries in the nodes bucket: `n.<node>` first, then one
 /// `c.<callback>.<node>` per callback (so every `c` key is listed in the `n` entry when
 /// it exists). The `c` keys of an earlier run of the name that this run does not serve
-/// are deleted.
-pub async fn publish(nodes: &Store, name: &str, record: &MemberRecord) -> Result<()> {
-    let failed = |e: &dyn std::fmt::Display| {
-        Error::unreachable(
-            "NATS".to_string(),
-            format!("could not write this node's membership entries: {e}"),
-        )
-    };
+/// are deleted. Fails with why a write failed.
+pub async fn publish(
+    nodes: &Store,
+    name: &str,
+    record: &MemberRecord,
+) -> std::result::Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
     let key = node_key(name);
     let earlier = match nodes.entry(&key).await {
         Ok(Some(entry)) if entry.operation == Operation::Put => {
@@ -356,8 +355,8 @@ pub async fn publish(nodes: &Store, name: &str, record: &MemberRecord) -> Result
 }
 
 /// Deletes `key` (at `revision`, if given), leaving a marker that every watch sees and
-/// that expires after [`MARKER_TTL`]; whether it was deleted.
-async fn remove_entry(nodes: &Store, key: &str, revision: Option<u64>) -> bool {
+/// that expires after [`MARKER_TTL`]; a failure is logged (the entry stays).
+async fn remove_entry(nodes: &Store, key: &str, revision: Option<u64>) {
     let removed = match revision {
         Some(revision) => nodes
             .purge_expect_revision_with_ttl(key, revision, MARKER_TTL)
@@ -368,31 +367,50 @@ async fn remove_entry(nodes: &Store, key: &str, revision: Option<u64>) -> bool {
             .await
             .map_err(|e| e.to_string()),
     };
-    if let Err(e) = &removed {
+    if let Err(e) = removed {
         tracing::debug!(key, error = %e, "could not delete a membership entry");
     }
-    removed.is_ok()
 }
 
-/// Deletes the entries of the run `record` of `name`: its `c` keys, then its `n` entry
-/// (at `revision`, if given: a node that came back since keeps it).
-async fn remove_node(nodes: &Store, name: &str, record: &MemberRecord, revision: Option<u64>) {
+/// The entries the run `record` of `name` holds now, each with its revision: its `c`
+/// keys, then its `n` entry (entries of another run are not its own).
+async fn entries_of(nodes: &Store, name: &str, record: &MemberRecord) -> Vec<(String, u64)> {
+    let mut held = Vec::with_capacity(record.callbacks.len() + 1);
     for callback in &record.callbacks {
         let key = provider_key(callback, name);
-        let ours = match nodes.entry(&key).await {
-            Ok(Some(entry)) if entry.operation == Operation::Put => {
-                match message::decode::<Provider>(&entry.value) {
-                    Ok(p) if p.instance == record.instance => Some(entry.revision),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        if let Some(at) = ours {
-            remove_entry(nodes, &key, Some(at)).await;
+        if let Some(revision) = revision_of::<Provider>(nodes, &key, |p| p.instance, record).await {
+            held.push((key, revision));
         }
     }
-    remove_entry(nodes, &node_key(name), revision).await;
+    let key = node_key(name);
+    if let Some(revision) = revision_of::<MemberRecord>(nodes, &key, |r| r.instance, record).await {
+        held.push((key, revision));
+    }
+    held
+}
+
+/// The revision of `key` if it holds a value of the run `record` (`instance` reads it).
+async fn revision_of<T: serde::de::DeserializeOwned>(
+    nodes: &Store,
+    key: &str,
+    instance: impl Fn(&T) -> u64,
+    record: &MemberRecord,
+) -> Option<u64> {
+    match nodes.entry(key).await {
+        Ok(Some(entry)) if entry.operation == Operation::Put => message::decode::<T>(&entry.value)
+            .ok()
+            .filter(|value| instance(value) == record.instance)
+            .map(|_| entry.revision),
+        _ => None,
+    }
+}
+
+/// Deletes `entries`, each at its revision: one written again since (its node came
+/// back) stays.
+async fn remove_entries(nodes: &Store, entries: &[(String, u64)]) {
+    for (key, revision) in entries {
+        remove_entry(nodes, key, Some(*revision)).await;
+    }
 }
 
 /// Whether the run `instance` of the node `name` is alive: it answers probes on its
@@ -461,7 +479,8 @@ pub async fn keep_record(
         record.callbacks = mesh.executor.callback_names();
         write_entries(&mesh, &buckets.nodes, &record).await;
     }
-    remove_node(&buckets.nodes, &mesh.name, &record, None).await;
+    let entries = entries_of(&buckets.nodes, &mesh.name, &record).await;
+    remove_entries(&buckets.nodes, &entries).await;
     if let Err(e) = buckets
         .alive
         .delete_expect_revision(&key, Some(revision))
@@ -587,12 +606,14 @@ async fn reap_once(
         let Ok(record) = message::decode::<MemberRecord>(&entry.value) else {
             continue;
         };
+        // Read before the probe: what the node writes if it comes back meanwhile stays.
+        let entries = entries_of(&buckets.nodes, &name, &record).await;
         if is_alive(&mesh.client, &mesh.subjects, &name, record.instance).await {
             tracing::debug!(node = %name, "a node's claim expired, but it is alive: kept");
             continue;
         }
         tracing::info!(process = %mesh.name, node = %name, "a node died without a goodbye; removing it from the mesh");
-        remove_node(&buckets.nodes, &name, &record, Some(entry.revision)).await;
+        remove_entries(&buckets.nodes, &entries).await;
     }
     Ok(())
 }

@@ -203,8 +203,10 @@ impl NatsMesh {
             members::take_name(&client, &subjects, &buckets.alive, &name, &record, urls)
         })
         .await?;
-        retrying(give_up_at, "joining the membership", || {
+        retrying(give_up_at, "joining the membership", || async {
             members::publish(&buckets.nodes, &name, &record)
+                .await
+                .map_err(|e| unreachable_by(urls, "could not write the membership entries: ", e))
         })
         .await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
