@@ -403,8 +403,8 @@ impl GlobalBuilder {
     }
 
     /// Keeps several meshes apart on one NATS cluster: it prefixes their subjects and
-    /// names their KV buckets (`<namespace>-alive`, `<namespace>-nodes`, ...). ASCII letters, digits,
-    /// `-` and `_`. Default: `"daffi"`. Only with [`nats`](Self::nats).
+    /// names their KV buckets (`<namespace>-alive`, `<namespace>-nodes`, ...). ASCII
+    /// letters, digits, `-` and `_`. Default: `"daffi"`. Only with [`nats`](Self::nats).
     pub fn namespace(mut self, name: impl Into<String>) -> Self {
         self.namespace = name.into();
         self
