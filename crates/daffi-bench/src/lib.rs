@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod floor;
+mod monitor;
 mod ops;
 mod proc;
 mod report;
@@ -69,11 +70,15 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<usize>,
     /// Run A and B over the NATS backend through this nats-server (`nats://HOST:PORT`),
-    /// beside raw async-nats request-reply through the same server, instead of the
-    /// other scenarios. Start one with `nats-server --jetstream` (`.ci/tools` installs
-    /// it into target/ci-venv/bin).
+    /// beside raw async-nats request-reply through the same server, and E over it,
+    /// instead of the other scenarios. Start one with `nats-server --jetstream`
+    /// (`.ci/tools` installs it into target/ci-venv/bin).
     #[arg(long, value_name = "URL", conflicts_with = "connect")]
     nats: Option<String>,
+    /// The monitoring port of that nats-server (`HOST:PORT`, its `-m`): E over NATS then
+    /// reports the server's memory and the messages an idle node receives per second.
+    #[arg(long, value_name = "HOST:PORT", requires = "nats")]
+    nats_monitor: Option<String>,
     /// Log level of the processes the benchmark starts.
     #[arg(long, default_value = "warn")]
     child_log_level: String,
@@ -226,6 +231,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
         },
         transport,
         connect: args.connect,
+        nats_monitor: args.nats_monitor,
         scenarios: if args.only.is_empty() {
             vec![
                 Scenario::A,

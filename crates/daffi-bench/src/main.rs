@@ -16,7 +16,8 @@ use daffi_bench::{BenchArgs, RoleArgs};
         cargo run --release -p daffi-bench                  # every scenario, a few minutes\n  \
         cargo run --release -p daffi-bench -- --quick       # every scenario, rough, in seconds\n  \
         cargo run --release -p daffi-bench -- --only a,b --no-big --json\n  \
-        cargo run --release -p daffi-bench -- --nats nats://127.0.0.1:4222   # A and B over NATS"
+        cargo run --release -p daffi-bench -- --nats nats://127.0.0.1:4222   # A, B and E over NATS\n  \
+        cargo run --release -p daffi-bench -- --nats nats://127.0.0.1:4222 --nats-monitor 127.0.0.1:8222 --only e --nodes 500,1000,2000"
 )]
 struct Cli {
     /// Log level of this process: error, warn, info, debug or trace (or a `tracing`

@@ -114,6 +114,9 @@ pub enum Unit {
     /// Seconds.
     #[serde(rename = "s")]
     Secs,
+    /// Messages per second.
+    #[serde(rename = "msgs/s")]
+    MsgsPerSec,
 }
 
 impl Unit {
@@ -124,6 +127,7 @@ impl Unit {
             Unit::MibPerSec => "MiB/s",
             Unit::Mib => "MiB",
             Unit::Secs => "s",
+            Unit::MsgsPerSec => "msgs/s",
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::floor::Engine;
+use super::monitor;
 use super::ops::{
     BlobAnswer, ByteKind, CallStyle, LatencyAnswer, Op, RateAnswer, RateMode, WaitAnswer,
 };
@@ -78,6 +79,8 @@ pub struct Plan {
     pub transport: Transport,
     /// A running controller to use instead of starting one.
     pub connect: Option<Endpoint>,
+    /// The monitoring port (`HOST:PORT`) of the nats-server of a run over NATS.
+    pub nats_monitor: Option<String>,
     /// Scenarios to run.
     pub scenarios: Vec<Scenario>,
     /// Log level of the child processes.
@@ -378,24 +381,35 @@ fn spread(values: &[f64]) -> Spread {
 }
 
 /// Scenarios A and B over the NATS backend through the nats-server at `url`, beside raw
-/// async-nats request-reply through it (the floor of this backend).
+/// async-nats request-reply through it (the floor of this backend), and E over it.
 pub fn run_nats(plan: &Plan, url: &str) -> Outcome {
     let on_nats = Plan {
         connect: Some(Endpoint::Nats(url.to_string())),
         ..plan.clone()
     };
-    let result = on_nats.nats_floor(url).and_then(|floor| {
-        let daffi = on_nats.daffi("ab-nats", Transport::Tcp, 1, None)?;
-        let wanted = (plan.wants(Scenario::A), plan.wants(Scenario::B));
-        run_a_b_with(plan, vec![floor], daffi, wanted)
-    });
-    result.unwrap_or_else(|e| {
-        eprintln!("daffi-bench: A/B on NATS failed: {e}");
-        Outcome {
-            rows: Vec::new(),
-            notes: vec![format!("A/B on NATS failed: {e}")],
+    let mut out = Outcome::default();
+    let mut add = |what: &str, result: Result<Outcome>| match result {
+        Ok(o) => {
+            out.rows.extend(o.rows);
+            out.notes.extend(o.notes);
         }
-    })
+        Err(e) => {
+            eprintln!("daffi-bench: {what} on NATS failed: {e}");
+            out.notes.push(format!("{what} on NATS failed: {e}"));
+        }
+    };
+    let wanted = (plan.wants(Scenario::A), plan.wants(Scenario::B));
+    if wanted.0 || wanted.1 {
+        let result = on_nats.nats_floor(url).and_then(|floor| {
+            let daffi = on_nats.daffi("ab-nats", Transport::Tcp, 1, None)?;
+            run_a_b_with(plan, vec![floor], daffi, wanted)
+        });
+        add("A/B", result);
+    }
+    if plan.wants(Scenario::E) {
+        add("E", run_e(&on_nats));
+    }
+    out
 }
 
 /// Scenarios A and B on one transport: they share their processes.
@@ -931,13 +945,21 @@ pub fn run_d(plan: &Plan) -> Result<Outcome> {
 }
 
 /// Scenario E at each of the plan's node counts, each on a fresh controller (its peak
-/// memory is the run's own): the growth.
+/// memory is the run's own): the growth. A count that fails is noted, and the next
+/// runs: the table shows where the growth breaks.
 pub fn run_e(plan: &Plan) -> Result<Outcome> {
     let mut out = Outcome::default();
     for &nodes in &plan.swarm_nodes {
-        let at = run_e_at(plan, nodes)?;
-        out.rows.extend(at.rows);
-        out.notes.extend(at.notes);
+        match run_e_at(plan, nodes) {
+            Ok(at) => {
+                out.rows.extend(at.rows);
+                out.notes.extend(at.notes);
+            }
+            Err(e) => {
+                eprintln!("daffi-bench: E with {nodes} nodes failed: {e}");
+                out.notes.push(format!("E with {nodes} nodes failed: {e}"));
+            }
+        }
     }
     Ok(out)
 }
@@ -994,7 +1016,7 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     )?;
     let _: WaitAnswer = daffi.caller.request(&Op::WaitNodes {
         groups,
-        extra: vec![idle_name],
+        extra: vec![idle_name.clone()],
         timeout_s: SWARM_TIMEOUT_S,
     })?;
     let connect_s = started.elapsed().as_secs_f64();
@@ -1038,6 +1060,10 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
         Unit::Secs,
         Spread::one(swarm_says),
     ));
+    if let Some(monitor) = &plan.nats_monitor {
+        out.rows
+            .extend(nats_server_rows(monitor, &idle_name, total)?);
+    }
     match controller {
         Some(m) => {
             out.rows.push(
@@ -1056,6 +1082,7 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
                 Spread::one(m.rss_mib),
             ));
         }
+        None if plan.nats_monitor.is_some() => {}
         None => out
             .notes
             .push("E: a running controller was used; its memory is not measured".into()),
@@ -1116,6 +1143,35 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     );
     daffi.finish();
     Ok(out)
+}
+
+/// How long the messages an idle node receives are counted.
+const IDLE_COUNT_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// E over NATS: the nats-server's memory, and the messages per second the server sends
+/// the idle node `idle_name` (read twice from its monitoring port `monitor`).
+fn nats_server_rows(monitor: &str, idle_name: &str, total: usize) -> Result<Vec<Row>> {
+    let before = monitor::messages_to(monitor, idle_name)?;
+    let counted = Instant::now();
+    std::thread::sleep(IDLE_COUNT_WINDOW);
+    let after = monitor::messages_to(monitor, idle_name)?;
+    let per_sec = after.saturating_sub(before) as f64 / counted.elapsed().as_secs_f64();
+    let server_mib = monitor::server_memory_mib(monitor)?;
+    Ok(vec![
+        Row::info(
+            'E',
+            format!("nats-server RSS, {total} nodes"),
+            Unit::Mib,
+            Spread::one(server_mib),
+        )
+        .target(Target::AtMost { bound: 128.0 }),
+        Row::info(
+            'E',
+            format!("messages/s to an idle node, {total} nodes"),
+            Unit::MsgsPerSec,
+            Spread::one(per_sec),
+        ),
+    ])
 }
 
 /// Runs every scenario of the plan; a scenario that fails is noted, the others go on.

@@ -74,7 +74,11 @@
 //!   The CLI's `ls` and `watch` do so.
 //! - After a reconnect it asks again for what it needs, as it needs it.
 //!
-//! Over NATS, and with a controller older than this behaviour, a node knows every node.
+//! Over NATS it is the same, with the cluster in the controller's place: a node
+//! watches the providers of the names it uses (learned on first use, the first time
+//! waiting for one read of them), or every node when asked as above; joins, callback
+//! changes and leaves reach it as they are written, and nobody hears the others'
+//! heartbeats. With a controller older than this behaviour, a node knows every node.
 //!
 //! Every failure is a named [`Error`] variant. The wire format is described in
 //! `docs/PROTOCOL.md` of the repository.

@@ -2,7 +2,8 @@
 //! 300 nodes in 3 child processes, then half of them leaving. A node that only calls
 //! knows the providers of what it calls; a node that asks for the members (or has
 //! membership hooks) knows every node; neither is ever offered a node whose leave was
-//! announced.
+//! announced. The same over NATS (with `--features nats`), where a third of the nodes
+//! die instead (SIGKILL) and leave within the stated bound.
 
 mod common;
 
@@ -51,12 +52,11 @@ fn worker_process() {
 /// ones (and answers once they have left).
 fn swarm() {
     let process = std::env::var(common::ENV_NAME).expect("a name");
-    let address = common::address_from_env();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let nodes: Vec<Global> = runtime.block_on(async {
         let mut starting = tokio::task::JoinSet::new();
         for i in 0..NODES_EACH {
-            let builder = common::builder_for(&address).process_name(node_name(&process, i));
+            let builder = swarm_builder().process_name(node_name(&process, i));
             starting.spawn(async move { (i, builder.start_async().await.expect("a node starts")) });
         }
         let mut nodes: Vec<(usize, Global)> = starting.join_all().await;
@@ -73,6 +73,44 @@ fn swarm() {
         })
         .expect("register");
     nodes[0].join().expect("join");
+}
+
+/// A swarm node's builder: on the NATS servers of its environment, if any, else on the
+/// controller's address.
+fn swarm_builder() -> daffi::GlobalBuilder {
+    #[cfg(feature = "nats")]
+    if std::env::var(common::nats::ENV_NATS).is_ok() {
+        return common::nats_child_builder();
+    }
+    common::builder_for(&common::address_from_env())
+}
+
+/// The nodes a broadcast of `scale_work` from `g` reaches.
+fn providers(g: &Global) -> BTreeSet<String> {
+    let answers: HashMap<String, u32> = g
+        .call("scale_work")
+        .timeout(WAIT)
+        .broadcast()
+        .expect("a broadcast to every provider");
+    answers.into_keys().collect()
+}
+
+/// The names in `g.members()`.
+fn members(g: &Global) -> BTreeSet<String> {
+    g.members().into_iter().map(|m| m.name).collect()
+}
+
+/// The nodes `NODES_EACH` nodes of each of `processes` are called, those with an index
+/// that `keep` keeps.
+fn names_of(processes: &[String], keep: impl Fn(usize) -> bool + Copy) -> Vec<String> {
+    processes
+        .iter()
+        .flat_map(|p| {
+            (0..NODES_EACH)
+                .filter(move |i| keep(*i))
+                .map(move |i| node_name(p, i))
+        })
+        .collect()
 }
 
 #[test]
@@ -98,10 +136,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
             &cluster.address,
         ));
     }
-    let all: Vec<String> = processes
-        .iter()
-        .flat_map(|p| (0..NODES_EACH).map(move |i| node_name(p, i)))
-        .collect();
+    let all = names_of(&processes, |_| true);
     for name in &all {
         watcher
             .wait_process_timeout(name, WAIT)
@@ -121,17 +156,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
             .chain([watcher.process_name().to_string()])
             .collect()
     };
-    let providers = |g: &Global| -> BTreeSet<String> {
-        let answers: HashMap<String, u32> = g
-            .call("scale_work")
-            .timeout(WAIT)
-            .broadcast()
-            .expect("a broadcast to every provider");
-        answers.into_keys().collect()
-    };
     assert_eq!(providers(caller), expected(&all));
-    let members =
-        |g: &Global| -> BTreeSet<String> { g.members().into_iter().map(|m| m.name).collect() };
     let set = |nodes: &[String]| -> BTreeSet<String> { nodes.iter().cloned().collect() };
     assert!(members(&watcher).is_superset(&set(&all)));
 
@@ -145,10 +170,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
             .expect("the odd nodes leave");
         assert_eq!(left, NODES_EACH / 2);
     }
-    let staying: Vec<String> = processes
-        .iter()
-        .flat_map(|p| (0..NODES_EACH).step_by(2).map(move |i| node_name(p, i)))
-        .collect();
+    let staying = names_of(&processes, |i| i % 2 == 0);
     let gone: BTreeSet<String> = all
         .iter()
         .filter(|n| !staying.contains(n))
@@ -180,6 +202,140 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
     assert!(now.is_superset(&set(&staying)) && now.is_disjoint(&gone));
     // A node that asks for the members now knows them all too.
     let late = members(caller);
+    assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
+    assert!(!late.contains(caller.process_name()), "never itself");
+    drop(children);
+}
+
+/// How long after a SIGKILL a node may take to leave every view over NATS: its claim
+/// lives 12 s after its last heartbeat (1 s before), then the reaper's next round
+/// (every 1 s) probes and removes it; 4 s of slack for a loaded machine.
+#[cfg(feature = "nats")]
+const DEATH_BOUND: std::time::Duration = std::time::Duration::from_secs(18);
+
+#[cfg(feature = "nats")]
+#[test]
+fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths() {
+    use common::nats::{NatsServer, ENV_NAMESPACE, ENV_NATS};
+    use std::time::Instant;
+
+    let server = NatsServer::start();
+    let url = server.url();
+    let namespace = common::unique("ns").replace('-', "_");
+    let builder = |name: &str| {
+        Global::builder()
+            .nats(&url)
+            .namespace(&namespace)
+            .process_name(common::unique(name))
+            .connect_timeout(WAIT)
+    };
+    // The membership hooks keep this node's view whole from the start.
+    let removed: Arc<Log<(String, Instant)>> = Arc::new(Log::new());
+    let on_removed = removed.clone();
+    let watcher = builder("watcher")
+        .on_member_removed(move |_, name| on_removed.push((name.to_string(), Instant::now())))
+        .start()
+        .expect("the watcher starts");
+    // This one only calls: it watches the providers of what it calls.
+    let caller = builder("caller").start().expect("the caller starts");
+    let processes: Vec<String> = (0..PROCESSES).map(|_| common::unique("swarm")).collect();
+    let env = [
+        (ENV_NATS, url.as_str()),
+        (ENV_NAMESPACE, namespace.as_str()),
+    ];
+    let mut children: Vec<common::Worker> = processes
+        .iter()
+        .map(|p| common::spawn_role_child(ENTRY, "swarm", p, &env))
+        .collect();
+    let all = names_of(&processes, |_| true);
+    for name in &all {
+        watcher
+            .wait_process_timeout(name, WAIT)
+            .expect("the watcher hears of every node");
+    }
+    let (leaving, dying) = processes.split_at(PROCESSES - 1);
+    for process in leaving {
+        caller
+            .wait_function_timeout(&leave_callback(process), WAIT)
+            .expect("a child is ready");
+    }
+    let expected = |nodes: &[String]| -> BTreeSet<String> {
+        nodes
+            .iter()
+            .cloned()
+            .chain([watcher.process_name().to_string()])
+            .collect()
+    };
+    assert_eq!(providers(&caller), expected(&all));
+
+    // Half of the nodes of two children leave; the third child dies.
+    for process in leaving {
+        let left: usize = caller
+            .call(&leave_callback(process))
+            .on(node_name(process, 0))
+            .timeout(WAIT)
+            .fg()
+            .expect("the odd nodes leave");
+        assert_eq!(left, NODES_EACH / 2);
+    }
+    let killed_at = Instant::now();
+    children[PROCESSES - 1].kill();
+    let dead: BTreeSet<String> = names_of(dying, |_| true).into_iter().collect();
+    let gone: BTreeSet<String> = names_of(leaving, |i| i % 2 == 1)
+        .into_iter()
+        .chain(dead.iter().cloned())
+        .collect();
+    let seen = removed.wait_until(DEATH_BOUND.as_millis() as u64, |heard| {
+        gone.iter().all(|n| heard.iter().any(|(h, _)| h == n))
+    });
+    let heard: BTreeSet<String> = seen.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        heard, gone,
+        "the watcher hears of every leave and death, and of no other"
+    );
+    let last_death = seen
+        .iter()
+        .filter(|(n, _)| dead.contains(n))
+        .map(|(_, at)| *at - killed_at)
+        .max()
+        .expect("deaths heard");
+    eprintln!(
+        "{} SIGKILLed nodes all left the watcher's view {last_death:?} after the kill",
+        dead.len()
+    );
+    assert!(last_death < DEATH_BOUND, "{last_death:?}");
+
+    // The caller's own watch hears of the same removals: once it has (bounded), every
+    // call reaches a live node, and a broadcast exactly the nodes that stay.
+    let staying = names_of(leaving, |i| i % 2 == 0);
+    let reached = |g: &Global| -> BTreeSet<String> {
+        let answers = g
+            .call("scale_work")
+            .timeout(WAIT)
+            .broadcast_results::<u32>()
+            .expect("a broadcast");
+        answers.into_keys().collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while reached(&caller) != expected(&staying) {
+        assert!(
+            Instant::now() < deadline,
+            "the caller still offers nodes that left"
+        );
+    }
+    for _ in 0..3 * staying.len() {
+        caller
+            .call("scale_work")
+            .timeout(WAIT)
+            .fg::<u32>()
+            .expect("a call never goes to a node that left");
+    }
+    assert_eq!(providers(&caller), expected(&staying));
+    let set = |nodes: &[String]| -> BTreeSet<String> { nodes.iter().cloned().collect() };
+    let now = members(&watcher);
+    assert!(now.is_superset(&set(&staying)) && now.is_disjoint(&gone));
+    // A node that asks for the members now knows them all too.
+    let late = members(&caller);
     assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
     assert!(!late.contains(caller.process_name()), "never itself");
     drop(children);

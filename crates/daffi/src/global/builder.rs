@@ -378,10 +378,12 @@ impl GlobalBuilder {
     /// comma-separated (`"nats://10.0.0.1:4222,nats://10.0.0.2:4222"`); the client also
     /// learns the cluster's other servers, and reconnects across them. The same API
     /// works over it (DESIGN.md section 9): calls go to a node's own subject, and the
-    /// membership lives in a replicated JetStream KV bucket (JetStream must be enabled
-    /// on the servers). A node that dies without saying goodbye leaves the others' view
-    /// within 13 s (its entry expires 12 s after its last heartbeat, sent every second;
-    /// calls to it fail at once with [`Error::UnknownProcess`] meanwhile). Arguments and
+    /// membership lives in replicated JetStream KV buckets (JetStream must be enabled
+    /// on the servers, 2.11 or later). A node that dies without saying goodbye leaves the
+    /// others' view within 14 s (its claim expires 12 s after its last heartbeat, sent
+    /// every second, and the node holding the scheduler lease removes it within a
+    /// second; calls to it fail at once meanwhile). What a node knows of the others is
+    /// as over a controller (see the crate docs, "What a node knows"). Arguments and
     /// results larger than the servers' `max_payload` (1 MiB by default) go in chunks,
     /// a few in flight at a time, up to [`max_frame_size`](Self::max_frame_size); a
     /// callee that dies mid-transfer fails the call within about 250 ms
@@ -401,8 +403,8 @@ impl GlobalBuilder {
     }
 
     /// Keeps several meshes apart on one NATS cluster: it prefixes their subjects and
-    /// names their membership bucket (`<namespace>-members`). ASCII letters, digits,
-    /// `-` and `_`. Default: `"daffi"`. Only with [`nats`](Self::nats).
+    /// names their KV buckets (`<namespace>-alive`, `<namespace>-nodes`, ...). ASCII
+    /// letters, digits, `-` and `_`. Default: `"daffi"`. Only with [`nats`](Self::nats).
     pub fn namespace(mut self, name: impl Into<String>) -> Self {
         self.namespace = name.into();
         self

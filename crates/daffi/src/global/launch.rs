@@ -96,9 +96,7 @@ impl GlobalBuilder {
                 stall_timeout: self.stall_timeout,
                 // The membership hooks, and a producer of streams (which stops the
                 // streams of a caller that leaves), need to hear of every node.
-                whole_view: self.hooks.on_member_added.is_some()
-                    || self.hooks.on_member_removed.is_some()
-                    || executor.serves_streams(),
+                whole_view: self.wants_whole_view(&executor),
             };
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
             mesh.start().await?;
@@ -107,6 +105,15 @@ impl GlobalBuilder {
             None
         };
         self.finish(name, address, runtime, node, controller, owned, events_rx)
+    }
+
+    /// Whether a node keeps every other node in its view from the start: the
+    /// membership hooks, and a producer of streams (which stops the streams of a caller
+    /// that leaves), need to hear of every node.
+    fn wants_whole_view(&self, executor: &Executor) -> bool {
+        self.hooks.on_member_added.is_some()
+            || self.hooks.on_member_removed.is_some()
+            || executor.serves_streams()
     }
 
     /// The executor of a node called `name`, with the `#[callback]` functions and the
@@ -171,6 +178,7 @@ impl GlobalBuilder {
     ) -> Result<Global> {
         let urls = self.checked_nats_urls()?;
         let address = Address::Nats(urls.clone());
+        let executor = self.executor(&name);
         let config = crate::mesh::nats::NatsConfig {
             urls,
             namespace: self.namespace.clone(),
@@ -180,9 +188,9 @@ impl GlobalBuilder {
             connect_timeout: self.connect_timeout,
             max_frame_size: self.max_frame_size,
             stall_timeout: self.stall_timeout,
+            whole_view: self.wants_whole_view(&executor),
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let executor = self.executor(&name);
         let mesh = crate::mesh::nats::NatsMesh::start(config, executor.clone(), events_tx).await?;
         let node = Arc::new(Node::new(executor, mesh, self.max_in_flight));
         self.finish(name, address, runtime, Some(node), None, owned, events_rx)

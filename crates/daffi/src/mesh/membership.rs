@@ -1,9 +1,9 @@
 //! This node's view of the other nodes and the callbacks each serves.
 //!
-//! It is fed by the controller's `Welcome` and `Membership` frames, and every change
-//! bumps a version that `wait_process` / `wait_function` wait on.
+//! Every change bumps a version that `wait_process` / `wait_function` wait on.
 //!
-//! A view holds every other node (`whole`: what the NATS backend and older controllers
+//! It is fed by the controller's `Welcome` and `Membership` frames, or by the NATS
+//! backend's watch. A view holds every other node (`whole`: what older controllers
 //! keep, and what a node asks for once it needs it), or only the providers of the
 //! callback names this node subscribed to, each with just those names: what a node
 //! that never asked for more keeps (see "What a node knows, and when" in the crate

@@ -10,10 +10,10 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{chunks, streams, NatsMesh};
+use super::{chunks, members, streams, NatsMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
-    remote_failure, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, OpenStream,
+    remote_failure, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, OpenStream, Scope,
     SentBroadcast, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest};
@@ -37,9 +37,13 @@ impl Mesh for NatsMesh {
     ) -> BoxFuture<'a, Result<Option<Waiter>>> {
         Box::pin(async move {
             self.check_ready()?;
-            let target = self
-                .membership
-                .route(&self.name, &req.callback, req.on.as_deref())?;
+            let target = match self.route(req) {
+                Err(_) if self.must_learn(req) => {
+                    members::want(self, Scope::Callback(&req.callback)).await?;
+                    self.route(req)?
+                }
+                routed => routed?,
+            };
             self.request(&target, req, deadline).await
         })
     }
@@ -51,6 +55,7 @@ impl Mesh for NatsMesh {
     ) -> BoxFuture<'a, Result<SentBroadcast>> {
         Box::pin(async move {
             self.check_ready()?;
+            members::want(self, Scope::Callback(&req.callback)).await?;
             let targets = self.membership.providers_of(&req.callback);
             if targets.is_empty() {
                 return Err(Error::NoProvider {
@@ -68,7 +73,17 @@ impl Mesh for NatsMesh {
     }
 
     fn open_stream(&self, req: &CallRequest) -> Result<OpenStream> {
-        self.start_stream(req)
+        match self.start_stream(req) {
+            Err(_) if self.must_learn(req) => {
+                // A stream call returns at once: its first one waits here for the
+                // providers (inside the node's runtime, from the calling thread).
+                let runtime = tokio::runtime::Handle::current();
+                let scope = Scope::Callback(&req.callback);
+                crate::blocking::wait(&runtime, "stream", members::want(self, scope))??;
+                self.start_stream(req)
+            }
+            opened => opened,
+        }
     }
 
     fn open_feed(&self, call_id: u64) -> Result<Feed> {
@@ -93,6 +108,10 @@ impl Mesh for NatsMesh {
 
     fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    fn want<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(members::want(self, scope))
     }
 
     fn is_connected(&self) -> bool {
@@ -121,6 +140,18 @@ impl Mesh for NatsMesh {
 }
 
 impl NatsMesh {
+    /// The node `req` goes to, from the view as it is.
+    fn route(&self, req: &CallRequest) -> Result<Arc<str>> {
+        self.membership
+            .route(&self.name, &req.callback, req.on.as_deref())
+    }
+
+    /// Whether a call to `req` that found no node must first learn the providers of its
+    /// callback (and then try again).
+    fn must_learn(&self, req: &CallRequest) -> bool {
+        !self.membership.covers(Scope::Callback(&req.callback)) && self.is_connected()
+    }
+
     /// The error a call should see now, if it cannot be sent.
     pub(super) fn check_ready(&self) -> Result<()> {
         if self.is_stopped() {

@@ -1,19 +1,43 @@
-//! Membership in the JetStream KV bucket `<ns>-members`: this node's entry (created
-//! atomically, renewed by a heartbeat, deleted at goodbye), and the watch that keeps
-//! the view of the others current.
+//! Membership over NATS, in two JetStream KV buckets, so that what a node hears grows
+//! with what it uses, not with the mesh:
 //!
-//! Bound: an entry not renewed for [`MEMBER_TTL`] expires (the bucket's age limit), and
-//! the server writes a marker every watcher sees. A node that dies without a goodbye
-//! so leaves every view within `MEMBER_TTL` of its last heartbeat.
+//! - `<ns>-alive`: one key per node (its escaped name), its claim on the name: created
+//!   atomically (unique names), renewed by a heartbeat every [`HEARTBEAT`], dropped by
+//!   the bucket's age limit ([`MEMBER_TTL`]) when the node dies. No node watches it.
+//! - `<ns>-nodes`: `n.<node>` (the node, its callbacks, whether it is stopping) and
+//!   `c.<callback>.<node>` (one provider of a callback), written only when a node joins,
+//!   adds callbacks, begins stopping or leaves: a node's entries are its own to write,
+//!   and written in an order that keeps every `c` key listed in its `n` entry.
 //!
-//! Gaps never empty the view: a node leaves it only on its goodbye (a delete), or on
-//! an expiry marker or a missing entry once a probe confirms that its run no longer
-//! listens (see [`is_alive`]); a watch that ends or stalls starts again after the last
-//! revision it saw. So the loss of the server that leads the bucket (whose replicas
-//! then take 4-9 s to elect a new leader, with heartbeats unanswered meanwhile) costs
-//! no member. The same probe lets a node restarted after a crash take its name at once.
+//! **What a node watches**: nothing, until it needs the providers of a callback name
+//! (its first call, broadcast, stream or `wait_function` of it): then the keys
+//! `c.<name>.*` of every name it asked for (one watch, restarted with each new name);
+//! every `n.*` once it asks for every node (`members`, `wait_process`, the hooks, a
+//! stream callback). A change costs a message to the nodes that watch it; heartbeats
+//! cost none.
+//!
+//! **Who removes a node that dies without a goodbye**: the holder of the scheduler
+//! lease (one node, see `schedules`), every [`REAP_EVERY`]: a node with an `n` entry
+//! and no claim left is probed (see [`is_alive`]) and, if its run no longer listens,
+//! its entries are deleted (revision-checked, so a node that came back keeps them). A
+//! node that dies so leaves every view within `MEMBER_TTL` of its last heartbeat, plus
+//! `REAP_EVERY`.
+//!
+//! Gaps never empty the view: a node leaves it only when its entries are deleted (its
+//! goodbye, or the reaper after a probe), or when a whole read after a gap lacks it and
+//! a probe confirms that its run no longer listens. A watch that ends, or a connection
+//! that comes back, reads what the node watches whole again. So the loss of the server
+//! that leads the buckets (whose replicas then take 4-9 s to elect a new leader, with
+//! heartbeats unanswered meanwhile, so claims may expire) costs no member: the probe
+//! finds the node alive, and its next heartbeat claims its name again. The same probe
+//! lets a node restarted after a crash take its name at once.
+//!
+//! Earlier builds of daffi 0.1 kept everything, heartbeats included, in one bucket
+//! `<ns>-members` that every node watched (n² messages a second): they and these nodes
+//! do not see each other; upgrade every node of a mesh together. The old bucket is
+//! left as it is (`nats kv rm <ns>-members` removes it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,20 +46,26 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::subjects::{escape, unescape, Subjects};
+use super::subjects::{
+    self, escape, node_key, parse_nodes_key, provider_key, NodesKey, Subjects, EVERY_NODE,
+};
 use super::{unreachable_by, NatsMesh};
 use crate::error::{Error, Result};
+use crate::mesh::Scope;
 use crate::protocol::message::{self, Member, MembershipEvent};
 
-/// How long an entry lives without a heartbeat: a node that dies leaves every view
-/// within this (after its last heartbeat). Long enough to ride out the loss of the
-/// server that leads the bucket: its replicas elect a new leader within NATS's
-/// election timeout (at most 9 s), which then expires what is older than this at
-/// once, before the heartbeats held up meanwhile land.
+/// How long a claim lives without a heartbeat: a node that dies leaves every view
+/// within this (after its last heartbeat) plus [`REAP_EVERY`]. Long enough to ride out
+/// the loss of the server that leads the bucket: its replicas elect a new leader within
+/// NATS's election timeout (at most 9 s), which then expires what is older than this
+/// at once, before the heartbeats held up meanwhile land.
 pub const MEMBER_TTL: Duration = Duration::from_secs(12);
 
-/// How often a node renews its entry.
+/// How often a node renews its claim.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How often the holder of the scheduler lease looks for nodes whose claim expired.
+pub const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// How long one request to a KV bucket (a heartbeat, the lease, a claim) waits for
 /// the server, for sending and again for its acknowledgment: while the replicas of a
@@ -44,16 +74,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// two, so that they land as soon as there is a leader again.
 pub const KV_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long the membership watch may deliver nothing before it is started again: each
-/// node's own heartbeat comes through it every [`HEARTBEAT`], so silence means the
-/// watch lost its server (the async-nats ordered consumer itself notices only after
-/// 10 s).
-const WATCH_STALL: Duration = Duration::from_secs(3);
-
-/// How long a node that resumes its watch after a gap may have missed changes and
-/// still resume from the last one it saw: deletes and expiry markers stay in the
-/// bucket for [`MEMBER_TTL`]; after a longer gap the view is read whole again.
-const RESUME_WITHIN: Duration = Duration::from_secs(6);
+/// How long the marker of a deleted entry stays in the nodes bucket: long enough for
+/// every watch to see it; then it goes, so that names used once cost nothing forever.
+const MARKER_TTL: Duration = Duration::from_secs(60);
 
 /// How long starting a watch may take (creating its consumer on the bucket's leader).
 const WATCH_SETUP: Duration = Duration::from_secs(2);
@@ -65,12 +88,20 @@ const WATCH_RETRY: Duration = Duration::from_millis(250);
 /// once when nobody listens.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How long a watch may deliver nothing of a bucket that holds values before the node
-/// stops waiting for a whole first view (the values were expiry markers that expired
-/// meanwhile, or the cluster is electing a leader).
+/// How long a watch may deliver nothing of keys that hold values before the node stops
+/// waiting for a whole first view (the cluster is electing a leader).
 const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
-/// This node's entry: what the others know of it.
+/// How long asking for a part of the view waits for the watch to hold it.
+const WANT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This node's claim on its name, in the alive bucket.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Claim {
+    instance: u64,
+}
+
+/// This node's entry `n.<node>`: what the others know of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberRecord {
     /// Tells this run of the node from an earlier one with the same name.
@@ -78,6 +109,13 @@ pub struct MemberRecord {
     /// The callbacks it serves.
     callbacks: Vec<String>,
     /// It began stopping: route nothing new to it.
+    leaving: bool,
+}
+
+/// The entry `c.<callback>.<node>`: the node serves the callback.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Provider {
+    instance: u64,
     leaving: bool,
 }
 
@@ -91,40 +129,105 @@ impl MemberRecord {
         }
     }
 
-    fn encode(&self) -> bytes::Bytes {
-        message::encode(self)
+    fn claim(&self) -> bytes::Bytes {
+        message::encode(&Claim {
+            instance: self.instance,
+        })
+    }
+
+    fn provider(&self) -> bytes::Bytes {
+        message::encode(&Provider {
+            instance: self.instance,
+            leaving: self.leaving,
+        })
     }
 }
 
-/// What the task that owns this node's entry is asked to do.
+/// The two membership buckets.
+#[derive(Clone)]
+pub struct Buckets {
+    /// Claims and heartbeats.
+    pub alive: Store,
+    /// Nodes and providers.
+    pub nodes: Store,
+}
+
+/// What the task that owns this node's entries is asked to do.
 #[derive(Debug)]
 pub enum RecordCommand {
-    /// The callbacks changed, or the connection is back: write the entry now.
+    /// The callbacks changed, or the connection is back: write the entries now.
     Renew,
-    /// Stopping began: mark the entry, so that the others route nothing new here.
+    /// Stopping began: mark the entries, so that the others route nothing new here.
     Leaving,
-    /// Delete the entry and end.
+    /// Delete the entries and end.
     Goodbye,
 }
 
-/// The membership bucket of the mesh, created if it is not there yet (replicated on up
-/// to three servers of the cluster).
-pub async fn open_bucket(
+/// What this node's watch covers: every node, or the providers of these names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wants {
+    everything: bool,
+    names: BTreeSet<String>,
+}
+
+impl Wants {
+    /// Everything from the start (`whole`), or nothing until asked.
+    pub fn new(whole: bool) -> Wants {
+        Wants {
+            everything: whole,
+            names: BTreeSet::new(),
+        }
+    }
+
+    /// Adds `scope`; whether that changed anything.
+    fn add(&mut self, scope: Scope<'_>) -> bool {
+        match scope {
+            Scope::Everything => !std::mem::replace(&mut self.everything, true),
+            Scope::Callback(name) => !self.everything && self.names.insert(name.to_string()),
+        }
+    }
+
+    /// The keys of the nodes bucket to watch.
+    fn filters(&self) -> Vec<String> {
+        if self.everything {
+            vec![EVERY_NODE.to_string()]
+        } else {
+            self.names
+                .iter()
+                .map(|n| subjects::providers_of(n))
+                .collect()
+        }
+    }
+}
+
+/// The membership buckets of the mesh, created if they are not there yet (replicated
+/// on up to three servers of the cluster).
+pub async fn open_buckets(
     client: &async_nats::Client,
     subjects: &Subjects,
     urls: &str,
-) -> Result<Store> {
-    let config = kv::Config {
-        bucket: subjects.members_bucket(),
-        description: "daffi: the nodes of this mesh and their callbacks".into(),
+) -> Result<Buckets> {
+    let alive = kv::Config {
+        bucket: subjects.alive_bucket(),
+        description: "daffi: the claims of the nodes of this mesh on their names".into(),
         history: 1,
         max_age: MEMBER_TTL,
-        // Expiry writes a marker, so that watchers see a node that died leave.
-        limit_markers: Some(MEMBER_TTL),
         num_replicas: replicas(client),
         ..Default::default()
     };
-    open_or_create(client, config, urls, "membership").await
+    let nodes = kv::Config {
+        bucket: subjects.nodes_bucket(),
+        description: "daffi: the nodes of this mesh and the providers of each callback".into(),
+        history: 1,
+        // Allows markers that expire (see MARKER_TTL).
+        limit_markers: Some(MARKER_TTL),
+        num_replicas: replicas(client),
+        ..Default::default()
+    };
+    Ok(Buckets {
+        alive: open_or_create(client, alive, urls, "alive").await?,
+        nodes: open_or_create(client, nodes, urls, "nodes").await?,
+    })
 }
 
 /// How many servers keep a copy of a bucket: up to three of the cluster's.
@@ -160,37 +263,37 @@ pub async fn open_or_create(
     })
 }
 
-/// Takes `name` in the bucket with `record`; its revision. A name held by a node that
-/// still listens on its subject fails with [`Error::DuplicateProcessName`]; one whose
-/// holder no longer does (it crashed, and its entry has not expired yet) is taken
-/// over at once, so that a node restarted after a crash keeps its name.
+/// Takes `name` in the alive bucket for the run `record`; the claim's revision. A name
+/// held by a node that still listens on its subject fails with
+/// [`Error::DuplicateProcessName`]; one whose holder no longer does (it crashed, and its
+/// claim has not expired yet) is taken over at once, so that a node restarted after a
+/// crash keeps its name.
 pub async fn take_name(
     client: &async_nats::Client,
     subjects: &Subjects,
-    bucket: &Store,
+    alive: &Store,
     name: &str,
     record: &MemberRecord,
     urls: &str,
 ) -> Result<u64> {
     let key = escape(name);
-    let unreachable = |e: &dyn std::fmt::Display| {
-        unreachable_by(urls, "could not join the membership bucket: ", e)
-    };
+    let unreachable =
+        |e: &dyn std::fmt::Display| unreachable_by(urls, "could not claim the process name: ", e);
     let duplicate = || Error::DuplicateProcessName {
         process: name.to_string(),
     };
-    match bucket.create(&key, record.encode()).await {
+    match alive.create(&key, record.claim()).await {
         Ok(revision) => return Ok(revision),
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
         Err(e) => return Err(unreachable(&e)),
     }
-    let held = match bucket.entry(&key).await {
+    let held = match alive.entry(&key).await {
         Ok(Some(entry)) if entry.operation == Operation::Put => entry,
         // Deleted or expired meanwhile: the next try creates it.
-        Ok(_) => return Err(unreachable(&"the name's entry changed meanwhile")),
+        Ok(_) => return Err(unreachable(&"the name's claim changed meanwhile")),
         Err(e) => return Err(unreachable(&e)),
     };
-    let holder = match message::decode::<MemberRecord>(&held.value) {
+    let holder = match message::decode::<Claim>(&held.value) {
         Ok(holder) => holder,
         Err(_) => return Err(duplicate()),
     };
@@ -202,14 +305,112 @@ pub async fn take_name(
         return Err(duplicate());
     }
     tracing::info!(process = %name, "the process name was held by a node that no longer listens (it crashed); taking it over");
-    bucket
-        .update(&key, record.encode(), held.revision)
+    alive
+        .update(&key, record.claim(), held.revision)
         .await
         .map_err(|e| match e.kind() {
             // Another node took it first.
             UpdateErrorKind::WrongLastRevision => duplicate(),
             _ => unreachable(&e),
         })
+}
+
+/// Writes this node's entries in the nodes bucket: `n.<node>` first, then one
+/// `c.<callback>.<node>` per callback (so every `c` key is listed in the `n` entry when
+/// it exists). The `c` keys of an earlier run of the name that this run does not serve
+/// are deleted. Fails with why a write failed.
+pub async fn publish(
+    nodes: &Store,
+    name: &str,
+    record: &MemberRecord,
+) -> std::result::Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
+    let key = node_key(name);
+    let earlier = match nodes.entry(&key).await {
+        Ok(Some(entry)) if entry.operation == Operation::Put => {
+            message::decode::<MemberRecord>(&entry.value).ok()
+        }
+        Ok(_) => None,
+        Err(e) => return Err(failed(&e)),
+    };
+    nodes
+        .put(&key, message::encode(record))
+        .await
+        .map_err(|e| failed(&e))?;
+    let provider = record.provider();
+    for callback in &record.callbacks {
+        nodes
+            .put(provider_key(callback, name), provider.clone())
+            .await
+            .map_err(|e| failed(&e))?;
+    }
+    if let Some(earlier) = earlier.filter(|e| e.instance != record.instance) {
+        for callback in earlier.callbacks {
+            if !record.callbacks.contains(&callback) {
+                remove_entry(nodes, &provider_key(&callback, name), None).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `key` (at `revision`, if given), leaving a marker that every watch sees and
+/// that expires after [`MARKER_TTL`]; a failure is logged (the entry stays).
+async fn remove_entry(nodes: &Store, key: &str, revision: Option<u64>) {
+    let removed = match revision {
+        Some(revision) => nodes
+            .purge_expect_revision_with_ttl(key, revision, MARKER_TTL)
+            .await
+            .map_err(|e| e.to_string()),
+        None => nodes
+            .purge_with_ttl(key, MARKER_TTL)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = removed {
+        tracing::debug!(key, error = %e, "could not delete a membership entry");
+    }
+}
+
+/// The entries the run `record` of `name` holds now, each with its revision: its `c`
+/// keys, then its `n` entry (entries of another run are not its own).
+async fn entries_of(nodes: &Store, name: &str, record: &MemberRecord) -> Vec<(String, u64)> {
+    let mut held = Vec::with_capacity(record.callbacks.len() + 1);
+    for callback in &record.callbacks {
+        let key = provider_key(callback, name);
+        if let Some(revision) = revision_of::<Provider>(nodes, &key, |p| p.instance, record).await {
+            held.push((key, revision));
+        }
+    }
+    let key = node_key(name);
+    if let Some(revision) = revision_of::<MemberRecord>(nodes, &key, |r| r.instance, record).await {
+        held.push((key, revision));
+    }
+    held
+}
+
+/// The revision of `key` if it holds a value of the run `record` (`instance` reads it).
+async fn revision_of<T: serde::de::DeserializeOwned>(
+    nodes: &Store,
+    key: &str,
+    instance: impl Fn(&T) -> u64,
+    record: &MemberRecord,
+) -> Option<u64> {
+    match nodes.entry(key).await {
+        Ok(Some(entry)) if entry.operation == Operation::Put => message::decode::<T>(&entry.value)
+            .ok()
+            .filter(|value| instance(value) == record.instance)
+            .map(|_| entry.revision),
+        _ => None,
+    }
+}
+
+/// Deletes `entries`, each at its revision: one written again since (its node came
+/// back) stays.
+async fn remove_entries(nodes: &Store, entries: &[(String, u64)]) {
+    for (key, revision) in entries {
+        remove_entry(nodes, key, Some(*revision)).await;
+    }
 }
 
 /// Whether the run `instance` of the node `name` is alive: it answers probes on its
@@ -243,11 +444,12 @@ pub async fn answer_probes(mesh: Arc<NatsMesh>, mut probes: async_nats::Subscrib
     }
 }
 
-/// Owns this node's entry: renews it every [`HEARTBEAT`] and when asked, marks it at
-/// stop, deletes it at goodbye.
+/// Owns this node's claim and entries: renews the claim every [`HEARTBEAT`], writes the
+/// entries again when asked (and when the claim had expired), marks them at stop,
+/// deletes them at goodbye.
 pub async fn keep_record(
     mesh: Arc<NatsMesh>,
-    bucket: Store,
+    buckets: Buckets,
     mut record: MemberRecord,
     mut revision: u64,
     mut commands: mpsc::UnboundedReceiver<RecordCommand>,
@@ -259,7 +461,15 @@ pub async fn keep_record(
     loop {
         let command = tokio::select! {
             command = commands.recv() => command.unwrap_or(RecordCommand::Goodbye),
-            _ = heartbeat.tick() => RecordCommand::Renew,
+            _ = heartbeat.tick() => {
+                if let Some((new, claimed_again)) = renew(&mesh, &buckets.alive, &key, &record, revision).await {
+                    revision = new;
+                    if claimed_again {
+                        write_entries(&mesh, &buckets.nodes, &record).await;
+                    }
+                }
+                continue;
+            }
         };
         match command {
             RecordCommand::Renew => {}
@@ -267,153 +477,275 @@ pub async fn keep_record(
             RecordCommand::Goodbye => break,
         }
         record.callbacks = mesh.executor.callback_names();
-        if let Some(new) = renew(&mesh, &bucket, &key, &record, revision).await {
-            revision = new;
-        }
+        write_entries(&mesh, &buckets.nodes, &record).await;
     }
-    if let Err(e) = bucket.delete_expect_revision(&key, Some(revision)).await {
-        tracing::debug!(process = %mesh.name, error = %e, "could not delete this node's membership entry; it expires by itself");
+    let entries = entries_of(&buckets.nodes, &mesh.name, &record).await;
+    remove_entries(&buckets.nodes, &entries).await;
+    if let Err(e) = buckets
+        .alive
+        .delete_expect_revision(&key, Some(revision))
+        .await
+    {
+        tracing::debug!(process = %mesh.name, error = %e, "could not delete this node's claim; it expires by itself");
     }
     mesh.finished.send_replace(true);
 }
 
-/// Writes `record` over this node's entry at `revision`; the new revision. When the
-/// entry is not at `revision`, it is looked at: this node's own (a write that timed
-/// out had landed) is written over at its revision; one that expired meanwhile (the
-/// node was cut off longer than [`MEMBER_TTL`]) is created again, unless another node
-/// has taken the name since.
+/// Writes this node's entries; a failure is logged (the next renewal writes them).
+async fn write_entries(mesh: &NatsMesh, nodes: &Store, record: &MemberRecord) {
+    if let Err(e) = publish(nodes, &mesh.name, record).await {
+        tracing::debug!(process = %mesh.name, error = %e, "could not write this node's membership entries; trying again at the next renewal");
+        let _ = mesh.record.send(RecordCommand::Renew);
+    }
+}
+
+/// Writes the claim over its revision `revision`; the new revision, and whether the
+/// claim had to be made again (it had expired: the node was cut off longer than
+/// [`MEMBER_TTL`], and its entries may have been removed). When the claim is not at
+/// `revision`, it is looked at: this node's own (a write that timed out had landed) is
+/// written over at its revision; one that expired is created again, unless another
+/// node has taken the name since.
 async fn renew(
     mesh: &NatsMesh,
-    bucket: &Store,
+    alive: &Store,
     key: &str,
     record: &MemberRecord,
     revision: u64,
-) -> Option<u64> {
+) -> Option<(u64, bool)> {
     let failed = |e: &dyn std::fmt::Display| {
-        tracing::debug!(process = %mesh.name, error = %e, "could not renew this node's membership entry; trying again at the next heartbeat");
+        tracing::debug!(process = %mesh.name, error = %e, "could not renew this node's claim; trying again at the next heartbeat");
         None
     };
-    let e = match bucket.update(key, record.encode(), revision).await {
-        Ok(revision) => return Some(revision),
+    let e = match alive.update(key, record.claim(), revision).await {
+        Ok(revision) => return Some((revision, false)),
         Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
         Err(e) => return failed(&e),
     };
-    let current = match bucket.entry(key).await {
+    let current = match alive.entry(key).await {
         Ok(current) => current,
         Err(_) => return failed(&e),
     };
-    let result = match current {
+    match current {
         Some(entry) if entry.operation == Operation::Put => {
-            match message::decode::<MemberRecord>(&entry.value) {
-                Ok(theirs) if theirs.instance == record.instance => bucket
-                    .update(key, record.encode(), entry.revision)
+            match message::decode::<Claim>(&entry.value) {
+                Ok(theirs) if theirs.instance == record.instance => alive
+                    .update(key, record.claim(), entry.revision)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_or_else(|e| failed(&e), |r| Some((r, false))),
                 _ => {
                     tracing::error!(process = %mesh.name, "another node took this node's process name while this one was cut off; the others now route this name there");
-                    return None;
+                    None
                 }
             }
         }
         _ => {
-            tracing::info!(process = %mesh.name, "this node's membership entry had expired; joining again");
-            bucket
-                .create(key, record.encode())
+            tracing::info!(process = %mesh.name, "this node's claim had expired; joining again");
+            alive
+                .create(key, record.claim())
                 .await
-                .map_err(|e| e.to_string())
+                .map_or_else(|e| failed(&e), |r| Some((r, true)))
         }
-    };
-    result.map_or_else(|e| failed(&e), Some)
+    }
 }
 
-/// Where a watch that ended left off: the last revision applied to the view, and when;
-/// and the run (instance) of each node seen, to probe one whose entry expired.
-#[derive(Default)]
-struct Position {
-    last: Option<(u64, tokio::time::Instant)>,
-    instances: HashMap<String, u64>,
+/// While this node holds the scheduler lease: every [`REAP_EVERY`], removes the nodes
+/// whose claim expired and whose run no longer listens.
+pub async fn reap_dead(mesh: Arc<NatsMesh>, buckets: Buckets) {
+    let mut leading = mesh.schedules.leading();
+    let mut closed = mesh.closed.subscribe();
+    let mut removed = HashSet::new();
+    loop {
+        if !*leading.borrow() {
+            // Another node swept meanwhile: what this one saw is stale.
+            removed.clear();
+        }
+        tokio::select! {
+            _ = super::until(&mut leading, true) => {}
+            _ = super::until(&mut closed, true) => return,
+        }
+        if let Err(e) = reap_once(&mesh, &buckets, &mut removed).await {
+            tracing::debug!(process = %mesh.name, error = %e, "could not look for dead nodes; trying again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REAP_EVERY) => {}
+            _ = super::until(&mut closed, true) => return,
+        }
+    }
 }
 
-impl Position {
-    /// Notes `entry` as applied.
-    fn saw(&mut self, entry: &kv::Entry) {
-        self.last = Some((entry.revision, tokio::time::Instant::now()));
-        if entry.operation == Operation::Put {
-            if let Ok(record) = message::decode::<MemberRecord>(&entry.value) {
-                self.instances.insert(entry.key.clone(), record.instance);
+/// One look for dead nodes: the nodes with an `n` entry and no claim. `removed` holds
+/// the keys seen deleted (their markers stay listed for [`MARKER_TTL`]): not read
+/// again while they are.
+async fn reap_once(
+    mesh: &Arc<NatsMesh>,
+    buckets: &Buckets,
+    removed: &mut HashSet<String>,
+) -> std::result::Result<(), String> {
+    let claimed: HashSet<String> = keys_in(&buckets.alive, ">").await?;
+    let listed = keys_in(&buckets.nodes, EVERY_NODE).await?;
+    removed.retain(|key| listed.contains(key));
+    for key in listed {
+        let Some(NodesKey::Node(name)) = parse_nodes_key(&key) else {
+            continue;
+        };
+        if claimed.contains(&escape(&name)) {
+            removed.remove(&key);
+            continue;
+        }
+        if removed.contains(&key) {
+            continue;
+        }
+        let entry = match buckets.nodes.entry(&key).await {
+            Ok(Some(entry)) if entry.operation == Operation::Put => entry,
+            Ok(_) => {
+                removed.insert(key);
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let Ok(record) = message::decode::<MemberRecord>(&entry.value) else {
+            continue;
+        };
+        // Read before the probe: what the node writes if it comes back meanwhile stays.
+        let entries = entries_of(&buckets.nodes, &name, &record).await;
+        if is_alive(&mesh.client, &mesh.subjects, &name, record.instance).await {
+            tracing::debug!(node = %name, "a node's claim expired, but it is alive: kept");
+            continue;
+        }
+        tracing::info!(process = %mesh.name, node = %name, "a node died without a goodbye; removing it from the mesh");
+        remove_entries(&buckets.nodes, &entries).await;
+    }
+    Ok(())
+}
+
+/// The keys of `store` under `filter` that hold a message (a value, or a marker not
+/// expired yet): read from the stream's subjects, with no consumer.
+async fn keys_in(store: &Store, filter: &str) -> std::result::Result<HashSet<String>, String> {
+    let mut subjects = store
+        .stream
+        .info_with_subjects(format!("{}{filter}", store.prefix))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = HashSet::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.map_err(|e| e.to_string())?;
+        if let Some(key) = subject.strip_prefix(store.prefix.as_str()) {
+            keys.insert(key.to_string());
+        }
+    }
+    Ok(keys)
+}
+
+/// Asks the watch to hold `scope` and waits until it does (a whole read of it).
+pub async fn want(mesh: &NatsMesh, scope: Scope<'_>) -> Result<()> {
+    let membership = &mesh.membership;
+    let mut version = membership.subscribe();
+    if membership.covers(scope) {
+        return Ok(());
+    }
+    mesh.check_ready()?;
+    membership.subscribing(scope);
+    mesh.wants.send_if_modified(|w| w.add(scope));
+    let mut stopped = mesh.stopped.subscribe();
+    let deadline = tokio::time::Instant::now() + WANT_TIMEOUT;
+    while !membership.covers(scope) {
+        tokio::select! {
+            _ = version.changed() => {}
+            _ = super::until(&mut stopped, true) => return Err(Error::Stopped),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Error::timeout("learning the providers from the NATS cluster", WANT_TIMEOUT));
             }
         }
     }
-
-    /// The revision to resume after, if the gap is short enough to have missed no
-    /// delete (see [`RESUME_WITHIN`]).
-    fn resume_after(&self) -> Option<u64> {
-        self.last
-            .filter(|(_, at)| at.elapsed() < RESUME_WITHIN)
-            .map(|(revision, _)| revision)
-    }
+    Ok(())
 }
 
-/// Keeps the view current: a watch of the bucket while connected, started again when
-/// it ends, stalls or the connection comes back. The view is never cleared by a gap: a
-/// new watch resumes after the last change seen (or reads the bucket whole after a
-/// long gap). `first` gets the first view's outcome.
-pub async fn watch_members(mesh: Arc<NatsMesh>, bucket: Store, first: oneshot::Sender<Result<()>>) {
+/// What this node's watch has seen of each node: the run, the callbacks (all of them,
+/// or those watched), and whether it is stopping.
+#[derive(Default)]
+struct Table {
+    nodes: HashMap<String, Known>,
+}
+
+struct Known {
+    instance: u64,
+    callbacks: BTreeSet<String>,
+    leaving: bool,
+}
+
+/// Keeps the view current: a watch of what this node wants, while connected, started
+/// again when it ends, when the connection comes back, or when this node wants more.
+/// Each start reads what it watches whole. `first` gets the first view's outcome.
+pub async fn watch_members(mesh: Arc<NatsMesh>, nodes: Store, first: oneshot::Sender<Result<()>>) {
     let mut first = Some(first);
-    let mut position = Position::default();
+    let mut table = Table::default();
     let mut connected = mesh.connected.subscribe();
     let mut closed = mesh.closed.subscribe();
+    let mut wants = mesh.wants.subscribe();
     loop {
         tokio::select! {
             _ = super::until(&mut connected, true) => {}
             _ = super::until(&mut closed, true) => return,
         }
-        let session = follow_bucket(&mesh, &bucket, &mut first, &mut position);
+        let wanted = wants.borrow_and_update().clone();
+        let session = follow_bucket(&mesh, &nodes, &wanted, &mut first, &mut table);
         tokio::select! {
             reason = session => {
                 tracing::debug!(process = %mesh.name, %reason, "the membership watch ended; starting it again");
                 tokio::time::sleep(WATCH_RETRY).await;
             }
+            _ = wants.changed() => {}
             _ = super::until(&mut connected, false) => {}
             _ = super::until(&mut closed, true) => return,
         }
     }
 }
 
-/// One watch of the bucket: after a short gap, the changes since `position`; else its
-/// current state as the view, then every change. Returns why it ended.
+/// One watch of the keys `wanted` names: their current state as the view, then every
+/// change. Returns why it ended.
 async fn follow_bucket(
     mesh: &Arc<NatsMesh>,
-    bucket: &Store,
+    nodes: &Store,
+    wanted: &Wants,
     first: &mut Option<oneshot::Sender<Result<()>>>,
-    position: &mut Position,
+    table: &mut Table,
 ) -> String {
-    let resume_after = position.resume_after();
-    tracing::debug!(process = %mesh.name, ?resume_after, "membership watch starting");
-    let mut watch = match resume_after {
-        Some(revision) => match start_watch(bucket.watch_all_from_revision(revision + 1)).await {
-            Ok(watch) => watch,
-            Err(e) => return e,
-        },
-        None => match read_whole(mesh, bucket, position).await {
-            Ok(watch) => watch,
+    let filters = wanted.filters();
+    tracing::debug!(process = %mesh.name, ?filters, "membership watch starting");
+    let mut watch = if filters.is_empty() {
+        None
+    } else {
+        match read_whole(mesh, nodes, &filters, table).await {
+            Ok(watch) => Some(watch),
             Err(reason) => return reason,
-        },
+        }
     };
+    mark_covered(mesh, wanted);
     if let Some(first) = first.take() {
         let _ = first.send(Ok(()));
     }
+    let Some(watch) = &mut watch else {
+        return std::future::pending().await;
+    };
     loop {
-        match tokio::time::timeout(WATCH_STALL, watch.next()).await {
-            Ok(Some(Ok(entry))) => apply(mesh, &entry, position),
-            Ok(Some(Err(e))) => return format!("watch: {e}"),
-            Ok(None) => return "the watch ended".into(),
-            Err(_) => {
-                return format!(
-                    "no change came for {WATCH_STALL:?}, not even this node's heartbeat"
-                )
-            }
+        match watch.next().await {
+            Some(Ok(entry)) => apply(mesh, &entry, table),
+            Some(Err(e)) => return format!("watch: {e}"),
+            None => return "the watch ended".into(),
         }
+    }
+}
+
+/// Tells the view that it holds what `wanted` names, kept current.
+fn mark_covered(mesh: &NatsMesh, wanted: &Wants) {
+    let membership = &mesh.membership;
+    let mut scopes: Vec<Scope<'_>> = wanted.names.iter().map(|n| Scope::Callback(n)).collect();
+    if wanted.everything {
+        scopes.push(Scope::Everything);
+    }
+    for scope in scopes {
+        let generation = membership.subscribing(scope);
+        membership.subscribed(scope, generation);
     }
 }
 
@@ -429,22 +761,35 @@ pub async fn start_watch(
     }
 }
 
-/// Starts a watch with the bucket's current state and makes that the view; the watch,
-/// for the changes after it.
+/// Whether any key under `filters` holds a message (so a watch of them delivers some).
+async fn any_key(nodes: &Store, filters: &[String]) -> std::result::Result<bool, String> {
+    for filter in filters {
+        let mut subjects = nodes
+            .stream
+            .info_with_subjects(format!("{}{filter}", nodes.prefix))
+            .await
+            .map_err(|e| format!("bucket info: {e}"))?;
+        if let Some(found) = subjects.next().await {
+            found.map_err(|e| format!("bucket info: {e}"))?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Starts a watch of `filters` with their current state and makes that the view (a
+/// node in the view that is no longer there is removed once a probe confirms that it
+/// is gone); the watch, for the changes after it.
 async fn read_whole(
     mesh: &Arc<NatsMesh>,
-    bucket: &Store,
-    position: &mut Position,
+    nodes: &Store,
+    filters: &[String],
+    table: &mut Table,
 ) -> std::result::Result<kv::Watch, String> {
-    let values = match bucket.status().await {
-        Ok(status) => status.values(),
-        Err(e) => return Err(format!("bucket status: {e}")),
-    };
-    // Each entry's current value first, then the changes (`watch_all` gives only the
-    // changes: the view would wait for the others' heartbeats).
-    let mut watch = start_watch(bucket.watch_with_history(">")).await?;
+    let any = any_key(nodes, filters).await?;
+    let mut watch = start_watch(nodes.watch_many_with_history(filters)).await?;
     let mut snapshot = Vec::new();
-    let mut complete = values == 0;
+    let mut complete = !any;
     while !complete {
         let entry = match tokio::time::timeout(SNAPSHOT_QUIET, watch.next()).await {
             Err(_) => break,
@@ -455,18 +800,16 @@ async fn read_whole(
         complete = entry.delta == 0;
         snapshot.push(entry);
     }
-    tracing::debug!(process = %mesh.name, values, read = snapshot.len(), complete, "membership read whole");
-    for entry in &snapshot {
-        apply(mesh, entry, position);
+    tracing::debug!(process = %mesh.name, read = snapshot.len(), complete, "membership read whole");
+    let before = std::mem::take(&mut table.nodes);
+    for entry in snapshot.iter().filter(|e| e.operation == Operation::Put) {
+        apply(mesh, entry, table);
     }
     if complete {
-        // A node in the view with no entry left: it expired while no watch ran (or the
-        // bucket answered from a replica that lags). Removed only once confirmed.
-        let listed: HashSet<&str> = snapshot.iter().map(|e| e.key.as_str()).collect();
+        let listed = &table.nodes;
         for (name, _) in mesh.membership.members() {
-            let key = escape(&name);
-            if !listed.contains(key.as_str()) {
-                let instance = position.instances.get(&key).copied();
+            if !listed.contains_key(&name) {
+                let instance = before.get(&name).map(|k| k.instance);
                 tokio::spawn(confirm_gone(mesh.clone(), name, instance));
             }
         }
@@ -474,65 +817,114 @@ async fn read_whole(
     Ok(watch)
 }
 
-/// Applies one change of the bucket to the view. An entry that expired is first
-/// confirmed: its node is removed only if nobody listens on its subject (a live node
-/// whose heartbeats were held up while the bucket elected a leader stays, and writes
-/// its entry again at its next heartbeat).
-fn apply(mesh: &Arc<NatsMesh>, entry: &kv::Entry, position: &mut Position) {
-    position.saw(entry);
-    let Some(event) = event_of(mesh, entry) else {
+/// Applies one change of the nodes bucket to the table and the view.
+fn apply(mesh: &Arc<NatsMesh>, entry: &kv::Entry, table: &mut Table) {
+    let Some(key) = parse_nodes_key(&entry.key) else {
         return;
     };
-    let expired = match entry.operation {
-        // Kept: the node may be alive, and its entry written again.
-        Operation::Purge => position.instances.get(&entry.key).copied(),
-        Operation::Delete => {
-            position.instances.remove(&entry.key);
-            None
-        }
-        Operation::Put => None,
+    let (name, callback) = match key {
+        NodesKey::Node(name) => (name, None),
+        NodesKey::Provider { callback, process } => (process, Some(callback)),
     };
-    match (event, expired) {
-        (MembershipEvent::Left { name }, Some(instance)) => {
-            tokio::spawn(confirm_gone(mesh.clone(), name, Some(instance)));
+    if name == *mesh.name {
+        return;
+    }
+    let event = match entry.operation {
+        Operation::Put => table.put(name, callback, &entry.value),
+        Operation::Delete | Operation::Purge => table.remove(name, callback),
+    };
+    if let Some(event) = event {
+        if !matches!(&event, MembershipEvent::Joined(m) if mesh.membership.is_current(&m.name, &m.callbacks))
+        {
+            mesh.report(mesh.membership.apply(event));
         }
-        (event, _) => mesh.report(mesh.membership.apply(event)),
     }
 }
 
-/// Removes `name`, whose entry expired or is missing, from the view unless its run
-/// `instance` is still alive.
+impl Table {
+    /// An entry of `name` was written (its `n` entry, or its `c` key of `callback`);
+    /// what that changes in the view.
+    fn put(
+        &mut self,
+        name: String,
+        callback: Option<String>,
+        value: &[u8],
+    ) -> Option<MembershipEvent> {
+        let (instance, callbacks, leaving) = match callback {
+            None => {
+                let record = decoded::<MemberRecord>(&name, value)?;
+                let callbacks = record.callbacks.into_iter().collect();
+                (record.instance, callbacks, record.leaving)
+            }
+            Some(callback) => {
+                let provider = decoded::<Provider>(&name, value)?;
+                let mut callbacks = match self.nodes.get(&name) {
+                    Some(known) if known.instance == provider.instance => known.callbacks.clone(),
+                    _ => BTreeSet::new(),
+                };
+                callbacks.insert(callback);
+                (provider.instance, callbacks, provider.leaving)
+            }
+        };
+        let was_leaving = self
+            .nodes
+            .get(&name)
+            .is_some_and(|k| k.instance == instance && k.leaving);
+        let member = Member {
+            name: name.clone(),
+            callbacks: callbacks.iter().cloned().collect(),
+        };
+        self.nodes.insert(
+            name.clone(),
+            Known {
+                instance,
+                callbacks,
+                leaving: leaving || was_leaving,
+            },
+        );
+        match (leaving, was_leaving) {
+            (false, false) => Some(MembershipEvent::Joined(member)),
+            (true, false) => Some(MembershipEvent::Leaving { name }),
+            (_, true) => None,
+        }
+    }
+
+    /// An entry of `name` was deleted; what that changes in the view.
+    fn remove(&mut self, name: String, callback: Option<String>) -> Option<MembershipEvent> {
+        let known = self.nodes.get_mut(&name)?;
+        if let Some(callback) = callback {
+            known.callbacks.remove(&callback);
+            if !known.callbacks.is_empty() {
+                return (!known.leaving).then(|| {
+                    MembershipEvent::Updated(Member {
+                        name,
+                        callbacks: known.callbacks.iter().cloned().collect(),
+                    })
+                });
+            }
+        }
+        self.nodes.remove(&name);
+        Some(MembershipEvent::Left { name })
+    }
+}
+
+/// `value` decoded, or `None` (logged).
+fn decoded<T: serde::de::DeserializeOwned>(name: &str, value: &[u8]) -> Option<T> {
+    message::decode::<T>(value)
+        .map_err(
+            |e| tracing::warn!(node = %name, error = %e, "ignored an undecodable membership entry"),
+        )
+        .ok()
+}
+
+/// Removes `name`, whose entries are missing from a whole read, from the view unless
+/// its run `instance` is still alive.
 async fn confirm_gone(mesh: Arc<NatsMesh>, name: String, instance: Option<u64>) {
     if let Some(instance) = instance {
         if is_alive(&mesh.client, &mesh.subjects, &name, instance).await {
-            tracing::info!(process = %mesh.name, node = %name, "a node's membership entry expired or is missing, but the node is alive: kept");
+            tracing::info!(process = %mesh.name, node = %name, "a node's membership entries are missing, but the node is alive: kept");
             return;
         }
     }
     mesh.report(mesh.membership.apply(MembershipEvent::Left { name }));
-}
-
-/// What an entry of the bucket means for the view; `None` for this node's own entry
-/// and for entries no node wrote.
-fn event_of(mesh: &NatsMesh, entry: &kv::Entry) -> Option<MembershipEvent> {
-    let name = unescape(&entry.key)?;
-    if name == *mesh.name {
-        return None;
-    }
-    match entry.operation {
-        Operation::Delete | Operation::Purge => Some(MembershipEvent::Left { name }),
-        Operation::Put => match message::decode::<MemberRecord>(&entry.value) {
-            Ok(record) if record.leaving => Some(MembershipEvent::Leaving { name }),
-            // A heartbeat: nothing changed.
-            Ok(record) if mesh.membership.is_current(&name, &record.callbacks) => None,
-            Ok(record) => Some(MembershipEvent::Joined(Member {
-                name,
-                callbacks: record.callbacks,
-            })),
-            Err(e) => {
-                tracing::warn!(key = %entry.key, error = %e, "ignored an undecodable membership entry");
-                None
-            }
-        },
-    }
 }

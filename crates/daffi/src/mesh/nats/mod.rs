@@ -5,10 +5,13 @@
 //!   the one named by `.on`; never this node. Replies come back on one wildcard inbox
 //!   of this node and complete the calls through a [`Pending`] table (`caller`).
 //! - **incoming requests** arrive on `<ns>.node.<this node>.*` (`incoming`).
-//! - **membership** lives in the replicated JetStream KV bucket `<ns>-members`: one
-//!   key per node, created atomically (unique names), renewed by a heartbeat and
-//!   expired by the bucket's age limit when a node dies; a watch keeps the view current
-//!   (`members`).
+//! - **membership** lives in two replicated JetStream KV buckets (`members`): the
+//!   claims on the names in `<ns>-alive` (created atomically, renewed by a heartbeat,
+//!   expired by the bucket's age limit when a node dies; nobody watches them), and the
+//!   nodes and the providers of each callback in `<ns>-nodes`, written only when
+//!   something changes. A node watches the providers of the names it uses, or every
+//!   node once it asks for them; the holder of the scheduler lease removes the nodes
+//!   that died.
 //! - **streams**, both ways: messages to the caller on its inbox (`<inbox>.s<call id>`),
 //!   to the callee on `<ns>.node.<callee>.~streams`; credit and cancel from the reader,
 //!   probes both ways so that either side learns at once that the other died
@@ -57,7 +60,7 @@ use super::{check_callback_list, Changes, Membership, NodeEvent, Pending};
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
 use crate::executor::Executor;
-use members::{MemberRecord, RecordCommand};
+use members::{MemberRecord, RecordCommand, Wants};
 use schedules::Schedules;
 pub use subjects::check_namespace;
 use subjects::Subjects;
@@ -88,6 +91,9 @@ pub struct NatsConfig {
     /// How long a call without a timeout waits for credit towards a callee that is
     /// behind before it fails with `SlowConsumer` (`stall_timeout`).
     pub stall_timeout: Duration,
+    /// Keep every other node in the view from the start (the membership hooks and a
+    /// producer of streams need it); otherwise only what the node asks for.
+    pub whole_view: bool,
 }
 
 /// A node's side of a NATS cluster: everything its tasks share.
@@ -100,6 +106,8 @@ pub struct NatsMesh {
     client: async_nats::Client,
     executor: Arc<Executor>,
     membership: Membership,
+    /// What the membership watch covers (see `members`).
+    wants: watch::Sender<Wants>,
     /// Calls this node waits on; failed (not closed) when the connection drops.
     pending: Arc<Pending>,
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
@@ -143,8 +151,8 @@ pub struct NatsMesh {
 }
 
 impl NatsMesh {
-    /// Connects, opens the buckets and takes this node's name in the membership bucket
-    /// (each step tried again until `connect_timeout` while the cluster is unreachable
+    /// Connects, opens the buckets, takes this node's name and writes its membership
+    /// entries (each step tried again until `connect_timeout` while the cluster is unreachable
     /// or electing leaders), and starts serving; returns once the node has its first
     /// view of the others.
     pub async fn start(
@@ -154,7 +162,7 @@ impl NatsMesh {
     ) -> Result<Arc<Self>> {
         check_namespace(&config.namespace).map_err(Error::Config)?;
         let give_up_at = Instant::now() + config.connect_timeout;
-        let (client, client_events) = connect(&config, give_up_at).await?;
+        let (client, client_events) = connect(&config, &executor.name, give_up_at).await?;
         let chunk_size = client
             .server_info()
             .max_payload
@@ -183,8 +191,8 @@ impl NatsMesh {
         let urls = &config.urls;
         // On a cluster that just started, JetStream answers "no responders" until the
         // buckets' replicas have elected their leaders: these steps are tried again.
-        let bucket = retrying(give_up_at, "opening the membership bucket", || {
-            members::open_bucket(&client, &subjects, urls)
+        let buckets = retrying(give_up_at, "opening the membership buckets", || {
+            members::open_buckets(&client, &subjects, urls)
         })
         .await?;
         let schedules = retrying(give_up_at, "opening the schedule buckets", || {
@@ -192,7 +200,13 @@ impl NatsMesh {
         })
         .await?;
         let revision = retrying(give_up_at, "taking the process name", || {
-            members::take_name(&client, &subjects, &bucket, &name, &record, urls)
+            members::take_name(&client, &subjects, &buckets.alive, &name, &record, urls)
+        })
+        .await?;
+        retrying(give_up_at, "joining the membership", || async {
+            members::publish(&buckets.nodes, &name, &record)
+                .await
+                .map_err(|e| unreachable_by(urls, "could not write the membership entries: ", e))
         })
         .await?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
@@ -202,7 +216,8 @@ impl NatsMesh {
             subjects,
             client,
             executor,
-            membership: Membership::default(),
+            membership: Membership::new(config.whole_view),
+            wants: watch::channel(Wants::new(config.whole_view)).0,
             pending: Arc::default(),
             served: SentStreams::default(),
             feeds: SentStreams::default(),
@@ -227,13 +242,18 @@ impl NatsMesh {
         tokio::spawn(members::answer_probes(mesh.clone(), probes));
         tokio::spawn(members::keep_record(
             mesh.clone(),
-            bucket.clone(),
+            buckets.clone(),
             record,
             revision,
             record_rx,
         ));
         let (first_view, first_view_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(members::watch_members(mesh.clone(), bucket, first_view));
+        tokio::spawn(members::watch_members(
+            mesh.clone(),
+            buckets.nodes.clone(),
+            first_view,
+        ));
+        tokio::spawn(members::reap_dead(mesh.clone(), buckets));
         tokio::spawn(follow_connection(mesh.clone(), client_events));
         tokio::spawn(schedules::lead(mesh.clone()));
         first_view_rx.await.map_err(|_| Error::Stopped)??;
@@ -369,11 +389,12 @@ fn unreachable_by(urls: &str, reason: &str, cause: impl std::fmt::Display) -> Er
     Error::unreachable(nats_address(urls), format!("{reason}{cause}"))
 }
 
-/// Connects to one of the servers in `config`, retrying until `give_up_at`; fails at
-/// once when a retry cannot help (authentication, TLS, bad options). Returns the client
-/// and its connection events.
+/// Connects the node `name` to one of the servers in `config`, retrying until
+/// `give_up_at`; fails at once when a retry cannot help (authentication, TLS, bad
+/// options). Returns the client and its connection events.
 async fn connect(
     config: &NatsConfig,
+    name: &str,
     give_up_at: Instant,
 ) -> Result<(
     async_nats::Client,
@@ -382,7 +403,7 @@ async fn connect(
     let servers = server_addresses(&config.urls)?;
     retrying(give_up_at, "connecting to NATS", || async {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let options = connect_options(config, events_tx).await?;
+        let options = connect_options(config, name, events_tx).await?;
         match options.connect(servers.as_slice()).await {
             Ok(client) => Ok((client, events_rx)),
             Err(e) => Err(connect_error(config, e)),
@@ -483,10 +504,12 @@ fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
     Ok(servers)
 }
 
-/// The client's options from the node's: credentials, token, TLS, and its events sent
-/// to `events`.
+/// The client's options from the node's: credentials, token, TLS, its name (the node
+/// `name`, so that the server's monitoring shows which node a connection is), and its
+/// events sent to `events`.
 async fn connect_options(
     config: &NatsConfig,
+    name: &str,
     events: mpsc::UnboundedSender<async_nats::Event>,
 ) -> Result<async_nats::ConnectOptions> {
     let mut options = match &config.credentials {
@@ -507,6 +530,7 @@ async fn connect_options(
         options = options.require_tls(true).tls_client_config(tls.clone());
     }
     Ok(options
+        .name(name)
         .connection_timeout(config.connect_timeout.min(Duration::from_secs(5)))
         // A call fails once the connection is lost; there is no point in buffering
         // much for a server that is not there.

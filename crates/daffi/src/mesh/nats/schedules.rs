@@ -38,6 +38,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::caller::CALLER;
@@ -166,6 +167,9 @@ struct Held {
 pub struct Schedules {
     tasks: Store,
     lease: Store,
+    /// Whether this node holds the lease now (it also removes the nodes that died:
+    /// see `members`).
+    leading: Arc<watch::Sender<bool>>,
 }
 
 impl Schedules {
@@ -194,7 +198,13 @@ impl Schedules {
         Ok(Schedules {
             tasks: open_or_create(client, tasks, urls, "schedules").await?,
             lease: open_or_create(client, lease, urls, "scheduler lease").await?,
+            leading: Arc::new(watch::channel(false).0),
         })
+    }
+
+    /// Flips with whether this node holds the lease.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.subscribe()
     }
 
     /// Every task in the bucket.
@@ -391,6 +401,14 @@ impl NatsMesh {
             .map(|held| held.task_id)
             .collect();
         for task_id in due {
+            let Some(held) = book.tasks.get(&task_id) else {
+                continue;
+            };
+            // A view of providers holds those of the names asked for: this one's too.
+            let scope = crate::mesh::Scope::Callback(&held.task.callback);
+            if let Err(e) = super::members::want(self, scope).await {
+                tracing::debug!(task_id, error = %e, "could not learn the providers of a scheduled callback");
+            }
             let Some(held) = book.tasks.get(&task_id) else {
                 continue;
             };
@@ -649,6 +667,11 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         if Instant::now() >= next_renewal {
             next_renewal = Instant::now() + LEASE_RENEW;
             hold_or_take(&mesh, &mut lease).await;
+            mesh.schedules.leading.send_if_modified(|l| {
+                let changed = *l != lease.holds();
+                *l = lease.holds();
+                changed
+            });
         }
         let mut wake = next_renewal;
         if !lease.holds() {
@@ -679,6 +702,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
             _ = super::until(&mut closed, true) => break,
         }
     }
+    mesh.schedules.leading.send_replace(false);
     if let Some(revision) = lease.revision {
         // Another node takes over at its next try, not after the lease's age limit.
         let _ = mesh

@@ -6,7 +6,9 @@
 //! - `<ns>.node.<process>.~streams`: the messages of streams in progress to one node
 //!   (credit, cancel, probes; see `streams`).
 //! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
-//! - KV bucket `<ns>-members`: key = the escaped process name.
+//! - KV bucket `<ns>-alive`: key = the escaped process name (its claim and heartbeat).
+//! - KV bucket `<ns>-nodes`: `n.<process>` (a node and its callbacks) and
+//!   `c.<callback>.<process>` (one provider of a callback), names escaped.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -141,10 +143,56 @@ impl Subjects {
         }
     }
 
-    /// The KV bucket of the membership.
-    pub fn members_bucket(&self) -> String {
-        format!("{}-members", self.namespace)
+    /// The KV bucket of the nodes' claims on their names, renewed by their heartbeats.
+    pub fn alive_bucket(&self) -> String {
+        format!("{}-alive", self.namespace)
     }
+
+    /// The KV bucket of the nodes and the providers of each callback.
+    pub fn nodes_bucket(&self) -> String {
+        format!("{}-nodes", self.namespace)
+    }
+}
+
+/// The key of `process`'s entry in the nodes bucket.
+pub fn node_key(process: &str) -> String {
+    format!("n.{}", escape(process))
+}
+
+/// The key that says `process` serves `callback`, in the nodes bucket.
+pub fn provider_key(callback: &str, process: &str) -> String {
+    format!("c.{}.{}", escape(callback), escape(process))
+}
+
+/// The keys of the nodes bucket that hold every node.
+pub const EVERY_NODE: &str = "n.*";
+
+/// The keys of the nodes bucket that hold the providers of `callback`.
+pub fn providers_of(callback: &str) -> String {
+    format!("c.{}.*", escape(callback))
+}
+
+/// What a key of the nodes bucket names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NodesKey {
+    /// `n.<process>`.
+    Node(String),
+    /// `c.<callback>.<process>`.
+    Provider { callback: String, process: String },
+}
+
+/// The names in a key of the nodes bucket; `None` for a key no node wrote.
+pub fn parse_nodes_key(key: &str) -> Option<NodesKey> {
+    let mut tokens = key.split('.');
+    let parsed = match (tokens.next()?, tokens.next()?, tokens.next()) {
+        ("n", process, None) => NodesKey::Node(unescape(process)?),
+        ("c", callback, Some(process)) => NodesKey::Provider {
+            callback: unescape(callback)?,
+            process: unescape(process)?,
+        },
+        _ => return None,
+    };
+    tokens.next().is_none().then_some(parsed)
 }
 
 #[cfg(test)]
@@ -214,6 +262,26 @@ mod tests {
             Subjects::caller_of(&format!("{inbox}.17")).as_deref(),
             Some("c a.1")
         );
+    }
+
+    #[test]
+    fn nodes_bucket_keys_name_their_process_and_callback() {
+        assert_eq!(node_key("w.1"), "n.w=2E1");
+        assert_eq!(provider_key("f*", "w.1"), "c.f=2A.w=2E1");
+        assert_eq!(
+            parse_nodes_key(&node_key("w.1")),
+            Some(NodesKey::Node("w.1".into()))
+        );
+        assert_eq!(
+            parse_nodes_key(&provider_key("f.g", "w 1")),
+            Some(NodesKey::Provider {
+                callback: "f.g".into(),
+                process: "w 1".into()
+            })
+        );
+        for bad in ["x.a", "n.a.b", "c.a", "c.a.b.c", "n.=ZZ"] {
+            assert_eq!(parse_nodes_key(bad), None, "{bad}");
+        }
     }
 
     #[test]
