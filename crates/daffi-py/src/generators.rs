@@ -30,7 +30,9 @@ pub fn generator_handler(function: Py<PyAny>) -> Handler {
                 .call(args, Some(&kwargs))
                 .and_then(|made| made.try_iter())
                 .map_err(|e| CallbackFailure::failed(describe(py, &e)))?;
-            Ok(Box::new(GeneratorItems(Some(generator.unbind()))) as ItemIter)
+            Ok(ItemIter::of_payloads(GeneratorItems(Some(
+                generator.unbind(),
+            ))))
         })
     }))
 }
@@ -110,7 +112,7 @@ enum State {
 
 /// The items, made one per poll; dropping the stream closes the generator.
 fn items(state: State) -> ItemStream {
-    Box::pin(futures_util::stream::unfold(state, |state| async move {
+    ItemStream::of_payloads(futures_util::stream::unfold(state, |state| async move {
         let running = match state {
             State::Ended => return None,
             State::Running(running) => running,

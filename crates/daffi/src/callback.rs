@@ -17,6 +17,8 @@ use crate::protocol::message::RemoteErrorKind;
 use crate::Blob;
 use daffi_wire::Payload;
 
+use crate::mesh::ItemBatch;
+
 mod args;
 
 pub use args::{decode_args, Param, Signature};
@@ -85,10 +87,148 @@ impl Handler {
     }
 }
 
-/// The encoded items of a sync stream callback.
-pub type ItemIter = Box<dyn Iterator<Item = Outcome> + Send>;
-/// The encoded items of an async stream callback.
-pub type ItemStream = Pin<Box<dyn futures_core::Stream<Item = Outcome> + Send>>;
+/// The items of a sync stream callback, each encoded straight into the batch that
+/// carries it.
+pub struct ItemIter(Box<dyn MakeItems>);
+
+/// The items of an async stream callback (or of a caller's `stream_from`), each encoded
+/// straight into the batch that carries it.
+pub struct ItemStream(Box<dyn PollItems>);
+
+impl ItemIter {
+    /// Items encoded already (a Python generator's).
+    pub fn of_payloads(items: impl Iterator<Item = Outcome> + Send + 'static) -> Self {
+        ItemIter(Box::new(Made::<_, Payloads>::new(items)))
+    }
+
+    /// Makes the next item, and adds it to the batch `into` lends; `None` once the items
+    /// ran out.
+    pub(crate) fn next_into(&mut self, into: &mut dyn Fill) -> Option<Result<(), CallbackFailure>> {
+        self.0.next_into(into)
+    }
+}
+
+impl ItemStream {
+    /// Items encoded already (a Python async generator's).
+    pub fn of_payloads(items: impl futures_core::Stream<Item = Outcome> + Send + 'static) -> Self {
+        ItemStream(Box::new(Made::<_, Payloads>::new(Box::pin(items))))
+    }
+
+    /// Polls for the next item, and adds it to `batch`; `None` once the items ran out.
+    pub(crate) fn poll_next_into(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        batch: &mut ItemBatch,
+    ) -> std::task::Poll<Option<Result<(), CallbackFailure>>> {
+        self.0.poll_next_into(cx, batch)
+    }
+}
+
+/// Lends the batch being filled for as long as one item takes to join it.
+pub(crate) trait Fill {
+    /// Runs `add` on the batch.
+    fn fill(
+        &mut self,
+        add: &mut dyn FnMut(&mut ItemBatch) -> Result<(), CallbackFailure>,
+    ) -> Result<(), CallbackFailure>;
+}
+
+impl Fill for ItemBatch {
+    fn fill(
+        &mut self,
+        add: &mut dyn FnMut(&mut ItemBatch) -> Result<(), CallbackFailure>,
+    ) -> Result<(), CallbackFailure> {
+        add(self)
+    }
+}
+
+/// A sync stream callback's items (see [`ItemIter`]).
+trait MakeItems: Send {
+    fn next_into(&mut self, into: &mut dyn Fill) -> Option<Result<(), CallbackFailure>>;
+}
+
+/// An async stream callback's items (see [`ItemStream`]).
+trait PollItems: Send {
+    fn poll_next_into(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        batch: &mut ItemBatch,
+    ) -> std::task::Poll<Option<Result<(), CallbackFailure>>>;
+}
+
+/// Items from `S` (an iterator, or a boxed stream), joining a batch the way `K` says.
+struct Made<S, K> {
+    items: S,
+    kind: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<S, K> Made<S, K> {
+    fn new(items: S) -> Self {
+        Made {
+            items,
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+/// How an item of type `X` joins a batch.
+trait Join<X> {
+    fn join(item: X, into: &mut dyn Fill) -> Result<(), CallbackFailure>;
+}
+
+/// Items that are values, encoded as they join.
+struct Values;
+
+/// Items encoded already (or failures).
+struct Payloads;
+
+impl<T: Serialize> Join<T> for Values {
+    fn join(item: T, into: &mut dyn Fill) -> Result<(), CallbackFailure> {
+        // As `encode_reply`: a `Vec<u8>` goes as the `Blob` it becomes, without a copy.
+        let item = codec::into_vec(item).map(Blob::from);
+        into.fill(&mut |batch| {
+            match &item {
+                Ok(blob) => batch.push_value(blob),
+                Err(value) => batch.push_value(value),
+            }
+            .map_err(encode_failure)
+        })
+    }
+}
+
+impl Join<Outcome> for Payloads {
+    fn join(item: Outcome, into: &mut dyn Fill) -> Result<(), CallbackFailure> {
+        let mut item = Some(item?);
+        into.fill(&mut |batch| match item.take() {
+            Some(item) => batch.push(item).map_err(CallbackFailure::failed),
+            None => Ok(()),
+        })
+    }
+}
+
+impl<I: Iterator + Send, K: Join<I::Item>> MakeItems for Made<I, K> {
+    fn next_into(&mut self, into: &mut dyn Fill) -> Option<Result<(), CallbackFailure>> {
+        let item = self.items.next()?;
+        Some(K::join(item, into))
+    }
+}
+
+impl<S: futures_core::Stream + Send, K: Join<S::Item>> PollItems for Made<Pin<Box<S>>, K> {
+    fn poll_next_into(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        batch: &mut ItemBatch,
+    ) -> std::task::Poll<Option<Result<(), CallbackFailure>>> {
+        self.items
+            .as_mut()
+            .poll_next(cx)
+            .map(|item| item.map(|item| K::join(item, batch)))
+    }
+}
+
+fn encode_failure(e: String) -> CallbackFailure {
+    CallbackFailure::failed(format!("could not encode the result: {e}"))
+}
 
 /// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
 /// as the [`Blob`] it becomes without a copy: from its own memory, kept for the next
@@ -98,7 +238,7 @@ pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
         Ok(bytes) => encode_value(&codec::owned_blob(bytes)),
         Err(value) => encode_value(&value),
     };
-    encoded.map_err(|e| CallbackFailure::failed(format!("could not encode the result: {e}")))
+    encoded.map_err(encode_failure)
 }
 
 /// A value a registered closure may return.
@@ -374,43 +514,23 @@ stream_callback!(A1, A2, A3, A4, A5, A6);
 stream_callback!(A1, A2, A3, A4, A5, A6, A7);
 stream_callback!(A1, A2, A3, A4, A5, A6, A7, A8);
 
-/// The items of an iterator, encoded as they are taken.
+/// The items of an iterator, encoded as they join a batch.
 pub fn iter_items<I>(items: I) -> ItemIter
 where
     I: IntoIterator,
     I::IntoIter: Send + 'static,
     I::Item: Serialize + 'static,
 {
-    Box::new(items.into_iter().map(encode_reply))
+    ItemIter(Box::new(Made::<_, Values>::new(items.into_iter())))
 }
 
-/// The items of a stream, encoded as they come.
+/// The items of a stream, encoded as they join a batch.
 pub fn stream_items<S>(items: S) -> ItemStream
 where
     S: futures_core::Stream + Send + 'static,
     S::Item: Serialize + 'static,
 {
-    Box::pin(EncodedItems(Box::pin(items)))
-}
-
-/// A stream of values, as the encoded items it sends.
-struct EncodedItems<S>(Pin<Box<S>>);
-
-impl<S: futures_core::Stream> futures_core::Stream for EncodedItems<S>
-where
-    S::Item: Serialize,
-{
-    type Item = Outcome;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Outcome>> {
-        self.0
-            .as_mut()
-            .poll_next(cx)
-            .map(|item| item.map(encode_reply))
-    }
+    ItemStream(Box::new(Made::<_, Values>::new(Box::pin(items))))
 }
 
 /// A type whose `pub` `&self` methods are callbacks: implemented by `#[callback]` on an

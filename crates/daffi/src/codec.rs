@@ -17,6 +17,7 @@
 //! Encoding refuses a value nested deeper than the decoder reads (see [`depth`]),
 //! rather than overflow the stack.
 
+use std::borrow::BorrowMut;
 use std::cell::{Cell, RefCell};
 
 use bytes::Bytes;
@@ -64,20 +65,49 @@ thread_local! {
 /// Encodes a value the way every payload is encoded: MessagePack, structs as maps, large
 /// blobs as parts of their own.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Payload, String> {
+    while_encoding(|encoder| match encoder.scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let out = encode_into(value, &mut buf);
+            if buf.capacity() > SMALL {
+                *buf = Vec::with_capacity(SMALL);
+            }
+            out
+        }
+        // A value whose serialization encodes another value on this thread.
+        Err(_) => encode_into(value, &mut Vec::new()),
+    })
+}
+
+/// Encodes a value as [`encode_value`] does, onto the end of `buf` (a stream's batch
+/// being filled: no allocation of its own). `None`: the value is all in `buf`, after
+/// the bytes it held before. `Some`: the value's parts, large blobs in it taken by
+/// reference; `buf` holds what it held before. On `Err`, `buf` is as it was too.
+pub(crate) fn encode_appended<T: Serialize + ?Sized>(
+    value: &T,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Payload>, String> {
+    let start = buf.len();
+    let writer = PartsWriter {
+        start,
+        buf: &mut *buf,
+        done: Payload::default(),
+    };
+    let (encoded, mut done, _) = while_encoding(|_| serialize(value, writer));
+    if encoded.is_err() || !done.is_empty() {
+        if encoded.is_ok() {
+            done.push(Bytes::copy_from_slice(&buf[start..]));
+        }
+        buf.truncate(start);
+    }
+    encoded.map(|()| (!done.is_empty()).then_some(done))
+}
+
+/// Runs `encode` with blobs offering their bytes to the writer.
+fn while_encoding<R>(encode: impl FnOnce(&Encoder) -> R) -> R {
     ENCODER.with(|encoder| {
         let was_encoding = encoder.encoding.replace(true);
-        let out = match encoder.scratch.try_borrow_mut() {
-            Ok(mut buf) => {
-                buf.clear();
-                let out = encode_into(value, &mut buf);
-                if buf.capacity() > SMALL {
-                    *buf = Vec::with_capacity(SMALL);
-                }
-                out
-            }
-            // A value whose serialization encodes another value on this thread.
-            Err(_) => encode_into(value, &mut Vec::new()),
-        };
+        let out = encode(encoder);
         encoder.encoding.set(was_encoding);
         if !was_encoding {
             // An offered blob that was never written (another serializer took it).
@@ -87,21 +117,29 @@ pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Payload, String>
     })
 }
 
-fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Payload, String> {
-    // The serializer owns the writer, and the writer the buffer: one step from a write
-    // to the bytes, as with a plain `Vec`.
-    let writer = PartsWriter {
-        buf: std::mem::take(buf),
-        done: Payload::default(),
-    };
+/// Serializes `value` through `writer`; returns the parts it took by reference (the
+/// rest is in the writer's buffer), and the buffer.
+fn serialize<T: Serialize + ?Sized, B: BorrowMut<Vec<u8>>>(
+    value: &T,
+    writer: PartsWriter<B>,
+) -> (Result<(), String>, Payload, B) {
+    // The serializer owns the writer, and the writer the buffer (or the borrow of it):
+    // one step from a write to the bytes, as with a plain `Vec`.
     let mut serializer = rmp_serde::Serializer::new(writer).with_struct_map();
     let encoded = depth::Limited::new(value)
         .serialize(&mut serializer)
         .map_err(|e| e.to_string());
-    let PartsWriter {
-        buf: written,
-        mut done,
-    } = serializer.into_inner();
+    let PartsWriter { buf, done, .. } = serializer.into_inner();
+    (encoded, done, buf)
+}
+
+fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Payload, String> {
+    let writer = PartsWriter {
+        start: 0,
+        buf: std::mem::take(buf),
+        done: Payload::default(),
+    };
+    let (encoded, mut done, written) = serialize(value, writer);
     *buf = written;
     encoded?;
     // Small values (most arguments and results) are copied into one allocation of their
@@ -116,13 +154,15 @@ fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Pa
     Ok(done)
 }
 
-/// Collects the encoder's output: bytes into `buf`, an offered blob as a part of its own.
-struct PartsWriter {
-    buf: Vec<u8>,
+/// Collects the encoder's output: bytes into `buf` (from `start` on), an offered blob
+/// as a part of its own.
+struct PartsWriter<B> {
+    start: usize,
+    buf: B,
     done: Payload,
 }
 
-impl PartsWriter {
+impl<B: BorrowMut<Vec<u8>>> PartsWriter<B> {
     /// Takes `data` as a part of its own: by reference if it is the offered blob's
     /// bytes, or copied into a pooled buffer if it is large (warm memory, see [`pool`]).
     #[cold]
@@ -133,18 +173,19 @@ impl PartsWriter {
             None if data.len() >= pool::POOLED => pool::copy_of(data),
             None => return false,
         };
-        self.done.push(Bytes::copy_from_slice(&self.buf));
-        self.buf.clear();
+        let buf = self.buf.borrow_mut();
+        self.done.push(Bytes::copy_from_slice(&buf[self.start..]));
+        buf.truncate(self.start);
         self.done.push(part);
         true
     }
 }
 
-impl std::io::Write for PartsWriter {
+impl<B: BorrowMut<Vec<u8>>> std::io::Write for PartsWriter<B> {
     #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if data.len() < BLOB_BY_REFERENCE || !self.take_large(data) {
-            self.buf.extend_from_slice(data);
+            self.buf.borrow_mut().extend_from_slice(data);
         }
         Ok(data.len())
     }

@@ -208,6 +208,10 @@ impl<T: DeserializeOwned> Iterator for BlockingItems<T> {
     type Item = Result<T>;
 
     fn next(&mut self) -> Option<Result<T>> {
+        // The rest of a batch is at hand: no wait, no runtime.
+        if let Some(item) = self.0.batch.next().filter(|_| !self.0.ended) {
+            return Some(self.0.decode(item.into()));
+        }
         let runtime = self.0.runtime.clone();
         let next = std::future::poll_fn(|cx| Pin::new(&mut self.0).poll_next(cx));
         match blocking::wait(&runtime, "stream", next) {

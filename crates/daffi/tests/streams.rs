@@ -14,11 +14,14 @@ use streaming::WINDOW;
 
 const ENTRY: &str = "child_process";
 
+/// The environment variable naming the node a [`reader`] reads from.
+const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
+
 /// Runs a child process in the role the test gave it; ignored in normal runs.
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker)]);
+    common::run_role(&[("worker", worker), ("reader", reader)]);
 }
 
 /// A node serving the shared streaming callbacks.
@@ -29,6 +32,27 @@ fn worker() {
         .expect("worker starts");
     streaming::serve(&g);
     g.join().expect("join");
+}
+
+/// A node reading `endless` on the node named by [`ENV_TARGET`] as
+/// fast as it can, for ever (until it is killed).
+fn reader() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("reader starts");
+    let target = std::env::var(ENV_TARGET).expect("target");
+    g.wait_function_timeout("endless", WAIT)
+        .expect("endless is served");
+    let items = g
+        .call("endless")
+        .on(&target)
+        .stream::<u64>()
+        .expect("stream");
+    for item in items {
+        item.expect("an item");
+    }
+    panic!("the reader was to be killed, not to see its endless stream end");
 }
 
 /// A controller and caller in this process, and one worker; the caller knows the
@@ -183,4 +207,135 @@ fn a_producer_past_its_credit_ends_the_stream_with_a_protocol_error() {
 fn a_timeout_bounds_the_wait_for_each_item() {
     let (cluster, _worker) = cluster_with_worker();
     streaming::timeout_bounds_the_wait_for_each_item(&cluster.caller);
+}
+
+#[test]
+fn a_paused_producer_times_its_reader_out_and_holds_up_no_other_node() {
+    let (mut cluster, producer) = cluster_with_worker();
+    let other = common::unique("other");
+    cluster.spawn_worker(&other);
+    let timeout = Duration::from_millis(500);
+    let mut items = cluster
+        .caller
+        .call("endless")
+        .on(&producer)
+        .timeout(timeout)
+        .stream::<u64>()
+        .expect("stream")
+        .into_iter();
+    assert_eq!(items.next().expect("an item").expect("item"), 1);
+    let pid = cluster.worker(&producer).pid().expect("running");
+    common::pause(pid);
+    // What was in flight arrives (no more than the window), then the wait for the next
+    // item runs out.
+    let mut read = 1u64;
+    let error = loop {
+        match items.next().expect("items, then an error") {
+            Ok(_) => read += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(error, Error::Timeout { after, .. } if after == timeout),
+        "expected Timeout, got {error:?}"
+    );
+    assert!(read <= 1 + WINDOW, "read {read} items past the window");
+    // Meanwhile, calls to another node go on.
+    for i in 0..50i64 {
+        let sum: i64 = cluster
+            .caller
+            .call("sync_add")
+            .args((i, 1))
+            .on(&other)
+            .timeout(WAIT)
+            .fg()
+            .expect("a call to another node beside the paused producer");
+        assert_eq!(sum, i + 1);
+    }
+    // Resumed, the producer hears of the cancel and drops its iterator, having made no
+    // more than its credit ahead of what was read.
+    common::resume(pid);
+    let at_drop: Option<u64> = cluster
+        .caller
+        .call("endless_dropped")
+        .args((WAIT.as_millis() as u64,))
+        .on(&producer)
+        .timeout(WAIT * 2)
+        .fg()
+        .expect("endless_dropped");
+    let at_drop = at_drop.expect("the iterator was dropped");
+    assert!(
+        at_drop <= read + WINDOW,
+        "produced {at_drop} items for a reader of {read} with a credit of {WINDOW}"
+    );
+}
+
+#[test]
+fn a_paused_reader_stops_its_producer_within_its_credit_and_no_other_caller() {
+    let (mut cluster, producer) = cluster_with_worker();
+    let reader_name = common::unique("reader");
+    let reader = common::spawn_child_with(
+        ENTRY,
+        "reader",
+        &reader_name,
+        &cluster.address,
+        &[(ENV_TARGET, &producer)],
+    );
+    let g = cluster.caller.clone();
+    let produced = || -> u64 {
+        g.call("produced")
+            .on(&producer)
+            .timeout(WAIT)
+            .fg()
+            .expect("produced")
+    };
+    // The reader is under way once the producer made more than a window.
+    let started = std::time::Instant::now();
+    while produced() <= 2 * WINDOW {
+        assert!(started.elapsed() < WAIT, "the reader never got going");
+    }
+    let pid = reader.pid().expect("running");
+    common::pause(pid);
+    let at_pause = produced();
+    // The producer settles: nothing new over 100 calls of this second caller to the
+    // same node, which all succeed.
+    let settled = loop {
+        let before = produced();
+        for i in 0..100i64 {
+            let sum: i64 = g
+                .call("sync_add")
+                .args((i, 1))
+                .on(&producer)
+                .timeout(WAIT)
+                .fg()
+                .expect("a call beside the paused reader's stream");
+            assert_eq!(sum, i + 1);
+        }
+        let after = produced();
+        if after == before {
+            break after;
+        }
+        assert!(started.elapsed() < 2 * WAIT, "the producer never stopped");
+    };
+    // The reader had read no more than was made when it stopped; the producer ran at
+    // most its credit (the window) ahead of that.
+    assert!(
+        settled <= at_pause + WINDOW,
+        "made {settled} items, {at_pause} by the reader's pause, with a credit of {WINDOW}"
+    );
+    // Killed, the reader's stream is dropped at the producer.
+    drop(reader);
+    let at_drop: Option<u64> = g
+        .call("endless_dropped")
+        .args((WAIT.as_millis() as u64,))
+        .on(&producer)
+        .timeout(WAIT * 2)
+        .fg()
+        .expect("endless_dropped");
+    assert_eq!(
+        at_drop,
+        Some(settled),
+        "the iterator was dropped, and made no more"
+    );
+    cluster.worker(&producer).kill();
 }

@@ -1,26 +1,26 @@
 //! Sending a stream's items (a stream callback's results, or a caller's arguments): as
 //! the receiver grants credit, in batches of the items that are ready when the last
-//! batch went. An item is never held back waiting for more: a slow producer's items
-//! go one by one at once, a fast producer's join in batches (up to
-//! [`MAX_BATCH_BYTES`](crate::mesh::MAX_BATCH_BYTES)) while the one before goes out.
+//! batch went. Each item is encoded straight into the batch that carries it. An item is
+//! never held back waiting for more: a slow producer's items go one by one at once, a
+//! fast producer's join in batches (up to [`MAX_BATCH_BYTES`](crate::mesh::MAX_BATCH_BYTES))
+//! while the one before goes out.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
-
-use daffi_wire::Payload;
 
 use super::dispatch::panic_failure;
 use super::ItemSink;
-use crate::callback::{CallbackFailure, ItemIter, ItemStream, Outcome};
+use crate::callback::{CallbackFailure, Fill, ItemIter, ItemStream};
 use crate::mesh::{Credit, ItemBatch};
 use crate::sync::lock;
 
 /// What a producer has next.
 enum Next {
-    Item(Payload),
+    /// Items, within the credit.
+    Batch(ItemBatch),
     /// The items ran out, or (`Some`) producing them failed.
     End(Option<CallbackFailure>),
     /// The producer never started (its job was dropped): nothing more to send.
@@ -29,7 +29,8 @@ enum Next {
 
 /// Where a stream's items come from.
 trait Producer {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next>;
+    /// The items ready now (at least one), counted against `credit`, which allows one.
+    fn poll_batch(&mut self, cx: &mut Context<'_>, credit: &mut Credit) -> Poll<Next>;
     /// The sender now holds `credit`: the producer may make that much.
     fn allow(&mut self, credit: Credit);
 }
@@ -39,7 +40,7 @@ trait Producer {
 /// soon as the receiving end cancels or goes, even while it waits for an item.
 pub async fn send_items(items: Result<ItemStream, CallbackFailure>, sink: Box<dyn ItemSink>) {
     match items {
-        Ok(items) => drive(AsyncItems(items), sink).await,
+        Ok(items) => drive(AsyncItems { items, end: None }, sink).await,
         Err(failure) => sink.end(Some(failure)).await,
     }
 }
@@ -61,70 +62,80 @@ async fn drive(mut items: impl Producer, mut sink: Box<dyn ItemSink>) {
             credit = taken;
             items.allow(credit);
         }
-        let first = tokio::select! {
-            next = poll_fn(|cx| items.poll_next(cx)) => next,
+        let next = tokio::select! {
+            next = poll_fn(|cx| items.poll_batch(cx, &mut credit)) => next,
             () = sink.cancelled() => return,
         };
-        let mut batch = ItemBatch::default();
-        let mut next = first;
-        let end = loop {
-            match next {
-                Next::Item(item) => {
-                    credit.take(item.len());
-                    batch.push(item);
+        match next {
+            Next::Batch(batch) => {
+                if !sink.send(batch).await {
+                    return;
                 }
-                Next::End(failure) => break Some(failure),
-                Next::Gone => break None,
             }
-            if !credit.allows_one() || !batch.has_room() {
-                break None;
-            }
-            match poll_fn(|cx| Poll::Ready(items.poll_next(cx))).await {
-                Poll::Ready(more) => next = more,
-                Poll::Pending => break None,
-            }
-        };
-        if batch.is_empty() && end.is_none() {
-            return; // the producer never started
-        }
-        if !batch.is_empty() && !sink.send(batch).await {
-            return;
-        }
-        if let Some(failure) = end {
-            return sink.end(failure).await;
+            Next::End(failure) => return sink.end(failure).await,
+            Next::Gone => return,
         }
     }
 }
 
 /// An async stream's items; a panic while polling becomes its failure.
-struct AsyncItems(ItemStream);
+struct AsyncItems {
+    items: ItemStream,
+    /// How the items ended, once they did, to send after the last batch.
+    end: Option<Option<CallbackFailure>>,
+}
+
+impl AsyncItems {
+    /// Adds the next item to `batch` if it is ready; `false` once none is ready, or
+    /// the items ended.
+    fn poll_one(&mut self, cx: &mut Context<'_>, batch: &mut ItemBatch) -> bool {
+        let polled = catch_unwind(AssertUnwindSafe(|| self.items.poll_next_into(cx, batch)))
+            .unwrap_or_else(|p| Poll::Ready(Some(Err(panic_failure(p)))));
+        match polled {
+            Poll::Pending => false,
+            Poll::Ready(Some(Ok(()))) => true,
+            Poll::Ready(Some(Err(failure))) => {
+                self.end = Some(Some(failure));
+                false
+            }
+            Poll::Ready(None) => {
+                self.end = Some(None);
+                false
+            }
+        }
+    }
+}
 
 impl Producer for AsyncItems {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
-        let polled = catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll_next(cx)))
-            .unwrap_or_else(|p| Poll::Ready(Some(Err(panic_failure(p)))));
-        polled.map(|item| match item {
-            None => Next::End(None),
-            Some(Err(failure)) => Next::End(Some(failure)),
-            Some(Ok(item)) => Next::Item(item),
-        })
+    fn poll_batch(&mut self, cx: &mut Context<'_>, credit: &mut Credit) -> Poll<Next> {
+        let mut batch = ItemBatch::default();
+        while self.end.is_none() && credit.allows_one() && batch.has_room() {
+            let before = batch.item_bytes();
+            if !self.poll_one(cx, &mut batch) {
+                break;
+            }
+            credit.take(batch.item_bytes() - before);
+        }
+        if !batch.is_empty() {
+            return Poll::Ready(Next::Batch(batch));
+        }
+        match self.end.take() {
+            Some(end) => Poll::Ready(Next::End(end)),
+            None => Poll::Pending,
+        }
     }
 
     /// An async stream is polled only while there is credit.
     fn allow(&mut self, _credit: Credit) {}
 }
 
-/// The two halves of a sync iterator's items: the thread that runs the iterator hands
-/// them over ([`ThreadFeed`]), a task sends them ([`ThreadItems`], with
-/// [`send_thread_items`]). The thread advances the iterator only as far as the credit
-/// the task holds.
+/// The two halves of a sync iterator's items: the thread that runs the iterator
+/// encodes them into the batch the two share ([`ThreadFeed`]), a task takes the batch
+/// and sends it ([`ThreadItems`], with [`send_thread_items`]). The thread advances the
+/// iterator only as far as the credit the task holds.
 pub(super) fn thread_items() -> (ThreadFeed, ThreadItems) {
     let handoff = Arc::new(Handoff::default());
-    let items = ThreadItems {
-        handoff: handoff.clone(),
-        taken: VecDeque::new(),
-    };
-    (ThreadFeed(handoff), items)
+    (ThreadFeed(handoff.clone()), ThreadItems { handoff })
 }
 
 #[derive(Default)]
@@ -136,8 +147,9 @@ struct Handoff {
 
 #[derive(Default)]
 struct HandoffState {
-    /// Items made, not yet taken by the sender.
-    queue: VecDeque<Payload>,
+    /// Batches of items made, not yet taken by the sender; the last one fills while
+    /// it has room (it is out on the thread while an item joins it).
+    ready: VecDeque<ItemBatch>,
     /// How the items ended, until the sender takes it.
     end: Option<Option<CallbackFailure>>,
     /// The thread is done: it ended the items, or never ran them.
@@ -153,19 +165,15 @@ struct HandoffState {
 /// The sending task's half of a [`thread_items`] handoff.
 pub(super) struct ThreadItems {
     handoff: Arc<Handoff>,
-    /// Items taken from the handoff together (one lock for all), not yet sent.
-    taken: VecDeque<Payload>,
 }
 
 impl Producer for ThreadItems {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
-        if let Some(item) = self.taken.pop_front() {
-            return Poll::Ready(Next::Item(item));
-        }
+    fn poll_batch(&mut self, cx: &mut Context<'_>, credit: &mut Credit) -> Poll<Next> {
         let mut state = lock(&self.handoff.state);
-        std::mem::swap(&mut state.queue, &mut self.taken);
-        if let Some(item) = self.taken.pop_front() {
-            return Poll::Ready(Next::Item(item));
+        if let Some(batch) = state.ready.pop_front() {
+            drop(state);
+            batch.charge(credit);
+            return Poll::Ready(Next::Batch(batch));
         }
         if let Some(end) = state.end.take() {
             return Poll::Ready(Next::End(end));
@@ -173,7 +181,10 @@ impl Producer for ThreadItems {
         if state.done {
             return Poll::Ready(Next::Gone);
         }
-        state.waker = Some(cx.waker().clone());
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
         Poll::Pending
     }
 
@@ -196,21 +207,27 @@ impl Drop for ThreadItems {
 pub(super) struct ThreadFeed(Arc<Handoff>);
 
 impl ThreadFeed {
-    /// Runs `items` on this thread, handing each item over as soon as it is made, as
-    /// far as the credit allows; stops once the sender is gone.
+    /// Runs `items` on this thread, each item joining the shared batch as soon as it is
+    /// made, as far as the credit allows; stops once the sender is gone.
     pub(super) fn run(self, items: Result<ItemIter, CallbackFailure>) {
         let mut items = match items {
             Ok(items) => items,
             Err(failure) => return self.finish(Some(failure)),
         };
-        while self.wait_for_room() {
-            let next: Option<Outcome> = catch_unwind(AssertUnwindSafe(|| items.next()))
+        let mut room = self.wait_for_room();
+        while room {
+            let mut lend = Lend {
+                handoff: &self.0,
+                room: false,
+            };
+            let next = catch_unwind(AssertUnwindSafe(|| items.next_into(&mut lend)))
                 .unwrap_or_else(|p| Some(Err(panic_failure(p))));
             match next {
                 None => return self.finish(None),
                 Some(Err(failure)) => return self.finish(Some(failure)),
-                Some(Ok(item)) => self.hand_over(item),
+                Some(Ok(())) => {}
             }
+            room = lend.room || self.wait_for_room();
         }
     }
 
@@ -232,40 +249,89 @@ impl ThreadFeed {
         }
     }
 
-    fn hand_over(&self, item: Payload) {
-        let waker = {
-            let mut state = lock(&self.0.state);
-            state.credit.take(item.len());
-            state.queue.push_back(item);
-            state.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
     fn finish(&self, end: Option<CallbackFailure>) {
-        let waker = {
-            let mut state = lock(&self.0.state);
-            state.end = Some(end);
-            state.done = true;
-            state.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        let mut state = lock(&self.0.state);
+        state.end = Some(end);
+        state.done = true;
+        wake_sender(state);
     }
 }
 
 impl Drop for ThreadFeed {
     fn drop(&mut self) {
-        let waker = {
-            let mut state = lock(&self.0.state);
-            state.done = true;
-            state.waker.take()
+        let mut state = lock(&self.0.state);
+        state.done = true;
+        wake_sender(state);
+    }
+}
+
+/// Lends the thread the batch still filling while it encodes one item into it (or a
+/// new one, if it is full): the lock is not held meanwhile, so the sender never waits
+/// on an encoding (it takes the batches before it, or is woken when the item joined).
+struct Lend<'a> {
+    handoff: &'a Handoff,
+    /// Whether the credit allowed another item when the batch went back (then the
+    /// thread need not look again).
+    room: bool,
+}
+
+impl Fill for Lend<'_> {
+    fn fill(
+        &mut self,
+        add: &mut dyn FnMut(&mut ItemBatch) -> Result<(), CallbackFailure>,
+    ) -> Result<(), CallbackFailure> {
+        let batch = {
+            let mut state = lock(&self.handoff.state);
+            if state.ready.back().is_some_and(ItemBatch::has_room) {
+                state.ready.pop_back().unwrap_or_default()
+            } else {
+                ItemBatch::default()
+            }
         };
-        if let Some(waker) = waker {
-            waker.wake();
+        let mut lent = Lent {
+            handoff: self.handoff,
+            room: &mut self.room,
+            before: (batch.items(), batch.item_bytes()),
+            batch,
+        };
+        add(&mut lent.batch)
+    }
+}
+
+/// The shared batch while lent: dropped (even by a panic while encoding), it goes
+/// back, its new item counted against the thread's credit.
+struct Lent<'a> {
+    handoff: &'a Handoff,
+    /// Set to whether the credit allows another item, once the batch is back.
+    room: &'a mut bool,
+    batch: ItemBatch,
+    /// Its items and their bytes when lent.
+    before: (u32, usize),
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        let added = batch.items() > self.before.0;
+        let len = batch.item_bytes() - self.before.1;
+        if !added && batch.is_empty() {
+            return;
         }
+        let mut state = lock(&self.handoff.state);
+        state.ready.push_back(batch);
+        if added {
+            state.credit.take(len);
+        }
+        *self.room = !state.stopped && state.credit.allows_one();
+        wake_sender(state);
+    }
+}
+
+/// Wakes the sender if it waits for items, once the lock is released.
+fn wake_sender(mut state: MutexGuard<'_, HandoffState>) {
+    let waker = state.waker.take();
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }

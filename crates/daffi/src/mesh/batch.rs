@@ -2,8 +2,11 @@
 //! and the batches that carry several items in one message (see docs/PROTOCOL.md,
 //! "Streams": a `StreamItem` with the `BATCH` flag).
 
-use bytes::{Bytes, BytesMut};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+use bytes::Bytes;
 use daffi_wire::Payload;
+use serde::Serialize;
 
 /// Items a stream's receiver grants at first, and tops up to as it consumes them.
 pub const STREAM_WINDOW: u32 = 256;
@@ -85,47 +88,97 @@ pub struct Grant {
     pub bytes: u64,
 }
 
-/// Items on their way out in one message. One item is its own payload, as it came (no
-/// copy, and no batch layout); from the second on, each item is its length (`u32`,
-/// big-endian) and its bytes.
+/// Items on their way out in one message: each item is its length (`u32`, big-endian)
+/// and its bytes, except that a lone item goes as it is (no batch layout). Values are
+/// encoded straight into the batch's buffer; an item of [`COPIED_ITEM`] bytes or more
+/// that arrives encoded goes out from its own memory, without a copy, as do large
+/// blobs inside a value.
 #[derive(Debug, Default)]
 pub struct ItemBatch {
-    /// The first item, until a second one comes.
-    single: Option<Payload>,
-    /// The batch so far, when it holds more than one item.
-    batched: Payload,
-    /// Small items (and lengths) not yet added to `batched`.
-    copied: BytesMut,
+    /// Finished parts: the buffer up to a large item, and the large item's own parts.
+    parts: Payload,
+    /// The items since the last finished part, each with its length in front.
+    buf: Vec<u8>,
     items: u32,
     bytes: usize,
 }
 
-impl ItemBatch {
-    /// Adds `item`.
-    pub fn push(&mut self, item: Payload) {
-        self.items += 1;
-        self.bytes += item.len();
-        if self.items == 1 {
-            self.single = Some(item);
-            return;
-        }
-        if let Some(first) = self.single.take() {
-            self.append(first);
-        }
-        self.append(item);
-    }
+/// What a batch's buffer holds at first: room for many small items.
+const FIRST_CAPACITY: usize = 512;
 
-    fn append(&mut self, item: Payload) {
-        self.copied
-            .extend_from_slice(&(item.len() as u32).to_be_bytes());
+impl ItemBatch {
+    /// Adds an item encoded already.
+    pub fn push(&mut self, item: Payload) -> Result<(), String> {
+        let len = item.len();
+        self.reserve();
+        self.buf.extend_from_slice(&item_len(len)?.to_be_bytes());
         if item.len() < COPIED_ITEM {
             for part in item.parts() {
-                self.copied.extend_from_slice(part);
+                self.buf.extend_from_slice(part);
             }
-            return;
+        } else {
+            self.finish_part();
+            self.parts.append(item);
         }
-        self.batched.push(self.copied.split().freeze());
-        self.batched.append(item);
+        self.count(len);
+        Ok(())
+    }
+
+    /// Encodes `value` into the batch as its next item. On `Err` (or a panic while
+    /// encoding), the batch is as it was.
+    pub fn push_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), String> {
+        self.reserve();
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; ITEM_LEN]);
+        let encoded = catch_unwind(AssertUnwindSafe(|| {
+            crate::codec::encode_appended(value, &mut self.buf)
+        }));
+        let parts = match encoded {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => {
+                self.buf.truncate(at);
+                return Err(e);
+            }
+            Err(panic) => {
+                self.buf.truncate(at);
+                resume_unwind(panic);
+            }
+        };
+        let len = parts
+            .as_ref()
+            .map_or(self.buf.len() - at - ITEM_LEN, Payload::len);
+        let prefix = match item_len(len) {
+            Ok(prefix) => prefix,
+            Err(e) => {
+                self.buf.truncate(at);
+                return Err(e);
+            }
+        };
+        self.buf[at..at + ITEM_LEN].copy_from_slice(&prefix.to_be_bytes());
+        if let Some(parts) = parts {
+            self.finish_part();
+            self.parts.append(parts);
+        }
+        self.count(len);
+        Ok(())
+    }
+
+    fn reserve(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(FIRST_CAPACITY);
+        }
+    }
+
+    fn count(&mut self, len: usize) {
+        self.items += 1;
+        self.bytes += len;
+    }
+
+    /// Moves the buffer into the finished parts.
+    fn finish_part(&mut self) {
+        if !self.buf.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.buf)));
+        }
     }
 
     /// Whether it holds none.
@@ -133,19 +186,45 @@ impl ItemBatch {
         self.items == 0
     }
 
+    /// How many items it holds.
+    pub fn items(&self) -> u32 {
+        self.items
+    }
+
+    /// Bytes of its items (without their lengths).
+    pub fn item_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether another item may join it (it is below [`MAX_BATCH_BYTES`]).
     pub fn has_room(&self) -> bool {
         self.bytes < MAX_BATCH_BYTES
     }
 
+    /// Counts its items against `credit` (which allowed each as it was added).
+    pub fn charge(&self, credit: &mut Credit) {
+        credit.items = credit.items.saturating_sub(self.items);
+        credit.bytes = credit
+            .bytes
+            .saturating_sub(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+    }
+
     /// The message's payload, and whether it is a batch (more than one item).
     pub fn into_payload(mut self) -> (Payload, bool) {
-        if let Some(single) = self.single {
-            return (single, false);
+        self.finish_part();
+        let mut payload = self.parts;
+        if self.items == 1 {
+            payload.advance(ITEM_LEN);
+            return (payload, false);
         }
-        self.batched.push(self.copied.freeze());
-        (self.batched, true)
+        (payload, true)
     }
+}
+
+/// An item's length as a batch writes it; `Err` for an item too large for a stream.
+fn item_len(len: usize) -> Result<u32, String> {
+    u32::try_from(len)
+        .map_err(|_| format!("an item of {len} bytes is too large for a stream (at most 4 GiB)"))
 }
 
 /// The items of a received batch, as slices of its payload (no copy); `Err` names what
@@ -179,7 +258,7 @@ mod tests {
     fn batch_of(items: &[Bytes]) -> (Payload, bool) {
         let mut batch = ItemBatch::default();
         for item in items {
-            batch.push(Payload::from(item.clone()));
+            batch.push(Payload::from(item.clone())).unwrap();
         }
         batch.into_payload()
     }
@@ -203,6 +282,40 @@ mod tests {
         let (payload, batched) = batch_of(&items);
         assert!(batched);
         assert_eq!(split_batch(&payload.into_bytes()).unwrap(), items);
+    }
+
+    #[test]
+    fn values_encode_into_the_batch_as_their_payloads_would() {
+        let blob = crate::Blob::from(vec![9u8; 64 * 1024]);
+        let mut batch = ItemBatch::default();
+        batch.push_value(&1u64).unwrap();
+        batch.push_value(&blob).unwrap();
+        batch.push_value(&"three").unwrap();
+        assert_eq!(batch.items(), 3);
+        let (payload, batched) = batch.into_payload();
+        assert!(batched);
+        assert!(
+            payload.parts().any(|part| part.as_ptr() == blob.as_ptr()),
+            "a large blob goes from its own memory"
+        );
+        let expected: Vec<Bytes> = [
+            crate::codec::encode_value(&1u64),
+            crate::codec::encode_value(&blob),
+            crate::codec::encode_value(&"three"),
+        ]
+        .into_iter()
+        .map(|p| p.unwrap().into_bytes())
+        .collect();
+        assert_eq!(split_batch(&payload.into_bytes()).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_lone_value_goes_without_the_batch_layout() {
+        let mut batch = ItemBatch::default();
+        batch.push_value(&42u64).unwrap();
+        let (payload, batched) = batch.into_payload();
+        assert!(!batched);
+        assert_eq!(payload, crate::codec::encode_value(&42u64).unwrap());
     }
 
     #[test]
