@@ -316,8 +316,8 @@ pub async fn take_name(
 }
 
 /// Writes this node's entries in the nodes bucket: `n.<node>` first, then one
-/// `c.<callback>.<node>` per callback (so every `c` key is listed in the `n` entry when
-/// it exists). The `c` keys of an earlier run of the name that this run does not serve
+/// `c.<callback>.<node>` per callback, sent together (so every `c` key is listed in the
+/// `n` entry when it exists, and a node's callbacks appear together). The `c` keys of an earlier run of the name that this run does not serve
 /// are deleted. Fails with why a write failed.
 pub async fn publish(
     nodes: &Store,
@@ -337,13 +337,16 @@ pub async fn publish(
         .put(&key, message::encode(record))
         .await
         .map_err(|e| failed(&e))?;
+    // All at once: a watcher that sees one of them finds the others stored with it,
+    // even if this process is paused or dies between the acknowledgments.
     let provider = record.provider();
-    for callback in &record.callbacks {
-        nodes
-            .put(provider_key(callback, name), provider.clone())
-            .await
-            .map_err(|e| failed(&e))?;
-    }
+    let puts = record
+        .callbacks
+        .iter()
+        .map(|callback| nodes.put(provider_key(callback, name), provider.clone()));
+    futures_util::future::try_join_all(puts)
+        .await
+        .map_err(|e| failed(&e))?;
     if let Some(earlier) = earlier.filter(|e| e.instance != record.instance) {
         for callback in earlier.callbacks {
             if !record.callbacks.contains(&callback) {
