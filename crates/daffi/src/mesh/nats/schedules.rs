@@ -9,14 +9,15 @@
 //!   (the lease changed) stops firing; one whose renewal goes unanswered (the bucket
 //!   electing a leader) fires on, since runs are claimed one by one (below). A node that
 //!   stops deletes its lease, so that another takes over at once.
-//! - **the others** do not ask the bucket: each subscribes to the subject of the
-//!   lease's key and hears the writes as they are published (a core subscription: no
-//!   consumer, no request). It tries to take the lease only when no renewal came for
-//!   `LEASE_TTL` (plus up to `LEASE_RENEW`, at random), or at once when the holder
-//!   deleted it, and then every second or two until it hears a renewal again. A node
-//!   that joins waits for a renewal first. So a mesh with a leader costs the servers
-//!   one lease write a second, whatever its size (every node tried once a second
-//!   before: at 10,000 nodes, 10,000 JetStream requests a second).
+//! - **the others** do not ask the bucket: the holder announces each write of the
+//!   lease, and its release, with a core message on `<ns>.lease`, which every node
+//!   hears (no consumer, no request). A node tries to take the lease only when no
+//!   renewal came for `LEASE_TTL` (plus up to `LEASE_RENEW`, at random), or at once
+//!   when the holder released it, and then every second or two until it hears a
+//!   renewal again. A node that joins waits for a renewal first. So a mesh with a
+//!   leader costs the servers one lease write a second, whatever its size (every node
+//!   tried once a second before: at 10,000 nodes, 10,000 JetStream requests a second),
+//!   and each node one message a second.
 //! - **a run** is claimed before it is sent: the leader writes the task's next run (or
 //!   deletes a task whose last run this is) with a revision-checked update, and sends
 //!   the run only if that write won. A run is so never sent twice, even by two nodes that
@@ -581,6 +582,7 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
             }
             lease.revision = Some(revision);
             lease.valid_until = started + LEASE_TTL - LEASE_RENEW;
+            announce(mesh, LeaseNews::Renewed).await;
         }
         Err((true, e)) if holding => {
             tracing::debug!(process = %mesh.name, error = %e, "the scheduler lease could not be renewed (no answer); firing on");
@@ -660,7 +662,7 @@ impl Book {
 }
 
 /// When this node next writes the lease: the holder renews it every [`LEASE_RENEW`];
-/// the others try to take it only when it seems gone (see [`Lease::heard`]).
+/// the others try to take it only when it seems gone (see [`Turn::heard`]).
 struct Turn {
     at: Instant,
 }
@@ -698,7 +700,6 @@ impl Turn {
             // The holder stopped: take over at once (spread, so that not every node
             // asks in the same instant).
             LeaseNews::Released => Instant::now() + jitter(LEASE_RENEW / 4),
-            LeaseNews::Taking => return,
         };
     }
 }
@@ -708,60 +709,68 @@ fn jitter(up_to: Duration) -> Duration {
     up_to.mul_f64(fastrand::f64())
 }
 
-/// What a message on the lease's subject says.
+/// What the holder of the lease announces on the mesh's lease subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseNews {
-    /// A write over a revision: the holder renewing it (or a node taking it over a
-    /// deleted one).
+    /// It wrote the lease (took or renewed it).
     Renewed,
-    /// Its holder deleted it (it stopped).
+    /// It deleted the lease (it stopped).
     Released,
-    /// A try to create it: by itself, no sign of a holder.
-    Taking,
 }
 
 impl LeaseNews {
-    /// Reads the headers of a message published on the lease's subject (the requests
-    /// the writers send the bucket, seen as any subscriber sees them).
-    fn of(message: &async_nats::Message) -> LeaseNews {
-        let headers = message.headers.as_ref();
-        let header = |name: &str| {
-            headers
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
-        if matches!(header(KV_OPERATION).as_deref(), Some("DEL" | "PURGE")) {
-            return LeaseNews::Released;
-        }
-        match header(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE.as_ref()) {
-            Some(revision) if revision != "0" => LeaseNews::Renewed,
-            _ => LeaseNews::Taking,
+    const RENEWED: &'static [u8] = b"renewed";
+    const RELEASED: &'static [u8] = b"released";
+
+    fn payload(self) -> Bytes {
+        Bytes::from_static(match self {
+            LeaseNews::Renewed => Self::RENEWED,
+            LeaseNews::Released => Self::RELEASED,
+        })
+    }
+
+    /// The news `payload` tells; `None` for one no node sent.
+    fn of(payload: &[u8]) -> Option<LeaseNews> {
+        match payload {
+            Self::RENEWED => Some(LeaseNews::Renewed),
+            Self::RELEASED => Some(LeaseNews::Released),
+            _ => None,
         }
     }
 }
 
-/// The header that marks a KV delete or purge.
-const KV_OPERATION: &str = "KV-Operation";
+/// Tells the other nodes what became of the lease (a core message: no JetStream
+/// request); a failure is logged (they try to take the lease, and find it held).
+async fn announce(mesh: &NatsMesh, news: LeaseNews) {
+    if let Err(e) = mesh
+        .client
+        .publish(mesh.subjects.lease(), news.payload())
+        .await
+    {
+        tracing::debug!(process = %mesh.name, error = %e, ?news, "could not announce the scheduler lease");
+    }
+}
 
-/// Follows the writes of the lease as they are published (a plain subscription to its
-/// key's subject: no JetStream consumer, no request), so that a node that does not
-/// hold the lease learns of its holder's renewals and release without asking.
+/// Follows the holder's announcements, so that a node that does not hold the lease
+/// learns of its renewals and release without asking the bucket.
 async fn hear_lease(mesh: &NatsMesh) -> Option<async_nats::Subscriber> {
-    let bucket = &mesh.schedules.lease;
-    let prefix = bucket.put_prefix.as_ref().unwrap_or(&bucket.prefix);
-    match mesh.client.subscribe(format!("{prefix}{LEASE_KEY}")).await {
+    match mesh.client.subscribe(mesh.subjects.lease()).await {
         Ok(subscriber) => Some(subscriber),
         Err(e) => {
-            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every second instead");
+            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every second or two instead");
             None
         }
     }
 }
 
-/// The next message about the lease; never, without a subscription.
-async fn next_news(lease: &mut Option<async_nats::Subscriber>) -> Option<LeaseNews> {
+/// The next announcement about the lease (`Ok(None)`: one no node sent); `Err` when
+/// the subscription ended; never, without a subscription.
+async fn next_news(lease: &mut Option<async_nats::Subscriber>) -> Result<Option<LeaseNews>, ()> {
     match lease {
-        Some(subscriber) => subscriber.next().await.map(|m| LeaseNews::of(&m)),
+        Some(subscriber) => match subscriber.next().await {
+            Some(message) => Ok(LeaseNews::of(&message.payload)),
+            None => Err(()),
+        },
         None => std::future::pending().await,
     }
 }
@@ -817,10 +826,10 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
                 }
             },
             heard = next_news(&mut news) => match heard {
-                // The holder hears its own renewals: nothing to learn.
-                Some(heard) if lease.revision.is_none() => turn.heard(heard),
-                Some(_) => {}
-                None => news = None,
+                // The holder hears its own announcements: nothing to learn.
+                Ok(Some(heard)) if lease.revision.is_none() => turn.heard(heard),
+                Ok(_) => {}
+                Err(()) => news = None,
             },
             _ = super::until(&mut connected, false) => book.forget(),
             _ = super::until(&mut closed, true) => break,
@@ -835,6 +844,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
             .lease
             .delete_expect_revision(LEASE_KEY, Some(revision))
             .await;
+        announce(&mesh, LeaseNews::Released).await;
     }
 }
 
