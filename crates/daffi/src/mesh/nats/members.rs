@@ -61,8 +61,10 @@ use crate::protocol::message::{self, Member, MembershipEvent};
 /// at once, before the heartbeats held up meanwhile land.
 pub const MEMBER_TTL: Duration = Duration::from_secs(12);
 
-/// How often a node renews its claim.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a node renews its claim: a quarter of [`MEMBER_TTL`], so that a claim
+/// outlives two heartbeats lost in a row; a longer gap (a leader election) is covered
+/// by the probe before a node is removed.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
 
 /// How often the holder of the scheduler lease looks for nodes whose claim expired.
 pub const REAP_EVERY: Duration = Duration::from_secs(1);
@@ -70,8 +72,8 @@ pub const REAP_EVERY: Duration = Duration::from_secs(1);
 /// How long one request to a KV bucket (a heartbeat, the lease, a claim) waits for
 /// the server, for sending and again for its acknowledgment: while the replicas of a
 /// bucket elect a leader (after the loss of the server that led it), requests go
-/// unanswered; short waits keep the heartbeats and the lease trying every second or
-/// two, so that they land as soon as there is a leader again.
+/// unanswered; short waits keep the heartbeats and the lease trying at their pace, so
+/// that they land soon after there is a leader again.
 pub const KV_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the marker of a deleted entry stays in the nodes bucket: long enough for

@@ -6,6 +6,7 @@
 //! - `<ns>.node.<process>.~streams`: the messages of streams in progress to one node
 //!   (credit, cancel, probes; see `streams`).
 //! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
+//! - `<ns>.lease`: the holder of the scheduler lease announces its renewals there.
 //! - KV bucket `<ns>-alive`: key = the escaped process name (its claim and heartbeat).
 //! - KV bucket `<ns>-nodes`: `n.<process>` (a node and its callbacks) and
 //!   `c.<callback>.<process>` (one provider of a callback), names escaped.
@@ -141,6 +142,12 @@ impl Subjects {
         } else {
             Some(Cow::Borrowed(token))
         }
+    }
+
+    /// Where the holder of the scheduler lease announces its renewals and release
+    /// (see `schedules`).
+    pub fn lease(&self) -> String {
+        format!("{}.lease", self.namespace)
     }
 
     /// The KV bucket of the nodes' claims on their names, renewed by their heartbeats.
