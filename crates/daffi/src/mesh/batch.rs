@@ -90,8 +90,8 @@ pub struct Grant {
 }
 
 /// Items on their way out in one message: each item is its length (`u32`, big-endian)
-/// and its bytes, except that a lone item goes as it is (no batch layout). Values are
-/// encoded straight into the batch's buffer; an item of [`COPIED_ITEM`] bytes or more
+/// and its bytes, except that a lone item goes as it is (no batch layout). Values after
+/// the first are encoded straight into the batch's buffer; an item of [`COPIED_ITEM`] bytes or more
 /// that arrives encoded goes out from its own memory, without a copy, as do large
 /// blobs inside a value.
 #[derive(Debug, Default)]
@@ -137,6 +137,11 @@ impl ItemBatch {
     /// Encodes `value` into the batch as its next item. On `Err` (or a panic while
     /// encoding), the batch holds the same items as before.
     pub fn push_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), String> {
+        if self.is_empty() {
+            // On the encoder's own buffer: a large item (most often alone) never
+            // allocates this batch's buffer.
+            return self.push(crate::codec::encode_value(value)?);
+        }
         self.unbare();
         self.reserve();
         let at = self.buf.len();
@@ -166,10 +171,6 @@ impl ItemBatch {
             }
         };
         match parts {
-            Some(parts) if self.is_empty() => {
-                self.buf.truncate(at);
-                self.start_bare(parts);
-            }
             Some(parts) => {
                 self.buf[at..at + ITEM_LEN].copy_from_slice(&prefix.to_be_bytes());
                 self.finish_part();
