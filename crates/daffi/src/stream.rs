@@ -45,7 +45,7 @@ pub struct CallStream<T> {
     /// What the producer may still send without more credit, as of the items read.
     credit: Credit,
     /// The rest of a batch that arrived, to read before the next.
-    batch: std::vec::IntoIter<bytes::Bytes>,
+    batch: crate::mesh::BatchItems,
     timeout: Option<Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
@@ -66,7 +66,7 @@ impl<T> CallStream<T> {
             callback,
             open,
             credit: Credit::WINDOW,
-            batch: Vec::new().into_iter(),
+            batch: crate::mesh::BatchItems::default(),
             timeout,
             timer: None,
             ended: false,

@@ -50,30 +50,39 @@ pub(super) async fn send_thread_items(items: ThreadItems, sink: Box<dyn ItemSink
     drive(items, sink).await;
 }
 
-/// Takes credit, then sends each batch of what `items` has ready, until they end or
-/// the receiving end cancels.
-async fn drive(mut items: impl Producer, mut sink: Box<dyn ItemSink>) {
+/// Sends what `items` makes, then ends the stream (unless the receiving end cancelled
+/// or went).
+async fn drive(mut items: impl Producer, sink: Box<dyn ItemSink>) {
+    if let Some(end) = send_all(&mut items, &*sink).await {
+        sink.end(end).await;
+    }
+}
+
+/// Takes credit, then sends each batch of what `items` has ready, until they end
+/// (`Some`, how) or the receiving end cancels or goes (`None`).
+async fn send_all(
+    items: &mut impl Producer,
+    sink: &dyn ItemSink,
+) -> Option<Option<CallbackFailure>> {
     let mut credit = Credit::default();
+    let mut cancelled = sink.cancelled();
     loop {
         if !credit.allows_one() {
-            let Some(taken) = sink.credit(credit).await else {
-                return; // cancelled, or gone
-            };
-            credit = taken;
+            credit = sink.credit(credit).await?;
             items.allow(credit);
         }
         let next = tokio::select! {
             next = poll_fn(|cx| items.poll_batch(cx, &mut credit)) => next,
-            () = sink.cancelled() => return,
+            () = &mut cancelled => return None,
         };
         match next {
             Next::Batch(batch) => {
                 if !sink.send(batch).await {
-                    return;
+                    return None;
                 }
             }
-            Next::End(failure) => return sink.end(failure).await,
-            Next::Gone => return,
+            Next::End(failure) => return Some(failure),
+            Next::Gone => return None,
         }
     }
 }

@@ -60,15 +60,16 @@ pub trait Request: Send + 'static {
 /// The way a stream's items go (a stream callback's results, or a caller's
 /// arguments), with the receiver's credit. The sender takes credit in bulk and sends
 /// the items it covers in batches ([`send_items`] does both).
-pub trait ItemSink: Send + 'static {
+pub trait ItemSink: Send + Sync + 'static {
     /// Gives `unused` credit back, waits until the receiver granted room for one more
     /// item, and takes all the credit there is; `None` once the receiver cancelled or is
     /// gone (produce no more).
     fn credit(&self, unused: crate::mesh::Credit) -> BoxFuture<'_, Option<crate::mesh::Credit>>;
     /// Queues `batch` (items within the credit taken); `false` once the receiver is
     /// gone.
-    fn send(&mut self, batch: crate::mesh::ItemBatch) -> BoxFuture<'_, bool>;
-    /// Resolves once the caller cancelled or is gone.
+    fn send(&self, batch: crate::mesh::ItemBatch) -> BoxFuture<'_, bool>;
+    /// Resolves once the caller cancelled or is gone (made once per stream, polled
+    /// while the producer has no items ready).
     fn cancelled(&self) -> BoxFuture<'_, ()>;
     /// Ends the stream: the items ran out, or (`failure`) producing them failed.
     fn end(

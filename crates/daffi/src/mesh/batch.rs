@@ -2,6 +2,7 @@
 //! and the batches that carry several items in one message (see docs/PROTOCOL.md,
 //! "Streams": a `StreamItem` with the `BATCH` flag).
 
+use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
@@ -89,8 +90,8 @@ pub struct Grant {
 }
 
 /// Items on their way out in one message: each item is its length (`u32`, big-endian)
-/// and its bytes, except that a lone item goes as it is (no batch layout). Values are
-/// encoded straight into the batch's buffer; an item of [`COPIED_ITEM`] bytes or more
+/// and its bytes, except that a lone item goes as it is (no batch layout). Values after
+/// the first are encoded straight into the batch's buffer; an item of [`COPIED_ITEM`] bytes or more
 /// that arrives encoded goes out from its own memory, without a copy, as do large
 /// blobs inside a value.
 #[derive(Debug, Default)]
@@ -101,6 +102,10 @@ pub struct ItemBatch {
     buf: Vec<u8>,
     items: u32,
     bytes: usize,
+    /// Its one item went in without its length in front (a large item first in the
+    /// batch, kept as its own parts: most often it goes alone, as it is); the next item
+    /// puts that length back.
+    bare: bool,
 }
 
 /// What a batch's buffer holds at first: room for many small items.
@@ -110,13 +115,18 @@ impl ItemBatch {
     /// Adds an item encoded already.
     pub fn push(&mut self, item: Payload) -> Result<(), String> {
         let len = item.len();
-        self.reserve();
-        self.buf.extend_from_slice(&item_len(len)?.to_be_bytes());
-        if item.len() < COPIED_ITEM {
+        let prefix = item_len(len)?.to_be_bytes();
+        self.unbare();
+        if len < COPIED_ITEM {
+            self.reserve();
+            self.buf.extend_from_slice(&prefix);
             for part in item.parts() {
                 self.buf.extend_from_slice(part);
             }
+        } else if self.is_empty() {
+            self.start_bare(item);
         } else {
+            self.buf.extend_from_slice(&prefix);
             self.finish_part();
             self.parts.append(item);
         }
@@ -125,8 +135,14 @@ impl ItemBatch {
     }
 
     /// Encodes `value` into the batch as its next item. On `Err` (or a panic while
-    /// encoding), the batch is as it was.
+    /// encoding), the batch holds the same items as before.
     pub fn push_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), String> {
+        if self.is_empty() {
+            // On the encoder's own buffer: a large item (most often alone) never
+            // allocates this batch's buffer.
+            return self.push(crate::codec::encode_value(value)?);
+        }
+        self.unbare();
         self.reserve();
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0; ITEM_LEN]);
@@ -154,13 +170,34 @@ impl ItemBatch {
                 return Err(e);
             }
         };
-        self.buf[at..at + ITEM_LEN].copy_from_slice(&prefix.to_be_bytes());
-        if let Some(parts) = parts {
-            self.finish_part();
-            self.parts.append(parts);
+        match parts {
+            Some(parts) => {
+                self.buf[at..at + ITEM_LEN].copy_from_slice(&prefix.to_be_bytes());
+                self.finish_part();
+                self.parts.append(parts);
+            }
+            None => self.buf[at..at + ITEM_LEN].copy_from_slice(&prefix.to_be_bytes()),
         }
         self.count(len);
         Ok(())
+    }
+
+    /// Takes a large first item as its own parts, without its length in front.
+    fn start_bare(&mut self, item: Payload) {
+        self.parts = item;
+        self.bare = true;
+    }
+
+    /// Puts the length of a bare first item in front of it: another item joins.
+    fn unbare(&mut self) {
+        if !std::mem::take(&mut self.bare) {
+            return;
+        }
+        // Its length was checked when it joined (`item_len`).
+        let len = self.bytes as u32;
+        let mut parts = Payload::from(Bytes::copy_from_slice(&len.to_be_bytes()));
+        parts.append(std::mem::take(&mut self.parts));
+        self.parts = parts;
     }
 
     fn reserve(&mut self) {
@@ -211,6 +248,9 @@ impl ItemBatch {
 
     /// The message's payload, and whether it is a batch (more than one item).
     pub fn into_payload(mut self) -> (Payload, bool) {
+        if self.bare {
+            return (self.parts, false);
+        }
         self.finish_part();
         let mut payload = self.parts;
         if self.items == 1 {
@@ -227,33 +267,82 @@ fn item_len(len: usize) -> Result<u32, String> {
         .map_err(|_| format!("an item of {len} bytes is too large for a stream (at most 4 GiB)"))
 }
 
-/// The items of a received batch, as slices of its payload (no copy); `Err` names what
-/// is wrong with a malformed one.
-pub fn split_batch(payload: &Bytes) -> Result<Vec<Bytes>, String> {
-    let mut items = Vec::new();
-    let mut at = 0;
-    while at < payload.len() {
-        let Some(len) = payload.get(at..at + ITEM_LEN) else {
-            return Err(format!("a batch's item length is cut short at byte {at}"));
-        };
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let start = at + ITEM_LEN;
-        let end = start
-            .checked_add(len)
-            .filter(|end| *end <= payload.len())
-            .ok_or_else(|| format!("a batch's item of {len} bytes runs past its end"))?;
-        items.push(payload.slice(start..end));
-        at = end;
+/// The items of a received batch, checked whole when it arrives, then read one by one
+/// as slices of its payload (no copy, no list of them).
+#[derive(Debug, Clone, Default)]
+pub struct BatchItems {
+    payload: Bytes,
+    /// Where the next item's length is.
+    at: usize,
+}
+
+impl BatchItems {
+    /// The items of the batch `payload`; `Err` names what is wrong with a malformed one.
+    pub fn new(payload: Bytes) -> Result<BatchItems, String> {
+        let mut at = 0;
+        let mut items = 0;
+        while let Some(item) = item_at(&payload, at)? {
+            at = item.end;
+            items += 1;
+        }
+        if items < 2 {
+            return Err("a batch holds fewer than two items".to_string());
+        }
+        Ok(BatchItems { payload, at: 0 })
     }
-    if items.len() < 2 {
-        return Err("a batch holds fewer than two items".to_string());
+
+    /// Counts the items not read yet against `credit`; `false` if it does not cover
+    /// them.
+    pub fn charge(&self, credit: &mut Credit) -> bool {
+        self.item_ranges().all(|item| credit.take(item.len()))
     }
-    Ok(items)
+
+    /// Where the items not read yet are in the payload (checked in [`new`](Self::new)).
+    fn item_ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        let mut at = self.at;
+        std::iter::from_fn(move || {
+            let item = item_at(&self.payload, at).ok()??;
+            at = item.end;
+            Some(item)
+        })
+    }
+}
+
+impl Iterator for BatchItems {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        let item = self.item_ranges().next()?;
+        self.at = item.end;
+        Some(self.payload.slice(item))
+    }
+}
+
+/// Where the item whose length is at `at` is in `payload`; `None` at its end, `Err`
+/// if the item is cut short.
+fn item_at(payload: &[u8], at: usize) -> Result<Option<Range<usize>>, String> {
+    if at >= payload.len() {
+        return Ok(None);
+    }
+    let Some(len) = payload.get(at..at + ITEM_LEN) else {
+        return Err(format!("a batch's item length is cut short at byte {at}"));
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let start = at + ITEM_LEN;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| format!("a batch's item of {len} bytes runs past its end"))?;
+    Ok(Some(start..end))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split_batch(payload: &Bytes) -> Result<Vec<Bytes>, String> {
+        Ok(BatchItems::new(payload.clone())?.collect())
+    }
 
     fn batch_of(items: &[Bytes]) -> (Payload, bool) {
         let mut batch = ItemBatch::default();
@@ -316,6 +405,29 @@ mod tests {
         let (payload, batched) = batch.into_payload();
         assert!(!batched);
         assert_eq!(payload, crate::codec::encode_value(&42u64).unwrap());
+    }
+
+    #[test]
+    fn a_large_first_item_goes_alone_as_it_is_or_first_in_a_batch() {
+        let blob = crate::Blob::from(vec![5u8; 64 * 1024]);
+        let encoded = crate::codec::encode_value(&blob).unwrap();
+        let mut lone = ItemBatch::default();
+        lone.push_value(&blob).unwrap();
+        assert_eq!(lone.into_payload(), (encoded.clone(), false));
+
+        let large = Bytes::from(vec![6u8; COPIED_ITEM]);
+        let mut batch = ItemBatch::default();
+        batch.push_value(&blob).unwrap();
+        batch.push(Payload::from(large.clone())).unwrap();
+        batch.push_value(&7u8).unwrap();
+        let (payload, batched) = batch.into_payload();
+        assert!(batched);
+        let expected = vec![
+            encoded.into_bytes(),
+            large,
+            crate::codec::encode_value(&7u8).unwrap().into_bytes(),
+        ];
+        assert_eq!(split_batch(&payload.into_bytes()).unwrap(), expected);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
-pub use batch::{split_batch, Credit, Grant, ItemBatch};
+pub use batch::{BatchItems, Credit, Grant, ItemBatch};
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
 

@@ -90,7 +90,7 @@ pub enum Arrived {
     /// One item.
     One(ReplyPayload),
     /// Several items, in order.
-    Batch(std::vec::IntoIter<Bytes>),
+    Batch(super::BatchItems),
 }
 
 impl Arrived {
@@ -100,16 +100,14 @@ impl Arrived {
         if !batched {
             return Ok(Arrived::One(payload));
         }
-        Ok(Arrived::Batch(
-            super::split_batch(&payload.bytes)?.into_iter(),
-        ))
+        Ok(Arrived::Batch(super::BatchItems::new(payload.bytes)?))
     }
 
     /// Counts these items against `credit`; `false` if it does not cover them.
     pub fn charge(&self, credit: &mut super::Credit) -> bool {
         match self {
             Arrived::One(item) => credit.take(item.bytes.len()),
-            Arrived::Batch(items) => items.as_slice().iter().all(|i| credit.take(i.len())),
+            Arrived::Batch(items) => items.charge(credit),
         }
     }
 }

@@ -86,7 +86,7 @@ impl ItemSink for FrameItemSink {
         Box::pin(self.gate.credit(unused))
     }
 
-    fn send(&mut self, batch: ItemBatch) -> BoxFuture<'_, bool> {
+    fn send(&self, batch: ItemBatch) -> BoxFuture<'_, bool> {
         let (payload, batched) = batch.into_payload();
         let frame = self.frame(
             Kind::StreamItem,

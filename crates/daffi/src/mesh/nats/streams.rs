@@ -49,7 +49,7 @@
 //! connection meanwhile (items may have been lost).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
@@ -69,7 +69,7 @@ use crate::executor::ItemSink;
 use crate::mesh::pending::Delivery;
 use crate::mesh::streams::StreamGate;
 use crate::mesh::{
-    remote_failure, split_batch, Arrived, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch,
+    remote_failure, Arrived, BatchItems, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch,
     OpenStream, Pending, ReplyPayload, StreamControl,
 };
 use crate::protocol::message::RemoteErrorKind;
@@ -554,7 +554,7 @@ pub struct NatsItemSink {
     losses: u64,
     /// Arguments of a stream call whose request is still to be published: they wait
     /// for it (this ends once it is), so that they do not overtake it.
-    request_sent: Option<oneshot::Receiver<()>>,
+    request_sent: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl NatsItemSink {
@@ -587,7 +587,7 @@ impl NatsItemSink {
             to,
             reply,
             losses: mesh.losses.load(Ordering::Relaxed),
-            request_sent: None,
+            request_sent: Mutex::default(),
         }
     }
 
@@ -608,14 +608,14 @@ impl NatsItemSink {
                 self.refuse_item(payload.len()).await;
                 false
             }
-            (false, true) => self.publish_one_by_one(&payload.into_bytes()).await,
+            (false, true) => self.publish_one_by_one(payload.into_bytes()).await,
         }
     }
 
     /// Publishes the items of a batch too large for one message, each alone.
-    async fn publish_one_by_one(&self, batch: &Bytes) -> bool {
+    async fn publish_one_by_one(&self, batch: Bytes) -> bool {
         // Built by `ItemBatch`: well formed.
-        for item in split_batch(batch).unwrap_or_default() {
+        for item in BatchItems::new(batch).unwrap_or_default() {
             if item.len() > self.mesh.chunk_size {
                 self.refuse_item(item.len()).await;
                 return false;
@@ -740,9 +740,10 @@ impl ItemSink for NatsItemSink {
         })
     }
 
-    fn send(&mut self, batch: ItemBatch) -> BoxFuture<'_, bool> {
+    fn send(&self, batch: ItemBatch) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            if let Some(request_sent) = self.request_sent.take() {
+            let request_sent = crate::sync::lock(&self.request_sent).take();
+            if let Some(request_sent) = request_sent {
                 // Its sender is dropped once the request is out.
                 let _ = request_sent.await;
             }
@@ -870,7 +871,11 @@ impl NatsMesh {
             control_to.clone(),
             Some(control_reply.clone()),
         );
-        items.request_sent = crate::sync::lock(&self.unsent).remove(&call_id);
+        *items
+            .request_sent
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) =
+            crate::sync::lock(&self.unsent).remove(&call_id);
         let control = FeedControl {
             client: self.client.clone(),
             control_to,
