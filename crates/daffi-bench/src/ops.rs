@@ -58,6 +58,10 @@ pub enum Op {
     OneWay {
         /// Calls in total.
         calls: usize,
+        /// Bytes in each call's body: the floors only (the reference for a stream of
+        /// chunks); daffi's one-way calls carry none.
+        #[serde(default)]
+        bytes: usize,
     },
     /// One stream of `items` small items (integers), read to the end.
     StreamItems {

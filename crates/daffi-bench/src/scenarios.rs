@@ -529,11 +529,16 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         calls: n,
         in_flight: k,
     };
-    let one_way = Op::OneWay { calls: n };
+    let one_way = Op::OneWay { calls: n, bytes: 0 };
+    let chunks_one_way = Op::OneWay {
+        calls: stream_chunks(plan),
+        bytes: STREAM_CHUNK,
+    };
     // Issue 14's target over NATS, for calls with results.
     let bound = if t == "nats" { 0.7 } else { 0.5 };
     let mut floor_rate = Series::new(floors.len());
     let mut floor_one_way = Series::new(floors.len());
+    let mut floor_chunks = Series::new(floors.len());
     let mut rates = vec![Vec::new(); B_MODES.len()];
     let mut no_return = Vec::new();
     let mut lost = 0;
@@ -544,6 +549,8 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
             floor_rate.floors[i].push(r.calls_per_s);
             let r: RateAnswer = f.client.request(&one_way)?;
             floor_one_way.floors[i].push(r.calls_per_s);
+            let r: RateAnswer = f.client.request(&chunks_one_way)?;
+            floor_chunks.floors[i].push(r.calls_per_s * super::ops::mib_per_s(STREAM_CHUNK, 1.0));
         }
         for ((mode, _), into) in B_MODES.iter().zip(&mut rates) {
             let op = Op::Rate {
@@ -561,6 +568,7 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
     let floor_names = names_of(floors);
     let (rate_floor, rate_reference) = best_floor(&floor_names, &floor_rate.floors, true);
     let (one_way_floor, one_way_reference) = best_floor(&floor_names, &floor_one_way.floors, true);
+    let chunks_floor = best_floor(&floor_names, &floor_chunks.floors, true);
     let mut out = Outcome::default();
     for ((_, label), values) in B_MODES.iter().zip(&rates) {
         out.rows.push(
@@ -584,8 +592,13 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
         .against(format!("{one_way_floor} one-way"), one_way_reference)
         .target(Target::RatioAtLeast { bound: 0.5 }),
     );
+    let items_floor = (format!("{one_way_floor} one-way"), one_way_reference);
+    let chunks_floor = (
+        format!("{} one-way, {}", chunks_floor.0, size_label(STREAM_CHUNK)),
+        chunks_floor.1,
+    );
     out.rows
-        .extend(stream_rows(plan, daffi, &one_way_floor, one_way_reference)?);
+        .extend(stream_rows(plan, daffi, items_floor, chunks_floor)?);
     for (i, name) in floor_names.iter().enumerate() {
         out.rows.push(Row::info(
             'B',
@@ -599,6 +612,12 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
             Unit::CallsPerSec,
             spread(&floor_one_way.floors[i]),
         ));
+        out.rows.push(Row::info(
+            'B',
+            format!("{name}: {t} one-way, {}", size_label(STREAM_CHUNK)),
+            Unit::MibPerSec,
+            spread(&floor_chunks.floors[i]),
+        ));
     }
     Ok(out)
 }
@@ -606,20 +625,26 @@ fn run_b(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<O
 /// Bytes of each chunk in the stream-of-chunks row.
 const STREAM_CHUNK: usize = 64 * 1024;
 
-/// Streams: items/s of small items, beside the floor's one-way rate, and MiB/s of
-/// 64 KiB chunks.
+/// Chunks in the stream-of-chunks row (and one-way frames of that size at the floors).
+fn stream_chunks(plan: &Plan) -> usize {
+    (plan.rate_calls / 64).max(16)
+}
+
+/// Streams: items/s of small items, beside the floor's one-way rate of empty frames,
+/// and MiB/s of 64 KiB chunks, beside its one-way MiB/s of 64 KiB frames (each a
+/// reference: the floor's name and its figure).
 fn stream_rows(
     plan: &Plan,
     daffi: &mut DaffiSet,
-    one_way_floor: &str,
-    one_way_reference: Spread,
+    items_floor: (String, Spread),
+    chunks_floor: (String, Spread),
 ) -> Result<Vec<Row>> {
     let t = daffi.endpoint.transport();
     let items = Op::StreamItems {
         items: plan.rate_calls,
     };
     let chunks = Op::StreamChunks {
-        chunks: (plan.rate_calls / 64).max(16),
+        chunks: stream_chunks(plan),
         bytes: STREAM_CHUNK,
     };
     let (mut item_rates, mut chunk_rates) = (Vec::new(), Vec::new());
@@ -637,14 +662,16 @@ fn stream_rows(
             Unit::CallsPerSec,
             spread(&item_rates),
         )
-        .against(format!("{one_way_floor} one-way"), one_way_reference)
+        .against(items_floor.0, items_floor.1)
         .target(Target::RatioAtLeast { bound: 0.5 }),
         Row::info(
             'B',
             format!("{t} stream of {} chunks", size_label(STREAM_CHUNK)),
             Unit::MibPerSec,
             spread(&chunk_rates),
-        ),
+        )
+        .against(chunks_floor.0, chunks_floor.1)
+        .target(Target::RatioAtLeast { bound: 0.5 }),
     ])
 }
 

@@ -63,7 +63,9 @@ pub fn client(url: &str, server: &str) -> Result<()> {
                 calls,
                 in_flight,
             }) => answer(rt.block_on(in_flight_rate(&client, &add, calls, in_flight))),
-            Ok(Op::OneWay { calls }) => answer(rt.block_on(one_way(&client, &sink, &count, calls))),
+            Ok(Op::OneWay { calls, bytes }) => {
+                answer(rt.block_on(one_way(&client, &sink, &count, calls, bytes)))
+            }
             Ok(other) => answer::<()>(Err(format!("the NATS floor does not do {other:?}").into())),
             Err(e) => answer::<()>(Err(format!("bad command {line:?}: {e}").into())),
         };
@@ -119,10 +121,17 @@ async fn in_flight_rate(
     })
 }
 
-async fn one_way(client: &Client, sink: &str, count: &str, calls: usize) -> Result<RateAnswer> {
+async fn one_way(
+    client: &Client,
+    sink: &str,
+    count: &str,
+    calls: usize,
+    bytes: usize,
+) -> Result<RateAnswer> {
+    let body = Bytes::from(vec![0xA5u8; bytes]);
     let started = Instant::now();
     for _ in 0..calls {
-        client.publish(sink.to_string(), Bytes::new()).await?;
+        client.publish(sink.to_string(), body.clone()).await?;
     }
     let reply = client.request(count.to_string(), Bytes::new()).await?;
     let secs = started.elapsed().as_secs_f64();

@@ -383,7 +383,7 @@ impl Client {
                 calls,
                 in_flight,
             } => answer(self.pipelined(calls, in_flight)),
-            Op::OneWay { calls } => answer(self.one_way(calls)),
+            Op::OneWay { calls, bytes } => answer(self.one_way(calls, bytes)),
             Op::Blob { bytes } => answer(self.blob(bytes)),
             other => answer::<()>(Err(format!("the floor does not do {other:?}").into())),
         }
@@ -457,10 +457,11 @@ impl Client {
         })
     }
 
-    fn one_way(&mut self, calls: usize) -> Result<RateAnswer> {
+    fn one_way(&mut self, calls: usize, bytes: usize) -> Result<RateAnswer> {
+        let body = vec![0xA5u8; bytes];
         let started = Instant::now();
         for _ in 0..calls {
-            self.request(ops::SINK, &[], true)?;
+            self.request(ops::SINK, &body, true)?;
         }
         let reply = self.round_trip(COUNT, &[])?;
         let secs = started.elapsed().as_secs_f64();

@@ -336,7 +336,7 @@ impl Client {
                 calls,
                 in_flight,
             } => answer(self.pipelined(calls, in_flight).await),
-            Op::OneWay { calls } => answer(self.one_way(calls).await),
+            Op::OneWay { calls, bytes } => answer(self.one_way(calls, bytes).await),
             Op::Blob { bytes } => answer(self.blob(bytes).await),
             other => answer::<()>(Err(format!("the floor does not do {other:?}").into())),
         }
@@ -402,10 +402,11 @@ impl Client {
         })
     }
 
-    async fn one_way(&mut self, calls: usize) -> Result<RateAnswer> {
+    async fn one_way(&mut self, calls: usize, bytes: usize) -> Result<RateAnswer> {
+        let body = Bytes::from(vec![0xA5u8; bytes]);
         let started = Instant::now();
         for _ in 0..calls {
-            self.request(ops::SINK, Bytes::new(), true).await?;
+            self.request(ops::SINK, body.clone(), true).await?;
         }
         let reply = self.round_trip(COUNT, Bytes::new()).await?;
         let secs = started.elapsed().as_secs_f64();
