@@ -283,6 +283,11 @@ fn dispatch(
                     Ok(UndeliverableCode::SlowConsumer) => {
                         Error::SlowConsumer { process, callback }
                     }
+                    // The controller dropped a node this one still knows: it left after
+                    // the call was sent, and its departure is on its way here.
+                    _ if core.membership.has_node(&process) => {
+                        Error::PeerDisconnected { process, callback }
+                    }
                     _ => Error::UnknownProcess { process },
                 }
             };
