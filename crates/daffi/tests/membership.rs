@@ -96,6 +96,24 @@ fn providers(g: &Global) -> BTreeSet<String> {
 }
 
 /// The names in `g.members()`.
+/// The nodes that serve `scale_work`: `nodes`, and the watcher (which serves it too).
+fn serving(nodes: &[String], watcher: &Global) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .cloned()
+        .chain([watcher.process_name().to_string()])
+        .collect()
+}
+
+/// Waits until `watcher` knows every node of `all`.
+fn wait_for_all(watcher: &Global, all: &[String]) {
+    for name in all {
+        watcher
+            .wait_process_timeout(name, WAIT)
+            .expect("the watcher hears of every node");
+    }
+}
+
 fn members(g: &Global) -> BTreeSet<String> {
     g.members().into_iter().map(|m| m.name).collect()
 }
@@ -137,11 +155,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
         ));
     }
     let all = names_of(&processes, |_| true);
-    for name in &all {
-        watcher
-            .wait_process_timeout(name, WAIT)
-            .expect("the watcher hears of every node");
-    }
+    wait_for_all(&watcher, &all);
     for process in &processes {
         caller
             .wait_function_timeout(&leave_callback(process), WAIT)
@@ -149,13 +163,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
     }
 
     // Every node that joined, and only those, serves `scale_work` to the caller.
-    let expected = |nodes: &[String]| -> BTreeSet<String> {
-        nodes
-            .iter()
-            .cloned()
-            .chain([watcher.process_name().to_string()])
-            .collect()
-    };
+    let expected = |nodes: &[String]| serving(nodes, &watcher);
     assert_eq!(providers(caller), expected(&all));
     let set = |nodes: &[String]| -> BTreeSet<String> { nodes.iter().cloned().collect() };
     assert!(members(&watcher).is_superset(&set(&all)));
@@ -248,24 +256,14 @@ fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths()
         .map(|p| common::spawn_role_child(ENTRY, "swarm", p, &env))
         .collect();
     let all = names_of(&processes, |_| true);
-    for name in &all {
-        watcher
-            .wait_process_timeout(name, WAIT)
-            .expect("the watcher hears of every node");
-    }
+    wait_for_all(&watcher, &all);
     let (leaving, dying) = processes.split_at(PROCESSES - 1);
     for process in leaving {
         caller
             .wait_function_timeout(&leave_callback(process), WAIT)
             .expect("a child is ready");
     }
-    let expected = |nodes: &[String]| -> BTreeSet<String> {
-        nodes
-            .iter()
-            .cloned()
-            .chain([watcher.process_name().to_string()])
-            .collect()
-    };
+    let expected = |nodes: &[String]| serving(nodes, &watcher);
     assert_eq!(providers(&caller), expected(&all));
 
     // Half of the nodes of two children leave; the third child dies.

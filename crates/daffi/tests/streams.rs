@@ -241,17 +241,7 @@ fn a_paused_producer_times_its_reader_out_and_holds_up_no_other_node() {
     );
     assert!(read <= 1 + WINDOW, "read {read} items past the window");
     // Meanwhile, calls to another node go on.
-    for i in 0..50i64 {
-        let sum: i64 = cluster
-            .caller
-            .call("sync_add")
-            .args((i, 1))
-            .on(&other)
-            .timeout(WAIT)
-            .fg()
-            .expect("a call to another node beside the paused producer");
-        assert_eq!(sum, i + 1);
-    }
+    sync_adds_succeed(&cluster.caller, &other, 50);
     // Resumed, the producer hears of the cancel and drops its iterator, having made no
     // more than its credit ahead of what was read.
     common::resume(pid);
@@ -301,16 +291,7 @@ fn a_paused_reader_stops_its_producer_within_its_credit_and_no_other_caller() {
     // same node, which all succeed.
     let settled = loop {
         let before = produced();
-        for i in 0..100i64 {
-            let sum: i64 = g
-                .call("sync_add")
-                .args((i, 1))
-                .on(&producer)
-                .timeout(WAIT)
-                .fg()
-                .expect("a call beside the paused reader's stream");
-            assert_eq!(sum, i + 1);
-        }
+        sync_adds_succeed(&g, &producer, 100);
         let after = produced();
         if after == before {
             break after;
@@ -338,4 +319,19 @@ fn a_paused_reader_stops_its_producer_within_its_credit_and_no_other_caller() {
         "the iterator was dropped, and made no more"
     );
     cluster.worker(&producer).kill();
+}
+
+/// Makes `calls` calls of `sync_add` on `node`, each of which must succeed with the sum:
+/// the calls beside a paused peer's stream.
+fn sync_adds_succeed(g: &daffi::Global, node: &str, calls: i64) {
+    for i in 0..calls {
+        let sum: i64 = g
+            .call("sync_add")
+            .args((i, 1))
+            .on(node)
+            .timeout(WAIT)
+            .fg()
+            .unwrap_or_else(|e| panic!("call {i} to {node} beside a paused peer: {e}"));
+        assert_eq!(sum, i + 1);
+    }
 }
