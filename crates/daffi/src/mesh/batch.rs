@@ -9,8 +9,12 @@ use bytes::Bytes;
 use daffi_wire::Payload;
 use serde::Serialize;
 
-/// Items a stream's receiver grants at first, and tops up to as it consumes them.
-pub const STREAM_WINDOW: u32 = 256;
+/// Items a stream's receiver grants at first, and tops up to as it consumes them. Small
+/// items need this many to keep a stream going while a grant crosses the controller (a
+/// window of 256 stalled a stream of integers on every grant); larger ones run out of
+/// [`STREAM_WINDOW_BYTES`] first. At most this many frames (one item each, at worst)
+/// wait on any hop.
+pub const STREAM_WINDOW: u32 = 4096;
 
 /// Bytes of items a stream's receiver grants at first, and tops up to: with
 /// [`STREAM_WINDOW`], whichever runs out first bounds what is in flight on any hop (one
