@@ -271,6 +271,50 @@ fn item_len(len: usize) -> Result<u32, String> {
         .map_err(|_| format!("an item of {len} bytes is too large for a stream (at most 4 GiB)"))
 }
 
+/// An item that arrives in parts (over NATS, one larger than a message), joined in
+/// order until it holds the size its parts give.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+pub struct Joining {
+    whole: bytes::BytesMut,
+    size: usize,
+}
+
+#[cfg(feature = "nats")]
+impl Joining {
+    /// Adds `part` of an item of `size` bytes to `joining` (starting it if `None`);
+    /// returns the item once whole (and `joining` is `None` again). `Err` if the part
+    /// does not fit: another size, empty, or past the size.
+    pub fn join(
+        joining: &mut Option<Joining>,
+        part: Bytes,
+        size: usize,
+    ) -> Result<Option<Bytes>, String> {
+        let item = joining.get_or_insert_with(|| Joining {
+            whole: bytes::BytesMut::new(),
+            size,
+        });
+        if item.size != size {
+            return Err(format!(
+                "the parts of one item give its size as {} and as {size} bytes",
+                item.size
+            ));
+        }
+        if part.is_empty() || item.whole.len() + part.len() > size {
+            return Err(format!(
+                "a part of {} bytes does not fit an item of {size} bytes with {} joined",
+                part.len(),
+                item.whole.len()
+            ));
+        }
+        item.whole.extend_from_slice(&part);
+        if item.whole.len() < size {
+            return Ok(None);
+        }
+        Ok(joining.take().map(|item| item.whole.freeze()))
+    }
+}
+
 /// The items of a received batch, checked whole when it arrives, then read one by one
 /// as slices of its payload (no copy, no list of them).
 #[derive(Debug, Clone, Default)]
@@ -439,6 +483,30 @@ mod tests {
         assert!(split_batch(&Bytes::from_static(b"\0\0\0\x05ab")).is_err());
         assert!(split_batch(&Bytes::from_static(b"\0\0")).is_err());
         assert!(split_batch(&Bytes::from_static(b"\0\0\0\x01a")).is_err());
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn parts_join_into_their_item_and_misfits_are_refused() {
+        let mut joining = None;
+        let part = |b: &'static [u8]| Bytes::from_static(b);
+        assert_eq!(Joining::join(&mut joining, part(b"ab"), 5), Ok(None));
+        assert_eq!(Joining::join(&mut joining, part(b"cd"), 5), Ok(None));
+        let whole = Joining::join(&mut joining, part(b"e"), 5);
+        assert_eq!(whole, Ok(Some(part(b"abcde"))));
+        assert!(joining.is_none());
+
+        assert!(
+            Joining::join(&mut None, part(b"abc"), 2).is_err(),
+            "past its size"
+        );
+        assert!(Joining::join(&mut None, part(b""), 2).is_err(), "empty");
+        let mut joining = None;
+        assert_eq!(Joining::join(&mut joining, part(b"a"), 3), Ok(None));
+        assert!(
+            Joining::join(&mut joining, part(b"b"), 4).is_err(),
+            "another size"
+        );
     }
 
     #[test]
