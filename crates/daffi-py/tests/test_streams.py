@@ -14,9 +14,9 @@ from daffi import BG, FG, STREAM, CallStream, Global
 from conftest import NODES, WAIT, free_port, interrupt, spawn_python
 
 #: The most items a stream's producer makes before its reader grants more: the first
-#: credit (256 items; these items are far below its 2 MiB). A generator is advanced
+#: credit (4,096 items; these items are far below its 2 MiB). A generator is advanced
 #: only as far as the credit.
-AHEAD = 256
+AHEAD = 4096
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_stream_takes_items_only_as_far_as_the_callee_took_them(g):
     taken = []
 
     def items():
-        for i in range(1000):
+        for i in range(2 * AHEAD):
             taken.append(i)
             yield i
 

@@ -26,7 +26,7 @@ use crate::stream::{BlockingItems, CallStream};
 /// - sync callbacks: [`IntoIterator`]`<Item = Result<T>>`, read with
 ///   `for item in incoming`, which blocks between items.
 ///
-/// The caller sends only as far ahead as the callback reads (256 items or 2 MiB of
+/// The caller sends only as far ahead as the callback reads (4,096 items or 2 MiB of
 /// them, whichever comes first): a slow callback slows the caller's feeding. Returning (or dropping it) before the end stops the
 /// caller's feeding. An `Err` item ends it: the caller gave up on the call
 /// ([`Error::Cancelled`](crate::Error::Cancelled)), or left

@@ -25,7 +25,7 @@ use crate::mesh::{Arrived, Credit, Feed, OpenStream, ReplyPayload, StreamControl
 /// - sync: [`IntoIterator`]`<Item = Result<T>>`, read with `for item in stream`, which
 ///   blocks between items.
 ///
-/// The callee produces only as far ahead as the caller reads (256 items or 2 MiB of
+/// The callee produces only as far ahead as the caller reads (4,096 items or 2 MiB of
 /// them, whichever comes first): a slow reader slows the producer. Dropping the stream stops the producer. An `Err`
 /// item ends the stream: the callee's error, the callee gone (`PeerDisconnected`), or
 /// the call's `timeout` passed while waiting for one item.

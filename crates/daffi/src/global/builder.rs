@@ -50,7 +50,7 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | requests from one node to another not yet taken (NATS) | 1,024 (a caller then waits up to [`stall_timeout`](Self::stall_timeout)) |
 /// | [`nats_credentials`](Self::nats_credentials) (NATS) | unset: no credentials file |
 ///
-/// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 256 items or
+/// A stream ([`Call::stream`](crate::Call::stream)) has a fixed credit of 4,096 items or
 /// 2 MiB of them, whichever runs out first (one item may overdraw the bytes): its
 /// callee runs at most that far ahead of the caller's reading, and items ready together
 /// travel together (batches of up to 64 KiB). So has a stream of arguments

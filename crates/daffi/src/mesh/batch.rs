@@ -9,8 +9,12 @@ use bytes::Bytes;
 use daffi_wire::Payload;
 use serde::Serialize;
 
-/// Items a stream's receiver grants at first, and tops up to as it consumes them.
-pub const STREAM_WINDOW: u32 = 256;
+/// Items a stream's receiver grants at first, and tops up to as it consumes them. Small
+/// items need this many to keep a stream going while a grant crosses the controller (a
+/// window of 256 stalled a stream of integers on every grant); larger ones run out of
+/// [`STREAM_WINDOW_BYTES`] first. At most this many frames (one item each, at worst)
+/// wait on any hop.
+pub const STREAM_WINDOW: u32 = 4096;
 
 /// Bytes of items a stream's receiver grants at first, and tops up to: with
 /// [`STREAM_WINDOW`], whichever runs out first bounds what is in flight on any hop (one
@@ -267,6 +271,50 @@ fn item_len(len: usize) -> Result<u32, String> {
         .map_err(|_| format!("an item of {len} bytes is too large for a stream (at most 4 GiB)"))
 }
 
+/// An item that arrives in parts (over NATS, one larger than a message), joined in
+/// order until it holds the size its parts give.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+pub struct Joining {
+    whole: bytes::BytesMut,
+    size: usize,
+}
+
+#[cfg(feature = "nats")]
+impl Joining {
+    /// Adds `part` of an item of `size` bytes to `joining` (starting it if `None`);
+    /// returns the item once whole (and `joining` is `None` again). `Err` if the part
+    /// does not fit: another size, empty, or past the size.
+    pub fn join(
+        joining: &mut Option<Joining>,
+        part: Bytes,
+        size: usize,
+    ) -> Result<Option<Bytes>, String> {
+        let item = joining.get_or_insert_with(|| Joining {
+            whole: bytes::BytesMut::new(),
+            size,
+        });
+        if item.size != size {
+            return Err(format!(
+                "the parts of one item give its size as {} and as {size} bytes",
+                item.size
+            ));
+        }
+        if part.is_empty() || item.whole.len() + part.len() > size {
+            return Err(format!(
+                "a part of {} bytes does not fit an item of {size} bytes with {} joined",
+                part.len(),
+                item.whole.len()
+            ));
+        }
+        item.whole.extend_from_slice(&part);
+        if item.whole.len() < size {
+            return Ok(None);
+        }
+        Ok(joining.take().map(|item| item.whole.freeze()))
+    }
+}
+
 /// The items of a received batch, checked whole when it arrives, then read one by one
 /// as slices of its payload (no copy, no list of them).
 #[derive(Debug, Clone, Default)]
@@ -435,6 +483,30 @@ mod tests {
         assert!(split_batch(&Bytes::from_static(b"\0\0\0\x05ab")).is_err());
         assert!(split_batch(&Bytes::from_static(b"\0\0")).is_err());
         assert!(split_batch(&Bytes::from_static(b"\0\0\0\x01a")).is_err());
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn parts_join_into_their_item_and_misfits_are_refused() {
+        let mut joining = None;
+        let part = |b: &'static [u8]| Bytes::from_static(b);
+        assert_eq!(Joining::join(&mut joining, part(b"ab"), 5), Ok(None));
+        assert_eq!(Joining::join(&mut joining, part(b"cd"), 5), Ok(None));
+        let whole = Joining::join(&mut joining, part(b"e"), 5);
+        assert_eq!(whole, Ok(Some(part(b"abcde"))));
+        assert!(joining.is_none());
+
+        assert!(
+            Joining::join(&mut None, part(b"abc"), 2).is_err(),
+            "past its size"
+        );
+        assert!(Joining::join(&mut None, part(b""), 2).is_err(), "empty");
+        let mut joining = None;
+        assert_eq!(Joining::join(&mut joining, part(b"a"), 3), Ok(None));
+        assert!(
+            Joining::join(&mut joining, part(b"b"), 4).is_err(),
+            "another size"
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
+#[cfg(feature = "nats")]
+pub use batch::Joining;
 pub use batch::{BatchItems, Credit, Grant, ItemBatch};
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};

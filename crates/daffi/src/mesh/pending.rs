@@ -112,6 +112,38 @@ impl Arrived {
     }
 }
 
+/// What one stream message of the NATS backend carries: whole items, a part of one
+/// item too large for a message (its parts come in order, nothing between them), or
+/// the end.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+pub enum Received {
+    /// Whole items.
+    Items(Arrived),
+    /// A part of an item of `size` bytes.
+    Part {
+        /// This part's bytes.
+        part: Bytes,
+        /// The whole item's size, which every part gives.
+        size: usize,
+    },
+    /// The items ran out.
+    End,
+}
+
+/// Why a NATS stream message does not follow the one before.
+#[cfg(feature = "nats")]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Misfit {
+    /// It is malformed (parts that do not fit together): a protocol violation.
+    Malformed(String),
+    /// Messages before it were lost on the way (a NATS server was lost meanwhile).
+    Lost {
+        /// Messages lost.
+        messages: u64,
+    },
+}
+
 /// What became of a stream's message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivery {
@@ -130,6 +162,12 @@ pub enum Delivery {
 pub struct StreamSlot {
     items: mpsc::UnboundedSender<Result<Arrived, Error>>,
     credit: super::Credit,
+    /// The item whose parts are arriving (NATS), until it is whole.
+    #[cfg(feature = "nats")]
+    joining: Option<super::Joining>,
+    /// Messages taken so far (NATS): the sequence number the next one must carry.
+    #[cfg(feature = "nats")]
+    messages: u64,
 }
 
 impl StreamSlot {
@@ -137,7 +175,43 @@ impl StreamSlot {
     pub fn open() -> (StreamSlot, StreamItems) {
         let (items, rx) = mpsc::unbounded_channel();
         let credit = super::Credit::WINDOW;
-        (StreamSlot { items, credit }, rx)
+        let slot = StreamSlot {
+            items,
+            credit,
+            #[cfg(feature = "nats")]
+            joining: None,
+            #[cfg(feature = "nats")]
+            messages: 0,
+        };
+        (slot, rx)
+    }
+
+    /// Takes the message `seq` of the stream (counted from 0): the items it completes,
+    /// its own or (a part) the item it makes whole; `None` while an item's parts still
+    /// come, and for the end. `Err` if messages before it were lost, or it does not fit.
+    #[cfg(feature = "nats")]
+    pub fn take(&mut self, seq: u64, received: Received) -> Result<Option<Arrived>, Misfit> {
+        if seq != self.messages {
+            let messages = seq.saturating_sub(self.messages);
+            return Err(if messages > 0 {
+                Misfit::Lost { messages }
+            } else {
+                Misfit::Malformed(format!("message {seq} came again, or out of order"))
+            });
+        }
+        self.messages += 1;
+        match received {
+            Received::Items(_) | Received::End if self.joining.is_some() => Err(Misfit::Malformed(
+                "an item's parts were cut short by another message".into(),
+            )),
+            Received::Items(arrived) => Ok(Some(arrived)),
+            Received::End => Ok(None),
+            Received::Part { part, size } => {
+                let whole = super::Joining::join(&mut self.joining, part, size)
+                    .map_err(Misfit::Malformed)?;
+                Ok(whole.map(|item| Arrived::One(ReplyPayload::from(item))))
+            }
+        }
     }
 
     /// Hands `arrived` to the reader, if its sender had the credit; else `overrun`
@@ -278,6 +352,21 @@ impl Pending {
             table.streams.remove(&id);
         }
         delivery
+    }
+
+    /// Takes message `seq` of stream `id` (see [`StreamSlot::take`]); nothing for a
+    /// stream no longer here (its items are dropped).
+    #[cfg(feature = "nats")]
+    pub fn take_stream_message(
+        &self,
+        id: u64,
+        seq: u64,
+        received: Received,
+    ) -> Result<Option<Arrived>, Misfit> {
+        match self.lock().streams.get_mut(&id) {
+            Some(entry) => entry.slot.take(seq, received),
+            None => Ok(None),
+        }
     }
 
     /// The caller of stream `id` granted `grant` more.

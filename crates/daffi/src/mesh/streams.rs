@@ -219,6 +219,23 @@ impl IncomingStreams {
         delivery
     }
 
+    /// Takes message `seq` of `caller`'s stream `call_id` (see
+    /// [`StreamSlot::take`]); nothing for a stream nobody reads any more.
+    #[cfg(feature = "nats")]
+    pub fn take_message(
+        &self,
+        caller: &str,
+        call_id: u64,
+        seq: u64,
+        received: super::pending::Received,
+    ) -> Result<Option<Arrived>, super::pending::Misfit> {
+        let mut by_caller = lock(&self.0);
+        match by_caller.get_mut(caller).and_then(|s| s.get_mut(&call_id)) {
+            Some(entry) => entry.slot.take(seq, received),
+            None => Ok(None),
+        }
+    }
+
     /// The callee granted `grant` more of `caller`'s stream `call_id`.
     pub fn grant(&self, caller: &str, call_id: u64, grant: Grant) {
         let mut by_caller = lock(&self.0);

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 
 /// The credit a caller grants at first, in items (`STREAM_WINDOW` in the protocol doc;
 /// these items are far below its bytes).
-pub const WINDOW: u64 = 256;
+pub const WINDOW: u64 = 4096;
 
 // ---- the worker ---------------------------------------------------------------------
 

@@ -11,10 +11,14 @@
 //!   [`Credit::WINDOW`] (items and bytes). A request with the header `Daffi-Incoming`
 //!   is fed arguments; the callee grants the same window of them.
 //! - **items** go as the controller link sends them (docs/PROTOCOL.md, "Streams"): a
-//!   lone item is one message, the encoded item with no headers; the items ready
-//!   together go in one message with the header `Daffi-Batch: 1`, whose body is the
-//!   batch layout of a `StreamItem` frame with the `BATCH` flag (each item as its
-//!   length, a big-endian `u32`, then its bytes; up to 64 KiB, two items at least).
+//!   lone item is one message, the encoded item; the items ready together go in one
+//!   message with the header `Daffi-Batch: 1`, whose body is the batch layout of a
+//!   `StreamItem` frame with the `BATCH` flag (each item as its length, a big-endian
+//!   `u32`, then its bytes; up to 64 KiB, two items at least). Every message of items
+//!   (or of a part of one, below) and the end carry `Daffi-Seq: <n>`, the number of
+//!   such messages of the stream before it: a receiver that finds one missing (lost
+//!   with a NATS server, where the sender may not notice in time) ends the stream
+//!   with `Error::Remote` and tells the sender to stop.
 //! - **credit** is `Daffi-Credit: <items> <bytes>` (two decimal numbers: a [`Grant`]);
 //!   the receiver counts every item against it as it arrives, and a sender past its
 //!   credit (or a malformed batch) ends the stream with `Error::Protocol` and is told
@@ -44,11 +48,13 @@
 //! their stream request to be published (it goes from a task), never overtaking it.
 //!
 //! An item larger than one NATS message (the server's `max_payload`, less room for
-//! headers) is not split: the stream ends with an error that says so (a batch that
-//! would be larger goes item by item). So does a stream whose sender lost its NATS
-//! connection meanwhile (items may have been lost).
+//! headers) goes in parts, one message each with the header `Daffi-Part: <the item's
+//! size>`, in order and with nothing between them; the receiver joins them (up to its
+//! `max_frame_size`) and counts the item against the credit once whole. A batch that
+//! would be larger than a message goes item by item. A stream whose sender lost its
+//! NATS connection meanwhile ends with an error (items may have been lost).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,7 +72,7 @@ use super::NatsMesh;
 use crate::callback::CallbackFailure;
 use crate::error::{Error, Result};
 use crate::executor::ItemSink;
-use crate::mesh::pending::Delivery;
+use crate::mesh::pending::{Delivery, Misfit, Received};
 use crate::mesh::streams::StreamGate;
 use crate::mesh::{
     remote_failure, Arrived, BatchItems, BoxFuture, CallRequest, Credit, Feed, Grant, ItemBatch,
@@ -81,6 +87,11 @@ const END: &str = "Daffi-End";
 const CREDIT: &str = "Daffi-Credit";
 /// Header of a message of several items (the batch layout of a `StreamItem` frame).
 const BATCH: &str = "Daffi-Batch";
+/// Header of a part of an item too large for one message: the whole item's size.
+const PART: &str = "Daffi-Part";
+/// Header of every message of items (or a part) and of the end: how many such
+/// messages of the stream went before it, so that the receiver notices lost ones.
+const SEQ: &str = "Daffi-Seq";
 /// Header of a cancel message: the reader dropped the stream.
 const CANCEL: &str = "Daffi-Cancel";
 /// The first byte of the last token of an items subject (a call's reply subject ends
@@ -163,10 +174,50 @@ fn parse_credit(value: &str) -> Option<Grant> {
     })
 }
 
-/// The items of a stream message; `Err` says why a batch is malformed.
-fn arrived(message: &Message) -> std::result::Result<Arrived, String> {
+/// What a stream message carries, and its sequence number: items, a part of an item of
+/// at most `limit` bytes, or the end; `Err` says why it is malformed.
+fn received(message: &Message, limit: usize) -> std::result::Result<(u64, Received), String> {
+    let seq = header(message, SEQ)
+        .and_then(|seq| seq.parse().ok())
+        .ok_or("a stream message without a readable `Daffi-Seq`")?;
+    if header(message, END).is_some() {
+        return Ok((seq, Received::End));
+    }
+    let payload = message.payload.clone();
+    if let Some(size) = header(message, PART) {
+        let size: usize = size
+            .parse()
+            .map_err(|_| format!("an item's part gives an unreadable size `{size}`"))?;
+        if size > limit {
+            return Err(format!(
+                "an item of {size} bytes, sent in parts, is larger than this node's max_frame_size ({limit} bytes)"
+            ));
+        }
+        return Ok((
+            seq,
+            Received::Part {
+                part: payload,
+                size,
+            },
+        ));
+    }
     let batched = header(message, BATCH).is_some();
-    Arrived::new(ReplyPayload::from(message.payload.clone()), batched)
+    let items = Arrived::new(ReplyPayload::from(payload), batched)?;
+    Ok((seq, Received::Items(items)))
+}
+
+/// The error that ends a stream whose message from `process` (for `callback`) does
+/// not follow the one before.
+fn misfit_error(misfit: Misfit, process: &str, callback: &str) -> Error {
+    match misfit {
+        Misfit::Malformed(why) => Error::protocol(process, why),
+        Misfit::Lost { messages } => Error::Remote {
+            process: process.to_string(),
+            callback: callback.to_string(),
+            message: format!("{messages} messages of its stream were lost on the way (a NATS server was lost meanwhile), so the stream ends here"),
+            panicked: false,
+        },
+    }
 }
 
 /// Whether anybody listens on `subject` and still awaits the stream (named in the probe
@@ -330,32 +381,45 @@ impl NatsMesh {
                     remote_failure(&message.payload, &process, &callback)
                 })
             });
-        } else if header(&message, END).is_some() {
-            self.pending.end_stream(call_id, |_| None);
         } else {
             self.take_results(call_id, message);
         }
     }
 
-    /// Hands the results in `message` to this node's stream call `call_id`. Items of a
-    /// stream nobody awaits any more (its cancel is on its way) are dropped; a callee
-    /// past its credit, or a malformed batch, ends the stream with a protocol error and
-    /// is told to stop.
+    /// Hands the results in `message` (or their end) to this node's stream call
+    /// `call_id`. Items of a stream nobody awaits any more (its cancel is on its way)
+    /// are dropped; a callee past its credit, or a malformed message, ends the stream
+    /// with a protocol error, and lost messages with `Remote`: either way the callee is
+    /// told to stop.
     fn take_results(&self, call_id: u64, message: Message) {
         // Known before the stream may leave the table: where its cancel goes.
         let Some(target) = self.pending.target_of(call_id) else {
             return;
         };
-        let delivery = match arrived(&message) {
-            Ok(arrived) => self.pending.stream_items(call_id, arrived),
-            Err(why) => {
-                let error = Error::protocol(target.to_string(), why);
-                self.pending.end_stream(call_id, |_| Some(error));
+        let taken = received(&message, self.size_limit)
+            .map_err(Misfit::Malformed)
+            .and_then(|(seq, received)| {
+                let end = matches!(received, Received::End);
+                let taken = self.pending.take_stream_message(call_id, seq, received)?;
+                Ok((taken, end))
+            });
+        let delivery = match taken {
+            Ok((Some(arrived), _)) => self.pending.stream_items(call_id, arrived),
+            Ok((None, end)) => {
+                if end {
+                    self.pending.end_stream(call_id, |_| None);
+                }
+                Delivery::Delivered
+            }
+            Err(misfit) => {
+                self.pending.end_stream(call_id, |s| {
+                    Some(misfit_error(misfit, &target, &s.callback))
+                });
                 Delivery::Overrun
             }
         };
         if delivery == Delivery::Overrun {
-            tracing::warn!(callee = %target, call_id, "a callee sent stream items past the credit it was granted, or a malformed batch (a protocol violation); the stream is ended");
+            tracing::warn!(callee = %target, call_id, "a callee sent stream items past the credit it was granted, or a malformed batch (a protocol violation), or some were lost on the way; the stream is ended");
             let mut headers = HeaderMap::new();
             headers.insert(CANCEL, "1");
             let (client, to) = (self.client.clone(), self.subjects.node_streams(&target));
@@ -478,28 +542,40 @@ pub async fn take_control(mesh: &NatsMesh, message: Message) {
         mesh.incoming.end(caller, call_id, |process, callback| {
             Some(remote_failure(&message.payload, process, callback))
         });
-    } else if header(&message, END).is_some() {
-        mesh.incoming.end(caller, call_id, |_, _| None);
     } else {
         take_arguments(mesh, caller, call_id, &message);
     }
 }
 
-/// Hands the arguments in `message` to the `Incoming` of `caller`'s call `call_id`.
-/// Items nobody reads any more are dropped; a caller past its credit, or a malformed
-/// batch, ends the stream with a protocol error and is told to stop.
+/// Hands the arguments in `message` (or their end) to the `Incoming` of `caller`'s call
+/// `call_id`. Items nobody reads any more are dropped; a caller past its credit, or a
+/// malformed message, ends the stream with a protocol error, and lost messages with
+/// `Remote`: either way the caller is told to stop.
 fn take_arguments(mesh: &NatsMesh, caller: &str, call_id: u64, message: &Message) {
-    let delivery = match arrived(message) {
-        Ok(arrived) => mesh.incoming.items(caller, call_id, arrived),
-        Err(why) => {
-            mesh.incoming.end(caller, call_id, |process, _| {
-                Some(Error::protocol(process, why))
+    let taken = received(message, mesh.size_limit)
+        .map_err(Misfit::Malformed)
+        .and_then(|(seq, received)| {
+            let end = matches!(received, Received::End);
+            let taken = mesh.incoming.take_message(caller, call_id, seq, received)?;
+            Ok((taken, end))
+        });
+    let delivery = match taken {
+        Ok((Some(arrived), _)) => mesh.incoming.items(caller, call_id, arrived),
+        Ok((None, end)) => {
+            if end {
+                mesh.incoming.end(caller, call_id, |_, _| None);
+            }
+            Delivery::Delivered
+        }
+        Err(misfit) => {
+            mesh.incoming.end(caller, call_id, |process, callback| {
+                Some(misfit_error(misfit, process, callback))
             });
             Delivery::Overrun
         }
     };
     if delivery == Delivery::Overrun {
-        tracing::warn!(caller, call_id, "a caller sent stream arguments past the credit it was granted, or a malformed batch (a protocol violation); the stream is ended");
+        tracing::warn!(caller, call_id, "a caller sent stream arguments past the credit it was granted, or a malformed batch (a protocol violation), or some were lost on the way; the stream is ended");
         IncomingControl::send_to(
             &mesh.client,
             items_subject(caller, call_id),
@@ -552,6 +628,8 @@ pub struct NatsItemSink {
     reply: Option<Subject>,
     /// The mesh's connection losses when the stream began.
     losses: u64,
+    /// Messages of items (or parts) published so far: the next one's `Daffi-Seq`.
+    sent: AtomicU64,
     /// Arguments of a stream call whose request is still to be published: they wait
     /// for it (this ends once it is), so that they do not overtake it.
     request_sent: Mutex<Option<oneshot::Receiver<()>>>,
@@ -587,27 +665,28 @@ impl NatsItemSink {
             to,
             reply,
             losses: mesh.losses.load(Ordering::Relaxed),
+            sent: AtomicU64::new(0),
             request_sent: Mutex::default(),
         }
     }
 
     /// Publishes `batch`, as one message if it fits (with the header `Daffi-Batch`
     /// when it holds several items), else item by item; `false` once the client is
-    /// closed, or an item is larger than a message (the stream is then ended).
+    /// closed.
     async fn publish_batch(&self, batch: ItemBatch) -> bool {
         let (payload, batched) = batch.into_payload();
         let fits = payload.len() <= self.mesh.chunk_size;
         match (fits, batched) {
-            (true, false) => self.publish(HeaderMap::new(), payload.into_bytes()).await,
+            (true, false) => {
+                self.publish_next(HeaderMap::new(), payload.into_bytes())
+                    .await
+            }
             (true, true) => {
                 let mut headers = HeaderMap::new();
                 headers.insert(BATCH, "1");
-                self.publish(headers, payload.into_bytes()).await
+                self.publish_next(headers, payload.into_bytes()).await
             }
-            (false, false) => {
-                self.refuse_item(payload.len()).await;
-                false
-            }
+            (false, false) => self.publish_item(payload.into_bytes()).await,
             (false, true) => self.publish_one_by_one(payload.into_bytes()).await,
         }
     }
@@ -616,13 +695,29 @@ impl NatsItemSink {
     async fn publish_one_by_one(&self, batch: Bytes) -> bool {
         // Built by `ItemBatch`: well formed.
         for item in BatchItems::new(batch).unwrap_or_default() {
-            if item.len() > self.mesh.chunk_size {
-                self.refuse_item(item.len()).await;
+            if !self.publish_item(item).await {
                 return false;
             }
-            if !self.publish(HeaderMap::new(), item).await {
+        }
+        true
+    }
+
+    /// Publishes one item: as one message if it fits, else in parts, one message each
+    /// with the header `Daffi-Part` (the item's size).
+    async fn publish_item(&self, item: Bytes) -> bool {
+        if item.len() <= self.mesh.chunk_size {
+            return self.publish_next(HeaderMap::new(), item).await;
+        }
+        let size = item.len().to_string();
+        let mut at = 0;
+        while at < item.len() {
+            let end = item.len().min(at + self.mesh.chunk_size);
+            let mut headers = HeaderMap::new();
+            headers.insert(PART, size.as_str());
+            if !self.publish_next(headers, item.slice(at..end)).await {
                 return false;
             }
+            at = end;
         }
         true
     }
@@ -653,6 +748,14 @@ impl NatsItemSink {
         listens(&self.mesh.client, self.to.clone(), named).await
     }
 
+    /// Publishes the stream's next message of items (or a part, or the end), numbered
+    /// in `Daffi-Seq`.
+    async fn publish_next(&self, mut headers: HeaderMap, body: Bytes) -> bool {
+        let seq = self.sent.fetch_add(1, Ordering::Relaxed);
+        headers.insert(SEQ, seq.to_string().as_str());
+        self.publish(headers, body).await
+    }
+
     /// Publishes `body` (with `headers`) to the receiver.
     async fn publish(&self, headers: HeaderMap, body: Bytes) -> bool {
         let client = &self.mesh.client;
@@ -671,15 +774,18 @@ impl NatsItemSink {
 
     /// Ends the stream: its items ran out, or (`failure`) it ends with an error reply.
     async fn finish(&self, failure: Option<CallbackFailure>) {
-        let (headers, body) = match failure {
-            Some(failure) => failure_reply(failure),
+        let published = match failure {
+            Some(failure) => {
+                let (headers, body) = failure_reply(failure);
+                self.publish(headers, body).await
+            }
             None => {
                 let mut headers = HeaderMap::new();
                 headers.insert(END, "1");
-                (headers, Bytes::new())
+                self.publish_next(headers, Bytes::new()).await
             }
         };
-        if !self.publish(headers, body).await {
+        if !published {
             tracing::debug!(to = %self.to, "a stream's end dropped: the NATS client is closed");
         }
     }
@@ -706,21 +812,6 @@ impl NatsItemSink {
         self.gate.cancel();
         self.finish(Some(failure)).await;
         true
-    }
-
-    /// Ends the stream: `item` is larger than one message holds.
-    async fn refuse_item(&self, item: usize) {
-        let message = format!(
-            "a stream item of {item} bytes is larger than one NATS message holds ({} bytes: the server's max_payload less room for headers); items are not split over NATS: send smaller ones",
-            self.mesh.chunk_size
-        );
-        tracing::warn!(to = %self.to, "{message}");
-        self.gate.cancel();
-        let failure = CallbackFailure {
-            kind: RemoteErrorKind::Failed,
-            message,
-        };
-        self.finish(Some(failure)).await;
     }
 }
 
