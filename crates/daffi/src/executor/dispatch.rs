@@ -232,6 +232,11 @@ impl SyncJob {
         refuse(self.request, RemoteErrorKind::Overloaded, message);
     }
 
+    /// Whether its caller waits for a reply (not NO_RETURN).
+    pub(super) fn wants_reply(&self) -> bool {
+        self.request.wants_reply()
+    }
+
     /// Logs that the job is dropped because its caller gave up.
     pub(super) fn note_skipped(&self) {
         note_skipped(&*self.request);

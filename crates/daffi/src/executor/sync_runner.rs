@@ -77,7 +77,8 @@ pub struct SyncRunner {
 /// The node's watch thread for runs on a worker, and what it looks at without a lock.
 struct RunWatch {
     thread: std::thread::Thread,
-    /// When the job of a run on a worker began, in µs since `epoch` (0: none runs).
+    /// When the run on a worker last made progress (its job began, or its next step
+    /// was queued), in µs since `epoch` (0: none runs).
     job_began: AtomicU64,
     /// Runs begun so far: the thread sleeps once none began for a while.
     runs: AtomicU64,
@@ -85,6 +86,10 @@ struct RunWatch {
     sleeping: std::sync::atomic::AtomicBool,
     epoch: Instant,
 }
+
+/// NO_RETURN jobs a run on a worker takes in one task (see
+/// [`SyncRunner::run_one_on_worker`]).
+const ONE_WAY_JOBS_PER_TASK: usize = 64;
 
 /// Looks without a run beginning after which the watch thread sleeps.
 const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
@@ -248,28 +253,50 @@ impl SyncRunner {
     /// job woke (its reply's writer, tasks of its callback) waits in this worker's LIFO
     /// slot, which other workers cannot take: the new task takes that place, and moves
     /// what it held where the other worker can take it, should the next job turn slow.
+    /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
+    /// run in one task.
     fn run_one_on_worker(core: &Arc<Executor>, slot: usize) {
         let runner = &core.sync_runner;
-        let Some(job) = runner.next_on_worker(slot) else {
-            return;
-        };
-        // `run` catches the callback's panics; this guards the counts against a bug.
-        if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
-            tracing::error!("a sync callback job panicked outside its callback");
+        for _ in 0..ONE_WAY_JOBS_PER_TASK {
+            let Some(job) = runner.next_on_worker(slot) else {
+                return;
+            };
+            let replies = job.wants_reply();
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
+                tracing::error!("a sync callback job panicked outside its callback");
+            }
+            if !runner.more_on_worker(slot) {
+                return;
+            }
+            if replies {
+                break;
+            }
         }
-        if runner.more_on_worker(slot) {
-            Self::spawn_on_worker(core.clone(), slot);
-        }
+        Self::spawn_on_worker(core.clone(), slot);
     }
 
     /// Whether jobs are queued for the run on a worker in `slot`; if not, the run ends.
+    /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
+    /// here (the worker busy elsewhere) makes the run stuck, not the time its last
+    /// callback took.
     fn more_on_worker(&self, slot: usize) -> bool {
+        let now = Instant::now();
         let mut s = self.lock();
-        if !s.jobs.is_empty() {
-            return true;
+        if s.jobs.is_empty() {
+            self.end_on_worker(&mut s, slot);
+            return false;
         }
-        self.end_on_worker(&mut s, slot);
-        false
+        self.mark_on_worker(&mut s, slot, now);
+        true
+    }
+
+    /// The run on a worker in `slot` makes progress at `now`.
+    fn mark_on_worker(&self, s: &mut RunnerState, slot: usize, now: Instant) {
+        s.slots[slot] = Slot::OnWorker(now);
+        if let Some(watch) = self.run_watch.get() {
+            watch.job_began.store(watch.micros(now), Ordering::Release);
+        }
     }
 
     /// Ends the run on a worker in `slot`.
@@ -285,17 +312,13 @@ impl SyncRunner {
     /// The next job for the run on a worker in `slot`; `None` ends the run.
     fn next_on_worker(&self, slot: usize) -> Option<SyncJob> {
         let now = Instant::now();
-        let watch = self.run_watch.get();
         let mut s = self.lock();
         let Some(job) = s.jobs.pop_front() else {
             self.end_on_worker(&mut s, slot);
             return None;
         };
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        s.slots[slot] = Slot::OnWorker(now);
-        if let Some(watch) = watch {
-            watch.job_began.store(watch.micros(now), Ordering::Release);
-        }
+        self.mark_on_worker(&mut s, slot, now);
         Some(job)
     }
 
