@@ -17,6 +17,8 @@ const ENTRY: &str = "quick_callbacks_process";
 const WORKER_THREAD: &str = "daffi-worker";
 /// The node's own threads for sync callbacks.
 const CALLBACK_THREAD: &str = "daffi-callback";
+/// The only worker of a user's runtime in the `one_worker` role.
+const USER_WORKER_THREAD: &str = "user-worker";
 
 // ---- callbacks served by every process of this binary --------------------------------
 
@@ -56,7 +58,26 @@ fn quick_callbacks_process() {
     common::run_role(&[
         ("controller", common::run_controller_role),
         ("worker", worker),
+        ("one_worker", one_worker),
     ]);
+}
+
+/// A node started from the user's own runtime with one worker thread.
+fn one_worker() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(USER_WORKER_THREAD)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let g = common::builder_for(&common::address_from_env())
+            .process_name(std::env::var(common::ENV_NAME).expect("name"))
+            .start_async()
+            .await
+            .expect("worker starts");
+        g.join_async().await;
+    });
 }
 
 /// A node that also serves `relay(target, n)`: `n + 1`, asked of `target`'s
@@ -285,4 +306,22 @@ fn a_panic_in_a_callback_run_on_a_worker_is_the_callers_error() {
     // The node and its workers go on serving.
     assert!(call(false).is_ok(), "still serving");
     assert_eq!(until_on_a_worker(g, &worker, "where_ran"), WORKER_THREAD);
+}
+
+#[test]
+fn on_a_runtime_with_one_worker_sync_callbacks_stay_on_their_threads() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("lonely");
+    cluster.spawn_role(&worker, "one_worker");
+    let g = &cluster.caller;
+    // Quick every time, but running one would stall its only worker.
+    for _ in 0..20 {
+        let ran = g
+            .call("where_ran")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("call");
+        assert_eq!(ran, CALLBACK_THREAD);
+    }
 }
