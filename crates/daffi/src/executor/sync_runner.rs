@@ -70,8 +70,9 @@ pub struct SyncRunner {
     dropped: AtomicU64,
     /// Whether quick callbacks may run on the runtime's workers: it has two or more.
     on_workers: OnceLock<bool>,
-    /// Looks for runs on a worker stuck in a callback (see [`RunWatch`]).
-    run_watch: OnceLock<RunWatch>,
+    /// Looks for runs on a worker stuck in a callback (see [`RunWatch`]); `None` if
+    /// its thread could not start.
+    run_watch: OnceLock<Option<RunWatch>>,
 }
 
 /// The node's watch thread for runs on a worker, and what it looks at without a lock.
@@ -294,7 +295,7 @@ impl SyncRunner {
     /// The run on a worker in `slot` makes progress at `now`.
     fn mark_on_worker(&self, s: &mut RunnerState, slot: usize, now: Instant) {
         s.slots[slot] = Slot::OnWorker(now);
-        if let Some(watch) = self.run_watch.get() {
+        if let Some(watch) = self.watch() {
             watch.job_began.store(watch.micros(now), Ordering::Release);
         }
     }
@@ -304,7 +305,7 @@ impl SyncRunner {
         s.slots[slot] = Slot::Vacant;
         s.threads -= 1;
         s.busy -= 1;
-        if let Some(watch) = self.run_watch.get() {
+        if let Some(watch) = self.watch() {
             watch.job_began.store(0, Ordering::Release);
         }
     }
@@ -558,7 +559,7 @@ impl SyncRunner {
     pub fn retire(&self) {
         self.lock().retired = true;
         self.wake.notify_all();
-        if let Some(watch) = self.run_watch.get() {
+        if let Some(watch) = self.watch() {
             watch.thread.unpark();
         }
     }
@@ -577,6 +578,11 @@ impl SyncRunner {
         }
     }
 
+    /// The node's watch, once started.
+    fn watch(&self) -> Option<&RunWatch> {
+        self.run_watch.get().and_then(Option::as_ref)
+    }
+
     /// Jobs waiting for a thread (without the lock).
     pub(super) fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
@@ -588,36 +594,33 @@ impl SyncRunner {
 }
 
 impl RunWatch {
-    /// The node's watch, its thread started on first use; `None` if it cannot start.
+    /// The node's watch, its thread started on first use; `None` if it could not start.
     fn get(core: &Arc<Executor>) -> Option<&RunWatch> {
-        let runner = &core.sync_runner;
-        if let Some(watch) = runner.run_watch.get() {
-            return Some(watch);
-        }
+        core.sync_runner
+            .run_watch
+            .get_or_init(|| RunWatch::start(core))
+            .as_ref()
+    }
+
+    fn start(core: &Arc<Executor>) -> Option<RunWatch> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let weak = Arc::downgrade(core);
         let started = std::thread::Builder::new()
             .name("daffi-watch".into())
             .spawn(move || watch_runs(&weak, &runtime));
-        let thread = match started {
-            Ok(handle) => handle.thread().clone(),
+        match started {
+            Ok(handle) => Some(RunWatch {
+                thread: handle.thread().clone(),
+                job_began: AtomicU64::new(0),
+                runs: AtomicU64::new(0),
+                sleeping: std::sync::atomic::AtomicBool::new(false),
+                epoch: Instant::now(),
+            }),
             Err(error) => {
-                tracing::warn!(%error, "could not start the watch thread: sync callbacks all run on threads");
-                let _ = runner.on_workers.set(false);
-                return None;
+                tracing::warn!(%error, "could not start a watch thread: sync callbacks all run on threads");
+                None
             }
-        };
-        let watch = RunWatch {
-            thread,
-            job_began: AtomicU64::new(0),
-            runs: AtomicU64::new(0),
-            sleeping: std::sync::atomic::AtomicBool::new(false),
-            epoch: Instant::now(),
-        };
-        if runner.run_watch.set(watch).is_err() {
-            // Another reader set it first: this thread finds it and watches with it.
         }
-        runner.run_watch.get()
     }
 
     fn micros(&self, at: Instant) -> u64 {
@@ -646,7 +649,7 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         if runner.lock().retired {
             return;
         }
-        let Some(watch) = runner.run_watch.get() else {
+        let Some(watch) = runner.watch() else {
             // Set just after this thread started.
             drop(core);
             std::thread::sleep(HANDOFF_AFTER);
