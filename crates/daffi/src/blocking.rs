@@ -6,6 +6,7 @@
 //! its other tasks elsewhere. On a thread that drives a current-thread runtime, blocking
 //! would stall that runtime, so the sync method returns [`Error::BlockingInAsync`].
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -25,9 +26,23 @@ pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Res
         Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
             Err(Error::BlockingInAsync { method })
         }
-        Ok(_) => Ok(tokio::task::block_in_place(|| park_on(runtime, future))),
+        Ok(_) => {
+            BLOCKED.with(|b| b.set(true));
+            Ok(tokio::task::block_in_place(|| park_on(runtime, future)))
+        }
         Err(_) => Ok(park_on(runtime, future)),
     }
+}
+
+thread_local! {
+    /// Set when this thread waited through [`wait`] inside a runtime: a sync callback
+    /// that did is not run on a runtime worker again (see the executor's `Pace`).
+    static BLOCKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread waited through [`wait`] inside a runtime since the last call.
+pub(crate) fn take_blocked() -> bool {
+    BLOCKED.with(|b| b.replace(false))
 }
 
 struct Unpark(Thread);

@@ -11,8 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::items::{send_items, send_thread_items, thread_items, ThreadFeed};
+use super::pace::Pace;
 use super::sync_runner::SyncRunner;
-use super::{CallbackKind, Executor, Request, ServingGuard};
+use super::{CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
@@ -25,15 +26,24 @@ use crate::protocol::message::RemoteErrorKind;
 pub const NO_RETURN_BACKLOG_FACTOR: usize = 64;
 
 /// Sync callbacks a reader took from one read, handed to the runner together: a burst of
-/// requests costs the runner's threads one wake-up, not one each.
+/// requests costs the runner's threads one wake-up, not one each, and a burst of quick
+/// callbacks none (they run on the reader's worker).
 #[derive(Default)]
-pub struct SyncBatch(Vec<SyncJob>);
+pub struct SyncBatch {
+    jobs: Vec<SyncJob>,
+    /// A job among them is not a callback seen to finish quickly.
+    not_all_quick: bool,
+}
 
 impl SyncBatch {
     /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
     pub fn submit(&mut self, executor: &Arc<Executor>) {
-        if !self.0.is_empty() {
-            SyncRunner::submit(executor, &mut self.0);
+        if self.jobs.is_empty() {
+            return;
+        }
+        let quick = !std::mem::take(&mut self.not_all_quick);
+        if !(quick && SyncRunner::run_on_worker(executor, &mut self.jobs)) {
+            SyncRunner::submit(executor, &mut self.jobs);
         }
     }
 }
@@ -46,7 +56,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     let offer = request
         .open_incoming()
         .and_then(|open| Offer::new(request.callback(), open));
-    let Some(handler) = executor.handler(request.callback()) else {
+    let Some(Served { handler, pace }) = executor.handler(request.callback()) else {
         let message = format!(
             "process `{}` does not serve `{}`",
             executor.name,
@@ -121,10 +131,12 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
             return;
         }
     };
-    batch.0.push(SyncJob {
+    batch.not_all_quick |= !(matches!(work, SyncWork::Call(_)) && pace.is_quick());
+    batch.jobs.push(SyncJob {
         work,
         request,
         offer,
+        pace,
         _running: running,
     });
 }
@@ -203,6 +215,8 @@ pub(super) struct SyncJob {
     request: Box<dyn Request>,
     /// The caller's stream of arguments, for the callback's `Incoming`.
     offer: Option<Box<Offer>>,
+    /// How the callback's recent runs went: this run is added to it.
+    pace: Arc<Pace>,
     /// Counts the callback as running until its reply is queued.
     _running: ServingGuard,
 }
@@ -218,12 +232,19 @@ impl SyncJob {
         refuse(self.request, RemoteErrorKind::Overloaded, message);
     }
 
+    /// Whether its caller waits for a reply (not NO_RETURN).
+    pub(super) fn wants_reply(&self) -> bool {
+        self.request.wants_reply()
+    }
+
     /// Logs that the job is dropped because its caller gave up.
     pub(super) fn note_skipped(&self) {
         note_skipped(&*self.request);
     }
 
-    pub(super) fn run(self) {
+    /// Runs the callback and answers. `on_worker`: this thread is a runtime worker
+    /// (the reader's), which must not wait for room on the way back.
+    pub(super) fn run(self, on_worker: bool) {
         if too_late(&*self.request) {
             return;
         }
@@ -235,9 +256,18 @@ impl SyncJob {
                 return feed.run(guarded(|| offering(offer, || f(payload))));
             }
         };
+        crate::blocking::take_blocked();
+        let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
             .unwrap_or_else(|p| Err(panic_failure(p)));
-        if let Some(wait_for_room) = finish(self.request, outcome) {
+        self.pace
+            .record(started.elapsed(), crate::blocking::take_blocked());
+        let Some(wait_for_room) = finish(self.request, outcome) else {
+            return;
+        };
+        if on_worker {
+            tokio::spawn(wait_for_room);
+        } else {
             // The way back is full: wait for room on this thread (not a runtime's).
             crate::blocking::park(wait_for_room);
         }
@@ -322,6 +352,7 @@ impl SyncJob {
             work: SyncWork::Call(Arc::new(|_| Ok(Default::default()))),
             request: Box::new(Nothing),
             offer: None,
+            pace: Arc::default(),
             _running: executor.admit_callback(kind).expect("room"),
         }
     }

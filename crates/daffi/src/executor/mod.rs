@@ -1,11 +1,13 @@
 //! The executor: runs the callbacks other nodes ask for. The mesh hands it each
 //! [`Request`] (what to run, and the way back for the reply); it checks the request
 //! (known callback, room, caller still waiting), runs it (async callbacks as tasks, sync
-//! ones on the [`SyncRunner`](sync_runner::SyncRunner)'s threads) and answers through
+//! ones on the [`SyncRunner`](sync_runner::SyncRunner)'s threads, or quick ones on the
+//! runtime worker that read them) and answers through
 //! the request. It knows nothing of the mesh behind it.
 
 mod dispatch;
 mod items;
+mod pace;
 mod sync_runner;
 
 use std::any::TypeId;
@@ -78,12 +80,26 @@ pub trait ItemSink: Send + Sync + 'static {
     ) -> BoxFuture<'static, ()>;
 }
 
+/// A callback served here, with how its recent runs went.
+#[derive(Clone)]
+struct Served {
+    handler: Handler,
+    pace: Arc<pace::Pace>,
+}
+
+impl Served {
+    fn entry((name, handler): (String, Handler)) -> (String, Served) {
+        let pace = Arc::default();
+        (name, Served { handler, pace })
+    }
+}
+
 /// How many callbacks a node runs at once, and how long a stop lets them finish.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Async callbacks this node runs at once; more are refused with `Overloaded`.
     pub max_concurrent_callbacks: usize,
-    /// Sync callbacks this node runs at once, each on a thread of its own; more are
+    /// Sync callbacks this node runs (or has queued) at once; more are
     /// refused with `Overloaded`.
     pub max_sync_callbacks: usize,
     /// How long `stop` lets running callbacks finish.
@@ -95,7 +111,7 @@ pub struct Executor {
     /// This node's process name, for messages and logs.
     pub name: Arc<str>,
     limits: Limits,
-    callbacks: RwLock<HashMap<String, Handler>>,
+    callbacks: RwLock<HashMap<String, Served>>,
     instances: Mutex<HashSet<TypeId>>,
     /// Callbacks running or waiting to run now.
     serving: Serving,
@@ -109,7 +125,7 @@ impl Executor {
         Arc::new(Executor {
             name,
             limits,
-            callbacks: RwLock::new(callbacks),
+            callbacks: RwLock::new(callbacks.into_iter().map(Served::entry).collect()),
             instances: Mutex::new(HashSet::new()),
             serving: Serving::default(),
             sync_runner: sync_runner::SyncRunner::default(),
@@ -139,7 +155,7 @@ impl Executor {
             .map(String::as_str)
             .collect();
         check(&names)?;
-        table.extend(handlers);
+        table.extend(handlers.into_iter().map(Served::entry));
         Ok(())
     }
 
@@ -180,10 +196,12 @@ impl Executor {
 
     /// Whether a stream callback is among them.
     pub fn serves_streams(&self) -> bool {
-        read(&self.callbacks).values().any(Handler::is_stream)
+        read(&self.callbacks)
+            .values()
+            .any(|served| served.handler.is_stream())
     }
 
-    fn handler(&self, name: &str) -> Option<Handler> {
+    fn handler(&self, name: &str) -> Option<Served> {
         read(&self.callbacks).get(name).cloned()
     }
 

@@ -8,11 +8,24 @@
 //! tokio's blocking pool: sync callbacks that fill them never hold up what needs that
 //! pool (the user's own `spawn_blocking`, tokio's file and name lookups), and the
 //! user's blocking work never holds up sync callbacks.
+//!
+//! A callback seen to finish quickly (its [`Pace`](super::pace::Pace)) skips the
+//! hand-off: the runtime worker that read its request runs it, in a task of its own (so
+//! that the connection is read meanwhile, by the other worker), with the queue's other
+//! jobs of the moment (a burst is answered where it was read, and its replies leave
+//! together). Such a run counts as one of the runner's threads, busy: if its callback
+//! turns slow, no new run starts on a worker until it ends (its callback, now known as
+//! slow, goes to the threads next time), and the node's watch thread (which looks every
+//! `HANDOFF_AFTER` while such runs happen, and sleeps otherwise) starts the watchdog on
+//! another worker: it starts threads for the jobs queued behind, and the runtime's I/O
+//! is polled again (a worker parked aside does not poll it while another is busy). A callback that waits on daffi's sync API meanwhile (a nested
+//! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
+//! Only on a multi-threaded runtime with two workers or more.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::dispatch::SyncJob;
@@ -55,7 +68,32 @@ pub struct SyncRunner {
     /// Watches in a row that ended without a job (see [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
     watch_misses: AtomicU32,
     dropped: AtomicU64,
+    /// Whether quick callbacks may run on the runtime's workers: it has two or more.
+    on_workers: OnceLock<bool>,
+    /// Looks for runs on a worker stuck in a callback (see [`RunWatch`]); `None` if
+    /// its thread could not start.
+    run_watch: OnceLock<Option<RunWatch>>,
 }
+
+/// The node's watch thread for runs on a worker, and what it looks at without a lock.
+struct RunWatch {
+    thread: std::thread::Thread,
+    /// When the run on a worker last made progress (its job began, or its next step
+    /// was queued), in µs since `epoch` (0: none runs).
+    job_began: AtomicU64,
+    /// Runs begun so far: the thread sleeps once none began for a while.
+    runs: AtomicU64,
+    /// The thread sleeps until a run begins.
+    sleeping: std::sync::atomic::AtomicBool,
+    epoch: Instant,
+}
+
+/// NO_RETURN jobs a run on a worker takes in one task (see
+/// [`SyncRunner::run_one_on_worker`]).
+const ONE_WAY_JOBS_PER_TASK: usize = 64;
+
+/// Looks without a run beginning after which the watch thread sleeps.
+const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
 
 #[derive(Default)]
 struct RunnerState {
@@ -86,6 +124,8 @@ enum Slot {
     Starting(Instant),
     /// Inside a callback since this time.
     Busy(Instant),
+    /// A run on a runtime worker, inside a callback since this time.
+    OnWorker(Instant),
     /// Between jobs: watching for one, or waiting on `wake`.
     Idle,
 }
@@ -95,7 +135,9 @@ impl RunnerState {
     /// threads are getting through quick callbacks.
     fn recent(&self, now: Instant) -> bool {
         self.slots.iter().any(|s| match s {
-            Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
+            Slot::Starting(t) | Slot::Busy(t) | Slot::OnWorker(t) => {
+                now.duration_since(*t) < HANDOFF_AFTER
+            }
             Slot::Vacant | Slot::Idle => false,
         })
     }
@@ -124,27 +166,163 @@ impl RunnerState {
                 // Threads are getting through quick callbacks: leave it to them.
                 return (start, true);
             }
-            let index = match self.slots.iter().position(|s| matches!(s, Slot::Vacant)) {
-                Some(i) => i,
-                None => {
-                    self.slots.push(Slot::Vacant);
-                    self.slots.len() - 1
-                }
-            };
             // The watchdog's threads are for jobs already waiting too long, and must not
             // make the next one wait: they do not count as recent.
-            self.slots[index] = if submitting {
+            let index = self.claim_slot(if submitting {
                 Slot::Starting(now)
             } else {
                 Slot::Starting(now.checked_sub(HANDOFF_AFTER).unwrap_or(now))
-            };
+            });
             self.threads += 1;
             start.push(index);
         }
     }
 }
 
+impl RunnerState {
+    /// A vacant slot (one more if none is), taken as `slot`.
+    fn claim_slot(&mut self, slot: Slot) -> usize {
+        let index = match self.slots.iter().position(|s| matches!(s, Slot::Vacant)) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::Vacant);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[index] = slot;
+        index
+    }
+
+    /// Whether a run on a worker is going, and whether its callback has been running
+    /// for `HANDOFF_AFTER` or longer (turned slow).
+    fn run_on_worker(&self, now: Instant) -> (bool, bool) {
+        let mut going = false;
+        for slot in &self.slots {
+            if let Slot::OnWorker(t) = slot {
+                if now.duration_since(*t) >= HANDOFF_AFTER {
+                    return (true, true);
+                }
+                going = true;
+            }
+        }
+        (going, false)
+    }
+}
+
 impl SyncRunner {
+    /// Runs `jobs` (all of callbacks seen to finish quickly) on this runtime worker, in a
+    /// task of its own, or leaves them to a run on a worker that is going; `false`
+    /// (the jobs left in the vector) if they must go to threads: the runtime has one
+    /// worker, or a run on a worker is stuck in a callback that turned slow.
+    pub(super) fn run_on_worker(core: &Arc<Executor>, jobs: &mut Vec<SyncJob>) -> bool {
+        let runner = &core.sync_runner;
+        if !*runner.on_workers.get_or_init(workers_can_run) {
+            return false;
+        }
+        let Some(watch) = RunWatch::get(core) else {
+            return false;
+        };
+        let now = Instant::now();
+        let start = {
+            let mut s = runner.lock();
+            let (going, stuck) = s.run_on_worker(now);
+            if stuck {
+                return false;
+            }
+            let added = jobs.len();
+            s.jobs.extend(jobs.drain(..));
+            runner.queued.fetch_add(added, Ordering::Release);
+            (!going).then(|| {
+                s.threads += 1;
+                s.busy += 1;
+                s.claim_slot(Slot::OnWorker(now))
+            })
+        };
+        if let Some(slot) = start {
+            watch.run_begins();
+            Self::spawn_on_worker(core.clone(), slot);
+        }
+        true
+    }
+
+    /// The next step of the run on a worker in `slot`, as a task of its own.
+    fn spawn_on_worker(core: Arc<Executor>, slot: usize) {
+        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, slot) });
+    }
+
+    /// Runs the next queued job, if any; a new task runs the one after it. Whatever the
+    /// job woke (its reply's writer, tasks of its callback) waits in this worker's LIFO
+    /// slot, which other workers cannot take: the new task takes that place, and moves
+    /// what it held where the other worker can take it, should the next job turn slow.
+    /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
+    /// run in one task.
+    fn run_one_on_worker(core: &Arc<Executor>, slot: usize) {
+        let runner = &core.sync_runner;
+        for _ in 0..ONE_WAY_JOBS_PER_TASK {
+            let Some(job) = runner.next_on_worker(slot) else {
+                return;
+            };
+            let replies = job.wants_reply();
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
+                tracing::error!("a sync callback job panicked outside its callback");
+            }
+            if !runner.more_on_worker(slot) {
+                return;
+            }
+            if replies {
+                break;
+            }
+        }
+        Self::spawn_on_worker(core.clone(), slot);
+    }
+
+    /// Whether jobs are queued for the run on a worker in `slot`; if not, the run ends.
+    /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
+    /// here (the worker busy elsewhere) makes the run stuck, not the time its last
+    /// callback took.
+    fn more_on_worker(&self, slot: usize) -> bool {
+        let now = Instant::now();
+        let mut s = self.lock();
+        if s.jobs.is_empty() {
+            self.end_on_worker(&mut s, slot);
+            return false;
+        }
+        self.mark_on_worker(&mut s, slot, now);
+        true
+    }
+
+    /// The run on a worker in `slot` makes progress at `now`.
+    fn mark_on_worker(&self, s: &mut RunnerState, slot: usize, now: Instant) {
+        s.slots[slot] = Slot::OnWorker(now);
+        if let Some(watch) = self.watch() {
+            watch.job_began.store(watch.micros(now), Ordering::Release);
+        }
+    }
+
+    /// Ends the run on a worker in `slot`.
+    fn end_on_worker(&self, s: &mut RunnerState, slot: usize) {
+        s.slots[slot] = Slot::Vacant;
+        s.threads -= 1;
+        s.busy -= 1;
+        if let Some(watch) = self.watch() {
+            watch.job_began.store(0, Ordering::Release);
+        }
+    }
+
+    /// The next job for the run on a worker in `slot`; `None` ends the run.
+    fn next_on_worker(&self, slot: usize) -> Option<SyncJob> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let Some(job) = s.jobs.pop_front() else {
+            self.end_on_worker(&mut s, slot);
+            return None;
+        };
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.mark_on_worker(&mut s, slot, now);
+        Some(job)
+    }
+
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
     pub(super) fn submit(core: &Arc<Executor>, jobs: &mut Vec<SyncJob>) {
         let (start, watch, wake) = {
@@ -328,7 +506,7 @@ impl SyncRunner {
                 return;
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run())).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| job.run(false))).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
             finished_one = true;
@@ -381,6 +559,9 @@ impl SyncRunner {
     pub fn retire(&self) {
         self.lock().retired = true;
         self.wake.notify_all();
+        if let Some(watch) = self.watch() {
+            watch.thread.unpark();
+        }
     }
 
     pub(super) fn note_dropped(&self, node: &str, callback: &str, limit: usize) {
@@ -397,6 +578,11 @@ impl SyncRunner {
         }
     }
 
+    /// The node's watch, once started.
+    fn watch(&self) -> Option<&RunWatch> {
+        self.run_watch.get().and_then(Option::as_ref)
+    }
+
     /// Jobs waiting for a thread (without the lock).
     pub(super) fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
@@ -405,6 +591,109 @@ impl SyncRunner {
     fn lock(&self) -> std::sync::MutexGuard<'_, RunnerState> {
         crate::sync::lock(&self.state)
     }
+}
+
+impl RunWatch {
+    /// The node's watch, its thread started on first use; `None` if it could not start.
+    fn get(core: &Arc<Executor>) -> Option<&RunWatch> {
+        core.sync_runner
+            .run_watch
+            .get_or_init(|| RunWatch::start(core))
+            .as_ref()
+    }
+
+    fn start(core: &Arc<Executor>) -> Option<RunWatch> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let weak = Arc::downgrade(core);
+        let started = std::thread::Builder::new()
+            .name("daffi-watch".into())
+            .spawn(move || watch_runs(&weak, &runtime));
+        match started {
+            Ok(handle) => Some(RunWatch {
+                thread: handle.thread().clone(),
+                job_began: AtomicU64::new(0),
+                runs: AtomicU64::new(0),
+                sleeping: std::sync::atomic::AtomicBool::new(false),
+                epoch: Instant::now(),
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "could not start a watch thread: sync callbacks all run on threads");
+                None
+            }
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        // Never 0 (that means none runs).
+        at.duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// A run begins: the thread watches (woken if it slept).
+    fn run_begins(&self) {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+    }
+}
+
+/// The watch thread of a node: every `HANDOFF_AFTER` while runs on a worker happen, looks
+/// whether one is stuck in a callback; if so, starts the runner's watchdog on the
+/// runtime (waking another worker). Sleeps once no run began for a while; ends with the
+/// node.
+fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle) {
+    let (mut idle_looks, mut runs_seen, mut rescued) = (0u32, 0u64, 0u64);
+    loop {
+        let Some(core) = core.upgrade() else { return };
+        let runner = &core.sync_runner;
+        if runner.lock().retired {
+            return;
+        }
+        let Some(watch) = runner.watch() else {
+            // Set just after this thread started.
+            drop(core);
+            std::thread::sleep(HANDOFF_AFTER);
+            continue;
+        };
+        let began = watch.job_began.load(Ordering::Acquire);
+        let now = watch.micros(Instant::now());
+        if began != 0 && began != rescued && now - began >= HANDOFF_AFTER.as_micros() as u64 {
+            rescued = began;
+            tracing::debug!(process = %core.name, "a sync callback turned slow on a runtime worker; later ones go to threads");
+            runner.lock().watched = true;
+            runtime.spawn(SyncRunner::watchdog(core.clone()));
+        }
+        let runs = watch.runs.load(Ordering::SeqCst);
+        idle_looks = if runs != runs_seen || began != 0 {
+            0
+        } else {
+            idle_looks + 1
+        };
+        runs_seen = runs;
+        if idle_looks < WATCH_LOOKS_BEFORE_SLEEPING {
+            drop(core);
+            std::thread::sleep(HANDOFF_AFTER);
+            continue;
+        }
+        watch.sleeping.store(true, Ordering::SeqCst);
+        // Looked at again after saying so: a run that began meanwhile is not missed.
+        if watch.runs.load(Ordering::SeqCst) != runs_seen {
+            watch.sleeping.store(false, Ordering::SeqCst);
+            continue;
+        }
+        drop(core);
+        // Bounded: the node may be gone without retiring (it is then found gone).
+        std::thread::park_timeout(LINGER);
+        idle_looks = 0;
+    }
+}
+
+/// Whether this runtime has a worker to spare while another runs a callback.
+fn workers_can_run() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && runtime.metrics().num_workers() >= 2
+    })
 }
 
 #[cfg(test)]

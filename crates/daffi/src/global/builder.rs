@@ -59,6 +59,16 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// stream callback, or a sync callback reading its `Incoming`, holds one of
 /// `max_sync_callbacks` until its stream ends or is dropped.
 ///
+/// Where a sync callback runs: on the node's own callback threads (`daffi-callback`),
+/// or, once it has finished quickly three times in a row (under 100 µs each, without
+/// waiting on daffi's sync API), on the runtime worker that read its request, which
+/// saves the hand-off between threads (on a multi-threaded runtime with two workers or
+/// more: the node's own, or the user's). Either way the runtime's context is entered
+/// (`Handle::current()` works) and a nested sync call works. One that turns slow there
+/// holds up the node's other requests for at most about 0.5 ms (they go to the
+/// callback threads) and runs on the threads next time; thread-locals a callback keeps
+/// may therefore be those of either kind of thread.
+///
 /// TLS is for TCP. Certificates and keys are PEM files, read once at start. A node
 /// that runs beside its controller (`init_controller(true)`) reaches it in-process,
 /// without TLS or token: the node options (and the token) then serve the other
@@ -231,7 +241,8 @@ impl GlobalBuilder {
     /// at once with [`Error::Overloaded`]; a full set of sync threads never refuses
     /// async callbacks. Default: 1,024, what sync and async callbacks shared before they
     /// had limits of their own, so that no burst that fitted then is refused now. Only
-    /// slow callbacks cost threads (quick ones share one or two), and an idle thread
+    /// slow callbacks cost threads (quick ones run on the runtime's workers, see the
+    /// table of defaults above), and an idle thread
     /// costs its stack's address space (2 MiB), touched only as used.
     pub fn max_sync_callbacks(mut self, callbacks: usize) -> Self {
         self.max_sync_callbacks = callbacks.max(1);

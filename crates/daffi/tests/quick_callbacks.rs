@@ -1,0 +1,327 @@
+//! A sync callback seen to finish quickly runs on the runtime worker that read its
+//! request; one that turns slow there holds up no other caller, a nested sync call from
+//! one still works, and a panic in one is still the caller's error. Real processes over
+//! real sockets.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Transport, WAIT};
+use daffi::{callback, Error};
+
+const ENTRY: &str = "quick_callbacks_process";
+/// The runtime workers of a node started with the sync API.
+const WORKER_THREAD: &str = "daffi-worker";
+/// The node's own threads for sync callbacks.
+const CALLBACK_THREAD: &str = "daffi-callback";
+/// The only worker of a user's runtime in the `one_worker` role.
+const USER_WORKER_THREAD: &str = "user-worker";
+
+// ---- callbacks served by every process of this binary --------------------------------
+
+fn thread_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_string()
+}
+
+/// Sleeps `sleep_ms` (a callback that turns slow), then says where it ran.
+#[callback]
+fn nap(sleep_ms: u64) -> String {
+    std::thread::sleep(Duration::from_millis(sleep_ms));
+    thread_name()
+}
+
+/// Says where it ran.
+#[callback]
+fn where_ran() -> String {
+    thread_name()
+}
+
+/// Panics when asked to, else says where it ran.
+#[callback]
+fn maybe_panic(panic: bool) -> String {
+    assert!(!panic, "panicked on purpose");
+    thread_name()
+}
+
+// ---- child processes -----------------------------------------------------------------
+
+/// Runs a child process in the role the test gave it; ignored in normal runs.
+#[test]
+#[ignore = "helper: tests start it as a child process"]
+fn quick_callbacks_process() {
+    common::run_role(&[
+        ("controller", common::run_controller_role),
+        ("worker", worker),
+        ("one_worker", one_worker),
+    ]);
+}
+
+/// A node started from the user's own runtime with one worker thread.
+fn one_worker() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(USER_WORKER_THREAD)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let g = common::builder_for(&common::address_from_env())
+            .process_name(std::env::var(common::ENV_NAME).expect("name"))
+            .start_async()
+            .await
+            .expect("worker starts");
+        g.join_async().await;
+    });
+}
+
+/// A node that also serves `relay(target, n)`: `n + 1`, asked of `target`'s
+/// `plus_one` with the sync API from inside the callback when `target` is not empty
+/// (a nested call), else computed here; with where it ran.
+fn worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("worker starts");
+    let me = g.clone();
+    g.register("relay", move |target: String, n: u64| -> (u64, String) {
+        let value = if target.is_empty() {
+            n + 1
+        } else {
+            me.call("plus_one")
+                .on(&target)
+                .args((n,))
+                .timeout(WAIT)
+                .fg::<u64>()
+                .expect("the nested call")
+        };
+        (value, thread_name())
+    })
+    .expect("register relay");
+    g.register("plus_one", |n: u64| n + 1)
+        .expect("register plus_one");
+    g.join().expect("join");
+}
+
+/// Calls `callback` on `worker` until it runs on a runtime worker (it was seen to be
+/// quick), at most 100 times; where it ran last.
+fn until_on_a_worker(g: &daffi::Global, worker: &str, callback: &str) -> String {
+    let mut ran = String::new();
+    for _ in 0..100 {
+        ran = g
+            .call(callback)
+            .on(worker)
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("call");
+        if ran == WORKER_THREAD {
+            break;
+        }
+    }
+    ran
+}
+
+// ---- tests ---------------------------------------------------------------------------
+
+#[test]
+fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
+    const SLOW: Duration = Duration::from_millis(500);
+    const BOUND: Duration = Duration::from_millis(150);
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("server");
+    cluster.spawn_worker(&worker);
+    let g = cluster.caller.clone();
+    let other = common::builder_for(&cluster.address)
+        .process_name(common::unique("other"))
+        .start()
+        .expect("the other caller connects");
+    other
+        .wait_process_timeout(&worker, WAIT)
+        .expect("the other caller knows the worker");
+
+    // Both callbacks are seen to be quick: they run on a runtime worker.
+    assert_eq!(until_on_a_worker(&g, &worker, "where_ran"), WORKER_THREAD);
+    let quick_nap = |g: &daffi::Global| {
+        g.call("nap")
+            .on(&worker)
+            .args((0u64,))
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("nap")
+    };
+    let mut ran = String::new();
+    for _ in 0..100 {
+        ran = quick_nap(&g);
+        if ran == WORKER_THREAD {
+            break;
+        }
+    }
+    assert_eq!(ran, WORKER_THREAD, "a quick nap runs on a runtime worker");
+
+    // `nap` turns slow on a worker, while the other caller keeps calling `where_ran`.
+    let slow_done = Arc::new(AtomicBool::new(false));
+    let began = Instant::now();
+    let slow = {
+        let (g, worker, slow_done) = (g.clone(), worker.clone(), slow_done.clone());
+        std::thread::spawn(move || {
+            let ran = g
+                .call("nap")
+                .on(&worker)
+                .args((SLOW.as_millis() as u64,))
+                .timeout(WAIT)
+                .fg::<String>();
+            slow_done.store(true, Ordering::Release);
+            ran
+        })
+    };
+    let (mut done, mut longest) = (0usize, Duration::ZERO);
+    while !slow_done.load(Ordering::Acquire) {
+        let call = Instant::now();
+        other
+            .call("where_ran")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("a quick call while the slow one runs");
+        longest = longest.max(call.elapsed());
+        done += 1;
+    }
+    let slow_ran = slow.join().expect("slow caller").expect("the slow call");
+    let slow_took = began.elapsed();
+    eprintln!(
+        "while a {SLOW:?} callback ran on {slow_ran}, another caller's quick calls: \
+         {done} done, the longest {longest:?}"
+    );
+    assert_eq!(slow_ran, WORKER_THREAD, "the slow run began on a worker");
+    assert!(slow_took >= SLOW, "the slow call took {slow_took:?}");
+    assert!(longest < BOUND, "a quick call waited {longest:?}");
+    assert!(done >= 10, "only {done} quick calls in {slow_took:?}");
+
+    // Seen slow, `nap` goes to the callback threads next time.
+    assert_eq!(quick_nap(&g), CALLBACK_THREAD);
+}
+
+#[test]
+fn a_quick_callback_on_a_worker_makes_nested_sync_calls_under_load() {
+    const CALLS: usize = 400;
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let (relay, target) = (common::unique("relay"), common::unique("target"));
+    cluster.spawn_worker(&relay);
+    cluster.spawn_worker(&target);
+    let g = cluster.caller.clone();
+    let call = |to: &str, n: u64| {
+        g.call("relay")
+            .on(&relay)
+            .args((to.to_string(), n))
+            .timeout(WAIT)
+    };
+
+    // Quick without a target: `relay` runs on a worker.
+    let mut ran = String::new();
+    for n in 0..100 {
+        let (value, thread) = call("", n).fg::<(u64, String)>().expect("relay");
+        assert_eq!(value, n + 1);
+        ran = thread;
+        if ran == WORKER_THREAD {
+            break;
+        }
+    }
+    assert_eq!(ran, WORKER_THREAD, "a quick relay runs on a runtime worker");
+
+    // Many in flight, every tenth a nested sync call from inside the callback: each
+    // nested one begins where the quick ones run (it is not known yet), and must not
+    // hold the worker its reply is read on.
+    let began = Instant::now();
+    let results: Vec<_> = (0..CALLS as u64)
+        .map(|n| {
+            let to = if n % 10 == 0 { target.as_str() } else { "" };
+            call(to, n).bg::<(u64, String)>().expect("sent")
+        })
+        .collect();
+    let mut nested_on_worker = 0;
+    for (n, result) in results.into_iter().enumerate() {
+        let (value, thread) = result.get().expect("every call is answered");
+        assert_eq!(value, n as u64 + 1);
+        if n % 10 == 0 && thread == WORKER_THREAD {
+            nested_on_worker += 1;
+        }
+    }
+    eprintln!(
+        "{CALLS} relays ({} nested) in {:?}; nested ones begun on a worker: {nested_on_worker}",
+        CALLS / 10,
+        began.elapsed()
+    );
+    assert!(
+        nested_on_worker >= 1,
+        "no nested call began on a worker: the test did not try what it is for"
+    );
+}
+
+#[test]
+fn a_panic_in_a_callback_run_on_a_worker_is_the_callers_error() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("panicky");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    let call = |panic: bool| {
+        g.call("maybe_panic")
+            .on(&worker)
+            .args((panic,))
+            .timeout(WAIT)
+            .fg::<String>()
+    };
+    let mut ran = String::new();
+    for _ in 0..100 {
+        ran = call(false).expect("no panic");
+        if ran == WORKER_THREAD {
+            break;
+        }
+    }
+    assert_eq!(
+        ran, WORKER_THREAD,
+        "a quick callback runs on a runtime worker"
+    );
+
+    match call(true) {
+        Err(Error::Remote {
+            process,
+            callback,
+            message,
+            panicked,
+        }) => {
+            assert!(panicked);
+            assert_eq!(
+                (process.as_str(), callback.as_str()),
+                (worker.as_str(), "maybe_panic")
+            );
+            assert!(message.contains("panicked on purpose"), "{message}");
+        }
+        other => panic!("expected a panic report, got {other:?}"),
+    }
+    // The node and its workers go on serving.
+    assert!(call(false).is_ok(), "still serving");
+    assert_eq!(until_on_a_worker(g, &worker, "where_ran"), WORKER_THREAD);
+}
+
+#[test]
+fn on_a_runtime_with_one_worker_sync_callbacks_stay_on_their_threads() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("lonely");
+    cluster.spawn_role(&worker, "one_worker");
+    let g = &cluster.caller;
+    // Quick every time, but running one would stall its only worker.
+    for _ in 0..20 {
+        let ran = g
+            .call("where_ran")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("call");
+        assert_eq!(ran, CALLBACK_THREAD);
+    }
+}
