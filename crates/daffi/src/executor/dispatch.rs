@@ -131,14 +131,15 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
             return;
         }
     };
-    batch.not_all_quick |= !(matches!(work, SyncWork::Call(_)) && pace.is_quick());
-    batch.jobs.push(SyncJob {
+    let job = SyncJob {
         work,
         request,
         offer,
         pace,
         _running: running,
-    });
+    };
+    batch.not_all_quick |= !job.is_quick_call();
+    batch.jobs.push(job);
 }
 
 /// Why `request` does not fit `handler`: a stream asked of a plain callback, or one
@@ -230,6 +231,12 @@ impl SyncJob {
     /// Answers that the node is overloaded (no thread could take the job).
     pub(super) fn overloaded(self, message: String) {
         refuse(self.request, RemoteErrorKind::Overloaded, message);
+    }
+
+    /// Whether it may run on a runtime worker: a plain call (not a stream's producer,
+    /// which may wait for credit for ever) of a callback seen to finish quickly.
+    pub(super) fn is_quick_call(&self) -> bool {
+        matches!(self.work, SyncWork::Call(_)) && self.pace.is_quick()
     }
 
     /// Whether its caller waits for a reply (not NO_RETURN).
@@ -355,5 +362,14 @@ impl SyncJob {
             pace: Arc::default(),
             _running: executor.admit_callback(kind).expect("room"),
         }
+    }
+
+    /// A placeholder of a callback seen to finish quickly.
+    pub(super) fn quick_placeholder() -> SyncJob {
+        let job = SyncJob::placeholder();
+        while !job.pace.is_quick() {
+            job.pace.record(std::time::Duration::ZERO, false);
+        }
+        job
     }
 }

@@ -133,13 +133,21 @@ enum Slot {
 impl RunnerState {
     /// Whether a thread started, or started a callback, less than `HANDOFF_AFTER` ago:
     /// threads are getting through quick callbacks.
+    /// A run on a worker does not count: it takes only quick calls, so the other jobs
+    /// need threads of their own.
     fn recent(&self, now: Instant) -> bool {
         self.slots.iter().any(|s| match s {
-            Slot::Starting(t) | Slot::Busy(t) | Slot::OnWorker(t) => {
-                now.duration_since(*t) < HANDOFF_AFTER
-            }
-            Slot::Vacant | Slot::Idle => false,
+            Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
+            Slot::OnWorker(_) | Slot::Vacant | Slot::Idle => false,
         })
+    }
+
+    /// Where the first queued job a run on a worker may take is: a quick call. Jobs
+    /// queued for threads (stream producers, callbacks not seen to be quick) stay for
+    /// them; a stream producer waiting for credit on a worker would hold, in that
+    /// worker's LIFO slot, the very task that sends its items.
+    fn next_quick(&self) -> Option<usize> {
+        self.jobs.iter().position(SyncJob::is_quick_call)
     }
 
     /// Claims slots for the threads to start for queued jobs that no thread will take
@@ -260,7 +268,7 @@ impl SyncRunner {
         let runner = &core.sync_runner;
         for _ in 0..ONE_WAY_JOBS_PER_TASK {
             let Some(job) = runner.next_on_worker(slot) else {
-                return;
+                return Self::leave_to_threads(core);
             };
             let replies = job.wants_reply();
             // `run` catches the callback's panics; this guards the counts against a bug.
@@ -268,7 +276,7 @@ impl SyncRunner {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
             if !runner.more_on_worker(slot) {
-                return;
+                return Self::leave_to_threads(core);
             }
             if replies {
                 break;
@@ -277,14 +285,23 @@ impl SyncRunner {
         Self::spawn_on_worker(core.clone(), slot);
     }
 
-    /// Whether jobs are queued for the run on a worker in `slot`; if not, the run ends.
+    /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
+    /// turned slow meanwhile) get threads, as if just submitted.
+    fn leave_to_threads(core: &Arc<Executor>) {
+        if core.sync_runner.queued() > 0 {
+            Self::submit(core, &mut Vec::new());
+        }
+    }
+
+    /// Whether quick calls are queued for the run on a worker in `slot`; if not, the
+    /// run ends.
     /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
     /// here (the worker busy elsewhere) makes the run stuck, not the time its last
     /// callback took.
     fn more_on_worker(&self, slot: usize) -> bool {
         let now = Instant::now();
         let mut s = self.lock();
-        if s.jobs.is_empty() {
+        if s.next_quick().is_none() {
             self.end_on_worker(&mut s, slot);
             return false;
         }
@@ -314,7 +331,7 @@ impl SyncRunner {
     fn next_on_worker(&self, slot: usize) -> Option<SyncJob> {
         let now = Instant::now();
         let mut s = self.lock();
-        let Some(job) = s.jobs.pop_front() else {
+        let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
             self.end_on_worker(&mut s, slot);
             return None;
         };
@@ -745,6 +762,18 @@ mod tests {
         // A callback started a moment ago: the thread will soon take the next job.
         let mut s = state(2, 2, Duration::ZERO, 5);
         assert_eq!(s.plan_threads(8, true), (vec![], true));
+    }
+
+    #[test]
+    fn a_run_on_a_worker_takes_only_quick_calls_and_threads_start_for_the_rest() {
+        // A run on a worker is going; a job not seen to be quick (or a stream's
+        // producer) is queued ahead of a quick one.
+        let mut s = state(0, 0, Duration::ZERO, 1);
+        s.jobs.push_back(SyncJob::quick_placeholder());
+        s.claim_slot(Slot::OnWorker(Instant::now()));
+        (s.threads, s.busy) = (1, 1);
+        assert_eq!(s.next_quick(), Some(1), "the run skips the job for threads");
+        assert_eq!(s.plan_threads(8, true), (vec![1], true), "a thread for it");
     }
 
     #[test]
