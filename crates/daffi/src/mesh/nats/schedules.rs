@@ -18,10 +18,10 @@
 //!   renewal came for `LEASE_TTL` (plus up to `LEASE_RENEW`, at random), or at once
 //!   when the holder released it, and, when that try fails, again after as long (not
 //!   every second or two: at a mass start the busy servers delay the renewals, and
-//!   10,000 nodes' tries would add to their queue). A node that joins waits for a renewal first. So a mesh with a
-//!   leader costs the servers one lease write a second, whatever its size (every node
-//!   tried once a second before: at 10,000 nodes, 10,000 JetStream requests a second),
-//!   and each node one message a second.
+//!   10,000 nodes' tries would add to their queue). A node that joins waits as long
+//!   for a renewal first. So a mesh with a leader costs the servers one lease write a
+//!   second, whatever its size (every node tried once a second before: at 10,000
+//!   nodes, 10,000 JetStream requests a second), and each node one message a second.
 //! - **a run** is claimed before it is sent: the leader writes the task's next run (or
 //!   deletes a task whose last run this is) with a revision-checked update, and sends
 //!   the run only if that write won. A run is so never sent twice, even by two nodes that
@@ -723,11 +723,14 @@ struct Turn {
 }
 
 impl Turn {
-    /// A node that just started waits for a renewal before it tries: on a mesh with a
-    /// leader it never does, so that a mass start costs no lease requests.
+    /// A node that just started waits for a renewal before it tries, as long as after
+    /// one heard: on a mesh with a leader it never tries, even while a mass start
+    /// delays the leader's renewals (a wait of 1-2 s let each of 5,000 nodes joining
+    /// at once open the lease bucket and try, 3 JetStream API requests per join instead
+    /// of 2). A fresh mesh so has its first leader 3-4 s after its first node starts.
     fn first() -> Turn {
         Turn {
-            at: Instant::now() + LEASE_RENEW + jitter(LEASE_RENEW),
+            at: Instant::now() + LEASE_TTL + jitter(LEASE_RENEW),
         }
     }
 
