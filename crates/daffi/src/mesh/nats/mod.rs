@@ -151,10 +151,11 @@ pub struct NatsMesh {
 }
 
 impl NatsMesh {
-    /// Connects, opens the buckets, takes this node's name and writes its membership
-    /// entries (each step tried again until `connect_timeout` while the cluster is unreachable
-    /// or electing leaders), and starts serving; returns once the node has its first
-    /// view of the others.
+    /// Connects, opens the membership buckets (the schedule buckets wait for their first
+    /// use), takes this node's name and writes its membership entries (each step tried
+    /// again until `connect_timeout` while the cluster is unreachable or electing
+    /// leaders), and starts serving; returns once the node has its first view of the
+    /// others.
     pub async fn start(
         config: NatsConfig,
         executor: Arc<Executor>,

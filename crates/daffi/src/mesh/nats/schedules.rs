@@ -816,7 +816,7 @@ async fn hear_lease(mesh: &NatsMesh) -> Option<async_nats::Subscriber> {
     match mesh.client.subscribe(mesh.subjects.lease()).await {
         Ok(subscriber) => Some(subscriber),
         Err(e) => {
-            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every second or two instead");
+            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every 3-4 s instead");
             None
         }
     }
