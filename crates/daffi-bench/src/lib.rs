@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
-use proc::Endpoint;
+pub use proc::Endpoint;
 use report::Report;
 use scenarios::{Plan, Scenario, Transport};
 
@@ -128,13 +128,6 @@ enum Role {
         prefix: String,
         #[arg(long)]
         count: usize,
-    },
-    /// One idle daffi node.
-    Idle {
-        #[arg(long)]
-        connect: Endpoint,
-        #[arg(long)]
-        name: String,
     },
     /// The NATS floor's server: raw async-nats, answering requests.
     NatsFloorServer {
@@ -306,7 +299,6 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
             prefix,
             count,
         } => roles::swarm(connect, prefix, *count),
-        Role::Idle { connect, name } => roles::idle(connect, name),
         Role::NatsFloorServer { url, name } => floor::on_nats::server(url, name),
         Role::NatsFloorClient { url, server } => floor::on_nats::client(url, server),
         Role::FloorRelay {

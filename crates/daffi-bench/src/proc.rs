@@ -149,12 +149,32 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts `daffi-bench role <args..>`, named `name` in messages.
     pub fn spawn(name: &str, log_level: &str, args: &[String]) -> Result<ChildProc> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .arg("--log-level")
             .arg(log_level)
             .arg("role")
-            .args(args)
+            .args(args);
+        Self::spawn_command(name, command)
+    }
+
+    /// Starts `program`, built beside this one (same directory), with `args`.
+    pub fn spawn_beside(name: &str, program: &str, args: &[String]) -> Result<ChildProc> {
+        let path = std::env::current_exe()?.with_file_name(program);
+        if !path.exists() {
+            return Err(format!(
+                "{} is missing: build it with `cargo build --release -p daffi-bench`",
+                path.display()
+            )
+            .into());
+        }
+        let mut command = Command::new(path);
+        command.args(args);
+        Self::spawn_command(name, command)
+    }
+
+    fn spawn_command(name: &str, mut command: Command) -> Result<ChildProc> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -598,12 +598,3 @@ pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
     drop(globals);
     Ok(())
 }
-
-/// One idle node in its own process, whose memory the parent reads.
-pub fn idle(connect: &Endpoint, name: &str) -> Result<()> {
-    let g = connect.builder().process_name(name).start()?;
-    println!("ready");
-    wait_for_stdin_eof();
-    g.stop();
-    Ok(())
-}

@@ -20,6 +20,9 @@ const DEFAULT_FRAME_LIMIT: usize = 128 * 1024 * 1024;
 const SWARM_TIMEOUT_S: u64 = 120;
 /// Nodes of scenario E that are not in the swarm: caller, callee, idle node.
 const E_OWN_NODES: usize = 3;
+/// The idle node of scenario E: a program of its own, built with the benchmark.
+const IDLE_NODE_PROGRAM: &str = "daffi-idle-node";
+
 /// The processes the swarm of scenario E is spread over.
 const SWARM_PROCESSES: usize = 5;
 
@@ -1031,10 +1034,11 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
             ],
         )?);
     }
-    let mut idle = plan.spawn(
+    // A user's minimal node program, not this binary: its memory is an idle node's.
+    let mut idle = ChildProc::spawn_beside(
         &idle_name,
-        vec![
-            "idle".into(),
+        IDLE_NODE_PROGRAM,
+        &[
             "--connect".into(),
             endpoint,
             "--name".into(),
@@ -1117,7 +1121,7 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     out.rows.push(
         Row::info(
             'E',
-            format!("idle node RSS (its own process), {total} nodes"),
+            format!("idle node RSS ({IDLE_NODE_PROGRAM}, its own process), {total} nodes"),
             Unit::Mib,
             Spread::one(idle_memory.rss_mib),
         )

@@ -97,6 +97,17 @@ const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 /// How long asking for a part of the view waits for the watch to hold it.
 const WANT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many buckets the nodes of one process open at once. Opening one is a JetStream
+/// API request, which the servers answer one after another: when 10,000 nodes start at
+/// once, a request waits in their queue longer than [`KV_TIMEOUT`], times out, and is
+/// sent again while the first is still queued (2.3 requests per open at 10,000 nodes
+/// in five processes). A process's nodes so take turns, and their requests are answered
+/// in time; one node opening alone does not wait.
+const OPENING_AT_ONCE: usize = 64;
+
+/// The turns of [`OPENING_AT_ONCE`], shared by the nodes of this process.
+static OPENING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(OPENING_AT_ONCE);
+
 /// This node's claim on its name, in the alive bucket.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Claim {
@@ -226,10 +237,12 @@ pub async fn open_buckets(
         num_replicas: replicas(client),
         ..Default::default()
     };
-    Ok(Buckets {
-        alive: open_or_create(client, alive, urls, "alive").await?,
-        nodes: open_or_create(client, nodes, urls, "nodes").await?,
-    })
+    // Both at once: a join waits for one answer of the servers' API, not two.
+    let (alive, nodes) = tokio::try_join!(
+        open_or_create(client, alive, urls, "alive"),
+        open_or_create(client, nodes, urls, "nodes"),
+    )?;
+    Ok(Buckets { alive, nodes })
 }
 
 /// How many servers keep a copy of a bucket: up to three of the cluster's.
@@ -237,20 +250,32 @@ pub fn replicas(client: &async_nats::Client) -> usize {
     client.server_info().connect_urls.len().clamp(1, 3)
 }
 
-/// The KV bucket `config` names, created with `config` if it is not there yet; `what`
-/// names it in errors. Requests through the returned store wait [`KV_TIMEOUT`].
+/// The KV bucket `config` names, created with `config` if the servers say it is not
+/// there yet; `what` names it in errors. Requests through the returned store wait
+/// [`KV_TIMEOUT`]. Only an answer "not found" leads to a create: a request that got no
+/// answer in time (servers busy with a mass start) fails as it is, for the caller to
+/// try again later, rather than adding two more requests to the servers' queue.
 pub async fn open_or_create(
     client: &async_nats::Client,
     config: kv::Config,
     urls: &str,
     what: &str,
 ) -> Result<Store> {
+    let _turn = OPENING.acquire().await.map_err(|_| Error::Stopped)?;
     let requests = async_nats::jetstream::ContextBuilder::new()
         .timeout(KV_TIMEOUT)
         .build(client.clone());
     let bucket = config.bucket.clone();
-    if let Ok(store) = requests.get_key_value(&bucket).await {
-        return Ok(store);
+    match requests.get_key_value(&bucket).await {
+        Ok(store) => return Ok(store),
+        Err(e) if !is_not_found(&e) => {
+            return Err(unreachable_by(
+                urls,
+                &format!("the {what} bucket could not be opened: "),
+                e,
+            ))
+        }
+        Err(_) => {}
     }
     tracing::debug!(bucket = %bucket, "creating the bucket");
     let created = requests.create_key_value(config).await;
@@ -263,6 +288,20 @@ pub async fn open_or_create(
             cause,
         )
     })
+}
+
+/// Whether opening a bucket failed because the servers have no such bucket.
+fn is_not_found(error: &async_nats::jetstream::context::KeyValueError) -> bool {
+    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(get) = e.downcast_ref::<GetStreamError>() {
+            return matches!(get.kind(), GetStreamErrorKind::JetStream(js)
+                if js.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND);
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Takes `name` in the alive bucket for the run `record`; the claim's revision. A name

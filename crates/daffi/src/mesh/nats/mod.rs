@@ -151,10 +151,11 @@ pub struct NatsMesh {
 }
 
 impl NatsMesh {
-    /// Connects, opens the buckets, takes this node's name and writes its membership
-    /// entries (each step tried again until `connect_timeout` while the cluster is unreachable
-    /// or electing leaders), and starts serving; returns once the node has its first
-    /// view of the others.
+    /// Connects, opens the membership buckets (the schedule buckets wait for their first
+    /// use), takes this node's name and writes its membership entries (each step tried
+    /// again until `connect_timeout` while the cluster is unreachable or electing
+    /// leaders), and starts serving; returns once the node has its first view of the
+    /// others.
     pub async fn start(
         config: NatsConfig,
         executor: Arc<Executor>,
@@ -195,10 +196,6 @@ impl NatsMesh {
             members::open_buckets(&client, &subjects, urls)
         })
         .await?;
-        let schedules = retrying(give_up_at, "opening the schedule buckets", || {
-            Schedules::open(&client, &config.namespace, urls)
-        })
-        .await?;
         let revision = retrying(give_up_at, "taking the process name", || {
             members::take_name(&client, &subjects, &buckets.alive, &name, &record, urls)
         })
@@ -209,6 +206,12 @@ impl NatsMesh {
                 .map_err(|e| unreachable_by(urls, "could not write the membership entries: ", e))
         })
         .await?;
+        let schedules = Schedules::new(
+            &client,
+            &config.namespace,
+            &config.urls,
+            config.connect_timeout,
+        );
         let (record_tx, record_rx) = mpsc::unbounded_channel();
         let mesh = Arc::new_cyclic(|me| NatsMesh {
             me: me.clone(),
@@ -466,7 +469,9 @@ fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Runs `step` until it succeeds, fails with an error a retry cannot help (anything but
 /// [`Error::ControllerUnreachable`]: a taken name, authentication, TLS), or `give_up_at`
-/// passes; waits 50 ms after the first failure, doubling up to a second.
+/// passes; waits about 50 ms after the first failure, doubling up to about a second,
+/// each wait drawn from half to one and a half times that, so that the nodes of a mass
+/// start that failed together do not all try again in the same instant.
 async fn retrying<T, F, Fut>(give_up_at: Instant, what: &str, mut step: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -480,7 +485,8 @@ where
             }
             done => return done,
         }
-        tokio::time::sleep(delay.min(give_up_at.saturating_duration_since(Instant::now()))).await;
+        let wait = delay.mul_f64(0.5 + fastrand::f64());
+        tokio::time::sleep(wait.min(give_up_at.saturating_duration_since(Instant::now()))).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
 }

@@ -1,7 +1,10 @@
 //! PERIOD over NATS: the schedules live in the replicated JetStream KV bucket
 //! `<ns>-schedules` (one key per task id), so that they outlive every process, and one
 //! node at a time fires them: the holder of the lease `leader` in the bucket
-//! `<ns>-scheduler`.
+//! `<ns>-scheduler`. Each bucket is opened on its first use (a schedule, a cancel, a
+//! listing; the lease: this node's first try to take it), not at the node's start: a
+//! node that never schedules nor leads costs the servers no JetStream API request for
+//! them, which at a mass start of 10,000 nodes halves the requests the joins queue.
 //!
 //! - **the lease** is created atomically by a node that finds none, and renewed by its
 //!   holder every [`LEASE_RENEW`] with a revision-checked update; the bucket's age limit
@@ -13,11 +16,12 @@
 //!   lease, and its release, with a core message on `<ns>.lease`, which every node
 //!   hears (no consumer, no request). A node tries to take the lease only when no
 //!   renewal came for `LEASE_TTL` (plus up to `LEASE_RENEW`, at random), or at once
-//!   when the holder released it, and then every second or two until it hears a
-//!   renewal again. A node that joins waits for a renewal first. So a mesh with a
-//!   leader costs the servers one lease write a second, whatever its size (every node
-//!   tried once a second before: at 10,000 nodes, 10,000 JetStream requests a second),
-//!   and each node one message a second.
+//!   when the holder released it, and, when that try fails, again after as long (not
+//!   every second or two: at a mass start the busy servers delay the renewals, and
+//!   10,000 nodes' tries would add to their queue). A node that joins waits as long
+//!   for a renewal first. So a mesh with a leader costs the servers one lease write a
+//!   second, whatever its size (every node tried once a second before: at 10,000
+//!   nodes, 10,000 JetStream requests a second), and each node one message a second.
 //! - **a run** is claimed before it is sent: the leader writes the task's next run (or
 //!   deletes a task whose last run this is) with a revision-checked update, and sends
 //!   the run only if that write won. A run is so never sent twice, even by two nodes that
@@ -32,8 +36,8 @@
 //!
 //! Takeover bound: the leader's death stops the runs for at most `LEASE_TTL` (its last
 //! renewal's age limit) plus `LEASE_RENEW` (the others' next try, spread at random),
-//! about 4 s, or another `LEASE_RENEW` when the first try comes before the server has
-//! dropped the lease. The loss
+//! about 4 s, or another `LEASE_TTL` and `LEASE_RENEW` when the first try comes before
+//! the server has dropped the lease. The loss
 //! of the server that leads the buckets' streams pauses them while its replicas elect a
 //! new leader (NATS's election timeout, 4-9 s; measured 0.2-6.5 s over 10 runs, was up
 //! to 11.6 s when each KV request waited 10 s and the lease lapsed meanwhile); nothing
@@ -48,7 +52,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, OnceCell};
 use tokio::time::Instant;
 
 use super::caller::CALLER;
@@ -173,44 +177,89 @@ struct Held {
     task: StoredTask,
 }
 
-/// The two buckets of PERIOD on one mesh.
-#[derive(Clone)]
+/// The two buckets of PERIOD on one mesh, each opened on its first use: a node that
+/// never schedules and never takes the lease never asks the cluster for them (opening
+/// one is a JetStream API request; at a mass start those queue at the servers).
 pub struct Schedules {
-    tasks: Store,
-    lease: Store,
+    client: async_nats::Client,
+    namespace: String,
+    urls: String,
+    /// How long a request of the user's waits for a bucket to open (`connect_timeout`).
+    open_timeout: Duration,
+    tasks: OnceCell<Store>,
+    lease: OnceCell<Store>,
     /// Whether this node holds the lease now (it also removes the nodes that died:
     /// see `members`).
-    leading: Arc<watch::Sender<bool>>,
+    leading: watch::Sender<bool>,
 }
 
 impl Schedules {
-    /// Opens (or creates) the buckets, replicated on up to three servers.
-    pub async fn open(
+    /// The buckets of `namespace`, not opened yet; a request of the user's tries to
+    /// open them for up to `open_timeout`.
+    pub fn new(
         client: &async_nats::Client,
         namespace: &str,
         urls: &str,
-    ) -> Result<Schedules> {
-        let replicas = replicas(client);
-        let tasks = kv::Config {
-            bucket: format!("{namespace}-schedules"),
+        open_timeout: Duration,
+    ) -> Schedules {
+        Schedules {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            urls: urls.to_string(),
+            open_timeout,
+            tasks: OnceCell::new(),
+            lease: OnceCell::new(),
+            leading: watch::channel(false).0,
+        }
+    }
+
+    /// The tasks bucket, opened (or created) now if it is not yet, tried again while
+    /// the cluster is unreachable for up to `open_timeout` (a fresh cluster answers
+    /// "no responders" until the bucket has a leader).
+    async fn tasks(&self) -> Result<&Store> {
+        let config = kv::Config {
+            bucket: format!("{}-schedules", self.namespace),
             description: "daffi: the PERIOD tasks of this mesh".into(),
             history: 1,
-            num_replicas: replicas,
+            num_replicas: replicas(&self.client),
             ..Default::default()
         };
-        let lease = kv::Config {
-            bucket: format!("{namespace}-scheduler"),
+        let give_up_at = Instant::now() + self.open_timeout;
+        self.tasks
+            .get_or_try_init(|| {
+                super::retrying(give_up_at, "opening the schedules bucket", || async {
+                    let tasks =
+                        open_or_create(&self.client, config.clone(), &self.urls, "schedules")
+                            .await?;
+                    // A bucket just created answers once its replicas have a leader:
+                    // a read of a key no task has (ids start at 1) tells.
+                    tasks.entry("0").await.map_err(|e| {
+                        super::unreachable_by(
+                            &self.urls,
+                            "the schedules bucket does not answer yet: ",
+                            e,
+                        )
+                    })?;
+                    Ok(tasks)
+                })
+            })
+            .await
+    }
+
+    /// The lease bucket, opened (or created) now if it is not yet; one try (the lease
+    /// is tried again at its next turn).
+    async fn lease(&self) -> Result<&Store> {
+        let config = kv::Config {
+            bucket: format!("{}-scheduler", self.namespace),
             description: "daffi: the node that fires the PERIOD tasks (a lease)".into(),
             history: 1,
             max_age: LEASE_TTL,
-            num_replicas: replicas,
+            num_replicas: replicas(&self.client),
             ..Default::default()
         };
-        Ok(Schedules {
-            tasks: open_or_create(client, tasks, urls, "schedules").await?,
-            lease: open_or_create(client, lease, urls, "scheduler lease").await?,
-            leading: Arc::new(watch::channel(false).0),
-        })
+        self.lease
+            .get_or_try_init(|| open_or_create(&self.client, config, &self.urls, "scheduler lease"))
+            .await
     }
 
     /// Flips with whether this node holds the lease.
@@ -220,7 +269,8 @@ impl Schedules {
 
     /// Every task in the bucket.
     async fn read_all(&self) -> std::result::Result<Vec<Held>, String> {
-        let mut keys = self.tasks.keys().await.map_err(|e| e.to_string())?;
+        let tasks = self.tasks().await.map_err(|e| e.to_string())?;
+        let mut keys = tasks.keys().await.map_err(|e| e.to_string())?;
         let mut held = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| e.to_string())?;
@@ -236,7 +286,8 @@ impl Schedules {
         let Some(task_id) = key.parse().ok() else {
             return Ok(None);
         };
-        let entry = self.tasks.entry(key).await.map_err(|e| e.to_string())?;
+        let tasks = self.tasks().await.map_err(|e| e.to_string())?;
+        let entry = tasks.entry(key).await.map_err(|e| e.to_string())?;
         Ok(entry.and_then(|entry| held_of(task_id, &entry)))
     }
 }
@@ -329,14 +380,10 @@ impl NatsMesh {
                 limit,
             });
         }
+        let tasks = self.schedules.tasks().await?;
         loop {
             let task_id = fastrand::u64(1..=MAX_TASK_ID);
-            match self
-                .schedules
-                .tasks
-                .create(task_id.to_string(), value.clone())
-                .await
-            {
+            match tasks.create(task_id.to_string(), value.clone()).await {
                 Ok(_) => {
                     tracing::info!(task_id, callback = %task.callback, "scheduled a task");
                     return Ok(ControlAnswer::Scheduled { task_id });
@@ -367,7 +414,8 @@ impl NatsMesh {
             // The leader may have written the next run meanwhile: read it again.
             if self
                 .schedules
-                .tasks
+                .tasks()
+                .await?
                 .delete_expect_revision(&key, Some(held.revision))
                 .await
                 .is_ok()
@@ -466,7 +514,7 @@ impl NatsMesh {
         goes_on: bool,
     ) -> std::result::Result<Option<u64>, String> {
         let key = held.task_id.to_string();
-        let tasks = &self.schedules.tasks;
+        let tasks = self.schedules.tasks().await.map_err(|e| e.to_string())?;
         if goes_on {
             tasks
                 .update(&key, message::encode(next), held.revision)
@@ -559,7 +607,13 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
     let started = Instant::now();
     let holding = lease.holds();
     let value = Bytes::copy_from_slice(mesh.name.as_bytes());
-    let bucket = &mesh.schedules.lease;
+    let bucket = match mesh.schedules.lease().await {
+        Ok(bucket) => bucket,
+        Err(e) => {
+            tracing::debug!(process = %mesh.name, error = %e, "could not open the scheduler lease bucket; trying again at the next turn");
+            return;
+        }
+    };
     let written = match lease.revision {
         Some(revision) => bucket
             .update(LEASE_KEY, value, revision)
@@ -608,8 +662,9 @@ struct Book {
 
 impl Book {
     /// Starts following the bucket (from an empty view), unless it does already.
-    async fn follow(&mut self, bucket: &Store) -> std::result::Result<(), String> {
+    async fn follow(&mut self, schedules: &Schedules) -> std::result::Result<(), String> {
         if self.watch.is_none() {
+            let bucket = schedules.tasks().await.map_err(|e| e.to_string())?;
             self.tasks.clear();
             // Every task's current value first, then the changes (`watch_all` would
             // give only the changes).
@@ -668,11 +723,14 @@ struct Turn {
 }
 
 impl Turn {
-    /// A node that just started waits for a renewal before it tries: on a mesh with a
-    /// leader it never does, so that a mass start costs no lease requests.
+    /// A node that just started waits for a renewal before it tries, as long as after
+    /// one heard: on a mesh with a leader it never tries, even while a mass start
+    /// delays the leader's renewals (a wait of 1-2 s let each of 5,000 nodes joining
+    /// at once open the lease bucket and try, 3 JetStream API requests per join instead
+    /// of 2). A fresh mesh so has its first leader 3-4 s after its first node starts.
     fn first() -> Turn {
         Turn {
-            at: Instant::now() + LEASE_RENEW + jitter(LEASE_RENEW),
+            at: Instant::now() + LEASE_TTL + jitter(LEASE_RENEW),
         }
     }
 
@@ -681,15 +739,16 @@ impl Turn {
     }
 
     /// After this node's write: the holder renews after [`LEASE_RENEW`]; a node that
-    /// could not take the lease tries again after about as long, unless it hears a
-    /// renewal meanwhile.
+    /// could not take the lease (held, or no answer) tries again as if it had heard a
+    /// renewal, unless it hears one meanwhile. Not sooner: while a mass start keeps the
+    /// servers busy, the holder's renewals (and so its announcements) come late, and
+    /// every node trying every second or two would only add to the queue.
     fn after_write(&mut self, holds: bool) {
-        let spread = if holds {
-            Duration::ZERO
+        if holds {
+            self.at = Instant::now() + LEASE_RENEW;
         } else {
-            jitter(LEASE_RENEW)
-        };
-        self.at = Instant::now() + LEASE_RENEW + spread;
+            self.heard(LeaseNews::Renewed);
+        }
     }
 
     /// After a message about the lease, while this node does not hold it.
@@ -757,7 +816,7 @@ async fn hear_lease(mesh: &NatsMesh) -> Option<async_nats::Subscriber> {
     match mesh.client.subscribe(mesh.subjects.lease()).await {
         Ok(subscriber) => Some(subscriber),
         Err(e) => {
-            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every second or two instead");
+            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every 3-4 s instead");
             None
         }
     }
@@ -803,7 +862,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         let mut wake = turn.at;
         if !lease.holds() {
             book.forget();
-        } else if let Err(e) = book.follow(&mesh.schedules.tasks).await {
+        } else if let Err(e) = book.follow(&mesh.schedules).await {
             tracing::debug!(process = %mesh.name, error = %e, "could not watch the schedules; trying again");
         } else {
             let all_claimed = mesh.fire_due(&mut book).await;
@@ -839,11 +898,11 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
     if let Some(revision) = lease.revision {
         // Another node takes over at once (it hears the delete), not after the lease's
         // age limit.
-        let _ = mesh
-            .schedules
-            .lease
-            .delete_expect_revision(LEASE_KEY, Some(revision))
-            .await;
+        if let Ok(bucket) = mesh.schedules.lease().await {
+            let _ = bucket
+                .delete_expect_revision(LEASE_KEY, Some(revision))
+                .await;
+        }
         announce(&mesh, LeaseNews::Released).await;
     }
 }
