@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::wire::{self, read_frame};
 use common::{Cluster, Log, Transport, WAIT};
@@ -95,7 +96,24 @@ fn providers(g: &Global) -> BTreeSet<String> {
     answers.into_keys().collect()
 }
 
-/// The names in `g.members()`.
+/// Waits until a broadcast of `scale_work` from `g` reaches exactly `expected`
+/// (bounded): over NATS, `g`'s watch of the providers hears of joins and leaves a
+/// moment after the servers stored them (a node's `c` keys follow its `n` entry).
+fn wait_for_providers(g: &Global, expected: &BTreeSet<String>, what: &str) {
+    let reached = || -> BTreeSet<String> {
+        let answers = g
+            .call("scale_work")
+            .timeout(WAIT)
+            .broadcast_results::<u32>()
+            .expect("a broadcast");
+        answers.into_keys().collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while reached() != *expected {
+        assert!(Instant::now() < deadline, "{what}");
+    }
+}
+
 /// The nodes that serve `scale_work`: `nodes`, and the watcher (which serves it too).
 fn serving(nodes: &[String], watcher: &Global) -> BTreeSet<String> {
     nodes
@@ -114,6 +132,7 @@ fn wait_for_all(watcher: &Global, all: &[String]) {
     }
 }
 
+/// The names in `g.members()`.
 fn members(g: &Global) -> BTreeSet<String> {
     g.members().into_iter().map(|m| m.name).collect()
 }
@@ -225,7 +244,6 @@ const DEATH_BOUND: std::time::Duration = std::time::Duration::from_secs(18);
 #[test]
 fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths() {
     use common::nats::{NatsServer, ENV_NAMESPACE, ENV_NATS};
-    use std::time::Instant;
 
     let server = NatsServer::start();
     let url = server.url();
@@ -264,6 +282,11 @@ fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths()
             .expect("a child is ready");
     }
     let expected = |nodes: &[String]| serving(nodes, &watcher);
+    wait_for_providers(
+        &caller,
+        &expected(&all),
+        "the caller never offered every node",
+    );
     assert_eq!(providers(&caller), expected(&all));
 
     // Half of the nodes of two children leave; the third child dies.
@@ -306,21 +329,11 @@ fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths()
     // The caller's own watch hears of the same removals: once it has (bounded), every
     // call reaches a live node, and a broadcast exactly the nodes that stay.
     let staying = names_of(leaving, |i| i % 2 == 0);
-    let reached = |g: &Global| -> BTreeSet<String> {
-        let answers = g
-            .call("scale_work")
-            .timeout(WAIT)
-            .broadcast_results::<u32>()
-            .expect("a broadcast");
-        answers.into_keys().collect()
-    };
-    let deadline = Instant::now() + WAIT;
-    while reached(&caller) != expected(&staying) {
-        assert!(
-            Instant::now() < deadline,
-            "the caller still offers nodes that left"
-        );
-    }
+    wait_for_providers(
+        &caller,
+        &expected(&staying),
+        "the caller still offers nodes that left",
+    );
     for _ in 0..3 * staying.len() {
         caller
             .call("scale_work")
