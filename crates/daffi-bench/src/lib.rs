@@ -129,6 +129,13 @@ enum Role {
         #[arg(long)]
         count: usize,
     },
+    /// One idle daffi node (when `daffi-idle-node` is not built).
+    Idle {
+        #[arg(long)]
+        connect: Endpoint,
+        #[arg(long)]
+        name: String,
+    },
     /// The NATS floor's server: raw async-nats, answering requests.
     NatsFloorServer {
         #[arg(long)]
@@ -299,6 +306,7 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
             prefix,
             count,
         } => roles::swarm(connect, prefix, *count),
+        Role::Idle { connect, name } => roles::idle(connect, name),
         Role::NatsFloorServer { url, name } => floor::on_nats::server(url, name),
         Role::NatsFloorClient { url, server } => floor::on_nats::client(url, server),
         Role::FloorRelay {

@@ -158,16 +158,14 @@ impl ChildProc {
         Self::spawn_command(name, command)
     }
 
-    /// Starts `program`, built beside this one (same directory), with `args`.
-    pub fn spawn_beside(name: &str, program: &str, args: &[String]) -> Result<ChildProc> {
-        let path = std::env::current_exe()?.with_file_name(program);
-        if !path.exists() {
-            return Err(format!(
-                "{} is missing: build it with `cargo build --release -p daffi-bench`",
-                path.display()
-            )
-            .into());
-        }
+    /// The path of `program` if it is built beside this one (same directory).
+    pub fn beside(program: &str) -> Option<std::path::PathBuf> {
+        let path = std::env::current_exe().ok()?.with_file_name(program);
+        path.exists().then_some(path)
+    }
+
+    /// Starts the program at `path` with `args`, named `name` in messages.
+    pub fn spawn_program(name: &str, path: &std::path::Path, args: &[String]) -> Result<ChildProc> {
         let mut command = Command::new(path);
         command.args(args);
         Self::spawn_command(name, command)

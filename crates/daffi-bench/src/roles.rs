@@ -598,3 +598,13 @@ pub fn swarm(connect: &Endpoint, prefix: &str, count: usize) -> Result<()> {
     drop(globals);
     Ok(())
 }
+
+/// One idle node in its own process, whose memory the parent reads: stands in for
+/// `daffi-idle-node` when that program is not built.
+pub fn idle(connect: &Endpoint, name: &str) -> Result<()> {
+    let g = connect.builder().process_name(name).start()?;
+    println!("ready");
+    wait_for_stdin_eof();
+    g.stop();
+    Ok(())
+}

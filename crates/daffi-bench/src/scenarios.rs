@@ -1035,16 +1035,27 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
         )?);
     }
     // A user's minimal node program, not this binary: its memory is an idle node's.
-    let mut idle = ChildProc::spawn_beside(
-        &idle_name,
-        IDLE_NODE_PROGRAM,
-        &[
-            "--connect".into(),
-            endpoint,
-            "--name".into(),
-            idle_name.clone(),
-        ],
-    )?;
+    // `cargo run -p daffi-bench` builds only this binary: a role of it then stands in.
+    let idle_args = vec![
+        "--connect".into(),
+        endpoint,
+        "--name".into(),
+        idle_name.clone(),
+    ];
+    let (mut idle, idle_program) = match ChildProc::beside(IDLE_NODE_PROGRAM) {
+        Some(path) => (
+            ChildProc::spawn_program(&idle_name, &path, &idle_args)?,
+            IDLE_NODE_PROGRAM,
+        ),
+        None => {
+            eprintln!(
+                "daffi-bench: {IDLE_NODE_PROGRAM} is not built (`cargo build --release -p daffi-bench`): \
+                 E's idle node runs as a role of daffi-bench, whose code pages are larger"
+            );
+            let args = ["idle".to_string()].into_iter().chain(idle_args).collect();
+            (plan.spawn(&idle_name, args)?, "a daffi-bench role")
+        }
+    };
     let _: WaitAnswer = daffi.caller.request(&Op::WaitNodes {
         groups,
         extra: vec![idle_name.clone()],
@@ -1121,7 +1132,7 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     out.rows.push(
         Row::info(
             'E',
-            format!("idle node RSS ({IDLE_NODE_PROGRAM}, its own process), {total} nodes"),
+            format!("idle node RSS ({idle_program}, its own process), {total} nodes"),
             Unit::Mib,
             Spread::one(idle_memory.rss_mib),
         )
