@@ -103,6 +103,23 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
+impl Outcome {
+    /// Adds the rows and notes of the scenario `what`, or notes (and says) that it failed:
+    /// the others go on.
+    fn add(&mut self, what: &str, result: Result<Outcome>) {
+        match result {
+            Ok(o) => {
+                self.rows.extend(o.rows);
+                self.notes.extend(o.notes);
+            }
+            Err(e) => {
+                eprintln!("daffi-bench: {what} failed: {e}");
+                self.notes.push(format!("{what} failed: {e}"));
+            }
+        }
+    }
+}
+
 impl Plan {
     fn wants(&self, s: Scenario) -> bool {
         self.scenarios.contains(&s)
@@ -391,16 +408,7 @@ pub fn run_nats(plan: &Plan, url: &str) -> Outcome {
         ..plan.clone()
     };
     let mut out = Outcome::default();
-    let mut add = |what: &str, result: Result<Outcome>| match result {
-        Ok(o) => {
-            out.rows.extend(o.rows);
-            out.notes.extend(o.notes);
-        }
-        Err(e) => {
-            eprintln!("daffi-bench: {what} on NATS failed: {e}");
-            out.notes.push(format!("{what} on NATS failed: {e}"));
-        }
-    };
+    let mut add = |what: &str, result| out.add(&format!("{what} on NATS"), result);
     let wanted = (plan.wants(Scenario::A), plan.wants(Scenario::B));
     if wanted.0 || wanted.1 {
         let result = on_nats.nats_floor(url).and_then(|floor| {
@@ -1219,16 +1227,7 @@ fn nats_server_rows(monitor: &str, idle_name: &str, total: usize) -> Result<Vec<
 /// Runs every scenario of the plan; a scenario that fails is noted, the others go on.
 pub fn run_all(plan: &Plan) -> Outcome {
     let mut all = Outcome::default();
-    let mut add = |what: &str, result: Result<Outcome>| match result {
-        Ok(o) => {
-            all.rows.extend(o.rows);
-            all.notes.extend(o.notes);
-        }
-        Err(e) => {
-            eprintln!("daffi-bench: {what} failed: {e}");
-            all.notes.push(format!("{what} failed: {e}"));
-        }
-    };
+    let mut add = |what: &str, result| all.add(what, result);
     let transports: Vec<Transport> = match &plan.connect {
         Some(Endpoint::Unix(_)) => vec![Transport::Unix],
         Some(Endpoint::Tcp(..) | Endpoint::Nats(_)) => vec![Transport::Tcp],

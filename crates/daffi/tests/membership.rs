@@ -114,6 +114,40 @@ fn wait_for_providers(g: &Global, expected: &BTreeSet<String>, what: &str) {
     }
 }
 
+/// Asks node 0 of each of `processes` to stop its odd nodes, and checks that they left.
+fn odd_nodes_leave(caller: &Global, processes: &[String]) {
+    for process in processes {
+        let left: usize = caller
+            .call(&leave_callback(process))
+            .on(node_name(process, 0))
+            .timeout(WAIT)
+            .fg()
+            .expect("the odd nodes leave");
+        assert_eq!(left, NODES_EACH / 2);
+    }
+}
+
+/// Checks that no node of `gone` is offered any more: calls from `caller` all succeed,
+/// a broadcast reaches exactly `staying` (and the watcher), and the members the watcher
+/// and (once it asks) the caller know hold `staying` and none of `gone`.
+fn knows_only(caller: &Global, watcher: &Global, staying: &[String], gone: &BTreeSet<String>) {
+    for _ in 0..3 * staying.len() {
+        caller
+            .call("scale_work")
+            .timeout(WAIT)
+            .fg::<u32>()
+            .expect("a call never goes to a node that left");
+    }
+    let expected = serving(staying, watcher);
+    assert_eq!(providers(caller), expected);
+    let now = members(watcher);
+    assert!(now.is_superset(&staying.iter().cloned().collect()) && now.is_disjoint(gone));
+    // A node that asks for the members now knows them all too.
+    let late = members(caller);
+    assert!(late.is_superset(&expected) && late.is_disjoint(gone));
+    assert!(!late.contains(caller.process_name()), "never itself");
+}
+
 /// The nodes that serve `scale_work`: `nodes`, and the watcher (which serves it too).
 fn serving(nodes: &[String], watcher: &Global) -> BTreeSet<String> {
     nodes
@@ -188,15 +222,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
     assert!(members(&watcher).is_superset(&set(&all)));
 
     // Half of every child's nodes leave.
-    for process in &processes {
-        let left: usize = caller
-            .call(&leave_callback(process))
-            .on(node_name(process, 0))
-            .timeout(WAIT)
-            .fg()
-            .expect("the odd nodes leave");
-        assert_eq!(left, NODES_EACH / 2);
-    }
+    odd_nodes_leave(caller, &processes);
     let staying = names_of(&processes, |i| i % 2 == 0);
     let gone: BTreeSet<String> = all
         .iter()
@@ -217,20 +243,7 @@ fn after_mass_joins_and_leaves_a_node_knows_what_the_docs_say() {
 
     // No node that left is offered any more: calls all succeed, and a broadcast
     // reaches exactly the nodes that stay.
-    for _ in 0..3 * staying.len() {
-        caller
-            .call("scale_work")
-            .timeout(WAIT)
-            .fg::<u32>()
-            .expect("a call never goes to a node that left");
-    }
-    assert_eq!(providers(caller), expected(&staying));
-    let now = members(&watcher);
-    assert!(now.is_superset(&set(&staying)) && now.is_disjoint(&gone));
-    // A node that asks for the members now knows them all too.
-    let late = members(caller);
-    assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
-    assert!(!late.contains(caller.process_name()), "never itself");
+    knows_only(caller, &watcher, &staying, &gone);
     drop(children);
 }
 
@@ -290,15 +303,7 @@ fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths()
     assert_eq!(providers(&caller), expected(&all));
 
     // Half of the nodes of two children leave; the third child dies.
-    for process in leaving {
-        let left: usize = caller
-            .call(&leave_callback(process))
-            .on(node_name(process, 0))
-            .timeout(WAIT)
-            .fg()
-            .expect("the odd nodes leave");
-        assert_eq!(left, NODES_EACH / 2);
-    }
+    odd_nodes_leave(&caller, leaving);
     let killed_at = Instant::now();
     children[PROCESSES - 1].kill();
     let dead: BTreeSet<String> = names_of(dying, |_| true).into_iter().collect();
@@ -334,21 +339,7 @@ fn over_nats_a_node_knows_what_the_docs_say_after_mass_joins_leaves_and_deaths()
         &expected(&staying),
         "the caller still offers nodes that left",
     );
-    for _ in 0..3 * staying.len() {
-        caller
-            .call("scale_work")
-            .timeout(WAIT)
-            .fg::<u32>()
-            .expect("a call never goes to a node that left");
-    }
-    assert_eq!(providers(&caller), expected(&staying));
-    let set = |nodes: &[String]| -> BTreeSet<String> { nodes.iter().cloned().collect() };
-    let now = members(&watcher);
-    assert!(now.is_superset(&set(&staying)) && now.is_disjoint(&gone));
-    // A node that asks for the members now knows them all too.
-    let late = members(&caller);
-    assert!(late.is_superset(&expected(&staying)) && late.is_disjoint(&gone));
-    assert!(!late.contains(caller.process_name()), "never itself");
+    knows_only(&caller, &watcher, &staying, &gone);
     drop(children);
 }
 

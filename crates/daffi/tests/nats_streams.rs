@@ -245,14 +245,7 @@ fn a_killed_caller_stops_the_producer_over_nats() {
         .expect("the reader reads the worker's stream");
     let killed = Instant::now();
     reader.kill();
-    let at_drop: Option<u64> = mesh
-        .caller
-        .call("endless_dropped")
-        .args((WAIT.as_millis() as u64,))
-        .on(&mesh.worker.name)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("endless_dropped");
+    let at_drop = streaming::dropped_on(&mesh.caller, &mesh.worker.name);
     let after = killed.elapsed();
     let at_drop = at_drop.expect("the producer was dropped");
     assert!(

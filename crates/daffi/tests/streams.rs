@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Cluster, Transport, WAIT};
 use daffi::{Error, Global};
-use streaming::WINDOW;
+use streaming::{dropped_on, produced_on, sync_adds_succeed, WINDOW};
 
 const ENTRY: &str = "child_process";
 
@@ -245,15 +245,7 @@ fn a_paused_producer_times_its_reader_out_and_holds_up_no_other_node() {
     // Resumed, the producer hears of the cancel and drops its iterator, having made no
     // more than its credit ahead of what was read.
     common::resume(pid);
-    let at_drop: Option<u64> = cluster
-        .caller
-        .call("endless_dropped")
-        .args((WAIT.as_millis() as u64,))
-        .on(&producer)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("endless_dropped");
-    let at_drop = at_drop.expect("the iterator was dropped");
+    let at_drop = dropped_on(&cluster.caller, &producer).expect("the iterator was dropped");
     assert!(
         at_drop <= read + WINDOW,
         "produced {at_drop} items for a reader of {read} with a credit of {WINDOW}"
@@ -272,13 +264,7 @@ fn a_paused_reader_stops_its_producer_within_its_credit_and_no_other_caller() {
         &[(ENV_TARGET, &producer)],
     );
     let g = cluster.caller.clone();
-    let produced = || -> u64 {
-        g.call("produced")
-            .on(&producer)
-            .timeout(WAIT)
-            .fg()
-            .expect("produced")
-    };
+    let produced = || produced_on(&g, &producer);
     // The reader is under way once the producer made more than a window.
     let started = std::time::Instant::now();
     while produced() <= 2 * WINDOW {
@@ -306,32 +292,11 @@ fn a_paused_reader_stops_its_producer_within_its_credit_and_no_other_caller() {
     );
     // Killed, the reader's stream is dropped at the producer.
     drop(reader);
-    let at_drop: Option<u64> = g
-        .call("endless_dropped")
-        .args((WAIT.as_millis() as u64,))
-        .on(&producer)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("endless_dropped");
+    let at_drop = dropped_on(&g, &producer);
     assert_eq!(
         at_drop,
         Some(settled),
         "the iterator was dropped, and made no more"
     );
     cluster.worker(&producer).kill();
-}
-
-/// Makes `calls` calls of `sync_add` on `node`, each of which must succeed with the sum:
-/// the calls beside a paused peer's stream.
-fn sync_adds_succeed(g: &daffi::Global, node: &str, calls: i64) {
-    for i in 0..calls {
-        let sum: i64 = g
-            .call("sync_add")
-            .args((i, 1))
-            .on(node)
-            .timeout(WAIT)
-            .fg()
-            .unwrap_or_else(|e| panic!("call {i} to {node} beside a paused peer: {e}"));
-        assert_eq!(sum, i + 1);
-    }
 }

@@ -113,12 +113,39 @@ pub fn serve(g: &Global) {
 /// The callback the caller waits for before a case: registered last.
 pub const LAST_REGISTERED: &str = "then_nothing";
 
-fn produced_on(g: &Global, worker: &str) -> u64 {
+/// The items `endless` iterators on `worker` made so far.
+pub fn produced_on(g: &Global, worker: &str) -> u64 {
     g.call("produced")
         .on(worker)
         .timeout(WAIT)
         .fg()
         .expect("produced")
+}
+
+/// Once an `endless` iterator on `worker` was dropped (waiting up to `WAIT`): the items
+/// produced by then, if it was.
+pub fn dropped_on(g: &Global, worker: &str) -> Option<u64> {
+    g.call("endless_dropped")
+        .args((WAIT.as_millis() as u64,))
+        .on(worker)
+        .timeout(WAIT * 2)
+        .fg()
+        .expect("endless_dropped")
+}
+
+/// Makes `calls` calls of `sync_add` on `node`, each of which must succeed with the sum:
+/// the calls beside a stuck or paused peer's stream.
+pub fn sync_adds_succeed(g: &Global, node: &str, calls: i64) {
+    for i in 0..calls {
+        let sum: i64 = g
+            .call("sync_add")
+            .args((i, 1))
+            .on(node)
+            .timeout(WAIT)
+            .fg()
+            .unwrap_or_else(|e| panic!("call {i} to {node} beside a stuck stream: {e}"));
+        assert_eq!(sum, i + 1);
+    }
 }
 
 // ---- the cases -------------------------------------------------------------------------
@@ -230,14 +257,7 @@ pub fn dropped_stream_stops_its_producer(g: &Global, worker: &str) {
         "produced {ahead} items for a reader of 10 with a credit of {WINDOW}"
     );
     drop(items);
-    let at_drop: Option<u64> = g
-        .call("endless_dropped")
-        .args((WAIT.as_millis() as u64,))
-        .on(worker)
-        .timeout(WAIT * 2)
-        .fg()
-        .expect("endless_dropped");
-    let at_drop = at_drop.expect("the iterator was dropped");
+    let at_drop = dropped_on(g, worker).expect("the iterator was dropped");
     assert!(
         (ahead..=WINDOW).contains(&at_drop),
         "produced {at_drop} items by the drop, beyond its credit"
@@ -289,16 +309,7 @@ pub fn stuck_reader_beside_other_calls(g: &Global, worker: &str) {
     assert_eq!(stuck.next().expect("an item").expect("item"), 1);
     // The reader stops here; its producer waits for credit. Calls and another stream
     // to the same node go on.
-    for i in 0..200i64 {
-        let sum: i64 = g
-            .call("sync_add")
-            .args((i, 1))
-            .on(worker)
-            .timeout(WAIT)
-            .fg()
-            .expect("a call beside the stuck stream");
-        assert_eq!(sum, i + 1);
-    }
+    sync_adds_succeed(g, worker, 200);
     let total: u64 = g
         .call("count_sync")
         .args((1_000u64,))
