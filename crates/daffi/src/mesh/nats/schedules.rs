@@ -213,10 +213,21 @@ impl Schedules {
         }
     }
 
-    /// The tasks bucket, opened (or created) now if it is not yet, tried again while
-    /// the cluster is unreachable for up to `open_timeout` (a fresh cluster answers
-    /// "no responders" until the bucket has a leader).
+    /// The tasks bucket, opened (or created) now if it is not yet.
     async fn tasks(&self) -> Result<&Store> {
+        self.tasks.get_or_try_init(|| self.open_tasks()).await
+    }
+
+    /// The lease bucket, opened (or created) now if it is not yet; one try (the lease
+    /// is tried again at its next turn).
+    async fn lease(&self) -> Result<&Store> {
+        self.lease.get_or_try_init(|| self.open_lease()).await
+    }
+
+    /// Opens (or creates) the tasks bucket, tried again while the cluster is
+    /// unreachable for up to `open_timeout` (a fresh cluster answers "no responders"
+    /// until the bucket has a leader).
+    async fn open_tasks(&self) -> Result<Store> {
         let config = kv::Config {
             bucket: format!("{}-schedules", self.namespace),
             description: "daffi: the PERIOD tasks of this mesh".into(),
@@ -225,30 +236,21 @@ impl Schedules {
             ..Default::default()
         };
         let give_up_at = Instant::now() + self.open_timeout;
-        self.tasks
-            .get_or_try_init(|| {
-                super::retrying(give_up_at, "opening the schedules bucket", || async {
-                    let tasks =
-                        open_or_create(&self.client, config.clone(), &self.urls, "schedules")
-                            .await?;
-                    // A bucket just created answers once its replicas have a leader:
-                    // a read of a key no task has (ids start at 1) tells.
-                    tasks.entry("0").await.map_err(|e| {
-                        super::unreachable_by(
-                            &self.urls,
-                            "the schedules bucket does not answer yet: ",
-                            e,
-                        )
-                    })?;
-                    Ok(tasks)
-                })
-            })
-            .await
+        super::retrying(give_up_at, "opening the schedules bucket", || async {
+            let tasks =
+                open_or_create(&self.client, config.clone(), &self.urls, "schedules").await?;
+            // A bucket just created answers once its replicas have a leader: a read of
+            // a key no task has (ids start at 1) tells.
+            tasks.entry("0").await.map_err(|e| {
+                super::unreachable_by(&self.urls, "the schedules bucket does not answer yet: ", e)
+            })?;
+            Ok(tasks)
+        })
+        .await
     }
 
-    /// The lease bucket, opened (or created) now if it is not yet; one try (the lease
-    /// is tried again at its next turn).
-    async fn lease(&self) -> Result<&Store> {
+    /// Opens (or creates) the lease bucket.
+    async fn open_lease(&self) -> Result<Store> {
         let config = kv::Config {
             bucket: format!("{}-scheduler", self.namespace),
             description: "daffi: the node that fires the PERIOD tasks (a lease)".into(),
@@ -257,9 +259,7 @@ impl Schedules {
             num_replicas: replicas(&self.client),
             ..Default::default()
         };
-        self.lease
-            .get_or_try_init(|| open_or_create(&self.client, config, &self.urls, "scheduler lease"))
-            .await
+        open_or_create(&self.client, config, &self.urls, "scheduler lease").await
     }
 
     /// Flips with whether this node holds the lease.
