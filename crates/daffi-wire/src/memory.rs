@@ -9,7 +9,6 @@
 //! (`FrameReader::large_buffer`). Elsewhere than Linux the buffer is an ordinary one.
 
 use std::mem::MaybeUninit;
-use std::ops::Range;
 
 /// The huge page size that buffers are advised in (x86-64's, and arm64's with 4 KiB
 /// pages); buffers smaller than one are never advised.
@@ -53,7 +52,8 @@ fn advise_huge_pages(memory: &mut [MaybeUninit<u8>]) {
 }
 
 /// The addresses of the whole aligned 2 MiB blocks in `len` bytes from `start`, if any.
-fn huge_page_blocks(start: usize, len: usize) -> Option<Range<usize>> {
+#[cfg(any(target_os = "linux", test))]
+fn huge_page_blocks(start: usize, len: usize) -> Option<std::ops::Range<usize>> {
     let first = start.checked_next_multiple_of(HUGE_PAGE)?;
     let end = start.checked_add(len)? / HUGE_PAGE * HUGE_PAGE;
     (first < end).then_some(first..end)
