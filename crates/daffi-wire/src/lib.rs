@@ -10,6 +10,7 @@ pub mod batch;
 pub mod channel;
 pub mod connection;
 pub mod frame;
+mod memory;
 pub mod outgoing;
 pub mod payload;
 pub mod reader;

@@ -8,6 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::frame::{Frame, FrameError, LEN_PREFIX};
+use crate::memory::huge_page_buffer;
 
 /// Why reading the next frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -214,8 +215,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// An empty buffer with room for `total` bytes: the spare one if nothing else holds
-    /// it any more and it is big enough, a new one otherwise.
+    /// it any more and it is big enough, a new one otherwise. Only address space until
+    /// the peer sends the bytes: a peer that announces a large frame and sends little
+    /// makes the process touch little.
+    ///
+    /// A new buffer in a burst of large frames (the last one read less than the keep
+    /// time ago, its buffer still held or taken over) may be backed with huge pages:
+    /// the memory the kernel hands out then is what was freed a moment ago, and huge
+    /// pages fault it in at a fraction of the cost. Not after a pause: a VM that hands
+    /// free memory back to its host (free page reporting) must fetch a huge page's
+    /// 2 MiB back first, which costs more than ordinary pages (see BENCHMARKS.md).
     fn large_buffer(&mut self, total: usize) -> BytesMut {
+        let in_burst = self.spare_until.is_some();
         if let Some(spare) = self.take_spare() {
             if let Ok(mut buf) = spare.try_into_mut() {
                 if buf.capacity() >= total {
@@ -224,7 +235,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
         }
-        BytesMut::with_capacity(total)
+        if !in_burst {
+            return BytesMut::with_capacity(total);
+        }
+        // The conversions take the `Vec` over, without a copy.
+        BytesMut::from(Bytes::from(huge_page_buffer(total)))
     }
 
     /// The large frame just read; its buffer is kept for the next one.
@@ -380,6 +395,53 @@ mod tests {
         let second = reader.next().await.expect("read").expect("frame");
         assert!(second.payload().iter().all(|&b| b == 1));
         assert!(taken.iter().all(|&b| b == 0));
+        sending.await.expect("sender");
+        writer.await.expect("join").expect("io");
+    }
+
+    /// Frames above glibc's largest mmap threshold (32 MiB): each buffer is a mapping
+    /// of its own, whose advice no other test's buffer shares.
+    #[cfg(target_os = "linux")]
+    const MAPPED_FRAME: usize = 40 * LARGE_FRAME;
+
+    /// An address inside `payload`'s first whole 2 MiB block.
+    #[cfg(target_os = "linux")]
+    fn inside_a_block(payload: &[u8]) -> usize {
+        (payload.as_ptr() as usize).next_multiple_of(2 * LARGE_FRAME)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn only_a_new_buffer_in_a_burst_of_large_frames_asks_for_huge_pages() {
+        if !crate::memory::kernel_has_huge_pages() {
+            eprintln!("no transparent huge pages in this kernel: nothing to check");
+            return;
+        }
+        let (a, b) = tokio::io::duplex(1024 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for i in 0..2u8 {
+                let body = Bytes::from(vec![i; MAPPED_FRAME]);
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 2 * MAPPED_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let first = reader.next().await.expect("read").expect("frame");
+        assert!(
+            !crate::memory::advised(inside_a_block(&first.payload())),
+            "the first large frame (no burst yet) gets ordinary pages"
+        );
+        // The first is still held: the second, right behind it, gets a new buffer.
+        let second = reader.next().await.expect("read").expect("frame");
+        assert!(
+            crate::memory::advised(inside_a_block(&second.payload())),
+            "a new buffer in a burst asks for huge pages"
+        );
+        assert!(second.payload().iter().all(|&b| b == 1));
+        assert_eq!(second.payload().len(), MAPPED_FRAME);
         sending.await.expect("sender");
         writer.await.expect("join").expect("io");
     }

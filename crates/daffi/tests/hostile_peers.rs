@@ -1,8 +1,8 @@
 //! Peers that try to make the controller hold more than its share: thousands of
 //! connections that never finish their `Hello`, a burst of connects (a mass start),
-//! nodes whose callback names together outgrow the frame limit, and callback lists over
-//! the limit. The controller runs in a child process, so that its memory can be
-//! measured on its own.
+//! nodes whose callback names together outgrow the frame limit, callback lists over
+//! the limit, and large frames announced and cut short. The controller runs in a child
+//! process, so that its memory can be measured on its own.
 
 mod common;
 
@@ -392,6 +392,90 @@ fn a_burst_of_connects_waits_in_the_backlog_until_the_controller_accepts() {
     eprintln!(
         "{burst} connects to a stopped controller completed and were answered; ListenOverflows (every listener of this network namespace) {overflows_before:?} -> {overflows_after:?}"
     );
+}
+
+// ---- large frames announced and cut short ----------------------------------------------
+
+/// Joined raw clients that each announce a large frame and send a few bytes of it.
+const CUT_SHORT: usize = 16;
+/// What each announces: 64 MiB, within the default frame limit (128 MiB).
+const ANNOUNCED: usize = 64 * 1024 * 1024;
+/// What the controller's peak RSS may grow by for all of them together, in KiB: a
+/// frame's memory is only reserved until its bytes arrive (1 GiB is announced in all).
+const CUT_SHORT_GROWTH_KIB: u64 = 16 * 1024;
+
+#[test]
+fn large_frames_announced_and_cut_short_cost_the_controller_what_was_sent() {
+    let ctl = Controller::start(&[]);
+    let (left_tx, left) = std::sync::mpsc::channel::<String>();
+    let left_tx = std::sync::Mutex::new(left_tx);
+    let caller = ctl
+        .node(&unique("caller"))
+        .on_member_removed(move |_, name| {
+            let _ = left_tx.lock().expect("lock").send(name.to_string());
+        })
+        .start()
+        .expect("caller joins");
+    let worker = unique("worker");
+    let _worker = ctl.spawn("worker", &worker, &[], &caller);
+    let before = ctl.peak_rss_kib();
+
+    // Each joins, then sends the header of a 64 MiB request to the worker and 10 bytes
+    // of its payload, and stops there.
+    let rogues: Vec<String> = (0..CUT_SHORT).map(|_| unique("cut-short")).collect();
+    let mut streams: Vec<TcpStream> = rogues
+        .iter()
+        .map(|rogue| {
+            let mut s = TcpStream::connect(("127.0.0.1", ctl.port())).expect("connect");
+            s.write_all(&common::wire::opening(rogue, None, &[]))
+                .expect("write");
+            assert_eq!(read_frame(&mut s).kind(), Kind::Welcome);
+            let header = Header {
+                dst: &worker,
+                ..Header::control(Kind::Request)
+            };
+            let payload = ANNOUNCED - (header.frame_len(0) - LEN_PREFIX);
+            let mut cut = header.encode(payload).to_vec();
+            cut.extend_from_slice(&[0xc6; 10]);
+            s.write_all(&cut).expect("write");
+            s
+        })
+        .collect();
+    for rogue in &rogues {
+        caller
+            .wait_process_timeout(rogue, WAIT)
+            .expect("the rogue joined");
+    }
+    // The controller reads its 10 bytes before the close that follows them: each
+    // leave heard below comes after its partial frame was read.
+    streams.clear();
+    let deadline = Instant::now() + WAIT;
+    let mut gone = 0;
+    while gone < CUT_SHORT {
+        let name = left
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the caller hears each rogue leave");
+        gone += usize::from(rogues.contains(&name));
+    }
+
+    let growth = ctl.peak_rss_kib().saturating_sub(before);
+    eprintln!(
+        "controller peak RSS grew {growth} KiB for {CUT_SHORT} frames announced at {} MiB and cut short after 10 bytes",
+        ANNOUNCED >> 20
+    );
+    assert!(
+        growth <= CUT_SHORT_GROWTH_KIB,
+        "the controller's peak RSS grew {growth} KiB for {CUT_SHORT} frames of 10 bytes announced as {ANNOUNCED} bytes each"
+    );
+    // And it still serves.
+    let sum: i64 = caller
+        .call("hp_add")
+        .args((40, 2))
+        .on(&worker)
+        .fg()
+        .expect("call");
+    assert_eq!(sum, 42);
+    assert!(caller.members().iter().all(|m| !rogues.contains(&m.name)));
 }
 
 // ---- callback lists that outgrow a frame ----------------------------------------------------
