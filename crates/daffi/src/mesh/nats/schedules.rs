@@ -25,9 +25,11 @@
 //!   random), or at once when the holder released it, first probes the holder: an
 //!   answer (the holder lives, its announcement was late) means waiting again; "no
 //!   responders" (NATS answers at once when nobody listens: the holder is gone), or no
-//!   answer, means trying to take the lease. When that try fails, it waits as long
-//!   again (not every second or two: at a mass start the busy servers delay the
-//!   renewals, and 10,000 nodes' tries would add to their queue). A node that joins
+//!   answer to two probes in a row (a holder busy with a mass start answers late; one
+//!   that hangs must still be replaced), means trying to take the lease. When that try
+//!   fails, it waits a lease's life (not every second or two: at a mass start the busy
+//!   servers delay the renewals, and 10,000 nodes' tries would add to their queue, and
+//!   to the chance that one takes a lease whose renewal came late). A node that joins
 //!   waits as long for an announcement first. So a mesh with a leader costs the
 //!   servers one lease write a second and at most about [`ANNOUNCED_PER_SECOND`]
 //!   messages a second, whatever its size, and an idle node at most one message a
@@ -92,8 +94,10 @@ pub const ANNOUNCED_PER_SECOND: usize = 1000;
 pub const ANNOUNCE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a probe of the lease's holder waits for its answer; NATS answers "no
-/// responders" at once when nobody holds the lease (or its holder is gone).
-const HOLDER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// responders" at once when nobody holds the lease (or its holder is gone). A holder
+/// busy with a mass start may answer later: one probe without an answer is followed by
+/// another after a lease's life, two in a row lead to a try.
+const HOLDER_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often a cancel reads the task again when its delete lost to a run's write.
 const CANCEL_TRIES: usize = 5;
@@ -806,6 +810,8 @@ impl Book {
 /// [`Turn::heard`]).
 struct Turn {
     at: Instant,
+    /// The last probe of the holder got no answer in time.
+    unanswered: bool,
 }
 
 impl Turn {
@@ -817,6 +823,7 @@ impl Turn {
     fn first() -> Turn {
         Turn {
             at: Instant::now() + LEASE_TTL + jitter(LEASE_RENEW),
+            unanswered: false,
         }
     }
 
@@ -831,6 +838,7 @@ impl Turn {
     /// every second or two would only add to the queue (its next try is after a probe
     /// of the holder, which costs no JetStream request).
     fn after_write(&mut self, holds: bool) {
+        self.unanswered = false;
         self.at = Instant::now()
             + if holds {
                 LEASE_RENEW
@@ -842,6 +850,7 @@ impl Turn {
     /// After a message about the lease (an announcement, or the holder's answer to a
     /// probe), while this node does not hold it.
     fn heard(&mut self, news: LeaseNews) {
+        self.unanswered = false;
         self.at = match news {
             // The holder lives: look again only if no announcement follows within the
             // lease's life, or within its period and a renewal's (spread over a period).
@@ -908,20 +917,26 @@ async fn announce(mesh: &NatsMesh, news: LeaseNews) {
     }
 }
 
+/// What a probe of the lease's holder found.
+enum Holder {
+    /// It answered (it holds the lease, and says how often it announces it).
+    Lives(LeaseNews),
+    /// Nobody listens: nobody holds the lease, or its holder is gone.
+    Gone,
+    /// No answer in time (or the request failed).
+    Silent,
+}
+
 /// Asks the holder of the lease whether it lives (a core request to the one node that
-/// listens on the holder's subject): its news, or `None` when nobody answered (no
-/// responders: nobody holds the lease, or its holder is gone; or no answer in time).
-async fn probe_holder(mesh: &NatsMesh) -> Option<LeaseNews> {
+/// listens on the holder's subject).
+async fn probe_holder(mesh: &NatsMesh) -> Holder {
     let request = mesh
         .client
         .request(mesh.subjects.lease_holder(), Bytes::new());
     match tokio::time::timeout(HOLDER_PROBE_TIMEOUT, request).await {
-        Ok(Ok(answer)) => LeaseNews::of(&answer.payload),
-        Ok(Err(e)) => {
-            tracing::trace!(process = %mesh.name, error = %e, "nobody answered for the scheduler lease");
-            None
-        }
-        Err(_) => None,
+        Ok(Ok(answer)) => LeaseNews::of(&answer.payload).map_or(Holder::Silent, Holder::Lives),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Holder::Gone,
+        Ok(Err(_)) | Err(_) => Holder::Silent,
     }
 }
 
@@ -960,12 +975,22 @@ async fn next_message(
 }
 
 /// Takes this node's turn at the lease: the holder renews it; another node first probes
-/// the holder, and tries to take the lease only when nobody answers.
+/// the holder, and tries to take the lease when nobody listens there, or when two
+/// probes in a row got no answer.
 async fn take_turn(mesh: &NatsMesh, lease: &mut Lease, turn: &mut Turn) {
     if lease.revision.is_none() {
-        if let Some(news) = probe_holder(mesh).await {
-            turn.heard(news);
-            return;
+        match probe_holder(mesh).await {
+            Holder::Lives(news) => {
+                turn.heard(news);
+                return;
+            }
+            Holder::Silent if !turn.unanswered => {
+                tracing::debug!(process = %mesh.name, "the scheduler lease's holder did not answer; asking again later");
+                turn.after_write(false);
+                turn.unanswered = true;
+                return;
+            }
+            Holder::Silent | Holder::Gone => {}
         }
     }
     hold_or_take(mesh, lease).await;
