@@ -30,10 +30,11 @@
 //!   fails, it waits a lease's life (not every second or two: at a mass start the busy
 //!   servers delay the renewals, and 10,000 nodes' tries would add to their queue, and
 //!   to the chance that one takes a lease whose renewal came late). A node that joins
-//!   waits as long for an announcement first. So a mesh with a leader costs the
-//!   servers one lease write a second and at most about [`ANNOUNCED_PER_SECOND`]
-//!   messages a second, whatever its size, and an idle node at most one message a
-//!   second.
+//!   waits a lease's life (3-4 s) for an announcement before its first probe. So a mesh
+//!   with a leader costs the servers one lease write a second and at most about
+//!   [`ANNOUNCED_PER_SECOND`] messages a second, whatever its size, an idle node at
+//!   most one message a second, and a join at most one probe of the holder and its
+//!   answer (about half of the joins at a mass start of 10,000 nodes).
 //! - **a run** is claimed before it is sent: the leader writes the task's next run (or
 //!   deletes a task whose last run this is) with a revision-checked update, and sends
 //!   the run only if that write won. A run is so never sent twice, even by two nodes that
