@@ -627,6 +627,7 @@ async fn reap_once(
 ) -> std::result::Result<(), String> {
     let claimed: HashSet<String> = keys_in(&buckets.alive, ">").await?;
     let listed = keys_in(&buckets.nodes, EVERY_NODE).await?;
+    mesh.schedules.note_mesh_size(listed.len());
     removed.retain(|key| listed.contains(key));
     for key in listed {
         let Some(NodesKey::Node(name)) = parse_nodes_key(&key) else {

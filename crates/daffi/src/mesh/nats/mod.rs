@@ -20,8 +20,9 @@
 //!   flow control (`chunks`).
 //! - **schedules** (PERIOD) live in the replicated KV bucket `<ns>-schedules`, fired
 //!   by one node at a time, the holder of a lease in `<ns>-scheduler`, which it
-//!   announces on `<ns>.lease` to the others (`schedules`); the call counters of `controller_stats` are not available (no process sees every
-//!   call).
+//!   announces on `<ns>.lease` to the others, less often the larger the mesh, and
+//!   answers for on `<ns>.lease.holder` (`schedules`); the call counters of
+//!   `controller_stats` are not available (no process sees every call).
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.

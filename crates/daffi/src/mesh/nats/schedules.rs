@@ -12,16 +12,29 @@
 //!   (the lease changed) stops firing; one whose renewal goes unanswered (the bucket
 //!   electing a leader) fires on, since runs are claimed one by one (below). A node that
 //!   stops deletes its lease, so that another takes over at once.
-//! - **the others** do not ask the bucket: the holder announces each write of the
-//!   lease, and its release, with a core message on `<ns>.lease`, which every node
-//!   hears (no consumer, no request). A node tries to take the lease only when no
-//!   renewal came for `LEASE_TTL` (plus up to `LEASE_RENEW`, at random), or at once
-//!   when the holder released it, and, when that try fails, again after as long (not
-//!   every second or two: at a mass start the busy servers delay the renewals, and
-//!   10,000 nodes' tries would add to their queue). A node that joins waits as long
-//!   for a renewal first. So a mesh with a leader costs the servers one lease write a
-//!   second, whatever its size (every node tried once a second before: at 10,000
-//!   nodes, 10,000 JetStream requests a second), and each node one message a second.
+//! - **the others** do not ask the bucket: the holder announces the lease, and its
+//!   release, with a core message on `<ns>.lease`, which every node hears (no consumer,
+//!   no request): after each renewal in a mesh of up to [`ANNOUNCED_PER_SECOND`] nodes,
+//!   and less often in a larger one (every `n / ANNOUNCED_PER_SECOND` seconds, at most
+//!   every [`ANNOUNCE_AT_MOST_EVERY`]: each announcement is one message to every node,
+//!   10,000 messages a second at 10,000 nodes when it went every second). The
+//!   announcement says how often they come. While it holds the lease, the holder also
+//!   answers probes on `<ns>.lease.holder`, where nobody else listens.
+//! - **taking over**: a node that heard no announcement for `LEASE_TTL`, or for the
+//!   announced period and a renewal's more if that is longer (plus up to one period, at
+//!   random), or at once when the holder released it, first probes the holder: an
+//!   answer (the holder lives, its announcement was late) means waiting again; "no
+//!   responders" (NATS answers at once when nobody listens: the holder is gone), or no
+//!   answer to two probes in a row (a holder busy with a mass start answers late; one
+//!   that hangs must still be replaced), means trying to take the lease. When that try
+//!   fails, it waits a lease's life (not every second or two: at a mass start the busy
+//!   servers delay the renewals, and 10,000 nodes' tries would add to their queue, and
+//!   to the chance that one takes a lease whose renewal came late). A node that joins
+//!   waits a lease's life (3-4 s) for an announcement before its first probe. So a mesh
+//!   with a leader costs the servers one lease write a second and at most about
+//!   [`ANNOUNCED_PER_SECOND`] messages a second, whatever its size, an idle node at
+//!   most one message a second, and a join at most one probe of the holder and its
+//!   answer (about half of the joins at a mass start of 10,000 nodes).
 //! - **a run** is claimed before it is sent: the leader writes the task's next run (or
 //!   deletes a task whose last run this is) with a revision-checked update, and sends
 //!   the run only if that write won. A run is so never sent twice, even by two nodes that
@@ -36,14 +49,17 @@
 //!
 //! Takeover bound: the leader's death stops the runs for at most `LEASE_TTL` (its last
 //! renewal's age limit) plus `LEASE_RENEW` (the others' next try, spread at random),
-//! about 4 s, or another `LEASE_TTL` and `LEASE_RENEW` when the first try comes before
-//! the server has dropped the lease. The loss
+//! about 4 s, in a mesh of up to `ANNOUNCED_PER_SECOND` nodes, or another `LEASE_TTL`
+//! and `LEASE_RENEW` when the first try comes before the server has dropped the lease;
+//! in a larger mesh, up to twice the announced period plus a renewal's (11 s at 5,000
+//! nodes and more). The loss
 //! of the server that leads the buckets' streams pauses them while its replicas elect a
 //! new leader (NATS's election timeout, 4-9 s; measured 0.2-6.5 s over 10 runs, was up
 //! to 11.6 s when each KV request waited 10 s and the lease lapsed meanwhile); nothing
 //! is lost.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +85,20 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3);
 /// How often the leader renews its lease (and a node that found it held, but hears no
 /// renewal, tries again).
 pub const LEASE_RENEW: Duration = Duration::from_secs(1);
+
+/// The most messages a second the holder's announcements of the lease cost (one to every
+/// node each): a mesh of more nodes hears them less often (see [`announce_every`]).
+pub const ANNOUNCED_PER_SECOND: usize = 1000;
+
+/// The longest time between two announcements of the lease, however large the mesh: a
+/// node that hears none for about twice this tries to take over.
+pub const ANNOUNCE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a probe of the lease's holder waits for its answer; NATS answers "no
+/// responders" at once when nobody holds the lease (or its holder is gone). A holder
+/// busy with a mass start may answer later: one probe without an answer is followed by
+/// another after a lease's life, two in a row lead to a try.
+const HOLDER_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often a cancel reads the task again when its delete lost to a run's write.
 const CANCEL_TRIES: usize = 5;
@@ -191,6 +221,9 @@ pub struct Schedules {
     /// Whether this node holds the lease now (it also removes the nodes that died:
     /// see `members`).
     leading: watch::Sender<bool>,
+    /// How many nodes the mesh had at this node's last look for dead ones (while it
+    /// leads): how often it announces the lease.
+    mesh_size: AtomicUsize,
 }
 
 impl Schedules {
@@ -210,6 +243,7 @@ impl Schedules {
             tasks: OnceCell::new(),
             lease: OnceCell::new(),
             leading: watch::channel(false).0,
+            mesh_size: AtomicUsize::new(0),
         }
     }
 
@@ -267,6 +301,16 @@ impl Schedules {
         self.leading.subscribe()
     }
 
+    /// The holder of the lease found `nodes` nodes in the mesh (see `members`).
+    pub fn note_mesh_size(&self, nodes: usize) {
+        self.mesh_size.store(nodes, Ordering::Relaxed);
+    }
+
+    /// How often the holder announces the lease, for the mesh it last saw.
+    fn announce_every(&self) -> Duration {
+        announce_every(self.mesh_size.load(Ordering::Relaxed))
+    }
+
     /// Every task in the bucket.
     async fn read_all(&self) -> std::result::Result<Vec<Held>, String> {
         let tasks = self.tasks().await.map_err(|e| e.to_string())?;
@@ -290,6 +334,14 @@ impl Schedules {
         let entry = tasks.entry(key).await.map_err(|e| e.to_string())?;
         Ok(entry.and_then(|entry| held_of(task_id, &entry)))
     }
+}
+
+/// How often the holder announces the lease to a mesh of `nodes` nodes: every renewal
+/// up to [`ANNOUNCED_PER_SECOND`] nodes, every `nodes / ANNOUNCED_PER_SECOND` seconds
+/// above, and at least every [`ANNOUNCE_AT_MOST_EVERY`].
+fn announce_every(nodes: usize) -> Duration {
+    Duration::from_secs_f64(nodes as f64 / ANNOUNCED_PER_SECOND as f64)
+        .clamp(LEASE_RENEW, ANNOUNCE_AT_MOST_EVERY)
 }
 
 /// The task `entry` holds; `None` for a deleted one, or a value no node wrote.
@@ -592,11 +644,46 @@ struct Lease {
     /// Until when this node may fire: its last renewal's start, plus the lease's life,
     /// less one renewal period.
     valid_until: Instant,
+    /// When this node last announced the lease it holds.
+    announced_at: Option<Instant>,
+    /// While this node holds the lease: the probes of its holder (see [`probe_holder`]).
+    probes: Option<async_nats::Subscriber>,
 }
 
 impl Lease {
     fn holds(&self) -> bool {
         self.revision.is_some() && Instant::now() < self.valid_until
+    }
+
+    /// This node took the lease: it answers the probes of the holder from now on.
+    async fn taken(&mut self, mesh: &NatsMesh) {
+        tracing::info!(process = %mesh.name, "took the scheduler lease: this node fires the PERIOD tasks");
+        match mesh.client.subscribe(mesh.subjects.lease_holder()).await {
+            Ok(probes) => self.probes = Some(probes),
+            Err(e) => {
+                tracing::warn!(process = %mesh.name, error = %e, "could not answer the probes of the lease's holder; the others may try to take it")
+            }
+        }
+    }
+
+    /// This node no longer holds the lease: it stops answering for it.
+    fn lost(&mut self) {
+        self.revision = None;
+        self.announced_at = None;
+        self.probes = None;
+    }
+
+    /// Whether the renewal that just landed is to be announced: the first one, then
+    /// one every `every`, the renewals' pace less half a renewal (so that the renewals'
+    /// jitter never skips one).
+    fn announce_due(&mut self, every: Duration) -> bool {
+        let due = self
+            .announced_at
+            .map_or(true, |at| at.elapsed() + LEASE_RENEW / 2 >= every);
+        if due {
+            self.announced_at = Some(Instant::now());
+        }
+        due
     }
 }
 
@@ -632,11 +719,14 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
     match written {
         Ok(revision) => {
             if lease.revision.is_none() {
-                tracing::info!(process = %mesh.name, "took the scheduler lease: this node fires the PERIOD tasks");
+                lease.taken(mesh).await;
             }
             lease.revision = Some(revision);
             lease.valid_until = started + LEASE_TTL - LEASE_RENEW;
-            announce(mesh, LeaseNews::Renewed).await;
+            let every = mesh.schedules.announce_every();
+            if lease.announce_due(every) {
+                announce(mesh, LeaseNews::Renewed { every }).await;
+            }
         }
         Err((true, e)) if holding => {
             tracing::debug!(process = %mesh.name, error = %e, "the scheduler lease could not be renewed (no answer); firing on");
@@ -644,7 +734,7 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
         }
         Err((_, e)) if lease.revision.is_some() => {
             tracing::warn!(process = %mesh.name, error = %e, "lost the scheduler lease; another node fires the PERIOD tasks");
-            lease.revision = None;
+            lease.lost();
         }
         Err((_, e)) => {
             tracing::trace!(process = %mesh.name, error = %e, "the scheduler lease is held elsewhere")
@@ -717,20 +807,24 @@ impl Book {
 }
 
 /// When this node next writes the lease: the holder renews it every [`LEASE_RENEW`];
-/// the others try to take it only when it seems gone (see [`Turn::heard`]).
+/// the others probe its holder, and try to take it, only when it seems gone (see
+/// [`Turn::heard`]).
 struct Turn {
     at: Instant,
+    /// The last probe of the holder got no answer in time.
+    unanswered: bool,
 }
 
 impl Turn {
-    /// A node that just started waits for a renewal before it tries, as long as after
-    /// one heard: on a mesh with a leader it never tries, even while a mass start
+    /// A node that just started waits for an announcement before it tries, as long as
+    /// after one heard: on a mesh with a leader it never tries, even while a mass start
     /// delays the leader's renewals (a wait of 1-2 s let each of 5,000 nodes joining
     /// at once open the lease bucket and try, 3 JetStream API requests per join instead
     /// of 2). A fresh mesh so has its first leader 3-4 s after its first node starts.
     fn first() -> Turn {
         Turn {
             at: Instant::now() + LEASE_TTL + jitter(LEASE_RENEW),
+            unanswered: false,
         }
     }
 
@@ -739,23 +833,31 @@ impl Turn {
     }
 
     /// After this node's write: the holder renews after [`LEASE_RENEW`]; a node that
-    /// could not take the lease (held, or no answer) tries again as if it had heard a
-    /// renewal, unless it hears one meanwhile. Not sooner: while a mass start keeps the
-    /// servers busy, the holder's renewals (and so its announcements) come late, and
-    /// every node trying every second or two would only add to the queue.
+    /// could not take the lease (held, or no answer) tries again after the lease's
+    /// life, unless it hears an announcement meanwhile. Not sooner: while a mass start
+    /// keeps the servers busy, the holder's renewals come late, and every node trying
+    /// every second or two would only add to the queue (its next try is after a probe
+    /// of the holder, which costs no JetStream request).
     fn after_write(&mut self, holds: bool) {
-        if holds {
-            self.at = Instant::now() + LEASE_RENEW;
-        } else {
-            self.heard(LeaseNews::Renewed);
-        }
+        self.unanswered = false;
+        self.at = Instant::now()
+            + if holds {
+                LEASE_RENEW
+            } else {
+                LEASE_TTL + jitter(LEASE_RENEW)
+            };
     }
 
-    /// After a message about the lease, while this node does not hold it.
+    /// After a message about the lease (an announcement, or the holder's answer to a
+    /// probe), while this node does not hold it.
     fn heard(&mut self, news: LeaseNews) {
+        self.unanswered = false;
         self.at = match news {
-            // The holder lives: try only if no renewal follows within the lease's life.
-            LeaseNews::Renewed => Instant::now() + LEASE_TTL + jitter(LEASE_RENEW),
+            // The holder lives: look again only if no announcement follows within the
+            // lease's life, or within its period and a renewal's (spread over a period).
+            LeaseNews::Renewed { every } => {
+                Instant::now() + LEASE_TTL.max(every + LEASE_RENEW) + jitter(every)
+            }
             // The holder stopped: take over at once (spread, so that not every node
             // asks in the same instant).
             LeaseNews::Released => Instant::now() + jitter(LEASE_RENEW / 4),
@@ -768,38 +870,44 @@ fn jitter(up_to: Duration) -> Duration {
     up_to.mul_f64(fastrand::f64())
 }
 
-/// What the holder of the lease announces on the mesh's lease subject.
+/// What the holder of the lease announces on the mesh's lease subject (and answers to
+/// a probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseNews {
-    /// It wrote the lease (took or renewed it).
-    Renewed,
+    /// It holds the lease, and announces it every `every` (`renewed <milliseconds>`).
+    Renewed { every: Duration },
     /// It deleted the lease (it stopped).
     Released,
 }
 
 impl LeaseNews {
-    const RENEWED: &'static [u8] = b"renewed";
-    const RELEASED: &'static [u8] = b"released";
+    const RENEWED: &'static str = "renewed ";
+    const RELEASED: &'static str = "released";
 
     fn payload(self) -> Bytes {
-        Bytes::from_static(match self {
-            LeaseNews::Renewed => Self::RENEWED,
-            LeaseNews::Released => Self::RELEASED,
-        })
+        match self {
+            LeaseNews::Renewed { every } => {
+                Bytes::from(format!("{}{}", Self::RENEWED, every.as_millis()))
+            }
+            LeaseNews::Released => Bytes::from_static(Self::RELEASED.as_bytes()),
+        }
     }
 
     /// The news `payload` tells; `None` for one no node sent.
     fn of(payload: &[u8]) -> Option<LeaseNews> {
-        match payload {
-            Self::RENEWED => Some(LeaseNews::Renewed),
-            Self::RELEASED => Some(LeaseNews::Released),
-            _ => None,
+        let text = std::str::from_utf8(payload).ok()?;
+        if text == Self::RELEASED {
+            return Some(LeaseNews::Released);
         }
+        let every_ms: u64 = text.strip_prefix(Self::RENEWED)?.parse().ok()?;
+        Some(LeaseNews::Renewed {
+            every: Duration::from_millis(every_ms).clamp(LEASE_RENEW, ANNOUNCE_AT_MOST_EVERY),
+        })
     }
 }
 
 /// Tells the other nodes what became of the lease (a core message: no JetStream
-/// request); a failure is logged (they try to take the lease, and find it held).
+/// request); a failure is logged (they probe the holder, and try to take the lease).
 async fn announce(mesh: &NatsMesh, news: LeaseNews) {
     if let Err(e) = mesh
         .client
@@ -810,28 +918,89 @@ async fn announce(mesh: &NatsMesh, news: LeaseNews) {
     }
 }
 
+/// What a probe of the lease's holder found.
+enum Holder {
+    /// It answered (it holds the lease, and says how often it announces it).
+    Lives(LeaseNews),
+    /// Nobody listens: nobody holds the lease, or its holder is gone.
+    Gone,
+    /// No answer in time (or the request failed).
+    Silent,
+}
+
+/// Asks the holder of the lease whether it lives (a core request to the one node that
+/// listens on the holder's subject).
+async fn probe_holder(mesh: &NatsMesh) -> Holder {
+    let request = mesh
+        .client
+        .request(mesh.subjects.lease_holder(), Bytes::new());
+    match tokio::time::timeout(HOLDER_PROBE_TIMEOUT, request).await {
+        Ok(Ok(answer)) => LeaseNews::of(&answer.payload).map_or(Holder::Silent, Holder::Lives),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Holder::Gone,
+        Ok(Err(_)) | Err(_) => Holder::Silent,
+    }
+}
+
+/// Answers a probe of the holder (this node): that it lives, and how often it
+/// announces the lease.
+async fn answer_probe(mesh: &NatsMesh, probe: async_nats::Message) {
+    let Some(reply) = probe.reply else { return };
+    let news = LeaseNews::Renewed {
+        every: mesh.schedules.announce_every(),
+    };
+    if let Err(e) = mesh.client.publish(reply, news.payload()).await {
+        tracing::debug!(process = %mesh.name, error = %e, "could not answer a probe of the lease's holder");
+    }
+}
+
 /// Follows the holder's announcements, so that a node that does not hold the lease
 /// learns of its renewals and release without asking the bucket.
 async fn hear_lease(mesh: &NatsMesh) -> Option<async_nats::Subscriber> {
     match mesh.client.subscribe(mesh.subjects.lease()).await {
         Ok(subscriber) => Some(subscriber),
         Err(e) => {
-            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; trying to take it every 3-4 s instead");
+            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; probing its holder every 3-4 s instead");
             None
         }
     }
 }
 
-/// The next announcement about the lease (`Ok(None)`: one no node sent); `Err` when
-/// the subscription ended; never, without a subscription.
-async fn next_news(lease: &mut Option<async_nats::Subscriber>) -> Result<Option<LeaseNews>, ()> {
-    match lease {
-        Some(subscriber) => match subscriber.next().await {
-            Some(message) => Ok(LeaseNews::of(&message.payload)),
-            None => Err(()),
-        },
+/// The next message on `subscription` (`Err` when it ended); never, without one.
+async fn next_message(
+    subscription: &mut Option<async_nats::Subscriber>,
+) -> Result<async_nats::Message, ()> {
+    match subscription {
+        Some(subscriber) => subscriber.next().await.ok_or(()),
         None => std::future::pending().await,
     }
+}
+
+/// Takes this node's turn at the lease: the holder renews it; another node first probes
+/// the holder, and tries to take the lease when nobody listens there, or when two
+/// probes in a row got no answer.
+async fn take_turn(mesh: &NatsMesh, lease: &mut Lease, turn: &mut Turn) {
+    if lease.revision.is_none() {
+        match probe_holder(mesh).await {
+            Holder::Lives(news) => {
+                turn.heard(news);
+                return;
+            }
+            Holder::Silent if !turn.unanswered => {
+                tracing::debug!(process = %mesh.name, "the scheduler lease's holder did not answer; asking again later");
+                turn.after_write(false);
+                turn.unanswered = true;
+                return;
+            }
+            Holder::Silent | Holder::Gone => {}
+        }
+    }
+    hold_or_take(mesh, lease).await;
+    turn.after_write(lease.revision.is_some());
+    mesh.schedules.leading.send_if_modified(|l| {
+        let changed = *l != lease.holds();
+        *l = lease.holds();
+        changed
+    });
 }
 
 /// Competes for the lease, and fires the tasks while holding it, until the node stops.
@@ -841,6 +1010,8 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
     let mut lease = Lease {
         revision: None,
         valid_until: Instant::now(),
+        announced_at: None,
+        probes: None,
     };
     let mut news = hear_lease(&mesh).await;
     let mut book = Book::default();
@@ -851,13 +1022,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
             _ = super::until(&mut closed, true) => break,
         }
         if turn.due() {
-            hold_or_take(&mesh, &mut lease).await;
-            turn.after_write(lease.revision.is_some());
-            mesh.schedules.leading.send_if_modified(|l| {
-                let changed = *l != lease.holds();
-                *l = lease.holds();
-                changed
-            });
+            take_turn(&mesh, &mut lease, &mut turn).await;
         }
         let mut wake = turn.at;
         if !lease.holds() {
@@ -884,11 +1049,19 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
                     book.forget();
                 }
             },
-            heard = next_news(&mut news) => match heard {
+            heard = next_message(&mut news) => match heard {
                 // The holder hears its own announcements: nothing to learn.
-                Ok(Some(heard)) if lease.revision.is_none() => turn.heard(heard),
+                Ok(message) if lease.revision.is_none() => {
+                    if let Some(heard) = LeaseNews::of(&message.payload) {
+                        turn.heard(heard);
+                    }
+                }
                 Ok(_) => {}
                 Err(()) => news = None,
+            },
+            probe = next_message(&mut lease.probes) => match probe {
+                Ok(probe) => answer_probe(&mesh, probe).await,
+                Err(()) => lease.probes = None,
             },
             _ = super::until(&mut connected, false) => book.forget(),
             _ = super::until(&mut closed, true) => break,
@@ -896,8 +1069,9 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
     }
     mesh.schedules.leading.send_replace(false);
     if let Some(revision) = lease.revision {
-        // Another node takes over at once (it hears the delete), not after the lease's
-        // age limit.
+        // Nobody answers for the lease from now on; another node takes over at once (it
+        // hears the release), not after the lease's age limit.
+        lease.lost();
         if let Ok(bucket) = mesh.schedules.lease().await {
             let _ = bucket
                 .delete_expect_revision(LEASE_KEY, Some(revision))
@@ -952,6 +1126,50 @@ mod tests {
         }
         assert_eq!(due, [100, 200, 300]);
         assert_eq!(t.info(1, 0).remaining_runs, Some(0));
+    }
+
+    #[test]
+    fn the_lease_is_announced_less_often_in_a_larger_mesh_and_says_how_often() {
+        assert_eq!(announce_every(0), LEASE_RENEW);
+        assert_eq!(announce_every(ANNOUNCED_PER_SECOND), LEASE_RENEW);
+        assert_eq!(announce_every(2_500), Duration::from_millis(2_500));
+        assert_eq!(announce_every(1_000_000), ANNOUNCE_AT_MOST_EVERY);
+        for news in [
+            LeaseNews::Renewed {
+                every: Duration::from_millis(2_500),
+            },
+            LeaseNews::Released,
+        ] {
+            assert_eq!(LeaseNews::of(&news.payload()), Some(news));
+        }
+        // A period out of bounds is held to them; what no node sends is ignored.
+        let long = LeaseNews::of(b"renewed 3600000");
+        assert_eq!(
+            long,
+            Some(LeaseNews::Renewed {
+                every: ANNOUNCE_AT_MOST_EVERY
+            })
+        );
+        for garbage in [&b"renewed"[..], b"renewed x", b"", b"\xff"] {
+            assert_eq!(LeaseNews::of(garbage), None);
+        }
+    }
+
+    #[test]
+    fn a_node_that_hears_the_holder_waits_a_lease_and_a_period_before_it_looks() {
+        let mut turn = Turn::first();
+        for every in [LEASE_RENEW, ANNOUNCE_AT_MOST_EVERY] {
+            let heard_at = Instant::now();
+            turn.heard(LeaseNews::Renewed { every });
+            let wait = turn.at - heard_at;
+            let least = LEASE_TTL.max(every + LEASE_RENEW);
+            assert!(
+                wait >= least && wait <= least + every,
+                "{every:?}: {wait:?}"
+            );
+        }
+        turn.heard(LeaseNews::Released);
+        assert!(turn.at <= Instant::now() + LEASE_RENEW / 4);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - `<ns>.node.<process>.~streams`: the messages of streams in progress to one node
 //!   (credit, cancel, probes; see `streams`).
 //! - `<ns>.alive.<process>.<instance>`: each run of a node answers probes there.
-//! - `<ns>.lease`: the holder of the scheduler lease announces its renewals there.
+//! - `<ns>.lease`: the holder of the scheduler lease announces it there.
+//! - `<ns>.lease.holder`: the holder of the scheduler lease answers probes there.
 //! - KV bucket `<ns>-alive`: key = the escaped process name (its claim and heartbeat).
 //! - KV bucket `<ns>-nodes`: `n.<process>` (a node and its callbacks) and
 //!   `c.<callback>.<process>` (one provider of a callback), names escaped.
@@ -148,6 +149,12 @@ impl Subjects {
     /// (see `schedules`).
     pub fn lease(&self) -> String {
         format!("{}.lease", self.namespace)
+    }
+
+    /// Where the holder of the scheduler lease (only it) answers probes: whether
+    /// anybody listens there tells whether the lease has a living holder.
+    pub fn lease_holder(&self) -> String {
+        format!("{}.lease.holder", self.namespace)
     }
 
     /// The KV bucket of the nodes' claims on their names, renewed by their heartbeats.
