@@ -17,18 +17,22 @@
 //! turns slow, no new run starts on a worker until it ends (its callback, now known as
 //! slow, goes to the threads next time), and the node's watch thread (which looks every
 //! `HANDOFF_AFTER` while such runs happen, and sleeps otherwise) starts the watchdog on
-//! another worker: it starts threads for the jobs queued behind, and the runtime's I/O
-//! is polled again (a worker parked aside does not poll it while another is busy). A callback that waits on daffi's sync API meanwhile (a nested
+//! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
+//! could use (time the OS left it waiting for a processor, on a loaded machine, does not
+//! count: see [`thread_clock`](super::thread_clock)): it starts threads for the jobs
+//! queued behind, and the runtime's I/O is polled again (a worker parked aside does not poll it
+//! while another is busy). A callback that waits on daffi's sync API meanwhile (a nested
 //! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
 //! Only on a multi-threaded runtime with two workers or more.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::dispatch::SyncJob;
+use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
 /// The name of the threads that run sync callbacks.
@@ -81,6 +85,11 @@ struct RunWatch {
     /// When the run on a worker last made progress (its job began, or its next step
     /// was queued), in µs since `epoch` (0: none runs).
     job_began: AtomicU64,
+    /// The kernel's id of the thread that run is on.
+    worker: AtomicI32,
+    /// The `job_began` of a run the watch found stuck: later jobs go to threads while
+    /// it still is.
+    stuck: AtomicU64,
     /// Runs begun so far: the thread sleeps once none began for a while.
     runs: AtomicU64,
     /// The thread sleeps until a run begins.
@@ -124,8 +133,8 @@ enum Slot {
     Starting(Instant),
     /// Inside a callback since this time.
     Busy(Instant),
-    /// A run on a runtime worker, inside a callback since this time.
-    OnWorker(Instant),
+    /// A run on a runtime worker (its progress is the watch's `job_began`).
+    OnWorker,
     /// Between jobs: watching for one, or waiting on `wake`.
     Idle,
 }
@@ -138,7 +147,7 @@ impl RunnerState {
     fn recent(&self, now: Instant) -> bool {
         self.slots.iter().any(|s| match s {
             Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
-            Slot::OnWorker(_) | Slot::Vacant | Slot::Idle => false,
+            Slot::OnWorker | Slot::Vacant | Slot::Idle => false,
         })
     }
 
@@ -201,19 +210,9 @@ impl RunnerState {
         index
     }
 
-    /// Whether a run on a worker is going, and whether its callback has been running
-    /// for `HANDOFF_AFTER` or longer (turned slow).
-    fn run_on_worker(&self, now: Instant) -> (bool, bool) {
-        let mut going = false;
-        for slot in &self.slots {
-            if let Slot::OnWorker(t) = slot {
-                if now.duration_since(*t) >= HANDOFF_AFTER {
-                    return (true, true);
-                }
-                going = true;
-            }
-        }
-        (going, false)
+    /// Whether a run on a worker is going.
+    fn run_on_worker(&self) -> bool {
+        self.slots.iter().any(|s| matches!(s, Slot::OnWorker))
     }
 }
 
@@ -233,8 +232,8 @@ impl SyncRunner {
         let now = Instant::now();
         let start = {
             let mut s = runner.lock();
-            let (going, stuck) = s.run_on_worker(now);
-            if stuck {
+            let going = s.run_on_worker();
+            if going && watch.is_stuck() {
                 return false;
             }
             let added = jobs.len();
@@ -243,7 +242,9 @@ impl SyncRunner {
             (!going).then(|| {
                 s.threads += 1;
                 s.busy += 1;
-                s.claim_slot(Slot::OnWorker(now))
+                let slot = s.claim_slot(Slot::OnWorker);
+                runner.mark_on_worker(now);
+                slot
             })
         };
         if let Some(slot) = start {
@@ -305,14 +306,16 @@ impl SyncRunner {
             self.end_on_worker(&mut s, slot);
             return false;
         }
-        self.mark_on_worker(&mut s, slot, now);
+        self.mark_on_worker(now);
         true
     }
 
-    /// The run on a worker in `slot` makes progress at `now`.
-    fn mark_on_worker(&self, s: &mut RunnerState, slot: usize, now: Instant) {
-        s.slots[slot] = Slot::OnWorker(now);
+    /// The run on a worker makes progress at `now`, on this thread.
+    fn mark_on_worker(&self, now: Instant) {
         if let Some(watch) = self.watch() {
+            watch
+                .worker
+                .store(thread_clock::current(), Ordering::Relaxed);
             watch.job_began.store(watch.micros(now), Ordering::Release);
         }
     }
@@ -336,7 +339,7 @@ impl SyncRunner {
             return None;
         };
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        self.mark_on_worker(&mut s, slot, now);
+        self.mark_on_worker(now);
         Some(job)
     }
 
@@ -629,6 +632,8 @@ impl RunWatch {
             Ok(handle) => Some(RunWatch {
                 thread: handle.thread().clone(),
                 job_began: AtomicU64::new(0),
+                worker: AtomicI32::new(0),
+                stuck: AtomicU64::new(0),
                 runs: AtomicU64::new(0),
                 sleeping: std::sync::atomic::AtomicBool::new(false),
                 epoch: Instant::now(),
@@ -643,6 +648,13 @@ impl RunWatch {
     fn micros(&self, at: Instant) -> u64 {
         // Never 0 (that means none runs).
         at.duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// Whether the run on a worker is stuck in a callback (the watch found it so, and it
+    /// made no progress since).
+    fn is_stuck(&self) -> bool {
+        let began = self.job_began.load(Ordering::Acquire);
+        began != 0 && self.stuck.load(Ordering::Acquire) == began
     }
 
     /// A run begins: the thread watches (woken if it slept).
@@ -660,6 +672,7 @@ impl RunWatch {
 /// node.
 fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle) {
     let (mut idle_looks, mut runs_seen, mut rescued) = (0u32, 0u64, 0u64);
+    let mut stall = None;
     loop {
         let Some(core) = core.upgrade() else { return };
         let runner = &core.sync_runner;
@@ -674,9 +687,14 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         };
         let began = watch.job_began.load(Ordering::Acquire);
         let now = watch.micros(Instant::now());
-        if began != 0 && began != rescued && now - began >= HANDOFF_AFTER.as_micros() as u64 {
+        let stuck =
+            (began != 0 && began != rescued && now.saturating_sub(began) >= HANDOFF_AFTER_US)
+                .then(|| Stall::stuck(&mut stall, began, watch.worker.load(Ordering::Relaxed), now))
+                .flatten();
+        if let Some(usable) = stuck {
             rescued = began;
-            tracing::debug!(process = %core.name, "a sync callback turned slow on a runtime worker; later ones go to threads");
+            watch.stuck.store(began, Ordering::Release);
+            tracing::debug!(process = %core.name, usable_us = usable, "a sync callback turned slow on a runtime worker; later ones go to threads");
             runner.lock().watched = true;
             runtime.spawn(SyncRunner::watchdog(core.clone()));
         }
@@ -702,6 +720,59 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         // Bounded: the node may be gone without retiring (it is then found gone).
         std::thread::park_timeout(LINGER);
         idle_looks = 0;
+    }
+}
+
+/// `HANDOFF_AFTER` in the watch's unit.
+const HANDOFF_AFTER_US: u64 = HANDOFF_AFTER.as_micros() as u64;
+
+/// A run on a worker that made no progress for `HANDOFF_AFTER`, as the watch first saw
+/// it: when (µs since the watch's epoch), and the processor time its thread had used.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    began: u64,
+    thread: ThreadId,
+    at: u64,
+    cpu_us: u64,
+}
+
+impl Stall {
+    /// Whether the run whose job began at `began`, on `thread`, is stuck at `now`: since
+    /// the watch first saw it stall (`stall`, kept between looks), its thread had
+    /// `HANDOFF_AFTER` of time it could use; `Some` of that time if so. Time the OS left
+    /// it waiting for a processor (a loaded machine) does not count: a flood of quick
+    /// calls then stays on the worker. Time it ran (a callback that turned slow, or
+    /// other tasks holding the worker) does, and so does all of it if it is blocked (a
+    /// callback asleep). Where threads cannot be looked at, any stall is stuck.
+    fn stuck(stall: &mut Option<Stall>, began: u64, thread: ThreadId, now: u64) -> Option<u64> {
+        let Some(seen) = thread_clock::look(thread) else {
+            return Some(now.saturating_sub(began));
+        };
+        match *stall {
+            Some(first) if first.began == began && first.thread == thread => {
+                let usable = first.usable_us(seen, now);
+                (usable >= HANDOFF_AFTER_US).then_some(usable)
+            }
+            _ => {
+                *stall = Some(Stall {
+                    began,
+                    thread,
+                    at: now,
+                    cpu_us: seen.cpu_us,
+                });
+                None
+            }
+        }
+    }
+
+    /// The time since it was first seen that its thread could use, `seen` at `now`: all
+    /// of it if the thread is blocked now, else the processor time it used meanwhile.
+    fn usable_us(&self, seen: thread_clock::Seen, now: u64) -> u64 {
+        if seen.blocked {
+            now.saturating_sub(self.at)
+        } else {
+            seen.cpu_us.saturating_sub(self.cpu_us)
+        }
     }
 }
 
@@ -770,10 +841,50 @@ mod tests {
         // producer) is queued ahead of a quick one.
         let mut s = state(0, 0, Duration::ZERO, 1);
         s.jobs.push_back(SyncJob::quick_placeholder());
-        s.claim_slot(Slot::OnWorker(Instant::now()));
+        s.claim_slot(Slot::OnWorker);
         (s.threads, s.busy) = (1, 1);
         assert_eq!(s.next_quick(), Some(1), "the run skips the job for threads");
         assert_eq!(s.plan_threads(8, true), (vec![1], true), "a thread for it");
+    }
+
+    #[test]
+    fn a_stall_counts_the_time_its_thread_ran_or_all_of_it_if_blocked() {
+        let first = Stall {
+            began: 1,
+            thread: 7,
+            at: 1_000,
+            cpu_us: 5_000,
+        };
+        let seen = |cpu_us, blocked| thread_clock::Seen { cpu_us, blocked };
+        assert_eq!(first.usable_us(seen(5_550, false), 1_600), 550, "ran");
+        assert_eq!(
+            first.usable_us(seen(5_050, false), 1_600),
+            50,
+            "descheduled"
+        );
+        assert_eq!(first.usable_us(seen(5_000, true), 1_600), 600, "asleep");
+    }
+
+    #[test]
+    fn a_run_whose_thread_sleeps_is_stuck_at_a_later_look_and_a_new_job_is_seen_afresh() {
+        let (tell, told) = std::sync::mpsc::channel();
+        let (done, finish) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            tell.send(thread_clock::current()).expect("tell");
+            let _ = finish.recv();
+        });
+        let id = told.recv().expect("its id");
+        // The looks' clock is given, 10 ms apart; the thread blocks on the channel.
+        let mut stall = None;
+        assert_eq!(Stall::stuck(&mut stall, 1, id, 1_000), None, "first look");
+        let stuck = (0..1_000).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            Stall::stuck(&mut stall, 1, id, 11_000)
+        });
+        assert_eq!(stuck, Some(10_000), "blocked: all of its time counts");
+        assert_eq!(Stall::stuck(&mut stall, 2, id, 12_000), None, "a new job");
+        drop(done);
+        sleeper.join().expect("the sleeper");
     }
 
     #[test]
