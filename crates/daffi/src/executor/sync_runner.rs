@@ -20,8 +20,11 @@
 //! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
 //! could use (time the OS left it waiting for a processor, on a loaded machine, does not
 //! count: see [`thread_clock`](super::thread_clock)): it starts threads for the jobs
-//! queued behind, and the runtime's I/O is polled again (a worker parked aside does not poll it
-//! while another is busy). A callback that waits on daffi's sync API meanwhile (a nested
+//! queued behind, and the runtime's I/O is polled again (a worker parked aside does not
+//! poll it while another is busy). A run whose next step waited that long behind other
+//! tasks on its worker (the reader of a flood, in the worker's LIFO slot, which other
+//! workers cannot take) is moved instead: its next step goes where another worker takes
+//! it. A callback that waits on daffi's sync API meanwhile (a nested
 //! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
 //! Only on a multi-threaded runtime with two workers or more.
 
@@ -87,6 +90,8 @@ struct RunWatch {
     job_began: AtomicU64,
     /// The kernel's id of the thread that run is on.
     worker: AtomicI32,
+    /// The run's next step waits for a worker (it is not inside a job).
+    waiting: std::sync::atomic::AtomicBool,
     /// The `job_began` of a run the watch found stuck: later jobs go to threads while
     /// it still is.
     stuck: AtomicU64,
@@ -103,6 +108,23 @@ const ONE_WAY_JOBS_PER_TASK: usize = 64;
 
 /// Looks without a run beginning after which the watch thread sleeps.
 const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
+
+/// A step of the run on a worker: its slot, and which step (see [`Slot::OnWorker`]).
+#[derive(Debug, Clone, Copy)]
+struct RunStep {
+    slot: usize,
+    step: u64,
+}
+
+/// What a step of the run on a worker does next.
+enum Next<J> {
+    /// Runs a job (`J`: the job, or `()` when one is known to be queued).
+    Job(J),
+    /// Nothing is left for it: the run ended.
+    Ended,
+    /// The watch moved the run to another step: this one ends, touching nothing.
+    Moved,
+}
 
 #[derive(Default)]
 struct RunnerState {
@@ -133,8 +155,9 @@ enum Slot {
     Starting(Instant),
     /// Inside a callback since this time.
     Busy(Instant),
-    /// A run on a runtime worker (its progress is the watch's `job_began`).
-    OnWorker,
+    /// A run on a runtime worker (its progress is the watch's `job_began`), at this
+    /// step: a task of an earlier step (the watch moved the run on) ends at once.
+    OnWorker(u64),
     /// Between jobs: watching for one, or waiting on `wake`.
     Idle,
 }
@@ -147,7 +170,7 @@ impl RunnerState {
     fn recent(&self, now: Instant) -> bool {
         self.slots.iter().any(|s| match s {
             Slot::Starting(t) | Slot::Busy(t) => now.duration_since(*t) < HANDOFF_AFTER,
-            Slot::OnWorker | Slot::Vacant | Slot::Idle => false,
+            Slot::OnWorker(_) | Slot::Vacant | Slot::Idle => false,
         })
     }
 
@@ -210,9 +233,25 @@ impl RunnerState {
         index
     }
 
+    /// Whether `run` is the current step of the run on a worker.
+    fn is_current(&self, run: RunStep) -> bool {
+        matches!(self.slots.get(run.slot), Some(Slot::OnWorker(step)) if *step == run.step)
+    }
+
+    /// The next job a thread takes, if any: while a run on a worker takes the quick
+    /// calls (`run_takes_quick_calls`), the first that is not one; else the first.
+    fn job_for_threads(&mut self, run_takes_quick_calls: bool) -> Option<SyncJob> {
+        let at = if run_takes_quick_calls {
+            self.jobs.iter().position(|job| !job.is_quick_call())?
+        } else {
+            0
+        };
+        self.jobs.remove(at)
+    }
+
     /// Whether a run on a worker is going.
     fn run_on_worker(&self) -> bool {
-        self.slots.iter().any(|s| matches!(s, Slot::OnWorker))
+        self.slots.iter().any(|s| matches!(s, Slot::OnWorker(_)))
     }
 }
 
@@ -242,21 +281,53 @@ impl SyncRunner {
             (!going).then(|| {
                 s.threads += 1;
                 s.busy += 1;
-                let slot = s.claim_slot(Slot::OnWorker);
-                runner.mark_on_worker(now);
-                slot
+                let slot = s.claim_slot(Slot::OnWorker(0));
+                runner.mark_on_worker(now, true);
+                RunStep { slot, step: 0 }
             })
         };
-        if let Some(slot) = start {
+        if let Some(run) = start {
             watch.run_begins();
-            Self::spawn_on_worker(core.clone(), slot);
+            Self::spawn_on_worker(core.clone(), run);
         }
         true
     }
 
-    /// The next step of the run on a worker in `slot`, as a task of its own.
-    fn spawn_on_worker(core: Arc<Executor>, slot: usize) {
-        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, slot) });
+    /// The next step of the run on a worker, as a task of its own.
+    fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
+        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+    }
+
+    /// The watch found the run on a worker waiting for its worker (busy with other
+    /// tasks, such as the reader of a flood): its next step goes to the runtime's
+    /// shared queue, where another worker takes it; the step left waiting ends when it
+    /// runs. Called from the watch thread, outside the runtime's workers.
+    fn move_run(core: &Arc<Executor>, runtime: &tokio::runtime::Handle) {
+        let runner = &core.sync_runner;
+        let moved = {
+            let mut s = runner.lock();
+            s.slots
+                .iter_mut()
+                .enumerate()
+                .find_map(|(slot, state)| match state {
+                    Slot::OnWorker(step) => {
+                        *step += 1;
+                        Some(RunStep { slot, step: *step })
+                    }
+                    _ => None,
+                })
+        };
+        if let Some(run) = moved {
+            // Progress, on the same thread as far as the watch knows (this one is not the
+            // run's): the new step marks its own when it begins.
+            if let Some(watch) = runner.watch() {
+                watch.waiting.store(true, Ordering::Relaxed);
+                let now = watch.micros(Instant::now());
+                watch.job_began.store(now, Ordering::Release);
+            }
+            let core = core.clone();
+            runtime.spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+        }
     }
 
     /// Runs the next queued job, if any; a new task runs the one after it. Whatever the
@@ -265,25 +336,29 @@ impl SyncRunner {
     /// what it held where the other worker can take it, should the next job turn slow.
     /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
     /// run in one task.
-    fn run_one_on_worker(core: &Arc<Executor>, slot: usize) {
+    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
         let runner = &core.sync_runner;
         for _ in 0..ONE_WAY_JOBS_PER_TASK {
-            let Some(job) = runner.next_on_worker(slot) else {
-                return Self::leave_to_threads(core);
+            let job = match runner.next_on_worker(run) {
+                Next::Job(job) => job,
+                Next::Ended => return Self::leave_to_threads(core),
+                Next::Moved => return,
             };
             let replies = job.wants_reply();
             // `run` catches the callback's panics; this guards the counts against a bug.
             if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
-            if !runner.more_on_worker(slot) {
-                return Self::leave_to_threads(core);
+            match runner.more_on_worker(run) {
+                Next::Job(()) => {}
+                Next::Ended => return Self::leave_to_threads(core),
+                Next::Moved => return,
             }
             if replies {
                 break;
             }
         }
-        Self::spawn_on_worker(core.clone(), slot);
+        Self::spawn_on_worker(core.clone(), run);
     }
 
     /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
@@ -299,23 +374,28 @@ impl SyncRunner {
     /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
     /// here (the worker busy elsewhere) makes the run stuck, not the time its last
     /// callback took.
-    fn more_on_worker(&self, slot: usize) -> bool {
+    fn more_on_worker(&self, run: RunStep) -> Next<()> {
         let now = Instant::now();
         let mut s = self.lock();
-        if s.next_quick().is_none() {
-            self.end_on_worker(&mut s, slot);
-            return false;
+        if !s.is_current(run) {
+            return Next::Moved;
         }
-        self.mark_on_worker(now);
-        true
+        if s.next_quick().is_none() {
+            self.end_on_worker(&mut s, run.slot);
+            return Next::Ended;
+        }
+        self.mark_on_worker(now, true);
+        Next::Job(())
     }
 
-    /// The run on a worker makes progress at `now`, on this thread.
-    fn mark_on_worker(&self, now: Instant) {
+    /// The run on a worker makes progress at `now`, on this thread: a job begins, or
+    /// (`waiting`) its next step waits for a worker.
+    fn mark_on_worker(&self, now: Instant, waiting: bool) {
         if let Some(watch) = self.watch() {
             watch
                 .worker
                 .store(thread_clock::current(), Ordering::Relaxed);
+            watch.waiting.store(waiting, Ordering::Relaxed);
             watch.job_began.store(watch.micros(now), Ordering::Release);
         }
     }
@@ -330,17 +410,20 @@ impl SyncRunner {
         }
     }
 
-    /// The next job for the run on a worker in `slot`; `None` ends the run.
-    fn next_on_worker(&self, slot: usize) -> Option<SyncJob> {
+    /// The next job for the run on a worker.
+    fn next_on_worker(&self, run: RunStep) -> Next<SyncJob> {
         let now = Instant::now();
         let mut s = self.lock();
+        if !s.is_current(run) {
+            return Next::Moved;
+        }
         let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
-            self.end_on_worker(&mut s, slot);
-            return None;
+            self.end_on_worker(&mut s, run.slot);
+            return Next::Ended;
         };
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        self.mark_on_worker(now);
-        Some(job)
+        self.mark_on_worker(now, false);
+        Next::Job(job)
     }
 
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
@@ -500,7 +583,7 @@ impl SyncRunner {
                     s.busy -= 1;
                     finished_one = false;
                 }
-                match s.jobs.pop_front() {
+                match s.job_for_threads(self.run_takes_quick_calls()) {
                     Some(job) => {
                         self.queued.fetch_sub(1, Ordering::AcqRel);
                         s.busy += 1;
@@ -518,7 +601,7 @@ impl SyncRunner {
                     continue;
                 }
                 let mut s = self.lock();
-                if !s.jobs.is_empty() {
+                if self.has_job_for_threads(&s) {
                     continue;
                 }
                 s.slots[slot] = Slot::Vacant;
@@ -543,7 +626,7 @@ impl SyncRunner {
         let watching = self.watch_misses.load(Ordering::Relaxed) < MISSES_BEFORE_SLEEPING_AT_ONCE;
         if watching {
             while started.elapsed() < SPIN {
-                if self.queued.load(Ordering::Acquire) > 0 {
+                if self.queued.load(Ordering::Acquire) > 0 && !self.run_takes_quick_calls() {
                     self.watch_misses.store(0, Ordering::Relaxed);
                     return true;
                 }
@@ -552,16 +635,16 @@ impl SyncRunner {
             self.watch_misses.fetch_add(1, Ordering::Relaxed);
         }
         let mut s = self.lock();
-        if !s.jobs.is_empty() {
+        if self.has_job_for_threads(&s) {
             return true;
         }
         s.parked += 1;
         let (mut s, _) = self
             .wake
-            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty() && !s.retired)
+            .wait_timeout_while(s, LINGER, |s| !self.has_job_for_threads(s) && !s.retired)
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
-        let found = !s.jobs.is_empty();
+        let found = self.has_job_for_threads(&s);
         // Queued within a watch's length of this thread going to sleep: a watch would
         // have caught it, so watch again. (When it was queued, not when this thread woke:
         // on a busy machine the wake-up alone can take longer than a watch.)
@@ -572,6 +655,22 @@ impl SyncRunner {
             self.watch_misses.store(0, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Whether a queued job is for the threads (see [`RunnerState::job_for_threads`]).
+    fn has_job_for_threads(&self, s: &RunnerState) -> bool {
+        if self.run_takes_quick_calls() {
+            s.jobs.iter().any(|job| !job.is_quick_call())
+        } else {
+            !s.jobs.is_empty()
+        }
+    }
+
+    /// Whether a run on a worker takes the quick calls queued: one is going, and the
+    /// watch did not find it stuck. Threads then leave them to it.
+    fn run_takes_quick_calls(&self) -> bool {
+        self.watch()
+            .is_some_and(|watch| watch.job_began.load(Ordering::Acquire) != 0 && !watch.is_stuck())
     }
 
     /// The node closed: threads waiting for a job end now, and the others once they
@@ -633,6 +732,7 @@ impl RunWatch {
                 thread: handle.thread().clone(),
                 job_began: AtomicU64::new(0),
                 worker: AtomicI32::new(0),
+                waiting: std::sync::atomic::AtomicBool::new(false),
                 stuck: AtomicU64::new(0),
                 runs: AtomicU64::new(0),
                 sleeping: std::sync::atomic::AtomicBool::new(false),
@@ -693,10 +793,7 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
                 .flatten();
         if let Some(usable) = stuck {
             rescued = began;
-            watch.stuck.store(began, Ordering::Release);
-            tracing::debug!(process = %core.name, usable_us = usable, "a sync callback turned slow on a runtime worker; later ones go to threads");
-            runner.lock().watched = true;
-            runtime.spawn(SyncRunner::watchdog(core.clone()));
+            rescue(&core, watch, runtime, began, usable);
         }
         let runs = watch.runs.load(Ordering::SeqCst);
         idle_looks = if runs != runs_seen || began != 0 {
@@ -721,6 +818,28 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         std::thread::park_timeout(LINGER);
         idle_looks = 0;
     }
+}
+
+/// What the watch does for a run on a worker found stuck (its job began at `began`, and
+/// its thread had `usable_us` since): a run whose next step waits for its busy worker
+/// moves to another; a run inside a callback that turned slow leaves the node's later
+/// jobs to threads.
+fn rescue(
+    core: &Arc<Executor>,
+    watch: &RunWatch,
+    runtime: &tokio::runtime::Handle,
+    began: u64,
+    usable_us: u64,
+) {
+    if watch.waiting.load(Ordering::Relaxed) {
+        tracing::debug!(process = %core.name, usable_us, "quick sync callbacks waited for a busy runtime worker; moved to another");
+        SyncRunner::move_run(core, runtime);
+        return;
+    }
+    watch.stuck.store(began, Ordering::Release);
+    tracing::debug!(process = %core.name, usable_us, "a sync callback turned slow on a runtime worker; later ones go to threads");
+    core.sync_runner.lock().watched = true;
+    runtime.spawn(SyncRunner::watchdog(core.clone()));
 }
 
 /// `HANDOFF_AFTER` in the watch's unit.
@@ -841,7 +960,7 @@ mod tests {
         // producer) is queued ahead of a quick one.
         let mut s = state(0, 0, Duration::ZERO, 1);
         s.jobs.push_back(SyncJob::quick_placeholder());
-        s.claim_slot(Slot::OnWorker);
+        s.claim_slot(Slot::OnWorker(0));
         (s.threads, s.busy) = (1, 1);
         assert_eq!(s.next_quick(), Some(1), "the run skips the job for threads");
         assert_eq!(s.plan_threads(8, true), (vec![1], true), "a thread for it");
@@ -885,6 +1004,38 @@ mod tests {
         assert_eq!(Stall::stuck(&mut stall, 2, id, 12_000), None, "a new job");
         drop(done);
         sleeper.join().expect("the sleeper");
+    }
+
+    #[test]
+    fn a_step_of_a_run_moved_on_is_no_longer_current() {
+        let mut s = state(0, 0, Duration::ZERO, 0);
+        let slot = s.claim_slot(Slot::OnWorker(0));
+        let first = RunStep { slot, step: 0 };
+        assert!(s.is_current(first));
+        s.slots[slot] = Slot::OnWorker(1);
+        assert!(!s.is_current(first), "the watch moved the run on");
+        assert!(s.is_current(RunStep { slot, step: 1 }));
+        s.slots[slot] = Slot::Vacant;
+        assert!(!s.is_current(RunStep { slot, step: 1 }), "the run ended");
+    }
+
+    #[test]
+    fn threads_leave_quick_calls_to_a_run_on_a_worker() {
+        let mut s = state(1, 0, Duration::ZERO, 0);
+        s.jobs.push_back(SyncJob::quick_placeholder());
+        s.jobs.push_back(SyncJob::placeholder());
+        let job = s
+            .job_for_threads(true)
+            .expect("the job not seen to be quick");
+        assert!(!job.is_quick_call());
+        assert!(
+            s.job_for_threads(true).is_none(),
+            "the quick call is the run's"
+        );
+        assert!(
+            s.job_for_threads(false).is_some(),
+            "no run: threads take it"
+        );
     }
 
     #[test]
