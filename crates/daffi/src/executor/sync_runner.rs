@@ -369,11 +369,11 @@ impl SyncRunner {
         }
     }
 
-    /// Whether quick calls are queued for the run on a worker in `slot`; if not, the
-    /// run ends.
-    /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
-    /// here (the worker busy elsewhere) makes the run stuck, not the time its last
-    /// callback took.
+    /// Whether quick calls are queued for the step `run` of the run on a worker; if
+    /// not, the run ends. Its next step waits for the worker from now: a wait of
+    /// `HANDOFF_AFTER` of the worker's time from here (the worker busy elsewhere) makes
+    /// the watch move the run to another worker; the time its last callback took does
+    /// not count.
     fn more_on_worker(&self, run: RunStep) -> Next<()> {
         let now = Instant::now();
         let mut s = self.lock();
