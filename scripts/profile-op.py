@@ -41,6 +41,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAFFI = os.environ.get("DAFFI_BENCH_BIN", os.path.join(ROOT, "target", "release", "daffi-bench"))
+# The roles' log filter, e.g. DAFFI_BENCH_LOG=daffi::executor=debug to see hand-offs.
+LOG = os.environ.get("DAFFI_BENCH_LOG", "warn")
 
 
 # A command every role runs under (valgrind, for --instructions).
@@ -48,7 +50,7 @@ WRAPPER = []
 
 
 def role(args):
-    p = subprocess.Popen(WRAPPER + [DAFFI, "--log-level", "warn", "role"] + args,
+    p = subprocess.Popen(WRAPPER + [DAFFI, "--log-level", LOG, "role"] + args,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
     if not line.startswith("ready"):

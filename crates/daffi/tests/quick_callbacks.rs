@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,26 @@ fn where_ran() -> String {
 fn maybe_panic(panic: bool) -> String {
     assert!(!panic, "panicked on purpose");
     thread_name()
+}
+
+/// Calls of `tally` that ran on a runtime worker, and elsewhere (a callback thread).
+static TALLY: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Counts where it ran, and says where.
+#[callback]
+fn tally() -> String {
+    let ran = thread_name();
+    TALLY[usize::from(ran != WORKER_THREAD)].fetch_add(1, Ordering::Relaxed);
+    ran
+}
+
+/// The calls of `tally` so far: on runtime workers, elsewhere.
+#[callback]
+fn tallied() -> (u64, u64) {
+    (
+        TALLY[0].load(Ordering::Relaxed),
+        TALLY[1].load(Ordering::Relaxed),
+    )
 }
 
 // ---- child processes -----------------------------------------------------------------
@@ -324,4 +344,51 @@ fn on_a_runtime_with_one_worker_sync_callbacks_stay_on_their_threads() {
             .expect("call");
         assert_eq!(ran, CALLBACK_THREAD);
     }
+}
+
+#[test]
+fn a_flood_of_quick_no_return_calls_runs_each_call_once() {
+    // The run on a worker takes the flood while the reader reads it; the watch may move
+    // it to the other worker (its step left behind ends), threads take what is handed to
+    // them: every call still runs exactly once.
+    const CALLS: u64 = 50_000;
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("flooded");
+    cluster.spawn_worker(&worker);
+    let g = &cluster.caller;
+    assert_eq!(until_on_a_worker(g, &worker, "tally"), WORKER_THREAD);
+    let tallied = || {
+        g.call("tallied")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<(u64, u64)>()
+            .expect("tallied")
+    };
+    let before = tallied();
+    for _ in 0..CALLS {
+        g.call("tally").on(&worker).no_return().expect("no_return");
+    }
+    // Asked until every call is counted (a call handed to a thread may finish after a
+    // later one), within WAIT.
+    let asked = Instant::now();
+    let (on_workers, on_threads) = loop {
+        let now = tallied();
+        let counted = (now.0 - before.0, now.1 - before.1);
+        if counted.0 + counted.1 >= CALLS || asked.elapsed() > WAIT {
+            break counted;
+        }
+    };
+    eprintln!(
+        "{CALLS} NO_RETURN calls: {on_workers} ran on runtime workers, {on_threads} on threads"
+    );
+    assert_eq!(
+        on_workers + on_threads,
+        CALLS,
+        "each call ran once, within {WAIT:?}"
+    );
+    assert_eq!(
+        tallied(),
+        (before.0 + on_workers, before.1 + on_threads),
+        "and no more"
+    );
 }

@@ -9,6 +9,7 @@ mod dispatch;
 mod items;
 mod pace;
 mod sync_runner;
+mod thread_clock;
 
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};

@@ -17,18 +17,25 @@
 //! turns slow, no new run starts on a worker until it ends (its callback, now known as
 //! slow, goes to the threads next time), and the node's watch thread (which looks every
 //! `HANDOFF_AFTER` while such runs happen, and sleeps otherwise) starts the watchdog on
-//! another worker: it starts threads for the jobs queued behind, and the runtime's I/O
-//! is polled again (a worker parked aside does not poll it while another is busy). A callback that waits on daffi's sync API meanwhile (a nested
+//! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
+//! could use (time the OS left it waiting for a processor, on a loaded machine, does not
+//! count: see [`thread_clock`](super::thread_clock)): it starts threads for the jobs
+//! queued behind, and the runtime's I/O is polled again (a worker parked aside does not
+//! poll it while another is busy). A run whose next step waited that long behind other
+//! tasks on its worker (the reader of a flood, in the worker's LIFO slot, which other
+//! workers cannot take) is moved instead: its next step goes where another worker takes
+//! it. A callback that waits on daffi's sync API meanwhile (a nested
 //! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
 //! Only on a multi-threaded runtime with two workers or more.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::dispatch::SyncJob;
+use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
 /// The name of the threads that run sync callbacks.
@@ -81,6 +88,13 @@ struct RunWatch {
     /// When the run on a worker last made progress (its job began, or its next step
     /// was queued), in µs since `epoch` (0: none runs).
     job_began: AtomicU64,
+    /// The kernel's id of the thread that run is on.
+    worker: AtomicI32,
+    /// The run's next step waits for a worker (it is not inside a job).
+    waiting: std::sync::atomic::AtomicBool,
+    /// The `job_began` of a run the watch found stuck: later jobs go to threads while
+    /// it still is.
+    stuck: AtomicU64,
     /// Runs begun so far: the thread sleeps once none began for a while.
     runs: AtomicU64,
     /// The thread sleeps until a run begins.
@@ -94,6 +108,23 @@ const ONE_WAY_JOBS_PER_TASK: usize = 64;
 
 /// Looks without a run beginning after which the watch thread sleeps.
 const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
+
+/// A step of the run on a worker: its slot, and which step (see [`Slot::OnWorker`]).
+#[derive(Debug, Clone, Copy)]
+struct RunStep {
+    slot: usize,
+    step: u64,
+}
+
+/// What a step of the run on a worker does next.
+enum Next<J> {
+    /// Runs a job (`J`: the job, or `()` when one is known to be queued).
+    Job(J),
+    /// Nothing is left for it: the run ended.
+    Ended,
+    /// The watch moved the run to another step: this one ends, touching nothing.
+    Moved,
+}
 
 #[derive(Default)]
 struct RunnerState {
@@ -124,8 +155,9 @@ enum Slot {
     Starting(Instant),
     /// Inside a callback since this time.
     Busy(Instant),
-    /// A run on a runtime worker, inside a callback since this time.
-    OnWorker(Instant),
+    /// A run on a runtime worker (its progress is the watch's `job_began`), at this
+    /// step: a task of an earlier step (the watch moved the run on) ends at once.
+    OnWorker(u64),
     /// Between jobs: watching for one, or waiting on `wake`.
     Idle,
 }
@@ -201,19 +233,25 @@ impl RunnerState {
         index
     }
 
-    /// Whether a run on a worker is going, and whether its callback has been running
-    /// for `HANDOFF_AFTER` or longer (turned slow).
-    fn run_on_worker(&self, now: Instant) -> (bool, bool) {
-        let mut going = false;
-        for slot in &self.slots {
-            if let Slot::OnWorker(t) = slot {
-                if now.duration_since(*t) >= HANDOFF_AFTER {
-                    return (true, true);
-                }
-                going = true;
-            }
-        }
-        (going, false)
+    /// Whether `run` is the current step of the run on a worker.
+    fn is_current(&self, run: RunStep) -> bool {
+        matches!(self.slots.get(run.slot), Some(Slot::OnWorker(step)) if *step == run.step)
+    }
+
+    /// The next job a thread takes, if any: while a run on a worker takes the quick
+    /// calls (`run_takes_quick_calls`), the first that is not one; else the first.
+    fn job_for_threads(&mut self, run_takes_quick_calls: bool) -> Option<SyncJob> {
+        let at = if run_takes_quick_calls {
+            self.jobs.iter().position(|job| !job.is_quick_call())?
+        } else {
+            0
+        };
+        self.jobs.remove(at)
+    }
+
+    /// Whether a run on a worker is going.
+    fn run_on_worker(&self) -> bool {
+        self.slots.iter().any(|s| matches!(s, Slot::OnWorker(_)))
     }
 }
 
@@ -233,8 +271,8 @@ impl SyncRunner {
         let now = Instant::now();
         let start = {
             let mut s = runner.lock();
-            let (going, stuck) = s.run_on_worker(now);
-            if stuck {
+            let going = s.run_on_worker();
+            if going && watch.is_stuck() {
                 return false;
             }
             let added = jobs.len();
@@ -243,19 +281,53 @@ impl SyncRunner {
             (!going).then(|| {
                 s.threads += 1;
                 s.busy += 1;
-                s.claim_slot(Slot::OnWorker(now))
+                let slot = s.claim_slot(Slot::OnWorker(0));
+                runner.mark_on_worker(now, true);
+                RunStep { slot, step: 0 }
             })
         };
-        if let Some(slot) = start {
+        if let Some(run) = start {
             watch.run_begins();
-            Self::spawn_on_worker(core.clone(), slot);
+            Self::spawn_on_worker(core.clone(), run);
         }
         true
     }
 
-    /// The next step of the run on a worker in `slot`, as a task of its own.
-    fn spawn_on_worker(core: Arc<Executor>, slot: usize) {
-        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, slot) });
+    /// The next step of the run on a worker, as a task of its own.
+    fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
+        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+    }
+
+    /// The watch found the run on a worker waiting for its worker (busy with other
+    /// tasks, such as the reader of a flood): its next step goes to the runtime's
+    /// shared queue, where another worker takes it; the step left waiting ends when it
+    /// runs. Called from the watch thread, outside the runtime's workers.
+    fn move_run(core: &Arc<Executor>, runtime: &tokio::runtime::Handle) {
+        let runner = &core.sync_runner;
+        let moved = {
+            let mut s = runner.lock();
+            s.slots
+                .iter_mut()
+                .enumerate()
+                .find_map(|(slot, state)| match state {
+                    Slot::OnWorker(step) => {
+                        *step += 1;
+                        Some(RunStep { slot, step: *step })
+                    }
+                    _ => None,
+                })
+        };
+        if let Some(run) = moved {
+            // Progress, on the same thread as far as the watch knows (this one is not the
+            // run's): the new step marks its own when it begins.
+            if let Some(watch) = runner.watch() {
+                watch.waiting.store(true, Ordering::Relaxed);
+                let now = watch.micros(Instant::now());
+                watch.job_began.store(now, Ordering::Release);
+            }
+            let core = core.clone();
+            runtime.spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+        }
     }
 
     /// Runs the next queued job, if any; a new task runs the one after it. Whatever the
@@ -264,25 +336,29 @@ impl SyncRunner {
     /// what it held where the other worker can take it, should the next job turn slow.
     /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
     /// run in one task.
-    fn run_one_on_worker(core: &Arc<Executor>, slot: usize) {
+    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
         let runner = &core.sync_runner;
         for _ in 0..ONE_WAY_JOBS_PER_TASK {
-            let Some(job) = runner.next_on_worker(slot) else {
-                return Self::leave_to_threads(core);
+            let job = match runner.next_on_worker(run) {
+                Next::Job(job) => job,
+                Next::Ended => return Self::leave_to_threads(core),
+                Next::Moved => return,
             };
             let replies = job.wants_reply();
             // `run` catches the callback's panics; this guards the counts against a bug.
             if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
-            if !runner.more_on_worker(slot) {
-                return Self::leave_to_threads(core);
+            match runner.more_on_worker(run) {
+                Next::Job(()) => {}
+                Next::Ended => return Self::leave_to_threads(core),
+                Next::Moved => return,
             }
             if replies {
                 break;
             }
         }
-        Self::spawn_on_worker(core.clone(), slot);
+        Self::spawn_on_worker(core.clone(), run);
     }
 
     /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
@@ -293,26 +369,33 @@ impl SyncRunner {
         }
     }
 
-    /// Whether quick calls are queued for the run on a worker in `slot`; if not, the
-    /// run ends.
-    /// Its next step waits for the worker from now: only a wait of `HANDOFF_AFTER` from
-    /// here (the worker busy elsewhere) makes the run stuck, not the time its last
-    /// callback took.
-    fn more_on_worker(&self, slot: usize) -> bool {
+    /// Whether quick calls are queued for the step `run` of the run on a worker; if
+    /// not, the run ends. Its next step waits for the worker from now: a wait of
+    /// `HANDOFF_AFTER` of the worker's time from here (the worker busy elsewhere) makes
+    /// the watch move the run to another worker; the time its last callback took does
+    /// not count.
+    fn more_on_worker(&self, run: RunStep) -> Next<()> {
         let now = Instant::now();
         let mut s = self.lock();
-        if s.next_quick().is_none() {
-            self.end_on_worker(&mut s, slot);
-            return false;
+        if !s.is_current(run) {
+            return Next::Moved;
         }
-        self.mark_on_worker(&mut s, slot, now);
-        true
+        if s.next_quick().is_none() {
+            self.end_on_worker(&mut s, run.slot);
+            return Next::Ended;
+        }
+        self.mark_on_worker(now, true);
+        Next::Job(())
     }
 
-    /// The run on a worker in `slot` makes progress at `now`.
-    fn mark_on_worker(&self, s: &mut RunnerState, slot: usize, now: Instant) {
-        s.slots[slot] = Slot::OnWorker(now);
+    /// The run on a worker makes progress at `now`, on this thread: a job begins, or
+    /// (`waiting`) its next step waits for a worker.
+    fn mark_on_worker(&self, now: Instant, waiting: bool) {
         if let Some(watch) = self.watch() {
+            watch
+                .worker
+                .store(thread_clock::current(), Ordering::Relaxed);
+            watch.waiting.store(waiting, Ordering::Relaxed);
             watch.job_began.store(watch.micros(now), Ordering::Release);
         }
     }
@@ -327,17 +410,20 @@ impl SyncRunner {
         }
     }
 
-    /// The next job for the run on a worker in `slot`; `None` ends the run.
-    fn next_on_worker(&self, slot: usize) -> Option<SyncJob> {
+    /// The next job for the run on a worker.
+    fn next_on_worker(&self, run: RunStep) -> Next<SyncJob> {
         let now = Instant::now();
         let mut s = self.lock();
+        if !s.is_current(run) {
+            return Next::Moved;
+        }
         let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
-            self.end_on_worker(&mut s, slot);
-            return None;
+            self.end_on_worker(&mut s, run.slot);
+            return Next::Ended;
         };
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        self.mark_on_worker(&mut s, slot, now);
-        Some(job)
+        self.mark_on_worker(now, false);
+        Next::Job(job)
     }
 
     /// Queues `jobs` (leaving the vector empty) and makes sure threads will run them.
@@ -497,7 +583,7 @@ impl SyncRunner {
                     s.busy -= 1;
                     finished_one = false;
                 }
-                match s.jobs.pop_front() {
+                match s.job_for_threads(self.run_takes_quick_calls()) {
                     Some(job) => {
                         self.queued.fetch_sub(1, Ordering::AcqRel);
                         s.busy += 1;
@@ -515,7 +601,7 @@ impl SyncRunner {
                     continue;
                 }
                 let mut s = self.lock();
-                if !s.jobs.is_empty() {
+                if self.has_job_for_threads(&s) {
                     continue;
                 }
                 s.slots[slot] = Slot::Vacant;
@@ -540,7 +626,7 @@ impl SyncRunner {
         let watching = self.watch_misses.load(Ordering::Relaxed) < MISSES_BEFORE_SLEEPING_AT_ONCE;
         if watching {
             while started.elapsed() < SPIN {
-                if self.queued.load(Ordering::Acquire) > 0 {
+                if self.queued.load(Ordering::Acquire) > 0 && !self.run_takes_quick_calls() {
                     self.watch_misses.store(0, Ordering::Relaxed);
                     return true;
                 }
@@ -549,16 +635,16 @@ impl SyncRunner {
             self.watch_misses.fetch_add(1, Ordering::Relaxed);
         }
         let mut s = self.lock();
-        if !s.jobs.is_empty() {
+        if self.has_job_for_threads(&s) {
             return true;
         }
         s.parked += 1;
         let (mut s, _) = self
             .wake
-            .wait_timeout_while(s, LINGER, |s| s.jobs.is_empty() && !s.retired)
+            .wait_timeout_while(s, LINGER, |s| !self.has_job_for_threads(s) && !s.retired)
             .unwrap_or_else(|p| p.into_inner());
         s.parked -= 1;
-        let found = !s.jobs.is_empty();
+        let found = self.has_job_for_threads(&s);
         // Queued within a watch's length of this thread going to sleep: a watch would
         // have caught it, so watch again. (When it was queued, not when this thread woke:
         // on a busy machine the wake-up alone can take longer than a watch.)
@@ -569,6 +655,22 @@ impl SyncRunner {
             self.watch_misses.store(0, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Whether a queued job is for the threads (see [`RunnerState::job_for_threads`]).
+    fn has_job_for_threads(&self, s: &RunnerState) -> bool {
+        if self.run_takes_quick_calls() {
+            s.jobs.iter().any(|job| !job.is_quick_call())
+        } else {
+            !s.jobs.is_empty()
+        }
+    }
+
+    /// Whether a run on a worker takes the quick calls queued: one is going, and the
+    /// watch did not find it stuck. Threads then leave them to it.
+    fn run_takes_quick_calls(&self) -> bool {
+        self.watch()
+            .is_some_and(|watch| watch.job_began.load(Ordering::Acquire) != 0 && !watch.is_stuck())
     }
 
     /// The node closed: threads waiting for a job end now, and the others once they
@@ -629,6 +731,9 @@ impl RunWatch {
             Ok(handle) => Some(RunWatch {
                 thread: handle.thread().clone(),
                 job_began: AtomicU64::new(0),
+                worker: AtomicI32::new(0),
+                waiting: std::sync::atomic::AtomicBool::new(false),
+                stuck: AtomicU64::new(0),
                 runs: AtomicU64::new(0),
                 sleeping: std::sync::atomic::AtomicBool::new(false),
                 epoch: Instant::now(),
@@ -643,6 +748,13 @@ impl RunWatch {
     fn micros(&self, at: Instant) -> u64 {
         // Never 0 (that means none runs).
         at.duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// Whether the run on a worker is stuck in a callback (the watch found it so, and it
+    /// made no progress since).
+    fn is_stuck(&self) -> bool {
+        let began = self.job_began.load(Ordering::Acquire);
+        began != 0 && self.stuck.load(Ordering::Acquire) == began
     }
 
     /// A run begins: the thread watches (woken if it slept).
@@ -660,6 +772,7 @@ impl RunWatch {
 /// node.
 fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle) {
     let (mut idle_looks, mut runs_seen, mut rescued) = (0u32, 0u64, 0u64);
+    let mut stall = None;
     loop {
         let Some(core) = core.upgrade() else { return };
         let runner = &core.sync_runner;
@@ -674,11 +787,13 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         };
         let began = watch.job_began.load(Ordering::Acquire);
         let now = watch.micros(Instant::now());
-        if began != 0 && began != rescued && now - began >= HANDOFF_AFTER.as_micros() as u64 {
+        let stuck =
+            (began != 0 && began != rescued && now.saturating_sub(began) >= HANDOFF_AFTER_US)
+                .then(|| Stall::stuck(&mut stall, began, watch.worker.load(Ordering::Relaxed), now))
+                .flatten();
+        if let Some(usable) = stuck {
             rescued = began;
-            tracing::debug!(process = %core.name, "a sync callback turned slow on a runtime worker; later ones go to threads");
-            runner.lock().watched = true;
-            runtime.spawn(SyncRunner::watchdog(core.clone()));
+            rescue(&core, watch, runtime, began, usable);
         }
         let runs = watch.runs.load(Ordering::SeqCst);
         idle_looks = if runs != runs_seen || began != 0 {
@@ -702,6 +817,81 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         // Bounded: the node may be gone without retiring (it is then found gone).
         std::thread::park_timeout(LINGER);
         idle_looks = 0;
+    }
+}
+
+/// What the watch does for a run on a worker found stuck (its job began at `began`, and
+/// its thread had `usable_us` since): a run whose next step waits for its busy worker
+/// moves to another; a run inside a callback that turned slow leaves the node's later
+/// jobs to threads.
+fn rescue(
+    core: &Arc<Executor>,
+    watch: &RunWatch,
+    runtime: &tokio::runtime::Handle,
+    began: u64,
+    usable_us: u64,
+) {
+    if watch.waiting.load(Ordering::Relaxed) {
+        tracing::debug!(process = %core.name, usable_us, "quick sync callbacks waited for a busy runtime worker; moved to another");
+        SyncRunner::move_run(core, runtime);
+        return;
+    }
+    watch.stuck.store(began, Ordering::Release);
+    tracing::debug!(process = %core.name, usable_us, "a sync callback turned slow on a runtime worker; later ones go to threads");
+    core.sync_runner.lock().watched = true;
+    runtime.spawn(SyncRunner::watchdog(core.clone()));
+}
+
+/// `HANDOFF_AFTER` in the watch's unit.
+const HANDOFF_AFTER_US: u64 = HANDOFF_AFTER.as_micros() as u64;
+
+/// A run on a worker that made no progress for `HANDOFF_AFTER`, as the watch first saw
+/// it: when (µs since the watch's epoch), and the processor time its thread had used.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    began: u64,
+    thread: ThreadId,
+    at: u64,
+    cpu_us: u64,
+}
+
+impl Stall {
+    /// Whether the run whose job began at `began`, on `thread`, is stuck at `now`: since
+    /// the watch first saw it stall (`stall`, kept between looks), its thread had
+    /// `HANDOFF_AFTER` of time it could use; `Some` of that time if so. Time the OS left
+    /// it waiting for a processor (a loaded machine) does not count: a flood of quick
+    /// calls then stays on the worker. Time it ran (a callback that turned slow, or
+    /// other tasks holding the worker) does, and so does all of it if it is blocked (a
+    /// callback asleep). Where threads cannot be looked at, any stall is stuck.
+    fn stuck(stall: &mut Option<Stall>, began: u64, thread: ThreadId, now: u64) -> Option<u64> {
+        let Some(seen) = thread_clock::look(thread) else {
+            return Some(now.saturating_sub(began));
+        };
+        match *stall {
+            Some(first) if first.began == began && first.thread == thread => {
+                let usable = first.usable_us(seen, now);
+                (usable >= HANDOFF_AFTER_US).then_some(usable)
+            }
+            _ => {
+                *stall = Some(Stall {
+                    began,
+                    thread,
+                    at: now,
+                    cpu_us: seen.cpu_us,
+                });
+                None
+            }
+        }
+    }
+
+    /// The time since it was first seen that its thread could use, `seen` at `now`: all
+    /// of it if the thread is blocked now, else the processor time it used meanwhile.
+    fn usable_us(&self, seen: thread_clock::Seen, now: u64) -> u64 {
+        if seen.blocked {
+            now.saturating_sub(self.at)
+        } else {
+            seen.cpu_us.saturating_sub(self.cpu_us)
+        }
     }
 }
 
@@ -770,10 +960,82 @@ mod tests {
         // producer) is queued ahead of a quick one.
         let mut s = state(0, 0, Duration::ZERO, 1);
         s.jobs.push_back(SyncJob::quick_placeholder());
-        s.claim_slot(Slot::OnWorker(Instant::now()));
+        s.claim_slot(Slot::OnWorker(0));
         (s.threads, s.busy) = (1, 1);
         assert_eq!(s.next_quick(), Some(1), "the run skips the job for threads");
         assert_eq!(s.plan_threads(8, true), (vec![1], true), "a thread for it");
+    }
+
+    #[test]
+    fn a_stall_counts_the_time_its_thread_ran_or_all_of_it_if_blocked() {
+        let first = Stall {
+            began: 1,
+            thread: 7,
+            at: 1_000,
+            cpu_us: 5_000,
+        };
+        let seen = |cpu_us, blocked| thread_clock::Seen { cpu_us, blocked };
+        assert_eq!(first.usable_us(seen(5_550, false), 1_600), 550, "ran");
+        assert_eq!(
+            first.usable_us(seen(5_050, false), 1_600),
+            50,
+            "descheduled"
+        );
+        assert_eq!(first.usable_us(seen(5_000, true), 1_600), 600, "asleep");
+    }
+
+    #[test]
+    fn a_run_whose_thread_sleeps_is_stuck_at_a_later_look_and_a_new_job_is_seen_afresh() {
+        let (tell, told) = std::sync::mpsc::channel();
+        let (done, finish) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            tell.send(thread_clock::current()).expect("tell");
+            let _ = finish.recv();
+        });
+        let id = told.recv().expect("its id");
+        // The looks' clock is given, 10 ms apart; the thread blocks on the channel.
+        let mut stall = None;
+        assert_eq!(Stall::stuck(&mut stall, 1, id, 1_000), None, "first look");
+        let stuck = (0..1_000).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            Stall::stuck(&mut stall, 1, id, 11_000)
+        });
+        assert_eq!(stuck, Some(10_000), "blocked: all of its time counts");
+        assert_eq!(Stall::stuck(&mut stall, 2, id, 12_000), None, "a new job");
+        drop(done);
+        sleeper.join().expect("the sleeper");
+    }
+
+    #[test]
+    fn a_step_of_a_run_moved_on_is_no_longer_current() {
+        let mut s = state(0, 0, Duration::ZERO, 0);
+        let slot = s.claim_slot(Slot::OnWorker(0));
+        let first = RunStep { slot, step: 0 };
+        assert!(s.is_current(first));
+        s.slots[slot] = Slot::OnWorker(1);
+        assert!(!s.is_current(first), "the watch moved the run on");
+        assert!(s.is_current(RunStep { slot, step: 1 }));
+        s.slots[slot] = Slot::Vacant;
+        assert!(!s.is_current(RunStep { slot, step: 1 }), "the run ended");
+    }
+
+    #[test]
+    fn threads_leave_quick_calls_to_a_run_on_a_worker() {
+        let mut s = state(1, 0, Duration::ZERO, 0);
+        s.jobs.push_back(SyncJob::quick_placeholder());
+        s.jobs.push_back(SyncJob::placeholder());
+        let job = s
+            .job_for_threads(true)
+            .expect("the job not seen to be quick");
+        assert!(!job.is_quick_call());
+        assert!(
+            s.job_for_threads(true).is_none(),
+            "the quick call is the run's"
+        );
+        assert!(
+            s.job_for_threads(false).is_some(),
+            "no run: threads take it"
+        );
     }
 
     #[test]
