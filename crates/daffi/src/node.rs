@@ -393,8 +393,9 @@ impl Node {
 }
 
 /// A waker that does nothing: [`Node::start`] polls once on the calling thread, and a
-/// call that cannot finish then is polled again, with a real waker, by a task.
-fn noop_waker() -> &'static Waker {
+/// call that cannot finish then is polled again, with a real waker, by a task; a BG
+/// result whose reply is in is taken with it.
+pub(crate) fn noop_waker() -> &'static Waker {
     struct Noop;
     impl Wake for Noop {
         fn wake(self: Arc<Self>) {}

@@ -253,6 +253,28 @@ fn async_caller_reaches_sync_callback() {
             matches!(blocked, Err(Error::BlockingInAsync { method: "fg" })),
             "{blocked:?}"
         );
+        // So does `get` whose reply is already in (it would not block): the answer does
+        // not depend on when the reply came.
+        let arrived = caller
+            .call("sync_add")
+            .args((2, 2))
+            .bg::<i64>()
+            .expect("bg");
+        let deadline = Instant::now() + WAIT;
+        while !arrived.is_ready() {
+            assert!(Instant::now() < deadline, "the reply never came");
+            tokio::task::yield_now().await;
+        }
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("current-thread runtime");
+        let got = std::thread::spawn(move || current.block_on(async move { arrived.get() }))
+            .join()
+            .expect("thread");
+        assert!(
+            matches!(got, Err(Error::BlockingInAsync { method: "get" })),
+            "{got:?}"
+        );
         caller.stop();
     });
 }

@@ -540,7 +540,13 @@ impl Waiter {
 
     /// Whether polling would finish at once: the reply is in, or the deadline passed.
     pub fn is_ready(&self) -> bool {
-        !self.done.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.has_reply() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether the reply (or the call's failure) is in: polling returns it at once,
+    /// without the runtime (no timer is polled).
+    pub fn has_reply(&self) -> bool {
+        !self.done.is_empty()
     }
 }
 
