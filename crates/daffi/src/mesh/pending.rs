@@ -560,7 +560,12 @@ impl std::future::Future for Waiter {
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut this.done).poll(cx) {
             // Whoever completed the call took it out of the table already.
             this.completed = true;
-            return Poll::Ready(outcome.unwrap_or(Err(Error::Stopped)));
+            // The completion's sender dropped unsent: the node stopped. (A match, not
+            // `unwrap_or`, which builds and drops that error on every call.)
+            return Poll::Ready(match outcome {
+                Ok(completion) => completion,
+                Err(_) => Err(Error::Stopped),
+            });
         }
         if std::pin::Pin::new(&mut this.timer).poll(cx).is_ready() {
             return Poll::Ready(Err(Error::timeout(
