@@ -78,9 +78,28 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     /// let sum = future.get()?;
     /// # Ok(()) }
     /// ```
-    pub fn get(self) -> Result<T> {
+    pub fn get(mut self) -> Result<T> {
+        if let Some(result) = self.take_arrived() {
+            blocking::may_block("get")?;
+            return result;
+        }
         let global = self.global.clone();
         blocking::wait(global.runtime(), "get", self)?
+    }
+
+    /// The result, if its reply is in: taken without entering the runtime to wait (with
+    /// many calls in flight, most replies are in by the time `get` is called).
+    fn take_arrived(&mut self) -> Option<Result<T>> {
+        match &self.outcome {
+            Outcome::Sent(call) if call.has_reply() => {
+                let mut cx = Context::from_waker(crate::node::noop_waker());
+                match Pin::new(self).poll(&mut cx) {
+                    Poll::Ready(result) => Some(result),
+                    Poll::Pending => None,
+                }
+            }
+            _ => None,
+        }
     }
 
     /// Blocks until the result arrives or `timeout` passes ([`Error::Timeout`]). The

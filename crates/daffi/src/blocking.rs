@@ -22,15 +22,29 @@ use crate::error::{Error, Result};
 // copy it at each step.
 #[inline(always)]
 pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Result<F::Output> {
+    match runtime_here(method)? {
+        Some(_) => {
+            BLOCKED.with(|b| b.set(true));
+            Ok(tokio::task::block_in_place(|| park_on(runtime, future)))
+        }
+        None => Ok(park_on(runtime, future)),
+    }
+}
+
+/// The error [`wait`] would give on this thread, for a sync method that found its
+/// outcome without waiting: whether it may be called here does not depend on timing.
+pub fn may_block(method: &'static str) -> Result<()> {
+    runtime_here(method).map(drop)
+}
+
+/// The runtime this thread is in, if any; `BlockingInAsync` if it drives a
+/// current-thread runtime, which blocking would stall.
+fn runtime_here(method: &'static str) -> Result<Option<Handle>> {
     match Handle::try_current() {
         Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
             Err(Error::BlockingInAsync { method })
         }
-        Ok(_) => {
-            BLOCKED.with(|b| b.set(true));
-            Ok(tokio::task::block_in_place(|| park_on(runtime, future)))
-        }
-        Err(_) => Ok(park_on(runtime, future)),
+        current => Ok(current.ok()),
     }
 }
 

@@ -61,8 +61,8 @@ impl Node {
     }
 
     /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).
-    pub async fn call(self: Arc<Self>, req: CallRequest) -> Result<ReplyPayload> {
-        let sent = match self.try_send(&req) {
+    pub async fn call(self: Arc<Self>, mut req: CallRequest) -> Result<ReplyPayload> {
+        let sent = match self.try_send(&mut req) {
             Some(sent) => sent?,
             // Boxed: the call that can be sent at once does not carry the waits.
             None => Box::pin(self.send(req)).await?,
@@ -76,8 +76,8 @@ impl Node {
     /// Starts a call from the calling thread: sent at once if nothing makes it wait,
     /// otherwise the rest of it as a future (for a task). Enter the node's runtime
     /// first (timers need it).
-    pub fn start(self: Arc<Self>, req: CallRequest) -> Started {
-        match self.try_send(&req) {
+    pub fn start(self: Arc<Self>, mut req: CallRequest) -> Started {
+        match self.try_send(&mut req) {
             Some(Ok(Some(waiter))) => return Started::Sent(waiter),
             Some(Ok(None)) => return Started::Later(Box::pin(async { Ok(Bytes::new().into()) })),
             Some(Err(e)) => return Started::Failed(e),
@@ -103,8 +103,9 @@ impl Node {
 
     /// Sends `req` from the calling thread if nothing makes it wait (an eta, no free
     /// slot, no room to send): what waits on the reply, holding the slot (`None` for
-    /// NO_RETURN). `None` if it would have to wait: [`send`](Self::send) does that.
-    fn try_send(&self, req: &CallRequest) -> Option<Result<Option<Waiter>>> {
+    /// NO_RETURN); the arguments move out of `req` once sent. `None` if it would have
+    /// to wait: [`send`](Self::send) does that.
+    fn try_send(&self, req: &mut CallRequest) -> Option<Result<Option<Waiter>>> {
         if req.eta.is_some() {
             return None;
         }
@@ -392,8 +393,9 @@ impl Node {
 }
 
 /// A waker that does nothing: [`Node::start`] polls once on the calling thread, and a
-/// call that cannot finish then is polled again, with a real waker, by a task.
-fn noop_waker() -> &'static Waker {
+/// call that cannot finish then is polled again, with a real waker, by a task; a BG
+/// result whose reply is in is taken with it.
+pub(crate) fn noop_waker() -> &'static Waker {
     struct Noop;
     impl Wake for Noop {
         fn wake(self: Arc<Self>) {}

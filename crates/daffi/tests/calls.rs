@@ -253,8 +253,67 @@ fn async_caller_reaches_sync_callback() {
             matches!(blocked, Err(Error::BlockingInAsync { method: "fg" })),
             "{blocked:?}"
         );
+        // So does `get` whose reply is already in (it would not block): the answer does
+        // not depend on when the reply came.
+        let arrived = caller
+            .call("sync_add")
+            .args((2, 2))
+            .bg::<i64>()
+            .expect("bg");
+        let deadline = Instant::now() + WAIT;
+        while !arrived.is_ready() {
+            assert!(Instant::now() < deadline, "the reply never came");
+            tokio::task::yield_now().await;
+        }
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("current-thread runtime");
+        let got = std::thread::spawn(move || current.block_on(async move { arrived.get() }))
+            .join()
+            .expect("thread");
+        assert!(
+            matches!(got, Err(Error::BlockingInAsync { method: "get" })),
+            "{got:?}"
+        );
         caller.stop();
     });
+}
+
+/// Calls that find this node's queue to the controller full wait for room and are sent
+/// later: each still carries its own arguments (they move into a request only once it
+/// is queued) and gets its own result.
+#[test]
+fn calls_that_wait_for_room_carry_their_own_arguments() {
+    const LEN: usize = 64 * 1024;
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    cluster.spawn_worker(&common::unique("room"));
+    // Two requests fill the queue: a burst of them mostly waits for room.
+    let caller = common::builder_for(&cluster.address)
+        .process_name(common::unique("small-queue"))
+        .max_queue_bytes(2 * LEN)
+        .start()
+        .expect("caller starts");
+    let calls: Vec<_> = (0..128u8)
+        .map(|seed| {
+            caller
+                .call("blob_reverse")
+                .args((Blob::from(vec![seed; LEN]), seed.to_string()))
+                .timeout(WAIT)
+                .bg::<Blob>()
+                .expect("bg")
+        })
+        .collect();
+    for (seed, call) in calls.into_iter().enumerate() {
+        let back = call.get().expect("call");
+        let suffix = seed.to_string();
+        assert_eq!(back.len(), LEN + suffix.len(), "call {seed}");
+        assert!(
+            back[..LEN].iter().all(|&b| usize::from(b) == seed),
+            "call {seed} came back with another call's arguments"
+        );
+        assert_eq!(&back[LEN..], suffix.as_bytes(), "call {seed}");
+    }
+    caller.stop();
 }
 
 #[derive(Serialize)]

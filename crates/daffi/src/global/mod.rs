@@ -90,7 +90,11 @@ impl Global {
     }
 
     pub(crate) fn node(&self) -> Result<&Arc<Node>> {
-        self.inner.node.as_ref().ok_or(Error::NoNode)
+        // A match, not `ok_or`: that builds (and drops) the error on every call.
+        match &self.inner.node {
+            Some(node) => Ok(node),
+            None => Err(Error::NoNode),
+        }
     }
 
     pub(crate) fn runtime(&self) -> &Handle {

@@ -176,9 +176,10 @@ pub trait Mesh: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Waiter>>>;
 
     /// Sends `req` as [`send_call`](Mesh::send_call) does, from the calling thread, if
-    /// that needs no waiting: no future, no allocation for the common case. `None`: it
-    /// would have to wait (nothing was sent; use `send_call`).
-    fn try_send_call(&self, _req: &CallRequest) -> Option<Result<Option<Waiter>>> {
+    /// that needs no waiting: no future, no allocation for the common case. The arguments
+    /// move out of `req` into the request once it is sent. `None`: it would have to wait
+    /// (nothing was sent, `req` is whole; use `send_call`).
+    fn try_send_call(&self, _req: &mut CallRequest) -> Option<Result<Option<Waiter>>> {
         None
     }
 

@@ -540,7 +540,13 @@ impl Waiter {
 
     /// Whether polling would finish at once: the reply is in, or the deadline passed.
     pub fn is_ready(&self) -> bool {
-        !self.done.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.has_reply() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether the reply (or the call's failure) is in: polling returns it at once,
+    /// without the runtime (no timer is polled).
+    pub fn has_reply(&self) -> bool {
+        !self.done.is_empty()
     }
 }
 
@@ -554,7 +560,12 @@ impl std::future::Future for Waiter {
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut this.done).poll(cx) {
             // Whoever completed the call took it out of the table already.
             this.completed = true;
-            return Poll::Ready(outcome.unwrap_or(Err(Error::Stopped)));
+            // The completion's sender dropped unsent: the node stopped. (A match, not
+            // `unwrap_or`, which builds and drops that error on every call.)
+            return Poll::Ready(match outcome {
+                Ok(completion) => completion,
+                Err(_) => Err(Error::Stopped),
+            });
         }
         if std::pin::Pin::new(&mut this.timer).poll(cx).is_ready() {
             return Poll::Ready(Err(Error::timeout(

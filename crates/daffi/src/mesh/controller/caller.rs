@@ -16,7 +16,7 @@ use crate::mesh::{
 use crate::protocol::message::{self, ControlAnswer, ControlRequest};
 use crate::transport::Address;
 use daffi_wire::frame::{FLAG_INCOMING, FLAG_NO_REPLY, LEN_PREFIX};
-use daffi_wire::{Header, Kind, Outgoing, Push};
+use daffi_wire::{Header, Kind, Outgoing, Payload, Push};
 
 /// How long a request to the controller itself may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,13 +28,14 @@ impl Mesh for ControllerMesh {
         deadline: Option<Instant>,
     ) -> BoxFuture<'a, Result<Option<Waiter>>> {
         Box::pin(async move {
-            let (conn, frame, waiter) = match self.prepare_call(req) {
+            let (conn, target, waiter) = match self.prepare_call(req) {
                 Err(_) if self.must_subscribe(req) => {
                     self.subscribe(Scope::Callback(&req.callback)).await?;
                     self.prepare_call(req)?
                 }
                 prepared => prepared?,
             };
+            let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
             self.send_by(&conn, frame, deadline)
                 .await
                 .map_err(|unsent| self.not_sent(unsent, req))?;
@@ -42,19 +43,27 @@ impl Mesh for ControllerMesh {
         })
     }
 
-    fn try_send_call(&self, req: &CallRequest) -> Option<Result<Option<Waiter>>> {
-        let (conn, frame, waiter) = match self.prepare_call(req) {
+    fn try_send_call(&self, req: &mut CallRequest) -> Option<Result<Option<Waiter>>> {
+        let (conn, target, waiter) = match self.prepare_call(req) {
             Ok(prepared) => prepared,
             // The providers are not known yet: `send_call` asks for them.
             Err(_) if self.must_subscribe(req) => return None,
             Err(e) => return Some(Err(e)),
         };
-        match conn.queue.push(frame) {
+        // The arguments move into the frame: a clone of them would cost an allocation.
+        let args = std::mem::take(&mut req.args);
+        match conn
+            .queue
+            .push(self.request_frame(&target, req, waiter.as_ref(), args))
+        {
             Push::Sent => Some(Ok(waiter)),
             Push::Closed => Some(Err(self.unreachable("connection lost"))),
             // The queue is full: nothing was sent, and the dropped waiter forgets the
-            // call; `send_call` waits for room.
-            Push::Full(_) => None,
+            // call; `send_call` waits for room, with the arguments given back.
+            Push::Full(frame) => {
+                req.args = frame.body().clone();
+                None
+            }
         }
     }
 
@@ -167,12 +176,10 @@ impl ControllerMesh {
         let mut sent = Vec::with_capacity(targets.len());
         let mut frames = Vec::with_capacity(targets.len());
         for target in targets {
-            let prepared = self
-                .prepare_request(&conn, &target, req)
-                .map(|(frame, waiter)| {
-                    frames.push(frame);
-                    waiter
-                });
+            let prepared = self.prepare_request(&conn, &target, req).inspect(|waiter| {
+                let args = req.args.clone();
+                frames.push(self.request_frame(&target, req, waiter.as_ref(), args));
+            });
             sent.push((target, prepared));
         }
         if !frames.is_empty() {
@@ -322,47 +329,67 @@ impl ControllerMesh {
         }
     }
 
-    /// The connection, request frame and waiter of a call to one node.
+    /// The connection, target and waiter of a call to one node (its frame is made last,
+    /// by [`request_frame`](Self::request_frame)).
     fn prepare_call(
         &self,
         req: &CallRequest,
-    ) -> Result<(Arc<Connection>, Outgoing, Option<Waiter>)> {
+    ) -> Result<(Arc<Connection>, Arc<str>, Option<Waiter>)> {
         let conn = self.connected()?;
         let target = self.target(&conn, req)?;
-        let (frame, waiter) = self.prepare_request(&conn, &target, req)?;
-        Ok((conn, frame, waiter))
+        let waiter = self.prepare_request(&conn, &target, req)?;
+        Ok((conn, target, waiter))
     }
 
-    /// The request frame for `target`, and what waits on its reply (registered in the
-    /// pending table first, so a reply cannot be missed), or `None` for no-reply.
+    /// Checks that a request for `target` fits a frame, and returns what waits on its
+    /// reply (registered in the pending table first, so a reply cannot be missed), or
+    /// `None` for no-reply.
     fn prepare_request(
         &self,
         conn: &Connection,
         target: &Arc<str>,
         req: &CallRequest,
-    ) -> Result<(Outgoing, Option<Waiter>)> {
-        let mut header = Header {
+    ) -> Result<Option<Waiter>> {
+        let header = self.request_header(target, req, 0);
+        self.check_size(&req.callback, &header, req.args.len())?;
+        if req.no_reply {
+            return Ok(None);
+        }
+        conn.pending
+            .wait(target.clone(), req.callback.clone(), req.timeout)
+            .map(Some)
+            .ok_or_else(|| self.unreachable("connection lost"))
+    }
+
+    /// The request frame of `req` to `target`, answered through `waiter`, carrying `args`.
+    fn request_frame(
+        &self,
+        target: &str,
+        req: &CallRequest,
+        waiter: Option<&Waiter>,
+        args: Payload,
+    ) -> Outgoing {
+        let call_id = waiter.map_or(0, Waiter::call_id);
+        Outgoing::new(&self.request_header(target, req, call_id), args)
+    }
+
+    /// The header of a request of `req` to `target`.
+    fn request_header<'h>(
+        &'h self,
+        target: &'h str,
+        req: &'h CallRequest,
+        call_id: u64,
+    ) -> Header<'h> {
+        Header {
             kind: Kind::Request,
             flags: if req.no_reply { FLAG_NO_REPLY } else { 0 }
                 | if req.incoming { FLAG_INCOMING } else { 0 },
-            call_id: 0,
+            call_id,
             timeout_ms: self.timeout_ms(req),
             src: &self.name,
             dst: target,
             name: &req.callback,
-        };
-        self.check_size(&req.callback, &header, req.args.len())?;
-        let waiter = if req.no_reply {
-            None
-        } else {
-            let waiter = conn
-                .pending
-                .wait(target.clone(), req.callback.clone(), req.timeout)
-                .ok_or_else(|| self.unreachable("connection lost"))?;
-            header.call_id = waiter.call_id();
-            Some(waiter)
-        };
-        Ok((Outgoing::new(&header, req.args.clone()), waiter))
+        }
     }
 
     /// The timeout a request for `req` carries (0: none).
