@@ -174,50 +174,65 @@ fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
             .fg::<String>()
             .expect("nap")
     };
-    let mut ran = String::new();
-    for _ in 0..100 {
-        ran = quick_nap(&g);
-        if ran == WORKER_THREAD {
-            break;
-        }
-    }
-    assert_eq!(ran, WORKER_THREAD, "a quick nap runs on a runtime worker");
-
     // `nap` turns slow on a worker, while the other caller keeps calling `where_ran`.
-    let slow_done = Arc::new(AtomicBool::new(false));
-    let began = Instant::now();
-    let slow = {
-        let (g, worker, slow_done) = (g.clone(), worker.clone(), slow_done.clone());
-        std::thread::spawn(move || {
-            let ran = g
-                .call("nap")
+    // The slow run begins on a worker only if `nap` still counts as quick: on a loaded
+    // machine the OS may deschedule its last quick run past the bound, and `nap` then
+    // goes to the threads (correctly). The step is then made again, a bounded number of
+    // times.
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 0;
+    let (slow_ran, slow_took, done, longest) = loop {
+        attempt += 1;
+        let mut ran = String::new();
+        for _ in 0..100 {
+            ran = quick_nap(&g);
+            if ran == WORKER_THREAD {
+                break;
+            }
+        }
+        assert_eq!(ran, WORKER_THREAD, "a quick nap runs on a runtime worker");
+        let slow_done = Arc::new(AtomicBool::new(false));
+        let began = Instant::now();
+        let slow = {
+            let (g, worker, slow_done) = (g.clone(), worker.clone(), slow_done.clone());
+            std::thread::spawn(move || {
+                let ran = g
+                    .call("nap")
+                    .on(&worker)
+                    .args((SLOW.as_millis() as u64,))
+                    .timeout(WAIT)
+                    .fg::<String>();
+                slow_done.store(true, Ordering::Release);
+                ran
+            })
+        };
+        let (mut done, mut longest) = (0usize, Duration::ZERO);
+        while !slow_done.load(Ordering::Acquire) {
+            let call = Instant::now();
+            other
+                .call("where_ran")
                 .on(&worker)
-                .args((SLOW.as_millis() as u64,))
                 .timeout(WAIT)
-                .fg::<String>();
-            slow_done.store(true, Ordering::Release);
-            ran
-        })
+                .fg::<String>()
+                .expect("a quick call while the slow one runs");
+            longest = longest.max(call.elapsed());
+            done += 1;
+        }
+        let slow_ran = slow.join().expect("slow caller").expect("the slow call");
+        let slow_took = began.elapsed();
+        eprintln!(
+            "while a {SLOW:?} callback ran on {slow_ran}, another caller's quick calls: \
+             {done} done, the longest {longest:?}"
+        );
+        if slow_ran == WORKER_THREAD || attempt == ATTEMPTS {
+            break (slow_ran, slow_took, done, longest);
+        }
+        eprintln!("attempt {attempt}: `nap` was no longer quick when it turned slow; again");
     };
-    let (mut done, mut longest) = (0usize, Duration::ZERO);
-    while !slow_done.load(Ordering::Acquire) {
-        let call = Instant::now();
-        other
-            .call("where_ran")
-            .on(&worker)
-            .timeout(WAIT)
-            .fg::<String>()
-            .expect("a quick call while the slow one runs");
-        longest = longest.max(call.elapsed());
-        done += 1;
-    }
-    let slow_ran = slow.join().expect("slow caller").expect("the slow call");
-    let slow_took = began.elapsed();
-    eprintln!(
-        "while a {SLOW:?} callback ran on {slow_ran}, another caller's quick calls: \
-         {done} done, the longest {longest:?}"
+    assert_eq!(
+        slow_ran, WORKER_THREAD,
+        "the slow run began on a worker (in {attempt} attempts)"
     );
-    assert_eq!(slow_ran, WORKER_THREAD, "the slow run began on a worker");
     assert!(slow_took >= SLOW, "the slow call took {slow_took:?}");
     assert!(longest < BOUND, "a quick call waited {longest:?}");
     assert!(done >= 10, "only {done} quick calls in {slow_took:?}");
