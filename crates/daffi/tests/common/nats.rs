@@ -379,10 +379,29 @@ fn poll_until(what: &str, mut probe: impl FnMut() -> Result<(), String>) {
     }
 }
 
-/// `N` distinct free ports on 127.0.0.1 (all held until all are picked).
+/// Where [`free_ports`] looks: below Linux's usual range of ephemeral ports
+/// (32768-60999), which outgoing connections take their local ports from. A port picked
+/// there and released until the server binds it could be taken meanwhile by any
+/// connection on the machine (a route, another test's client), and the server would
+/// not start; here only another listener can take it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// `N` distinct free ports on 127.0.0.1 (all held until all are picked), from
+/// [`TEST_PORTS`], starting at a point of this process's own.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: [TcpListener; N] =
-        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let seed = std::process::id().wrapping_mul(7_919);
+    let mut candidates = (0..span).map(|_| {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let offset = u16::try_from(seed.wrapping_add(n) % span).expect("within the span");
+        TEST_PORTS.start + offset
+    });
+    let listeners: [TcpListener; N] = std::array::from_fn(|_| {
+        candidates
+            .find_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+            .expect("a free port below the ephemeral range")
+    });
     listeners.map(|l| l.local_addr().expect("bound").port())
 }
 
