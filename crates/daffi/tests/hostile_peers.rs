@@ -37,6 +37,12 @@ fn hp_add(a: i64, b: i64) -> i64 {
     a + b
 }
 
+/// Calls `hp_add(a, b)` on `worker` from `g` and checks the sum: the mesh still serves.
+fn assert_adds(g: &Global, worker: &str, a: i64, b: i64) {
+    let sum: i64 = g.call("hp_add").args((a, b)).on(worker).fg().expect("call");
+    assert_eq!(sum, a + b);
+}
+
 // ---- child processes -------------------------------------------------------------------
 
 /// Runs a controller, a worker or an announcer when started by a test.
@@ -227,13 +233,7 @@ fn thousands_of_half_sent_hellos_cost_the_controller_a_few_kib_each() {
         .expect("caller joins");
     let worker = unique("worker");
     let _worker = ctl.spawn("worker", &worker, &[(ENV_TOKEN, TOKEN)], &caller);
-    let sum: i64 = caller
-        .call("hp_add")
-        .args((1, 2))
-        .on(&worker)
-        .fg()
-        .expect("call");
-    assert_eq!(sum, 3);
+    assert_adds(&caller, &worker, 1, 2);
     let before = ctl.peak_rss_kib();
 
     // Each sends the preamble and all but 64 bytes of the largest Hello, then stalls.
@@ -271,13 +271,7 @@ fn thousands_of_half_sent_hellos_cost_the_controller_a_few_kib_each() {
         .wait_process_timeout(&worker, WAIT)
         .expect("worker known");
     for i in 0..20 {
-        let sum: i64 = newcomer
-            .call("hp_add")
-            .args((i, 1))
-            .on(&worker)
-            .fg()
-            .expect("call");
-        assert_eq!(sum, i + 1);
+        assert_adds(&newcomer, &worker, i, 1);
     }
     let joined_after = started.elapsed();
     assert!(
@@ -322,13 +316,7 @@ fn thousands_of_half_sent_hellos_cost_the_controller_a_few_kib_each() {
         "the controller's peak RSS grew {growth} KiB for {half_open} half-open connections ({per_connection:.1} KiB each, bound {KIB_PER_CONNECTION})"
     );
     // And it still serves.
-    let sum: i64 = caller
-        .call("hp_add")
-        .args((2, 2))
-        .on(&worker)
-        .fg()
-        .expect("call");
-    assert_eq!(sum, 4);
+    assert_adds(&caller, &worker, 2, 2);
 }
 
 // ---- a burst of connections: a mass start of nodes -------------------------------------
@@ -468,13 +456,7 @@ fn large_frames_announced_and_cut_short_cost_the_controller_what_was_sent() {
         "the controller's peak RSS grew {growth} KiB for {CUT_SHORT} frames of 10 bytes announced as {ANNOUNCED} bytes each"
     );
     // And it still serves.
-    let sum: i64 = caller
-        .call("hp_add")
-        .args((40, 2))
-        .on(&worker)
-        .fg()
-        .expect("call");
-    assert_eq!(sum, 42);
+    assert_adds(&caller, &worker, 40, 2);
     assert!(caller.members().iter().all(|m| !rogues.contains(&m.name)));
 }
 
@@ -648,13 +630,7 @@ fn callback_lists_over_the_limit_are_refused_and_cost_only_their_node() {
         .expect("the caller hears that the rogue left")
         != rogue
     {}
-    let sum: i64 = caller
-        .call("hp_add")
-        .args((20, 22))
-        .on(&worker)
-        .fg()
-        .expect("call");
-    assert_eq!(sum, 42);
+    assert_adds(&caller, &worker, 20, 22);
     assert!(caller.members().iter().all(|m| m.name != rogue));
     assert!(!caller.registered_callbacks().contains_key("a"));
 }
