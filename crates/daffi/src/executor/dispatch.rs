@@ -11,8 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::items::{send_items, send_thread_items, thread_items, ThreadFeed};
-use super::pace::Pace;
+use super::pace::{Pace, QUICK_RUN};
 use super::sync_runner::SyncRunner;
+use super::thread_clock;
 use super::{CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::incoming::{offering, Offer};
@@ -202,6 +203,34 @@ fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
     }
 }
 
+/// A thread's usage, read at some point before the jobs it runs (one system call for
+/// several jobs), for a second opinion on a callback slow by the wall clock: whether
+/// its thread only waited for a processor meanwhile (see [`Pace::record`]).
+#[derive(Default)]
+pub(super) struct RunUsage {
+    usage: Option<thread_clock::Usage>,
+    jobs: u32,
+}
+
+impl RunUsage {
+    /// Jobs run on one reading: a second opinion counts the processor time of the jobs
+    /// before it since the reading, so it must not be many.
+    const JOBS_PER_READING: u32 = 16;
+
+    /// Before a job: reads the thread's usage, again every `JOBS_PER_READING` jobs.
+    pub(super) fn before_job(&mut self) {
+        if self.jobs % Self::JOBS_PER_READING == 0 {
+            self.usage = thread_clock::usage();
+        }
+        self.jobs = self.jobs.wrapping_add(1);
+    }
+
+    /// The thread waited (for a job): the next job reads its usage again.
+    pub(super) fn forget(&mut self) {
+        *self = RunUsage::default();
+    }
+}
+
 /// What a sync job runs: a callback with one result, or a stream's iterator.
 enum SyncWork {
     Call(Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>),
@@ -250,8 +279,9 @@ impl SyncJob {
     }
 
     /// Runs the callback and answers. `on_worker`: this thread is a runtime worker
-    /// (the reader's), which must not wait for room on the way back.
-    pub(super) fn run(self, on_worker: bool) {
+    /// (the reader's), which must not wait for room on the way back. `usage`: the
+    /// thread's, if read before this job (see [`RunUsage`]).
+    pub(super) fn run(self, on_worker: bool, usage: &mut RunUsage) {
         if too_late(&*self.request) {
             return;
         }
@@ -267,8 +297,32 @@ impl SyncJob {
         let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
             .unwrap_or_else(|p| Err(panic_failure(p)));
-        self.pace
-            .record(started.elapsed(), crate::blocking::take_blocked());
+        let took = started.elapsed();
+        let blocked = crate::blocking::take_blocked();
+        // The second opinion's processor time (µs) and blocking, for the log.
+        let mut seen = None;
+        let descheduled = || {
+            let (Some(before), Some(now)) = (usage.usage, thread_clock::usage()) else {
+                return false;
+            };
+            // Later runs compare with this reading, taken after this callback.
+            usage.usage = Some(now);
+            seen = Some((
+                now.cpu_us.saturating_sub(before.cpu_us),
+                now.blocked.saturating_sub(before.blocked),
+            ));
+            before.ran_under(now, QUICK_RUN)
+        };
+        if self.pace.record(took, blocked, descheduled) {
+            tracing::debug!(
+                callback = self.request.callback(),
+                took_us = took.as_micros() as u64,
+                blocked,
+                on_worker,
+                second_opinion = ?seen,
+                "a sync callback ran slow: its next runs go to threads"
+            );
+        }
         let Some(wait_for_room) = finish(self.request, outcome) else {
             return;
         };
@@ -368,7 +422,7 @@ impl SyncJob {
     pub(super) fn quick_placeholder() -> SyncJob {
         let job = SyncJob::placeholder();
         while !job.pace.is_quick() {
-            job.pace.record(std::time::Duration::ZERO, false);
+            job.pace.record(std::time::Duration::ZERO, false, || false);
         }
         job
     }

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::dispatch::SyncJob;
+use super::dispatch::{RunUsage, SyncJob};
 use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
@@ -335,9 +335,13 @@ impl SyncRunner {
     /// slot, which other workers cannot take: the new task takes that place, and moves
     /// what it held where the other worker can take it, should the next job turn slow.
     /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
-    /// run in one task.
+    /// run in one task, which reads its thread's usage every few (a callback slow by
+    /// the wall clock is asked whether it only waited for a processor: under a flood on
+    /// a loaded machine, a descheduled worker would otherwise send the flood to
+    /// threads).
     fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
         let runner = &core.sync_runner;
+        let mut usage = RunUsage::default();
         for _ in 0..ONE_WAY_JOBS_PER_TASK {
             let job = match runner.next_on_worker(run) {
                 Next::Job(job) => job,
@@ -345,8 +349,13 @@ impl SyncRunner {
                 Next::Moved => return,
             };
             let replies = job.wants_reply();
+            if !replies {
+                // A reply's job runs alone in its task: a reading for each would cost
+                // a system call per call.
+                usage.before_job();
+            }
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| job.run(true, &mut usage))).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
             match runner.more_on_worker(run) {
@@ -574,6 +583,7 @@ impl SyncRunner {
     /// then wait for one a while; end when none came.
     fn work(&self, slot: usize) {
         let mut finished_one = false;
+        let mut usage = RunUsage::default();
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
             let now = Instant::now();
@@ -597,6 +607,7 @@ impl SyncRunner {
                 }
             };
             let Some(job) = job else {
+                usage.forget();
                 if self.wait_for_job() {
                     continue;
                 }
@@ -609,7 +620,8 @@ impl SyncRunner {
                 return;
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(false))).is_err() {
+            usage.before_job();
+            if catch_unwind(AssertUnwindSafe(|| job.run(false, &mut usage))).is_err() {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
             finished_one = true;
