@@ -278,26 +278,29 @@ impl SyncJob {
         note_skipped(&*self.request);
     }
 
-    /// Runs the callback and answers. `on_worker`: this thread is a runtime worker
-    /// (the reader's), which must not wait for room on the way back. `usage`: the
-    /// thread's, if read before this job (see [`RunUsage`]).
-    pub(super) fn run(self, on_worker: bool, usage: &mut RunUsage) {
+    /// Runs the callback and answers; returns when the callback finished (a thread
+    /// going on to its next job needs no other clock read for it). `started`: read
+    /// just before. `on_worker`: this thread is a runtime worker (the
+    /// reader's), which must not wait for room on the way back. `usage`: the thread's,
+    /// if read before this job (see [`RunUsage`]).
+    pub(super) fn run(self, started: Instant, on_worker: bool, usage: &mut RunUsage) -> Instant {
         if too_late(&*self.request) {
-            return;
+            return started;
         }
         let payload = self.request.payload();
         let offer = self.offer;
         let f = match self.work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, feed) => {
-                return feed.run(guarded(|| offering(offer, || f(payload))));
+                feed.run(guarded(|| offering(offer, || f(payload))));
+                return Instant::now();
             }
         };
         crate::blocking::take_blocked();
-        let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
             .unwrap_or_else(|p| Err(panic_failure(p)));
-        let took = started.elapsed();
+        let finished = Instant::now();
+        let took = finished.saturating_duration_since(started);
         let blocked = crate::blocking::take_blocked();
         // The second opinion's processor time (µs) and blocking, for the log.
         let mut seen = None;
@@ -324,13 +327,15 @@ impl SyncJob {
             );
         }
         let Some(wait_for_room) = finish(self.request, outcome) else {
-            return;
+            return finished;
         };
         if on_worker {
             tokio::spawn(wait_for_room);
+            finished
         } else {
             // The way back is full: wait for room on this thread (not a runtime's).
             crate::blocking::park(wait_for_room);
+            Instant::now()
         }
     }
 }

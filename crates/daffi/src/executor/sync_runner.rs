@@ -342,32 +342,44 @@ impl SyncRunner {
     fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
         let runner = &core.sync_runner;
         let mut usage = RunUsage::default();
-        for _ in 0..ONE_WAY_JOBS_PER_TASK {
-            let job = match runner.next_on_worker(run) {
-                Next::Job(job) => job,
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
-            };
+        // Two clock reads per job: its start (after the lock, whose wait is not the
+        // callback's) and its end, which also marks the next job's progress for the
+        // watch.
+        let mut now = Instant::now();
+        let mut job = match runner.next_on_worker(run, now) {
+            Next::Job(job) => job,
+            Next::Ended => return Self::leave_to_threads(core),
+            Next::Moved => return,
+        };
+        for ran in 1..=ONE_WAY_JOBS_PER_TASK {
             let replies = job.wants_reply();
             if !replies {
                 // A reply's job runs alone in its task: a reading for each would cost
                 // a system call per call.
                 usage.before_job();
             }
+            let started = Instant::now();
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(true, &mut usage))).is_err() {
-                tracing::error!("a sync callback job panicked outside its callback");
-            }
-            match runner.more_on_worker(run) {
-                Next::Job(()) => {}
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
-            }
-            if replies {
+            now = catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("a sync callback job panicked outside its callback");
+                    Instant::now()
+                });
+            if replies || ran == ONE_WAY_JOBS_PER_TASK {
                 break;
             }
+            // The next job, under the same lock that finds it (one lock per job).
+            job = match runner.next_on_worker(run, now) {
+                Next::Job(job) => job,
+                Next::Ended => return Self::leave_to_threads(core),
+                Next::Moved => return,
+            };
         }
-        Self::spawn_on_worker(core.clone(), run);
+        match runner.more_on_worker(run, now) {
+            Next::Job(()) => Self::spawn_on_worker(core.clone(), run),
+            Next::Ended => Self::leave_to_threads(core),
+            Next::Moved => {}
+        }
     }
 
     /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
@@ -383,8 +395,7 @@ impl SyncRunner {
     /// `HANDOFF_AFTER` of the worker's time from here (the worker busy elsewhere) makes
     /// the watch move the run to another worker; the time its last callback took does
     /// not count.
-    fn more_on_worker(&self, run: RunStep) -> Next<()> {
-        let now = Instant::now();
+    fn more_on_worker(&self, run: RunStep, now: Instant) -> Next<()> {
         let mut s = self.lock();
         if !s.is_current(run) {
             return Next::Moved;
@@ -419,9 +430,9 @@ impl SyncRunner {
         }
     }
 
-    /// The next job for the run on a worker.
-    fn next_on_worker(&self, run: RunStep) -> Next<SyncJob> {
-        let now = Instant::now();
+    /// The next job for the run on a worker, which made progress at `now` (its last
+    /// job ended).
+    fn next_on_worker(&self, run: RunStep, now: Instant) -> Next<SyncJob> {
         let mut s = self.lock();
         if !s.is_current(run) {
             return Next::Moved;
@@ -584,9 +595,11 @@ impl SyncRunner {
     fn work(&self, slot: usize) {
         let mut finished_one = false;
         let mut usage = RunUsage::default();
+        // When the last job finished: a clock read fewer per job.
+        let mut finished = None;
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
-            let now = Instant::now();
+            let now = finished.take().unwrap_or_else(Instant::now);
             let job = {
                 let mut s = self.lock();
                 if finished_one {
@@ -621,8 +634,11 @@ impl SyncRunner {
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
             usage.before_job();
-            if catch_unwind(AssertUnwindSafe(|| job.run(false, &mut usage))).is_err() {
-                tracing::error!("a sync callback job panicked outside its callback");
+            // Read after the lock, whose wait is not the callback's.
+            let started = Instant::now();
+            match catch_unwind(AssertUnwindSafe(|| job.run(started, false, &mut usage))) {
+                Ok(at) => finished = Some(at),
+                Err(_) => tracing::error!("a sync callback job panicked outside its callback"),
             }
             finished_one = true;
         }
