@@ -38,6 +38,10 @@ pub struct SyncBatch {
 
 impl SyncBatch {
     /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
+    /// Behind a backlog of quick calls (a NO_RETURN flood outrunning its callbacks),
+    /// the reader runs some of them itself first: it reads on only once the backlog is
+    /// smaller, and what is not read yet waits upstream, within the sender's queue
+    /// limits, instead of past this node's NO_RETURN allowance (dropped).
     pub fn submit(&mut self, executor: &Arc<Executor>) {
         if self.jobs.is_empty() {
             return;
@@ -46,6 +50,7 @@ impl SyncBatch {
         if !(quick && SyncRunner::run_on_worker(executor, &mut self.jobs)) {
             SyncRunner::submit(executor, &mut self.jobs);
         }
+        SyncRunner::help_with_backlog(executor);
     }
 }
 

@@ -106,6 +106,10 @@ struct RunWatch {
 /// [`SyncRunner::run_one_on_worker`]).
 const ONE_WAY_JOBS_PER_TASK: usize = 64;
 
+/// Jobs queued past which the reader that queues more runs quick ones itself (see
+/// [`SyncRunner::help_with_backlog`]).
+const HELP_ABOVE: usize = 4_096;
+
 /// Looks without a run beginning after which the watch thread sleeps.
 const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
 
@@ -291,6 +295,45 @@ impl SyncRunner {
             Self::spawn_on_worker(core.clone(), run);
         }
         true
+    }
+
+    /// Runs queued quick calls on this thread (the reader's, which queued them) while
+    /// more than `HELP_ABOVE` jobs (or a quarter of the NO_RETURN allowance) wait,
+    /// down to half of that: a flood that outruns the run on a worker is read no
+    /// faster than its callbacks run. Not while the run is stuck in a callback that
+    /// turned slow (its jobs go to threads).
+    pub(super) fn help_with_backlog(core: &Arc<Executor>) {
+        let runner = &core.sync_runner;
+        let limit = core.limits.callback_limit(super::CallbackKind {
+            sync: true,
+            one_way: true,
+        });
+        let above = HELP_ABOVE.min(limit / 4);
+        if runner.queued() <= above || !runner.on_workers.get().copied().unwrap_or(false) {
+            return;
+        }
+        let mut usage = RunUsage::default();
+        while runner.queued() > above / 2 {
+            let job = {
+                let mut s = runner.lock();
+                if runner.watch().is_some_and(RunWatch::is_stuck) {
+                    return;
+                }
+                let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
+                    return;
+                };
+                runner.queued.fetch_sub(1, Ordering::AcqRel);
+                job
+            };
+            if !job.wants_reply() {
+                usage.before_job();
+            }
+            let started = Instant::now();
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            if catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage))).is_err() {
+                tracing::error!("a sync callback job panicked outside its callback");
+            }
+        }
     }
 
     /// The next step of the run on a worker, as a task of its own.
