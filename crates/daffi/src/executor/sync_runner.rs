@@ -1110,6 +1110,37 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_behind_a_backlog_runs_quick_calls_down_to_half_of_it() {
+        // An allowance of 4 x 64 NO_RETURN calls: the reader helps above 64 queued.
+        let limits = super::super::Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: 4,
+            stop_timeout: Duration::ZERO,
+        };
+        let core = Executor::new("test".into(), limits, Default::default());
+        let runner = &core.sync_runner;
+        runner.on_workers.set(true).expect("unset");
+        let queue = |jobs: Vec<SyncJob>| {
+            runner.queued.fetch_add(jobs.len(), Ordering::Release);
+            runner.lock().jobs.extend(jobs);
+        };
+        queue((0..60).map(|_| SyncJob::quick_placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 60, "no backlog: the reader reads on");
+        queue((0..40).map(|_| SyncJob::quick_placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 32, "run down to half of 64");
+        assert_eq!(runner.lock().jobs.len(), 32);
+        queue((0..100).map(|_| SyncJob::placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 100, "the quick calls ran, not the others");
+        assert!(
+            runner.lock().jobs.iter().all(|job| !job.is_quick_call()),
+            "jobs not seen to be quick are the threads'"
+        );
+    }
+
+    #[test]
     fn vacant_slots_are_reused() {
         let mut s = state(2, 2, Duration::from_secs(1), 1);
         s.slots.insert(0, Slot::Vacant);
