@@ -26,7 +26,11 @@
 //! workers cannot take) is moved instead: its next step goes where another worker takes
 //! it. A callback that waits on daffi's sync API meanwhile (a nested
 //! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
-//! Only on a multi-threaded runtime with two workers or more.
+//! A run slow by the wall clock is asked whether its thread only waited for a processor
+//! (see `RunUsage`): a descheduled worker does not send a flood to threads. Behind a
+//! backlog of quick calls, the reader that queues more runs some itself before it reads
+//! on ([`SyncRunner::help_with_backlog`]). Only on a multi-threaded runtime with two
+//! workers or more.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
