@@ -11,8 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::items::{send_items, send_thread_items, thread_items, ThreadFeed};
-use super::pace::Pace;
+use super::pace::{Pace, QUICK_RUN};
 use super::sync_runner::SyncRunner;
+use super::thread_clock;
 use super::{CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::incoming::{offering, Offer};
@@ -33,10 +34,18 @@ pub struct SyncBatch {
     jobs: Vec<SyncJob>,
     /// A job among them is not a callback seen to finish quickly.
     not_all_quick: bool,
+    /// The callback this reader last looked up, and what serves it: a flood of calls to
+    /// one name takes the table's lock and hashes the name once. (A name, once served,
+    /// keeps its callback: none is replaced or removed.)
+    last: Option<(Box<str>, Served)>,
 }
 
 impl SyncBatch {
     /// Hands the jobs to the runner. Call it before the reader waits for more bytes.
+    /// Behind a backlog of quick calls (a NO_RETURN flood outrunning its callbacks),
+    /// the reader runs some of them itself first: it reads on only once the backlog is
+    /// smaller, and what is not read yet waits upstream, within the sender's queue
+    /// limits, instead of past this node's NO_RETURN allowance (dropped).
     pub fn submit(&mut self, executor: &Arc<Executor>) {
         if self.jobs.is_empty() {
             return;
@@ -45,6 +54,21 @@ impl SyncBatch {
         if !(quick && SyncRunner::run_on_worker(executor, &mut self.jobs)) {
             SyncRunner::submit(executor, &mut self.jobs);
         }
+        SyncRunner::help_with_backlog(executor);
+    }
+}
+
+impl SyncBatch {
+    /// What serves `name` (see `last`).
+    fn served(&mut self, executor: &Executor, name: &str) -> Option<Served> {
+        if let Some((last, served)) = &self.last {
+            if **last == *name {
+                return Some(served.clone());
+            }
+        }
+        let served = executor.handler(name)?;
+        self.last = Some((name.into(), served.clone()));
+        Some(served)
     }
 }
 
@@ -56,7 +80,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     let offer = request
         .open_incoming()
         .and_then(|open| Offer::new(request.callback(), open));
-    let Some(Served { handler, pace }) = executor.handler(request.callback()) else {
+    let Some(Served { handler, pace }) = batch.served(executor, request.callback()) else {
         let message = format!(
             "process `{}` does not serve `{}`",
             executor.name,
@@ -202,6 +226,34 @@ fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
     }
 }
 
+/// A thread's usage, read at some point before the jobs it runs (one system call for
+/// several jobs), for a second opinion on a callback slow by the wall clock: whether
+/// its thread only waited for a processor meanwhile (see [`Pace::record`]).
+#[derive(Default)]
+pub(super) struct RunUsage {
+    usage: Option<thread_clock::Usage>,
+    jobs: u32,
+}
+
+impl RunUsage {
+    /// Jobs run on one reading: a second opinion counts the processor time of the jobs
+    /// before it since the reading, so it must not be many.
+    const JOBS_PER_READING: u32 = 16;
+
+    /// Before a job: reads the thread's usage, again every `JOBS_PER_READING` jobs.
+    pub(super) fn before_job(&mut self) {
+        if self.jobs % Self::JOBS_PER_READING == 0 {
+            self.usage = thread_clock::usage();
+        }
+        self.jobs = self.jobs.wrapping_add(1);
+    }
+
+    /// The thread waited (for a job): the next job reads its usage again.
+    pub(super) fn forget(&mut self) {
+        *self = RunUsage::default();
+    }
+}
+
 /// What a sync job runs: a callback with one result, or a stream's iterator.
 enum SyncWork {
     Call(Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>),
@@ -249,34 +301,64 @@ impl SyncJob {
         note_skipped(&*self.request);
     }
 
-    /// Runs the callback and answers. `on_worker`: this thread is a runtime worker
-    /// (the reader's), which must not wait for room on the way back.
-    pub(super) fn run(self, on_worker: bool) {
+    /// Runs the callback and answers; returns when the callback finished (a thread
+    /// going on to its next job needs no other clock read for it). `started`: read
+    /// just before. `on_worker`: this thread is a runtime worker (the
+    /// reader's), which must not wait for room on the way back. `usage`: the thread's,
+    /// if read before this job (see [`RunUsage`]).
+    pub(super) fn run(self, started: Instant, on_worker: bool, usage: &mut RunUsage) -> Instant {
         if too_late(&*self.request) {
-            return;
+            return started;
         }
         let payload = self.request.payload();
         let offer = self.offer;
         let f = match self.work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, feed) => {
-                return feed.run(guarded(|| offering(offer, || f(payload))));
+                feed.run(guarded(|| offering(offer, || f(payload))));
+                return Instant::now();
             }
         };
         crate::blocking::take_blocked();
-        let started = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
             .unwrap_or_else(|p| Err(panic_failure(p)));
-        self.pace
-            .record(started.elapsed(), crate::blocking::take_blocked());
+        let finished = Instant::now();
+        let took = finished.saturating_duration_since(started);
+        let blocked = crate::blocking::take_blocked();
+        // The second opinion's processor time (µs) and blocking, for the log.
+        let mut seen = None;
+        let descheduled = || {
+            let (Some(before), Some(now)) = (usage.usage, thread_clock::usage()) else {
+                return false;
+            };
+            // Later runs compare with this reading, taken after this callback.
+            usage.usage = Some(now);
+            seen = Some((
+                now.cpu_us.saturating_sub(before.cpu_us),
+                now.blocked.saturating_sub(before.blocked),
+            ));
+            before.ran_under(now, QUICK_RUN)
+        };
+        if self.pace.record(took, blocked, descheduled) {
+            tracing::debug!(
+                callback = self.request.callback(),
+                took_us = took.as_micros() as u64,
+                blocked,
+                on_worker,
+                second_opinion = ?seen,
+                "a sync callback ran slow: its next runs go to threads"
+            );
+        }
         let Some(wait_for_room) = finish(self.request, outcome) else {
-            return;
+            return finished;
         };
         if on_worker {
             tokio::spawn(wait_for_room);
+            finished
         } else {
             // The way back is full: wait for room on this thread (not a runtime's).
             crate::blocking::park(wait_for_room);
+            Instant::now()
         }
     }
 }
@@ -368,7 +450,7 @@ impl SyncJob {
     pub(super) fn quick_placeholder() -> SyncJob {
         let job = SyncJob::placeholder();
         while !job.pace.is_quick() {
-            job.pace.record(std::time::Duration::ZERO, false);
+            job.pace.record(std::time::Duration::ZERO, false, || false);
         }
         job
     }

@@ -26,7 +26,11 @@
 //! workers cannot take) is moved instead: its next step goes where another worker takes
 //! it. A callback that waits on daffi's sync API meanwhile (a nested
 //! call) is moved off the worker by `block_in_place`, as any sync wait inside a runtime.
-//! Only on a multi-threaded runtime with two workers or more.
+//! A run slow by the wall clock is asked whether its thread only waited for a processor
+//! (see `RunUsage`): a descheduled worker does not send a flood to threads. Behind a
+//! backlog of quick calls, the reader that queues more runs some itself before it reads
+//! on ([`SyncRunner::help_with_backlog`]). Only on a multi-threaded runtime with two
+//! workers or more.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -34,7 +38,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::dispatch::SyncJob;
+use super::dispatch::{RunUsage, SyncJob};
 use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
@@ -105,6 +109,10 @@ struct RunWatch {
 /// NO_RETURN jobs a run on a worker takes in one task (see
 /// [`SyncRunner::run_one_on_worker`]).
 const ONE_WAY_JOBS_PER_TASK: usize = 64;
+
+/// Jobs queued past which the reader that queues more runs quick ones itself (see
+/// [`SyncRunner::help_with_backlog`]).
+const HELP_ABOVE: usize = 4_096;
 
 /// Looks without a run beginning after which the watch thread sleeps.
 const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
@@ -293,6 +301,45 @@ impl SyncRunner {
         true
     }
 
+    /// Runs queued quick calls on this thread (the reader's, which queued them) while
+    /// more than `HELP_ABOVE` jobs (or a quarter of the NO_RETURN allowance) wait,
+    /// down to half of that: a flood that outruns the run on a worker is read no
+    /// faster than its callbacks run. Not while the run is stuck in a callback that
+    /// turned slow (its jobs go to threads).
+    pub(super) fn help_with_backlog(core: &Arc<Executor>) {
+        let runner = &core.sync_runner;
+        let limit = core.limits.callback_limit(super::CallbackKind {
+            sync: true,
+            one_way: true,
+        });
+        let above = HELP_ABOVE.min(limit / 4);
+        if runner.queued() <= above || !runner.on_workers.get().copied().unwrap_or(false) {
+            return;
+        }
+        let mut usage = RunUsage::default();
+        while runner.queued() > above / 2 {
+            let job = {
+                let mut s = runner.lock();
+                if runner.watch().is_some_and(RunWatch::is_stuck) {
+                    return;
+                }
+                let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
+                    return;
+                };
+                runner.queued.fetch_sub(1, Ordering::AcqRel);
+                job
+            };
+            if !job.wants_reply() {
+                usage.before_job();
+            }
+            let started = Instant::now();
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            if catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage))).is_err() {
+                tracing::error!("a sync callback job panicked outside its callback");
+            }
+        }
+    }
+
     /// The next step of the run on a worker, as a task of its own.
     fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
         tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
@@ -335,30 +382,51 @@ impl SyncRunner {
     /// slot, which other workers cannot take: the new task takes that place, and moves
     /// what it held where the other worker can take it, should the next job turn slow.
     /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
-    /// run in one task.
+    /// run in one task, which reads its thread's usage every few (a callback slow by
+    /// the wall clock is asked whether it only waited for a processor: under a flood on
+    /// a loaded machine, a descheduled worker would otherwise send the flood to
+    /// threads).
     fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
         let runner = &core.sync_runner;
-        for _ in 0..ONE_WAY_JOBS_PER_TASK {
-            let job = match runner.next_on_worker(run) {
+        let mut usage = RunUsage::default();
+        // Two clock reads per job: its start (after the lock, whose wait is not the
+        // callback's) and its end, which also marks the next job's progress for the
+        // watch.
+        let mut now = Instant::now();
+        let mut job = match runner.next_on_worker(run, now) {
+            Next::Job(job) => job,
+            Next::Ended => return Self::leave_to_threads(core),
+            Next::Moved => return,
+        };
+        for ran in 1..=ONE_WAY_JOBS_PER_TASK {
+            let replies = job.wants_reply();
+            if !replies {
+                // A reply's job runs alone in its task: a reading for each would cost
+                // a system call per call.
+                usage.before_job();
+            }
+            let started = Instant::now();
+            // `run` catches the callback's panics; this guards the counts against a bug.
+            now = catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("a sync callback job panicked outside its callback");
+                    Instant::now()
+                });
+            if replies || ran == ONE_WAY_JOBS_PER_TASK {
+                break;
+            }
+            // The next job, under the same lock that finds it (one lock per job).
+            job = match runner.next_on_worker(run, now) {
                 Next::Job(job) => job,
                 Next::Ended => return Self::leave_to_threads(core),
                 Next::Moved => return,
             };
-            let replies = job.wants_reply();
-            // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(true))).is_err() {
-                tracing::error!("a sync callback job panicked outside its callback");
-            }
-            match runner.more_on_worker(run) {
-                Next::Job(()) => {}
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
-            }
-            if replies {
-                break;
-            }
         }
-        Self::spawn_on_worker(core.clone(), run);
+        match runner.more_on_worker(run, now) {
+            Next::Job(()) => Self::spawn_on_worker(core.clone(), run),
+            Next::Ended => Self::leave_to_threads(core),
+            Next::Moved => {}
+        }
     }
 
     /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
@@ -374,8 +442,7 @@ impl SyncRunner {
     /// `HANDOFF_AFTER` of the worker's time from here (the worker busy elsewhere) makes
     /// the watch move the run to another worker; the time its last callback took does
     /// not count.
-    fn more_on_worker(&self, run: RunStep) -> Next<()> {
-        let now = Instant::now();
+    fn more_on_worker(&self, run: RunStep, now: Instant) -> Next<()> {
         let mut s = self.lock();
         if !s.is_current(run) {
             return Next::Moved;
@@ -410,9 +477,9 @@ impl SyncRunner {
         }
     }
 
-    /// The next job for the run on a worker.
-    fn next_on_worker(&self, run: RunStep) -> Next<SyncJob> {
-        let now = Instant::now();
+    /// The next job for the run on a worker, which made progress at `now` (its last
+    /// job ended).
+    fn next_on_worker(&self, run: RunStep, now: Instant) -> Next<SyncJob> {
         let mut s = self.lock();
         if !s.is_current(run) {
             return Next::Moved;
@@ -574,9 +641,12 @@ impl SyncRunner {
     /// then wait for one a while; end when none came.
     fn work(&self, slot: usize) {
         let mut finished_one = false;
+        let mut usage = RunUsage::default();
+        // When the last job finished: a clock read fewer per job.
+        let mut finished = None;
         loop {
             // Read before taking the lock, which the reader needs too: short holds.
-            let now = Instant::now();
+            let now = finished.take().unwrap_or_else(Instant::now);
             let job = {
                 let mut s = self.lock();
                 if finished_one {
@@ -597,6 +667,7 @@ impl SyncRunner {
                 }
             };
             let Some(job) = job else {
+                usage.forget();
                 if self.wait_for_job() {
                     continue;
                 }
@@ -609,8 +680,12 @@ impl SyncRunner {
                 return;
             };
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(false))).is_err() {
-                tracing::error!("a sync callback job panicked outside its callback");
+            usage.before_job();
+            // Read after the lock, whose wait is not the callback's.
+            let started = Instant::now();
+            match catch_unwind(AssertUnwindSafe(|| job.run(started, false, &mut usage))) {
+                Ok(at) => finished = Some(at),
+                Err(_) => tracing::error!("a sync callback job panicked outside its callback"),
             }
             finished_one = true;
         }
@@ -1035,6 +1110,37 @@ mod tests {
         assert!(
             s.job_for_threads(false).is_some(),
             "no run: threads take it"
+        );
+    }
+
+    #[test]
+    fn a_reader_behind_a_backlog_runs_quick_calls_down_to_half_of_it() {
+        // An allowance of 4 x 64 NO_RETURN calls: the reader helps above 64 queued.
+        let limits = super::super::Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: 4,
+            stop_timeout: Duration::ZERO,
+        };
+        let core = Executor::new("test".into(), limits, Default::default());
+        let runner = &core.sync_runner;
+        runner.on_workers.set(true).expect("unset");
+        let queue = |jobs: Vec<SyncJob>| {
+            runner.queued.fetch_add(jobs.len(), Ordering::Release);
+            runner.lock().jobs.extend(jobs);
+        };
+        queue((0..60).map(|_| SyncJob::quick_placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 60, "no backlog: the reader reads on");
+        queue((0..40).map(|_| SyncJob::quick_placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 32, "run down to half of 64");
+        assert_eq!(runner.lock().jobs.len(), 32);
+        queue((0..100).map(|_| SyncJob::placeholder()).collect());
+        SyncRunner::help_with_backlog(&core);
+        assert_eq!(runner.queued(), 100, "the quick calls ran, not the others");
+        assert!(
+            runner.lock().jobs.iter().all(|job| !job.is_quick_call()),
+            "jobs not seen to be quick are the threads'"
         );
     }
 

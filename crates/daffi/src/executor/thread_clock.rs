@@ -3,7 +3,10 @@
 //! node's watch uses them to tell a runtime worker that the OS descheduled (a loaded
 //! machine: runnable, its processor time standing still) from one held by a callback
 //! that turned slow (running, or blocked): only the second is worth handing work to
-//! threads for.
+//! threads for. The calling thread's own [`Usage`] gives a callback slow by the wall
+//! clock a second opinion the same way.
+
+use std::time::Duration;
 
 /// A thread, by the kernel's id.
 pub(super) type ThreadId = i32;
@@ -16,6 +19,50 @@ pub(super) struct Seen {
     /// It is blocked: asleep (in a system call, a lock, a sleep), not running or waiting
     /// for a processor.
     pub blocked: bool,
+}
+
+/// What the calling thread had used so far: processor time, and the times it blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Usage {
+    /// Processor time, in µs.
+    pub cpu_us: u64,
+    /// Voluntary context switches: the times it blocked (asleep in a system call, a
+    /// lock, a sleep). Time it lost to other threads (preempted, waiting for a
+    /// processor) does not count.
+    pub blocked: u64,
+}
+
+impl Usage {
+    /// Whether, from `self` to `later` (of the same thread), it used less than `limit`
+    /// of processor time and never blocked: work in between took less than `limit`, for
+    /// however long the OS left it waiting for a processor.
+    pub fn ran_under(self, later: Usage, limit: Duration) -> bool {
+        later.blocked == self.blocked
+            && later.cpu_us.saturating_sub(self.cpu_us) < limit.as_micros() as u64
+    }
+}
+
+/// The calling thread's usage so far (two system calls: `getrusage`'s processor time
+/// lags by up to a scheduler tick, its thread CPU clock does not); `None` where the
+/// kernel does not say.
+#[cfg(target_os = "linux")]
+pub(super) fn usage() -> Option<Usage> {
+    // SAFETY: `rusage` is plain data, valid when zeroed.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid rusage to write.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return None;
+    }
+    Some(Usage {
+        cpu_us: clock_us(libc::CLOCK_THREAD_CPUTIME_ID)?,
+        blocked: u64::try_from(ru.ru_nvcsw).ok()?,
+    })
+}
+
+/// Elsewhere not known.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn usage() -> Option<Usage> {
+    None
 }
 
 /// The kernel's id of the calling thread (read once per thread).
@@ -56,7 +103,12 @@ pub(super) fn look(_thread: ThreadId) -> Option<Seen> {
 fn cpu_us(thread: ThreadId) -> Option<u64> {
     // The kernel's clock id of a thread's CPU time (`MAKE_THREAD_CPUCLOCK(tid,
     // CPUCLOCK_SCHED)`, what glibc's `pthread_getcpuclockid` returns).
-    let clock = (!thread << 3) | 6;
+    clock_us((!thread << 3) | 6)
+}
+
+/// The time of `clock`, in µs.
+#[cfg(target_os = "linux")]
+fn clock_us(clock: libc::clockid_t) -> Option<u64> {
     let mut time = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -114,5 +166,33 @@ mod tests {
         sleeper.join().expect("the sleeper");
         assert!(blocked, "a thread waiting on a channel is seen blocked");
         assert_eq!(look(-1), None, "no such thread");
+    }
+
+    #[test]
+    fn usage_counts_processor_time_and_blocking() {
+        let before = usage().expect("this thread's usage");
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(5) {
+            std::hint::spin_loop();
+        }
+        let spun = usage().expect("again");
+        assert!(spun.cpu_us > before.cpu_us, "{spun:?} after {before:?}");
+        std::thread::sleep(Duration::from_millis(1));
+        let slept = usage().expect("after a sleep");
+        assert!(slept.blocked > spun.blocked, "{slept:?} after {spun:?}");
+        let limit = Duration::from_micros(100);
+        assert!(!spun.ran_under(slept, limit), "it blocked");
+    }
+
+    #[test]
+    fn ran_under_needs_little_processor_time_and_no_blocking() {
+        let at = |cpu_us, blocked| Usage { cpu_us, blocked };
+        let limit = Duration::from_micros(100);
+        assert!(at(1_000, 3).ran_under(at(1_040, 3), limit), "descheduled");
+        assert!(
+            !at(1_000, 3).ran_under(at(1_100, 3), limit),
+            "ran its limit"
+        );
+        assert!(!at(1_000, 3).ran_under(at(1_001, 4), limit), "blocked");
     }
 }
