@@ -225,6 +225,7 @@ async fn route_frames(
         queue,
         runs,
         run_to_one_node: None,
+        last_route: None,
     };
     // A stopping controller answers nothing more: its nodes are about to learn that the
     // controller is gone, which is the true reason.
@@ -252,6 +253,9 @@ struct Routing<'a> {
     /// Held while the frames read go to one node, one after the other: they leave that
     /// node's connection together, in one write.
     run_to_one_node: Option<Cork>,
+    /// The route the last frame took (see [`members::LastRoute`]); dropped when the
+    /// session waits for more bytes.
+    last_route: Option<members::LastRoute>,
 }
 
 impl FrameHandler for Routing<'_> {
@@ -264,7 +268,10 @@ impl FrameHandler for Routing<'_> {
         if next_dst != Some(frame.dst().as_bytes()) {
             self.run_to_one_node = None;
         } else if self.run_to_one_node.is_none() {
-            self.run_to_one_node = self.shared.members.cork(frame.dst());
+            self.run_to_one_node = self
+                .shared
+                .members
+                .cork_via(&mut self.last_route, frame.dst());
         }
         match frame.kind() {
             kind if kind.is_node_to_node() => self.forward(frame),
@@ -281,6 +288,7 @@ impl FrameHandler for Routing<'_> {
 
     fn caught_up(&mut self) {
         self.runs.flush();
+        self.last_route = None;
     }
 }
 
@@ -293,7 +301,8 @@ impl Routing<'_> {
         }
         let request = frame.kind() == Kind::Request;
         let out = Outgoing::raw(frame.raw().clone());
-        match self.shared.members.forward(frame.dst(), request, out) {
+        let members = &self.shared.members;
+        match members.forward_via(&mut self.last_route, frame.dst(), request, out) {
             Ok(()) => {
                 if request {
                     self.runs.count(frame.name());
