@@ -255,6 +255,14 @@ impl RunnerState {
     }
 }
 
+/// The two tasks of a run on a worker: each waits for its turn; `ended` once the run
+/// ended (or moved on), for the task that waits to end too.
+#[derive(Default)]
+struct Turns {
+    turn: [tokio::sync::Notify; 2],
+    ended: std::sync::atomic::AtomicBool,
+}
+
 impl SyncRunner {
     /// Runs `jobs` (all of callbacks seen to finish quickly) on this runtime worker, in a
     /// task of its own, or leaves them to a run on a worker that is going; `false`
@@ -293,9 +301,44 @@ impl SyncRunner {
         true
     }
 
-    /// The next step of the run on a worker, as a task of its own.
+    /// The steps of the run on a worker from `run` on, in two tasks that take turns
+    /// (see [`SyncRunner::take_turns`]).
     fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
-        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+        Self::spawn_turns(core, run, Arc::default(), 0);
+    }
+
+    /// Spawns task `me` of a run's two; it runs a step at once.
+    fn spawn_turns(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>, me: usize) {
+        tokio::spawn(Self::take_turns(core, run, turns, me));
+    }
+
+    /// Runs every other step of the run on a worker (task `me` of two). A step ends by
+    /// starting the other task (spawned after the first step, woken later): idle, it
+    /// is scheduled in this worker's LIFO slot, as a task spawned for the next step
+    /// would be, and whatever the step woke moves to the worker's queue, where the
+    /// other worker can take it; but no task is spawned (allocated, scheduled and
+    /// freed) per step.
+    async fn take_turns(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>, me: usize) {
+        let other = 1 - me;
+        let mut other_spawned = me == 1;
+        loop {
+            if turns.ended.load(Ordering::Acquire) || !Self::run_one_on_worker(&core, run) {
+                turns.ended.store(true, Ordering::Release);
+                turns.turn[other].notify_one();
+                return;
+            }
+            let mine = turns.turn[me].notified();
+            tokio::pin!(mine);
+            // Registered before the other runs: its step's end is not missed.
+            mine.as_mut().enable();
+            if other_spawned {
+                turns.turn[other].notify_one();
+            } else {
+                other_spawned = true;
+                Self::spawn_turns(core.clone(), run, turns.clone(), other);
+            }
+            mine.await;
+        }
     }
 
     /// The watch found the run on a worker waiting for its worker (busy with other
@@ -326,7 +369,11 @@ impl SyncRunner {
                 watch.job_began.store(now, Ordering::Release);
             }
             let core = core.clone();
-            runtime.spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+            runtime.spawn(async move {
+                if SyncRunner::run_one_on_worker(&core, run) {
+                    SyncRunner::spawn_on_worker(core, run);
+                }
+            });
         }
     }
 
@@ -335,14 +382,17 @@ impl SyncRunner {
     /// slot, which other workers cannot take: the new task takes that place, and moves
     /// what it held where the other worker can take it, should the next job turn slow.
     /// NO_RETURN jobs wake nothing of their own: up to `ONE_WAY_JOBS_PER_TASK` of them
-    /// run in one task.
-    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
+    /// run in one task. Returns whether a next step is due (the run goes on).
+    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) -> bool {
         let runner = &core.sync_runner;
         for _ in 0..ONE_WAY_JOBS_PER_TASK {
             let job = match runner.next_on_worker(run) {
                 Next::Job(job) => job,
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
+                Next::Ended => {
+                    Self::leave_to_threads(core);
+                    return false;
+                }
+                Next::Moved => return false,
             };
             let replies = job.wants_reply();
             // `run` catches the callback's panics; this guards the counts against a bug.
@@ -351,14 +401,17 @@ impl SyncRunner {
             }
             match runner.more_on_worker(run) {
                 Next::Job(()) => {}
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
+                Next::Ended => {
+                    Self::leave_to_threads(core);
+                    return false;
+                }
+                Next::Moved => return false,
             }
             if replies {
                 break;
             }
         }
-        Self::spawn_on_worker(core.clone(), run);
+        true
     }
 
     /// A run on a worker ended: the jobs it left (none a quick call now: a callback that
