@@ -1,0 +1,42 @@
+//! Small byte strings cut from a buffer per thread: frame headers, small encoded values.
+//!
+//! Each is a slice of this thread's buffer (a `Bytes` sharing it): no allocation and no
+//! free per string, one per [`CHUNK`] bytes of them. A buffer lives while a string cut
+//! from it does, and is reused in place once none does. Kept small, so that a string
+//! kept long (a frame queued for a slow peer) holds at most this much alive besides its
+//! own bytes.
+
+use std::cell::RefCell;
+
+use bytes::{Bytes, BytesMut};
+
+/// The size of each thread's buffer.
+const CHUNK: usize = 1024;
+/// Longer strings get an allocation of their own.
+pub const SMALL_MAX: usize = 256;
+
+thread_local! {
+    /// This thread's buffer (see the module's docs).
+    static CHUNKS: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The `len` bytes that `write` appends, cut from this thread's buffer; `None` (and
+/// `write` not called) if `len` is over [`SMALL_MAX`], or the buffer is not at hand
+/// (the thread is exiting).
+pub(crate) fn cut(len: usize, write: impl FnOnce(&mut BytesMut)) -> Option<Bytes> {
+    if len > SMALL_MAX {
+        return None;
+    }
+    CHUNKS
+        .try_with(|chunks| {
+            let mut chunks = chunks.try_borrow_mut().ok()?;
+            if chunks.capacity() - chunks.len() < len {
+                // In place if nothing cut from it is alive, else a new buffer.
+                chunks.reserve(CHUNK);
+            }
+            write(&mut chunks);
+            Some(chunks.split().freeze())
+        })
+        .ok()
+        .flatten()
+}
