@@ -40,3 +40,11 @@ pub(crate) fn cut(len: usize, write: impl FnOnce(&mut BytesMut)) -> Option<Bytes
         .ok()
         .flatten()
 }
+
+/// A copy of `bytes`: cut from this thread's buffer if it is small, in an allocation of
+/// its own otherwise. For bytes sent in a frame (kept until written), not for values
+/// kept long.
+pub fn copy(bytes: &[u8]) -> Bytes {
+    cut(bytes.len(), |buf| buf.extend_from_slice(bytes))
+        .unwrap_or_else(|| Bytes::copy_from_slice(bytes))
+}
