@@ -255,12 +255,43 @@ impl RunnerState {
     }
 }
 
-/// The two tasks of a run on a worker: each waits for its turn; `ended` once the run
-/// ended (or moved on), for the task that waits to end too.
+/// The two tasks of a run on a worker: each waits for its turn, which the other gives
+/// it; `ended` once the run ended (or moved on), for the task that waits to end too.
+/// (Lighter than a `Notify` each: one waiter, one waker, turns strictly alternating.)
 #[derive(Default)]
 struct Turns {
-    turn: [tokio::sync::Notify; 2],
+    /// Each task's turn, given (`true`) by the other, taken by the task.
+    given: [std::sync::atomic::AtomicBool; 2],
+    /// Each task's waker while it waits for its turn.
+    wakers: [Mutex<Option<std::task::Waker>>; 2],
     ended: std::sync::atomic::AtomicBool,
+}
+
+impl Turns {
+    /// Gives task `to` its turn, waking it if it waits: from a worker, it is scheduled
+    /// in that worker's LIFO slot.
+    fn give(&self, to: usize) {
+        self.given[to].store(true, Ordering::Release);
+        let waker = crate::sync::lock(&self.wakers[to]).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits for task `me`'s turn.
+    fn wait(&self, me: usize) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.given[me].swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            *crate::sync::lock(&self.wakers[me]) = Some(cx.waker().clone());
+            // Given between the look above and the waker's store: `give` found no waker.
+            if self.given[me].swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            std::task::Poll::Pending
+        })
+    }
 }
 
 impl SyncRunner {
@@ -304,41 +335,44 @@ impl SyncRunner {
     /// The steps of the run on a worker from `run` on, in two tasks that take turns
     /// (see [`SyncRunner::take_turns`]).
     fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
-        Self::spawn_turns(core, run, Arc::default(), 0);
+        tokio::spawn(Self::take_turns(core, run, None));
     }
 
-    /// Spawns task `me` of a run's two; it runs a step at once.
-    fn spawn_turns(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>, me: usize) {
-        tokio::spawn(Self::take_turns(core, run, turns, me));
-    }
-
-    /// Runs every other step of the run on a worker (task `me` of two). A step ends by
-    /// starting the other task (spawned after the first step, woken later): idle, it
-    /// is scheduled in this worker's LIFO slot, as a task spawned for the next step
-    /// would be, and whatever the step woke moves to the worker's queue, where the
-    /// other worker can take it; but no task is spawned (allocated, scheduled and
-    /// freed) per step.
-    async fn take_turns(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>, me: usize) {
-        let other = 1 - me;
-        let mut other_spawned = me == 1;
+    /// Runs every other step of the run on a worker: the first of two tasks (`turns`
+    /// `None`: made, with the second task, once a second step is due), or the second.
+    /// A step ends by starting the other task (spawned after the first step, woken
+    /// later): idle, it is scheduled in this worker's LIFO slot, as a task spawned for
+    /// the next step would be, and whatever the step woke moves to the worker's queue,
+    /// where the other worker can take it; but no task is spawned (allocated,
+    /// scheduled and freed) per step.
+    async fn take_turns(core: Arc<Executor>, run: RunStep, turns: Option<(Arc<Turns>, usize)>) {
+        let mut turns = turns;
         loop {
-            if turns.ended.load(Ordering::Acquire) || !Self::run_one_on_worker(&core, run) {
-                turns.ended.store(true, Ordering::Release);
-                turns.turn[other].notify_one();
+            let ended = turns
+                .as_ref()
+                .is_some_and(|(turns, _)| turns.ended.load(Ordering::Acquire));
+            if ended || !Self::run_one_on_worker(&core, run) {
+                if let Some((turns, me)) = turns {
+                    turns.ended.store(true, Ordering::Release);
+                    turns.give(1 - me);
+                }
                 return;
             }
-            let mine = turns.turn[me].notified();
-            tokio::pin!(mine);
-            // Registered before the other runs: its step's end is not missed.
-            mine.as_mut().enable();
-            if other_spawned {
-                turns.turn[other].notify_one();
+            let first_turn = turns.is_none();
+            let (shared, me) = turns.get_or_insert_with(|| (Arc::default(), 0));
+            let me = *me;
+            if first_turn {
+                Self::spawn_second(core.clone(), run, shared.clone());
             } else {
-                other_spawned = true;
-                Self::spawn_turns(core.clone(), run, turns.clone(), other);
+                shared.give(1 - me);
             }
-            mine.await;
+            shared.wait(me).await;
         }
+    }
+
+    /// Spawns the second task of a run on a worker; it runs a step at once.
+    fn spawn_second(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>) {
+        tokio::spawn(Self::take_turns(core, run, Some((turns, 1))));
     }
 
     /// The watch found the run on a worker waiting for its worker (busy with other
