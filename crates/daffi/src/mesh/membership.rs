@@ -464,11 +464,12 @@ impl Membership {
     }
 }
 
-/// One of `nodes`, at random.
+/// One of `nodes`, at random (the one there is without a random number).
 fn choose(nodes: &[Arc<str>]) -> Option<Arc<str>> {
-    match nodes.len() {
-        0 => None,
-        n => Some(nodes[fastrand::usize(..n)].clone()),
+    match nodes {
+        [] => None,
+        [node] => Some(node.clone()),
+        _ => Some(nodes[fastrand::usize(..nodes.len())].clone()),
     }
 }
 
