@@ -74,10 +74,9 @@ pub struct Members {
     due: Notify,
 }
 
-/// A session's handle on the route its last frame took, for the frames of one read
-/// that go to the same node: while the routes are unchanged, they find it without a
-/// hash of the name. Dropped when the session waits for more bytes (it holds the
-/// node's queue open meanwhile).
+/// A session's handle on the route of a run of frames read one after the other for
+/// the same node: while the routes are unchanged, they find it without a hash of the
+/// name. Dropped when the run ends (it holds the node's queue open meanwhile).
 pub struct LastRoute {
     name: Arc<str>,
     writes: u64,
@@ -550,5 +549,46 @@ mod tests {
         members.leave("a", 1, false).await;
         assert_eq!(pick("f", Some("a")), None);
         assert_eq!(pick("f", None).as_deref(), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn a_route_kept_by_a_session_follows_leaves_and_stops() {
+        let members = Members::default();
+        assert!(
+            members
+                .join(joining("a", 1, &["f"]), |_| Outgoing::default())
+                .await
+        );
+        let mut last = None;
+        let frame = || Outgoing::raw(bytes::Bytes::from_static(b"frame"));
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert!(last.is_some(), "the route is kept for the next frame");
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert_eq!(
+            members.forward_via(&mut last, "b", true, frame()),
+            Err(UndeliverableCode::UnknownProcess)
+        );
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        // Stopping: the route kept is stale, and new requests no longer go.
+        members.mark_leaving("a", 1).await;
+        assert_eq!(
+            members.forward_via(&mut last, "a", true, frame()),
+            Err(UndeliverableCode::Stopping)
+        );
+        assert_eq!(members.forward_via(&mut last, "a", false, frame()), Ok(()));
+        // Gone, then back on another connection: the kept route is never used again.
+        members.leave("a", 1, true).await;
+        assert_eq!(
+            members.forward_via(&mut last, "a", false, frame()),
+            Err(UndeliverableCode::UnknownProcess)
+        );
+        assert!(members.cork_via(&mut last, "a").is_none());
+        assert!(
+            members
+                .join(joining("a", 2, &["f"]), |_| Outgoing::default())
+                .await
+        );
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert!(last.as_ref().is_some_and(|kept| !kept.leaving));
     }
 }
