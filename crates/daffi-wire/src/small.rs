@@ -48,3 +48,28 @@ pub fn copy(bytes: &[u8]) -> Bytes {
     cut(bytes.len(), |buf| buf.extend_from_slice(bytes))
         .unwrap_or_else(|| Bytes::copy_from_slice(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_cut_keep_their_bytes_while_buffers_are_reused_and_replaced() {
+        let mut kept = Vec::new();
+        for i in 0..2_000u32 {
+            let text = format!("string {i} {}", "x".repeat(i as usize % 200));
+            let cut = copy(text.as_bytes());
+            assert_eq!(&cut[..], text.as_bytes());
+            // Some live long (their buffer is replaced), the rest go at once (reused).
+            if i % 7 == 0 {
+                kept.push((text, cut));
+            }
+        }
+        for (text, cut) in &kept {
+            assert_eq!(&cut[..], text.as_bytes());
+        }
+        let long = vec![7u8; SMALL_MAX + 1];
+        assert_eq!(&copy(&long)[..], &long[..]);
+        assert!(cut(SMALL_MAX + 1, |_| unreachable!("too long to cut")).is_none());
+    }
+}

@@ -506,6 +506,23 @@ mod tests {
     }
 
     #[test]
+    fn picks_follow_every_change_to_the_view() {
+        let view = Membership::default();
+        assert_eq!(view.pick("f"), None);
+        view.apply(joined("a", &["f"]));
+        assert_eq!(view.pick("f").as_deref(), Some("a"));
+        assert_eq!(view.pick("g"), None, "another name, looked up afresh");
+        assert_eq!(view.pick("f").as_deref(), Some("a"));
+        view.apply(joined("b", &["f"]));
+        let picked: HashSet<Arc<str>> = (0..200).filter_map(|_| view.pick("f")).collect();
+        assert_eq!(picked.len(), 2, "both providers, at random: {picked:?}");
+        view.apply(MembershipEvent::Leaving { name: "a".into() });
+        assert!((0..50).all(|_| view.pick("f").as_deref() == Some("b")));
+        view.apply(MembershipEvent::Left { name: "b".into() });
+        assert_eq!(view.pick("f"), None, "never a provider that left");
+    }
+
+    #[test]
     fn the_provider_index_follows_every_event() {
         let view = Membership::default();
         let added = view.apply(joined("a", &["f", "g"])).added;
