@@ -318,7 +318,11 @@ impl Routing<'_> {
                 }
                 Handled::Done
             }
-            Err(_) => Handled::Wait(frame),
+            Err(_) => {
+                // Handled while the session waits: it holds no node's queue meanwhile.
+                self.last_route = None;
+                Handled::Wait(frame)
+            }
         }
     }
 }
