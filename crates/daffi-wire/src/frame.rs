@@ -3,11 +3,10 @@
 //! The layout is documented in `docs/PROTOCOL.md`. The controller parses only the header
 //! ([`Frame::parse`] borrows the payload, it never decodes it) and forwards the raw bytes.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::reader::KeptBuffer;
-#[cfg(test)]
-use bytes::BytesMut;
+use crate::small;
 
 /// Longest process name the header can carry.
 pub const MAX_PROCESS_NAME: usize = u8::MAX as usize;
@@ -189,13 +188,22 @@ impl<'a> Header<'a> {
     /// callback names) are rejected earlier, where the user gives them.
     pub fn encode(&self, payload_len: usize) -> Bytes {
         let total = self.frame_len(payload_len);
-        let mut buf = Vec::with_capacity(total - payload_len);
+        let len = total - payload_len;
+        // Cut from this thread's buffer of small strings when short (most headers).
+        if let Some(head) = small::cut(len, |buf| self.write_to(buf, total)) {
+            return head;
+        }
+        let mut buf = BytesMut::with_capacity(len);
+        self.write_to(&mut buf, total);
+        buf.freeze()
+    }
+
+    /// Appends the length prefix (for a frame of `total` bytes) and the header.
+    fn write_to(&self, buf: &mut BytesMut, total: usize) {
         buf.extend_from_slice(&self.fixed_part(total));
         buf.extend_from_slice(self.src.as_bytes());
         buf.extend_from_slice(self.dst.as_bytes());
         buf.extend_from_slice(self.name.as_bytes());
-        // Exactly as long as its capacity: `Bytes` takes the allocation over as it is.
-        Bytes::from(buf)
     }
 
     /// The length prefix and the fixed part of the header, for a frame of `total` bytes.

@@ -14,6 +14,7 @@ mod memory;
 pub mod outgoing;
 pub mod payload;
 pub mod reader;
+pub mod small;
 
 pub use channel::{frame_channel, Cork, FrameSender, Push, QueueLimits};
 pub use connection::{read_frames, Ended, FrameHandler, Handled, WriterTask};

@@ -142,11 +142,13 @@ fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Pa
     let (encoded, mut done, written) = serialize(value, writer);
     *buf = written;
     encoded?;
-    // Small values (most arguments and results) are copied into one allocation of their
-    // exact size: no regrowing, one allocation instead of two. Large ones keep the buffer
-    // they were encoded into.
+    // Small values (most arguments and results) are copied out of the scratch buffer:
+    // the smallest (up to `daffi_wire::small::SMALL_MAX`) into this thread's buffer of
+    // small strings (no allocation of their own: they leave in a frame), the others
+    // into one allocation of their exact size. Large ones keep the buffer they were
+    // encoded into.
     let tail = if buf.len() <= SMALL {
-        Bytes::copy_from_slice(buf)
+        daffi_wire::small::copy(buf)
     } else {
         Bytes::from(std::mem::take(buf))
     };

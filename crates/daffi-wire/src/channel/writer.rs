@@ -116,7 +116,7 @@ impl AsyncWrite for Watched<'_> {
 /// could write.
 pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut batch = BytesMut::new();
-    let mut frames = Vec::new();
+    let mut frames = VecDeque::new();
     let mut stall = Stall::new(shared.limits.stall_timeout);
     loop {
         let work = shared.work.notified();
@@ -129,10 +129,10 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             }
             match st.socket.take() {
                 Some(socket) if !st.queue.is_empty() => {
-                    frames.extend(st.queue.drain(..));
-                    if st.queue.capacity() > KEEP_QUEUE_SLOTS {
-                        st.queue = VecDeque::new();
-                    }
+                    // The queue's buffer is taken whole (nothing moved), and the
+                    // senders get the one written last time, emptied: a burst of
+                    // frames does not regrow a queue from nothing each time.
+                    std::mem::swap(&mut frames, &mut st.queue);
                     Some((socket, false))
                 }
                 Some(socket) if shared.senders.load(Ordering::Acquire) == 0 => Some((socket, true)),
@@ -166,9 +166,7 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             _ = shared.closed() => return Ok(()),
         };
         frames.clear();
-        if frames.capacity() > KEEP_QUEUE_SLOTS {
-            frames = Vec::new();
-        }
+        frames.shrink_to(KEEP_QUEUE_SLOTS);
         if batch.capacity() > KEEP_BATCH_BUFFER {
             batch = BytesMut::new();
         }
@@ -199,7 +197,7 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
 async fn write_batch(
     out: &mut Watched<'_>,
     batch: &mut BytesMut,
-    frames: &mut Vec<Outgoing>,
+    frames: &mut VecDeque<Outgoing>,
 ) -> std::io::Result<()> {
     // One allocation for the batch's small frames, however many there are.
     let small: usize = frames

@@ -61,6 +61,9 @@ struct Unsent {
 #[derive(Default)]
 pub struct Members {
     routes: RwLock<HashMap<Arc<str>, Route>>,
+    /// Counts the times `routes` was taken to be changed (bumped under its write lock):
+    /// a [`LastRoute`] made at another count may be stale.
+    writes: AtomicU64,
     /// How many connected nodes serve each callback name (changed with `routes`, under
     /// `changes`), for [`Members::with_served`].
     providers: Mutex<HashMap<Box<str>, usize>>,
@@ -71,7 +74,85 @@ pub struct Members {
     due: Notify,
 }
 
+/// A session's handle on the route of a run of frames read one after the other for
+/// the same node: while the routes are unchanged, they find it without a hash of the
+/// name. Dropped when the run ends (it holds the node's queue open meanwhile).
+pub struct LastRoute {
+    name: Arc<str>,
+    writes: u64,
+    queue: Queue,
+    leaving: bool,
+}
+
 impl Members {
+    /// Queues `frame` for the node called `name`, as [`forward`](Self::forward) does,
+    /// finding its route through `last` when that is the route of `name` and the routes
+    /// did not change since it was made; `last` then holds the route found.
+    pub fn forward_via(
+        &self,
+        last: &mut Option<LastRoute>,
+        name: &str,
+        request: bool,
+        frame: Outgoing,
+    ) -> Result<(), UndeliverableCode> {
+        let routes = read(&self.routes);
+        let Some(route) = self.route_via(&routes, last, name) else {
+            return Err(UndeliverableCode::UnknownProcess);
+        };
+        if request && route.leaving {
+            return Err(UndeliverableCode::Stopping);
+        }
+        if !request {
+            return match deliver(&route.queue, frame) {
+                true => Ok(()),
+                false => Err(UndeliverableCode::UnknownProcess),
+            };
+        }
+        match route.queue.push(frame) {
+            Push::Sent => Ok(()),
+            Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
+            Push::Closed => Err(UndeliverableCode::UnknownProcess),
+        }
+    }
+
+    /// Corks the connection of the node called `name`, if it is connected: more frames
+    /// for it are at hand, and leave together (see [`Cork`]). Finds the route through
+    /// `last`, as [`forward_via`](Self::forward_via) does.
+    pub fn cork_via(&self, last: &mut Option<LastRoute>, name: &str) -> Option<Cork> {
+        let routes = read(&self.routes);
+        self.route_via(&routes, last, name)
+            .map(|route| route.queue.cork())
+    }
+
+    /// The route of `name`: `last` if it is that route and the routes are as they were
+    /// when it was made (the count of changes cannot move under the read lock held),
+    /// else looked up and kept in `last`.
+    fn route_via<'a>(
+        &self,
+        routes: &HashMap<Arc<str>, Route>,
+        last: &'a mut Option<LastRoute>,
+        name: &str,
+    ) -> Option<&'a LastRoute> {
+        let writes = self.writes.load(Ordering::Acquire);
+        let current = matches!(last, Some(l) if l.writes == writes && *l.name == *name);
+        if !current {
+            *last = routes.get_key_value(name).map(|(key, route)| LastRoute {
+                name: key.clone(),
+                writes,
+                queue: route.queue.clone(),
+                leaving: route.leaving,
+            });
+        }
+        last.as_ref()
+    }
+
+    /// The routing table, to change it: every change counts (see [`LastRoute`]).
+    fn routes_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Route>> {
+        let routes = write(&self.routes);
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        routes
+    }
+
     /// Queues `frame` for the node called `name`, without taking a handle on its queue
     /// (nothing to clone and drop per frame), and never waits. `request`: a new
     /// request, which a leaving node does not take, nor a node whose queue is full (it
@@ -104,12 +185,6 @@ impl Members {
             Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
             Push::Closed => Err(UndeliverableCode::UnknownProcess),
         }
-    }
-
-    /// Corks the connection of the node called `name`, if it is connected: more frames
-    /// for it are at hand, and leave together (see [`Cork`]).
-    pub fn cork(&self, name: &str) -> Option<Cork> {
-        read(&self.routes).get(name).map(|route| route.queue.cork())
     }
 
     /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
@@ -202,7 +277,7 @@ impl Members {
     pub async fn subscribe(&self, name: &str, conn_id: u64, all: bool, names: Vec<String>) {
         let _serialized = self.changes.lock().await;
         let added = {
-            let mut routes = write(&self.routes);
+            let mut routes = self.routes_mut();
             let Some(route) = routes.get_mut(name).filter(|r| r.conn_id == conn_id) else {
                 return;
             };
@@ -255,7 +330,7 @@ impl Members {
         };
         self.count_providers(&callbacks, true);
         let name: Arc<str> = Arc::from(name);
-        write(&self.routes).insert(
+        self.routes_mut().insert(
             name.clone(),
             Route {
                 conn_id,
@@ -297,7 +372,7 @@ impl Members {
     pub async fn update(&self, name: &str, conn_id: u64, callbacks: Vec<String>) {
         let _serialized = self.changes.lock().await;
         let before = {
-            let mut routes = write(&self.routes);
+            let mut routes = self.routes_mut();
             match routes.get_mut(name) {
                 // The same list again (a node says it once connected): nothing changed.
                 Some(r) if r.conn_id == conn_id && r.callbacks != callbacks => {
@@ -323,7 +398,7 @@ impl Members {
     pub async fn mark_leaving(&self, name: &str, conn_id: u64) {
         let _serialized = self.changes.lock().await;
         let callbacks = {
-            let mut routes = write(&self.routes);
+            let mut routes = self.routes_mut();
             match routes.get_mut(name) {
                 Some(r) if r.conn_id == conn_id && !r.leaving => {
                     r.leaving = true;
@@ -344,7 +419,7 @@ impl Members {
     pub async fn leave(&self, name: &str, conn_id: u64, announce: bool) {
         let _serialized = self.changes.lock().await;
         let (name, route) = {
-            let mut routes = write(&self.routes);
+            let mut routes = self.routes_mut();
             match routes.get(name) {
                 Some(r) if r.conn_id == conn_id => match routes.remove_entry(name) {
                     Some(gone) => gone,
@@ -474,5 +549,46 @@ mod tests {
         members.leave("a", 1, false).await;
         assert_eq!(pick("f", Some("a")), None);
         assert_eq!(pick("f", None).as_deref(), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn a_route_kept_by_a_session_follows_leaves_and_stops() {
+        let members = Members::default();
+        assert!(
+            members
+                .join(joining("a", 1, &["f"]), |_| Outgoing::default())
+                .await
+        );
+        let mut last = None;
+        let frame = || Outgoing::raw(bytes::Bytes::from_static(b"frame"));
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert!(last.is_some(), "the route is kept for the next frame");
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert_eq!(
+            members.forward_via(&mut last, "b", true, frame()),
+            Err(UndeliverableCode::UnknownProcess)
+        );
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        // Stopping: the route kept is stale, and new requests no longer go.
+        members.mark_leaving("a", 1).await;
+        assert_eq!(
+            members.forward_via(&mut last, "a", true, frame()),
+            Err(UndeliverableCode::Stopping)
+        );
+        assert_eq!(members.forward_via(&mut last, "a", false, frame()), Ok(()));
+        // Gone, then back on another connection: the kept route is never used again.
+        members.leave("a", 1, true).await;
+        assert_eq!(
+            members.forward_via(&mut last, "a", false, frame()),
+            Err(UndeliverableCode::UnknownProcess)
+        );
+        assert!(members.cork_via(&mut last, "a").is_none());
+        assert!(
+            members
+                .join(joining("a", 2, &["f"]), |_| Outgoing::default())
+                .await
+        );
+        assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
+        assert!(last.as_ref().is_some_and(|kept| !kept.leaving));
     }
 }

@@ -225,6 +225,7 @@ async fn route_frames(
         queue,
         runs,
         run_to_one_node: None,
+        last_route: None,
     };
     // A stopping controller answers nothing more: its nodes are about to learn that the
     // controller is gone, which is the true reason.
@@ -252,6 +253,9 @@ struct Routing<'a> {
     /// Held while the frames read go to one node, one after the other: they leave that
     /// node's connection together, in one write.
     run_to_one_node: Option<Cork>,
+    /// The route of the run of frames to one node being forwarded (see
+    /// [`members::LastRoute`]); dropped when the run ends.
+    last_route: Option<members::LastRoute>,
 }
 
 impl FrameHandler for Routing<'_> {
@@ -261,13 +265,20 @@ impl FrameHandler for Routing<'_> {
         // The next frame read goes to the same node: leave this one to that
         // connection's writer, and they leave together. (A cork already held is for
         // this very node: the frame before this one looked ahead to it.)
-        if next_dst != Some(frame.dst().as_bytes()) {
+        // The route is kept for such a run only: a frame alone (a call at a time) looks
+        // its route up without taking a handle on the node's queue.
+        let run_goes_on = next_dst == Some(frame.dst().as_bytes());
+        if !run_goes_on {
             self.run_to_one_node = None;
+            self.last_route = None;
         } else if self.run_to_one_node.is_none() {
-            self.run_to_one_node = self.shared.members.cork(frame.dst());
+            self.run_to_one_node = self
+                .shared
+                .members
+                .cork_via(&mut self.last_route, frame.dst());
         }
         match frame.kind() {
-            kind if kind.is_node_to_node() => self.forward(frame),
+            kind if kind.is_node_to_node() => self.forward(frame, run_goes_on),
             _ => Handled::Wait(frame),
         }
     }
@@ -281,26 +292,37 @@ impl FrameHandler for Routing<'_> {
 
     fn caught_up(&mut self) {
         self.runs.flush();
+        self.last_route = None;
     }
 }
 
 impl Routing<'_> {
     /// Forwards a request or reply exactly as it came in, without waiting; one that
-    /// cannot be delivered is given back, for [`route`] to tell its caller.
-    fn forward(&mut self, frame: Frame) -> Handled<String> {
+    /// cannot be delivered is given back, for [`route`] to tell its caller. In a run of
+    /// frames to one node (`run_goes_on`), through the route kept for the run.
+    fn forward(&mut self, frame: Frame, run_goes_on: bool) -> Handled<String> {
         if frame.src() != self.node.name {
             return Handled::Refused(spoofed(&frame));
         }
         let request = frame.kind() == Kind::Request;
         let out = Outgoing::raw(frame.raw().clone());
-        match self.shared.members.forward(frame.dst(), request, out) {
+        let members = &self.shared.members;
+        let forwarded = match run_goes_on {
+            true => members.forward_via(&mut self.last_route, frame.dst(), request, out),
+            false => members.forward(frame.dst(), request, out),
+        };
+        match forwarded {
             Ok(()) => {
                 if request {
                     self.runs.count(frame.name());
                 }
                 Handled::Done
             }
-            Err(_) => Handled::Wait(frame),
+            Err(_) => {
+                // Handled while the session waits: it holds no node's queue meanwhile.
+                self.last_route = None;
+                Handled::Wait(frame)
+            }
         }
     }
 }

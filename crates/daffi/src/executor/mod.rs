@@ -113,6 +113,10 @@ pub struct Executor {
     pub name: Arc<str>,
     limits: Limits,
     callbacks: RwLock<HashMap<String, Served>>,
+    /// The callback last looked up, with its name: requests for one name in a row find
+    /// it without hashing the name. Never stale: a name, once served, keeps its
+    /// callback (names are only added).
+    last_served: Mutex<Option<(String, Served)>>,
     instances: Mutex<HashSet<TypeId>>,
     /// Callbacks running or waiting to run now.
     serving: Serving,
@@ -127,6 +131,7 @@ impl Executor {
             name,
             limits,
             callbacks: RwLock::new(callbacks.into_iter().map(Served::entry).collect()),
+            last_served: Mutex::new(None),
             instances: Mutex::new(HashSet::new()),
             serving: Serving::default(),
             sync_runner: sync_runner::SyncRunner::default(),
@@ -203,7 +208,17 @@ impl Executor {
     }
 
     fn handler(&self, name: &str) -> Option<Served> {
-        read(&self.callbacks).get(name).cloned()
+        let mut last = self.last_served.try_lock().ok();
+        if let Some(Some((last_name, served))) = last.as_deref() {
+            if last_name == name {
+                return Some(served.clone());
+            }
+        }
+        let served = read(&self.callbacks).get(name).cloned()?;
+        if let Some(last) = last.as_deref_mut() {
+            *last = Some((name.to_string(), served.clone()));
+        }
+        Some(served)
     }
 
     /// Whether callbacks are running here now.

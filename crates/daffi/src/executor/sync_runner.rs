@@ -263,6 +263,45 @@ impl RunnerState {
     }
 }
 
+/// The two tasks of a run on a worker: each waits for its turn, which the other gives
+/// it; `ended` once the run ended (or moved on), for the task that waits to end too.
+/// (Lighter than a `Notify` each: one waiter, one waker, turns strictly alternating.)
+#[derive(Default)]
+struct Turns {
+    /// Each task's turn, given (`true`) by the other, taken by the task.
+    given: [std::sync::atomic::AtomicBool; 2],
+    /// Each task's waker while it waits for its turn.
+    wakers: [Mutex<Option<std::task::Waker>>; 2],
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Turns {
+    /// Gives task `to` its turn, waking it if it waits: from a worker, it is scheduled
+    /// in that worker's LIFO slot.
+    fn give(&self, to: usize) {
+        self.given[to].store(true, Ordering::Release);
+        let waker = crate::sync::lock(&self.wakers[to]).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits for task `me`'s turn.
+    fn wait(&self, me: usize) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.given[me].swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            *crate::sync::lock(&self.wakers[me]) = Some(cx.waker().clone());
+            // Given between the look above and the waker's store: `give` found no waker.
+            if self.given[me].swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            std::task::Poll::Pending
+        })
+    }
+}
+
 impl SyncRunner {
     /// Runs `jobs` (all of callbacks seen to finish quickly) on this runtime worker, in a
     /// task of its own, or leaves them to a run on a worker that is going; `false`
@@ -340,9 +379,47 @@ impl SyncRunner {
         }
     }
 
-    /// The next step of the run on a worker, as a task of its own.
+    /// The steps of the run on a worker from `run` on, in two tasks that take turns
+    /// (see [`SyncRunner::take_turns`]).
     fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
-        tokio::spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+        tokio::spawn(Self::take_turns(core, run, None));
+    }
+
+    /// Runs every other step of the run on a worker: the first of two tasks (`turns`
+    /// `None`: made, with the second task, once a second step is due), or the second.
+    /// A step ends by starting the other task (spawned after the first step, woken
+    /// later): idle, it is scheduled in this worker's LIFO slot, as a task spawned for
+    /// the next step would be, and whatever the step woke moves to the worker's queue,
+    /// where the other worker can take it; but no task is spawned (allocated,
+    /// scheduled and freed) per step.
+    async fn take_turns(core: Arc<Executor>, run: RunStep, turns: Option<(Arc<Turns>, usize)>) {
+        let mut turns = turns;
+        loop {
+            let ended = turns
+                .as_ref()
+                .is_some_and(|(turns, _)| turns.ended.load(Ordering::Acquire));
+            if ended || !Self::run_one_on_worker(&core, run) {
+                if let Some((turns, me)) = turns {
+                    turns.ended.store(true, Ordering::Release);
+                    turns.give(1 - me);
+                }
+                return;
+            }
+            let first_turn = turns.is_none();
+            let (shared, me) = turns.get_or_insert_with(|| (Arc::default(), 0));
+            let me = *me;
+            if first_turn {
+                Self::spawn_second(core.clone(), run, shared.clone());
+            } else {
+                shared.give(1 - me);
+            }
+            shared.wait(me).await;
+        }
+    }
+
+    /// Spawns the second task of a run on a worker; it runs a step at once.
+    fn spawn_second(core: Arc<Executor>, run: RunStep, turns: Arc<Turns>) {
+        tokio::spawn(Self::take_turns(core, run, Some((turns, 1))));
     }
 
     /// The watch found the run on a worker waiting for its worker (busy with other
@@ -373,7 +450,11 @@ impl SyncRunner {
                 watch.job_began.store(now, Ordering::Release);
             }
             let core = core.clone();
-            runtime.spawn(async move { SyncRunner::run_one_on_worker(&core, run) });
+            runtime.spawn(async move {
+                if SyncRunner::run_one_on_worker(&core, run) {
+                    SyncRunner::spawn_on_worker(core, run);
+                }
+            });
         }
     }
 
@@ -386,7 +467,8 @@ impl SyncRunner {
     /// the wall clock is asked whether it only waited for a processor: under a flood on
     /// a loaded machine, a descheduled worker would otherwise send the flood to
     /// threads).
-    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) {
+    /// Returns whether a next step is due (the run goes on).
+    fn run_one_on_worker(core: &Arc<Executor>, run: RunStep) -> bool {
         let runner = &core.sync_runner;
         let mut usage = RunUsage::default();
         // Two clock reads per job: its start (after the lock, whose wait is not the
@@ -395,8 +477,11 @@ impl SyncRunner {
         let mut now = Instant::now();
         let mut job = match runner.next_on_worker(run, now) {
             Next::Job(job) => job,
-            Next::Ended => return Self::leave_to_threads(core),
-            Next::Moved => return,
+            Next::Ended => {
+                Self::leave_to_threads(core);
+                return false;
+            }
+            Next::Moved => return false,
         };
         for ran in 1..=ONE_WAY_JOBS_PER_TASK {
             let replies = job.wants_reply();
@@ -418,14 +503,20 @@ impl SyncRunner {
             // The next job, under the same lock that finds it (one lock per job).
             job = match runner.next_on_worker(run, now) {
                 Next::Job(job) => job,
-                Next::Ended => return Self::leave_to_threads(core),
-                Next::Moved => return,
+                Next::Ended => {
+                    Self::leave_to_threads(core);
+                    return false;
+                }
+                Next::Moved => return false,
             };
         }
         match runner.more_on_worker(run, now) {
-            Next::Job(()) => Self::spawn_on_worker(core.clone(), run),
-            Next::Ended => Self::leave_to_threads(core),
-            Next::Moved => {}
+            Next::Job(()) => true,
+            Next::Ended => {
+                Self::leave_to_threads(core);
+                false
+            }
+            Next::Moved => false,
         }
     }
 

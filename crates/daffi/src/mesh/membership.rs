@@ -10,7 +10,8 @@
 //! docs).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
@@ -33,6 +34,19 @@ pub struct Changes {
 pub struct Membership {
     state: RwLock<State>,
     version: watch::Sender<u64>,
+    /// Counts the times `state` was taken to be changed (bumped as the write lock is
+    /// taken): what [`LastPick`] was read under.
+    writes: AtomicU64,
+    /// The providers of the callback last picked for, as they were at a count of
+    /// `writes`: a node calling one name over and over finds them without hashing it.
+    last_pick: Mutex<Option<LastPick>>,
+}
+
+/// The providers of one callback name, as read when [`Membership::writes`] was `writes`.
+struct LastPick {
+    callback: String,
+    writes: u64,
+    providers: Vec<Arc<str>>,
 }
 
 /// What a view must hold.
@@ -154,6 +168,8 @@ impl Default for Membership {
         Membership {
             state: RwLock::default(),
             version: watch::channel(0).0,
+            writes: AtomicU64::new(0),
+            last_pick: Mutex::new(None),
         }
     }
 }
@@ -285,10 +301,32 @@ impl Membership {
     }
 
     /// A node serving `callback`, chosen at random.
+    ///
+    /// The providers of the name last picked for are kept beside the view, with the
+    /// count of changes they were read at: while the view is unchanged, calls to that
+    /// name take them from there (no lock on the view, no hash of the name).
     pub fn pick(&self, callback: &str) -> Option<Arc<str>> {
-        let s = self.read();
-        let nodes = s.providers.get(callback)?;
-        nodes.get(fastrand::usize(..nodes.len())).cloned()
+        // Read before the view: a change from here on makes what is kept stale.
+        let writes = self.writes.load(Ordering::Acquire);
+        let mut last = self.last_pick.try_lock().ok();
+        if let Some(Some(kept)) = last.as_deref() {
+            if kept.writes == writes && kept.callback == callback {
+                return choose(&kept.providers);
+            }
+        }
+        let providers = {
+            let s = self.read();
+            s.providers.get(callback).cloned().unwrap_or_default()
+        };
+        let node = choose(&providers);
+        if let Some(last) = last.as_deref_mut() {
+            *last = Some(LastPick {
+                callback: callback.to_string(),
+                writes,
+                providers,
+            });
+        }
+        node
     }
 
     /// Every node serving `callback`.
@@ -418,7 +456,20 @@ impl Membership {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        crate::sync::write(&self.state)
+        let state = crate::sync::write(&self.state);
+        // Under the write lock: a `pick` that reads this count reads the view after
+        // this change (its read lock waits for this one).
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        state
+    }
+}
+
+/// One of `nodes`, at random (the one there is without a random number).
+fn choose(nodes: &[Arc<str>]) -> Option<Arc<str>> {
+    match nodes {
+        [] => None,
+        [node] => Some(node.clone()),
+        _ => Some(nodes[fastrand::usize(..nodes.len())].clone()),
     }
 }
 
@@ -452,6 +503,23 @@ mod tests {
         let kept = sorted(&s);
         s.reindex();
         assert_eq!(kept, sorted(&s));
+    }
+
+    #[test]
+    fn picks_follow_every_change_to_the_view() {
+        let view = Membership::default();
+        assert_eq!(view.pick("f"), None);
+        view.apply(joined("a", &["f"]));
+        assert_eq!(view.pick("f").as_deref(), Some("a"));
+        assert_eq!(view.pick("g"), None, "another name, looked up afresh");
+        assert_eq!(view.pick("f").as_deref(), Some("a"));
+        view.apply(joined("b", &["f"]));
+        let picked: HashSet<Arc<str>> = (0..200).filter_map(|_| view.pick("f")).collect();
+        assert_eq!(picked.len(), 2, "both providers, at random: {picked:?}");
+        view.apply(MembershipEvent::Leaving { name: "a".into() });
+        assert!((0..50).all(|_| view.pick("f").as_deref() == Some("b")));
+        view.apply(MembershipEvent::Left { name: "b".into() });
+        assert_eq!(view.pick("f"), None, "never a provider that left");
     }
 
     #[test]
