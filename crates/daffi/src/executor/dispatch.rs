@@ -34,10 +34,6 @@ pub struct SyncBatch {
     jobs: Vec<SyncJob>,
     /// A job among them is not a callback seen to finish quickly.
     not_all_quick: bool,
-    /// The callback this reader last looked up, and what serves it: a flood of calls to
-    /// one name takes the table's lock and hashes the name once. (A name, once served,
-    /// keeps its callback: none is replaced or removed.)
-    last: Option<(Box<str>, Served)>,
 }
 
 impl SyncBatch {
@@ -58,20 +54,6 @@ impl SyncBatch {
     }
 }
 
-impl SyncBatch {
-    /// What serves `name` (see `last`).
-    fn served(&mut self, executor: &Executor, name: &str) -> Option<Served> {
-        if let Some((last, served)) = &self.last {
-            if **last == *name {
-                return Some(served.clone());
-            }
-        }
-        let served = executor.handler(name)?;
-        self.last = Some((name.into(), served.clone()));
-        Some(served)
-    }
-}
-
 /// Starts serving a request. Never blocks the caller (the mesh's reader). A sync
 /// callback joins `batch`, which the reader submits before it waits for more.
 pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut SyncBatch) {
@@ -80,7 +62,7 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     let offer = request
         .open_incoming()
         .and_then(|open| Offer::new(request.callback(), open));
-    let Some(Served { handler, pace }) = batch.served(executor, request.callback()) else {
+    let Some(Served { handler, pace }) = executor.handler(request.callback()) else {
         let message = format!(
             "process `{}` does not serve `{}`",
             executor.name,
