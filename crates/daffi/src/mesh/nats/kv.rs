@@ -17,6 +17,8 @@
 //! watch the nodes bucket, for the lease holder's look for dead nodes, or to create the
 //! bucket when the servers say it is not there.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::header::{
@@ -36,6 +38,9 @@ const KV_OPERATION: &str = "KV-Operation";
 
 /// The JetStream error code of a write whose expected revision is not the key's last.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
+
+/// The buckets (servers and name) whose requests were answered in this process.
+static ANSWERED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
 
 /// Why a request to a bucket failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +93,8 @@ pub struct Bucket {
     direct: String,
     /// async-nats's handle on the bucket, opened on first need.
     store: OnceCell<Store>,
+    /// A request of this handle's was answered (see [`Bucket::request`]).
+    answered: AtomicBool,
 }
 
 impl Bucket {
@@ -108,6 +115,7 @@ impl Bucket {
             urls: urls.to_string(),
             what,
             store: OnceCell::new(),
+            answered: AtomicBool::new(false),
         }
     }
 
@@ -269,28 +277,68 @@ impl Bucket {
 
     /// Sends a request to the bucket, waiting [`KV_TIMEOUT`] for its answer. "No
     /// responders" means that no stream takes it: the bucket is opened (created if the
-    /// servers say it is not there), once, and the request sent again.
+    /// servers say it is not there), once, and the request sent again. So is a request
+    /// without an answer while no request to the bucket was ever answered in this
+    /// process: something else may listen on its subjects (a `nats sub '>'`), which
+    /// hides the "no responders" of a missing bucket. Once one was answered, a timeout
+    /// is only a failure (servers busy with a mass start: no stream info added to their
+    /// queue).
     async fn request(
         &self,
         subject: String,
         headers: Option<HeaderMap>,
         payload: Bytes,
     ) -> Result<Message, KvError> {
-        match self.send(&subject, headers.clone(), payload.clone()).await {
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
-            sent => return sent.map_err(|e| self.failed(e.to_string())),
-        }
-        if self.store.initialized() {
-            return Err(self.failed(
-                "no server answers for it (its replicas may be electing a leader)".into(),
-            ));
+        let sent = self.send(&subject, headers.clone(), payload.clone()).await;
+        let missing = match &sent {
+            Ok(_) => {
+                self.answered();
+                return sent.map_err(|e| self.failed(e.to_string()));
+            }
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => true,
+                RequestErrorKind::TimedOut => !self.was_answered(),
+                _ => false,
+            },
+        };
+        if !missing || self.store.initialized() {
+            return Err(match sent {
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => self.failed(
+                    "no server answers for it (its replicas may be electing a leader)".into(),
+                ),
+                sent => self.failed(sent.err().map(|e| e.to_string()).unwrap_or_default()),
+            });
         }
         self.store()
             .await
             .map_err(|e| KvError::Failed(e.to_string()))?;
-        self.send(&subject, headers, payload)
+        let sent = self
+            .send(&subject, headers, payload)
             .await
-            .map_err(|e| self.failed(e.to_string()))
+            .map_err(|e| self.failed(e.to_string()))?;
+        self.answered();
+        Ok(sent)
+    }
+
+    /// Notes that the servers answered a request to this bucket (see [`Bucket::request`]).
+    fn answered(&self) {
+        if !self.answered.swap(true, Ordering::Relaxed) {
+            if let Ok(mut known) = ANSWERED.lock() {
+                known.insert(self.answered_key());
+            }
+        }
+    }
+
+    /// Whether the servers answered a request to this bucket in this process.
+    fn was_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+            || ANSWERED
+                .lock()
+                .is_ok_and(|known| known.contains(&self.answered_key()))
+    }
+
+    fn answered_key(&self) -> String {
+        format!("{}\n{}", self.urls, self.config.bucket)
     }
 
     async fn send(
