@@ -558,7 +558,7 @@ impl ListenerEverywhere {
         // Reads what it gets (and answers the server's PINGs) until closed.
         std::thread::spawn(move || {
             let mut line = Vec::new();
-            while lines.read_until(b'\n', &mut line).map_or(false, |n| n > 0) {
+            while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
                 if line.starts_with(b"PING") {
                     let _ = writer.write_all(b"PONG\r\n");
                 }
