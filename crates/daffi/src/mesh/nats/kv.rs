@@ -403,17 +403,30 @@ impl Bucket {
         format!("{}\n{}", self.urls, self.config.bucket)
     }
 
-    /// Sends one request, once this process has fewer than [`IN_FLIGHT_AT_ONCE`] in flight (its
-    /// wait for the answer starts then).
+    /// Sends one request, once this process has fewer than [`IN_FLIGHT_AT_ONCE`] in
+    /// flight (its wait for the answer starts then). A request that gets no turn within
+    /// [`KV_TIMEOUT`] fails unsent: the servers answer so slowly that this process's
+    /// requests queue (an overloaded server, its nodes' heartbeats), and waiting longer
+    /// would let a join or a heartbeat wait without bound; its caller tries again at
+    /// its pace.
     async fn send(
         &self,
         subject: &str,
         headers: Option<HeaderMap>,
         payload: Bytes,
     ) -> Result<Message, async_nats::RequestError> {
-        let _turn = IN_FLIGHT.acquire().await.map_err(|_| {
-            async_nats::RequestError::with_source(RequestErrorKind::Other, "stopping")
-        })?;
+        let not_sent = |reason: &'static str| {
+            async_nats::RequestError::with_source(RequestErrorKind::Other, reason)
+        };
+        let _turn = match tokio::time::timeout(KV_TIMEOUT, IN_FLIGHT.acquire()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return Err(not_sent("stopping")),
+            Err(_) => {
+                return Err(not_sent(
+                    "not sent: this process's requests are queued, the servers answer slowly",
+                ))
+            }
+        };
         let mut request = Request::new().payload(payload).timeout(Some(KV_TIMEOUT));
         if let Some(headers) = headers {
             request = request.headers(headers);
