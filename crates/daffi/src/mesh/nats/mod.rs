@@ -26,9 +26,11 @@
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.
-//! - **starting** retries opening the buckets and taking the name until
+//! - **starting** retries taking the name and writing the node's entries until
 //!   `connect_timeout` (a fresh cluster answers "no responders" until its buckets have
-//!   leaders); a name held by a node that crashed is taken over at once.
+//!   leaders), with daffi's own KV requests (`kv`: no stream info, a bucket created by
+//!   its first request if missing); a name held by a node that crashed is taken over at
+//!   once.
 //!
 //! Bounds when one server of three is killed (SIGKILL, clients given only its URL;
 //! `tests/nats.rs` and `tests/nats_schedules.rs`, 10 runs each): calls fail with named
