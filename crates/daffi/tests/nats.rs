@@ -533,6 +533,70 @@ fn nodes_started_at_once_on_a_fresh_cluster_all_join() {
     caller.stop();
 }
 
+/// A plain NATS client that listens on every subject (`>`, as `nats sub '>'` does) and
+/// never answers; it stops listening when dropped.
+struct ListenerEverywhere(std::net::TcpStream);
+
+impl ListenerEverywhere {
+    fn connect(url: &str) -> ListenerEverywhere {
+        use std::io::{BufRead, BufReader, Write};
+        let address = url.trim_start_matches("nats://");
+        let mut stream = std::net::TcpStream::connect(address).expect("listener connects");
+        stream
+            .write_all(b"CONNECT {\"verbose\":false,\"name\":\"listener\"}\r\nSUB > 1\r\nPING\r\n")
+            .expect("listener subscribes");
+        let mut lines = BufReader::new(stream.try_clone().expect("clone"));
+        // Subscribed once the server answers the PING (it reads in order).
+        let mut line = String::new();
+        while !line.starts_with("PONG") {
+            line.clear();
+            if lines.read_line(&mut line).expect("server answers") == 0 {
+                panic!("the server closed the listener");
+            }
+        }
+        let mut writer = stream.try_clone().expect("clone");
+        // Reads what it gets (and answers the server's PINGs) until closed.
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                if line.starts_with(b"PING") {
+                    let _ = writer.write_all(b"PONG\r\n");
+                }
+                line.clear();
+            }
+        });
+        ListenerEverywhere(stream)
+    }
+}
+
+impl Drop for ListenerEverywhere {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[test]
+fn a_fresh_mesh_creates_its_buckets_while_another_client_listens_everywhere() {
+    // The servers tell that a bucket is missing by "no responders" to its writes and
+    // reads, which a client listening on every subject (and answering nothing) hides:
+    // the first nodes must still create the buckets, join and see each other.
+    let server = NatsServer::start();
+    let _listener = ListenerEverywhere::connect(&server.url());
+    let mut mesh = Mesh::new(server.url());
+    let first = mesh
+        .builder(&unique("first"))
+        .start()
+        .expect("the first node starts and creates the buckets");
+    mesh.spawn_worker(&first, "beside_listener");
+    let who: String = first
+        .call("whoami")
+        .on("beside_listener")
+        .fg()
+        .expect("answers");
+    assert_eq!(who, "beside_listener");
+    first.stop();
+}
+
 #[test]
 fn a_node_restarted_under_its_name_takes_it_at_once_but_a_live_one_keeps_it() {
     let server = NatsServer::start();

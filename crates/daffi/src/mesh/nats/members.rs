@@ -41,11 +41,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation, Store};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::kv::{Bucket, KvError};
 use super::subjects::{
     self, escape, node_key, parse_nodes_key, provider_key, NodesKey, Subjects, EVERY_NODE,
 };
@@ -156,13 +157,15 @@ impl MemberRecord {
     }
 }
 
-/// The two membership buckets.
+/// The two membership buckets, for daffi's own requests (see `kv`): a join opens
+/// neither (no stream info); each opens async-nats's `Store` only where it is needed
+/// (the nodes bucket to watch it, both for the lease holder's look for dead nodes).
 #[derive(Clone)]
 pub struct Buckets {
     /// Claims and heartbeats.
-    pub alive: Store,
+    pub alive: Arc<Bucket>,
     /// Nodes and providers.
-    pub nodes: Store,
+    pub nodes: Arc<Bucket>,
 }
 
 /// What the task that owns this node's entries is asked to do.
@@ -213,13 +216,9 @@ impl Wants {
     }
 }
 
-/// The membership buckets of the mesh, created if they are not there yet (replicated
-/// on up to three servers of the cluster).
-pub async fn open_buckets(
-    client: &async_nats::Client,
-    subjects: &Subjects,
-    urls: &str,
-) -> Result<Buckets> {
+/// The membership buckets of the mesh, created at their first request if they are not
+/// there yet (replicated on up to three servers of the cluster). Sends nothing.
+pub fn buckets(client: &async_nats::Client, subjects: &Subjects, urls: &str) -> Buckets {
     let alive = kv::Config {
         bucket: subjects.alive_bucket(),
         description: "daffi: the claims of the nodes of this mesh on their names".into(),
@@ -237,12 +236,10 @@ pub async fn open_buckets(
         num_replicas: replicas(client),
         ..Default::default()
     };
-    // Both at once: a join waits for one answer of the servers' API, not two.
-    let (alive, nodes) = tokio::try_join!(
-        open_or_create(client, alive, urls, "alive"),
-        open_or_create(client, nodes, urls, "nodes"),
-    )?;
-    Ok(Buckets { alive, nodes })
+    Buckets {
+        alive: Arc::new(Bucket::new(client, alive, urls, "alive")),
+        nodes: Arc::new(Bucket::new(client, nodes, urls, "nodes")),
+    }
 }
 
 /// How many servers keep a copy of a bucket: up to three of the cluster's.
@@ -312,7 +309,7 @@ fn is_not_found(error: &async_nats::jetstream::context::KeyValueError) -> bool {
 pub async fn take_name(
     client: &async_nats::Client,
     subjects: &Subjects,
-    alive: &Store,
+    alive: &Bucket,
     name: &str,
     record: &MemberRecord,
     urls: &str,
@@ -325,13 +322,13 @@ pub async fn take_name(
     };
     match alive.create(&key, record.claim()).await {
         Ok(revision) => return Ok(revision),
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+        Err(KvError::Exists) => {}
         Err(e) => return Err(unreachable(&e)),
     }
-    let held = match alive.entry(&key).await {
-        Ok(Some(entry)) if entry.operation == Operation::Put => entry,
+    let held = match alive.get(&key).await {
+        Ok(Some(entry)) => entry,
         // Deleted or expired meanwhile: the next try creates it.
-        Ok(_) => return Err(unreachable(&"the name's claim changed meanwhile")),
+        Ok(None) => return Err(unreachable(&"the name's claim changed meanwhile")),
         Err(e) => return Err(unreachable(&e)),
     };
     let holder = match message::decode::<Claim>(&held.value) {
@@ -349,10 +346,10 @@ pub async fn take_name(
     alive
         .update(&key, record.claim(), held.revision)
         .await
-        .map_err(|e| match e.kind() {
+        .map_err(|e| match e {
             // Another node took it first.
-            UpdateErrorKind::WrongLastRevision => duplicate(),
-            _ => unreachable(&e),
+            KvError::WrongRevision => duplicate(),
+            e => unreachable(&e),
         })
 }
 
@@ -361,17 +358,15 @@ pub async fn take_name(
 /// `n` entry when it exists, and a node's callbacks appear together). The `c` keys of an earlier run of the name that this run does not serve
 /// are deleted. Fails with why a write failed.
 pub async fn publish(
-    nodes: &Store,
+    nodes: &Bucket,
     name: &str,
     record: &MemberRecord,
 ) -> std::result::Result<(), String> {
     let failed = |e: &dyn std::fmt::Display| e.to_string();
     let key = node_key(name);
-    let earlier = match nodes.entry(&key).await {
-        Ok(Some(entry)) if entry.operation == Operation::Put => {
-            message::decode::<MemberRecord>(&entry.value).ok()
-        }
-        Ok(_) => None,
+    let earlier = match nodes.get(&key).await {
+        Ok(Some(entry)) => message::decode::<MemberRecord>(&entry.value).ok(),
+        Ok(None) => None,
         Err(e) => return Err(failed(&e)),
     };
     nodes
@@ -381,10 +376,11 @@ pub async fn publish(
     // All at once: a watcher that sees one of them finds the others stored with it,
     // even if this process is paused or dies between the acknowledgments.
     let provider = record.provider();
-    let puts = record
-        .callbacks
-        .iter()
-        .map(|callback| nodes.put(provider_key(callback, name), provider.clone()));
+    let puts = record.callbacks.iter().map(|callback| {
+        let key = provider_key(callback, name);
+        let provider = provider.clone();
+        async move { nodes.put(&key, provider).await }
+    });
     futures_util::future::try_join_all(puts)
         .await
         .map_err(|e| failed(&e))?;
@@ -400,25 +396,15 @@ pub async fn publish(
 
 /// Deletes `key` (at `revision`, if given), leaving a marker that every watch sees and
 /// that expires after [`MARKER_TTL`]; a failure is logged (the entry stays).
-async fn remove_entry(nodes: &Store, key: &str, revision: Option<u64>) {
-    let removed = match revision {
-        Some(revision) => nodes
-            .purge_expect_revision_with_ttl(key, revision, MARKER_TTL)
-            .await
-            .map_err(|e| e.to_string()),
-        None => nodes
-            .purge_with_ttl(key, MARKER_TTL)
-            .await
-            .map_err(|e| e.to_string()),
-    };
-    if let Err(e) = removed {
+async fn remove_entry(nodes: &Bucket, key: &str, revision: Option<u64>) {
+    if let Err(e) = nodes.purge(key, revision, MARKER_TTL).await {
         tracing::debug!(key, error = %e, "could not delete a membership entry");
     }
 }
 
 /// The entries the run `record` of `name` holds now, each with its revision: its `c`
 /// keys, then its `n` entry (entries of another run are not its own).
-async fn entries_of(nodes: &Store, name: &str, record: &MemberRecord) -> Vec<(String, u64)> {
+async fn entries_of(nodes: &Bucket, name: &str, record: &MemberRecord) -> Vec<(String, u64)> {
     let mut held = Vec::with_capacity(record.callbacks.len() + 1);
     for callback in &record.callbacks {
         let key = provider_key(callback, name);
@@ -435,13 +421,13 @@ async fn entries_of(nodes: &Store, name: &str, record: &MemberRecord) -> Vec<(St
 
 /// The revision of `key` if it holds a value of the run `record` (`instance` reads it).
 async fn revision_of<T: serde::de::DeserializeOwned>(
-    nodes: &Store,
+    nodes: &Bucket,
     key: &str,
     instance: impl Fn(&T) -> u64,
     record: &MemberRecord,
 ) -> Option<u64> {
-    match nodes.entry(key).await {
-        Ok(Some(entry)) if entry.operation == Operation::Put => message::decode::<T>(&entry.value)
+    match nodes.get(key).await {
+        Ok(Some(entry)) => message::decode::<T>(&entry.value)
             .ok()
             .filter(|value| instance(value) == record.instance)
             .map(|_| entry.revision),
@@ -451,7 +437,7 @@ async fn revision_of<T: serde::de::DeserializeOwned>(
 
 /// Deletes `entries`, each at its revision: one written again since (its node came
 /// back) stays.
-async fn remove_entries(nodes: &Store, entries: &[(String, u64)]) {
+async fn remove_entries(nodes: &Bucket, entries: &[(String, u64)]) {
     for (key, revision) in entries {
         remove_entry(nodes, key, Some(*revision)).await;
     }
@@ -525,18 +511,14 @@ pub async fn keep_record(
     }
     let entries = entries_of(&buckets.nodes, &mesh.name, &record).await;
     remove_entries(&buckets.nodes, &entries).await;
-    if let Err(e) = buckets
-        .alive
-        .delete_expect_revision(&key, Some(revision))
-        .await
-    {
+    if let Err(e) = buckets.alive.delete(&key, Some(revision)).await {
         tracing::debug!(process = %mesh.name, error = %e, "could not delete this node's claim; it expires by itself");
     }
     mesh.finished.send_replace(true);
 }
 
 /// Writes this node's entries; a failure is logged (the next renewal writes them).
-async fn write_entries(mesh: &NatsMesh, nodes: &Store, record: &MemberRecord) {
+async fn write_entries(mesh: &NatsMesh, nodes: &Bucket, record: &MemberRecord) {
     if let Err(e) = publish(nodes, &mesh.name, record).await {
         tracing::debug!(process = %mesh.name, error = %e, "could not write this node's membership entries; trying again at the next renewal");
         let _ = mesh.record.send(RecordCommand::Renew);
@@ -551,7 +533,7 @@ async fn write_entries(mesh: &NatsMesh, nodes: &Store, record: &MemberRecord) {
 /// node has taken the name since.
 async fn renew(
     mesh: &NatsMesh,
-    alive: &Store,
+    alive: &Bucket,
     key: &str,
     record: &MemberRecord,
     revision: u64,
@@ -562,27 +544,25 @@ async fn renew(
     };
     let e = match alive.update(key, record.claim(), revision).await {
         Ok(revision) => return Some((revision, false)),
-        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
+        Err(e @ KvError::WrongRevision) => e,
         Err(e) => return failed(&e),
     };
-    let current = match alive.entry(key).await {
+    let current = match alive.get(key).await {
         Ok(current) => current,
         Err(_) => return failed(&e),
     };
     match current {
-        Some(entry) if entry.operation == Operation::Put => {
-            match message::decode::<Claim>(&entry.value) {
-                Ok(theirs) if theirs.instance == record.instance => alive
-                    .update(key, record.claim(), entry.revision)
-                    .await
-                    .map_or_else(|e| failed(&e), |r| Some((r, false))),
-                _ => {
-                    tracing::error!(process = %mesh.name, "another node took this node's process name while this one was cut off; the others now route this name there");
-                    None
-                }
+        Some(entry) => match message::decode::<Claim>(&entry.value) {
+            Ok(theirs) if theirs.instance == record.instance => alive
+                .update(key, record.claim(), entry.revision)
+                .await
+                .map_or_else(|e| failed(&e), |r| Some((r, false))),
+            _ => {
+                tracing::error!(process = %mesh.name, "another node took this node's process name while this one was cut off; the others now route this name there");
+                None
             }
-        }
-        _ => {
+        },
+        None => {
             tracing::info!(process = %mesh.name, "this node's claim had expired; joining again");
             alive
                 .create(key, record.claim())
@@ -640,9 +620,9 @@ async fn reap_once(
         if removed.contains(&key) {
             continue;
         }
-        let entry = match buckets.nodes.entry(&key).await {
-            Ok(Some(entry)) if entry.operation == Operation::Put => entry,
-            Ok(_) => {
+        let entry = match buckets.nodes.get(&key).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
                 removed.insert(key);
                 continue;
             }
@@ -663,9 +643,11 @@ async fn reap_once(
     Ok(())
 }
 
-/// The keys of `store` under `filter` that hold a message (a value, or a marker not
-/// expired yet): read from the stream's subjects, with no consumer.
-async fn keys_in(store: &Store, filter: &str) -> std::result::Result<HashSet<String>, String> {
+/// The keys of `bucket` under `filter` that hold a message (a value, or a marker not
+/// expired yet): read from the stream's subjects, with no consumer (the bucket's
+/// `Store` opened on first use: only the lease's holder looks).
+async fn keys_in(bucket: &Bucket, filter: &str) -> std::result::Result<HashSet<String>, String> {
+    let store = bucket.store().await.map_err(|e| e.to_string())?;
     let mut subjects = store
         .stream
         .info_with_subjects(format!("{}{filter}", store.prefix))
@@ -721,7 +703,11 @@ struct Known {
 /// Keeps the view current: a watch of what this node wants, while connected, started
 /// again when it ends, when the connection comes back, or when this node wants more.
 /// Each start reads what it watches whole. `first` gets the first view's outcome.
-pub async fn watch_members(mesh: Arc<NatsMesh>, nodes: Store, first: oneshot::Sender<Result<()>>) {
+pub async fn watch_members(
+    mesh: Arc<NatsMesh>,
+    nodes: Arc<Bucket>,
+    first: oneshot::Sender<Result<()>>,
+) {
     let mut first = Some(first);
     let mut table = Table::default();
     let mut connected = mesh.connected.subscribe();
@@ -750,7 +736,7 @@ pub async fn watch_members(mesh: Arc<NatsMesh>, nodes: Store, first: oneshot::Se
 /// change. Returns why it ended.
 async fn follow_bucket(
     mesh: &Arc<NatsMesh>,
-    nodes: &Store,
+    nodes: &Bucket,
     wanted: &Wants,
     first: &mut Option<oneshot::Sender<Result<()>>>,
     table: &mut Table,
@@ -760,6 +746,12 @@ async fn follow_bucket(
     let mut watch = if filters.is_empty() {
         None
     } else {
+        // The bucket's `Store`, opened at the first watch (a stream info): a node that
+        // watches nothing never asks for it.
+        let nodes = match nodes.store().await {
+            Ok(store) => store,
+            Err(e) => return format!("opening the nodes bucket: {e}"),
+        };
         match read_whole(mesh, nodes, &filters, table).await {
             Ok(watch) => Some(watch),
             Err(reason) => return reason,

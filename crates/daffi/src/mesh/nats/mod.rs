@@ -26,9 +26,11 @@
 //! - **reconnects** are async-nats's: across the cluster's servers (the ones given and
 //!   the ones it learns). Losing the connection fails the calls in flight; the view
 //!   is kept, and brought up to date by a new watch once the connection is back.
-//! - **starting** retries opening the buckets and taking the name until
+//! - **starting** retries taking the name and writing the node's entries until
 //!   `connect_timeout` (a fresh cluster answers "no responders" until its buckets have
-//!   leaders); a name held by a node that crashed is taken over at once.
+//!   leaders), with daffi's own KV requests (`kv`: no stream info, a bucket created by
+//!   its first request if missing); a name held by a node that crashed is taken over at
+//!   once.
 //!
 //! Bounds when one server of three is killed (SIGKILL, clients given only its URL;
 //! `tests/nats.rs` and `tests/nats_schedules.rs`, 10 runs each): calls fail with named
@@ -43,6 +45,7 @@ mod caller;
 mod chunks;
 mod flow;
 mod incoming;
+mod kv;
 mod members;
 mod schedules;
 mod streams;
@@ -152,8 +155,8 @@ pub struct NatsMesh {
 }
 
 impl NatsMesh {
-    /// Connects, opens the membership buckets (the schedule buckets wait for their first
-    /// use), takes this node's name and writes its membership entries (each step tried
+    /// Connects, takes this node's name and writes its membership entries with daffi's
+    /// own KV requests (no bucket opened: see `kv`; each step tried
     /// again until `connect_timeout` while the cluster is unreachable or electing
     /// leaders), and starts serving; returns once the node has its first view of the
     /// others.
@@ -192,11 +195,10 @@ impl NatsMesh {
             .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
         let urls = &config.urls;
         // On a cluster that just started, JetStream answers "no responders" until the
-        // buckets' replicas have elected their leaders: these steps are tried again.
-        let buckets = retrying(give_up_at, "opening the membership buckets", || {
-            members::open_buckets(&client, &subjects, urls)
-        })
-        .await?;
+        // buckets' replicas have elected their leaders: these steps are tried again. The
+        // buckets are not opened (no stream info): their first request creates them if
+        // the servers say they are not there (see `kv`).
+        let buckets = members::buckets(&client, &subjects, urls);
         let revision = retrying(give_up_at, "taking the process name", || {
             members::take_name(&client, &subjects, &buckets.alive, &name, &record, urls)
         })

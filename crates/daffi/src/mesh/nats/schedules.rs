@@ -1,10 +1,11 @@
 //! PERIOD over NATS: the schedules live in the replicated JetStream KV bucket
 //! `<ns>-schedules` (one key per task id), so that they outlive every process, and one
 //! node at a time fires them: the holder of the lease `leader` in the bucket
-//! `<ns>-scheduler`. Each bucket is opened on its first use (a schedule, a cancel, a
-//! listing; the lease: this node's first try to take it), not at the node's start: a
-//! node that never schedules nor leads costs the servers no JetStream API request for
-//! them, which at a mass start of 10,000 nodes halves the requests the joins queue.
+//! `<ns>-scheduler`. The schedules bucket is opened on its first use (a schedule, a
+//! cancel, a listing), not at the node's start: a node that never schedules costs the
+//! servers no JetStream API request for it, which at a mass start of 10,000 nodes
+//! halves the requests the joins queue. The lease bucket is never opened: its writes
+//! are daffi's own requests (see `kv`), and its first write creates it if missing.
 //!
 //! - **the lease** is created atomically by a node that finds none, and renewed by its
 //!   holder every [`LEASE_RENEW`] with a revision-checked update; the bucket's age limit
@@ -63,7 +64,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -72,6 +73,7 @@ use tokio::sync::{watch, OnceCell};
 use tokio::time::Instant;
 
 use super::caller::CALLER;
+use super::kv::{Bucket, KvError};
 use super::members::{open_or_create, replicas, start_watch};
 use super::NatsMesh;
 use crate::error::{Error, Result};
@@ -207,9 +209,10 @@ struct Held {
     task: StoredTask,
 }
 
-/// The two buckets of PERIOD on one mesh, each opened on its first use: a node that
-/// never schedules and never takes the lease never asks the cluster for them (opening
-/// one is a JetStream API request; at a mass start those queue at the servers).
+/// The two buckets of PERIOD on one mesh: the tasks bucket opened on its first use (a
+/// node that never schedules never asks the cluster for it: opening one is a JetStream
+/// API request, and at a mass start those queue at the servers), the lease written
+/// with daffi's own requests, which open nothing.
 pub struct Schedules {
     client: async_nats::Client,
     namespace: String,
@@ -217,7 +220,9 @@ pub struct Schedules {
     /// How long a request of the user's waits for a bucket to open (`connect_timeout`).
     open_timeout: Duration,
     tasks: OnceCell<Store>,
-    lease: OnceCell<Store>,
+    /// The lease, written with daffi's own requests (see `kv`): no stream info at a
+    /// node's first try, the bucket created by the first write if missing.
+    lease: Bucket,
     /// Whether this node holds the lease now (it also removes the nodes that died:
     /// see `members`).
     leading: watch::Sender<bool>,
@@ -241,7 +246,12 @@ impl Schedules {
             urls: urls.to_string(),
             open_timeout,
             tasks: OnceCell::new(),
-            lease: OnceCell::new(),
+            lease: Bucket::new(
+                client,
+                lease_config(client, namespace),
+                urls,
+                "scheduler lease",
+            ),
             leading: watch::channel(false).0,
             mesh_size: AtomicUsize::new(0),
         }
@@ -250,12 +260,6 @@ impl Schedules {
     /// The tasks bucket, opened (or created) now if it is not yet.
     async fn tasks(&self) -> Result<&Store> {
         self.tasks.get_or_try_init(|| self.open_tasks()).await
-    }
-
-    /// The lease bucket, opened (or created) now if it is not yet; one try (the lease
-    /// is tried again at its next turn).
-    async fn lease(&self) -> Result<&Store> {
-        self.lease.get_or_try_init(|| self.open_lease()).await
     }
 
     /// Opens (or creates) the tasks bucket, tried again while the cluster is
@@ -281,19 +285,6 @@ impl Schedules {
             Ok(tasks)
         })
         .await
-    }
-
-    /// Opens (or creates) the lease bucket.
-    async fn open_lease(&self) -> Result<Store> {
-        let config = kv::Config {
-            bucket: format!("{}-scheduler", self.namespace),
-            description: "daffi: the node that fires the PERIOD tasks (a lease)".into(),
-            history: 1,
-            max_age: LEASE_TTL,
-            num_replicas: replicas(&self.client),
-            ..Default::default()
-        };
-        open_or_create(&self.client, config, &self.urls, "scheduler lease").await
     }
 
     /// Flips with whether this node holds the lease.
@@ -333,6 +324,18 @@ impl Schedules {
         let tasks = self.tasks().await.map_err(|e| e.to_string())?;
         let entry = tasks.entry(key).await.map_err(|e| e.to_string())?;
         Ok(entry.and_then(|entry| held_of(task_id, &entry)))
+    }
+}
+
+/// The lease bucket of `namespace`.
+fn lease_config(client: &async_nats::Client, namespace: &str) -> kv::Config {
+    kv::Config {
+        bucket: format!("{namespace}-scheduler"),
+        description: "daffi: the node that fires the PERIOD tasks (a lease)".into(),
+        history: 1,
+        max_age: LEASE_TTL,
+        num_replicas: replicas(client),
+        ..Default::default()
     }
 }
 
@@ -694,23 +697,12 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
     let started = Instant::now();
     let holding = lease.holds();
     let value = Bytes::copy_from_slice(mesh.name.as_bytes());
-    let bucket = match mesh.schedules.lease().await {
-        Ok(bucket) => bucket,
-        Err(e) => {
-            tracing::debug!(process = %mesh.name, error = %e, "could not open the scheduler lease bucket; trying again at the next turn");
-            return;
-        }
-    };
+    let bucket = &mesh.schedules.lease;
     let written = match lease.revision {
         Some(revision) => bucket
             .update(LEASE_KEY, value, revision)
             .await
-            .map_err(|e| {
-                (
-                    e.kind() != UpdateErrorKind::WrongLastRevision,
-                    e.to_string(),
-                )
-            }),
+            .map_err(|e| (e != KvError::WrongRevision, e.to_string())),
         None => bucket
             .create(LEASE_KEY, value)
             .await
@@ -1072,11 +1064,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         // Nobody answers for the lease from now on; another node takes over at once (it
         // hears the release), not after the lease's age limit.
         lease.lost();
-        if let Ok(bucket) = mesh.schedules.lease().await {
-            let _ = bucket
-                .delete_expect_revision(LEASE_KEY, Some(revision))
-                .await;
-        }
+        let _ = mesh.schedules.lease.delete(LEASE_KEY, Some(revision)).await;
         announce(&mesh, LeaseNews::Released).await;
     }
 }
