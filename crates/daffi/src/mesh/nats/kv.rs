@@ -28,6 +28,7 @@ use async_nats::header::{
 use async_nats::jetstream::kv::{Config, Store};
 use async_nats::{Message, Request, RequestErrorKind, StatusCode};
 use bytes::Bytes;
+use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use super::members::{open_or_create, KV_TIMEOUT};
@@ -297,17 +298,21 @@ impl Bucket {
         let answer = self
             .request(format!("{}{key}", self.keys), headers, value)
             .await?;
-        match Answer::read(&answer.payload) {
-            Some(Answer::Done {
+        match serde_json::from_slice::<Ack>(&answer.payload) {
+            Ok(Ack {
                 seq: Some(revision),
+                error: None,
             }) => Ok(revision),
-            Some(Answer::Refused { code, .. }) if code == WRONG_LAST_SEQUENCE => {
-                Err(KvError::WrongRevision)
-            }
-            Some(Answer::Refused { code, description }) => {
-                Err(self.failed(format!("a write was refused: {description} (code {code})")))
-            }
-            _ => Err(self.failed(format!(
+            Ok(Ack {
+                error: Some(error), ..
+            }) if error.err_code == WRONG_LAST_SEQUENCE => Err(KvError::WrongRevision),
+            Ok(Ack {
+                error: Some(error), ..
+            }) => Err(self.failed(format!(
+                "a write was refused: {} (code {})",
+                error.description, error.err_code
+            ))),
+            Ok(Ack { .. }) | Err(_) => Err(self.failed(format!(
                 "a write's acknowledgment was not understood: {}",
                 String::from_utf8_lossy(&answer.payload)
             ))),
@@ -371,15 +376,17 @@ impl Bucket {
         let Ok(info) = info else {
             return Ok(false);
         };
-        match Answer::read(&info.payload) {
-            Some(Answer::Refused { code, .. }) if code == STREAM_NOT_FOUND => {
+        match serde_json::from_slice::<Ack>(&info.payload) {
+            Ok(Ack {
+                error: Some(error), ..
+            }) if error.err_code == STREAM_NOT_FOUND => {
                 tracing::debug!(bucket = %self.config.bucket, "creating the bucket");
                 self.store()
                     .await
                     .map_err(|e| KvError::Failed(e.to_string()))?;
                 Ok(true)
             }
-            Some(Answer::Done { .. }) => {
+            Ok(Ack { error: None, .. }) => {
                 // It exists: timeouts are the servers' load, no sign of a missing bucket.
                 self.answered();
                 Ok(false)
@@ -461,52 +468,21 @@ impl Bucket {
     }
 }
 
-/// What a JetStream answer (a publish's acknowledgment, a stream info) says, of what
-/// daffi reads: its JSON read by hand, for these two fields (no JSON deserializer's
-/// code to run: an idle node's resident code is what it runs).
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    /// Done; a publish's acknowledgment gives the message's sequence.
-    Done { seq: Option<u64> },
-    /// Refused: the JetStream error code and its description.
-    Refused { code: u64, description: String },
+/// A JetStream publish's acknowledgment, or an API answer's error (the other fields of
+/// a stream info are not read).
+#[derive(Deserialize)]
+struct Ack {
+    seq: Option<u64>,
+    error: Option<ApiError>,
 }
 
-impl Answer {
-    /// The answer `payload` holds; `None` if it is no JSON object.
-    fn read(payload: &[u8]) -> Option<Answer> {
-        let text = std::str::from_utf8(payload).ok()?.trim_start();
-        if !text.starts_with('{') {
-            return None;
-        }
-        if text.contains("\"error\":{") {
-            return Some(Answer::Refused {
-                code: number_after(text, "\"err_code\":").unwrap_or(0),
-                description: string_after(text, "\"description\":").unwrap_or_default(),
-            });
-        }
-        Some(Answer::Done {
-            seq: number_after(text, "\"seq\":"),
-        })
-    }
-}
-
-/// The number that follows the first `key` in `text`.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let rest = text[text.find(key)? + key.len()..].trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// The string that follows the first `key` in `text`, up to its first quote (for a
-/// message: escapes are not undone).
-fn string_after(text: &str, key: &str) -> Option<String> {
-    let rest = text[text.find(key)? + key.len()..]
-        .trim_start()
-        .strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_string())
+/// A JetStream refusal.
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
 }
 
 #[cfg(test)]
@@ -515,40 +491,12 @@ mod tests {
 
     #[test]
     fn acks_and_refusals_are_read() {
-        assert_eq!(
-            Answer::read(br#"{"stream":"KV_a","seq":42}"#),
-            Some(Answer::Done { seq: Some(42) })
-        );
-        assert_eq!(
-            Answer::read(br#"{"stream":"KV_a", "domain":"x", "seq": 7, "duplicate":true}"#),
-            Some(Answer::Done { seq: Some(7) })
-        );
-        assert_eq!(
-            Answer::read(
-                br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_a","seq":0}"#
-            ),
-            Some(Answer::Refused {
-                code: WRONG_LAST_SEQUENCE,
-                description: "wrong last sequence: 5".into()
-            })
-        );
-        assert_eq!(
-            Answer::read(
-                br#"{"type":"io.nats.jetstream.api.v1.stream_info_response","error":{"code":404,"err_code":10059,"description":"stream not found"}}"#
-            ),
-            Some(Answer::Refused {
-                code: STREAM_NOT_FOUND,
-                description: "stream not found".into()
-            })
-        );
-        assert_eq!(
-            Answer::read(br#"{"error":{"code":503,"description":"unavailable"}}"#),
-            Some(Answer::Refused {
-                code: 0,
-                description: "unavailable".into()
-            })
-        );
-        assert_eq!(Answer::read(b"+OK"), None);
-        assert_eq!(Answer::read(b""), None);
+        let ack: Ack = serde_json::from_slice(br#"{"stream":"KV_a","seq":42}"#).unwrap();
+        assert_eq!((ack.seq, ack.error.is_none()), (Some(42), true));
+        let refused: Ack = serde_json::from_slice(
+            br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_a","seq":0}"#,
+        )
+        .unwrap();
+        assert_eq!(refused.error.map(|e| e.err_code), Some(WRONG_LAST_SEQUENCE));
     }
 }
