@@ -1,7 +1,7 @@
 //! Small byte strings cut from a buffer per thread: frame headers, small encoded values.
 //!
 //! Each is a slice of this thread's buffer (a `Bytes` sharing it): no allocation and no
-//! free per string, one per [`CHUNK`] bytes of them. A buffer lives while a string cut
+//! free per string, one per 1 KiB of them. A buffer lives while a string cut
 //! from it does, and is reused in place once none does. Kept small, so that a string
 //! kept long (a frame queued for a slow peer) holds at most this much alive besides its
 //! own bytes.
