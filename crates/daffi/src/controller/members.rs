@@ -30,12 +30,6 @@ struct Route {
 }
 
 impl Route {
-    /// Replies go to leaving nodes too (they finish what they started); new requests
-    /// do not.
-    fn takes(&self, request: bool) -> bool {
-        !(request && self.leaving)
-    }
-
     /// Queues what the node called `name` is owed of `changes` (those after its
     /// `synced`), and marks it told up to `last`.
     fn tell(&self, name: &str, changes: &[Arc<Change>], last: u64) {
@@ -99,20 +93,7 @@ impl Members {
         let Some(route) = self.route_via(&routes, last, name) else {
             return Err(UndeliverableCode::UnknownProcess);
         };
-        if request && route.leaving {
-            return Err(UndeliverableCode::Stopping);
-        }
-        if !request {
-            return match deliver(&route.queue, frame) {
-                true => Ok(()),
-                false => Err(UndeliverableCode::UnknownProcess),
-            };
-        }
-        match route.queue.push(frame) {
-            Push::Sent => Ok(()),
-            Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
-            Push::Closed => Err(UndeliverableCode::UnknownProcess),
-        }
+        queue_for(&route.queue, route.leaving, request, frame)
     }
 
     /// Corks the connection of the node called `name`, if it is connected: more frames
@@ -159,7 +140,7 @@ impl Members {
     /// reads too little: `SlowConsumer`). Anything else (a reply) is queued past the
     /// byte limit; past the hard limit, the node is disconnected instead. A frame for an
     /// idle connection is written here, under the read lock (the write never waits),
-    /// unless the connection is corked ([`cork`](Self::cork)). `Err`: not queued, and
+    /// unless the connection is corked ([`cork_via`](Self::cork_via)). `Err`: not queued, and
     /// why.
     pub fn forward(
         &self,
@@ -171,20 +152,7 @@ impl Members {
         let Some(route) = routes.get(name) else {
             return Err(UndeliverableCode::UnknownProcess);
         };
-        if !route.takes(request) {
-            return Err(UndeliverableCode::Stopping);
-        }
-        if !request {
-            return match deliver(&route.queue, frame) {
-                true => Ok(()),
-                false => Err(UndeliverableCode::UnknownProcess),
-            };
-        }
-        match route.queue.push(frame) {
-            Push::Sent => Ok(()),
-            Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
-            Push::Closed => Err(UndeliverableCode::UnknownProcess),
-        }
+        queue_for(&route.queue, route.leaving, request, frame)
     }
 
     /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
@@ -466,6 +434,32 @@ pub struct Joining<'a> {
     pub frame_limit: usize,
     /// What it asked to be told of the others.
     pub view: NodeView,
+}
+
+/// Queues `frame` on a node's `queue` (`leaving`: the node is stopping), as
+/// [`Members::forward`] says: a request only if the node is not leaving and its queue
+/// has room; anything else (replies go to leaving nodes too: they finish what they
+/// started) past the byte limit (see [`deliver`]).
+fn queue_for(
+    queue: &Queue,
+    leaving: bool,
+    request: bool,
+    frame: Outgoing,
+) -> Result<(), UndeliverableCode> {
+    if request && leaving {
+        return Err(UndeliverableCode::Stopping);
+    }
+    if !request {
+        return match deliver(queue, frame) {
+            true => Ok(()),
+            false => Err(UndeliverableCode::UnknownProcess),
+        };
+    }
+    match queue.push(frame) {
+        Push::Sent => Ok(()),
+        Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
+        Push::Closed => Err(UndeliverableCode::UnknownProcess),
+    }
 }
 
 /// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
