@@ -29,11 +29,14 @@ impl Mesh for ControllerMesh {
     ) -> BoxFuture<'a, Result<Option<Waiter>>> {
         Box::pin(async move {
             let (conn, target, waiter) = match self.prepare_call(req) {
-                Err(_) if self.must_subscribe(req) => {
-                    self.subscribe(Scope::Callback(&req.callback)).await?;
+                Ok(prepared) => prepared,
+                Err(_) => {
+                    if self.must_subscribe(req) {
+                        self.subscribe(Scope::Callback(&req.callback)).await?;
+                    }
+                    // Subscribed, or the providers arrived since the first look.
                     self.prepare_call(req)?
                 }
-                prepared => prepared?,
             };
             let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
             self.send_by(&conn, frame, deadline)
@@ -48,7 +51,11 @@ impl Mesh for ControllerMesh {
             Ok(prepared) => prepared,
             // The providers are not known yet: `send_call` asks for them.
             Err(_) if self.must_subscribe(req) => return None,
-            Err(e) => return Some(Err(e)),
+            // They may have arrived since the first look (the view now holds them).
+            Err(_) => match self.prepare_call(req) {
+                Ok(prepared) => prepared,
+                Err(e) => return Some(Err(e)),
+            },
         };
         // The arguments move into the frame: a clone of them would cost an allocation.
         let args = std::mem::take(&mut req.args);
@@ -77,6 +84,8 @@ impl Mesh for ControllerMesh {
                 crate::blocking::wait(&runtime, "stream", self.subscribe(scope))??;
                 self.start_stream(req)
             }
+            // Subscribed, or the providers arrived since the first look.
+            Err(_) => self.start_stream(req),
             opened => opened,
         }
     }
@@ -226,7 +235,8 @@ impl ControllerMesh {
     }
 
     /// Whether a call to `req` that found no node must first learn the providers of its
-    /// callback (and then try again).
+    /// callback (and then try again). A call that need not still looks once more: the
+    /// subscription of another call may have brought them since it first looked.
     fn must_subscribe(&self, req: &CallRequest) -> bool {
         !self.membership.covers(Scope::Callback(&req.callback)) && self.is_connected()
     }

@@ -38,11 +38,14 @@ impl Mesh for NatsMesh {
         Box::pin(async move {
             self.check_ready()?;
             let target = match self.route(req) {
-                Err(_) if self.must_learn(req) => {
-                    members::want(self, Scope::Callback(&req.callback)).await?;
+                Ok(target) => target,
+                Err(_) => {
+                    if self.must_learn(req) {
+                        members::want(self, Scope::Callback(&req.callback)).await?;
+                    }
+                    // Learned, or the providers arrived since the first look.
                     self.route(req)?
                 }
-                routed => routed?,
             };
             self.request(&target, req, deadline).await
         })
@@ -82,6 +85,8 @@ impl Mesh for NatsMesh {
                 crate::blocking::wait(&runtime, "stream", members::want(self, scope))??;
                 self.start_stream(req)
             }
+            // Learned, or the providers arrived since the first look.
+            Err(_) => self.start_stream(req),
             opened => opened,
         }
     }
