@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
+#[cfg(feature = "nats")]
 use std::time::Instant;
 
 use common::wire::{self, read_frame};
@@ -99,6 +100,7 @@ fn providers(g: &Global) -> BTreeSet<String> {
 /// Waits until a broadcast of `scale_work` from `g` reaches exactly `expected`
 /// (bounded): over NATS, `g`'s watch of the providers hears of joins and leaves a
 /// moment after the servers stored them (a node's `c` keys follow its `n` entry).
+#[cfg(feature = "nats")]
 fn wait_for_providers(g: &Global, expected: &BTreeSet<String>, what: &str) {
     let reached = || -> BTreeSet<String> {
         let answers = g
