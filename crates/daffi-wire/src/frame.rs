@@ -275,10 +275,15 @@ impl Frame {
             return Err(FrameError::Truncated("names run past the end of the frame"));
         }
         // The three names are checked in one pass; each one is then valid UTF-8 if no
-        // character straddles the places where they meet.
-        let names_valid = std::str::from_utf8(&b[NAMES_START..name_end]).is_ok_and(|names| {
-            names.is_char_boundary(src_len) && names.is_char_boundary(src_len + dst_len)
-        });
+        // character straddles the places where they meet. Names are nearly always ASCII,
+        // which a check a word at a time settles (every place is then a boundary): a
+        // third of the cost of the UTF-8 check on names this short, for every frame
+        // read by every process.
+        let names = &b[NAMES_START..name_end];
+        let names_valid = names.is_ascii()
+            || std::str::from_utf8(names).is_ok_and(|names| {
+                names.is_char_boundary(src_len) && names.is_char_boundary(src_len + dst_len)
+            });
         if !names_valid {
             let field = [
                 ("src", NAMES_START..src_end),

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::outgoing::Outgoing;
 
-pub use sender::{Cork, FrameSender, Push};
+pub use sender::{Batch, Cork, FrameSender, Push, DIRECT_BATCH};
 use writer::run_writer;
 
 /// What a queued frame costs besides its bytes (its entry in the queue, the handles on
@@ -145,6 +145,9 @@ struct Shared {
     senders: AtomicUsize,
     /// Live [`Cork`]s: while there are any, senders leave writing to the writer task.
     corks: AtomicUsize,
+    /// Live [`Batch`]es: while there are any, frames queued wake nobody; the last one
+    /// dropped writes them, or wakes the writer task.
+    batches: AtomicUsize,
 }
 
 struct State {
@@ -198,6 +201,7 @@ where
         limits,
         senders: AtomicUsize::new(1),
         corks: AtomicUsize::new(0),
+        batches: AtomicUsize::new(0),
     });
     let writer = run_writer(shared.clone());
     (FrameSender { shared }, writer)

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
 
 use super::{CloseReason, Closed, Held, Shared, Socket, FRAME_COST};
@@ -155,6 +155,15 @@ impl FrameSender {
         }
     }
 
+    /// Opens a [`Batch`]: the frames queued until it is dropped leave together, written
+    /// by whoever drops the last one.
+    pub fn batch(&self) -> Batch {
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        Batch {
+            shared: self.shared.clone(),
+        }
+    }
+
     fn push_within(&self, frame: Outgoing, hard: bool) -> Push {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -163,7 +172,9 @@ impl FrameSender {
         // The clock is read last: a busy connection is decided without it. An idle
         // socket with an empty queue means nothing is held: the writer task gives the
         // socket back only once it wrote everything it took.
-        let direct = self.shared.corks.load(Ordering::Relaxed) == 0
+        let batching = self.shared.batches.load(Ordering::Relaxed) > 0;
+        let direct = !batching
+            && self.shared.corks.load(Ordering::Relaxed) == 0
             && st.queue.is_empty()
             && st.socket.is_some()
             && st
@@ -202,11 +213,91 @@ impl FrameSender {
         }
         st.unwritten += cost;
         st.queue.push_back(frame);
-        // Whoever holds the socket now looks at the queue when it gives the socket back.
-        if st.socket.is_some() {
+        // Whoever holds the socket now looks at the queue when it gives the socket back;
+        // the last `Batch` dropped writes it (or wakes the writer task then).
+        if st.socket.is_some() && !batching {
             self.shared.work.notify_one();
         }
         Push::Sent
+    }
+}
+
+/// A run of frames for a connection that one task queues now, without waiting in
+/// between (the controller forwarding the frames of one read to one node): until the
+/// last `Batch` is dropped, frames queued wake nobody. The one who drops it writes them
+/// itself, in one write call, if the connection is idle and they are small (up to
+/// [`DIRECT_BATCH`] bytes together); otherwise it wakes the writer task for them. So a
+/// burst of forwarded frames costs one write and no task wake-up.
+///
+/// Hold it only while queueing, never across an `.await`: frames queued meanwhile wait
+/// for it.
+pub struct Batch {
+    shared: Arc<Shared>,
+}
+
+/// The most bytes a dropped [`Batch`] writes itself; more go to the writer task.
+pub const DIRECT_BATCH: usize = 64 * 1024;
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        // Counted down under the lock: a sender that saw a batch open (under the lock)
+        // queued its frame before the look at the queue below.
+        if shared.batches.fetch_sub(1, Ordering::Relaxed) != 1
+            || st.queue.is_empty()
+            || shared.closed.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let bytes: usize = st.queue.iter().map(Outgoing::len).sum();
+        let socket = match st.socket.take() {
+            Some(socket) if bytes <= DIRECT_BATCH => socket,
+            other => {
+                // The writer task has the socket (and looks at the queue when it gives
+                // it back), or there is too much to copy: it writes them.
+                if other.is_some() {
+                    st.socket = other;
+                    shared.work.notify_one();
+                }
+                return;
+            }
+        };
+        let frames = st.queue.len();
+        let mut out = Vec::with_capacity(bytes);
+        for frame in st.queue.drain(..) {
+            frame.copy_to(&mut out);
+        }
+        drop(st);
+        let mut socket = socket;
+        let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
+        let mut st = shared.lock();
+        st.socket = Some(socket);
+        st.last_write = Some(Instant::now());
+        st.unwritten = st.unwritten.saturating_sub(bytes + frames * FRAME_COST);
+        match written {
+            Ok(None) if st.queue.is_empty() => {}
+            Ok(None) => shared.work.notify_one(),
+            Ok(Some(rest)) => {
+                // The socket is full: the writer task finishes first.
+                st.unwritten += rest.len() + FRAME_COST;
+                st.queue.push_front(rest);
+                shared.work.notify_one();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a write failed; closing the connection");
+                shared.close(&mut st, CloseReason::WriteFailed(e.to_string()));
+                return;
+            }
+        }
+        drop(st);
+        shared.room.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
     }
 }
 

@@ -328,3 +328,95 @@ async fn a_sender_writes_itself_on_an_idle_connection_unless_corked() {
         .expect("the writer task sends it within 10 s")
         .expect("read");
 }
+
+#[tokio::test]
+async fn a_batch_leaves_in_one_write_by_whoever_drops_it() {
+    // A writer task that is not running: only the batch's own write reaches the peer.
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(a, frames(64));
+    let batch = tx.batch();
+    let second = tx.batch();
+    for len in [10, 20, 30] {
+        assert!(matches!(tx.push(raw(len)), Push::Sent));
+    }
+    assert_eq!(readable_now(&mut peer), None, "a frame left during a batch");
+    drop(second);
+    assert_eq!(
+        readable_now(&mut peer),
+        None,
+        "a batch still open, yet frames left"
+    );
+    drop(batch);
+    assert_eq!(
+        readable_now(&mut peer),
+        Some(60),
+        "the last batch dropped wrote them"
+    );
+    assert_eq!(
+        tx.shared.lock().unwritten,
+        0,
+        "nothing is held once written"
+    );
+    // Nothing open: an idle connection is written at once again.
+    std::thread::sleep(QUIET);
+    assert!(matches!(tx.push(raw(5)), Push::Sent));
+    assert_eq!(readable_now(&mut peer), Some(5));
+}
+
+/// Longer than a connection must be quiet before a sender writes itself.
+const QUIET: Duration = Duration::from_millis(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_socket_cannot_take_is_finished_by_the_writer_in_order() {
+    // A pipe smaller than the batch: the dropper writes what fits, the writer task the
+    // rest, and frames queued after the batch follow it.
+    let (a, b) = tokio::io::duplex(256);
+    let (tx, writer) = frame_channel(a, frames(64));
+    let writer = tokio::spawn(writer);
+    let frame = |id: u64| {
+        let mut h = Header::control(Kind::Request);
+        h.call_id = id;
+        Outgoing::new(&h, Bytes::from(vec![id as u8; 100]))
+    };
+    let batch = tx.batch();
+    for id in 0..10 {
+        assert!(matches!(tx.push(frame(id)), Push::Sent));
+    }
+    drop(batch);
+    for id in 10..20 {
+        tx.send(frame(id)).await.expect("connection open");
+    }
+    let mut reader = FrameReader::new(b, 1 << 20);
+    for id in 0..20u64 {
+        let f = tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .expect("the frame within 10 s")
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(f.call_id(), id);
+        assert!(f.payload().iter().all(|&b| b == id as u8));
+    }
+    drop(tx);
+    writer.await.expect("join").expect("io");
+}
+
+#[tokio::test]
+async fn a_batch_too_large_to_copy_goes_to_the_writer_task() {
+    let (a, mut peer) = tokio::io::duplex(1 << 20);
+    let (tx, writer) = frame_channel(a, QueueLimits::default());
+    let batch = tx.batch();
+    assert!(matches!(tx.push(raw(DIRECT_BATCH / 2 + 1)), Push::Sent));
+    assert!(matches!(tx.push(raw(DIRECT_BATCH / 2 + 1)), Push::Sent));
+    drop(batch);
+    assert_eq!(
+        readable_now(&mut peer),
+        None,
+        "copied and written by the dropper"
+    );
+    tokio::spawn(writer);
+    let mut both = vec![0u8; DIRECT_BATCH + 2];
+    tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut both))
+        .await
+        .expect("the writer task sends them within 10 s")
+        .expect("read");
+}

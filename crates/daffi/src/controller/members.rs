@@ -10,7 +10,7 @@ use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WIN
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use daffi_wire::frame::LEN_PREFIX;
-use daffi_wire::{Cork, FrameSender, Outgoing, Push};
+use daffi_wire::{Batch, FrameSender, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -96,13 +96,14 @@ impl Members {
         queue_for(&route.queue, route.leaving, request, frame)
     }
 
-    /// Corks the connection of the node called `name`, if it is connected: more frames
-    /// for it are at hand, and leave together (see [`Cork`]). Finds the route through
-    /// `last`, as [`forward_via`](Self::forward_via) does.
-    pub fn cork_via(&self, last: &mut Option<LastRoute>, name: &str) -> Option<Cork> {
+    /// Opens a [`Batch`] on the connection of the node called `name`, if it is
+    /// connected: more frames for it are at hand, and leave together, written when the
+    /// batch is dropped. Finds the route through `last`, as
+    /// [`forward_via`](Self::forward_via) does.
+    pub fn batch_via(&self, last: &mut Option<LastRoute>, name: &str) -> Option<Batch> {
         let routes = read(&self.routes);
         self.route_via(&routes, last, name)
-            .map(|route| route.queue.cork())
+            .map(|route| route.queue.batch())
     }
 
     /// The route of `name`: `last` if it is that route and the routes are as they were
@@ -140,7 +141,7 @@ impl Members {
     /// reads too little: `SlowConsumer`). Anything else (a reply) is queued past the
     /// byte limit; past the hard limit, the node is disconnected instead. A frame for an
     /// idle connection is written here, under the read lock (the write never waits),
-    /// unless the connection is corked ([`cork_via`](Self::cork_via)). `Err`: not queued, and
+    /// unless a batch is open on it ([`batch_via`](Self::batch_via)). `Err`: not queued, and
     /// why.
     pub fn forward(
         &self,
@@ -576,7 +577,7 @@ mod tests {
             members.forward_via(&mut last, "a", false, frame()),
             Err(UndeliverableCode::UnknownProcess)
         );
-        assert!(members.cork_via(&mut last, "a").is_none());
+        assert!(members.batch_via(&mut last, "a").is_none());
         assert!(
             members
                 .join(joining("a", 2, &["f"]), |_| Outgoing::default())

@@ -23,7 +23,7 @@ use crate::protocol::{
     MAX_HELLO_SIZE, MEMBER_OVERHEAD,
 };
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
-use daffi_wire::channel::{CloseReason, Cork};
+use daffi_wire::channel::{Batch, CloseReason};
 use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
@@ -251,8 +251,9 @@ struct Routing<'a> {
     queue: &'a FrameSender,
     runs: &'a mut Runs,
     /// Held while the frames read go to one node, one after the other: they leave that
-    /// node's connection together, in one write.
-    run_to_one_node: Option<Cork>,
+    /// node's connection together, in one write, once the run's last frame is queued
+    /// (written by this session when the connection is idle: no writer task woken).
+    run_to_one_node: Option<Batch>,
     /// The route of the run of frames to one node being forwarded (see
     /// [`members::LastRoute`]); dropped when the run ends.
     last_route: Option<members::LastRoute>,
@@ -262,25 +263,29 @@ impl FrameHandler for Routing<'_> {
     type Refusal = String;
 
     fn frame(&mut self, frame: Frame, next_dst: Option<&[u8]>) -> Handled<String> {
-        // The next frame read goes to the same node: leave this one to that
-        // connection's writer, and they leave together. (A cork already held is for
-        // this very node: the frame before this one looked ahead to it.)
-        // The route is kept for such a run only: a frame alone (a call at a time) looks
-        // its route up without taking a handle on the node's queue.
+        // The next frame read goes to the same node: open a batch on its connection,
+        // and the frames of the run leave together when its last one is queued. (A
+        // batch already open is for this very node: the frame before this one looked
+        // ahead to it.) The route is kept for such a run only: a frame alone (a call
+        // at a time) looks its route up without taking a handle on the node's queue.
         let run_goes_on = next_dst == Some(frame.dst().as_bytes());
-        if !run_goes_on {
-            self.run_to_one_node = None;
-            self.last_route = None;
-        } else if self.run_to_one_node.is_none() {
+        if run_goes_on && self.run_to_one_node.is_none() {
             self.run_to_one_node = self
                 .shared
                 .members
-                .cork_via(&mut self.last_route, frame.dst());
+                .batch_via(&mut self.last_route, frame.dst());
         }
-        match frame.kind() {
+        let handled = match frame.kind() {
             kind if kind.is_node_to_node() => self.forward(frame, run_goes_on),
             _ => Handled::Wait(frame),
+        };
+        if !run_goes_on || !matches!(handled, Handled::Done) {
+            // The run ends with this frame (or the session is about to wait: a batch
+            // is never held across a wait): what it queued leaves now.
+            self.run_to_one_node = None;
+            self.last_route = None;
         }
+        handled
     }
 
     fn frame_waiting(
