@@ -15,6 +15,12 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 
+/// Calls waiting on one table from which a new request leaves with others, not alone
+/// ([`Waiter::among_many`]): with this many replies on their way, the writer has company
+/// for it soon, and one write of many frames costs each of the three processes less than
+/// a write of one followed by a write of the rest.
+pub const MANY_IN_FLIGHT: usize = 16;
+
 /// What a waiting call eventually receives.
 pub type Completion = Result<ReplyPayload, Error>;
 
@@ -273,11 +279,22 @@ impl Hasher for CallIdHasher {
 impl Pending {
     /// Records a call to `callback` on `target`; returns its id and the receiver of its
     /// completion, or `None` once the table is closed.
+    #[cfg(test)]
     pub fn insert(
         &self,
         target: Arc<str>,
         callback: Arc<str>,
     ) -> Option<(u64, oneshot::Receiver<Completion>)> {
+        self.insert_counted(target, callback)
+            .map(|(id, rx, _)| (id, rx))
+    }
+
+    /// [`insert`](Self::insert), also returning how many calls waited before this one.
+    fn insert_counted(
+        &self,
+        target: Arc<str>,
+        callback: Arc<str>,
+    ) -> Option<(u64, oneshot::Receiver<Completion>, usize)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (done, rx) = oneshot::channel();
         let mut table = self.lock();
@@ -289,8 +306,9 @@ impl Pending {
             callback,
             done,
         };
+        let waiting = table.calls.len();
         table.calls.insert(id, entry);
-        Some((id, rx))
+        Some((id, rx, waiting))
     }
 
     /// Records a call like [`Pending::insert`], and returns what waits on it until
@@ -302,11 +320,12 @@ impl Pending {
         callback: Arc<str>,
         timeout: Option<Duration>,
     ) -> Option<Waiter> {
-        let (call_id, done) = self.insert(target, callback.clone())?;
+        let (call_id, done, waiting) = self.insert_counted(target, callback.clone())?;
         let deadline = timeout.map(|t| Instant::now() + t);
         Some(Waiter {
             pending: self.clone(),
             call_id,
+            among_many: waiting >= MANY_IN_FLIGHT,
             done,
             callback,
             timeout,
@@ -504,6 +523,8 @@ pub fn overrun(peer: &str, callback: &str, what: &str) -> Error {
 pub struct Waiter {
     pending: Arc<Pending>,
     call_id: u64,
+    /// At least [`MANY_IN_FLIGHT`] other calls waited on the table when this one joined.
+    among_many: bool,
     done: oneshot::Receiver<Completion>,
     callback: Arc<str>,
     timeout: Option<Duration>,
@@ -536,6 +557,14 @@ impl Waiter {
     /// The call's id in its table (the id its reply carries).
     pub fn call_id(&self) -> u64 {
         self.call_id
+    }
+
+    /// Whether at least [`MANY_IN_FLIGHT`] other calls were waiting on the same table
+    /// when this one was recorded: their replies are on their way, so the request can
+    /// wait for the connection's writer to send it with others rather than be written
+    /// alone (see `ControllerMesh::cork_if_many`).
+    pub fn among_many(&self) -> bool {
+        self.among_many
     }
 
     /// Whether polling would finish at once: the reply is in, or the deadline passed.
@@ -632,6 +661,21 @@ mod tests {
             assert_eq!(pending.take(*id).is_some(), i % 2 == 1, "call {id}");
         }
         assert!(pending.take(ids[1]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_call_is_among_many_once_enough_others_wait() {
+        let pending = Arc::new(Pending::default());
+        let waiters: Vec<Waiter> = (0..=MANY_IN_FLIGHT)
+            .map(|_| pending.wait("n".into(), "f".into(), None).expect("open"))
+            .collect();
+        let many: Vec<bool> = waiters.iter().map(Waiter::among_many).collect();
+        assert!(many[..MANY_IN_FLIGHT].iter().all(|m| !m), "{many:?}");
+        assert!(many[MANY_IN_FLIGHT], "the call after {MANY_IN_FLIGHT} others");
+        // Once the others are answered (or given up), a call is alone again.
+        drop(waiters);
+        let alone = pending.wait("n".into(), "f".into(), None).expect("open");
+        assert!(!alone.among_many());
     }
 
     #[test]

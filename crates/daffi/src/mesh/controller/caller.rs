@@ -39,6 +39,7 @@ impl Mesh for ControllerMesh {
                 }
             };
             let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
+            let _with_others = self.cork_if_many(&conn, waiter.as_ref());
             self.send_by(&conn, frame, deadline)
                 .await
                 .map_err(|unsent| self.not_sent(unsent, req))?;
@@ -59,10 +60,9 @@ impl Mesh for ControllerMesh {
         };
         // The arguments move into the frame: a clone of them would cost an allocation.
         let args = std::mem::take(&mut req.args);
-        match conn
-            .queue
-            .push(self.request_frame(&target, req, waiter.as_ref(), args))
-        {
+        let frame = self.request_frame(&target, req, waiter.as_ref(), args);
+        let _with_others = self.cork_if_many(&conn, waiter.as_ref());
+        match conn.queue.push(frame) {
             Push::Sent => Some(Ok(waiter)),
             Push::Closed => Some(Err(self.unreachable("connection lost"))),
             // The queue is full: nothing was sent, and the dropped waiter forgets the
@@ -303,6 +303,17 @@ impl ControllerMesh {
             });
         }
         Ok(())
+    }
+
+    /// While many calls wait on `conn` (see [`Waiter::among_many`]), the next request is
+    /// left to the connection's writer task, which sends it with the others queued by
+    /// then, instead of being written alone from the calling thread: a burst of calls
+    /// made as replies come in (BG with many in flight, many tasks each calling) starts
+    /// with one write of many frames, not a write of one frame (which the controller and
+    /// the callee would each read and forward alone) followed by the rest. A lone call,
+    /// or a few, is still written at once. Hold what this returns across the push.
+    fn cork_if_many(&self, conn: &Connection, waiter: Option<&Waiter>) -> Option<daffi_wire::Cork> {
+        waiter.filter(|w| w.among_many()).map(|_| conn.queue.cork())
     }
 
     /// Queues `frame` on `conn`, waiting for room only until `deadline` (the call's
