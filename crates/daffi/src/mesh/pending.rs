@@ -671,7 +671,10 @@ mod tests {
             .collect();
         let many: Vec<bool> = waiters.iter().map(Waiter::among_many).collect();
         assert!(many[..MANY_IN_FLIGHT].iter().all(|m| !m), "{many:?}");
-        assert!(many[MANY_IN_FLIGHT], "the call after {MANY_IN_FLIGHT} others");
+        assert!(
+            many[MANY_IN_FLIGHT],
+            "the call after {MANY_IN_FLIGHT} others"
+        );
         // Once the others are answered (or given up), a call is alone again.
         drop(waiters);
         let alone = pending.wait("n".into(), "f".into(), None).expect("open");
