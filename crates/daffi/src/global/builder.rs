@@ -423,9 +423,9 @@ impl GlobalBuilder {
 
     /// A NATS credentials file (`.creds`: a user JWT and its NKey seed) to connect to
     /// the NATS servers with. Only with [`nats`](Self::nats). A missing or unreadable
-    /// file is an [`Error::Config`](crate::Error::Config); a user the servers do not
+    /// file is an [`Error::Config`]; a user the servers do not
     /// trust (unknown account, expired or revoked) gets
-    /// [`Error::AuthenticationFailed`](crate::Error::AuthenticationFailed).
+    /// [`Error::AuthenticationFailed`].
     pub fn nats_credentials(mut self, path: impl Into<PathBuf>) -> Self {
         self.nats_credentials = Some(path.into());
         self

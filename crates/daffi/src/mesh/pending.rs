@@ -289,7 +289,9 @@ impl Pending {
             .map(|(id, rx, _)| (id, rx))
     }
 
-    /// [`insert`](Self::insert), also returning how many calls waited before this one.
+    /// Records a call to `callback` on `target`; returns its id, the receiver of its
+    /// completion and how many calls waited before it, or `None` once the table is
+    /// closed.
     fn insert_counted(
         &self,
         target: Arc<str>,
@@ -311,7 +313,7 @@ impl Pending {
         Some((id, rx, waiting))
     }
 
-    /// Records a call like [`Pending::insert`], and returns what waits on it until
+    /// Records a call to `callback` on `target`, and returns what waits on it until
     /// `timeout` (if any) from now; `None` once the table is closed. `callback` names the
     /// call in a `Timeout` error.
     pub fn wait(

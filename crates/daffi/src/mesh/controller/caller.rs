@@ -1,5 +1,6 @@
 //! The calling half of the seam over the controller link: requests as frames, queued on
-//! the connection, their replies awaited through the connection's [`Pending`] table.
+//! the connection, their replies awaited through the connection's
+//! [`Pending`](crate::mesh::Pending) table.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
