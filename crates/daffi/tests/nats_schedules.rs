@@ -73,6 +73,7 @@ fn child_builder() -> GlobalBuilder {
 
 /// A node that only takes part (and may fire the schedules) until killed.
 fn node_role() {
+    common::logs_from_env();
     child_builder()
         .start()
         .expect("node starts")

@@ -691,11 +691,16 @@ impl Lease {
 }
 
 /// Renews the lease this node holds, or takes it if nobody does. A holder whose renewal
-/// goes unanswered (the lease bucket electing a leader) fires on: nobody else can take
-/// the lease meanwhile, and each run is claimed on its own, so never sent twice.
+/// goes unanswered (the lease bucket electing a leader) fires on, even when its last
+/// renewal is older than the lease's life (its turns came late: while the buckets
+/// elect, their requests and watches time out one after the other): nobody can take
+/// the lease while the bucket elects, and a node that took it meanwhile (the bucket
+/// answered others) only fires beside this one until this one's next renewal is
+/// refused; each run is claimed on its own, so never sent twice. Only a refusal (the
+/// lease changed) ends a hold: giving up on a lease that nobody else could take
+/// stopped the runs until another node's turn, 3-4 s after the election.
 async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
     let started = Instant::now();
-    let holding = lease.holds();
     let value = Bytes::copy_from_slice(mesh.name.as_bytes());
     let bucket = &mesh.schedules.lease;
     let written = match lease.revision {
@@ -720,7 +725,7 @@ async fn hold_or_take(mesh: &NatsMesh, lease: &mut Lease) {
                 announce(mesh, LeaseNews::Renewed { every }).await;
             }
         }
-        Err((true, e)) if holding => {
+        Err((true, e)) if lease.revision.is_some() => {
             tracing::debug!(process = %mesh.name, error = %e, "the scheduler lease could not be renewed (no answer); firing on");
             lease.valid_until = Instant::now() + LEASE_TTL - LEASE_RENEW;
         }
