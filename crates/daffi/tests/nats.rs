@@ -35,10 +35,22 @@ fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
+/// The `sleep_ms` calls this process began (their `ms`).
+static SLEEPS: Log<u64> = Log::new();
+
 #[callback]
 async fn sleep_ms(ms: u64) -> u64 {
+    SLEEPS.push(ms);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     ms
+}
+
+/// Waits (bounded) until this process began `n` calls of `sleep_ms`; how many it began.
+#[callback]
+fn sleeps_begun(n: usize) -> usize {
+    SLEEPS
+        .wait_until(WAIT.as_millis() as u64, |s| s.len() >= n)
+        .len()
 }
 
 #[callback]
@@ -394,10 +406,16 @@ fn a_killed_worker_leaves_within_the_bound_and_broadcasts_stop_waiting_for_it() 
             .args((20_000u64,))
             .broadcast_results::<u64>()
     });
-    // k1 is running it once it serves nothing new: ask it something quick first,
-    // which it answers after the broadcast's request (one subject, in order).
-    let who: String = caller.call("whoami").on("k1").fg().expect("k1 answers");
-    assert_eq!(who, "k1");
+    // k1 is running it once it says so. (A quick call answered first is no sign: the
+    // broadcast, in its own thread, may not have sent its request yet, and one sent
+    // after the kill finds nobody on k1's subject: `UnknownProcess`.)
+    let begun: usize = caller
+        .call("sleeps_begun")
+        .args((1usize,))
+        .on("k1")
+        .fg()
+        .expect("k1 answers");
+    assert_eq!(begun, 1, "k1 runs the broadcast's sleep_ms");
     let killed_at = Instant::now();
     mesh.workers[0].kill();
 

@@ -73,6 +73,7 @@ fn child_builder() -> GlobalBuilder {
 
 /// A node that only takes part (and may fire the schedules) until killed.
 fn node_role() {
+    common::logs_from_env();
     child_builder()
         .start()
         .expect("node starts")
@@ -299,9 +300,12 @@ fn tasks_are_listed_run_at_their_times_and_end_and_counters_are_unavailable() {
 
 /// How long the runs of a schedule may pause when a server of three is killed: the
 /// schedules bucket's replicas elect a new leader (NATS's election timeout, 4-9 s) when
-/// the killed server led it. Measured 0.2-6.5 s over 10 runs (see the NATS module's
-/// docs); the margin covers NATS's longest election.
-const PAUSE_BOUND: Duration = Duration::from_secs(10);
+/// the killed server led it, and when it led the JetStream meta group, JetStream
+/// answers "temporarily unavailable" until that group elected one first. Measured
+/// 0.2-8.4 s in 15 of 16 runs on a loaded 2-core machine, and 13.1 s once: the
+/// holder's watch timed out and JetStream answered "temporarily unavailable" for 12 s,
+/// its claims retried meanwhile (see the NATS module's docs).
+const PAUSE_BOUND: Duration = Duration::from_secs(15);
 
 #[test]
 fn a_period_goes_on_when_a_server_of_three_is_killed() {

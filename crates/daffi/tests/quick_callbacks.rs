@@ -36,6 +36,13 @@ fn nap(sleep_ms: u64) -> String {
     thread_name()
 }
 
+/// `n + 1`: what `relay` asks of another node (announced with the node, so a node
+/// known to the caller serves it).
+#[callback]
+fn plus_one(n: u64) -> u64 {
+    n + 1
+}
+
 /// Says where it ran.
 #[callback]
 fn where_ran() -> String {
@@ -104,6 +111,7 @@ fn one_worker() {
 /// `plus_one` with the sync API from inside the callback when `target` is not empty
 /// (a nested call), else computed here; with where it ran.
 fn worker() {
+    common::logs_from_env();
     let g = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"))
         .start()
@@ -123,8 +131,6 @@ fn worker() {
         (value, thread_name())
     })
     .expect("register relay");
-    g.register("plus_one", |n: u64| n + 1)
-        .expect("register plus_one");
     g.join().expect("join");
 }
 
@@ -247,6 +253,12 @@ fn a_quick_callback_on_a_worker_makes_nested_sync_calls_under_load() {
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);
     let (relay, target) = (common::unique("relay"), common::unique("target"));
     cluster.spawn_worker(&relay);
+    // `relay` is registered after the node started: known once announced (only this
+    // worker serves it), not with the node.
+    cluster
+        .caller
+        .wait_function_timeout("relay", WAIT)
+        .expect("relay announced");
     cluster.spawn_worker(&target);
     let g = cluster.caller.clone();
     let call = |to: &str, n: u64| {
@@ -256,44 +268,58 @@ fn a_quick_callback_on_a_worker_makes_nested_sync_calls_under_load() {
             .timeout(WAIT)
     };
 
-    // Quick without a target: `relay` runs on a worker.
-    let mut ran = String::new();
-    for n in 0..100 {
-        let (value, thread) = call("", n).fg::<(u64, String)>().expect("relay");
-        assert_eq!(value, n + 1);
-        ran = thread;
-        if ran == WORKER_THREAD {
-            break;
+    // Quick without a target: `relay` runs on a worker. Then many in flight, every
+    // tenth a nested sync call from inside the callback: each nested one begins where
+    // the quick ones run (it is not known yet), and must not hold the worker its reply
+    // is read on. A nested call begins on a worker only if `relay` still counts as
+    // quick when the burst is read: a worker's run with a reply gets no second opinion
+    // from its thread's clock, so on a loaded machine a last quick run that the OS
+    // descheduled past the bound (seen: 102 µs) sends the burst to the threads
+    // (correctly). The step is then made again, a bounded number of times; every call
+    // of every attempt must be answered.
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 0;
+    let nested_on_worker = loop {
+        attempt += 1;
+        let mut ran = String::new();
+        for n in 0..100 {
+            let (value, thread) = call("", n).fg::<(u64, String)>().expect("relay");
+            assert_eq!(value, n + 1);
+            ran = thread;
+            if ran == WORKER_THREAD {
+                break;
+            }
         }
-    }
-    assert_eq!(ran, WORKER_THREAD, "a quick relay runs on a runtime worker");
+        assert_eq!(ran, WORKER_THREAD, "a quick relay runs on a runtime worker");
 
-    // Many in flight, every tenth a nested sync call from inside the callback: each
-    // nested one begins where the quick ones run (it is not known yet), and must not
-    // hold the worker its reply is read on.
-    let began = Instant::now();
-    let results: Vec<_> = (0..CALLS as u64)
-        .map(|n| {
-            let to = if n % 10 == 0 { target.as_str() } else { "" };
-            call(to, n).bg::<(u64, String)>().expect("sent")
-        })
-        .collect();
-    let mut nested_on_worker = 0;
-    for (n, result) in results.into_iter().enumerate() {
-        let (value, thread) = result.get().expect("every call is answered");
-        assert_eq!(value, n as u64 + 1);
-        if n % 10 == 0 && thread == WORKER_THREAD {
-            nested_on_worker += 1;
+        let began = Instant::now();
+        let results: Vec<_> = (0..CALLS as u64)
+            .map(|n| {
+                let to = if n % 10 == 0 { target.as_str() } else { "" };
+                call(to, n).bg::<(u64, String)>().expect("sent")
+            })
+            .collect();
+        let mut nested_on_worker = 0;
+        for (n, result) in results.into_iter().enumerate() {
+            let (value, thread) = result.get().expect("every call is answered");
+            assert_eq!(value, n as u64 + 1);
+            if n % 10 == 0 && thread == WORKER_THREAD {
+                nested_on_worker += 1;
+            }
         }
-    }
-    eprintln!(
-        "{CALLS} relays ({} nested) in {:?}; nested ones begun on a worker: {nested_on_worker}",
-        CALLS / 10,
-        began.elapsed()
-    );
+        eprintln!(
+            "{CALLS} relays ({} nested) in {:?}; nested ones begun on a worker: {nested_on_worker}",
+            CALLS / 10,
+            began.elapsed()
+        );
+        if nested_on_worker >= 1 || attempt == ATTEMPTS {
+            break nested_on_worker;
+        }
+        eprintln!("attempt {attempt}: `relay` was no longer quick when the burst came; again");
+    };
     assert!(
         nested_on_worker >= 1,
-        "no nested call began on a worker: the test did not try what it is for"
+        "no nested call began on a worker in {attempt} attempts: the test did not try what it is for"
     );
 }
 
