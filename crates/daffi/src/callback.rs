@@ -296,22 +296,26 @@ macro_rules! plain_reply {
         }
     )*};
 }
+/// Integers and bools: their few bytes written directly (the serializer's bytes), without
+/// the serializer.
+macro_rules! direct_reply {
+    ($encode:path, $wide:ty: $($t:ty),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl IntoReply for $t {
+            #[inline]
+            #[allow(clippy::unnecessary_cast)]
+            fn into_reply(self) -> Outcome { Ok($encode(self as $wide)) }
+        }
+    )*};
+}
+direct_reply!(codec::encode_int, i64: i8, i16, i32, i64, isize);
+direct_reply!(codec::encode_uint, u64: u8, u16, u32, u64, usize);
+direct_reply!(codec::encode_bool, bool: bool);
 plain_reply!(
     (),
-    bool,
     char,
-    i8,
-    i16,
-    i32,
-    i64,
     i128,
-    isize,
-    u8,
-    u16,
-    u32,
-    u64,
     u128,
-    usize,
     f32,
     f64,
     String,

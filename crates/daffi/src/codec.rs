@@ -156,6 +156,92 @@ fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<Pa
     Ok(done)
 }
 
+/// Every byte value once: a one-byte encoding (a small integer, a bool) is a slice of
+/// this, without a copy or a buffer.
+static ONE_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// `encoded` (1 to 9 bytes) as a payload: a static byte, or cut from this thread's
+/// buffer of small strings.
+#[inline]
+fn small_payload(encoded: &[u8]) -> Payload {
+    let bytes = match encoded {
+        [b] => Bytes::from_static(&ONE_BYTE[*b as usize..=*b as usize]),
+        _ => daffi_wire::small::copy(encoded),
+    };
+    Payload::from(bytes)
+}
+
+/// A signed integer encoded as [`encode_value`] encodes it (the same bytes: the
+/// shortest MessagePack form), written directly: a result that is an integer (most
+/// small replies) skips the serializer and its scratch buffer.
+pub(crate) fn encode_int(v: i64) -> Payload {
+    if v >= 0 {
+        return encode_uint(v as u64);
+    }
+    let mut b = [0u8; 9];
+    let n = if v >= -32 {
+        b[0] = v as u8; // negative fixint
+        1
+    } else if v >= i64::from(i8::MIN) {
+        b[0] = 0xd0;
+        b[1] = v as u8;
+        2
+    } else if v >= i64::from(i16::MIN) {
+        b[0] = 0xd1;
+        b[1..3].copy_from_slice(&(v as i16).to_be_bytes());
+        3
+    } else if v >= i64::from(i32::MIN) {
+        b[0] = 0xd2;
+        b[1..5].copy_from_slice(&(v as i32).to_be_bytes());
+        5
+    } else {
+        b[0] = 0xd3;
+        b[1..9].copy_from_slice(&v.to_be_bytes());
+        9
+    };
+    small_payload(&b[..n])
+}
+
+/// An unsigned integer encoded as [`encode_value`] encodes it, written directly (see
+/// [`encode_int`]).
+pub(crate) fn encode_uint(v: u64) -> Payload {
+    let mut b = [0u8; 9];
+    let n = if v < 128 {
+        b[0] = v as u8; // positive fixint
+        1
+    } else if v <= u64::from(u8::MAX) {
+        b[0] = 0xcc;
+        b[1] = v as u8;
+        2
+    } else if v <= u64::from(u16::MAX) {
+        b[0] = 0xcd;
+        b[1..3].copy_from_slice(&(v as u16).to_be_bytes());
+        3
+    } else if v <= u64::from(u32::MAX) {
+        b[0] = 0xce;
+        b[1..5].copy_from_slice(&(v as u32).to_be_bytes());
+        5
+    } else {
+        b[0] = 0xcf;
+        b[1..9].copy_from_slice(&v.to_be_bytes());
+        9
+    };
+    small_payload(&b[..n])
+}
+
+/// A bool encoded as [`encode_value`] encodes it, without the serializer.
+pub(crate) fn encode_bool(v: bool) -> Payload {
+    small_payload(&[if v { 0xc3 } else { 0xc2 }])
+}
+
 /// Collects the encoder's output: bytes into `buf` (from `start` on), an offered blob
 /// as a part of its own.
 struct PartsWriter<B> {
@@ -304,6 +390,41 @@ pub(crate) fn slice_of_source(data: &[u8]) -> Option<Bytes> {
 mod tests {
     use super::*;
     use crate::Blob;
+
+    #[test]
+    fn integers_and_bools_written_directly_are_the_serializers_bytes() {
+        let mut signed: Vec<i64> = vec![i64::MIN, i64::MAX, 0, -1];
+        for edge in [
+            32i64,
+            128,
+            256,
+            32_768,
+            65_536,
+            2_147_483_648,
+            4_294_967_296,
+        ] {
+            for v in [edge - 1, edge, edge + 1] {
+                signed.extend([v, -v]);
+            }
+        }
+        for v in signed {
+            let direct = encode_int(v).to_bytes();
+            assert_eq!(direct, encode_value(&v).expect("encodes").to_bytes(), "{v}");
+            assert_eq!(decode::<i64>(&direct).expect("decodes"), v);
+            if v >= 0 {
+                assert_eq!(encode_uint(v as u64).to_bytes(), direct, "{v}");
+            }
+        }
+        for v in [u64::MAX, u64::MAX - 1, 1 << 63] {
+            let direct = encode_uint(v).to_bytes();
+            assert_eq!(direct, encode_value(&v).expect("encodes").to_bytes(), "{v}");
+            assert_eq!(decode::<u64>(&direct).expect("decodes"), v);
+        }
+        for v in [true, false] {
+            let direct = encode_bool(v).to_bytes();
+            assert_eq!(direct, encode_value(&v).expect("encodes").to_bytes());
+        }
+    }
 
     #[test]
     fn a_large_blob_travels_by_reference_both_ways() {
