@@ -180,66 +180,36 @@ fn small_payload(encoded: &[u8]) -> Payload {
 }
 
 /// A signed integer encoded as [`encode_value`] encodes it (the same bytes: the
-/// shortest MessagePack form), written directly: a result that is an integer (most
-/// small replies) skips the serializer and its scratch buffer.
+/// shortest MessagePack form, by `rmp`'s own encoder), without the serializer and its
+/// scratch buffer: a result that is an integer (most small replies) costs a few bytes'
+/// work.
 pub(crate) fn encode_int(v: i64) -> Payload {
-    if v >= 0 {
-        return encode_uint(v as u64);
-    }
-    let mut b = [0u8; 9];
-    let n = if v >= -32 {
-        b[0] = v as u8; // negative fixint
-        1
-    } else if v >= i64::from(i8::MIN) {
-        b[0] = 0xd0;
-        b[1] = v as u8;
-        2
-    } else if v >= i64::from(i16::MIN) {
-        b[0] = 0xd1;
-        b[1..3].copy_from_slice(&(v as i16).to_be_bytes());
-        3
-    } else if v >= i64::from(i32::MIN) {
-        b[0] = 0xd2;
-        b[1..5].copy_from_slice(&(v as i32).to_be_bytes());
-        5
-    } else {
-        b[0] = 0xd3;
-        b[1..9].copy_from_slice(&v.to_be_bytes());
-        9
-    };
-    small_payload(&b[..n])
+    let mut buf = [0u8; 9];
+    let mut rest = &mut buf[..];
+    // Nine bytes hold any integer: the write cannot fail.
+    let _ = rmp::encode::write_sint(&mut rest, v);
+    let len = 9 - rest.len();
+    small_payload(&buf[..len])
 }
 
-/// An unsigned integer encoded as [`encode_value`] encodes it, written directly (see
-/// [`encode_int`]).
+/// An unsigned integer encoded as [`encode_value`] encodes it, without the serializer
+/// (see [`encode_int`]).
 pub(crate) fn encode_uint(v: u64) -> Payload {
-    let mut b = [0u8; 9];
-    let n = if v < 128 {
-        b[0] = v as u8; // positive fixint
-        1
-    } else if v <= u64::from(u8::MAX) {
-        b[0] = 0xcc;
-        b[1] = v as u8;
-        2
-    } else if v <= u64::from(u16::MAX) {
-        b[0] = 0xcd;
-        b[1..3].copy_from_slice(&(v as u16).to_be_bytes());
-        3
-    } else if v <= u64::from(u32::MAX) {
-        b[0] = 0xce;
-        b[1..5].copy_from_slice(&(v as u32).to_be_bytes());
-        5
-    } else {
-        b[0] = 0xcf;
-        b[1..9].copy_from_slice(&v.to_be_bytes());
-        9
-    };
-    small_payload(&b[..n])
+    let mut buf = [0u8; 9];
+    let mut rest = &mut buf[..];
+    let _ = rmp::encode::write_uint(&mut rest, v);
+    let len = 9 - rest.len();
+    small_payload(&buf[..len])
 }
 
 /// A bool encoded as [`encode_value`] encodes it, without the serializer.
 pub(crate) fn encode_bool(v: bool) -> Payload {
-    small_payload(&[if v { 0xc3 } else { 0xc2 }])
+    let marker = if v {
+        rmp::Marker::True
+    } else {
+        rmp::Marker::False
+    };
+    small_payload(&[marker.to_u8()])
 }
 
 /// Collects the encoder's output: bytes into `buf` (from `start` on), an offered blob
