@@ -40,6 +40,23 @@ fn tagged(caller: u32, id: u64, pad: Blob) -> (u32, u64, u64) {
     (caller, id, digest(&pad))
 }
 
+/// Calls of `counted_add` this worker ran.
+static COUNTED: common::Log<()> = common::Log::new();
+
+/// `a + b`, counted (see `counted`).
+#[callback]
+fn counted_add(a: i64, b: i64) -> i64 {
+    COUNTED.push(());
+    a + b
+}
+
+/// How many `counted_add` calls ran here, once at least `want` did (or after
+/// `timeout_ms`).
+#[callback]
+fn counted(want: usize, timeout_ms: u64) -> usize {
+    COUNTED.wait_until(timeout_ms, |c| c.len() >= want).len()
+}
+
 /// The worker's own node, for `add_on`.
 static NODE: common::Log<Global> = common::Log::new();
 
@@ -609,4 +626,64 @@ fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
         caller.members().iter().any(|m| m.name == raw),
         "the raw caller is still connected"
     );
+}
+
+// ---- a raw caller that sends garbage right after a burst ------------------------------
+
+#[test]
+fn garbage_right_after_a_burst_closes_only_its_sender_and_the_burst_is_delivered() {
+    use daffi_wire::Kind;
+    let (address, _controller) = controller_with_stall(Duration::from_secs(300));
+    let Address::Unix(path) = &address else {
+        unreachable!("a Unix socket")
+    };
+    let caller = node(&address, "caller");
+    let (callee, _callee_process) = spawn_worker(&address, &caller, "callee");
+    let (other_caller, _w3) = spawn_worker(&address, &caller, "caller2");
+
+    let raw = common::unique("raw");
+    let mut stream = UnixStream::connect(path).expect("connect");
+    stream
+        .write_all(&common::wire::opening(&raw, None, &[]))
+        .expect("handshake");
+    assert_eq!(read_unix_frame(&mut stream).kind(), Kind::Welcome);
+
+    // A burst of requests to the callee, then, in the same write, a whole frame of an
+    // unknown kind addressed to the callee too: the controller reads the run, looks
+    // ahead to the bad frame's receiver (the same node), and ends the connection on it.
+    const CALLS: usize = 300;
+    let mut bytes = Vec::new();
+    for id in 0..CALLS {
+        bytes.extend(raw_request(
+            &raw,
+            &callee,
+            id as u64,
+            "counted_add",
+            &(id as i64, 1i64),
+        ));
+    }
+    let mut bad = raw_request(&raw, &callee, 0, "counted_add", &(0i64, 1i64));
+    bad[4] = 99;
+    bytes.extend(bad);
+    stream.write_all(&bytes).expect("the burst");
+
+    // The controller closes the raw caller's connection (after what it still sends).
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the controller kept the raw caller's connection open: {e}"),
+    }
+    // The requests it had accepted before the bad frame reached the callee, and the
+    // callee serves everyone else.
+    let ran: usize = caller
+        .call("counted")
+        .args((CALLS, WAIT.as_millis() as u64))
+        .on(&callee)
+        .timeout(WAIT + WAIT)
+        .fg()
+        .expect("counted");
+    assert_eq!(ran, CALLS, "the burst's requests that ran");
+    the_other_pair_keeps_calling(&caller, &other_caller, &callee, 20);
 }
