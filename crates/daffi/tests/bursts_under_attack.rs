@@ -116,6 +116,23 @@ fn controller_with_stall(stall: Duration) -> (Address, Worker) {
             .join("daffi-tests")
             .join(format!("{}.sock", common::unique("burst"))),
     );
+    controller_at(address, stall)
+}
+
+/// Like [`controller_with_stall`], over TCP on a port of 127.0.0.1 free a moment ago.
+fn tcp_controller_with_stall(stall: Duration) -> (Address, Worker) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = Address::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    controller_at(address, stall)
+}
+
+fn controller_at(address: Address, stall: Duration) -> (Address, Worker) {
     let queue = QUEUE_BYTES.to_string();
     let stall = stall.as_millis().to_string();
     let process = common::spawn_child_with(
@@ -309,7 +326,17 @@ const BURST: u64 = 1_500;
 fn a_callee_paused_mid_burst_costs_only_itself_and_loses_no_call() {
     // A stall timeout far beyond the test: the paused callee stays connected, and every
     // call the controller queued for it must be answered once it resumes.
-    let (address, _controller) = controller_with_stall(Duration::from_secs(300));
+    callee_paused_mid_burst(controller_with_stall(Duration::from_secs(300)));
+}
+
+/// Over TCP: other socket buffers, so the controller's writes to the resumed callee
+/// are cut elsewhere.
+#[test]
+fn a_callee_paused_mid_burst_over_tcp_loses_no_call() {
+    callee_paused_mid_burst(tcp_controller_with_stall(Duration::from_secs(300)));
+}
+
+fn callee_paused_mid_burst((address, _controller): (Address, Worker)) {
     let callers: Vec<Global> = (0..2).map(|_| node(&address, "caller")).collect();
     let (victim, mut victim_process) = spawn_worker(&address, &callers[0], "victim");
     let (other_callee, _w2) = spawn_worker(&address, &callers[0], "callee2");
