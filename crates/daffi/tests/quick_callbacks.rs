@@ -49,6 +49,19 @@ fn where_ran() -> String {
     thread_name()
 }
 
+/// Where it ran, and when (µs since the Unix epoch): where a slow call's time went.
+#[callback]
+fn where_ran_at() -> (String, u64) {
+    (thread_name(), now_us())
+}
+
+/// Now, in µs since the Unix epoch (the same clock in every process of the machine).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Panics when asked to, else says where it ran.
 #[callback]
 fn maybe_panic(panic: bool) -> String {
@@ -170,8 +183,20 @@ fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
         .wait_process_timeout(&worker, WAIT)
         .expect("the other caller knows the worker");
 
-    // Both callbacks are seen to be quick: they run on a runtime worker.
-    assert_eq!(until_on_a_worker(&g, &worker, "where_ran"), WORKER_THREAD);
+    // Both callbacks are seen to be quick: they run on a runtime worker. The other
+    // caller's says when it ran, so that a failure tells where a quick call's time went.
+    let quick_where = || {
+        other
+            .call("where_ran_at")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<(String, u64)>()
+            .expect("a quick call")
+    };
+    assert!(
+        (0..100).any(|_| quick_where().0 == WORKER_THREAD),
+        "`where_ran_at` is seen to be quick"
+    );
     let quick_nap = |g: &daffi::Global| {
         g.call("nap")
             .on(&worker)
@@ -180,7 +205,7 @@ fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
             .fg::<String>()
             .expect("nap")
     };
-    // `nap` turns slow on a worker, while the other caller keeps calling `where_ran`.
+    // `nap` turns slow on a worker, while the other caller keeps calling `where_ran_at`.
     // The slow run begins on a worker only if `nap` still counts as quick: on a loaded
     // machine the OS may deschedule its last quick run past the bound, and `nap` then
     // goes to the threads (correctly). The step is then made again, a bounded number of
@@ -213,22 +238,31 @@ fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
             })
         };
         let (mut done, mut longest) = (0usize, Duration::ZERO);
+        let mut slowest = String::new();
         while !slow_done.load(Ordering::Acquire) {
             let call = Instant::now();
-            other
-                .call("where_ran")
-                .on(&worker)
-                .timeout(WAIT)
-                .fg::<String>()
-                .expect("a quick call while the slow one runs");
-            longest = longest.max(call.elapsed());
+            let sent = now_us();
+            let (ran_on, ran_at) = quick_where();
+            let took = call.elapsed();
+            if took > longest {
+                // Where its time went: before it ran (the request's way and the queue),
+                // or after (the reply's way).
+                let (until_ran, after) =
+                    (ran_at.saturating_sub(sent), now_us().saturating_sub(ran_at));
+                // `sent` lines it up with the worker's logs (`RUST_LOG`).
+                slowest = format!(
+                    "sent at {sent} us since the epoch, it ran on {ran_on} {until_ran} us \
+                     later, and its reply came {after} us after that"
+                );
+                longest = took;
+            }
             done += 1;
         }
         let slow_ran = slow.join().expect("slow caller").expect("the slow call");
         let slow_took = began.elapsed();
         eprintln!(
             "while a {SLOW:?} callback ran on {slow_ran}, another caller's quick calls: \
-             {done} done, the longest {longest:?}"
+             {done} done, the longest {longest:?} ({slowest})"
         );
         if slow_ran == WORKER_THREAD || attempt == ATTEMPTS {
             break (slow_ran, slow_took, done, longest);
