@@ -7,7 +7,7 @@
 //! name, which names it.
 //!
 //! Parameters decode as a tuple ([`Params`]), each noting in a [`Failed`] which one is
-//! being read: when decoding fails, [`explain`] says which argument did not fit and
+//! being read: when decoding fails, [`explain()`] says which argument did not fit and
 //! why, in the caller's terms.
 
 use std::cell::Cell;
@@ -394,7 +394,7 @@ impl<'de, D: Deserializer<'de>> SeqAccess<'de> for One<D> {
 }
 
 /// Why the arguments did not decode, in the caller's terms. The arguments are read
-/// again, into a tree, to learn what did not fit where (see [`explain`]).
+/// again, into a tree, to learn what did not fit where (see [`explain()`]).
 #[cold]
 fn explain<T: Params>(
     signature: &Signature<'_>,

@@ -733,7 +733,7 @@ impl<'de> VariantAccess<'de> for Data<'_, 'de> {
 }
 
 /// Why a result did not decode as `T`, to follow "the result of `add` ": "is an
-/// integer, not a `String`", or "does not decode as `Vec<Point>`, at [2].x: ...".
+/// integer, not a `String`", or "does not decode as `Vec<Point>`, at `[2].x`: ...".
 #[cold]
 pub(crate) fn result<T: de::DeserializeOwned>(
     payload: &[u8],

@@ -1,6 +1,6 @@
 //! Running one request: checked (known callback, room, caller still waiting), then run,
 //! async callbacks as tasks and sync ones through the node's
-//! [`SyncRunner`](super::sync_runner::SyncRunner); the outcome goes back through the
+//! [`SyncRunner`]; the outcome goes back through the
 //! request. A panic becomes an error reply; the node keeps serving.
 
 use std::future::Future;

@@ -2,8 +2,8 @@
 //! the receiver grants credit, in batches of the items that are ready when the last
 //! batch went. Each item is encoded straight into the batch that carries it. An item is
 //! never held back waiting for more: a slow producer's items go one by one at once, a
-//! fast producer's join in batches (up to [`MAX_BATCH_BYTES`](crate::mesh::MAX_BATCH_BYTES))
-//! while the one before goes out.
+//! fast producer's join in batches (up to `MAX_BATCH_BYTES`) while the one before goes
+//! out.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;

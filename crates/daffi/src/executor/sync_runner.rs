@@ -19,7 +19,7 @@
 //! `HANDOFF_AFTER` while such runs happen, and sleeps otherwise) starts the watchdog on
 //! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
 //! could use (time the OS left it waiting for a processor, on a loaded machine, does not
-//! count: see [`thread_clock`](super::thread_clock)): it starts threads for the jobs
+//! count: see [`thread_clock`]): it starts threads for the jobs
 //! queued behind, and the runtime's I/O is polled again (a worker parked aside does not
 //! poll it while another is busy). A run whose next step waited that long behind other
 //! tasks on its worker (the reader of a flood, in the worker's LIFO slot, which other
