@@ -24,9 +24,6 @@ const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// the controller's session itself, yet enough that a burst outgrows a socket's buffer.
 const PAD: usize = 600;
 
-const ENV_QUEUE_BYTES: &str = "DAFFI_TEST_MAX_QUEUE_BYTES";
-const ENV_STALL_MS: &str = "DAFFI_TEST_STALL_MS";
-
 // ---- callbacks served by every worker of this binary -------------------------------
 
 #[callback]
@@ -79,21 +76,10 @@ fn add_on(target: String, a: i64) -> Result<i64, String> {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("controller", controller), ("worker", worker)]);
-}
-
-/// A standalone controller with the queue limit and stall timeout the test gave it.
-fn controller() {
-    let setting =
-        |name: &str| -> usize { std::env::var(name).expect(name).parse().expect("a number") };
-    let g = common::builder_for(&common::address_from_env())
-        .init_controller(true)
-        .init_node(false)
-        .max_queue_bytes(setting(ENV_QUEUE_BYTES))
-        .stall_timeout(Duration::from_millis(setting(ENV_STALL_MS) as u64))
-        .start()
-        .expect("controller starts");
-    g.join().expect("join");
+    common::run_role(&[
+        ("controller", common::run_limited_controller_role),
+        ("worker", worker),
+    ]);
 }
 
 /// A node serving the `#[callback]` functions of this file.
@@ -133,15 +119,7 @@ fn tcp_controller_with_stall(stall: Duration) -> (Address, Worker) {
 }
 
 fn controller_at(address: Address, stall: Duration) -> (Address, Worker) {
-    let queue = QUEUE_BYTES.to_string();
-    let stall = stall.as_millis().to_string();
-    let process = common::spawn_child_with(
-        ENTRY,
-        "controller",
-        "controller",
-        &address,
-        &[(ENV_QUEUE_BYTES, &queue), (ENV_STALL_MS, &stall)],
-    );
+    let process = common::spawn_limited_controller(ENTRY, &address, QUEUE_BYTES, stall);
     (address, process)
 }
 
@@ -551,60 +529,62 @@ fn a_raw_node_that_never_reads_bursts_of_small_calls_is_closed_alone() {
 
 // ---- a raw caller that stops in the middle of a frame after a burst -------------------
 
-/// A `Request` frame for `callback` with `args`, written by hand.
-fn raw_request(
-    src: &str,
-    dst: &str,
-    call_id: u64,
-    callback: &str,
-    args: &impl serde::Serialize,
-) -> Vec<u8> {
-    let body = rmp_serde::to_vec(args).expect("encode args");
-    let header = daffi_wire::Header {
-        kind: daffi_wire::Kind::Request,
-        flags: 0,
-        call_id,
-        timeout_ms: 0,
-        src,
-        dst,
-        name: callback,
-    };
-    let mut out = header.encode(body.len()).to_vec();
-    out.extend_from_slice(&body);
-    out
-}
-
 /// Reads one frame from `stream` (waiting up to [`WAIT`]).
 fn read_unix_frame(stream: &mut UnixStream) -> daffi_wire::Frame {
-    use daffi_wire::frame::LEN_PREFIX;
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let mut len = [0u8; LEN_PREFIX];
-    stream.read_exact(&mut len).expect("a frame");
-    let mut raw = len.to_vec();
-    raw.resize(LEN_PREFIX + u32::from_be_bytes(len) as usize, 0);
-    stream
-        .read_exact(&mut raw[LEN_PREFIX..])
-        .expect("the whole frame");
-    daffi_wire::Frame::parse(raw.into()).expect("a valid frame")
+    common::wire::read_frame_from(stream)
 }
 
-#[test]
-fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
-    use daffi_wire::Kind;
-    let (address, _controller) = controller_with_stall(Duration::from_secs(300));
+/// A standalone controller (Unix socket), a caller node here, a callee and another
+/// caller in child processes, and a raw caller connected by hand (handshake done).
+struct RawCallerBesideAPair {
+    caller: Global,
+    callee: String,
+    other_caller: String,
+    raw: String,
+    stream: UnixStream,
+    /// The controller and the two workers, killed when dropped.
+    _processes: [Worker; 3],
+}
+
+fn raw_caller_beside_a_pair() -> RawCallerBesideAPair {
+    let (address, controller) = controller_with_stall(Duration::from_secs(300));
     let Address::Unix(path) = &address else {
         unreachable!("a Unix socket")
     };
     let caller = node(&address, "caller");
-    let (callee, _callee_process) = spawn_worker(&address, &caller, "callee");
-    let (other_caller, _w3) = spawn_worker(&address, &caller, "caller2");
-
+    let (callee, callee_process) = spawn_worker(&address, &caller, "callee");
+    let (other_caller, other_process) = spawn_worker(&address, &caller, "caller2");
     let raw = common::unique("raw");
     let mut stream = UnixStream::connect(path).expect("connect");
     stream
         .write_all(&common::wire::opening(&raw, None, &[]))
         .expect("handshake");
-    assert_eq!(read_unix_frame(&mut stream).kind(), Kind::Welcome);
+    assert_eq!(
+        read_unix_frame(&mut stream).kind(),
+        daffi_wire::Kind::Welcome
+    );
+    RawCallerBesideAPair {
+        caller,
+        callee,
+        other_caller,
+        raw,
+        stream,
+        _processes: [controller, callee_process, other_process],
+    }
+}
+
+#[test]
+fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
+    use daffi_wire::Kind;
+    let RawCallerBesideAPair {
+        caller,
+        callee,
+        other_caller,
+        raw,
+        mut stream,
+        _processes,
+    } = raw_caller_beside_a_pair();
 
     // A burst of requests to the callee in one write, and the start of one more: its
     // header, receiver's name included, but not all of it. The controller forwards the
@@ -612,7 +592,7 @@ fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
     const CALLS: u64 = 300;
     let mut bytes = Vec::new();
     for id in 0..CALLS {
-        bytes.extend(raw_request(
+        bytes.extend(common::wire::request(
             &raw,
             &callee,
             id,
@@ -620,7 +600,7 @@ fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
             &(id as i64, 1i64),
         ));
     }
-    let half = raw_request(&raw, &callee, CALLS, "sync_add", &(0i64, 1i64));
+    let half = common::wire::request(&raw, &callee, CALLS, "sync_add", &(0i64, 1i64));
     bytes.extend_from_slice(&half[..half.len() - 3]);
     stream.write_all(&bytes).expect("the burst");
 
@@ -659,21 +639,14 @@ fn a_caller_that_stops_mid_frame_after_a_burst_holds_up_no_one() {
 
 #[test]
 fn garbage_right_after_a_burst_closes_only_its_sender_and_the_burst_is_delivered() {
-    use daffi_wire::Kind;
-    let (address, _controller) = controller_with_stall(Duration::from_secs(300));
-    let Address::Unix(path) = &address else {
-        unreachable!("a Unix socket")
-    };
-    let caller = node(&address, "caller");
-    let (callee, _callee_process) = spawn_worker(&address, &caller, "callee");
-    let (other_caller, _w3) = spawn_worker(&address, &caller, "caller2");
-
-    let raw = common::unique("raw");
-    let mut stream = UnixStream::connect(path).expect("connect");
-    stream
-        .write_all(&common::wire::opening(&raw, None, &[]))
-        .expect("handshake");
-    assert_eq!(read_unix_frame(&mut stream).kind(), Kind::Welcome);
+    let RawCallerBesideAPair {
+        caller,
+        callee,
+        other_caller,
+        raw,
+        mut stream,
+        _processes,
+    } = raw_caller_beside_a_pair();
 
     // A burst of requests to the callee, then, in the same write, a whole frame of an
     // unknown kind addressed to the callee too: the controller reads the run, looks
@@ -681,7 +654,7 @@ fn garbage_right_after_a_burst_closes_only_its_sender_and_the_burst_is_delivered
     const CALLS: usize = 300;
     let mut bytes = Vec::new();
     for id in 0..CALLS {
-        bytes.extend(raw_request(
+        bytes.extend(common::wire::request(
             &raw,
             &callee,
             id as u64,
@@ -689,7 +662,7 @@ fn garbage_right_after_a_burst_closes_only_its_sender_and_the_burst_is_delivered
             &(id as i64, 1i64),
         ));
     }
-    let mut bad = raw_request(&raw, &callee, 0, "counted_add", &(0i64, 1i64));
+    let mut bad = common::wire::request(&raw, &callee, 0, "counted_add", &(0i64, 1i64));
     bad[4] = 99;
     bytes.extend(bad);
     stream.write_all(&bytes).expect("the burst");

@@ -454,19 +454,7 @@ impl Pki {
 
 /// A `Request` frame, written by hand.
 fn request(src: &str, dst: &str, callback: &str, args: &impl serde::Serialize) -> Vec<u8> {
-    let body = rmp_serde::to_vec(args).expect("encode args");
-    let header = Header {
-        kind: Kind::Request,
-        flags: 0,
-        call_id: 7,
-        timeout_ms: 0,
-        src,
-        dst,
-        name: callback,
-    };
-    let mut out = header.encode(body.len()).to_vec();
-    out.extend_from_slice(&body);
-    out
+    common::wire::request(src, dst, 7, callback, args)
 }
 
 /// Expects the controller to close the connection (after anything it still sends).

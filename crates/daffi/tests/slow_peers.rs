@@ -25,9 +25,6 @@ const ARG_BYTES: usize = 64 * 1024;
 /// Calls in one flood: 300 x 64 KiB is nearly 5 times the queue limit.
 const FLOOD: usize = 300;
 
-const ENV_QUEUE_BYTES: &str = "DAFFI_TEST_MAX_QUEUE_BYTES";
-const ENV_STALL_MS: &str = "DAFFI_TEST_STALL_MS";
-
 // ---- callbacks served by every worker of this binary -------------------------------
 
 /// The worker's own node, for callbacks that call others (see [`own_node`]).
@@ -100,21 +97,10 @@ fn knows(process: String, timeout_ms: u64) -> bool {
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("controller", controller), ("worker", worker)]);
-}
-
-/// A standalone controller with the queue limit and stall timeout the test gave it.
-fn controller() {
-    let setting =
-        |name: &str| -> usize { std::env::var(name).expect(name).parse().expect("a number") };
-    let g = common::builder_for(&common::address_from_env())
-        .init_controller(true)
-        .init_node(false)
-        .max_queue_bytes(setting(ENV_QUEUE_BYTES))
-        .stall_timeout(Duration::from_millis(setting(ENV_STALL_MS) as u64))
-        .start()
-        .expect("controller starts");
-    g.join().expect("join");
+    common::run_role(&[
+        ("controller", common::run_limited_controller_role),
+        ("worker", worker),
+    ]);
 }
 
 /// A node serving the `#[callback]` functions of this file.
@@ -158,15 +144,7 @@ impl Controller {
 
     /// Nodes started afterwards wait for it (their `connect_timeout`).
     fn at(address: Address) -> Controller {
-        let queue = QUEUE_BYTES.to_string();
-        let stall = STALL.as_millis().to_string();
-        let process = common::spawn_child_with(
-            ENTRY,
-            "controller",
-            "controller",
-            &address,
-            &[(ENV_QUEUE_BYTES, &queue), (ENV_STALL_MS, &stall)],
-        );
+        let process = common::spawn_limited_controller(ENTRY, &address, QUEUE_BYTES, STALL);
         Controller { address, process }
     }
 

@@ -215,6 +215,47 @@ pub fn run_controller_role() {
     g.join().expect("join");
 }
 
+/// A child controller's queue limit (`max_queue_bytes`), set by
+/// [`spawn_limited_controller`].
+const ENV_QUEUE_BYTES: &str = "DAFFI_TEST_MAX_QUEUE_BYTES";
+/// A child controller's stall timeout in milliseconds, set by
+/// [`spawn_limited_controller`].
+const ENV_STALL_MS: &str = "DAFFI_TEST_STALL_MS";
+
+/// Starts the test binary `entry` as a standalone controller at `address` (its
+/// "controller" role running [`run_limited_controller_role`]) with these limits.
+pub fn spawn_limited_controller(
+    entry: &str,
+    address: &Address,
+    queue_bytes: usize,
+    stall: Duration,
+) -> Worker {
+    let queue = queue_bytes.to_string();
+    let stall = stall.as_millis().to_string();
+    spawn_child_with(
+        entry,
+        "controller",
+        "controller",
+        address,
+        &[(ENV_QUEUE_BYTES, &queue), (ENV_STALL_MS, &stall)],
+    )
+}
+
+/// In a child: a standalone controller with the queue limit and stall timeout given by
+/// [`spawn_limited_controller`], until killed.
+pub fn run_limited_controller_role() {
+    let setting =
+        |name: &str| -> usize { std::env::var(name).expect(name).parse().expect("a number") };
+    let g = builder_for(&address_from_env())
+        .init_controller(true)
+        .init_node(false)
+        .max_queue_bytes(setting(ENV_QUEUE_BYTES))
+        .stall_timeout(Duration::from_millis(setting(ENV_STALL_MS) as u64))
+        .start()
+        .expect("controller starts");
+    g.join().expect("join");
+}
+
 impl Cluster {
     /// A caller node in this process, connected to a standalone controller.
     pub fn with_standalone(controller: &StandaloneController) -> Cluster {

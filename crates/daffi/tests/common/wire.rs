@@ -96,6 +96,11 @@ pub fn opening(name: &str, token: Option<&str>, callbacks: &[&str]) -> Vec<u8> {
 pub fn read_frame(stream: &mut TcpStream) -> Frame {
     stream.set_nonblocking(false).expect("blocking");
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    read_frame_from(stream)
+}
+
+/// Reads one frame from a stream whose read timeout is already set.
+pub fn read_frame_from(stream: &mut impl Read) -> Frame {
     let mut len = [0u8; LEN_PREFIX];
     stream.read_exact(&mut len).expect("a frame");
     let mut raw = len.to_vec();
@@ -104,4 +109,27 @@ pub fn read_frame(stream: &mut TcpStream) -> Frame {
         .read_exact(&mut raw[LEN_PREFIX..])
         .expect("the whole frame");
     Frame::parse(raw.into()).expect("a valid frame")
+}
+
+/// A `Request` frame with call id `call_id`, written by hand.
+pub fn request(
+    src: &str,
+    dst: &str,
+    call_id: u64,
+    callback: &str,
+    args: &impl Serialize,
+) -> Vec<u8> {
+    let body = encode(args);
+    let header = Header {
+        kind: Kind::Request,
+        flags: 0,
+        call_id,
+        timeout_ms: 0,
+        src,
+        dst,
+        name: callback,
+    };
+    let mut out = header.encode(body.len()).to_vec();
+    out.extend_from_slice(&body);
+    out
 }
