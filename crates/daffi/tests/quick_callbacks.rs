@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
 
 use common::{Cluster, Transport, WAIT};
 use daffi::{callback, Error};
@@ -29,11 +29,56 @@ fn thread_name() -> String {
         .to_string()
 }
 
-/// Sleeps `sleep_ms` (a callback that turns slow), then says where it ran.
+/// Whether a `hold` call is being held, and whether the test released it.
+struct Held {
+    holding: bool,
+    released: bool,
+}
+
+static HELD: Mutex<Held> = Mutex::new(Held {
+    holding: false,
+    released: false,
+});
+static HELD_CHANGED: Condvar = Condvar::new();
+
+/// With `until_released`, a callback that turns slow for as long as the test wants: it blocks
+/// until `release` is called (for at most twice `WAIT`, longer than any call of the
+/// test waits); without, it returns at once. Says where it ran.
 #[callback]
-fn nap(sleep_ms: u64) -> String {
-    std::thread::sleep(Duration::from_millis(sleep_ms));
+fn hold(until_released: bool) -> String {
+    if until_released {
+        let deadline = Instant::now() + 2 * WAIT;
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        held.holding = true;
+        while !held.released {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            held = HELD_CHANGED
+                .wait_timeout(held, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *held = Held {
+            holding: false,
+            released: false,
+        };
+    }
     thread_name()
+}
+
+/// Whether a `hold` call is being held now.
+#[callback]
+fn holding() -> bool {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).holding
+}
+
+/// Ends the `hold` call being held.
+#[callback]
+fn release() {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).released = true;
+    HELD_CHANGED.notify_all();
 }
 
 /// `n + 1`: what `relay` asks of another node (announced with the node, so a node
@@ -47,19 +92,6 @@ fn plus_one(n: u64) -> u64 {
 #[callback]
 fn where_ran() -> String {
     thread_name()
-}
-
-/// Where it ran, and when (µs since the Unix epoch): where a slow call's time went.
-#[callback]
-fn where_ran_at() -> (String, u64) {
-    (thread_name(), now_us())
-}
-
-/// Now, in µs since the Unix epoch (the same clock in every process of the machine).
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Panics when asked to, else says where it ran.
@@ -169,8 +201,8 @@ fn until_on_a_worker(g: &daffi::Global, worker: &str, callback: &str) -> String 
 
 #[test]
 fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
-    const SLOW: Duration = Duration::from_millis(500);
-    const BOUND: Duration = Duration::from_millis(150);
+    /// Quick calls the other caller makes while the slow one is held.
+    const QUICK_CALLS: usize = 20;
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);
     let worker = common::unique("server");
     cluster.spawn_worker(&worker);
@@ -183,102 +215,93 @@ fn quick_callbacks_run_where_read_and_a_slow_one_holds_up_no_other_caller() {
         .wait_process_timeout(&worker, WAIT)
         .expect("the other caller knows the worker");
 
-    // Both callbacks are seen to be quick: they run on a runtime worker. The other
-    // caller's says when it ran, so that a failure tells where a quick call's time went.
-    let quick_where = || {
-        other
-            .call("where_ran_at")
-            .on(&worker)
-            .timeout(WAIT)
-            .fg::<(String, u64)>()
-            .expect("a quick call")
-    };
-    assert!(
-        (0..100).any(|_| quick_where().0 == WORKER_THREAD),
-        "`where_ran_at` is seen to be quick"
+    // Both callbacks are seen to be quick: they run on a runtime worker.
+    assert_eq!(
+        until_on_a_worker(&other, &worker, "where_ran"),
+        WORKER_THREAD
     );
-    let quick_nap = |g: &daffi::Global| {
-        g.call("nap")
+    let call_hold = |hold: bool| {
+        g.call("hold")
             .on(&worker)
-            .args((0u64,))
+            .args((hold,))
             .timeout(WAIT)
             .fg::<String>()
-            .expect("nap")
     };
-    // `nap` turns slow on a worker, while the other caller keeps calling `where_ran_at`.
-    // The slow run begins on a worker only if `nap` still counts as quick: on a loaded
-    // machine the OS may deschedule its last quick run past the bound, and `nap` then
-    // goes to the threads (correctly). The step is then made again, a bounded number of
-    // times.
+    // `hold` turns slow on a worker (held until released), while the other caller
+    // makes quick calls: each must be answered while it is held, or it waits (and
+    // fails after `WAIT`) behind it. The held run begins on a worker only if `hold`
+    // still counts as quick: on a loaded machine the OS may deschedule its last quick
+    // run past the bound, and it then goes to the threads (correctly). The step is
+    // then made again, a bounded number of times.
     const ATTEMPTS: usize = 5;
     let mut attempt = 0;
-    let (slow_ran, slow_took, done, longest) = loop {
+    let held_ran = loop {
         attempt += 1;
         let mut ran = String::new();
         for _ in 0..100 {
-            ran = quick_nap(&g);
+            ran = call_hold(false).expect("a quick hold");
             if ran == WORKER_THREAD {
                 break;
             }
         }
-        assert_eq!(ran, WORKER_THREAD, "a quick nap runs on a runtime worker");
-        let slow_done = Arc::new(AtomicBool::new(false));
-        let began = Instant::now();
-        let slow = {
-            let (g, worker, slow_done) = (g.clone(), worker.clone(), slow_done.clone());
+        assert_eq!(ran, WORKER_THREAD, "a quick hold runs on a runtime worker");
+        let held = {
+            let (g, worker) = (g.clone(), worker.clone());
             std::thread::spawn(move || {
-                let ran = g
-                    .call("nap")
+                g.call("hold")
                     .on(&worker)
-                    .args((SLOW.as_millis() as u64,))
+                    .args((true,))
                     .timeout(WAIT)
-                    .fg::<String>();
-                slow_done.store(true, Ordering::Release);
-                ran
+                    .fg::<String>()
             })
         };
-        let (mut done, mut longest) = (0usize, Duration::ZERO);
-        let mut slowest = String::new();
-        while !slow_done.load(Ordering::Acquire) {
-            let call = Instant::now();
-            let sent = now_us();
-            let (ran_on, ran_at) = quick_where();
-            let took = call.elapsed();
-            if took > longest {
-                // Where its time went: before it ran (the request's way and the queue),
-                // or after (the reply's way).
-                let (until_ran, after) =
-                    (ran_at.saturating_sub(sent), now_us().saturating_sub(ran_at));
-                // `sent` lines it up with the worker's logs (`RUST_LOG`).
-                slowest = format!(
-                    "sent at {sent} us since the epoch, it ran on {ran_on} {until_ran} us \
-                     later, and its reply came {after} us after that"
-                );
-                longest = took;
-            }
-            done += 1;
+        let deadline = Instant::now() + WAIT;
+        let holding = || {
+            other
+                .call("holding")
+                .on(&worker)
+                .timeout(WAIT)
+                .fg::<bool>()
+                .expect("a call while one is held")
+        };
+        while !holding() {
+            assert!(Instant::now() < deadline, "the hold call never began");
         }
-        let slow_ran = slow.join().expect("slow caller").expect("the slow call");
-        let slow_took = began.elapsed();
-        eprintln!(
-            "while a {SLOW:?} callback ran on {slow_ran}, another caller's quick calls: \
-             {done} done, the longest {longest:?} ({slowest})"
-        );
-        if slow_ran == WORKER_THREAD || attempt == ATTEMPTS {
-            break (slow_ran, slow_took, done, longest);
+        let quick: Vec<String> = (0..QUICK_CALLS)
+            .map(|i| {
+                other
+                    .call("where_ran")
+                    .on(&worker)
+                    .timeout(WAIT)
+                    .fg::<String>()
+                    .unwrap_or_else(|e| panic!("quick call {i} while one is held: {e}"))
+            })
+            .collect();
+        // Still held: every quick call above was answered while it was.
+        assert!(holding(), "the hold call ended before it was released");
+        other
+            .call("release")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<()>()
+            .expect("release");
+        let held_ran = held
+            .join()
+            .expect("the held caller")
+            .expect("the held call");
+        eprintln!("while a held callback ran on {held_ran}, quick calls ran on {quick:?}");
+        if held_ran == WORKER_THREAD || attempt == ATTEMPTS {
+            break held_ran;
         }
-        eprintln!("attempt {attempt}: `nap` was no longer quick when it turned slow; again");
+        eprintln!("attempt {attempt}: `hold` was no longer quick when it turned slow; again");
     };
     assert_eq!(
-        slow_ran, WORKER_THREAD,
-        "the slow run began on a worker (in {attempt} attempts)"
+        held_ran, WORKER_THREAD,
+        "the held run began on a worker (in {attempt} attempts)"
     );
-    assert!(slow_took >= SLOW, "the slow call took {slow_took:?}");
-    assert!(longest < BOUND, "a quick call waited {longest:?}");
-    assert!(done >= 10, "only {done} quick calls in {slow_took:?}");
 
-    // Seen slow, `nap` goes to the callback threads next time.
-    assert_eq!(quick_nap(&g), CALLBACK_THREAD);
+    // Seen slow, `hold` goes to the callback threads next time.
+    assert_eq!(call_hold(false).expect("hold"), CALLBACK_THREAD);
 }
 
 #[test]
