@@ -187,14 +187,13 @@ impl FrameSender {
                 let mut st = self.shared.lock();
                 st.socket = Some(socket);
                 st.last_write = Some(Instant::now());
-                match written {
-                    Ok(None) if st.queue.is_empty() => {}
-                    Ok(None) => self.shared.work.notify_one(),
+                let wake_writer = match written {
+                    Ok(None) => !st.queue.is_empty(),
                     Ok(Some(rest)) => {
                         // The socket is full: the writer task finishes the frame first.
                         st.unwritten += rest.len() + FRAME_COST;
                         st.queue.push_front(rest);
-                        self.shared.work.notify_one();
+                        true
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "a write failed; closing the connection");
@@ -202,6 +201,10 @@ impl FrameSender {
                             .close(&mut st, CloseReason::WriteFailed(e.to_string()));
                         return Push::Closed;
                     }
+                };
+                drop(st);
+                if wake_writer {
+                    self.shared.work.notify_one();
                 }
                 return Push::Sent;
             }
@@ -215,7 +218,11 @@ impl FrameSender {
         st.queue.push_back(frame);
         // Whoever holds the socket now looks at the queue when it gives the socket back;
         // the last `Batch` dropped writes it (or wakes the writer task then).
-        if st.socket.is_some() && !batching {
+        let wake_writer = st.socket.is_some() && !batching;
+        // Woken outside the lock: a wake-up can hand this thread's processor to the
+        // woken one, and a sender preempted while holding the lock blocks every other.
+        drop(st);
+        if wake_writer {
             self.shared.work.notify_one();
         }
         Push::Sent
@@ -258,6 +265,7 @@ impl Drop for Batch {
                 // it back), or there is too much to copy: it writes them.
                 if other.is_some() {
                     st.socket = other;
+                    drop(st);
                     shared.work.notify_one();
                 }
                 return;
@@ -275,22 +283,24 @@ impl Drop for Batch {
         st.socket = Some(socket);
         st.last_write = Some(Instant::now());
         st.unwritten = st.unwritten.saturating_sub(bytes + frames * FRAME_COST);
-        match written {
-            Ok(None) if st.queue.is_empty() => {}
-            Ok(None) => shared.work.notify_one(),
+        let wake_writer = match written {
+            Ok(None) => !st.queue.is_empty(),
             Ok(Some(rest)) => {
                 // The socket is full: the writer task finishes first.
                 st.unwritten += rest.len() + FRAME_COST;
                 st.queue.push_front(rest);
-                shared.work.notify_one();
+                true
             }
             Err(e) => {
                 tracing::debug!(error = %e, "a write failed; closing the connection");
                 shared.close(&mut st, CloseReason::WriteFailed(e.to_string()));
                 return;
             }
-        }
+        };
         drop(st);
+        if wake_writer {
+            shared.work.notify_one();
+        }
         shared.room.notify_waiters();
     }
 }
