@@ -413,7 +413,7 @@ pub fn run_nats(plan: &Plan, url: &str) -> Outcome {
     if wanted.0 || wanted.1 {
         let result = on_nats.nats_floor(url).and_then(|floor| {
             let daffi = on_nats.daffi("ab-nats", Transport::Tcp, 1, None)?;
-            run_a_b_with(plan, vec![floor], daffi, wanted)
+            run_a_b_with(plan, (vec![floor], daffi), None, wanted)
         });
         add("A/B", result);
     }
@@ -426,21 +426,30 @@ pub fn run_nats(plan: &Plan, url: &str) -> Outcome {
 /// Scenarios A and B on one transport: they share their processes.
 pub fn run_a_b(plan: &Plan, transport: Transport, a: bool, b: bool) -> Result<Outcome> {
     let group = format!("ab-{}", transport.name());
-    let floors = plan.floors(&group, transport)?;
-    let daffi = plan.daffi(&group, transport, 1, None)?;
-    run_a_b_with(plan, floors, daffi, (a, b))
+    let start = || -> Result<ProcessSets> {
+        let floors = plan.floors(&group, transport)?;
+        let daffi = plan.daffi(&group, transport, 1, None)?;
+        Ok((floors, daffi))
+    };
+    run_a_b_with(plan, start()?, Some(&start), (a, b))
 }
 
-/// A and/or B against `floors`.
+/// The floors and daffi's processes of one run of A and B.
+type ProcessSets = (Vec<FloorSet>, DaffiSet);
+
+/// A and/or B against `floors`. With `restart`, each repetition of A after the first
+/// runs on fresh processes (see [`run_a`]).
 fn run_a_b_with(
     plan: &Plan,
-    mut floors: Vec<FloorSet>,
-    mut daffi: DaffiSet,
+    (mut floors, mut daffi): ProcessSets,
+    restart: Option<&dyn Fn() -> Result<ProcessSets>>,
     (a, b): (bool, bool),
 ) -> Result<Outcome> {
     let mut out = Outcome::default();
     if a {
-        out.rows.extend(run_a(plan, &mut floors, &mut daffi)?);
+        let (rows, sets) = run_a(plan, (floors, daffi), restart)?;
+        out.rows.extend(rows);
+        (floors, daffi) = sets;
     }
     if b {
         let b = run_b(plan, &mut floors, &mut daffi)?;
@@ -459,7 +468,17 @@ fn run_a_b_with(
 const A_STYLES: [CallStyle; 3] = [CallStyle::Fg, CallStyle::FgAsync, CallStyle::BgAwait];
 
 /// Scenario A: one small call at a time, each way of [`A_STYLES`], against every floor.
-fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<Vec<Row>> {
+///
+/// With `restart`, each repetition after the first starts every process set afresh.
+/// Where the scheduler places a set's threads on the processors decides its round trip
+/// (on two processors: 16-29 µs per hop within one, 35-38 µs across), and a set keeps
+/// its placement for its whole life: one set per side for every repetition would make
+/// the ratio a draw of two placements, not a comparison of the two paths.
+fn run_a(
+    plan: &Plan,
+    (mut floors, mut daffi): ProcessSets,
+    restart: Option<&dyn Fn() -> Result<ProcessSets>>,
+) -> Result<(Vec<Row>, ProcessSets)> {
     let t = daffi.endpoint.transport();
     let op = |style| plan.latency(style);
     // Per style, then per percentile (p50, p99, p99.9).
@@ -469,6 +488,14 @@ fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<V
         .collect();
     for rep in 0..plan.reps {
         progress(&format!("A {t}"), rep, plan.reps);
+        if let Some(restart) = restart.filter(|_| rep > 0) {
+            // The old sets end first: the fresh ones listen where they did.
+            for f in floors {
+                f.finish();
+            }
+            daffi.finish();
+            (floors, daffi) = restart()?;
+        }
         for (i, f) in floors.iter_mut().enumerate() {
             let r: LatencyAnswer = f.client.request(&op(CallStyle::Fg))?;
             for (p, value) in [r.p50, r.p99, r.p999].into_iter().enumerate() {
@@ -482,7 +509,7 @@ fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<V
             }
         }
     }
-    let floor_names = names_of(floors);
+    let floor_names = names_of(&floors);
     let labels = ["p50", "p99", "p99.9"];
     let targets = if t == "nats" {
         // Issue 14's targets over NATS: p50 only.
@@ -519,7 +546,7 @@ fn run_a(plan: &Plan, floors: &mut [FloorSet], daffi: &mut DaffiSet) -> Result<V
             ));
         }
     }
-    Ok(rows)
+    Ok((rows, (floors, daffi)))
 }
 
 /// The ways a daffi caller keeps many calls in flight in B, and their labels.
