@@ -118,6 +118,10 @@ pub const FLAG_ARGUMENTS: u8 = 0b0000_0010;
 /// `StreamItem` flag: the payload is a batch of items, each a `u32` length (big-endian)
 /// and its bytes, rather than one item.
 pub const FLAG_BATCH: u8 = 0b0000_0100;
+/// `Request` flag, only with [`FLAG_NO_REPLY`]: the payload is a batch of calls to the
+/// same callback, each call's arguments a `u32` length (big-endian) and its bytes, laid
+/// out as a `StreamItem` batch; `call_id` holds how many (two or more).
+pub const FLAG_REQUEST_BATCH: u8 = 0b0000_1000;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 
@@ -196,6 +200,31 @@ impl<'a> Header<'a> {
         let mut buf = BytesMut::with_capacity(len);
         self.write_to(&mut buf, total);
         buf.freeze()
+    }
+
+    /// The header encoded in `head`: a length prefix and a header, nothing after the
+    /// names (an [`Outgoing`](crate::Outgoing)'s head as [`encode`](Self::encode)
+    /// made it). `None` if `head` is anything else: cut short, longer, an unknown kind,
+    /// names that are not UTF-8.
+    pub fn parse_head(head: &[u8]) -> Option<Header<'_>> {
+        let fixed = head.get(..NAMES_START)?;
+        let kind = Kind::from_u8(fixed[4])?;
+        let src_end = NAMES_START + fixed[18] as usize;
+        let dst_end = src_end + fixed[19] as usize;
+        let name_end = dst_end + u16::from_be_bytes([fixed[20], fixed[21]]) as usize;
+        if name_end != head.len() {
+            return None;
+        }
+        let text = |range: std::ops::Range<usize>| std::str::from_utf8(&head[range]).ok();
+        Some(Header {
+            kind,
+            flags: fixed[5],
+            call_id: u64::from_be_bytes(fixed[6..14].try_into().ok()?),
+            timeout_ms: u32::from_be_bytes(fixed[14..18].try_into().ok()?),
+            src: text(NAMES_START..src_end)?,
+            dst: text(src_end..dst_end)?,
+            name: text(dst_end..name_end)?,
+        })
     }
 
     /// Appends the length prefix (for a frame of `total` bytes) and the header.
