@@ -202,28 +202,28 @@ impl<'a> Header<'a> {
         buf.freeze()
     }
 
-    /// The header encoded in `head`: a length prefix and a header, nothing after the
-    /// names (an [`Outgoing`](crate::Outgoing)'s head as [`encode`](Self::encode)
-    /// made it). `None` if `head` is anything else: cut short, longer, an unknown kind,
-    /// names that are not UTF-8.
-    pub fn parse_head(head: &[u8]) -> Option<Header<'_>> {
-        let fixed = head.get(..NAMES_START)?;
-        let kind = Kind::from_u8(fixed[4])?;
-        let src_end = NAMES_START + fixed[18] as usize;
-        let dst_end = src_end + fixed[19] as usize;
-        let name_end = dst_end + u16::from_be_bytes([fixed[20], fixed[21]]) as usize;
-        if name_end != head.len() {
+    /// The flags and `call_id` encoded in `head` (a length prefix and a header, nothing
+    /// after the names: an [`Outgoing`](crate::Outgoing)'s head as
+    /// [`encode`](Self::encode) made it), if it encodes this header but for its length
+    /// prefix, flags and `call_id`; `None` otherwise (another header, or not a head).
+    /// Compares bytes: nothing is decoded.
+    pub fn matches_head(&self, head: &[u8]) -> Option<(u8, u64)> {
+        if head.len() != self.frame_len(0) {
             return None;
         }
-        let text = |range: std::ops::Range<usize>| std::str::from_utf8(&head[range]).ok();
-        Some(Header {
-            kind,
-            flags: fixed[5],
-            call_id: u64::from_be_bytes(fixed[6..14].try_into().ok()?),
-            timeout_ms: u32::from_be_bytes(fixed[14..18].try_into().ok()?),
-            src: text(NAMES_START..src_end)?,
-            dst: text(src_end..dst_end)?,
-            name: text(dst_end..name_end)?,
+        let ours = self.fixed_part(head.len());
+        let (src, rest) = head[NAMES_START..].split_at(self.src.len());
+        let (dst, name) = rest.split_at(self.dst.len());
+        let same = head[4] == ours[4]
+            && head[14..NAMES_START] == ours[14..]
+            && name == self.name.as_bytes()
+            && dst == self.dst.as_bytes()
+            && src == self.src.as_bytes();
+        same.then(|| {
+            (
+                head[5],
+                u64::from_be_bytes(head[6..14].try_into().expect("8 bytes")),
+            )
         })
     }
 

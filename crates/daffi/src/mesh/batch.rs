@@ -332,22 +332,18 @@ pub fn join_call(
     args: &Payload,
     frame_limit: usize,
 ) -> bool {
-    let Some(queued) = Header::parse_head(last.head()) else {
+    let Some((flags, count)) = call.matches_head(last.head()) else {
         return false;
     };
-    let batched = queued.flags & FLAG_REQUEST_BATCH != 0;
-    let same = queued.kind == Kind::Request
+    let batched = flags & FLAG_REQUEST_BATCH != 0;
+    let same = call.kind == Kind::Request
         && call.flags == FLAG_NO_REPLY
-        && queued.flags & !FLAG_REQUEST_BATCH == call.flags
-        && queued.timeout_ms == call.timeout_ms
-        && queued.name == call.name
-        && queued.dst == call.dst
-        && queued.src == call.src;
+        && flags & !FLAG_REQUEST_BATCH == call.flags;
     let len = args.len();
     if !same || len >= JOINED_CALL {
         return false;
     }
-    let items = if batched { queued.call_id } else { 1 };
+    let items = if batched { count } else { 1 };
     let body = last.body_mut();
     let framing = if batched { ITEM_LEN } else { 2 * ITEM_LEN };
     let held = (body.len() as u64).saturating_sub(if batched {
