@@ -335,7 +335,7 @@ fn interleaved_calls_keep_their_order_and_batches_never_mix_callbacks_or_nodes()
         .collect();
     for (node, callback, i) in &plan {
         caller
-            .call(*callback)
+            .call(callback)
             .args((format!("{callback}@{node}"), *i))
             .on(&names[*node])
             .no_return()
