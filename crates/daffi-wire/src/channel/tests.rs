@@ -449,6 +449,10 @@ async fn only_a_whole_frame_still_queued_is_joined() {
         !tx.join_last(3, |_| false),
         "one that says no is left as it was"
     );
+    assert!(
+        !Outgoing::joined(vec![goodbye(), goodbye()]).is_one_frame(),
+        "frames joined into one Outgoing are not one frame"
+    );
 
     let mut reader = FrameReader::new(peer, 1 << 20);
     let first = reader.next().await.expect("read").expect("a frame");
