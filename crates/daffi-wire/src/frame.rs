@@ -227,6 +227,27 @@ impl<'a> Header<'a> {
         })
     }
 
+    /// Rewrites, in `head` (an encoded length prefix and header), the length prefix for
+    /// a payload of `payload_len` bytes, the flags and the `call_id`: a queued frame
+    /// that grew (see [`matches_head`](Self::matches_head)), changed without encoding
+    /// its names again. `false` (nothing changed) if `head` is shorter than a header or
+    /// the frame would pass 4 GiB.
+    pub fn patch_head(head: &mut [u8], payload_len: usize, flags: u8, call_id: u64) -> bool {
+        let Some(len) = (head.len() + payload_len)
+            .checked_sub(LEN_PREFIX)
+            .and_then(|len| u32::try_from(len).ok())
+        else {
+            return false;
+        };
+        if head.len() < NAMES_START {
+            return false;
+        }
+        head[0..4].copy_from_slice(&len.to_be_bytes());
+        head[5] = flags;
+        head[6..14].copy_from_slice(&call_id.to_be_bytes());
+        true
+    }
+
     /// Appends the length prefix (for a frame of `total` bytes) and the header.
     fn write_to(&self, buf: &mut BytesMut, total: usize) {
         buf.extend_from_slice(&self.fixed_part(total));

@@ -57,10 +57,10 @@ impl Outgoing {
         &self.body
     }
 
-    /// Replaces the length prefix and header (a frame changed in place: see
+    /// The length prefix and header, to change or replace in place (see
     /// [`FrameSender::join_last`](crate::FrameSender::join_last)).
-    pub fn set_head(&mut self, head: Bytes) {
-        self.head = head;
+    pub fn head_mut(&mut self) -> &mut Bytes {
+        &mut self.head
     }
 
     /// The payload, to change in place (see

@@ -440,7 +440,7 @@ async fn only_a_whole_frame_still_queued_is_joined() {
     assert!(matches!(tx.push(goodbye()), Push::Sent));
     let joined = tx.join_last(3, |last| {
         assert!(last.is_one_frame());
-        last.set_head(Header::control(Kind::Goodbye).encode(3));
+        *last.head_mut() = Header::control(Kind::Goodbye).encode(3);
         last.body_mut().push(Bytes::from_static(b"abc"));
         true
     });

@@ -384,13 +384,25 @@ pub fn join_call(
         buf.extend_from_slice(part);
     }
     body.push(buf.freeze());
-    let head = Header {
-        flags: call.flags | FLAG_REQUEST_BATCH,
-        call_id: items + 1,
-        ..*call
-    }
-    .encode(body.len());
-    last.set_head(head);
+    let (flags, payload_len) = (call.flags | FLAG_REQUEST_BATCH, body.len());
+    // The head is changed in place when this batch owns it (after its first join);
+    // the lone request's head, cut from a shared buffer, is copied once.
+    let head = std::mem::take(last.head_mut());
+    let mut head = head
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items + 1) {
+        head.freeze()
+    } else {
+        // Never taken (the head matched a whole header, the frame is within the limit);
+        // encoded afresh, the frame stays valid whatever happens.
+        Header {
+            flags,
+            call_id: items + 1,
+            ..*call
+        }
+        .encode(payload_len)
+    };
     true
 }
 
