@@ -320,11 +320,16 @@ impl Joining {
 /// larger call goes alone, from its own memory).
 pub const JOINED_CALL: usize = COPIED_ITEM;
 
+/// A batch request's payload (lengths included) stays within this: well below a
+/// reader's 64 KiB buffer, so that a flood of batches is read, forwarded and freed like
+/// a flood of small frames, many to a buffer.
+pub const MAX_CALLS_BATCH_BYTES: usize = 16 * 1024;
+
 /// Joins the NO_RETURN call of `call` (its request header, `call_id` 0) with arguments
 /// `args` to the request `last` still queued, if that is a NO_RETURN request (or a batch
 /// of them, docs/PROTOCOL.md "Batches of NO_RETURN calls") to the same node and callback,
-/// with the same flags and timeout, with room left (under [`MAX_BATCH_BYTES`] of
-/// arguments, and the frame within `frame_limit`). A lone request becomes a batch of
+/// with the same flags and timeout, with room left (a payload of at most
+/// [`MAX_CALLS_BATCH_BYTES`], lengths included, and the frame within `frame_limit`). A lone request becomes a batch of
 /// two. `false`: `last` is left as it was.
 pub fn join_call(
     last: &mut Outgoing,
@@ -346,15 +351,12 @@ pub fn join_call(
     let items = if batched { count } else { 1 };
     let body = last.body_mut();
     let framing = if batched { ITEM_LEN } else { 2 * ITEM_LEN };
-    let held = (body.len() as u64).saturating_sub(if batched {
-        items.saturating_mul(ITEM_LEN as u64)
-    } else {
-        0
-    });
     let new_len = body.len() + framing + len;
-    if held >= MAX_BATCH_BYTES as u64
-        || items >= u64::from(u32::MAX)
+    // Bounded by the payload, lengths included: a flood of tiny calls makes frames (and
+    // buffers, on every hop) of at most 16 KiB.
+    if new_len > MAX_CALLS_BATCH_BYTES
         || (!batched && body.len() >= JOINED_CALL)
+        || items >= u64::from(u32::MAX)
         || call.frame_len(new_len) - LEN_PREFIX > frame_limit
     {
         return false;
@@ -672,7 +674,11 @@ mod tests {
         while join_call(&mut last, &add, &args, 1 << 20) {
             joined += 1;
         }
-        assert_eq!(joined, MAX_BATCH_BYTES.div_ceil(1000));
+        assert_eq!(
+            joined,
+            MAX_CALLS_BATCH_BYTES / (ITEM_LEN + 1000),
+            "16 KiB of payload"
+        );
         let reply = Header {
             kind: Kind::Reply,
             ..add
