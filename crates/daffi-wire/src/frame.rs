@@ -118,6 +118,10 @@ pub const FLAG_ARGUMENTS: u8 = 0b0000_0010;
 /// `StreamItem` flag: the payload is a batch of items, each a `u32` length (big-endian)
 /// and its bytes, rather than one item.
 pub const FLAG_BATCH: u8 = 0b0000_0100;
+/// `Request` flag, only with [`FLAG_NO_REPLY`]: the payload is a batch of calls to the
+/// same callback, each call's arguments a `u32` length (big-endian) and its bytes, laid
+/// out as a `StreamItem` batch; `call_id` holds how many (two or more).
+pub const FLAG_REQUEST_BATCH: u8 = 0b0000_1000;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
 
@@ -196,6 +200,52 @@ impl<'a> Header<'a> {
         let mut buf = BytesMut::with_capacity(len);
         self.write_to(&mut buf, total);
         buf.freeze()
+    }
+
+    /// The flags and `call_id` encoded in `head` (a length prefix and a header, nothing
+    /// after the names: an [`Outgoing`](crate::Outgoing)'s head as
+    /// [`encode`](Self::encode) made it), if it encodes this header but for its length
+    /// prefix, flags and `call_id`; `None` otherwise (another header, or not a head).
+    /// Compares bytes: nothing is decoded.
+    pub fn matches_head(&self, head: &[u8]) -> Option<(u8, u64)> {
+        if head.len() != self.frame_len(0) {
+            return None;
+        }
+        let ours = self.fixed_part(head.len());
+        let (src, rest) = head[NAMES_START..].split_at(self.src.len());
+        let (dst, name) = rest.split_at(self.dst.len());
+        let same = head[4] == ours[4]
+            && head[14..NAMES_START] == ours[14..]
+            && name == self.name.as_bytes()
+            && dst == self.dst.as_bytes()
+            && src == self.src.as_bytes();
+        same.then(|| {
+            (
+                head[5],
+                u64::from_be_bytes(head[6..14].try_into().expect("8 bytes")),
+            )
+        })
+    }
+
+    /// Rewrites, in `head` (an encoded length prefix and header), the length prefix for
+    /// a payload of `payload_len` bytes, the flags and the `call_id`: a queued frame
+    /// that grew (see [`matches_head`](Self::matches_head)), changed without encoding
+    /// its names again. `false` (nothing changed) if `head` is shorter than a header or
+    /// the frame would pass 4 GiB.
+    pub fn patch_head(head: &mut [u8], payload_len: usize, flags: u8, call_id: u64) -> bool {
+        let Some(len) = (head.len() + payload_len)
+            .checked_sub(LEN_PREFIX)
+            .and_then(|len| u32::try_from(len).ok())
+        else {
+            return false;
+        };
+        if head.len() < NAMES_START {
+            return false;
+        }
+        head[0..4].copy_from_slice(&len.to_be_bytes());
+        head[5] = flags;
+        head[6..14].copy_from_slice(&call_id.to_be_bytes());
+        true
     }
 
     /// Appends the length prefix (for a frame of `total` bytes) and the header.

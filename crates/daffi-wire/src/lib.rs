@@ -29,8 +29,9 @@ pub const MAGIC: [u8; 4] = *b"DAFI";
 /// for an `Announce` sent right behind it, and `Welcome` comes in pages. Version 3: every
 /// node keeps a replica of the scheduled tasks (`Schedule` frames, tasks and the
 /// controller's instance in `Welcome`) and gives them back to a restarted controller
-/// (`Restore`).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// (`Restore`). Version 4: NO_RETURN calls to one callback travel in batch requests
+/// ([`frame::FLAG_REQUEST_BATCH`]), which a version 3 node would misread.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes of the preamble: [`MAGIC`] and [`PROTOCOL_VERSION`].
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
 /// Default limit on one frame (prefix excluded): 128 MiB.

@@ -57,6 +57,28 @@ impl Outgoing {
         &self.body
     }
 
+    /// The length prefix and header, to change or replace in place (see
+    /// [`FrameSender::join_last`](crate::FrameSender::join_last)).
+    pub fn head_mut(&mut self) -> &mut Bytes {
+        &mut self.head
+    }
+
+    /// The payload, to change in place (see
+    /// [`FrameSender::join_last`](crate::FrameSender::join_last)).
+    pub fn body_mut(&mut self) -> &mut Payload {
+        &mut self.body
+    }
+
+    /// Whether it is one whole frame: its length prefix gives the bytes it holds (not a
+    /// frame partly written, nor several [`joined`](Self::joined)).
+    pub fn is_one_frame(&self) -> bool {
+        let Some(prefix) = self.head.get(..crate::frame::LEN_PREFIX) else {
+            return false;
+        };
+        let announced = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        announced as usize + crate::frame::LEN_PREFIX == self.len()
+    }
+
     /// Appends the frame's bytes to `out`: for what is written in one piece (the
     /// opening of a connection) and for tests.
     pub fn copy_to(&self, out: &mut Vec<u8>) {

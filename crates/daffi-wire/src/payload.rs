@@ -45,6 +45,14 @@ impl Payload {
         }
     }
 
+    /// Takes the last part off (to extend it and push it back); `None` when empty.
+    pub fn pop(&mut self) -> Option<Bytes> {
+        if let Some(last) = self.rest.pop() {
+            return Some(last);
+        }
+        (!self.first.is_empty()).then(|| std::mem::take(&mut self.first))
+    }
+
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.first.len() + self.rest.iter().map(Bytes::len).sum::<usize>()

@@ -152,6 +152,8 @@ struct Shared {
 
 struct State {
     queue: VecDeque<Outgoing>,
+    /// The queue's first frame is the rest of one partly written: no frame joins it.
+    partial_front: bool,
     /// Bytes accepted and not yet written: the queue's, and those of the frames the
     /// writer task took and has not finished writing; each frame counts [`FRAME_COST`]
     /// more.
@@ -189,6 +191,7 @@ where
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            partial_front: false,
             unwritten: 0,
             socket: Some(Box::new(socket)),
             last_write: None,
@@ -220,6 +223,7 @@ impl Shared {
         }
         st.close_reason = Some(reason);
         st.queue.clear();
+        st.partial_front = false;
         st.unwritten = 0;
         self.work.notify_one();
         self.room.notify_waiters();

@@ -164,6 +164,41 @@ impl FrameSender {
         }
     }
 
+    /// Lets `join` change the last frame still queued (one nobody has started to write:
+    /// whole, [`Outgoing::is_one_frame`]), under the queue's lock, so that what it adds
+    /// leaves with that frame: a sender merges its message into a frame that waits
+    /// anyway, rather than queueing a frame of its own. `join` says whether it changed
+    /// the frame (it must leave it a valid frame either way); what it added counts
+    /// against the queue's limits like a frame's bytes. `false` (nothing called) when
+    /// the queue is empty, its last frame is partly written, the connection is closed,
+    /// or `most_added` more bytes would pass the byte limit. Nothing waits: a frame
+    /// that no longer waits is never held back for company.
+    pub fn join_last(&self, most_added: usize, join: impl FnOnce(&mut Outgoing) -> bool) -> bool {
+        let mut st = self.shared.lock();
+        if self.shared.closed.load(Ordering::Relaxed)
+            || (st.partial_front && st.queue.len() == 1)
+            || self
+                .shared
+                .limits
+                .exceeded(st.unwritten + most_added, false)
+        {
+            return false;
+        }
+        let Some(last) = st.queue.back_mut() else {
+            return false;
+        };
+        if !last.is_one_frame() {
+            return false;
+        }
+        let before = last.len();
+        if !join(last) {
+            return false;
+        }
+        let after = last.len();
+        st.unwritten = (st.unwritten + after).saturating_sub(before);
+        true
+    }
+
     fn push_within(&self, frame: Outgoing, hard: bool) -> Push {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -193,6 +228,7 @@ impl FrameSender {
                         // The socket is full: the writer task finishes the frame first.
                         st.unwritten += rest.len() + FRAME_COST;
                         st.queue.push_front(rest);
+                        st.partial_front = true;
                         true
                     }
                     Err(e) => {
@@ -276,6 +312,7 @@ impl Drop for Batch {
         for frame in st.queue.drain(..) {
             frame.copy_to(&mut out);
         }
+        st.partial_front = false;
         drop(st);
         let mut socket = socket;
         let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
@@ -289,6 +326,7 @@ impl Drop for Batch {
                 // The socket is full: the writer task finishes first.
                 st.unwritten += rest.len() + FRAME_COST;
                 st.queue.push_front(rest);
+                st.partial_front = true;
                 true
             }
             Err(e) => {

@@ -420,3 +420,43 @@ async fn a_batch_too_large_to_copy_goes_to_the_writer_task() {
         .expect("the writer task sends them within 10 s")
         .expect("read");
 }
+
+#[tokio::test]
+async fn only_a_whole_frame_still_queued_is_joined() {
+    // The peer reads nothing yet: the socket takes 64 bytes of the first frame.
+    let (a, peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, frames(100));
+    let _writer = tokio::spawn(writer);
+    assert!(!tx.join_last(3, |_| panic!("nothing is queued")));
+    let long = Payload::from(Bytes::from(vec![7u8; 200]));
+    assert!(matches!(
+        tx.push(Outgoing::new(&Header::control(Kind::Goodbye), long)),
+        Push::Sent
+    ));
+    assert!(
+        !tx.join_last(3, |_| panic!("the rest of a frame partly written")),
+        "a frame partly written is never joined"
+    );
+    assert!(matches!(tx.push(goodbye()), Push::Sent));
+    let joined = tx.join_last(3, |last| {
+        assert!(last.is_one_frame());
+        *last.head_mut() = Header::control(Kind::Goodbye).encode(3);
+        last.body_mut().push(Bytes::from_static(b"abc"));
+        true
+    });
+    assert!(joined, "a whole frame still queued is joined");
+    assert!(
+        !tx.join_last(3, |_| false),
+        "one that says no is left as it was"
+    );
+    assert!(
+        !Outgoing::joined(vec![goodbye(), goodbye()]).is_one_frame(),
+        "frames joined into one Outgoing are not one frame"
+    );
+
+    let mut reader = FrameReader::new(peer, 1 << 20);
+    let first = reader.next().await.expect("read").expect("a frame");
+    assert_eq!(first.payload().len(), 200);
+    let second = reader.next().await.expect("read").expect("a frame");
+    assert_eq!(&second.payload()[..], b"abc");
+}

@@ -133,6 +133,7 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
                     // senders get the one written last time, emptied: a burst of
                     // frames does not regrow a queue from nothing each time.
                     std::mem::swap(&mut frames, &mut st.queue);
+                    st.partial_front = false;
                     Some((socket, false))
                 }
                 Some(socket) if shared.senders.load(Ordering::Acquire) == 0 => Some((socket, true)),

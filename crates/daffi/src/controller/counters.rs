@@ -155,16 +155,16 @@ impl Runs {
         }
     }
 
-    /// Counts one forwarded request for `callback`.
-    pub fn count(&mut self, callback: &str) {
+    /// Counts `calls` forwarded calls for `callback` (a batch of NO_RETURN calls).
+    pub fn count_calls(&mut self, callback: &str, calls: u64) {
         if self.n > 0 && self.name == callback {
-            self.n += 1;
+            self.n = self.n.saturating_add(calls);
             return;
         }
         self.flush();
         self.name.clear();
         self.name.push_str(callback);
-        self.n = 1;
+        self.n = calls;
     }
 
     /// Adds the current run to the tally.
@@ -255,14 +255,14 @@ mod tests {
         let counts = CallCounts::default();
         let mut runs = Runs::new(counts.open(1));
         for name in ["add", "add", "add", "greet", "add"] {
-            runs.count(name);
+            runs.count_calls(name, 1);
         }
         let snap = counts.snapshot(&all);
         assert_eq!(snap.by_name.get("add"), Some(&3), "the first run is in");
         assert_eq!(snap.by_name.get("greet"), Some(&1));
         runs.flush();
         assert_eq!(counts.snapshot(&all).by_name.get("add"), Some(&4));
-        runs.count("add");
+        runs.count_calls("add", 1);
         drop(runs);
         counts.close(1, &all);
         assert_eq!(

@@ -25,7 +25,7 @@ use crate::protocol::{
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 use daffi_wire::channel::{Batch, CloseReason};
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, LEN_PREFIX};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameError, FrameHandler, FrameReader, FrameSender,
@@ -69,8 +69,9 @@ impl Shared {
     /// Logs a NO_RETURN request dropped because its node reads too little of what is
     /// sent to it: the first, then one line per thousand (a flood must not flood the log).
     fn note_dropped_one_way(&self, frame: &Frame) {
-        let dropped = self.dropped_one_way.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped == 1 || dropped % 1000 == 0 {
+        let calls = calls_in(frame);
+        let dropped = self.dropped_one_way.fetch_add(calls, Ordering::Relaxed) + calls;
+        if dropped == calls || dropped / 1000 != (dropped - calls) / 1000 {
             tracing::warn!(
                 process = frame.dst(),
                 callback = frame.name(),
@@ -319,7 +320,7 @@ impl Routing<'_> {
         match forwarded {
             Ok(()) => {
                 if request {
-                    self.runs.count(frame.name());
+                    self.runs.count_calls(frame.name(), calls_in(&frame));
                 }
                 Handled::Done
             }
@@ -330,6 +331,18 @@ impl Routing<'_> {
             }
         }
     }
+}
+
+/// How many calls the request `frame` carries, read from its header: a batch of
+/// NO_RETURN calls says how many in its `call_id` (never more than a quarter of the
+/// frame's bytes: each call takes at least its 4-byte length); any other request is one. The
+/// payload is not read: the callee checks it.
+fn calls_in(frame: &Frame) -> u64 {
+    if frame.flags() & FLAG_REQUEST_BATCH == 0 {
+        return 1;
+    }
+    let most = (frame.raw().len() / 4) as u64;
+    frame.call_id().clamp(1, most.max(1))
 }
 
 /// Why a frame whose sender is not the node it came from closes the connection.
@@ -588,7 +601,7 @@ async fn route(
             let request = frame.kind() == Kind::Request;
             let out = Outgoing::raw(frame.raw().clone());
             match shared.members.forward(frame.dst(), request, out) {
-                Ok(()) if request => runs.count(frame.name()),
+                Ok(()) if request => runs.count_calls(frame.name(), calls_in(&frame)),
                 Ok(()) => {}
                 Err(code) => undeliverable(shared, own_queue, &frame, code).await,
             }

@@ -5,8 +5,9 @@
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use bytes::Bytes;
-use daffi_wire::Payload;
+use bytes::{Bytes, BytesMut};
+use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::{Header, Kind, Outgoing, Payload};
 use serde::Serialize;
 
 /// Items a stream's receiver grants at first, and tops up to as it consumes them. Small
@@ -315,6 +316,118 @@ impl Joining {
     }
 }
 
+/// Arguments of a NO_RETURN call that may join a batch request: smaller than this (a
+/// larger call goes alone, from its own memory).
+pub const JOINED_CALL: usize = COPIED_ITEM;
+
+/// A batch request's payload (lengths included) stays within this: well below a
+/// reader's 64 KiB buffer, so that a flood of batches is read, forwarded and freed like
+/// a flood of small frames, many to a buffer.
+pub const MAX_CALLS_BATCH_BYTES: usize = 16 * 1024;
+
+/// Joins the NO_RETURN call of `call` (its request header, `call_id` 0) with arguments
+/// `args` to the request `last` still queued, if that is a NO_RETURN request (or a batch
+/// of them, docs/PROTOCOL.md "Batches of NO_RETURN calls") to the same node and callback,
+/// with the same flags and timeout, with room left (a payload of at most
+/// [`MAX_CALLS_BATCH_BYTES`], lengths included, and the frame within `frame_limit`). A lone request becomes a batch of
+/// two. `false`: `last` is left as it was.
+pub fn join_call(
+    last: &mut Outgoing,
+    call: &Header<'_>,
+    args: &Payload,
+    frame_limit: usize,
+) -> bool {
+    let Some((flags, count)) = call.matches_head(last.head()) else {
+        return false;
+    };
+    let batched = flags & FLAG_REQUEST_BATCH != 0;
+    let same = call.kind == Kind::Request
+        && call.flags == FLAG_NO_REPLY
+        && flags & !FLAG_REQUEST_BATCH == call.flags;
+    let len = args.len();
+    if !same || len >= JOINED_CALL {
+        return false;
+    }
+    let items = if batched { count } else { 1 };
+    let body = last.body_mut();
+    let framing = if batched { ITEM_LEN } else { 2 * ITEM_LEN };
+    let new_len = body.len() + framing + len;
+    // Bounded by the payload, lengths included: a flood of tiny calls makes frames (and
+    // buffers, on every hop) of at most 16 KiB.
+    if new_len > MAX_CALLS_BATCH_BYTES
+        || (!batched && body.len() >= JOINED_CALL)
+        || items >= u64::from(u32::MAX)
+        || call.frame_len(new_len) - LEN_PREFIX > frame_limit
+    {
+        return false;
+    }
+    let mut buf = if batched {
+        // The batch's buffer is extended in place when nothing else holds it.
+        match body.pop().map(Bytes::try_into_mut) {
+            Some(Ok(buf)) => buf,
+            Some(Err(part)) => {
+                body.push(part);
+                BytesMut::with_capacity(FIRST_CAPACITY)
+            }
+            None => BytesMut::with_capacity(FIRST_CAPACITY),
+        }
+    } else {
+        // The lone call's arguments become the batch's first item.
+        let first = std::mem::take(body);
+        let mut buf = BytesMut::with_capacity(FIRST_CAPACITY.max(2 * new_len));
+        buf.extend_from_slice(&(first.len() as u32).to_be_bytes());
+        for part in first.parts() {
+            buf.extend_from_slice(part);
+        }
+        buf
+    };
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    for part in args.parts() {
+        buf.extend_from_slice(part);
+    }
+    body.push(buf.freeze());
+    let (flags, payload_len) = (call.flags | FLAG_REQUEST_BATCH, body.len());
+    // The head is changed in place when this batch owns it (after its first join);
+    // the lone request's head, cut from a shared buffer, is copied once.
+    let head = std::mem::take(last.head_mut());
+    let mut head = head
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items + 1) {
+        head.freeze()
+    } else {
+        // Never taken (the head matched a whole header, the frame is within the limit);
+        // encoded afresh, the frame stays valid whatever happens.
+        Header {
+            flags,
+            call_id: items + 1,
+            ..*call
+        }
+        .encode(payload_len)
+    };
+    true
+}
+
+/// The calls of a batch request (`flags` with [`FLAG_REQUEST_BATCH`], `count` its
+/// `call_id`), checked whole; `Err` names what is wrong with a malformed one: not
+/// NO_RETURN, another flag with it, a malformed layout, or a count that is not the
+/// number of calls it holds.
+pub fn batch_calls(flags: u8, count: u64, payload: Bytes) -> Result<BatchItems, String> {
+    if flags != FLAG_NO_REPLY | FLAG_REQUEST_BATCH {
+        return Err(format!(
+            "a batch request must carry NO_REPLY and no other flag (flags {flags:#010b})"
+        ));
+    }
+    let calls = BatchItems::new(payload)?;
+    if u64::from(calls.items) != count {
+        return Err(format!(
+            "a batch request says it holds {count} calls and holds {}",
+            calls.items
+        ));
+    }
+    Ok(calls)
+}
+
 /// The items of a received batch, checked whole when it arrives, then read one by one
 /// as slices of its payload (no copy, no list of them).
 #[derive(Debug, Clone, Default)]
@@ -322,21 +435,27 @@ pub struct BatchItems {
     payload: Bytes,
     /// Where the next item's length is.
     at: usize,
+    /// How many it held when it arrived.
+    items: u32,
 }
 
 impl BatchItems {
     /// The items of the batch `payload`; `Err` names what is wrong with a malformed one.
     pub fn new(payload: Bytes) -> Result<BatchItems, String> {
         let mut at = 0;
-        let mut items = 0;
+        let mut items = 0u32;
         while let Some(item) = item_at(&payload, at)? {
             at = item.end;
-            items += 1;
+            items = items.saturating_add(1);
         }
         if items < 2 {
             return Err("a batch holds fewer than two items".to_string());
         }
-        Ok(BatchItems { payload, at: 0 })
+        Ok(BatchItems {
+            payload,
+            at: 0,
+            items,
+        })
     }
 
     /// Counts the items not read yet against `credit`; `false` if it does not cover
@@ -476,6 +595,134 @@ mod tests {
             crate::codec::encode_value(&7u8).unwrap().into_bytes(),
         ];
         assert_eq!(split_batch(&payload.into_bytes()).unwrap(), expected);
+    }
+
+    fn call(dst: &str, name: &str) -> Header<'static> {
+        Header {
+            kind: Kind::Request,
+            flags: FLAG_NO_REPLY,
+            call_id: 0,
+            timeout_ms: 0,
+            src: "me",
+            dst: Box::leak(dst.to_string().into_boxed_str()),
+            name: Box::leak(name.to_string().into_boxed_str()),
+        }
+    }
+
+    fn parsed(frame: &Outgoing) -> daffi_wire::Frame {
+        let mut raw = Vec::new();
+        frame.copy_to(&mut raw);
+        daffi_wire::Frame::parse(raw.into()).expect("a valid frame")
+    }
+
+    #[test]
+    fn calls_join_a_queued_request_to_the_same_node_and_callback_only() {
+        let args = |n: u8| Payload::from(Bytes::from(vec![n; usize::from(n)]));
+        let add = call("b", "add");
+        let mut last = Outgoing::new(&add, args(1));
+        for n in 2..=4 {
+            assert!(join_call(&mut last, &add, &args(n), 1 << 20));
+        }
+        assert!(
+            !join_call(&mut last, &call("c", "add"), &args(5), 1 << 20),
+            "another node"
+        );
+        assert!(
+            !join_call(&mut last, &call("b", "sub"), &args(5), 1 << 20),
+            "another callback"
+        );
+        let mut timed = call("b", "add");
+        timed.timeout_ms = 5;
+        assert!(
+            !join_call(&mut last, &timed, &args(5), 1 << 20),
+            "another timeout"
+        );
+        let wants_reply = Header { flags: 0, ..add };
+        assert!(
+            !join_call(&mut last, &wants_reply, &args(5), 1 << 20),
+            "a call that wants a reply"
+        );
+        let large = Payload::from(Bytes::from(vec![0u8; JOINED_CALL]));
+        assert!(
+            !join_call(&mut last, &add, &large, 1 << 20),
+            "large arguments go alone"
+        );
+        assert!(
+            !join_call(&mut last, &add, &args(5), 40),
+            "past the frame limit"
+        );
+
+        let frame = parsed(&last);
+        assert_eq!(frame.flags(), FLAG_NO_REPLY | FLAG_REQUEST_BATCH);
+        assert_eq!(
+            (frame.call_id(), frame.dst(), frame.name()),
+            (4, "b", "add")
+        );
+        let calls: Vec<Bytes> = batch_calls(frame.flags(), frame.call_id(), frame.payload())
+            .expect("a valid batch")
+            .collect();
+        let expected: Vec<Bytes> = (1..=4).map(|n| args(n).into_bytes()).collect();
+        assert_eq!(calls, expected, "in order, each as it was sent");
+    }
+
+    #[test]
+    fn a_batch_closes_at_its_size_and_never_joins_a_reply_or_a_stream_frame() {
+        let add = call("b", "add");
+        let args = Payload::from(Bytes::from(vec![1u8; 1000]));
+        let mut last = Outgoing::new(&add, args.clone());
+        let mut joined = 1;
+        while join_call(&mut last, &add, &args, 1 << 20) {
+            joined += 1;
+        }
+        assert_eq!(
+            joined,
+            MAX_CALLS_BATCH_BYTES / (ITEM_LEN + 1000),
+            "16 KiB of payload"
+        );
+        let reply = Header {
+            kind: Kind::Reply,
+            ..add
+        };
+        let mut reply = Outgoing::new(&reply, args.clone());
+        assert!(!join_call(&mut reply, &add, &args, 1 << 20));
+        let mut stream = Outgoing::new(
+            &Header {
+                flags: FLAG_NO_REPLY | 2,
+                ..add
+            },
+            args.clone(),
+        );
+        assert!(!join_call(&mut stream, &add, &args, 1 << 20));
+    }
+
+    #[test]
+    fn malformed_batch_requests_are_refused() {
+        let flags = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
+        let two = Bytes::from_static(b"\0\0\0\x01a\0\0\0\x01b");
+        assert_eq!(batch_calls(flags, 2, two.clone()).map(|c| c.count()), Ok(2));
+        assert!(
+            batch_calls(flags, 3, two.clone()).is_err(),
+            "a count that is not theirs"
+        );
+        assert!(
+            batch_calls(flags, 0, two.clone()).is_err(),
+            "a count of zero"
+        );
+        assert!(
+            batch_calls(FLAG_REQUEST_BATCH, 2, two.clone()).is_err(),
+            "wants a reply"
+        );
+        assert!(batch_calls(flags | 2, 2, two).is_err(), "another flag");
+        let one = Bytes::from_static(b"\0\0\0\x01a");
+        assert!(batch_calls(flags, 1, one).is_err(), "one call");
+        assert!(batch_calls(flags, 0, Bytes::new()).is_err(), "no call");
+        let past = Bytes::from_static(b"\0\0\0\x01a\0\0\0\x09b");
+        assert!(
+            batch_calls(flags, 2, past).is_err(),
+            "a length past the end"
+        );
+        let garbage = Bytes::from_static(b"\xff\xff\xff\xff\x01\x02");
+        assert!(batch_calls(flags, 2, garbage).is_err(), "garbage");
     }
 
     #[test]

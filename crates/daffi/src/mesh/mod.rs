@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 #[cfg(feature = "nats")]
 pub use batch::Joining;
-pub use batch::{BatchItems, Credit, Grant, ItemBatch};
+pub use batch::{batch_calls, join_call, BatchItems, Credit, Grant, ItemBatch, JOINED_CALL};
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
 

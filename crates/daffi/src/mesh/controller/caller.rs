@@ -39,6 +39,9 @@ impl Mesh for ControllerMesh {
                     self.prepare_call(req)?
                 }
             };
+            if self.join_queued(&conn, &target, req) {
+                return Ok(None);
+            }
             let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
             let _with_others = self.cork_if_many(&conn, waiter.as_ref());
             self.send_by(&conn, frame, deadline)
@@ -59,6 +62,9 @@ impl Mesh for ControllerMesh {
                 Err(e) => return Some(Err(e)),
             },
         };
+        if self.join_queued(&conn, &target, req) {
+            return Some(Ok(None));
+        }
         // The arguments move into the frame: a clone of them would cost an allocation.
         let args = std::mem::take(&mut req.args);
         let frame = self.request_frame(&target, req, waiter.as_ref(), args);
@@ -381,6 +387,24 @@ impl ControllerMesh {
             .wait(target.clone(), req.callback.clone(), req.timeout)
             .map(Some)
             .ok_or_else(|| self.unreachable("connection lost"))
+    }
+
+    /// Joins the NO_RETURN call `req` to `target` to the last frame queued on `conn`, if
+    /// that is a NO_RETURN request (or batch) to the same node and callback with room
+    /// left: the calls then leave in one batch frame, which the controller forwards and
+    /// the callee reads as one. Only a frame that waits anyway is joined (the
+    /// connection is busy): a lone call goes at once, as its own frame.
+    fn join_queued(&self, conn: &Connection, target: &str, req: &CallRequest) -> bool {
+        if !req.no_reply || req.incoming || req.args.len() >= crate::mesh::JOINED_CALL {
+            return false;
+        }
+        let header = self.request_header(target, req, 0);
+        let limit = self.max_frame_size.load(Ordering::Relaxed);
+        // At most: the call, its length, and the first call's length.
+        let most_added = req.args.len() + 8;
+        conn.queue.join_last(most_added, |last| {
+            crate::mesh::join_call(last, &header, &req.args, limit)
+        })
     }
 
     /// The request frame of `req` to `target`, answered through `waiter`, carrying `args`.

@@ -17,9 +17,11 @@ use crate::sync::read;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_STREAM};
 use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
 
-/// A request frame from the controller.
+/// A request frame from the controller, or one call of a batch of NO_RETURN calls.
 pub struct FrameRequest {
     frame: Frame,
+    /// The call's arguments, when the frame is a batch (a slice of its payload).
+    args: Option<Bytes>,
     /// When the caller gives up, from the timeout the request carries.
     deadline: Option<Instant>,
     mesh: Arc<ControllerMesh>,
@@ -28,13 +30,35 @@ pub struct FrameRequest {
 impl FrameRequest {
     /// The request in `frame`, received now.
     pub fn new(frame: Frame, mesh: &Arc<ControllerMesh>) -> Box<Self> {
-        let deadline = (frame.timeout_ms() > 0)
-            .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())));
+        let deadline = Self::deadline_of(&frame);
         Box::new(FrameRequest {
             frame,
+            args: None,
             deadline,
             mesh: mesh.clone(),
         })
+    }
+
+    /// One call of the batch request `frame`, with its arguments `args` (a slice of the
+    /// frame's payload) and the `deadline` of the frame ([`deadline_of`](Self::deadline_of)).
+    pub fn call_of_batch(
+        frame: Frame,
+        args: Bytes,
+        deadline: Option<Instant>,
+        mesh: &Arc<ControllerMesh>,
+    ) -> Box<Self> {
+        Box::new(FrameRequest {
+            frame,
+            args: Some(args),
+            deadline,
+            mesh: mesh.clone(),
+        })
+    }
+
+    /// When the caller of the request in `frame`, received now, gives up.
+    pub fn deadline_of(frame: &Frame) -> Option<Instant> {
+        (frame.timeout_ms() > 0)
+            .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())))
     }
 
     fn encode_reply(&self, outcome: Outcome) -> Outgoing {
@@ -72,7 +96,10 @@ impl Request for FrameRequest {
     }
 
     fn payload(&self) -> Bytes {
-        self.frame.payload()
+        match &self.args {
+            Some(args) => args.clone(),
+            None => self.frame.payload(),
+        }
     }
 
     fn wants_reply(&self) -> bool {

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::executor::{self, SyncBatch};
 use crate::mesh::pending::Completion;
 use crate::mesh::pending::Delivery;
-use crate::mesh::{remote_failure, Arrived, Grant, ReplyPayload};
+use crate::mesh::{batch_calls, remote_failure, Arrived, Grant, ReplyPayload};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
@@ -22,7 +22,7 @@ use crate::protocol::message::{
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR};
+use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_REQUEST_BATCH};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
@@ -272,6 +272,9 @@ fn dispatch(
     batch: &mut SyncBatch,
 ) -> Result<(), String> {
     match frame.kind() {
+        Kind::Request if frame.flags() & FLAG_REQUEST_BATCH != 0 => {
+            serve_batch(core, frame, batch);
+        }
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
         Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
@@ -328,6 +331,29 @@ fn dispatch(
         other => return Err(format!("unexpected {other:?} frame from the controller")),
     }
     Ok(())
+}
+
+/// Serves each call of a batch of NO_RETURN calls as its own request (each admitted, run
+/// and counted against the NO_RETURN allowance as a lone one), in order, their
+/// arguments slices of the frame. A malformed batch is dropped whole, with a warning
+/// naming its caller: it costs only that caller's calls.
+fn serve_batch(core: &Arc<ControllerMesh>, frame: Frame, batch: &mut SyncBatch) {
+    let calls = match batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
+        Ok(calls) => calls,
+        Err(why) => {
+            tracing::warn!(
+                caller = frame.src(),
+                callback = frame.name(),
+                "dropped a malformed batch of NO_RETURN calls: {why}"
+            );
+            return;
+        }
+    };
+    let deadline = FrameRequest::deadline_of(&frame);
+    for args in calls {
+        let request = FrameRequest::call_of_batch(frame.clone(), args, deadline, core);
+        executor::serve(&core.executor, request, batch);
+    }
 }
 
 /// Handles a stream frame. Without `FLAG_ARGUMENTS` it belongs to a results stream:
