@@ -33,6 +33,8 @@ const ENV_FRAME: &str = "DAFFI_TEST_FRAME";
 const ENV_QUEUE: &str = "DAFFI_TEST_QUEUE";
 /// A child controller's stall timeout in milliseconds, when set.
 const ENV_STALL: &str = "DAFFI_TEST_STALL";
+/// A worker's `max_sync_callbacks`, when set.
+const ENV_SYNC: &str = "DAFFI_TEST_SYNC";
 /// The node a child caller calls.
 const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
@@ -179,6 +181,9 @@ fn worker() {
         .process_name(std::env::var(common::ENV_NAME).expect("name"));
     if let Some(frame) = setting(ENV_FRAME) {
         b = b.max_frame_size(frame);
+    }
+    if let Some(sync) = setting(ENV_SYNC) {
+        b = b.max_sync_callbacks(sync);
     }
     b.start().expect("worker starts").join().expect("join");
 }
@@ -669,6 +674,44 @@ fn a_callee_with_a_smaller_frame_limit_than_its_callers_is_not_cut_off_by_batche
     }
     assert_each_once_on(&caller, &callee, &tag, FLOOD);
     still_served(&caller, &callee);
+}
+
+// ---- the callee's NO_RETURN allowance ------------------------------------------------
+
+#[test]
+fn a_callee_with_few_sync_callbacks_takes_batches_within_its_allowance() {
+    // An allowance of 64 x 4 = 256 NO_RETURN calls waiting or running; calls of 5 bytes
+    // of arguments, thousands to a batch.
+    let (address, _path, _controller) = controller(&[]);
+    let caller = node(&address, None);
+    let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_SYNC, "4")]);
+    // Within the allowance, however they are batched: every call runs.
+    for i in 0..250 {
+        caller
+            .call("tally")
+            .args(("within", i))
+            .on(&callee)
+            .no_return()
+            .expect("no_return");
+    }
+    assert_each_once_on(&caller, &callee, "within", 250);
+    // Far past it, from a caller faster than the callee: calls are dropped past the
+    // allowance (logged by the callee, as documented, batched or not), never run twice,
+    // and the callee keeps serving.
+    for i in 0..FLOOD {
+        caller
+            .call("tally")
+            .args(("past", i))
+            .on(&callee)
+            .no_return()
+            .expect("no_return");
+    }
+    still_served(&caller, &callee);
+    let mut ran = arrived_on(&caller, &callee, "past", 0);
+    let before = ran.len();
+    ran.sort_unstable();
+    ran.dedup();
+    assert_eq!(ran.len(), before, "a call ran twice");
 }
 
 // ---- byte arguments around the join's cutoff ------------------------------------------
