@@ -521,6 +521,49 @@ fn a_callee_paused_mid_flood_runs_every_call_once_in_order() {
 }
 
 #[test]
+fn a_controller_paused_mid_flood_holds_the_callers_joins_within_its_queue_limit() {
+    let (address, _path, controller_process) = controller(&[]);
+    // A caller whose queue holds 64 KiB: a flood waits for room once the controller
+    // stops reading, and what waits in its queue is joined into batches.
+    let caller = common::builder_for(&address)
+        .process_name(common::unique("caller"))
+        .max_queue_bytes(64 * 1024)
+        .start()
+        .expect("caller starts");
+    let (callee, _callee_process) = spawn_worker(&address, &caller, &[]);
+    still_served(&caller, &callee);
+
+    pause(&controller_process);
+    let (queued, first_thousand) = std::sync::mpsc::channel();
+    let flood = {
+        let caller = caller.clone();
+        let callee = callee.clone();
+        std::thread::spawn(move || {
+            for i in 0..FLOOD {
+                caller
+                    .call("tally")
+                    .args(("held", i))
+                    .on(&callee)
+                    .timeout(WAIT + WAIT)
+                    .no_return()
+                    .expect("no_return waits for room, then goes");
+                if i == 1000 {
+                    queued.send(()).expect("the test waits");
+                }
+            }
+        })
+    };
+    // A thousand calls (some 30 KiB) fit the caller's queue with the controller paused.
+    first_thousand
+        .recv_timeout(WAIT)
+        .expect("the first calls are queued");
+    resume(&controller_process);
+    flood.join().expect("the flood");
+    assert_each_once(arrived_on(&caller, &callee, "held", FLOOD), FLOOD, "held");
+    still_served(&caller, &callee);
+}
+
+#[test]
 fn a_caller_killed_mid_flood_leaves_whole_calls_and_the_callee_serving() {
     let (address, _path, _controller) = controller(&[]);
     let caller = node(&address, None);
