@@ -288,6 +288,29 @@ fn controller(env: &[(&str, &str)]) -> (Address, std::path::PathBuf, Worker) {
     (address, path, process)
 }
 
+/// Like [`controller`], over TCP on a free port of 127.0.0.1.
+fn controller_tcp(env: &[(&str, &str)]) -> (Address, Worker) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = Address::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let process = common::spawn_child_with(ENTRY, "controller", "controller", &address, env);
+    (address, process)
+}
+
+/// A controller over TCP (`tcp`) or a Unix socket, with `env`.
+fn controller_on(tcp: bool, env: &[(&str, &str)]) -> (Address, Worker) {
+    if tcp {
+        return controller_tcp(env);
+    }
+    let (address, _path, process) = controller(env);
+    (address, process)
+}
+
 fn node(address: &Address, frame: Option<usize>) -> Global {
     let mut b = common::builder_for(address).process_name(common::unique("caller"));
     if let Some(frame) = frame {
@@ -488,12 +511,24 @@ fn lying_batches_cost_only_their_sender_and_cannot_inflate_the_counts() {
 // ---- the callee paused, the caller killed --------------------------------------------
 
 #[test]
-fn a_callee_paused_mid_flood_runs_every_call_once_in_order() {
+fn a_callee_paused_mid_flood_runs_every_call_once() {
+    a_callee_paused_mid_flood(false);
+}
+
+#[test]
+fn a_callee_paused_mid_flood_runs_every_call_once_over_tcp() {
+    a_callee_paused_mid_flood(true);
+}
+
+fn a_callee_paused_mid_flood(tcp: bool) {
     // A queue at the controller that holds the flood, and no stall timeout to hit.
-    let (address, _path, _controller) = controller(&[
-        (ENV_QUEUE, &(4 * 1024 * 1024).to_string()),
-        (ENV_STALL, &(600 * 1000).to_string()),
-    ]);
+    let (address, _controller) = controller_on(
+        tcp,
+        &[
+            (ENV_QUEUE, &(4 * 1024 * 1024).to_string()),
+            (ENV_STALL, &(600 * 1000).to_string()),
+        ],
+    );
     let caller = node(&address, None);
     let (callee, callee_process) = spawn_worker(&address, &caller, &[]);
     still_served(&caller, &callee);
@@ -607,7 +642,7 @@ fn a_caller_killed_mid_flood_leaves_whole_calls_and_the_callee_serving() {
 // ---- NO_RETURN calls mixed with calls that want replies and streams -------------------
 
 #[test]
-fn no_return_calls_mixed_with_fg_bg_and_streams_keep_their_order_and_replies() {
+fn no_return_calls_mixed_with_fg_bg_and_streams_all_run_and_replies_hold() {
     let (address, _path, _controller) = controller(&[]);
     let caller = node(&address, None);
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[]);
@@ -667,6 +702,88 @@ fn no_return_calls_mixed_with_fg_bg_and_streams_keep_their_order_and_replies() {
     );
 }
 
+#[test]
+fn no_return_calls_mixed_with_fg_and_bg_calls_reach_a_raw_callee_in_the_order_sent() {
+    // docs/PROTOCOL.md: a node's frames are delivered in the order they were sent. A
+    // raw callee sees every call, NO_RETURN ones (lone or in batches) and those that
+    // want a reply, in the order one thread made them, and answers the latter.
+    let (address, path, _controller) = controller(&[]);
+    let caller = node(&address, None);
+    let raw = common::unique("raw-callee");
+    let mut stream = raw_node(&path, &raw, &["first"]);
+    caller.wait_process_timeout(&raw, WAIT).expect("raw known");
+    let mut replies = stream.try_clone().expect("a second handle");
+    let reader = {
+        let raw = raw.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut batches = 0u64;
+            while (seen.len() as u64) < FLOOD {
+                let frame = common::wire::read_frame_from(&mut stream);
+                if frame.kind() != Kind::Request {
+                    continue;
+                }
+                let payload = frame.payload();
+                let calls: Vec<Vec<u8>> = if frame.flags() & FLAG_REQUEST_BATCH != 0 {
+                    batches += 1;
+                    let mut calls = Vec::new();
+                    let mut rest = &payload[..];
+                    while !rest.is_empty() {
+                        let len = u32::from_be_bytes(rest[..4].try_into().expect("4")) as usize;
+                        calls.push(rest[4..4 + len].to_vec());
+                        rest = &rest[4 + len..];
+                    }
+                    assert_eq!(calls.len() as u64, frame.call_id());
+                    calls
+                } else {
+                    vec![payload.to_vec()]
+                };
+                for args in calls {
+                    let (_, i): (String, u64) = rmp_serde::from_slice(&args).expect("(tag, i)");
+                    seen.push(i);
+                }
+                if frame.flags() & FLAG_NO_REPLY == 0 {
+                    let i = *seen.last().expect("a call");
+                    let body = common::wire::encode(&i);
+                    let header = Header {
+                        kind: Kind::Reply,
+                        flags: 0,
+                        call_id: frame.call_id(),
+                        timeout_ms: 0,
+                        src: &raw,
+                        dst: frame.src(),
+                        name: "",
+                    };
+                    let mut reply = header.encode(body.len()).to_vec();
+                    reply.extend_from_slice(&body);
+                    replies.write_all(&reply).expect("a reply");
+                }
+            }
+            (seen, batches)
+        })
+    };
+    let mut pending = Vec::new();
+    for i in 0..FLOOD {
+        let call = caller.call("first").args(("w", i)).on(&raw).timeout(WAIT);
+        match i % 400 {
+            0 => assert_eq!(call.fg::<u64>().expect("fg"), i),
+            200 => pending.push((i, call.bg::<u64>().expect("bg"))),
+            _ => call.no_return().expect("no_return"),
+        }
+    }
+    for (i, result) in pending {
+        assert_eq!(result.get().expect("bg"), i);
+    }
+    let (seen, batches) = reader.join().expect("the raw callee");
+    let first_wrong = seen.iter().zip(0..FLOOD).find(|(got, want)| **got != *want);
+    assert!(
+        seen.len() as u64 == FLOOD && first_wrong.is_none(),
+        "{} calls seen of {FLOOD}; first out of order (seen, sent): {first_wrong:?}",
+        seen.len()
+    );
+    assert!(batches > 0, "some NO_RETURN calls left in batches");
+}
+
 // ---- small frame limits ---------------------------------------------------------------
 
 /// A tag that makes each call's arguments about 300 bytes: some 25 fit a frame of
@@ -699,9 +816,18 @@ fn with_a_small_frame_limit_everywhere_batches_stay_within_it() {
 
 #[test]
 fn a_callee_with_a_smaller_frame_limit_than_its_callers_is_not_cut_off_by_batches() {
+    a_callee_with_a_smaller_frame_limit(false);
+}
+
+#[test]
+fn a_callee_with_a_smaller_frame_limit_is_not_cut_off_by_batches_over_tcp() {
+    a_callee_with_a_smaller_frame_limit(true);
+}
+
+fn a_callee_with_a_smaller_frame_limit(tcp: bool) {
     // Each call is far under the callee's limit, as it always was; only the batches
     // its calls join would pass it.
-    let (address, _path, _controller) = controller(&[]);
+    let (address, _controller) = controller_on(tcp, &[]);
     let caller = node(&address, None);
     let frame = SMALL_FRAME.to_string();
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_FRAME, &frame)]);
