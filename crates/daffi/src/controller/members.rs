@@ -456,6 +456,7 @@ pub struct Joining<'a> {
 /// [`Members::forward`] says: a request only if the node is not leaving and its queue
 /// has room; anything else (replies go to leaving nodes too: they finish what they
 /// started) past the byte limit (see [`deliver`]).
+#[inline(always)]
 fn queue_for(
     queue: &Queue,
     leaving: bool,
@@ -472,15 +473,35 @@ fn queue_for(
             false => Err(UndeliverableCode::UnknownProcess),
         };
     }
-    if frame.len().saturating_sub(LEN_PREFIX) > frame_limit {
-        if let Some(pieces) = split_to_fit(&frame, frame_limit) {
-            return queue_pieces(queue, pieces);
-        }
+    // A forwarded frame is all in its head (`Outgoing::raw`).
+    if frame.head().len() > frame_limit.saturating_add(LEN_PREFIX) {
+        return queue_over_limit(queue, frame_limit, frame);
     }
+    push_request(queue, frame)
+}
+
+/// Queues the request `frame`.
+fn push_request(queue: &Queue, frame: Outgoing) -> Result<(), UndeliverableCode> {
     match queue.push(frame) {
         Push::Sent => Ok(()),
         Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
         Push::Closed => Err(UndeliverableCode::UnknownProcess),
+    }
+}
+
+/// Queues the request `frame`, larger than `frame_limit`, the limit of its node: split
+/// to fit if it is a batch ([`split_to_fit`]), as it is otherwise. Out of the way of
+/// the requests that fit (all of them, when every process has the same limit).
+#[cold]
+#[inline(never)]
+fn queue_over_limit(
+    queue: &Queue,
+    frame_limit: usize,
+    frame: Outgoing,
+) -> Result<(), UndeliverableCode> {
+    match split_to_fit(&frame, frame_limit) {
+        Some(pieces) => queue_pieces(queue, pieces),
+        None => push_request(queue, frame),
     }
 }
 
