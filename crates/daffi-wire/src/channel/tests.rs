@@ -460,3 +460,35 @@ async fn only_a_whole_frame_still_queued_is_joined() {
     let second = reader.next().await.expect("read").expect("a frame");
     assert_eq!(&second.payload()[..], b"abc");
 }
+
+#[tokio::test]
+async fn what_joins_a_queued_frame_counts_against_the_byte_limit() {
+    // The peer reads nothing: 64 bytes go to the socket, the rest is held.
+    let (a, _peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+    let _writer = tokio::spawn(writer);
+    assert!(matches!(tx.push(raw(300)), Push::Sent));
+    assert!(matches!(tx.push(goodbye()), Push::Sent));
+    // Joins of 100 bytes each to the goodbye still queued, until the limit says no.
+    let mut joins = 0;
+    while tx.join_last(100, |last| {
+        let body = last.body().len() + 100;
+        *last.head_mut() = Header::control(Kind::Goodbye).encode(body);
+        last.body_mut().push(Bytes::from(vec![1u8; 100]));
+        true
+    }) {
+        joins += 1;
+        assert!(joins < 100, "joins never stop");
+    }
+    let held = tx.shared.lock().unwritten;
+    assert!(joins > 0, "there was room for some");
+    assert!(
+        held <= 1000,
+        "the joins took the queue past its limit: {held}"
+    );
+    assert!(held + 100 > 1000, "a join refused with room left: {held}");
+    assert!(
+        matches!(tx.push(raw(200)), Push::Full(_)),
+        "a request that does not fit what the joins left is refused"
+    );
+}

@@ -9,8 +9,9 @@ use tokio::sync::{watch, Notify};
 use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WINDOW};
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
-use daffi_wire::frame::LEN_PREFIX;
-use daffi_wire::{Batch, FrameSender, Outgoing, Push};
+use bytes::{Bytes, BytesMut};
+use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::{Batch, Frame, FrameSender, Header, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
 pub type Queue = FrameSender;
@@ -76,6 +77,7 @@ pub struct LastRoute {
     writes: u64,
     queue: Queue,
     leaving: bool,
+    frame_limit: usize,
 }
 
 impl Members {
@@ -93,7 +95,13 @@ impl Members {
         let Some(route) = self.route_via(&routes, last, name) else {
             return Err(UndeliverableCode::UnknownProcess);
         };
-        queue_for(&route.queue, route.leaving, request, frame)
+        queue_for(
+            &route.queue,
+            route.leaving,
+            route.frame_limit,
+            request,
+            frame,
+        )
     }
 
     /// Opens a [`Batch`] on the connection of the node called `name`, if it is
@@ -123,6 +131,7 @@ impl Members {
                 writes,
                 queue: route.queue.clone(),
                 leaving: route.leaving,
+                frame_limit: route.frame_limit,
             });
         }
         last.as_ref()
@@ -153,7 +162,13 @@ impl Members {
         let Some(route) = routes.get(name) else {
             return Err(UndeliverableCode::UnknownProcess);
         };
-        queue_for(&route.queue, route.leaving, request, frame)
+        queue_for(
+            &route.queue,
+            route.leaving,
+            route.frame_limit,
+            request,
+            frame,
+        )
     }
 
     /// A node to run `callback` on: `on` if it is connected and serves it, otherwise a
@@ -441,9 +456,11 @@ pub struct Joining<'a> {
 /// [`Members::forward`] says: a request only if the node is not leaving and its queue
 /// has room; anything else (replies go to leaving nodes too: they finish what they
 /// started) past the byte limit (see [`deliver`]).
+#[inline(always)]
 fn queue_for(
     queue: &Queue,
     leaving: bool,
+    frame_limit: usize,
     request: bool,
     frame: Outgoing,
 ) -> Result<(), UndeliverableCode> {
@@ -456,11 +473,139 @@ fn queue_for(
             false => Err(UndeliverableCode::UnknownProcess),
         };
     }
+    // A forwarded frame is all in its head (`Outgoing::raw`).
+    if frame.head().len() > frame_limit.saturating_add(LEN_PREFIX) {
+        return queue_over_limit(queue, frame_limit, frame);
+    }
+    push_request(queue, frame)
+}
+
+/// Queues the request `frame`.
+fn push_request(queue: &Queue, frame: Outgoing) -> Result<(), UndeliverableCode> {
     match queue.push(frame) {
         Push::Sent => Ok(()),
         Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
         Push::Closed => Err(UndeliverableCode::UnknownProcess),
     }
+}
+
+/// Queues the request `frame`, larger than `frame_limit`, the limit of its node: split
+/// to fit if it is a batch ([`split_to_fit`]), as it is otherwise. Out of the way of
+/// the requests that fit (all of them, when every process has the same limit).
+#[cold]
+#[inline(never)]
+fn queue_over_limit(
+    queue: &Queue,
+    frame_limit: usize,
+    frame: Outgoing,
+) -> Result<(), UndeliverableCode> {
+    match split_to_fit(&frame, frame_limit) {
+        Some(pieces) => queue_pieces(queue, pieces),
+        None => push_request(queue, frame),
+    }
+}
+
+/// The batch of NO_RETURN calls `frame` (docs/PROTOCOL.md, "Batches of NO_RETURN
+/// calls"), larger than `frame_limit`, the limit of the node it goes to, as batches and
+/// lone requests within it, the calls in order: its caller joined the calls up to its
+/// own limit, and the node's reader would refuse the frame and lose its connection
+/// (every caller's calls in flight to it). A call larger than the limit on its own
+/// (which a caller never joins) and a malformed batch (which the node would drop whole)
+/// are dropped here, with a WARN. `None` when `frame` is not a batch: it goes as it is.
+fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
+    // A forwarded frame is all in its head (`Outgoing::raw`).
+    let frame = Frame::parse(frame.head().clone()).ok()?;
+    if frame.kind() != Kind::Request || frame.flags() & FLAG_REQUEST_BATCH == 0 {
+        return None;
+    }
+    let calls = match crate::mesh::batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
+        Ok(calls) => calls,
+        Err(why) => {
+            tracing::warn!(
+                caller = frame.src(),
+                process = frame.dst(),
+                callback = frame.name(),
+                "dropped a malformed batch of NO_RETURN calls: {why}"
+            );
+            return Some(Vec::new());
+        }
+    };
+    let header = |flags: u8, call_id: u64| Header {
+        kind: Kind::Request,
+        flags,
+        call_id,
+        timeout_ms: frame.timeout_ms(),
+        src: frame.src(),
+        dst: frame.dst(),
+        name: frame.name(),
+    };
+    let room = frame_limit.saturating_sub(header(0, 0).frame_len(0) - LEN_PREFIX);
+    let mut pieces = Vec::new();
+    let mut group: Vec<Bytes> = Vec::new();
+    let mut group_len = 0;
+    let mut too_large = 0u64;
+    let close = |group: &mut Vec<Bytes>, pieces: &mut Vec<Outgoing>| match group.len() {
+        0 => {}
+        1 => pieces.push(Outgoing::new(&header(FLAG_NO_REPLY, 0), group.remove(0))),
+        n => {
+            let mut payload = BytesMut::new();
+            for call in group.drain(..) {
+                payload.extend_from_slice(&(call.len() as u32).to_be_bytes());
+                payload.extend_from_slice(&call);
+            }
+            let flags = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
+            pieces.push(Outgoing::new(&header(flags, n as u64), payload.freeze()));
+        }
+    };
+    for call in calls {
+        if call.len() > room {
+            too_large += 1;
+            continue;
+        }
+        // Each call of a batch takes its 4-byte length too.
+        if !group.is_empty() && group_len + 4 + call.len() > room {
+            close(&mut group, &mut pieces);
+            group_len = 0;
+        }
+        group_len += 4 + call.len();
+        group.push(call);
+    }
+    close(&mut group, &mut pieces);
+    if too_large > 0 {
+        tracing::warn!(
+            caller = frame.src(),
+            process = frame.dst(),
+            callback = frame.name(),
+            calls = too_large,
+            limit = frame_limit,
+            "dropped NO_RETURN calls larger than the frame limit of their node (use the same max_frame_size everywhere)"
+        );
+    }
+    Some(pieces)
+}
+
+/// Queues the `pieces` of a batch split by [`split_to_fit`], in order. `Err` when none
+/// was queued; once some were, the rest is dropped with a WARN (the node reads too
+/// little, or left) rather than given back: the calls queued must not go twice.
+fn queue_pieces(queue: &Queue, pieces: Vec<Outgoing>) -> Result<(), UndeliverableCode> {
+    let total = pieces.len();
+    for (queued, piece) in pieces.into_iter().enumerate() {
+        let refused = match queue.push(piece) {
+            Push::Sent => continue,
+            Push::Full(_) => UndeliverableCode::SlowConsumer,
+            Push::Closed => UndeliverableCode::UnknownProcess,
+        };
+        if queued == 0 {
+            return Err(refused);
+        }
+        tracing::warn!(
+            frames = total - queued,
+            ?refused,
+            "dropped the rest of a batch of NO_RETURN calls split to fit its node's frame limit"
+        );
+        break;
+    }
+    Ok(())
 }
 
 /// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
@@ -585,5 +730,91 @@ mod tests {
         );
         assert_eq!(members.forward_via(&mut last, "a", true, frame()), Ok(()));
         assert!(last.as_ref().is_some_and(|kept| !kept.leaving));
+    }
+
+    /// A forwarded batch request from `a` to `b` of `calls` (each a call's arguments)
+    /// claiming `count` calls.
+    fn batch_frame(calls: &[&[u8]], count: u64) -> Outgoing {
+        let mut payload = Vec::new();
+        for call in calls {
+            payload.extend_from_slice(&(call.len() as u32).to_be_bytes());
+            payload.extend_from_slice(call);
+        }
+        let header = Header {
+            kind: Kind::Request,
+            flags: FLAG_NO_REPLY | FLAG_REQUEST_BATCH,
+            call_id: count,
+            timeout_ms: 7,
+            src: "a",
+            dst: "b",
+            name: "f",
+        };
+        let mut raw = header.encode(payload.len()).to_vec();
+        raw.extend_from_slice(&payload);
+        Outgoing::raw(Bytes::from(raw))
+    }
+
+    /// The (flags, call_id, payload) of each piece.
+    fn pieces_of(pieces: Vec<Outgoing>) -> Vec<(u8, u64, Vec<u8>)> {
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let mut raw = Vec::new();
+                piece.copy_to(&mut raw);
+                let frame = Frame::parse(Bytes::from(raw)).expect("a whole frame");
+                assert_eq!((frame.src(), frame.dst(), frame.name()), ("a", "b", "f"));
+                assert_eq!(frame.timeout_ms(), 7);
+                (frame.flags(), frame.call_id(), frame.payload().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_over_its_nodes_limit_is_split_into_frames_within_it() {
+        let calls: [&[u8]; 4] = [&[1; 10], &[2; 10], &[3; 10], &[4; 30]];
+        let whole = batch_frame(&calls, 4);
+        let fixed = whole.len() - LEN_PREFIX - (4 * 4 + 60);
+        // Room for two calls of 10 bytes (and their lengths); the others go alone.
+        let limit = fixed + 30;
+        let pieces = split_to_fit(&whole, limit).expect("a batch");
+        for piece in &pieces {
+            assert!(piece.len() - LEN_PREFIX <= limit);
+        }
+        let batch = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
+        let mut two = vec![0, 0, 0, 10];
+        two.extend_from_slice(&[1; 10]);
+        two.extend_from_slice(&[0, 0, 0, 10]);
+        two.extend_from_slice(&[2; 10]);
+        assert_eq!(
+            pieces_of(pieces),
+            vec![
+                (batch, 2, two),
+                (FLAG_NO_REPLY, 0, vec![3; 10]),
+                (FLAG_NO_REPLY, 0, vec![4; 30]),
+            ]
+        );
+        // A call larger than the limit alone is dropped; the others go.
+        let pieces = split_to_fit(&whole, fixed + 20).expect("a batch");
+        assert_eq!(pieces_of(pieces).len(), 3);
+        // A batch whose count lies is dropped whole, as its node would.
+        assert!(split_to_fit(&batch_frame(&calls, 9), limit)
+            .expect("a batch")
+            .is_empty());
+        // Anything else goes as it is.
+        let lone = Outgoing::new(
+            &Header {
+                kind: Kind::Request,
+                flags: FLAG_NO_REPLY,
+                call_id: 0,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "f",
+            },
+            Bytes::from_static(&[1; 100]),
+        );
+        let mut raw = Vec::new();
+        lone.copy_to(&mut raw);
+        assert!(split_to_fit(&Outgoing::raw(Bytes::from(raw)), 10).is_none());
     }
 }
