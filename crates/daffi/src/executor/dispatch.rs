@@ -353,11 +353,37 @@ fn finish(
 ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
     if !request.wants_reply() {
         if let Err(f) = &outcome {
-            tracing::warn!(callback = request.callback(), caller = request.caller(), error = %f.message, "no-return callback failed");
+            note_no_return_failure(&*request, &f.message);
         }
         return None;
     }
     request.reply(outcome)
+}
+
+/// NO_RETURN calls that failed in this process: nobody else hears of them.
+static NO_RETURN_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs a failed NO_RETURN call: the first, then one line per thousand. A caller's
+/// flood of calls that fail (arguments of the wrong type, say: a batch carries one per
+/// few bytes) must not flood the log.
+fn note_no_return_failure(request: &dyn Request, error: &str) {
+    let failed = NO_RETURN_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if failed == 1 || failed % 1000 == 0 {
+        tracing::warn!(
+            callback = request.callback(),
+            caller = request.caller(),
+            error,
+            failed,
+            "a no-return callback failed ({failed} in this process so far; logged for the first and then every thousandth)"
+        );
+    } else {
+        tracing::debug!(
+            callback = request.callback(),
+            caller = request.caller(),
+            error,
+            "no-return callback failed"
+        );
+    }
 }
 
 pub(crate) fn panic_failure(panic: Box<dyn std::any::Any + Send>) -> CallbackFailure {
