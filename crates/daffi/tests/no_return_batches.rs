@@ -14,7 +14,7 @@ use std::time::Instant;
 use common::{Worker, WAIT};
 use daffi::{callback, Address, Global};
 use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH};
-use daffi_wire::{Frame, Header, Kind};
+use daffi_wire::{Frame, Kind};
 
 const ENTRY: &str = "child_process";
 
@@ -142,18 +142,6 @@ fn tallied_on(g: &Global, callee: &str, tag: &str, want: u64) -> Vec<u64> {
         .expect("tallied")
 }
 
-/// A raw node connected by hand, serving `callbacks` (handshake done).
-fn raw_node(path: &std::path::Path, name: &str, callbacks: &[&str]) -> UnixStream {
-    let mut stream = UnixStream::connect(path).expect("connect");
-    stream
-        .write_all(&common::wire::opening(name, None, callbacks))
-        .expect("handshake");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let welcome = common::wire::read_frame_from(&mut stream);
-    assert_eq!(welcome.kind(), Kind::Welcome);
-    stream
-}
-
 /// The calls (their arguments) of a request frame, split as docs/PROTOCOL.md says: a
 /// batch's `call_id` calls, each a `u32` length and its bytes; a lone request's payload.
 fn calls_of(frame: &Frame) -> Vec<Vec<u8>> {
@@ -176,40 +164,6 @@ fn calls_of(frame: &Frame) -> Vec<Vec<u8>> {
     );
     assert!(calls.len() >= 2, "a batch holds two calls or more");
     calls
-}
-
-/// A hand-made batch request of the calls `args` (each encoded), with `call_id` `count`
-/// and `flags`, from `src` to `dst`.
-fn batch_request(
-    src: &str,
-    dst: &str,
-    name: &str,
-    flags: u8,
-    count: u64,
-    payload: &[u8],
-) -> Vec<u8> {
-    let header = Header {
-        kind: Kind::Request,
-        flags,
-        call_id: count,
-        timeout_ms: 0,
-        src,
-        dst,
-        name,
-    };
-    let mut out = header.encode(payload.len()).to_vec();
-    out.extend_from_slice(payload);
-    out
-}
-
-/// The batch payload of `calls`: each a `u32` length and its bytes.
-fn batch_payload(calls: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for call in calls {
-        out.extend_from_slice(&(call.len() as u32).to_be_bytes());
-        out.extend_from_slice(call);
-    }
-    out
 }
 
 fn encoded(tag: &str, i: u64) -> Vec<u8> {
@@ -275,7 +229,7 @@ fn interleaved_calls_keep_their_order_and_batches_never_mix_callbacks_or_nodes()
     let names = [common::unique("raw-a"), common::unique("raw-b")];
     let streams: Vec<UnixStream> = names
         .iter()
-        .map(|name| raw_node(&path, name, &["first", "second"]))
+        .map(|name| common::wire::raw_unix_node(&path, name, &["first", "second"]))
         .collect();
     for name in &names {
         caller
@@ -368,32 +322,40 @@ fn malformed_batches_from_a_raw_caller_cost_only_its_own_calls() {
     let caller = node(&address, "caller");
     let (callee, _callee_process) = spawn_worker(&address, &caller, "callee");
     let raw = common::unique("raw");
-    let mut stream = raw_node(&path, &raw, &[]);
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
     caller.wait_process_timeout(&raw, WAIT).expect("raw known");
 
     let bad = |i: u64| encoded("bad", i);
     let good = |i: u64| encoded("raw", i);
     let flags = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
     let request = |flags: u8, count: u64, payload: &[u8]| {
-        batch_request(&raw, &callee, "tally", flags, count, payload)
+        common::wire::batch_request(&raw, &callee, "tally", flags, count, payload)
     };
-    let two_bad = batch_payload(&[bad(0), bad(1)]);
-    let mut past_the_end = batch_payload(&[bad(2), bad(3)]);
+    let two_bad = common::wire::batch_payload(&[bad(0), bad(1)]);
+    let mut past_the_end = common::wire::batch_payload(&[bad(2), bad(3)]);
     let last = past_the_end.len() - bad(3).len() - 4;
     past_the_end[last..last + 4].copy_from_slice(&1000u32.to_be_bytes());
     let mut bytes = Vec::new();
     for frame in [
         request(flags, 2, &past_the_end),
         request(flags, 0, &[]),
-        request(flags, 1, &batch_payload(&[bad(4)])),
+        request(flags, 1, &common::wire::batch_payload(&[bad(4)])),
         request(flags, 3, &two_bad),
         request(flags, 0, &two_bad),
         request(FLAG_REQUEST_BATCH, 2, &two_bad),
         request(flags | 0b10, 2, &two_bad),
         request(flags, 2, &[0xff, 0xff, 0xff, 0xff, 0xc1, 0x00, 0x07]),
-        request(flags, 2, &batch_payload(&[vec![0xc1], vec![0xc1, 0xc1]])),
+        request(
+            flags,
+            2,
+            &common::wire::batch_payload(&[vec![0xc1], vec![0xc1, 0xc1]]),
+        ),
         // A well-made batch, and a lone call, behind them.
-        request(flags, 3, &batch_payload(&[good(0), good(1), good(2)])),
+        request(
+            flags,
+            3,
+            &common::wire::batch_payload(&[good(0), good(1), good(2)]),
+        ),
         common::wire::request(&raw, &callee, 0, "tally", &("raw", 3u64)),
     ] {
         bytes.extend(frame);

@@ -8,7 +8,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -348,51 +347,6 @@ fn still_served(g: &Global, callee: &str) {
     assert_eq!(sum, 5);
 }
 
-/// A raw node connected by hand, serving `callbacks` (handshake done).
-fn raw_node(path: &std::path::Path, name: &str, callbacks: &[&str]) -> UnixStream {
-    let mut stream = UnixStream::connect(path).expect("connect");
-    stream
-        .write_all(&common::wire::opening(name, None, callbacks))
-        .expect("handshake");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let welcome = common::wire::read_frame_from(&mut stream);
-    assert_eq!(welcome.kind(), Kind::Welcome);
-    stream
-}
-
-/// A hand-made batch request with `call_id` `count` and `flags`.
-fn batch_request(
-    src: &str,
-    dst: &str,
-    name: &str,
-    flags: u8,
-    count: u64,
-    payload: &[u8],
-) -> Vec<u8> {
-    let header = Header {
-        kind: Kind::Request,
-        flags,
-        call_id: count,
-        timeout_ms: 0,
-        src,
-        dst,
-        name,
-    };
-    let mut out = header.encode(payload.len()).to_vec();
-    out.extend_from_slice(payload);
-    out
-}
-
-/// The batch payload of `calls`: each a `u32` length and its bytes.
-fn batch_payload(calls: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for call in calls {
-        out.extend_from_slice(&(call.len() as u32).to_be_bytes());
-        out.extend_from_slice(call);
-    }
-    out
-}
-
 fn pause(worker: &Worker) {
     common::pause(worker.pid().expect("running"));
 }
@@ -409,14 +363,14 @@ fn lying_batches_cost_only_their_sender_and_cannot_inflate_the_counts() {
     let caller = node(&address, None);
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[]);
     let raw = common::unique("raw");
-    let mut stream = raw_node(&path, &raw, &[]);
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
     caller.wait_process_timeout(&raw, WAIT).expect("raw known");
 
     let bad = |i: u64| common::wire::encode(&("bad", i));
     let flags = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
-    let two_bad = batch_payload(&[bad(0), bad(1)]);
+    let two_bad = common::wire::batch_payload(&[bad(0), bad(1)]);
     let request = |name: &str, flags: u8, count: u64, payload: &[u8]| {
-        batch_request(&raw, &callee, name, flags, count, payload)
+        common::wire::batch_request(&raw, &callee, name, flags, count, payload)
     };
     let mut lies = Vec::new();
     // Counts that are not the calls': huge, larger, smaller, zero.
@@ -444,26 +398,31 @@ fn lying_batches_cost_only_their_sender_and_cannot_inflate_the_counts() {
     // Well-made batches the callee cannot run: to a stream callback, to a callback it
     // does not serve, and of arguments of the wrong type; then a well-made batch of 1
     // item (not a batch: dropped) and a good batch and lone call behind them all.
-    let numbers = batch_payload(&[
+    let numbers = common::wire::batch_payload(&[
         common::wire::encode(&(3u64,)),
         common::wire::encode(&(4u64,)),
     ]);
     bytes.extend(request("numbers", flags, 2, &numbers));
     bytes.extend(request("no_such_callback", flags, 2, &two_bad));
-    let wrong = batch_payload(&[
+    let wrong = common::wire::batch_payload(&[
         common::wire::encode(&(7u64, "bad")),
         common::wire::encode(&("bad",)),
         common::wire::encode(&Vec::<u8>::new()),
         vec![0xc1],
     ]);
     bytes.extend(request("tally", flags, 4, &wrong));
-    bytes.extend(request("tally", flags, 1, &batch_payload(&[bad(9)])));
+    bytes.extend(request(
+        "tally",
+        flags,
+        1,
+        &common::wire::batch_payload(&[bad(9)]),
+    ));
     let good = |i: u64| common::wire::encode(&("raw", i));
     bytes.extend(request(
         "tally",
         flags,
         3,
-        &batch_payload(&[good(0), good(1), good(2)]),
+        &common::wire::batch_payload(&[good(0), good(1), good(2)]),
     ));
     bytes.extend(common::wire::request(
         &raw,
@@ -710,7 +669,7 @@ fn no_return_calls_mixed_with_fg_and_bg_calls_reach_a_raw_callee_in_the_order_se
     let (address, path, _controller) = controller(&[]);
     let caller = node(&address, None);
     let raw = common::unique("raw-callee");
-    let mut stream = raw_node(&path, &raw, &["first"]);
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &["first"]);
     caller.wait_process_timeout(&raw, WAIT).expect("raw known");
     let mut replies = stream.try_clone().expect("a second handle");
     let reader = {

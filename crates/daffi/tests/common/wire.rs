@@ -133,3 +133,55 @@ pub fn request(
     out.extend_from_slice(&body);
     out
 }
+
+/// A raw node connected by hand to the controller at `path`, serving `callbacks`
+/// (handshake done, the `Welcome` read).
+pub fn raw_unix_node(
+    path: &std::path::Path,
+    name: &str,
+    callbacks: &[&str],
+) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    stream
+        .write_all(&opening(name, None, callbacks))
+        .expect("handshake");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let welcome = read_frame_from(&mut stream);
+    assert_eq!(welcome.kind(), Kind::Welcome);
+    stream
+}
+
+/// A hand-made batch request (docs/PROTOCOL.md, "Batches of NO_RETURN calls") with
+/// `call_id` `count` and `flags`, from `src` to `dst`, carrying `payload`.
+pub fn batch_request(
+    src: &str,
+    dst: &str,
+    name: &str,
+    flags: u8,
+    count: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let header = Header {
+        kind: Kind::Request,
+        flags,
+        call_id: count,
+        timeout_ms: 0,
+        src,
+        dst,
+        name,
+    };
+    let mut out = header.encode(payload.len()).to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The batch payload of `calls`: each a `u32` length and its bytes.
+pub fn batch_payload(calls: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for call in calls {
+        out.extend_from_slice(&(call.len() as u32).to_be_bytes());
+        out.extend_from_slice(call);
+    }
+    out
+}
