@@ -219,28 +219,8 @@ impl FrameSender {
             if let Some(mut socket) = st.socket.take() {
                 drop(st);
                 let written = write_now(&mut socket, frame);
-                let mut st = self.shared.lock();
-                st.socket = Some(socket);
-                st.last_write = Some(Instant::now());
-                let wake_writer = match written {
-                    Ok(None) => !st.queue.is_empty(),
-                    Ok(Some(rest)) => {
-                        // The socket is full: the writer task finishes the frame first.
-                        st.unwritten += rest.len() + FRAME_COST;
-                        st.queue.push_front(rest);
-                        st.partial_front = true;
-                        true
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "a write failed; closing the connection");
-                        self.shared
-                            .close(&mut st, CloseReason::WriteFailed(e.to_string()));
-                        return Push::Closed;
-                    }
-                };
-                drop(st);
-                if wake_writer {
-                    self.shared.work.notify_one();
+                if !give_back(&self.shared, socket, written, 0) {
+                    return Push::Closed;
                 }
                 return Push::Sent;
             }
@@ -316,28 +296,8 @@ impl Drop for Batch {
         drop(st);
         let mut socket = socket;
         let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
-        let mut st = shared.lock();
-        st.socket = Some(socket);
-        st.last_write = Some(Instant::now());
-        st.unwritten = st.unwritten.saturating_sub(bytes + frames * FRAME_COST);
-        let wake_writer = match written {
-            Ok(None) => !st.queue.is_empty(),
-            Ok(Some(rest)) => {
-                // The socket is full: the writer task finishes first.
-                st.unwritten += rest.len() + FRAME_COST;
-                st.queue.push_front(rest);
-                st.partial_front = true;
-                true
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "a write failed; closing the connection");
-                shared.close(&mut st, CloseReason::WriteFailed(e.to_string()));
-                return;
-            }
-        };
-        drop(st);
-        if wake_writer {
-            shared.work.notify_one();
+        if !give_back(shared, socket, written, bytes + frames * FRAME_COST) {
+            return;
         }
         shared.room.notify_waiters();
     }
@@ -385,6 +345,44 @@ const MAX_SLICES: usize = 8;
 
 /// Writes `frame` now, as far as the socket takes it without waiting. Returns what is
 /// left (for the writer task), or `None` when all of it went out.
+/// Gives the socket back after a sender wrote on it itself (`written`: what
+/// [`write_now`] returned), and counts off `counted` bytes the queue held for what was
+/// written. A frame cut short goes to the front of the queue, for the writer task;
+/// `false` if the write failed (the connection is then closed). The writer task is woken
+/// after the lock is let go: a wake-up can hand this thread's processor to the woken
+/// one, and a sender preempted while holding the lock blocks every other.
+fn give_back(
+    shared: &Shared,
+    socket: Socket,
+    written: std::io::Result<Option<Outgoing>>,
+    counted: usize,
+) -> bool {
+    let mut st = shared.lock();
+    st.socket = Some(socket);
+    st.last_write = Some(Instant::now());
+    st.unwritten = st.unwritten.saturating_sub(counted);
+    let wake_writer = match written {
+        Ok(None) => !st.queue.is_empty(),
+        Ok(Some(rest)) => {
+            // The socket is full: the writer task finishes the frame first.
+            st.unwritten += rest.len() + FRAME_COST;
+            st.queue.push_front(rest);
+            st.partial_front = true;
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "a write failed; closing the connection");
+            shared.close(&mut st, CloseReason::WriteFailed(e.to_string()));
+            return false;
+        }
+    };
+    drop(st);
+    if wake_writer {
+        shared.work.notify_one();
+    }
+    true
+}
+
 fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Outgoing>> {
     let mut cx = Context::from_waker(noop_waker());
     let Outgoing { mut head, mut body } = frame;
