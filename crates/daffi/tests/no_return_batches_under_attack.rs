@@ -493,14 +493,7 @@ fn a_callee_paused_mid_flood(tcp: bool) {
     still_served(&caller, &callee);
 
     pause(&callee_process);
-    for i in 0..FLOOD {
-        caller
-            .call("tally")
-            .args(("paused", i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, "paused", FLOOD);
     resume(&callee_process);
     assert_each_once(
         arrived_on(&caller, &callee, "paused", FLOOD),
@@ -587,14 +580,7 @@ fn a_caller_killed_mid_flood_leaves_whole_calls_and_the_callee_serving() {
     ran.sort_unstable();
     let n = ran.len() as u64;
     assert_each_once(ran, n, "the calls that ran are the flood's first");
-    for i in 0..100 {
-        caller
-            .call("tally")
-            .args(("after", i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, "after", 100);
     assert_each_once(arrived_on(&caller, &callee, "after", 100), 100, "after");
 }
 
@@ -747,6 +733,17 @@ fn no_return_calls_mixed_with_fg_and_bg_calls_reach_a_raw_callee_in_the_order_se
 
 /// A tag that makes each call's arguments about 300 bytes: some 25 fit a frame of
 /// [`SMALL_FRAME`].
+/// `n` NO_RETURN calls of `tally(tag, i)` from `g` to `callee`, `i` counting from 0.
+fn flood_tally(g: &Global, callee: &str, tag: &str, n: u64) {
+    for i in 0..n {
+        g.call("tally")
+            .args((tag, i))
+            .on(callee)
+            .no_return()
+            .expect("no_return");
+    }
+}
+
 fn long_tag(name: &str) -> String {
     format!("{name}-{}", "x".repeat(290))
 }
@@ -759,14 +756,7 @@ fn with_a_small_frame_limit_everywhere_batches_stay_within_it() {
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_FRAME, &frame)]);
 
     let tag = long_tag("small");
-    for i in 0..FLOOD {
-        caller
-            .call("tally")
-            .args((&tag, i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, &tag, FLOOD);
     assert_each_once_on(&caller, &callee, &tag, FLOOD);
     still_served(&caller, &callee);
     let members = caller.members();
@@ -792,14 +782,7 @@ fn a_callee_with_a_smaller_frame_limit(tcp: bool) {
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_FRAME, &frame)]);
 
     let tag = long_tag("smaller");
-    for i in 0..FLOOD {
-        caller
-            .call("tally")
-            .args((&tag, i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, &tag, FLOOD);
     assert_each_once_on(&caller, &callee, &tag, FLOOD);
     still_served(&caller, &callee);
 }
@@ -814,26 +797,12 @@ fn a_callee_with_few_sync_callbacks_takes_batches_within_its_allowance() {
     let caller = node(&address, None);
     let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_SYNC, "4")]);
     // Within the allowance, however they are batched: every call runs.
-    for i in 0..250 {
-        caller
-            .call("tally")
-            .args(("within", i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, "within", 250);
     assert_each_once_on(&caller, &callee, "within", 250);
     // Far past it, from a caller faster than the callee: calls are dropped past the
     // allowance (logged by the callee, as documented, batched or not), never run twice,
     // and the callee keeps serving.
-    for i in 0..FLOOD {
-        caller
-            .call("tally")
-            .args(("past", i))
-            .on(&callee)
-            .no_return()
-            .expect("no_return");
-    }
+    flood_tally(&caller, &callee, "past", FLOOD);
     still_served(&caller, &callee);
     let mut ran = arrived_on(&caller, &callee, "past", 0);
     let before = ran.len();
