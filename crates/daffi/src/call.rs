@@ -230,8 +230,20 @@ impl Call {
         if self.eta.is_some() {
             return self.no_return_later();
         }
+        // Refused where waiting would be (whether it waits does not depend on timing).
+        blocking::may_block("no_return")?;
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "no_return", self.request(true)?)?.map(drop)
+        let (node, mut request) = self.into_request(true)?;
+        // Sent from this thread when nothing makes it wait: no runtime entered, no future
+        // parked on. Only a timeout's deadline needs the runtime.
+        let sent = {
+            let _runtime = request.timeout.is_some().then(|| global.runtime().enter());
+            node.try_no_return(&mut request)
+        };
+        match sent {
+            Some(sent) => sent,
+            None => blocking::wait(global.runtime(), "no_return", node.call(request))?.map(drop),
+        }
     }
 
     /// NO_RETURN from async code.
