@@ -160,7 +160,26 @@ impl Call {
     /// ```
     pub fn fg<T: DeserializeOwned>(self) -> Result<T> {
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "fg", self.fg_async())?
+        if self.feed.is_some() {
+            return blocking::wait(global.runtime(), "fg", self.fg_async())?;
+        }
+        // Refused before anything is sent where it could not wait.
+        let may_wait = blocking::may_wait("fg")?;
+        let callback = self.callback.clone();
+        let (node, request) = self.into_request(false)?;
+        // Sent from this thread when nothing makes it wait (as `bg` does); only the wait
+        // for the reply enters the runtime.
+        let started = {
+            let timers = request.timeout.is_some() || request.eta.is_some();
+            let _runtime = timers.then(|| global.runtime().enter());
+            node.start(request)
+        };
+        let reply = match started {
+            Started::Sent(call) => may_wait.wait(global.runtime(), call),
+            Started::Failed(e) => Err(e),
+            Started::Later(rest) => may_wait.wait(global.runtime(), rest),
+        };
+        decode_result(&callback, reply?)
     }
 
     /// FG from async code.
