@@ -84,7 +84,7 @@ def main():
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="daffi-prof-")
     if a.instructions:
-        WRAPPER.extend(["valgrind", "--tool=callgrind", "--quiet",
+        WRAPPER.extend(["valgrind", "--tool=callgrind", "--quiet", "--max-threads=4000",
                         f"--callgrind-out-file={tmp}/callgrind.%p"])
     listen = "tcp:127.0.0.1:0" if a.tcp else f"unix:{tmp}/s.sock"
     limit = ["--max-frame-size", str(1100 * 1024 * 1024)]

@@ -37,6 +37,33 @@ pub fn may_block(method: &'static str) -> Result<()> {
     runtime_here(method).map(drop)
 }
 
+/// Leave to wait on this thread, as [`wait`] checks it, for a sync method that checks
+/// before it starts (so that it does not start what it may not wait for) and waits
+/// later: one look at the thread's runtime per call.
+pub struct MayWait {
+    in_runtime: bool,
+}
+
+/// [`MayWait`] for this thread, or the error [`wait`] would give.
+pub fn may_wait(method: &'static str) -> Result<MayWait> {
+    Ok(MayWait {
+        in_runtime: runtime_here(method)?.is_some(),
+    })
+}
+
+impl MayWait {
+    /// [`wait`], checked already.
+    #[inline(always)]
+    pub fn wait<F: Future>(self, runtime: &Handle, future: F) -> F::Output {
+        if self.in_runtime {
+            BLOCKED.with(|b| b.set(true));
+            tokio::task::block_in_place(|| park_on(runtime, future))
+        } else {
+            park_on(runtime, future)
+        }
+    }
+}
+
 /// The runtime this thread is in, if any; `BlockingInAsync` if it drives a
 /// current-thread runtime, which blocking would stall.
 fn runtime_here(method: &'static str) -> Result<Option<Handle>> {

@@ -160,7 +160,26 @@ impl Call {
     /// ```
     pub fn fg<T: DeserializeOwned>(self) -> Result<T> {
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "fg", self.fg_async())?
+        if self.feed.is_some() {
+            return blocking::wait(global.runtime(), "fg", self.fg_async())?;
+        }
+        // Refused before anything is sent where it could not wait.
+        let may_wait = blocking::may_wait("fg")?;
+        let callback = self.callback.clone();
+        let (node, request) = self.into_request(false)?;
+        // Sent from this thread when nothing makes it wait (as `bg` does); only the wait
+        // for the reply enters the runtime.
+        let started = {
+            let timers = request.timeout.is_some() || request.eta.is_some();
+            let _runtime = timers.then(|| global.runtime().enter());
+            node.start(request)
+        };
+        let reply = match started {
+            Started::Sent(call) => may_wait.wait(global.runtime(), call),
+            Started::Failed(e) => Err(e),
+            Started::Later(rest) => may_wait.wait(global.runtime(), rest),
+        };
+        decode_result(&callback, reply?)
     }
 
     /// FG from async code.
@@ -230,8 +249,20 @@ impl Call {
         if self.eta.is_some() {
             return self.no_return_later();
         }
+        // Refused where waiting would be (whether it waits does not depend on timing).
+        blocking::may_block("no_return")?;
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "no_return", self.request(true)?)?.map(drop)
+        let (node, mut request) = self.into_request(true)?;
+        // Sent from this thread when nothing makes it wait: no runtime entered, no future
+        // parked on. Only a timeout's deadline needs the runtime.
+        let sent = {
+            let _runtime = request.timeout.is_some().then(|| global.runtime().enter());
+            node.try_no_return(&mut request)
+        };
+        match sent {
+            Some(sent) => sent,
+            None => blocking::wait(global.runtime(), "no_return", node.call(request))?.map(drop),
+        }
     }
 
     /// NO_RETURN from async code.

@@ -230,10 +230,17 @@ fn encode_failure(e: String) -> CallbackFailure {
     CallbackFailure::failed(format!("could not encode the result: {e}"))
 }
 
+/// MessagePack's nil: `()` as the serializer encodes it.
+const NIL: &[u8] = &[0xc0];
+
 /// Encodes a callback's return value. A `Vec<u8>` or a `serde_bytes::ByteBuf` is sent
 /// as the [`Blob`] it becomes without a copy: from its own memory, kept for the next
-/// large byte string once sent (see `codec::pool`).
+/// large byte string once sent (see `codec::pool`). `()` (what most NO_RETURN
+/// callbacks return) is the static nil, without the serializer.
 pub fn encode_reply<T: Serialize>(value: T) -> Outcome {
+    if typeid::of::<T>() == std::any::TypeId::of::<()>() {
+        return Ok(Payload::from(Bytes::from_static(NIL)));
+    }
     let encoded = match codec::into_vec(value) {
         Ok(bytes) => encode_value(&codec::owned_blob(bytes)),
         Err(value) => encode_value(&value),
@@ -592,4 +599,26 @@ pub(crate) fn static_callbacks() -> HashMap<String, Handler> {
         }
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_is_encoded_as_the_serializer_encodes_it() {
+        let fast = encode_reply(()).expect("encodes").to_bytes();
+        assert_eq!(fast, encode_value(&()).expect("encodes").to_bytes());
+        assert_eq!(fast, rmp_serde::to_vec(&()).expect("encodes"));
+        // `Ok(())` of a fallible callback takes the same path; other values do not.
+        assert_eq!(
+            Ok::<(), String>(())
+                .into_reply()
+                .expect("encodes")
+                .to_bytes(),
+            fast
+        );
+        let pair = encode_reply(((), 1u8)).expect("encodes").to_bytes();
+        assert_eq!(pair, rmp_serde::to_vec(&((), 1u8)).expect("encodes"));
+    }
 }

@@ -112,9 +112,26 @@ impl Node {
         if self.is_stopped() {
             return Some(Err(Error::Stopped));
         }
+        if req.no_reply {
+            // A NO_RETURN call holds its slot only while it is sent: a free one is
+            // enough, not taken and given back (giving a permit back takes the
+            // semaphore's lock).
+            if self.in_flight.available_permits() == 0 {
+                return None;
+            }
+            return self.mesh.try_send_call(req);
+        }
         let slot = self.in_flight.clone().try_acquire_owned().ok()?;
         let sent = self.mesh.try_send_call(req)?;
         Some(sent.map(|waiter| waiter.map(|w| w.hold(slot))))
+    }
+
+    /// Sends a NO_RETURN call from the calling thread if nothing makes it wait (no
+    /// future, no runtime entered); `None` (`req` whole) if it would have to:
+    /// [`call`](Self::call) does that. Enter the node's runtime first if `req` has a
+    /// timeout.
+    pub fn try_no_return(&self, req: &mut CallRequest) -> Option<Result<()>> {
+        self.try_send(req).map(|sent| sent.map(drop))
     }
 
     /// The one send path that may wait: for the eta and a slot, then sends; what waits on the

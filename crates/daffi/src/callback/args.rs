@@ -85,6 +85,11 @@ pub fn decode_args<T: Params>(
         return T::from_seq(nothing, &Cell::default()).map_err(CallbackFailure::bad_arguments);
     }
     let shape = Shape::of::<T>(signature, payload);
+    if shape == Shape::AsItComes && !T::INCOMING {
+        if let Some(args) = plain_args::<T>(payload) {
+            return Ok(args);
+        }
+    }
     let failed = Cell::new(Failed::Nothing);
     let seed = ArgsSeed::<T> {
         signature,
@@ -101,6 +106,75 @@ pub fn decode_args<T: Params>(
             &error,
         ))
     })
+}
+
+/// Arguments by position that are all integers or bools (`.args((1, 2))` to
+/// `fn add(a: i64, b: i64)`), each fitting its parameter's type: read straight from the
+/// MessagePack, without the deserializer. `None` for anything else (other types, a map,
+/// a value that does not fit): the deserializer reads those, and explains a failure.
+fn plain_args<T: Params>(payload: &[u8]) -> Option<T> {
+    let (&first, mut rest) = payload.split_first()?;
+    // A fixarray of exactly the parameters (at most 15 of them).
+    if T::COUNT > 15 || first != 0x90 | T::COUNT as u8 {
+        return None;
+    }
+    let args = T::from_plain(&mut rest)?;
+    rest.is_empty().then_some(args)
+}
+
+/// A MessagePack integer at the start of `rest` (which then moves past it), as serde's
+/// visitors receive it from `rmp_serde`, widened.
+fn plain_int(rest: &mut &[u8]) -> Option<i128> {
+    /// The `N` bytes after the marker.
+    fn be<const N: usize>(tail: &[u8]) -> Option<[u8; N]> {
+        tail.get(..N)?.try_into().ok()
+    }
+    let (&marker, tail) = rest.split_first()?;
+    let (value, width) = match marker {
+        0x00..=0x7f => (i128::from(marker), 0),
+        0xe0..=0xff => (i128::from(marker as i8), 0),
+        0xcc => (i128::from(tail.first().copied()?), 1),
+        0xcd => (i128::from(u16::from_be_bytes(be(tail)?)), 2),
+        0xce => (i128::from(u32::from_be_bytes(be(tail)?)), 4),
+        0xcf => (i128::from(u64::from_be_bytes(be(tail)?)), 8),
+        0xd0 => (i128::from(tail.first().copied()? as i8), 1),
+        0xd1 => (i128::from(i16::from_be_bytes(be(tail)?)), 2),
+        0xd2 => (i128::from(i32::from_be_bytes(be(tail)?)), 4),
+        0xd3 => (i128::from(i64::from_be_bytes(be(tail)?)), 8),
+        _ => return None,
+    };
+    *rest = &tail[width..];
+    Some(value)
+}
+
+/// A parameter of type `T` read by [`plain_args`], if `T` is an integer type or `bool`
+/// and `rest` starts with a value that fits it (as serde's own `Deserialize` of `T`
+/// would accept it from `rmp_serde`).
+fn plain_value<T>(rest: &mut &[u8]) -> Option<T> {
+    use std::any::TypeId;
+    let id = typeid::of::<T>();
+    macro_rules! ints {
+        ($($t:ty),*) => {$(
+            if id == TypeId::of::<$t>() {
+                let value = <$t>::try_from(plain_int(rest)?).ok()?;
+                // SAFETY: `T` is `$t` (the same `TypeId`; `$t` has no lifetimes), so
+                // this moves a `$t` as itself.
+                return Some(unsafe { std::mem::transmute_copy::<$t, T>(&value) });
+            }
+        )*};
+    }
+    ints!(i64, u64, i32, u32, usize, isize, i16, u16, i8, u8);
+    if id == TypeId::of::<bool>() {
+        let value = match rest.split_first()? {
+            (0xc2, tail) => (false, tail),
+            (0xc3, tail) => (true, tail),
+            _ => return None,
+        };
+        *rest = value.1;
+        // SAFETY: `T` is `bool` (the same `TypeId`).
+        return Some(unsafe { std::mem::transmute_copy::<bool, T>(&value.0) });
+    }
+    None
 }
 
 /// How the payload holds the arguments.
@@ -189,11 +263,22 @@ pub trait Param: Sized {
     fn unnamed<E: de::Error>() -> Option<Result<Self, E>> {
         None
     }
+
+    /// Reads it straight from arguments by position, moving `rest` past it, if it is a
+    /// plain integer or bool that fits (see [`plain_args`]); `None` otherwise.
+    fn plain(_rest: &mut &[u8]) -> Option<Self> {
+        None
+    }
 }
 
 impl<T: DeserializeOwned> Param for T {
     fn next<'de, S: SeqAccess<'de>>(seq: &mut S) -> Result<Option<Self>, S::Error> {
         seq.next_element()
+    }
+
+    #[inline]
+    fn plain(rest: &mut &[u8]) -> Option<Self> {
+        plain_value(rest)
     }
 
     fn value<'de, M: MapAccess<'de>>(map: &mut M) -> Result<Self, M::Error> {
@@ -211,6 +296,10 @@ pub trait Params: Sized {
 
     /// Reads them by position; `failed` follows which one is read.
     fn from_seq<'de, S: SeqAccess<'de>>(seq: S, failed: &Cell<Failed>) -> Result<Self, S::Error>;
+
+    /// Reads them straight from arguments by position if each is a plain integer or
+    /// bool that fits (see [`plain_args`]).
+    fn from_plain(rest: &mut &[u8]) -> Option<Self>;
 
     /// Reads them by name; `failed` follows which one is read.
     fn from_map<'de, M: MapAccess<'de>>(
@@ -241,6 +330,12 @@ macro_rules! params {
                         }
                     }
                 },)*))
+            }
+
+            #[allow(unused_variables)]
+            #[inline]
+            fn from_plain(rest: &mut &[u8]) -> Option<Self> {
+                Some(($(<$a as Param>::plain(rest)?,)*))
             }
 
             #[allow(unused_mut, unused_variables)]
@@ -497,6 +592,69 @@ mod tests {
     struct Person {
         name: String,
         age: u32,
+    }
+
+    /// What the deserializer makes of `payload`, bypassing the plain fast path.
+    fn through_serde<T: Params>(payload: &Bytes) -> Option<T> {
+        let failed = Cell::new(Failed::Nothing);
+        let seed = ArgsSeed::<T> {
+            signature: &ADD,
+            shape: Shape::AsItComes,
+            failed: &failed,
+            params: std::marker::PhantomData,
+        };
+        codec::decode_seed(payload, seed).ok()
+    }
+
+    #[test]
+    fn plain_integers_and_bools_decode_as_the_deserializer_decodes_them() {
+        let edges: Vec<i128> = [0i128, 1, 127, 128, 255, 256, 32_767, 32_768, 65_535, 65_536]
+            .into_iter()
+            .chain([2_147_483_647, 2_147_483_648, 4_294_967_295, 4_294_967_296])
+            .chain([i64::MAX as i128, u64::MAX as i128])
+            .flat_map(|v| [v, -v, v - 1, -v - 1])
+            .filter(|v| i64::try_from(*v).is_ok() || u64::try_from(*v).is_ok())
+            .collect();
+        fn check<A: Params + PartialEq + fmt::Debug, V: Serialize>(value: V) {
+            let payload = encode(&value);
+            let plain = plain_args::<A>(&payload);
+            let serde = through_serde::<A>(&payload);
+            if plain.is_some() {
+                assert_eq!(plain, serde, "{payload:x?}");
+            }
+            // What the fast path leaves, the deserializer reads (or explains).
+            let decoded = decode_args::<A>(&ADD, &payload).ok();
+            assert_eq!(decoded, serde, "{payload:x?}");
+        }
+        for v in edges {
+            let (i, u) = (i64::try_from(v).ok(), u64::try_from(v).ok());
+            if let Some(i) = i {
+                check::<(i64, i8), _>((i, -3i8));
+                check::<(i32, u16), _>((i, 7u16));
+                check::<(i8, isize), _>((i, 1));
+                check::<(u8, i16), _>((i, 1));
+                check::<(usize, i64), _>((i, i));
+            }
+            if let Some(u) = u {
+                check::<(u64, u32), _>((u, 5u32));
+                check::<(i64, u64), _>((u, u));
+                check::<(u8, bool), _>((u, true));
+            }
+        }
+        check::<(bool, bool), _>((false, true));
+        check::<(bool, i64), _>((1, 2));
+        check::<(i64, i64), _>((1.5, 2));
+        check::<(i64, String), _>((1, "two"));
+        check::<(i64, i64), _>((1, 2, 3));
+        check::<(i64, i64, i64), _>((1, 2));
+        assert!(
+            plain_args::<(i64, i64)>(&encode(&(1, 2))).is_some(),
+            "the path is taken"
+        );
+        assert!(
+            plain_args::<(i64, i64)>(&encode(&(1, 2))[..2]).is_none(),
+            "cut short"
+        );
     }
 
     #[test]
