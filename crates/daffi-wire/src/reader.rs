@@ -70,6 +70,26 @@ pub struct FrameReader<R> {
     large_burst: bool,
     /// How long a large frame's buffer is kept; `None`: not kept.
     keep_large: Option<Duration>,
+    /// Whether the last frame was read into a buffer of its own: the next read takes at
+    /// most [`READ_AFTER_OWN`] bytes, so that if the next frame is one too (a stream of
+    /// chunks), little of it is copied there from the shared buffer.
+    after_own: bool,
+}
+
+/// What one read into the shared buffer takes at most right after a frame read into a
+/// buffer of its own: the next frame's header and a little more.
+const READ_AFTER_OWN: usize = 4 * 1024;
+
+/// Reads into `buf`, at most `room` bytes if given.
+async fn fill<R: AsyncRead + Unpin>(
+    inner: &mut R,
+    buf: &mut BytesMut,
+    room: Option<usize>,
+) -> std::io::Result<usize> {
+    match room {
+        Some(room) => inner.read_buf(&mut buf.limit(room)).await,
+        None => inner.read_buf(buf).await,
+    }
 }
 
 /// The buffers a reader keeps for its next frames.
@@ -153,6 +173,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             spare_until: None,
             large_burst: false,
             keep_large: None,
+            after_own: false,
         }
     }
 
@@ -243,16 +264,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 continue;
             }
             if let Some(len) = self.complete_frame_len()? {
+                self.after_own = false;
                 let raw = self.buf.split_to(len).freeze();
                 return Ok(Some(Frame::parse(raw)?));
             }
             if self.large.is_some() {
                 continue;
             }
+            let room = self.after_own.then_some(READ_AFTER_OWN);
             let read = match self.spare_until {
-                None => self.inner.read_buf(&mut self.buf).await?,
+                None => fill(&mut self.inner, &mut self.buf, room).await?,
                 Some(until) => {
-                    let read = self.inner.read_buf(&mut self.buf);
+                    let read = fill(&mut self.inner, &mut self.buf, room);
                     match tokio::time::timeout_at(until, read).await {
                         Ok(read) => read?,
                         Err(_) => {
@@ -352,6 +375,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The large or mid-size frame just read; its buffer is kept for the next one.
     fn finish_large(&mut self, frame: BytesMut) -> Result<Frame, ReadError> {
+        self.after_own = true;
         let capacity = frame.capacity();
         let large = frame.len() >= LARGE_FRAME;
         let raw = frame.freeze();
@@ -724,6 +748,59 @@ mod tests {
         );
         drop(second);
         drop(open);
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test]
+    async fn frames_of_every_size_in_turn_come_whole_and_in_order() {
+        let sizes = [
+            10,
+            CHUNK,
+            20,
+            30,
+            CHUNK - 100,
+            MID_FRAME,
+            MID_FRAME - 40,
+            2 * LARGE_FRAME,
+            CHUNK,
+            CHUNK,
+            5,
+            LARGE_FRAME - 100,
+            3000,
+            CHUNK + 7000,
+            1,
+        ];
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let feeding = tokio::spawn(async move {
+            let writer = tokio::spawn(writer);
+            for (i, size) in sizes.into_iter().enumerate() {
+                let body = Bytes::from(vec![i as u8; size]);
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+            drop(tx);
+            writer.await.expect("join").expect("io");
+        });
+        let mut reader =
+            FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        // Every other frame is held, so that buffers are both reused and not.
+        let mut held = Vec::new();
+        for (i, size) in sizes.into_iter().enumerate() {
+            let frame = reader.next().await.expect("read").expect("frame");
+            assert_eq!(frame.payload().len(), size, "frame {i}");
+            assert!(frame.payload().iter().all(|&b| b == i as u8), "frame {i}");
+            if i % 2 == 0 {
+                held.push((i, frame));
+            }
+        }
+        assert!(matches!(reader.next().await, Ok(None)), "then the end");
+        for (i, frame) in held {
+            assert!(
+                frame.payload().iter().all(|&b| b == i as u8),
+                "held frame {i}"
+            );
+        }
         feeding.await.expect("feeder");
     }
 
