@@ -1,6 +1,8 @@
 //! Reading frames off a byte stream: the size limit is enforced before anything is
-//! allocated, and a large frame is read into a buffer of its own, kept for the next.
+//! allocated, and a large or mid-size frame is read into a buffer of its own, kept for
+//! the next.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -27,8 +29,21 @@ pub enum ReadError {
 /// Frames at least this long are read into a buffer of their own, which the reader
 /// keeps for the next large frame once every part of the frame has been dropped.
 const LARGE_FRAME: usize = 1024 * 1024;
-/// How long daffi's connections keep a large frame's buffer for the next one (see
-/// [`FrameReader::keep_large_buffers`]).
+/// Frames at least this long (prefix included) that are not whole in the reader's buffer
+/// are read into a buffer of their own, which the reader keeps, among a few, for the next
+/// frames of that size once every part of the frame has been dropped (with
+/// [`FrameReader::keep_large_buffers`]). Below it, frames share the reader's buffer.
+pub const MID_FRAME: usize = 32 * 1024;
+/// Bytes of mid-size frame buffers (below [`LARGE_FRAME`]) one reader keeps at most:
+/// enough for the frames a stream has in flight (its window is 2 MiB) with room to
+/// spare. Past it, a frame gets fresh memory, given back when the frame is dropped.
+pub const MID_KEPT_BYTES: usize = 4 * 1024 * 1024;
+/// Mid-size buffers are allocated in multiples of this, so that frames of slightly
+/// different sizes reuse each other's.
+const MID_GRAIN: usize = 8 * 1024;
+
+/// How long daffi's connections keep a large frame's buffer, and mid-size ones, for the
+/// next frames (see [`FrameReader::keep_large_buffers`]).
 pub const KEEP_LARGE_BUFFERS: Duration = Duration::from_secs(1);
 
 /// How much a reader's buffer holds once the connection is up: one read takes up to this
@@ -42,15 +57,101 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_frame_size: usize,
-    /// A large frame being read, and its length with prefix.
+    /// A large or mid-size frame being read into a buffer of its own, and its length
+    /// with prefix.
     large: Option<(BytesMut, usize)>,
-    /// The last large frame's whole buffer, kept for reuse (shared with that frame, whose
-    /// taker may end the hold: [`KeptBuffer`]).
-    spare: Arc<Mutex<Option<Bytes>>>,
-    /// Until when the spare buffer is kept.
+    /// The buffers kept for reuse (shared with the frames read into them, whose takers
+    /// may end the hold: [`KeptBuffer`]).
+    spare: Arc<Mutex<Spares>>,
+    /// Until when the spare buffers are kept.
     spare_until: Option<tokio::time::Instant>,
+    /// Whether a large frame was read since the large spare was last taken or let go:
+    /// a burst of large frames (see [`large_buffer`](Self::large_buffer)).
+    large_burst: bool,
     /// How long a large frame's buffer is kept; `None`: not kept.
     keep_large: Option<Duration>,
+    /// Whether the last frame was read into a buffer of its own: the next read takes at
+    /// most [`READ_AFTER_OWN`] bytes, so that if the next frame is one too (a stream of
+    /// chunks), little of it is copied there from the shared buffer.
+    after_own: bool,
+}
+
+/// What one read into the shared buffer takes at most right after a frame read into a
+/// buffer of its own: the next frame's header and a little more.
+const READ_AFTER_OWN: usize = 4 * 1024;
+
+/// Reads into `buf`, at most `room` bytes if given.
+async fn fill<R: AsyncRead + Unpin>(
+    inner: &mut R,
+    buf: &mut BytesMut,
+    room: Option<usize>,
+) -> std::io::Result<usize> {
+    match room {
+        Some(room) => inner.read_buf(&mut buf.limit(room)).await,
+        None => inner.read_buf(buf).await,
+    }
+}
+
+/// The buffers a reader keeps for its next frames.
+#[derive(Debug, Default)]
+struct Spares {
+    /// The last large frame's whole buffer.
+    large: Option<Bytes>,
+    /// Whole buffers of recent mid-size frames with their capacities, oldest first (the
+    /// likeliest to be free again).
+    mid: VecDeque<(Bytes, usize)>,
+    /// The capacities of `mid`, summed (at most [`MID_KEPT_BYTES`]).
+    mid_bytes: usize,
+}
+
+impl Spares {
+    /// An empty buffer with room for `total` bytes among the mid-size ones that nothing
+    /// else holds any more. Free ones too small for it are let go.
+    fn free_mid(&mut self, total: usize) -> Option<BytesMut> {
+        let mut i = 0;
+        while i < self.mid.len() {
+            if !self.mid[i].0.is_unique() {
+                i += 1;
+                continue;
+            }
+            let Some((spare, capacity)) = self.mid.remove(i) else {
+                break;
+            };
+            self.mid_bytes = self.mid_bytes.saturating_sub(capacity);
+            if capacity >= total {
+                if let Ok(mut buf) = spare.try_into_mut() {
+                    buf.clear();
+                    return Some(buf);
+                }
+            }
+        }
+        None
+    }
+
+    /// Keeps `whole`, a mid-size frame's buffer of `capacity` bytes, if there is room.
+    fn keep_mid(&mut self, whole: Bytes, capacity: usize) -> bool {
+        if self.mid_bytes + capacity > MID_KEPT_BYTES {
+            return false;
+        }
+        self.mid_bytes += capacity;
+        self.mid.push_back((whole, capacity));
+        true
+    }
+
+    /// Ends the hold on the buffer that starts at `at`, if it is kept.
+    fn release(&mut self, at: usize) {
+        if self
+            .large
+            .as_ref()
+            .is_some_and(|b| b.as_ptr() as usize == at)
+        {
+            self.large = None;
+        } else if let Some(i) = self.mid.iter().position(|(b, _)| b.as_ptr() as usize == at) {
+            if let Some((_, capacity)) = self.mid.remove(i) {
+                self.mid_bytes = self.mid_bytes.saturating_sub(capacity);
+            }
+        }
+    }
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -70,7 +171,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             large: None,
             spare: Arc::default(),
             spare_until: None,
+            large_burst: false,
             keep_large: None,
+            after_own: false,
         }
     }
 
@@ -78,6 +181,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// reads the next large frame into it if nothing else holds it by then: a burst of
     /// large calls then costs no fresh memory mapping (page faults, zeroing by the
     /// kernel) per frame, and a connection that goes quiet gives the memory back.
+    ///
+    /// Mid-size frames ([`MID_FRAME`] up to 1 MiB) that are not whole in the reader's
+    /// buffer get a buffer of their own too, among up to [`MID_KEPT_BYTES`] kept for the
+    /// same time: a steady stream of them (64 KiB chunks, say) reuses the buffers its
+    /// earlier frames were read into once they are dropped, and touches no new pages.
     /// Needs a Tokio runtime with time enabled.
     pub fn keep_large_buffers(mut self, keep_for: Duration) -> Self {
         self.keep_large = Some(keep_for);
@@ -156,20 +264,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 continue;
             }
             if let Some(len) = self.complete_frame_len()? {
+                self.after_own = false;
                 let raw = self.buf.split_to(len).freeze();
                 return Ok(Some(Frame::parse(raw)?));
             }
             if self.large.is_some() {
                 continue;
             }
+            let room = self.after_own.then_some(READ_AFTER_OWN);
             let read = match self.spare_until {
-                None => self.inner.read_buf(&mut self.buf).await?,
+                None => fill(&mut self.inner, &mut self.buf, room).await?,
                 Some(until) => {
-                    let read = self.inner.read_buf(&mut self.buf);
+                    let read = fill(&mut self.inner, &mut self.buf, room);
                     match tokio::time::timeout_at(until, read).await {
                         Ok(read) => read?,
                         Err(_) => {
-                            self.take_spare();
+                            self.let_spares_go();
                             continue;
                         }
                     }
@@ -207,6 +317,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.buf.clear();
             self.large = Some((frame, total));
             Ok(None)
+        } else if total >= MID_FRAME && self.keep_large.is_some() {
+            // A buffer of its own, kept for the next frames of this size: growing the
+            // shared one would take fresh memory for each (the last frames read into it
+            // are still held, by the writers that forward them, say).
+            let mut frame = self.mid_buffer(total);
+            frame.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.large = Some((frame, total));
+            Ok(None)
         } else {
             // One allocation for the frame instead of doubling repeatedly.
             self.buf.reserve(total - self.buf.len());
@@ -226,8 +345,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// free memory back to its host (free page reporting) must fetch a huge page's
     /// 2 MiB back first, which costs more than ordinary pages (see BENCHMARKS.md).
     fn large_buffer(&mut self, total: usize) -> BytesMut {
-        let in_burst = self.spare_until.is_some();
-        if let Some(spare) = self.take_spare() {
+        let in_burst = self.large_burst;
+        self.large_burst = false;
+        let spare = lock(&self.spare).large.take();
+        if let Some(spare) = spare {
             if let Ok(mut buf) = spare.try_into_mut() {
                 if buf.capacity() >= total {
                     buf.clear();
@@ -242,8 +363,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         BytesMut::from(Bytes::from(huge_page_buffer(total)))
     }
 
-    /// The large frame just read; its buffer is kept for the next one.
+    /// An empty buffer with room for `total` bytes, for a mid-size frame: a kept one
+    /// that nothing else holds any more, or a new one (rounded up to [`MID_GRAIN`], so
+    /// that frames of a little more or less reuse it).
+    fn mid_buffer(&mut self, total: usize) -> BytesMut {
+        if let Some(buf) = lock(&self.spare).free_mid(total) {
+            return buf;
+        }
+        BytesMut::with_capacity(total.next_multiple_of(MID_GRAIN))
+    }
+
+    /// The large or mid-size frame just read; its buffer is kept for the next one.
     fn finish_large(&mut self, frame: BytesMut) -> Result<Frame, ReadError> {
+        self.after_own = true;
+        let capacity = frame.capacity();
+        let large = frame.len() >= LARGE_FRAME;
         let raw = frame.freeze();
         let Some(keep_for) = self.keep_large else {
             return Ok(Frame::parse(raw)?);
@@ -252,15 +386,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             spare: Arc::downgrade(&self.spare),
             at: raw.as_ptr() as usize,
         };
-        *lock(&self.spare) = Some(raw.clone());
+        {
+            let mut spares = lock(&self.spare);
+            if large {
+                spares.large = Some(raw.clone());
+                self.large_burst = true;
+            } else if !spares.keep_mid(raw.clone(), capacity) {
+                drop(spares);
+                return Ok(Frame::parse(raw)?);
+            }
+        }
         self.spare_until = Some(tokio::time::Instant::now() + keep_for);
         Ok(Frame::parse(raw)?.kept_by_reader(kept))
     }
 
-    /// The spare buffer, no longer kept.
-    fn take_spare(&mut self) -> Option<Bytes> {
+    /// Lets every kept buffer go (each is freed once its frame's parts are dropped).
+    fn let_spares_go(&mut self) {
         self.spare_until = None;
-        lock(&self.spare).take()
+        self.large_burst = false;
+        let mut spares = lock(&self.spare);
+        spares.large = None;
+        spares.mid.clear();
+        spares.mid_bytes = 0;
     }
 }
 
@@ -271,7 +418,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// taken over without a copy. A payload that is only read keeps the reuse.
 #[derive(Debug, Clone)]
 pub struct KeptBuffer {
-    spare: Weak<Mutex<Option<Bytes>>>,
+    spare: Weak<Mutex<Spares>>,
     /// Where the buffer starts: the reader may have moved on to another one.
     at: usize,
 }
@@ -280,21 +427,14 @@ impl KeptBuffer {
     /// Ends the reader's hold on the buffer, if it still has it; the reader reads its
     /// next large frame into a new buffer.
     pub fn release(&self) {
-        let Some(spare) = self.spare.upgrade() else {
-            return;
-        };
-        let mut spare = lock(&spare);
-        if spare
-            .as_ref()
-            .is_some_and(|b| b.as_ptr() as usize == self.at)
-        {
-            *spare = None;
+        if let Some(spare) = self.spare.upgrade() {
+            lock(&spare).release(self.at);
         }
     }
 }
 
-/// Locks the spare buffer's slot; a panic elsewhere cannot leave it inconsistent.
-fn lock(slot: &Mutex<Option<Bytes>>) -> std::sync::MutexGuard<'_, Option<Bytes>> {
+/// Locks the spare buffers; a panic elsewhere cannot leave them inconsistent.
+fn lock(slot: &Mutex<Spares>) -> std::sync::MutexGuard<'_, Spares> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -302,7 +442,14 @@ impl<R> FrameReader<R> {
     /// Whether a large frame's buffer is kept for reuse.
     #[cfg(test)]
     fn keeps_spare(&self) -> bool {
-        lock(&self.spare).is_some()
+        lock(&self.spare).large.is_some()
+    }
+
+    /// The mid-size buffers kept: how many, and their bytes.
+    #[cfg(test)]
+    fn mid_kept(&self) -> (usize, usize) {
+        let spares = lock(&self.spare);
+        (spares.mid.len(), spares.mid_bytes)
     }
 }
 
@@ -444,6 +591,217 @@ mod tests {
         assert_eq!(second.payload().len(), MAPPED_FRAME);
         sending.await.expect("sender");
         writer.await.expect("join").expect("io");
+    }
+
+    /// Bytes of a stream chunk in the mid-size tests: a frame a little over 64 KiB.
+    const CHUNK: usize = 64 * 1024;
+
+    /// A reader that keeps buffers (for `keep`), fed `count` request frames of `size`
+    /// payload bytes, the i-th filled with `i as u8`, by a writer task; and a sender
+    /// that holds the connection open until it is dropped (the feeder ends then).
+    fn fed_reader(
+        count: usize,
+        size: usize,
+        keep: Duration,
+    ) -> (
+        FrameReader<tokio::io::DuplexStream>,
+        crate::FrameSender,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let open = tx.clone();
+        let feeding = tokio::spawn(async move {
+            let writer = tokio::spawn(writer);
+            for i in 0..count {
+                let body = Bytes::from(vec![i as u8; size]);
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+            drop(tx);
+            writer.await.expect("join").expect("io");
+        });
+        let reader = FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(keep);
+        (reader, open, feeding)
+    }
+
+    async fn next_of(reader: &mut FrameReader<tokio::io::DuplexStream>, i: usize) -> Frame {
+        let frame = reader.next().await.expect("read").expect("frame");
+        assert_eq!(frame.payload().len(), CHUNK);
+        assert!(
+            frame.payload().iter().all(|&b| b == i as u8),
+            "frame {i} holds its own bytes"
+        );
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_mid_size_frame_buffer_is_reused_once_its_frame_is_dropped() {
+        let (mut reader, open, feeding) = fed_reader(4, CHUNK, Duration::from_secs(60));
+        let first = next_of(&mut reader, 0).await;
+        let first_at = first.raw().as_ptr();
+        // Still held: the second frame gets a buffer of its own.
+        let second = next_of(&mut reader, 1).await;
+        let second_at = second.raw().as_ptr();
+        assert_ne!(second_at, first_at);
+        assert_eq!(reader.mid_kept().0, 2);
+        drop(first);
+        // The oldest free buffer is read into again, the held one left alone.
+        let third = next_of(&mut reader, 2).await;
+        assert_eq!(third.raw().as_ptr(), first_at);
+        assert!(second.payload().iter().all(|&b| b == 1));
+        drop(second);
+        drop(third);
+        let fourth = next_of(&mut reader, 3).await;
+        assert_eq!(fourth.raw().as_ptr(), second_at);
+        assert_eq!(reader.mid_kept().0, 2, "no buffer was added");
+        drop(open);
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test]
+    async fn a_mid_size_buffer_with_any_part_still_held_is_not_reused() {
+        let (mut reader, open, feeding) = fed_reader(3, CHUNK, Duration::from_secs(60));
+        let first = next_of(&mut reader, 0).await;
+        let first_at = first.raw().as_ptr();
+        // A slice of the payload outlives its frame (a `Blob` the user kept, say).
+        let part = first.payload().slice(100..200);
+        drop(first);
+        let second = next_of(&mut reader, 1).await;
+        assert_ne!(second.raw().as_ptr(), first_at);
+        drop(second);
+        let third = next_of(&mut reader, 2).await;
+        assert_ne!(third.raw().as_ptr(), first_at);
+        assert!(part.iter().all(|&b| b == 0), "the held part is untouched");
+        drop(open);
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test]
+    async fn mid_size_buffers_kept_stay_within_their_bound() {
+        let count = 2 * MID_KEPT_BYTES / CHUNK;
+        let (mut reader, open, feeding) = fed_reader(count, CHUNK, Duration::from_secs(60));
+        let mut held = Vec::new();
+        for i in 0..count {
+            let frame = next_of(&mut reader, i).await;
+            let (kept, bytes) = reader.mid_kept();
+            assert!(
+                bytes <= MID_KEPT_BYTES,
+                "{bytes} bytes kept in {kept} buffers"
+            );
+            held.push(frame);
+        }
+        let (kept, bytes) = reader.mid_kept();
+        assert!(kept > 0 && kept < count, "{kept} of {count} buffers kept");
+        assert!(
+            bytes + CHUNK + MID_GRAIN > MID_KEPT_BYTES,
+            "only {bytes} bytes kept"
+        );
+        let unkept = held
+            .into_iter()
+            .filter(|f| f.clone().into_payload().1.is_none())
+            .count();
+        assert_eq!(
+            unkept,
+            count - kept,
+            "the frames past the bound are not kept"
+        );
+        drop(open);
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_reader_lets_its_mid_size_buffers_go() {
+        let keep = Duration::from_secs(1);
+        let (mut reader, open, feeding) = fed_reader(2, CHUNK, keep);
+        let first = next_of(&mut reader, 0).await;
+        let second = next_of(&mut reader, 1).await;
+        drop((first, second));
+        assert_eq!(reader.mid_kept().0, 2);
+        // The connection stays open and quiet past the keep time (the clock is Tokio's
+        // paused one: it jumps to each timer).
+        let waited = tokio::time::timeout(10 * keep, reader.next()).await;
+        assert!(waited.is_err(), "no frame came");
+        assert_eq!(reader.mid_kept(), (0, 0), "nothing is kept once quiet");
+        drop(open);
+        assert!(
+            matches!(reader.next().await, Ok(None)),
+            "then it ends cleanly"
+        );
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test]
+    async fn a_released_mid_size_buffer_is_the_payload_s_alone() {
+        let (mut reader, open, feeding) = fed_reader(2, CHUNK, Duration::from_secs(60));
+        let first = next_of(&mut reader, 0).await;
+        let (payload, kept) = first.into_payload();
+        let kept = kept.expect("a mid-size frame's buffer is kept");
+        let payload = payload.try_into_mut().expect_err("the reader holds it too");
+        kept.release();
+        assert_eq!(reader.mid_kept().0, 0);
+        let taken = payload.try_into_mut().expect("the payload's alone");
+        let second = next_of(&mut reader, 1).await;
+        assert!(
+            taken.iter().all(|&b| b == 0),
+            "the taken buffer is untouched"
+        );
+        drop(second);
+        drop(open);
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test]
+    async fn frames_of_every_size_in_turn_come_whole_and_in_order() {
+        let sizes = [
+            10,
+            CHUNK,
+            20,
+            30,
+            CHUNK - 100,
+            MID_FRAME,
+            MID_FRAME - 40,
+            2 * LARGE_FRAME,
+            CHUNK,
+            CHUNK,
+            5,
+            LARGE_FRAME - 100,
+            3000,
+            CHUNK + 7000,
+            1,
+        ];
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let feeding = tokio::spawn(async move {
+            let writer = tokio::spawn(writer);
+            for (i, size) in sizes.into_iter().enumerate() {
+                let body = Bytes::from(vec![i as u8; size]);
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+            drop(tx);
+            writer.await.expect("join").expect("io");
+        });
+        let mut reader =
+            FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        // Every other frame is held, so that buffers are both reused and not.
+        let mut held = Vec::new();
+        for (i, size) in sizes.into_iter().enumerate() {
+            let frame = reader.next().await.expect("read").expect("frame");
+            assert_eq!(frame.payload().len(), size, "frame {i}");
+            assert!(frame.payload().iter().all(|&b| b == i as u8), "frame {i}");
+            if i % 2 == 0 {
+                held.push((i, frame));
+            }
+        }
+        assert!(matches!(reader.next().await, Ok(None)), "then the end");
+        for (i, frame) in held {
+            assert!(
+                frame.payload().iter().all(|&b| b == i as u8),
+                "held frame {i}"
+            );
+        }
+        feeding.await.expect("feeder");
     }
 
     #[tokio::test]
