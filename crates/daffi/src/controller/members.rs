@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WINDOW};
+use crate::mesh::{ReplyItem, REPLY_ITEM_HEAD};
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use bytes::{Bytes, BytesMut};
-use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::frame::{
+    FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH, LEN_PREFIX,
+};
 use daffi_wire::{Batch, Frame, FrameSender, Header, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
@@ -468,6 +471,9 @@ fn queue_for(
         return Err(UndeliverableCode::Stopping);
     }
     if !request {
+        if frame.head().len() > frame_limit.saturating_add(LEN_PREFIX) {
+            return deliver_over_limit(queue, frame_limit, frame);
+        }
         return match deliver(queue, frame) {
             true => Ok(()),
             false => Err(UndeliverableCode::UnknownProcess),
@@ -581,6 +587,86 @@ fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
             "dropped NO_RETURN calls larger than the frame limit of their node (use the same max_frame_size everywhere)"
         );
     }
+    Some(pieces)
+}
+
+/// Queues a frame its node cannot refuse, larger than `frame_limit`, the limit of that
+/// node: a batch of replies split to fit ([`split_replies_to_fit`]), anything else as
+/// it is (its node's reader refuses it, as it would have without batches).
+#[cold]
+#[inline(never)]
+fn deliver_over_limit(
+    queue: &Queue,
+    frame_limit: usize,
+    frame: Outgoing,
+) -> Result<(), UndeliverableCode> {
+    let pieces = split_replies_to_fit(&frame, frame_limit).unwrap_or_else(|| vec![frame]);
+    for piece in pieces {
+        if !deliver(queue, piece) {
+            return Err(UndeliverableCode::UnknownProcess);
+        }
+    }
+    Ok(())
+}
+
+/// The batch of replies `frame` (docs/PROTOCOL.md, "Batches of replies"), larger than
+/// `frame_limit`, the limit of the caller it goes to, as batches and lone replies
+/// within it, in order: its callee joined the replies up to its own limit. A reply too
+/// large for the limit on its own goes alone, as it would have without batches. A
+/// malformed batch goes as it is: its caller drops it, and fails its calls to that
+/// node, by name. `None` when `frame` is not a batch of replies.
+fn split_replies_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
+    // A forwarded frame is all in its head (`Outgoing::raw`).
+    let frame = Frame::parse(frame.head().clone()).ok()?;
+    if frame.kind() != Kind::Reply || frame.flags() != FLAG_REPLY_BATCH {
+        return None;
+    }
+    let replies =
+        crate::mesh::batch_replies(frame.flags(), frame.call_id(), frame.payload()).ok()?;
+    let header = |flags: u8, call_id: u64| Header {
+        kind: Kind::Reply,
+        flags,
+        call_id,
+        timeout_ms: 0,
+        src: frame.src(),
+        dst: frame.dst(),
+        name: "",
+    };
+    let room = frame_limit.saturating_sub(header(0, 0).frame_len(0) - LEN_PREFIX);
+    let mut pieces = Vec::new();
+    let mut group: Vec<ReplyItem> = Vec::new();
+    let mut group_len = 0;
+    let close = |group: &mut Vec<ReplyItem>, pieces: &mut Vec<Outgoing>| match group.len() {
+        0 => {}
+        1 => {
+            let reply = group.remove(0);
+            let flags = if reply.error { FLAG_ERROR } else { 0 };
+            pieces.push(Outgoing::new(&header(flags, reply.call_id), reply.payload));
+        }
+        n => {
+            let mut payload = BytesMut::new();
+            for reply in group.drain(..) {
+                payload.extend_from_slice(&reply.call_id.to_be_bytes());
+                payload.extend_from_slice(&[if reply.error { FLAG_ERROR } else { 0 }]);
+                payload.extend_from_slice(&(reply.payload.len() as u32).to_be_bytes());
+                payload.extend_from_slice(&reply.payload);
+            }
+            pieces.push(Outgoing::new(
+                &header(FLAG_REPLY_BATCH, n as u64),
+                payload.freeze(),
+            ));
+        }
+    };
+    for reply in replies {
+        let len = REPLY_ITEM_HEAD + reply.payload.len();
+        if !group.is_empty() && group_len + len > room {
+            close(&mut group, &mut pieces);
+            group_len = 0;
+        }
+        group_len += len;
+        group.push(reply);
+    }
+    close(&mut group, &mut pieces);
     Some(pieces)
 }
 
@@ -816,5 +902,90 @@ mod tests {
         let mut raw = Vec::new();
         lone.copy_to(&mut raw);
         assert!(split_to_fit(&Outgoing::raw(Bytes::from(raw)), 10).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_replies_over_its_callers_limit_is_split_into_frames_within_it() {
+        // Three replies to caller "b": two small ones and one larger, one an error.
+        let mut callee_side = Outgoing::new(
+            &Header {
+                kind: Kind::Reply,
+                flags: 0,
+                call_id: 11,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            },
+            Bytes::from_static(&[1; 10]),
+        );
+        for (id, flags, len) in [(12, FLAG_ERROR, 10), (13, 0, 30)] {
+            let header = Header {
+                kind: Kind::Reply,
+                flags,
+                call_id: id,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            };
+            let body = daffi_wire::Payload::from(Bytes::from(vec![id as u8; len]));
+            assert!(crate::mesh::join_reply(
+                &mut callee_side,
+                &header,
+                &body,
+                1 << 20
+            ));
+        }
+        let mut raw = Vec::new();
+        callee_side.copy_to(&mut raw);
+        let whole = Outgoing::raw(Bytes::from(raw));
+        let fixed = whole.len() - LEN_PREFIX - (3 * REPLY_ITEM_HEAD + 50);
+        let limit = fixed + 2 * REPLY_ITEM_HEAD + 20;
+        let pieces = split_replies_to_fit(&whole, limit).expect("a batch of replies");
+        let pieces: Vec<(u8, u64, Vec<u8>)> = pieces
+            .into_iter()
+            .map(|piece| {
+                assert!(piece.len() - LEN_PREFIX <= limit, "within the limit");
+                let mut raw = Vec::new();
+                piece.copy_to(&mut raw);
+                let frame = Frame::parse(Bytes::from(raw)).expect("a whole frame");
+                assert_eq!(
+                    (frame.kind(), frame.src(), frame.dst()),
+                    (Kind::Reply, "a", "b")
+                );
+                (frame.flags(), frame.call_id(), frame.payload().to_vec())
+            })
+            .collect();
+        let mut two = Vec::new();
+        for (id, flags) in [(11u64, 0u8), (12, FLAG_ERROR)] {
+            two.extend_from_slice(&id.to_be_bytes());
+            two.push(flags);
+            two.extend_from_slice(&10u32.to_be_bytes());
+            two.extend_from_slice(&[id as u8; 10]);
+        }
+        two[8 + 1 + 4..8 + 1 + 4 + 10].copy_from_slice(&[1; 10]);
+        assert_eq!(
+            pieces,
+            vec![(FLAG_REPLY_BATCH, 2, two), (0, 13, vec![13; 30])],
+            "the first two together, the third alone, in order"
+        );
+        // A lone reply is not a batch: it goes as it is.
+        assert!(split_replies_to_fit(&whole, 1 << 20).is_some());
+        let lone = Outgoing::new(
+            &Header {
+                kind: Kind::Reply,
+                flags: 0,
+                call_id: 1,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            },
+            Bytes::from_static(&[1; 100]),
+        );
+        let mut raw = Vec::new();
+        lone.copy_to(&mut raw);
+        assert!(split_replies_to_fit(&Outgoing::raw(Bytes::from(raw)), 10).is_none());
     }
 }

@@ -6,7 +6,9 @@ use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use bytes::{Bytes, BytesMut};
-use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::frame::{
+    FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH, LEN_PREFIX,
+};
 use daffi_wire::{Header, Kind, Outgoing, Payload};
 use serde::Serialize;
 
@@ -503,6 +505,224 @@ fn item_at(payload: &[u8], at: usize) -> Result<Option<Range<usize>>, String> {
     Ok(Some(start..end))
 }
 
+/// A reply that may join a batch reply: a result smaller than this (a larger one goes
+/// alone, from its own memory).
+pub const JOINED_REPLY: usize = COPIED_ITEM;
+
+/// A batch reply's payload (each reply's call id, flags and length included) stays
+/// within this, as a batch request's does ([`MAX_CALLS_BATCH_BYTES`]).
+pub const MAX_REPLIES_BATCH_BYTES: usize = MAX_CALLS_BATCH_BYTES;
+
+/// Bytes in front of each reply of a batch reply: its call id (`u64`), its flags (`u8`)
+/// and its length (`u32`).
+pub const REPLY_ITEM_HEAD: usize = 8 + 1 + ITEM_LEN;
+
+/// Joins the reply `reply` (its header: a `Reply` with its own call id and flags) with
+/// the result `body` to the frame `last` still queued, if that is a reply (or a batch of
+/// them, docs/PROTOCOL.md "Batches of replies") from the same node to the same caller,
+/// with room left (a payload of at most [`MAX_REPLIES_BATCH_BYTES`], each reply's head
+/// included, and the frame within `frame_limit`). A lone reply becomes a batch of two.
+/// `false`: `last` is left as it was.
+pub fn join_reply(
+    last: &mut Outgoing,
+    reply: &Header<'_>,
+    body: &Payload,
+    frame_limit: usize,
+) -> bool {
+    if reply.kind != Kind::Reply || reply.flags & !FLAG_ERROR != 0 {
+        return false;
+    }
+    let Some((flags, id_or_count)) = reply.matches_head(last.head()) else {
+        return false;
+    };
+    let batched = flags == FLAG_REPLY_BATCH;
+    let len = body.len();
+    if (!batched && flags & !FLAG_ERROR != 0) || len >= JOINED_REPLY {
+        return false;
+    }
+    let items = if batched { id_or_count } else { 1 };
+    let last_body = last.body_mut();
+    let framing = if batched {
+        REPLY_ITEM_HEAD
+    } else {
+        2 * REPLY_ITEM_HEAD
+    };
+    let new_len = last_body.len() + framing + len;
+    if new_len > MAX_REPLIES_BATCH_BYTES
+        || (!batched && last_body.len() >= JOINED_REPLY)
+        || items >= u64::from(u32::MAX)
+        || reply.frame_len(new_len) - LEN_PREFIX > frame_limit
+    {
+        return false;
+    }
+    let mut buf = if batched {
+        extendable(last_body)
+    } else {
+        // The lone reply becomes the batch's first item.
+        let first = std::mem::take(last_body);
+        let mut buf = BytesMut::with_capacity(FIRST_CAPACITY.max(2 * new_len));
+        put_reply_head(&mut buf, id_or_count, flags, first.len());
+        for part in first.parts() {
+            buf.extend_from_slice(part);
+        }
+        buf
+    };
+    put_reply_head(&mut buf, reply.call_id, reply.flags, len);
+    for part in body.parts() {
+        buf.extend_from_slice(part);
+    }
+    last_body.push(buf.freeze());
+    let payload_len = last_body.len();
+    patch_batch_head(last, reply, FLAG_REPLY_BATCH, items + 1, payload_len);
+    true
+}
+
+/// The last part of a batch's payload, to extend: taken over in place when nothing
+/// else holds it, a fresh buffer otherwise.
+fn extendable(body: &mut Payload) -> BytesMut {
+    match body.pop().map(Bytes::try_into_mut) {
+        Some(Ok(buf)) => buf,
+        Some(Err(part)) => {
+            body.push(part);
+            BytesMut::with_capacity(FIRST_CAPACITY)
+        }
+        None => BytesMut::with_capacity(FIRST_CAPACITY),
+    }
+}
+
+/// Gives the queued frame `last`, which grew into a batch of `items` with a payload of
+/// `payload_len` bytes, its new length, `flags` and count (in `call_id`): in place when
+/// the frame owns its head, else on a copy.
+fn patch_batch_head(
+    last: &mut Outgoing,
+    header: &Header<'_>,
+    flags: u8,
+    items: u64,
+    payload_len: usize,
+) {
+    let head = std::mem::take(last.head_mut());
+    let mut head = head
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items) {
+        head.freeze()
+    } else {
+        // Never taken (the head matched a whole header, the frame is within the limit);
+        // encoded afresh, the frame stays valid whatever happens.
+        Header {
+            flags,
+            call_id: items,
+            ..*header
+        }
+        .encode(payload_len)
+    };
+}
+
+/// Writes the head of one reply of a batch reply.
+fn put_reply_head(buf: &mut BytesMut, call_id: u64, flags: u8, len: usize) {
+    buf.extend_from_slice(&call_id.to_be_bytes());
+    buf.extend_from_slice(&[flags]);
+    // Below `JOINED_REPLY`: the caller checked.
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// One reply of a batch reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyItem {
+    /// The call it answers.
+    pub call_id: u64,
+    /// Whether `payload` is a `RemoteError`, not a value.
+    pub error: bool,
+    /// The result (a slice of the batch's payload).
+    pub payload: Bytes,
+}
+
+/// The replies of a batch reply (`flags` [`FLAG_REPLY_BATCH`], `count` its `call_id`),
+/// checked whole when it arrives, then read one by one as slices of its payload. `Err`
+/// names what is wrong with a malformed one: another flag, a reply cut short or with
+/// flags other than `ERROR`, fewer than two replies, or a count that is not theirs.
+pub fn batch_replies(flags: u8, count: u64, payload: Bytes) -> Result<ReplyItems, String> {
+    if flags != FLAG_REPLY_BATCH {
+        return Err(format!(
+            "a batch reply must carry BATCH and no other flag (flags {flags:#010b})"
+        ));
+    }
+    let mut at = 0;
+    let mut items = 0u64;
+    while let Some(item) = reply_at(&payload, at)? {
+        at = item.payload.end;
+        items += 1;
+    }
+    if items < 2 {
+        return Err("a batch reply holds fewer than two replies".to_string());
+    }
+    if items != count {
+        return Err(format!(
+            "a batch reply says it holds {count} replies and holds {items}"
+        ));
+    }
+    Ok(ReplyItems { payload, at: 0 })
+}
+
+/// The replies of a batch reply, checked ([`batch_replies`]).
+#[derive(Debug, Clone)]
+pub struct ReplyItems {
+    payload: Bytes,
+    at: usize,
+}
+
+impl Iterator for ReplyItems {
+    type Item = ReplyItem;
+
+    fn next(&mut self) -> Option<ReplyItem> {
+        let item = reply_at(&self.payload, self.at).ok()??;
+        self.at = item.payload.end;
+        Some(ReplyItem {
+            call_id: item.call_id,
+            error: item.error,
+            payload: self.payload.slice(item.payload),
+        })
+    }
+}
+
+/// Where one reply of a batch reply is.
+struct ReplyAt {
+    call_id: u64,
+    error: bool,
+    payload: Range<usize>,
+}
+
+/// The reply whose head is at `at` in `payload`; `None` at its end, `Err` if it is cut
+/// short or its flags are not `ERROR` or none.
+fn reply_at(payload: &[u8], at: usize) -> Result<Option<ReplyAt>, String> {
+    if at >= payload.len() {
+        return Ok(None);
+    }
+    let Some(head) = payload.get(at..at + REPLY_ITEM_HEAD) else {
+        return Err(format!(
+            "a batch reply's item head is cut short at byte {at}"
+        ));
+    };
+    let call_id = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    let flags = head[8];
+    if flags & !FLAG_ERROR != 0 {
+        return Err(format!(
+            "a batch reply's item carries flags {flags:#010b} (only ERROR is allowed)"
+        ));
+    }
+    let len = u32::from_be_bytes(head[9..13].try_into().expect("4 bytes")) as usize;
+    let start = at + REPLY_ITEM_HEAD;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| format!("a batch reply's item of {len} bytes runs past its end"))?;
+    Ok(Some(ReplyAt {
+        call_id,
+        error: flags & FLAG_ERROR != 0,
+        payload: start..end,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +943,171 @@ mod tests {
         );
         let garbage = Bytes::from_static(b"\xff\xff\xff\xff\x01\x02");
         assert!(batch_calls(flags, 2, garbage).is_err(), "garbage");
+    }
+
+    fn reply_to(caller: &str, call_id: u64, flags: u8) -> Header<'static> {
+        Header {
+            kind: Kind::Reply,
+            flags,
+            call_id,
+            timeout_ms: 0,
+            src: "callee",
+            dst: Box::leak(caller.to_string().into_boxed_str()),
+            name: "",
+        }
+    }
+
+    #[test]
+    fn replies_join_a_queued_reply_to_the_same_caller_only() {
+        let result = |n: u8| Payload::from(Bytes::from(vec![n; usize::from(n)]));
+        let mut last = Outgoing::new(&reply_to("a", 7, FLAG_ERROR), result(1));
+        assert!(join_reply(
+            &mut last,
+            &reply_to("a", 9, 0),
+            &result(2),
+            1 << 20
+        ));
+        assert!(join_reply(
+            &mut last,
+            &reply_to("a", 3, FLAG_ERROR),
+            &result(3),
+            1 << 20
+        ));
+        assert!(
+            !join_reply(&mut last, &reply_to("b", 4, 0), &result(4), 1 << 20),
+            "another caller"
+        );
+        let request = Header {
+            kind: Kind::Request,
+            ..reply_to("a", 4, 0)
+        };
+        assert!(
+            !join_reply(&mut last, &request, &result(4), 1 << 20),
+            "not a reply"
+        );
+        let mut queued_request = Outgoing::new(&request, result(4));
+        assert!(
+            !join_reply(
+                &mut queued_request,
+                &reply_to("a", 4, 0),
+                &result(4),
+                1 << 20
+            ),
+            "a reply never joins a request"
+        );
+        let large = Payload::from(Bytes::from(vec![0u8; JOINED_REPLY]));
+        assert!(
+            !join_reply(&mut last, &reply_to("a", 4, 0), &large, 1 << 20),
+            "large results go alone"
+        );
+        assert!(
+            !join_reply(&mut last, &reply_to("a", 4, 0), &result(4), 40),
+            "past the frame limit"
+        );
+
+        let frame = parsed(&last);
+        assert_eq!(frame.kind(), Kind::Reply);
+        assert_eq!(frame.flags(), FLAG_REPLY_BATCH);
+        assert_eq!(
+            (frame.call_id(), frame.src(), frame.dst()),
+            (3, "callee", "a")
+        );
+        let replies: Vec<ReplyItem> =
+            batch_replies(frame.flags(), frame.call_id(), frame.payload())
+                .expect("a valid batch")
+                .collect();
+        let expected: Vec<ReplyItem> = [(7, true, 1), (9, false, 2), (3, true, 3)]
+            .into_iter()
+            .map(|(call_id, error, n)| ReplyItem {
+                call_id,
+                error,
+                payload: result(n).into_bytes(),
+            })
+            .collect();
+        assert_eq!(replies, expected, "in order, each with its call and flags");
+    }
+
+    #[test]
+    fn a_batch_of_replies_closes_at_its_size() {
+        let body = Payload::from(Bytes::from(vec![1u8; 1000]));
+        let mut last = Outgoing::new(&reply_to("a", 1, 0), body.clone());
+        let mut joined = 1;
+        while join_reply(&mut last, &reply_to("a", joined + 1, 0), &body, 1 << 20) {
+            joined += 1;
+        }
+        assert_eq!(
+            joined as usize,
+            MAX_REPLIES_BATCH_BYTES / (REPLY_ITEM_HEAD + 1000),
+            "16 KiB of payload"
+        );
+    }
+
+    /// A batch reply's payload, made by hand: (call id, flags, payload) each.
+    fn replies_payload(items: &[(u64, u8, &[u8])]) -> Bytes {
+        let mut buf = Vec::new();
+        for (id, flags, payload) in items {
+            buf.extend_from_slice(&id.to_be_bytes());
+            buf.push(*flags);
+            buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            buf.extend_from_slice(payload);
+        }
+        buf.into()
+    }
+
+    #[test]
+    fn malformed_batch_replies_are_refused() {
+        let two = replies_payload(&[(1, 0, b"a"), (2, FLAG_ERROR, b"b")]);
+        assert_eq!(
+            batch_replies(FLAG_REPLY_BATCH, 2, two.clone()).map(|r| r.count()),
+            Ok(2)
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 3, two.clone()).is_err(),
+            "count"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 0, two.clone()).is_err(),
+            "zero"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, u64::MAX, two.clone()).is_err(),
+            "huge"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH | FLAG_ERROR, 2, two.clone()).is_err(),
+            "another flag"
+        );
+        let one = replies_payload(&[(1, 0, b"a")]);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 1, one).is_err(),
+            "one reply"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 0, Bytes::new()).is_err(),
+            "none"
+        );
+        let odd_flags = replies_payload(&[(1, 0, b"a"), (2, 0b10, b"b")]);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, odd_flags).is_err(),
+            "an item's flags"
+        );
+        let mut past = two.to_vec();
+        let at = past.len() - 1 - 4;
+        past[at..at + 4].copy_from_slice(&9u32.to_be_bytes());
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, past.into()).is_err(),
+            "a length past the end"
+        );
+        let cut = two.slice(..two.len() - 3);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, cut).is_err(),
+            "cut short"
+        );
+        let huge_len = replies_payload(&[(1, 0, b"a"), (2, 0, b"")]);
+        let mut huge_len = huge_len.to_vec();
+        let at = huge_len.len() - 4;
+        huge_len[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(batch_replies(FLAG_REPLY_BATCH, 2, huge_len.into()).is_err());
     }
 
     #[test]

@@ -47,7 +47,10 @@ use crate::error::{Error, Result};
 use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError, RemoteErrorKind};
 #[cfg(feature = "nats")]
 pub use batch::Joining;
-pub use batch::{batch_calls, join_call, BatchItems, Credit, Grant, ItemBatch, JOINED_CALL};
+pub use batch::{
+    batch_calls, batch_replies, join_call, join_reply, BatchItems, Credit, Grant, ItemBatch,
+    ReplyItem, JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
+};
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
 

@@ -432,17 +432,48 @@ impl Pending {
         self.lock().calls.remove(&id);
     }
 
+    /// Takes the calls the replies `items` from `peer` answer out of the table, under
+    /// one lock: each with its reply, in order. A reply to a call that no longer waits
+    /// (its caller gave up), or that is not `peer`'s to answer (a call to another node:
+    /// left waiting for its own reply), is in the second list, with `None` for a call
+    /// made to another node.
+    pub fn take_replies<T>(
+        &self,
+        peer: &str,
+        items: impl Iterator<Item = (u64, T)>,
+    ) -> (Vec<(Entry, T)>, Vec<(u64, Option<T>)>) {
+        let mut taken = Vec::new();
+        let mut missed = Vec::new();
+        let table = &mut *self.lock();
+        for (id, item) in items {
+            match table.calls.get(&id) {
+                Some(entry) if *entry.target == *peer => {
+                    let entry = table.calls.remove(&id).expect("just found");
+                    taken.push((entry, item));
+                }
+                Some(_) => missed.push((id, None)),
+                None => missed.push((id, Some(item))),
+            }
+        }
+        (taken, missed)
+    }
+
     /// Fails every call waiting on `target`: it disconnected, or (`stopped`) it stopped
     /// before finishing them.
     pub fn fail_target(&self, target: &str, stopped: bool) {
-        let error = |target: &Arc<str>, callback: &Arc<str>| {
+        self.fail_target_with(target, |target, callback| {
             let (process, callback) = (target.to_string(), callback.to_string());
             if stopped {
                 Error::PeerStopped { process, callback }
             } else {
                 Error::PeerDisconnected { process, callback }
             }
-        };
+        });
+    }
+
+    /// Fails every call (and stream) waiting on `target` with the error `error` makes of
+    /// the target and the callback.
+    pub fn fail_target_with(&self, target: &str, error: impl Fn(&Arc<str>, &Arc<str>) -> Error) {
         let (failed, streams): (Vec<Entry>, Vec<StreamEntry>) = {
             let table = &mut *self.lock();
             let calls = &mut table.calls;

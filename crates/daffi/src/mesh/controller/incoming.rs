@@ -1,6 +1,7 @@
 //! Requests from the controller, as the executor takes them: a request frame, and the
 //! way back for its reply (the link's current connection).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,11 +12,11 @@ use super::ControllerMesh;
 use crate::callback::Outcome;
 use crate::executor::ItemSink;
 use crate::executor::Request;
-use crate::mesh::{BoxFuture, OpenStream};
+use crate::mesh::{join_reply, BoxFuture, OpenStream, JOINED_REPLY, REPLY_ITEM_HEAD};
 use crate::protocol::message::{self, RemoteError};
 use crate::sync::read;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_STREAM};
-use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
+use daffi_wire::{Frame, Header, Kind, Outgoing, Payload, Push};
 
 /// A request frame from the controller, or one call of a batch of NO_RETURN calls.
 pub struct FrameRequest {
@@ -61,8 +62,9 @@ impl FrameRequest {
             .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())))
     }
 
-    fn encode_reply(&self, outcome: Outcome) -> Outgoing {
-        let (flags, body) = match outcome {
+    /// The reply's flags and payload.
+    fn reply_body(outcome: Outcome) -> (u8, Payload) {
+        match outcome {
             Ok(value) => (0, value),
             Err(failure) => (
                 FLAG_ERROR,
@@ -72,8 +74,12 @@ impl FrameRequest {
                 })
                 .into(),
             ),
-        };
-        let header = Header {
+        }
+    }
+
+    /// The header of the reply, with `flags`.
+    fn reply_header(&self, flags: u8) -> Header<'_> {
+        Header {
             kind: Kind::Reply,
             flags,
             call_id: self.frame.call_id(),
@@ -81,8 +87,7 @@ impl FrameRequest {
             src: &self.mesh.name,
             dst: self.frame.src(),
             name: "",
-        };
-        Outgoing::new(&header, body)
+        }
     }
 }
 
@@ -129,13 +134,31 @@ impl Request for FrameRequest {
 
     /// Queues the reply on the live connection without taking a handle on it (the
     /// common case: nothing cloned per reply). Without a connection the reply is dropped.
+    ///
+    /// A small reply joins the reply to the same caller still queued at the back of the
+    /// connection, if there is one (docs/PROTOCOL.md, "Batches of replies"): the
+    /// replies then leave, are forwarded and are read as one frame. A reply that finds
+    /// nothing waiting goes alone, at once.
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
-        let reply = self.encode_reply(outcome);
+        let (flags, body) = Self::reply_body(outcome);
+        let header = self.reply_header(flags);
         let connection = read(&self.mesh.connection);
         let Some(conn) = connection.as_ref() else {
             tracing::debug!(callback = self.frame.name(), "reply dropped: not connected");
             return None;
         };
+        if body.len() < JOINED_REPLY {
+            let limit = self.mesh.max_frame_size.load(Ordering::Relaxed);
+            // At most: the reply, its head, and the first reply's head.
+            let most_added = body.len() + 2 * REPLY_ITEM_HEAD;
+            if conn
+                .queue
+                .join_last(most_added, |last| join_reply(last, &header, &body, limit))
+            {
+                return None;
+            }
+        }
+        let reply = Outgoing::new(&header, body);
         // More replies follow at once: this one leaves with them.
         let _batching = self
             .mesh

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::executor::{self, SyncBatch};
 use crate::mesh::pending::Completion;
 use crate::mesh::pending::Delivery;
-use crate::mesh::{batch_calls, remote_failure, Arrived, Grant, ReplyPayload};
+use crate::mesh::{batch_calls, batch_replies, remote_failure, Arrived, Grant, ReplyPayload};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
@@ -22,7 +22,9 @@ use crate::protocol::message::{
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_REQUEST_BATCH};
+use daffi_wire::frame::{
+    FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH,
+};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
@@ -276,6 +278,7 @@ fn dispatch(
             serve_batch(core, frame, batch);
         }
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
+        Kind::Reply if frame.flags() == FLAG_REPLY_BATCH => complete_replies(conn, frame),
         Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
             let code = message::decode::<Undeliverable>(&frame.payload()).map(|u| u.code);
@@ -458,19 +461,10 @@ fn control_reply(frame: &Frame) -> Completion {
 /// then be the buffer's only holder (see [`ReplyPayload`]).
 fn complete_reply(conn: &Connection, frame: Frame) {
     let Some(entry) = conn.pending.take(frame.call_id()) else {
-        // A stream call answered with one reply: a refusal, or a plain callback.
-        conn.pending.end_stream(frame.call_id(), |s| {
-            Some(if frame.flags() & FLAG_ERROR == 0 {
-                Error::NotAStream {
-                    process: frame.src().to_string(),
-                    callback: s.callback.to_string(),
-                    reason: "as a plain callback, with one result (or runs a daffi too old to stream): call it with fg, bg or no_return".to_string(),
-                }
-            } else {
-                remote_failure(&frame.payload(), frame.src(), &s.callback)
-            })
+        reply_without_call(conn, frame.src(), frame.call_id(), frame.flags(), || {
+            frame.payload()
         });
-        return; // otherwise the caller gave up (timeout) before the reply came
+        return;
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {
         Ok(frame.into())
@@ -482,4 +476,80 @@ fn complete_reply(conn: &Connection, frame: Frame) {
         ))
     };
     let _ = entry.done.send(completion);
+}
+
+/// A reply from `peer` to call `call_id`, which waits for no reply: a stream call
+/// answered with one reply (a refusal, or a plain callback) ends; otherwise the caller
+/// gave up (timeout) before the reply came, and it is dropped.
+fn reply_without_call(
+    conn: &Connection,
+    peer: &str,
+    call_id: u64,
+    flags: u8,
+    payload: impl FnOnce() -> bytes::Bytes,
+) {
+    conn.pending.end_stream(call_id, |s| {
+        Some(if flags & FLAG_ERROR == 0 {
+            Error::NotAStream {
+                process: peer.to_string(),
+                callback: s.callback.to_string(),
+                reason: "as a plain callback, with one result (or runs a daffi too old to stream): call it with fg, bg or no_return".to_string(),
+            }
+        } else {
+            remote_failure(&payload(), peer, &s.callback)
+        })
+    });
+}
+
+/// Completes the calls a batch reply (docs/PROTOCOL.md, "Batches of replies") answers,
+/// each with its own result, their entries taken under one lock. A reply to a call made
+/// to another node is not the sender's to give: ignored (logged), the call waits for
+/// its own. A malformed batch cannot be matched to its calls: it is dropped with a WARN
+/// naming its sender, and every call in flight to that node fails with a protocol error
+/// naming it (rather than wait for replies it may have lost); the connection, shared
+/// with every other node, stays open.
+fn complete_replies(conn: &Connection, frame: Frame) {
+    let peer = frame.src();
+    let items = match batch_replies(frame.flags(), frame.call_id(), frame.payload()) {
+        Ok(items) => items,
+        Err(why) => {
+            tracing::warn!(
+                peer,
+                "dropped a malformed batch of replies; failing the calls in flight to it: {why}"
+            );
+            conn.pending.fail_target_with(peer, |target, callback| {
+                Error::protocol(
+                    target.to_string(),
+                    format!(
+                        "its node sent a malformed batch of replies while `{callback}` waited on it ({why})"
+                    ),
+                )
+            });
+            return;
+        }
+    };
+    let (taken, missed) = conn
+        .pending
+        .take_replies(peer, items.map(|item| (item.call_id, item)));
+    for (entry, item) in taken {
+        let completion = if item.error {
+            Err(remote_failure(&item.payload, peer, &entry.callback))
+        } else {
+            Ok(ReplyPayload::from(item.payload))
+        };
+        let _ = entry.done.send(completion);
+    }
+    for (call_id, item) in missed {
+        match item {
+            Some(item) => {
+                let flags = if item.error { FLAG_ERROR } else { 0 };
+                reply_without_call(conn, peer, call_id, flags, || item.payload);
+            }
+            None => tracing::warn!(
+                peer,
+                call_id,
+                "ignored a reply to a call made to another node"
+            ),
+        }
+    }
 }
