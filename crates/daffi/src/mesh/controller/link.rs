@@ -278,7 +278,7 @@ fn dispatch(
             serve_batch(core, frame, batch);
         }
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
-        Kind::Reply if frame.flags() == FLAG_REPLY_BATCH => complete_replies(conn, frame),
+        Kind::Reply if frame.flags() & FLAG_REPLY_BATCH != 0 => complete_replies(conn, frame),
         Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
             let code = message::decode::<Undeliverable>(&frame.payload()).map(|u| u.code);
