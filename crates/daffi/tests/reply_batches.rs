@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use common::{Worker, WAIT};
 use daffi::{callback, Address, AsyncResult, Error, Global};
-use daffi_wire::frame::{FLAG_ERROR, FLAG_REPLY_BATCH};
+use daffi_wire::frame::{FLAG_ERROR, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH};
 use daffi_wire::{Frame, Header, Kind};
 
 const ENTRY: &str = "child_process";
@@ -301,16 +301,31 @@ fn replies_payload(items: &[(u64, u8, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The next `n` requests a raw node reads (other frames skipped).
-fn read_requests(stream: &mut impl std::io::Read, n: usize) -> Vec<Frame> {
-    let mut requests = Vec::new();
-    while requests.len() < n {
+/// The call ids of the next `n` calls a raw node reads (other frames skipped), lone or
+/// in batches of calls that want replies (docs/PROTOCOL.md).
+fn read_requests(stream: &mut impl std::io::Read, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
         let frame = common::wire::read_frame_from(stream);
-        if frame.kind() == Kind::Request {
-            requests.push(frame);
+        if frame.kind() != Kind::Request {
+            continue;
         }
+        if frame.flags() & FLAG_REQUEST_BATCH == 0 {
+            ids.push(frame.call_id());
+            continue;
+        }
+        assert_eq!(frame.flags(), FLAG_REQUEST_BATCH, "BATCH alone");
+        let payload = frame.payload();
+        let mut rest = &payload[..];
+        let before = ids.len();
+        while !rest.is_empty() {
+            ids.push(u64::from_be_bytes(rest[..8].try_into().expect("an id")));
+            let len = u32::from_be_bytes(rest[8..12].try_into().expect("a length")) as usize;
+            rest = &rest[12 + len..];
+        }
+        assert_eq!((ids.len() - before) as u64, frame.call_id(), "the count");
     }
-    requests
+    ids
 }
 
 // ---- floods from the sync API and the async API in the user's runtime ----------------
@@ -502,12 +517,12 @@ fn lying_batches_of_replies_fail_only_their_senders_calls_by_name() {
                     .expect("bg")
             })
             .collect();
-        let requests = read_requests(&mut stream, 2);
-        let (flags, count, payload) = lie(requests[0].call_id(), requests[1].call_id());
+        let ids = read_requests(&mut stream, 2);
+        let (flags, count, payload) = lie(ids[0], ids[1]);
         stream
             .write_all(&reply_frame(
                 &liar,
-                requests[0].src(),
+                caller.process_name(),
                 flags,
                 count,
                 &payload,
@@ -532,7 +547,7 @@ fn lying_batches_of_replies_fail_only_their_senders_calls_by_name() {
         .timeout(WAIT)
         .bg::<(String, u64)>()
         .expect("bg");
-    let first_id = read_requests(&mut stream, 1)[0].call_id();
+    let first_id = read_requests(&mut stream, 1)[0];
     let honest_call = caller
         .call("echo")
         .args(("stolen", 1u64))
@@ -547,7 +562,7 @@ fn lying_batches_of_replies_fail_only_their_senders_calls_by_name() {
         .timeout(WAIT)
         .bg::<(String, u64)>()
         .expect("bg");
-    let second_id = read_requests(&mut stream, 1)[0].call_id();
+    let second_id = read_requests(&mut stream, 1)[0];
     let mut stolen_ids: Vec<u64> = (first_id + 1..second_id).collect();
     stolen_ids.push(first_id + 1);
     let mut items = vec![(first_id, 0, ok("liar", 100))];

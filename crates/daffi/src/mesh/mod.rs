@@ -48,8 +48,9 @@ use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError,
 #[cfg(feature = "nats")]
 pub use batch::Joining;
 pub use batch::{
-    batch_calls, batch_replies, join_call, join_reply, BatchItems, Credit, Grant, ItemBatch,
-    ReplyItem, JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
+    batch_calls, batch_replies, batch_requests, join_call, join_call_with_reply, join_reply,
+    readable_call_ids, BatchItems, Credit, Grant, ItemBatch, ReplyItem, CALL_ITEM_HEAD,
+    JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
 };
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};

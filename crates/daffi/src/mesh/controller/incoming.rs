@@ -18,9 +18,12 @@ use crate::sync::read;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_STREAM};
 use daffi_wire::{Frame, Header, Kind, Outgoing, Payload, Push};
 
-/// A request frame from the controller, or one call of a batch of NO_RETURN calls.
+/// A request frame from the controller, or one call of a batch of calls.
 pub struct FrameRequest {
     frame: Frame,
+    /// The call's id: the frame's, or the call's own in a batch (0 in a batch of
+    /// NO_RETURN calls, which are never answered).
+    call_id: u64,
     /// The call's arguments, when the frame is a batch (a slice of its payload).
     args: Option<Bytes>,
     /// When the caller gives up, from the timeout the request carries.
@@ -33,6 +36,7 @@ impl FrameRequest {
     pub fn new(frame: Frame, mesh: &Arc<ControllerMesh>) -> Box<Self> {
         let deadline = Self::deadline_of(&frame);
         Box::new(FrameRequest {
+            call_id: frame.call_id(),
             frame,
             args: None,
             deadline,
@@ -40,16 +44,19 @@ impl FrameRequest {
         })
     }
 
-    /// One call of the batch request `frame`, with its arguments `args` (a slice of the
-    /// frame's payload) and the `deadline` of the frame ([`deadline_of`](Self::deadline_of)).
+    /// One call of the batch request `frame`, `call_id` (0 for a NO_RETURN call), with
+    /// its arguments `args` (a slice of the frame's payload) and the `deadline` of the
+    /// frame ([`deadline_of`](Self::deadline_of)).
     pub fn call_of_batch(
         frame: Frame,
+        call_id: u64,
         args: Bytes,
         deadline: Option<Instant>,
         mesh: &Arc<ControllerMesh>,
     ) -> Box<Self> {
         Box::new(FrameRequest {
             frame,
+            call_id,
             args: Some(args),
             deadline,
             mesh: mesh.clone(),
@@ -82,7 +89,7 @@ impl FrameRequest {
         Header {
             kind: Kind::Reply,
             flags,
-            call_id: self.frame.call_id(),
+            call_id: self.call_id,
             timeout_ms: 0,
             src: &self.mesh.name,
             dst: self.frame.src(),
@@ -120,7 +127,7 @@ impl Request for FrameRequest {
     }
 
     fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
-        let sink = FrameItemSink::results(&self.mesh, self.frame.src(), self.frame.call_id())?;
+        let sink = FrameItemSink::results(&self.mesh, self.frame.src(), self.call_id)?;
         Some(sink)
     }
 
@@ -129,7 +136,7 @@ impl Request for FrameRequest {
             return None;
         }
         self.mesh
-            .receive_arguments(self.frame.src(), self.frame.call_id(), self.frame.name())
+            .receive_arguments(self.frame.src(), self.call_id, self.frame.name())
     }
 
     /// Queues the reply on the live connection without taking a handle on it (the

@@ -13,7 +13,9 @@ use crate::error::Error;
 use crate::executor::{self, SyncBatch};
 use crate::mesh::pending::Completion;
 use crate::mesh::pending::Delivery;
-use crate::mesh::{batch_calls, batch_replies, remote_failure, Arrived, Grant, ReplyPayload};
+use crate::mesh::{
+    batch_calls, batch_replies, batch_requests, remote_failure, Arrived, Grant, ReplyPayload,
+};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
@@ -23,7 +25,7 @@ use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::{
-    FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH,
+    FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH,
 };
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
@@ -336,27 +338,41 @@ fn dispatch(
     Ok(())
 }
 
-/// Serves each call of a batch of NO_RETURN calls as its own request (each admitted, run
-/// and counted against the NO_RETURN allowance as a lone one), in order, their
-/// arguments slices of the frame. A malformed batch is dropped whole, with a warning
+/// Serves each call of a batch as its own request, in order, their arguments slices of
+/// the frame: a batch of NO_RETURN calls (each admitted, run and counted against the
+/// NO_RETURN allowance as a lone one), or of calls that want replies (each with its own
+/// call id, answered on its own). A malformed batch is dropped whole, with a warning
 /// naming its caller: it costs only that caller's calls.
 fn serve_batch(core: &Arc<ControllerMesh>, frame: Frame, batch: &mut SyncBatch) {
+    let deadline = FrameRequest::deadline_of(&frame);
+    if frame.flags() & FLAG_NO_REPLY == 0 {
+        let calls = match batch_requests(frame.flags(), frame.call_id(), frame.payload()) {
+            Ok(calls) => calls,
+            Err(why) => return dropped_batch(&frame, "calls", &why),
+        };
+        for (call_id, args) in calls {
+            let request = FrameRequest::call_of_batch(frame.clone(), call_id, args, deadline, core);
+            executor::serve(&core.executor, request, batch);
+        }
+        return;
+    }
     let calls = match batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
         Ok(calls) => calls,
-        Err(why) => {
-            tracing::warn!(
-                caller = frame.src(),
-                callback = frame.name(),
-                "dropped a malformed batch of NO_RETURN calls: {why}"
-            );
-            return;
-        }
+        Err(why) => return dropped_batch(&frame, "NO_RETURN calls", &why),
     };
-    let deadline = FrameRequest::deadline_of(&frame);
     for args in calls {
-        let request = FrameRequest::call_of_batch(frame.clone(), args, deadline, core);
+        let request = FrameRequest::call_of_batch(frame.clone(), 0, args, deadline, core);
         executor::serve(&core.executor, request, batch);
     }
+}
+
+/// Logs a malformed batch of `what` in `frame`, dropped.
+fn dropped_batch(frame: &Frame, what: &str, why: &str) {
+    tracing::warn!(
+        caller = frame.src(),
+        callback = frame.name(),
+        "dropped a malformed batch of {what}: {why}"
+    );
 }
 
 /// Handles a stream frame. Without `FLAG_ARGUMENTS` it belongs to a results stream:
