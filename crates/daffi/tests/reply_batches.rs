@@ -832,3 +832,238 @@ fn a_version_4_node_is_refused_by_name() {
         refused.message
     );
 }
+
+// ---- calls that want replies in batch frames -------------------------------------------
+
+/// The calls of a `Request` frame: (call id, arguments) each, a batch split as
+/// docs/PROTOCOL.md ("Batches of calls that want replies") says.
+fn calls_of(frame: &Frame) -> Vec<(u64, Vec<u8>)> {
+    let payload = frame.payload();
+    if frame.flags() & FLAG_REQUEST_BATCH == 0 {
+        return vec![(frame.call_id(), payload.to_vec())];
+    }
+    assert_eq!(frame.flags(), FLAG_REQUEST_BATCH, "BATCH alone");
+    let mut calls = Vec::new();
+    let mut rest = &payload[..];
+    while !rest.is_empty() {
+        let id = u64::from_be_bytes(rest[..8].try_into().expect("an id"));
+        let len = u32::from_be_bytes(rest[8..12].try_into().expect("a length")) as usize;
+        calls.push((id, rest[12..12 + len].to_vec()));
+        rest = &rest[12 + len..];
+    }
+    assert_eq!(calls.len() as u64, frame.call_id(), "call_id counts them");
+    assert!(calls.len() >= 2, "a batch holds two calls or more");
+    calls
+}
+
+/// A batch of calls that want replies, made by hand: (call id, arguments) each.
+fn call_batch(src: &str, dst: &str, flags: u8, count: u64, calls: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for (id, args) in calls {
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(&(args.len() as u32).to_be_bytes());
+        payload.extend_from_slice(args);
+    }
+    common::wire::batch_request(src, dst, "echo", flags, count, &payload)
+}
+
+#[test]
+fn a_raw_callee_gets_bg_calls_in_batches_and_each_gets_its_own_reply() {
+    let (address, path, _controller) = controller();
+    let caller = node(&address);
+    let raw = common::unique("raw-callee");
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &["echo"]);
+    caller.wait_process_timeout(&raw, WAIT).expect("raw known");
+
+    const CALLS: u64 = 5_000;
+    let callee = {
+        let (raw, caller_name) = (raw.clone(), caller.process_name().to_string());
+        std::thread::spawn(move || {
+            let (mut answered, mut batches) = (0u64, 0u64);
+            while answered < CALLS {
+                let frame = common::wire::read_frame_from(&mut stream);
+                if frame.kind() != Kind::Request {
+                    continue;
+                }
+                assert_eq!((frame.src(), frame.dst()), (caller_name.as_str(), raw.as_str()));
+                batches += u64::from(frame.flags() & FLAG_REQUEST_BATCH != 0);
+                let mut replies = Vec::new();
+                for (id, args) in calls_of(&frame) {
+                    let (tag, i): (String, u64) =
+                        rmp_serde::from_slice(&args).expect("(tag, i)");
+                    replies.extend(reply_frame(
+                        &raw,
+                        frame.src(),
+                        0,
+                        id,
+                        &common::wire::encode(&(tag, i * 2)),
+                    ));
+                    answered += 1;
+                }
+                stream.write_all(&replies).expect("the replies");
+            }
+            batches
+        })
+    };
+    let mut in_flight = VecDeque::new();
+    for i in 0..CALLS {
+        let call = caller
+            .call("echo")
+            .args(("raw", i))
+            .on(&raw)
+            .timeout(WAIT)
+            .bg::<(String, u64)>()
+            .expect("bg");
+        in_flight.push_back((i, call));
+        if in_flight.len() >= IN_FLIGHT {
+            let (i, call) = in_flight.pop_front().expect("one");
+            assert_eq!(call.get().expect("a reply"), ("raw".to_string(), i * 2));
+        }
+    }
+    for (i, call) in in_flight {
+        assert_eq!(call.get().expect("a reply"), ("raw".to_string(), i * 2));
+    }
+    let batches = callee.join().expect("the raw callee");
+    assert!(batches > 0, "calls made while others waited left in batches");
+}
+
+#[test]
+fn the_controller_answers_every_call_of_a_batch_it_cannot_deliver() {
+    let (address, path, _controller) = controller();
+    let caller = node(&address);
+    let (callee, mut callee_process) = spawn_worker(&address, &caller, &[]);
+    let raw = common::unique("raw");
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
+    caller.wait_process_timeout(&raw, WAIT).expect("raw known");
+    let args = |i: u64| common::wire::encode(&("raw", i));
+
+    // To a node that never was, and (once the controller said it left) to one that was.
+    callee_process.kill();
+    #[derive(serde::Deserialize)]
+    struct Event {
+        event: String,
+        name: String,
+    }
+    loop {
+        let frame = common::wire::read_frame_from(&mut stream);
+        if frame.kind() != Kind::Membership {
+            continue;
+        }
+        let payload = frame.payload();
+        let events: Vec<Event> = rmp_serde::from_slice(&payload)
+            .or_else(|_| rmp_serde::from_slice(&payload).map(|e: Event| vec![e]))
+            .expect("membership events");
+        if events.iter().any(|e| e.event == "left" && e.name == callee) {
+            break;
+        }
+    }
+    for (dst, first) in [("nobody-ever", 100u64), (callee.as_str(), 200)] {
+        let calls: Vec<(u64, Vec<u8>)> = (first..first + 5).map(|id| (id, args(id))).collect();
+        stream
+            .write_all(&call_batch(&raw, dst, FLAG_REQUEST_BATCH, 5, &calls))
+            .expect("the batch");
+        let mut told: Vec<u64> = Vec::new();
+        while told.len() < 5 {
+            let frame = common::wire::read_frame_from(&mut stream);
+            if frame.kind() != Kind::Undeliverable {
+                continue;
+            }
+            assert_eq!(frame.name(), dst, "names the missing node");
+            told.push(frame.call_id());
+        }
+        told.sort_unstable();
+        assert_eq!(told, (first..first + 5).collect::<Vec<_>>(), "every call, once");
+    }
+}
+
+#[test]
+fn lying_batches_of_calls_cost_only_their_sender() {
+    let (address, path, _controller) = controller();
+    let caller = node(&address);
+    let (callee, _callee_process) = spawn_worker(&address, &caller, &[]);
+    let raw = common::unique("raw");
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
+    caller.wait_process_timeout(&raw, WAIT).expect("raw known");
+
+    let bad = |id: u64| (id, common::wire::encode(&("bad", id)));
+    let two = [bad(1), bad(2)];
+    let b = FLAG_REQUEST_BATCH;
+    let mut lies = Vec::new();
+    for (flags, count) in [
+        (b, 0),
+        (b, u64::MAX),
+        (b, 3),
+        (b, 1),
+        (b | 0b10, 2),
+        (b | 0b100, 2),
+    ] {
+        lies.extend(call_batch(&raw, &callee, flags, count, &two));
+    }
+    let mut past = call_batch(&raw, &callee, b, 2, &two);
+    let at = past.len() - two[1].1.len() - 4;
+    past[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    lies.extend(past);
+    lies.extend(call_batch(&raw, &callee, b, 1, &[bad(3)]));
+    // A well-made batch behind the lies: its calls are answered, each by its id.
+    let good: Vec<(u64, Vec<u8>)> = (10..14u64)
+        .map(|id| (id, common::wire::encode(&("good", id))))
+        .collect();
+    lies.extend(call_batch(&raw, &callee, b, 4, &good));
+    stream.write_all(&lies).expect("the batches");
+
+    let mut answered = BTreeMap::new();
+    while answered.len() < good.len() {
+        let frame = common::wire::read_frame_from(&mut stream);
+        if frame.kind() != Kind::Reply {
+            continue;
+        }
+        for (id, flags, payload) in common::wire::replies_of(&frame) {
+            assert!((10..14).contains(&id), "a lie's call {id} was answered");
+            assert_eq!(flags, 0, "call {id}");
+            answered.insert(id, rmp_serde::from_slice::<(String, u64)>(&payload).unwrap());
+        }
+    }
+    for id in 10..14u64 {
+        assert_eq!(answered[&id], ("good".to_string(), id));
+    }
+    // The lies ran nothing, and everyone is still connected and served.
+    assert_each_once_on(&caller, &callee, "bad", 0);
+    still_served(&caller, &callee);
+    bg_flood(&caller, &callee, "after-lies", 0..1000);
+    let members = caller.members();
+    for name in [&raw, &callee] {
+        assert!(members.iter().any(|m| &m.name == name), "{name} left");
+    }
+}
+
+#[test]
+fn a_callee_with_a_smaller_frame_limit_gets_batches_of_calls_split_to_fit() {
+    let (address, _path, _controller) = controller();
+    let caller = node(&address);
+    let frame = (8 * 1024).to_string();
+    let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_FRAME, &frame)]);
+    // Arguments of 1 to 4 KiB: calls join up to 16 KiB, past the callee's 8 KiB.
+    let mut in_flight = VecDeque::new();
+    let finish = |(i, call): (u64, AsyncResult<(String, u64)>)| {
+        let (tag, got) = call.get_timeout(WAIT + WAIT).expect("a reply");
+        assert_eq!(got, i * 7 + 1, "call {i}");
+        assert_eq!(tag.len(), 1000 + (i as usize * 509) % 3000, "call {i}");
+    };
+    for i in 0..5_000u64 {
+        let tag = "t".repeat(1000 + (i as usize * 509) % 3000);
+        let call = caller
+            .call("echo")
+            .args((tag, i * 7 + 1))
+            .on(&callee)
+            .bg::<(String, u64)>()
+            .expect("bg");
+        in_flight.push_back((i, call));
+        if in_flight.len() >= IN_FLIGHT {
+            finish(in_flight.pop_front().expect("one"));
+        }
+    }
+    in_flight.into_iter().for_each(finish);
+    // The callee kept its connection all along (a frame over its limit would have cost
+    // it the connection, and every call in flight to it).
+    still_served(&caller, &callee);
+}
