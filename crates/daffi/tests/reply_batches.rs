@@ -885,12 +885,14 @@ fn a_raw_callee_gets_bg_calls_in_batches_and_each_gets_its_own_reply() {
                 if frame.kind() != Kind::Request {
                     continue;
                 }
-                assert_eq!((frame.src(), frame.dst()), (caller_name.as_str(), raw.as_str()));
+                assert_eq!(
+                    (frame.src(), frame.dst()),
+                    (caller_name.as_str(), raw.as_str())
+                );
                 batches += u64::from(frame.flags() & FLAG_REQUEST_BATCH != 0);
                 let mut replies = Vec::new();
                 for (id, args) in calls_of(&frame) {
-                    let (tag, i): (String, u64) =
-                        rmp_serde::from_slice(&args).expect("(tag, i)");
+                    let (tag, i): (String, u64) = rmp_serde::from_slice(&args).expect("(tag, i)");
                     replies.extend(reply_frame(
                         &raw,
                         frame.src(),
@@ -924,7 +926,10 @@ fn a_raw_callee_gets_bg_calls_in_batches_and_each_gets_its_own_reply() {
         assert_eq!(call.get().expect("a reply"), ("raw".to_string(), i * 2));
     }
     let batches = callee.join().expect("the raw callee");
-    assert!(batches > 0, "calls made while others waited left in batches");
+    assert!(
+        batches > 0,
+        "calls made while others waited left in batches"
+    );
 }
 
 #[test]
@@ -972,7 +977,11 @@ fn the_controller_answers_every_call_of_a_batch_it_cannot_deliver() {
             told.push(frame.call_id());
         }
         told.sort_unstable();
-        assert_eq!(told, (first..first + 5).collect::<Vec<_>>(), "every call, once");
+        assert_eq!(
+            told,
+            (first..first + 5).collect::<Vec<_>>(),
+            "every call, once"
+        );
     }
 }
 
@@ -1020,7 +1029,10 @@ fn lying_batches_of_calls_cost_only_their_sender() {
         for (id, flags, payload) in common::wire::replies_of(&frame) {
             assert!((10..14).contains(&id), "a lie's call {id} was answered");
             assert_eq!(flags, 0, "call {id}");
-            answered.insert(id, rmp_serde::from_slice::<(String, u64)>(&payload).unwrap());
+            answered.insert(
+                id,
+                rmp_serde::from_slice::<(String, u64)>(&payload).unwrap(),
+            );
         }
     }
     for id in 10..14u64 {

@@ -47,6 +47,10 @@ impl From<Frame> for ReplyPayload {
     }
 }
 
+/// The calls replies answered, each with its reply; and the replies that answered none
+/// (a call that no longer waits: `Some` reply; one made to another node: `None`).
+pub type TakenReplies<T> = (Vec<(Entry, T)>, Vec<(u64, Option<T>)>);
+
 /// One waiting call.
 pub struct Entry {
     /// The node the request went to.
@@ -441,7 +445,7 @@ impl Pending {
         &self,
         peer: &str,
         items: impl Iterator<Item = (u64, T)>,
-    ) -> (Vec<(Entry, T)>, Vec<(u64, Option<T>)>) {
+    ) -> TakenReplies<T> {
         let mut taken = Vec::new();
         let mut missed = Vec::new();
         let table = &mut *self.lock();
