@@ -94,6 +94,7 @@ fn child_process() {
         ("worker", worker),
         ("async_caller", async_caller),
         ("bg_flooder", bg_flooder),
+        ("small_queue_controller", small_queue_controller),
     ]);
 }
 
@@ -101,6 +102,20 @@ fn setting(name: &str) -> Option<usize> {
     std::env::var(name)
         .ok()
         .map(|v| v.parse().expect("a number"))
+}
+
+/// A standalone controller that holds at most 64 KiB for a node (and never closes one
+/// for reading too little, within a test).
+fn small_queue_controller() {
+    common::builder_for(&common::address_from_env())
+        .init_controller(true)
+        .init_node(false)
+        .max_queue_bytes(64 * 1024)
+        .stall_timeout(std::time::Duration::from_secs(600))
+        .start()
+        .expect("controller starts")
+        .join()
+        .expect("join");
 }
 
 /// A node serving the `#[callback]` functions of this file.
@@ -1078,4 +1093,86 @@ fn a_callee_with_a_smaller_frame_limit_gets_batches_of_calls_split_to_fit() {
     // The callee kept its connection all along (a frame over its limit would have cost
     // it the connection, and every call in flight to it).
     still_served(&caller, &callee);
+}
+
+#[test]
+fn batches_to_a_node_that_reads_nothing_are_refused_whole_and_every_call_is_told() {
+    let path = std::env::temp_dir()
+        .join("daffi-tests")
+        .join(format!("{}.sock", common::unique("replies-slow")));
+    let address = Address::Unix(path.clone());
+    let _controller = common::spawn_child(ENTRY, "small_queue_controller", "controller", &address);
+    let watcher = node(&address);
+    let sink = common::unique("sink");
+    // Joins, then reads nothing more.
+    let _sink_stream = common::wire::raw_unix_node(&path, &sink, &["echo"]);
+    let raw = common::unique("raw");
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
+    watcher
+        .wait_process_timeout(&sink, WAIT)
+        .expect("sink known");
+    watcher.wait_process_timeout(&raw, WAIT).expect("raw known");
+
+    // 200 batches of 300 calls (2.5 MiB): far more than the sink's socket and its
+    // 64 KiB at the controller hold. Then a lone call to a node that never was: its
+    // answer comes after every answer to the batches.
+    const BATCHES: u64 = 200;
+    const CALLS: u64 = 300;
+    let mut bytes = Vec::new();
+    for batch in 0..BATCHES {
+        let calls: Vec<(u64, Vec<u8>)> = (0..CALLS)
+            .map(|k| {
+                let id = batch * 1000 + k + 1;
+                (id, common::wire::encode(&("slow", id)))
+            })
+            .collect();
+        bytes.extend(call_batch(&raw, &sink, FLAG_REQUEST_BATCH, CALLS, &calls));
+    }
+    const MARK: u64 = u64::MAX;
+    bytes.extend(common::wire::request(
+        &raw,
+        "nobody-ever",
+        MARK,
+        "echo",
+        &("m", 0u64),
+    ));
+    // Written while the answers are read: the controller waits for room in the raw
+    // node's queue to tell it, and reads it no further meanwhile.
+    let mut writing = stream.try_clone().expect("a second handle");
+    let writer = std::thread::spawn(move || writing.write_all(&bytes).expect("the batches"));
+
+    #[derive(serde::Deserialize)]
+    struct Undeliverable {
+        code: String,
+    }
+    let mut told: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    loop {
+        let frame = common::wire::read_frame_from(&mut stream);
+        if frame.kind() != Kind::Undeliverable {
+            continue;
+        }
+        let code = rmp_serde::from_slice::<Undeliverable>(&frame.payload())
+            .expect("an Undeliverable")
+            .code;
+        if frame.call_id() == MARK {
+            assert_eq!(code, "unknown_process");
+            break;
+        }
+        assert_eq!(code, "slow_consumer", "call {}", frame.call_id());
+        assert_eq!(frame.name(), sink);
+        let id = frame.call_id();
+        told.entry((id - 1) / 1000).or_default().push(id);
+    }
+    writer.join().expect("the writer");
+    assert!(
+        !told.is_empty(),
+        "the sink's queue filled: some batches were refused"
+    );
+    for (batch, mut ids) in told {
+        ids.sort_unstable();
+        let all: Vec<u64> = (0..CALLS).map(|k| batch * 1000 + k + 1).collect();
+        assert_eq!(ids, all, "batch {batch}: every call told once, or none");
+    }
+    // The controller and the others are fine.
+    assert!(watcher.members().iter().any(|m| m.name == raw));
 }
