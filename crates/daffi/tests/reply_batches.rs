@@ -607,6 +607,58 @@ fn lying_batches_of_replies_fail_only_their_senders_calls_by_name() {
         "answered by the node it went to"
     );
 
+    // A lone reply for a call made to another node is ignored too. `quiet` answers its
+    // call only once the liar's false reply was read: the liar answers a call of its
+    // own right behind the false one, on the same connection.
+    let quiet = common::unique("quiet");
+    let mut quiet_stream = common::wire::raw_unix_node(&path, &quiet, &["echo"]);
+    caller
+        .wait_process_timeout(&quiet, WAIT)
+        .expect("quiet known");
+    let to_quiet = caller
+        .call("echo")
+        .args(("echo", 7u64))
+        .on(&quiet)
+        .timeout(WAIT)
+        .bg::<(String, u64)>()
+        .expect("bg");
+    let quiet_id = read_requests(&mut quiet_stream, 1)[0];
+    let behind = caller
+        .call("echo")
+        .args(("echo", 8u64))
+        .on(&liar)
+        .timeout(WAIT)
+        .bg::<(String, u64)>()
+        .expect("bg");
+    let behind_id = read_requests(&mut stream, 1)[0];
+    let mut lone = reply_frame(&liar, caller.process_name(), 0, quiet_id, &ok("liar", 666));
+    lone.extend(reply_frame(
+        &liar,
+        caller.process_name(),
+        0,
+        behind_id,
+        &ok("liar", 8),
+    ));
+    stream.write_all(&lone).expect("the false reply");
+    assert_eq!(
+        behind.get_timeout(WAIT).expect("behind"),
+        ("liar".into(), 8)
+    );
+    quiet_stream
+        .write_all(&reply_frame(
+            &quiet,
+            caller.process_name(),
+            0,
+            quiet_id,
+            &ok("quiet", 7),
+        ))
+        .expect("the true reply");
+    assert_eq!(
+        to_quiet.get_timeout(WAIT).expect("the call to quiet"),
+        ("quiet".into(), 7),
+        "answered by the node it went to, not the liar"
+    );
+
     flood.join().expect("the other caller's flood");
     // Everyone is still connected and served.
     still_served(&caller, &honest);

@@ -436,6 +436,18 @@ impl Pending {
         self.lock().calls.remove(&id);
     }
 
+    /// Takes call `id` out of the table to complete it with a reply from `peer`: `Ok`
+    /// if it waits and went to `peer`; `Err(true)` if it went to another node (not
+    /// `peer`'s to answer: it keeps waiting), `Err(false)` if it no longer waits.
+    pub fn take_from(&self, id: u64, peer: &str) -> Result<Entry, bool> {
+        let table = &mut *self.lock();
+        match table.calls.get(&id) {
+            Some(entry) if *entry.target == *peer => Ok(table.calls.remove(&id).expect("found")),
+            Some(_) => Err(true),
+            None => Err(false),
+        }
+    }
+
     /// Takes the calls the replies `items` from `peer` answer out of the table, under
     /// one lock: each with its reply, in order. A reply to a call that no longer waits
     /// (its caller gave up), or that is not `peer`'s to answer (a call to another node:

@@ -475,12 +475,26 @@ fn control_reply(frame: &Frame) -> Completion {
 
 /// Completes the call `frame` answers. The frame is handed over whole: its payload may
 /// then be the buffer's only holder (see [`ReplyPayload`]).
+///
+/// A reply to a call made to another node is not the sender's to give: it is ignored
+/// (logged), and the call waits for its own.
 fn complete_reply(conn: &Connection, frame: Frame) {
-    let Some(entry) = conn.pending.take(frame.call_id()) else {
-        reply_without_call(conn, frame.src(), frame.call_id(), frame.flags(), || {
-            frame.payload()
-        });
-        return;
+    let entry = match conn.pending.take_from(frame.call_id(), frame.src()) {
+        Ok(entry) => entry,
+        Err(true) => {
+            tracing::warn!(
+                peer = frame.src(),
+                call_id = frame.call_id(),
+                "ignored a reply to a call made to another node"
+            );
+            return;
+        }
+        Err(false) => {
+            reply_without_call(conn, frame.src(), frame.call_id(), frame.flags(), || {
+                frame.payload()
+            });
+            return;
+        }
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {
         Ok(frame.into())
