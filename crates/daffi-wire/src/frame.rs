@@ -124,6 +124,10 @@ pub const FLAG_BATCH: u8 = 0b0000_0100;
 pub const FLAG_REQUEST_BATCH: u8 = 0b0000_1000;
 /// `Reply`, `StreamEnd` and `ControlReply` flag: the payload is an error, not a value.
 pub const FLAG_ERROR: u8 = 0b0000_0001;
+/// `Reply` flag, alone: the payload is a batch of replies from one callee to one caller,
+/// each a `u64` call id, a `u8` of flags ([`FLAG_ERROR`] or none), a `u32` length (all
+/// big-endian) and its bytes; `call_id` holds how many (two or more).
+pub const FLAG_REPLY_BATCH: u8 = 0b0000_1000;
 
 /// Why bytes off the wire are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

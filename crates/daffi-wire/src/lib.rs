@@ -30,8 +30,10 @@ pub const MAGIC: [u8; 4] = *b"DAFI";
 /// node keeps a replica of the scheduled tasks (`Schedule` frames, tasks and the
 /// controller's instance in `Welcome`) and gives them back to a restarted controller
 /// (`Restore`). Version 4: NO_RETURN calls to one callback travel in batch requests
-/// ([`frame::FLAG_REQUEST_BATCH`]), which a version 3 node would misread.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// ([`frame::FLAG_REQUEST_BATCH`]), which a version 3 node would misread. Version 5:
+/// replies to one caller travel in batch replies ([`frame::FLAG_REPLY_BATCH`]), which a
+/// version 4 node would take for one reply to a call it never made.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Bytes of the preamble: [`MAGIC`] and [`PROTOCOL_VERSION`].
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
 /// Default limit on one frame (prefix excluded): 128 MiB.

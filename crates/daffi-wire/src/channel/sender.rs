@@ -199,6 +199,29 @@ impl FrameSender {
         true
     }
 
+    /// Queues all of `frames`, in order, or none of them: all when the queue has room
+    /// for them together (or holds nothing), else they are given back (`Full`, the
+    /// frames joined in one [`Outgoing`]). For the pieces of a batch split to fit its
+    /// node, which must go all or not at all. Left to the writer task (no direct write).
+    pub fn push_all(&self, frames: Vec<Outgoing>) -> Push {
+        let mut st = self.shared.lock();
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Push::Closed;
+        }
+        let cost: usize = frames.iter().map(|f| f.len() + FRAME_COST).sum();
+        if st.unwritten > 0 && self.shared.limits.exceeded(st.unwritten + cost, false) {
+            return Push::Full(Outgoing::joined(frames));
+        }
+        st.unwritten += cost;
+        st.queue.extend(frames);
+        let wake_writer = st.socket.is_some() && self.shared.batches.load(Ordering::Relaxed) == 0;
+        drop(st);
+        if wake_writer {
+            self.shared.work.notify_one();
+        }
+        Push::Sent
+    }
+
     fn push_within(&self, frame: Outgoing, hard: bool) -> Push {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed) {

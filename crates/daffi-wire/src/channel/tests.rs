@@ -492,3 +492,33 @@ async fn what_joins_a_queued_frame_counts_against_the_byte_limit() {
         "a request that does not fit what the joins left is refused"
     );
 }
+
+#[tokio::test]
+async fn pieces_pushed_together_go_all_or_none_and_in_order() {
+    // The peer reads nothing at first: 64 bytes go to the socket, the rest is held.
+    let (a, mut peer) = tokio::io::duplex(64);
+    let (tx, writer) = frame_channel(a, small(Duration::from_secs(60)));
+    let _writer = tokio::spawn(writer);
+    assert!(matches!(tx.push(raw(300)), Push::Sent));
+    // Three pieces that together pass the limit: none is queued.
+    let held = tx.shared.lock().unwritten;
+    let pieces = vec![raw(200), raw(200), raw(200)];
+    assert!(matches!(tx.push_all(pieces), Push::Full(_)));
+    assert_eq!(tx.shared.lock().unwritten, held, "nothing was counted");
+    // Three goodbyes that fit: all are queued, and arrive after the first frame, in
+    // order.
+    assert!(matches!(
+        tx.push_all(vec![goodbye(), goodbye(), goodbye()]),
+        Push::Sent
+    ));
+    let mut first = vec![0u8; 300];
+    peer.read_exact(&mut first).await.expect("the first frame");
+    let mut reader = FrameReader::new(peer, 1 << 20);
+    for _ in 0..3 {
+        let frame = reader.next().await.expect("read").expect("a frame");
+        assert_eq!(frame.kind(), Kind::Goodbye);
+    }
+    // Once the connection is closed, nothing is queued.
+    tx.close_as_slow_consumer();
+    assert!(matches!(tx.push_all(vec![goodbye()]), Push::Closed));
+}

@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WINDOW};
+use crate::mesh::{ReplyItem, CALL_ITEM_HEAD, REPLY_ITEM_HEAD};
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use bytes::{Bytes, BytesMut};
-use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::frame::{
+    FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH, LEN_PREFIX,
+};
 use daffi_wire::{Batch, Frame, FrameSender, Header, Kind, Outgoing, Push};
 
 /// The writer queue of one connection.
@@ -468,6 +471,9 @@ fn queue_for(
         return Err(UndeliverableCode::Stopping);
     }
     if !request {
+        if frame.head().len() > frame_limit.saturating_add(LEN_PREFIX) {
+            return deliver_over_limit(queue, frame_limit, frame);
+        }
         return match deliver(queue, frame) {
             true => Ok(()),
             false => Err(UndeliverableCode::UnknownProcess),
@@ -505,30 +511,40 @@ fn queue_over_limit(
     }
 }
 
-/// The batch of NO_RETURN calls `frame` (docs/PROTOCOL.md, "Batches of NO_RETURN
-/// calls"), larger than `frame_limit`, the limit of the node it goes to, as batches and
-/// lone requests within it, the calls in order: its caller joined the calls up to its
-/// own limit, and the node's reader would refuse the frame and lose its connection
-/// (every caller's calls in flight to it). A call larger than the limit on its own
-/// (which a caller never joins) and a malformed batch (which the node would drop whole)
-/// are dropped here, with a WARN. `None` when `frame` is not a batch: it goes as it is.
+/// The batch request `frame` (docs/PROTOCOL.md, "Batches of NO_RETURN calls" and
+/// "Batches of calls that want replies"), larger than `frame_limit`, the limit of the
+/// node it goes to, as batches and lone requests within it, the calls in order: its
+/// caller joined the calls up to its own limit, and the node's reader would refuse the
+/// frame and lose its connection (every caller's calls in flight to it). A NO_RETURN
+/// call larger than the limit on its own (which a caller never joins) and a malformed
+/// batch of NO_RETURN calls (which the node would drop whole) are dropped here, with a
+/// WARN; a call that wants a reply larger than the limit goes alone, as it would have
+/// without batches, and a malformed batch of them goes as it is (its node drops it).
+/// `None` when `frame` is not a batch: it goes as it is.
 fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
     // A forwarded frame is all in its head (`Outgoing::raw`).
     let frame = Frame::parse(frame.head().clone()).ok()?;
     if frame.kind() != Kind::Request || frame.flags() & FLAG_REQUEST_BATCH == 0 {
         return None;
     }
-    let calls = match crate::mesh::batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
-        Ok(calls) => calls,
-        Err(why) => {
-            tracing::warn!(
-                caller = frame.src(),
-                process = frame.dst(),
-                callback = frame.name(),
-                "dropped a malformed batch of NO_RETURN calls: {why}"
-            );
-            return Some(Vec::new());
+    let one_way = frame.flags() & FLAG_NO_REPLY != 0;
+    let calls: Vec<(u64, Bytes)> = if one_way {
+        match crate::mesh::batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
+            Ok(calls) => calls.map(|args| (0, args)).collect(),
+            Err(why) => {
+                tracing::warn!(
+                    caller = frame.src(),
+                    process = frame.dst(),
+                    callback = frame.name(),
+                    "dropped a malformed batch of NO_RETURN calls: {why}"
+                );
+                return Some(Vec::new());
+            }
         }
+    } else {
+        crate::mesh::batch_requests(frame.flags(), frame.call_id(), frame.payload())
+            .ok()?
+            .collect()
     };
     let header = |flags: u8, call_id: u64| Header {
         kind: Kind::Request,
@@ -539,36 +555,47 @@ fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
         dst: frame.dst(),
         name: frame.name(),
     };
+    // Each call of a batch takes its head too: a length, and a call id if it wants a
+    // reply.
+    let (item_head, lone_flags) = match one_way {
+        true => (4, FLAG_NO_REPLY),
+        false => (CALL_ITEM_HEAD, 0),
+    };
     let room = frame_limit.saturating_sub(header(0, 0).frame_len(0) - LEN_PREFIX);
     let mut pieces = Vec::new();
-    let mut group: Vec<Bytes> = Vec::new();
+    let mut group: Vec<(u64, Bytes)> = Vec::new();
     let mut group_len = 0;
     let mut too_large = 0u64;
-    let close = |group: &mut Vec<Bytes>, pieces: &mut Vec<Outgoing>| match group.len() {
+    let close = |group: &mut Vec<(u64, Bytes)>, pieces: &mut Vec<Outgoing>| match group.len() {
         0 => {}
-        1 => pieces.push(Outgoing::new(&header(FLAG_NO_REPLY, 0), group.remove(0))),
+        1 => {
+            let (call_id, args) = group.remove(0);
+            pieces.push(Outgoing::new(&header(lone_flags, call_id), args));
+        }
         n => {
             let mut payload = BytesMut::new();
-            for call in group.drain(..) {
-                payload.extend_from_slice(&(call.len() as u32).to_be_bytes());
-                payload.extend_from_slice(&call);
+            for (call_id, args) in group.drain(..) {
+                if !one_way {
+                    payload.extend_from_slice(&call_id.to_be_bytes());
+                }
+                payload.extend_from_slice(&(args.len() as u32).to_be_bytes());
+                payload.extend_from_slice(&args);
             }
-            let flags = FLAG_NO_REPLY | FLAG_REQUEST_BATCH;
+            let flags = lone_flags | FLAG_REQUEST_BATCH;
             pieces.push(Outgoing::new(&header(flags, n as u64), payload.freeze()));
         }
     };
-    for call in calls {
-        if call.len() > room {
+    for (call_id, args) in calls {
+        if args.len() > room && one_way {
             too_large += 1;
             continue;
         }
-        // Each call of a batch takes its 4-byte length too.
-        if !group.is_empty() && group_len + 4 + call.len() > room {
+        if !group.is_empty() && group_len + item_head + args.len() > room {
             close(&mut group, &mut pieces);
             group_len = 0;
         }
-        group_len += 4 + call.len();
-        group.push(call);
+        group_len += item_head + args.len();
+        group.push((call_id, args));
     }
     close(&mut group, &mut pieces);
     if too_large > 0 {
@@ -584,28 +611,98 @@ fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
     Some(pieces)
 }
 
-/// Queues the `pieces` of a batch split by [`split_to_fit`], in order. `Err` when none
-/// was queued; once some were, the rest is dropped with a WARN (the node reads too
-/// little, or left) rather than given back: the calls queued must not go twice.
+/// Queues the `pieces` of a batch split by [`split_to_fit`], in order, all or none:
+/// `Err` when none was queued (the node reads too little, or left), and the caller is
+/// told for every call, as for the batch whole.
 fn queue_pieces(queue: &Queue, pieces: Vec<Outgoing>) -> Result<(), UndeliverableCode> {
-    let total = pieces.len();
-    for (queued, piece) in pieces.into_iter().enumerate() {
-        let refused = match queue.push(piece) {
-            Push::Sent => continue,
-            Push::Full(_) => UndeliverableCode::SlowConsumer,
-            Push::Closed => UndeliverableCode::UnknownProcess,
-        };
-        if queued == 0 {
-            return Err(refused);
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    match queue.push_all(pieces) {
+        Push::Sent => Ok(()),
+        Push::Full(_) => Err(UndeliverableCode::SlowConsumer),
+        Push::Closed => Err(UndeliverableCode::UnknownProcess),
+    }
+}
+
+/// Queues a frame its node cannot refuse, larger than `frame_limit`, the limit of that
+/// node: a batch of replies split to fit ([`split_replies_to_fit`]), anything else as
+/// it is (its node's reader refuses it, as it would have without batches).
+#[cold]
+#[inline(never)]
+fn deliver_over_limit(
+    queue: &Queue,
+    frame_limit: usize,
+    frame: Outgoing,
+) -> Result<(), UndeliverableCode> {
+    let pieces = split_replies_to_fit(&frame, frame_limit).unwrap_or_else(|| vec![frame]);
+    for piece in pieces {
+        if !deliver(queue, piece) {
+            return Err(UndeliverableCode::UnknownProcess);
         }
-        tracing::warn!(
-            frames = total - queued,
-            ?refused,
-            "dropped the rest of a batch of NO_RETURN calls split to fit its node's frame limit"
-        );
-        break;
     }
     Ok(())
+}
+
+/// The batch of replies `frame` (docs/PROTOCOL.md, "Batches of replies"), larger than
+/// `frame_limit`, the limit of the caller it goes to, as batches and lone replies
+/// within it, in order: its callee joined the replies up to its own limit. A reply too
+/// large for the limit on its own goes alone, as it would have without batches. A
+/// malformed batch goes as it is: its caller drops it, and fails its calls to that
+/// node, by name. `None` when `frame` is not a batch of replies.
+fn split_replies_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
+    // A forwarded frame is all in its head (`Outgoing::raw`).
+    let frame = Frame::parse(frame.head().clone()).ok()?;
+    if frame.kind() != Kind::Reply || frame.flags() != FLAG_REPLY_BATCH {
+        return None;
+    }
+    let replies =
+        crate::mesh::batch_replies(frame.flags(), frame.call_id(), frame.payload()).ok()?;
+    let header = |flags: u8, call_id: u64| Header {
+        kind: Kind::Reply,
+        flags,
+        call_id,
+        timeout_ms: 0,
+        src: frame.src(),
+        dst: frame.dst(),
+        name: "",
+    };
+    let room = frame_limit.saturating_sub(header(0, 0).frame_len(0) - LEN_PREFIX);
+    let mut pieces = Vec::new();
+    let mut group: Vec<ReplyItem> = Vec::new();
+    let mut group_len = 0;
+    let close = |group: &mut Vec<ReplyItem>, pieces: &mut Vec<Outgoing>| match group.len() {
+        0 => {}
+        1 => {
+            let reply = group.remove(0);
+            let flags = if reply.error { FLAG_ERROR } else { 0 };
+            pieces.push(Outgoing::new(&header(flags, reply.call_id), reply.payload));
+        }
+        n => {
+            let mut payload = BytesMut::new();
+            for reply in group.drain(..) {
+                payload.extend_from_slice(&reply.call_id.to_be_bytes());
+                payload.extend_from_slice(&[if reply.error { FLAG_ERROR } else { 0 }]);
+                payload.extend_from_slice(&(reply.payload.len() as u32).to_be_bytes());
+                payload.extend_from_slice(&reply.payload);
+            }
+            pieces.push(Outgoing::new(
+                &header(FLAG_REPLY_BATCH, n as u64),
+                payload.freeze(),
+            ));
+        }
+    };
+    for reply in replies {
+        let len = REPLY_ITEM_HEAD + reply.payload.len();
+        if !group.is_empty() && group_len + len > room {
+            close(&mut group, &mut pieces);
+            group_len = 0;
+        }
+        group_len += len;
+        group.push(reply);
+    }
+    close(&mut group, &mut pieces);
+    Some(pieces)
 }
 
 /// Queues a frame its node cannot refuse (a reply, a membership event), past the byte
@@ -816,5 +913,142 @@ mod tests {
         let mut raw = Vec::new();
         lone.copy_to(&mut raw);
         assert!(split_to_fit(&Outgoing::raw(Bytes::from(raw)), 10).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_replies_over_its_callers_limit_is_split_into_frames_within_it() {
+        // Three replies to caller "b": two small ones and one larger, one an error.
+        let mut callee_side = Outgoing::new(
+            &Header {
+                kind: Kind::Reply,
+                flags: 0,
+                call_id: 11,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            },
+            Bytes::from_static(&[1; 10]),
+        );
+        for (id, flags, len) in [(12, FLAG_ERROR, 10), (13, 0, 30)] {
+            let header = Header {
+                kind: Kind::Reply,
+                flags,
+                call_id: id,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            };
+            let body = daffi_wire::Payload::from(Bytes::from(vec![id as u8; len]));
+            assert!(crate::mesh::join_reply(
+                &mut callee_side,
+                &header,
+                &body,
+                1 << 20
+            ));
+        }
+        let mut raw = Vec::new();
+        callee_side.copy_to(&mut raw);
+        let whole = Outgoing::raw(Bytes::from(raw));
+        let fixed = whole.len() - LEN_PREFIX - (3 * REPLY_ITEM_HEAD + 50);
+        let limit = fixed + 2 * REPLY_ITEM_HEAD + 20;
+        let pieces = split_replies_to_fit(&whole, limit).expect("a batch of replies");
+        let pieces: Vec<(u8, u64, Vec<u8>)> = pieces
+            .into_iter()
+            .map(|piece| {
+                assert!(piece.len() - LEN_PREFIX <= limit, "within the limit");
+                let mut raw = Vec::new();
+                piece.copy_to(&mut raw);
+                let frame = Frame::parse(Bytes::from(raw)).expect("a whole frame");
+                assert_eq!(
+                    (frame.kind(), frame.src(), frame.dst()),
+                    (Kind::Reply, "a", "b")
+                );
+                (frame.flags(), frame.call_id(), frame.payload().to_vec())
+            })
+            .collect();
+        let mut two = Vec::new();
+        for (id, flags) in [(11u64, 0u8), (12, FLAG_ERROR)] {
+            two.extend_from_slice(&id.to_be_bytes());
+            two.push(flags);
+            two.extend_from_slice(&10u32.to_be_bytes());
+            two.extend_from_slice(&[id as u8; 10]);
+        }
+        two[8 + 1 + 4..8 + 1 + 4 + 10].copy_from_slice(&[1; 10]);
+        assert_eq!(
+            pieces,
+            vec![(FLAG_REPLY_BATCH, 2, two), (0, 13, vec![13; 30])],
+            "the first two together, the third alone, in order"
+        );
+        // A lone reply is not a batch: it goes as it is.
+        assert!(split_replies_to_fit(&whole, 1 << 20).is_some());
+        let lone = Outgoing::new(
+            &Header {
+                kind: Kind::Reply,
+                flags: 0,
+                call_id: 1,
+                timeout_ms: 0,
+                src: "a",
+                dst: "b",
+                name: "",
+            },
+            Bytes::from_static(&[1; 100]),
+        );
+        let mut raw = Vec::new();
+        lone.copy_to(&mut raw);
+        assert!(split_replies_to_fit(&Outgoing::raw(Bytes::from(raw)), 10).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_calls_that_want_replies_over_its_nodes_limit_is_split_with_its_ids() {
+        let mut whole = Outgoing::new(
+            &Header {
+                kind: Kind::Request,
+                flags: 0,
+                call_id: 21,
+                timeout_ms: 7,
+                src: "a",
+                dst: "b",
+                name: "f",
+            },
+            Bytes::from_static(&[1; 10]),
+        );
+        for (id, len) in [(22u64, 10usize), (23, 30)] {
+            let header = Header {
+                kind: Kind::Request,
+                flags: 0,
+                call_id: id,
+                timeout_ms: 7,
+                src: "a",
+                dst: "b",
+                name: "f",
+            };
+            let args = daffi_wire::Payload::from(Bytes::from(vec![id as u8; len]));
+            assert!(crate::mesh::join_call_with_reply(
+                &mut whole,
+                &header,
+                &args,
+                1 << 20
+            ));
+        }
+        let mut raw = Vec::new();
+        whole.copy_to(&mut raw);
+        let whole = Outgoing::raw(Bytes::from(raw));
+        let fixed = whole.len() - LEN_PREFIX - (3 * CALL_ITEM_HEAD + 50);
+        // Room for the first two; the third, larger than the room, goes alone anyway.
+        let limit = fixed + 2 * CALL_ITEM_HEAD + 20;
+        let pieces = pieces_of(split_to_fit(&whole, limit).expect("a batch"));
+        let mut two = Vec::new();
+        for (id, byte) in [(21u64, 1u8), (22, 22)] {
+            two.extend_from_slice(&id.to_be_bytes());
+            two.extend_from_slice(&10u32.to_be_bytes());
+            two.extend_from_slice(&[byte; 10]);
+        }
+        assert_eq!(
+            pieces,
+            vec![(FLAG_REQUEST_BATCH, 2, two), (0, 23, vec![23; 30])],
+            "every call kept, with its id, in order"
+        );
     }
 }

@@ -666,17 +666,32 @@ async fn undeliverable(
         return;
     }
     let body = message::encode(&Undeliverable { code });
-    let header = Header {
-        kind: Kind::Undeliverable,
-        flags: 0,
-        call_id: frame.call_id(),
-        timeout_ms: 0,
-        src: "",
-        dst: frame.src(),
-        name: frame.dst(),
+    let answer = |call_id: u64| {
+        let header = Header {
+            kind: Kind::Undeliverable,
+            flags: 0,
+            call_id,
+            timeout_ms: 0,
+            src: "",
+            dst: frame.src(),
+            name: frame.dst(),
+        };
+        Outgoing::new(&header, body.clone())
     };
-    let out = Outgoing::new(&header, body);
-    let _ = own_queue.send(out).await;
+    if frame.flags() & FLAG_REQUEST_BATCH == 0 {
+        let _ = own_queue.send(answer(frame.call_id())).await;
+        return;
+    }
+    // A batch of calls that want replies: each call is answered, as it would have been
+    // alone (as far as the batch can be read: a caller that sent a malformed one hears
+    // about the calls it can tell), in one frame of answers.
+    let answers: Vec<Outgoing> = crate::mesh::readable_call_ids(&frame.payload())
+        .into_iter()
+        .map(answer)
+        .collect();
+    if !answers.is_empty() {
+        let _ = own_queue.send(Outgoing::joined(answers)).await;
+    }
 }
 
 /// The most a `stats` or `tasks` answer spends on names: 256 KiB, and at most a

@@ -6,7 +6,9 @@ use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use bytes::{Bytes, BytesMut};
-use daffi_wire::frame::{FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::frame::{
+    FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH, LEN_PREFIX,
+};
 use daffi_wire::{Header, Kind, Outgoing, Payload};
 use serde::Serialize;
 
@@ -503,6 +505,379 @@ fn item_at(payload: &[u8], at: usize) -> Result<Option<Range<usize>>, String> {
     Ok(Some(start..end))
 }
 
+/// Bytes in front of each call of a batch of calls that want replies: its call id
+/// (`u64`) and the length of its arguments (`u32`).
+pub const CALL_ITEM_HEAD: usize = 8 + ITEM_LEN;
+
+/// Joins the call `call` (its request header, with its own call id, no flag: a call that
+/// wants a reply) with arguments `args` to the request `last` still queued, if that is
+/// such a call (or a batch of them, docs/PROTOCOL.md "Batches of calls that want
+/// replies") to the same node and callback, with the same timeout, with room left (a
+/// payload of at most [`MAX_CALLS_BATCH_BYTES`], heads included, and the frame within
+/// `frame_limit`). A lone request becomes a batch of two. `false`: `last` is left as it
+/// was.
+pub fn join_call_with_reply(
+    last: &mut Outgoing,
+    call: &Header<'_>,
+    args: &Payload,
+    frame_limit: usize,
+) -> bool {
+    if call.kind != Kind::Request || call.flags != 0 {
+        return false;
+    }
+    let Some((flags, id_or_count)) = call.matches_head(last.head()) else {
+        return false;
+    };
+    let batched = flags == FLAG_REQUEST_BATCH;
+    let len = args.len();
+    if (!batched && flags != 0) || len >= JOINED_CALL {
+        return false;
+    }
+    let items = if batched { id_or_count } else { 1 };
+    let last_body = last.body_mut();
+    let framing = if batched {
+        CALL_ITEM_HEAD
+    } else {
+        2 * CALL_ITEM_HEAD
+    };
+    let new_len = last_body.len() + framing + len;
+    if new_len > MAX_CALLS_BATCH_BYTES
+        || (!batched && last_body.len() >= JOINED_CALL)
+        || items >= u64::from(u32::MAX)
+        || call.frame_len(new_len) - LEN_PREFIX > frame_limit
+    {
+        return false;
+    }
+    let mut buf = if batched {
+        extendable(last_body)
+    } else {
+        // The lone call becomes the batch's first item.
+        let first = std::mem::take(last_body);
+        let mut buf = BytesMut::with_capacity(BATCH_CAPACITY);
+        put_call_head(&mut buf, id_or_count, first.len());
+        for part in first.parts() {
+            buf.extend_from_slice(part);
+        }
+        buf
+    };
+    put_call_head(&mut buf, call.call_id, len);
+    for part in args.parts() {
+        buf.extend_from_slice(part);
+    }
+    last_body.push(buf.freeze());
+    let payload_len = last_body.len();
+    patch_batch_head(last, call, FLAG_REQUEST_BATCH, items + 1, payload_len);
+    true
+}
+
+/// What a batch's buffer holds at first when two calls or replies start it: room for
+/// a batch of small ones without growing.
+const BATCH_CAPACITY: usize = 4 * 1024;
+
+/// Writes the head of one call of a batch of calls that want replies.
+fn put_call_head(buf: &mut BytesMut, call_id: u64, len: usize) {
+    buf.extend_from_slice(&call_id.to_be_bytes());
+    // Below `JOINED_CALL`: the caller checked.
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// The calls of a batch request that wants replies (`flags` [`FLAG_REQUEST_BATCH`]
+/// alone, `count` its `call_id`), checked whole; `Err` names what is wrong with a
+/// malformed one: another flag, a call cut short, fewer than two calls, or a count that
+/// is not theirs.
+pub fn batch_requests(flags: u8, count: u64, payload: Bytes) -> Result<CallItems, String> {
+    if flags != FLAG_REQUEST_BATCH {
+        return Err(format!(
+            "a batch of calls that want replies must carry BATCH and no other flag (flags {flags:#010b})"
+        ));
+    }
+    let mut at = 0;
+    let mut items = 0u64;
+    while let Some((_, range)) = call_at(&payload, at)? {
+        at = range.end;
+        items += 1;
+    }
+    if items < 2 {
+        return Err("a batch request holds fewer than two calls".to_string());
+    }
+    if items != count {
+        return Err(format!(
+            "a batch request says it holds {count} calls and holds {items}"
+        ));
+    }
+    Ok(CallItems { payload, at: 0 })
+}
+
+/// The calls of a batch request that wants replies, checked ([`batch_requests`]): each
+/// its call id and its arguments (a slice of the payload).
+#[derive(Debug, Clone)]
+pub struct CallItems {
+    payload: Bytes,
+    at: usize,
+}
+
+impl Iterator for CallItems {
+    type Item = (u64, Bytes);
+
+    fn next(&mut self) -> Option<(u64, Bytes)> {
+        let (call_id, range) = call_at(&self.payload, self.at).ok()??;
+        self.at = range.end;
+        Some((call_id, self.payload.slice(range)))
+    }
+}
+
+/// The call whose head is at `at` in `payload`: its id and where its arguments are;
+/// `None` at its end, `Err` if it is cut short.
+fn call_at(payload: &[u8], at: usize) -> Result<Option<(u64, Range<usize>)>, String> {
+    if at >= payload.len() {
+        return Ok(None);
+    }
+    let Some(head) = payload.get(at..at + CALL_ITEM_HEAD) else {
+        return Err(format!(
+            "a batch request's call head is cut short at byte {at}"
+        ));
+    };
+    let call_id = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+    let start = at + CALL_ITEM_HEAD;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| format!("a batch request's call of {len} bytes runs past its end"))?;
+    Ok(Some((call_id, start..end)))
+}
+
+/// The call ids a batch request that wants replies gives, as far as its layout can be
+/// read: for the controller, which answers each call of a batch it cannot deliver (a
+/// malformed batch's calls that can be read are answered; the rest cannot be).
+pub fn readable_call_ids(payload: &[u8]) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((call_id, range))) = call_at(payload, at) {
+        ids.push(call_id);
+        at = range.end;
+    }
+    ids
+}
+
+/// A reply that may join a batch reply: a result smaller than this (a larger one goes
+/// alone, from its own memory).
+pub const JOINED_REPLY: usize = COPIED_ITEM;
+
+/// A batch reply's payload (each reply's call id, flags and length included) stays
+/// within this, as a batch request's does ([`MAX_CALLS_BATCH_BYTES`]).
+pub const MAX_REPLIES_BATCH_BYTES: usize = MAX_CALLS_BATCH_BYTES;
+
+/// Bytes in front of each reply of a batch reply: its call id (`u64`), its flags (`u8`)
+/// and its length (`u32`).
+pub const REPLY_ITEM_HEAD: usize = 8 + 1 + ITEM_LEN;
+
+/// Joins the reply `reply` (its header: a `Reply` with its own call id and flags) with
+/// the result `body` to the frame `last` still queued, if that is a reply (or a batch of
+/// them, docs/PROTOCOL.md "Batches of replies") from the same node to the same caller,
+/// with room left (a payload of at most [`MAX_REPLIES_BATCH_BYTES`], each reply's head
+/// included, and the frame within `frame_limit`). A lone reply becomes a batch of two.
+/// `false`: `last` is left as it was.
+pub fn join_reply(
+    last: &mut Outgoing,
+    reply: &Header<'_>,
+    body: &Payload,
+    frame_limit: usize,
+) -> bool {
+    if reply.kind != Kind::Reply || reply.flags & !FLAG_ERROR != 0 {
+        return false;
+    }
+    let Some((flags, id_or_count)) = reply.matches_head(last.head()) else {
+        return false;
+    };
+    let batched = flags == FLAG_REPLY_BATCH;
+    let len = body.len();
+    if (!batched && flags & !FLAG_ERROR != 0) || len >= JOINED_REPLY {
+        return false;
+    }
+    let items = if batched { id_or_count } else { 1 };
+    let last_body = last.body_mut();
+    let framing = if batched {
+        REPLY_ITEM_HEAD
+    } else {
+        2 * REPLY_ITEM_HEAD
+    };
+    let new_len = last_body.len() + framing + len;
+    if new_len > MAX_REPLIES_BATCH_BYTES
+        || (!batched && last_body.len() >= JOINED_REPLY)
+        || items >= u64::from(u32::MAX)
+        || reply.frame_len(new_len) - LEN_PREFIX > frame_limit
+    {
+        return false;
+    }
+    let mut buf = if batched {
+        extendable(last_body)
+    } else {
+        // The lone reply becomes the batch's first item.
+        let first = std::mem::take(last_body);
+        let mut buf = BytesMut::with_capacity(BATCH_CAPACITY);
+        put_reply_head(&mut buf, id_or_count, flags, first.len());
+        for part in first.parts() {
+            buf.extend_from_slice(part);
+        }
+        buf
+    };
+    put_reply_head(&mut buf, reply.call_id, reply.flags, len);
+    for part in body.parts() {
+        buf.extend_from_slice(part);
+    }
+    last_body.push(buf.freeze());
+    let payload_len = last_body.len();
+    patch_batch_head(last, reply, FLAG_REPLY_BATCH, items + 1, payload_len);
+    true
+}
+
+/// The last part of a batch's payload, to extend: taken over in place when nothing
+/// else holds it, a fresh buffer otherwise.
+fn extendable(body: &mut Payload) -> BytesMut {
+    match body.pop().map(Bytes::try_into_mut) {
+        Some(Ok(buf)) => buf,
+        Some(Err(part)) => {
+            body.push(part);
+            BytesMut::with_capacity(FIRST_CAPACITY)
+        }
+        None => BytesMut::with_capacity(FIRST_CAPACITY),
+    }
+}
+
+/// Gives the queued frame `last`, which grew into a batch of `items` with a payload of
+/// `payload_len` bytes, its new length, `flags` and count (in `call_id`): in place when
+/// the frame owns its head, else on a copy.
+fn patch_batch_head(
+    last: &mut Outgoing,
+    header: &Header<'_>,
+    flags: u8,
+    items: u64,
+    payload_len: usize,
+) {
+    let head = std::mem::take(last.head_mut());
+    let mut head = head
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items) {
+        head.freeze()
+    } else {
+        // Never taken (the head matched a whole header, the frame is within the limit);
+        // encoded afresh, the frame stays valid whatever happens.
+        Header {
+            flags,
+            call_id: items,
+            ..*header
+        }
+        .encode(payload_len)
+    };
+}
+
+/// Writes the head of one reply of a batch reply.
+fn put_reply_head(buf: &mut BytesMut, call_id: u64, flags: u8, len: usize) {
+    buf.extend_from_slice(&call_id.to_be_bytes());
+    buf.extend_from_slice(&[flags]);
+    // Below `JOINED_REPLY`: the caller checked.
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// One reply of a batch reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyItem {
+    /// The call it answers.
+    pub call_id: u64,
+    /// Whether `payload` is a `RemoteError`, not a value.
+    pub error: bool,
+    /// The result (a slice of the batch's payload).
+    pub payload: Bytes,
+}
+
+/// The replies of a batch reply (`flags` [`FLAG_REPLY_BATCH`], `count` its `call_id`),
+/// checked whole when it arrives, then read one by one as slices of its payload. `Err`
+/// names what is wrong with a malformed one: another flag, a reply cut short or with
+/// flags other than `ERROR`, fewer than two replies, or a count that is not theirs.
+pub fn batch_replies(flags: u8, count: u64, payload: Bytes) -> Result<ReplyItems, String> {
+    if flags != FLAG_REPLY_BATCH {
+        return Err(format!(
+            "a batch reply must carry BATCH and no other flag (flags {flags:#010b})"
+        ));
+    }
+    let mut at = 0;
+    let mut items = 0u64;
+    while let Some(item) = reply_at(&payload, at)? {
+        at = item.payload.end;
+        items += 1;
+    }
+    if items < 2 {
+        return Err("a batch reply holds fewer than two replies".to_string());
+    }
+    if items != count {
+        return Err(format!(
+            "a batch reply says it holds {count} replies and holds {items}"
+        ));
+    }
+    Ok(ReplyItems { payload, at: 0 })
+}
+
+/// The replies of a batch reply, checked ([`batch_replies`]).
+#[derive(Debug, Clone)]
+pub struct ReplyItems {
+    payload: Bytes,
+    at: usize,
+}
+
+impl Iterator for ReplyItems {
+    type Item = ReplyItem;
+
+    fn next(&mut self) -> Option<ReplyItem> {
+        let item = reply_at(&self.payload, self.at).ok()??;
+        self.at = item.payload.end;
+        Some(ReplyItem {
+            call_id: item.call_id,
+            error: item.error,
+            payload: self.payload.slice(item.payload),
+        })
+    }
+}
+
+/// Where one reply of a batch reply is.
+struct ReplyAt {
+    call_id: u64,
+    error: bool,
+    payload: Range<usize>,
+}
+
+/// The reply whose head is at `at` in `payload`; `None` at its end, `Err` if it is cut
+/// short or its flags are not `ERROR` or none.
+fn reply_at(payload: &[u8], at: usize) -> Result<Option<ReplyAt>, String> {
+    if at >= payload.len() {
+        return Ok(None);
+    }
+    let Some(head) = payload.get(at..at + REPLY_ITEM_HEAD) else {
+        return Err(format!(
+            "a batch reply's item head is cut short at byte {at}"
+        ));
+    };
+    let call_id = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    let flags = head[8];
+    if flags & !FLAG_ERROR != 0 {
+        return Err(format!(
+            "a batch reply's item carries flags {flags:#010b} (only ERROR is allowed)"
+        ));
+    }
+    let len = u32::from_be_bytes(head[9..13].try_into().expect("4 bytes")) as usize;
+    let start = at + REPLY_ITEM_HEAD;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| format!("a batch reply's item of {len} bytes runs past its end"))?;
+    Ok(Some(ReplyAt {
+        call_id,
+        error: flags & FLAG_ERROR != 0,
+        payload: start..end,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +1098,282 @@ mod tests {
         );
         let garbage = Bytes::from_static(b"\xff\xff\xff\xff\x01\x02");
         assert!(batch_calls(flags, 2, garbage).is_err(), "garbage");
+    }
+
+    fn reply_to(caller: &str, call_id: u64, flags: u8) -> Header<'static> {
+        Header {
+            kind: Kind::Reply,
+            flags,
+            call_id,
+            timeout_ms: 0,
+            src: "callee",
+            dst: Box::leak(caller.to_string().into_boxed_str()),
+            name: "",
+        }
+    }
+
+    #[test]
+    fn replies_join_a_queued_reply_to_the_same_caller_only() {
+        let result = |n: u8| Payload::from(Bytes::from(vec![n; usize::from(n)]));
+        let mut last = Outgoing::new(&reply_to("a", 7, FLAG_ERROR), result(1));
+        assert!(join_reply(
+            &mut last,
+            &reply_to("a", 9, 0),
+            &result(2),
+            1 << 20
+        ));
+        assert!(join_reply(
+            &mut last,
+            &reply_to("a", 3, FLAG_ERROR),
+            &result(3),
+            1 << 20
+        ));
+        assert!(
+            !join_reply(&mut last, &reply_to("b", 4, 0), &result(4), 1 << 20),
+            "another caller"
+        );
+        let request = Header {
+            kind: Kind::Request,
+            ..reply_to("a", 4, 0)
+        };
+        assert!(
+            !join_reply(&mut last, &request, &result(4), 1 << 20),
+            "not a reply"
+        );
+        let mut queued_request = Outgoing::new(&request, result(4));
+        assert!(
+            !join_reply(
+                &mut queued_request,
+                &reply_to("a", 4, 0),
+                &result(4),
+                1 << 20
+            ),
+            "a reply never joins a request"
+        );
+        let large = Payload::from(Bytes::from(vec![0u8; JOINED_REPLY]));
+        assert!(
+            !join_reply(&mut last, &reply_to("a", 4, 0), &large, 1 << 20),
+            "large results go alone"
+        );
+        assert!(
+            !join_reply(&mut last, &reply_to("a", 4, 0), &result(4), 40),
+            "past the frame limit"
+        );
+
+        let frame = parsed(&last);
+        assert_eq!(frame.kind(), Kind::Reply);
+        assert_eq!(frame.flags(), FLAG_REPLY_BATCH);
+        assert_eq!(
+            (frame.call_id(), frame.src(), frame.dst()),
+            (3, "callee", "a")
+        );
+        let replies: Vec<ReplyItem> =
+            batch_replies(frame.flags(), frame.call_id(), frame.payload())
+                .expect("a valid batch")
+                .collect();
+        let expected: Vec<ReplyItem> = [(7, true, 1), (9, false, 2), (3, true, 3)]
+            .into_iter()
+            .map(|(call_id, error, n)| ReplyItem {
+                call_id,
+                error,
+                payload: result(n).into_bytes(),
+            })
+            .collect();
+        assert_eq!(replies, expected, "in order, each with its call and flags");
+    }
+
+    #[test]
+    fn a_batch_of_replies_closes_at_its_size() {
+        let body = Payload::from(Bytes::from(vec![1u8; 1000]));
+        let mut last = Outgoing::new(&reply_to("a", 1, 0), body.clone());
+        let mut joined = 1;
+        while join_reply(&mut last, &reply_to("a", joined + 1, 0), &body, 1 << 20) {
+            joined += 1;
+        }
+        assert_eq!(
+            joined as usize,
+            MAX_REPLIES_BATCH_BYTES / (REPLY_ITEM_HEAD + 1000),
+            "16 KiB of payload"
+        );
+    }
+
+    /// A batch reply's payload, made by hand: (call id, flags, payload) each.
+    fn replies_payload(items: &[(u64, u8, &[u8])]) -> Bytes {
+        let mut buf = Vec::new();
+        for (id, flags, payload) in items {
+            buf.extend_from_slice(&id.to_be_bytes());
+            buf.push(*flags);
+            buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            buf.extend_from_slice(payload);
+        }
+        buf.into()
+    }
+
+    #[test]
+    fn malformed_batch_replies_are_refused() {
+        let two = replies_payload(&[(1, 0, b"a"), (2, FLAG_ERROR, b"b")]);
+        assert_eq!(
+            batch_replies(FLAG_REPLY_BATCH, 2, two.clone()).map(|r| r.count()),
+            Ok(2)
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 3, two.clone()).is_err(),
+            "count"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 0, two.clone()).is_err(),
+            "zero"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, u64::MAX, two.clone()).is_err(),
+            "huge"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH | FLAG_ERROR, 2, two.clone()).is_err(),
+            "another flag"
+        );
+        let one = replies_payload(&[(1, 0, b"a")]);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 1, one).is_err(),
+            "one reply"
+        );
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 0, Bytes::new()).is_err(),
+            "none"
+        );
+        let odd_flags = replies_payload(&[(1, 0, b"a"), (2, 0b10, b"b")]);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, odd_flags).is_err(),
+            "an item's flags"
+        );
+        let mut past = two.to_vec();
+        let at = past.len() - 1 - 4;
+        past[at..at + 4].copy_from_slice(&9u32.to_be_bytes());
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, past.into()).is_err(),
+            "a length past the end"
+        );
+        let cut = two.slice(..two.len() - 3);
+        assert!(
+            batch_replies(FLAG_REPLY_BATCH, 2, cut).is_err(),
+            "cut short"
+        );
+        let huge_len = replies_payload(&[(1, 0, b"a"), (2, 0, b"")]);
+        let mut huge_len = huge_len.to_vec();
+        let at = huge_len.len() - 4;
+        huge_len[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(batch_replies(FLAG_REPLY_BATCH, 2, huge_len.into()).is_err());
+    }
+
+    #[test]
+    fn calls_that_want_replies_join_a_queued_one_to_the_same_node_callback_and_timeout() {
+        let args = |n: u8| Payload::from(Bytes::from(vec![n; usize::from(n)]));
+        let with_id = |id: u64| Header {
+            flags: 0,
+            call_id: id,
+            ..call("b", "add")
+        };
+        let mut last = Outgoing::new(&with_id(11), args(1));
+        for (id, n) in [(12, 2), (13, 3)] {
+            assert!(join_call_with_reply(
+                &mut last,
+                &with_id(id),
+                &args(n),
+                1 << 20
+            ));
+        }
+        let no_return = call("b", "add");
+        assert!(
+            !join_call_with_reply(&mut last, &no_return, &args(4), 1 << 20),
+            "a NO_RETURN call"
+        );
+        assert!(
+            !join_call(&mut last, &no_return, &args(4), 1 << 20),
+            "a NO_RETURN call never joins calls that want replies"
+        );
+        let other = Header {
+            call_id: 14,
+            ..with_id(14)
+        };
+        let mut timed = other;
+        timed.timeout_ms = 9;
+        assert!(
+            !join_call_with_reply(&mut last, &timed, &args(4), 1 << 20),
+            "timeout"
+        );
+        let elsewhere = Header { dst: "c", ..other };
+        assert!(
+            !join_call_with_reply(&mut last, &elsewhere, &args(4), 1 << 20),
+            "node"
+        );
+        let large = Payload::from(Bytes::from(vec![0u8; JOINED_CALL]));
+        assert!(
+            !join_call_with_reply(&mut last, &other, &large, 1 << 20),
+            "large"
+        );
+        let mut lone_no_return = Outgoing::new(&no_return, args(1));
+        assert!(
+            !join_call_with_reply(&mut lone_no_return, &other, &args(4), 1 << 20),
+            "never joins a NO_RETURN request"
+        );
+
+        let frame = parsed(&last);
+        assert_eq!(frame.flags(), FLAG_REQUEST_BATCH);
+        assert_eq!(
+            (frame.call_id(), frame.dst(), frame.name()),
+            (3, "b", "add")
+        );
+        let calls: Vec<(u64, Bytes)> =
+            batch_requests(frame.flags(), frame.call_id(), frame.payload())
+                .expect("a valid batch")
+                .collect();
+        let expected: Vec<(u64, Bytes)> = [(11, 1), (12, 2), (13, 3)]
+            .into_iter()
+            .map(|(id, n)| (id, args(n).into_bytes()))
+            .collect();
+        assert_eq!(calls, expected, "in order, each with its call id");
+        assert_eq!(readable_call_ids(&frame.payload()), vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn malformed_batches_of_calls_that_want_replies_are_refused() {
+        let item = |id: u64, args: &[u8]| {
+            let mut v = id.to_be_bytes().to_vec();
+            v.extend_from_slice(&(args.len() as u32).to_be_bytes());
+            v.extend_from_slice(args);
+            v
+        };
+        let two: Bytes = [item(1, b"a"), item(2, b"bc")].concat().into();
+        assert_eq!(
+            batch_requests(FLAG_REQUEST_BATCH, 2, two.clone()).map(|c| c.count()),
+            Ok(2)
+        );
+        for (flags, count, what) in [
+            (FLAG_REQUEST_BATCH, 3, "count"),
+            (FLAG_REQUEST_BATCH, 0, "zero"),
+            (FLAG_REQUEST_BATCH, u64::MAX, "huge"),
+            (FLAG_REQUEST_BATCH | 0b10, 2, "STREAM"),
+            (FLAG_REQUEST_BATCH | 0b100, 2, "INCOMING"),
+            (FLAG_REQUEST_BATCH | FLAG_NO_REPLY, 2, "NO_RETURN layout"),
+        ] {
+            assert!(batch_requests(flags, count, two.clone()).is_err(), "{what}");
+        }
+        let one: Bytes = item(1, b"a").into();
+        assert!(batch_requests(FLAG_REQUEST_BATCH, 1, one).is_err(), "one");
+        let cut = two.slice(..two.len() - 1);
+        assert!(
+            batch_requests(FLAG_REQUEST_BATCH, 2, cut.clone()).is_err(),
+            "cut"
+        );
+        assert_eq!(
+            readable_call_ids(&cut),
+            vec![1],
+            "the calls that can be read"
+        );
+        let mut past = two.to_vec();
+        past[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(batch_requests(FLAG_REQUEST_BATCH, 2, past.clone().into()).is_err());
+        assert_eq!(readable_call_ids(&past), Vec::<u64>::new());
     }
 
     #[test]

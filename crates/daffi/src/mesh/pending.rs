@@ -47,6 +47,10 @@ impl From<Frame> for ReplyPayload {
     }
 }
 
+/// The calls replies answered, each with its reply; and the replies that answered none
+/// (a call that no longer waits: `Some` reply; one made to another node: `None`).
+pub type TakenReplies<T> = (Vec<(Entry, T)>, Vec<(u64, Option<T>)>);
+
 /// One waiting call.
 pub struct Entry {
     /// The node the request went to.
@@ -432,17 +436,60 @@ impl Pending {
         self.lock().calls.remove(&id);
     }
 
+    /// Takes call `id` out of the table to complete it with a reply from `peer`: `Ok`
+    /// if it waits and went to `peer`; `Err(true)` if it went to another node (not
+    /// `peer`'s to answer: it keeps waiting), `Err(false)` if it no longer waits.
+    pub fn take_from(&self, id: u64, peer: &str) -> Result<Entry, bool> {
+        let table = &mut *self.lock();
+        match table.calls.get(&id) {
+            Some(entry) if *entry.target == *peer => Ok(table.calls.remove(&id).expect("found")),
+            Some(_) => Err(true),
+            None => Err(false),
+        }
+    }
+
+    /// Takes the calls the replies `items` from `peer` answer out of the table, under
+    /// one lock: each with its reply, in order. A reply to a call that no longer waits
+    /// (its caller gave up), or that is not `peer`'s to answer (a call to another node:
+    /// left waiting for its own reply), is in the second list, with `None` for a call
+    /// made to another node.
+    pub fn take_replies<T>(
+        &self,
+        peer: &str,
+        items: impl Iterator<Item = (u64, T)>,
+    ) -> TakenReplies<T> {
+        let mut taken = Vec::new();
+        let mut missed = Vec::new();
+        let table = &mut *self.lock();
+        for (id, item) in items {
+            match table.calls.get(&id) {
+                Some(entry) if *entry.target == *peer => {
+                    let entry = table.calls.remove(&id).expect("just found");
+                    taken.push((entry, item));
+                }
+                Some(_) => missed.push((id, None)),
+                None => missed.push((id, Some(item))),
+            }
+        }
+        (taken, missed)
+    }
+
     /// Fails every call waiting on `target`: it disconnected, or (`stopped`) it stopped
     /// before finishing them.
     pub fn fail_target(&self, target: &str, stopped: bool) {
-        let error = |target: &Arc<str>, callback: &Arc<str>| {
+        self.fail_target_with(target, |target, callback| {
             let (process, callback) = (target.to_string(), callback.to_string());
             if stopped {
                 Error::PeerStopped { process, callback }
             } else {
                 Error::PeerDisconnected { process, callback }
             }
-        };
+        });
+    }
+
+    /// Fails every call (and stream) waiting on `target` with the error `error` makes of
+    /// the target and the callback.
+    pub fn fail_target_with(&self, target: &str, error: impl Fn(&Arc<str>, &Arc<str>) -> Error) {
         let (failed, streams): (Vec<Entry>, Vec<StreamEntry>) = {
             let table = &mut *self.lock();
             let calls = &mut table.calls;

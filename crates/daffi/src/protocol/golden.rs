@@ -49,7 +49,7 @@ a7 6d 65 73 73 61 67 65 a2 6e 6f                  # message: "no"
 "#;
 
 const OPENING: &str = r#"
-44 41 46 49 00 04                                 # preamble: magic "DAFI", version 4
+44 41 46 49 00 05                                 # preamble: magic "DAFI", version 5
 00 00 00 3e                                       # Hello frame, length: 62
 01 00                                             # kind: Hello, flags: none
 00 00 00 00 00 00 00 00 00 00 00 00               # call_id 0, timeout_ms 0
@@ -193,7 +193,7 @@ fn the_opening_hello_and_announce() {
 
     let raw = bytes_of(OPENING);
     let (preamble, frames) = raw.split_at(PREAMBLE_LEN);
-    assert_eq!(preamble, daffi_wire::preamble(4));
+    assert_eq!(preamble, daffi_wire::preamble(5));
     let hello_len = LEN_PREFIX + u32::from_be_bytes(frames[..4].try_into().unwrap()) as usize;
     let (hello, announce) = frames.split_at(hello_len);
     let hello = parsed(hello);

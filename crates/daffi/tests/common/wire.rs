@@ -185,3 +185,27 @@ pub fn batch_payload(calls: &[Vec<u8>]) -> Vec<u8> {
     }
     out
 }
+
+/// The replies a `Reply` frame carries, split as docs/PROTOCOL.md ("Batches of
+/// replies") says: (call id, flags, payload) each; a lone reply is one.
+pub fn replies_of(frame: &Frame) -> Vec<(u64, u8, Vec<u8>)> {
+    use daffi_wire::frame::{FLAG_ERROR, FLAG_REPLY_BATCH};
+    let payload = frame.payload();
+    if frame.flags() & FLAG_REPLY_BATCH == 0 {
+        return vec![(frame.call_id(), frame.flags(), payload.to_vec())];
+    }
+    assert_eq!(frame.flags(), FLAG_REPLY_BATCH, "BATCH alone");
+    let mut replies = Vec::new();
+    let mut rest = &payload[..];
+    while !rest.is_empty() {
+        let id = u64::from_be_bytes(rest[..8].try_into().expect("an id"));
+        let flags = rest[8];
+        assert!(flags & !FLAG_ERROR == 0, "an item's flags: {flags}");
+        let len = u32::from_be_bytes(rest[9..13].try_into().expect("a length")) as usize;
+        replies.push((id, flags, rest[13..13 + len].to_vec()));
+        rest = &rest[13 + len..];
+    }
+    assert_eq!(replies.len() as u64, frame.call_id(), "call_id counts them");
+    assert!(replies.len() >= 2, "a batch holds two replies or more");
+    replies
+}

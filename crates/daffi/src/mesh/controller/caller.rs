@@ -39,8 +39,8 @@ impl Mesh for ControllerMesh {
                     self.prepare_call(req)?
                 }
             };
-            if self.join_queued(&conn, &target, req) {
-                return Ok(None);
+            if self.join_queued(&conn, &target, req, waiter.as_ref()) {
+                return Ok(waiter);
             }
             let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
             let _with_others = self.cork_if_many(&conn, waiter.as_ref());
@@ -62,8 +62,8 @@ impl Mesh for ControllerMesh {
                 Err(e) => return Some(Err(e)),
             },
         };
-        if self.join_queued(&conn, &target, req) {
-            return Some(Ok(None));
+        if self.join_queued(&conn, &target, req, waiter.as_ref()) {
+            return Some(Ok(waiter));
         }
         // The arguments move into the frame: a clone of them would cost an allocation.
         let args = std::mem::take(&mut req.args);
@@ -389,21 +389,36 @@ impl ControllerMesh {
             .ok_or_else(|| self.unreachable("connection lost"))
     }
 
-    /// Joins the NO_RETURN call `req` to `target` to the last frame queued on `conn`, if
-    /// that is a NO_RETURN request (or batch) to the same node and callback with room
-    /// left: the calls then leave in one batch frame, which the controller forwards and
-    /// the callee reads as one. Only a frame that waits anyway is joined (the
-    /// connection is busy): a lone call goes at once, as its own frame.
-    fn join_queued(&self, conn: &Connection, target: &str, req: &CallRequest) -> bool {
-        if !req.no_reply || req.incoming || req.args.len() >= crate::mesh::JOINED_CALL {
+    /// Joins the call `req` to `target` (answered through `waiter`, if it wants a reply)
+    /// to the last frame queued on `conn`, if that is a request (or batch) of the same
+    /// kind (NO_RETURN, or wanting a reply) to the same node and callback, with the same
+    /// timeout, with room left: the calls then leave in one batch frame, which the
+    /// controller forwards and the callee reads as one. Only a frame that waits anyway is
+    /// joined (the connection is busy): a lone call goes at once, as its own frame.
+    fn join_queued(
+        &self,
+        conn: &Connection,
+        target: &str,
+        req: &CallRequest,
+        waiter: Option<&Waiter>,
+    ) -> bool {
+        if req.incoming || req.args.len() >= crate::mesh::JOINED_CALL {
             return false;
         }
-        let header = self.request_header(target, req, 0);
+        let call_id = waiter.map_or(0, Waiter::call_id);
+        let header = self.request_header(target, req, call_id);
         let limit = self.max_frame_size.load(Ordering::Relaxed);
-        // At most: the call, its length, and the first call's length.
-        let most_added = req.args.len() + 8;
+        if req.no_reply {
+            // At most: the call, its length, and the first call's length.
+            let most_added = req.args.len() + 8;
+            return conn.queue.join_last(most_added, |last| {
+                crate::mesh::join_call(last, &header, &req.args, limit)
+            });
+        }
+        // At most: the call, its head, and the first call's head.
+        let most_added = req.args.len() + 2 * crate::mesh::CALL_ITEM_HEAD;
         conn.queue.join_last(most_added, |last| {
-            crate::mesh::join_call(last, &header, &req.args, limit)
+            crate::mesh::join_call_with_reply(last, &header, &req.args, limit)
         })
     }
 

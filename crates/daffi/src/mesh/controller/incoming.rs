@@ -1,6 +1,7 @@
 //! Requests from the controller, as the executor takes them: a request frame, and the
 //! way back for its reply (the link's current connection).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,15 +12,18 @@ use super::ControllerMesh;
 use crate::callback::Outcome;
 use crate::executor::ItemSink;
 use crate::executor::Request;
-use crate::mesh::{BoxFuture, OpenStream};
+use crate::mesh::{join_reply, BoxFuture, OpenStream, JOINED_REPLY, REPLY_ITEM_HEAD};
 use crate::protocol::message::{self, RemoteError};
 use crate::sync::read;
 use daffi_wire::frame::{FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_STREAM};
-use daffi_wire::{Frame, Header, Kind, Outgoing, Push};
+use daffi_wire::{Frame, Header, Kind, Outgoing, Payload, Push};
 
-/// A request frame from the controller, or one call of a batch of NO_RETURN calls.
+/// A request frame from the controller, or one call of a batch of calls.
 pub struct FrameRequest {
     frame: Frame,
+    /// The call's id: the frame's, or the call's own in a batch (0 in a batch of
+    /// NO_RETURN calls, which are never answered).
+    call_id: u64,
     /// The call's arguments, when the frame is a batch (a slice of its payload).
     args: Option<Bytes>,
     /// When the caller gives up, from the timeout the request carries.
@@ -32,6 +36,7 @@ impl FrameRequest {
     pub fn new(frame: Frame, mesh: &Arc<ControllerMesh>) -> Box<Self> {
         let deadline = Self::deadline_of(&frame);
         Box::new(FrameRequest {
+            call_id: frame.call_id(),
             frame,
             args: None,
             deadline,
@@ -39,16 +44,19 @@ impl FrameRequest {
         })
     }
 
-    /// One call of the batch request `frame`, with its arguments `args` (a slice of the
-    /// frame's payload) and the `deadline` of the frame ([`deadline_of`](Self::deadline_of)).
+    /// One call of the batch request `frame`, `call_id` (0 for a NO_RETURN call), with
+    /// its arguments `args` (a slice of the frame's payload) and the `deadline` of the
+    /// frame ([`deadline_of`](Self::deadline_of)).
     pub fn call_of_batch(
         frame: Frame,
+        call_id: u64,
         args: Bytes,
         deadline: Option<Instant>,
         mesh: &Arc<ControllerMesh>,
     ) -> Box<Self> {
         Box::new(FrameRequest {
             frame,
+            call_id,
             args: Some(args),
             deadline,
             mesh: mesh.clone(),
@@ -61,8 +69,9 @@ impl FrameRequest {
             .then(|| Instant::now() + Duration::from_millis(u64::from(frame.timeout_ms())))
     }
 
-    fn encode_reply(&self, outcome: Outcome) -> Outgoing {
-        let (flags, body) = match outcome {
+    /// The reply's flags and payload.
+    fn reply_body(outcome: Outcome) -> (u8, Payload) {
+        match outcome {
             Ok(value) => (0, value),
             Err(failure) => (
                 FLAG_ERROR,
@@ -72,17 +81,20 @@ impl FrameRequest {
                 })
                 .into(),
             ),
-        };
-        let header = Header {
+        }
+    }
+
+    /// The header of the reply, with `flags`.
+    fn reply_header(&self, flags: u8) -> Header<'_> {
+        Header {
             kind: Kind::Reply,
             flags,
-            call_id: self.frame.call_id(),
+            call_id: self.call_id,
             timeout_ms: 0,
             src: &self.mesh.name,
             dst: self.frame.src(),
             name: "",
-        };
-        Outgoing::new(&header, body)
+        }
     }
 }
 
@@ -115,7 +127,7 @@ impl Request for FrameRequest {
     }
 
     fn open_stream(&self) -> Option<Box<dyn ItemSink>> {
-        let sink = FrameItemSink::results(&self.mesh, self.frame.src(), self.frame.call_id())?;
+        let sink = FrameItemSink::results(&self.mesh, self.frame.src(), self.call_id)?;
         Some(sink)
     }
 
@@ -124,18 +136,36 @@ impl Request for FrameRequest {
             return None;
         }
         self.mesh
-            .receive_arguments(self.frame.src(), self.frame.call_id(), self.frame.name())
+            .receive_arguments(self.frame.src(), self.call_id, self.frame.name())
     }
 
     /// Queues the reply on the live connection without taking a handle on it (the
     /// common case: nothing cloned per reply). Without a connection the reply is dropped.
+    ///
+    /// A small reply joins the reply to the same caller still queued at the back of the
+    /// connection, if there is one (docs/PROTOCOL.md, "Batches of replies"): the
+    /// replies then leave, are forwarded and are read as one frame. A reply that finds
+    /// nothing waiting goes alone, at once.
     fn reply(self: Box<Self>, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
-        let reply = self.encode_reply(outcome);
+        let (flags, body) = Self::reply_body(outcome);
+        let header = self.reply_header(flags);
         let connection = read(&self.mesh.connection);
         let Some(conn) = connection.as_ref() else {
             tracing::debug!(callback = self.frame.name(), "reply dropped: not connected");
             return None;
         };
+        if body.len() < JOINED_REPLY {
+            let limit = self.mesh.max_frame_size.load(Ordering::Relaxed);
+            // At most: the reply, its head, and the first reply's head.
+            let most_added = body.len() + 2 * REPLY_ITEM_HEAD;
+            if conn
+                .queue
+                .join_last(most_added, |last| join_reply(last, &header, &body, limit))
+            {
+                return None;
+            }
+        }
+        let reply = Outgoing::new(&header, body);
         // More replies follow at once: this one leaves with them.
         let _batching = self
             .mesh

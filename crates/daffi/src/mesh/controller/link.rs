@@ -13,7 +13,9 @@ use crate::error::Error;
 use crate::executor::{self, SyncBatch};
 use crate::mesh::pending::Completion;
 use crate::mesh::pending::Delivery;
-use crate::mesh::{batch_calls, remote_failure, Arrived, Grant, ReplyPayload};
+use crate::mesh::{
+    batch_calls, batch_replies, batch_requests, remote_failure, Arrived, Grant, ReplyPayload,
+};
 use crate::protocol;
 use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
@@ -22,7 +24,9 @@ use crate::protocol::message::{
 use crate::transport::{self, BoxRead, ConnectError};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_REQUEST_BATCH};
+use daffi_wire::frame::{
+    FLAG_ARGUMENTS, FLAG_BATCH, FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH,
+};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameHandler, FrameReader, FrameSender, Handled,
@@ -276,6 +280,7 @@ fn dispatch(
             serve_batch(core, frame, batch);
         }
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
+        Kind::Reply if frame.flags() & FLAG_REPLY_BATCH != 0 => complete_replies(conn, frame),
         Kind::Reply => complete_reply(conn, frame),
         Kind::Undeliverable => {
             let code = message::decode::<Undeliverable>(&frame.payload()).map(|u| u.code);
@@ -333,27 +338,41 @@ fn dispatch(
     Ok(())
 }
 
-/// Serves each call of a batch of NO_RETURN calls as its own request (each admitted, run
-/// and counted against the NO_RETURN allowance as a lone one), in order, their
-/// arguments slices of the frame. A malformed batch is dropped whole, with a warning
+/// Serves each call of a batch as its own request, in order, their arguments slices of
+/// the frame: a batch of NO_RETURN calls (each admitted, run and counted against the
+/// NO_RETURN allowance as a lone one), or of calls that want replies (each with its own
+/// call id, answered on its own). A malformed batch is dropped whole, with a warning
 /// naming its caller: it costs only that caller's calls.
 fn serve_batch(core: &Arc<ControllerMesh>, frame: Frame, batch: &mut SyncBatch) {
+    let deadline = FrameRequest::deadline_of(&frame);
+    if frame.flags() & FLAG_NO_REPLY == 0 {
+        let calls = match batch_requests(frame.flags(), frame.call_id(), frame.payload()) {
+            Ok(calls) => calls,
+            Err(why) => return dropped_batch(&frame, "calls", &why),
+        };
+        for (call_id, args) in calls {
+            let request = FrameRequest::call_of_batch(frame.clone(), call_id, args, deadline, core);
+            executor::serve(&core.executor, request, batch);
+        }
+        return;
+    }
     let calls = match batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
         Ok(calls) => calls,
-        Err(why) => {
-            tracing::warn!(
-                caller = frame.src(),
-                callback = frame.name(),
-                "dropped a malformed batch of NO_RETURN calls: {why}"
-            );
-            return;
-        }
+        Err(why) => return dropped_batch(&frame, "NO_RETURN calls", &why),
     };
-    let deadline = FrameRequest::deadline_of(&frame);
     for args in calls {
-        let request = FrameRequest::call_of_batch(frame.clone(), args, deadline, core);
+        let request = FrameRequest::call_of_batch(frame.clone(), 0, args, deadline, core);
         executor::serve(&core.executor, request, batch);
     }
+}
+
+/// Logs a malformed batch of `what` in `frame`, dropped.
+fn dropped_batch(frame: &Frame, what: &str, why: &str) {
+    tracing::warn!(
+        caller = frame.src(),
+        callback = frame.name(),
+        "dropped a malformed batch of {what}: {why}"
+    );
 }
 
 /// Handles a stream frame. Without `FLAG_ARGUMENTS` it belongs to a results stream:
@@ -456,21 +475,26 @@ fn control_reply(frame: &Frame) -> Completion {
 
 /// Completes the call `frame` answers. The frame is handed over whole: its payload may
 /// then be the buffer's only holder (see [`ReplyPayload`]).
+///
+/// A reply to a call made to another node is not the sender's to give: it is ignored
+/// (logged), and the call waits for its own.
 fn complete_reply(conn: &Connection, frame: Frame) {
-    let Some(entry) = conn.pending.take(frame.call_id()) else {
-        // A stream call answered with one reply: a refusal, or a plain callback.
-        conn.pending.end_stream(frame.call_id(), |s| {
-            Some(if frame.flags() & FLAG_ERROR == 0 {
-                Error::NotAStream {
-                    process: frame.src().to_string(),
-                    callback: s.callback.to_string(),
-                    reason: "as a plain callback, with one result (or runs a daffi too old to stream): call it with fg, bg or no_return".to_string(),
-                }
-            } else {
-                remote_failure(&frame.payload(), frame.src(), &s.callback)
-            })
-        });
-        return; // otherwise the caller gave up (timeout) before the reply came
+    let entry = match conn.pending.take_from(frame.call_id(), frame.src()) {
+        Ok(entry) => entry,
+        Err(true) => {
+            tracing::warn!(
+                peer = frame.src(),
+                call_id = frame.call_id(),
+                "ignored a reply to a call made to another node"
+            );
+            return;
+        }
+        Err(false) => {
+            reply_without_call(conn, frame.src(), frame.call_id(), frame.flags(), || {
+                frame.payload()
+            });
+            return;
+        }
     };
     let completion = if frame.flags() & FLAG_ERROR == 0 {
         Ok(frame.into())
@@ -482,4 +506,80 @@ fn complete_reply(conn: &Connection, frame: Frame) {
         ))
     };
     let _ = entry.done.send(completion);
+}
+
+/// A reply from `peer` to call `call_id`, which waits for no reply: a stream call
+/// answered with one reply (a refusal, or a plain callback) ends; otherwise the caller
+/// gave up (timeout) before the reply came, and it is dropped.
+fn reply_without_call(
+    conn: &Connection,
+    peer: &str,
+    call_id: u64,
+    flags: u8,
+    payload: impl FnOnce() -> bytes::Bytes,
+) {
+    conn.pending.end_stream(call_id, |s| {
+        Some(if flags & FLAG_ERROR == 0 {
+            Error::NotAStream {
+                process: peer.to_string(),
+                callback: s.callback.to_string(),
+                reason: "as a plain callback, with one result (or runs a daffi too old to stream): call it with fg, bg or no_return".to_string(),
+            }
+        } else {
+            remote_failure(&payload(), peer, &s.callback)
+        })
+    });
+}
+
+/// Completes the calls a batch reply (docs/PROTOCOL.md, "Batches of replies") answers,
+/// each with its own result, their entries taken under one lock. A reply to a call made
+/// to another node is not the sender's to give: ignored (logged), the call waits for
+/// its own. A malformed batch cannot be matched to its calls: it is dropped with a WARN
+/// naming its sender, and every call in flight to that node fails with a protocol error
+/// naming it (rather than wait for replies it may have lost); the connection, shared
+/// with every other node, stays open.
+fn complete_replies(conn: &Connection, frame: Frame) {
+    let peer = frame.src();
+    let items = match batch_replies(frame.flags(), frame.call_id(), frame.payload()) {
+        Ok(items) => items,
+        Err(why) => {
+            tracing::warn!(
+                peer,
+                "dropped a malformed batch of replies; failing the calls in flight to it: {why}"
+            );
+            conn.pending.fail_target_with(peer, |target, callback| {
+                Error::protocol(
+                    target.to_string(),
+                    format!(
+                        "its node sent a malformed batch of replies while `{callback}` waited on it ({why})"
+                    ),
+                )
+            });
+            return;
+        }
+    };
+    let (taken, missed) = conn
+        .pending
+        .take_replies(peer, items.map(|item| (item.call_id, item)));
+    for (entry, item) in taken {
+        let completion = if item.error {
+            Err(remote_failure(&item.payload, peer, &entry.callback))
+        } else {
+            Ok(ReplyPayload::from(item.payload))
+        };
+        let _ = entry.done.send(completion);
+    }
+    for (call_id, item) in missed {
+        match item {
+            Some(item) => {
+                let flags = if item.error { FLAG_ERROR } else { 0 };
+                reply_without_call(conn, peer, call_id, flags, || item.payload);
+            }
+            None => tracing::warn!(
+                peer,
+                call_id,
+                "ignored a reply to a call made to another node"
+            ),
+        }
+    }
 }
