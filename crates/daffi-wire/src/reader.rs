@@ -33,11 +33,11 @@ const LARGE_FRAME: usize = 1024 * 1024;
 /// are read into a buffer of their own, which the reader keeps, among a few, for the next
 /// frames of that size once every part of the frame has been dropped (with
 /// [`FrameReader::keep_large_buffers`]). Below it, frames share the reader's buffer.
-pub const MID_FRAME: usize = 32 * 1024;
-/// Bytes of mid-size frame buffers (below [`LARGE_FRAME`]) one reader keeps at most:
+const MID_FRAME: usize = 32 * 1024;
+/// Bytes of mid-size frame buffers (below `LARGE_FRAME`) one reader keeps at most:
 /// enough for the frames a stream has in flight (its window is 2 MiB) with room to
 /// spare. Past it, a frame gets fresh memory, given back when the frame is dropped.
-pub const MID_KEPT_BYTES: usize = 4 * 1024 * 1024;
+const MID_KEPT_BYTES: usize = 4 * 1024 * 1024;
 /// Mid-size buffers are allocated in multiples of this, so that frames of slightly
 /// different sizes reuse each other's.
 const MID_GRAIN: usize = 8 * 1024;
