@@ -182,8 +182,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// large calls then costs no fresh memory mapping (page faults, zeroing by the
     /// kernel) per frame, and a connection that goes quiet gives the memory back.
     ///
-    /// Mid-size frames ([`MID_FRAME`] up to 1 MiB) that are not whole in the reader's
-    /// buffer get a buffer of their own too, among up to [`MID_KEPT_BYTES`] kept for the
+    /// Mid-size frames (32 KiB up to 1 MiB) that are not whole in the reader's
+    /// buffer get a buffer of their own too, among up to 4 MiB kept for the
     /// same time: a steady stream of them (64 KiB chunks, say) reuses the buffers its
     /// earlier frames were read into once they are dropped, and touches no new pages.
     /// Needs a Tokio runtime with time enabled.
