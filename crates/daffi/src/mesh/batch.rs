@@ -331,8 +331,8 @@ pub const MAX_CALLS_BATCH_BYTES: usize = 16 * 1024;
 /// `args` to the request `last` still queued, if that is a NO_RETURN request (or a batch
 /// of them, docs/PROTOCOL.md "Batches of NO_RETURN calls") to the same node and callback,
 /// with the same flags and timeout, with room left (a payload of at most
-/// [`MAX_CALLS_BATCH_BYTES`], lengths included, and the frame within `frame_limit`). A lone request becomes a batch of
-/// two. `false`: `last` is left as it was.
+/// [`MAX_CALLS_BATCH_BYTES`], lengths included, and the frame within `frame_limit`). A
+/// lone request becomes a batch of two. `false`: `last` is left as it was.
 pub fn join_call(
     last: &mut Outgoing,
     call: &Header<'_>,
@@ -364,15 +364,7 @@ pub fn join_call(
         return false;
     }
     let mut buf = if batched {
-        // The batch's buffer is extended in place when nothing else holds it.
-        match body.pop().map(Bytes::try_into_mut) {
-            Some(Ok(buf)) => buf,
-            Some(Err(part)) => {
-                body.push(part);
-                BytesMut::with_capacity(FIRST_CAPACITY)
-            }
-            None => BytesMut::with_capacity(FIRST_CAPACITY),
-        }
+        extendable(body)
     } else {
         // The lone call's arguments become the batch's first item.
         let first = std::mem::take(body);
@@ -389,24 +381,7 @@ pub fn join_call(
     }
     body.push(buf.freeze());
     let (flags, payload_len) = (call.flags | FLAG_REQUEST_BATCH, body.len());
-    // The head is changed in place when this batch owns it (after its first join);
-    // the lone request's head, cut from a shared buffer, is copied once.
-    let head = std::mem::take(last.head_mut());
-    let mut head = head
-        .try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items + 1) {
-        head.freeze()
-    } else {
-        // Never taken (the head matched a whole header, the frame is within the limit);
-        // encoded afresh, the frame stays valid whatever happens.
-        Header {
-            flags,
-            call_id: items + 1,
-            ..*call
-        }
-        .encode(payload_len)
-    };
+    patch_batch_head(last, call, flags, items + 1, payload_len);
     true
 }
 
@@ -522,51 +497,104 @@ pub fn join_call_with_reply(
     args: &Payload,
     frame_limit: usize,
 ) -> bool {
-    if call.kind != Kind::Request || call.flags != 0 {
+    join_item(last, call, args, frame_limit, &CALLS)
+}
+
+/// How the items of one kind of batch (calls that want replies, or replies) are laid
+/// out, and when one may join.
+struct ItemLayout {
+    /// The kind of frame the batch is.
+    kind: Kind,
+    /// The flags a lone item may carry into the batch (in its head).
+    item_flags: u8,
+    /// The flag that marks the frame a batch.
+    batch_flag: u8,
+    /// Bytes of each item's head.
+    head: usize,
+    /// An item joins only if smaller than this.
+    joined_below: usize,
+    /// A batch's payload stays within this, heads included.
+    max_bytes: usize,
+    /// Writes one item's head: call id, flags, length.
+    put_head: fn(&mut BytesMut, u64, u8, usize),
+}
+
+/// Calls that want replies (docs/PROTOCOL.md "Batches of calls that want replies").
+const CALLS: ItemLayout = ItemLayout {
+    kind: Kind::Request,
+    item_flags: 0,
+    batch_flag: FLAG_REQUEST_BATCH,
+    head: CALL_ITEM_HEAD,
+    joined_below: JOINED_CALL,
+    max_bytes: MAX_CALLS_BATCH_BYTES,
+    put_head: put_call_head,
+};
+
+/// Replies (docs/PROTOCOL.md "Batches of replies").
+const REPLIES: ItemLayout = ItemLayout {
+    kind: Kind::Reply,
+    item_flags: FLAG_ERROR,
+    batch_flag: FLAG_REPLY_BATCH,
+    head: REPLY_ITEM_HEAD,
+    joined_below: JOINED_REPLY,
+    max_bytes: MAX_REPLIES_BATCH_BYTES,
+    put_head: put_reply_head,
+};
+
+/// Joins the item `header` (with its own call id) and `body` to the frame `last` still
+/// queued, under `layout`'s rules: see [`join_call_with_reply`] and [`join_reply`].
+fn join_item(
+    last: &mut Outgoing,
+    header: &Header<'_>,
+    body: &Payload,
+    frame_limit: usize,
+    layout: &ItemLayout,
+) -> bool {
+    if header.kind != layout.kind || header.flags & !layout.item_flags != 0 {
         return false;
     }
-    let Some((flags, id_or_count)) = call.matches_head(last.head()) else {
+    let Some((flags, id_or_count)) = header.matches_head(last.head()) else {
         return false;
     };
-    let batched = flags == FLAG_REQUEST_BATCH;
-    let len = args.len();
-    if (!batched && flags != 0) || len >= JOINED_CALL {
+    let batched = flags == layout.batch_flag;
+    let len = body.len();
+    if (!batched && flags & !layout.item_flags != 0) || len >= layout.joined_below {
         return false;
     }
     let items = if batched { id_or_count } else { 1 };
     let last_body = last.body_mut();
     let framing = if batched {
-        CALL_ITEM_HEAD
+        layout.head
     } else {
-        2 * CALL_ITEM_HEAD
+        2 * layout.head
     };
     let new_len = last_body.len() + framing + len;
-    if new_len > MAX_CALLS_BATCH_BYTES
-        || (!batched && last_body.len() >= JOINED_CALL)
+    if new_len > layout.max_bytes
+        || (!batched && last_body.len() >= layout.joined_below)
         || items >= u64::from(u32::MAX)
-        || call.frame_len(new_len) - LEN_PREFIX > frame_limit
+        || header.frame_len(new_len) - LEN_PREFIX > frame_limit
     {
         return false;
     }
     let mut buf = if batched {
         extendable(last_body)
     } else {
-        // The lone call becomes the batch's first item.
+        // The lone item becomes the batch's first.
         let first = std::mem::take(last_body);
         let mut buf = BytesMut::with_capacity(BATCH_CAPACITY);
-        put_call_head(&mut buf, id_or_count, first.len());
+        (layout.put_head)(&mut buf, id_or_count, flags, first.len());
         for part in first.parts() {
             buf.extend_from_slice(part);
         }
         buf
     };
-    put_call_head(&mut buf, call.call_id, len);
-    for part in args.parts() {
+    (layout.put_head)(&mut buf, header.call_id, header.flags, len);
+    for part in body.parts() {
         buf.extend_from_slice(part);
     }
     last_body.push(buf.freeze());
     let payload_len = last_body.len();
-    patch_batch_head(last, call, FLAG_REQUEST_BATCH, items + 1, payload_len);
+    patch_batch_head(last, header, layout.batch_flag, items + 1, payload_len);
     true
 }
 
@@ -575,7 +603,8 @@ pub fn join_call_with_reply(
 const BATCH_CAPACITY: usize = 4 * 1024;
 
 /// Writes the head of one call of a batch of calls that want replies.
-fn put_call_head(buf: &mut BytesMut, call_id: u64, len: usize) {
+/// (Calls carry no flags of their own: `_flags` is for [`ItemLayout::put_head`].)
+fn put_call_head(buf: &mut BytesMut, call_id: u64, _flags: u8, len: usize) {
     buf.extend_from_slice(&call_id.to_be_bytes());
     // Below `JOINED_CALL`: the caller checked.
     buf.extend_from_slice(&(len as u32).to_be_bytes());
@@ -684,52 +713,7 @@ pub fn join_reply(
     body: &Payload,
     frame_limit: usize,
 ) -> bool {
-    if reply.kind != Kind::Reply || reply.flags & !FLAG_ERROR != 0 {
-        return false;
-    }
-    let Some((flags, id_or_count)) = reply.matches_head(last.head()) else {
-        return false;
-    };
-    let batched = flags == FLAG_REPLY_BATCH;
-    let len = body.len();
-    if (!batched && flags & !FLAG_ERROR != 0) || len >= JOINED_REPLY {
-        return false;
-    }
-    let items = if batched { id_or_count } else { 1 };
-    let last_body = last.body_mut();
-    let framing = if batched {
-        REPLY_ITEM_HEAD
-    } else {
-        2 * REPLY_ITEM_HEAD
-    };
-    let new_len = last_body.len() + framing + len;
-    if new_len > MAX_REPLIES_BATCH_BYTES
-        || (!batched && last_body.len() >= JOINED_REPLY)
-        || items >= u64::from(u32::MAX)
-        || reply.frame_len(new_len) - LEN_PREFIX > frame_limit
-    {
-        return false;
-    }
-    let mut buf = if batched {
-        extendable(last_body)
-    } else {
-        // The lone reply becomes the batch's first item.
-        let first = std::mem::take(last_body);
-        let mut buf = BytesMut::with_capacity(BATCH_CAPACITY);
-        put_reply_head(&mut buf, id_or_count, flags, first.len());
-        for part in first.parts() {
-            buf.extend_from_slice(part);
-        }
-        buf
-    };
-    put_reply_head(&mut buf, reply.call_id, reply.flags, len);
-    for part in body.parts() {
-        buf.extend_from_slice(part);
-    }
-    last_body.push(buf.freeze());
-    let payload_len = last_body.len();
-    patch_batch_head(last, reply, FLAG_REPLY_BATCH, items + 1, payload_len);
-    true
+    join_item(last, reply, body, frame_limit, &REPLIES)
 }
 
 /// The last part of a batch's payload, to extend: taken over in place when nothing
