@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use super::changes::{frames_for, snapshot_frames, Change, NodeView, COALESCE_WINDOW};
-use crate::mesh::{ReplyItem, CALL_ITEM_HEAD, REPLY_ITEM_HEAD};
+use crate::mesh::{put_call_head, put_reply_head, ReplyItem, CALL_ITEM_HEAD, REPLY_ITEM_HEAD};
 use crate::protocol::message::{Member, MembershipEvent, UndeliverableCode};
 use crate::sync::{lock, read, write};
 use bytes::{Bytes, BytesMut};
@@ -575,10 +575,11 @@ fn split_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outgoing>> {
         n => {
             let mut payload = BytesMut::new();
             for (call_id, args) in group.drain(..) {
-                if !one_way {
-                    payload.extend_from_slice(&call_id.to_be_bytes());
+                if one_way {
+                    payload.extend_from_slice(&(args.len() as u32).to_be_bytes());
+                } else {
+                    put_call_head(&mut payload, call_id, 0, args.len());
                 }
-                payload.extend_from_slice(&(args.len() as u32).to_be_bytes());
                 payload.extend_from_slice(&args);
             }
             let flags = lone_flags | FLAG_REQUEST_BATCH;
@@ -681,9 +682,8 @@ fn split_replies_to_fit(frame: &Outgoing, frame_limit: usize) -> Option<Vec<Outg
         n => {
             let mut payload = BytesMut::new();
             for reply in group.drain(..) {
-                payload.extend_from_slice(&reply.call_id.to_be_bytes());
-                payload.extend_from_slice(&[if reply.error { FLAG_ERROR } else { 0 }]);
-                payload.extend_from_slice(&(reply.payload.len() as u32).to_be_bytes());
+                let flags = if reply.error { FLAG_ERROR } else { 0 };
+                put_reply_head(&mut payload, reply.call_id, flags, reply.payload.len());
                 payload.extend_from_slice(&reply.payload);
             }
             pieces.push(Outgoing::new(

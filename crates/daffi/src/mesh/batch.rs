@@ -604,9 +604,9 @@ const BATCH_CAPACITY: usize = 4 * 1024;
 
 /// Writes the head of one call of a batch of calls that want replies.
 /// (Calls carry no flags of their own: `_flags` is for [`ItemLayout::put_head`].)
-fn put_call_head(buf: &mut BytesMut, call_id: u64, _flags: u8, len: usize) {
+pub fn put_call_head(buf: &mut BytesMut, call_id: u64, _flags: u8, len: usize) {
     buf.extend_from_slice(&call_id.to_be_bytes());
-    // Below `JOINED_CALL`: the caller checked.
+    // Below `JOINED_CALL` (or the frame limit, for a split batch): the caller checked.
     buf.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
@@ -758,10 +758,10 @@ fn patch_batch_head(
 }
 
 /// Writes the head of one reply of a batch reply.
-fn put_reply_head(buf: &mut BytesMut, call_id: u64, flags: u8, len: usize) {
+pub fn put_reply_head(buf: &mut BytesMut, call_id: u64, flags: u8, len: usize) {
     buf.extend_from_slice(&call_id.to_be_bytes());
     buf.extend_from_slice(&[flags]);
-    // Below `JOINED_REPLY`: the caller checked.
+    // Below `JOINED_REPLY` (or the frame limit, for a split batch): the caller checked.
     buf.extend_from_slice(&(len as u32).to_be_bytes());
 }
 

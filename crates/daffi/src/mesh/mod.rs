@@ -49,8 +49,8 @@ use crate::protocol::message::{self, ControlAnswer, ControlRequest, RemoteError,
 pub use batch::Joining;
 pub use batch::{
     batch_calls, batch_replies, batch_requests, join_call, join_call_with_reply, join_reply,
-    readable_call_ids, BatchItems, Credit, Grant, ItemBatch, ReplyItem, CALL_ITEM_HEAD,
-    JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
+    put_call_head, put_reply_head, readable_call_ids, BatchItems, Credit, Grant, ItemBatch,
+    ReplyItem, CALL_ITEM_HEAD, JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
 };
 pub use membership::{Changes, Membership, Scope};
 pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
