@@ -20,13 +20,7 @@ pub async fn batch_frame<W: AsyncWrite + Unpin>(
     batch: &mut BytesMut,
     frame: Outgoing,
 ) -> std::io::Result<()> {
-    if frame.head.len() > COPY_THRESHOLD {
-        flush_batch(writer, batch).await?;
-        writer.write_all(&frame.head).await?;
-    } else {
-        batch.extend_from_slice(&frame.head);
-    }
-    for part in frame.body.parts() {
+    for part in frame.slices() {
         if part.len() > COPY_THRESHOLD {
             flush_batch(writer, batch).await?;
             writer.write_all(part).await?;

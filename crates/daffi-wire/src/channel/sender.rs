@@ -408,7 +408,12 @@ fn give_back(
 
 fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Outgoing>> {
     let mut cx = Context::from_waker(noop_waker());
-    let Outgoing { mut head, mut body } = frame;
+    // Only a queued frame grows; made whole in case one ever comes this way.
+    let mut frame = frame;
+    frame.seal();
+    let Outgoing {
+        mut head, mut body, ..
+    } = frame;
     while !head.is_empty() || !body.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         slices[0] = IoSlice::new(&head);
@@ -426,7 +431,7 @@ fn write_now(socket: &mut Socket, frame: Outgoing) -> std::io::Result<Option<Out
             }
             Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(Some(Outgoing { head, body })),
+            Poll::Pending => return Ok(Some(Outgoing::from_parts(head, body))),
         }
     }
     // A no-op on plain sockets; a stream that buffers gets flushed by the writer task.

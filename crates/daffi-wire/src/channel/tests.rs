@@ -199,12 +199,9 @@ async fn a_frame_sender_keeps_order_through_direct_and_queued_writes() {
                 let mut h = Header::control(Kind::Request);
                 h.call_id = id;
                 let body = Bytes::from(vec![1u8; (id % 7) as usize * 300]);
-                tx.send(Outgoing {
-                    head: h.encode(body.len()),
-                    body: body.into(),
-                })
-                .await
-                .expect("connection open");
+                tx.send(Outgoing::new(&h, body))
+                    .await
+                    .expect("connection open");
             }
         }));
     }
@@ -238,10 +235,7 @@ async fn a_frame_sender_from_a_blocking_thread_and_after_the_peer_left() {
             .map(|i| {
                 let mut h = Header::control(Kind::Reply);
                 h.call_id = i;
-                runtime.block_on(blocking.send(Outgoing {
-                    head: h.encode(0),
-                    body: Payload::default(),
-                }))
+                runtime.block_on(blocking.send(Outgoing::new(&h, Payload::default())))
             })
             .filter(Result::is_ok)
             .count()

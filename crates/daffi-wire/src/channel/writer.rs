@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{CloseReason, Shared, Socket, FRAME_COST};
@@ -204,18 +204,10 @@ async fn write_batch(
     let small: usize = frames
         .iter()
         .map(|f| {
-            let head = if f.head.len() > COPY_THRESHOLD {
-                0
-            } else {
-                f.head.len()
-            };
-            let body: usize = f
-                .body
-                .parts()
-                .map(Bytes::len)
+            f.slices()
+                .map(<[u8]>::len)
                 .filter(|&len| len <= COPY_THRESHOLD)
-                .sum();
-            head + body
+                .sum::<usize>()
         })
         .sum();
     batch.reserve(small.min(BATCH_LIMIT));

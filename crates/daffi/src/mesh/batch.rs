@@ -339,7 +339,7 @@ pub fn join_call(
     args: &Payload,
     frame_limit: usize,
 ) -> bool {
-    let Some((flags, count)) = call.matches_head(last.head()) else {
+    let Some((flags, count)) = call.matches_head(last.head_bytes()) else {
         return false;
     };
     let batched = flags & FLAG_REQUEST_BATCH != 0;
@@ -351,37 +351,38 @@ pub fn join_call(
         return false;
     }
     let items = if batched { count } else { 1 };
-    let body = last.body_mut();
+    let body_len = payload_len(last);
     let framing = if batched { ITEM_LEN } else { 2 * ITEM_LEN };
-    let new_len = body.len() + framing + len;
+    let new_len = body_len + framing + len;
     // Bounded by the payload, lengths included: a flood of tiny calls makes frames (and
     // buffers, on every hop) of at most 16 KiB.
     if new_len > MAX_CALLS_BATCH_BYTES
-        || (!batched && body.len() >= JOINED_CALL)
+        || (!batched && body_len >= JOINED_CALL)
         || items >= u64::from(u32::MAX)
         || call.frame_len(new_len) - LEN_PREFIX > frame_limit
     {
         return false;
     }
-    let mut buf = if batched {
-        extendable(body)
-    } else {
+    let grown = last.grow();
+    if !batched {
         // The lone call's arguments become the batch's first item.
-        let first = std::mem::take(body);
-        let mut buf = BytesMut::with_capacity(FIRST_CAPACITY.max(2 * new_len));
-        buf.extend_from_slice(&(first.len() as u32).to_be_bytes());
+        let first = take_payload(grown.body, grown.tail);
+        *grown.tail = BytesMut::with_capacity(FIRST_CAPACITY.max(2 * new_len));
+        grown
+            .tail
+            .extend_from_slice(&(first.len() as u32).to_be_bytes());
         for part in first.parts() {
-            buf.extend_from_slice(part);
+            grown.tail.extend_from_slice(part);
         }
-        buf
-    };
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    for part in args.parts() {
-        buf.extend_from_slice(part);
+    } else if grown.tail.capacity() == 0 {
+        grown.tail.reserve(FIRST_CAPACITY.max(2 * (framing + len)));
     }
-    body.push(buf.freeze());
-    let (flags, payload_len) = (call.flags | FLAG_REQUEST_BATCH, body.len());
-    patch_batch_head(last, call, flags, items + 1, payload_len);
+    grown.tail.extend_from_slice(&(len as u32).to_be_bytes());
+    for part in args.parts() {
+        grown.tail.extend_from_slice(part);
+    }
+    let flags = call.flags | FLAG_REQUEST_BATCH;
+    patch_batch_head(grown.head, call, flags, items + 1, new_len);
     true
 }
 
@@ -553,7 +554,7 @@ fn join_item(
     if header.kind != layout.kind || header.flags & !layout.item_flags != 0 {
         return false;
     }
-    let Some((flags, id_or_count)) = header.matches_head(last.head()) else {
+    let Some((flags, id_or_count)) = header.matches_head(last.head_bytes()) else {
         return false;
     };
     let batched = flags == layout.batch_flag;
@@ -562,40 +563,55 @@ fn join_item(
         return false;
     }
     let items = if batched { id_or_count } else { 1 };
-    let last_body = last.body_mut();
+    let body_len = payload_len(last);
     let framing = if batched {
         layout.head
     } else {
         2 * layout.head
     };
-    let new_len = last_body.len() + framing + len;
+    let new_len = body_len + framing + len;
     if new_len > layout.max_bytes
-        || (!batched && last_body.len() >= layout.joined_below)
+        || (!batched && body_len >= layout.joined_below)
         || items >= u64::from(u32::MAX)
         || header.frame_len(new_len) - LEN_PREFIX > frame_limit
     {
         return false;
     }
-    let mut buf = if batched {
-        extendable(last_body)
-    } else {
+    // The frame stays open while it waits: each item joined is copied once into its
+    // tail, which leaves as the payload's last part (no buffer turned back into a
+    // writable one, and frozen again, per item).
+    let grown = last.grow();
+    if !batched {
         // The lone item becomes the batch's first.
-        let first = std::mem::take(last_body);
-        let mut buf = BytesMut::with_capacity(BATCH_CAPACITY);
-        (layout.put_head)(&mut buf, id_or_count, flags, first.len());
+        let first = take_payload(grown.body, grown.tail);
+        *grown.tail = BytesMut::with_capacity(BATCH_CAPACITY);
+        (layout.put_head)(grown.tail, id_or_count, flags, first.len());
         for part in first.parts() {
-            buf.extend_from_slice(part);
+            grown.tail.extend_from_slice(part);
         }
-        buf
-    };
-    (layout.put_head)(&mut buf, header.call_id, header.flags, len);
-    for part in body.parts() {
-        buf.extend_from_slice(part);
+    } else if grown.tail.capacity() == 0 {
+        grown.tail.reserve(BATCH_CAPACITY.max(framing + len));
     }
-    last_body.push(buf.freeze());
-    let payload_len = last_body.len();
-    patch_batch_head(last, header, layout.batch_flag, items + 1, payload_len);
+    (layout.put_head)(grown.tail, header.call_id, header.flags, len);
+    for part in body.parts() {
+        grown.tail.extend_from_slice(part);
+    }
+    patch_batch_head(grown.head, header, layout.batch_flag, items + 1, new_len);
     true
+}
+
+/// The payload's length of `frame` (whether or not it grows): its bytes after the head.
+fn payload_len(frame: &Outgoing) -> usize {
+    frame.len() - frame.head_bytes().len()
+}
+
+/// Takes the whole payload of a growing frame out: its parts, then its tail.
+fn take_payload(body: &mut Payload, tail: &mut BytesMut) -> Payload {
+    let mut first = std::mem::take(body);
+    if !tail.is_empty() {
+        first.push(std::mem::take(tail).freeze());
+    }
+    first
 }
 
 /// What a batch's buffer holds at first when two calls or replies start it: room for
@@ -716,45 +732,27 @@ pub fn join_reply(
     join_item(last, reply, body, frame_limit, &REPLIES)
 }
 
-/// The last part of a batch's payload, to extend: taken over in place when nothing
-/// else holds it, a fresh buffer otherwise.
-fn extendable(body: &mut Payload) -> BytesMut {
-    match body.pop().map(Bytes::try_into_mut) {
-        Some(Ok(buf)) => buf,
-        Some(Err(part)) => {
-            body.push(part);
-            BytesMut::with_capacity(FIRST_CAPACITY)
-        }
-        None => BytesMut::with_capacity(FIRST_CAPACITY),
-    }
-}
-
-/// Gives the queued frame `last`, which grew into a batch of `items` with a payload of
-/// `payload_len` bytes, its new length, `flags` and count (in `call_id`): in place when
-/// the frame owns its head, else on a copy.
+/// Gives the head of a queued frame that grew into a batch of `items` with a payload
+/// of `payload_len` bytes its new length, `flags` and count (in `call_id`), in place.
 fn patch_batch_head(
-    last: &mut Outgoing,
+    head: &mut BytesMut,
     header: &Header<'_>,
     flags: u8,
     items: u64,
     payload_len: usize,
 ) {
-    let head = std::mem::take(last.head_mut());
-    let mut head = head
-        .try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-    *last.head_mut() = if Header::patch_head(&mut head, payload_len, flags, items) {
-        head.freeze()
-    } else {
+    if !Header::patch_head(head, payload_len, flags, items) {
         // Never taken (the head matched a whole header, the frame is within the limit);
         // encoded afresh, the frame stays valid whatever happens.
-        Header {
+        let fresh = Header {
             flags,
             call_id: items,
             ..*header
         }
-        .encode(payload_len)
-    };
+        .encode(payload_len);
+        head.clear();
+        head.extend_from_slice(&fresh);
+    }
 }
 
 /// Writes the head of one reply of a batch reply.
