@@ -8,7 +8,6 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::callback::{CallbackGroup, Handler, ItemStream};
@@ -16,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::mesh::{
     check_callback_list, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, NodeOutcome,
-    OpenStream, ReplyPayload, Scope, Waiter,
+    OpenStream, ReplyPayload, Scope, Slot, Slots, Waiter,
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
@@ -30,7 +29,7 @@ pub struct Node {
     executor: Arc<Executor>,
     mesh: Arc<dyn Mesh>,
     /// Slots for this node's own calls in flight (`max_in_flight`).
-    in_flight: Arc<Semaphore>,
+    in_flight: Arc<Slots>,
     /// The node's runtime, entered by a call that must wait from the calling thread.
     runtime: tokio::runtime::Handle,
 }
@@ -53,9 +52,7 @@ impl Node {
             name: executor.name.clone(),
             executor,
             mesh,
-            in_flight: Arc::new(Semaphore::new(
-                max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
-            )),
+            in_flight: Slots::new(max_in_flight),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -116,12 +113,12 @@ impl Node {
             // A NO_RETURN call holds its slot only while it is sent: a free one is
             // enough, not taken and given back (giving a permit back takes the
             // semaphore's lock).
-            if self.in_flight.available_permits() == 0 {
+            if self.in_flight.available() == 0 {
                 return None;
             }
             return self.mesh.try_send_call(req);
         }
-        let slot = self.in_flight.clone().try_acquire_owned().ok()?;
+        let slot = self.in_flight.try_take()?;
         let sent = self.mesh.try_send_call(req)?;
         Some(sent.map(|waiter| waiter.map(|w| w.hold(slot))))
     }
@@ -373,16 +370,12 @@ impl Node {
     }
 
     /// Waits for a slot among `max_in_flight` (until `deadline`).
-    async fn admit(
-        &self,
-        req: &CallRequest,
-        deadline: Option<Instant>,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        if let Ok(slot) = self.in_flight.clone().try_acquire_owned() {
+    async fn admit(&self, req: &CallRequest, deadline: Option<Instant>) -> Result<Slot> {
+        if let Some(slot) = self.in_flight.try_take() {
             return Ok(slot);
         }
         tokio::select! {
-            slot = self.in_flight.clone().acquire_owned() => slot.map_err(|_| Error::Stopped),
+            slot = self.in_flight.take() => Ok(slot),
             _ = sleep_until(deadline) => Err(Error::timeout(
                 req.callback.to_string(),
                 req.timeout.unwrap_or_default(),

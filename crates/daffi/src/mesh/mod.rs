@@ -53,7 +53,7 @@ pub use batch::{
     ReplyItem, CALL_ITEM_HEAD, JOINED_CALL, JOINED_REPLY, REPLY_ITEM_HEAD,
 };
 pub use membership::{Changes, Membership, Scope};
-pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, StreamItems, Waiter};
+pub use pending::{sleep_until, Arrived, Pending, ReplyPayload, Slot, Slots, StreamItems, Waiter};
 
 /// A stream call as sent: where its items arrive (the channel closes after the last;
 /// an `Err` ends it), and how to grant credit or cancel.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -440,11 +440,12 @@ impl Pending {
     /// if it waits and went to `peer`; `Err(true)` if it went to another node (not
     /// `peer`'s to answer: it keeps waiting), `Err(false)` if it no longer waits.
     pub fn take_from(&self, id: u64, peer: &str) -> Result<Entry, bool> {
-        let table = &mut *self.lock();
-        match table.calls.get(&id) {
-            Some(entry) if *entry.target == *peer => Ok(table.calls.remove(&id).expect("found")),
-            Some(_) => Err(true),
-            None => Err(false),
+        match self.lock().calls.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) if *entry.get().target == *peer => {
+                Ok(entry.remove())
+            }
+            std::collections::hash_map::Entry::Occupied(_) => Err(true),
+            std::collections::hash_map::Entry::Vacant(_) => Err(false),
         }
     }
 
@@ -462,13 +463,15 @@ impl Pending {
         let mut missed = Vec::new();
         let table = &mut *self.lock();
         for (id, item) in items {
-            match table.calls.get(&id) {
-                Some(entry) if *entry.target == *peer => {
-                    let entry = table.calls.remove(&id).expect("just found");
-                    taken.push((entry, item));
+            // One look-up per reply: the entry found is the one taken.
+            match table.calls.entry(id) {
+                std::collections::hash_map::Entry::Occupied(entry)
+                    if *entry.get().target == *peer =>
+                {
+                    taken.push((entry.remove(), item));
                 }
-                Some(_) => missed.push((id, None)),
-                None => missed.push((id, Some(item))),
+                std::collections::hash_map::Entry::Occupied(_) => missed.push((id, None)),
+                std::collections::hash_map::Entry::Vacant(_) => missed.push((id, Some(item))),
             }
         }
         (taken, missed)
@@ -556,6 +559,105 @@ impl Pending {
     }
 }
 
+/// A node's slots for its own calls in flight (`max_in_flight`): one is taken, and
+/// given back, with one atomic operation (a semaphore's permit takes the semaphore's
+/// lock to be given back, on every call). A call that finds none waits for one to be
+/// given back ([`take`](Self::take)); more than `max` are never held.
+#[derive(Debug)]
+pub struct Slots {
+    used: AtomicUsize,
+    max: usize,
+    /// Calls waiting in [`take`](Self::take): a slot given back wakes one of them.
+    waiting: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+/// One slot of [`Slots`], given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    /// `max` slots (at least one).
+    pub fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            used: AtomicUsize::new(0),
+            max: max.max(1),
+            waiting: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Slots free now.
+    pub fn available(&self) -> usize {
+        self.max.saturating_sub(self.used.load(Ordering::SeqCst))
+    }
+
+    /// A slot if one is free now.
+    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let mut used = self.used.load(Ordering::SeqCst);
+        loop {
+            if used >= self.max {
+                return None;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(Slot(self.clone())),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// A slot, once one is free. Callers that look at the same time are not served in
+    /// order (each takes the first it finds); a wait is bounded by its call's deadline.
+    pub async fn take(self: &Arc<Self>) -> Slot {
+        loop {
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            let _waiting = Waiting::count(&self.waiting);
+            // Counted and registered before looking again: a slot given back in between
+            // either is found below or wakes this wait.
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let slots = &self.0;
+        slots.used.fetch_sub(1, Ordering::SeqCst);
+        if slots.waiting.load(Ordering::SeqCst) > 0 {
+            slots.freed.notify_one();
+        }
+    }
+}
+
+/// One call counted in [`Slots::waiting`] while it waits (also when its wait is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The error that ends a stream of `what` from `peer` (to or from `callback`) that sent
 /// past its credit.
 pub fn overrun(peer: &str, callback: &str, what: &str) -> Error {
@@ -582,7 +684,7 @@ pub struct Waiter {
     /// The completion arrived: the call is no longer in the table.
     completed: bool,
     /// The caller's place among `max_in_flight`, held until the reply.
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Option<Slot>,
     /// The call's credit towards its callee, if the mesh keeps one, held until the call
     /// is over.
     #[cfg(feature = "nats")]
@@ -591,7 +693,7 @@ pub struct Waiter {
 
 impl Waiter {
     /// Holds `slot` until the call is over.
-    pub fn hold(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn hold(mut self, slot: Slot) -> Self {
         self.slot = Some(slot);
         self
     }
@@ -728,6 +830,43 @@ mod tests {
         drop(waiters);
         let alone = pending.wait("n".into(), "f".into(), None).expect("open");
         assert!(!alone.among_many());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_never_pass_their_max_and_a_slot_given_back_wakes_a_waiter() {
+        let slots = Slots::new(3);
+        let held: Vec<Slot> = (0..3).map(|_| slots.try_take().expect("free")).collect();
+        assert!(slots.try_take().is_none(), "a fourth");
+        assert_eq!(slots.available(), 0);
+        // A wait that is given up forwards nothing it did not take.
+        let given_up = tokio::time::timeout(Duration::from_millis(20), slots.take()).await;
+        assert!(given_up.is_err(), "no slot was free");
+        // 64 tasks share the 3 slots, each holding one for a moment: never more than 3
+        // at once, and every task gets one.
+        drop(held);
+        let most = Arc::new(AtomicUsize::new(0));
+        let now = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (slots, most, now) = (slots.clone(), most.clone(), now.clone());
+                tokio::spawn(async move {
+                    let slot = slots.take().await;
+                    let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(held, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    drop(slot);
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("every task gets a slot")
+                .expect("task");
+        }
+        assert!(most.load(Ordering::SeqCst) <= 3, "{most:?} held at once");
+        assert_eq!(slots.available(), 3, "all given back");
     }
 
     #[test]
