@@ -737,6 +737,19 @@ impl std::future::Future for Waiter {
     /// it returned `Ready`.
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
         let this = &mut *self;
+        // A reply already in is taken without the channel's poll (which counts against
+        // the task's cooperative budget, a thread-local look-up, on every call).
+        match this.done.try_recv() {
+            Ok(completion) => {
+                this.completed = true;
+                return Poll::Ready(completion);
+            }
+            Err(oneshot::error::TryRecvError::Closed) => {
+                this.completed = true;
+                return Poll::Ready(Err(Error::Stopped));
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut this.done).poll(cx) {
             // Whoever completed the call took it out of the table already.
             this.completed = true;
