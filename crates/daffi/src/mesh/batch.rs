@@ -798,7 +798,11 @@ pub fn batch_replies(flags: u8, count: u64, payload: Bytes) -> Result<ReplyItems
             "a batch reply says it holds {count} replies and holds {items}"
         ));
     }
-    Ok(ReplyItems { payload, at: 0 })
+    Ok(ReplyItems {
+        payload,
+        at: 0,
+        left: items as usize,
+    })
 }
 
 /// The replies of a batch reply, checked ([`batch_replies`]).
@@ -806,14 +810,21 @@ pub fn batch_replies(flags: u8, count: u64, payload: Bytes) -> Result<ReplyItems
 pub struct ReplyItems {
     payload: Bytes,
     at: usize,
+    /// Replies not yet taken (for `size_hint`: what takes them sizes its lists once).
+    left: usize,
 }
 
 impl Iterator for ReplyItems {
     type Item = ReplyItem;
 
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+
     fn next(&mut self) -> Option<ReplyItem> {
         let item = reply_at(&self.payload, self.at).ok()??;
         self.at = item.payload.end;
+        self.left = self.left.saturating_sub(1);
         Some(ReplyItem {
             call_id: item.call_id,
             error: item.error,

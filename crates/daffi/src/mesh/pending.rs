@@ -336,7 +336,6 @@ impl Pending {
             callback,
             timeout,
             timer: sleep_until(deadline),
-            deadline,
             completed: false,
             slot: None,
             #[cfg(feature = "nats")]
@@ -459,7 +458,8 @@ impl Pending {
         peer: &str,
         items: impl Iterator<Item = (u64, T)>,
     ) -> TakenReplies<T> {
-        let mut taken = Vec::new();
+        // Sized once: most replies answer a call that waits.
+        let mut taken = Vec::with_capacity(items.size_hint().0);
         let mut missed = Vec::new();
         let table = &mut *self.lock();
         for (id, item) in items {
@@ -679,8 +679,8 @@ pub struct Waiter {
     done: oneshot::Receiver<Completion>,
     callback: Arc<str>,
     timeout: Option<Duration>,
+    /// The deadline's timer (none without a timeout; it knows the deadline).
     timer: Deadline,
-    deadline: Option<Instant>,
     /// The completion arrived: the call is no longer in the table.
     completed: bool,
     /// The caller's place among `max_in_flight`, held until the reply.
@@ -720,7 +720,7 @@ impl Waiter {
 
     /// Whether polling would finish at once: the reply is in, or the deadline passed.
     pub fn is_ready(&self) -> bool {
-        self.has_reply() || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.has_reply() || self.timer.deadline().is_some_and(|d| Instant::now() >= d)
     }
 
     /// Whether the reply (or the call's failure) is in: polling returns it at once,
@@ -796,6 +796,13 @@ pub fn sleep_until(deadline: Option<Instant>) -> Deadline {
 
 /// See [`sleep_until`].
 pub struct Deadline(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl Deadline {
+    /// When it fires; `None` without a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.0.as_ref().map(|sleep| sleep.deadline())
+    }
+}
 
 impl std::future::Future for Deadline {
     type Output = ();
