@@ -187,7 +187,8 @@ impl FrameSender {
         let Some(last) = st.queue.back_mut() else {
             return false;
         };
-        if !last.is_one_frame() {
+        // A frame that grows is whole: it grew by joins, in the queue.
+        if !last.is_growing() && !last.is_one_frame() {
             return false;
         }
         let before = last.len();
