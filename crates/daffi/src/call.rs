@@ -192,12 +192,29 @@ impl Call {
     /// ```
     pub async fn fg_async<T: DeserializeOwned>(self) -> Result<T> {
         let callback = self.callback.clone();
-        let bytes = if self.feed.is_some() {
-            self.fed_request()?.await?
-        } else {
-            self.request(false)?.await?
+        if self.feed.is_some() {
+            let bytes = self.fed_request()?.await?;
+            return decode_result(&callback, bytes);
+        }
+        // Sent at once when nothing makes it wait (as `bg` does): what is awaited is
+        // then only the reply's waiter, not the builder and the node's send future
+        // (a future several times larger, moved on every poll's way in).
+        let global = self.global.clone();
+        let (node, request) = self.into_request(false)?;
+        let started = {
+            // Only timers (a timeout, an eta) need the node's runtime.
+            let timers = request.timeout.is_some() || request.eta.is_some();
+            let _runtime = timers.then(|| global.runtime().enter());
+            node.start(request)
         };
-        decode_result(&callback, bytes)
+        let reply = match started {
+            Started::Sent(call) => call.await,
+            Started::Failed(e) => Err(e),
+            Started::Later(rest) => rest.await,
+        };
+        // The node is kept (`global`) until the reply is in, as the builder kept it.
+        drop(global);
+        decode_result(&callback, reply?)
     }
 
     /// BG: sends the call now (or after `eta`) and returns at once; the result is
