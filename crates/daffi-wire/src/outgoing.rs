@@ -158,13 +158,15 @@ impl Outgoing {
     }
 
     /// The length prefix and header, to change or replace in place (see
-    /// [`FrameSender::join_last`](crate::FrameSender::join_last)).
+    /// [`FrameSender::join_last`](crate::FrameSender::join_last)); empty while the frame
+    /// [grows](Self::grow) (its head is then [`Growing::head`]).
     pub fn head_mut(&mut self) -> &mut Bytes {
         &mut self.head
     }
 
     /// The payload, to change in place (see
-    /// [`FrameSender::join_last`](crate::FrameSender::join_last)).
+    /// [`FrameSender::join_last`](crate::FrameSender::join_last)); while the frame
+    /// [grows](Self::grow), the parts before its tail.
     pub fn body_mut(&mut self) -> &mut Payload {
         &mut self.body
     }
