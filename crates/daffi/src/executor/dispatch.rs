@@ -164,19 +164,39 @@ pub fn serve_batch(executor: &Arc<Executor>, mut calls: Box<dyn CallBatch>, batc
     for request in calls.split_off(admitted) {
         refuse_over_limit(executor, kind, request);
     }
-    let Some(running) = running else {
+    let Some(mut running) = running else {
         return;
     };
-    let job = SyncJob {
-        work: SyncWork::Call(f),
-        calls: Calls::Batch(calls),
-        offer: None,
-        pace,
-        _running: running,
-    };
-    batch.not_all_quick |= !job.is_quick_call();
-    batch.jobs.push(job);
+    // Jobs of at most `BATCH_JOB_CALLS` calls: a run on a worker takes its turns between
+    // jobs, and a large batch's replies leave in parts.
+    let mut calls = calls;
+    loop {
+        let rest = calls.split_batch(BATCH_JOB_CALLS);
+        let count = u32::try_from(calls.remaining()).unwrap_or(u32::MAX);
+        // The last job takes what the guard still counts.
+        let share = rest
+            .as_ref()
+            .and_then(|_| running.take(count))
+            .unwrap_or_else(|| std::mem::replace(&mut running, ServingGuard::none(executor)));
+        let job = SyncJob {
+            work: SyncWork::Call(f.clone()),
+            calls: Calls::Batch(calls),
+            offer: None,
+            pace: pace.clone(),
+            _running: share,
+        };
+        batch.not_all_quick |= !job.is_quick_call();
+        batch.jobs.push(job);
+        match rest {
+            Some(rest) => calls = rest,
+            None => break,
+        }
+    }
 }
+
+/// Calls of a batch one sync job takes at most (as many as NO_RETURN jobs a run on a
+/// worker takes in one task).
+const BATCH_JOB_CALLS: usize = 64;
 
 /// Answers a request that found its kind of callbacks at their limit: `Overloaded`, or
 /// for NO_RETURN dropped (and counted in the log).
@@ -562,8 +582,8 @@ impl BatchRun {
         let one_way = !calls.wants_reply();
         let mut started = started;
         let mut first = true;
-        // When the replies kept began to wait for the others.
-        let mut kept_since = started;
+        // When the replies kept have waited long enough for the others.
+        let mut send_at = started + REPLIES_WAIT_AT_MOST;
         while calls.remaining() > 0 {
             if deadline.is_some_and(|d| started >= d) {
                 note_skipped(calls.callback(), calls.caller(), calls.remaining());
@@ -601,13 +621,13 @@ impl BatchRun {
                 calls.answer(outcome);
                 // Replies wait for their batch's others only as long as a quick
                 // callback may run: a batch of slower ones answers as it goes.
-                if finished.saturating_duration_since(kept_since) >= REPLIES_WAIT_AT_MOST {
+                if finished >= send_at {
                     if let Some(wait_for_room) = calls.flush() {
                         if let Some(waited) = wait(wait_for_room, self.on_worker) {
                             finished = waited;
                         }
                     }
-                    kept_since = finished;
+                    send_at = finished + REPLIES_WAIT_AT_MOST;
                 }
             }
             started = finished;

@@ -88,6 +88,10 @@ pub trait CallBatch: Send + 'static {
     /// The calls not taken yet past the first `keep` of them, as lone requests (taken
     /// from the batch: it keeps only those `keep`).
     fn split_off(&mut self, keep: usize) -> Vec<Box<dyn Request>>;
+    /// The calls not taken yet past the first `keep` of them, as a batch of their own
+    /// (taken from this one, which keeps only those `keep`); `None` if there are no
+    /// more than `keep`.
+    fn split_batch(&mut self, keep: usize) -> Option<Box<dyn CallBatch>>;
 }
 
 /// The way a stream's items go (a stream callback's results, or a caller's
@@ -420,14 +424,32 @@ pub struct ServingGuard {
 }
 
 impl ServingGuard {
+    /// A guard that counts nothing.
+    fn none(executor: &Arc<Executor>) -> ServingGuard {
+        ServingGuard {
+            executor: executor.clone(),
+            kind: CallbackKind {
+                sync: true,
+                one_way: false,
+            },
+            calls: 0,
+        }
+    }
+
     /// Takes one of the callbacks it counts into a guard of its own; `None` if it
     /// counts none.
     fn take_one(&mut self) -> Option<ServingGuard> {
-        self.calls = self.calls.checked_sub(1)?;
+        self.take(1)
+    }
+
+    /// Takes `calls` of the callbacks it counts into a guard of their own; `None` if
+    /// it counts fewer.
+    fn take(&mut self, calls: u32) -> Option<ServingGuard> {
+        self.calls = self.calls.checked_sub(calls)?;
         Some(ServingGuard {
             executor: self.executor.clone(),
             kind: self.kind,
-            calls: 1,
+            calls,
         })
     }
 }
@@ -435,5 +457,62 @@ impl ServingGuard {
 impl Drop for ServingGuard {
     fn drop(&mut self) {
         self.executor.serving.finish(self.kind, self.calls);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_admitted_as_far_as_the_limit_allows_and_each_call_counts() {
+        let serving = Serving::default();
+        let kind = CallbackKind {
+            sync: true,
+            one_way: false,
+        };
+        let one_way = CallbackKind {
+            sync: true,
+            one_way: true,
+        };
+        assert_eq!(serving.admit_up_to(kind, 10, 4), 4);
+        assert_eq!(serving.admit_up_to(kind, 10, 50), 6, "the first six of 50");
+        assert_eq!(serving.admit_up_to(kind, 10, 1), 0, "at the limit");
+        assert_eq!(
+            serving.admit_up_to(one_way, 10, 3),
+            3,
+            "NO_RETURN calls have their own count"
+        );
+        assert_eq!(serving.total(), 13);
+        serving.finish(kind, 6);
+        assert_eq!(serving.admit_up_to(kind, 10, 50), 6);
+        serving.finish(kind, 10);
+        serving.finish(one_way, 3);
+        assert_eq!(serving.total(), 0);
+    }
+
+    #[test]
+    fn a_guard_split_in_shares_finishes_each_share_once() {
+        let limits = Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: 100,
+            stop_timeout: Duration::ZERO,
+        };
+        let executor = Executor::new("test".into(), limits, HashMap::new());
+        let kind = CallbackKind {
+            sync: true,
+            one_way: false,
+        };
+        let mut all = executor.admit_callbacks(kind, 130).expect("room");
+        assert_eq!(all.calls, 100, "as many as the limit allows");
+        let share = all.take(64).expect("64 of them");
+        let one = all.take_one().expect("one of them");
+        assert!(all.take(64).is_none(), "35 left");
+        assert_eq!(executor.serving.total(), 100);
+        drop(share);
+        assert_eq!(executor.serving.total(), 36);
+        drop(one);
+        drop(all);
+        assert_eq!(executor.serving.total(), 0);
     }
 }

@@ -389,6 +389,31 @@ impl CallBatch for FrameBatch {
         }
     }
 
+    fn split_batch(&mut self, keep: usize) -> Option<Box<dyn CallBatch>> {
+        if keep >= self.left {
+            return None;
+        }
+        let mut rest = Box::new(FrameBatch {
+            frame: self.frame.clone(),
+            calls: match &self.calls {
+                BatchCalls::Replies(calls) => BatchCalls::Replies(calls.clone()),
+                BatchCalls::OneWay(calls) => BatchCalls::OneWay(calls.clone()),
+            },
+            left: self.left,
+            taken: 0,
+            deadline: self.deadline,
+            mesh: self.mesh.clone(),
+            replies: BytesMut::new(),
+            answered: 0,
+            waits: Vec::new(),
+        });
+        for _ in 0..keep {
+            rest.next_item();
+        }
+        self.left = keep;
+        Some(rest)
+    }
+
     fn split_off(&mut self, keep: usize) -> Vec<Box<dyn Request>> {
         if keep >= self.left {
             return Vec::new();
