@@ -167,11 +167,16 @@ pub fn serve_batch(executor: &Arc<Executor>, mut calls: Box<dyn CallBatch>, batc
     let Some(mut running) = running else {
         return;
     };
-    // Jobs of at most `BATCH_JOB_CALLS` calls: a run on a worker takes its turns between
+    // Jobs of a bounded number of calls: a run on a worker takes its turns between
     // jobs, and a large batch's replies leave in parts.
+    let most = if kind.one_way {
+        ONE_WAY_BATCH_JOB_CALLS
+    } else {
+        BATCH_JOB_CALLS
+    };
     let mut calls = calls;
     loop {
-        let rest = calls.split_batch(BATCH_JOB_CALLS);
+        let rest = calls.split_batch(most);
         let count = u32::try_from(calls.remaining()).unwrap_or(u32::MAX);
         // The last job takes what the guard still counts.
         let share = rest
@@ -194,9 +199,15 @@ pub fn serve_batch(executor: &Arc<Executor>, mut calls: Box<dyn CallBatch>, batc
     }
 }
 
-/// Calls of a batch one sync job takes at most (as many as NO_RETURN jobs a run on a
-/// worker takes in one task).
-const BATCH_JOB_CALLS: usize = 64;
+/// Calls that want replies of a batch one sync job takes at most: as many as a caller
+/// keeps in flight in the usual flood, whose replies then leave in one frame (unless
+/// [`REPLIES_WAIT_AT_MOST`] passes first). Fewer made more frames, and woke the
+/// controller and the caller more often.
+const BATCH_JOB_CALLS: usize = 256;
+
+/// NO_RETURN calls of a batch one sync job takes at most: as many as the NO_RETURN jobs
+/// a run on a worker takes in one task.
+const ONE_WAY_BATCH_JOB_CALLS: usize = 64;
 
 /// Answers a request that found its kind of callbacks at their limit: `Overloaded`, or
 /// for NO_RETURN dropped (and counted in the log).
@@ -552,8 +563,10 @@ fn call_sync(
 type SyncFn = Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>;
 
 /// How long the replies of a batch's calls wait for the others', at most (then those
-/// answered so far leave).
-const REPLIES_WAIT_AT_MOST: std::time::Duration = QUICK_RUN;
+/// answered so far leave): ten quick runs. (A job of `BATCH_JOB_CALLS` takes a few
+/// hundred µs at most when its callbacks take a few µs; shorter, its replies left in
+/// several frames.)
+const REPLIES_WAIT_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A sync job for the calls of a batch: runs the callback for each in order, each
 /// answer kept with the others' (they leave together at the end).
