@@ -192,8 +192,8 @@ impl Request for FrameRequest {
 
 /// The calls of a batch request frame from the controller (checked whole), served as
 /// one unit ([`CallBatch`]): their replies are written into one batch reply as they
-/// come (docs/PROTOCOL.md, "Batches of replies"), which leaves at [`flush`]
-/// (`CallBatch::flush`), or sooner once full.
+/// come (docs/PROTOCOL.md, "Batches of replies"), which leaves at
+/// [`CallBatch::flush`], or sooner once full.
 pub struct FrameBatch {
     frame: Frame,
     calls: BatchCalls,
