@@ -29,6 +29,8 @@ const IN_FLIGHT: usize = 256;
 
 /// A child's `max_frame_size`, when set.
 const ENV_FRAME: &str = "DAFFI_TEST_FRAME";
+/// A child's `max_sync_callbacks`, when set.
+const ENV_MAX_SYNC: &str = "DAFFI_TEST_MAX_SYNC";
 /// The node a child caller calls.
 const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
@@ -124,6 +126,9 @@ fn worker() {
         .process_name(std::env::var(common::ENV_NAME).expect("name"));
     if let Some(frame) = setting(ENV_FRAME) {
         b = b.max_frame_size(frame);
+    }
+    if let Some(limit) = setting(ENV_MAX_SYNC) {
+        b = b.max_sync_callbacks(limit);
     }
     b.start().expect("worker starts").join().expect("join");
 }
@@ -414,6 +419,89 @@ fn a_raw_caller_gets_its_replies_in_batches_each_matched_to_its_call() {
         }
     }
     assert!(batches > 0, "replies to a burst left in batches");
+}
+
+/// A batch of calls to a quick sync callback is served as one job, each call still
+/// admitted against `max_sync_callbacks`: those past it are answered `Overloaded` (by
+/// name), the others with their results, every call once, none lost.
+#[test]
+fn a_batch_past_max_sync_callbacks_gets_overloaded_for_the_rest_and_loses_none() {
+    const LIMIT: u64 = 4;
+    let (address, path, _controller) = controller();
+    let caller = node(&address);
+    let limit = LIMIT.to_string();
+    let (callee, _callee_process) = spawn_worker(&address, &caller, &[(ENV_MAX_SYNC, &limit)]);
+    let raw = common::unique("raw");
+    let mut stream = common::wire::raw_unix_node(&path, &raw, &[]);
+    caller.wait_process_timeout(&raw, WAIT).expect("raw known");
+    let mut reader = stream.try_clone().expect("a clone");
+    let mut replies = |n: usize| {
+        let mut answered = BTreeMap::new();
+        let deadline = Instant::now() + WAIT;
+        while answered.len() < n && Instant::now() < deadline {
+            let frame = common::wire::read_frame_from(&mut reader);
+            if frame.kind() != Kind::Reply {
+                continue;
+            }
+            for (id, flags, payload) in common::wire::replies_of(&frame) {
+                let error = flags & FLAG_ERROR != 0;
+                assert!(
+                    answered.insert(id, (error, payload)).is_none(),
+                    "{id} answered twice"
+                );
+            }
+        }
+        answered
+    };
+    // A few lone calls first, one at a time: `echo` is then seen to finish quickly.
+    for id in 1..=4u64 {
+        let request = common::wire::request(&raw, &callee, id, "echo", &("warm", id));
+        stream.write_all(&request).expect("a request");
+        let answered = replies(1);
+        assert!(answered.contains_key(&id), "warm-up call {id} answered");
+    }
+
+    const CALLS: u64 = 50;
+    let calls: Vec<(u64, Vec<u8>)> = (100..100 + CALLS)
+        .map(|id| (id, common::wire::encode(&("batch", id))))
+        .collect();
+    stream
+        .write_all(&call_batch(
+            &raw,
+            &callee,
+            FLAG_REQUEST_BATCH,
+            CALLS,
+            &calls,
+        ))
+        .expect("the batch");
+    let answered = replies(CALLS as usize);
+    let (mut ran, mut overloaded) = (0, 0);
+    for id in 100..100 + CALLS {
+        let (error, payload) = answered.get(&id).expect("every call of the batch answered");
+        let text = String::from_utf8_lossy(payload);
+        if *error && text.contains(&format!("max_sync_callbacks = {LIMIT}")) {
+            overloaded += 1;
+            continue;
+        }
+        ran += 1;
+        assert_eq!(*error, id % 7 == 0, "call {id}: {text}");
+        if !error {
+            let value: (String, u64) = rmp_serde::from_slice(payload).expect("(tag, i)");
+            assert_eq!(value, ("batch".to_string(), id));
+        }
+    }
+    assert_eq!(
+        answered.len() as u64,
+        CALLS,
+        "only the batch's calls answered"
+    );
+    // A warm-up call may still count as running for a moment after its reply left.
+    assert!(
+        (LIMIT - 1..=LIMIT).contains(&ran),
+        "{ran} calls ran, {overloaded} were refused (limit {LIMIT})"
+    );
+    assert_eq!(ran + overloaded, CALLS);
+    still_served(&caller, &callee);
 }
 
 // ---- a raw callee whose batches lie --------------------------------------------------

@@ -1,7 +1,9 @@
 //! Running one request: checked (known callback, room, caller still waiting), then run,
 //! async callbacks as tasks and sync ones through the node's
 //! [`SyncRunner`]; the outcome goes back through the
-//! request. A panic becomes an error reply; the node keeps serving.
+//! request. A panic becomes an error reply; the node keeps serving. The calls of a
+//! batch frame to a quick sync callback are checked and run as one job
+//! ([`serve_batch`]), each call still admitted, run and answered on its own.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,7 +16,7 @@ use super::items::{send_items, send_thread_items, thread_items, ThreadFeed};
 use super::pace::{Pace, QUICK_RUN};
 use super::sync_runner::SyncRunner;
 use super::thread_clock;
-use super::{CallbackKind, Executor, Request, Served, ServingGuard};
+use super::{CallBatch, CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
@@ -79,24 +81,8 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
         sync: handler.is_sync(),
         one_way: !wants_reply,
     };
-    let Some(running) = admit(executor, kind) else {
-        let limit = executor.limits.callback_limit(kind);
-        if wants_reply {
-            let (what, option) = if kind.sync {
-                ("sync", "max_sync_callbacks")
-            } else {
-                ("async", "max_concurrent_callbacks")
-            };
-            let message = format!(
-                "process `{}` runs as many {what} callbacks as it allows ({option} = {limit})",
-                executor.name
-            );
-            refuse(request, RemoteErrorKind::Overloaded, message);
-        } else {
-            executor
-                .sync_runner
-                .note_dropped(&executor.name, request.callback(), limit);
-        }
+    let Some(running) = admit(executor, kind, 1) else {
+        refuse_over_limit(executor, kind, request);
         return;
     };
     let work = match handler {
@@ -139,13 +125,110 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
     };
     let job = SyncJob {
         work,
-        request,
+        calls: Calls::One(request),
         offer,
         pace,
         _running: running,
     };
     batch.not_all_quick |= !job.is_quick_call();
     batch.jobs.push(job);
+}
+
+/// Starts serving the calls of a batch frame, as [`serve`] does each request: a sync
+/// callback seen to finish quickly takes them as one job (one lookup, one admission
+/// pass, one hand-off; its replies leave together), each call admitted against the
+/// limits in order (those past them are refused, or for NO_RETURN dropped, one by
+/// one, as lone requests would be); any other callback (or none) takes them one by
+/// one, as lone requests.
+pub fn serve_batch(executor: &Arc<Executor>, mut calls: Box<dyn CallBatch>, batch: &mut SyncBatch) {
+    let quick =
+        executor
+            .handler(calls.callback())
+            .and_then(|Served { handler, pace }| match handler {
+                Handler::Sync(f) if pace.is_quick() => Some((f, pace)),
+                _ => None,
+            });
+    let Some((f, pace)) = quick else {
+        for request in calls.split_off(0) {
+            serve(executor, request, batch);
+        }
+        return;
+    };
+    let kind = CallbackKind {
+        sync: true,
+        one_way: !calls.wants_reply(),
+    };
+    let count = u32::try_from(calls.remaining()).unwrap_or(u32::MAX);
+    let running = admit(executor, kind, count);
+    let admitted = running.as_ref().map_or(0, |r| r.calls as usize);
+    for request in calls.split_off(admitted) {
+        refuse_over_limit(executor, kind, request);
+    }
+    let Some(mut running) = running else {
+        return;
+    };
+    // Jobs of a bounded number of calls: a run on a worker takes its turns between
+    // jobs, and a large batch's replies leave in parts.
+    let most = if kind.one_way {
+        ONE_WAY_BATCH_JOB_CALLS
+    } else {
+        BATCH_JOB_CALLS
+    };
+    let mut calls = calls;
+    loop {
+        let rest = calls.split_batch(most);
+        let count = u32::try_from(calls.remaining()).unwrap_or(u32::MAX);
+        // The last job takes what the guard still counts.
+        let share = rest
+            .as_ref()
+            .and_then(|_| running.take(count))
+            .unwrap_or_else(|| std::mem::replace(&mut running, ServingGuard::none(executor)));
+        let job = SyncJob {
+            work: SyncWork::Call(f.clone()),
+            calls: Calls::Batch(calls),
+            offer: None,
+            pace: pace.clone(),
+            _running: share,
+        };
+        batch.not_all_quick |= !job.is_quick_call();
+        batch.jobs.push(job);
+        match rest {
+            Some(rest) => calls = rest,
+            None => break,
+        }
+    }
+}
+
+/// Calls that want replies of a batch one sync job takes at most: as many as a caller
+/// keeps in flight in the usual flood, whose replies then leave in one frame (unless
+/// [`REPLIES_WAIT_AT_MOST`] passes first). Fewer made more frames, and woke the
+/// controller and the caller more often.
+const BATCH_JOB_CALLS: usize = 256;
+
+/// NO_RETURN calls of a batch one sync job takes at most: as many as the NO_RETURN jobs
+/// a run on a worker takes in one task.
+const ONE_WAY_BATCH_JOB_CALLS: usize = 64;
+
+/// Answers a request that found its kind of callbacks at their limit: `Overloaded`, or
+/// for NO_RETURN dropped (and counted in the log).
+fn refuse_over_limit(executor: &Executor, kind: CallbackKind, request: Box<dyn Request>) {
+    let limit = executor.limits.callback_limit(kind);
+    if request.wants_reply() {
+        let (what, option) = if kind.sync {
+            ("sync", "max_sync_callbacks")
+        } else {
+            ("async", "max_concurrent_callbacks")
+        };
+        let message = format!(
+            "process `{}` runs as many {what} callbacks as it allows ({option} = {limit})",
+            executor.name
+        );
+        refuse(request, RemoteErrorKind::Overloaded, message);
+    } else {
+        executor
+            .sync_runner
+            .note_dropped(&executor.name, request.callback(), limit);
+    }
 }
 
 /// Why `request` does not fit `handler`: a stream asked of a plain callback, or one
@@ -171,14 +254,26 @@ fn refuse_stream(request: Box<dyn Request>) {
     refuse(request, RemoteErrorKind::Failed, message);
 }
 
-/// Counts a callback of `kind` as running, if its limit allows. Queued sync calls whose
-/// callers already gave up hold places for nothing: when sync callbacks are at their
-/// limit, those are dropped first, and the place looked for again.
-fn admit(executor: &Arc<Executor>, kind: CallbackKind) -> Option<ServingGuard> {
-    executor.admit_callback(kind).or_else(|| {
-        (kind.sync && executor.sync_runner.drop_expired() > 0)
-            .then(|| executor.admit_callback(kind))
-            .flatten()
+/// Counts up to `calls` callbacks of `kind` as running (the first of them, in order),
+/// as many as their limit allows. Queued sync calls whose callers already gave up hold
+/// places for nothing: when sync callbacks are at their limit, those are dropped first,
+/// and the places looked for again.
+fn admit(executor: &Arc<Executor>, kind: CallbackKind, calls: u32) -> Option<ServingGuard> {
+    let first = executor.admit_callbacks(kind, calls);
+    let admitted = first.as_ref().map_or(0, |g| g.calls);
+    if admitted == calls || !kind.sync || executor.sync_runner.drop_expired() == 0 {
+        return first;
+    }
+    let Some(more) = executor.admit_callbacks(kind, calls - admitted) else {
+        return first;
+    };
+    Some(match first {
+        Some(mut first) => {
+            let mut more = more;
+            first.calls += std::mem::take(&mut more.calls);
+            first
+        }
+        None => more,
     })
 }
 
@@ -186,16 +281,17 @@ fn admit(executor: &Arc<Executor>, kind: CallbackKind) -> Option<ServingGuard> {
 fn too_late(request: &dyn Request) -> bool {
     let late = request.deadline().is_some_and(|d| Instant::now() >= d);
     if late {
-        note_skipped(request);
+        note_skipped(request.callback(), request.caller(), 1);
     }
     late
 }
 
-fn note_skipped(request: &dyn Request) {
+fn note_skipped(callback: &str, caller: &str, calls: usize) {
     tracing::debug!(
-        callback = request.callback(),
-        caller = request.caller(),
-        "skipped a call whose caller already timed out"
+        callback,
+        caller,
+        calls,
+        "skipped calls whose caller already timed out"
     );
 }
 
@@ -244,27 +340,77 @@ enum SyncWork {
 
 type SyncStreamFn = Arc<dyn Fn(bytes::Bytes) -> Result<ItemIter, CallbackFailure> + Send + Sync>;
 
-/// One sync callback to run.
+/// The calls a sync job answers: one request, or the calls of a batch.
+enum Calls {
+    One(Box<dyn Request>),
+    Batch(Box<dyn CallBatch>),
+}
+
+impl Calls {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Calls::One(request) => request.deadline(),
+            Calls::Batch(calls) => calls.deadline(),
+        }
+    }
+
+    fn wants_reply(&self) -> bool {
+        match self {
+            Calls::One(request) => request.wants_reply(),
+            Calls::Batch(calls) => calls.wants_reply(),
+        }
+    }
+
+    fn callback(&self) -> &str {
+        match self {
+            Calls::One(request) => request.callback(),
+            Calls::Batch(calls) => calls.callback(),
+        }
+    }
+
+    fn caller(&self) -> &str {
+        match self {
+            Calls::One(request) => request.caller(),
+            Calls::Batch(calls) => calls.caller(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Calls::One(_) => 1,
+            Calls::Batch(calls) => calls.remaining(),
+        }
+    }
+}
+
+/// One sync callback to run: for one request, or for each call of a batch.
 pub(super) struct SyncJob {
     work: SyncWork,
-    request: Box<dyn Request>,
+    calls: Calls,
     /// The caller's stream of arguments, for the callback's `Incoming`.
     offer: Option<Box<Offer>>,
     /// How the callback's recent runs went: this run is added to it.
     pace: Arc<Pace>,
-    /// Counts the callback as running until its reply is queued.
+    /// Counts the callbacks as running until their replies are queued.
     _running: ServingGuard,
 }
 
 impl SyncJob {
     /// Whether its caller has given up by `now`.
     pub(super) fn expired(&self, now: Instant) -> bool {
-        self.request.deadline().is_some_and(|d| now >= d)
+        self.calls.deadline().is_some_and(|d| now >= d)
     }
 
     /// Answers that the node is overloaded (no thread could take the job).
     pub(super) fn overloaded(self, message: String) {
-        refuse(self.request, RemoteErrorKind::Overloaded, message);
+        match self.calls {
+            Calls::One(request) => refuse(request, RemoteErrorKind::Overloaded, message),
+            Calls::Batch(mut calls) => {
+                for request in calls.split_off(0) {
+                    refuse(request, RemoteErrorKind::Overloaded, message.clone());
+                }
+            }
+        }
     }
 
     /// Whether it may run on a runtime worker: a plain call (not a stream's producer,
@@ -275,73 +421,256 @@ impl SyncJob {
 
     /// Whether its caller waits for a reply (not NO_RETURN).
     pub(super) fn wants_reply(&self) -> bool {
-        self.request.wants_reply()
+        self.calls.wants_reply()
+    }
+
+    /// The calls it answers: one, or a batch's.
+    pub(super) fn calls(&self) -> usize {
+        self.calls.count()
     }
 
     /// Logs that the job is dropped because its caller gave up.
     pub(super) fn note_skipped(&self) {
-        note_skipped(&*self.request);
+        note_skipped(self.calls.callback(), self.calls.caller(), self.calls());
     }
 
-    /// Runs the callback and answers; returns when the callback finished (a thread
-    /// going on to its next job needs no other clock read for it). `started`: read
-    /// just before. `on_worker`: this thread is a runtime worker (the
-    /// reader's), which must not wait for room on the way back. `usage`: the thread's,
-    /// if read before this job (see [`RunUsage`]).
-    pub(super) fn run(self, started: Instant, on_worker: bool, usage: &mut RunUsage) -> Instant {
-        if too_late(&*self.request) {
+    /// Runs the callback (for each call of a batch) and answers; returns when the
+    /// callback last finished (a thread going on to its next job needs no other clock
+    /// read for it). `started`: read just before. `on_worker`: this thread is a runtime
+    /// worker (the reader's), which must not wait for room on the way back. `usage`:
+    /// the thread's, if read before this job (see [`RunUsage`]). `progress`: told when
+    /// each call of a batch after the first begins (the run on a worker marks its
+    /// progress for the watch).
+    pub(super) fn run(
+        self,
+        started: Instant,
+        on_worker: bool,
+        usage: &mut RunUsage,
+        progress: Option<&dyn Fn(Instant)>,
+    ) -> Instant {
+        let SyncJob {
+            work,
+            calls,
+            offer,
+            pace,
+            _running: running,
+        } = self;
+        let request = match calls {
+            Calls::One(request) => request,
+            Calls::Batch(calls) => {
+                let SyncWork::Call(f) = work else {
+                    // Batches are made only for plain calls (`serve_batch`).
+                    return started;
+                };
+                let run = BatchRun {
+                    f,
+                    pace,
+                    running,
+                    on_worker,
+                };
+                return run.run(calls, started, usage, progress);
+            }
+        };
+        if too_late(&*request) {
             return started;
         }
-        let payload = self.request.payload();
-        let offer = self.offer;
-        let f = match self.work {
+        let payload = request.payload();
+        let f = match work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, feed) => {
                 feed.run(guarded(|| offering(offer, || f(payload))));
                 return Instant::now();
             }
         };
-        crate::blocking::take_blocked();
-        let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
-            .unwrap_or_else(|p| Err(panic_failure(p)));
-        let finished = Instant::now();
-        let took = finished.saturating_duration_since(started);
-        let blocked = crate::blocking::take_blocked();
-        // The second opinion's processor time (µs) and blocking, for the log.
-        let mut seen = None;
-        let descheduled = || {
-            let (Some(before), Some(now)) = (usage.usage, thread_clock::usage()) else {
-                return false;
-            };
-            // Later runs compare with this reading, taken after this callback.
-            usage.usage = Some(now);
-            seen = Some((
-                now.cpu_us.saturating_sub(before.cpu_us),
-                now.blocked.saturating_sub(before.blocked),
-            ));
-            before.ran_under(now, QUICK_RUN)
-        };
-        if self.pace.record(took, blocked, descheduled) {
-            tracing::debug!(
-                callback = self.request.callback(),
-                took_us = took.as_micros() as u64,
-                blocked,
-                on_worker,
-                second_opinion = ?seen,
-                "a sync callback ran slow: its next runs go to threads"
-            );
-        }
-        let Some(wait_for_room) = finish(self.request, outcome) else {
+        let (outcome, finished) = call_sync(
+            &f,
+            payload,
+            offer,
+            &pace,
+            started,
+            on_worker,
+            usage,
+            request.callback(),
+        );
+        let Some(wait_for_room) = finish(request, outcome) else {
             return finished;
         };
-        if on_worker {
-            tokio::spawn(wait_for_room);
-            finished
-        } else {
-            // The way back is full: wait for room on this thread (not a runtime's).
-            crate::blocking::park(wait_for_room);
-            Instant::now()
+        wait(wait_for_room, on_worker).unwrap_or(finished)
+    }
+}
+
+/// Waits for room on the way back: on a runtime worker in a task of its own (`None`);
+/// on a callback thread, on it (returns when it finished).
+fn wait(wait_for_room: crate::mesh::BoxFuture<'static, ()>, on_worker: bool) -> Option<Instant> {
+    if on_worker {
+        tokio::spawn(wait_for_room);
+        None
+    } else {
+        // The way back is full: wait for room on this thread (not a runtime's).
+        crate::blocking::park(wait_for_room);
+        Some(Instant::now())
+    }
+}
+
+/// Runs the sync callback `f` on `payload` once, `started` just before, turning a panic
+/// into a failure, and records how long it took in `pace` (see [`SyncJob::run`]).
+/// Returns its outcome and when it finished. `callback`: its name, for the log.
+#[allow(clippy::too_many_arguments)]
+fn call_sync(
+    f: &SyncFn,
+    payload: bytes::Bytes,
+    offer: Option<Box<Offer>>,
+    pace: &Pace,
+    started: Instant,
+    on_worker: bool,
+    usage: &mut RunUsage,
+    callback: &str,
+) -> (Outcome, Instant) {
+    crate::blocking::take_blocked();
+    let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
+        .unwrap_or_else(|p| Err(panic_failure(p)));
+    let finished = Instant::now();
+    let took = finished.saturating_duration_since(started);
+    let blocked = crate::blocking::take_blocked();
+    // The second opinion's processor time (µs) and blocking, for the log.
+    let mut seen = None;
+    let descheduled = || {
+        let (Some(before), Some(now)) = (usage.usage, thread_clock::usage()) else {
+            return false;
+        };
+        // Later runs compare with this reading, taken after this callback.
+        usage.usage = Some(now);
+        seen = Some((
+            now.cpu_us.saturating_sub(before.cpu_us),
+            now.blocked.saturating_sub(before.blocked),
+        ));
+        before.ran_under(now, QUICK_RUN)
+    };
+    if pace.record(took, blocked, descheduled) {
+        tracing::debug!(
+            callback,
+            took_us = took.as_micros() as u64,
+            blocked,
+            on_worker,
+            second_opinion = ?seen,
+            "a sync callback ran slow: its next runs go to threads"
+        );
+    }
+    (outcome, finished)
+}
+
+/// A plain sync callback's function.
+type SyncFn = Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>;
+
+/// How long the replies of a batch's calls wait for the others', at most (then those
+/// answered so far leave): ten quick runs. (A job of `BATCH_JOB_CALLS` takes a few
+/// hundred µs at most when its callbacks take a few µs; shorter, its replies left in
+/// several frames.)
+const REPLIES_WAIT_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A sync job for the calls of a batch: runs the callback for each in order, each
+/// answer kept with the others' (they leave together at the end).
+struct BatchRun {
+    f: SyncFn,
+    pace: Arc<Pace>,
+    /// Counts the calls as running.
+    running: ServingGuard,
+    on_worker: bool,
+}
+
+impl BatchRun {
+    /// Runs the calls of `calls` (see [`SyncJob::run`]). Calls whose caller gave up by
+    /// the time they would start are skipped (it gets `Timeout` itself). If the
+    /// callback turns slow meanwhile, the calls not run yet go to the callback threads
+    /// as lone jobs (each still counted as running), as they would have if they had
+    /// come alone.
+    fn run(
+        mut self,
+        mut calls: Box<dyn CallBatch>,
+        started: Instant,
+        usage: &mut RunUsage,
+        progress: Option<&dyn Fn(Instant)>,
+    ) -> Instant {
+        let deadline = calls.deadline();
+        let one_way = !calls.wants_reply();
+        let mut started = started;
+        let mut first = true;
+        // When the replies kept have waited long enough for the others.
+        let mut send_at = started + REPLIES_WAIT_AT_MOST;
+        while calls.remaining() > 0 {
+            if deadline.is_some_and(|d| started >= d) {
+                note_skipped(calls.callback(), calls.caller(), calls.remaining());
+                break;
+            }
+            if !first {
+                if !self.pace.is_quick() {
+                    self.hand_to_threads(&mut *calls);
+                    break;
+                }
+                usage.before_job();
+                if let Some(progress) = progress {
+                    progress(started);
+                }
+            }
+            first = false;
+            let Some(payload) = calls.next_call() else {
+                break;
+            };
+            let (outcome, mut finished) = call_sync(
+                &self.f,
+                payload,
+                None,
+                &self.pace,
+                started,
+                self.on_worker,
+                usage,
+                calls.callback(),
+            );
+            if one_way {
+                if let Err(f) = &outcome {
+                    note_no_return_failure(calls.callback(), calls.caller(), &f.message);
+                }
+            } else {
+                calls.answer(outcome);
+                // Replies wait for their batch's others only as long as a quick
+                // callback may run: a batch of slower ones answers as it goes.
+                if finished >= send_at {
+                    if let Some(wait_for_room) = calls.flush() {
+                        if let Some(waited) = wait(wait_for_room, self.on_worker) {
+                            finished = waited;
+                        }
+                    }
+                    send_at = finished + REPLIES_WAIT_AT_MOST;
+                }
+            }
+            started = finished;
         }
+        let finished = started;
+        let Some(wait_for_room) = calls.flush() else {
+            return finished;
+        };
+        // The calls count as running until their replies are queued.
+        let waited = wait(wait_for_room, self.on_worker);
+        drop(self.running);
+        waited.unwrap_or(finished)
+    }
+
+    /// Hands the calls of `calls` not run yet to the callback threads, one job each.
+    fn hand_to_threads(&mut self, calls: &mut dyn CallBatch) {
+        let mut jobs: Vec<SyncJob> = calls
+            .split_off(0)
+            .into_iter()
+            .filter_map(|request| {
+                Some(SyncJob {
+                    work: SyncWork::Call(self.f.clone()),
+                    calls: Calls::One(request),
+                    offer: None,
+                    pace: self.pace.clone(),
+                    _running: self.running.take_one()?,
+                })
+            })
+            .collect();
+        SyncRunner::submit(&self.running.executor, &mut jobs);
     }
 }
 
@@ -353,7 +682,7 @@ fn finish(
 ) -> Option<crate::mesh::BoxFuture<'static, ()>> {
     if !request.wants_reply() {
         if let Err(f) = &outcome {
-            note_no_return_failure(&*request, &f.message);
+            note_no_return_failure(request.callback(), request.caller(), &f.message);
         }
         return None;
     }
@@ -366,23 +695,18 @@ static NO_RETURN_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 /// Logs a failed NO_RETURN call: the first, then one line per thousand. A caller's
 /// flood of calls that fail (arguments of the wrong type, say: a batch carries one per
 /// few bytes) must not flood the log.
-fn note_no_return_failure(request: &dyn Request, error: &str) {
+fn note_no_return_failure(callback: &str, caller: &str, error: &str) {
     let failed = NO_RETURN_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     if failed == 1 || failed % 1000 == 0 {
         tracing::warn!(
-            callback = request.callback(),
-            caller = request.caller(),
+            callback,
+            caller,
             error,
             failed,
             "a no-return callback failed ({failed} in this process so far; logged for the first and then every thousandth)"
         );
     } else {
-        tracing::debug!(
-            callback = request.callback(),
-            caller = request.caller(),
-            error,
-            "no-return callback failed"
-        );
+        tracing::debug!(callback, caller, error, "no-return callback failed");
     }
 }
 
@@ -447,7 +771,7 @@ impl SyncJob {
         };
         SyncJob {
             work: SyncWork::Call(Arc::new(|_| Ok(Default::default()))),
-            request: Box::new(Nothing),
+            calls: Calls::One(Box::new(Nothing)),
             offer: None,
             pace: Arc::default(),
             _running: executor.admit_callback(kind).expect("room"),

@@ -3,7 +3,8 @@
 //! (known callback, room, caller still waiting), runs it (async callbacks as tasks, sync
 //! ones on the [`SyncRunner`](sync_runner::SyncRunner)'s threads, or quick ones on the
 //! runtime worker that read them) and answers through
-//! the request. It knows nothing of the mesh behind it.
+//! the request; the calls of a batch frame come as one [`CallBatch`]. It knows nothing
+//! of the mesh behind it.
 
 mod dispatch;
 mod items;
@@ -23,7 +24,7 @@ use crate::callback::{CallbackGroup, Handler, Outcome};
 use crate::error::{Error, Result};
 use crate::mesh::BoxFuture;
 use crate::sync::{lock, read, write};
-pub use dispatch::{serve, SyncBatch};
+pub use dispatch::{serve, serve_batch, SyncBatch};
 pub use items::send_items;
 
 /// A request from another node, as the mesh hands it over: what to run, and the way
@@ -58,6 +59,39 @@ pub trait Request: Send + 'static {
     fn open_incoming(&self) -> Option<crate::mesh::OpenStream> {
         None
     }
+}
+
+/// The calls of one batch frame to one callback (docs/PROTOCOL.md, "Batches of calls"),
+/// as the mesh hands them over: a quick sync callback serves them as one unit (one
+/// lookup, one admission pass, one job, its replies gathered into one frame); any other
+/// takes them one by one, as lone [`Request`]s ([`CallBatch::split_off`]). Each call is
+/// admitted against the limits and answered (if its caller waits) exactly once.
+pub trait CallBatch: Send + 'static {
+    /// The callback asked for.
+    fn callback(&self) -> &str;
+    /// The process that asked.
+    fn caller(&self) -> &str;
+    /// Whether the callers wait for outcomes (not NO_RETURN).
+    fn wants_reply(&self) -> bool;
+    /// When the caller gives up on these calls, if it said.
+    fn deadline(&self) -> Option<Instant>;
+    /// Calls not taken yet.
+    fn remaining(&self) -> usize;
+    /// The next call's arguments, in order; `None` once all were taken.
+    fn next_call(&mut self) -> Option<Bytes>;
+    /// Answers the call last taken: the outcome is kept with the others', to leave
+    /// together at [`flush`](CallBatch::flush) (a large one may leave at once).
+    fn answer(&mut self, outcome: Outcome);
+    /// Sends the outcomes kept. When the way back is full, returns the wait for room
+    /// (run it off any lock).
+    fn flush(&mut self) -> Option<BoxFuture<'static, ()>>;
+    /// The calls not taken yet past the first `keep` of them, as lone requests (taken
+    /// from the batch: it keeps only those `keep`).
+    fn split_off(&mut self, keep: usize) -> Vec<Box<dyn Request>>;
+    /// The calls not taken yet past the first `keep` of them, as a batch of their own
+    /// (taken from this one, which keeps only those `keep`); `None` if there are no
+    /// more than `keep`.
+    fn split_batch(&mut self, keep: usize) -> Option<Box<dyn CallBatch>>;
 }
 
 /// The way a stream's items go (a stream callback's results, or a caller's
@@ -247,10 +281,22 @@ impl Executor {
 
     /// Counts a callback as running (or waiting to run), unless as many of its kind as
     /// allowed already are.
+    #[cfg(test)]
     fn admit_callback(self: &Arc<Self>, kind: CallbackKind) -> Option<ServingGuard> {
-        self.serving
-            .admit(kind, self.limits.callback_limit(kind))
-            .then(|| ServingGuard(self.clone(), kind))
+        self.admit_callbacks(kind, 1)
+    }
+
+    /// Counts up to `calls` callbacks of one kind as running, as many as their limit
+    /// allows (the first of them, in order); `None` if none may.
+    fn admit_callbacks(self: &Arc<Self>, kind: CallbackKind, calls: u32) -> Option<ServingGuard> {
+        let admitted = self
+            .serving
+            .admit_up_to(kind, self.limits.callback_limit(kind), calls);
+        (admitted > 0).then(|| ServingGuard {
+            executor: self.clone(),
+            kind,
+            calls: admitted,
+        })
     }
 }
 
@@ -317,8 +363,9 @@ impl Serving {
             .sum()
     }
 
-    /// Counts one more callback of its kind, unless `limit` of that kind already are.
-    fn admit(&self, kind: CallbackKind, limit: usize) -> bool {
+    /// Counts up to `calls` more callbacks of its kind, as many as keep that kind
+    /// within `limit`; returns how many.
+    fn admit_up_to(&self, kind: CallbackKind, limit: usize, calls: u32) -> u32 {
         let limit = limit.min(Self::MAX) as u64;
         let counts = self.counts(kind);
         let mut current = counts.load(Ordering::Acquire);
@@ -328,24 +375,27 @@ impl Serving {
             } else {
                 current & u64::from(u32::MAX)
             };
-            if of_kind >= limit {
-                return false;
+            let admitted = limit.saturating_sub(of_kind).min(u64::from(calls));
+            if admitted == 0 {
+                return 0;
             }
             match counts.compare_exchange_weak(
                 current,
-                current + Self::unit(kind),
+                current + Self::unit(kind) * admitted,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                // At most `calls`, a u32.
+                Ok(_) => return admitted as u32,
                 Err(seen) => current = seen,
             }
         }
     }
 
-    fn finish(&self, kind: CallbackKind) {
-        let unit = Self::unit(kind);
-        if self.counts(kind).fetch_sub(unit, Ordering::AcqRel) == unit {
+    /// `calls` callbacks of `kind` finished.
+    fn finish(&self, kind: CallbackKind, calls: u32) {
+        let gone = Self::unit(kind) * u64::from(calls);
+        if calls > 0 && self.counts(kind).fetch_sub(gone, Ordering::AcqRel) == gone {
             // This kind reached zero; `idle` looks at the others.
             self.idle.notify_waiters();
         }
@@ -366,11 +416,103 @@ impl Serving {
     }
 }
 
-/// Marks a callback of its kind as finished when dropped.
-pub struct ServingGuard(Arc<Executor>, CallbackKind);
+/// Marks callbacks of its kind (one, or the calls of a batch) as finished when dropped.
+pub struct ServingGuard {
+    executor: Arc<Executor>,
+    kind: CallbackKind,
+    calls: u32,
+}
+
+impl ServingGuard {
+    /// A guard that counts nothing.
+    fn none(executor: &Arc<Executor>) -> ServingGuard {
+        ServingGuard {
+            executor: executor.clone(),
+            kind: CallbackKind {
+                sync: true,
+                one_way: false,
+            },
+            calls: 0,
+        }
+    }
+
+    /// Takes one of the callbacks it counts into a guard of its own; `None` if it
+    /// counts none.
+    fn take_one(&mut self) -> Option<ServingGuard> {
+        self.take(1)
+    }
+
+    /// Takes `calls` of the callbacks it counts into a guard of their own; `None` if
+    /// it counts fewer.
+    fn take(&mut self, calls: u32) -> Option<ServingGuard> {
+        self.calls = self.calls.checked_sub(calls)?;
+        Some(ServingGuard {
+            executor: self.executor.clone(),
+            kind: self.kind,
+            calls,
+        })
+    }
+}
 
 impl Drop for ServingGuard {
     fn drop(&mut self) {
-        self.0.serving.finish(self.1);
+        self.executor.serving.finish(self.kind, self.calls);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_admitted_as_far_as_the_limit_allows_and_each_call_counts() {
+        let serving = Serving::default();
+        let kind = CallbackKind {
+            sync: true,
+            one_way: false,
+        };
+        let one_way = CallbackKind {
+            sync: true,
+            one_way: true,
+        };
+        assert_eq!(serving.admit_up_to(kind, 10, 4), 4);
+        assert_eq!(serving.admit_up_to(kind, 10, 50), 6, "the first six of 50");
+        assert_eq!(serving.admit_up_to(kind, 10, 1), 0, "at the limit");
+        assert_eq!(
+            serving.admit_up_to(one_way, 10, 3),
+            3,
+            "NO_RETURN calls have their own count"
+        );
+        assert_eq!(serving.total(), 13);
+        serving.finish(kind, 6);
+        assert_eq!(serving.admit_up_to(kind, 10, 50), 6);
+        serving.finish(kind, 10);
+        serving.finish(one_way, 3);
+        assert_eq!(serving.total(), 0);
+    }
+
+    #[test]
+    fn a_guard_split_in_shares_finishes_each_share_once() {
+        let limits = Limits {
+            max_concurrent_callbacks: 1,
+            max_sync_callbacks: 100,
+            stop_timeout: Duration::ZERO,
+        };
+        let executor = Executor::new("test".into(), limits, HashMap::new());
+        let kind = CallbackKind {
+            sync: true,
+            one_way: false,
+        };
+        let mut all = executor.admit_callbacks(kind, 130).expect("room");
+        assert_eq!(all.calls, 100, "as many as the limit allows");
+        let share = all.take(64).expect("64 of them");
+        let one = all.take_one().expect("one of them");
+        assert!(all.take(64).is_none(), "35 left");
+        assert_eq!(executor.serving.total(), 100);
+        drop(share);
+        assert_eq!(executor.serving.total(), 36);
+        drop(one);
+        drop(all);
+        assert_eq!(executor.serving.total(), 0);
     }
 }

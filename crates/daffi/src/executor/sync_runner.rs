@@ -74,7 +74,7 @@ pub struct SyncRunner {
     state: Mutex<RunnerState>,
     /// Wakes threads waiting for a job.
     wake: Condvar,
-    /// Jobs in the queue, readable without the lock.
+    /// Calls in the queue's jobs (a batch's count each), readable without the lock.
     queued: AtomicUsize,
     /// Watches in a row that ended without a job (see [`MISSES_BEFORE_SLEEPING_AT_ONCE`]).
     watch_misses: AtomicU32,
@@ -106,8 +106,8 @@ struct RunWatch {
     epoch: Instant,
 }
 
-/// NO_RETURN jobs a run on a worker takes in one task (see
-/// [`SyncRunner::run_one_on_worker`]).
+/// NO_RETURN calls (jobs, or the calls of batches) a run on a worker takes in one task
+/// (see [`SyncRunner::run_one_on_worker`]).
 const ONE_WAY_JOBS_PER_TASK: usize = 64;
 
 /// Jobs queued past which the reader that queues more runs quick ones itself (see
@@ -322,7 +322,7 @@ impl SyncRunner {
             if going && watch.is_stuck() {
                 return false;
             }
-            let added = jobs.len();
+            let added = jobs.iter().map(SyncJob::calls).sum();
             s.jobs.extend(jobs.drain(..));
             runner.queued.fetch_add(added, Ordering::Release);
             (!going).then(|| {
@@ -365,7 +365,7 @@ impl SyncRunner {
                 let Some(job) = s.next_quick().and_then(|at| s.jobs.remove(at)) else {
                     return;
                 };
-                runner.queued.fetch_sub(1, Ordering::AcqRel);
+                runner.queued.fetch_sub(job.calls(), Ordering::AcqRel);
                 job
             };
             if !job.wants_reply() {
@@ -373,7 +373,11 @@ impl SyncRunner {
             }
             let started = Instant::now();
             // `run` catches the callback's panics; this guards the counts against a bug.
-            if catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| {
+                job.run(started, true, &mut usage, None)
+            }))
+            .is_err()
+            {
                 tracing::error!("a sync callback job panicked outside its callback");
             }
         }
@@ -483,7 +487,10 @@ impl SyncRunner {
             }
             Next::Moved => return false,
         };
-        for ran in 1..=ONE_WAY_JOBS_PER_TASK {
+        // Calls run in this task (a batch's count each).
+        let mut ran = 0;
+        loop {
+            ran += job.calls();
             let replies = job.wants_reply();
             if !replies {
                 // A reply's job runs alone in its task: a reading for each would cost
@@ -492,12 +499,15 @@ impl SyncRunner {
             }
             let started = Instant::now();
             // `run` catches the callback's panics; this guards the counts against a bug.
-            now = catch_unwind(AssertUnwindSafe(|| job.run(started, true, &mut usage)))
-                .unwrap_or_else(|_| {
-                    tracing::error!("a sync callback job panicked outside its callback");
-                    Instant::now()
-                });
-            if replies || ran == ONE_WAY_JOBS_PER_TASK {
+            let progress = |at: Instant| runner.progress_on_worker(at);
+            now = catch_unwind(AssertUnwindSafe(|| {
+                job.run(started, true, &mut usage, Some(&progress))
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!("a sync callback job panicked outside its callback");
+                Instant::now()
+            });
+            if replies || ran >= ONE_WAY_JOBS_PER_TASK {
                 break;
             }
             // The next job, under the same lock that finds it (one lock per job).
@@ -558,6 +568,14 @@ impl SyncRunner {
         }
     }
 
+    /// The run on a worker, inside a job (the calls of a batch), began its next call
+    /// at `now`: progress for the watch, as a job beginning is.
+    fn progress_on_worker(&self, now: Instant) {
+        if let Some(watch) = self.watch() {
+            watch.job_began.store(watch.micros(now), Ordering::Release);
+        }
+    }
+
     /// Ends the run on a worker in `slot`.
     fn end_on_worker(&self, s: &mut RunnerState, slot: usize) {
         s.slots[slot] = Slot::Vacant;
@@ -579,7 +597,7 @@ impl SyncRunner {
             self.end_on_worker(&mut s, run.slot);
             return Next::Ended;
         };
-        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.queued.fetch_sub(job.calls(), Ordering::AcqRel);
         self.mark_on_worker(now, false);
         Next::Job(job)
     }
@@ -589,7 +607,7 @@ impl SyncRunner {
         let (start, watch, wake) = {
             let mut s = core.sync_runner.lock();
             s.last_submit = Some(Instant::now());
-            let added = jobs.len();
+            let added = jobs.iter().map(SyncJob::calls).sum();
             s.jobs.extend(jobs.drain(..));
             core.sync_runner.queued.fetch_add(added, Ordering::Release);
             // Wake a waiting thread only if no thread is starting or watching for jobs:
@@ -690,7 +708,8 @@ impl SyncRunner {
                 return;
             }
             let orphans: Vec<SyncJob> = s.jobs.drain(..).collect();
-            self.queued.fetch_sub(orphans.len(), Ordering::AcqRel);
+            let calls = orphans.iter().map(SyncJob::calls).sum();
+            self.queued.fetch_sub(calls, Ordering::AcqRel);
             orphans
         };
         for job in orphans {
@@ -719,7 +738,8 @@ impl SyncRunner {
                 .into_iter()
                 .partition(|job| job.expired(now));
             s.jobs = waiting;
-            self.queued.fetch_sub(expired.len(), Ordering::AcqRel);
+            let calls = expired.iter().map(SyncJob::calls).sum();
+            self.queued.fetch_sub(calls, Ordering::AcqRel);
             expired
         };
         for job in &expired {
@@ -746,7 +766,7 @@ impl SyncRunner {
                 }
                 match s.job_for_threads(self.run_takes_quick_calls()) {
                     Some(job) => {
-                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        self.queued.fetch_sub(job.calls(), Ordering::AcqRel);
                         s.busy += 1;
                         s.slots[slot] = Slot::Busy(now);
                         Some(job)
@@ -774,7 +794,9 @@ impl SyncRunner {
             usage.before_job();
             // Read after the lock, whose wait is not the callback's.
             let started = Instant::now();
-            match catch_unwind(AssertUnwindSafe(|| job.run(started, false, &mut usage))) {
+            match catch_unwind(AssertUnwindSafe(|| {
+                job.run(started, false, &mut usage, None)
+            })) {
                 Ok(at) => finished = Some(at),
                 Err(_) => tracing::error!("a sync callback job panicked outside its callback"),
             }
@@ -868,7 +890,7 @@ impl SyncRunner {
         self.run_watch.get().and_then(Option::as_ref)
     }
 
-    /// Jobs waiting for a thread (without the lock).
+    /// Calls waiting for a thread (without the lock).
     pub(super) fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }

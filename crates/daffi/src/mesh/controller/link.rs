@@ -6,7 +6,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::incoming::FrameRequest;
+use super::incoming::{FrameBatch, FrameRequest};
 use super::streams::Addressed;
 use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
@@ -338,32 +338,31 @@ fn dispatch(
     Ok(())
 }
 
-/// Serves each call of a batch as its own request, in order, their arguments slices of
-/// the frame: a batch of NO_RETURN calls (each admitted, run and counted against the
-/// NO_RETURN allowance as a lone one), or of calls that want replies (each with its own
-/// call id, answered on its own). A malformed batch is dropped whole, with a warning
-/// naming its caller: it costs only that caller's calls.
+/// Serves the calls of a batch, in order, their arguments slices of the frame: a batch
+/// of NO_RETURN calls (each admitted and counted against the NO_RETURN allowance as a
+/// lone one), or of calls that want replies (each with its own call id, answered
+/// once); a quick sync callback takes them as one job ([`executor::serve_batch`]). A
+/// malformed batch is dropped whole, with a warning naming its caller: it costs only
+/// that caller's calls.
 fn serve_batch(core: &Arc<ControllerMesh>, frame: Frame, batch: &mut SyncBatch) {
-    let deadline = FrameRequest::deadline_of(&frame);
     if frame.flags() & FLAG_NO_REPLY == 0 {
         let calls = match batch_requests(frame.flags(), frame.call_id(), frame.payload()) {
             Ok(calls) => calls,
             Err(why) => return dropped_batch(&frame, "calls", &why),
         };
-        for (call_id, args) in calls {
-            let request = FrameRequest::call_of_batch(frame.clone(), call_id, args, deadline, core);
-            executor::serve(&core.executor, request, batch);
-        }
+        let calls = FrameBatch::with_replies(frame, calls, core);
+        executor::serve_batch(&core.executor, calls, batch);
         return;
     }
     let calls = match batch_calls(frame.flags(), frame.call_id(), frame.payload()) {
         Ok(calls) => calls,
         Err(why) => return dropped_batch(&frame, "NO_RETURN calls", &why),
     };
-    for args in calls {
-        let request = FrameRequest::call_of_batch(frame.clone(), 0, args, deadline, core);
-        executor::serve(&core.executor, request, batch);
-    }
+    executor::serve_batch(
+        &core.executor,
+        FrameBatch::one_way(frame, calls, core),
+        batch,
+    );
 }
 
 /// Logs a malformed batch of `what` in `frame`, dropped.
