@@ -16,6 +16,7 @@ use super::sync_runner::SyncRunner;
 use super::thread_clock;
 use super::{CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
+use crate::codec::handing_over;
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
 
@@ -56,7 +57,7 @@ impl SyncBatch {
 
 /// Starts serving a request. Never blocks the caller (the mesh's reader). A sync
 /// callback joins `batch`, which the reader submits before it waits for more.
-pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut SyncBatch) {
+pub fn serve(executor: &Arc<Executor>, mut request: Box<dyn Request>, batch: &mut SyncBatch) {
     let wants_reply = request.wants_reply();
     // Opened first: items may follow the request at once. Refused, it is cancelled.
     let offer = request
@@ -116,20 +117,22 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
             tokio::spawn(async move {
                 let _running = running;
                 if !too_late(&*request) {
-                    let payload = request.payload();
-                    send_items(guarded(|| offering(offer, || f(payload))), sink).await;
+                    let (payload, kept) = request.take_payload();
+                    let start = || handing_over(payload, kept, |payload| f(payload));
+                    send_items(guarded(|| offering(offer, start)), sink).await;
                 }
             });
             return;
         }
         Handler::Async(f) => {
-            let payload = request.payload();
+            let (payload, kept) = request.take_payload();
             tokio::spawn(async move {
                 let _running = running;
                 if too_late(&*request) {
                     return;
                 }
-                let outcome = CatchUnwind(offering(offer, || f(payload))).await;
+                let start = || handing_over(payload, kept, |payload| f(payload));
+                let outcome = CatchUnwind(offering(offer, start)).await;
                 if let Some(wait_for_room) = finish(request, outcome) {
                     wait_for_room.await;
                 }
@@ -288,21 +291,28 @@ impl SyncJob {
     /// just before. `on_worker`: this thread is a runtime worker (the
     /// reader's), which must not wait for room on the way back. `usage`: the thread's,
     /// if read before this job (see [`RunUsage`]).
-    pub(super) fn run(self, started: Instant, on_worker: bool, usage: &mut RunUsage) -> Instant {
+    pub(super) fn run(
+        mut self,
+        started: Instant,
+        on_worker: bool,
+        usage: &mut RunUsage,
+    ) -> Instant {
         if too_late(&*self.request) {
             return started;
         }
-        let payload = self.request.payload();
+        let (payload, kept) = self.request.take_payload();
         let offer = self.offer;
         let f = match self.work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, feed) => {
-                feed.run(guarded(|| offering(offer, || f(payload))));
+                let start = || handing_over(payload, kept, |payload| f(payload));
+                feed.run(guarded(|| offering(offer, start)));
                 return Instant::now();
             }
         };
         crate::blocking::take_blocked();
-        let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
+        let start = || handing_over(payload, kept, |payload| f(payload));
+        let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, start)))
             .unwrap_or_else(|p| Err(panic_failure(p)));
         let finished = Instant::now();
         let took = finished.saturating_duration_since(started);
