@@ -158,6 +158,8 @@ pub(super) fn lone_bin_param<T>(
     };
     if let Some(kept) = hold() {
         kept.release();
+        // The reader reads its next large frame into a buffer that came back instead.
+        super::pool::lend_to_readers();
     }
     let vec = take_from(payload, at + header);
     let value = match cast::<(Vec<u8>,), (Vec<u8>,), T>((vec,)) {
