@@ -356,6 +356,7 @@ pub(crate) fn is_lone_bytes_param<T>() -> bool {
 /// Runs `run`, a callback's shim, on `payload`, its arguments, with `kept`, the reader's
 /// hold on their buffer: a lone `Vec<u8>` or `ByteBuf` parameter ends it to take the
 /// buffer over ([`lone_bytes_param`]); any other keeps the reader's reuse of it.
+#[inline]
 pub(crate) fn handing_over<R>(
     payload: Bytes,
     kept: Option<KeptBuffer>,
