@@ -270,7 +270,7 @@ fn shim_parts(sig: &syn::Signature, params: &[Param], exposed: &str) -> ShimPart
             names: &[#(#names),*],
             types: &[#(#type_texts),*],
         };
-        let __args = ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, &payload);
+        let __args = ::daffi::__private::decode_args::<(#(#types,)*)>(&SIGNATURE, payload);
     };
     let unpack = quote! { let (#(#idents,)*) = __args?; };
     let encode = match returns(&sig.output) {

@@ -425,6 +425,19 @@ impl Frame {
     pub fn into_payload(self) -> (Bytes, Option<KeptBuffer>) {
         (self.raw.slice(self.name_end..), self.kept)
     }
+    /// Hands the payload over as [`into_payload`](Self::into_payload) does, keeping the
+    /// frame's head: the frame is then its head alone (copied into a buffer of its own,
+    /// with an empty payload and the length prefix to match), so the payload's buffer
+    /// is held by the payload and the reader's hold only. For a request whose large
+    /// argument may be taken over while its names are still needed for the reply.
+    pub fn take_payload(&mut self) -> (Bytes, Option<KeptBuffer>) {
+        let head_len = u32::try_from(self.name_end - LEN_PREFIX).unwrap_or(u32::MAX);
+        let mut head = BytesMut::with_capacity(self.name_end);
+        head.extend_from_slice(&head_len.to_be_bytes());
+        head.extend_from_slice(&self.raw[LEN_PREFIX..self.name_end]);
+        let raw = std::mem::replace(&mut self.raw, head.freeze());
+        (raw.slice(self.name_end..), self.kept.take())
+    }
     /// The whole frame as it came off the wire, length prefix included.
     pub fn raw(&self) -> &Bytes {
         &self.raw
@@ -484,6 +497,44 @@ mod tests {
         assert_eq!(f.timeout_ms(), 1500);
         assert_eq!((f.src(), f.dst(), f.name()), ("proc1", "proc2", "func3"));
         assert_eq!(f.payload(), payload);
+    }
+
+    #[test]
+    fn a_payload_taken_leaves_the_head_whole_and_the_buffer_to_the_payload() {
+        let header = Header {
+            kind: Kind::Request,
+            flags: FLAG_NO_REPLY,
+            call_id: 42,
+            timeout_ms: 1500,
+            src: "proc1",
+            dst: "proc2",
+            name: "func3",
+        };
+        let head = header.encode(1000);
+        let mut raw = BytesMut::from(&head[..]);
+        raw.extend_from_slice(&[7u8; 1000]);
+        let mut f = Frame::parse(raw.freeze()).expect("valid frame");
+        let (payload, kept) = f.take_payload();
+        assert!(kept.is_none());
+        assert_eq!(&payload[..], &[7u8; 1000][..]);
+        // Nothing but the payload holds its buffer: it is taken over, not copied.
+        let at = payload.as_ptr();
+        let taken = Vec::from(payload);
+        assert_eq!(
+            taken.as_ptr().wrapping_add(head.len()),
+            at,
+            "moved in place"
+        );
+        assert_eq!(taken, vec![7u8; 1000]);
+        // The head alone is a valid frame with the same fields and no payload.
+        assert_eq!((f.src(), f.dst(), f.name()), ("proc1", "proc2", "func3"));
+        assert_eq!(
+            (f.call_id(), f.timeout_ms(), f.flags()),
+            (42, 1500, FLAG_NO_REPLY)
+        );
+        assert!(f.payload().is_empty());
+        let again = Frame::parse(f.raw().clone()).expect("the head is a frame");
+        assert_eq!(again.name(), "func3");
     }
 
     /// A request frame whose three names are the given bytes (maybe not UTF-8).

@@ -25,6 +25,31 @@ pub(crate) fn huge_page_buffer(capacity: usize) -> Vec<u8> {
     buffer
 }
 
+/// Gives an empty buffer with room for so many bytes, if it has one.
+type Lender = fn(usize) -> Option<Vec<u8>>;
+
+/// Where readers look for a new large frame's buffer before they allocate one (see
+/// [`lend_large_buffers`]).
+static LENDER: std::sync::OnceLock<Lender> = std::sync::OnceLock::new();
+
+/// Lets readers take a new large frame's buffer (1 MiB or more) from `lender`, which
+/// returns an empty buffer with room for that many bytes if it has one: memory the
+/// process has finished with and keeps for a moment, already mapped. For a process
+/// whose large frames' buffers are taken over (a byte-string argument decoded into a
+/// `Vec<u8>` and sent back as the result, say): the reader then cannot reuse its own,
+/// and the one that comes back from the result is there instead. The first lender set
+/// stays.
+pub fn lend_large_buffers(lender: Lender) {
+    let _ = LENDER.set(lender);
+}
+
+/// An empty buffer with room for `capacity` bytes from the lender, if one is set and has
+/// one.
+pub(crate) fn lent_buffer(capacity: usize) -> Option<Vec<u8>> {
+    let buffer = LENDER.get()?(capacity)?;
+    (buffer.capacity() >= capacity && buffer.is_empty()).then_some(buffer)
+}
+
 /// Asks the kernel to back the aligned 2 MiB blocks of `memory` with huge pages. Advice
 /// only: if the kernel refuses it, the memory gets ordinary pages.
 #[cfg(target_os = "linux")]

@@ -356,6 +356,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
         }
+        // The conversions take the `Vec` over, without a copy.
+        if let Some(lent) = crate::memory::lent_buffer(total) {
+            return BytesMut::from(Bytes::from(lent));
+        }
         if !in_burst {
             return BytesMut::with_capacity(total);
         }
@@ -482,6 +486,64 @@ mod tests {
         let second = reader.next().await.unwrap().unwrap();
         assert_eq!(second.dst(), "two");
         assert_eq!(reader.next_frame_dst(), None);
+    }
+
+    /// The body of the frame [`a_lent_buffer_takes_a_new_large_frame`] reads: a size no
+    /// other test uses, so the lender (set for the whole test process) lends only to it.
+    const LENT_BODY: usize = 3 * LARGE_FRAME + 4321;
+
+    /// Where the buffer lent for [`LENT_BODY`] starts.
+    static LENT_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    #[tokio::test]
+    async fn a_lent_buffer_takes_a_new_large_frame() {
+        fn lender(capacity: usize) -> Option<Vec<u8>> {
+            let header = Header::control(Kind::Request);
+            if capacity != header.frame_len(LENT_BODY) {
+                return None;
+            }
+            let mut buffer = Vec::with_capacity(capacity + 100);
+            buffer.extend_from_slice(&[9; 50]); // what it held before: cleared for use
+            buffer.clear();
+            LENT_AT.store(
+                buffer.as_ptr() as usize,
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            Some(buffer)
+        }
+        crate::lend_large_buffers(lender);
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for size in [LENT_BODY, 3 * LARGE_FRAME] {
+                let body = Bytes::from(pattern(size));
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 4 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let lent = reader.next().await.expect("read").expect("frame");
+        let at = LENT_AT.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            lent.raw().as_ptr() as usize,
+            at,
+            "read into the lent buffer"
+        );
+        assert!(lent.payload() == pattern(LENT_BODY));
+        // Another size: the lender has none, and the reader allocates as before.
+        let other = reader.next().await.expect("read").expect("frame");
+        assert_ne!(other.raw().as_ptr() as usize, at);
+        assert!(other.payload() == pattern(3 * LARGE_FRAME));
+        sending.await.expect("sender");
+        drop(reader);
+        writer.await.expect("join").expect("io");
+    }
+
+    /// `len` bytes that differ from place to place.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
     }
 
     #[tokio::test]

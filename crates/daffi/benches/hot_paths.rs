@@ -37,7 +37,8 @@ mod arguments {
         let payload = encode_reply((123_456_i64, 7_i64))
             .expect("encode")
             .into_bytes();
-        bencher.bench_local(|| decode_args::<(i64, i64)>(&SIGNATURE, black_box(&payload)).ok());
+        bencher
+            .bench_local(|| decode_args::<(i64, i64)>(&SIGNATURE, black_box(payload.clone())).ok());
     }
 
     /// `.args((bytes,))` for a 64 KiB payload (the copy into the frame dominates).

@@ -407,7 +407,7 @@ macro_rules! closure_callback {
                 let types = [$(std::any::type_name::<$a>()),*];
                 Handler::Sync(Arc::new(move |payload: Bytes| {
                     let signature = Signature { callback: &name, names: &[], types: &types };
-                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, payload)?;
                     (self)($($a),*).into_reply()
                 }))
             }
@@ -427,7 +427,7 @@ macro_rules! closure_callback {
                 let f = Arc::new(self);
                 Handler::Async(Arc::new(move |payload: Bytes| -> BoxFuture<Outcome> {
                     let signature = Signature { callback: &name, names: &[], types: &types };
-                    let decoded = decode_args::<($($a,)*)>(&signature, &payload);
+                    let decoded = decode_args::<($($a,)*)>(&signature, payload);
                     let f = f.clone();
                     Box::pin(async move {
                         let ($($a,)*) = decoded?;
@@ -488,7 +488,7 @@ macro_rules! stream_callback {
                 let types = [$(std::any::type_name::<$a>()),*];
                 Handler::SyncStream(Arc::new(move |payload: Bytes| {
                     let signature = Signature { callback: &name, names: &[], types: &types };
-                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, payload)?;
                     Ok(iter_items((self)($($a),*)))
                 }))
             }
@@ -507,7 +507,7 @@ macro_rules! stream_callback {
                 let types = [$(std::any::type_name::<$a>()),*];
                 Handler::AsyncStream(Arc::new(move |payload: Bytes| {
                     let signature = Signature { callback: &name, names: &[], types: &types };
-                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, &payload)?;
+                    let ($($a,)*) = decode_args::<($($a,)*)>(&signature, payload)?;
                     Ok(stream_items((self)($($a),*)))
                 }))
             }

@@ -340,6 +340,61 @@ pub(crate) fn decode_owned<T: DeserializeOwned>(
     }
 }
 
+thread_local! {
+    /// Where the arguments handed to the callback running on this thread start, and the
+    /// reader's hold on their buffer (see [`handing_over`]).
+    static HANDED: Cell<Option<(usize, KeptBuffer)>> = const { Cell::new(None) };
+}
+
+/// Whether a callback's parameters `T` are one `Vec<u8>` or `serde_bytes::ByteBuf`,
+/// which [`lone_bytes_param`] may take over (constant once inlined).
+#[inline(always)]
+pub(crate) fn is_lone_bytes_param<T>() -> bool {
+    byte_strings::is_lone_bin_param::<T>()
+}
+
+/// Runs `run`, a callback's shim, on `payload`, its arguments, with `kept`, the reader's
+/// hold on their buffer: a lone `Vec<u8>` or `ByteBuf` parameter ends it to take the
+/// buffer over ([`lone_bytes_param`]); any other keeps the reader's reuse of it.
+#[inline]
+pub(crate) fn handing_over<R>(
+    payload: Bytes,
+    kept: Option<KeptBuffer>,
+    run: impl FnOnce(Bytes) -> R,
+) -> R {
+    let Some(kept) = kept else {
+        return run(payload);
+    };
+    /// Forgets the hold however `run` ends (a panic included).
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            let _ = HANDED.try_with(Cell::take);
+        }
+    }
+    HANDED.with(|h| h.set(Some((payload.as_ptr() as usize, kept))));
+    let _forget = Forget;
+    run(payload)
+}
+
+/// A callback's parameters `T` that are one `Vec<u8>` or `serde_bytes::ByteBuf`,
+/// `(data,)`, from arguments that are one `bin` from `at` to the end of `payload` (the
+/// `bin` itself, or the one value of a list or of a map that names it): the bytes take
+/// over the payload's buffer when nothing else holds it, instead of being copied, after
+/// the reader's hold on it ends (given by [`handing_over`]). `Err` gives the payload
+/// back for any other type or payload.
+pub(crate) fn lone_bytes_param<T>(payload: Bytes, at: usize) -> Result<T, Bytes> {
+    if !byte_strings::is_lone_bin_param::<T>() {
+        return Err(payload);
+    }
+    let start = payload.as_ptr() as usize;
+    let hold = || {
+        let (handed, kept) = HANDED.with(Cell::take)?;
+        (handed == start).then_some(kept)
+    };
+    byte_strings::lone_bin_param(payload, at, hold)
+}
+
 /// Called by a blob being deserialized from borrowed bytes: a slice of the payload
 /// [`decode`] is reading, if `data` lies inside it.
 pub(crate) fn slice_of_source(data: &[u8]) -> Option<Bytes> {

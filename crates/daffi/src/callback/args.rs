@@ -71,9 +71,12 @@ impl Signature<'_> {
 /// the request offers; a stream offered to a callback without one, or none to a
 /// callback with one, is refused (`NotAStream`) before anything runs.
 #[doc(hidden)]
+///
+/// The payload is handed over: a lone `Vec<u8>` or `serde_bytes::ByteBuf` parameter
+/// takes over its buffer when nothing else holds it, instead of copying its bytes.
 pub fn decode_args<T: Params>(
     signature: &Signature<'_>,
-    payload: &Bytes,
+    payload: Bytes,
 ) -> Result<T, CallbackFailure> {
     if T::INCOMING != crate::incoming::is_offered() {
         return Err(crate::incoming::mismatch(T::INCOMING));
@@ -84,12 +87,16 @@ pub fn decode_args<T: Params>(
             de::value::SeqDeserializer::<_, de::value::Error>::new(std::iter::empty::<()>());
         return T::from_seq(nothing, &Cell::default()).map_err(CallbackFailure::bad_arguments);
     }
-    let shape = Shape::of::<T>(signature, payload);
+    let shape = Shape::of::<T>(signature, &payload);
     if shape == Shape::AsItComes && !T::INCOMING {
-        if let Some(args) = plain_args::<T>(payload) {
+        if let Some(args) = plain_args::<T>(&payload) {
             return Ok(args);
         }
     }
+    let payload = match lone_byte_string::<T>(signature, shape, payload) {
+        Ok(args) => return Ok(args),
+        Err(payload) => payload,
+    };
     let failed = Cell::new(Failed::Nothing);
     let seed = ArgsSeed::<T> {
         signature,
@@ -97,15 +104,43 @@ pub fn decode_args<T: Params>(
         failed: &failed,
         params: std::marker::PhantomData,
     };
-    codec::decode_seed(payload, seed).map_err(|error| {
+    codec::decode_seed(&payload, seed).map_err(|error| {
         CallbackFailure::bad_arguments(explain::<T>(
             signature,
             shape,
-            payload,
+            &payload,
             failed.take(),
             &error,
         ))
     })
+}
+
+/// A large byte string as the one argument of a callback whose one parameter is a
+/// `Vec<u8>` or a `ByteBuf` (by position, by name, or as the whole payload): taken over
+/// with its buffer (see [`codec::lone_bytes_param`]). `Err` gives the payload back for
+/// any other parameters or arguments, which the deserializer reads.
+#[inline]
+fn lone_byte_string<T: Params>(
+    signature: &Signature<'_>,
+    shape: Shape,
+    payload: Bytes,
+) -> Result<T, Bytes> {
+    if !codec::is_lone_bytes_param::<T>() || payload.len() < codec::BLOB_BY_REFERENCE {
+        return Err(payload);
+    }
+    let at = match shape {
+        Shape::Whole => Some(0),
+        // A fixarray of one (`Shape::of` saw a list).
+        Shape::AsItComes => (payload.first() == Some(&0x91)).then_some(1),
+        Shape::NamesTheOne => signature
+            .names
+            .first()
+            .and_then(|name| value_of_one(&payload, name)),
+    };
+    match at {
+        Some(at) => codec::lone_bytes_param(payload, at),
+        None => Err(payload),
+    }
 }
 
 /// Arguments by position that are all integers or bools (`.args((1, 2))` to
@@ -207,17 +242,22 @@ fn is_list(payload: &[u8]) -> bool {
 
 /// Whether `payload` is a map of one entry keyed `name`.
 fn is_map_of_one(payload: &[u8], name: &str) -> bool {
+    value_of_one(payload, name).is_some()
+}
+
+/// Where the value starts in `payload`, if it is a map of one entry keyed `name`.
+fn value_of_one(payload: &[u8], name: &str) -> Option<usize> {
     let entry = match payload {
         [0x81, entry @ ..] | [0xde, 0, 1, entry @ ..] | [0xdf, 0, 0, 0, 1, entry @ ..] => entry,
-        _ => return false,
+        _ => return None,
     };
     let (len, key) = match entry {
         [m @ 0xa0..=0xbf, key @ ..] => (usize::from(m & 0x1f), key),
         [0xd9, len, key @ ..] => (usize::from(*len), key),
         [0xda, hi, lo, key @ ..] => (usize::from(u16::from_be_bytes([*hi, *lo])), key),
-        _ => return false,
+        _ => return None,
     };
-    key.get(..len) == Some(name.as_bytes())
+    (key.get(..len) == Some(name.as_bytes())).then(|| payload.len() - key.len() + len)
 }
 
 /// What was being read when decoding stopped.
@@ -570,6 +610,7 @@ fn describe(signature: &Signature<'_>, shape: Shape, failed: Failed, detail: Det
 mod tests {
     use super::*;
     use serde::Serialize;
+    use serde_bytes::ByteBuf;
     use std::collections::BTreeMap;
 
     const ADD: Signature<'static> = Signature {
@@ -583,7 +624,7 @@ mod tests {
     }
 
     fn message<T: Params + fmt::Debug>(signature: &Signature<'_>, value: impl Serialize) -> String {
-        decode_args::<T>(signature, &encode(&value))
+        decode_args::<T>(signature, encode(&value))
             .expect_err("does not decode")
             .message
     }
@@ -623,7 +664,7 @@ mod tests {
                 assert_eq!(plain, serde, "{payload:x?}");
             }
             // What the fast path leaves, the deserializer reads (or explains).
-            let decoded = decode_args::<A>(&ADD, &payload).ok();
+            let decoded = decode_args::<A>(&ADD, payload.clone()).ok();
             assert_eq!(decoded, serde, "{payload:x?}");
         }
         for v in edges {
@@ -659,9 +700,9 @@ mod tests {
 
     #[test]
     fn arguments_come_by_position_or_by_name() {
-        let by_position: (i64, i64) = decode_args(&ADD, &encode(&(1, 2))).expect("decodes");
+        let by_position: (i64, i64) = decode_args(&ADD, encode(&(1, 2))).expect("decodes");
         let by_name: (i64, i64) =
-            decode_args(&ADD, &encode(&BTreeMap::from([("b", 2), ("a", 1)]))).expect("decodes");
+            decode_args(&ADD, encode(&BTreeMap::from([("b", 2), ("a", 1)]))).expect("decodes");
         assert_eq!((by_position, by_name), ((1, 2), (1, 2)));
     }
 
@@ -676,10 +717,10 @@ mod tests {
             name: "Ann".into(),
             age: 3,
         };
-        let whole: (Person,) = decode_args(&greet, &encode(&ann)).expect("the map is p");
+        let whole: (Person,) = decode_args(&greet, encode(&ann)).expect("the map is p");
         let named: (Person,) =
-            decode_args(&greet, &encode(&BTreeMap::from([("p", &ann)]))).expect("names p");
-        let listed: (Person,) = decode_args(&greet, &encode(&(&ann,))).expect("by position");
+            decode_args(&greet, encode(&BTreeMap::from([("p", &ann)]))).expect("names p");
+        let listed: (Person,) = decode_args(&greet, encode(&(&ann,))).expect("by position");
         assert_eq!(
             [whole.0, named.0],
             [
@@ -698,7 +739,7 @@ mod tests {
         };
         let (p,): (Person,) = decode_args(
             &closure,
-            &encode(&Person {
+            encode(&Person {
                 name: "Bo".into(),
                 age: 1,
             }),
@@ -772,6 +813,95 @@ mod tests {
             message::<(Vec<u16>, i64)>(&sum, (many, "x")),
             "argument 2 (`scale`) of sum(values: Vec<u16>, scale: i64): got a string where a number or a boolean belongs"
         );
+    }
+
+    /// `value` encoded as a frame's payload is: behind a few bytes of head, in a buffer
+    /// of its own. Returns the payload and where the buffer starts.
+    fn behind_a_head<V: Serialize>(value: &V) -> (Bytes, usize) {
+        let mut buffer = vec![0u8; 40];
+        buffer.extend(rmp_serde::to_vec_named(value).expect("encodes"));
+        let at = buffer.as_ptr() as usize;
+        (Bytes::from(buffer).slice(40..), at)
+    }
+
+    #[test]
+    fn a_lone_byte_string_takes_the_buffer_over_in_every_shape() {
+        let data = (0..100_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>();
+        let bin = serde_bytes::Bytes::new(&data);
+        let one = Signature {
+            callback: "f",
+            names: &["data"],
+            types: &["Vec<u8>"],
+        };
+        let shapes = || {
+            [
+                behind_a_head(&(bin,)),
+                behind_a_head(&bin),
+                behind_a_head(&BTreeMap::from([("data", bin)])),
+            ]
+        };
+        for (payload, at) in shapes() {
+            let (vec,): (Vec<u8>,) = decode_args(&one, payload).expect("decodes");
+            assert_eq!(vec, data);
+            assert_eq!(vec.as_ptr() as usize, at, "taken over, not copied");
+        }
+        for (payload, at) in shapes() {
+            let (buf,): (ByteBuf,) = decode_args(&one, payload).expect("decodes");
+            assert_eq!(buf.as_slice(), &data[..]);
+            assert_eq!(buf.as_ptr() as usize, at, "taken over, not copied");
+        }
+        // Held elsewhere too: copied, and the other holder's bytes stay as they were.
+        let (payload, at) = behind_a_head(&(bin,));
+        let other = payload.clone();
+        let (vec,): (Vec<u8>,) = decode_args(&one, payload).expect("decodes");
+        assert_ne!(vec.as_ptr() as usize, at);
+        assert_eq!(vec, data);
+        assert_eq!(
+            &other[..],
+            &rmp_serde::to_vec(&(bin,)).expect("encodes")[..]
+        );
+        // Small ones and other types take the deserializer's path.
+        let (small,): (Vec<u8>,) =
+            decode_args(&one, encode(&(serde_bytes::Bytes::new(&data[..100]),))).expect("small");
+        assert_eq!(small, &data[..100]);
+        let (as_bytes,): (Bytes,) = decode_args(&one, behind_a_head(&(bin,)).0).expect("Bytes");
+        assert_eq!(&as_bytes[..], &data[..]);
+    }
+
+    #[test]
+    fn a_byte_string_whose_length_lies_is_refused_as_before() {
+        let one = Signature {
+            callback: "f",
+            names: &["data"],
+            types: &["Vec<u8>"],
+        };
+        let data = vec![5u8; 70_000];
+        let honest = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&data),)).expect("encodes");
+        // [0x91, 0xc6, len (4 bytes), data]: a length past the end is refused; a
+        // shorter one reads that many bytes and leaves the rest, as the deserializer
+        // does; neither is taken over (the `bin` is not all of the rest).
+        for announced in [70_001u32, u32::MAX, 69_999, 70_000] {
+            let mut lying = honest.clone();
+            lying[2..6].copy_from_slice(&announced.to_be_bytes());
+            let decoded = decode_args::<(Vec<u8>,)>(&one, Bytes::from(lying));
+            match decoded {
+                Ok((vec,)) => assert_eq!(vec, &data[..announced as usize], "{announced}"),
+                Err(failure) => {
+                    assert!(announced > 70_000, "{announced}: {}", failure.message);
+                    assert!(
+                        failure.message.contains("f(data: Vec<u8>)"),
+                        "{}",
+                        failure.message
+                    );
+                }
+            }
+        }
+        // Cut short: the header alone.
+        let failure = decode_args::<(Vec<u8>,)>(&one, Bytes::from(honest[..20_000].to_vec()))
+            .expect_err("cut short");
+        assert!(!failure.message.is_empty());
     }
 
     #[test]

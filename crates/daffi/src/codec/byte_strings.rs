@@ -125,15 +125,57 @@ pub(super) fn whole_bin<T>(payload: Bytes, kept: Option<&KeptBuffer>) -> Result<
     if let Some(kept) = kept {
         kept.release();
     }
-    let mut data = payload;
-    data.advance(header);
-    let vec = Vec::from(data);
+    let vec = take_from(payload, header);
     let value = match cast::<Vec<u8>, Vec<u8>, T>(vec) {
         Ok(vec) => Ok(vec),
         Err(vec) => cast::<ByteBuf, ByteBuf, T>(ByteBuf::from(vec)),
     };
     // `T` is one of the two (checked above), so this is never `Err`.
     Ok(value.unwrap_or_else(|_| unreachable!("`T` is `Vec<u8>` or `ByteBuf`")))
+}
+
+/// Whether parameters `T` are one `Vec<u8>` or `ByteBuf`, `(data,)` (constant once
+/// inlined).
+#[inline(always)]
+pub(super) fn is_lone_bin_param<T>() -> bool {
+    is::<T, (Vec<u8>,)>() || is::<T, (ByteBuf,)>()
+}
+
+/// A callback's parameters `T` that are one `Vec<u8>` or `ByteBuf`, `(data,)`, from
+/// arguments whose value, from `at` on, is one `bin` running to the end of `payload`:
+/// taken over as [`whole_bin`] takes a result. `hold` gives the reader's hold on the
+/// buffer, ended first. `Err` gives the payload back for any other type or payload.
+pub(super) fn lone_bin_param<T>(
+    payload: Bytes,
+    at: usize,
+    hold: impl FnOnce() -> Option<KeptBuffer>,
+) -> Result<T, Bytes> {
+    if !is_lone_bin_param::<T>() {
+        return Err(payload);
+    }
+    let Some(header) = payload.get(at..).and_then(bin_header_len) else {
+        return Err(payload);
+    };
+    if let Some(kept) = hold() {
+        kept.release();
+        // The reader reads its next large frame into a buffer that came back instead.
+        super::pool::lend_to_readers();
+    }
+    let vec = take_from(payload, at + header);
+    let value = match cast::<(Vec<u8>,), (Vec<u8>,), T>((vec,)) {
+        Ok(params) => Ok(params),
+        Err((vec,)) => cast::<(ByteBuf,), (ByteBuf,), T>((ByteBuf::from(vec),)),
+    };
+    // `T` is one of the two (checked above), so this is never `Err`.
+    Ok(value.unwrap_or_else(|_| unreachable!("`T` is `(Vec<u8>,)` or `(ByteBuf,)`")))
+}
+
+/// The bytes of `payload` from `start` on, in the payload's own buffer if nothing else
+/// holds it (moved to its front), or copied.
+fn take_from(payload: Bytes, start: usize) -> Vec<u8> {
+    let mut data = payload;
+    data.advance(start);
+    Vec::from(data)
 }
 
 /// The length of the `bin` header `payload` starts with, if the `bin` is all of it.

@@ -38,18 +38,29 @@ fn kept() -> std::sync::MutexGuard<'static, Vec<Kept>> {
 /// An empty buffer with room for `len` bytes: one kept (of at most twice that room, so
 /// that a small string does not hold a huge buffer), or a new one.
 fn take(len: usize) -> Vec<u8> {
-    if len >= POOLED {
-        let mut kept = kept();
-        if let Some(at) = kept
-            .iter()
-            .position(|k| (len..=2 * len).contains(&k.buffer.capacity()))
-        {
-            let mut buffer = kept.swap_remove(at).buffer;
-            buffer.clear();
-            return buffer;
-        }
+    lend(len).unwrap_or_else(|| Vec::with_capacity(len))
+}
+
+/// A kept buffer with room for `len` bytes (see [`take`]), if there is one.
+fn lend(len: usize) -> Option<Vec<u8>> {
+    if len < POOLED {
+        return None;
     }
-    Vec::with_capacity(len)
+    let mut kept = kept();
+    let at = kept
+        .iter()
+        .position(|k| (len..=2 * len).contains(&k.buffer.capacity()))?;
+    let mut buffer = kept.swap_remove(at).buffer;
+    buffer.clear();
+    Some(buffer)
+}
+
+/// Lets the frame readers of this process read their next large frames into kept
+/// buffers: once a parameter took over a reader's buffer, the reader cannot reuse it,
+/// and the one that comes back (the same bytes sent back as the result, say) is here.
+pub(super) fn lend_to_readers() {
+    static LENT: std::sync::Once = std::sync::Once::new();
+    LENT.call_once(|| daffi_wire::lend_large_buffers(lend));
 }
 
 /// `data` in a `Vec` of its own, from the pool if it is large.

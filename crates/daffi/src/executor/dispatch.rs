@@ -18,6 +18,7 @@ use super::sync_runner::SyncRunner;
 use super::thread_clock;
 use super::{CallBatch, CallbackKind, Executor, Request, Served, ServingGuard};
 use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
+use crate::codec::handing_over;
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
 
@@ -58,7 +59,7 @@ impl SyncBatch {
 
 /// Starts serving a request. Never blocks the caller (the mesh's reader). A sync
 /// callback joins `batch`, which the reader submits before it waits for more.
-pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut SyncBatch) {
+pub fn serve(executor: &Arc<Executor>, mut request: Box<dyn Request>, batch: &mut SyncBatch) {
     let wants_reply = request.wants_reply();
     // Opened first: items may follow the request at once. Refused, it is cancelled.
     let offer = request
@@ -102,20 +103,22 @@ pub fn serve(executor: &Arc<Executor>, request: Box<dyn Request>, batch: &mut Sy
             tokio::spawn(async move {
                 let _running = running;
                 if !too_late(&*request) {
-                    let payload = request.payload();
-                    send_items(guarded(|| offering(offer, || f(payload))), sink).await;
+                    let (payload, kept) = request.take_payload();
+                    let start = || handing_over(payload, kept, |payload| f(payload));
+                    send_items(guarded(|| offering(offer, start)), sink).await;
                 }
             });
             return;
         }
         Handler::Async(f) => {
-            let payload = request.payload();
+            let (payload, kept) = request.take_payload();
             tokio::spawn(async move {
                 let _running = running;
                 if too_late(&*request) {
                     return;
                 }
-                let outcome = CatchUnwind(offering(offer, || f(payload))).await;
+                let start = || handing_over(payload, kept, |payload| f(payload));
+                let outcome = CatchUnwind(offering(offer, start)).await;
                 if let Some(wait_for_room) = finish(request, outcome) {
                     wait_for_room.await;
                 }
@@ -455,7 +458,7 @@ impl SyncJob {
             pace,
             _running: running,
         } = self;
-        let request = match calls {
+        let mut request = match calls {
             Calls::One(request) => request,
             Calls::Batch(calls) => {
                 let SyncWork::Call(f) = work else {
@@ -474,17 +477,19 @@ impl SyncJob {
         if too_late(&*request) {
             return started;
         }
-        let payload = request.payload();
+        let (payload, kept) = request.take_payload();
         let f = match work {
             SyncWork::Call(f) => f,
             SyncWork::Stream(f, feed) => {
-                feed.run(guarded(|| offering(offer, || f(payload))));
+                let start = || handing_over(payload, kept, |payload| f(payload));
+                feed.run(guarded(|| offering(offer, start)));
                 return Instant::now();
             }
         };
         let (outcome, finished) = call_sync(
             &f,
             payload,
+            kept,
             offer,
             &pace,
             started,
@@ -514,11 +519,13 @@ fn wait(wait_for_room: crate::mesh::BoxFuture<'static, ()>, on_worker: bool) -> 
 
 /// Runs the sync callback `f` on `payload` once, `started` just before, turning a panic
 /// into a failure, and records how long it took in `pace` (see [`SyncJob::run`]).
-/// Returns its outcome and when it finished. `callback`: its name, for the log.
+/// Returns its outcome and when it finished. `kept`: the reader's hold on the payload's
+/// buffer, if handed over (see `codec::handing_over`). `callback`: its name, for the log.
 #[allow(clippy::too_many_arguments)]
 fn call_sync(
     f: &SyncFn,
     payload: bytes::Bytes,
+    kept: Option<daffi_wire::KeptBuffer>,
     offer: Option<Box<Offer>>,
     pace: &Pace,
     started: Instant,
@@ -527,7 +534,8 @@ fn call_sync(
     callback: &str,
 ) -> (Outcome, Instant) {
     crate::blocking::take_blocked();
-    let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, || f(payload))))
+    let start = || handing_over(payload, kept, |payload| f(payload));
+    let outcome = catch_unwind(AssertUnwindSafe(|| offering(offer, start)))
         .unwrap_or_else(|p| Err(panic_failure(p)));
     let finished = Instant::now();
     let took = finished.saturating_duration_since(started);
@@ -619,6 +627,7 @@ impl BatchRun {
             let (outcome, mut finished) = call_sync(
                 &self.f,
                 payload,
+                None,
                 None,
                 &self.pace,
                 started,

@@ -36,6 +36,13 @@ pub trait Request: Send + 'static {
     fn caller(&self) -> &str;
     /// The encoded arguments.
     fn payload(&self) -> Bytes;
+    /// The encoded arguments, handed over to run the callback: the request may let go
+    /// of its own hold on their buffer, and gives the reader's hold on it if there is
+    /// one, so that a lone large byte-string argument may take the buffer over instead
+    /// of being copied (see `codec::handing_over`). Called once, before the callback.
+    fn take_payload(&mut self) -> (Bytes, Option<daffi_wire::KeptBuffer>) {
+        (self.payload(), None)
+    }
     /// Whether the caller waits for the outcome (not NO_RETURN).
     fn wants_reply(&self) -> bool;
     /// When the caller gives up, if it said: work that would start later is skipped.

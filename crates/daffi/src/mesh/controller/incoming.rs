@@ -120,6 +120,17 @@ impl Request for FrameRequest {
         }
     }
 
+    fn take_payload(&mut self) -> (Bytes, Option<daffi_wire::KeptBuffer>) {
+        match self.args.take() {
+            Some(args) => (args, None),
+            // Large enough for a buffer of its own: the frame keeps its head only.
+            None if self.frame.raw().len() >= crate::codec::BLOB_BY_REFERENCE => {
+                self.frame.take_payload()
+            }
+            None => (self.frame.payload(), None),
+        }
+    }
+
     fn wants_reply(&self) -> bool {
         self.frame.flags() & FLAG_NO_REPLY == 0
     }

@@ -107,6 +107,10 @@ impl Request for NatsRequest {
         self.payload.clone()
     }
 
+    fn take_payload(&mut self) -> (Bytes, Option<daffi_wire::KeptBuffer>) {
+        (std::mem::take(&mut self.payload), None)
+    }
+
     fn wants_reply(&self) -> bool {
         self.reply.is_some()
     }
