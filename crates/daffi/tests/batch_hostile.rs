@@ -437,13 +437,9 @@ fn a_callback_turning_slow_mid_batch_stays_within_max_sync_callbacks() {
 
 /// The calls of a batch behind a quick callback's call that turns slow on a runtime
 /// worker run on other threads meanwhile, as lone calls queued behind it do: a burst of
-/// calls that each wait for the others to have started all start.
-///
-/// Fails now: a batch is one job, and its calls not run yet wait inside it for the slow
-/// call to end (`BatchRun` hands them to threads only between calls; the run's watch
-/// moves queued jobs, not the rest of the job that is stuck). Only 1 or 2 of the 8 start.
+/// calls that each wait for the others to have started all start. (A batch is one job;
+/// the node's watch takes the calls it has not run yet once one runs slow.)
 #[test]
-#[ignore = "known bug (issue 17, B): a batch's calls wait behind a call of it that turned slow"]
 fn the_calls_of_a_batch_behind_a_call_that_turned_slow_run_meanwhile() {
     const BURST: u64 = 8;
     let (address, _controller) = controller();
@@ -482,7 +478,6 @@ fn the_calls_of_a_batch_behind_a_call_that_turned_slow_run_meanwhile() {
         .timeout(WAIT + WAIT)
         .fg()
         .expect("wait_holding");
-    // (Failing, the test kills the callee: the calls not started yet would hold.)
     assert_eq!(holding, BURST, "calls of the burst running at once");
     observer
         .call("release_gate")

@@ -21,6 +21,10 @@ use crate::callback::{CallbackFailure, Handler, ItemIter, Outcome};
 use crate::codec::handing_over;
 use crate::incoming::{offering, Offer};
 use crate::protocol::message::RemoteErrorKind;
+use batch_run::BatchRun;
+pub(super) use batch_run::BatchShare;
+
+mod batch_run;
 
 /// NO_RETURN requests have their own allowance of callbacks waiting or running: this
 /// many times `max_concurrent_callbacks` (async) or `max_sync_callbacks` (sync). Their
@@ -204,7 +208,7 @@ pub fn serve_batch(executor: &Arc<Executor>, mut calls: Box<dyn CallBatch>, batc
 
 /// Calls that want replies of a batch one sync job takes at most: as many as a caller
 /// keeps in flight in the usual flood, whose replies then leave in one frame (unless
-/// [`REPLIES_WAIT_AT_MOST`] passes first). Fewer made more frames, and woke the
+/// `batch_run::REPLIES_WAIT_AT_MOST` passes first). Fewer made more frames, and woke the
 /// controller and the caller more often.
 const BATCH_JOB_CALLS: usize = 256;
 
@@ -465,13 +469,8 @@ impl SyncJob {
                     // Batches are made only for plain calls (`serve_batch`).
                     return started;
                 };
-                let run = BatchRun {
-                    f,
-                    pace,
-                    running,
-                    on_worker,
-                };
-                return run.run(calls, started, usage, progress);
+                return BatchRun::new(f, pace, calls, running, on_worker)
+                    .run(started, usage, progress);
             }
         };
         if too_late(&*request) {
@@ -569,119 +568,6 @@ fn call_sync(
 
 /// A plain sync callback's function.
 type SyncFn = Arc<dyn Fn(bytes::Bytes) -> Outcome + Send + Sync>;
-
-/// How long the replies of a batch's calls wait for the others', at most (then those
-/// answered so far leave): ten quick runs. (A job of `BATCH_JOB_CALLS` takes a few
-/// hundred µs at most when its callbacks take a few µs; shorter, its replies left in
-/// several frames.)
-const REPLIES_WAIT_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// A sync job for the calls of a batch: runs the callback for each in order, each
-/// answer kept with the others' (they leave together at the end).
-struct BatchRun {
-    f: SyncFn,
-    pace: Arc<Pace>,
-    /// Counts the calls as running.
-    running: ServingGuard,
-    on_worker: bool,
-}
-
-impl BatchRun {
-    /// Runs the calls of `calls` (see [`SyncJob::run`]). Calls whose caller gave up by
-    /// the time they would start are skipped (it gets `Timeout` itself). If the
-    /// callback turns slow meanwhile, the calls not run yet go to the callback threads
-    /// as lone jobs (each still counted as running), as they would have if they had
-    /// come alone.
-    fn run(
-        mut self,
-        mut calls: Box<dyn CallBatch>,
-        started: Instant,
-        usage: &mut RunUsage,
-        progress: Option<&dyn Fn(Instant)>,
-    ) -> Instant {
-        let deadline = calls.deadline();
-        let one_way = !calls.wants_reply();
-        let mut started = started;
-        let mut first = true;
-        // When the replies kept have waited long enough for the others.
-        let mut send_at = started + REPLIES_WAIT_AT_MOST;
-        while calls.remaining() > 0 {
-            if deadline.is_some_and(|d| started >= d) {
-                note_skipped(calls.callback(), calls.caller(), calls.remaining());
-                break;
-            }
-            if !first {
-                if !self.pace.is_quick() {
-                    self.hand_to_threads(&mut *calls);
-                    break;
-                }
-                usage.before_job();
-                if let Some(progress) = progress {
-                    progress(started);
-                }
-            }
-            first = false;
-            let Some(payload) = calls.next_call() else {
-                break;
-            };
-            let (outcome, mut finished) = call_sync(
-                &self.f,
-                payload,
-                None,
-                None,
-                &self.pace,
-                started,
-                self.on_worker,
-                usage,
-                calls.callback(),
-            );
-            if one_way {
-                if let Err(f) = &outcome {
-                    note_no_return_failure(calls.callback(), calls.caller(), &f.message);
-                }
-            } else {
-                calls.answer(outcome);
-                // Replies wait for their batch's others only as long as a quick
-                // callback may run: a batch of slower ones answers as it goes.
-                if finished >= send_at {
-                    if let Some(wait_for_room) = calls.flush() {
-                        if let Some(waited) = wait(wait_for_room, self.on_worker) {
-                            finished = waited;
-                        }
-                    }
-                    send_at = finished + REPLIES_WAIT_AT_MOST;
-                }
-            }
-            started = finished;
-        }
-        let finished = started;
-        let Some(wait_for_room) = calls.flush() else {
-            return finished;
-        };
-        // The calls count as running until their replies are queued.
-        let waited = wait(wait_for_room, self.on_worker);
-        drop(self.running);
-        waited.unwrap_or(finished)
-    }
-
-    /// Hands the calls of `calls` not run yet to the callback threads, one job each.
-    fn hand_to_threads(&mut self, calls: &mut dyn CallBatch) {
-        let mut jobs: Vec<SyncJob> = calls
-            .split_off(0)
-            .into_iter()
-            .filter_map(|request| {
-                Some(SyncJob {
-                    work: SyncWork::Call(self.f.clone()),
-                    calls: Calls::One(request),
-                    offer: None,
-                    pace: self.pace.clone(),
-                    _running: self.running.take_one()?,
-                })
-            })
-            .collect();
-        SyncRunner::submit(&self.running.executor, &mut jobs);
-    }
-}
 
 /// Sends the outcome back, if the caller wants it; for NO_RETURN, logs a failure.
 /// Returns the wait for room if the way back is full.

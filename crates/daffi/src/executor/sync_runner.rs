@@ -30,7 +30,9 @@
 //! (see `RunUsage`): a descheduled worker does not send a flood to threads. Behind a
 //! backlog of quick calls, the reader that queues more runs some itself before it reads
 //! on ([`SyncRunner::help_with_backlog`]). Only on a multi-threaded runtime with two
-//! workers or more.
+//! workers or more. The calls of a batch frame run one after another in one job; the
+//! watch also looks at those jobs, and once one call of a batch ran for a millisecond,
+//! the calls behind it go to threads as lone jobs (see [`BatchShare`]).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -38,7 +40,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::dispatch::{RunUsage, SyncJob};
+use super::dispatch::{BatchShare, RunUsage, SyncJob};
 use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
@@ -84,6 +86,9 @@ pub struct SyncRunner {
     /// Looks for runs on a worker stuck in a callback (see [`RunWatch`]); `None` if
     /// its thread could not start.
     run_watch: OnceLock<Option<RunWatch>>,
+    /// The batches whose calls jobs are running one after another: the watch takes the
+    /// calls behind one that runs slow (see [`BatchShare`]).
+    batches: Mutex<Vec<Arc<BatchShare>>>,
 }
 
 /// The node's watch thread for runs on a worker, and what it looks at without a lock.
@@ -338,6 +343,56 @@ impl SyncRunner {
             Self::spawn_on_worker(core.clone(), run);
         }
         true
+    }
+
+    /// A job begins to run the calls of `batch` one after another: the watch looks at
+    /// it until [`batch_ends`](Self::batch_ends).
+    pub(super) fn batch_begins(core: &Arc<Executor>, batch: &Arc<BatchShare>) {
+        crate::sync::lock(&core.sync_runner.batches).push(batch.clone());
+        if let Some(watch) = RunWatch::get(core) {
+            watch.run_begins();
+        }
+    }
+
+    /// The job running the calls of `batch` ended.
+    pub(super) fn batch_ends(core: &Arc<Executor>, batch: &Arc<BatchShare>) {
+        let mut batches = crate::sync::lock(&core.sync_runner.batches);
+        if let Some(at) = batches.iter().position(|b| Arc::ptr_eq(b, batch)) {
+            batches.swap_remove(at);
+        }
+    }
+
+    /// Whether jobs run the calls of batches (the watch looks at them).
+    fn batches_running(&self) -> bool {
+        !crate::sync::lock(&self.batches).is_empty()
+    }
+
+    /// Takes the calls not run yet out of the batches whose call being run is slow, and
+    /// queues them for threads as lone jobs (the answers kept so far leave too): a call
+    /// that turns slow, or that waits for others of its batch, holds up no other.
+    /// Called from the watch thread.
+    fn release_slow_batches(core: &Arc<Executor>, runtime: &tokio::runtime::Handle) {
+        let now = Instant::now();
+        let released: Vec<_> = crate::sync::lock(&core.sync_runner.batches)
+            .iter()
+            .filter_map(|batch| batch.release_if_slow(now))
+            .collect();
+        if released.is_empty() {
+            return;
+        }
+        let calls: usize = released.iter().map(|(jobs, _)| jobs.len()).sum();
+        tracing::debug!(process = %core.name, calls, "a call of a batch ran slow: the calls behind it go to threads");
+        let core = core.clone();
+        runtime.spawn(async move {
+            let mut waits = Vec::new();
+            for (mut jobs, wait_for_room) in released {
+                SyncRunner::submit(&core, &mut jobs);
+                waits.extend(wait_for_room);
+            }
+            for wait_for_room in waits {
+                wait_for_room.await;
+            }
+        });
     }
 
     /// Runs queued quick calls on this thread (the reader's, which queued them) while
@@ -983,8 +1038,12 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
             rescued = began;
             rescue(&core, watch, runtime, began, usable);
         }
+        let batches = runner.batches_running();
+        if batches {
+            SyncRunner::release_slow_batches(&core, runtime);
+        }
         let runs = watch.runs.load(Ordering::SeqCst);
-        idle_looks = if runs != runs_seen || began != 0 {
+        idle_looks = if runs != runs_seen || began != 0 || batches {
             0
         } else {
             idle_looks + 1
