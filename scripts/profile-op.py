@@ -73,6 +73,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="run OP this many times while recording")
     ap.add_argument("--syscalls", action="store_true",
                     help="with --cpu: also count each process's system calls by name (perf)")
+    ap.add_argument("--sched", action="store_true",
+                    help="with --cpu: also count each process's wake-ups it makes, the IPIs it sends "
+                         "(a wake-up on another, halted vCPU), its migrations and context switches (perf)")
     ap.add_argument("--event", default="cpu-clock",
                     help="the perf event to sample, e.g. syscalls:sys_enter_futex (every one is recorded)")
     ap.add_argument("--callees", type=int, default=1,
@@ -156,25 +159,51 @@ def main():
 
         before = {name: (cpu(p.pid), switches(p.pid), faults(p.pid)) for name, p in procs.items()}
         counters = {}
-        if a.syscalls:
-            events = ",".join(f"syscalls:sys_enter_{s}" for s in
-                              ["read", "write", "writev", "recvfrom", "sendto", "sendmsg", "recvmsg",
-                               "epoll_wait", "futex", "sched_yield"])
+        if a.syscalls or a.sched:
+            names = []
+            if a.syscalls:
+                names += [f"syscalls:sys_enter_{s}" for s in
+                          ["read", "write", "writev", "recvfrom", "sendto", "sendmsg", "recvmsg",
+                           "epoll_wait", "futex", "sched_yield"]]
+            if a.sched:
+                names += ["sched:sched_wakeup", "ipi:ipi_send_cpu", "cpu-migrations",
+                          "context-switches"]
+            events = ",".join(names)
             for name, p in procs.items():
                 out = os.path.join(tmp, f"{name}.stat")
+                ctl, ack = os.path.join(tmp, f"{name}.ctl"), os.path.join(tmp, f"{name}.ack")
+                os.mkfifo(ctl)
+                os.mkfifo(ack)
+                # Started with its counters off: attaching to every thread takes a while,
+                # and the op must not begin before perf counts.
                 counters[name] = (out, subprocess.Popen(
-                    ["perf", "stat", "-e", events, "-p", str(p.pid), "-o", out],
+                    ["perf", "stat", "-e", events, "-p", str(p.pid), "-o", out, "-D", "-1",
+                     "--control", f"fifo:{ctl},{ack}"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for name in counters:
+                # Opening the FIFOs waits for perf to open them; the ack, for the counters.
+                with open(os.path.join(tmp, f"{name}.ctl"), "w") as ctl, \
+                        open(os.path.join(tmp, f"{name}.ack")) as ack:
+                    ctl.write("enable\n")
+                    ctl.flush()
+                    ack.readline()
         for _ in range(a.repeat):
             print("measured:", run())
         for name, (out, perf) in counters.items():
             perf.send_signal(signal.SIGINT)
             perf.wait()
             with open(out) as f:
-                rows = [l.split() for l in f if "syscalls:" in l]
+                rows = [l.split() for l in f
+                        if any(e in l for e in ("syscalls:", "sched:", "ipi:", "cpu-migrations",
+                                                "context-switches"))]
+
+            def label(r):
+                word = next(w for w in r if any(k in w for k in (":", "cpu-migrations",
+                                                                 "context-switches")))
+                return word.split("sys_enter_")[-1]
+
             # "<not counted>" for a syscall the process never made.
-            counts = ((next(w for w in r if "sys_enter_" in w).split("sys_enter_")[1],
-                       r[0] if r[0].replace(",", "").isdigit() else "0") for r in rows)
+            counts = ((label(r), r[0] if r[0].replace(",", "").isdigit() else "0") for r in rows)
             print(f"{name:>12}: " + ", ".join(f"{call} {n}" for call, n in counts))
         for name, p in procs.items():
             now, then = switches(p.pid), before[name][1]

@@ -6,6 +6,8 @@
 //! - **batched**: writes go to a `BufWriter`, flushed when the writer has no more frames
 //!   already read waiting behind this one (its read buffer is empty);
 //! - **direct**: one write call per frame (header and a small payload copied together).
+//!
+//! Over a Unix socket every read first waits in `poll(2)` for data (see [`poll_first`]).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -62,7 +64,49 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s) => {
+                if poll_first() {
+                    wait_readable(s)?;
+                }
+                s.read(buf)
+            }
+        }
+    }
+}
+
+/// Whether a read from a Unix socket first waits in `poll(2)` for data: yes, unless
+/// `DAFFI_FLOOR_POLL=0` (the floor as it was before, for comparison).
+///
+/// A thread blocked in `recv` on a Unix stream socket sleeps on the socket's one wait
+/// queue, and the kernel wakes that queue also when the peer reads what this side wrote
+/// (`unix_write_space`): the relay's reader of a connection is woken each time the peer
+/// reads a frame the relay wrote there, and so are the client and the server, blocked
+/// in `recv` while the relay reads their frame. Half a wake-up or more per frame for
+/// nothing, which spread the floor over both vCPUs of a small machine. `poll` for
+/// `POLLIN` is woken only for data. TCP has no such wake-up (it wakes a writer only
+/// once a write found the buffer full), so TCP reads do not poll. See BENCHMARKS.md,
+/// "A over TCP: what differs from Unix sockets".
+fn poll_first() -> bool {
+    static POLL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POLL.get_or_init(|| std::env::var_os("DAFFI_FLOOR_POLL").map_or(true, |v| v != "0"))
+}
+
+/// Blocks until `socket` has data to read (or is closed, or failed: the read says which).
+fn wait_readable(socket: &UnixStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, for a descriptor the socket keeps open.
+        if unsafe { libc::poll(&mut fd, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
