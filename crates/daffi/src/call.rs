@@ -590,22 +590,35 @@ impl Call {
         })
     }
 
-    fn into_request(mut self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
+    fn into_request(self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
         if no_reply && self.feed.is_some() {
             return Err(feed_needs_outcome());
         }
         let node = self.global.node()?.clone();
-        let args = self.take_args()?;
+        // Taken apart: the arguments move out whole (no empty ones put back and dropped).
+        let Call {
+            callback,
+            args,
+            on,
+            timeout,
+            eta,
+            feed,
+            ..
+        } = self;
+        let args = args.map_err(|message| Error::Encode {
+            callback: callback.to_string(),
+            message,
+        })?;
         Ok((
             node,
             CallRequest {
-                callback: self.callback,
+                callback,
                 args,
-                on: self.on,
-                timeout: self.timeout,
-                eta: self.eta,
+                on,
+                timeout,
+                eta,
                 no_reply,
-                incoming: self.feed.is_some(),
+                incoming: feed.is_some(),
             },
         ))
     }
