@@ -135,6 +135,11 @@ impl serde::ser::Error for Refused {
 /// The scalars, the same at the top and inside the tuple.
 macro_rules! scalars {
     () => {
+        /// As rmp-serde's serializer says (its default, binary config): types such as
+        /// IP addresses then take their compact forms, as they do on the ordinary path.
+        fn is_human_readable(&self) -> bool {
+            false
+        }
         #[inline]
         fn serialize_bool(self, v: bool) -> Result<(), Refused> {
             self.0.byte(if v { 0xc3 } else { 0xc2 })
@@ -423,6 +428,8 @@ mod tests {
         same(&(1.5f64, -0.0f64, f64::NAN, f64::INFINITY, 3.25f32));
         same(&[1i64, 2, 3]);
         same(&[7i64; 15]);
+        // Written by serde as a tuple of four `u8` (not as a string): a binary format.
+        same(&std::net::Ipv4Addr::new(10, 0, 0, 1));
         same(&(1, -2, 3u8, "four", 5.0, '6', true, 8, 9, 10, 11, 12));
     }
 
@@ -442,6 +449,7 @@ mod tests {
         refused(&(Some(1),));
         refused(&((1, 2),));
         refused(&(1i128,));
+        refused(&(std::net::Ipv4Addr::new(10, 0, 0, 1),));
         refused(&());
         refused(&(serde_bytes::ByteBuf::from(vec![1u8]),));
     }
