@@ -185,9 +185,9 @@ fn small_payload(encoded: &[u8]) -> Payload {
 }
 
 /// A signed integer encoded as [`encode_value`] encodes it (the same bytes: the
-/// shortest MessagePack form, as `rmp`'s own encoder writes it), without the serializer and its
-/// scratch buffer: a result that is an integer (most small replies) costs a few bytes'
-/// work.
+/// shortest MessagePack form, as `rmp`'s own encoder writes it), without the serializer
+/// and its scratch buffer: a result that is an integer (most small replies) costs a few
+/// bytes' work.
 pub(crate) fn encode_int(v: i64) -> Payload {
     let mut out = flat::Flat::new();
     // Nine bytes at most: it always fits.

@@ -2,10 +2,11 @@
 //! array) of up to 15 scalars (integers, bools, floats, chars and short strings), such
 //! as the arguments `.args((10, 3))` or `.args(("x", 2))`. It writes the very bytes
 //! rmp-serde writes for them (the shortest forms `rmp`'s encoders choose; the tests
-//! compare the two on the edge values), into a buffer on the stack, without the serializer's scratch buffer, its depth adapter and
-//! its parts writer. Anything else (a struct, a map, a nested list, bytes, an option, a
-//! value too long for the buffer) is refused at its first sight, and
-//! [`encode_value`](super::encode_value) takes its ordinary path.
+//! compare the two on the edge values) into a buffer on the stack, without the
+//! serializer's scratch buffer, its depth adapter and its parts writer. Anything else
+//! (a struct, a map, a nested list, bytes, an option, a value too long for the buffer)
+//! is refused at its first sight, and [`encode_value`](super::encode_value) takes its
+//! ordinary path.
 
 use std::fmt;
 
