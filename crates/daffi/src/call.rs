@@ -230,13 +230,15 @@ impl Call {
     /// # Ok(()) }
     /// ```
     pub fn bg<T: DeserializeOwned>(self) -> Result<AsyncResult<T>> {
-        let global = self.global.clone();
         let callback = self.callback.clone();
         if self.feed.is_some() {
+            let global = self.global.clone();
             let call = global.runtime().spawn(self.fed_request()?);
             return Ok(AsyncResult::new(global, callback, Outcome::Task(call)));
         }
-        let (node, request) = self.into_request(false)?;
+        // The builder's `Global` moves into the result (not cloned).
+        let (global, request) = self.into_parts(false)?;
+        let node = global.node()?.clone();
         // Sent from this thread when nothing makes it wait: no task to start and wake.
         let started = {
             // Only timers (a timeout, an eta) need the runtime.
@@ -268,8 +270,9 @@ impl Call {
         }
         // Refused where waiting would be (whether it waits does not depend on timing).
         blocking::may_block("no_return")?;
-        let global = self.global.clone();
-        let (node, mut request) = self.into_request(true)?;
+        let (global, mut request) = self.into_parts(true)?;
+        // The node is borrowed from the builder's `Global`: no reference counts moved.
+        let node = global.node()?;
         // Sent from this thread when nothing makes it wait: no runtime entered, no future
         // parked on. Only a timeout's deadline needs the runtime.
         let sent = {
@@ -278,7 +281,10 @@ impl Call {
         };
         match sent {
             Some(sent) => sent,
-            None => blocking::wait(global.runtime(), "no_return", node.call(request))?.map(drop),
+            None => {
+                let call = node.clone().call(request);
+                blocking::wait(global.runtime(), "no_return", call)?.map(drop)
+            }
         }
     }
 
@@ -590,22 +596,41 @@ impl Call {
         })
     }
 
-    fn into_request(mut self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
+    fn into_request(self, no_reply: bool) -> Result<(Arc<Node>, CallRequest)> {
+        let (global, request) = self.into_parts(no_reply)?;
+        Ok((global.node()?.clone(), request))
+    }
+
+    /// The call's node (checked to be there) and its request: the builder taken apart,
+    /// its `Global` moved out rather than cloned, its arguments moved out whole.
+    fn into_parts(self, no_reply: bool) -> Result<(Global, CallRequest)> {
         if no_reply && self.feed.is_some() {
             return Err(feed_needs_outcome());
         }
-        let node = self.global.node()?.clone();
-        let args = self.take_args()?;
+        self.global.node()?;
+        let Call {
+            global,
+            callback,
+            args,
+            on,
+            timeout,
+            eta,
+            feed,
+        } = self;
+        let args = args.map_err(|message| Error::Encode {
+            callback: callback.to_string(),
+            message,
+        })?;
         Ok((
-            node,
+            global,
             CallRequest {
-                callback: self.callback,
+                callback,
                 args,
-                on: self.on,
-                timeout: self.timeout,
-                eta: self.eta,
+                on,
+                timeout,
+                eta,
                 no_reply,
-                incoming: self.feed.is_some(),
+                incoming: feed.is_some(),
             },
         ))
     }

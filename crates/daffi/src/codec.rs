@@ -29,6 +29,7 @@ use daffi_wire::{KeptBuffer, Payload};
 mod byte_strings;
 mod depth;
 pub(crate) mod explain;
+mod flat;
 mod pool;
 
 pub(crate) use depth::MAX_DEPTH;
@@ -65,6 +66,10 @@ thread_local! {
 /// Encodes a value the way every payload is encoded: MessagePack, structs as maps, large
 /// blobs as parts of their own.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Payload, String> {
+    // A scalar or a flat tuple of them (most arguments): written directly.
+    if let Some(payload) = flat::encode(value) {
+        return Ok(payload);
+    }
     while_encoding(|encoder| match encoder.scratch.try_borrow_mut() {
         Ok(mut buf) => {
             buf.clear();
@@ -180,26 +185,22 @@ fn small_payload(encoded: &[u8]) -> Payload {
 }
 
 /// A signed integer encoded as [`encode_value`] encodes it (the same bytes: the
-/// shortest MessagePack form, by `rmp`'s own encoder), without the serializer and its
-/// scratch buffer: a result that is an integer (most small replies) costs a few bytes'
-/// work.
+/// shortest MessagePack form, as `rmp`'s own encoder writes it), without the serializer
+/// and its scratch buffer: a result that is an integer (most small replies) costs a few
+/// bytes' work.
 pub(crate) fn encode_int(v: i64) -> Payload {
-    let mut buf = [0u8; 9];
-    let mut rest = &mut buf[..];
-    // Nine bytes hold any integer: the write cannot fail.
-    let _ = rmp::encode::write_sint(&mut rest, v);
-    let len = 9 - rest.len();
-    small_payload(&buf[..len])
+    let mut out = flat::Flat::new();
+    // Nine bytes at most: it always fits.
+    let _ = out.sint(v);
+    small_payload(out.bytes())
 }
 
 /// An unsigned integer encoded as [`encode_value`] encodes it, without the serializer
 /// (see [`encode_int`]).
 pub(crate) fn encode_uint(v: u64) -> Payload {
-    let mut buf = [0u8; 9];
-    let mut rest = &mut buf[..];
-    let _ = rmp::encode::write_uint(&mut rest, v);
-    let len = 9 - rest.len();
-    small_payload(&buf[..len])
+    let mut out = flat::Flat::new();
+    let _ = out.uint(v);
+    small_payload(out.bytes())
 }
 
 /// A bool encoded as [`encode_value`] encodes it, without the serializer.
