@@ -189,19 +189,13 @@ fn batch_hostile_process() {
     ]);
 }
 
-fn setting(name: &str) -> Option<usize> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().expect("a number"))
-}
-
 /// A node serving the `#[callback]` functions of this file, and `stall(ping, tag, i,
 /// hold_at)`: gives back `(tag, i)`; for `i == hold_at` it first tells node `ping`
 /// (its `held(i)`, NO_RETURN) and then holds for twice `WAIT` (it is killed first).
 fn worker() {
     let mut b = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"));
-    if let Some(limit) = setting(ENV_MAX_SYNC) {
+    if let Some(limit) = common::setting(ENV_MAX_SYNC) {
         b = b.max_sync_callbacks(limit);
     }
     let g = b.start().expect("worker starts");

@@ -137,12 +137,6 @@ fn child_process() {
     ]);
 }
 
-fn setting(name: &str) -> Option<usize> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().expect("a number"))
-}
-
 /// Checks that `got` holds each of 0..`n` exactly once (a sync callback runs on one of
 /// several threads: calls that arrived in order may run out of it), naming the first
 /// one missing or repeated rather than printing thousands.
@@ -161,13 +155,13 @@ fn controller_role() {
     let mut b = common::builder_for(&common::address_from_env())
         .init_controller(true)
         .init_node(false);
-    if let Some(frame) = setting(ENV_FRAME) {
+    if let Some(frame) = common::setting(ENV_FRAME) {
         b = b.max_frame_size(frame);
     }
-    if let Some(queue) = setting(ENV_QUEUE) {
+    if let Some(queue) = common::setting(ENV_QUEUE) {
         b = b.max_queue_bytes(queue);
     }
-    if let Some(stall) = setting(ENV_STALL) {
+    if let Some(stall) = common::setting(ENV_STALL) {
         b = b.stall_timeout(Duration::from_millis(stall as u64));
     }
     b.start().expect("controller starts").join().expect("join");
@@ -178,10 +172,10 @@ fn controller_role() {
 fn worker() {
     let mut b = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"));
-    if let Some(frame) = setting(ENV_FRAME) {
+    if let Some(frame) = common::setting(ENV_FRAME) {
         b = b.max_frame_size(frame);
     }
-    if let Some(sync) = setting(ENV_SYNC) {
+    if let Some(sync) = common::setting(ENV_SYNC) {
         b = b.max_sync_callbacks(sync);
     }
     b.start().expect("worker starts").join().expect("join");

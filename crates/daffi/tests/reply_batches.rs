@@ -100,12 +100,6 @@ fn child_process() {
     ]);
 }
 
-fn setting(name: &str) -> Option<usize> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().expect("a number"))
-}
-
 /// A standalone controller that holds at most 64 KiB for a node (and never closes one
 /// for reading too little, within a test).
 fn small_queue_controller() {
@@ -124,10 +118,10 @@ fn small_queue_controller() {
 fn worker() {
     let mut b = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"));
-    if let Some(frame) = setting(ENV_FRAME) {
+    if let Some(frame) = common::setting(ENV_FRAME) {
         b = b.max_frame_size(frame);
     }
-    if let Some(limit) = setting(ENV_MAX_SYNC) {
+    if let Some(limit) = common::setting(ENV_MAX_SYNC) {
         b = b.max_sync_callbacks(limit);
     }
     b.start().expect("worker starts").join().expect("join");

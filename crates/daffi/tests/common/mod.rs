@@ -122,6 +122,13 @@ fn encode_address(address: &Address) -> String {
     }
 }
 
+/// A number a test gave its child in the environment variable `name`, if it did.
+pub fn setting(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().expect("a number"))
+}
+
 /// The address a worker was given.
 pub fn address_from_env() -> Address {
     let raw = std::env::var(ENV_ADDR).expect("worker started without an address");
