@@ -169,11 +169,7 @@ impl Call {
         let (node, request) = self.into_request(false)?;
         // Sent from this thread when nothing makes it wait (as `bg` does); only the wait
         // for the reply enters the runtime.
-        let started = {
-            let timers = request.timeout.is_some() || request.eta.is_some();
-            let _runtime = timers.then(|| global.runtime().enter());
-            node.start(request)
-        };
+        let started = start_here(&global, node, request);
         let reply = match started {
             Started::Sent(call) => may_wait.wait(global.runtime(), call),
             Started::Failed(e) => Err(e),
@@ -201,12 +197,7 @@ impl Call {
         // (a future several times larger, moved on every poll's way in).
         let global = self.global.clone();
         let (node, request) = self.into_request(false)?;
-        let started = {
-            // Only timers (a timeout, an eta) need the node's runtime.
-            let timers = request.timeout.is_some() || request.eta.is_some();
-            let _runtime = timers.then(|| global.runtime().enter());
-            node.start(request)
-        };
+        let started = start_here(&global, node, request);
         let reply = match started {
             Started::Sent(call) => call.await,
             Started::Failed(e) => Err(e),
@@ -240,12 +231,7 @@ impl Call {
         let (global, request) = self.into_parts(false)?;
         let node = global.node()?.clone();
         // Sent from this thread when nothing makes it wait: no task to start and wake.
-        let started = {
-            // Only timers (a timeout, an eta) need the runtime.
-            let timers = request.timeout.is_some() || request.eta.is_some();
-            let _runtime = timers.then(|| global.runtime().enter());
-            node.start(request)
-        };
+        let started = start_here(&global, node, request);
         let outcome = match started {
             Started::Sent(call) => Outcome::Sent(call),
             Started::Failed(e) => Outcome::Failed(Some(e)),
@@ -739,6 +725,14 @@ pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, reply: ReplyPay
         message: explain::result::<T>(&bytes, &e),
         source: Box::new(e),
     })
+}
+
+/// Starts `request` on `node` from the calling thread (sent at once when nothing makes
+/// it wait): only timers (a timeout, an eta) need the node's runtime entered.
+fn start_here(global: &Global, node: Arc<Node>, request: CallRequest) -> Started {
+    let timers = request.timeout.is_some() || request.eta.is_some();
+    let _runtime = timers.then(|| global.runtime().enter());
+    node.start(request)
 }
 
 #[cfg(test)]
