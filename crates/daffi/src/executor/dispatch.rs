@@ -302,12 +302,16 @@ fn note_skipped(callback: &str, caller: &str, calls: usize) {
     );
 }
 
-/// Answers a request that will not run, if its caller wants an answer.
+/// Answers a request that will not run, if its caller wants an answer; a NO_RETURN
+/// one is logged instead (the first, then one in a thousand).
 fn refuse(request: Box<dyn Request>, kind: RemoteErrorKind, message: String) {
     if request.wants_reply() {
         if let Some(wait_for_room) = request.reply(Err(CallbackFailure { kind, message })) {
             tokio::spawn(wait_for_room);
         }
+    } else {
+        // Its caller hears nothing: the log is the only trace (a misspelled name, say).
+        note_no_return_failure(request.callback(), request.caller(), &message);
     }
 }
 
