@@ -471,8 +471,9 @@ mod tests {
         }
     }
 
-    fn sample() -> (Bytes, Bytes) {
-        let h = Header {
+    /// The header of [`sample`]'s frame.
+    fn sample_header() -> Header<'static> {
+        Header {
             kind: Kind::Request,
             flags: FLAG_NO_REPLY,
             call_id: 42,
@@ -480,9 +481,12 @@ mod tests {
             src: "proc1",
             dst: "proc2",
             name: "func3",
-        };
+        }
+    }
+
+    fn sample() -> (Bytes, Bytes) {
         let payload = Bytes::from_static(b"\x92\x04\x06");
-        (h.encode(payload.len()), payload)
+        (sample_header().encode(payload.len()), payload)
     }
 
     #[test]
@@ -501,16 +505,7 @@ mod tests {
 
     #[test]
     fn a_payload_taken_leaves_the_head_whole_and_the_buffer_to_the_payload() {
-        let header = Header {
-            kind: Kind::Request,
-            flags: FLAG_NO_REPLY,
-            call_id: 42,
-            timeout_ms: 1500,
-            src: "proc1",
-            dst: "proc2",
-            name: "func3",
-        };
-        let head = header.encode(1000);
+        let head = sample_header().encode(1000);
         let mut raw = BytesMut::from(&head[..]);
         raw.extend_from_slice(&[7u8; 1000]);
         let mut f = Frame::parse(raw.freeze()).expect("valid frame");

@@ -70,10 +70,10 @@ impl Signature<'_> {
 /// [`Incoming`](crate::Incoming) parameter, if it has one, is the stream of arguments
 /// the request offers; a stream offered to a callback without one, or none to a
 /// callback with one, is refused (`NotAStream`) before anything runs.
-#[doc(hidden)]
 ///
 /// The payload is handed over: a lone `Vec<u8>` or `serde_bytes::ByteBuf` parameter
 /// takes over its buffer when nothing else holds it, instead of copying its bytes.
+#[doc(hidden)]
 pub fn decode_args<T: Params>(
     signature: &Signature<'_>,
     payload: Bytes,

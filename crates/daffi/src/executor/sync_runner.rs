@@ -362,23 +362,23 @@ impl SyncRunner {
         }
     }
 
-    /// Whether jobs run the calls of batches (the watch looks at them).
-    fn batches_running(&self) -> bool {
-        !crate::sync::lock(&self.batches).is_empty()
-    }
-
     /// Takes the calls not run yet out of the batches whose call being run is slow, and
     /// queues them for threads as lone jobs (the answers kept so far leave too): a call
     /// that turns slow, or that waits for others of its batch, holds up no other.
+    /// Returns whether jobs run the calls of batches (the watch keeps looking).
     /// Called from the watch thread.
-    fn release_slow_batches(core: &Arc<Executor>, runtime: &tokio::runtime::Handle) {
+    fn release_slow_batches(core: &Arc<Executor>, runtime: &tokio::runtime::Handle) -> bool {
         let now = Instant::now();
-        let released: Vec<_> = crate::sync::lock(&core.sync_runner.batches)
-            .iter()
-            .filter_map(|batch| batch.release_if_slow(now))
-            .collect();
+        let (running, released): (bool, Vec<_>) = {
+            let batches = crate::sync::lock(&core.sync_runner.batches);
+            let released = batches
+                .iter()
+                .filter_map(|batch| batch.release_if_slow(now))
+                .collect();
+            (!batches.is_empty(), released)
+        };
         if released.is_empty() {
-            return;
+            return running;
         }
         let calls: usize = released.iter().map(|(jobs, _)| jobs.len()).sum();
         tracing::debug!(process = %core.name, calls, "a call of a batch ran slow: the calls behind it go to threads");
@@ -393,6 +393,7 @@ impl SyncRunner {
                 wait_for_room.await;
             }
         });
+        running
     }
 
     /// Runs queued quick calls on this thread (the reader's, which queued them) while
@@ -1038,10 +1039,7 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
             rescued = began;
             rescue(&core, watch, runtime, began, usable);
         }
-        let batches = runner.batches_running();
-        if batches {
-            SyncRunner::release_slow_batches(&core, runtime);
-        }
+        let batches = SyncRunner::release_slow_batches(&core, runtime);
         let runs = watch.runs.load(Ordering::SeqCst);
         idle_looks = if runs != runs_seen || began != 0 || batches {
             0

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::super::pace::Pace;
 use super::super::sync_runner::SyncRunner;
-use super::super::{CallBatch, ServingGuard};
+use super::super::{CallBatch, Executor, ServingGuard};
 use super::{
     call_sync, note_no_return_failure, note_skipped, wait, Calls, RunUsage, SyncFn, SyncJob,
     SyncWork,
@@ -27,6 +27,10 @@ pub(super) const REPLIES_WAIT_AT_MOST: Duration = Duration::from_millis(1);
 pub(in crate::executor) struct BatchRun {
     share: Arc<BatchShare>,
     on_worker: bool,
+    /// Its node's executor (the watch and the threads are its).
+    executor: Arc<Executor>,
+    /// More than one call: the watch may take the calls behind a slow one.
+    watched: bool,
 }
 
 /// What a batch's job shares with the node's watch.
@@ -56,6 +60,9 @@ impl BatchRun {
         running: ServingGuard,
         on_worker: bool,
     ) -> BatchRun {
+        let executor = running.executor.clone();
+        // A lone call leaves nothing behind it to take.
+        let watched = calls.remaining() > 1;
         let state = Mutex::new(BatchState {
             calls,
             running,
@@ -64,6 +71,8 @@ impl BatchRun {
         BatchRun {
             share: Arc::new(BatchShare { f, pace, state }),
             on_worker,
+            executor,
+            watched,
         }
     }
 
@@ -77,16 +86,11 @@ impl BatchRun {
         usage: &mut RunUsage,
         progress: Option<&dyn Fn(Instant)>,
     ) -> Instant {
-        let share = &self.share;
-        let mut state = share.lock();
-        let executor = state.running.executor.clone();
-        // A lone call leaves nothing behind it to take.
-        let watched = state.calls.remaining() > 1;
-        if watched {
-            drop(state);
-            SyncRunner::batch_begins(&executor, share);
-            state = share.lock();
+        let (share, executor) = (&self.share, &self.executor);
+        if self.watched {
+            SyncRunner::batch_begins(executor, share);
         }
+        let mut state = share.lock();
         let callback: Box<str> = state.calls.callback().into();
         let deadline = state.calls.deadline();
         let one_way = !state.calls.wants_reply();
@@ -104,7 +108,7 @@ impl BatchRun {
                 if !share.pace.is_quick() {
                     let mut jobs = share.lone_jobs(&mut state);
                     drop(state);
-                    SyncRunner::submit(&executor, &mut jobs);
+                    SyncRunner::submit(executor, &mut jobs);
                     state = share.lock();
                     break;
                 }
@@ -156,10 +160,10 @@ impl BatchRun {
         let finished = started;
         let flushed = state.calls.flush();
         // The calls count as running until their replies are queued.
-        let running = std::mem::replace(&mut state.running, ServingGuard::none(&executor));
+        let running = std::mem::replace(&mut state.running, ServingGuard::none(executor));
         drop(state);
-        if watched {
-            SyncRunner::batch_ends(&executor, share);
+        if self.watched {
+            SyncRunner::batch_ends(executor, share);
         }
         let Some(wait_for_room) = flushed else {
             return finished;
