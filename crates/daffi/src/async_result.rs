@@ -84,7 +84,17 @@ impl<T: DeserializeOwned> AsyncResult<T> {
             return result;
         }
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "get", self)?
+        let lone = self.lone_wait(&global);
+        blocking::wait_lone(global.runtime(), "get", self, lone)?
+    }
+
+    /// How this thread waits for the reply: it may spin first if the call is sent and
+    /// is its node's only one in flight.
+    fn lone_wait<'g>(&self, global: &'g Global) -> Option<crate::spin::LoneWait<'g>> {
+        match &self.outcome {
+            Outcome::Sent(_) => global.node().ok()?.lone_wait(true),
+            _ => None,
+        }
     }
 
     /// The result, if its reply is in: taken without entering the runtime to wait (with
@@ -116,11 +126,13 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     pub fn get_timeout(self, timeout: Duration) -> Result<T> {
         let global = self.global.clone();
         let what = self.callback.to_string();
-        blocking::wait(global.runtime(), "get_timeout", async move {
+        let lone = self.lone_wait(&global);
+        let within = async move {
             tokio::time::timeout(timeout, self)
                 .await
                 .unwrap_or_else(|_| Err(Error::timeout(what, timeout)))
-        })?
+        };
+        blocking::wait_lone(global.runtime(), "get_timeout", within, lone)?
     }
 
     /// Waits for the result from async code (the same as `.await`).

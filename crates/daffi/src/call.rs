@@ -171,7 +171,10 @@ impl Call {
         // for the reply enters the runtime.
         let started = start_here(&global, node, request);
         let reply = match started {
-            Started::Sent(call) => may_wait.wait(global.runtime(), call),
+            Started::Sent(call) => {
+                let lone = global.node().ok().and_then(|node| node.lone_wait(true));
+                may_wait.wait_lone(global.runtime(), call, lone)
+            }
             Started::Failed(e) => Err(e),
             Started::Later(rest) => may_wait.wait(global.runtime(), rest),
         };
@@ -318,7 +321,8 @@ impl Call {
     /// ```
     pub fn broadcast<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
         let global = self.global.clone();
-        blocking::wait(global.runtime(), "broadcast", self.broadcast_async())?
+        let lone = global.node().ok().and_then(|node| node.lone_wait(false));
+        blocking::wait_lone(global.runtime(), "broadcast", self.broadcast_async(), lone)?
     }
 
     /// BROADCAST from async code.
@@ -371,10 +375,12 @@ impl Call {
     /// ```
     pub fn broadcast_results<T: DeserializeOwned>(self) -> Result<HashMap<String, Result<T>>> {
         let global = self.global.clone();
-        blocking::wait(
+        let lone = global.node().ok().and_then(|node| node.lone_wait(false));
+        blocking::wait_lone(
             global.runtime(),
             "broadcast_results",
             self.broadcast_results_async(),
+            lone,
         )?
     }
 

@@ -110,6 +110,7 @@ mod mesh;
 mod node;
 mod period;
 mod protocol;
+mod spin;
 mod stream;
 mod sync;
 mod tombstones;

@@ -19,6 +19,7 @@ use crate::mesh::{
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
+use crate::spin::{LoneWait, SpinPolicy};
 use crate::stream::Feeding;
 use tokio::runtime::Handle;
 
@@ -30,6 +31,8 @@ pub struct Node {
     mesh: Arc<dyn Mesh>,
     /// Slots for this node's own calls in flight (`max_in_flight`).
     in_flight: Arc<Slots>,
+    /// Whether a thread waiting for a lone call spins first (`sync_spin`).
+    spin: SpinPolicy,
     /// The node's runtime, entered by a call that must wait from the calling thread.
     runtime: tokio::runtime::Handle,
 }
@@ -47,14 +50,28 @@ pub enum Started {
 
 impl Node {
     /// A node whose requests `executor` runs, over `mesh`. Made inside the node's runtime.
-    pub fn new(executor: Arc<Executor>, mesh: Arc<dyn Mesh>, max_in_flight: usize) -> Self {
+    pub fn new(
+        executor: Arc<Executor>,
+        mesh: Arc<dyn Mesh>,
+        max_in_flight: usize,
+        sync_spin: Duration,
+    ) -> Self {
         Node {
             name: executor.name.clone(),
             executor,
             mesh,
             in_flight: Slots::new(max_in_flight),
+            spin: SpinPolicy::new(sync_spin),
             runtime: tokio::runtime::Handle::current(),
         }
+    }
+
+    /// How a thread waits for a call of this node that holds one of its slots (`own`)
+    /// or is yet to take one: it may spin first if nothing else is in flight (see
+    /// [`SpinPolicy`]).
+    pub fn lone_wait(&self, own: bool) -> Option<LoneWait<'_>> {
+        let others = self.in_flight.used().saturating_sub(usize::from(own));
+        self.spin.plan(others)
     }
 
     /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).

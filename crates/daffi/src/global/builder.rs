@@ -32,6 +32,7 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | [`max_frame_size`](Self::max_frame_size) | 128 MiB |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 5 s |
 /// | [`max_in_flight`](Self::max_in_flight) | 10,000 calls |
+/// | [`sync_spin`](Self::sync_spin) | 200 µs |
 /// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
 /// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 1,024 sync callbacks (threads) |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
@@ -92,6 +93,7 @@ pub struct GlobalBuilder {
     pub(super) auth_token: Option<AuthToken>,
     pub(super) handshake_timeout: Duration,
     pub(super) max_in_flight: usize,
+    pub(super) sync_spin: Duration,
     pub(super) max_concurrent_callbacks: usize,
     pub(super) max_sync_callbacks: usize,
     pub(super) max_connections: usize,
@@ -127,6 +129,7 @@ impl Default for GlobalBuilder {
             auth_token: None,
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
+            sync_spin: crate::spin::DEFAULT_SYNC_SPIN,
             max_concurrent_callbacks: 1_024,
             max_sync_callbacks: 1_024,
             max_connections: 10_000,
@@ -223,6 +226,22 @@ impl GlobalBuilder {
     /// Default: 10,000.
     pub fn max_in_flight(mut self, calls: usize) -> Self {
         self.max_in_flight = calls.max(1);
+        self
+    }
+
+    /// How long a thread blocked in a sync call (`fg`, `get`, `broadcast`) that is the
+    /// node's only call in flight polls for the reply before it sleeps. Default: 200 µs.
+    /// `Duration::ZERO` never spins.
+    ///
+    /// A round trip on one machine takes tens of microseconds; a thread that sleeps at
+    /// once is woken by the runtime worker that read the reply, one wake-up more on the
+    /// way back (a slow one where waking an idle processor is, as on virtual machines).
+    /// Spinning trades processor time for that latency, so it is done only where it
+    /// pays: for a lone call, while such calls have lately taken at most this long on
+    /// average (a node whose callees take milliseconds never spins), and by at most one
+    /// thread per two processors (none on a single processor). Async calls never spin.
+    pub fn sync_spin(mut self, limit: Duration) -> Self {
+        self.sync_spin = limit;
         self
     }
 

@@ -100,7 +100,12 @@ impl GlobalBuilder {
             };
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
             mesh.start().await?;
-            Some(Arc::new(Node::new(executor, mesh, self.max_in_flight)))
+            Some(Arc::new(Node::new(
+                executor,
+                mesh,
+                self.max_in_flight,
+                self.sync_spin,
+            )))
         } else {
             None
         };
@@ -192,7 +197,12 @@ impl GlobalBuilder {
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mesh = crate::mesh::nats::NatsMesh::start(config, executor.clone(), events_tx).await?;
-        let node = Arc::new(Node::new(executor, mesh, self.max_in_flight));
+        let node = Arc::new(Node::new(
+            executor,
+            mesh,
+            self.max_in_flight,
+            self.sync_spin,
+        ));
         self.finish(name, address, runtime, Some(node), None, owned, events_rx)
     }
 

@@ -587,6 +587,11 @@ impl Slots {
         })
     }
 
+    /// Slots taken now: calls in flight.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
     /// Slots free now.
     pub fn available(&self) -> usize {
         self.max.saturating_sub(self.used.load(Ordering::SeqCst))

@@ -1,0 +1,200 @@
+//! Spinning before parking: a thread blocked in a sync call that is its node's only
+//! call in flight polls for the reply for a moment before it sleeps.
+//!
+//! A round trip between processes on one machine takes tens of microseconds. A thread
+//! that parks at once is woken by the runtime worker that read the reply: one more
+//! wake-up on the way back, and on a virtual machine waking an idle processor is slow.
+//! A thread that keeps polling for a moment sees the reply as soon as the worker hands
+//! it over. That costs processor time, so a node spins only where it pays:
+//!
+//! - for a lone call (nothing else of the node in flight): with many calls in flight
+//!   the processors are better left to the work;
+//! - while at least half of such waits lately ended within the spin limit (a moving
+//!   average): a node whose callees take milliseconds never spins;
+//! - one thread per two processors at most, and never on a single processor, where
+//!   the spinner would hold up the thread it waits for.
+//!
+//! The limit is [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero
+//! turns spinning off.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The default spin limit: about twice a small call's round trip on one machine, and
+/// enough for a broadcast to a few nodes.
+pub const DEFAULT_SYNC_SPIN: Duration = Duration::from_micros(200);
+
+/// Threads spinning now, in every node of the process.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// At most this many threads of the process spin at once: one per two processors.
+fn most_spinning() -> usize {
+    static MOST: OnceLock<usize> = OnceLock::new();
+    *MOST.get_or_init(|| std::thread::available_parallelism().map_or(0, |n| n.get() / 2))
+}
+
+/// [`SpinPolicy::within`] when every recent lone wait ended within the limit.
+const ALL_WITHIN: u32 = 1 << 10;
+
+/// A node's spin policy: its limit, and how many of its lone waits lately ended within
+/// it.
+#[derive(Debug)]
+pub struct SpinPolicy {
+    /// The longest spin; zero: never.
+    limit: Duration,
+    /// The share of the last lone waits that ended within the limit, from 0 to
+    /// [`ALL_WITHIN`]: a moving average, 1/8 weight to the newest.
+    within: AtomicU32,
+}
+
+impl SpinPolicy {
+    /// Spins of at most `limit` (none if zero).
+    pub fn new(limit: Duration) -> Self {
+        SpinPolicy {
+            limit,
+            within: AtomicU32::new(ALL_WITHIN),
+        }
+    }
+
+    /// How a thread should wait for a call while `others_in_flight` other calls of its
+    /// node are in flight: `None` (park at once, not timed) unless it is the only one.
+    /// A lone wait is timed, for the average, and spins first if that pays.
+    pub fn plan(&self, others_in_flight: usize) -> Option<LoneWait<'_>> {
+        if self.limit.is_zero() || others_in_flight > 0 {
+            return None;
+        }
+        let started = Instant::now();
+        let spinner = self.pays().then(Spinner::enter).flatten();
+        let until = spinner.as_ref().map(|_| started + self.limit);
+        Some(LoneWait {
+            policy: self,
+            started,
+            until,
+            spinner,
+        })
+    }
+
+    /// Whether at least half of the lone waits lately ended within the limit (the
+    /// median, not the mean: a few slow calls do not stop the spinning).
+    fn pays(&self) -> bool {
+        self.within.load(Ordering::Relaxed) >= ALL_WITHIN / 2
+    }
+
+    /// Counts a lone wait that took `waited` into the average. Racing threads may lose
+    /// an update: an estimate.
+    fn record(&self, waited: Duration) {
+        let hit = if waited <= self.limit {
+            ALL_WITHIN / 8
+        } else {
+            0
+        };
+        let within = self.within.load(Ordering::Relaxed);
+        self.within
+            .store(within - within / 8 + hit, Ordering::Relaxed);
+    }
+}
+
+/// One lone wait: timed for the average, and spinning until `until` if it may.
+#[derive(Debug)]
+pub struct LoneWait<'a> {
+    policy: &'a SpinPolicy,
+    started: Instant,
+    until: Option<Instant>,
+    spinner: Option<Spinner>,
+}
+
+impl LoneWait<'_> {
+    /// Spins until `ready` holds (`true`) or the spin is over (`false`; also when this
+    /// wait may not spin). Once over, the thread no longer counts as spinning.
+    pub fn spin_until(&mut self, ready: impl Fn() -> bool) -> bool {
+        let Some(until) = self.until else {
+            return false;
+        };
+        loop {
+            // The clock first: a `ready` that always holds still ends the spin.
+            if Instant::now() >= until {
+                self.until = None;
+                self.spinner = None;
+                return false;
+            }
+            if ready() {
+                return true;
+            }
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// The wait is over: counts it into the average.
+    pub fn finish(self) {
+        self.policy.record(self.started.elapsed());
+    }
+}
+
+/// A thread counted among those spinning, until dropped.
+#[derive(Debug)]
+struct Spinner;
+
+impl Spinner {
+    /// Counts this thread as spinning, if fewer than the most are.
+    fn enter() -> Option<Spinner> {
+        let most = most_spinning();
+        SPINNING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now < most).then_some(now + 1)
+            })
+            .ok()
+            .map(|_| Spinner)
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_in_flight_or_a_zero_limit_never_spin() {
+        let policy = SpinPolicy::new(DEFAULT_SYNC_SPIN);
+        assert!(policy.plan(1).is_none());
+        assert!(SpinPolicy::new(Duration::ZERO).plan(0).is_none());
+    }
+
+    #[test]
+    fn slow_waits_stop_the_spinning_and_quick_ones_bring_it_back() {
+        let policy = SpinPolicy::new(Duration::from_micros(200));
+        for _ in 0..40 {
+            policy.record(Duration::from_millis(5));
+        }
+        assert!(!policy.pays(), "waits of 5 ms do not spin");
+        let mut wait = policy.plan(0).expect("a lone wait is timed");
+        assert!(wait.until.is_none() && wait.spinner.is_none());
+        assert!(!wait.spin_until(|| true));
+        wait.finish();
+        for _ in 0..80 {
+            policy.record(Duration::from_micros(50));
+        }
+        assert!(policy.pays(), "waits of 50 µs spin again");
+    }
+
+    #[test]
+    fn a_spin_ends_at_its_limit_or_when_ready() {
+        let policy = SpinPolicy::new(Duration::from_micros(300));
+        let Some(mut wait) = policy.plan(0).filter(|w| w.until.is_some()) else {
+            eprintln!("a single processor (or other spinners): nothing spins here");
+            return;
+        };
+        assert!(wait.spin_until(|| true));
+        assert!(!wait.spin_until(|| false), "over at its limit");
+        assert!(wait.spinner.is_none(), "no longer counted as spinning");
+        assert!(!wait.spin_until(|| true), "a spin that is over stays over");
+        wait.finish();
+    }
+}
