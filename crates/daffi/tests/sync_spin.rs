@@ -1,0 +1,158 @@
+//! A thread blocked in a lone sync call spins for its reply only while that pays
+//! (`GlobalBuilder::sync_spin`): it spins through waits that end within the limit,
+//! stops once such calls take longer, and sleeps through a callee that is paused. The
+//! processor time the calling thread uses says which. Real processes over real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, Transport, WAIT};
+use daffi::{Error, Global};
+
+const ENTRY: &str = "sync_spin_process";
+
+#[test]
+#[ignore = "helper: tests start it as a child process"]
+fn sync_spin_process() {
+    common::run_role(&[("worker", worker)]);
+}
+
+/// Serves `nap(ms)`: a sync callback that sleeps that long and returns it.
+fn worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("worker starts");
+    g.register("nap", |ms: u64| {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    })
+    .expect("register nap");
+    g.join().expect("join");
+}
+
+/// The processor time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to; CLOCK_THREAD_CPUTIME_ID always exists on
+    // Linux.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(read, 0, "clock_gettime");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// The processor time this thread used for `calls` lone calls of `nap(ms)` on `worker`.
+fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
+    let before = thread_cpu();
+    for _ in 0..calls {
+        let slept: u64 = g
+            .call("nap")
+            .on(worker)
+            .args((ms,))
+            .timeout(WAIT)
+            .fg()
+            .expect("nap answers");
+        assert_eq!(slept, ms);
+    }
+    thread_cpu() - before
+}
+
+fn two_processors_or_more() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// One test, not several: at most one thread per two processors of a process spins,
+/// and the tests of one binary share the process.
+#[test]
+fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("napper");
+    cluster.spawn_worker(&worker);
+    let spin = Duration::from_millis(40);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("spinner"))
+        .sync_spin(spin)
+        .start()
+        .expect("the spinning caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+
+    // Naps of 10 ms end within the 40 ms limit: the thread spins through each.
+    let naps = 20;
+    let spun = cpu_for_naps(&g, &worker, 10, naps);
+    assert!(
+        spun >= Duration::from_millis(10) * naps as u32 / 4,
+        "{naps} naps of 10 ms within a 40 ms spin used only {spun:?} of this thread's time"
+    );
+
+    // Naps of 80 ms do not: after a few (each spinning 40 ms at most), it stops.
+    cpu_for_naps(&g, &worker, 80, 8);
+    let slept = cpu_for_naps(&g, &worker, 80, 10);
+    assert!(
+        slept < spin * 10 / 4,
+        "10 naps of 80 ms, past a 40 ms spin, still used {slept:?} of this thread's time"
+    );
+
+    // `Duration::ZERO` never spins, however quick the calls.
+    let still = common::builder_for(&cluster.address)
+        .process_name(common::unique("still"))
+        .sync_spin(Duration::ZERO)
+        .start()
+        .expect("the caller that never spins connects");
+    still
+        .wait_process_timeout(&worker, WAIT)
+        .expect("worker known");
+    let parked = cpu_for_naps(&still, &worker, 10, naps);
+    assert!(
+        parked < Duration::from_millis(10) * naps as u32 / 4,
+        "{naps} naps of 10 ms without spinning used {parked:?} of this thread's time"
+    );
+    g.stop();
+    still.stop();
+}
+
+/// A callee paused with SIGSTOP mid-call: the caller spins for its limit at most, then
+/// sleeps until its timeout; the callee, resumed, answers the next call.
+#[test]
+fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("paused");
+    let pid = cluster.spawn_worker(&worker).pid().expect("worker pid");
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("patient"))
+        .sync_spin(Duration::from_millis(5))
+        .start()
+        .expect("caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    // Quick calls first: the node spins for its lone calls from here on.
+    cpu_for_naps(&g, &worker, 0, 20);
+
+    common::pause(pid);
+    let before = thread_cpu();
+    let outcome = g
+        .call("nap")
+        .on(&worker)
+        .args((0u64,))
+        .timeout(Duration::from_millis(500))
+        .fg::<u64>();
+    let used = thread_cpu() - before;
+    common::resume(pid);
+    assert!(
+        matches!(outcome, Err(Error::Timeout { .. })),
+        "a paused callee: {outcome:?}"
+    );
+    assert!(
+        used < Duration::from_millis(100),
+        "waiting 500 ms for a paused callee used {used:?} of the caller's thread"
+    );
+    // The resumed callee answers again (`cpu_for_naps` checks each answer).
+    cpu_for_naps(&g, &worker, 0, 1);
+    g.stop();
+}
