@@ -23,7 +23,7 @@ mod roles;
 mod scenarios;
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
@@ -188,6 +188,10 @@ enum Role {
         batched: bool,
         #[arg(long)]
         max_frame_size: usize,
+        /// Microseconds the threads client polls for a reply before it blocks (0: it
+        /// blocks at once).
+        #[arg(long, default_value_t = 0)]
+        spin_us: u64,
     },
 }
 
@@ -329,7 +333,11 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
             engine,
             batched,
             max_frame_size,
-        } => floor::client(*engine, connect, (name, server), *batched, *max_frame_size),
+            spin_us,
+        } => {
+            floor::spin_before_blocking(Duration::from_micros(*spin_us));
+            floor::client(*engine, connect, (name, server), *batched, *max_frame_size)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

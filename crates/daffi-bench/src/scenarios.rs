@@ -4,7 +4,7 @@
 //! (floor, daffi, floor, daffi, ...), so that a burst of load on the machine hits both.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::floor::Engine;
 use super::monitor;
@@ -16,6 +16,9 @@ use super::report::{Row, Spread, Target, Unit};
 
 /// The frame limit daffi starts with (128 MiB); bigger payloads raise it.
 const DEFAULT_FRAME_LIMIT: usize = 128 * 1024 * 1024;
+/// How long the spinning floor's client polls for a reply before it blocks: daffi's
+/// default `sync_spin`.
+const SPIN_FLOOR: Duration = Duration::from_micros(200);
 /// How long the caller may wait for the swarm of scenario E.
 const SWARM_TIMEOUT_S: u64 = 120;
 /// Nodes of scenario E that are not in the swarm: caller, callee, idle node.
@@ -212,7 +215,8 @@ impl Plan {
         })
     }
 
-    /// Every floor (each engine, batched and direct), for small frames.
+    /// Every floor (each engine, batched and direct), for small frames, and the threads
+    /// floor whose client spins before it blocks ([`SPIN_FLOOR`]).
     fn floors(&self, group: &str, transport: Transport) -> Result<Vec<FloorSet>> {
         let mut floors = Vec::new();
         for engine in [Engine::Tokio, Engine::Threads] {
@@ -220,7 +224,22 @@ impl Plan {
                 floors.push(self.floor(group, transport, engine, batched, DEFAULT_FRAME_LIMIT)?);
             }
         }
+        floors.push(self.spin_floor(group, transport)?);
         Ok(floors)
+    }
+
+    /// The threads floor, direct, whose client polls for a reply for [`SPIN_FLOOR`]
+    /// before it blocks: what daffi's sync caller does for a lone call.
+    fn spin_floor(&self, group: &str, transport: Transport) -> Result<FloorSet> {
+        let mut floor = self.floor_with(
+            &format!("{group}-spin"),
+            transport,
+            (Engine::Threads, false),
+            DEFAULT_FRAME_LIMIT,
+            SPIN_FLOOR,
+        )?;
+        floor.name = "floor threads spin".into();
+        Ok(floor)
     }
 
     /// Raw async-nats request-reply through the nats-server at `url`: a server and a client.
@@ -264,6 +283,25 @@ impl Plan {
         engine: Engine,
         batched: bool,
         frame_limit: usize,
+    ) -> Result<FloorSet> {
+        self.floor_with(
+            group,
+            transport,
+            (engine, batched),
+            frame_limit,
+            Duration::ZERO,
+        )
+    }
+
+    /// A floor relay, server and client, the client spinning for up to `spin` before it
+    /// blocks for a reply (threads only).
+    fn floor_with(
+        &self,
+        group: &str,
+        transport: Transport,
+        (engine, batched): (Engine, bool),
+        frame_limit: usize,
+        spin: Duration,
     ) -> Result<FloorSet> {
         let variant = if batched { "batched" } else { "direct" };
         let engine_name = engine.label();
@@ -310,6 +348,9 @@ impl Plan {
             server_name,
         ];
         args.extend(common);
+        if !spin.is_zero() {
+            args.extend(["--spin-us".into(), spin.as_micros().to_string()]);
+        }
         let mut client = self.spawn(&client_name, args)?;
         client.ready()?;
         Ok(FloorSet {
@@ -1223,7 +1264,7 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
 }
 
 /// How long the messages an idle node receives are counted.
-const IDLE_COUNT_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+const IDLE_COUNT_WINDOW: Duration = Duration::from_secs(5);
 
 /// E over NATS: the nats-server's memory, and the messages per second the server sends
 /// the idle node `idle_name` (read twice from its monitoring port `monitor`).

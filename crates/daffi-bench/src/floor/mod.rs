@@ -8,7 +8,9 @@
 //!
 //! Two engines, each in two variants (batched and direct writes):
 //! - [`on_tokio`]: tasks on a 2-worker tokio runtime, as daffi runs;
-//! - [`on_threads`]: blocking std threads and sockets, the least machinery there is.
+//! - [`on_threads`]: blocking std threads and sockets, the least machinery there is;
+//!   and a fifth floor, its direct variant whose client polls for a reply for a moment
+//!   before it blocks ([`spin_before_blocking`]), as daffi's sync callers do.
 //!
 //! Every daffi figure is compared with the best of the floors measured in the same run.
 
@@ -192,6 +194,13 @@ pub fn server(
 }
 
 /// The client process of `engine`: runs the parent's commands against the server.
+/// Lets the threads client poll for a reply for up to `limit` before it blocks, as
+/// daffi's sync callers do for a lone call (`sync_spin`): the floor for them. Set once,
+/// before the client starts; zero (the default) blocks at once.
+pub fn spin_before_blocking(limit: std::time::Duration) {
+    on_threads::spin_before_blocking(limit);
+}
+
 pub fn client(
     engine: Engine,
     connect: &Endpoint,

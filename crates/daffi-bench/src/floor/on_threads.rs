@@ -15,7 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use daffi_wire::frame::{peek_dst, LEN_PREFIX};
@@ -62,6 +62,9 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(&limit) = SPIN.get() {
+            spin_until_readable(self, limit);
+        }
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => {
@@ -70,6 +73,43 @@ impl Read for Stream {
                 }
                 s.read(buf)
             }
+        }
+    }
+}
+
+/// How long a read polls for data before it blocks: set in the client of the spinning
+/// floor only (see [`spin_before_blocking`]).
+static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// See [`super::spin_before_blocking`].
+pub fn spin_before_blocking(limit: Duration) {
+    if !limit.is_zero() {
+        let _ = SPIN.set(limit);
+    }
+}
+
+/// Polls `stream` (without waiting) until it has data or `limit` passed: what a client
+/// that spins before it blocks does.
+fn spin_until_readable(stream: &Stream, limit: Duration) {
+    use std::os::fd::AsRawFd;
+    let fd = match stream {
+        Stream::Tcp(s) => s.as_raw_fd(),
+        Stream::Unix(s) => s.as_raw_fd(),
+    };
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        // SAFETY: one valid pollfd, for a descriptor the stream keeps open; a zero
+        // timeout never waits.
+        if unsafe { libc::poll(&mut poll, 1, 0) } != 0 {
+            return;
+        }
+        for _ in 0..16 {
+            std::hint::spin_loop();
         }
     }
 }
