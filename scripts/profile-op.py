@@ -9,6 +9,7 @@ top symbols of each process.
     scripts/profile-op.py '{"op":"one_way","calls":200000}'
     scripts/profile-op.py --floor '{"op":"rate","mode":"pipelined","calls":200000,"in_flight":256}'
     scripts/profile-op.py --floor --threads --cpu '{"op":"latency","calls":20000,"warmup":1000}'
+    scripts/profile-op.py --floor --threads --direct --spin-us 200 --cpu '{"op":"latency","calls":20000,"warmup":1000}'
     scripts/profile-op.py --tcp '{"op":"latency","calls":20000,"warmup":1000}'
     scripts/profile-op.py --callees 4 '{"op":"broadcast","calls":10000,"warmup":1000,"nodes":4}'
 
@@ -65,6 +66,9 @@ def main():
     ap.add_argument("--direct", action="store_true", help="the floor without batching")
     ap.add_argument("--threads", action="store_true",
                     help="with --floor: the floor on blocking std threads (default: on tokio)")
+    ap.add_argument("--spin-us", type=int, default=0, metavar="US",
+                    help="with --floor --threads: the client polls for a reply this long before it "
+                         "blocks (the spinning floor of A: 200)")
     ap.add_argument("--tcp", action="store_true")
     ap.add_argument("--nats", metavar="URL",
                     help="over the nats-server at URL (with --floor: raw async-nats request-reply)")
@@ -106,8 +110,9 @@ def main():
             (["--engine", "threads"] if a.threads else [])
         procs["relay"], ep = role(["floor-relay", "--listen", listen] + limit + batched)
         procs["server"], _ = role(["floor-server", "--connect", ep, "--name", "srv"] + limit + batched)
+        spin = ["--spin-us", str(a.spin_us)] if a.spin_us else []
         procs["client"], _ = role(["floor-client", "--connect", ep, "--name", "cli",
-                                   "--server", "srv"] + limit + batched)
+                                   "--server", "srv"] + limit + batched + spin)
         driver = procs["client"]
     else:
         procs["controller"], ep = role(["controller", "--listen", listen] + limit)

@@ -90,8 +90,18 @@ impl SpinPolicy {
             0
         };
         let within = self.within.load(Ordering::Relaxed);
-        self.within
-            .store(within - within / 8 + hit, Ordering::Relaxed);
+        let next = within - within / 8 + hit;
+        self.within.store(next, Ordering::Relaxed);
+        let half = ALL_WITHIN / 2;
+        if (within >= half) != (next >= half) {
+            let (spins, ended) = (next >= half, if next >= half { "within" } else { "past" });
+            tracing::debug!(
+                limit = ?self.limit,
+                spins,
+                "lone sync calls lately ended {ended} the spin limit: their threads {} before they park",
+                if spins { "spin again" } else { "no longer spin" },
+            );
+        }
     }
 }
 
