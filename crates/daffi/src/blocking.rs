@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::spin::LoneWait;
 
 /// Runs `future` to completion on this thread. `method` names the sync API in the error.
-// Inlined, like `park_on`: a call's future is large, and passing it down by value would
+// Inlined, like `park_lone`: a call's future is large, and passing it down by value would
 // copy it at each step.
 #[inline(always)]
 pub fn wait<F: Future>(runtime: &Handle, method: &'static str, future: F) -> Result<F::Output> {
