@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 /// enough for a broadcast to a few nodes.
 pub const DEFAULT_SYNC_SPIN: Duration = Duration::from_micros(200);
 
+/// Turns of pure spinning (16 pause instructions each, well under a microsecond) before
+/// a spinning thread yields its processor between looks.
+const SPIN_TURNS: u32 = 16;
+
 /// Threads spinning now, in every node of the process.
 static SPINNING: AtomicUsize = AtomicUsize::new(0);
 
@@ -121,6 +125,7 @@ impl LoneWait<'_> {
         let Some(until) = self.until else {
             return false;
         };
+        let mut turns = 0u32;
         loop {
             // The clock first: a `ready` that always holds still ends the spin.
             if Instant::now() >= until {
@@ -131,8 +136,16 @@ impl LoneWait<'_> {
             if ready() {
                 return true;
             }
-            for _ in 0..16 {
-                std::hint::spin_loop();
+            // A few turns of pure spinning, then each turn offers the processor to
+            // whatever else is ready to run on it (the thread that will answer, often):
+            // a spinner never holds up runnable work for its whole spin.
+            if turns < SPIN_TURNS {
+                turns += 1;
+                for _ in 0..16 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
             }
         }
     }
