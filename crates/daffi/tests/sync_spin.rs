@@ -156,3 +156,36 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
     cpu_for_naps(&g, &worker, 0, 1);
     g.stop();
 }
+
+/// A limit too long for the clock to add (`Duration::MAX`: "spin for as long as it
+/// takes") is taken as given: the lone call spins until its reply, and neither panics
+/// nor fails.
+#[test]
+fn a_lone_call_with_the_longest_spin_limit_gets_its_reply() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("answering");
+    cluster.spawn_worker(&worker);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("unbounded"))
+        .sync_spin(Duration::MAX)
+        .start()
+        .expect("caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let slept: u64 = g
+        .call("nap")
+        .on(&worker)
+        .args((0u64,))
+        .timeout(WAIT)
+        .fg()
+        .expect("nap answers");
+    assert_eq!(slept, 0);
+    let later = g
+        .call("nap")
+        .on(&worker)
+        .args((0u64,))
+        .timeout(WAIT)
+        .bg::<u64>()
+        .expect("nap sent");
+    assert_eq!(later.get().expect("nap answers"), 0);
+    g.stop();
+}
