@@ -189,3 +189,43 @@ fn a_lone_call_with_the_longest_spin_limit_gets_its_reply() {
     assert_eq!(later.get().expect("nap answers"), 0);
     g.stop();
 }
+
+/// A broadcast with an eta waits that long before anything is sent: a wait that no
+/// spin shortens. Its thread sleeps through it (as an `fg` with an eta does) rather than
+/// spinning for its limit first.
+#[test]
+fn a_broadcast_with_an_eta_does_not_spin_through_it() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("later");
+    cluster.spawn_worker(&worker);
+    let spin = Duration::from_millis(200);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("eta_caller"))
+        .sync_spin(spin)
+        .start()
+        .expect("caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    // Several: another test of this binary may hold the one spinner for a moment.
+    let mut used = Vec::new();
+    for _ in 0..5 {
+        let before = thread_cpu();
+        let answers = g
+            .call("nap")
+            .args((0u64,))
+            .eta(Duration::from_millis(400))
+            .timeout(WAIT)
+            .broadcast::<u64>()
+            .expect("the broadcast answers");
+        used.push(thread_cpu() - before);
+        assert_eq!(answers.get(&worker), Some(&0), "{answers:?}");
+    }
+    assert!(
+        used.iter().all(|&u| u < spin / 2),
+        "broadcasts with an eta of 400 ms used {used:?} of the caller's thread"
+    );
+    g.stop();
+}
