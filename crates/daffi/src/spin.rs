@@ -199,7 +199,9 @@ mod tests {
 
     #[test]
     fn a_spin_ends_at_its_limit_or_when_ready() {
-        let policy = SpinPolicy::new(Duration::from_micros(300));
+        // Long enough that a test thread preempted on a loaded machine between `plan`
+        // and `spin_until` (a scheduler slice: milliseconds) still finds its spin on.
+        let policy = SpinPolicy::new(Duration::from_millis(20));
         let Some(mut wait) = policy.plan(0).filter(|w| w.spin_for.is_some()) else {
             eprintln!("a single processor (or other spinners): nothing spins here");
             return;
