@@ -321,8 +321,18 @@ impl Call {
     /// ```
     pub fn broadcast<T: DeserializeOwned>(self) -> Result<HashMap<String, T>> {
         let global = self.global.clone();
-        let lone = global.node().ok().and_then(|node| node.lone_wait(false));
+        let lone = self.lone_broadcast(&global);
         blocking::wait_lone(global.runtime(), "broadcast", self.broadcast_async(), lone)?
+    }
+
+    /// How a thread waits for this broadcast: it may spin first if nothing else of the
+    /// node is in flight, and no eta delays it (a wait no spin shortens; an `fg` with an
+    /// eta does not spin either).
+    fn lone_broadcast<'g>(&self, global: &'g Global) -> Option<crate::spin::LoneWait<'g>> {
+        if self.eta.is_some() {
+            return None;
+        }
+        global.node().ok()?.lone_wait(false)
     }
 
     /// BROADCAST from async code.
@@ -375,7 +385,7 @@ impl Call {
     /// ```
     pub fn broadcast_results<T: DeserializeOwned>(self) -> Result<HashMap<String, Result<T>>> {
         let global = self.global.clone();
-        let lone = global.node().ok().and_then(|node| node.lone_wait(false));
+        let lone = self.lone_broadcast(&global);
         blocking::wait_lone(
             global.runtime(),
             "broadcast_results",

@@ -70,11 +70,13 @@ impl SpinPolicy {
         }
         let started = Instant::now();
         let spinner = self.pays().then(Spinner::enter).flatten();
-        let until = spinner.as_ref().map(|_| started + self.limit);
+        // A span from `started`, not an instant: any limit the builder takes (up to
+        // `Duration::MAX`) is one, where `started + limit` could overflow and panic.
+        let spin_for = spinner.as_ref().map(|_| self.limit);
         Some(LoneWait {
             policy: self,
             started,
-            until,
+            spin_for,
             spinner,
         })
     }
@@ -109,12 +111,13 @@ impl SpinPolicy {
     }
 }
 
-/// One lone wait: timed for the average, and spinning until `until` if it may.
+/// One lone wait: timed for the average, and spinning for `spin_for` from its start if
+/// it may.
 #[derive(Debug)]
 pub struct LoneWait<'a> {
     policy: &'a SpinPolicy,
     started: Instant,
-    until: Option<Instant>,
+    spin_for: Option<Duration>,
     spinner: Option<Spinner>,
 }
 
@@ -122,14 +125,14 @@ impl LoneWait<'_> {
     /// Spins until `ready` holds (`true`) or the spin is over (`false`; also when this
     /// wait may not spin). Once over, the thread no longer counts as spinning.
     pub fn spin_until(&mut self, ready: impl Fn() -> bool) -> bool {
-        let Some(until) = self.until else {
+        let Some(spin_for) = self.spin_for else {
             return false;
         };
         let mut turns = 0u32;
         loop {
             // The clock first: a `ready` that always holds still ends the spin.
-            if Instant::now() >= until {
-                self.until = None;
+            if self.started.elapsed() >= spin_for {
+                self.spin_for = None;
                 self.spinner = None;
                 return false;
             }
@@ -198,7 +201,7 @@ mod tests {
         }
         assert!(!policy.pays(), "waits of 5 ms do not spin");
         let mut wait = policy.plan(0).expect("a lone wait is timed");
-        assert!(wait.until.is_none() && wait.spinner.is_none());
+        assert!(wait.spin_for.is_none() && wait.spinner.is_none());
         assert!(!wait.spin_until(|| true));
         wait.finish();
         for _ in 0..80 {
@@ -209,8 +212,10 @@ mod tests {
 
     #[test]
     fn a_spin_ends_at_its_limit_or_when_ready() {
-        let policy = SpinPolicy::new(Duration::from_micros(300));
-        let Some(mut wait) = policy.plan(0).filter(|w| w.until.is_some()) else {
+        // Long enough that a test thread preempted on a loaded machine between `plan`
+        // and `spin_until` (a scheduler slice: milliseconds) still finds its spin on.
+        let policy = SpinPolicy::new(Duration::from_millis(20));
+        let Some(mut wait) = policy.plan(0).filter(|w| w.spin_for.is_some()) else {
             eprintln!("a single processor (or other spinners): nothing spins here");
             return;
         };
@@ -219,5 +224,17 @@ mod tests {
         assert!(wait.spinner.is_none(), "no longer counted as spinning");
         assert!(!wait.spin_until(|| true), "a spin that is over stays over");
         wait.finish();
+    }
+
+    #[test]
+    fn the_longest_limit_spins_until_ready() {
+        let policy = SpinPolicy::new(Duration::MAX);
+        let Some(mut wait) = policy.plan(0).filter(|w| w.spin_for.is_some()) else {
+            eprintln!("a single processor (or other spinners): nothing spins here");
+            return;
+        };
+        assert!(wait.spin_until(|| true));
+        wait.finish();
+        assert!(policy.pays(), "every wait is within the longest limit");
     }
 }

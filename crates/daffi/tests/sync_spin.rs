@@ -156,3 +156,76 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
     cpu_for_naps(&g, &worker, 0, 1);
     g.stop();
 }
+
+/// A limit too long for the clock to add (`Duration::MAX`: "spin for as long as it
+/// takes") is taken as given: the lone call spins until its reply, and neither panics
+/// nor fails.
+#[test]
+fn a_lone_call_with_the_longest_spin_limit_gets_its_reply() {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("answering");
+    cluster.spawn_worker(&worker);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("unbounded"))
+        .sync_spin(Duration::MAX)
+        .start()
+        .expect("caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let slept: u64 = g
+        .call("nap")
+        .on(&worker)
+        .args((0u64,))
+        .timeout(WAIT)
+        .fg()
+        .expect("nap answers");
+    assert_eq!(slept, 0);
+    let later = g
+        .call("nap")
+        .on(&worker)
+        .args((0u64,))
+        .timeout(WAIT)
+        .bg::<u64>()
+        .expect("nap sent");
+    assert_eq!(later.get().expect("nap answers"), 0);
+    g.stop();
+}
+
+/// A broadcast with an eta waits that long before anything is sent: a wait that no
+/// spin shortens. Its thread sleeps through it (as an `fg` with an eta does) rather than
+/// spinning for its limit first.
+#[test]
+fn a_broadcast_with_an_eta_does_not_spin_through_it() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("later");
+    cluster.spawn_worker(&worker);
+    let spin = Duration::from_millis(200);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("eta_caller"))
+        .sync_spin(spin)
+        .start()
+        .expect("caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    // Several: another test of this binary may hold the one spinner for a moment.
+    let mut used = Vec::new();
+    for _ in 0..5 {
+        let before = thread_cpu();
+        let answers = g
+            .call("nap")
+            .args((0u64,))
+            .eta(Duration::from_millis(400))
+            .timeout(WAIT)
+            .broadcast::<u64>()
+            .expect("the broadcast answers");
+        used.push(thread_cpu() - before);
+        assert_eq!(answers.get(&worker), Some(&0), "{answers:?}");
+    }
+    assert!(
+        used.iter().all(|&u| u < spin / 2),
+        "broadcasts with an eta of 400 ms used {used:?} of the caller's thread"
+    );
+    g.stop();
+}
