@@ -65,8 +65,9 @@ fn two_processors_or_more() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
 }
 
-/// One test, not several: at most one thread per two processors of a process spins,
-/// and the tests of one binary share the process.
+/// Every rule of the policy in one test: at most one thread per two processors of a
+/// process spins, and the tests of one binary share the process (the other tests here
+/// spin only for moments, well inside this one's margins).
 #[test]
 fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
     if !two_processors_or_more() {

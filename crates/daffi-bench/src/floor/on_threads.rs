@@ -101,8 +101,9 @@ fn spin_until_readable(stream: &Stream, limit: Duration) {
         events: libc::POLLIN,
         revents: 0,
     };
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
+    // Elapsed against the limit, not `now + limit`: any `--spin-us` is a valid span.
+    let started = Instant::now();
+    while started.elapsed() < limit {
         // SAFETY: one valid pollfd, for a descriptor the stream keeps open; a zero
         // timeout never waits.
         if unsafe { libc::poll(&mut poll, 1, 0) } != 0 {
