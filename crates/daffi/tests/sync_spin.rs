@@ -61,6 +61,21 @@ fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
     thread_cpu() - before
 }
 
+/// A controller, a worker serving `nap` (called `prefix` and a unique part), and a
+/// caller known to it that spins for up to `spin`.
+fn spinning_caller(prefix: &str, spin: Duration) -> (Cluster, String, Global) {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique(prefix);
+    cluster.spawn_worker(&worker);
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("caller"))
+        .sync_spin(spin)
+        .start()
+        .expect("the caller connects");
+    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    (cluster, worker, g)
+}
+
 fn two_processors_or_more() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
 }
@@ -74,16 +89,8 @@ fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
-    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
-    let worker = common::unique("napper");
-    cluster.spawn_worker(&worker);
     let spin = Duration::from_millis(40);
-    let g = common::builder_for(&cluster.address)
-        .process_name(common::unique("spinner"))
-        .sync_spin(spin)
-        .start()
-        .expect("the spinning caller connects");
-    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let (cluster, worker, g) = spinning_caller("napper", spin);
 
     // Naps of 10 ms end within the 40 ms limit: the thread spins through each.
     let naps = 20;
@@ -123,15 +130,8 @@ fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
 /// sleeps until its timeout; the callee, resumed, answers the next call.
 #[test]
 fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
-    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
-    let worker = common::unique("paused");
-    let pid = cluster.spawn_worker(&worker).pid().expect("worker pid");
-    let g = common::builder_for(&cluster.address)
-        .process_name(common::unique("patient"))
-        .sync_spin(Duration::from_millis(5))
-        .start()
-        .expect("caller connects");
-    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let (mut cluster, worker, g) = spinning_caller("paused", Duration::from_millis(5));
+    let pid = cluster.worker(&worker).pid().expect("worker pid");
     // Quick calls first: the node spins for its lone calls from here on.
     cpu_for_naps(&g, &worker, 0, 20);
 
@@ -163,15 +163,7 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
 /// nor fails.
 #[test]
 fn a_lone_call_with_the_longest_spin_limit_gets_its_reply() {
-    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
-    let worker = common::unique("answering");
-    cluster.spawn_worker(&worker);
-    let g = common::builder_for(&cluster.address)
-        .process_name(common::unique("unbounded"))
-        .sync_spin(Duration::MAX)
-        .start()
-        .expect("caller connects");
-    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let (_cluster, worker, g) = spinning_caller("answering", Duration::MAX);
     let slept: u64 = g
         .call("nap")
         .on(&worker)
@@ -200,16 +192,8 @@ fn a_broadcast_with_an_eta_does_not_spin_through_it() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
-    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
-    let worker = common::unique("later");
-    cluster.spawn_worker(&worker);
     let spin = Duration::from_millis(200);
-    let g = common::builder_for(&cluster.address)
-        .process_name(common::unique("eta_caller"))
-        .sync_spin(spin)
-        .start()
-        .expect("caller connects");
-    g.wait_process_timeout(&worker, WAIT).expect("worker known");
+    let (_cluster, worker, g) = spinning_caller("later", spin);
     // Several: another test of this binary may hold the one spinner for a moment.
     let mut used = Vec::new();
     for _ in 0..5 {
