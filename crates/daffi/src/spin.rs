@@ -12,7 +12,9 @@
 //! - while at least half of such waits lately ended within the spin limit (a moving
 //!   average): a node whose callees take milliseconds never spins;
 //! - one thread per two processors at most, and never on a single processor, where
-//!   the spinner would hold up the thread it waits for.
+//!   the spinner would hold up the thread it waits for;
+//! - after a few turns, yielding its processor between looks, so that a thread woken
+//!   onto it (the callee, the controller, the worker that reads the reply) runs at once.
 //!
 //! The limit is [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero
 //! turns spinning off.

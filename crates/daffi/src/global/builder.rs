@@ -239,7 +239,9 @@ impl GlobalBuilder {
     /// Spinning trades processor time for that latency, so it is done only where it
     /// pays: for a lone call, while such calls have lately taken at most this long on
     /// average (a node whose callees take milliseconds never spins), and by at most one
-    /// thread per two processors (none on a single processor). Async calls never spin.
+    /// thread per two processors (none on a single processor); the spinning thread
+    /// yields its processor between looks to any thread ready to run there. Async calls
+    /// never spin.
     pub fn sync_spin(mut self, limit: Duration) -> Self {
         self.sync_spin = limit;
         self
