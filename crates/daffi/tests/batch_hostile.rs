@@ -24,8 +24,6 @@ const ENTRY: &str = "batch_hostile_process";
 
 /// A child's `max_sync_callbacks`, when set.
 const ENV_MAX_SYNC: &str = "DAFFI_TEST_MAX_SYNC";
-/// The node a child caller calls.
-const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 /// The node a child caller's callee tells when it holds a call.
 const ENV_PING: &str = "DAFFI_TEST_PING";
 
@@ -89,19 +87,10 @@ fn turns(tag: String, i: u64) -> (String, u64) {
 /// and the first of 0..`n` missing or repeated among them.
 #[callback]
 fn each_once(tag: String, n: u64, timeout_ms: u64) -> (u64, Option<u64>) {
-    let of_tag = |items: &[(String, u64)]| items.iter().filter(|(t, _)| *t == tag).count();
-    let mut ran: Vec<u64> = TURNED
-        .wait_until(timeout_ms, |items| of_tag(items) >= n as usize)
-        .into_iter()
-        .filter(|(t, _)| *t == tag)
-        .map(|(_, i)| i)
-        .collect();
+    let mut ran = TURNED.tagged(&tag, n as usize, timeout_ms);
     ran.sort_unstable();
-    let first_wrong = (0..n)
-        .zip(ran.iter())
-        .find(|(want, got)| want != *got)
-        .map(|(want, _)| want)
-        .or_else(|| (ran.len() as u64 > n).then_some(n));
+    let first_wrong =
+        common::first_missing(&ran, n).or_else(|| (ran.len() as u64 > n).then_some(n));
     (ran.len() as u64, first_wrong)
 }
 
@@ -226,16 +215,8 @@ fn worker() {
 /// naming the callee, the held one with an error.
 #[tokio::main]
 async fn async_caller() {
-    let target = std::env::var(ENV_TARGET).expect("target");
     let ping = std::env::var(ENV_PING).expect("ping");
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start_async()
-        .await
-        .expect("async caller starts");
-    g.wait_process_timeout_async(&target, WAIT)
-        .await
-        .expect("target known");
+    let (g, target) = common::async_child_and_target().await;
     // `stall` is registered once the worker runs.
     g.wait_function_timeout_async("stall", WAIT)
         .await
@@ -331,10 +312,7 @@ fn node(address: &Address) -> Global {
 }
 
 fn spawn_worker(address: &Address, g: &Global, env: &[(&str, &str)]) -> (String, Worker) {
-    let name = common::unique("callee");
-    let worker = common::spawn_child_with(ENTRY, "worker", &name, address, env);
-    g.wait_process_timeout(&name, WAIT).expect("worker joins");
-    (name, worker)
+    common::spawn_known_worker(ENTRY, address, g, "callee", env)
 }
 
 /// Registers `held(i)` on `g`: the `i` of each call that holds a callee, in order.
@@ -577,7 +555,10 @@ fn a_callee_killed_while_serving_a_batch_ends_every_async_call_by_name() {
         "async_caller",
         &common::unique("async-caller"),
         &address,
-        &[(ENV_TARGET, &callee), (ENV_PING, caller.process_name())],
+        &[
+            (common::ENV_TARGET, &callee),
+            (ENV_PING, caller.process_name()),
+        ],
     );
     let at = held.recv_timeout(WAIT).expect("the callee holds a call");
     assert_eq!(at, HOLD_AT);

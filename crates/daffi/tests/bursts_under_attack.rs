@@ -289,10 +289,7 @@ fn departure(departures: &Departures, name: &str, limit: Duration) {
 
 /// Starts a worker called `name` and waits until `g` knows it.
 fn spawn_worker(address: &Address, g: &Global, prefix: &str) -> (String, Worker) {
-    let name = common::unique(prefix);
-    let worker = common::spawn_child(ENTRY, "worker", &name, address);
-    g.wait_process_timeout(&name, WAIT).expect("worker joins");
-    (name, worker)
+    common::spawn_known_worker(ENTRY, address, g, prefix, &[])
 }
 
 // ---- a callee paused mid-burst --------------------------------------------------------

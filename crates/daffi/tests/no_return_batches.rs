@@ -42,13 +42,7 @@ async fn tally_async(tag: String, i: u64) {
 /// `timeout_ms`), sorted.
 #[callback]
 fn tallied(tag: String, want: usize, timeout_ms: u64) -> Vec<u64> {
-    let count = |items: &[(String, u64)]| items.iter().filter(|(t, _)| *t == tag).count();
-    let items = TALLIED.wait_until(timeout_ms, |items| count(items) >= want);
-    let mut seen: Vec<u64> = items
-        .into_iter()
-        .filter(|(t, _)| *t == tag)
-        .map(|(_, i)| i)
-        .collect();
+    let mut seen = TALLIED.tagged(&tag, want, timeout_ms);
     seen.sort_unstable();
     seen
 }
@@ -84,15 +78,7 @@ fn worker() {
 /// async one, then it stops (letting what it sent go out).
 #[tokio::main]
 async fn async_caller() {
-    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start_async()
-        .await
-        .expect("async caller starts");
-    g.wait_process_timeout_async(&target, WAIT)
-        .await
-        .expect("target known");
+    let (g, target) = common::async_child_and_target().await;
     for i in 0..FLOOD {
         let callback = if i % 2 == 0 { "tally" } else { "tally_async" };
         g.call(callback)
@@ -126,10 +112,7 @@ fn node(address: &Address, prefix: &str) -> Global {
 }
 
 fn spawn_worker(address: &Address, g: &Global, prefix: &str) -> (String, Worker) {
-    let name = common::unique(prefix);
-    let worker = common::spawn_child(ENTRY, "worker", &name, address);
-    g.wait_process_timeout(&name, WAIT).expect("worker joins");
-    (name, worker)
+    common::spawn_known_worker(ENTRY, address, g, prefix, &[])
 }
 
 /// What a callee in another process ran of the calls tagged `tag`, once `want` did.
@@ -185,7 +168,7 @@ fn floods_of_no_return_calls_from_sync_and_async_code_all_arrive() {
         "async_caller",
         &async_name,
         &address,
-        &[("DAFFI_TEST_TARGET", &callee)],
+        &[(common::ENV_TARGET, &callee)],
     );
     // The sync API, from this thread, at the same time: to the sync callback and to the
     // async one, in turns of unequal length.

@@ -34,8 +34,6 @@ const ENV_QUEUE: &str = "DAFFI_TEST_QUEUE";
 const ENV_STALL: &str = "DAFFI_TEST_STALL";
 /// A worker's `max_sync_callbacks`, when set.
 const ENV_SYNC: &str = "DAFFI_TEST_SYNC";
-/// The node a child caller calls.
-const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
 // ---- callbacks served by every worker of this binary -------------------------------
 
@@ -52,13 +50,7 @@ fn tally(tag: String, i: u64) {
 /// did (or after `timeout_ms`).
 #[callback]
 fn arrived(tag: String, want: usize, timeout_ms: u64) -> Vec<u64> {
-    let of_tag = |items: &[(String, u64)]| items.iter().filter(|(t, _)| *t == tag).count();
-    TALLIED
-        .wait_until(timeout_ms, |items| of_tag(items) >= want)
-        .into_iter()
-        .filter(|(t, _)| *t == tag)
-        .map(|(_, i)| i)
-        .collect()
+    TALLIED.tagged(&tag, want, timeout_ms)
 }
 
 /// How many calls tagged `tag` ran here once `n` did (or after `timeout_ms`), and the
@@ -67,11 +59,7 @@ fn arrived(tag: String, want: usize, timeout_ms: u64) -> Vec<u64> {
 fn each_once(tag: String, n: u64, timeout_ms: u64) -> (u64, Option<u64>) {
     let mut ran = arrived(tag, n as usize, timeout_ms);
     ran.sort_unstable();
-    let first_wrong = (0..n)
-        .zip(ran.iter())
-        .find(|(want, got)| want != *got)
-        .map(|(want, _)| want);
-    (ran.len() as u64, first_wrong)
+    (ran.len() as u64, common::first_missing(&ran, n))
 }
 
 #[callback]
@@ -183,7 +171,7 @@ fn worker() {
 
 /// Calls `tally("killed", i)` NO_RETURN on the target, i = 0, 1, ..., until killed.
 fn flooder() {
-    let target = std::env::var(ENV_TARGET).expect("target");
+    let target = std::env::var(common::ENV_TARGET).expect("target");
     let g = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"))
         .start()
@@ -239,15 +227,7 @@ async fn send_bytes_async(g: &Global, target: &str, tag: &str) {
 /// stops (letting what it sent go out).
 #[tokio::main]
 async fn async_bytes() {
-    let target = std::env::var(ENV_TARGET).expect("target");
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start_async()
-        .await
-        .expect("async caller starts");
-    g.wait_process_timeout_async(&target, WAIT)
-        .await
-        .expect("target known");
+    let (g, target) = common::async_child_and_target().await;
     send_bytes_async(&g, &target, "async").await;
     g.stop();
     g.join_async().await;
@@ -313,10 +293,7 @@ fn node(address: &Address, frame: Option<usize>) -> Global {
 }
 
 fn spawn_worker(address: &Address, g: &Global, env: &[(&str, &str)]) -> (String, Worker) {
-    let name = common::unique("callee");
-    let worker = common::spawn_child_with(ENTRY, "worker", &name, address, env);
-    g.wait_process_timeout(&name, WAIT).expect("worker joins");
-    (name, worker)
+    common::spawn_known_worker(ENTRY, address, g, "callee", env)
 }
 
 /// The calls tagged `tag` that ran on `callee`, in order, once `want` did.
@@ -555,7 +532,7 @@ fn a_caller_killed_mid_flood_leaves_whole_calls_and_the_callee_serving() {
         "flooder",
         &flooder_name,
         &address,
-        &[(ENV_TARGET, &callee)],
+        &[(common::ENV_TARGET, &callee)],
     );
     // Once a good part of the flood ran, the flooder dies mid-flood.
     let before = arrived_on(&caller, &callee, "killed", 5_000);
@@ -818,7 +795,7 @@ fn byte_arguments_around_the_join_cutoff_arrive_whole_from_sync_and_async_code()
         "async_bytes",
         &async_name,
         &address,
-        &[(ENV_TARGET, &callee)],
+        &[(common::ENV_TARGET, &callee)],
     );
     // The sync API at the same time, with the same plan.
     let plan = byte_plan();

@@ -31,8 +31,6 @@ const IN_FLIGHT: usize = 256;
 const ENV_FRAME: &str = "DAFFI_TEST_FRAME";
 /// A child's `max_sync_callbacks`, when set.
 const ENV_MAX_SYNC: &str = "DAFFI_TEST_MAX_SYNC";
-/// The node a child caller calls.
-const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
 // ---- callbacks served by every worker of this binary -------------------------------
 
@@ -65,19 +63,9 @@ fn sized(i: u64, len: usize) -> serde_bytes::ByteBuf {
 /// first of 0..`n` missing or repeated among them.
 #[callback]
 fn each_once(tag: String, n: u64, timeout_ms: u64) -> (u64, Option<u64>) {
-    let of_tag = |items: &[(String, u64)]| items.iter().filter(|(t, _)| *t == tag).count();
-    let mut ran: Vec<u64> = ECHOED
-        .wait_until(timeout_ms, |items| of_tag(items) >= n as usize)
-        .into_iter()
-        .filter(|(t, _)| *t == tag)
-        .map(|(_, i)| i)
-        .collect();
+    let mut ran = ECHOED.tagged(&tag, n as usize, timeout_ms);
     ran.sort_unstable();
-    let first_wrong = (0..n)
-        .zip(ran.iter())
-        .find(|(want, got)| want != *got)
-        .map(|(want, _)| want);
-    (ran.len() as u64, first_wrong)
+    (ran.len() as u64, common::first_missing(&ran, n))
 }
 
 #[callback]
@@ -132,15 +120,7 @@ fn worker() {
 /// result is checked against its call. Exits with success only if all were right.
 #[tokio::main]
 async fn async_caller() {
-    let target = std::env::var(ENV_TARGET).expect("target");
-    let g = common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start_async()
-        .await
-        .expect("async caller starts");
-    g.wait_process_timeout_async(&target, WAIT)
-        .await
-        .expect("target known");
+    let (g, target) = common::async_child_and_target().await;
     let mut in_flight: VecDeque<(u64, AsyncResult<(String, u64)>)> = VecDeque::new();
     let mut checked = 0;
     for i in 0..FLOOD {
@@ -170,7 +150,7 @@ async fn async_caller() {
 
 /// Calls `echo("bg-killed", i)` BG on the target, [`IN_FLIGHT`] at a time, until killed.
 fn bg_flooder() {
-    let target = std::env::var(ENV_TARGET).expect("target");
+    let target = std::env::var(common::ENV_TARGET).expect("target");
     let g = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"))
         .start()
@@ -230,10 +210,7 @@ fn node(address: &Address) -> Global {
 }
 
 fn spawn_worker(address: &Address, g: &Global, env: &[(&str, &str)]) -> (String, Worker) {
-    let name = common::unique("callee");
-    let worker = common::spawn_child_with(ENTRY, "worker", &name, address, env);
-    g.wait_process_timeout(&name, WAIT).expect("worker joins");
-    (name, worker)
+    common::spawn_known_worker(ENTRY, address, g, "callee", env)
 }
 
 /// BG calls of `echo(tag, i)` for `i` in `range` from `g` to `callee`, [`IN_FLIGHT`] at
@@ -343,7 +320,7 @@ fn bg_floods_from_sync_and_async_code_get_every_reply_right() {
         "async_caller",
         &async_name,
         &address,
-        &[(ENV_TARGET, &callee)],
+        &[(common::ENV_TARGET, &callee)],
     );
     // The sync API, from two threads of this process at the same time.
     let other = {
@@ -881,7 +858,7 @@ fn a_caller_killed_mid_flood_leaves_the_callee_and_controller_serving() {
         "bg_flooder",
         &flooder_name,
         &address,
-        &[(ENV_TARGET, &callee)],
+        &[(common::ENV_TARGET, &callee)],
     );
     // Once a good part of the flood ran, the flooder dies mid-flood.
     let (ran, _) = caller

@@ -28,6 +28,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub const ENV_ROLE: &str = "DAFFI_TEST_ROLE";
 pub const ENV_NAME: &str = "DAFFI_TEST_NAME";
 pub const ENV_ADDR: &str = "DAFFI_TEST_ADDR";
+/// In a child: the node it calls.
+pub const ENV_TARGET: &str = "DAFFI_TEST_TARGET";
 
 /// Which transport a cluster uses.
 #[derive(Debug, Clone, Copy)]
@@ -327,6 +329,21 @@ impl Cluster {
     }
 }
 
+/// Starts a worker child of test binary `entry` (role `worker`), named `prefix` and a
+/// unique part, with the extra environment `env`, and waits until `g` knows it.
+pub fn spawn_known_worker(
+    entry: &str,
+    address: &Address,
+    g: &Global,
+    prefix: &str,
+    env: &[(&str, &str)],
+) -> (String, Worker) {
+    let name = unique(prefix);
+    let worker = spawn_child_with(entry, "worker", &name, address, env);
+    g.wait_process_timeout(&name, WAIT).expect("worker joins");
+    (name, worker)
+}
+
 /// Starts this test binary as a child in `role`.
 pub fn spawn_child(entry: &str, role: &str, name: &str, address: &Address) -> Worker {
     spawn_child_with(entry, role, name, address, &[])
@@ -432,10 +449,47 @@ impl<T: Clone> Log<T> {
     }
 }
 
+impl Log<(String, u64)> {
+    /// The `i` of the items logged under `tag`, in the order they were logged, once
+    /// `want` are (or after `timeout_ms`).
+    pub fn tagged(&self, tag: &str, want: usize, timeout_ms: u64) -> Vec<u64> {
+        let of_tag = |items: &[(String, u64)]| items.iter().filter(|(t, _)| t == tag).count();
+        self.wait_until(timeout_ms, |items| of_tag(items) >= want)
+            .into_iter()
+            .filter(|(t, _)| t == tag)
+            .map(|(_, i)| i)
+            .collect()
+    }
+}
+
+/// In a child whose own `#[tokio::main]` runs it: its node, started from its
+/// environment with `start_async`, and the node named in [`ENV_TARGET`], once known.
+pub async fn async_child_and_target() -> (Global, String) {
+    let target = std::env::var(ENV_TARGET).expect("target");
+    let g = builder_for(&address_from_env())
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .start_async()
+        .await
+        .expect("async caller starts");
+    g.wait_process_timeout_async(&target, WAIT)
+        .await
+        .expect("target known");
+    (g, target)
+}
+
+/// The first of `0..n` not in its place in `sorted` (calls numbered from 0 that each
+/// ran once, sorted): one missing or repeated. `None` when the first `n` are all there.
+pub fn first_missing(sorted: &[u64], n: u64) -> Option<u64> {
+    (0..n)
+        .zip(sorted)
+        .find(|(want, got)| want != *got)
+        .map(|(want, _)| want)
+}
+
 /// In a child: schedules `tick(tag)` every `every` on the node named in
-/// `DAFFI_TEST_TARGET`, then stops, so that the schedule outlives its creator.
+/// [`ENV_TARGET`], then stops, so that the schedule outlives its creator.
 pub fn schedule_tick_and_stop(tag: &str, every: Duration) {
-    let target = std::env::var("DAFFI_TEST_TARGET").expect("target");
+    let target = std::env::var(ENV_TARGET).expect("target");
     let g = builder_for(&address_from_env())
         .process_name(std::env::var(ENV_NAME).expect("name"))
         .start()
