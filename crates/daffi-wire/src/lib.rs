@@ -22,7 +22,7 @@ pub use frame::{Frame, FrameError, Header, Kind};
 pub use memory::lend_large_buffers;
 pub use outgoing::{Growing, Outgoing};
 pub use payload::Payload;
-pub use reader::{FrameReader, KeptBuffer, ReadError};
+pub use reader::{take_idle_large_buffer, FrameReader, KeptBuffer, ReadError};
 
 /// First bytes a node sends on a new connection: magic, then the protocol version.
 pub const MAGIC: [u8; 4] = *b"DAFI";

@@ -70,6 +70,8 @@ pub struct FrameReader<R> {
     large_burst: bool,
     /// How long a large frame's buffer is kept; `None`: not kept.
     keep_large: Option<Duration>,
+    /// Whether `spare` is among the [`KEEPING_LARGE`] readers.
+    listed: bool,
     /// Whether the last frame was read into a buffer of its own: the next read takes at
     /// most [`READ_AFTER_OWN`] bytes, so that if the next frame is one too (a stream of
     /// chunks), little of it is copied there from the shared buffer.
@@ -173,6 +175,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             spare_until: None,
             large_burst: false,
             keep_large: None,
+            listed: false,
             after_own: false,
         }
     }
@@ -400,6 +403,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Frame::parse(raw)?);
             }
         }
+        if large && !self.listed {
+            self.listed = true;
+            list_keeping_large(Arc::downgrade(&self.spare));
+        }
         self.spare_until = Some(tokio::time::Instant::now() + keep_for);
         Ok(Frame::parse(raw)?.kept_by_reader(kept))
     }
@@ -435,6 +442,53 @@ impl KeptBuffer {
             lock(&spare).release(self.at);
         }
     }
+}
+
+/// The readers of this process that have kept a large frame's buffer (see
+/// [`take_idle_large_buffer`]); gone ones are dropped from the list as it is read.
+static KEEPING_LARGE: Mutex<Vec<Weak<Mutex<Spares>>>> = Mutex::new(Vec::new());
+
+/// Adds a reader's spares to [`KEEPING_LARGE`] (once per reader, at its first large frame).
+fn list_keeping_large(spare: Weak<Mutex<Spares>>) {
+    let mut readers = KEEPING_LARGE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    readers.retain(|r| r.strong_count() > 0);
+    readers.push(spare);
+}
+
+/// An empty buffer with room for `len` bytes (and at most twice that, so that a small
+/// string does not hold a huge buffer) that a reader of this process keeps for its next
+/// large frame and nothing else holds any more (the frame read into it was dropped):
+/// memory already mapped, for a large byte string that must be copied (a borrowed
+/// argument being encoded). The reader reads its next large frame into a buffer lent to
+/// it ([`lend_large_buffers`](crate::lend_large_buffers)), such as the one this buffer
+/// goes back to once sent, or a new one.
+pub fn take_idle_large_buffer(len: usize) -> Option<Vec<u8>> {
+    if len < LARGE_FRAME {
+        return None;
+    }
+    let mut readers = KEEPING_LARGE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    readers.retain(|r| r.strong_count() > 0);
+    readers.iter().find_map(|reader| {
+        let spare = reader.upgrade()?;
+        let mut spares = lock(&spare);
+        let large = spares
+            .large
+            .take_if(|b| (len..=2 * len).contains(&b.len()))?;
+        match large.try_into_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                Some(Vec::from(buf))
+            }
+            Err(held) => {
+                spares.large = Some(held);
+                None
+            }
+        }
+    })
 }
 
 /// Locks the spare buffers; a panic elsewhere cannot leave them inconsistent.
@@ -536,6 +590,56 @@ mod tests {
         let other = reader.next().await.expect("read").expect("frame");
         assert_ne!(other.raw().as_ptr() as usize, at);
         assert!(other.payload() == pattern(3 * LARGE_FRAME));
+        sending.await.expect("sender");
+        drop(reader);
+        writer.await.expect("join").expect("io");
+    }
+
+    /// The body of the frames [`an_idle_large_buffer_is_taken_for_a_copy`] reads. The
+    /// buffers it asks for (of 4-8, 9-18 and 100-200 MiB) fit no other test's frames, so
+    /// it takes no other test's buffer (the readers listed are the test process's).
+    const IDLE_BODY: usize = 9 * LARGE_FRAME + 123;
+
+    #[tokio::test]
+    async fn an_idle_large_buffer_is_taken_for_a_copy() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for _ in 0..2 {
+                let body = Bytes::from(pattern(IDLE_BODY));
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 16 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let first = reader.next().await.expect("read").expect("frame");
+        let at = first.raw().as_ptr() as usize;
+        assert!(
+            take_idle_large_buffer(IDLE_BODY).is_none(),
+            "not while its frame is held"
+        );
+        assert!(reader.keeps_spare(), "still kept after a refusal");
+        drop(first);
+        assert!(
+            take_idle_large_buffer(4 * LARGE_FRAME).is_none(),
+            "not for a string of less than half its size"
+        );
+        assert!(
+            take_idle_large_buffer(100 * LARGE_FRAME).is_none(),
+            "not for a string larger than it"
+        );
+        let taken = take_idle_large_buffer(IDLE_BODY).expect("the reader's idle buffer");
+        assert_eq!(taken.as_ptr() as usize, at, "the frame's buffer");
+        assert!(taken.is_empty() && taken.capacity() >= IDLE_BODY);
+        assert!(!reader.keeps_spare(), "no longer the reader's");
+        assert!(take_idle_large_buffer(IDLE_BODY).is_none(), "taken once");
+        // The reader reads its next large frame into another buffer, whole.
+        let second = reader.next().await.expect("read").expect("frame");
+        assert_ne!(second.raw().as_ptr() as usize, at);
+        assert!(second.payload() == pattern(IDLE_BODY));
+        drop(taken);
         sending.await.expect("sender");
         drop(reader);
         writer.await.expect("join").expect("io");
