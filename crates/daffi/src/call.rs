@@ -92,7 +92,8 @@ impl Call {
     ///
     /// Byte strings: one owned `Vec<u8>` or `serde_bytes::ByteBuf`, `.args((data,))`,
     /// is sent from its own memory, as a [`Blob`](crate::Blob) is; a borrowed one,
-    /// `.args((&data,))`, is copied once.
+    /// `.args((&data,))`, is copied once, into memory the node already has mapped if it
+    /// has some (a buffer of a recent large frame or copy).
     pub fn args<A: Serialize>(mut self, args: A) -> Self {
         self.args = codec::encode_args(args);
         self

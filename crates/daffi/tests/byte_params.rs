@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use common::{Cluster, Transport, WAIT};
-use daffi::{callback, Error};
+use daffi::{callback, Blob, Error};
 use serde_bytes::ByteBuf;
 
 /// The ignored test that runs worker processes (see `common`).
@@ -202,6 +202,34 @@ fn echoes_of_64_mib_back_to_back_and_in_flight_together() {
     for (data, pending) in sent.iter().zip(pending) {
         let back = pending.get().expect("echoed");
         assert!(back == *data, "an echo in flight came back changed");
+    }
+}
+
+/// Borrowed 64 MiB arguments (`.args((&data,))`), taken back as `Vec<u8>`, between
+/// echoes taken as `Blob`: the caller copies each borrowed argument into a buffer its
+/// reader kept from the last reply, and reads the next reply into the copy's buffer once
+/// it was sent. Every echo must come back as sent, whichever buffer it crossed.
+#[test]
+fn borrowed_arguments_cross_the_readers_buffers_unchanged() {
+    let cluster = cluster("borrowed");
+    let base = pattern(64 << 20, 11);
+    for n in 0..6u8 {
+        let mut data = base.clone();
+        for at in [0, 32 << 20, (64 << 20) - 1] {
+            data[at] = data[at].wrapping_add(n + 1);
+        }
+        let call = || cluster.caller.call("echo_vec").timeout(WAIT);
+        let back: Vec<u8> = call().args((&data,)).fg().expect("borrowed echo");
+        assert!(
+            back == data,
+            "echo {n}: the borrowed argument came back changed"
+        );
+        drop(back);
+        let blob: Blob = call().args((&data,)).fg().expect("echo as Blob");
+        assert!(
+            blob[..] == data[..],
+            "echo {n}: came back changed as a Blob"
+        );
     }
 }
 

@@ -124,6 +124,8 @@ pub(super) fn whole_bin<T>(payload: Bytes, kept: Option<&KeptBuffer>) -> Result<
     };
     if let Some(kept) = kept {
         kept.release();
+        // The reader reads its next large frame into a buffer that came back instead.
+        super::pool::lend_to_readers();
     }
     let vec = take_from(payload, header);
     let value = match cast::<Vec<u8>, Vec<u8>, T>(vec) {

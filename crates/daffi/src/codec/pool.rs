@@ -1,6 +1,11 @@
 //! Large byte buffers kept for a moment after use, so that the next large byte string
 //! is copied into memory already mapped instead of fresh pages.
 //!
+//! Buffers move between here and the frame readers both ways: a copy takes a buffer a
+//! reader kept for its next large frame if the pool has none, and a reader whose buffer
+//! was taken (by that copy, or by a result or parameter taken over as a `Vec<u8>`)
+//! reads its next large frame into one from here.
+//!
 //! A copy of 64 MiB into a fresh allocation costs about three times a copy into a warm
 //! one: the system maps and zeroes every page on first touch. Where daffi must copy a
 //! large byte string (a borrowed `&[u8]` or `&Vec<u8>` argument being encoded, a
@@ -22,6 +27,10 @@ pub(crate) const POOLED: usize = 1024 * 1024;
 const KEEP: Duration = daffi_wire::reader::KEEP_LARGE_BUFFERS;
 /// Buffers kept at most (the latest): a call's argument and its result.
 const MAX_KEPT: usize = 2;
+/// Room a new pooled buffer has beyond its byte string: a frame that carries the same
+/// bytes (the reply to an echo, read into the argument's buffer once it was sent) has a
+/// header and names beside them.
+const HEAD_ROOM: usize = 64 * 1024;
 
 /// A buffer given back, and until when it is kept.
 struct Kept {
@@ -35,10 +44,23 @@ fn kept() -> std::sync::MutexGuard<'static, Vec<Kept>> {
     KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// An empty buffer with room for `len` bytes: one kept (of at most twice that room, so
-/// that a small string does not hold a huge buffer), or a new one.
+/// An empty buffer with room for `len` bytes: one kept here or by a frame reader (of at
+/// most twice that room, so that a small string does not hold a huge buffer), or a new
+/// one with [`HEAD_ROOM`] to spare.
 fn take(len: usize) -> Vec<u8> {
-    lend(len).unwrap_or_else(|| Vec::with_capacity(len))
+    if len < POOLED {
+        return Vec::with_capacity(len);
+    }
+    if let Some(buffer) = lend(len) {
+        return buffer;
+    }
+    if let Some(buffer) = daffi_wire::take_idle_large_buffer(len) {
+        // That reader reads its next large frame into a buffer from here (this one, once
+        // sent, say) instead.
+        lend_to_readers();
+        return buffer;
+    }
+    Vec::with_capacity(len + HEAD_ROOM)
 }
 
 /// A kept buffer with room for `len` bytes (see [`take`]), if there is one.
@@ -56,8 +78,9 @@ fn lend(len: usize) -> Option<Vec<u8>> {
 }
 
 /// Lets the frame readers of this process read their next large frames into kept
-/// buffers: once a parameter took over a reader's buffer, the reader cannot reuse it,
-/// and the one that comes back (the same bytes sent back as the result, say) is here.
+/// buffers: once a parameter, a result or a copy took over a reader's buffer, the reader
+/// cannot reuse it, and the one that comes back (the same bytes sent back as the result,
+/// or the copy once sent) is here.
 pub(super) fn lend_to_readers() {
     static LENT: std::sync::Once = std::sync::Once::new();
     LENT.call_once(|| daffi_wire::lend_large_buffers(lend));
