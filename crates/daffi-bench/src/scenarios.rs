@@ -1078,11 +1078,22 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     let t = daffi.endpoint.transport();
     let total = nodes.max(E_OWN_NODES + SWARM_PROCESSES);
     let op = plan.latency(CallStyle::Fg);
-    let mut before = Vec::new();
-    for rep in 0..plan.reps {
-        progress(&format!("E {t}, 2 nodes"), rep, plan.reps);
-        let r: LatencyAnswer = daffi.caller.request(&op)?;
-        before.push(r.p50);
+    // A's reference: the same round trip on a mesh of 2 nodes. With a controller of its
+    // own, that is a second mesh beside this one, measured repetition by repetition in
+    // turn with the loaded one, so that the machine's drift falls on both alike. On a
+    // controller or server given (`--connect`, NATS), a second mesh would share it:
+    // the reference is then this mesh before the swarm joins and after it left.
+    let mut reference = match plan.connect {
+        None => Some(plan.daffi(&format!("e{total}-ref"), plan.transport, 1, None)?),
+        Some(_) => None,
+    };
+    let mut two_nodes = Vec::new();
+    if reference.is_none() {
+        for rep in 0..plan.reps {
+            progress(&format!("E {t}, 2 nodes"), rep, plan.reps);
+            let r: LatencyAnswer = daffi.caller.request(&op)?;
+            two_nodes.push(r.p50);
+        }
     }
 
     eprintln!("daffi-bench: E {t}: connecting {total} nodes");
@@ -1155,11 +1166,21 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
         .collect::<Result<Vec<Memory>>>()?;
     let swarm_rss_mib: f64 = swarm_memory.iter().map(|m| m.rss_mib).sum();
 
-    let mut after = Vec::new();
-    for rep in 0..plan.reps {
-        progress(&format!("E {t}, {total} nodes"), rep, plan.reps);
+    let mut loaded = Vec::new();
+    // A bound of 10% is finer than one repetition's spread on a shared machine: each
+    // repetition takes about a second here, and three times as many settle the medians.
+    let rounds = if reference.is_some() { 3 * plan.reps } else { plan.reps };
+    for rep in 0..rounds {
+        progress(&format!("E {t}, {total} nodes"), rep, rounds);
+        // Each mesh goes first in every other repetition.
+        if rep % 2 == 1 {
+            measure_reference(&mut reference, &op, &mut two_nodes)?;
+        }
         let r: LatencyAnswer = daffi.caller.request(&op)?;
-        after.push(r.p50);
+        loaded.push(r.p50);
+        if rep % 2 == 0 {
+            measure_reference(&mut reference, &op, &mut two_nodes)?;
+        }
     }
 
     let mut out = Outcome::default();
@@ -1242,25 +1263,43 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
         swarm.finish();
     }
     idle.finish();
-    // The reference again, now that the swarm is gone: measured on both sides of the
-    // loaded repetitions, so that a drift in the machine's load shows on both sides.
-    for rep in 0..plan.reps {
-        progress(&format!("E {t}, 2 nodes again"), rep, plan.reps);
-        let r: LatencyAnswer = daffi.caller.request(&op)?;
-        before.push(r.p50);
-    }
+    let compared_with = match reference {
+        Some(reference) => {
+            reference.finish();
+            "p50 on a mesh of 2, in turn"
+        }
+        None => {
+            // Now that the swarm is gone: on both sides of the loaded repetitions, so
+            // that a drift in the machine's load shows on both sides.
+            for rep in 0..plan.reps {
+                progress(&format!("E {t}, 2 nodes again"), rep, plan.reps);
+                let r: LatencyAnswer = daffi.caller.request(&op)?;
+                two_nodes.push(r.p50);
+            }
+            "p50 with 2 nodes, before and after"
+        }
+    };
     out.rows.push(
         Row::info(
             'E',
             format!("{t} FG round trip p50, {total} nodes"),
             Unit::Micros,
-            spread(&after),
+            spread(&loaded),
         )
-        .against("p50 with 2 nodes, before and after", spread(&before))
+        .against(compared_with, spread(&two_nodes))
         .target(Target::RatioAtMost { bound: 1.1 }),
     );
     daffi.finish();
     Ok(out)
+}
+
+/// One repetition of A on E's reference mesh of 2 nodes, if it has one of its own.
+fn measure_reference(reference: &mut Option<DaffiSet>, op: &Op, p50s: &mut Vec<f64>) -> Result<()> {
+    if let Some(reference) = reference {
+        let r: LatencyAnswer = reference.caller.request(op)?;
+        p50s.push(r.p50);
+    }
+    Ok(())
 }
 
 /// How long the messages an idle node receives are counted.
