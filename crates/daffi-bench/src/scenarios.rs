@@ -1169,7 +1169,11 @@ fn run_e_at(plan: &Plan, nodes: usize) -> Result<Outcome> {
     let mut loaded = Vec::new();
     // A bound of 10% is finer than one repetition's spread on a shared machine: each
     // repetition takes about a second here, and three times as many settle the medians.
-    let rounds = if reference.is_some() { 3 * plan.reps } else { plan.reps };
+    let rounds = if reference.is_some() {
+        3 * plan.reps
+    } else {
+        plan.reps
+    };
     for rep in 0..rounds {
         progress(&format!("E {t}, {total} nodes"), rep, rounds);
         // Each mesh goes first in every other repetition.

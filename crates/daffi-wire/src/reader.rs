@@ -415,10 +415,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn let_spares_go(&mut self) {
         self.spare_until = None;
         self.large_burst = false;
-        let mut spares = lock(&self.spare);
-        spares.large = None;
-        spares.mid.clear();
-        spares.mid_bytes = 0;
+        {
+            let mut spares = lock(&self.spare);
+            spares.large = None;
+            spares.mid.clear();
+            spares.mid_bytes = 0;
+        }
+        if std::mem::take(&mut self.listed) {
+            unlist_keeping_large(&self.spare);
+        }
     }
 }
 
@@ -444,17 +449,30 @@ impl KeptBuffer {
     }
 }
 
-/// The readers of this process that have kept a large frame's buffer (see
-/// [`take_idle_large_buffer`]); gone ones are dropped from the list as it is read.
+/// The readers of this process that kept a large frame's buffer lately, until they let
+/// their buffers go (see [`take_idle_large_buffer`]); gone ones are dropped from the
+/// list as it is read.
 static KEEPING_LARGE: Mutex<Vec<Weak<Mutex<Spares>>>> = Mutex::new(Vec::new());
 
-/// Adds a reader's spares to [`KEEPING_LARGE`] (once per reader, at its first large frame).
-fn list_keeping_large(spare: Weak<Mutex<Spares>>) {
+/// The list of [`KEEPING_LARGE`] readers, its gone ones dropped.
+fn keeping_large() -> std::sync::MutexGuard<'static, Vec<Weak<Mutex<Spares>>>> {
     let mut readers = KEEPING_LARGE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     readers.retain(|r| r.strong_count() > 0);
-    readers.push(spare);
+    readers
+}
+
+/// Adds a reader's spares to [`KEEPING_LARGE`], at the first large frame it keeps.
+fn list_keeping_large(spare: Weak<Mutex<Spares>>) {
+    keeping_large().push(spare);
+}
+
+/// Takes a reader's spares off [`KEEPING_LARGE`] once it let them go: the list holds
+/// the readers that read a large frame lately, however many connections the process
+/// has had.
+fn unlist_keeping_large(spare: &Arc<Mutex<Spares>>) {
+    keeping_large().retain(|r| !std::ptr::eq(r.as_ptr(), Arc::as_ptr(spare)));
 }
 
 /// An empty buffer with room for `len` bytes (and at most twice that, so that a small
@@ -468,11 +486,7 @@ pub fn take_idle_large_buffer(len: usize) -> Option<Vec<u8>> {
     if len < LARGE_FRAME {
         return None;
     }
-    let mut readers = KEEPING_LARGE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    readers.retain(|r| r.strong_count() > 0);
-    readers.iter().find_map(|reader| {
+    keeping_large().iter().find_map(|reader| {
         let spare = reader.upgrade()?;
         let mut spares = lock(&spare);
         let large = spares
@@ -501,6 +515,14 @@ impl<R> FrameReader<R> {
     #[cfg(test)]
     fn keeps_spare(&self) -> bool {
         lock(&self.spare).large.is_some()
+    }
+
+    /// Whether this reader is among the [`KEEPING_LARGE`] ones.
+    #[cfg(test)]
+    fn listed(&self) -> bool {
+        keeping_large()
+            .iter()
+            .any(|r| std::ptr::eq(r.as_ptr(), Arc::as_ptr(&self.spare)))
     }
 
     /// The mid-size buffers kept: how many, and their bytes.
@@ -894,6 +916,23 @@ mod tests {
             matches!(reader.next().await, Ok(None)),
             "then it ends cleanly"
         );
+        feeding.await.expect("feeder");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_reader_leaves_the_list_of_readers_keeping_large_buffers() {
+        let keep = Duration::from_secs(1);
+        let (mut reader, open, feeding) = fed_reader(1, 2 * LARGE_FRAME, keep);
+        assert!(!reader.listed(), "not before its first large frame");
+        let frame = reader.next().await.expect("read").expect("frame");
+        drop(frame);
+        assert!(reader.listed() && reader.keeps_spare());
+        let waited = tokio::time::timeout(10 * keep, reader.next()).await;
+        assert!(waited.is_err(), "no frame came");
+        assert!(!reader.keeps_spare(), "its buffer let go once quiet");
+        assert!(!reader.listed(), "and off the list");
+        drop(open);
+        assert!(matches!(reader.next().await, Ok(None)));
         feeding.await.expect("feeder");
     }
 
