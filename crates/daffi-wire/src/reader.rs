@@ -667,6 +667,53 @@ mod tests {
         writer.await.expect("join").expect("io");
     }
 
+    /// The frames [`an_idle_buffer_much_larger_than_a_string_is_not_taken`] reads: one
+    /// large, then a smaller one read into its buffer. Sizes no other test reads or asks
+    /// for (the readers listed are the test process's): the smaller one's frame lies
+    /// outside 4-8, 9-18 and 100-200 MiB, and 3.5-7 MiB holds no other test's frame.
+    const ROOMY_BODIES: [usize; 2] = [20 * LARGE_FRAME + 55, 3 * LARGE_FRAME + LARGE_FRAME / 2];
+
+    #[tokio::test]
+    async fn an_idle_buffer_much_larger_than_a_string_is_not_taken() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (tx, writer) = frame_channel(a, QueueLimits::default());
+        let writer = tokio::spawn(writer);
+        let sending = tokio::spawn(async move {
+            for size in ROOMY_BODIES {
+                let body = Bytes::from(pattern(size));
+                let frame = Outgoing::new(&Header::control(Kind::Request), body);
+                tx.send(frame).await.expect("connection open");
+            }
+        });
+        let mut reader =
+            FrameReader::new(b, 32 * LARGE_FRAME).keep_large_buffers(Duration::from_secs(60));
+        let first = reader.next().await.expect("read").expect("frame");
+        let at = first.raw().as_ptr() as usize;
+        drop(first);
+        let second = reader.next().await.expect("read").expect("frame");
+        assert_eq!(
+            second.raw().as_ptr() as usize,
+            at,
+            "read into the first's buffer"
+        );
+        assert!(second.payload() == pattern(ROOMY_BODIES[1]));
+        drop(second);
+        // The buffer holds 20 MiB: a string of 3.5 MiB must not hold it (a decoded
+        // `Vec<u8>` the user keeps, say).
+        let small = ROOMY_BODIES[1];
+        if let Some(taken) = take_idle_large_buffer(small) {
+            assert!(
+                taken.capacity() <= 2 * small,
+                "{} bytes of room taken for a string of {small}",
+                taken.capacity()
+            );
+        }
+        assert!(reader.keeps_spare(), "still the reader's");
+        sending.await.expect("sender");
+        drop(reader);
+        writer.await.expect("join").expect("io");
+    }
+
     /// `len` bytes that differ from place to place.
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
