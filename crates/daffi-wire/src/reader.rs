@@ -489,13 +489,16 @@ pub fn take_idle_large_buffer(len: usize) -> Option<Vec<u8>> {
     keeping_large().iter().find_map(|reader| {
         let spare = reader.upgrade()?;
         let mut spares = lock(&spare);
-        let large = spares
-            .large
-            .take_if(|b| (len..=2 * len).contains(&b.len()))?;
-        match large.try_into_mut() {
-            Ok(mut buf) => {
+        // The room, not the last frame's length: a reader reads smaller frames into its
+        // buffer too.
+        match spares.large.take()?.try_into_mut() {
+            Ok(mut buf) if (len..=2 * len).contains(&buf.capacity()) => {
                 buf.clear();
                 Some(Vec::from(buf))
+            }
+            Ok(other) => {
+                spares.large = Some(other.freeze());
+                None
             }
             Err(held) => {
                 spares.large = Some(held);
