@@ -233,6 +233,50 @@ fn borrowed_arguments_cross_the_readers_buffers_unchanged() {
     }
 }
 
+/// Borrowed large arguments from several threads at once, in a process whose controller
+/// reads the same frames (the caller embeds it): each copy may take an idle buffer of any
+/// reader of the process, the controller's included, while the other threads' replies
+/// are read and held. Each thread keeps its last reply as a `Blob` (a reader's buffer in
+/// use) through its next calls, two of them in flight together; every reply, held or
+/// not, must stay exactly as sent.
+#[test]
+fn borrowed_arguments_from_several_threads_at_once_come_back_unchanged() {
+    let cluster = cluster("borrowed-threads");
+    std::thread::scope(|scope| {
+        for t in 0..4u8 {
+            let cluster = &cluster;
+            scope.spawn(move || {
+                // Sizes within twice each other: any thread's buffers fit another's copy.
+                let len = (2 << 20) + usize::from(t) * (300 << 10) + 17;
+                let mut held: Option<(Vec<u8>, Blob)> = None;
+                for n in 0..6u8 {
+                    let seed = t.wrapping_mul(40).wrapping_add(n);
+                    let first = pattern(len, seed);
+                    let second = pattern(len + 1000, seed.wrapping_add(200));
+                    let call = |data: &Vec<u8>| {
+                        cluster.caller.call("echo_vec").args((data,)).timeout(WAIT)
+                    };
+                    let in_flight = call(&first).bg::<Blob>().expect("sent");
+                    let back: Vec<u8> = call(&second).fg().expect("borrowed echo");
+                    let blob = in_flight.get().expect("echoed in flight");
+                    if let Some((data, blob)) = held.take() {
+                        assert!(
+                            blob[..] == data[..],
+                            "thread {t}, echo {n}: a held reply changed"
+                        );
+                    }
+                    assert!(back == second, "thread {t}, echo {n}: came back changed");
+                    assert!(
+                        blob[..] == first[..],
+                        "thread {t}, echo {n}: came back changed as a Blob"
+                    );
+                    held = Some((first, blob));
+                }
+            });
+        }
+    });
+}
+
 /// `[data]` as MessagePack with a `bin32` header announcing `announced` bytes.
 fn lying_bin(data: &[u8], announced: u32) -> Bytes {
     let mut out = vec![0x91, 0xc6];
