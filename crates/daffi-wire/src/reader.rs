@@ -489,9 +489,10 @@ pub fn take_idle_large_buffer(len: usize) -> Option<Vec<u8>> {
     keeping_large().iter().find_map(|reader| {
         let spare = reader.upgrade()?;
         let mut spares = lock(&spare);
-        // The room, not the last frame's length: a reader reads smaller frames into its
-        // buffer too.
-        match spares.large.take()?.try_into_mut() {
+        // The room decides, not the last frame's length (a reader reads smaller frames
+        // into its buffer too); a frame over twice the string rules its buffer out.
+        let large = spares.large.take_if(|b| b.len() <= 2 * len)?;
+        match large.try_into_mut() {
             Ok(mut buf) if (len..=2 * len).contains(&buf.capacity()) => {
                 buf.clear();
                 Some(Vec::from(buf))
