@@ -173,11 +173,17 @@ pub(super) fn lone_bin_param<T>(
 }
 
 /// The bytes of `payload` from `start` on, in the payload's own buffer if nothing else
-/// holds it (moved to its front), or copied.
+/// holds it (moved to its front), or copied. A large buffer over twice their size is
+/// shrunk to them: a reader reads smaller frames into the buffer it kept from a larger
+/// one, and a value the user keeps must not hold all of it.
 fn take_from(payload: Bytes, start: usize) -> Vec<u8> {
     let mut data = payload;
     data.advance(start);
-    Vec::from(data)
+    let mut vec = Vec::from(data);
+    if vec.capacity() / 2 > vec.len().max(super::pool::POOLED) {
+        vec.shrink_to_fit();
+    }
+    vec
 }
 
 /// The length of the `bin` header `payload` starts with, if the `bin` is all of it.
@@ -609,6 +615,30 @@ mod tests {
 
     /// Sizes on both sides of the by-reference threshold.
     const SIZES: [usize; 4] = [0, 200, BLOB_BY_REFERENCE - 1, 3 * BLOB_BY_REFERENCE];
+
+    #[test]
+    fn a_string_taken_over_does_not_hold_a_much_larger_buffer() {
+        const LEN: usize = 1 << 20;
+        // A reader's kept buffer of 8 MiB, a 1 MiB `bin` read into it.
+        let mut buffer = Vec::with_capacity(8 * LEN);
+        buffer.extend_from_slice(&[0xc6, 0, 0x10, 0, 0]);
+        buffer.extend(bytes_of(LEN));
+        let taken: Vec<u8> = whole_bin(Bytes::from(buffer), None).expect("a whole bin");
+        assert!(taken == bytes_of(LEN));
+        assert!(
+            taken.capacity() <= 2 * LEN,
+            "{} bytes held",
+            taken.capacity()
+        );
+        // A buffer of about the string's size is taken as it is.
+        let mut buffer = Vec::with_capacity(LEN + 64);
+        buffer.extend_from_slice(&[0xc6, 0, 0x10, 0, 0]);
+        buffer.extend(bytes_of(LEN));
+        let at_fitting = buffer.as_ptr();
+        let taken: Vec<u8> = whole_bin(Bytes::from(buffer), None).expect("a whole bin");
+        assert_eq!(taken.as_ptr(), at_fitting, "moved in place, not copied");
+        assert!(taken == bytes_of(LEN));
+    }
 
     fn bytes_of(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + 128) as u8).collect()
