@@ -6,7 +6,8 @@
 //! memory that asks for them (`madvise`, the usual default), a buffer advised before its
 //! first write is faulted in 2 MiB at a time instead (32 faults). Whether that is
 //! cheaper depends on where the memory comes from: the reader decides
-//! (`FrameReader::large_buffer`). Elsewhere than Linux the buffer is an ordinary one.
+//! (`FrameReader::large_buffer`), and daffi's pool of copies the same way. Elsewhere
+//! than Linux the buffer is an ordinary one.
 
 use std::mem::MaybeUninit;
 
@@ -17,7 +18,7 @@ const HUGE_PAGE: usize = 2 * 1024 * 1024;
 /// An empty buffer with room for `capacity` bytes, which the kernel may back with huge
 /// pages where it holds whole aligned 2 MiB blocks: only those are advised, so the
 /// advice never covers memory outside the buffer.
-pub(crate) fn huge_page_buffer(capacity: usize) -> Vec<u8> {
+pub fn huge_page_buffer(capacity: usize) -> Vec<u8> {
     let mut buffer = Vec::with_capacity(capacity);
     if capacity >= HUGE_PAGE {
         advise_huge_pages(buffer.spare_capacity_mut());

@@ -46,11 +46,12 @@ fn kept() -> std::sync::MutexGuard<'static, Vec<Kept>> {
 
 /// An empty buffer with room for `len` bytes: one kept here or by a frame reader (of at
 /// most twice that room, so that a small string does not hold a huge buffer), or a new
-/// one with [`HEAD_ROOM`] to spare.
+/// one with [`HEAD_ROOM`] to spare, advised for huge pages in a burst.
 fn take(len: usize) -> Vec<u8> {
     if len < POOLED {
         return Vec::with_capacity(len);
     }
+    let burst = in_burst();
     if let Some(buffer) = lend(len) {
         return buffer;
     }
@@ -60,7 +61,27 @@ fn take(len: usize) -> Vec<u8> {
         lend_to_readers();
         return buffer;
     }
+    if burst {
+        // As a frame reader does in a burst of large frames: the memory the system hands
+        // out now is what was freed a moment ago, which huge pages fault in at a
+        // fraction of the cost. Not after a pause (see `FrameReader::large_buffer`).
+        return daffi_wire::huge_page_buffer(len + HEAD_ROOM);
+    }
     Vec::with_capacity(len + HEAD_ROOM)
+}
+
+/// When a large buffer was last taken or given back here.
+static LAST_USED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// Notes a large buffer taken or given back now; whether the last one was less than
+/// [`KEEP`] ago (a burst of large byte strings).
+fn in_burst() -> bool {
+    let now = std::time::Instant::now();
+    let last = LAST_USED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .replace(now);
+    last.is_some_and(|last| now.duration_since(last) < KEEP)
 }
 
 /// A kept buffer with room for `len` bytes (see [`take`]), if there is one.
@@ -126,6 +147,7 @@ impl Drop for GivenBack {
 /// Keeps `buffer` for [`KEEP`]. Only where a Tokio runtime runs (where frames are
 /// written and dropped), whose timer drops it then; elsewhere it is freed at once.
 fn give_back(buffer: Vec<u8>) {
+    in_burst();
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
