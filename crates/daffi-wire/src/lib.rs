@@ -19,7 +19,7 @@ pub mod small;
 pub use channel::{frame_channel, Batch, Cork, FrameSender, Push, QueueLimits};
 pub use connection::{read_frames, Ended, FrameHandler, Handled, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
-pub use memory::{huge_page_buffer, lend_large_buffers};
+pub use memory::{huge_page_buffer, lend_large_buffers, room_suits};
 pub use outgoing::{Growing, Outgoing};
 pub use payload::Payload;
 pub use reader::{take_idle_large_buffer, FrameReader, KeptBuffer, ReadError};

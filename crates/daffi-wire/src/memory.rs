@@ -26,6 +26,13 @@ pub fn huge_page_buffer(capacity: usize) -> Vec<u8> {
     buffer
 }
 
+/// Whether a kept buffer of `capacity` bytes may take `len` bytes: room enough, and at
+/// most twice that, so that a small string never holds a huge buffer. One rule for
+/// every buffer handed on (a reader's idle one, a pooled one).
+pub fn room_suits(capacity: usize, len: usize) -> bool {
+    (len..=len.saturating_mul(2)).contains(&capacity)
+}
+
 /// Gives an empty buffer with room for so many bytes, if it has one.
 type Lender = fn(usize) -> Option<Vec<u8>>;
 

@@ -10,7 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::frame::{Frame, FrameError, LEN_PREFIX};
-use crate::memory::huge_page_buffer;
+use crate::memory::{huge_page_buffer, room_suits};
 
 /// Why reading the next frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -491,9 +491,9 @@ pub fn take_idle_large_buffer(len: usize) -> Option<Vec<u8>> {
         let mut spares = lock(&spare);
         // The room decides, not the last frame's length (a reader reads smaller frames
         // into its buffer too); a frame over twice the string rules its buffer out.
-        let large = spares.large.take_if(|b| b.len() <= 2 * len)?;
+        let large = spares.large.take_if(|b| b.len() <= len.saturating_mul(2))?;
         match large.try_into_mut() {
-            Ok(mut buf) if (len..=2 * len).contains(&buf.capacity()) => {
+            Ok(mut buf) if room_suits(buf.capacity(), len) => {
                 buf.clear();
                 Some(Vec::from(buf))
             }

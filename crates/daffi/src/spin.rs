@@ -86,7 +86,7 @@ impl SpinPolicy {
     /// Whether at least half of the lone waits lately ended within the limit (the
     /// median, not the mean: a few slow calls do not stop the spinning).
     fn pays(&self) -> bool {
-        self.within.load(Ordering::Relaxed) >= ALL_WITHIN / 2
+        pays_at(self.within.load(Ordering::Relaxed))
     }
 
     /// Counts a lone wait that took `waited` into the average. Racing threads may lose
@@ -100,17 +100,26 @@ impl SpinPolicy {
         let within = self.within.load(Ordering::Relaxed);
         let next = within - within / 8 + hit;
         self.within.store(next, Ordering::Relaxed);
-        let half = ALL_WITHIN / 2;
-        if (within >= half) != (next >= half) {
-            let (spins, ended) = (next >= half, if next >= half { "within" } else { "past" });
+        let spins = pays_at(next);
+        if pays_at(within) != spins {
+            let (ended, now) = if spins {
+                ("within", "spin again")
+            } else {
+                ("past", "no longer spin")
+            };
             tracing::debug!(
                 limit = ?self.limit,
                 spins,
-                "lone sync calls lately ended {ended} the spin limit: their threads {} before they park",
-                if spins { "spin again" } else { "no longer spin" },
+                "lone sync calls lately ended {ended} the spin limit: their threads {now} before they park",
             );
         }
     }
+}
+
+/// Whether spinning pays with `within` of [`ALL_WITHIN`] lone waits lately ending within
+/// the limit: at least half.
+fn pays_at(within: u32) -> bool {
+    within >= ALL_WITHIN / 2
 }
 
 /// One lone wait: timed for the average, and spinning for `spin_for` from its start if

@@ -51,7 +51,7 @@ fn take(len: usize) -> Vec<u8> {
     if len < POOLED {
         return Vec::with_capacity(len);
     }
-    let burst = in_burst();
+    let burst = note_large_use();
     if let Some(buffer) = lend(len) {
         return buffer;
     }
@@ -73,9 +73,9 @@ fn take(len: usize) -> Vec<u8> {
 /// When a large buffer was last taken or given back here.
 static LAST_USED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
 
-/// Notes a large buffer taken or given back now; whether the last one was less than
-/// [`KEEP`] ago (a burst of large byte strings).
-fn in_burst() -> bool {
+/// Notes a large buffer taken or given back now, and tells whether the last one was
+/// less than [`KEEP`] ago (a burst of large byte strings).
+fn note_large_use() -> bool {
     let now = std::time::Instant::now();
     let last = LAST_USED
         .lock()
@@ -92,7 +92,7 @@ fn lend(len: usize) -> Option<Vec<u8>> {
     let mut kept = kept();
     let at = kept
         .iter()
-        .position(|k| (len..=2 * len).contains(&k.buffer.capacity()))?;
+        .position(|k| daffi_wire::room_suits(k.buffer.capacity(), len))?;
     let mut buffer = kept.swap_remove(at).buffer;
     buffer.clear();
     Some(buffer)
@@ -147,7 +147,7 @@ impl Drop for GivenBack {
 /// Keeps `buffer` for [`KEEP`]. Only where a Tokio runtime runs (where frames are
 /// written and dropped), whose timer drops it then; elsewhere it is freed at once.
 fn give_back(buffer: Vec<u8>) {
-    in_burst();
+    note_large_use();
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
