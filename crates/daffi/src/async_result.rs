@@ -15,6 +15,7 @@ use crate::call::decode_result;
 use crate::error::{Error, Result};
 use crate::global::Global;
 use crate::mesh::{ReplyPayload, Waiter};
+use crate::spin::AsyncSpin;
 
 /// The pending result of a [`Call::bg`](crate::Call::bg).
 ///
@@ -36,6 +37,8 @@ pub struct AsyncResult<T> {
     global: Global,
     callback: Arc<str>,
     outcome: Outcome,
+    /// Outside any task, a lone call's reply is spun for first (see `AsyncSpin`).
+    spin: AsyncSpin,
     _result: PhantomData<fn() -> T>,
 }
 
@@ -56,6 +59,7 @@ impl<T: DeserializeOwned> AsyncResult<T> {
             global,
             callback,
             outcome,
+            spin: AsyncSpin::default(),
             _result: PhantomData,
         }
     }
@@ -153,8 +157,12 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
     type Output = Result<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
-        let outcome = match &mut self.outcome {
-            Outcome::Sent(call) => std::task::ready!(Pin::new(call).poll(cx)),
+        let this = &mut *self;
+        let outcome = match &mut this.outcome {
+            Outcome::Sent(call) => match this.global.node() {
+                Ok(node) => std::task::ready!(node.poll_reply(call, &mut this.spin, cx)),
+                Err(_) => std::task::ready!(Pin::new(call).poll(cx)),
+            },
             Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {
                 Ok(outcome) => outcome,
                 // The task only fails to finish when the node's runtime shut down.

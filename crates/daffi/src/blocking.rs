@@ -89,6 +89,17 @@ thread_local! {
     static BLOCKED: Cell<bool> = const { Cell::new(false) };
 }
 
+thread_local! {
+    /// Set while this thread polls a future it waits for synchronously: the future
+    /// does not spin itself (the wait does; see `spin::AsyncSpin`).
+    static IN_SYNC_WAIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is polling a future it waits for synchronously ([`wait`]).
+pub(crate) fn in_sync_wait() -> bool {
+    IN_SYNC_WAIT.with(Cell::get)
+}
+
 /// Whether this thread waited through [`wait`] inside a runtime since the last call.
 pub(crate) fn take_blocked() -> bool {
     BLOCKED.with(|b| b.replace(false))
@@ -169,6 +180,14 @@ pub(crate) fn park<F: Future>(future: F) -> F::Output {
 /// waker sets instead of sleeping, until the spin is over.
 #[inline(always)]
 fn park_lone<F: Future>(future: F, mut lone: Option<LoneWait<'_>>) -> F::Output {
+    /// Puts back what [`IN_SYNC_WAIT`] was (a sync wait may run inside another's poll).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_SYNC_WAIT.with(|on| on.set(self.0));
+        }
+    }
+    let _restore = Restore(IN_SYNC_WAIT.with(|on| on.replace(true)));
     let mut future = pin!(future);
     WAKER.with(|this| {
         let mut cx = Context::from_waker(&this.waker);

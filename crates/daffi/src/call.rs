@@ -203,7 +203,10 @@ impl Call {
         let (node, request) = self.into_request(false)?;
         let started = start_here(&global, node, request);
         let reply = match started {
-            Started::Sent(call) => call.await,
+            Started::Sent(call) => match global.node() {
+                Ok(node) => node.reply(call).await,
+                Err(_) => call.await,
+            },
             Started::Failed(e) => Err(e),
             Started::Later(rest) => rest.await,
         };

@@ -19,7 +19,7 @@ use crate::mesh::{
 };
 use crate::protocol::message::{ControlAnswer, ControlRequest, TaskEntry};
 use crate::protocol::TASK_OVERHEAD;
-use crate::spin::{LoneWait, SpinPolicy};
+use crate::spin::{AsyncSpin, LoneWait, SpinPolicy};
 use crate::stream::Feeding;
 use tokio::runtime::Handle;
 
@@ -72,6 +72,31 @@ impl Node {
     pub fn lone_wait(&self, own: bool) -> Option<LoneWait<'_>> {
         let others = self.in_flight.used().saturating_sub(usize::from(own));
         self.spin.plan(others)
+    }
+
+    /// Awaits a sent call's reply; outside any task, a lone call spins for it first, as
+    /// a sync call does (see [`AsyncSpin`]).
+    pub async fn reply(&self, mut call: Waiter) -> Result<ReplyPayload> {
+        let mut spin = AsyncSpin::default();
+        std::future::poll_fn(|cx| self.poll_reply(&mut call, &mut spin, cx)).await
+    }
+
+    /// Polls `call`'s reply for [`reply`](Self::reply) and `AsyncResult`.
+    pub fn poll_reply(
+        &self,
+        call: &mut Waiter,
+        spin: &mut AsyncSpin,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<ReplyPayload>> {
+        loop {
+            if let Poll::Ready(reply) = std::pin::Pin::new(&mut *call).poll(cx) {
+                spin.arrived(&self.spin);
+                return Poll::Ready(reply);
+            }
+            if !spin.wait(cx, || self.lone_wait(true), || call.has_reply()) {
+                return Poll::Pending;
+            }
+        }
     }
 
     /// Makes one call and waits for its outcome (the empty payload for NO_RETURN).

@@ -16,8 +16,10 @@
 //! - after a few turns, yielding its processor between looks, so that a thread woken
 //!   onto it (the callee, the controller, the worker that reads the reply) runs at once.
 //!
-//! The limit is [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero
-//! turns spinning off.
+//! An awaited call spins the same way where nothing else waits for its thread
+//! ([`AsyncSpin`]). The limit is
+//! [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero turns spinning
+//! off.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -168,6 +170,90 @@ impl LoneWait<'_> {
     pub fn finish(self) {
         self.policy.record(self.started.elapsed());
     }
+}
+
+/// How a future awaiting its node's only call spins for the reply, as a sync wait does,
+/// where that holds up nothing else: outside any task, on a thread that polls the
+/// future itself (the body of `#[tokio::main]` or another `block_on` on a
+/// multi-threaded runtime, or a plain executor's), never inside a task (its worker
+/// runs other tasks) nor where the thread drives a current-thread runtime (the reply
+/// could not be read while it spins).
+///
+/// The first time the reply is not in, the future wakes itself and returns: futures
+/// polled beside it (a `join!`) then send their calls, and the node's call is no longer
+/// lone. The spin happens on the next poll, if the call is still lone and spinning pays
+/// ([`SpinPolicy`]).
+#[derive(Debug, Default)]
+pub struct AsyncSpin(AsyncStep);
+
+#[derive(Debug, Default)]
+enum AsyncStep {
+    /// The call is sent; its reply was not yet looked for.
+    #[default]
+    Sent,
+    /// The future woke itself, to spin at the next poll.
+    Offered,
+    /// A lone wait, begun then: timed into the average when the reply arrives.
+    Timed(Instant),
+    /// Nothing more to do.
+    Over,
+}
+
+impl AsyncSpin {
+    /// The reply is not in (its poll returned `Pending`, with `cx` registered). Spins
+    /// for it if this wait may, planned by `plan` (the node's
+    /// [`lone_wait`](crate::node::Node::lone_wait)); whether `ready` holds now (poll
+    /// the reply again).
+    pub fn wait<'a>(
+        &mut self,
+        cx: &std::task::Context<'_>,
+        plan: impl Fn() -> Option<LoneWait<'a>>,
+        ready: impl Fn() -> bool,
+    ) -> bool {
+        match self.0 {
+            AsyncStep::Sent => {
+                // With other calls in flight (many awaited in turn), nothing changes.
+                let lone = plan().filter(|_| may_spin_in_async());
+                self.0 = match lone {
+                    Some(lone) if lone.spin_for.is_some() => {
+                        cx.waker().wake_by_ref();
+                        AsyncStep::Offered
+                    }
+                    // Timed all the same, as a sync wait that does not spin: quick
+                    // replies bring the spinning back.
+                    Some(lone) => AsyncStep::Timed(lone.started),
+                    None => AsyncStep::Over,
+                };
+                false
+            }
+            AsyncStep::Offered => {
+                let Some(mut lone) = plan() else {
+                    self.0 = AsyncStep::Over;
+                    return false;
+                };
+                let arrived = lone.spin_until(ready);
+                self.0 = AsyncStep::Timed(lone.started);
+                arrived
+            }
+            AsyncStep::Timed(_) | AsyncStep::Over => false,
+        }
+    }
+
+    /// The reply is in: a timed wait counts into `policy`'s average.
+    pub fn arrived(&mut self, policy: &SpinPolicy) {
+        if let AsyncStep::Timed(began) = std::mem::replace(&mut self.0, AsyncStep::Over) {
+            policy.record(began.elapsed());
+        }
+    }
+}
+
+/// Whether a future polled on this thread may spin for its reply (see [`AsyncSpin`]).
+fn may_spin_in_async() -> bool {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    !crate::blocking::in_sync_wait()
+        && tokio::task::try_id().is_none()
+        && Handle::try_current()
+            .map_or(true, |h| h.runtime_flavor() != RuntimeFlavor::CurrentThread)
 }
 
 /// A thread counted among those spinning, until dropped.

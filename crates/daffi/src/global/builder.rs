@@ -231,7 +231,10 @@ impl GlobalBuilder {
 
     /// How long a thread blocked in a sync call (`fg`, `get`, `broadcast`) that is the
     /// node's only call in flight polls for the reply before it sleeps. Default: 200 µs.
-    /// `Duration::ZERO` never spins.
+    /// `Duration::ZERO` never spins. An awaited call (`fg_async`, an `AsyncResult`'s
+    /// `.await`) spins the same way where that holds up nothing else: in the future a
+    /// `block_on` drives on a multi-threaded runtime (the body of `#[tokio::main]`), never
+    /// inside a task nor on a current-thread runtime.
     ///
     /// A round trip on one machine takes tens of microseconds; a thread that sleeps at
     /// once is woken by the runtime worker that read the reply, one wake-up more on the
@@ -240,8 +243,9 @@ impl GlobalBuilder {
     /// pays: for a lone call, while such calls have lately taken at most this long on
     /// average (a node whose callees take milliseconds never spins), and by at most one
     /// thread per two processors (none on a single processor); the spinning thread
-    /// yields its processor between looks to any thread ready to run there. Async calls
-    /// never spin.
+    /// yields its processor between looks to any thread ready to run there. An awaited
+    /// call first lets the futures polled beside it (a `join!`) send their calls, so
+    /// that it spins only if it is still alone.
     pub fn sync_spin(mut self, limit: Duration) -> Self {
         self.sync_spin = limit;
         self

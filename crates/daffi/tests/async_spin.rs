@@ -1,0 +1,254 @@
+//! An awaited call spins for its reply as a sync one does, where that holds up nothing:
+//! in the future a `block_on` drives (the body of `#[tokio::main]`), never inside a
+//! task. Futures awaited beside it (a `join!`) send their calls before it spins. The
+//! processor time the awaiting thread uses says whether it spun. Real processes over
+//! real sockets; the callers run in the test's own runtime, as a user's program does.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{Cluster, Transport, WAIT};
+use daffi::Global;
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+
+const ENTRY: &str = "async_spin_process";
+
+#[test]
+#[ignore = "helper: tests start it as a child process"]
+fn async_spin_process() {
+    common::run_role(&[("worker", worker)]);
+}
+
+/// Serves `nap(ms)` (sleeps that long, returns it) and `meet()`: true once two calls of
+/// `meet` are in at the same time, false if the other does not come within 2 s.
+fn worker() {
+    let g = common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start()
+        .expect("worker starts");
+    g.register("nap", |ms: u64| {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    })
+    .expect("register nap");
+    g.register("meet", || async {
+        static MET: OnceLock<watch::Sender<usize>> = OnceLock::new();
+        let met = MET.get_or_init(|| watch::channel(0).0);
+        met.send_modify(|n| *n += 1);
+        let mut arrived = met.subscribe();
+        let both = async { arrived.wait_for(|n| *n >= 2).await.is_ok() };
+        let met = tokio::time::timeout(Duration::from_secs(2), both).await;
+        met == Ok(true)
+    })
+    .expect("register meet");
+    g.join().expect("join");
+}
+
+/// The processor time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to; CLOCK_THREAD_CPUTIME_ID always exists on
+    // Linux.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(read, 0, "clock_gettime");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// A runtime as `#[tokio::main]` builds it.
+fn users_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A controller and a worker (called `prefix` and a unique part), in processes of their
+/// own.
+fn cluster_with_worker(prefix: &str) -> (Cluster, String) {
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique(prefix);
+    cluster.spawn_worker(&worker);
+    (cluster, worker)
+}
+
+/// A caller started in the current runtime, spinning for up to `spin`, that knows
+/// `worker`.
+async fn caller(cluster: &Cluster, worker: &str, spin: Duration) -> Global {
+    let g = common::builder_for(&cluster.address)
+        .process_name(common::unique("caller"))
+        .sync_spin(spin)
+        .start_async()
+        .await
+        .expect("the caller connects");
+    g.wait_process_timeout_async(worker, WAIT)
+        .await
+        .expect("worker known");
+    g
+}
+
+/// The processor time this thread used awaiting `calls` lone calls of `nap(ms)`, half
+/// with `fg_async`, half with `bg` and `.await`.
+async fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
+    let before = thread_cpu();
+    for i in 0..calls {
+        let call = g.call("nap").on(worker).args((ms,)).timeout(WAIT);
+        let slept: u64 = if i % 2 == 0 {
+            call.fg_async().await
+        } else {
+            call.bg().expect("nap sent").await
+        }
+        .expect("nap answers");
+        assert_eq!(slept, ms);
+    }
+    thread_cpu() - before
+}
+
+fn two_processors_or_more() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// The future `block_on` drives spins through lone waits that end within the limit,
+/// stops once they take longer, and never spins with a limit of zero; two calls awaited
+/// together with `join!` are both sent before either spins. One test: a process spins
+/// on one thread per two processors at most (the other tests here never spin).
+#[test]
+fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let (cluster, worker) = cluster_with_worker("napper");
+    users_runtime().block_on(async {
+        // The callee answers `meet` only once it has both calls, and waits 2 s at most:
+        // far less than this caller would spin for the first before it sent the second.
+        let g = caller(&cluster, &worker, Duration::from_secs(10)).await;
+        let meet = || g.call("meet").on(&worker).timeout(WAIT).fg_async::<bool>();
+        let (first, second) = tokio::join!(meet(), meet());
+        assert_eq!(
+            (first.expect("meet answers"), second.expect("meet answers")),
+            (true, true),
+            "the second call was sent only after the first one's spin"
+        );
+        g.stop();
+
+        let spin = Duration::from_millis(40);
+        let g = caller(&cluster, &worker, spin).await;
+        let naps = 20;
+        let spun = cpu_for_naps(&g, &worker, 10, naps).await;
+        assert!(
+            spun >= Duration::from_millis(10) * naps as u32 / 4,
+            "{naps} awaited naps of 10 ms within a 40 ms spin used only {spun:?} of this thread's time"
+        );
+
+        // Naps of 80 ms end past the limit: after a few, the awaits stop spinning.
+        cpu_for_naps(&g, &worker, 80, 8).await;
+        let slept = cpu_for_naps(&g, &worker, 80, 10).await;
+        assert!(
+            slept < spin * 10 / 4,
+            "10 awaited naps of 80 ms, past a 40 ms spin, still used {slept:?} of this thread's time"
+        );
+        // Quick again: the spinning comes back (lone waits that do not spin are timed).
+        cpu_for_naps(&g, &worker, 0, 40).await;
+        let spun = cpu_for_naps(&g, &worker, 10, naps).await;
+        assert!(
+            spun >= Duration::from_millis(10) * naps as u32 / 4,
+            "after quick calls, {naps} awaited naps of 10 ms used only {spun:?} of this thread's time"
+        );
+        g.stop();
+
+        let still = caller(&cluster, &worker, Duration::ZERO).await;
+        let parked = cpu_for_naps(&still, &worker, 10, naps).await;
+        assert!(
+            parked < Duration::from_millis(10) * naps as u32 / 4,
+            "{naps} awaited naps of 10 ms without spinning used {parked:?} of this thread's time"
+        );
+        still.stop();
+    });
+}
+
+/// Inside a task, an await never spins: its worker thread runs other tasks. The task
+/// runs on a runtime of one worker, so that its thread's time can be read across awaits.
+#[test]
+fn a_call_awaited_inside_a_task_never_spins() {
+    let (cluster, worker) = cluster_with_worker("tasked");
+    let node_runtime = users_runtime();
+    let g = node_runtime.block_on(caller(&cluster, &worker, Duration::from_millis(40)));
+    let one_worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let naps = 20;
+    let task = {
+        let (g, worker) = (g.clone(), worker.clone());
+        one_worker.spawn(async move { cpu_for_naps(&g, &worker, 10, naps).await })
+    };
+    let used = one_worker.block_on(task).expect("the task ends");
+    assert!(
+        used < Duration::from_millis(10) * naps as u32 / 4,
+        "{naps} naps of 10 ms awaited in a task used {used:?} of its worker's time"
+    );
+    g.stop();
+}
+
+/// On a current-thread runtime the thread that awaits also reads the replies: an await
+/// there never spins (the reply could not come in while it did).
+#[test]
+fn a_call_awaited_on_a_current_thread_runtime_never_spins() {
+    let (cluster, worker) = cluster_with_worker("current");
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    current.block_on(async {
+        let g = caller(&cluster, &worker, Duration::from_millis(40)).await;
+        let naps = 20;
+        let used = cpu_for_naps(&g, &worker, 10, naps).await;
+        assert!(
+            used < Duration::from_millis(10) * naps as u32 / 4,
+            "{naps} naps of 10 ms awaited on a current-thread runtime used {used:?} of its thread"
+        );
+        g.stop();
+    });
+}
+
+/// A callee paused with SIGSTOP mid-call: the awaiting thread spins for its limit at
+/// most, then sleeps until the call's timeout; the callee, resumed, answers again.
+#[test]
+fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
+    let (mut cluster, worker) = cluster_with_worker("paused");
+    let pid = cluster.worker(&worker).pid().expect("worker pid");
+    users_runtime().block_on(async {
+        let g = caller(&cluster, &worker, Duration::from_millis(5)).await;
+        // Quick calls first: the node spins for its lone calls from here on.
+        cpu_for_naps(&g, &worker, 0, 20).await;
+
+        common::pause(pid);
+        let before = thread_cpu();
+        let outcome = g
+            .call("nap")
+            .on(&worker)
+            .args((0u64,))
+            .timeout(Duration::from_millis(500))
+            .fg_async::<u64>()
+            .await;
+        let used = thread_cpu() - before;
+        common::resume(pid);
+        assert!(
+            matches!(outcome, Err(daffi::Error::Timeout { .. })),
+            "a paused callee: {outcome:?}"
+        );
+        assert!(
+            used < Duration::from_millis(100),
+            "awaiting a paused callee for 500 ms used {used:?} of the caller's thread"
+        );
+        cpu_for_naps(&g, &worker, 0, 1).await;
+        g.stop();
+    });
+}
