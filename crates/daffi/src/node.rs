@@ -236,7 +236,8 @@ impl Node {
         let mut outcomes = Vec::with_capacity(sent.len());
         for (target, sent) in sent {
             let outcome = match sent {
-                Ok(Some(waiter)) => waiter.await,
+                // Each reply spun for as a lone call's (the broadcast holds one slot).
+                Ok(Some(waiter)) => self.reply(waiter).await,
                 Ok(None) => Ok(Bytes::new().into()),
                 Err(e) => Err(e),
             };

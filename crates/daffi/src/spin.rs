@@ -227,7 +227,8 @@ impl AsyncSpin {
                 false
             }
             AsyncStep::Offered => {
-                let Some(mut lone) = plan() else {
+                // Looked at again: the future may have moved (into a task, a sync wait).
+                let Some(mut lone) = plan().filter(|_| may_spin_in_async()) else {
                     self.0 = AsyncStep::Over;
                     return false;
                 };

@@ -146,6 +146,24 @@ fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
             "{naps} awaited naps of 10 ms within a 40 ms spin used only {spun:?} of this thread's time"
         );
 
+        // A broadcast's replies are spun for too (here to one worker).
+        let before = thread_cpu();
+        for _ in 0..naps {
+            let answers = g
+                .call("nap")
+                .args((10u64,))
+                .timeout(WAIT)
+                .broadcast_async::<u64>()
+                .await
+                .expect("the broadcast answers");
+            assert_eq!(answers.get(&worker), Some(&10), "{answers:?}");
+        }
+        let spun = thread_cpu() - before;
+        assert!(
+            spun >= Duration::from_millis(10) * naps as u32 / 4,
+            "{naps} awaited broadcasts of naps of 10 ms used only {spun:?} of this thread's time"
+        );
+
         // Naps of 80 ms end past the limit: after a few, the awaits stop spinning.
         cpu_for_naps(&g, &worker, 80, 8).await;
         let slept = cpu_for_naps(&g, &worker, 80, 10).await;
