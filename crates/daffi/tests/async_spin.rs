@@ -270,3 +270,77 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
         g.stop();
     });
 }
+
+/// A call's own timeout ends an awaited spin, as it ends a sync one: with a spin limit
+/// far past the timeout, awaiting a paused callee returns `Timeout` without spinning
+/// for the whole limit.
+#[test]
+fn an_awaited_spin_ends_at_the_calls_timeout() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let (mut cluster, worker) = cluster_with_worker("deadline");
+    let pid = cluster.worker(&worker).pid().expect("worker pid");
+    users_runtime().block_on(async {
+        let spin = Duration::from_secs(3);
+        let g = caller(&cluster, &worker, spin).await;
+        cpu_for_naps(&g, &worker, 0, 4).await;
+
+        common::pause(pid);
+        let before = thread_cpu();
+        let outcome = g
+            .call("nap")
+            .on(&worker)
+            .args((0u64,))
+            .timeout(Duration::from_millis(50))
+            .fg_async::<u64>()
+            .await;
+        let used = thread_cpu() - before;
+        common::resume(pid);
+        assert!(
+            matches!(outcome, Err(daffi::Error::Timeout { .. })),
+            "a paused callee: {outcome:?}"
+        );
+        assert!(
+            used < spin / 3,
+            "a call timing out after 50 ms used {used:?} of the caller's thread (spin limit {spin:?})"
+        );
+        g.stop();
+    });
+}
+
+/// An awaited call dropped unfinished (a `tokio::time::timeout` around it) after it
+/// waited past the spin limit counts as a wait past it: a node whose callers keep
+/// giving up on slow callees stops spinning, as it does for calls that time out.
+#[test]
+fn awaits_given_up_past_the_limit_stop_the_spinning() {
+    if !two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let (cluster, worker) = cluster_with_worker("givenup");
+    users_runtime().block_on(async {
+        let spin = Duration::from_millis(40);
+        let g = caller(&cluster, &worker, spin).await;
+        let give_up = || async {
+            let call = g.call("nap").on(&worker).args((200u64,)).timeout(WAIT);
+            let outcome = tokio::time::timeout(Duration::from_millis(60), call.fg_async::<u64>());
+            assert!(outcome.await.is_err(), "a nap of 200 ms within 60 ms");
+        };
+        for _ in 0..10 {
+            give_up().await;
+        }
+        let before = thread_cpu();
+        let tries = 10;
+        for _ in 0..tries {
+            give_up().await;
+        }
+        let used = thread_cpu() - before;
+        assert!(
+            used < spin * tries / 4,
+            "{tries} awaits given up after 60 ms, past a 40 ms spin, still used {used:?}"
+        );
+        g.stop();
+    });
+}
