@@ -93,7 +93,9 @@ impl Node {
                 spin.arrived(&self.spin);
                 return Poll::Ready(reply);
             }
-            if !spin.wait(cx, || self.lone_wait(true), || call.has_reply()) {
+            // `is_ready`, not `has_reply`: the call's deadline ends the spin too, as a
+            // wake-up by its timer ends a sync wait's.
+            if !spin.wait(cx, || self.lone_wait(true), || call.is_ready()) {
                 return Poll::Pending;
             }
         }
