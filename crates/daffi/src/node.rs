@@ -77,8 +77,20 @@ impl Node {
     /// Awaits a sent call's reply; outside any task, a lone call spins for it first, as
     /// a sync call does (see [`AsyncSpin`]).
     pub async fn reply(&self, mut call: Waiter) -> Result<ReplyPayload> {
-        let mut spin = AsyncSpin::default();
-        std::future::poll_fn(|cx| self.poll_reply(&mut call, &mut spin, cx)).await
+        /// Counts a wait given up past the limit (see [`AsyncSpin::abandoned`]).
+        struct Spun<'a>(&'a SpinPolicy, AsyncSpin);
+        impl Drop for Spun<'_> {
+            fn drop(&mut self) {
+                self.1.abandoned(self.0);
+            }
+        }
+        let mut spun = Spun(&self.spin, AsyncSpin::default());
+        std::future::poll_fn(|cx| self.poll_reply(&mut call, &mut spun.1, cx)).await
+    }
+
+    /// An awaited reply's future dropped unfinished: see [`AsyncSpin::abandoned`].
+    pub fn abandon_reply(&self, spin: &mut AsyncSpin) {
+        spin.abandoned(&self.spin);
     }
 
     /// Polls `call`'s reply for [`reply`](Self::reply) and `AsyncResult`.

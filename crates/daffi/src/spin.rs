@@ -246,6 +246,26 @@ impl AsyncSpin {
             policy.record(began.elapsed());
         }
     }
+
+    /// Whether the wait is timed and unfinished: [`abandoned`](Self::abandoned) may
+    /// count it.
+    pub fn is_timed(&self) -> bool {
+        matches!(self.0, AsyncStep::Timed(_))
+    }
+
+    /// The future was dropped before its reply came (a `select!`, a
+    /// `tokio::time::timeout` around it). A timed wait that lasted past the limit
+    /// counts as a wait past it, as a sync wait that times out does; a shorter one says
+    /// nothing of how long the reply would have taken. Without this, callers that
+    /// keep giving up on slow callees would spin for the whole limit every time.
+    pub fn abandoned(&mut self, policy: &SpinPolicy) {
+        if let AsyncStep::Timed(began) = std::mem::replace(&mut self.0, AsyncStep::Over) {
+            let waited = began.elapsed();
+            if waited > policy.limit {
+                policy.record(waited);
+            }
+        }
+    }
 }
 
 /// Whether a future polled on this thread may spin for its reply (see [`AsyncSpin`]).
