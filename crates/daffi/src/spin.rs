@@ -183,6 +183,12 @@ impl LoneWait<'_> {
 /// polled beside it (a `join!`) then send their calls, and the node's call is no longer
 /// lone. The spin happens on the next poll, if the call is still lone and spinning pays
 /// ([`SpinPolicy`]).
+///
+/// "Holds up nothing else" is only as true as a future can see: the spin does hold up
+/// what the same thread polls around or beside this future and does not send a call
+/// (a `tokio::time::timeout` or `select!` wrapping it, a `join!` sibling waiting on
+/// something else, a `LocalSet`'s tasks when its `run_until` drives the future), for
+/// up to the limit. The call's own deadline does end the spin.
 #[derive(Debug, Default)]
 pub struct AsyncSpin(AsyncStep);
 

@@ -245,7 +245,12 @@ impl GlobalBuilder {
     /// thread per two processors (none on a single processor); the spinning thread
     /// yields its processor between looks to any thread ready to run there. An awaited
     /// call first lets the futures polled beside it (a `join!`) send their calls, so
-    /// that it spins only if it is still alone.
+    /// that it spins only if it is still alone. While it spins, nothing else that
+    /// thread polls runs: a `tokio::time::timeout` or `select!` around the await, a
+    /// sibling in a `join!` that is not sending a call, or the tasks of a `LocalSet`
+    /// whose `run_until`/`block_on` drives it wait for up to this limit (a timeout
+    /// shorter than the spin may then see the reply instead of firing). Keep the limit
+    /// short, or zero, where that matters.
     pub fn sync_spin(mut self, limit: Duration) -> Self {
         self.sync_spin = limit;
         self
