@@ -249,7 +249,11 @@ impl AsyncSpin {
     /// The reply is in: a timed wait counts into `policy`'s average.
     pub fn arrived(&mut self, policy: &SpinPolicy) {
         if let AsyncStep::Timed(began) = std::mem::replace(&mut self.0, AsyncStep::Over) {
-            policy.record(began.elapsed());
+            // Collected by a sync wait (`get` of a result polled before): that wait
+            // times it too, and counts it once.
+            if !crate::blocking::in_sync_wait() {
+                policy.record(began.elapsed());
+            }
         }
     }
 
@@ -267,7 +271,8 @@ impl AsyncSpin {
     pub fn abandoned(&mut self, policy: &SpinPolicy) {
         if let AsyncStep::Timed(began) = std::mem::replace(&mut self.0, AsyncStep::Over) {
             let waited = began.elapsed();
-            if waited > policy.limit {
+            // Dropped inside a sync wait (`get_timeout`): that wait counts it.
+            if waited > policy.limit && !crate::blocking::in_sync_wait() {
                 policy.record(waited);
             }
         }
