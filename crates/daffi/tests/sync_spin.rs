@@ -32,22 +32,9 @@ fn worker() {
     g.join().expect("join");
 }
 
-/// The processor time this thread has used.
-fn thread_cpu() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to; CLOCK_THREAD_CPUTIME_ID always exists on
-    // Linux.
-    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    assert_eq!(read, 0, "clock_gettime");
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-}
-
 /// The processor time this thread used for `calls` lone calls of `nap(ms)` on `worker`.
 fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
-    let before = thread_cpu();
+    let before = common::thread_cpu();
     for _ in 0..calls {
         let slept: u64 = g
             .call("nap")
@@ -58,7 +45,7 @@ fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
             .expect("nap answers");
         assert_eq!(slept, ms);
     }
-    thread_cpu() - before
+    common::thread_cpu() - before
 }
 
 /// A controller, a worker serving `nap` (called `prefix` and a unique part), and a
@@ -76,16 +63,12 @@ fn spinning_caller(prefix: &str, spin: Duration) -> (Cluster, String, Global) {
     (cluster, worker, g)
 }
 
-fn two_processors_or_more() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
-}
-
 /// Every rule of the policy in one test: at most one thread per two processors of a
 /// process spins, and the tests of one binary share the process (the other tests here
 /// spin only for moments, well inside this one's margins).
 #[test]
 fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -136,14 +119,14 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
     cpu_for_naps(&g, &worker, 0, 20);
 
     common::pause(pid);
-    let before = thread_cpu();
+    let before = common::thread_cpu();
     let outcome = g
         .call("nap")
         .on(&worker)
         .args((0u64,))
         .timeout(Duration::from_millis(500))
         .fg::<u64>();
-    let used = thread_cpu() - before;
+    let used = common::thread_cpu() - before;
     common::resume(pid);
     assert!(
         matches!(outcome, Err(Error::Timeout { .. })),
@@ -188,7 +171,7 @@ fn a_lone_call_with_the_longest_spin_limit_gets_its_reply() {
 /// spinning for its limit first.
 #[test]
 fn a_broadcast_with_an_eta_does_not_spin_through_it() {
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -197,7 +180,7 @@ fn a_broadcast_with_an_eta_does_not_spin_through_it() {
     // Several: another test of this binary may hold the one spinner for a moment.
     let mut used = Vec::new();
     for _ in 0..5 {
-        let before = thread_cpu();
+        let before = common::thread_cpu();
         let answers = g
             .call("nap")
             .args((0u64,))
@@ -205,7 +188,7 @@ fn a_broadcast_with_an_eta_does_not_spin_through_it() {
             .timeout(WAIT)
             .broadcast::<u64>()
             .expect("the broadcast answers");
-        used.push(thread_cpu() - before);
+        used.push(common::thread_cpu() - before);
         assert_eq!(answers.get(&worker), Some(&0), "{answers:?}");
     }
     assert!(

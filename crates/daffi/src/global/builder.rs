@@ -232,9 +232,9 @@ impl GlobalBuilder {
     /// How long a thread blocked in a sync call (`fg`, `get`, `broadcast`) that is the
     /// node's only call in flight polls for the reply before it sleeps. Default: 200 µs.
     /// `Duration::ZERO` never spins. An awaited call (`fg_async`, `broadcast_async`, an
-    /// `AsyncResult`'s `.await`) spins the same way where that holds up nothing else: in the future a
-    /// `block_on` drives on a multi-threaded runtime (the body of `#[tokio::main]`), never
-    /// inside a task nor on a current-thread runtime.
+    /// `AsyncResult`'s `.await`) spins the same way where that holds up nothing else: in
+    /// the future a `block_on` drives on a multi-threaded runtime (the body of
+    /// `#[tokio::main]`), never inside a task nor on a current-thread runtime.
     ///
     /// A round trip on one machine takes tens of microseconds; a thread that sleeps at
     /// once is woken by the runtime worker that read the reply, one wake-up more on the

@@ -563,3 +563,22 @@ pub fn nats_child_builder() -> daffi::GlobalBuilder {
         .process_name(std::env::var(ENV_NAME).expect("name"))
         .connect_timeout(WAIT)
 }
+
+/// The processor time this thread has used (whether a waiting thread spun).
+pub fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to; CLOCK_THREAD_CPUTIME_ID always exists on
+    // Linux.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(read, 0, "clock_gettime");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// Whether this machine has processors enough for a waiting thread to spin (see
+/// `GlobalBuilder::sync_spin`).
+pub fn two_processors_or_more() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
