@@ -171,7 +171,11 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
         let this = &mut *self;
         let outcome = match &mut this.outcome {
             Outcome::Sent(call) => match this.global.node() {
-                Ok(node) => std::task::ready!(node.poll_reply(call, &mut this.spin, cx)),
+                Ok(node) => {
+                    let reply = std::task::ready!(node.poll_reply(call, &mut this.spin, cx));
+                    node.replied(&mut this.spin);
+                    reply
+                }
                 Err(_) => std::task::ready!(Pin::new(call).poll(cx)),
             },
             Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {

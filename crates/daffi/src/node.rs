@@ -77,15 +77,15 @@ impl Node {
     /// Awaits a sent call's reply; outside any task, a lone call spins for it first, as
     /// a sync call does (see [`AsyncSpin`]).
     pub async fn reply(&self, mut call: Waiter) -> Result<ReplyPayload> {
-        /// Counts a wait given up past the limit (see [`AsyncSpin::abandoned`]).
-        struct Spun<'a>(&'a SpinPolicy, AsyncSpin);
-        impl Drop for Spun<'_> {
-            fn drop(&mut self) {
-                self.1.abandoned(self.0);
-            }
-        }
-        let mut spun = Spun(&self.spin, AsyncSpin::default());
-        std::future::poll_fn(|cx| self.poll_reply(&mut call, &mut spun.1, cx)).await
+        let mut spun = Spun::new(&self.spin);
+        let reply = std::future::poll_fn(|cx| self.poll_reply(&mut call, &mut spun.spin, cx)).await;
+        self.replied(&mut spun.spin);
+        reply
+    }
+
+    /// The awaited wait `spin` is over: a timed one counts into the node's average.
+    pub fn replied(&self, spin: &mut AsyncSpin) {
+        spin.arrived(&self.spin);
     }
 
     /// An awaited reply's future dropped unfinished: see [`AsyncSpin::abandoned`].
@@ -93,7 +93,8 @@ impl Node {
         spin.abandoned(&self.spin);
     }
 
-    /// Polls `call`'s reply for [`reply`](Self::reply) and `AsyncResult`.
+    /// Polls `call`'s reply for [`reply`](Self::reply), a broadcast and `AsyncResult`;
+    /// [`replied`](Self::replied) once the wait is over.
     pub fn poll_reply(
         &self,
         call: &mut Waiter,
@@ -102,7 +103,6 @@ impl Node {
     ) -> Poll<Result<ReplyPayload>> {
         loop {
             if let Poll::Ready(reply) = std::pin::Pin::new(&mut *call).poll(cx) {
-                spin.arrived(&self.spin);
                 return Poll::Ready(reply);
             }
             // `is_ready`, not `has_reply`: the call's deadline ends the spin too, as a
@@ -248,15 +248,21 @@ impl Node {
         let _slot = self.admit(&req, deadline).await?;
         let sent = self.mesh.send_broadcast(&req, deadline).await?;
         let mut outcomes = Vec::with_capacity(sent.len());
+        // The replies are spun for as a lone call's (the broadcast holds one slot),
+        // within one limit for them all, as a sync broadcast's.
+        let mut spun = Spun::new(&self.spin);
         for (target, sent) in sent {
             let outcome = match sent {
-                // Each reply spun for as a lone call's (the broadcast holds one slot).
-                Ok(Some(waiter)) => self.reply(waiter).await,
+                Ok(Some(mut waiter)) => {
+                    std::future::poll_fn(|cx| self.poll_reply(&mut waiter, &mut spun.spin, cx))
+                        .await
+                }
                 Ok(None) => Ok(Bytes::new().into()),
                 Err(e) => Err(e),
             };
             outcomes.push((target, outcome));
         }
+        self.replied(&mut spun.spin);
         if req.no_reply {
             return match outcomes.into_iter().find_map(|(_, o)| o.err()) {
                 Some(e) => Err(e),
@@ -469,4 +475,26 @@ pub(crate) fn noop_waker() -> &'static Waker {
     }
     static WAKER: OnceLock<Waker> = OnceLock::new();
     WAKER.get_or_init(|| Waker::from(Arc::new(Noop)))
+}
+
+/// An await's spin, counted as a wait given up past the limit if dropped before it is
+/// over (see [`AsyncSpin::abandoned`]).
+struct Spun<'a> {
+    policy: &'a SpinPolicy,
+    spin: AsyncSpin,
+}
+
+impl<'a> Spun<'a> {
+    fn new(policy: &'a SpinPolicy) -> Self {
+        Spun {
+            policy,
+            spin: AsyncSpin::default(),
+        }
+    }
+}
+
+impl Drop for Spun<'_> {
+    fn drop(&mut self) {
+        self.spin.abandoned(self.policy);
+    }
 }

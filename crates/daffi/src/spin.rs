@@ -216,11 +216,14 @@ impl AsyncSpin {
         plan: impl Fn() -> Option<LoneWait<'a>>,
         ready: impl Fn() -> bool,
     ) -> bool {
+        // The thread first, at every look (the future may have moved into a task or a
+        // sync wait): a lone wait planned takes a spinner's place, if only for a
+        // moment.
+        let plan_here = || if may_spin_in_async() { plan() } else { None };
         match self.0 {
             AsyncStep::Sent => {
                 // With other calls in flight (many awaited in turn), nothing changes.
-                let lone = plan().filter(|_| may_spin_in_async());
-                self.0 = match lone {
+                self.0 = match plan_here() {
                     Some(lone) if lone.spin_for.is_some() => {
                         cx.waker().wake_by_ref();
                         AsyncStep::Offered
@@ -233,8 +236,7 @@ impl AsyncSpin {
                 false
             }
             AsyncStep::Offered => {
-                // Looked at again: the future may have moved (into a task, a sync wait).
-                let Some(mut lone) = plan().filter(|_| may_spin_in_async()) else {
+                let Some(mut lone) = plan_here() else {
                     self.0 = AsyncStep::Over;
                     return false;
                 };
@@ -242,7 +244,16 @@ impl AsyncSpin {
                 self.0 = AsyncStep::Timed(lone.started);
                 arrived
             }
-            AsyncStep::Timed(_) | AsyncStep::Over => false,
+            // Polled again before the wait is over (a broadcast's next reply, a wake-up
+            // for something else): what is left of the limit, counted from the start.
+            AsyncStep::Timed(began) => match plan_here() {
+                Some(mut lone) => {
+                    lone.started = began;
+                    lone.spin_until(ready)
+                }
+                None => false,
+            },
+            AsyncStep::Over => false,
         }
     }
 

@@ -22,8 +22,9 @@ fn async_spin_process() {
     common::run_role(&[("worker", worker)]);
 }
 
-/// Serves `nap(ms)` (sleeps that long, returns it) and `meet()`: true once two calls of
-/// `meet` are in at the same time, false if the other does not come within 2 s.
+/// Serves `nap(ms)` (sleeps that long, returns it), `stagger(ms)` (the same, twice as
+/// long on a worker called `slow...`), and `meet()`: true once two calls of `meet` are
+/// in at the same time, false if the other does not come within 2 s.
 fn worker() {
     let g = common::builder_for(&common::address_from_env())
         .process_name(std::env::var(common::ENV_NAME).expect("name"))
@@ -34,6 +35,15 @@ fn worker() {
         ms
     })
     .expect("register nap");
+    // Twice as long on a worker whose name says `slow`: a broadcast's replies come
+    // one after the other.
+    let slow = std::env::var(common::ENV_NAME).is_ok_and(|name| name.contains("slow"));
+    g.register("stagger", move |ms: u64| {
+        let ms = if slow { 2 * ms } else { ms };
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    })
+    .expect("register stagger");
     g.register("meet", || async {
         static MET: OnceLock<watch::Sender<usize>> = OnceLock::new();
         let met = MET.get_or_init(|| watch::channel(0).0);
@@ -45,19 +55,6 @@ fn worker() {
     })
     .expect("register meet");
     g.join().expect("join");
-}
-
-/// The processor time this thread has used.
-fn thread_cpu() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to; CLOCK_THREAD_CPUTIME_ID always exists on
-    // Linux.
-    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    assert_eq!(read, 0, "clock_gettime");
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// A runtime as `#[tokio::main]` builds it.
@@ -100,7 +97,7 @@ async fn caller(cluster: &Cluster, worker: &str, spin: Duration) -> Global {
 /// The processor time this thread used awaiting `calls` lone calls of `nap(ms)`, half
 /// with `fg_async`, half with `bg` and `.await`.
 async fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
-    let before = thread_cpu();
+    let before = common::thread_cpu();
     for i in 0..calls {
         let call = g.call("nap").on(worker).args((ms,)).timeout(WAIT);
         let slept: u64 = if i % 2 == 0 {
@@ -111,7 +108,7 @@ async fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Durati
         .expect("nap answers");
         assert_eq!(slept, ms);
     }
-    thread_cpu() - before
+    common::thread_cpu() - before
 }
 
 /// Held by each test that spins: a process spins on one thread per two processors at
@@ -124,10 +121,6 @@ fn spinning_alone() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn two_processors_or_more() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
-}
-
 /// The future `block_on` drives spins through lone waits that end within the limit,
 /// stops once they take longer, and never spins with a limit of zero; two calls awaited
 /// together with `join!` are both sent before either spins. One test: a process spins
@@ -135,7 +128,7 @@ fn two_processors_or_more() -> bool {
 #[test]
 fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
     let _alone = spinning_alone();
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -163,7 +156,7 @@ fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
         );
 
         // A broadcast's replies are spun for too (here to one worker).
-        let before = thread_cpu();
+        let before = common::thread_cpu();
         for _ in 0..naps {
             let answers = g
                 .call("nap")
@@ -174,7 +167,7 @@ fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
                 .expect("the broadcast answers");
             assert_eq!(answers.get(&worker), Some(&10), "{answers:?}");
         }
-        let spun = thread_cpu() - before;
+        let spun = common::thread_cpu() - before;
         assert!(
             spun >= Duration::from_millis(10) * naps as u32 / 4,
             "{naps} awaited broadcasts of naps of 10 ms used only {spun:?} of this thread's time"
@@ -265,7 +258,7 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
         cpu_for_naps(&g, &worker, 0, 20).await;
 
         common::pause(pid);
-        let before = thread_cpu();
+        let before = common::thread_cpu();
         let outcome = g
             .call("nap")
             .on(&worker)
@@ -273,7 +266,7 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
             .timeout(Duration::from_millis(500))
             .fg_async::<u64>()
             .await;
-        let used = thread_cpu() - before;
+        let used = common::thread_cpu() - before;
         common::resume(pid);
         assert!(
             matches!(outcome, Err(daffi::Error::Timeout { .. })),
@@ -294,7 +287,7 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
 #[test]
 fn an_awaited_spin_ends_at_the_calls_timeout() {
     let _alone = spinning_alone();
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -306,7 +299,7 @@ fn an_awaited_spin_ends_at_the_calls_timeout() {
         cpu_for_naps(&g, &worker, 0, 4).await;
 
         common::pause(pid);
-        let before = thread_cpu();
+        let before = common::thread_cpu();
         let outcome = g
             .call("nap")
             .on(&worker)
@@ -314,7 +307,7 @@ fn an_awaited_spin_ends_at_the_calls_timeout() {
             .timeout(Duration::from_millis(50))
             .fg_async::<u64>()
             .await;
-        let used = thread_cpu() - before;
+        let used = common::thread_cpu() - before;
         common::resume(pid);
         assert!(
             matches!(outcome, Err(daffi::Error::Timeout { .. })),
@@ -334,7 +327,7 @@ fn an_awaited_spin_ends_at_the_calls_timeout() {
 #[test]
 fn awaits_given_up_past_the_limit_stop_the_spinning() {
     let _alone = spinning_alone();
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -350,12 +343,12 @@ fn awaits_given_up_past_the_limit_stop_the_spinning() {
         for _ in 0..10 {
             give_up().await;
         }
-        let before = thread_cpu();
+        let before = common::thread_cpu();
         let tries = 10;
         for _ in 0..tries {
             give_up().await;
         }
-        let used = thread_cpu() - before;
+        let used = common::thread_cpu() - before;
         assert!(
             used < spin * tries / 4,
             "{tries} awaits given up after 60 ms, past a 40 ms spin, still used {used:?}"
@@ -373,7 +366,7 @@ fn awaits_given_up_past_the_limit_stop_the_spinning() {
 #[ignore = "known: an await's spin holds up what its thread also polls (up to sync_spin)"]
 fn a_timeout_around_an_awaited_spin_fires() {
     let _alone = spinning_alone();
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -397,7 +390,7 @@ fn a_timeout_around_an_awaited_spin_fires() {
 #[test]
 fn a_wait_polled_then_collected_with_get_counts_once() {
     let _alone = spinning_alone();
-    if !two_processors_or_more() {
+    if !common::two_processors_or_more() {
         eprintln!("one processor: nothing ever spins here");
         return;
     }
@@ -423,6 +416,55 @@ fn a_wait_polled_then_collected_with_get_counts_once() {
         assert!(
             spun >= Duration::from_millis(5),
             "after three slow waits (six counted?), an awaited nap of 20 ms used only {spun:?}"
+        );
+        g.stop();
+    });
+}
+
+/// An awaited broadcast spins within one limit for all its replies, as a sync one does:
+/// replies that come one after the other, each within the limit of the one before, do
+/// not each get a spin of their own.
+#[test]
+fn an_awaited_broadcast_spins_within_one_limit() {
+    let _alone = spinning_alone();
+    if !common::two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return;
+    }
+    let (mut cluster, quick) = cluster_with_worker("stagger");
+    let slow = common::unique("slow");
+    cluster.spawn_worker(&slow);
+    users_runtime().block_on(async {
+        let spin = Duration::from_millis(40);
+        let g = caller(&cluster, &quick, spin).await;
+        g.wait_process_timeout_async(&slow, WAIT)
+            .await
+            .expect("slow worker known");
+        // Replies at about 30 and 60 ms: one limit is 40 ms of spinning; a limit per
+        // reply would be 30 + 30.
+        let broadcasts = 3;
+        let before = common::thread_cpu();
+        for _ in 0..broadcasts {
+            let answers = g
+                .call("stagger")
+                .args((30u64,))
+                .timeout(WAIT)
+                .broadcast_async::<u64>()
+                .await
+                .expect("the broadcast answers");
+            assert_eq!(
+                (answers.get(&quick), answers.get(&slow)),
+                (Some(&30), Some(&60))
+            );
+        }
+        let used = common::thread_cpu() - before;
+        assert!(
+            used >= Duration::from_millis(10) * broadcasts,
+            "{broadcasts} broadcasts used only {used:?} of this thread's time: no spin"
+        );
+        assert!(
+            used < Duration::from_millis(50) * broadcasts,
+            "{broadcasts} broadcasts with a 40 ms spin limit used {used:?} of this thread's time"
         );
         g.stop();
     });

@@ -232,8 +232,8 @@ impl GlobalBuilder {
     /// How long a thread blocked in a sync call (`fg`, `get`, `broadcast`) that is the
     /// node's only call in flight polls for the reply before it sleeps. Default: 200 µs.
     /// `Duration::ZERO` never spins. An awaited call (`fg_async`, `broadcast_async`, an
-    /// `AsyncResult`'s `.await`) spins the same way where that holds up nothing else: in
-    /// the future a `block_on` drives on a multi-threaded runtime (the body of
+    /// `AsyncResult`'s `.await`) spins the same way where its thread has no task to run:
+    /// in the future a `block_on` drives on a multi-threaded runtime (the body of
     /// `#[tokio::main]`), never inside a task nor on a current-thread runtime.
     ///
     /// A round trip on one machine takes tens of microseconds; a thread that sleeps at
