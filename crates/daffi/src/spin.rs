@@ -16,7 +16,7 @@
 //! - after a few turns, yielding its processor between looks, so that a thread woken
 //!   onto it (the callee, the controller, the worker that reads the reply) runs at once.
 //!
-//! An awaited call spins the same way where nothing else waits for its thread
+//! An awaited call spins the same way on a thread that runs no tasks
 //! ([`AsyncSpin`]). The limit is
 //! [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero turns spinning
 //! off.
@@ -173,7 +173,7 @@ impl LoneWait<'_> {
 }
 
 /// How a future awaiting its node's only call spins for the reply, as a sync wait does,
-/// where that holds up nothing else: outside any task, on a thread that polls the
+/// on a thread that runs no tasks: outside any task, on a thread that polls the
 /// future itself (the body of `#[tokio::main]` or another `block_on` on a
 /// multi-threaded runtime, or a plain executor's), never inside a task (its worker
 /// runs other tasks) nor where the thread drives a current-thread runtime (the reply
@@ -184,8 +184,8 @@ impl LoneWait<'_> {
 /// lone. The spin happens on the next poll, if the call is still lone and spinning pays
 /// ([`SpinPolicy`]).
 ///
-/// "Holds up nothing else" is only as true as a future can see: the spin does hold up
-/// what the same thread polls around or beside this future and does not send a call
+/// That is as much as a future can see of its thread: the spin does hold up what the
+/// same thread polls around or beside this future and does not send a call
 /// (a `tokio::time::timeout` or `select!` wrapping it, a `join!` sibling waiting on
 /// something else, a `LocalSet`'s tasks when its `run_until` drives the future), for
 /// up to the limit. The call's own deadline does end the spin.
