@@ -121,18 +121,27 @@ fn spinning_alone() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// For a test that spins: the lock that keeps it alone, a controller and a worker
+/// (`cluster_with_worker`); `None` on one processor, where nothing spins.
+fn spinning_cluster(prefix: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Cluster, String)> {
+    let alone = spinning_alone();
+    if !common::two_processors_or_more() {
+        eprintln!("one processor: nothing ever spins here");
+        return None;
+    }
+    let (cluster, worker) = cluster_with_worker(prefix);
+    Some((alone, cluster, worker))
+}
+
 /// The future `block_on` drives spins through lone waits that end within the limit,
 /// stops once they take longer, and never spins with a limit of zero; two calls awaited
 /// together with `join!` are both sent before either spins. One test: a process spins
 /// on one thread per two processors at most (the other tests here never spin).
 #[test]
 fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, cluster, worker)) = spinning_cluster("napper") else {
         return;
-    }
-    let (cluster, worker) = cluster_with_worker("napper");
+    };
     users_runtime().block_on(async {
         // The callee answers `meet` only once it has both calls, and waits 2 s at most:
         // far less than this caller would spin for the first before it sent the second.
@@ -286,12 +295,9 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
 /// for the whole limit.
 #[test]
 fn an_awaited_spin_ends_at_the_calls_timeout() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, mut cluster, worker)) = spinning_cluster("deadline") else {
         return;
-    }
-    let (mut cluster, worker) = cluster_with_worker("deadline");
+    };
     let pid = cluster.worker(&worker).pid().expect("worker pid");
     users_runtime().block_on(async {
         let spin = Duration::from_secs(3);
@@ -326,12 +332,9 @@ fn an_awaited_spin_ends_at_the_calls_timeout() {
 /// giving up on slow callees stops spinning, as it does for calls that time out.
 #[test]
 fn awaits_given_up_past_the_limit_stop_the_spinning() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, cluster, worker)) = spinning_cluster("givenup") else {
         return;
-    }
-    let (cluster, worker) = cluster_with_worker("givenup");
+    };
     users_runtime().block_on(async {
         let spin = Duration::from_millis(40);
         let g = caller(&cluster, &worker, spin).await;
@@ -365,12 +368,9 @@ fn awaits_given_up_past_the_limit_stop_the_spinning() {
 #[test]
 #[ignore = "known: an await's spin holds up what its thread also polls (up to sync_spin)"]
 fn a_timeout_around_an_awaited_spin_fires() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, cluster, worker)) = spinning_cluster("wrapped") else {
         return;
-    }
-    let (cluster, worker) = cluster_with_worker("wrapped");
+    };
     users_runtime().block_on(async {
         let g = caller(&cluster, &worker, Duration::from_secs(3)).await;
         let call = g.call("nap").on(&worker).args((500u64,)).timeout(WAIT);
@@ -389,12 +389,9 @@ fn a_timeout_around_an_awaited_spin_fires() {
 /// an awaited nap well within the limit after them still spins.
 #[test]
 fn a_wait_polled_then_collected_with_get_counts_once() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, cluster, worker)) = spinning_cluster("twice") else {
         return;
-    }
-    let (cluster, worker) = cluster_with_worker("twice");
+    };
     users_runtime().block_on(async {
         let spin = Duration::from_millis(40);
         let g = caller(&cluster, &worker, spin).await;
@@ -426,12 +423,9 @@ fn a_wait_polled_then_collected_with_get_counts_once() {
 /// not each get a spin of their own.
 #[test]
 fn an_awaited_broadcast_spins_within_one_limit() {
-    let _alone = spinning_alone();
-    if !common::two_processors_or_more() {
-        eprintln!("one processor: nothing ever spins here");
+    let Some((_alone, mut cluster, quick)) = spinning_cluster("stagger") else {
         return;
-    }
-    let (mut cluster, quick) = cluster_with_worker("stagger");
+    };
     let slow = common::unique("slow");
     cluster.spawn_worker(&slow);
     users_runtime().block_on(async {
