@@ -254,25 +254,30 @@ fn a_call_awaited_on_a_current_thread_runtime_never_spins() {
     });
 }
 
-/// A callee paused with SIGSTOP mid-call: the awaiting thread spins for its limit at
-/// most, then sleeps until the call's timeout; the callee, resumed, answers again.
-#[test]
-fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
-    let _alone = spinning_alone();
-    let (mut cluster, worker) = cluster_with_worker("paused");
-    let pid = cluster.worker(&worker).pid().expect("worker pid");
+/// Awaits a call to `worker`, paused with SIGSTOP mid-call, from a caller spinning for
+/// up to `spin` that spun for its quick calls before: the call's outcome (checked to be
+/// its `timeout`), and the processor time the awaiting thread used. The callee,
+/// resumed, answers again.
+fn await_paused_callee(
+    cluster: &mut Cluster,
+    worker: &str,
+    spin: Duration,
+    timeout: Duration,
+) -> Duration {
+    let pid = cluster.worker(worker).pid().expect("worker pid");
+    let cluster = &*cluster;
     users_runtime().block_on(async {
-        let g = caller(&cluster, &worker, Duration::from_millis(5)).await;
+        let g = caller(cluster, worker, spin).await;
         // Quick calls first: the node spins for its lone calls from here on.
-        cpu_for_naps(&g, &worker, 0, 20).await;
+        cpu_for_naps(&g, worker, 0, 20).await;
 
         common::pause(pid);
         let before = common::thread_cpu();
         let outcome = g
             .call("nap")
-            .on(&worker)
+            .on(worker)
             .args((0u64,))
-            .timeout(Duration::from_millis(500))
+            .timeout(timeout)
             .fg_async::<u64>()
             .await;
         let used = common::thread_cpu() - before;
@@ -281,13 +286,24 @@ fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
             matches!(outcome, Err(daffi::Error::Timeout { .. })),
             "a paused callee: {outcome:?}"
         );
-        assert!(
-            used < Duration::from_millis(100),
-            "awaiting a paused callee for 500 ms used {used:?} of the caller's thread"
-        );
-        cpu_for_naps(&g, &worker, 0, 1).await;
+        cpu_for_naps(&g, worker, 0, 1).await;
         g.stop();
-    });
+        used
+    })
+}
+
+/// A callee paused with SIGSTOP mid-call: the awaiting thread spins for its limit at
+/// most, then sleeps until the call's timeout; the callee, resumed, answers again.
+#[test]
+fn a_call_awaited_from_a_paused_callee_sleeps_until_its_timeout() {
+    let _alone = spinning_alone();
+    let (mut cluster, worker) = cluster_with_worker("paused");
+    let (spin, timeout) = (Duration::from_millis(5), Duration::from_millis(500));
+    let used = await_paused_callee(&mut cluster, &worker, spin, timeout);
+    assert!(
+        used < Duration::from_millis(100),
+        "awaiting a paused callee for 500 ms used {used:?} of the caller's thread"
+    );
 }
 
 /// A call's own timeout ends an awaited spin, as it ends a sync one: with a spin limit
@@ -298,33 +314,12 @@ fn an_awaited_spin_ends_at_the_calls_timeout() {
     let Some((_alone, mut cluster, worker)) = spinning_cluster("deadline") else {
         return;
     };
-    let pid = cluster.worker(&worker).pid().expect("worker pid");
-    users_runtime().block_on(async {
-        let spin = Duration::from_secs(3);
-        let g = caller(&cluster, &worker, spin).await;
-        cpu_for_naps(&g, &worker, 0, 4).await;
-
-        common::pause(pid);
-        let before = common::thread_cpu();
-        let outcome = g
-            .call("nap")
-            .on(&worker)
-            .args((0u64,))
-            .timeout(Duration::from_millis(50))
-            .fg_async::<u64>()
-            .await;
-        let used = common::thread_cpu() - before;
-        common::resume(pid);
-        assert!(
-            matches!(outcome, Err(daffi::Error::Timeout { .. })),
-            "a paused callee: {outcome:?}"
-        );
-        assert!(
-            used < spin / 3,
-            "a call timing out after 50 ms used {used:?} of the caller's thread (spin limit {spin:?})"
-        );
-        g.stop();
-    });
+    let (spin, timeout) = (Duration::from_secs(3), Duration::from_millis(50));
+    let used = await_paused_callee(&mut cluster, &worker, spin, timeout);
+    assert!(
+        used < spin / 3,
+        "a call timing out after 50 ms used {used:?} of the caller's thread (spin limit {spin:?})"
+    );
 }
 
 /// An awaited call dropped unfinished (a `tokio::time::timeout` around it) after it
