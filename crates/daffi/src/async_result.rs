@@ -156,10 +156,8 @@ impl<T: DeserializeOwned> AsyncResult<T> {
 impl<T> Drop for AsyncResult<T> {
     fn drop(&mut self) {
         // Dropped while its lone wait was timed: a wait given up counts (see `AsyncSpin`).
-        if self.spin.is_timed() {
-            if let Ok(node) = self.global.node() {
-                node.abandon_reply(&mut self.spin);
-            }
+        if let Ok(node) = self.global.node() {
+            node.abandon_reply(&mut self.spin);
         }
     }
 }

@@ -160,22 +160,20 @@ impl Call {
     /// # Ok(()) }
     /// ```
     pub fn fg<T: DeserializeOwned>(self) -> Result<T> {
-        let global = self.global.clone();
         if self.feed.is_some() {
-            return blocking::wait(global.runtime(), "fg", self.fg_async())?;
+            let runtime = self.global.runtime().clone();
+            return blocking::wait(&runtime, "fg", self.fg_async())?;
         }
         // Refused before anything is sent where it could not wait.
         let may_wait = blocking::may_wait("fg")?;
         let callback = self.callback.clone();
-        let (node, request) = self.into_request(false)?;
+        let (global, request) = self.into_parts(false)?;
+        let node = global.node()?;
         // Sent from this thread when nothing makes it wait (as `bg` does); only the wait
         // for the reply enters the runtime.
         let started = start_here(&global, node, request);
         let reply = match started {
-            Started::Sent(call) => {
-                let lone = global.node().ok().and_then(|node| node.lone_wait(true));
-                may_wait.wait_lone(global.runtime(), call, lone)
-            }
+            Started::Sent(call) => may_wait.wait_lone(global.runtime(), call, node.lone_wait(true)),
             Started::Failed(e) => Err(e),
             Started::Later(rest) => may_wait.wait(global.runtime(), rest),
         };
@@ -199,14 +197,11 @@ impl Call {
         // Sent at once when nothing makes it wait (as `bg` does): what is awaited is
         // then only the reply's waiter, not the builder and the node's send future
         // (a future several times larger, moved on every poll's way in).
-        let global = self.global.clone();
-        let (node, request) = self.into_request(false)?;
+        let (global, request) = self.into_parts(false)?;
+        let node = global.node()?;
         let started = start_here(&global, node, request);
         let reply = match started {
-            Started::Sent(call) => match global.node() {
-                Ok(node) => node.reply(call).await,
-                Err(_) => call.await,
-            },
+            Started::Sent(call) => node.reply(call).await,
             Started::Failed(e) => Err(e),
             Started::Later(rest) => rest.await,
         };
@@ -236,9 +231,8 @@ impl Call {
         }
         // The builder's `Global` moves into the result (not cloned).
         let (global, request) = self.into_parts(false)?;
-        let node = global.node()?.clone();
         // Sent from this thread when nothing makes it wait: no task to start and wake.
-        let started = start_here(&global, node, request);
+        let started = start_here(&global, global.node()?, request);
         let outcome = match started {
             Started::Sent(call) => Outcome::Sent(call),
             Started::Failed(e) => Outcome::Failed(Some(e)),
@@ -749,7 +743,7 @@ pub(crate) fn decode_result<T: DeserializeOwned>(callback: &str, reply: ReplyPay
 
 /// Starts `request` on `node` from the calling thread (sent at once when nothing makes
 /// it wait): only timers (a timeout, an eta) need the node's runtime entered.
-fn start_here(global: &Global, node: Arc<Node>, request: CallRequest) -> Started {
+fn start_here(global: &Global, node: &Arc<Node>, request: CallRequest) -> Started {
     let timers = request.timeout.is_some() || request.eta.is_some();
     let _runtime = timers.then(|| global.runtime().enter());
     node.start(request)

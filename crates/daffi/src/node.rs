@@ -129,7 +129,7 @@ impl Node {
     /// Starts a call from the calling thread: sent at once if nothing makes it wait,
     /// otherwise the rest of it as a future (for a task). Enter the node's runtime
     /// first (timers need it).
-    pub fn start(self: Arc<Self>, mut req: CallRequest) -> Started {
+    pub fn start(self: &Arc<Self>, mut req: CallRequest) -> Started {
         match self.try_send(&mut req) {
             Some(Ok(Some(waiter))) => return Started::Sent(waiter),
             Some(Ok(None)) => return Started::Later(Box::pin(async { Ok(Bytes::new().into()) })),
@@ -137,9 +137,8 @@ impl Node {
             None => {}
         }
         // Waiting may need timers (the providers' subscription, a deadline).
-        let runtime = self.runtime.clone();
-        let _context = runtime.enter();
-        let mut call = Box::pin(self.send(req));
+        let _context = self.runtime.enter();
+        let mut call = Box::pin(self.clone().send(req));
         match call.as_mut().poll(&mut Context::from_waker(noop_waker())) {
             Poll::Ready(Ok(Some(waiter))) => Started::Sent(waiter),
             // NO_RETURN: nothing to wait for.

@@ -268,12 +268,6 @@ impl AsyncSpin {
         }
     }
 
-    /// Whether the wait is timed and unfinished: [`abandoned`](Self::abandoned) may
-    /// count it.
-    pub fn is_timed(&self) -> bool {
-        matches!(self.0, AsyncStep::Timed(_))
-    }
-
     /// The future was dropped before its reply came (a `select!`, a
     /// `tokio::time::timeout` around it). A timed wait that lasted past the limit
     /// counts as a wait past it, as a sync wait that times out does; a shorter one says
