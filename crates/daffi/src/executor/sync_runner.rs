@@ -15,8 +15,9 @@
 //! jobs of the moment (a burst is answered where it was read, and its replies leave
 //! together). Such a run counts as one of the runner's threads, busy: if its callback
 //! turns slow, no new run starts on a worker until it ends (its callback, now known as
-//! slow, goes to the threads next time), and the node's watch thread (which looks every
-//! `HANDOFF_AFTER` while such runs happen, and sleeps otherwise) starts the watchdog on
+//! slow, goes to the threads next time), and the node's watch thread (which looks
+//! `HANDOFF_AFTER` after a run's progress, once a millisecond between runs while they
+//! happen, and sleeps otherwise) starts the watchdog on
 //! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
 //! could use (time the OS left it waiting for a processor, on a loaded machine, does not
 //! count: see [`thread_clock`]): it starts threads for the jobs
@@ -119,8 +120,9 @@ const ONE_WAY_JOBS_PER_TASK: usize = 64;
 /// [`SyncRunner::help_with_backlog`]).
 const HELP_ABOVE: usize = 4_096;
 
-/// Looks without a run beginning after which the watch thread sleeps.
-const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 40;
+/// Looks without a run beginning after which the watch thread sleeps (about 20 ms: such
+/// looks are `2 * HANDOFF_AFTER` apart, see [`next_look`]).
+const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 20;
 
 /// A step of the run on a worker: its slot, and which step (see [`Slot::OnWorker`]).
 #[derive(Debug, Clone, Copy)]
@@ -1010,8 +1012,8 @@ impl RunWatch {
     }
 }
 
-/// The watch thread of a node: every `HANDOFF_AFTER` while runs on a worker happen, looks
-/// whether one is stuck in a callback; if so, starts the runner's watchdog on the
+/// The watch thread of a node: while runs on a worker happen, looks whether one is stuck
+/// in a callback (when, see [`next_look`]); if so, starts the runner's watchdog on the
 /// runtime (waking another worker). Sleeps once no run began for a while; ends with the
 /// node.
 fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle) {
@@ -1049,7 +1051,7 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         runs_seen = runs;
         if idle_looks < WATCH_LOOKS_BEFORE_SLEEPING {
             drop(core);
-            std::thread::sleep(HANDOFF_AFTER);
+            std::thread::sleep(next_look(began, now, batches));
             continue;
         }
         watch.sleeping.store(true, Ordering::SeqCst);
@@ -1063,6 +1065,28 @@ fn watch_runs(core: &std::sync::Weak<Executor>, runtime: &tokio::runtime::Handle
         std::thread::park_timeout(LINGER);
         idle_looks = 0;
     }
+}
+
+/// How long the watch sleeps before its next look, having seen at `now` the run on a
+/// worker that made progress at `began` (0: none runs) and jobs running the calls of
+/// batches or not. A stall is seen `HANDOFF_AFTER` after its progress, and stuck
+/// `HANDOFF_AFTER` of usable time after that. With no run to watch, one look in twice
+/// that: a run that begins just after the look is first seen as late as with looks
+/// every `HANDOFF_AFTER` (then stalled for as long), and a stream of quick callbacks,
+/// which is mostly between runs, wakes the watch half as often.
+fn next_look(began: u64, now: u64, batches: bool) -> Duration {
+    if began == 0 {
+        return if batches {
+            HANDOFF_AFTER
+        } else {
+            2 * HANDOFF_AFTER
+        };
+    }
+    let age = now.saturating_sub(began);
+    if age >= HANDOFF_AFTER_US || batches {
+        return HANDOFF_AFTER;
+    }
+    Duration::from_micros(HANDOFF_AFTER_US - age)
 }
 
 /// What the watch does for a run on a worker found stuck (its job began at `began`, and
@@ -1319,5 +1343,26 @@ mod tests {
         let mut s = state(2, 2, Duration::from_secs(1), 1);
         s.slots.insert(0, Slot::Vacant);
         assert_eq!(s.plan_threads(8, false).0, vec![0]);
+    }
+
+    #[test]
+    fn a_stall_is_seen_as_soon_as_before_and_idle_looks_are_twice_as_far_apart() {
+        let handoff = HANDOFF_AFTER_US;
+        // No run: the next look in twice `HANDOFF_AFTER`, so that a run that begins
+        // right after this look is seen stalled at that next look, as with two.
+        assert_eq!(next_look(0, 10_000, false), 2 * HANDOFF_AFTER);
+        // A run made progress 100 us ago: looked at again once it is `HANDOFF_AFTER` old.
+        let began = 10_000;
+        assert_eq!(
+            next_look(began, began + 100, false),
+            Duration::from_micros(handoff - 100)
+        );
+        // Seen stalled: looked at again after `HANDOFF_AFTER` (of which its thread must
+        // have used enough to be stuck).
+        assert_eq!(next_look(began, began + handoff, false), HANDOFF_AFTER);
+        assert_eq!(next_look(began, began + 5 * handoff, false), HANDOFF_AFTER);
+        // Batches running: looked at every `HANDOFF_AFTER`, as before.
+        assert_eq!(next_look(0, 10_000, true), HANDOFF_AFTER);
+        assert_eq!(next_look(began, began + 100, true), HANDOFF_AFTER);
     }
 }
