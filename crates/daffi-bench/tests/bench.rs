@@ -11,7 +11,13 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn run_quick(extra: &[&str]) -> (bool, String, String) {
+    run_quick_with(extra, &[])
+}
+
+/// `run_quick`, with `env` set for the bench and the processes it starts.
+fn run_quick_with(extra: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_daffi-bench"))
+        .envs(env.iter().copied())
         .arg("--quick")
         .args(extra)
         .stdin(Stdio::null())
@@ -116,5 +122,26 @@ fn quick_bench_speaks_json() {
         "\"met\"",
     ] {
         assert!(out.contains(key), "no {key} in:\n{out}");
+    }
+}
+
+/// The threads floor's client with its replies read by a second thread (a profiling
+/// aid, see BENCHMARKS.md): A's round trips all come back, over both sockets.
+#[test]
+fn the_floor_client_with_a_reader_thread_makes_its_round_trips() {
+    let (ok, out, err) = run_quick_with(
+        &["--only", "a", "--reps", "1"],
+        &[("DAFFI_FLOOR_READER_THREAD", "1")],
+    );
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    for row in [
+        "floor threads direct: unix round trip p50",
+        "floor threads spin: unix round trip p50",
+        "floor threads direct: tcp round trip p50",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with("A ") && l.contains(row)),
+            "no `A ... {row}` line in:\n{out}"
+        );
     }
 }

@@ -52,6 +52,14 @@ impl Stream {
         }
     }
 
+    /// Shuts both directions: a thread blocked reading it returns.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     fn try_clone(&self) -> std::io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
@@ -74,6 +82,30 @@ impl Read for Stream {
                 s.read(buf)
             }
         }
+    }
+}
+
+/// A reply passed from the client's reader thread to its main thread, which spins
+/// (yielding) until it is in (see [`Client::latency_read_by_a_thread`]).
+#[derive(Default)]
+struct Handoff {
+    slot: Mutex<Option<Result<Frame>>>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Handoff {
+    fn put(&self, reply: Result<Frame>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn take(&self) -> Result<Frame> {
+        use std::sync::atomic::Ordering;
+        while !self.ready.swap(false, Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let reply = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        reply.ok_or("the reader thread handed over no reply")?
     }
 }
 
@@ -506,6 +538,9 @@ impl Client {
     }
 
     fn latency(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
+        if std::env::var_os("DAFFI_FLOOR_READER_THREAD").is_some_and(|v| v == "1") {
+            return self.latency_read_by_a_thread(calls, warmup);
+        }
         for _ in 0..warmup {
             self.round_trip(ops::ADD, SMALL_ARGS)?;
         }
@@ -516,6 +551,70 @@ impl Client {
             samples.push(t.elapsed());
         }
         Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
+    }
+
+    /// A's round trips with the replies read by a second thread, blocked in its read,
+    /// which hands each to this one through a flag this one spins on (yielding): the
+    /// shape of daffi's spinning sync caller, whose runtime worker reads the reply. The
+    /// latency op of the client when `DAFFI_FLOOR_READER_THREAD=1` (a profiling aid; see
+    /// BENCHMARKS.md, "A's gap by thread").
+    fn latency_read_by_a_thread(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
+        let total = calls + warmup;
+        let handoff = Handoff::default();
+        let Client {
+            frames,
+            writer,
+            name,
+            server,
+            next_id,
+            ..
+        } = self;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for _ in 0..total {
+                    let reply = match frames.next() {
+                        Ok(Some(f)) if f.kind() == Kind::Reply => Ok(f),
+                        Ok(Some(f)) => Err(format!("unexpected {:?} frame", f.kind()).into()),
+                        Ok(None) => Err("the relay closed the connection".into()),
+                        Err(e) => Err(e),
+                    };
+                    let failed = reply.is_err();
+                    handoff.put(reply);
+                    if failed {
+                        return;
+                    }
+                }
+            });
+            let mut samples = Vec::with_capacity(calls);
+            let mut round_trip = || -> Result<Duration> {
+                let t = Instant::now();
+                *next_id += 1;
+                let header = request_header(*next_id, name, server, ops::ADD, false);
+                writer.frame(&header.encode(SMALL_ARGS.len()), SMALL_ARGS)?;
+                writer.flush_if(true)?;
+                let reply = handoff.take()?;
+                if reply.call_id() != *next_id {
+                    return Err(format!(
+                        "reply to call {} while waiting for {next_id}",
+                        reply.call_id()
+                    )
+                    .into());
+                }
+                Ok(t.elapsed())
+            };
+            for i in 0..total {
+                match round_trip() {
+                    Ok(took) if i >= warmup => samples.push(took),
+                    Ok(_) => {}
+                    Err(e) => {
+                        // The reader may be blocked in its read: end it.
+                        writer.out.get_ref().shutdown();
+                        return Err(e);
+                    }
+                }
+            }
+            Percentiles::of(&mut samples).ok_or_else(|| "no calls measured".into())
+        })
     }
 
     /// Keeps `in_flight` requests outstanding: a request is written for each reply,
