@@ -557,7 +557,8 @@ impl Client {
     /// which hands each to this one through a flag this one spins on (yielding): the
     /// shape of daffi's spinning sync caller, whose runtime worker reads the reply. The
     /// latency op of the client when `DAFFI_FLOOR_READER_THREAD=1` (a profiling aid; see
-    /// BENCHMARKS.md, "A's gap by thread").
+    /// BENCHMARKS.md, "A's gap by thread"). Run it without `--spin-us`: with it, the
+    /// reader too would poll before it blocks, and two threads would spin.
     fn latency_read_by_a_thread(&mut self, calls: usize, warmup: usize) -> Result<LatencyAnswer> {
         let total = calls + warmup;
         let handoff = Handoff::default();
