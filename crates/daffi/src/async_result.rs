@@ -168,14 +168,16 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let this = &mut *self;
         let outcome = match &mut this.outcome {
-            Outcome::Sent(call) => match this.global.node() {
-                Ok(node) => {
-                    let reply = std::task::ready!(node.poll_reply(call, &mut this.spin, cx));
-                    node.replied(&mut this.spin);
-                    reply
-                }
-                Err(_) => std::task::ready!(Pin::new(call).poll(cx)),
-            },
+            Outcome::Sent(call) => {
+                // A sent call came from this `Global`'s node: the lookup cannot fail.
+                let node = match this.global.node() {
+                    Ok(node) => node,
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                let reply = std::task::ready!(node.poll_reply(call, &mut this.spin, cx));
+                node.replied(&mut this.spin);
+                reply
+            }
             Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {
                 Ok(outcome) => outcome,
                 // The task only fails to finish when the node's runtime shut down.
