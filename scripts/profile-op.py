@@ -140,8 +140,12 @@ def main():
                 return f.read().rsplit(")", 1)[1].split()
 
         def cpu(pid):
+            return sum(cpu_split(pid))
+
+        def cpu_split(pid):
+            """User and system time, in seconds."""
             fields = stat(pid)
-            return (int(fields[11]) + int(fields[12])) / tick
+            return int(fields[11]) / tick, int(fields[12]) / tick
 
         def faults(pid):
             """Minor page faults: fresh memory touched (what a reused buffer saves)."""
@@ -162,7 +166,8 @@ def main():
                 by_name[key] = by_name.get(key, 0) + n
             return by_name
 
-        before = {name: (cpu(p.pid), switches(p.pid), faults(p.pid)) for name, p in procs.items()}
+        before = {name: (cpu_split(p.pid), switches(p.pid), faults(p.pid))
+                  for name, p in procs.items()}
         counters = {}
         if a.syscalls or a.sched:
             names = []
@@ -214,7 +219,8 @@ def main():
             now, then = switches(p.pid), before[name][1]
             diff = {t: n - then.get(t, 0) for t, n in now.items() if n != then.get(t, 0)}
             detail = ", ".join(f"{t} {n}" for t, n in sorted(diff.items(), key=lambda x: -x[1]))
-            print(f"{name:>12}: {cpu(p.pid) - before[name][0]:.2f} s of CPU, "
+            user, system = (now - then for now, then in zip(cpu_split(p.pid), before[name][0]))
+            print(f"{name:>12}: {user + system:.2f} s of CPU ({user:.2f} user, {system:.2f} system), "
                   f"{faults(p.pid) - before[name][2]} page faults, "
                   f"{sum(diff.values())} context switches (threads alive at the end: {detail})")
         for p in procs.values():
