@@ -16,7 +16,7 @@ pub mod payload;
 pub mod reader;
 pub mod small;
 
-pub use channel::{frame_channel, Batch, Cork, FrameSender, Push, QueueLimits};
+pub use channel::{frame_channel, Batch, Cork, FrameSender, HeldFrames, Push, QueueLimits};
 pub use connection::{read_frames, Ended, FrameHandler, Handled, WriterTask};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use memory::{huge_page_buffer, lend_large_buffers, room_suits};

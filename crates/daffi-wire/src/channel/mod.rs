@@ -7,6 +7,13 @@
 //! buffer and one write call, so that many calls in flight share system calls. Large
 //! payloads are written straight from their `Bytes`, never copied into the buffer.
 //!
+//! A thread that collects the results of many calls already in, and makes a new call
+//! for each, can hold its requests ([`FrameSender::push_held`]) and write them together
+//! when it next waits ([`HeldFrames::flush`]), as a client that reads every reply at
+//! hand before it writes would: one write for a run of calls, and no writer task woken
+//! for each. The writer task sends held frames anyway [`HOLD_AT_MOST`] after the first,
+//! so a thread that goes off to other work delays them by no more than that.
+//!
 //! What a connection holds for its peer is bounded ([`QueueLimits`]), and a peer that
 //! reads nothing for the stall timeout is closed (the writer's stall rule).
 
@@ -25,8 +32,13 @@ use tokio::sync::Notify;
 
 use crate::outgoing::Outgoing;
 
-pub use sender::{Batch, Cork, FrameSender, Push, DIRECT_BATCH};
+pub use sender::{Batch, Cork, FrameSender, HeldFrames, Push, DIRECT_BATCH};
 use writer::run_writer;
+
+/// The longest the writer task leaves frames held by [`FrameSender::push_held`] for
+/// their thread to flush: past it, it writes them itself (tokio's timer may add up to
+/// a millisecond more).
+pub const HOLD_AT_MOST: Duration = Duration::from_millis(1);
 
 /// What a queued frame costs besides its bytes (its entry in the queue, the handles on
 /// its buffers), counted against the byte limit: a flood of tiny frames is bounded too.
@@ -164,6 +176,12 @@ struct State {
     last_write: Option<Instant>,
     /// Why the connection closed, once it has.
     close_reason: Option<CloseReason>,
+    /// Since when frames queued by [`FrameSender::push_held`] wait for their thread's
+    /// [`HeldFrames::flush`]: the writer task leaves the queue alone until
+    /// [`HOLD_AT_MOST`] later, or until a frame that may not wait is queued.
+    held_since: Option<Instant>,
+    /// The writer task's hold clock runs: a new hold need not wake it to start one.
+    hold_watched: bool,
 }
 
 /// What a connection held when it was closed.
@@ -196,6 +214,8 @@ where
             socket: Some(Box::new(socket)),
             last_write: None,
             close_reason: None,
+            held_since: None,
+            hold_watched: false,
         }),
         work: Notify::new(),
         room: Notify::new(),

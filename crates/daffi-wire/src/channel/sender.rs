@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
 
-use super::{CloseReason, Closed, Held, Shared, Socket, FRAME_COST};
+use super::{CloseReason, Closed, Held, Shared, Socket, State, FRAME_COST};
 use crate::outgoing::Outgoing;
 
 /// A sender writes its frame itself only if the connection wrote nothing for this long:
@@ -133,7 +133,25 @@ impl FrameSender {
 
     /// Sends `frame` if the queue has room; gives it back otherwise.
     pub fn push(&self, frame: Outgoing) -> Push {
-        self.push_within(frame, false)
+        self.push_within(frame, false, false)
+    }
+
+    /// Like [`push`](Self::push), for a thread that has more frames for this connection
+    /// at hand and will flush them itself ([`HeldFrames::flush`], on what
+    /// [`held_frames`](Self::held_frames) returns) before it waits: the frame is queued,
+    /// never written at once, and the writer task leaves the queue to that flush for up
+    /// to [`HOLD_AT_MOST`](super::HOLD_AT_MOST) (woken once, for that bound, by the first frame held). A
+    /// frame pushed any other way ends the hold: everything queued then goes together.
+    pub fn push_held(&self, frame: Outgoing) -> Push {
+        self.push_within(frame, false, true)
+    }
+
+    /// The frames this thread holds on this connection, to flush before it waits. It
+    /// does not keep the connection open (unlike a clone of the sender).
+    pub fn held_frames(&self) -> HeldFrames {
+        HeldFrames {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Like [`push`](Self::push), for a frame the peer cannot refuse (a reply, a
@@ -141,7 +159,7 @@ impl FrameSender {
     /// past the hard limit: the caller closes the connection
     /// ([`close_as_slow_consumer`](Self::close_as_slow_consumer)).
     pub fn push_unrefused(&self, frame: Outgoing) -> Push {
-        self.push_within(frame, true)
+        self.push_within(frame, true, false)
     }
 
     /// Says that more frames for this connection are at hand (the controller forwarding
@@ -173,7 +191,30 @@ impl FrameSender {
     /// the queue is empty, its last frame is partly written, the connection is closed,
     /// or `most_added` more bytes would pass the byte limit. Nothing waits: a frame
     /// that no longer waits is never held back for company.
+    ///
+    /// What joins a frame held for its thread's flush ([`push_held`](Self::push_held))
+    /// ends the hold: it may not wait. A holding thread joins with
+    /// [`join_last_held`](Self::join_last_held).
     pub fn join_last(&self, most_added: usize, join: impl FnOnce(&mut Outgoing) -> bool) -> bool {
+        self.join_within(most_added, false, join)
+    }
+
+    /// Like [`join_last`](Self::join_last), for a thread that holds its frames
+    /// ([`push_held`](Self::push_held)): a hold goes on.
+    pub fn join_last_held(
+        &self,
+        most_added: usize,
+        join: impl FnOnce(&mut Outgoing) -> bool,
+    ) -> bool {
+        self.join_within(most_added, true, join)
+    }
+
+    fn join_within(
+        &self,
+        most_added: usize,
+        held: bool,
+        join: impl FnOnce(&mut Outgoing) -> bool,
+    ) -> bool {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed)
             || (st.partial_front && st.queue.len() == 1)
@@ -197,6 +238,12 @@ impl FrameSender {
         }
         let after = last.len();
         st.unwritten = (st.unwritten + after).saturating_sub(before);
+        // The writer task may be leaving the queue to a flush: no longer.
+        let wake_writer = !held && st.held_since.take().is_some() && st.socket.is_some();
+        drop(st);
+        if wake_writer {
+            self.shared.work.notify_one();
+        }
         true
     }
 
@@ -215,6 +262,8 @@ impl FrameSender {
         }
         st.unwritten += cost;
         st.queue.extend(frames);
+        // They may not wait: a hold ends (see `push_held`).
+        st.held_since = None;
         let wake_writer = st.socket.is_some() && self.shared.batches.load(Ordering::Relaxed) == 0;
         drop(st);
         if wake_writer {
@@ -223,7 +272,7 @@ impl FrameSender {
         Push::Sent
     }
 
-    fn push_within(&self, frame: Outgoing, hard: bool) -> Push {
+    fn push_within(&self, frame: Outgoing, hard: bool, held: bool) -> Push {
         let mut st = self.shared.lock();
         if self.shared.closed.load(Ordering::Relaxed) {
             return Push::Closed;
@@ -232,7 +281,8 @@ impl FrameSender {
         // socket with an empty queue means nothing is held: the writer task gives the
         // socket back only once it wrote everything it took.
         let batching = self.shared.batches.load(Ordering::Relaxed) > 0;
-        let direct = !batching
+        let direct = !held
+            && !batching
             && self.shared.corks.load(Ordering::Relaxed) == 0
             && st.queue.is_empty()
             && st.socket.is_some()
@@ -256,9 +306,18 @@ impl FrameSender {
         }
         st.unwritten += cost;
         st.queue.push_back(frame);
+        // A held frame wakes the writer task only to start the hold's clock; any other
+        // frame ends the hold.
+        let first_held = held && st.held_since.is_none();
+        if first_held {
+            st.held_since = Some(Instant::now());
+        } else if !held {
+            st.held_since = None;
+        }
         // Whoever holds the socket now looks at the queue when it gives the socket back;
         // the last `Batch` dropped writes it (or wakes the writer task then).
-        let wake_writer = st.socket.is_some() && !batching;
+        let wake_writer =
+            st.socket.is_some() && !batching && (!held || (first_held && !st.hold_watched));
         // Woken outside the lock: a wake-up can hand this thread's processor to the
         // woken one, and a sender preempted while holding the lock blocks every other.
         drop(st);
@@ -288,7 +347,7 @@ pub const DIRECT_BATCH: usize = 64 * 1024;
 impl Drop for Batch {
     fn drop(&mut self) {
         let shared = &self.shared;
-        let mut st = shared.lock();
+        let st = shared.lock();
         // Counted down under the lock: a sender that saw a batch open (under the lock)
         // queued its frame before the look at the queue below.
         if shared.batches.fetch_sub(1, Ordering::Relaxed) != 1
@@ -297,33 +356,76 @@ impl Drop for Batch {
         {
             return;
         }
-        let bytes: usize = st.queue.iter().map(Outgoing::len).sum();
-        let socket = match st.socket.take() {
-            Some(socket) if bytes <= DIRECT_BATCH => socket,
-            other => {
-                // The writer task has the socket (and looks at the queue when it gives
-                // it back), or there is too much to copy: it writes them.
-                if other.is_some() {
-                    st.socket = other;
-                    drop(st);
-                    shared.work.notify_one();
-                }
-                return;
+        write_queue_here(shared, st);
+    }
+}
+
+/// Writes what is queued from this thread, in one write call, if the connection is idle
+/// and it is small (up to [`DIRECT_BATCH`] bytes); otherwise leaves it to the writer
+/// task (woken if it is not writing: it looks at the queue when it is done).
+fn write_queue_here(shared: &Shared, mut st: std::sync::MutexGuard<'_, State>) {
+    st.held_since = None;
+    let bytes: usize = st.queue.iter().map(Outgoing::len).sum();
+    let socket = match st.socket.take() {
+        Some(socket) if bytes <= DIRECT_BATCH => socket,
+        other => {
+            // The writer task has the socket (and looks at the queue when it gives
+            // it back), or there is too much to copy: it writes them.
+            if other.is_some() {
+                st.socket = other;
+                drop(st);
+                shared.work.notify_one();
             }
-        };
-        let frames = st.queue.len();
-        let mut out = Vec::with_capacity(bytes);
-        for frame in st.queue.drain(..) {
-            frame.copy_to(&mut out);
-        }
-        st.partial_front = false;
-        drop(st);
-        let mut socket = socket;
-        let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
-        if !give_back(shared, socket, written, bytes + frames * FRAME_COST) {
             return;
         }
-        shared.room.notify_waiters();
+    };
+    let frames = st.queue.len();
+    let mut out = Vec::with_capacity(bytes);
+    for frame in st.queue.drain(..) {
+        frame.copy_to(&mut out);
+    }
+    st.partial_front = false;
+    drop(st);
+    let mut socket = socket;
+    let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
+    if !give_back(shared, socket, written, bytes + frames * FRAME_COST) {
+        return;
+    }
+    shared.room.notify_waiters();
+}
+
+/// The frames one thread queued with [`FrameSender::push_held`] on a connection: the
+/// thread flushes them before it waits. Holding it does not keep the connection open.
+pub struct HeldFrames {
+    shared: Arc<Shared>,
+}
+
+impl HeldFrames {
+    /// Whether these are `sender`'s connection's.
+    pub fn are_for(&self, sender: &FrameSender) -> bool {
+        Arc::ptr_eq(&self.shared, &sender.shared)
+    }
+
+    /// Sends what is held: written from this thread when the connection is idle (one
+    /// write call), else left to the writer task. Nothing if the hold already ended
+    /// (another frame, or the writer task after [`HOLD_AT_MOST`](super::HOLD_AT_MOST), sent them).
+    pub fn flush(self) {
+        let shared = &self.shared;
+        let st = shared.lock();
+        if st.held_since.is_none()
+            || st.queue.is_empty()
+            || shared.closed.load(Ordering::Relaxed)
+            || shared.batches.load(Ordering::Relaxed) > 0
+        {
+            return;
+        }
+        write_queue_here(shared, st);
+    }
+}
+
+impl std::fmt::Debug for HeldFrames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldFrames").finish_non_exhaustive()
     }
 }
 

@@ -516,3 +516,112 @@ async fn pieces_pushed_together_go_all_or_none_and_in_order() {
     tx.close_as_slow_consumer();
     assert!(matches!(tx.push_all(vec![goodbye()]), Push::Closed));
 }
+
+#[tokio::test]
+async fn held_frames_wait_for_their_flush_and_leave_in_one_write() {
+    // A writer task that is not running: only the flush's own write reaches the peer.
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(a, frames(64));
+    let held = tx.held_frames();
+    assert!(held.are_for(&tx) && !held.are_for(&frame_channel(tokio::io::sink(), frames(1)).0));
+    for len in [10, 20, 30] {
+        assert!(matches!(tx.push_held(raw(len)), Push::Sent));
+    }
+    assert_eq!(
+        readable_now(&mut peer),
+        None,
+        "a held frame left before its flush"
+    );
+    held.flush();
+    assert_eq!(
+        readable_now(&mut peer),
+        Some(60),
+        "the flush wrote them together"
+    );
+    assert_eq!(
+        tx.shared.lock().unwritten,
+        0,
+        "nothing is held once written"
+    );
+    // A flush with nothing held writes nothing.
+    tx.held_frames().flush();
+    assert_eq!(readable_now(&mut peer), None);
+}
+
+#[tokio::test]
+async fn held_frames_leave_without_their_flush_within_the_bound() {
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(64));
+    tokio::spawn(writer);
+    // Held, and never flushed: the thread that held them went off to other work.
+    let _held = tx.held_frames();
+    assert!(matches!(tx.push_held(raw(10)), Push::Sent));
+    assert!(matches!(tx.push_held(raw(20)), Push::Sent));
+    let mut frames = [0u8; 30];
+    tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frames))
+        .await
+        .expect("the writer task sends held frames after HOLD_AT_MOST")
+        .expect("read");
+    assert!(tx.shared.lock().held_since.is_none());
+}
+
+#[tokio::test]
+async fn a_frame_that_may_not_wait_ends_the_hold() {
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(64));
+    assert!(matches!(tx.push_held(raw(10)), Push::Sent));
+    assert!(matches!(tx.push(raw(20)), Push::Sent));
+    assert!(
+        tx.shared.lock().held_since.is_none(),
+        "the frame that may not wait left the first one held"
+    );
+    tokio::spawn(writer);
+    let mut frames = [0u8; 30];
+    tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut frames))
+        .await
+        .expect("both go out")
+        .expect("read");
+}
+
+#[tokio::test]
+async fn held_frames_do_not_keep_the_connection_open() {
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(64));
+    let writer = tokio::spawn(writer);
+    assert!(matches!(tx.push_held(raw(10)), Push::Sent));
+    let held = tx.held_frames();
+    drop(tx);
+    // The last sender is gone: the writer sends what is held and ends, with the
+    // thread's handle still alive.
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the writer ends without its senders")
+        .expect("join")
+        .expect("io");
+    let mut frame = Vec::new();
+    peer.read_to_end(&mut frame).await.expect("read");
+    assert_eq!(frame.len(), 10);
+    held.flush();
+}
+
+#[tokio::test]
+async fn what_joins_a_held_frame_ends_the_hold_unless_it_is_held_too() {
+    let (a, _peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(a, frames(64));
+    let grow = |last: &mut Outgoing| {
+        last.copy_to(&mut Vec::new());
+        true
+    };
+    // A whole frame: only such a frame is joined.
+    assert!(matches!(tx.push_held(goodbye()), Push::Sent));
+    assert!(tx.join_last_held(8, grow));
+    assert!(
+        tx.shared.lock().held_since.is_some(),
+        "a held join ended the hold"
+    );
+    assert!(tx.join_last(8, grow));
+    assert!(
+        tx.shared.lock().held_since.is_none(),
+        "a join that may not wait left the frame held"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{CloseReason, Shared, Socket, FRAME_COST};
+use super::{CloseReason, Shared, Socket, FRAME_COST, HOLD_AT_MOST};
 use crate::batch::{batch_frame, flush_batch, BATCH_LIMIT, COPY_THRESHOLD};
 use crate::outgoing::Outgoing;
 
@@ -118,16 +118,34 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
     let mut batch = BytesMut::new();
     let mut frames = VecDeque::new();
     let mut stall = Stall::new(shared.limits.stall_timeout);
+    // The clock of frames held for their thread to flush (made on the first hold).
+    let mut hold: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let work = shared.work.notified();
         tokio::pin!(work);
         work.as_mut().enable();
+        let mut held_until = None;
         let taken = {
             let mut st = shared.lock();
             if shared.closed.load(Ordering::Relaxed) {
                 return Ok(());
             }
+            if let Some(since) = st.held_since {
+                let until = since + HOLD_AT_MOST;
+                if Instant::now() < until {
+                    held_until = Some(until);
+                } else {
+                    st.held_since = None;
+                }
+            }
+            // While the clock runs, holds that start meanwhile are timed by it.
+            st.hold_watched = held_until.is_some();
             match st.socket.take() {
+                // Held frames wait for their thread's flush, or the end of the hold.
+                Some(socket) if held_until.is_some() => {
+                    st.socket = Some(socket);
+                    None
+                }
                 Some(socket) if !st.queue.is_empty() => {
                     // The queue's buffer is taken whole (nothing moved), and the
                     // senders get the one written last time, emptied: a burst of
@@ -144,6 +162,16 @@ pub(super) async fn run_writer(shared: Arc<Shared>) -> std::io::Result<()> {
             }
         };
         let Some((mut socket, finished)) = taken else {
+            if let Some(until) = held_until {
+                let until = tokio::time::Instant::from_std(until);
+                let timer = hold.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                timer.as_mut().reset(until);
+                tokio::select! {
+                    _ = work => {}
+                    _ = timer.as_mut() => {}
+                }
+                continue;
+            }
             work.await;
             // Let the tasks woken with this one (by the same read of many replies, say)
             // queue their frames first: they go out in this batch, not one write each.
