@@ -14,7 +14,7 @@ use crate::blocking;
 use crate::call::decode_result;
 use crate::error::{Error, Result};
 use crate::global::Global;
-use crate::mesh::{ReplyPayload, Waiter};
+use crate::mesh::{held, ReplyPayload, Waiter};
 use crate::spin::AsyncSpin;
 
 /// The pending result of a [`Call::bg`](crate::Call::bg).
@@ -174,8 +174,13 @@ impl<T: DeserializeOwned> Future for AsyncResult<T> {
                     Ok(node) => node,
                     Err(e) => return Poll::Ready(Err(e)),
                 };
-                let reply = std::task::ready!(node.poll_reply(call, &mut this.spin, cx));
+                let Poll::Ready(reply) = node.poll_reply(call, &mut this.spin, cx) else {
+                    // This thread waits: the requests it held go now.
+                    held::flush();
+                    return Poll::Pending;
+                };
                 node.replied(&mut this.spin);
+                held::collected();
                 reply
             }
             Outcome::Task(task) => match std::task::ready!(Pin::new(task).poll(cx)) {

@@ -166,6 +166,8 @@ pub fn wait_lone<F: Future>(
 
 #[inline(always)]
 fn park_lone_on<F: Future>(runtime: &Handle, future: F, lone: Option<LoneWait<'_>>) -> F::Output {
+    // Requests this thread held go before it waits (see `mesh::held`).
+    crate::mesh::held::flush();
     let _context = runtime.enter();
     park_lone(future, lone)
 }

@@ -29,6 +29,7 @@
 
 mod batch;
 pub mod controller;
+pub(crate) mod held;
 mod membership;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -108,6 +109,9 @@ pub struct CallRequest {
     pub no_reply: bool,
     /// The caller feeds the callee a stream of arguments (see [`Mesh::open_feed`]).
     pub incoming: bool,
+    /// A BG call: its request may wait for the calling thread's next wait, to leave
+    /// with the others it makes until then (see [`held`]).
+    pub may_hold: bool,
 }
 
 /// Something that happened to a node, for the lifecycle hooks.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{Connection, ControllerMesh};
 use crate::error::{Error, Result};
 use crate::mesh::{
-    sleep_until, BoxFuture, CallRequest, Membership, Mesh, Scope, SentBroadcast, Waiter,
+    held, sleep_until, BoxFuture, CallRequest, Membership, Mesh, Scope, SentBroadcast, Waiter,
 };
 use crate::protocol::message::{self, ControlAnswer, ControlRequest};
 use crate::transport::Address;
@@ -39,7 +39,7 @@ impl Mesh for ControllerMesh {
                     self.prepare_call(req)?
                 }
             };
-            if self.join_queued(&conn, &target, req, waiter.as_ref()) {
+            if self.join_queued(&conn, &target, req, waiter.as_ref(), false) {
                 return Ok(waiter);
             }
             let frame = self.request_frame(&target, req, waiter.as_ref(), req.args.clone());
@@ -62,14 +62,27 @@ impl Mesh for ControllerMesh {
                 Err(e) => return Some(Err(e)),
             },
         };
-        if self.join_queued(&conn, &target, req, waiter.as_ref()) {
+        // A BG call made while its thread collects results goes with the thread's next
+        // write (see `mesh::held`).
+        let hold =
+            req.may_hold && waiter.as_ref().is_some_and(Waiter::among_many) && held::may_hold();
+        if self.join_queued(&conn, &target, req, waiter.as_ref(), hold) {
+            if hold {
+                held::held_on(&conn.queue);
+            }
             return Some(Ok(waiter));
         }
         // The arguments move into the frame: a clone of them would cost an allocation.
         let args = std::mem::take(&mut req.args);
         let frame = self.request_frame(&target, req, waiter.as_ref(), args);
         let _with_others = self.cork_if_many(&conn, waiter.as_ref());
-        match conn.queue.push(frame) {
+        let pushed = if hold {
+            held::held_on(&conn.queue);
+            conn.queue.push_held(frame)
+        } else {
+            conn.queue.push(frame)
+        };
+        match pushed {
             Push::Sent => Some(Ok(waiter)),
             Push::Closed => Some(Err(self.unreachable("connection lost"))),
             // The queue is full: nothing was sent, and the dropped waiter forgets the
@@ -395,12 +408,15 @@ impl ControllerMesh {
     /// timeout, with room left: the calls then leave in one batch frame, which the
     /// controller forwards and the callee reads as one. Only a frame that waits anyway is
     /// joined (the connection is busy): a lone call goes at once, as its own frame.
+    /// `held`: the calling thread holds its requests (see `mesh::held`); any other call
+    /// ends a hold on the frame it joins.
     fn join_queued(
         &self,
         conn: &Connection,
         target: &str,
         req: &CallRequest,
         waiter: Option<&Waiter>,
+        held: bool,
     ) -> bool {
         if req.incoming || req.args.len() >= crate::mesh::JOINED_CALL {
             return false;
@@ -417,9 +433,14 @@ impl ControllerMesh {
         }
         // At most: the call, its head, and the first call's head.
         let most_added = req.args.len() + 2 * crate::mesh::CALL_ITEM_HEAD;
-        conn.queue.join_last(most_added, |last| {
+        let join = |last: &mut Outgoing| {
             crate::mesh::join_call_with_reply(last, &header, &req.args, limit)
-        })
+        };
+        if held {
+            conn.queue.join_last_held(most_added, join)
+        } else {
+            conn.queue.join_last(most_added, join)
+        }
     }
 
     /// The request frame of `req` to `target`, answered through `waiter`, carrying `args`.
