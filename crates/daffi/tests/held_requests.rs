@@ -26,23 +26,13 @@ const WITHOUT_ITS_THREAD: Duration = Duration::from_secs(5);
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn held_requests_process() {
-    common::run_role(&[("worker", worker)]);
+    common::run_role(&[("worker", common::run_worker_role)]);
 }
 
 /// Served by every worker from its start: known with the worker itself.
 #[callback]
 fn twice(n: u64) -> u64 {
     n * 2
-}
-
-/// A node serving [`twice`].
-fn worker() {
-    common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start()
-        .expect("worker starts")
-        .join()
-        .expect("join");
 }
 
 /// A controller, two workers serving `twice` (one to pause, one that answers), and a

@@ -16,17 +16,10 @@ const ENTRY: &str = "child_process";
 #[test]
 #[ignore = "helper: tests start it as a child process"]
 fn child_process() {
-    common::run_role(&[("worker", worker), ("feeder", watch::feeder)]);
-}
-
-/// A node serving only `watch` and its two probes.
-fn worker() {
-    common::builder_for(&common::address_from_env())
-        .process_name(std::env::var(common::ENV_NAME).expect("name"))
-        .start()
-        .expect("worker starts")
-        .join()
-        .expect("join");
+    common::run_role(&[
+        ("worker", common::run_worker_role),
+        ("feeder", watch::feeder),
+    ]);
 }
 
 #[test]

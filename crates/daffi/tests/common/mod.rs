@@ -224,6 +224,17 @@ pub fn run_controller_role() {
     g.join().expect("join");
 }
 
+/// In a child: a node named by [`ENV_NAME`], serving this binary's `#[callback]`
+/// functions, until killed.
+pub fn run_worker_role() {
+    builder_for(&address_from_env())
+        .process_name(std::env::var(ENV_NAME).expect("name"))
+        .start()
+        .expect("worker starts")
+        .join()
+        .expect("join");
+}
+
 /// A child controller's queue limit (`max_queue_bytes`), set by
 /// [`spawn_limited_controller`].
 const ENV_QUEUE_BYTES: &str = "DAFFI_TEST_MAX_QUEUE_BYTES";
