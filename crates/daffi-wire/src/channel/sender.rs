@@ -4,7 +4,7 @@
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -150,7 +150,7 @@ impl FrameSender {
     /// does not keep the connection open (unlike a clone of the sender).
     pub fn held_frames(&self) -> HeldFrames {
         HeldFrames {
-            shared: self.shared.clone(),
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
@@ -304,6 +304,9 @@ impl FrameSender {
         if st.unwritten > 0 && self.shared.limits.exceeded(st.unwritten + cost, hard) {
             return Push::Full(frame);
         }
+        // Frames already waiting for the writer task (not held) are not held back for
+        // this one: it goes with them, as if it were not held.
+        let held = held && (st.held_since.is_some() || st.queue.is_empty());
         st.unwritten += cost;
         st.queue.push_back(frame);
         // A held frame wakes the writer task only to start the hold's clock; any other
@@ -397,20 +400,25 @@ fn write_queue_here(shared: &Shared, mut st: std::sync::MutexGuard<'_, State>) {
 /// The frames one thread queued with [`FrameSender::push_held`] on a connection: the
 /// thread flushes them before it waits. Holding it does not keep the connection open.
 pub struct HeldFrames {
-    shared: Arc<Shared>,
+    /// Weak: a thread that never waits again must not keep the connection's socket
+    /// (owned by `Shared`) open once everyone else let go of it.
+    shared: Weak<Shared>,
 }
 
 impl HeldFrames {
     /// Whether these are `sender`'s connection's.
     pub fn are_for(&self, sender: &FrameSender) -> bool {
-        Arc::ptr_eq(&self.shared, &sender.shared)
+        std::ptr::eq(self.shared.as_ptr(), Arc::as_ptr(&sender.shared))
     }
 
     /// Sends what is held: written from this thread when the connection is idle (one
     /// write call), else left to the writer task. Nothing if the hold already ended
     /// (another frame, or the writer task after [`HOLD_AT_MOST`](super::HOLD_AT_MOST), sent them).
     pub fn flush(self) {
-        let shared = &self.shared;
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let shared = &*shared;
         let st = shared.lock();
         if st.held_since.is_none()
             || st.queue.is_empty()

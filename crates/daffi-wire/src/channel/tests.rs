@@ -625,3 +625,33 @@ async fn what_joins_a_held_frame_ends_the_hold_unless_it_is_held_too() {
         "a join that may not wait left the frame held"
     );
 }
+
+#[tokio::test]
+async fn held_frames_do_not_keep_an_aborted_connection_s_socket() {
+    // The writer task aborted (its future dropped) and every sender gone, as when a
+    // link fails: the thread's handle must not keep the socket open for the peer.
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, writer) = frame_channel(a, frames(64));
+    let held = tx.held_frames();
+    drop(writer);
+    drop(tx);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut rest))
+        .await
+        .expect("the peer sees the connection end")
+        .expect("read");
+    held.flush();
+}
+
+#[tokio::test]
+async fn a_frame_held_behind_frames_waiting_for_the_writer_goes_with_them() {
+    let (a, _peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(a, frames(64));
+    let _cork = tx.cork();
+    assert!(matches!(tx.push(raw(10)), Push::Sent));
+    assert!(matches!(tx.push_held(raw(10)), Push::Sent));
+    assert!(
+        tx.shared.lock().held_since.is_none(),
+        "a hold began over frames the writer task was woken for"
+    );
+}
