@@ -35,15 +35,27 @@ fn twice(n: u64) -> u64 {
     n * 2
 }
 
+/// A string of `len` bytes: a reply larger than a small frame limit.
+#[callback]
+fn long(len: u64) -> String {
+    "x".repeat(len as usize)
+}
+
 /// A controller, two workers serving `twice` (one to pause, one that answers), and a
 /// caller node of this process connected over a Unix socket.
 fn mesh() -> (Cluster, String, String, Global) {
+    mesh_with(|b| b)
+}
+
+/// [`mesh`], its caller built with `tune`.
+fn mesh_with(
+    tune: impl FnOnce(daffi::GlobalBuilder) -> daffi::GlobalBuilder,
+) -> (Cluster, String, String, Global) {
     let mut cluster = Cluster::start(Transport::Unix, ENTRY);
     let (stuck, live) = (common::unique("stuck"), common::unique("live"));
     cluster.spawn_worker(&stuck);
     cluster.spawn_worker(&live);
-    let g = common::builder_for(&cluster.address)
-        .process_name(common::unique("caller"))
+    let g = tune(common::builder_for(&cluster.address).process_name(common::unique("caller")))
         .start()
         .expect("the caller connects");
     g.wait_process_timeout(&stuck, WAIT).expect("stuck known");
@@ -123,6 +135,54 @@ fn a_held_request_leaves_while_the_main_future_awaits_something_else() {
             );
         }
     });
+    g.stop();
+}
+
+/// A node whose link drops (a reply past its frame limit) while one of its threads,
+/// which held a request, waits on something of its own: the node reconnects at once,
+/// as without the hold. The held request must not keep the old connection's socket
+/// open (the controller would refuse the node's name as a duplicate).
+#[test]
+fn a_node_reconnects_while_a_thread_that_held_a_request_is_away() {
+    let (connects_tx, connects) = mpsc::channel();
+    let connects_tx = std::sync::Mutex::new(connects_tx);
+    let (mut cluster, stuck, live, g) = mesh_with(|b| {
+        b.max_frame_size(64 * 1024).on_node_connect(move |_, _| {
+            let _ = connects_tx.lock().expect("lock").send(());
+        })
+    });
+    connects.recv_timeout(WAIT).expect("the first connect");
+    let pid = cluster.worker(&stuck).pid().expect("stuck pid");
+    let (held_tx, held) = mpsc::channel();
+    let (go_tx, go) = mpsc::channel::<()>();
+    let away = {
+        let (g, stuck, live) = (g.clone(), stuck.clone(), live.clone());
+        std::thread::spawn(move || {
+            let first = twice_on(&g, &live, 1);
+            common::pause(pid);
+            let in_flight: Vec<_> = (0..STUCK as u64).map(|n| twice_on(&g, &stuck, n)).collect();
+            assert_eq!(first.get().expect("live answers"), 2);
+            let last = twice_on(&g, &live, 21);
+            held_tx.send(()).expect("the test waits");
+            // Away from daffi until the test is done.
+            go.recv_timeout(2 * WAIT).expect("the test ends the wait");
+            drop((in_flight, last));
+        })
+    };
+    held.recv_timeout(WAIT).expect("the thread held a request");
+    let too_long = g
+        .call("long")
+        .on(&live)
+        .args((1_000_000u64,))
+        .timeout(WAIT)
+        .fg::<String>();
+    assert!(too_long.is_err(), "a reply past the frame limit came in");
+    connects
+        .recv_timeout(WITHOUT_ITS_THREAD)
+        .expect("the node reconnected while the holding thread was away");
+    go_tx.send(()).expect("the thread waits");
+    away.join().expect("the thread");
+    common::resume(pid);
     g.stop();
 }
 

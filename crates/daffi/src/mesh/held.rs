@@ -2,14 +2,15 @@
 //! it next waits.
 //!
 //! A loop that keeps many BG calls in flight collects a result, makes a new call,
-//! collects the next... When the results it collects are in already, each new request
-//! would otherwise wake the connection's writer task, which writes the few queued by
-//! then: many small writes, each read and forwarded alone by the controller and the
-//! callee. Instead, such a thread holds its requests ([`FrameSender::push_held`]) and
-//! writes them itself, in one write call, when a result is not in yet and it is about to
-//! wait, as a client that reads every reply at hand before it writes does. A thread
-//! that goes off to other work instead delays its held requests by at most
-//! [`daffi_wire::channel::HOLD_AT_MOST`]: the writer task sends them then.
+//! collects the next... With the replies arriving in batches, most results are in when
+//! it collects them, and each new request would otherwise wake the connection's writer
+//! task, which writes the few queued by then: many small writes, each read and
+//! forwarded alone by the controller and the callee. Instead, such a thread holds its
+//! requests ([`FrameSender::push_held`]) and writes them itself, in one write call, when
+//! a result is not in yet and it is about to wait, as a client that reads every reply at
+//! hand before it writes does. A thread that goes off to other work instead delays its
+//! held requests by at most [`daffi_wire::channel::HOLD_AT_MOST`]: the writer task
+//! sends them then.
 //!
 //! Only a thread outside any task holds (the user's own thread, or the main future of
 //! the user's runtime), only a BG call's request, and only while many calls are in
@@ -25,7 +26,8 @@ thread_local! {
 
 #[derive(Default)]
 struct Holding {
-    /// A result was taken without waiting since this thread last waited.
+    /// A result was taken since this thread last began to wait: it collects results,
+    /// and more of them are likely in (they come in batches).
     collecting: bool,
     /// The connection this thread holds requests on.
     held: Option<HeldFrames>,
@@ -39,8 +41,10 @@ impl Drop for Holding {
     }
 }
 
-/// A result was taken on this thread without a wait: the requests it makes next may be
-/// held. Nothing inside a task (whose worker other tasks share).
+/// A result was taken on this thread: the requests it makes next may be held, until it
+/// waits again. (Taken after a wait counts too: replies arrive in batches, so the
+/// results after it are likely in.) Nothing inside a task, whose worker other tasks
+/// share.
 pub fn collected() {
     if tokio::task::try_id().is_some() {
         return;
@@ -54,9 +58,11 @@ pub fn collected() {
 
 /// Whether a BG request made now on this thread may be held.
 pub fn may_hold() -> bool {
-    THREAD
-        .try_with(|t| t.try_borrow().is_ok_and(|t| t.collecting))
-        .unwrap_or(false)
+    // A task on the thread of a current-thread runtime's main future holds nothing.
+    tokio::task::try_id().is_none()
+        && THREAD
+            .try_with(|t| t.try_borrow().is_ok_and(|t| t.collecting))
+            .unwrap_or(false)
 }
 
 /// Records that this thread held a request on `sender`'s connection: flushed when it
