@@ -140,8 +140,9 @@ impl FrameSender {
     /// at hand and will flush them itself ([`HeldFrames::flush`], on what
     /// [`held_frames`](Self::held_frames) returns) before it waits: the frame is queued,
     /// never written at once, and the writer task leaves the queue to that flush for up
-    /// to [`HOLD_AT_MOST`](super::HOLD_AT_MOST) (woken once, for that bound, by the first frame held). A
-    /// frame pushed any other way ends the hold: everything queued then goes together.
+    /// to [`HOLD_AT_MOST`](super::HOLD_AT_MOST) (woken once, for that bound, by the
+    /// first frame held). A frame pushed any other way ends the hold: everything queued
+    /// then goes together.
     pub fn push_held(&self, frame: Outgoing) -> Push {
         self.push_within(frame, false, true)
     }
@@ -413,7 +414,8 @@ impl HeldFrames {
 
     /// Sends what is held: written from this thread when the connection is idle (one
     /// write call), else left to the writer task. Nothing if the hold already ended
-    /// (another frame, or the writer task after [`HOLD_AT_MOST`](super::HOLD_AT_MOST), sent them).
+    /// (another frame, or the writer task after
+    /// [`HOLD_AT_MOST`](super::HOLD_AT_MOST), sent them).
     pub fn flush(self) {
         let Some(shared) = self.shared.upgrade() else {
             return;

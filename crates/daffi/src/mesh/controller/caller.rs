@@ -66,10 +66,10 @@ impl Mesh for ControllerMesh {
         // write (see `mesh::held`).
         let hold =
             req.may_hold && waiter.as_ref().is_some_and(Waiter::among_many) && held::may_hold();
+        if hold {
+            held::held_on(&conn.queue);
+        }
         if self.join_queued(&conn, &target, req, waiter.as_ref(), hold) {
-            if hold {
-                held::held_on(&conn.queue);
-            }
             return Some(Ok(waiter));
         }
         // The arguments move into the frame: a clone of them would cost an allocation.
@@ -77,7 +77,6 @@ impl Mesh for ControllerMesh {
         let frame = self.request_frame(&target, req, waiter.as_ref(), args);
         let _with_others = self.cork_if_many(&conn, waiter.as_ref());
         let pushed = if hold {
-            held::held_on(&conn.queue);
             conn.queue.push_held(frame)
         } else {
             conn.queue.push(frame)
