@@ -17,6 +17,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::channel::{CloseReason, FrameSender};
 use crate::frame::Frame;
 use crate::reader::{FrameReader, ReadError};
+use crate::when_woken::WhenWoken;
 
 /// How long a closing connection may take to write what was queued for it: 1 s.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -91,12 +92,13 @@ where
     R: AsyncRead + Unpin,
     H: FrameHandler,
 {
-    // One wait for each for the whole connection, not one per frame.
+    // One wait for each for the whole connection, not one per frame, each polled only
+    // once it was woken: not at every frame.
     let mut stop_signal = stop.clone();
-    let stopping = stop_signal.wait_for(|stop| *stop);
-    tokio::pin!(stopping);
-    let writer_closed = sender.closed();
-    tokio::pin!(writer_closed);
+    let mut stopping = WhenWoken::new(async move {
+        let _ = stop_signal.wait_for(|stop| *stop).await;
+    });
+    let mut writer_closed = WhenWoken::new(sender.closed());
     loop {
         if !reader.has_frame() {
             handler.caught_up();

@@ -15,6 +15,7 @@ pub mod outgoing;
 pub mod payload;
 pub mod reader;
 pub mod small;
+mod when_woken;
 
 pub use channel::{frame_channel, Batch, Cork, FrameSender, HeldFrames, Push, QueueLimits};
 pub use connection::{read_frames, Ended, FrameHandler, Handled, WriterTask};
