@@ -12,7 +12,8 @@
 //! ([`Counts::report`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::sync::lock;
 
@@ -126,59 +127,70 @@ impl Report {
 
 /// One connection's table.
 #[derive(Debug, Default)]
-pub struct Tally(Mutex<Counts>);
+pub struct Tally {
+    table: Mutex<Table>,
+    /// Calls for the table's `running` name not yet added to it: counted by [`Runs`]
+    /// without the lock, added at the next name change, stats request or close.
+    running_calls: AtomicU64,
+}
+
+/// A table of counts, and the name its tally counts calls of without the lock.
+#[derive(Debug, Default)]
+struct Table {
+    counts: Counts,
+    running: String,
+}
 
 impl Tally {
     /// Counts one forwarded request for `callback`.
     pub fn count(&self, callback: &str) {
-        lock(&self.0).add(callback, 1);
+        lock(&self.table).counts.add(callback, 1);
+    }
+
+    /// The table, with the calls counted without the lock added in.
+    fn settled(&self) -> MutexGuard<'_, Table> {
+        let mut table = lock(&self.table);
+        let running = self.running_calls.swap(0, Ordering::AcqRel);
+        if running > 0 {
+            let Table {
+                counts,
+                running: name,
+            } = &mut *table;
+            counts.add(name, running);
+        }
+        table
     }
 }
 
 /// Counts a session's requests in runs: consecutive requests for the same name are
-/// added up without a lock or a hash, and the run goes into the [`Tally`] when the name
-/// changes or the session flushes it (before it waits for more bytes, and before it
-/// answers a stats request), so the counts lag by at most one read.
+/// added to one atomic of the [`Tally`], without a lock or a hash; the name goes into
+/// the tally's table when it changes, and a stats request or the connection's close
+/// adds the run so far. A stats request thus sees every request forwarded before it.
 pub struct Runs {
     tally: Arc<Tally>,
+    /// The tally's running name, as last set by this session.
     name: String,
-    n: u64,
 }
 
 impl Runs {
     /// Runs counted into `tally`.
     pub fn new(tally: Arc<Tally>) -> Self {
-        Runs {
-            tally,
-            name: String::new(),
-            n: 0,
-        }
+        let name = lock(&tally.table).running.clone();
+        Runs { tally, name }
     }
 
     /// Counts `calls` forwarded calls for `callback` (a batch of NO_RETURN calls).
     pub fn count_calls(&mut self, callback: &str, calls: u64) {
-        if self.n > 0 && self.name == callback {
-            self.n = self.n.saturating_add(calls);
-            return;
+        if self.name != callback {
+            // The calls so far go to the old name, under the lock that changes it.
+            let mut table = self.tally.settled();
+            table.running.clear();
+            table.running.push_str(callback);
+            drop(table);
+            self.name.clear();
+            self.name.push_str(callback);
         }
-        self.flush();
-        self.name.clear();
-        self.name.push_str(callback);
-        self.n = calls;
-    }
-
-    /// Adds the current run to the tally.
-    pub fn flush(&mut self) {
-        if self.n > 0 {
-            lock(&self.tally.0).add(&self.name, self.n);
-            self.n = 0;
-        }
-    }
-}
-
-impl Drop for Runs {
-    fn drop(&mut self) {
-        self.flush();
+        self.tally.running_calls.fetch_add(calls, Ordering::Relaxed);
     }
 }
 
@@ -202,9 +214,9 @@ impl CallCounts {
         // Holding `live` while folding: a snapshot never sees the counts twice or not at all.
         let mut live = lock(&self.live);
         if let Some(tally) = live.remove(&id) {
-            let mut table = lock(&tally.0);
-            table.retire_unserved(served);
-            lock(&self.ended).merge(&table);
+            let mut table = tally.settled();
+            table.counts.retire_unserved(served);
+            lock(&self.ended).merge(&table.counts);
         }
     }
 
@@ -217,9 +229,9 @@ impl CallCounts {
         let mut total = ended.clone();
         drop(ended);
         for tally in live.values() {
-            let mut table = lock(&tally.0);
-            table.retire_unserved(served);
-            total.merge(&table);
+            let mut table = tally.settled();
+            table.counts.retire_unserved(served);
+            total.merge(&table.counts);
         }
         total
     }
@@ -251,25 +263,58 @@ mod tests {
     }
 
     #[test]
-    fn runs_reach_the_table_when_the_name_changes_or_they_are_flushed() {
+    fn runs_are_in_every_snapshot_and_in_the_totals_when_the_connection_closes() {
         let counts = CallCounts::default();
         let mut runs = Runs::new(counts.open(1));
         for name in ["add", "add", "add", "greet", "add"] {
             runs.count_calls(name, 1);
         }
         let snap = counts.snapshot(&all);
-        assert_eq!(snap.by_name.get("add"), Some(&3), "the first run is in");
+        assert_eq!(
+            snap.by_name.get("add"),
+            Some(&4),
+            "the running name's calls are in"
+        );
         assert_eq!(snap.by_name.get("greet"), Some(&1));
-        runs.flush();
-        assert_eq!(counts.snapshot(&all).by_name.get("add"), Some(&4));
+        runs.count_calls("add", 2);
+        assert_eq!(
+            counts.snapshot(&all).by_name.get("add"),
+            Some(&6),
+            "counted once each"
+        );
         runs.count_calls("add", 1);
         drop(runs);
         counts.close(1, &all);
+        let totals = counts.snapshot(&all);
         assert_eq!(
-            counts.snapshot(&all).by_name.get("add"),
-            Some(&5),
-            "dropping flushes"
+            totals.by_name.get("add"),
+            Some(&7),
+            "the close adds the run"
         );
+        assert_eq!(totals.by_name.get("greet"), Some(&1));
+    }
+
+    #[test]
+    fn a_snapshot_taken_while_a_run_counts_loses_and_doubles_nothing() {
+        let counts = Arc::new(CallCounts::default());
+        let tally = counts.open(1);
+        let counting = std::thread::spawn(move || {
+            let mut runs = Runs::new(tally);
+            for i in 0..20_000u64 {
+                runs.count_calls(if i % 1000 < 500 { "a" } else { "b" }, 1);
+            }
+        });
+        let mut last = 0;
+        while !counting.is_finished() {
+            let snap = counts.snapshot(&all);
+            let seen: u64 = snap.by_name.values().sum();
+            assert!(seen >= last, "counts only grow: {seen} after {last}");
+            last = seen;
+        }
+        counting.join().unwrap();
+        let snap = counts.snapshot(&all);
+        assert_eq!(snap.by_name.get("a"), Some(&10_000));
+        assert_eq!(snap.by_name.get("b"), Some(&10_000));
     }
 
     #[test]
@@ -291,7 +336,7 @@ mod tests {
         for i in 0..20 {
             t.count(&long(i));
         }
-        let table = lock(&t.0);
+        let table = &lock(&t.table).counts;
         assert_eq!(table.by_name.len(), MAX_NAME_BYTES / 65535);
         assert_eq!(table.other, 20 - (MAX_NAME_BYTES / 65535) as u64);
     }
@@ -314,8 +359,8 @@ mod tests {
         assert_eq!(snap.by_name.len(), 1);
         assert_eq!(snap.other, 3);
         // The tables themselves were trimmed: the names are gone from memory.
-        assert!(lock(&b.0).by_name.is_empty());
-        assert_eq!(lock(&b.0).name_bytes, 0);
+        assert!(lock(&b.table).counts.by_name.is_empty());
+        assert_eq!(lock(&b.table).counts.name_bytes, 0);
     }
 
     #[test]

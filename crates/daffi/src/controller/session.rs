@@ -188,7 +188,6 @@ pub async fn serve(
     let (reason, stopping) =
         route_frames(&shared, &node, &mut reader, &queue, &mut runs, shutdown).await;
     shared.members.leave(&name, conn_id, !stopping).await;
-    drop(runs);
     // After `leave`: the names only this node served count as no longer served.
     shared
         .members
@@ -297,7 +296,6 @@ impl FrameHandler for Routing<'_> {
     }
 
     fn caught_up(&mut self) {
-        self.runs.flush();
         self.last_route = None;
     }
 }
@@ -621,8 +619,8 @@ async fn route(
             Ok(())
         }
         Kind::ControlRequest => {
-            // A stats request from this node counts its own requests so far.
-            runs.flush();
+            // A stats request from this node counts its own requests so far: the
+            // tally adds its running count to every snapshot.
             let request: ControlRequest = message::decode(&frame.payload())
                 .map_err(|e| format!("undecodable ControlRequest: {e}"))?;
             let answer = control(shared, node, request).await;
