@@ -121,6 +121,15 @@ fn tallied() -> (u64, u64) {
     )
 }
 
+/// Tells the `two_workers` role to stop its node (see [`two_workers`]).
+static FINISH: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Ends a `two_workers` node.
+#[callback]
+fn finish() {
+    FINISH.notify_one();
+}
+
 // ---- child processes -----------------------------------------------------------------
 
 /// Runs a child process in the role the test gave it; ignored in normal runs.
@@ -131,6 +140,7 @@ fn quick_callbacks_process() {
         ("controller", common::run_controller_role),
         ("worker", worker),
         ("one_worker", one_worker),
+        ("two_workers", two_workers),
     ]);
 }
 
@@ -150,6 +160,46 @@ fn one_worker() {
             .expect("worker starts");
         g.join_async().await;
     });
+}
+
+/// A node started from the user's own runtime with two worker threads, where quick
+/// callbacks run. Told to `finish`, it stops the node, and exits with success only if
+/// the runtime is left with no more tasks than before the node started.
+fn two_workers() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(USER_WORKER_THREAD)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let before = runtime.metrics().num_alive_tasks();
+    let left = runtime.block_on(async {
+        let g = common::builder_for(&common::address_from_env())
+            .process_name(std::env::var(common::ENV_NAME).expect("name"))
+            .start_async()
+            .await
+            .expect("worker starts");
+        FINISH.notified().await;
+        g.stop();
+        g.join_async().await;
+        drop(g);
+        // A task ends when it next runs, which nothing announces: the count is looked
+        // at until it is back, for `WAIT` at most.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            if left <= before || Instant::now() >= deadline {
+                break left;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    if left > before {
+        eprintln!("{left} tasks alive after the node stopped, {before} before it started");
+        std::process::exit(1);
+    }
 }
 
 /// A node that also serves `relay(target, n)`: `n + 1`, asked of `target`'s
@@ -442,6 +492,35 @@ fn on_a_runtime_with_one_worker_sync_callbacks_stay_on_their_threads() {
             .expect("call");
         assert_eq!(ran, CALLBACK_THREAD);
     }
+}
+
+#[test]
+fn a_node_stopped_on_the_users_runtime_leaves_none_of_its_tasks_behind() {
+    // The task that ran a quick callback on a worker waits for the next one: it must
+    // end with the node, not live on in the user's runtime.
+    let mut cluster = Cluster::start(Transport::Unix, ENTRY);
+    let worker = common::unique("stopping");
+    cluster.spawn_role(&worker, "two_workers");
+    let g = &cluster.caller;
+    let mut ran = String::new();
+    for _ in 0..100 {
+        ran = g
+            .call("where_ran")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<String>()
+            .expect("call");
+        if ran == USER_WORKER_THREAD {
+            break;
+        }
+    }
+    assert_eq!(ran, USER_WORKER_THREAD, "a quick callback runs on a worker");
+    g.call("finish")
+        .on(&worker)
+        .timeout(WAIT)
+        .fg::<()>()
+        .expect("finish");
+    cluster.worker(&worker).wait_success();
 }
 
 #[test]

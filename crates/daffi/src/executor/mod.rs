@@ -7,6 +7,7 @@
 //! of the mesh behind it.
 
 mod dispatch;
+mod idle_run;
 mod items;
 mod pace;
 mod sync_runner;

@@ -11,7 +11,8 @@
 //!
 //! A callback seen to finish quickly (its [`Pace`](super::pace::Pace)) skips the
 //! hand-off: the runtime worker that read its request runs it, in a task of its own (so
-//! that the connection is read meanwhile, by the other worker), with the queue's other
+//! that the connection is read meanwhile, by the other worker; the task of a run that
+//! ended waits for the next, see [`IdleRun`]), with the queue's other
 //! jobs of the moment (a burst is answered where it was read, and its replies leave
 //! together). Such a run counts as one of the runner's threads, busy: if its callback
 //! turns slow, no new run starts on a worker until it ends (its callback, now known as
@@ -42,6 +43,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::dispatch::{BatchShare, RunUsage, SyncJob};
+use super::idle_run::{IdleRun, IdleRuns};
 use super::thread_clock::{self, ThreadId};
 use super::Executor;
 
@@ -90,6 +92,8 @@ pub struct SyncRunner {
     /// The batches whose calls jobs are running one after another: the watch takes the
     /// calls behind one that runs slow (see [`BatchShare`]).
     batches: Mutex<Vec<Arc<BatchShare>>>,
+    /// The task of a run on a worker that ended, waiting to run the next one.
+    idle_runs: IdleRuns,
 }
 
 /// The node's watch thread for runs on a worker, and what it looks at without a lock.
@@ -126,7 +130,7 @@ const WATCH_LOOKS_BEFORE_SLEEPING: u32 = 20;
 
 /// A step of the run on a worker: its slot, and which step (see [`Slot::OnWorker`]).
 #[derive(Debug, Clone, Copy)]
-struct RunStep {
+pub(super) struct RunStep {
     slot: usize,
     step: u64,
 }
@@ -442,9 +446,32 @@ impl SyncRunner {
     }
 
     /// The steps of the run on a worker from `run` on, in two tasks that take turns
-    /// (see [`SyncRunner::take_turns`]).
+    /// (see [`SyncRunner::take_turns`]): the task of a run that ended, if one is
+    /// parked (see [`IdleRun`]), else a new one.
     fn spawn_on_worker(core: Arc<Executor>, run: RunStep) {
-        tokio::spawn(Self::take_turns(core, run, None));
+        match core.sync_runner.idle_runs.take() {
+            Some(idle) => idle.give(Some(run)),
+            None => {
+                tokio::spawn(Self::run_task(core, run));
+            }
+        }
+    }
+
+    /// Runs the run on a worker from `run` on, then parks, to run the next run it is
+    /// given; ends when it is not needed (a task is parked already) or the node closed.
+    async fn run_task(core: Arc<Executor>, mut run: RunStep) {
+        let idle = Arc::new(IdleRun::default());
+        loop {
+            Self::take_turns(core.clone(), run, None).await;
+            let runner = &core.sync_runner;
+            if !runner.idle_runs.park(&idle, || runner.lock().retired) {
+                return;
+            }
+            match idle.taken().await {
+                Some(next) => run = next,
+                None => return,
+            }
+        }
     }
 
     /// Runs every other step of the run on a worker: the first of two tasks (`turns`
@@ -923,6 +950,9 @@ impl SyncRunner {
     /// find no more (rather than after `LINGER`, holding the node).
     pub fn retire(&self) {
         self.lock().retired = true;
+        if let Some(idle) = self.idle_runs.take() {
+            idle.give(None);
+        }
         self.wake.notify_all();
         if let Some(watch) = self.watch() {
             watch.thread.unpark();
