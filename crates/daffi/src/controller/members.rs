@@ -53,12 +53,15 @@ struct Unsent {
     last: u64,
 }
 
+/// Routes by node name, hashed by a seeded fast hash (names come from the network).
+type RouteTable = HashMap<Arc<str>, Route, foldhash::fast::RandomState>;
+
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
 /// so that every node sees membership events in the same order, and a node's `Welcome`
 /// is queued before anyone can route a frame to it.
 #[derive(Default)]
 pub struct Members {
-    routes: RwLock<HashMap<Arc<str>, Route>>,
+    routes: RwLock<RouteTable>,
     /// Counts the times `routes` was taken to be changed (bumped under its write lock):
     /// a [`LastRoute`] made at another count may be stale.
     writes: AtomicU64,
@@ -122,7 +125,7 @@ impl Members {
     /// else looked up and kept in `last`.
     fn route_via<'a>(
         &self,
-        routes: &HashMap<Arc<str>, Route>,
+        routes: &RouteTable,
         last: &'a mut Option<LastRoute>,
         name: &str,
     ) -> Option<&'a LastRoute> {
@@ -141,7 +144,7 @@ impl Members {
     }
 
     /// The routing table, to change it: every change counts (see [`LastRoute`]).
-    fn routes_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Route>> {
+    fn routes_mut(&self) -> std::sync::RwLockWriteGuard<'_, RouteTable> {
         let routes = write(&self.routes);
         self.writes.fetch_add(1, Ordering::AcqRel);
         routes
