@@ -22,7 +22,9 @@ pub struct MemberInfo {
 pub struct ControllerStats {
     /// Requests the controller forwarded since it started, by callback name: one per
     /// call, per node of a broadcast, and per scheduled run, with or without a result.
-    /// Requests it could not deliver are not counted. Only names some connected node
+    /// A request counts once it is queued for its callee; those it refused at once (no
+    /// such node, a callee reading too slowly) are not counted, while those queued and
+    /// then lost with their callee's connection still are. Only names some connected node
     /// serves are listed (once the last node serving a name is gone, its count moves to
     /// `other_calls`, and starts from zero if a node serves it again), at most 4,096
     /// names, and at most as many as fit the answer (256 KiB of names, less with a
