@@ -146,39 +146,38 @@ fn quick_callbacks_process() {
 
 /// A node started from the user's own runtime with one worker thread.
 fn one_worker() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    user_runtime(1).block_on(async {
+        start_worker_async().await.join_async().await;
+    });
+}
+
+/// The user's own runtime, with `workers` worker threads.
+fn user_runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .thread_name(USER_WORKER_THREAD)
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let g = common::builder_for(&common::address_from_env())
-            .process_name(std::env::var(common::ENV_NAME).expect("name"))
-            .start_async()
-            .await
-            .expect("worker starts");
-        g.join_async().await;
-    });
+        .expect("runtime")
+}
+
+/// This child's node, started on the runtime it is awaited in.
+async fn start_worker_async() -> daffi::Global {
+    common::builder_for(&common::address_from_env())
+        .process_name(std::env::var(common::ENV_NAME).expect("name"))
+        .start_async()
+        .await
+        .expect("worker starts")
 }
 
 /// A node started from the user's own runtime with two worker threads, where quick
 /// callbacks run. Told to `finish`, it stops the node, and exits with success only if
 /// the runtime is left with no more tasks than before the node started.
 fn two_workers() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(USER_WORKER_THREAD)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = user_runtime(2);
     let before = runtime.metrics().num_alive_tasks();
     let left = runtime.block_on(async {
-        let g = common::builder_for(&common::address_from_env())
-            .process_name(std::env::var(common::ENV_NAME).expect("name"))
-            .start_async()
-            .await
-            .expect("worker starts");
+        let g = start_worker_async().await;
         FINISH.notified().await;
         g.stop();
         g.join_async().await;
@@ -232,6 +231,12 @@ fn worker() {
 /// Calls `callback` on `worker` until it runs on a runtime worker (it was seen to be
 /// quick), at most 100 times; where it ran last.
 fn until_on_a_worker(g: &daffi::Global, worker: &str, callback: &str) -> String {
+    until_ran_on(g, worker, callback, WORKER_THREAD)
+}
+
+/// Calls `callback` on `worker` until it runs on a thread called `thread`, at most 100
+/// times; where it ran last.
+fn until_ran_on(g: &daffi::Global, worker: &str, callback: &str, thread: &str) -> String {
     let mut ran = String::new();
     for _ in 0..100 {
         ran = g
@@ -240,7 +245,7 @@ fn until_on_a_worker(g: &daffi::Global, worker: &str, callback: &str) -> String 
             .timeout(WAIT)
             .fg::<String>()
             .expect("call");
-        if ran == WORKER_THREAD {
+        if ran == thread {
             break;
         }
     }
@@ -502,19 +507,11 @@ fn a_node_stopped_on_the_users_runtime_leaves_none_of_its_tasks_behind() {
     let worker = common::unique("stopping");
     cluster.spawn_role(&worker, "two_workers");
     let g = &cluster.caller;
-    let mut ran = String::new();
-    for _ in 0..100 {
-        ran = g
-            .call("where_ran")
-            .on(&worker)
-            .timeout(WAIT)
-            .fg::<String>()
-            .expect("call");
-        if ran == USER_WORKER_THREAD {
-            break;
-        }
-    }
-    assert_eq!(ran, USER_WORKER_THREAD, "a quick callback runs on a worker");
+    assert_eq!(
+        until_ran_on(g, &worker, "where_ran", USER_WORKER_THREAD),
+        USER_WORKER_THREAD,
+        "a quick callback runs on a worker"
+    );
     g.call("finish")
         .on(&worker)
         .timeout(WAIT)

@@ -12,11 +12,11 @@
 //! A callback seen to finish quickly (its [`Pace`](super::pace::Pace)) skips the
 //! hand-off: the runtime worker that read its request runs it, in a task of its own (so
 //! that the connection is read meanwhile, by the other worker; the task of a run that
-//! ended waits for the next, see [`IdleRun`]), with the queue's other
-//! jobs of the moment (a burst is answered where it was read, and its replies leave
-//! together). Such a run counts as one of the runner's threads, busy: if its callback
-//! turns slow, no new run starts on a worker until it ends (its callback, now known as
-//! slow, goes to the threads next time), and the node's watch thread (which looks
+//! ended waits for the next, see [`IdleRun`]), with the queue's other jobs of the
+//! moment (a burst is answered where it was read, and its replies leave together).
+//! Such a run counts as one of the runner's threads, busy: if its callback turns slow,
+//! no new run starts on a worker until it ends (its callback, now known as slow, goes
+//! to the threads next time), and the node's watch thread (which looks
 //! `HANDOFF_AFTER` after a run's progress, once a millisecond between runs while they
 //! happen, and sleeps otherwise) starts the watchdog on
 //! another worker once a run made no progress for `HANDOFF_AFTER` of time its thread
@@ -457,8 +457,8 @@ impl SyncRunner {
         }
     }
 
-    /// Runs the run on a worker from `run` on, then parks, to run the next run it is
-    /// given; ends when it is not needed (a task is parked already) or the node closed.
+    /// The task of runs on a worker: runs `run`, then parks until given the next run;
+    /// ends when not needed (a task is parked already) or once the node closed.
     async fn run_task(core: Arc<Executor>, mut run: RunStep) {
         let idle = Arc::new(IdleRun::default());
         loop {
