@@ -1,15 +1,16 @@
 //! An awaited call spins for its reply as a sync one does, where that holds up nothing:
 //! in the future a `block_on` drives (the body of `#[tokio::main]`), never inside a
 //! task. Futures awaited beside it (a `join!`) send their calls before it spins. The
-//! processor time the awaiting thread uses says whether it spun. Real processes over
-//! real sockets; the callers run in the test's own runtime, as a user's program does.
+//! processor time the awaiting thread uses, and how often it blocked, say whether it
+//! spun. Real processes over real sockets; the callers run in the test's own runtime,
+//! as a user's program does.
 
 mod common;
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{Cluster, Transport, WAIT};
+use common::{Cluster, ThreadUsage, Transport, WAIT};
 use daffi::Global;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -94,10 +95,10 @@ async fn caller(cluster: &Cluster, worker: &str, spin: Duration) -> Global {
     g
 }
 
-/// The processor time this thread used awaiting `calls` lone calls of `nap(ms)`, half
-/// with `fg_async`, half with `bg` and `.await`.
-async fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
-    let before = common::thread_cpu();
+/// What this thread did awaiting `calls` lone calls of `nap(ms)`, half with
+/// `fg_async`, half with `bg` and `.await`.
+async fn usage_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> ThreadUsage {
+    let before = ThreadUsage::now();
     for i in 0..calls {
         let call = g.call("nap").on(worker).args((ms,)).timeout(WAIT);
         let slept: u64 = if i % 2 == 0 {
@@ -108,7 +109,7 @@ async fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Durati
         .expect("nap answers");
         assert_eq!(slept, ms);
     }
-    common::thread_cpu() - before
+    ThreadUsage::since(before)
 }
 
 /// Held by each test that spins: a process spins on one thread per two processors at
@@ -158,14 +159,14 @@ fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
         let spin = Duration::from_millis(40);
         let g = caller(&cluster, &worker, spin).await;
         let naps = 20;
-        let spun = cpu_for_naps(&g, &worker, 10, naps).await;
+        let spun = usage_for_naps(&g, &worker, 10, naps).await;
         assert!(
-            spun >= Duration::from_millis(10) * naps as u32 / 4,
-            "{naps} awaited naps of 10 ms within a 40 ms spin used only {spun:?} of this thread's time"
+            spun.spun(Duration::from_millis(10) * naps as u32 / 4, naps),
+            "{naps} awaited naps of 10 ms within a 40 ms spin: {spun:?} of this thread (no spin)"
         );
 
         // A broadcast's replies are spun for too (here to one worker).
-        let before = common::thread_cpu();
+        let before = ThreadUsage::now();
         for _ in 0..naps {
             let answers = g
                 .call("nap")
@@ -176,30 +177,30 @@ fn a_lone_call_awaited_in_the_main_future_spins_while_that_pays() {
                 .expect("the broadcast answers");
             assert_eq!(answers.get(&worker), Some(&10), "{answers:?}");
         }
-        let spun = common::thread_cpu() - before;
+        let spun = ThreadUsage::since(before);
         assert!(
-            spun >= Duration::from_millis(10) * naps as u32 / 4,
-            "{naps} awaited broadcasts of naps of 10 ms used only {spun:?} of this thread's time"
+            spun.spun(Duration::from_millis(10) * naps as u32 / 4, naps),
+            "{naps} awaited broadcasts of naps of 10 ms: {spun:?} of this thread (no spin)"
         );
 
         // Naps of 80 ms end past the limit: after a few, the awaits stop spinning.
-        cpu_for_naps(&g, &worker, 80, 8).await;
-        let slept = cpu_for_naps(&g, &worker, 80, 10).await;
+        usage_for_naps(&g, &worker, 80, 8).await;
+        let slept = usage_for_naps(&g, &worker, 80, 10).await.cpu;
         assert!(
             slept < spin * 10 / 4,
             "10 awaited naps of 80 ms, past a 40 ms spin, still used {slept:?} of this thread's time"
         );
         // Quick again: the spinning comes back (lone waits that do not spin are timed).
-        cpu_for_naps(&g, &worker, 0, 40).await;
-        let spun = cpu_for_naps(&g, &worker, 10, naps).await;
+        usage_for_naps(&g, &worker, 0, 40).await;
+        let spun = usage_for_naps(&g, &worker, 10, naps).await;
         assert!(
-            spun >= Duration::from_millis(10) * naps as u32 / 4,
-            "after quick calls, {naps} awaited naps of 10 ms used only {spun:?} of this thread's time"
+            spun.spun(Duration::from_millis(10) * naps as u32 / 4, naps),
+            "after quick calls, {naps} awaited naps of 10 ms: {spun:?} of this thread (no spin)"
         );
         g.stop();
 
         let still = caller(&cluster, &worker, Duration::ZERO).await;
-        let parked = cpu_for_naps(&still, &worker, 10, naps).await;
+        let parked = usage_for_naps(&still, &worker, 10, naps).await.cpu;
         assert!(
             parked < Duration::from_millis(10) * naps as u32 / 4,
             "{naps} awaited naps of 10 ms without spinning used {parked:?} of this thread's time"
@@ -223,7 +224,7 @@ fn a_call_awaited_inside_a_task_never_spins() {
     let naps = 20;
     let task = {
         let (g, worker) = (g.clone(), worker.clone());
-        one_worker.spawn(async move { cpu_for_naps(&g, &worker, 10, naps).await })
+        one_worker.spawn(async move { usage_for_naps(&g, &worker, 10, naps).await.cpu })
     };
     let used = one_worker.block_on(task).expect("the task ends");
     assert!(
@@ -245,7 +246,7 @@ fn a_call_awaited_on_a_current_thread_runtime_never_spins() {
     current.block_on(async {
         let g = caller(&cluster, &worker, Duration::from_millis(40)).await;
         let naps = 20;
-        let used = cpu_for_naps(&g, &worker, 10, naps).await;
+        let used = usage_for_naps(&g, &worker, 10, naps).await.cpu;
         assert!(
             used < Duration::from_millis(10) * naps as u32 / 4,
             "{naps} naps of 10 ms awaited on a current-thread runtime used {used:?} of its thread"
@@ -269,7 +270,7 @@ fn await_paused_callee(
     users_runtime().block_on(async {
         let g = caller(cluster, worker, spin).await;
         // Quick calls first: the node spins for its lone calls from here on.
-        cpu_for_naps(&g, worker, 0, 20).await;
+        usage_for_naps(&g, worker, 0, 20).await;
 
         common::pause(pid);
         let before = common::thread_cpu();
@@ -286,7 +287,7 @@ fn await_paused_callee(
             matches!(outcome, Err(daffi::Error::Timeout { .. })),
             "a paused callee: {outcome:?}"
         );
-        cpu_for_naps(&g, worker, 0, 1).await;
+        usage_for_naps(&g, worker, 0, 1).await;
         g.stop();
         used
     })
@@ -404,10 +405,10 @@ fn a_wait_polled_then_collected_with_get_counts_once() {
             // ...then collected from sync code, which times the wait too.
             assert_eq!(pending.get().expect("nap answers"), 120);
         }
-        let spun = cpu_for_naps(&g, &worker, 20, 1).await;
+        let spun = usage_for_naps(&g, &worker, 20, 1).await;
         assert!(
-            spun >= Duration::from_millis(5),
-            "after three slow waits (six counted?), an awaited nap of 20 ms used only {spun:?}"
+            spun.spun(Duration::from_millis(5), 1),
+            "after three slow waits (six counted?), an awaited nap of 20 ms: {spun:?} (no spin)"
         );
         g.stop();
     });
@@ -432,7 +433,7 @@ fn an_awaited_broadcast_spins_within_one_limit() {
         // Replies at about 30 and 60 ms: one limit is 40 ms of spinning; a limit per
         // reply would be 30 + 30.
         let broadcasts = 3;
-        let before = common::thread_cpu();
+        let before = ThreadUsage::now();
         for _ in 0..broadcasts {
             let answers = g
                 .call("stagger")
@@ -446,11 +447,15 @@ fn an_awaited_broadcast_spins_within_one_limit() {
                 (Some(&30), Some(&60))
             );
         }
-        let used = common::thread_cpu() - before;
+        let used = ThreadUsage::since(before);
+        // Without a spin, the thread parks for each of the two replies of each broadcast;
+        // spinning for one limit, only for the second.
         assert!(
-            used >= Duration::from_millis(10) * broadcasts,
-            "{broadcasts} broadcasts used only {used:?} of this thread's time: no spin"
+            used.cpu >= Duration::from_millis(10) * broadcasts
+                || used.blocks < 2 * broadcasts as u64,
+            "{broadcasts} broadcasts: {used:?} of this thread: no spin"
         );
+        let used = used.cpu;
         assert!(
             used < Duration::from_millis(50) * broadcasts,
             "{broadcasts} broadcasts with a 40 ms spin limit used {used:?} of this thread's time"

@@ -1,13 +1,14 @@
 //! A thread blocked in a lone sync call spins for its reply only while that pays
 //! (`GlobalBuilder::sync_spin`): it spins through waits that end within the limit,
 //! stops once such calls take longer, and sleeps through a callee that is paused. The
-//! processor time the calling thread uses says which. Real processes over real sockets.
+//! processor time the calling thread uses, and how often it blocked, say which. Real
+//! processes over real sockets.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Transport, WAIT};
+use common::{Cluster, ThreadUsage, Transport, WAIT};
 use daffi::{Error, Global};
 
 const ENTRY: &str = "sync_spin_process";
@@ -32,9 +33,9 @@ fn worker() {
     g.join().expect("join");
 }
 
-/// The processor time this thread used for `calls` lone calls of `nap(ms)` on `worker`.
-fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
-    let before = common::thread_cpu();
+/// What this thread did for `calls` lone calls of `nap(ms)` on `worker`.
+fn usage_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> ThreadUsage {
+    let before = ThreadUsage::now();
     for _ in 0..calls {
         let slept: u64 = g
             .call("nap")
@@ -45,7 +46,7 @@ fn cpu_for_naps(g: &Global, worker: &str, ms: u64, calls: usize) -> Duration {
             .expect("nap answers");
         assert_eq!(slept, ms);
     }
-    common::thread_cpu() - before
+    ThreadUsage::since(before)
 }
 
 /// A controller, a worker serving `nap` (called `prefix` and a unique part), and a
@@ -77,15 +78,15 @@ fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
 
     // Naps of 10 ms end within the 40 ms limit: the thread spins through each.
     let naps = 20;
-    let spun = cpu_for_naps(&g, &worker, 10, naps);
+    let spun = usage_for_naps(&g, &worker, 10, naps);
     assert!(
-        spun >= Duration::from_millis(10) * naps as u32 / 4,
-        "{naps} naps of 10 ms within a 40 ms spin used only {spun:?} of this thread's time"
+        spun.spun(Duration::from_millis(10) * naps as u32 / 4, naps),
+        "{naps} naps of 10 ms within a 40 ms spin: {spun:?} of this thread (no spin)"
     );
 
     // Naps of 80 ms do not: after a few (each spinning 40 ms at most), it stops.
-    cpu_for_naps(&g, &worker, 80, 8);
-    let slept = cpu_for_naps(&g, &worker, 80, 10);
+    usage_for_naps(&g, &worker, 80, 8);
+    let slept = usage_for_naps(&g, &worker, 80, 10).cpu;
     assert!(
         slept < spin * 10 / 4,
         "10 naps of 80 ms, past a 40 ms spin, still used {slept:?} of this thread's time"
@@ -100,7 +101,7 @@ fn a_lone_sync_call_spins_only_while_its_waits_end_within_the_limit() {
     still
         .wait_process_timeout(&worker, WAIT)
         .expect("worker known");
-    let parked = cpu_for_naps(&still, &worker, 10, naps);
+    let parked = usage_for_naps(&still, &worker, 10, naps).cpu;
     assert!(
         parked < Duration::from_millis(10) * naps as u32 / 4,
         "{naps} naps of 10 ms without spinning used {parked:?} of this thread's time"
@@ -116,7 +117,7 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
     let (mut cluster, worker, g) = spinning_caller("paused", Duration::from_millis(5));
     let pid = cluster.worker(&worker).pid().expect("worker pid");
     // Quick calls first: the node spins for its lone calls from here on.
-    cpu_for_naps(&g, &worker, 0, 20);
+    usage_for_naps(&g, &worker, 0, 20);
 
     common::pause(pid);
     let before = common::thread_cpu();
@@ -136,8 +137,8 @@ fn a_lone_call_to_a_paused_callee_sleeps_until_its_timeout() {
         used < Duration::from_millis(100),
         "waiting 500 ms for a paused callee used {used:?} of the caller's thread"
     );
-    // The resumed callee answers again (`cpu_for_naps` checks each answer).
-    cpu_for_naps(&g, &worker, 0, 1);
+    // The resumed callee answers again (`usage_for_naps` checks each answer).
+    usage_for_naps(&g, &worker, 0, 1);
     g.stop();
 }
 

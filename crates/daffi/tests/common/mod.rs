@@ -588,6 +588,49 @@ pub fn thread_cpu() -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
+/// What this thread did over a stretch of time (see [`ThreadUsage::now`] and
+/// [`ThreadUsage::since`]): the processor time it used, and the times it blocked.
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadUsage {
+    pub cpu: Duration,
+    /// Voluntary context switches: a thread that parks to wait blocks; one that spins
+    /// does not, even when it yields its processor between looks.
+    pub blocks: u64,
+}
+
+impl ThreadUsage {
+    /// This thread's totals so far.
+    pub fn now() -> Self {
+        // SAFETY: an all-zero `rusage` is a valid value for `getrusage` to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid `rusage` to write to; RUSAGE_THREAD exists on Linux.
+        let read = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        assert_eq!(read, 0, "getrusage");
+        ThreadUsage {
+            cpu: thread_cpu(),
+            blocks: usage.ru_nvcsw as u64,
+        }
+    }
+
+    /// What this thread did since `before`.
+    pub fn since(before: ThreadUsage) -> Self {
+        let now = ThreadUsage::now();
+        ThreadUsage {
+            cpu: now.cpu - before.cpu,
+            blocks: now.blocks - before.blocks,
+        }
+    }
+
+    /// Whether a thread that waited `waits` times spun through (nearly) all of them: it
+    /// used at least `cpu` of the processor, or it blocked in at most a quarter of the
+    /// waits. The second holds on a machine whose processors are all busy, where a
+    /// spinner that yields between looks gets little processor time but never parks; a
+    /// thread that parks blocks at least once per wait.
+    pub fn spun(&self, cpu: Duration, waits: usize) -> bool {
+        self.cpu >= cpu || self.blocks <= waits as u64 / 4
+    }
+}
+
 /// Whether this machine has processors enough for a waiting thread to spin (see
 /// `GlobalBuilder::sync_spin`).
 pub fn two_processors_or_more() -> bool {
