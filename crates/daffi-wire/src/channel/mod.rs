@@ -172,7 +172,7 @@ struct State {
     unwritten: usize,
     /// The socket, while nobody writes to it.
     socket: Option<Socket>,
-    /// When a write last ended.
+    /// When the last write began (a sender's own) or ended (the writer task's).
     last_write: Option<Instant>,
     /// Why the connection closed, once it has.
     close_reason: Option<CloseReason>,

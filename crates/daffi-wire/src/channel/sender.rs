@@ -14,10 +14,10 @@ use tokio::io::AsyncWrite;
 use super::{CloseReason, Closed, Held, Shared, Socket, State, FRAME_COST};
 use crate::outgoing::Outgoing;
 
-/// A sender writes its frame itself only if the connection wrote nothing for this long:
-/// a connection that is busy batches instead (one system call per frame would cost more
-/// than it saves).
-const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
+/// A sender writes its frame itself only if no write began on the connection for this
+/// long (or, the writer task's, ended): a connection that is busy batches instead (one
+/// system call per frame would cost more than it saves).
+pub(super) const QUIET_BEFORE_DIRECT_WRITE: Duration = Duration::from_micros(30);
 /// Sends frames on one connection: writes them itself when the connection is idle,
 /// queues them for the connection's writer task otherwise. Frames leave in the order
 /// they were sent. Cheap to clone; the writer task ends (after writing what is queued)
@@ -278,23 +278,25 @@ impl FrameSender {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Push::Closed;
         }
-        // The clock is read last: a busy connection is decided without it. An idle
-        // socket with an empty queue means nothing is held: the writer task gives the
-        // socket back only once it wrote everything it took.
+        // The clock is read last, and once: a busy connection is decided without it.
+        // An idle socket with an empty queue means nothing is held: the writer task
+        // gives the socket back only once it wrote everything it took.
         let batching = self.shared.batches.load(Ordering::Relaxed) > 0;
-        let direct = !held
+        let began = (!held
             && !batching
             && self.shared.corks.load(Ordering::Relaxed) == 0
             && st.queue.is_empty()
-            && st.socket.is_some()
-            && st
-                .last_write
-                .map_or(true, |t| t.elapsed() >= QUIET_BEFORE_DIRECT_WRITE);
-        if direct {
+            && st.socket.is_some())
+        .then(Instant::now)
+        .filter(|now| {
+            st.last_write
+                .map_or(true, |t| now.duration_since(t) >= QUIET_BEFORE_DIRECT_WRITE)
+        });
+        if let Some(began) = began {
             if let Some(mut socket) = st.socket.take() {
                 drop(st);
                 let written = write_now(&mut socket, frame);
-                if !give_back(&self.shared, socket, written, 0) {
+                if !give_back(&self.shared, socket, written, 0, began) {
                     return Push::Closed;
                 }
                 return Push::Sent;
@@ -391,8 +393,9 @@ fn write_queue_here(shared: &Shared, mut st: std::sync::MutexGuard<'_, State>) {
     st.partial_front = false;
     drop(st);
     let mut socket = socket;
+    let began = Instant::now();
     let written = write_now(&mut socket, Outgoing::raw(Bytes::from(out)));
-    if !give_back(shared, socket, written, bytes + frames * FRAME_COST) {
+    if !give_back(shared, socket, written, bytes + frames * FRAME_COST, began) {
         return;
     }
     shared.room.notify_waiters();
@@ -482,20 +485,28 @@ const MAX_SLICES: usize = 8;
 /// Writes `frame` now, as far as the socket takes it without waiting. Returns what is
 /// left (for the writer task), or `None` when all of it went out.
 /// Gives the socket back after a sender wrote on it itself (`written`: what
-/// [`write_now`] returned), and counts off `counted` bytes the queue held for what was
-/// written. A frame cut short goes to the front of the queue, for the writer task;
-/// `false` if the write failed (the connection is then closed). The writer task is woken
-/// after the lock is let go: a wake-up can hand this thread's processor to the woken
-/// one, and a sender preempted while holding the lock blocks every other.
+/// [`write_now`] returned, from a write that `began` then), and counts off `counted`
+/// bytes the queue held for what was written. A frame cut short goes to the front of
+/// the queue, for the writer task; `false` if the write failed (the connection is then
+/// closed). The writer task is woken after the lock is let go: a wake-up can hand this
+/// thread's processor to the woken one, and a sender preempted while holding the lock
+/// blocks every other.
+///
+/// The write counts from when it began. A write that does not wait takes a few
+/// microseconds, unless the peer it wakes takes the sender's processor in it: then the
+/// sender gets it back only once the peer answered, and a write stamped at its end
+/// would make the sender's next frame (a lone caller's next request) look like one of a
+/// busy connection's, sent through the writer task.
 fn give_back(
     shared: &Shared,
     socket: Socket,
     written: std::io::Result<Option<Outgoing>>,
     counted: usize,
+    began: Instant,
 ) -> bool {
     let mut st = shared.lock();
     st.socket = Some(socket);
-    st.last_write = Some(Instant::now());
+    st.last_write = Some(began);
     st.unwritten = st.unwritten.saturating_sub(counted);
     let wake_writer = match written {
         Ok(None) => !st.queue.is_empty(),

@@ -655,3 +655,48 @@ async fn a_frame_held_behind_frames_waiting_for_the_writer_goes_with_them() {
         "a hold began over frames the writer task was woken for"
     );
 }
+
+/// A socket whose writes take twice `QUIET_BEFORE_DIRECT_WRITE`: as a write does
+/// whose sender lost its processor in it to the peer it woke.
+struct PreemptedWrites(tokio::io::DuplexStream);
+
+impl tokio::io::AsyncWrite for PreemptedWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::thread::sleep(sender::QUIET_BEFORE_DIRECT_WRITE * 2);
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_write_counts_from_when_it_began_not_when_its_sender_got_back() {
+    // A writer task that is not running: only a sender writing itself reaches the peer.
+    // The first write lasts longer than the quiet time, so the second frame, pushed at
+    // once after it (a lone caller's next request), finds the connection quiet since
+    // the first write began: it is written at once, not left to the writer task.
+    let (a, mut peer) = tokio::io::duplex(64 * 1024);
+    let (tx, _writer) = frame_channel(PreemptedWrites(a), frames(8));
+    assert!(matches!(tx.push(raw(20)), Push::Sent));
+    assert_eq!(readable_now(&mut peer), Some(20));
+    assert!(matches!(tx.push(raw(30)), Push::Sent));
+    assert_eq!(
+        readable_now(&mut peer),
+        Some(30),
+        "the second frame was left to the writer task"
+    );
+}
