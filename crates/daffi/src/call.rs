@@ -173,7 +173,12 @@ impl Call {
         // for the reply enters the runtime.
         let started = start_here(&global, node, request);
         let reply = match started {
-            Started::Sent(call) => may_wait.wait_lone(global.runtime(), call, node.lone_wait(true)),
+            Started::Sent(call) => {
+                let lone = node
+                    .lone_wait(true)
+                    .map(|lone| lone.reading(|| call.own_reply()));
+                may_wait.wait_lone(global.runtime(), call, lone)
+            }
             Started::Failed(e) => Err(e),
             Started::Later(rest) => may_wait.wait(global.runtime(), rest),
         };

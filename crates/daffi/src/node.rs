@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::callback::{CallbackGroup, Handler, ItemStream};
 use crate::error::{Error, Result};
 use crate::executor::Executor;
+use crate::mesh::pending::OwnReply;
 use crate::mesh::{
     check_callback_list, sleep_until, BoxFuture, CallRequest, Feed, Membership, Mesh, NodeOutcome,
     OpenStream, ReplyPayload, Scope, Slot, Slots, Waiter,
@@ -105,9 +106,18 @@ impl Node {
             if let Poll::Ready(reply) = std::pin::Pin::new(&mut *call).poll(cx) {
                 return Poll::Ready(reply);
             }
+            // What a spinning thread reads its reply with, made at its first look: most
+            // polls do not spin.
+            let own = std::cell::OnceCell::new();
+            let read_own = || {
+                own.get_or_init(|| call.own_reply())
+                    .as_ref()
+                    .is_some_and(OwnReply::read)
+            };
             // `is_ready`, not `has_reply`: the call's deadline ends the spin too, as a
             // wake-up by its timer ends a sync wait's.
-            if !spin.wait(cx, || self.lone_wait(true), || call.is_ready()) {
+            let ready = || call.is_ready() || read_own();
+            if !spin.wait(cx, || self.lone_wait(true), ready) {
                 return Poll::Pending;
             }
         }

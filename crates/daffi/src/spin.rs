@@ -16,6 +16,9 @@
 //! - after a few turns, yielding its processor between looks, so that a thread woken
 //!   onto it (the callee, the controller, the worker that reads the reply) runs at once.
 //!
+//! Over a plaintext socket the spinning thread also looks at the socket, and reads its
+//! reply there itself (`transport::SharedReads`): the runtime is not woken for it.
+//!
 //! An awaited call spins the same way on a thread that runs no tasks
 //! ([`AsyncSpin`]). The limit is
 //! [`GlobalBuilder::sync_spin`](crate::GlobalBuilder::sync_spin); zero turns spinning
@@ -24,6 +27,8 @@
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::mesh::pending::OwnReply;
 
 /// The default spin limit: about twice a small call's round trip on one machine, and
 /// enough for a broadcast to a few nodes.
@@ -82,6 +87,7 @@ impl SpinPolicy {
             started,
             spin_for,
             spinner,
+            own_reply: None,
         })
     }
 
@@ -132,9 +138,22 @@ pub struct LoneWait<'a> {
     started: Instant,
     spin_for: Option<Duration>,
     spinner: Option<Spinner>,
+    /// The call whose reply the spinning thread may read itself.
+    own_reply: Option<OwnReply>,
 }
 
 impl LoneWait<'_> {
+    /// While it spins, the thread also looks for the reply on the connection, and
+    /// reads it itself if it is there (`reply`, made only if the wait spins): the
+    /// runtime worker the reply wakes is then not on its way (see
+    /// `transport::SharedReads`).
+    pub fn reading(mut self, reply: impl FnOnce() -> Option<OwnReply>) -> Self {
+        if self.spin_for.is_some() {
+            self.own_reply = reply();
+        }
+        self
+    }
+
     /// Spins until `ready` holds (`true`) or the spin is over (`false`; also when this
     /// wait may not spin). Once over, the thread no longer counts as spinning.
     pub fn spin_until(&mut self, ready: impl Fn() -> bool) -> bool {
@@ -147,9 +166,11 @@ impl LoneWait<'_> {
             if self.started.elapsed() >= spin_for {
                 self.spin_for = None;
                 self.spinner = None;
+                // The runtime reads the reply again: this thread parks.
+                self.own_reply = None;
                 return false;
             }
-            if ready() {
+            if ready() || self.own_reply.as_ref().is_some_and(OwnReply::read) {
                 return true;
             }
             // A few turns of pure spinning, then each turn offers the processor to

@@ -1,10 +1,13 @@
 //! Byte streams between nodes and the controller: TCP (optionally under TLS), a Unix
 //! socket, or an in-process pipe for the node of the process that runs the controller.
 //!
-//! Everything above this module sees a boxed reader and writer; it knows nothing of
-//! frames. TLS lives in [`tls`]; a Unix socket is protected by file permissions instead,
-//! and an in-process pipe never leaves the process.
+//! Everything above this module sees a boxed reader and writer; only a node's
+//! [`SharedReads`] knows where frames start, so that a thread spinning for its reply can
+//! take it from a plaintext socket. TLS lives in [`tls`]; a Unix socket is protected by
+//! file permissions instead, and an in-process pipe never leaves the process.
 
+#[cfg(unix)]
+mod shared_reads;
 #[cfg(unix)]
 mod split;
 mod tls;
@@ -26,6 +29,71 @@ pub use tls::{ClientTls, ServerTls, TLS_HANDSHAKE_RECORD};
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection.
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+#[cfg(unix)]
+pub use shared_reads::{SharedReads, Taken};
+
+/// Stands in for the shared reads of a plaintext socket where there are none.
+#[cfg(not(unix))]
+#[derive(Debug)]
+pub enum SharedReads {}
+
+#[cfg(not(unix))]
+impl SharedReads {
+    /// Never called: there is no such value.
+    pub fn take_frame(
+        &self,
+        _max_frame_size: usize,
+        _wanted: impl FnOnce(&daffi_wire::Frame) -> bool,
+    ) -> Taken {
+        match *self {}
+    }
+
+    /// Never called: there is no such value.
+    pub fn mute(&self) -> bool {
+        match *self {}
+    }
+
+    /// Never called: there is no such value.
+    pub fn release(&self) {
+        match *self {}
+    }
+}
+
+/// What [`SharedReads::take_frame`] found (never, off Unix).
+#[cfg(not(unix))]
+#[derive(Debug)]
+pub enum Taken {
+    /// The frame wanted.
+    Frame(daffi_wire::Frame),
+    /// Nothing to read.
+    Nothing,
+    /// Bytes that are the reader task's.
+    ForReader,
+}
+
+/// A node's end of its link: its reader and writer, and, on a plaintext socket, the
+/// reader's reads as a thread waiting for its own reply may share them
+/// ([`SharedReads`]).
+pub struct Halves {
+    /// The read half.
+    pub read: BoxRead,
+    /// The write half.
+    pub write: BoxWrite,
+    /// `None` under TLS (and off Unix).
+    pub shared_reads: Option<std::sync::Arc<SharedReads>>,
+}
+
+impl Halves {
+    /// Halves whose reads no waiting thread shares.
+    fn unshared((read, write): (BoxRead, BoxWrite)) -> Halves {
+        Halves {
+            read,
+            write,
+            shared_reads: None,
+        }
+    }
+}
 
 /// Where the controller listens and where nodes connect. More kinds of address may
 /// come (a match needs a `_` arm).
@@ -81,7 +149,7 @@ pub enum ConnectError {
 pub async fn connect(
     address: &Address,
     tls: Option<&ClientTls>,
-) -> std::result::Result<(BoxRead, BoxWrite), ConnectError> {
+) -> std::result::Result<Halves, ConnectError> {
     match address {
         Address::Tcp { host, port } => {
             let addresses = resolve(host, *port)
@@ -94,8 +162,10 @@ pub async fn connect(
                 .set_nodelay(true)
                 .map_err(ConnectError::Unreachable)?;
             match tls {
-                None => stream.into_halves().map_err(ConnectError::Unreachable),
-                Some(tls) => tls.connect(stream).await.map_err(|e| {
+                None => stream
+                    .into_node_halves()
+                    .map_err(ConnectError::Unreachable),
+                Some(tls) => tls.connect(stream).await.map(Halves::unshared).map_err(|e| {
                     let message = tls.explain(&e).unwrap_or_else(|| {
                         format!(
                             "the TLS handshake did not complete ({e}); check that the controller uses TLS (tls_cert and tls_key)"
@@ -121,7 +191,7 @@ pub async fn connect(
                 .await
                 .map_err(ConnectError::Unreachable)?;
             unix::check_peer(&stream).map_err(refuse)?;
-            stream.into_halves().map_err(ConnectError::Unreachable)
+            stream.into_node_halves().map_err(ConnectError::Unreachable)
         }
         #[cfg(not(unix))]
         Address::Unix(_) => Err(ConnectError::Unreachable(io::Error::new(
@@ -159,16 +229,27 @@ async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 }
 
 /// A plaintext tokio stream, split into its reader and writer.
-trait IntoHalves {
+trait IntoHalves: Sized {
     /// On Unix, halves that register the socket for reading only (see [`split`]);
     /// elsewhere, tokio's.
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)>;
+
+    /// [`into_halves`](Self::into_halves) for a node's end of its link: on Unix, with
+    /// its reads shared ([`SharedReads`]).
+    fn into_node_halves(self) -> io::Result<Halves> {
+        self.into_halves().map(Halves::unshared)
+    }
 }
 
 impl IntoHalves for TcpStream {
     #[cfg(unix)]
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)> {
         split::split(self.into_std()?)
+    }
+
+    #[cfg(unix)]
+    fn into_node_halves(self) -> io::Result<Halves> {
+        split::split_sharing_reads(self.into_std()?)
     }
 
     #[cfg(not(unix))]
@@ -182,6 +263,10 @@ impl IntoHalves for TcpStream {
 impl IntoHalves for tokio::net::UnixStream {
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)> {
         split::split(self.into_std()?)
+    }
+
+    fn into_node_halves(self) -> io::Result<Halves> {
+        split::split_sharing_reads(self.into_std()?)
     }
 }
 
@@ -200,7 +285,7 @@ pub const IN_PROCESS_PEER: &str = "in-process";
 /// `roundtrip` example, a memory pipe made calls from such a node slower than a Unix
 /// socket (p50 84 us against 45 us on a 2-core machine); the pair costs what the Unix
 /// socket did, minus the path, its checks and the accept.
-pub fn in_process() -> io::Result<((BoxRead, BoxWrite), Incoming)> {
+pub fn in_process() -> io::Result<(Halves, Incoming)> {
     let (node, controller) = pipe()?;
     let incoming = Incoming {
         stream: controller,
@@ -211,12 +296,15 @@ pub fn in_process() -> io::Result<((BoxRead, BoxWrite), Incoming)> {
 }
 
 #[cfg(unix)]
-fn pipe() -> io::Result<((BoxRead, BoxWrite), RawStream)> {
+fn pipe() -> io::Result<(Halves, RawStream)> {
     let (node, controller) = std::os::unix::net::UnixStream::pair()?;
     node.set_nonblocking(true)?;
     controller.set_nonblocking(true)?;
     let controller = tokio::net::UnixStream::from_std(controller)?;
-    Ok((split::split(node)?, RawStream::Unix(controller)))
+    Ok((
+        split::split_sharing_reads(node)?,
+        RawStream::Unix(controller),
+    ))
 }
 
 /// Bytes the in-memory pipe holds in each direction before its writer waits: one batch
@@ -225,11 +313,11 @@ fn pipe() -> io::Result<((BoxRead, BoxWrite), RawStream)> {
 const IN_PROCESS_BUFFER: usize = 256 * 1024;
 
 #[cfg(not(unix))]
-fn pipe() -> io::Result<((BoxRead, BoxWrite), RawStream)> {
+fn pipe() -> io::Result<(Halves, RawStream)> {
     let (node, controller) = tokio::io::duplex(IN_PROCESS_BUFFER);
     let (read, write) = tokio::io::split(node);
     Ok((
-        (Box::new(read), Box::new(write)),
+        Halves::unshared((Box::new(read), Box::new(write))),
         RawStream::InMemory(controller),
     ))
 }

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::auth::AuthToken;
 use crate::error::{Error, Result};
-use crate::transport::{self, Address, BoxRead, BoxWrite, Listener, ServerTls, UNIX_NO_TLS};
+use crate::transport::{self, Address, Halves, Listener, ServerTls, UNIX_NO_TLS};
 use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use daffi_wire::{QueueLimits, DEFAULT_MAX_FRAME_SIZE};
 use session::Shared;
@@ -178,7 +178,7 @@ impl std::fmt::Debug for InProcessDoor {
 impl InProcessDoor {
     /// A new connection to the controller: the node's reader and writer. Fails with
     /// [`Error::Stopped`] once the controller has stopped (it never comes back).
-    pub fn open(&self) -> Result<(BoxRead, BoxWrite)> {
+    pub fn open(&self) -> Result<Halves> {
         if *self.stop.borrow() {
             return Err(Error::Stopped);
         }

@@ -239,6 +239,9 @@ impl GlobalBuilder {
     /// A round trip on one machine takes tens of microseconds; a thread that sleeps at
     /// once is woken by the runtime worker that read the reply, one wake-up more on the
     /// way back (a slow one where waking an idle processor is, as on virtual machines).
+    /// Over a plaintext socket (Unix, or TCP without TLS), the spinning thread reads a
+    /// small reply from the socket itself, and the runtime is not woken for that socket
+    /// while it spins; anything else that comes meanwhile goes to the runtime at once.
     /// Spinning trades processor time for that latency, so it is done only where it
     /// pays: for a lone call, while such calls have lately taken at most this long on
     /// average (a node whose callees take milliseconds never spins), and by at most one

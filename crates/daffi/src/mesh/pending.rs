@@ -1,6 +1,7 @@
 //! Calls this node made that still wait for their reply: the table the mesh completes
 //! them through, and the [`Waiter`] a caller awaits.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -9,11 +10,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use daffi_wire::{Frame, KeptBuffer};
+use daffi_wire::frame::FLAG_REPLY_BATCH;
+use daffi_wire::{Frame, KeptBuffer, Kind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::transport::{SharedReads, Taken};
 
 /// Calls waiting on one table from which a new request leaves with others, not alone
 /// ([`Waiter::among_many`]): with this many replies on their way, the writer has company
@@ -67,6 +70,17 @@ pub struct Entry {
 pub struct Pending {
     next_id: AtomicU64,
     table: Mutex<Table>,
+    own_replies: Option<OwnReplies>,
+}
+
+/// Where a thread that spins for the reply to its call may read the reply itself (see
+/// [`SharedReads`]), and what completes a call with a reply read there.
+struct OwnReplies {
+    reads: Arc<SharedReads>,
+    /// The largest frame the connection takes: a larger one is the reader's to refuse.
+    max_frame_size: usize,
+    /// What the connection's reader does with a reply.
+    complete: fn(&Pending, Frame),
 }
 
 impl Pending {
@@ -77,7 +91,25 @@ impl Pending {
         Pending {
             next_id: AtomicU64::new(previous.next_id.load(Ordering::Relaxed)),
             table: Mutex::default(),
+            own_replies: None,
         }
+    }
+
+    /// Lets a thread that spins for one of these calls read its reply from `reads`
+    /// (frames of at most `max_frame_size`), completed with `complete` as the reader
+    /// does ([`Waiter::own_reply`]). Without `reads` (TLS), nothing changes.
+    pub fn with_own_replies(
+        mut self,
+        reads: Option<Arc<SharedReads>>,
+        max_frame_size: usize,
+        complete: fn(&Pending, Frame),
+    ) -> Pending {
+        self.own_replies = reads.map(|reads| OwnReplies {
+            reads,
+            max_frame_size,
+            complete,
+        });
+        self
     }
 }
 
@@ -732,6 +764,101 @@ impl Waiter {
     /// without the runtime (no timer is polled).
     pub fn has_reply(&self) -> bool {
         !self.done.is_empty()
+    }
+
+    /// What lets the thread that waits for this call read its reply itself while it
+    /// spins (see [`SharedReads`]); `None` where replies cannot be read that way (TLS,
+    /// NATS).
+    pub fn own_reply(&self) -> Option<OwnReply> {
+        self.pending.own_replies.as_ref()?;
+        Some(OwnReply {
+            pending: self.pending.clone(),
+            call_id: self.call_id,
+            step: Cell::new(OwnStep::Idle),
+        })
+    }
+}
+
+/// A call whose reply its spinning thread may read itself: [`Waiter::own_reply`].
+pub struct OwnReply {
+    pending: Arc<Pending>,
+    call_id: u64,
+    step: Cell<OwnStep>,
+}
+
+/// Where an [`OwnReply`] stands with the connection's reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnStep {
+    /// Not looked yet.
+    Idle,
+    /// The runtime is not woken for the socket: this thread looks for the reply.
+    Muted,
+    /// The socket is the reader task's again: something else came, or the socket
+    /// is closing.
+    Released,
+}
+
+impl std::fmt::Debug for OwnReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnReply")
+            .field("call_id", &self.call_id)
+            .field("step", &self.step.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnReply {
+    /// Looks for the reply on the connection, and completes the call with it if it is
+    /// the next frame there, whole: whether it did (the waiter's poll then has it). The
+    /// first look mutes the runtime's watch on the socket; anything else found there
+    /// goes back to the reader task, and the looks end.
+    pub fn read(&self) -> bool {
+        let Some(own) = &self.pending.own_replies else {
+            return false;
+        };
+        match self.step.get() {
+            OwnStep::Released => return false,
+            OwnStep::Muted => {}
+            OwnStep::Idle => {
+                if !own.reads.mute() {
+                    self.step.set(OwnStep::Released);
+                    return false;
+                }
+                self.step.set(OwnStep::Muted);
+            }
+        }
+        let call_id = self.call_id;
+        let taken = own.reads.take_frame(own.max_frame_size, |frame| {
+            frame.kind() == Kind::Reply
+                && frame.flags() & FLAG_REPLY_BATCH == 0
+                && frame.call_id() == call_id
+        });
+        match taken {
+            Taken::Frame(frame) => {
+                self.release(own);
+                (own.complete)(&self.pending, frame);
+                true
+            }
+            Taken::Nothing => false,
+            Taken::ForReader => {
+                self.release(own);
+                false
+            }
+        }
+    }
+
+    fn release(&self, own: &OwnReplies) {
+        if self.step.replace(OwnStep::Released) == OwnStep::Muted {
+            own.reads.release();
+        }
+    }
+}
+
+impl Drop for OwnReply {
+    fn drop(&mut self) {
+        if let Some(own) = &self.pending.own_replies {
+            self.release(own);
+        }
     }
 }
 

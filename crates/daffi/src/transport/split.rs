@@ -11,10 +11,14 @@
 //! only when the socket buffer is full does the writer register a second descriptor of
 //! the same socket for writability, and it drops that registration again at its next
 //! flush, once the batch is out.
+//!
+//! A node's end of its link shares its reads with a thread that spins for its reply
+//! ([`SharedReads`]): the runtime then watches, for reading, an epoll instance that
+//! watches the socket, which that thread can mute while it reads its reply itself.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -23,7 +27,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::runtime::Handle;
 
-use super::{BoxRead, BoxWrite};
+use super::shared_reads::{Attempt, SharedReads};
+use super::{BoxRead, BoxWrite, Halves};
 
 /// A connected stream socket as the standard library has it (set to non-blocking), used
 /// through a shared reference by both halves.
@@ -58,23 +63,75 @@ std_socket!(std::os::unix::net::UnixStream);
 /// Splits a non-blocking socket into a reader and a writer (see the module docs). Call
 /// it inside the runtime that will drive them.
 pub fn split<S: StdSocket>(socket: S) -> io::Result<(BoxRead, BoxWrite)> {
+    let (read, write, _) = halves(socket, false)?;
+    Ok((read, write))
+}
+
+/// [`split`], with the reader's reads shared with a thread that waits for its own
+/// reply ([`SharedReads`]): a node's end of its link.
+pub fn split_sharing_reads<S: StdSocket>(socket: S) -> io::Result<Halves> {
+    let (read, write, shared_reads) = halves(socket, true)?;
+    Ok(Halves {
+        read,
+        write,
+        shared_reads,
+    })
+}
+
+fn halves<S: StdSocket>(
+    socket: S,
+    share: bool,
+) -> io::Result<(BoxRead, BoxWrite, Option<Arc<SharedReads>>)> {
     let runtime = Handle::try_current().map_err(io::Error::other)?;
     let socket = Arc::new(socket);
-    // SAFETY: the descriptor is the socket's, which the `Arc` keeps open, and it never
-    // changes.
-    let read = unsafe { AsyncFd::register_with_interest(socket.clone(), Interest::READABLE)? };
+    let (watched, shared) = if share {
+        let (shared, epoll) = SharedReads::new(socket.as_raw_fd())?;
+        (Watched::Epoll(epoll), Some(Arc::new(shared)))
+    } else {
+        (Watched::Socket(socket.clone()), None)
+    };
+    // SAFETY: the descriptor is the socket's, which the `Arc` keeps open, or the epoll
+    // instance's, which `Watched` owns; neither changes.
+    let watched = unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE)? };
     Ok((
-        Box::new(ReadHalf(read)),
+        Box::new(ReadHalf {
+            socket: socket.clone(),
+            watched,
+            shared: shared.clone(),
+        }),
         Box::new(WriteHalf {
             socket,
             writable: None,
             runtime,
         }),
+        shared,
     ))
 }
 
+/// What the runtime watches for a read half: the socket itself, or, when its reads are
+/// shared, an epoll instance that watches the socket and that a spinning thread can
+/// mute ([`SharedReads::mute`]).
+enum Watched<S> {
+    Socket(Arc<S>),
+    Epoll(OwnedFd),
+}
+
+impl<S: StdSocket> AsRawFd for Watched<S> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Watched::Socket(socket) => socket.as_raw_fd(),
+            Watched::Epoll(epoll) => epoll.as_raw_fd(),
+        }
+    }
+}
+
 /// The read half: registered for reading only.
-struct ReadHalf<S: StdSocket>(AsyncFd<Arc<S>>);
+struct ReadHalf<S: StdSocket> {
+    socket: Arc<S>,
+    watched: AsyncFd<Watched<S>>,
+    /// Every read goes through it, if the reads are shared (see [`SharedReads`]).
+    shared: Option<Arc<SharedReads>>,
+}
 
 impl<S: StdSocket> AsyncRead for ReadHalf<S> {
     fn poll_read(
@@ -82,29 +139,80 @@ impl<S: StdSocket> AsyncRead for ReadHalf<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            let mut ready = ready!(self.0.poll_read_ready(cx))?;
+            // Bytes a spinning thread left for this task: no readiness event may come
+            // for them.
+            let read_now = this.shared.as_ref().is_some_and(|s| s.take_read_now());
+            let mut ready = if read_now {
+                None
+            } else {
+                match this.watched.poll_read_ready(cx) {
+                    Poll::Ready(ready) => Some(ready?),
+                    Poll::Pending => match &this.shared {
+                        Some(shared) if shared.reader_waits(cx.waker()) => continue,
+                        _ => return Poll::Pending,
+                    },
+                }
+            };
             // SAFETY: the bytes are only written by the kernel's `read` (never read from
             // here), and only the `n` it reports are marked initialized below: the same
             // contract as tokio's own sockets. Zeroing the buffer first instead would cost
             // a pass over every large frame's buffer on each read.
             let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
             let len = unfilled.len();
-            match ready.get_ref().get_ref().read_shared(unfilled) {
-                Ok(n) => {
+            let socket = &this.socket;
+            let attempt = match &this.shared {
+                Some(shared) => {
+                    shared.try_read(unfilled, |into| socket.read_shared(into), cx.waker())
+                }
+                None => Attempt::Read(socket.read_shared(unfilled)),
+            };
+            match attempt {
+                Attempt::Read(Ok(n)) => {
                     // SAFETY: `read` initialized the first `n` bytes.
                     unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     // A short read emptied the socket: the next read would only find
                     // nothing, so wait for the next readiness event instead.
                     if n > 0 && n < len {
-                        ready.clear_ready();
+                        if let Some(ready) = &mut ready {
+                            ready.clear_ready();
+                        }
+                    }
+                    // Read without an event, and bytes may be left: the next read
+                    // does not wait for one either.
+                    if read_now && n == len {
+                        if let Some(shared) = &this.shared {
+                            shared.read_on();
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(e) => return Poll::Ready(Err(e)),
+                // Nothing there, or a spinning thread is taking its reply (it wakes
+                // this task if it leaves bytes behind): wait for readiness.
+                Attempt::Read(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(ready) = &mut ready {
+                        ready.clear_ready();
+                    }
+                }
+                Attempt::Busy => {
+                    if let Some(ready) = &mut ready {
+                        ready.clear_ready();
+                    }
+                }
+                Attempt::Read(Err(e)) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+}
+
+impl<S: StdSocket> Drop for ReadHalf<S> {
+    fn drop(&mut self) {
+        // Before the descriptors can close: no spinning thread reads or mutes them from
+        // now on.
+        if let Some(shared) = &self.shared {
+            shared.close();
         }
     }
 }

@@ -11,8 +11,8 @@ use super::streams::Addressed;
 use super::{Connection, ControllerMesh, Route};
 use crate::error::Error;
 use crate::executor::{self, SyncBatch};
-use crate::mesh::pending::Completion;
 use crate::mesh::pending::Delivery;
+use crate::mesh::pending::{Completion, Pending};
 use crate::mesh::{
     batch_calls, batch_replies, batch_requests, remote_failure, Arrived, Grant, ReplyPayload,
 };
@@ -21,7 +21,7 @@ use crate::protocol::message::{
     self, ControlError, ControlErrorCode, Hello, RefuseCode, Refused, ScheduleEvent, Undeliverable,
     UndeliverableCode, View, Welcome,
 };
-use crate::transport::{self, BoxRead, ConnectError};
+use crate::transport::{self, BoxRead, ConnectError, Halves, SharedReads};
 use daffi_wire::channel::CloseReason;
 use daffi_wire::connection::DRAIN_TIMEOUT;
 use daffi_wire::frame::{
@@ -36,6 +36,9 @@ use daffi_wire::{
 /// An established connection.
 pub struct Link {
     reader: FrameReader<BoxRead>,
+    /// The reader's reads, as a thread waiting for its reply may share them (plaintext
+    /// sockets only).
+    pub shared_reads: Option<Arc<SharedReads>>,
     pub queue: FrameSender,
     writer: WriterTask,
     pub welcome: Welcome,
@@ -58,7 +61,11 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
     };
     let tls = core.config.route.tls();
     let limit = core.config.handshake_timeout;
-    let (read, mut write) = match &core.config.route {
+    let Halves {
+        read,
+        mut write,
+        shared_reads,
+    } = match &core.config.route {
         Route::InProcess(door) => door.open()?,
         Route::Socket { .. } => match timeout(limit, transport::connect(address, tls)).await {
             Ok(Ok(halves)) => halves,
@@ -121,6 +128,7 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
             let writer = WriterTask::spawn(writer);
             Ok(Link {
                 reader,
+                shared_reads,
                 queue,
                 writer,
                 welcome,
@@ -281,7 +289,7 @@ fn dispatch(
         }
         Kind::Request => executor::serve(&core.executor, FrameRequest::new(frame, core), batch),
         Kind::Reply if frame.flags() & FLAG_REPLY_BATCH != 0 => complete_replies(conn, frame),
-        Kind::Reply => complete_reply(conn, frame),
+        Kind::Reply => complete_reply(&conn.pending, frame),
         Kind::Undeliverable => {
             let code = message::decode::<Undeliverable>(&frame.payload()).map(|u| u.code);
             let error = |process: &str, callback: &str| {
@@ -477,8 +485,11 @@ fn control_reply(frame: &Frame) -> Completion {
 ///
 /// A reply to a call made to another node is not the sender's to give: it is ignored
 /// (logged), and the call waits for its own.
-fn complete_reply(conn: &Connection, frame: Frame) {
-    let entry = match conn.pending.take_from(frame.call_id(), frame.src()) {
+///
+/// Also what a thread that reads its own reply does with it (see
+/// `Waiter::read_own_reply`).
+pub fn complete_reply(pending: &Pending, frame: Frame) {
+    let entry = match pending.take_from(frame.call_id(), frame.src()) {
         Ok(entry) => entry,
         Err(true) => {
             tracing::warn!(
@@ -489,7 +500,7 @@ fn complete_reply(conn: &Connection, frame: Frame) {
             return;
         }
         Err(false) => {
-            reply_without_call(conn, frame.src(), frame.call_id(), frame.flags(), || {
+            reply_without_call(pending, frame.src(), frame.call_id(), frame.flags(), || {
                 frame.payload()
             });
             return;
@@ -511,13 +522,13 @@ fn complete_reply(conn: &Connection, frame: Frame) {
 /// answered with one reply (a refusal, or a plain callback) ends; otherwise the caller
 /// gave up (timeout) before the reply came, and it is dropped.
 fn reply_without_call(
-    conn: &Connection,
+    pending: &Pending,
     peer: &str,
     call_id: u64,
     flags: u8,
     payload: impl FnOnce() -> bytes::Bytes,
 ) {
-    conn.pending.end_stream(call_id, |s| {
+    pending.end_stream(call_id, |s| {
         Some(if flags & FLAG_ERROR == 0 {
             Error::NotAStream {
                 process: peer.to_string(),
@@ -572,7 +583,7 @@ fn complete_replies(conn: &Connection, frame: Frame) {
         match item {
             Some(item) => {
                 let flags = if item.error { FLAG_ERROR } else { 0 };
-                reply_without_call(conn, peer, call_id, flags, || item.payload);
+                reply_without_call(&conn.pending, peer, call_id, flags, || item.payload);
             }
             None => tracing::warn!(
                 peer,

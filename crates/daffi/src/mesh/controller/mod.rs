@@ -310,9 +310,14 @@ async fn supervise(core: Arc<ControllerMesh>, first: oneshot::Sender<Result<()>>
                     std::mem::take(&mut link.welcome.tasks),
                     std::time::Instant::now(),
                 );
+                let pending = Pending::following(&previous).with_own_replies(
+                    link.shared_reads.clone(),
+                    limit,
+                    link::complete_reply,
+                );
                 let conn = Arc::new(Connection {
                     queue: link.queue.clone(),
-                    pending: Arc::new(Pending::following(&previous)),
+                    pending: Arc::new(pending),
                 });
                 previous = conn.pending.clone();
                 if let Some(restore) = restore {

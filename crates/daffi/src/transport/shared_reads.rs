@@ -1,0 +1,614 @@
+//! A plaintext socket's reads, shared between the connection's reader task and a thread
+//! that spins for the reply to its own call.
+//!
+//! When a reply lands on a node's socket, the kernel wakes a runtime worker, which reads
+//! it and hands it to the waiting thread. On a small machine that wake-up is most of
+//! the reply's way back: a thread spinning for its reply saw the reply's bytes in the
+//! socket 6.7-8.2 µs (p50) before the worker handed them over (BENCHMARKS.md, "The
+//! spinning thread reads its own reply"). So a spinning thread takes its reply from the
+//! socket itself, as the floor's client does, on three conditions:
+//!
+//! - every byte read from the socket so far belongs to frames already read whole: the
+//!   socket's next byte starts a frame ([`FrameStart`]);
+//! - the whole frame is in the socket, is small, and is the reply it waits for
+//!   (`wanted`);
+//! - nobody else reads the socket meanwhile: every read, the reader task's too, takes
+//!   the same lock, which neither waits for.
+//!
+//! Reading the reply first is not enough: the worker would still be woken for it, just
+//! as the thread takes it, and get in its way (measured: slower than not reading at
+//! all). So the runtime does not watch the socket itself but an epoll instance of its
+//! own that watches it, and a spinning thread mutes that watch while it spins
+//! ([`SharedReads::mute`]). Whatever it finds that is not its reply (a request for the
+//! node, a large reply, the rest of a frame the reader began, the end of the stream), it
+//! hands back to the reader task at once: the watch is restored, and the task woken.
+//!
+//! A frame taken this way is one the reader task never sees. That changes nothing for
+//! the frames it does see, in order and whole; only the reply overtakes frames the
+//! reader task had read but not yet handled, none of which concerns its call.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::task::Waker;
+
+use bytes::Bytes;
+use daffi_wire::Frame;
+
+/// The largest frame a spinning thread takes from the socket, length prefix included: a
+/// small reply. Larger ones are left to the reader task, whose buffers are made for them.
+const MOST_TAKEN: usize = 512;
+
+/// Bytes in a frame's length prefix.
+const LEN_PREFIX: usize = 4;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct SharedReads {
+    /// The socket's descriptor. Used only while `state` says it is open: the reader's
+    /// half closes it only after saying so under the lock.
+    fd: RawFd,
+    /// The epoll instance that watches the socket for the runtime (see
+    /// [`mute`](Self::mute)). The reader's half owns it: used under the same rule.
+    epoll: RawFd,
+    state: Mutex<ReadState>,
+    /// The reader task found the lock taken and went back to waiting for readiness,
+    /// which it cleared: whoever held the lock then looks whether bytes are left
+    /// ([`hand_back`](Self::hand_back)).
+    reader_left: AtomicBool,
+    /// Bytes were left after the reader task went back to waiting: it reads at its
+    /// next poll without waiting for readiness (no new event would come for them).
+    read_now: AtomicBool,
+    /// The reader task's waker, as of its last wait for readiness.
+    reader: Mutex<Option<Waker>>,
+}
+
+#[derive(Debug, Default)]
+struct ReadState {
+    start: FrameStart,
+    /// The reader's half is gone: `fd` may no longer be this socket.
+    closed: bool,
+    /// Threads spinning for their reply now, which keep the runtime from being woken
+    /// for the socket (see [`SharedReads::mute`]).
+    spinners: usize,
+}
+
+/// What [`SharedReads::take_frame`] found.
+#[derive(Debug)]
+pub enum Taken {
+    /// The frame wanted, taken from the socket.
+    Frame(Frame),
+    /// Nothing to read, or the reader task is reading: look again.
+    Nothing,
+    /// Bytes that are the reader task's: it has been woken for them.
+    ForReader,
+}
+
+/// The events the runtime watches the socket for, edge-triggered as tokio's own
+/// registrations are: readable, or closed by the peer.
+const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+/// What [`SharedReads::try_read`] did.
+pub enum Attempt {
+    /// It read, or failed to.
+    Read(io::Result<usize>),
+    /// A spinning thread held the lock: the task may go back to waiting for readiness;
+    /// if that thread leaves bytes in the socket, it wakes the task, and
+    /// [`SharedReads::take_read_now`] says to read them.
+    Busy,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can panic while it holds a lock; a poisoned lock is still whole.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl SharedReads {
+    /// The reads of the socket `fd`, which the caller keeps open until
+    /// [`close`](Self::close); and the epoll instance for the runtime to watch instead
+    /// of the socket (readable when the socket is, unless muted).
+    pub fn new(fd: RawFd) -> io::Result<(Self, OwnedFd)> {
+        // SAFETY: `epoll_create1` returns a new descriptor, owned from here on, or -1.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, and owned by nothing else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let reads = SharedReads {
+            fd,
+            epoll: epoll.as_raw_fd(),
+            state: Mutex::default(),
+            reader_left: AtomicBool::new(false),
+            read_now: AtomicBool::new(false),
+            reader: Mutex::new(None),
+        };
+        reads.watch(libc::EPOLL_CTL_ADD, ARMED)?;
+        Ok((reads, epoll))
+    }
+
+    /// Sets what the runtime's epoll instance watches the socket for.
+    fn watch(&self, op: libc::c_int, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: 0 };
+        // SAFETY: both descriptors are open (the caller holds the lock and saw the
+        // half open, or is creating it), and `event` is valid for the call.
+        if unsafe { libc::epoll_ctl(self.epoll, op, self.fd, &mut event) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A thread starts to spin for its reply: the runtime is no longer woken for the
+    /// socket's bytes (a wake-up that would come just as the thread takes its reply,
+    /// and only get in its way), until every such thread [`release`](Self::release)s
+    /// it. Whatever the spinning thread finds that is not its reply, it leaves to the
+    /// reader task and releases at once (see [`take_frame`](Self::take_frame)).
+    /// `false` if the socket is closing: nothing was muted.
+    pub fn mute(&self) -> bool {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return false;
+        }
+        state.spinners += 1;
+        if state.spinners == 1 {
+            // Failing leaves the socket watched, as before: nothing is lost.
+            let _ = self.watch(libc::EPOLL_CTL_MOD, 0);
+        }
+        true
+    }
+
+    /// A thread that [`mute`](Self::mute)d stops spinning: the last one lets the
+    /// runtime watch the socket again, and wakes the reader task for what arrived
+    /// meanwhile.
+    pub fn release(&self) {
+        {
+            let mut state = lock(&self.state);
+            state.spinners -= 1;
+            if state.spinners == 0 && !state.closed {
+                if let Err(e) = self.watch(libc::EPOLL_CTL_MOD, ARMED) {
+                    // The reader task would never be woken again: end the connection.
+                    tracing::error!(
+                        "could not watch the socket again ({e}); closing the connection"
+                    );
+                    // SAFETY: the descriptor is open (`closed` is false under the lock).
+                    unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                }
+            }
+        }
+        // Bytes that came while muted raised no event (and one that came just now may
+        // have been missed by the watch): the reader is told directly.
+        if self.readable() {
+            self.wake_reader();
+        }
+    }
+
+    /// The reader task waits for readiness: `waker` is how a thread that holds the
+    /// lock, or mutes the socket, wakes it. `true` if it was already told to read
+    /// ([`take_read_now`](Self::take_read_now) would say so): it should not wait.
+    pub fn reader_waits(&self, waker: &Waker) -> bool {
+        {
+            let mut reader = lock(&self.reader);
+            if !reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *reader = Some(waker.clone());
+            }
+        }
+        self.read_now.load(Ordering::Acquire)
+    }
+
+    /// Wakes the reader task to read without waiting for readiness.
+    fn wake_reader(&self) {
+        self.read_now.store(true, Ordering::Release);
+        if let Some(reader) = lock(&self.reader).as_ref() {
+            reader.wake_by_ref();
+        }
+    }
+
+    /// Reads what the socket holds into `buf` with `read`, for the connection's reader
+    /// task (whose waker is `waker`), keeping count of where frames start. Never waits:
+    /// a reply wakes the task just as its waiting thread takes it, and making either
+    /// wait for the other would cost a wake-up of a thread on every call.
+    pub fn try_read(
+        &self,
+        buf: &mut [u8],
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+        waker: &Waker,
+    ) -> Attempt {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Leave a way back first, then look again: the holder either sees
+                // `reader_left` once it lets go, or had let go before this look.
+                let _ = self.reader_waits(waker);
+                self.reader_left.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                match self.state.try_lock() {
+                    Ok(state) => state,
+                    Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                    Err(TryLockError::WouldBlock) => return Attempt::Busy,
+                }
+            }
+        };
+        let n = match read(buf) {
+            Ok(n) => n,
+            Err(e) => return Attempt::Read(Err(e)),
+        };
+        state.start.advance(&buf[..n]);
+        Attempt::Read(Ok(n))
+    }
+
+    /// Whether bytes were left for the reader task after it went back to waiting (see
+    /// [`Attempt::Busy`]): it reads them without waiting for readiness.
+    pub fn take_read_now(&self) -> bool {
+        self.read_now.load(Ordering::Acquire) && self.read_now.swap(false, Ordering::AcqRel)
+    }
+
+    /// The reader task read without an event and filled its buffer: bytes may be left,
+    /// for which no event comes either. Its next read does not wait.
+    pub fn read_on(&self) {
+        self.read_now.store(true, Ordering::Release);
+    }
+
+    /// The reader's half is closing the socket: no frame is taken from it any more.
+    pub fn close(&self) {
+        lock(&self.state).closed = true;
+    }
+
+    /// Takes the socket's next frame if it starts there, is whole and small, and
+    /// `wanted` (given the parsed frame) says it is the one: without waiting, and
+    /// without reading anything if not. Any other bytes are the reader task's, which is
+    /// woken for them: a frame that does not parse (it fails the connection, as for any
+    /// other bad frame), one over `max_frame_size`, the rest of a frame it began to read.
+    pub fn take_frame(&self, max_frame_size: usize, wanted: impl FnOnce(&Frame) -> bool) -> Taken {
+        // Without the lock first: most looks find nothing.
+        if !self.readable() {
+            return Taken::Nothing;
+        }
+        let Ok(state) = self.state.try_lock() else {
+            return Taken::Nothing;
+        };
+        let taken = if state.closed || !state.start.at_start() {
+            None
+        } else {
+            self.take_next(max_frame_size, wanted)
+        };
+        drop(state);
+        self.hand_back();
+        match taken {
+            Some(frame) => Taken::Frame(frame),
+            None => {
+                self.wake_reader();
+                Taken::ForReader
+            }
+        }
+    }
+
+    /// [`take_frame`](Self::take_frame)'s reads, under the lock, at the start of a frame.
+    fn take_next(
+        &self,
+        max_frame_size: usize,
+        wanted: impl FnOnce(&Frame) -> bool,
+    ) -> Option<Frame> {
+        let mut peeked = [0u8; MOST_TAKEN];
+        let n = self.recv(&mut peeked, libc::MSG_PEEK)?;
+        let prefix: [u8; LEN_PREFIX] = peeked.get(..LEN_PREFIX)?.try_into().ok()?;
+        let body = u32::from_be_bytes(prefix) as usize;
+        let total = LEN_PREFIX + body;
+        if total > n || body > max_frame_size {
+            return None;
+        }
+        let frame = Frame::parse(Bytes::copy_from_slice(&peeked[..total])).ok()?;
+        if !wanted(&frame) {
+            return None;
+        }
+        // The same bytes, out of the socket: they are there (just seen), and only the
+        // holder of the lock reads.
+        let mut taken = [0u8; MOST_TAKEN];
+        match self.recv(&mut taken[..total], 0) {
+            Some(got) if got == total => Some(frame),
+            got => {
+                // Part of a frame is gone that the reader task will never see: its next
+                // frame would be garbage. End the connection instead; the node
+                // reconnects, and the calls in flight fail with the reason.
+                tracing::error!(
+                    expected = total,
+                    got = ?got,
+                    "a reply read by its waiting thread came out short; closing the connection"
+                );
+                // SAFETY: the descriptor is open (`closed` is false under the lock).
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                None
+            }
+        }
+    }
+
+    /// After holding the lock: if the reader task went back to waiting meanwhile and
+    /// bytes are left in the socket, it is woken to read them.
+    fn hand_back(&self) {
+        fence(Ordering::SeqCst);
+        if self.reader_left.swap(false, Ordering::SeqCst) && self.readable() {
+            self.wake_reader();
+        }
+    }
+
+    /// Whether the socket has bytes to read, without waiting.
+    fn readable(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout never waits. A descriptor closed
+        // meanwhile only makes `poll` report it (or another file) ready: the lock's
+        // `closed` is looked at before any read.
+        unsafe { libc::poll(&mut poll, 1, 0) > 0 && poll.revents & libc::POLLIN != 0 }
+    }
+
+    /// One `recv` without waiting; `None` if it read nothing (or failed: the reader task
+    /// sees the failure itself).
+    fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> Option<usize> {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the caller holds the lock and saw
+        // the descriptor open.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    }
+}
+
+/// Where the socket's next byte falls in the stream of frames: counted over every byte
+/// read, from the length prefix of each frame.
+#[derive(Debug, Default)]
+struct FrameStart {
+    /// The length prefix read so far of the frame that starts next.
+    prefix: [u8; LEN_PREFIX],
+    /// How many bytes of `prefix` were read.
+    have: usize,
+    /// Bytes of the current frame's body still to come.
+    body_left: usize,
+}
+
+impl FrameStart {
+    /// Counts `bytes`, the next ones read from the socket.
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (LEN_PREFIX - self.have).min(bytes.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == LEN_PREFIX {
+                self.have = 0;
+                self.body_left = u32::from_be_bytes(self.prefix) as usize;
+            }
+        }
+    }
+
+    /// Whether the next byte starts a frame.
+    fn at_start(&self) -> bool {
+        self.have == 0 && self.body_left == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use daffi_wire::frame::Header;
+    use daffi_wire::{FrameReader, Kind};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::transport::split::split_sharing_reads;
+    use crate::transport::{BoxRead, BoxWrite, Halves};
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn frame_starts_are_found_however_the_bytes_are_cut() {
+        let mut stream = framed(b"first frame");
+        stream.extend(framed(b""));
+        stream.extend(framed(&[7u8; 300]));
+        // Where each frame ends, the next one starts.
+        let ends = [15, 19, stream.len()];
+        for cut in 1..=stream.len() {
+            let mut start = FrameStart::default();
+            let mut at = 0;
+            for piece in stream.chunks(cut) {
+                start.advance(piece);
+                at += piece.len();
+                assert_eq!(
+                    start.at_start(),
+                    ends.contains(&at),
+                    "after {at} bytes, in pieces of {cut}"
+                );
+            }
+        }
+    }
+
+    /// A frame of `kind` for call `call_id` with `payload`, as the controller sends it.
+    fn frame(kind: Kind, call_id: u64, payload: &[u8]) -> Vec<u8> {
+        let header = Header {
+            kind,
+            flags: 0,
+            call_id,
+            timeout_ms: 0,
+            src: "callee",
+            dst: "caller",
+            name: if kind == Kind::Request { "echo" } else { "" },
+        };
+        let mut bytes = header.encode(payload.len()).to_vec();
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    /// The node's end (its frame reader and shared reads) and the controller's end.
+    fn link() -> (FrameReader<BoxRead>, Arc<SharedReads>, BoxWrite, UnixStream) {
+        let (node, controller) = UnixStream::pair().expect("a socket pair");
+        node.set_nonblocking(true).expect("non-blocking");
+        let Halves {
+            read,
+            write,
+            shared_reads,
+        } = split_sharing_reads(node).expect("halves");
+        let reader = FrameReader::new(read, 1 << 20);
+        (reader, shared_reads.expect("shared"), write, controller)
+    }
+
+    const SOON: Duration = Duration::from_secs(10);
+
+    fn reply_to(call_id: u64) -> impl Fn(&Frame) -> bool {
+        move |f: &Frame| f.kind() == Kind::Reply && f.call_id() == call_id
+    }
+
+    /// Looks until the bytes written are seen (they are on their way through the kernel).
+    fn take(reads: &SharedReads, wanted: impl Fn(&Frame) -> bool) -> Taken {
+        let until = std::time::Instant::now() + SOON;
+        loop {
+            match reads.take_frame(1 << 20, &wanted) {
+                Taken::Nothing if std::time::Instant::now() < until => std::hint::spin_loop(),
+                taken => return taken,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spinning_thread_takes_only_its_reply_and_the_reader_reads_on() {
+        let (mut reader, reads, _write, mut controller) = link();
+        let mut bytes = frame(Kind::Reply, 7, b"mine");
+        bytes.extend(frame(Kind::Request, 1, b"theirs"));
+        assert!(reads.mute());
+        std::io::Write::write_all(&mut controller, &bytes).unwrap();
+        match take(&reads, reply_to(7)) {
+            Taken::Frame(f) => assert_eq!(&f.payload()[..], b"mine"),
+            other => panic!("expected the reply, got {other:?}"),
+        }
+        // The request behind it is the reader's: the next look hands it over.
+        assert!(matches!(take(&reads, reply_to(7)), Taken::ForReader));
+        reads.release();
+        let next = tokio::time::timeout(SOON, reader.next()).await;
+        let next = next
+            .expect("the reader is woken")
+            .unwrap()
+            .expect("a frame");
+        assert_eq!(
+            (next.kind(), &next.payload()[..]),
+            (Kind::Request, &b"theirs"[..])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_comes_while_muted_reaches_a_waiting_reader() {
+        let (mut reader, reads, _write, mut controller) = link();
+        let waiting = tokio::spawn(async move { reader.next().await.map(|f| f.map(|f| f.kind())) });
+        // The reader task waits for readiness before anything is written.
+        tokio::task::yield_now().await;
+        assert!(reads.mute());
+        std::io::Write::write_all(&mut controller, &frame(Kind::Request, 1, b"x")).unwrap();
+        // Not the reply waited for: left to the reader, which is woken for it.
+        assert!(matches!(take(&reads, reply_to(9)), Taken::ForReader));
+        let got = tokio::time::timeout(SOON, waiting)
+            .await
+            .expect("the reader is woken");
+        assert_eq!(got.unwrap().unwrap(), Some(Kind::Request));
+        reads.release();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_hands_over_what_came_while_muted() {
+        let (mut reader, reads, _write, mut controller) = link();
+        assert!(reads.mute());
+        let waiting = tokio::spawn(async move { reader.next().await.map(|f| f.map(|f| f.kind())) });
+        std::io::Write::write_all(&mut controller, &frame(Kind::Reply, 3, b"late")).unwrap();
+        // The spinning thread gave up before it looked: nothing else wakes the reader.
+        reads.release();
+        let got = tokio::time::timeout(SOON, waiting)
+            .await
+            .expect("the reader is woken");
+        assert_eq!(got.unwrap().unwrap(), Some(Kind::Reply));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_frame_that_came_while_muted_is_read_whole() {
+        let (mut reader, reads, _write, mut controller) = link();
+        assert!(reads.mute());
+        // Larger than the reader's first read, and all in the socket before the
+        // release: the reader reads on without waiting for more to come.
+        let payload = vec![9u8; 120_000];
+        controller.set_nonblocking(false).unwrap();
+        std::io::Write::write_all(&mut controller, &frame(Kind::Reply, 4, &payload)).unwrap();
+        // Too large to take: the reader's.
+        assert!(matches!(take(&reads, reply_to(4)), Taken::ForReader));
+        reads.release();
+        let next = tokio::time::timeout(SOON, reader.next()).await;
+        let next = next
+            .expect("the reader reads it all")
+            .unwrap()
+            .expect("a frame");
+        assert_eq!(next.payload().len(), payload.len());
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_reader_began_is_left_to_it() {
+        let (mut reader, reads, _write, mut controller) = link();
+        let whole = frame(Kind::Reply, 5, &[1u8; 64]);
+        let (first, rest) = whole.split_at(20);
+        std::io::Write::write_all(&mut controller, first).unwrap();
+        // The reader takes the first part, then waits for the rest.
+        let mut next = std::pin::pin!(reader.next());
+        let began = async {
+            while lock(&reads.state).start.at_start() {
+                tokio::select! {
+                    biased;
+                    _ = &mut next => panic!("half a frame is not a frame"),
+                    _ = tokio::task::yield_now() => {}
+                }
+            }
+        };
+        tokio::time::timeout(SOON, began)
+            .await
+            .expect("the reader reads the first part");
+        std::io::Write::write_all(&mut controller, rest).unwrap();
+        assert!(reads.mute());
+        // Bytes in the socket, but not at a frame's start: never taken.
+        assert!(matches!(take(&reads, reply_to(5)), Taken::ForReader));
+        reads.release();
+        let next = tokio::time::timeout(SOON, next).await;
+        let next = next
+            .expect("the reader is woken")
+            .unwrap()
+            .expect("a frame");
+        assert_eq!(next.call_id(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_peer_gone_while_muted_is_seen_by_the_reader() {
+        let (mut reader, reads, mut write, controller) = link();
+        assert!(reads.mute());
+        drop(controller);
+        assert!(matches!(take(&reads, reply_to(1)), Taken::ForReader));
+        reads.release();
+        let end = tokio::time::timeout(SOON, reader.next()).await;
+        assert!(matches!(end.expect("the reader is woken"), Ok(None)));
+        let _ = write.shutdown().await;
+    }
+}
