@@ -41,6 +41,12 @@ const SPIN_TURNS: u32 = 16;
 /// Threads spinning now, in every node of the process.
 static SPINNING: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether a node whose spin limit is `limit` ever spins: not with a zero limit, nor on
+/// a single processor.
+pub fn may_spin(limit: Duration) -> bool {
+    !limit.is_zero() && most_spinning() > 0
+}
+
 /// At most this many threads of the process spin at once: one per two processors.
 fn most_spinning() -> usize {
     static MOST: OnceLock<usize> = OnceLock::new();

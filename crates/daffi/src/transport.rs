@@ -145,10 +145,12 @@ pub enum ConnectError {
     Unsafe(Error),
 }
 
-/// Opens a connection to `address`, under TLS when `tls` is given (TCP only).
+/// Opens a connection to `address`, under TLS when `tls` is given (TCP only); a
+/// plaintext one with its reads shared if `share_reads` (see [`SharedReads`]).
 pub async fn connect(
     address: &Address,
     tls: Option<&ClientTls>,
+    share_reads: bool,
 ) -> std::result::Result<Halves, ConnectError> {
     match address {
         Address::Tcp { host, port } => {
@@ -163,7 +165,7 @@ pub async fn connect(
                 .map_err(ConnectError::Unreachable)?;
             match tls {
                 None => stream
-                    .into_node_halves()
+                    .into_node_halves(share_reads)
                     .map_err(ConnectError::Unreachable),
                 Some(tls) => tls.connect(stream).await.map(Halves::unshared).map_err(|e| {
                     let message = tls.explain(&e).unwrap_or_else(|| {
@@ -191,7 +193,9 @@ pub async fn connect(
                 .await
                 .map_err(ConnectError::Unreachable)?;
             unix::check_peer(&stream).map_err(refuse)?;
-            stream.into_node_halves().map_err(ConnectError::Unreachable)
+            stream
+                .into_node_halves(share_reads)
+                .map_err(ConnectError::Unreachable)
         }
         #[cfg(not(unix))]
         Address::Unix(_) => Err(ConnectError::Unreachable(io::Error::new(
@@ -235,8 +239,9 @@ trait IntoHalves: Sized {
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite)>;
 
     /// [`into_halves`](Self::into_halves) for a node's end of its link: on Unix, with
-    /// its reads shared ([`SharedReads`]).
-    fn into_node_halves(self) -> io::Result<Halves> {
+    /// its reads shared ([`SharedReads`]) if `share`.
+    fn into_node_halves(self, share: bool) -> io::Result<Halves> {
+        let _ = share;
         self.into_halves().map(Halves::unshared)
     }
 }
@@ -248,8 +253,8 @@ impl IntoHalves for TcpStream {
     }
 
     #[cfg(unix)]
-    fn into_node_halves(self) -> io::Result<Halves> {
-        split::split_sharing_reads(self.into_std()?)
+    fn into_node_halves(self, share: bool) -> io::Result<Halves> {
+        split::node_halves(self.into_std()?, share)
     }
 
     #[cfg(not(unix))]
@@ -265,8 +270,8 @@ impl IntoHalves for tokio::net::UnixStream {
         split::split(self.into_std()?)
     }
 
-    fn into_node_halves(self) -> io::Result<Halves> {
-        split::split_sharing_reads(self.into_std()?)
+    fn into_node_halves(self, share: bool) -> io::Result<Halves> {
+        split::node_halves(self.into_std()?, share)
     }
 }
 
@@ -285,8 +290,8 @@ pub const IN_PROCESS_PEER: &str = "in-process";
 /// `roundtrip` example, a memory pipe made calls from such a node slower than a Unix
 /// socket (p50 84 us against 45 us on a 2-core machine); the pair costs what the Unix
 /// socket did, minus the path, its checks and the accept.
-pub fn in_process() -> io::Result<(Halves, Incoming)> {
-    let (node, controller) = pipe()?;
+pub fn in_process(share_reads: bool) -> io::Result<(Halves, Incoming)> {
+    let (node, controller) = pipe(share_reads)?;
     let incoming = Incoming {
         stream: controller,
         peer: IN_PROCESS_PEER.to_string(),
@@ -296,13 +301,13 @@ pub fn in_process() -> io::Result<(Halves, Incoming)> {
 }
 
 #[cfg(unix)]
-fn pipe() -> io::Result<(Halves, RawStream)> {
+fn pipe(share_reads: bool) -> io::Result<(Halves, RawStream)> {
     let (node, controller) = std::os::unix::net::UnixStream::pair()?;
     node.set_nonblocking(true)?;
     controller.set_nonblocking(true)?;
     let controller = tokio::net::UnixStream::from_std(controller)?;
     Ok((
-        split::split_sharing_reads(node)?,
+        split::node_halves(node, share_reads)?,
         RawStream::Unix(controller),
     ))
 }
@@ -313,7 +318,7 @@ fn pipe() -> io::Result<(Halves, RawStream)> {
 const IN_PROCESS_BUFFER: usize = 256 * 1024;
 
 #[cfg(not(unix))]
-fn pipe() -> io::Result<(Halves, RawStream)> {
+fn pipe(_share_reads: bool) -> io::Result<(Halves, RawStream)> {
     let (node, controller) = tokio::io::duplex(IN_PROCESS_BUFFER);
     let (read, write) = tokio::io::split(node);
     Ok((

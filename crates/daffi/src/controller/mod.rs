@@ -176,13 +176,15 @@ impl std::fmt::Debug for InProcessDoor {
 }
 
 impl InProcessDoor {
-    /// A new connection to the controller: the node's reader and writer. Fails with
-    /// [`Error::Stopped`] once the controller has stopped (it never comes back).
-    pub fn open(&self) -> Result<Halves> {
+    /// A new connection to the controller: the node's reader and writer, its reads
+    /// shared with a spinning thread if `share_reads` (see [`transport::SharedReads`]).
+    /// Fails with [`Error::Stopped`] once the controller has stopped (it never comes
+    /// back).
+    pub fn open(&self, share_reads: bool) -> Result<Halves> {
         if *self.stop.borrow() {
             return Err(Error::Stopped);
         }
-        let (node_side, controller_side) = transport::in_process()?;
+        let (node_side, controller_side) = transport::in_process(share_reads)?;
         tokio::spawn(session::serve(
             self.shared.clone(),
             self.shared.new_conn_id(),

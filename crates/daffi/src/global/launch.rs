@@ -97,6 +97,7 @@ impl GlobalBuilder {
                 // The membership hooks, and a producer of streams (which stops the
                 // streams of a caller that leaves), need to hear of every node.
                 whole_view: self.wants_whole_view(&executor),
+                own_replies: crate::spin::may_spin(self.sync_spin),
             };
             let mesh = ControllerMesh::new(config, executor.clone(), events_tx);
             mesh.start().await?;

@@ -414,7 +414,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
-    use crate::transport::split::split_sharing_reads;
+    use crate::transport::split::node_halves;
     use crate::transport::{BoxRead, BoxWrite, Halves};
 
     fn framed(body: &[u8]) -> Vec<u8> {
@@ -469,7 +469,7 @@ mod tests {
             read,
             write,
             shared_reads,
-        } = split_sharing_reads(node).expect("halves");
+        } = node_halves(node, true).expect("halves");
         let reader = FrameReader::new(read, 1 << 20);
         (reader, shared_reads.expect("shared"), write, controller)
     }

@@ -67,10 +67,10 @@ pub fn split<S: StdSocket>(socket: S) -> io::Result<(BoxRead, BoxWrite)> {
     Ok((read, write))
 }
 
-/// [`split`], with the reader's reads shared with a thread that waits for its own
-/// reply ([`SharedReads`]): a node's end of its link.
-pub fn split_sharing_reads<S: StdSocket>(socket: S) -> io::Result<Halves> {
-    let (read, write, shared_reads) = halves(socket, true)?;
+/// [`split`] for a node's end of its link: the reader's reads shared with a thread
+/// that spins for its own reply ([`SharedReads`]) if `share`.
+pub fn node_halves<S: StdSocket>(socket: S, share: bool) -> io::Result<Halves> {
+    let (read, write, shared_reads) = halves(socket, share)?;
     Ok(Halves {
         read,
         write,

@@ -66,8 +66,13 @@ pub async fn connect(core: &ControllerMesh, callbacks: Vec<String>) -> Result<Li
         mut write,
         shared_reads,
     } = match &core.config.route {
-        Route::InProcess(door) => door.open()?,
-        Route::Socket { .. } => match timeout(limit, transport::connect(address, tls)).await {
+        Route::InProcess(door) => door.open(core.config.own_replies)?,
+        Route::Socket { .. } => match timeout(
+            limit,
+            transport::connect(address, tls, core.config.own_replies),
+        )
+        .await
+        {
             Ok(Ok(halves)) => halves,
             Ok(Err(ConnectError::Unreachable(e))) => {
                 return Err(Error::unreachable_by(address, "", e))

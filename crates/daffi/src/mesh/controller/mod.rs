@@ -43,6 +43,10 @@ pub struct NodeConfig {
     /// Keep every other node in the view from the start (the membership hooks need it);
     /// otherwise only what the node asks for, when it first needs it.
     pub whole_view: bool,
+    /// A thread of this node may spin for its reply, and read it from a plaintext socket
+    /// itself ([`SharedReads`](crate::transport::SharedReads)); otherwise the link's
+    /// reads are the runtime's alone, with one descriptor less.
+    pub own_replies: bool,
 }
 
 /// How a node reaches its controller.
