@@ -90,6 +90,7 @@ pub enum Taken {
 const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// What [`SharedReads::try_read`] did.
+#[derive(Debug)]
 pub enum Attempt {
     /// It read, or failed to.
     Read(io::Result<usize>),
@@ -166,7 +167,7 @@ impl SharedReads {
     pub fn release(&self) {
         {
             let mut state = lock(&self.state);
-            state.spinners -= 1;
+            state.spinners = state.spinners.saturating_sub(1);
             if state.spinners == 0 && !state.closed {
                 if let Err(e) = self.watch(libc::EPOLL_CTL_MOD, ARMED) {
                     // The reader task would never be woken again: end the connection.

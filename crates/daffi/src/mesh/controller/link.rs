@@ -491,8 +491,8 @@ fn control_reply(frame: &Frame) -> Completion {
 /// A reply to a call made to another node is not the sender's to give: it is ignored
 /// (logged), and the call waits for its own.
 ///
-/// Also what a thread that reads its own reply does with it (see
-/// `Waiter::read_own_reply`).
+/// Also what a thread that spins for its reply does with the reply it read itself
+/// (see `OwnReply::read`).
 pub fn complete_reply(pending: &Pending, frame: Frame) {
     let entry = match pending.take_from(frame.call_id(), frame.src()) {
         Ok(entry) => entry,
