@@ -93,10 +93,14 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     }
 
     /// How this thread waits for the reply: it may spin first if the call is sent and
-    /// is its node's only one in flight.
+    /// is its node's only one in flight, and read the reply itself while it spins.
     fn lone_wait<'g>(&self, global: &'g Global) -> Option<crate::spin::LoneWait<'g>> {
         match &self.outcome {
-            Outcome::Sent(_) => global.node().ok()?.lone_wait(true),
+            Outcome::Sent(call) => global
+                .node()
+                .ok()?
+                .lone_wait(true)
+                .map(|lone| lone.reading(|| call.own_reply())),
             _ => None,
         }
     }

@@ -45,6 +45,7 @@ impl SharedReads {
         &self,
         _max_frame_size: usize,
         _wanted: impl FnOnce(&daffi_wire::Frame) -> bool,
+        _deliver: impl FnOnce(daffi_wire::Frame),
     ) -> Taken {
         match *self {}
     }
@@ -64,8 +65,8 @@ impl SharedReads {
 #[cfg(not(unix))]
 #[derive(Debug)]
 pub enum Taken {
-    /// The frame wanted.
-    Frame(daffi_wire::Frame),
+    /// The frame wanted, delivered.
+    Frame,
     /// Nothing to read.
     Nothing,
     /// Bytes that are the reader task's.

@@ -92,14 +92,20 @@ fn a_request_reaches_a_node_whose_thread_spins(transport: Transport) {
     g.wait_process_timeout(&worker, WAIT).expect("worker known");
     for n in 0..50u64 {
         // While this thread spins, the worker's request for `echo` arrives: the
-        // node's runtime must serve it, or the call times out.
-        let got: u64 = g
+        // node's runtime must serve it, or the call times out. A BG result collected
+        // with `get` spins the same way.
+        let call = g
             .call("bounce")
             .on(&worker)
             .args((g.process_name().to_string(), n))
-            .timeout(WAIT)
-            .fg()
-            .expect("bounce answers");
+            .timeout(WAIT);
+        let got: u64 = if n % 2 == 0 {
+            call.fg().expect("bounce answers")
+        } else {
+            call.bg()
+                .and_then(|result| result.get())
+                .expect("bounce answers")
+        };
         assert_eq!(got, n + 1);
     }
     g.stop();

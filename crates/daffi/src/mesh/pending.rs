@@ -828,15 +828,17 @@ impl OwnReply {
             }
         }
         let call_id = self.call_id;
-        let taken = own.reads.take_frame(own.max_frame_size, |frame| {
+        let wanted = |frame: &Frame| {
             frame.kind() == Kind::Reply
                 && frame.flags() & FLAG_REPLY_BATCH == 0
                 && frame.call_id() == call_id
-        });
-        match taken {
-            Taken::Frame(frame) => {
+        };
+        // Completed before anything behind the reply can be read: the reader task
+        // then handles those frames (a departure, the end of the stream) after it.
+        let deliver = |frame| (own.complete)(&self.pending, frame);
+        match own.reads.take_frame(own.max_frame_size, wanted, deliver) {
+            Taken::Frame => {
                 self.release(own);
-                (own.complete)(&self.pending, frame);
                 true
             }
             Taken::Nothing => false,

@@ -62,6 +62,10 @@ pub struct SharedReads {
     read_now: AtomicBool,
     /// The reader task's waker, as of its last wait for readiness.
     reader: Mutex<Option<Waker>>,
+    /// The reader task handled every frame it read: it went back to waiting since its
+    /// last read (cleared under the lock as it reads). A frame taken from the socket
+    /// then overtakes none.
+    reader_caught_up: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -77,8 +81,8 @@ struct ReadState {
 /// What [`SharedReads::take_frame`] found.
 #[derive(Debug)]
 pub enum Taken {
-    /// The frame wanted, taken from the socket.
-    Frame(Frame),
+    /// The frame wanted, taken from the socket and delivered.
+    Frame,
     /// Nothing to read, or the reader task is reading: look again.
     Nothing,
     /// Bytes that are the reader task's: it has been woken for them.
@@ -126,6 +130,7 @@ impl SharedReads {
             reader_left: AtomicBool::new(false),
             read_now: AtomicBool::new(false),
             reader: Mutex::new(None),
+            reader_caught_up: AtomicBool::new(false),
         };
         reads.watch(libc::EPOLL_CTL_ADD, ARMED)?;
         Ok((reads, epoll))
@@ -190,6 +195,8 @@ impl SharedReads {
     /// lock, or mutes the socket, wakes it. `true` if it was already told to read
     /// ([`take_read_now`](Self::take_read_now) would say so): it should not wait.
     pub fn reader_waits(&self, waker: &Waker) -> bool {
+        // Whatever the task read, it handled before it came back to wait.
+        self.reader_caught_up.store(true, Ordering::Release);
         {
             let mut reader = lock(&self.reader);
             if !reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
@@ -238,6 +245,9 @@ impl SharedReads {
             Err(e) => return Attempt::Read(Err(e)),
         };
         state.start.advance(&buf[..n]);
+        if n > 0 {
+            self.reader_caught_up.store(false, Ordering::Release);
+        }
         Attempt::Read(Ok(n))
     }
 
@@ -259,11 +269,21 @@ impl SharedReads {
     }
 
     /// Takes the socket's next frame if it starts there, is whole and small, and
-    /// `wanted` (given the parsed frame) says it is the one: without waiting, and
-    /// without reading anything if not. Any other bytes are the reader task's, which is
-    /// woken for them: a frame that does not parse (it fails the connection, as for any
-    /// other bad frame), one over `max_frame_size`, the rest of a frame it began to read.
-    pub fn take_frame(&self, max_frame_size: usize, wanted: impl FnOnce(&Frame) -> bool) -> Taken {
+    /// `wanted` (given the parsed frame) says it is the one, and hands it to `deliver`:
+    /// without waiting, and without reading anything if not. Any other bytes are the
+    /// reader task's, which is woken for them: a frame that does not parse (it fails
+    /// the connection, as for any other bad frame), one over `max_frame_size`, the rest
+    /// of a frame it began to read.
+    ///
+    /// The frame keeps its place in the stream: it is taken only once the reader task
+    /// has handled every frame it read (none is overtaken), and `deliver` runs before
+    /// the reader task can read anything behind it (the lock is held).
+    pub fn take_frame(
+        &self,
+        max_frame_size: usize,
+        wanted: impl FnOnce(&Frame) -> bool,
+        deliver: impl FnOnce(Frame),
+    ) -> Taken {
         // Without the lock first: most looks find nothing.
         if !self.readable() {
             return Taken::Nothing;
@@ -271,19 +291,32 @@ impl SharedReads {
         let Ok(state) = self.state.try_lock() else {
             return Taken::Nothing;
         };
+        if !state.closed && state.start.at_start() && !self.reader_caught_up.load(Ordering::Acquire)
+        {
+            // The reader task is handling frames it read: they go first. It reads
+            // this one too if it can; otherwise it waits, caught up, and the next look
+            // takes it.
+            return Taken::Nothing;
+        }
         let taken = if state.closed || !state.start.at_start() {
             None
         } else {
             self.take_next(max_frame_size, wanted)
         };
+        let taken = match taken {
+            Some(frame) => {
+                deliver(frame);
+                true
+            }
+            None => false,
+        };
         drop(state);
         self.hand_back();
-        match taken {
-            Some(frame) => Taken::Frame(frame),
-            None => {
-                self.wake_reader();
-                Taken::ForReader
-            }
+        if taken {
+            Taken::Frame
+        } else {
+            self.wake_reader();
+            Taken::ForReader
         }
     }
 
@@ -481,30 +514,55 @@ mod tests {
         move |f: &Frame| f.kind() == Kind::Reply && f.call_id() == call_id
     }
 
-    /// Looks until the bytes written are seen (they are on their way through the kernel).
-    fn take(reads: &SharedReads, wanted: impl Fn(&Frame) -> bool) -> Taken {
+    /// Looks until the bytes written are seen (they are on their way through the kernel):
+    /// what was found, and the frame taken.
+    fn take(reads: &SharedReads, wanted: impl Fn(&Frame) -> bool) -> (Taken, Option<Frame>) {
         let until = std::time::Instant::now() + SOON;
+        let delivered = std::cell::RefCell::new(None);
         loop {
-            match reads.take_frame(1 << 20, &wanted) {
+            let deliver = |frame| *delivered.borrow_mut() = Some(frame);
+            match reads.take_frame(1 << 20, &wanted, deliver) {
                 Taken::Nothing if std::time::Instant::now() < until => std::hint::spin_loop(),
-                taken => return taken,
+                taken => return (taken, delivered.take()),
             }
+        }
+    }
+
+    /// Until the reader task has come back to wait, with all it read handled.
+    async fn caught_up(reads: &SharedReads) {
+        let waited = async {
+            while !reads.reader_caught_up.load(Ordering::Acquire) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(SOON, waited)
+            .await
+            .expect("the reader waits");
+    }
+
+    /// Polls the reader until it waits for more (nothing is there yet).
+    async fn wait_once(reader: &mut FrameReader<BoxRead>) {
+        tokio::select! {
+            biased;
+            _ = reader.next() => panic!("nothing was written"),
+            _ = tokio::task::yield_now() => {}
         }
     }
 
     #[tokio::test]
     async fn a_spinning_thread_takes_only_its_reply_and_the_reader_reads_on() {
         let (mut reader, reads, _write, mut controller) = link();
+        wait_once(&mut reader).await;
         let mut bytes = frame(Kind::Reply, 7, b"mine");
         bytes.extend(frame(Kind::Request, 1, b"theirs"));
         assert!(reads.mute());
         std::io::Write::write_all(&mut controller, &bytes).unwrap();
         match take(&reads, reply_to(7)) {
-            Taken::Frame(f) => assert_eq!(&f.payload()[..], b"mine"),
+            (Taken::Frame, Some(f)) => assert_eq!(&f.payload()[..], b"mine"),
             other => panic!("expected the reply, got {other:?}"),
         }
         // The request behind it is the reader's: the next look hands it over.
-        assert!(matches!(take(&reads, reply_to(7)), Taken::ForReader));
+        assert!(matches!(take(&reads, reply_to(7)).0, Taken::ForReader));
         reads.release();
         let next = tokio::time::timeout(SOON, reader.next()).await;
         let next = next
@@ -517,16 +575,65 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_taken_reply_keeps_its_place_in_the_stream() {
+        let (mut reader, reads, _write, mut controller) = link();
+        // Two frames read together: the reader has handed out the first only.
+        let mut before = frame(Kind::Request, 1, b"first");
+        before.extend(frame(Kind::Request, 2, b"second"));
+        std::io::Write::write_all(&mut controller, &before).unwrap();
+        let first = tokio::time::timeout(SOON, reader.next())
+            .await
+            .expect("read");
+        assert_eq!(first.unwrap().expect("a frame").call_id(), 1);
+        assert!(reads.mute());
+        let mut after = frame(Kind::Reply, 7, b"mine");
+        after.extend(frame(Kind::Request, 3, b"behind"));
+        std::io::Write::write_all(&mut controller, &after).unwrap();
+        // The reply may not overtake the frame the reader still holds.
+        let deliver = |_| panic!("taken before the frame read ahead of it was handled");
+        assert!(matches!(
+            reads.take_frame(1 << 20, reply_to(7), deliver),
+            Taken::Nothing
+        ));
+        let second = tokio::time::timeout(SOON, reader.next())
+            .await
+            .expect("read");
+        assert_eq!(second.unwrap().expect("a frame").call_id(), 2);
+        wait_once(&mut reader).await;
+        // Caught up: the reply is taken, and delivered before anything behind it can be
+        // read (the lock is held meanwhile).
+        let delivered = std::cell::Cell::new(false);
+        let deliver = |f: Frame| {
+            assert_eq!(f.call_id(), 7);
+            assert!(
+                reads.state.try_lock().is_err(),
+                "delivered outside the lock"
+            );
+            delivered.set(true);
+        };
+        assert!(matches!(
+            reads.take_frame(1 << 20, reply_to(7), deliver),
+            Taken::Frame
+        ));
+        assert!(delivered.get());
+        reads.release();
+        let behind = tokio::time::timeout(SOON, reader.next())
+            .await
+            .expect("read");
+        assert_eq!(behind.unwrap().expect("a frame").call_id(), 3);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_comes_while_muted_reaches_a_waiting_reader() {
         let (mut reader, reads, _write, mut controller) = link();
         let waiting = tokio::spawn(async move { reader.next().await.map(|f| f.map(|f| f.kind())) });
         // The reader task waits for readiness before anything is written.
-        tokio::task::yield_now().await;
+        caught_up(&reads).await;
         assert!(reads.mute());
         std::io::Write::write_all(&mut controller, &frame(Kind::Request, 1, b"x")).unwrap();
         // Not the reply waited for: left to the reader, which is woken for it.
-        assert!(matches!(take(&reads, reply_to(9)), Taken::ForReader));
+        assert!(matches!(take(&reads, reply_to(9)).0, Taken::ForReader));
         let got = tokio::time::timeout(SOON, waiting)
             .await
             .expect("the reader is woken");
@@ -551,6 +658,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_large_frame_that_came_while_muted_is_read_whole() {
         let (mut reader, reads, _write, mut controller) = link();
+        wait_once(&mut reader).await;
         assert!(reads.mute());
         // Larger than the reader's first read, and all in the socket before the
         // release: the reader reads on without waiting for more to come.
@@ -558,7 +666,7 @@ mod tests {
         controller.set_nonblocking(false).unwrap();
         std::io::Write::write_all(&mut controller, &frame(Kind::Reply, 4, &payload)).unwrap();
         // Too large to take: the reader's.
-        assert!(matches!(take(&reads, reply_to(4)), Taken::ForReader));
+        assert!(matches!(take(&reads, reply_to(4)).0, Taken::ForReader));
         reads.release();
         let next = tokio::time::timeout(SOON, reader.next()).await;
         let next = next
@@ -591,7 +699,8 @@ mod tests {
         std::io::Write::write_all(&mut controller, rest).unwrap();
         assert!(reads.mute());
         // Bytes in the socket, but not at a frame's start: never taken.
-        assert!(matches!(take(&reads, reply_to(5)), Taken::ForReader));
+        caught_up(&reads).await;
+        assert!(matches!(take(&reads, reply_to(5)).0, Taken::ForReader));
         reads.release();
         let next = tokio::time::timeout(SOON, next).await;
         let next = next
@@ -604,9 +713,10 @@ mod tests {
     #[tokio::test]
     async fn a_peer_gone_while_muted_is_seen_by_the_reader() {
         let (mut reader, reads, mut write, controller) = link();
+        wait_once(&mut reader).await;
         assert!(reads.mute());
         drop(controller);
-        assert!(matches!(take(&reads, reply_to(1)), Taken::ForReader));
+        assert!(matches!(take(&reads, reply_to(1)).0, Taken::ForReader));
         reads.release();
         let end = tokio::time::timeout(SOON, reader.next()).await;
         assert!(matches!(end.expect("the reader is woken"), Ok(None)));
