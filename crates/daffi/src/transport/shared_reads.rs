@@ -8,8 +8,9 @@
 //! spinning thread reads its own reply"). So a spinning thread takes its reply from the
 //! socket itself, as the floor's client does, on three conditions:
 //!
-//! - every byte read from the socket so far belongs to frames already read whole: the
-//!   socket's next byte starts a frame ([`FrameStart`]);
+//! - every byte read from the socket so far belongs to frames already read whole, and
+//!   handled: the socket's next byte starts a frame ([`FrameStart`]), and the reader
+//!   task came back to wait since its last read;
 //! - the whole frame is in the socket, is small, and is the reply it waits for
 //!   (`wanted`);
 //! - nobody else reads the socket meanwhile: every read, the reader task's too, takes
@@ -23,9 +24,11 @@
 //! node, a large reply, the rest of a frame the reader began, the end of the stream), it
 //! hands back to the reader task at once: the watch is restored, and the task woken.
 //!
-//! A frame taken this way is one the reader task never sees. That changes nothing for
-//! the frames it does see, in order and whole; only the reply overtakes frames the
-//! reader task had read but not yet handled, none of which concerns its call.
+//! A frame taken this way is one the reader task never sees, and it keeps its place:
+//! it is taken only once the reader task has handled every frame it read, and the call
+//! is completed before anything behind it can be read. A callee's departure right
+//! after its reply, or a second reply to the same call, is handled after the reply, as
+//! the reader task alone would.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
