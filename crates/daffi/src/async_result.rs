@@ -96,11 +96,7 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     /// is its node's only one in flight, and read the reply itself while it spins.
     fn lone_wait<'g>(&self, global: &'g Global) -> Option<crate::spin::LoneWait<'g>> {
         match &self.outcome {
-            Outcome::Sent(call) => global
-                .node()
-                .ok()?
-                .lone_wait(true)
-                .map(|lone| lone.reading(|| call.own_reply())),
+            Outcome::Sent(call) => global.node().ok()?.lone_wait_on(call),
             _ => None,
         }
     }

@@ -174,9 +174,7 @@ impl Call {
         let started = start_here(&global, node, request);
         let reply = match started {
             Started::Sent(call) => {
-                let lone = node
-                    .lone_wait(true)
-                    .map(|lone| lone.reading(|| call.own_reply()));
+                let lone = node.lone_wait_on(&call);
                 may_wait.wait_lone(global.runtime(), call, lone)
             }
             Started::Failed(e) => Err(e),

@@ -75,6 +75,13 @@ impl Node {
         self.spin.plan(others)
     }
 
+    /// [`lone_wait`](Self::lone_wait) for the sent `call`, which holds its slot: a
+    /// spinning thread reads the reply itself where it can ([`Waiter::own_reply`]).
+    pub fn lone_wait_on(&self, call: &Waiter) -> Option<LoneWait<'_>> {
+        self.lone_wait(true)
+            .map(|lone| lone.reading(|| call.own_reply()))
+    }
+
     /// Awaits a sent call's reply; outside any task, a lone call spins for it first, as
     /// a sync call does (see [`AsyncSpin`]).
     pub async fn reply(&self, mut call: Waiter) -> Result<ReplyPayload> {

@@ -543,6 +543,12 @@ mod tests {
             .expect("the reader waits");
     }
 
+    /// The reader's next frame, within [`SOON`]; `what` says what should have come.
+    async fn next_frame(reader: &mut FrameReader<BoxRead>, what: &str) -> Frame {
+        let next = tokio::time::timeout(SOON, reader.next()).await;
+        next.expect(what).unwrap().expect("a frame")
+    }
+
     /// Polls the reader until it waits for more (nothing is there yet).
     async fn wait_once(reader: &mut FrameReader<BoxRead>) {
         tokio::select! {
@@ -567,11 +573,7 @@ mod tests {
         // The request behind it is the reader's: the next look hands it over.
         assert!(matches!(take(&reads, reply_to(7)).0, Taken::ForReader));
         reads.release();
-        let next = tokio::time::timeout(SOON, reader.next()).await;
-        let next = next
-            .expect("the reader is woken")
-            .unwrap()
-            .expect("a frame");
+        let next = next_frame(&mut reader, "the reader is woken").await;
         assert_eq!(
             (next.kind(), &next.payload()[..]),
             (Kind::Request, &b"theirs"[..])
@@ -585,10 +587,8 @@ mod tests {
         let mut before = frame(Kind::Request, 1, b"first");
         before.extend(frame(Kind::Request, 2, b"second"));
         std::io::Write::write_all(&mut controller, &before).unwrap();
-        let first = tokio::time::timeout(SOON, reader.next())
-            .await
-            .expect("read");
-        assert_eq!(first.unwrap().expect("a frame").call_id(), 1);
+        let first = next_frame(&mut reader, "read").await;
+        assert_eq!(first.call_id(), 1);
         assert!(reads.mute());
         let mut after = frame(Kind::Reply, 7, b"mine");
         after.extend(frame(Kind::Request, 3, b"behind"));
@@ -599,10 +599,8 @@ mod tests {
             reads.take_frame(1 << 20, reply_to(7), deliver),
             Taken::Nothing
         ));
-        let second = tokio::time::timeout(SOON, reader.next())
-            .await
-            .expect("read");
-        assert_eq!(second.unwrap().expect("a frame").call_id(), 2);
+        let second = next_frame(&mut reader, "read").await;
+        assert_eq!(second.call_id(), 2);
         wait_once(&mut reader).await;
         // Caught up: the reply is taken, and delivered before anything behind it can be
         // read (the lock is held meanwhile).
@@ -621,10 +619,8 @@ mod tests {
         ));
         assert!(delivered.get());
         reads.release();
-        let behind = tokio::time::timeout(SOON, reader.next())
-            .await
-            .expect("read");
-        assert_eq!(behind.unwrap().expect("a frame").call_id(), 3);
+        let behind = next_frame(&mut reader, "read").await;
+        assert_eq!(behind.call_id(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,11 +667,7 @@ mod tests {
         // Too large to take: the reader's.
         assert!(matches!(take(&reads, reply_to(4)).0, Taken::ForReader));
         reads.release();
-        let next = tokio::time::timeout(SOON, reader.next()).await;
-        let next = next
-            .expect("the reader reads it all")
-            .unwrap()
-            .expect("a frame");
+        let next = next_frame(&mut reader, "the reader reads it all").await;
         assert_eq!(next.payload().len(), payload.len());
     }
 

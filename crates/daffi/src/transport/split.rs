@@ -189,19 +189,16 @@ impl<S: StdSocket> AsyncRead for ReadHalf<S> {
                     }
                     return Poll::Ready(Ok(()));
                 }
+                Attempt::Read(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => {
+                    return Poll::Ready(Err(e))
+                }
                 // Nothing there, or a spinning thread is taking its reply (it wakes
                 // this task if it leaves bytes behind): wait for readiness.
-                Attempt::Read(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Attempt::Read(Err(_)) | Attempt::Busy => {
                     if let Some(ready) = &mut ready {
                         ready.clear_ready();
                     }
                 }
-                Attempt::Busy => {
-                    if let Some(ready) = &mut ready {
-                        ready.clear_ready();
-                    }
-                }
-                Attempt::Read(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
