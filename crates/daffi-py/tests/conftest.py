@@ -19,6 +19,14 @@ NODES = HERE / "nodes"
 # The nodes' shared modules (`points`) import under the same name here as in them.
 sys.path.insert(0, str(NODES))
 
+# The tests press Ctrl-C (SIGINT) as a user at a terminal does. A launcher that ignores
+# SIGINT (a background job of a shell without job control) passes that on to its
+# children, and a Python child that starts with SIGINT ignored never raises
+# KeyboardInterrupt. Caught here instead, it is back to the default in every child
+# (`exec` resets a caught signal, never an ignored one).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port():
     """A TCP port free right now on localhost."""
