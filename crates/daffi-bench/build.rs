@@ -7,9 +7,9 @@
 //! Scenario E measures an idle node as small as a user can build one; README.md
 //! ("Things to know") says how a user's own node program gets the same.
 //!
-//! The flag is probed on a one-line C program first: an older linker ignores it with a
-//! warning, and an older glibc cannot load the result. Without it, the program links as
-//! before.
+//! The flag is probed first, on a one-line C program linked by the same linker: an older
+//! linker ignores it with a warning, and an older glibc cannot load the result. Without
+//! it, the program links as before.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,8 +18,7 @@ const FLAG: &str = "-Wl,-z,pack-relative-relocs";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=CC");
-    // The probe runs the host's C compiler: a cross build links as before.
+    // The probe runs the linker on the host: a cross build links as before.
     let target = std::env::var("TARGET").unwrap_or_default();
     if !target.contains("linux-gnu") || std::env::var("HOST").ok().as_ref() != Some(&target) {
         return;
@@ -34,7 +33,8 @@ fn main() {
     }
 }
 
-/// Whether the C compiler links and runs a program with [`FLAG`], without a warning.
+/// Whether the linker rustc uses (`cc` unless configured) links a program with [`FLAG`]
+/// without a warning, and the program runs.
 fn linker_packs_relocations() -> bool {
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return false;
@@ -43,8 +43,9 @@ fn linker_packs_relocations() -> bool {
     if std::fs::write(&source, "int main(void) { return 0; }\n").is_err() {
         return false;
     }
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let linked = Command::new(cc)
+    // The linker a `.cargo/config.toml` names, which need not be `$CC`.
+    let linker = std::env::var("RUSTC_LINKER").unwrap_or_else(|_| "cc".into());
+    let linked = Command::new(linker)
         .args(["-fPIE", "-pie", FLAG, "-Wl,--fatal-warnings", "-o"])
         .arg(&program)
         .arg(&source)
