@@ -191,6 +191,11 @@ impl GlobalBuilder {
             credentials: self.nats_credentials.clone(),
             auth_token: self.token()?,
             tls: self.nats_tls()?,
+            tls_files: [
+                self.tls_ca.clone(),
+                self.tls_client_cert.clone(),
+                self.tls_client_key.clone(),
+            ],
             connect_timeout: self.connect_timeout,
             max_frame_size: self.max_frame_size,
             stall_timeout: self.stall_timeout,

@@ -72,6 +72,23 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Waits until the server's clients are connected under exactly `names` (each
+    /// connection's name, in any order), or panics after [`WAIT`].
+    pub fn wait_connection_names(&self, names: &[&str]) {
+        let mut wanted: Vec<&str> = names.to_vec();
+        wanted.sort_unstable();
+        poll_until(&format!("connections named {wanted:?}"), || {
+            let connections = self.connections();
+            let mut now = json_strings(&connections, "name");
+            now.sort_unstable();
+            if now == wanted {
+                Ok(())
+            } else {
+                Err(format!("connected: {now:?}"))
+            }
+        });
+    }
+
     /// Starts the server again on the same port and store; waits until it accepts clients.
     pub fn restart(&mut self) {
         self.server.kill();

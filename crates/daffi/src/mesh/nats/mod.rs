@@ -45,6 +45,7 @@
 
 mod caller;
 mod chunks;
+mod connection;
 mod flow;
 mod incoming;
 mod kv;
@@ -92,6 +93,9 @@ pub struct NatsConfig {
     pub credentials: Option<PathBuf>,
     pub auth_token: Option<AuthToken>,
     pub tls: Option<rustls::ClientConfig>,
+    /// What `tls` was built from (CA, client certificate, client key): nodes with the
+    /// same files may share a connection.
+    pub tls_files: [Option<PathBuf>; 3],
     pub connect_timeout: Duration,
     pub max_frame_size: usize,
     /// How long a call without a timeout waits for credit towards a callee that is
@@ -110,6 +114,9 @@ pub struct NatsMesh {
     config: NatsConfig,
     subjects: Subjects,
     client: async_nats::Client,
+    /// The process's connection this node shares (see `connection`): kept open while
+    /// the node lives.
+    _connection: Arc<connection::Connection>,
     executor: Arc<Executor>,
     membership: Membership,
     /// What the membership watch covers (see `members`).
@@ -169,7 +176,9 @@ impl NatsMesh {
     ) -> Result<Arc<Self>> {
         check_namespace(&config.namespace).map_err(Error::Config)?;
         let give_up_at = Instant::now() + config.connect_timeout;
-        let (client, client_events) = connect(&config, &executor.name, give_up_at).await?;
+        let (connection, client_events) =
+            connection::Connection::open(&config, &executor.name, give_up_at).await?;
+        let client = connection.client().clone();
         let chunk_size = client
             .server_info()
             .max_payload
@@ -223,6 +232,7 @@ impl NatsMesh {
             name,
             subjects,
             client,
+            _connection: connection,
             executor,
             membership: Membership::new(config.whole_view),
             wants: watch::channel(Wants::new(config.whole_view)).0,
@@ -329,22 +339,6 @@ impl NatsMesh {
         self.emit(NodeEvent::Connected);
     }
 
-    /// Logs that the client dropped a message (the `dropped`th) because this node read
-    /// its subscription too slowly: the first, then one line per thousand. The client
-    /// does not say which subscription; flow control keeps requests from overflowing
-    /// it unless more than 64 callers send at full speed at once.
-    fn note_overflow(&self, dropped: u64) {
-        if dropped == 1 || dropped % 1000 == 0 {
-            tracing::warn!(
-                process = %self.name,
-                dropped,
-                requests = %self.subjects.node_inbox(&self.name),
-                replies = %format!("{}.*", self.inbox),
-                "this node reads its NATS messages too slowly: the client dropped some on one of these subjects"
-            );
-        }
-    }
-
     /// See [`Mesh::begin_stop`](super::Mesh::begin_stop).
     fn stop_calls(&self) -> bool {
         if self.stopped.send_replace(true) {
@@ -397,25 +391,22 @@ fn unreachable_by(urls: &str, reason: &str, cause: impl std::fmt::Display) -> Er
     Error::unreachable(nats_address(urls), format!("{reason}{cause}"))
 }
 
-/// Connects the node `name` to one of the servers in `config`, retrying until
+/// Connects to one of the servers in `config` for the node `name`, retrying until
 /// `give_up_at`; fails at once when a retry cannot help (authentication, TLS, bad
-/// options). Returns the client and its connection events.
+/// options). The connection's events go to `listeners`.
 async fn connect(
     config: &NatsConfig,
     name: &str,
     give_up_at: Instant,
-) -> Result<(
-    async_nats::Client,
-    mpsc::UnboundedReceiver<async_nats::Event>,
-)> {
+    listeners: Arc<connection::Listeners>,
+) -> Result<async_nats::Client> {
     let servers = server_addresses(&config.urls)?;
     retrying(give_up_at, "connecting to NATS", || async {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let options = connect_options(config, name, events_tx).await?;
-        match options.connect(servers.as_slice()).await {
-            Ok(client) => Ok((client, events_rx)),
-            Err(e) => Err(connect_error(config, e)),
-        }
+        let options = connect_options(config, name, listeners.clone()).await?;
+        options
+            .connect(servers.as_slice())
+            .await
+            .map_err(|e| connect_error(config, e))
     })
     .await
 }
@@ -516,12 +507,12 @@ fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
 }
 
 /// The client's options from the node's: credentials, token, TLS, its name (the node
-/// `name`, so that the server's monitoring shows which node a connection is), and its
-/// events sent to `events`.
+/// `name` that opens it, so that the server's monitoring shows whose connection it
+/// is), and its events told to `listeners`.
 async fn connect_options(
     config: &NatsConfig,
     name: &str,
-    events: mpsc::UnboundedSender<async_nats::Event>,
+    listeners: Arc<connection::Listeners>,
 ) -> Result<async_nats::ConnectOptions> {
     let mut options = match &config.credentials {
         Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
@@ -549,20 +540,14 @@ async fn connect_options(
         .request_timeout(Some(API_TIMEOUT))
         .subscription_capacity(flow::SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
-            let events = events.clone();
-            async move {
-                let _ = events.send(event);
-            }
+            listeners.tell(event);
+            std::future::ready(())
         }))
 }
 
 /// Follows the client's connection events until the node stops.
-async fn follow_connection(
-    mesh: Arc<NatsMesh>,
-    mut events: mpsc::UnboundedReceiver<async_nats::Event>,
-) {
+async fn follow_connection(mesh: Arc<NatsMesh>, mut events: connection::Events) {
     let mut closed = mesh.closed.subscribe();
-    let mut dropped = 0u64;
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
@@ -572,10 +557,6 @@ async fn follow_connection(
         match event {
             async_nats::Event::Disconnected => mesh.lost_connection(),
             async_nats::Event::Connected => mesh.regained_connection(),
-            async_nats::Event::SlowConsumer(_) => {
-                dropped += 1;
-                mesh.note_overflow(dropped);
-            }
             other => tracing::debug!(process = %mesh.name, event = %other, "NATS client event"),
         }
     }

@@ -1,0 +1,168 @@
+//! One NATS connection per process, shared by its nodes.
+//!
+//! A NATS server keeps about 50 KiB for every client connection (its buffers and two
+//! goroutines), and much less for a subscription: 10,000 nodes with a connection each
+//! cost the server over 800 MiB, and each join a TCP (and TLS) handshake. So the nodes
+//! of a process that run on the same tokio runtime with the same connection settings
+//! (servers, credentials, token, TLS files, connect timeout) share one connection, as
+//! NATS advises for the clients of one process. Each node keeps its own subscriptions,
+//! heartbeat and membership entries: a node's liveness is its heartbeat, never the
+//! connection, so closing one node leaves the others as they were. The connection
+//! closes when the last node using it is dropped.
+//!
+//! Nodes on different runtimes never share: the client's I/O task lives on the runtime
+//! that opened it, and ends with it. The connection is named after the node that opened
+//! it (the name the server's monitoring shows).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{connect, unreachable_by, NatsConfig};
+use crate::error::Result;
+
+/// The client's connection events, for one node.
+pub(super) type Events = mpsc::UnboundedReceiver<async_nats::Event>;
+
+/// What two nodes must have in common to share a connection.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Settings {
+    runtime: tokio::runtime::Id,
+    urls: String,
+    credentials: Option<PathBuf>,
+    token: Option<String>,
+    tls: Option<[Option<PathBuf>; 3]>,
+    connect_timeout: Duration,
+}
+
+impl Settings {
+    fn of(config: &NatsConfig) -> Settings {
+        Settings {
+            runtime: tokio::runtime::Handle::current().id(),
+            urls: config.urls.clone(),
+            credentials: config.credentials.clone(),
+            token: config.auth_token.as_ref().map(|t| t.expose().to_string()),
+            tls: config.tls.as_ref().map(|_| config.tls_files.clone()),
+            connect_timeout: config.connect_timeout,
+        }
+    }
+}
+
+/// The connection of a set of [`Settings`], while some node uses it. Locked while it is
+/// being opened, so that the nodes of a mass start wait for the first one's connection
+/// instead of each opening their own.
+type Slot = Arc<tokio::sync::Mutex<Weak<Connection>>>;
+
+/// The connections of this process.
+static OPEN: LazyLock<Mutex<HashMap<Settings, Slot>>> = LazyLock::new(Default::default);
+
+/// A client connection and the nodes that listen to its events.
+pub(super) struct Connection {
+    client: async_nats::Client,
+    listeners: Arc<Listeners>,
+}
+
+impl Connection {
+    /// The connection for a node `name` with `config`: the one this process already has
+    /// for the same settings on this runtime, or a new one (retried until `give_up_at`,
+    /// see [`connect`]). Returns it with the node's own receiver of its events.
+    pub(super) async fn open(
+        config: &NatsConfig,
+        name: &str,
+        give_up_at: Instant,
+    ) -> Result<(Arc<Connection>, Events)> {
+        let slot = slot(Settings::of(config));
+        let mut held = tokio::time::timeout_at(give_up_at, slot.lock())
+            .await
+            .map_err(|_| {
+                unreachable_by(
+                    &config.urls,
+                    "",
+                    "timed out waiting for this process's connection to open",
+                )
+            })?;
+        let connection = match held.upgrade() {
+            Some(connection) => connection,
+            None => {
+                let listeners = Arc::new(Listeners::new(name));
+                let client = connect(config, name, give_up_at, listeners.clone()).await?;
+                let connection = Arc::new(Connection { client, listeners });
+                *held = Arc::downgrade(&connection);
+                connection
+            }
+        };
+        drop(held);
+        let events = connection.listeners.add();
+        Ok((connection, events))
+    }
+
+    /// The client, to clone into the node.
+    pub(super) fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+/// The slot of `settings`; forgets the slots no node uses any more.
+fn slot(settings: Settings) -> Slot {
+    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    open.retain(|_, slot| {
+        Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |c| c.strong_count() > 0)
+    });
+    open.entry(settings).or_default().clone()
+}
+
+/// The nodes that share a connection, each told of its events.
+pub(super) struct Listeners {
+    /// The node that opened the connection, in logs.
+    opened_by: String,
+    senders: Mutex<Vec<mpsc::UnboundedSender<async_nats::Event>>>,
+    /// Messages the client dropped because a subscription of one of the nodes was read
+    /// too slowly.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Listeners {
+    fn new(opened_by: &str) -> Listeners {
+        Listeners {
+            opened_by: opened_by.to_string(),
+            senders: Mutex::default(),
+            dropped: Default::default(),
+        }
+    }
+
+    fn add(&self) -> Events {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().push(tx);
+        rx
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<mpsc::UnboundedSender<async_nats::Event>>> {
+        self.senders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `event` to every node still listening. A dropped message is logged here,
+    /// once for the connection: the client does not say which subscription, so not which
+    /// node, overflowed (the first, then one line per thousand).
+    pub(super) fn tell(&self, event: async_nats::Event) {
+        let mut senders = self.lock();
+        if let async_nats::Event::SlowConsumer(_) = event {
+            let dropped = 1 + self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped == 1 || dropped % 1000 == 0 {
+                tracing::warn!(
+                    connection = %self.opened_by,
+                    nodes = senders.len(),
+                    dropped,
+                    "a node on this NATS connection reads its messages too slowly: the client dropped some"
+                );
+            }
+            return;
+        }
+        senders.retain(|node| node.send(event.clone()).is_ok());
+    }
+}

@@ -1,0 +1,260 @@
+//! The nodes of one process share its NATS connection (`mesh/nats/connection.rs`):
+//! nodes started on one tokio runtime with the same settings use one connection, each
+//! keeps its own life on it, and a node that is flooded costs only itself. Over a real
+//! nats-server; a worker in a child process calls in from its own connection.
+//!
+//! Run with `cargo test -p daffi --features nats --test nats_sharing`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::nats::{NatsServer, ENV_NAMESPACE, ENV_NATS};
+use common::{run_role, spawn_role_child, unique, WAIT};
+use daffi::{callback, Error, Global, GlobalBuilder};
+
+/// The name of the ignored test that runs the roles below.
+const ENTRY: &str = "sharing_role";
+
+/// Answers after `ms` milliseconds.
+#[callback]
+async fn sleep_ms(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// A worker in a child process: serves the callbacks above until killed.
+fn worker_role() {
+    let g = common::nats_child_builder().start().expect("worker starts");
+    answer_whoami(&g);
+    g.join().expect("join");
+}
+
+#[test]
+#[ignore = "a child role started by the other tests"]
+fn sharing_role() {
+    run_role(&[("worker", worker_role)]);
+}
+
+fn builder(url: &str, namespace: &str, name: &str) -> GlobalBuilder {
+    Global::builder()
+        .nats(url)
+        .namespace(namespace)
+        .process_name(name)
+        .connect_timeout(WAIT)
+}
+
+/// Registers `whoami` on `node`: its own name (the nodes of one process tell
+/// themselves apart).
+fn answer_whoami(node: &Global) {
+    let name = node.process_name().to_string();
+    node.register("whoami", move || name.clone())
+        .expect("register whoami");
+}
+
+/// Starts the nodes `names` at once from async code, as a user's `#[tokio::main]` would.
+async fn start_all(url: &str, namespace: &str, names: &[&str]) -> Vec<Global> {
+    let starts = names
+        .iter()
+        .map(|name| builder(url, namespace, name).start_async());
+    let nodes = futures_util::future::try_join_all(starts)
+        .await
+        .expect("the nodes start");
+    nodes.iter().for_each(answer_whoami);
+    nodes
+}
+
+#[test]
+fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let namespace = unique("ns").replace('-', "_");
+    let mut worker = spawn_role_child(
+        ENTRY,
+        "worker",
+        "w1",
+        &[(ENV_NATS, &url), (ENV_NAMESPACE, &namespace)],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let nodes = start_all(&url, &namespace, &["s0", "s1", "s2"]).await;
+        for node in &nodes {
+            node.wait_process_timeout_async("w1", WAIT)
+                .await
+                .expect("w1 joins");
+        }
+        // Three nodes, one connection (named after the node that opened it), beside
+        // the worker's own.
+        let opened_by = server_connection_names(&server, &["w1"]);
+        assert!(
+            ["s0", "s1", "s2"].contains(&opened_by.as_str()),
+            "the shared connection is named after one of its nodes, not {opened_by:?}"
+        );
+
+        // Each node answers under its own name, from this process and from the worker's.
+        for (i, node) in nodes.iter().enumerate() {
+            let other = format!("s{}", (i + 1) % 3);
+            let who: String = node
+                .call("whoami")
+                .on(&other)
+                .timeout(WAIT)
+                .fg_async()
+                .await
+                .expect("a node on the same connection answers");
+            assert_eq!(who, other);
+            let who: String = node
+                .call("whoami")
+                .on("w1")
+                .timeout(WAIT)
+                .fg_async()
+                .await
+                .expect("the worker answers");
+            assert_eq!(who, "w1");
+        }
+
+        // Stopping one node leaves the others (and the connection) as they were.
+        let (removed_tx, mut removed) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = builder(&url, &namespace, "s3")
+            .on_member_removed(move |_, name| {
+                let _ = removed_tx.send(name.to_string());
+            })
+            .start_async()
+            .await
+            .expect("s3 starts");
+        watcher
+            .wait_process_timeout_async("s1", WAIT)
+            .await
+            .expect("s3 sees s1");
+        nodes[1].stop();
+        let left = tokio::time::timeout(WAIT, removed.recv())
+            .await
+            .expect("s1's leaving is announced in time");
+        assert_eq!(left.as_deref(), Some("s1"));
+        let who: String = nodes[0]
+            .call("whoami")
+            .on("s2")
+            .timeout(WAIT)
+            .fg_async()
+            .await
+            .expect("s2 still answers");
+        assert_eq!(who, "s2");
+        match watcher
+            .call("whoami")
+            .on("s1")
+            .timeout(WAIT)
+            .fg_async::<String>()
+            .await
+        {
+            Err(Error::UnknownProcess { process } | Error::PeerStopped { process, .. }) => {
+                assert_eq!(process, "s1")
+            }
+            other => panic!("a call to the stopped s1: {other:?}"),
+        }
+        assert_eq!(server_connection_names(&server, &["w1"]), opened_by);
+
+        // A node started from sync code runs its own runtime, so its own connection.
+        let own = std::thread::spawn({
+            let (url, namespace) = (url.clone(), namespace.clone());
+            move || {
+                builder(&url, &namespace, "sync")
+                    .start()
+                    .expect("sync starts")
+            }
+        })
+        .join()
+        .expect("the thread returns");
+        server.wait_connection_names(&["w1", &opened_by, "sync"]);
+        own.stop();
+
+        // The connection closes with the last node that uses it.
+        watcher.stop();
+        for node in &nodes {
+            node.stop();
+        }
+        drop((watcher, nodes));
+    });
+    drop(runtime);
+    server.wait_connection_names(&["w1"]);
+    worker.kill();
+}
+
+#[test]
+fn a_flooded_node_costs_only_itself_on_a_shared_connection() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let namespace = unique("ns").replace('-', "_");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let nodes = start_all(&url, &namespace, &["busy", "calm"]).await;
+        // The caller is another process's node: a worker in a child process cannot be
+        // told what to call, so this process starts one from sync code, on its own
+        // runtime and connection.
+        let caller = std::thread::spawn({
+            let (url, namespace) = (url.clone(), namespace.clone());
+            move || {
+                builder(&url, &namespace, "flooder")
+                    .start()
+                    .expect("starts")
+            }
+        })
+        .join()
+        .expect("the thread returns");
+        caller
+            .wait_process_timeout_async("busy", WAIT)
+            .await
+            .expect("busy joins");
+        // 2,000 calls that each hold `busy` for a minute, more than its flow control
+        // lets through: the rest wait at the caller, and none of it reaches `calm`.
+        let mut flood = Vec::new();
+        for _ in 0..2_000 {
+            match caller
+                .call("sleep_ms")
+                .on("busy")
+                .args((60_000u64,))
+                .bg::<u64>()
+            {
+                Ok(call) => flood.push(call),
+                Err(Error::Overloaded { .. }) => break,
+                Err(e) => panic!("a flooding call: {e}"),
+            }
+        }
+        assert!(!flood.is_empty(), "some flooding calls were sent");
+        for i in 0..20u64 {
+            let slept: u64 = nodes[0]
+                .call("sleep_ms")
+                .on("calm")
+                .args((i,))
+                .timeout(WAIT)
+                .fg_async()
+                .await
+                .expect("calm answers while busy is flooded");
+            assert_eq!(slept, i);
+        }
+        caller.stop();
+        for node in &nodes {
+            node.stop();
+        }
+    });
+}
+
+/// The names of the server's connections other than `known`, which must be exactly one;
+/// waits until there is one.
+fn server_connection_names(server: &NatsServer, known: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let connections = server.connections();
+        let others: Vec<String> = common::nats::json_strings(&connections, "name")
+            .into_iter()
+            .filter(|name| !known.contains(name))
+            .map(str::to_string)
+            .collect();
+        if let [only] = others.as_slice() {
+            return only.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected one connection besides {known:?}, the server has {others:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
