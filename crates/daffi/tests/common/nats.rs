@@ -89,6 +89,23 @@ impl NatsServer {
         });
     }
 
+    /// Waits until exactly `count` subscriptions on the server are to `subject`, or
+    /// panics after [`WAIT`].
+    pub fn wait_subscribers(&self, subject: &str, count: usize) {
+        poll_until(&format!("{count} subscriptions to {subject}"), || {
+            let connections = self.connections();
+            let now = json_strings(&connections, "subscriptions_list")
+                .into_iter()
+                .filter(|s| *s == subject)
+                .count();
+            if now == count {
+                Ok(())
+            } else {
+                Err(format!("{now} subscriptions"))
+            }
+        });
+    }
+
     /// Starts the server again on the same port and store; waits until it accepts clients.
     pub fn restart(&mut self) {
         self.server.kill();

@@ -8,7 +8,9 @@
 //! NATS advises for the clients of one process. Each node keeps its own subscriptions,
 //! heartbeat and membership entries: a node's liveness is its heartbeat, never the
 //! connection, so closing one node leaves the others as they were. The connection
-//! closes when the last node using it is dropped.
+//! closes when the last node using it is dropped. A subject that every node follows
+//! alike (the scheduler lease's announcements) takes one subscription per connection,
+//! not one per node: each announcement crosses to the process once.
 //!
 //! Nodes on different runtimes never share: the client's I/O task lives on the runtime
 //! that opened it, and ends with it. The connection is named after the node that opened
@@ -19,11 +21,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use super::{connect, unreachable_by, NatsConfig};
 use crate::error::Result;
+
+/// How many messages of a followed subject wait for a node that is behind; older ones
+/// are dropped for it (the lease's announcements come seconds apart).
+const FOLLOWED_BACKLOG: usize = 16;
 
 /// The client's connection events, for one node.
 pub(super) type Events = mpsc::UnboundedReceiver<async_nats::Event>;
@@ -64,6 +71,9 @@ static OPEN: LazyLock<Mutex<HashMap<Settings, Slot>>> = LazyLock::new(Default::d
 pub(super) struct Connection {
     client: async_nats::Client,
     listeners: Arc<Listeners>,
+    /// The subjects its nodes follow alike, each to the task that reads its one
+    /// subscription (see [`Connection::follow`]).
+    followed: Mutex<HashMap<String, broadcast::WeakSender<async_nats::Message>>>,
 }
 
 impl Connection {
@@ -90,7 +100,11 @@ impl Connection {
             None => {
                 let listeners = Arc::new(Listeners::new(name));
                 let client = connect(config, name, give_up_at, listeners.clone()).await?;
-                let connection = Arc::new(Connection { client, listeners });
+                let connection = Arc::new(Connection {
+                    client,
+                    listeners,
+                    followed: Mutex::default(),
+                });
                 *held = Arc::downgrade(&connection);
                 connection
             }
@@ -103,6 +117,55 @@ impl Connection {
     /// The client, to clone into the node.
     pub(super) fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// The messages on `subject`, for one node: the nodes that follow it share one
+    /// subscription, read by a task that ends when the last of them drops its receiver.
+    /// The receiver is closed if subscribing failed (logged) or the subscription ended.
+    pub(super) fn follow(&self, subject: &str) -> broadcast::Receiver<async_nats::Message> {
+        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let live = followed
+            .get(subject)
+            .and_then(broadcast::WeakSender::upgrade)
+            .filter(|sender| sender.receiver_count() > 0);
+        if let Some(sender) = live {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(FOLLOWED_BACKLOG);
+        followed.retain(|_, sender| sender.strong_count() > 0);
+        followed.insert(subject.to_string(), sender.downgrade());
+        tokio::spawn(read_followed(
+            self.client.clone(),
+            subject.to_string(),
+            sender,
+        ));
+        receiver
+    }
+}
+
+/// Reads the one subscription to `subject` into `nodes`, until none of them listens.
+async fn read_followed(
+    client: async_nats::Client,
+    subject: String,
+    nodes: broadcast::Sender<async_nats::Message>,
+) {
+    let mut subscriber = match client.subscribe(subject.clone()).await {
+        Ok(subscriber) => subscriber,
+        Err(e) => {
+            tracing::warn!(%subject, error = %e, "could not subscribe");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            message = subscriber.next() => match message {
+                Some(message) => {
+                    let _ = nodes.send(message);
+                }
+                None => return,
+            },
+            _ = nodes.closed() => return,
+        }
     }
 }
 

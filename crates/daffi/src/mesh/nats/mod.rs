@@ -116,7 +116,7 @@ pub struct NatsMesh {
     client: async_nats::Client,
     /// The process's connection this node shares (see `connection`): kept open while
     /// the node lives.
-    _connection: Arc<connection::Connection>,
+    connection: Arc<connection::Connection>,
     executor: Arc<Executor>,
     membership: Membership,
     /// What the membership watch covers (see `members`).
@@ -232,7 +232,7 @@ impl NatsMesh {
             name,
             subjects,
             client,
-            _connection: connection,
+            connection,
             executor,
             membership: Membership::new(config.whole_view),
             wants: watch::channel(Wants::new(config.whole_view)).0,

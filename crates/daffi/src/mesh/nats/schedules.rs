@@ -71,7 +71,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::{broadcast, watch, OnceCell};
 use tokio::time::Instant;
 
 use super::caller::CALLER;
@@ -964,13 +964,26 @@ async fn answer_probe(mesh: &NatsMesh, probe: async_nats::Message) {
 }
 
 /// Follows the holder's announcements, so that a node that does not hold the lease
-/// learns of its renewals and release without asking the bucket.
-async fn hear_lease(mesh: &NatsMesh) -> Option<async_nats::Subscriber> {
-    match mesh.client.subscribe(mesh.subjects.lease()).await {
-        Ok(subscriber) => Some(subscriber),
-        Err(e) => {
-            tracing::warn!(process = %mesh.name, error = %e, "could not follow the scheduler lease; probing its holder every 3-4 s instead");
-            None
+/// learns of its renewals and release without asking the bucket. The nodes on one
+/// connection share the subscription.
+fn hear_lease(mesh: &NatsMesh) -> broadcast::Receiver<async_nats::Message> {
+    mesh.connection.follow(&mesh.subjects.lease())
+}
+
+/// The next announcement of the lease; `Err` once they can no longer be heard (this
+/// node then probes the holder every 3-4 s instead); never, without a receiver. One
+/// missed because this node was behind is skipped: the next one says the same.
+async fn next_news(
+    news: &mut Option<broadcast::Receiver<async_nats::Message>>,
+) -> Result<async_nats::Message, ()> {
+    let Some(news) = news else {
+        return std::future::pending().await;
+    };
+    loop {
+        match news.recv().await {
+            Ok(message) => return Ok(message),
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return Err(()),
         }
     }
 }
@@ -1023,7 +1036,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
         announced_at: None,
         probes: None,
     };
-    let mut news = hear_lease(&mesh).await;
+    let mut news = Some(hear_lease(&mesh));
     let mut book = Book::default();
     let mut turn = Turn::first();
     loop {
@@ -1059,7 +1072,7 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
                     book.forget();
                 }
             },
-            heard = next_message(&mut news) => match heard {
+            heard = next_news(&mut news) => match heard {
                 // The holder hears its own announcements: nothing to learn.
                 Ok(message) if lease.revision.is_none() => {
                     if let Some(heard) = LeaseNews::of(&message.payload) {
@@ -1067,7 +1080,10 @@ pub async fn lead(mesh: Arc<NatsMesh>) {
                     }
                 }
                 Ok(_) => {}
-                Err(()) => news = None,
+                Err(()) => {
+                    tracing::warn!(process = %mesh.name, "could not follow the scheduler lease; probing its holder every 3-4 s instead");
+                    news = None;
+                }
             },
             probe = next_message(&mut lease.probes) => match probe {
                 Ok(probe) => answer_probe(&mesh, probe).await,
