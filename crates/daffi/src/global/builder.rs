@@ -425,7 +425,7 @@ impl GlobalBuilder {
     /// membership lives in replicated JetStream KV buckets (JetStream must be enabled
     /// on the servers, 2.11 or later). A node that dies without saying goodbye leaves the
     /// others' view within 14 s (its claim expires 12 s after its last heartbeat, sent
-    /// every second, and the node holding the scheduler lease removes it within a
+    /// every 3 s, and the node holding the scheduler lease removes it within a
     /// second; calls to it fail at once meanwhile). What a node knows of the others is
     /// as over a controller (see the crate docs, "What a node knows"). Arguments and
     /// results larger than the servers' `max_payload` (1 MiB by default) go in chunks,
