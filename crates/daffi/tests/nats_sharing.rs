@@ -90,10 +90,14 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
             ["s0", "s1", "s2"].contains(&opened_by.as_str()),
             "the shared connection is named after one of its nodes, not {opened_by:?}"
         );
-        // The lease's announcements, which every node follows, take one subscription
-        // per connection: the worker's and this process's.
+        // The lease's announcements, which every node follows, and the replies to the
+        // nodes' calls take one subscription per connection: the worker's and this
+        // process's.
         let lease = format!("{namespace}.lease");
-        server.wait_subscribers(&lease, 2);
+        server.wait_subscriptions(&lease, 2, |s| s == lease);
+        server.wait_subscriptions("the connections' reply inboxes", 2, |s| {
+            s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
+        });
 
         // Each node answers under its own name, from this process and from the worker's.
         for (i, node) in nodes.iter().enumerate() {

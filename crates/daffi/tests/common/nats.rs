@@ -89,14 +89,14 @@ impl NatsServer {
         });
     }
 
-    /// Waits until exactly `count` subscriptions on the server are to `subject`, or
-    /// panics after [`WAIT`].
-    pub fn wait_subscribers(&self, subject: &str, count: usize) {
-        poll_until(&format!("{count} subscriptions to {subject}"), || {
+    /// Waits until exactly `count` subscriptions on the server are to subjects that
+    /// `matches` (`what` they are, in the failure), or panics after [`WAIT`].
+    pub fn wait_subscriptions(&self, what: &str, count: usize, matches: impl Fn(&str) -> bool) {
+        poll_until(&format!("{count} subscriptions to {what}"), || {
             let connections = self.connections();
             let now = json_strings(&connections, "subscriptions_list")
                 .into_iter()
-                .filter(|s| *s == subject)
+                .filter(|s| matches(s))
                 .count();
             if now == count {
                 Ok(())

@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
-use async_nats::{HeaderMap, Subject, Subscriber};
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -271,7 +270,7 @@ impl NatsMesh {
 
     /// Completes the call a reply on `subject` answers, or takes an ack of NO_RETURN
     /// calls (credit back), or a message of a stream call.
-    fn complete(&self, message: async_nats::Message) {
+    pub(super) fn complete(&self, message: async_nats::Message) {
         let last_token = message.subject.rsplit('.').next().unwrap_or_default();
         if self.windows.take_ack(last_token, &message.payload) {
             return;
@@ -348,21 +347,6 @@ pub fn is_failure(message: &async_nats::Message) -> bool {
         .headers
         .as_ref()
         .is_some_and(|h| h.get(FAILED).is_some())
-}
-
-/// Takes the replies to this node's calls until the node stops.
-pub async fn take_replies(mesh: Arc<NatsMesh>, mut replies: Subscriber) {
-    let mut closed = mesh.closed.subscribe();
-    // Made once: a new one per reply would cost a registration with the channel.
-    let closing = super::until(&mut closed, true);
-    tokio::pin!(closing);
-    loop {
-        tokio::select! {
-            Some(message) = replies.next() => mesh.complete(message),
-            _ = &mut closing => return,
-            else => return,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@
 //! connection, so closing one node leaves the others as they were. The connection
 //! closes when the last node using it is dropped. A subject that every node follows
 //! alike (the scheduler lease's announcements) takes one subscription per connection,
-//! not one per node: each announcement crosses to the process once.
+//! not one per node: each announcement crosses to the process once. The replies to all
+//! the nodes' calls come under one inbox of the connection too, each node's under its
+//! own token (`<inbox>.<node>.<name>.<id>`), read by one task (see [`ReplyRoutes`]).
 //!
 //! Nodes on different runtimes never share: the client's I/O task lives on the runtime
 //! that opened it, and ends with it. The connection is named after the node that opened
@@ -18,14 +20,15 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{connect, unreachable_by, NatsConfig};
+use super::{connect, unreachable_by, NatsConfig, NatsMesh, Subjects};
 use crate::error::Result;
 
 /// How many messages of a followed subject wait for a node that is behind; older ones
@@ -74,6 +77,9 @@ pub(super) struct Connection {
     /// The subjects its nodes follow alike, each to the task that reads its one
     /// subscription (see [`Connection::follow`]).
     followed: Mutex<HashMap<String, broadcast::WeakSender<async_nats::Message>>>,
+    replies: Arc<ReplyRoutes>,
+    /// Dropped with the connection: the task that reads the replies ends.
+    _reading_replies: oneshot::Sender<()>,
 }
 
 impl Connection {
@@ -100,10 +106,19 @@ impl Connection {
             None => {
                 let listeners = Arc::new(Listeners::new(name));
                 let client = connect(config, name, give_up_at, listeners.clone()).await?;
+                let replies = Arc::new(ReplyRoutes::new(client.new_inbox()));
+                let subscriber = client
+                    .subscribe(format!("{}.*.*.*", replies.inbox))
+                    .await
+                    .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
+                let (reading_replies, stop) = oneshot::channel();
+                tokio::spawn(route_replies(replies.clone(), subscriber, stop));
                 let connection = Arc::new(Connection {
                     client,
                     listeners,
                     followed: Mutex::default(),
+                    replies,
+                    _reading_replies: reading_replies,
                 });
                 *held = Arc::downgrade(&connection);
                 connection
@@ -117,6 +132,19 @@ impl Connection {
     /// The client, to clone into the node.
     pub(super) fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// A node's own inbox for the replies to its calls (see [`Subjects::reply_inbox`]):
+    /// what comes there is handed to `node`'s `complete` while it lives, until it closes.
+    /// The route is taken away when the returned [`ReplyRoute`] drops.
+    pub(super) fn route_replies(&self, node: Weak<NatsMesh>, name: &str) -> ReplyRoute {
+        let id = self.replies.next.fetch_add(1, Ordering::Relaxed);
+        self.replies.lock().insert(id, node);
+        ReplyRoute {
+            inbox: Subjects::reply_inbox(&format!("{}.{id}", self.replies.inbox), name),
+            id,
+            routes: self.replies.clone(),
+        }
     }
 
     /// The messages on `subject`, for one node: the nodes that follow it share one
@@ -140,6 +168,69 @@ impl Connection {
             sender,
         ));
         receiver
+    }
+}
+
+/// The nodes whose replies come to the connection's inbox, by their token there.
+struct ReplyRoutes {
+    /// `_INBOX.<unique>`: the node's token, its name and the reply's own token follow.
+    inbox: String,
+    next: AtomicU64,
+    nodes: Mutex<HashMap<u64, Weak<NatsMesh>>>,
+}
+
+impl ReplyRoutes {
+    fn new(inbox: String) -> ReplyRoutes {
+        ReplyRoutes {
+            inbox,
+            next: AtomicU64::new(0),
+            nodes: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<NatsMesh>>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node that `subject` (`<inbox>.<node>.<name>.<token>`) is a reply to.
+    fn node_of(&self, subject: &str) -> Option<Arc<NatsMesh>> {
+        let id = subject.rsplit('.').nth(2)?.parse().ok()?;
+        self.lock().get(&id)?.upgrade()
+    }
+}
+
+/// A node's inbox for its replies; the route to it ends when this drops.
+pub(super) struct ReplyRoute {
+    /// `<connection inbox>.<node>.<escaped name>`.
+    pub(super) inbox: String,
+    id: u64,
+    routes: Arc<ReplyRoutes>,
+}
+
+impl Drop for ReplyRoute {
+    fn drop(&mut self) {
+        self.routes.lock().remove(&self.id);
+    }
+}
+
+/// Hands each reply to the node it is for (a closed node takes none), until the
+/// connection drops `stop`.
+async fn route_replies(
+    routes: Arc<ReplyRoutes>,
+    mut replies: async_nats::Subscriber,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            Some(reply) = replies.next() => {
+                match routes.node_of(&reply.subject) {
+                    Some(node) if !node.is_closed() => node.complete(reply),
+                    _ => tracing::trace!(subject = %reply.subject, "a reply for a node that is gone"),
+                }
+            }
+            _ = &mut stop => return,
+            else => return,
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! - **calls** go to a node's own subject (`<ns>.node.<process>.<callback>`, see
 //!   [`subjects`]), chosen from the membership view: at random among the providers, or
-//!   the one named by `.on`; never this node. Replies come back on one wildcard inbox
-//!   of this node and complete the calls through a [`Pending`] table (`caller`).
+//!   the one named by `.on`; never this node. Replies come back on this node's inbox,
+//!   under its connection's (one subscription for the nodes that share the
+//!   connection: `connection`), and complete the calls through a [`Pending`] table
+//!   (`caller`).
 //! - **incoming requests** arrive on `<ns>.node.<this node>.*` (`incoming`).
 //! - **membership** lives in two replicated JetStream KV buckets (`members`): the
 //!   claims on the names in `<ns>-alive` (created atomically, renewed by a heartbeat,
@@ -126,6 +128,9 @@ pub struct NatsMesh {
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
     /// this node, see [`Subjects::reply_inbox`]).
     inbox: String,
+    /// The connection's route of those replies to this node (see `connection`), taken
+    /// away when the node drops.
+    _reply_route: connection::ReplyRoute,
     /// The streams of results this node produces, by the inbox of their caller and
     /// call id.
     served: SentStreams,
@@ -190,11 +195,6 @@ impl NatsMesh {
         )?;
         let name = executor.name.clone();
         let subjects = Subjects::new(&config.namespace);
-        let inbox = Subjects::reply_inbox(&client.new_inbox(), &name);
-        let replies = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .map_err(|e| unreachable_by(&config.urls, "subscribing failed: ", e))?;
         let requests = client
             .subscribe(subjects.node_inbox(&name))
             .await
@@ -227,35 +227,38 @@ impl NatsMesh {
             config.connect_timeout,
         );
         let (record_tx, record_rx) = mpsc::unbounded_channel();
-        let mesh = Arc::new_cyclic(|me| NatsMesh {
-            me: me.clone(),
-            name,
-            subjects,
-            client,
-            connection,
-            executor,
-            membership: Membership::new(config.whole_view),
-            wants: watch::channel(Wants::new(config.whole_view)).0,
-            pending: Arc::default(),
-            served: SentStreams::default(),
-            feeds: SentStreams::default(),
-            incoming: IncomingStreams::default(),
-            unsent: Default::default(),
-            windows: flow::Windows::new(&inbox),
-            inbox,
-            size_limit: config.max_frame_size,
-            chunk_size,
-            connected: watch::channel(true).0,
-            losses: AtomicU64::new(0),
-            stopped: watch::channel(false).0,
-            finished: watch::channel(false).0,
-            schedules,
-            record: record_tx,
-            events,
-            closed: watch::channel(false).0,
-            config,
+        let mesh = Arc::new_cyclic(|me| {
+            let replies = connection.route_replies(me.clone(), &name);
+            NatsMesh {
+                me: me.clone(),
+                name,
+                subjects,
+                client,
+                connection,
+                executor,
+                membership: Membership::new(config.whole_view),
+                wants: watch::channel(Wants::new(config.whole_view)).0,
+                pending: Arc::default(),
+                served: SentStreams::default(),
+                feeds: SentStreams::default(),
+                incoming: IncomingStreams::default(),
+                unsent: Default::default(),
+                windows: flow::Windows::new(&replies.inbox),
+                inbox: replies.inbox.clone(),
+                _reply_route: replies,
+                size_limit: config.max_frame_size,
+                chunk_size,
+                connected: watch::channel(true).0,
+                losses: AtomicU64::new(0),
+                stopped: watch::channel(false).0,
+                finished: watch::channel(false).0,
+                schedules,
+                record: record_tx,
+                events,
+                closed: watch::channel(false).0,
+                config,
+            }
         });
-        tokio::spawn(caller::take_replies(mesh.clone(), replies));
         tokio::spawn(incoming::serve_requests(mesh.clone(), requests));
         tokio::spawn(members::answer_probes(mesh.clone(), probes));
         tokio::spawn(members::keep_record(
@@ -298,6 +301,10 @@ impl NatsMesh {
         for name in changes.removed {
             self.emit(NodeEvent::MemberRemoved(name));
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow()
     }
 
     fn is_stopped(&self) -> bool {

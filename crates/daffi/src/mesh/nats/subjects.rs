@@ -122,7 +122,7 @@ impl Subjects {
         format!("{}.alive.{}.{instance}", self.namespace, escape(process))
     }
 
-    /// The inbox of `process` under the client's `inbox` (unique): replies and acks to
+    /// The inbox of `process` under `inbox` (unique to the node): replies and acks to
     /// its calls come to `<inbox>.<escaped process>.<token>`, which names the caller
     /// without a header.
     pub fn reply_inbox(inbox: &str, process: &str) -> String {
