@@ -245,6 +245,70 @@ fn a_flooded_node_costs_only_itself_on_a_shared_connection() {
     });
 }
 
+#[test]
+fn garbage_on_the_shared_reply_inbox_is_dropped() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let namespace = unique("ns").replace('-', "_");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let nodes = start_all(&url, &namespace, &["g0", "g1"]).await;
+        server.wait_subscriptions("the reply inbox", 1, |s| {
+            s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
+        });
+        let connections = server.connections();
+        let inbox = common::nats::json_strings(&connections, "subscriptions_list")
+            .into_iter()
+            .find_map(|s| s.strip_suffix(".*.*.*"))
+            .expect("the reply inbox")
+            .to_string();
+        // Another client writes to the inbox what no node sent: unknown node tokens,
+        // a real node's token with made-up calls and streams, and bytes that are no
+        // reply at all.
+        let mut raw = std::net::TcpStream::connect(url.trim_start_matches("nats://"))
+            .expect("a raw client connects");
+        raw.set_read_timeout(Some(WAIT)).expect("read timeout");
+        let mut junk = b"CONNECT {\"verbose\":false}\r\n".to_vec();
+        for subject in [
+            format!("{inbox}.x.g0.1"),
+            format!("{inbox}.99999.g0.1"),
+            format!("{inbox}.0.g0.1"),
+            format!("{inbox}.0.g0.s17"),
+            format!("{inbox}.0.g0.w3"),
+            format!("{inbox}.1.g1.18446744073709551615"),
+            format!("{inbox}.1.g1.-1"),
+        ] {
+            junk.extend_from_slice(format!("PUB {subject} 5\r\n").as_bytes());
+            junk.extend_from_slice(b"\xff\x00abc\r\n");
+        }
+        junk.extend_from_slice(b"PING\r\n");
+        std::io::Write::write_all(&mut raw, &junk).expect("junk sent");
+        // The server has taken all of it once it answers the PING (it reads in order).
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(raw));
+        loop {
+            let line = lines.next().expect("the server answers").expect("a line");
+            assert!(!line.starts_with("-ERR"), "the server refused: {line}");
+            if line.starts_with("PONG") {
+                break;
+            }
+        }
+        // Both nodes still call each other.
+        for (from, to) in [(0, "g1"), (1, "g0")] {
+            let who: String = nodes[from]
+                .call("whoami")
+                .on(to)
+                .timeout(WAIT)
+                .fg_async()
+                .await
+                .expect("calls still work");
+            assert_eq!(who, to);
+        }
+        for node in &nodes {
+            node.stop();
+        }
+    });
+}
+
 /// The names of the server's connections other than `known`, which must be exactly one;
 /// waits until there is one.
 fn server_connection_names(server: &NatsServer, known: &[&str]) -> String {

@@ -1,22 +1,22 @@
 //! One NATS connection per process, shared by its nodes.
 //!
 //! A NATS server keeps about 50 KiB for every client connection (its buffers and two
-//! goroutines), and much less for a subscription: 10,000 nodes with a connection each
-//! cost the server over 800 MiB, and each join a TCP (and TLS) handshake. So the nodes
-//! of a process that run on the same tokio runtime with the same connection settings
-//! (servers, credentials, token, TLS files, connect timeout) share one connection, as
-//! NATS advises for the clients of one process. Each node keeps its own subscriptions,
-//! heartbeat and membership entries: a node's liveness is its heartbeat, never the
-//! connection, so closing one node leaves the others as they were. The connection
-//! closes when the last node using it is dropped. A subject that every node follows
-//! alike (the scheduler lease's announcements) takes one subscription per connection,
-//! not one per node: each announcement crosses to the process once. The replies to all
-//! the nodes' calls come under one inbox of the connection too, each node's under its
-//! own token (`<inbox>.<node>.<name>.<id>`), read by one task (see [`ReplyRoutes`]).
-//!
-//! Nodes on different runtimes never share: the client's I/O task lives on the runtime
-//! that opened it, and ends with it. The connection is named after the node that opened
-//! it (the name the server's monitoring shows).
+//! goroutines), and 1-1.6 KiB for a subscription: 10,000 nodes with a connection each
+//! cost the server over 800 MiB, and each join a TCP (and TLS) handshake. So, as NATS
+//! advises for the clients of one process:
+//! - the nodes of a process that run on the same tokio runtime with the same settings
+//!   (servers, credentials, token, TLS files, connect timeout) share one connection.
+//!   Each keeps its own request and probe subscriptions, heartbeat and membership
+//!   entries: a node's liveness is its heartbeat, never the connection, so closing one
+//!   node leaves the others as they were. The connection closes when the last node
+//!   using it is dropped, and is named after the node that opened it (the name the
+//!   server's monitoring shows). Nodes on different runtimes never share: the client's
+//!   I/O task lives on the runtime that opened it, and ends with it.
+//! - a subject that every node follows alike (the scheduler lease's announcements) takes
+//!   one subscription per connection (see [`Connection::follow`]);
+//! - the replies to all the nodes' calls come under one inbox of the connection, each
+//!   node's under its own token (`<inbox>.<node>.<name>.<id>`), read by one task (see
+//!   [`ReplyRoutes`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -276,7 +276,7 @@ pub(super) struct Listeners {
     senders: Mutex<Vec<mpsc::UnboundedSender<async_nats::Event>>>,
     /// Messages the client dropped because a subscription of one of the nodes was read
     /// too slowly.
-    dropped: std::sync::atomic::AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl Listeners {
@@ -304,9 +304,7 @@ impl Listeners {
     pub(super) fn tell(&self, event: async_nats::Event) {
         let mut senders = self.lock();
         if let async_nats::Event::SlowConsumer(_) = event {
-            let dropped = 1 + self
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dropped = 1 + self.dropped.fetch_add(1, Ordering::Relaxed);
             if dropped == 1 || dropped % 1000 == 0 {
                 tracing::warn!(
                     connection = %self.opened_by,
