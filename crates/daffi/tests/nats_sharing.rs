@@ -36,12 +36,43 @@ fn sharing_role() {
     run_role(&[("worker", worker_role)]);
 }
 
+/// A fresh server, a namespace of the test's own, and a runtime for its nodes, as a
+/// user's `#[tokio::main]` would have.
+struct Setup {
+    server: NatsServer,
+    url: String,
+    namespace: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let server = NatsServer::start();
+        Setup {
+            url: server.url(),
+            server,
+            namespace: unique("ns").replace('-', "_"),
+            runtime: tokio::runtime::Runtime::new().expect("runtime"),
+        }
+    }
+}
+
 fn builder(url: &str, namespace: &str, name: &str) -> GlobalBuilder {
     Global::builder()
         .nats(url)
         .namespace(namespace)
         .process_name(name)
         .connect_timeout(WAIT)
+}
+
+/// Starts the node `name` from sync code, so on a runtime of its own (on a thread of
+/// its own: `start` blocks, and must not block the test's runtime).
+fn start_sync(url: &str, namespace: &str, name: &str) -> Global {
+    let (url, namespace, name) = (url.to_string(), namespace.to_string(), name.to_string());
+    std::thread::spawn(move || builder(&url, &namespace, &name).start())
+        .join()
+        .expect("the thread returns")
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Registers `whoami` on `node`: its own name (the nodes of one process tell
@@ -66,16 +97,18 @@ async fn start_all(url: &str, namespace: &str, names: &[&str]) -> Vec<Global> {
 
 #[test]
 fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
-    let server = NatsServer::start();
-    let url = server.url();
-    let namespace = unique("ns").replace('-', "_");
+    let Setup {
+        server,
+        url,
+        namespace,
+        runtime,
+    } = Setup::new();
     let mut worker = spawn_role_child(
         ENTRY,
         "worker",
         "w1",
         &[(ENV_NATS, &url), (ENV_NAMESPACE, &namespace)],
     );
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let nodes = start_all(&url, &namespace, &["s0", "s1", "s2"]).await;
         for node in &nodes {
@@ -85,7 +118,7 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
         }
         // Three nodes, one connection (named after the node that opened it), beside
         // the worker's own.
-        let opened_by = server_connection_names(&server, &["w1"]);
+        let opened_by = server.only_connection_besides(&["w1"]);
         assert!(
             ["s0", "s1", "s2"].contains(&opened_by.as_str()),
             "the shared connection is named after one of its nodes, not {opened_by:?}"
@@ -158,19 +191,10 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
             }
             other => panic!("a call to the stopped s1: {other:?}"),
         }
-        assert_eq!(server_connection_names(&server, &["w1"]), opened_by);
+        assert_eq!(server.only_connection_besides(&["w1"]), opened_by);
 
         // A node started from sync code runs its own runtime, so its own connection.
-        let own = std::thread::spawn({
-            let (url, namespace) = (url.clone(), namespace.clone());
-            move || {
-                builder(&url, &namespace, "sync")
-                    .start()
-                    .expect("sync starts")
-            }
-        })
-        .join()
-        .expect("the thread returns");
+        let own = start_sync(&url, &namespace, "sync");
         server.wait_connection_names(&["w1", &opened_by, "sync"]);
         own.stop();
 
@@ -188,25 +212,18 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
 
 #[test]
 fn a_flooded_node_costs_only_itself_on_a_shared_connection() {
-    let server = NatsServer::start();
-    let url = server.url();
-    let namespace = unique("ns").replace('-', "_");
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let Setup {
+        server: _server,
+        url,
+        namespace,
+        runtime,
+    } = Setup::new();
     runtime.block_on(async {
         let nodes = start_all(&url, &namespace, &["busy", "calm"]).await;
-        // The caller is another process's node: a worker in a child process cannot be
-        // told what to call, so this process starts one from sync code, on its own
-        // runtime and connection.
-        let caller = std::thread::spawn({
-            let (url, namespace) = (url.clone(), namespace.clone());
-            move || {
-                builder(&url, &namespace, "flooder")
-                    .start()
-                    .expect("starts")
-            }
-        })
-        .join()
-        .expect("the thread returns");
+        // The flooding caller has a connection of its own: it starts from sync code, so
+        // on its own runtime (a worker in a child process could not be told what to
+        // call).
+        let caller = start_sync(&url, &namespace, "flooder");
         caller
             .wait_process_timeout_async("busy", WAIT)
             .await
@@ -247,10 +264,12 @@ fn a_flooded_node_costs_only_itself_on_a_shared_connection() {
 
 #[test]
 fn garbage_on_the_shared_reply_inbox_is_dropped() {
-    let server = NatsServer::start();
-    let url = server.url();
-    let namespace = unique("ns").replace('-', "_");
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let Setup {
+        server,
+        url,
+        namespace,
+        runtime,
+    } = Setup::new();
     runtime.block_on(async {
         let nodes = start_all(&url, &namespace, &["g0", "g1"]).await;
         server.wait_subscriptions("the reply inbox", 1, |s| {
@@ -307,26 +326,4 @@ fn garbage_on_the_shared_reply_inbox_is_dropped() {
             node.stop();
         }
     });
-}
-
-/// The names of the server's connections other than `known`, which must be exactly one;
-/// waits until there is one.
-fn server_connection_names(server: &NatsServer, known: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let connections = server.connections();
-        let others: Vec<String> = common::nats::json_strings(&connections, "name")
-            .into_iter()
-            .filter(|name| !known.contains(name))
-            .map(str::to_string)
-            .collect();
-        if let [only] = others.as_slice() {
-            return only.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected one connection besides {known:?}, the server has {others:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

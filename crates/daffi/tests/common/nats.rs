@@ -89,6 +89,27 @@ impl NatsServer {
         });
     }
 
+    /// The name of the one connection whose name is not in `known`; waits until there
+    /// is exactly one, or panics after [`WAIT`].
+    pub fn only_connection_besides(&self, known: &[&str]) -> String {
+        let mut only = String::new();
+        poll_until(&format!("one connection besides {known:?}"), || {
+            let connections = self.connections();
+            let others: Vec<&str> = json_strings(&connections, "name")
+                .into_iter()
+                .filter(|name| !known.contains(name))
+                .collect();
+            match others.as_slice() {
+                [one] => {
+                    only = one.to_string();
+                    Ok(())
+                }
+                _ => Err(format!("connections besides them: {others:?}")),
+            }
+        });
+        only
+    }
+
     /// Waits until exactly `count` subscriptions on the server are to subjects that
     /// `matches` (`what` they are, in the failure), or panics after [`WAIT`].
     pub fn wait_subscriptions(&self, what: &str, count: usize, matches: impl Fn(&str) -> bool) {
