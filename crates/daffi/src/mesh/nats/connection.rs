@@ -102,7 +102,10 @@ impl Connection {
                 )
             })?;
         let connection = match held.upgrade() {
-            Some(connection) => connection,
+            Some(connection) => {
+                tracing::debug!(process = %name, opened_by = %connection.listeners.opened_by, "sharing this process's NATS connection");
+                connection
+            }
             None => {
                 let listeners = Arc::new(Listeners::new(name));
                 let client = connect(config, name, give_up_at, listeners.clone()).await?;
