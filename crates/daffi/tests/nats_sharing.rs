@@ -75,6 +75,19 @@ fn start_sync(url: &str, namespace: &str, name: &str) -> Global {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Waits until `events` brought each of `wanted` (in any order), for at most [`WAIT`]
+/// each.
+async fn all_of(events: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wanted: &[&str]) {
+    let mut seen = Vec::new();
+    while !wanted.iter().all(|w| seen.iter().any(|s| s == w)) {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("waited for {wanted:?}; seen {seen:?}"))
+            .expect("the nodes live");
+        seen.push(event);
+    }
+}
+
 /// Registers `whoami` on `node`: its own name (the nodes of one process tell
 /// themselves apart).
 fn answer_whoami(node: &Global) {
@@ -207,6 +220,65 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
     });
     drop(runtime);
     server.wait_connection_names(&["w1"]);
+    worker.kill();
+}
+
+#[test]
+fn every_node_on_a_shared_connection_comes_back_when_its_server_does() {
+    let Setup {
+        mut server,
+        url,
+        namespace,
+        runtime,
+    } = Setup::new();
+    let mut worker = spawn_role_child(
+        ENTRY,
+        "worker",
+        "w1",
+        &[(ENV_NATS, &url), (ENV_NAMESPACE, &namespace)],
+    );
+    runtime.block_on(async {
+        // Each node tells when it loses the server and when it has it again.
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let mut nodes = Vec::new();
+        for name in ["r0", "r1"] {
+            let (lost, back) = (events_tx.clone(), events_tx.clone());
+            let node = builder(&url, &namespace, name)
+                .on_node_disconnect(move |_, me| {
+                    let _ = lost.send(format!("{me} lost"));
+                })
+                .on_node_connect(move |_, me| {
+                    let _ = back.send(format!("{me} back"));
+                })
+                .start_async()
+                .await
+                .expect("starts");
+            answer_whoami(&node);
+            node.wait_process_timeout_async("w1", WAIT)
+                .await
+                .expect("w1 joins");
+            nodes.push(node);
+        }
+        server.only_connection_besides(&["w1"]);
+        all_of(&mut events, &["r0 back", "r1 back"]).await;
+
+        // The server dies and comes back on the same port and store.
+        tokio::task::block_in_place(|| server.restart());
+        all_of(&mut events, &["r0 lost", "r1 lost", "r0 back", "r1 back"]).await;
+        for (from, to) in [(0, "r1"), (1, "r0"), (0, "w1"), (1, "w1")] {
+            let who: String = nodes[from]
+                .call("whoami")
+                .on(to)
+                .timeout(WAIT)
+                .fg_async()
+                .await
+                .expect("calls work again over the shared connection");
+            assert_eq!(who, to);
+        }
+        for node in &nodes {
+            node.stop();
+        }
+    });
     worker.kill();
 }
 
