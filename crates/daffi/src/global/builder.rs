@@ -439,9 +439,10 @@ impl GlobalBuilder {
     /// process sees every call; they fail with [`Error::Unsupported`].
     ///
     /// The nodes a process starts with [`start_async`](Self::start_async) on one tokio
-    /// runtime, with the same servers, credentials, token and TLS files, share one
-    /// connection (a server holds about 50 KiB per connection); each keeps its own
-    /// subscriptions and heartbeat, so stopping one leaves the others as they were.
+    /// runtime, with the same servers, credentials, token, TLS files and connect
+    /// timeout, share one connection (a server holds about 50 KiB per connection); each
+    /// keeps its own subscriptions and heartbeat, so stopping one leaves the others as
+    /// they were.
     ///
     /// Not with [`init_controller(true)`](Self::init_controller) (a `Config` error).
     /// Needs daffi's `nats` cargo feature (`daffi = { features = ["nats"] }`); built
