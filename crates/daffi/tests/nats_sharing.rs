@@ -166,6 +166,23 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
             assert_eq!(who, "w1");
         }
 
+        // A node refused on the connection (its name is taken) leaves it to the others.
+        match builder(&url, &namespace, "s2").start_async().await {
+            Err(Error::DuplicateProcessName { process }) => assert_eq!(process, "s2"),
+            other => panic!(
+                "a second s2: {:?}",
+                other.map(|g| g.process_name().to_string())
+            ),
+        }
+        let who: String = nodes[0]
+            .call("whoami")
+            .on("s2")
+            .timeout(WAIT)
+            .fg_async()
+            .await
+            .expect("the first s2 still answers");
+        assert_eq!(who, "s2");
+
         // Stopping one node leaves the others (and the connection) as they were.
         let (removed_tx, mut removed) = tokio::sync::mpsc::unbounded_channel();
         let watcher = builder(&url, &namespace, "s3")
