@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::nats::{NatsServer, ENV_NAMESPACE, ENV_NATS};
-use common::{run_role, spawn_role_child, unique, WAIT};
+use common::{run_role, spawn_role_child, unique, Worker, WAIT};
 use daffi::{callback, Error, Global, GlobalBuilder};
 
 /// The name of the ignored test that runs the roles below.
@@ -65,6 +65,16 @@ fn builder(url: &str, namespace: &str, name: &str) -> GlobalBuilder {
         .connect_timeout(WAIT)
 }
 
+/// Starts a worker called `name` in a child process (it calls nothing; it answers).
+fn spawn_worker(url: &str, namespace: &str, name: &str) -> Worker {
+    spawn_role_child(
+        ENTRY,
+        "worker",
+        name,
+        &[(ENV_NATS, url), (ENV_NAMESPACE, namespace)],
+    )
+}
+
 /// Starts the node `name` from sync code, so on a runtime of its own (on a thread of
 /// its own: `start` blocks, and must not block the test's runtime).
 fn start_sync(url: &str, namespace: &str, name: &str) -> Global {
@@ -86,6 +96,19 @@ async fn all_of(events: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wante
             .expect("the nodes live");
         seen.push(event);
     }
+}
+
+/// Calls `whoami` on `to` from `from`, which must answer with its name (`what` says
+/// what the call shows, in the failure).
+async fn assert_answers(from: &Global, to: &str, what: &str) {
+    let who: String = from
+        .call("whoami")
+        .on(to)
+        .timeout(WAIT)
+        .fg_async()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(who, to, "{what}");
 }
 
 /// Registers `whoami` on `node`: its own name (the nodes of one process tell
@@ -116,12 +139,7 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
         namespace,
         runtime,
     } = Setup::new();
-    let mut worker = spawn_role_child(
-        ENTRY,
-        "worker",
-        "w1",
-        &[(ENV_NATS, &url), (ENV_NAMESPACE, &namespace)],
-    );
+    let mut worker = spawn_worker(&url, &namespace, "w1");
     runtime.block_on(async {
         let nodes = start_all(&url, &namespace, &["s0", "s1", "s2"]).await;
         for node in &nodes {
@@ -148,22 +166,8 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
         // Each node answers under its own name, from this process and from the worker's.
         for (i, node) in nodes.iter().enumerate() {
             let other = format!("s{}", (i + 1) % 3);
-            let who: String = node
-                .call("whoami")
-                .on(&other)
-                .timeout(WAIT)
-                .fg_async()
-                .await
-                .expect("a node on the same connection answers");
-            assert_eq!(who, other);
-            let who: String = node
-                .call("whoami")
-                .on("w1")
-                .timeout(WAIT)
-                .fg_async()
-                .await
-                .expect("the worker answers");
-            assert_eq!(who, "w1");
+            assert_answers(node, &other, "a node on the same connection answers").await;
+            assert_answers(node, "w1", "the worker answers").await;
         }
 
         // A node refused on the connection (its name is taken) leaves it to the others.
@@ -174,14 +178,7 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
                 other.map(|g| g.process_name().to_string())
             ),
         }
-        let who: String = nodes[0]
-            .call("whoami")
-            .on("s2")
-            .timeout(WAIT)
-            .fg_async()
-            .await
-            .expect("the first s2 still answers");
-        assert_eq!(who, "s2");
+        assert_answers(&nodes[0], "s2", "the first s2 still answers").await;
 
         // Stopping one node leaves the others (and the connection) as they were.
         let (removed_tx, mut removed) = tokio::sync::mpsc::unbounded_channel();
@@ -201,14 +198,7 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
             .await
             .expect("s1's leaving is announced in time");
         assert_eq!(left.as_deref(), Some("s1"));
-        let who: String = nodes[0]
-            .call("whoami")
-            .on("s2")
-            .timeout(WAIT)
-            .fg_async()
-            .await
-            .expect("s2 still answers");
-        assert_eq!(who, "s2");
+        assert_answers(&nodes[0], "s2", "s2 still answers").await;
         match watcher
             .call("whoami")
             .on("s1")
@@ -248,12 +238,7 @@ fn every_node_on_a_shared_connection_comes_back_when_its_server_does() {
         namespace,
         runtime,
     } = Setup::new();
-    let mut worker = spawn_role_child(
-        ENTRY,
-        "worker",
-        "w1",
-        &[(ENV_NATS, &url), (ENV_NAMESPACE, &namespace)],
-    );
+    let mut worker = spawn_worker(&url, &namespace, "w1");
     runtime.block_on(async {
         // Each node tells when it loses the server and when it has it again.
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -283,14 +268,12 @@ fn every_node_on_a_shared_connection_comes_back_when_its_server_does() {
         tokio::task::block_in_place(|| server.restart());
         all_of(&mut events, &["r0 lost", "r1 lost", "r0 back", "r1 back"]).await;
         for (from, to) in [(0, "r1"), (1, "r0"), (0, "w1"), (1, "w1")] {
-            let who: String = nodes[from]
-                .call("whoami")
-                .on(to)
-                .timeout(WAIT)
-                .fg_async()
-                .await
-                .expect("calls work again over the shared connection");
-            assert_eq!(who, to);
+            assert_answers(
+                &nodes[from],
+                to,
+                "calls work again over the shared connection",
+            )
+            .await;
         }
         for node in &nodes {
             node.stop();
@@ -402,14 +385,7 @@ fn garbage_on_the_shared_reply_inbox_is_dropped() {
         }
         // Both nodes still call each other.
         for (from, to) in [(0, "g1"), (1, "g0")] {
-            let who: String = nodes[from]
-                .call("whoami")
-                .on(to)
-                .timeout(WAIT)
-                .fg_async()
-                .await
-                .expect("calls still work");
-            assert_eq!(who, to);
+            assert_answers(&nodes[from], to, "calls still work").await;
         }
         for node in &nodes {
             node.stop();
