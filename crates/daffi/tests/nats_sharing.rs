@@ -335,6 +335,43 @@ fn a_flooded_node_costs_only_itself_on_a_shared_connection() {
 }
 
 #[test]
+fn nodes_started_against_a_silent_server_give_up_at_their_connect_timeout() {
+    // A "server" that accepts connections and never says a word (no INFO).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("nats://{}", silent.local_addr().expect("address"));
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in silent.incoming().take(64).flatten() {
+            held.push(connection);
+        }
+    });
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let namespace = unique("ns").replace('-', "_");
+    runtime.block_on(async {
+        // Three nodes at once: the first tries to connect, the other two wait for it;
+        // each gives up at its own connect timeout with a named error.
+        let starts = ["q0", "q1", "q2"].map(|name| {
+            builder(&url, &namespace, name)
+                .connect_timeout(Duration::from_secs(1))
+                .start_async()
+        });
+        let results = tokio::time::timeout(WAIT, futures_util::future::join_all(starts))
+            .await
+            .expect("every start returns");
+        for result in results {
+            match result {
+                Err(Error::ControllerUnreachable { address, .. }) => {
+                    assert!(address.contains(&url), "{address}")
+                }
+                Err(other) => panic!("a start against a silent server: {other}"),
+                Ok(_) => panic!("a node started against a silent server"),
+            }
+        }
+    });
+    drop(held);
+}
+
+#[test]
 fn garbage_on_the_shared_reply_inbox_is_dropped() {
     let Setup {
         server,

@@ -410,12 +410,26 @@ async fn connect(
     let servers = server_addresses(&config.urls)?;
     retrying(give_up_at, "connecting to NATS", || async {
         let options = connect_options(config, name, listeners.clone()).await?;
-        options
-            .connect(servers.as_slice())
-            .await
-            .map_err(|e| connect_error(config, e))
+        // async-nats bounds the TCP connect, not the wait for the server's greeting:
+        // a server that accepts and says nothing (paused, overloaded, not NATS) would
+        // hold the start past its `connect_timeout`.
+        let attempt_ends = (Instant::now() + attempt_timeout(config)).min(give_up_at);
+        match tokio::time::timeout_at(attempt_ends, options.connect(servers.as_slice())).await {
+            Ok(connected) => connected.map_err(|e| connect_error(config, e)),
+            Err(_) => Err(unreachable_by(
+                &config.urls,
+                "",
+                "the server accepted the connection but did not greet the client in time (is it paused, overloaded, or not a NATS server?)",
+            )),
+        }
     })
     .await
+}
+
+/// How long one try at connecting may take (the client's own bound on each TCP
+/// connect too).
+fn attempt_timeout(config: &NatsConfig) -> Duration {
+    config.connect_timeout.min(Duration::from_secs(5))
 }
 
 /// The named error of a failed connection: authentication and TLS failures apart.
@@ -540,7 +554,7 @@ async fn connect_options(
     }
     Ok(options
         .name(name)
-        .connection_timeout(config.connect_timeout.min(Duration::from_secs(5)))
+        .connection_timeout(attempt_timeout(config))
         // A call fails once the connection is lost; there is no point in buffering
         // much for a server that is not there.
         .client_capacity(4096)
