@@ -206,7 +206,7 @@ impl NatsMesh {
             Some(waiter)
         };
         let reply_to = match &reply {
-            Some(waiter) => reply_subject(&self.inbox, waiter.call_id()),
+            Some(waiter) => reply_subject(self.inbox(), waiter.call_id()),
             None => window.acks_to().clone(),
         };
         let publish = self

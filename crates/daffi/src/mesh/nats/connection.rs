@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::{connect, unreachable_by, NatsConfig, NatsMesh, Subjects};
 use crate::error::Result;
+use crate::sync::lock;
 
 /// How many messages of a followed subject wait for a node that is behind; older ones
 /// are dropped for it (the lease's announcements come seconds apart).
@@ -142,7 +143,7 @@ impl Connection {
     /// The route is taken away when the returned [`ReplyRoute`] drops.
     pub(super) fn route_replies(&self, node: Weak<NatsMesh>, name: &str) -> ReplyRoute {
         let id = self.replies.next.fetch_add(1, Ordering::Relaxed);
-        self.replies.lock().insert(id, node);
+        lock(&self.replies.nodes).insert(id, node);
         ReplyRoute {
             inbox: Subjects::reply_inbox(&format!("{}.{id}", self.replies.inbox), name),
             id,
@@ -154,7 +155,7 @@ impl Connection {
     /// subscription, read by a task that ends when the last of them drops its receiver.
     /// The receiver is closed if subscribing failed (logged) or the subscription ended.
     pub(super) fn follow(&self, subject: &str) -> broadcast::Receiver<async_nats::Message> {
-        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut followed = lock(&self.followed);
         let live = followed
             .get(subject)
             .and_then(broadcast::WeakSender::upgrade)
@@ -191,14 +192,10 @@ impl ReplyRoutes {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<NatsMesh>>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The node that `subject` (`<inbox>.<node>.<name>.<token>`) is a reply to.
     fn node_of(&self, subject: &str) -> Option<Arc<NatsMesh>> {
         let id = subject.rsplit('.').nth(2)?.parse().ok()?;
-        self.lock().get(&id)?.upgrade()
+        lock(&self.nodes).get(&id)?.upgrade()
     }
 }
 
@@ -212,7 +209,7 @@ pub(super) struct ReplyRoute {
 
 impl Drop for ReplyRoute {
     fn drop(&mut self) {
-        self.routes.lock().remove(&self.id);
+        lock(&self.routes.nodes).remove(&self.id);
     }
 }
 
@@ -265,7 +262,7 @@ async fn read_followed(
 
 /// The slot of `settings`; forgets the slots no node uses any more.
 fn slot(settings: Settings) -> Slot {
-    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut open = lock(&OPEN);
     open.retain(|_, slot| {
         Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |c| c.strong_count() > 0)
     });
@@ -293,19 +290,15 @@ impl Listeners {
 
     fn add(&self) -> Events {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().push(tx);
+        lock(&self.senders).push(tx);
         rx
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<mpsc::UnboundedSender<async_nats::Event>>> {
-        self.senders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands `event` to every node still listening. A dropped message is logged here,
     /// once for the connection: the client does not say which subscription, so not which
     /// node, overflowed (the first, then one line per thousand).
     pub(super) fn tell(&self, event: async_nats::Event) {
-        let mut senders = self.lock();
+        let mut senders = lock(&self.senders);
         if let async_nats::Event::SlowConsumer(_) = event {
             let dropped = 1 + self.dropped.fetch_add(1, Ordering::Relaxed);
             if dropped == 1 || dropped % 1000 == 0 {

@@ -126,11 +126,9 @@ pub struct NatsMesh {
     /// Calls this node waits on; failed (not closed) when the connection drops.
     pending: Arc<Pending>,
     /// Where replies to this node's calls come: `<inbox>.<call id>` (the inbox names
-    /// this node, see [`Subjects::reply_inbox`]).
-    inbox: String,
-    /// The connection's route of those replies to this node (see `connection`), taken
-    /// away when the node drops.
-    _reply_route: connection::ReplyRoute,
+    /// this node, see [`Subjects::reply_inbox`]), and the connection's route of them to
+    /// this node (see `connection`), taken away when the node drops.
+    replies: connection::ReplyRoute,
     /// The streams of results this node produces, by the inbox of their caller and
     /// call id.
     served: SentStreams,
@@ -244,8 +242,7 @@ impl NatsMesh {
                 incoming: IncomingStreams::default(),
                 unsent: Default::default(),
                 windows: flow::Windows::new(&replies.inbox),
-                inbox: replies.inbox.clone(),
-                _reply_route: replies,
+                replies,
                 size_limit: config.max_frame_size,
                 chunk_size,
                 connected: watch::channel(true).0,
@@ -301,6 +298,11 @@ impl NatsMesh {
         for name in changes.removed {
             self.emit(NodeEvent::MemberRemoved(name));
         }
+    }
+
+    /// This node's inbox for the replies to its calls.
+    fn inbox(&self) -> &str {
+        &self.replies.inbox
     }
 
     fn is_closed(&self) -> bool {

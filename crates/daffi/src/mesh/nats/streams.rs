@@ -295,9 +295,9 @@ impl NatsMesh {
             call_id,
             target: target.clone(),
             callback: req.callback.clone(),
-            items_to: items_subject(&self.inbox, call_id),
+            items_to: items_subject(self.inbox(), call_id),
             control_to: self.subjects.node_streams(&target).into(),
-            control_reply: control_subject(&self.inbox, call_id),
+            control_reply: control_subject(self.inbox(), call_id),
         };
         let request = (self.request_headers(req), req.args.to_bytes());
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -423,7 +423,7 @@ impl NatsMesh {
             let mut headers = HeaderMap::new();
             headers.insert(CANCEL, "1");
             let (client, to) = (self.client.clone(), self.subjects.node_streams(&target));
-            let reply = control_subject(&self.inbox, call_id);
+            let reply = control_subject(self.inbox(), call_id);
             tokio::spawn(async move {
                 let _ = client
                     .publish_with_reply_and_headers(to, reply, headers, Bytes::new())
@@ -440,7 +440,7 @@ impl NatsMesh {
             process: target.to_string(),
             callback: callback.to_string(),
         };
-        self.feeds.cancel(&self.inbox, call_id);
+        self.feeds.cancel(self.inbox(), call_id);
         if !self
             .pending
             .end_stream(call_id, |s| Some(gone(&s.target, &s.callback)))
@@ -953,8 +953,8 @@ impl NatsMesh {
         })?;
         let mesh = self.me.upgrade().ok_or(Error::Stopped)?;
         let control_to: Subject = self.subjects.node_streams(&target).into();
-        let control_reply = control_subject(&self.inbox, call_id);
-        let key = (Box::from(self.inbox.as_str()), call_id);
+        let control_reply = control_subject(self.inbox(), call_id);
+        let key = (Box::from(self.inbox()), call_id);
         let mut items = NatsItemSink::open(
             &mesh,
             Direction::Arguments,
@@ -983,12 +983,12 @@ impl NatsMesh {
     fn take_feed_control(&self, call_id: u64, message: &Message) -> bool {
         if let Some(value) = header(message, CREDIT) {
             if let Some(grant) = parse_credit(value) {
-                self.feeds.grant(&self.inbox, call_id, grant);
+                self.feeds.grant(self.inbox(), call_id, grant);
             }
             return true;
         }
         if header(message, CANCEL).is_some() {
-            self.feeds.cancel(&self.inbox, call_id);
+            self.feeds.cancel(self.inbox(), call_id);
             return true;
         }
         false
