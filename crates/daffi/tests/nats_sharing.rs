@@ -267,6 +267,15 @@ fn every_node_on_a_shared_connection_comes_back_when_its_server_does() {
         // The server dies and comes back on the same port and store.
         tokio::task::block_in_place(|| server.restart());
         all_of(&mut events, &["r0 lost", "r1 lost", "r0 back", "r1 back"]).await;
+        // The worker reconnects on its own schedule, over its own connection: until it
+        // has subscribed again, the server answers "no responders" for it.
+        let w1_requests = format!("{namespace}.node.w1.*");
+        tokio::task::block_in_place(|| {
+            server.wait_subscriptions(&w1_requests, 1, |s| s == w1_requests);
+            server.wait_subscriptions("both connections' reply inboxes", 2, |s| {
+                s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
+            });
+        });
         for (from, to) in [(0, "r1"), (1, "r0"), (0, "w1"), (1, "w1")] {
             assert_answers(
                 &nodes[from],
