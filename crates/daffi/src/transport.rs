@@ -505,6 +505,19 @@ pub enum Opened {
 }
 
 impl Incoming {
+    /// The same connection, its socket registered with the runtime this is called on
+    /// (the controller moves each connection to the shard that serves it).
+    pub fn register_here(self) -> io::Result<Incoming> {
+        let stream = match self.stream {
+            RawStream::Tcp(s) => RawStream::Tcp(TcpStream::from_std(s.into_std()?)?),
+            #[cfg(unix)]
+            RawStream::Unix(s) => RawStream::Unix(tokio::net::UnixStream::from_std(s.into_std()?)?),
+            #[cfg(not(unix))]
+            memory @ RawStream::InMemory(_) => memory,
+        };
+        Ok(Incoming { stream, ..self })
+    }
+
     /// Who connected: the TCP peer address, the socket path with the peer's uid and
     /// pid on a Unix socket, or [`IN_PROCESS_PEER`].
     pub fn peer(&self) -> &str {

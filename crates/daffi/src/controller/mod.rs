@@ -9,13 +9,13 @@ mod counters;
 pub(crate) mod members;
 mod scheduler;
 mod session;
+mod shards;
 mod welcome;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::auth::AuthToken;
@@ -24,6 +24,7 @@ use crate::transport::{self, Address, Halves, Listener, ServerTls, UNIX_NO_TLS};
 use daffi_wire::channel::{DEFAULT_MAX_QUEUE_BYTES, DEFAULT_STALL_TIMEOUT};
 use daffi_wire::{QueueLimits, DEFAULT_MAX_FRAME_SIZE};
 use session::Shared;
+use shards::Shards;
 
 /// Settings of a controller.
 #[derive(Debug, Clone)]
@@ -74,18 +75,21 @@ pub struct ControllerHandle {
 }
 
 impl ControllerHandle {
-    /// Binds `address` and starts serving on `runtime`.
-    pub async fn start(
-        address: &Address,
-        config: ControllerConfig,
-        runtime: &Handle,
-    ) -> Result<ControllerHandle> {
+    /// Binds `address` and starts serving, on threads of its own (see `shards`): the
+    /// runtime this is called on is not used once it returns.
+    pub async fn start(address: &Address, config: ControllerConfig) -> Result<ControllerHandle> {
         if config.tls.is_some() && matches!(address, Address::Unix(_)) {
             return Err(Error::Config(UNIX_NO_TLS.into()));
         }
-        let listener = Listener::bind(address).await?;
-        let address = listener.local_address()?;
         let (shutdown, stop_rx) = watch::channel(false);
+        let shards = Arc::new(Shards::start(&stop_rx)?);
+        // Bound on the shard that will accept on it, so that its readiness wakes that
+        // shard's thread.
+        let bind_address = address.clone();
+        let listener = shards
+            .run(async move { Listener::bind(&bind_address).await })
+            .await??;
+        let address = listener.local_address()?;
         let members = Arc::new(members::Members::default());
         let calls = Arc::new(counters::CallCounts::default());
         let scheduler = scheduler::Scheduler::new(
@@ -112,10 +116,11 @@ impl ControllerHandle {
         );
         let door = InProcessDoor {
             shared: shared.clone(),
+            shards: shards.clone(),
             stop: stop_rx.clone(),
         };
-        runtime.spawn(shared.members.clone().send_changes(stop_rx.clone()));
-        runtime.spawn(accept_loop(listener, shared, stop_rx));
+        shards.spawn(shared.members.clone().send_changes(stop_rx.clone()));
+        shards.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
         Ok(ControllerHandle {
             address,
             shutdown,
@@ -166,6 +171,7 @@ impl ControllerConfig {
 #[derive(Clone)]
 pub struct InProcessDoor {
     shared: Arc<Shared>,
+    shards: Arc<Shards>,
     stop: watch::Receiver<bool>,
 }
 
@@ -185,12 +191,11 @@ impl InProcessDoor {
             return Err(Error::Stopped);
         }
         let (node_side, controller_side) = transport::in_process(share_reads)?;
-        tokio::spawn(session::serve(
-            self.shared.clone(),
-            self.shared.new_conn_id(),
-            controller_side,
-            self.stop.clone(),
-        ));
+        let (shared, stop) = (self.shared.clone(), self.stop.clone());
+        let conn_id = shared.new_conn_id();
+        self.shards.serve(controller_side, move |incoming| {
+            session::serve(shared, conn_id, incoming, stop)
+        });
         Ok(node_side)
     }
 }
@@ -203,7 +208,12 @@ fn config_tls(config: &ControllerConfig) -> &'static str {
     }
 }
 
-async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    shards: Arc<Shards>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(
         shared
             .config
@@ -226,8 +236,8 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
                 let conn_id = shared.new_conn_id();
                 let shared = shared.clone();
                 let stop = stop.clone();
-                tokio::spawn(async move {
-                    session::serve(shared, conn_id, conn, stop).await;
+                shards.serve(conn, move |incoming| async move {
+                    session::serve(shared, conn_id, incoming, stop).await;
                     drop(slot);
                 });
             }

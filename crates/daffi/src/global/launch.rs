@@ -63,7 +63,7 @@ impl GlobalBuilder {
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
             };
-            let c = ControllerHandle::start(&address, config, &runtime).await?;
+            let c = ControllerHandle::start(&address, config).await?;
             if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
                 (&mut address, c.address())
             {

@@ -1,0 +1,175 @@
+//! The threads that serve the controller: its listener, its membership updates and
+//! every connection, accepted or in-process.
+//!
+//! A shard is a thread of its own running a single-threaded tokio runtime, with its own
+//! I/O driver and timers. There is one per two processors (at least one): the nodes of
+//! a mesh often share their controller's machine, and keep the rest. Connections are
+//! dealt to the shards in turn. A frame read on one shard is written to its
+//! destination's socket from there (`daffi_wire::channel` writes inline on an idle
+//! connection), so a call crosses no thread inside the controller unless a queue forms.
+//!
+//! Why not the multi-threaded runtime the controller was started on: its workers wake
+//! each other to share work, about once every four frames of a lone round trip, and
+//! each such wake-up is a system call and a context switch on the call's path. And on
+//! its own threads the controller keeps serving the other nodes while its host's
+//! runtime is busy or blocked (a `current_thread` runtime running a long callback).
+//! BENCHMARKS.md, "The controller on threads of its own", has the figures.
+//!
+//! A stopping controller's shards keep running until their sessions have said goodbye,
+//! up to [`FAREWELL`], then drop what is left.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
+
+use crate::transport::Incoming;
+
+/// How long a shard waits, once the controller stops, for its sessions to end: the
+/// writers' drain (one second) with room to spare.
+pub const FAREWELL: Duration = Duration::from_secs(2);
+
+/// The shards of one controller.
+pub struct Shards {
+    shards: Vec<Shard>,
+    /// The shard the next connection goes to (modulo their number).
+    next: AtomicUsize,
+}
+
+struct Shard {
+    runtime: Handle,
+    sessions: Arc<Sessions>,
+}
+
+impl Shards {
+    /// Starts one shard per two processors (at least one): the controller's nodes often
+    /// share its machine, and leave it the rest. They stop once `stop` turns true (or
+    /// its sender is dropped) and their sessions have ended.
+    pub fn start(stop: &watch::Receiver<bool>) -> std::io::Result<Shards> {
+        let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let count = (processors / 2).max(1);
+        let shards = (0..count)
+            .map(|i| Shard::start(i, stop.clone()))
+            .collect::<std::io::Result<_>>()?;
+        tracing::debug!(shards = count, "controller shards started");
+        Ok(Shards {
+            shards,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `task` on the first shard (the one that accepts connections), to its end.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.shards[0].runtime.spawn(task);
+    }
+
+    /// Runs `task` on the first shard and returns its output; fails if the shard has
+    /// stopped (or the task panicked).
+    pub async fn run<F>(&self, task: F) -> crate::error::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.shards[0].runtime.spawn(task).await.map_err(|e| {
+            crate::error::Error::Io(std::io::Error::other(format!(
+                "the controller's thread stopped before it started serving: {e}"
+            )))
+        })
+    }
+
+    /// Serves `incoming` on the next shard: `serve` gets it registered with that
+    /// shard's runtime. A connection whose socket cannot move there is closed (logged).
+    pub fn serve<F, Fut>(&self, incoming: Incoming, serve: F)
+    where
+        F: FnOnce(Incoming) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        let shard = &self.shards[i];
+        let session = Session::begin(&shard.sessions);
+        shard.runtime.spawn(async move {
+            let _session = session;
+            let peer = incoming.peer().to_string();
+            match incoming.register_here() {
+                Ok(incoming) => serve(incoming).await,
+                Err(e) => tracing::warn!(%peer, error = %e, "closed a connection: could not register its socket with a controller shard"),
+            }
+        });
+    }
+}
+
+impl Shard {
+    fn start(index: usize, mut stop: watch::Receiver<bool>) -> std::io::Result<Shard> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let sessions = Arc::new(Sessions::default());
+        let serving = sessions.clone();
+        std::thread::Builder::new()
+            .name(format!("daffi-ctl-{index}"))
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                    if tokio::time::timeout(FAREWELL, serving.ended())
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(
+                            shard = index,
+                            "controller shard stopped with sessions still saying goodbye"
+                        );
+                    }
+                });
+            })?;
+        Ok(Shard {
+            runtime: handle,
+            sessions,
+        })
+    }
+}
+
+/// The sessions a shard serves now, and a wake-up when the count reaches zero.
+#[derive(Default)]
+struct Sessions {
+    live: AtomicUsize,
+    none_left: Notify,
+}
+
+impl Sessions {
+    /// Returns once no session is left.
+    async fn ended(&self) {
+        loop {
+            let none_left = self.none_left.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            none_left.await;
+        }
+    }
+}
+
+/// One live session of a shard: counted from before its task is spawned until the
+/// task ends (or is dropped).
+struct Session(Arc<Sessions>);
+
+impl Session {
+    fn begin(sessions: &Arc<Sessions>) -> Session {
+        sessions.live.fetch_add(1, Ordering::AcqRel);
+        Session(sessions.clone())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_left.notify_waiters();
+        }
+    }
+}
