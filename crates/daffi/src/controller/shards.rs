@@ -8,10 +8,10 @@
 //! destination's socket from there (`daffi_wire::channel` writes inline on an idle
 //! connection), so a call crosses no thread inside the controller unless a queue forms.
 //!
-//! Why not the multi-threaded runtime the controller was started on: its workers wake
-//! each other to share work, about once every four frames of a lone round trip, and
-//! each such wake-up is a system call and a context switch on the call's path. And on
-//! its own threads the controller keeps serving the other nodes while its host's
+//! Why not the runtime the controller was started on: on a single-threaded runtime a
+//! round trip's frames cost the controller about a seventh fewer instructions than on
+//! a multi-threaded one (no work-stealing bookkeeping around each task it polls). And
+//! on its own threads the controller keeps serving the other nodes while its host's
 //! runtime is busy or blocked (a `current_thread` runtime running a long callback).
 //! BENCHMARKS.md, "The controller on threads of its own", has the figures.
 //!
