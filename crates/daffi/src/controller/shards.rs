@@ -10,7 +10,7 @@
 //!
 //! Why not the runtime the controller was started on: on a single-threaded runtime a
 //! round trip's frames cost the controller about a seventh fewer instructions than on
-//! a multi-threaded one (no work-stealing bookkeeping around each task it polls). And
+//! a multi-threaded one (less of the scheduler's own work around each task). And
 //! on its own threads the controller keeps serving the other nodes while its host's
 //! runtime is busy or blocked (a `current_thread` runtime running a long callback).
 //! BENCHMARKS.md, "The controller on threads of its own", has the figures.
