@@ -56,6 +56,10 @@ struct Unsent {
 /// Routes by node name, hashed by a seeded fast hash (names come from the network).
 type RouteTable = HashMap<Arc<str>, Route, foldhash::fast::RandomState>;
 
+/// How many nodes serve each callback name, hashed the same way: a join or leave counts
+/// every name of its node, so a node with thousands of names makes thousands of lookups.
+type ProviderCounts = HashMap<Box<str>, usize, foldhash::fast::RandomState>;
+
 /// The routing table. Lookups take a read lock; changes are serialized by an async lock
 /// so that every node sees membership events in the same order, and a node's `Welcome`
 /// is queued before anyone can route a frame to it.
@@ -67,7 +71,7 @@ pub struct Members {
     writes: AtomicU64,
     /// How many connected nodes serve each callback name (changed with `routes`, under
     /// `changes`), for [`Members::with_served`].
-    providers: Mutex<HashMap<Box<str>, usize>>,
+    providers: Mutex<ProviderCounts>,
     changes: tokio::sync::Mutex<()>,
     /// Changes recorded and not yet sent (changed under `changes`).
     unsent: Mutex<Unsent>,
@@ -435,7 +439,13 @@ impl Members {
         let mut providers = lock(&self.providers);
         for name in callbacks {
             if added {
-                *providers.entry(name.as_str().into()).or_default() += 1;
+                // A name already served is only counted: no key allocated for it.
+                match providers.get_mut(name.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        providers.insert(name.as_str().into(), 1);
+                    }
+                }
             } else if let Some(n) = providers.get_mut(name.as_str()) {
                 *n -= 1;
                 if *n == 0 {
