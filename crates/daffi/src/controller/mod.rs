@@ -103,6 +103,7 @@ impl ControllerHandle {
             config,
             scheduler: Arc::new(scheduler),
             members,
+            membership: shards.membership(),
             calls,
             dropped_one_way: Default::default(),
             next_conn_id: AtomicU64::new(1),
@@ -119,7 +120,7 @@ impl ControllerHandle {
             shards: shards.clone(),
             stop: stop_rx.clone(),
         };
-        shards.spawn(shared.members.clone().send_changes(stop_rx.clone()));
+        shards.spawn_on_membership(shared.members.clone().send_changes(stop_rx.clone()));
         shards.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
         Ok(ControllerHandle {
             address,

@@ -12,6 +12,7 @@ use super::changes::NodeView;
 use super::counters::{CallCounts, Runs};
 use super::members::{self, Members};
 use super::scheduler::Scheduler;
+use super::shards::Membership;
 use super::welcome::{welcome_pages, WelcomeContent};
 use super::ControllerConfig;
 use crate::protocol::message::{
@@ -39,6 +40,8 @@ pub struct Shared {
     pub instance: u64,
     pub config: ControllerConfig,
     pub members: Arc<Members>,
+    /// Where joins, leaves and callback changes run (see `shards`).
+    pub membership: Membership,
     pub scheduler: Arc<Scheduler>,
     pub calls: Arc<CallCounts>,
     /// NO_RETURN requests dropped because their node read too little (for the log).
@@ -150,20 +153,28 @@ pub async fn serve(
     } = node;
     let served = callbacks.len();
     let views = view != NodeView::Legacy;
-    let joining = members::Joining {
-        name: &name,
-        conn_id,
-        queue: queue.clone(),
-        callbacks,
-        frame_limit,
-        view,
+    let join = {
+        let (shared, name, queue) = (shared.clone(), name.clone(), queue.clone());
+        async move {
+            let joining = members::Joining {
+                name: &name,
+                conn_id,
+                queue,
+                callbacks,
+                frame_limit,
+                view,
+            };
+            shared
+                .members
+                .join(joining, |members| {
+                    shared.welcome(members, frame_limit, views)
+                })
+                .await
+        }
     };
-    let joined = shared
-        .members
-        .join(joining, |members| {
-            shared.welcome(members, frame_limit, views)
-        })
-        .await;
+    let Some(joined) = shared.membership.run(join).await else {
+        return; // the controller is stopping
+    };
     if !joined {
         let refusal = Refused {
             code: RefuseCode::DuplicateName,
@@ -187,7 +198,11 @@ pub async fn serve(
     };
     let (reason, stopping) =
         route_frames(&shared, &node, &mut reader, &queue, &mut runs, shutdown).await;
-    shared.members.leave(&name, conn_id, !stopping).await;
+    let leave = {
+        let (members, name) = (shared.members.clone(), name.clone());
+        async move { members.leave(&name, conn_id, !stopping).await }
+    };
+    shared.membership.run(leave).await;
     // After `leave`: the names only this node served count as no longer served.
     shared
         .members
@@ -606,16 +621,19 @@ async fn route(
             Ok(())
         }
         Kind::Leaving => {
-            shared.members.mark_leaving(node.name, node.conn_id).await;
+            let (members, name, conn_id) =
+                (shared.members.clone(), node.name.to_string(), node.conn_id);
+            let mark = async move { members.mark_leaving(&name, conn_id).await };
+            shared.membership.run(mark).await;
             Ok(())
         }
         Kind::Announce => {
             let callbacks = decode_announce(&frame, shared.config.max_frame_size)
                 .map_err(|refusal| format!("refused its Announce: {}", refusal.message))?;
-            shared
-                .members
-                .update(node.name, node.conn_id, callbacks)
-                .await;
+            let (members, name, conn_id) =
+                (shared.members.clone(), node.name.to_string(), node.conn_id);
+            let update = async move { members.update(&name, conn_id, callbacks).await };
+            shared.membership.run(update).await;
             Ok(())
         }
         Kind::ControlRequest => {

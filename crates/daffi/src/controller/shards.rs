@@ -15,8 +15,15 @@
 //! runtime is busy or blocked (a `current_thread` runtime running a long callback).
 //! BENCHMARKS.md, "The controller on threads of its own", has the figures.
 //!
+//! Membership changes (joins, leaves, new callback lists) and the updates that tell the
+//! nodes of them run on one more thread, `daffi-ctl-members`: their work grows with the
+//! number of names a node serves (tens of thousands, from a peer the controller cannot
+//! choose), and there it costs the forwarding of other nodes' calls only a share of the
+//! processors, not a turn of their thread.
+//!
 //! A stopping controller's shards keep running until their sessions have said goodbye,
-//! up to [`FAREWELL`], then drop what is left.
+//! up to [`FAREWELL`], then drop what is left; the membership thread until every shard's
+//! sessions have (their leaves run there).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,11 +39,28 @@ use crate::transport::Incoming;
 /// writers' drain (one second) with room to spare.
 pub const FAREWELL: Duration = Duration::from_secs(2);
 
-/// The shards of one controller.
+/// The shards of one controller, and its membership thread.
 pub struct Shards {
     shards: Vec<Shard>,
     /// The shard the next connection goes to (modulo their number).
     next: AtomicUsize,
+    membership: Membership,
+}
+
+/// The thread membership changes run on.
+#[derive(Clone)]
+pub struct Membership(Handle);
+
+impl Membership {
+    /// Runs `change` there and returns its output, or `None` if the thread has stopped
+    /// (the controller is stopping: the change no longer matters).
+    pub async fn run<F>(&self, change: F) -> Option<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.spawn(change).await.ok()
+    }
 }
 
 struct Shard {
@@ -51,14 +75,34 @@ impl Shards {
     pub fn start(stop: &watch::Receiver<bool>) -> std::io::Result<Shards> {
         let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
         let count = (processors / 2).max(1);
-        let shards = (0..count)
-            .map(|i| Shard::start(i, stop.clone()))
+        let shards: Vec<Shard> = (0..count)
+            .map(|i| Shard::start(format!("daffi-ctl-{i}"), stop.clone(), Vec::new()))
             .collect::<std::io::Result<_>>()?;
+        let every_shards_sessions = shards.iter().map(|s| s.sessions.clone()).collect();
+        let membership = Shard::start(
+            "daffi-ctl-members".into(),
+            stop.clone(),
+            every_shards_sessions,
+        )?;
         tracing::debug!(shards = count, "controller shards started");
         Ok(Shards {
             shards,
             next: AtomicUsize::new(0),
+            membership: Membership(membership.runtime),
         })
+    }
+
+    /// The thread membership changes run on.
+    pub fn membership(&self) -> Membership {
+        self.membership.clone()
+    }
+
+    /// Runs `task` on the membership thread, to its end.
+    pub fn spawn_on_membership<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.membership.0.spawn(task);
     }
 
     /// Runs `task` on the first shard (the one that accepts connections), to its end.
@@ -105,7 +149,13 @@ impl Shards {
 }
 
 impl Shard {
-    fn start(index: usize, mut stop: watch::Receiver<bool>) -> std::io::Result<Shard> {
+    /// A thread called `name`, which ends once `stop` turns true and its own sessions
+    /// and every one of `also_outlive` have ended (or [`FAREWELL`] passed).
+    fn start(
+        name: String,
+        mut stop: watch::Receiver<bool>,
+        also_outlive: Vec<Arc<Sessions>>,
+    ) -> std::io::Result<Shard> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -113,17 +163,20 @@ impl Shard {
         let sessions = Arc::new(Sessions::default());
         let serving = sessions.clone();
         std::thread::Builder::new()
-            .name(format!("daffi-ctl-{index}"))
+            .name(name.clone())
             .spawn(move || {
                 runtime.block_on(async {
                     let _ = stop.wait_for(|stopped| *stopped).await;
-                    if tokio::time::timeout(FAREWELL, serving.ended())
-                        .await
-                        .is_err()
-                    {
+                    let all_ended = async {
+                        serving.ended().await;
+                        for sessions in &also_outlive {
+                            sessions.ended().await;
+                        }
+                    };
+                    if tokio::time::timeout(FAREWELL, all_ended).await.is_err() {
                         tracing::debug!(
-                            shard = index,
-                            "controller shard stopped with sessions still saying goodbye"
+                            thread = %name,
+                            "a controller thread stopped with sessions still saying goodbye"
                         );
                     }
                 });
