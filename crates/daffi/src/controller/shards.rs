@@ -1,5 +1,6 @@
-//! The threads that serve the controller: its listener, its membership updates and
-//! every connection, accepted or in-process.
+//! The threads that serve the controller: its listener and every connection, accepted
+//! or in-process, on the shards; joins, leaves and the updates telling of them on the
+//! membership thread.
 //!
 //! A shard is a thread of its own running a single-threaded tokio runtime, with its own
 //! I/O driver and timers. There is one per two processors (at least one): the nodes of
