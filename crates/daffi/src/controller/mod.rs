@@ -83,8 +83,8 @@ impl ControllerHandle {
         }
         let (shutdown, stop_rx) = watch::channel(false);
         let shards = Arc::new(Shards::start(&stop_rx)?);
-        // Bound on the shard that will accept on it, so that its readiness wakes that
-        // shard's thread.
+        // Bound on the thread that will accept on it, so that its readiness wakes that
+        // thread.
         let bind_address = address.clone();
         let listener = shards
             .run(async move { Listener::bind(&bind_address).await })
@@ -120,7 +120,7 @@ impl ControllerHandle {
             shards: shards.clone(),
             stop: stop_rx.clone(),
         };
-        shards.spawn_on_membership(shared.members.clone().send_changes(stop_rx.clone()));
+        shards.spawn(shared.members.clone().send_changes(stop_rx.clone()));
         shards.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
         Ok(ControllerHandle {
             address,

@@ -1,5 +1,5 @@
-//! The threads that serve the controller: its listener and every connection, accepted
-//! or in-process, on the shards; joins, leaves and the updates telling of them on the
+//! The threads that serve the controller: every connection, accepted or in-process, on
+//! the shards; its listener, joins, leaves and the updates telling of them on the
 //! membership thread.
 //!
 //! A shard is a thread of its own running a single-threaded tokio runtime, with its own
@@ -16,10 +16,11 @@
 //! runtime is busy or blocked (a `current_thread` runtime running a long callback).
 //! BENCHMARKS.md, "The controller on threads of its own", has the figures.
 //!
-//! Membership changes (joins, leaves, new callback lists) and the updates that tell the
-//! nodes of them run on one more thread, `daffi-ctl-members`: their work grows with the
-//! number of names a node serves (tens of thousands, from a peer the controller cannot
-//! choose), and there it costs the forwarding of other nodes' calls only a share of the
+//! Membership changes (joins, leaves, new callback lists), the updates that tell the
+//! nodes of them, and the accepting of connections run on one more thread,
+//! `daffi-ctl-members`: their work grows with what peers the controller cannot choose
+//! send it (a node with tens of thousands of names, thousands of connections a
+//! second), and there it costs the forwarding of other nodes' calls only a share of the
 //! processors, not a turn of their thread.
 //!
 //! A stopping controller's shards keep running until their sessions have said goodbye,
@@ -98,30 +99,23 @@ impl Shards {
         self.membership.clone()
     }
 
-    /// Runs `task` on the membership thread, to its end.
-    pub fn spawn_on_membership<F>(&self, task: F)
+    /// Runs `task` on the membership thread, to its end (the accept loop, the membership
+    /// updates).
+    pub fn spawn<F>(&self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         self.membership.0.spawn(task);
     }
 
-    /// Runs `task` on the first shard (the one that accepts connections), to its end.
-    pub fn spawn<F>(&self, task: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.shards[0].runtime.spawn(task);
-    }
-
-    /// Runs `task` on the first shard and returns its output; fails if the shard has
-    /// stopped (or the task panicked).
+    /// Runs `task` on the membership thread and returns its output; fails if the thread
+    /// has stopped (or the task panicked).
     pub async fn run<F>(&self, task: F) -> crate::error::Result<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.shards[0].runtime.spawn(task).await.map_err(|e| {
+        self.membership.0.spawn(task).await.map_err(|e| {
             crate::error::Error::Io(std::io::Error::other(format!(
                 "the controller's thread stopped before it started serving: {e}"
             )))
