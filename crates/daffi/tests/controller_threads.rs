@@ -65,16 +65,13 @@ fn threads_named(prefix: &str) -> usize {
 
 /// Waits (bounded) until no thread of this process is named `prefix`.
 fn wait_no_threads(prefix: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while threads_named(prefix) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} `{prefix}` threads still run {WAIT:?} after the stop",
-            threads_named(prefix)
-        );
-        // A thread's end cannot be awaited from outside it: look again shortly.
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    common::poll_until(
+        &format!("no `{prefix}` thread after the stop"),
+        || match threads_named(prefix) {
+            0 => Ok(()),
+            n => Err(format!("{n} still run")),
+        },
+    );
 }
 
 #[test]

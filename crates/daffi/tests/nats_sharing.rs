@@ -119,6 +119,12 @@ fn answer_whoami(node: &Global) {
         .expect("register whoami");
 }
 
+/// Whether subscription `subject` is a connection's inbox for its nodes' replies
+/// (`<inbox>.<node>.<name>.<call>`).
+fn is_reply_inbox(subject: &str) -> bool {
+    subject.starts_with("_INBOX.") && subject.ends_with(".*.*.*")
+}
+
 /// Starts the nodes `names` at once from async code, as a user's `#[tokio::main]` would.
 async fn start_all(url: &str, namespace: &str, names: &[&str]) -> Vec<Global> {
     let starts = names
@@ -159,9 +165,7 @@ fn nodes_on_one_runtime_share_a_connection_and_each_lives_on_its_own() {
         // process's.
         let lease = format!("{namespace}.lease");
         server.wait_subscriptions(&lease, 2, |s| s == lease);
-        server.wait_subscriptions("the connections' reply inboxes", 2, |s| {
-            s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
-        });
+        server.wait_subscriptions("the connections' reply inboxes", 2, is_reply_inbox);
 
         // Each node answers under its own name, from this process and from the worker's.
         for (i, node) in nodes.iter().enumerate() {
@@ -272,9 +276,7 @@ fn every_node_on_a_shared_connection_comes_back_when_its_server_does() {
         let w1_requests = format!("{namespace}.node.w1.*");
         tokio::task::block_in_place(|| {
             server.wait_subscriptions(&w1_requests, 1, |s| s == w1_requests);
-            server.wait_subscriptions("both connections' reply inboxes", 2, |s| {
-                s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
-            });
+            server.wait_subscriptions("both connections' reply inboxes", 2, is_reply_inbox);
         });
         for (from, to) in [(0, "r1"), (1, "r0"), (0, "w1"), (1, "w1")] {
             assert_answers(
@@ -385,9 +387,7 @@ fn garbage_on_the_shared_reply_inbox_is_dropped() {
     } = Setup::new();
     runtime.block_on(async {
         let nodes = start_all(&url, &namespace, &["g0", "g1"]).await;
-        server.wait_subscriptions("the reply inbox", 1, |s| {
-            s.starts_with("_INBOX.") && s.ends_with(".*.*.*")
-        });
+        server.wait_subscriptions("the reply inbox", 1, is_reply_inbox);
         let connections = server.connections();
         let inbox = common::nats::json_strings(&connections, "subscriptions_list")
             .into_iter()

@@ -16,6 +16,10 @@ pub mod wire;
 /// nats-server processes for the tests, as daffi's own NATS tests start them.
 #[path = "../../../daffi/tests/common/nats.rs"]
 pub mod nats;
+/// Waiting on what nothing signals, for `nats`.
+#[path = "../../../daffi/tests/common/poll.rs"]
+mod poll;
+use poll::poll_until;
 
 /// A name no other test (or test process) uses: `<prefix>-<pid>-<n>`.
 pub fn unique(prefix: &str) -> String {

@@ -83,12 +83,16 @@ impl ControllerHandle {
         }
         let (shutdown, stop_rx) = watch::channel(false);
         let shards = Arc::new(Shards::start(&stop_rx)?);
+        let membership = shards.membership();
         // Bound on the thread that will accept on it, so that its readiness wakes that
         // thread.
         let bind_address = address.clone();
-        let listener = shards
+        let listener = membership
             .run(async move { Listener::bind(&bind_address).await })
-            .await??;
+            .await
+            .ok_or_else(|| {
+                std::io::Error::other("the controller's thread stopped before it could listen")
+            })??;
         let address = listener.local_address()?;
         let members = Arc::new(members::Members::default());
         let calls = Arc::new(counters::CallCounts::default());
@@ -103,7 +107,7 @@ impl ControllerHandle {
             config,
             scheduler: Arc::new(scheduler),
             members,
-            membership: shards.membership(),
+            membership: membership.clone(),
             calls,
             dropped_one_way: Default::default(),
             next_conn_id: AtomicU64::new(1),
@@ -120,8 +124,8 @@ impl ControllerHandle {
             shards: shards.clone(),
             stop: stop_rx.clone(),
         };
-        shards.spawn(shared.members.clone().send_changes(stop_rx.clone()));
-        shards.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
+        membership.spawn(shared.members.clone().send_changes(stop_rx.clone()));
+        membership.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
         Ok(ControllerHandle {
             address,
             shutdown,

@@ -49,7 +49,8 @@ pub struct Shards {
     membership: Membership,
 }
 
-/// The thread membership changes run on.
+/// The thread membership changes run on (and the accept loop, and the updates that
+/// tell the nodes of the changes).
 #[derive(Clone)]
 pub struct Membership(Handle);
 
@@ -62,6 +63,14 @@ impl Membership {
         F::Output: Send + 'static,
     {
         self.0.spawn(change).await.ok()
+    }
+
+    /// Runs `task` there, to its end.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.0.spawn(task);
     }
 }
 
@@ -97,29 +106,6 @@ impl Shards {
     /// The thread membership changes run on.
     pub fn membership(&self) -> Membership {
         self.membership.clone()
-    }
-
-    /// Runs `task` on the membership thread, to its end (the accept loop, the membership
-    /// updates).
-    pub fn spawn<F>(&self, task: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.membership.0.spawn(task);
-    }
-
-    /// Runs `task` on the membership thread and returns its output; fails if the thread
-    /// has stopped (or the task panicked).
-    pub async fn run<F>(&self, task: F) -> crate::error::Result<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.membership.0.spawn(task).await.map_err(|e| {
-            crate::error::Error::Io(std::io::Error::other(format!(
-                "the controller's thread stopped before it started serving: {e}"
-            )))
-        })
     }
 
     /// Serves `incoming` on the next shard: `serve` gets it registered with that

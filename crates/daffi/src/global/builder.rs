@@ -164,9 +164,9 @@ impl GlobalBuilder {
     /// [`init_node(false)`](Self::init_node)) then reaches it in-process: no socket, no
     /// TLS, no token, whatever the controller's certificate or token; other nodes
     /// connect to its address. The controller serves on threads of its own (one per two
-    /// processors, named `daffi-ctl-N`, and `daffi-ctl-members` for accepts, joins and leaves),
-    /// not on the runtime that starts it: it keeps serving the other nodes while that
-    /// runtime is busy, and its threads end when it stops.
+    /// processors, named `daffi-ctl-N`, and `daffi-ctl-members` for accepts, joins and
+    /// leaves), not on the runtime that starts it: it keeps serving the other nodes
+    /// while that runtime is busy, and its threads end when it stops.
     pub fn init_controller(mut self, yes: bool) -> Self {
         self.init_controller = yes;
         self

@@ -11,7 +11,10 @@ pub mod nats;
 #[cfg(feature = "nats")]
 pub mod nats_jwt;
 pub mod pki;
+mod poll;
 pub mod wire;
+
+pub use poll::poll_until;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -12,9 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
 
-use super::{unique, WAIT};
+use super::{poll_until, unique, WAIT};
 
 /// The variable that names the `nats-server` executable.
 pub const ENV_SERVER: &str = "DAFFI_NATS_SERVER";
@@ -419,19 +418,6 @@ fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
     Ok((status, body.to_string()))
-}
-
-/// Retries `probe` until it succeeds, for at most [`WAIT`]. For states only a server's
-/// monitoring endpoint shows (no event to wait on), so it asks again every 50 ms.
-fn poll_until(what: &str, mut probe: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match probe() {
-            Ok(()) => return,
-            Err(e) if Instant::now() >= deadline => panic!("waited {WAIT:?} for {what}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
 }
 
 /// Where [`free_ports`] looks: below Linux's usual range of ephemeral ports
