@@ -24,6 +24,10 @@
 //! node, a large reply, the rest of a frame the reader began, the end of the stream), it
 //! hands back to the reader task at once: the watch is restored, and the task woken.
 //!
+//! The thread takes its reply with one `recv` of at most [`MOST_TAKEN`] bytes. What
+//! that read brought besides the reply, or instead of it, is kept for the reader task
+//! (the *stash*), which reads it before the socket's next bytes.
+//!
 //! A frame taken this way is one the reader task never sees, and it keeps its place:
 //! it is taken only once the reader task has handled every frame it read, and the call
 //! is completed before anything behind it can be read. A callee's departure right
@@ -69,6 +73,9 @@ pub struct SharedReads {
     /// last read (cleared under the lock as it reads). A frame taken from the socket
     /// then overtakes none.
     reader_caught_up: AtomicBool,
+    /// `state.stash` holds bytes (set and cleared under the lock): a look that finds
+    /// the socket empty still hands them over.
+    stashed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +86,10 @@ struct ReadState {
     /// Threads spinning for their reply now, which keep the runtime from being woken
     /// for the socket (see [`SharedReads::mute`]).
     spinners: usize,
+    /// Bytes a spinning thread read from the socket that are not its reply: the reader
+    /// task's next read takes them, before the socket's next bytes. Empty but for a
+    /// moment after a thread looked while another frame came first.
+    stash: Vec<u8>,
 }
 
 /// What [`SharedReads::take_frame`] found.
@@ -134,6 +145,7 @@ impl SharedReads {
             read_now: AtomicBool::new(false),
             reader: Mutex::new(None),
             reader_caught_up: AtomicBool::new(false),
+            stashed: AtomicBool::new(false),
         };
         reads.watch(libc::EPOLL_CTL_ADD, ARMED)?;
         Ok((reads, epoll))
@@ -189,7 +201,7 @@ impl SharedReads {
         }
         // Bytes that came while muted raised no event (and one that came just now may
         // have been missed by the watch): the reader is told directly.
-        if self.readable() {
+        if self.readable() || self.stashed.load(Ordering::Acquire) {
             self.wake_reader();
         }
     }
@@ -243,11 +255,24 @@ impl SharedReads {
                 }
             }
         };
-        let n = match read(buf) {
-            Ok(n) => n,
-            Err(e) => return Attempt::Read(Err(e)),
+        let n = if state.stash.is_empty() {
+            let n = match read(buf) {
+                Ok(n) => n,
+                Err(e) => return Attempt::Read(Err(e)),
+            };
+            state.start.advance(&buf[..n]);
+            n
+        } else {
+            let n = state.stash.len().min(buf.len());
+            buf[..n].copy_from_slice(&state.stash[..n]);
+            state.stash.drain(..n);
+            self.stashed
+                .store(!state.stash.is_empty(), Ordering::Release);
+            // The socket may hold more, whose event was taken while muted: the next
+            // read does not wait for one.
+            self.read_on();
+            n
         };
-        state.start.advance(&buf[..n]);
         if n > 0 {
             self.reader_caught_up.store(false, Ordering::Release);
         }
@@ -288,12 +313,18 @@ impl SharedReads {
         deliver: impl FnOnce(Frame),
     ) -> Taken {
         // Without the lock first: most looks find nothing.
-        if !self.readable() {
+        if !self.readable() && !self.stashed.load(Ordering::Acquire) {
             return Taken::Nothing;
         }
-        let Ok(state) = self.state.try_lock() else {
+        let Ok(mut state) = self.state.try_lock() else {
             return Taken::Nothing;
         };
+        if !state.closed && !state.stash.is_empty() {
+            // Bytes read earlier go first: the reader task was woken for them.
+            drop(state);
+            self.hand_back(true);
+            return Taken::Nothing;
+        }
         if !state.closed && state.start.at_start() && !self.reader_caught_up.load(Ordering::Acquire)
         {
             // The reader task is handling frames it read: they go first. It reads
@@ -304,7 +335,7 @@ impl SharedReads {
         let taken = if state.closed || !state.start.at_start() {
             None
         } else {
-            self.take_next(max_frame_size, wanted)
+            self.take_next(&mut state, max_frame_size, wanted)
         };
         let taken = match taken {
             Some(frame) => {
@@ -313,60 +344,62 @@ impl SharedReads {
             }
             None => false,
         };
+        let stashed = !state.stash.is_empty();
         drop(state);
-        self.hand_back();
-        if taken {
-            Taken::Frame
-        } else {
+        self.hand_back(stashed);
+        if !taken {
             self.wake_reader();
             Taken::ForReader
+        } else {
+            if stashed {
+                self.wake_reader();
+            }
+            Taken::Frame
         }
     }
 
-    /// [`take_frame`](Self::take_frame)'s reads, under the lock, at the start of a frame.
+    /// [`take_frame`](Self::take_frame)'s read, under the lock, at the start of a frame:
+    /// one `recv`. The frame wanted, if the read began with it whole; whatever else it
+    /// read goes to the stash, for the reader task.
     fn take_next(
         &self,
+        state: &mut ReadState,
         max_frame_size: usize,
         wanted: impl FnOnce(&Frame) -> bool,
     ) -> Option<Frame> {
-        let mut peeked = [0u8; MOST_TAKEN];
-        let n = self.recv(&mut peeked, libc::MSG_PEEK)?;
-        let prefix: [u8; LEN_PREFIX] = peeked.get(..LEN_PREFIX)?.try_into().ok()?;
+        let mut got = [0u8; MOST_TAKEN];
+        let n = self.recv(&mut got)?;
+        let got = &got[..n];
+        state.start.advance(got);
+        let frame = Self::whole_frame(got, max_frame_size).filter(|(frame, _)| wanted(frame));
+        let rest = match &frame {
+            Some((_, total)) => &got[*total..],
+            None => got,
+        };
+        if !rest.is_empty() {
+            state.stash.extend_from_slice(rest);
+            self.stashed.store(true, Ordering::Release);
+        }
+        frame.map(|(frame, _)| frame)
+    }
+
+    /// The frame `bytes` begin with, and its length, if it is whole and allowed.
+    fn whole_frame(bytes: &[u8], max_frame_size: usize) -> Option<(Frame, usize)> {
+        let prefix: [u8; LEN_PREFIX] = bytes.get(..LEN_PREFIX)?.try_into().ok()?;
         let body = u32::from_be_bytes(prefix) as usize;
         let total = LEN_PREFIX + body;
-        if total > n || body > max_frame_size {
+        if total > bytes.len() || body > max_frame_size {
             return None;
         }
-        let frame = Frame::parse(Bytes::copy_from_slice(&peeked[..total])).ok()?;
-        if !wanted(&frame) {
-            return None;
-        }
-        // The same bytes, out of the socket: they are there (just seen), and only the
-        // holder of the lock reads.
-        let mut taken = [0u8; MOST_TAKEN];
-        match self.recv(&mut taken[..total], 0) {
-            Some(got) if got == total => Some(frame),
-            got => {
-                // Part of a frame is gone that the reader task will never see: its next
-                // frame would be garbage. End the connection instead; the node
-                // reconnects, and the calls in flight fail with the reason.
-                tracing::error!(
-                    expected = total,
-                    got = ?got,
-                    "a reply read by its waiting thread came out short; closing the connection"
-                );
-                // SAFETY: the descriptor is open (`closed` is false under the lock).
-                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-                None
-            }
-        }
+        let frame = Frame::parse(Bytes::copy_from_slice(&bytes[..total])).ok()?;
+        Some((frame, total))
     }
 
     /// After holding the lock: if the reader task went back to waiting meanwhile and
-    /// bytes are left in the socket, it is woken to read them.
-    fn hand_back(&self) {
+    /// bytes are left for it (`stashed`, or in the socket), it is woken to read them.
+    fn hand_back(&self, stashed: bool) {
         fence(Ordering::SeqCst);
-        if self.reader_left.swap(false, Ordering::SeqCst) && self.readable() {
+        if self.reader_left.swap(false, Ordering::SeqCst) && (stashed || self.readable()) {
             self.wake_reader();
         }
     }
@@ -386,7 +419,7 @@ impl SharedReads {
 
     /// One `recv` without waiting; `None` if it read nothing (or failed: the reader task
     /// sees the failure itself).
-    fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> Option<usize> {
+    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
         // SAFETY: `buf` is valid for `buf.len()` bytes; the caller holds the lock and saw
         // the descriptor open.
         let n = unsafe {
@@ -394,7 +427,7 @@ impl SharedReads {
                 self.fd,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                flags | libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT,
             )
         };
         usize::try_from(n).ok().filter(|&n| n > 0)
@@ -570,14 +603,22 @@ mod tests {
             (Taken::Frame, Some(f)) => assert_eq!(&f.payload()[..], b"mine"),
             other => panic!("expected the reply, got {other:?}"),
         }
-        // The request behind it is the reader's: the next look hands it over.
-        assert!(matches!(take(&reads, reply_to(7)).0, Taken::ForReader));
+        // The request behind it, read with the reply, is the reader's: no look takes
+        // it, and the reader reads it before anything after it.
+        let deliver = |_| panic!("the stashed request was taken");
+        assert!(matches!(
+            reads.take_frame(1 << 20, |_| true, deliver),
+            Taken::Nothing
+        ));
+        std::io::Write::write_all(&mut controller, &frame(Kind::Request, 2, b"next")).unwrap();
         reads.release();
         let next = next_frame(&mut reader, "the reader is woken").await;
         assert_eq!(
             (next.kind(), &next.payload()[..]),
             (Kind::Request, &b"theirs"[..])
         );
+        let after = next_frame(&mut reader, "the reader reads on").await;
+        assert_eq!((after.kind(), after.call_id()), (Kind::Request, 2));
     }
 
     #[tokio::test]
@@ -669,6 +710,33 @@ mod tests {
         reads.release();
         let next = next_frame(&mut reader, "the reader reads it all").await;
         assert_eq!(next.payload().len(), payload.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_begun_behind_a_taken_reply_is_read_whole() {
+        let (mut reader, reads, _write, mut controller) = link();
+        wait_once(&mut reader).await;
+        let large = frame(Kind::Request, 8, &[3u8; 4_000]);
+        let (head, tail) = large.split_at(100);
+        let mut bytes = frame(Kind::Reply, 6, b"mine");
+        bytes.extend_from_slice(head);
+        assert!(reads.mute());
+        std::io::Write::write_all(&mut controller, &bytes).unwrap();
+        match take(&reads, reply_to(6)) {
+            (Taken::Frame, Some(f)) => assert_eq!(&f.payload()[..], b"mine"),
+            other => panic!("expected the reply, got {other:?}"),
+        }
+        reads.release();
+        // The head, read with the reply, comes out first; the tail from the socket.
+        let waiting = tokio::spawn(async move { next_frame(&mut reader, "the frame").await });
+        controller.set_nonblocking(false).unwrap();
+        std::io::Write::write_all(&mut controller, tail).unwrap();
+        let next = tokio::time::timeout(SOON, waiting)
+            .await
+            .expect("read whole");
+        let next = next.unwrap();
+        assert_eq!((next.call_id(), next.payload().len()), (8, 4_000));
+        assert!(next.payload().iter().all(|&b| b == 3));
     }
 
     #[tokio::test]
