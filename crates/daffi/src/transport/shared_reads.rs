@@ -740,6 +740,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bad_bytes_a_spinning_thread_reads_fail_the_connection_at_the_reader() {
+        // A frame over the node's limit, and one too short for its header: each read
+        // by the spinning thread, neither taken, and each failing the connection at
+        // the reader as it would without the thread.
+        let too_large = (1u32 << 21).to_be_bytes().to_vec();
+        let too_short = framed(b"xy");
+        for bad in [too_large, too_short] {
+            let (mut reader, reads, _write, mut controller) = link();
+            wait_once(&mut reader).await;
+            assert!(reads.mute());
+            std::io::Write::write_all(&mut controller, &bad).unwrap();
+            assert!(matches!(take(&reads, reply_to(1)).0, Taken::ForReader));
+            reads.release();
+            let next = tokio::time::timeout(SOON, reader.next()).await;
+            assert!(
+                next.expect("the reader is woken").is_err(),
+                "{bad:?} was read as a frame"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_frame_the_reader_began_is_left_to_it() {
         let (mut reader, reads, _write, mut controller) = link();
         let whole = frame(Kind::Reply, 5, &[1u8; 64]);
