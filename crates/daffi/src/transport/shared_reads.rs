@@ -11,8 +11,8 @@
 //! - every byte read from the socket so far belongs to frames already read whole, and
 //!   handled: the socket's next byte starts a frame ([`FrameStart`]), and the reader
 //!   task came back to wait since its last read;
-//! - the whole frame is in the socket, is small, and is the reply it waits for
-//!   (`wanted`);
+//! - its one read of the socket begins with the whole frame, which is small and the
+//!   reply it waits for (`wanted`);
 //! - nobody else reads the socket meanwhile: every read, the reader task's too, takes
 //!   the same lock, which neither waits for.
 //!
@@ -24,9 +24,11 @@
 //! node, a large reply, the rest of a frame the reader began, the end of the stream), it
 //! hands back to the reader task at once: the watch is restored, and the task woken.
 //!
-//! The thread takes its reply with one `recv` of at most [`MOST_TAKEN`] bytes. What
-//! that read brought besides the reply, or instead of it, is kept for the reader task
-//! (the *stash*), which reads it before the socket's next bytes.
+//! The thread reads once, at most [`MOST_TAKEN`] bytes: no look first, which would be a
+//! second system call per reply. What that read brought besides the reply, or instead
+//! of it, is kept for the reader task (the *stash*, never more than one read's worth:
+//! no frame is taken while it holds bytes), which reads it before the socket's next
+//! bytes.
 //!
 //! A frame taken this way is one the reader task never sees, and it keeps its place:
 //! it is taken only once the reader task has handled every frame it read, and the call
