@@ -349,14 +349,14 @@ impl SharedReads {
         let stashed = !state.stash.is_empty();
         drop(state);
         self.hand_back(stashed);
-        if !taken {
+        // Bytes left for the reader: it reads them without waiting for an event.
+        if !taken || stashed {
             self.wake_reader();
-            Taken::ForReader
-        } else {
-            if stashed {
-                self.wake_reader();
-            }
+        }
+        if taken {
             Taken::Frame
+        } else {
+            Taken::ForReader
         }
     }
 
