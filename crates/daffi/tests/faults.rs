@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Log, StandaloneController, Transport, WAIT};
-use daffi::{callback, Error, Global};
+use daffi::{callback, Address, Error, Global};
 use daffi_wire::{preamble, Header, Kind, PROTOCOL_VERSION};
 
 const ENTRY: &str = "child_process";
@@ -636,4 +636,57 @@ fn a_call_outliving_the_stop_timeout_gets_peer_stopped() {
         other => panic!("expected PeerStopped, got {other:?}"),
     }
     drop(child);
+}
+
+/// A process that ran the controller, stopped and joined, starts it again on the same
+/// address at once (`join` returns once the listener is closed: the port is free, the
+/// socket file gone), and its nodes in other processes come back by themselves. Several
+/// rounds, so that a listener closed a moment after `join` would show.
+#[test]
+fn a_joined_controller_starts_again_on_its_address_at_once() {
+    for transport in [Transport::Tcp, Transport::Unix] {
+        let Cluster {
+            address,
+            mut caller,
+            ..
+        } = Cluster::start(transport, ENTRY);
+        let worker = common::unique("comes-back");
+        let mut child = common::spawn_child(ENTRY, "worker", &worker, &address);
+        for round in 0..5 {
+            caller
+                .wait_process_timeout(&worker, WAIT)
+                .unwrap_or_else(|e| panic!("{transport:?} round {round}: worker: {e}"));
+            let sum: i64 = caller
+                .call("sync_add")
+                .args((round, 1))
+                .on(&worker)
+                .timeout(WAIT)
+                .fg()
+                .unwrap_or_else(|e| panic!("{transport:?} round {round}: call: {e}"));
+            assert_eq!(sum, round + 1);
+            caller.stop();
+            caller.join().expect("join");
+            if let Address::Unix(path) = &address {
+                assert!(!path.exists(), "{} outlived join", path.display());
+            }
+            drop(caller);
+            caller = common::builder_for(&address)
+                .process_name(common::unique("caller"))
+                .init_controller(true)
+                .start()
+                .unwrap_or_else(|e| {
+                    panic!("{transport:?} round {round}: the controller starts again: {e}")
+                });
+        }
+        caller
+            .wait_process_timeout(&worker, WAIT)
+            .expect("the worker comes back after the last start");
+        caller
+            .call("stop_self")
+            .on(&worker)
+            .timeout(WAIT)
+            .fg::<()>()
+            .expect("the worker stops");
+        child.wait_success();
+    }
 }

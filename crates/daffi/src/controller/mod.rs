@@ -71,6 +71,8 @@ impl Default for ControllerConfig {
 pub struct ControllerHandle {
     address: Address,
     shutdown: watch::Sender<bool>,
+    /// Its sender goes away once the listener is closed (see [`ControllerHandle::closed`]).
+    listening: watch::Receiver<()>,
     door: InProcessDoor,
 }
 
@@ -125,10 +127,16 @@ impl ControllerHandle {
             stop: stop_rx.clone(),
         };
         membership.spawn(shared.members.clone().send_changes(stop_rx.clone()));
+        let (closed, listening) = watch::channel(());
+        let listener = OpenListener {
+            listener,
+            _closed: closed,
+        };
         membership.spawn(accept_loop(listener, shared, shards.clone(), stop_rx));
         Ok(ControllerHandle {
             address,
             shutdown,
+            listening,
             door,
         })
     }
@@ -143,10 +151,26 @@ impl ControllerHandle {
         self.door.clone()
     }
 
-    /// Stops accepting and closes every connection.
+    /// Stops accepting and closes every connection. Returns at once; see
+    /// [`closed`](Self::closed).
     pub fn stop(&self) {
         self.shutdown.send_replace(true);
     }
+
+    /// Returns once the listener is closed (after [`stop`](Self::stop)): its port, or its
+    /// socket file's path, can be bound again at once.
+    pub async fn closed(&self) {
+        let mut listening = self.listening.clone();
+        // Never sent on: this returns when the sender is dropped.
+        while listening.changed().await.is_ok() {}
+    }
+}
+
+/// The listener and what says it is open: the fields drop in this order, so that
+/// whoever waits in [`ControllerHandle::closed`] sees the listener closed.
+struct OpenListener {
+    listener: Listener,
+    _closed: watch::Sender<()>,
 }
 
 impl Drop for ControllerHandle {
@@ -214,7 +238,7 @@ fn config_tls(config: &ControllerConfig) -> &'static str {
 }
 
 async fn accept_loop(
-    listener: Listener,
+    open: OpenListener,
     shared: Arc<Shared>,
     shards: Arc<Shards>,
     mut stop: watch::Receiver<bool>,
@@ -228,7 +252,7 @@ async fn accept_loop(
     let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = open.listener.accept() => accepted,
             _ = stop.changed() => break,
         };
         match accepted {
@@ -255,6 +279,7 @@ async fn accept_loop(
             }
         }
     }
+    drop(open);
     tracing::info!("controller stopped");
 }
 

@@ -9,7 +9,9 @@ use crate::error::Result;
 use crate::sync::lock;
 
 impl Global {
-    /// Blocks until this `Global` is stopped (from another thread, or by a callback).
+    /// Blocks until this `Global` is stopped (from another thread, or by a callback):
+    /// its callbacks finished or timed out, its goodbye sent, and the controller it ran
+    /// (if any) closed, so that its address can be bound again at once.
     pub fn join(&self) -> Result<()> {
         blocking::wait(self.runtime(), "join", self.join_async())
     }
@@ -77,6 +79,7 @@ impl Inner {
             }
             if let Some(controller) = controller {
                 controller.stop();
+                controller.closed().await;
             }
             stopped.send_replace(true);
             if let Some(rt) = owned_runtime {
