@@ -145,6 +145,11 @@ struct ControllerArgs {
     security: ControllerSecurity,
     #[command(flatten)]
     slow_nodes: SlowNodes,
+    /// How long, in microseconds, a controller thread keeps polling after it forwarded
+    /// the last reply of the calls it had in flight, before it sleeps: a caller's next
+    /// call then finds it awake (0: sleep at once). Default: 20.
+    #[arg(long, env = "DAFFI_CONTROLLER_LINGER_US", value_name = "MICROSECONDS")]
+    linger_us: Option<u64>,
 }
 
 /// How much a node that reads too little may cost the controller.
@@ -294,9 +299,13 @@ fn main() -> ExitCode {
 }
 
 async fn controller(args: ControllerArgs) -> daffi::Result<()> {
-    let g = args
+    let mut builder = args
         .slow_nodes
-        .apply(args.security.apply(args.endpoint.builder()))
+        .apply(args.security.apply(args.endpoint.builder()));
+    if let Some(us) = args.linger_us {
+        builder = builder.controller_linger(std::time::Duration::from_micros(us));
+    }
+    let g = builder
         .init_controller(true)
         .init_node(false)
         .start_async()

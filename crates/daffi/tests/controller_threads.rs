@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Worker, WAIT};
 use daffi::{callback, Global};
 
@@ -149,4 +151,56 @@ fn a_stopped_controller_leaves_no_thread_behind() {
         wait_no_threads("daffi-ctl");
         guest.stop();
     }
+}
+
+/// The processor time, in clock ticks, that the threads of this process named `prefix`
+/// have used (`utime` + `stime` of `/proc/self/task/*/stat`).
+fn ticks_of_threads(prefix: &str) -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let name = std::fs::read_to_string(task.join("comm")).ok()?;
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            // Fields after the command (which may hold spaces) end with `)`.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// A controller thread keeps polling a moment after the last reply of a burst of calls
+/// (`ControllerConfig::linger`), and no longer: once the calls stop it sleeps, and an
+/// idle mesh costs its controller no processor time.
+#[test]
+fn an_idle_controller_uses_no_processor_after_a_burst_of_calls() {
+    let host = Global::builder()
+        .unix_sock_path(socket())
+        .process_name(common::unique("host"))
+        .init_controller(true)
+        .start()
+        .expect("the host starts with its controller");
+    let address = host.address().clone();
+    let callee = common::unique("callee");
+    let _worker: Worker = common::spawn_child(ENTRY, "worker", &callee, &address);
+    host.wait_process_timeout(&callee, WAIT)
+        .expect("the callee joins");
+    let env = [(common::ENV_TARGET, callee.as_str())];
+    let mut caller =
+        common::spawn_child_with(ENTRY, "caller", &common::unique("caller"), &address, &env);
+    caller.wait_success();
+
+    // Half a second of an idle mesh: a thread that polled on would use all of it
+    // (50 ticks at the usual 100 a second); a sleeping one, next to nothing.
+    let before = ticks_of_threads("daffi-ctl-");
+    std::thread::sleep(Duration::from_millis(500));
+    let used = ticks_of_threads("daffi-ctl-") - before;
+    assert!(
+        used <= 5,
+        "the controller's threads used {used} ticks of 500 ms while the mesh was idle"
+    );
+    host.stop();
 }

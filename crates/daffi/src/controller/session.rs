@@ -10,6 +10,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::changes::NodeView;
 use super::counters::{CallCounts, Runs};
+use super::linger;
 use super::members::{self, Members};
 use super::scheduler::Scheduler;
 use super::shards::Membership;
@@ -26,7 +27,10 @@ use crate::protocol::{
 use crate::transport::{BoxRead, Incoming, Opened, TLS_HANDSHAKE_RECORD};
 use daffi_wire::channel::{Batch, CloseReason};
 use daffi_wire::connection::DRAIN_TIMEOUT;
-use daffi_wire::frame::{FLAG_ERROR, FLAG_NO_REPLY, FLAG_REQUEST_BATCH, LEN_PREFIX};
+use daffi_wire::frame::{
+    FLAG_ERROR, FLAG_INCOMING, FLAG_NO_REPLY, FLAG_REPLY_BATCH, FLAG_REQUEST_BATCH, FLAG_STREAM,
+    LEN_PREFIX,
+};
 use daffi_wire::reader::KEEP_LARGE_BUFFERS;
 use daffi_wire::{
     frame_channel, read_frames, Ended, Frame, FrameError, FrameHandler, FrameReader, FrameSender,
@@ -333,7 +337,13 @@ impl Routing<'_> {
         match forwarded {
             Ok(()) => {
                 if request {
-                    self.runs.count_calls(frame.name(), calls_in(&frame));
+                    let calls = calls_in(&frame);
+                    self.runs.count_calls(frame.name(), calls);
+                    if frame.flags() & (FLAG_NO_REPLY | FLAG_STREAM | FLAG_INCOMING) == 0 {
+                        linger::calls_forwarded(calls);
+                    }
+                } else if frame.kind() == Kind::Reply {
+                    linger::replies_forwarded(replies_in(&frame));
                 }
                 Handled::Done
             }
@@ -356,6 +366,14 @@ fn calls_in(frame: &Frame) -> u64 {
     }
     let most = (frame.raw().len() / 4) as u64;
     frame.call_id().clamp(1, most.max(1))
+}
+
+/// How many replies a `Reply` frame carries.
+fn replies_in(frame: &Frame) -> u64 {
+    match frame.flags() & FLAG_REPLY_BATCH {
+        0 => 1,
+        _ => frame.call_id().max(1),
+    }
 }
 
 /// Why a frame whose sender is not the node it came from closes the connection.

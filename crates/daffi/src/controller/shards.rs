@@ -35,6 +35,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 
+use super::linger::Linger;
 use crate::transport::Incoming;
 
 /// How long a shard waits, once the controller stops, for its sessions to end: the
@@ -81,21 +82,29 @@ struct Shard {
 
 impl Shards {
     /// Starts one shard per two processors (at least one): the controller's nodes often
-    /// share its machine, and leave it the rest. They stop once `stop` turns true (or
-    /// its sender is dropped) and their sessions have ended.
-    pub fn start(stop: &watch::Receiver<bool>) -> std::io::Result<Shards> {
+    /// share its machine, and leave it the rest. Each lingers up to `linger` after a
+    /// reply (see [`super::linger`]). They stop once `stop` turns true (or its sender is
+    /// dropped) and their sessions have ended.
+    pub fn start(stop: &watch::Receiver<bool>, linger: Duration) -> std::io::Result<Shards> {
         let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
         let count = (processors / 2).max(1);
+        // On one processor a lingering shard would only hold up the caller it waits for.
+        let linger = if processors > 1 {
+            linger
+        } else {
+            Duration::ZERO
+        };
         let shards: Vec<Shard> = (0..count)
-            .map(|i| Shard::start(format!("daffi-ctl-{i}"), stop.clone(), Vec::new()))
+            .map(|i| Shard::start(format!("daffi-ctl-{i}"), stop.clone(), Vec::new(), linger))
             .collect::<std::io::Result<_>>()?;
         let every_shards_sessions = shards.iter().map(|s| s.sessions.clone()).collect();
         let membership = Shard::start(
             "daffi-ctl-members".into(),
             stop.clone(),
             every_shards_sessions,
+            Duration::ZERO,
         )?;
-        tracing::debug!(shards = count, "controller shards started");
+        tracing::debug!(shards = count, ?linger, "controller shards started");
         Ok(Shards {
             shards,
             next: AtomicUsize::new(0),
@@ -136,6 +145,7 @@ impl Shard {
         name: String,
         mut stop: watch::Receiver<bool>,
         also_outlive: Vec<Arc<Sessions>>,
+        linger: Duration,
     ) -> std::io::Result<Shard> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -147,7 +157,15 @@ impl Shard {
             .name(name.clone())
             .spawn(move || {
                 runtime.block_on(async {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
+                    match Linger::here(linger) {
+                        Some(lingering) => tokio::select! {
+                            _ = lingering => {}
+                            _ = stop.wait_for(|stopped| *stopped) => {}
+                        },
+                        None => {
+                            let _ = stop.wait_for(|stopped| *stopped).await;
+                        }
+                    }
                     let all_ended = async {
                         serving.ended().await;
                         for sessions in &also_outlive {

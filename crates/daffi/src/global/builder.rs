@@ -36,6 +36,7 @@ use daffi_wire::DEFAULT_MAX_FRAME_SIZE;
 /// | [`max_concurrent_callbacks`](Self::max_concurrent_callbacks) | 1,024 async callbacks |
 /// | [`max_sync_callbacks`](Self::max_sync_callbacks) | 1,024 sync callbacks (threads) |
 /// | [`max_connections`](Self::max_connections) | 10,000 connections (controller) |
+/// | [`controller_linger`](Self::controller_linger) | 20 µs (controller) |
 /// | [`max_queue_bytes`](Self::max_queue_bytes) | 64 MiB per connection |
 /// | [`stall_timeout`](Self::stall_timeout) | 10 s |
 /// | [`stop_timeout`](Self::stop_timeout) | 5 s |
@@ -99,6 +100,7 @@ pub struct GlobalBuilder {
     pub(super) max_connections: usize,
     pub(super) max_queue_bytes: usize,
     pub(super) stall_timeout: Duration,
+    pub(super) controller_linger: Duration,
     pub(super) stop_timeout: Duration,
     pub(super) tls_cert: Option<PathBuf>,
     pub(super) tls_key: Option<PathBuf>,
@@ -135,6 +137,7 @@ impl Default for GlobalBuilder {
             max_connections: 10_000,
             max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            controller_linger: crate::controller::DEFAULT_LINGER,
             stop_timeout: Duration::from_secs(5),
             tls_cert: None,
             tls_key: None,
@@ -291,6 +294,24 @@ impl GlobalBuilder {
     /// mass start of nodes does not wait for the kernel's SYN retries.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// How long a controller started here keeps polling its sockets after it forwarded
+    /// the last reply of the calls it had in flight, before its thread sleeps. Default:
+    /// 20 µs; zero: sleep at once.
+    ///
+    /// A caller that makes one call after another sends the next a few microseconds
+    /// after it read a reply. Waking a controller thread that went to sleep meanwhile
+    /// costs that call more than the polling does: on a virtual machine whose idle
+    /// processors halt, a quarter of a round trip over TCP (BENCHMARKS.md, "A
+    /// controller thread lingers after a reply"). Between looks the thread yields its
+    /// processor, and stops once another thread ran there; it never lingers while
+    /// calls it forwarded still run (their callees need the processors), nor on a
+    /// machine with one processor. So a mesh making a call now and then costs its controller at most
+    /// this much processor time after each, and an idle one nothing.
+    pub fn controller_linger(mut self, limit: Duration) -> Self {
+        self.controller_linger = limit;
         self
     }
 

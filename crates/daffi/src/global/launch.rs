@@ -62,6 +62,7 @@ impl GlobalBuilder {
                 auth_token: auth_token.clone(),
                 max_queue_bytes: self.max_queue_bytes,
                 stall_timeout: self.stall_timeout,
+                linger: self.controller_linger,
             };
             let c = ControllerHandle::start(&address, config).await?;
             if let (Address::Tcp { port, .. }, Address::Tcp { port: bound, .. }) =
