@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// Log level of the processes the benchmark starts.
     #[arg(long, default_value = "warn")]
     child_log_level: String,
+    /// How long, in microseconds, the controllers it starts keep polling after the last
+    /// reply of their calls in flight (`GlobalBuilder::controller_linger`) [default: the
+    /// library's, 20]. 0 measures a controller that sleeps at once.
+    #[arg(long, value_name = "MICROSECONDS")]
+    controller_linger_us: Option<u64>,
 }
 
 /// The role of a process `daffi-bench` started.
@@ -99,6 +104,8 @@ enum Role {
         listen: Endpoint,
         #[arg(long)]
         max_frame_size: Option<usize>,
+        #[arg(long)]
+        linger_us: Option<u64>,
     },
     /// A daffi node serving the bench callbacks.
     Callee {
@@ -248,6 +255,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
             args.only
         },
         log_level: args.child_log_level,
+        controller_linger_us: args.controller_linger_us,
         dir: dir.clone(),
         tag: format!("bench{}", std::process::id()),
     };
@@ -293,7 +301,8 @@ pub fn run_role(args: RoleArgs) -> ExitCode {
         Role::Controller {
             listen,
             max_frame_size,
-        } => roles::controller(listen, *max_frame_size),
+            linger_us,
+        } => roles::controller(listen, *max_frame_size, *linger_us),
         Role::Callee {
             connect,
             name,

@@ -47,7 +47,11 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 const BENCH_MAX_CONNECTIONS: usize = 50_000;
 
 /// A daffi controller alone in its process, like `daffi controller`.
-pub fn controller(listen: &Endpoint, max_frame_size: Option<usize>) -> Result<()> {
+pub fn controller(
+    listen: &Endpoint,
+    max_frame_size: Option<usize>,
+    linger_us: Option<u64>,
+) -> Result<()> {
     // Scenario E connects 10,000 nodes and more: past the default limit.
     let mut b = listen
         .builder()
@@ -56,6 +60,9 @@ pub fn controller(listen: &Endpoint, max_frame_size: Option<usize>) -> Result<()
         .max_connections(BENCH_MAX_CONNECTIONS);
     if let Some(limit) = max_frame_size {
         b = b.max_frame_size(limit);
+    }
+    if let Some(us) = linger_us {
+        b = b.controller_linger(std::time::Duration::from_micros(us));
     }
     let g = b.start()?;
     println!("ready {}", Endpoint::of_address(g.address())?);

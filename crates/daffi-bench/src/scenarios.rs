@@ -91,6 +91,8 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     /// Log level of the child processes.
     pub log_level: String,
+    /// The controllers' linger, in microseconds, if not the library's default.
+    pub controller_linger_us: Option<u64>,
     /// Where Unix sockets go.
     pub dir: PathBuf,
     /// Prefix of every process name (unique per run).
@@ -171,6 +173,9 @@ impl Plan {
                     self.listen(group, transport).to_string(),
                 ];
                 limit_args(&mut args);
+                if let Some(us) = self.controller_linger_us {
+                    args.extend(["--linger-us".into(), us.to_string()]);
+                }
                 let mut c = self.spawn(&format!("{group} controller"), args)?;
                 let endpoint: Endpoint = c.ready()?.parse()?;
                 (Some(c), endpoint)
