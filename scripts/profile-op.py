@@ -82,6 +82,8 @@ def main():
                          "(a wake-up on another, halted vCPU), its migrations and context switches (perf)")
     ap.add_argument("--event", default="cpu-clock",
                     help="the perf event to sample, e.g. syscalls:sys_enter_futex (every one is recorded)")
+    ap.add_argument("--controller-linger-us", type=int, metavar="US",
+                    help="the controller's linger after a reply (default: the library's; 0: none)")
     ap.add_argument("--callees", type=int, default=1,
                     help="daffi callees to start (4 for a broadcast like scenario D)")
     ap.add_argument("--cpu", action="store_true",
@@ -115,7 +117,9 @@ def main():
                                    "--server", "srv"] + limit + batched + spin)
         driver = procs["client"]
     else:
-        procs["controller"], ep = role(["controller", "--listen", listen] + limit)
+        linger = ([] if a.controller_linger_us is None
+                  else ["--linger-us", str(a.controller_linger_us)])
+        procs["controller"], ep = role(["controller", "--listen", listen] + limit + linger)
         names = ["callee"] + [f"callee{i}" for i in range(1, a.callees)]
         for n in names:
             procs[n], _ = role(["callee", "--connect", ep, "--name", n] + limit)
