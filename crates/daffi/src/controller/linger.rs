@@ -3,9 +3,9 @@
 //!
 //! A caller that makes one call after another sends its next request a few
 //! microseconds after it read the last reply. A shard asleep by then is woken by that
-//! request, and on a machine whose idle processors halt (most virtual machines) waking
-//! it costs an interrupt to the other processor and its return from halt: the largest
-//! part of what a round trip through the controller costs over a bare relay (see
+//! request, and on a machine whose idle processors halt (as virtual machines often do)
+//! waking it costs an interrupt to the other processor and its return from halt: the
+//! largest part of what a round trip through the controller costs over a bare relay (see
 //! BENCHMARKS.md, "A controller thread lingers after a reply"). So once a reply leaves
 //! and no call is left waiting for one, the shard keeps polling its sockets for up to
 //! [`ControllerConfig::linger`](super::ControllerConfig::linger), yielding its processor
