@@ -306,6 +306,23 @@ fn arrived_on(g: &Global, callee: &str, tag: &str, want: u64) -> Vec<u64> {
         .expect("arrived")
 }
 
+/// The calls tagged `tag` that ran on `callee`, once they are a whole prefix of the
+/// flood (0 up to the highest one seen), or what ran after [`WAIT`]. Calls arrive in
+/// order but run on several callback threads: when the highest one has run, calls
+/// before it may still be running, and the count alone says nothing of which.
+fn whole_prefix(g: &Global, callee: &str, tag: &str) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let seen = arrived_on(g, callee, tag, 0);
+        let highest = seen.iter().max().copied().expect("some ran");
+        if seen.len() as u64 == highest + 1 || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+        // Waits (bounded) until as many ran as a whole prefix holds.
+        arrived_on(g, callee, tag, highest + 1);
+    }
+}
+
 /// `callee` still answers `g`.
 fn still_served(g: &Global, callee: &str) {
     let sum: i64 = g
@@ -543,12 +560,7 @@ fn a_caller_killed_mid_flood_leaves_whole_calls_and_the_callee_serving() {
     // The callee serves others, and ran a prefix of the flood: each call whole, once,
     // in order, none cut off or half-made by the death.
     still_served(&caller, &callee);
-    let seen = arrived_on(&caller, &callee, "killed", 0);
-    let last = seen.iter().max().copied().expect("some ran");
-    // Calls arrive in order; each of the first `last` + 1 runs (the later ones may
-    // still run), each once.
-    let mut ran = arrived_on(&caller, &callee, "killed", last + 1);
-    ran.sort_unstable();
+    let ran = whole_prefix(&caller, &callee, "killed");
     let n = ran.len() as u64;
     assert_each_once(ran, n, "the calls that ran are the flood's first");
     flood_tally(&caller, &callee, "after", 100);
