@@ -56,13 +56,21 @@ fn socket() -> std::path::PathBuf {
         .join(format!("{}.sock", common::unique("threads")))
 }
 
-/// The threads of this process whose name starts with `prefix`.
-fn threads_named(prefix: &str) -> usize {
+/// The `/proc/self/task` entries of this process's threads whose name starts with
+/// `prefix`.
+fn tasks_named(prefix: &str) -> Vec<std::path::PathBuf> {
     std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(prefix))
-        .count()
+        .filter_map(|task| Some(task.ok()?.path()))
+        .filter(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.starts_with(prefix))
+        })
+        .collect()
+}
+
+/// The threads of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    tasks_named(prefix).len()
 }
 
 /// Waits (bounded) until no thread of this process is named `prefix`.
@@ -156,14 +164,9 @@ fn a_stopped_controller_leaves_no_thread_behind() {
 /// The processor time, in clock ticks, that the threads of this process named `prefix`
 /// have used (`utime` + `stime` of `/proc/self/task/*/stat`).
 fn ticks_of_threads(prefix: &str) -> u64 {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
+    tasks_named(prefix)
+        .into_iter()
         .filter_map(|task| {
-            let task = task.ok()?.path();
-            let name = std::fs::read_to_string(task.join("comm")).ok()?;
-            if !name.starts_with(prefix) {
-                return None;
-            }
             let stat = std::fs::read_to_string(task.join("stat")).ok()?;
             // Fields after the command (which may hold spaces) end with `)`.
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -119,19 +119,20 @@ impl Linger {
 /// `calls` requests that want a reply were forwarded from this thread: no lingering
 /// while they run.
 pub fn calls_forwarded(calls: u64) {
-    SHARD.with(|s| {
-        if let Some(linger) = &*s.borrow() {
-            linger.calls_at(calls, Instant::now());
-        }
-    });
+    on_this_shard(|linger, now| linger.calls_at(calls, now));
 }
 
 /// `replies` replies were forwarded from this thread: if no call is left waiting for
 /// one, linger.
 pub fn replies_forwarded(replies: u64) {
+    on_this_shard(|linger, now| linger.replies_at(replies, now));
+}
+
+/// Runs `counted` with this thread's lingering, if its shard lingers at all.
+fn on_this_shard(counted: impl FnOnce(&Linger, Instant)) {
     SHARD.with(|s| {
         if let Some(linger) = &*s.borrow() {
-            linger.replies_at(replies, Instant::now());
+            counted(linger, Instant::now());
         }
     });
 }

@@ -308,8 +308,8 @@ impl GlobalBuilder {
     /// controller thread lingers after a reply"). Between looks the thread yields its
     /// processor, and stops once another thread ran there; it never lingers while
     /// calls it forwarded still run (their callees need the processors), nor on a
-    /// machine with one processor. So a mesh making a call now and then costs its controller at most
-    /// this much processor time after each, and an idle one nothing.
+    /// machine with one processor. So a mesh making a call now and then costs its
+    /// controller at most this much processor time after each, and an idle one nothing.
     pub fn controller_linger(mut self, limit: Duration) -> Self {
         self.controller_linger = limit;
         self
