@@ -56,15 +56,20 @@ impl Linger {
         if limit.is_zero() {
             return None;
         }
-        let linger = Rc::new(Linger {
+        let linger = Rc::new(Linger::new(limit));
+        SHARD.with(|s| *s.borrow_mut() = Some(linger.clone()));
+        Some(linger.keep_polling())
+    }
+
+    /// A shard's lingering of up to `limit`, with no call in flight.
+    fn new(limit: Duration) -> Linger {
+        Linger {
             limit,
             in_flight: Cell::new(0),
             last_frame: Cell::new(Instant::now()),
             until: Cell::new(None),
             start: Notify::new(),
-        });
-        SHARD.with(|s| *s.borrow_mut() = Some(linger.clone()));
-        Some(linger.keep_polling())
+        }
     }
 
     /// Polls (through the runtime's zero-timeout look at its sockets, which a yielding
@@ -142,13 +147,7 @@ mod tests {
     use super::*;
 
     fn linger() -> Linger {
-        Linger {
-            limit: Duration::from_micros(20),
-            in_flight: Cell::new(0),
-            last_frame: Cell::new(Instant::now()),
-            until: Cell::new(None),
-            start: Notify::new(),
-        }
+        Linger::new(Duration::from_micros(20))
     }
 
     #[test]
