@@ -75,7 +75,7 @@ fn threads_named(prefix: &str) -> usize {
 
 /// Waits (bounded) until no thread of this process is named `prefix`.
 fn wait_no_threads(prefix: &str) {
-    common::poll_until(
+    common::poll::poll_until(
         &format!("no `{prefix}` thread after the stop"),
         || match threads_named(prefix) {
             0 => Ok(()),

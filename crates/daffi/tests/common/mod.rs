@@ -11,10 +11,8 @@ pub mod nats;
 #[cfg(feature = "nats")]
 pub mod nats_jwt;
 pub mod pki;
-mod poll;
+pub mod poll;
 pub mod wire;
-
-pub use poll::poll_until;
 
 use std::io::Read;
 use std::path::PathBuf;

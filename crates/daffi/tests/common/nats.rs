@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 
-use super::{poll_until, unique, WAIT};
+use super::poll::poll_until;
+use super::{unique, WAIT};
 
 /// The variable that names the `nats-server` executable.
 pub const ENV_SERVER: &str = "DAFFI_NATS_SERVER";
