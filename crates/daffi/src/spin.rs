@@ -170,13 +170,17 @@ impl LoneWait<'_> {
         loop {
             // The clock first: a `ready` that always holds still ends the spin.
             if self.started.elapsed() >= spin_for {
+                // One last look: a thread kept off its processor past the limit (the
+                // scheduler ran something else) often finds its reply there, and
+                // parking would cost two wake-ups more (the runtime's, then its own).
+                let found = self.looked(&ready);
                 self.spin_for = None;
                 self.spinner = None;
                 // The runtime reads the reply again: this thread parks.
                 self.own_reply = None;
-                return false;
+                return found;
             }
-            if ready() || self.own_reply.as_ref().is_some_and(OwnReply::read) {
+            if self.looked(&ready) {
                 return true;
             }
             // A few turns of pure spinning, then each turn offers the processor to
@@ -191,6 +195,11 @@ impl LoneWait<'_> {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// Whether the reply is in: `ready` holds, or the thread read it itself.
+    fn looked(&self, ready: &impl Fn() -> bool) -> bool {
+        ready() || self.own_reply.as_ref().is_some_and(OwnReply::read)
     }
 
     /// The wait is over: counts it into the average.
@@ -384,6 +393,25 @@ mod tests {
         assert!(!wait.spin_until(|| false), "over at its limit");
         assert!(wait.spinner.is_none(), "no longer counted as spinning");
         assert!(!wait.spin_until(|| true), "a spin that is over stays over");
+        wait.finish();
+    }
+
+    #[test]
+    fn a_spin_kept_off_its_processor_past_its_limit_still_takes_its_reply() {
+        let limit = Duration::from_millis(1);
+        let policy = SpinPolicy::new(limit);
+        let Some(mut wait) = policy.plan(0).filter(|w| w.spin_for.is_some()) else {
+            eprintln!("a single processor (or other spinners): nothing spins here");
+            return;
+        };
+        // As if the scheduler ran another thread for longer than the limit, while the
+        // reply came in.
+        while wait.started.elapsed() < limit {
+            std::hint::spin_loop();
+        }
+        assert!(wait.spin_until(|| true), "the reply there is taken");
+        assert!(wait.spinner.is_none(), "the spin is over all the same");
+        assert!(!wait.spin_until(|| true), "and stays over");
         wait.finish();
     }
 
