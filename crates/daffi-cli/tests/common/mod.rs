@@ -19,7 +19,6 @@ pub mod nats;
 /// Waiting on what nothing signals, for `nats`.
 #[path = "../../../daffi/tests/common/poll.rs"]
 mod poll;
-use poll::poll_until;
 
 /// A name no other test (or test process) uses: `<prefix>-<pid>-<n>`.
 pub fn unique(prefix: &str) -> String {
