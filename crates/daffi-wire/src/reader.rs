@@ -50,6 +50,13 @@ pub const KEEP_LARGE_BUFFERS: Duration = Duration::from_secs(1);
 /// much of a burst of frames.
 pub const READ_BUFFER: usize = 64 * 1024;
 
+/// How much the buffer of a reader that [grows when busy](FrameReader::grow_when_busy)
+/// holds until then: a frame or a few, on a fraction of a memory page. A read touches
+/// the first page of the buffer it fills, so a controller with 10,000 idle nodes kept
+/// about 37 MiB resident in 64 KiB buffers it never filled (BENCHMARKS.md, "A
+/// controller's idle connections").
+const QUIET_READ_BUFFER: usize = 512;
+
 /// Reads length-prefixed frames, enforcing the size limit before allocating.
 ///
 /// `next` is cancel-safe: bytes read are kept in the reader until their frame is whole.
@@ -76,6 +83,8 @@ pub struct FrameReader<R> {
     /// most [`READ_AFTER_OWN`] bytes, so that if the next frame is one too (a stream of
     /// chunks), little of it is copied there from the shared buffer.
     after_own: bool,
+    /// Whether the buffer grows to [`READ_BUFFER`] once a read fills it.
+    grow_when_full: bool,
 }
 
 /// What one read into the shared buffer takes at most right after a frame read into a
@@ -163,7 +172,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Like [`new`](Self::new), with a buffer of `capacity` bytes to begin with: a peer
-    /// that has not authenticated gets a small one ([`grow_buffer`](Self::grow_buffer)
+    /// that has not authenticated gets a small one ([`grow_when_busy`](Self::grow_when_busy)
     /// once it has).
     pub fn with_buffer(inner: R, max_frame_size: usize, capacity: usize) -> Self {
         FrameReader {
@@ -177,6 +186,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             keep_large: None,
             listed: false,
             after_own: false,
+            grow_when_full: false,
         }
     }
 
@@ -200,14 +210,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.max_frame_size = limit;
     }
 
-    /// Moves what is buffered into a buffer of [`READ_BUFFER`] bytes: a reader made
-    /// small for the handshake reads bursts of frames in one call from then on. (A new
-    /// buffer, not a `reserve`: `BytesMut` sizes the buffers it makes later after the
-    /// one it was created with.)
-    pub fn grow_buffer(&mut self) {
-        let mut grown = BytesMut::with_capacity(READ_BUFFER.max(self.buf.len()));
-        grown.extend_from_slice(&self.buf);
-        self.buf = grown;
+    /// Moves what is buffered into a buffer of a few hundred bytes, which grows to
+    /// [`READ_BUFFER`] bytes at the first read that fills it: a peer that sends a burst
+    /// of frames once has them read in one call from then on, and one that sends a frame
+    /// now and then (most of the nodes of a large mesh) costs its reader little memory.
+    /// For a reader made small for the handshake, once the peer is authenticated.
+    pub fn grow_when_busy(&mut self) {
+        self.move_buffer(QUIET_READ_BUFFER);
+        self.grow_when_full = true;
+    }
+
+    /// Moves what is buffered into a new buffer of `capacity` bytes (or more, if more is
+    /// buffered). A new buffer, not a `reserve`: `BytesMut` sizes the buffers it makes
+    /// later after the one it was created with.
+    fn move_buffer(&mut self, capacity: usize) {
+        let mut moved = BytesMut::with_capacity(capacity.max(self.buf.len()));
+        moved.extend_from_slice(&self.buf);
+        self.buf = moved;
     }
 
     /// The underlying reader; bytes already buffered are dropped.
@@ -274,6 +293,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.large.is_some() {
                 continue;
             }
+            if self.grow_when_full {
+                // Room for half a quiet buffer at least (most often the one it has, its
+                // frames read and dropped): a read that fills it brought a burst, not the
+                // last few bytes of a buffer nearly used up.
+                self.buf.reserve(QUIET_READ_BUFFER / 2);
+            }
             let room = self.after_own.then_some(READ_AFTER_OWN);
             let read = match self.spare_until {
                 None => fill(&mut self.inner, &mut self.buf, room).await?,
@@ -294,6 +319,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 } else {
                     Err(ReadError::Eof)
                 };
+            }
+            if self.grow_when_full && self.buf.len() == self.buf.capacity() {
+                // The read took all the room there was: more may be waiting.
+                self.grow_when_full = false;
+                self.move_buffer(READ_BUFFER);
             }
         }
     }
@@ -566,6 +596,49 @@ mod tests {
         let second = reader.next().await.unwrap().unwrap();
         assert_eq!(second.dst(), "two");
         assert_eq!(reader.next_frame_dst(), None);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_grows_when_busy_stays_small_for_one_frame_at_a_time() {
+        let frame = |dst: &str| {
+            let h = Header {
+                dst,
+                ..Header::control(Kind::Request)
+            };
+            h.encode(0)
+        };
+        let (mut a, b) = tokio::io::duplex(256 * 1024);
+        let mut reader = FrameReader::with_buffer(b, 1 << 20, 64);
+        reader.grow_when_busy();
+        for i in 0..100 {
+            let dst = format!("node-{i}");
+            a.write_all(&frame(&dst)).await.unwrap();
+            let read = reader.next().await.unwrap().unwrap();
+            assert_eq!(read.dst(), dst);
+            assert!(
+                reader.buf.capacity() <= QUIET_READ_BUFFER,
+                "a frame at a time: {} bytes, not {}",
+                reader.buf.capacity(),
+                QUIET_READ_BUFFER
+            );
+        }
+        // A burst larger than the buffer: the read that fills it makes it grow, and
+        // every frame of the burst comes out whole, in order.
+        let mut burst = Vec::new();
+        for i in 0..1000 {
+            burst.extend_from_slice(&frame(&format!("burst-{i}")));
+        }
+        a.write_all(&burst).await.unwrap();
+        for i in 0..1000 {
+            let read = reader.next().await.unwrap().unwrap();
+            assert_eq!(read.dst(), format!("burst-{i}"));
+        }
+        // (What is left of it: the frames read took their part.)
+        assert!(
+            reader.buf.capacity() > 8 * QUIET_READ_BUFFER,
+            "grown for bursts: {} bytes",
+            reader.buf.capacity()
+        );
     }
 
     /// The body of the frame [`a_lent_buffer_takes_a_new_large_frame`] reads: a size no

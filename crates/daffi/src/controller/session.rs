@@ -565,13 +565,13 @@ fn authenticate(config: &ControllerConfig, token: Option<&str>) -> Result<(), Re
 }
 
 /// Reads the `Announce` the node sent right behind its `Hello`, once it is
-/// authenticated: the reader grows to its working size, and takes no frame larger than
-/// a callback list may make one.
+/// authenticated: the reader's buffer is set to grow once the node is busy, and it takes
+/// no frame larger than a callback list may make one.
 async fn read_announce(
     reader: &mut FrameReader<BoxRead>,
     max_frame_size: usize,
 ) -> Result<Vec<String>, Refused> {
-    reader.grow_buffer();
+    reader.grow_when_busy();
     reader.set_max_frame_size(announce_limit(max_frame_size));
     let frame = match reader.next().await {
         Ok(Some(f)) if f.kind() == Kind::Announce => f,
