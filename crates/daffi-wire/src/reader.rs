@@ -575,15 +575,17 @@ mod tests {
     use crate::outgoing::Outgoing;
     use tokio::io::AsyncWriteExt;
 
+    /// An empty request to `dst`, encoded.
+    fn frame(dst: &str) -> Bytes {
+        let h = Header {
+            dst,
+            ..Header::control(Kind::Request)
+        };
+        h.encode(0)
+    }
+
     #[tokio::test]
     async fn the_next_buffered_frame_tells_where_it_goes() {
-        let frame = |dst: &str| {
-            let h = Header {
-                dst,
-                ..Header::control(Kind::Request)
-            };
-            h.encode(0)
-        };
         let (mut a, b) = tokio::io::duplex(1024);
         let mut both = frame("one").to_vec();
         both.extend_from_slice(&frame("two"));
@@ -600,13 +602,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_grows_when_busy_stays_small_for_one_frame_at_a_time() {
-        let frame = |dst: &str| {
-            let h = Header {
-                dst,
-                ..Header::control(Kind::Request)
-            };
-            h.encode(0)
-        };
         let (mut a, b) = tokio::io::duplex(256 * 1024);
         let mut reader = FrameReader::with_buffer(b, 1 << 20, 64);
         reader.grow_when_busy();
