@@ -329,8 +329,9 @@ impl FrameHandler for Routing<'_> {
         &mut self,
         frame: Frame,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send {
-        // Boxed: such frames are few, and `route`'s future (about 1.4 KiB) would
-        // otherwise take room in every session's future for the session's life.
+        // Boxed: such frames (control frames, and calls that cannot be forwarded at once)
+        // are few, and `route`'s future (about 1.4 KiB) would otherwise take room in
+        // every session's future for the session's life.
         Box::pin(route(self.shared, self.node, self.queue, self.runs, frame))
     }
 
